@@ -1,0 +1,30 @@
+"""Registers the built-in targets and TVM lowering passes through the public hooks."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from slimc.hookspec import hookimpl
+from slimc.targets import TargetSpec
+
+_TARGETS_FILE = Path(__file__).with_name("targets.toml")
+
+
+def load_target_file(path: Path = _TARGETS_FILE) -> list[TargetSpec]:
+    data = tomllib.loads(path.read_text())
+    return [TargetSpec(name=name, description=entry["description"], tvm=entry["tvm"],
+                       aliases=tuple(entry.get("aliases", ())), triple=entry.get("triple"))
+            for name, entry in data.items()]
+
+
+@hookimpl
+def slimc_register_targets():
+    return load_target_file()
+
+
+@hookimpl
+def slimc_register_passes():
+    from slimc.backends.tvm.legalize import LegalizeForTVM
+
+    return [LegalizeForTVM]

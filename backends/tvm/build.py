@@ -1,0 +1,47 @@
+"""Build a Relax module into a shared library for a target, linked natively or with zig."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from slimc.backends.tvm.cross_link import zig_cross_compiler
+from slimc.errors import LoweringError
+from slimc.targets import TargetSpec
+
+
+def build_library(mod, spec: TargetSpec, path: Path) -> Path:
+    """Compile ``mod`` for ``spec`` and write the shared library to ``path``."""
+    import tvm
+    from tvm import relax
+
+    target = spec.tvm_target()
+    try:
+        with tvm.transform.PassContext(opt_level=3):
+            executable = relax.build(mod, target=target)
+    except Exception as exc:  # noqa: BLE001
+        raise LoweringError(
+            f"TVM could not build the model for {spec.name}: {type(exc).__name__}: "
+            f"{_last_line(exc)}",
+            hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
+        ) from exc
+    triple = spec.triple or str(target.attrs.get("mtriple", "")) or None
+    if spec.is_cross:
+        executable.export_library(str(path), fcompile=zig_cross_compiler(triple))
+    elif shutil.which("g++") or shutil.which("c++"):
+        executable.export_library(str(path))
+    else:  # no system compiler: link for the host with zig, still pip-only
+        executable.export_library(str(path), fcompile=zig_cross_compiler(_host_triple()))
+    return path
+
+
+def _host_triple() -> str:
+    import platform
+
+    return f"{platform.machine()}-linux-gnu" if sys.platform.startswith("linux") else "native"
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""

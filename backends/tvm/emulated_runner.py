@@ -1,0 +1,99 @@
+"""Run a TVM Relax library once: ``python emulated_runner.py model.so inputs.npz outputs.npz``.
+
+Why a standalone script: it executes *inside* qemu-aarch64 with the aarch64
+Python of the sysroot built by ``.ci/aarch64-sysroot.sh``, where slimc itself is
+not importable and every imported Python module is interpreted under emulation.
+So it imports only numpy and ``tvm_ffi`` and loads ``libtvm_runtime`` directly
+with ctypes instead of ``import tvm``: the ``tvm`` package would pull in the IR,
+TIR and script modules (~0.4 s more under qemu) and, where the full wheel is
+present, the 230 MiB compiler library.  The Relax VM is driven through the same
+packed functions ``tvm.runtime.vm.VirtualMachine`` calls (``vm_load_executable``
+and ``vm_initialization``).
+
+Inputs are read from the ``.npz`` keys ``arg0``, ``arg1``, ... in order; the
+result of ``main`` (a tensor or arbitrarily nested tuples of tensors) is
+flattened depth-first and saved as ``out0``, ``out1``, ...  ``TVM_NUM_THREADS``
+in the environment sets the runtime's thread-pool size.  Timings go to stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import tvm_ffi
+
+_KDL_CPU = 1
+_POOLED_ALLOCATOR = 2
+# TVM's generated kernels assume 64-byte aligned buffers (kAllocAlignment).
+_ALIGN = 64
+
+
+def _load_tvm_runtime() -> None:
+    """Load libtvm_runtime globally: it registers the Relax VM and its builtins."""
+    spec = importlib.util.find_spec("tvm")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the tvm package is not on sys.path")
+    for pkg_dir in spec.submodule_search_locations:
+        for sub in ("lib", "lib64", ""):
+            path = os.path.join(pkg_dir, sub, "libtvm_runtime.so")
+            if os.path.exists(path):
+                ctypes.CDLL(path, ctypes.RTLD_GLOBAL)
+                return
+    raise RuntimeError(f"libtvm_runtime.so not found under {spec.submodule_search_locations}")
+
+
+def _to_tensor(array: np.ndarray) -> tvm_ffi.Tensor:
+    """Copy ``array`` into a 64-byte aligned, C-contiguous buffer and wrap it zero-copy."""
+    buf = np.empty(array.nbytes + _ALIGN, dtype=np.uint8)
+    offset = -buf.ctypes.data % _ALIGN
+    aligned = buf[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    aligned[...] = array
+    return tvm_ffi.from_dlpack(aligned, require_alignment=_ALIGN, require_contiguous=True)
+
+
+def _flatten(value: Any, out: list[np.ndarray]) -> None:
+    """Depth-first flatten a VM result (Tensor / Array of results) into numpy arrays."""
+    if isinstance(value, tvm_ffi.Tensor):
+        # copy: the VM's pooled allocator may reuse the buffer after we return
+        out.append(np.from_dlpack(value).copy())
+    elif isinstance(value, (tvm_ffi.Array, list, tuple)):
+        for item in value:
+            _flatten(item, out)
+    elif isinstance(value, (bool, int, float)):
+        out.append(np.asarray(value))
+    elif isinstance(value, tvm_ffi.Shape):
+        out.append(np.asarray(list(value), dtype="int64"))
+    else:
+        raise TypeError(f"cannot convert VM output of type {type(value).__name__} to numpy")
+
+
+def run(lib_path: str, in_path: str, out_path: str) -> None:
+    """Load ``lib_path``, run ``main`` on the arrays of ``in_path``, save to ``out_path``."""
+    t0 = time.perf_counter()
+    _load_tvm_runtime()
+    lib = tvm_ffi.load_module(lib_path)
+    vm = lib["vm_load_executable"]()
+    vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+    main = vm["main"]
+    with np.load(in_path) as npz:
+        count = sum(1 for k in npz.files if k.startswith("arg"))
+        args = [_to_tensor(npz[f"arg{i}"]) for i in range(count)]
+    t1 = time.perf_counter()
+    result = main(*args)
+    t2 = time.perf_counter()
+    outputs: list[np.ndarray] = []
+    _flatten(result, outputs)
+    np.savez(out_path, **{f"out{i}": a for i, a in enumerate(outputs)})
+    print(f"slimc-runner: load {t1 - t0:.3f}s run {t2 - t1:.3f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit("usage: emulated_runner.py MODEL.so INPUTS.npz OUTPUTS.npz")
+    run(sys.argv[1], sys.argv[2], sys.argv[3])

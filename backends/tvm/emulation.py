@@ -1,0 +1,199 @@
+"""Run a cross-compiled TVM Relax library under qemu-user and get numpy outputs back.
+
+Why: slimc can build a model for aarch64 on an x86-64 machine (see ``cross_link``),
+but a library that was only linked, never run, may still be wrong (bad target
+flags, missing symbols, miscompiled kernels).  qemu-user executes the real aarch64
+library with the real aarch64 TVM runtime, so its outputs can be compared with
+PyTorch on the host, without aarch64 hardware.
+
+The guest side needs an aarch64 sysroot (loader, libc, Python 3.11, tvm, numpy)
+that ``.ci/aarch64-sysroot.sh`` assembles from Debian and PyPI; inside it
+``emulated_runner.py`` runs the model.  Data crosses the boundary as ``.npz``
+files, which both sides read with numpy alone.
+
+Usage::
+
+    try:
+        outs = run_emulated("model.so", [x])
+    except EmulatorUnavailable as err:
+        print(f"skipped running the aarch64 artifact: {err}")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "EmulationError",
+    "Emulator",
+    "EmulatorUnavailable",
+    "find_emulator",
+    "run_emulated",
+]
+
+_LOG = logging.getLogger(__name__)
+_RUNNER = Path(__file__).with_name("emulated_runner.py")
+_STAMP = ".slimc-sysroot-stamp"
+_SETUP_HINT = "install qemu-user and run .ci/aarch64-sysroot.sh"
+# ELF e_machine values of the architectures we know a qemu-user binary for.
+_ELF_MACHINES = {183: "aarch64"}
+# Only variables meant for the host leak harmfully into the guest Python/loader.
+_HOST_ONLY_ENV = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH")
+
+
+class EmulationError(RuntimeError):
+    """The emulated run failed; the message carries the guest's stderr tail."""
+
+
+class EmulatorUnavailable(EmulationError):
+    """No emulator for the triple on this machine; ``str(err)`` is a one-sentence reason."""
+
+
+@dataclass(frozen=True)
+class Emulator:
+    """A usable qemu-user binary plus the guest sysroot it runs Python from."""
+
+    arch: str
+    qemu: Path
+    sysroot: Path
+    python: Path
+    site_packages: Path
+
+    def command(self, *args: str, env: dict[str, str] | None = None) -> list[str]:
+        """The argv running ``python -S args...`` in the guest with ``env`` added.
+
+        Guest-only variables go through ``qemu -E`` so they never reach qemu itself;
+        PYTHONHOME/PYTHONPATH are host paths, which qemu's ``-L`` lookup falls back to.
+        """
+        guest_env = {
+            "PYTHONHOME": str(self.sysroot / "usr"),
+            "PYTHONPATH": str(self.site_packages),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **(env or {}),
+        }
+        cmd = [str(self.qemu), "-L", str(self.sysroot)]
+        for key, value in guest_env.items():
+            cmd += ["-E", f"{key}={value}"]
+        return [*cmd, str(self.python), "-S", *args]
+
+
+def _arch_of(triple: str) -> str:
+    """``aarch64-linux-gnu`` / ``aarch64-unknown-linux-gnu`` -> ``aarch64``; Linux only."""
+    parts = triple.split("-")
+    if "linux" not in parts[1:]:
+        raise EmulatorUnavailable(
+            f"{triple} is not a Linux triple, and qemu-user only runs Linux programs"
+        )
+    return parts[0]
+
+
+def _default_sysroot(arch: str) -> Path:
+    env = os.environ.get(f"SLIMC_{arch.upper()}_SYSROOT")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "slimc" / f"{arch}-sysroot"
+
+
+def find_emulator(triple: str = "aarch64-linux-gnu") -> Emulator:
+    """Locate ``qemu-<arch>`` on PATH and the sysroot for ``triple``.
+
+    The sysroot is ``$SLIMC_<ARCH>_SYSROOT`` or ``~/.cache/slimc/<arch>-sysroot``
+    and must carry the completion stamp of ``.ci/aarch64-sysroot.sh``.  Raises
+    :class:`EmulatorUnavailable` with a one-sentence reason, so callers can print
+    ``f"skipped running the aarch64 artifact: {err}"``.
+    """
+    arch = _arch_of(triple)
+    qemu = shutil.which(f"qemu-{arch}") or shutil.which(f"qemu-{arch}-static")
+    if qemu is None:
+        raise EmulatorUnavailable(f"qemu-{arch} not found; {_SETUP_HINT}")
+    sysroot = _default_sysroot(arch).resolve()
+    if not (sysroot / _STAMP).is_file():
+        raise EmulatorUnavailable(
+            f"no complete {arch} sysroot at {sysroot}; run .ci/{arch}-sysroot.sh "
+            f"(or set SLIMC_{arch.upper()}_SYSROOT)"
+        )
+    pythons = sorted((sysroot / "usr" / "bin").glob("python3.[0-9]*"))
+    if not pythons:
+        raise EmulatorUnavailable(f"the sysroot {sysroot} has no usr/bin/python3.*")
+    return Emulator(arch, Path(qemu), sysroot, pythons[-1], sysroot / "site-packages")
+
+
+def _elf_arch(lib_path: Path) -> str | None:
+    """The architecture named by an ELF header, or None when not a known ELF file."""
+    try:
+        with open(lib_path, "rb") as f:
+            head = f.read(20)
+    except OSError as err:
+        raise EmulationError(f"cannot read {lib_path}: {err}") from err
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    order = "little" if head[5] == 1 else "big"
+    return _ELF_MACHINES.get(int.from_bytes(head[18:20], order))
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_emulated(
+    lib_path: str | os.PathLike[str],
+    inputs: Sequence[np.ndarray],
+    threads: int | None = None,
+    timeout: float = 600.0,
+    emulator: Emulator | None = None,
+) -> list[np.ndarray]:
+    """Run ``main`` of a Relax library built for another CPU and return its outputs.
+
+    ``inputs`` are the positional arguments of ``main``.  The result (a tensor or
+    nested tuples of tensors) comes back flattened depth-first.  ``threads`` sets
+    ``TVM_NUM_THREADS`` in the guest (default: inherited, else TVM's own choice).
+    ``emulator`` defaults to :func:`find_emulator` for the library's ELF machine.
+    Raises :class:`EmulatorUnavailable` when there is no emulator, and
+    :class:`EmulationError` (with the guest's stderr tail) when the run fails.
+    """
+    lib = Path(lib_path).resolve()
+    if emulator is None:
+        arch = _elf_arch(lib)
+        if arch is None:
+            known = ", ".join(sorted(_ELF_MACHINES.values()))
+            raise EmulationError(f"{lib} is not an ELF library for an emulated CPU ({known})")
+        emulator = find_emulator(f"{arch}-linux-gnu")
+    guest_env: dict[str, str] = {}
+    if threads is not None:
+        guest_env["TVM_NUM_THREADS"] = str(int(threads))
+    host_env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY_ENV}
+
+    with tempfile.TemporaryDirectory(prefix="slimc-emu-") as tmp:
+        in_path, out_path = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz")
+        np.savez(in_path, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
+        cmd = emulator.command(str(_RUNNER), str(lib), str(in_path), str(out_path), env=guest_env)
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, env=host_env, check=False
+            )
+        except subprocess.TimeoutExpired as err:
+            stderr = err.stderr or ""
+            if isinstance(stderr, bytes):
+                stderr = stderr.decode(errors="replace")
+            raise EmulationError(
+                f"emulated run of {lib.name} timed out after {timeout:g}s\n{_tail(stderr)}"
+            ) from err
+        except OSError as err:
+            raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
+        if proc.returncode != 0 or not out_path.is_file():
+            raise EmulationError(
+                f"emulated run of {lib.name} failed (exit {proc.returncode}); stderr tail:\n"
+                f"{_tail(proc.stderr + proc.stdout)}"
+            )
+        _LOG.debug("%s under qemu: %s", lib.name, _tail(proc.stderr, 1))
+        with np.load(out_path) as npz:
+            return [npz[f"out{i}"] for i in range(len(npz.files))]

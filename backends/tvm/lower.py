@@ -1,0 +1,55 @@
+"""IR -> TVM Relax ``IRModule`` via ``from_exported_program``.
+
+The IR is legalized first (see ``legalize.py``) so that architectures torch.export captures
+also import and build; any op TVM still lacks is reported by name with the way to add it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from slimc.backends.tvm.legalize import legalize
+from slimc.errors import LoweringError, UsageError
+from slimc.ir import IR
+
+
+class UnsupportedOpError(UsageError, LoweringError):
+    """An op in the model has no TVM converter (exit code 2: the user can add one)."""
+
+
+def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None):
+    """Legalize ``ir`` in place and import it into a Relax ``IRModule`` with weights bound."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    legalize(ir)
+    try:
+        return from_exported_program(ir.program, keep_params_as_input=False,
+                                     custom_convert_map=dict(converters) if converters else None)
+    except AssertionError as exc:
+        match = re.search(r"Unsupported function types \[(.*)\]", str(exc))
+        if match:
+            ops = [op.strip(" '\"") for op in match.group(1).split(",") if op.strip()]
+            raise UnsupportedOpError(
+                f"TVM {_tvm_version()} cannot lower op(s) {', '.join(ops)} used by "
+                f"{ir.name!r}.",
+                hint="Add a converter through a slimc plugin (hook slimc_register_converters, "
+                "keyed by the op name shown), or replace the op in the model.",
+            ) from None
+        raise LoweringError(f"TVM failed to import {ir.name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - TVM import bugs surface as many types
+        raise LoweringError(
+            f"TVM failed to import {ir.name!r}: {type(exc).__name__}: {_first_line(exc)}",
+            hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
+        ) from exc
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""

@@ -1,0 +1,69 @@
+"""Run a built library: natively in this process, or under qemu for a cross target.
+
+The TVM runtime sizes its thread pool once, from ``TVM_NUM_THREADS``, on first use, and
+defaults to one thread on small machines; :func:`set_threads` sets it before that happens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def default_threads() -> int:
+    """Cores this process may use (respects CPU affinity / container limits)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Fix the runtime thread count (``--threads``, else ``TVM_NUM_THREADS``, else all cores)."""
+    if threads is None:
+        threads = int(os.environ.get("TVM_NUM_THREADS") or default_threads())
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return threads
+
+
+class NativeRunner:
+    """A host-native library loaded into a Relax VM; call it with numpy arrays."""
+
+    def __init__(self, library: str | os.PathLike[str], threads: int | None = None) -> None:
+        self.threads = set_threads(threads)
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        self._module = tvm.runtime.load_module(str(Path(library)))
+        self._vm = relax.VirtualMachine(self._module, tvm.cpu())
+
+    def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        tvm = self._tvm
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+        result = self._vm["main"](*args)
+        return _flatten(result)
+
+
+def _flatten(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    out: list[np.ndarray] = []
+    for item in value:
+        out.extend(_flatten(item))
+    return out
+
+
+def run_library(library: Path, inputs: Sequence[np.ndarray], *, cross_triple: str | None,
+                threads: int | None = None) -> list[np.ndarray]:
+    """Run ``library`` once on ``inputs``; cross libraries go through qemu (may raise
+    :class:`~slimc.backends.tvm.emulation.EmulatorUnavailable`)."""
+    if cross_triple:
+        from slimc.backends.tvm.emulation import find_emulator, run_emulated
+
+        emulator = find_emulator(cross_triple)
+        return run_emulated(library, list(inputs), threads=threads, emulator=emulator)
+    return NativeRunner(library, threads)(inputs)

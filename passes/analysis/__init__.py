@@ -1,0 +1,1 @@
+"""Analysis passes: compute facts about the IR; cached by the pass manager."""

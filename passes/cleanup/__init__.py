@@ -1,0 +1,1 @@
+"""Clean-up transforms that never change what the model computes."""

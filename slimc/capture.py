@@ -1,0 +1,117 @@
+"""Capture: MODEL string -> loader -> ``torch.export`` -> :class:`~slimc.ir.IR`.
+
+Export failures are translated into one paragraph that names the failing op or source line and
+what to try, instead of torch's multi-page traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from slimc.errors import CaptureError, UsageError
+from slimc.ir import IR, _output_names
+from slimc.loaders.base import InputOverride, LoadedModel, random_tensor
+from slimc.plugins import Registry, get_registry
+
+_USER_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s+(?P<code>.+)')
+_TORCH_INTERNAL = ("/torch/", "/slimc/", "/_pytest/", "<frozen", "/contextlib.py", "/pluggy/")
+
+
+def find_loader(model: str, registry: Registry | None = None):
+    registry = registry or get_registry()
+    for loader in registry.loaders:
+        if loader.accepts(model):
+            return loader
+    forms = "; ".join(f"{ld.name}: {ld.description}" for ld in registry.loaders)
+    raise UsageError(f"slimc does not know how to load {model!r}.",
+                     hint=f"MODEL may be one of — {forms}.")
+
+
+def load_model(model: str, overrides: dict[str, InputOverride] | None = None,
+               registry: Registry | None = None) -> LoadedModel:
+    """Find the loader for ``model`` and load it (no capture yet)."""
+    return find_loader(model, registry).load(model, overrides or {})
+
+
+def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
+    """Export ``loaded`` to an IR; returns the IR and example inputs in IR input order."""
+    if loaded.program is not None:
+        ir = loaded.extra.get("ir") or IR(loaded.program, name=loaded.name,
+                                          output_names=_output_names(loaded.program))
+        inputs = [random_tensor(s.name, s.shape, getattr(torch, s.dtype))
+                  for s in ir.input_specs()]
+        return ir, inputs
+    assert loaded.module is not None
+    names = list(loaded.example_inputs)
+    values = list(loaded.example_inputs.values())
+    args, kwargs = ((), dict(loaded.example_inputs)) if loaded.as_kwargs else (tuple(values), {})
+    with _quiet_torch():
+        try:
+            program = torch.export.export(loaded.module, args, kwargs, strict=False)
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise _explain_export_failure(loaded, exc) from None
+    ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))
+    ir.annotations["source"] = {"model": loaded.source, "loader": loaded.kind, **{
+        k: v for k, v in loaded.extra.items() if isinstance(v, (str, int, float)) or v is None}}
+    return ir, values
+
+
+@contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch logs graph dumps at WARNING while export fails; we report the failure ourselves."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch._dynamo",
+                                              "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _user_location(exc: BaseException) -> str | None:
+    """The model-code line that triggered the failure: from torch's message, else the traceback."""
+    matches = list(_USER_FRAME.finditer(str(exc)))
+    if matches:
+        m = matches[-1]
+        return f"{m['file']}:{m['line']} in {m['fn']}: {m['code'].strip()}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not any(s in f.filename for s in _TORCH_INTERNAL)]
+    if frames:
+        f = frames[-1]
+        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return None
+
+
+def _explain_export_failure(loaded: LoadedModel, exc: BaseException) -> CaptureError:
+    text = str(exc).strip()
+    headline = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    where = _user_location(exc)
+    op = re.search(r"(aten\.[\w.]+|torch\.ops\.[\w.]+)", text)
+    kind = type(exc).__name__
+    if "data-dependent" in text or "GuardOnDataDependent" in kind:
+        what_to_try = ("The model branches on or sizes a tensor by the *values* of a tensor. "
+                       "Rewrite that line with torch.where/torch.cond, or move the decision out "
+                       "of forward().")
+    elif "Dynamic" in kind or "ConstraintViolation" in kind:
+        what_to_try = "Give fixed shapes with --input NAME=SHAPE:DTYPE."
+    elif ".numpy()" in text or ".item()" in text or ".tolist()" in text:
+        what_to_try = ("Leaving torch (numpy()/item()/tolist()) cannot be traced; keep the "
+                       "computation in torch ops.")
+    else:
+        what_to_try = ("Check that forward() uses only torch operations on its tensor inputs; "
+                       "torch.export.draft_export(model, args) lists every problem at once.")
+    parts = [f"Could not capture {loaded.name!r} with torch.export: {headline} ({kind})."]
+    if op:
+        parts.append(f"Failing op: {op.group(1)}.")
+    if where:
+        parts.append(f"At {where}.")
+    return CaptureError(" ".join(parts), hint=what_to_try)

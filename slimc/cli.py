@@ -1,0 +1,268 @@
+"""The ``slimc`` command line: a thin layer over :mod:`slimc.compiler` and friends.
+
+Exit codes: 0 success, 2 bad usage or bad input (one paragraph on stderr naming the problem and
+the fix), 1 internal error (with a traceback, for a bug report).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from slimc.errors import SlimcError, UsageError
+
+app = typer.Typer(
+    name="slimc", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="slimc: compress and compile PyTorch / Hugging Face models through Apache TVM.",
+)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
+
+
+class Emulate(str, Enum):
+    auto = "auto"
+    require = "require"
+    skip = "skip"
+
+
+class Progress:
+    """Stage-by-stage progress on stderr; silent with --quiet or when stdout is not a TTY."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._status = None
+        self._current: tuple[str, float] | None = None
+
+    def stage(self, name: str) -> None:
+        self._finish()
+        self._current = (name, time.perf_counter())
+        if self.enabled and self._status is not None:
+            self._status.update(f"[bold]{name}[/bold] ...")
+
+    def _finish(self) -> None:
+        if self._current and self.enabled:
+            name, start = self._current
+            err_console.print(f"  [green]done[/green] {name} ({time.perf_counter() - start:.1f}s)")
+        self._current = None
+
+    @contextmanager
+    def running(self):
+        if not self.enabled:
+            yield self
+            return
+        with err_console.status("starting ...") as status:
+            self._status = status
+            try:
+                yield self
+                self._finish()
+            finally:
+                self._status = None
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stdout.isatty()
+
+
+@app.command("compile")
+def compile_command(
+    model: Annotated[str, typer.Argument(help="HF model directory, package.module:factory, "
+                                         "or a .pt2 file from torch.export.save.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target name/alias (see "
+                                        "`slimc targets`), TVM tag, or TVM JSON dict.")] = "llvm",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory "
+                                                "(default ./<model-name>.slimc).")] = None,
+    pipeline: Annotated[str | None, typer.Option(
+        "--pipeline", "-p", help='Passes to run, e.g. "eliminate-dead-code,pass{opt=1}".')] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML recipe with a "
+                                                "`pipeline` list.")] = None,
+    opt_level: Annotated[int, typer.Option("-O", help="Optimisation level when no pipeline "
+                                           "is given (0: no compression).")] = 0,
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="Example input NAME=SHAPE:DTYPE, e.g. input_ids=1x128:int64 "
+        "(repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Runtime threads for verification "
+                                                "(default: TVM_NUM_THREADS or all cores).")] = None,
+    verify_tol: Annotated[float, typer.Option(min=0.0, help="Largest relative L2 error between "
+                                              "artifact and IR.")] = 1e-3,
+    emulate: Annotated[Emulate, typer.Option(help="Run cross-target artifacts under qemu to "
+                                             "verify them: auto, require or skip.")] = Emulate.auto,
+    save_ir: Annotated[bool, typer.Option("--save-ir", help="Also write the final IR as "
+                                          "ir.pt2.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as one "
+                                          "JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Compile MODEL for a target: capture, run passes, lower through TVM, verify, write."""
+    from slimc.compiler import CompileOptions, compile_model
+
+    options = CompileOptions(target=target, pipeline=pipeline, recipe=recipe,
+                             opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
+                             threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
+                             save_ir=save_ir)
+    progress = Progress(_show_progress(quiet) and not as_json)
+    with progress.running():
+        result = compile_model(model, options, stage=progress.stage,
+                               log=(lambda m: None) if quiet else _log_verbose)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+    m = result.manifest
+    if as_json:
+        summary = {k: m[k] for k in ("slimc_version", "target", "inputs", "outputs", "pipeline",
+                                     "params_before", "params_after", "weight_bytes_before",
+                                     "weight_bytes_after", "fidelity", "verification",
+                                     "library", "sha256", "timings")}
+        summary["output"] = str(result.output)
+        print(json.dumps(summary))
+    elif not quiet:
+        v = m["verification"]
+        checked = (f"verified on {v['ran_on']} (rel. L2 {v['relative_l2_vs_ir']:.2g})"
+                   if v.get("passed") else "NOT run")
+        out_console.print(f"wrote {result.output} ({m['target']['name']}, "
+                          f"{m['params_after']:,} params, {checked})")
+
+
+def _log_verbose(message: str) -> None:
+    if _show_progress(False):
+        err_console.print(f"  {message}", style="dim")
+
+
+@app.command("run")
+def run_command(
+    artifact_dir: Annotated[Path, typer.Argument(help="Directory written by `slimc compile`.")],
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="NAME=file.npy (repeatable); default: the stored example "
+        "inputs.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write outputs as "
+                                                "NAME.npy into this directory.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1)] = None,
+    emulate: Annotated[bool, typer.Option(help="Run a cross-target artifact under qemu.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print output summaries as JSON.")] = False,
+) -> None:
+    """Run a compiled artifact on the host (or under qemu with --emulate)."""
+    import numpy as np
+
+    from slimc.artifact import load
+
+    model = load(artifact_dir, threads=threads, emulate=emulate)
+    feed = model.example_inputs()
+    for item in inputs or ():
+        name, eq, path = item.partition("=")
+        if not eq:
+            raise UsageError(f"--input {item!r} is not NAME=file.npy.")
+        try:
+            feed[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--input {name}: cannot read {path} as a .npy array ({exc}).") \
+                from None
+        if name not in {i["name"] for i in model.inputs}:
+            raise UsageError(f"Unknown input {name!r}; the model's inputs are "
+                             f"{', '.join(i['name'] for i in model.inputs)}.")
+    start = time.perf_counter()
+    outputs = model(**feed)
+    seconds = time.perf_counter() - start
+    if output:
+        output.mkdir(parents=True, exist_ok=True)
+        for name, value in outputs.items():
+            np.save(output / f"{name}.npy", value)
+    summary = {name: {"shape": list(v.shape), "dtype": str(v.dtype),
+                      "mean": float(np.mean(v)) if v.size else 0.0,
+                      "first": v.ravel()[:5].tolist()} for name, v in outputs.items()}
+    if as_json:
+        print(json.dumps({"outputs": summary, "seconds": seconds}))
+    else:
+        for name, s in summary.items():
+            out_console.print(f"{name}: shape {s['shape']} {s['dtype']}, mean {s['mean']:.6g}, "
+                              f"first {[round(x, 5) for x in s['first']]}")
+        out_console.print(f"({seconds * 1000:.1f} ms)")
+
+
+@app.command("passes")
+def passes_command(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List every registered pass with its options and the plugin that provides it."""
+    from slimc.pipeline import describe_options
+    from slimc.plugins import get_registry
+
+    registry = get_registry()
+    rows = [{"name": name, "kind": cls.kind, "summary": cls.summary(),
+             "plugin": registry.provided_by("pass", name),
+             "exact": getattr(cls, "exact", None) if cls.kind == "transform" else None,
+             "options": describe_options(cls)}
+            for name, cls in sorted(registry.passes.items())]
+    broken = [{"plugin": b.name, "reason": b.reason} for b in registry.broken]
+    if as_json:
+        print(json.dumps({"passes": rows, "broken_plugins": broken}, default=str))
+        return
+    for row in rows:
+        out_console.print(f"[bold]{row['name']}[/bold] ({row['kind']}, from {row['plugin']}): "
+                          f"{row['summary']}")
+        for o in row["options"]:
+            bounds = "".join(f", {k} {v}" for k, v in o["constraints"].items())
+            out_console.print(f"    {o['name']}: {o['type']} = {o['default']!r}{bounds}"
+                              + (f"  {o['help']}" if o["help"] else ""))
+    _print_broken(broken)
+
+
+def _print_broken(broken: list[dict]) -> None:
+    for b in broken:
+        err_console.print(f"[yellow]warning:[/yellow] plugin {b['plugin']!r} is disabled: "
+                          f"{b['reason']}")
+
+
+@app.command("targets")
+def targets_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List compilation targets (TVM target tags are accepted too)."""
+    from slimc.plugins import get_registry
+
+    registry = get_registry()
+    specs = {id(s): s for s in registry.targets.values()}.values()
+    rows = [{**s.to_json(), "plugin": registry.provided_by("target", s.name.lower())}
+            for s in specs]
+    if as_json:
+        print(json.dumps({"targets": rows}))
+        return
+    for r in rows:
+        aliases = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
+        out_console.print(f"[bold]{r['name']}[/bold]{aliases}: {r['description']}")
+    out_console.print("Also accepted: any TVM target tag (e.g. raspberry-pi/4b-aarch64) or a "
+                      "TVM target JSON dict.")
+    _print_broken([{"plugin": b.name, "reason": b.reason} for b in registry.broken])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: maps slimc errors to exit codes and one-paragraph messages."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except SlimcError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("[red]aborted[/red]")
+        return 130
+    except Exception as exc:  # click usage errors and genuine bugs
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        traceback.print_exc()
+        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc}. This is a "
+                          "bug in slimc (or a plugin); please report it with the command line.")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

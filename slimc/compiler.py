@@ -1,0 +1,223 @@
+"""``slimc compile`` as a Python API: capture -> passes -> lower -> build -> verify -> write.
+
+Every stage is checked before the next one starts: options are validated before the model is
+loaded, each transform is verified by the pass manager, and the built library is run once and
+compared with the IR before the output directory appears.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+import slimc
+from slimc import artifact
+from slimc.capture import capture, load_model
+from slimc.errors import UsageError, VerificationError
+from slimc.evaluators import evaluate_all
+from slimc.ir import IR
+from slimc.loaders.base import parse_overrides
+from slimc.passmanager import AnalysisManager, PassContext, PassInvocation, PassManager
+from slimc.pipeline import load_recipe, parse_pipeline_text, recipe_items, validate
+from slimc.plugins import Registry, get_registry
+from slimc.report import render_report
+from slimc.targets import TargetSpec, resolve_target
+
+#: Pipelines behind ``-O`` levels; compression passes join them as they land.
+OPT_LEVELS: dict[int, str] = {0: "", 1: "eliminate-dead-code"}
+
+
+@dataclass
+class CompileOptions:
+    target: str = "llvm"
+    pipeline: str | None = None
+    recipe: str | Path | None = None
+    opt_level: int = 0
+    inputs: Sequence[str] = ()
+    output: str | Path | None = None
+    threads: int | None = None
+    #: Largest relative L2 error allowed between the artifact and the IR it was built from.
+    verify_tolerance: float = 1e-3
+    #: ``auto``: run cross artifacts under emulation when it is available; ``require``: fail if
+    #: it is not; ``skip``: never run a cross artifact.
+    emulate: Literal["auto", "require", "skip"] = "auto"
+    save_ir: bool = False
+
+
+@dataclass
+class CompileResult:
+    output: Path
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+Stage = Callable[[str], None]
+
+
+def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassInvocation]:
+    items: list[tuple[str, dict]] = []
+    if options.recipe:
+        recipe = load_recipe(options.recipe)
+        items += recipe_items(recipe, origin=str(options.recipe))
+    if options.pipeline:
+        items += parse_pipeline_text(options.pipeline)
+    if not items:
+        if options.opt_level not in OPT_LEVELS:
+            raise UsageError(f"-O{options.opt_level} is not a known optimisation level.",
+                             hint=f"Use one of {', '.join(f'-O{k}' for k in OPT_LEVELS)}.")
+        items = parse_pipeline_text(OPT_LEVELS[options.opt_level])
+    return validate(items, registry.passes)
+
+
+def compile_model(model: str, options: CompileOptions | None = None, *,
+                  stage: Stage = lambda name: None, log: Callable[[str], None] = lambda m: None,
+                  registry: Registry | None = None) -> CompileResult:
+    """Compile ``model`` (HF directory, ``module:factory`` or ``.pt2``) into an artifact."""
+    options = options or CompileOptions()
+    registry = registry or get_registry()
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+
+    # Validate everything cheap before the expensive work.
+    spec = resolve_target(options.target, registry)
+    pipeline = _resolve_pipeline(options, registry)
+    overrides = parse_overrides(list(options.inputs))
+    from slimc.backends.tvm.runtime import set_threads
+
+    threads = set_threads(options.threads)
+
+    stage("capture")
+    t0 = time.perf_counter()
+    ir, example_inputs = capture(load_model(model, overrides, registry))
+    timings["capture_s"] = time.perf_counter() - t0
+    output = Path(options.output or f"{_safe_name(ir.name)}.slimc")
+    original_outputs = [o.numpy() for o in ir.run(example_inputs)]
+
+    ctx = PassContext(target=spec, example_inputs=example_inputs, threads=threads, log=log)
+    manager = PassManager(registry.passes)
+    ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
+    before = ctx.analyses.get("model-stats")
+
+    stage("passes")
+    t0 = time.perf_counter()
+    records = manager.run(ir, pipeline, ctx, on_pass=lambda inv: stage(f"pass {inv.name}"))
+    timings["passes_s"] = time.perf_counter() - t0
+    after = ctx.analyses.get("model-stats")
+    ir_outputs = [o.numpy() for o in ir.run(example_inputs)]
+
+    stage("lower")
+    from slimc.backends.tvm.build import build_library
+    from slimc.backends.tvm.lower import lower_to_relax
+
+    t0 = time.perf_counter()
+    mod = lower_to_relax(ir, registry.converters)
+    timings["lower_s"] = time.perf_counter() - t0
+
+    with artifact.staged_directory(output) as stage_dir:
+        stage(f"build for {spec.name}")
+        t0 = time.perf_counter()
+        library = build_library(mod, spec, stage_dir / artifact.LIBRARY)
+        timings["build_s"] = time.perf_counter() - t0
+
+        stage("verify")
+        t0 = time.perf_counter()
+        verification, artifact_outputs = _verify_artifact(
+            library, spec, [x.numpy() for x in example_inputs], ir_outputs, options, threads,
+            warnings)
+        timings["verify_s"] = time.perf_counter() - t0
+
+        reference = artifact_outputs if artifact_outputs is not None else ir_outputs
+        fidelity = evaluate_all(registry.evaluators, original_outputs, reference)
+        fidelity["measured_on"] = "artifact" if artifact_outputs is not None else "ir"
+
+        np.savez(stage_dir / artifact.EXAMPLE_INPUTS,
+                 **{n: x.numpy() for n, x in zip(ir.input_names, example_inputs, strict=True)})
+        if options.save_ir:
+            ir.save(stage_dir / "ir.pt2")
+        manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
+                             verification, library, threads, timings, model)
+        artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
+        (stage_dir / artifact.REPORT).write_text(render_report(manifest))
+    return CompileResult(output.resolve(), manifest, warnings)
+
+
+def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
+                     ir_outputs: list[np.ndarray], options: CompileOptions, threads: int,
+                     warnings: list[str]) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+    from slimc.backends.tvm.emulation import EmulatorUnavailable
+    from slimc.backends.tvm.runtime import run_library
+
+    cross = spec.triple if spec.is_cross else None
+    if cross and options.emulate == "skip":
+        warnings.append(f"the {cross} artifact was not run (--emulate skip).")
+        return {"ran_on": None, "passed": None, "reason": "skipped by request"}, None
+    try:
+        outputs = run_library(library, inputs, cross_triple=cross, threads=threads)
+    except EmulatorUnavailable as exc:
+        if options.emulate == "require":
+            raise UsageError(f"Cannot run the {cross} artifact to verify it: {exc}.",
+                             hint="Or pass --emulate skip to accept an unverified artifact.") \
+                from None
+        warnings.append(f"the {cross} artifact was built but not run: {exc}.")
+        return {"ran_on": None, "passed": None, "reason": str(exc)}, None
+    from slimc.evaluators import max_abs_error, relative_l2
+
+    if len(outputs) != len(ir_outputs) or any(
+            o.shape != r.shape for o, r in zip(outputs, ir_outputs, strict=False)):
+        raise VerificationError(
+            f"The built library returns {[o.shape for o in outputs]} where the IR returns "
+            f"{[r.shape for r in ir_outputs]}.", hint="This is a slimc/TVM bug; please report it.")
+    err = relative_l2(ir_outputs, outputs)
+    where = f"qemu-{cross.split('-')[0]}" if cross else f"host ({platform.machine()})"
+    if not err <= options.verify_tolerance:
+        raise VerificationError(
+            f"The built library disagrees with the IR it was built from: relative L2 error "
+            f"{err:.3g} > tolerance {options.verify_tolerance:g} (run on {where}). No artifact "
+            "was written.", hint="This is a slimc/TVM bug; please report it with the model "
+            "(--save-ir keeps the IR). --verify-tol raises the tolerance if you accept it.")
+    return {"ran_on": where, "passed": True, "relative_l2_vs_ir": err,
+            "max_abs_error_vs_ir": max_abs_error(ir_outputs, outputs),
+            "tolerance": options.verify_tolerance}, outputs
+
+
+def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fidelity,
+              verification, library: Path, threads: int, timings, model: str) -> dict[str, Any]:
+    target = spec.tvm_target()
+    return {
+        "slimc_version": slimc.__version__,
+        "model": {"name": ir.name, "source": model, **ir.annotations.get("source", {})},
+        "target": {"name": spec.name, "tvm": str(target), "cross_triple": spec.triple
+                   if spec.is_cross else None, "host": platform.machine()},
+        "inputs": [s.to_json() for s in ir.input_specs()],
+        "outputs": [s.to_json() for s in ir.output_specs()],
+        "pipeline": [r.to_json() for r in records],
+        "params_before": before.params,
+        "params_after": after.params,
+        "weight_bytes_before": before.weight_bytes,
+        "weight_bytes_after": after.weight_bytes,
+        "fidelity": fidelity,
+        "verification": verification,
+        "library": library.name,
+        "sha256": artifact.sha256_of(library),
+        "library_bytes": library.stat().st_size,
+        "threads": threads,
+        "versions": {"torch": torch.__version__, "tvm": _tvm_version()},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"

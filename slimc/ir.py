@@ -1,0 +1,327 @@
+"""slimc's IR: an exported FX graph with its weights, per-node metadata and pass annotations.
+
+The IR is a thin, documented layer over :class:`torch.export.ExportedProgram` (ATen-level
+``torch.fx`` graph with lifted parameters). It stays executable at every stage, so any pass can
+measure what it did, and it round-trips through ``torch.export.save`` with slimc's own data
+(annotations, input/output names) stored as an extra file inside the same ``.pt2`` archive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, OutputKind, TensorArgument
+from torch.fx import Node
+
+from slimc.errors import UsageError
+
+_EXTRA_FILE = "slimc.json"
+_IR_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of a model input or output (what manifest.json records)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def of(cls, name: str, value: torch.Tensor) -> TensorSpec:
+        return cls(name, tuple(int(d) for d in value.shape), dtype_name(value.dtype))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (the spelling numpy and TVM share)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What slimc knows about one graph node, independent of torch internals."""
+
+    name: str
+    op: str
+    target: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    module_path: str
+    module_type: str
+
+
+class IR:
+    """An executable, annotatable, serializable model graph.
+
+    ``annotations`` is a free-form, JSON-serializable dict that passes write results into
+    (keyed by pass name); it is saved with the IR.
+    """
+
+    def __init__(
+        self,
+        program: ExportedProgram,
+        *,
+        name: str = "model",
+        input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
+        annotations: dict[str, Any] | None = None,
+    ) -> None:
+        self.program = program
+        self.name = name
+        user_inputs = [s for s in program.graph_signature.input_specs
+                       if s.kind == InputKind.USER_INPUT]
+        n_out = len(self._user_output_positions())
+        self.input_names = list(input_names or [s.arg.name for s in user_inputs])
+        self.output_names = list(output_names or [f"output{i}" for i in range(n_out)])
+        if len(self.output_names) != n_out:
+            self.output_names = [f"output{i}" for i in range(n_out)]
+        self.annotations: dict[str, Any] = annotations if annotations is not None else {}
+
+    # -- structure -------------------------------------------------------------------------
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.program.graph
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self.program.graph_module
+
+    def nodes(self, op: str | None = None) -> Iterator[Node]:
+        """Graph nodes in topological order, optionally only those with ``node.op == op``."""
+        for node in self.graph.nodes:
+            if op is None or node.op == op:
+                yield node
+
+    def node_info(self, node: Node) -> NodeInfo:
+        """Shape, dtype and the module path (e.g. ``model.layers.0.mlp.up_proj``) of a node."""
+        val = node.meta.get("val")
+        shape = tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+        dtype = dtype_name(val.dtype) if isinstance(val, torch.Tensor) else None
+        stack = node.meta.get("nn_module_stack") or {}
+        path, mtype = ("", "")
+        if stack:
+            path, mtype = list(stack.values())[-1]
+            mtype = mtype if isinstance(mtype, str) else getattr(mtype, "__qualname__", str(mtype))
+        target = node.target if isinstance(node.target, str) else str(node.target)
+        return NodeInfo(node.name, node.op, target, shape, dtype, path, mtype)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The dataflow graph as networkx: one vertex per node, attributes from :meth:`node_info`."""
+        g = nx.DiGraph()
+        for node in self.graph.nodes:
+            g.add_node(node.name, **asdict(self.node_info(node)))
+            for src in node.all_input_nodes:
+                g.add_edge(src.name, node.name)
+        return g
+
+    # -- parameters ------------------------------------------------------------------------
+
+    def _state_value(self, spec: InputSpec) -> torch.Tensor:
+        if spec.kind == InputKind.PARAMETER:
+            return self.program.state_dict[spec.target]
+        if spec.kind == InputKind.BUFFER:
+            if spec.persistent is False:
+                return self.program.constants[spec.target]
+            return self.program.state_dict[spec.target]
+        if spec.kind == InputKind.CONSTANT_TENSOR:
+            return self.program.constants[spec.target]
+        raise UsageError(f"slimc cannot execute graph input of kind {spec.kind.name}.")
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every parameter, buffer and constant tensor, keyed by its placeholder name."""
+        return {
+            s.arg.name: self._state_value(s)
+            for s in self.program.graph_signature.input_specs
+            if s.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+        }
+
+    def placeholder_spec(self, node: Node) -> InputSpec | None:
+        for spec in self.program.graph_signature.input_specs:
+            if spec.arg.name == node.name:
+                return spec
+        return None
+
+    def get_weight(self, node: Node) -> torch.Tensor:
+        """The tensor behind a parameter/buffer/constant placeholder node."""
+        spec = self.placeholder_spec(node)
+        if spec is None or spec.kind == InputKind.USER_INPUT:
+            raise KeyError(f"{node.name} is not a weight placeholder")
+        return self._state_value(spec)
+
+    def set_weight(self, node: Node, value: torch.Tensor) -> None:
+        """Replace the tensor behind a weight placeholder (shape may change; fix ``meta`` too)."""
+        spec = self.placeholder_spec(node)
+        if spec is None or spec.kind == InputKind.USER_INPUT:
+            raise KeyError(f"{node.name} is not a weight placeholder")
+        value = value.detach()
+        if spec.kind == InputKind.PARAMETER:
+            self.program.state_dict[spec.target] = torch.nn.Parameter(value, requires_grad=False)
+        elif spec.kind == InputKind.BUFFER and spec.persistent is not False:
+            self.program.state_dict[spec.target] = value
+        else:
+            self.program.constants[spec.target] = value
+        node.meta["val"] = _fake_like(node, value)
+
+    def add_weight(self, name: str, value: torch.Tensor) -> Node:
+        """Add a new parameter placeholder (before the user inputs) and return its node."""
+        taken = {n.name for n in self.graph.nodes}
+        base, i = name.replace(".", "_"), 0
+        node_name = f"p_{base}"
+        while node_name in taken:
+            i += 1
+            node_name = f"p_{base}_{i}"
+        first_user = next(n for n in self.graph.nodes
+                          if n.op == "placeholder" and self._is_user_input(n))
+        with self.graph.inserting_before(first_user):
+            node = self.graph.placeholder(node_name)
+        specs = self.program.graph_signature.input_specs
+        index = next(i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT)
+        target = f"slimc.{node_name}"
+        specs.insert(index, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target))
+        self.program.state_dict[target] = torch.nn.Parameter(value.detach(), requires_grad=False)
+        node.meta["val"] = _fake_like(first_user, value)
+        return node
+
+    def _is_user_input(self, node: Node) -> bool:
+        spec = self.placeholder_spec(node)
+        return spec is not None and spec.kind == InputKind.USER_INPUT
+
+    def remove_unused_weights(self) -> int:
+        """Drop weight placeholders that no node uses any more; returns how many went."""
+        removed = 0
+        specs = self.program.graph_signature.input_specs
+        for node in list(self.nodes("placeholder")):
+            spec = self.placeholder_spec(node)
+            if spec is None or spec.kind == InputKind.USER_INPUT or node.users:
+                continue
+            specs.remove(spec)
+            if spec.kind == InputKind.BUFFER:
+                # A buffer may be mutated in place by the graph; keep it unless unused everywhere.
+                if any(o.target == spec.target for o in self.program.graph_signature.output_specs):
+                    specs.append(spec)
+                    continue
+            self.program.state_dict.pop(spec.target, None)
+            self.program.constants.pop(spec.target, None)
+            self.graph.erase_node(node)
+            removed += 1
+        return removed
+
+    def num_params(self) -> int:
+        """Number of scalar weights (parameters + persistent buffers + constant tensors)."""
+        return sum(t.numel() for t in self.weights().values() if t.is_floating_point())
+
+    def weight_bytes(self) -> int:
+        """Bytes of every stored weight tensor at its current dtype."""
+        return sum(t.numel() * t.element_size() for t in self.weights().values())
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _user_output_positions(self) -> list[int]:
+        return [i for i, s in enumerate(self.program.graph_signature.output_specs)
+                if s.kind == OutputKind.USER_OUTPUT]
+
+    def input_specs(self) -> list[TensorSpec]:
+        specs = []
+        for name, node in zip(self.input_names, self._user_placeholders(), strict=True):
+            specs.append(TensorSpec.of(name, node.meta["val"]))
+        return specs
+
+    def output_specs(self) -> list[TensorSpec]:
+        out_node = next(iter(reversed(self.graph.nodes)))
+        flat = out_node.args[0]
+        vals = [flat[i].meta["val"] for i in self._user_output_positions()]
+        return [TensorSpec.of(n, v) for n, v in zip(self.output_names, vals, strict=True)]
+
+    def _user_placeholders(self) -> list[Node]:
+        return [n for n in self.nodes("placeholder") if self._is_user_input(n)]
+
+    def changed(self) -> None:
+        """Call after editing the graph: lints it, drops dead code and regenerates its code."""
+        self.graph.lint()
+        self.graph_module.recompile()
+
+    @torch.no_grad()
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Execute the graph on user inputs (in ``input_names`` order); returns user outputs."""
+        if len(inputs) != len(self.input_names):
+            raise UsageError(
+                f"{self.name} takes {len(self.input_names)} inputs "
+                f"({', '.join(self.input_names)}), got {len(inputs)}."
+            )
+        values = []
+        user = iter(inputs)
+        for spec in self.program.graph_signature.input_specs:
+            values.append(next(user) if spec.kind == InputKind.USER_INPUT
+                          else self._state_value(spec))
+        flat = self.graph_module(*values)
+        flat = flat if isinstance(flat, (tuple, list)) else (flat,)
+        return [flat[i] for i in self._user_output_positions()]
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the IR as one ``.pt2`` archive (weights + graph + slimc data), atomically."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        extra = {"format": _IR_FORMAT_VERSION, "name": self.name,
+                 "input_names": self.input_names, "output_names": self.output_names,
+                 "annotations": self.annotations}
+        torch.export.save(self.program, tmp, extra_files={_EXTRA_FILE: json.dumps(extra)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> IR:
+        """Load a ``.pt2`` written by :meth:`save` or by plain ``torch.export.save``."""
+        extra_files = {_EXTRA_FILE: ""}
+        try:
+            program = torch.export.load(path, extra_files=extra_files)
+        except FileNotFoundError:
+            raise UsageError(f"No such file: {path}.") from None
+        except Exception as exc:  # noqa: BLE001 - any failure here means a bad archive
+            raise UsageError(
+                f"{path} is not a readable torch.export archive ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}).",
+                hint="Re-create it with torch.export.save(torch.export.export(model, args), path).",
+            ) from None
+        extra = json.loads(extra_files[_EXTRA_FILE]) if extra_files[_EXTRA_FILE] else {}
+        name = extra.get("name") or Path(path).stem
+        return cls(program, name=name, input_names=extra.get("input_names"),
+                   output_names=extra.get("output_names") or _output_names(program),
+                   annotations=extra.get("annotations", {}))
+
+    def __repr__(self) -> str:
+        n = sum(1 for _ in self.nodes("call_function"))
+        return (f"IR({self.name!r}, {n} ops, {self.num_params():,} params, "
+                f"inputs={self.input_names}, outputs={self.output_names})")
+
+
+def _output_names(program: ExportedProgram) -> list[str] | None:
+    """Names from the output pytree when it is a ModelOutput/dict; else None."""
+    spec = program.call_spec.out_spec
+    ctx = getattr(spec, "context", None)
+    if isinstance(ctx, (list, tuple)) and all(isinstance(c, str) for c in ctx):
+        return list(ctx)
+    return None
+
+
+def _fake_like(reference: Node, value: torch.Tensor) -> Any:
+    """A fake tensor with ``value``'s shape/dtype in the fake mode of ``reference``'s meta."""
+    ref = reference.meta.get("val")
+    mode = getattr(ref, "fake_mode", None)
+    if mode is None:
+        return value.detach().clone()
+    with mode:
+        return torch.empty(value.shape, dtype=value.dtype)

@@ -1,0 +1,1 @@
+"""Model loaders: turn the MODEL argument into something ``torch.export`` can capture."""

@@ -1,0 +1,132 @@
+"""Load a local Hugging Face model directory (config.json + safetensors/bin weights).
+
+The model class comes from ``config.architectures`` (falling back to ``AutoModel``) and example
+inputs from the config: token ids below the vocabulary size and an all-ones attention mask for
+text models, ``pixel_values`` of the configured image size for vision models.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from slimc.errors import UsageError
+from slimc.loaders.base import InputOverride, LoadedModel, apply_overrides, random_tensor
+
+#: Default sequence length for text models when ``--input`` does not say otherwise.
+DEFAULT_SEQ_LEN = 128
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+class HuggingFaceLoader:
+    name = "huggingface"
+    description = "local Hugging Face model directory (config.json + weights)"
+
+    def accepts(self, model: str) -> bool:
+        return (Path(model) / "config.json").is_file()
+
+    def load(self, model: str, overrides: dict[str, InputOverride]) -> LoadedModel:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+        import transformers
+
+        path = Path(model)
+        config = _load_config(path, transformers)
+        if not any(list(path.glob(p)) for p in _WEIGHT_FILES):
+            raise UsageError(
+                f"{path} has a config.json but no weights (*.safetensors or *.bin).",
+                hint="Save the model with model.save_pretrained(path) so the weights sit next "
+                "to config.json.",
+            )
+        cls = _model_class(config, transformers)
+        try:
+            module = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - report which file could not be read
+            raise UsageError(
+                f"Could not load the weights in {path} with {cls.__name__}: "
+                f"{type(exc).__name__}: {_first_line(exc)}",
+                hint="Check that the weight files are complete (not truncated or a git-lfs "
+                "pointer) and match config.json.",
+            ) from None
+        module.eval()
+        if hasattr(module.config, "use_cache"):
+            module.config.use_cache = False  # a KV cache is not a tensor output to compile
+        accepted = [p for p in inspect.signature(module.forward).parameters
+                    if p not in ("self", "kwargs", "args")]
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = int(getattr(text_config, "vocab_size", 2) or 2)
+        inputs = _default_inputs(config, text_config, accepted, vocab)
+        if not inputs and not overrides:
+            raise UsageError(
+                f"slimc cannot guess example inputs for {cls.__name__}.",
+                hint=f"Give them with --input, e.g. --input {accepted[0]}=1x128:int64 "
+                f"(its forward takes: {', '.join(accepted[:8])}).",
+            )
+        inputs = apply_overrides(inputs, overrides, accepted=accepted, high=vocab)
+        has_tokenizer = any((path / f).exists() for f in
+                            ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+        return LoadedModel(
+            name=path.resolve().name, module=module, example_inputs=inputs, as_kwargs=True,
+            source=str(path), kind=self.name,
+            extra={"architecture": cls.__name__,
+                   "model_type": getattr(config, "model_type", ""),
+                   "tokenizer": str(path) if has_tokenizer else None},
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _load_config(path: Path, transformers):
+    try:
+        json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path / 'config.json'} is not valid JSON ({exc}).") from None
+    try:
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(
+            f"transformers cannot read {path / 'config.json'}: {_first_line(exc)}",
+            hint="Check its model_type; it must name an architecture this transformers "
+            f"({transformers.__version__}) knows.",
+        ) from None
+
+
+def _model_class(config, transformers):
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+def _dim(value, default: int) -> int:
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return int(value) if value else default
+
+
+def _default_inputs(config, text_config, accepted: list[str], vocab: int):
+    max_pos = _dim(getattr(text_config, "max_position_embeddings", None)
+                   or getattr(text_config, "n_positions", None), DEFAULT_SEQ_LEN)
+    seq = min(DEFAULT_SEQ_LEN, max_pos)
+    inputs: dict[str, torch.Tensor] = {}
+    if "input_ids" in accepted:
+        inputs["input_ids"] = random_tensor("input_ids", (1, seq), torch.int64, high=vocab)
+        if "attention_mask" in accepted:
+            inputs["attention_mask"] = torch.ones(1, seq, dtype=torch.int64)
+        if "decoder_input_ids" in accepted:
+            inputs["decoder_input_ids"] = random_tensor("decoder_input_ids", (1, seq),
+                                                        torch.int64, high=vocab)
+    if "pixel_values" in accepted:
+        vision = getattr(config, "vision_config", None) or config
+        size = _dim(getattr(vision, "image_size", None), 224)
+        channels = int(getattr(vision, "num_channels", 3) or 3)
+        inputs["pixel_values"] = random_tensor("pixel_values", (1, channels, size, size),
+                                               torch.float32)
+    return inputs

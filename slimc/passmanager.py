@@ -1,0 +1,266 @@
+"""Passes and the pass manager, after LLVM's new pass manager.
+
+* A pass is a class with a kebab-case ``name``, a docstring, an ``Options`` pydantic model and a
+  ``run`` method. :class:`AnalysisPass` returns a result the :class:`AnalysisManager` caches;
+  :class:`TransformPass` edits the IR in place and returns :class:`PreservedAnalyses`.
+* Passes never compute analyses themselves: they ask ``ctx.analyses.get("name")``. The manager
+  computes lazily, caches by (analysis, options), and after each transform drops every result
+  the transform did not preserve.
+* Every transform is checked numerically against the IR it was given (``PassContext.verify``):
+  one that declares itself ``exact`` must reproduce the outputs within tolerance, and every
+  transform's fidelity change is recorded for the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from slimc.errors import VerificationError
+from slimc.ir import IR
+
+
+class PassOptions(BaseModel):
+    """Base class of every pass's options: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(PassOptions):
+    pass
+
+
+class Pass:
+    """Common interface of analyses and transforms."""
+
+    #: Unique, kebab-case, says what the pass does (``eliminate-dead-code``).
+    name: ClassVar[str] = ""
+    #: "analysis" or "transform".
+    kind: ClassVar[str] = ""
+    Options: ClassVar[type[PassOptions]] = NoOptions
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class AnalysisPass(Pass):
+    """Computes facts about the IR without changing it; results are cached by the manager."""
+
+    kind = "analysis"
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> Any:
+        raise NotImplementedError
+
+
+class TransformPass(Pass):
+    """Rewrites the IR in place and returns which cached analyses are still valid."""
+
+    kind = "transform"
+    #: True when the transform must not change the model's outputs (beyond float noise).
+    exact: ClassVar[bool] = False
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PreservedAnalyses:
+    """Which analyses a transform kept valid (LLVM's ``PreservedAnalyses``)."""
+
+    names: frozenset[str] = frozenset()
+    everything: bool = False
+
+    @classmethod
+    def all(cls) -> PreservedAnalyses:
+        return cls(everything=True)
+
+    @classmethod
+    def none(cls) -> PreservedAnalyses:
+        return cls()
+
+    @classmethod
+    def only(cls, *names: str) -> PreservedAnalyses:
+        return cls(frozenset(names))
+
+    def preserves(self, name: str) -> bool:
+        return self.everything or name in self.names
+
+
+class AnalysisManager:
+    """Lazily computes and caches analysis results for one IR."""
+
+    def __init__(self, ir: IR, ctx: PassContext, lookup: Callable[[str], type[Pass]]) -> None:
+        self._ir = ir
+        self._ctx = ctx
+        self._lookup = lookup
+        self._cache: dict[tuple[str, str], Any] = {}
+        #: (analysis name, computed?) log, for tests and ``--verbose``.
+        self.history: list[tuple[str, bool]] = []
+
+    def get(self, name: str, **options: Any) -> Any:
+        """The result of analysis ``name`` with ``options``, computed once until invalidated."""
+        cls = self._lookup(name)
+        if cls.kind != "analysis":
+            raise TypeError(f"{name} is a {cls.kind}, not an analysis")
+        opts = cls.Options(**options)
+        key = (name, json.dumps(opts.model_dump(mode="json"), sort_keys=True))
+        if key in self._cache:
+            self.history.append((name, False))
+            return self._cache[key]
+        result = cls().run(self._ir, self._ctx, opts)
+        self._cache[key] = result
+        self.history.append((name, True))
+        return result
+
+    def cached(self, name: str) -> bool:
+        return any(k[0] == name for k in self._cache)
+
+    def invalidate(self, preserved: PreservedAnalyses) -> list[str]:
+        """Drop results not in ``preserved``; returns the names dropped."""
+        dropped = [k for k in self._cache if not preserved.preserves(k[0])]
+        for k in dropped:
+            del self._cache[k]
+        return sorted({k[0] for k in dropped})
+
+
+@dataclass
+class PassContext:
+    """What travels with a compilation (TVM's ``PassContext``): target, data, settings."""
+
+    target: Any = None
+    #: Example/calibration inputs, in IR input order.
+    example_inputs: list[torch.Tensor] = field(default_factory=list)
+    threads: int | None = None
+    #: Relative L2 error an ``exact`` transform may introduce.
+    exact_tolerance: float = 1e-4
+    verify: bool = True
+    analyses: AnalysisManager | None = None
+    log: Callable[[str], None] = lambda message: None
+
+
+@dataclass(frozen=True)
+class PassInvocation:
+    """One element of a pipeline: a pass name and its (validated) options."""
+
+    name: str
+    options: PassOptions
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pass": self.name, "options": self.options.model_dump(mode="json")}
+
+    def __str__(self) -> str:
+        opts = self.options.model_dump(mode="json")
+        if not opts:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={v}" for k, v in opts.items()) + "}"
+
+
+@dataclass
+class PassRecord:
+    """What running one pass did, for the manifest and report."""
+
+    invocation: PassInvocation
+    kind: str
+    seconds: float
+    params_before: int
+    params_after: int
+    invalidated: list[str] = field(default_factory=list)
+    fidelity: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.invocation.to_json(), "kind": self.kind,
+                "seconds": round(self.seconds, 3), "params_before": self.params_before,
+                "params_after": self.params_after, "invalidated": self.invalidated,
+                "fidelity": self.fidelity}
+
+
+def relative_l2(reference: Iterable[torch.Tensor], candidate: Iterable[torch.Tensor]) -> float:
+    """Largest relative L2 error over outputs (0 for identical, exact for integer outputs)."""
+    worst = 0.0
+    for ref, out in zip(reference, candidate, strict=True):
+        if ref.shape != out.shape:
+            return float("inf")
+        ref64, out64 = ref.double(), out.double()
+        denom = max(float(ref64.norm()), 1e-12)
+        worst = max(worst, float((ref64 - out64).norm()) / denom)
+    return worst
+
+
+class PassManager:
+    """Runs a pipeline of pass invocations over one IR."""
+
+    def __init__(self, passes: dict[str, type[Pass]]) -> None:
+        self._passes = passes
+
+    def lookup(self, name: str) -> type[Pass]:
+        return self._passes[name]
+
+    def run(self, ir: IR, pipeline: list[PassInvocation], ctx: PassContext,
+            on_pass: Callable[[PassInvocation], None] | None = None) -> list[PassRecord]:
+        am = ctx.analyses or AnalysisManager(ir, ctx, self.lookup)
+        ctx.analyses = am
+        records: list[PassRecord] = []
+        for inv in pipeline:
+            if on_pass:
+                on_pass(inv)
+            cls = self.lookup(inv.name)
+            params_before = ir.num_params()
+            start = time.perf_counter()
+            record = PassRecord(inv, cls.kind, 0.0, params_before, params_before)
+            if cls.kind == "analysis":
+                result = am.get(inv.name, **inv.options.model_dump())
+                ir.annotations.setdefault("analyses", {})[inv.name] = _summarise(result)
+            else:
+                reference = ir.run(ctx.example_inputs) if ctx.verify else None
+                preserved = cls().run(ir, ctx, inv.options)
+                if not isinstance(preserved, PreservedAnalyses):
+                    raise TypeError(f"transform {inv.name} must return PreservedAnalyses, "
+                                    f"not {type(preserved).__name__}")
+                ir.changed()
+                record.invalidated = am.invalidate(preserved)
+                if reference is not None:
+                    record.fidelity = _verify_transform(ir, ctx, inv, cls, reference)
+            record.seconds = time.perf_counter() - start
+            record.params_after = ir.num_params()
+            records.append(record)
+            ctx.log(f"{inv}: {record.seconds:.2f}s, params {params_before:,} -> "
+                    f"{record.params_after:,}")
+        return records
+
+
+def _verify_transform(ir: IR, ctx: PassContext, inv: PassInvocation, cls: type[Pass],
+                      reference: list[torch.Tensor]) -> dict[str, float]:
+    try:
+        outputs = ir.run(ctx.example_inputs)
+    except Exception as exc:  # noqa: BLE001 - a transform that breaks execution is a bug
+        raise VerificationError(
+            f"After pass {inv}, the IR no longer runs: {type(exc).__name__}: {exc}",
+            hint="This is a bug in that pass; run without it and report the model.",
+        ) from exc
+    err = relative_l2(reference, outputs)
+    if getattr(cls, "exact", False) and not err <= ctx.exact_tolerance:
+        raise VerificationError(
+            f"Pass {inv} must preserve the model's outputs but changed them by a relative L2 "
+            f"error of {err:.3g} (tolerance {ctx.exact_tolerance:g}).",
+            hint="This is a bug in that pass; run without it and report the model.",
+        )
+    return {"relative_l2_vs_previous": err}
+
+
+def _summarise(result: Any) -> Any:
+    """A JSON-safe view of an analysis result for the IR's annotations."""
+    if hasattr(result, "to_json"):
+        return result.to_json()
+    try:
+        json.dumps(result)
+        return result
+    except TypeError:
+        return repr(result)

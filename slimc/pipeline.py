@@ -1,0 +1,176 @@
+"""Two spellings of one pipeline: ``--pipeline`` text and ``--recipe`` YAML/TOML files.
+
+Text: ``pass-a{opt=1,other=x},pass-b``. Recipe::
+
+    # recipe.yaml                       # recipe.toml
+    pipeline:                           [[pipeline]]
+      - eliminate-dead-code             pass = "eliminate-dead-code"
+      - pass: fold-batchnorm            [[pipeline]]
+        options: {eps_override: 1e-5}   pass = "fold-batchnorm"
+
+Both produce a list of :class:`~slimc.passmanager.PassInvocation` whose options were validated
+by the pass's pydantic model; every mistake is a :class:`~slimc.errors.UsageError` listing what
+is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from slimc.errors import UsageError
+from slimc.passmanager import Pass, PassInvocation
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside braces/brackets."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth < 0:
+                raise UsageError(f"--pipeline {text!r}: unbalanced '}}'.")
+        if ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if depth != 0:
+        raise UsageError(f"--pipeline {text!r}: a '{{' is never closed.")
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``"a{x=1,y=z},b"`` -> ``[("a", {"x": "1", "y": "z"}), ("b", {})]`` (values unparsed)."""
+    items = []
+    for part in split_top_level(text):
+        if "{" in part:
+            name, _, rest = part.partition("{")
+            if not rest.endswith("}"):
+                raise UsageError(f"--pipeline element {part!r}: options must end with '}}'.")
+            options: dict[str, Any] = {}
+            for opt in split_top_level(rest[:-1]):
+                key, eq, value = opt.partition("=")
+                if not eq or not key.strip():
+                    raise UsageError(f"--pipeline element {part!r}: option {opt!r} is not "
+                                     "KEY=VALUE.")
+                options[key.strip()] = value.strip()
+            items.append((name.strip(), options))
+        else:
+            items.append((part, {}))
+    return items
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file (``.yaml``/``.yml``/``.toml``) into a dict with a ``pipeline`` list."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"Cannot read recipe {path}: {exc.strerror}.") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UsageError(f"Recipe {path} must end in .yaml, .yml or .toml.")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"Recipe {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+    if not isinstance(data, dict) or "pipeline" not in data:
+        raise UsageError(f"Recipe {path} must have a top-level 'pipeline' list.")
+    unknown = set(data) - {"pipeline", "target", "threads", "inputs"}
+    if unknown:
+        raise UsageError(f"Recipe {path}: unknown key(s) {', '.join(sorted(unknown))}.",
+                         hint="Valid keys: pipeline, target, threads, inputs.")
+    return data
+
+
+def recipe_items(recipe: dict[str, Any], origin: str = "recipe") -> list[tuple[str, dict]]:
+    pipeline = recipe["pipeline"]
+    if isinstance(pipeline, str):
+        return parse_pipeline_text(pipeline)
+    if not isinstance(pipeline, list):
+        raise UsageError(f"{origin}: 'pipeline' must be a list or a pipeline string.")
+    items = []
+    for i, entry in enumerate(pipeline):
+        if isinstance(entry, str):
+            items.append((entry, {}))
+        elif isinstance(entry, dict) and "pass" in entry:
+            extra = set(entry) - {"pass", "options"}
+            if extra:
+                raise UsageError(f"{origin}: pipeline[{i}] has unknown key(s) "
+                                 f"{', '.join(sorted(extra))}; use 'pass' and 'options'.")
+            items.append((str(entry["pass"]), dict(entry.get("options") or {})))
+        elif isinstance(entry, dict) and len(entry) == 1:
+            name, opts = next(iter(entry.items()))
+            items.append((str(name), dict(opts or {})))
+        else:
+            raise UsageError(f"{origin}: pipeline[{i}] must be a pass name or "
+                             "{pass: NAME, options: {...}}.")
+    return items
+
+
+def describe_options(cls: type[Pass]) -> list[dict[str, Any]]:
+    """Options of a pass as plain data: name, type, default, constraints, help."""
+    out = []
+    for name, f in cls.Options.model_fields.items():
+        constraints = {}
+        for meta in f.metadata:
+            for attr in ("ge", "gt", "le", "lt"):
+                if getattr(meta, attr, None) is not None:
+                    constraints[attr] = getattr(meta, attr)
+        annotation = f.annotation
+        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        out.append({"name": name, "type": type_name,
+                    "default": None if f.is_required() else f.get_default(call_default_factory=True),
+                    "required": f.is_required(), "constraints": constraints,
+                    "help": f.description or ""})
+    return out
+
+
+def _options_text(cls: type[Pass]) -> str:
+    opts = describe_options(cls)
+    if not opts:
+        return f"{cls.name} takes no options"
+    parts = []
+    for o in opts:
+        bounds = "".join(f", {k} {v}" for k, v in o["constraints"].items())
+        parts.append(f"{o['name']} ({o['type']}, default {o['default']}{bounds})")
+    return f"valid options of {cls.name}: " + "; ".join(parts)
+
+
+def validate(items: list[tuple[str, dict[str, Any]]],
+             passes: dict[str, type[Pass]]) -> list[PassInvocation]:
+    """Resolve names and validate options; the first mistake raises a UsageError."""
+    result = []
+    for name, raw in items:
+        cls = passes.get(name)
+        if cls is None:
+            close = difflib.get_close_matches(name, list(passes), n=3)
+            did_you_mean = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise UsageError(f"Unknown pass {name!r}.{did_you_mean}",
+                             hint=f"Registered passes: {', '.join(sorted(passes))} "
+                             "(see `slimc passes`).")
+        try:
+            options = cls.Options(**raw)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "(options)"
+                if err["type"] == "extra_forbidden":
+                    problems.append(f"unknown option {key!r}")
+                else:
+                    problems.append(f"option {key}={err.get('input')!r}: {err['msg']}")
+            raise UsageError(f"Pass {name}: {'; '.join(problems)}.",
+                             hint=_options_text(cls) + ".") from None
+        result.append(PassInvocation(name, options))
+    return result

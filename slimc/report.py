@@ -1,0 +1,58 @@
+"""``report.md``: the manifest, written for a person."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def render_report(m: dict[str, Any]) -> str:
+    lines = [f"# slimc report: {m['model']['name']}", ""]
+    lines += [
+        f"- source: `{m['model']['source']}`",
+        f"- target: **{m['target']['name']}** (`{m['target']['tvm']}`)",
+        f"- slimc {m['slimc_version']}, torch {m['versions']['torch']}, "
+        f"TVM {m['versions']['tvm']}, {m['threads']} runtime thread(s)",
+        "",
+        "| | before | after |", "|---|---:|---:|",
+        f"| parameters | {m['params_before']:,} | {m['params_after']:,} |",
+        f"| weight bytes | {_mib(m['weight_bytes_before'])} | {_mib(m['weight_bytes_after'])} |",
+        "", "## Pipeline", "",
+    ]
+    if m["pipeline"]:
+        lines += ["| pass | kind | seconds | params after | fidelity |", "|---|---|---:|---:|---|"]
+        for p in m["pipeline"]:
+            opts = ",".join(f"{k}={v}" for k, v in p["options"].items())
+            name = p["pass"] + (f"{{{opts}}}" if opts else "")
+            fid = ", ".join(f"{k}={v:.3g}" for k, v in p["fidelity"].items()) or "-"
+            lines.append(f"| `{name}` | {p['kind']} | {p['seconds']:.2f} | "
+                         f"{p['params_after']:,} | {fid} |")
+    else:
+        lines.append("No passes (`-O0`): the artifact computes exactly what the model does.")
+    v = m["verification"]
+    lines += ["", "## Verification", ""]
+    if v.get("passed"):
+        lines.append(f"The library was run on {v['ran_on']} with the example inputs and matched "
+                     f"the IR: relative L2 error {v['relative_l2_vs_ir']:.3g} "
+                     f"(tolerance {v['tolerance']:g}), max abs error "
+                     f"{v['max_abs_error_vs_ir']:.3g}.")
+    else:
+        lines.append(f"**Not run**: {v.get('reason')}.")
+    lines += ["", "## Fidelity against the original model", "",
+              "| metric | value |", "|---|---:|"]
+    for k, val in m["fidelity"].items():
+        lines.append(f"| {k} | {val if isinstance(val, str) else f'{val:.6g}'} |")
+    lines += ["", "## Interface", "", "| | name | shape | dtype |", "|---|---|---|---|"]
+    lines += [f"| input | {s['name']} | {s['shape']} | {s['dtype']} |" for s in m["inputs"]]
+    lines += [f"| output | {s['name']} | {s['shape']} | {s['dtype']} |" for s in m["outputs"]]
+    lines += ["", "## Timings (s)", ""]
+    lines += [f"- {k.removesuffix('_s')}: {v}" for k, v in m["timings"].items()]
+    lines += ["", f"Library: `{m['library']}` ({m['library_bytes']:,} bytes), sha256 "
+              f"`{m['sha256']}`.", "",
+              "Run it: `slimc run <this directory>` (example inputs) or "
+              "`slimc run <dir> --input NAME=file.npy`; in Python: `slimc.load(dir)(**inputs)`.",
+              ""]
+    return "\n".join(lines)
