@@ -27,6 +27,7 @@ from slimc.loaders.base import parse_overrides
 from slimc.passmanager import AnalysisManager, PassContext, PassInvocation, PassManager
 from slimc.pipeline import load_recipe, parse_pipeline_text, recipe_items, validate
 from slimc.plugins import Registry, get_registry
+from slimc.quiet import native_stderr_to, silence_libraries
 from slimc.report import render_report
 from slimc.targets import TargetSpec, resolve_target
 
@@ -93,6 +94,9 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
 
     threads = set_threads(options.threads)
 
+    silence_libraries()
+    native_log: list[str] = []
+
     stage("capture")
     t0 = time.perf_counter()
     ir, example_inputs = capture(load_model(model, overrides, registry))
@@ -117,13 +121,15 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     from slimc.backends.tvm.lower import lower_to_relax
 
     t0 = time.perf_counter()
-    mod = lower_to_relax(ir, registry.converters)
+    with native_stderr_to(native_log):
+        mod = lower_to_relax(ir, registry.converters)
     timings["lower_s"] = time.perf_counter() - t0
 
     with artifact.staged_directory(output) as stage_dir:
         stage(f"build for {spec.name}")
         t0 = time.perf_counter()
-        library = build_library(mod, spec, stage_dir / artifact.LIBRARY)
+        with native_stderr_to(native_log):
+            library = build_library(mod, spec, stage_dir / artifact.LIBRARY)
         timings["build_s"] = time.perf_counter() - t0
 
         stage("verify")

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny HF model directories, a CLI runner, and the aarch64 emulator check."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.models:...` factories
+
+from tests.models import save_hf  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """``hf_dir("llama")`` -> path of a saved tiny random model of that architecture."""
+    cache: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = save_hf(arch, tmp_path_factory.mktemp(arch) / arch)
+        return cache[arch]
+
+    return make
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``slimc`` in-process; returns exit code, stdout and stderr."""
+    from slimc.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def aarch64_emulator():
+    """The qemu-aarch64 + sysroot pair; in CI its absence is a failure, locally a skip."""
+    from slimc.backends.tvm.emulation import EmulatorUnavailable, find_emulator
+
+    try:
+        return find_emulator("aarch64-linux-gnu")
+    except EmulatorUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide the aarch64 emulator: {exc}")
+        pytest.skip(str(exc))

@@ -1,0 +1,129 @@
+"""Tiny models built in the tests (random weights, real classes), and the factory form."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            vocab_size=128, max_position_embeddings=64)
+
+#: name -> (config class, model class, config overrides). Llama-family entries use
+#: grouped-query attention (4 query heads sharing 2 KV heads).
+HF_ARCHS = {
+    "bert": (T.BertConfig, T.BertModel, {}),
+    "gpt2": (T.GPT2Config, T.GPT2LMHeadModel,
+             dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128,
+                  bos_token_id=0, eos_token_id=0)),
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, dict(num_key_value_heads=2)),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(num_key_value_heads=2)),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(num_key_value_heads=2)),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=8)),
+    "phi": (T.PhiConfig, T.PhiForCausalLM, {}),
+    "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, {}),
+}
+
+
+def build_hf(arch: str, seed: int = 0) -> torch.nn.Module:
+    config_cls, model_cls, extra = HF_ARCHS[arch]
+    kwargs = dict(extra) if arch == "gpt2" else {**TEXT, **extra}
+    torch.manual_seed(seed)
+    config = config_cls(**kwargs)
+    config.architectures = [model_cls.__name__]
+    return model_cls(config).eval()
+
+
+def save_hf(arch: str, path) -> str:
+    model = build_hf(arch)
+    model.save_pretrained(path)
+    return str(path)
+
+
+class SmallCNN(torch.nn.Module):
+    """Conv-BN-ReLU stages with a residual add, depthwise conv and a classifier."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn2 = torch.nn.BatchNorm2d(16)
+        self.pw = torch.nn.Conv2d(16, 16, 1)
+        self.bn3 = torch.nn.BatchNorm2d(16)
+        self.head = torch.nn.Linear(16, classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.stem(image)))
+        y = torch.relu(self.bn2(self.dw(x)))
+        x = torch.relu(self.bn3(self.pw(y)) + x)
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def small_cnn():
+    """Factory form for `slimc compile tests.models:small_cnn` (BN statistics randomised)."""
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    for bn in (net.bn1, net.bn2, net.bn3):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    return net, (torch.randn(2, 3, 16, 16),)
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # branches on a value: torch.export cannot capture this
+            return x * 2
+        return x - 1
+
+
+def untraceable():
+    return DataDependent(), (torch.randn(4),)
+
+
+def two_inputs_two_outputs():
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor):
+            h = self.proj(a)
+            return h.softmax(-1), (h * b).sum(-1)
+
+    torch.manual_seed(0)
+    return Net().eval(), {"a": torch.randn(3, 8), "b": torch.randn(3, 4)}
+
+
+def _causal_lm_without_mask(arch: str):
+    """HF causal LM called with input_ids only: position ids then come from a cumsum over a
+    boolean mask inside transformers, the path TVM's codegen used to reject."""
+    model = build_hf(arch)
+    model.config.use_cache = False
+    ids = torch.randint(0, TEXT["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids}
+
+
+def llama_no_mask():
+    return _causal_lm_without_mask("llama")
+
+
+def qwen2_no_mask():
+    return _causal_lm_without_mask("qwen2")
+
+
+def mistral_no_mask():
+    return _causal_lm_without_mask("mistral")
+
+
+def gemma_no_mask():
+    return _causal_lm_without_mask("gemma")
+
+
+def phi_no_mask():
+    return _causal_lm_without_mask("phi")
+
+
+def gpt_neox_no_mask():
+    return _causal_lm_without_mask("gpt_neox")
