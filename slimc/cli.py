@@ -252,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("[red]aborted[/red]")
         return 130
     except Exception as exc:  # click usage errors and genuine bugs
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # typer vendors click (typer._click), so match click's usage errors by shape.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None),
+                                                               int):
             exc.show()
             return exc.exit_code
         traceback.print_exc()

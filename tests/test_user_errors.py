@@ -1,0 +1,121 @@
+"""Bad input: one clear paragraph naming the problem and the fix, exit code 2, no traceback,
+and never a partial or lost artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _assert_clean_error(result, *fragments: str) -> None:
+    assert result.code == 2, (result.code, result.err)
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in result.err, result.err
+
+
+def test_untraceable_model_names_the_line_and_what_to_try(cli, tmp_path):
+    result = cli("compile", "tests.models:untraceable", "-o", tmp_path / "x", "-q")
+    _assert_clean_error(result, "Could not capture", "tests/models.py:", "x.sum() > 0",
+                        "torch.where/torch.cond")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_target_lists_valid_ones(cli):
+    result = cli("compile", "tests.models:small_cnn", "--target", "sparc")
+    _assert_clean_error(result, "Unknown target 'sparc'", "llvm", "arm", "raspberry-pi/4b-aarch64")
+
+
+def test_bad_input_spec(cli, hf_dir):
+    result = cli("compile", hf_dir("bert"), "--input", "input_ids=1xfoo")
+    _assert_clean_error(result, "NAME=SHAPE:DTYPE", "input_ids=1x128:int64")
+    result = cli("compile", hf_dir("bert"), "--input", "input_ids=1x8:complex")
+    _assert_clean_error(result, "unknown dtype 'complex'")
+    result = cli("compile", hf_dir("bert"), "--input", "pixels=1x8:int64", "-q")
+    _assert_clean_error(result, "no input of that name", "input_ids, attention_mask")
+
+
+def test_unknown_model_form(cli, tmp_path):
+    result = cli("compile", str(tmp_path / "nothing-here"))
+    _assert_clean_error(result, "does not know how to load", "huggingface", "factory", "pt2")
+
+
+def test_corrupt_weights_name_the_file(cli, hf_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-bert"
+    shutil.copytree(hf_dir("bert"), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
+    result = cli("compile", broken, "-q")
+    _assert_clean_error(result, "Could not load the weights", str(broken), "truncated")
+
+
+def test_missing_weights_and_bad_config(cli, tmp_path):
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    _assert_clean_error(cli("compile", tmp_path / "noweights"), "no weights")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    _assert_clean_error(cli("compile", tmp_path / "badjson"), "not valid JSON")
+
+
+def test_corrupt_pt2_file(cli, tmp_path):
+    bad = tmp_path / "model.pt2"
+    bad.write_bytes(b"not a zip archive")
+    _assert_clean_error(cli("compile", bad), "not a readable torch.export archive")
+
+
+def test_unknown_cli_option_exits_2(cli):
+    result = cli("compile", "x", "--frobnicate")
+    assert result.code == 2
+    assert "No such option" in result.err
+
+
+def test_failed_compile_keeps_the_previous_artifact(cli, tmp_path):
+    out = tmp_path / "cnn.slimc"
+    assert cli("compile", "tests.models:small_cnn", "-o", out, "-q").code == 0
+    before = (out / "manifest.json").read_text()
+    result = cli("compile", "tests.models:untraceable", "-o", out, "-q")
+    assert result.code == 2
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cnn.slimc"]  # no stray staging folders
+
+
+def test_refuses_to_overwrite_a_non_artifact_directory(cli, tmp_path):
+    precious = tmp_path / "mydata"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    result = cli("compile", "tests.models:small_cnn", "-o", precious, "-q")
+    _assert_clean_error(result, "is not a slimc artifact", "Choose another -o")
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture
+def cnn_artifact(tmp_path_factory):
+    import slimc
+
+    out = Path(tmp_path_factory.mktemp("art")) / "cnn"
+    slimc.compile_model("tests.models:small_cnn", slimc.CompileOptions(output=out))
+    return out
+
+
+def test_run_rejects_wrong_shapes_and_corrupt_libraries(cli, cnn_artifact, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
+    result = cli("run", cnn_artifact, "--input", f"image={tmp_path / 'small.npy'}")
+    _assert_clean_error(result, "shape [1, 3, 8, 8]", "compiled for shape [2, 3, 16, 16]",
+                        "--input image=1x3x8x8:float32")
+    result = cli("run", cnn_artifact, "--input", f"picture={tmp_path / 'small.npy'}")
+    _assert_clean_error(result, "Unknown input 'picture'", "image")
+    result = cli("run", tmp_path)
+    _assert_clean_error(result, "not a slimc artifact")
+
+    lib = cnn_artifact / "model.so"
+    data = bytearray(lib.read_bytes())
+    data[-100] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    _assert_clean_error(cli("run", cnn_artifact), "does not match the sha256", "Recompile")
