@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from slimc.hookspec import hookimpl
 from slimc.passes.analysis.model_stats import ModelStatsAnalysis
 from slimc.passes.cleanup.eliminate_dead_code import EliminateDeadCode
+
+from slimc.hookspec import hookimpl
 
 
 @hookimpl

@@ -19,7 +19,8 @@ from slimc.ir import IR, _output_names
 from slimc.loaders.base import InputOverride, LoadedModel, random_tensor
 from slimc.plugins import Registry, get_registry
 
-_USER_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s+(?P<code>.+)')
+_USER_FRAME = re.compile(
+    r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s+(?P<code>.+)')
 _TORCH_INTERNAL = ("/torch/", "/slimc/", "/_pytest/", "<frozen", "/contextlib.py", "/pluggy/")
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +28,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
 
 
-class Emulate(str, Enum):
+class Emulate(StrEnum):
     auto = "auto"
     require = "require"
     skip = "skip"
@@ -145,7 +145,8 @@ def run_command(
                                                 "NAME.npy into this directory.")] = None,
     threads: Annotated[int | None, typer.Option(min=1)] = None,
     emulate: Annotated[bool, typer.Option(help="Run a cross-target artifact under qemu.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print output summaries as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print output summaries as "
+                                          "JSON.")] = False,
 ) -> None:
     """Run a compiled artifact on the host (or under qemu with --emulate)."""
     import numpy as np

@@ -118,7 +118,7 @@ class IR:
         return NodeInfo(node.name, node.op, target, shape, dtype, path, mtype)
 
     def to_networkx(self) -> nx.DiGraph:
-        """The dataflow graph as networkx: one vertex per node, attributes from :meth:`node_info`."""
+        """The dataflow graph as networkx; vertex attributes come from :meth:`node_info`."""
         g = nx.DiGraph()
         for node in self.graph.nodes:
             g.add_node(node.name, **asdict(self.node_info(node)))

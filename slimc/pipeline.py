@@ -131,7 +131,8 @@ def describe_options(cls: type[Pass]) -> list[dict[str, Any]]:
         annotation = f.annotation
         type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         out.append({"name": name, "type": type_name,
-                    "default": None if f.is_required() else f.get_default(call_default_factory=True),
+                    "default": (None if f.is_required()
+                                else f.get_default(call_default_factory=True)),
                     "required": f.is_required(), "constraints": constraints,
                     "help": f.description or ""})
     return out

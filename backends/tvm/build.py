@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from slimc.backends.tvm.cross_link import zig_cross_compiler
+
 from slimc.errors import LoweringError
 from slimc.targets import TargetSpec
 

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from slimc.backends.tvm.legalize import legalize
+
 from slimc.errors import LoweringError, UsageError
 from slimc.ir import IR
 
