@@ -69,12 +69,21 @@ class HuggingFaceLoader:
         has_tokenizer = any((path / f).exists() for f in
                             ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
         return LoadedModel(
-            name=path.resolve().name, module=module, example_inputs=inputs, as_kwargs=True,
+            name=_model_name(path), module=module, example_inputs=inputs, as_kwargs=True,
             source=str(path), kind=self.name,
             extra={"architecture": cls.__name__,
                    "model_type": getattr(config, "model_type", ""),
                    "tokenizer": str(path) if has_tokenizer else None},
         )
+
+
+def _model_name(path: Path) -> str:
+    """The folder's name, or its parent's when the folder has a generic name like 'model'."""
+    path = path.resolve()
+    generic = ("model", "models", "snapshot", "hf", "checkpoint")
+    if path.name.lower() in generic and path.parent.name:
+        return path.parent.name
+    return path.name
 
 
 def _first_line(exc: BaseException) -> str:

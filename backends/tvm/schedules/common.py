@@ -1,0 +1,101 @@
+"""Helpers shared by the CPU schedule rules: vector width, loop extents, safe inlining.
+
+Every rule works on a fresh ``s_tir.Schedule`` and either returns it fully scheduled or returns
+``None``; nothing here mutates a schedule it was not asked to.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+log = logging.getLogger("slimc.schedules")
+
+#: Loops with fewer iterations than this (times their body) are not worth a parallel launch:
+#: the thread pool's wake-up costs more than the work.
+MIN_PARALLEL_WORK = 4096
+
+
+def vector_bits(target: Target) -> int:
+    """SIMD register width in bits: 512 with AVX-512, 256 with AVX2, 128 for NEON/SSE."""
+    from tvm.target.codegen import llvm_get_vector_width
+
+    try:
+        bits = int(llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 - an unknown CPU still gets a safe 128-bit guess
+        bits = 0
+    return bits if bits >= 128 else 128
+
+
+def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
+    """Elements of ``dtype_bits`` that fit one SIMD register of ``target``."""
+    return max(vector_bits(target) // max(dtype_bits, 8), 2)
+
+
+def simd_registers(target: Target) -> int:
+    """Architectural SIMD registers: 32 on AVX-512 and aarch64, 16 on AVX2/SSE."""
+    mtriple = str(target.attrs.get("mtriple", ""))
+    if mtriple.startswith(("aarch64", "arm64")):
+        return 32
+    return 32 if vector_bits(target) >= 512 else 16
+
+
+def extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
+    """Constant trip count of ``loop``, or None for a symbolic one."""
+    value = sch.get(loop).extent
+    return int(value.value) if isinstance(value, tirx.IntImm) else None
+
+
+def output_buffers(func: tirx.PrimFunc) -> set:
+    """Buffers the function writes for its caller (cannot be inlined away)."""
+    return {func.buffer_map[p] for p in func.params if p in func.buffer_map}
+
+
+def block_writes_output(sch: s_tir.Schedule, block, outputs: set) -> bool:
+    return any(w.buffer in outputs for w in sch.get(block).writes)
+
+
+def is_spatial(sch: s_tir.Schedule, block) -> bool:
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def inline_spatial(sch: s_tir.Schedule, blocks: list, outputs: set) -> list:
+    """Inline every spatial block that writes an intermediate buffer; return what remains.
+
+    Inlining removes intermediate buffers (one pass over memory instead of several); a block that
+    cannot be inlined (e.g. it feeds a reduction from several places) simply stays.
+    """
+    remaining = list(blocks)
+    changed = True
+    while changed:
+        changed = False
+        for block in list(remaining):
+            if not is_spatial(sch, block) or block_writes_output(sch, block, outputs):
+                continue
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - ScheduleError: keep the block
+                continue
+            remaining.remove(block)
+            changed = True
+    return remaining
+
+
+def pick_tile(total: int | None, preferred: list[int]) -> int:
+    """The first of ``preferred`` that divides ``total`` (no tail), else the first one."""
+    if total is None:
+        return preferred[0]
+    for size in preferred:
+        if size <= total and total % size == 0:
+            return size
+    return min(preferred[0], total)
+
+
+def realize_bindings(sch: s_tir.Schedule, loops) -> list | None:
+    """Iterator bindings of the block directly under the innermost of ``loops``."""
+    from tvm.s_tir import SBlockRealize
+
+    body = sch.get(loops[-1]).body
+    return list(body.iter_values) if isinstance(body, SBlockRealize) else None

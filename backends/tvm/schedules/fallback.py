@@ -1,0 +1,108 @@
+"""Fallback rule: parallel outer loops + vectorized inner loop for any kernel.
+
+Used for everything the specialised rules do not claim (elementwise, broadcast, transpose,
+gather, pooling, odd reductions). It never changes what is computed, only the loop nest: spatial
+loops are fused into one parallel loop, the innermost spatial loop is vectorized when its trip
+count allows it without a tail, and reductions stay serial inside each parallel iteration.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from .common import (
+    MIN_PARALLEL_WORK,
+    extent,
+    inline_spatial,
+    log,
+    output_buffers,
+    realize_bindings,
+    vector_lanes,
+)
+
+
+class Fallback:
+    """Parallelize and vectorize every block of a PrimFunc (never returns None for valid IR)."""
+
+    name = "fallback"
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root")
+        blocks = inline_spatial(sch, list(sch.get_child_blocks(root)), output_buffers(func))
+        for block in blocks:
+            try:
+                schedule_block(sch, block, target)
+            except Exception as exc:  # noqa: BLE001 - keep this block's loops as they were
+                log.debug("fallback: block %s left unscheduled: %s", sch.get(block).name_hint,
+                          _first_line(exc))
+        return sch
+
+
+def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
+    """Parallel spatial loops, vectorized innermost spatial loop, serial reduction loops."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if not loops or len(loops) != len(stmt.iter_vars):
+        return
+    kinds = _loop_kinds(sch, block, loops)
+    if kinds is None:
+        return
+    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+    reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+    if not spatial:
+        return
+    if reduce and kinds != sorted(kinds, key=lambda k: k != "S"):
+        sch.reorder(*spatial, *reduce)
+    dtype_bits = stmt.writes[0].buffer.dtype.bits if stmt.writes else 32
+    lanes = vector_lanes(target, dtype_bits)
+    inner_work = 1
+    for lp in reduce:
+        inner_work *= extent(sch, lp) or 64
+    if not reduce:
+        last = spatial[-1]
+        n = extent(sch, last)
+        vec = next((v for v in (lanes, lanes // 2, 4) if n and v >= 4 and n % v == 0), 0)
+        if vec and n > vec:
+            outer, inner = sch.split(last, factors=[None, vec])
+            sch.vectorize(inner)
+            spatial = spatial[:-1] + [outer]
+            inner_work = vec
+        elif vec:
+            sch.vectorize(last)
+            spatial = spatial[:-1]
+            inner_work = vec
+    if not spatial:
+        return
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    trips = extent(sch, fused)
+    if trips is None or (trips > 1 and trips * inner_work >= MIN_PARALLEL_WORK):
+        sch.parallel(fused)
+
+
+def _loop_kinds(sch: s_tir.Schedule, block, loops) -> list[str] | None:
+    """"S"/"R" per loop when each loop drives exactly one block iterator, else None."""
+    stmt = sch.get(block)
+    bindings = realize_bindings(sch, loops)
+    if bindings is None:
+        return None
+    kinds = []
+    for loop in loops:
+        var = sch.get(loop).loop_var
+        users = [iv for iv, b in zip(stmt.iter_vars, bindings, strict=True)
+                 if isinstance(b, tirx.Var) and b.same_as(var)]
+        if len(users) != 1:
+            return None
+        if users[0].iter_type == tirx.IterVar.DataPar:
+            kinds.append("S")
+        elif users[0].iter_type == tirx.IterVar.CommReduce:
+            kinds.append("R")
+        else:
+            return None
+    return kinds
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
