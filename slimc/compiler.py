@@ -109,7 +109,6 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
     before = ctx.analyses.get("model-stats")
 
-    stage("passes")
     t0 = time.perf_counter()
     records = manager.run(ir, pipeline, ctx, on_pass=lambda inv: stage(f"pass {inv.name}"))
     timings["passes_s"] = time.perf_counter() - t0

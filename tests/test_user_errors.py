@@ -119,3 +119,14 @@ def test_run_rejects_wrong_shapes_and_corrupt_libraries(cli, cnn_artifact, tmp_p
     data[-100] ^= 0xFF
     lib.write_bytes(bytes(data))
     _assert_clean_error(cli("run", cnn_artifact), "does not match the sha256", "Recompile")
+
+
+def test_artifact_that_disagrees_with_the_ir_is_not_written(cli, tmp_path):
+    """A zero tolerance turns float rounding into a 'wrong artifact': the compile must fail
+    (exit 1, it is slimc's fault, not the user's) and leave no output behind."""
+    out = tmp_path / "strict"
+    result = cli("compile", "tests.models:small_cnn", "-o", out, "--verify-tol", "0", "-q")
+    assert result.code == 1
+    assert "disagrees with the IR" in result.err and "No artifact was written" in result.err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -13,14 +13,18 @@ from slimc.targets import TargetSpec
 
 
 def build_library(mod, spec: TargetSpec, path: Path) -> Path:
-    """Compile ``mod`` for ``spec`` and write the shared library to ``path``."""
+    """Compile ``mod`` for ``spec`` and write the shared library to ``path``.
+
+    CPU targets go through :func:`slimc.backends.tvm.schedules.cpu_pipeline`, which schedules
+    every kernel (parallel, vectorized, register-tiled) instead of TVM's naive default loops.
+    """
     import tvm
     from tvm import relax
 
     target = spec.tvm_target()
     try:
         with tvm.transform.PassContext(opt_level=3):
-            executable = relax.build(mod, target=target)
+            executable = relax.build(mod, target=target, relax_pipeline=_pipeline(target))
     except Exception as exc:  # noqa: BLE001
         raise LoweringError(
             f"TVM could not build the model for {spec.name}: {type(exc).__name__}: "
@@ -35,6 +39,15 @@ def build_library(mod, spec: TargetSpec, path: Path) -> Path:
     else:  # no system compiler: link for the host with zig, still pip-only
         executable.export_library(str(path), fcompile=zig_cross_compiler(_host_triple()))
     return path
+
+
+def _pipeline(target):
+    """slimc's scheduled pipeline for llvm targets; TVM's default for anything else."""
+    if target.kind.name != "llvm":
+        return "default"
+    from slimc.backends.tvm.schedules import cpu_pipeline
+
+    return cpu_pipeline(target)
 
 
 def _host_triple() -> str:

@@ -1,0 +1,102 @@
+"""Default CPU schedules: make an untuned artifact fast without MetaSchedule.
+
+``relax.build`` on its own compiles every kernel as naive single-threaded loops. slimc instead
+runs the CPU Relax pipeline with one extra step after operator fusion: each fused ``PrimFunc`` is
+given to the rules below in order, and the first that claims it schedules it:
+
+1. :class:`~.cpu_matmul.TiledMatmul` -- dense / batched matmul / conv2d micro-kernels;
+2. :class:`~.cpu_reduction.RowReduction` -- softmax, layer/RMS norm;
+3. :class:`~.fallback.Fallback` -- parallel + vectorized loops for everything else.
+
+A rule that raises is skipped (logged at debug level) and the next one is tried, so a kernel is
+at worst left as TVM's correct, unscheduled loops. Weights are bound as constants, so the
+``FoldConstant`` that runs after legalization already turns ``permute_dims(W)`` into a
+pre-transposed constant: no layout work happens at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .common import log
+from .cpu_matmul import TiledMatmul
+from .cpu_reduction import RowReduction
+from .fallback import Fallback
+
+__all__ = ["DEFAULT_RULES", "apply_cpu_schedules", "cpu_pipeline", "schedule_prim_func"]
+
+
+class Rule(Protocol):
+    name: str
+
+    def apply(self, func, target): ...
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (TiledMatmul(), RowReduction(), Fallback())
+
+
+def schedule_prim_func(func, target, rules: Sequence[Rule] = DEFAULT_RULES):
+    """Return ``func`` scheduled by the first rule that accepts it (or ``func`` unchanged)."""
+    from tvm import tirx
+
+    if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
+        return func
+    name = str(func.attrs.get("global_symbol", "")) if func.attrs else ""
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target)
+        except Exception as exc:  # noqa: BLE001 - ScheduleError and friends: try the next rule
+            log.debug("rule %s failed on %s: %s", rule.name, name, _last_line(exc))
+            continue
+        if sch is not None:
+            log.debug("rule %s scheduled %s", rule.name, name)
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return func
+
+
+def apply_cpu_schedules(mod, target, rules: Sequence[Rule] = DEFAULT_RULES):
+    """Schedule every unscheduled ``PrimFunc`` of the Relax ``IRModule`` ``mod`` for ``target``."""
+    from tvm import tirx
+
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            scheduled = schedule_prim_func(func, target, rules)
+            if scheduled is not func:
+                updates[gvar] = scheduled
+    if updates:
+        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+        for gvar, func in updates.items():
+            mod[gvar] = func
+    return mod
+
+
+def cpu_pipeline(target, rules: Sequence[Rule] = DEFAULT_RULES):
+    """The Relax pipeline for CPU targets: TVM's default one plus the schedules above."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimcCpuSchedules")
+    def schedule(mod, _ctx):
+        return apply_cpu_schedules(mod, target, rules)
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimcCpuPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                   relax.transform.FuseTIR(), schedule]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__

@@ -1,0 +1,211 @@
+"""Register-tiled multiply-accumulate rule: dense/matmul, batched matmul, conv2d, depthwise.
+
+All of these are one reduction block ``C[..] += X[..] * Y[..]`` plus an elementwise epilogue
+(bias, activation, residual add). The rule picks
+
+* the **vector axis**: the innermost output axis, which must also be the innermost (contiguous)
+  axis of one input -- ``j`` of ``W[k, j]`` (weights are pre-transposed at compile time by
+  ``FoldConstant``), ``x`` of an NCHW image;
+* the **reuse axis**: an output axis the vector-loaded input does not depend on (``i`` of a
+  matmul, the output channel of a conv), so one vector load feeds ``MR`` accumulators;
+
+and builds the classic micro-kernel: an ``MR x NR`` accumulator tile in a local buffer (kept in
+registers by LLVM once the tile loops are unrolled/vectorized), reductions in between, the
+epilogue computed straight from the accumulators, and all outer tiles fused into one parallel
+loop. A matmul walks ``j`` tiles outermost so each core keeps its ``K x NR`` weight panel in L2.
+Tile sizes come from the target's vector width and SIMD register count; sizes that do not divide
+the axis get a scalar-predicated tail, never a wrong result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from .common import (
+    extent,
+    is_spatial,
+    log,
+    output_buffers,
+    realize_bindings,
+    simd_registers,
+    vector_lanes,
+)
+from .fallback import schedule_block
+
+
+@dataclass
+class _Axes:
+    """Loops of the main block, classified."""
+
+    shared: list  # spatial loops every operand depends on (batch, heads, image)
+    extra: list  # other spatial loops (conv output rows)
+    reuse: object | None
+    vector: object
+    reduce: list
+
+
+class TiledMatmul:
+    """Matmul / batched matmul / conv2d rule (see module docstring)."""
+
+    name = "tiled-matmul"
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+        sch = s_tir.Schedule(func)
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        reductions = [b for b in blocks if not is_spatial(sch, b)]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        if not _is_multiply_accumulate(sch.get(main)):
+            return None
+        axes = _classify(sch, main)
+        if axes is None:
+            return None
+        position = blocks.index(main)
+        outputs = output_buffers(func)
+        producers = blocks[:position]
+        epilogue = _inline_epilogue(sch, blocks[position + 1:], outputs)
+        _tile(sch, main, axes, target, epilogue)
+        for block in producers:  # padding, reshapes feeding the kernel
+            schedule_block(sch, block, target)
+        return sch
+
+
+def _is_multiply_accumulate(block: s_tir.SBlock) -> bool:
+    """``C[..] = C[..] + X * Y`` (casts allowed) with two distinct inputs."""
+    if len(block.writes) != 1 or len(block.reads) != 2:
+        return False
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
+        return False
+    acc, prod = store.value.a, store.value.b
+    if not (isinstance(acc, tirx.BufferLoad) and acc.buffer.same_as(store.buffer)):
+        return False
+    while isinstance(prod, tirx.Cast):
+        prod = prod.value
+    return isinstance(prod, tirx.Mul)
+
+
+def _vars_in(expr) -> set:
+    found: set = set()
+    tirx.stmt_functor.post_order_visit(
+        expr, lambda n: found.add(n) if isinstance(n, tirx.Var) else None)
+    return found
+
+
+def _classify(sch: s_tir.Schedule, main) -> _Axes | None:
+    stmt = sch.get(main)
+    loops = sch.get_loops(main)
+    bindings = realize_bindings(sch, loops)
+    if bindings is None or len(loops) != len(stmt.iter_vars):
+        return None
+    loop_of = {}
+    for loop, iv, binding in zip(loops, stmt.iter_vars, bindings, strict=True):
+        if not (isinstance(binding, tirx.Var) and binding.same_as(sch.get(loop).loop_var)):
+            return None
+        loop_of[iv.var] = (loop, iv.iter_type)
+    spatial = [(v, lp) for v, (lp, t) in loop_of.items() if t == tirx.IterVar.DataPar]
+    reduce = [lp for v, (lp, t) in loop_of.items() if t == tirx.IterVar.CommReduce]
+    if not spatial or not reduce or len(spatial) + len(reduce) != len(loops):
+        return None
+    out_index = [r.min for r in stmt.writes[0].region]
+    vec_var, vec_loop = spatial[-1]
+    if not (isinstance(out_index[-1], tirx.Var) and out_index[-1].same_as(vec_var)):
+        return None
+    # The input read contiguously along the vector axis, and the other one.
+    contiguous = None
+    for i, region in enumerate(stmt.reads):
+        idx = [r.min for r in region.region]
+        if vec_var in _vars_in(idx[-1]) and not any(vec_var in _vars_in(e) for e in idx[:-1]):
+            contiguous = i
+    if contiguous is None:
+        return None
+    vec_operand = _vars_in([r.min for r in stmt.reads[contiguous].region])
+    other_operand = _vars_in([r.min for r in stmt.reads[1 - contiguous].region])
+    reuse, shared, extra = None, [], []
+    for var, loop in spatial[:-1]:
+        if var not in vec_operand and var in other_operand and reuse is None:
+            reuse = loop
+        elif var in vec_operand and var in other_operand:
+            shared.append(loop)
+        else:
+            extra.append(loop)
+    return _Axes(shared, extra, reuse, vec_loop, reduce)
+
+
+def _inline_epilogue(sch: s_tir.Schedule, consumers: list, outputs: set):
+    """Inline intermediate elementwise consumers; return the final one (or None)."""
+    remaining = []
+    for block in consumers:
+        writes_output = any(w.buffer in outputs for w in sch.get(block).writes)
+        if not writes_output:
+            try:
+                sch.compute_inline(block)
+                continue
+            except Exception:  # noqa: BLE001 - keep it, scheduled on its own below
+                pass
+        remaining.append(block)
+    return remaining
+
+
+def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int, int]:
+    lanes = vector_lanes(target, dtype_bits)
+    n = extent(sch, axes.vector)
+    m = extent(sch, axes.reuse) if axes.reuse is not None else 1
+    wide = [4 * lanes, 2 * lanes] if m == 1 else [2 * lanes]
+    nr = next((v for v in [*wide, lanes, lanes // 2, 4] if n and v <= n and n % v == 0), None)
+    if nr is None:
+        nr = n if n is not None and n <= 2 * lanes else lanes
+    accumulators = simd_registers(target) // 2  # leave room for the loads and broadcasts
+    mr_max = max(1, min(8, accumulators * lanes // max(nr, 1)))
+    if m is None:
+        mr = mr_max
+    else:
+        mr = next((v for v in range(mr_max, 0, -1) if m % v == 0 and v * 2 > mr_max), None)
+        mr = mr or min(mr_max, m)
+    return mr, nr
+
+
+def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list) -> None:
+    dtype_bits = sch.get(main).writes[0].buffer.dtype.bits
+    mr, nr = _tile_sizes(sch, axes, target, dtype_bits)
+    vo, vi = sch.split(axes.vector, factors=[None, nr])
+    if axes.reuse is not None:
+        ro, ri = sch.split(axes.reuse, factors=[None, mr])
+        tile_inner = [ri, vi]
+    else:
+        ro, tile_inner = None, [vi]
+    if axes.extra:  # conv: output-channel tile outermost, then rows, then columns
+        outer = axes.shared + ([ro] if ro is not None else []) + axes.extra + [vo]
+    else:  # matmul: weight panel (j) outer, rows inner
+        outer = axes.shared + [vo] + ([ro] if ro is not None else [])
+    sch.reorder(*outer, *axes.reduce, *tile_inner)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+
+    writeback = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(writeback, fused, preserve_unit_loops=True)
+    init = sch.decompose_reduction(main, axes.reduce[0])
+    _vectorize_tile(sch, main, 2 if len(tile_inner) == 2 else 1)
+    for block in (init, writeback):
+        _vectorize_tile(sch, block, len(sch.get_loops(block)) - 1)
+
+    for block in epilogue:
+        try:
+            sch.reverse_compute_inline(block)
+            continue
+        except Exception as exc:  # noqa: BLE001 - e.g. a reshape; compute it per tile instead
+            log.debug("tiled-matmul: epilogue %s not inlined: %s", sch.get(block).name_hint,
+                      str(exc).splitlines()[-1] if str(exc) else exc)
+        schedule_block(sch, block, target)
+
+
+def _vectorize_tile(sch: s_tir.Schedule, block, tile_dims: int) -> None:
+    """Vectorize the innermost tile loop and unroll the other ``tile_dims - 1`` ones."""
+    loops = sch.get_loops(block)
+    sch.vectorize(loops[-1])
+    for loop in loops[len(loops) - tile_dims:-1]:
+        sch.unroll(loop)

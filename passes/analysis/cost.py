@@ -1,0 +1,175 @@
+"""``cost``: per-node and total parameters, bytes, MACs/FLOPs and a roofline latency estimate.
+
+Compression decisions trade accuracy for *cost on the target*, so every transform and the
+search read this one analysis. The latency of a node is
+
+    max(FLOPs / peak FLOP/s for its dtype, bytes moved / memory bandwidth) + per-op overhead
+
+with the numbers of one device from ``backends/hardware.toml`` (chosen from the compilation
+target, or by the ``hardware`` option). View-like ops cost nothing. Weight bytes are counted at
+the weight's *current* precision: its dtype, or ``ir.annotations["weight_bits"][placeholder]``
+when a quantization pass has recorded fewer bits than the storage dtype.
+
+Results are per node (keyed by node name, carrying the module path), aggregated per module path
+(one ``nn.Linear``/``nn.Conv2d`` each), per weight-bearing layer (see :mod:`.layers`), per op
+type, and in total.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from slimc.ir import IR
+from slimc.passes.analysis.hardware import Hardware, get_hardware, hardware_for_target
+from slimc.passes.analysis.layers import op_name, weight_layers
+from slimc.passes.analysis.op_costs import FREE_OPS, MATRIX_OPS, op_flops, tensors
+from slimc.passmanager import AnalysisPass, PassContext, PassOptions
+
+_SUMMED = ("params", "weight_bytes", "macs", "flops", "activation_bytes", "bytes_moved",
+           "latency_s")
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """What one op costs on the chosen hardware."""
+
+    name: str
+    op: str
+    module_path: str
+    module_type: str
+    dtype: str | None
+    params: int
+    weight_bytes: int
+    macs: int
+    flops: int
+    #: Bytes of non-weight inputs read plus outputs written.
+    activation_bytes: int
+    #: All memory traffic: activations plus the weight bytes actually read (an embedding reads
+    #: only the rows it gathers).
+    bytes_moved: int
+    latency_s: float
+    #: ``compute``, ``memory`` or ``free`` (view ops): which roof limits the node.
+    bound: str
+
+
+@dataclass
+class CostResult:
+    hardware: Hardware
+    nodes: dict[str, NodeCost]
+    #: module path -> summed costs of the nodes whose innermost module it is.
+    by_module: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: layer name (see :func:`weight_layers`) -> summed costs of the ops using that weight.
+    by_layer: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: op name -> summed costs and node count.
+    by_op: dict[str, dict[str, float]] = field(default_factory=dict)
+    total: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hardware": self.hardware.to_json(), "total": self.total,
+                "by_op": self.by_op, "by_layer": self.by_layer, "by_module": self.by_module,
+                "nodes": {k: asdict(v) for k, v in self.nodes.items()}}
+
+
+def _bits(ir: IR, name: str, value: torch.Tensor) -> float:
+    recorded = ir.annotations.get("weight_bits", {}).get(name)
+    return float(recorded) if recorded else value.element_size() * 8.0
+
+
+def _tensor_bytes(value: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors(value))
+
+
+def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware) -> NodeCost:
+    """Roofline cost of one call_function node on ``hw``."""
+    op = op_name(node)
+    info = ir.node_info(node)
+    params = weight_bytes = activation_bytes = 0
+    low_bits = False
+    for arg in node.all_input_nodes:
+        if arg.name in weights:
+            value = weights[arg.name]
+            bits = _bits(ir, arg.name, value)
+            low_bits |= bits <= 8 and value.is_floating_point()
+            params += value.numel() if value.is_floating_point() else 0
+            weight_bytes += int(value.numel() * bits / 8)
+        else:
+            activation_bytes += _tensor_bytes(arg.meta.get("val"))
+    activation_bytes += _tensor_bytes(node.meta.get("val"))
+    macs, flops = op_flops(op, node)
+    weight_read = weight_bytes
+    if op == "aten.embedding":  # reads only the gathered rows
+        weight_read = _tensor_bytes(node.meta.get("val"))
+    bytes_moved = activation_bytes + weight_read
+    dtype = "int8" if low_bits and op in MATRIX_OPS else info.dtype
+    if op in FREE_OPS:
+        return NodeCost(node.name, op, info.module_path, info.module_type, dtype, params,
+                        weight_bytes, 0, 0, 0, 0, 0.0, "free")
+    compute_s = flops / hw.peak_flops(dtype)
+    memory_s = bytes_moved / hw.bandwidth
+    latency = max(compute_s, memory_s) + hw.op_overhead_us * 1e-6
+    return NodeCost(node.name, op, info.module_path, info.module_type, dtype, params,
+                    weight_bytes, macs, flops, activation_bytes, bytes_moved, latency,
+                    "compute" if compute_s >= memory_s else "memory")
+
+
+def _add(into: dict[str, float], cost: NodeCost) -> None:
+    for key in _SUMMED:
+        into[key] = into.get(key, 0) + getattr(cost, key)
+    into["nodes"] = into.get("nodes", 0) + 1
+
+
+def estimate_costs(ir: IR, hw: Hardware) -> CostResult:
+    """Costs of every call_function node of ``ir`` on ``hw``, aggregated."""
+    weights = ir.weights()
+    result = CostResult(hardware=hw, nodes={})
+    by_module: dict[str, dict[str, float]] = defaultdict(dict)
+    by_op: dict[str, dict[str, float]] = defaultdict(dict)
+    for node in ir.nodes("call_function"):
+        cost = node_cost(ir, node, weights, hw)
+        result.nodes[node.name] = cost
+        _add(result.total, cost)
+        if cost.bound != "free":
+            _add(by_op[cost.op.removeprefix("aten.")], cost)
+            _add(by_module[cost.module_path or "<root>"], cost)
+    # Parameters counted once per tensor (a tied weight is read by two nodes).
+    result.total["params"] = ir.num_params()
+    result.total["weight_bytes"] = sum(
+        int(v.numel() * _bits(ir, k, v) / 8) for k, v in weights.items())
+    for layer in weight_layers(ir):
+        entry: dict[str, float] = {}
+        for op in layer.ops:
+            _add(entry, result.nodes[op.name])
+        value = weights[layer.weight.name]
+        entry["params"] = value.numel()
+        entry["weight_bytes"] = int(value.numel() * _bits(ir, layer.weight.name, value) / 8)
+        entry["latency_share"] = entry["latency_s"] / max(result.total["latency_s"], 1e-30)
+        result.by_layer[layer.name] = entry
+    result.by_op = dict(sorted(by_op.items(), key=lambda kv: -kv[1]["latency_s"]))
+    result.by_module = dict(by_module)
+    return result
+
+
+class CostAnalysis(AnalysisPass):
+    """Roofline cost per node/layer/op on the target's hardware: params, bytes, FLOPs, latency."""
+
+    name = "cost"
+
+    class Options(PassOptions):
+        #: Entry of backends/hardware.toml; default: the device of the compilation target.
+        hardware: str | None = None
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> CostResult:
+        assert isinstance(options, CostAnalysis.Options)
+        if options.hardware:
+            hw = get_hardware(options.hardware)
+        elif ctx.target is not None:
+            hw = hardware_for_target(ctx.target)
+        else:
+            hw = get_hardware("host-znver4")
+        return estimate_costs(ir, hw)
+
