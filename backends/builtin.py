@@ -28,3 +28,10 @@ def slimc_register_passes():
     from slimc.backends.tvm.legalize import LegalizeForTVM
 
     return [LegalizeForTVM]
+
+
+@hookimpl
+def slimc_register_converters():
+    from slimc.backends.tvm.quantized_ops import converters
+
+    return converters()

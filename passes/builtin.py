@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from slimc.passes.analysis.model_stats import ModelStatsAnalysis
-from slimc.passes.cleanup.eliminate_dead_code import EliminateDeadCode
-
 from slimc.hookspec import hookimpl
+from slimc.passes.analysis.cost import CostAnalysis
+from slimc.passes.analysis.criteria.activation import ActivationSensitivity
+from slimc.passes.analysis.criteria.hessian import HessianSensitivity
+from slimc.passes.analysis.criteria.magnitude import MagnitudeSensitivity
+from slimc.passes.analysis.criteria.perturbation import PerturbationSensitivity
+from slimc.passes.analysis.criteria.taylor import TaylorSensitivity
+from slimc.passes.analysis.model_stats import ModelStatsAnalysis
+from slimc.passes.analysis.sensitivity import SensitivityAnalysis
+from slimc.passes.cleanup.eliminate_dead_code import EliminateDeadCode
+from slimc.passes.prune import Prune, PruneGroupsAnalysis
+from slimc.passes.quantize.quantize import Quantize
 
 
 @hookimpl
 def slimc_register_passes():
-    return [ModelStatsAnalysis, EliminateDeadCode]
+    return [ModelStatsAnalysis, EliminateDeadCode, CostAnalysis, SensitivityAnalysis,
+            MagnitudeSensitivity, ActivationSensitivity, TaylorSensitivity, HessianSensitivity,
+            PerturbationSensitivity, Quantize, PruneGroupsAnalysis, Prune]

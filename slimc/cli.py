@@ -135,6 +135,68 @@ def _log_verbose(message: str) -> None:
         err_console.print(f"  {message}", style="dim")
 
 
+@app.command("analyze")
+def analyze_command(
+    model: Annotated[str, typer.Argument(help="HF model directory, package.module:factory, "
+                                         "or a .pt2 file from torch.export.save.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target name/alias; picks the "
+                                        "hardware numbers (see backends/hardware.toml).")] = "llvm",
+    hardware: Annotated[str | None, typer.Option(help="Hardware entry to cost on, overriding "
+                                                 "the target's (e.g. h100, jetson-orin).")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration data: text file, .npy/.npz, or "
+                                               "a folder of images (default: synthetic).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory "
+                                                "(default ./<model-name>.analysis).")] = None,
+    criteria: Annotated[str, typer.Option(help="Comma-separated sensitivity criteria.")] =
+        "magnitude,activation,taylor,hessian,perturbation",
+    bits: Annotated[str, typer.Option(help="Weight bit widths to score, comma-separated.")] =
+        "8,4,3,2",
+    keep_ratios: Annotated[str, typer.Option(help="Output-channel keep ratios to score.")] =
+        "0.75,0.5",
+    rank_ratios: Annotated[str, typer.Option(help="SVD rank ratios to score.")] = "0.5,0.25",
+    batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 4,
+    max_batches: Annotated[int, typer.Option(min=1, help="Calibration batches used.")] = 2,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per text sample.")] = 128,
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="Example input NAME=SHAPE:DTYPE (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a summary as one JSON "
+                                          "object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Analyse MODEL: per-layer cost on the target and sensitivity to compression."""
+    from slimc.analyze import AnalyzeOptions, analyze_model
+
+    options = AnalyzeOptions(
+        target=target, hardware=hardware, calib=calib, output=output,
+        criteria=_csv(criteria, str, "--criteria"), bits=_csv(bits, int, "--bits"),
+        keep_ratios=_csv(keep_ratios, float, "--keep-ratios"),
+        rank_ratios=_csv(rank_ratios, float, "--rank-ratios"), batch_size=batch_size,
+        max_batches=max_batches, seq_len=seq_len, inputs=tuple(inputs or ()))
+    progress = Progress(_show_progress(quiet) and not as_json)
+    with progress.running():
+        result = analyze_model(model, options, stage=progress.stage)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+    a = result.analysis
+    if as_json:
+        print(json.dumps({"output": str(result.output), "hardware": a["cost"]["hardware"]["name"],
+                          "total": a["cost"]["total"], "compress_first": a["compress_first"],
+                          "criteria_rank_correlation": a["criteria_rank_correlation"],
+                          "seconds": a["seconds"]}))
+    elif not quiet:
+        out_console.print(f"wrote {result.output} (analysis.json, report.md, plots) in "
+                          f"{a['seconds']:.1f}s")
+
+
+def _csv(text: str, kind, option: str) -> tuple:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return tuple(kind(t) for t in items)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of "
+                         f"{kind.__name__} values.") from None
+
+
 @app.command("run")
 def run_command(
     artifact_dir: Annotated[Path, typer.Argument(help="Directory written by `slimc compile`.")],

@@ -114,11 +114,17 @@ def test_run_rejects_wrong_shapes_and_corrupt_libraries(cli, cnn_artifact, tmp_p
     result = cli("run", tmp_path)
     _assert_clean_error(result, "not a slimc artifact")
 
-    lib = cnn_artifact / "model.so"
+    # Corrupt a copy: the original library is mapped into this process by the runs above, and
+    # rewriting a loaded .so in place would crash the interpreter at exit.
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(cnn_artifact, damaged)
+    lib = damaged / "model.so"
     data = bytearray(lib.read_bytes())
     data[-100] ^= 0xFF
     lib.write_bytes(bytes(data))
-    _assert_clean_error(cli("run", cnn_artifact), "does not match the sha256", "Recompile")
+    _assert_clean_error(cli("run", damaged), "does not match the sha256", "Recompile")
 
 
 def test_artifact_that_disagrees_with_the_ir_is_not_written(cli, tmp_path):

@@ -24,7 +24,9 @@ from .cpu_matmul import TiledMatmul
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
 
-__all__ = ["DEFAULT_RULES", "apply_cpu_schedules", "cpu_pipeline", "schedule_prim_func"]
+__all__ = [
+    "DEFAULT_RULES", "apply_cpu_schedules", "cpu_pipeline", "fusion_passes", "schedule_prim_func",
+]
 
 
 class Rule(Protocol):
@@ -36,13 +38,12 @@ class Rule(Protocol):
 DEFAULT_RULES: tuple[Rule, ...] = (TiledMatmul(), RowReduction(), Fallback())
 
 
-def schedule_prim_func(func, target, rules: Sequence[Rule] = DEFAULT_RULES):
+def schedule_prim_func(func, target, rules: Sequence[Rule] = DEFAULT_RULES, name: str = ""):
     """Return ``func`` scheduled by the first rule that accepts it (or ``func`` unchanged)."""
     from tvm import tirx
 
     if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
         return func
-    name = str(func.attrs.get("global_symbol", "")) if func.attrs else ""
     for rule in rules:
         try:
             sch = rule.apply(func, target)
@@ -62,7 +63,7 @@ def apply_cpu_schedules(mod, target, rules: Sequence[Rule] = DEFAULT_RULES):
     updates = {}
     for gvar, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc):
-            scheduled = schedule_prim_func(func, target, rules)
+            scheduled = schedule_prim_func(func, target, rules, gvar.name_hint)
             if scheduled is not func:
                 updates[gvar] = scheduled
     if updates:
@@ -75,7 +76,6 @@ def apply_cpu_schedules(mod, target, rules: Sequence[Rule] = DEFAULT_RULES):
 def cpu_pipeline(target, rules: Sequence[Rule] = DEFAULT_RULES):
     """The Relax pipeline for CPU targets: TVM's default one plus the schedules above."""
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="SlimcCpuSchedules")
@@ -86,15 +86,28 @@ def cpu_pipeline(target, rules: Sequence[Rule] = DEFAULT_RULES):
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                   relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                   relax.transform.FuseTIR(), schedule]
+                fusion_passes(target) + [schedule]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target))
             return seq(mod)
 
     return _pipeline
+
+
+def fusion_passes(target) -> list:
+    """Relax passes up to (and including) operator fusion, i.e. what runs before scheduling.
+
+    ``FoldConstant`` after legalization evaluates every layout op applied to a weight (the
+    ``permute_dims`` of each ``nn.Linear``), so kernels read pre-transposed constants.
+    """
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from .fast_math import fast_math
+
+    return cpu.library_dispatch_passes(target) + [
+        fast_math, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
 def _last_line(exc: BaseException) -> str:

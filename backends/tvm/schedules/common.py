@@ -48,31 +48,49 @@ def extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
     return int(value.value) if isinstance(value, tirx.IntImm) else None
 
 
-def output_buffers(func: tirx.PrimFunc) -> set:
-    """Buffers the function writes for its caller (cannot be inlined away)."""
-    return {func.buffer_map[p] for p in func.params if p in func.buffer_map}
+def intermediate_buffers(sch: s_tir.Schedule) -> set:
+    """Buffers allocated inside the function (everything else it writes is an output)."""
+    return set(sch.get(sch.get_sblock("root")).alloc_buffers)
 
 
-def block_writes_output(sch: s_tir.Schedule, block, outputs: set) -> bool:
-    return any(w.buffer in outputs for w in sch.get(block).writes)
+def block_writes_output(sch: s_tir.Schedule, block, intermediates: set) -> bool:
+    """Whether ``block`` writes a buffer the caller sees (such a block cannot be inlined)."""
+    return any(w.source not in intermediates for w in sch.get(block).writes)
+
+
+def loaded_buffer(node):
+    """The buffer a load expression reads, or None if ``node`` is not a load.
+
+    TVM 0.27's TIR calls the node ``TensorLoad`` (field ``source``); older ones ``BufferLoad``.
+    """
+    if type(node).__name__ not in ("TensorLoad", "BufferLoad"):
+        return None
+    source = getattr(node, "source", None)
+    return source if source is not None else getattr(node, "buffer", None)
 
 
 def is_spatial(sch: s_tir.Schedule, block) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-def inline_spatial(sch: s_tir.Schedule, blocks: list, outputs: set) -> list:
+def inline_spatial(sch: s_tir.Schedule, blocks: list, intermediates: set,
+                   keep_reduction_inputs: bool = False) -> list:
     """Inline every spatial block that writes an intermediate buffer; return what remains.
 
     Inlining removes intermediate buffers (one pass over memory instead of several); a block that
-    cannot be inlined (e.g. it feeds a reduction from several places) simply stays.
+    cannot be inlined simply stays. With ``keep_reduction_inputs`` a block feeding a reduction
+    stays too: inlined there, an expensive producer (softmax's ``exp``) would be recomputed by
+    the reduction *and* by its other consumers, in scalar code.
     """
     remaining = list(blocks)
     changed = True
     while changed:
         changed = False
         for block in list(remaining):
-            if not is_spatial(sch, block) or block_writes_output(sch, block, outputs):
+            if not is_spatial(sch, block) or block_writes_output(sch, block, intermediates):
+                continue
+            if keep_reduction_inputs and any(
+                    not is_spatial(sch, c) for c in sch.get_consumers(block)):
                 continue
             try:
                 sch.compute_inline(block)

@@ -25,10 +25,12 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from .common import (
+    block_writes_output,
     extent,
+    intermediate_buffers,
     is_spatial,
+    loaded_buffer,
     log,
-    output_buffers,
     realize_bindings,
     simd_registers,
     vector_lanes,
@@ -65,9 +67,9 @@ class TiledMatmul:
         if axes is None:
             return None
         position = blocks.index(main)
-        outputs = output_buffers(func)
+        intermediates = intermediate_buffers(sch)
         producers = blocks[:position]
-        epilogue = _inline_epilogue(sch, blocks[position + 1:], outputs)
+        epilogue = _inline_epilogue(sch, blocks[position + 1:], intermediates)
         _tile(sch, main, axes, target, epilogue)
         for block in producers:  # padding, reshapes feeding the kernel
             schedule_block(sch, block, target)
@@ -82,18 +84,20 @@ def _is_multiply_accumulate(block: s_tir.SBlock) -> bool:
     if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, tirx.Add):
         return False
     acc, prod = store.value.a, store.value.b
-    if not (isinstance(acc, tirx.BufferLoad) and acc.buffer.same_as(store.buffer)):
+    buffer = loaded_buffer(acc)
+    if buffer is None or not buffer.same_as(store.buffer):
         return False
     while isinstance(prod, tirx.Cast):
         prod = prod.value
     return isinstance(prod, tirx.Mul)
 
 
-def _vars_in(expr) -> set:
-    found: set = set()
-    tirx.stmt_functor.post_order_visit(
-        expr, lambda n: found.add(n) if isinstance(n, tirx.Var) else None)
-    return found
+def _vars_in(exprs) -> set:
+    from tvm.tirx.analysis import undefined_vars
+
+    if not isinstance(exprs, list):
+        exprs = [exprs]
+    return {v for e in exprs for v in undefined_vars(e)}
 
 
 def _classify(sch: s_tir.Schedule, main) -> _Axes | None:
@@ -136,12 +140,11 @@ def _classify(sch: s_tir.Schedule, main) -> _Axes | None:
     return _Axes(shared, extra, reuse, vec_loop, reduce)
 
 
-def _inline_epilogue(sch: s_tir.Schedule, consumers: list, outputs: set):
+def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set):
     """Inline intermediate elementwise consumers; return the final one (or None)."""
     remaining = []
     for block in consumers:
-        writes_output = any(w.buffer in outputs for w in sch.get(block).writes)
-        if not writes_output:
+        if not block_writes_output(sch, block, intermediates):
             try:
                 sch.compute_inline(block)
                 continue
@@ -170,7 +173,7 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
 
 
 def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list) -> None:
-    dtype_bits = sch.get(main).writes[0].buffer.dtype.bits
+    dtype_bits = sch.get(main).writes[0].source.dtype.bits
     mr, nr = _tile_sizes(sch, axes, target, dtype_bits)
     vo, vi = sch.split(axes.vector, factors=[None, nr])
     if axes.reuse is not None:
@@ -184,12 +187,13 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         outer = axes.shared + [vo] + ([ro] if ro is not None else [])
     sch.reorder(*outer, *axes.reduce, *tile_inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    # Loop kinds are set while the block still has its init (a "reduction block" for TVM).
+    _vectorize_tile(sch, main, len(tile_inner))
     sch.parallel(fused)
 
     writeback = sch.cache_write(main, 0, "local")
     sch.reverse_compute_at(writeback, fused, preserve_unit_loops=True)
     init = sch.decompose_reduction(main, axes.reduce[0])
-    _vectorize_tile(sch, main, 2 if len(tile_inner) == 2 else 1)
     for block in (init, writeback):
         _vectorize_tile(sch, block, len(sch.get_loops(block)) - 1)
 
@@ -197,7 +201,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         try:
             sch.reverse_compute_inline(block)
             continue
-        except Exception as exc:  # noqa: BLE001 - e.g. a reshape; compute it per tile instead
+        except Exception as exc:  # noqa: BLE001 - e.g. a reshape; computed on its own instead
             log.debug("tiled-matmul: epilogue %s not inlined: %s", sch.get(block).name_hint,
                       str(exc).splitlines()[-1] if str(exc) else exc)
         schedule_block(sch, block, target)

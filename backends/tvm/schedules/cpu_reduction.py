@@ -12,7 +12,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from .common import inline_spatial, is_spatial, output_buffers
+from .common import inline_spatial, intermediate_buffers, is_spatial
 
 
 class RowReduction:
@@ -27,5 +27,5 @@ class RowReduction:
         blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
         if all(is_spatial(sch, b) for b in blocks):
             return None
-        inline_spatial(sch, blocks, output_buffers(func))
+        inline_spatial(sch, blocks, intermediate_buffers(sch), keep_reduction_inputs=True)
         return Reduction().apply(sch.mod["main"], target, False)

@@ -15,8 +15,8 @@ from .common import (
     MIN_PARALLEL_WORK,
     extent,
     inline_spatial,
+    intermediate_buffers,
     log,
-    output_buffers,
     realize_bindings,
     vector_lanes,
 )
@@ -30,7 +30,7 @@ class Fallback:
     def apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root")
-        blocks = inline_spatial(sch, list(sch.get_child_blocks(root)), output_buffers(func))
+        blocks = inline_spatial(sch, list(sch.get_child_blocks(root)), intermediate_buffers(sch))
         for block in blocks:
             try:
                 schedule_block(sch, block, target)
@@ -55,7 +55,7 @@ def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
         return
     if reduce and kinds != sorted(kinds, key=lambda k: k != "S"):
         sch.reorder(*spatial, *reduce)
-    dtype_bits = stmt.writes[0].buffer.dtype.bits if stmt.writes else 32
+    dtype_bits = stmt.writes[0].source.dtype.bits if stmt.writes else 32
     lanes = vector_lanes(target, dtype_bits)
     inner_work = 1
     for lp in reduce:

@@ -1,0 +1,377 @@
+"""slimc's quantized operators: PyTorch custom ops for the IR, Relax converters for TVM.
+
+Why custom ops: after ``quantize`` the IR must stay executable (every transform is verified by
+running it) *and* must carry the packed weights as they will be stored in the artifact. An
+``aten`` dequantize followed by ``aten.linear`` would do the first, but TVM's ``FoldConstant``
+folds ``dequantize(constant)`` back into an fp32 constant and the artifact would silently be
+fp32 again. So the IR uses opaque ops (``slimc::linear_int8`` ...) whose operands are the
+packed tensors, and each converter lowers one of them to an ``R.call_tir`` of a hand-scheduled
+TIR kernel that unpacks and dequantizes *inside* the matmul (or gather) loop nest. The only
+constant folding that can happen is the layout change of the packed weight (int8 stays int8).
+
+Ops (``x``: ``[..., K]`` float32; ``act_scale``: optional ``[K]`` per-input-channel multiplier
+that AWQ uses, applied to ``x`` before the matmul):
+
+* ``linear_int8(x, qweight int8[N,K], scale f32[N], bias?, act_scale?)``
+* ``linear_int4(x, packed uint8[N,K/2], scale f32[N,G], zero uint8[N,G], bias?, act_scale?,
+  group_size)``; code ``k`` of row ``n`` is nibble ``k % 2`` (low first) of ``packed[n, k//2]``
+  and dequantizes to ``(code - zero[n, k//g]) * scale[n, k//g]``.
+* ``linear_fp16(x, weight f16[N,K], bias?)`` / ``linear_bf16(x, weight bf16[N,K], bias?)``
+* ``embedding_int8(qweight, scale, ids)`` / ``embedding_int4(packed, scale, zero, ids,
+  group_size)``: gather rows, then dequantize (row = vocabulary entry, so a tied output head
+  shares the same packed table).
+
+Kernel layout: the converter reshapes the ``[N, ...]`` weight into ``[N/t, ..., t]`` tiles
+(``t`` output features, the vector width), a pure relayout constant-folded at build time, so
+the kernel streams each tile contiguously while computing ``t`` outputs in vector lanes. Each
+kernel is scheduled here (parallel over tiles, vectorized over lanes, accumulator in
+registers) and marked ``tirx.is_scheduled`` so generic schedule rules leave it alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------
+# Reference (PyTorch) semantics, shared by the ops and by the quantization code
+# ---------------------------------------------------------------------------------------------
+
+
+def unpack_int4(packed: Tensor, k: int) -> Tensor:
+    """``uint8[N, ceil(K/2)]`` -> codes ``uint8[N, K]`` (low nibble holds the even column)."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                    k: int) -> Tensor:
+    """Float weight ``[N, K]`` from packed int4 codes and per-group scale / zero point."""
+    codes = unpack_int4(packed, k).float()
+    index = torch.arange(k) // group_size
+    return (codes - zero.float()[:, index]) * scale[:, index]
+
+
+def dequantize_int8(qweight: Tensor, scale: Tensor) -> Tensor:
+    return qweight.float() * scale[:, None]
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, act_scale: Tensor | None) -> Tensor:
+    if act_scale is not None:
+        x = x * act_scale
+    return F.linear(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops (eager kernels + fake kernels for torch.export re-decomposition)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("slimc::linear_int8", mutates_args=())
+def linear_int8(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
+                act_scale: Tensor | None) -> Tensor:
+    return _linear(x, dequantize_int8(qweight, scale), bias, act_scale)
+
+
+@torch.library.custom_op("slimc::linear_int4", mutates_args=())
+def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
+                act_scale: Tensor | None, group_size: int) -> Tensor:
+    weight = dequantize_int4(packed, scale, zero, group_size, x.shape[-1])
+    return _linear(x, weight, bias, act_scale)
+
+
+@torch.library.custom_op("slimc::linear_fp16", mutates_args=())
+def linear_fp16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight.float(), bias)
+
+
+@torch.library.custom_op("slimc::linear_bf16", mutates_args=())
+def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight.float(), bias)
+
+
+@torch.library.custom_op("slimc::embedding_int8", mutates_args=())
+def embedding_int8(qweight: Tensor, scale: Tensor, ids: Tensor) -> Tensor:
+    return qweight[ids].float() * scale[ids][..., None]
+
+
+@torch.library.custom_op("slimc::embedding_int4", mutates_args=())
+def embedding_int4(packed: Tensor, scale: Tensor, zero: Tensor, ids: Tensor,
+                   group_size: int) -> Tensor:
+    dim = scale.shape[1] * group_size
+    flat = ids.reshape(-1)
+    rows = dequantize_int4(packed[flat], scale[flat], zero[flat], group_size, dim)
+    return rows.reshape(*ids.shape, dim)
+
+
+def _fake_linear(x: Tensor, weight_rows: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight_rows))
+
+
+@linear_int8.register_fake
+def _(x, qweight, scale, bias, act_scale):
+    return _fake_linear(x, qweight.shape[0])
+
+
+@linear_int4.register_fake
+def _(x, packed, scale, zero, bias, act_scale, group_size):
+    return _fake_linear(x, packed.shape[0])
+
+
+@linear_fp16.register_fake
+def _(x, weight, bias):
+    return _fake_linear(x, weight.shape[0])
+
+
+@linear_bf16.register_fake
+def _(x, weight, bias):
+    return _fake_linear(x, weight.shape[0])
+
+
+@embedding_int8.register_fake
+def _(qweight, scale, ids):
+    return scale.new_empty((*ids.shape, qweight.shape[1]))
+
+
+@embedding_int4.register_fake
+def _(packed, scale, zero, ids, group_size):
+    return scale.new_empty((*ids.shape, scale.shape[1] * group_size))
+
+
+OPS = {
+    "linear_int8": torch.ops.slimc.linear_int8.default,
+    "linear_int4": torch.ops.slimc.linear_int4.default,
+    "linear_fp16": torch.ops.slimc.linear_fp16.default,
+    "linear_bf16": torch.ops.slimc.linear_bf16.default,
+    "embedding_int8": torch.ops.slimc.embedding_int8.default,
+    "embedding_int4": torch.ops.slimc.embedding_int4.default,
+}
+
+# ---------------------------------------------------------------------------------------------
+# TIR kernels
+# ---------------------------------------------------------------------------------------------
+
+#: Output features per tile (vector lanes of fp32 accumulators); smaller when N is not a
+#: multiple of it.
+TILE_CHOICES = (16, 8, 4, 2, 1)
+
+
+def tile_for(n: int) -> int:
+    return next(t for t in TILE_CHOICES if n % t == 0)
+
+
+@functools.lru_cache(maxsize=256)
+def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
+    """A scheduled PrimFunc ``(x[m,k], weight tiles..., y[m,n])`` with dequant in the loop."""
+    from tvm import te, tirx
+
+    t = tile_for(n)
+    x = te.placeholder((m, k), "float32", name="x")
+    r = te.reduce_axis((0, k), name="k")
+    if kind == "int8":
+        w = te.placeholder((n // t, k, t), "int8", name="w")
+        s = te.placeholder((n,), "float32", name="scale")
+        params = [x, w, s]
+
+        def deq(j, kk):
+            return w[j // t, kk, j % t].astype("float32") * s[j]
+    elif kind == "int4":
+        groups = -(-k // group)
+        w = te.placeholder((n // t, (k + 1) // 2, t), "uint8", name="w")
+        s = te.placeholder((n // t, groups, t), "float32", name="scale")
+        z = te.placeholder((n // t, groups, t), "uint8", name="zero")
+        params = [x, w, s, z]
+
+        def deq(j, kk):
+            byte = w[j // t, kk // 2, j % t]
+            code = (byte >> ((kk % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+            g = kk // group
+            return ((code.astype("float32") - z[j // t, g, j % t].astype("float32"))
+                    * s[j // t, g, j % t])
+    elif kind in ("fp16", "bf16"):
+        w = te.placeholder((n // t, k, t), "float16" if kind == "fp16" else "bfloat16", name="w")
+        params = [x, w]
+
+        def deq(j, kk):
+            return w[j // t, kk, j % t].astype("float32")
+    else:
+        raise ValueError(kind)
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * deq(j, r), axis=r), name="y")
+    func = te.create_prim_func([*params, y])
+    name = f"slimc_linear_{kind}_{m}x{k}x{n}" + (f"_g{group}" if group else "")
+    return _finish(_schedule_linear(func, t), name)
+
+
+def _finish(func, name: str):
+    """Unique symbol (TE names every function ``main``) and the marks that keep it as is."""
+    return (func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True))
+
+
+def _schedule_linear(func, t: int):
+    """Parallel over (tile, row), k serial, the ``t`` lanes vectorized; accumulate locally."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("y")
+    i, j, kk = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, t])
+    sch.reorder(jo, i, kk, ji)
+    outer = sch.fuse(jo, i)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, outer)
+    sch.parallel(outer)
+    if t > 1:  # vectorize before decompose_reduction: the update block alone is no reduction
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(local)[-1])
+    init = sch.decompose_reduction(block, kk)
+    if t > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
+
+
+@functools.lru_cache(maxsize=64)
+def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0):
+    """Gather ``rows`` ids from a packed table and dequantize: ``(ids, table..., out)``."""
+    from tvm import s_tir, te, tirx
+
+    ids = te.placeholder((rows,), "int64", name="ids")
+    if kind == "int8":
+        w = te.placeholder((vocab, dim), "int8", name="w")
+        s = te.placeholder((vocab,), "float32", name="scale")
+        params = [ids, w, s]
+
+        def value(i, d):
+            v = ids[i]
+            return w[v, d].astype("float32") * s[v]
+    else:
+        groups = -(-dim // group)
+        w = te.placeholder((vocab, (dim + 1) // 2), "uint8", name="w")
+        s = te.placeholder((vocab, groups), "float32", name="scale")
+        z = te.placeholder((vocab, groups), "uint8", name="zero")
+        params = [ids, w, s, z]
+
+        def value(i, d):
+            v = ids[i]
+            byte = w[v, d // 2]
+            code = (byte >> ((d % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
+            return ((code.astype("float32") - z[v, d // group].astype("float32"))
+                    * s[v, d // group])
+    out = te.compute((rows, dim), value, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([*params, out]))
+    i, d = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(i)
+    name = f"slimc_embedding_{kind}_{rows}x{vocab}x{dim}" + (f"_g{group}" if group else "")
+    return _finish(sch.mod["main"], name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relax converters (``slimc_register_converters``)
+# ---------------------------------------------------------------------------------------------
+
+
+def _static_shape(expr) -> tuple[int, ...]:
+    shape = expr.ty.shape
+    dims = []
+    for d in shape:
+        if not hasattr(d, "value"):
+            from slimc.errors import LoweringError
+
+            raise LoweringError(f"slimc's quantized kernels need static shapes, got {shape}.")
+        dims.append(int(d.value))
+    return tuple(dims)
+
+
+def _tiles(bb, weight, t: int):
+    """``[N, A]`` -> ``[N/t, A, t]`` (folded into a new packed constant at build time)."""
+    from tvm import relax
+
+    n, a = _static_shape(weight)
+    tiled = bb.emit(relax.op.reshape(weight, (n // t, t, a)))
+    return bb.emit(relax.op.permute_dims(tiled, [0, 2, 1]))
+
+
+def _arg(importer, node, index: int):
+    value = node.args[index] if index < len(node.args) else None
+    return None if value is None else importer.env[value]
+
+
+def _convert_linear(kind: str):
+    def convert(node, importer):
+        from tvm import relax
+
+        bb = importer.block_builder
+        x = importer.env[node.args[0]]
+        weight = importer.env[node.args[1]]
+        shape = _static_shape(x)
+        k, n = shape[-1], _static_shape(weight)[0]
+        m = 1
+        for d in shape[:-1]:
+            m *= d
+        t = tile_for(n)
+        if kind == "int8":
+            bias, act = _arg(importer, node, 3), _arg(importer, node, 4)
+            tensors = [_tiles(bb, weight, t), importer.env[node.args[2]]]
+            func = linear_kernel("int8", m, k, n)
+        elif kind == "int4":
+            bias, act = _arg(importer, node, 4), _arg(importer, node, 5)
+            group = int(node.args[6])
+            tensors = [_tiles(bb, weight, t), _tiles(bb, importer.env[node.args[2]], t),
+                       _tiles(bb, importer.env[node.args[3]], t)]
+            func = linear_kernel("int4", m, k, n, group)
+        else:
+            bias, act = _arg(importer, node, 2), None
+            tensors = [_tiles(bb, weight, t)]
+            func = linear_kernel(kind, m, k, n)
+        if act is not None:
+            x = bb.emit(relax.op.multiply(x, act))
+        x2 = bb.emit(relax.op.reshape(x, (m, k)))
+        gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
+        y = bb.emit(relax.call_tir(gvar, [x2, *tensors],
+                                   relax.TensorType((m, n), "float32")))
+        y = bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
+        if bias is not None:
+            y = bb.emit(relax.op.add(y, bias))
+        return y
+
+    return convert
+
+
+def _convert_embedding(kind: str):
+    def convert(node, importer):
+        from tvm import relax
+
+        bb = importer.block_builder
+        table = importer.env[node.args[0]]
+        vocab, width = _static_shape(table)
+        if kind == "int8":
+            ids_node, dim, group, extra = node.args[2], width, 0, [importer.env[node.args[1]]]
+        else:
+            ids_node, group = node.args[3], int(node.args[4])
+            scale = importer.env[node.args[1]]
+            dim = _static_shape(scale)[1] * group
+            extra = [scale, importer.env[node.args[2]]]
+        ids = importer.env[ids_node]
+        ids_shape = _static_shape(ids)
+        rows = 1
+        for d in ids_shape:
+            rows *= d
+        flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), (rows,)))
+        func = embedding_kernel(kind, rows, vocab, dim, group)
+        gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
+        out = bb.emit(relax.call_tir(gvar, [flat, table, *extra],
+                                     relax.TensorType((rows, dim), "float32")))
+        return bb.emit(relax.op.reshape(out, (*ids_shape, dim)))
+
+    return convert
+
+
+def converters() -> dict[str, Any]:
+    """Converters keyed like TVM's ``custom_convert_map`` (``OpOverload.__name__``)."""
+    table = {f"linear_{kind}": _convert_linear(kind) for kind in ("int8", "int4", "fp16", "bf16")}
+    table.update({f"embedding_{kind}": _convert_embedding(kind) for kind in ("int8", "int4")})
+    return {OPS[name].__name__: fn for name, fn in table.items()}

@@ -1,0 +1,202 @@
+"""slimc vs PyTorch eager vs ONNX Runtime, in one process, on the same inputs and threads.
+
+    python benchmarks/run.py                       # MiniLM, CNN, decode step; 2 threads
+    python benchmarks/run.py --models minilm --runs 50 --threads 2
+
+Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
+round-robin, rotating who goes first) so that machine load drifting during the run hits all of
+them alike. Reported: median latency, interquartile range, min/max, and slimc's ratio to the
+others (< 1.0 means slimc is faster). The untuned slimc artifact's compile time is reported too.
+Needs the ``bench`` extra: ``pip install -e .[bench]`` (onnxruntime, onnx, onnxscript).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODELS = ("minilm", "cnn", "decode")
+ENGINES = ("slimc", "eager", "ort")
+
+
+@dataclass
+class Result:
+    model: str
+    times: dict[str, list[float]] = field(default_factory=dict)
+    compile_s: float | None = None
+    build_s: float | None = None
+    agreement: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
+    p.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    p.add_argument("--runs", type=int, default=12, help="interleaved rounds per engine")
+    p.add_argument("--block", type=int, default=3, help="consecutive calls per engine per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine")
+    p.add_argument("--target", default="llvm", help="slimc --target (host targets only)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep artifacts here")
+    p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Thread pools read these once, when first used: set them before importing anything.
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slimc-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    engines = [e for e in args.engines.split(",") if e]
+    results = []
+    for name in [m for m in args.models.split(",") if m]:
+        print(f"== {name}: preparing {', '.join(engines)}", file=sys.stderr, flush=True)
+        results.append(bench_model(name, engines, args, workdir))
+        print_table(results[-1:], args)
+    print(f"\n# {len(results)} model(s), {args.threads} thread(s), host {_cpu_name()}")
+    print_table(results, args)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    return 0
+
+
+def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import models
+
+    module, inputs = getattr(models, name)()
+    result = Result(name)
+    callers: dict[str, Callable[[], object]] = {}
+    outputs: dict[str, np.ndarray] = {}
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+
+    if "slimc" in engines:
+        runner, names = _slimc(name, args, workdir, result)
+        feed = [arrays[n] for n in names]
+        callers["slimc"] = lambda: runner(feed)
+        outputs["slimc"] = runner(feed)[0]
+    if "eager" in engines:
+        def eager():
+            with torch.inference_mode():
+                return module(**inputs)
+        callers["eager"] = eager
+        outputs["eager"] = eager().numpy()
+    if "ort" in engines:
+        session = _ort_session(module, inputs, args.threads, workdir / f"{name}.onnx")
+        callers["ort"] = lambda: session.run(None, arrays)
+        outputs["ort"] = session.run(None, arrays)[0]
+    reference = outputs.get("eager")
+    if reference is not None:
+        for engine, out in outputs.items():
+            if engine != "eager":
+                result.agreement[engine] = float(
+                    np.linalg.norm(out - reference) / (np.linalg.norm(reference) or 1.0))
+
+    for fn in callers.values():
+        for _ in range(args.warmup):
+            fn()
+    order = list(callers)
+    result.times = {e: [] for e in order}
+    for r in range(args.runs):
+        for engine in order[r % len(order):] + order[:r % len(order)]:
+            fn = callers[engine]
+            for _ in range(args.block):
+                t0 = time.perf_counter()
+                fn()
+                result.times[engine].append((time.perf_counter() - t0) * 1e3)
+    return result
+
+
+def _slimc(name: str, args, workdir: Path, result: Result):
+    from slimc.backends.tvm.runtime import NativeRunner
+
+    from slimc.compiler import CompileOptions, compile_model
+
+    output = workdir / f"{name}.slimc"
+    t0 = time.perf_counter()
+    compiled = compile_model(f"{HERE / 'models.py'}:{name}",
+                             CompileOptions(target=args.target, output=output,
+                                            threads=args.threads))
+    result.compile_s = time.perf_counter() - t0
+    result.build_s = compiled.manifest["timings"].get("build_s")
+    runner = NativeRunner(compiled.output / compiled.manifest["library"], args.threads)
+    return runner, [spec["name"] for spec in compiled.manifest["inputs"]]
+
+
+def _ort_session(module, inputs, threads: int, path: Path):
+    import onnxruntime as ort
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            torch.onnx.export(module, (), str(path), kwargs=inputs, dynamo=True,
+                              input_names=list(inputs), optimize=True)
+        except Exception:  # noqa: BLE001 - older exporter path as a second chance
+            torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False,
+                              input_names=list(inputs), opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": med, "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
+
+
+def print_table(results: list[Result], args) -> None:
+    header = (f"{'model':8} {'engine':6} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
+              f" {'vs slimc':>9} {'rel.L2 vs eager':>16}")
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        stats = {e: _stats(t) for e, t in res.times.items() if t}
+        base = stats.get("slimc", {}).get("median")
+        for engine, s in stats.items():
+            ratio = f"{base / s['median']:.2f}x" if base and engine != "slimc" else ""
+            agree = res.agreement.get(engine)
+            print(f"{res.model:8} {engine:6} {s['median']:10.2f} "
+                  f"{s['q1']:7.2f}-{s['q3']:<8.2f} {s['min']:8.2f}-{s['max']:<9.2f} {ratio:>9}"
+                  f" {'' if agree is None else f'{agree:.2e}':>16}")
+        if res.compile_s is not None:
+            print(f"{res.model:8} slimc compile {res.compile_s:.1f} s (TVM build {res.build_s} s)")
+    print("(vs slimc = slimc median / engine median: slimc/eager and slimc/ort ratios)")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

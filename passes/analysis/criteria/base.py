@@ -1,0 +1,126 @@
+"""What every sensitivity criterion shares: options, the result shape and the scoring loop.
+
+A criterion answers, for each weight-bearing layer and each candidate setting, "how much does
+the model's output suffer if only this layer is compressed like this?". Proxy criteria
+(magnitude, activation, taylor, hessian) estimate it from statistics gathered once; the
+``perturbation`` criterion measures it. All report the same shape so they can be compared and
+a search can read any of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from slimc.errors import UsageError
+from slimc.ir import IR
+from slimc.passes.analysis.criteria.candidates import Setting, settings_from
+from slimc.passes.analysis.layers import Layer, weight_layers
+from slimc.passmanager import AnalysisPass, PassContext, PassOptions
+
+
+class SensitivityOptions(PassOptions):
+    """Candidate settings and how much calibration data to use."""
+
+    #: Weight bit widths to score (round-to-nearest, per output channel).
+    bits: tuple[int, ...] = (8, 4, 3, 2)
+    #: Fractions of output channels kept by magnitude pruning.
+    keep_ratios: tuple[float, ...] = (0.75, 0.5)
+    #: Fractions of the full rank kept by truncated SVD.
+    rank_ratios: tuple[float, ...] = (0.5, 0.25)
+    #: Setting whose value is a layer's single ``score`` (used for rankings).
+    reference: str = "q4"
+    #: At most this many calibration batches are used.
+    max_batches: int = 4
+    seed: int = 0
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    module_type: str
+    kind: str
+    weight: str
+    ops: list[str]
+    params: int
+    #: setting key -> estimated (or measured) output damage; larger = more sensitive.
+    curve: dict[str, float]
+    #: Criterion-specific statistics (e.g. the Hessian trace).
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SensitivityResult:
+    criterion: str
+    settings: list[str]
+    reference: str
+    layers: dict[str, LayerSensitivity]
+    seconds: float = 0.0
+    batches: int = 0
+
+    def scores(self, setting: str | None = None) -> dict[str, float]:
+        """Layer name -> value at ``setting`` (default: the reference setting)."""
+        key = setting or self.reference
+        return {name: layer.curve[key] for name, layer in self.layers.items()}
+
+    def ranking(self, setting: str | None = None) -> list[str]:
+        """Layer names, most sensitive first."""
+        scores = self.scores(setting)
+        return sorted(scores, key=lambda n: -scores[n])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "settings": self.settings,
+                "reference": self.reference, "seconds": round(self.seconds, 3),
+                "batches": self.batches,
+                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+
+
+class SensitivityCriterion(AnalysisPass):
+    """Base of ``sensitivity-<criterion>`` passes: subclasses gather statistics in
+    :meth:`prepare` and turn a weight change into a damage estimate in :meth:`damage`."""
+
+    #: The criterion's name as ``sensitivity{criterion=...}`` spells it.
+    criterion: ClassVar[str] = ""
+    #: Needs calibration data (the result is less reliable on synthetic inputs).
+    data_aware: ClassVar[bool] = True
+    Options: ClassVar[type[PassOptions]] = SensitivityOptions
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> SensitivityResult:
+        assert isinstance(options, SensitivityOptions)
+        start = time.perf_counter()
+        settings = settings_from(options.bits, options.keep_ratios, options.rank_ratios)
+        keys = [s.key for s in settings]
+        if options.reference not in keys:
+            raise UsageError(f"Reference setting {options.reference!r} is not among the "
+                             f"candidate settings {keys}.")
+        layers = weight_layers(ir)
+        torch.manual_seed(options.seed)
+        batches = self.prepare(ir, ctx, options, layers)
+        weights = ir.weights()
+        results = {}
+        for layer in layers:
+            weight = weights[layer.weight.name].detach()
+            curve = {}
+            for setting in settings:
+                compressed = setting.apply(weight, layer.output_channel_axis)
+                curve[setting.key] = self.damage(layer, weight, compressed, setting)
+            results[layer.name] = LayerSensitivity(
+                layer.name, layer.module_type, layer.kind, layer.weight.name,
+                [op.name for op in layer.ops], weight.numel(), curve, self.extra(layer))
+        return SensitivityResult(self.criterion, keys, options.reference, results,
+                                 time.perf_counter() - start, batches)
+
+    def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
+                layers: list[Layer]) -> int:
+        """Gather statistics; returns how many calibration batches were used."""
+        return 0
+
+    def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
+               setting: Setting) -> float:
+        raise NotImplementedError
+
+    def extra(self, layer: Layer) -> dict[str, float]:
+        return {}

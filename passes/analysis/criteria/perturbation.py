@@ -1,0 +1,51 @@
+"""``sensitivity-perturbation``: measured output change when one layer alone is compressed.
+
+No proxy: for each layer and setting, the graph runs on the calibration batches with only that
+layer's weight replaced by its compressed version, and the change of the first output is
+measured (KL for logits, 1 - cosine for embeddings, relative L2 otherwise; see
+:mod:`.divergence`). It costs one forward pass per (layer, setting, batch), which is why it
+processes batches of the captured shape and the settings are options.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimc.ir import IR
+from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
+from slimc.passes.analysis.criteria.candidates import Setting
+from slimc.passes.analysis.criteria.divergence import divergence, output_kind
+from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
+from slimc.passes.analysis.layers import Layer
+from slimc.passmanager import PassContext
+
+
+def measure_output_change(ir: IR, batches: list[list[torch.Tensor]],
+                          references: list[torch.Tensor], weight_name: str,
+                          compressed: torch.Tensor) -> float:
+    """Mean divergence of the first output over ``batches`` with one weight replaced."""
+    kind = output_kind(ir.output_names[0])
+    total = 0.0
+    for batch, reference in zip(batches, references, strict=True):
+        output = run_graph(ir, batch, {weight_name: compressed})[0]
+        total += divergence(kind, reference, output)
+    return total / len(batches)
+
+
+class PerturbationSensitivity(SensitivityCriterion):
+    """Layer sensitivity measured: output change with one layer compressed at a time."""
+
+    name = "sensitivity-perturbation"
+    criterion = "perturbation"
+
+    def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
+                layers: list[Layer]) -> int:
+        self._ir = ir
+        self._batches = calibration_batches(ir, ctx, options.max_batches)
+        self._references = [run_graph(ir, batch)[0] for batch in self._batches]
+        return len(self._batches)
+
+    def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
+               setting: Setting) -> float:
+        return measure_output_change(self._ir, self._batches, self._references,
+                                     layer.weight.name, compressed)

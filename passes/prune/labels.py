@@ -1,0 +1,520 @@
+"""Channel-label propagation: the dependency engine behind ``prune-groups``.
+
+Why labels instead of per-op dimension rules: every producer of channels (linear, conv,
+embedding output) gets one integer id per output channel, and a *label tensor* with the node's
+exact shape is pushed through the graph. Shape ops (view/reshape/transpose/permute/expand/
+split/chunk/cat/slice...) are simply *executed* on the label tensors, so head splits, GQA
+``repeat_kv`` expansions, fused QKV splits and rotary half-rotations are mapped index by index
+without any per-pattern code. Where two labelled tensors meet elementwise (residual add,
+gated MLP ``silu(gate) * up``, rotary ``x*cos + rot(x)*sin``) their ids are united in a
+union-find: united channels must be removed together. Batched matmuls of two activations and
+SDPA unite everything within one batch slice (one attention head), which makes heads, and under
+grouped-query attention whole KV groups, atomic. Channels reaching the graph outputs or an op
+the engine does not understand are *pinned* (never removed).
+
+The result records, per weight tensor and axis, the channel id of every slice along that axis,
+and, per graph node, the label tensor — everything :mod:`shapes` needs to rewrite constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from slimc.ir import IR
+
+NONE = -1
+
+#: Ops executed verbatim on label tensors (their non-tensor args are shapes/dims).
+SHAPE_OPS = {
+    "aten.view", "aten.reshape", "aten._unsafe_view", "aten.transpose", "aten.permute",
+    "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.flatten", "aten.slice",
+    "aten.select", "aten.clone", "aten.contiguous", "aten.alias", "aten.detach", "aten.t",
+    "aten.unflatten", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind",
+    "aten.cat", "aten.stack", "aten.narrow", "aten.movedim", "aten.expand_as",
+    "aten.view_as", "aten.reshape_as", "aten.repeat_interleave",
+}
+#: Ops that pass labels through unchanged (dtype casts, eval-mode dropout).
+IDENTITY_OPS = {"aten.to", "aten._to_copy", "aten.dropout", "aten.type_as",
+                "aten.lift_fresh_copy", "aten.feature_dropout"}
+POINTWISE_OPS = {
+    "aten.add", "aten.sub", "aten.mul", "aten.div", "aten.where", "aten.maximum",
+    "aten.minimum", "aten.pow", "aten.gelu", "aten.silu", "aten.relu", "aten.relu6",
+    "aten.hardtanh", "aten.hardswish", "aten.hardsigmoid", "aten.sigmoid", "aten.tanh",
+    "aten.neg", "aten.exp", "aten.log", "aten.rsqrt", "aten.sqrt", "aten.abs", "aten.erf",
+    "aten.clamp", "aten.clamp_min", "aten.clamp_max", "aten.softplus", "aten.mish",
+    "aten.leaky_relu", "aten.elu", "aten.masked_fill", "aten.reciprocal", "aten.square",
+    "aten.rsub", "aten.cos", "aten.sin", "aten.gelu_", "aten.relu_", "aten.silu_",
+}
+REDUCE_OPS = {"aten.mean", "aten.sum", "aten.amax", "aten.amin", "aten.var", "aten.std",
+              "aten.max", "aten.min"}
+SOFTMAX_OPS = {"aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax"}
+POOL_OPS = {"aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool1d", "aten.avg_pool2d",
+            "aten.max_pool2d", "aten.avg_pool1d", "aten.max_pool1d", "aten._adaptive_avg_pool2d",
+            "aten.max_pool2d_with_indices"}
+CONV_OPS = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution"}
+IGNORED_OPS = {"aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_size",
+               "aten.sym_constrain_range_for_size"}
+
+
+def op_name(node: Node) -> str:
+    """``aten.linear.default`` -> ``aten.linear`` (``getitem`` for ``operator.getitem``)."""
+    text = str(node.target)
+    if text.startswith("aten."):
+        return text.rsplit(".", 1)[0] if text.count(".") >= 2 else text
+    return getattr(node.target, "__name__", text)
+
+
+class UnionFind:
+    """Union-find over channel ids, grown as producers allocate ids."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def allocate(self, n: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Unite ``a[i]`` with ``b[i]`` wherever both are labelled and differ."""
+        a, b = a.reshape(-1), b.reshape(-1)
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if not bool(keep.any()):
+            return
+        pairs = torch.unique(torch.stack([a[keep], b[keep]], 1), dim=0)
+        for x, y in pairs.tolist():
+            self.union(x, y)
+
+    def union_rows(self, rows: torch.Tensor) -> None:
+        """Unite all labelled ids within each row of a 2-D tensor."""
+        rows = torch.unique(rows.reshape(rows.shape[0], -1), dim=0)
+        for row in rows.tolist():
+            ids = [v for v in row if v >= 0]
+            for other in ids[1:]:
+                self.union(ids[0], other)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass
+class Producer:
+    """A node whose output channels got fresh ids (``offset .. offset+size-1``)."""
+
+    node: str
+    op: str
+    module_path: str
+    offset: int
+    size: int
+
+
+@dataclass
+class Propagation:
+    """What label propagation found; see the module docstring."""
+
+    uf: UnionFind
+    labels: dict[str, torch.Tensor | tuple]
+    producers: list[Producer]
+    #: (weight placeholder name, axis) -> channel id per index along that axis (-1: none).
+    members: dict[tuple[str, int], torch.Tensor]
+    pinned: set[int] = field(default_factory=set)
+    #: ids whose channels feed a reduction over channels (norm statistics).
+    stat_coupled: set[int] = field(default_factory=set)
+    #: ids that meet another producer's ids elementwise (residual streams).
+    merged: set[int] = field(default_factory=set)
+    #: ids that go through SDPA / activation-activation matmuls (attention heads).
+    attention: set[int] = field(default_factory=set)
+    #: ids of channels that feed a depthwise conv or a BatchNorm.
+    conv: set[int] = field(default_factory=set)
+    #: nodes whose arguments hold shape constants the pruning pass must rewrite.
+    rewrites: set[str] = field(default_factory=set)
+
+
+def _shape(node: Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _ids(t: torch.Tensor) -> set[int]:
+    return {int(v) for v in torch.unique(t).tolist() if v >= 0}
+
+
+class LabelPropagator:
+    """Runs the propagation over one IR (see :func:`propagate`)."""
+
+    def __init__(self, ir: IR) -> None:
+        self.ir = ir
+        self.weights = {n.name for n in ir.nodes("placeholder")
+                        if (s := ir.placeholder_spec(n)) is not None
+                        and s.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")}
+        self.result = Propagation(UnionFind(), {}, [], {})
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def lab(self, x) -> torch.Tensor | None:
+        return self.result.labels.get(x.name) if isinstance(x, Node) else None
+
+    def filled(self, x) -> torch.Tensor:
+        """Label tensor of ``x``, or an all-NONE one of its shape."""
+        got = self.lab(x)
+        if got is not None:
+            return got
+        return torch.full(_shape(x), NONE, dtype=torch.int64)
+
+    def pin(self, t: torch.Tensor | tuple | None) -> None:
+        if isinstance(t, tuple):
+            for item in t:
+                self.pin(item)
+        elif t is not None:
+            self.result.pinned |= _ids(t)
+
+    def is_weight(self, x) -> bool:
+        return isinstance(x, Node) and x.name in self.weights
+
+    def member(self, weight: Node, axis: int, ids: torch.Tensor) -> None:
+        """Record that slice ``i`` of ``weight`` along ``axis`` belongs to channel ``ids[i]``."""
+        ids = ids.reshape(-1).clone()
+        if not bool((ids >= 0).any()):
+            return
+        key = (weight.name, axis)
+        old = self.result.members.get(key)
+        if old is None:
+            self.result.members[key] = ids
+            return
+        self.result.uf.union_pairs(old, ids)  # tied weights: both uses are one channel
+        self.result.members[key] = torch.where(old >= 0, old, ids)
+
+    def produce(self, node: Node, dim: int, n: int) -> torch.Tensor:
+        """Fresh ids for the ``n`` channels along ``dim`` of ``node``'s output."""
+        shape = _shape(node)
+        offset = self.result.uf.allocate(n)
+        info = self.ir.node_info(node)
+        self.result.producers.append(Producer(node.name, op_name(node), info.module_path,
+                                              offset, n))
+        view = [1] * len(shape)
+        view[dim] = n
+        ids = (torch.arange(n) + offset).reshape(view).expand(shape)
+        self.result.labels[node.name] = ids
+        return ids[(0,) * dim + (slice(None),) + (0,) * (len(shape) - dim - 1)]
+
+    # -- driver -------------------------------------------------------------------------------
+
+    def run(self) -> Propagation:
+        for node in self.ir.nodes():
+            if node.op == "output":
+                for arg in node.all_input_nodes:
+                    self.pin(self.result.labels.get(arg.name))
+            elif node.op == "call_function":
+                self.visit(node)
+        return self.result
+
+    def visit(self, node: Node) -> None:
+        op = op_name(node)
+        inputs = [a for a in node.all_input_nodes if a.name in self.result.labels]
+        producer = op in ("aten.linear", "aten.addmm", "aten.embedding") or op in CONV_OPS \
+            or (op in ("aten.mm", "aten.matmul") and self.is_weight(node.args[1]))
+        if not inputs and not producer:
+            return
+        if op in IGNORED_OPS:
+            return
+        if op == "getitem":
+            src = self.result.labels.get(node.args[0].name)
+            if isinstance(src, tuple):
+                self.result.labels[node.name] = src[node.args[1]]
+            return
+        handler = getattr(self, "_" + op.removeprefix("aten.").lstrip("_"), None)
+        if producer or handler is not None:
+            (handler or self._unknown)(node)
+        elif op in SHAPE_OPS:
+            self._shape_op(node)
+        elif op in IDENTITY_OPS:
+            self.result.labels[node.name] = self.filled(node.args[0])
+        elif op in POINTWISE_OPS:
+            self._pointwise(node)
+        elif op in REDUCE_OPS:
+            self._reduce(node)
+        elif op in SOFTMAX_OPS:
+            self._softmax(node)
+        elif op in POOL_OPS:
+            self._pool(node)
+        else:
+            self._unknown(node)
+
+    # -- generic categories -------------------------------------------------------------------
+
+    def _unknown(self, node: Node) -> None:
+        for arg in node.all_input_nodes:
+            self.pin(self.result.labels.get(arg.name))
+
+    def _shape_op(self, node: Node) -> None:
+        args = torch.fx.node.map_arg(node.args, self.filled)
+        kwargs = torch.fx.node.map_arg(node.kwargs, self.filled)
+        out = node.target(*args, **kwargs)
+        self.result.labels[node.name] = tuple(out) if isinstance(out, (list, tuple)) else out
+        self.result.rewrites.add(node.name)
+
+    def _pointwise(self, node: Node) -> None:
+        shape = _shape(node)
+        if shape is None:
+            return self._unknown(node)
+        out = torch.full(shape, NONE, dtype=torch.int64)
+        fixed: list[Node] = []
+        params: list[Node] = []
+        labelled = 0
+        for arg in node.all_input_nodes:
+            got = self.lab(arg)
+            if got is not None:
+                b = got.broadcast_to(shape)
+                if labelled:
+                    self.result.uf.union_pairs(out, b)
+                    both = (out >= 0) & (b >= 0)
+                    self.result.merged |= _ids(out[both]) | _ids(b[both])
+                out = torch.where(out >= 0, out, b)
+                labelled += 1
+            elif self.is_weight(arg):
+                params.append(arg)
+            elif _shape(arg):
+                fixed.append(arg)
+        for arg in fixed + params:
+            ashape = (1,) * (len(shape) - len(_shape(arg))) + _shape(arg)
+            off = len(shape) - len(_shape(arg))
+            for d, size in enumerate(ashape):
+                if size <= 1 or not self._varies(out, d):
+                    continue
+                if arg in params:
+                    index = [0] * len(shape)
+                    index[d] = slice(None)
+                    self.member(arg, d - off, out[tuple(index)])
+                else:  # a computed tensor along a channel dim: keep each line whole
+                    self.result.uf.union_rows(out.movedim(d, -1).reshape(-1, shape[d]))
+        self.result.labels[node.name] = out
+
+    @staticmethod
+    def _varies(t: torch.Tensor, d: int) -> bool:
+        return t.shape[d] > 1 and bool((t != t.narrow(d, 0, 1)).any())
+
+    def _reduce(self, node: Node) -> None:
+        x = self.filled(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None or not isinstance(dims, (list, tuple, int)):
+            dims = list(range(x.dim()))
+        dims = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
+        index = [0 if d in dims else slice(None) for d in range(x.dim())]
+        out = x[tuple(index)]
+        if any(self._varies(x, d) for d in dims):  # a statistic over channels: no channel
+            self.result.stat_coupled |= _ids(x)
+            out = torch.full_like(out, NONE)
+        if keep:
+            for d in sorted(dims):
+                out = out.unsqueeze(d)
+        shape = _shape(node)
+        if shape is None or tuple(out.shape) != shape:
+            return self._unknown(node)
+        self.result.labels[node.name] = out
+
+    def _softmax(self, node: Node) -> None:
+        x = self.filled(node.args[0])
+        dim = node.args[1] % x.dim()
+        if self._varies(x, dim):
+            self.result.uf.union_rows(x.movedim(dim, -1).reshape(-1, x.shape[dim]))
+        self.result.labels[node.name] = x
+
+    def _pool(self, node: Node) -> None:
+        x = self.filled(node.args[0])
+        shape = _shape(node)
+        if shape is None:  # with_indices returns a tuple
+            val = node.meta["val"]
+            shapes = [tuple(v.shape) for v in val]
+            lab = x[:, :, :1, :1] if x.dim() == 4 else x[..., :1]
+            self.result.labels[node.name] = tuple(lab.expand(s) for s in shapes)
+            return
+        spatial = x.dim() - 2
+        lab = x[(slice(None), slice(None)) + (slice(0, 1),) * spatial]
+        self.result.labels[node.name] = lab.expand(shape)
+
+    # -- layers -------------------------------------------------------------------------------
+
+    def _consume(self, weight: Node, axis: int, x: torch.Tensor, dim: int) -> None:
+        """``weight`` reads channels of ``x`` along ``dim`` through its ``axis``."""
+        moved = x.movedim(dim, -1).reshape(-1, x.shape[dim])
+        first = moved[0]
+        if bool((moved != first).any()):  # labels vary along a batch dim: not a plain input
+            self.pin(x)
+            return
+        self.member(weight, axis, first)
+
+    def _linear(self, node: Node) -> None:
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        if not self.is_weight(weight):
+            return self._unknown(node)
+        if self.lab(x) is not None:
+            self._consume(weight, 1, self.lab(x), -1)
+        ids = self.produce(node, len(_shape(node)) - 1, _shape(node)[-1])
+        self.member(weight, 0, ids)
+        if self.is_weight(bias):
+            self.member(bias, 0, ids)
+
+    def _addmm(self, node: Node) -> None:
+        bias, x, weight = node.args[:3]
+        if not self.is_weight(weight):
+            return self._unknown(node)
+        if self.lab(x) is not None:
+            self._consume(weight, 0, self.lab(x), -1)
+        ids = self.produce(node, 1, _shape(node)[1])
+        self.member(weight, 1, ids)
+        if self.is_weight(bias):
+            self.member(bias, bias.meta["val"].dim() - 1, ids)
+
+    def _mm(self, node: Node) -> None:
+        x, weight = node.args[:2]
+        if not self.is_weight(weight):
+            return self._batched(node, list(node.all_input_nodes))
+        if self.lab(x) is not None:
+            self._consume(weight, 0, self.lab(x), -1)
+        self.member(weight, 1, self.produce(node, len(_shape(node)) - 1, _shape(node)[-1]))
+
+    _matmul = _mm
+
+    def _bmm(self, node: Node) -> None:
+        self._batched(node, list(node.all_input_nodes))
+
+    def _scaled_dot_product_attention(self, node: Node) -> None:
+        q, k, v = node.args[:3]
+        for extra in node.all_input_nodes:
+            if extra not in (q, k, v):
+                self.pin(self.lab(extra))
+        self._batched(node, [q, k, v])
+
+    def _batched(self, node: Node, operands: list[Node]) -> None:
+        """Attention-like op: everything in one batch slice (a head) is one unit."""
+        shape = _shape(node)
+        if shape is None:
+            return self._unknown(node)
+        batch = shape[:-2]
+        rows = []
+        for x in operands:
+            t = self.filled(x)
+            t = t.broadcast_to(batch + tuple(t.shape[-2:])).reshape(-1, t.shape[-2] * t.shape[-1])
+            rows.append(t)
+        joined = torch.cat(rows, 1)
+        self.result.uf.union_rows(joined)
+        self.result.attention |= _ids(joined)
+        rep = joined.max(1).values.reshape(batch + (1, 1))
+        self.result.labels[node.name] = rep.expand(shape)
+
+    def _embedding(self, node: Node) -> None:
+        weight = node.args[0]
+        if not self.is_weight(weight):
+            return self._unknown(node)
+        shape = _shape(node)
+        self.member(weight, 1, self.produce(node, len(shape) - 1, shape[-1]))
+
+    def _conv(self, node: Node) -> None:
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        op = op_name(node)
+        groups = node.args[8] if op == "aten.convolution" else (
+            node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1))
+        if op == "aten.convolution" and node.args[6]:
+            return self._unknown(node)  # transposed
+        if not self.is_weight(weight):
+            return self._unknown(node)
+        cin = _shape(x)[1]
+        cout = _shape(node)[1]
+        lab = self.lab(x)
+        if groups == 1:
+            if lab is not None:
+                self._consume(weight, 1, lab, 1)
+            ids = self.produce(node, 1, cout)
+        elif groups == cin == cout:  # depthwise: channels pass straight through
+            if lab is None:
+                ids = self.produce(node, 1, cout)
+            else:
+                ids = lab[(0, slice(None)) + (0,) * (lab.dim() - 2)]
+                spatial = _shape(node)[2:]
+                self.result.labels[node.name] = ids.reshape(
+                    (1, cout) + (1,) * len(spatial)).expand(_shape(node))
+                self.result.conv |= _ids(ids)
+                self.result.rewrites.add(node.name)
+        else:  # grouped conv: keep its channels
+            self.pin(lab)
+            ids = self.produce(node, 1, cout)
+            self.pin(ids)
+        self.member(weight, 0, ids)
+        if self.is_weight(bias):
+            self.member(bias, 0, ids)
+
+    _conv1d = _conv2d = _conv3d = _convolution = _conv
+
+    def _norm_params(self, x: torch.Tensor, params: list, dims: int) -> torch.Tensor:
+        for p in params:
+            if self.is_weight(p):
+                lead = [0] * (x.dim() - dims)
+                vec = x[tuple(lead)]
+                while vec.dim() > 1:  # multi-dim normalized_shape: keep it whole
+                    vec = vec[0]
+                self.member(p, 0, vec)
+        return x
+
+    def _layer_norm(self, node: Node) -> None:
+        x = self.filled(node.args[0])
+        shape = node.args[1]
+        if len(shape) != 1:
+            return self._unknown(node)
+        if self._varies(x, x.dim() - 1):
+            self.result.stat_coupled |= _ids(x)
+        self._norm_params(x, list(node.args[2:4]), 1)
+        out = x
+        if op_name(node) == "aten.native_layer_norm":
+            stat_shape = tuple(node.meta["val"][1].shape)
+            stat = torch.full(stat_shape, NONE, dtype=torch.int64)
+            out = (x, stat, stat)
+        self.result.labels[node.name] = out
+        self.result.rewrites.add(node.name)
+
+    _native_layer_norm = _layer_norm
+
+    def _batch_norm(self, node: Node) -> None:
+        x = self.filled(node.args[0])
+        ids = x[(0, slice(None)) + (0,) * (x.dim() - 2)]
+        for p in node.args[1:5]:
+            if self.is_weight(p):
+                self.member(p, 0, ids)
+        self.result.conv |= _ids(ids)
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            extra = tuple(torch.full(tuple(v.shape), NONE, dtype=torch.int64) for v in val[1:])
+            self.result.labels[node.name] = (x,) + extra
+        else:
+            self.result.labels[node.name] = x
+
+    _native_batch_norm_legit_no_training = _batch_norm
+
+    def _group_norm(self, node: Node) -> None:
+        self._unknown(node)
+
+
+def propagate(ir: IR) -> Propagation:
+    """Push channel labels through ``ir`` and return the coupling they revealed."""
+    with torch.no_grad():
+        return LabelPropagator(ir).run()

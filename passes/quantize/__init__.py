@@ -1,0 +1,1 @@
+"""Weight quantization: formats, RTN/GPTQ/AWQ, mixed-precision assignment, the pass."""

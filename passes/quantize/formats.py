@@ -1,0 +1,133 @@
+"""Weight formats: how a float matrix ``W[N, K]`` (N outputs, K inputs) is stored and rebuilt.
+
+Each format knows its storage cost (bits per weight *including* scales and zero points, the
+number the budget solver and the byte checks use) and how to quantize with round-to-nearest.
+The packed tensors are exactly what the artifact stores (see
+``slimc.backends.tvm.quantized_ops``): int8 codes + one fp32 scale per output row; int4 codes two
+per byte + one fp32 scale and one uint8 zero point per (row, group of ``group_size`` inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from slimc.backends.tvm.quantized_ops import dequantize_int4, dequantize_int8, unpack_int4
+
+__all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_quantize",
+           "int4_params", "int4_codes", "pack_int4", "parse_format", "quantize_int8",
+           "unpack_int4"]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A storage format: ``kind`` in fp32/fp16/bf16/int8/int4, plus int4's grouping."""
+
+    kind: str
+    group_size: int = 0
+    symmetric: bool = False
+
+    def __str__(self) -> str:
+        if self.kind == "int4":
+            return f"int4-g{self.group_size}{'-sym' if self.symmetric else ''}"
+        return self.kind
+
+    def bits_per_weight(self, k: int) -> float:
+        """Average stored bits per weight of a row of ``k`` inputs, overhead included."""
+        if self.kind == "fp32":
+            return 32.0
+        if self.kind in ("fp16", "bf16"):
+            return 16.0
+        if self.kind == "int8":
+            return 8.0 + 32.0 / k
+        groups = -(-k // self.group_size)
+        return (4.0 * (k + k % 2) + groups * (32 + 8)) / k
+
+    def nbytes(self, n: int, k: int) -> float:
+        return n * k * self.bits_per_weight(k) / 8.0
+
+
+def parse_format(text: str) -> Format:
+    """``int4-g128``, ``int4-g32-sym``, ``int8``, ``fp16``, ``bf16``, ``fp32``."""
+    if text.startswith("int4"):
+        parts = text.split("-")
+        group = next((int(p[1:]) for p in parts[1:] if p.startswith("g")), 128)
+        return Format("int4", group, "sym" in parts[1:])
+    if text in ("int8", "fp16", "bf16", "fp32"):
+        return Format(text)
+    raise ValueError(f"unknown weight format {text!r}")
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8: codes in [-127, 127] and fp32 scales."""
+    scale = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12).float()
+    codes = torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8)
+    return codes, scale
+
+
+@dataclass
+class Int4Params:
+    """Per-(row, group) scale and integer zero point of an int4 grid."""
+
+    scale: Tensor  # float32 [N, G]
+    zero: Tensor  # uint8 [N, G]
+    group_size: int
+
+
+def _grouped(weight: Tensor, group_size: int) -> Tensor:
+    n, k = weight.shape
+    groups = -(-k // group_size)
+    padded = torch.zeros(n, groups * group_size, dtype=weight.dtype)
+    padded[:, :k] = weight
+    if k % group_size:  # pad the last group with its own values, not with zeros
+        padded[:, k:] = weight[:, -1:].expand(n, groups * group_size - k)
+    return padded.reshape(n, groups, group_size)
+
+
+def int4_params(weight: Tensor, group_size: int, symmetric: bool) -> Int4Params:
+    """Min/max grid per group: asymmetric uses all 16 codes over [min, max]."""
+    grouped = _grouped(weight.float(), group_size)
+    if symmetric:
+        scale = (grouped.abs().amax(dim=2) / 7.0).clamp_min(1e-12)
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo = grouped.amin(dim=2).clamp_max(0.0)
+        hi = grouped.amax(dim=2).clamp_min(0.0)
+        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+    return Int4Params(scale.float(), zero.to(torch.uint8), group_size)
+
+
+def int4_codes(weight: Tensor, params: Int4Params) -> Tensor:
+    """Round-to-nearest codes ``uint8[N, K]`` of ``weight`` on the grid ``params``."""
+    k = weight.shape[1]
+    index = torch.arange(k) // params.group_size
+    scale = params.scale[:, index]
+    zero = params.zero.float()[:, index]
+    return torch.clamp(torch.round(weight / scale) + zero, 0, 15).to(torch.uint8)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Codes ``uint8[N, K]`` -> ``uint8[N, ceil(K/2)]``, the even column in the low nibble."""
+    n, k = codes.shape
+    if k % 2:
+        codes = torch.cat([codes, torch.zeros(n, 1, dtype=codes.dtype)], dim=1)
+    pairs = codes.reshape(n, -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+
+def fake_quantize(weight: Tensor, fmt: Format) -> Tensor:
+    """What ``weight`` becomes after a round trip through ``fmt`` (round-to-nearest)."""
+    if fmt.kind == "fp32":
+        return weight
+    if fmt.kind in ("fp16", "bf16"):
+        dtype = torch.float16 if fmt.kind == "fp16" else torch.bfloat16
+        return weight.to(dtype).float()
+    if fmt.kind == "int8":
+        return dequantize_int8(*quantize_int8(weight))
+    params = int4_params(weight, fmt.group_size, fmt.symmetric)
+    codes = int4_codes(weight, params)
+    return dequantize_int4(pack_int4(codes), params.scale, params.zero, fmt.group_size,
+                           weight.shape[1])

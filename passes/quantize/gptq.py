@@ -1,0 +1,77 @@
+"""GPTQ (Frantar et al., 2023): quantize columns one at a time, pushing each column's rounding
+error onto the not-yet-quantized columns through the inverse input Hessian.
+
+Round-to-nearest minimises ``||W - Q||``; what matters is ``||X W^T - X Q^T||``. With
+``H = 2 X^T X`` the optimal correction of the remaining columns after rounding column ``i`` is
+``-(w_i - q_i) / [H^-1]_ii * [H^-1]_i,:``; GPTQ applies it in blocks via the Cholesky factor
+of ``H^-1``. Group scales are fixed when the group's first column is reached, from the
+already-corrected weights, as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .formats import Format, Int4Params, int4_params, quantize_int8
+
+
+def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
+         damp: float = 0.01) -> tuple[Tensor, Int4Params | Tensor]:
+    """Codes and grid of ``weight [N, K]`` given its input Hessian ``[K, K]``.
+
+    int4 -> (codes uint8 [N, K], :class:`Int4Params`); int8 -> (codes int8 [N, K], scale [N]).
+    """
+    w = weight.double().clone()
+    n, k = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(k, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
+                                     upper=True)
+    except RuntimeError:  # not positive definite even with damping: fall back to RTN
+        hinv = torch.eye(k, dtype=h.dtype)
+
+    if fmt.kind == "int8":
+        _, scale8 = quantize_int8(weight)
+        scale8_d = scale8.double()
+        lo, hi = -127, 127
+    group = fmt.group_size if fmt.kind == "int4" else k
+    if fmt.kind == "int4":
+        block = max(group, (block // group) * group)
+        groups = -(-k // group)
+        scales = torch.zeros(n, groups, dtype=torch.float32)
+        zeros = torch.zeros(n, groups, dtype=torch.uint8)
+    codes = torch.zeros(n, k, dtype=torch.int16)
+
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if fmt.kind == "int4" and col % group == 0:
+                g = col // group
+                span = w1[:, i:i + group] if i + group <= i2 - i1 else w[:, col:col + group]
+                p = int4_params(span.float(), group, fmt.symmetric)
+                scales[:, g], zeros[:, g] = p.scale[:, 0], p.zero[:, 0]
+                s, z = scales[:, g].double(), zeros[:, g].double()
+                lo, hi = 0, 15
+            elif fmt.kind == "int8":
+                s, z = scale8_d, torch.zeros_like(scale8_d)
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / s) + z, lo, hi)
+            codes[:, col] = q.to(torch.int16)
+            deq = (q - z) * s
+            e = (x - deq) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if fmt.kind == "int8":
+        return codes.to(torch.int8), scale8
+    return codes.to(torch.uint8), Int4Params(scales, zeros, group)

@@ -1,0 +1,150 @@
+"""The ``quantize`` pass: weight-only quantization the compiled artifact really executes.
+
+``quantize{weights=int8|int4|fp16|bf16|mixed, activations=none, group_size=128, method=rtn|gptq|
+awq, budget=4.5, embeddings=true}`` rewrites every quantizable layer (see ``layers.py``) to one
+of slimc's quantized ops, whose operands are the packed tensors the artifact stores. The IR
+stays executable in PyTorch, so the pass manager measures what quantization cost.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from slimc.ir import IR
+from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
+
+from . import calib, mixed
+from .awq import awq_scale
+from .formats import Format, parse_format
+from .gptq import gptq
+from .layers import Layer, find_layers, rewrite
+from .rtn import pack
+
+
+class QuantizeOptions(PassOptions):
+    weights: Literal["int8", "int4", "fp16", "bf16", "mixed"] = Field(
+        "int8", description="Weight format, or `mixed` to choose one per layer under `budget`.")
+    activations: Literal["none"] = Field(
+        "none", description="Activation quantization; only `none` (weight-only) so far.")
+    group_size: int = Field(128, ge=8, le=8192, description="Inputs per int4 scale/zero group.")
+    symmetric: bool = Field(False, description="int4 without zero points (codes -8..7).")
+    method: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn", description="Rounding: round-to-nearest, GPTQ or AWQ (both use calibration data).")
+    budget: float = Field(4.5, gt=4.0, le=32.0, description="`mixed`: average bits per "
+                          "quantizable weight, scales and zero points included.")
+    candidates: str = Field("int4-g128,int4-g64,int4-g32,int8,fp16,fp32", description=
+                            "`mixed`: formats to choose from, comma-separated.")
+    embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
+                             "dequantize) and tied output heads too.")
+
+    @field_validator("group_size")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError("group_size must be even (two int4 codes per byte)")
+        return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _formats(cls, value: str) -> str:
+        for item in value.split(","):
+            parse_format(item.strip())
+        return value
+
+
+class Quantize(TransformPass):
+    """Quantize weights (int8/int4/fp16/bf16 or mixed per layer) to packed, fused-dequant ops."""
+
+    name = "quantize"
+    Options = QuantizeOptions
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
+        assert isinstance(options, QuantizeOptions)
+        summary = quantize_ir(ir, ctx, options)
+        ir.annotations[self.name] = summary
+        ctx.log(f"quantize: {summary['layers']} layers, weight bytes "
+                f"{summary['bytes_before']:,} -> {summary['bytes_after']:,}")
+        return PreservedAnalyses.none() if summary["layers"] else PreservedAnalyses.all()
+
+
+def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
+                   options: QuantizeOptions) -> tuple[dict[str, Format], dict]:
+    """Per-layer formats: uniform, or the mixed-precision solver's assignment."""
+    if options.weights != "mixed":
+        fmt = Format(options.weights, options.group_size if options.weights == "int4" else 0,
+                     options.symmetric)
+        return {layer.name: fmt for layer in layers}, {}
+    candidates = [parse_format(c.strip()) for c in options.candidates.split(",")]
+    if not any(c.kind == "fp32" for c in candidates):
+        candidates.append(Format("fp32"))
+    result = mixed.assign(ir, layers, candidates, options.budget, calib.calibration_batches(ctx),
+                          damage=_sensitivity_damage(ctx, layers, candidates))
+    return result.formats, result.to_json()
+
+
+def _sensitivity_damage(ctx: PassContext, layers, candidates):
+    """Per-layer damage curves from the ``sensitivity`` analysis, when it provides them."""
+    try:
+        curves = ctx.analyses.get("sensitivity").curves  # type: ignore[union-attr]
+        return _curves_to_table(curves, layers, candidates)
+    except Exception:  # noqa: BLE001 - not registered / no curves: measure in mixed.py
+        return None
+
+
+def _curves_to_table(curves, layers, candidates):
+    import numpy as np
+
+    return np.array([[float(curves[layer.name][str(fmt)]) if fmt.kind != "fp32" else 0.0
+                      for fmt in candidates] for layer in layers])
+
+
+def _int_kind(fmt: Format) -> bool:
+    return fmt.kind in ("int8", "int4")
+
+
+def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
+    """Quantize ``ir`` in place; returns a JSON summary (formats, bytes before/after)."""
+    layers = find_layers(ir, embeddings=options.embeddings)
+    formats, mixed_info = choose_formats(ir, layers, ctx, options)
+    # fp16/bf16 have no gather op: their embeddings stay fp32.
+    layers = [la for la in layers
+              if formats[la.name].kind != "fp32"
+              and not (la.is_embedding and not _int_kind(formats[la.name]))]
+    data_aware = options.method != "rtn"
+    stats = {}
+    if data_aware and layers:
+        stats = calib.collect(ir, layers, calib.calibration_batches(ctx),
+                              hessian=options.method == "gptq",
+                              sample_rows=512 if options.method == "awq" else 0)
+    bytes_before = ir.weight_bytes()
+    per_layer = {}
+    for layer in layers:
+        fmt = formats[layer.name]
+        matrix = layer.matrix(ir)
+        act_scale = None
+        method = "rtn"
+        st = stats.get(layer.name)
+        if st is not None and _int_kind(fmt) and st.rows:
+            if options.method == "gptq":
+                codes, grid = gptq(matrix, st.hessian, fmt)
+                if fmt.kind == "int4":
+                    tensors = pack(matrix, fmt, params=grid, codes=codes)
+                else:
+                    tensors = {"weight": codes, "scale": grid}
+                method = "gptq"
+            else:
+                s, _ = awq_scale(matrix, st.mean_abs, st.sample_rows(), fmt)
+                matrix = matrix * s
+                act_scale = 1.0 / s
+                tensors = pack(matrix, fmt)
+                method = "awq"
+        else:
+            tensors = pack(matrix, fmt)
+        rewrite(ir, layer, fmt.kind, tensors, fmt.group_size, act_scale)
+        per_layer[layer.name] = {"format": str(fmt), "method": method,
+                                 "shape": list(matrix.shape)}
+    ir.remove_unused_weights()
+    return {"layers": len(per_layer), "bytes_before": bytes_before,
+            "bytes_after": ir.weight_bytes(), "per_layer": per_layer, **mixed_info}

@@ -1,0 +1,33 @@
+"""Round-to-nearest: the packed tensors of a weight matrix in a format, no data needed.
+
+Also the common last step of the data-aware methods: GPTQ hands over its own codes and grid,
+AWQ a rescaled matrix; both end up as the same ``{"weight", "scale", "zero"}`` tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .formats import Format, Int4Params, int4_codes, int4_params, pack_int4, quantize_int8
+
+
+def pack(weight: Tensor, fmt: Format, params: Int4Params | None = None,
+         codes: Tensor | None = None) -> dict[str, Tensor]:
+    """Tensors the IR (and the artifact) stores for ``weight [N, K]`` in ``fmt``.
+
+    ``params``/``codes`` let a caller that already chose the int4 grid and codes (GPTQ) pass
+    them through; otherwise they are round-to-nearest.
+    """
+    if fmt.kind == "fp16":
+        return {"weight": weight.to(torch.float16)}
+    if fmt.kind == "bf16":
+        return {"weight": weight.to(torch.bfloat16)}
+    if fmt.kind == "int8":
+        codes8, scale = quantize_int8(weight)
+        return {"weight": codes8, "scale": scale}
+    if fmt.kind == "int4":
+        params = params or int4_params(weight, fmt.group_size, fmt.symmetric)
+        codes = codes if codes is not None else int4_codes(weight, params)
+        return {"weight": pack_int4(codes), "scale": params.scale, "zero": params.zero}
+    raise ValueError(f"cannot pack format {fmt}")
