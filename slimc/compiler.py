@@ -146,8 +146,10 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
                  **{n: x.numpy() for n, x in zip(ir.input_names, example_inputs, strict=True)})
         if options.save_ir:
             ir.save(stage_dir / "ir.pt2")
+        tokenizer_dir = _copy_tokenizer(ir, stage_dir)
         manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
                              verification, library, threads, timings, model)
+        manifest["tokenizer"] = tokenizer_dir
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
         (stage_dir / artifact.REPORT).write_text(render_report(manifest))
     return CompileResult(output.resolve(), manifest, warnings)
@@ -222,6 +224,27 @@ def _tvm_version() -> str:
     import tvm
 
     return tvm.__version__
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+                    "added_tokens.json")
+
+
+def _copy_tokenizer(ir: IR, stage_dir: Path) -> str | None:
+    """Ship the model's tokenizer with the artifact so `slimc run --text` works anywhere."""
+    import shutil
+
+    source = ir.annotations.get("source", {}).get("tokenizer")
+    if not source:
+        return None
+    files = [Path(source) / f for f in _TOKENIZER_FILES if (Path(source) / f).is_file()]
+    if not files:
+        return None
+    (stage_dir / "tokenizer").mkdir()
+    for f in files:
+        shutil.copy2(f, stage_dir / "tokenizer" / f.name)
+    return "tokenizer"
 
 
 def _safe_name(name: str) -> str:

