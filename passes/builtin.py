@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from slimc.hookspec import hookimpl
 from slimc.passes.analysis.cost import CostAnalysis
 from slimc.passes.analysis.criteria.activation import ActivationSensitivity
 from slimc.passes.analysis.criteria.hessian import HessianSensitivity
@@ -14,6 +13,8 @@ from slimc.passes.analysis.sensitivity import SensitivityAnalysis
 from slimc.passes.cleanup.eliminate_dead_code import EliminateDeadCode
 from slimc.passes.prune import Prune, PruneGroupsAnalysis
 from slimc.passes.quantize.quantize import Quantize
+
+from slimc.hookspec import hookimpl
 
 
 @hookimpl

@@ -60,6 +60,8 @@ class AnalyzeResult:
     output: Path
     analysis: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    #: The captured IR the numbers refer to (for further analysis in Python).
+    ir: Any = None
 
 
 def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
@@ -119,7 +121,7 @@ def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
     _write_atomic(out / "report.md", render_markdown(analysis))
     _plot_sensitivity_vs_cost(analysis, out / PLOTS[0])
     _plot_latency_by_op(analysis, out / PLOTS[1])
-    return AnalyzeResult(out, analysis, list(calib.warnings))
+    return AnalyzeResult(out, analysis, list(calib.warnings), ir)
 
 
 def _trim_sequence(inputs: dict[str, torch.Tensor], seq_len: int | None):

@@ -54,7 +54,8 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
     args, kwargs = ((), dict(loaded.example_inputs)) if loaded.as_kwargs else (tuple(values), {})
     with _quiet_torch():
         try:
-            program = torch.export.export(loaded.module, args, kwargs, strict=False)
+            with torch.no_grad():  # grad-mode switches inside forward would become HOPs
+                program = torch.export.export(loaded.module, args, kwargs, strict=False)
         except Exception as exc:  # noqa: BLE001 - translated below
             raise _explain_export_failure(loaded, exc) from None
     ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))

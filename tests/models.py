@@ -24,9 +24,35 @@ HF_ARCHS = {
 }
 
 
+#: Architectures whose configs do not take the common text fields; full kwargs given. These
+#: caught real lowering bugs: Falcon's fused-QKV split indexes x[:, :, idx] (TVM indexed the
+#: wrong axis, a silently wrong library); T5/Whisper are encoder-decoders whose stacks keep
+#: their own config (and KV cache) copies; Whisper takes float audio features.
+FULL_CONFIG_ARCHS = {
+    "falcon": (T.FalconConfig, T.FalconForCausalLM,
+               dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)),
+    "t5": (T.T5Config, T.T5ForConditionalGeneration,
+           dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, vocab_size=128, d_kv=8)),
+    "whisper": (T.WhisperConfig, T.WhisperModel,
+                dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                     vocab_size=128, num_mel_bins=16, max_source_positions=16,
+                     max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     decoder_start_token_id=1)),
+    "vit": (T.ViTConfig, T.ViTForImageClassification,
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, image_size=32, patch_size=8, num_labels=5)),
+    "resnet": (T.ResNetConfig, T.ResNetForImageClassification,
+               dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)),
+}
+
+
 def build_hf(arch: str, seed: int = 0) -> torch.nn.Module:
-    config_cls, model_cls, extra = HF_ARCHS[arch]
-    kwargs = dict(extra) if arch == "gpt2" else {**TEXT, **extra}
+    if arch in FULL_CONFIG_ARCHS:
+        config_cls, model_cls, kwargs = FULL_CONFIG_ARCHS[arch]
+    else:
+        config_cls, model_cls, extra = HF_ARCHS[arch]
+        kwargs = dict(extra) if arch == "gpt2" else {**TEXT, **extra}
     torch.manual_seed(seed)
     config = config_cls(**kwargs)
     config.architectures = [model_cls.__name__]

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import slimc
-from tests.models import HF_ARCHS
+from tests.models import FULL_CONFIG_ARCHS, HF_ARCHS
 
 
 def _eager_outputs(model_dir: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -22,7 +22,7 @@ def _eager_outputs(model_dir: str, feed: dict[str, np.ndarray]) -> list[np.ndarr
     return [v.numpy() for v in out.values() if isinstance(v, torch.Tensor)]
 
 
-@pytest.mark.parametrize("arch", sorted(HF_ARCHS))
+@pytest.mark.parametrize("arch", sorted(HF_ARCHS) + sorted(FULL_CONFIG_ARCHS))
 def test_hf_model_compiles_for_host_and_matches_pytorch(arch, hf_dir, tmp_path, cli):
     model_dir = hf_dir(arch)
     out = tmp_path / "artifact"

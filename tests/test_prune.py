@@ -7,12 +7,15 @@ since TVM builds take seconds each) the artifact builds and verifies against the
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers as T
 
 import slimc
 from slimc.capture import capture, load_model
+from slimc.errors import UsageError
 from slimc.passmanager import PassContext, PassManager
 from slimc.pipeline import parse_pipeline_text, validate
 from slimc.plugins import get_registry
@@ -103,15 +106,25 @@ def prune(model: str, pipeline: str):
 
 
 def expected_removed(result: dict, kinds: set[str]) -> int:
-    """Scalars owned by the units the pass says it removed from groups of ``kinds``."""
+    """Scalars the removal must drop, from the analysis and the per-group kept counts: a weight
+    loses ``removed units x unit width`` indices along each axis a pruned group owns."""
     annotation = result["ir"].annotations["prune"]
     by_index = {g["index"]: g for g in annotation["groups"]}
-    total = 0
+    cut: dict[str, dict[int, int]] = {}
     for g in result["analysis"].groups:
         if g.kind not in kinds:
             continue
         plan = by_index[g.index]
-        total += (plan["units"] - plan["kept"]) * g.params_per_unit(result["weight_shapes"])
+        for (weight, axis), idx in g.units[0].slices.items():
+            axes = cut.setdefault(weight, {})
+            axes[axis] = axes.get(axis, 0) + (plan["units"] - plan["kept"]) * len(idx)
+    total = 0
+    for weight, axes in cut.items():
+        shape = list(result["weight_shapes"][weight])
+        before = math.prod(shape)
+        for axis, n in axes.items():
+            shape[axis] -= n
+        total += before - math.prod(shape)
     return total
 
 
@@ -142,7 +155,7 @@ ARCHS = {
     "bert": {"mlp-channel", "attention-head"},
     "gpt_neox": {"mlp-channel", "attention-head", "residual"},
     "phi": {"mlp-channel", "attention-head", "residual"},
-    "vit": {"mlp-channel", "attention-head", "residual"},
+    "vit": {"mlp-channel", "attention-head"},
     "resnet": {"conv-filter"},
     "mobilenet_v2": {"conv-filter"},
 }
@@ -160,3 +173,75 @@ def test_prune_half_of_prunable_units(model):
     for g in annotation["groups"]:  # about half of every group is gone
         assert g["kept"] <= g["units"] - g["units"] // 2 + 8
     assert result["record"].fidelity["relative_l2_vs_previous"] < float("inf")
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2", "bert", "mobilenet_v2"])
+def test_pruned_artifact_builds_and_verifies(model, tmp_path):
+    out = tmp_path / model
+    result = slimc.compile_model(f"tests.test_prune:{model}", slimc.CompileOptions(
+        pipeline="prune{ratio=0.5}", output=out, threads=2))
+    manifest = result.manifest
+    assert manifest["verification"]["passed"] is True
+    assert manifest["params_after"] < 0.8 * manifest["params_before"]
+    assert (out / "model.so").exists()
+
+
+def test_gqa_prunes_whole_kv_groups():
+    result = prune("llama", "prune{ratio=0.5,granularity=head}")
+    kv = [g for g in result["analysis"].groups if g.kind == "kv-group"]
+    assert len(kv) == 2 and all(len(g.units) == 2 for g in kv)
+    weights = {n.name: result["ir"].get_weight(n) for n in result["ir"].nodes("placeholder")
+               if result["ir"].placeholder_spec(n).kind.name != "USER_INPUT"}
+    q = weights["p_model_layers_0_self_attn_q_proj_weight"]
+    k = weights["p_model_layers_0_self_attn_k_proj_weight"]
+    assert q.shape[0] == 16 and k.shape[0] == 8  # 2 of 4 query heads with 1 of 2 KV heads
+    assert result["shapes_after"] == result["shapes_before"]
+
+
+def test_residual_width_pruning_runs():
+    result = prune("llama", "prune{ratio=0.5,granularity=width,round_to=8}")
+    emb = result["ir"].get_weight(next(n for n in result["ir"].nodes("placeholder")
+                                       if n.name == "p_model_embed_tokens_weight"))
+    assert emb.shape == (128, 16)
+    assert result["shapes_after"] == result["shapes_before"]
+
+
+def test_block_pruning_removes_a_layer():
+    result = prune("llama", "prune{ratio=0.5,granularity=block}")
+    removed = result["ir"].annotations["prune"]["removed_blocks"]
+    assert len(removed) == 1
+    names = {n.name for n in result["ir"].nodes("placeholder")}
+    layer = removed[0].replace(".", "_")
+    assert not any(layer + "_" in name for name in names)
+    assert result["shapes_after"] == result["shapes_before"]
+
+
+@pytest.mark.parametrize("method", ["bias", "lsq"])
+def test_reconstruction_reduces_error(method):
+    plain = prune("llama", "prune{ratio=0.5,granularity=channel}")
+    refit = prune("llama", f"prune{{ratio=0.5,granularity=channel,reconstruct={method}}}")
+    err = refit["record"].fidelity["relative_l2_vs_previous"]
+    assert err < plain["record"].fidelity["relative_l2_vs_previous"]
+    assert refit["ir"].num_params() <= plain["ir"].num_params() + 2 * 32  # + added biases
+
+
+def test_groups_are_json_annotations():
+    import json
+
+    result = prune("gpt2", "prune{ratio=0.25,granularity=channel}")
+    data = result["ir"].annotations["prune-groups"]
+    json.dumps(data)
+    kinds = {g["kind"] for g in data["groups"]}
+    assert {"mlp-channel", "attention-head"} <= kinds
+    head = next(g for g in data["groups"] if g["kind"] == "attention-head")
+    assert head["units"] == 4 and head["unit_width"] == 24  # q, k and v columns of c_attn
+
+
+def test_round_to_and_option_validation():
+    result = prune("llama", "prune{ratio=0.3,granularity=channel,round_to=16}")
+    for g in result["ir"].annotations["prune"]["groups"]:
+        assert g["kept"] % 16 == 0
+    with pytest.raises(UsageError):
+        validate(parse_pipeline_text("prune{ratio=1.5}"), REGISTRY.passes)
+    with pytest.raises(UsageError):
+        validate(parse_pipeline_text("prune{granularity=filters}"), REGISTRY.passes)

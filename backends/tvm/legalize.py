@@ -54,7 +54,51 @@ def cumsum_of_bool_as_int64(ir: IR, node: Node) -> bool:
     return True
 
 
-RULES: list[Callable[[IR, Node], bool]] = [view_to_reshape, cumsum_of_bool_as_int64]
+def index_with_leading_none_to_index_select(ir: IR, node: Node) -> bool:
+    """``x[:, :, idx]`` (``aten.index`` with ``None`` before one index tensor) ->
+    ``index_select`` (+ ``reshape`` for a multi-dimensional ``idx``).
+
+    TVM's ``index.Tensor`` converter ignores the ``None`` placeholders and indexes the wrong
+    axis, producing a library that runs but computes garbage (Falcon's fused QKV split). The
+    verification caught it; this rewrite makes it correct.
+    """
+    if node.target is not aten.index.Tensor:
+        return False
+    src, indices = node.args[0], list(node.args[1])
+    present = [i for i, ix in enumerate(indices) if ix is not None]
+    if len(present) != 1 or present[0] == 0:
+        return False
+    dim = present[0]
+    index = indices[dim]
+    index_val = index.meta.get("val") if isinstance(index, Node) else None
+    if index_val is None or index_val.dtype not in (torch.int64, torch.int32):
+        return False
+    src_val = src.meta["val"]
+    out_val = node.meta["val"]
+    with ir.graph.inserting_before(node):
+        flat = index
+        if index_val.dim() != 1:
+            flat = ir.graph.call_function(aten.reshape.default, (index, [-1]))
+            flat.meta["val"] = index_val.reshape(-1)
+        # aten.index accepts negative positions, index_select does not: wrap them.
+        wrapped = ir.graph.call_function(aten.remainder.Scalar, (flat, int(src_val.shape[dim])))
+        wrapped.meta["val"] = flat.meta["val"]
+        flat = wrapped
+        picked = ir.graph.call_function(aten.index_select.default, (src, dim, flat))
+        picked.meta["val"] = src_val.index_select(dim, flat.meta["val"])
+        result = picked
+        if index_val.dim() != 1:
+            result = ir.graph.call_function(aten.reshape.default,
+                                            (picked, list(out_val.shape)))
+            result.meta["val"] = out_val
+    node.replace_all_uses_with(result)
+    ir.graph.erase_node(node)
+    return True
+
+
+RULES: list[Callable[[IR, Node], bool]] = [
+    view_to_reshape, cumsum_of_bool_as_int64, index_with_leading_none_to_index_select,
+]
 
 
 def legalize(ir: IR) -> dict[str, int]:
@@ -64,6 +108,8 @@ def legalize(ir: IR) -> dict[str, int]:
         for rule in RULES:
             if rule(ir, node):
                 fired[rule.__name__] += 1
+                if getattr(node, "_erased", False):  # replaced: later rules see the new node
+                    break
     ir.changed()
     return fired
 

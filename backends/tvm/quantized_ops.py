@@ -375,3 +375,33 @@ def converters() -> dict[str, Any]:
     table = {f"linear_{kind}": _convert_linear(kind) for kind in ("int8", "int4", "fp16", "bf16")}
     table.update({f"embedding_{kind}": _convert_embedding(kind) for kind in ("int8", "int4")})
     return {OPS[name].__name__: fn for name, fn in table.items()}
+
+
+def constant_bytes(mod, target=None) -> dict[str, int]:
+    """Bytes of tensor constants per dtype after legalization and ``FoldConstant``.
+
+    This is what ends up in the artifact's constant pool: if a dequantize were ever folded
+    into an fp32 weight, it would show up here as float32 bytes.
+    """
+    import tvm
+    from tvm import relax
+
+    target = tvm.target.Target(target or {"kind": "llvm"})
+    with target:
+        mod = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR()])(mod)
+    sizes: dict[str, int] = {}
+
+    def visit(expr) -> None:
+        value = getattr(expr, "value", None) if type(expr).__name__ in (
+            "Constant", "GenericConst") else getattr(expr, "data", None)
+        if value is not None and hasattr(value, "numpy"):
+            array = value.numpy()
+            sizes[str(array.dtype)] = sizes.get(str(array.dtype), 0) + array.nbytes
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return sizes

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.fx import Node
-
-from slimc.ir import IR
 from slimc.passes.analysis.hardware import Hardware, get_hardware, hardware_for_target
 from slimc.passes.analysis.layers import op_name, weight_layers
 from slimc.passes.analysis.op_costs import FREE_OPS, MATRIX_OPS, op_flops, tensors
+from torch.fx import Node
+
+from slimc.ir import IR
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
 _SUMMED = ("params", "weight_bytes", "macs", "flops", "activation_bytes", "bytes_moved",

@@ -9,9 +9,10 @@ manager for it, so results are cached per criterion and options.
 
 from __future__ import annotations
 
+from slimc.passes.analysis.criteria.base import SensitivityOptions, SensitivityResult
+
 from slimc.errors import UsageError
 from slimc.ir import IR
-from slimc.passes.analysis.criteria.base import SensitivityOptions, SensitivityResult
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
 CRITERION_PREFIX = "sensitivity-"

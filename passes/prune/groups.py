@@ -20,10 +20,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
+from slimc.passes.prune.labels import Propagation, op_name, propagate
 from torch.fx import Node
 
 from slimc.ir import IR
-from slimc.passes.prune.labels import Propagation, op_name, propagate
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
 Kind = Literal["mlp-channel", "attention-head", "kv-group", "residual", "conv-filter", "block"]

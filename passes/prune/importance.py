@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from slimc.passes.prune.groups import Group, PruneGroups, Unit
+from slimc.passes.prune.labels import CONV_OPS, op_name
 from torch.export.graph_signature import InputKind
 from torch.fx import Interpreter, Node
 
 from slimc.ir import IR
-from slimc.passes.prune.groups import Group, PruneGroups, Unit
-from slimc.passes.prune.labels import CONV_OPS, op_name
 
 
 @dataclass
@@ -96,8 +96,8 @@ class _Recorder(Interpreter):
             flat = x.detach().float().movedim(dim, -1).reshape(-1, x.shape[dim])
             st = self.stats.get(n.name)
             if st is None:
-                st = self.stats[n.name] = InputStats(torch.zeros(flat.shape[1], dtype=torch.float64),
-                                                     torch.zeros(flat.shape[1], dtype=torch.float64))
+                zeros = torch.zeros(flat.shape[1], dtype=torch.float64)
+                st = self.stats[n.name] = InputStats(zeros, zeros.clone())
             st.sq += (flat.double() ** 2).sum(0)
             st.total += flat.double().sum(0)
             st.count += flat.shape[0]

@@ -55,6 +55,10 @@ SOFTMAX_OPS = {"aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_s
 POOL_OPS = {"aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool1d", "aten.avg_pool2d",
             "aten.max_pool2d", "aten.avg_pool1d", "aten.max_pool1d", "aten._adaptive_avg_pool2d",
             "aten.max_pool2d_with_indices"}
+#: Ops that only change non-channel (spatial/sequence) extents: padding, resizing.
+SPATIAL_OPS = {"aten.constant_pad_nd", "aten.pad", "aten.reflection_pad2d",
+               "aten.replication_pad2d", "aten.upsample_nearest2d", "aten.upsample_bilinear2d",
+               "aten.reflection_pad1d", "aten.replication_pad1d"}
 CONV_OPS = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution"}
 IGNORED_OPS = {"aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_size",
                "aten.sym_constrain_range_for_size"}
@@ -255,6 +259,8 @@ class LabelPropagator:
             self._softmax(node)
         elif op in POOL_OPS:
             self._pool(node)
+        elif op in SPATIAL_OPS:
+            self._spatial(node)
         else:
             self._unknown(node)
 
@@ -350,6 +356,19 @@ class LabelPropagator:
         spatial = x.dim() - 2
         lab = x[(slice(None), slice(None)) + (slice(0, 1),) * spatial]
         self.result.labels[node.name] = lab.expand(shape)
+
+    def _spatial(self, node: Node) -> None:
+        """Padding/resizing: fine when labels are constant along every dim whose size changes."""
+        x = self.filled(node.args[0])
+        shape = _shape(node)
+        if shape is None or len(shape) != x.dim():
+            return self._unknown(node)
+        index = []
+        for d, (a, b) in enumerate(zip(x.shape, shape, strict=True)):
+            if a != b and self._varies(x, d):
+                return self._unknown(node)
+            index.append(slice(0, 1) if a != b else slice(None))
+        self.result.labels[node.name] = x[tuple(index)].expand(shape)
 
     # -- layers -------------------------------------------------------------------------------
 

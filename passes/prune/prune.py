@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-
-from slimc.ir import IR
 from slimc.passes.prune import importance, reconstruct, shapes
 from slimc.passes.prune.groups import Group, PruneGroups
+
+from slimc.ir import IR
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 KINDS = {
@@ -99,8 +99,9 @@ class Prune(TransformPass):
             "granularity": options.granularity, "criterion": options.criterion,
             "round_to": round_to, "reconstruct": options.reconstruct,
             "removed_units": len(removed_roots), **stats,
-            "groups": [{"index": g.index, "module_path": g.module_path, "kind": g.kind, "units": len(g.units),
-                        "kept": len(g.units) - len(plan[g.index])} for g in groups]}
+            "groups": [{"index": g.index, "module_path": g.module_path, "kind": g.kind,
+                        "units": len(g.units), "kept": len(g.units) - len(plan[g.index])}
+                       for g in groups]}
         return PreservedAnalyses.none()
 
 
@@ -186,7 +187,23 @@ def remove_blocks(ir: IR, result: PruneGroups, ratio: float,
         for add_name, skip in blocks[i].adds:
             add = nodes[add_name]
             add.replace_all_uses_with(add.args[skip])
-    ir.graph.eliminate_dead_code()
+    _drop_dead(ir)
     ir.remove_unused_weights()
     ir.changed()
     return [blocks[i].module_path for i in chosen]
+
+
+def _drop_dead(ir: IR) -> None:
+    """Dead-code elimination that also drops metadata asserts on dead values (torch's DCE
+    keeps them as side effects, which would keep a removed block's weights alive)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(ir.nodes("call_function"))):
+            if node.users:
+                continue
+            text = str(node.target)  # asserts and SDPA (dropout_p=0) count as impure in torch
+            if "_assert_tensor_metadata" in text or "scaled_dot_product" in text \
+                    or not node.is_impure():
+                ir.graph.erase_node(node)
+                changed = True

@@ -18,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.fx import Node
-
-from slimc.ir import IR
 from slimc.passes.prune import importance
 from slimc.passes.prune.groups import PruneGroups
 from slimc.passes.prune.labels import op_name
+from torch.fx import Node
+
+from slimc.ir import IR
 
 DAMPING = 1e-2
 

@@ -13,13 +13,13 @@ are checked against it, so a wrong rewrite fails here and not in TVM.
 from __future__ import annotations
 
 import torch
+from slimc.passes.prune.labels import Propagation, op_name
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from slimc.ir import IR
-from slimc.passes.prune.labels import Propagation, op_name
 
 aten = torch.ops.aten
 

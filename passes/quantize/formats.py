@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
 from slimc.backends.tvm.quantized_ops import dequantize_int4, dequantize_int8, unpack_int4
+from torch import Tensor
 
 __all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_quantize",
            "int4_params", "int4_codes", "pack_int4", "parse_format", "quantize_int8",

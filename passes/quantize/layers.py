@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from slimc.backends.tvm.quantized_ops import OPS
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
-from slimc.backends.tvm.quantized_ops import OPS
 from slimc.ir import IR
 
 aten = torch.ops.aten
@@ -49,7 +49,7 @@ class Layer:
     def matrix(self, ir: IR) -> torch.Tensor:
         """The weight as ``[N, K]`` float32 (outputs x inputs; rows x width for embeddings)."""
         w = ir.get_weight(self.weight_node).detach().float()
-        return w.t().contiguous() if self.transposed else w
+        return w.t().contiguous() if self.transposed else w.clone()  # never alias the IR
 
 
 def _role(node: Node, weight: Node) -> str | None:
@@ -130,4 +130,8 @@ def _replace(ir: IR, node: Node, op, args: tuple) -> None:
         new = ir.graph.call_function(op, args)
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
+    # The export signature names graph outputs; keep it pointing at the replacement.
+    for spec in ir.program.graph_signature.output_specs:
+        if getattr(spec.arg, "name", None) == node.name:
+            spec.arg.name = new.name
     ir.graph.erase_node(node)

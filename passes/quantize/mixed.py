@@ -81,11 +81,13 @@ def solve(costs: np.ndarray, damage: np.ndarray, budget: float,
     n_layers, _ = costs.shape
     unit = budget / resolution
     units = np.ceil(costs / unit - 1e-9).astype(np.int64)
-    if int(units.min(axis=1).sum()) > resolution:
+    if costs.min(axis=1).sum() > budget * (1 + 1e-9):
         raise UsageError(
             f"The budget of {budget:,.0f} bytes is below the smallest possible size "
             f"({costs.min(axis=1).sum():,.0f} bytes) of the quantizable layers.",
             hint="Raise budget= (average bits per weight) or add smaller formats.")
+    # Rounding up can make an exactly-fitting assignment look over budget by < 1 unit/layer.
+    resolution = max(resolution, int(units.min(axis=1).sum()))
     inf = float("inf")
     best = np.zeros(resolution + 1)
     choice = np.zeros((n_layers, resolution + 1), dtype=np.int16)

@@ -146,5 +146,6 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         per_layer[layer.name] = {"format": str(fmt), "method": method,
                                  "shape": list(matrix.shape)}
     ir.remove_unused_weights()
+    ir.changed()
     return {"layers": len(per_layer), "bytes_before": bytes_before,
             "bytes_after": ir.weight_bytes(), "per_layer": per_layer, **mixed_info}

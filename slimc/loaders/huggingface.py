@@ -52,8 +52,10 @@ class HuggingFaceLoader:
                 "pointer) and match config.json.",
             ) from None
         module.eval()
-        if hasattr(module.config, "use_cache"):
-            module.config.use_cache = False  # a KV cache is not a tensor output to compile
+        for sub in module.modules():  # encoder-decoder stacks carry their own config copies
+            config_of_sub = getattr(sub, "config", None)
+            if hasattr(config_of_sub, "use_cache"):
+                config_of_sub.use_cache = False  # a KV cache is not a tensor output to compile
         accepted = [p for p in inspect.signature(module.forward).parameters
                     if p not in ("self", "kwargs", "args")]
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -62,8 +64,8 @@ class HuggingFaceLoader:
         if not inputs and not overrides:
             raise UsageError(
                 f"slimc cannot guess example inputs for {cls.__name__}.",
-                hint=f"Give them with --input, e.g. --input {accepted[0]}=1x128:int64 "
-                f"(its forward takes: {', '.join(accepted[:8])}).",
+                hint="Give them with --input NAME=SHAPE:DTYPE, e.g. --input "
+                f"{accepted[0]}=1x128:float32 (its forward takes: {', '.join(accepted[:8])}).",
             )
         inputs = apply_overrides(inputs, overrides, accepted=accepted, high=vocab)
         has_tokenizer = any((path / f).exists() for f in
@@ -129,9 +131,14 @@ def _default_inputs(config, text_config, accepted: list[str], vocab: int):
         inputs["input_ids"] = random_tensor("input_ids", (1, seq), torch.int64, high=vocab)
         if "attention_mask" in accepted:
             inputs["attention_mask"] = torch.ones(1, seq, dtype=torch.int64)
-        if "decoder_input_ids" in accepted:
-            inputs["decoder_input_ids"] = random_tensor("decoder_input_ids", (1, seq),
-                                                        torch.int64, high=vocab)
+    if "input_features" in accepted and getattr(config, "num_mel_bins", None):
+        frames = 2 * _dim(getattr(config, "max_source_positions", None), 1500)
+        inputs["input_features"] = random_tensor(
+            "input_features", (1, int(config.num_mel_bins), frames), torch.float32)
+    if "decoder_input_ids" in accepted and inputs:
+        dec_max = _dim(getattr(config, "max_target_positions", None), seq)
+        inputs["decoder_input_ids"] = random_tensor("decoder_input_ids", (1, min(seq, dec_max)),
+                                                    torch.int64, high=vocab)
     if "pixel_values" in accepted:
         vision = getattr(config, "vision_config", None) or config
         size = _dim(getattr(vision, "image_size", None), 224)

@@ -117,3 +117,12 @@ def realize_bindings(sch: s_tir.Schedule, loops) -> list | None:
 
     body = sch.get(loops[-1]).body
     return list(body.iter_values) if isinstance(body, SBlockRealize) else None
+
+
+def vars_in(exprs) -> set:
+    """The free variables of an expression (or a list of them)."""
+    from tvm.tirx.analysis import undefined_vars
+
+    if not isinstance(exprs, list):
+        exprs = [exprs]
+    return {v for e in exprs for v in undefined_vars(e)}

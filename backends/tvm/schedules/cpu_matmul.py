@@ -5,16 +5,19 @@ All of these are one reduction block ``C[..] += X[..] * Y[..]`` plus an elementw
 
 * the **vector axis**: the innermost output axis, which must also be the innermost (contiguous)
   axis of one input -- ``j`` of ``W[k, j]`` (weights are pre-transposed at compile time by
-  ``FoldConstant``), ``x`` of an NCHW image;
-* the **reuse axis**: an output axis the vector-loaded input does not depend on (``i`` of a
-  matmul, the output channel of a conv), so one vector load feeds ``MR`` accumulators;
+  ``FoldConstant``), the output channel ``f`` of an NHWC conv's ``HWIO`` weights (the pipeline
+  converts convs to NHWC), or ``x`` of an NCHW image;
+* the **reuse axis**: the innermost output axis the vector-loaded input does not depend on
+  (``i`` of a matmul, the output column of an NHWC conv), so one vector load feeds ``MR``
+  accumulators;
 
 and builds the classic micro-kernel: an ``MR x NR`` accumulator tile in a local buffer (kept in
 registers by LLVM once the tile loops are unrolled/vectorized), reductions in between, the
 epilogue computed straight from the accumulators, and all outer tiles fused into one parallel
-loop. A matmul walks ``j`` tiles outermost so each core keeps its ``K x NR`` weight panel in L2.
-Tile sizes come from the target's vector width and SIMD register count; sizes that do not divide
-the axis get a scalar-predicated tail, never a wrong result.
+loop. Vector tiles are walked outside reuse tiles, so each core keeps its ``K x NR`` weight
+panel in L2 while it sweeps the rows. Tile sizes come from the target's vector width and SIMD
+register count; a size that does not divide its axis gets a predicated tail, never a wrong
+result. Depthwise convs have no reuse axis and get a wide single-row tile instead.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .common import (
     log,
     realize_bindings,
     simd_registers,
+    vars_in,
     vector_lanes,
 )
 from .fallback import schedule_block
@@ -92,14 +96,6 @@ def _is_multiply_accumulate(block: s_tir.SBlock) -> bool:
     return isinstance(prod, tirx.Mul)
 
 
-def _vars_in(exprs) -> set:
-    from tvm.tirx.analysis import undefined_vars
-
-    if not isinstance(exprs, list):
-        exprs = [exprs]
-    return {v for e in exprs for v in undefined_vars(e)}
-
-
 def _classify(sch: s_tir.Schedule, main) -> _Axes | None:
     stmt = sch.get(main)
     loops = sch.get_loops(main)
@@ -123,15 +119,19 @@ def _classify(sch: s_tir.Schedule, main) -> _Axes | None:
     contiguous = None
     for i, region in enumerate(stmt.reads):
         idx = [r.min for r in region.region]
-        if vec_var in _vars_in(idx[-1]) and not any(vec_var in _vars_in(e) for e in idx[:-1]):
+        if vec_var in vars_in(idx[-1]) and not any(vec_var in vars_in(e) for e in idx[:-1]):
             contiguous = i
     if contiguous is None:
         return None
-    vec_operand = _vars_in([r.min for r in stmt.reads[contiguous].region])
-    other_operand = _vars_in([r.min for r in stmt.reads[1 - contiguous].region])
+    vec_operand = vars_in([r.min for r in stmt.reads[contiguous].region])
+    other_operand = vars_in([r.min for r in stmt.reads[1 - contiguous].region])
+    # Reuse axis: the innermost output axis the vector-loaded operand does not depend on (the
+    # rows of a matmul, the output pixels of an NHWC conv, the output channels of an NCHW one).
+    reuse_var = next((v for v, _ in reversed(spatial[:-1])
+                      if v not in vec_operand and v in other_operand), None)
     reuse, shared, extra = None, [], []
     for var, loop in spatial[:-1]:
-        if var not in vec_operand and var in other_operand and reuse is None:
+        if reuse_var is not None and var.same_as(reuse_var):
             reuse = loop
         elif var in vec_operand and var in other_operand:
             shared.append(loop)
@@ -181,10 +181,9 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         tile_inner = [ri, vi]
     else:
         ro, tile_inner = None, [vi]
-    if axes.extra:  # conv: output-channel tile outermost, then rows, then columns
-        outer = axes.shared + ([ro] if ro is not None else []) + axes.extra + [vo]
-    else:  # matmul: weight panel (j) outer, rows inner
-        outer = axes.shared + [vo] + ([ro] if ro is not None else [])
+    # Weight panel (vector tile) outside the reuse tiles: each core keeps its K x NR panel of the
+    # constant operand in L2 while it walks the rows (matmul) or pixels (NHWC conv).
+    outer = axes.shared + axes.extra + [vo] + ([ro] if ro is not None else [])
     sch.reorder(*outer, *axes.reduce, *tile_inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     # Loop kinds are set while the block still has its init (a "reduction block" for TVM).

@@ -18,6 +18,7 @@ from .common import (
     intermediate_buffers,
     log,
     realize_bindings,
+    vars_in,
     vector_lanes,
 )
 
@@ -53,32 +54,54 @@ def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
     reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
     if not spatial:
         return
-    if reduce and kinds != sorted(kinds, key=lambda k: k != "S"):
-        sch.reorder(*spatial, *reduce)
     dtype_bits = stmt.writes[0].source.dtype.bits if stmt.writes else 32
     lanes = vector_lanes(target, dtype_bits)
-    inner_work = 1
+    last = spatial[-1]
+    n = extent(sch, last)
+    vec = next((v for v in (lanes, lanes // 2, 4) if n and v >= 4 and n % v == 0), 0)
+    # A reduction is vectorized across its innermost output axis (pooling / mean over H, W of
+    # an NHWC tensor) only when that axis is contiguous everywhere; else it stays serial.
+    if reduce and not _contiguous_innermost(stmt, sch.get(last).loop_var, loops, sch):
+        vec = 0
+    order = spatial[:-1] + reduce + [last] if vec and reduce else spatial + reduce
+    if [sch.get(lp).loop_var for lp in order] != [sch.get(lp).loop_var for lp in loops]:
+        sch.reorder(*order)
+    inner_work = vec or 1
     for lp in reduce:
         inner_work *= extent(sch, lp) or 64
-    if not reduce:
-        last = spatial[-1]
-        n = extent(sch, last)
-        vec = next((v for v in (lanes, lanes // 2, 4) if n and v >= 4 and n % v == 0), 0)
-        if vec and n > vec:
+    outer_spatial = spatial
+    if vec:
+        if n > vec:
             outer, inner = sch.split(last, factors=[None, vec])
             sch.vectorize(inner)
-            spatial = spatial[:-1] + [outer]
-            inner_work = vec
-        elif vec:
+            if reduce:  # keep the outer part of the split with the other parallel loops
+                sch.reorder(*spatial[:-1], outer, *reduce)
+            outer_spatial = spatial[:-1] + [outer]
+        else:
             sch.vectorize(last)
-            spatial = spatial[:-1]
-            inner_work = vec
-    if not spatial:
+            outer_spatial = spatial[:-1]
+    if not outer_spatial:
         return
-    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    fused = sch.fuse(*outer_spatial) if len(outer_spatial) > 1 else outer_spatial[0]
     trips = extent(sch, fused)
     if trips is None or (trips > 1 and trips * inner_work >= MIN_PARALLEL_WORK):
         sch.parallel(fused)
+
+
+def _contiguous_innermost(stmt, loop_var, loops, sch) -> bool:
+    """Whether the block iterator bound to ``loop_var`` indexes only the last axis of every
+    buffer it touches (so vector loads/stores along it are contiguous)."""
+    bindings = realize_bindings(sch, loops)
+    ivar = next((iv.var for iv, b in zip(stmt.iter_vars, bindings, strict=True)
+                 if isinstance(b, tirx.Var) and b.same_as(loop_var)), None)
+    if ivar is None:
+        return False
+    for region in [*stmt.writes, *stmt.reads]:
+        idx = [r.min for r in region.region]
+        if any(ivar in vars_in(e) for e in idx[:-1]):
+            return False
+    out = [r.min for r in stmt.writes[0].region]
+    return bool(out) and isinstance(out[-1], tirx.Var) and out[-1].same_as(ivar)
 
 
 def _loop_kinds(sch: s_tir.Schedule, block, loops) -> list[str] | None:

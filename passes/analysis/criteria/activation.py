@@ -9,12 +9,12 @@ different scale compare. ``||X_j||`` is recorded on calibration data by an fx In
 from __future__ import annotations
 
 import torch
-
-from slimc.ir import IR
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
 from slimc.passes.analysis.criteria.candidates import Setting
 from slimc.passes.analysis.criteria.execution import ActivationRecorder, calibration_batches
 from slimc.passes.analysis.layers import Layer
+
+from slimc.ir import IR
 from slimc.passmanager import PassContext
 
 

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from slimc.passes.analysis.criteria.candidates import Setting, settings_from
+from slimc.passes.analysis.layers import Layer, weight_layers
 
 from slimc.errors import UsageError
 from slimc.ir import IR
-from slimc.passes.analysis.criteria.candidates import Setting, settings_from
-from slimc.passes.analysis.layers import Layer, weight_layers
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
 

@@ -6,16 +6,16 @@ along the layer's weights times the size of the change. The trace comes from
 sample serves every layer at once, since the blocks of one ``v`` are independent.
 The loss is the output's divergence from the uncompressed model (KL for logits, half squared
 error otherwise), whose Hessian at the trained weights is the positive semi-definite
-Gauss-Newton matrix, so every sample is >= 0. Attention runs in its plain (math) form because
+Gauss-Newton matrix. A block's share ``v_l . (Hv)_l`` of one probe also holds cross-block
+terms, so a layer's estimate can come out slightly negative when its curvature is below the
+estimator's noise; damage uses the estimate clipped at zero (the raw value stays in
+``extra``). Attention runs in its plain (math) form because
 the fused CPU kernel has no second derivative.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from slimc.ir import IR
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
 from slimc.passes.analysis.criteria.candidates import Setting
 from slimc.passes.analysis.criteria.divergence import output_kind
@@ -26,6 +26,9 @@ from slimc.passes.analysis.criteria.execution import (
     run_with_grad,
 )
 from slimc.passes.analysis.layers import Layer
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from slimc.ir import IR
 from slimc.passmanager import PassContext
 
 
@@ -90,7 +93,7 @@ class HessianSensitivity(SensitivityCriterion):
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:
-        mean_curvature = self._trace[layer.name] / weight.numel()
+        mean_curvature = max(self._trace[layer.name], 0.0) / weight.numel()
         return float(mean_curvature * (compressed.double() - weight.double()).pow(2).sum())
 
     def extra(self, layer: Layer) -> dict[str, float]:

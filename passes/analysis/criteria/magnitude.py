@@ -9,7 +9,6 @@ shows where that matters (e.g. layers fed by outlier activation channels).
 from __future__ import annotations
 
 import torch
-
 from slimc.passes.analysis.criteria.base import SensitivityCriterion
 from slimc.passes.analysis.criteria.candidates import Setting
 from slimc.passes.analysis.layers import Layer

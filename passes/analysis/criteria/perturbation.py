@@ -10,13 +10,13 @@ processes batches of the captured shape and the settings are options.
 from __future__ import annotations
 
 import torch
-
-from slimc.ir import IR
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
 from slimc.passes.analysis.criteria.candidates import Setting
 from slimc.passes.analysis.criteria.divergence import divergence, output_kind
 from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
 from slimc.passes.analysis.layers import Layer
+
+from slimc.ir import IR
 from slimc.passmanager import PassContext
 
 

@@ -11,8 +11,6 @@ no labels.
 from __future__ import annotations
 
 import torch
-
-from slimc.ir import IR
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
 from slimc.passes.analysis.criteria.candidates import Setting
 from slimc.passes.analysis.criteria.divergence import output_kind
@@ -22,6 +20,8 @@ from slimc.passes.analysis.criteria.execution import (
     run_with_grad,
 )
 from slimc.passes.analysis.layers import Layer
+
+from slimc.ir import IR
 from slimc.passmanager import PassContext
 
 

@@ -1,0 +1,73 @@
+"""Calibration data: text through the model's tokenizer, arrays, images, synthetic, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slimc.calibration import load_calibration
+from slimc.errors import UsageError
+
+TEMPLATE = {"input_ids": torch.zeros(1, 12, dtype=torch.int64),
+            "attention_mask": torch.ones(1, 12, dtype=torch.int64)}
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a"]
+
+
+def _tokenizer_dir(tmp_path):
+    from transformers import BertTokenizer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_text_is_tokenized_with_the_models_tokenizer(tmp_path):
+    model_dir = _tokenizer_dir(tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat " * 40)
+    data = load_calibration(text, TEMPLATE, model_dir=model_dir, batch_size=2, max_batches=3)
+    assert not data.synthetic and len(data.batches) == 3 and not data.warnings
+    ids = data.batches[0]["input_ids"]
+    assert ids.shape == (2, 12) and data.batches[0]["attention_mask"].shape == (2, 12)
+    assert ids[0, 0] == 2 and ids[0, -1] == 3  # [CLS] ... [SEP], as the tokenizer adds them
+    assert set(ids[0, 1:-1].tolist()) <= {5, 6, 7, 8, 9}
+
+
+def test_text_without_tokenizer_warns(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world, " * 30)
+    data = load_calibration(text, TEMPLATE, model_dir=tmp_path, vocab_size=50)
+    assert data.warnings and int(data.batches[0]["input_ids"].max()) < 50
+
+
+def test_npy_npz_and_images(tmp_path):
+    images = {"image": torch.zeros(2, 3, 8, 8)}
+    array = np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", array)
+    data = load_calibration(tmp_path / "x.npy", images, max_batches=5)
+    assert len(data.batches) == 3
+    np.testing.assert_array_equal(data.batches[1]["image"].numpy(), array[2:4])
+    np.savez(tmp_path / "x.npz", image=array[:2])
+    assert len(load_calibration(tmp_path / "x.npz", images).batches) == 1
+    np.savez(tmp_path / "bad.npz", pixels=array)
+    with pytest.raises(UsageError, match="not model inputs"):
+        load_calibration(tmp_path / "bad.npz", images)
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (20, 10), (60 * i, 0, 255)).save(folder / f"{i}.png")
+    data = load_calibration(folder, images)
+    assert len(data.batches) == 2 and data.batches[0]["image"].shape == (2, 3, 8, 8)
+    assert data.batches[1]["image"][1, 0].mean() > data.batches[0]["image"][0, 0].mean()
+
+
+def test_synthetic_and_missing(tmp_path):
+    data = load_calibration(None, TEMPLATE, max_batches=2)
+    assert data.synthetic and data.warnings and len(data.batches) == 2
+    assert not torch.equal(data.batches[0]["input_ids"], data.batches[1]["input_ids"])
+    with pytest.raises(UsageError, match="does not exist"):
+        load_calibration(tmp_path / "nope.txt", TEMPLATE)

@@ -1,0 +1,81 @@
+"""The cost analysis: exact counts checked against torch's FLOP counter, roofline properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from slimc.passes.analysis.cost import estimate_costs
+from slimc.passes.analysis.hardware import get_hardware, hardware_for_target, hardware_table
+from slimc.passes.analysis.op_costs import MATRIX_OPS
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimc.capture import capture
+from slimc.errors import UsageError
+from slimc.loaders.base import LoadedModel
+from slimc.targets import resolve_target
+from tests.models import build_hf, small_cnn
+
+torch.set_num_threads(2)
+
+
+def _cnn():
+    net, (image,) = small_cnn()
+    ir, _ = capture(LoadedModel(name="cnn", module=net, example_inputs={"image": image}))
+    return net, image, ir
+
+
+def test_every_device_states_its_sources_and_targets_map_to_devices():
+    table = hardware_table()
+    assert {"host-znver4", "cortex-a72", "cortex-a78", "h100", "jetson-orin"} <= set(table)
+    for hw in table.values():
+        assert hw.sources and hw.peak_gflops["float32"] > 0 and hw.mem_bandwidth_gbs > 0
+    assert hardware_for_target(resolve_target("llvm")).name == "host-znver4"
+    assert hardware_for_target(resolve_target("raspberry-pi-4")).name == "cortex-a72"
+    assert hardware_for_target(resolve_target("arm-v8.2")).name == "cortex-a78"
+    assert get_hardware("orin-gpu").name == "jetson-orin"
+    with pytest.raises(UsageError, match="Unknown hardware"):
+        get_hardware("pdp-11")
+
+
+def test_matrix_flops_equal_torch_flop_counter():
+    net, image, ir = _cnn()
+    cost = estimate_costs(ir, get_hardware("host-znver4"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(image)
+    ours = sum(2 * n.macs for n in cost.nodes.values() if n.op in MATRIX_OPS)
+    assert ours == counter.get_total_flops() > 0
+
+
+def test_linear_counts_params_bytes_and_macs_per_module():
+    model = build_hf("llama")
+    model.config.use_cache = False
+    ids = torch.randint(0, 128, (2, 16))
+    ir, _ = capture(LoadedModel(name="llama", module=model, example_inputs={"input_ids": ids},
+                                as_kwargs=True))
+    cost = estimate_costs(ir, get_hardware("cortex-a72"))
+    up = model.model.layers[0].mlp.up_proj
+    row = cost.by_layer["model.layers.0.mlp.up_proj"]
+    assert row["params"] == up.weight.numel()
+    assert row["weight_bytes"] == up.weight.numel() * 4
+    assert row["macs"] == 2 * 16 * up.in_features * up.out_features
+    assert cost.by_module["model.layers.0.mlp.up_proj"]["macs"] == row["macs"]
+    assert cost.total["params"] == sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers() if b.is_floating_point())  # + rotary inv_freq
+    assert cost.total["latency_s"] == pytest.approx(
+        sum(n.latency_s for n in cost.nodes.values()))
+    assert sum(r["nodes"] for r in cost.by_op.values()) == sum(
+        1 for n in cost.nodes.values() if n.bound != "free")
+
+
+def test_roofline_orders_devices_and_precision():
+    _, _, ir = _cnn()
+    latency = {name: estimate_costs(ir, get_hardware(name)).total["latency_s"]
+               for name in ("cortex-a72", "cortex-a78", "h100")}
+    assert latency["cortex-a72"] > latency["cortex-a78"]
+    fp32 = estimate_costs(ir, get_hardware("cortex-a72"))
+    head = next(n for n in ir.nodes("placeholder") if n.name == "p_head_weight")
+    ir.annotations["weight_bits"] = {head.name: 4}
+    int4 = estimate_costs(ir, get_hardware("cortex-a72"))
+    assert int4.by_layer["head"]["weight_bytes"] * 8 == fp32.by_layer["head"]["weight_bytes"]
+    assert int4.by_layer["head"]["latency_s"] <= fp32.by_layer["head"]["latency_s"]
+    assert int4.nodes[next(iter(n.name for n in head.users))].dtype == "int8"
