@@ -218,13 +218,24 @@ class IR:
             removed += 1
         return removed
 
+    def _distinct_weights(self) -> list[torch.Tensor]:
+        """Weights with tied ones counted once (GPT-2's lm_head *is* its embedding table)."""
+        seen: set[tuple[int, int, tuple[int, ...]]] = set()
+        distinct = []
+        for t in self.weights().values():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                distinct.append(t)
+        return distinct
+
     def num_params(self) -> int:
-        """Number of scalar weights (parameters + persistent buffers + constant tensors)."""
-        return sum(t.numel() for t in self.weights().values() if t.is_floating_point())
+        """Number of floating-point weights (parameters, buffers, constants; tied ones once)."""
+        return sum(t.numel() for t in self._distinct_weights() if t.is_floating_point())
 
     def weight_bytes(self) -> int:
-        """Bytes of every stored weight tensor at its current dtype."""
-        return sum(t.numel() * t.element_size() for t in self.weights().values())
+        """Bytes of every stored weight tensor at its current dtype (tied ones once)."""
+        return sum(t.numel() * t.element_size() for t in self._distinct_weights())
 
     # -- execution -------------------------------------------------------------------------
 

@@ -18,9 +18,13 @@ PLUGIN = ROOT / "plugins" / "slimc-fold-batchnorm"
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory) -> Path:
     """Install the example plugin with pip into a private folder (not the test environment)."""
+    import shutil
+
     site = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / PLUGIN.name  # setuptools builds in-tree
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(site), str(PLUGIN)],
+                    "--no-build-isolation", "--target", str(site), str(source)],
                    check=True, capture_output=True, text=True)
     return site
 
