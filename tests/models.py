@@ -27,7 +27,8 @@ HF_ARCHS = {
 #: Architectures whose configs do not take the common text fields; full kwargs given. These
 #: caught real lowering bugs: Falcon's fused-QKV split indexes x[:, :, idx] (TVM indexed the
 #: wrong axis, a silently wrong library); T5/Whisper are encoder-decoders whose stacks keep
-#: their own config (and KV cache) copies; Whisper takes float audio features.
+#: their own config (and KV cache) copies; Whisper takes float audio features; Mixtral's
+#: mixture-of-experts routing needs transformers' static batched_mm experts path.
 FULL_CONFIG_ARCHS = {
     "falcon": (T.FalconConfig, T.FalconForCausalLM,
                dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)),
@@ -42,6 +43,10 @@ FULL_CONFIG_ARCHS = {
     "vit": (T.ViTConfig, T.ViTForImageClassification,
             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=64, image_size=32, patch_size=8, num_labels=5)),
+    "mixtral": (T.MixtralConfig, T.MixtralForCausalLM,
+                dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=64, vocab_size=128,
+                     num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)),
     "resnet": (T.ResNetConfig, T.ResNetForImageClassification,
                dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)),
 }

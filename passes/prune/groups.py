@@ -280,9 +280,11 @@ class PruneGroupsAnalysis(AnalysisPass):
 
     class Options(PassOptions):
         min_units: int = Field(2, ge=1, description="Ignore groups with fewer units.")
+        pin_outputs: bool = Field(True, description="Keep every channel that reaches a graph "
+                                  "output (false: outputs may get narrower).")
 
     def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PruneGroups:
-        result = build_groups(ir, propagate(ir))
+        result = build_groups(ir, propagate(ir, options.pin_outputs))
         result.groups = [g for g in result.groups if len(g.units) >= options.min_units]
         ir.annotations["prune-groups"] = result.to_json()
         return result

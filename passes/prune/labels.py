@@ -164,8 +164,9 @@ def _ids(t: torch.Tensor) -> set[int]:
 class LabelPropagator:
     """Runs the propagation over one IR (see :func:`propagate`)."""
 
-    def __init__(self, ir: IR) -> None:
+    def __init__(self, ir: IR, pin_outputs: bool = True) -> None:
         self.ir = ir
+        self.pin_outputs = pin_outputs
         self.weights = {n.name for n in ir.nodes("placeholder")
                         if (s := ir.placeholder_spec(n)) is not None
                         and s.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")}
@@ -223,7 +224,7 @@ class LabelPropagator:
 
     def run(self) -> Propagation:
         for node in self.ir.nodes():
-            if node.op == "output":
+            if node.op == "output" and self.pin_outputs:
                 for arg in node.all_input_nodes:
                     self.pin(self.result.labels.get(arg.name))
             elif node.op == "call_function":
@@ -533,7 +534,9 @@ class LabelPropagator:
         self._unknown(node)
 
 
-def propagate(ir: IR) -> Propagation:
-    """Push channel labels through ``ir`` and return the coupling they revealed."""
+def propagate(ir: IR, pin_outputs: bool = True) -> Propagation:
+    """Push channel labels through ``ir`` and return the coupling they revealed. With
+    ``pin_outputs=False`` the channels of graph outputs may be removed too (the output gets
+    narrower: an embedding model's vector dimension, for instance)."""
     with torch.no_grad():
-        return LabelPropagator(ir).run()
+        return LabelPropagator(ir, pin_outputs).run()

@@ -25,6 +25,7 @@ KINDS = {
     "head": {"attention-head", "kv-group"},
     "width": {"residual"},
     "auto": {"mlp-channel", "conv-filter", "attention-head", "kv-group"},
+    "all": {"mlp-channel", "conv-filter", "attention-head", "kv-group", "residual"},
     "block": set(),
 }
 #: Kinds whose unit is a single channel, so round_to applies to the kept unit count.
@@ -62,10 +63,18 @@ class Prune(TransformPass):
 
     class Options(PassOptions):
         ratio: float = Field(0.3, gt=0, lt=1, description="Fraction of prunable units (blocks "
-                             "for granularity=block) to remove.")
-        granularity: Literal["channel", "head", "width", "block", "auto"] = Field(
+                             "for granularity=block) to remove; with budget=params, fraction "
+                             "of the model's parameters.")
+        granularity: Literal["channel", "head", "width", "block", "auto", "all"] = Field(
             "auto", description="channel: MLP neurons/conv filters; head: attention heads or "
-            "KV groups; width: residual stream; block: whole residual blocks; auto: channel+head.")
+            "KV groups; width: residual stream; block: whole residual blocks; auto: "
+            "channel+head; all: channel+head+width.")
+        budget: Literal["units", "params"] = Field(
+            "units", description="units: ratio applies to unit counts; params: remove this "
+            "fraction of all parameters (the unit ratio is found by bisection, counted exactly).")
+        outputs: Literal["keep", "prune"] = Field(
+            "keep", description="keep: channels reaching a graph output are never removed; "
+            "prune: they may be (an embedding model's vector gets narrower).")
         criterion: Literal["activation", "magnitude"] = Field(
             "activation", description="Unit importance: |W|·‖X‖ on the example inputs, or |W|.")
         scope: Literal["uniform", "global"] = Field(
@@ -78,7 +87,8 @@ class Prune(TransformPass):
                                 "bias compensation or least squares (FLAP).")
 
     def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
-        result: PruneGroups = ctx.analyses.get("prune-groups")
+        result: PruneGroups = ctx.analyses.get("prune-groups",
+                                                pin_outputs=options.outputs == "keep")
         batches = calibration_batches(ctx)
         if options.granularity == "block":
             removed = remove_blocks(ir, result, options.ratio, batches)
@@ -90,7 +100,12 @@ class Prune(TransformPass):
             return PreservedAnalyses.all()
         round_to = options.round_to or default_round_to(ctx.target)
         scores = importance.score_groups(ir, result, groups, options.criterion, batches)
-        plan = choose(groups, scores, options.ratio, options.scope, round_to)
+        if options.budget == "params":
+            plan, unit_ratio = plan_for_params(ir, result, groups, scores, options.ratio,
+                                               options.scope, round_to)
+        else:
+            plan, unit_ratio = choose(groups, scores, options.ratio, options.scope,
+                                      round_to), options.ratio
         removed_roots = {g.units[i].root for g in groups for i in plan[g.index]}
         if options.reconstruct != "none":
             reconstruct.refit(ir, result, removed_roots, batches, options.reconstruct)
@@ -98,6 +113,7 @@ class Prune(TransformPass):
         ir.annotations[self.name] = {
             "granularity": options.granularity, "criterion": options.criterion,
             "round_to": round_to, "reconstruct": options.reconstruct,
+            "scope": options.scope, "budget": options.budget, "unit_ratio": unit_ratio,
             "removed_units": len(removed_roots), **stats,
             "groups": [{"index": g.index, "module_path": g.module_path, "kind": g.kind,
                         "units": len(g.units), "kept": len(g.units) - len(plan[g.index])}
@@ -145,6 +161,58 @@ def choose(groups: list[Group], scores: dict[int, torch.Tensor], ratio: float, s
         order = torch.argsort(scores[g.index]).tolist()
         plan[g.index] = order[:len(g.units) - keep]
     return plan
+
+
+def params_after(ir: IR, result: PruneGroups, removed_roots: set[int]) -> int:
+    """Exact parameter count (as :meth:`IR.num_params`) once ``removed_roots`` are removed,
+    without touching ``ir``: every member weight keeps the product of its kept extents."""
+    prop = result.propagation
+    removed = shapes.removed_mask(prop, result.roots, removed_roots)
+    shape_of = {n.name: list(ir.get_weight(n).shape) for n in ir.nodes("placeholder")
+                if n.name in {w for w, _ in prop.members}}
+    new = {w: list(s) for w, s in shape_of.items()}
+    for (weight, axis), ids in prop.members.items():
+        drop = (ids >= 0) & removed[ids.clamp(min=0)]
+        new[weight][axis] -= int(drop.sum())
+    nodes = {n.name: n for n in ir.nodes("placeholder")}
+    delta, seen = 0, set()
+    for weight, shape in new.items():
+        t = ir.get_weight(nodes[weight])
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen or not t.is_floating_point():
+            continue
+        seen.add(key)
+        delta += t.numel() - math.prod(shape)
+    return ir.num_params() - delta
+
+
+def plan_for_params(ir: IR, result: PruneGroups, groups: list[Group],
+                    scores: dict[int, torch.Tensor], fraction: float, scope: str,
+                    round_to: int) -> tuple[dict[int, list[int]], float]:
+    """The plan whose parameter count is closest to ``(1 - fraction)`` of the model's, by
+    bisection on the unit ratio (removed parameters grow monotonically with it up to rounding)."""
+    total = ir.num_params()
+    goal = total * (1 - fraction)
+
+    def count(r: float):
+        plan = choose(groups, scores, r, scope, round_to)
+        roots = {g.units[i].root for g in groups for i in plan[g.index]}
+        return plan, params_after(ir, result, roots)
+
+    lo, hi = 0.0, 1.0
+    best = None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        plan, after = count(mid)
+        if best is None or abs(after - goal) < abs(best[1] - goal):
+            best = (plan, after, mid)
+        if after > goal:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-4:
+            break
+    return best[0], best[2]
 
 
 def apply(ir: IR, result: PruneGroups, removed_roots: set[int]) -> dict[str, int]:

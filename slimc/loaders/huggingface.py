@@ -52,6 +52,12 @@ class HuggingFaceLoader:
                 "pointer) and match config.json.",
             ) from None
         module.eval()
+        if hasattr(module.config, "_experts_implementation"):
+            # Mixture-of-experts layers: the default grouped_mm path sorts tokens by expert
+            # (histc + transformers' grouped_mm_fallback op, which TVM cannot lower);
+            # batched_mm gathers each token's experts' weights instead: static shapes, same
+            # values.
+            module.config._experts_implementation = "batched_mm"
         for sub in module.modules():  # encoder-decoder stacks carry their own config copies
             config_of_sub = getattr(sub, "config", None)
             if hasattr(config_of_sub, "use_cache"):
