@@ -304,25 +304,32 @@ def _plot_sensitivity_vs_cost(analysis: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     if criterion:
         ref = analysis["sensitivity"][criterion]["reference"]
+        top = max((r["sensitivity"][criterion] for r in layers.values()), default=0.0)
+        # Layers that do not reach the analysed output (e.g. a pooler) would squash the axis.
+        shown = {n: r for n, r in layers.items() if r["sensitivity"][criterion] > 1e-9 * top}
+        biggest = max((r["weight_bytes"] for r in shown.values()), default=1) or 1
         for kind, color in (("linear", "tab:blue"), ("conv", "tab:green"),
                             ("embedding", "tab:orange")):
-            names = [n for n, r in layers.items() if r.get("kind") == kind]
+            names = [n for n, r in shown.items() if r.get("kind") == kind]
             if names:
-                ax.scatter([layers[n]["latency_s"] * 1e3 for n in names],
-                           [max(layers[n]["sensitivity"][criterion], 1e-12) for n in names],
-                           s=[12 + 60 * layers[n]["weight_bytes"] / max(
-                               r["weight_bytes"] for r in layers.values()) for n in names],
+                ax.scatter([shown[n]["latency_s"] * 1e3 for n in names],
+                           [shown[n]["sensitivity"][criterion] for n in names],
+                           s=[12 + 60 * shown[n]["weight_bytes"] / biggest for n in names],
                            c=color, alpha=0.7, label=kind)
-        label = sorted(layers, key=lambda n: -layers[n]["sensitivity"][criterion])[:4]
-        label += sorted(layers, key=lambda n: -layers[n]["latency_s"])[:3]
-        for n in dict.fromkeys(label):
-            ax.annotate(_short(n), (layers[n]["latency_s"] * 1e3,
-                                    max(layers[n]["sensitivity"][criterion], 1e-12)),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        label = sorted(shown, key=lambda n: -shown[n]["sensitivity"][criterion])[:4]
+        label += sorted(shown, key=lambda n: -shown[n]["latency_s"])[:3]
+        for i, n in enumerate(dict.fromkeys(label)):
+            point = (shown[n]["latency_s"] * 1e3, shown[n]["sensitivity"][criterion])
+            ax.annotate(_short(n), point,
+                        fontsize=7, xytext=(4, 10 - 9 * i), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
         ax.set_yscale("log")
         ax.set_xscale("log")
         ax.set_ylabel(f"sensitivity: {criterion} at {ref} (log)")
-        ax.legend(title="layer kind (size: weight bytes)", fontsize=8)
+        ax.legend(title="layer kind (size: weight bytes)", fontsize=8, loc="best")
+        if len(shown) < len(layers):
+            ax.text(0.01, 0.01, f"{len(layers) - len(shown)} layer(s) with no effect on the "
+                    "output not shown", transform=ax.transAxes, fontsize=7)
     ax.set_xlabel(f"roofline latency on {analysis['cost']['hardware']['name']} (ms, log)")
     ax.set_title(f"{analysis['model']['name']}: per-layer sensitivity vs cost\n"
                  "bottom right = cheap to compress, expensive to run")

@@ -28,6 +28,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from .common import (
+    MIN_PARALLEL_WORK,
     block_writes_output,
     extent,
     intermediate_buffers,
@@ -172,12 +173,33 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
     return mr, nr
 
 
+def _gemv_chunk(sch, axes: _Axes, lanes: int) -> int | None:
+    """Output-column chunk for a matrix-vector product (decode), or None for a real GEMM.
+
+    With one row there is no register reuse to win, only weight bandwidth: each parallel task
+    takes a contiguous run of columns and streams the weight rows over it, so every row read is
+    a long contiguous segment (up to 4 KiB) instead of one ``NR``-wide sliver per row.
+    """
+    if axes.extra or any(extent(sch, lp) != 1 for lp in axes.shared):
+        return None
+    if axes.reuse is not None and extent(sch, axes.reuse) != 1:
+        return None
+    n = extent(sch, axes.vector)
+    if n is None or n % lanes:
+        return None
+    chunks = [c for c in range(lanes, min(1024, n // 4) + 1, lanes) if n % c == 0]
+    return max(chunks) if chunks else None
+
+
 def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list) -> None:
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
     mr, nr = _tile_sizes(sch, axes, target, dtype_bits)
-    vo, vi = sch.split(axes.vector, factors=[None, nr])
+    lanes = vector_lanes(target, dtype_bits)
+    chunk = _gemv_chunk(sch, axes, lanes)
+    work = _work(sch, axes)
+    vo, vi = sch.split(axes.vector, factors=[None, chunk or nr])
     if axes.reuse is not None:
-        ro, ri = sch.split(axes.reuse, factors=[None, mr])
+        ro, ri = sch.split(axes.reuse, factors=[None, 1 if chunk else mr])
         tile_inner = [ri, vi]
     else:
         ro, tile_inner = None, [vi]
@@ -187,14 +209,21 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
     sch.reorder(*outer, *axes.reduce, *tile_inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     # Loop kinds are set while the block still has its init (a "reduction block" for TVM).
-    _vectorize_tile(sch, main, len(tile_inner))
-    sch.parallel(fused)
+    if chunk:
+        _vectorize_chunk(sch, main, 2 * lanes)
+    else:
+        _vectorize_tile(sch, main, len(tile_inner))
+    if work >= MIN_PARALLEL_WORK * 16:  # smaller: waking the thread pool costs more than it saves
+        sch.parallel(fused)
 
     writeback = sch.cache_write(main, 0, "local")
     sch.reverse_compute_at(writeback, fused, preserve_unit_loops=True)
     init = sch.decompose_reduction(main, axes.reduce[0])
     for block in (init, writeback):
-        _vectorize_tile(sch, block, len(sch.get_loops(block)) - 1)
+        if chunk:
+            _vectorize_chunk(sch, block, 2 * lanes)
+        else:
+            _vectorize_tile(sch, block, len(sch.get_loops(block)) - 1)
 
     for block in epilogue:
         try:
@@ -204,6 +233,24 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
             log.debug("tiled-matmul: epilogue %s not inlined: %s", sch.get(block).name_hint,
                       str(exc).splitlines()[-1] if str(exc) else exc)
         schedule_block(sch, block, target)
+
+
+def _work(sch: s_tir.Schedule, axes: _Axes) -> float:
+    """Multiply-accumulates of the kernel (a symbolic extent counts as large)."""
+    total = 1.0
+    for loop in [*axes.shared, *axes.extra, *axes.reduce, axes.vector, axes.reuse]:
+        if loop is not None:
+            total *= extent(sch, loop) or 1024
+    return total
+
+
+def _vectorize_chunk(sch: s_tir.Schedule, block, width: int) -> None:
+    """Vectorize a long innermost loop ``width`` lanes at a time."""
+    loop = sch.get_loops(block)[-1]
+    n = extent(sch, loop)
+    if n is not None and n > width and n % width == 0:
+        loop = sch.split(loop, factors=[None, width])[-1]
+    sch.vectorize(loop)
 
 
 def _vectorize_tile(sch: s_tir.Schedule, block, tile_dims: int) -> None:

@@ -1,10 +1,15 @@
-"""Row-wise reductions: softmax, layer norm, RMS norm, mean/variance, pooling over the last axis.
+"""Row-wise reductions: softmax, layer norm, RMS norm (a reduction, then elementwise per row).
 
-TVM ships a CPU rule for exactly this pattern (``tvm.s_tir.dlight.cpu.Reduction``: parallel over
-rows, every block of the row computed under that loop so the row stays in L1, injective blocks
-vectorized). This module narrows it to the functions it handles safely and inlines the
-elementwise blocks TVM's legalizer adds around them (masks, casts, broadcasts) first, which the
-TVM rule cannot see through.
+The loop nest follows TVM's own CPU rule (``tvm.s_tir.dlight.cpu.Reduction``, Apache-2.0):
+leading spatial axes fused into one row loop, every block of the function computed under it
+so a row stays in L1, elementwise blocks vectorized, reductions split into vector-sized chunks
+and unrolled. Two changes make it fit slimc's models:
+
+* elementwise blocks that feed a reduction are kept (not inlined) so an expensive ``exp`` is
+  computed once, vectorized, instead of once per consumer inside a scalar reduction loop; the
+  masks, casts and broadcasts TVM's legalizer adds around a softmax are inlined first;
+* the row loop is parallel only when there is enough work: a decode step normalizes a single
+  row, and waking the thread pool for it costs more than the row (badly so on a loaded host).
 """
 
 from __future__ import annotations
@@ -12,20 +17,83 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from .common import inline_spatial, intermediate_buffers, is_spatial
+from .common import (
+    MIN_PARALLEL_WORK,
+    extent,
+    inline_spatial,
+    intermediate_buffers,
+    is_spatial,
+    vector_lanes,
+)
 
 
 class RowReduction:
-    """Softmax / norm rule: delegates the loop nest to dlight's CPU ``Reduction``."""
+    """Softmax / norm rule: one parallel row loop holding every block of the function."""
 
     name = "row-reduction"
 
     def apply(self, func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
-        from tvm.s_tir.dlight.cpu import Reduction
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
 
         sch = s_tir.Schedule(func)
         blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
         if all(is_spatial(sch, b) for b in blocks):
             return None
         inline_spatial(sch, blocks, intermediate_buffers(sch), keep_reduction_inputs=True)
-        return Reduction().apply(sch.mod["main"], target, False)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+            return None
+        leading = None
+        for info in infos:
+            kinds = info.dom_kind()
+            n = len(kinds) - len(kinds.lstrip("S"))
+            if n == 0:
+                return None
+            leading = n if leading is None else min(leading, n)
+        last = infos[-1].block_rv
+        stmt = sch.get(last)
+        lanes = vector_lanes(target, stmt.writes[0].source.dtype.bits if stmt.writes else 32)
+
+        loops = sch.get_loops(last)
+        rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+        _vectorize_inner(sch, last, lanes)
+        for info in reversed(infos[:-1]):
+            sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)
+        for info in infos[:-1]:
+            if info.is_injective():
+                _vectorize_inner(sch, info.block_rv, lanes)
+            else:
+                _unroll_reduction(sch, info.block_rv, lanes)
+        n_rows = extent(sch, rows)
+        row_work = 1
+        for loop in sch.get_loops(last)[1:]:
+            row_work *= extent(sch, loop) or 64
+        if n_rows is None or (n_rows > 1 and n_rows * row_work * len(infos) >= MIN_PARALLEL_WORK):
+            sch.parallel(rows)
+        return sch
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) <= 1:
+        return
+    n = extent(sch, loops[-1])
+    if n is not None and n < 2:
+        return
+    if n is None or n > lanes:
+        _, inner = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(inner)
+    else:
+        sch.vectorize(loops[-1])
+
+
+def _unroll_reduction(sch: s_tir.Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) <= 1:
+        return
+    n = extent(sch, loops[-1])
+    if n is not None and n <= lanes:
+        return
+    _, inner = sch.split(loops[-1], factors=[None, lanes])
+    sch.annotate(inner, ann_key="pragma_auto_unroll_max_step", ann_val=lanes)
+    sch.annotate(inner, ann_key="pragma_unroll_explicit", ann_val=1)
