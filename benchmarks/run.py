@@ -4,7 +4,8 @@
     python benchmarks/run.py --models minilm --runs 50 --threads 2
 
 Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
-round-robin, rotating who goes first) so that machine load drifting during the run hits all of
+round-robin, rotating who goes first, with a short idle pause before each block so the previous
+engine's spinning threads have parked) so that machine load drifting during the run hits all of
 them alike. Reported: median latency, interquartile range, min/max, and slimc's ratio to the
 others (< 1.0 means slimc is faster). The untuned slimc artifact's compile time is reported too.
 Needs the ``bench`` extra: ``pip install -e .[bench]`` (onnxruntime, onnx, onnxscript).
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=12, help="interleaved rounds per engine")
     p.add_argument("--block", type=int, default=3, help="consecutive calls per engine per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine")
+    p.add_argument("--pause-ms", type=float, default=30.0,
+                   help="idle time between engine blocks, so the previous engine's spinning "
+                   "worker threads (OpenMP, ORT, TVM) park before the next one is timed")
     p.add_argument("--target", default="llvm", help="slimc --target (host targets only)")
     p.add_argument("--workdir", type=Path, default=None, help="keep artifacts here")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
@@ -118,6 +122,7 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
     for r in range(args.runs):
         for engine in order[r % len(order):] + order[:r % len(order)]:
             fn = callers[engine]
+            time.sleep(args.pause_ms / 1e3)
             for _ in range(args.block):
                 t0 = time.perf_counter()
                 fn()
