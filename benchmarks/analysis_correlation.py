@@ -56,7 +56,14 @@ def smollm2_dir(cache: Path) -> Path:
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                               dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.save_pretrained(target)
+    # A model loaded from GGUF refuses save_pretrained: copy its (dequantized) weights into a
+    # plain model built from the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
 

@@ -97,6 +97,11 @@ def compile_command(
                                              "verify them: auto, require or skip.")] = Emulate.auto,
     save_ir: Annotated[bool, typer.Option("--save-ir", help="Also write the final IR as "
                                           "ir.pt2.")] = False,
+    calib: Annotated[Path | None, typer.Option(
+        "--calib", help="Calibration data for passes that need activations: a text file "
+        "(tokenized with the model's tokenizer), .npy/.npz, or a folder of images.")] = None,
+    calib_batches: Annotated[int, typer.Option(min=1, help="Most calibration batches to "
+                                               "read.")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as one "
                                           "JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -107,7 +112,7 @@ def compile_command(
     options = CompileOptions(target=target, pipeline=pipeline, recipe=recipe,
                              opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
                              threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
-                             save_ir=save_ir)
+                             save_ir=save_ir, calib=calib, calib_batches=calib_batches)
     progress = Progress(_show_progress(quiet) and not as_json)
     with progress.running():
         result = compile_model(model, options, stage=progress.stage,

@@ -50,6 +50,9 @@ class CompileOptions:
     #: it is not; ``skip``: never run a cross artifact.
     emulate: Literal["auto", "require", "skip"] = "auto"
     save_ir: bool = False
+    #: Calibration data for passes that need activations (text, .npy/.npz, image folder).
+    calib: str | Path | None = None
+    calib_batches: int = 8
 
 
 @dataclass
@@ -105,6 +108,17 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     original_outputs = [o.numpy() for o in ir.run(example_inputs)]
 
     ctx = PassContext(target=spec, example_inputs=example_inputs, threads=threads, log=log)
+    calibration = None
+    if options.calib:
+        from slimc.calibration import load_calibration
+
+        calibration = load_calibration(
+            options.calib, dict(zip(ir.input_names, example_inputs, strict=True)),
+            model_dir=ir.annotations.get("source", {}).get("tokenizer"),
+            max_batches=options.calib_batches)
+        warnings += calibration.warnings
+        ctx.calibration_batches = [[batch[name] for name in ir.input_names]
+                                   for batch in calibration.batches]
     manager = PassManager(registry.passes)
     ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
     before = ctx.analyses.get("model-stats")
@@ -150,6 +164,7 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
         manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
                              verification, library, threads, timings, model)
         manifest["tokenizer"] = tokenizer_dir
+        manifest["calibration"] = calibration.to_json() if calibration else None
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
         (stage_dir / artifact.REPORT).write_text(render_report(manifest))
     return CompileResult(output.resolve(), manifest, warnings)

@@ -136,14 +136,25 @@ class PassContext:
     """What travels with a compilation (TVM's ``PassContext``): target, data, settings."""
 
     target: Any = None
-    #: Example/calibration inputs, in IR input order.
+    #: Example inputs, in IR input order: what transforms are verified on.
     example_inputs: list[torch.Tensor] = field(default_factory=list)
+    #: Calibration batches (each in IR input order) from ``--calib``; may be empty.
+    calibration_batches: list[list[torch.Tensor]] = field(default_factory=list)
     threads: int | None = None
     #: Relative L2 error an ``exact`` transform may introduce.
     exact_tolerance: float = 1e-4
     verify: bool = True
     analyses: AnalysisManager | None = None
     log: Callable[[str], None] = lambda message: None
+
+    def calibration(self, max_batches: int | None = None) -> list[list[torch.Tensor]]:
+        """Calibration batches when the user gave data, else the example inputs as one batch.
+
+        Every pass that needs activations (activation-aware criteria, GPTQ/AWQ, pruning
+        reconstruction) reads its data here, so ``--calib`` reaches all of them.
+        """
+        batches = [list(b) for b in self.calibration_batches] or [list(self.example_inputs)]
+        return batches[:max_batches] if max_batches else batches
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,21 @@ def test_tvm_tag_target_resolves():
     assert spec.triple == "aarch64-linux-gnu" and spec.is_cross
     assert resolve_target("AArch64").name == "arm"
     assert not resolve_target("x86").is_cross
+
+
+def test_calibration_data_reaches_the_passes(cli, hf_dir, tmp_path):
+    ids = np.random.default_rng(0).integers(0, 128, size=(6, 16), dtype=np.int64)
+    np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = cli("compile", hf_dir("llama"), "-o", tmp_path / "q", "-q", "--json",
+                 "-i", "input_ids=2x16:int64", "-i", "attention_mask=2x16:int64",
+                 "--pipeline", "quantize{weights=int8,method=gptq}",
+                 "--calib", tmp_path / "calib.npz", "--calib-batches", "2")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["calibration"]["batches"] == 2
+    assert manifest["calibration"]["batch_shapes"]["input_ids"] == [2, 16]
+    assert manifest["weight_bytes_after"] < manifest["weight_bytes_before"] / 2
+    assert manifest["verification"]["passed"] is True
+
+    missing = cli("compile", hf_dir("llama"), "--calib", tmp_path / "nope.txt")
+    assert missing.code == 2 and "does not exist" in missing.err

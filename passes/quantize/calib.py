@@ -40,16 +40,10 @@ class LayerStats:
 
 
 def calibration_batches(ctx: PassContext) -> list[list[torch.Tensor]]:
-    """The example inputs, plus any calibration batches the context carries.
-
-    ``ctx.calibration`` (a :class:`slimc.calibration.CalibrationData` or a list of input lists)
-    is optional; without it the example inputs are the calibration set.
-    """
+    """The example inputs plus the ``--calib`` batches (:meth:`PassContext.calibration`)."""
     batches = [list(ctx.example_inputs)]
-    extra = getattr(ctx, "calibration", None)
-    if extra is not None:
-        for batch in getattr(extra, "batches", extra):
-            batches.append(list(batch.values()) if isinstance(batch, dict) else list(batch))
+    if ctx.calibration_batches:
+        batches += ctx.calibration()
     return batches
 
 
