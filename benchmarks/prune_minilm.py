@@ -16,6 +16,7 @@ hidden size).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -77,12 +78,14 @@ def tp_minilm(model, select, calib, fraction: float, importance: str, width: boo
     import torch_pruning as tp
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
-    goal = int(count_params(model) * (1 - fraction))
+    goal = int((count_params(model) - count_params(model.pooler)) * (1 - fraction))
     example = calib[0]
     big = {k: torch.cat([b[k] for b in calib]) for k in example}
 
     def fresh():
-        return select(__import__("copy").deepcopy(model), "last_hidden_state").eval()
+        bert = copy.deepcopy(model)
+        bert.pooler = None  # unused by sentence embeddings; not counted for either tool
+        return select(bert, "last_hidden_state").eval()
 
     def build(wrapped, ratio):
         bert = wrapped.model
@@ -109,7 +112,7 @@ def tp_minilm(model, select, calib, fraction: float, importance: str, width: boo
                 m.num_attention_heads = m.query.out_features // m.attention_head_size
                 m.all_head_size = m.query.out_features
 
-    return tp_prune_to(fresh, build, goal, fix)
+    return tp_prune_to(fresh, build, goal, fix, steps=10)
 
 
 def main() -> None:

@@ -53,6 +53,12 @@ class AnalyzeOptions:
     #: Sequence length of text inputs (None: the loader's default).
     seq_len: int | None = 128
     inputs: Sequence[str] = ()
+    #: Build and time per-op TVM kernels on the target; measured times replace the roofline.
+    measure: bool = False
+    #: ``HOST:PORT`` of a TVM RPC server on the device (needed to measure a cross target).
+    rpc: str | None = None
+    #: Runtime threads for local kernel timing (default ``TVM_NUM_THREADS`` or all cores).
+    threads: int | None = None
 
 
 @dataclass
@@ -103,8 +109,10 @@ def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
     batches = [[b[name] for name in ir.input_names] for b in calib.batches]
     ctx = AnalysisContext(target=spec, example_inputs=batches[0], calibration_batches=batches)
     ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
-    stage("cost")
-    cost = ctx.analyses.get("cost", hardware=hardware.name)
+    stage("cost (building and timing kernels)" if options.measure else "cost")
+    cost = ctx.analyses.get("cost", hardware=None if options.measure and not options.hardware
+                            else hardware.name, measure=options.measure, rpc=options.rpc,
+                            threads=options.threads)
     sensitivity = {}
     for criterion in criteria:
         stage(f"sensitivity ({criterion})")
@@ -183,6 +191,14 @@ def _assemble(ir, loaded, spec, cost, sensitivity, calib) -> dict[str, Any]:
     agreement = {a: {b: _spearman([layers[n]["sensitivity"][a] for n in names],
                                   [layers[n]["sensitivity"][b] for n in names])
                      for b in sensitivity} for a in sensitivity}
+    groups: dict[str, dict[str, Any]] = {}
+    for criterion, result in sensitivity.items():
+        for name, g in result.groups.items():
+            row = groups.setdefault(name, {"kind": g.kind, "module_path": g.module_path,
+                                           "units": g.units, "unit_width": g.unit_width,
+                                           "params": g.params, "removed": g.removed,
+                                           "sensitivity": {}})
+            row["sensitivity"][criterion] = g.curve
     analysis = {
         "model": {"name": loaded.name, "source": loaded.source, "params": ir.num_params(),
                   "inputs": [s.to_json() for s in ir.input_specs()],
@@ -192,6 +208,7 @@ def _assemble(ir, loaded, spec, cost, sensitivity, calib) -> dict[str, Any]:
         "sensitivity": {c: r.to_json() for c, r in sensitivity.items()},
         "criteria_rank_correlation": agreement,
         "layers": layers,
+        "groups": groups,
     }
     analysis["compress_first"] = compress_first(analysis)
     return analysis
@@ -238,18 +255,31 @@ def render_markdown(analysis: dict[str, Any], top: int = 10) -> str:
              f"{total['weight_bytes'] / 2**20:.1f} MiB",
              f"- MACs: {total['macs']:.3g}; FLOPs: {total['flops']:.3g}; activation bytes: "
              f"{total['activation_bytes'] / 2**20:.1f} MiB",
-             f"- roofline latency estimate: {total['latency_s'] * 1e3:.3f} ms",
+             f"- roofline latency estimate: {total.get('roofline_s', total['latency_s']) * 1e3:.3f}"
+             " ms",
              f"- calibration: {analysis['calibration']['source']} "
              f"({analysis['calibration']['batches']} batches of "
              f"{analysis['calibration']['batch_shapes']})", ""]
+    measured = cost.get("measured")
+    if measured:
+        lines[-1:-1] = [
+            f"- measured on the target: {measured['measured_nodes']} op nodes "
+            f"({measured['kernels']} distinct kernels: {measured['built']} built and timed now, "
+            f"{measured['reused']} from the cache `{measured['table']}`"
+            + (f", {len(measured['failed'])} failed" if measured["failed"] else "")
+            + f"); latency with measurements where available: {total['latency_s'] * 1e3:.3f} ms "
+            "(isolated kernels: pointwise ops that fuse in the compiled model are over-counted)"]
     if analysis["calibration"]["synthetic"]:
         lines += ["> Calibration used synthetic inputs: data-aware rankings are less reliable.",
                   ""]
-    lines += ["## Most expensive layers (roofline latency)", "",
-              "| layer | latency ms | share | MACs | weight MiB |", "|---|---|---|---|---|"]
+    basis = "measured where available" if measured else "roofline"
+    lines += [f"## Most expensive layers (latency: {basis})", "",
+              "| layer | latency ms | roofline ms | share | MACs | weight MiB |",
+              "|---|---|---|---|---|---|"]
     for name in sorted(layers, key=lambda n: -layers[n].get("latency_s", 0))[:top]:
         r = layers[name]
         lines.append(f"| {name} | {r.get('latency_s', 0) * 1e3:.4f} | "
+                     f"{r.get('roofline_s', 0) * 1e3:.4f} | "
                      f"{r.get('latency_share', 0):.1%} | {r.get('macs', 0):.3g} | "
                      f"{r.get('weight_bytes', 0) / 2**20:.2f} |")
     if criterion:
@@ -272,11 +302,49 @@ def render_markdown(analysis: dict[str, Any], top: int = 10) -> str:
                   "|---|" + "---|" * len(analysis["sensitivity"])]
         for a, row in analysis["criteria_rank_correlation"].items():
             lines.append(f"| {a} | " + " | ".join(_fmt(v) for v in row.values()) + " |")
+    lines += group_lines(analysis, criterion, top)
     lines += ["", "## Latency by op type", "", "| op | nodes | latency ms |", "|---|---|---|"]
     for op, r in list(cost["by_op"].items())[:top]:
         lines.append(f"| {op} | {r['nodes']} | {r['latency_s'] * 1e3:.4f} |")
     lines += ["", f"Plots: {', '.join(PLOTS)}. Every number: analysis.json.", ""]
     return "\n".join(lines)
+
+
+def group_table(analysis: dict[str, Any], criterion: str | None, top: int = 10
+                ) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the prunable groups, least damaged at the middle keep ratio first."""
+    groups = analysis.get("groups") or {}
+    if not criterion or not groups:
+        return [], []
+    keys = sorted({k for g in groups.values() for k in g["sensitivity"].get(criterion, {})
+                   if k != "keep0"}, key=lambda k: -float(k.removeprefix("keep")))
+    mid = keys[len(keys) // 2] if keys else "keep0"
+
+    def damage(g):
+        curve = g["sensitivity"].get(criterion, {})
+        return curve.get(mid, curve.get("keep0", 0.0))
+
+    header = ["group", "kind", "units", "params", *keys, "drop block"]
+    rows = []
+    for name, g in sorted(groups.items(), key=lambda kv: damage(kv[1]))[:top]:
+        curve = g["sensitivity"].get(criterion, {})
+        rows.append([name, g["kind"], str(g["units"]), f"{g['params']:,}",
+                     *(_fmt(curve.get(k)) for k in keys), _fmt(curve.get("keep0"))])
+    return header, rows
+
+
+def group_lines(analysis: dict[str, Any], criterion: str | None, top: int = 10) -> list[str]:
+    header, rows = group_table(analysis, criterion, top)
+    if not rows:
+        return []
+    total = len(analysis["groups"])
+    lines = ["", f"## Prunable groups ({criterion}: output damage when keeping a fraction of "
+             "the units, lowest-magnitude removed first; least damaged first)", "",
+             f"{total} groups/blocks from the prune-groups analysis; every curve in "
+             "analysis.json (`groups`).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
 
 
 # -- plots -------------------------------------------------------------------------------------

@@ -164,6 +164,13 @@ def analyze_command(
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per text sample.")] = 128,
     inputs: Annotated[list[str] | None, typer.Option(
         "--input", "-i", help="Example input NAME=SHAPE:DTYPE (repeatable).")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="Build and time each op's TVM kernel "
+                                          "on the target (cached); measured times replace "
+                                          "the roofline.")] = False,
+    rpc: Annotated[str | None, typer.Option(help="HOST:PORT of a TVM RPC server on the device "
+                                            "to time kernels on (with --measure).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Runtime threads for local "
+                                                "kernel timing.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a summary as one JSON "
                                           "object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -176,7 +183,8 @@ def analyze_command(
         criteria=_csv(criteria, str, "--criteria"), bits=_csv(bits, int, "--bits"),
         keep_ratios=_csv(keep_ratios, float, "--keep-ratios"),
         rank_ratios=_csv(rank_ratios, float, "--rank-ratios"), batch_size=batch_size,
-        max_batches=max_batches, seq_len=seq_len, inputs=tuple(inputs or ()))
+        max_batches=max_batches, seq_len=seq_len, inputs=tuple(inputs or ()),
+        measure=measure or rpc is not None, rpc=rpc, threads=threads)
     progress = Progress(_show_progress(quiet) and not as_json)
     with progress.running():
         result = analyze_model(model, options, stage=progress.stage)
@@ -187,10 +195,34 @@ def analyze_command(
         print(json.dumps({"output": str(result.output), "hardware": a["cost"]["hardware"]["name"],
                           "total": a["cost"]["total"], "compress_first": a["compress_first"],
                           "criteria_rank_correlation": a["criteria_rank_correlation"],
+                          "measured": a["cost"].get("measured"),
+                          "groups": {n: {"kind": g["kind"], "units": g["units"],
+                                         "sensitivity": g["sensitivity"]}
+                                     for n, g in a.get("groups", {}).items()},
                           "seconds": a["seconds"]}))
     elif not quiet:
+        _print_groups(a)
         out_console.print(f"wrote {result.output} (analysis.json, report.md, plots) in "
                           f"{a['seconds']:.1f}s")
+
+
+def _print_groups(analysis: dict) -> None:
+    """The prunable groups table of ``slimc analyze`` (least damaged first)."""
+    from rich.table import Table
+
+    from slimc.analyze import group_table, primary_criterion
+
+    criterion = primary_criterion(analysis)
+    header, rows = group_table(analysis, criterion, top=12)
+    if not rows:
+        return
+    table = Table(title=f"prunable groups ({criterion}; {len(analysis['groups'])} in "
+                  "analysis.json)", title_justify="left")
+    for column in header:
+        table.add_column(column, justify="left" if column in ("group", "kind") else "right")
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
 
 
 def _csv(text: str, kind, option: str) -> tuple:

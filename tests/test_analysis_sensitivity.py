@@ -114,3 +114,25 @@ def test_hutchinson_trace_matches_exact_hessian_trace():
 
     exact = torch.autograd.functional.hessian(loss, net[0].weight.detach().reshape(-1)).trace()
     assert estimate == pytest.approx(float(exact), rel=0.1)
+
+
+def test_groups_heads_neurons_and_blocks_get_damage_curves(llama):
+    ir, batches = llama
+    am = _manager(ir, batches)
+    kinds = {g.kind for g in am.get("prune-groups").groups}
+    result = am.get("sensitivity", criterion="perturbation", bits=(4,), keep_ratios=(),
+                    rank_ratios=(), group_keep_ratios=(0.75, 0.5, 0.25))
+    assert result.groups_error is None
+    groups = result.groups
+    assert {g.kind for g in groups.values()} >= ({"mlp-channel", "block"} | (
+        kinds & {"attention-head", "kv-group"}))
+    mlp = groups["model.layers.0.mlp:mlp-channel"]
+    assert mlp.units == 64 and set(mlp.curve) == {"keep0.75", "keep0.5", "keep0.25"}
+    assert len(mlp.removed["keep0.25"]) == 48 and len(mlp.removed["keep0.75"]) == 16
+    assert mlp.curve["keep0.25"] >= mlp.curve["keep0.75"] > 0  # a curve, more removed hurts more
+    block = groups["model.layers.1:block"]
+    assert set(block.curve) == {"keep0"} and block.curve["keep0"] > 0
+    assert "groups" in result.to_json() and result.to_json()["groups"][block.name]["params"] > 0
+    magnitude = am.get("sensitivity", criterion="magnitude", bits=(4,), keep_ratios=(),
+                       rank_ratios=())
+    assert set(magnitude.groups) == set(groups)

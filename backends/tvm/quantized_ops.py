@@ -161,6 +161,13 @@ OPS = {
 TILE_CHOICES = (16, 8, 4, 2, 1)
 
 
+#: Use :func:`_int4_grouped_kernel` where it applies (False: the per-k dequantizing kernel,
+#: kept for comparison and for ``K`` that is not a multiple of the group size).
+FACTORED_INT4 = True
+#: Unroll factor of the factored int4 kernel's byte loop.
+INT4_UNROLL = 4
+
+
 def tile_for(n: int) -> int:
     return next(t for t in TILE_CHOICES if n % t == 0)
 
@@ -171,6 +178,8 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
     from tvm import te, tirx
 
     t = tile_for(n)
+    if kind == "int4" and FACTORED_INT4 and group % 2 == 0 and k % group == 0:
+        return _int4_grouped_kernel(m, k, n, group, t)
     x = te.placeholder((m, k), "float32", name="x")
     r = te.reduce_axis((0, k), name="k")
     if kind == "int8":
@@ -205,6 +214,79 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
     func = te.create_prim_func([*params, y])
     name = f"slimc_linear_{kind}_{m}x{k}x{n}" + (f"_g{group}" if group else "")
     return _finish(_schedule_linear(func, t), name)
+
+
+def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int):
+    """int4 with the dequantization factored out of the inner loop (``k % group == 0``).
+
+    ``y[j] = sum_g s[j,g] * (sum_{k in g} x[k] * code[j,k] - z[j,g] * sum_{k in g} x[k])``: the
+    inner loop over a group's bytes only unpacks both nibbles of a byte (constant shift / mask,
+    no per-k scale or zero load), widens them to fp32 and multiplies-accumulates ``t`` output
+    lanes in registers; scale and zero point are applied once per group, and the group sums of
+    ``x`` are computed once per row instead of once per output tile.
+    """
+    from tvm import te, tirx
+
+    groups, half = k // group, group // 2
+    x = te.placeholder((m, k), "float32", name="x")
+    w = te.placeholder((n // t, k // 2, t), "uint8", name="w")
+    s = te.placeholder((n // t, groups, t), "float32", name="scale")
+    z = te.placeholder((n // t, groups, t), "uint8", name="zero")
+    r1 = te.reduce_axis((0, group), name="r1")
+    xs = te.compute((m, groups), lambda i, g: te.sum(x[i, g * group + r1], axis=r1), name="xs")
+    rk = te.reduce_axis((0, half), name="rk")
+    mask = tirx.const(15, "uint8")
+    four = tirx.const(4, "uint8")
+
+    def pair(i, j, g, kk):
+        byte = w[j // t, g * half + kk, j % t]
+        base = g * group + 2 * kk
+        return (x[i, base] * (byte & mask).astype("float32")
+                + x[i, base + 1] * (byte >> four).astype("float32"))
+
+    acc = te.compute((m, n, groups), lambda i, j, g: te.sum(pair(i, j, g, rk), axis=rk),
+                     name="acc")
+    rg = te.reduce_axis((0, groups), name="rg")
+    y = te.compute((m, n), lambda i, j: te.sum(
+        s[j // t, rg, j % t] * (acc[i, j, rg] - z[j // t, rg, j % t].astype("float32")
+                                * xs[i, rg]), axis=rg), name="y")
+    func = te.create_prim_func([x, w, s, z, y])
+    name = f"slimc_linear_int4f_{m}x{k}x{n}_g{group}"
+    return _finish(_schedule_int4_grouped(func, t), name)
+
+
+def _schedule_int4_grouped(func, t: int):
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("y")
+    i, j, rg = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, t])
+    sch.reorder(jo, i, rg, ji)
+    outer = sch.fuse(jo, i)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, outer)
+    sch.parallel(outer)
+    acc = sch.get_sblock("acc")
+    sch.compute_at(acc, rg)
+    sch.set_scope(acc, 0, "local")
+    own = sch.get_loops(acc)[2:]  # below (outer, rg): the t lanes (if t > 1), then rk
+    ark = own[-1]
+    if t > 1:
+        sch.reorder(ark, own[0])
+        sch.vectorize(own[0])
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(local)[-1])
+    sch.decompose_reduction(acc, ark)
+    if INT4_UNROLL > 1 and (sch.get(ark).extent.value % INT4_UNROLL) == 0:
+        _, inner = sch.split(ark, [None, INT4_UNROLL])
+        sch.unroll(inner)
+    init = sch.decompose_reduction(block, rg)
+    if t > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    xs = sch.get_sblock("xs")
+    sch.parallel(sch.get_loops(xs)[0])
+    return sch.mod["main"]
 
 
 def _finish(func, name: str):

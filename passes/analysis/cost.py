@@ -6,7 +6,10 @@ search read this one analysis. The latency of a node is
     max(FLOPs / peak FLOP/s for its dtype, bytes moved / memory bandwidth) + per-op overhead
 
 with the numbers of one device from ``backends/hardware.toml`` (chosen from the compilation
-target, or by the ``hardware`` option). View-like ops cost nothing. Weight bytes are counted at
+target, or by the ``hardware`` option). View-like ops cost nothing. With ``measure=true`` the
+op kernels are built with TVM and timed on the target (see :mod:`.measure`; ``rpc=HOST:PORT``
+for a remote device) and a node's measured time replaces its roofline estimate
+(``latency_s``; the estimate stays in ``roofline_s``, ``source`` says which one is used). Weight bytes are counted at
 the weight's *current* precision: its dtype, or ``ir.annotations["weight_bits"][placeholder]``
 when a quantization pass has recorded fewer bits than the storage dtype.
 
@@ -18,7 +21,8 @@ type, and in total.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,11 +31,12 @@ from slimc.passes.analysis.layers import op_name, weight_layers
 from slimc.passes.analysis.op_costs import FREE_OPS, MATRIX_OPS, op_flops, tensors
 from torch.fx import Node
 
+from slimc.errors import UsageError
 from slimc.ir import IR
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
 _SUMMED = ("params", "weight_bytes", "macs", "flops", "activation_bytes", "bytes_moved",
-           "latency_s")
+           "latency_s", "roofline_s")
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,22 @@ class NodeCost:
     latency_s: float
     #: ``compute``, ``memory`` or ``free`` (view ops): which roof limits the node.
     bound: str
+    #: The roofline estimate (equal to ``latency_s`` unless a measurement replaced it).
+    roofline_s: float = 0.0
+    #: Measured kernel time on the target, when ``measure`` ran and this op has a kernel.
+    measured_s: float | None = None
+
+    @property
+    def source(self) -> str:
+        return "measured" if self.measured_s is not None else "roofline"
 
 
 @dataclass
 class CostResult:
     hardware: Hardware
     nodes: dict[str, NodeCost]
+    #: What the kernel measurement did (:meth:`.measure.Measurement.to_json`), if it ran.
+    measured: dict[str, Any] | None = None
     #: module path -> summed costs of the nodes whose innermost module it is.
     by_module: dict[str, dict[str, float]] = field(default_factory=dict)
     #: layer name (see :func:`weight_layers`) -> summed costs of the ops using that weight.
@@ -71,8 +86,9 @@ class CostResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"hardware": self.hardware.to_json(), "total": self.total,
+                "measured": self.measured,
                 "by_op": self.by_op, "by_layer": self.by_layer, "by_module": self.by_module,
-                "nodes": {k: asdict(v) for k, v in self.nodes.items()}}
+                "nodes": {k: {**asdict(v), "source": v.source} for k, v in self.nodes.items()}}
 
 
 def _bits(ir: IR, name: str, value: torch.Tensor) -> float:
@@ -114,7 +130,7 @@ def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware
     latency = max(compute_s, memory_s) + hw.op_overhead_us * 1e-6
     return NodeCost(node.name, op, info.module_path, info.module_type, dtype, params,
                     weight_bytes, macs, flops, activation_bytes, bytes_moved, latency,
-                    "compute" if compute_s >= memory_s else "memory")
+                    "compute" if compute_s >= memory_s else "memory", latency)
 
 
 def _add(into: dict[str, float], cost: NodeCost) -> None:
@@ -123,14 +139,21 @@ def _add(into: dict[str, float], cost: NodeCost) -> None:
     into["nodes"] = into.get("nodes", 0) + 1
 
 
-def estimate_costs(ir: IR, hw: Hardware) -> CostResult:
-    """Costs of every call_function node of ``ir`` on ``hw``, aggregated."""
+def estimate_costs(ir: IR, hw: Hardware, measured: Mapping[str, float] | None = None
+                   ) -> CostResult:
+    """Costs of every call_function node of ``ir`` on ``hw``, aggregated.
+
+    ``measured`` (node name -> seconds) replaces the roofline latency of those nodes.
+    """
     weights = ir.weights()
+    measured = measured or {}
     result = CostResult(hardware=hw, nodes={})
     by_module: dict[str, dict[str, float]] = defaultdict(dict)
     by_op: dict[str, dict[str, float]] = defaultdict(dict)
     for node in ir.nodes("call_function"):
         cost = node_cost(ir, node, weights, hw)
+        if node.name in measured and cost.bound != "free":
+            cost = replace(cost, latency_s=measured[node.name], measured_s=measured[node.name])
         result.nodes[node.name] = cost
         _add(result.total, cost)
         if cost.bound != "free":
@@ -162,6 +185,13 @@ class CostAnalysis(AnalysisPass):
     class Options(PassOptions):
         #: Entry of backends/hardware.toml; default: the device of the compilation target.
         hardware: str | None = None
+        #: Build and time each op's kernel for the target (cached on disk) and prefer those
+        #: times over the roofline.
+        measure: bool = False
+        #: ``HOST:PORT`` of a TVM RPC server on the target device (cross targets).
+        rpc: str | None = None
+        #: Runtime threads for local timing (default ``TVM_NUM_THREADS`` or all cores).
+        threads: int | None = None
 
     def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> CostResult:
         assert isinstance(options, CostAnalysis.Options)
@@ -171,5 +201,22 @@ class CostAnalysis(AnalysisPass):
             hw = hardware_for_target(ctx.target)
         else:
             hw = get_hardware("host-znver4")
-        return estimate_costs(ir, hw)
+        if not options.measure:
+            return estimate_costs(ir, hw)
+        from slimc.passes.analysis.measure import measure_ir
+
+        spec = ctx.target
+        if spec is None:
+            from slimc.targets import resolve_target
+
+            spec = resolve_target("llvm")
+        if options.hardware and hardware_for_target(spec).name != hw.name:
+            raise UsageError(f"--measure times kernels on {spec.name}, whose device is not the "
+                             f"--hardware {options.hardware!r} the roofline uses.",
+                             hint="Drop --hardware, or pick the --target that runs on it.")
+        measurement = measure_ir(ir, spec, rpc=options.rpc, threads=options.threads,
+                                 log=getattr(ctx, "log", None) or (lambda message: None))
+        result = estimate_costs(ir, hw, measurement.node_seconds())
+        result.measured = measurement.to_json()
+        return result
 

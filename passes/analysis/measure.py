@@ -312,7 +312,8 @@ class _Device:
     def __init__(self, spec, rpc: str | None) -> None:
         import tvm
 
-        self.kind = spec.tvm_target().kind.name
+        kind = spec.tvm_target().kind.name
+        self.kind = "cpu" if kind in ("llvm", "c") else kind
         self.session = None
         if rpc:
             from tvm import rpc as tvm_rpc

@@ -40,11 +40,9 @@ class LayerStats:
 
 
 def calibration_batches(ctx: PassContext) -> list[list[torch.Tensor]]:
-    """The example inputs plus the ``--calib`` batches (:meth:`PassContext.calibration`)."""
-    batches = [list(ctx.example_inputs)]
-    if ctx.calibration_batches:
-        batches += ctx.calibration()
-    return batches
+    """The ``--calib`` batches, or the example inputs when there are none
+    (:meth:`PassContext.calibration`)."""
+    return ctx.calibration()
 
 
 def _input_of(node: Node) -> Node:

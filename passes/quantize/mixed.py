@@ -1,10 +1,20 @@
 """Mixed precision: choose each layer's format to minimise predicted damage under a byte budget.
 
-Damage model: the output perturbation of quantizing one layer alone, measured on calibration
-data (relative squared L2 error of the model's float outputs), assumed additive across layers
-as in HAWQ/HAQ-style allocation. TODO(sensitivity): these per-layer curves belong in the
-``sensitivity`` analysis (helper B's ``passes/analysis/sensitivity.py``); :func:`damage_table`
-uses it when it is registered and provides ``curves`` and measures them itself otherwise.
+Damage model: the output change when one layer alone is quantized, on calibration data, under
+the same measure as the ``sensitivity`` analysis's ``perturbation`` criterion (KL divergence of
+the softmax for logits, 1 - cosine for embeddings, relative L2 otherwise; see
+:mod:`slimc.passes.analysis.criteria.divergence`), assumed additive across layers as in
+HAWQ/HAQ-style allocation.
+
+Where the damage comes from (:func:`damage_table`): the ``sensitivity`` analysis
+(``criterion=perturbation, bits=(8,)``) through ``ctx.analyses``, so it is computed once and
+cached with the other analyses. Its ``q8`` setting (symmetric per-output-channel RTN, 127 levels
+a side) *is* slimc's int8 format for linear layers. It cannot express int4 with group sizes and
+zero points, fp16/bf16, or an embedding table quantized per vocabulary row (it quantizes
+embeddings per hidden column), so those entries are measured here, with the same batches and
+measure, by running the graph with one weight substituted (the IR is never edited); those
+measurements are memoised per :class:`PassContext` and weights, so a second ``quantize`` over
+the same IR does not repeat them.
 
 Solver: a multiple-choice knapsack solved by dynamic programming over the byte budget
 discretised into ``resolution`` units. Each option's cost is rounded *up*, so the chosen
@@ -16,14 +26,18 @@ that hurt too much stay in floating point when the budget allows.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from slimc.passes.analysis.criteria.divergence import divergence, output_kind
+from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
 
 from slimc.errors import UsageError
 from slimc.ir import IR
+from slimc.passmanager import PassContext
 
 from .formats import Format, fake_quantize
 from .layers import Layer
@@ -42,34 +56,109 @@ class Assignment:
                 "budget_bytes": round(self.budget_bytes)}
 
 
-def _output_error(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-    num = den = 0.0
-    for ref, out in zip(reference, outputs, strict=True):
-        if ref.is_floating_point():
-            num += float((ref.double() - out.double()).pow(2).sum())
-            den += float(ref.double().pow(2).sum())
-    return num / max(den, 1e-30)
+#: id(ctx) -> {(weight, fingerprint, batches, format): damage}, dropped with the context.
+_MEASURED: dict[int, dict] = {}
+
+
+def _memo(ctx: PassContext) -> dict:
+    key = id(ctx)
+    if key not in _MEASURED:
+        _MEASURED[key] = {}
+        weakref.finalize(ctx, _MEASURED.pop, key, None)
+    return _MEASURED[key]
+
+
+def _fingerprint(weight: torch.Tensor) -> tuple:
+    flat = weight.detach().reshape(-1)
+    return (tuple(weight.shape), float(flat.double().sum()), float(flat[:: 997].double().sum()))
 
 
 @torch.no_grad()
 def measure_damage(ir: IR, layers: Sequence[Layer], candidates: Sequence[Format],
-                   batches: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
-    """``damage[i, j]``: output error with only layer ``i`` fake-quantized to ``candidates[j]``."""
-    reference = [ir.run(b) for b in batches]
+                   batches: Sequence[Sequence[torch.Tensor]], wanted: np.ndarray | None = None,
+                   memo: dict | None = None) -> np.ndarray:
+    """``damage[i, j]``: output change with only layer ``i`` fake-quantized to ``candidates[j]``.
+
+    Only the entries where ``wanted`` is true are measured (the rest are 0). The graph runs with
+    the substituted weight in the weight's slot; the IR is not edited.
+    """
+    kind = output_kind(ir.output_names[0])
     table = np.zeros((len(layers), len(candidates)))
+    if wanted is None:
+        wanted = np.ones(table.shape, dtype=bool)
+    references: list[torch.Tensor] | None = None
     for i, layer in enumerate(layers):
+        if not wanted[i].any():
+            continue
         stored = ir.get_weight(layer.weight_node)
-        original = stored.detach().clone()
         matrix = layer.matrix(ir)
+        prefix = (layer.weight_node.name, _fingerprint(stored), len(batches))
         for j, fmt in enumerate(candidates):
-            if fmt.kind == "fp32":
+            if fmt.kind == "fp32" or not wanted[i, j]:
                 continue
+            key = (*prefix, str(fmt))
+            if memo is not None and key in memo:
+                table[i, j] = memo[key]
+                continue
+            if references is None:
+                references = [run_graph(ir, b)[0] for b in batches]
             fq = fake_quantize(matrix, fmt)
-            stored.data.copy_(fq.t() if layer.transposed else fq)
-            table[i, j] = sum(_output_error(r, ir.run(b))
-                              for r, b in zip(reference, batches, strict=True)) / len(batches)
-        stored.data.copy_(original)
+            value = (fq.t() if layer.transposed else fq).to(stored.dtype)
+            table[i, j] = sum(
+                divergence(kind, ref, run_graph(ir, b, {layer.weight_node.name: value})[0])
+                for ref, b in zip(references, batches, strict=True)) / len(batches)
+            if memo is not None:
+                memo[key] = table[i, j]
     return table
+
+
+@dataclass
+class DamageTable:
+    damage: np.ndarray
+    #: Per entry: "analysis" (sensitivity-perturbation), "measured" (here) or "fp32".
+    source: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def damage_table(ir: IR, ctx: PassContext, layers: Sequence[Layer],
+                 candidates: Sequence[Format], max_batches: int = 4) -> DamageTable:
+    """Damage of every (layer, candidate): from the sensitivity analysis where it can express
+    the format (int8 on linear layers), measured with the same batches and measure otherwise."""
+    shape = (len(layers), len(candidates))
+    damage = np.zeros(shape)
+    source = np.full(shape, "measured", dtype=object)
+    for j, fmt in enumerate(candidates):
+        if fmt.kind == "fp32":
+            source[:, j] = "fp32"
+    info: dict = {"max_batches": max_batches}
+    int8 = [j for j, fmt in enumerate(candidates) if fmt.kind == "int8"]
+    if ctx.analyses is not None and int8:
+        try:
+            result = ctx.analyses.get("sensitivity", criterion="perturbation", bits=(8,),
+                                      keep_ratios=(), rank_ratios=(), reference="q8",
+                                      max_batches=max_batches)
+        except (KeyError, UsageError, ValueError) as exc:  # not registered / no data
+            info["analysis_error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            by_weight = {entry.weight: entry for entry in result.layers.values()}
+            for i, layer in enumerate(layers):
+                entry = by_weight.get(layer.weight_node.name)
+                if entry is None or layer.is_embedding or entry.kind != "linear" \
+                        or "q8" not in entry.curve:
+                    continue
+                for j in int8:
+                    damage[i, j] = entry.curve["q8"]
+                    source[i, j] = "analysis"
+            info["analysis"] = {"criterion": result.criterion, "batches": result.batches,
+                                "seconds": round(result.seconds, 2)}
+    wanted = source == "measured"
+    if wanted.any():
+        batches = calibration_batches(ir, ctx, max_batches)
+        memo = _memo(ctx)
+        measured = measure_damage(ir, layers, candidates, batches, wanted, memo)
+        damage[wanted] = measured[wanted]
+    info["entries"] = {k: int((source == k).sum()) for k in ("analysis", "measured", "fp32")}
+    return DamageTable(damage, source, info)
 
 
 def solve(costs: np.ndarray, damage: np.ndarray, budget: float,
@@ -113,15 +202,12 @@ def solve(costs: np.ndarray, damage: np.ndarray, budget: float,
 
 
 def assign(ir: IR, layers: Sequence[Layer], candidates: Sequence[Format], budget_bits: float,
-           batches: Sequence[Sequence[torch.Tensor]], damage: np.ndarray | None = None
-           ) -> Assignment:
+           damage: np.ndarray) -> Assignment:
     """Formats for ``layers`` at ``budget_bits`` average bits per weight (overheads included)."""
     shapes = [tuple(layer.matrix(ir).shape) for layer in layers]
     costs = np.array([[fmt.nbytes(n, k) for fmt in candidates] for n, k in shapes])
     total = sum(n * k for n, k in shapes)
     budget = budget_bits * total / 8.0
-    if damage is None:
-        damage = measure_damage(ir, layers, candidates, batches)
     picks = solve(costs, damage, budget)
     formats = {layer.name: candidates[j] for layer, j in zip(layers, picks, strict=True)}
     used = float(sum(costs[i, j] for i, j in enumerate(picks)))

@@ -36,6 +36,8 @@ class QuantizeOptions(PassOptions):
                           "quantizable weight, scales and zero points included.")
     candidates: str = Field("int4-g128,int4-g64,int4-g32,int8,fp16,fp32", description=
                             "`mixed`: formats to choose from, comma-separated.")
+    damage_batches: int = Field(4, ge=1, le=64, description="`mixed`: calibration batches "
+                                "the per-layer damage is measured on.")
     embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
                              "dequantize) and tied output heads too.")
 
@@ -79,25 +81,9 @@ def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
     candidates = [parse_format(c.strip()) for c in options.candidates.split(",")]
     if not any(c.kind == "fp32" for c in candidates):
         candidates.append(Format("fp32"))
-    result = mixed.assign(ir, layers, candidates, options.budget, calib.calibration_batches(ctx),
-                          damage=_sensitivity_damage(ctx, layers, candidates))
-    return result.formats, result.to_json()
-
-
-def _sensitivity_damage(ctx: PassContext, layers, candidates):
-    """Per-layer damage curves from the ``sensitivity`` analysis, when it provides them."""
-    try:
-        curves = ctx.analyses.get("sensitivity").curves  # type: ignore[union-attr]
-        return _curves_to_table(curves, layers, candidates)
-    except Exception:  # noqa: BLE001 - not registered / no curves: measure in mixed.py
-        return None
-
-
-def _curves_to_table(curves, layers, candidates):
-    import numpy as np
-
-    return np.array([[float(curves[layer.name][str(fmt)]) if fmt.kind != "fp32" else 0.0
-                      for fmt in candidates] for layer in layers])
+    table = mixed.damage_table(ir, ctx, layers, candidates, options.damage_batches)
+    result = mixed.assign(ir, layers, candidates, options.budget, table.damage)
+    return result.formats, {**result.to_json(), "damage": table.info}
 
 
 def _int_kind(fmt: Format) -> bool:

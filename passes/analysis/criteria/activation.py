@@ -18,12 +18,17 @@ from slimc.ir import IR
 from slimc.passmanager import PassContext
 
 
-def input_scale(layer: Layer, weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
-    """``||X_j||`` broadcast to ``weight``'s shape (per input feature / channel / row)."""
+def input_scale(layer: Layer | str, weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """``||X_j||`` broadcast to ``weight``'s shape (per input feature / channel / row).
+
+    ``layer`` is the layer or the kind of the op that read the weight (``linear``, ``conv``,
+    ``embedding``): a tied weight is read as an embedding *and* as a linear LM head.
+    """
+    kind = layer if isinstance(layer, str) else layer.kind
     norm = sq_norm.sqrt().to(torch.float64)
-    if layer.kind == "embedding":
+    if kind == "embedding":
         return norm.view(-1, *([1] * (weight.dim() - 1)))
-    if layer.kind == "linear":
+    if kind == "linear":
         return norm.view(*([1] * (weight.dim() - 1)), -1)
     out_ch, in_per_group = weight.shape[0], weight.shape[1]
     groups = norm.numel() // in_per_group
@@ -44,13 +49,30 @@ class ActivationSensitivity(SensitivityCriterion):
         recorder = ActivationRecorder(ir, [op for layer in layers for op in layer.ops])
         for batch in batches:
             recorder.record(batch)
-        self._sq_norms = {layer.name: sum(recorder.sq_norms[op.name] for op in layer.ops)
-                          for layer in layers}
+        # Per layer and per kind of use (a tied weight is an embedding and an LM head).
+        self._sq_norms: dict[str, dict[str, torch.Tensor]] = {}
+        for layer in layers:
+            per_kind: dict[str, torch.Tensor] = {}
+            for op in layer.ops:
+                kind = _op_kind(op)
+                per_kind[kind] = per_kind.get(kind, 0) + recorder.sq_norms[op.name]
+            self._sq_norms[layer.name] = per_kind
         return len(batches)
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:
-        scale = input_scale(layer, weight, self._sq_norms[layer.name])
         w = weight.double()
-        error = ((compressed.double() - w) * scale).pow(2).sum()
-        return float(error / (w * scale).pow(2).sum().clamp_min(1e-30))
+        delta = compressed.double() - w
+        error = total = 0.0
+        for kind, sq_norm in self._sq_norms[layer.name].items():
+            scale = input_scale(kind, weight, sq_norm)
+            error += float((delta * scale).pow(2).sum())
+            total += float((w * scale).pow(2).sum())
+        return error / max(total, 1e-30)
+
+
+def _op_kind(op) -> str:
+    from slimc.passes.analysis.layers import op_name
+
+    name = op_name(op)
+    return "embedding" if name == "aten.embedding" else ("conv" if "conv" in name else "linear")

@@ -15,6 +15,13 @@ from typing import Any, ClassVar
 
 import torch
 from slimc.passes.analysis.criteria.candidates import Setting, settings_from
+from slimc.passes.analysis.criteria.groups import (
+    GroupCandidate,
+    GroupSensitivity,
+    group_candidates,
+    groups_json,
+    score_groups,
+)
 from slimc.passes.analysis.layers import Layer, weight_layers
 
 from slimc.errors import UsageError
@@ -36,6 +43,10 @@ class SensitivityOptions(PassOptions):
     #: At most this many calibration batches are used.
     max_batches: int = 4
     seed: int = 0
+    #: Also score the prune-groups' groups (heads, MLP neurons, conv filters) and blocks.
+    groups: bool = True
+    #: Fractions of a group's units kept (lowest-magnitude units removed first).
+    group_keep_ratios: tuple[float, ...] = (0.75, 0.5, 0.25)
 
 
 @dataclass
@@ -60,6 +71,10 @@ class SensitivityResult:
     layers: dict[str, LayerSensitivity]
     seconds: float = 0.0
     batches: int = 0
+    #: Prunable group / block name -> damage curve over keep ratios (see :mod:`.groups`).
+    groups: dict[str, GroupSensitivity] = field(default_factory=dict)
+    #: Why groups were not scored, if they were not.
+    groups_error: str | None = None
 
     def scores(self, setting: str | None = None) -> dict[str, float]:
         """Layer name -> value at ``setting`` (default: the reference setting)."""
@@ -75,7 +90,8 @@ class SensitivityResult:
         return {"criterion": self.criterion, "settings": self.settings,
                 "reference": self.reference, "seconds": round(self.seconds, 3),
                 "batches": self.batches,
-                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+                "layers": {k: asdict(v) for k, v in self.layers.items()},
+                "groups": groups_json(self.groups), "groups_error": self.groups_error}
 
 
 class SensitivityCriterion(AnalysisPass):
@@ -110,8 +126,35 @@ class SensitivityCriterion(AnalysisPass):
             results[layer.name] = LayerSensitivity(
                 layer.name, layer.module_type, layer.kind, layer.weight.name,
                 [op.name for op in layer.ops], weight.numel(), curve, self.extra(layer))
-        return SensitivityResult(self.criterion, keys, options.reference, results,
-                                 time.perf_counter() - start, batches)
+        result = SensitivityResult(self.criterion, keys, options.reference, results, 0.0,
+                                   batches)
+        if options.groups:
+            self._score_groups(ir, ctx, options, layers, weights, result)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _score_groups(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
+                      layers: list[Layer], weights: dict[str, torch.Tensor],
+                      result: SensitivityResult) -> None:
+        try:
+            candidates = group_candidates(ir, ctx, options.group_keep_ratios)
+        except Exception as exc:  # noqa: BLE001 - the graph analysis is best effort here
+            result.groups_error = f"prune-groups failed: {type(exc).__name__}: {exc}"
+            return
+        by_weight = {layer.weight.name: layer for layer in layers}
+        result.groups = score_groups(
+            candidates, weights,
+            lambda cand, key, overrides: self.group_damage(cand, key, overrides, by_weight,
+                                                           weights))
+
+    def group_damage(self, candidate: GroupCandidate, key: str,
+                     overrides: dict[str, torch.Tensor], layers: dict[str, Layer],
+                     weights: dict[str, torch.Tensor]) -> float:
+        """Damage of removing ``candidate``'s units at ``key``. Proxies: the sum of their
+        per-layer damage over the weight layers touched (biases and norms not counted)."""
+        setting = Setting("prune", float(key.removeprefix("keep")))
+        return float(sum(self.damage(layers[w], weights[w].detach(), value, setting)
+                         for w, value in overrides.items() if w in layers))
 
     def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
                 layers: list[Layer]) -> int:
