@@ -134,7 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calib", default="Genesis1:1-Exodus40:38")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--eval", default="John1:1-21:25")

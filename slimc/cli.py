@@ -207,22 +207,22 @@ def analyze_command(
 
 
 def _print_groups(analysis: dict) -> None:
-    """The prunable groups table of ``slimc analyze`` (least damaged first)."""
-    from rich.table import Table
-
+    """The prunable groups table of ``slimc analyze`` (least damaged first), as plain text so
+    it survives narrow terminals and pipes."""
     from slimc.analyze import group_table, primary_criterion
 
     criterion = primary_criterion(analysis)
     header, rows = group_table(analysis, criterion, top=12)
     if not rows:
         return
-    table = Table(title=f"prunable groups ({criterion}; {len(analysis['groups'])} in "
-                  "analysis.json)", title_justify="left")
-    for column in header:
-        table.add_column(column, justify="left" if column in ("group", "kind") else "right")
-    for row in rows:
-        table.add_row(*row)
-    out_console.print(table)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out_console.print(f"prunable groups ({criterion}: output damage at each keep ratio, least "
+                      f"damaged first; all {len(analysis['groups'])} in analysis.json)",
+                      markup=False)
+    for row in [header, *rows]:
+        out_console.print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                    for i, (c, w) in enumerate(zip(row, widths, strict=True))),
+                          markup=False)
 
 
 def _csv(text: str, kind, option: str) -> tuple:

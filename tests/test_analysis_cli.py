@@ -40,3 +40,25 @@ def test_bad_input_exits_2(cli, hf_dir, tmp_path):
         assert result.code == 2, (option, result.err)
         assert message in result.err
     assert not (tmp_path / "x").exists()
+
+
+def test_analyze_shows_groups(cli, hf_dir, tmp_path):
+    """Group curves in the output, analysis.json and report.md (--measure itself: see
+    test_analysis_measure.py; building kernels here would double this test's time)."""
+    out = tmp_path / "groups"
+    result = cli("analyze", hf_dir("llama"), "-o", out, "--criteria", "magnitude,perturbation",
+                 "--bits", "4", "--keep-ratios", "", "--rank-ratios", "", "--seq-len", "8",
+                 "--batch-size", "1", "--max-batches", "1")
+    assert result.code == 0, result.err
+    assert "prunable groups" in result.out and "model.layers.0:block" in result.out
+    assert "model.layers.1.mlp:mlp-channel" in result.out
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["cost"]["measured"] is None
+    groups = analysis["groups"]
+    curve = groups["model.layers.0.mlp:mlp-channel"]["sensitivity"]["perturbation"]
+    assert set(curve) == {"keep0.75", "keep0.5", "keep0.25"}
+    assert set(groups["model.layers.0:block"]["sensitivity"]["magnitude"]) == {"keep0"}
+    assert "## Prunable groups" in (out / "report.md").read_text()
+    cross = cli("analyze", hf_dir("llama"), "--target", "rpi4", "--measure", "-o",
+                tmp_path / "cross", "--criteria", "magnitude")
+    assert cross.code == 2 and "--rpc" in cross.err

@@ -151,6 +151,57 @@ def test_mixed_beats_uniform_at_the_same_bytes(hf_dir):
     assert relative_l2(reference, ir.run(inputs)) < relative_l2(reference, uniform.run(inputs))
 
 
+def test_mixed_reads_int8_damage_from_the_cached_sensitivity_analysis(hf_dir):
+    """int8 on linear layers comes from ``sensitivity{criterion=perturbation}`` (same measure
+    as the in-pass one), computed once; int4 groups are measured in the pass, memoised."""
+    from slimc.passmanager import AnalysisManager, PassManager
+
+    ir, inputs = _ir(hf_dir("llama"))
+    ctx = PassContext(example_inputs=inputs)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
+    layers = find_layers(ir)
+    candidates = [Format("int4", 32), Format("int8"), Format("fp32")]
+    table = mixed.damage_table(ir, ctx, layers, candidates)
+    linear = [i for i, la in enumerate(layers) if not la.is_embedding]
+    assert all(table.source[i, 1] == "analysis" for i in linear)
+    assert all(table.source[i, 0] == "measured" for i in range(len(layers)))
+    assert (table.damage[:, 2] == 0).all() and (table.damage[:, :2] > 0).all()
+    # The analysis's q8 is slimc's int8 format under the same measure: the numbers agree.
+    i = linear[0]
+    measured = mixed.measure_damage(ir, layers[i:i + 1], candidates[1:2], ctx.calibration())
+    assert measured[0, 0] == pytest.approx(table.damage[i, 1], rel=1e-6)
+    again = mixed.damage_table(ir, ctx, layers, candidates)
+    np.testing.assert_allclose(again.damage, table.damage)
+    computed = [done for name, done in ctx.analyses.history if name == "sensitivity-perturbation"]
+    assert computed[0] and not any(computed[1:])
+
+
+@pytest.mark.parametrize("m,k,n,group", [(1, 256, 64, 64), (3, 96, 24, 32), (2, 80, 16, 32)])
+def test_int4_kernel_matches_the_reference(m, k, n, group):
+    """The factored int4 kernel (and the per-k fallback when K % group != 0) vs PyTorch."""
+    import tvm
+    from slimc.backends.tvm import quantized_ops as q
+
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    params = int4_params(w, group, False)
+    packed = pack_int4(int4_codes(w, params))
+    x = torch.randn(m, k)
+    expected = x @ dequantize_int4(packed, params.scale, params.zero, group, k).t()
+    t = q.tile_for(n)
+
+    def tiles(a):
+        return a.reshape(n // t, t, -1).permute(0, 2, 1).contiguous().numpy()
+
+    func = q.linear_kernel("int4", m, k, n, group)
+    assert ("int4f" in str(func.attrs["global_symbol"])) == (k % group == 0)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm"})
+    args = [tvm.runtime.tensor(a) for a in (x.numpy(), tiles(packed), tiles(params.scale),
+                                            tiles(params.zero), np.zeros((m, n), "float32"))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
 # -- the pass on real architectures, built and verified by TVM ------------------------------
 
 

@@ -26,6 +26,12 @@ Kernel layout: the converter reshapes the ``[N, ...]`` weight into ``[N/t, ..., 
 the kernel streams each tile contiguously while computing ``t`` outputs in vector lanes. Each
 kernel is scheduled here (parallel over tiles, vectorized over lanes, accumulator in
 registers) and marked ``tirx.is_scheduled`` so generic schedule rules leave it alone.
+
+int4 (``K`` a multiple of the group size) uses :func:`_int4_grouped_kernel`: scale and zero point
+are factored out of the inner loop (applied once per group, with per-row group sums of ``x``),
+and the inner loop unpacks both nibbles of a byte with constant shifts and widens them straight
+into ``t``-lane fp32 multiply-adds. Single-threaded on the host it is ~10x faster than the
+per-k dequantizing kernel on decode shapes (768x2048, g128: 0.07 vs 0.72 ms).
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ with the numbers of one device from ``backends/hardware.toml`` (chosen from the 
 target, or by the ``hardware`` option). View-like ops cost nothing. With ``measure=true`` the
 op kernels are built with TVM and timed on the target (see :mod:`.measure`; ``rpc=HOST:PORT``
 for a remote device) and a node's measured time replaces its roofline estimate
-(``latency_s``; the estimate stays in ``roofline_s``, ``source`` says which one is used). Weight bytes are counted at
-the weight's *current* precision: its dtype, or ``ir.annotations["weight_bits"][placeholder]``
-when a quantization pass has recorded fewer bits than the storage dtype.
+(``latency_s``; the estimate stays in ``roofline_s``, ``source`` says which one is used).
+Weight bytes are counted at the weight's *current* precision: its dtype, or
+``ir.annotations["weight_bits"][placeholder]`` when a quantization pass has recorded fewer bits
+than the storage dtype.
 
 Results are per node (keyed by node name, carrying the module path), aggregated per module path
 (one ``nn.Linear``/``nn.Conv2d`` each), per weight-bearing layer (see :mod:`.layers`), per op

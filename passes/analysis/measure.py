@@ -184,6 +184,7 @@ def one_op_module(node: Node, weights: Mapping[str, torch.Tensor]):
 def _relax_function(node: Node, weights: Mapping[str, torch.Tensor], converters=None):
     """The Relax ``main`` of the one-op module, through slimc's capture + lowering."""
     from slimc.backends.tvm.lower import lower_to_relax
+
     from slimc.capture import capture
     from slimc.loaders.base import LoadedModel
 
@@ -300,7 +301,6 @@ def parse_rpc(rpc: str) -> tuple[str, int]:
 
 def _build(functions: dict[str, Any], spec, path: Path) -> None:
     import tvm
-
     from slimc.backends.tvm.build import build_library
 
     build_library(tvm.IRModule(functions), spec, path)

@@ -98,11 +98,13 @@ class _Recorder(Interpreter):
             if st is None:
                 zeros = torch.zeros(flat.shape[1], dtype=torch.float64)
                 st = self.stats[n.name] = InputStats(zeros, zeros.clone())
-            st.sq += (flat.double() ** 2).sum(0)
-            st.total += flat.double().sum(0)
+            # float32 products, float64 accumulation: a full float64 copy of every
+            # activation was the slowest part of recording.
+            st.sq += flat.square().sum(0, dtype=torch.float64)
+            st.total += flat.sum(0, dtype=torch.float64)
             st.count += flat.shape[0]
             if n.name in self.gram:
-                g = flat.double().T @ flat.double()
+                g = (flat.T @ flat).double()
                 st.gram = g if st.gram is None else st.gram + g
         if n.name in self.keep and isinstance(result, torch.Tensor):
             self.kept.setdefault(n.name, []).append(result.detach().float())

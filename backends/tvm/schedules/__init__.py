@@ -113,9 +113,48 @@ def fusion_passes(target) -> list:
         fast_math, relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
-        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+        _nhwc_pass(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def _uses_conv2d(mod) -> bool:
+    from tvm import relax
+
+    found = []
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.nn.conv2d":
+            found.append(expr)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+def _convert_conv_layout(mod, _ctx):
+    """Relax ``ConvertLayout`` to NHWC/HWIO, only for modules with a conv2d.
+
+    The pass is skipped elsewhere (it has nothing to do there, and TVM 0.27's ConvertLayout
+    runs out of memory on some graphs without convs, e.g. Mixtral's MoE routing); if it fails on
+    a conv model the convs simply stay NCHW, which the conv rule also schedules.
+    """
+    from tvm import relax
+
+    if not _uses_conv2d(mod):
+        return mod
+    try:
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
+    except Exception as exc:  # noqa: BLE001 - a layout we cannot convert: keep NCHW
+        log.debug("ConvertLayout skipped: %s", _last_line(exc))
+        return mod
+
+
+def _nhwc_pass():
+    import tvm
+
+    return tvm.transform.module_pass(_convert_conv_layout, opt_level=0, name="SlimcNhwcConvs")
 
 
 def _last_line(exc: BaseException) -> str:
