@@ -177,8 +177,8 @@ def minilm(settings: dict) -> list[dict]:
 
     tok = transformers.AutoTokenizer.from_pretrained(str(MINILM))
     base, _ = _capture(f"{Path(__file__).resolve()}:minilm_factory")
-    calibration = _encode(tok, kjv("Genesis 1-3").split(". ")[:64])  # 4 batches of 16
-    held_text = kjv("John 1-2").split(". ")[:64]
+    calibration = _encode(tok, kjv("Genesis1:1-3:24").split(". ")[:64])  # 4 batches of 16
+    held_text = kjv("John1:1-2:25").split(". ")[:64]
     held_out = _encode(tok, held_text)
     pairs = []
     for line in WORDSIM.read_text().splitlines():
@@ -238,8 +238,8 @@ def smollm(settings: dict) -> list[dict]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return [[torch.tensor([ids[i * SEQ_SMOLLM:(i + 1) * SEQ_SMOLLM]])] for i in range(count)]
 
-    calibration = windows(kjv("Genesis 1-5"), 8)
-    evaluation = windows(kjv("John 1-4"), int(os.environ.get("EVAL_WINDOWS", "24")))
+    calibration = windows(kjv("Genesis1:1-5:32"), 8)
+    evaluation = windows(kjv("John1:1-4:54"), int(os.environ.get("EVAL_WINDOWS", "24")))
 
     def perplexity(ir) -> float:
         nll, count = 0.0, 0

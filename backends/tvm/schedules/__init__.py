@@ -9,20 +9,25 @@ given to the rules below in order, and the first that claims it schedules it:
 3. :class:`~.fallback.Fallback` -- parallel + vectorized loops for everything else.
 
 A rule that raises is skipped (logged at debug level) and the next one is tried, so a kernel is
-at worst left as TVM's correct, unscheduled loops. Weights are bound as constants, so the
-``FoldConstant`` that runs after legalization already turns ``permute_dims(W)`` into a
-pre-transposed constant: no layout work happens at run time.
+at worst left as TVM's correct, unscheduled loops. Before fusion (:func:`fusion_passes`) slimc
+swaps in vectorizable transcendental functions (``fast_math``), decomposes batch norm and turns
+convs NHWC. Weights are bound as constants, so the ``FoldConstant`` that runs after
+legalization turns ``permute_dims(W)`` into a pre-transposed constant: no layout work happens
+at run time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .common import log
 from .cpu_matmul import TiledMatmul
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
+
+if TYPE_CHECKING:
+    import tvm
 
 __all__ = [
     "DEFAULT_RULES", "apply_cpu_schedules", "cpu_pipeline", "fusion_passes", "schedule_prim_func",
@@ -32,13 +37,14 @@ __all__ = [
 class Rule(Protocol):
     name: str
 
-    def apply(self, func, target): ...
+    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target): ...
 
 
 DEFAULT_RULES: tuple[Rule, ...] = (TiledMatmul(), RowReduction(), Fallback())
 
 
-def schedule_prim_func(func, target, rules: Sequence[Rule] = DEFAULT_RULES, name: str = ""):
+def schedule_prim_func(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
+                       rules: Sequence[Rule] = DEFAULT_RULES, name: str = "") -> tvm.tirx.PrimFunc:
     """Return ``func`` scheduled by the first rule that accepts it (or ``func`` unchanged)."""
     from tvm import tirx
 
@@ -56,7 +62,8 @@ def schedule_prim_func(func, target, rules: Sequence[Rule] = DEFAULT_RULES, name
     return func
 
 
-def apply_cpu_schedules(mod, target, rules: Sequence[Rule] = DEFAULT_RULES):
+def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target,
+                        rules: Sequence[Rule] = DEFAULT_RULES) -> tvm.IRModule:
     """Schedule every unscheduled ``PrimFunc`` of the Relax ``IRModule`` ``mod`` for ``target``."""
     from tvm import tirx
 
@@ -73,7 +80,8 @@ def apply_cpu_schedules(mod, target, rules: Sequence[Rule] = DEFAULT_RULES):
     return mod
 
 
-def cpu_pipeline(target, rules: Sequence[Rule] = DEFAULT_RULES):
+def cpu_pipeline(target: tvm.target.Target,
+                 rules: Sequence[Rule] = DEFAULT_RULES) -> tvm.transform.Pass:
     """The Relax pipeline for CPU targets: TVM's default one plus the schedules above."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -94,7 +102,7 @@ def cpu_pipeline(target, rules: Sequence[Rule] = DEFAULT_RULES):
     return _pipeline
 
 
-def fusion_passes(target) -> list:
+def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Relax passes up to (and including) operator fusion, i.e. what runs before scheduling.
 
     Batch norm is decomposed into elementwise ops (fused into the conv epilogue) and convs run
