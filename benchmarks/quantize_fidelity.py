@@ -62,6 +62,10 @@ SETTINGS = {
     "mixed =g32 rtn": dict(weights="mixed", budget=-32, candidates=CANDS),
     "mixed 4.5 gptq": dict(weights="mixed", budget=4.5, candidates=CANDS, method="gptq"),
     "int4 g64 gptq": dict(weights="int4", group_size=64, method="gptq"),
+    # proxy damage (Fisher, ``sensitivity{criterion=taylor}``): for SmolLM, where one forward
+    # per (layer, format) is far too slow on the shared 2-core host
+    "mixed 4.5 taylor": dict(weights="mixed", budget=4.5, candidates=CANDS, criterion="taylor"),
+    "mixed =g64 taylor": dict(weights="mixed", budget=-64, candidates=CANDS, criterion="taylor"),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

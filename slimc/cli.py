@@ -48,6 +48,11 @@ class Progress:
         if self.enabled and self._status is not None:
             self._status.update(f"[bold]{name}[/bold] ...")
 
+    def update(self, detail: str) -> None:
+        """Refresh the status line within the current stage (e.g. tuning trials)."""
+        if self.enabled and self._status is not None and self._current:
+            self._status.update(f"[bold]{self._current[0]}[/bold] {detail}")
+
     def _finish(self) -> None:
         if self._current and self.enabled:
             name, start = self._current
@@ -102,6 +107,14 @@ def compile_command(
         "(tokenized with the model's tokenizer), .npy/.npz, or a folder of images.")] = None,
     calib_batches: Annotated[int, typer.Option(min=1, help="Most calibration batches to "
                                                "read.")] = 8,
+    tune: Annotated[int, typer.Option("--tune", metavar="N", help="Tune the most expensive "
+                                      "kernels with MetaSchedule for N trials in all; records "
+                                      "are kept and reused by later compiles.")] = 0,
+    tune_minutes: Annotated[float | None, typer.Option(
+        "--tune-minutes", help="Stop tuning after this many minutes.")] = None,
+    tune_db: Annotated[Path | None, typer.Option(
+        "--tune-db", help="Tuning database folder to read and extend (default: per target "
+        "under ~/.cache/slimc/tuning, or $SLIMC_CACHE_DIR/tuning).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as one "
                                           "JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -112,11 +125,13 @@ def compile_command(
     options = CompileOptions(target=target, pipeline=pipeline, recipe=recipe,
                              opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
                              threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
-                             save_ir=save_ir, calib=calib, calib_batches=calib_batches)
+                             save_ir=save_ir, calib=calib, calib_batches=calib_batches,
+                             tune=tune, tune_minutes=tune_minutes, tune_db=tune_db)
     progress = Progress(_show_progress(quiet) and not as_json)
     with progress.running():
         result = compile_model(model, options, stage=progress.stage,
-                               log=(lambda m: None) if quiet else _log_verbose)
+                               log=(lambda m: None) if quiet else _log_verbose,
+                               progress=progress.update)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
     m = result.manifest
@@ -126,6 +141,7 @@ def compile_command(
                                      "weight_bytes_after", "fidelity", "verification",
                                      "library", "sha256", "timings")}
         summary["output"] = str(result.output)
+        summary["tuning"] = m.get("tuning")
         print(json.dumps(summary))
     elif not quiet:
         v = m["verification"]
@@ -133,6 +149,10 @@ def compile_command(
                    if v.get("passed") else "NOT run")
         out_console.print(f"wrote {result.output} ({m['target']['name']}, "
                           f"{m['params_after']:,} params, {checked})")
+        if m.get("tuning"):
+            t = m["tuning"]
+            out_console.print(f"tuning: {t['trials']} trials run, {t['records_applied']} of "
+                              f"{t['kernels']} kernels from {t['database']}", markup=False)
 
 
 def _log_verbose(message: str) -> None:

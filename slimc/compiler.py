@@ -53,6 +53,13 @@ class CompileOptions:
     #: Calibration data for passes that need activations (text, .npy/.npz, image folder).
     calib: str | Path | None = None
     calib_batches: int = 8
+    #: MetaSchedule trial budget for the most expensive kernels (0: no tuning; existing records
+    #: in the tuning database are applied either way).
+    tune: int = 0
+    #: Stop tuning after this many minutes.
+    tune_minutes: float | None = None
+    #: Tuning database folder (default: per target under ``$SLIMC_CACHE_DIR/tuning``).
+    tune_db: str | Path | None = None
 
 
 @dataclass
@@ -82,8 +89,12 @@ def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassI
 
 def compile_model(model: str, options: CompileOptions | None = None, *,
                   stage: Stage = lambda name: None, log: Callable[[str], None] = lambda m: None,
-                  registry: Registry | None = None) -> CompileResult:
-    """Compile ``model`` (HF directory, ``module:factory`` or ``.pt2``) into an artifact."""
+                  registry: Registry | None = None,
+                  progress: Callable[[str], None] = lambda m: None) -> CompileResult:
+    """Compile ``model`` (HF directory, ``module:factory`` or ``.pt2``) into an artifact.
+
+    ``progress`` receives status updates within a stage (tuning trials).
+    """
     options = options or CompileOptions()
     registry = registry or get_registry()
     timings: dict[str, float] = {}
@@ -93,6 +104,15 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     spec = resolve_target(options.target, registry)
     pipeline = _resolve_pipeline(options, registry)
     overrides = parse_overrides(list(options.inputs))
+    from slimc.backends.tvm.tuning import TuningOptions, open_tuner
+
+    tuning_options = TuningOptions(trials=options.tune, minutes=options.tune_minutes,
+                                   database=options.tune_db)
+    tuning_options.validate()
+    if options.tune and spec.is_cross:
+        raise UsageError(f"--tune measures kernels on this machine, which cannot run "
+                         f"{spec.triple} code.", hint="Tune on the device itself (or an "
+                         "identical one) and bring its database here with --tune-db PATH.")
     from slimc.backends.tvm.runtime import set_threads
 
     threads = set_threads(options.threads)
@@ -139,10 +159,11 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     timings["lower_s"] = time.perf_counter() - t0
 
     with artifact.staged_directory(output) as stage_dir:
-        stage(f"build for {spec.name}")
+        tuner = open_tuner(tuning_options, spec.tvm_target(), progress)
+        stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         t0 = time.perf_counter()
         with native_stderr_to(native_log):
-            library = build_library(mod, spec, stage_dir / artifact.LIBRARY)
+            library = build_library(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner)
         timings["build_s"] = time.perf_counter() - t0
 
         stage("verify")
@@ -164,6 +185,7 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
         manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
                              verification, library, threads, timings, model)
         manifest["tokenizer"] = tokenizer_dir
+        manifest["tuning"] = tuner.report if tuner else None
         manifest["calibration"] = calibration.to_json() if calibration else None
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
         (stage_dir / artifact.REPORT).write_text(render_report(manifest))

@@ -63,12 +63,12 @@ def test_perturbation_ranking_predicts_held_out_4bit_damage(tmp_path):
     ctx = AnalysisContext(example_inputs=predictor[0], calibration_batches=predictor)
     ctx.analyses = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
     predicted = ctx.analyses.get("sensitivity", criterion="perturbation", bits=(4,),
-                                 keep_ratios=(), rank_ratios=()).scores("q4")
+                                 keep_ratios=(), rank_ratios=(), groups=False).scores("q4")
 
     weights = ir.weights()
     references = [run_graph(ir, batch)[0] for batch in held_out]
     result = ctx.analyses.get("sensitivity-perturbation", bits=(4,), keep_ratios=(),
-                              rank_ratios=())
+                              rank_ratios=(), groups=False)
     observed = {name: measure_output_change(ir, held_out, references, layer.weight,
                                             quantize_rtn(weights[layer.weight], 4))
                 for name, layer in result.layers.items()}

@@ -51,7 +51,7 @@ def test_every_criterion_scores_every_layer_with_a_curve(llama, criterion):
     ir, batches = llama
     am = _manager(ir, batches)
     result = am.get("sensitivity", criterion=criterion, bits=(8, 2), keep_ratios=(0.5,),
-                    rank_ratios=(0.25,), reference="q8")
+                    rank_ratios=(0.25,), reference="q8", groups=False)
     layers = weight_layers(ir)
     assert set(result.layers) == {layer.name for layer in layers} and len(layers) == 16
     for layer in result.layers.values():
@@ -61,7 +61,7 @@ def test_every_criterion_scores_every_layer_with_a_curve(llama, criterion):
     hurt_more = sum(v.curve["q2"] > v.curve["q8"] for v in result.layers.values())
     assert hurt_more >= len(layers) - 2  # (hessian: a trace below its noise is clipped to 0)
     assert am.get("sensitivity-" + criterion, bits=(8, 2), keep_ratios=(0.5,),
-                  rank_ratios=(0.25,), reference="q8") is result  # cached by the manager
+                  rank_ratios=(0.25,), reference="q8", groups=False) is result  # cached
 
 
 def test_unknown_criterion_is_a_usage_error(llama):

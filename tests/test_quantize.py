@@ -176,6 +176,22 @@ def test_mixed_reads_int8_damage_from_the_cached_sensitivity_analysis(hf_dir):
     assert computed[0] and not any(computed[1:])
 
 
+def test_mixed_with_a_proxy_criterion_takes_every_entry_from_the_analysis(hf_dir):
+    from slimc.passmanager import AnalysisManager, PassManager
+
+    ir, inputs = _ir(hf_dir("llama"))
+    ctx = PassContext(example_inputs=inputs)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
+    layers = find_layers(ir)
+    candidates = [Format("int4", 64), Format("int4", 16), Format("int8"), Format("fp32")]
+    table = mixed.damage_table(ir, ctx, layers, candidates, criterion="taylor")
+    assert set(table.source[:, :3].ravel()) == {"analysis"}
+    # finer groups and more bits never look worse than coarser ones
+    assert (table.damage[:, 0] >= table.damage[:, 1]).all()
+    assert (table.damage[:, 1] >= table.damage[:, 2]).all() and (table.damage[:, 3] == 0).all()
+    assert [n for n, done in ctx.analyses.history if done] == ["sensitivity-taylor"]
+
+
 @pytest.mark.parametrize("m,k,n,group", [(1, 256, 64, 64), (3, 96, 24, 32), (2, 80, 16, 32)])
 def test_int4_kernel_matches_the_reference(m, k, n, group):
     """The factored int4 kernel (and the per-k fallback when K % group != 0) vs PyTorch."""

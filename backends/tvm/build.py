@@ -12,11 +12,13 @@ from slimc.errors import LoweringError
 from slimc.targets import TargetSpec
 
 
-def build_library(mod, spec: TargetSpec, path: Path) -> Path:
+def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
     """Compile ``mod`` for ``spec`` and write the shared library to ``path``.
 
     CPU targets go through :func:`slimc.backends.tvm.schedules.cpu_pipeline`, which schedules
     every kernel (parallel, vectorized, register-tiled) instead of TVM's naive default loops.
+    ``tuning`` (a :class:`slimc.backends.tvm.tuning.Tuner`) runs after fusion: it tunes and/or
+    applies MetaSchedule records, and slimc's schedules handle the kernels it leaves.
     """
     import tvm
     from tvm import relax
@@ -24,7 +26,8 @@ def build_library(mod, spec: TargetSpec, path: Path) -> Path:
     target = spec.tvm_target()
     try:
         with tvm.transform.PassContext(opt_level=3):
-            executable = relax.build(mod, target=target, relax_pipeline=_pipeline(target))
+            executable = relax.build(mod, target=target,
+                                     relax_pipeline=_pipeline(target, tuning))
     except Exception as exc:  # noqa: BLE001
         raise LoweringError(
             f"TVM could not build the model for {spec.name}: {type(exc).__name__}: "
@@ -41,13 +44,15 @@ def build_library(mod, spec: TargetSpec, path: Path) -> Path:
     return path
 
 
-def _pipeline(target):
+def _pipeline(target, tuning=None):
     """slimc's scheduled pipeline for llvm targets; TVM's default for anything else."""
     if target.kind.name != "llvm":
         return "default"
     from slimc.backends.tvm.schedules import cpu_pipeline
 
-    return cpu_pipeline(target)
+    if tuning is None:
+        return cpu_pipeline(target)
+    return cpu_pipeline(target, before_schedule=tuning.passes())
 
 
 def _host_triple() -> str:

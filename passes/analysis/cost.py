@@ -215,7 +215,10 @@ class CostAnalysis(AnalysisPass):
             raise UsageError(f"--measure times kernels on {spec.name}, whose device is not the "
                              f"--hardware {options.hardware!r} the roofline uses.",
                              hint="Drop --hardware, or pick the --target that runs on it.")
+        from slimc.plugins import get_registry
+
         measurement = measure_ir(ir, spec, rpc=options.rpc, threads=options.threads,
+                                 converters=get_registry().converters,
                                  log=getattr(ctx, "log", None) or (lambda message: None))
         result = estimate_costs(ir, hw, measurement.node_seconds())
         result.measured = measurement.to_json()

@@ -21,6 +21,9 @@ runs, thread count, TVM version): ``$SLIMC_CACHE_DIR/measured/<hash>.json`` (def
 ``~/.cache/slimc``), written atomically and merged with what is on disk at write time. A second
 analysis of the same (or a similar) model builds nothing.
 
+The TVM runtime sizes its thread pool once per process, on first use: measure before anything
+else runs TVM code in the process if ``threads`` matters (the CLI does).
+
 An isolated kernel is not the same as that op inside the compiled model: there, elementwise ops
 fuse into the matmul before them and cost almost nothing. Per-op measurements therefore
 over-state pointwise ops; the matrix ops, which dominate, are what this calibrates.

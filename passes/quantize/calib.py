@@ -28,6 +28,7 @@ class LayerStats:
 
     hessian: torch.Tensor | None = None  # [K, K], sum of x x^T (scaled at the end)
     abs_sum: torch.Tensor | None = None  # [K]
+    sq_sum: torch.Tensor | None = None  # [K], the diagonal of X^T X
     rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
 
@@ -87,6 +88,8 @@ def _accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, sample_rows: int
         st.hessian = h if st.hessian is None else st.hessian + h
     a = x.abs().sum(0)
     st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
+    q = x.pow(2).sum(0)
+    st.sq_sum = q if st.sq_sum is None else st.sq_sum + q
     st.rows += x.shape[0]
     have = sum(s.shape[0] for s in st.sample)
     if have < sample_rows:

@@ -16,6 +16,13 @@ measure, by running the graph with one weight substituted (the IR is never edite
 measurements are memoised per :class:`PassContext` and weights, so a second ``quantize`` over
 the same IR does not repeat them.
 
+With a *proxy* criterion (``criterion=taylor|hessian|activation|magnitude``, for models where one
+forward per layer and format is too slow) every entry comes from the analysis
+(``bits=(8, 4)``): the layer's damage at the analysis's nearest setting (``q8`` for int8/fp16/bf16,
+``q4`` for int4) scaled by how much larger the format's weight error is than that setting's,
+both weighted by the layer's input second moments (the diagonal of ``X^T X``; unweighted for
+embedding tables): ``d(f) = d(q) * e(f) / e(q)``. For int8 on linear layers the ratio is 1.
+
 Solver: a multiple-choice knapsack solved by dynamic programming over the byte budget
 discretised into ``resolution`` units. Each option's cost is rounded *up*, so the chosen
 assignment always fits the real budget; the optimum of the discretised problem is within one
@@ -121,9 +128,13 @@ class DamageTable:
 
 
 def damage_table(ir: IR, ctx: PassContext, layers: Sequence[Layer],
-                 candidates: Sequence[Format], max_batches: int = 4) -> DamageTable:
+                 candidates: Sequence[Format], max_batches: int = 4,
+                 criterion: str = "perturbation") -> DamageTable:
     """Damage of every (layer, candidate): from the sensitivity analysis where it can express
-    the format (int8 on linear layers), measured with the same batches and measure otherwise."""
+    the format (int8 on linear layers), measured with the same batches and measure otherwise;
+    with a proxy ``criterion``, scaled from the analysis's curves (see the module docstring)."""
+    if criterion != "perturbation" and ctx.analyses is not None:
+        return _proxy_table(ir, ctx, layers, candidates, max_batches, criterion)
     shape = (len(layers), len(candidates))
     damage = np.zeros(shape)
     source = np.full(shape, "measured", dtype=object)
@@ -158,6 +169,57 @@ def damage_table(ir: IR, ctx: PassContext, layers: Sequence[Layer],
         measured = measure_damage(ir, layers, candidates, batches, wanted, memo)
         damage[wanted] = measured[wanted]
     info["entries"] = {k: int((source == k).sum()) for k in ("analysis", "measured", "fp32")}
+    return DamageTable(damage, source, info)
+
+
+def _proxy_table(ir: IR, ctx: PassContext, layers: Sequence[Layer],
+                 candidates: Sequence[Format], max_batches: int, criterion: str) -> DamageTable:
+    from slimc.passes.analysis.criteria.candidates import Setting
+
+    from . import calib
+
+    result = ctx.analyses.get("sensitivity", criterion=criterion, bits=(8, 4), keep_ratios=(),
+                              rank_ratios=(), reference="q4", max_batches=max_batches)
+    by_weight = {entry.weight: entry for entry in result.layers.values()}
+    batches = calibration_batches(ir, ctx, max_batches)
+    stats = calib.collect(ir, layers, batches, hessian=False)
+    shape = (len(layers), len(candidates))
+    damage = np.zeros(shape)
+    source = np.full(shape, "analysis", dtype=object)
+    missing = np.zeros(shape, dtype=bool)
+    for i, layer in enumerate(layers):
+        entry = by_weight.get(layer.weight_node.name)
+        stored = ir.get_weight(layer.weight_node).detach().float()
+        matrix = layer.matrix(ir)
+        st = stats.get(layer.name)
+        h = st.sq_sum.double() if st is not None and st.sq_sum is not None else None
+
+        def error(approx: torch.Tensor, matrix=matrix, h=h) -> float:
+            sq = (approx.double() - matrix.double()).pow(2)
+            return float((sq * h).sum() if h is not None else sq.sum())
+
+        for j, fmt in enumerate(candidates):
+            if fmt.kind == "fp32":
+                source[i, j] = "fp32"
+                continue
+            if entry is None:
+                missing[i, j] = True
+                source[i, j] = "measured"
+                continue
+            bits = 4 if fmt.kind == "int4" else 8
+            axis = 1 if entry.kind == "embedding" else 0
+            ref = Setting("quantize", bits).apply(stored, axis)
+            ref = ref.t() if layer.transposed else ref
+            e_ref = error(ref)
+            damage[i, j] = entry.curve[f"q{bits}"] * error(fake_quantize(matrix, fmt)) / e_ref \
+                if e_ref > 0 else 0.0
+    if missing.any():
+        damage[missing] = measure_damage(ir, layers, candidates, batches, missing,
+                                         _memo(ctx))[missing]
+    info = {"max_batches": max_batches,
+            "analysis": {"criterion": result.criterion, "batches": result.batches,
+                         "seconds": round(result.seconds, 2)},
+            "entries": {k: int((source == k).sum()) for k in ("analysis", "measured", "fp32")}}
     return DamageTable(damage, source, info)
 
 

@@ -38,6 +38,10 @@ class QuantizeOptions(PassOptions):
                             "`mixed`: formats to choose from, comma-separated.")
     damage_batches: int = Field(4, ge=1, le=64, description="`mixed`: calibration batches "
                                 "the per-layer damage is measured on.")
+    criterion: str = Field("perturbation", description="`mixed`: sensitivity criterion the "
+                           "per-layer damage comes from; `perturbation` measures it (one "
+                           "forward per layer and format), others (`taylor`, `hessian`, ...) "
+                           "are proxies scaled from the analysis's curves.")
     embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
                              "dequantize) and tied output heads too.")
 
@@ -81,7 +85,8 @@ def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
     candidates = [parse_format(c.strip()) for c in options.candidates.split(",")]
     if not any(c.kind == "fp32" for c in candidates):
         candidates.append(Format("fp32"))
-    table = mixed.damage_table(ir, ctx, layers, candidates, options.damage_batches)
+    table = mixed.damage_table(ir, ctx, layers, candidates, options.damage_batches,
+                               options.criterion)
     result = mixed.assign(ir, layers, candidates, options.budget, table.damage)
     return result.formats, {**result.to_json(), "damage": table.info}
 

@@ -80,9 +80,13 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target,
     return mod
 
 
-def cpu_pipeline(target: tvm.target.Target,
-                 rules: Sequence[Rule] = DEFAULT_RULES) -> tvm.transform.Pass:
-    """The Relax pipeline for CPU targets: TVM's default one plus the schedules above."""
+def cpu_pipeline(target: tvm.target.Target, rules: Sequence[Rule] = DEFAULT_RULES,
+                 before_schedule: Sequence[tvm.transform.Pass] = ()) -> tvm.transform.Pass:
+    """The Relax pipeline for CPU targets: TVM's default one plus the schedules above.
+
+    ``before_schedule`` passes run on the fused module just before the rules (tuning: kernels
+    they mark ``tirx.is_scheduled`` are left alone by the rules).
+    """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -94,7 +98,7 @@ def cpu_pipeline(target: tvm.target.Target,
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                fusion_passes(target) + [schedule]
+                fusion_passes(target) + list(before_schedule) + [schedule]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target))
             return seq(mod)
