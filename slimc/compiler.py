@@ -32,7 +32,11 @@ from slimc.report import render_report
 from slimc.targets import TargetSpec, resolve_target
 
 #: Pipelines behind ``-O`` levels; compression passes join them as they land.
-OPT_LEVELS: dict[int, str] = {0: "", 1: "eliminate-dead-code"}
+OPT_LEVELS: dict[int, str] = {
+    0: "",
+    1: "eliminate-dead-code",
+    2: "quantize{weights=int8},eliminate-dead-code",
+}
 
 
 @dataclass

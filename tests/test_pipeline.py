@@ -83,3 +83,17 @@ def test_cli_unknown_pass_exits_2_before_loading_the_model(cli):
     assert "Unknown pass 'eliminate-dead-cod'" in result.err
     assert "eliminate-dead-code" in result.err
     assert "Traceback" not in result.err
+
+
+def test_unknown_optimisation_level(cli):
+    result = cli("compile", "tests.models:small_cnn", "-O7")
+    assert result.code == 2
+    assert "-O7 is not a known optimisation level" in result.err and "-O2" in result.err
+
+
+def test_opt_levels_name_registered_passes():
+    from slimc.compiler import OPT_LEVELS
+    from slimc.plugins import get_registry
+
+    for text in OPT_LEVELS.values():
+        validate(parse_pipeline_text(text), get_registry().passes)
