@@ -24,8 +24,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.prune_common import (count_params, kjv, set_threads, slimc_prune, spearman,
-                                     table, tp_prune_to, wordsim353, write_json)
+from benchmarks.prune_common import (
+    count_params,
+    kjv,
+    set_threads,
+    slimc_prune,
+    spearman,
+    table,
+    tp_prune_to,
+    wordsim353,
+    write_json,
+)
 
 BATCH, SEQ = 32, 32
 

@@ -19,8 +19,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.prune_common import (count_params, kjv, set_threads, slimc_prune,  # noqa: E402
-                                     table, tp_prune_to, write_json)
+from benchmarks.prune_common import (  # noqa: E402
+    count_params,
+    kjv,
+    set_threads,
+    slimc_prune,
+    table,
+    tp_prune_to,
+    write_json,
+)
 
 
 def smollm2_path() -> tuple[Path, str]:

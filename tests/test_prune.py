@@ -245,3 +245,72 @@ def test_round_to_and_option_validation():
         validate(parse_pipeline_text("prune{ratio=1.5}"), REGISTRY.passes)
     with pytest.raises(UsageError):
         validate(parse_pipeline_text("prune{granularity=filters}"), REGISTRY.passes)
+
+
+def test_global_scope_allocates_unevenly_and_runs():
+    result = prune("llama", "prune{ratio=0.5,granularity=channel,scope=global,round_to=1}")
+    groups = result["ir"].annotations["prune"]["groups"]
+    assert result["ir"].annotations["prune"]["scope"] == "global"
+    assert result["shapes_after"] == result["shapes_before"]
+    total = sum(g["units"] for g in groups)
+    removed = sum(g["units"] - g["kept"] for g in groups)
+    assert removed == int(total * 0.5)  # the global cut is exact without rounding
+    removed_params = result["params_before"] - result["ir"].num_params()
+    assert removed_params == expected_removed(result, {"mlp-channel"}) > 0
+
+
+def test_global_scope_removes_the_globally_weakest_units():
+    """Scale one MLP's down projection down: under scope=global it must lose more units."""
+    ir, inputs = capture(load_model("tests.test_prune:llama"))
+    for node in ir.nodes("placeholder"):
+        if node.name == "p_model_layers_0_mlp_down_proj_weight":
+            ir.set_weight(node, ir.get_weight(node) * 1e-3)
+    ctx = PassContext(example_inputs=inputs)
+    PassManager(REGISTRY.passes).run(ir, validate(parse_pipeline_text(
+        "prune{ratio=0.4,granularity=channel,scope=global,round_to=1,criterion=magnitude}"),
+        REGISTRY.passes), ctx)
+    kept = {g["module_path"]: g["kept"] for g in ir.annotations["prune"]["groups"]}
+    layer0 = next(v for k, v in kept.items() if "layers.0" in k)
+    layer1 = next(v for k, v in kept.items() if "layers.1" in k)
+    assert layer0 < layer1
+    assert [tuple(o.shape) for o in ir.run(inputs)] == [(2, 16, 128)]
+
+
+@pytest.mark.parametrize("scope", ["uniform", "global"])
+def test_params_budget_hits_the_parameter_fraction(scope):
+    result = prune("llama", f"prune{{ratio=0.2,budget=params,scope={scope},round_to=1}}")
+    kept = result["ir"].num_params() / result["params_before"]
+    assert abs(kept - 0.8) < 0.03
+    assert result["shapes_after"] == result["shapes_before"]
+    assert 0 < result["ir"].annotations["prune"]["unit_ratio"] < 1
+
+
+def test_params_after_predicts_the_removal_exactly():
+    from slimc.passes.prune.prune import choose, params_after
+
+    ir, inputs = capture(load_model("tests.test_prune:gpt2"))
+    ir.remove_unused_weights()
+    ir.changed()
+    ctx = PassContext(example_inputs=inputs)
+    manager = PassManager(REGISTRY.passes)
+    ctx.analyses = None
+    manager.run(ir, validate(parse_pipeline_text("prune-groups"), REGISTRY.passes), ctx)
+    result = ctx.analyses.get("prune-groups")
+    groups = result.prunable({"mlp-channel", "attention-head"})
+    scores = {g.index: torch.arange(len(g.units), dtype=torch.float64) for g in groups}
+    plan = choose(groups, scores, 0.5, "uniform", 1)
+    roots = {g.units[i].root for g in groups for i in plan[g.index]}
+    predicted = params_after(ir, result, roots)
+    from slimc.passes.prune.prune import apply
+
+    apply(ir, result, roots)
+    assert ir.num_params() == predicted
+
+
+def test_width_pruning_of_outputs_when_allowed():
+    """outputs=prune lets the residual stream (and so BERT's hidden-state output) narrow."""
+    kept = prune("bert", "prune{ratio=0.5,granularity=width,round_to=8}")
+    assert kept["shapes_after"] == kept["shapes_before"]  # outputs pinned: nothing to prune
+    narrowed = prune("bert", "prune{ratio=0.5,granularity=all,outputs=prune,round_to=8}")
+    before, after = narrowed["shapes_before"][0], narrowed["shapes_after"][0]
+    assert after[:-1] == before[:-1] and after[-1] == before[-1] // 2

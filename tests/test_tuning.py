@@ -85,13 +85,19 @@ def test_tune_records_are_stored_and_reused(cli, tmp_path, cache, monkeypatch):
     (["--tune-db", "{file}"], "is a file"),
     (["--tune-db", "{corrupt}"], "cannot read database_tuning_record.json (line 2)"),
     (["--target", "arm", "--tune", "4"], "cannot run aarch64-linux-gnu code"),
+    (["--tune-db", "{orphan}"], "not a record of one of the 0 workloads"),
 ])
 def test_bad_tuning_options_are_usage_errors(cli, tmp_path, cache, args, message):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
+    (corrupt / "database_workload.json").write_text('["hash", "mod"]\n')
     (corrupt / RECORDS).write_text('[0, []]\n{"truncated": \n')
     (tmp_path / "file").write_text("not a folder")
-    paths = {"missing": tmp_path / "missing", "file": tmp_path / "file", "corrupt": corrupt}
+    orphan = tmp_path / "orphan"  # records whose workloads file was lost
+    orphan.mkdir()
+    (orphan / RECORDS).write_text('[0, []]\n')
+    paths = {"missing": tmp_path / "missing", "file": tmp_path / "file", "corrupt": corrupt,
+             "orphan": orphan}
     args = [a.format(**paths) for a in args]
     result = cli("compile", MODEL, "-o", tmp_path / "out.slimc", "-q", *args)
     assert result.code == 2, result.err

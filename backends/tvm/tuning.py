@@ -134,6 +134,7 @@ def check_database_dir(path: Path, writable: bool) -> None:
     if not os.access(path, os.R_OK | os.X_OK) or (writable and not os.access(path, os.W_OK)):
         raise UsageError(f"--tune-db {path} is not {'writable' if writable else 'readable'}.",
                          hint="Fix its permissions or choose another folder.")
+    workloads = 0
     for name in DB_FILES:
         file = path / name
         if not file.exists():
@@ -143,12 +144,19 @@ def check_database_dir(path: Path, writable: bool) -> None:
             lines = file.read_text(encoding="utf-8").splitlines()
             for number, line in enumerate(lines, 1):
                 where = f" (line {number})"
-                if line.strip():
-                    json.loads(line)
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+                if not line.strip():
+                    continue
+                value = json.loads(line)
+                if name == DB_FILES[0]:
+                    workloads += 1
+                elif not (isinstance(value, list) and len(value) == 2
+                          and isinstance(value[0], int) and 0 <= value[0] < workloads):
+                    raise ValueError(f"not a record of one of the {workloads} workloads in "
+                                     f"{DB_FILES[0]}")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSON errors included
             raise UsageError(f"--tune-db {path}: cannot read {name}{where}: {exc}.",
-                             hint="Restore the file from version control, or delete the folder "
-                             "and tune again.") from None
+                             hint="Restore the folder from version control, or delete it and "
+                             "tune again.") from None
 
 
 def open_tuner(options: TuningOptions, target,
@@ -158,6 +166,8 @@ def open_tuner(options: TuningOptions, target,
         default_database_dir(target)
     if options.trials <= 0 and not has_records(path):
         return None
+    if options.database is None and has_records(path):
+        check_database_dir(path, writable=options.trials > 0)  # the cache could be damaged too
     return Tuner(options, target, path, progress)
 
 
@@ -174,7 +184,7 @@ class Tuner:
             "database": str(path), "trials_requested": options.trials, "trials": 0,
             "minutes_cap": options.minutes, "tuned_kernels": [], "records_written": 0,
             "kernels": 0, "records_applied": 0, "applied_kernels": [],
-            "records_for_other_targets": 0, "tune_s": 0.0,
+            "records_for_other_targets": 0, "baselines": 0, "tune_s": 0.0,
             "stopped_by": None}
 
     def passes(self) -> list:
@@ -265,6 +275,7 @@ class Tuner:
                 timeout_sec=60,
                 evaluator_config=ms.runner.EvaluatorConfig(
                     number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False))
+            self._commit_baselines(tasks, target, runner, database)
             try:
                 ms.tune_tasks(
                     tasks=contexts, task_weights=[float(t.weight) for t, _ in tasks],
@@ -279,6 +290,46 @@ class Tuner:
         self.report["records_written"] = len(database) - before
         self.report["tune_s"] = round(time.perf_counter() - start, 2)
         self.report["stopped_by"] = self.report["stopped_by"] or "trial budget"
+
+    def _commit_baselines(self, tasks, target, runner, database) -> None:
+        """Measure slimc's default schedule of each task and record it like a trial.
+
+        The database then picks whichever is faster, slimc's rule or a tuned schedule, so
+        applying records never trades a kernel for a slower one (up to timing noise), and the
+        evolutionary search starts from the hand schedule.
+        """
+        from slimc.backends.tvm.schedules import DEFAULT_RULES
+        from tvm.s_tir import meta_schedule as ms
+
+        for task, _ in tasks:
+            workload_mod = task.dispatched[0]
+            func = workload_mod["main"]
+            sch = None
+            for rule in DEFAULT_RULES:
+                try:
+                    sch = rule.apply(func, self.target)
+                except Exception as exc:  # noqa: BLE001 - the next rule, as in slimc's pipeline
+                    log.debug("rule %s on %s: %s", rule.name, task.task_name, exc)
+                    continue
+                if sch is not None:
+                    break
+            if sch is None:
+                continue
+            try:
+                artifact = _export(build_kernel(sch.mod, target))
+                args_info = ms.arg_info.ArgInfo.from_prim_func(func)
+                (future,) = runner.run([ms.runner.RunnerInput(artifact, "cpu", args_info)])
+                result = future.result()
+                if result.error_msg or not result.run_secs:
+                    log.debug("baseline of %s failed to run: %s", task.task_name,
+                              result.error_msg)
+                    continue
+                workload = database.commit_workload(workload_mod)
+                database.commit_tuning_record(ms.database.TuningRecord(
+                    sch.trace, workload, result.run_secs, target, args_info))
+                self.report["baselines"] += 1
+            except Exception as exc:  # noqa: BLE001 - tuning still works without a baseline
+                log.debug("no baseline for %s: %s", task.task_name, exc)
 
     def _select_tasks(self, mod) -> list[tuple[Any, float]]:
         """The top-K tasks by total FLOPs (per-call FLOPs times call count)."""
@@ -343,6 +394,12 @@ def _in_process_builder():
             return results
 
     return InProcessBuilder()
+
+
+def _export(rt_mod) -> str:
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+    return default_export(rt_mod)
 
 
 def build_kernel(mod, target):
