@@ -132,7 +132,7 @@ def tp_smollm2(model, calib, fraction: float, importance: str, width: bool):
                 m.config.num_key_value_heads = kv
         m.zero_grad(set_to_none=True)
 
-    best = tp_prune_to(fresh, build, goal, fix, steps=7, lo=0.05, hi=0.5)
+    best = tp_prune_to(fresh, build, goal, fix, steps=5, lo=0.1, hi=0.4)
     model.zero_grad(set_to_none=True)
     return best
 
@@ -166,6 +166,15 @@ def main() -> None:
              "seconds": 0.0}]
     print(table(rows, cols), flush=True)
 
+    def save():
+        return write_json(args.out, {
+            "model": f"SmolLM2-135M-Instruct ({name}, dequantized to fp32)",
+            "eval": f"perplexity, KJV {args.eval}, "
+                    f"{sum(b['input_ids'].numel() for b in evald)} tokens",
+            "calibration": f"KJV {args.calib}, "
+                           f"{sum(b['input_ids'].numel() for b in calib)} tokens",
+            "shape": [args.batch, args.seq], "threads": args.threads, "rows": rows})
+
     for conf in [c for c in args.slimc.split(",") if c]:
         criterion, recon = conf.split(":")
         opts = dict(ratio=args.fraction, budget="params", criterion=criterion,
@@ -177,6 +186,7 @@ def main() -> None:
                      "recon": recon, "params": after, "kept": after / before, "ppl": ppl,
                      "seconds": secs, "unit_ratio": ann.get("unit_ratio")})
         print(table(rows[-1:], cols), flush=True)
+        save()
         del ir
 
     for importance in [c for c in args.tp.split(",") if c]:
@@ -191,16 +201,12 @@ def main() -> None:
                      "layer0": {"q": attn.q_proj.out_features, "k": attn.k_proj.out_features,
                                 "mlp": pruned.model.layers[0].mlp.up_proj.out_features}})
         print(table(rows[-1:], cols), flush=True)
+        save()
         del pruned
 
     print()
     print(table(rows, cols))
-    path = write_json(args.out, {
-        "model": f"SmolLM2-135M-Instruct ({name}, dequantized to fp32)",
-        "eval": f"perplexity, KJV {args.eval}, {sum(b['input_ids'].numel() for b in evald)} "
-                f"tokens", "calibration": f"KJV {args.calib}, "
-                f"{sum(b['input_ids'].numel() for b in calib)} tokens",
-        "shape": [args.batch, args.seq], "threads": args.threads, "rows": rows})
+    path = save()
     print(f"wrote {path}")
 
 

@@ -1,6 +1,7 @@
 """Decode-step latency of fp32 / int8 / int4 artifacts, measured side by side (issue 5).
 
     python benchmarks/quantize_latency.py            # THREADS=2 by default
+    REUSE=1 THREADS=1 python benchmarks/quantize_latency.py   # time the artifacts already built
 
 A Llama-shaped model with ~125M parameters (random weights: latency does not depend on them),
 batch 1, one token: every weight is read once per step, so the step is memory-bound and should
@@ -58,9 +59,11 @@ def main() -> None:
         quantized_ops.FACTORED_INT4 = "per-k" not in name
         quantized_ops.linear_kernel.cache_clear()
         t0 = time.perf_counter()
-        result = slimc.compile_model(factory, slimc.CompileOptions(
-            pipeline=pipeline, output=OUT / name.replace(" ", "_"), threads=THREADS))
-        m = result.manifest
+        if os.environ.get("REUSE"):
+            m = json.loads((OUT / name.replace(" ", "_") / "manifest.json").read_text())
+        else:
+            m = slimc.compile_model(factory, slimc.CompileOptions(
+                pipeline=pipeline, output=OUT / name.replace(" ", "_"), threads=THREADS)).manifest
         rows[name] = {"weight_bytes": m["weight_bytes_after"], "library_bytes": m["library_bytes"],
                       "params": m["params_before"], "compile_s": round(time.perf_counter() - t0),
                       "verified_rel_l2": m["verification"]["relative_l2_vs_ir"]}
@@ -85,7 +88,10 @@ def main() -> None:
         rows[name]["byte_ratio_vs_fp32"] = round(
             rows["fp32"]["library_bytes"] / rows[name]["library_bytes"], 2)
     print(json.dumps(rows, indent=1))
-    out = Path(__file__).resolve().parent / "results" / "quantize_latency.json"
+    for row in rows.values():
+        row["threads"] = THREADS
+    suffix = f"_{THREADS}t" if os.environ.get("REUSE") else ""
+    out = Path(__file__).resolve().parent / "results" / f"quantize_latency{suffix}.json"
     out.write_text(json.dumps(rows, indent=1))
 
 

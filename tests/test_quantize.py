@@ -80,6 +80,18 @@ def test_int4_rtn_error_is_at_most_half_a_step(symmetric):
     assert ((w - deq).abs() <= step / 2 + 1e-6).all()
 
 
+def test_int4_embedding_whose_width_is_not_a_multiple_of_the_group():
+    """SmolLM2's 576-wide table at g128 (4.5 groups): the gather returns 576 columns."""
+    w = torch.randn(10, 48)
+    params = int4_params(w, 32, False)
+    packed = pack_int4(int4_codes(w, params))
+    ids = torch.tensor([[3, 7]])
+    out = OPS["embedding_int4"](packed, params.scale, params.zero, ids, 32)
+    full = dequantize_int4(packed, params.scale, params.zero, 32, 48)
+    assert out.shape == (1, 2, 48)
+    torch.testing.assert_close(out[0], full[ids[0]])
+
+
 def test_bits_per_weight_include_scales():
     assert Format("int8").bits_per_weight(512) == pytest.approx(8 + 32 / 512)
     assert Format("int4", 128).bits_per_weight(512) == pytest.approx(4 + 40 / 128)

@@ -106,10 +106,17 @@ def embedding_int8(qweight: Tensor, scale: Tensor, ids: Tensor) -> Tensor:
     return qweight[ids].float() * scale[ids][..., None]
 
 
+def embedding_int4_dim(packed_width: int, groups: int, group_size: int) -> int:
+    """Row width of a packed int4 table: ``2 * packed_width`` unless the groups end earlier
+    (the last group may be partial, e.g. 576 = 4.5 groups of 128; ``quantize_ir`` stores odd
+    widths as int8, so the width is even)."""
+    return min(2 * packed_width, groups * group_size)
+
+
 @torch.library.custom_op("slimc::embedding_int4", mutates_args=())
 def embedding_int4(packed: Tensor, scale: Tensor, zero: Tensor, ids: Tensor,
                    group_size: int) -> Tensor:
-    dim = scale.shape[1] * group_size
+    dim = embedding_int4_dim(packed.shape[1], scale.shape[1], group_size)
     flat = ids.reshape(-1)
     rows = dequantize_int4(packed[flat], scale[flat], zero[flat], group_size, dim)
     return rows.reshape(*ids.shape, dim)
@@ -146,7 +153,8 @@ def _(qweight, scale, ids):
 
 @embedding_int4.register_fake
 def _(packed, scale, zero, ids, group_size):
-    return scale.new_empty((*ids.shape, scale.shape[1] * group_size))
+    dim = embedding_int4_dim(packed.shape[1], scale.shape[1], group_size)
+    return scale.new_empty((*ids.shape, dim))
 
 
 OPS = {
@@ -441,7 +449,7 @@ def _convert_embedding(kind: str):
         else:
             ids_node, group = node.args[3], int(node.args[4])
             scale = importer.env[node.args[1]]
-            dim = _static_shape(scale)[1] * group
+            dim = embedding_int4_dim(width, _static_shape(scale)[1], group)
             extra = [scale, importer.env[node.args[2]]]
         ids = importer.env[ids_node]
         ids_shape = _static_shape(ids)

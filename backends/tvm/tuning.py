@@ -10,7 +10,10 @@ with ``SLIMC_CACHE_DIR``). ``--tune-db PATH`` points at any folder, e.g. one che
 operator fusion, before slimc's default schedules:
 
 1. with a trial budget, it tunes the top-K fused kernels by FLOPs (times their call count) with
-   MetaSchedule, within the budget and the optional time cap, writing records to the database;
+   MetaSchedule, within the budget and the optional time cap, writing records to the database.
+   slimc's own schedule of each of these kernels is measured first and recorded like a trial
+   (its schedule trace replays), so the database's best record is never slower than the
+   default (up to timing noise) and the search starts from it;
 2. it applies the database (``MetaScheduleApplyDatabase``) to every kernel that has a record
    for this target. Those kernels are marked scheduled, so slimc's rules skip them and schedule
    everything else as usual.
@@ -273,8 +276,11 @@ class Tuner:
                 for i, (task, _) in enumerate(tasks)]
             runner = ms.runner.LocalRunner(
                 timeout_sec=60,
+                # Weights come from memory, not cache, when the whole model runs: flush the
+                # cache before each timed call (TVM's advice for CPU tuning), else tuned
+                # kernels win in isolation and lose in the model.
                 evaluator_config=ms.runner.EvaluatorConfig(
-                    number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False))
+                    number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True))
             self._commit_baselines(tasks, target, runner, database)
             try:
                 ms.tune_tasks(

@@ -99,6 +99,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     """Quantize ``ir`` in place; returns a JSON summary (formats, bytes before/after)."""
     layers = find_layers(ir, embeddings=options.embeddings)
     formats, mixed_info = choose_formats(ir, layers, ctx, options)
+    # An int4 table of odd width cannot be told from one a column wider: use int8 for it.
+    for la in layers:
+        if la.is_embedding and formats[la.name].kind == "int4" and la.matrix(ir).shape[1] % 2:
+            formats[la.name] = Format("int8")
     # fp16/bf16 have no gather op: their embeddings stay fp32.
     layers = [la for la in layers
               if formats[la.name].kind != "fp32"
