@@ -28,7 +28,9 @@ SETTINGS = {
     "minilm": ("benchmarks/models.py:minilm", {
         "dense": "",
         "70% params": "prune{ratio=0.3,budget=params}",
-        "50% params": "prune{ratio=0.5,budget=params,granularity=all,outputs=prune}",
+        # outputs=prune (needed for 50%) narrows the output, which compile_model's
+        # verification against the unpruned outputs rejects; 60% is reachable without it.
+        "60% params": "prune{ratio=0.4,budget=params}",
     }),
     "smollm2": (f"{Path(__file__).resolve()}:smollm2_prefill", {
         "dense": "",
