@@ -5,7 +5,7 @@ Each model is compiled by ``slimc.compile_model`` once dense and once per prunin
 timed round-robin in the same process (warm-up, then ``--rounds`` rounds of one call each) so
 machine noise hits all alike. MACs come from slimc's ``cost`` analysis on each artifact's IR.
 
-    python benchmarks/prune_latency.py                       # MiniLM + SmolLM2, ~8 min
+    python benchmarks/prune_latency.py --models minilm       # ~8 min (3 TVM builds)
     python benchmarks/prune_latency.py --models minilm --rounds 50
 """
 
@@ -85,7 +85,6 @@ def main() -> None:
                           "compile_s": time.perf_counter() - t0}
             runners[name] = slimc.load(out, threads=args.threads)
             print(info[name], flush=True)
-        inputs = {n: runners["dense"].example_inputs() for n in runners}
         inputs = {n: r.example_inputs() for n, r in runners.items()}
         times: dict[str, list[float]] = {n: [] for n in runners}
         for _ in range(args.warmup):

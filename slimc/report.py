@@ -44,7 +44,9 @@ def render_report(m: dict[str, Any]) -> str:
     lines += ["", "## Fidelity against the original model", "",
               "| metric | value |", "|---|---:|"]
     for k, val in m["fidelity"].items():
-        lines.append(f"| {k} | {val if isinstance(val, str) else f'{val:.6g}'} |")
+        shown = f"{val:.6g}" if isinstance(val, float | int) and not isinstance(val, bool) \
+            else str(val)
+        lines.append(f"| {k} | {shown} |")
     lines += ["", "## Interface", "", "| | name | shape | dtype |", "|---|---|---|---|"]
     lines += [f"| input | {s['name']} | {s['shape']} | {s['dtype']} |" for s in m["inputs"]]
     lines += [f"| output | {s['name']} | {s['shape']} | {s['dtype']} |" for s in m["outputs"]]
