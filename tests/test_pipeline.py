@@ -95,5 +95,8 @@ def test_opt_levels_name_registered_passes():
     from slimc.compiler import OPT_LEVELS
     from slimc.plugins import get_registry
 
-    for text in OPT_LEVELS.values():
-        validate(parse_pipeline_text(text), get_registry().passes)
+    for level, text in OPT_LEVELS.items():
+        invocations = validate(parse_pipeline_text(text), get_registry().passes)
+        assert [inv.name for inv in invocations] == [name for name, _ in
+                                                     parse_pipeline_text(text)]
+        assert bool(invocations) == (level > 0)
