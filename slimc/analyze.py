@@ -28,11 +28,8 @@ ALL_CRITERIA = ("magnitude", "activation", "taylor", "hessian", "perturbation")
 PLOTS = ("sensitivity_vs_cost.png", "latency_by_op.png")
 
 
-@dataclass
-class AnalysisContext(PassContext):
-    """A pass context that also carries calibration batches (each in IR input order)."""
-
-    calibration_batches: list[list[torch.Tensor]] = field(default_factory=list)
+#: Kept for callers: PassContext itself carries the calibration batches now.
+AnalysisContext = PassContext
 
 
 @dataclass

@@ -89,7 +89,7 @@ class Prune(TransformPass):
     def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
         result: PruneGroups = ctx.analyses.get("prune-groups",
                                                 pin_outputs=options.outputs == "keep")
-        batches = calibration_batches(ctx)
+        batches = ctx.calibration()
         if options.granularity == "block":
             removed = remove_blocks(ir, result, options.ratio, batches)
             ir.annotations[self.name] = {"granularity": "block", "removed_blocks": removed}
@@ -120,15 +120,6 @@ class Prune(TransformPass):
                        for g in groups]}
         return PreservedAnalyses.none()
 
-
-def calibration_batches(ctx: PassContext) -> list[list[torch.Tensor]]:
-    """Calibration batches from the context when the driver provides them, else the example
-    inputs (one batch)."""
-    calib = getattr(ctx, "calibration", None)
-    batches = getattr(calib, "batches", None)
-    if batches:
-        return [list(b.values()) if isinstance(b, dict) else list(b) for b in batches]
-    return [list(ctx.example_inputs)]
 
 
 def _keep_count(group: Group, n_remove: int, round_to: int) -> int:

@@ -22,17 +22,11 @@ Batch = list[torch.Tensor]
 
 
 def calibration_batches(ir: IR, ctx: PassContext, max_batches: int | None = None) -> list[Batch]:
-    """The context's calibration batches (``ctx.calibration_batches``, see
-    :class:`slimc.analyze.AnalysisContext`) in IR input order, else its example inputs."""
-    raw = getattr(ctx, "calibration_batches", None) or [ctx.example_inputs]
-    batches = []
-    for batch in raw:
-        if isinstance(batch, Mapping):
-            batch = [batch[name] for name in ir.input_names]
-        batches.append(list(batch))
+    """The ``--calib`` batches, else the example inputs (:meth:`PassContext.calibration`)."""
+    batches = ctx.calibration(max_batches)
     if not batches or not batches[0]:
         raise ValueError("the analysis needs example or calibration inputs in the PassContext")
-    return batches[:max_batches] if max_batches else batches
+    return batches
 
 
 def graph_values(ir: IR, inputs: Sequence[torch.Tensor],
