@@ -159,7 +159,7 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
 
     t0 = time.perf_counter()
     with native_stderr_to(native_log):
-        mod = lower_to_relax(ir, registry.converters)
+        mod = lower_to_relax(ir, registry.converters, spec.tvm_target())
     timings["lower_s"] = time.perf_counter() - t0
 
     with artifact.staged_directory(output) as stage_dir:

@@ -309,7 +309,9 @@ def test_int4_artifact_runs_on_aarch64(hf_dir, tmp_path, aarch64_emulator):
 
 
 @pytest.mark.parametrize("option", ["weights=int3", "group_size=7", "group_size=4",
-                                    "method=smoothquant", "activations=int8", "budget=3"])
+                                    "method=smoothquant", "activations=int4", "budget=3",
+                                    "activations=int8,weights=int4",
+                                    "activations=int8,method=gptq"])
 def test_bad_options_exit_2(cli, hf_dir, option):
     result = cli("compile", hf_dir("llama"), "--pipeline", f"quantize{{{option}}}")
     assert result.code == 2

@@ -19,14 +19,22 @@ class UnsupportedOpError(UsageError, LoweringError):
     """An op in the model has no TVM converter (exit code 2: the user can add one)."""
 
 
-def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None):
-    """Legalize ``ir`` in place and import it into a Relax ``IRModule`` with weights bound."""
+def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None):
+    """Legalize ``ir`` in place and import it into a Relax ``IRModule`` with weights bound.
+
+    ``target`` (a ``tvm.target.Target``) is entered while importing, so converters that emit
+    target-specific kernels (int8 dot products) read it from ``Target.current()``.
+    """
+    import contextlib
+
     from tvm.relax.frontend.torch import from_exported_program
 
     legalize(ir)
     try:
-        return from_exported_program(ir.program, keep_params_as_input=False,
-                                     custom_convert_map=dict(converters) if converters else None)
+        with target if target is not None else contextlib.nullcontext():
+            return from_exported_program(
+                ir.program, keep_params_as_input=False,
+                custom_convert_map=dict(converters) if converters else None)
     except AssertionError as exc:
         match = re.search(r"Unsupported function types \[(.*)\]", str(exc))
         if match:

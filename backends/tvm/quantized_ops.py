@@ -16,6 +16,11 @@ that AWQ uses, applied to ``x`` before the matmul):
 * ``linear_int4(x, packed uint8[N,K/2], scale f32[N,G], zero uint8[N,G], bias?, act_scale?,
   group_size)``; code ``k`` of row ``n`` is nibble ``k % 2`` (low first) of ``packed[n, k//2]``
   and dequantizes to ``(code - zero[n, k//g]) * scale[n, k//g]``.
+* ``linear_w8a8(x, qweight int8[N,K], in_mult f32[K], out_scale f32[N], bias?)``: int8
+  weights *and* activations. ``x`` is quantized statically, ``a = clamp(round(x * in_mult),
+  -127, 127)`` (``in_mult`` folds the calibrated input scale and any SmoothQuant per-channel
+  factor), the matmul runs in integers and ``y = (a @ qweight.T) * out_scale + bias``. Lowered
+  to the dot-product kernels of ``int8_kernels`` (VNNI, sdot, or a generic int8 kernel).
 * ``linear_fp16(x, weight f16[N,K], bias?)`` / ``linear_bf16(x, weight bf16[N,K], bias?)``
 * ``embedding_int8(qweight, scale, ids)`` / ``embedding_int4(packed, scale, zero, ids,
   group_size)``: gather rows, then dequantize (row = vocabulary entry, so a tied output head
@@ -91,6 +96,20 @@ def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Te
     return _linear(x, weight, bias, act_scale)
 
 
+def quantize_activation(x: Tensor, in_mult: Tensor) -> Tensor:
+    """Static int8 activation codes (as float): ``clamp(round(x * in_mult), -127, 127)``."""
+    return torch.clamp(torch.round(x * in_mult), -127.0, 127.0)
+
+
+@torch.library.custom_op("slimc::linear_w8a8", mutates_args=())
+def linear_w8a8(x: Tensor, qweight: Tensor, in_mult: Tensor, out_scale: Tensor,
+                bias: Tensor | None) -> Tensor:
+    # Integer-valued float32 matmul: exact while partial sums stay below 2**24, and within
+    # float rounding of the artifact's int32 accumulation beyond that.
+    y = F.linear(quantize_activation(x, in_mult), qweight.float()) * out_scale
+    return y + bias if bias is not None else y
+
+
 @torch.library.custom_op("slimc::linear_fp16", mutates_args=())
 def linear_fp16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight.float(), bias)
@@ -136,6 +155,11 @@ def _(x, packed, scale, zero, bias, act_scale, group_size):
     return _fake_linear(x, packed.shape[0])
 
 
+@linear_w8a8.register_fake
+def _(x, qweight, in_mult, out_scale, bias):
+    return _fake_linear(x, qweight.shape[0])
+
+
 @linear_fp16.register_fake
 def _(x, weight, bias):
     return _fake_linear(x, weight.shape[0])
@@ -160,6 +184,7 @@ def _(packed, scale, zero, ids, group_size):
 OPS = {
     "linear_int8": torch.ops.slimc.linear_int8.default,
     "linear_int4": torch.ops.slimc.linear_int4.default,
+    "linear_w8a8": torch.ops.slimc.linear_w8a8.default,
     "linear_fp16": torch.ops.slimc.linear_fp16.default,
     "linear_bf16": torch.ops.slimc.linear_bf16.default,
     "embedding_int8": torch.ops.slimc.embedding_int8.default,
@@ -437,6 +462,57 @@ def _convert_linear(kind: str):
     return convert
 
 
+def _convert_w8a8(node, importer):
+    """Quantize ``x`` (fused elementwise Relax ops), then the target's int8 dot kernel.
+
+    The kernel is chosen from ``tvm.target.Target.current()`` (``lower_to_relax`` enters the
+    build target): VNNI or sdot where the target has them and the shape fits their tiles, the
+    generic int8 kernel otherwise.
+    """
+    import numpy as np
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax
+    from tvm.target import Target
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    weight = importer.env[node.args[1]]
+    in_mult, out_scale = importer.env[node.args[2]], importer.env[node.args[3]]
+    bias = _arg(importer, node, 4)
+    shape = _static_shape(x)
+    k, n = shape[-1], _static_shape(weight)[0]
+    m = int(np.prod(shape[:-1], dtype=np.int64))
+    kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
+    if kind != "generic" and (k % 4 or n % int8_kernels.lanes(kind)):
+        kind = "generic"
+    codes = bb.emit(relax.op.clip(relax.op.round(relax.op.multiply(
+        relax.op.reshape(x, (m, k)), in_mult)), -127, 127))
+    offset = int8_kernels.activation_offset(kind)
+    if offset:
+        codes = bb.emit(relax.op.add(codes, relax.const(float(offset), "float32")))
+    codes = bb.emit(relax.op.astype(codes, int8_kernels.activation_dtype(kind)))
+    comp = relax.const(np.zeros(n, np.int32))
+    if kind == "generic":
+        t = tile_for(n)
+        packed = _tiles(bb, weight, t)
+        func = int8_kernels.generic_kernel(m, k, n, t)
+    else:
+        lanes = int8_kernels.lanes(kind)
+        tiles = bb.emit(relax.op.reshape(weight, (n // lanes, lanes, k // 4, 4)))
+        packed = bb.emit(relax.op.permute_dims(tiles, [0, 2, 1, 3]))
+        func = int8_kernels.dot_kernel(kind, m, k, n)
+        if offset:  # sum_k (a + 128) w = sum_k a w + 128 sum_k w: take it back out, exactly
+            comp = bb.emit(relax.op.multiply(
+                relax.op.sum(relax.op.astype(weight, "int32"), axis=[1]),
+                relax.const(offset, "int32")))
+    if bias is None:
+        bias = relax.const(np.zeros(n, np.float32))
+    gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
+    y = bb.emit(relax.call_tir(gvar, [codes, packed, comp, out_scale, bias],
+                               relax.TensorType((m, n), "float32")))
+    return bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
+
+
 def _convert_embedding(kind: str):
     def convert(node, importer):
         from tvm import relax
@@ -470,6 +546,7 @@ def converters() -> dict[str, Any]:
     """Converters keyed like TVM's ``custom_convert_map`` (``OpOverload.__name__``)."""
     table = {f"linear_{kind}": _convert_linear(kind) for kind in ("int8", "int4", "fp16", "bf16")}
     table.update({f"embedding_{kind}": _convert_embedding(kind) for kind in ("int8", "int4")})
+    table["linear_w8a8"] = _convert_w8a8
     return {OPS[name].__name__: fn for name, fn in table.items()}
 
 

@@ -1,8 +1,10 @@
 """Calibration statistics: what each quantizable layer sees as input on real batches.
 
 GPTQ needs each layer's input Hessian ``H = 2/n X^T X``; AWQ needs per-channel mean
-``|x|`` and a sample of input rows to score candidate scalings. Both come from one run of the
-IR per batch with an ``fx.Interpreter`` that records the activation entering each layer.
+``|x|`` and a sample of input rows to score candidate scalings; static int8 activations need
+per-channel maxima and a sample of rows to choose the clipping range and SmoothQuant factor.
+All of it comes from one run of the IR per batch with an ``fx.Interpreter`` that records the
+activation entering each layer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class LayerStats:
     hessian: torch.Tensor | None = None  # [K, K], sum of x x^T (scaled at the end)
     abs_sum: torch.Tensor | None = None  # [K]
     sq_sum: torch.Tensor | None = None  # [K], the diagonal of X^T X
+    abs_max: torch.Tensor | None = None  # [K], largest |x| seen per input channel
     rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
 
@@ -53,19 +56,30 @@ def _input_of(node: Node) -> Node:
 def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Tensor]], *,
             hessian: bool, sample_rows: int = 0) -> dict[str, LayerStats]:
     """Run ``batches`` through ``ir`` and gather each linear layer's input statistics."""
-    watched: dict[Node, str] = {}
+    # One activation often feeds several layers (q, k and v read the same hidden states):
+    # those layers share one LayerStats. A layer fed by several activations (a weight used
+    # twice) gets its own, accumulated over all of them.
+    shared: dict[Node, LayerStats] = {}
+    watched: dict[Node, list[LayerStats]] = {}
+    stats: dict[str, LayerStats] = {}
     for layer in layers:
-        if not layer.is_embedding:
-            for node in layer.linear_nodes:
-                watched[_input_of(node)] = layer.name
-    stats = {layer.name: LayerStats() for layer in layers if not layer.is_embedding}
+        if layer.is_embedding:
+            continue
+        inputs = list(dict.fromkeys(_input_of(node) for node in layer.linear_nodes))
+        if len(inputs) == 1:
+            stats[layer.name] = shared.setdefault(inputs[0], LayerStats())
+        else:
+            stats[layer.name] = LayerStats()
+        for node in inputs:
+            if stats[layer.name] not in watched.setdefault(node, []):
+                watched[node].append(stats[layer.name])
 
     class Recorder(Interpreter):
         def run_node(self, n: Node):
             result = super().run_node(n)
-            name = watched.get(n)
-            if name is not None and isinstance(result, torch.Tensor):
-                _accumulate(stats[name], result.detach(), hessian, sample_rows)
+            if isinstance(result, torch.Tensor):
+                for st in watched.get(n, ()):
+                    _accumulate(st, result.detach(), hessian, sample_rows)
             return result
 
     recorder = Recorder(ir.graph_module)
@@ -75,7 +89,7 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
             values = [next(user) if s.kind == InputKind.USER_INPUT else ir._state_value(s)
                       for s in ir.program.graph_signature.input_specs]
             recorder.run(*values)
-    for st in stats.values():
+    for st in {id(st): st for st in stats.values()}.values():
         if st.hessian is not None:
             st.hessian *= 2.0 / max(st.rows, 1)
     return stats
@@ -88,6 +102,8 @@ def _accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, sample_rows: int
         st.hessian = h if st.hessian is None else st.hessian + h
     a = x.abs().sum(0)
     st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
+    m = x.abs().amax(0)
+    st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
     q = x.pow(2).sum(0)
     st.sq_sum = q if st.sq_sum is None else st.sq_sum + q
     st.rows += x.shape[0]

@@ -92,7 +92,8 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
     """Replace every consumer of ``layer`` by slimc's ``kind`` op reading ``tensors``.
 
     ``tensors`` holds the packed weight (``weight``) and, for int formats, ``scale`` (and
-    ``zero`` for int4), all oriented ``[N, ...]``.
+    ``zero`` for int4), all oriented ``[N, ...]``; ``w8a8`` has ``in_mult [K]`` and
+    ``out_scale [N]`` instead of ``scale``.
     """
     base = layer.weight_node.name.removeprefix("p_")
     nodes = {key: ir.add_weight(f"{base}_{kind}_{key}", value) for key, value in tensors.items()}
@@ -115,7 +116,9 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
                 raise ValueError("addmm with beta/alpha is not supported")
         else:
             bias, x = None, node.args[0]
-        if kind == "int8":
+        if kind == "w8a8":
+            args = (x, nodes["weight"], nodes["in_mult"], nodes["out_scale"], bias)
+        elif kind == "int8":
             args = (x, nodes["weight"], nodes["scale"], bias, act_node)
         elif kind == "int4":
             args = (x, nodes["weight"], nodes["scale"], nodes["zero"], bias, act_node,

@@ -1,21 +1,26 @@
 """The ``quantize`` pass: weight-only quantization the compiled artifact really executes.
 
-``quantize{weights=int8|int4|fp16|bf16|mixed, activations=none, group_size=128, method=rtn|gptq|
-awq, budget=4.5, embeddings=true}`` rewrites every quantizable layer (see ``layers.py``) to one
-of slimc's quantized ops, whose operands are the packed tensors the artifact stores. The IR
+``quantize{weights=int8|int4|fp16|bf16|mixed, activations=none|int8, group_size=128, method=rtn|
+gptq|awq, budget=4.5, embeddings=true}`` rewrites every quantizable layer (see ``layers.py``) to
+one of slimc's quantized ops, whose operands are the packed tensors the artifact stores. The IR
 stays executable in PyTorch, so the pass manager measures what quantization cost.
+
+``activations=int8`` turns every linear whose weights are int8 into a W8A8 linear with a static,
+calibrated input scale (``activations.py``): the artifact runs it on the target's int8
+dot-product instructions (VNNI, sdot). Embedding gathers keep weight-only int8.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slimc.ir import IR
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 from . import calib, mixed
+from .activations import static_int8
 from .awq import awq_scale
 from .formats import Format, parse_format
 from .gptq import gptq
@@ -26,8 +31,10 @@ from .rtn import pack
 class QuantizeOptions(PassOptions):
     weights: Literal["int8", "int4", "fp16", "bf16", "mixed"] = Field(
         "int8", description="Weight format, or `mixed` to choose one per layer under `budget`.")
-    activations: Literal["none"] = Field(
-        "none", description="Activation quantization; only `none` (weight-only) so far.")
+    activations: Literal["none", "int8"] = Field(
+        "none", description="`int8`: static int8 inputs (calibrated scale, SmoothQuant "
+        "migration) for every int8-weight linear, run on int8 dot-product kernels; needs "
+        "`weights=int8` or `mixed` and `method=rtn`. `none`: weight-only.")
     group_size: int = Field(128, ge=8, le=8192, description="Inputs per int4 scale/zero group.")
     symmetric: bool = Field(False, description="int4 without zero points (codes -8..7).")
     method: Literal["rtn", "gptq", "awq"] = Field(
@@ -51,6 +58,17 @@ class QuantizeOptions(PassOptions):
         if value % 2:
             raise ValueError("group_size must be even (two int4 codes per byte)")
         return value
+
+    @model_validator(mode="after")
+    def _activations(self) -> QuantizeOptions:
+        if self.activations == "int8":
+            if self.weights not in ("int8", "mixed"):
+                raise ValueError("activations=int8 needs weights=int8 or weights=mixed (it "
+                                 "applies to the layers whose weights are int8)")
+            if self.method != "rtn":
+                raise ValueError("activations=int8 calibrates its own scales (SmoothQuant + "
+                                 "clipping search); use method=rtn with it")
+        return self
 
     @field_validator("candidates")
     @classmethod
@@ -107,12 +125,14 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     layers = [la for la in layers
               if formats[la.name].kind != "fp32"
               and not (la.is_embedding and not _int_kind(formats[la.name]))]
-    data_aware = options.method != "rtn"
+    w8a8 = options.activations == "int8"
+    data_aware = options.method != "rtn" or w8a8
     stats = {}
     if data_aware and layers:
         stats = calib.collect(ir, layers, calib.calibration_batches(ctx),
                               hessian=options.method == "gptq",
-                              sample_rows=512 if options.method == "awq" else 0)
+                              sample_rows=2048 if w8a8 else 512 if options.method == "awq"
+                              else 0)
     bytes_before = ir.weight_bytes()
     per_layer = {}
     for layer in layers:
@@ -121,6 +141,15 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         act_scale = None
         method = "rtn"
         st = stats.get(layer.name)
+        if w8a8 and fmt.kind == "int8" and not layer.is_embedding and st is not None \
+                and st.rows:
+            static = static_int8(matrix, st.abs_max, st.sample_rows())
+            rewrite(ir, layer, "w8a8", static.tensors())
+            per_layer[layer.name] = {"format": "w8a8", "method": "static",
+                                     "shape": list(matrix.shape), "smooth_alpha": static.alpha,
+                                     "clip": round(static.clip, 5),
+                                     "calib_error": static.error}
+            continue
         if st is not None and _int_kind(fmt) and st.rows:
             if options.method == "gptq":
                 codes, grid = gptq(matrix, st.hessian, fmt)

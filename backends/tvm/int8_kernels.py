@@ -1,0 +1,206 @@
+"""int8 x int8 -> int32 matmul kernels with the dequantize epilogue fused (W8A8 linears).
+
+One kernel computes ``y[m, n] = float(sum_k a[m, k] * w[n, k] - comp[n]) * scale[n] + bias[n]``
+for activation codes ``a`` (quantized by the caller) and int8 weight codes ``w``, picking the
+instruction the target has:
+
+* ``vnni`` (x86 with AVX-512 VNNI): ``vpdpbusd`` multiplies 64 unsigned x signed bytes and adds
+  them in groups of four into 16 int32 lanes. Activations are shifted to ``uint8`` (code + 128);
+  ``comp[n] = 128 * sum_k w[n, k]`` takes the shift back out, in integers, before the float
+  epilogue (subtracting it after the conversion would cancel catastrophically).
+* ``sdot`` (Armv8.2 dot product): ``sdot`` does the same for signed x signed bytes into 4 lanes;
+  no shift, ``comp = 0``.
+* ``generic`` (any other CPU, e.g. plain NEON or AVX2): int8 widened to int32 in vector lanes
+  over output features; LLVM picks the widening multiply-adds. Correct everywhere, the fallback.
+
+Weights are packed at compile time so the kernel streams them contiguously: the dot-product
+kernels read ``w`` as ``[N/L, K/4, L, 4]`` (``L`` = 16 for VNNI, 4 for sdot: one instruction's
+worth of output lanes x 4 bytes of K), the generic one as ``[N/t, K, t]``. The register block is
+``ROWS`` activation rows x ``TILES`` weight tiles, so each weight load feeds ``ROWS``
+dot-product instructions and each broadcast activation word feeds ``TILES``.
+
+The LLVM intrinsics are declared here rather than taken from ``tvm.s_tir.tensor_intrin.x86``:
+in apache-tvm 0.27 that module's ``dot_16x4_vnni`` passes ``<16 x i32>`` operands where LLVM 22's
+``vpdpbusd.512`` takes ``<64 x i8>``, and codegen fails.
+"""
+
+from __future__ import annotations
+
+import functools
+
+#: Activation rows x weight tiles computed per register block.
+ROWS = 4
+TILES = 2
+
+
+@functools.lru_cache(maxsize=4)
+def _register_intrinsics() -> dict[str, tuple[str, int, str]]:
+    """Register the dot-product tensor intrinsics once; name -> (intrin, lanes, act dtype)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    def make(lanes: int, act_dtype: str, llvm_name: str):
+        vec = lanes * 4
+
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), act_dtype, offset_factor=1)
+            B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                for i in T.serial(0, lanes):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), act_dtype, offset_factor=1)
+            B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                word = T.reinterpret(A.vload([0], f"{act_dtype}x4"), dtype="int32")
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name),
+                    C.vload([0], dtype=f"int32x{lanes}"),
+                    T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{vec}"),
+                    B.vload([0, 0], dtype=f"int8x{vec}"),
+                    dtype=f"int32x{lanes}",
+                )
+
+        return desc, impl
+
+    table = {"vnni": (16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
+             "sdot": (4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")}
+    registered = {}
+    for kind, (lanes, act_dtype, llvm_name) in table.items():
+        name = f"slimc_dot_{lanes}x4_{kind}"
+        TensorIntrin.register(name, *make(lanes, act_dtype, llvm_name), override=True)
+        registered[kind] = (name, lanes, act_dtype)
+    return registered
+
+
+def kernel_kind(target) -> str:
+    """``vnni``, ``sdot`` or ``generic`` for a TVM target (``None``: generic)."""
+    if target is None:
+        return "generic"
+    from tvm.target import codegen
+
+    triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
+    try:
+        if triple.startswith(("x86_64", "i686")) and codegen.target_has_features(
+                ["avx512vnni"], target):
+            return "vnni"
+        if triple.startswith("aarch64") and codegen.target_has_features(["dotprod"], target):
+            return "sdot"
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe gets the safe kernel
+        return "generic"
+    return "generic"
+
+
+def lanes(kind: str) -> int:
+    """Output features per packed weight tile for ``kind`` (generic: see ``tile_for``)."""
+    return {"vnni": 16, "sdot": 4}[kind]
+
+
+def activation_dtype(kind: str) -> str:
+    return "uint8" if kind == "vnni" else "int8"
+
+
+def activation_offset(kind: str) -> int:
+    """What the caller adds to the signed activation code before the kernel reads it."""
+    return 128 if kind == "vnni" else 0
+
+
+@functools.lru_cache(maxsize=256)
+def dot_kernel(kind: str, m: int, k: int, n: int):
+    """Scheduled PrimFunc ``(a[m,k], w[N/L,K/4,L,4], comp[n], scale[n], bias[n], y[m,n])``."""
+    from tvm import s_tir, te
+
+    intrin, width, act_dtype = _register_intrinsics()[kind]
+    a = te.placeholder((m, k), act_dtype, name="a")
+    w = te.placeholder((n // width, k // 4, width, 4), "int8", name="w")
+    comp = te.placeholder((n,), "int32", name="comp")
+    scale = te.placeholder((n,), "float32", name="scale")
+    bias = te.placeholder((n,), "float32", name="bias")
+    ko = te.reduce_axis((0, k // 4), name="ko")
+    ki = te.reduce_axis((0, 4), name="ki")
+    acc = te.compute(
+        (m, n // width, width),
+        lambda i, jo, ji: te.sum(a[i, ko * 4 + ki].astype("int32")
+                                 * w[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
+        name="acc")
+    y = te.compute((m, n), lambda i, j: (acc[i, j // width, j % width] - comp[j])
+                   .astype("float32") * scale[j] + bias[j], name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, y]))
+
+    rows = next(r for r in (ROWS, 2, 1) if m % r == 0)
+    tiles = next(t for t in (TILES, 1) if (n // width) % t == 0)
+    out = sch.get_sblock("y")
+    i, j = sch.get_loops(out)
+    io, ii = sch.split(i, [None, rows])
+    jo, jj = sch.split(j, [None, tiles * width])
+    sch.reorder(jo, io, ii, jj)
+    outer = sch.fuse(jo, io)
+    sch.parallel(outer)
+    _, vec = sch.split(jj, [None, width])
+    sch.vectorize(vec)
+
+    block = sch.get_sblock("acc")
+    sch.compute_at(block, outer)
+    sch.set_scope(block, 0, "local")
+    # compute_at drops unit loops: the row / tile loops exist only when rows / tiles > 1.
+    loops = list(sch.get_loops(block)[1:])
+    cki, cko, cji = loops.pop(), loops.pop(), loops.pop()
+    sch.reorder(cko, *loops, cji, cki)
+    init = sch.decompose_reduction(block, cko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in loops:
+        sch.unroll(loop)
+    sch.tensorize(cji, intrin)
+    name = f"slimc_linear_w8a8_{kind}_{m}x{k}x{n}"
+    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+
+
+@functools.lru_cache(maxsize=256)
+def generic_kernel(m: int, k: int, n: int, t: int):
+    """Portable PrimFunc ``(a[m,k] int8, w[N/t,K,t] int8, comp, scale, bias, y[m,n])``."""
+    from tvm import s_tir, te
+
+    a = te.placeholder((m, k), "int8", name="a")
+    w = te.placeholder((n // t, k, t), "int8", name="w")
+    comp = te.placeholder((n,), "int32", name="comp")
+    scale = te.placeholder((n,), "float32", name="scale")
+    bias = te.placeholder((n,), "float32", name="bias")
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute((m, n), lambda i, j: te.sum(
+        a[i, r].astype("int32") * w[j // t, r, j % t].astype("int32"), axis=r), name="acc")
+    y = te.compute((m, n), lambda i, j: (acc[i, j] - comp[j]).astype("float32") * scale[j]
+                   + bias[j], name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, y]))
+    out = sch.get_sblock("y")
+    i, j = sch.get_loops(out)
+    jo, ji = sch.split(j, [None, t])
+    sch.reorder(jo, i, ji)
+    outer = sch.fuse(jo, i)
+    sch.parallel(outer)
+    if t > 1:
+        sch.vectorize(ji)
+    block = sch.get_sblock("acc")
+    sch.compute_at(block, outer)
+    sch.set_scope(block, 0, "local")
+    loops = sch.get_loops(block)[1:]  # (lanes if t > 1, k)
+    ck = loops[-1]
+    if t > 1:  # vectorize before decompose_reduction: the update block alone is no reduction
+        sch.reorder(ck, loops[0])
+        sch.vectorize(loops[0])
+    init = sch.decompose_reduction(block, ck)
+    if t > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    name = f"slimc_linear_w8a8_generic_{m}x{k}x{n}"
+    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)

@@ -1,0 +1,140 @@
+"""int8 weights *and* activations (W8A8): calibration, kernels and artifacts.
+
+The kernels are checked against exact integer arithmetic on shapes that do not fit their
+register blocks; the artifacts are real TVM builds verified against the quantized IR by
+``compile_model`` (which refuses an artifact that disagrees).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from slimc.backends.tvm import int8_kernels
+from slimc.backends.tvm.quantized_ops import OPS
+from slimc.passes.quantize.activations import static_int8
+from slimc.passes.quantize.quantize import QuantizeOptions, quantize_ir
+
+import slimc
+from slimc.capture import capture, load_model
+from slimc.loaders.base import parse_overrides
+from slimc.passmanager import PassContext, relative_l2
+from slimc.plugins import get_registry
+
+
+def _host_target():
+    import tvm
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+
+
+def _pack(kind: str, wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weights in the kernel's layout and the activation-offset compensation."""
+    n, k = wq.shape
+    if kind == "generic":
+        t = next(t for t in (16, 8, 4, 2, 1) if n % t == 0)
+        return wq.reshape(n // t, t, k).transpose(0, 2, 1).copy(), np.zeros(n, np.int32)
+    lanes = int8_kernels.lanes(kind)
+    packed = wq.reshape(n // lanes, lanes, k // 4, 4).transpose(0, 2, 1, 3).copy()
+    comp = int8_kernels.activation_offset(kind) * wq.astype(np.int32).sum(1)
+    return packed, comp.astype(np.int32)
+
+
+def run_kernel(kind: str, m: int, k: int, n: int, target, seed: int = 0):
+    """Build one kernel, run it on random codes; returns (result, exact reference)."""
+    import tvm
+
+    rng = np.random.default_rng(seed)
+    aq = rng.integers(-127, 128, (m, k)).astype(np.int8)
+    wq = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    scale = rng.random(n).astype(np.float32) * 1e-3
+    bias = rng.standard_normal(n).astype(np.float32)
+    exact = (aq.astype(np.int64) @ wq.T.astype(np.int64)) * scale.astype(np.float64) + bias
+    a = (aq.astype(np.int16) + int8_kernels.activation_offset(kind)).astype(
+        int8_kernels.activation_dtype(kind))
+    packed, comp = _pack(kind, wq)
+    func = (int8_kernels.generic_kernel(m, k, n, packed.shape[-1]) if kind == "generic"
+            else int8_kernels.dot_kernel(kind, m, k, n))
+    lib = tvm.tirx.build(func, target=target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(v, dev) for v in (a, packed, comp, scale, bias)]
+    out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
+    lib(*args, out)
+    return out.numpy(), exact
+
+
+AWKWARD = [(1, 8, 16), (3, 20, 48), (5, 64, 32), (7, 36, 80), (128, 384, 64)]
+
+
+@pytest.mark.parametrize("m,k,n", AWKWARD)
+def test_generic_int8_kernel_is_exact(m, k, n):
+    got, exact = run_kernel("generic", m, k, n, _host_target())
+    np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n", AWKWARD)
+def test_vnni_kernel_is_exact(m, k, n):
+    target = _host_target()
+    if int8_kernels.kernel_kind(target) != "vnni":
+        pytest.skip("this host has no AVX-512 VNNI")  # CI's runner is checked below
+    got, exact = run_kernel("vnni", m, k, n, target)
+    np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-5)
+
+
+def test_kernel_kind_follows_the_target_features():
+    import tvm
+
+    def kind(spec):
+        return int8_kernels.kernel_kind(tvm.target.Target(spec))
+
+    assert kind({"kind": "llvm", "mcpu": "znver4"}) == "vnni"
+    assert kind({"kind": "llvm", "mcpu": "haswell"}) == "generic"
+    assert kind({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                 "mattr": ["+neon", "+dotprod"]}) == "sdot"
+    assert kind({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) \
+        == "generic"
+
+
+def test_smoothing_search_is_never_worse_than_plain_max_scaling():
+    torch.manual_seed(0)
+    rows = torch.randn(512, 64)
+    rows[:, 3] *= 40.0  # one outlier channel, as in real transformer activations
+    weight = torch.randn(32, 64)
+    best = static_int8(weight, rows.abs().amax(0), rows)
+    scale = float(rows.abs().max()) / 127
+    codes = torch.clamp(torch.round(rows / scale), -127, 127) * scale
+    w = weight.abs().amax(1, keepdim=True) / 127
+    plain = codes @ (torch.round(weight / w) * w).t()
+    ref = rows @ weight.t()
+    plain_err = float((ref - plain).pow(2).mean() / ref.pow(2).mean())
+    assert best.error <= plain_err
+    assert best.alpha > 0  # the outlier channel makes migration pay
+    assert best.error < 0.5 * plain_err
+
+
+def _ir(model: str):
+    return capture(load_model(model, parse_overrides([]), get_registry()))
+
+
+def test_w8a8_rewrites_linears_and_keeps_embeddings_weight_only(hf_dir):
+    ir, inputs = _ir(hf_dir("bert"))
+    before = ir.run(inputs)
+    summary = quantize_ir(ir, PassContext(example_inputs=inputs),
+                          QuantizeOptions(weights="int8", activations="int8"))
+    ops = [n.target for n in ir.nodes("call_function")]
+    assert OPS["linear_w8a8"] in ops and OPS["embedding_int8"] in ops
+    assert OPS["linear_int8"] not in ops
+    formats = {v["format"] for v in summary["per_layer"].values()}
+    assert formats == {"w8a8", "int8"}
+    assert relative_l2(before, ir.run(inputs)) < 0.05
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_w8a8_artifact_matches_the_quantized_ir(hf_dir, tmp_path, arch):
+    result = slimc.compile_model(hf_dir(arch), slimc.CompileOptions(
+        pipeline="quantize{weights=int8,activations=int8}", output=tmp_path / "out",
+        threads=2))
+    m = result.manifest
+    assert m["verification"]["passed"] and m["verification"]["relative_l2_vs_ir"] < 1e-4
+    assert 0 < m["pipeline"][0]["fidelity"]["relative_l2_vs_previous"] < 0.05
