@@ -2,14 +2,13 @@
 
 One kernel computes ``y[m, n] = float(sum_k a[m, k] * w[n, k] - comp[n]) * scale[n] + bias[n]``
 for activation codes ``a`` (quantized by the caller) and int8 weight codes ``w``, picking the
-instruction the target has:
+instruction the target has. ``comp[n] = c * sum_k w[n, k]`` takes a constant shift ``c`` of the
+codes (the activation zero point, plus VNNI's offset) back out, in integers, before the float
+epilogue (subtracting it after the conversion would cancel catastrophically).
 
 * ``vnni`` (x86 with AVX-512 VNNI): ``vpdpbusd`` multiplies 64 unsigned x signed bytes and adds
-  them in groups of four into 16 int32 lanes. Activations are shifted to ``uint8`` (code + 128);
-  ``comp[n] = 128 * sum_k w[n, k]`` takes the shift back out, in integers, before the float
-  epilogue (subtracting it after the conversion would cancel catastrophically).
-* ``sdot`` (Armv8.2 dot product): ``sdot`` does the same for signed x signed bytes into 4 lanes;
-  no shift, ``comp = 0``.
+  them in groups of four into 16 int32 lanes. Activations are shifted to ``uint8`` (code + 128).
+* ``sdot`` (Armv8.2 dot product): ``sdot`` does the same for signed x signed bytes into 4 lanes.
 * ``generic`` (any other CPU, e.g. plain NEON or AVX2): int8 widened to int32 in vector lanes
   over output features; LLVM picks the widening multiply-adds. Correct everywhere, the fallback.
 

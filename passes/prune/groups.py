@@ -2,11 +2,16 @@
 
 A *unit* is one connected component of the channel union-find (see :mod:`labels`): the
 smallest thing that can be removed without breaking the graph (an MLP neuron across gate/up/
-down, an attention head across q/k/v/o, a KV group under GQA, a conv filter through BN and a
-depthwise conv, a residual-stream channel across every layer). Units with the same set of
-weight slices form a *group* (all 64 neurons of one MLP); pruning ranks units within and across
-groups. Blocks are residual branches ``x + f(x)`` under one module path that can be dropped
-whole (depth pruning).
+down, an attention head across q/k/v/o, a conv filter through BN and a depthwise conv, a
+residual-stream channel across every layer). Units with the same set of weight slices form a
+*group* (all 64 neurons of one MLP); pruning ranks units within and across groups. Blocks are
+residual branches ``x + f(x)`` under one module path that can be dropped whole (depth pruning).
+
+Grouped-query attention gives two overlapping group kinds per attention: ``query-head`` (one
+query head: its q rows and o columns; each unit's ``parent`` is its KV head, and a removal must
+take the same number of query heads from every KV group of the attention) and ``kv-group``
+(a K/V head together with all the query heads sharing it, a unit spanning several union-find
+components: ``Unit.roots``). A pruning uses one of the two per attention, never both.
 
 The JSON form lives in ``ir.annotations["prune-groups"]`` and is what ``slimc analyze`` shows.
 """
@@ -26,7 +31,8 @@ from torch.fx import Node
 from slimc.ir import IR
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
-Kind = Literal["mlp-channel", "attention-head", "kv-group", "residual", "conv-filter", "block"]
+Kind = Literal["mlp-channel", "attention-head", "kv-group", "query-head", "residual",
+               "conv-filter", "block"]
 
 
 @dataclass
@@ -36,6 +42,15 @@ class Unit:
     root: int
     ids: list[int]
     slices: dict[tuple[str, int], list[int]]
+    #: Further union-find roots removed with this unit (a KV group's query heads).
+    extra_roots: list[int] = field(default_factory=list)
+    #: A query head's KV head (its root) under grouped-query attention.
+    parent: int | None = None
+
+    @property
+    def roots(self) -> list[int]:
+        """Every union-find root whose channels go when this unit is removed."""
+        return [self.root, *self.extra_roots]
 
     @property
     def width(self) -> int:
@@ -63,14 +78,25 @@ class Group:
             total += len(idx) * int(np.prod(shape)) // shape[axis]
         return total
 
+    @property
+    def kv_groups(self) -> list[list[int]]:
+        """Unit indices per KV head (``query-head`` groups; otherwise one list of all)."""
+        parts: dict[Any, list[int]] = defaultdict(list)
+        for i, unit in enumerate(self.units):
+            parts[unit.parent].append(i)
+        return list(parts.values())
+
     def to_json(self) -> dict[str, Any]:
         members = [{"param": w, "axis": a, "ranges": _ranges(idx)}
                    for (w, a), idx in sorted(self.units[0].slices.items())]
-        return {"index": self.index, "kind": self.kind, "module_path": self.module_path,
-                "units": len(self.units), "unit_width": self.units[0].width,
-                "first_unit_members": members,
-                "members": [{"param": w, "axis": a, "length": n}
-                            for (w, a), n in sorted(self.extents.items())]}
+        out = {"index": self.index, "kind": self.kind, "module_path": self.module_path,
+               "units": len(self.units), "unit_width": self.units[0].width,
+               "first_unit_members": members,
+               "members": [{"param": w, "axis": a, "length": n}
+                           for (w, a), n in sorted(self.extents.items())]}
+        if self.kind == "query-head":
+            out["kv_groups"] = len(self.kv_groups)
+        return out
 
 
 @dataclass
@@ -140,27 +166,32 @@ def build_groups(ir: IR, prop: Propagation) -> PruneGroups:
     for cid, root in enumerate(roots.tolist()):
         if root in by_root:
             by_root[root].ids.append(cid)
+    for unit in by_root.values():
+        unit.slices = dict(unit.slices)
     producers = {p.node: p for p in prop.producers}
     id_producer = np.empty(len(roots), dtype=object)
     for p in prop.producers:
         id_producer[p.offset:p.offset + p.size] = p.node
+    kinds, composites = _gqa_units(prop, roots, by_root)
     signatures: dict[tuple, list[Unit]] = defaultdict(list)
     pinned = 0
-    for root, unit in by_root.items():
-        if root in pinned_roots:
+    for root, unit in [*by_root.items(), *composites.items()]:
+        if root in composites and unit is by_root.get(root):
+            continue  # a K/V head goes only with its query heads (the composite)
+        if any(r in pinned_roots for r in unit.roots):
             pinned += 1
             continue
-        unit.slices = dict(unit.slices)
-        key = tuple(sorted((w, a, len(i)) for (w, a), i in unit.slices.items()))
+        key = (kinds.get(id(unit)),) + tuple(sorted((w, a, len(i))
+                                                    for (w, a), i in unit.slices.items()))
         signatures[key].append(unit)
     shapes = {n.name: tuple(n.meta["val"].shape) for n in ir.nodes("placeholder")
               if isinstance(n.meta.get("val"), torch.Tensor)}
     groups = []
-    for units in signatures.values():
+    for (special, *_), units in signatures.items():
         if len(units) < 2:
             continue
         ids = set().union(*(u.ids for u in units))
-        kind = _classify(units, ids, prop, id_producer)
+        kind = special or _classify(units, ids, prop, id_producer)
         first = sorted({id_producer[i] for i in units[0].ids if id_producer[i]},
                        key=lambda n: [p.node for p in prop.producers].index(n))
         path = producers[first[0]].module_path if first else ""
@@ -169,9 +200,43 @@ def build_groups(ir: IR, prop: Propagation) -> PruneGroups:
     return PruneGroups(groups, find_blocks(ir), prop, roots, pinned)
 
 
+def _gqa_units(prop: Propagation, roots: np.ndarray, by_root: dict[int, Unit]
+               ) -> tuple[dict[int, Kind], dict[int, Unit]]:
+    """Query heads kept apart from their K/V heads (see :mod:`labels`): mark them
+    ``query-head`` (with their KV head as ``parent``) and build one ``kv-group`` unit per K/V
+    head spanning it and its query heads. Returns (kind by ``id(unit)``, composite by root)."""
+    readers: dict[int, set[int]] = defaultdict(set)
+    for rep in prop.repeats:
+        if rep.collapsed:
+            continue
+        src = roots[rep.source.numpy()]
+        for row, slot in (rep.ties >= 0).nonzero().tolist():
+            readers[int(src[row])].add(int(roots[int(rep.ties[row, slot])]))
+    kinds: dict[int, Kind] = {}
+    composites: dict[int, Unit] = {}
+    for kv, queries in readers.items():
+        if kv in queries or kv not in by_root or not all(q in by_root for q in queries):
+            continue  # degenerate: already one component
+        heads = sorted((by_root[q] for q in queries), key=lambda u: min(min(v) for v in
+                                                                        u.slices.values()))
+        slices: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for unit in [by_root[kv], *heads]:
+            for key, idx in unit.slices.items():
+                slices[key].extend(idx)
+            if unit is not by_root[kv]:
+                unit.parent = kv
+                kinds[id(unit)] = "query-head"
+        ids = by_root[kv].ids + [i for u in heads for i in u.ids]
+        composite = Unit(kv, ids, {k: sorted(v) for k, v in slices.items()},
+                         [u.root for u in heads])
+        composites[kv] = composite
+        kinds[id(composite)] = "kv-group"
+    return kinds, composites
+
+
 def _classify(units: list[Unit], ids: set[int], prop: Propagation, id_producer) -> Kind:
     if ids & prop.attention:
-        counts = _count(id_producer[i] for i in units[0].ids)
+        counts = _count(id_producer[i] for i in units[0].ids if id_producer[i] is not None)
         return "kv-group" if len(set(counts.values())) > 1 else "attention-head"
     if ids & prop.merged and len({id_producer[i] for i in units[0].ids}) > 2:
         return "residual"
@@ -183,7 +248,7 @@ def _classify(units: list[Unit], ids: set[int], prop: Propagation, id_producer) 
 
 
 def _common_prefix(path: str, kind: str) -> str:
-    if kind in ("attention-head", "kv-group", "mlp-channel"):
+    if kind in ("attention-head", "kv-group", "query-head", "mlp-channel"):
         return path.rsplit(".", 1)[0] if "." in path else path
     return path
 

@@ -8,9 +8,19 @@ split/chunk/cat/slice...) are simply *executed* on the label tensors, so head sp
 without any per-pattern code. Where two labelled tensors meet elementwise (residual add,
 gated MLP ``silu(gate) * up``, rotary ``x*cos + rot(x)*sin``) their ids are united in a
 union-find: united channels must be removed together. Batched matmuls of two activations and
-SDPA unite everything within one batch slice (one attention head), which makes heads, and under
-grouped-query attention whole KV groups, atomic. Channels reaching the graph outputs or an op
-the engine does not understand are *pinned* (never removed).
+SDPA unite everything within one batch slice (one attention head), which makes heads atomic.
+Channels reaching the graph outputs or an op the engine does not understand are *pinned* (never
+removed).
+
+Grouped-query attention: an ``expand`` that repeats a labelled tensor along a new axis (HF's
+``repeat_kv``: ``[b, kv, 1, s, d] -> [b, kv, n_rep, s, d]``) gives every copy a *virtual* id
+(one per source channel and repeat slot, a :class:`Repeat`). When such copies reach attention
+as keys/values, the query rows are not united with them: each query head stays its own unit,
+the K/V heads (the virtual ids' sources) form another, and each virtual id is *tied* to the
+query head that reads it. Removing query heads then shrinks the repeat axis (``n_rep``), which
+needs the same number removed from every KV group of the attention; removing a KV head needs
+all its query heads removed (see :func:`shapes.removed_mask`). Virtual ids that reach anything
+else are *collapsed* (united with their sources): the old, atomic KV-group behaviour.
 
 The result records, per weight tensor and axis, the channel id of every slice along that axis,
 and, per graph node, the label tensor — everything :mod:`shapes` needs to rewrite constants.
@@ -133,6 +143,31 @@ class Producer:
 
 
 @dataclass
+class Repeat:
+    """A labelled tensor repeated along a new axis by an ``expand`` (GQA's ``repeat_kv``).
+
+    Copy ``r`` of source channel ``source[l]`` has the virtual id ``offset + l * n + r``;
+    ``ties[l, r]`` is the query-head channel that reads that copy in attention (-1: none)."""
+
+    node: str
+    offset: int
+    source: torch.Tensor
+    n: int
+    ties: torch.Tensor
+    #: United with its sources (reached an op other than attention): no longer virtual.
+    collapsed: bool = False
+
+    @property
+    def virtual(self) -> torch.Tensor:
+        """Virtual ids, ``[len(source), n]``."""
+        return torch.arange(self.offset, self.offset + self.source.numel() * self.n).reshape(
+            -1, self.n)
+
+    def contains(self, t: torch.Tensor) -> torch.Tensor:
+        return (t >= self.offset) & (t < self.offset + self.source.numel() * self.n)
+
+
+@dataclass
 class Propagation:
     """What label propagation found; see the module docstring."""
 
@@ -152,6 +187,10 @@ class Propagation:
     conv: set[int] = field(default_factory=set)
     #: nodes whose arguments hold shape constants the pruning pass must rewrite.
     rewrites: set[str] = field(default_factory=set)
+    #: repeat-axis expands (GQA); see :class:`Repeat`.
+    repeats: list[Repeat] = field(default_factory=list)
+    #: ids of query heads kept apart from the K/V heads they share (GQA).
+    queries: set[int] = field(default_factory=set)
 
 
 def _shape(node: Node) -> tuple[int, ...] | None:
@@ -181,6 +220,8 @@ class LabelPropagator:
                         if (s := ir.placeholder_spec(n)) is not None
                         and s.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")}
         self.result = Propagation(UnionFind(), {}, [], {})
+        #: node name -> indices of the (not collapsed) repeats its labels hold virtual ids of.
+        self.virtual: dict[str, set[int]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -234,12 +275,125 @@ class LabelPropagator:
 
     def run(self) -> Propagation:
         for node in self.ir.nodes():
-            if node.op == "output" and self.pin_outputs:
-                for arg in node.all_input_nodes:
-                    self.pin(self.result.labels.get(arg.name))
+            if node.op == "output":
+                self._collapse(self._virtual_of(node.all_input_nodes))
+                if self.pin_outputs:
+                    for arg in node.all_input_nodes:
+                        self.pin(self.result.labels.get(arg.name))
             elif node.op == "call_function":
                 self.visit(node)
+        self._unite_kv_heads()
         return self.result
+
+    # -- grouped-query attention (virtual ids of repeated K/V) -------------------------------
+
+    def _virtual_of(self, nodes) -> set[int]:
+        found: set[int] = set()
+        for arg in nodes:
+            found |= self.virtual.get(arg.name, set())
+        return {t for t in found if not self.result.repeats[t].collapsed}
+
+    def _collapse(self, tables: set[int]) -> None:
+        """Unite the copies of these repeats with their sources (and with the query heads
+        already tied to them): the repeat axis is no longer prunable on its own."""
+        uf = self.result.uf
+        for t in sorted(tables):
+            rep = self.result.repeats[t]
+            if rep.collapsed:
+                continue
+            rep.collapsed = True
+            for src, virt, ties in zip(rep.source.tolist(), rep.virtual.tolist(),
+                                       rep.ties.tolist(), strict=True):
+                for v, q in zip(virt, ties, strict=True):
+                    uf.union(src, v)
+                    if q >= 0:
+                        uf.union(src, q)
+
+    def _unite_kv_heads(self) -> None:
+        """Sources read by one query head are one KV unit (eager attention meets K and V in
+        two matmuls, so they are only linked through the query heads reading both)."""
+        uf = self.result.uf
+        anchor: dict[int, int] = {}
+        for rep in self.result.repeats:
+            if rep.collapsed:
+                continue
+            for src, ties in zip(rep.source.tolist(), rep.ties.tolist(), strict=True):
+                for q in ties:
+                    if q >= 0:
+                        uf.union(anchor.setdefault(uf.find(q), src), src)
+
+    def _expand(self, node: Node) -> None:
+        """A repeat along one new axis (size 1 -> n) of a labelled tensor: virtual ids."""
+        x = self.lab(node.args[0])
+        shape = _shape(node)
+        if x is None or shape is None or x.dim() != len(shape) \
+                or self._virtual_of([node.args[0]]) or not bool((x >= 0).any()):
+            return self._shape_op(node)
+        axes = [d for d in range(1, x.dim()) if x.shape[d] == 1 and shape[d] > 1]
+        if len(axes) != 1:
+            return self._shape_op(node)
+        axis, n = axes[0], shape[axes[0]]
+        source = torch.tensor(sorted(_ids(x)), dtype=torch.int64)
+        lookup = torch.full((int(source.max()) + 1,), NONE, dtype=torch.int64)
+        lookup[source] = torch.arange(len(source))
+        offset = self.result.uf.allocate(len(source) * n)
+        out = x.expand(shape)
+        view = [1] * len(shape)
+        view[axis] = n
+        slot = torch.arange(n).reshape(view)
+        virt = torch.where(out >= 0, offset + lookup[out.clamp(min=0)] * n + slot, NONE)
+        self.result.repeats.append(Repeat(node.name, offset, source, n,
+                                          torch.full((len(source), n), NONE, dtype=torch.int64)))
+        self.result.labels[node.name] = virt
+        self.result.rewrites.add(node.name)
+        self.virtual[node.name] = {len(self.result.repeats) - 1}
+
+    def _split_attention(self, rows: list[torch.Tensor], tables: list[set[int]],
+                         batch: tuple[int, ...]) -> torch.Tensor | None:
+        """GQA: the first operand's rows (query heads) stay apart from the others' rows when
+        those are only copies of repeated K/V heads. Returns the query id of each row, or
+        None when the operands do not have that form."""
+        first, rest = rows[0], torch.cat(rows[1:], 1)
+        others = set().union(*tables[1:])
+        if tables[0] or not others or not bool((first >= 0).any()):
+            return None
+        src = torch.full_like(rest, NONE)
+        covered = torch.zeros_like(rest, dtype=torch.bool)
+        reps = [self.result.repeats[t] for t in sorted(others)]
+        for rep in reps:
+            inside = rep.contains(rest)
+            src[inside] = rep.source[(rest[inside] - rep.offset) // rep.n]
+            covered |= inside
+        if bool(((rest >= 0) & ~covered).any()):
+            return None
+        # Query heads must come in contiguous blocks per KV head (repeat_kv's order), so that
+        # dropping the same number per block keeps queries and K/V copies aligned.
+        key = src.masked_fill(src < 0, torch.iinfo(torch.int64).max).amin(1)
+        per = key.reshape(-1, batch[-1] if batch else 1)
+        if bool((per[:, 1:] < per[:, :-1]).any()):
+            return None
+        query = first.max(1).values
+        uf = self.result.uf
+        uf.union_rows(first)
+        uf.union_rows(src)
+        queries = query[:, None].expand_as(rest)
+        for rep in reps:
+            inside = rep.contains(rest) & (queries >= 0)
+            if not bool(inside.any()):
+                continue
+            virt, q = rest[inside], queries[inside]
+            span = int(max(int(virt.max()), int(q.max()))) + 1
+            for pair in torch.unique(virt * span + q).tolist():
+                v, qid = divmod(pair, span)
+                row, slot = divmod(v - rep.offset, rep.n)
+                old = int(rep.ties[row, slot])
+                if old >= 0 and old != qid:
+                    uf.union(old, qid)
+                else:
+                    rep.ties[row, slot] = qid
+        self.result.queries |= _ids(first)
+        self.result.attention |= _ids(first) | _ids(src)
+        return query
 
     def visit(self, node: Node) -> None:
         op = op_name(node)
@@ -250,6 +404,14 @@ class LabelPropagator:
             return
         if op in IGNORED_OPS:
             return
+        tables = self._virtual_of(node.all_input_nodes)
+        if tables:
+            attention = op in ("aten.scaled_dot_product_attention", "aten.bmm") or (
+                op in ("aten.mm", "aten.matmul") and not self.is_weight(node.args[1]))
+            if op in SHAPE_OPS or op in IDENTITY_OPS or op == "getitem":
+                self.virtual[node.name] = tables
+            elif not attention:
+                self._collapse(tables)
         if op == "getitem":
             src = self.result.labels.get(node.args[0].name)
             if isinstance(src, tuple):
@@ -436,9 +598,12 @@ class LabelPropagator:
         self._batched(node, [q, k, v])
 
     def _batched(self, node: Node, operands: list[Node]) -> None:
-        """Attention-like op: everything in one batch slice (a head) is one unit."""
+        """Attention-like op: everything in one batch slice (a head) is one unit; under GQA
+        the query head apart from the K/V head it shares (:meth:`_split_attention`)."""
         shape = _shape(node)
+        tables = [self._virtual_of([x]) for x in operands]
         if shape is None:
+            self._collapse(set().union(*tables))
             return self._unknown(node)
         batch = shape[:-2]
         rows = []
@@ -446,6 +611,11 @@ class LabelPropagator:
             t = self.filled(x)
             t = t.broadcast_to(batch + tuple(t.shape[-2:])).reshape(-1, t.shape[-2] * t.shape[-1])
             rows.append(t)
+        query = self._split_attention(rows, tables, batch)
+        if query is not None:
+            self.result.labels[node.name] = query.reshape(batch + (1, 1)).expand(shape)
+            return
+        self._collapse(set().union(*tables))
         joined = torch.cat(rows, 1)
         self.result.uf.union_rows(joined)
         self.result.attention |= _ids(joined)

@@ -32,6 +32,15 @@ KINDS = {
 CHANNEL_KINDS = {"mlp-channel", "conv-filter", "residual"}
 
 
+def kinds_for(granularity: str, gqa: str) -> set[str]:
+    """Group kinds pruned at ``granularity``; under grouped-query attention ``gqa=query``
+    swaps whole KV groups for query heads within them."""
+    kinds = set(KINDS[granularity])
+    if gqa == "query" and "kv-group" in kinds:
+        kinds = (kinds - {"kv-group"}) | {"query-head"}
+    return kinds
+
+
 def default_round_to(target) -> int:
     """Channels per SIMD register at fp32: 16 for AVX-512, 8 for AVX2, 4 for NEON; else 8."""
     if target is None:
@@ -57,7 +66,13 @@ def default_round_to(target) -> int:
 
 class Prune(TransformPass):
     """Remove the least important channels, attention heads (GQA-aware), residual width or
-    whole blocks; shape constants are rewritten so the smaller graph runs and compiles."""
+    whole blocks; shape constants are rewritten so the smaller graph runs and compiles.
+
+    Grouped-query attention (``n_rep`` query heads per K/V head): ``gqa=group`` removes whole
+    KV groups (a K/V head with all its query heads); ``gqa=query`` removes query heads within
+    the groups, the same number from every KV group of a layer (the lowest-scoring ones of
+    each group), so K/V projections stay and ``repeat_kv``'s ``n_rep`` shrinks. Models without
+    GQA (``n_rep == 1``) prune whole heads either way."""
 
     name = "prune"
 
@@ -66,9 +81,14 @@ class Prune(TransformPass):
                              "for granularity=block) to remove; with budget=params, fraction "
                              "of the model's parameters.")
         granularity: Literal["channel", "head", "width", "block", "auto", "all"] = Field(
-            "auto", description="channel: MLP neurons/conv filters; head: attention heads or "
-            "KV groups; width: residual stream; block: whole residual blocks; auto: "
+            "auto", description="channel: MLP neurons/conv filters; head: attention heads "
+            "(under GQA see gqa); width: residual stream; block: whole residual blocks; auto: "
             "channel+head; all: channel+head+width.")
+        gqa: Literal["group", "query"] = Field(
+            "group", description="Heads under grouped-query attention: group removes whole KV "
+            "groups (K/V head + its query heads); query removes query heads within KV groups, "
+            "the same number from each group of a layer (K/V kept, n_rep shrinks; at least one "
+            "query head per group stays). No effect without GQA.")
         budget: Literal["units", "params"] = Field(
             "units", description="units: ratio applies to unit counts; params: remove this "
             "fraction of all parameters (the unit ratio is found by bisection, counted exactly).")
@@ -94,7 +114,7 @@ class Prune(TransformPass):
             removed = remove_blocks(ir, result, options.ratio, batches)
             ir.annotations[self.name] = {"granularity": "block", "removed_blocks": removed}
             return PreservedAnalyses.none() if removed else PreservedAnalyses.all()
-        groups = result.prunable(KINDS[options.granularity])
+        groups = result.prunable(kinds_for(options.granularity, options.gqa))
         if not groups:
             ir.annotations[self.name] = {"granularity": options.granularity, "removed_units": 0}
             return PreservedAnalyses.all()
@@ -106,12 +126,13 @@ class Prune(TransformPass):
         else:
             plan, unit_ratio = choose(groups, scores, options.ratio, options.scope,
                                       round_to), options.ratio
-        removed_roots = {g.units[i].root for g in groups for i in plan[g.index]}
+        removed_roots = plan_roots(groups, plan)
         if options.reconstruct != "none":
             reconstruct.refit(ir, result, removed_roots, batches, options.reconstruct)
         stats = apply(ir, result, removed_roots)
         ir.annotations[self.name] = {
-            "granularity": options.granularity, "criterion": options.criterion,
+            "granularity": options.granularity, "gqa": options.gqa,
+            "criterion": options.criterion,
             "round_to": round_to, "reconstruct": options.reconstruct,
             "scope": options.scope, "budget": options.budget, "unit_ratio": unit_ratio,
             "removed_units": len(removed_roots), **stats,
@@ -121,13 +142,32 @@ class Prune(TransformPass):
         return PreservedAnalyses.none()
 
 
+def plan_roots(groups: list[Group], plan: dict[int, list[int]]) -> set[int]:
+    """Union-find roots of every unit in ``plan`` (a KV group brings its query heads)."""
+    return {r for g in groups for i in plan[g.index] for r in g.units[i].roots}
+
 
 def _keep_count(group: Group, n_remove: int, round_to: int) -> int:
     n = len(group.units)
+    if group.kind == "query-head":  # the same number from every KV group, one head kept
+        parts = [len(p) for p in group.kv_groups]
+        per = min(max(0, int(round(n_remove / len(parts)))), min(parts) - 1)
+        return n - per * len(parts)
     keep = n - n_remove
     if group.kind in CHANNEL_KINDS and n >= 2 * round_to:
         keep = max(round_to, int(round(keep / round_to)) * round_to)
     return min(n, max(1, keep))
+
+
+def _lowest(group: Group, scores: torch.Tensor, keep: int) -> list[int]:
+    """Indices of the ``len(units) - keep`` lowest-scoring units (query heads: evenly from
+    each KV group)."""
+    if group.kind == "query-head":
+        parts = group.kv_groups
+        per = (len(group.units) - keep) // len(parts)
+        return sorted(i for p in parts
+                      for i in sorted(p, key=lambda i: float(scores[i]))[:per])
+    return torch.argsort(scores).tolist()[:len(group.units) - keep]
 
 
 def choose(groups: list[Group], scores: dict[int, torch.Tensor], ratio: float, scope: str,
@@ -146,12 +186,8 @@ def choose(groups: list[Group], scores: dict[int, torch.Tensor], ratio: float, s
             counts[gi] += 1
     else:
         counts = {g.index: int(round(ratio * len(g.units))) for g in groups}
-    plan = {}
-    for g in groups:
-        keep = _keep_count(g, counts[g.index], round_to)
-        order = torch.argsort(scores[g.index]).tolist()
-        plan[g.index] = order[:len(g.units) - keep]
-    return plan
+    return {g.index: _lowest(g, scores[g.index], _keep_count(g, counts[g.index], round_to))
+            for g in groups}
 
 
 def params_after(ir: IR, result: PruneGroups, removed_roots: set[int]) -> int:
@@ -187,8 +223,7 @@ def plan_for_params(ir: IR, result: PruneGroups, groups: list[Group],
 
     def count(r: float):
         plan = choose(groups, scores, r, scope, round_to)
-        roots = {g.units[i].root for g in groups for i in plan[g.index]}
-        return plan, params_after(ir, result, roots)
+        return plan, params_after(ir, result, plan_roots(groups, plan))
 
     lo, hi = 0.0, 1.0
     best = None

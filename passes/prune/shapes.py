@@ -29,12 +29,39 @@ class ShapeRewriteError(RuntimeError):
 
 
 def removed_mask(prop: Propagation, roots, removed_roots: set[int]) -> torch.Tensor:
-    """Bool per channel id: True when its unit is removed."""
+    """Bool per channel id: True when its unit is removed.
+
+    The copies of a repeated K/V head (GQA, :class:`labels.Repeat`) are removed with their
+    source, and otherwise by count: if ``c`` of the query heads reading a K/V head's copies
+    are removed, its *last* ``c`` copies go (copies are identical, and the kept query heads
+    of each KV group keep their order, so they pair with the first copies). ``c`` must be the
+    same for every kept KV head of the attention, and a removed KV head takes all its query
+    heads: anything else is not expressible as a smaller ``n_rep`` and raises."""
     root_t = torch.as_tensor(roots)
     marks = torch.zeros(int(root_t.max()) + 1 if len(root_t) else 1, dtype=torch.bool)
     if removed_roots:
         marks[torch.tensor(sorted(removed_roots))] = True
-    return marks[root_t]
+    removed = marks[root_t]
+    for rep in prop.repeats:
+        if rep.collapsed:
+            continue
+        gone = removed[rep.source]
+        tied = rep.ties >= 0
+        readers_gone = tied & removed[rep.ties.clamp(min=0)]
+        if bool((gone[:, None] & tied & ~readers_gone).any()):
+            raise ShapeRewriteError(f"{rep.node}: a K/V head is removed but query heads "
+                                    f"reading it are kept")
+        counts = readers_gone.sum(1)[~gone]
+        c = int(counts[0]) if len(counts) else 0
+        if bool((counts != c).any()):
+            raise ShapeRewriteError(f"{rep.node}: query heads must be removed evenly from "
+                                    f"every KV group (removed per group: "
+                                    f"{sorted(set(counts.tolist()))})")
+        if len(counts) and c >= rep.n:
+            raise ShapeRewriteError(f"{rep.node}: every query head of a kept KV group removed")
+        slot_gone = torch.arange(rep.n) >= rep.n - c
+        removed[rep.virtual] = gone[:, None] | slot_gone[None, :]
+    return removed
 
 
 def keep_along(labels: torch.Tensor, removed: torch.Tensor) -> list[torch.Tensor]:

@@ -9,7 +9,9 @@ searched on the calibration rows that enter the layer, minimising the layer's ou
   input by ``s_k = max|x_k|^alpha / max|w_k|^(1-alpha)`` and multiplying column ``k`` of the
   weight by it moves that range into the per-row-quantized weight; ``alpha = 0`` keeps the
   layer as is. The division is folded into the op's ``in_mult``, so no other op changes.
-* **Clipping**: the per-tensor range is the largest ``|x|`` seen or a high quantile of it;
+* **Range**: symmetric (``[-c, c]``, zero point 0) or asymmetric (``[lo, hi]`` over all 256
+  codes, with a zero point: GELU outputs are almost never below -0.17, so a symmetric grid would
+  waste half its codes), where the ends are the extremes seen or high quantiles of them;
   clipping rare outliers buys resolution for everything else.
 
 The calibrated scale is also why W8A8 needs representative ``--calib`` data: inputs far outside
@@ -26,7 +28,7 @@ from torch import Tensor
 from .formats import quantize_int8
 
 #: SmoothQuant migration strengths tried per layer (0 = no migration).
-ALPHAS = (0.0, 0.25, 0.5, 0.75)
+ALPHAS = (0.0, 0.25, 0.5, 0.65, 0.75, 0.85)
 #: Clipping candidates: quantiles of |x| on the calibration sample (1.0 = the largest seen).
 QUANTILES = (1.0, 0.99999, 0.9999, 0.999)
 
@@ -38,42 +40,62 @@ class StaticInt8:
     weight: Tensor  # int8 [N, K]
     in_mult: Tensor  # f32 [K]: 1 / (smooth_k * input_scale)
     out_scale: Tensor  # f32 [N]: input_scale * weight_scale_n
+    zero_point: int  # activation code of 0.0 (0: symmetric)
     alpha: float
-    clip: float  # clipping range over the largest |x| seen
+    clip: float  # quantile of the range kept (1.0: everything seen)
     error: float  # relative output error on the calibration rows
 
     def tensors(self) -> dict[str, Tensor]:
         return {"weight": self.weight, "in_mult": self.in_mult, "out_scale": self.out_scale}
 
 
-def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor) -> StaticInt8:
-    """Best (SmoothQuant alpha, clipping range) for ``weight [N, K]`` on input ``rows [R, K]``.
+def _ranges(scaled: Tensor, low: float, high: float) -> list[tuple[float, float, int, float]]:
+    """Candidate ``(scale, zero point, quantile)`` triples (as ``(scale, zp, q, _)``) for the
+    smoothed input ``scaled``; ``low``/``high`` are the extremes over all calibration rows."""
+    out = []
+    flat = scaled.flatten()
+    magnitudes = flat.abs()
+    top = max(-low, high)
+    for q in QUANTILES:
+        bound = top if q == 1.0 else min(top, float(_quantile(magnitudes, q)))
+        out.append((max(bound, 1e-8) / 127.0, 0, q, bound))
+        lo = low if q == 1.0 else max(low, float(_quantile(flat, 1.0 - q)))
+        hi = high if q == 1.0 else min(high, float(_quantile(flat, q)))
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # 0.0 must be exact (padding, ReLU zeros)
+        scale = max(hi - lo, 1e-8) / 255.0
+        zero = int(round(-lo / scale)) - 128
+        out.append((scale, max(-128, min(127, zero)), q, hi - lo))
+    return out
 
-    ``abs_max`` is the per-channel maximum over *all* calibration rows (``rows`` is a sample),
-    so the unclipped candidate covers every value seen.
+
+def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
+                x_min: Tensor | None = None, x_max: Tensor | None = None) -> StaticInt8:
+    """Best (SmoothQuant alpha, range) for ``weight [N, K]`` on input ``rows [R, K]``.
+
+    ``abs_max`` (and ``x_min`` / ``x_max`` if given) are per-channel extremes over *all*
+    calibration rows (``rows`` is a sample), so the unclipped candidates cover every value seen.
     """
     weight = weight.float()
     reference = rows @ weight.t()
     norm = float(reference.pow(2).mean()) or 1.0
     w_max = weight.abs().amax(dim=0).clamp_min(1e-8)
-    x_max = abs_max.float().clamp_min(1e-8)
+    a_max = abs_max.float().clamp_min(1e-8)
+    lows = (x_min if x_min is not None else rows.amin(0)).float()
+    highs = (x_max if x_max is not None else rows.amax(0)).float()
     best: StaticInt8 | None = None
     for alpha in ALPHAS:
-        smooth = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)) if alpha else torch.ones_like(x_max)
+        smooth = (a_max.pow(alpha) / w_max.pow(1.0 - alpha)) if alpha else torch.ones_like(a_max)
         smooth = smooth.clamp(1e-4, 1e4)
         codes, w_scale = quantize_int8(weight * smooth)
         dequant = codes.float() * w_scale[:, None]
         scaled = rows / smooth
-        top = float((x_max / smooth).max())
-        magnitudes = scaled.abs().flatten()
-        for q in QUANTILES:
-            bound = top if q == 1.0 else min(top, float(_quantile(magnitudes, q)))
-            scale = max(bound, 1e-8) / 127.0
-            a = torch.clamp(torch.round(scaled / scale), -127, 127)
+        low, high = float((lows / smooth).min()), float((highs / smooth).max())
+        for scale, zero, q, _ in _ranges(scaled, low, high):
+            a = torch.clamp(torch.round(scaled / scale) + zero, -128, 127) - zero
             err = float((reference - (a * scale) @ dequant.t()).pow(2).mean()) / norm
             if best is None or err < best.error:
                 best = StaticInt8(codes, (1.0 / (smooth * scale)).float(),
-                                  (scale * w_scale).float(), alpha, bound / top, err)
+                                  (scale * w_scale).float(), zero, alpha, q, err)
     assert best is not None
     return best
 

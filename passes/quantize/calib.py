@@ -32,6 +32,8 @@ class LayerStats:
     abs_sum: torch.Tensor | None = None  # [K]
     sq_sum: torch.Tensor | None = None  # [K], the diagonal of X^T X
     abs_max: torch.Tensor | None = None  # [K], largest |x| seen per input channel
+    min: torch.Tensor | None = None  # [K], smallest x seen per input channel
+    max: torch.Tensor | None = None  # [K], largest x seen per input channel
     rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
 
@@ -102,8 +104,10 @@ def _accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, sample_rows: int
         st.hessian = h if st.hessian is None else st.hessian + h
     a = x.abs().sum(0)
     st.abs_sum = a if st.abs_sum is None else st.abs_sum + a
-    m = x.abs().amax(0)
-    st.abs_max = m if st.abs_max is None else torch.maximum(st.abs_max, m)
+    lo, hi = x.amin(0), x.amax(0)
+    st.min = lo if st.min is None else torch.minimum(st.min, lo)
+    st.max = hi if st.max is None else torch.maximum(st.max, hi)
+    st.abs_max = torch.maximum(st.max, -st.min)
     q = x.pow(2).sum(0)
     st.sq_sum = q if st.sq_sum is None else st.sq_sum + q
     st.rows += x.shape[0]

@@ -88,7 +88,8 @@ def find_layers(ir: IR, embeddings: bool = True) -> list[Layer]:
 
 
 def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
-            group_size: int = 0, act_scale: torch.Tensor | None = None) -> None:
+            group_size: int = 0, act_scale: torch.Tensor | None = None,
+            zero_point: int = 0) -> None:
     """Replace every consumer of ``layer`` by slimc's ``kind`` op reading ``tensors``.
 
     ``tensors`` holds the packed weight (``weight``) and, for int formats, ``scale`` (and
@@ -117,7 +118,8 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
         else:
             bias, x = None, node.args[0]
         if kind == "w8a8":
-            args = (x, nodes["weight"], nodes["in_mult"], nodes["out_scale"], bias)
+            args = (x, nodes["weight"], nodes["in_mult"], nodes["out_scale"], bias,
+                    zero_point)
         elif kind == "int8":
             args = (x, nodes["weight"], nodes["scale"], bias, act_node)
         elif kind == "int4":

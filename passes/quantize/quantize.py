@@ -143,11 +143,13 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         st = stats.get(layer.name)
         if w8a8 and fmt.kind == "int8" and not layer.is_embedding and st is not None \
                 and st.rows:
-            static = static_int8(matrix, st.abs_max, st.sample_rows())
-            rewrite(ir, layer, "w8a8", static.tensors())
-            per_layer[layer.name] = {"format": "w8a8", "method": "static",
+            static = static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max)
+            rewrite(ir, layer, "w8a8", static.tensors(), zero_point=static.zero_point)
+            per_layer[layer.name] = {"format": "int8", "activations": "int8",
+                                     "method": "rtn",
                                      "shape": list(matrix.shape), "smooth_alpha": static.alpha,
-                                     "clip": round(static.clip, 5),
+                                     "range_quantile": static.clip,
+                                     "zero_point": static.zero_point,
                                      "calib_error": static.error}
             continue
         if st is not None and _int_kind(fmt) and st.rows:
