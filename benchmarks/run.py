@@ -2,13 +2,21 @@
 
     python benchmarks/run.py                       # MiniLM, CNN, decode step; 2 threads
     python benchmarks/run.py --models minilm --runs 50 --threads 2
+    python benchmarks/run.py --models minilm --engines slimc,slimc-w8a8,ort,ort-dyn8,torch-dyn8
 
 Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
 round-robin, rotating who goes first, with a short idle pause before each block so the previous
 engine's spinning threads have parked) so that machine load drifting during the run hits all of
 them alike. Reported: median latency, interquartile range, min/max, and slimc's ratio to the
-others (< 1.0 means slimc is faster). The untuned slimc artifact's compile time is reported too.
+baselines (< 1.0 means faster). The untuned slimc artifact's compile time is reported too.
 Needs the ``bench`` extra: ``pip install -e .[bench]`` (onnxruntime, onnx, onnxscript).
+
+int8 engines (MiniLM by default): ``slimc-w8a8`` is the artifact of
+``quantize{weights=int8,activations=int8}`` (static activation scales calibrated on KJV text
+tokenized like the input, when the ``bible`` program is installed), ``torch-dyn8`` PyTorch's
+dynamic int8 linears (``torch.ao.quantization.quantize_dynamic``), ``ort-dyn8`` ONNX Runtime's
+dynamic int8 (``onnxruntime.quantization.quantize_dynamic`` of the same ONNX graph). The
+"rel.L2 vs eager" column is their fidelity.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("minilm", "cnn", "decode")
-ENGINES = ("slimc", "eager", "ort")
+ENGINES = ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8")
+#: Engines run when --engines is not given: the int8 ones only where they are a target.
+DEFAULT_ENGINES = {"minilm": ENGINES}
+W8A8 = "quantize{weights=int8,activations=int8}"
 
 
 @dataclass
@@ -41,7 +52,8 @@ class Result:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {MODELS}")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
+    p.add_argument("--engines", default=None, help=f"comma list of {ENGINES} (default: "
+                   "slimc,eager,ort, plus the int8 engines for minilm)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
     p.add_argument("--runs", type=int, default=12, help="interleaved rounds per engine")
     p.add_argument("--block", type=int, default=3, help="consecutive calls per engine per round")
@@ -66,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_interop_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slimc-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    engines = [e for e in args.engines.split(",") if e]
     results = []
     for name in [m for m in args.models.split(",") if m]:
+        engines = ([e for e in args.engines.split(",") if e] if args.engines
+                   else list(DEFAULT_ENGINES.get(name, ENGINES[:3])))
         print(f"== {name}: preparing {', '.join(engines)}", file=sys.stderr, flush=True)
         results.append(bench_model(name, engines, args, workdir))
         print_table(results[-1:], args)
@@ -92,21 +105,37 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
     outputs: dict[str, np.ndarray] = {}
     arrays = {k: v.numpy() for k, v in inputs.items()}
 
-    if "slimc" in engines:
-        runner, names = _slimc(name, args, workdir, result)
-        feed = [arrays[n] for n in names]
-        callers["slimc"] = lambda: runner(feed)
-        outputs["slimc"] = runner(feed)[0]
+    for engine, pipeline in (("slimc", None), ("slimc-w8a8", W8A8)):
+        if engine in engines:
+            runner, names = _slimc(name, args, workdir, result, pipeline)
+            feed = [arrays[n] for n in names]
+            callers[engine] = lambda runner=runner, feed=feed: runner(feed)
+            outputs[engine] = runner(feed)[0]
     if "eager" in engines:
         def eager():
             with torch.inference_mode():
                 return module(**inputs)
         callers["eager"] = eager
         outputs["eager"] = eager().numpy()
-    if "ort" in engines:
-        session = _ort_session(module, inputs, args.threads, workdir / f"{name}.onnx")
-        callers["ort"] = lambda: session.run(None, arrays)
-        outputs["ort"] = session.run(None, arrays)[0]
+    if "torch-dyn8" in engines:
+        dynamic = torch.ao.quantization.quantize_dynamic(
+            module, {torch.nn.Linear}, dtype=torch.qint8)
+
+        def torch_dyn8():
+            with torch.inference_mode():
+                return dynamic(**inputs)
+        callers["torch-dyn8"] = torch_dyn8
+        outputs["torch-dyn8"] = torch_dyn8().numpy()
+    if {"ort", "ort-dyn8"} & set(engines):
+        onnx_path = workdir / f"{name}.onnx"
+        session = _ort_session(module, inputs, args.threads, onnx_path)
+        if "ort" in engines:
+            callers["ort"] = lambda: session.run(None, arrays)
+            outputs["ort"] = session.run(None, arrays)[0]
+        if "ort-dyn8" in engines:
+            dyn = _ort_session(module, inputs, args.threads, onnx_path, dynamic_int8=True)
+            callers["ort-dyn8"] = lambda: dyn.run(None, arrays)
+            outputs["ort-dyn8"] = dyn.run(None, arrays)[0]
     reference = outputs.get("eager")
     if reference is not None:
         for engine, out in outputs.items():
@@ -130,33 +159,72 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
     return result
 
 
-def _slimc(name: str, args, workdir: Path, result: Result):
+def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None = None):
     from slimc.backends.tvm.runtime import NativeRunner
 
     from slimc.compiler import CompileOptions, compile_model
 
-    output = workdir / f"{name}.slimc"
+    suffix = "" if pipeline is None else "-w8a8"
+    calib = _calibration_file(name, workdir) if pipeline else None
+    if pipeline and calib is None:
+        result.notes.append("slimc-w8a8 calibrated on the benchmark input itself (no KJV text)")
+    output = workdir / f"{name}{suffix}.slimc"
     t0 = time.perf_counter()
     compiled = compile_model(f"{HERE / 'models.py'}:{name}",
                              CompileOptions(target=args.target, output=output,
-                                            threads=args.threads))
-    result.compile_s = time.perf_counter() - t0
-    result.build_s = compiled.manifest["timings"].get("build_s")
+                                            threads=args.threads, pipeline=pipeline,
+                                            calib=calib))
+    if pipeline is None:
+        result.compile_s = time.perf_counter() - t0
+        result.build_s = compiled.manifest["timings"].get("build_s")
     runner = NativeRunner(compiled.output / compiled.manifest["library"], args.threads)
     return runner, [spec["name"] for spec in compiled.manifest["inputs"]]
 
 
-def _ort_session(module, inputs, threads: int, path: Path):
+def _calibration_file(name: str, workdir: Path) -> Path | None:
+    """MiniLM: 8 windows of KJV Genesis tokenized like the benchmark input (``.npz``)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    if name != "minilm" or not shutil.which("bible"):
+        return None
+    import transformers
+
+    sys.path.insert(0, str(HERE))
+    import models
+
+    text = subprocess.run(["bible", "-f", "gen1:1-10:32"], capture_output=True, text=True,
+                          check=True).stdout
+    tokenizer = transformers.AutoTokenizer.from_pretrained(models.minilm_dir())
+    lines = [ln.split(" ", 2)[-1] for ln in text.splitlines() if ln.strip()]
+    batch = tokenizer([" ".join(lines[i:i + 6]) for i in range(0, 48, 6)], padding="max_length",
+                      truncation=True, max_length=128, return_tensors="np")
+    path = workdir / "minilm-calib.npz"
+    np.savez(path, input_ids=batch["input_ids"].astype(np.int64),
+             attention_mask=batch["attention_mask"].astype(np.int64))
+    return path
+
+
+def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = False):
     import onnxruntime as ort
     import torch
 
-    with torch.inference_mode(False), torch.no_grad():
-        try:
-            torch.onnx.export(module, (), str(path), kwargs=inputs, dynamo=True,
-                              input_names=list(inputs), optimize=True)
-        except Exception:  # noqa: BLE001 - older exporter path as a second chance
-            torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False,
-                              input_names=list(inputs), opset_version=17)
+    if not path.exists():
+        with torch.inference_mode(False), torch.no_grad():
+            try:
+                torch.onnx.export(module, (), str(path), kwargs=inputs, dynamo=True,
+                                  input_names=list(inputs), optimize=True)
+            except Exception:  # noqa: BLE001 - older exporter path as a second chance
+                torch.onnx.export(module, tuple(inputs.values()), str(path), dynamo=False,
+                                  input_names=list(inputs), opset_version=17)
+    if dynamic_int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantized = path.with_suffix(".dyn8.onnx")
+        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+        path = quantized
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -173,22 +241,26 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def print_table(results: list[Result], args) -> None:
-    header = (f"{'model':8} {'engine':6} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
-              f" {'vs slimc':>9} {'rel.L2 vs eager':>16}")
+    header = (f"{'model':8} {'engine':10} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
+              f" {'/eager':>7} {'/ort':>6} {'rel.L2 vs eager':>16}")
     print(header)
     print("-" * len(header))
     for res in results:
         stats = {e: _stats(t) for e, t in res.times.items() if t}
-        base = stats.get("slimc", {}).get("median")
+        bases = {b: stats[b]["median"] for b in ("eager", "ort") if b in stats}
         for engine, s in stats.items():
-            ratio = f"{base / s['median']:.2f}x" if base and engine != "slimc" else ""
+            ratios = [f"{s['median'] / bases[b]:.2f}x" if b in bases and b != engine else ""
+                      for b in ("eager", "ort")]
             agree = res.agreement.get(engine)
-            print(f"{res.model:8} {engine:6} {s['median']:10.2f} "
-                  f"{s['q1']:7.2f}-{s['q3']:<8.2f} {s['min']:8.2f}-{s['max']:<9.2f} {ratio:>9}"
+            print(f"{res.model:8} {engine:10} {s['median']:10.2f} "
+                  f"{s['q1']:7.2f}-{s['q3']:<8.2f} {s['min']:8.2f}-{s['max']:<9.2f}"
+                  f" {ratios[0]:>7} {ratios[1]:>6}"
                   f" {'' if agree is None else f'{agree:.2e}':>16}")
         if res.compile_s is not None:
             print(f"{res.model:8} slimc compile {res.compile_s:.1f} s (TVM build {res.build_s} s)")
-    print("(vs slimc = slimc median / engine median: slimc/eager and slimc/ort ratios)")
+        for note in res.notes:
+            print(f"{res.model:8} note: {note}")
+    print("(/eager, /ort: engine median over PyTorch eager's / ONNX Runtime fp32's; < 1 = faster)")
 
 
 def _cpu_name() -> str:

@@ -139,3 +139,27 @@ def test_w8a8_artifact_matches_the_quantized_ir(hf_dir, tmp_path, arch):
     m = result.manifest
     assert m["verification"]["passed"] and m["verification"]["relative_l2_vs_ir"] < 1e-4
     assert 0 < m["pipeline"][0]["fidelity"]["relative_l2_vs_previous"] < 0.05
+
+
+def _kernel_names(ir, target) -> set[str]:
+    from slimc.backends.tvm.lower import lower_to_relax
+
+    mod = lower_to_relax(ir, get_registry().converters, target)
+    return {gv.name_hint for gv, _ in mod.functions_items() if "w8a8" in gv.name_hint}
+
+
+@pytest.mark.parametrize("target,kernel", [("arm-v8.2", "sdot"), ("arm", "generic")])
+def test_w8a8_artifact_runs_on_aarch64(hf_dir, tmp_path, aarch64_emulator, target, kernel):
+    """sdot (Armv8.2 dot product) and the plain-NEON fallback, run under qemu-aarch64."""
+    from slimc.targets import resolve_target
+
+    ir, inputs = _ir(hf_dir("bert"))
+    quantize_ir(ir, PassContext(example_inputs=inputs),
+                QuantizeOptions(weights="int8", activations="int8"))
+    names = _kernel_names(ir, resolve_target(target).tvm_target())
+    assert names and all(f"w8a8_{kernel}" in name for name in names), names
+    result = slimc.compile_model(hf_dir("bert"), slimc.CompileOptions(
+        pipeline="quantize{weights=int8,activations=int8}", output=tmp_path / target,
+        target=target, emulate="require"))
+    v = result.manifest["verification"]
+    assert v["passed"] and v["ran_on"].startswith("qemu") and v["relative_l2_vs_ir"] < 1e-4
