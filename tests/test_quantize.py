@@ -207,9 +207,11 @@ def test_mixed_with_a_proxy_criterion_takes_every_entry_from_the_analysis(hf_dir
     assert [done for name, done in history if name == "sensitivity-taylor"] == [True]
 
 
-@pytest.mark.parametrize("m,k,n,group", [(1, 256, 64, 64), (3, 96, 24, 32), (2, 80, 16, 32)])
+@pytest.mark.parametrize("m,k,n,group", [(1, 256, 64, 64), (3, 96, 24, 32), (2, 80, 16, 32),
+                                         (1, 576, 48, 128), (2, 81, 16, 32)])
 def test_int4_kernel_matches_the_reference(m, k, n, group):
-    """The factored int4 kernel (and the per-k fallback when K % group != 0) vs PyTorch."""
+    """The factored int4 kernel (zero-padded to whole groups when K % group != 0, as the
+    converter does) and the per-k fallback (odd K) vs PyTorch."""
     import tvm
     from slimc.backends.tvm import quantized_ops as q
 
@@ -225,7 +227,11 @@ def test_int4_kernel_matches_the_reference(m, k, n, group):
         return a.reshape(n // t, t, -1).permute(0, 2, 1).contiguous().numpy()
 
     func = q.linear_kernel("int4", m, k, n, group)
-    assert ("int4f" in str(func.attrs["global_symbol"])) == (k % group == 0)
+    assert ("int4f" in str(func.attrs["global_symbol"])) == (k % 2 == 0)
+    if k % 2 == 0 and k % group:
+        padded = -(-k // group) * group
+        x = torch.nn.functional.pad(x, (0, padded - k))
+        packed = torch.nn.functional.pad(packed, (0, (padded - k) // 2))
     lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm"})
     args = [tvm.runtime.tensor(a) for a in (x.numpy(), tiles(packed), tiles(params.scale),
                                             tiles(params.zero), np.zeros((m, n), "float32"))]
@@ -241,6 +247,7 @@ def test_int4_kernel_matches_the_reference(m, k, n, group):
     ("gpt2", "quantize{weights=int4,group_size=32}"),
     ("bert", "quantize{weights=int4,group_size=16,symmetric=true,method=gptq}"),
     ("llama", "quantize{weights=int4,group_size=32,method=awq}"),
+    ("llama", "quantize{weights=int4,group_size=24}"),  # partial last groups: zero-padded
     ("gpt2", "quantize{weights=fp16}"),
     ("bert", "quantize{weights=bf16}"),
 ])

@@ -34,7 +34,8 @@ the kernel streams each tile contiguously while computing ``t`` outputs in vecto
 kernel is scheduled here (parallel over tiles, vectorized over lanes, accumulator in
 registers) and marked ``tirx.is_scheduled`` so generic schedule rules leave it alone.
 
-int4 (``K`` a multiple of the group size) uses :func:`_int4_grouped_kernel`: scale and zero point
+int4 uses :func:`_int4_grouped_kernel` (``K`` not a multiple of the group size is zero-padded to
+whole groups, x at run time and the codes at build time): scale and zero point
 are factored out of the inner loop (applied once per group, with per-row group sums of ``x``),
 and the inner loop unpacks both nibbles of a byte with constant shifts and widens them straight
 into ``t``-lane fp32 multiply-adds. Single-threaded on the host it is ~10x faster than the
@@ -260,12 +261,23 @@ def tile_for(n: int) -> int:
     return next(t for t in TILE_CHOICES if n % t == 0)
 
 
+def _pads_to_groups(k: int, group: int) -> bool:
+    """Whether an int4 linear is lowered with x and codes zero-padded to whole groups."""
+    return FACTORED_INT4 and group % 2 == 0 and k % 2 == 0 and k % group != 0
+
+
 @functools.lru_cache(maxsize=256)
 def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
-    """A scheduled PrimFunc ``(x[m,k], weight tiles..., y[m,n])`` with dequant in the loop."""
+    """A scheduled PrimFunc ``(x[m,k], weight tiles..., y[m,n])`` with dequant in the loop.
+
+    int4 with a partial last group takes ``x[m, K']``, ``K'`` = ``k`` rounded up to whole
+    groups (the converter pads x and the packed codes with zeros).
+    """
     from tvm import te, tirx
 
     t = tile_for(n)
+    if kind == "int4" and _pads_to_groups(k, group):
+        k = -(-k // group) * group
     if kind == "int4" and FACTORED_INT4 and group % 2 == 0 and k % group == 0:
         return _int4_grouped_kernel(m, k, n, group, t)
     x = te.placeholder((m, k), "float32", name="x")
@@ -490,7 +502,13 @@ def _convert_linear(kind: str):
         elif kind == "int4":
             bias, act = _arg(importer, node, 4), _arg(importer, node, 5)
             group = int(node.args[6])
-            tensors = [_tiles(bb, weight, t), _tiles(bb, importer.env[node.args[2]], t),
+            packed = weight
+            if _pads_to_groups(k, group):
+                # A partial last group (K=576, g128): zero-pad x and the codes to whole groups
+                # so the factored kernel applies (padded x is 0, so the codes never count).
+                padded = -(-k // group) * group
+                packed = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, (padded - k) // 2]))
+            tensors = [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
                        _tiles(bb, importer.env[node.args[3]], t)]
             func = linear_kernel("int4", m, k, n, group)
         else:
@@ -500,6 +518,8 @@ def _convert_linear(kind: str):
         if act is not None:
             x = bb.emit(relax.op.multiply(x, act))
         x2 = bb.emit(relax.op.reshape(x, (m, k)))
+        if kind == "int4" and _pads_to_groups(k, group):
+            x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -(-k // group) * group - k]))
         gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
         y = bb.emit(relax.call_tir(gvar, [x2, *tensors],
                                    relax.TensorType((m, n), "float32")))
