@@ -256,6 +256,15 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
             "tolerance": tolerance, "rounding_noise_floor": floor}, outputs
 
 
+def _pass_entry(record, ir: IR) -> dict[str, Any]:
+    """A pass's record, plus what a transform annotated (per-layer formats, pruned units)."""
+    entry = record.to_json()
+    name = record.invocation.name
+    if record.kind == "transform" and name in ir.annotations:
+        entry["summary"] = ir.annotations[name]
+    return entry
+
+
 def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fidelity,
               verification, library: Path, threads: int, timings, model: str) -> dict[str, Any]:
     target = spec.tvm_target()
@@ -266,7 +275,7 @@ def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fideli
                    if spec.is_cross else None, "host": platform.machine()},
         "inputs": [s.to_json() for s in ir.input_specs()],
         "outputs": [s.to_json() for s in ir.output_specs()],
-        "pipeline": [r.to_json() for r in records],
+        "pipeline": [_pass_entry(r, ir) for r in records],
         "params_before": before.params,
         "params_after": after.params,
         "weight_bytes_before": before.weight_bytes,

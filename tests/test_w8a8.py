@@ -163,3 +163,17 @@ def test_w8a8_artifact_runs_on_aarch64(hf_dir, tmp_path, aarch64_emulator, targe
         target=target, emulate="require"))
     v = result.manifest["verification"]
     assert v["passed"] and v["ran_on"].startswith("qemu") and v["relative_l2_vs_ir"] < 1e-4
+
+
+def test_w8a8_from_the_command_line_with_text_calibration(cli, hf_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    out = tmp_path / "cli"
+    result = cli("compile", hf_dir("bert"), "--pipeline",
+                 "quantize{weights=int8,activations=int8}", "--calib", str(text), "-o", str(out))
+    assert result.code == 0, result.err
+    manifest = slimc.load(out).manifest
+    per_layer = manifest["pipeline"][0]["summary"]["per_layer"]
+    assert manifest["verification"]["passed"]
+    assert manifest["verification"]["rounding_noise_floor"] is not None  # measured
+    assert sum(v.get("activations") == "int8" for v in per_layer.values()) == 13

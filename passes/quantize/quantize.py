@@ -113,6 +113,22 @@ def _int_kind(fmt: Format) -> bool:
     return fmt.kind in ("int8", "int4")
 
 
+def _warn_without_dot_product(ctx: PassContext) -> None:
+    """W8A8 pays on int8 dot-product hardware; elsewhere it runs a slower generic kernel."""
+    if ctx.target is None or not hasattr(ctx.target, "tvm_target"):
+        return
+    from slimc.backends.tvm.int8_kernels import kernel_kind
+
+    try:
+        kind = kernel_kind(ctx.target.tvm_target())
+    except Exception:  # noqa: BLE001 - not an LLVM target: nothing to say
+        return
+    if kind == "generic":
+        ctx.log(f"quantize: warning: target {ctx.target.name} has no int8 dot-product "
+                "instructions (x86 AVX-512 VNNI, Armv8.2 dotprod); activations=int8 runs on a "
+                "generic int8 kernel there, usually slower than weights=int8 alone.")
+
+
 def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     """Quantize ``ir`` in place; returns a JSON summary (formats, bytes before/after)."""
     layers = find_layers(ir, embeddings=options.embeddings)
@@ -126,12 +142,14 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
               if formats[la.name].kind != "fp32"
               and not (la.is_embedding and not _int_kind(formats[la.name]))]
     w8a8 = options.activations == "int8"
+    if w8a8:
+        _warn_without_dot_product(ctx)
     data_aware = options.method != "rtn" or w8a8
     stats = {}
     if data_aware and layers:
         stats = calib.collect(ir, layers, calib.calibration_batches(ctx),
                               hessian=options.method == "gptq",
-                              sample_rows=2048 if w8a8 else 512 if options.method == "awq"
+                              sample_rows=1024 if w8a8 else 512 if options.method == "awq"
                               else 0)
     bytes_before = ir.weight_bytes()
     per_layer = {}
