@@ -11,9 +11,10 @@ them alike. Reported: median latency, interquartile range, min/max, and slimc's 
 baselines (< 1.0 means faster). The untuned slimc artifact's compile time is reported too.
 Needs the ``bench`` extra: ``pip install -e .[bench]`` (onnxruntime, onnx, onnxscript).
 
-int8 engines (MiniLM by default): ``slimc-w8a8`` is the artifact of
+Quantized engines (MiniLM and decode by default): ``slimc-w8a8`` is the artifact of
 ``quantize{weights=int8,activations=int8}`` (static activation scales calibrated on KJV text
-tokenized like the input, when the ``bible`` program is installed), ``torch-dyn8`` PyTorch's
+tokenized like the input, when the ``bible`` program is installed), ``slimc-int8w`` /
+``slimc-int4w`` weight-only int8 / int4-g128, ``torch-dyn8`` PyTorch's
 dynamic int8 linears (``torch.ao.quantization.quantize_dynamic``), ``ort-dyn8`` ONNX Runtime's
 dynamic int8 (``onnxruntime.quantization.quantize_dynamic`` of the same ONNX graph). The
 "rel.L2 vs eager" column is their fidelity.
@@ -33,10 +34,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("minilm", "cnn", "decode")
-ENGINES = ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8")
-#: Engines run when --engines is not given: the int8 ones only where they are a target.
-DEFAULT_ENGINES = {"minilm": ENGINES}
-W8A8 = "quantize{weights=int8,activations=int8}"
+#: slimc engines: the artifact of each pipeline (None: the default, fp32).
+SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
+         "slimc-int8w": "quantize{weights=int8}",
+         "slimc-int4w": "quantize{weights=int4,group_size=128}"}
+ENGINES = (*SLIMC, "eager", "ort", "torch-dyn8", "ort-dyn8")
+#: Engines run when --engines is not given: the quantized ones only where they are a target.
+DEFAULT_ENGINES = {
+    "minilm": ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8"),
+    "decode": ("slimc", "eager", "ort", "slimc-int8w", "slimc-int4w", "torch-dyn8"),
+}
 
 
 @dataclass
@@ -105,9 +112,9 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
     outputs: dict[str, np.ndarray] = {}
     arrays = {k: v.numpy() for k, v in inputs.items()}
 
-    for engine, pipeline in (("slimc", None), ("slimc-w8a8", W8A8)):
+    for engine, pipeline in SLIMC.items():
         if engine in engines:
-            runner, names = _slimc(name, args, workdir, result, pipeline)
+            runner, names = _slimc(name, args, workdir, result, pipeline, engine)
             feed = [arrays[n] for n in names]
             callers[engine] = lambda runner=runner, feed=feed: runner(feed)
             outputs[engine] = runner(feed)[0]
@@ -159,16 +166,17 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
     return result
 
 
-def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None = None):
+def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None = None,
+           engine: str = "slimc"):
     from slimc.backends.tvm.runtime import NativeRunner
 
     from slimc.compiler import CompileOptions, compile_model
 
-    suffix = "" if pipeline is None else "-w8a8"
-    calib = _calibration_file(name, workdir) if pipeline else None
-    if pipeline and calib is None:
-        result.notes.append("slimc-w8a8 calibrated on the benchmark input itself (no KJV text)")
-    output = workdir / f"{name}{suffix}.slimc"
+    static = pipeline is not None and "activations=int8" in pipeline
+    calib = _calibration_file(name, workdir) if static else None
+    if static and calib is None:
+        result.notes.append(f"{engine} calibrated on the benchmark input itself (no KJV text)")
+    output = workdir / f"{name}-{engine}.slimc"
     t0 = time.perf_counter()
     compiled = compile_model(f"{HERE / 'models.py'}:{name}",
                              CompileOptions(target=args.target, output=output,
