@@ -88,16 +88,41 @@ class Linear(torch.nn.Module):
 
 @pytest.mark.parametrize("shape,k,n,kwargs", [
     ((7, 37), 37, 53, {}),  # nothing divides a tile
-    ((1, 1, 64), 64, 96, {}),  # decode-shaped GEMV (seq 1)
     ((3, 5, 48), 48, 40, {"bias": False}),  # batch > 1, no bias
     ((2, 9, 32), 32, 80, {"act": "gelu"}),  # bias + GELU epilogue
     ((1, 11, 64), 64, 64, {"act": "relu", "residual": True}),  # bias + ReLU + residual
-    ((4, 33), 33, 200, {"act": "silu"}),
+    ((5, 33), 33, 200, {"act": "silu"}),  # 5 rows: more than a GEMV
     ((130, 16), 16, 3, {}),  # narrow output: vector axis shorter than a register
-], ids=["odd", "gemv", "batch", "gelu", "relu-res", "silu", "narrow"])
+], ids=["odd", "batch", "gelu", "relu-res", "silu", "narrow"])
 def test_matmul_rule(shape, k, n, kwargs, tmp_path, caplog):
     torch.manual_seed(0)
     _check(Linear(k, n, **kwargs), (torch.randn(*shape),), tmp_path, caplog, "tiled-matmul")
+
+
+@pytest.mark.parametrize("shape,k,n,kwargs", [
+    ((1, 1, 64), 64, 96, {}),  # decode step: 16-lane panels (96 is no multiple of 64)
+    ((1, 1, 40), 40, 192, {"act": "silu"}),  # 64-lane panels, fused-away epilogue
+    ((2, 2, 33), 33, 7, {"bias": False}),  # 4 rows, odd sizes: 1-lane panels
+], ids=["decode", "panel64", "odd"])
+def test_few_row_products_use_packed_panels(shape, k, n, kwargs, tmp_path, caplog):
+    """Matrix-vector products (<= ``gemv.MAX_ROWS`` rows) go to the packed-panel kernel."""
+    from slimc.backends.tvm.schedules import fusion_passes
+
+    torch.manual_seed(0)
+    module, inputs = Linear(k, n, **kwargs), (torch.randn(*shape),)
+    target = resolve_target("llvm").tvm_target()
+    with target:
+        fused = fusion_passes(target)[0](_lower(module, inputs))
+        import tvm
+
+        fused = tvm.transform.Sequential(fusion_passes(target)[1:])(fused)
+    names = [gv.name_hint for gv, _ in fused.functions_items()]
+    lanes = 64 if n % 64 == 0 else next(t for t in (16, 8, 4, 2, 1) if n % t == 0)
+    assert [x for x in names if x.startswith("slimc_linear_fp32") and x.endswith(f"_t{lanes}")]
+    got, _ = _build_run(module, inputs, tmp_path, caplog=caplog)
+    with torch.no_grad():
+        want = module(*inputs).numpy()
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
 
 
 class BatchMatmul(torch.nn.Module):

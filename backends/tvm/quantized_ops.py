@@ -267,7 +267,7 @@ def _pads_to_groups(k: int, group: int) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
+def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int = 0):
     """A scheduled PrimFunc ``(x[m,k], weight tiles..., y[m,n])`` with dequant in the loop.
 
     int4 with a partial last group takes ``x[m, K']``, ``K'`` = ``k`` rounded up to whole
@@ -275,7 +275,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
     """
     from tvm import te, tirx
 
-    t = tile_for(n)
+    t = tile or tile_for(n)
     if kind == "int4" and _pads_to_groups(k, group):
         k = -(-k // group) * group
     if kind == "int4" and FACTORED_INT4 and group % 2 == 0 and k % group == 0:
@@ -302,8 +302,9 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
             g = kk // group
             return ((code.astype("float32") - z[j // t, g, j % t].astype("float32"))
                     * s[j // t, g, j % t])
-    elif kind in ("fp16", "bf16"):
-        w = te.placeholder((n // t, k, t), "float16" if kind == "fp16" else "bfloat16", name="w")
+    elif kind in ("fp16", "bf16", "fp32"):
+        dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[kind]
+        w = te.placeholder((n // t, k, t), dtype, name="w")
         params = [x, w]
 
         def deq(j, kk):
@@ -312,7 +313,8 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0):
         raise ValueError(kind)
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * deq(j, r), axis=r), name="y")
     func = te.create_prim_func([*params, y])
-    name = f"slimc_linear_{kind}_{m}x{k}x{n}" + (f"_g{group}" if group else "")
+    name = f"slimc_linear_{kind}_{m}x{k}x{n}" + (f"_g{group}" if group else "") \
+        + (f"_t{t}" if tile else "")
     return _finish(_schedule_linear(func, t), name)
 
 

@@ -10,10 +10,10 @@ given to the rules below in order, and the first that claims it schedules it:
 
 A rule that raises is skipped (logged at debug level) and the next one is tried, so a kernel is
 at worst left as TVM's correct, unscheduled loops. Before fusion (:func:`fusion_passes`) slimc
-swaps in vectorizable transcendental functions (``fast_math``), decomposes batch norm and turns
-convs NHWC. Weights are bound as constants, so the ``FoldConstant`` that runs after
-legalization turns ``permute_dims(W)`` into a pre-transposed constant: no layout work happens
-at run time.
+swaps in vectorizable transcendental functions (``fast_math``), sends matrix-vector products to
+packed-panel kernels (``gemv``), decomposes batch norm and turns convs NHWC. Weights are bound
+as constants, so the ``FoldConstant`` that runs after legalization turns ``permute_dims(W)``
+into a pre-transposed (or panel-packed) constant: no layout work happens at run time.
 """
 
 from __future__ import annotations
@@ -120,9 +120,10 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .fast_math import fast_math
+    from .gemv import panel_gemv
 
     return cpu.library_dispatch_passes(target) + [
-        fast_math, relax.transform.DecomposeOpsForInference(),
+        fast_math, panel_gemv, relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         _nhwc_pass(),
