@@ -221,7 +221,7 @@ def test_int4_kernel_matches_the_reference(m, k, n, group):
     packed = pack_int4(int4_codes(w, params))
     x = torch.randn(m, k)
     expected = x @ dequantize_int4(packed, params.scale, params.zero, group, k).t()
-    t = q.tile_for(n)
+    t = q.tile_for(n, "int4")
 
     def tiles(a):
         return a.reshape(n // t, t, -1).permute(0, 2, 1).contiguous().numpy()

@@ -257,7 +257,17 @@ FACTORED_INT4 = True
 INT4_UNROLL = 4
 
 
-def tile_for(n: int) -> int:
+#: Output lanes of a wide panel: four AVX-512 vectors, four independent multiply-add chains per
+#: input element (one 16-lane chain is bound by the FMA latency on cache-resident weights).
+#: Measured per-matrix on the host (1 row, interleaved): int8 576x1536 0.067 -> 0.043 ms,
+#: 1536x576 0.033 -> 0.023 ms; int4's factored kernel did not gain, so it keeps 16.
+WIDE_TILE = 64
+
+
+def tile_for(n: int, kind: str = "") -> int:
+    """Output features per packed weight tile (``kind``: the kernel's weight format)."""
+    if kind in ("int8", "fp16", "bf16", "fp32") and n % WIDE_TILE == 0:
+        return WIDE_TILE
     return next(t for t in TILE_CHOICES if n % t == 0)
 
 
@@ -275,7 +285,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
     """
     from tvm import te, tirx
 
-    t = tile or tile_for(n)
+    t = tile or tile_for(n, kind)
     if kind == "int4" and _pads_to_groups(k, group):
         k = -(-k // group) * group
     if kind == "int4" and FACTORED_INT4 and group % 2 == 0 and k % group == 0:
@@ -496,7 +506,7 @@ def _convert_linear(kind: str):
         m = 1
         for d in shape[:-1]:
             m *= d
-        t = tile_for(n)
+        t = tile_for(n, kind)
         if kind == "int8":
             bias, act = _arg(importer, node, 3), _arg(importer, node, 4)
             tensors = [_tiles(bb, weight, t), importer.env[node.args[2]]]
