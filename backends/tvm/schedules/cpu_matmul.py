@@ -43,6 +43,11 @@ from .common import (
 from .fallback import schedule_block
 
 
+#: Walk the vector tiles (weight panels) outside the other spatial loops too (conv output rows),
+#: so consecutive tasks of a core reuse one weight panel.
+PANEL_OUTSIDE_ROWS = True
+
+
 @dataclass
 class _Axes:
     """Loops of the main block, classified."""
@@ -205,7 +210,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         ro, tile_inner = None, [vi]
     # Weight panel (vector tile) outside the reuse tiles: each core keeps its K x NR panel of the
     # constant operand in L2 while it walks the rows (matmul) or pixels (NHWC conv).
-    outer = axes.shared + axes.extra + [vo] + ([ro] if ro is not None else [])
+    outer = (axes.shared + [vo] + axes.extra if PANEL_OUTSIDE_ROWS
+             else axes.shared + axes.extra + [vo]) + ([ro] if ro is not None else [])
     sch.reorder(*outer, *axes.reduce, *tile_inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     # Loop kinds are set while the block still has its init (a "reduction block" for TVM).
