@@ -177,3 +177,22 @@ def test_w8a8_from_the_command_line_with_text_calibration(cli, hf_dir, tmp_path)
     assert manifest["verification"]["passed"]
     assert manifest["verification"]["rounding_noise_floor"] is not None  # measured
     assert sum(v.get("activations") == "int8" for v in per_layer.values()) == 13
+
+
+def awkward_mlp():
+    """Linear layers whose sizes fit no register block: 7 rows, K=36/20, N=20/12."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(36, 20), torch.nn.GELU(), torch.nn.Linear(20, 12))
+    return net.eval(), {"input": torch.randn(7, 36)}
+
+
+@pytest.mark.parametrize("target", ["llvm", "arm-v8.2", "arm"])
+def test_w8a8_awkward_shapes_on_every_kernel(target, tmp_path, request):
+    if target != "llvm":
+        request.getfixturevalue("aarch64_emulator")
+    result = slimc.compile_model("tests.test_w8a8:awkward_mlp", slimc.CompileOptions(
+        pipeline="quantize{weights=int8,activations=int8}", output=tmp_path / "out",
+        target=target, emulate="require" if target != "llvm" else "auto"))
+    v = result.manifest["verification"]
+    assert v["passed"] and v["relative_l2_vs_ir"] < 1e-5
+    assert 0 < result.manifest["pipeline"][0]["fidelity"]["relative_l2_vs_previous"] < 0.05
