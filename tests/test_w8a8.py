@@ -118,10 +118,17 @@ def _ir(model: str):
 
 
 def test_w8a8_rewrites_linears_and_keeps_embeddings_weight_only(hf_dir):
+    from slimc.passes.analysis.layers import op_name
+    from slimc.passes.analysis.op_costs import op_flops
+
+    def macs(ir) -> int:
+        return sum(op_flops(op_name(n), n)[0] for n in ir.nodes("call_function"))
+
     ir, inputs = _ir(hf_dir("bert"))
-    before = ir.run(inputs)
+    before, macs_before = ir.run(inputs), macs(ir)
     summary = quantize_ir(ir, PassContext(example_inputs=inputs),
                           QuantizeOptions(weights="int8", activations="int8"))
+    assert macs(ir) == macs_before  # the cost model still sees the quantized linears' work
     ops = [n.target for n in ir.nodes("call_function")]
     assert OPS["linear_w8a8"] in ops and OPS["embedding_int8"] in ops
     assert OPS["linear_int8"] not in ops

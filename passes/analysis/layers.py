@@ -27,12 +27,13 @@ WEIGHT_OPS: dict[str, int] = {
 
 
 def op_name(node: Node) -> str:
-    """``aten.linear.default`` -> ``aten.linear``; Python callables by their ``__name__``."""
+    """``aten.linear.default`` -> ``aten.linear`` (``slimc.linear_int8.default`` alike); Python
+    callables by their ``__name__``."""
     target = node.target
     if isinstance(target, str):
         return target
     text = str(target)
-    if text.startswith("aten."):
+    if text.startswith(("aten.", "slimc.")):  # slimc's quantized ops: ``slimc.linear_int8``
         return text.rsplit(".", 1)[0] if text.count(".") >= 2 else text
     return getattr(target, "__name__", text)
 

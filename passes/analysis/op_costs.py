@@ -41,6 +41,9 @@ MATRIX_OPS = frozenset({
     "aten.linear", "aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.matmul",
     "aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution", "aten.conv_transpose1d",
     "aten.conv_transpose2d", "aten.scaled_dot_product_attention", "aten.einsum",
+    # slimc's quantized linears (``quantize``): same MACs as the linear they replaced
+    "slimc.linear_int8", "slimc.linear_int4", "slimc.linear_w8a8", "slimc.linear_fp16",
+    "slimc.linear_bf16",
 })
 
 
@@ -74,6 +77,9 @@ def matrix_macs(op: str, node: Node) -> tuple[int, int]:
         rows = _numel(x) // x[-1]
         bias = len(args) > 2 and args[2] is not None
         return rows * w[0] * x[-1], rows * w[0] if bias else 0
+    if op.startswith("slimc.linear_"):
+        x = _shape(args[0])
+        return (_numel(out) * x[-1], 0) if x and out else (0, 0)
     if op in ("aten.mm", "aten.bmm", "aten.matmul"):
         a = _shape(args[0])
         return (_numel(out) * a[-1], 0) if a and out else (0, 0)

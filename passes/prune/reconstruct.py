@@ -30,6 +30,10 @@ from torch.fx import Node
 
 from slimc.ir import IR
 
+#: Ridge strength relative to the mean input energy, at least ``DAMPING`` and otherwise
+#: ``kept inputs / calibration rows``: the fit's noise grows with that ratio. Chosen on KJV
+#: Luke (not the John evaluation set) for SmolLM2 with 1024 calibration tokens, where a fixed
+#: 1e-2 gave perplexity 79, 0.3 gave 57 and this rule 58 (no refit: 64).
 DAMPING = 1e-2
 
 
@@ -105,7 +109,7 @@ def _lsq(w: torch.Tensor, b: torch.Tensor, st: importance.InputStats,
     k = keep.nonzero().reshape(-1)
     r = (~keep).nonzero().reshape(-1)
     gkk = g[k][:, k]
-    damp = DAMPING * float(gkk.diagonal().mean().clamp(min=1e-12))
+    damp = max(DAMPING, len(k) / n) * float(gkk.diagonal().mean().clamp(min=1e-12))
     a = torch.zeros(len(k) + 1, len(k) + 1, dtype=torch.float64)  # E[z zᵀ] + λI, z = [x_K; 1]
     a[:-1, :-1] = gkk + damp * torch.eye(len(k), dtype=torch.float64)
     a[:-1, -1] = mu[k]
