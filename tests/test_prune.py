@@ -198,6 +198,154 @@ def test_gqa_prunes_whole_kv_groups():
     assert result["shapes_after"] == result["shapes_before"]
 
 
+# -- query heads within KV groups (GQA) --------------------------------------------------------
+
+#: 8 query heads sharing 2 KV heads (n_rep = 4), head_dim 8.
+GQA8 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=128, max_position_embeddings=64)
+GQA8_CLASSES = {"llama": (T.LlamaConfig, T.LlamaForCausalLM),
+                "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),  # q/k/v biases
+                "mistral": (T.MistralConfig, T.MistralForCausalLM)}
+
+
+def _gqa8(arch: str):
+    config_cls, model_cls = GQA8_CLASSES[arch]
+    torch.manual_seed(0)
+    config = config_cls(**GQA8)
+    config.architectures = [model_cls.__name__]
+    model = model_cls(config).eval()
+    model.config.use_cache = False
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids}
+
+
+def llama_gqa8():
+    return _gqa8("llama")
+
+
+def qwen2_gqa8():
+    return _gqa8("qwen2")
+
+
+def mistral_gqa8():
+    return _gqa8("mistral")
+
+
+def _weights(ir) -> dict[str, torch.Tensor]:
+    return {n.name: ir.get_weight(n) for n in ir.nodes("placeholder")
+            if ir.placeholder_spec(n).kind.name != "USER_INPUT"}
+
+
+def _kept_heads(before: torch.Tensor, after: torch.Tensor, head_dim: int) -> list[int]:
+    """Which head blocks of ``before``'s rows survive in ``after`` (rows are sliced, not
+    changed, without reconstruction)."""
+    heads = before.reshape(-1, head_dim, before.shape[-1])
+    kept = []
+    for block in after.reshape(-1, head_dim, after.shape[-1]):
+        kept.append(next(h for h in range(len(heads)) if torch.equal(heads[h], block)))
+    return kept
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_gqa_query_heads_pruned_within_kv_groups(arch):
+    """``gqa=query`` removes the same number of query heads from each KV group: q/o shrink,
+    k/v stay, n_rep shrinks, and the pruned model is exactly the dense one with the removed
+    heads' o_proj columns zeroed (so each kept query head still reads its own KV head)."""
+    result = prune(f"{arch}_gqa8", "prune{ratio=0.5,granularity=head,gqa=query}")
+    analysis, ir = result["analysis"], result["ir"]
+    queries = [g for g in analysis.groups if g.kind == "query-head"]
+    kv = [g for g in analysis.groups if g.kind == "kv-group"]
+    assert len(queries) == 2 and all(len(g.units) == 8 for g in queries)
+    assert all([len(p) for p in g.kv_groups] == [4, 4] for g in queries)
+    assert len(kv) == 2 and all(len(g.units) == 2 for g in kv)
+    assert result["shapes_after"] == result["shapes_before"]
+    annotation = ir.annotations["prune"]
+    assert {g["kind"] for g in annotation["groups"]} == {"query-head"}
+    assert all(g["kept"] == 4 for g in annotation["groups"])  # 2 of 4 per KV group
+    # exact parameter drop: per layer 4 query heads x head_dim 8 rows of q (+ bias) and
+    # columns of o_proj, hidden 64
+    per_layer = 4 * 8 * 64 * 2 + (4 * 8 if arch == "qwen2" else 0)
+    removed = result["params_before"] - ir.num_params()
+    assert removed == 2 * per_layer == expected_removed(result, {"query-head"})
+    weights, before = _weights(ir), result["weight_shapes"]
+    dense, inputs = _gqa8(arch)
+    for layer in range(2):
+        prefix = f"p_model_layers_{layer}_self_attn_"
+        assert weights[prefix + "q_proj_weight"].shape == (32, 64)
+        assert weights[prefix + "o_proj_weight"].shape == (64, 32)
+        assert weights[prefix + "k_proj_weight"].shape == before[prefix + "k_proj_weight"]
+        assert weights[prefix + "v_proj_weight"].shape == before[prefix + "v_proj_weight"]
+        attn = dense.model.layers[layer].self_attn
+        kept = _kept_heads(attn.q_proj.weight.detach(), weights[prefix + "q_proj_weight"], 8)
+        assert [h // 4 for h in kept] == [0, 0, 1, 1]  # two per KV group, in order
+        with torch.no_grad():
+            for h in set(range(8)) - set(kept):
+                attn.o_proj.weight[:, h * 8:(h + 1) * 8] = 0
+    with torch.no_grad():
+        want = dense(**inputs).logits
+    got = ir.run(result["inputs"])[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gqa_query_pruning_is_even_across_groups_and_keeps_one_head():
+    """Even when one KV group's query heads are all weak, each group loses the same number,
+    and at most n_rep - 1 (a KV group is never left without query heads)."""
+    ir, inputs = capture(load_model("tests.test_prune:llama_gqa8"))
+    for node in ir.nodes("placeholder"):  # KV group 0's query heads of layer 0 barely matter
+        if node.name == "p_model_layers_0_self_attn_o_proj_weight":
+            w = ir.get_weight(node).clone()
+            w[:, :32] *= 1e-3
+            ir.set_weight(node, w)
+    ctx = PassContext(example_inputs=inputs)
+    PassManager(REGISTRY.passes).run(ir, validate(parse_pipeline_text(
+        "prune{ratio=0.9,granularity=head,gqa=query,scope=global}"), REGISTRY.passes), ctx)
+    weights = _weights(ir)
+    for layer in range(2):
+        q = weights[f"p_model_layers_{layer}_self_attn_q_proj_weight"]
+        assert q.shape[0] == 2 * 8  # 3 of 4 removed from each group: one query head each
+    assert [tuple(o.shape) for o in ir.run(inputs)] == [(2, 16, 128)]
+
+
+def test_gqa_uneven_query_removal_is_rejected():
+    from slimc.passes.prune.prune import apply
+    from slimc.passes.prune.shapes import ShapeRewriteError
+
+    ir, inputs = capture(load_model("tests.test_prune:llama_gqa8"))
+    ctx = PassContext(example_inputs=inputs)
+    PassManager(REGISTRY.passes).run(ir, validate(parse_pipeline_text("prune-groups"),
+                                                  REGISTRY.passes), ctx)
+    result = ctx.analyses.get("prune-groups")
+    group = next(g for g in result.groups if g.kind == "query-head")
+    first = group.kv_groups[0]
+    with pytest.raises(ShapeRewriteError, match="evenly"):
+        apply(ir, result, {group.units[first[0]].root})  # one head of one group only
+    kv = next(g for g in result.groups if g.kind == "kv-group")
+    with pytest.raises(ShapeRewriteError, match="K/V head"):
+        apply(ir, result, {kv.units[0].root})  # a K/V head without its query heads
+
+
+def test_gqa_query_and_mlp_with_params_budget_and_lsq():
+    result = prune("llama_gqa8", "prune{ratio=0.25,budget=params,gqa=query,round_to=8,"
+                                 "reconstruct=lsq}")
+    kinds = {g["kind"] for g in result["ir"].annotations["prune"]["groups"]}
+    assert kinds == {"query-head", "mlp-channel"}
+    kept = result["ir"].num_params() / result["params_before"]
+    assert abs(kept - 0.75) < 0.05
+    assert result["shapes_after"] == result["shapes_before"]
+
+
+def test_gqa_query_pruned_artifact_builds_and_verifies(tmp_path):
+    out = tmp_path / "gqa"
+    result = slimc.compile_model("tests.test_prune:llama_gqa8", slimc.CompileOptions(
+        pipeline="prune{ratio=0.5,granularity=head,gqa=query}", output=out, threads=1))
+    manifest = result.manifest
+    assert manifest["verification"]["passed"] is True
+    # 4 of 8 query heads in each of 2 layers: q rows and o columns, 8 x 64 each, plus the
+    # unused rotary `original_inv_freq` buffer (head_dim / 2) dropped as dead
+    assert manifest["params_before"] - manifest["params_after"] == 2 * 4 * 8 * 64 * 2 + 4
+    assert (out / "model.so").exists()
+
+
 def test_residual_width_pruning_runs():
     result = prune("llama", "prune{ratio=0.5,granularity=width,round_to=8}")
     emb = result["ir"].get_weight(next(n for n in result["ir"].nodes("placeholder")

@@ -42,7 +42,6 @@ from .common import (
 )
 from .fallback import schedule_block
 
-
 #: Walk the vector tiles (weight panels) outside the other spatial loops too (conv output rows),
 #: so consecutive tasks of a core reuse one weight panel.
 PANEL_OUTSIDE_ROWS = True
