@@ -313,3 +313,21 @@ def test_tiny_bert_compiles_and_verifies(hf_dir, tmp_path):
     result = slimc.compile_model(hf_dir("bert"), slimc.CompileOptions(output=tmp_path / "b"))
     assert result.manifest["verification"]["passed"] is True
     assert result.manifest["verification"]["relative_l2_vs_ir"] < 1e-4
+
+
+def test_single_row_norm_computes_its_reduction_once():
+    """A decode step's RMS norm (one row): the reduction must sit outside the column loop."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes, schedule_prim_func
+
+    module, inputs = Norms("rmsnorm", 576), (torch.randn(1, 1, 576),)
+    target = resolve_target("llvm").tvm_target()
+    with target:
+        fused = tvm.transform.Sequential(fusion_passes(target))(_lower(module, inputs))
+    norms = [(gv.name_hint, f) for gv, f in fused.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "mean" in gv.name_hint]
+    assert norms
+    for name, func in norms:
+        text = schedule_prim_func(func, target, name=name).script()
+        body = text.split("_red\"):")[0]  # the loops enclosing the reduction block
+        assert "range(T.int64(576))" not in body, text

@@ -56,6 +56,9 @@ class RowReduction:
 
         loops = sch.get_loops(last)
         rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+        rows = _row_loop(sch, rows, infos, leading)
+        if rows is None:
+            return None
         _vectorize_inner(sch, last, lanes)
         for info in reversed(infos[:-1]):
             sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)
@@ -71,6 +74,35 @@ class RowReduction:
         if n_rows is None or (n_rows > 1 and n_rows * row_work * len(infos) >= MIN_PARALLEL_WORK):
             sch.parallel(rows)
         return sch
+
+
+def _row_loop(sch: s_tir.Schedule, rows, infos, leading: int):
+    """The loop of the last block that walks the reductions' rows (None: no such loop).
+
+    ``normalize_prim_func`` drops unit axes, so a single-row RMS norm (a decode step) has a
+    reduction ``[1, R]`` but a last block ``[576]``: its leading loop walks the *columns*.
+    Attaching the reduction there would recompute it for every column (measured: 0.24 ms
+    instead of ~1 us per decode-step norm). Give the last block a loop of exactly the row
+    count instead: a unit loop above it, or a split of its fused leading loop.
+    """
+    reductions = [info for info in infos if not info.is_injective()]
+    if not reductions:  # rows of one element: TVM dropped the reduction
+        return rows
+    want = 1
+    for loop in sch.get_loops(reductions[0].block_rv)[:leading]:
+        size = extent(sch, loop)
+        if size is None:
+            return rows  # symbolic rows: trust the normalized structure
+        want *= size
+    have = extent(sch, rows)
+    if have is None or have == want:
+        return rows
+    if want == 1:
+        return sch.add_unit_loop(rows)
+    if have % want:
+        return None
+    outer, _ = sch.split(rows, factors=[want, None])
+    return outer
 
 
 def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
