@@ -24,9 +24,10 @@ both weighted by the layer's input second moments (the diagonal of ``X^T X``; un
 embedding tables): ``d(f) = d(q) * e(f) / e(q)``. For int8 on linear layers the ratio is 1.
 
 Solver: a multiple-choice knapsack solved by dynamic programming over the byte budget
-discretised into ``resolution`` units. Each option's cost is rounded *up*, so the chosen
-assignment always fits the real budget; the optimum of the discretised problem is within one
-unit per layer of the exact one (near-exact, not greedy). fp32 is always a candidate, so layers
+discretised into ``resolution`` units (at least 200 per layer). Each option's cost is rounded
+*up*, so the chosen assignment always fits the real budget; the optimum of the discretised
+problem is within one unit per layer (0.5% of the budget) of the exact one (near-exact, not
+greedy). fp32 is always a candidate, so layers
 that hurt too much stay in floating point when the budget allows.
 """
 
@@ -223,6 +224,10 @@ def _proxy_table(ir: IR, ctx: PassContext, layers: Sequence[Layer],
     return DamageTable(damage, source, info)
 
 
+#: Budget units per layer in the knapsack DP (see ``solve``).
+UNITS_PER_LAYER = 200
+
+
 def solve(costs: np.ndarray, damage: np.ndarray, budget: float,
           resolution: int = 4000) -> list[int]:
     """Option index per layer minimising total damage with total cost <= ``budget``.
@@ -230,6 +235,9 @@ def solve(costs: np.ndarray, damage: np.ndarray, budget: float,
     Multiple-choice knapsack by DP over ``resolution`` budget units (costs rounded up).
     """
     n_layers, _ = costs.shape
+    # Rounding each choice up loses < 1 unit per layer: with 200 units per layer that is at most
+    # 0.5% of the budget (a fixed 4000 units left 2.6% of SmolLM2's 211-layer budget unused).
+    resolution = max(resolution, UNITS_PER_LAYER * n_layers)
     unit = budget / resolution
     units = np.ceil(costs / unit - 1e-9).astype(np.int64)
     if costs.min(axis=1).sum() > budget * (1 + 1e-9):
