@@ -53,6 +53,8 @@ CANDS = "int4-g128,int4-g64,int4-g32,int8,fp32"
 SETTINGS = {
     "fp32": None,
     "int8 rtn": dict(weights="int8"),
+    # int8 weights and static int8 activations (W8A8: SmoothQuant + range search per layer)
+    "w8a8": dict(weights="int8", activations="int8"),
     "int4 g128 rtn": dict(weights="int4", group_size=128),
     "int4 g128 gptq": dict(weights="int4", group_size=128, method="gptq"),
     "int4 g128 awq": dict(weights="int4", group_size=128, method="awq"),

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in [m for m in args.models.split(",") if m]:
         engines = ([e for e in args.engines.split(",") if e] if args.engines
-                   else list(DEFAULT_ENGINES.get(name, ENGINES[:3])))
+                   else list(DEFAULT_ENGINES.get(name, ("slimc", "eager", "ort"))))
         print(f"== {name}: preparing {', '.join(engines)}", file=sys.stderr, flush=True)
         results.append(bench_model(name, engines, args, workdir))
         print_table(results[-1:], args)
