@@ -203,3 +203,20 @@ def test_w8a8_awkward_shapes_on_every_kernel(target, tmp_path, request):
     v = result.manifest["verification"]
     assert v["passed"] and v["relative_l2_vs_ir"] < 1e-5
     assert 0 < result.manifest["pipeline"][0]["fidelity"]["relative_l2_vs_previous"] < 0.05
+
+
+def test_layers_above_the_error_bound_keep_float_inputs(hf_dir):
+    ir, inputs = _ir(hf_dir("bert"))
+    everything = quantize_ir(ir, PassContext(example_inputs=inputs),
+                             QuantizeOptions(weights="int8", activations="int8"))
+    errors = sorted(v["calib_error"] for v in everything["per_layer"].values()
+                    if v.get("activations") == "int8")
+    bound = errors[len(errors) // 2]
+    ir, inputs = _ir(hf_dir("bert"))
+    summary = quantize_ir(ir, PassContext(example_inputs=inputs), QuantizeOptions(
+        weights="int8", activations="int8", act_max_error=bound))
+    kept = [v for v in summary["per_layer"].values() if "w8a8_calib_error" in v]
+    assert kept and all(v["w8a8_calib_error"] > bound for v in kept)
+    assert len(kept) == sum(e > bound for e in errors)
+    ops = [n.target for n in ir.nodes("call_function")]
+    assert OPS["linear_int8"] in ops and OPS["linear_w8a8"] in ops

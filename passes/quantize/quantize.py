@@ -35,6 +35,10 @@ class QuantizeOptions(PassOptions):
         "none", description="`int8`: static int8 inputs (calibrated scale, SmoothQuant "
         "migration) for every int8-weight linear, run on int8 dot-product kernels; needs "
         "`weights=int8` or `mixed` and `method=rtn`. `none`: weight-only.")
+    act_max_error: float = Field(
+        1.0, gt=0.0, description="`activations=int8`: a layer whose calibrated W8A8 output "
+        "error (relative MSE on its calibration rows) exceeds this keeps float inputs "
+        "(weight-only int8); the default keeps every layer W8A8.")
     group_size: int = Field(128, ge=8, le=8192, description="Inputs per int4 scale/zero group.")
     symmetric: bool = Field(False, description="int4 without zero points (codes -8..7).")
     method: Literal["rtn", "gptq", "awq"] = Field(
@@ -162,6 +166,12 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         if w8a8 and fmt.kind == "int8" and not layer.is_embedding and st is not None \
                 and st.rows:
             static = static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max)
+            if static.error > options.act_max_error:
+                rewrite(ir, layer, "int8", pack(matrix, fmt))
+                per_layer[layer.name] = {"format": "int8", "method": "rtn",
+                                         "shape": list(matrix.shape),
+                                         "w8a8_calib_error": static.error}
+                continue
             rewrite(ir, layer, "w8a8", static.tensors(), zero_point=static.zero_point)
             per_layer[layer.name] = {"format": "int8", "activations": "int8",
                                      "method": "rtn",
