@@ -49,22 +49,23 @@ class StaticInt8:
         return {"weight": self.weight, "in_mult": self.in_mult, "out_scale": self.out_scale}
 
 
-def _ranges(scaled: Tensor, low: float, high: float) -> list[tuple[float, float, int, float]]:
-    """Candidate ``(scale, zero point, quantile)`` triples (as ``(scale, zp, q, _)``) for the
-    smoothed input ``scaled``; ``low``/``high`` are the extremes over all calibration rows."""
+def _ranges(scaled: Tensor, low: float, high: float) -> list[tuple[float, int, float]]:
+    """Candidate ``(scale, zero point, quantile)`` triples for the smoothed input ``scaled``,
+    symmetric and asymmetric per quantile; ``low``/``high`` are the extremes over all
+    calibration rows."""
     out = []
     flat = scaled.flatten()
     magnitudes = flat.abs()
     top = max(-low, high)
     for q in QUANTILES:
         bound = top if q == 1.0 else min(top, float(_quantile(magnitudes, q)))
-        out.append((max(bound, 1e-8) / 127.0, 0, q, bound))
+        out.append((max(bound, 1e-8) / 127.0, 0, q))
         lo = low if q == 1.0 else max(low, float(_quantile(flat, 1.0 - q)))
         hi = high if q == 1.0 else min(high, float(_quantile(flat, q)))
         lo, hi = min(lo, 0.0), max(hi, 0.0)  # 0.0 must be exact (padding, ReLU zeros)
         scale = max(hi - lo, 1e-8) / 255.0
         zero = int(round(-lo / scale)) - 128
-        out.append((scale, max(-128, min(127, zero)), q, hi - lo))
+        out.append((scale, max(-128, min(127, zero)), q))
     return out
 
 
@@ -90,7 +91,7 @@ def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
         dequant = codes.float() * w_scale[:, None]
         scaled = rows / smooth
         low, high = float((lows / smooth).min()), float((highs / smooth).max())
-        for scale, zero, q, _ in _ranges(scaled, low, high):
+        for scale, zero, q in _ranges(scaled, low, high):
             a = torch.clamp(torch.round(scaled / scale) + zero, -128, 127) - zero
             err = float((reference - (a * scale) @ dequant.t()).pow(2).mean()) / norm
             if best is None or err < best.error:
