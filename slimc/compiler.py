@@ -176,7 +176,8 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
 
         verification, artifact_outputs = _verify_artifact(
             library, spec, [x.numpy() for x in example_inputs], ir_outputs, options, threads,
-            warnings, noise_floor=lambda: rounding_noise_floor(ir, example_inputs))
+            warnings,
+            noise_floor=lambda: rounding_noise_floor(ir, example_inputs, ir_outputs))
         timings["verify_s"] = time.perf_counter() - t0
 
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs

@@ -31,6 +31,10 @@ import functools
 ROWS = 4
 TILES = 2
 
+#: Dot-product kernels: output lanes per instruction, activation dtype, LLVM intrinsic.
+DOT_KINDS = {"vnni": (16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
+             "sdot": (4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")}
+
 
 @functools.lru_cache(maxsize=4)
 def _register_intrinsics() -> dict[str, tuple[str, int, str]]:
@@ -74,10 +78,8 @@ def _register_intrinsics() -> dict[str, tuple[str, int, str]]:
 
         return desc, impl
 
-    table = {"vnni": (16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
-             "sdot": (4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")}
     registered = {}
-    for kind, (lanes, act_dtype, llvm_name) in table.items():
+    for kind, (lanes, act_dtype, llvm_name) in DOT_KINDS.items():
         name = f"slimc_dot_{lanes}x4_{kind}"
         TensorIntrin.register(name, *make(lanes, act_dtype, llvm_name), override=True)
         registered[kind] = (name, lanes, act_dtype)
@@ -104,11 +106,11 @@ def kernel_kind(target) -> str:
 
 def lanes(kind: str) -> int:
     """Output features per packed weight tile for ``kind`` (generic: see ``tile_for``)."""
-    return {"vnni": 16, "sdot": 4}[kind]
+    return DOT_KINDS[kind][0]
 
 
 def activation_dtype(kind: str) -> str:
-    return "uint8" if kind == "vnni" else "int8"
+    return DOT_KINDS[kind][1] if kind in DOT_KINDS else "int8"
 
 
 def activation_offset(kind: str) -> int:

@@ -117,7 +117,7 @@ def quantize_activation(x: Tensor, in_mult: Tensor, zero_point: int = 0) -> Tens
 KERNEL_FLOAT_NOISE = 1e-6
 
 
-def rounding_noise_floor(ir, inputs, seeds: int = 2) -> float | None:
+def rounding_noise_floor(ir, inputs, reference=None, seeds: int = 2) -> float | None:
     """How far float noise alone moves the outputs of an IR with static int8 activations.
 
     Rounding to a fixed grid is discontinuous: a compiled artifact whose LayerNorm sums in a
@@ -128,14 +128,15 @@ def rounding_noise_floor(ir, inputs, seeds: int = 2) -> float | None:
     compiler compares it with this floor instead: the relative L2 between the IR's outputs and
     the IR's outputs with every W8A8 input perturbed by ``KERNEL_FLOAT_NOISE`` (relative,
     uniform), the largest over ``seeds`` perturbations. None (and nothing run) if the IR has
-    no such op.
+    no such op. ``reference``: the IR's unperturbed outputs (numpy), if the caller has them.
     """
     import numpy as np
 
     if not any(node.target is OPS["linear_w8a8"] for node in ir.nodes("call_function")):
         return None
     run = ir.run
-    reference = [t.detach().numpy() for t in run(inputs)]
+    if reference is None:
+        reference = [t.detach().numpy() for t in run(inputs)]
     worst = 0.0
     try:
         for seed in range(seeds):
@@ -367,18 +368,26 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int):
     return _finish(_schedule_int4_grouped(func, t), name)
 
 
-def _schedule_int4_grouped(func, t: int):
+def _tile_rows(func, t: int):
+    """Common outer structure of the panel kernels: ``y[i, j] = sum_r ...`` with ``j`` split
+    into ``t``-lane tiles, (tile, row) fused and parallel, ``r`` serial, the ``t`` lanes
+    innermost and accumulated in a local buffer. Returns (schedule, block, r, lanes, local)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("y")
-    i, j, rg = sch.get_loops(block)
+    i, j, r = sch.get_loops(block)
     jo, ji = sch.split(j, [None, t])
-    sch.reorder(jo, i, rg, ji)
+    sch.reorder(jo, i, r, ji)
     outer = sch.fuse(jo, i)
     local = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(local, outer)
     sch.parallel(outer)
+    return sch, block, r, ji, local
+
+
+def _schedule_int4_grouped(func, t: int):
+    sch, block, rg, ji, local = _tile_rows(func, t)
     acc = sch.get_sblock("acc")
     sch.compute_at(acc, rg)
     sch.set_scope(acc, 0, "local")
@@ -408,17 +417,7 @@ def _finish(func, name: str):
 
 def _schedule_linear(func, t: int):
     """Parallel over (tile, row), k serial, the ``t`` lanes vectorized; accumulate locally."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    block = sch.get_sblock("y")
-    i, j, kk = sch.get_loops(block)
-    jo, ji = sch.split(j, [None, t])
-    sch.reorder(jo, i, kk, ji)
-    outer = sch.fuse(jo, i)
-    local = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(local, outer)
-    sch.parallel(outer)
+    sch, block, kk, ji, local = _tile_rows(func, t)
     if t > 1:  # vectorize before decompose_reduction: the update block alone is no reduction
         sch.vectorize(ji)
         sch.vectorize(sch.get_loops(local)[-1])

@@ -31,11 +31,15 @@ class LayerStats:
     hessian: torch.Tensor | None = None  # [K, K], sum of x x^T (scaled at the end)
     abs_sum: torch.Tensor | None = None  # [K]
     sq_sum: torch.Tensor | None = None  # [K], the diagonal of X^T X
-    abs_max: torch.Tensor | None = None  # [K], largest |x| seen per input channel
     min: torch.Tensor | None = None  # [K], smallest x seen per input channel
     max: torch.Tensor | None = None  # [K], largest x seen per input channel
     rows: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def abs_max(self) -> torch.Tensor:
+        """[K], largest |x| seen per input channel."""
+        return torch.maximum(self.max, -self.min)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -107,7 +111,6 @@ def _accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, sample_rows: int
     lo, hi = x.amin(0), x.amax(0)
     st.min = lo if st.min is None else torch.minimum(st.min, lo)
     st.max = hi if st.max is None else torch.maximum(st.max, hi)
-    st.abs_max = torch.maximum(st.max, -st.min)
     q = x.pow(2).sum(0)
     st.sq_sum = q if st.sq_sum is None else st.sq_sum + q
     st.rows += x.shape[0]

@@ -126,3 +126,13 @@ def vars_in(exprs) -> set:
     if not isinstance(exprs, list):
         exprs = [exprs]
     return {v for e in exprs for v in undefined_vars(e)}
+
+
+def mutate_relax_functions(mod, mutator):
+    """Run a ``PyExprMutator`` over every Relax function of ``mod``; the rewritten module."""
+    from tvm import relax
+
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get()

@@ -17,6 +17,8 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax import PyExprMutator, expr_functor
 
+from .common import mutate_relax_functions
+
 
 def _gelu(x: te.Tensor) -> te.Tensor:
     erf = topi.fast_erf(topi.multiply(x, tvm.tirx.const(1 / math.sqrt(2), x.dtype)))
@@ -70,8 +72,4 @@ class _FastMath(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="SlimcFastMath")
 def fast_math(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Replace fp32 exp/erf/tanh/sigmoid/GELU/SiLU/softmax with vectorizable approximations."""
-    mutator = _FastMath(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-    return mutator.builder_.get()
+    return mutate_relax_functions(mod, _FastMath(mod))

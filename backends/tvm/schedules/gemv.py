@@ -20,6 +20,8 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
+from .common import mutate_relax_functions
+
 #: Largest number of activation rows rewritten (a decode step has 1; short prompts a few).
 MAX_ROWS = 4
 
@@ -87,8 +89,4 @@ class _PanelGemv(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="SlimcPanelGemv")
 def panel_gemv(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Rewrite ``x @ permute_dims(W)`` with few rows to the packed-panel GEMV kernel."""
-    mutator = _PanelGemv(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+    return relax.transform.DeadCodeElimination()(mutate_relax_functions(mod, _PanelGemv(mod)))
