@@ -116,13 +116,23 @@ def test_few_row_products_use_packed_panels(shape, k, n, kwargs, tmp_path, caplo
         import tvm
 
         fused = tvm.transform.Sequential(fusion_passes(target)[1:])(fused)
-    names = [gv.name_hint for gv, _ in fused.functions_items()]
     lanes = 64 if n % 64 == 0 else next(t for t in (16, 8, 4, 2, 1) if n % t == 0)
-    assert [x for x in names if x.startswith("slimc_linear_fp32") and x.endswith(f"_t{lanes}")]
+    panels = [call.args[1][1].ty.shape for call in _call_tirs(fused["main"])
+              if call.args[0].name_hint.startswith("slimc_linear_fp32")]
+    assert [[int(d) for d in shape] for shape in panels] == [[n // lanes, k, lanes]]
     got, _ = _build_run(module, inputs, tmp_path, caplog=caplog)
     with torch.no_grad():
         want = module(*inputs).numpy()
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+
+
+def _call_tirs(func) -> list:
+    from tvm import relax
+
+    calls = []
+    relax.analysis.post_order_visit(func, lambda e: calls.append(e) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    return calls
 
 
 class BatchMatmul(torch.nn.Module):

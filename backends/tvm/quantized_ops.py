@@ -467,6 +467,16 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0)
 # ---------------------------------------------------------------------------------------------
 
 
+def add_kernel(bb, func):
+    """Add a hand-scheduled kernel to the module being built; its ``GlobalVar``.
+
+    The kernel's ``global_symbol`` (it lets tests build a kernel on its own) is dropped: in the
+    model it is an internal function, which passes may copy and dead-code elimination may then
+    remove; the build names it again when it exports the library.
+    """
+    return bb.add_func(func.without_attr("global_symbol"), str(func.attrs["global_symbol"]))
+
+
 def _static_shape(expr) -> tuple[int, ...]:
     shape = expr.ty.shape
     dims = []
@@ -531,7 +541,7 @@ def _convert_linear(kind: str):
         x2 = bb.emit(relax.op.reshape(x, (m, k)))
         if kind == "int4" and _pads_to_groups(k, group):
             x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, -(-k // group) * group - k]))
-        gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
+        gvar = add_kernel(bb, func)
         y = bb.emit(relax.call_tir(gvar, [x2, *tensors],
                                    relax.TensorType((m, n), "float32")))
         y = bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
@@ -593,7 +603,7 @@ def _convert_w8a8(node, importer):
         func = int8_kernels.dot_kernel(kind, m, k, n)
     if bias is None:
         bias = relax.const(np.zeros(n, np.float32))
-    gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
+    gvar = add_kernel(bb, func)
     y = bb.emit(relax.call_tir(gvar, [codes, packed, comp, out_scale, bias],
                                relax.TensorType((m, n), "float32")))
     return bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
@@ -620,7 +630,7 @@ def _convert_embedding(kind: str):
             rows *= d
         flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), (rows,)))
         func = embedding_kernel(kind, rows, vocab, dim, group)
-        gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
+        gvar = add_kernel(bb, func)
         out = bb.emit(relax.call_tir(gvar, [flat, table, *extra],
                                      relax.TensorType((rows, dim), "float32")))
         return bb.emit(relax.op.reshape(out, (*ids_shape, dim)))

@@ -25,12 +25,14 @@ from .common import log
 from .cpu_matmul import TiledMatmul
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
+from .winograd import WinogradTransform
 
 if TYPE_CHECKING:
     import tvm
 
 __all__ = [
-    "DEFAULT_RULES", "apply_cpu_schedules", "cpu_pipeline", "fusion_passes", "schedule_prim_func",
+    "DEFAULT_RULES", "apply_cpu_schedules", "cpu_pipeline", "fusion_passes", "prepack_passes",
+    "schedule_prim_func",
 ]
 
 
@@ -40,7 +42,7 @@ class Rule(Protocol):
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target): ...
 
 
-DEFAULT_RULES: tuple[Rule, ...] = (TiledMatmul(), RowReduction(), Fallback())
+DEFAULT_RULES: tuple[Rule, ...] = (WinogradTransform(), TiledMatmul(), RowReduction(), Fallback())
 
 
 def schedule_prim_func(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
@@ -99,7 +101,7 @@ def cpu_pipeline(target: tvm.target.Target, rules: Sequence[Rule] = DEFAULT_RULE
         with target:
             seq = tvm.transform.Sequential(
                 fusion_passes(target) + list(before_schedule) + [schedule]
-                + cpu.dataflow_lower_passes(target)
+                + prepack_passes() + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target))
             return seq(mod)
 
@@ -121,14 +123,31 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
     from .fast_math import fast_math
     from .gemv import panel_gemv
+    from .winograd import winograd_convs
 
     return cpu.library_dispatch_passes(target) + [
         fast_math, panel_gemv, relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
-        _nhwc_pass(),
+        _nhwc_pass(), winograd_convs,
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        # Marks each kernel's constant inputs (copies the kernel: DCE drops the unmarked one).
+        relax.transform.AttachAttrLayoutFreeBuffers(), relax.transform.DeadCodeElimination()]
+
+
+def prepack_passes() -> list[tvm.transform.Pass]:
+    """Run the weight layout rewrites the schedules asked for once, at build time.
+
+    ``AttachAttrLayoutFreeBuffers`` (in :func:`fusion_passes`) tells each kernel which of its
+    inputs are constants; a rule may then store such an operand in a kernel-friendly layout
+    (``cpu_matmul`` packs weights into panels) through a block marked as a layout-rewrite
+    preprocess. These passes move those blocks out into their own functions and evaluate them
+    on the constant weights, so the artifact holds the packed weights and no run-time copy.
+    """
+    from tvm import relax
+
+    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
 
 
 def _uses_conv2d(mod) -> bool:

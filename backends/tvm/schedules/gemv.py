@@ -54,14 +54,14 @@ class _PanelGemv(PyExprMutator):
         m = int(np.prod(shape[:-1]))
         if shape[-1] != k or m > MAX_ROWS:
             return call
-        from slimc.backends.tvm.quantized_ops import linear_kernel, tile_for
+        from slimc.backends.tvm.quantized_ops import add_kernel, linear_kernel, tile_for
 
         t = tile_for(n, "fp32")
         bb = self.builder_
         tiles = bb.emit(relax.op.permute_dims(
             relax.op.reshape(weight, (n // t, t, k)), [0, 2, 1]))
         func = linear_kernel("fp32", m, k, n, tile=t)
-        gvar = bb.add_func(func, str(func.attrs["global_symbol"]))
+        gvar = add_kernel(bb, func)
         flat = bb.emit(relax.op.reshape(x, (m, k)))
         y = bb.emit(relax.call_tir(gvar, [flat, tiles], relax.TensorType((m, n), "float32")))
         return relax.op.reshape(y, (*shape[:-1], n))
@@ -76,7 +76,8 @@ class _PanelGemv(PyExprMutator):
             return None
         source = expr.args[0]
         if isinstance(source, relax.Var):
-            source = self.lookup_binding(source) or source
+            bound = self.lookup_binding(source)
+            source = bound if bound is not None else source
         if not isinstance(source, tvm.ir.expr.Constant) \
                 or str(source.value.dtype) != "float32" or len(source.value.shape) != 2:
             return None
