@@ -341,3 +341,118 @@ def test_single_row_norm_computes_its_reduction_once():
         text = schedule_prim_func(func, target, name=name).script()
         body = text.split("_red\"):")[0]  # the loops enclosing the reduction block
         assert "range(T.int64(576))" not in body, text
+
+
+# --- Winograd convolutions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_matrices_compute_a_correlation(m):
+    """``A^T [(G g) * (B^T d)]`` is the valid correlation of ``d`` with ``g`` (1-D identity)."""
+    from slimc.backends.tvm.schedules.winograd import MATRICES
+
+    at, g, bt = (np.asarray(x, dtype=np.float64) for x in MATRICES[m])
+    rng = np.random.default_rng(m)
+    d, w = rng.standard_normal(m + 2), rng.standard_normal(3)
+    np.testing.assert_allclose(at @ ((g @ w) * (bt @ d)), np.correlate(d, w, "valid"),
+                               rtol=1e-12, atol=1e-12)
+
+
+class BasicBlock(torch.nn.Module):
+    """ResNet's basic block: two 3x3 convs with batch norm, ReLU and a residual add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1, self.bn2 = torch.nn.BatchNorm2d(channels), torch.nn.BatchNorm2d(channels)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + x)
+
+
+def _winograd_tiles(module, inputs) -> list[int]:
+    """The ``m`` of every Winograd input transform in the fused module (empty: direct convs)."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+    from slimc.backends.tvm.schedules.winograd import TILE_ATTR
+
+    target = resolve_target("llvm").tvm_target()
+    with target:
+        fused = tvm.transform.Sequential(fusion_passes(target))(_lower(module, inputs))
+    tiles = []
+    for _, func in fused.functions_items():
+        text = func.script() if hasattr(func, "body") else ""
+        if "winograd_input\"" in text:
+            tiles.append(int(text.split(f'"{TILE_ATTR}": ')[1].split("}")[0]))
+    return tiles
+
+
+@pytest.mark.parametrize("x,args,tiles", [
+    ((1, 16, 28, 28), dict(cin=16, cout=24, kernel=3, padding=1), [4]),  # whole 4x4 tiles
+    ((2, 5, 30, 29), dict(cin=5, cout=7, kernel=3, padding=1), [4]),  # batch 2, cropped tiles,
+    # channels no multiple of a vector
+    ((1, 8, 15, 15), dict(cin=8, cout=8, kernel=3, padding=1, bn=True), [2]),  # odd map, BN
+    ((1, 4, 18, 18), dict(cin=4, cout=12, kernel=3), [2]),  # no padding
+    ((1, 8, 7, 7), dict(cin=8, cout=8, kernel=3, padding=1), []),  # small map: direct conv
+], ids=["f4", "f4-cropped", "f2-bn", "f2-valid", "direct"])
+def test_winograd_convs(x, args, tiles, tmp_path, caplog):
+    torch.manual_seed(0)
+    net = ConvBnRelu(**args).eval()
+    if net.bn is not None:
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    inputs = (torch.randn(*x),)
+    assert _winograd_tiles(net, inputs) == tiles
+    rules = ("winograd-transform", "tiled-matmul") if tiles else ("tiled-matmul",)
+    _check(net, inputs, tmp_path, caplog, rules, tol=1e-5)
+    if tiles:
+        assert any(line.startswith("rule winograd-transform scheduled")
+                   for line in caplog.messages), caplog.messages
+
+
+def test_winograd_basic_block_fuses_batch_norm_relu_and_residual(tmp_path, caplog):
+    torch.manual_seed(0)
+    net, inputs = BasicBlock(16).eval(), (torch.randn(1, 16, 32, 32),)
+    assert _winograd_tiles(net, inputs) == [4, 4]
+    _check(net, inputs, tmp_path, caplog, "winograd-transform", tol=1e-5)
+
+
+def test_winograd_on_aarch64_under_qemu(tmp_path, aarch64_emulator, caplog):
+    torch.manual_seed(0)
+    net, inputs = BasicBlock(8).eval(), (torch.randn(1, 8, 28, 20),)
+    got, applied = _build_run(net, inputs, tmp_path, target="arm", cross="aarch64-linux-gnu",
+                              caplog=caplog)
+    with torch.no_grad():
+        want = net(*inputs).numpy()
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+    assert any(line.startswith("rule winograd-transform scheduled") for line in applied)
+
+
+# --- Weights packed into panels at build time ---------------------------------------------------
+
+
+@pytest.mark.parametrize("module,inputs,packed", [
+    (Linear(48, 96), (torch.randn(2, 9, 48),), (3, 48, 32)),  # W^T [48, 96] -> [96/32, 48, 32]
+    (ConvBnRelu(8, 64, 3, stride=2, padding=1), (torch.randn(1, 8, 12, 12),),
+     (2, 3, 3, 8, 32)),  # HWIO [3, 3, 8, 64] -> [64/32, 3, 3, 8, 32]
+], ids=["dense", "conv"])
+def test_constant_operands_are_packed_at_build_time(module, inputs, packed, tmp_path, caplog):
+    """The weight reaches the kernel as NR-wide panels, computed once by the build."""
+    import tvm
+    from slimc.backends.tvm.schedules import apply_cpu_schedules, fusion_passes, prepack_passes
+
+    torch.manual_seed(0)
+    target = resolve_target("llvm").tvm_target()
+    with target:
+        mod = tvm.transform.Sequential(fusion_passes(target))(_lower(module.eval(), inputs))
+        mod = tvm.transform.Sequential(prepack_passes())(apply_cpu_schedules(mod, target))
+    shapes = [tuple(int(d) for d in arg.ty.shape) for call in _call_tirs(mod["main"])
+              for arg in call.args[1] if type(arg).__name__ == "GenericConst"]
+    assert packed in shapes, shapes
+    assert not [c for c in _call_tirs(mod["main"]) if "layout_rewrite" in c.args[0].name_hint]
+    _check(module, inputs, tmp_path, caplog, "tiled-matmul")
