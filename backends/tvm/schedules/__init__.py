@@ -4,16 +4,20 @@
 runs the CPU Relax pipeline with one extra step after operator fusion: each fused ``PrimFunc`` is
 given to the rules below in order, and the first that claims it schedules it:
 
-1. :class:`~.cpu_matmul.TiledMatmul` -- dense / batched matmul / conv2d micro-kernels;
-2. :class:`~.cpu_reduction.RowReduction` -- softmax, layer/RMS norm;
-3. :class:`~.fallback.Fallback` -- parallel + vectorized loops for everything else.
+1. :class:`~.winograd.WinogradTransform` -- the tile transforms of Winograd convolutions;
+2. :class:`~.cpu_matmul.TiledMatmul` -- dense / batched matmul / conv2d micro-kernels;
+3. :class:`~.cpu_reduction.RowReduction` -- softmax, layer/RMS norm;
+4. :class:`~.fallback.Fallback` -- parallel + vectorized loops for everything else.
 
 A rule that raises is skipped (logged at debug level) and the next one is tried, so a kernel is
 at worst left as TVM's correct, unscheduled loops. Before fusion (:func:`fusion_passes`) slimc
 swaps in vectorizable transcendental functions (``fast_math``), sends matrix-vector products to
-packed-panel kernels (``gemv``), decomposes batch norm and turns convs NHWC. Weights are bound
-as constants, so the ``FoldConstant`` that runs after legalization turns ``permute_dims(W)``
-into a pre-transposed (or panel-packed) constant: no layout work happens at run time.
+packed-panel kernels (``gemv``), decomposes batch norm, turns convs NHWC and rewrites 3x3
+stride-1 convs on large feature maps as Winograd transforms + a batched matmul (``winograd``).
+Weights are bound as constants, so the ``FoldConstant`` that runs after legalization turns
+``permute_dims(W)`` into a pre-transposed constant, and after scheduling
+(:func:`prepack_passes`) the weights a rule asked for in another layout (``TiledMatmul``'s
+``NR``-wide panels) are rewritten once, at build time: no layout work happens at run time.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .common import log
-from .cpu_matmul import TiledMatmul
+from .cpu_matmul import PREPROC, TiledMatmul
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
 from .winograd import WinogradTransform
@@ -145,9 +149,42 @@ def prepack_passes() -> list[tvm.transform.Pass]:
     preprocess. These passes move those blocks out into their own functions and evaluate them
     on the constant weights, so the artifact holds the packed weights and no run-time copy.
     """
+    import tvm
     from tvm import relax
 
-    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+    return [tvm.transform.module_pass(_unmark_unpacked, opt_level=0, name="SlimcUnmarkUnpacked"),
+            relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+
+
+def _unmark_unpacked(mod, _ctx):
+    """Drop ``layout_free_buffers`` from kernels that rewrote no weight layout.
+
+    ``SplitLayoutRewritePreproc`` looks at every marked kernel and rejects some it has nothing
+    to do for (Mixtral's ``topk``: "There should be a compute block ..."); only the kernels a
+    rule actually gave a layout-rewrite block keep the mark.
+    """
+    from tvm import tirx
+
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None \
+                and "layout_free_buffers" in func.attrs and not _has_preproc(func):
+            updates[gvar] = func.without_attr("layout_free_buffers")
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
+
+
+def _has_preproc(func) -> bool:
+    """Whether a root-level block of ``func`` is a layout rewrite (where rules put them)."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - no root block (hand-written kernel): nothing to split
+        return False
+    return any(PREPROC in sch.get(b).annotations for b in blocks)
 
 
 def _uses_conv2d(mod) -> bool:

@@ -42,6 +42,9 @@ from .common import (
 )
 from .fallback import schedule_block
 
+#: Block annotation that makes ``SplitLayoutRewritePreproc`` hoist a weight rewrite out of a kernel.
+PREPROC = "meta_schedule.layout_rewrite_preproc"
+
 #: Walk the vector tiles (weight panels) outside the other spatial loops too (conv output rows),
 #: so consecutive tasks of a core reuse one weight panel.
 PANEL_OUTSIDE_ROWS = True
@@ -280,7 +283,7 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
 
     cache = sch.cache_read(main, axes.contiguous, "global")
     sch.transform_layout(main, ("read", axes.contiguous), panels)
-    sch.annotate(cache, "meta_schedule.layout_rewrite_preproc", True)
+    sch.annotate(cache, PREPROC, True)
 
 
 def _work(sch: s_tir.Schedule, axes: _Axes) -> float:
