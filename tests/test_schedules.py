@@ -454,5 +454,5 @@ def test_constant_operands_are_packed_at_build_time(module, inputs, packed, tmp_
     shapes = [tuple(int(d) for d in arg.ty.shape) for call in _call_tirs(mod["main"])
               for arg in call.args[1] if type(arg).__name__ == "GenericConst"]
     assert packed in shapes, shapes
-    assert not [c for c in _call_tirs(mod["main"]) if "layout_rewrite" in c.args[0].name_hint]
+    assert not [c for c in _call_tirs(mod["main"]) if "weight_prepack" in c.args[0].name_hint]
     _check(module, inputs, tmp_path, caplog, "tiled-matmul")

@@ -152,39 +152,51 @@ def prepack_passes() -> list[tvm.transform.Pass]:
     import tvm
     from tvm import relax
 
-    return [tvm.transform.module_pass(_unmark_unpacked, opt_level=0, name="SlimcUnmarkUnpacked"),
-            relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+    return [tvm.transform.module_pass(_split_prepacked, opt_level=0, name="SlimcSplitPrepacked"),
+            relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
 
 
-def _unmark_unpacked(mod, _ctx):
-    """Drop ``layout_free_buffers`` from kernels that rewrote no weight layout.
+def _split_prepacked(mod, _ctx):
+    """``SplitLayoutRewritePreproc``, shown only the kernels that have a layout rewrite.
 
-    ``SplitLayoutRewritePreproc`` looks at every marked kernel and rejects some it has nothing
-    to do for (Mixtral's ``topk``: "There should be a compute block ..."); only the kernels a
-    rule actually gave a layout-rewrite block keep the mark.
+    The pass inspects every ``PrimFunc`` of the module and rejects some it has nothing to do
+    for (Mixtral's ``topk``: "There should be a compute block if there is only one subtree
+    under the root"), so the others are set aside while it runs and put back afterwards.
     """
-    from tvm import tirx
+    from tvm import relax, tirx
 
-    updates = {}
-    for gvar, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and func.attrs is not None \
-                and "layout_free_buffers" in func.attrs and not _has_preproc(func):
-            updates[gvar] = func.without_attr("layout_free_buffers")
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    aside = {gvar: func for gvar, func in mod.functions_items()
+             if isinstance(func, tirx.PrimFunc) and not _has_preproc(func)}
+    if len(aside) == sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items()):
+        return mod
+    shown = mod.clone()
+    for gvar in aside:
+        del shown[gvar]
+    split = relax.transform.SplitLayoutRewritePreproc()(shown)
+    for gvar, func in aside.items():
+        split[gvar] = func
+    return split
 
 
 def _has_preproc(func) -> bool:
-    """Whether a root-level block of ``func`` is a layout rewrite (where rules put them)."""
-    from tvm import s_tir
+    """Whether a root-level loop nest of ``func`` holds a layout-rewrite block.
 
-    try:
-        sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # noqa: BLE001 - no root block (hand-written kernel): nothing to split
+    Rules put those blocks at the root (``cache_read`` of a parameter); walking the root's
+    loop nests is enough, and much cheaper than a ``Schedule`` per kernel.
+    """
+    from tvm import tirx
+
+    root = getattr(func.body, "block", None)
+    if root is None:
         return False
-    return any(PREPROC in sch.get(b).annotations for b in blocks)
+    stmts = list(root.body.seq) if hasattr(root.body, "seq") else [root.body]
+    for stmt in stmts:
+        while isinstance(stmt, tirx.For):
+            stmt = stmt.body
+        block = getattr(stmt, "block", None)
+        if block is not None and PREPROC in block.annotations:
+            return True
+    return False
 
 
 def _uses_conv2d(mod) -> bool:
