@@ -304,11 +304,16 @@ class Tuner:
         evolutionary search starts from the hand schedule.
         """
         from slimc.backends.tvm.schedules import DEFAULT_RULES
+        from slimc.backends.tvm.schedules.cpu_matmul import CONSTANT_OPERANDS
         from tvm.s_tir import meta_schedule as ms
 
         for task, _ in tasks:
             workload_mod = task.dispatched[0]
             func = workload_mod["main"]
+            # Unpacked weights: MetaSchedule measures and replays kernels with the signature of
+            # the workload, so the baseline must not rewrite a parameter's layout.
+            func = func.without_attr(CONSTANT_OPERANDS) if func.attrs is not None \
+                and CONSTANT_OPERANDS in func.attrs else func
             sch = None
             for rule in DEFAULT_RULES:
                 try:

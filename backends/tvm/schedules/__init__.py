@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .common import log
-from .cpu_matmul import PREPROC, TiledMatmul
+from .cpu_matmul import CONSTANT_OPERANDS, PREPROC, TiledMatmul
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
 from .winograd import WinogradTransform
@@ -136,18 +136,50 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         _nhwc_pass(), winograd_convs,
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        # Marks each kernel's constant inputs (copies the kernel: DCE drops the unmarked one).
-        relax.transform.AttachAttrLayoutFreeBuffers(), relax.transform.DeadCodeElimination()]
+        _mark_constant_operands()]
+
+
+def _mark_constant_operands() -> tvm.transform.Pass:
+    """Give each kernel a :data:`CONSTANT_OPERANDS` attribute: its inputs that are constants.
+
+    Those are the weights, whose layout a rule may change at build time (:func:`prepack_passes`).
+    An input counts only if every call passes a constant. TVM's ``AttachAttrLayoutFreeBuffers``
+    does the same under the name ``layout_free_buffers``, but copies and renames every kernel
+    (``fused_matmul_add_relu1``, names users see in tuning records), and that name also turns on
+    MetaSchedule's own layout rewriting while tuning, which slimc's records do not expect.
+    """
+    import tvm
+    from tvm import relax, tirx
+
+    def mark(mod, _ctx):
+        constant: dict = {}
+
+        def visit(expr) -> None:
+            if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+                gvar, args = expr.args[0], expr.args[1].fields
+                here = {i for i, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)}
+                constant[gvar] = constant[gvar] & here if gvar in constant else here
+
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                relax.analysis.post_order_visit(func, visit)
+        for gvar, indices in constant.items():
+            func = mod[gvar]
+            if indices and isinstance(func, tirx.PrimFunc):
+                mod[gvar] = func.with_attr(CONSTANT_OPERANDS, sorted(indices))
+        return mod
+
+    return tvm.transform.module_pass(mark, opt_level=0, name="SlimcMarkConstantOperands")
 
 
 def prepack_passes() -> list[tvm.transform.Pass]:
     """Run the weight layout rewrites the schedules asked for once, at build time.
 
-    ``AttachAttrLayoutFreeBuffers`` (in :func:`fusion_passes`) tells each kernel which of its
-    inputs are constants; a rule may then store such an operand in a kernel-friendly layout
-    (``cpu_matmul`` packs weights into panels) through a block marked as a layout-rewrite
-    preprocess. These passes move those blocks out into their own functions and evaluate them
-    on the constant weights, so the artifact holds the packed weights and no run-time copy.
+    :func:`fusion_passes` tells each kernel which of its inputs are constants; a rule may then
+    store such an operand in a kernel-friendly layout (``cpu_matmul`` packs weights into panels)
+    through a block marked as a layout-rewrite preprocess. These passes move those blocks out
+    into their own functions and evaluate them on the constant weights, so the artifact holds
+    the packed weights and does no layout work at run time.
     """
     import tvm
     from tvm import relax

@@ -42,6 +42,8 @@ from .common import (
 )
 from .fallback import schedule_block
 
+#: Kernel attribute listing the parameters that are constants (weights), set before scheduling.
+CONSTANT_OPERANDS = "slimc.constant_operands"
 #: Block annotation that makes ``SplitLayoutRewritePreproc`` hoist a weight rewrite out of a kernel.
 PREPROC = "meta_schedule.layout_rewrite_preproc"
 
@@ -260,7 +262,7 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
     it out of the kernel and ``FoldConstant`` runs it once, at build time, on the constant.
     Operands that are not layout-free (computed at run time) are left as they are.
     """
-    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    free = func.attrs.get(CONSTANT_OPERANDS) if func.attrs is not None else None
     stmt = sch.get(main)
     operand = stmt.reads[axes.contiguous]
     params = [i for i, p in enumerate(func.params) if p.same_as(operand.source)]
