@@ -358,6 +358,18 @@ def test_winograd_matrices_compute_a_correlation(m):
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape,m", [
+    ((1, 56, 56, 64, 64), 4), ((1, 28, 28, 128, 128), 4),  # ResNet-18's first two stages
+    ((1, 14, 14, 256, 256), 2), ((1, 7, 7, 512, 512), 2),  # 4x4 tiles would take 4x the bytes
+    ((1, 8, 8, 16, 16), 2), ((16, 4, 4, 16, 16), 4),  # tiles counted over the batch
+    ((1, 5, 5, 64, 64), None),  # fewer than 16 tiles: direct conv
+])
+def test_winograd_tile_size_policy(shape, m):
+    from slimc.backends.tvm.schedules.winograd import tile_size
+
+    assert tile_size(*shape) == m
+
+
 class BasicBlock(torch.nn.Module):
     """ResNet's basic block: two 3x3 convs with batch norm, ReLU and a residual add."""
 
@@ -396,9 +408,9 @@ def _winograd_tiles(module, inputs) -> list[int]:
     ((1, 16, 28, 28), dict(cin=16, cout=24, kernel=3, padding=1), [4]),  # whole 4x4 tiles
     ((2, 5, 30, 29), dict(cin=5, cout=7, kernel=3, padding=1), [4]),  # batch 2, cropped tiles,
     # channels no multiple of a vector
-    ((1, 8, 15, 15), dict(cin=8, cout=8, kernel=3, padding=1, bn=True), [2]),  # odd map, BN
-    ((1, 4, 18, 18), dict(cin=4, cout=12, kernel=3), [2]),  # no padding
-    ((1, 8, 7, 7), dict(cin=8, cout=8, kernel=3, padding=1), []),  # small map: direct conv
+    ((1, 8, 7, 9), dict(cin=8, cout=8, kernel=3, padding=1, bn=True), [2]),  # odd map, BN
+    ((1, 4, 10, 12), dict(cin=4, cout=12, kernel=3), [2]),  # no padding
+    ((1, 8, 5, 5), dict(cin=8, cout=8, kernel=3, padding=1), []),  # 9 tiles: direct conv
 ], ids=["f4", "f4-cropped", "f2-bn", "f2-valid", "direct"])
 def test_winograd_convs(x, args, tiles, tmp_path, caplog):
     torch.manual_seed(0)
