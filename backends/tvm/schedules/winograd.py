@@ -55,9 +55,10 @@ MATRICES: dict[int, tuple[list[list[float]], ...]] = {
 
 #: Fewest tiles worth a Winograd conv: each transformed filter element is reused once per tile.
 MIN_TILES = 16
-#: Largest direct filter given 4x4 output tiles (whose transformed filter is 4x larger); bigger
-#: filters get 2x2 tiles (1.8x larger), so the artifact does not balloon for little speed.
+#: Largest direct filter given 4x4 output tiles (whose transformed filter is 4x larger) and
+#: largest given 2x2 tiles (1.8x larger): above these the artifact grows a lot for little speed.
 LARGE_TILE_MAX_FILTER_BYTES = 1 << 20
+SMALL_TILE_MAX_FILTER_BYTES = 4 << 20
 #: Block names the schedule rule recognises.
 INPUT_BLOCK, OUTPUT_BLOCK = "winograd_input", "winograd_output"
 #: Block annotation carrying ``m`` (the output tile) to the schedule rule.
@@ -70,14 +71,17 @@ def tile_size(batch: int, out_h: int, out_w: int, channels_in: int,
               channels_out: int) -> int | None:
     """The ``m`` of ``F(m x m, 3 x 3)`` for a conv, or None to keep the direct conv.
 
-    Measured on ResNet-18 (2 Zen 4 cores, interleaved A/B of whole networks): 4x4 tiles on the
-    56x56 and 28x28 stages, 2x2 on 14x14 and 7x7 ran in 0.93-0.96x the time of keeping the
-    7x7 stage direct; 4x4 tiles everywhere were no faster and doubled the filter bytes.
+    Measured on ResNet-18 (2 Zen 4 cores, whole networks timed interleaved): with 4x4 tiles on
+    the 56x56 and 28x28 stages and 2x2 on the 14x14 one, the network ran 11.2-12.1 ms; 2x2 tiles
+    on the 7x7 stage too saved another 4-7 % but grew the library from 60 to 82 MB (its 9.4 MB
+    filters become 16.8 MB), and 4x4 tiles everywhere were no faster than that at 1.9x the
+    filter bytes. slimc is a compression tool: those stay direct.
     """
     filter_bytes = 9 * channels_in * channels_out * 4
+    limits = {4: LARGE_TILE_MAX_FILTER_BYTES, 2: SMALL_TILE_MAX_FILTER_BYTES}
     for m in (4, 2):
         tiles = batch * math.ceil(out_h / m) * math.ceil(out_w / m)
-        if tiles >= MIN_TILES and (m == 2 or filter_bytes <= LARGE_TILE_MAX_FILTER_BYTES):
+        if tiles >= MIN_TILES and filter_bytes <= limits[m]:
             return m
     return None
 
