@@ -260,7 +260,8 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
     rewritten ``[..., N] -> [N / NR, ..., NR]`` (batch axes stay in front). The rewrite is a
     separate block marked as a layout-rewrite preprocess: ``SplitLayoutRewritePreproc`` moves
     it out of the kernel and ``FoldConstant`` runs it once, at build time, on the constant.
-    Operands that are not layout-free (computed at run time) are left as they are.
+    Operands computed at run time (not in the kernel's :data:`CONSTANT_OPERANDS`) stay as
+    they are.
     """
     free = func.attrs.get(CONSTANT_OPERANDS) if func.attrs is not None else None
     stmt = sch.get(main)
@@ -277,7 +278,7 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
     bindings = dict(zip([iv.var for iv in stmt.iter_vars], realize_bindings(
         sch, sch.get_loops(main)), strict=True))
     batch = [i for i, e in enumerate(index[:-1])
-             if any(b.same_as(bindings[e]) for b in shared if e in bindings)]
+             if e in bindings and any(bindings[e].same_as(loop_var) for loop_var in shared)]
 
     def panels(*dims):
         rest = [d for i, d in enumerate(dims[:-1]) if i not in batch]

@@ -39,7 +39,14 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.target import Target
 
-from .common import extent, intermediate_buffers, mutate_relax_functions, vector_lanes
+from .common import (
+    extent,
+    inline_spatial,
+    intermediate_buffers,
+    mutate_relax_functions,
+    pick_tile,
+    vector_lanes,
+)
 
 #: ``(A^T, G, B^T)`` of ``F(m, 3)`` (Lavin & Gray; interpolation points 0, +-1, +-2, inf).
 MATRICES: dict[int, tuple[list[list[float]], ...]] = {
@@ -263,16 +270,17 @@ class WinogradTransform:
         if len(tiles) != 1 or len(stages) != 1:
             return None
         stage = stages[0]
-        rest = _inline_all_but(sch, [b for b in blocks if not b.same_as(stage)],
-                               intermediate_buffers(sch))
+        rest = inline_spatial(sch, [b for b in blocks if not b.same_as(stage)],
+                              intermediate_buffers(sch))
         if len(rest) != 1:
             return None
         final = rest[0]
         loops = sch.get_loops(final)
         lanes = vector_lanes(target, 32)
+        vectors = [lanes, lanes // 2, 4, 2, 1]  # channel chunk: the widest with no tail
         if INPUT_BLOCK in tiles:  # (k, p, c): tiles in parallel, k unrolled per channel vector
             k, p, c = loops
-            co, ci = sch.split(c, factors=[None, _vector(extent(sch, c), lanes)])
+            co, ci = sch.split(c, factors=[None, pick_tile(extent(sch, c), vectors)])
             sch.reorder(p, co, k, ci)
             sch.parallel(p)
             unrolled = [k]
@@ -281,7 +289,7 @@ class WinogradTransform:
             n, y, x, c = loops
             yo, yi = sch.split(y, factors=[None, m])
             xo, xi = sch.split(x, factors=[None, m])
-            co, ci = sch.split(c, factors=[None, _vector(extent(sch, c), lanes)])
+            co, ci = sch.split(c, factors=[None, pick_tile(extent(sch, c), vectors)])
             sch.reorder(n, yo, xo, co, yi, xi, ci)
             sch.parallel(sch.fuse(n, yo, xo))
             unrolled = [yi, xi]
@@ -296,28 +304,3 @@ class WinogradTransform:
             sch.unroll(loop)
         sch.vectorize(stage_inner)
         return sch
-
-
-def _inline_all_but(sch: s_tir.Schedule, blocks: list, intermediates: set) -> list:
-    """Inline ``blocks`` that write intermediates (into consumers, else producers); the rest."""
-    remaining = []
-    for block in blocks:
-        if not any(w.source not in intermediates for w in sch.get(block).writes):
-            try:
-                sch.compute_inline(block)
-                continue
-            except Exception:  # noqa: BLE001 - e.g. the output transform before the epilogue
-                try:
-                    sch.reverse_compute_inline(block)
-                    continue
-                except Exception:  # noqa: BLE001 - keep it
-                    pass
-        remaining.append(block)
-    return remaining
-
-
-def _vector(channels: int | None, lanes: int) -> int:
-    for v in (lanes, lanes // 2, 4, 2, 1):
-        if channels and channels % v == 0:
-            return v
-    return 1
