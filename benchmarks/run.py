@@ -38,7 +38,9 @@ MODELS = ("minilm", "cnn", "decode")
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
          "slimc-int4w": "quantize{weights=int4,group_size=128}"}
-ENGINES = (*SLIMC, "eager", "ort", "torch-dyn8", "ort-dyn8")
+#: The fp32 artifact after ``--tune N`` (``--tune-trials``), tuned into a fresh database.
+TUNED = "slimc-tuned"
+ENGINES = (*SLIMC, TUNED, "eager", "ort", "torch-dyn8", "ort-dyn8")
 #: Engines run when --engines is not given: the quantized ones only where they are a target.
 DEFAULT_ENGINES = {
     "minilm": ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8"),
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="idle time between engine blocks, so the previous engine's spinning "
                    "worker threads (OpenMP, ORT, TVM) park before the next one is timed")
     p.add_argument("--target", default="llvm", help="slimc --target (host targets only)")
+    p.add_argument("--tune-trials", type=int, default=200,
+                   help=f"MetaSchedule trials for the {TUNED} engine (opt-in via --engines)")
     p.add_argument("--workdir", type=Path, default=None, help="keep artifacts here")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     return p.parse_args(argv)
@@ -112,7 +116,7 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
     outputs: dict[str, np.ndarray] = {}
     arrays = {k: v.numpy() for k, v in inputs.items()}
 
-    for engine, pipeline in SLIMC.items():
+    for engine, pipeline in [*SLIMC.items(), (TUNED, None)]:
         if engine in engines:
             runner, names = _slimc(name, args, workdir, result, pipeline, engine)
             feed = [arrays[n] for n in names]
@@ -177,12 +181,18 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
     if static and calib is None:
         result.notes.append(f"{engine} calibrated on the benchmark input itself (no KJV text)")
     output = workdir / f"{name}-{engine}.slimc"
+    tuning = {"tune": args.tune_trials, "tune_db": workdir / f"{name}-tuning"} \
+        if engine == TUNED else {}
     t0 = time.perf_counter()
     compiled = compile_model(f"{HERE / 'models.py'}:{name}",
                              CompileOptions(target=args.target, output=output,
                                             threads=args.threads, pipeline=pipeline,
-                                            calib=calib))
-    if pipeline is None:
+                                            calib=calib, **tuning))
+    if engine == TUNED:
+        result.notes.append(f"{TUNED}: {compiled.manifest['tuning']['trials']} trials in "
+                            f"{compiled.manifest['tuning']['tune_s']} s, "
+                            f"{compiled.manifest['tuning']['records_applied']} records applied")
+    if engine == "slimc":
         result.compile_s = time.perf_counter() - t0
         result.build_s = compiled.manifest["timings"].get("build_s")
     runner = NativeRunner(compiled.output / compiled.manifest["library"], args.threads)
