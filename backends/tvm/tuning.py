@@ -14,9 +14,10 @@ operator fusion, before slimc's default schedules:
    slimc's own schedule of each of these kernels is measured first and recorded like a trial
    (its schedule trace replays), so the database's best record is never slower than the
    default (up to timing noise) and the search starts from it;
-2. it applies the database (``MetaScheduleApplyDatabase``) to every kernel that has a record
-   for this target. Those kernels are marked scheduled, so slimc's rules skip them and schedule
-   everything else as usual.
+2. it applies the database (``MetaScheduleApplyDatabase``) to every kernel whose best record
+   for this target is a MetaSchedule schedule. Those kernels are marked scheduled, so slimc's
+   rules skip them and schedule everything else as usual -- including the kernels where slimc's
+   recorded schedule won, which then also get their weights packed at build time.
 
 Two costs of stock MetaSchedule are avoided: ``TuneContext`` and the default builder import
 ``tvm.s_tir.tensor_intrin``, mostly CUDA TVMScript (~40 s per process on a loaded 2-core
@@ -187,7 +188,8 @@ class Tuner:
             "database": str(path), "trials_requested": options.trials, "trials": 0,
             "minutes_cap": options.minutes, "tuned_kernels": [], "records_written": 0,
             "kernels": 0, "records_applied": 0, "applied_kernels": [],
-            "records_for_other_targets": 0, "baselines": 0, "tune_s": 0.0,
+            "records_for_other_targets": 0, "baselines": 0, "slimc_schedule_won": 0,
+            "tune_s": 0.0,
             "stopped_by": None}
 
     def passes(self) -> list:
@@ -227,19 +229,30 @@ class Tuner:
         if not has_records(self.path):
             return None
         from tvm.s_tir import meta_schedule as ms
+        from tvm_ffi import structural_hash
 
         source = ms.database.JSONDatabase(work_dir=str(self.path), allow_missing=False)
         key = target_key(self.target)
-        memory = ms.database.MemoryDatabase()
-        count = 0
+        by_workload: dict = {}
         for record in source.get_all_tuning_records():
             if record.target is None or target_key(record.target) != key:
                 self.report["records_for_other_targets"] += 1
                 continue
-            workload = memory.commit_workload(record.workload.mod)
-            memory.commit_tuning_record(ms.database.TuningRecord(
-                record.trace, workload, record.run_secs, record.target, record.args_info))
-            count += 1
+            by_workload.setdefault(structural_hash(record.workload.mod), []).append(record)
+        memory = ms.database.MemoryDatabase()
+        count = 0
+        for records in by_workload.values():
+            best = min(records, key=_mean_run_secs)
+            if _is_slimc_schedule(best):
+                # slimc's own schedule won: leave the kernel to slimc's rules, which also pack
+                # its weights (the recorded baseline replays on the unpacked workload).
+                self.report["slimc_schedule_won"] += 1
+                continue
+            workload = memory.commit_workload(best.workload.mod)
+            for record in records:
+                memory.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, record.target, record.args_info))
+                count += 1
         return memory if count else None
 
     # -- tune ------------------------------------------------------------------------------
@@ -404,6 +417,21 @@ def _in_process_builder():
             return results
 
     return InProcessBuilder()
+
+
+def _mean_run_secs(record) -> float:
+    secs = [float(x) for x in record.run_secs] if record.run_secs else []
+    return sum(secs) / len(secs) if secs else math.inf
+
+
+def _is_slimc_schedule(record) -> bool:
+    """Whether a record is slimc's own schedule (a baseline): its trace samples nothing.
+
+    MetaSchedule's search spaces always sample (tile sizes, unroll factors); slimc's rules are
+    deterministic. MetaSchedule also re-measures the baseline trace as a candidate, so more than
+    one record per kernel may be slimc's.
+    """
+    return not any(inst.kind.name.startswith("Sample") for inst in record.trace.insts)
 
 
 def _export(rt_mod) -> str:
