@@ -136,3 +136,32 @@ def mutate_relax_functions(mod, mutator):
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, mutator.visit_expr(func))
     return mutator.builder_.get()
+
+
+def permuted_constant(mutator, expr):
+    """``(W, axes)`` if ``expr`` is a constant ``W`` or ``permute_dims(W, axes)`` of one.
+
+    Looks through dataflow bindings (``mutator`` is the ``PyExprMutator`` visiting the
+    function). ``axes`` is None when there is no ``permute_dims``; a ``permute_dims`` without
+    axes reverses them. Relax passes that lay weights out at build time (panel GEMV, Winograd
+    filters) find the weight this way under the transposes the importer and ConvertLayout add.
+    """
+    import tvm
+    from tvm import relax
+
+    def bound(e):
+        if isinstance(e, relax.Var):
+            value = mutator.lookup_binding(e)
+            return value if value is not None else e
+        return e
+
+    expr, axes = bound(expr), None
+    if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == "relax.permute_dims":
+        source = bound(expr.args[0])
+        if not isinstance(source, tvm.ir.expr.Constant):
+            return None
+        given = expr.attrs.axes
+        rank = len(source.value.shape)
+        axes = [int(a) for a in given] if given is not None else list(range(rank))[::-1]
+        expr = source
+    return (expr, axes) if isinstance(expr, tvm.ir.expr.Constant) else None

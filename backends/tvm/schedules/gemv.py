@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from .common import mutate_relax_functions
+from .common import mutate_relax_functions, permuted_constant
 
 #: Largest number of activation rows rewritten (a decode step has 1; short prompts a few).
 MAX_ROWS = 4
@@ -68,23 +68,11 @@ class _PanelGemv(PyExprMutator):
 
     def _constant_transposed(self, expr) -> tvm.ir.expr.Constant | None:
         """``W [N, K]`` if ``expr`` is ``permute_dims(W, [1, 0])`` of a float32 constant."""
-        if isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            expr = bound if bound is not None else expr
-        if not isinstance(expr, relax.Call) or getattr(expr.op, "name", None) \
-                != "relax.permute_dims":
+        found = permuted_constant(self, expr)
+        if found is None or found[1] != [1, 0]:
             return None
-        source = expr.args[0]
-        if isinstance(source, relax.Var):
-            bound = self.lookup_binding(source)
-            source = bound if bound is not None else source
-        if not isinstance(source, tvm.ir.expr.Constant) \
-                or str(source.value.dtype) != "float32" or len(source.value.shape) != 2:
-            return None
-        axes = expr.attrs.axes
-        if axes is not None and [int(a) for a in axes] != [1, 0]:
-            return None
-        return source
+        weight = found[0]
+        return weight if str(weight.value.dtype) == "float32" else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="SlimcPanelGemv")

@@ -44,6 +44,7 @@ from .common import (
     inline_spatial,
     intermediate_buffers,
     mutate_relax_functions,
+    permuted_constant,
     pick_tile,
     vector_lanes,
 )
@@ -223,23 +224,11 @@ class _WinogradConvs(PyExprMutator):
 
     def _constant(self, expr) -> np.ndarray | None:
         """The filter as HWIO numpy, through the ``permute_dims`` ConvertLayout put on it."""
-        axes = None
-        expr = self._bound(expr)
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) \
-                == "relax.permute_dims" and expr.attrs.axes is not None:
-            axes = [int(a) for a in expr.attrs.axes]
-            expr = self._bound(expr.args[0])
-        if not isinstance(expr, tvm.ir.expr.Constant):
+        found = permuted_constant(self, expr)
+        if found is None:
             return None
-        value = expr.value.numpy()
-        return np.transpose(value, axes) if axes is not None else value
-
-    def _bound(self, expr):
-        """What a dataflow variable is bound to (the expression itself otherwise)."""
-        if isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            return bound if bound is not None else expr
-        return expr
+        value = found[0].value.numpy()
+        return np.transpose(value, found[1]) if found[1] is not None else value
 
 
 @tvm.transform.module_pass(opt_level=0, name="SlimcWinogradConvs")
