@@ -14,7 +14,8 @@ _TARGETS_FILE = Path(__file__).with_name("targets.toml")
 def load_target_file(path: Path = _TARGETS_FILE) -> list[TargetSpec]:
     data = tomllib.loads(path.read_text())
     return [TargetSpec(name=name, description=entry["description"], tvm=entry["tvm"],
-                       aliases=tuple(entry.get("aliases", ())), triple=entry.get("triple"))
+                       aliases=tuple(entry.get("aliases", ())), triple=entry.get("triple"),
+                       extra={"level": entry["level"]} if "level" in entry else {})
             for name, entry in data.items()]
 
 

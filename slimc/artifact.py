@@ -105,7 +105,9 @@ class CompiledModel:
         self._native = None
         if not self.cross_triple:
             from slimc.backends.tvm.runtime import NativeRunner
+            from slimc.isa import check_cpu
 
+            check_cpu(self.manifest.get("isa"), str(self.directory))
             self._native = NativeRunner(self.library, threads)
 
     def _arrange(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[np.ndarray]:

@@ -20,8 +20,17 @@ MIN_PARALLEL_WORK = 4096
 
 def vector_bits(target: Target) -> int:
     """SIMD register width in bits: 512 with AVX-512, 256 with AVX2, 128 for NEON/SSE."""
-    from tvm.target.codegen import llvm_get_vector_width
+    from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
+    mtriple = str(target.attrs.get("mtriple", ""))
+    if mtriple.startswith(("x86_64", "i686")):
+        # TVM reports 512 for any explicit x86 -mcpu (x86-64-v3 included); ask for features.
+        try:
+            if target_has_features(["avx512f"], target):
+                return 512
+            return 256 if target_has_features(["avx"], target) else 128
+        except Exception:  # noqa: BLE001 - fall through to LLVM's own answer
+            pass
     try:
         bits = int(llvm_get_vector_width(target))
     except Exception:  # noqa: BLE001 - an unknown CPU still gets a safe 128-bit guess

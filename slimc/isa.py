@@ -1,0 +1,128 @@
+"""Instruction-set levels: what CPU an artifact needs, and whether this CPU has it.
+
+A library built with AVX-512 instructions dies with SIGILL on an AVX2 server, at the first
+kernel that uses one, with no message. slimc therefore records in the manifest the ISA level and
+the CPU feature flags (spelled as Linux's ``/proc/cpuinfo`` spells them) that the target allowed
+LLVM to use, and :func:`check_cpu` refuses to load an artifact on a CPU that lacks one of them.
+
+The x86 levels are the x86-64 psABI microarchitecture levels; their feature lists come from
+``archspec`` (the library Spack uses), not from a hand-kept table. The aarch64 levels are few
+enough to spell out here.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+from slimc.errors import UsageError
+
+#: aarch64 levels -> the /proc/cpuinfo "Features" flags they imply that codegen may use.
+ARM_LEVELS: dict[str, tuple[str, ...]] = {
+    "armv8-a": ("asimd",),
+    "armv8.2-a": ("asimd", "asimddp"),
+    "armv8.6-a": ("asimd", "asimddp", "i8mm"),
+}
+
+#: LLVM ``-mattr`` names -> /proc/cpuinfo flags, for extensions a target adds to its level.
+MATTR_FLAGS: dict[str, str] = {
+    "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni", "avx512bf16": "avx512_bf16",
+    "avx512vbmi": "avx512vbmi", "avx2": "avx2", "fma": "fma", "avx512f": "avx512f",
+    "neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm", "bf16": "bf16", "sve": "sve",
+    "fullfp16": "asimdhp",
+}
+
+#: x86 flag prefixes that name instruction-set extensions (the rest of /proc/cpuinfo's flags
+#: are bugs, power management, virtualisation ...): a ``host`` artifact needs all it has.
+_X86_ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "amx", "gfni", "vaes",
+                     "vpclmulqdq", "movbe", "popcnt", "abm", "sha_ni", "adx", "aes", "pclmulqdq")
+_ARM_ISA_FLAGS = ("asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2", "fphp",
+                  "asimdrdm", "asimdfhm")
+
+
+def level_features(level: str) -> list[str]:
+    """Feature flags a named level implies (``x86-64-v3`` -> avx2, fma, ...)."""
+    if level in ARM_LEVELS:
+        return list(ARM_LEVELS[level])
+    if level.startswith("x86-64-v"):
+        import archspec.cpu
+
+        return sorted(archspec.cpu.TARGETS[level.replace("-", "_")].features)
+    raise KeyError(level)
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """This CPU's feature flags, or None where the OS does not say (then nothing is checked)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags = set(value.split())
+            if "pni" in flags:  # Linux's name for SSE3; archspec's levels say "sse3"
+                flags.add("sse3")
+            return flags
+    return None
+
+
+def host_isa_flags() -> list[str]:
+    """The instruction-set extensions of this CPU (what ``-mcpu=native`` may use)."""
+    flags = cpu_flags() or set()
+    if host_arch() == "x86_64":
+        return sorted(f for f in flags if f.startswith(_X86_ISA_PREFIXES))
+    return sorted(f for f in flags if f in _ARM_ISA_FLAGS)
+
+
+def required_isa(spec: Any) -> dict[str, Any]:
+    """The manifest's ``isa`` entry for a :class:`~slimc.targets.TargetSpec`."""
+    tvm = spec.tvm if isinstance(spec.tvm, dict) else {}
+    triple = spec.triple or str(tvm.get("mtriple", "") or "")
+    arch = triple.split("-")[0] if triple else host_arch()
+    level = spec.extra.get("level")
+    mcpu = str(tvm.get("mcpu", "") or "")
+    if level == "host" or mcpu == "@host":
+        import tvm as _tvm
+
+        return {"arch": host_arch(), "level": "host", "features": host_isa_flags(),
+                "cpu": _tvm.target.codegen.llvm_get_system_cpu(),
+                "note": "built for the build machine's own CPU (-mcpu=native); it may not run "
+                        "on other CPUs"}
+    features = set(level_features(level)) if level else set()
+    mattr = tvm.get("mattr") or []
+    for attr in [mattr] if isinstance(mattr, str) else mattr:
+        name = str(attr).lstrip("+")
+        if str(attr).startswith("+") and name in MATTR_FLAGS:
+            features.add(MATTR_FLAGS[name])
+    return {"arch": arch, "level": level, "features": sorted(features), "cpu": mcpu or None}
+
+
+def check_cpu(isa: dict[str, Any] | None, what: str) -> None:
+    """Refuse (exit 2) to run ``what`` on a CPU lacking an instruction set it was built for."""
+    if not isa:
+        return  # artifacts from before slimc recorded ISA levels
+    arch = host_arch()
+    if isa.get("arch") and isa["arch"] != arch:
+        raise UsageError(f"{what} was built for {isa['arch']} and this machine is {arch}.",
+                         hint="Run it on such a device, or recompile with a --target for "
+                         "this machine (e.g. --target host).")
+    flags = cpu_flags()
+    if flags is None:
+        return
+    missing = [f for f in isa.get("features", []) if f not in flags]
+    if missing:
+        level = isa.get("level") or "its target"
+        built = (f"this build machine's CPU ({isa.get('cpu')})" if level == "host"
+                 else f"{level}")
+        raise UsageError(
+            f"{what} was built for {built} and needs CPU features this CPU lacks: "
+            f"{', '.join(missing)}. Running it would crash with an illegal instruction.",
+            hint="Recompile with a portable target this CPU supports, e.g. --target x86-64-v3 "
+            "(AVX2) or --target x86-64-v2 on x86, --target arm on aarch64.")
