@@ -15,8 +15,19 @@ def load_target_file(path: Path = _TARGETS_FILE) -> list[TargetSpec]:
     data = tomllib.loads(path.read_text())
     return [TargetSpec(name=name, description=entry["description"], tvm=entry["tvm"],
                        aliases=tuple(entry.get("aliases", ())), triple=entry.get("triple"),
-                       extra={"level": entry["level"]} if "level" in entry else {})
+                       backend=entry.get("backend", "tvm-cpu"),
+                       extra={k: v for k, v in entry.items() if k not in _SPEC_KEYS})
             for name, entry in data.items()]
+
+
+_SPEC_KEYS = {"description", "tvm", "aliases", "triple", "backend"}
+
+
+@hookimpl
+def slimc_register_backends():
+    from slimc.backends.tvm.cpu import TvmCpuBackend
+
+    return [TvmCpuBackend()]
 
 
 @hookimpl

@@ -102,13 +102,17 @@ class CompiledModel:
                 f"{self.directory} was built for {self.cross_triple} and cannot run on this "
                 "machine.", hint="Copy it to such a device, or load it with emulate=True "
                 "(slimc run --emulate) to run it under qemu.")
-        self._native = None
-        if not self.cross_triple:
-            from slimc.backends.tvm.runtime import NativeRunner
-            from slimc.isa import check_cpu
+        from slimc.backend import DeviceUnavailable, get_backend
 
-            check_cpu(self.manifest.get("isa"), str(self.directory))
-            self._native = NativeRunner(self.library, threads)
+        target = self.manifest["target"]
+        backend = get_backend(target.get("backend") or "tvm-cpu")
+        try:
+            self._runner = backend.load(self.library, self.manifest, threads, emulate=emulate)
+        except DeviceUnavailable as exc:
+            raise UsageError(f"{self.directory} was built for {target['name']} and cannot run "
+                             f"on this machine: {exc}.", hint="Run it on a machine with that "
+                             "device (the artifact is complete; nothing compiles at load "
+                             "time).") from None
 
     def _arrange(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[np.ndarray]:
         names = [i["name"] for i in self.inputs]
@@ -139,11 +143,7 @@ class CompiledModel:
         return arrays
 
     def run_arrays(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if self._native is not None:
-            return self._native(arrays)
-        from slimc.backends.tvm.emulation import run_emulated
-
-        return run_emulated(self.library, list(arrays), threads=self.threads)
+        return self._runner(arrays)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         outputs = self.run_arrays(self._arrange(args, kwargs))

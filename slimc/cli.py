@@ -349,17 +349,32 @@ def targets_command(as_json: Annotated[bool, typer.Option("--json")] = False) ->
 
     registry = get_registry()
     specs = {id(s): s for s in registry.targets.values()}.values()
-    rows = [{**s.to_json(), "plugin": registry.provided_by("target", s.name.lower())}
-            for s in specs]
+    rows = [{**s.to_json(), "plugin": registry.provided_by("target", s.name.lower()),
+             **_describe_target(s, registry)} for s in specs]
     if as_json:
         print(json.dumps({"targets": rows}))
         return
     for r in rows:
         aliases = f" (aliases: {', '.join(r['aliases'])})" if r["aliases"] else ""
-        out_console.print(f"[bold]{r['name']}[/bold]{aliases}: {r['description']}")
+        state = "" if r.get("available", True) else " [red]not available[/red]"
+        out_console.print(f"[bold]{r['name']}[/bold]{aliases}{state}: {r['description']}")
+        if not r.get("available", True):
+            out_console.print(f"    why: {r['reason']}")
+        for key, label in (("compiles_to", "compiles to"), ("build_needs", "build needs"),
+                           ("run_needs", "run needs"), ("verified_by", "verified by")):
+            if r.get(key):
+                out_console.print(f"    {label}: {r[key]}")
     out_console.print("Also accepted: any TVM target tag (e.g. raspberry-pi/4b-aarch64) or a "
                       "TVM target JSON dict.")
     _print_broken([{"plugin": b.name, "reason": b.reason} for b in registry.broken])
+
+
+def _describe_target(spec, registry) -> dict:
+    """The backend's compiles-to / needs / verification summary of ``spec``."""
+    backend = registry.backends.get(spec.backend.lower())
+    if backend is None:
+        return {"available": False, "reason": f"no installed backend {spec.backend!r}"}
+    return backend.describe(spec).to_json()
 
 
 def main(argv: list[str] | None = None) -> int:

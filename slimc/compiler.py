@@ -109,18 +109,10 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     spec = resolve_target(options.target, registry)
     pipeline = _resolve_pipeline(options, registry)
     overrides = parse_overrides(list(options.inputs))
-    from slimc.backends.tvm.tuning import TuningOptions, open_tuner
-
-    tuning_options = TuningOptions(trials=options.tune, minutes=options.tune_minutes,
-                                   database=options.tune_db)
-    tuning_options.validate()
-    if options.tune and spec.is_cross:
-        raise UsageError(f"--tune measures kernels on this machine, which cannot run "
-                         f"{spec.triple} code.", hint="Tune on the device itself (or an "
-                         "identical one) and bring its database here with --tune-db PATH.")
-    from slimc.backends.tvm.runtime import set_threads
-
-    threads = set_threads(options.threads)
+    backend = spec.get_backend(registry)
+    backend.check(spec)
+    tuning_plan = backend.plan_tuning(spec, options.tune, options.tune_minutes, options.tune_db)
+    threads = backend.set_threads(options.threads)
 
     silence_libraries()
     native_log: list[str] = []
@@ -155,20 +147,17 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     ir_outputs = [o.numpy() for o in ir.run(example_inputs)]
 
     stage("lower")
-    from slimc.backends.tvm.build import build_library
-    from slimc.backends.tvm.lower import lower_to_relax
-
     t0 = time.perf_counter()
     with native_stderr_to(native_log):
-        mod = lower_to_relax(ir, registry.converters, spec.tvm_target())
+        mod = backend.lower(ir, spec, registry.converters)
     timings["lower_s"] = time.perf_counter() - t0
 
     with artifact.staged_directory(output) as stage_dir:
-        tuner = open_tuner(tuning_options, spec.tvm_target(), progress)
+        tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         t0 = time.perf_counter()
         with native_stderr_to(native_log):
-            library = build_library(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner)
+            library = backend.build(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner)
         timings["build_s"] = time.perf_counter() - t0
 
         stage("verify")
@@ -215,21 +204,22 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                      ir_outputs: list[np.ndarray], options: CompileOptions, threads: int,
                      warnings: list[str], noise_floor: Callable[[], float | None] | None = None,
                      ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
-    from slimc.backends.tvm.emulation import EmulatorUnavailable
-    from slimc.backends.tvm.runtime import run_library
+    from slimc.backend import DeviceUnavailable
 
+    backend = spec.get_backend()
     cross = spec.triple if spec.is_cross else None
+    what = cross or spec.name
     if cross and options.emulate == "skip":
         warnings.append(f"the {cross} artifact was not run (--emulate skip).")
         return {"ran_on": None, "passed": None, "reason": "skipped by request"}, None
     try:
-        outputs = run_library(library, inputs, cross_triple=cross, threads=threads)
-    except EmulatorUnavailable as exc:
+        outputs = backend.run(library, spec, inputs, threads)
+    except DeviceUnavailable as exc:
         if options.emulate == "require":
-            raise UsageError(f"Cannot run the {cross} artifact to verify it: {exc}.",
+            raise UsageError(f"Cannot run the {what} artifact to verify it: {exc}.",
                              hint="Or pass --emulate skip to accept an unverified artifact.") \
                 from None
-        warnings.append(f"the {cross} artifact was built but not run: {exc}.")
+        warnings.append(f"the {what} artifact was built but not run: {exc}.")
         return {"ran_on": None, "passed": None, "reason": str(exc)}, None
     from slimc.evaluators import max_abs_error, relative_l2
 
@@ -239,7 +229,7 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
             f"The built library returns {[o.shape for o in outputs]} where the IR returns "
             f"{[r.shape for r in ir_outputs]}.", hint="This is a slimc/TVM bug; please report it.")
     err = relative_l2(ir_outputs, outputs)
-    where = f"qemu-{cross.split('-')[0]}" if cross else f"host ({platform.machine()})"
+    where = backend.where(spec)
     tolerance, floor = options.verify_tolerance, None
     if noise_floor is not None:
         # Static int8 activations: float noise alone flips codes (see rounding_noise_floor).
@@ -274,7 +264,8 @@ def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fideli
         "slimc_version": slimc.__version__,
         "model": {"name": ir.name, "source": model, **ir.annotations.get("source", {})},
         "target": {"name": spec.name, "tvm": str(target), "cross_triple": spec.triple
-                   if spec.is_cross else None, "host": platform.machine()},
+                   if spec.is_cross else None, "host": platform.machine(),
+                   "backend": spec.backend},
         "isa": required_isa(spec),
         "inputs": [s.to_json() for s in ir.input_specs()],
         "outputs": [s.to_json() for s in ir.output_specs()],

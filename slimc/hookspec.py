@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from slimc.backend import Backend
     from slimc.evaluators import Evaluator
     from slimc.loaders.base import Loader
     from slimc.passmanager import Pass
@@ -48,6 +49,20 @@ def slimc_register_targets() -> list[TargetSpec]:
 
     A target says how to build for a device (TVM target, how to link, how to run the result).
     Names and aliases are matched case-insensitively by ``--target``.
+    """
+
+
+@hookspec
+def slimc_register_backends() -> list[Backend]:
+    """Return code generators (:class:`slimc.backend.Backend`) this plugin provides.
+
+    A backend owns everything target-specific for the targets naming it in
+    :attr:`TargetSpec.backend <slimc.targets.TargetSpec.backend>`: whether this machine can
+    build them, the target facts passes ask (``target-info``), lowering and building the IR into
+    one library file, and loading and running that library (or saying that this machine has no
+    such device, so the artifact is written unverified). Its ``kinds`` are the TVM target kinds
+    whose ad-hoc ``--target`` values (tags, JSON dicts) it accepts. Names and aliases are unique
+    across plugins.
     """
 
 

@@ -45,6 +45,7 @@ class Registry:
 
     passes: dict[str, Any] = field(default_factory=dict)
     targets: dict[str, Any] = field(default_factory=dict)
+    backends: dict[str, Any] = field(default_factory=dict)
     loaders: list[Any] = field(default_factory=list)
     evaluators: dict[str, Any] = field(default_factory=dict)
     converters: dict[Any, Any] = field(default_factory=dict)
@@ -131,6 +132,10 @@ def build_registry(extra_plugins: Iterable[object] = ()) -> Registry:
     _collect(pm, registry, "slimc_register_targets",
              _add_named(registry, "target", registry.targets,
                         lambda spec: [spec.name, *spec.aliases]))
+
+    _collect(pm, registry, "slimc_register_backends",
+             _add_named(registry, "backend", registry.backends,
+                        lambda backend: [backend.name, *backend.aliases]))
 
     def add_loader(plugin_name: str, loader: Any) -> None:
         registry.loaders.append(loader)

@@ -25,7 +25,9 @@ class TargetSpec:
     aliases: tuple[str, ...] = ()
     #: LLVM triple of a cross target; None means the host.
     triple: str | None = None
-    backend: str = "tvm"
+    #: Name of the registered :class:`slimc.backend.Backend` that builds and runs it.
+    backend: str = "tvm-cpu"
+    #: Backend-specific settings from the target's table (e.g. a GPU's ``arch``).
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -44,6 +46,12 @@ class TargetSpec:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "aliases": list(self.aliases), "description": self.description,
                 "triple": self.triple or "host", "tvm": self.tvm, "backend": self.backend}
+
+    def get_backend(self, registry: Registry | None = None):
+        """The :class:`slimc.backend.Backend` this target names."""
+        from slimc.backend import get_backend
+
+        return get_backend(self.backend, registry)
 
 
 def _is_host_triple(triple: str) -> bool:
@@ -69,14 +77,20 @@ def resolve_target(name: str, registry: Registry | None = None) -> TargetSpec:
             "raspberry-pi/4b-aarch64, or a TVM target JSON dict like "
             '\'{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}\'.',
         ) from None
-    if target.kind.name != "llvm":
-        raise UsageError(f"Target {name!r} is a TVM {target.kind.name} target; this slimc build "
-                         "compiles and verifies CPU (llvm) targets only.",
-                         hint="Use --target llvm or --target arm.")
-    triple = str(target.attrs.get("mtriple", "")) or None
+    from slimc.backend import backend_for_kind
+
+    kind = target.kind.name
+    backend = backend_for_kind(kind, registry)
+    if backend is None:
+        kinds = sorted({k for b in registry.backends.values() for k in b.kinds})
+        raise UsageError(f"Target {name!r} is a TVM {kind} target; no installed slimc backend "
+                         f"builds {kind} code.",
+                         hint=f"Installed backends build {', '.join(kinds)} targets (see `slimc "
+                         "targets`); a plugin adds one through slimc_register_backends.")
+    triple = str(target.attrs.get("mtriple", "")) or None if kind == "llvm" else None
     exported = {k: v for k, v in target.export().items() if k not in ("host", "tag", "keys")}
     return TargetSpec(name=name, description=f"TVM target {name}", tvm=_jsonable(exported),
-                      triple=triple)
+                      triple=triple, backend=backend.name)
 
 
 def _jsonable(value: Any) -> Any:

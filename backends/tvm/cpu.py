@@ -1,0 +1,130 @@
+"""The ``tvm-cpu`` backend: LLVM targets through TVM Relax, slimc's CPU schedules, and either a
+native run or qemu for cross targets.
+
+It wraps the CPU pipeline that predates the backend seam (``lower.py``, ``build.py``,
+``runtime.py``, ``emulation.py``, ``tuning.py``) without changing it.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimc.backend import DeviceUnavailable, TargetDescription, TargetInfo
+from slimc.errors import UsageError
+from slimc.targets import TargetSpec
+
+#: Weight formats with CPU kernels (``slimc::*`` lowerings in ``quantized_ops.py``).
+CPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "w8a8")
+
+
+class TvmCpuBackend:
+    name = "tvm-cpu"
+    aliases = ("tvm", "llvm")
+    kinds = ("llvm",)
+
+    # -- what the target is ------------------------------------------------------------------
+    def describe(self, spec: TargetSpec) -> TargetDescription:
+        if spec.is_cross:
+            return TargetDescription(
+                compiles_to=f"shared library (.so) of {spec.triple} machine code",
+                build_needs="pip only: TVM's LLVM + `python -m ziglang` as the cross linker",
+                run_needs=f"an {spec.triple.split('-')[0]} Linux device with the TVM runtime",
+                verified_by=f"run once under qemu-{spec.triple.split('-')[0]} with the sysroot "
+                "in ~/.cache/slimc (unverified when qemu is missing)")
+        return TargetDescription(
+            compiles_to="shared library (.so) of host machine code (LLVM)",
+            build_needs="pip only (TVM's LLVM; g++ or zig to link)",
+            run_needs="this machine's CPU and the TVM runtime",
+            verified_by="run once in-process and compared with the IR")
+
+    def check(self, spec: TargetSpec) -> None:
+        return None  # everything ships in the wheels
+
+    def target_info(self, spec: TargetSpec) -> TargetInfo:
+        from slimc.backends.tvm.int8_kernels import kernel_kind
+        from slimc.backends.tvm.schedules.common import vector_bits
+        from slimc.passes.analysis.hardware import hardware_for_target
+
+        target = spec.tvm_target()
+        from tvm.target import codegen
+
+        triple = spec.triple or str(target.attrs.get("mtriple", "")) or \
+            codegen.llvm_get_system_triple()
+        dot = kernel_kind(target)
+        hw = hardware_for_target(spec)
+        return TargetInfo(
+            target=spec.name, device="cpu", arch=triple, vector_bits=vector_bits(target),
+            dot_product=None if dot == "generic" else dot, formats=CPU_FORMATS,
+            mem_bandwidth_gbs=hw.mem_bandwidth_gbs, peak_gflops=dict(hw.peak_gflops),
+            hardware=hw.name, sources=hw.sources)
+
+    # -- building ----------------------------------------------------------------------------
+    def set_threads(self, threads: int | None) -> int:
+        from slimc.backends.tvm.runtime import set_threads
+
+        return set_threads(threads)
+
+    def plan_tuning(self, spec: TargetSpec, trials: int, minutes: float | None,
+                    database: str | Path | None) -> Any:
+        from slimc.backends.tvm.tuning import TuningOptions
+
+        plan = TuningOptions(trials=trials, minutes=minutes, database=database)
+        plan.validate()
+        if trials and spec.is_cross:
+            raise UsageError(f"--tune measures kernels on this machine, which cannot run "
+                             f"{spec.triple} code.", hint="Tune on the device itself (or an "
+                             "identical one) and bring its database here with --tune-db PATH.")
+        return plan
+
+    def open_tuner(self, plan: Any, spec: TargetSpec, progress: Callable[[str], None]) -> Any:
+        from slimc.backends.tvm.tuning import open_tuner
+
+        return open_tuner(plan, spec.tvm_target(), progress)
+
+    def lower(self, ir, spec: TargetSpec, converters: dict[Any, Any]) -> Any:
+        from slimc.backends.tvm.lower import lower_to_relax
+
+        return lower_to_relax(ir, converters, spec.tvm_target())
+
+    def build(self, module: Any, spec: TargetSpec, path: Path, *, tuning: Any = None) -> Path:
+        from slimc.backends.tvm.build import build_library
+
+        return build_library(module, spec, path, tuning=tuning)
+
+    # -- running -----------------------------------------------------------------------------
+    def load(self, library: Path, manifest: dict[str, Any], threads: int | None,
+             emulate: bool = False):
+        cross = manifest["target"].get("cross_triple")
+        if cross:
+            if not emulate:
+                raise DeviceUnavailable(f"built for {cross}")
+            from slimc.backends.tvm.emulation import run_emulated
+
+            return lambda arrays: run_emulated(library, list(arrays), threads=threads)
+        from slimc.backends.tvm.runtime import NativeRunner
+
+        from slimc.isa import check_cpu
+
+        check_cpu(manifest.get("isa"), str(library.parent))
+        return NativeRunner(library, threads)
+
+    def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
+            threads: int | None) -> list[np.ndarray]:
+        from slimc.backends.tvm.emulation import EmulatorUnavailable
+        from slimc.backends.tvm.runtime import run_library
+
+        try:
+            return run_library(library, inputs, cross_triple=spec.triple if spec.is_cross
+                               else None, threads=threads)
+        except EmulatorUnavailable as exc:
+            raise DeviceUnavailable(str(exc)) from exc
+
+    def where(self, spec: TargetSpec) -> str:
+        if spec.is_cross:
+            return f"qemu-{spec.triple.split('-')[0]}"
+        return f"host ({platform.machine()})"
