@@ -26,8 +26,15 @@ _SPEC_KEYS = {"description", "tvm", "aliases", "triple", "backend"}
 @hookimpl
 def slimc_register_backends():
     from slimc.backends.tvm.cpu import TvmCpuBackend
+    from slimc.backends.tvm.gpu import (
+        TvmCudaBackend,
+        TvmMetalBackend,
+        TvmOpenCLBackend,
+        TvmVulkanBackend,
+    )
 
-    return [TvmCpuBackend()]
+    return [TvmCpuBackend(), TvmCudaBackend(), TvmOpenCLBackend(), TvmMetalBackend(),
+            TvmVulkanBackend()]
 
 
 @hookimpl

@@ -359,11 +359,11 @@ def targets_command(as_json: Annotated[bool, typer.Option("--json")] = False) ->
         state = "" if r.get("available", True) else " [red]not available[/red]"
         out_console.print(f"[bold]{r['name']}[/bold]{aliases}{state}: {r['description']}")
         if not r.get("available", True):
-            out_console.print(f"    why: {r['reason']}")
+            out_console.print(f"    why: {r['reason']}", markup=False, highlight=False)
         for key, label in (("compiles_to", "compiles to"), ("build_needs", "build needs"),
                            ("run_needs", "run needs"), ("verified_by", "verified by")):
             if r.get(key):
-                out_console.print(f"    {label}: {r[key]}")
+                out_console.print(f"    {label}: {r[key]}", markup=False, highlight=False)
     out_console.print("Also accepted: any TVM target tag (e.g. raspberry-pi/4b-aarch64) or a "
                       "TVM target JSON dict.")
     _print_broken([{"plugin": b.name, "reason": b.reason} for b in registry.broken])

@@ -30,20 +30,24 @@ def set_threads(threads: int | None) -> int:
 
 
 class NativeRunner:
-    """A host-native library loaded into a Relax VM; call it with numpy arrays."""
+    """A library loaded into a Relax VM on ``device`` (default: this CPU); call it with numpy
+    arrays (copied to the device and back)."""
 
-    def __init__(self, library: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(self, library: str | os.PathLike[str], threads: int | None = None,
+                 device=None) -> None:
         self.threads = set_threads(threads)
         import tvm
         from tvm import relax
 
         self._tvm = tvm
+        self._device = device if device is not None else tvm.cpu()
         self._module = tvm.runtime.load_module(str(Path(library)))
-        self._vm = relax.VirtualMachine(self._module, tvm.cpu())
+        self._vm = relax.VirtualMachine(self._module, self._device)
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device)
+                for x in inputs]
         result = self._vm["main"](*args)
         return _flatten(result)
 

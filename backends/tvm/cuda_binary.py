@@ -1,0 +1,152 @@
+"""Compile the CUDA kernels of a built module ahead of time, so no source is compiled at load.
+
+TVM 0.27's CUDA codegen on a machine without the CUDA runtime keeps each device module as CUDA
+C++ (format ``cuda``); the runtime would compile it when the library is loaded, through a
+Python callback (NVRTC or nvcc), which a C++-only deployment does not have. slimc compiles that
+source here with nvcc (the ``nvidia-cuda-nvcc`` wheel: ``pip install slimc[cuda]``) into a
+cubin for the target's ``sm_XX`` and stores the cubin in the library instead.
+
+The swap happens where ``export_library`` packs imported modules (``fpack_imports``): the
+serialized module tree (``runtime.ModulePackImportsToTensor``) is rewritten so each ``cuda``
+module's format and code become ``cubin`` and the binary. The layout is TVM's (one ``u64``
+length before every string/bytes field): ``[u64 size][import tree: u64 n, u64[n], u64 m,
+u64[m]]`` then per module ``[kind]`` and, unless the kind is ``_lib``, ``[payload]``; a CUDA
+payload is ``[fmt][function table][code]``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from slimc.errors import LoweringError, UsageError
+
+
+def nvcc_bin_dir() -> Path | None:
+    """Folder of an ``nvcc`` that can compile (pip wheel first, then ``PATH``/``CUDA_PATH``)."""
+    try:
+        import nvidia
+
+        for root in map(Path, nvidia.__path__):
+            for candidate in sorted(root.glob("cu*/bin/nvcc"), reverse=True):
+                return candidate.parent
+    except ImportError:
+        pass
+    if os.environ.get("CUDA_PATH") and (Path(os.environ["CUDA_PATH"]) / "bin/nvcc").exists():
+        return Path(os.environ["CUDA_PATH"]) / "bin"
+    found = shutil.which("nvcc")
+    return Path(found).parent if found else None
+
+
+def require_nvcc() -> Path:
+    found = nvcc_bin_dir()
+    if found is None:
+        raise UsageError("Building for CUDA needs nvcc, which was not found.",
+                         hint="pip install 'slimc[cuda]' (the nvidia-cuda-nvcc wheel, CUDA 13) "
+                         "or put a CUDA toolkit's bin/ on PATH. No GPU is needed to build.")
+    return found
+
+
+def compile_cubin(source: str, arch: str) -> bytes:
+    """``source`` (CUDA C++) -> cubin for ``arch`` (``sm_90a``...) with nvcc."""
+    from tvm.support import nvcc
+
+    bin_dir = require_nvcc()
+    old_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{old_path}"
+    try:
+        return bytes(nvcc.compile_cuda(source, target_format="cubin", arch=arch,
+                                       compiler="nvcc"))
+    except RuntimeError as exc:
+        tail = "\n".join(str(exc).splitlines()[-6:])
+        raise LoweringError(f"nvcc could not compile the CUDA kernels for {arch}: {tail}",
+                            hint="Please report it with the model (--save-ir keeps the IR).") \
+            from exc
+    finally:
+        os.environ["PATH"] = old_path
+
+
+def _read_u64(blob: bytes, pos: int) -> tuple[int, int]:
+    return struct.unpack_from("<Q", blob, pos)[0], pos + 8
+
+
+def _read_bytes(blob: bytes, pos: int) -> tuple[bytes, int]:
+    size, pos = _read_u64(blob, pos)
+    return blob[pos:pos + size], pos + size
+
+
+def _pack(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + data
+
+
+def replace_cuda_code(blob: bytes, compile_source: Callable[[str], bytes]) -> tuple[bytes, int]:
+    """Rewrite every ``cuda`` module of a packed module tree to hold a cubin; returns the new
+    blob and how many modules were compiled."""
+    pos = 8  # total size, rewritten at the end
+    header_start = pos
+    for _ in range(2):  # import tree: row pointers, child indices
+        count, pos = _read_u64(blob, pos)
+        pos += 8 * count
+    out = [blob[header_start:pos]]
+    compiled = 0
+    while pos < len(blob):
+        kind, pos = _read_bytes(blob, pos)
+        out.append(_pack(kind))
+        if kind == b"_lib":
+            continue
+        payload, pos = _read_bytes(blob, pos)
+        if kind == b"cuda":
+            payload = _cuda_payload_to_cubin(payload, compile_source)
+            compiled += 1
+        out.append(_pack(payload))
+    body = b"".join(out)
+    return struct.pack("<Q", len(body)) + body, compiled
+
+
+def _cuda_payload_to_cubin(payload: bytes, compile_source: Callable[[str], bytes]) -> bytes:
+    fmt, pos = _read_bytes(payload, 0)
+    if fmt != b"cuda":
+        return payload  # already binary (cubin/fatbin/ptx)
+    # The code is the payload's last field: find the length prefix that reaches the end.
+    for start in range(pos, len(payload) - 8):
+        size = struct.unpack_from("<Q", payload, start)[0]
+        if size == len(payload) - start - 8:
+            table, code = payload[pos:start], payload[start + 8:]
+            break
+    else:
+        raise LoweringError("Unexpected CUDA module layout in this TVM version; cannot embed "
+                            "a cubin.", hint="Please report it with `slimc --version`.")
+    binary = compile_source(code.decode())
+    return _pack(b"cubin") + table + _pack(binary)
+
+
+def cubin_packer(target) -> Callable:
+    """An ``fpack_imports`` for ``export_library`` that stores cubins for ``target``'s arch."""
+    arch = str(target.attrs["arch"])
+
+    def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
+        import tvm_ffi
+
+        to_tensor = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
+        blob = bytes(to_tensor(module).numpy().tobytes())
+        with target:  # nvcc's driver reads the compute version from the current target
+            blob, _ = replace_cuda_code(blob, lambda source: compile_cubin(source, arch))
+        path = os.path.join(workspace_dir, f"{prefix}devc.c")
+        Path(path).write_text(_c_array(blob, prefix))
+        return path
+
+    return pack
+
+
+def _c_array(blob: bytes, prefix: str) -> str:
+    """The C file ``runtime.ModulePackImportsToC`` would write for ``blob``."""
+    symbol = f"{prefix}__tvm_ffi__library_bin"
+    rows = ",\n".join(",".join(f"0x{b:02x}" for b in blob[i:i + 32])
+                      for i in range(0, len(blob), 32))
+    return ("#ifdef __cplusplus\nextern \"C\" {\n#endif\n"
+            f"__attribute__((visibility(\"default\"))) extern const unsigned char {symbol}[];\n"
+            f"const unsigned char {symbol}[{len(blob)}] = {{\n{rows}\n}};\n"
+            "#ifdef __cplusplus\n}\n#endif\n")

@@ -1,0 +1,395 @@
+"""GPU backends through TVM: CUDA (datacenter + Jetson), OpenCL (Mali, Adreno), Metal, Vulkan.
+
+Every kernel is scheduled for the GPU by dlight (TVM's default GPU rules: Matmul, GEMV,
+Reduction, GeneralReduction, Fallback) and then checked by :func:`check_gpu_kernels`: each
+PrimFunc's loops must sit under ``blockIdx``/``threadIdx`` bindings and its shared memory must
+fit the target's per-block limit (TVM's ``verify_gpu_code``), so a kernel dlight could not
+schedule is a build error here, not a hang or a crash on the device.
+
+What each target compiles to, and what it needs, is in ``describe`` (``slimc targets``).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimc.backend import DeviceUnavailable, TargetDescription, TargetInfo
+from slimc.errors import LoweringError, UsageError
+from slimc.targets import TargetSpec
+
+#: Weight formats with GPU lowerings (``slimc::*`` ops, see ``gpu_quantized.py``).
+GPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
+
+#: Vector width a GPU kernel wants channel counts to be a multiple of: one fp16 tensor-core
+#: operand row (mma m16n8k16: 16 halves = 256 bits), i.e. 8 fp32 / 16 fp16 channels.
+GPU_VECTOR_BITS = 256
+
+
+def gpu_pipeline(target, *, matmul: bool = True):
+    """The Relax pipeline for a GPU target: TVM's per-kind dispatch, lowering and finalizing
+    passes around slimc's legalize + dlight step and :func:`check_gpu_kernels`.
+
+    ``matmul=False`` leaves out ``dl.gpu.Matmul`` (Metal: its simdgroup tensorization crashes
+    TVM 0.27 on Linux); GEMV/Reduction/Fallback still schedule every kernel.
+    """
+    import tvm
+    from tvm.relax.backend import gpu_generic
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    family = cuda if target.kind.name == "cuda" else gpu_generic
+    if "adreno" in target.keys:
+        from tvm.relax.backend import adreno
+
+        legalize = adreno.legalize_passes(target)
+    else:
+        legalize = schedule_passes(target, matmul=matmul)
+
+    @tvm.transform.module_pass(opt_level=0, name="slimc.CheckGPUKernels")
+    def check(mod, _ctx):
+        check_gpu_kernels(mod, target)
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0, name="slimc.GPUPipeline")
+    def pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                family.library_dispatch_passes(target) + legalize + [check]
+                + family.dataflow_lower_passes(target) + family.finalize_passes(target))
+            return seq(mod)
+
+    return pipeline
+
+
+def schedule_passes(target, *, matmul: bool = True) -> list:
+    """Legalize, fuse and schedule every kernel with dlight's GPU rules."""
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    rules = [dl.gpu.Matmul()] if matmul else []
+    rules += [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*rules)]
+
+
+def schedule_for_gpu(mod, target, *, matmul: bool = True):
+    """``mod`` after :func:`schedule_passes` (what tests and ``--save-ir`` inspect)."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(schedule_passes(target, matmul=matmul))(mod)
+
+
+def unbound_loops(func) -> list[str]:
+    """Loops of ``func`` that run outside every GPU thread binding (each would execute once
+    per launch on one thread, or on the host: a kernel dlight did not schedule)."""
+    from tvm import tirx
+
+    found: list[str] = []
+
+    def visit(stmt, bound: bool) -> None:
+        if isinstance(stmt, tirx.For):
+            is_binding = stmt.kind == tirx.ForKind.THREAD_BINDING
+            if not bound and not is_binding:
+                found.append(str(stmt.loop_var))
+            visit(stmt.body, bound or is_binding)
+        elif isinstance(stmt, tirx.AttrStmt):
+            visit(stmt.body, bound or stmt.attr_key == "thread_extent")
+        elif isinstance(stmt, tirx.SeqStmt):
+            for s in stmt.seq:
+                visit(s, bound)
+        elif hasattr(stmt, "body") and isinstance(getattr(stmt, "body"), tirx.Stmt):
+            visit(stmt.body, bound)
+            if getattr(stmt, "init", None) is not None:
+                visit(stmt.init, bound)
+        elif isinstance(stmt, tirx.IfThenElse):
+            visit(stmt.then_case, bound)
+            if stmt.else_case is not None:
+                visit(stmt.else_case, bound)
+        elif hasattr(stmt, "block"):  # SBlockRealize
+            visit(stmt.block, bound)
+
+    visit(func.body, False)
+    return found
+
+
+def check_gpu_kernels(mod, target) -> dict[str, dict[str, int]]:
+    """Raise :class:`LoweringError` unless every PrimFunc of ``mod`` is fully bound to GPU
+    threads and within the target's shared-memory and threads-per-block limits; returns the
+    shared memory each kernel allocates."""
+    from tvm import tirx
+    from tvm.s_tir import analysis
+
+    limits = {"max_shared_memory_per_block": int(target.attrs["max_shared_memory_per_block"]),
+              "max_threads_per_block": int(target.attrs["max_num_threads"])}
+    report: dict[str, dict[str, int]] = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        name = gvar.name_hint
+        loops = unbound_loops(func)
+        if loops:
+            raise LoweringError(f"GPU kernel {name} has loops not bound to GPU threads "
+                                f"({', '.join(loops[:4])}); dlight could not schedule it.",
+                                hint="Please report it with the model (--save-ir).")
+        allocated = analysis.calculate_allocated_bytes(func)
+        shared = int(sum(v for scope, v in _scopes(allocated) if scope.startswith("shared")))
+        if shared > limits["max_shared_memory_per_block"] or not analysis.verify_gpu_code(
+                func, limits):
+            raise LoweringError(f"GPU kernel {name} needs {shared} bytes of shared memory or "
+                                "more threads than the target allows per block "
+                                f"({limits}).", hint="Please report it with the model.")
+        report[name] = {"shared_bytes": shared}
+    return report
+
+
+def _scopes(allocated) -> list[tuple[str, int]]:
+    items = []
+    for value in allocated.values():
+        if hasattr(value, "items"):
+            items.extend((str(k), int(v)) for k, v in value.items())
+    return items
+
+
+class _TvmGpuBackend:
+    """What the TVM GPU backends share; subclasses fill in the device specifics."""
+
+    name = "tvm-gpu"
+    aliases: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    #: dlight's Matmul rule (off where it crashes TVM).
+    matmul_rule = True
+    #: TVM device name for running (``tvm.cuda``...), None when slimc cannot run it here.
+    device_kind: str | None = None
+
+    def describe(self, spec: TargetSpec) -> TargetDescription:
+        raise NotImplementedError
+
+    def check(self, spec: TargetSpec) -> None:
+        return None
+
+    def target_info(self, spec: TargetSpec) -> TargetInfo:
+        target = spec.tvm_target()
+        hw = _hardware(spec)
+        return TargetInfo(
+            target=spec.name, device="gpu", arch=str(target.attrs.get("arch", target.kind.name)),
+            vector_bits=GPU_VECTOR_BITS, dot_product=self._dot_product(target),
+            formats=GPU_FORMATS, mem_bandwidth_gbs=hw.mem_bandwidth_gbs if hw else None,
+            peak_gflops=dict(hw.peak_gflops) if hw else {}, hardware=hw.name if hw else None,
+            sources=hw.sources if hw else ())
+
+    def _dot_product(self, target) -> str | None:
+        return None
+
+    def set_threads(self, threads: int | None) -> int:
+        from slimc.backends.tvm.runtime import set_threads
+
+        return set_threads(threads)
+
+    def plan_tuning(self, spec: TargetSpec, trials: int, minutes: float | None,
+                    database: str | Path | None) -> Any:
+        if trials:
+            raise UsageError(f"--tune is not available for {spec.name} yet (it measures "
+                             "kernels on this machine's CPU).",
+                             hint="Drop --tune; GPU kernels use dlight's default schedules.")
+        return None
+
+    def open_tuner(self, plan: Any, spec: TargetSpec, progress: Callable[[str], None]) -> Any:
+        return None
+
+    def lower(self, ir, spec: TargetSpec, converters: dict[Any, Any]) -> Any:
+        from slimc.backends.tvm.lower import lower_to_relax
+
+        return lower_to_relax(ir, converters, spec.tvm_target())
+
+    def build(self, module: Any, spec: TargetSpec, path: Path, *, tuning: Any = None) -> Path:
+        import tvm
+        from tvm import relax
+
+        self.check(spec)
+        target = spec.tvm_target()
+        try:
+            with tvm.transform.PassContext(opt_level=3):
+                executable = relax.build(module, target=target,
+                                         relax_pipeline=gpu_pipeline(
+                                             target, matmul=self.matmul_rule))
+        except LoweringError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            raise LoweringError(
+                f"TVM could not build the model for {spec.name}: {type(exc).__name__}: "
+                f"{lines[-1].strip() if lines else ''}",
+                hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
+            ) from exc
+        return self._export(executable, spec, target, path)
+
+    def _export(self, executable, spec: TargetSpec, target, path: Path) -> Path:
+        executable.export_library(str(path), **self._link_options(spec, target))
+        return path
+
+    def _link_options(self, spec: TargetSpec, target) -> dict[str, Any]:
+        """Host code links like a CPU target: natively, or with zig for a cross host."""
+        host_triple = str(target.host.attrs.get("mtriple", "")) if target.host else ""
+        if host_triple and host_triple.split("-")[0] != platform.machine():
+            from slimc.backends.tvm.cross_link import zig_cross_compiler
+
+            return {"fcompile": zig_cross_compiler(host_triple)}
+        return {}
+
+    def _device(self):
+        import tvm
+
+        if self.device_kind is None:
+            return None
+        try:
+            device = tvm.device(self.device_kind, 0)
+            return device if device.exist else None
+        except Exception:  # noqa: BLE001 - no runtime/driver for this device kind
+            return None
+
+    def load(self, library: Path, manifest: dict[str, Any], threads: int | None,
+             emulate: bool = False):
+        device = self._device()
+        if device is None:
+            raise DeviceUnavailable(self.no_device_reason())
+        from slimc.backends.tvm.runtime import NativeRunner
+
+        return NativeRunner(library, threads, device=device)
+
+    def no_device_reason(self) -> str:
+        return f"no {self.device_kind or self.kinds[0]} device on this machine"
+
+    def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
+            threads: int | None) -> list[np.ndarray]:
+        return self.load(library, {"target": spec.to_json()}, threads)(inputs)
+
+    def where(self, spec: TargetSpec) -> str:
+        device = self._device()
+        name = getattr(device, "device_name", None) if device is not None else None
+        return f"{self.device_kind}:0 ({name})" if name else f"{self.device_kind}:0"
+
+
+class TvmCudaBackend(_TvmGpuBackend):
+    name = "tvm-cuda"
+    kinds = ("cuda",)
+    device_kind = "cuda"
+
+    def describe(self, spec: TargetSpec) -> TargetDescription:
+        arch = _arch(spec)
+        return TargetDescription(
+            compiles_to=f"shared library (.so): host code for {_host(spec)} + a cubin "
+            f"(CUDA ELF for {arch}) per module; nothing is compiled at load time",
+            build_needs="pip install 'slimc[cuda]' (nvidia-cuda-nvcc wheel; no GPU needed)",
+            run_needs=f"an NVIDIA GPU of compute capability {arch} with its driver (libcuda) "
+            "and the TVM CUDA runtime",
+            verified_by="run once on cuda:0 and compared with the IR when a GPU is present; "
+            "otherwise written unverified (\"built, not verified: no CUDA device\")")
+
+    def check(self, spec: TargetSpec) -> None:
+        from slimc.backends.tvm.cuda_binary import require_nvcc
+
+        require_nvcc()
+        arch = _arch(spec)
+        digits = "".join(c for c in arch if c.isdigit())
+        if not digits or int(digits) < 75:
+            raise UsageError(f"CUDA 13's nvcc cannot compile for {arch}.",
+                             hint="Use a target of compute capability 7.5 or newer "
+                             "(sm_75+; e.g. --target cuda -> sm_90).")
+
+    def _dot_product(self, target) -> str | None:
+        return "dp4a"  # every sm_61+ GPU has DP4A (int8 x4 dot product into int32)
+
+    def _export(self, executable, spec: TargetSpec, target, path: Path) -> Path:
+        from slimc.backends.tvm.cuda_binary import cubin_packer
+
+        executable.export_library(str(path), fpack_imports=cubin_packer(target),
+                                  **self._link_options(spec, target))
+        return path
+
+    def no_device_reason(self) -> str:
+        return "built, not verified: no CUDA device"
+
+
+class TvmOpenCLBackend(_TvmGpuBackend):
+    name = "tvm-opencl"
+    kinds = ("opencl",)
+    device_kind = "opencl"
+
+    def describe(self, spec: TargetSpec) -> TargetDescription:
+        target = spec.tvm_target()
+        flavour = "Adreno (TVM's adreno pipeline)" if "adreno" in target.keys else (
+            "Mali" if "mali" in target.keys else "generic")
+        return TargetDescription(
+            compiles_to=f"shared library (.so): host code for {_host(spec)} + OpenCL C kernel "
+            f"source ({flavour}), which the device's OpenCL driver compiles when loaded",
+            build_needs="pip only (TVM's OpenCL codegen; zig links an aarch64 host)",
+            run_needs="the device's OpenCL driver (libOpenCL) and a TVM runtime built with "
+            "OpenCL (the pip wheel's is not)",
+            verified_by="not run here (no OpenCL runtime in the TVM wheel): the build checks "
+            "every kernel is bound to GPU threads; the artifact is written unverified")
+
+
+class TvmMetalBackend(_TvmGpuBackend):
+    name = "tvm-metal"
+    kinds = ("metal",)
+    device_kind = "metal"
+    matmul_rule = False  # dl.gpu.Matmul's simdgroup tensorization segfaults TVM 0.27 on Linux
+
+    def describe(self, spec: TargetSpec) -> TargetDescription:
+        return TargetDescription(
+            compiles_to="tar of arm64 Mach-O objects (host code + Metal shader source); link "
+            "on a Mac: `tar xf model.tar && xcrun clang++ -dynamiclib *.o -o model.dylib "
+            "-framework Metal -framework Foundation -undefined dynamic_lookup`",
+            build_needs="pip only (LLVM emits the arm64-apple-macos objects); the final link "
+            "needs Xcode's clang on macOS",
+            run_needs="an Apple-silicon Mac with a TVM runtime built with Metal",
+            verified_by="not run here; the build checks every kernel is bound to GPU threads "
+            "(dlight GEMV/Reduction/Fallback; no Matmul rule, see the note in gpu.py)")
+
+    def _export(self, executable, spec: TargetSpec, target, path: Path) -> Path:
+        tar = path.with_suffix(".tar")
+        executable.export_library(str(tar))
+        return tar
+
+
+class TvmVulkanBackend(_TvmGpuBackend):
+    name = "tvm-vulkan"
+    kinds = ("vulkan",)
+    device_kind = "vulkan"
+    REASON = ("the apache-tvm 0.27 wheel has no SPIR-V code generator (target.build.vulkan is "
+              "missing); it needs TVM built from source with USE_VULKAN=ON (Vulkan SDK, "
+              "SPIRV-Tools), which a plugin could provide through slimc_register_backends")
+
+    def describe(self, spec: TargetSpec) -> TargetDescription:
+        return TargetDescription(
+            compiles_to="(would be) shared library with SPIR-V kernels", build_needs=(
+                "TVM with USE_VULKAN=ON"), run_needs="a Vulkan 1.1+ driver",
+            verified_by="-", available=False, reason=self.REASON)
+
+    def check(self, spec: TargetSpec) -> None:
+        raise UsageError(f"Target {spec.name} is not available: {self.REASON}.",
+                         hint="Use --target opencl (Mali/Adreno), metal or cuda instead.")
+
+
+def _arch(spec: TargetSpec) -> str:
+    return str(spec.tvm_target().attrs.get("arch", "sm_90"))
+
+
+def _host(spec: TargetSpec) -> str:
+    target = spec.tvm_target()
+    return str(target.host.attrs.get("mtriple", "")) if target.host else platform.machine()
+
+
+def _hardware(spec: TargetSpec):
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    try:
+        return hardware_for_target(spec)
+    except UsageError:
+        return None
