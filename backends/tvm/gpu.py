@@ -103,7 +103,7 @@ def unbound_loops(func) -> list[str]:
         elif isinstance(stmt, tirx.SeqStmt):
             for s in stmt.seq:
                 visit(s, bound)
-        elif hasattr(stmt, "body") and isinstance(getattr(stmt, "body"), tirx.Stmt):
+        elif hasattr(stmt, "body") and isinstance(stmt.body, tirx.Stmt):
             visit(stmt.body, bound)
             if getattr(stmt, "init", None) is not None:
                 visit(stmt.init, bound)
