@@ -79,6 +79,7 @@ def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
     from slimc.targets import resolve_target
 
     options = options or AnalyzeOptions()
+    _validate_settings(options)
     registry = get_registry()
     criteria = [criterion_pass(c, registry.passes).criterion for c in options.criteria]
     spec = resolve_target(options.target, registry)
@@ -127,6 +128,23 @@ def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
     _plot_sensitivity_vs_cost(analysis, out / PLOTS[0])
     _plot_latency_by_op(analysis, out / PLOTS[1])
     return AnalyzeResult(out, analysis, list(calib.warnings), ir)
+
+
+def _validate_settings(options: AnalyzeOptions) -> None:
+    """Ratios are fractions of what is kept, bits a small integer: say so before any work."""
+    for label, values in (("--keep-ratios", options.keep_ratios),
+                          ("--rank-ratios", options.rank_ratios)):
+        bad = [v for v in values if not 0.0 < float(v) <= 1.0]
+        if bad:
+            raise UsageError(f"{label} {', '.join(map(str, bad))}: a ratio is the fraction "
+                             "kept, between 0 (exclusive) and 1.",
+                             hint=f"For example {label} 0.75,0.5.")
+    bad_bits = [b for b in options.bits if not 1 <= int(b) <= 16]
+    if bad_bits:
+        raise UsageError(f"--bits {', '.join(map(str, bad_bits))}: weight bit widths are "
+                         "whole numbers from 1 to 16.", hint="For example --bits 8,4.")
+    if options.seq_len is not None and options.seq_len < 1:
+        raise UsageError("--seq-len must be at least 1.")
 
 
 def _trim_sequence(inputs: dict[str, torch.Tensor], seq_len: int | None):

@@ -7,7 +7,6 @@ sees a half-written artifact and a failed compile never destroys the previous on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,42 +19,59 @@ from typing import Any
 import numpy as np
 
 from slimc.errors import UsageError
+from slimc.manifest import (
+    MANIFEST,
+    check_input_range,
+    checked_library,
+    sha256_of,
+    validate_manifest,
+)
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "LIBRARY", "REPORT", "EXAMPLE_INPUTS", "sha256_of", "staged_directory",
+           "write_json", "read_manifest", "CompiledModel", "load"]
 LIBRARY = "model.so"
 REPORT = "report.md"
 EXAMPLE_INPUTS = "example_inputs.npz"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
-    """Yield a scratch folder next to ``final``; on success, swap it in atomically."""
-    final = final.resolve()
+def staged_directory(final: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a scratch folder next to ``final``; on success, swap it in atomically.
+
+    ``final`` must be empty, missing or an artifact slimc wrote (see :mod:`slimc.outdir`); the
+    manifest in the scratch folder gets the list of files slimc wrote (``files``), which is how
+    a later compile recognises the directory. A signal received at any point (even one whose
+    exception native code swallowed) stops the swap; the scratch folder is always removed.
+    """
+    from slimc import interrupts, outdir
+
+    final = outdir.check_output_directory(final, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not (final / MANIFEST).exists() and any(final.iterdir()):
-        raise UsageError(f"{final} exists and is not a slimc artifact; slimc will not "
-                         "overwrite it.", hint="Choose another -o directory or remove it.")
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    outdir.clean_stale_staging(final)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial",
+                                  dir=final.parent))
+    interrupts.register_staging(stage)
     try:
         yield stage
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(stage, final)
+        manifest_path = stage / MANIFEST
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            manifest["files"] = [f for f in outdir.list_files(stage) if f != MANIFEST]
+            write_json(manifest_path, manifest)
+        with interrupts.commit_lock:
+            interrupts.check()
+            outdir.check_output_directory(final, force=force)  # it may have changed meanwhile
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(stage, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+        interrupts.unregister_staging(stage)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -69,10 +85,12 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise UsageError(f"{directory} is not a slimc artifact (no {MANIFEST}).",
                          hint="Pass the directory `slimc compile` wrote (-o).")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path} is corrupt ({exc}).",
                          hint="Recompile the model to regenerate the artifact.") from None
+    validate_manifest(data, path)
+    return data
 
 
 class CompiledModel:
@@ -86,13 +104,8 @@ class CompiledModel:
                  emulate: bool = False) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        self.library = self.directory / self.manifest["library"]
-        if not self.library.is_file():
-            raise UsageError(f"{self.library} is missing from the artifact.",
-                             hint="Recompile the model.")
-        if sha256_of(self.library) != self.manifest["sha256"]:
-            raise UsageError(f"{self.library} does not match the sha256 in {MANIFEST}; the "
-                             "library is corrupt or was replaced.", hint="Recompile the model.")
+        self.library = checked_library(self.directory,
+                                       validate_manifest(self.manifest, self.directory / MANIFEST))
         self.inputs = self.manifest["inputs"]
         self.outputs = self.manifest["outputs"]
         self.cross_triple = self.manifest["target"].get("cross_triple")
@@ -139,6 +152,7 @@ class CompiledModel:
                     f"{spec['dtype']}.", hint="Recompile with --input "
                     f"{spec['name']}={'x'.join(map(str, array.shape))}:{array.dtype} or "
                     "reshape the input.")
+            check_input_range(spec, array)
             arrays.append(np.ascontiguousarray(array))
         return arrays
 
@@ -151,8 +165,14 @@ class CompiledModel:
 
     def example_inputs(self) -> dict[str, np.ndarray]:
         """The inputs the artifact was verified on at compile time."""
-        with np.load(self.directory / EXAMPLE_INPUTS) as data:
-            return {spec["name"]: data[spec["name"]] for spec in self.inputs}
+        path = self.directory / EXAMPLE_INPUTS
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {spec["name"]: data[spec["name"]] for spec in self.inputs}
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise UsageError(f"{path} is missing or unreadable ({type(exc).__name__}: {exc}).",
+                             hint="Give every input with --input NAME=file.npy, or recompile "
+                             "the model.") from None
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token inputs for ``texts`` with the tokenizer shipped in the artifact, padded or
@@ -171,7 +191,8 @@ class CompiledModel:
             raise UsageError(f"The artifact was compiled for batch {batch}; give 1 or {batch} "
                              f"texts, not {len(texts)}.")
         rows = list(texts) * (batch if len(texts) == 1 else 1)
-        tokenizer = AutoTokenizer.from_pretrained(str(self.directory / name))
+        tokenizer = AutoTokenizer.from_pretrained(str(self.directory / name),
+                                                  trust_remote_code=False)
         encoded = tokenizer(rows, padding="max_length", truncation=True, max_length=seq,
                             return_tensors="np")
         feed = self.example_inputs()

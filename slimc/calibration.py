@@ -124,6 +124,13 @@ def _arrays(arrays: dict[str, np.ndarray], template, max_batches: int,
     tensors: dict[str, torch.Tensor] = {}
     for name, array in arrays.items():
         want = template[name]
+        if array.dtype.kind not in "biuf":
+            raise UsageError(f"{path}: array {name!r} has dtype {array.dtype}; calibration "
+                             "data must be numbers.",
+                             hint="Store token ids as integers and features as floats.")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise UsageError(f"{path}: array {name!r} holds NaN or Inf.",
+                             hint="Clean the data (every value must be a finite number).")
         value = torch.from_numpy(np.ascontiguousarray(array)).to(want.dtype)
         if value.dim() == want.dim() - 1:
             value = value.unsqueeze(0)
@@ -146,7 +153,10 @@ def _arrays(arrays: dict[str, np.ndarray], template, max_batches: int,
 
 
 def _token_stream(path: Path, model_dir, vocab_size: int | None, warnings: list[str]):
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"Cannot read calibration data {path}: {exc.strerror}.") from None
     if not text.strip():
         raise UsageError(f"Calibration text file {path} is empty.")
     tokenizer = None
@@ -155,7 +165,8 @@ def _token_stream(path: Path, model_dir, vocab_size: int | None, warnings: list[
         import transformers
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir),
-                                                               local_files_only=True)
+                                                               local_files_only=True,
+                                                               trust_remote_code=False)
     if tokenizer is None:
         warnings.append(f"The model has no tokenizer: {path} is fed as UTF-8 bytes modulo the "
                         "vocabulary, which is not how the model reads text.")
@@ -224,9 +235,14 @@ def _images(folder: Path, template, max_batches: int) -> CalibrationData:
     batch, channels, height, width = template[name].shape
     pictures = []
     for file in files[:batch * max_batches]:
-        with Image.open(file) as im:
-            im = im.convert("RGB" if channels == 3 else "L").resize((width, height))
-            array = np.asarray(im, dtype=np.float32) / 255.0
+        try:
+            with Image.open(file) as im:
+                im = im.convert("RGB" if channels == 3 else "L").resize((width, height))
+                array = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise UsageError(f"Cannot read image {file}: {type(exc).__name__}: {exc}",
+                             hint="Remove or replace the file; --calib reads every image in "
+                             "the folder.") from None
         pixels = torch.from_numpy(array).reshape(height, width, -1).permute(2, 0, 1)
         if channels == 3:
             pixels = (pixels - torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)) / \

@@ -16,7 +16,7 @@ import torch
 
 from slimc.errors import CaptureError, UsageError
 from slimc.ir import IR, _output_names
-from slimc.loaders.base import InputOverride, LoadedModel, random_tensor
+from slimc.loaders.base import TRUST_REMOTE_CODE, InputOverride, LoadedModel, random_tensor
 from slimc.plugins import Registry, get_registry
 
 _USER_FRAME = re.compile(
@@ -35,14 +35,26 @@ def find_loader(model: str, registry: Registry | None = None):
 
 
 def load_model(model: str, overrides: dict[str, InputOverride] | None = None,
-               registry: Registry | None = None) -> LoadedModel:
-    """Find the loader for ``model`` and load it (no capture yet)."""
-    return find_loader(model, registry).load(model, overrides or {})
+               registry: Registry | None = None, *,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Find the loader for ``model`` and load it (no capture yet).
+
+    ``trust_remote_code`` lets a loader run code shipped with the model (Hugging Face
+    ``auto_map``); loaders read it from :data:`slimc.loaders.base.trust_remote_code`.
+    """
+    loader = find_loader(model, registry)
+    token = TRUST_REMOTE_CODE.set(trust_remote_code)
+    try:
+        with _quiet_torch():
+            return loader.load(model, overrides or {})
+    finally:
+        TRUST_REMOTE_CODE.reset(token)
 
 
 def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
     """Export ``loaded`` to an IR; returns the IR and example inputs in IR input order."""
     if loaded.program is not None:
+        _check_tensor_outputs(loaded.program, loaded.name)
         ir = loaded.extra.get("ir") or IR(loaded.program, name=loaded.name,
                                           output_names=_output_names(loaded.program))
         inputs = [random_tensor(s.name, s.shape, getattr(torch, s.dtype))
@@ -58,20 +70,42 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
                 program = torch.export.export(loaded.module, args, kwargs, strict=False)
         except Exception as exc:  # noqa: BLE001 - translated below
             raise _explain_export_failure(loaded, exc) from None
+    _check_tensor_outputs(program, loaded.name)
     ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))
     ir.annotations["source"] = {"model": loaded.source, "loader": loaded.kind, **{
         k: v for k, v in loaded.extra.items() if isinstance(v, (str, int, float)) or v is None}}
     return ir, values
 
 
+def _check_tensor_outputs(program, name: str) -> None:
+    """slimc compiles tensor-in, tensor-out graphs: a string, number or None among the outputs
+    has no place in a compiled library."""
+    from torch.export.graph_signature import OutputKind, TensorArgument
+
+    names = _output_names(program)
+    user = [s for s in program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    for i, spec in enumerate(user):
+        if not isinstance(spec.arg, TensorArgument):
+            label = names[i] if names and i < len(names) else f"#{i}"
+            value = getattr(spec.arg, "value", spec.arg)
+            raise CaptureError(f"Output {label} of {name!r} is not a tensor ({value!r}); slimc "
+                               "compiles models whose outputs are all tensors.",
+                               hint="Return only tensors from forward() (wrap the model to drop "
+                               "the other outputs).")
+
+
 @contextmanager
 def _quiet_torch() -> Iterator[None]:
-    """torch logs graph dumps at WARNING while export fails; we report the failure ourselves."""
+    """torch logs graph dumps and tracebacks while export or loading fails; slimc reports the
+    failure itself, in one paragraph."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch._dynamo",
-                                              "torch.fx.experimental.symbolic_shapes")]
+                                              "torch.fx.experimental.symbolic_shapes",
+                                              "torch.export", "torch._export",
+                                              "torch._export.serde.serialize",
+                                              "torch.export.pt2_archive._package")]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    for lg in loggers:  # including logger.exception tracebacks: the failure is reported once
+        lg.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:

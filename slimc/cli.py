@@ -73,6 +73,25 @@ class Progress:
                 self._status = None
 
 
+@app.callback()
+def _global_options(
+    plugins: Annotated[str | None, typer.Option(
+        "--plugins", metavar="A,B", help="Load only these third-party plugins (entry-point "
+        "names; also $SLIMC_PLUGINS).")] = None,
+    no_plugins: Annotated[bool, typer.Option(
+        "--no-plugins", help="Load no third-party plugins (also $SLIMC_NO_PLUGINS=1).")] = False,
+) -> None:
+    """slimc: compress and compile PyTorch / Hugging Face models through Apache TVM."""
+    from slimc import plugins as plugin_registry
+
+    if no_plugins:
+        plugin_registry.cli_selection = ()
+    elif plugins is not None:
+        plugin_registry.cli_selection = tuple(p.strip() for p in plugins.split(",") if p.strip())
+    else:
+        plugin_registry.cli_selection = None
+
+
 def _show_progress(quiet: bool) -> bool:
     return not quiet and sys.stdout.isatty()
 
@@ -118,6 +137,12 @@ def compile_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as one "
                                           "JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Run Python code shipped with a Hugging Face model folder "
+        "(auto_map). Off by default: never run a stranger's code.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing artifact even if it holds files slimc did not "
+        "write (they are deleted). Never replaces a directory slimc did not write.")] = False,
 ) -> None:
     """Compile MODEL for a target: capture, run passes, lower through TVM, verify, write."""
     from slimc.compiler import CompileOptions, compile_model
@@ -126,7 +151,12 @@ def compile_command(
                              opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
                              threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
                              save_ir=save_ir, calib=calib, calib_batches=calib_batches,
-                             tune=tune, tune_minutes=tune_minutes, tune_db=tune_db)
+                             tune=tune, tune_minutes=tune_minutes, tune_db=tune_db,
+                             trust_remote_code=trust_remote_code, force=force)
+    if not as_json:
+        from slimc.plugins import get_registry
+
+        _print_broken([{"plugin": b.name, "reason": b.reason} for b in get_registry().broken])
     progress = Progress(_show_progress(quiet) and not as_json)
     with progress.running():
         result = compile_model(model, options, stage=progress.stage,
@@ -378,28 +408,98 @@ def _describe_target(spec, registry) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: maps slimc errors to exit codes and one-paragraph messages."""
+    """Console-script entry point: the one error boundary of the CLI.
+
+    Maps slimc errors to exit codes and one-paragraph messages (user-fixable OS errors such as a
+    full disk or a read-only -o included), and SIGINT/SIGTERM to 130/143 even when native code
+    swallowed the interrupt (see :mod:`slimc.interrupts`).
+    """
+    from slimc import interrupts
+
     try:
-        app(args=argv, standalone_mode=False)
-    except SlimcError as exc:
+        with interrupts.handle_signals() as state:
+            code = _run(argv)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None) or interrupts.received() or 2
+        return _interrupted(signum)
+    if state.signum is not None:  # typer turned the KeyboardInterrupt into its exit code 130
+        return _interrupted(state.signum)
+    return code
+
+
+def _interrupted(signum: int) -> int:
+    import signal
+
+    err_console.print(f"[red]interrupted[/red] ({signal.Signals(signum).name}); any existing "
+                      "output was left as it was.")
+    return 128 + signum
+
+
+def _run(argv: list[str] | None) -> int:
+    from slimc import interrupts
+
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except BaseException as exc:  # noqa: BLE001 - the CLI's one error boundary
+        if interrupts.received() is not None:  # whatever native code made of the interrupt
+            raise interrupts.Interrupted(interrupts.received()) from exc
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return _report(exc)
+    return rv if isinstance(rv, int) else 0
+
+
+def _report(exc: BaseException) -> int:
+    """Print ``exc`` the way its kind deserves; return the exit code."""
+    from slimc.outdir import explain_os_error
+
+    if isinstance(exc, SlimcError):
         err_console.print(f"[red]error:[/red] {exc}")
         return exc.exit_code
-    except typer.Exit as exc:
+    if isinstance(exc, typer.Exit):
         return exc.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("[red]aborted[/red]")
+    if isinstance(exc, typer.Abort):
         return 130
-    except Exception as exc:  # click usage errors and genuine bugs
-        # typer vendors click (typer._click), so match click's usage errors by shape.
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None),
-                                                               int):
-            exc.show()
-            return exc.exit_code
-        traceback.print_exc()
-        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc}. This is a "
-                          "bug in slimc (or a plugin); please report it with the command line.")
-        return 1
-    return 0
+    # typer vendors click (typer._click), so match click's usage errors by shape.
+    if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+        exc.show()
+        return exc.exit_code
+    user_error = next((explain_os_error(e) for e in _chain(exc)
+                       if isinstance(e, OSError) and explain_os_error(e)), None) \
+        or _disk_full(exc)
+    if user_error is not None:
+        err_console.print(f"[red]error:[/red] {user_error}")
+        return user_error.exit_code
+    traceback.print_exception(exc)
+    err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc}. This is a "
+                      "bug in slimc (or a plugin); please report it with the command line.")
+    return 1
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def _disk_full(exc: BaseException) -> UsageError | None:
+    """A full disk reported as text by native code (TVM's "Compilation error: ... No space
+    left on device" from the linker) -> one paragraph naming where."""
+    import re
+
+    for e in _chain(exc):
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            line = next(ln for ln in text.splitlines()
+                        if "No space left" in ln or "quota" in ln).strip()
+            path = re.search(r"(/[^\s:'\"]+)", line)
+            where = f" ({path.group(1)})" if path else ""
+            return UsageError(f"The disk is full{where}: {line[:300]}",
+                              hint="Free space there, or point -o / TMPDIR at another disk.")
+    return None
 
 
 if __name__ == "__main__":

@@ -65,6 +65,15 @@ class CompileOptions:
     tune_minutes: float | None = None
     #: Tuning database folder (default: per target under ``$SLIMC_CACHE_DIR/tuning``).
     tune_db: str | Path | None = None
+    #: Run Python code shipped with a Hugging Face model folder (``auto_map``). Off by default:
+    #: a model folder from a stranger must not run code on this machine.
+    trust_remote_code: bool = False
+    #: Third-party plugins (entry-point names) to load; None: all installed (or as
+    #: ``$SLIMC_PLUGINS`` / ``$SLIMC_NO_PLUGINS`` say); ``()``: none.
+    plugins: Sequence[str] | None = None
+    #: Replace an existing artifact even if it holds files slimc did not write (they are
+    #: deleted with it). Never replaces a directory slimc did not write.
+    force: bool = False
 
 
 @dataclass
@@ -98,10 +107,26 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
                   progress: Callable[[str], None] = lambda m: None) -> CompileResult:
     """Compile ``model`` (HF directory, ``module:factory`` or ``.pt2``) into an artifact.
 
-    ``progress`` receives status updates within a stage (tuning trials).
+    ``progress`` receives status updates within a stage (tuning trials). SIGINT/SIGTERM stop
+    the compile (:class:`slimc.interrupts.Interrupted`) and leave any old artifact untouched.
     """
-    options = options or CompileOptions()
-    registry = registry or get_registry()
+    from slimc import interrupts
+
+    def checked_stage(name: str) -> None:
+        interrupts.check()  # a signal whose exception native code swallowed stops us here
+        stage(name)
+
+    with interrupts.handle_signals():
+        return _compile(model, options or CompileOptions(), checked_stage, log, registry,
+                        progress)
+
+
+def _compile(model: str, options: CompileOptions, stage: Stage, log: Callable[[str], None],
+             registry: Registry | None, progress: Callable[[str], None]) -> CompileResult:
+    from slimc.outdir import check_output_directory
+    from slimc.validate import check_batches, check_finite_weights, integer_input_ranges
+
+    registry = registry or get_registry(options.plugins)
     timings: dict[str, float] = {}
     warnings: list[str] = []
 
@@ -113,15 +138,21 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
     backend.check(spec)
     tuning_plan = backend.plan_tuning(spec, options.tune, options.tune_minutes, options.tune_db)
     threads = backend.set_threads(options.threads)
+    if options.output is not None:  # before the model is loaded: fail in a second, not an hour
+        check_output_directory(Path(options.output), force=options.force)
 
     silence_libraries()
     native_log: list[str] = []
 
     stage("capture")
     t0 = time.perf_counter()
-    ir, example_inputs = capture(load_model(model, overrides, registry))
+    ir, example_inputs = capture(load_model(model, overrides, registry,
+                                            trust_remote_code=options.trust_remote_code))
     timings["capture_s"] = time.perf_counter() - t0
     output = Path(options.output or f"{_safe_name(ir.name)}.slimc")
+    check_output_directory(output, force=options.force)
+    check_finite_weights(ir)
+    input_ranges = integer_input_ranges(ir)
     original_outputs = [o.numpy() for o in ir.run(example_inputs)]
 
     ctx = PassContext(target=spec, example_inputs=example_inputs, threads=threads, log=log)
@@ -134,9 +165,11 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
             model_dir=ir.annotations.get("source", {}).get("tokenizer"),
             max_batches=options.calib_batches)
         warnings += calibration.warnings
+        check_batches(calibration.batches, input_ranges, f"--calib {options.calib}")
         ctx.calibration_batches = [[batch[name] for name in ir.input_names]
                                    for batch in calibration.batches]
-    manager = PassManager(registry.passes)
+    manager = PassManager(registry.passes,
+                          plugin_of=lambda name: registry.provided_by("pass", name))
     ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
     before = ctx.analyses.get("model-stats")
 
@@ -152,7 +185,7 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
         mod = backend.lower(ir, spec, registry.converters)
     timings["lower_s"] = time.perf_counter() - t0
 
-    with artifact.staged_directory(output) as stage_dir:
+    with artifact.staged_directory(output, force=options.force) as stage_dir:
         tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         t0 = time.perf_counter()
@@ -188,6 +221,9 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
         manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
                              verification, library, threads, timings, model)
         manifest["tokenizer"] = tokenizer_dir
+        for entry in manifest["inputs"]:
+            if entry["name"] in input_ranges:
+                entry["min"], entry["max"] = input_ranges[entry["name"]]
         manifest["tuning"] = tuner.report if tuner else None
         manifest["calibration"] = calibration.to_json() if calibration else None
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)

@@ -49,3 +49,8 @@ class VerificationError(SlimcError):
 
 class PluginError(SlimcError):
     """A plugin misbehaved (bad registration, exception inside a hook)."""
+
+
+class PluginFailure(UsageError, PluginError):
+    """A third-party plugin failed while slimc used it (exit code 2: the fix is the plugin's
+    or the user's choice to leave it out, not slimc's); the message names the plugin."""

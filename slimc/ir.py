@@ -296,9 +296,15 @@ class IR:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> IR:
         """Load a ``.pt2`` written by :meth:`save` or by plain ``torch.export.save``."""
+        from slimc.pt2_safety import check_archive, weights_only_loads
+
         extra_files = {_EXTRA_FILE: ""}
+        if not Path(path).is_file():
+            raise UsageError(f"No such file: {path}.")
+        check_archive(path)  # never unpickle: a .pt2 from a stranger must not run code
         try:
-            program = torch.export.load(path, extra_files=extra_files)
+            with weights_only_loads():
+                program = torch.export.load(path, extra_files=extra_files)
         except FileNotFoundError:
             raise UsageError(f"No such file: {path}.") from None
         except Exception as exc:  # noqa: BLE001 - any failure here means a bad archive
@@ -307,7 +313,12 @@ class IR:
                 f"{str(exc).splitlines()[0] if str(exc) else ''}).",
                 hint="Re-create it with torch.export.save(torch.export.export(model, args), path).",
             ) from None
-        extra = json.loads(extra_files[_EXTRA_FILE]) if extra_files[_EXTRA_FILE] else {}
+        try:
+            extra = json.loads(extra_files[_EXTRA_FILE]) if extra_files[_EXTRA_FILE] else {}
+        except ValueError:
+            extra = {}
+        if not isinstance(extra, dict):
+            extra = {}
         name = extra.get("name") or Path(path).stem
         return cls(program, name=name, input_names=extra.get("input_names"),
                    output_names=extra.get("output_names") or _output_names(program),

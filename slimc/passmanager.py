@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from slimc.errors import VerificationError
+from slimc.errors import PluginFailure, SlimcError, VerificationError
 from slimc.ir import IR
 
 
@@ -208,8 +209,11 @@ def relative_l2(reference: Iterable[torch.Tensor], candidate: Iterable[torch.Ten
 class PassManager:
     """Runs a pipeline of pass invocations over one IR."""
 
-    def __init__(self, passes: dict[str, type[Pass]]) -> None:
+    def __init__(self, passes: dict[str, type[Pass]],
+                 plugin_of: Callable[[str], str] | None = None) -> None:
         self._passes = passes
+        #: pass name -> the plugin that registered it, to name a misbehaving third-party pass.
+        self._plugin_of = plugin_of
 
     def lookup(self, name: str) -> type[Pass]:
         return self._passes[name]
@@ -227,14 +231,16 @@ class PassManager:
             start = time.perf_counter()
             record = PassRecord(inv, cls.kind, 0.0, params_before, params_before)
             if cls.kind == "analysis":
-                result = am.get(inv.name, **inv.options.model_dump())
+                with self._blame(inv.name):
+                    result = am.get(inv.name, **inv.options.model_dump())
                 ir.annotations.setdefault("analyses", {})[inv.name] = _summarise(result)
             else:
                 reference = ir.run(ctx.example_inputs) if ctx.verify else None
-                preserved = cls().run(ir, ctx, inv.options)
-                if not isinstance(preserved, PreservedAnalyses):
-                    raise TypeError(f"transform {inv.name} must return PreservedAnalyses, "
-                                    f"not {type(preserved).__name__}")
+                with self._blame(inv.name):
+                    preserved = cls().run(ir, ctx, inv.options)
+                    if not isinstance(preserved, PreservedAnalyses):
+                        raise TypeError(f"transform {inv.name} must return PreservedAnalyses, "
+                                        f"not {type(preserved).__name__}")
                 ir.changed()
                 record.invalidated = am.invalidate(preserved)
                 if reference is not None:
@@ -245,6 +251,31 @@ class PassManager:
             ctx.log(f"{inv}: {record.seconds:.2f}s, params {params_before:,} -> "
                     f"{record.params_after:,}")
         return records
+
+
+    @contextmanager
+    def _blame(self, name: str) -> Iterator[None]:
+        """A third-party pass that raises (anything but a UsageError, its way of blaming the
+        user) is reported naming its plugin; a built-in's failure stays an internal error."""
+        try:
+            yield
+        except SlimcError:
+            raise
+        except Exception as exc:
+            plugin = self._plugin_of(name) if self._plugin_of else None
+            if plugin is None or plugin == "?" or _is_builtin(plugin):
+                raise
+            raise PluginFailure(
+                f"Pass {name!r} from plugin {plugin!r} failed: {type(exc).__name__}: {exc}",
+                hint=f"This is a bug in the plugin {plugin!r}; report it to its authors, or "
+                "leave the pass out (`--plugins`/`--no-plugins`, $SLIMC_NO_PLUGINS disable "
+                "plugins).") from exc
+
+
+def _is_builtin(plugin: str) -> bool:
+    from slimc.plugins import BUILTIN_PLUGINS
+
+    return plugin in BUILTIN_PLUGINS
 
 
 def _verify_transform(ir: IR, ctx: PassContext, inv: PassInvocation, cls: type[Pass],

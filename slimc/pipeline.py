@@ -73,9 +73,13 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe file (``.yaml``/``.yml``/``.toml``) into a dict with a ``pipeline`` list."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"Cannot read recipe {path}: {exc.strerror}.") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"Recipe {path} is not a text file (it is not UTF-8).",
+                         hint="A recipe is a small YAML or TOML file with a pipeline list.") \
+            from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -108,15 +112,34 @@ def recipe_items(recipe: dict[str, Any], origin: str = "recipe") -> list[tuple[s
             extra = set(entry) - {"pass", "options"}
             if extra:
                 raise UsageError(f"{origin}: pipeline[{i}] has unknown key(s) "
-                                 f"{', '.join(sorted(extra))}; use 'pass' and 'options'.")
-            items.append((str(entry["pass"]), dict(entry.get("options") or {})))
+                                 f"{', '.join(sorted(str(k) for k in extra))}; use 'pass' and "
+                                 "'options'.")
+            items.append((_pass_name(entry["pass"], origin, i),
+                          _options_table(entry.get("options"), origin, i)))
         elif isinstance(entry, dict) and len(entry) == 1:
             name, opts = next(iter(entry.items()))
-            items.append((str(name), dict(opts or {})))
+            items.append((_pass_name(name, origin, i), _options_table(opts, origin, i)))
         else:
             raise UsageError(f"{origin}: pipeline[{i}] must be a pass name or "
                              "{pass: NAME, options: {...}}.")
     return items
+
+
+def _pass_name(name: Any, origin: str, i: int) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"{origin}: pipeline[{i}]: the pass name must be a string, not "
+                         f"{name!r}.")
+    return name.strip()
+
+
+def _options_table(options: Any, origin: str, i: int) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise UsageError(f"{origin}: pipeline[{i}]: 'options' must be a table of NAME: VALUE, "
+                         f"not {type(options).__name__} {options!r:.80}.",
+                         hint="Example: {pass: quantize, options: {weights: int8}}.")
+    return dict(options)
 
 
 def describe_options(cls: type[Pass]) -> list[dict[str, Any]]:

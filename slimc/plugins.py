@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -18,9 +19,14 @@ from typing import Any
 import pluggy
 
 from slimc import hookspec
-from slimc.errors import PluginError
+from slimc.errors import PluginError, UsageError
 
 ENTRY_POINT_GROUP = "slimc"
+#: Environment variables for CI: load no third-party plugins / only these (comma-separated).
+NO_PLUGINS_ENV = "SLIMC_NO_PLUGINS"
+PLUGINS_ENV = "SLIMC_PLUGINS"
+#: Set by the CLI's --plugins / --no-plugins for the current invocation.
+cli_selection: tuple[str, ...] | None = None
 
 #: Modules that implement slimc's own features through the public hooks.
 BUILTIN_PLUGINS: tuple[str, ...] = (
@@ -63,16 +69,44 @@ def _plugin_display_name(pm: pluggy.PluginManager, plugin: object) -> str:
     return name
 
 
-def _load_entry_points(pm: pluggy.PluginManager, registry: Registry) -> None:
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if pm.has_plugin(ep.name) or ep.value in BUILTIN_PLUGINS:
+def selected_plugins(plugins: Sequence[str] | None = None) -> tuple[str, ...] | None:
+    """Which third-party plugins to load: ``plugins`` if given, else ``$SLIMC_NO_PLUGINS``
+    (any non-empty value but 0: none) or ``$SLIMC_PLUGINS`` (comma-separated entry-point
+    names); None means all installed ones."""
+    if plugins is not None:
+        return tuple(plugins)
+    if cli_selection is not None:
+        return cli_selection
+    if os.environ.get(NO_PLUGINS_ENV, "").strip() not in ("", "0"):
+        return ()
+    listed = os.environ.get(PLUGINS_ENV)
+    if listed is not None:
+        return tuple(p.strip() for p in listed.split(",") if p.strip())
+    return None
+
+
+def _load_entry_points(pm: pluggy.PluginManager, registry: Registry,
+                       only: tuple[str, ...] | None) -> None:
+    available = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+                 if ep.value not in BUILTIN_PLUGINS]
+    if only is not None:
+        unknown = sorted(set(only) - {ep.name for ep in available})
+        if unknown:
+            raise UsageError(f"Plugin(s) {', '.join(unknown)} are not installed.",
+                             hint="Installed plugins: "
+                             f"{', '.join(sorted(ep.name for ep in available)) or 'none'}.")
+    for ep in available:
+        if pm.has_plugin(ep.name) or (only is not None and ep.name not in only):
             continue
         try:
             module = ep.load()
             pm.register(module, name=ep.name)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break slimc
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin must not
+            # break slimc, not even one that calls sys.exit() at import
+            what = (f"exited with sys.exit({exc.code!r}) while importing"
+                    if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}")
             registry.broken.append(
-                BrokenPlugin(ep.name, f"failed to load {ep.value!r}: {type(exc).__name__}: {exc}")
+                BrokenPlugin(ep.name, f"failed to load {ep.value!r}: {what}")
             )
 
 
@@ -93,7 +127,7 @@ def _collect(
                 add(plugin_name, item)
         except PluginError as exc:
             registry.broken.append(BrokenPlugin(plugin_name, str(exc)))
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             registry.broken.append(
                 BrokenPlugin(plugin_name, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
             )
@@ -115,14 +149,17 @@ def _add_named(registry: Registry, kind: str, table: dict[str, Any], names: Iter
     return add
 
 
-def build_registry(extra_plugins: Iterable[object] = ()) -> Registry:
-    """Create a plugin manager, load built-ins + entry points, and collect registrations."""
+def build_registry(extra_plugins: Iterable[object] = (),
+                   plugins: Sequence[str] | None = None) -> Registry:
+    """Create a plugin manager, load built-ins + entry points, and collect registrations.
+
+    ``plugins`` names the entry points to load (None: see :func:`selected_plugins`)."""
     registry = Registry()
     pm = pluggy.PluginManager("slimc")
     pm.add_hookspecs(hookspec)
     for module_name in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
-    _load_entry_points(pm, registry)
+    _load_entry_points(pm, registry, selected_plugins(plugins))
     for plugin in extra_plugins:
         pm.register(plugin)
     registry.plugin_names = [_plugin_display_name(pm, p) for p in pm.get_plugins()]
@@ -154,7 +191,19 @@ def build_registry(extra_plugins: Iterable[object] = ()) -> Registry:
     return registry
 
 
-@lru_cache(maxsize=1)
-def get_registry() -> Registry:
-    """The process-wide registry (plugins are discovered once, as pytest does at start-up)."""
-    return build_registry()
+def get_registry(plugins: Sequence[str] | None = None) -> Registry:
+    """The process-wide registry (plugins are discovered once per selection, as pytest does at
+    start-up); ``plugins`` as in :func:`build_registry`."""
+    return _cached_registry(selected_plugins(plugins))
+
+
+@lru_cache(maxsize=4)
+def _cached_registry(only: tuple[str, ...] | None) -> Registry:
+    return build_registry(plugins=only)
+
+
+get_registry.cache_clear = _cached_registry.cache_clear  # type: ignore[attr-defined]
+
+
+def is_builtin(plugin_name: str) -> bool:
+    return plugin_name in BUILTIN_PLUGINS

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from slimc.backends.tvm.bounds import clamp_gathers
 from slimc.backends.tvm.legalize import legalize
 
 from slimc.errors import LoweringError, UsageError
@@ -32,9 +33,10 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
     legalize(ir)
     try:
         with target if target is not None else contextlib.nullcontext():
-            return from_exported_program(
+            mod = from_exported_program(
                 ir.program, keep_params_as_input=False,
                 custom_convert_map=dict(converters) if converters else None)
+        return clamp_gathers(mod)  # no out-of-bounds reads, whoever calls the library
     except AssertionError as exc:
         match = re.search(r"Unsupported function types \[(.*)\]", str(exc))
         if match:

@@ -433,13 +433,16 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0)
     from tvm import s_tir, te, tirx
 
     ids = te.placeholder((rows,), "int64", name="ids")
+
+    def clamp(v):  # out-of-range ids read the nearest row, never memory past the table
+        return tirx.max(tirx.min(v, tirx.const(vocab - 1, "int64")), tirx.const(0, "int64"))
     if kind == "int8":
         w = te.placeholder((vocab, dim), "int8", name="w")
         s = te.placeholder((vocab,), "float32", name="scale")
         params = [ids, w, s]
 
         def value(i, d):
-            v = ids[i]
+            v = clamp(ids[i])
             return w[v, d].astype("float32") * s[v]
     else:
         groups = -(-dim // group)
@@ -449,7 +452,7 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0)
         params = [ids, w, s, z]
 
         def value(i, d):
-            v = ids[i]
+            v = clamp(ids[i])
             byte = w[v, d // 2]
             code = (byte >> ((d % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
             return ((code.astype("float32") - z[v, d // group].astype("float32"))

@@ -24,7 +24,16 @@ def default_threads() -> int:
 def set_threads(threads: int | None) -> int:
     """Fix the runtime thread count (``--threads``, else ``TVM_NUM_THREADS``, else all cores)."""
     if threads is None:
-        threads = int(os.environ.get("TVM_NUM_THREADS") or default_threads())
+        raw = os.environ.get("TVM_NUM_THREADS") or ""
+        try:
+            threads = int(raw) if raw.strip() else default_threads()
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            from slimc.errors import UsageError
+
+            raise UsageError(f"TVM_NUM_THREADS={raw!r} is not a positive whole number.",
+                             hint="Unset it, set it to e.g. 4, or pass --threads N.")
     os.environ["TVM_NUM_THREADS"] = str(threads)
     return threads
 

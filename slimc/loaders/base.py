@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -19,6 +20,10 @@ _DTYPES = {
     "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
     "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
+#: Whether a loader may run code shipped with the model (``--trust-remote-code``); set by
+#: :func:`slimc.capture.load_model` for the duration of one load. Default: never.
+TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("slimc_trust_remote_code", default=False)
+
 _SPEC = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)=(?P<shape>\d+(?:x\d+)*)?(?::(?P<dtype>\w+))?$")
 
 

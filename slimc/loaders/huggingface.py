@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from slimc.errors import UsageError
-from slimc.loaders.base import InputOverride, LoadedModel, apply_overrides, random_tensor
+from slimc.loaders.base import (
+    TRUST_REMOTE_CODE,
+    InputOverride,
+    LoadedModel,
+    apply_overrides,
+    random_tensor,
+)
 
 #: Default sequence length for text models when ``--input`` does not say otherwise.
 DEFAULT_SEQ_LEN = 128
@@ -34,16 +40,19 @@ class HuggingFaceLoader:
         import transformers
 
         path = Path(model)
-        config = _load_config(path, transformers)
+        trust = TRUST_REMOTE_CODE.get()
+        _refuse_remote_code(path, trust)
+        config = _load_config(path, transformers, trust)
         if not any(list(path.glob(p)) for p in _WEIGHT_FILES):
             raise UsageError(
                 f"{path} has a config.json but no weights (*.safetensors or *.bin).",
                 hint="Save the model with model.save_pretrained(path) so the weights sit next "
                 "to config.json.",
             )
-        cls = _model_class(config, transformers)
+        cls = _model_class(config, transformers, trust)
         try:
-            module = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+            module = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                         trust_remote_code=trust)
         except Exception as exc:  # noqa: BLE001 - report which file could not be read
             raise UsageError(
                 f"Could not load the weights in {path} with {cls.__name__}: "
@@ -74,6 +83,7 @@ class HuggingFaceLoader:
                 f"{accepted[0]}=1x128:float32 (its forward takes: {', '.join(accepted[:8])}).",
             )
         inputs = apply_overrides(inputs, overrides, accepted=accepted, high=vocab)
+        _check_positions(text_config, inputs)
         has_tokenizer = any((path / f).exists() for f in
                             ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
         return LoadedModel(
@@ -83,6 +93,22 @@ class HuggingFaceLoader:
                    "model_type": getattr(config, "model_type", ""),
                    "tokenizer": str(path) if has_tokenizer else None},
         )
+
+
+def _check_positions(text_config, inputs: dict[str, torch.Tensor]) -> None:
+    """A sequence longer than the model's position table cannot be run (it would index past
+    the position embeddings)."""
+    limit = getattr(text_config, "max_position_embeddings", None) or \
+        getattr(text_config, "n_positions", None)
+    if not isinstance(limit, int):
+        return
+    for name in ("input_ids", "decoder_input_ids", "attention_mask", "token_type_ids"):
+        value = inputs.get(name)
+        if value is not None and value.dim() >= 2 and value.shape[-1] > limit:
+            raise UsageError(f"--input {name}: sequence length {value.shape[-1]} is longer "
+                             f"than the model's {limit} positions (max_position_embeddings).",
+                             hint=f"Use at most {limit} tokens, e.g. --input "
+                             f"{name}={value.shape[0]}x{limit}:int64.")
 
 
 def _model_name(path: Path) -> str:
@@ -99,13 +125,41 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _load_config(path: Path, transformers):
+def _remote_code_files(path: Path) -> list[str]:
+    """Config files of ``path`` whose ``auto_map`` asks transformers to import the folder's own
+    Python code."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json",
+                 "processor_config.json"):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            found.append(name)
+    return found
+
+
+def _refuse_remote_code(path: Path, trust: bool) -> None:
+    """Custom model code runs only with --trust-remote-code; never ask on stdin."""
+    files = _remote_code_files(path)
+    if files and not trust:
+        scripts = sorted(p.name for p in path.glob("*.py"))
+        raise UsageError(
+            f"{path} ships its own Python code ({', '.join(files)} has an auto_map"
+            + (f"; {', '.join(scripts[:4])}" if scripts else "") + "), which slimc does not "
+            "run by default.", hint="Read that code; if you trust it, pass --trust-remote-code "
+            "(CompileOptions(trust_remote_code=True)).")
+
+
+def _load_config(path: Path, transformers, trust: bool = False):
     try:
         json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path / 'config.json'} is not valid JSON ({exc}).") from None
     try:
-        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True,
+                                                       trust_remote_code=trust)
     except Exception as exc:  # noqa: BLE001
         raise UsageError(
             f"transformers cannot read {path / 'config.json'}: {_first_line(exc)}",
@@ -114,12 +168,22 @@ def _load_config(path: Path, transformers):
         ) from None
 
 
-def _model_class(config, transformers):
+def _model_class(config, transformers, trust: bool = False):
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust and auto_map:  # the folder's own classes, through the Auto class that names them
+        for key in ("AutoModel", *sorted(auto_map)):
+            if key in auto_map and hasattr(transformers, key):
+                return getattr(transformers, key)
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel._model_mapping[type(config)]
+    try:
+        return transformers.AutoModel._model_mapping[type(config)]
+    except KeyError:
+        raise UsageError(f"transformers has no model class for {type(config).__name__} "
+                         f"(architectures: {getattr(config, 'architectures', None)}).",
+                         hint="Set config.json's architectures to a transformers class.") from None
 
 
 def _dim(value, default: int) -> int:
