@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from slimc.errors import UsageError
+from slimc.errors import SlimcError, UsageError
 from slimc.manifest import (
     MANIFEST,
     check_input_range,
@@ -126,6 +126,17 @@ class CompiledModel:
                              f"on this machine: {exc}.", hint="Run it on a machine with that "
                              "device (the artifact is complete; nothing compiles at load "
                              "time).") from None
+        except SlimcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - dlopen/VM errors of a foreign library
+            raise UsageError(f"Cannot load {self.library}: {type(exc).__name__}: "
+                             f"{_first_line(exc)}", hint="Recompile the model on this "
+                             "machine's slimc/TVM.") from None
+        arity = getattr(self._runner, "arity", lambda: None)()
+        if arity is not None and arity != len(self.inputs):
+            raise UsageError(f"{MANIFEST} lists {len(self.inputs)} input(s) but "
+                             f"{self.library.name} takes {arity}; the manifest was edited "
+                             "or belongs to another library.", hint="Recompile the model.")
 
     def _arrange(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[np.ndarray]:
         names = [i["name"] for i in self.inputs]
@@ -160,7 +171,19 @@ class CompiledModel:
         return self._runner(arrays)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-        outputs = self.run_arrays(self._arrange(args, kwargs))
+        arrays = self._arrange(args, kwargs)
+        try:
+            outputs = self.run_arrays(arrays)
+        except (KeyboardInterrupt, SlimcError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the library's own argument checks
+            raise UsageError(f"{self.library.name} rejected the inputs: {type(exc).__name__}: "
+                             f"{_first_line(exc)}", hint=f"The artifact's {MANIFEST} may not "
+                             "match its library; recompile the model.") from None
+        if len(outputs) != len(self.outputs):
+            raise UsageError(f"{self.library.name} returned {len(outputs)} output(s) but "
+                             f"{MANIFEST} lists {len(self.outputs)}; the manifest was edited.",
+                             hint="Recompile the model.")
         return {spec["name"]: out for spec, out in zip(self.outputs, outputs, strict=True)}
 
     def example_inputs(self) -> dict[str, np.ndarray]:
@@ -204,6 +227,11 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"CompiledModel({str(self.directory)!r}, target="
                 f"{self.manifest['target']['name']!r})")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 def load(directory: str | os.PathLike[str], *, threads: int | None = None,

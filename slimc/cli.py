@@ -451,7 +451,7 @@ def _run(argv: list[str] | None) -> int:
 
 def _report(exc: BaseException) -> int:
     """Print ``exc`` the way its kind deserves; return the exit code."""
-    from slimc.outdir import explain_os_error
+    from slimc.outdir import disk_full_error, explain_os_error
 
     if isinstance(exc, SlimcError):
         err_console.print(f"[red]error:[/red] {exc}")
@@ -464,9 +464,9 @@ def _report(exc: BaseException) -> int:
     if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
         exc.show()
         return exc.exit_code
-    user_error = next((explain_os_error(e) for e in _chain(exc)
-                       if isinstance(e, OSError) and explain_os_error(e)), None) \
-        or _disk_full(exc)
+    user_error = disk_full_error(exc) or next(
+        (explain_os_error(e) for e in _chain(exc)
+         if isinstance(e, OSError) and explain_os_error(e)), None)
     if user_error is not None:
         err_console.print(f"[red]error:[/red] {user_error}")
         return user_error.exit_code
@@ -483,23 +483,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
     return seen
-
-
-def _disk_full(exc: BaseException) -> UsageError | None:
-    """A full disk reported as text by native code (TVM's "Compilation error: ... No space
-    left on device" from the linker) -> one paragraph naming where."""
-    import re
-
-    for e in _chain(exc):
-        text = str(e)
-        if "No space left on device" in text or "Disk quota exceeded" in text:
-            line = next(ln for ln in text.splitlines()
-                        if "No space left" in ln or "quota" in ln).strip()
-            path = re.search(r"(/[^\s:'\"]+)", line)
-            where = f" ({path.group(1)})" if path else ""
-            return UsageError(f"The disk is full{where}: {line[:300]}",
-                              hint="Free space there, or point -o / TMPDIR at another disk.")
-    return None
 
 
 if __name__ == "__main__":

@@ -116,9 +116,18 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
         interrupts.check()  # a signal whose exception native code swallowed stops us here
         stage(name)
 
+    options = options or CompileOptions()
     with interrupts.handle_signals():
-        return _compile(model, options or CompileOptions(), checked_stage, log, registry,
-                        progress)
+        try:
+            return _compile(model, options, checked_stage, log, registry, progress)
+        except Exception as exc:
+            from slimc.outdir import disk_full_error
+
+            where = Path(options.output).absolute().parent if options.output else Path.cwd()
+            full = disk_full_error(exc, [where])
+            if full is not None:
+                raise full from exc
+            raise
 
 
 def _compile(model: str, options: CompileOptions, stage: Stage, log: Callable[[str], None],

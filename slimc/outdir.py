@@ -140,7 +140,52 @@ def explain_os_error(exc: OSError) -> UsageError | None:
         errno.EISDIR: ("it is a directory", "Give a file path instead."),
         errno.ENAMETOOLONG: ("the path is too long", "Use a shorter path."),
     }
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full_error(exc, [Path(exc.filename)] if exc.filename else None)
     if exc.errno not in reasons:
         return None
     what, fix = reasons[exc.errno]
     return UsageError(f"Cannot write {where}: {what} ({exc.strerror}).", hint=fix)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def disk_full_error(exc: BaseException, places: list[Path] | None = None) -> UsageError | None:
+    """If ``exc`` (or what caused it) is a full disk, as an OSError or as text from native code
+    (TVM's "Compilation error: ... No space left on device" from the linker), a UsageError that
+    names the fullest of ``places`` (the -o folder, the temp folder); else None."""
+    import tempfile
+
+    line = None
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            line = f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+            break
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            line = next(ln for ln in text.splitlines()
+                        if "No space left" in ln or "Disk quota" in ln).strip()[:300]
+            break
+    if line is None:
+        return None
+    candidates = [Path(p) for p in (places or [])] + [Path(tempfile.gettempdir())]
+    free = []
+    for place in candidates:
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        try:
+            free.append((shutil.disk_usage(place).free, place))
+        except OSError:
+            continue
+    where = ""
+    if free:
+        space, place = min(free, key=lambda f: f[0])
+        where = f" on {place} ({space // 1024} KiB free)"
+    return UsageError(f"The disk is full{where}: {line}",
+                      hint="Free space there, or point -o (and TMPDIR) at a disk with room.")

@@ -53,6 +53,13 @@ class NativeRunner:
         self._module = tvm.runtime.load_module(str(Path(library)))
         self._vm = relax.VirtualMachine(self._module, self._device)
 
+    def arity(self) -> int | None:
+        """Number of inputs the library's ``main`` takes (None if the VM cannot say)."""
+        try:
+            return int(self._vm._get_function_arity("main"))
+        except Exception:  # noqa: BLE001 - an older runtime without the query
+            return None
+
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
         args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device)
