@@ -67,6 +67,7 @@ class TargetEntry(BaseModel):
 
     name: str
     cross_triple: str | None = None
+    backend: str | None = None
 
 
 class Manifest(BaseModel):
