@@ -97,7 +97,7 @@ def test_pt2_with_pickled_weight_runs_no_code(cli, tmp_path):
 
 # -- 2. a Hugging Face folder with auto_map code --------------------------------------------
 
-def test_remote_code_never_runs_without_opt_in(hf_dir, tmp_path):
+def test_remote_code_never_runs_without_opt_in(hf_dir, tmp_path, cli):
     folder = tmp_path / "custom"
     shutil.copytree(hf_dir("bert"), folder)
     marker = tmp_path / "PWNED"
@@ -114,6 +114,11 @@ def test_remote_code_never_runs_without_opt_in(hf_dir, tmp_path):
     assert "Traceback" not in result.stderr
     assert "[y/N]" not in result.stdout + result.stderr  # never asks on stdin
     assert not marker.exists()
+    # --trust-remote-code opts in: the folder's code runs and the model compiles
+    result = cli("compile", folder, "-o", tmp_path / "out", "-q", "--trust-remote-code",
+                 "--input", "input_ids=1x8:int64", "--input", "attention_mask=1x8:int64")
+    assert result.code == 0, result.err
+    assert marker.exists()
 
 
 # -- 3. token ids outside the vocabulary ----------------------------------------------------

@@ -171,7 +171,7 @@ def _load_config(path: Path, transformers, trust: bool = False):
 def _model_class(config, transformers, trust: bool = False):
     auto_map = getattr(config, "auto_map", None) or {}
     if trust and auto_map:  # the folder's own classes, through the Auto class that names them
-        for key in ("AutoModel", *sorted(auto_map)):
+        for key in ("AutoModel", *sorted(k for k in auto_map if k.startswith("AutoModel"))):
             if key in auto_map and hasattr(transformers, key):
                 return getattr(transformers, key)
     for arch in getattr(config, "architectures", None) or []:
