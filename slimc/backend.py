@@ -35,6 +35,37 @@ class DeviceUnavailable(RuntimeError):
     """This machine cannot run the library (no GPU, no emulator): build it, do not verify it."""
 
 
+class RunFailed(RuntimeError):
+    """The verification run started but did not finish: the emulator crashed, or it ran past
+    its time budget (``timed_out``). Not a compiler bug: the artifact is written unverified
+    (``--emulate auto``) or the compile stops with advice (``--emulate require``)."""
+
+    def __init__(self, message: str, *, timed_out: bool, limit_s: float | None = None,
+                 budget: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+        self.limit_s = limit_s
+        #: The budget the run had (``expected_s``, ``limit_s``, ``basis``), when there was one.
+        self.budget = budget
+
+
+@dataclass
+class RunLimits:
+    """What a verification run may cost, for backends whose run is slow (emulators).
+
+    ``flops``/``weight_bytes`` describe one call of the model (from the ``cost`` analysis);
+    ``timeout_s`` overrides any limit the backend would derive from them; ``progress``
+    receives status lines while the run is under way. The backend records the budget it used
+    in ``budget`` (JSON-ready) for the manifest.
+    """
+
+    flops: float = 0.0
+    weight_bytes: float = 0.0
+    timeout_s: float | None = None
+    progress: Callable[[str], None] = lambda message: None
+    budget: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class TargetInfo:
     """Facts about a target that passes may ask (LLVM's TargetTransformInfo).
@@ -132,8 +163,9 @@ class Backend(Protocol):
         ``manifest.json``); raises :class:`DeviceUnavailable`."""
 
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
-            threads: int | None) -> list[np.ndarray]:
-        """Run ``library`` once (verification); raises :class:`DeviceUnavailable`."""
+            threads: int | None, *, limits: RunLimits | None = None) -> list[np.ndarray]:
+        """Run ``library`` once (verification); raises :class:`DeviceUnavailable` when it
+        cannot run here and :class:`RunFailed` when the run crashed or outlived ``limits``."""
 
     def where(self, spec: TargetSpec) -> str:
         """Where :meth:`run` executes (``host (x86_64)``, ``qemu-aarch64``, ``cuda:0``...)."""

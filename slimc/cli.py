@@ -119,6 +119,9 @@ def compile_command(
                                               "artifact and IR.")] = 1e-3,
     emulate: Annotated[Emulate, typer.Option(help="Run cross-target artifacts under qemu to "
                                              "verify them: auto, require or skip.")] = Emulate.auto,
+    emulate_timeout: Annotated[float | None, typer.Option(
+        "--emulate-timeout", metavar="SECONDS", help="Stop the emulated verification run after "
+        "this long (default: from the model's FLOPs; env SLIMC_EMULATE_TIMEOUT).")] = None,
     save_ir: Annotated[bool, typer.Option("--save-ir", help="Also write the final IR as "
                                           "ir.pt2.")] = False,
     calib: Annotated[Path | None, typer.Option(
@@ -150,7 +153,8 @@ def compile_command(
     options = CompileOptions(target=target, pipeline=pipeline, recipe=recipe,
                              opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
                              threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
-                             save_ir=save_ir, calib=calib, calib_batches=calib_batches,
+                             emulate_timeout=emulate_timeout, save_ir=save_ir, calib=calib,
+                             calib_batches=calib_batches,
                              tune=tune, tune_minutes=tune_minutes, tune_db=tune_db,
                              trust_remote_code=trust_remote_code, force=force)
     if not as_json:
@@ -176,7 +180,8 @@ def compile_command(
     elif not quiet:
         v = m["verification"]
         checked = (f"verified on {v['ran_on']} (rel. L2 {v['relative_l2_vs_ir']:.2g})"
-                   if v.get("passed") else "NOT run")
+                   if v.get("passed") else "NOT verified" if v.get("run_error")
+                   else "NOT run")
         out_console.print(f"wrote {result.output} ({m['target']['name']}, "
                           f"{m['params_after']:,} params, {checked})")
         if m.get("tuning"):

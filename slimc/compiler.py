@@ -19,6 +19,7 @@ import torch
 
 import slimc
 from slimc import artifact
+from slimc.backend import RunLimits
 from slimc.capture import capture, load_model
 from slimc.errors import UsageError, VerificationError
 from slimc.evaluators import evaluate_all
@@ -54,6 +55,9 @@ class CompileOptions:
     #: ``auto``: run cross artifacts under emulation when it is available; ``require``: fail if
     #: it is not; ``skip``: never run a cross artifact.
     emulate: Literal["auto", "require", "skip"] = "auto"
+    #: Seconds an emulated verification run may take (default: derived from the model's FLOPs
+    #: and weight bytes by the backend, see :mod:`slimc.backends.tvm.emulation_budget`).
+    emulate_timeout: float | None = None
     save_ir: bool = False
     #: Calibration data for passes that need activations (text, .npy/.npz, image folder).
     calib: str | Path | None = None
@@ -149,6 +153,10 @@ def _compile(model: str, options: CompileOptions, stage: Stage, log: Callable[[s
     threads = backend.set_threads(options.threads)
     if options.output is not None:  # before the model is loaded: fail in a second, not an hour
         check_output_directory(Path(options.output), force=options.force)
+    if options.emulate_timeout is not None and not options.emulate_timeout > 0:
+        raise UsageError(f"--emulate-timeout {options.emulate_timeout:g} is not a positive "
+                         "number of seconds.", hint="Pass e.g. --emulate-timeout 900, or leave "
+                         "it out to derive the limit from the model's size.")
 
     silence_libraries()
     native_log: list[str] = []
@@ -209,7 +217,8 @@ def _compile(model: str, options: CompileOptions, stage: Stage, log: Callable[[s
         verification, artifact_outputs = _verify_artifact(
             library, spec, [x.numpy() for x in example_inputs], ir_outputs, options, threads,
             warnings,
-            noise_floor=lambda: rounding_noise_floor(ir, example_inputs, ir_outputs))
+            noise_floor=lambda: rounding_noise_floor(ir, example_inputs, ir_outputs),
+            limits=_run_limits(ctx, options, progress))
         timings["verify_s"] = time.perf_counter() - t0
 
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs
@@ -248,8 +257,9 @@ ROUNDING_FLOOR_MARGIN = 3.0
 def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                      ir_outputs: list[np.ndarray], options: CompileOptions, threads: int,
                      warnings: list[str], noise_floor: Callable[[], float | None] | None = None,
+                     limits: RunLimits | None = None,
                      ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
-    from slimc.backend import DeviceUnavailable
+    from slimc.backend import DeviceUnavailable, RunFailed
 
     backend = spec.get_backend()
     cross = spec.triple if spec.is_cross else None
@@ -258,7 +268,7 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
         warnings.append(f"the {cross} artifact was not run (--emulate skip).")
         return {"ran_on": None, "passed": None, "reason": "skipped by request"}, None
     try:
-        outputs = backend.run(library, spec, inputs, threads)
+        outputs = backend.run(library, spec, inputs, threads, limits=limits)
     except DeviceUnavailable as exc:
         if options.emulate == "require":
             raise UsageError(f"Cannot run the {what} artifact to verify it: {exc}.",
@@ -266,6 +276,8 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                 from None
         warnings.append(f"the {what} artifact was built but not run: {exc}.")
         return {"ran_on": None, "passed": None, "reason": str(exc)}, None
+    except RunFailed as exc:
+        return _run_failed(exc, what, options, warnings), None
     from slimc.evaluators import max_abs_error, relative_l2
 
     if len(outputs) != len(ir_outputs) or any(
@@ -290,7 +302,42 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
             "(--save-ir keeps the IR). --verify-tol raises the tolerance if you accept it.")
     return {"ran_on": where, "passed": True, "relative_l2_vs_ir": err,
             "max_abs_error_vs_ir": max_abs_error(ir_outputs, outputs),
-            "tolerance": tolerance, "rounding_noise_floor": floor}, outputs
+            "tolerance": tolerance, "rounding_noise_floor": floor,
+            **({"run_budget": limits.budget} if limits and limits.budget else {})}, outputs
+
+
+def _run_limits(ctx: PassContext, options: CompileOptions,
+                progress: Callable[[str], None]) -> RunLimits:
+    """What the verification run computes and loads (sizes an emulator's time budget)."""
+    flops = weight_bytes = 0.0
+    try:
+        total = ctx.analyses.get("cost").total
+        flops, weight_bytes = float(total.get("flops", 0)), float(total.get("weight_bytes", 0))
+    except Exception:  # noqa: BLE001 - an estimate failing must not fail the compile
+        pass
+    return RunLimits(flops=flops, weight_bytes=weight_bytes, timeout_s=options.emulate_timeout,
+                     progress=progress)
+
+
+def _run_failed(exc, what: str, options: CompileOptions, warnings: list[str]) -> dict[str, Any]:
+    """A verification run that crashed or ran out of time: an unverified artifact under
+    ``--emulate auto``, exit 2 with what to do under ``require``; never an internal error."""
+    summary, _, tail = str(exc).partition("\n")
+    if options.emulate == "require":
+        tail = "\n".join(tail.strip().splitlines()[-5:])
+        raise UsageError(
+            f"Could not verify the {what} artifact: {summary}. No artifact was written."
+            + (f"\nEmulator output (tail):\n{tail}" if tail else ""),
+            hint="Verify on a shorter input (e.g. --input input_ids=1x8:int64), give the "
+            "emulator more time with --emulate-timeout SECONDS (or SLIMC_EMULATE_TIMEOUT), "
+            "or build with --emulate auto/skip and check the artifact on the device itself "
+            "(`slimc run DIR` there).") from None
+    warnings.append(f"the {what} artifact is NOT verified: {summary}. It was written anyway "
+                    "(--emulate auto); check it on the device (`slimc run`), or re-run with "
+                    "--emulate-timeout SECONDS.")
+    return {"ran_on": None, "passed": None, "reason": summary, "timed_out": exc.timed_out,
+            "run_error": str(exc)[-2000:],
+            **({"run_budget": exc.budget} if exc.budget else {})}
 
 
 def _pass_entry(record, ir: IR) -> dict[str, Any]:

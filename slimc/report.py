@@ -39,6 +39,9 @@ def render_report(m: dict[str, Any]) -> str:
                      f"the IR: relative L2 error {v['relative_l2_vs_ir']:.3g} "
                      f"(tolerance {v['tolerance']:g}), max abs error "
                      f"{v['max_abs_error_vs_ir']:.3g}.")
+    elif v.get("run_error"):
+        lines.append(f"**Not verified**: {v.get('reason')}. The artifact was written without "
+                     "being checked; run it on the device (`slimc run`) before trusting it.")
     else:
         lines.append(f"**Not run**: {v.get('reason')}.")
     lines += ["", "## Fidelity against the original model", "",

@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from slimc.backend import DeviceUnavailable, TargetDescription, TargetInfo
+from slimc.backend import (
+    DeviceUnavailable,
+    RunFailed,
+    RunLimits,
+    TargetDescription,
+    TargetInfo,
+)
 from slimc.errors import UsageError
 from slimc.targets import TargetSpec
 
@@ -114,17 +120,53 @@ class TvmCpuBackend:
         return NativeRunner(library, threads)
 
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
-            threads: int | None) -> list[np.ndarray]:
-        from slimc.backends.tvm.emulation import EmulatorUnavailable
+            threads: int | None, *, limits: RunLimits | None = None) -> list[np.ndarray]:
+        from slimc.backends.tvm.emulation import (
+            EmulationError,
+            EmulationTimeout,
+            EmulatorUnavailable,
+        )
         from slimc.backends.tvm.runtime import run_library
 
+        if not spec.is_cross:
+            return run_library(library, inputs, cross_triple=None, threads=threads)
+        limits = limits or RunLimits()
+        budget = _emulation_budget(limits)
+        limits.budget = budget.to_json()
+        emu = self.where(spec)
+
+        def tick(elapsed: float) -> None:
+            limits.progress(f"running the model under {emu}: {elapsed:.0f}s of "
+                            f"~{budget.expected_s:.0f}s expected (stops at {budget.limit_s:.0f}s)")
+
+        tick(0.0)
         try:
-            return run_library(library, inputs, cross_triple=spec.triple if spec.is_cross
-                               else None, threads=threads)
+            return run_library(library, inputs, cross_triple=spec.triple, threads=threads,
+                               timeout=budget.limit_s, on_tick=tick)
         except EmulatorUnavailable as exc:
             raise DeviceUnavailable(str(exc)) from exc
+        except EmulationTimeout as exc:
+            raise RunFailed(f"the run under {emu} did not finish within its {exc.limit_s:g}s "
+                            f"budget ({budget.basis})\n{_rest(exc)}", timed_out=True,
+                            limit_s=exc.limit_s, budget=limits.budget) from exc
+        except EmulationError as exc:
+            first, rest = (str(exc).split("\n", 1) + [""])[:2]
+            raise RunFailed(f"the run under {emu} failed: {first}\n{rest}", timed_out=False,
+                            budget=limits.budget) from exc
 
     def where(self, spec: TargetSpec) -> str:
         if spec.is_cross:
             return f"qemu-{spec.triple.split('-')[0]}"
         return f"host ({platform.machine()})"
+
+
+def _emulation_budget(limits: RunLimits):
+    from slimc.backends.tvm.emulation_budget import emulation_budget
+
+    return emulation_budget(limits.flops, limits.weight_bytes, override_s=limits.timeout_s)
+
+
+def _rest(exc: Exception) -> str:
+    """An emulator error's lines after the first (the guest's output tail)."""
+    parts = str(exc).split("\n", 1)
+    return parts[1] if len(parts) > 1 else ""

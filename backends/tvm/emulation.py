@@ -24,9 +24,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "EmulationError",
+    "EmulationTimeout",
     "Emulator",
     "EmulatorUnavailable",
     "find_emulator",
@@ -56,6 +59,14 @@ class EmulationError(RuntimeError):
 
 class EmulatorUnavailable(EmulationError):
     """No emulator for the triple on this machine; ``str(err)`` is a one-sentence reason."""
+
+
+class EmulationTimeout(EmulationError):
+    """The emulated run was stopped after its time budget (``limit_s``) ran out."""
+
+    def __init__(self, message: str, limit_s: float) -> None:
+        super().__init__(message)
+        self.limit_s = limit_s
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,7 @@ def run_emulated(
     threads: int | None = None,
     timeout: float = 600.0,
     emulator: Emulator | None = None,
+    on_tick: Callable[[float], None] | None = None,
 ) -> list[np.ndarray]:
     """Run ``main`` of a Relax library built for another CPU and return its outputs.
 
@@ -157,8 +169,10 @@ def run_emulated(
     nested tuples of tensors) comes back flattened depth-first.  ``threads`` sets
     ``TVM_NUM_THREADS`` in the guest (default: inherited, else TVM's own choice).
     ``emulator`` defaults to :func:`find_emulator` for the library's ELF machine.
-    Raises :class:`EmulatorUnavailable` when there is no emulator, and
-    :class:`EmulationError` (with the guest's stderr tail) when the run fails.
+    ``on_tick(elapsed_s)`` is called about once a second while the guest runs (progress).
+    Raises :class:`EmulatorUnavailable` when there is no emulator,
+    :class:`EmulationTimeout` after ``timeout`` seconds, and :class:`EmulationError`
+    (with the guest's stderr tail) when the run fails.
     """
     lib = Path(lib_path).resolve()
     if emulator is None:
@@ -176,24 +190,49 @@ def run_emulated(
         in_path, out_path = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz")
         np.savez(in_path, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
         cmd = emulator.command(str(_RUNNER), str(lib), str(in_path), str(out_path), env=guest_env)
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, env=host_env, check=False
-            )
-        except subprocess.TimeoutExpired as err:
-            stderr = err.stderr or ""
-            if isinstance(stderr, bytes):
-                stderr = stderr.decode(errors="replace")
+        # Guest output goes to a file, not a pipe: nothing has to drain it while we poll.
+        log_path = Path(tmp, "guest.log")
+        with open(log_path, "w+b") as log:
+            code = _wait(cmd, host_env, log, timeout, on_tick, emulator)
+            log.seek(0)
+            guest_log = log.read().decode(errors="replace")
+        if code is None:
+            raise EmulationTimeout(
+                f"emulated run of {lib.name} timed out after {timeout:g}s\n{_tail(guest_log)}",
+                limit_s=timeout)
+        if code != 0 or not out_path.is_file():
             raise EmulationError(
-                f"emulated run of {lib.name} timed out after {timeout:g}s\n{_tail(stderr)}"
-            ) from err
-        except OSError as err:
-            raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
-        if proc.returncode != 0 or not out_path.is_file():
-            raise EmulationError(
-                f"emulated run of {lib.name} failed (exit {proc.returncode}); stderr tail:\n"
-                f"{_tail(proc.stderr + proc.stdout)}"
+                f"emulated run of {lib.name} failed (exit {code}); stderr tail:\n"
+                f"{_tail(guest_log)}"
             )
-        _LOG.debug("%s under qemu: %s", lib.name, _tail(proc.stderr, 1))
+        _LOG.debug("%s under qemu: %s", lib.name, _tail(guest_log, 1))
         with np.load(out_path) as npz:
             return [npz[f"out{i}"] for i in range(len(npz.files))]
+
+
+def _wait(cmd: list[str], env: dict[str, str], log, timeout: float,
+          on_tick: Callable[[float], None] | None, emulator: Emulator) -> int | None:
+    """Run ``cmd`` to completion or ``timeout``; its exit code, or None when it was stopped."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    except OSError as err:
+        raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
+    start = time.monotonic()
+    try:
+        while True:
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout:
+                return None
+            try:
+                return proc.wait(timeout=min(1.0, timeout - elapsed))
+            except subprocess.TimeoutExpired:
+                if on_tick is not None:
+                    on_tick(time.monotonic() - start)
+    finally:
+        if proc.poll() is None:  # timed out, or the host was interrupted: stop the guest
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()

@@ -266,7 +266,7 @@ class _TvmGpuBackend:
         return f"no {self.device_kind or self.kinds[0]} device on this machine"
 
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
-            threads: int | None) -> list[np.ndarray]:
+            threads: int | None, *, limits=None) -> list[np.ndarray]:
         return self.load(library, {"target": spec.to_json()}, threads)(inputs)
 
     def where(self, spec: TargetSpec) -> str:

@@ -7,7 +7,7 @@ defaults to one thread on small machines; :func:`set_threads` sets it before tha
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +78,17 @@ def _flatten(value) -> list[np.ndarray]:
 
 
 def run_library(library: Path, inputs: Sequence[np.ndarray], *, cross_triple: str | None,
-                threads: int | None = None) -> list[np.ndarray]:
+                threads: int | None = None, timeout: float | None = None,
+                on_tick: Callable[[float], None] | None = None) -> list[np.ndarray]:
     """Run ``library`` once on ``inputs``; cross libraries go through qemu (may raise
-    :class:`~slimc.backends.tvm.emulation.EmulatorUnavailable`)."""
+    :class:`~slimc.backends.tvm.emulation.EmulatorUnavailable`, or
+    :class:`~slimc.backends.tvm.emulation.EmulationError` when the guest fails or outlives
+    ``timeout`` seconds; ``on_tick(elapsed_s)`` reports progress meanwhile)."""
     if cross_triple:
         from slimc.backends.tvm.emulation import find_emulator, run_emulated
 
         emulator = find_emulator(cross_triple)
-        return run_emulated(library, list(inputs), threads=threads, emulator=emulator)
+        return run_emulated(library, list(inputs), threads=threads, emulator=emulator,
+                            **({"timeout": timeout} if timeout is not None else {}),
+                            on_tick=on_tick)
     return NativeRunner(library, threads)(inputs)
