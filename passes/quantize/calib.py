@@ -21,8 +21,6 @@ from slimc.passmanager import PassContext
 
 from .layers import Layer
 
-aten = torch.ops.aten
-
 
 @dataclass
 class LayerStats:
@@ -55,8 +53,10 @@ def calibration_batches(ctx: PassContext) -> list[list[torch.Tensor]]:
     return ctx.calibration()
 
 
-def _input_of(node: Node) -> Node:
-    return node.args[1] if node.target is aten.addmm.default else node.args[0]
+def _inputs_of(layer: Layer) -> list[Node]:
+    """The activations a layer multiplies (one per distinct input node)."""
+    return list(dict.fromkeys(use.node.args[use.input_arg] for use in layer.uses
+                              if use.input_arg is not None))
 
 
 def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Tensor]], *,
@@ -71,7 +71,7 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
     for layer in layers:
         if layer.is_embedding:
             continue
-        inputs = list(dict.fromkeys(_input_of(node) for node in layer.linear_nodes))
+        inputs = _inputs_of(layer)
         if len(inputs) == 1:
             stats[layer.name] = shared.setdefault(inputs[0], LayerStats())
         else:

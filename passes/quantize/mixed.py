@@ -111,7 +111,7 @@ def measure_damage(ir: IR, layers: Sequence[Layer], candidates: Sequence[Format]
             if references is None:
                 references = [run_graph(ir, b)[0] for b in batches]
             fq = fake_quantize(matrix, fmt)
-            value = (fq.t() if layer.transposed else fq).to(stored.dtype)
+            value = layer.from_matrix(fq).to(stored.dtype)
             table[i, j] = sum(
                 divergence(kind, ref, run_graph(ir, b, {layer.weight_node.name: value})[0])
                 for ref, b in zip(references, batches, strict=True)) / len(batches)
@@ -208,9 +208,8 @@ def _proxy_table(ir: IR, ctx: PassContext, layers: Sequence[Layer],
                 source[i, j] = "measured"
                 continue
             bits = 4 if fmt.kind == "int4" else 8
-            axis = 1 if entry.kind == "embedding" else 0
-            ref = Setting("quantize", bits).apply(stored, axis)
-            ref = ref.t() if layer.transposed else ref
+            ref = Setting("quantize", bits).apply(layer.canonical(stored))
+            ref = ref.reshape(matrix.shape)
             e_ref = error(ref)
             damage[i, j] = entry.curve[f"q{bits}"] * error(fake_quantize(matrix, fmt)) / e_ref \
                 if e_ref > 0 else 0.0

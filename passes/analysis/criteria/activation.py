@@ -23,8 +23,9 @@ def input_scale(layer: Layer | str, weight: torch.Tensor, sq_norm: torch.Tensor)
 
     ``layer`` is the layer or the kind of the op that read the weight (``linear``, ``conv``,
     ``embedding``): a tied weight is read as an embedding *and* as a linear LM head.
+    ``weight`` is canonical (inputs on the last axis for linears and experts).
     """
-    kind = layer if isinstance(layer, str) else layer.kind
+    kind = layer if isinstance(layer, str) else _ROLE_KIND.get(layer.kind, layer.kind)
     norm = sq_norm.sqrt().to(torch.float64)
     if kind == "embedding":
         return norm.view(-1, *([1] * (weight.dim() - 1)))
@@ -46,16 +47,18 @@ class ActivationSensitivity(SensitivityCriterion):
     def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
                 layers: list[Layer]) -> int:
         batches = calibration_batches(ir, ctx, options.max_batches)
-        recorder = ActivationRecorder(ir, [op for layer in layers for op in layer.ops])
+        uses = [use for layer in layers for use in layer.uses]
+        recorder = ActivationRecorder(ir, [use.node for use in uses], inputs={
+            use.node.name: (use.input_arg, use.feature_dim) for use in uses})
         for batch in batches:
             recorder.record(batch)
         # Per layer and per kind of use (a tied weight is an embedding and an LM head).
         self._sq_norms: dict[str, dict[str, torch.Tensor]] = {}
         for layer in layers:
             per_kind: dict[str, torch.Tensor] = {}
-            for op in layer.ops:
-                kind = _op_kind(op)
-                per_kind[kind] = per_kind.get(kind, 0) + recorder.sq_norms[op.name]
+            for use in layer.uses:
+                kind = _ROLE_KIND.get(use.role, use.role)
+                per_kind[kind] = per_kind.get(kind, 0) + recorder.sq_norms[use.node.name]
             self._sq_norms[layer.name] = per_kind
         return len(batches)
 
@@ -71,8 +74,5 @@ class ActivationSensitivity(SensitivityCriterion):
         return error / max(total, 1e-30)
 
 
-def _op_kind(op) -> str:
-    from slimc.passes.analysis.layers import op_name
-
-    name = op_name(op)
-    return "embedding" if name == "aten.embedding" else ("conv" if "conv" in name else "linear")
+#: How a use's input norms broadcast over the canonical weight (see :func:`input_scale`).
+_ROLE_KIND = {"right": "linear", "expert": "linear", "conv_transpose": "conv"}

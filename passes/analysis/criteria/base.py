@@ -118,10 +118,12 @@ class SensitivityCriterion(AnalysisPass):
         weights = ir.weights()
         results = {}
         for layer in layers:
-            weight = weights[layer.weight.name].detach()
+            # Criteria see the canonical orientation (outputs first, inputs last) whether the
+            # model stores W, W.T or a permutation of it (see slimc.layers).
+            weight = layer.canonical(weights[layer.weight.name].detach())
             curve = {}
             for setting in settings:
-                compressed = setting.apply(weight, layer.output_channel_axis)
+                compressed = setting.apply(weight, layer.canonical_output_axis)
                 curve[setting.key] = self.damage(layer, weight, compressed, setting)
             results[layer.name] = LayerSensitivity(
                 layer.name, layer.module_type, layer.kind, layer.weight.name,
@@ -153,7 +155,8 @@ class SensitivityCriterion(AnalysisPass):
         """Damage of removing ``candidate``'s units at ``key``. Proxies: the sum of their
         per-layer damage over the weight layers touched (biases and norms not counted)."""
         setting = Setting("prune", float(key.removeprefix("keep")))
-        return float(sum(self.damage(layers[w], weights[w].detach(), value, setting)
+        return float(sum(self.damage(layers[w], layers[w].canonical(weights[w].detach()),
+                                     layers[w].canonical(value), setting)
                          for w, value in overrides.items() if w in layers))
 
     def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,

@@ -77,10 +77,15 @@ class ActivationRecorder(Interpreter):
     space; embedding: how often each row is gathered (the squared norm of a one-hot input).
     """
 
-    def __init__(self, ir: IR, watch: Iterable[Node]) -> None:
+    def __init__(self, ir: IR, watch: Iterable[Node],
+                 inputs: Mapping[str, tuple[int | None, int]] | None = None) -> None:
+        """``inputs``: per op name, (argument index of the activation, its feature axis), as
+        :class:`slimc.layers.Use` gives them; default: argument 0, axis 1 for convolutions
+        and -1 otherwise."""
         super().__init__(ir.graph_module)
         self._ir = ir
         self._watch = {n.name: n for n in watch}
+        self._inputs = dict(inputs or {})
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
 
@@ -100,13 +105,10 @@ class ActivationRecorder(Interpreter):
             sq = torch.bincount(indices.reshape(-1), minlength=weight.shape[0]).double()
             count = indices.numel()
         else:
-            x = args[0].detach().double()
-            if "conv" in op:
-                sq = x.pow(2).sum(dim=[d for d in range(x.dim()) if d != 1])
-                count = x.numel() // x.shape[1]
-            else:
-                sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-                count = x.numel() // x.shape[-1]
+            index, axis = self._inputs.get(node.name, (0, 1 if "conv" in op else -1))
+            x = args[index or 0].detach().double().movedim(axis, -1)
+            sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            count = x.numel() // x.shape[-1]
         self.sq_norms[node.name] = self.sq_norms.get(node.name, 0) + sq
         self.tokens[node.name] = self.tokens.get(node.name, 0) + count
 

@@ -60,7 +60,7 @@ class PerturbationSensitivity(SensitivityCriterion):
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:
         return measure_output_change(self._ir, self._batches, self._references,
-                                     layer.weight.name, compressed)
+                                     layer.weight.name, layer.stored(compressed))
 
     def group_damage(self, candidate, key, overrides, layers, weights) -> float:
         """Measured: the graph runs with the group's units zeroed (a block: skipped)."""

@@ -68,7 +68,8 @@ class TaylorSensitivity(SensitivityCriterion):
                     if g is not None:
                         fisher[n] += g.double().pow(2)
                 draws += 1
-        self._fisher = {layer.name: fisher[layer.weight.name] / draws for layer in layers}
+        self._fisher = {layer.name: layer.canonical(fisher[layer.weight.name] / draws)
+                        for layer in layers}
         return len(batches)
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
