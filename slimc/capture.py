@@ -6,6 +6,8 @@ what to try, instead of torch's multi-page traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import traceback
@@ -64,7 +66,8 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
     names = list(loaded.example_inputs)
     values = list(loaded.example_inputs.values())
     args, kwargs = ((), dict(loaded.example_inputs)) if loaded.as_kwargs else (tuple(values), {})
-    with _quiet_torch():
+    # torch prints the partial graph of a failed export to sys.stderr; slimc reports it itself
+    with _quiet_torch(), contextlib.redirect_stderr(io.StringIO()):
         try:
             with torch.no_grad():  # grad-mode switches inside forward would become HOPs
                 program = torch.export.export(loaded.module, args, kwargs, strict=False)
@@ -98,11 +101,10 @@ def _check_tensor_outputs(program, name: str) -> None:
 def _quiet_torch() -> Iterator[None]:
     """torch logs graph dumps and tracebacks while export or loading fails; slimc reports the
     failure itself, in one paragraph."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch._dynamo",
-                                              "torch.fx.experimental.symbolic_shapes",
-                                              "torch.export", "torch._export",
-                                              "torch._export.serde.serialize",
-                                              "torch.export.pt2_archive._package")]
+    names = {"torch", "torch.fx", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+             "torch.export", "torch._export"}
+    names |= {n for n in logging.root.manager.loggerDict if n.startswith("torch")}
+    loggers = [logging.getLogger(n) for n in sorted(names)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:  # including logger.exception tracebacks: the failure is reported once
         lg.setLevel(logging.CRITICAL + 1)

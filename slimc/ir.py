@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch.fx import Node
 from slimc.errors import UsageError
 
 _EXTRA_FILE = "slimc.json"
+_TORCH_PLEA = re.compile(r"\s*\(Could this error message be improved\?.*$")
 _IR_FORMAT_VERSION = 1
 
 
@@ -296,21 +298,23 @@ class IR:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> IR:
         """Load a ``.pt2`` written by :meth:`save` or by plain ``torch.export.save``."""
-        from slimc.pt2_safety import check_archive, weights_only_loads
+        from slimc.pt2_safety import captured_torch_log, check_archive, weights_only_loads
 
         extra_files = {_EXTRA_FILE: ""}
         if not Path(path).is_file():
             raise UsageError(f"No such file: {path}.")
         check_archive(path)  # never unpickle: a .pt2 from a stranger must not run code
         try:
-            with weights_only_loads():
+            with weights_only_loads(), captured_torch_log() as logged:
                 program = torch.export.load(path, extra_files=extra_files)
         except FileNotFoundError:
             raise UsageError(f"No such file: {path}.") from None
         except Exception as exc:  # noqa: BLE001 - any failure here means a bad archive
+            cause = [ln.strip() for ln in logged if ln.strip()]
+            reason = _TORCH_PLEA.sub("", cause[-1]) if cause else (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             raise UsageError(
-                f"{path} is not a readable torch.export archive ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}).",
+                f"{path} is not a readable torch.export archive ({reason}).",
                 hint="Re-create it with torch.export.save(torch.export.export(model, args), path).",
             ) from None
         try:

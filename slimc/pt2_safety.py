@@ -15,6 +15,7 @@ custom/opaque objects with ``pickle.loads``, and sample inputs fall back to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import zipfile
@@ -88,3 +89,26 @@ def weights_only_loads() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = saved
+
+
+@contextmanager
+def captured_torch_log() -> Iterator[list[str]]:
+    """Collect what ``torch.export`` logs while loading (it logs the real cause of a failed
+    load, then raises "check the warnings above"), instead of printing it."""
+    logger = logging.getLogger("torch.export")
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.extend(logging.Formatter().format(record).splitlines())
+
+    saved = logger.level, logger.propagate, logger.handlers[:]
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    logger.handlers = [_Collect()]  # torch attaches its own printing handler here
+    try:
+        yield lines
+    finally:
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers = saved[2]

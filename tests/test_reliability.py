@@ -278,3 +278,22 @@ def test_plugin_calling_sys_exit_at_import_does_not_kill_slimc(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "plugin 'quitter' is disabled" in result.stderr and "sys.exit(3)" in result.stderr
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_torch_logs_no_traceback_before_the_message(tmp_path):
+    """torch logs the real cause of a failed load (with a traceback) and of a failed capture
+    before raising; slimc prints one paragraph instead (a subprocess, to see raw stderr)."""
+    import zipfile
+
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(bad, "w") as archive:
+        archive.writestr("bad/archive_format", "pt2")
+        archive.writestr("bad/models/model.json", "{not json")
+    for model, fragment in ((bad, "not a readable torch.export archive"),
+                            ("tests.models:untraceable", "Could not capture")):
+        result = subprocess.run([sys.executable, "-m", "slimc.cli", "compile", str(model), "-o",
+                                 str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and fragment in result.stderr, result.stderr
+        assert result.stderr.strip().startswith("error:"), result.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slimc.backends.tvm.cross_link import zig_cross_compiler
 
+from slimc import interrupts
 from slimc.errors import LoweringError
 from slimc.targets import TargetSpec
 
@@ -29,6 +30,7 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
             executable = relax.build(mod, target=target,
                                      relax_pipeline=_pipeline(target, tuning))
     except Exception as exc:  # noqa: BLE001
+        interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
         raise LoweringError(
             f"TVM could not build the model for {spec.name}: {type(exc).__name__}: "
             f"{_last_line(exc)}",

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimc import interrupts
 from slimc.errors import UsageError
 
 log = logging.getLogger("slimc.tuning")
@@ -303,6 +304,7 @@ class Tuner:
                     measure_callbacks=[*ms.MeasureCallback.create("default"), callback],
                     task_scheduler="gradient")
             except Exception:
+                interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                 if self.report["stopped_by"] != "time cap":  # _TimeCap, maybe re-wrapped by FFI
                     raise
         self.report["records_written"] = len(database) - before
@@ -332,6 +334,7 @@ class Tuner:
                 try:
                     sch = rule.apply(func, self.target)
                 except Exception as exc:  # noqa: BLE001 - the next rule, as in slimc's pipeline
+                    interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                     log.debug("rule %s on %s: %s", rule.name, task.task_name, exc)
                     continue
                 if sch is not None:
@@ -352,6 +355,7 @@ class Tuner:
                     sch.trace, workload, result.run_secs, target, args_info))
                 self.report["baselines"] += 1
             except Exception as exc:  # noqa: BLE001 - tuning still works without a baseline
+                interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                 log.debug("no baseline for %s: %s", task.task_name, exc)
 
     def _select_tasks(self, mod) -> list[tuple[Any, float]]:
@@ -366,6 +370,7 @@ class Tuner:
             try:
                 flops = float(estimate_tir_flops(task.dispatched[0])) * float(task.weight)
             except Exception:  # noqa: BLE001 - dynamic shapes etc.: not worth tuning blind
+                interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                 continue
             if flops > 0:
                 scored.append((task, flops))
@@ -413,6 +418,7 @@ def _in_process_builder():
                     results.append(BuilderResult(default_export(build_kernel(item.mod,
                                                                              item.target)), None))
                 except Exception as exc:  # noqa: BLE001 - a bad candidate, not a bad build
+                    interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                     results.append(BuilderResult(None, f"{type(exc).__name__}: {exc}"))
             return results
 

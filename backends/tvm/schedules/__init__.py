@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from slimc import interrupts
+
 from .common import log
 from .cpu_matmul import CONSTANT_OPERANDS, PREPROC, TiledMatmul
 from .cpu_reduction import RowReduction
@@ -60,6 +62,7 @@ def schedule_prim_func(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
         try:
             sch = rule.apply(func, target)
         except Exception as exc:  # noqa: BLE001 - ScheduleError and friends: try the next rule
+            interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
             log.debug("rule %s failed on %s: %s", rule.name, name, _last_line(exc))
             continue
         if sch is not None:
@@ -260,6 +263,7 @@ def _convert_conv_layout(mod, _ctx):
     try:
         return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
     except Exception as exc:  # noqa: BLE001 - a layout we cannot convert: keep NCHW
+        interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
         log.debug("ConvertLayout skipped: %s", _last_line(exc))
         return mod
 

@@ -11,6 +11,8 @@ import logging
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from slimc import interrupts
+
 log = logging.getLogger("slimc.schedules")
 
 #: Loops with fewer iterations than this (times their body) are not worth a parallel launch:
@@ -104,6 +106,7 @@ def inline_spatial(sch: s_tir.Schedule, blocks: list, intermediates: set,
             try:
                 sch.compute_inline(block)
             except Exception:  # noqa: BLE001 - ScheduleError: keep the block
+                interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                 continue
             remaining.remove(block)
             changed = True

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from slimc import interrupts
+
 from .common import (
     MIN_PARALLEL_WORK,
     block_writes_output,
@@ -160,6 +162,7 @@ def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set):
                 sch.compute_inline(block)
                 continue
             except Exception:  # noqa: BLE001 - keep it, scheduled on its own below
+                interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                 pass
         remaining.append(block)
     return remaining
@@ -244,6 +247,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
             sch.reverse_compute_inline(block)
             continue
         except Exception as exc:  # noqa: BLE001 - e.g. a reshape; computed on its own instead
+            interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
             log.debug("tiled-matmul: epilogue %s not inlined: %s", sch.get(block).name_hint,
                       str(exc).splitlines()[-1] if str(exc) else exc)
         schedule_block(sch, block, target)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from slimc import interrupts
+
 from .common import (
     MIN_PARALLEL_WORK,
     extent,
@@ -36,6 +38,7 @@ class Fallback:
             try:
                 schedule_block(sch, block, target)
             except Exception as exc:  # noqa: BLE001 - keep this block's loops as they were
+                interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                 log.debug("fallback: block %s left unscheduled: %s", sch.get(block).name_hint,
                           _first_line(exc))
         return sch
