@@ -3,7 +3,7 @@
 Python API (the CLI is a thin layer over it)::
 
     import slimc
-    result = slimc.compile_model("path/to/hf-model", slimc.CompileOptions(target="arm"))
+    result = slimc.compile("path/to/hf-model", target="arm")   # or compile(module, inputs)
     model = slimc.load(result.output)       # host artifacts
     outputs = model(**model.example_inputs())
 """
@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 from slimc.hookspec import hookimpl  # noqa: E402  (re-exported for plugin authors)
 
-__all__ = ["__version__", "hookimpl", "load", "compile_model", "CompileOptions", "IR"]
+__all__ = ["__version__", "hookimpl", "load", "compile", "compile_model", "CompileOptions",
+           "CompileResult", "IR"]
 
 
 def __getattr__(name: str):
@@ -23,10 +24,10 @@ def __getattr__(name: str):
         from slimc.artifact import load
 
         return load
-    if name in ("compile_model", "CompileOptions"):
-        from slimc import compiler
+    if name in ("compile", "compile_model", "CompileOptions", "CompileResult"):
+        from slimc import api
 
-        return getattr(compiler, name)
+        return getattr(api, name)
     if name == "IR":
         from slimc.ir import IR
 

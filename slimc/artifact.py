@@ -32,6 +32,9 @@ __all__ = ["MANIFEST", "LIBRARY", "REPORT", "EXAMPLE_INPUTS", "sha256_of", "stag
 LIBRARY = "model.so"
 REPORT = "report.md"
 EXAMPLE_INPUTS = "example_inputs.npz"
+#: Wall-clock times of the compile: kept out of the manifest so that the same inputs give a
+#: byte-identical manifest (and cache hits are indistinguishable from cold compiles).
+TIMINGS = "timings.json"
 
 
 @contextmanager
@@ -72,6 +75,29 @@ def staged_directory(final: Path, *, force: bool = False) -> Iterator[Path]:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
         interrupts.unregister_staging(stage)
+
+
+def split_timings(manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``manifest`` without wall-clock times, and those times: the top-level ``timings`` plus
+    every ``seconds`` field anywhere (per pass, per criterion), keyed by its JSON path."""
+    found: dict[str, Any] = {}
+
+    def strip(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            kept = {}
+            for key, item in value.items():
+                if key == "seconds" or (key == "timings" and not path):
+                    found[f"{path}{key}" if not path else f"{path}.{key}"] = item
+                else:
+                    kept[key] = strip(item, f"{path}.{key}" if path else str(key))
+            return kept
+        if isinstance(value, list):
+            return [strip(item, f"{path}.{i}") for i, item in enumerate(value)]
+        return value
+
+    clean = strip(manifest, "")
+    stages = found.pop("timings", {})
+    return clean, {"stages": stages, "elsewhere": found}
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -137,6 +137,12 @@ def compile_command(
     tune_db: Annotated[Path | None, typer.Option(
         "--tune-db", help="Tuning database folder to read and extend (default: per target "
         "under ~/.cache/slimc/tuning, or $SLIMC_CACHE_DIR/tuning).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse an identical earlier "
+                                        "compile from the compile cache ($SLIMC_CACHE_DIR/"
+                                        "compile, else ~/.cache/slimc/compile).")] = True,
+    depfile: Annotated[Path | None, typer.Option(
+        "--depfile", help="Write a Make-syntax depfile listing every file the compile read "
+        "(target: OUTPUT/model.so).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as one "
                                           "JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -148,7 +154,7 @@ def compile_command(
         "write (they are deleted). Never replaces a directory slimc did not write.")] = False,
 ) -> None:
     """Compile MODEL for a target: capture, run passes, lower through TVM, verify, write."""
-    from slimc.compiler import CompileOptions, compile_model
+    from slimc.api import CompileOptions, compile_model
 
     options = CompileOptions(target=target, pipeline=pipeline, recipe=recipe,
                              opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
@@ -156,7 +162,8 @@ def compile_command(
                              emulate_timeout=emulate_timeout, save_ir=save_ir, calib=calib,
                              calib_batches=calib_batches,
                              tune=tune, tune_minutes=tune_minutes, tune_db=tune_db,
-                             trust_remote_code=trust_remote_code, force=force)
+                             trust_remote_code=trust_remote_code, force=force,
+                             cache=cache, depfile=depfile)
     if not as_json:
         from slimc.plugins import get_registry
 
@@ -173,7 +180,9 @@ def compile_command(
         summary = {k: m[k] for k in ("slimc_version", "target", "inputs", "outputs", "pipeline",
                                      "params_before", "params_after", "weight_bytes_before",
                                      "weight_bytes_after", "fidelity", "verification",
-                                     "library", "sha256", "timings")}
+                                     "library", "sha256")}
+        summary["timings"] = result.timings.get("stages", {})
+        summary["cached"] = result.cached
         summary["output"] = str(result.output)
         summary["tuning"] = m.get("tuning")
         print(json.dumps(summary))
@@ -182,8 +191,9 @@ def compile_command(
         checked = (f"verified on {v['ran_on']} (rel. L2 {v['relative_l2_vs_ir']:.2g})"
                    if v.get("passed") else "NOT verified" if v.get("run_error")
                    else "NOT run")
+        cached = ", from the compile cache" if result.cached else ""
         out_console.print(f"wrote {result.output} ({m['target']['name']}, "
-                          f"{m['params_after']:,} params, {checked})")
+                          f"{m['params_after']:,} params, {checked}{cached})")
         if m.get("tuning"):
             t = m["tuning"]
             out_console.print(f"tuning: {t['trials']} trials run, {t['records_applied']} of "

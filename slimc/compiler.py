@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 import slimc
 from slimc import artifact
+from slimc.api import CompileOptions, CompileResult, compile_model  # noqa: F401 (public here)
 from slimc.backend import RunLimits
 from slimc.capture import capture, load_model
 from slimc.errors import UsageError, VerificationError
 from slimc.evaluators import evaluate_all
 from slimc.ir import IR
 from slimc.isa import required_isa
-from slimc.loaders.base import parse_overrides
+from slimc.loaders.base import LoadedModel, parse_overrides
 from slimc.passmanager import AnalysisManager, PassContext, PassInvocation, PassManager
 from slimc.pipeline import load_recipe, parse_pipeline_text, recipe_items, validate
 from slimc.plugins import Registry, get_registry
@@ -39,52 +39,6 @@ OPT_LEVELS: dict[int, str] = {
     1: "eliminate-dead-code",
     2: "quantize{weights=int8},eliminate-dead-code",
 }
-
-
-@dataclass
-class CompileOptions:
-    target: str = "llvm"
-    pipeline: str | None = None
-    recipe: str | Path | None = None
-    opt_level: int = 0
-    inputs: Sequence[str] = ()
-    output: str | Path | None = None
-    threads: int | None = None
-    #: Largest relative L2 error allowed between the artifact and the IR it was built from.
-    verify_tolerance: float = 1e-3
-    #: ``auto``: run cross artifacts under emulation when it is available; ``require``: fail if
-    #: it is not; ``skip``: never run a cross artifact.
-    emulate: Literal["auto", "require", "skip"] = "auto"
-    #: Seconds an emulated verification run may take (default: derived from the model's FLOPs
-    #: and weight bytes by the backend, see :mod:`slimc.backends.tvm.emulation_budget`).
-    emulate_timeout: float | None = None
-    save_ir: bool = False
-    #: Calibration data for passes that need activations (text, .npy/.npz, image folder).
-    calib: str | Path | None = None
-    calib_batches: int = 8
-    #: MetaSchedule trial budget for the most expensive kernels (0: no tuning; existing records
-    #: in the tuning database are applied either way).
-    tune: int = 0
-    #: Stop tuning after this many minutes.
-    tune_minutes: float | None = None
-    #: Tuning database folder (default: per target under ``$SLIMC_CACHE_DIR/tuning``).
-    tune_db: str | Path | None = None
-    #: Run Python code shipped with a Hugging Face model folder (``auto_map``). Off by default:
-    #: a model folder from a stranger must not run code on this machine.
-    trust_remote_code: bool = False
-    #: Third-party plugins (entry-point names) to load; None: all installed (or as
-    #: ``$SLIMC_PLUGINS`` / ``$SLIMC_NO_PLUGINS`` say); ``()``: none.
-    plugins: Sequence[str] | None = None
-    #: Replace an existing artifact even if it holds files slimc did not write (they are
-    #: deleted with it). Never replaces a directory slimc did not write.
-    force: bool = False
-
-
-@dataclass
-class CompileResult:
-    output: Path
-    manifest: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
 
 
 Stage = Callable[[str], None]
@@ -105,12 +59,14 @@ def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassI
     return validate(items, registry.passes)
 
 
-def compile_model(model: str, options: CompileOptions | None = None, *,
-                  stage: Stage = lambda name: None, log: Callable[[str], None] = lambda m: None,
-                  registry: Registry | None = None,
-                  progress: Callable[[str], None] = lambda m: None) -> CompileResult:
-    """Compile ``model`` (HF directory, ``module:factory`` or ``.pt2``) into an artifact.
+def build_artifact(model: str | LoadedModel, options: CompileOptions, identity: dict[str, Any],
+                   *, stage: Stage = lambda name: None,
+                   log: Callable[[str], None] = lambda m: None, registry: Registry | None = None,
+                   progress: Callable[[str], None] = lambda m: None) -> CompileResult:
+    """The compile itself (no cache): validate, capture, passes, lower, build, verify, write.
 
+    ``identity`` (from :func:`slimc.api.identity`) is recorded in the manifest as its
+    provenance. Use :func:`slimc.compile` / :func:`compile_model`, which add the cache.
     ``progress`` receives status updates within a stage (tuning trials). SIGINT/SIGTERM stop
     the compile (:class:`slimc.interrupts.Interrupted`) and leave any old artifact untouched.
     """
@@ -120,10 +76,9 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
         interrupts.check()  # a signal whose exception native code swallowed stops us here
         stage(name)
 
-    options = options or CompileOptions()
     with interrupts.handle_signals():
         try:
-            return _compile(model, options, checked_stage, log, registry, progress)
+            return _compile(model, options, identity, checked_stage, log, registry, progress)
         except Exception as exc:
             from slimc.outdir import disk_full_error
 
@@ -134,8 +89,9 @@ def compile_model(model: str, options: CompileOptions | None = None, *,
             raise
 
 
-def _compile(model: str, options: CompileOptions, stage: Stage, log: Callable[[str], None],
-             registry: Registry | None, progress: Callable[[str], None]) -> CompileResult:
+def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[str, Any],
+             stage: Stage, log: Callable[[str], None], registry: Registry | None,
+             progress: Callable[[str], None]) -> CompileResult:
     from slimc.outdir import check_output_directory
     from slimc.validate import check_batches, check_finite_weights, integer_input_ranges
 
@@ -163,8 +119,9 @@ def _compile(model: str, options: CompileOptions, stage: Stage, log: Callable[[s
 
     stage("capture")
     t0 = time.perf_counter()
-    ir, example_inputs = capture(load_model(model, overrides, registry,
-                                            trust_remote_code=options.trust_remote_code))
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, overrides, registry, trust_remote_code=options.trust_remote_code)
+    ir, example_inputs = capture(loaded)
     timings["capture_s"] = time.perf_counter() - t0
     output = Path(options.output or f"{_safe_name(ir.name)}.slimc")
     check_output_directory(output, force=options.force)
@@ -237,16 +194,20 @@ def _compile(model: str, options: CompileOptions, stage: Stage, log: Callable[[s
             ir.save(stage_dir / "ir.pt2")
         tokenizer_dir = _copy_tokenizer(ir, stage_dir)
         manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
-                             verification, library, threads, timings, model)
+                             verification, library, threads, timings,
+                             model if isinstance(model, str) else model.source)
         manifest["tokenizer"] = tokenizer_dir
         for entry in manifest["inputs"]:
             if entry["name"] in input_ranges:
                 entry["min"], entry["max"] = input_ranges[entry["name"]]
         manifest["tuning"] = tuner.report if tuner else None
         manifest["calibration"] = calibration.to_json() if calibration else None
-        artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
+        manifest["provenance"] = identity
         (stage_dir / artifact.REPORT).write_text(render_report(manifest))
-    return CompileResult(output.resolve(), manifest, warnings)
+        manifest, all_timings = artifact.split_timings(manifest)
+        artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
+        artifact.write_json(stage_dir / artifact.TIMINGS, all_timings)
+    return CompileResult(output.resolve(), manifest, warnings, timings=all_timings)
 
 
 #: An artifact with static int8 activations passes if it is within this many times the IR's
@@ -373,7 +334,7 @@ def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fideli
         "library_bytes": library.stat().st_size,
         "threads": threads,
         "versions": {"torch": torch.__version__, "tvm": _tvm_version()},
-        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "timings": {k: round(v, 3) for k, v in timings.items()},  # moved to timings.json
     }
 
 
