@@ -27,7 +27,8 @@ Stage = Callable[[str], None]
 
 @dataclass
 class CompileOptions:
-    target: str = "llvm"
+    #: Target name; None: the recipe's ``target``, else ``llvm`` (see :mod:`slimc.recipe`).
+    target: str | None = None
     pipeline: str | None = None
     recipe: str | Path | None = None
     opt_level: int = 0
@@ -91,11 +92,14 @@ def compile_model(model: Any, options: CompileOptions | None = None, *,
     An unchanged recompile is copied from the compile cache (``options.cache``); the bytes are
     those of a cold compile either way. ``progress`` receives status updates within a stage.
     """
-    options = options or CompileOptions()
+    from slimc import cache as compile_cache
+    from slimc.recipe import apply_recipe_settings
+
+    options = apply_recipe_settings(options or CompileOptions())
     if isinstance(model, Path):
         model = str(model)
-    from slimc import cache as compile_cache
-
+    elif not isinstance(model, str) and type(model).__name__ != "LoadedModel":
+        model = _loaded(model, None, None)  # an ExportedProgram; nn.Module needs inputs
     declared = declared_files(model, options)
     ident = identity(model, options, declared)
 
@@ -127,12 +131,13 @@ def compile_model(model: Any, options: CompileOptions | None = None, *,
                 result.reads = reads
     result.reads = sorted(set(declared) | set(result.reads))
     if options.depfile:
-        provenance.write_depfile(Path(options.depfile), result.output / artifact.LIBRARY,
-                                 result.reads)
+        # The target as the build system spells it (Make matches names, not inodes).
+        target = Path(options.output) if options.output else Path(result.output.name)
+        provenance.write_depfile(Path(options.depfile), target / artifact.LIBRARY, result.reads)
     return result
 
 
-def compile(model: Any, example_inputs: Any = None, *, target: str = "llvm",  # noqa: A001
+def compile(model: Any, example_inputs: Any = None, *, target: str | None = None,  # noqa: A001
             pipeline: str | None = None, recipe: str | Path | None = None,
             output: str | Path | None = None, name: str | None = None,
             **options: Any) -> CompileResult:
@@ -177,8 +182,9 @@ def _loaded(model: Any, example_inputs: Any, name: str | None):
                          hint="Pass a model path, an nn.Module with example_inputs, or a "
                          "torch.export.ExportedProgram.")
     if example_inputs is None:
-        raise UsageError("slimc.compile(nn.Module) needs example_inputs (a tuple of tensors or "
-                         "a dict of name -> tensor) to capture the model.")
+        raise UsageError("Compiling an nn.Module needs example inputs (a tuple of tensors or "
+                         "a dict of name -> tensor) to capture the model.",
+                         hint="Call slimc.compile(module, example_inputs, target=...).")
     model.eval()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -202,9 +208,12 @@ def _from_cache(hit, options: CompileOptions, log: Callable[[str], None]) -> Com
 
     check_output_directory(output, force=options.force)
     with artifact.staged_directory(output, force=options.force) as stage_dir:
+        # New modification times (shutil.copy, not copy2): to Make, the output is fresh.
         for item in hit.artifact.iterdir():
-            copy = shutil.copytree if item.is_dir() else shutil.copy2
-            copy(item, stage_dir / item.name)
+            if item.is_dir():
+                shutil.copytree(item, stage_dir / item.name, copy_function=shutil.copy)
+            else:
+                shutil.copy(item, stage_dir / item.name)
     log(f"compile cache hit {manifest['provenance']['key'][:16]}")
     timings_file = hit.artifact / artifact.TIMINGS
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}

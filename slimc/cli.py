@@ -21,8 +21,9 @@ from rich.console import Console
 from slimc.errors import SlimcError, UsageError
 
 app = typer.Typer(
-    name="slimc", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="slimc", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
     help="slimc: compress and compile PyTorch / Hugging Face models through Apache TVM.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
@@ -73,6 +74,24 @@ class Progress:
                 self._status = None
 
 
+#: ``slimc --verbose``: pass logs on stderr even when stdout is not a terminal.
+_VERBOSE = False
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        import slimc
+
+        try:
+            tvm = metadata.version("apache-tvm")
+        except metadata.PackageNotFoundError:
+            tvm = "not installed"
+        print(f"slimc {slimc.__version__} (TVM {tvm}, Python {sys.version.split()[0]})")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _global_options(
     plugins: Annotated[str | None, typer.Option(
@@ -80,10 +99,21 @@ def _global_options(
         "names; also $SLIMC_PLUGINS).")] = None,
     no_plugins: Annotated[bool, typer.Option(
         "--no-plugins", help="Load no third-party plugins (also $SLIMC_NO_PLUGINS=1).")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version_callback,
+                                          is_eager=True, help="Print the version and exit.")]
+    = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step on stderr "
+                                          "(also when output is piped).")] = False,
 ) -> None:
-    """slimc: compress and compile PyTorch / Hugging Face models through Apache TVM."""
+    """slimc: compress and compile PyTorch / Hugging Face models through Apache TVM.
+
+    Results go to stdout (one JSON object with --json, errors included); progress and logs go
+    to stderr. Exit codes: 0 ok, 2 bad usage or input, 1 internal error.
+    """
     from slimc import plugins as plugin_registry
 
+    global _VERBOSE
+    _VERBOSE = verbose
     if no_plugins:
         plugin_registry.cli_selection = ()
     elif plugins is not None:
@@ -93,21 +123,23 @@ def _global_options(
 
 
 def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stdout.isatty()
+    return not quiet and (sys.stdout.isatty() or _VERBOSE)
 
 
 @app.command("compile")
 def compile_command(
     model: Annotated[str, typer.Argument(help="HF model directory, package.module:factory, "
                                          "or a .pt2 file from torch.export.save.")],
-    target: Annotated[str, typer.Option("--target", "-t", help="Target name/alias (see "
-                                        "`slimc targets`), TVM tag, or TVM JSON dict.")] = "llvm",
+    target: Annotated[str | None, typer.Option(
+        "--target", "-t", help="Target name/alias (see `slimc targets`), TVM tag, or TVM JSON "
+        "dict (default: the recipe's target, else llvm = this machine).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory "
                                                 "(default ./<model-name>.slimc).")] = None,
     pipeline: Annotated[str | None, typer.Option(
         "--pipeline", "-p", help='Passes to run, e.g. "eliminate-dead-code,pass{opt=1}".')] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML/TOML recipe with a "
-                                                "`pipeline` list.")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        "--recipe", help="YAML/TOML recipe: a `pipeline` list and optional target, threads, "
+        "inputs (command-line flags win over the recipe). Not together with --pipeline.")] = None,
     opt_level: Annotated[int, typer.Option("-O", help="Optimisation level when no pipeline "
                                            "is given (0: no compression).")] = 0,
     inputs: Annotated[list[str] | None, typer.Option(
@@ -453,23 +485,28 @@ def _interrupted(signum: int) -> int:
 def _run(argv: list[str] | None) -> int:
     from slimc import interrupts
 
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=args, prog_name="slimc", standalone_mode=False)
     except BaseException as exc:  # noqa: BLE001 - the CLI's one error boundary
         if interrupts.received() is not None:  # whatever native code made of the interrupt
             raise interrupts.Interrupted(interrupts.received()) from exc
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        return _report(exc)
+        return _report(exc, as_json="--json" in args)
     return rv if isinstance(rv, int) else 0
 
 
-def _report(exc: BaseException) -> int:
-    """Print ``exc`` the way its kind deserves; return the exit code."""
+def _report(exc: BaseException, as_json: bool = False) -> int:
+    """Print ``exc`` the way its kind deserves; return the exit code. With ``--json`` the error
+    is the command's one result on stdout: ``{"error": ..., "hint": ..., "exit_code": N}``."""
     from slimc.outdir import disk_full_error, explain_os_error
 
     if isinstance(exc, SlimcError):
-        err_console.print(f"[red]error:[/red] {exc}")
+        if as_json:
+            _print_json_error(exc.message, exc.hint, exc.exit_code)
+        else:
+            err_console.print(f"[red]error:[/red] {exc}")
         return exc.exit_code
     if isinstance(exc, typer.Exit):
         return exc.exit_code
@@ -477,15 +514,25 @@ def _report(exc: BaseException) -> int:
         return 130
     # typer vendors click (typer._click), so match click's usage errors by shape.
     if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-        exc.show()
+        if as_json:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            _print_json_error(message, "See `slimc COMMAND --help`.", exc.exit_code)
+        else:
+            exc.show()
         return exc.exit_code
     user_error = disk_full_error(exc) or next(
         (explain_os_error(e) for e in _chain(exc)
          if isinstance(e, OSError) and explain_os_error(e)), None)
     if user_error is not None:
-        err_console.print(f"[red]error:[/red] {user_error}")
+        if as_json:
+            _print_json_error(user_error.message, user_error.hint, user_error.exit_code)
+        else:
+            err_console.print(f"[red]error:[/red] {user_error}")
         return user_error.exit_code
     traceback.print_exception(exc)
+    if as_json:
+        _print_json_error(f"internal error: {type(exc).__name__}: {exc}", "This is a bug in "
+                          "slimc (or a plugin); please report it with the command line.", 1)
     err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc}. This is a "
                       "bug in slimc (or a plugin); please report it with the command line.")
     return 1
@@ -498,6 +545,11 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
     return seen
+
+
+def _print_json_error(message: str, hint: str | None, exit_code: int) -> None:
+    """With --json, an error is the command's one JSON result (on stdout, like a success)."""
+    print(json.dumps({"error": message, "hint": hint, "exit_code": exit_code}))
 
 
 if __name__ == "__main__":

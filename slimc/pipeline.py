@@ -16,15 +16,13 @@ is valid.
 from __future__ import annotations
 
 import difflib
-import tomllib
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from slimc.errors import UsageError
 from slimc.passmanager import Pass, PassInvocation
+from slimc.recipe import load_recipe  # noqa: F401 (re-exported)
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:
@@ -67,35 +65,6 @@ def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, Any]]]:
         else:
             items.append((part, {}))
     return items
-
-
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file (``.yaml``/``.yml``/``.toml``) into a dict with a ``pipeline`` list."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"Cannot read recipe {path}: {exc.strerror}.") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"Recipe {path} is not a text file (it is not UTF-8).",
-                         hint="A recipe is a small YAML or TOML file with a pipeline list.") \
-            from None
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        else:
-            raise UsageError(f"Recipe {path} must end in .yaml, .yml or .toml.")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise UsageError(f"Recipe {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
-    if not isinstance(data, dict) or "pipeline" not in data:
-        raise UsageError(f"Recipe {path} must have a top-level 'pipeline' list.")
-    unknown = set(data) - {"pipeline", "target", "threads", "inputs"}
-    if unknown:
-        raise UsageError(f"Recipe {path}: unknown key(s) {', '.join(sorted(unknown))}.",
-                         hint="Valid keys: pipeline, target, threads, inputs.")
-    return data
 
 
 def recipe_items(recipe: dict[str, Any], origin: str = "recipe") -> list[tuple[str, dict]]:
