@@ -12,6 +12,7 @@ slimc's own source), so it needs no plugin registry; it is recorded in the manif
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def compile_model(model: Any, options: CompileOptions | None = None, *,
         return build_artifact(model, options, ident, stage=stage, log=log, registry=registry,
                               progress=progress)
 
-    use_cache = options.cache and not options.tune and isinstance(model, str)
+    use_cache = (options.cache and not options.tune and isinstance(model, str)
+                 and registry is None and os.environ.get("SLIMC_CACHE", "1") != "0")
     cache = compile_cache.CompileCache() if use_cache else None
     if cache is None:
         with provenance.record_reads() as seen:
@@ -127,7 +129,8 @@ def compile_model(model: Any, options: CompileOptions | None = None, *,
                 reads = [f for f in provenance.user_files(seen, exclude=[result.output,
                                                                          cache.root])
                          if f not in set(declared)]
-                cache.store(ident["key"], result.output, provenance.hash_files(reads))
+                cache.store(ident["key"], result.output, provenance.hash_files(reads),
+                            result.warnings)
                 result.reads = reads
     result.reads = sorted(set(declared) | set(result.reads))
     if options.depfile:
@@ -217,7 +220,8 @@ def _from_cache(hit, options: CompileOptions, log: Callable[[str], None]) -> Com
     log(f"compile cache hit {manifest['provenance']['key'][:16]}")
     timings_file = hit.artifact / artifact.TIMINGS
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    return CompileResult(output.resolve(), manifest, [], timings=timings, cached=True,
+    return CompileResult(output.resolve(), manifest, list(hit.warnings), timings=timings,
+                         cached=True,
                          reads=list(hit.reads))
 
 

@@ -9,6 +9,8 @@ their hashes, and is used only while they are unchanged (ccache's "manifest" ide
   (``~/.cache/slimc/compile`` on Linux, via platformdirs).
 * Concurrency: one file lock per key, so two identical compiles run once and the second copies
   the first's result; entries appear with an atomic rename, so readers never see half of one.
+* Off: ``--no-cache``, ``CompileOptions(cache=False)`` or ``SLIMC_CACHE=0``; also bypassed
+  when tuning, for in-memory models and when a custom plugin registry is passed.
 * Size: ``SLIMC_CACHE_MAX_MB`` (default 4096); least recently used entries are evicted after a
   store, skipping any entry another process holds.
 """
@@ -30,6 +32,7 @@ from slimc.provenance import sha256_file
 DEFAULT_MAX_MB = 4096
 ARTIFACT = "artifact"
 READS = "reads.json"
+WARNINGS = "warnings.json"
 
 
 def cache_root() -> Path:
@@ -46,6 +49,8 @@ def cache_root() -> Path:
 class CacheHit:
     artifact: Path
     reads: list[Path]
+    #: The warnings the cold compile printed, replayed on a hit.
+    warnings: list[str]
 
 
 class CompileCache:
@@ -77,9 +82,14 @@ class CompileCache:
                 return None
         now = time.time()
         os.utime(entry, (now, now))  # last use, for LRU eviction
-        return CacheHit(entry / ARTIFACT, [Path(p) for p in reads])
+        try:
+            warnings = json.loads((entry / WARNINGS).read_text())
+        except (OSError, ValueError):
+            warnings = []
+        return CacheHit(entry / ARTIFACT, [Path(p) for p in reads], warnings)
 
-    def store(self, key: str, artifact_dir: Path, reads: dict[str, str]) -> None:
+    def store(self, key: str, artifact_dir: Path, reads: dict[str, str],
+              warnings: list[str] = ()) -> None:
         """Copy ``artifact_dir`` in as the entry for ``key`` (caller holds ``lock(key)``)."""
         entry = self._entry(key)
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +97,7 @@ class CompileCache:
         try:
             shutil.copytree(artifact_dir, scratch / ARTIFACT)
             (scratch / READS).write_text(json.dumps(reads, indent=1, sort_keys=True))
+            (scratch / WARNINGS).write_text(json.dumps(list(warnings)))
             if entry.exists():
                 shutil.rmtree(entry)
             os.replace(scratch, entry)

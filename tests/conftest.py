@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.models
 from tests.models import save_hf  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every test compiles for real (fault-injection tests must not get a cached artifact); the
+# compile cache's own tests turn it on with a private SLIMC_CACHE_DIR (test_toolchain.py).
+os.environ.setdefault("SLIMC_CACHE", "0")
 
 
 @pytest.fixture(scope="session")

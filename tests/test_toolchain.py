@@ -24,6 +24,7 @@ BERT_INPUTS = ("-i", "input_ids=1x8:int64", "-i", "attention_mask=1x8:int64")
 def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("SLIMC_CACHE_DIR", str(path))
+    monkeypatch.setenv("SLIMC_CACHE", "1")
     return path
 
 
