@@ -176,3 +176,16 @@ def test_make_example_rebuilds_exactly_when_an_input_changes(hf_dir, tmp_path, c
         assert "slimc compile" in build()
         assert library.stat().st_mtime_ns > before
         assert "slimc compile" not in build()
+
+
+def test_recipe_library_is_valid():
+    from slimc.pipeline import load_recipe, recipe_items, validate
+    from slimc.plugins import get_registry
+    from slimc.targets import resolve_target
+
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert {"llm-int4.yaml", "bert-int8.yaml", "cnn-edge.yaml"} <= {r.name for r in recipes}
+    for path in recipes:
+        data = load_recipe(path)
+        assert validate(recipe_items(data, str(path)), get_registry().passes)
+        resolve_target(data.get("target", "llvm"))
