@@ -78,6 +78,12 @@ class Progress:
 _VERBOSE = False
 
 
+def _cmake_dir_callback(value: bool) -> None:
+    if value:
+        print(Path(__file__).resolve().parent / "cmake")
+        raise typer.Exit(0)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         from importlib import metadata
@@ -104,6 +110,9 @@ def _global_options(
     = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every step on stderr "
                                           "(also when output is piped).")] = False,
+    cmake_dir: Annotated[bool, typer.Option(
+        "--cmake-dir", callback=_cmake_dir_callback, is_eager=True,
+        help="Print the folder of slimc's CMake module (SlimcConfig.cmake) and exit.")] = False,
 ) -> None:
     """slimc: compress and compile PyTorch / Hugging Face models through Apache TVM.
 

@@ -150,32 +150,76 @@ def test_cache_evicts_least_recently_used(tmp_path):
     assert cache.lookup("bb" + "0" * 62) is None and cache.lookup("cc" + "0" * 62) is not None
 
 
+@pytest.fixture(scope="module")
+def shared_project(tmp_path_factory, hf_dir):
+    """One model folder, recipe and compile cache for the Make and CMake examples: the same
+    request from both build systems is one cold compile in all."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(hf_dir("bert"), root / "model")
+    shutil.copy(ROOT / "examples" / "make" / "recipe.yaml", root / "recipe.yaml")
+    return root
+
+
+def _rebuilds_exactly_when_an_input_changes(build, library: Path, project: Path) -> None:
+    assert "slimc" in build() and library.is_file()  # first build compiles
+    assert "slimc" not in build()  # nothing changed: a no-op
+    for touched in (project / "recipe.yaml", project / "model" / "model.safetensors"):
+        before = library.stat().st_mtime_ns
+        time.sleep(0.05)
+        touched.touch()
+        assert "slimc" in build()
+        assert library.stat().st_mtime_ns > before
+        assert "slimc" not in build()
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="make needed")
-def test_make_example_rebuilds_exactly_when_an_input_changes(hf_dir, tmp_path, cache_dir):
+def test_make_example_rebuilds_exactly_when_an_input_changes(shared_project, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setenv("SLIMC_CACHE_DIR", str(shared_project / "cache"))
+    monkeypatch.setenv("SLIMC_CACHE", "1")
     work = tmp_path / "proj"
     shutil.copytree(ROOT / "examples" / "make", work)
-    model = Path(hf_dir("bert"))
-    weights = work / "model"
-    shutil.copytree(model, weights)
-    make = ["make", "-C", str(work), f"SLIMC={sys.executable} -m slimc", "MODEL=model",
+    make = ["make", "-C", str(work), f"SLIMC={sys.executable} -m slimc",
+            f"MODEL={shared_project / 'model'}", f"RECIPE={shared_project / 'recipe.yaml'}",
             "TARGET=x86-64-v3", "SLIMC_FLAGS=" + " ".join(BERT_INPUTS)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def build() -> str:
         proc = subprocess.run(make, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        return proc.stdout
+        return proc.stdout.replace("Entering directory", "").replace("Leaving directory", "") \
+            .replace(str(shared_project), "").replace("Nothing to be done", "")
 
     library = work / "build" / "model.slimc" / "model.so"
-    assert "slimc compile" in build() and library.is_file()
-    assert "slimc compile" not in build()  # nothing changed: a no-op
-    for touched in (work / "recipe.yaml", weights / "model.safetensors"):
-        before = library.stat().st_mtime_ns
-        time.sleep(0.05)
-        touched.touch()
-        assert "slimc compile" in build()
-        assert library.stat().st_mtime_ns > before
-        assert "slimc compile" not in build()
+    _rebuilds_exactly_when_an_input_changes(build, library, shared_project)
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake needed")
+def test_cmake_module_rebuilds_exactly_when_an_input_changes(shared_project, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setenv("SLIMC_CACHE_DIR", str(shared_project / "cache"))
+    monkeypatch.setenv("SLIMC_CACHE", "1")
+    slimc_exe = Path(sys.executable).with_name("slimc")
+    build_dir = tmp_path / "build"
+    configure = subprocess.run(
+        ["cmake", "-S", str(ROOT / "examples" / "cmake"), "-B", str(build_dir),
+         f"-DSLIMC_EXECUTABLE={slimc_exe}", f"-DMODEL={shared_project / 'model'}",
+         f"-DRECIPE={shared_project / 'recipe.yaml'}", "-DTARGET=x86-64-v3",
+         "-DSLIMC_INPUTS=" + ";".join(BERT_INPUTS[1::2])],
+        capture_output=True, text=True, timeout=300)
+    assert configure.returncode == 0, configure.stderr
+    assert str(ROOT / "slimc" / "cmake") in (build_dir / "CMakeCache.txt").read_text()
+
+    def build() -> str:
+        proc = subprocess.run(["cmake", "--build", str(build_dir)], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout.replace("encoder_slimc", "")
+
+    library = build_dir / "encoder.slimc" / "model.so"
+    _rebuilds_exactly_when_an_input_changes(build, library, shared_project)
+    manifest = json.loads((build_dir / "encoder.slimc" / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "x86-64-v3"
 
 
 def test_recipe_library_is_valid():
