@@ -68,6 +68,13 @@ class CompileOptions:
     cache: bool = True
     #: Write a Make-syntax depfile here listing every file the compile read.
     depfile: str | Path | None = None
+    #: Causal LMs: build ``prefill`` + ``decode`` entry points over a KV cache instead of one
+    #: fixed-length forward pass (see docs/generation.md).
+    generate: bool = False
+    #: KV cache length (prompt + generated tokens) for ``generate``.
+    max_length: int | None = None
+    #: Tokens per prefill call for ``generate`` (longer prompts are fed in chunks).
+    prefill_length: int | None = None
 
 
 @dataclass
@@ -260,7 +267,9 @@ def identity(model: Any, options: CompileOptions, declared: list[Path]) -> dict[
                     "emulate_timeout": options.emulate_timeout,
                     "save_ir": options.save_ir, "calib_batches": options.calib_batches,
                     "trust_remote_code": options.trust_remote_code,
-                    "plugins": None if options.plugins is None else sorted(options.plugins)},
+                    "plugins": None if options.plugins is None else sorted(options.plugins),
+                    "generate": options.generate, "max_length": options.max_length,
+                    "prefill_length": options.prefill_length},
         "versions": {"slimc": _version("slimc"), "slimc_source": provenance.slimc_source_hash(),
                      "tvm": _version("apache-tvm"), "torch": _version("torch"),
                      "plugins": _plugin_versions()},

@@ -197,6 +197,11 @@ class CompiledModel:
         return self._runner(arrays)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        if self.manifest.get("generation"):
+            raise UsageError(f"{self.directory} is a generation artifact (prefill/decode entry "
+                             "points), not a single forward pass.",
+                             hint="Call model.generate(prompt, max_new_tokens) or `slimc "
+                             "generate`.")
         arrays = self._arrange(args, kwargs)
         try:
             outputs = self.run_arrays(arrays)
@@ -211,6 +216,36 @@ class CompiledModel:
                              f"{MANIFEST} lists {len(self.outputs)}; the manifest was edited.",
                              hint="Recompile the model.")
         return {spec["name"]: out for spec, out in zip(self.outputs, outputs, strict=True)}
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32, **options: Any):
+        """Generate text (or token ids) with a ``--generate`` artifact; see
+        :func:`slimc.generation.session.generate` for the sampling options."""
+        from slimc.generation.session import generate
+
+        return generate(self, prompt, max_new_tokens, **options)
+
+    def generator(self):
+        """The host generation loop over this artifact's VM (one KV cache, reused)."""
+        if getattr(self, "_generator", None) is None:
+            from slimc.generation.loop import Generator
+
+            vm = getattr(self._runner, "vm", None)
+            if vm is None:
+                raise UsageError(f"{self.directory} cannot run generation in this process.",
+                                 hint="Load it with emulate=True (cross targets) or on a "
+                                 "machine of its target.")
+            self._generator = Generator(vm, self.manifest["generation"])
+        return self._generator
+
+    def tokenizer(self):
+        """The tokenizer shipped in the artifact."""
+        name = self.manifest.get("tokenizer")
+        if not name:
+            raise UsageError(f"{self.directory} has no tokenizer (the model directory had "
+                             "none).", hint="Give token ids instead of text.")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.directory / name))
 
     def example_inputs(self) -> dict[str, np.ndarray]:
         """The inputs the artifact was verified on at compile time."""

@@ -184,6 +184,15 @@ def compile_command(
     depfile: Annotated[Path | None, typer.Option(
         "--depfile", help="Write a Make-syntax depfile listing every file the compile read "
         "(target: OUTPUT/model.so).")] = None,
+    generate: Annotated[bool, typer.Option(
+        "--generate", help="Causal LMs: build prefill + decode entry points over a KV cache "
+        "for `slimc generate` instead of one fixed-length forward pass.")] = False,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", min=2, help="With --generate: KV cache length, prompt + new tokens "
+        "(default: 512, capped by the model's maximum positions).")] = None,
+    prefill_length: Annotated[int | None, typer.Option(
+        "--prefill-length", min=1, help="With --generate: prompt tokens per prefill call "
+        "(longer prompts are fed in chunks; default 128).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as one "
                                           "JSON object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -204,7 +213,12 @@ def compile_command(
                              calib_batches=calib_batches,
                              tune=tune, tune_minutes=tune_minutes, tune_db=tune_db,
                              trust_remote_code=trust_remote_code, force=force,
-                             cache=cache, depfile=depfile)
+                             cache=cache, depfile=depfile,
+                             generate=generate, max_length=max_length,
+                             prefill_length=prefill_length)
+    if not generate and (max_length or prefill_length):
+        raise UsageError("--max-length and --prefill-length only apply with --generate.",
+                         hint="Add --generate to build a text-generation artifact.")
     if not as_json:
         from slimc.plugins import get_registry
 
@@ -392,6 +406,50 @@ def run_command(
             out_console.print(f"{name}: shape {s['shape']} {s['dtype']}, mean {s['mean']:.6g}, "
                               f"first {[round(x, 5) for x in s['first']]}")
         out_console.print(f"({seconds * 1000:.1f} ms)")
+
+
+@app.command("generate")
+def generate_command(
+    artifact_dir: Annotated[Path, typer.Argument(help="Directory written by `slimc compile "
+                                                 "--generate`.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt text (tokenized with the "
+                                        "artifact's tokenizer).")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 32,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy (default).")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k most "
+                                       "likely tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus "
+                                         "sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the "
+                                             "model's end-of-sequence tokens.")] = False,
+    threads: Annotated[int | None, typer.Option(min=1)] = None,
+    emulate: Annotated[bool, typer.Option(help="Run a cross-target artifact under qemu.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON "
+                                          "object instead of streaming text.")] = False,
+) -> None:
+    """Generate text with a --generate artifact: streams tokens, reports tokens/s."""
+    from slimc.artifact import load
+
+    model = load(artifact_dir, threads=threads, emulate=emulate)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stop=not ignore_eos,
+                            on_text=None if as_json else show)
+    s = result.stats
+    if as_json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": s}))
+        return
+    sys.stdout.write("\n")
+    decode = (f"{s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"]
+              else "n/a")
+    err_console.print(f"prefill: {s['prompt_tokens']} tokens in {s['prefill_s'] * 1000:.1f} ms "
+                      f"({s['prefill_tokens_per_s']:.1f} tokens/s); decode: {s['new_tokens']} "
+                      f"tokens, {decode}; stopped: {s['stop_reason']}", markup=False)
 
 
 @app.command("passes")

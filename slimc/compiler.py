@@ -117,10 +117,23 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     silence_libraries()
     native_log: list[str] = []
 
+    if options.generate and options.calib:
+        raise UsageError("--calib is not supported with --generate yet.",
+                         hint="Use weight-only passes that need no calibration (quantize with "
+                         "method rtn), or compile the forward pass without --generate.")
     stage("capture")
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, overrides, registry, trust_remote_code=options.trust_remote_code)
+    generation = None
+    if options.generate:
+        from slimc.generation.prepare import prepare_generation
+
+        if spec.backend != "tvm-cpu":
+            raise UsageError(f"--generate builds CPU libraries; {spec.name} is a "
+                             f"{spec.backend} target.", hint="Use --target llvm or arm.")
+        loaded, generation = prepare_generation(loaded, options.max_length,
+                                                options.prefill_length)
     ir, example_inputs = capture(loaded)
     timings["capture_s"] = time.perf_counter() - t0
     output = Path(options.output or f"{_safe_name(ir.name)}.slimc")
@@ -157,6 +170,14 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     t0 = time.perf_counter()
     with native_stderr_to(native_log):
         mod = backend.lower(ir, spec, registry.converters)
+    entries = None
+    if generation is not None:
+        from slimc.generation.prepare import entry_plan
+        from slimc.generation.split import split_entry_points
+
+        plan = entry_plan(generation, ir.input_names)
+        mod = split_entry_points(mod, plan)
+        entries = [(name, inputs) for name, (inputs, _) in plan.items()]
     timings["lower_s"] = time.perf_counter() - t0
 
     with artifact.staged_directory(output, force=options.force) as stage_dir:
@@ -175,7 +196,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             library, spec, [x.numpy() for x in example_inputs], ir_outputs, options, threads,
             warnings,
             noise_floor=lambda: rounding_noise_floor(ir, example_inputs, ir_outputs),
-            limits=_run_limits(ctx, options, progress))
+            limits=_run_limits(ctx, options, progress), entries=entries)
         timings["verify_s"] = time.perf_counter() - t0
 
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs
@@ -200,6 +221,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         for entry in manifest["inputs"]:
             if entry["name"] in input_ranges:
                 entry["min"], entry["max"] = input_ranges[entry["name"]]
+        manifest["generation"] = generation
         manifest["tuning"] = tuner.report if tuner else None
         manifest["calibration"] = calibration.to_json() if calibration else None
         manifest["provenance"] = identity
@@ -218,7 +240,7 @@ ROUNDING_FLOOR_MARGIN = 3.0
 def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                      ir_outputs: list[np.ndarray], options: CompileOptions, threads: int,
                      warnings: list[str], noise_floor: Callable[[], float | None] | None = None,
-                     limits: RunLimits | None = None,
+                     limits: RunLimits | None = None, entries=None,
                      ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     from slimc.backend import DeviceUnavailable, RunFailed
 
@@ -229,7 +251,8 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
         warnings.append(f"the {cross} artifact was not run (--emulate skip).")
         return {"ran_on": None, "passed": None, "reason": "skipped by request"}, None
     try:
-        outputs = backend.run(library, spec, inputs, threads, limits=limits)
+        outputs = backend.run(library, spec, inputs, threads, limits=limits,
+                              **({"entries": entries} if entries else {}))
     except DeviceUnavailable as exc:
         if options.emulate == "require":
             raise UsageError(f"Cannot run the {what} artifact to verify it: {exc}.",

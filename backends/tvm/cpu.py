@@ -120,7 +120,10 @@ class TvmCpuBackend:
         return NativeRunner(library, threads)
 
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
-            threads: int | None, *, limits: RunLimits | None = None) -> list[np.ndarray]:
+            threads: int | None, *, limits: RunLimits | None = None,
+            entries: Sequence[tuple[str, Sequence[int]]] | None = None) -> list[np.ndarray]:
+        """``entries``: run these functions on these input indices instead of ``main``
+        (generation artifacts: ``prefill`` and ``decode``)."""
         from slimc.backends.tvm.emulation import (
             EmulationError,
             EmulationTimeout,
@@ -129,7 +132,8 @@ class TvmCpuBackend:
         from slimc.backends.tvm.runtime import run_library
 
         if not spec.is_cross:
-            return run_library(library, inputs, cross_triple=None, threads=threads)
+            return run_library(library, inputs, cross_triple=None, threads=threads,
+                               entries=entries)
         limits = limits or RunLimits()
         budget = _emulation_budget(limits)
         limits.budget = budget.to_json()
@@ -142,7 +146,7 @@ class TvmCpuBackend:
         tick(0.0)
         try:
             return run_library(library, inputs, cross_triple=spec.triple, threads=threads,
-                               timeout=budget.limit_s, on_tick=tick)
+                               timeout=budget.limit_s, on_tick=tick, entries=entries)
         except EmulatorUnavailable as exc:
             raise DeviceUnavailable(str(exc)) from exc
         except EmulationTimeout as exc:

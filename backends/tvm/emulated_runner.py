@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -73,27 +74,31 @@ def _flatten(value: Any, out: list[np.ndarray]) -> None:
         raise TypeError(f"cannot convert VM output of type {type(value).__name__} to numpy")
 
 
-def run(lib_path: str, in_path: str, out_path: str) -> None:
-    """Load ``lib_path``, run ``main`` on the arrays of ``in_path``, save to ``out_path``."""
+def run(lib_path: str, in_path: str, out_path: str, plan: str | None = None) -> None:
+    """Load ``lib_path``, run ``main`` on the arrays of ``in_path``, save to ``out_path``.
+
+    ``plan`` (JSON ``[[function, [input indices]], ...]``) runs those functions in turn instead
+    and saves their outputs one after the other.
+    """
     t0 = time.perf_counter()
     _load_tvm_runtime()
     lib = tvm_ffi.load_module(lib_path)
     vm = lib["vm_load_executable"]()
     vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
-    main = vm["main"]
     with np.load(in_path) as npz:
         count = sum(1 for k in npz.files if k.startswith("arg"))
         args = [_to_tensor(npz[f"arg{i}"]) for i in range(count)]
+    steps = json.loads(plan) if plan else [["main", list(range(count))]]
     t1 = time.perf_counter()
-    result = main(*args)
-    t2 = time.perf_counter()
     outputs: list[np.ndarray] = []
-    _flatten(result, outputs)
+    for function, indices in steps:
+        _flatten(vm[function](*[args[i] for i in indices]), outputs)
+    t2 = time.perf_counter()
     np.savez(out_path, **{f"out{i}": a for i, a in enumerate(outputs)})
     print(f"slimc-runner: load {t1 - t0:.3f}s run {t2 - t1:.3f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: emulated_runner.py MODEL.so INPUTS.npz OUTPUTS.npz")
-    run(sys.argv[1], sys.argv[2], sys.argv[3])
+    if len(sys.argv) not in (4, 5):
+        sys.exit("usage: emulated_runner.py MODEL.so INPUTS.npz OUTPUTS.npz [PLAN.json]")
+    run(*sys.argv[1:])

@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -162,10 +163,12 @@ def run_emulated(
     timeout: float = 600.0,
     emulator: Emulator | None = None,
     on_tick: Callable[[float], None] | None = None,
+    entries: Sequence[tuple[str, Sequence[int]]] | None = None,
 ) -> list[np.ndarray]:
     """Run ``main`` of a Relax library built for another CPU and return its outputs.
 
-    ``inputs`` are the positional arguments of ``main``.  The result (a tensor or
+    ``inputs`` are the positional arguments of ``main`` (or, with ``entries``, of each named
+    function in turn: the inputs at its indices; outputs are concatenated).  The result (a tensor or
     nested tuples of tensors) comes back flattened depth-first.  ``threads`` sets
     ``TVM_NUM_THREADS`` in the guest (default: inherited, else TVM's own choice).
     ``emulator`` defaults to :func:`find_emulator` for the library's ELF machine.
@@ -189,7 +192,9 @@ def run_emulated(
     with tempfile.TemporaryDirectory(prefix="slimc-emu-") as tmp:
         in_path, out_path = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz")
         np.savez(in_path, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
-        cmd = emulator.command(str(_RUNNER), str(lib), str(in_path), str(out_path), env=guest_env)
+        plan = [] if entries is None else [json.dumps([[f, list(ix)] for f, ix in entries])]
+        cmd = emulator.command(str(_RUNNER), str(lib), str(in_path), str(out_path), *plan,
+                               env=guest_env)
         # Guest output goes to a file, not a pipe: nothing has to drain it while we poll.
         log_path = Path(tmp, "guest.log")
         with open(log_path, "w+b") as log:

@@ -60,12 +60,16 @@ class NativeRunner:
         except Exception:  # noqa: BLE001 - an older runtime without the query
             return None
 
-    def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, inputs: Sequence[np.ndarray], function: str = "main") -> list[np.ndarray]:
         tvm = self._tvm
         args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device)
                 for x in inputs]
-        result = self._vm["main"](*args)
+        result = self._vm[function](*args)
         return _flatten(result)
+
+    @property
+    def vm(self):
+        return self._vm
 
 
 def _flatten(value) -> list[np.ndarray]:
@@ -79,16 +83,27 @@ def _flatten(value) -> list[np.ndarray]:
 
 def run_library(library: Path, inputs: Sequence[np.ndarray], *, cross_triple: str | None,
                 threads: int | None = None, timeout: float | None = None,
-                on_tick: Callable[[float], None] | None = None) -> list[np.ndarray]:
+                on_tick: Callable[[float], None] | None = None,
+                entries: Sequence[tuple[str, Sequence[int]]] | None = None) -> list[np.ndarray]:
     """Run ``library`` once on ``inputs``; cross libraries go through qemu (may raise
     :class:`~slimc.backends.tvm.emulation.EmulatorUnavailable`, or
     :class:`~slimc.backends.tvm.emulation.EmulationError` when the guest fails or outlives
-    ``timeout`` seconds; ``on_tick(elapsed_s)`` reports progress meanwhile)."""
+    ``timeout`` seconds; ``on_tick(elapsed_s)`` reports progress meanwhile).
+
+    ``entries`` (default: ``main`` on all inputs): run each named function on the inputs at
+    the given indices, in order, and concatenate their outputs.
+    """
     if cross_triple:
         from slimc.backends.tvm.emulation import find_emulator, run_emulated
 
         emulator = find_emulator(cross_triple)
         return run_emulated(library, list(inputs), threads=threads, emulator=emulator,
                             **({"timeout": timeout} if timeout is not None else {}),
-                            on_tick=on_tick)
-    return NativeRunner(library, threads)(inputs)
+                            on_tick=on_tick, entries=entries)
+    runner = NativeRunner(library, threads)
+    if entries is None:
+        return runner(inputs)
+    outputs: list[np.ndarray] = []
+    for function, indices in entries:
+        outputs += runner([inputs[i] for i in indices], function)
+    return outputs

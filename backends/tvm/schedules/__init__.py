@@ -99,6 +99,8 @@ def cpu_pipeline(target: tvm.target.Target, rules: Sequence[Rule] = DEFAULT_RULE
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from slimc.generation.split import share_constants
+
     @tvm.transform.module_pass(opt_level=0, name="SlimcCpuSchedules")
     def schedule(mod, _ctx):
         return apply_cpu_schedules(mod, target, rules)
@@ -108,7 +110,7 @@ def cpu_pipeline(target: tvm.target.Target, rules: Sequence[Rule] = DEFAULT_RULE
         with target:
             seq = tvm.transform.Sequential(
                 fusion_passes(target) + list(before_schedule) + [schedule]
-                + prepack_passes() + cpu.dataflow_lower_passes(target)
+                + prepack_passes() + [share_constants()] + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target))
             return seq(mod)
 
