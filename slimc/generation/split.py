@@ -41,7 +41,12 @@ def split_entry_points(mod, entries: dict[str, tuple[Sequence[int], Sequence[int
         func = relax.Function(params, kept.body, kept.ret_ty, kept.is_pure, kept.attrs)
         func = copy_with_new_vars(func).with_attr("global_symbol", name)
         functions[name] = func
-    return tvm.IRModule(functions, attrs=mod.attrs)
+    # Keep the module's other functions (kernels that converters emitted, e.g. int4 gathers).
+    out = tvm.IRModule({gvar: func for gvar, func in mod.functions_items()
+                        if gvar.name_hint != "main"}, attrs=mod.attrs)
+    for name, func in functions.items():
+        out[name] = func
+    return out
 
 
 def share_constants():

@@ -105,6 +105,8 @@ class KVStep(torch.nn.Module):
             mask = {"full_attention": full}
             for window in {w for w in self.windows if w is not None}:
                 mask["sliding_attention"] = self._mask(pos, length, window)
+        elif len(set(self.windows)) == 1 and self.windows[0] is not None:
+            mask = self._mask(pos, length, self.windows[0])  # every layer slides (Mistral)
         else:
             mask = full
         position_ids = (pos + torch.arange(length, dtype=torch.int64)).view(1, length)

