@@ -62,11 +62,16 @@ def hf_dir(work: Path) -> Path:
 
 
 def compile_all(model_dir: Path, work: Path, threads: int, max_length: int, prefill: int,
-                formats: list[str]) -> dict[str, dict]:
+                formats: list[str], reuse: bool = False) -> dict[str, dict]:
     """Compile each format in a child process; returns its output dir, seconds, peak RSS."""
     info = {}
     for fmt in formats:
         out = work / f"smollm2-{fmt}.slimc"
+        record = work / f"compile-{fmt}.json"
+        if reuse and (out / "manifest.json").is_file() and record.is_file():
+            info[fmt] = {**json.loads(record.read_text()), "reused": True}
+            print(f"reusing {out}", flush=True)
+            continue
         cmd = [sys.executable, "-m", "slimc.cli", "compile", str(model_dir), "--generate",
                "--max-length", str(max_length), "--prefill-length", str(prefill),
                "--threads", str(threads), "-o", str(out), "-q"]
@@ -84,6 +89,7 @@ def compile_all(model_dir: Path, work: Path, threads: int, max_length: int, pref
                      "library_mib": round(manifest["library_bytes"] / 2**20, 1),
                      "weight_mib": round(manifest["weight_bytes_after"] / 2**20, 1),
                      "kv_cache_mib": round(manifest["generation"]["kv_cache_bytes"] / 2**20, 1)}
+        record.write_text(json.dumps(info[fmt]))
         print(f"compiled {fmt}: {info[fmt]}", flush=True)
     return info
 
@@ -193,6 +199,8 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=255, help="tokens per KJV window")
     parser.add_argument("--ppl-windows", type=int, default=2)
     parser.add_argument("--formats", default="int4,int8,fp32")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse artifacts a previous run compiled into --work")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimc-generate-smollm2"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/"
                         "generate_smollm2.json")
@@ -203,7 +211,7 @@ def main() -> None:
     model_dir = hf_dir(args.work)
     max_length = 256
     compiled = compile_all(model_dir, args.work, args.threads, max_length,
-                           args.prompt_tokens, formats)
+                           args.prompt_tokens, formats, reuse=args.reuse)
 
     import transformers
 
@@ -255,7 +263,7 @@ def main() -> None:
         summary[name] = {"prefill_ms": round(1000 * best(r["prefill_s"], min), 1),
                          "decode_tokens_per_s": round(best(r["decode_tps"], max), 1)}
     ref = summary["llama.cpp Q4_1 2t"]
-    for name, s in summary.items():
+    for s in summary.values():
         s["decode_vs_llama_cpp_2t"] = round(s["decode_tokens_per_s"]
                                             / ref["decode_tokens_per_s"], 2)
         s["prefill_speedup_vs_llama_cpp_2t"] = round(ref["prefill_ms"] / s["prefill_ms"], 2)
