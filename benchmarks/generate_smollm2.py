@@ -11,7 +11,7 @@ tokens. Perplexity on KJV text (Gospel of John) with teacher forcing through eac
 KV cache: slimc's decode entry point token by token; llama.cpp with ``logits_all=True``; the
 same token ids for both. Peak RSS of each compile (a child process) and of generation.
 
-    python benchmarks/generate_smollm2.py --threads 2   # -> benchmarks/results/generate_smollm2.json
+    python benchmarks/generate_smollm2.py --threads 2   # -> benchmarks/results/*.json
 
 slimc's runtime thread pool is sized once per process (``--threads``); llama.cpp is measured
 with 1 and 2 threads (its OpenMP threads spin against each other on a loaded machine).
