@@ -269,3 +269,30 @@ def test_cli_main_returns_130_on_keyboard_interrupt(monkeypatch):
 
     monkeypatch.setattr("slimc.plugins.get_registry", interrupted)
     assert cli.main(["passes"]) == 130
+
+
+def test_watchdog_ends_a_process_that_swallows_the_signal(tmp_path):
+    """Code that swallows every exception (or native code that never returns) cannot keep a
+    signalled slimc alive: the watchdog removes the staging folder and exits 128 + signal."""
+    staging = tmp_path / ".out.1.x.partial"
+    staging.mkdir()
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from slimc import interrupts\n"
+        "with interrupts.handle_signals():\n"
+        f"    interrupts.register_staging(Path({str(staging)!r}))\n"
+        "    print('ready', flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(60)\n"
+        "        except BaseException:\n"
+        "            pass\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err
+    assert not staging.exists()
