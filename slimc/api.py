@@ -64,6 +64,9 @@ class CompileOptions:
     #: Replace an existing artifact even if it holds files slimc did not write (they are
     #: deleted with it). Never replaces a directory slimc did not write.
     force: bool = False
+    #: Put the TVM runtime for the target and a prebuilt C runner into ``OUT/runtime/``
+    #: (:mod:`slimc.bundle`), so the board needs neither Python nor slimc.
+    bundle: bool = False
     #: Reuse / fill the compile cache (:mod:`slimc.cache`); never used with ``tune``.
     cache: bool = True
     #: Write a Make-syntax depfile here listing every file the compile read.
@@ -266,7 +269,7 @@ def identity(model: Any, options: CompileOptions, declared: list[Path]) -> dict[
                     "verify_tolerance": options.verify_tolerance, "emulate": options.emulate,
                     "emulate_timeout": options.emulate_timeout,
                     "save_ir": options.save_ir, "calib_batches": options.calib_batches,
-                    "trust_remote_code": options.trust_remote_code,
+                    "trust_remote_code": options.trust_remote_code, "bundle": options.bundle,
                     "plugins": None if options.plugins is None else sorted(options.plugins),
                     "generate": options.generate, "max_length": options.max_length,
                     "prefill_length": options.prefill_length},

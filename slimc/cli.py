@@ -181,6 +181,10 @@ def compile_command(
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse an identical earlier "
                                         "compile from the compile cache ($SLIMC_CACHE_DIR/"
                                         "compile, else ~/.cache/slimc/compile).")] = True,
+    bundle: Annotated[bool, typer.Option(
+        "--bundle", help="Also write OUT/runtime/: the TVM runtime libraries for the target and "
+        "a prebuilt C runner (slimc_run), so the device needs no Python (docs/deploy.md).")]
+    = False,
     depfile: Annotated[Path | None, typer.Option(
         "--depfile", help="Write a Make-syntax depfile listing every file the compile read "
         "(target: OUTPUT/model.so).")] = None,
@@ -213,21 +217,26 @@ def compile_command(
                              calib_batches=calib_batches,
                              tune=tune, tune_minutes=tune_minutes, tune_db=tune_db,
                              trust_remote_code=trust_remote_code, force=force,
-                             cache=cache, depfile=depfile,
+                             cache=cache, depfile=depfile, bundle=bundle,
                              generate=generate, max_length=max_length,
                              prefill_length=prefill_length)
     if not generate and (max_length or prefill_length):
         raise UsageError("--max-length and --prefill-length only apply with --generate.",
                          hint="Add --generate to build a text-generation artifact.")
-    if not as_json:
-        from slimc.plugins import get_registry
-
-        _print_broken([{"plugin": b.name, "reason": b.reason} for b in get_registry().broken])
     progress = Progress(_show_progress(quiet) and not as_json)
-    with progress.running():
-        result = compile_model(model, options, stage=progress.stage,
-                               log=(lambda m: None) if quiet else _log_verbose,
-                               progress=progress.update)
+    try:
+        with progress.running():
+            result = compile_model(model, options, stage=progress.stage,
+                                   log=(lambda m: None) if quiet else _log_verbose,
+                                   progress=progress.update)
+    finally:
+        # Name disabled plugins whenever the compile loaded them (a cache hit loads none,
+        # which keeps an unchanged recompile free of torch/TVM imports).
+        from slimc.plugins import loaded_registries
+
+        if not as_json:
+            for registry in loaded_registries():
+                _print_broken([{"plugin": b.name, "reason": b.reason} for b in registry.broken])
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
     m = result.manifest

@@ -214,6 +214,11 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         if options.save_ir:
             ir.save(stage_dir / "ir.pt2")
         tokenizer_dir = _copy_tokenizer(ir, stage_dir)
+        if options.bundle:
+            from slimc.bundle import write_bundle
+
+            stage("bundle the TVM runtime and C runner")
+            write_bundle(stage_dir, spec.triple if spec.is_cross else None)
         manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
                              verification, library, threads, timings,
                              model if isinstance(model, str) else model.source)

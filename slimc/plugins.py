@@ -205,5 +205,12 @@ def _cached_registry(only: tuple[str, ...] | None) -> Registry:
 get_registry.cache_clear = _cached_registry.cache_clear  # type: ignore[attr-defined]
 
 
+def loaded_registries() -> list[Registry]:
+    """The registries this process has built so far (none before the first get_registry)."""
+    if _cached_registry.cache_info().currsize == 0:
+        return []
+    return [get_registry()]
+
+
 def is_builtin(plugin_name: str) -> bool:
     return plugin_name in BUILTIN_PLUGINS
