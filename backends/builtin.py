@@ -51,6 +51,10 @@ def slimc_register_passes():
 
 @hookimpl
 def slimc_register_converters():
-    from slimc.backends.tvm.quantized_ops import converters
+    # Importing the lowering modules registers their (op, target kind) lowerings.
+    import slimc.backends.tvm.gpu_quantized  # noqa: F401
+    import slimc.backends.tvm.quantized_ops  # noqa: F401
+
+    from slimc.dialect import converters
 
     return converters()

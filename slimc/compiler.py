@@ -190,7 +190,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
 
         stage("verify")
         t0 = time.perf_counter()
-        from slimc.backends.tvm.quantized_ops import rounding_noise_floor
+        from slimc.dialect import rounding_noise_floor
 
         verification, artifact_outputs = _verify_artifact(
             library, spec, [x.numpy() for x in example_inputs], ir_outputs, options, threads,

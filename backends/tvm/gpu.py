@@ -23,7 +23,7 @@ from slimc.errors import LoweringError, UsageError
 from slimc.targets import TargetSpec
 
 #: Weight formats with GPU lowerings (``slimc::*`` ops, see ``gpu_quantized.py``).
-GPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
+GPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "w8a8")
 
 #: Vector width a GPU kernel wants channel counts to be a multiple of: one fp16 tensor-core
 #: operand row (mma m16n8k16: 16 halves = 256 bits), i.e. 8 fp32 / 16 fp16 channels.

@@ -1,32 +1,8 @@
-"""slimc's quantized operators: PyTorch custom ops for the IR, Relax converters for TVM.
+"""CPU (``llvm``) lowerings of slimc's quantized ops (the dialect: ``slimc/dialect.py``).
 
-Why custom ops: after ``quantize`` the IR must stay executable (every transform is verified by
-running it) *and* must carry the packed weights as they will be stored in the artifact. An
-``aten`` dequantize followed by ``aten.linear`` would do the first, but TVM's ``FoldConstant``
-folds ``dequantize(constant)`` back into an fp32 constant and the artifact would silently be
-fp32 again. So the IR uses opaque ops (``slimc::linear_int8`` ...) whose operands are the
-packed tensors, and each converter lowers one of them to an ``R.call_tir`` of a hand-scheduled
-TIR kernel that unpacks and dequantizes *inside* the matmul (or gather) loop nest. The only
-constant folding that can happen is the layout change of the packed weight (int8 stays int8).
-
-Ops (``x``: ``[..., K]`` float32; ``act_scale``: optional ``[K]`` per-input-channel multiplier
-that AWQ uses, applied to ``x`` before the matmul):
-
-* ``linear_int8(x, qweight int8[N,K], scale f32[N], bias?, act_scale?)``
-* ``linear_int4(x, packed uint8[N,K/2], scale f32[N,G], zero uint8[N,G], bias?, act_scale?,
-  group_size)``; code ``k`` of row ``n`` is nibble ``k % 2`` (low first) of ``packed[n, k//2]``
-  and dequantizes to ``(code - zero[n, k//g]) * scale[n, k//g]``.
-* ``linear_w8a8(x, qweight int8[N,K], in_mult f32[K], out_scale f32[N], bias?,
-  zero_point)``: int8 weights *and* activations. ``x`` is quantized statically, ``a =
-  clamp(round(x * in_mult) + zero_point, -128, 127)`` (``in_mult`` folds the calibrated input
-  scale and any SmoothQuant per-channel factor; ``zero_point`` is 0 for a symmetric range), the
-  matmul runs in integers and ``y = ((a - zero_point) @ qweight.T) * out_scale + bias``.
-  Lowered to the dot-product kernels of ``int8_kernels`` (VNNI, sdot, or a generic int8
-  kernel), which take ``zero_point * sum_k qweight[n, k]`` back out in integers.
-* ``linear_fp16(x, weight f16[N,K], bias?)`` / ``linear_bf16(x, weight bf16[N,K], bias?)``
-* ``embedding_int8(qweight, scale, ids)`` / ``embedding_int4(packed, scale, zero, ids,
-  group_size)``: gather rows, then dequantize (row = vocabulary entry, so a tied output head
-  shares the same packed table).
+Each lowering turns one ``slimc::*`` op into an ``R.call_tir`` of a hand-scheduled TIR kernel
+that unpacks and dequantizes *inside* the matmul (or gather) loop nest, so ``FoldConstant``
+can only fold the layout change of the packed weight (int8 stays int8).
 
 Kernel layout: the converter reshapes the ``[N, ...]`` weight into ``[N/t, ..., t]`` tiles
 (``t`` output features, the vector width), a pure relayout constant-folded at build time, so
@@ -41,206 +17,31 @@ and the inner loop unpacks both nibbles of a byte with constant shifts and widen
 into ``t``-lane fp32 multiply-adds. Single-threaded on the host it is ~10x faster than the
 per-k dequantizing kernel on decode shapes (768x2048, g128: 0.07 vs 0.72 ms).
 """
-
 from __future__ import annotations
 
 import functools
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import torch  # noqa: F401 - the ops below are registered with torch on import
 
-# ---------------------------------------------------------------------------------------------
-# Reference (PyTorch) semantics, shared by the ops and by the quantization code
-# ---------------------------------------------------------------------------------------------
-
-
-def unpack_int4(packed: Tensor, k: int) -> Tensor:
-    """``uint8[N, ceil(K/2)]`` -> codes ``uint8[N, K]`` (low nibble holds the even column)."""
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
-
-
-def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
-                    k: int) -> Tensor:
-    """Float weight ``[N, K]`` from packed int4 codes and per-group scale / zero point."""
-    codes = unpack_int4(packed, k).float()
-    index = torch.arange(k) // group_size
-    return (codes - zero.float()[:, index]) * scale[:, index]
-
-
-def dequantize_int8(qweight: Tensor, scale: Tensor) -> Tensor:
-    return qweight.float() * scale[:, None]
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, act_scale: Tensor | None) -> Tensor:
-    if act_scale is not None:
-        x = x * act_scale
-    return F.linear(x, weight, bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library custom ops (eager kernels + fake kernels for torch.export re-decomposition)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("slimc::linear_int8", mutates_args=())
-def linear_int8(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
-                act_scale: Tensor | None) -> Tensor:
-    return _linear(x, dequantize_int8(qweight, scale), bias, act_scale)
-
-
-@torch.library.custom_op("slimc::linear_int4", mutates_args=())
-def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
-                act_scale: Tensor | None, group_size: int) -> Tensor:
-    weight = dequantize_int4(packed, scale, zero, group_size, x.shape[-1])
-    return _linear(x, weight, bias, act_scale)
-
-
-#: Relative perturbation applied to W8A8 inputs before rounding (see ``rounding_noise_floor``).
-_JITTER: dict[str, Any] = {"relative": 0.0, "generator": None}
-
-
-def quantize_activation(x: Tensor, in_mult: Tensor, zero_point: int = 0) -> Tensor:
-    """Static int8 activation codes (as float): ``clamp(round(x * in_mult) + zp, -128, 127)``."""
-    scaled = x * in_mult
-    if _JITTER["relative"]:
-        noise = torch.rand(scaled.shape, generator=_JITTER["generator"]) * 2.0 - 1.0
-        scaled = scaled * (1.0 + _JITTER["relative"] * noise)
-    return torch.clamp(torch.round(scaled) + zero_point, -128.0, 127.0)
-
-
-#: Relative size of the float differences between PyTorch and a compiled kernel on the same
-#: activation (a different summation order in a LayerNorm or matmul: up to ~16 ulps of fp32).
-KERNEL_FLOAT_NOISE = 1e-6
-
-
-def rounding_noise_floor(ir, inputs, reference=None, seeds: int = 2) -> float | None:
-    """How far float noise alone moves the outputs of an IR with static int8 activations.
-
-    Rounding to a fixed grid is discontinuous: a compiled artifact whose LayerNorm sums in a
-    different order gets an activation a few ulps off, a few codes round the other way, and the
-    change grows through the following layers (measured on all-MiniLM-L6-v2 with a correct
-    artifact: relative L2 2e-7 after one W8A8 encoder layer, 3e-3 after two, 4e-2 after six).
-    Comparing such an artifact with the IR at a fixed 1e-3 would reject correct builds, so the
-    compiler compares it with this floor instead: the relative L2 between the IR's outputs and
-    the IR's outputs with every W8A8 input perturbed by ``KERNEL_FLOAT_NOISE`` (relative,
-    uniform), the largest over ``seeds`` perturbations. None (and nothing run) if the IR has
-    no such op. ``reference``: the IR's unperturbed outputs (numpy), if the caller has them.
-    """
-    import numpy as np
-
-    if not any(node.target is OPS["linear_w8a8"] for node in ir.nodes("call_function")):
-        return None
-    run = ir.run
-    if reference is None:
-        reference = [t.detach().numpy() for t in run(inputs)]
-    worst = 0.0
-    try:
-        for seed in range(seeds):
-            _JITTER.update(relative=KERNEL_FLOAT_NOISE,
-                           generator=torch.Generator().manual_seed(seed))
-            noisy = [t.detach().numpy() for t in run(inputs)]
-            num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(noisy, reference, strict=True))
-            den = sum(float(np.sum(b ** 2)) for b in reference) or 1.0
-            worst = max(worst, (num / den) ** 0.5)
-    finally:
-        _JITTER.update(relative=0.0, generator=None)
-    return worst
-
-
-@torch.library.custom_op("slimc::linear_w8a8", mutates_args=())
-def linear_w8a8(x: Tensor, qweight: Tensor, in_mult: Tensor, out_scale: Tensor,
-                bias: Tensor | None, zero_point: int) -> Tensor:
-    # Integer-valued float32 matmul: exact while partial sums stay below 2**24, and within
-    # float rounding of the artifact's int32 accumulation beyond that.
-    codes = quantize_activation(x, in_mult, zero_point) - zero_point
-    y = F.linear(codes, qweight.float()) * out_scale
-    return y + bias if bias is not None else y
-
-
-@torch.library.custom_op("slimc::linear_fp16", mutates_args=())
-def linear_fp16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(x, weight.float(), bias)
-
-
-@torch.library.custom_op("slimc::linear_bf16", mutates_args=())
-def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(x, weight.float(), bias)
-
-
-@torch.library.custom_op("slimc::embedding_int8", mutates_args=())
-def embedding_int8(qweight: Tensor, scale: Tensor, ids: Tensor) -> Tensor:
-    return qweight[ids].float() * scale[ids][..., None]
-
-
-def embedding_int4_dim(packed_width: int, groups: int, group_size: int) -> int:
-    """Row width of a packed int4 table: ``2 * packed_width`` unless the groups end earlier
-    (the last group may be partial, e.g. 576 = 4.5 groups of 128; ``quantize_ir`` stores odd
-    widths as int8, so the width is even)."""
-    return min(2 * packed_width, groups * group_size)
-
-
-@torch.library.custom_op("slimc::embedding_int4", mutates_args=())
-def embedding_int4(packed: Tensor, scale: Tensor, zero: Tensor, ids: Tensor,
-                   group_size: int) -> Tensor:
-    dim = embedding_int4_dim(packed.shape[1], scale.shape[1], group_size)
-    flat = ids.reshape(-1)
-    rows = dequantize_int4(packed[flat], scale[flat], zero[flat], group_size, dim)
-    return rows.reshape(*ids.shape, dim)
-
-
-def _fake_linear(x: Tensor, weight_rows: int) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight_rows))
-
-
-@linear_int8.register_fake
-def _(x, qweight, scale, bias, act_scale):
-    return _fake_linear(x, qweight.shape[0])
-
-
-@linear_int4.register_fake
-def _(x, packed, scale, zero, bias, act_scale, group_size):
-    return _fake_linear(x, packed.shape[0])
-
-
-@linear_w8a8.register_fake
-def _(x, qweight, in_mult, out_scale, bias, zero_point):
-    return _fake_linear(x, qweight.shape[0])
-
-
-@linear_fp16.register_fake
-def _(x, weight, bias):
-    return _fake_linear(x, weight.shape[0])
-
-
-@linear_bf16.register_fake
-def _(x, weight, bias):
-    return _fake_linear(x, weight.shape[0])
-
-
-@embedding_int8.register_fake
-def _(qweight, scale, ids):
-    return scale.new_empty((*ids.shape, qweight.shape[1]))
-
-
-@embedding_int4.register_fake
-def _(packed, scale, zero, ids, group_size):
-    dim = embedding_int4_dim(packed.shape[1], scale.shape[1], group_size)
-    return scale.new_empty((*ids.shape, dim))
-
-
-OPS = {
-    "linear_int8": torch.ops.slimc.linear_int8.default,
-    "linear_int4": torch.ops.slimc.linear_int4.default,
-    "linear_w8a8": torch.ops.slimc.linear_w8a8.default,
-    "linear_fp16": torch.ops.slimc.linear_fp16.default,
-    "linear_bf16": torch.ops.slimc.linear_bf16.default,
-    "embedding_int8": torch.ops.slimc.embedding_int8.default,
-    "embedding_int4": torch.ops.slimc.embedding_int4.default,
-}
+from slimc.dialect import (  # noqa: F401 - re-exported: the dialect used to live here
+    KERNEL_FLOAT_NOISE,
+    OPS,
+    dequantize_int4,
+    dequantize_int8,
+    embedding_int4,
+    embedding_int4_dim,
+    embedding_int8,
+    linear_bf16,
+    linear_fp16,
+    linear_int4,
+    linear_int8,
+    linear_w8a8,
+    quantize_activation,
+    register_lowering,
+    rounding_noise_floor,
+    unpack_int4,
+)
 
 # ---------------------------------------------------------------------------------------------
 # TIR kernels
@@ -641,12 +442,23 @@ def _convert_embedding(kind: str):
     return convert
 
 
-def converters() -> dict[str, Any]:
-    """Converters keyed like TVM's ``custom_convert_map`` (``OpOverload.__name__``)."""
+def register_cpu_lowerings() -> None:
+    """Register this module's kernels as the ``llvm`` lowering of every slimc op."""
     table = {f"linear_{kind}": _convert_linear(kind) for kind in ("int8", "int4", "fp16", "bf16")}
     table.update({f"embedding_{kind}": _convert_embedding(kind) for kind in ("int8", "int4")})
     table["linear_w8a8"] = _convert_w8a8
-    return {OPS[name].__name__: fn for name, fn in table.items()}
+    for name, fn in table.items():
+        register_lowering(name, "llvm", fn)
+
+
+register_cpu_lowerings()
+
+
+def converters() -> dict[str, Any]:
+    """Converters keyed like TVM's ``custom_convert_map``, dispatching per target kind."""
+    from slimc.dialect import converters as dialect_converters
+
+    return dialect_converters()
 
 
 def constant_bytes(mod, target=None) -> dict[str, int]:

@@ -3,7 +3,7 @@
 Each format knows its storage cost (bits per weight *including* scales and zero points, the
 number the budget solver and the byte checks use) and how to quantize with round-to-nearest.
 The packed tensors are exactly what the artifact stores (see
-``slimc.backends.tvm.quantized_ops``): int8 codes + one fp32 scale per output row; int4 codes two
+``slimc.dialect``): int8 codes + one fp32 scale per output row; int4 codes two
 per byte + one fp32 scale and one uint8 zero point per (row, group of ``group_size`` inputs).
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from slimc.backends.tvm.quantized_ops import dequantize_int4, dequantize_int8, unpack_int4
 from torch import Tensor
+
+from slimc.dialect import dequantize_int4, dequantize_int8, unpack_int4
 
 __all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_quantize",
            "int4_params", "int4_codes", "pack_int4", "parse_format", "quantize_int8",

@@ -11,9 +11,9 @@ keep the fp32 copy as well and grow the artifact.
 from __future__ import annotations
 
 import torch
-from slimc.backends.tvm.quantized_ops import OPS
 from torch.fx import Node
 
+from slimc.dialect import OPS
 from slimc.ir import IR
 from slimc.layers import Layer
 from slimc.layers import find_layers as _find
