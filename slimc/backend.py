@@ -167,6 +167,9 @@ class Backend(Protocol):
         """Run ``library`` once (verification); raises :class:`DeviceUnavailable` when it
         cannot run here and :class:`RunFailed` when the run crashed or outlived ``limits``."""
 
+    def required_isa(self, spec: TargetSpec) -> dict[str, Any] | None:
+        """The host CPU instruction set the library needs (manifest ``isa``), or None."""
+
     def where(self, spec: TargetSpec) -> str:
         """Where :meth:`run` executes (``host (x86_64)``, ``qemu-aarch64``, ``cuda:0``...)."""
 

@@ -24,7 +24,6 @@ from slimc.capture import capture, load_model
 from slimc.errors import UsageError, VerificationError
 from slimc.evaluators import evaluate_all
 from slimc.ir import IR
-from slimc.isa import required_isa
 from slimc.loaders.base import LoadedModel, parse_overrides
 from slimc.passmanager import AnalysisManager, PassContext, PassInvocation, PassManager
 from slimc.pipeline import load_recipe, parse_pipeline_text, recipe_items, validate
@@ -347,7 +346,7 @@ def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fideli
         "target": {"name": spec.name, "tvm": str(target), "cross_triple": spec.triple
                    if spec.is_cross else None, "host": platform.machine(),
                    "backend": spec.backend},
-        "isa": required_isa(spec),
+        "isa": spec.get_backend().required_isa(spec),
         "inputs": [s.to_json() for s in ir.input_specs()],
         "outputs": [s.to_json() for s in ir.output_specs()],
         "pipeline": [_pass_entry(r, ir) for r in records],

@@ -158,6 +158,11 @@ class TvmCpuBackend:
             raise RunFailed(f"the run under {emu} failed: {first}\n{rest}", timed_out=False,
                             budget=limits.budget) from exc
 
+    def required_isa(self, spec: TargetSpec) -> dict[str, Any] | None:
+        from slimc.isa import required_isa
+
+        return required_isa(spec)
+
     def where(self, spec: TargetSpec) -> str:
         if spec.is_cross:
             return f"qemu-{spec.triple.split('-')[0]}"

@@ -42,12 +42,6 @@ def gpu_pipeline(target, *, matmul: bool = True):
     from tvm.relax.backend.cuda import pipeline as cuda
 
     family = cuda if target.kind.name == "cuda" else gpu_generic
-    if "adreno" in target.keys:
-        from tvm.relax.backend import adreno
-
-        legalize = adreno.legalize_passes(target)
-    else:
-        legalize = schedule_passes(target, matmul=matmul)
 
     @tvm.transform.module_pass(opt_level=0, name="slimc.CheckGPUKernels")
     def check(mod, _ctx):
@@ -56,7 +50,13 @@ def gpu_pipeline(target, *, matmul: bool = True):
 
     @tvm.transform.module_pass(opt_level=0, name="slimc.GPUPipeline")
     def pipeline(mod, _ctx):
-        with target:
+        with target:  # TVM's adreno passes read Target.current() when created
+            if "adreno" in target.keys:
+                from tvm.relax.backend.adreno import pipeline as adreno
+
+                legalize = adreno.legalize_passes(target)
+            else:
+                legalize = schedule_passes(target, matmul=matmul)
             seq = tvm.transform.Sequential(
                 family.library_dispatch_passes(target) + legalize + [check]
                 + family.dataflow_lower_passes(target) + family.finalize_passes(target))
@@ -268,6 +268,9 @@ class _TvmGpuBackend:
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
             threads: int | None, *, limits=None) -> list[np.ndarray]:
         return self.load(library, {"target": spec.to_json()}, threads)(inputs)
+
+    def required_isa(self, spec: TargetSpec) -> dict[str, Any] | None:
+        return None  # the device's requirement is the target's arch (manifest target.tvm)
 
     def where(self, spec: TargetSpec) -> str:
         device = self._device()

@@ -1,0 +1,196 @@
+"""GPU targets without a GPU: what the libraries hold, and that every kernel is GPU-scheduled.
+
+CUDA libraries must carry a compiled cubin for the requested ``sm_XX`` (parsed with
+pyelftools: ``e_machine`` EM_CUDA, the SM number in ``e_flags``) and no CUDA source (nothing is
+compiled when the library loads); OpenCL libraries carry the kernel source the driver compiles.
+The GPU lowerings of the quantized ops are checked numerically by building the same
+(unscheduled) PrimFuncs for the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimc import CompileOptions, compile_model
+
+pytest.importorskip("elftools")
+from elftools.elf.elffile import ELFFile  # noqa: E402
+
+MODEL = "tests/test_gpu_targets.py:tiny_mlp"
+
+
+def tiny_mlp():
+    """Embedding -> Linear -> LayerNorm -> GELU -> Linear -> softmax: matmul, GEMV-shaped,
+    reduction and gather kernels in a few hundred parameters."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 32)
+            self.up = torch.nn.Linear(32, 64)
+            self.norm = torch.nn.LayerNorm(64)
+            self.down = torch.nn.Linear(64, 32)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.norm(self.up(self.emb(ids)))
+            return self.down(torch.nn.functional.gelu(h)).softmax(-1)
+
+    torch.manual_seed(0)
+    return Net().eval(), {"ids": torch.randint(0, 50, (2, 8))}
+
+
+def cubins(library: Path) -> list[ELFFile]:
+    """The CUDA ELF images embedded in a host shared library (every ELF after the host's)."""
+    data = library.read_bytes()
+    starts = [m.start() for m in re.finditer(b"\x7fELF", data)][1:]
+    return [ELFFile(io.BytesIO(data[s:])) for s in starts]
+
+
+def sm_of(cubin: ELFFile) -> int:
+    return (cubin["e_flags"] >> 8) & 0xFF
+
+
+def kernels(cubin: ELFFile) -> set[str]:
+    return {s.name[len(".text."):] for s in cubin.iter_sections() if s.name.startswith(".text.")}
+
+
+@pytest.fixture(scope="module")
+def cuda_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda") / "mlp.slimc"
+    result = compile_model(MODEL, CompileOptions(target="h100", output=out))
+    return result
+
+
+def test_cuda_library_holds_a_cubin_for_the_tagged_arch(cuda_artifact):
+    library = cuda_artifact.output / cuda_artifact.manifest["library"]
+    images = [c for c in cubins(library) if c["e_machine"] == "EM_CUDA"]
+    assert len(images) == 1
+    assert sm_of(images[0]) == 90  # nvidia/nvidia-h100 -> sm_90a
+    names = kernels(images[0])
+    assert any("matmul" in n for n in names) and any("layer_norm" in n or "mean" in n
+                                                      for n in names)
+    assert b"__global__" not in library.read_bytes()  # no CUDA source to compile at load time
+
+
+def test_cuda_artifact_is_written_unverified_and_run_says_why(cuda_artifact, cli):
+    verification = cuda_artifact.manifest["verification"]
+    assert verification["passed"] is None
+    assert verification["reason"] == "built, not verified: no CUDA device"
+    assert cuda_artifact.manifest["target"]["backend"] == "tvm-cuda"
+    assert any("no CUDA device" in w for w in cuda_artifact.warnings)
+    result = cli("run", cuda_artifact.output)
+    assert result.code == 2
+    assert "built, not verified: no CUDA device" in result.err
+
+
+def test_cuda_arch_option_and_int4_weights(tmp_path):
+    """A JSON target picks the arch (sm_80 here); int4 weight-only GEMMs build with the dequant
+    inside the matmul kernel (no separate decode kernel)."""
+    target = json.dumps({"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024,
+                         "max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+                         "thread_warp_size": 32})
+    result = compile_model(MODEL, CompileOptions(
+        target=target, pipeline="quantize{weights=int4,group_size=32}", output=tmp_path / "q"))
+    (image,) = cubins(result.output / result.manifest["library"])
+    assert sm_of(image) == 80
+    names = kernels(image)
+    assert any(n.startswith("gpu_linear_int4") for n in names)
+    assert not any("decode" in n for n in names)
+
+
+def test_every_gpu_kernel_is_bound_to_threads_within_limits():
+    """dlight schedules every kernel of a model; the checker rejects the unscheduled module."""
+    import tvm
+    from slimc.backends.tvm.gpu import check_gpu_kernels, schedule_for_gpu, unbound_loops
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from slimc.errors import LoweringError
+
+    model, inputs = tiny_mlp()
+    program = torch.export.export(model, tuple(inputs.values()))
+    mod = from_exported_program(program, keep_params_as_input=False)
+    target = tvm.target.Target("nvidia/nvidia-a100")
+    scheduled = schedule_for_gpu(mod, target)
+    report = check_gpu_kernels(scheduled, target)
+    assert len(report) >= 4
+    assert all(v["shared_bytes"] <= 49152 for v in report.values())
+    with target:
+        legalized = tvm.relax.transform.LegalizeOps()(mod)
+    funcs = [f for _, f in legalized.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any(unbound_loops(f) for f in funcs)
+    with pytest.raises(LoweringError, match="not bound to GPU threads"):
+        check_gpu_kernels(legalized, target)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp16", "bf16"])
+def test_gpu_linear_lowering_matches_the_dialect(kind):
+    """The GPU decode+matmul PrimFunc, built for the CPU, against the reference maths."""
+    import tvm
+    from slimc.backends.tvm.gpu_quantized import linear_func
+    from slimc.passes.quantize.formats import int4_codes, int4_params, pack_int4
+
+    from slimc.dialect import dequantize_int4, dequantize_int8
+
+    m, k, n, group = 3, 40, 8, 16
+    torch.manual_seed(1)
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    if kind == "int8":
+        scale = w.abs().amax(1) / 127
+        q = torch.round(w / scale[:, None]).to(torch.int8)
+        args, dense = [q, scale], dequantize_int8(q, scale)
+        func = linear_func("int8", m, k, n)
+    elif kind == "int4":
+        params = int4_params(w, group, False)
+        packed = pack_int4(int4_codes(w, params))
+        args = [packed, params.scale, params.zero]
+        dense = dequantize_int4(packed, params.scale, params.zero, group, k)
+        func = linear_func("int4", m, k, n, group, params.scale.shape[1])
+    else:
+        stored = w.to(torch.float16 if kind == "fp16" else torch.bfloat16)
+        args, dense = [stored], stored.float()
+        func = linear_func(kind, m, k, n)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    tensors = [tvm.runtime.from_dlpack(a.contiguous()) for a in [x, *args]]
+    out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    lib["main"](*tensors, out)
+    np.testing.assert_allclose(out.numpy(), (x @ dense.t()).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_opencl_and_metal_hold_kernel_source_and_vulkan_says_why(tmp_path, cli):
+    opencl = compile_model(MODEL, CompileOptions(target="opencl", output=tmp_path / "cl"))
+    data = (opencl.output / opencl.manifest["library"]).read_bytes()
+    assert data.count(b"__kernel void") >= 4
+    assert opencl.manifest["verification"]["passed"] is None
+
+    metal = compile_model(MODEL, CompileOptions(target="metal", output=tmp_path / "mtl"))
+    archive = metal.output / metal.manifest["library"]
+    assert archive.suffix == ".tar"
+    with tarfile.open(archive) as tar:
+        objects = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert all(blob[:4] == b"\xcf\xfa\xed\xfe" for blob in objects.values())  # Mach-O 64
+    assert any(b"kernel void" in blob for blob in objects.values())  # Metal shader source
+
+    result = cli("compile", MODEL, "--target", "vulkan", "-o", tmp_path / "vk")
+    assert result.code == 2
+    assert "SPIR-V" in result.err and not (tmp_path / "vk").exists()
+
+
+def test_targets_say_what_they_compile_to_and_need(cli):
+    result = cli("targets", "--json")
+    rows = {r["name"]: r for r in json.loads(result.out)["targets"]}
+    for name in ("llvm", "arm", "cuda", "h100", "jetson-orin", "opencl", "mali", "adreno",
+                 "metal"):
+        row = rows[name]
+        assert row["available"] and row["compiles_to"] and row["build_needs"]
+        assert row["run_needs"] and row["verified_by"]
+    assert "sm_87" in rows["jetson-orin"]["compiles_to"]
+    assert "aarch64" in rows["jetson-orin"]["compiles_to"]
+    assert not rows["vulkan"]["available"] and "SPIR-V" in rows["vulkan"]["reason"]
