@@ -10,6 +10,7 @@ from slimc.passes.analysis.criteria.perturbation import PerturbationSensitivity
 from slimc.passes.analysis.criteria.taylor import TaylorSensitivity
 from slimc.passes.analysis.model_stats import ModelStatsAnalysis
 from slimc.passes.analysis.sensitivity import SensitivityAnalysis
+from slimc.passes.analysis.target_info import TargetInfoAnalysis
 from slimc.passes.cleanup.eliminate_dead_code import EliminateDeadCode
 from slimc.passes.prune import Prune, PruneGroupsAnalysis
 from slimc.passes.quantize.quantize import Quantize
@@ -21,4 +22,4 @@ from slimc.hookspec import hookimpl
 def slimc_register_passes():
     return [ModelStatsAnalysis, EliminateDeadCode, CostAnalysis, SensitivityAnalysis,
             MagnitudeSensitivity, ActivationSensitivity, TaylorSensitivity, HessianSensitivity,
-            PerturbationSensitivity, Quantize, PruneGroupsAnalysis, Prune]
+            PerturbationSensitivity, Quantize, PruneGroupsAnalysis, Prune, TargetInfoAnalysis]

@@ -201,7 +201,7 @@ class CostAnalysis(AnalysisPass):
         elif ctx.target is not None:
             hw = hardware_for_target(ctx.target)
         else:
-            hw = get_hardware("host-znver4")
+            hw = hardware_for_target("llvm")
         if not options.measure:
             return estimate_costs(ir, hw)
         from slimc.passes.analysis.measure import measure_ir

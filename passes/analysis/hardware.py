@@ -80,13 +80,33 @@ def get_hardware(name: str) -> Hardware:
 def hardware_for_target(target: Any) -> Hardware:
     """The device a compilation target runs on: by its name, aliases, then its TVM ``mcpu``.
 
-    ``target`` is a :class:`slimc.targets.TargetSpec` or a target name.
+    ``target`` is a :class:`slimc.targets.TargetSpec` or a target name. A target that builds
+    for the host (``mcpu="@host"``) maps to the entry of the host's own CPU model (LLVM's name
+    for it, e.g. ``znver4``) when the table has one, else to :func:`host_estimate`: no one
+    machine's numbers are anyone's default.
     """
     if isinstance(target, str):
-        candidates = [target]
+        from slimc.targets import resolve_target
+
+        try:
+            target = resolve_target(target)
+        except UsageError:
+            candidates, host = [target], False
+        else:
+            return hardware_for_target(target)
     else:
         tvm = target.tvm if isinstance(target.tvm, dict) else {}
-        candidates = [target.name, *target.aliases, str(tvm.get("mcpu", ""))]
+        mcpu = str(tvm.get("mcpu", ""))
+        # Built for this machine (-mcpu=native) or a portable level it runs here (x86-64-v3).
+        host = tvm.get("kind") == "llvm" and (mcpu == "@host" or (
+            target.triple is not None and not target.is_cross))
+        candidates = [target.name, *target.aliases, mcpu]
+        if not isinstance(target.tvm, dict):
+            candidates.append(str(target.tvm))  # a TVM tag, e.g. nvidia/nvidia-h100
+        if host:
+            from tvm.target import codegen
+
+            candidates.append(codegen.llvm_get_system_cpu())
     table = hardware_table()
     for candidate in candidates:
         key = candidate.lower()
@@ -97,5 +117,50 @@ def hardware_for_target(target: Any) -> Hardware:
         for hw in table.values():
             if key in hw.targets:
                 return hw
+    if host:
+        return host_estimate()
     raise UsageError(f"No hardware numbers for target {candidates[0]!r}.",
                      hint=f"Pick the device with --hardware NAME ({', '.join(sorted(table))}).")
+
+
+#: Assumptions of :func:`host_estimate` for a CPU the table does not list.
+ASSUMED_GHZ = 2.5
+ASSUMED_FMA_PIPES = 2
+ASSUMED_BANDWIDTH_GBS = 20.0
+
+
+@lru_cache(maxsize=1)
+def host_estimate() -> Hardware:
+    """Roofline numbers for this machine's CPU from what LLVM knows about it (vector width,
+    dot-product support) and the cores this process may use; clock, FMA pipes and memory
+    bandwidth are assumed (listed in ``sources``). ``slimc analyze --measure`` replaces the
+    estimates with timings."""
+    import os
+
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    bits = max(128, int(codegen.llvm_get_vector_width(target)))
+    cores = max(1, len(os.sched_getaffinity(0)))
+    fp32 = cores * ASSUMED_GHZ * ASSUMED_FMA_PIPES * 2 * (bits // 32)
+    try:
+        dot = codegen.target_has_features(["avx512vnni"], target) or \
+            codegen.target_has_features(["dotprod"], target)
+    except Exception:  # noqa: BLE001 - a CPU LLVM cannot describe: no dot product assumed
+        dot = False
+    cpu = codegen.llvm_get_system_cpu()
+    return Hardware(
+        name=f"host-{cpu}", description=f"this machine's CPU ({cpu}, {cores} cores), estimated",
+        peak_gflops={"float32": fp32, "float16": fp32, "bfloat16": fp32,
+                     "int8": fp32 * (4 if dot else 2)},
+        mem_bandwidth_gbs=ASSUMED_BANDWIDTH_GBS, op_overhead_us=2.0, cores=cores,
+        sources=(f"vector width {bits} bits and int8 dot product {'yes' if dot else 'no'}: "
+                 f"LLVM's description of -mcpu={cpu}",
+                 f"cores: {cores} usable by this process (CPU affinity)",
+                 f"assumed {ASSUMED_GHZ} GHz and {ASSUMED_FMA_PIPES} FMA pipes per core "
+                 "(float32 = cores x GHz x pipes x 2 x lanes)",
+                 f"assumed {ASSUMED_BANDWIDTH_GBS} GB/s memory bandwidth",
+                 "no table entry for this CPU: add one to backends/hardware.toml with measured "
+                 "numbers, or use slimc analyze --measure"),
+        extra={"estimated": True})

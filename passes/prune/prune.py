@@ -41,27 +41,10 @@ def kinds_for(granularity: str, gqa: str) -> set[str]:
     return kinds
 
 
-def default_round_to(target) -> int:
-    """Channels per SIMD register at fp32: 16 for AVX-512, 8 for AVX2, 4 for NEON; else 8."""
-    if target is None:
-        return 8
-    tvm = getattr(target, "tvm", None)
-    text = (str(tvm) + " " + str(getattr(target, "triple", "") or "")).lower()
-    if "aarch64" in text or "arm" in text or "neon" in text:
-        return 4
-    if "avx512" in text or "skylake-avx512" in text or "cascadelake" in text \
-            or "icelake" in text or "sapphirerapids" in text or "znver4" in text:
-        return 16
-    if "@host" in text:
-        try:
-            import tvm as _tvm
-
-            cpu = _tvm.target.codegen.llvm_get_system_cpu()
-            feats = open("/proc/cpuinfo").read() if cpu else ""
-            return 16 if "avx512f" in feats else 8
-        except Exception:  # noqa: BLE001 - no TVM/proc: a safe middle value
-            return 8
-    return 8
+def default_round_to(info) -> int:
+    """Channels per vector register at fp32 (``target-info``): 16 for AVX-512, 8 for AVX2 or
+    a GPU's tensor-core rows, 4 for NEON; 8 without a target."""
+    return info.fp32_lanes if info is not None else 8
 
 
 class Prune(TransformPass):
@@ -118,7 +101,9 @@ class Prune(TransformPass):
         if not groups:
             ir.annotations[self.name] = {"granularity": options.granularity, "removed_units": 0}
             return PreservedAnalyses.all()
-        round_to = options.round_to or default_round_to(ctx.target)
+        round_to = options.round_to or default_round_to(
+            ctx.analyses.get("target-info") if ctx.target is not None
+            and ctx.analyses is not None else None)
         scores = importance.score_groups(ir, result, groups, options.criterion, batches)
         if options.budget == "params":
             plan, unit_ratio = plan_for_params(ir, result, groups, scores, options.ratio,

@@ -119,15 +119,10 @@ def _int_kind(fmt: Format) -> bool:
 
 def _warn_without_dot_product(ctx: PassContext) -> None:
     """W8A8 pays on int8 dot-product hardware; elsewhere it runs a slower generic kernel."""
-    if ctx.target is None or not hasattr(ctx.target, "tvm_target"):
+    if ctx.target is None or ctx.analyses is None:
         return
-    from slimc.backends.tvm.int8_kernels import kernel_kind
-
-    try:
-        kind = kernel_kind(ctx.target.tvm_target())
-    except Exception:  # noqa: BLE001 - not an LLVM target: nothing to say
-        return
-    if kind == "generic":
+    info = ctx.analyses.get("target-info")
+    if info.dot_product is None:
         ctx.log(f"quantize: warning: target {ctx.target.name} has no int8 dot-product "
                 "instructions (x86 AVX-512 VNNI, Armv8.2 dotprod); activations=int8 runs on a "
                 "generic int8 kernel there, usually slower than weights=int8 alone.")
