@@ -78,6 +78,13 @@ def test_cuda_library_holds_a_cubin_for_the_tagged_arch(cuda_artifact):
     assert any("matmul" in n for n in names) and any("layer_norm" in n or "mean" in n
                                                       for n in names)
     assert b"__global__" not in library.read_bytes()  # no CUDA source to compile at load time
+    # The packed module the TVM runtime loads says "cubin" (format "cuda" would be compiled
+    # from source when loaded) and holds the same ELF.
+    from slimc.backends.tvm.cuda_binary import cuda_modules, library_blob
+
+    ((fmt, code),) = cuda_modules(library_blob(library))
+    assert fmt == "cubin" and code[:4] == b"\x7fELF"
+    assert sm_of(ELFFile(io.BytesIO(code))) == 90
 
 
 def test_cuda_artifact_is_written_unverified_and_run_says_why(cuda_artifact, cli):

@@ -106,6 +106,45 @@ def replace_cuda_code(blob: bytes, compile_source: Callable[[str], bytes]) -> tu
     return struct.pack("<Q", len(body)) + body, compiled
 
 
+def cuda_modules(blob: bytes) -> list[tuple[str, bytes]]:
+    """``(format, code)`` of every ``cuda`` module in a packed module tree (for checks)."""
+    pos = 8
+    for _ in range(2):
+        count, pos = _read_u64(blob, pos)
+        pos += 8 * count
+    found = []
+    while pos < len(blob):
+        kind, pos = _read_bytes(blob, pos)
+        if kind == b"_lib":
+            continue
+        payload, pos = _read_bytes(blob, pos)
+        if kind == b"cuda":
+            fmt, _ = _read_bytes(payload, 0)
+            size = len(payload)
+            code_start = next(i for i in range(8, size - 8) if struct.unpack_from(
+                "<Q", payload, i)[0] == size - i - 8)
+            found.append((fmt.decode(), payload[code_start + 8:]))
+    return found
+
+
+def library_blob(library: Path) -> bytes:
+    """The packed module tree (``__tvm_ffi__library_bin``) of an exported host library."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(library, "rb") as f:
+        elf = ELFFile(f)
+        symbol = elf.get_section_by_name(".symtab").get_symbol_by_name(
+            "__tvm_ffi__library_bin")[0]
+        for segment in elf.iter_segments():
+            start = segment["p_vaddr"]
+            if segment["p_type"] == "PT_LOAD" and start <= symbol["st_value"] < start + \
+                    segment["p_filesz"]:
+                f.seek(segment["p_offset"] + symbol["st_value"] - start)
+                size = struct.unpack("<Q", f.read(8))[0]
+                return struct.pack("<Q", size) + f.read(size)
+    raise ValueError(f"{library} holds no packed TVM modules")
+
+
 def _cuda_payload_to_cubin(payload: bytes, compile_source: Callable[[str], bytes]) -> bytes:
     fmt, pos = _read_bytes(payload, 0)
     if fmt != b"cuda":
