@@ -62,12 +62,16 @@ class TvmCpuBackend:
         triple = spec.triple or str(target.attrs.get("mtriple", "")) or \
             codegen.llvm_get_system_triple()
         dot = kernel_kind(target)
-        hw = hardware_for_target(spec)
+        try:
+            hw = hardware_for_target(spec)
+        except UsageError:  # no table entry for this device: the facts LLVM knows still hold
+            hw = None
         return TargetInfo(
             target=spec.name, device="cpu", arch=triple, vector_bits=vector_bits(target),
             dot_product=None if dot == "generic" else dot, formats=CPU_FORMATS,
-            mem_bandwidth_gbs=hw.mem_bandwidth_gbs, peak_gflops=dict(hw.peak_gflops),
-            hardware=hw.name, sources=hw.sources)
+            mem_bandwidth_gbs=hw.mem_bandwidth_gbs if hw else None,
+            peak_gflops=dict(hw.peak_gflops) if hw else {}, hardware=hw.name if hw else None,
+            sources=hw.sources if hw else ())
 
     # -- building ----------------------------------------------------------------------------
     def set_threads(self, threads: int | None) -> int:
