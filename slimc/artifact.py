@@ -127,7 +127,7 @@ class CompiledModel:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, threads: int | None = None,
-                 emulate: bool = False) -> None:
+                 emulate: bool = False, rpc: str | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.library = checked_library(self.directory,
@@ -136,6 +136,11 @@ class CompiledModel:
         self.outputs = self.manifest["outputs"]
         self.cross_triple = self.manifest["target"].get("cross_triple")
         self.threads = threads
+        if rpc:  # runs on the device behind a TVM RPC server, whatever this machine is
+            from slimc.backends.tvm.rpc_runner import RpcRunner
+
+            self._runner = RpcRunner(self.library, rpc)
+            return
         if self.cross_triple and not emulate:
             raise UsageError(
                 f"{self.directory} was built for {self.cross_triple} and cannot run on this "
@@ -296,6 +301,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load(directory: str | os.PathLike[str], *, threads: int | None = None,
-         emulate: bool = False) -> CompiledModel:
+         emulate: bool = False, rpc: str | None = None) -> CompiledModel:
     """Load an artifact written by ``slimc compile``; returns a callable."""
-    return CompiledModel(directory, threads=threads, emulate=emulate)
+    return CompiledModel(directory, threads=threads, emulate=emulate, rpc=rpc)

@@ -376,6 +376,9 @@ def run_command(
                                                 "NAME.npy into this directory.")] = None,
     threads: Annotated[int | None, typer.Option(min=1)] = None,
     emulate: Annotated[bool, typer.Option(help="Run a cross-target artifact under qemu.")] = False,
+    rpc: Annotated[str | None, typer.Option(
+        "--rpc", metavar="HOST:PORT", help="Run on the device behind a TVM RPC server "
+        "(python -m tvm.exec.rpc_server there; see docs/deploy.md).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print output summaries as "
                                           "JSON.")] = False,
 ) -> None:
@@ -384,7 +387,7 @@ def run_command(
 
     from slimc.artifact import load
 
-    model = load(artifact_dir, threads=threads, emulate=emulate)
+    model = load(artifact_dir, threads=threads, emulate=emulate, rpc=rpc)
     feed = model.tokenize(texts) if texts else model.example_inputs()
     for item in inputs or ():
         name, eq, path = item.partition("=")
