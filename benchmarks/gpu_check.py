@@ -28,13 +28,17 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def zoo(include_real: bool) -> list[tuple[str, str, str | None]]:
     """(label, slimc model string, pipeline) for every model to check."""
-    from models import save_hf
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slimc_test_models", ROOT / "tests/models.py")
+    test_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_models)
+    save_hf = test_models.save_hf
 
     work = Path("/tmp/slimc_gpu_check")
     work.mkdir(exist_ok=True)
@@ -69,14 +73,18 @@ def zoo(include_real: bool) -> list[tuple[str, str, str | None]]:
     return items
 
 
+#: Where PyTorch runs: "cuda", or "cpu" for --dry-run (checks this script without a GPU).
+DEVICE = "cuda"
+
+
 def torch_reference(model_str: str, artifact):
     """The PyTorch model slimc captured, on the GPU, and its inputs (the artifact's examples)."""
     from slimc.capture import load_model
     from slimc.plugins import get_registry
 
     loaded = load_model(model_str, {}, get_registry())
-    module = loaded.module.to("cuda").eval() if hasattr(loaded, "module") else None
-    feed = {k: torch.from_numpy(v).to("cuda") for k, v in artifact.example_inputs().items()}
+    module = loaded.module.to(DEVICE).eval() if loaded.module is not None else None
+    feed = {k: torch.from_numpy(v).to(DEVICE) for k, v in artifact.example_inputs().items()}
     return module, feed
 
 
@@ -98,7 +106,8 @@ def median_ms(fn, rounds: int) -> float:
     for _ in range(rounds):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -152,19 +161,28 @@ def check(label: str, model_str: str, pipeline: str | None, target: str, out_dir
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="h100", help="slimc target (h100 = sm_90a)")
+    parser.add_argument("--target", default="h200", help="slimc target (h200: sm_90a)")
     parser.add_argument("--out", default="gpu_check_out")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--no-real", action="store_true", help="tiny models only")
+    parser.add_argument("--only", help="check only models whose label contains this")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: --target llvm and "
+                        "PyTorch on the CPU, to check this script itself")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.dry_run:
+        DEVICE, args.target = "cpu", "llvm"
+    elif not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}")
     rows = []
     for label, model_str, pipeline in zoo(not args.no_real):
+        if args.only and args.only not in label:
+            continue
         try:
             row = check(label, model_str, pipeline, args.target, out / "artifacts",
                         args.rounds)
