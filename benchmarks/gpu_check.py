@@ -8,6 +8,9 @@ model's on the GPU (relative L2), then median latency over interleaved rounds of
 engines (the artifact is timed through ``CompiledModel``, which copies inputs host -> device
 and outputs back each call; PyTorch is timed with its inputs already on the GPU and the result
 copied back, so both pay the same transfers). Prints one table and writes ``gpu_check.json``.
+The PyTorch reference is the original (fp32) model, so for quantized rows the relative L2 vs
+PyTorch is the quantization error itself; ``rel_l2_vs_ir`` is the compiler's own check.
+``--dry-run`` runs the same steps with ``--target llvm`` and PyTorch on the CPU.
 
 Models: tiny random HF models of several architectures (built here from configs, no
 downloads), a small MLP, and -- when their packages are installed -- the real
