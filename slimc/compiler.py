@@ -195,6 +195,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             library, spec, [x.numpy() for x in example_inputs], ir_outputs, options, threads,
             warnings,
             noise_floor=lambda: rounding_noise_floor(ir, example_inputs, ir_outputs),
+            backend=backend,
             limits=_run_limits(ctx, options, progress), entries=entries)
         timings["verify_s"] = time.perf_counter() - t0
 
@@ -220,7 +221,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             write_bundle(stage_dir, spec.triple if spec.is_cross else None)
         manifest = _manifest(ir, spec, pipeline, records, before, after, fidelity,
                              verification, library, threads, timings,
-                             model if isinstance(model, str) else model.source)
+                             model if isinstance(model, str) else model.source,
+                             isa=backend.required_isa(spec))
         manifest["tokenizer"] = tokenizer_dir
         for entry in manifest["inputs"]:
             if entry["name"] in input_ranges:
@@ -244,11 +246,11 @@ ROUNDING_FLOOR_MARGIN = 3.0
 def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                      ir_outputs: list[np.ndarray], options: CompileOptions, threads: int,
                      warnings: list[str], noise_floor: Callable[[], float | None] | None = None,
-                     limits: RunLimits | None = None, entries=None,
+                     limits: RunLimits | None = None, entries=None, backend=None,
                      ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     from slimc.backend import DeviceUnavailable, RunFailed
 
-    backend = spec.get_backend()
+    backend = backend or spec.get_backend()
     cross = spec.triple if spec.is_cross else None
     what = cross or spec.name
     if cross and options.emulate == "skip":
@@ -338,7 +340,8 @@ def _pass_entry(record, ir: IR) -> dict[str, Any]:
 
 
 def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fidelity,
-              verification, library: Path, threads: int, timings, model: str) -> dict[str, Any]:
+              verification, library: Path, threads: int, timings, model: str,
+              isa: dict[str, Any] | None = None) -> dict[str, Any]:
     target = spec.tvm_target()
     return {
         "slimc_version": slimc.__version__,
@@ -346,7 +349,7 @@ def _manifest(ir: IR, spec: TargetSpec, pipeline, records, before, after, fideli
         "target": {"name": spec.name, "tvm": str(target), "cross_triple": spec.triple
                    if spec.is_cross else None, "host": platform.machine(),
                    "backend": spec.backend},
-        "isa": spec.get_backend().required_isa(spec),
+        "isa": isa,
         "inputs": [s.to_json() for s in ir.input_specs()],
         "outputs": [s.to_json() for s in ir.output_specs()],
         "pipeline": [_pass_entry(r, ir) for r in records],

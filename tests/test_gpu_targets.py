@@ -204,3 +204,54 @@ def test_targets_say_what_they_compile_to_and_need(cli):
 def test_cuda_arch_nvcc_cannot_build_is_a_usage_error(cli, tmp_path):
     result = cli("compile", MODEL, "--target", "cuda:arch=sm_70", "-o", tmp_path / "old")
     assert result.code == 2 and "sm_70" in result.err and "sm_75" in result.err
+
+
+class RecordingCpuBackend:
+    """A third-party backend (through ``slimc_register_backends``): the CPU backend's build,
+    under its own name, recording what the driver asked of it."""
+
+    name = "recording-cpu"
+    aliases = ()
+    kinds = ()
+
+    def __init__(self) -> None:
+        from slimc.backends.tvm.cpu import TvmCpuBackend
+
+        self.inner, self.calls = TvmCpuBackend(), []
+
+    def __getattr__(self, attr):
+        method = getattr(self.inner, attr)
+
+        def record(*args, **kwargs):
+            self.calls.append(attr)
+            return method(*args, **kwargs)
+
+        return record
+
+
+def test_a_plugin_backend_gets_the_whole_compile(tmp_path):
+    """The driver knows no code generator by name: a target naming a plugin's backend is
+    checked, lowered, built and verified by that backend alone."""
+    from slimc.hookspec import hookimpl
+    from slimc.plugins import build_registry
+    from slimc.targets import TargetSpec
+
+    backend = RecordingCpuBackend()
+
+    class Plugin:
+        @hookimpl
+        def slimc_register_backends(self):
+            return [backend]
+
+        @hookimpl
+        def slimc_register_targets(self):
+            return [TargetSpec(name="recorded", description="host CPU via a plugin backend",
+                               tvm={"kind": "llvm"}, backend="recording-cpu")]
+
+    registry = build_registry([Plugin()])
+    result = compile_model(MODEL, CompileOptions(target="recorded", output=tmp_path / "r"),
+                           registry=registry)
+    assert result.manifest["target"]["backend"] == "recording-cpu"
+    assert result.manifest["verification"]["passed"] is True
+    for step in ("check", "lower", "build", "run", "required_isa"):
+        assert step in backend.calls
