@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from slimc.backends.tvm.blob_pack import incbin_supported, pack_imports_incbin
 from slimc.backends.tvm.cross_link import zig_cross_compiler
 
 from slimc import interrupts
@@ -37,12 +38,16 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
             hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
         ) from exc
     triple = spec.triple or str(target.attrs.get("mtriple", "")) or None
+    # The weights travel in the executable's blob: embed it with .incbin, not through LLVM
+    # (several in-memory copies of every weight; see blob_pack).
+    pack = {"fpack_imports": pack_imports_incbin} if incbin_supported() else {}
     if spec.is_cross:
-        executable.export_library(str(path), fcompile=zig_cross_compiler(triple))
+        executable.export_library(str(path), fcompile=zig_cross_compiler(triple), **pack)
     elif shutil.which("g++") or shutil.which("c++"):
-        executable.export_library(str(path))
+        executable.export_library(str(path), **pack)
     else:  # no system compiler: link for the host with zig, still pip-only
-        executable.export_library(str(path), fcompile=zig_cross_compiler(_host_triple()))
+        executable.export_library(str(path), fcompile=zig_cross_compiler(_host_triple()),
+                                  **pack)
     return path
 
 
