@@ -11,6 +11,7 @@ from typing import Any
 
 from slimc.backends.tvm.bounds import clamp_gathers
 from slimc.backends.tvm.legalize import legalize
+from slimc.backends.tvm.weights import align_weights
 
 from slimc.errors import LoweringError, UsageError
 from slimc.ir import IR
@@ -31,6 +32,7 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
     from tvm.relax.frontend.torch import from_exported_program
 
     legalize(ir)
+    align_weights(ir)  # TVM then shares the weights' memory instead of copying every one
     try:
         with target if target is not None else contextlib.nullcontext():
             mod = from_exported_program(
