@@ -78,6 +78,18 @@ class CompileOptions:
     max_length: int | None = None
     #: Tokens per prefill call for ``generate`` (longer prompts are fed in chunks).
     prefill_length: int | None = None
+    #: Task data scored on the original model and on the artifact (:mod:`slimc.task_eval`):
+    #: a text file (perplexity), a TSV/CSV of scored pairs (Spearman), an image folder
+    #: ``<label>/<image>`` (accuracy).
+    eval_data: str | Path | None = None
+    #: Task metric: ``perplexity``, ``spearman``, ``accuracy``, a plugin's task evaluator, or
+    #: ``module:function`` (None: chosen from ``eval_data``).
+    eval_kind: str | None = None
+    #: Most batches of ``eval_data`` to score (each model runs them all).
+    eval_batches: int = 16
+    #: Fail (exit 2, no artifact) when the task metric gets worse by more than this share of
+    #: the original value (0.02: 2%; for perplexity, a 2% rise).
+    max_drop: float | None = None
 
 
 @dataclass
@@ -121,6 +133,7 @@ def compile_model(model: Any, options: CompileOptions | None = None, *,
                               progress=progress)
 
     use_cache = (options.cache and not options.tune and isinstance(model, str)
+                 and ":" not in (options.eval_kind or "")  # a user's metric can change
                  and registry is None and os.environ.get("SLIMC_CACHE", "1") != "0")
     cache = compile_cache.CompileCache() if use_cache else None
     if cache is None:
@@ -240,7 +253,7 @@ def declared_files(model: Any, options: CompileOptions) -> list[Path]:
     from slimc.cache import cache_root
 
     files = provenance.model_files(model) if isinstance(model, str) else []
-    for extra in (options.recipe, options.calib):
+    for extra in (options.recipe, options.calib, options.eval_data):
         if extra:
             files += provenance.files_under(Path(extra))
     # The tuning records a build applies (every target's; cheap JSON, no TVM needed here).
@@ -272,7 +285,9 @@ def identity(model: Any, options: CompileOptions, declared: list[Path]) -> dict[
                     "trust_remote_code": options.trust_remote_code, "bundle": options.bundle,
                     "plugins": None if options.plugins is None else sorted(options.plugins),
                     "generate": options.generate, "max_length": options.max_length,
-                    "prefill_length": options.prefill_length},
+                    "prefill_length": options.prefill_length,
+                    "eval": options.eval_kind, "eval_batches": options.eval_batches,
+                    "max_drop": options.max_drop},
         "versions": {"slimc": _version("slimc"), "slimc_source": provenance.slimc_source_hash(),
                      "tvm": _version("apache-tvm"), "torch": _version("torch"),
                      "plugins": _plugin_versions()},

@@ -222,9 +222,27 @@ def _text(path: Path, template, max_batches: int, model_dir, vocab_size) -> Cali
     return CalibrationData(batches, str(path), warnings=warnings)
 
 
-def _images(folder: Path, template, max_batches: int) -> CalibrationData:
+def read_image(file: Path, channels: int, height: int, width: int) -> torch.Tensor:
+    """One image as the model's ``CxHxW`` input: resized, scaled to [0, 1], and normalised
+    with ImageNet's mean and std when it has 3 channels (also used by task evaluation)."""
     from PIL import Image
 
+    try:
+        with Image.open(file) as im:
+            im = im.convert("RGB" if channels == 3 else "L").resize((width, height))
+            array = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"Cannot read image {file}: {type(exc).__name__}: {exc}",
+                         hint="Remove or replace the file; slimc reads every image in "
+                         "the folder.") from None
+    pixels = torch.from_numpy(array).reshape(height, width, -1).permute(2, 0, 1)
+    if channels == 3:
+        pixels = (pixels - torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)) / \
+            torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+    return pixels
+
+
+def _images(folder: Path, template, max_batches: int) -> CalibrationData:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UsageError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}).")
@@ -233,21 +251,7 @@ def _images(folder: Path, template, max_batches: int) -> CalibrationData:
         raise UsageError(f"{folder} holds images, but the model has no image input "
                          f"(NxCxHxW float); its inputs: {', '.join(template)}.")
     batch, channels, height, width = template[name].shape
-    pictures = []
-    for file in files[:batch * max_batches]:
-        try:
-            with Image.open(file) as im:
-                im = im.convert("RGB" if channels == 3 else "L").resize((width, height))
-                array = np.asarray(im, dtype=np.float32) / 255.0
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise UsageError(f"Cannot read image {file}: {type(exc).__name__}: {exc}",
-                             hint="Remove or replace the file; --calib reads every image in "
-                             "the folder.") from None
-        pixels = torch.from_numpy(array).reshape(height, width, -1).permute(2, 0, 1)
-        if channels == 3:
-            pixels = (pixels - torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)) / \
-                torch.tensor(_IMAGENET_STD).view(3, 1, 1)
-        pictures.append(pixels)
+    pictures = [read_image(file, channels, height, width) for file in files[:batch * max_batches]]
     warnings = []
     if len(pictures) < batch:
         warnings.append(f"{folder} has {len(pictures)} images, fewer than one batch of {batch}; "

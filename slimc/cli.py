@@ -170,6 +170,20 @@ def compile_command(
         "(tokenized with the model's tokenizer), .npy/.npz, or a folder of images.")] = None,
     calib_batches: Annotated[int, typer.Option(min=1, help="Most calibration batches to "
                                                "read.")] = 8,
+    eval_data: Annotated[Path | None, typer.Option(
+        "--eval-data", help="Score the task on this data, for the original model and the "
+        "artifact: a text file (perplexity), a TSV/CSV of text1,text2,score pairs (Spearman), or "
+        "a folder of <label>/<image> files (top-1/top-5 accuracy).")] = None,
+    eval_kind: Annotated[str | None, typer.Option(
+        "--eval", metavar="KIND", help="Task metric: perplexity, spearman, accuracy, or "
+        "module:function for your own (function(model, data_path) -> number). Default: chosen "
+        "from --eval-data.")] = None,
+    eval_batches: Annotated[int, typer.Option(min=1, help="Most batches of --eval-data to "
+                                              "score.")] = 16,
+    max_drop: Annotated[float | None, typer.Option(
+        "--max-drop", min=0.0, help="Fail (exit 2, no artifact) when the task metric gets worse "
+        "by more than this share of the original value: 0.02 = 2% (for perplexity, a 2% "
+        "rise).")] = None,
     tune: Annotated[int, typer.Option("--tune", metavar="N", help="Tune the most expensive "
                                       "kernels with MetaSchedule for N trials in all; records "
                                       "are kept and reused by later compiles.")] = 0,
@@ -214,7 +228,8 @@ def compile_command(
                              opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
                              threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
                              emulate_timeout=emulate_timeout, save_ir=save_ir, calib=calib,
-                             calib_batches=calib_batches,
+                             calib_batches=calib_batches, eval_data=eval_data,
+                             eval_kind=eval_kind, eval_batches=eval_batches, max_drop=max_drop,
                              tune=tune, tune_minutes=tune_minutes, tune_db=tune_db,
                              trust_remote_code=trust_remote_code, force=force,
                              cache=cache, depfile=depfile, bundle=bundle,
@@ -245,6 +260,7 @@ def compile_command(
                                      "params_before", "params_after", "weight_bytes_before",
                                      "weight_bytes_after", "fidelity", "verification",
                                      "library", "sha256")}
+        summary["quality"] = m.get("quality")
         summary["timings"] = result.timings.get("stages", {})
         summary["cached"] = result.cached
         summary["output"] = str(result.output)
@@ -252,12 +268,22 @@ def compile_command(
         print(json.dumps(summary))
     elif not quiet:
         v = m["verification"]
-        checked = (f"verified on {v['ran_on']} (rel. L2 {v['relative_l2_vs_ir']:.2g})"
+        checked = (f"verified on {v['ran_on']}: matches slimc's compressed graph "
+                   f"(rel. L2 {v['relative_l2_vs_ir']:.2g})"
                    if v.get("passed") else "NOT verified" if v.get("run_error")
                    else "NOT run")
         cached = ", from the compile cache" if result.cached else ""
         out_console.print(f"wrote {result.output} ({m['target']['name']}, "
-                          f"{m['params_after']:,} params, {checked}{cached})")
+                          f"{m['params_after']:,} params, {checked}{cached})", markup=False)
+        f = m.get("fidelity") or {}
+        if "relative_l2" in f:
+            out_console.print(f"fidelity vs the original model (one example input): rel. L2 "
+                              f"{f['relative_l2']:.3g}, cosine {f.get('cosine', 1.0):.4f}",
+                              markup=False)
+        if m.get("quality"):
+            from slimc.task_eval import describe
+
+            out_console.print(describe(m["quality"]), markup=False)
         if m.get("tuning"):
             t = m["tuning"]
             out_console.print(f"tuning: {t['trials']} trials run, {t['records_applied']} of "

@@ -154,6 +154,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         check_batches(calibration.batches, input_ranges, f"--calib {options.calib}")
         ctx.calibration_batches = [[batch[name] for name in ir.input_names]
                                    for batch in calibration.batches]
+    task = _prepare_task(options, ir, example_inputs, registry, calibration, warnings, stage)
     manager = PassManager(registry.passes,
                           plugin_of=lambda name: registry.provided_by("pass", name))
     ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
@@ -199,10 +200,21 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             limits=_run_limits(ctx, options, progress), entries=entries)
         timings["verify_s"] = time.perf_counter() - t0
 
+        quality = None
+        if task is not None:
+            stage("evaluate the task metric on the artifact")
+            t0 = time.perf_counter()
+            quality = _measure_artifact(task, library, spec, ir, threads, options, warnings)
+            timings["evaluate_s"] = time.perf_counter() - t0
+
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs
         if [o.shape for o in original_outputs] == [o.shape for o in reference]:
-            fidelity = evaluate_all(registry.evaluators, original_outputs, reference)
+            fidelity = evaluate_all(registry.evaluators, original_outputs, reference,
+                                    ir.output_names)
             fidelity["measured_on"] = "artifact" if artifact_outputs is not None else "ir"
+            fidelity["compared"] = ("original model (fp32, before any pass) vs the "
+                                    + ("built library" if artifact_outputs is not None
+                                       else "compressed IR") + " on one example input")
         else:  # e.g. prune{outputs=prune} narrowed an embedding on purpose
             fidelity = {"comparable": False, "reason": "output shapes changed from "
                         f"{[list(o.shape) for o in original_outputs]} to "
@@ -231,11 +243,91 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         manifest["tuning"] = tuner.report if tuner else None
         manifest["calibration"] = calibration.to_json() if calibration else None
         manifest["provenance"] = identity
+        manifest["quality"] = quality
         (stage_dir / artifact.REPORT).write_text(render_report(manifest))
         manifest, all_timings = artifact.split_timings(manifest)
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
         artifact.write_json(stage_dir / artifact.TIMINGS, all_timings)
     return CompileResult(output.resolve(), manifest, warnings, timings=all_timings)
+
+
+def _prepare_task(options: CompileOptions, ir: IR, example_inputs, registry: Registry,
+                  calibration, warnings: list[str], stage: Stage):
+    """``--eval-data``/``--eval``: prepare the task metric and score the original model (the
+    captured fp32 graph, before any pass changes it); None when no evaluation was asked for."""
+    if options.eval_data is None and not options.eval_kind:
+        if options.max_drop is not None:
+            raise UsageError("--max-drop needs a task metric to measure the drop on.",
+                             hint="Add --eval-data PATH (and --eval KIND if it is ambiguous).")
+        return None
+    from slimc import task_eval
+
+    if options.generate:
+        raise UsageError("--eval-data is not supported with --generate yet.",
+                         hint="Compile the forward pass (without --generate) to measure it.")
+    if options.max_drop is not None and not options.max_drop >= 0:
+        raise UsageError(f"--max-drop {options.max_drop:g} is negative.",
+                         hint="Give the largest allowed loss as a share of the original value, "
+                         "e.g. --max-drop 0.02 for 2%.")
+    if options.eval_batches < 1:
+        raise UsageError("--eval-batches must be at least 1.")
+    skip, held_out = 0, "separate from the calibration data"
+    if options.calib is None:
+        held_out = "no calibration data was used"
+    elif options.eval_data is not None and \
+            Path(options.eval_data).resolve() == Path(options.calib).resolve():
+        skip = len(calibration.batches)
+        held_out = (f"same file as --calib: the first {skip} batch(es) went to calibration and "
+                    "evaluation uses what follows")
+        warnings.append(f"--eval-data is the --calib file: {held_out}.")
+    ctx = task_eval.EvalContext(
+        input_names=list(ir.input_names),
+        template={n: x.numpy() for n, x in zip(ir.input_names, example_inputs, strict=True)},
+        model_dir=ir.annotations.get("source", {}).get("tokenizer"),
+        max_batches=options.eval_batches, skip=skip)
+    task = task_eval.prepare(options.eval_kind, options.eval_data, ctx, registry.evaluators,
+                             held_out)
+    stage("evaluate the task metric on the original model")
+    task.measure("original", lambda arrays: [
+        o.numpy() for o in ir.run([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])])
+    return task
+
+
+def _measure_artifact(task, library: Path, spec: TargetSpec, ir: IR, threads: int,
+                      options: CompileOptions, warnings: list[str]) -> dict[str, Any]:
+    """Score the built library on this host (the compressed IR where it cannot run here), then
+    warn or fail (``--max-drop``) on the drop."""
+    from slimc.backend import DeviceUnavailable
+    from slimc.task_eval import DEFAULT_WARN_DROP, describe
+
+    backend = spec.get_backend()
+    run, compared = None, None
+    if not spec.is_cross:
+        try:
+            run = backend.load(library, {"target": {"cross_triple": None},
+                                         "isa": required_isa(spec)}, threads)
+            compared = f"the built library run on {backend.where(spec)}"
+        except DeviceUnavailable as exc:
+            compared = f"the compressed IR (the library cannot run here: {exc})"
+    else:
+        compared = (f"the compressed IR (the {spec.triple} library does not run on this host; "
+                    "it was checked against the IR on the example input)")
+    if run is None:
+        run = lambda arrays: [o.numpy() for o in ir.run(  # noqa: E731
+            [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])]
+    task.measure("artifact", run)
+    quality = task.to_json(compared)
+    line = describe(quality)
+    if options.max_drop is not None and quality["drop"] > options.max_drop:
+        raise UsageError(
+            f"The task metric got worse by {quality['drop']:.1%}, more than --max-drop "
+            f"{options.max_drop:g} allows: {line}. No artifact was written.",
+            hint="Compress less (a milder pipeline or fewer layers), give calibration data, "
+            "or raise --max-drop.")
+    if quality["drop"] > DEFAULT_WARN_DROP:
+        warnings.append(f"task quality dropped by {quality['drop']:.1%} "
+                        f"(more than {DEFAULT_WARN_DROP:.0%}): {line}.")
+    return quality
 
 
 #: An artifact with static int8 activations passes if it is within this many times the IR's

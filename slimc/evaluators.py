@@ -23,6 +23,8 @@ class Evaluator:
     description: str
     fn: Callable[[Arrays, Arrays], float]
     higher_is_better: bool = False
+    #: Only meaningful when the outputs are class scores (see :func:`looks_like_logits`).
+    needs_logits: bool = False
 
     def __call__(self, reference: Arrays, candidate: Arrays) -> float:
         return float(self.fn(reference, candidate))
@@ -72,15 +74,38 @@ BUILTIN_EVALUATORS = [
     Evaluator("relative_l2", "largest ||ref - out|| / ||ref|| over outputs", relative_l2),
     Evaluator("cosine", "smallest cosine similarity over outputs", min_cosine, True),
     Evaluator("top1_agreement", "argmax agreement over the last axis of the first output "
-              "with more than one class", top1_agreement, True),
+              "with more than one class (classifiers and LMs only)", top1_agreement, True,
+              needs_logits=True),
 ]
 
 
 @hookimpl
 def slimc_register_evaluators():
-    return BUILTIN_EVALUATORS
+    from slimc.task_eval import BUILTIN_TASK_EVALUATORS
+
+    return BUILTIN_EVALUATORS + BUILTIN_TASK_EVALUATORS
 
 
-def evaluate_all(evaluators: dict[str, Evaluator], reference: Arrays,
-                 candidate: Arrays) -> dict[str, float]:
-    return {name: round(ev(reference, candidate), 9) for name, ev in evaluators.items()}
+def looks_like_logits(output_names: Sequence[str] | None, reference: Arrays) -> bool:
+    """Whether the first output is class scores, where an argmax means something.
+
+    Named outputs decide (Hugging Face's ``logits``; ``last_hidden_state``,
+    ``pooler_output`` and embeddings are not); unnamed ones count when 2-D ``[batch, classes]``,
+    the shape of a classifier head (token states ``[batch, seq, hidden]`` are not).
+    """
+    if not reference:
+        return False
+    name = (output_names[0] if output_names else "").lower()
+    if "logit" in name or "score" in name:
+        return True
+    if any(w in name for w in ("hidden", "pool", "embed", "state", "feature")):
+        return False
+    return np.asarray(reference[0]).ndim == 2
+
+
+def evaluate_all(evaluators: dict, reference: Arrays, candidate: Arrays,
+                 output_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Every fidelity :class:`Evaluator` (task evaluators are skipped: they need data)."""
+    logits = looks_like_logits(output_names, reference)
+    return {name: round(ev(reference, candidate), 9) for name, ev in evaluators.items()
+            if isinstance(ev, Evaluator) and (logits or not ev.needs_logits)}

@@ -232,8 +232,37 @@ class IR:
         return distinct
 
     def num_params(self) -> int:
-        """Number of floating-point weights (parameters, buffers, constants; tied ones once)."""
-        return sum(t.numel() for t in self._distinct_weights() if t.is_floating_point())
+        """Number of model weights (parameters, buffers, constants; tied ones once).
+
+        Floating-point tensors count element by element; quantized weights count as the
+        weights they stand for (int8 codes one each, packed int4 bytes two each), and their
+        scales and zero points, which are quantization metadata, do not count: an int8 model
+        has as many parameters as its fp32 original.
+        """
+        def key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+            return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+        codes: dict[tuple, int] = {}
+        metadata: set[tuple] = set()
+        for node in self.nodes("call_function"):
+            name = str(node.target).removeprefix("slimc.").split(".")[0]
+            if name not in _QUANTIZED_ARGS or not str(node.target).startswith("slimc."):
+                continue
+            weight_at, per_element, meta_at = _QUANTIZED_ARGS[name]
+            for i, arg in enumerate(node.args):
+                if not isinstance(arg, Node) or arg.op != "placeholder":
+                    continue
+                try:
+                    t = self.get_weight(arg)
+                except KeyError:
+                    continue
+                if i == weight_at:
+                    codes[key(t)] = t.numel() * per_element
+                elif i in meta_at:
+                    metadata.add(key(t))
+        return sum(codes.values()) + sum(
+            t.numel() for t in self._distinct_weights()
+            if t.is_floating_point() and key(t) not in metadata and key(t) not in codes)
 
     def weight_bytes(self) -> int:
         """Bytes of every stored weight tensor at its current dtype (tied ones once)."""
@@ -332,6 +361,15 @@ class IR:
         n = sum(1 for _ in self.nodes("call_function"))
         return (f"IR({self.name!r}, {n} ops, {self.num_params():,} params, "
                 f"inputs={self.input_names}, outputs={self.output_names})")
+
+
+#: slimc's quantized ops (``slimc::NAME``): argument position of the weight codes, weights
+#: per stored element, and positions of quantization metadata (scales, zero points).
+_QUANTIZED_ARGS: dict[str, tuple[int, int, tuple[int, ...]]] = {
+    "linear_int8": (1, 1, (2, 4)), "linear_int4": (1, 2, (2, 3, 5)),
+    "linear_w8a8": (1, 1, (2, 3)), "embedding_int8": (0, 1, (1,)),
+    "embedding_int4": (0, 2, (1, 2)),
+}
 
 
 def _output_names(program: ExportedProgram) -> list[str] | None:

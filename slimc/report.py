@@ -44,7 +44,25 @@ def render_report(m: dict[str, Any]) -> str:
                      "being checked; run it on the device (`slimc run`) before trusting it.")
     else:
         lines.append(f"**Not run**: {v.get('reason')}.")
+    q = m.get("quality")
+    if q:
+        from slimc.task_eval import describe
+
+        lines += ["", "## Task quality", "", f"**{describe(q)}**", "",
+                  f"- compared: {q['compared']}",
+                  f"- data: `{q['data']}`" + (f" ({q['note']})" if q.get("note") else "")
+                  + (f"; {q['held_out']}" if q.get("held_out") else ""),
+                  f"- examples: {q['examples'] if q['examples'] is not None else 'n/a'}",
+                  f"- {'higher' if q['higher_is_better'] else 'lower'} is better; drop "
+                  f"{q['drop']:.2%}"]
+        extra = {k: v for k, v in q["all"]["original"].items() if k != q["metric"]}
+        lines += [f"- {k}: {v:.4g} (original) -> {q['all']['artifact'][k]:.4g} (artifact)"
+                  for k, v in extra.items()]
     lines += ["", "## Fidelity against the original model", "",
+              "Raw outputs on one example input, original fp32 model vs "
+              + ("the built library." if m["fidelity"].get("measured_on") == "artifact"
+                 else "the compressed IR.") + " Task quality (above, with `--eval-data`) is "
+              "what matters for the job.", "",
               "| metric | value |", "|---|---:|"]
     for k, val in m["fidelity"].items():
         shown = f"{val:.6g}" if isinstance(val, float | int) and not isinstance(val, bool) \
