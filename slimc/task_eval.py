@@ -203,7 +203,12 @@ def _prepare_spearman(path: Path | None, ctx: EvalContext) -> TaskData:
                          f"model takes {', '.join(ctx.input_names)}.")
     batch, seq = ctx.template["input_ids"].shape[:2]
     pairs = _read_pairs(path)[ctx.skip * batch:]
-    pairs = pairs[:ctx.max_batches * batch // 2 or 1]
+    pairs = _within(pairs, ctx.max_batches * batch)
+    if len(pairs) < 3:
+        raise UsageError(f"Only {len(pairs)} pairs of {path} fit in --eval-batches "
+                         f"{ctx.max_batches} batches of {batch} texts (after any part used for "
+                         "calibration); Spearman needs at least 3.",
+                         hint="Raise --eval-batches, or use a larger batch in --input.")
     texts = sorted({t for a, b, _ in pairs for t in (a, b)})
     tokenizer = _tokenizer(ctx, path)
     enc = tokenizer(texts, truncation=True, max_length=seq, padding="max_length",
@@ -231,6 +236,16 @@ def _prepare_spearman(path: Path | None, ctx: EvalContext) -> TaskData:
 
     return TaskData(batches, score, examples=len(pairs),
                     note=f"{len(pairs)} scored pairs, {n} distinct texts")
+
+
+def _within(pairs: list[tuple[str, str, float]], most: int) -> list[tuple[str, str, float]]:
+    """The leading pairs whose distinct texts fit in ``most`` model inputs."""
+    seen: set[str] = set()
+    for i, (a, b, _) in enumerate(pairs):
+        if len(seen | {a, b}) > most:
+            return pairs[:i]
+        seen |= {a, b}
+    return pairs
 
 
 def _embed(outputs: Arrays, mask: np.ndarray, batch: int, seq: int) -> np.ndarray:
