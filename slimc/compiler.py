@@ -305,7 +305,7 @@ def _measure_artifact(task, library: Path, spec: TargetSpec, ir: IR, threads: in
     if not spec.is_cross:
         try:
             run = backend.load(library, {"target": {"cross_triple": None},
-                                         "isa": required_isa(spec)}, threads)
+                                         "isa": backend.required_isa(spec)}, threads)
             compared = f"the built library run on {backend.where(spec)}"
         except DeviceUnavailable as exc:
             compared = f"the compressed IR (the library cannot run here: {exc})"
