@@ -54,7 +54,8 @@ def slimc_register_converters():
     # Importing the lowering modules registers their (op, target kind) lowerings.
     import slimc.backends.tvm.gpu_quantized  # noqa: F401
     import slimc.backends.tvm.quantized_ops  # noqa: F401
+    from slimc.backends.tvm.symbolic import converters as symbolic_converters
 
     from slimc.dialect import converters
 
-    return converters()
+    return {**converters(), **symbolic_converters()}

@@ -170,32 +170,11 @@ class CompiledModel:
                              "or belongs to another library.", hint="Recompile the model.")
 
     def _arrange(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[np.ndarray]:
-        names = [i["name"] for i in self.inputs]
-        if len(args) > len(names):
-            raise UsageError(f"The model takes {len(names)} inputs ({', '.join(names)}), "
-                             f"got {len(args)}.")
-        values = dict(zip(names, args, strict=False))
-        for key, value in kwargs.items():
-            if key not in names:
-                raise UsageError(f"Unknown input {key!r}; the model's inputs are "
-                                 f"{', '.join(names)}.")
-            values[key] = value
-        missing = [n for n in names if n not in values]
-        if missing:
-            raise UsageError(f"Missing input(s) {', '.join(missing)}.")
-        arrays = []
-        for spec in self.inputs:
-            value = values[spec["name"]]
-            array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
-                raise UsageError(
-                    f"Input {spec['name']} has shape {list(array.shape)} and dtype {array.dtype};"
-                    f" the artifact was compiled for shape {spec['shape']} and dtype "
-                    f"{spec['dtype']}.", hint="Recompile with --input "
-                    f"{spec['name']}={'x'.join(map(str, array.shape))}:{array.dtype} or "
-                    "reshape the input.")
+        from slimc.feeds import arrange
+
+        arrays = arrange(self.inputs, args, kwargs)
+        for spec, array in zip(self.inputs, arrays, strict=True):
             check_input_range(spec, array)
-            arrays.append(np.ascontiguousarray(array))
         return arrays
 
     def run_arrays(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -207,6 +186,12 @@ class CompiledModel:
                              "points), not a single forward pass.",
                              hint="Call model.generate(prompt, max_new_tokens) or `slimc "
                              "generate`.")
+        """Run on arrays (by position or name), a tokenizer's output (a mapping, also as the
+        one positional argument), or text: ``model("a sentence")`` / ``model([...])``."""
+        if len(args) == 1 and not kwargs and _is_text(args[0]):
+            return self._run_texts([args[0]] if isinstance(args[0], str) else list(args[0]))
+        if len(args) == 1 and isinstance(args[0], Mapping):
+            args, kwargs = (), {**args[0], **kwargs}
         arrays = self._arrange(args, kwargs)
         try:
             outputs = self.run_arrays(arrays)
@@ -252,6 +237,35 @@ class CompiledModel:
 
         return AutoTokenizer.from_pretrained(str(self.directory / name))
 
+    def encode(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Sentence embeddings of ``texts`` (one row per text), as sentence-transformers'
+        ``encode``: the ``sentence_embedding`` output when the artifact has pooling compiled
+        in, else its first output."""
+        rows = [texts] if isinstance(texts, str) else list(texts)
+        outputs = self._run_texts(rows)
+        name = "sentence_embedding" if "sentence_embedding" in outputs else self.outputs[0]["name"]
+        return outputs[name]
+
+    def _run_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Tokenize ``texts`` together (one padding) and run them; an artifact with a fixed
+        batch runs them in chunks of that batch, concatenated along the batch axis."""
+        from slimc.feeds import sequence_bounds
+
+        if not texts:
+            raise UsageError("No texts given.")
+        specs = {s["name"]: s for s in self.inputs}
+        batch = sequence_bounds(specs["input_ids"])[0] if "input_ids" in specs else None
+        if batch is None or batch == len(texts):
+            return self(**self.tokenize(texts))
+        feed = self._tokenize_rows(texts)
+        chunks = []
+        for start in range(0, len(texts), batch):
+            rows = list(range(start, min(start + batch, len(texts))))
+            rows += [rows[-1]] * (batch - len(rows))  # fill the last chunk; dropped below
+            out = self(**{k: v[rows] for k, v in feed.items()})
+            chunks.append({k: v[:min(batch, len(texts) - start)] for k, v in out.items()})
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
     def example_inputs(self) -> dict[str, np.ndarray]:
         """The inputs the artifact was verified on at compile time."""
         path = self.directory / EXAMPLE_INPUTS
@@ -264,27 +278,43 @@ class CompiledModel:
                              "the model.") from None
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Token inputs for ``texts`` with the tokenizer shipped in the artifact, padded or
-        truncated to the compiled sequence length (one text per batch row)."""
+        """Token inputs for ``texts`` with the tokenizer shipped in the artifact: padded to the
+        longest text (truncated at the bound) for a dynamic sequence length, else padded or
+        truncated to the compiled one. A fixed batch of B takes 1 text (repeated) or B."""
+        from slimc.feeds import sequence_bounds
+
+        specs = {s["name"]: s for s in self.inputs}
+        batch = sequence_bounds(specs["input_ids"])[0] if "input_ids" in specs else None
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if batch is not None and len(texts) not in (1, batch):
+            raise UsageError(f"The artifact was compiled for batch {batch}; give 1 or {batch} "
+                             f"texts, not {len(texts)}.")
+        rows = texts * (batch if batch is not None and len(texts) == 1 else 1)
+        return self._tokenize_rows(rows)
+
+    def _tokenize_rows(self, rows: list[str]) -> dict[str, np.ndarray]:
+        """One tokenizer call over ``rows``: one padding for all of them."""
         name = self.manifest.get("tokenizer")
         if not name:
             raise UsageError(f"{self.directory} has no tokenizer (the model directory had "
                              "none); give token ids with --input instead.")
         from transformers import AutoTokenizer
 
+        from slimc.feeds import sequence_bounds
+
         specs = {s["name"]: s for s in self.inputs}
         if "input_ids" not in specs:
-            raise UsageError("--text needs a model with an input_ids input.")
-        batch, seq = specs["input_ids"]["shape"][:2]
-        if len(texts) not in (1, batch):
-            raise UsageError(f"The artifact was compiled for batch {batch}; give 1 or {batch} "
-                             f"texts, not {len(texts)}.")
-        rows = list(texts) * (batch if len(texts) == 1 else 1)
+            raise UsageError("Text input needs a model with an input_ids input.")
+        _, seq, dynamic = sequence_bounds(specs["input_ids"])
+        trained = self.manifest.get("model", {}).get("max_seq_length")
+        if trained and dynamic:  # sentence-transformers truncates there too
+            seq = min(seq or trained, trained)
         tokenizer = AutoTokenizer.from_pretrained(str(self.directory / name),
                                                   trust_remote_code=False)
-        encoded = tokenizer(rows, padding="max_length", truncation=True, max_length=seq,
+        padding = "longest" if dynamic else "max_length"
+        encoded = tokenizer(rows, padding=padding, truncation=seq is not None, max_length=seq,
                             return_tensors="np")
-        feed = self.example_inputs()
+        feed = {} if dynamic else self.example_inputs()
         for key, value in encoded.items():
             if key in specs:
                 feed[key] = value.astype(specs[key]["dtype"])
@@ -298,6 +328,11 @@ class CompiledModel:
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                      and all(isinstance(v, str) for v in value))
 
 
 def load(directory: str | os.PathLike[str], *, threads: int | None = None,

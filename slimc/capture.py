@@ -66,15 +66,19 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
     names = list(loaded.example_inputs)
     values = list(loaded.example_inputs.values())
     args, kwargs = ((), dict(loaded.example_inputs)) if loaded.as_kwargs else (tuple(values), {})
+    dynamic = dynamic_shapes(loaded)
     # torch prints the partial graph of a failed export to sys.stderr; slimc reports it itself
     with _quiet_torch(), contextlib.redirect_stderr(io.StringIO()):
         try:
             with torch.no_grad():  # grad-mode switches inside forward would become HOPs
-                program = torch.export.export(loaded.module, args, kwargs, strict=False)
+                program = torch.export.export(loaded.module, args, kwargs, strict=False,
+                                              dynamic_shapes=dynamic)
         except Exception as exc:  # noqa: BLE001 - translated below
             raise _explain_export_failure(loaded, exc) from None
     _check_tensor_outputs(program, loaded.name)
     ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))
+    if loaded.dynamic:
+        ir.annotations["symbols"] = _symbol_names(ir, loaded)
     ir.annotations["source"] = {"model": loaded.source, "loader": loaded.kind, **{
         k: v for k, v in loaded.extra.items() if isinstance(v, (str, int, float)) or v is None}}
     return ir, values
@@ -95,6 +99,40 @@ def _check_tensor_outputs(program, name: str) -> None:
                                "compiles models whose outputs are all tensors.",
                                hint="Return only tensors from forward() (wrap the model to drop "
                                "the other outputs).")
+
+
+def dynamic_shapes(loaded: LoadedModel) -> dict | tuple | None:
+    """``torch.export``'s ``dynamic_shapes`` for the loader's dynamic dims (None: all static).
+
+    Dims that share a symbol name share one ``torch.export.Dim``, so torch knows they agree
+    (the token ids' and the mask's sequence length).
+    """
+    if not loaded.dynamic:
+        return None
+    from torch.export import Dim
+
+    symbols: dict[str, Dim] = {}
+    per_input: dict[str, dict[int, Dim] | None] = {}
+    for name in loaded.example_inputs:
+        axes = loaded.dynamic.get(name) or {}
+        for rng in axes.values():
+            if rng.name not in symbols:
+                symbols[rng.name] = Dim(rng.name, min=rng.min, max=rng.max)
+        per_input[name] = {axis: symbols[rng.name] for axis, rng in axes.items()} or None
+    return per_input if loaded.as_kwargs else tuple(per_input.values())
+
+
+def _symbol_names(ir: IR, loaded: LoadedModel) -> dict[str, str]:
+    """torch's symbol for each dynamic dim (``s41``) -> the name slimc gave it (``seq``)."""
+    names: dict[str, str] = {}
+    placeholders = [n for n in ir.nodes("placeholder") if ir._is_user_input(n)]
+    for input_name, node in zip(ir.input_names, placeholders, strict=True):
+        shape = node.meta["val"].shape
+        for axis, rng in (loaded.dynamic.get(input_name) or {}).items():
+            dim = shape[axis]
+            if isinstance(dim, torch.SymInt):
+                names[str(dim.node.expr)] = rng.name
+    return names
 
 
 @contextmanager
@@ -139,8 +177,10 @@ def _explain_export_failure(loaded: LoadedModel, exc: BaseException) -> CaptureE
         what_to_try = ("The model branches on or sizes a tensor by the *values* of a tensor. "
                        "Rewrite that line with torch.where/torch.cond, or move the decision out "
                        "of forward().")
-    elif "Dynamic" in kind or "ConstraintViolation" in kind:
-        what_to_try = "Give fixed shapes with --input NAME=SHAPE:DTYPE."
+    elif "Dynamic" in kind or "ConstraintViolation" in kind or "specialized" in text:
+        what_to_try = ("The model fixes a dimension that was asked to be dynamic (LO..HI); "
+                       "give it a fixed size or the bounds torch names, e.g. --input "
+                       "input_ids=1x128:int64.")
     elif ".numpy()" in text or ".item()" in text or ".tolist()" in text:
         what_to_try = ("Leaving torch (numpy()/item()/tolist()) cannot be traced; keep the "
                        "computation in torch ops.")

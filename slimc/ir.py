@@ -31,18 +31,57 @@ _IR_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, shape and dtype of a model input or output (what manifest.json records)."""
+    """Name, shape and dtype of a model input or output (what manifest.json records).
+
+    ``shape`` is the example shape; ``dims`` (None when every dim is fixed) gives each dim as an
+    int or, for a dynamic one, ``{"name", "min", "max"}`` (dims sharing a name must agree).
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    dims: tuple[int | dict[str, Any], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.dims is not None:
+            data["dims"] = list(self.dims)
+        return data
 
     @classmethod
-    def of(cls, name: str, value: torch.Tensor) -> TensorSpec:
-        return cls(name, tuple(int(d) for d in value.shape), dtype_name(value.dtype))
+    def of(cls, name: str, value: torch.Tensor, symbols: dict[str, str] | None = None,
+           constraints: dict | None = None) -> TensorSpec:
+        dims = tuple(dim_json(d, symbols or {}, constraints or {}) for d in value.shape)
+        dynamic = any(isinstance(d, dict) for d in dims)
+        return cls(name, tuple(size_hint(d) for d in value.shape), dtype_name(value.dtype),
+                   dims if dynamic else None)
+
+
+def size_hint(dim: Any) -> int:
+    """A dimension's size: itself when fixed, the example size it was captured at when symbolic
+    (no guard is added, unlike ``int(symint)``)."""
+    if isinstance(dim, torch.SymInt):
+        hint = getattr(dim.node, "hint", None)
+        if hint is not None:
+            return int(hint)
+        bound = dim.node.shape_env.bound_sympy(dim.node.expr)
+        return int(bound.lower)
+    return int(dim)
+
+
+def dim_json(dim: Any, symbols: dict[str, str], constraints: dict) -> int | dict[str, Any]:
+    """A fixed dim as an int; a symbolic one as ``{"name", "min", "max"}`` with torch's symbols
+    renamed by ``symbols`` (``s41`` -> ``seq``). Bounds come from the program's
+    ``range_constraints`` (the shape environment alone assumes sizes of at least 2)."""
+    if not isinstance(dim, torch.SymInt):
+        return int(dim)
+    expr = dim.node.expr
+    bound = constraints.get(expr) or dim.node.shape_env.bound_sympy(expr)
+    name = str(expr)
+    for torch_name, user_name in sorted(symbols.items(), key=lambda kv: -len(kv[0])):
+        name = name.replace(torch_name, user_name)
+    upper = int(bound.upper) if bound.upper.is_finite else None
+    return {"name": name, "min": int(bound.lower), "max": upper}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -109,7 +148,7 @@ class IR:
     def node_info(self, node: Node) -> NodeInfo:
         """Shape, dtype and the module path (e.g. ``model.layers.0.mlp.up_proj``) of a node."""
         val = node.meta.get("val")
-        shape = tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+        shape = tuple(size_hint(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
         dtype = dtype_name(val.dtype) if isinstance(val, torch.Tensor) else None
         stack = node.meta.get("nn_module_stack") or {}
         path, mtype = ("", "")
@@ -276,15 +315,24 @@ class IR:
 
     def input_specs(self) -> list[TensorSpec]:
         specs = []
+        symbols = self.annotations.get("symbols", {})
         for name, node in zip(self.input_names, self._user_placeholders(), strict=True):
-            specs.append(TensorSpec.of(name, node.meta["val"]))
+            specs.append(TensorSpec.of(name, node.meta["val"], symbols,
+                                       self.program.range_constraints))
         return specs
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether any input has a symbolic (dynamic) dimension."""
+        return any(s.dims is not None for s in self.input_specs())
 
     def output_specs(self) -> list[TensorSpec]:
         out_node = next(iter(reversed(self.graph.nodes)))
         flat = out_node.args[0]
         vals = [flat[i].meta["val"] for i in self._user_output_positions()]
-        return [TensorSpec.of(n, v) for n, v in zip(self.output_names, vals, strict=True)]
+        symbols = self.annotations.get("symbols", {})
+        return [TensorSpec.of(n, v, symbols, self.program.range_constraints)
+                for n, v in zip(self.output_names, vals, strict=True)]
 
     def _user_placeholders(self) -> list[Node]:
         return [n for n in self.nodes("placeholder") if self._is_user_input(n)]

@@ -24,16 +24,47 @@ _DTYPES = {
 #: :func:`slimc.capture.load_model` for the duration of one load. Default: never.
 TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("slimc_trust_remote_code", default=False)
 
-_SPEC = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)=(?P<shape>\d+(?:x\d+)*)?(?::(?P<dtype>\w+))?$")
+_DIM = r"\d+(?:\.\.\d+)?"
+_SPEC = re.compile(
+    rf"^(?P<name>[A-Za-z_][\w.]*)=(?P<shape>{_DIM}(?:x{_DIM})*)?(?::(?P<dtype>\w+))?$")
+#: Example size of a dynamic dimension (clamped into its bounds): batch axes get 2, other axes
+#: 128. torch.export specialises sizes 0 and 1, so an example is never below 2.
+EXAMPLE_BATCH, EXAMPLE_LENGTH = 2, 128
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """A dynamic dimension: its symbol name (shared by dims that must agree) and bounds."""
+
+    name: str
+    min: int
+    max: int
+
+    def example(self, axis: int, preferred: int | None = None) -> int:
+        """The size used to capture and verify: ``preferred`` (else a default) within bounds."""
+        want = preferred or (EXAMPLE_BATCH if axis == 0 else EXAMPLE_LENGTH)
+        return max(self.min, 2, min(want, self.max))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "min": self.min, "max": self.max}
+
+
+#: Symbol names slimc gives dynamic dimensions by axis (axis 0 is the batch).
+AXIS_SYMBOLS = {0: "batch", 1: "seq"}
 
 
 @dataclass(frozen=True)
 class InputOverride:
-    """One ``--input NAME=SHAPE:DTYPE`` option; shape or dtype may be left out."""
+    """One ``--input NAME=SHAPE:DTYPE`` option; shape or dtype may be left out.
+
+    A dimension written ``LO..HI`` is dynamic: ``shape`` holds its example size and ``ranges``
+    its bounds (None for fixed dims).
+    """
 
     name: str
     shape: tuple[int, ...] | None
     dtype: torch.dtype | None
+    ranges: tuple[DimRange | None, ...] | None = None
 
     @classmethod
     def parse(cls, text: str) -> InputOverride:
@@ -52,10 +83,27 @@ class InputOverride:
                     f"--input {text!r}: unknown dtype {match['dtype']!r}.",
                     hint=f"Use one of: {', '.join(sorted(_DTYPES))}.",
                 )
-        shape = tuple(int(d) for d in match["shape"].split("x")) if match["shape"] else None
-        if shape is not None and any(d <= 0 for d in shape):
-            raise UsageError(f"--input {text!r}: every dimension must be positive.")
-        return cls(match["name"], shape, dtype)
+        if not match["shape"]:
+            return cls(match["name"], None, dtype)
+        shape: list[int] = []
+        ranges: list[DimRange | None] = []
+        for axis, dim in enumerate(match["shape"].split("x")):
+            low, _, high = dim.partition("..")
+            low_i, high_i = int(low), int(high or low)
+            if low_i <= 0 or high_i < low_i:
+                raise UsageError(
+                    f"--input {text!r}: dimension {dim!r} must be positive"
+                    + (" with LO <= HI" if high else "") + ".",
+                    hint="A dynamic dimension is written LO..HI, e.g. input_ids=1x1..512:int64.")
+            if high and high_i > low_i and high_i >= 2:
+                rng = DimRange(AXIS_SYMBOLS.get(axis, f"dim{axis}"), low_i, high_i)
+                ranges.append(rng)
+                shape.append(rng.example(axis))
+            else:
+                ranges.append(None)
+                shape.append(low_i)
+        return cls(match["name"], tuple(shape), dtype,
+                   tuple(ranges) if any(ranges) else None)
 
 
 def parse_overrides(texts: list[str] | tuple[str, ...]) -> dict[str, InputOverride]:
@@ -84,6 +132,8 @@ class LoadedModel:
     kind: str = ""
     #: Anything a later stage may want (tokenizer path, config); JSON-serializable.
     extra: dict = field(default_factory=dict)
+    #: Dynamic dimensions: input name -> {axis: DimRange}; dims sharing a name must agree.
+    dynamic: dict[str, dict[int, DimRange]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -113,6 +163,8 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype,
             return torch.ones(shape, dtype=dtype)
         if "type_ids" in name:
             return torch.zeros(shape, dtype=dtype)
+        if name.endswith("position_ids") and len(shape) >= 1:
+            return torch.arange(shape[-1], dtype=dtype).expand(shape).contiguous()
         return torch.randint(0, max(high, 1), shape, generator=g, dtype=dtype)
     return torch.randn(shape, generator=g).to(dtype)
 
@@ -135,3 +187,46 @@ def apply_overrides(inputs: dict[str, torch.Tensor], overrides: dict[str, InputO
         result[ov.name] = random_tensor(ov.name, shape, dtype, high=high)
     # Keep the model's own argument order.
     return {k: result[k] for k in accepted if k in result}
+
+
+def dynamic_dims(overrides: dict[str, InputOverride]) -> dict[str, dict[int, DimRange]]:
+    """The dynamic dimensions the overrides ask for: input name -> {axis: DimRange}."""
+    return {ov.name: {axis: rng for axis, rng in enumerate(ov.ranges) if rng is not None}
+            for ov in overrides.values() if ov.ranges}
+
+
+def agree(overrides: dict[str, InputOverride], group: tuple[str, ...], present: list[str],
+          axes: int = 2) -> dict[str, InputOverride]:
+    """Make the inputs of ``group`` that are ``present`` agree on their first ``axes`` dims.
+
+    Text models take token ids, an attention mask, token types and position ids of one
+    ``[batch, sequence]`` shape: overriding one of them re-shapes the others (keeping their
+    dtypes). Two overrides that disagree are an error naming both.
+    """
+    given = [overrides[n] for n in group if n in overrides and overrides[n].shape]
+    if not given:
+        return overrides
+    leader = given[0]
+    lead_shape = leader.shape[:axes]
+    lead_ranges = (leader.ranges or (None,) * len(leader.shape))[:axes]
+    for ov in given[1:]:
+        ranges = (ov.ranges or (None,) * len(ov.shape))[:axes]
+        if ov.shape[:axes] != lead_shape or ranges != lead_ranges:
+            raise UsageError(
+                f"--input {leader.name} and --input {ov.name} disagree on their "
+                f"[batch, sequence] dims ({_dims_text(leader)} vs {_dims_text(ov)}).",
+                hint=f"Give the same dims to both, or override only {leader.name}: the "
+                "others follow it.")
+    result = dict(overrides)
+    for name in group:
+        if name in present and (name not in overrides or not overrides[name].shape):
+            dtype = overrides[name].dtype if name in overrides else None
+            result[name] = InputOverride(name, lead_shape, dtype,
+                                         lead_ranges if any(lead_ranges) else None)
+    return result
+
+
+def _dims_text(ov: InputOverride) -> str:
+    ranges = ov.ranges or (None,) * len(ov.shape or ())
+    return "x".join(f"{r.min}..{r.max}" if r else str(d)
+                    for d, r in zip(ov.shape or (), ranges, strict=True))

@@ -17,14 +17,23 @@ import torch
 from slimc.errors import UsageError
 from slimc.loaders.base import (
     TRUST_REMOTE_CODE,
+    DimRange,
     InputOverride,
     LoadedModel,
+    agree,
     apply_overrides,
+    dynamic_dims,
     random_tensor,
 )
+from slimc.loaders.sentence_pooling import SentenceEncoder, read_pooling
 
-#: Default sequence length for text models when ``--input`` does not say otherwise.
+#: Default (example) sequence length for text models when ``--input`` does not say otherwise.
 DEFAULT_SEQ_LEN = 128
+#: Inputs of a text model that share one ``[batch, sequence]`` shape.
+SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+#: Text models get a dynamic sequence length ``1..max_position_embeddings`` unless ``--input``
+#: fixes it (see docs/shapes.md for why, and what it costs).
+DYNAMIC_SEQUENCE_BY_DEFAULT = False
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
@@ -73,6 +82,10 @@ class HuggingFaceLoader:
                 config_of_sub.use_cache = False  # a KV cache is not a tensor output to compile
         accepted = [p for p in inspect.signature(module.forward).parameters
                     if p not in ("self", "kwargs", "args")]
+        pooling, pooling_skipped = read_pooling(path)
+        if pooling is not None:
+            module = SentenceEncoder(module, pooling).eval()
+            accepted = [p for p in accepted if p in SEQUENCE_INPUTS]
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         vocab = int(getattr(text_config, "vocab_size", 2) or 2)
         inputs = _default_inputs(config, text_config, accepted, vocab)
@@ -82,16 +95,20 @@ class HuggingFaceLoader:
                 hint="Give them with --input NAME=SHAPE:DTYPE, e.g. --input "
                 f"{accepted[0]}=1x128:float32 (its forward takes: {', '.join(accepted[:8])}).",
             )
+        overrides = _sequence_overrides(overrides, inputs, accepted, text_config)
         inputs = apply_overrides(inputs, overrides, accepted=accepted, high=vocab)
         _check_positions(text_config, inputs)
         has_tokenizer = any((path / f).exists() for f in
                             ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
         return LoadedModel(
             name=_model_name(path), module=module, example_inputs=inputs, as_kwargs=True,
-            source=str(path), kind=self.name,
+            source=str(path), kind=self.name, dynamic=dynamic_dims(overrides),
             extra={"architecture": cls.__name__,
                    "model_type": getattr(config, "model_type", ""),
-                   "tokenizer": str(path) if has_tokenizer else None},
+                   "tokenizer": str(path) if has_tokenizer else None,
+                   "pooling": pooling.describe() if pooling else None,
+                   "pooling_skipped": pooling_skipped,
+                   "max_seq_length": pooling.max_seq_length if pooling else None},
         )
 
 
@@ -192,15 +209,43 @@ def _dim(value, default: int) -> int:
     return int(value) if value else default
 
 
+def max_positions(text_config) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: not stated)."""
+    value = (getattr(text_config, "max_position_embeddings", None)
+             or getattr(text_config, "n_positions", None))
+    return _dim(value, 0) or None
+
+
+def _sequence_overrides(overrides: dict[str, InputOverride], inputs: dict[str, torch.Tensor],
+                        accepted: list[str], text_config) -> dict[str, InputOverride]:
+    """Overrides with the ``[batch, sequence]`` inputs agreeing (see :func:`agree`); with
+    :data:`DYNAMIC_SEQUENCE_BY_DEFAULT` and no shape given, a dynamic sequence length."""
+    present = [n for n in SEQUENCE_INPUTS if n in inputs or n in overrides]
+    given = any(n in overrides and overrides[n].shape for n in SEQUENCE_INPUTS)
+    if not given and DYNAMIC_SEQUENCE_BY_DEFAULT and "input_ids" in inputs:
+        limit = max_positions(text_config)
+        if limit and limit >= 2:
+            seq = DimRange("seq", 1, limit)
+            batch = int(inputs["input_ids"].shape[0])
+            overrides = {**overrides, "input_ids": InputOverride(
+                "input_ids", (batch, seq.example(1)), overrides.get(
+                    "input_ids", InputOverride("input_ids", None, None)).dtype, (None, seq))}
+    present = [n for n in present if n in accepted]
+    return agree(overrides, SEQUENCE_INPUTS, present)
+
+
 def _default_inputs(config, text_config, accepted: list[str], vocab: int):
-    max_pos = _dim(getattr(text_config, "max_position_embeddings", None)
-                   or getattr(text_config, "n_positions", None), DEFAULT_SEQ_LEN)
+    max_pos = max_positions(text_config) or DEFAULT_SEQ_LEN
     seq = min(DEFAULT_SEQ_LEN, max_pos)
     inputs: dict[str, torch.Tensor] = {}
     if "input_ids" in accepted:
         inputs["input_ids"] = random_tensor("input_ids", (1, seq), torch.int64, high=vocab)
         if "attention_mask" in accepted:
             inputs["attention_mask"] = torch.ones(1, seq, dtype=torch.int64)
+        if "token_type_ids" in accepted and int(getattr(text_config, "type_vocab_size", 0)
+                                                   or 0) > 0:
+            # BERT-style segment ids: a model that has a token-type table takes them.
+            inputs["token_type_ids"] = torch.zeros(1, seq, dtype=torch.int64)
     if "input_features" in accepted and getattr(config, "num_mel_bins", None):
         frames = 2 * _dim(getattr(config, "max_source_positions", None), 1500)
         inputs["input_features"] = random_tensor(
