@@ -169,21 +169,24 @@ def dot_kernel(kind: str, m: int, k: int, n: int):
 
 
 @functools.lru_cache(maxsize=256)
-def generic_kernel(m: int, k: int, n: int, t: int):
-    """Portable PrimFunc ``(a[m,k] int8, w[N/t,K,t] int8, comp, scale, bias, y[m,n])``."""
+def generic_kernel(m: int | None, k: int, n: int, t: int):
+    """Portable PrimFunc ``(a[m,k] int8, w[N/t,K,t] int8, comp, scale, bias, y[m,n])``;
+    ``m`` None: a symbolic row count (a dynamic batch or sequence length)."""
+    from slimc.backends.tvm.quantized_ops import index_dtype, row_var
     from tvm import s_tir, te
 
-    a = te.placeholder((m, k), "int8", name="a")
+    a = te.placeholder((row_var(m), k), "int8", name="a")
     w = te.placeholder((n // t, k, t), "int8", name="w")
     comp = te.placeholder((n,), "int32", name="comp")
     scale = te.placeholder((n,), "float32", name="scale")
     bias = te.placeholder((n,), "float32", name="bias")
     r = te.reduce_axis((0, k), name="k")
-    acc = te.compute((m, n), lambda i, j: te.sum(
+    acc = te.compute((a.shape[0], n), lambda i, j: te.sum(
         a[i, r].astype("int32") * w[j // t, r, j % t].astype("int32"), axis=r), name="acc")
-    y = te.compute((m, n), lambda i, j: (acc[i, j] - comp[j]).astype("float32") * scale[j]
+    y = te.compute((a.shape[0], n), lambda i, j: (acc[i, j] - comp[j]).astype("float32") * scale[j]
                    + bias[j], name="y")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, y]))
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, y],
+                                               index_dtype(m)))
     out = sch.get_sblock("y")
     i, j = sch.get_loops(out)
     jo, ji = sch.split(j, [None, t])
@@ -203,5 +206,5 @@ def generic_kernel(m: int, k: int, n: int, t: int):
     init = sch.decompose_reduction(block, ck)
     if t > 1:
         sch.vectorize(sch.get_loops(init)[-1])
-    name = f"slimc_linear_w8a8_generic_{m}x{k}x{n}"
+    name = f"slimc_linear_w8a8_generic_{m or 'dyn'}x{k}x{n}"
     return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)

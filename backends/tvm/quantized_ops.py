@@ -92,7 +92,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
         k = -(-k // group) * group
     if kind == "int4" and FACTORED_INT4 and group % 2 == 0 and k % group == 0:
         return _int4_grouped_kernel(m, k, n, group, t)
-    x = te.placeholder((m, k), "float32", name="x")
+    x = te.placeholder((row_var(m), k), "float32", name="x")
     r = te.reduce_axis((0, k), name="k")
     if kind == "int8":
         w = te.placeholder((n // t, k, t), "int8", name="w")
@@ -123,9 +123,10 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
             return w[j // t, kk, j % t].astype("float32")
     else:
         raise ValueError(kind)
-    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * deq(j, r), axis=r), name="y")
-    func = te.create_prim_func([*params, y])
-    name = f"slimc_linear_{kind}_{m}x{k}x{n}" + (f"_g{group}" if group else "") \
+    y = te.compute((x.shape[0], n), lambda i, j: te.sum(x[i, r] * deq(j, r), axis=r),
+                   name="y")
+    func = te.create_prim_func([*params, y], index_dtype(m))
+    name = f"slimc_linear_{kind}_{m or 'dyn'}x{k}x{n}" + (f"_g{group}" if group else "") \
         + (f"_t{t}" if tile else "")
     return _finish(_schedule_linear(func, t), name)
 
@@ -142,12 +143,13 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int):
     from tvm import te, tirx
 
     groups, half = k // group, group // 2
-    x = te.placeholder((m, k), "float32", name="x")
+    x = te.placeholder((row_var(m), k), "float32", name="x")
+    rows = x.shape[0]
     w = te.placeholder((n // t, k // 2, t), "uint8", name="w")
     s = te.placeholder((n // t, groups, t), "float32", name="scale")
     z = te.placeholder((n // t, groups, t), "uint8", name="zero")
     r1 = te.reduce_axis((0, group), name="r1")
-    xs = te.compute((m, groups), lambda i, g: te.sum(x[i, g * group + r1], axis=r1), name="xs")
+    xs = te.compute((rows, groups), lambda i, g: te.sum(x[i, g * group + r1], axis=r1), name="xs")
     rk = te.reduce_axis((0, half), name="rk")
     mask = tirx.const(15, "uint8")
     four = tirx.const(4, "uint8")
@@ -158,14 +160,14 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int):
         return (x[i, base] * (byte & mask).astype("float32")
                 + x[i, base + 1] * (byte >> four).astype("float32"))
 
-    acc = te.compute((m, n, groups), lambda i, j, g: te.sum(pair(i, j, g, rk), axis=rk),
+    acc = te.compute((rows, n, groups), lambda i, j, g: te.sum(pair(i, j, g, rk), axis=rk),
                      name="acc")
     rg = te.reduce_axis((0, groups), name="rg")
-    y = te.compute((m, n), lambda i, j: te.sum(
+    y = te.compute((rows, n), lambda i, j: te.sum(
         s[j // t, rg, j % t] * (acc[i, j, rg] - z[j // t, rg, j % t].astype("float32")
                                 * xs[i, rg]), axis=rg), name="y")
-    func = te.create_prim_func([x, w, s, z, y])
-    name = f"slimc_linear_int4f_{m}x{k}x{n}_g{group}"
+    func = te.create_prim_func([x, w, s, z, y], index_dtype(m))
+    name = f"slimc_linear_int4f_{m or 'dyn'}x{k}x{n}_g{group}"
     return _finish(_schedule_int4_grouped(func, t), name)
 
 
@@ -233,7 +235,7 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0)
     """Gather ``rows`` ids from a packed table and dequantize: ``(ids, table..., out)``."""
     from tvm import s_tir, te, tirx
 
-    ids = te.placeholder((rows,), "int64", name="ids")
+    ids = te.placeholder((row_var(rows),), "int64", name="ids")
 
     def clamp(v):  # out-of-range ids read the nearest row, never memory past the table
         return tirx.max(tirx.min(v, tirx.const(vocab - 1, "int64")), tirx.const(0, "int64"))
@@ -258,11 +260,11 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0)
             code = (byte >> ((d % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
             return ((code.astype("float32") - z[v, d // group].astype("float32"))
                     * s[v, d // group])
-    out = te.compute((rows, dim), value, name="out")
-    sch = s_tir.Schedule(te.create_prim_func([*params, out]))
+    out = te.compute((ids.shape[0], dim), value, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([*params, out], index_dtype(rows)))
     i, d = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(i)
-    name = f"slimc_embedding_{kind}_{rows}x{vocab}x{dim}" + (f"_g{group}" if group else "")
+    name = f"slimc_embedding_{kind}_{rows or 'dyn'}x{vocab}x{dim}" + (f"_g{group}" if group else "")
     return _finish(sch.mod["main"], name)
 
 
@@ -279,6 +281,40 @@ def add_kernel(bb, func):
     remove; the build names it again when it exports the library.
     """
     return bb.add_func(func.without_attr("global_symbol"), str(func.attrs["global_symbol"]))
+
+
+def _rows_and_width(expr) -> tuple[Any, int]:
+    """``(rows, width)`` of a ``[..., width]`` activation: rows may be symbolic (a dynamic
+    batch or sequence length, ``None`` to the kernel builders), the width must be static."""
+    shape = list(expr.ty.shape)
+    *lead, last = shape
+    if not hasattr(last, "value"):
+        from slimc.errors import LoweringError
+
+        raise LoweringError(f"slimc's quantized kernels need a static last dim, got {shape}.")
+    rows = 1
+    for d in lead:
+        rows = rows * (int(d.value) if hasattr(d, "value") else d)
+    return rows, int(last.value)
+
+
+def kernel_rows(rows) -> int | None:
+    """The kernel builders' ``m``: an int, or None for a symbolic row count."""
+    return rows if isinstance(rows, int) else None
+
+
+def row_var(m: int | None, dtype: str = "int64"):
+    """``m`` itself, or a fresh symbolic row count bound from the input's shape at run time."""
+    from tvm import tirx
+
+    return m if m is not None else tirx.Var("m", dtype)
+
+
+def index_dtype(m: int | None) -> str | None:
+    """Loop index dtype of a kernel: int64 throughout when its row count is symbolic (Relax's
+    shape vars are int64; mixed with int32 loops, fused loops need casts that are not affine
+    and the schedules fail)."""
+    return "int64" if m is None else None
 
 
 def _static_shape(expr) -> tuple[int, ...]:
@@ -314,16 +350,14 @@ def _convert_linear(kind: str):
         bb = importer.block_builder
         x = importer.env[node.args[0]]
         weight = importer.env[node.args[1]]
-        shape = _static_shape(x)
-        k, n = shape[-1], _static_shape(weight)[0]
-        m = 1
-        for d in shape[:-1]:
-            m *= d
+        shape = list(x.ty.shape)
+        m, k = _rows_and_width(x)
+        n = _static_shape(weight)[0]
         t = tile_for(n, kind)
         if kind == "int8":
             bias, act = _arg(importer, node, 3), _arg(importer, node, 4)
             tensors = [_tiles(bb, weight, t), importer.env[node.args[2]]]
-            func = linear_kernel("int8", m, k, n)
+            func = linear_kernel("int8", kernel_rows(m), k, n)
         elif kind == "int4":
             bias, act = _arg(importer, node, 4), _arg(importer, node, 5)
             group = int(node.args[6])
@@ -335,11 +369,11 @@ def _convert_linear(kind: str):
                 packed = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, (padded - k) // 2]))
             tensors = [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
                        _tiles(bb, importer.env[node.args[3]], t)]
-            func = linear_kernel("int4", m, k, n, group)
+            func = linear_kernel("int4", kernel_rows(m), k, n, group)
         else:
             bias, act = _arg(importer, node, 2), None
             tensors = [_tiles(bb, weight, t)]
-            func = linear_kernel(kind, m, k, n)
+            func = linear_kernel(kind, kernel_rows(m), k, n)
         if act is not None:
             x = bb.emit(relax.op.multiply(x, act))
         x2 = bb.emit(relax.op.reshape(x, (m, k)))
@@ -374,11 +408,12 @@ def _convert_w8a8(node, importer):
     in_mult, out_scale = importer.env[node.args[2]], importer.env[node.args[3]]
     bias = _arg(importer, node, 4)
     zero_point = int(node.args[5])
-    shape = _static_shape(x)
-    k, n = shape[-1], _static_shape(weight)[0]
-    m = int(np.prod(shape[:-1], dtype=np.int64))
+    shape = list(x.ty.shape)
+    m, k = _rows_and_width(x)
+    n = _static_shape(weight)[0]
     kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
-    if kind != "generic" and (k % 4 or n % int8_kernels.lanes(kind)):
+    if kind != "generic" and (k % 4 or n % int8_kernels.lanes(kind) or not isinstance(m, int)):
+        # The VNNI / sdot kernels tensorize a fixed row count; symbolic rows run generic.
         kind = "generic"
     codes = bb.emit(relax.op.round(relax.op.multiply(relax.op.reshape(x, (m, k)), in_mult)))
     offset = int8_kernels.activation_offset(kind)
@@ -399,12 +434,12 @@ def _convert_w8a8(node, importer):
     if kind == "generic":
         t = tile_for(n)
         packed = _tiles(bb, weight, t)
-        func = int8_kernels.generic_kernel(m, k, n, t)
+        func = int8_kernels.generic_kernel(kernel_rows(m), k, n, t)
     else:
         lanes = int8_kernels.lanes(kind)
         tiles = bb.emit(relax.op.reshape(weight, (n // lanes, lanes, k // 4, 4)))
         packed = bb.emit(relax.op.permute_dims(tiles, [0, 2, 1, 3]))
-        func = int8_kernels.dot_kernel(kind, m, k, n)
+        func = int8_kernels.dot_kernel(kind, kernel_rows(m), k, n)
     if bias is None:
         bias = relax.const(np.zeros(n, np.float32))
     gvar = add_kernel(bb, func)
@@ -428,12 +463,12 @@ def _convert_embedding(kind: str):
             dim = embedding_int4_dim(width, _static_shape(scale)[1], group)
             extra = [scale, importer.env[node.args[2]]]
         ids = importer.env[ids_node]
-        ids_shape = _static_shape(ids)
+        ids_shape = list(ids.ty.shape)
         rows = 1
         for d in ids_shape:
-            rows *= d
+            rows = rows * (int(d.value) if hasattr(d, "value") else d)
         flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), (rows,)))
-        func = embedding_kernel(kind, rows, vocab, dim, group)
+        func = embedding_kernel(kind, kernel_rows(rows), vocab, dim, group)
         gvar = add_kernel(bb, func)
         out = bb.emit(relax.call_tir(gvar, [flat, table, *extra],
                                      relax.TensorType((rows, dim), "float32")))
