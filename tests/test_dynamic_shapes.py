@@ -117,6 +117,7 @@ def test_overriding_one_sequence_input_reshapes_the_others(hf_dir, cli, tmp_path
 @pytest.mark.parametrize("args, fragment", [
     (["--input", "input_ids=1x16:int64", "--input", "attention_mask=1x8:int64"], "disagree"),
     (["--input", "input_ids=1x9..4:int64"], "LO <= HI"),
+    (["--input", "input_ids=1x1..65:int64"], "longer than the model's 64 positions"),
 ])
 def test_inconsistent_or_malformed_dims_exit_2(hf_dir, cli, tmp_path, args, fragment):
     result = cli("compile", hf_dir("bert"), "-o", tmp_path / "x", *args)

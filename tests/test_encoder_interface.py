@@ -63,7 +63,7 @@ TEXTS = ["the man plays the guitar on stage .", "a dog runs", "music"]
 
 def test_pooling_and_normalisation_are_compiled_in(encoder):
     compiled, reference, _ = encoder
-    assert [o["name"] for o in compiled.outputs] == ["sentence_embedding", "token_embeddings"]
+    assert [o["name"] for o in compiled.outputs] == ["sentence_embedding", "last_hidden_state"]
     assert compiled.manifest["model"]["pooling"] == "cls+max, normalized"
     want = reference.encode(TEXTS, convert_to_numpy=True)
     got = compiled.encode(TEXTS)  # batch 1 artifact: three texts run as chunks

@@ -231,6 +231,15 @@ def _sequence_overrides(overrides: dict[str, InputOverride], inputs: dict[str, t
                 "input_ids", (batch, seq.example(1)), overrides.get(
                     "input_ids", InputOverride("input_ids", None, None)).dtype, (None, seq))}
     present = [n for n in present if n in accepted]
+    limit = max_positions(text_config)
+    for ov in overrides.values():
+        seq = ov.ranges[1] if ov.ranges and len(ov.ranges) > 1 else None
+        if ov.name in SEQUENCE_INPUTS and seq is not None and limit and seq.max > limit:
+            raise UsageError(f"--input {ov.name}: a sequence of up to {seq.max} tokens is "
+                             f"longer than the model's {limit} positions "
+                             "(max_position_embeddings).",
+                             hint=f"Bound it at {limit}, e.g. --input {ov.name}="
+                             f"{ov.shape[0]}x{seq.min}..{limit}:int64.")
     return agree(overrides, SEQUENCE_INPUTS, present)
 
 

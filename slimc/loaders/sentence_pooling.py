@@ -5,7 +5,8 @@ states into the sentence embedding users want: a ``Pooling`` module (``1_Pooling
 CLS token, mean, max, mean/sqrt(length) or last token, over the tokens the attention mask keeps)
 and optionally ``Normalize`` (unit L2 norm). :class:`SentenceEncoder` wraps the transformer with
 exactly that computation, so the artifact returns ``sentence_embedding`` and, as a second
-output, the ``token_embeddings`` it was pooled from.
+output, the token states it was pooled from (``last_hidden_state``, as the transformer
+names them; sentence-transformers calls them ``token_embeddings``).
 
 The pooling is written here in a few torch ops (as sentence-transformers computes it) rather than
 by tracing sentence-transformers' modules, which pass dicts and Python ints through ``forward``
@@ -100,7 +101,7 @@ def _max_seq_length(path: Path) -> int | None:
 class SentenceEncoder(torch.nn.Module):
     """``transformer`` followed by the declared pooling (and normalisation).
 
-    Returns ``{"sentence_embedding": [batch, dim * modes], "token_embeddings": [batch, seq,
+    Returns ``{"sentence_embedding": [batch, dim * modes], "last_hidden_state": [batch, seq,
     dim]}``. The mask defaults to all ones, as in sentence-transformers.
     """
 
@@ -121,7 +122,7 @@ class SentenceEncoder(torch.nn.Module):
         pooled = torch.cat([pool(tokens, mask, mode) for mode in self.modes], dim=-1)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return {"sentence_embedding": pooled, "token_embeddings": tokens}
+        return {"sentence_embedding": pooled, "last_hidden_state": tokens}
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -52,6 +52,9 @@ PREPROC = "meta_schedule.layout_rewrite_preproc"
 #: Walk the vector tiles (weight panels) outside the other spatial loops too (conv output rows),
 #: so consecutive tasks of a core reuse one weight panel.
 PANEL_OUTSIDE_ROWS = True
+#: Pad symbolic (dynamic-length) tile axes to whole tiles instead of predicating every step
+#: (see :func:`_pad_symbolic_tiles`; off only to measure what it saves).
+PAD_SYMBOLIC_TILES = True
 
 
 @dataclass
@@ -83,13 +86,22 @@ class TiledMatmul:
         axes = _classify(sch, main)
         if axes is None:
             return None
+        if PAD_SYMBOLIC_TILES and _pad_symbolic_tiles(sch, main, axes, target):
+            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+            main = next(b for b in blocks if not is_spatial(sch, b))
+            axes = _classify(sch, main)
+            if axes is None:
+                return None
         position = blocks.index(main)
         intermediates = intermediate_buffers(sch)
         producers = blocks[:position]
         epilogue = _inline_epilogue(sch, blocks[position + 1:], intermediates)
         _tile(sch, main, axes, target, epilogue, func)
         for block in producers:  # padding, reshapes feeding the kernel
-            schedule_block(sch, block, target)
+            if sch.get(block).name_hint.endswith("_pad"):
+                _schedule_padding(sch, block, target)
+            else:
+                schedule_block(sch, block, target)
         return sch
 
 
@@ -151,6 +163,45 @@ def _classify(sch: s_tir.Schedule, main) -> _Axes | None:
         else:
             extra.append(loop)
     return _Axes(shared, extra, reuse, vec_loop, reduce, contiguous)
+
+
+def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) -> bool:
+    """Pad a symbolic reuse / vector axis (a dynamic sequence length) to whole tiles.
+
+    Split by the tile size, a symbolic axis leaves a predicate ``row < seq`` in every step of
+    the micro-kernel, which then no longer keeps its accumulators in registers (MiniLM's dense
+    layers ran 2x slower than at a fixed length). ``pad_einsum`` instead computes on inputs
+    copied into zero-padded buffers, whose extents are multiples of the tile, and copies the
+    valid rows out: two cheap passes over the activations for an unpredicated kernel.
+    """
+    dtype_bits = sch.get(main).writes[0].source.dtype.bits
+    mr, nr = _tile_sizes(sch, axes, target, dtype_bits)
+    loops = sch.get_loops(main)
+    factors = [1] * len(loops)
+    for tile, loop in ((mr, axes.reuse), (nr, axes.vector)):
+        if loop is not None and extent(sch, loop) is None and tile > 1:
+            factors[[sch.get(lp).same_as(sch.get(loop)) for lp in loops].index(True)] = tile
+    if all(f == 1 for f in factors):
+        return False
+    sch.pad_einsum(main, factors)
+    return True
+
+
+def _schedule_padding(sch: s_tir.Schedule, block, target: Target) -> None:
+    """A ``pad_einsum`` input copy: parallel over its first axis, the last one vectorized.
+
+    Not fused like other elementwise blocks: fusing loops with symbolic extents leaves a
+    division and modulo by the padded length per element.
+    """
+    loops = sch.get_loops(block)
+    bits = sch.get(block).writes[0].source.dtype.bits
+    lanes = vector_lanes(target, bits)
+    n = extent(sch, loops[-1])
+    if n is None or n % lanes == 0 and n > lanes:
+        _, inner = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(inner)
+    if len(loops) > 1:
+        sch.parallel(loops[0])
 
 
 def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set):
