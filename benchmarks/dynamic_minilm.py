@@ -62,12 +62,14 @@ def ort_session(model: str, threads: int, path: Path):
     import transformers
 
     if not path.exists():
-        bert = transformers.AutoModel.from_pretrained(model).eval()
-
         class Tokens(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = transformers.AutoModel.from_pretrained(model).eval()
+
             def forward(self, input_ids, attention_mask, token_type_ids):
-                return bert(input_ids=input_ids, attention_mask=attention_mask,
-                            token_type_ids=token_type_ids).last_hidden_state
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids).last_hidden_state
 
         module = Tokens().eval()
         ids = torch.ones(1, 16, dtype=torch.int64)

@@ -132,3 +132,47 @@ def test_range_syntax_parses_bounds_and_example_sizes():
     fixed = InputOverride.parse("input_ids=1x64:int64")
     assert fixed.shape == (1, 64) and fixed.ranges is None
     assert InputOverride.parse("x=1x4..4").ranges is None  # LO == HI is a fixed dim
+
+
+def _symbolic_matmul(kind: str):
+    from tvm import te, tirx
+
+    m = tirx.Var("m", "int64")
+    if kind == "dense":
+        x = te.placeholder((m, 16), "float32", name="x")
+        w = te.placeholder((16, 48), "float32", name="w")
+        r = te.reduce_axis((0, 16), name="k")
+        y = te.compute((m, 48), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="y")
+        return te.create_prim_func([x, w, y], index_dtype_override="int64")
+    q = te.placeholder((2, m, 8), "float32", name="q")
+    k = te.placeholder((2, 8, m), "float32", name="k")
+    r = te.reduce_axis((0, 8), name="d")
+    y = te.compute((2, m, m), lambda h, i, j: te.sum(q[h, i, r] * k[h, r, j], axis=r), name="y")
+    return te.create_prim_func([q, k, y], index_dtype_override="int64")
+
+
+@pytest.mark.parametrize("kind", ["dense", "attention"])
+def test_matmul_rule_pads_symbolic_tiles_and_stays_exact(kind):
+    """A symbolic rows/columns axis is padded to whole tiles (no predicate in the kernel)."""
+    import tvm
+    from slimc.backends.tvm.schedules.cpu_matmul import TiledMatmul
+
+    from slimc.targets import resolve_target
+
+    target = resolve_target("llvm").tvm_target()
+    scheduled = TiledMatmul().apply(_symbolic_matmul(kind), target).mod["main"]
+    assert "_pad" in scheduled.script()  # zero-padded operand copies, unpredicated kernel
+    lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}),
+                      target=target)
+    rng = np.random.default_rng(0)
+    for m in (1, 7, 37):
+        if kind == "dense":
+            a, b = rng.standard_normal((m, 16)), rng.standard_normal((16, 48))
+            want = a @ b
+        else:
+            a, b = rng.standard_normal((2, m, 8)), rng.standard_normal((2, 8, m))
+            want = np.einsum("hik,hkj->hij", a, b)
+        out = tvm.runtime.tensor(np.zeros(want.shape, "float32"))
+        lib["main"](tvm.runtime.tensor(a.astype("float32")),
+                    tvm.runtime.tensor(b.astype("float32")), out)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-4)
