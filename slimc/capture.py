@@ -79,6 +79,7 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
     ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))
     if loaded.dynamic:
         ir.annotations["symbols"] = _symbol_names(ir, loaded)
+        ir.freeze_dims()
     ir.annotations["source"] = {"model": loaded.source, "loader": loaded.kind, **{
         k: v for k, v in loaded.extra.items() if isinstance(v, (str, int, float)) or v is None}}
     return ir, values

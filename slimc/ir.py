@@ -76,6 +76,8 @@ def dim_json(dim: Any, symbols: dict[str, str], constraints: dict) -> int | dict
     if not isinstance(dim, torch.SymInt):
         return int(dim)
     expr = dim.node.expr
+    if getattr(expr, "is_number", False):  # specialised since capture (see IR.freeze_dims)
+        return int(expr)
     bound = constraints.get(expr) or dim.node.shape_env.bound_sympy(expr)
     name = str(expr)
     for torch_name, user_name in sorted(symbols.items(), key=lambda kv: -len(kv[0])):
@@ -317,9 +319,30 @@ class IR:
         specs = []
         symbols = self.annotations.get("symbols", {})
         for name, node in zip(self.input_names, self._user_placeholders(), strict=True):
-            specs.append(TensorSpec.of(name, node.meta["val"], symbols,
-                                       self.program.range_constraints))
+            specs.append(self._frozen(TensorSpec.of(name, node.meta["val"], symbols,
+                                                    self.program.range_constraints), "inputs"))
         return specs
+
+    def freeze_dims(self) -> None:
+        """Remember which dims are dynamic, as captured.
+
+        Code that reads a fake tensor's size as an int (``int(symint)``, FLOP counts, byte
+        counts) makes torch specialise the symbol to its example value; the graph and the
+        compiled library stay dynamic, but the shapes in ``meta`` then read as fixed. The
+        specs keep the dims recorded here for every dim that still has its captured size.
+        """
+        self.annotations["dims"] = {
+            "inputs": {s.name: list(s.dims) for s in self.input_specs() if s.dims},
+            "outputs": {s.name: list(s.dims) for s in self.output_specs() if s.dims}}
+
+    def _frozen(self, spec: TensorSpec, kind: str) -> TensorSpec:
+        frozen = self.annotations.get("dims", {}).get(kind, {}).get(spec.name)
+        if spec.dims is not None or not frozen or len(frozen) != len(spec.shape):
+            return spec
+        dims = tuple(d if isinstance(d, dict) and d["min"] <= size <= (d["max"] or size)
+                     else size for d, size in zip(frozen, spec.shape, strict=True))
+        return TensorSpec(spec.name, spec.shape, spec.dtype,
+                          dims if any(isinstance(d, dict) for d in dims) else None)
 
     @property
     def is_dynamic(self) -> bool:
@@ -331,7 +354,8 @@ class IR:
         flat = out_node.args[0]
         vals = [flat[i].meta["val"] for i in self._user_output_positions()]
         symbols = self.annotations.get("symbols", {})
-        return [TensorSpec.of(n, v, symbols, self.program.range_constraints)
+        return [self._frozen(TensorSpec.of(n, v, symbols, self.program.range_constraints),
+                             "outputs")
                 for n, v in zip(self.output_names, vals, strict=True)]
 
     def _user_placeholders(self) -> list[Node]:

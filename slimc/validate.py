@@ -38,6 +38,8 @@ def _rows(node: torch.fx.Node, dim: int = 0) -> int | None:
     shape = getattr(val, "shape", None)
     if shape is None or len(shape) <= dim:
         return None
+    if isinstance(shape[dim], torch.SymInt):
+        return None  # a dynamic dim: int() would specialise it to its example size
     try:
         return int(shape[dim])
     except TypeError:  # symbolic

@@ -75,6 +75,8 @@ def index_with_leading_none_to_index_select(ir: IR, node: Node) -> bool:
         return False
     src_val = src.meta["val"]
     out_val = node.meta["val"]
+    if isinstance(src_val.shape[dim], torch.SymInt):
+        return False  # a dynamic table length: int() would specialise it
     with ir.graph.inserting_before(node):
         flat = index
         if index_val.dim() != 1:
