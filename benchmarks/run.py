@@ -194,7 +194,7 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
                             f"{compiled.manifest['tuning']['records_applied']} records applied")
     if engine == "slimc":
         result.compile_s = time.perf_counter() - t0
-        result.build_s = compiled.manifest["timings"].get("build_s")
+        result.build_s = compiled.timings.get("stages", {}).get("build_s")
     runner = NativeRunner(compiled.output / compiled.manifest["library"], args.threads)
     return runner, [spec["name"] for spec in compiled.manifest["inputs"]]
 

@@ -77,16 +77,22 @@ def staged_directory(final: Path, *, force: bool = False) -> Iterator[Path]:
         interrupts.unregister_staging(stage)
 
 
+#: Fields that depend on the clock or the machine's load (an emulator's time budget scales with
+#: the load average), wherever they appear in a manifest.
+WALL_CLOCK_KEYS = frozenset({"seconds", "run_budget"})
+
+
 def split_timings(manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``manifest`` without wall-clock times, and those times: the top-level ``timings`` plus
-    every ``seconds`` field anywhere (per pass, per criterion), keyed by its JSON path."""
+    every ``seconds`` / ``run_budget`` field anywhere (per pass, per criterion, emulator
+    budget), keyed by its JSON path."""
     found: dict[str, Any] = {}
 
     def strip(value: Any, path: str) -> Any:
         if isinstance(value, dict):
             kept = {}
             for key, item in value.items():
-                if key == "seconds" or (key == "timings" and not path):
+                if key in WALL_CLOCK_KEYS or (key == "timings" and not path):
                     found[f"{path}{key}" if not path else f"{path}.{key}"] = item
                 else:
                     kept[key] = strip(item, f"{path}.{key}" if path else str(key))
