@@ -53,6 +53,8 @@ def slimc_register_passes():
 def slimc_register_converters():
     # Importing the lowering modules registers their (op, target kind) lowerings.
     import slimc.backends.tvm.gpu_quantized  # noqa: F401
+    import slimc.backends.tvm.quantized_conv  # noqa: F401
+    import slimc.backends.tvm.quantized_experts  # noqa: F401
     import slimc.backends.tvm.quantized_ops  # noqa: F401
     from slimc.backends.tvm.symbolic import converters as symbolic_converters
 

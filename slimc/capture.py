@@ -18,6 +18,7 @@ import torch
 
 from slimc.errors import CaptureError, UsageError
 from slimc.ir import IR, _output_names
+from slimc.layers import linearize_weight_matmuls
 from slimc.loaders.base import TRUST_REMOTE_CODE, InputOverride, LoadedModel, random_tensor
 from slimc.plugins import Registry, get_registry
 
@@ -80,6 +81,8 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
     if loaded.dynamic:
         ir.annotations["symbols"] = _symbol_names(ir, loaded)
         ir.freeze_dims()
+    # Falcon-style ``x @ W.T`` becomes ``linear(x, W)``: exact, and what every pass knows.
+    linearize_weight_matmuls(ir)
     ir.annotations["source"] = {"model": loaded.source, "loader": loaded.kind, **{
         k: v for k, v in loaded.extra.items() if isinstance(v, (str, int, float)) or v is None}}
     return ir, values

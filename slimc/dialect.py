@@ -279,3 +279,8 @@ def converters() -> dict[str, Any]:
         return convert
 
     return {OPS[name].__name__: dispatch(name) for name in OPS}
+
+
+# Convolutions and expert gathers live in their own module; importing it adds them to ``OPS``
+# (it imports this module, which is complete by now).
+from slimc import dialect_conv  # noqa: E402,F401

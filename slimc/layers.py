@@ -325,3 +325,108 @@ def find_layers(ir: IR, *, complete_only: bool = False,
             continue
         layers.append(layer)
     return layers
+
+
+# -- convolution geometry -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A (non-transposed) convolution's hyper-parameters, padding made explicit."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    #: ``before, after`` per spatial axis (``padding='same'`` of an even kernel is uneven).
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+
+def _per_axis(value, spatial: int, default: int) -> tuple[int, ...] | None:
+    if value is None:
+        return (default,) * spatial
+    if isinstance(value, int):
+        return (value,) * spatial
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return tuple(value) * spatial if len(value) == 1 else tuple(value)
+    return None  # symbolic
+
+
+def conv_geometry(node: Node, weight_shape: tuple[int, ...]) -> ConvGeometry | None:
+    """Hyper-parameters of ``aten.conv1d/2d/3d`` (either overload) or a non-transposed
+    ``aten.convolution``; None for anything else (transposed, symbolic values)."""
+    op = op_name(node)
+    if op not in CONV_OPS:
+        return None
+    spatial = len(weight_shape) - 2
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    args = list(node.args) + [None] * 9
+    if op == "aten.convolution":
+        if args[6] or any(args[7] or ()):
+            return None  # transposed
+        stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
+    else:
+        stride, padding, dilation, groups = args[3], args[4], args[5], args[6]
+        padding = node.kwargs.get("padding", padding)
+    stride = _per_axis(stride, spatial, 1)
+    dilation = _per_axis(dilation, spatial, 1)
+    if stride is None or dilation is None:
+        return None
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads: tuple[int, ...] = (0,) * (2 * spatial)
+        elif padding == "same":
+            pads = ()
+            for k, d in zip(kernel, dilation, strict=True):
+                total = d * (k - 1)
+                pads += (total // 2, total - total // 2)
+        else:
+            return None
+    else:
+        sym = _per_axis(padding, spatial, 0)
+        if sym is None:
+            return None
+        pads = tuple(p for v in sym for p in (v, v))
+    return ConvGeometry(kernel, stride, pads, dilation, int(groups or 1))
+
+
+# -- normalization --------------------------------------------------------------------------
+
+
+def linearize_weight_matmuls(ir: IR) -> int:
+    """Rewrite ``x @ W.T`` against a stored ``W[N, K]`` (``matmul(x, W.t())``, Falcon's
+    projections; ``addmm(b, x, W.t())``) as ``aten.linear(x, W[, b])``: the same computation,
+    in the form every transform and the backend know best (pruning's channel analysis, the
+    packed-weight kernels). Exact; returns how many ops were rewritten."""
+    aten = torch.ops.aten
+    count = 0
+    for layer in find_layers(ir):
+        for use in layer.uses:
+            node = use.node
+            if use.role != "right" or use.perm != (0, 1) or not use.via \
+                    or node.kwargs or getattr(node, "_erased", False):
+                continue
+            op = op_name(node)
+            if op == "aten.addmm":
+                if len(node.args) != 3:
+                    continue  # beta / alpha
+                args = (node.args[1], layer.weight, node.args[0])
+            elif op in ("aten.mm", "aten.matmul"):
+                args = (node.args[0], layer.weight)
+            else:
+                continue
+            with ir.graph.inserting_before(node):
+                new = ir.graph.call_function(aten.linear.default, args)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            for spec in ir.program.graph_signature.output_specs:
+                if getattr(spec.arg, "name", None) == node.name:
+                    spec.arg.name = new.name
+            ir.graph.erase_node(node)
+            for view in reversed(use.via):
+                if not view.users:
+                    ir.graph.erase_node(view)
+            count += 1
+    if count:
+        ir.changed()
+    return count

@@ -69,8 +69,8 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
     watched: dict[Node, list[LayerStats]] = {}
     stats: dict[str, LayerStats] = {}
     for layer in layers:
-        if layer.is_embedding:
-            continue
+        if layer.is_embedding or layer.kind != "linear":
+            continue  # statistics are per input feature of a matmul
         inputs = _inputs_of(layer)
         if len(inputs) == 1:
             stats[layer.name] = shared.setdefault(inputs[0], LayerStats())

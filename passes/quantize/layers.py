@@ -15,20 +15,57 @@ from torch.fx import Node
 
 from slimc.dialect import OPS
 from slimc.ir import IR
-from slimc.layers import Layer
+from slimc.layers import Layer, conv_geometry, op_name
 from slimc.layers import find_layers as _find
 
 aten = torch.ops.aten
 
 
 def find_layers(ir: IR, embeddings: bool = True) -> list[Layer]:
-    """Layers quantize can rewrite: every use a recognized weight op in one orientation."""
-    return [layer for layer in _find(ir, complete_only=True, embeddings=embeddings)
-            if layer.roles <= _QUANTIZABLE_ROLES]
+    """Layers quantize can rewrite (see :func:`plan`)."""
+    return plan(ir, embeddings)[0]
 
 
-#: Roles ``rewrite`` knows how to replace.
-_QUANTIZABLE_ROLES = {"linear", "right", "embedding"}
+def plan(ir: IR, embeddings: bool = True) -> tuple[list[Layer], dict[str, str]]:
+    """Layers quantize can rewrite, and for every other layer (by weight placeholder name) the
+    reason it stays as it is."""
+    layers, reasons = [], {}
+    for layer in _find(ir):
+        why = unsupported(layer)
+        if why is None and not embeddings and layer.is_embedding:
+            why = "embedding table (embeddings=false)"
+        if why is None:
+            layers.append(layer)
+        else:
+            reasons[layer.weight.name] = why
+    return layers, reasons
+
+
+def unsupported(layer: Layer) -> str | None:
+    """Why ``rewrite`` cannot replace ``layer`` (None: it can)."""
+    if layer.foreign:
+        ops = sorted({op_name(n) for n in layer.foreign})
+        return f"also read by {', '.join(ops)} (not a weight op; would keep the fp32 copy)"
+    if not layer.consistent:
+        return "read both as W and as a transpose of W"
+    roles = layer.roles
+    if "conv_transpose" in roles:
+        return "transposed convolution: no quantized kernel"
+    if roles & {"conv", "expert"} and len(roles) > 1:
+        return f"one tensor used as {' and '.join(sorted(roles))}"
+    if "conv" in roles:
+        for use in layer.uses:
+            geometry = conv_geometry(use.node, layer.shape)
+            if geometry is None:
+                return "convolution with symbolic or unsupported arguments"
+            if len(geometry.kernel) not in (1, 2):
+                return f"{len(geometry.kernel)}-D convolution: no quantized kernel"
+    if "expert" in roles:
+        if layer.perm not in ((0, 1, 2), (0, 2, 1)):
+            return "expert tensor with the expert axis moved"
+        if any(op_name(use.via[0]) != "aten.index" for use in layer.uses):
+            return "expert tensor permuted before its gather"
+    return None
 
 
 def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
@@ -43,6 +80,12 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
     base = layer.weight_node.name.removeprefix("p_")
     nodes = {key: ir.add_weight(f"{base}_{kind}_{key}", value) for key, value in tensors.items()}
     act_node = ir.add_weight(f"{base}_act_scale", act_scale) if act_scale is not None else None
+    if layer.kind == "conv":
+        _rewrite_convs(ir, layer, kind, nodes, group_size)
+        return
+    if layer.kind == "expert":
+        _rewrite_experts(ir, layer, kind, nodes, group_size)
+        return
     for use in layer.uses:
         node, role = use.node, use.role
         if role == "embedding":
@@ -80,11 +123,43 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
     _erase_dead_views(ir, layer)
 
 
+def _rewrite_convs(ir: IR, layer: Layer, kind: str, nodes: dict[str, Node],
+                   group_size: int) -> None:
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"no quantized convolution for {kind}")
+    for use in layer.uses:
+        node = use.node
+        geometry = conv_geometry(node, layer.shape)
+        assert geometry is not None
+        bias = node.args[2] if len(node.args) > 2 else None
+        packed = [nodes["weight"], nodes["scale"]] + ([nodes["zero"]] if kind == "int4" else [])
+        args = (node.args[0], *packed, bias, list(geometry.kernel), list(geometry.stride),
+                list(geometry.padding), list(geometry.dilation), geometry.groups)
+        if kind == "int4":
+            args = (*args, group_size)
+        _replace(ir, node, OPS[f"conv_{kind}"], args)
+
+
+def _rewrite_experts(ir: IR, layer: Layer, kind: str, nodes: dict[str, Node],
+                     group_size: int) -> None:
+    """Replace the gather ``W[ids]`` by one that dequantizes; the batched matmul stays."""
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"no quantized expert gather for {kind}")
+    transposed = layer.perm == (0, 2, 1)
+    for gather in dict.fromkeys(use.via[0] for use in layer.uses):
+        ids = gather.args[1][0]
+        if kind == "int8":
+            args = (nodes["weight"], nodes["scale"], ids, transposed)
+        else:
+            args = (nodes["weight"], nodes["scale"], nodes["zero"], ids, group_size, transposed)
+        _replace(ir, gather, OPS[f"expert_gather_{kind}"], args)
+
+
 def _erase_dead_views(ir: IR, layer: Layer) -> None:
     """Drop the transposes / gathers that led from the old weight to the replaced ops."""
     for use in layer.uses:
         for node in reversed(use.via):
-            if node.graph is ir.graph and not node.users:
+            if not getattr(node, "_erased", False) and not node.users:
                 ir.graph.erase_node(node)
 
 

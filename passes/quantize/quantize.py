@@ -16,15 +16,17 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from slimc import coverage
 from slimc.ir import IR
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 from . import calib, mixed
 from .activations import static_int8
 from .awq import awq_scale
+from .batchnorm import fold_batchnorm
 from .formats import Format, parse_format
 from .gptq import gptq
-from .layers import Layer, find_layers, rewrite
+from .layers import Layer, plan, rewrite
 from .rtn import pack
 
 
@@ -55,6 +57,9 @@ class QuantizeOptions(PassOptions):
                            "are proxies scaled from the analysis's curves.")
     embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
                              "dequantize) and tied output heads too.")
+    fold_batchnorm: bool = Field(True, description="Fold inference batch norms into the "
+                                 "convolutions before them first, so the weights quantized "
+                                 "are the ones the model applies.")
 
     @field_validator("group_size")
     @classmethod
@@ -93,7 +98,8 @@ class Quantize(TransformPass):
         summary = quantize_ir(ir, ctx, options)
         ir.annotations[self.name] = summary
         ctx.log(f"quantize: {summary['layers']} layers, weight bytes "
-                f"{summary['bytes_before']:,} -> {summary['bytes_after']:,}")
+                f"{summary['bytes_before']:,} -> {summary['bytes_after']:,}; "
+                + coverage.describe(summary["coverage"], "quantized"))
         return PreservedAnalyses.none() if summary["layers"] else PreservedAnalyses.all()
 
 
@@ -130,34 +136,52 @@ def _warn_without_dot_product(ctx: PassContext) -> None:
 
 def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     """Quantize ``ir`` in place; returns a JSON summary (formats, bytes before/after)."""
-    layers = find_layers(ir, embeddings=options.embeddings)
+    bytes_before = ir.weight_bytes()
+    folded = fold_batchnorm(ir) if options.fold_batchnorm else 0
+    inventory = coverage.inventory(ir)
+    reasons = coverage.default_reasons(ir)
+    layers, skipped = plan(ir, embeddings=options.embeddings)
+    reasons.update(skipped)
     formats, mixed_info = choose_formats(ir, layers, ctx, options)
     # An int4 table of odd width cannot be told from one a column wider: use int8 for it.
     for la in layers:
-        if la.is_embedding and formats[la.name].kind == "int4" and la.matrix(ir).shape[1] % 2:
+        if (la.is_embedding or la.kind == "expert") and formats[la.name].kind == "int4" \
+                and la.matrix(ir).shape[1] % 2:
             formats[la.name] = Format("int8")
-    # fp16/bf16 have no gather op: their embeddings stay fp32.
-    layers = [la for la in layers
-              if formats[la.name].kind != "fp32"
-              and not (la.is_embedding and not _int_kind(formats[la.name]))]
+    kept = []
+    for la in layers:
+        fmt = formats[la.name]
+        if fmt.kind == "fp32":
+            reasons[la.weight.name] = "kept fp32 by the mixed-precision solver"
+        elif not _int_kind(fmt) and (la.is_embedding or la.kind in ("conv", "expert")):
+            # fp16/bf16 have no gather or convolution op.
+            reasons[la.weight.name] = f"{la.kind}: no {fmt.kind} kernel (int8/int4 only)"
+        else:
+            kept.append(la)
+    layers = kept
     w8a8 = options.activations == "int8"
     if w8a8:
         _warn_without_dot_product(ctx)
     data_aware = options.method != "rtn" or w8a8
     stats = {}
-    if data_aware and layers:
-        stats = calib.collect(ir, layers, calib.calibration_batches(ctx),
+    linears = [la for la in layers if la.kind in ("linear", "embedding")]
+    if data_aware and linears:
+        stats = calib.collect(ir, linears, calib.calibration_batches(ctx),
                               hessian=options.method == "gptq",
                               sample_rows=1024 if w8a8 else 512 if options.method == "awq"
                               else 0)
-    bytes_before = ir.weight_bytes()
     per_layer = {}
+    reached = set()
     for layer in layers:
         fmt = formats[layer.name]
         matrix = layer.matrix(ir)
         act_scale = None
         method = "rtn"
         st = stats.get(layer.name)
+        reached.add(layer.weight.name)
+        if layer.kind in ("conv", "expert"):
+            per_layer[layer.name] = _quantize_weight_only(ir, layer, fmt, options)
+            continue
         if w8a8 and fmt.kind == "int8" and not layer.is_embedding and st is not None \
                 and st.rows:
             static = static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max)
@@ -197,4 +221,30 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     ir.remove_unused_weights()
     ir.changed()
     return {"layers": len(per_layer), "bytes_before": bytes_before,
-            "bytes_after": ir.weight_bytes(), "per_layer": per_layer, **mixed_info}
+            "bytes_after": ir.weight_bytes(), "batchnorms_folded": folded,
+            "coverage": coverage.coverage(inventory, reached, reasons),
+            "per_layer": per_layer, **mixed_info}
+
+
+def _quantize_weight_only(ir: IR, layer: Layer, fmt: Format,
+                          options: QuantizeOptions) -> dict:
+    """Convolutions and expert tensors: per output channel (per expert) round-to-nearest.
+
+    GPTQ/AWQ and static int8 activations apply to linear layers (their calibration statistics
+    are per input feature of a matmul); these layers are rounded to nearest and say so.
+    """
+    matrix = layer.matrix(ir)
+    tensors = pack(matrix, fmt)
+    if layer.kind == "expert":
+        experts, rows = layer.shape[0], matrix.shape[0] // layer.shape[0]
+        tensors = {k: v.reshape(experts, rows, *v.shape[1:]) for k, v in tensors.items()}
+    rewrite(ir, layer, fmt.kind, tensors, fmt.group_size)
+    entry = {"format": str(fmt), "method": "rtn", "kind": layer.kind,
+             "shape": list(layer.shape)}
+    if layer.kind == "conv":
+        entry["groups"] = layer.groups()
+    if options.method != "rtn" or options.activations != "none":
+        entry["note"] = (f"{layer.kind} weights are rounded to nearest, weight-only: "
+                         f"method={options.method} and activations={options.activations} "
+                         "apply to linear layers")
+    return entry
