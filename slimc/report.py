@@ -9,6 +9,25 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _coverage(pipeline: list[dict[str, Any]]) -> list[str]:
+    """Per compressing pass: the share of weight bytes it reached and what it left, and why."""
+    entries = [p for p in pipeline if isinstance(p.get("summary"), dict)
+               and "coverage" in p["summary"]]
+    if not entries:
+        return []
+    lines = ["", "## Weight coverage", ""]
+    for p in entries:
+        cov = p["summary"]["coverage"]
+        lines.append(f"- `{p['pass']}` reached **{100 * cov['reached_fraction']:.1f}%** of the "
+                     f"float weight bytes ({cov['reached_bytes']:,} of {cov['weight_bytes']:,}).")
+        for group in cov["untouched"]:
+            examples = ", ".join(f"`{e}`" for e in group["examples"])
+            more = ", ..." if group["tensors"] > len(group["examples"]) else ""
+            lines.append(f"  - untouched: {group['bytes']:,} bytes in {group['tensors']} "
+                         f"tensor(s): {group['reason']} ({examples}{more})")
+    return lines
+
+
 def render_report(m: dict[str, Any]) -> str:
     lines = [f"# slimc report: {m['model']['name']}", ""]
     lines += [
@@ -32,6 +51,7 @@ def render_report(m: dict[str, Any]) -> str:
                          f"{p['params_after']:,} | {fid} |")
     else:
         lines.append("No passes (`-O0`): the artifact computes exactly what the model does.")
+    lines += _coverage(m["pipeline"])
     v = m["verification"]
     lines += ["", "## Verification", ""]
     if v.get("passed"):
