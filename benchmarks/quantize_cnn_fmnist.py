@@ -2,8 +2,8 @@
 slimc as fp32, int8 weight-only and int4 weight-only, top-1 of each compiled artifact on the
 10,000 test images.
 
-    python benchmarks/quantize_cnn_fmnist.py                  # trains 2 epochs, 2 threads
-    python benchmarks/quantize_cnn_fmnist.py --epochs 1 --json out.json
+    python benchmarks/quantize_cnn_fmnist.py                  # trains 1 epoch, 2 threads
+    python benchmarks/quantize_cnn_fmnist.py --epochs 2 --json out.json
 
 Data: Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*.gz``, idx
 format). The network has the layer types the quantizer must reach: regular 3x3 convolutions,
@@ -57,12 +57,12 @@ class FashionCNN(nn.Module):
             return [nn.Conv2d(cin, cout, bias=False, **kw), nn.BatchNorm2d(cout), nn.ReLU()]
 
         self.features = nn.Sequential(
-            *block(1, 32, kernel_size=3, padding=1), nn.MaxPool2d(2),
-            *block(32, 64, kernel_size=3, padding=1), nn.MaxPool2d(2),
-            *block(64, 64, kernel_size=3, padding=1, groups=64),  # depthwise
-            *block(64, 128, kernel_size=1),  # pointwise
-            *block(128, 128, kernel_size=3, padding=1), nn.AdaptiveAvgPool2d(1))
-        self.classifier = nn.Linear(128, 10)
+            *block(1, 16, kernel_size=3, padding=1), nn.MaxPool2d(2),
+            *block(16, 32, kernel_size=3, padding=1), nn.MaxPool2d(2),
+            *block(32, 32, kernel_size=3, padding=1, groups=32),  # depthwise
+            *block(32, 64, kernel_size=1),  # pointwise
+            *block(64, 64, kernel_size=3, padding=1), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Linear(64, 10)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(image).flatten(1))
@@ -108,7 +108,7 @@ def top1(run, images: torch.Tensor, labels: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
