@@ -100,7 +100,7 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
            "wall_s": round(result["wall_s"], 1), "cpu_s": round(result["cpu_s"], 1),
            "peak_rss_gb": round(result["peak_rss_gb"], 2),
            "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1),
-           "command": " ".join(cmd[:1] + ["slimc"] + cmd[len(slimc) + 2:])}
+           "command": " ".join(["slimc", *cmd[len(slimc) + 2:]])}
     if result["rc"] == 0:
         summary = json.loads(result["stdout"].strip().splitlines()[-1])
         v = summary["verification"]
