@@ -134,6 +134,17 @@ def _warn_without_dot_product(ctx: PassContext) -> None:
                 "generic int8 kernel there, usually slower than weights=int8 alone.")
 
 
+def _gpu_target(ctx: PassContext) -> str | None:
+    """The target kind when the build target is not a CPU (llvm), else None."""
+    if ctx.target is None or not hasattr(ctx.target, "tvm_target"):
+        return None
+    try:
+        kind = ctx.target.tvm_target().kind.name
+    except Exception:  # noqa: BLE001 - no TVM target: nothing to say
+        return None
+    return None if kind in ("llvm", "c") else kind
+
+
 def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     """Quantize ``ir`` in place; returns a JSON summary (formats, bytes before/after)."""
     bytes_before = ir.weight_bytes()
@@ -142,6 +153,11 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     reasons = coverage.default_reasons(ir)
     layers, skipped = plan(ir, embeddings=options.embeddings)
     reasons.update(skipped)
+    gpu = _gpu_target(ctx)
+    if gpu:  # quantized convolution / expert kernels exist for CPU targets only
+        for la in [la for la in layers if la.kind in ("conv", "expert")]:
+            reasons[la.weight.name] = f"{la.kind}: no quantized kernel for {gpu} targets yet"
+            layers.remove(la)
     formats, mixed_info = choose_formats(ir, layers, ctx, options)
     # An int4 table of odd width cannot be told from one a column wider: use int8 for it.
     for la in layers:
