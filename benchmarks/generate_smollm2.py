@@ -152,14 +152,13 @@ class Torch:
     def prefill(self, ids: list[int]) -> np.ndarray:
         with self.torch.no_grad():
             out = self.model(self.torch.tensor([ids]), use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         return out.logits[0, -1].numpy()
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         with self.torch.no_grad():
-            out = self.model(self.torch.tensor([[token]]), past_key_values=self.cache,
-                             use_cache=True)
-        self.cache = out.past_key_values
+            out = self.model(self.torch.tensor([[token]]), cache=self.cache, use_cache=True)
+        self.cache = out.cache
         return out.logits[0, -1].numpy()
 
 
