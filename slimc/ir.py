@@ -8,6 +8,8 @@ measure what it did, and it round-trips through ``torch.export.save`` with slimc
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import re
@@ -263,10 +265,10 @@ class IR:
 
     def _distinct_weights(self) -> list[torch.Tensor]:
         """Weights with tied ones counted once (GPT-2's lm_head *is* its embedding table)."""
-        seen: set[tuple[int, int, tuple[int, ...]]] = set()
+        seen: set[tuple] = set()
         distinct = []
         for t in self.weights().values():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            key = _storage_key(t)
             if key not in seen:
                 seen.add(key)
                 distinct.append(t)
@@ -383,6 +385,71 @@ class IR:
         flat = flat if isinstance(flat, (tuple, list)) else (flat,)
         return [flat[i] for i in self._user_output_positions()]
 
+    # -- services for passes ------------------------------------------------------------
+
+    def clone(self) -> IR:
+        """An independent copy (graph, weights, annotations): edit it without touching this
+        one, e.g. to try a transform and keep the original if it fails."""
+        program = self.program
+        copies: dict[tuple, torch.Tensor] = {}  # tied weights (one storage) stay tied
+        memo: dict[int, Any] = {}
+
+        def dup(value: torch.Tensor) -> torch.Tensor:
+            key = _storage_key(value)
+            if key not in copies:
+                copies[key] = _copy_tensor(value)
+            memo[id(value)] = copies[key]
+            return copies[key]
+
+        state = {k: dup(v) for k, v in program.state_dict.items()}
+        constants = {k: dup(v) for k, v in program.constants.items()}
+        twin = copy.deepcopy(program, memo)
+        twin._state_dict = state  # noqa: SLF001 - ExportedProgram has no setter
+        twin._constants = constants  # noqa: SLF001
+        return IR(twin, name=self.name, input_names=list(self.input_names),
+                  output_names=list(self.output_names),
+                  annotations=copy.deepcopy(self.annotations))
+
+    def content_hash(self) -> str:
+        """sha256 of the graph (ops, wiring, constants in args), the signature and every weight's
+        name, dtype, shape and bytes: equal for equal IRs, across processes and runs."""
+        h = hashlib.sha256()
+        names = {}
+        for i, node in enumerate(self.graph.nodes):  # positional names: renaming is no change
+            names[node] = f"%{i}"
+        for node in self.graph.nodes:
+            args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: names[n])
+            h.update(f"{node.op}|{_target_text(node.target)}|{args!r}\n".encode())
+        for spec in self.program.graph_signature.input_specs:
+            h.update(f"in|{spec.kind.name}|{getattr(spec.arg, 'name', '')}\n".encode())
+            if spec.kind != InputKind.USER_INPUT:
+                t = self._state_value(spec).detach().contiguous().cpu()
+                h.update(f"{t.dtype}|{tuple(t.shape)}\n".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        for spec in self.program.graph_signature.output_specs:
+            h.update(f"out|{spec.kind.name}|{getattr(spec.arg, 'name', '')}\n".encode())
+        h.update(json.dumps([self.input_names, self.output_names]).encode())
+        return h.hexdigest()
+
+    def refresh_meta(self) -> None:
+        """Re-run shape inference with fake tensors so every ``meta['val']`` is current (after
+        a pass changed weight shapes or rewired ops)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        nodes = {n.name: n for n in self.nodes("placeholder")}
+        values = []
+        for spec in self.program.graph_signature.input_specs:
+            node = nodes[spec.arg.name]
+            if spec.kind == InputKind.USER_INPUT:
+                val = node.meta["val"]
+                values.append(mode.from_tensor(torch.empty(val.shape, dtype=val.dtype)))
+            else:
+                values.append(mode.from_tensor(self.get_weight(node)))
+        self.graph_module.recompile()
+        FakeTensorProp(self.graph_module, mode).propagate_dont_convert_inputs(*values)
+
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -451,6 +518,32 @@ def _output_names(program: ExportedProgram) -> list[str] | None:
     if isinstance(ctx, (list, tuple)) and all(isinstance(c, str) for c in ctx):
         return list(ctx)
     return None
+
+
+def refresh_meta(ir: IR) -> None:
+    """:meth:`IR.refresh_meta` as a function (the name passes imported it by)."""
+    ir.refresh_meta()
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's data: two tensors with one key are the same (tied) weights."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype)
+
+
+def _copy_tensor(value: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+    return value.detach().clone()
+
+
+def _target_text(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "name", None)
+    if callable(name):  # OpOverload.name() -> "aten::linear"
+        return str(name())
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', str(target))}"
 
 
 def _fake_like(reference: Node, value: torch.Tensor) -> Any:

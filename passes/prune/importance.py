@@ -2,7 +2,7 @@
 
 Hand-off note: ``passes/analysis/sensitivity.py`` (the sensitivity analysis) scores *layers*;
 pruning needs per-*unit* scores inside coupled groups, so this module computes them itself
-from the same ingredients (weights and activations recorded by a ``torch.fx.Interpreter`` over
+from the same ingredients (weights and activations recorded by :func:`slimc.observe.observe` over
 the IR on the calibration/example inputs). When sensitivity grows a per-channel API, the
 ``criterion`` option can route there.
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from slimc.passes.prune.groups import Group, PruneGroups, Unit
 from slimc.passes.prune.labels import CONV_OPS, op_name
-from torch.export.graph_signature import InputKind
-from torch.fx import Interpreter, Node
+from torch.fx import Node
 
 from slimc.ir import IR
+from slimc.observe import observe
 
 
 @dataclass
@@ -72,59 +72,45 @@ def consumers(ir: IR) -> dict[str, Node]:
     return out
 
 
-def input_values(ir: IR, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    values, user = [], iter(inputs)
-    for spec in ir.program.graph_signature.input_specs:
-        values.append(next(user) if spec.kind == InputKind.USER_INPUT
-                      else ir._state_value(spec))
-    return values
-
-
-class _Recorder(Interpreter):
-    def __init__(self, ir: IR, watch: dict[str, int], gram: set[str],
-                 keep: set[str]) -> None:
-        super().__init__(ir.graph_module)
-        self.watch, self.gram, self.keep = watch, gram, keep
-        self.stats: dict[str, InputStats] = {}
-        self.kept: dict[str, list[torch.Tensor]] = {}
-
-    def run_node(self, n: Node):
-        result = super().run_node(n)
-        if n.name in self.watch:
-            x = self.env[n.args[0]] if op_name(n) != "aten.addmm" else self.env[n.args[1]]
-            dim = self.watch[n.name]
-            flat = x.detach().float().movedim(dim, -1).reshape(-1, x.shape[dim])
-            st = self.stats.get(n.name)
-            if st is None:
-                zeros = torch.zeros(flat.shape[1], dtype=torch.float64)
-                st = self.stats[n.name] = InputStats(zeros, zeros.clone())
-            # float32 products, float64 accumulation: a full float64 copy of every
-            # activation was the slowest part of recording.
-            st.sq += flat.square().sum(0, dtype=torch.float64)
-            st.total += flat.sum(0, dtype=torch.float64)
-            st.count += flat.shape[0]
-            if n.name in self.gram:
-                g = (flat.T @ flat).double()
-                st.gram = g if st.gram is None else st.gram + g
-        if n.name in self.keep and isinstance(result, torch.Tensor):
-            self.kept.setdefault(n.name, []).append(result.detach().float())
-        return result
-
-
 @torch.no_grad()
 def record(ir: IR, batches: Sequence[Sequence[torch.Tensor]], *, gram: set[str] = frozenset(),
            keep: set[str] = frozenset()) -> tuple[dict[str, InputStats], dict[str, list]]:
     """Input-channel statistics of every consumer op (Gram matrices for ``gram`` nodes) and the
     raw outputs of ``keep`` nodes, over ``batches`` of user inputs."""
-    watch = {}
+    stats: dict[str, InputStats] = {}
+    kept: dict[str, list[torch.Tensor]] = {}
+
+    def input_stats(dim: int):
+        def fn(n: Node, args: tuple, result) -> None:
+            x = args[1] if op_name(n) == "aten.addmm" else args[0]
+            flat = x.detach().float().movedim(dim, -1).reshape(-1, x.shape[dim])
+            st = stats.get(n.name)
+            if st is None:
+                zeros = torch.zeros(flat.shape[1], dtype=torch.float64)
+                st = stats[n.name] = InputStats(zeros, zeros.clone())
+            # float32 products, float64 accumulation: a full float64 copy of every
+            # activation was the slowest part of recording.
+            st.sq += flat.square().sum(0, dtype=torch.float64)
+            st.total += flat.sum(0, dtype=torch.float64)
+            st.count += flat.shape[0]
+            if n.name in gram:
+                g = (flat.T @ flat).double()
+                st.gram = g if st.gram is None else st.gram + g
+        return fn
+
+    def keep_output(n: Node, args: tuple, result) -> None:
+        if isinstance(result, torch.Tensor):
+            kept.setdefault(n.name, []).append(result.detach().float())
+
+    observers: dict[str, list] = {}
     for node in ir.nodes("call_function"):
         spec = consumer_axis(node)
         if spec is not None:
-            watch[node.name] = spec[2]
-    rec = _Recorder(ir, watch, set(gram), set(keep))
-    for batch in batches:
-        rec.run(*input_values(ir, batch))
-    return rec.stats, rec.kept
+            observers.setdefault(node.name, []).append(input_stats(spec[2]))
+    for name in keep:
+        observers.setdefault(name, []).append(keep_output)
+    observe(ir, batches, observers)
+    return stats, kept
 
 
 def unit_scores(ir: IR, group: Group, criterion: str,

@@ -233,7 +233,7 @@ def apply(ir: IR, result: PruneGroups, removed_roots: set[int]) -> dict[str, int
     predicted = shapes.new_shapes(prop, removed)
     scalars = shapes.slice_weights(ir, prop, removed)
     rewritten = shapes.rewrite_constants(ir, prop, removed, predicted)
-    shapes.refresh_meta(ir)
+    ir.refresh_meta()
     shapes.check_shapes(ir, predicted)
     ir.remove_unused_weights()
     ir.changed()

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import torch
 from slimc.passes.prune.labels import Propagation, op_name
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.export.graph_signature import InputKind
 from torch.fx import Node
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from slimc.ir import IR
+from slimc.ir import IR, refresh_meta  # noqa: F401 - refresh_meta: moved to the IR
 
 aten = torch.ops.aten
 
@@ -198,21 +195,6 @@ def _rewrite_index(node: Node, prop: Propagation, removed: torch.Tensor, args: l
         args[2:4] = [int(before[start]), int(before[end])]
     node.args = tuple(args)
     return True
-
-
-def refresh_meta(ir: IR) -> None:
-    """Re-run shape inference with fake tensors so every ``meta['val']`` is current."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    values = []
-    for spec in ir.program.graph_signature.input_specs:
-        node = next(n for n in ir.nodes("placeholder") if n.name == spec.arg.name)
-        if spec.kind == InputKind.USER_INPUT:
-            val = node.meta["val"]
-            values.append(mode.from_tensor(torch.empty(val.shape, dtype=val.dtype)))
-        else:
-            values.append(mode.from_tensor(ir.get_weight(node)))
-    ir.graph_module.recompile()
-    FakeTensorProp(ir.graph_module, mode).propagate_dont_convert_inputs(*values)
 
 
 def check_shapes(ir: IR, shapes: dict[str, tuple | list]) -> None:

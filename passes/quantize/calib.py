@@ -3,8 +3,8 @@
 GPTQ needs each layer's input Hessian ``H = 2/n X^T X``; AWQ needs per-channel mean
 ``|x|`` and a sample of input rows to score candidate scalings; static int8 activations need
 per-channel maxima and a sample of rows to choose the clipping range and SmoothQuant factor.
-All of it comes from one run of the IR per batch with an ``fx.Interpreter`` that records the
-activation entering each layer.
+All of it comes from one run of the IR per batch under :func:`slimc.observe.observe`, recording
+the activation entering each layer.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.export.graph_signature import InputKind
-from torch.fx import Interpreter, Node
+from torch.fx import Node
 
 from slimc.ir import IR
+from slimc.observe import observe
 from slimc.passmanager import PassContext
 
 from .layers import Layer
@@ -80,21 +80,12 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
             if stats[layer.name] not in watched.setdefault(node, []):
                 watched[node].append(stats[layer.name])
 
-    class Recorder(Interpreter):
-        def run_node(self, n: Node):
-            result = super().run_node(n)
-            if isinstance(result, torch.Tensor):
-                for st in watched.get(n, ()):
-                    _accumulate(st, result.detach(), hessian, sample_rows)
-            return result
+    def accumulate(n: Node, args: tuple, result) -> None:
+        if isinstance(result, torch.Tensor):
+            for st in watched[n]:
+                _accumulate(st, result.detach(), hessian, sample_rows)
 
-    recorder = Recorder(ir.graph_module)
-    with torch.no_grad():
-        for batch in batches:
-            user = iter(batch)
-            values = [next(user) if s.kind == InputKind.USER_INPUT else ir._state_value(s)
-                      for s in ir.program.graph_signature.input_specs]
-            recorder.run(*values)
+    observe(ir, batches, {node: accumulate for node in watched})
     for st in {id(st): st for st in stats.values()}.values():
         if st.hessian is not None:
             st.hessian *= 2.0 / max(st.rows, 1)

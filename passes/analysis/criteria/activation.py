@@ -3,7 +3,7 @@
 A weight that multiplies a large activation matters more: the error a layer adds to its output
 is ``||(C(W) - W) X||``, which, ignoring correlations between input features, is
 ``sum_ij (dW_ij * ||X_j||)^2``. Scores are relative to ``sum_ij (W_ij * ||X_j||)^2`` so layers of
-different scale compare. ``||X_j||`` is recorded on calibration data by an fx Interpreter.
+different scale compare. ``||X_j||`` is recorded on calibration data by `slimc.observe`.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Analyses must not edit the IR, so instead of ``set_weight`` they call the exported graph module
 directly with a different tensor in one weight's placeholder slot. The same path runs with
 weights that require grad, for gradient and Hessian criteria, and under an
-:class:`ActivationRecorder` (a ``torch.fx.Interpreter``, as ``torch.fx.passes.shape_prop``)
-that records the inputs each layer sees.
+:class:`ActivationRecorder` (on :func:`slimc.observe.observe`) that records the inputs each
+layer sees.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch.export.graph_signature import InputKind
-from torch.fx import Interpreter, Node
+from torch.fx import Node
 
 from slimc.ir import IR
+from slimc.observe import observe
 from slimc.passmanager import PassContext
 
 Batch = list[torch.Tensor]
@@ -70,11 +71,12 @@ def run_with_grad(ir: IR, inputs: Sequence[torch.Tensor],
         return user_outputs(ir, ir.graph_module(*graph_values(ir, inputs, leaves)))
 
 
-class ActivationRecorder(Interpreter):
+class ActivationRecorder:
     """Accumulates, per watched op node, the squared L2 norm of each input feature.
 
     Linear: per input feature over all tokens; convolution: per input channel over batch and
     space; embedding: how often each row is gathered (the squared norm of a one-hot input).
+    Runs on :func:`slimc.observe.observe`.
     """
 
     def __init__(self, ir: IR, watch: Iterable[Node],
@@ -82,21 +84,13 @@ class ActivationRecorder(Interpreter):
         """``inputs``: per op name, (argument index of the activation, its feature axis), as
         :class:`slimc.layers.Use` gives them; default: argument 0, axis 1 for convolutions
         and -1 otherwise."""
-        super().__init__(ir.graph_module)
         self._ir = ir
         self._watch = {n.name: n for n in watch}
         self._inputs = dict(inputs or {})
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
 
-    def run_node(self, n: Node):
-        result = super().run_node(n)
-        if n.name in self._watch:
-            args = self.fetch_args_kwargs_from_env(n)[0]
-            self._record(n, args)
-        return result
-
-    def _record(self, node: Node, args) -> None:
+    def _record(self, node: Node, args, result=None) -> None:
         from slimc.passes.analysis.layers import op_name
 
         op = op_name(node)
@@ -113,5 +107,4 @@ class ActivationRecorder(Interpreter):
         self.tokens[node.name] = self.tokens.get(node.name, 0) + count
 
     def record(self, inputs: Sequence[torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.run(*graph_values(self._ir, inputs))
+        observe(self._ir, [inputs], {name: self._record for name in self._watch})

@@ -1,0 +1,1 @@
+"""Low-rank factorization of weight matrices (the ``lowrank`` pass)."""

@@ -1,0 +1,239 @@
+"""``lowrank``: factorize weight matrices into two thinner ones the compiled library really runs.
+
+``lowrank{method=whiten|svd|asvd, ratio=0.2 | energy=0.9, embeddings=false, round_to=...,
+skip=lm_head}`` replaces ``W[N, K]`` by ``U[N, r] · V[r, K]`` (see :mod:`.factorize` for the
+three methods, :mod:`.rewrite` for the IR edit). The rank of each layer comes from
+
+* ``ratio``: remove this fraction of the *model's* parameters; every factorized layer keeps the
+  same fraction of its own (SVD-LLM's uniform allocation), found by bisection so the count is
+  met after rounding;
+* ``energy``: the smallest rank keeping this fraction of ``Σσ²`` (in the method's metric: for
+  ``whiten`` that is the fraction of the layer's output energy on the calibration data).
+
+Ranks are multiples of ``round_to`` (the target's fp32 vector width by default), and a layer is
+factorized only when that is cheaper: ``r·(N+K) < N·K`` (fewer weights and multiply-adds) and,
+when a target is known, the roofline cost model of :mod:`slimc.passes.analysis.cost` says the two
+GEMMs are faster than the one. Every layer not factorized is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from slimc.passes.quantize import calib
+
+from slimc.ir import IR
+from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
+
+from . import factorize
+from .rewrite import factorize_layer, weight_layers
+
+
+class LowRankOptions(PassOptions):
+    method: Literal["whiten", "svd", "asvd"] = Field(
+        "whiten", description="whiten: SVD-LLM (Cholesky of the calibration XᵀX, output-error "
+        "optimal); svd: plain truncated SVD of W; asvd: activation-scaled SVD (ASVD).")
+    ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of the model's "
+                                "parameters to remove (default 0.2 unless `energy` is given).")
+    energy: float | None = Field(None, gt=0, le=1, description="Instead of `ratio`: per "
+                                 "layer, the smallest rank keeping this fraction of Σσ².")
+    embeddings: bool = Field(False, description="Factorize embedding tables too (vocab×r and "
+                             "r×d; a tied output head shares both factors).")
+    round_to: int | None = Field(None, ge=1, le=256, description="Ranks are multiples of "
+                                 "this (default: the target's fp32 vector width).")
+    alpha: float = Field(0.5, ge=0, le=2, description="`asvd`: exponent of the activation "
+                         "scaling mean|x|^alpha.")
+    skip: str = Field("", description="Comma-separated glob patterns of layer names to leave "
+                      "dense (e.g. `lm_head,*.down_proj*`).")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> LowRankOptions:
+        if self.ratio is not None and self.energy is not None:
+            raise ValueError("give either ratio (parameter budget) or energy (per-layer "
+                             "spectrum threshold), not both")
+        return self
+
+    @property
+    def target_ratio(self) -> float | None:
+        return None if self.energy is not None else (self.ratio or 0.2)
+
+
+class LowRank(TransformPass):
+    """Factorize linear (and optionally embedding) weights W ≈ U·V by plain, whitened (SVD-LLM)
+    or activation-scaled (ASVD) SVD, where that makes the layer cheaper on the target."""
+
+    name = "lowrank"
+    Options = LowRankOptions
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
+        assert isinstance(options, LowRankOptions)
+        summary = lowrank_ir(ir, ctx, options)
+        ir.annotations[self.name] = summary
+        ctx.log(f"lowrank: {summary['factorized']} layers factorized, params "
+                f"{summary['params_before']:,} -> {summary['params_after']:,}")
+        return PreservedAnalyses.none() if summary["factorized"] else PreservedAnalyses.all()
+
+
+def default_round_to(target) -> int:
+    from slimc.passes.prune.prune import default_round_to as width
+
+    return width(target)
+
+
+def spectra(ir: IR, layers: list, ctx: PassContext, method: str, alpha: float,
+            skipped: dict[str, str]) -> dict[str, factorize.Spectrum]:
+    """Each layer's spectrum in the method's metric (embeddings: plain SVD, a gather has no
+    input activations to weight by)."""
+    stats = {}
+    dense = [la for la in layers if not la.is_embedding]
+    if method != "svd" and dense:
+        stats = calib.collect(ir, dense, ctx.calibration(), hessian=method == "whiten")
+    out = {}
+    for layer in layers:
+        matrix = layer.matrix(ir)
+        st = stats.get(layer.name)
+        try:
+            if layer.is_embedding or method == "svd" or st is None or not st.rows:
+                out[layer.name] = factorize.plain(matrix)
+            elif method == "whiten":
+                out[layer.name] = factorize.whitened(matrix, st.hessian)
+            else:
+                out[layer.name] = factorize.activation_scaled(matrix, st.mean_abs, alpha)
+        except (ValueError, torch.linalg.LinAlgError) as exc:
+            skipped[layer.name] = f"factorization failed: {exc}"
+    return out
+
+
+def _tokens(layer) -> int:
+    """Rows the layer multiplies per run (batch x sequence), from the op's output shape."""
+    node = layer.uses[0][0]
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.dim() >= 1:
+        return max(1, math.prod(int(d) for d in val.shape[:-1]))
+    return 1
+
+
+def faster_on_target(hw, n: int, k: int, r: int, tokens: int) -> bool:
+    """Roofline (the cost analysis's model): two GEMMs of rank r against one of N x K."""
+    def latency(flops: float, moved: float, ops: int) -> float:
+        return max(flops / hw.peak_flops("float32"), moved / hw.bandwidth) \
+            + ops * hw.op_overhead_us * 1e-6
+
+    dense = latency(2 * tokens * n * k, 4 * (n * k + tokens * (n + k)), 1)
+    split = latency(2 * tokens * r * (n + k), 4 * (r * (n + k) + tokens * (n + k + 2 * r)), 2)
+    return split < dense
+
+
+def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
+                 options: LowRankOptions, round_to: int, hw,
+                 skipped: dict[str, str]) -> dict[str, int]:
+    """Rank per layer (only layers worth factorizing)."""
+    shapes = {la.name: tuple(la.matrix(ir).shape) for la in layers if la.name in spec}
+
+    def worth(name: str, r: int) -> str | None:
+        n, k = shapes[name]
+        if r <= 0:
+            return f"rank rounded to a multiple of {round_to} is 0"
+        if r * (n + k) >= n * k:
+            return (f"rank {r} is not below N·K/(N+K) = {factorize.max_useful_rank(n, k):.0f}: "
+                    "two factors would be larger than the matrix")
+        if hw is not None and not faster_on_target(hw, n, k, r, tokens[name]):
+            return f"rank {r}: the cost model says two GEMMs are slower on {hw.name}"
+        return None
+
+    tokens = {la.name: _tokens(la) for la in layers}
+    if options.energy is not None:
+        ranks = {}
+        for name, sp in spec.items():
+            n, k = shapes[name]
+            r = factorize.round_rank(sp.energy_rank(options.energy), round_to, min(n, k))
+            reason = worth(name, r)
+            if reason:
+                skipped[name] = reason
+            else:
+                ranks[name] = r
+        return ranks
+
+    goal = options.target_ratio * ir.num_params()
+
+    def plan(keep: float) -> tuple[dict[str, int], int]:
+        ranks, removed = {}, 0
+        for name in spec:
+            n, k = shapes[name]
+            r = factorize.rank_for_ratio(n, k, keep, round_to)
+            if worth(name, r) is None:
+                ranks[name] = r
+                removed += n * k - r * (n + k)
+        return ranks, removed
+
+    lo, hi = 0.0, 1.0  # removed params fall as the kept fraction grows
+    best = plan(lo)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        ranks, removed = plan(mid)
+        if abs(removed - goal) < abs(best[1] - goal):
+            best = (ranks, removed)
+        if removed > goal:
+            lo = mid
+        else:
+            hi = mid
+    ranks = best[0]
+    for name in spec:
+        if name not in ranks and name not in skipped:
+            n, k = shapes[name]
+            r = factorize.rank_for_ratio(n, k, max(lo, 1e-9), round_to)
+            skipped[name] = worth(name, r) or "not needed for the budget"
+    return ranks
+
+
+def _hardware(ctx: PassContext):
+    if ctx.target is None:
+        return None
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    try:
+        return hardware_for_target(ctx.target)
+    except Exception:  # noqa: BLE001 - no table entry for this target: size rule only
+        return None
+
+
+def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
+    """Factorize ``ir`` in place; returns a JSON summary (per-layer ranks, skipped reasons)."""
+    params_before, bytes_before = ir.num_params(), ir.weight_bytes()
+    patterns = [p.strip() for p in options.skip.split(",") if p.strip()]
+    skipped: dict[str, str] = {}
+    layers = []
+    for layer in weight_layers(ir, embeddings=options.embeddings):
+        if any(fnmatch.fnmatch(layer.name, p) for p in patterns):
+            skipped[layer.name] = "matched skip="
+        else:
+            layers.append(layer)
+    round_to = options.round_to or default_round_to(ctx.target)
+    spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
+    hw = _hardware(ctx)
+    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped)
+    per_layer = {}
+    for layer in layers:
+        r = ranks.get(layer.name)
+        if r is None:
+            continue
+        n, k = layer.matrix(ir).shape
+        u, v = spec[layer.name].factors(r)
+        factorize_layer(ir, layer, u, v)
+        per_layer[layer.name] = {"rank": r, "shape": [int(n), int(k)],
+                                 "params": [int(n * k), int(r * (n + k))],
+                                 "method": "svd" if layer.is_embedding else options.method,
+                                 "predicted_loss": round(spec[layer.name].loss(r), 6)}
+    if per_layer:
+        ir.remove_unused_weights()
+        ir.refresh_meta()
+        ir.changed()
+    return {"method": options.method, "round_to": round_to,
+            "ratio": options.target_ratio, "energy": options.energy,
+            "factorized": len(per_layer), "params_before": params_before,
+            "params_after": ir.num_params(), "bytes_before": bytes_before,
+            "bytes_after": ir.weight_bytes(), "per_layer": per_layer, "skipped": skipped}

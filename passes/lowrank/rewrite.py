@@ -1,0 +1,72 @@
+"""IR surgery for factorized layers: one weight op becomes two real ops on two smaller weights.
+
+``linear(x, W, b)`` → ``linear(linear(x, V), U, b)``; GPT-2's ``addmm(b, x, Wᵀ)`` / ``mm`` /
+``matmul`` the same; ``embedding(W, ids)`` → ``linear(embedding(U, ids), Vᵀ)``, and an output
+head tied to that embedding reads the same ``U`` and ``V`` (``linear(linear(x, V), U)``), so the
+tie survives. The new ops are ordinary ATen ops: TVM lowers them as two GEMMs, so the compiled
+library stores ``r·(N+K)`` numbers instead of ``N·K`` and does that much less work; later passes
+(quantize, prune, share) see two ordinary linear layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from slimc.ir import IR
+
+aten = torch.ops.aten
+
+
+def weight_layers(ir: IR, embeddings: bool = True) -> list:
+    """The weight-bearing layers this pass may factorize (the one place that picks which
+    layer table is used; see :mod:`slimc.passes.quantize.layers`)."""
+    from slimc.passes.quantize.layers import find_layers
+
+    return find_layers(ir, embeddings=embeddings)
+
+
+def _node_like(ir: IR, reference: Node, op, args: tuple) -> Node:
+    with ir.graph.inserting_before(reference):
+        node = ir.graph.call_function(op, args)
+    node.meta = {k: v for k, v in reference.meta.items() if k != "val"}
+    return node
+
+
+def _replace(ir: IR, old: Node, new: Node) -> None:
+    new.meta.setdefault("val", old.meta.get("val"))
+    old.replace_all_uses_with(new)
+    for spec in ir.program.graph_signature.output_specs:
+        if getattr(spec.arg, "name", None) == old.name:
+            spec.arg.name = new.name
+    ir.graph.erase_node(old)
+
+
+def factorize_layer(ir: IR, layer, u: torch.Tensor, v: torch.Tensor, tag: str = "lr") -> None:
+    """Rewrite every use of ``layer`` (``W[N, K] ≈ u[N, r] @ v[r, K]``) to two ops."""
+    base = layer.weight_node.name.removeprefix("p_")
+    roles = {role for _, role in layer.uses}
+    u_node = ir.add_weight(f"{base}_{tag}_u", u)
+    v_node = ir.add_weight(f"{base}_{tag}_v", v) if roles != {"embedding"} else None
+    vt_node = ir.add_weight(f"{base}_{tag}_vt", v.t().contiguous()) \
+        if "embedding" in roles else None
+    for node, role in list(layer.uses):
+        if role == "embedding":
+            gathered = _node_like(ir, node, aten.embedding.default,
+                                  (u_node, node.args[1], *node.args[2:]))
+            out = _node_like(ir, node, aten.linear.default, (gathered, vt_node))
+            _replace(ir, node, out)
+            continue
+        if role == "linear":
+            x = node.args[0]
+            bias = node.args[2] if len(node.args) > 2 else None
+        elif node.target is aten.addmm.default:
+            if len(node.args) > 3 or node.kwargs:
+                raise ValueError("addmm with beta/alpha")
+            bias, x = node.args[0], node.args[1]
+        else:
+            bias, x = None, node.args[0]
+        inner = _node_like(ir, node, aten.linear.default, (x, v_node))
+        out = _node_like(ir, node, aten.linear.default,
+                         (inner, u_node) if bias is None else (inner, u_node, bias))
+        _replace(ir, node, out)
