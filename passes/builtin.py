@@ -15,6 +15,7 @@ from slimc.passes.cleanup.eliminate_dead_code import EliminateDeadCode
 from slimc.passes.lowrank.lowrank import LowRank
 from slimc.passes.prune import Prune, PruneGroupsAnalysis
 from slimc.passes.quantize.quantize import Quantize
+from slimc.passes.share.share import Share
 
 from slimc.hookspec import hookimpl
 
@@ -24,4 +25,4 @@ def slimc_register_passes():
     return [ModelStatsAnalysis, EliminateDeadCode, CostAnalysis, SensitivityAnalysis,
             MagnitudeSensitivity, ActivationSensitivity, TaylorSensitivity, HessianSensitivity,
             PerturbationSensitivity, Quantize, PruneGroupsAnalysis, Prune, TargetInfoAnalysis,
-            LowRank]
+            LowRank, Share]

@@ -30,7 +30,7 @@ from slimc.ir import IR
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 from . import factorize
-from .rewrite import factorize_layer, weight_layers
+from .rewrite import factorize_layer, is_factor, weight_layers
 
 
 class LowRankOptions(PassOptions):
@@ -210,6 +210,8 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
     for layer in weight_layers(ir, embeddings=options.embeddings):
         if any(fnmatch.fnmatch(layer.name, p) for p in patterns):
             skipped[layer.name] = "matched skip="
+        elif is_factor(layer):
+            skipped[layer.name] = "already a low-rank factor"
         else:
             layers.append(layer)
     round_to = options.round_to or default_round_to(ctx.target)

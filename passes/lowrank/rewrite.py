@@ -10,6 +10,8 @@ library stores ``r·(N+K)`` numbers instead of ``N·K`` and does that much less 
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch.fx import Node
 
@@ -24,6 +26,16 @@ def weight_layers(ir: IR, embeddings: bool = True) -> list:
     from slimc.passes.quantize.layers import find_layers
 
     return find_layers(ir, embeddings=embeddings)
+
+
+#: Placeholder names of factors this module creates (``..._lr_u``, ``..._bs_v``,
+#: ``..._shared_basis``): factorizing a factor again only adds an op.
+FACTOR_NAME = re.compile(r"_(lr|bs)_(u|v|vt)(_\d+)?$|_shared_basis(_\d+)?$")
+
+
+def is_factor(layer) -> bool:
+    """True when ``layer``'s weight is already one factor of a low-rank pair."""
+    return bool(FACTOR_NAME.search(layer.weight_node.name))
 
 
 def _node_like(ir: IR, reference: Node, op, args: tuple) -> Node:
@@ -42,12 +54,17 @@ def _replace(ir: IR, old: Node, new: Node) -> None:
     ir.graph.erase_node(old)
 
 
-def factorize_layer(ir: IR, layer, u: torch.Tensor, v: torch.Tensor, tag: str = "lr") -> None:
-    """Rewrite every use of ``layer`` (``W[N, K] ≈ u[N, r] @ v[r, K]``) to two ops."""
+def factorize_layer(ir: IR, layer, u: torch.Tensor, v: torch.Tensor | None, tag: str = "lr",
+                    v_node: Node | None = None) -> None:
+    """Rewrite every use of ``layer`` (``W[N, K] ≈ u[N, r] @ v[r, K]``) to two ops. A
+    ``v_node`` already in the IR (a basis shared by several layers) is used instead of ``v``."""
     base = layer.weight_node.name.removeprefix("p_")
     roles = {role for _, role in layer.uses}
+    if v_node is not None and "embedding" in roles:
+        raise ValueError("a shared basis cannot factorize an embedding gather")
     u_node = ir.add_weight(f"{base}_{tag}_u", u)
-    v_node = ir.add_weight(f"{base}_{tag}_v", v) if roles != {"embedding"} else None
+    if v_node is None and roles != {"embedding"}:
+        v_node = ir.add_weight(f"{base}_{tag}_v", v)
     vt_node = ir.add_weight(f"{base}_{tag}_vt", v.t().contiguous()) \
         if "embedding" in roles else None
     for node, role in list(layer.uses):

@@ -111,10 +111,12 @@ class Prune(TransformPass):
         else:
             plan, unit_ratio = choose(groups, scores, options.ratio, options.scope,
                                       round_to), options.ratio
+        applied, stats, skipped = apply_or_skip(ir, result, groups, plan, batches,
+                                                options.reconstruct)
+        for g in groups:
+            if g.index not in applied:
+                plan[g.index] = []
         removed_roots = plan_roots(groups, plan)
-        if options.reconstruct != "none":
-            reconstruct.refit(ir, result, removed_roots, batches, options.reconstruct)
-        stats = apply(ir, result, removed_roots)
         ir.annotations[self.name] = {
             "granularity": options.granularity, "gqa": options.gqa,
             "criterion": options.criterion,
@@ -122,9 +124,61 @@ class Prune(TransformPass):
             "scope": options.scope, "budget": options.budget, "unit_ratio": unit_ratio,
             "removed_units": len(removed_roots), **stats,
             "groups": [{"index": g.index, "module_path": g.module_path, "kind": g.kind,
-                        "units": len(g.units), "kept": len(g.units) - len(plan[g.index])}
+                        "units": len(g.units), "kept": len(g.units) - len(plan[g.index]),
+                        **({"skipped": skipped[g.index]} if g.index in skipped else {})}
                        for g in groups]}
-        return PreservedAnalyses.none()
+        return PreservedAnalyses.none() if removed_roots else PreservedAnalyses.all()
+
+
+def apply_or_skip(ir: IR, result: PruneGroups, groups: list[Group],
+                  plan: dict[int, list[int]], batches, method: str
+                  ) -> tuple[set[int], dict[str, int], dict[int, str]]:
+    """Reconstruct and remove ``plan``; a group whose removal the shape rewriter cannot express
+    (e.g. a norm over heads, a fused QKV that interleaves heads) is left whole, with the
+    reason, and the rest is still pruned. Each attempt runs on a clone, so a failed one leaves
+    ``ir`` untouched. Returns the groups applied, the removal stats and the skipped reasons."""
+    def attempt(chosen: list[Group]) -> tuple[IR, dict[str, int]]:
+        work = ir.clone()
+        roots = plan_roots(chosen, plan)
+        if method != "none":
+            reconstruct.refit(work, result, roots, batches, method)
+        return work, apply(work, result, roots)
+
+    def adopt(work: IR) -> None:
+        ir.program = work.program
+
+    active = [g for g in groups if plan[g.index]]
+    try:
+        work, stats = attempt(active)
+        adopt(work)
+        return {g.index for g in active}, stats, {}
+    except Exception:  # noqa: BLE001 - find the groups responsible below
+        pass
+    skipped: dict[int, str] = {}
+    fine = []
+    for g in active:
+        try:
+            attempt([g])
+            fine.append(g)
+        except Exception as exc:  # noqa: BLE001 - an inexpressible removal: skip the group
+            skipped[g.index] = f"cannot remove these units: {type(exc).__name__}: {exc}"[:300]
+    chosen: list[Group] = []
+    best: tuple[IR, dict[str, int]] | None = None
+    try:
+        best = attempt(fine)
+        chosen = fine
+    except Exception:  # noqa: BLE001 - groups that only fail together: add one at a time
+        for g in fine:
+            try:
+                best = attempt([*chosen, g])
+                chosen.append(g)
+            except Exception as exc:  # noqa: BLE001
+                skipped[g.index] = f"cannot remove together with the others: " \
+                                   f"{type(exc).__name__}: {exc}"[:300]
+    if best is None:
+        return set(), {"params_removed": 0, "constants_rewritten": 0}, skipped
+    adopt(best[0])
+    return {g.index for g in chosen}, best[1], skipped
 
 
 def plan_roots(groups: list[Group], plan: dict[int, list[int]]) -> set[int]:

@@ -63,6 +63,8 @@ def removed_mask(prop: Propagation, roots, removed_roots: set[int]) -> torch.Ten
 
 def keep_along(labels: torch.Tensor, removed: torch.Tensor) -> list[torch.Tensor]:
     """Per dim, which indices survive; raises if the survivors are not a sub-grid."""
+    if labels.numel() == 0:  # an empty tensor (Phi-3's empty past/rope slices): no channels
+        return [torch.ones(n, dtype=torch.bool) for n in labels.shape]
     drop = (labels >= 0) & removed[labels.clamp(min=0)]
     keep = ~drop
     per_dim = []

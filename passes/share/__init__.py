@@ -1,0 +1,1 @@
+"""Sharing tensors across layers (the ``share`` pass)."""

@@ -1,0 +1,255 @@
+"""``share``: store a tensor once where several layers can use it.
+
+``share{dedup=true, tie_head=true, tie_tolerance=1e-6, basis=false, ratio=0.2, group=2}``
+
+* **dedup** — weights with identical dtype, shape and bytes become one placeholder (all readers
+  rewired to it), so the artifact stores one constant. Exact.
+* **tie_head** — an output head ``linear(x, H)`` and a token embedding ``embedding(E, ids)`` of
+  the same shape become one tensor when ``‖H − E‖ ≤ tie_tolerance·‖E‖`` (models saved with tied
+  weights but captured as two copies); otherwise the measured difference is recorded and they
+  stay apart (tying a pretrained untied model would change it).
+* **basis** — Basis Sharing (Wang et al., ICLR 2025): adjacent layers of one kind (the same
+  module path up to the layer index, the same shape) share one whitened SVD basis
+  ``B[r, K]`` and keep their own coefficients ``C_l[N, r]``: ``W_l ≈ C_l · B``. With ``S`` the
+  Cholesky factor of the group's summed ``XᵀX``, the SVD of ``[W_1 S; …; W_g S]`` truncated to
+  r gives ``B = √Σ_r V_rᵀ S⁻¹`` and ``C_l`` the layer's rows of ``U_r √Σ_r``. Ranks meet
+  ``ratio`` of the model's parameters, uniformly per group, rounded to the vector width.
+
+Anything not shared is recorded with its reason in ``ir.annotations["share"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+
+import torch
+from pydantic import Field
+from slimc.passes.lowrank import factorize
+from slimc.passes.lowrank.lowrank import default_round_to
+from slimc.passes.lowrank.rewrite import factorize_layer, is_factor, weight_layers
+from slimc.passes.quantize import calib
+from torch.export.graph_signature import InputKind, OutputKind
+
+from slimc.ir import IR
+from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
+
+
+class ShareOptions(PassOptions):
+    dedup: bool = Field(True, description="Store bit-identical weight tensors once.")
+    tie_head: bool = Field(True, description="Tie an output head to the token embedding "
+                           "when they are equal within tie_tolerance.")
+    tie_tolerance: float = Field(1e-6, ge=0, le=1, description="Relative Frobenius "
+                                 "difference under which head and embedding are tied.")
+    basis: bool = Field(False, description="Share one whitened SVD basis across groups of "
+                        "adjacent layers of the same kind (lossy; see ratio, group).")
+    ratio: float = Field(0.2, gt=0, lt=1, description="`basis`: fraction of the model's "
+                         "parameters to remove.")
+    group: int = Field(2, ge=2, le=64, description="`basis`: adjacent layers per shared "
+                       "basis.")
+    round_to: int | None = Field(None, ge=1, le=256, description="`basis`: ranks are "
+                                 "multiples of this (default: the target's vector width).")
+
+
+class Share(TransformPass):
+    """Store shared tensors once: exact deduplication, embedding/head tying, and whitened
+    basis sharing across adjacent layers."""
+
+    name = "share"
+    Options = ShareOptions
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
+        assert isinstance(options, ShareOptions)
+        summary = share_ir(ir, ctx, options)
+        ir.annotations[self.name] = summary
+        ctx.log(f"share: {summary['deduplicated']} duplicates, tied={summary['tied']}, "
+                f"{len(summary['basis_groups'])} basis groups; params "
+                f"{summary['params_before']:,} -> {summary['params_after']:,}")
+        changed = summary["deduplicated"] or summary["tied"] or summary["basis_groups"]
+        return PreservedAnalyses.none() if changed else PreservedAnalyses.all()
+
+
+def _mutated_buffers(ir: IR) -> set[str]:
+    return {s.target for s in ir.program.graph_signature.output_specs
+            if s.kind != OutputKind.USER_OUTPUT and getattr(s, "target", None)}
+
+
+def deduplicate(ir: IR) -> list[list[str]]:
+    """Rewire readers of bit-identical weights to one placeholder; returns the merged names."""
+    mutated = _mutated_buffers(ir)
+    first: dict[tuple, torch.fx.Node] = {}
+    merged: dict[str, list[str]] = defaultdict(list)
+    for node in list(ir.nodes("placeholder")):
+        spec = ir.placeholder_spec(node)
+        if spec is None or spec.kind == InputKind.USER_INPUT or spec.target in mutated \
+                or not node.users:
+            continue
+        t = ir.get_weight(node).detach().contiguous()
+        digest = hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel()
+                                else b"").hexdigest()
+        key = (t.dtype, tuple(t.shape), digest)
+        if key not in first:
+            first[key] = node
+            continue
+        keep = first[key]
+        node.replace_all_uses_with(keep)
+        merged[keep.name].append(node.name)
+    if merged:
+        ir.remove_unused_weights()
+    return [[k, *v] for k, v in merged.items()]
+
+
+def tie_head(ir: IR, tolerance: float) -> tuple[bool, str]:
+    """Point an untied output head at the token embedding when they are (nearly) equal."""
+    layers = weight_layers(ir, embeddings=True)
+    embeds = [la for la in layers if {r for _, r in la.uses} == {"embedding"}]
+    heads = [la for la in layers if la.uses and {r for _, r in la.uses} == {"linear"}
+             and la.uses[0][0] is _last_linear(ir)]
+    if any(la.is_embedding and la.linear_nodes for la in layers):
+        return False, "head already tied to the embedding"
+    if not embeds or not heads:
+        return False, "no token embedding and output head pair"
+    head = heads[0]
+    h = ir.get_weight(head.weight_node)
+    for emb in embeds:
+        e = ir.get_weight(emb.weight_node)
+        if e.shape != h.shape or e.dtype != h.dtype:
+            continue
+        diff = float((h.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+        if diff <= tolerance:
+            for node, _ in head.uses:
+                node.replace_input_with(head.weight_node, emb.weight_node)
+            ir.remove_unused_weights()
+            return True, f"tied {head.name} to {emb.name} (relative difference {diff:.2g})"
+        return False, (f"{head.name} differs from {emb.name} by {diff:.3g} relative "
+                       f"(> tie_tolerance {tolerance:g}): tying would change the model")
+    return False, "no embedding of the head's shape"
+
+
+def _last_linear(ir: IR):
+    """The linear op producing a graph output (the LM head), if any."""
+    out = next(iter(reversed(ir.graph.nodes)))
+    for node in _flatten(out.args):
+        while isinstance(node, torch.fx.Node) and node.op == "call_function" \
+                and node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                                    torch.ops.aten.slice.Tensor):
+            node = node.args[0]
+        if isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.linear.default:
+            return node
+    return None
+
+
+def _flatten(args) -> list:
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += _flatten(a)
+        else:
+            out.append(a)
+    return out
+
+
+def basis_groups(layers: list, group: int) -> list[list]:
+    """Adjacent layers of one kind and shape, ``group`` at a time (a shorter tail group of at
+    least two is kept)."""
+    kinds: dict[tuple, list] = defaultdict(list)
+    for la in layers:
+        if la.is_embedding or is_factor(la) or len(re.findall(r"\.(\d+)\.", la.name)) != 1:
+            continue
+        kinds[(re.sub(r"\.\d+\.", ".#.", la.name), tuple(la.weight_node.meta["val"].shape),
+               la.transposed)].append(la)
+    groups = []
+    for members in kinds.values():
+        members.sort(key=lambda la: int(re.findall(r"\.(\d+)\.", la.name)[0]))
+        for i in range(0, len(members), group):
+            chunk = members[i:i + group]
+            if len(chunk) >= 2:
+                groups.append(chunk)
+    return groups
+
+
+def share_basis(ir: IR, ctx: PassContext, options: ShareOptions,
+                skipped: dict[str, str]) -> list[dict]:
+    layers = weight_layers(ir, embeddings=False)
+    groups = basis_groups(layers, options.group)
+    if not groups:
+        return []
+    members = [la for g in groups for la in g]
+    stats = calib.collect(ir, members, ctx.calibration(), hessian=True)
+    round_to = options.round_to or default_round_to(ctx.target)
+    plans = []
+    for g in groups:
+        mats = [la.matrix(ir) for la in g]
+        n, k = mats[0].shape
+        gram = None
+        for la in g:
+            st = stats.get(la.name)
+            if st is None or st.hessian is None:
+                continue
+            gram = st.hessian if gram is None else gram + st.hessian
+        if gram is None:
+            gram = torch.eye(k)  # no activations reached these layers: plain SVD
+        s_chol = factorize.cholesky_factor(gram)
+        stacked = torch.cat([m.double() @ s_chol for m in mats])
+        u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+        vh = torch.linalg.solve_triangular(s_chol.T, vh.T, upper=True).T
+        plans.append((g, factorize.Spectrum(u, s, vh), n, k))
+    goal = options.ratio * ir.num_params()
+
+    def ranks_for(keep: float) -> tuple[list[int], int]:
+        out, removed = [], 0
+        for g, _, n, k in plans:
+            dense, per_rank = len(g) * n * k, k + len(g) * n
+            r = (int(keep * dense / per_rank) // round_to) * round_to
+            if r <= 0 or r * per_rank >= dense:
+                r = 0
+            out.append(r)
+            removed += dense - r * per_rank if r else 0
+        return out, removed
+
+    lo, hi = 0.0, 1.0
+    best = ranks_for(lo)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        ranks, removed = ranks_for(mid)
+        if abs(removed - goal) < abs(best[1] - goal):
+            best = (ranks, removed)
+        if removed > goal:
+            lo = mid
+        else:
+            hi = mid
+    done = []
+    for (g, spec, n, k), r in zip(plans, best[0], strict=True):
+        if not r:
+            for la in g:
+                skipped[la.name] = "basis sharing would not save parameters at this budget"
+            continue
+        coeffs, basis = spec.factors(r)
+        base = g[0].weight_node.name.removeprefix("p_")
+        basis_node = ir.add_weight(f"{base}_shared_basis", basis)
+        for i, la in enumerate(g):
+            factorize_layer(ir, la, coeffs[i * n:(i + 1) * n].contiguous(), None,
+                            tag="bs", v_node=basis_node)
+        done.append({"layers": [la.name for la in g], "rank": r, "shape": [int(n), int(k)],
+                     "params": [len(g) * n * k, r * (k + len(g) * n)],
+                     "predicted_loss": round(spec.loss(r), 6)})
+    return done
+
+
+def share_ir(ir: IR, ctx: PassContext, options: ShareOptions) -> dict:
+    """Share tensors in ``ir`` in place; returns a JSON summary."""
+    params_before, bytes_before = ir.num_params(), ir.weight_bytes()
+    skipped: dict[str, str] = {}
+    merged = deduplicate(ir) if options.dedup else []
+    tied, tie_note = tie_head(ir, options.tie_tolerance) if options.tie_head \
+        else (False, "tie_head=false")
+    groups = share_basis(ir, ctx, options, skipped) if options.basis else []
+    ir.remove_unused_weights()
+    if groups:
+        ir.refresh_meta()
+    ir.changed()
+    return {"deduplicated": sum(len(m) - 1 for m in merged), "merged": merged,
+            "tied": tied, "tie": tie_note, "basis_groups": groups, "skipped": skipped,
+            "params_before": params_before, "params_after": ir.num_params(),
+            "bytes_before": bytes_before, "bytes_after": ir.weight_bytes()}
