@@ -28,6 +28,7 @@ PIPELINES = {
     "svd": "lowrank{{method=svd,ratio={f}}}",
     "whiten": "lowrank{{method=whiten,ratio={f}}}",
     "asvd": "lowrank{{method=asvd,ratio={f}}}",
+    "whiten-global": "lowrank{{method=whiten,ratio={f},allocation=global}}",
     "whiten+emb": "lowrank{{method=whiten,ratio={f},embeddings=true}}",
     "basis-share": "share{{basis=true,ratio={f}}}",
     "prune": "prune{{ratio={f},budget=params,reconstruct=lsq,gqa=query}}",

@@ -43,6 +43,11 @@ class LowRankOptions(PassOptions):
                                  "layer, the smallest rank keeping this fraction of Σσ².")
     embeddings: bool = Field(False, description="Factorize embedding tables too (vocab×r and "
                              "r×d; a tied output head shares both factors).")
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="`ratio`: uniform keeps the same fraction of every layer "
+        "(SVD-LLM); global keeps, across all layers, the singular directions with the most "
+        "relative output energy per stored parameter (layers whose spectrum decays fast "
+        "give more).")
     round_to: int | None = Field(None, ge=1, le=256, description="Ranks are multiples of "
                                  "this (default: the target's fp32 vector width).")
     alpha: float = Field(0.5, ge=0, le=2, description="`asvd`: exponent of the activation "
@@ -159,6 +164,8 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
         return ranks
 
     goal = options.target_ratio * ir.num_params()
+    if options.allocation == "global":
+        return _global_ranks(spec, shapes, goal, round_to, worth, skipped)
 
     def plan(keep: float) -> tuple[dict[str, int], int]:
         ranks, removed = {}, 0
@@ -190,6 +197,42 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
     return ranks
 
 
+def _global_ranks(spec: dict[str, factorize.Spectrum], shapes: dict, goal: float,
+                  round_to: int, worth, skipped: dict[str, str]) -> dict[str, int]:
+    """Keep singular direction i of layer l when its share of the layer's energy per stored
+    parameter, ``σ_i² / Σσ² / (N+K)``, is above a threshold; bisect the threshold (in log
+    space) until the removed parameters meet ``goal``."""
+    density = {name: sp.s.double().square() / sp.s.double().square().sum().clamp_min(1e-300)
+               / sum(shapes[name]) for name, sp in spec.items()}
+
+    def plan(log_t: float) -> tuple[dict[str, int], int]:
+        ranks, removed = {}, 0
+        for name, d in density.items():
+            n, k = shapes[name]
+            r = factorize.round_rank(max(1, int((d >= 10.0 ** log_t).sum())), round_to,
+                                     min(n, k))
+            if worth(name, r) is None:
+                ranks[name] = r
+                removed += n * k - r * (n + k)
+        return ranks, removed
+
+    lo, hi = -30.0, 0.0  # removed params grow with the threshold
+    best = plan(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        ranks, removed = plan(mid)
+        if abs(removed - goal) < abs(best[1] - goal):
+            best = (ranks, removed)
+        if removed > goal:
+            hi = mid
+        else:
+            lo = mid
+    for name in spec:
+        if name not in best[0] and name not in skipped:
+            skipped[name] = "global allocation: dense is cheaper than the rank it keeps"
+    return best[0]
+
+
 def _hardware(ctx: PassContext):
     if ctx.target is None:
         return None
@@ -199,6 +242,20 @@ def _hardware(ctx: PassContext):
         return hardware_for_target(ctx.target)
     except Exception:  # noqa: BLE001 - no table entry for this target: size rule only
         return None
+
+
+def _record_unsupported(ir: IR, skipped: dict[str, str]) -> None:
+    """Weight-bearing layers this pass cannot factorize, each with the reason."""
+    from slimc.passes.analysis.layers import weight_layers as all_layers
+
+    handled = {la.weight_node.name for la in weight_layers(ir, embeddings=True)}
+    for layer in all_layers(ir):
+        if layer.weight.name in handled:
+            continue
+        if layer.kind == "conv":
+            skipped[layer.name] = "convolution: not factorized (Tucker-2 is not implemented)"
+        else:
+            skipped[layer.name] = "weight also read by ops other than linear/embedding"
 
 
 def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
@@ -214,6 +271,7 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
             skipped[layer.name] = "already a low-rank factor"
         else:
             layers.append(layer)
+    _record_unsupported(ir, skipped)
     round_to = options.round_to or default_round_to(ctx.target)
     spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
     hw = _hardware(ctx)
