@@ -3,6 +3,8 @@ use (issue 13): real tiny models, real TVM builds for a few artifacts."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -179,7 +181,7 @@ def test_energy_threshold_and_tied_embedding_factors(hf_dir):
     ir, inputs = _ir("tests.test_prune:gpt2")
     _run(ir, inputs, "lowrank{method=svd,energy=0.5,embeddings=true,round_to=4}")
     ann = ir.annotations["lowrank"]
-    emb = ann["per_layer"]["transformer.wte.weight"]
+    emb = next(v for k, v in ann["per_layer"].items() if "wte" in k)
     assert emb["rank"] % 4 == 0 and emb["predicted_loss"] <= 0.5
     # the tied head reads the same U as the gather: one factor pair serves both
     u = next(n for n in ir.nodes("placeholder") if n.name.endswith("wte_weight_lr_u"))
@@ -193,7 +195,7 @@ def test_conv_layers_are_skipped_with_a_reason():
     _run(ir, inputs, "lowrank{ratio=0.2}")
     skipped = ir.annotations["lowrank"]["skipped"]
     assert {k for k, v in skipped.items() if v.startswith("convolution")} == {"stem", "dw", "pw"}
-    assert skipped["head.weight"].startswith("rank")  # 16x10: no cheaper rank exists
+    assert skipped["head"].startswith("rank")  # 16x10: no cheaper rank exists
 
 
 def test_bad_options_are_usage_errors(cli, hf_dir):
@@ -262,14 +264,14 @@ def test_prune_lowrank_quantize_compose_in_either_order(pipeline):
     params = [r.params_after for r in records]
     assert params[0] < records[0].params_before and params[1] < params[0]
     assert relative_l2(reference, ir.run(inputs)) < 0.3
-    quantized = ir.annotations["quantize"]["per_layer"]
-    factors = {k: v for k, v in quantized.items() if k.endswith(("_lr_u", "_lr_v"))}
-    assert len(factors) == 2 * ir.annotations["lowrank"]["factorized"]  # factors quantized
-    # what ran first survives: pruned MLP width / factor ranks are the quantized shapes
-    mlp = ir.annotations["prune"]["groups"]
-    assert any(g["kept"] < g["units"] for g in mlp)
+    # the factor matrices themselves were quantized (one packed weight per factor)
+    factors = [n for n in ir.nodes("placeholder")
+               if re.search(r"_lr_[uv]_int[48]_weight$", n.name)]
+    assert len(factors) == 2 * ir.annotations["lowrank"]["factorized"] > 0
+    # what ran first survives: pruned units stay removed, packed factors keep rank shapes
+    assert any(g["kept"] < g["units"] for g in ir.annotations["prune"]["groups"])
     ranks = {v["rank"] for v in ir.annotations["lowrank"]["per_layer"].values()}
-    assert all(min(v["shape"]) <= max(ranks) for v in factors.values())
+    assert all(min(ir.get_weight(n).shape) <= max(ranks) for n in factors)
 
 
 def test_factorized_artifact_runs_and_is_smaller(tmp_path):

@@ -115,7 +115,7 @@ def spectra(ir: IR, layers: list, ctx: PassContext, method: str, alpha: float,
 
 def _tokens(layer) -> int:
     """Rows the layer multiplies per run (batch x sequence), from the op's output shape."""
-    node = layer.uses[0][0]
+    node = layer.uses[0].node
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor) and val.dim() >= 1:
         return max(1, math.prod(int(d) for d in val.shape[:-1]))
@@ -246,16 +246,19 @@ def _hardware(ctx: PassContext):
 
 def _record_unsupported(ir: IR, skipped: dict[str, str]) -> None:
     """Weight-bearing layers this pass cannot factorize, each with the reason."""
-    from slimc.passes.analysis.layers import weight_layers as all_layers
+    from slimc.layers import find_layers as all_layers
 
     handled = {la.weight_node.name for la in weight_layers(ir, embeddings=True)}
     for layer in all_layers(ir):
         if layer.weight.name in handled:
             continue
-        if layer.kind == "conv":
+        if layer.kind in ("conv", "conv_transpose"):
             skipped[layer.name] = "convolution: not factorized (Tucker-2 is not implemented)"
+        elif layer.kind == "expert":
+            skipped[layer.name] = "batched expert weights: not factorized"
         else:
-            skipped[layer.name] = "weight also read by ops other than linear/embedding"
+            skipped[layer.name] = "weight also read by ops other than linear/embedding, or " \
+                                  "in two orientations"
 
 
 def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:

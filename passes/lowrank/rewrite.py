@@ -16,16 +16,20 @@ import torch
 from torch.fx import Node
 
 from slimc.ir import IR
+from slimc.layers import Layer, find_layers
 
 aten = torch.ops.aten
 
 
-def weight_layers(ir: IR, embeddings: bool = True) -> list:
-    """The weight-bearing layers this pass may factorize (the one place that picks which
-    layer table is used; see :mod:`slimc.passes.quantize.layers`)."""
-    from slimc.passes.quantize.layers import find_layers
+#: Uses :func:`factorize_layer` can rewrite.
+FACTORIZABLE_ROLES = {"linear", "right", "embedding"}
 
-    return find_layers(ir, embeddings=embeddings)
+
+def weight_layers(ir: IR, embeddings: bool = True) -> list[Layer]:
+    """Layers this module can factorize: every use of the weight a linear, a matmul against
+    it (any orientation) or an embedding gather (:mod:`slimc.layers`)."""
+    return [layer for layer in find_layers(ir, complete_only=True, embeddings=embeddings)
+            if layer.roles <= FACTORIZABLE_ROLES]
 
 
 #: Placeholder names of factors this module creates (``..._lr_u``, ``..._bs_v``,
@@ -33,7 +37,7 @@ def weight_layers(ir: IR, embeddings: bool = True) -> list:
 FACTOR_NAME = re.compile(r"_(lr|bs)_(u|v|vt)(_\d+)?$|_shared_basis(_\d+)?$")
 
 
-def is_factor(layer) -> bool:
+def is_factor(layer: Layer) -> bool:
     """True when ``layer``'s weight is already one factor of a low-rank pair."""
     return bool(FACTOR_NAME.search(layer.weight_node.name))
 
@@ -54,12 +58,12 @@ def _replace(ir: IR, old: Node, new: Node) -> None:
     ir.graph.erase_node(old)
 
 
-def factorize_layer(ir: IR, layer, u: torch.Tensor, v: torch.Tensor | None, tag: str = "lr",
+def factorize_layer(ir: IR, layer: Layer, u: torch.Tensor, v: torch.Tensor | None, tag: str = "lr",
                     v_node: Node | None = None) -> None:
     """Rewrite every use of ``layer`` (``W[N, K] ≈ u[N, r] @ v[r, K]``) to two ops. A
     ``v_node`` already in the IR (a basis shared by several layers) is used instead of ``v``."""
     base = layer.weight_node.name.removeprefix("p_")
-    roles = {role for _, role in layer.uses}
+    roles = layer.roles
     if v_node is not None and "embedding" in roles:
         raise ValueError("a shared basis cannot factorize an embedding gather")
     u_node = ir.add_weight(f"{base}_{tag}_u", u)
@@ -67,12 +71,17 @@ def factorize_layer(ir: IR, layer, u: torch.Tensor, v: torch.Tensor | None, tag:
         v_node = ir.add_weight(f"{base}_{tag}_v", v)
     vt_node = ir.add_weight(f"{base}_{tag}_vt", v.t().contiguous()) \
         if "embedding" in roles else None
-    for node, role in list(layer.uses):
+    for use in layer.uses:
+        node, role = use.node, use.role
         if role == "embedding":
             gathered = _node_like(ir, node, aten.embedding.default,
                                   (u_node, node.args[1], *node.args[2:]))
             out = _node_like(ir, node, aten.linear.default, (gathered, vt_node))
             _replace(ir, node, out)
+    for use in layer.uses:  # transposes that led from the old weight to the replaced ops
+        for view in reversed(use.via):
+            if view.graph is ir.graph and not view.users:
+                ir.graph.erase_node(view)
             continue
         if role == "linear":
             x = node.args[0]
@@ -82,8 +91,12 @@ def factorize_layer(ir: IR, layer, u: torch.Tensor, v: torch.Tensor | None, tag:
                 raise ValueError("addmm with beta/alpha")
             bias, x = node.args[0], node.args[1]
         else:
-            bias, x = None, node.args[0]
+            bias, x = None, node.args[use.input_arg or 0]
         inner = _node_like(ir, node, aten.linear.default, (x, v_node))
         out = _node_like(ir, node, aten.linear.default,
                          (inner, u_node) if bias is None else (inner, u_node, bias))
         _replace(ir, node, out)
+    for use in layer.uses:  # transposes that led from the old weight to the replaced ops
+        for view in reversed(use.via):
+            if view.graph is ir.graph and not view.users:
+                ir.graph.erase_node(view)

@@ -103,9 +103,9 @@ def deduplicate(ir: IR) -> list[list[str]]:
 def tie_head(ir: IR, tolerance: float) -> tuple[bool, str]:
     """Point an untied output head at the token embedding when they are (nearly) equal."""
     layers = weight_layers(ir, embeddings=True)
-    embeds = [la for la in layers if {r for _, r in la.uses} == {"embedding"}]
-    heads = [la for la in layers if la.uses and {r for _, r in la.uses} == {"linear"}
-             and la.uses[0][0] is _last_linear(ir)]
+    head_op = _last_linear(ir)
+    embeds = [la for la in layers if la.roles == {"embedding"}]
+    heads = [la for la in layers if la.roles == {"linear"} and la.uses[0].node is head_op]
     if any(la.is_embedding and la.linear_nodes for la in layers):
         return False, "head already tied to the embedding"
     if not embeds or not heads:
@@ -118,8 +118,8 @@ def tie_head(ir: IR, tolerance: float) -> tuple[bool, str]:
             continue
         diff = float((h.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
         if diff <= tolerance:
-            for node, _ in head.uses:
-                node.replace_input_with(head.weight_node, emb.weight_node)
+            for use in head.uses:
+                use.node.replace_input_with(head.weight_node, emb.weight_node)
             ir.remove_unused_weights()
             return True, f"tied {head.name} to {emb.name} (relative difference {diff:.2g})"
         return False, (f"{head.name} differs from {emb.name} by {diff:.3g} relative "
