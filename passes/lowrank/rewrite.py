@@ -58,8 +58,8 @@ def _replace(ir: IR, old: Node, new: Node) -> None:
     ir.graph.erase_node(old)
 
 
-def factorize_layer(ir: IR, layer: Layer, u: torch.Tensor, v: torch.Tensor | None, tag: str = "lr",
-                    v_node: Node | None = None) -> None:
+def factorize_layer(ir: IR, layer: Layer, u: torch.Tensor, v: torch.Tensor | None,
+                    tag: str = "lr", v_node: Node | None = None) -> None:
     """Rewrite every use of ``layer`` (``W[N, K] ≈ u[N, r] @ v[r, K]``) to two ops. A
     ``v_node`` already in the IR (a basis shared by several layers) is used instead of ``v``."""
     base = layer.weight_node.name.removeprefix("p_")
@@ -78,10 +78,6 @@ def factorize_layer(ir: IR, layer: Layer, u: torch.Tensor, v: torch.Tensor | Non
                                   (u_node, node.args[1], *node.args[2:]))
             out = _node_like(ir, node, aten.linear.default, (gathered, vt_node))
             _replace(ir, node, out)
-    for use in layer.uses:  # transposes that led from the old weight to the replaced ops
-        for view in reversed(use.via):
-            if view.graph is ir.graph and not view.users:
-                ir.graph.erase_node(view)
             continue
         if role == "linear":
             x = node.args[0]
