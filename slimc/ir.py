@@ -425,7 +425,7 @@ class IR:
             if spec.kind != InputKind.USER_INPUT:
                 t = self._state_value(spec).detach().contiguous().cpu()
                 h.update(f"{t.dtype}|{tuple(t.shape)}\n".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         for spec in self.program.graph_signature.output_specs:
             h.update(f"out|{spec.kind.name}|{getattr(spec.arg, 'name', '')}\n".encode())
         h.update(json.dumps([self.input_names, self.output_names]).encode())

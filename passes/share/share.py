@@ -86,7 +86,7 @@ def deduplicate(ir: IR) -> list[list[str]]:
                 or not node.users:
             continue
         t = ir.get_weight(node).detach().contiguous()
-        digest = hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel()
+        digest = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel()
                                 else b"").hexdigest()
         key = (t.dtype, tuple(t.shape), digest)
         if key not in first:
