@@ -174,6 +174,8 @@ def share_basis(ir: IR, ctx: PassContext, options: ShareOptions,
     layers = weight_layers(ir, embeddings=False)
     groups = basis_groups(layers, options.group)
     if not groups:
+        skipped["basis"] = ("no two adjacent layers of one kind (module path up to the layer "
+                            "index) and shape: nothing to share a basis")
         return []
     members = [la for g in groups for la in g]
     stats = calib.collect(ir, members, ctx.calibration(), hessian=True)
