@@ -184,8 +184,9 @@ def test_energy_threshold_and_tied_embedding_factors(hf_dir):
     emb = next(v for k, v in ann["per_layer"].items() if "wte" in k)
     assert emb["rank"] % 4 == 0 and emb["predicted_loss"] <= 0.5
     # the tied head reads the same U as the gather: one factor pair serves both
-    u = next(n for n in ir.nodes("placeholder") if n.name.endswith("wte_weight_lr_u"))
-    assert {u.target for u in u.users} == {aten.embedding.default, aten.linear.default}
+    readers = [{user.target for user in n.users} for n in ir.nodes("placeholder")
+               if n.name.endswith("_lr_u")]
+    assert {aten.embedding.default, aten.linear.default} in readers
     assert all(v["rank"] * sum(v["shape"]) < v["shape"][0] * v["shape"][1]
                for v in ann["per_layer"].values())
 
