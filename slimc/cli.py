@@ -152,8 +152,8 @@ def compile_command(
     opt_level: Annotated[int, typer.Option("-O", help="Optimisation level when no pipeline "
                                            "is given (0: no compression).")] = 0,
     inputs: Annotated[list[str] | None, typer.Option(
-        "--input", "-i", help="Example input NAME=SHAPE:DTYPE, e.g. input_ids=1x128:int64 "
-        "(repeatable).")] = None,
+        "--input", "-i", help="Example input NAME=SHAPE:DTYPE, e.g. input_ids=1x128:int64; "
+        "LO..HI makes a dim dynamic, e.g. input_ids=1x1..512:int64 (repeatable).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Runtime threads for verification "
                                                 "(default: TVM_NUM_THREADS or all cores).")] = None,
     verify_tol: Annotated[float, typer.Option(min=0.0, help="Largest relative L2 error between "
