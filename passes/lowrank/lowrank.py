@@ -83,10 +83,12 @@ class LowRank(TransformPass):
         return PreservedAnalyses.none() if summary["factorized"] else PreservedAnalyses.all()
 
 
-def default_round_to(target) -> int:
+def default_round_to(ctx: PassContext) -> int:
+    """The target's fp32 vector width (the ``target-info`` analysis), 8 without a target."""
     from slimc.passes.prune.prune import default_round_to as width
 
-    return width(target)
+    has_info = ctx.target is not None and ctx.analyses is not None
+    return width(ctx.analyses.get("target-info") if has_info else None)
 
 
 def spectra(ir: IR, layers: list, ctx: PassContext, method: str, alpha: float,
@@ -275,7 +277,7 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
         else:
             layers.append(layer)
     _record_unsupported(ir, skipped)
-    round_to = options.round_to or default_round_to(ctx.target)
+    round_to = options.round_to or default_round_to(ctx)
     spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
     hw = _hardware(ctx)
     ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped)

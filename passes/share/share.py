@@ -179,7 +179,7 @@ def share_basis(ir: IR, ctx: PassContext, options: ShareOptions,
         return []
     members = [la for g in groups for la in g]
     stats = calib.collect(ir, members, ctx.calibration(), hessian=True)
-    round_to = options.round_to or default_round_to(ctx.target)
+    round_to = options.round_to or default_round_to(ctx)
     plans = []
     for g in groups:
         mats = [la.matrix(ir) for la in g]
