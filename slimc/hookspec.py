@@ -77,10 +77,14 @@ def slimc_register_loaders() -> list[Loader]:
 
 @hookspec
 def slimc_register_evaluators() -> list[Evaluator]:
-    """Return fidelity metrics (:class:`slimc.evaluators.Evaluator`).
+    """Return fidelity metrics (:class:`slimc.evaluators.Evaluator`) and task metrics
+    (:class:`slimc.task_eval.TaskEvaluator`).
 
-    Every evaluator is computed when an artifact or transformed IR is compared with the model it
-    came from; the results land in ``manifest.json`` under ``fidelity``.
+    Every fidelity evaluator is computed when an artifact or transformed IR is compared with the
+    model it came from; the results land in ``manifest.json`` under ``fidelity``. A task
+    evaluator scores labelled data (``--eval NAME``, or the first whose ``accepts`` takes
+    ``--eval-data``) on the original model and on the artifact; the result lands under
+    ``quality`` and is what ``--max-drop`` checks.
     """
 
 
