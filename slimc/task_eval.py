@@ -101,11 +101,15 @@ def _is_labelled_folder(path: Path) -> bool:
     return path.is_dir() and any(p.is_dir() for p in path.iterdir())
 
 
-def _tokenizer(ctx: EvalContext, path: Path):
+def _has_tokenizer(ctx: EvalContext, path: Path) -> None:
     if ctx.model_dir is None or not any((Path(ctx.model_dir) / f).exists() for f in
                                         ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise UsageError(f"--eval-data {path} is text, but the model has no tokenizer to read it.",
                          hint="Compile a Hugging Face model folder that includes its tokenizer.")
+
+
+def _tokenizer(ctx: EvalContext, path: Path):
+    _has_tokenizer(ctx, path)
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(ctx.model_dir, local_files_only=True,
@@ -136,6 +140,7 @@ def _prepare_perplexity(path: Path | None, ctx: EvalContext) -> TaskData:
         raise UsageError("Perplexity needs a language model (an input_ids input); this model "
                          f"takes {', '.join(ctx.input_names)}.", hint="Use --eval accuracy or "
                          "spearman, or your own metric with --eval module:function.")
+    _has_tokenizer(ctx, path)  # perplexity of bytes the model never saw means nothing
     ids, tokenizer = _token_stream(path, ctx.model_dir, None, [])
     batch, seq = ctx.template["input_ids"].shape[:2]
     prefix, suffix = _special_tokens(tokenizer)

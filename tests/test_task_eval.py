@@ -19,14 +19,8 @@ WORDS = ["[PAD]", "[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", 
 
 def _save_with_tokenizer(arch: str, path) -> str:
     """A tiny random HF model with a word-level tokenizer that adds no special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     build_hf(arch).save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
-                            pad_token="[PAD]").save_pretrained(path)
+    _save_tokenizer_only(path)
     return str(path)
 
 
@@ -177,3 +171,52 @@ def test_bad_task_options_are_usage_errors(tmp_path, cli):
               "-o", tmp_path / "b", "--no-cache")
     assert res.code == 2 and "bleu" in res.err and "Traceback" not in res.err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_same_file_as_calibration_is_held_out(tmp_path):
+    """Evaluation starts after the tokens calibration read from the same file."""
+    from slimc.plugins import get_registry
+    from slimc.task_eval import EvalContext, prepare
+
+    model_dir = tmp_path / "tok"
+    model_dir.mkdir()
+    _save_tokenizer_only(model_dir)
+    text = tmp_path / "both.txt"
+    words = [WORDS[2 + i % 18] for i in range(400)]
+    text.write_text(" ".join(words))
+    template = {"input_ids": np.zeros((2, 10), np.int64)}
+
+    def first_row(skip):
+        ctx = EvalContext(["input_ids"], template, str(model_dir), max_batches=2, skip=skip)
+        task = prepare(None, text, ctx, get_registry().evaluators)
+        seen = []
+        task.run_one(lambda arrays: seen.append(arrays[0]) or
+                     [np.zeros((2, 10, len(WORDS)), np.float32)])
+        return seen[0][0].tolist(), task
+
+    ids = [WORDS.index(w) for w in words]
+    assert first_row(0)[0] == ids[:10]
+    row, task = first_row(3)  # calibration read 3 batches of 2 x 10 tokens
+    assert row == ids[60:70] and task.name == "perplexity"
+
+
+def test_perplexity_needs_a_tokenizer(tmp_path):
+    from slimc.errors import UsageError
+    from slimc.plugins import get_registry
+    from slimc.task_eval import EvalContext, prepare
+
+    text = tmp_path / "t.txt"
+    text.write_text("the cat " * 50)
+    ctx = EvalContext(["input_ids"], {"input_ids": np.zeros((1, 8), np.int64)}, None, 2)
+    with pytest.raises(UsageError, match="no tokenizer"):
+        prepare("perplexity", text, ctx, get_registry().evaluators)
+
+
+def _save_tokenizer_only(path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                            pad_token="[PAD]").save_pretrained(path)
