@@ -21,7 +21,7 @@ from slimc.ir import IR
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 from . import calib, mixed
-from .activations import static_int8
+from .activations import StaticInt8, search_all, static_int8
 from .awq import awq_scale
 from .batchnorm import fold_batchnorm
 from .formats import Format, parse_format
@@ -145,6 +145,23 @@ def _gpu_target(ctx: PassContext) -> str | None:
     return None if kind in ("llvm", "c") else kind
 
 
+def _w8a8_layer(layer: Layer, fmt: Format, st: calib.LayerStats | None) -> bool:
+    """Whether ``layer`` gets static int8 activations (an int8 linear with calibration rows)."""
+    return (layer.kind not in ("conv", "expert") and fmt.kind == "int8" and not layer.is_embedding
+            and st is not None and bool(st.rows))
+
+
+def _static_int8_all(ir: IR, layers: list[Layer],
+                     stats: dict[str, calib.LayerStats]) -> dict[str, StaticInt8]:
+    """The W8A8 search of every layer in ``layers``, before any is rewritten (they read only
+    their own weight and calibration rows, so they run in parallel)."""
+    def job(layer: Layer):
+        matrix, st = layer.matrix(ir), stats[layer.name]
+        return lambda: static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max)
+    found = search_all([job(la) for la in layers])
+    return dict(zip([la.name for la in layers], found, strict=True))
+
+
 def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     """Quantize ``ir`` in place; returns a JSON summary (formats, bytes before/after)."""
     bytes_before = ir.weight_bytes()
@@ -186,6 +203,8 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
                               hessian=options.method == "gptq",
                               sample_rows=1024 if w8a8 else 512 if options.method == "awq"
                               else 0)
+    statics = _static_int8_all(ir, [la for la in layers if w8a8 and _w8a8_layer(
+        la, formats[la.name], stats.get(la.name))], stats)
     per_layer = {}
     reached = set()
     for layer in layers:
@@ -198,9 +217,8 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         if layer.kind in ("conv", "expert"):
             per_layer[layer.name] = _quantize_weight_only(ir, layer, fmt, options)
             continue
-        if w8a8 and fmt.kind == "int8" and not layer.is_embedding and st is not None \
-                and st.rows:
-            static = static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max)
+        if layer.name in statics:
+            static = statics[layer.name]
             if static.error > options.act_max_error:
                 rewrite(ir, layer, "int8", pack(matrix, fmt))
                 per_layer[layer.name] = {"format": "int8", "method": "rtn",
