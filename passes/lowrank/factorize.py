@@ -110,3 +110,25 @@ def round_rank(rank: int, round_to: int, limit: int) -> int:
     """``rank`` rounded up to a multiple of ``round_to`` (the target's vector width), at most
     ``limit``."""
     return min(limit, -(-rank // round_to) * round_to)
+
+
+def closest_plan(plan, goal: float, lo: float, hi: float, *, removed_grows: bool,
+                 steps: int = 40):
+    """Bisect a budget knob ``x`` in ``[lo, hi]`` for the plan removing closest to ``goal``.
+
+    ``plan(x)`` returns ``(plan, removed_params)``; ``removed_grows`` says whether removal
+    grows with ``x`` (an energy threshold) or falls (a kept fraction). Ranks are rounded to
+    vector widths, so removal is a step function and no ``x`` may hit ``goal`` exactly: the
+    closest plan seen wins. Returns ``(best_plan, best_removed, lo, hi)`` with the final bracket.
+    """
+    best = plan(hi if removed_grows else lo)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        candidate = plan(mid)
+        if abs(candidate[1] - goal) < abs(best[1] - goal):
+            best = candidate
+        if (candidate[1] > goal) == removed_grows:
+            hi = mid
+        else:
+            lo = mid
+    return best[0], best[1], lo, hi

@@ -179,18 +179,8 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
                 removed += n * k - r * (n + k)
         return ranks, removed
 
-    lo, hi = 0.0, 1.0  # removed params fall as the kept fraction grows
-    best = plan(lo)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        ranks, removed = plan(mid)
-        if abs(removed - goal) < abs(best[1] - goal):
-            best = (ranks, removed)
-        if removed > goal:
-            lo = mid
-        else:
-            hi = mid
-    ranks = best[0]
+    # removed params fall as the kept fraction grows
+    ranks, _, lo, _ = factorize.closest_plan(plan, goal, 0.0, 1.0, removed_grows=False)
     for name in spec:
         if name not in ranks and name not in skipped:
             n, k = shapes[name]
@@ -218,21 +208,12 @@ def _global_ranks(spec: dict[str, factorize.Spectrum], shapes: dict, goal: float
                 removed += n * k - r * (n + k)
         return ranks, removed
 
-    lo, hi = -30.0, 0.0  # removed params grow with the threshold
-    best = plan(hi)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        ranks, removed = plan(mid)
-        if abs(removed - goal) < abs(best[1] - goal):
-            best = (ranks, removed)
-        if removed > goal:
-            hi = mid
-        else:
-            lo = mid
+    # removed params grow with the (log) threshold
+    ranks, *_ = factorize.closest_plan(plan, goal, -30.0, 0.0, removed_grows=True, steps=60)
     for name in spec:
-        if name not in best[0] and name not in skipped:
+        if name not in ranks and name not in skipped:
             skipped[name] = "global allocation: dense is cheaper than the rank it keeps"
-    return best[0]
+    return ranks
 
 
 def _hardware(ctx: PassContext):

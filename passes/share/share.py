@@ -210,19 +210,9 @@ def share_basis(ir: IR, ctx: PassContext, options: ShareOptions,
             removed += dense - r * per_rank if r else 0
         return out, removed
 
-    lo, hi = 0.0, 1.0
-    best = ranks_for(lo)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        ranks, removed = ranks_for(mid)
-        if abs(removed - goal) < abs(best[1] - goal):
-            best = (ranks, removed)
-        if removed > goal:
-            lo = mid
-        else:
-            hi = mid
+    best_ranks, *_ = factorize.closest_plan(ranks_for, goal, 0.0, 1.0, removed_grows=False)
     done = []
-    for (g, spec, n, k), r in zip(plans, best[0], strict=True):
+    for (g, spec, n, k), r in zip(plans, best_ranks, strict=True):
         if not r:
             for la in g:
                 skipped[la.name] = "basis sharing would not save parameters at this budget"
