@@ -230,7 +230,10 @@ class CompiledModel:
                 raise UsageError(f"{self.directory} cannot run generation in this process.",
                                  hint="Load it with emulate=True (cross targets) or on a "
                                  "machine of its target.")
-            self._generator = Generator(vm, self.manifest["generation"])
+            device = getattr(self._runner, "device", None)
+            on_device = device is not None and device.dlpack_device_type() != 1  # not kDLCPU
+            self._generator = Generator(vm, self.manifest["generation"],
+                                        device=device if on_device else None)
         return self._generator
 
     def tokenizer(self):

@@ -128,9 +128,10 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     if options.generate:
         from slimc.generation.prepare import prepare_generation
 
-        if spec.backend != "tvm-cpu":
-            raise UsageError(f"--generate builds CPU libraries; {spec.name} is a "
-                             f"{spec.backend} target.", hint="Use --target llvm or arm.")
+        if not getattr(backend, "supports_generation", False):
+            raise UsageError(f"--generate is not available for {spec.name} (a {spec.backend} "
+                             "target): its backend has no prefill/decode runtime.",
+                             hint="Use --target llvm, arm or a CUDA target (cuda, h100, ...).")
         loaded, generation = prepare_generation(loaded, options.max_length,
                                                 options.prefill_length)
     ir, example_inputs = capture(loaded)

@@ -269,3 +269,96 @@ def test_a_plugin_backend_gets_the_whole_compile(tmp_path):
     assert result.manifest["verification"]["passed"] is True
     for step in ("check", "lower", "build", "run", "required_isa"):
         assert step in backend.calls
+
+
+# -- generation (prefill + decode over a KV cache) on CUDA -------------------------------------
+
+GEN = dict(generate=True, max_length=48, prefill_length=8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, vocab_size=128, max_position_embeddings=64,
+                           num_key_value_heads=2)
+    config.architectures = ["LlamaForCausalLM"]
+    path = tmp_path_factory.mktemp("llama") / "model"
+    T.LlamaForCausalLM(config).eval().save_pretrained(path)
+    return str(path)
+
+
+def vm_functions(library: Path) -> set[str]:
+    """Names of the Relax VM functions packed into a (GPU) library, read without a device."""
+    import tvm
+
+    from slimc.backends.tvm.cuda_binary import _read_bytes, _read_u64, library_blob
+
+    blob = library_blob(library)
+    pos = 8
+    for _ in range(2):
+        count, pos = _read_u64(blob, pos)
+        pos += 8 * count
+    while pos < len(blob):
+        kind, pos = _read_bytes(blob, pos)
+        if kind == b"_lib":
+            continue
+        payload, pos = _read_bytes(blob, pos)
+        if kind == b"relax.VMExecutable":
+            load = tvm.get_global_func("ffi.Module.load_from_bytes.relax.VMExecutable")
+            return set(re.findall(r"^@(\w+)", load(payload)["as_text"](), re.M))
+    return set()
+
+
+@needs_nvcc
+def test_cuda_generation_artifact_builds_with_both_entry_points(tiny_llama, tmp_path, cli):
+    """``--generate --target h100``: one cubin for sm_90 with every kernel GPU-scheduled (the
+    build's kernel-binding check passed), ``prefill``/``decode`` entry points, the manifest's
+    generation section, written unverified; ``slimc generate`` says why it cannot run here."""
+    result = compile_model(tiny_llama, CompileOptions(target="h100", output=tmp_path / "g",
+                                                      **GEN))
+    manifest = result.manifest
+    library = result.output / manifest["library"]
+    (image,) = [c for c in cubins(library) if c["e_machine"] == "EM_CUDA"]
+    assert sm_of(image) == 90
+    names = kernels(image)
+    assert any("matmul" in n for n in names) and any("softmax" in n for n in names)
+    assert b"__global__" not in library.read_bytes()
+    assert {"prefill", "decode"} <= vm_functions(library)
+    generation = manifest["generation"]
+    assert generation["max_length"] == 48 and generation["prefill_length"] == 8
+    assert set(generation["entry_points"]) == {"prefill", "decode"}
+    assert generation["layers"] == 2 and generation["kv_heads"] == 2
+    assert manifest["target"]["backend"] == "tvm-cuda"
+    assert manifest["verification"]["passed"] is None
+    assert manifest["verification"]["reason"] == "built, not verified: no CUDA device"
+
+    run = cli("generate", result.output, "--prompt", "hello", "--max-new-tokens", "2")
+    assert run.code == 2, run.err
+    assert "built, not verified: no CUDA device" in run.err
+
+
+def test_generation_loop_keeps_the_cache_on_a_device(tiny_llama, tmp_path):
+    """The device path of the loop (cache as device tensors, rows copied device-to-device,
+    logits copied back) driven with an explicit device (the CPU here; cuda:0 on a GPU) gives
+    the host path's tokens, logits and cache contents exactly."""
+    import tvm
+
+    import slimc
+    from slimc.generation.loop import Generator, Sampling
+
+    out = compile_model(tiny_llama, CompileOptions(output=tmp_path / "cpu", **GEN)).output
+    model = slimc.load(out)
+    host = model.generator()
+    assert host.device is None
+    device = Generator(model._runner.vm, model.manifest["generation"], device=tvm.cpu())
+    prompt = [(7 * i) % 128 for i in range(21)]  # three prefill chunks
+    for sampling in (Sampling(), Sampling(temperature=0.8, top_k=20, seed=3)):
+        tokens, stats = host.generate(prompt, 8, sampling)
+        dev_tokens, dev_stats = device.generate(prompt, 8, sampling)
+        assert dev_tokens == tokens
+        np.testing.assert_array_equal(dev_stats.first_logits, stats.first_logits)
+        for cache, tensor in zip(host.caches, device.cache_tensors, strict=True):
+            np.testing.assert_array_equal(tensor.numpy(), cache)

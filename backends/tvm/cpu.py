@@ -32,6 +32,8 @@ class TvmCpuBackend:
     name = "tvm-cpu"
     aliases = ("tvm", "llvm")
     kinds = ("llvm",)
+    #: ``--generate``: the host loop (qemu for cross targets) drives prefill/decode.
+    supports_generation = True
 
     # -- what the target is ------------------------------------------------------------------
     def describe(self, spec: TargetSpec) -> TargetDescription:

@@ -266,8 +266,17 @@ class _TvmGpuBackend:
         return f"no {self.device_kind or self.kinds[0]} device on this machine"
 
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
-            threads: int | None, *, limits=None) -> list[np.ndarray]:
-        return self.load(library, {"target": spec.to_json()}, threads)(inputs)
+            threads: int | None, *, limits=None,
+            entries: Sequence[tuple[str, Sequence[int]]] | None = None) -> list[np.ndarray]:
+        """Run once on the device; ``entries`` (generation artifacts): run each named function
+        on the inputs at its indices and concatenate the outputs, like the CPU backend."""
+        runner = self.load(library, {"target": spec.to_json()}, threads)
+        if not entries:
+            return runner(inputs)
+        outputs: list[np.ndarray] = []
+        for name, indices in entries:
+            outputs += runner([inputs[i] for i in indices], function=name)
+        return outputs
 
     def required_isa(self, spec: TargetSpec) -> dict[str, Any] | None:
         return None  # the device's requirement is the target's arch (manifest target.tvm)
@@ -282,6 +291,8 @@ class TvmCudaBackend(_TvmGpuBackend):
     name = "tvm-cuda"
     kinds = ("cuda",)
     device_kind = "cuda"
+    #: ``--generate``: the host loop keeps the KV cache on the GPU (generation/loop.py).
+    supports_generation = True
 
     def describe(self, spec: TargetSpec) -> TargetDescription:
         arch = _arch(spec)

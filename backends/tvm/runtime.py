@@ -71,6 +71,11 @@ class NativeRunner:
     def vm(self):
         return self._vm
 
+    @property
+    def device(self):
+        """The TVM device the VM runs on."""
+        return self._device
+
 
 def _flatten(value) -> list[np.ndarray]:
     if hasattr(value, "numpy"):

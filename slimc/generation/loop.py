@@ -8,6 +8,11 @@ script (``python loop.py model.so request.json``) it prints one JSON line per ge
 The cache is owned here: one 64-byte aligned numpy array per layer for keys and one for values,
 ``[1, kv_heads, max_len, head_dim]``, wrapped zero-copy as TVM tensors once. The compiled
 functions return only the new rows; they are written in at ``pos`` with a numpy slice.
+
+On a GPU (``device`` given, e.g. a CUDA artifact) the cache tensors live on that device instead
+and never cross to the host: the new rows the step returns (already on the device) are copied
+into the cache with device-to-device copies, one contiguous ``[valid, head_dim]`` block per KV
+head; only the token ids/positions go up and only the logits come back.
 """
 
 from __future__ import annotations
@@ -94,24 +99,64 @@ class Stats:
 class Generator:
     """Runs a generation artifact's ``prefill``/``decode`` through ``vm`` (a Relax VM)."""
 
-    def __init__(self, vm, spec: dict) -> None:
+    def __init__(self, vm, spec: dict, device=None) -> None:
+        """``device``: a TVM device other than the CPU (the VM's) to keep the cache on."""
         self.vm, self.spec = vm, spec
         self.layers, self.kv_heads = int(spec["layers"]), int(spec["kv_heads"])
         self.head_dim, self.max_len = int(spec["head_dim"]), int(spec["max_length"])
         self.chunk = int(spec["prefill_length"])
-        shape = (1, self.kv_heads, self.max_len, self.head_dim)
-        self.caches = [aligned_zeros(shape) for _ in range(2 * self.layers)]
-        self.cache_tensors = [as_tensor(c) for c in self.caches]
+        self.shape = (1, self.kv_heads, self.max_len, self.head_dim)
+        self.device = device
+        if device is None:
+            self.caches = [aligned_zeros(self.shape) for _ in range(2 * self.layers)]
+            self.cache_tensors = [as_tensor(c) for c in self.caches]
+        else:
+            import tvm  # host only: the qemu guest never gets a device
+
+            self._tvm = tvm
+            self.cache_tensors = [tvm.runtime.empty(self.shape, "float32", device)
+                                  for _ in range(2 * self.layers)]
+            self.caches = []
         self._prefill, self._decode = vm["prefill"], vm["decode"]
 
+    def _clear(self) -> None:
+        if self.device is None:
+            for cache in self.caches:
+                cache[...] = 0
+            return
+        zeros = np.zeros(self.shape, np.float32)
+        for tensor in self.cache_tensors:
+            tensor.copyfrom(zeros)
+
+    def _scalars(self, *arrays: np.ndarray) -> list:
+        if self.device is None:
+            return [as_tensor(_aligned(a)) for a in arrays]
+        return [self._tvm.runtime.tensor(np.ascontiguousarray(a), device=self.device)
+                for a in arrays]
+
     def _run(self, fn, ids: np.ndarray, pos: int, last: int | None, valid: int) -> np.ndarray:
-        args = [as_tensor(_aligned(ids)), as_tensor(_aligned(np.array([pos], np.int64)))]
+        arrays = [ids, np.array([pos], np.int64)]
         if last is not None:
-            args.append(as_tensor(_aligned(np.array([last], np.int64))))
-        out = list(fn(*args, *self.cache_tensors))
-        for cache, rows in zip(self.caches, out[1:], strict=True):
-            cache[:, :, pos: pos + valid] = np.from_dlpack(rows)[:, :, :valid]
-        return np.from_dlpack(out[0]).reshape(-1).copy()
+            arrays.append(np.array([last], np.int64))
+        out = list(fn(*self._scalars(*arrays), *self.cache_tensors))
+        if self.device is None:
+            for cache, rows in zip(self.caches, out[1:], strict=True):
+                cache[:, :, pos: pos + valid] = np.from_dlpack(rows)[:, :, :valid]
+            return np.from_dlpack(out[0]).reshape(-1).copy()
+        for cache, rows in zip(self.cache_tensors, out[1:], strict=True):
+            self._write_rows(cache, rows, pos, valid)
+        return out[0].numpy().reshape(-1)
+
+    def _write_rows(self, cache, rows, pos: int, valid: int) -> None:
+        """``cache[0, h, pos:pos+valid] = rows[0, h, :valid]`` for every head, on the device:
+        each side of a head's block is contiguous, so it is one device-to-device copy."""
+        steps, width = int(rows.shape[2]), self.head_dim * 4  # float32 row bytes
+        for h in range(self.kv_heads):
+            src = rows._create_view((valid, self.head_dim), "float32",
+                                    h * steps * width)
+            dst = cache._create_view((valid, self.head_dim), "float32",
+                                     (h * self.max_len + pos) * width)
+            src.copyto(dst)
 
     def prefill(self, prompt: Sequence[int]) -> np.ndarray:
         """Fill the cache with ``prompt`` (in chunks of the compiled length); last logits."""
@@ -135,8 +180,7 @@ class Generator:
             raise ValueError(f"prompt ({len(prompt)}) + new tokens ({max_new_tokens}) exceed "
                              f"the compiled cache length {self.max_len}")
         pick, stats, tokens = sampling.picker(), Stats(prompt_tokens=len(prompt)), []
-        for cache in self.caches:
-            cache[...] = 0
+        self._clear()
         t0 = time.perf_counter()
         logits = self.prefill(prompt)
         stats.prefill_s = time.perf_counter() - t0
