@@ -293,7 +293,6 @@ def tiny_llama(tmp_path_factory) -> str:
 def vm_functions(library: Path) -> set[str]:
     """Names of the Relax VM functions packed into a (GPU) library, read without a device."""
     import tvm
-
     from slimc.backends.tvm.cuda_binary import _read_bytes, _read_u64, library_blob
 
     blob = library_blob(library)
