@@ -15,6 +15,13 @@ PyTorch is the quantization error itself; ``rel_l2_vs_ir`` is the compiler's own
 Models: tiny random HF models of several architectures (built here from configs, no
 downloads), a small MLP, and -- when their packages are installed -- the real
 all-MiniLM-L6-v2 (fp32 and int8 weights) and SmolLM2-135M (int4 weights).
+
+Generation (``slimc compile --generate``: prefill + decode with the KV cache on the GPU): the
+tiny Llama and, when installed, SmolLM2-135M (fp32) are compiled for the target, verified on the
+GPU, and generate greedily without stopping; the tokens are compared with a greedy loop of the
+transformers model on the same GPU (its own KV cache, argmax per step), which is also the
+PyTorch-eager baseline for decode tokens/s (each engine times its decode steps only, after a
+warm-up generation; both copy the logits' argmax to the host every token).
 """
 
 from __future__ import annotations
@@ -162,6 +169,69 @@ def check(label: str, model_str: str, pipeline: str | None, target: str, out_dir
     return row
 
 
+#: KV cache length of the generation checks (the tiny models' maximum positions).
+GEN_CACHE = 64
+
+
+def generation_zoo(include_real: bool) -> list[tuple[str, str]]:
+    """(label, HF model dir) of the causal LMs checked with --generate (fp32)."""
+    work = Path("/tmp/slimc_gpu_check")
+    items = [("tiny-llama generate", str(work / "llama"))]
+    if include_real and (work / "smollm2").exists():
+        items.append(("SmolLM2-135M generate", str(work / "smollm2")))
+    return items
+
+
+def torch_greedy(module, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
+    """Greedy tokens of the transformers model with its own KV cache, and decode tokens/s."""
+    with torch.no_grad():
+        ids = torch.tensor([prompt], device=DEVICE)
+        out = module(input_ids=ids, use_cache=True)
+        cache, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
+        start = time.perf_counter()
+        while len(tokens) < new_tokens:
+            step = torch.tensor([[tokens[-1]]], device=DEVICE)
+            out = module(input_ids=step, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))  # .item(): syncs like ours
+        elapsed = time.perf_counter() - start
+    return tokens, (new_tokens - 1) / elapsed
+
+
+def check_generation(label: str, model_dir: str, target: str, out_dir: Path,
+                     new_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from slimc import CompileOptions, compile_model
+    from slimc.artifact import load
+
+    row: dict = {"model": label, "pipeline": "-"}
+    t0 = time.perf_counter()
+    result = compile_model(model_dir, CompileOptions(
+        target=target, generate=True, max_length=GEN_CACHE, prefill_length=16,
+        output=out_dir / label.replace(" ", "_"), emulate="require"))
+    row["compile_s"] = round(time.perf_counter() - t0, 1)
+    row["verified_on"] = result.manifest["verification"]["ran_on"]
+    row["rel_l2_vs_ir"] = result.manifest["verification"]["relative_l2_vs_ir"]
+    artifact = load(result.output)
+    vocab = result.manifest["generation"]["vocab"]
+    prompt = [(37 * i + 11) % vocab for i in range(24)]  # spans two prefill chunks
+    new_tokens = min(new_tokens, GEN_CACHE - len(prompt))
+    artifact.generate(prompt, 4, stop=False)  # warm-up
+    mine = artifact.generate(prompt, new_tokens, stop=False)
+    module = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    module = module.to(DEVICE).eval()
+    torch_greedy(module, prompt, 4)  # warm-up
+    theirs, eager_tps = torch_greedy(module, prompt, new_tokens)
+    same = next((i for i, (a, b) in enumerate(zip(mine.tokens, theirs, strict=True)) if a != b),
+                len(theirs))
+    row["greedy_tokens_equal"] = f"{same}/{new_tokens}"
+    row["decode_tok_s"] = round(mine.stats["decode_tokens_per_s"], 1)
+    row["eager_decode_tok_s"] = round(eager_tps, 1)
+    row["decode_vs_eager"] = round(row["decode_tok_s"] / row["eager_decode_tok_s"], 2)
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="h200", help="slimc target (h200: sm_90a)")
@@ -169,6 +239,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--no-real", action="store_true", help="tiny models only")
     parser.add_argument("--only", help="check only models whose label contains this")
+    parser.add_argument("--new-tokens", type=int, default=40,
+                        help="tokens each --generate check produces")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generation rows")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: --target llvm and "
                         "PyTorch on the CPU, to check this script itself")
     args = parser.parse_args()
@@ -195,13 +268,33 @@ def main() -> int:
             traceback.print_exc()
         rows.append(row)
         print(json.dumps(row), flush=True)
+    for label, model_dir in ([] if args.no_generate else generation_zoo(not args.no_real)):
+        if args.only and args.only not in label:
+            continue
+        try:
+            row = check_generation(label, model_dir, args.target, out / "artifacts",
+                                   args.new_tokens)
+        except Exception as exc:  # noqa: BLE001 - report every model, keep going
+            row = {"model": label, "pipeline": "-",
+                   "error": f"{type(exc).__name__}: {exc}"[:400]}
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     (out / "gpu_check.json").write_text(json.dumps(rows, indent=2))
     keys = ["model", "pipeline", "verified_on", "rel_l2_vs_torch_gpu", "slimc_ms", "eager_ms",
             "compile_ms", "slimc_vs_eager", "slimc_vs_compile"]
     print("| " + " | ".join(keys) + " |")
-    for row in rows:
+    for row in (r for r in rows if "generate" not in r["model"]):
         print("| " + " | ".join(str(row.get(k, row.get("error", "-") if k == "verified_on"
                                              else "-")) for k in keys) + " |")
+    keys = ["model", "verified_on", "greedy_tokens_equal", "decode_tok_s",
+            "eager_decode_tok_s", "decode_vs_eager"]
+    print("| " + " | ".join(keys) + " |")
+    for row in rows:
+        if "decode_tok_s" in row or "generate" in row["model"]:
+            print("| " + " | ".join(str(row.get(k, row.get("error", "-")
+                                                if k == "verified_on" else "-"))
+                                    for k in keys) + " |")
     return 0 if all("error" not in r for r in rows) else 1
 
 
