@@ -125,7 +125,10 @@ class Backend(Protocol):
 
     ``name`` is what :attr:`TargetSpec.backend` refers to; ``aliases`` are accepted too.
     ``kinds`` are the TVM target kinds (``llvm``, ``cuda``...) whose ad-hoc ``--target`` values
-    (tags, JSON dicts) this backend takes.
+    (tags, JSON dicts) this backend takes. An optional ``supports_generation = True`` says its
+    libraries can hold ``--generate``'s ``prefill``/``decode`` entry points: :meth:`run` then
+    takes ``entries`` and the loaded runner exposes ``vm`` and ``device`` for the generation
+    loop (``slimc/generation/loop.py``); other backends get a usage error for ``--generate``.
     """
 
     name: str

@@ -339,6 +339,15 @@ def test_cuda_generation_artifact_builds_with_both_entry_points(tiny_llama, tmp_
     assert "built, not verified: no CUDA device" in run.err
 
 
+def test_generate_on_a_backend_without_a_generation_runtime_is_a_usage_error(
+        tiny_llama, tmp_path, cli):
+    result = cli("compile", tiny_llama, "--generate", "--target", "opencl",
+                 "-o", tmp_path / "cl")
+    assert result.code == 2
+    assert "--generate is not available for opencl" in result.err and "cuda" in result.err
+    assert not (tmp_path / "cl").exists()
+
+
 def test_generation_loop_keeps_the_cache_on_a_device(tiny_llama, tmp_path):
     """The device path of the loop (cache as device tensors, rows copied device-to-device,
     logits copied back) driven with an explicit device (the CPU here; cuda:0 on a GPU) gives
