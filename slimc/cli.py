@@ -490,6 +490,39 @@ def generate_command(
                       f"tokens, {decode}; stopped: {s['stop_reason']}", markup=False)
 
 
+@app.command("bench")
+def bench_command(
+    artifact_dir: Annotated[Path, typer.Argument(help="Directory written by `slimc compile`.")],
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 2,
+    threads: Annotated[int | None, typer.Option(min=1)] = None,
+    rpc: Annotated[str | None, typer.Option(
+        "--rpc", metavar="HOST:PORT", help="Time on the device behind a TVM RPC server "
+        "(see docs/deploy.md).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Time an artifact on its example inputs (generation: prefill ms, decode tokens/s)."""
+    from slimc.bench import bench
+
+    report = bench(artifact_dir, runs=runs, warmup=warmup, threads=threads, rpc=rpc)
+    if as_json:
+        print(json.dumps(report))
+        return
+    if "forward" in report:
+        f = report["forward"]
+        out_console.print(f"{report['where']}: median {f['median_ms']:.3f} ms, p10 "
+                          f"{f['p10_ms']:.3f} ms, p90 {f['p90_ms']:.3f} ms ({runs} runs, "
+                          f"{warmup} warm-up)", markup=False)
+        return
+    g = report["generation"]
+    decode = (f"{g['decode_tokens_per_s']:.1f} tokens/s" if g["decode_tokens_per_s"]
+              else "n/a")
+    out_console.print(f"{report['where']}: prefill {g['prompt_tokens']} tokens median "
+                      f"{g['prefill']['median_ms']:.3f} ms (p10 {g['prefill']['p10_ms']:.3f}, "
+                      f"p90 {g['prefill']['p90_ms']:.3f}); decode {g['new_tokens']} tokens "
+                      f"{decode} ({runs} runs, {warmup} warm-up)", markup=False)
+
+
 @app.command("passes")
 def passes_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
