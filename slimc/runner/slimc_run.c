@@ -214,6 +214,7 @@ static int flatten(TVMFFIAny value, const char* out_dir, int next) {
   return next;
 }
 
+#ifndef SLIMC_RUN_NO_MAIN /* examples/cmake/app includes this file for its helpers */
 int main(int argc, char** argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: slimc_run model.so OUT_DIR [input0.npy input1.npy ...]\n");
@@ -233,3 +234,4 @@ int main(int argc, char** argv) {
   fprintf(stderr, "slimc_run: wrote %d output(s) to %s\n", written, argv[2]);
   return 0;
 }
+#endif
