@@ -131,7 +131,8 @@ _SOURCE_HASH: str | None = None
 
 def slimc_source_hash() -> str:
     """Hash of slimc's own code and data files: a changed compiler is a changed input, even
-    when the version number is not bumped (editable installs)."""
+    when the version number is not bumped (editable installs). Includes the C runner and CMake
+    files that ``--bundle`` copies and builds into the artifact."""
     global _SOURCE_HASH
     if _SOURCE_HASH is None:
         import slimc
@@ -142,7 +143,9 @@ def slimc_source_hash() -> str:
         for package in (slimc, slimc.passes, slimc.backends):
             root = Path(package.__file__).parent
             for f in sorted(root.rglob("*")):
-                if f.suffix in (".py", ".toml", ".json") and "__pycache__" not in f.parts:
+                if "__pycache__" not in f.parts and (
+                        f.suffix in (".py", ".toml", ".json", ".c", ".cmake")
+                        or f.name == "CMakeLists.txt"):
                     digest.update(str(f.relative_to(root)).encode() + b"\0")
                     digest.update(f.read_bytes())
         _SOURCE_HASH = digest.hexdigest()

@@ -1,12 +1,14 @@
 /* slimc_run: run a slimc artifact (model.so) with only the TVM runtime: no Python, no slimc.
  *
  *   slimc_run model.so OUT_DIR [input0.npy input1.npy ...]
+ *   slimc_run model.so --generate MAX_NEW_TOKENS [--ignore-eos] ID [ID ...]
  *
  * Loads model.so into the Relax VM through TVM's C ABI (the packed functions Python's
  * tvm.runtime.vm.VirtualMachine calls: vm_load_executable, vm_initialization), reads the inputs
  * from .npy files (little-endian, C order, in the order of manifest.json's "inputs"), calls
  * "main" and writes the outputs, flattened depth-first, as OUT_DIR/out0.npy, out1.npy, ...
- * TVM_NUM_THREADS sets the thread-pool size. Plain C on purpose: libtvm_ffi throws C++
+ * With --generate (a `slimc compile --generate` artifact) it prints the greedy new token ids
+ * instead (see generate() below). TVM_NUM_THREADS sets the thread-pool size. Plain C on purpose: libtvm_ffi throws C++
  * exceptions internally, and a runner with its own C++ runtime (zig's libc++) would intercept
  * their unwinding. Link: -ltvm_runtime -ltvm_ffi.
  */
@@ -214,10 +216,203 @@ static int flatten(TVMFFIAny value, const char* out_dir, int next) {
   return next;
 }
 
+
+/* ---- --generate: greedy prefill + decode over a KV cache this program owns ----
+ * The same loop as slimc/generation/loop.py: the prompt goes through "prefill" in chunks of
+ * prefill_length tokens (right-padded with 0, `last` = index of the chunk's last real token),
+ * then each new token through "decode"; both return (logits, K/V rows per layer) and the
+ * runner writes the first `valid` rows into cache[0, h, pos:pos+valid] for every head. Stops at
+ * max_new tokens or a stop id (manifest "generation.stop_ids"; --ignore-eos disables it). */
+typedef struct {
+  int64_t layers, kv_heads, head_dim, max_len, chunk, vocab;
+  int64_t stop[64];
+  int n_stop;
+} GenSpec;
+
+/* The integer after "key": in the manifest's "generation" object (json.dumps layout). */
+static int64_t gen_int(const char* gen, const char* key, const char* path) {
+  char quoted[64];
+  snprintf(quoted, sizeof quoted, "\"%s\":", key);
+  const char* at = strstr(gen, quoted);
+  if (!at) fail("manifest.json has no generation key", key);
+  (void)path;
+  return strtoll(at + strlen(quoted), NULL, 10);
+}
+
+static GenSpec read_gen_spec(const char* model_path) {
+  char path[4096];
+  const char* slash = strrchr(model_path, '/');
+  if (slash) snprintf(path, sizeof path, "%.*s/manifest.json", (int)(slash - model_path), model_path);
+  else snprintf(path, sizeof path, "manifest.json");
+  FILE* f = fopen(path, "rb");
+  if (!f) fail("--generate reads manifest.json next to model.so; cannot open", path);
+  fseek(f, 0, SEEK_END);
+  long size = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char* text = calloc((size_t)size + 1, 1);
+  if (fread(text, 1, (size_t)size, f) != (size_t)size) fail("cannot read", path);
+  fclose(f);
+  const char* gen = strstr(text, "\"generation\": {");
+  if (!gen) fail("not a generation artifact (compile with --generate)", path);
+  GenSpec s;
+  memset(&s, 0, sizeof s);
+  s.layers = gen_int(gen, "layers", path);
+  s.kv_heads = gen_int(gen, "kv_heads", path);
+  s.head_dim = gen_int(gen, "head_dim", path);
+  s.max_len = gen_int(gen, "max_length", path);
+  s.chunk = gen_int(gen, "prefill_length", path);
+  s.vocab = gen_int(gen, "vocab", path);
+  const char* stop = strstr(gen, "\"stop_ids\": [");
+  if (stop) {
+    const char* p = stop + strlen("\"stop_ids\": [");
+    while (*p && *p != ']' && s.n_stop < 64) {
+      while (*p == ' ' || *p == ',' || *p == '\n') ++p;
+      if (*p == ']') break;
+      s.stop[s.n_stop++] = strtoll(p, (char**)&p, 10);
+    }
+  }
+  free(text);
+  return s;
+}
+
+/* A new zeroed, 64-byte aligned CPU tensor; *data receives its buffer. */
+static TVMFFIObjectHandle new_tensor(DLDataType dtype, int ndim, const int64_t* dims, void** data) {
+  int64_t* shape = calloc((size_t)ndim, sizeof(int64_t));
+  size_t bytes = dtype.bits / 8;
+  for (int i = 0; i < ndim; ++i) {
+    shape[i] = dims[i];
+    bytes *= (size_t)dims[i];
+  }
+  void* buf = NULL;
+  if (posix_memalign(&buf, 64, bytes ? bytes : 64) != 0) fail("out of memory", NULL);
+  memset(buf, 0, bytes);
+  DLManagedTensor* managed = calloc(1, sizeof(DLManagedTensor));
+  managed->dl_tensor.data = buf;
+  managed->dl_tensor.device.device_type = kDLCPU;
+  managed->dl_tensor.ndim = ndim;
+  managed->dl_tensor.dtype = dtype;
+  managed->dl_tensor.shape = shape;
+  managed->deleter = free_managed;
+  TVMFFIObjectHandle tensor = NULL;
+  check(TVMFFITensorFromDLPack(managed, 64, 1, &tensor), "allocating a tensor");
+  if (data) *data = buf;
+  return tensor;
+}
+
+static TVMFFIObjectHandle scalar_i64(int64_t v) {
+  static const DLDataType i64 = {kDLInt, 64, 1};
+  int64_t one = 1;
+  void* data = NULL;
+  TVMFFIObjectHandle t = new_tensor(i64, 1, &one, &data);
+  *(int64_t*)data = v;
+  return t;
+}
+
+static TVMFFIAny array_item(TVMFFIAny array, int64_t i) {
+  TVMFFIAny args[2] = {array, int_arg(i)};
+  return call(global("ffi.ArrayGetItem"), args, 2, "ffi.ArrayGetItem");
+}
+
+/* Run prefill/decode; copy the new K/V rows into the caches; argmax of the logits. */
+static int64_t step(const GenSpec* s, TVMFFIObjectHandle fn, TVMFFIObjectHandle ids, int64_t pos,
+                    int64_t last, int valid, TVMFFIObjectHandle* caches, float** cache_data) {
+  int n_caches = (int)(2 * s->layers);
+  TVMFFIAny* args = calloc((size_t)(3 + n_caches), sizeof(TVMFFIAny));
+  int n = 0;
+  TVMFFIObjectHandle pos_t = scalar_i64(pos), last_t = last >= 0 ? scalar_i64(last) : NULL;
+  args[n++] = obj_arg(ids, kTVMFFITensor);
+  args[n++] = obj_arg(pos_t, kTVMFFITensor);
+  if (last_t) args[n++] = obj_arg(last_t, kTVMFFITensor);
+  for (int i = 0; i < n_caches; ++i) args[n++] = obj_arg(caches[i], kTVMFFITensor);
+  TVMFFIAny out = call(fn, args, n, last_t ? "prefill" : "decode");
+  free(args);
+  if (out.type_index != kTVMFFIArray) fail("prefill/decode did not return a tuple", NULL);
+  int64_t best = 0;
+  for (int i = 0; i <= n_caches; ++i) {
+    TVMFFIAny item = array_item(out, i);
+    DLManagedTensor* managed = NULL;
+    check(TVMFFITensorToDLPack(item.v_obj, &managed), "reading an output");
+    const DLTensor* t = &managed->dl_tensor;
+    const float* data = (const float*)((const char*)t->data + t->byte_offset);
+    if (i == 0) {  /* logits: greedy = first index of the maximum (numpy argmax) */
+      int64_t count = 1;
+      for (int d = 0; d < t->ndim; ++d) count *= t->shape[d];
+      for (int64_t k = 1; k < count; ++k)
+        if (data[k] > data[best]) best = k;
+    } else {  /* rows [1, kv_heads, steps, head_dim] -> cache[0, h, pos:pos+valid] */
+      int64_t steps = t->shape[2];
+      for (int64_t h = 0; h < s->kv_heads; ++h)
+        memcpy(cache_data[i - 1] + (h * s->max_len + pos) * s->head_dim,
+               data + h * steps * s->head_dim, (size_t)(valid * s->head_dim) * sizeof(float));
+    }
+    if (managed->deleter) managed->deleter(managed);
+    TVMFFIObjectDecRef(item.v_obj);
+  }
+  TVMFFIObjectDecRef(out.v_obj);
+  TVMFFIObjectDecRef(pos_t);
+  if (last_t) TVMFFIObjectDecRef(last_t);
+  return best;
+}
+
+static int generate(TVMFFIObjectHandle vm, const char* model_path, int argc, char** argv) {
+  /* argv: MAX_NEW [--ignore-eos] ID [ID ...] */
+  GenSpec s = read_gen_spec(model_path);
+  int64_t max_new = strtoll(argv[0], NULL, 10);
+  int first = 1, use_stop = 1;
+  if (first < argc && strcmp(argv[first], "--ignore-eos") == 0) {
+    use_stop = 0;
+    ++first;
+  }
+  int64_t n_prompt = argc - first;
+  if (max_new < 1 || n_prompt < 1) fail("--generate needs MAX_NEW_TOKENS >= 1 and token ids", NULL);
+  if (n_prompt + max_new > s.max_len) fail("prompt + new tokens exceed the compiled max_length", NULL);
+  int64_t* prompt = calloc((size_t)n_prompt, sizeof(int64_t));
+  for (int64_t i = 0; i < n_prompt; ++i) {
+    prompt[i] = strtoll(argv[first + i], NULL, 10);
+    if (prompt[i] < 0 || prompt[i] >= s.vocab) fail("token id outside the vocabulary", argv[first + i]);
+  }
+  static const DLDataType f32 = {kDLFloat, 32, 1}, i64 = {kDLInt, 64, 1};
+  int n_caches = (int)(2 * s.layers);
+  TVMFFIObjectHandle* caches = calloc((size_t)n_caches, sizeof(TVMFFIObjectHandle));
+  float** cache_data = calloc((size_t)n_caches, sizeof(float*));
+  int64_t cache_shape[4] = {1, s.kv_heads, s.max_len, s.head_dim};
+  for (int i = 0; i < n_caches; ++i)
+    caches[i] = new_tensor(f32, 4, cache_shape, (void**)&cache_data[i]);
+  TVMFFIObjectHandle prefill = module_function(vm, "prefill"), decode = module_function(vm, "decode");
+  int64_t token = 0;
+  for (int64_t start = 0; start < n_prompt; start += s.chunk) {
+    int valid = (int)(n_prompt - start < s.chunk ? n_prompt - start : s.chunk);
+    int64_t dims[2] = {1, s.chunk};
+    void* data = NULL;
+    TVMFFIObjectHandle ids = new_tensor(i64, 2, dims, &data);
+    memcpy(data, prompt + start, (size_t)valid * sizeof(int64_t));
+    token = step(&s, prefill, ids, start, valid - 1, valid, caches, cache_data);
+    TVMFFIObjectDecRef(ids);
+  }
+  int64_t pos = n_prompt;
+  for (int64_t made = 0; made < max_new; ++made) {
+    printf(made ? " %lld" : "%lld", (long long)token);
+    fflush(stdout);
+    int stop = 0;
+    for (int k = 0; use_stop && k < s.n_stop; ++k) stop |= token == s.stop[k];
+    if (stop || made + 1 == max_new) break;
+    int64_t dims[2] = {1, 1};
+    void* data = NULL;
+    TVMFFIObjectHandle ids = new_tensor(i64, 2, dims, &data);
+    *(int64_t*)data = token;
+    token = step(&s, decode, ids, pos, -1, 1, caches, cache_data);
+    TVMFFIObjectDecRef(ids);
+    ++pos;
+  }
+  printf("\n");
+  return 0;
+}
+
 #ifndef SLIMC_RUN_NO_MAIN /* examples/cmake/app includes this file for its helpers */
 int main(int argc, char** argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: slimc_run model.so OUT_DIR [input0.npy input1.npy ...]\n");
+    fprintf(stderr, "usage: slimc_run model.so OUT_DIR [input0.npy input1.npy ...]\n"
+                    "       slimc_run model.so --generate MAX_NEW_TOKENS [--ignore-eos] ID ...\n");
     return 2;
   }
   TVMFFIAny path = str_arg(argv[1]);
@@ -226,6 +421,10 @@ int main(int argc, char** argv) {
                       "vm_load_executable");
   TVMFFIAny init[3] = {int_arg(kDLCPU), int_arg(0), int_arg(2 /* pooled allocator */)};
   call(module_function(vm.v_obj, "vm_initialization"), init, 3, "vm_initialization");
+  if (strcmp(argv[2], "--generate") == 0) {
+    if (argc < 5) fail("usage: slimc_run model.so --generate MAX_NEW_TOKENS [--ignore-eos] ID ...", NULL);
+    return generate(vm.v_obj, argv[1], argc - 3, argv + 3);
+  }
   int n_inputs = argc - 3;
   TVMFFIAny* inputs = calloc((size_t)(n_inputs ? n_inputs : 1), sizeof(TVMFFIAny));
   for (int i = 0; i < n_inputs; ++i) inputs[i] = obj_arg(read_npy(argv[3 + i]), kTVMFFITensor);
