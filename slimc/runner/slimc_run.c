@@ -103,6 +103,21 @@ static void free_managed(DLManagedTensor* self) {
   free(self);
 }
 
+/* Hand a 64-byte aligned CPU buffer (and its shape array) to TVM; free_managed releases both. */
+static TVMFFIObjectHandle wrap_cpu_buffer(void* data, int ndim, int64_t* shape, DLDataType dtype,
+                                          const char* what) {
+  DLManagedTensor* managed = calloc(1, sizeof(DLManagedTensor));
+  managed->dl_tensor.data = data;
+  managed->dl_tensor.device.device_type = kDLCPU;
+  managed->dl_tensor.ndim = ndim;
+  managed->dl_tensor.dtype = dtype;
+  managed->dl_tensor.shape = shape;
+  managed->deleter = free_managed;
+  TVMFFIObjectHandle tensor = NULL;
+  check(TVMFFITensorFromDLPack(managed, 64, 1, &tensor), what);
+  return tensor;
+}
+
 static TVMFFIObjectHandle read_npy(const char* path) {
   FILE* f = fopen(path, "rb");
   if (!f) fail("cannot open", path);
@@ -148,16 +163,7 @@ static TVMFFIObjectHandle read_npy(const char* path) {
   if (posix_memalign(&data, 64, bytes ? bytes : 64) != 0) fail("out of memory", path);
   if (fread(data, 1, bytes, f) != bytes) fail("truncated .npy data", path);
   fclose(f);
-  DLManagedTensor* managed = calloc(1, sizeof(DLManagedTensor));
-  managed->dl_tensor.data = data;
-  managed->dl_tensor.device.device_type = kDLCPU;
-  managed->dl_tensor.ndim = ndim;
-  managed->dl_tensor.dtype = dtype;
-  managed->dl_tensor.shape = shape;
-  managed->deleter = free_managed;
-  TVMFFIObjectHandle tensor = NULL;
-  check(TVMFFITensorFromDLPack(managed, 64, 1, &tensor), path);
-  return tensor;
+  return wrap_cpu_buffer(data, ndim, shape, dtype, path);
 }
 
 static void write_npy(const char* path, TVMFFIObjectHandle tensor) {
@@ -286,15 +292,7 @@ static TVMFFIObjectHandle new_tensor(DLDataType dtype, int ndim, const int64_t* 
   void* buf = NULL;
   if (posix_memalign(&buf, 64, bytes ? bytes : 64) != 0) fail("out of memory", NULL);
   memset(buf, 0, bytes);
-  DLManagedTensor* managed = calloc(1, sizeof(DLManagedTensor));
-  managed->dl_tensor.data = buf;
-  managed->dl_tensor.device.device_type = kDLCPU;
-  managed->dl_tensor.ndim = ndim;
-  managed->dl_tensor.dtype = dtype;
-  managed->dl_tensor.shape = shape;
-  managed->deleter = free_managed;
-  TVMFFIObjectHandle tensor = NULL;
-  check(TVMFFITensorFromDLPack(managed, 64, 1, &tensor), "allocating a tensor");
+  TVMFFIObjectHandle tensor = wrap_cpu_buffer(buf, ndim, shape, dtype, "allocating a tensor");
   if (data) *data = buf;
   return tensor;
 }
