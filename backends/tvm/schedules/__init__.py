@@ -31,6 +31,7 @@ from .common import log
 from .cpu_matmul import CONSTANT_OPERANDS, PREPROC, TiledMatmul
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
+from .symbolic_tails import peel_symbolic_tails
 from .winograd import WinogradTransform
 
 if TYPE_CHECKING:
@@ -67,8 +68,18 @@ def schedule_prim_func(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
             continue
         if sch is not None:
             log.debug("rule %s scheduled %s", rule.name, name)
+            _peel(sch, name)
             return sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return func
+
+
+def _peel(sch, name: str) -> None:
+    """Peel symbolic-length tails (:mod:`.symbolic_tails`); a failure keeps the predicates."""
+    try:
+        peel_symbolic_tails(sch)
+    except Exception as exc:  # noqa: BLE001 - correct either way, only slower
+        interrupts.check()
+        log.debug("tails of %s not peeled: %s", name, _last_line(exc))
 
 
 def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target,

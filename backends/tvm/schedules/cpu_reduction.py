@@ -9,7 +9,9 @@ and unrolled. Two changes make it fit slimc's models:
   computed once, vectorized, instead of once per consumer inside a scalar reduction loop; the
   masks, casts and broadcasts TVM's legalizer adds around a softmax are inlined first;
 * the row loop is parallel only when there is enough work: a decode step normalizes a single
-  row, and waking the thread pool for it costs more than the row (badly so on a loaded host).
+  row, and waking the thread pool for it costs more than the row (badly so on a loaded host);
+* rows whose kept intermediate would not fit on the stack (long or symbolic-length softmax
+  rows) are computed a few at a time, sharing one scratch allocation (``_rows_per_chunk``).
 """
 
 from __future__ import annotations
@@ -55,13 +57,19 @@ class RowReduction:
         lanes = vector_lanes(target, stmt.writes[0].source.dtype.bits if stmt.writes else 32)
 
         loops = sch.get_loops(last)
-        rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+        chunk, lead = _rows_per_chunk(sch, loops[:leading], loops[leading:], infos)
+        rows = sch.fuse(*lead) if leading > 1 else lead[0]
         rows = _row_loop(sch, rows, infos, leading)
         if rows is None:
             return None
-        _vectorize_inner(sch, last, lanes)
+        if chunk > 1:
+            rows, _ = sch.split(rows, factors=[None, chunk])
         for info in reversed(infos[:-1]):
             sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)
+        # Split the last block only now: split first, a symbolic row length would give the
+        # blocks computed at the row loop a rounded-up, clipped region (min/max predicates
+        # that hide the tail from ``symbolic_tails``).
+        _vectorize_inner(sch, last, lanes)
         for info in infos[:-1]:
             if info.is_injective():
                 _vectorize_inner(sch, info.block_rv, lanes)
@@ -103,6 +111,49 @@ def _row_loop(sch: s_tir.Schedule, rows, infos, leading: int):
         return None
     outer, _ = sch.split(rows, factors=[want, None])
     return outer
+
+
+#: Scratch rows smaller than this live on the stack; TVM allocates larger or symbolic-length
+#: ones from its workspace pool, once per iteration of the loop they are computed under.
+STACK_SCRATCH_BYTES = 1024
+#: At most this many bytes of scratch per chunk of rows (stays in L1/L2).
+CHUNK_SCRATCH_BYTES = 32 * 1024
+
+
+def _rows_per_chunk(sch: s_tir.Schedule, lead: list, inner: list, infos) -> tuple[int, list]:
+    """How many rows to compute under one iteration of the parallel loop, and the row loops
+    ``lead`` in the order to fuse them (the chunk's axis innermost).
+
+    A kept elementwise intermediate (softmax's ``exp``) is a scratch row allocated inside the
+    row loop. Small and of constant length, it goes on the stack; longer, or of symbolic
+    length (a dynamic sequence), TVM takes it from the workspace pool at every row (an
+    allocation and a free per row: the symbolic-length softmax of MiniLM at length 64 ran
+    1.8x slower than the fixed one for that alone). Computing a few rows per iteration shares
+    one allocation among them. The chunk divides a row axis of constant extent (heads), which
+    goes innermost, so a chunk's rows are a box (no predicate, no wrap-around).
+    """
+    if not any(info.is_injective() for info in infos[:-1]):
+        return 1, lead  # norms: only per-row scalars
+    length = 1
+    for loop in inner:
+        size = extent(sch, loop)
+        length = None if size is None or length is None else length * size
+    if length is not None and length * 4 < STACK_SCRATCH_BYTES:
+        return 1, lead
+    fixed = [lp for lp in lead if (extent(sch, lp) or 1) > 1]
+    if not fixed:
+        return 1, lead
+    axis = fixed[-1]
+    size = extent(sch, axis)
+    row_bytes = (length or 512) * 4
+    chunk = next((c for c in (16, 12, 8, 6, 4, 3, 2)
+                  if size % c == 0 and c * row_bytes <= CHUNK_SCRATCH_BYTES), 1)
+    if chunk == 1:
+        return 1, lead
+    ordered = [lp for lp in lead if lp != axis] + [axis]
+    if ordered != lead:
+        sch.reorder(*ordered)
+    return chunk, ordered
 
 
 def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:

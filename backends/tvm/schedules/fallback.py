@@ -3,7 +3,8 @@
 Used for everything the specialised rules do not claim (elementwise, broadcast, transpose,
 gather, pooling, odd reductions). It never changes what is computed, only the loop nest: spatial
 loops are fused into one parallel loop, the innermost spatial loop is vectorized when its trip
-count allows it without a tail, and reductions stay serial inside each parallel iteration.
+count allows it without a tail (or, when it is symbolic, in whole vectors with the tail peeled off
+by ``symbolic_tails``), and reductions stay serial inside each parallel iteration.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
     last = spatial[-1]
     n = extent(sch, last)
     vec = next((v for v in (lanes, lanes // 2, 4) if n and v >= 4 and n % v == 0), 0)
+    if n is None:  # a symbolic length: whole vectors, the tail peeled off (symbolic_tails)
+        vec = lanes
     # A reduction is vectorized across its innermost output axis (pooling / mean over H, W of
     # an NHWC tensor) only when that axis is contiguous everywhere; else it stays serial.
     if reduce and not _contiguous_innermost(stmt, sch.get(last).loop_var, loops, sch):
@@ -74,12 +77,17 @@ def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
         inner_work *= extent(sch, lp) or 64
     outer_spatial = spatial
     if vec:
-        if n > vec:
+        if n is None or n > vec:
             outer, inner = sch.split(last, factors=[None, vec])
             sch.vectorize(inner)
             if reduce:  # keep the outer part of the split with the other parallel loops
                 sch.reorder(*spatial[:-1], outer, *reduce)
             outer_spatial = spatial[:-1] + [outer]
+            if n is None and _enough_rows(sch, spatial[:-1]):
+                # the chunk loop stays serial, outside the parallel loop, so that its
+                # predicated tail can be peeled off (a fused loop cannot be partitioned)
+                outer_spatial = spatial[:-1]
+                inner_work *= 8
         else:
             sch.vectorize(last)
             outer_spatial = spatial[:-1]
@@ -89,6 +97,20 @@ def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
     trips = extent(sch, fused)
     if trips is None or (trips > 1 and trips * inner_work >= MIN_PARALLEL_WORK):
         sch.parallel(fused)
+
+
+def _enough_rows(sch: s_tir.Schedule, loops, minimum: int = 8) -> bool:
+    """Whether ``loops`` alone (symbolic ones count as many) give a parallel loop enough
+    iterations to share among the cores."""
+    if not loops:
+        return False
+    rows = 1
+    for loop in loops:
+        size = extent(sch, loop)
+        if size is None:
+            return True
+        rows *= size
+    return rows >= minimum
 
 
 def _contiguous_innermost(stmt, loop_var, loops, sch) -> bool:
