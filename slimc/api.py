@@ -32,7 +32,8 @@ class CompileOptions:
     target: str | None = None
     pipeline: str | None = None
     recipe: str | Path | None = None
-    opt_level: int = 0
+    #: ``-O`` level: 0, 1, 2, 3 or "s" (see ``slimc compile --help`` and docs/budget.md).
+    opt_level: int | str = 0
     inputs: Sequence[str] = ()
     output: str | Path | None = None
     threads: int | None = None
@@ -90,6 +91,9 @@ class CompileOptions:
     #: Fail (exit 2, no artifact) when the task metric gets worse by more than this share of
     #: the original value (0.02: 2%; for perplexity, a 2% rise).
     max_drop: float | None = None
+    #: ``size=0.25,latency=0.5,params=0.5``: limits relative to the original model; the search
+    #: (:mod:`slimc.search`) chooses the pipeline (docs/budget.md).
+    budget: str | None = None
 
 
 @dataclass
@@ -276,7 +280,8 @@ def identity(model: Any, options: CompileOptions, declared: list[Path]) -> dict[
     ident: dict[str, Any] = {
         "model": model if isinstance(model, str) else model.source,
         "files": {named(f): provenance.sha256_file(f) for f in declared},
-        "pipeline": options.pipeline, "opt_level": options.opt_level,
+        "pipeline": options.pipeline, "opt_level": str(options.opt_level),
+        "budget": options.budget,
         "target": options.target,
         "options": {"inputs": list(options.inputs), "threads": set_threads(options.threads),
                     "verify_tolerance": options.verify_tolerance, "emulate": options.emulate,

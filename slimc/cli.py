@@ -149,8 +149,22 @@ def compile_command(
     recipe: Annotated[Path | None, typer.Option(
         "--recipe", help="YAML/TOML recipe: a `pipeline` list and optional target, threads, "
         "inputs (command-line flags win over the recipe). Not together with --pipeline.")] = None,
-    opt_level: Annotated[int, typer.Option("-O", help="Optimisation level when no pipeline "
-                                           "is given (0: no compression).")] = 0,
+    opt_level: Annotated[str, typer.Option(
+        "-O", metavar="LEVEL", help="Optimisation level when no pipeline is given. -O0 "
+        "(default): lower only, the artifact computes what the model does. -O1: lossless "
+        "(shared tensors stored once, dead code removed). -O2: automatic: per-layer "
+        "int8/int4/fp32 chosen by measurement, the smallest weights within --max-drop "
+        "(default 1%). -O3: aggressive: pruning, low-rank and per-layer precision, the lowest "
+        "target latency within --max-drop (default 3%). -Os: as -O3 but the smallest weights "
+        "within --max-drop (default 1%). Levels 2/3/s measure the drop on --eval-data, or a "
+        "proxy (output divergence on calibration data) without it.")] = "0",
+    budget: Annotated[str | None, typer.Option(
+        "--budget", metavar="size=X,latency=Y,params=Z", help="Let slimc choose the pipeline: "
+        "limits relative to the original model (size: weight bytes, latency: the target's "
+        "cost model, params: parameter count), combinable. Per layer it picks pruning, low "
+        "rank and precision from measured damage and the target's costs, builds the result "
+        "and backs off until the budget and --max-drop hold (exit 2 with advice when nothing "
+        "does). The chosen recipe is written to OUT/recipe.yaml.")] = None,
     inputs: Annotated[list[str] | None, typer.Option(
         "--input", "-i", help="Example input NAME=SHAPE:DTYPE, e.g. input_ids=1x128:int64; "
         "LO..HI makes a dim dynamic, e.g. input_ids=1x1..512:int64 (repeatable).")] = None,
@@ -225,7 +239,8 @@ def compile_command(
     from slimc.api import CompileOptions, compile_model
 
     options = CompileOptions(target=target, pipeline=pipeline, recipe=recipe,
-                             opt_level=opt_level, inputs=tuple(inputs or ()), output=output,
+                             opt_level=opt_level, budget=budget, inputs=tuple(inputs or ()),
+                             output=output,
                              threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
                              emulate_timeout=emulate_timeout, save_ir=save_ir, calib=calib,
                              calib_batches=calib_batches, eval_data=eval_data,
@@ -284,10 +299,28 @@ def compile_command(
             from slimc.task_eval import describe
 
             out_console.print(describe(m["quality"]), markup=False)
+        if m.get("search"):
+            _print_search(m["search"], result.output)
         if m.get("tuning"):
             t = m["tuning"]
             out_console.print(f"tuning: {t['trials']} trials run, {t['records_applied']} of "
                               f"{t['kernels']} kernels from {t['database']}", markup=False)
+
+
+def _print_search(entry: dict, output: Path) -> None:
+    chosen = entry.get("chosen")
+    if chosen is None:
+        out_console.print(f"search ({entry['request']}): nothing stayed within the allowed "
+                          "drop; compiled losslessly", markup=False)
+        return
+    rel = chosen["relative"]
+    parts = [f"size {rel['size']:.1%}", f"params {rel['params']:.1%}"]
+    if "latency" in rel:
+        parts.append(f"latency {rel['latency']:.1%} (cost model)")
+    out_console.print(f"search ({entry['request']}): {len(entry['candidates'])} candidates "
+                      f"measured; chose {chosen['pipeline']} -> {', '.join(parts)} of the "
+                      f"original, {entry['metric']['kind']} drop {chosen['drop']:.2%}; recipe "
+                      f"{output / 'recipe.yaml'}", markup=False)
 
 
 def _log_verbose(message: str) -> None:

@@ -30,14 +30,12 @@ from slimc.pipeline import load_recipe, parse_pipeline_text, recipe_items, valid
 from slimc.plugins import Registry, get_registry
 from slimc.quiet import native_stderr_to, silence_libraries
 from slimc.report import render_report
+from slimc.search.driver import FIXED_LEVELS, normalise_level, plan_search
 from slimc.targets import TargetSpec, resolve_target
 
-#: Pipelines behind ``-O`` levels; compression passes join them as they land.
-OPT_LEVELS: dict[int, str] = {
-    0: "",
-    1: "eliminate-dead-code",
-    2: "quantize{weights=int8},eliminate-dead-code",
-}
+#: Fixed pipelines behind ``-O0``/``-O1``; ``-O2``, ``-O3``, ``-Os`` and ``--budget`` search
+#: (:mod:`slimc.search`, docs/budget.md).
+OPT_LEVELS: dict[int, str] = {int(k): v for k, v in FIXED_LEVELS.items()}
 
 
 Stage = Callable[[str], None]
@@ -51,10 +49,10 @@ def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassI
     if options.pipeline:
         items += parse_pipeline_text(options.pipeline)
     if not items:
-        if options.opt_level not in OPT_LEVELS:
-            raise UsageError(f"-O{options.opt_level} is not a known optimisation level.",
-                             hint=f"Use one of {', '.join(f'-O{k}' for k in OPT_LEVELS)}.")
-        items = parse_pipeline_text(OPT_LEVELS[options.opt_level])
+        level = normalise_level(options.opt_level)
+        # -O2/-O3/-Os and --budget: the search chooses; until then (and when nothing stays
+        # within --max-drop) the lossless -O1 pipeline
+        items = parse_pipeline_text(FIXED_LEVELS.get(level, FIXED_LEVELS["1"]))
     return validate(items, registry.passes)
 
 
@@ -100,6 +98,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
 
     # Validate everything cheap before the expensive work.
     spec = resolve_target(options.target, registry)
+    search_plan = plan_search(options)
     pipeline = _resolve_pipeline(options, registry)
     overrides = parse_overrides(list(options.inputs))
     backend = spec.get_backend(registry)
@@ -155,14 +154,28 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         check_batches(calibration.batches, input_ranges, f"--calib {options.calib}")
         ctx.calibration_batches = [[batch[name] for name in ir.input_names]
                                    for batch in calibration.batches]
-    task = _prepare_task(options, ir, example_inputs, registry, calibration, warnings, stage)
+    task = _prepare_task(options, ir, example_inputs, registry, calibration, warnings, stage,
+                         searching=search_plan is not None)
     manager = PassManager(registry.passes,
                           plugin_of=lambda name: registry.provided_by("pass", name))
     ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
     before = ctx.analyses.get("model-stats")
 
     t0 = time.perf_counter()
-    records = manager.run(ir, pipeline, ctx, on_pass=lambda inv: stage(f"pass {inv.name}"))
+    search_entry, chosen = None, None
+    if search_plan is not None:
+        from slimc.search.driver import run_search
+
+        stage("search for a compression within " + search_plan.describe())
+        chosen, search_entry = run_search(search_plan, ir, ctx, registry, spec, task, log,
+                                          warnings)
+        timings["search_s"] = time.perf_counter() - t0
+    if chosen is not None:
+        ir, records = chosen.ir, chosen.records
+        ctx.analyses = chosen.ctx.analyses
+        pipeline = validate(chosen.items, registry.passes)
+    else:
+        records = manager.run(ir, pipeline, ctx, on_pass=lambda inv: stage(f"pass {inv.name}"))
     timings["passes_s"] = time.perf_counter() - t0
     after = ctx.analyses.get("model-stats")
     ir_outputs = [o.numpy() for o in ir.run(example_inputs)]
@@ -209,7 +222,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         if task is not None:
             stage("evaluate the task metric on the artifact")
             t0 = time.perf_counter()
-            quality = _measure_artifact(task, library, spec, ir, threads, options, warnings)
+            quality = _measure_artifact(task, library, spec, ir, threads, options, warnings,
+                                        search_plan.max_drop if search_plan else None)
             timings["evaluate_s"] = time.perf_counter() - t0
 
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs
@@ -249,6 +263,13 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         manifest["calibration"] = calibration.to_json() if calibration else None
         manifest["provenance"] = identity
         manifest["quality"] = quality
+        manifest["search"] = search_entry
+        if chosen is not None:
+            from slimc.search.driver import write_recipe
+
+            write_recipe(stage_dir / "recipe.yaml", chosen, spec.name, options.inputs,
+                         f"chosen by slimc's search for {search_entry['request']}")
+            search_entry["recipe"] = "recipe.yaml"
         (stage_dir / artifact.REPORT).write_text(render_report(manifest))
         manifest, all_timings = artifact.split_timings(manifest)
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
@@ -257,11 +278,12 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
 
 
 def _prepare_task(options: CompileOptions, ir: IR, example_inputs, registry: Registry,
-                  calibration, warnings: list[str], stage: Stage):
+                  calibration, warnings: list[str], stage: Stage, searching: bool = False):
     """``--eval-data``/``--eval``: prepare the task metric and score the original model (the
-    captured fp32 graph, before any pass changes it); None when no evaluation was asked for."""
+    captured fp32 graph, before any pass changes it); None when no evaluation was asked for
+    (a search then bounds a proxy, see :func:`slimc.search.search.proxy_scorer`)."""
     if options.eval_data is None and not options.eval_kind:
-        if options.max_drop is not None:
+        if options.max_drop is not None and not searching:
             raise UsageError("--max-drop needs a task metric to measure the drop on.",
                              hint="Add --eval-data PATH (and --eval KIND if it is ambiguous).")
         return None
@@ -299,7 +321,8 @@ def _prepare_task(options: CompileOptions, ir: IR, example_inputs, registry: Reg
 
 
 def _measure_artifact(task, library: Path, spec: TargetSpec, ir: IR, threads: int,
-                      options: CompileOptions, warnings: list[str]) -> dict[str, Any]:
+                      options: CompileOptions, warnings: list[str],
+                      level_max_drop: float | None = None) -> dict[str, Any]:
     """Score the built library on this host (the compressed IR where it cannot run here), then
     warn or fail (``--max-drop``) on the drop."""
     from slimc.backend import DeviceUnavailable
@@ -323,10 +346,11 @@ def _measure_artifact(task, library: Path, spec: TargetSpec, ir: IR, threads: in
     task.measure("artifact", run)
     quality = task.to_json(compared)
     line = describe(quality)
-    if options.max_drop is not None and quality["drop"] > options.max_drop:
+    max_drop = options.max_drop if options.max_drop is not None else level_max_drop
+    if max_drop is not None and quality["drop"] > max_drop:
         raise UsageError(
             f"The task metric got worse by {quality['drop']:.1%}, more than --max-drop "
-            f"{options.max_drop:g} allows: {line}. No artifact was written.",
+            f"{max_drop:g} allows: {line}. No artifact was written.",
             hint="Compress less (a milder pipeline or fewer layers), give calibration data, "
             "or raise --max-drop.")
     if quality["drop"] > DEFAULT_WARN_DROP:

@@ -132,6 +132,9 @@ class IR:
         if len(self.output_names) != n_out:
             self.output_names = [f"output{i}" for i in range(n_out)]
         self.annotations: dict[str, Any] = annotations if annotations is not None else {}
+        #: Bumped by :meth:`changed`: analysis results are cached per (IR, version), so a
+        #: result computed before an edit is never served after it.
+        self.version = 0
 
     # -- structure -------------------------------------------------------------------------
 
@@ -367,6 +370,7 @@ class IR:
         """Call after editing the graph: lints it, drops dead code and regenerates its code."""
         self.graph.lint()
         self.graph_module.recompile()
+        self.version += 1
 
     @torch.no_grad()
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

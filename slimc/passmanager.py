@@ -4,8 +4,10 @@
   ``run`` method. :class:`AnalysisPass` returns a result the :class:`AnalysisManager` caches;
   :class:`TransformPass` edits the IR in place and returns :class:`PreservedAnalyses`.
 * Passes never compute analyses themselves: they ask ``ctx.analyses.get("name")``. The manager
-  computes lazily, caches by (analysis, options), and after each transform drops every result
-  the transform did not preserve.
+  computes lazily, caches by (analysis, options, IR version), and after each transform drops
+  every result the transform did not preserve (a preserved result is re-keyed to the new
+  version). A search that tries candidates clones the IR and gives each clone its own manager
+  (:meth:`AnalysisManager.for_clone`); nothing is cached at module level.
 * Every transform is checked numerically against the IR it was given (``PassContext.verify``):
   one that declares itself ``exact`` must reproduce the outputs within tolerance, and every
   transform's fidelity change is recorded for the manifest.
@@ -102,17 +104,23 @@ class AnalysisManager:
         self._ir = ir
         self._ctx = ctx
         self._lookup = lookup
-        self._cache: dict[tuple[str, str], Any] = {}
+        #: (analysis name, options JSON, IR version) -> result.
+        self._cache: dict[tuple[str, str, int], Any] = {}
         #: (analysis name, computed?) log, for tests and ``--verbose``.
         self.history: list[tuple[str, bool]] = []
 
+    @property
+    def ir(self) -> IR:
+        return self._ir
+
     def get(self, name: str, **options: Any) -> Any:
-        """The result of analysis ``name`` with ``options``, computed once until invalidated."""
+        """The result of analysis ``name`` with ``options`` on the IR as it is now (its
+        ``version``), computed once until invalidated."""
         cls = self._lookup(name)
         if cls.kind != "analysis":
             raise TypeError(f"{name} is a {cls.kind}, not an analysis")
         opts = cls.Options(**options)
-        key = (name, json.dumps(opts.model_dump(mode="json"), sort_keys=True))
+        key = (name, json.dumps(opts.model_dump(mode="json"), sort_keys=True), self._ir.version)
         if key in self._cache:
             self.history.append((name, False))
             return self._cache[key]
@@ -122,14 +130,20 @@ class AnalysisManager:
         return result
 
     def cached(self, name: str) -> bool:
-        return any(k[0] == name for k in self._cache)
+        return any(k[0] == name and k[2] == self._ir.version for k in self._cache)
 
     def invalidate(self, preserved: PreservedAnalyses) -> list[str]:
-        """Drop results not in ``preserved``; returns the names dropped."""
-        dropped = [k for k in self._cache if not preserved.preserves(k[0])]
-        for k in dropped:
-            del self._cache[k]
-        return sorted({k[0] for k in dropped})
+        """Drop results not in ``preserved``; the preserved ones are re-keyed to the IR's
+        current version (the transform vouched for them). Returns the names dropped."""
+        dropped = sorted({k[0] for k in self._cache if not preserved.preserves(k[0])})
+        self._cache = {(k[0], k[1], self._ir.version): v for k, v in self._cache.items()
+                       if preserved.preserves(k[0])}
+        return dropped
+
+    def for_clone(self, ir: IR, ctx: PassContext | None = None) -> AnalysisManager:
+        """A fresh manager for a clone of this IR (a search candidate): nothing is shared, so
+        a candidate's edits can never leak results into this IR's cache or the other way."""
+        return AnalysisManager(ir, ctx or self._ctx, self._lookup)
 
 
 @dataclass
@@ -147,6 +161,9 @@ class PassContext:
     verify: bool = True
     analyses: AnalysisManager | None = None
     log: Callable[[str], None] = lambda message: None
+    #: Per-compilation memo for passes (e.g. measured quantization damage keyed by weight
+    #: fingerprint): lives and dies with this context, never in a module-level dict.
+    memo: dict[str, Any] = field(default_factory=dict)
 
     def calibration(self, max_batches: int | None = None) -> list[list[torch.Tensor]]:
         """Calibration batches when the user gave data, else the example inputs as one batch.

@@ -54,16 +54,24 @@ class LowRankOptions(PassOptions):
                          "scaling mean|x|^alpha.")
     skip: str = Field("", description="Comma-separated glob patterns of layer names to leave "
                       "dense (e.g. `lm_head,*.down_proj*`).")
+    ranks: str = Field("", description="Explicit ranks instead of `ratio`/`energy`: "
+                       "comma-separated `LAYER=RANK` (only these layers are factorized, at "
+                       "exactly these ranks). What `--budget` searches write into recipes.")
 
     @model_validator(mode="after")
     def _one_rule(self) -> LowRankOptions:
         if self.ratio is not None and self.energy is not None:
             raise ValueError("give either ratio (parameter budget) or energy (per-layer "
                              "spectrum threshold), not both")
+        if self.ranks and (self.ratio is not None or self.energy is not None):
+            raise ValueError("give either ranks (explicit per layer) or ratio/energy, not both")
+        explicit_ranks(self.ranks)
         return self
 
     @property
     def target_ratio(self) -> float | None:
+        if self.ranks:
+            return None
         return None if self.energy is not None else (self.ratio or 0.2)
 
 
@@ -81,6 +89,19 @@ class LowRank(TransformPass):
         ctx.log(f"lowrank: {summary['factorized']} layers factorized, params "
                 f"{summary['params_before']:,} -> {summary['params_after']:,}")
         return PreservedAnalyses.none() if summary["factorized"] else PreservedAnalyses.all()
+
+
+def explicit_ranks(text: str) -> dict[str, int]:
+    """The ``ranks`` option, ``LAYER=RANK,...``, as a dict."""
+    ranks = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, sep, rank = item.rpartition("=")
+        if not sep or not name.strip() or not rank.strip().isdigit() or int(rank) < 1:
+            raise ValueError(f"ranks entry {item!r} is not LAYER=RANK (a positive integer)")
+        ranks[name.strip()] = int(rank)
+    return ranks
 
 
 def default_round_to(ctx: PassContext) -> int:
@@ -153,6 +174,21 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
         return None
 
     tokens = {la.name: _tokens(la) for la in layers}
+    if options.ranks:
+        wanted = explicit_ranks(options.ranks)
+        ranks = {}
+        for name in spec:
+            if name not in wanted:
+                skipped[name] = "not listed in ranks="
+                continue
+            n, k = shapes[name]
+            r = min(wanted[name], min(n, k))
+            if r * (n + k) >= n * k:
+                skipped[name] = (f"rank {r} is not below N·K/(N+K) = "
+                                 f"{factorize.max_useful_rank(n, k):.0f}")
+            else:
+                ranks[name] = r
+        return ranks
     if options.energy is not None:
         ranks = {}
         for name, sp in spec.items():
@@ -257,6 +293,11 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
             skipped[layer.name] = "already a low-rank factor"
         else:
             layers.append(layer)
+    if options.ranks:  # factorize (and collect statistics for) the listed layers only
+        listed = explicit_ranks(options.ranks)
+        for layer in [la for la in layers if la.name not in listed]:
+            skipped[layer.name] = "not listed in ranks="
+            layers.remove(layer)
     _record_unsupported(ir, skipped)
     round_to = options.round_to or default_round_to(ctx)
     spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)

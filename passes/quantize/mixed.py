@@ -34,7 +34,6 @@ that hurt too much stay in floating point when the budget allows.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,16 +63,9 @@ class Assignment:
                 "budget_bytes": round(self.budget_bytes)}
 
 
-#: id(ctx) -> {(weight, fingerprint, batches, format): damage}, dropped with the context.
-_MEASURED: dict[int, dict] = {}
-
-
 def _memo(ctx: PassContext) -> dict:
-    key = id(ctx)
-    if key not in _MEASURED:
-        _MEASURED[key] = {}
-        weakref.finalize(ctx, _MEASURED.pop, key, None)
-    return _MEASURED[key]
+    """{(weight, fingerprint, batches, format): damage}, kept on the context (it dies with it)."""
+    return ctx.memo.setdefault("quantize.mixed.damage", {})
 
 
 def _fingerprint(weight: torch.Tensor) -> tuple:

@@ -12,6 +12,7 @@ dot-product instructions (VNNI, sdot). Embedding gathers keep weight-only int8.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -55,6 +56,10 @@ class QuantizeOptions(PassOptions):
                            "per-layer damage comes from; `perturbation` measures it (one "
                            "forward per layer and format), others (`taylor`, `hessian`, ...) "
                            "are proxies scaled from the analysis's curves.")
+    layers: str = Field("", description="Per-layer formats that override `weights`: "
+                        "comma-separated `PATTERN=FORMAT` (glob over layer names, first match "
+                        "wins; FORMAT as in `candidates`, `fp32` leaves the layer float). What "
+                        "`--budget` searches write into their recipes.")
     embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
                              "dequantize) and tied output heads too.")
     fold_batchnorm: bool = Field(True, description="Fold inference batch norms into the "
@@ -78,6 +83,12 @@ class QuantizeOptions(PassOptions):
                 raise ValueError("activations=int8 calibrates its own scales (SmoothQuant + "
                                  "clipping search); use method=rtn with it")
         return self
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_formats(cls, value: str) -> str:
+        layer_rules(value)
+        return value
 
     @field_validator("candidates")
     @classmethod
@@ -103,9 +114,35 @@ class Quantize(TransformPass):
         return PreservedAnalyses.none() if summary["layers"] else PreservedAnalyses.all()
 
 
+def layer_rules(text: str) -> list[tuple[str, Format]]:
+    """``PATTERN=FORMAT,...`` (the ``layers`` option) as (glob, format) pairs."""
+    rules = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        pattern, sep, fmt = item.rpartition("=")
+        if not sep or not pattern.strip():
+            raise ValueError(f"layers entry {item!r} is not PATTERN=FORMAT")
+        rules.append((pattern.strip(), parse_format(fmt.strip())))
+    return rules
+
+
 def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
                    options: QuantizeOptions) -> tuple[dict[str, Format], dict]:
-    """Per-layer formats: uniform, or the mixed-precision solver's assignment."""
+    """Per-layer formats: uniform or the mixed-precision solver's assignment, then the
+    explicit ``layers`` overrides."""
+    formats, info = _base_formats(ir, layers, ctx, options)
+    rules = layer_rules(options.layers)
+    for layer in layers:
+        for pattern, fmt in rules:
+            if fnmatch.fnmatchcase(layer.name, pattern):
+                formats[layer.name] = fmt
+                break
+    return formats, info
+
+
+def _base_formats(ir: IR, layers: list[Layer], ctx: PassContext,
+                  options: QuantizeOptions) -> tuple[dict[str, Format], dict]:
     if options.weights != "mixed":
         fmt = Format(options.weights, options.group_size if options.weights == "int4" else 0,
                      options.symmetric)
@@ -185,7 +222,9 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     for la in layers:
         fmt = formats[la.name]
         if fmt.kind == "fp32":
-            reasons[la.weight.name] = "kept fp32 by the mixed-precision solver"
+            reasons[la.weight.name] = ("kept fp32 by the `layers` option"
+                                       if options.layers else
+                                       "kept fp32 by the mixed-precision solver")
         elif not _int_kind(fmt) and (la.is_embedding or la.kind in ("conv", "expert")):
             # fp16/bf16 have no gather or convolution op.
             reasons[la.weight.name] = f"{la.kind}: no {fmt.kind} kernel (int8/int4 only)"

@@ -1,0 +1,171 @@
+"""How ``slimc compile`` runs the search: which mode the options ask for, the run itself, and
+the manifest entry and recipe that come out of it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from slimc.errors import UsageError
+
+from .budget import BUDGET_TECHNIQUES, SEARCH_LEVELS, Budget, Level, parse_budget
+
+#: Fixed ``-O`` pipelines (the searching levels are in :data:`.budget.SEARCH_LEVELS`).
+#: ``-O1`` only runs exact transforms: shared tensors stored once, dead code removed.
+FIXED_LEVELS: dict[str, str] = {
+    "0": "",
+    "1": "share{dedup=true,tie_head=true,basis=false},eliminate-dead-code",
+}
+
+LEVEL_NAMES = ("0", "1", "2", "3", "s")
+
+
+def normalise_level(level: int | str) -> str:
+    text = str(level).strip().lower().removeprefix("-o")
+    if text not in LEVEL_NAMES:
+        raise UsageError(f"-O{level} is not a known optimisation level.",
+                         hint="Use one of -O0 (no compression), -O1 (lossless), -O2 "
+                         "(automatic, default max drop 1%), -O3 (aggressive) or -Os "
+                         "(smallest within --max-drop).")
+    return text
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What to search for: a budget, or the smallest/fastest within ``max_drop``."""
+
+    budget: Budget
+    max_drop: float | None
+    techniques: str
+    objective: str
+    level: Level | None
+
+    def describe(self) -> str:
+        what = f"--budget {self.budget}" if self.budget else \
+            f"-O{self.level.name}: {self.level.summary}"
+        drop = f", --max-drop {self.max_drop:g}" if self.max_drop is not None else ""
+        return what + drop
+
+
+def plan_search(options) -> SearchPlan | None:
+    """The search the options ask for (None: a fixed pipeline). Cheap: runs before the model
+    is loaded, so contradictory options fail in a second."""
+    budget = parse_budget(getattr(options, "budget", None))
+    level = normalise_level(options.opt_level)
+    explicit = bool(options.pipeline or options.recipe)
+    if budget and explicit:
+        raise UsageError("--budget chooses the pipeline itself; it cannot be combined with "
+                         "--pipeline or --recipe.", hint="Drop --pipeline/--recipe to let "
+                         "the search choose, or drop --budget to run your pipeline.")
+    if explicit or (not budget and level not in SEARCH_LEVELS):
+        return None
+    chosen = SEARCH_LEVELS.get(level)
+    max_drop = options.max_drop
+    if max_drop is None and not budget and chosen is not None:
+        max_drop = chosen.default_max_drop
+    techniques = chosen.techniques if chosen is not None else BUDGET_TECHNIQUES
+    objective = chosen.objective if chosen is not None else "size"
+    return SearchPlan(budget, max_drop, techniques, objective, chosen)
+
+
+def run_search(plan: SearchPlan, ir, ctx, registry, spec, task, log: Callable[[str], None],
+               warnings: list[str]):
+    """Run ``plan`` on ``ir``; returns (chosen Candidate or None, manifest entry)."""
+    t0 = time.perf_counter()
+    with _fastest_torch_threads(ir, ctx.calibration(1)[0]):
+        return _search(plan, ir, ctx, registry, task, log, warnings, t0)
+
+
+@contextmanager
+def _fastest_torch_threads(ir, batch):
+    """Run the search's many small forwards with 1 torch thread when that is faster (on a
+    busy machine, idle-spinning intra-op threads made a tiny model's forward 100x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+
+    def timed() -> float:
+        ir.run(batch)
+        start = time.perf_counter()
+        ir.run(batch)
+        return time.perf_counter() - start
+
+    several = timed()
+    torch.set_num_threads(1)
+    if before > 1 and timed() > several:
+        torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
+    from slimc.passes.lowrank.lowrank import _hardware
+
+    from .search import Search, describe_hardware, proxy_scorer, task_scorer
+    from .space import Techniques
+
+    scorer = task_scorer(task) if task is not None else proxy_scorer(ir, ctx)
+    hw = _hardware(ctx)
+    search = Search(ir, ctx, registry, Techniques.named(plan.techniques), scorer, hw, log)
+    failures: list[str] = []
+    if plan.budget:
+        chosen, failures = search.fit(plan.budget, plan.max_drop)
+    else:
+        chosen = search.minimize(plan.objective, plan.max_drop)
+    entry: dict[str, Any] = {
+        "request": plan.describe(),
+        "algorithm": "per-layer multiple-choice knapsack on measured single-layer damage "
+                     "(Lagrange multipliers for further budgets), then build + measure + "
+                     "back-off of the most damaging choices (docs/budget.md)",
+        "metric": {"kind": scorer.kind, "label": scorer.label, "original": scorer.original,
+                   "higher_is_better": scorer.higher_is_better},
+        "budget": plan.budget.limits(), "max_drop": plan.max_drop,
+        "techniques": plan.techniques,
+        "hardware": describe_hardware(search.base(0.0 if 0.0 in search._bases else
+                                                  next(iter(search._bases))).space)
+        if search._bases else None,
+        "candidates": [c.summary() for c in search.measured],
+        "chosen": chosen.summary() if chosen is not None else None,
+        "failures": failures,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if chosen is None and plan.budget:
+        raise infeasible_error(plan, search, failures)
+    if chosen is None:
+        warnings.append(f"-O{plan.level.name}: no compression stayed within --max-drop "
+                        f"{plan.max_drop:g} ({scorer.label}); compiled losslessly instead.")
+    return chosen, entry
+
+
+def infeasible_error(plan: SearchPlan, search, failures: list[str]) -> UsageError:
+    """Exit 2: the budget cannot be met (within --max-drop); say what came closest."""
+    within = [c for c in search.measured
+              if all(c.relative[k] <= v * (1 + 1e-6) for k, v in plan.budget.limits().items())]
+    closest = min(within, key=lambda c: c.drop, default=None)
+    best = (f" The best candidate within the budget lost {closest.drop:.2%} "
+            f"({closest.summary()['pipeline']})." if closest is not None else "")
+    reasons = "; ".join(failures) or "no candidate"
+    return UsageError(
+        f"No compression meets --budget {plan.budget}"
+        + (f" with --max-drop {plan.max_drop:g}" if plan.max_drop is not None else "")
+        + f": {reasons}.{best} No artifact was written.",
+        hint="Raise the budget (e.g. a larger size=), allow a larger --max-drop, or run "
+        "`slimc explore MODEL` to see which sizes keep which quality.")
+
+
+def write_recipe(path, candidate, target: str | None, inputs, description: str) -> None:
+    """The chosen pipeline as a recipe that ``slimc compile --recipe`` reproduces."""
+    import yaml
+
+    data: dict[str, Any] = {"description": description}
+    if target:
+        data["target"] = target
+    if inputs:
+        data["inputs"] = list(inputs)
+    data["pipeline"] = [{name: dict(opts)} if opts else name for name, opts in candidate.items]
+    path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))

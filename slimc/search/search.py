@@ -1,0 +1,369 @@
+"""The budget search: solve per-layer choices, build the candidate, measure it, back off.
+
+For each structured-pruning ratio the techniques allow, the IR is pruned (a clone) and every
+remaining layer's choices are costed and their damage measured (:mod:`.space`). The solver
+(:mod:`.solver`) picks one choice per layer minimising the summed single-layer damage under the
+budgets. The pick is then *built* (a clone of the IR through the real ``prune`` / ``lowrank`` /
+``quantize`` passes, exactly the recipe that reproduces it) and *measured*: weight bytes and
+parameters of the built IR, the cost model's latency of the built IR, and the task metric (or
+the proxy). Damage is not additive across layers; when the measured drop exceeds
+``--max-drop``, the most damaging choices (largest measured single-layer damage) are excluded
+and the solver re-run under the same budget, until both hold or nothing fits. Without a budget
+(``-O2``/``-O3``/``-Os``) the budget on the level's objective is bisected: the smallest one
+whose measured candidate stays within ``--max-drop`` wins. See docs/budget.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from slimc.passes.analysis.criteria.divergence import divergence, output_kind
+from slimc.passes.analysis.criteria.execution import calibration_batches
+
+from slimc.errors import UsageError
+from slimc.ir import IR
+from slimc.passmanager import PassContext, PassManager, PassRecord
+from slimc.pipeline import validate
+
+from .budget import Budget
+from .solver import Infeasible, solve
+from .space import Space, Techniques, build_space, layer_patterns
+
+#: Most back-off rounds per pruning ratio (each builds and measures one candidate).
+MAX_BACKOFFS = 6
+#: Bisection steps of a budget-less (``-O2/-O3/-Os``) search per pruning ratio.
+BISECTION_STEPS = 5
+
+
+@dataclass
+class Scorer:
+    """How good a candidate IR is: the task metric (``--eval-data``) or a proxy."""
+
+    kind: str  # "task" or "proxy"
+    label: str
+    original: float
+    higher_is_better: bool
+    score: Callable[[IR], float]
+
+    def drop(self, value: float) -> float:
+        """Loss as a share of the original value (the proxy's value *is* the loss)."""
+        if self.kind == "proxy":
+            return value
+        if not self.original:
+            return 0.0 if value == self.original else math.inf
+        change = (value - self.original) / abs(self.original)
+        return -change if self.higher_is_better else change
+
+
+def _runner(ir: IR):
+    return lambda arrays: [o.numpy() for o in ir.run(
+        [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])]
+
+
+def task_scorer(task) -> Scorer:
+    """The ``--eval-data`` metric (a prepared :class:`slimc.task_eval.TaskEvaluation`)."""
+    original = task.values["original"]
+    key = next(iter(original))
+    return Scorer("task", task.label, original[key], task.higher_is_better,
+                  lambda ir: float(task.run_one(_runner(ir))[key]))
+
+
+def proxy_scorer(ir: IR, ctx: PassContext, max_batches: int = 4) -> Scorer:
+    """Without task data: the mean output divergence from the original on the calibration
+    batches (the example input when there is no ``--calib``): 1 - cosine for embeddings, KL
+    of the softmax for logits, relative L2 otherwise. ``--max-drop`` then bounds it."""
+    batches = calibration_batches(ir, ctx, max_batches)
+    kinds = [output_kind(name) for name in ir.output_names]
+    references = [ir.run(b) for b in batches]
+    what = sorted({{"embedding": "1 - cosine", "logits": "KL divergence"}.get(k, "relative L2")
+                   for k in kinds})
+    label = (f"proxy: output {' / '.join(what)} vs the original (worst output) on "
+             f"{len(batches)} calibration batch(es); no --eval-data")
+
+    def score(candidate: IR) -> float:
+        worst = 0.0
+        for refs, b in zip(references, batches, strict=True):
+            outs = candidate.run(b)
+            for kind, ref, out in zip(kinds, refs, outs, strict=True):
+                if ref.is_floating_point() and ref.shape == out.shape:
+                    worst = max(worst, divergence(kind, ref, out))
+        return worst
+
+    return Scorer("proxy", label, 0.0, False, score)
+
+
+@dataclass
+class Candidate:
+    """One built and measured assignment."""
+
+    prune_ratio: float
+    items: list[tuple[str, dict[str, Any]]]
+    #: Measured on the built IR, relative to the original: size, params, latency.
+    relative: dict[str, float]
+    value: float
+    drop: float
+    choices: dict[str, int]
+    predicted_damage: float
+    ir: IR | None = None
+    records: list[PassRecord] = field(default_factory=list)
+    ctx: PassContext | None = None
+    backoffs: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"pipeline": pipeline_text(self.items), "prune_ratio": self.prune_ratio,
+                "relative": {k: round(v, 5) for k, v in self.relative.items()},
+                "value": self.value, "drop": self.drop, "choices": self.choices,
+                "predicted_damage": self.predicted_damage, "backoffs": self.backoffs}
+
+
+def pipeline_text(items: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    parts = []
+    for name, opts in items:
+        text = ",".join(f"{k}={v}" for k, v in opts.items() if "," not in str(v))
+        long = {k: v for k, v in opts.items() if "," in str(v)}
+        shown = text + ("," if text and long else "") + ",".join(
+            f"{k}=<{len(str(v).split(','))} entries>" for k, v in long.items())
+        parts.append(f"{name}{{{shown}}}" if opts else name)
+    return ",".join(parts)
+
+
+@dataclass
+class _Base:
+    ratio: float
+    ir: IR
+    records: list[PassRecord]
+    space: Space
+
+
+class Search:
+    """Candidates for one model and target; see the module docstring."""
+
+    def __init__(self, ir: IR, ctx: PassContext, registry, techniques: Techniques,
+                 scorer: Scorer, hardware, log: Callable[[str], None] = lambda m: None,
+                 damage_batches: int = 2) -> None:
+        self.ir, self.ctx, self.registry = ir, ctx, registry
+        self.techniques, self.scorer, self.hw, self.log = techniques, scorer, hardware, log
+        self.damage_batches = damage_batches
+        self.manager = PassManager(registry.passes)
+        self.original = {"size": float(ir.weight_bytes()), "params": float(ir.num_params())}
+        if hardware is not None:
+            self.original["latency"] = self._latency(ctx)
+        self._bases: dict[float, _Base] = {}
+        self.measured: list[Candidate] = []
+        self.seconds: dict[str, float] = {"space": 0.0, "candidates": 0.0}
+
+    # -- building blocks -------------------------------------------------------------------
+
+    def _latency(self, ctx: PassContext) -> float:
+        return float(ctx.analyses.get("cost").total.get("latency_s", 0.0))
+
+    def _clone_ctx(self, ir: IR) -> PassContext:
+        ctx = replace(self.ctx, analyses=None, log=lambda m: None)
+        ctx.analyses = self.ctx.analyses.for_clone(ir, ctx)
+        return ctx
+
+    def _run(self, ir: IR, items: list[tuple[str, dict[str, Any]]]) -> tuple[list[PassRecord],
+                                                                              PassContext]:
+        ctx = self._clone_ctx(ir)
+        return self.manager.run(ir, validate(items, self.registry.passes), ctx), ctx
+
+    def base(self, ratio: float) -> _Base:
+        """The IR pruned by ``ratio`` (a clone) and its choice space, built once."""
+        if ratio not in self._bases:
+            t0 = time.perf_counter()
+            ir = self.ir.clone()
+            records, ctx = self._run(ir, [("prune", {"ratio": ratio})] if ratio else [])
+            space = build_space(ir, ctx, self.techniques, self.hw, self.damage_batches)
+            self._bases[ratio] = _Base(ratio, ir, records, space)
+            self.seconds["space"] += time.perf_counter() - t0
+            self.log(f"search: prune ratio {ratio:g}: {space.info['layers']} layers, "
+                     f"{space.info['options']} choices measured")
+        return self._bases[ratio]
+
+    def items(self, base: _Base, picks: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
+        """The recipe pipeline (after pruning) that builds ``picks``."""
+        space = base.space
+        chosen = [(c, c.options[j]) for c, j in zip(space.layers, picks, strict=True)]
+        items: list[tuple[str, dict[str, Any]]] = []
+        ranks = {c.layer.name: o.rank for c, o in chosen if o.rank}
+        if ranks:
+            items.append(("lowrank", {
+                "method": self.techniques.lowrank_method,
+                "ranks": ",".join(f"{n}={r}" for n, r in ranks.items()),
+                "embeddings": any(c.layer.is_embedding for c, o in chosen if o.rank)}))
+        formats = [o.fmt for _, o in chosen]
+        quantized = [f for f in formats if f.kind != "fp32"]
+        if quantized:
+            default = Counter(quantized).most_common(1)[0][0]
+            opts: dict[str, Any] = {"weights": default.kind}
+            if default.kind == "int4":
+                opts["group_size"] = default.group_size
+                opts["symmetric"] = default.symmetric
+            rules = [f"{p}={o.fmt}" for c, o in chosen if o.fmt != default
+                     for p in layer_patterns(c.layer.name, bool(o.rank))]
+            if rules:
+                opts["layers"] = ",".join(rules)
+            items.append(("quantize", opts))
+        items.append(("eliminate-dead-code", {}))
+        return items
+
+    def build(self, base: _Base, picks: Sequence[int], keep: bool = False) -> Candidate:
+        """Build ``picks`` on a clone of the pruned IR and measure it."""
+        t0 = time.perf_counter()
+        rest = self.items(base, picks)
+        ir = base.ir.clone()
+        records, ctx = self._run(ir, rest)
+        relative = {"size": ir.weight_bytes() / self.original["size"],
+                    "params": ir.num_params() / self.original["params"]}
+        if "latency" in self.original:
+            relative["latency"] = self._latency(ctx) / max(self.original["latency"], 1e-30)
+        value = self.scorer.score(ir)
+        space = base.space
+        choices = Counter(str(space.layers[i].options[j]) for i, j in enumerate(picks))
+        predicted = float(sum(space.damage[i, j] for i, j in enumerate(picks)))
+        items = ([("prune", {"ratio": base.ratio})] if base.ratio else []) + rest
+        cand = Candidate(base.ratio, items, relative, value, self.scorer.drop(value),
+                         dict(choices), predicted)
+        if keep:
+            cand.ir, cand.records, cand.ctx = ir, base.records + records, ctx
+        self.measured.append(cand)
+        self.seconds["candidates"] += time.perf_counter() - t0
+        self.log(f"search: {pipeline_text(items)}: size {relative['size']:.3f}, "
+                 f"drop {cand.drop:.4f}")
+        return cand
+
+    def solve(self, base: _Base, limits: dict[str, float],
+              excluded: np.ndarray | None = None) -> list[int]:
+        """Picks within ``limits`` (relative to the original) for the pruned ``base``."""
+        space = base.space
+        damage = space.damage if excluded is None else np.where(excluded, np.inf,
+                                                                space.damage)
+        absolute = {k: v * self.original[k] for k, v in limits.items()}
+        return solve(damage, {k: space.costs[k] for k in limits}, absolute,
+                     {k: space.rest[k] for k in limits})
+
+    def _within(self, cand: Candidate, limits: dict[str, float]) -> bool:
+        return all(cand.relative[k] <= v * (1 + 1e-6) for k, v in limits.items())
+
+    # -- the two modes -----------------------------------------------------------------------
+
+    def fit(self, budget: Budget, max_drop: float | None, keep: bool = True,
+            ratios: Sequence[float] | None = None) -> tuple[Candidate | None, list[str]]:
+        """The best measured candidate within ``budget`` (and ``max_drop``), backing off the
+        most damaging choices while the measured drop is too large. Returns (candidate or
+        None, why each pruning ratio failed)."""
+        limits = budget.limits()
+        if "latency" in limits and "latency" not in self.original:
+            raise UsageError("--budget latency= needs the target's hardware numbers, and this "
+                             "target has none in backends/hardware.toml.",
+                             hint="Use size= or params=, or a target with a hardware entry "
+                             "(see `slimc targets`).")
+        best, failures = None, []
+        for ratio in ratios if ratios is not None else self.techniques.prune_ratios:
+            base = self.base(ratio)
+            cand = self._fit_one(base, limits, max_drop, keep, failures)
+            if cand is not None and (best is None or _better(cand, best, self.scorer)):
+                best = cand
+        return best, failures
+
+    def _fit_one(self, base: _Base, limits: dict[str, float], max_drop: float | None,
+                 keep: bool, failures: list[str]) -> Candidate | None:
+        space = base.space
+        excluded = np.zeros(space.damage.shape, dtype=bool)
+        tightened = dict(limits)
+        backoffs = 0
+        for _ in range(MAX_BACKOFFS + 3):
+            try:
+                picks = self.solve(base, tightened, excluded)
+            except Infeasible as exc:
+                failures.append(f"prune ratio {base.ratio:g}: {exc}")
+                return None
+            cand = self.build(base, picks, keep)
+            cand.backoffs = backoffs
+            if not self._within(cand, limits):  # rounding or the cost model disagreed
+                for k, v in limits.items():
+                    if cand.relative[k] > v:
+                        tightened[k] = tightened[k] * v / cand.relative[k] * 0.995
+                continue
+            if max_drop is None or cand.drop <= max_drop:
+                return cand
+            if backoffs >= MAX_BACKOFFS:
+                break
+            backoffs += 1
+            order = sorted((i for i, j in enumerate(picks) if space.damage[i, j] > 0),
+                           key=lambda i: -space.damage[i, picks[i]])
+            if not order:
+                break
+            count = min(len(order), 1 + int(min(cand.drop / max(max_drop, 1e-12), 4.0)))
+            for i in order[:count]:
+                excluded[i] |= space.damage[i] >= space.damage[i, picks[i]]
+                excluded[i, 0] = False  # fp32 stays possible
+        failures.append(f"prune ratio {base.ratio:g}: the measured drop stayed above "
+                        f"{max_drop:g} after {backoffs} back-off rounds")
+        return None
+
+    def minimize(self, objective: str, max_drop: float,
+                 keep: bool = True) -> Candidate | None:
+        """The candidate with the smallest ``objective`` (size or latency, measured) whose
+        drop is within ``max_drop``: bisection on the budget, per pruning ratio."""
+        if objective not in self.original:
+            objective = "size"
+        best = None
+        for ratio in self.techniques.prune_ratios:
+            base = self.base(ratio)
+            space = base.space
+            low = (space.rest[objective] + float(np.where(
+                np.isfinite(space.costs[objective]), space.costs[objective],
+                np.inf).min(axis=1).sum())) / self.original[objective]
+            high = space.info["fp32"][objective] / self.original[objective]
+            lo, hi = math.log(max(low, 1e-6) * 1.001), math.log(high)
+            for _ in range(BISECTION_STEPS):
+                mid = math.exp((lo + hi) / 2)
+                try:
+                    picks = self.solve(base, {objective: mid})
+                except Infeasible:
+                    lo = math.log(mid)
+                    continue
+                cand = self.build(base, picks, keep)
+                if cand.drop <= max_drop:
+                    hi = math.log(mid)
+                    if best is None or cand.relative[objective] < best.relative[objective]:
+                        best = cand
+                else:
+                    lo = math.log(mid)
+        return best
+
+
+def _better(a: Candidate, b: Candidate, scorer: Scorer) -> bool:
+    """Lower measured drop wins; then smaller size."""
+    return (a.drop, a.relative["size"]) < (b.drop, b.relative["size"])
+
+
+def describe_hardware(space: Space) -> str:
+    """Why this target's costs favour what they favour: how many layers are bound by memory
+    bandwidth (fewer bytes per weight helps) vs arithmetic (fewer FLOPs: low rank helps)."""
+    hw = space.hardware
+    if not hw:
+        return "no hardware numbers for this target: latency not modelled"
+    bw = hw["mem_bandwidth_gbs"] * 1e9
+    peak = hw["peak_gflops"].get("float32", 0) * 1e9
+    memory = compute = 0
+    for c in space.layers:
+        n, k = c.shape
+        if c.rows:
+            if 4.0 * (n * k + c.rows * (n + k)) / bw > 2.0 * c.rows * n * k / max(peak, 1):
+                memory += 1
+            else:
+                compute += 1
+    return (f"{hw['name']}: {hw['peak_gflops'].get('float32', 0):g} GFLOP/s fp32, "
+            f"{hw['mem_bandwidth_gbs']:g} GB/s, {hw['op_overhead_us']:g} us per op; at fp32 "
+            f"{memory} of {memory + compute} matmul layers are memory-bound (fewer bytes per "
+            f"weight makes them faster) and {compute} compute-bound (only fewer FLOPs, i.e. "
+            "pruning or low rank, makes them faster; an extra op costs its overhead)")

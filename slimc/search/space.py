@@ -1,0 +1,250 @@
+"""Each layer's choices for the budget search, what each costs on the target, and what each
+damages (measured).
+
+A choice (:class:`Option`) is a storage format (``fp32``, ``int8``, ``int4-g128`` ... any
+:func:`~slimc.passes.quantize.formats.parse_format` name, so a new low-bit format joins by
+being listed in :class:`Techniques`) optionally applied to the two factors of a low-rank
+factorization that keeps a share ``keep`` of the layer's parameters. Pruning changes shapes
+across layers (an FFN's channels, a head's projections), so it is not a per-layer choice here:
+the search prunes the whole IR first (:class:`Techniques.prune_ratios`) and builds a space per
+pruned IR.
+
+Damage is the same measure as the ``sensitivity`` analysis's ``perturbation`` criterion (KL of
+the softmax for logits, 1 - cosine for embeddings, relative L2 otherwise) with only that layer
+changed, on calibration batches. It is *measured* for every (layer, choice), combinations
+included (low-rank factors then quantized), because a precision curve and a rank curve do not
+add up to the damage of both together. The costs are exact for bytes and parameters (the
+formats' own byte counts, scales and zero points included) and the cost model's roofline for
+latency (:mod:`slimc.passes.analysis.cost`: ``max(FLOPs / peak, bytes / bandwidth) + per-op
+overhead`` with the target's hardware numbers).
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from slimc.passes.analysis.criteria.divergence import divergence, output_kind
+from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
+from slimc.passes.lowrank import factorize
+from slimc.passes.lowrank.lowrank import default_round_to, spectra
+from slimc.passes.lowrank.rewrite import is_factor
+from slimc.passes.lowrank.rewrite import weight_layers as factorizable_layers
+from slimc.passes.quantize.formats import Format, fake_quantize, parse_format
+from slimc.passes.quantize.layers import plan
+
+from slimc.ir import IR
+from slimc.layers import Layer
+from slimc.passmanager import PassContext
+
+
+@dataclass(frozen=True)
+class Techniques:
+    """What the search may choose from. New choices (a lower-bit format, a recovery step)
+    are added here and in :class:`Option`; the solver and the back-off need no change."""
+
+    formats: tuple[str, ...] = ("int8", "int4-g128", "int4-g32")
+    #: Low-rank: shares of a layer's parameters the two factors keep (empty: no low-rank).
+    lowrank_keeps: tuple[float, ...] = ()
+    lowrank_method: str = "whiten"
+    #: Structured pruning ratios tried for the whole IR (0.0: no pruning).
+    prune_ratios: tuple[float, ...] = (0.0,)
+
+    @classmethod
+    def named(cls, name: str) -> Techniques:
+        if name == "precision":
+            return cls()
+        if name == "all":
+            return cls(lowrank_keeps=(0.5, 0.25), prune_ratios=(0.0, 0.2))
+        raise ValueError(f"unknown technique set {name!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One layer's choice: ``fmt`` for the weight, or for both factors when ``rank``."""
+
+    fmt: Format
+    rank: int | None = None
+    keep: float | None = None
+
+    def __str__(self) -> str:
+        return f"rank{self.rank}+{self.fmt}" if self.rank else str(self.fmt)
+
+
+FP32 = Format("fp32")
+
+
+@dataclass
+class LayerChoices:
+    layer: Layer
+    shape: tuple[int, int]
+    options: list[Option]
+    #: (uses as a gather: rows gathered, uses as a matmul: rows multiplied) per run.
+    gathers: int = 0
+    rows: int = 0
+
+
+@dataclass
+class Space:
+    """The choices of every layer of one IR with their cost and damage tables
+    (``[layer, option]``, options padded with ``inf`` damage / cost)."""
+
+    layers: list[LayerChoices]
+    damage: np.ndarray
+    costs: dict[str, np.ndarray]
+    #: Cost of what no choice changes (norms, biases, attention matmuls ...), per budget key.
+    rest: dict[str, float]
+    hardware: dict | None
+    info: dict = field(default_factory=dict)
+
+    def totals(self, picks: Sequence[int]) -> dict[str, float]:
+        return {k: self.rest[k] + float(sum(t[i, j] for i, j in enumerate(picks)))
+                for k, t in self.costs.items()}
+
+
+def _latency(hw, flops: float, moved: float, ops: int) -> float:
+    """The cost analysis's roofline for one op (fp32 arithmetic: weight-only formats
+    dequantize into fp32 kernels)."""
+    return max(flops / hw.peak_flops("float32"), moved / hw.bandwidth) \
+        + ops * hw.op_overhead_us * 1e-6
+
+
+def _use_rows(layer: Layer, n: int, k: int) -> tuple[int, int]:
+    """(gathered rows, multiplied rows) per run, from the ops' output shapes."""
+    gathers = rows = 0
+    for use in layer.uses:
+        val = use.node.meta.get("val")
+        numel = int(val.numel()) if isinstance(val, torch.Tensor) else 0
+        if use.role == "embedding":
+            gathers += numel // max(k, 1)
+        else:
+            rows += numel // max(n, 1)
+    return gathers, rows
+
+
+def option_costs(choice: LayerChoices, option: Option, hw) -> dict[str, float]:
+    """Bytes, parameters and roofline latency of one layer under ``option``."""
+    n, k = choice.shape
+    fmt, r = option.fmt, option.rank
+    if r:
+        nbytes = fmt.nbytes(n, r) + fmt.nbytes(r, k) if not choice.layer.is_embedding \
+            else fmt.nbytes(n, r) + fmt.nbytes(k, r)
+        params = r * (n + k)
+    else:
+        nbytes, params = fmt.nbytes(n, k), n * k
+    out = {"size": nbytes, "params": float(params)}
+    if hw is not None:
+        bpw = nbytes / max(params, 1)  # bytes per stored weight
+        t = 0.0
+        if choice.gathers:  # a gather reads one row per index (then r x K more with factors)
+            width = r or k
+            t += _latency(hw, 2.0 * choice.gathers * r * k if r else 0.0,
+                          choice.gathers * width * (bpw + 4) + (r * k * bpw if r else 0), 2 if r
+                          else 1)
+        if choice.rows:
+            if r:
+                t += _latency(hw, 2.0 * choice.rows * r * (n + k),
+                              nbytes + 4.0 * choice.rows * (n + k + 2 * r), 2)
+            else:
+                t += _latency(hw, 2.0 * choice.rows * n * k, nbytes + 4.0 * choice.rows * (n + k),
+                              1)
+        out["latency"] = t
+    return out
+
+
+def build_space(ir: IR, ctx: PassContext, techniques: Techniques, hw,
+                max_batches: int = 2) -> Space:
+    """Options, costs and measured damage for every quantizable layer of ``ir``."""
+    layers, _ = plan(ir)
+    formats = [FP32] + [parse_format(f) for f in techniques.formats]
+    factorizable = {la.weight_node.name for la in factorizable_layers(ir, embeddings=True)
+                    if not is_factor(la)}
+    round_to = default_round_to(ctx) if techniques.lowrank_keeps else 8
+    spectrum = {}
+    if techniques.lowrank_keeps:
+        candidates = [la for la in layers if la.weight_node.name in factorizable]
+        spectrum = spectra(ir, candidates, ctx, techniques.lowrank_method, 0.5, {})
+    choices: list[LayerChoices] = []
+    for layer in layers:
+        n, k = (int(d) for d in layer.matrix(ir).shape)
+        gathers, rows = _use_rows(layer, n, k)
+        options: list[Option] = []
+        for fmt in formats:
+            if fmt.kind == "int4" and layer.is_embedding and k % 2:
+                continue  # quantize stores odd-width int4 tables as int8
+            options.append(Option(fmt))
+        if layer.name in spectrum:
+            for keep in techniques.lowrank_keeps:
+                r = factorize.rank_for_ratio(n, k, keep, round_to)
+                if r < round_to or r * (n + k) >= n * k:
+                    continue
+                options += [Option(fmt, r, keep) for fmt in formats]
+        choices.append(LayerChoices(layer, (n, k), options, gathers, rows))
+    width = max((len(c.options) for c in choices), default=1)
+    keys = ["size", "params"] + (["latency"] if hw is not None else [])
+    costs = {key: np.full((len(choices), width), np.inf) for key in keys}
+    for i, c in enumerate(choices):
+        for j, option in enumerate(c.options):
+            for key, value in option_costs(c, option, hw).items():
+                costs[key][i, j] = value
+    fp32 = [0] * len(choices)
+    rest = {"size": float(ir.weight_bytes()) - float(costs["size"][:, 0].sum()),
+            "params": float(ir.num_params()) - float(costs["params"][:, 0].sum())}
+    if hw is not None:
+        total = float(ctx.analyses.get("cost").total.get("latency_s", 0.0)) \
+            if ctx.analyses is not None else 0.0
+        rest["latency"] = max(total - float(costs["latency"][:, 0].sum()), 0.0)
+    damage = measure(ir, ctx, choices, spectrum, width, max_batches)
+    space = Space(choices, damage, costs, rest, hw.to_json() if hw is not None else None,
+                  {"round_to": round_to, "layers": len(choices),
+                   "options": int(sum(len(c.options) for c in choices)),
+                   "lowrank_method": techniques.lowrank_method})
+    space.info["fp32"] = space.totals(fp32)
+    return space
+
+
+@torch.no_grad()
+def approximate(ir: IR, choice: LayerChoices, option: Option, spectrum) -> torch.Tensor:
+    """The stored weight ``option`` turns the layer into (what the passes will compute)."""
+    layer = choice.layer
+    stored = ir.get_weight(layer.weight_node)
+    if option.rank:
+        u, v = spectrum.factors(option.rank)
+        if layer.is_embedding:  # table u [V, r] per row; v.T [K, r] is a linear's weight
+            matrix = fake_quantize(u, option.fmt) @ fake_quantize(v.t().contiguous(),
+                                                                  option.fmt).t()
+        else:
+            matrix = fake_quantize(u, option.fmt) @ fake_quantize(v, option.fmt)
+    else:
+        matrix = fake_quantize(layer.matrix(ir), option.fmt)
+    return layer.from_matrix(matrix).to(stored.dtype)
+
+
+@torch.no_grad()
+def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dict,
+            width: int, max_batches: int) -> np.ndarray:
+    """``damage[i, j]``: output divergence with only layer ``i`` changed to option ``j``."""
+    batches = calibration_batches(ir, ctx, max_batches)
+    kind = output_kind(ir.output_names[0])
+    references = [run_graph(ir, b)[0] for b in batches]
+    damage = np.full((len(choices), width), np.inf)
+    for i, c in enumerate(choices):
+        for j, option in enumerate(c.options):
+            if option.fmt.kind == "fp32" and not option.rank:
+                damage[i, j] = 0.0
+                continue
+            value = approximate(ir, c, option, spectrum.get(c.layer.name))
+            name = c.layer.weight_node.name
+            damage[i, j] = sum(divergence(kind, ref, run_graph(ir, b, {name: value})[0])
+                               for ref, b in zip(references, batches, strict=True)) / len(batches)
+    return damage
+
+
+def layer_patterns(name: str, factored: bool) -> list[str]:
+    """Globs that address ``name`` in quantize's ``layers`` option (a factorized layer's two
+    factors are ``name`` and ``name:<factor placeholder>``)."""
+    exact = glob.escape(name)
+    return [exact, f"{exact}:*"] if factored else [exact]
