@@ -422,6 +422,73 @@ def _csv(text: str, kind, option: str) -> tuple:
                          f"{kind.__name__} values.") from None
 
 
+@app.command("explore")
+def explore_command(
+    model: Annotated[str, typer.Argument(help="HF model directory, package.module:factory, "
+                                         "or a .pt2 file from torch.export.save.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target whose cost model "
+                                        "prices latency (see `slimc targets`).")] = "llvm",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory "
+                                                "(default ./<model-name>.explore).")] = None,
+    inputs: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="Example input NAME=SHAPE:DTYPE (repeatable).")] = None,
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration data (text, "
+                                               ".npy/.npz, image folder).")] = None,
+    calib_batches: Annotated[int, typer.Option(min=1, help="Most calibration batches.")] = 8,
+    eval_data: Annotated[Path | None, typer.Option(
+        "--eval-data", help="Task data to measure every point on (as for compile); without "
+        "it a proxy: output divergence on calibration data.")] = None,
+    eval_kind: Annotated[str | None, typer.Option("--eval", metavar="KIND", help="Task "
+                                                  "metric (as for compile).")] = None,
+    eval_batches: Annotated[int, typer.Option(min=1, help="Most batches of --eval-data.")] = 16,
+    sizes: Annotated[str, typer.Option(help="Size budgets to sweep (relative weight "
+                                       "bytes).")] = "0.5,0.35,0.25,0.18,0.13,0.1",
+    latencies: Annotated[str, typer.Option(help="Latency budgets to sweep (relative, cost "
+                                           "model).")] = "0.9,0.75,0.6,0.5",
+    precision_only: Annotated[bool, typer.Option(
+        "--precision-only", help="Only per-layer precision (as -O2), no pruning or low "
+        "rank: faster.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print explore.json's summary as "
+                                          "one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """The Pareto front of task quality vs size and vs latency (JSON + PNG); every point has
+    a recipe that `slimc compile MODEL --recipe` reproduces."""
+    from slimc.search.explore import ExploreOptions, explore_model
+
+    options = ExploreOptions(
+        target=target, inputs=tuple(inputs or ()), output=output, calib=calib,
+        calib_batches=calib_batches, eval_data=eval_data, eval_kind=eval_kind,
+        eval_batches=eval_batches, sizes=_csv(sizes, float, "--sizes"),
+        latencies=_csv(latencies, float, "--latencies"),
+        techniques="precision" if precision_only else "all",
+        trust_remote_code=trust_remote_code)
+    progress = Progress(_show_progress(quiet) and not as_json)
+    with progress.running():
+        result = explore_model(model, options, stage=progress.stage,
+                               log=(lambda m: None) if quiet else _log_verbose)
+    if as_json:
+        print(json.dumps({k: result[k] for k in ("output", "model", "target", "metric",
+                                                 "pareto", "points")}, default=str))
+        return
+    if quiet:
+        return
+    points = result["points"]
+    metric = result["metric"]
+    out_console.print(f"{len(points)} points measured ({metric['label']}); Pareto front by "
+                      "size:", markup=False)
+    for i in result["pareto"]["size"]:
+        p = points[i]
+        lat = p["relative"].get("latency")
+        out_console.print(f"  {p['id']}: size {p['relative']['size']:.3f}"
+                          + (f", latency {lat:.3f}" if lat is not None else "")
+                          + f", {metric['kind']} {p['value']:.4g} (drop {p['drop']:.2%}): "
+                          f"{p['pipeline']}", markup=False)
+    out_console.print(f"wrote {result['output']} (explore.json, pareto.png, recipes/)",
+                      markup=False)
+
+
 @app.command("run")
 def run_command(
     artifact_dir: Annotated[Path, typer.Argument(help="Directory written by `slimc compile`.")],

@@ -28,6 +28,35 @@ def _coverage(pipeline: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _search(entry: dict[str, Any] | None) -> list[str]:
+    """What the budget / -O search tried and why it chose what it chose."""
+    if not entry:
+        return []
+    metric = entry["metric"]
+    lines = ["", "## Budget search", "",
+             f"Asked for: {entry['request']}. Algorithm: {entry['algorithm']}.",
+             f"Quality measured as: {metric['label']} (original {metric['original']:.4g}).",
+             f"Target costs: {entry['hardware']}.", ""]
+    chosen = entry.get("chosen")
+    if chosen:
+        lines.append(f"Chosen (recipe: `{entry.get('recipe', 'recipe.yaml')}`): "
+                     f"`{chosen['pipeline']}`; per-layer choices "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(chosen["choices"].items()))
+                     + ".")
+    else:
+        lines.append("Nothing met the request; see the candidates.")
+    lines += ["", "| candidate | size | params | latency | value | drop | back-offs |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in entry["candidates"]:
+        r = c["relative"]
+        lat = f"{r['latency']:.3f}" if "latency" in r else "-"
+        lines.append(f"| `{c['pipeline']}` | {r['size']:.3f} | {r['params']:.3f} | {lat} | "
+                     f"{c['value']:.4g} | {c['drop']:.2%} | {c['backoffs']} |")
+    for failure in entry.get("failures") or []:
+        lines.append(f"- {failure}")
+    return lines
+
+
 def render_report(m: dict[str, Any]) -> str:
     lines = [f"# slimc report: {m['model']['name']}", ""]
     lines += [
@@ -52,6 +81,7 @@ def render_report(m: dict[str, Any]) -> str:
     else:
         lines.append("No passes (`-O0`): the artifact computes exactly what the model does.")
     lines += _coverage(m["pipeline"])
+    lines += _search(m.get("search"))
     v = m["verification"]
     lines += ["", "## Verification", ""]
     if v.get("passed"):

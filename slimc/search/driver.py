@@ -158,14 +158,21 @@ def infeasible_error(plan: SearchPlan, search, failures: list[str]) -> UsageErro
         "`slimc explore MODEL` to see which sizes keep which quality.")
 
 
-def write_recipe(path, candidate, target: str | None, inputs, description: str) -> None:
-    """The chosen pipeline as a recipe that ``slimc compile --recipe`` reproduces."""
-    import yaml
-
+def recipe_data(items, target: str | None, inputs, description: str) -> dict[str, Any]:
+    """A recipe (see :mod:`slimc.recipe`) that ``slimc compile --recipe`` reproduces."""
     data: dict[str, Any] = {"description": description}
     if target:
         data["target"] = target
     if inputs:
         data["inputs"] = list(inputs)
-    data["pipeline"] = [{name: dict(opts)} if opts else name for name, opts in candidate.items]
-    path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
+    data["pipeline"] = [{name: dict(opts)} if opts else name for name, opts in items] or \
+        ["eliminate-dead-code"]
+    return data
+
+
+def write_recipe(path, candidate, target: str | None, inputs, description: str) -> None:
+    """The chosen pipeline as a recipe file."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe_data(candidate.items, target, inputs, description),
+                                   sort_keys=False, width=100))

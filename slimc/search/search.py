@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from slimc.passes.analysis.criteria.divergence import divergence, output_kind
-from slimc.passes.analysis.criteria.execution import calibration_batches
 
 from slimc.errors import UsageError
 from slimc.ir import IR
+from slimc.passes.analysis.criteria.divergence import divergence, output_kind
+from slimc.passes.analysis.criteria.execution import calibration_batches
 from slimc.passmanager import PassContext, PassManager, PassRecord
 from slimc.pipeline import validate
 

@@ -6,9 +6,9 @@ problem as an ILP, this is its Lagrangian relaxation with an exact inner knapsac
 from __future__ import annotations
 
 import numpy as np
-from slimc.passes.quantize.mixed import solve as knapsack
 
 from slimc.errors import UsageError
+from slimc.passes.quantize.mixed import solve as knapsack
 
 
 class Infeasible(Exception):
@@ -37,8 +37,9 @@ def solve(damage: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, fl
         for k, value in lam.items():
             if value:
                 objective = objective + value * unit * costs[k] / scale[k]
+        # an impossible option costs more than the whole budget (never picked; no overflow)
         cost = np.where(np.isfinite(costs[primary]) & np.isfinite(objective),
-                        costs[primary], 1e30)
+                        costs[primary], 2.0 * room[primary] + 1.0)
         try:
             return knapsack(cost, np.where(np.isfinite(objective), objective, 1e30),
                             room[primary])

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from slimc.ir import IR
+from slimc.layers import Layer
 from slimc.passes.analysis.criteria.divergence import divergence, output_kind
 from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
 from slimc.passes.lowrank import factorize
@@ -35,9 +38,6 @@ from slimc.passes.lowrank.rewrite import is_factor
 from slimc.passes.lowrank.rewrite import weight_layers as factorizable_layers
 from slimc.passes.quantize.formats import Format, fake_quantize, parse_format
 from slimc.passes.quantize.layers import plan
-
-from slimc.ir import IR
-from slimc.layers import Layer
 from slimc.passmanager import PassContext
 
 

@@ -1,0 +1,185 @@
+"""--budget, -O levels and `slimc explore` (issue 17) on tiny random HF models."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from slimc.capture import capture, load_model
+from slimc.loaders.base import parse_overrides
+from slimc.passmanager import AnalysisManager, PassContext, PassManager
+from slimc.pipeline import recipe_items, validate
+from slimc.plugins import get_registry
+from slimc.search.budget import parse_budget
+from slimc.search.solver import Infeasible, solve
+
+
+def _capture(model_dir: str):
+    registry = get_registry()
+    ir, example = capture(load_model(model_dir, parse_overrides([]), registry))
+    return registry, ir, example
+
+
+def _held_out(example, seed: int = 7, vocab: int = 128) -> list[torch.Tensor]:
+    """Inputs the search never saw: other token ids, same shapes."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for x in example:
+        if x.dtype == torch.int64 and int(x.max()) > 1:
+            out.append(torch.randint(3, vocab, x.shape, generator=g))
+        else:
+            out.append(x.clone())
+    return out
+
+
+def _apply_recipe(model_dir: str, recipe_path) -> tuple:
+    """The recipe's pipeline through the pass manager on a fresh capture."""
+    registry, ir, example = _capture(model_dir)
+    ctx = PassContext(example_inputs=example)
+    manager = PassManager(registry.passes)
+    ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
+    items = recipe_items(yaml.safe_load(open(recipe_path)))
+    manager.run(ir, validate(items, registry.passes), ctx)
+    return ir, example
+
+
+def _cosine_drop(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for r, o in zip(reference, outputs, strict=True):
+        cos = torch.nn.functional.cosine_similarity(r.double(), o.double(), dim=-1)
+        worst = max(worst, float((1 - cos).mean()))
+    return worst
+
+
+def test_budget_text_is_validated(cli):
+    assert parse_budget("size=0.25,latency=0.5").limits() == {"size": 0.25, "latency": 0.5}
+    for bad in ("size=2", "speed=0.5", "size=abc", "size"):
+        result = cli("compile", "no/such/model", "--budget", bad)
+        assert result.code == 2, bad
+        assert "--budget" in result.err and "Traceback" not in result.err
+    result = cli("compile", "no/such/model", "--budget", "size=0.5", "--pipeline",
+                 "eliminate-dead-code")
+    assert result.code == 2 and "cannot be combined" in result.err
+
+
+def test_solver_meets_every_budget_and_is_optimal_on_a_small_case():
+    rng = np.random.default_rng(0)
+    layers, options = 4, 3
+    damage = rng.random((layers, options))
+    damage[:, 0] = 0.0  # option 0: the uncompressed one, no damage, largest costs
+    size = np.sort(rng.random((layers, options)) * 10, axis=1)[:, ::-1].copy()
+    latency = rng.random((layers, options))
+    limits = {"size": float(size.sum(axis=1).mean() * 2.5), "latency": float(latency.sum() * 0.6)}
+    rest = {"size": 1.0, "latency": 0.1}
+    picks = solve(damage, {"size": size, "latency": latency}, limits, rest)
+    used = {k: rest[k] + sum(t[i, j] for i, j in enumerate(picks))
+            for k, t in (("size", size), ("latency", latency))}
+    assert used["size"] <= limits["size"] and used["latency"] <= limits["latency"]
+    feasible = [p for p in itertools.product(range(options), repeat=layers)
+                if rest["size"] + sum(size[i, j] for i, j in enumerate(p)) <= limits["size"]
+                and rest["latency"] + sum(latency[i, j] for i, j in enumerate(p))
+                <= limits["latency"]]
+    best = min(sum(damage[i, j] for i, j in enumerate(p)) for p in feasible)
+    got = sum(damage[i, j] for i, j in enumerate(picks))
+    assert got <= best * 1.25 + 1e-12  # Lagrangian relaxation: near the exact optimum
+    with pytest.raises(Infeasible):
+        solve(damage, {"size": size}, {"size": float(size.min(axis=1).sum())}, {"size": 1.0})
+
+
+def test_analysis_cache_is_keyed_by_ir_version_and_clones_are_independent(hf_dir):
+    registry, ir, example = _capture(hf_dir("bert"))
+    ctx = PassContext(example_inputs=example)
+    manager = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    ctx.analyses = manager
+    first = manager.get("model-stats")
+    assert manager.get("model-stats") is first
+    twin = ir.clone()
+    twin_manager = manager.for_clone(twin)
+    assert not twin_manager.cached("model-stats")
+    node = next(n for n in ir.nodes("placeholder") if "query" in n.name)
+    ir.set_weight(node, torch.zeros_like(ir.get_weight(node)))
+    ir.changed()  # an edit nobody invalidated for: the old result must not be served
+    assert not manager.cached("model-stats")
+    assert manager.get("model-stats") is not first
+    assert twin_manager.get("model-stats").params == first.params
+
+
+def test_budget_compile_meets_size_max_drop_and_recipe_reproduces(cli, hf_dir, tmp_path):
+    model = hf_dir("bert")
+    out = tmp_path / "b"
+    result = cli("compile", model, "--budget", "size=0.3", "--max-drop", "0.02", "-o", out,
+                 "--json", "--no-cache")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["weight_bytes_after"] <= 0.3 * summary["weight_bytes_before"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    search = manifest["search"]
+    assert search["metric"]["kind"] == "proxy" and search["chosen"]["drop"] <= 0.02
+    assert "budget" in (out / "report.md").read_text().lower()
+    # The recipe reproduces the artifact's weights through `slimc compile --recipe`.
+    again = cli("compile", model, "--recipe", out / "recipe.yaml", "-o", tmp_path / "again",
+                "--json", "--no-cache")
+    assert again.code == 0, again.err
+    assert json.loads(again.out)["weight_bytes_after"] == summary["weight_bytes_after"]
+    # max-drop holds on inputs the search never saw (same measure, other token ids).
+    registry, ir, example = _capture(model)
+    compressed, _ = _apply_recipe(model, out / "recipe.yaml")
+    held_out = _held_out(example)
+    assert _cosine_drop(ir.run(held_out), compressed.run(held_out)) <= 0.02
+
+
+def test_infeasible_budget_exits_2_with_advice(cli, hf_dir, tmp_path):
+    result = cli("compile", hf_dir("bert"), "--budget", "size=0.02", "-O2", "-o",
+                 tmp_path / "x", "--no-cache")
+    assert result.code == 2
+    assert "No compression meets --budget size=0.02" in result.err
+    assert "slimc explore" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "x").exists()
+
+
+def test_opt_levels_do_what_they_say(cli, hf_dir, tmp_path):
+    model = hf_dir("bert")
+    registry, ir, example = _capture(model)
+    held_out = _held_out(example)
+    reference = ir.run(held_out)
+    sizes = {}
+    for level in ("1", "2"):
+        out = tmp_path / f"o{level}"
+        result = cli("compile", model, f"-O{level}", "-o", out, "--json", "--no-cache")
+        assert result.code == 0, result.err
+        summary = json.loads(result.out)
+        sizes[level] = summary["weight_bytes_after"] / summary["weight_bytes_before"]
+        manifest = json.loads((out / "manifest.json").read_text())
+        if level == "1":  # lossless: exact transforms only
+            assert manifest["search"] is None
+            assert summary["fidelity"]["relative_l2"] < 1e-4
+        else:  # automatic within the default max drop, measured on held-out inputs
+            assert manifest["search"]["max_drop"] == 0.01
+            compressed, _ = _apply_recipe(model, out / "recipe.yaml")
+            assert _cosine_drop(reference, compressed.run(held_out)) <= 0.01
+    assert sizes["2"] < 0.5 < sizes["1"]
+
+
+def test_explore_writes_pareto_json_png_and_reproducible_recipes(cli, hf_dir, tmp_path):
+    model = hf_dir("bert")
+    out = tmp_path / "ex"
+    result = cli("explore", model, "-o", out, "--sizes", "0.5,0.3", "--latencies", "0.99",
+                 "--precision-only", "--json")
+    assert result.code == 0, result.err
+    data = json.loads((out / "explore.json").read_text())
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    points = data["points"]
+    front = [points[i] for i in data["pareto"]["size"]]
+    assert len(front) >= 2 and points[0]["relative"]["size"] == 1.0
+    registry, ir, example = _capture(model)
+    for p in front[:2]:
+        compressed, _ = _apply_recipe(model, out / p["recipe_file"])
+        assert compressed.weight_bytes() / ir.weight_bytes() == pytest.approx(
+            p["relative"]["size"], rel=1e-4)
+        assert _cosine_drop(ir.run(example), compressed.run(example)) == pytest.approx(
+            p["value"], rel=1e-3, abs=1e-7)
