@@ -49,6 +49,9 @@ class Techniques:
     formats: tuple[str, ...] = ("int8", "int4-g128", "int4-g32")
     #: Low-rank: shares of a layer's parameters the two factors keep (empty: no low-rank).
     lowrank_keeps: tuple[float, ...] = ()
+    #: Formats of the two factors (fp32 factors are rarely worth their bytes; each extra
+    #: choice costs one measured forward per layer).
+    lowrank_formats: tuple[str, ...] = ("int8", "int4-g128")
     lowrank_method: str = "whiten"
     #: Structured pruning ratios tried for the whole IR (0.0: no pruning).
     prune_ratios: tuple[float, ...] = (0.0,)
@@ -181,29 +184,47 @@ def build_space(ir: IR, ctx: PassContext, techniques: Techniques, hw,
                 r = factorize.rank_for_ratio(n, k, keep, round_to)
                 if r < round_to or r * (n + k) >= n * k:
                     continue
-                options += [Option(fmt, r, keep) for fmt in formats]
+                options += [Option(parse_format(f), r, keep)
+                            for f in techniques.lowrank_formats]
         choices.append(LayerChoices(layer, (n, k), options, gathers, rows))
     width = max((len(c.options) for c in choices), default=1)
+    costs, rest = cost_tables(ir, ctx, choices, width, hw)
+    damage = measure(ir, ctx, choices, spectrum, width, max_batches)
+    space = Space(choices, damage, costs, rest, hw.to_json() if hw is not None else None,
+                  {"round_to": round_to, "layers": len(choices),
+                   "options": int(sum(len(c.options) for c in choices)),
+                   "lowrank_method": techniques.lowrank_method})
+    space.info["fp32"] = space.totals([0] * len(choices))
+    return space
+
+
+def recost(space: Space, ir: IR, ctx: PassContext, hw) -> Space:
+    """The same choices and measured damage priced on another target (``ctx.target``,
+    ``hw``): damage does not depend on the target, costs do."""
+    width = space.damage.shape[1]
+    costs, rest = cost_tables(ir, ctx, space.layers, width, hw)
+    other = Space(space.layers, space.damage, costs, rest,
+                  hw.to_json() if hw is not None else None, dict(space.info))
+    other.info["fp32"] = other.totals([0] * len(space.layers))
+    return other
+
+
+def cost_tables(ir: IR, ctx: PassContext, choices: list[LayerChoices], width: int,
+                hw) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """``[layer, option]`` tables of bytes, parameters and latency, and the rest's costs."""
     keys = ["size", "params"] + (["latency"] if hw is not None else [])
     costs = {key: np.full((len(choices), width), np.inf) for key in keys}
     for i, c in enumerate(choices):
         for j, option in enumerate(c.options):
             for key, value in option_costs(c, option, hw).items():
                 costs[key][i, j] = value
-    fp32 = [0] * len(choices)
     rest = {"size": float(ir.weight_bytes()) - float(costs["size"][:, 0].sum()),
             "params": float(ir.num_params()) - float(costs["params"][:, 0].sum())}
     if hw is not None:
         total = float(ctx.analyses.get("cost").total.get("latency_s", 0.0)) \
             if ctx.analyses is not None else 0.0
         rest["latency"] = max(total - float(costs["latency"][:, 0].sum()), 0.0)
-    damage = measure(ir, ctx, choices, spectrum, width, max_batches)
-    space = Space(choices, damage, costs, rest, hw.to_json() if hw is not None else None,
-                  {"round_to": round_to, "layers": len(choices),
-                   "options": int(sum(len(c.options) for c in choices)),
-                   "lowrank_method": techniques.lowrank_method})
-    space.info["fp32"] = space.totals(fp32)
-    return space
+    return costs, rest
 
 
 @torch.no_grad()
