@@ -102,7 +102,7 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
            "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1),
            "command": " ".join(["slimc", *cmd[len(slimc) + 2:]])}
     if result["rc"] == 0:
-        summary = json.loads(result["stdout"].strip().splitlines()[-1])
+        summary = _summary(result["stdout"])
         v = summary["verification"]
         row["verification"] = (f"passed on {v['ran_on']} (rel. L2 {v['relative_l2_vs_ir']:.2g})"
                                if v.get("passed") else f"UNVERIFIED: {v.get('reason')}")
@@ -111,6 +111,17 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
     else:
         row["verification"] = "FAILED: " + " ".join(result["stderr"].split())[-300:]
     return row
+
+
+def _summary(stdout: str) -> dict:
+    """The compile's ``--json`` object (native libraries may print around it on stdout)."""
+    start = stdout.find('{"')
+    while start >= 0:
+        try:
+            return json.JSONDecoder().raw_decode(stdout, start)[0]
+        except json.JSONDecodeError:
+            start = stdout.find('{"', start + 1)
+    raise ValueError(f"no JSON summary in the compile's output: {stdout[-500:]!r}")
 
 
 def main() -> None:

@@ -99,8 +99,13 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
         s = te.placeholder((n,), "float32", name="scale")
         params = [x, w, s]
 
-        def deq(j, kk):
-            return w[j // t, kk, j % t].astype("float32") * s[j]
+        # Converted in its own stage: a row-blocked schedule converts each weight once per
+        # ROW_BLOCK rows (see _schedule_int8_rows); otherwise it is inlined into the sum.
+        wf = te.compute((n, k), lambda j, kk: w[j // t, kk, j % t].astype("float32"),
+                        name="wf")
+
+        def deq(j, kk):  # the per-column scale is applied once, after the sum
+            return wf[j, kk]
     elif kind == "int4":
         groups = -(-k // group)
         w = te.placeholder((n // t, (k + 1) // 2, t), "uint8", name="w")
@@ -125,9 +130,16 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
         raise ValueError(kind)
     y = te.compute((x.shape[0], n), lambda i, j: te.sum(x[i, r] * deq(j, r), axis=r),
                    name="y")
+    if kind == "int8":  # y = s * sum(x * w): one multiply per output, not one per weight
+        y = te.compute(y.shape, lambda i, j: y[i, j] * s[j], name="scaled")
     func = te.create_prim_func([*params, y], index_dtype(m))
     name = f"slimc_linear_{kind}_{m or 'dyn'}x{k}x{n}" + (f"_g{group}" if group else "") \
         + (f"_t{t}" if tile else "")
+    if kind == "int8":
+        rows = row_block(m)
+        func = (_schedule_int8_rows(func, t, rows) if rows > 1
+                else _schedule_linear(func, t, scaled=True, inline="wf"))
+        return _finish(func, name)
     return _finish(_schedule_linear(func, t), name)
 
 
@@ -218,15 +230,77 @@ def _finish(func, name: str):
     return (func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True))
 
 
-def _schedule_linear(func, t: int):
-    """Parallel over (tile, row), k serial, the ``t`` lanes vectorized; accumulate locally."""
+def _schedule_linear(func, t: int, scaled: bool = False, inline: str | None = None):
+    """Parallel over (tile, row), k serial, the ``t`` lanes vectorized; accumulate locally.
+    ``scaled``: the function ends with a ``scaled`` block (int8's per-column scale);
+    ``inline``: a producer block computed inside the sum instead (int8's conversion)."""
+    if inline:
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        sch.compute_inline(sch.get_sblock(inline))
+        func = sch.mod["main"]
     sch, block, kk, ji, local = _tile_rows(func, t)
+    if scaled:  # the epilogue runs on the accumulator as it is written back
+        sch.reverse_compute_inline(sch.get_sblock("scaled"))
     if t > 1:  # vectorize before decompose_reduction: the update block alone is no reduction
         sch.vectorize(ji)
         sch.vectorize(sch.get_loops(local)[-1])
     init = sch.decompose_reduction(block, kk)
     if t > 1:
         sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
+
+
+#: Rows of ``x`` that share each converted int8 weight vector (static row counts of at least
+#: this many; 1 = no blocking) and the lanes of one such vector (accumulators: ROW_BLOCK x
+#: INT8_LANES floats, 16 NEON / 8 AVX2 registers).
+ROW_BLOCK = 4
+INT8_LANES = 16
+
+
+def row_block(m: int | None) -> int:
+    """Rows per block of the int8 kernel: ``ROW_BLOCK`` (or 2) dividing a static ``m``, else 1
+    (one row: decode; symbolic rows: the per-row kernel)."""
+    if m is None:
+        return 1
+    return next((b for b in (ROW_BLOCK, 2) if b <= ROW_BLOCK and m % b == 0), 1)
+
+
+def _schedule_int8_rows(func, t: int, rows: int):
+    """int8 with ``rows`` rows per block: each weight is converted to fp32 once per block.
+
+    Why: converting int8 to fp32 costs more than the multiply-add it feeds (a shuffle and a
+    fixed-point convert per 4 lanes on aarch64, and under qemu that convert is emulated one
+    lane at a time), and the per-row kernel converts every weight once per row of ``x``.
+    Loops: (tile, row block) parallel, ``INT8_LANES``-lane slices of the tile, k, then the block's
+    rows unrolled around one converted vector (accumulators stay in registers).
+    """
+    from tvm import s_tir
+
+    lanes = INT8_LANES if t % INT8_LANES == 0 else t
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("y")
+    i, j, r = sch.get_loops(block)
+    jo, jq, jl = sch.split(j, [None, t // lanes, lanes])
+    io, ii = sch.split(i, [None, rows])
+    sch.reorder(jo, io, jq, r, ii, jl)
+    outer = sch.fuse(jo, io)
+    sch.parallel(outer)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_inline(sch.get_sblock("scaled"))
+    sch.reverse_compute_at(local, jq)
+    wf = sch.get_sblock("wf")
+    sch.compute_at(wf, r)
+    sch.set_scope(wf, 0, "local")
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(wf)[-1])
+        sch.vectorize(jl)
+        sch.vectorize(sch.get_loops(local)[-1])
+    init = sch.decompose_reduction(block, r)
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(ii)
     return sch.mod["main"]
 
 
