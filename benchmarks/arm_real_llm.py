@@ -92,7 +92,7 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
     out = out_root / f"{model_dir.name}-{config}.slimc"
     slimc = [sys.executable, "-c", "import sys; from slimc.cli import main; sys.exit(main())"]
     cmd = ["timeout", str(timeout), *slimc, "compile", str(model_dir), "--target", "arm",
-           *CONFIGS[config], "-o", str(out), "--force", "--json", "-q",
+           *CONFIGS[config], "-o", str(out), "--force", "--no-cache", "--json", "-q",
            "--input", f"input_ids=1x{SEQ}:int64", "--input", f"attention_mask=1x{SEQ}:int64"]
     load_before = os.getloadavg()[0]
     result = measure(cmd)
@@ -114,13 +114,17 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
 
 
 def _summary(stdout: str) -> dict:
-    """The compile's ``--json`` object (native libraries may print around it on stdout)."""
-    start = stdout.find('{"')
-    while start >= 0:
-        try:
-            return json.JSONDecoder().raw_decode(stdout, start)[0]
-        except json.JSONDecodeError:
-            start = stdout.find('{"', start + 1)
+    """The compile's ``--json`` object: the last stdout line that is one (native libraries may
+    print around it)."""
+    for line in reversed(stdout.splitlines()):
+        start = line.find('{"')
+        if start >= 0:
+            try:
+                found = json.loads(line[start:])
+            except json.JSONDecodeError:
+                continue
+            if isinstance(found, dict) and "verification" in found:
+                return found
     raise ValueError(f"no JSON summary in the compile's output: {stdout[-500:]!r}")
 
 

@@ -134,6 +134,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         loaded, generation = prepare_generation(loaded, options.max_length,
                                                 options.prefill_length)
     ir, example_inputs = capture(loaded)
+    if loaded is not model:  # ours: the IR holds what is needed, the module's weights can go
+        del loaded
     timings["capture_s"] = time.perf_counter() - t0
     output = Path(options.output or f"{_safe_name(ir.name)}.slimc")
     check_output_directory(output, force=options.force)
@@ -193,6 +195,11 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         mod = split_entry_points(mod, plan)
         entries = [(name, inputs) for name, (inputs, _) in plan.items()]
     timings["lower_s"] = time.perf_counter() - t0
+    if not _runs_ir_after_build(ir, options, task):
+        from slimc.memory import return_freed_memory
+
+        ir.release_weights()  # the module holds what the build needs
+        return_freed_memory()
 
     with artifact.staged_directory(output, force=options.force) as stage_dir:
         tuner = backend.open_tuner(tuning_plan, spec, progress)
@@ -275,6 +282,16 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
         artifact.write_json(stage_dir / artifact.TIMINGS, all_timings)
     return CompileResult(output.resolve(), manifest, warnings, timings=all_timings)
+
+
+def _runs_ir_after_build(ir: IR, options: CompileOptions, task) -> bool:
+    """Whether anything after the build needs the IR's weights: checks at other dynamic sizes,
+    the task metric (cross targets score the IR), ``--save-ir``, the rounding-noise floor of
+    static int8 activations."""
+    from slimc.dialect import OPS
+
+    return (ir.is_dynamic or task is not None or bool(options.save_ir)
+            or any(node.target is OPS["linear_w8a8"] for node in ir.nodes("call_function")))
 
 
 def _prepare_task(options: CompileOptions, ir: IR, example_inputs, registry: Registry,

@@ -222,6 +222,26 @@ class IR:
             self.program.constants[spec.target] = value
         node.meta["val"] = _fake_like(node, value)
 
+    def release_weights(self) -> int:
+        """Replace every weight with a ``meta`` tensor of its shape and dtype; returns the bytes
+        let go.
+
+        Why: once the IR is lowered, a compile that will not run it again (no dynamic sizes to
+        check, no task metric, no ``--save-ir``) would otherwise keep a full copy of the model
+        alive while the backend builds and writes its own. Shapes, dtypes and the graph stay;
+        running or saving the IR afterwards fails loudly (meta tensors hold no data).
+        """
+        released = 0
+        for table in (self.program.state_dict, self.program.constants):
+            for key, value in list(table.items()):
+                if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+                    continue
+                released += value.numel() * value.element_size()
+                empty = torch.empty(value.shape, dtype=value.dtype, device="meta")
+                table[key] = (torch.nn.Parameter(empty, requires_grad=False)
+                              if isinstance(value, torch.nn.Parameter) else empty)
+        return released
+
     def add_weight(self, name: str, value: torch.Tensor) -> Node:
         """Add a new parameter placeholder (before the user inputs) and return its node."""
         taken = {n.name for n in self.graph.nodes}

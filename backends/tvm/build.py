@@ -15,7 +15,8 @@ from slimc.targets import TargetSpec
 
 
 def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
-    """Compile ``mod`` for ``spec`` and write the shared library to ``path``.
+    """Compile ``mod`` for ``spec`` and write the shared library to ``path``; ``mod``'s Relax
+    functions (and the weights they bind) are released once built.
 
     CPU targets go through :func:`slimc.backends.tvm.schedules.cpu_pipeline`, which schedules
     every kernel (parallel, vectorized, register-tiled) instead of TVM's naive default loops.
@@ -37,6 +38,7 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
             f"{_last_line(exc)}",
             hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
         ) from exc
+    _release_relax_functions(mod)
     triple = spec.triple or str(target.attrs.get("mtriple", "")) or None
     # The weights travel in the executable's blob: embed it with .incbin, not through LLVM
     # (several in-memory copies of every weight; see blob_pack).
@@ -49,6 +51,21 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
         executable.export_library(str(path), fcompile=zig_cross_compiler(_host_triple()),
                                   **pack)
     return path
+
+
+def _release_relax_functions(mod) -> None:
+    """Remove the built Relax functions from ``mod``: their bound constants are the model's
+    weights (shared with the IR, or converted copies), and the executable has its own. Dropping
+    them before ``export_library`` serializes the executable keeps one copy fewer alive at the
+    compile's peak. The module is consumed: callers pass a module they do not reuse."""
+    from tvm import relax
+
+    from slimc.memory import return_freed_memory
+
+    built = [gvar for gvar, func in mod.functions_items() if isinstance(func, relax.Function)]
+    for gvar in built:
+        del mod[gvar]
+    return_freed_memory()
 
 
 def _pipeline(target, tuning=None):
