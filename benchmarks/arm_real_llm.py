@@ -82,7 +82,7 @@ def measure(cmd: list[str]) -> dict:
         "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
         "print(json.dumps({'rc': p.returncode, 'wall_s': time.perf_counter() - t,\n"
         "  'cpu_s': r.ru_utime + r.ru_stime, 'peak_rss_gb': r.ru_maxrss / 1e6,\n"
-        "  'stdout': p.stdout[-20000:], 'stderr': p.stderr[-3000:]}))\n")
+        "  'stdout': p.stdout, 'stderr': p.stderr[-3000:]}))\n")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout)
