@@ -197,7 +197,8 @@ def compile_command(
     max_drop: Annotated[float | None, typer.Option(
         "--max-drop", min=0.0, help="Fail (exit 2, no artifact) when the task metric gets worse "
         "by more than this share of the original value: 0.02 = 2% (for perplexity, a 2% "
-        "rise).")] = None,
+        "rise). With --budget or -O2/-O3/-Os it bounds the search (on a proxy, output "
+        "divergence on calibration data, when there is no --eval-data).")] = None,
     tune: Annotated[int, typer.Option("--tune", metavar="N", help="Tune the most expensive "
                                       "kernels with MetaSchedule for N trials in all; records "
                                       "are kept and reused by later compiles.")] = 0,

@@ -247,10 +247,18 @@ def approximate(ir: IR, choice: LayerChoices, option: Option, spectrum) -> torch
 @torch.no_grad()
 def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dict,
             width: int, max_batches: int) -> np.ndarray:
-    """``damage[i, j]``: output divergence with only layer ``i`` changed to option ``j``."""
+    """``damage[i, j]``: output divergence with only layer ``i`` changed to option ``j``.
+
+    An embedding table's damage is also measured on the example inputs (random token ids
+    over the whole vocabulary) and the larger value kept: calibration text gathers only the
+    rows of its own tokens, so a low-rank or low-bit table can look free on them and still
+    hurt every other word.
+    """
     batches = calibration_batches(ir, ctx, max_batches)
     kind = output_kind(ir.output_names[0])
     references = [run_graph(ir, b)[0] for b in batches]
+    wide = [list(ctx.example_inputs)] if ctx.calibration_batches and ctx.example_inputs else []
+    wide_refs = [run_graph(ir, b)[0] for b in wide]
     damage = np.full((len(choices), width), np.inf)
     for i, c in enumerate(choices):
         for j, option in enumerate(c.options):
@@ -261,6 +269,10 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
             name = c.layer.weight_node.name
             damage[i, j] = sum(divergence(kind, ref, run_graph(ir, b, {name: value})[0])
                                for ref, b in zip(references, batches, strict=True)) / len(batches)
+            if c.gathers and wide:
+                damage[i, j] = max(damage[i, j], max(
+                    divergence(kind, ref, run_graph(ir, b, {name: value})[0])
+                    for ref, b in zip(wide_refs, wide, strict=True)))
     return damage
 
 
