@@ -47,6 +47,7 @@ def main() -> None:
                                                      "size=0.1", "latency=0.5"])
     ap.add_argument("--tmp", default="/tmp/budget_bench")
     ap.add_argument("--max-drop", type=float, default=0.03)
+    ap.add_argument("--backoffs", type=int, default=3, help="back-off rounds per family")
     args = ap.parse_args()
     import torch
     from slimc.passes.analysis.hardware import hardware_for_target
@@ -104,6 +105,8 @@ def main() -> None:
                                         recost(base.space, base.ir, bctx, hw))
             searches[target] = s
         host = searches["host"]
+        for s in searches.values():
+            s.max_backoffs = args.backoffs
 
         def single(items, label):
             base = host.base(0.0)

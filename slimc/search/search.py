@@ -151,6 +151,7 @@ class Search:
         self.ir, self.ctx, self.registry = ir, ctx, registry
         self.techniques, self.scorer, self.hw, self.log = techniques, scorer, hardware, log
         self.damage_batches = damage_batches
+        self.max_backoffs = MAX_BACKOFFS
         self.manager = PassManager(registry.passes)
         self.original = {"size": float(ir.weight_bytes()), "params": float(ir.num_params())}
         if hardware is not None:
@@ -268,22 +269,41 @@ class Search:
         best, failures = None, []
         for ratio in ratios if ratios is not None else self.techniques.prune_ratios:
             base = self.base(ratio)
-            cand = self._fit_one(base, limits, max_drop, keep, failures)
-            if cand is not None and (best is None or _better(cand, best, self.scorer)):
-                best = cand
+            for name, barred in self._families(base):
+                cand = self._fit_one(base, limits, max_drop, keep, failures, barred, name)
+                if cand is not None and (best is None or _better(cand, best, self.scorer)):
+                    best = cand
         return best, failures
 
-    def _fit_one(self, base: _Base, limits: dict[str, float], max_drop: float | None,
-                 keep: bool, failures: list[str]) -> Candidate | None:
+    def _families(self, base: _Base) -> list[tuple[str, np.ndarray]]:
+        """Option families solved separately and compared by measurement: every choice, and
+        precision alone. The damage table predicts each layer alone; measured on MiniLM, its
+        low-rank entries looked cheaper than they were once many layers changed together, so
+        the all-choices solution lost to precision alone (docs/benchmarks.md); measuring both
+        keeps the search from doing worse than its best single technique."""
         space = base.space
-        excluded = np.zeros(space.damage.shape, dtype=bool)
+        width = space.damage.shape[1]
+        none = np.zeros(space.damage.shape, dtype=bool)
+        lowrank = np.array([[o.rank is not None for o in c.options]
+                            + [False] * (width - len(c.options)) for c in space.layers])
+        if not lowrank.any():
+            return [("all", none)]
+        return [("all", none), ("precision", lowrank)]
+
+    def _fit_one(self, base: _Base, limits: dict[str, float], max_drop: float | None,
+                 keep: bool, failures: list[str], barred: np.ndarray | None = None,
+                 family: str = "all") -> Candidate | None:
+        space = base.space
+        excluded = np.zeros(space.damage.shape, dtype=bool) if barred is None \
+            else barred.copy()
+        where = f"prune ratio {base.ratio:g} ({family} choices)"
         tightened = dict(limits)
         backoffs = 0
-        for _ in range(MAX_BACKOFFS + 3):
+        for _ in range(self.max_backoffs + 3):
             try:
                 picks = self.solve(base, tightened, excluded)
             except Infeasible as exc:
-                failures.append(f"prune ratio {base.ratio:g}: {exc}")
+                failures.append(f"{where}: {exc}")
                 return None
             cand = self.build(base, picks, keep)
             cand.backoffs = backoffs
@@ -294,7 +314,7 @@ class Search:
                 continue
             if max_drop is None or cand.drop <= max_drop:
                 return cand
-            if backoffs >= MAX_BACKOFFS:
+            if backoffs >= self.max_backoffs:
                 break
             backoffs += 1
             order = sorted((i for i, j in enumerate(picks) if space.damage[i, j] > 0),
@@ -305,7 +325,7 @@ class Search:
             for i in order[:count]:
                 excluded[i] |= space.damage[i] >= space.damage[i, picks[i]]
                 excluded[i, 0] = False  # fp32 stays possible
-        failures.append(f"prune ratio {base.ratio:g}: the measured drop stayed above "
+        failures.append(f"{where}: the measured drop stayed above "
                         f"{max_drop:g} after {backoffs} back-off rounds")
         return None
 
@@ -318,26 +338,37 @@ class Search:
         best = None
         for ratio in self.techniques.prune_ratios:
             base = self.base(ratio)
-            space = base.space
-            low = (space.rest[objective] + float(np.where(
-                np.isfinite(space.costs[objective]), space.costs[objective],
-                np.inf).min(axis=1).sum())) / self.original[objective]
-            high = space.info["fp32"][objective] / self.original[objective]
-            lo, hi = math.log(max(low, 1e-6) * 1.001), math.log(high)
-            for _ in range(BISECTION_STEPS):
-                mid = math.exp((lo + hi) / 2)
-                try:
-                    picks = self.solve(base, {objective: mid})
-                except Infeasible:
-                    lo = math.log(mid)
-                    continue
-                cand = self.build(base, picks, keep)
-                if cand.drop <= max_drop:
-                    hi = math.log(mid)
-                    if best is None or cand.relative[objective] < best.relative[objective]:
-                        best = cand
-                else:
-                    lo = math.log(mid)
+            for _, barred in self._families(base):
+                cand = self._bisect(base, objective, max_drop, keep, barred)
+                if cand is not None and (best is None or cand.relative[objective]
+                                         < best.relative[objective]):
+                    best = cand
+        return best
+
+    def _bisect(self, base: _Base, objective: str, max_drop: float, keep: bool,
+                barred: np.ndarray) -> Candidate | None:
+        space = base.space
+        allowed = np.isfinite(space.costs[objective]) & ~barred
+        low = (space.rest[objective] + float(np.where(allowed, space.costs[objective],
+                                                      np.inf).min(axis=1).sum())) \
+            / self.original[objective]
+        high = space.info["fp32"][objective] / self.original[objective]
+        lo, hi = math.log(max(low, 1e-6) * 1.001), math.log(high)
+        best = None
+        for _ in range(BISECTION_STEPS):
+            mid = math.exp((lo + hi) / 2)
+            try:
+                picks = self.solve(base, {objective: mid}, barred)
+            except Infeasible:
+                lo = math.log(mid)
+                continue
+            cand = self.build(base, picks, keep)
+            if cand.drop <= max_drop:
+                hi = math.log(mid)
+                if best is None or cand.relative[objective] < best.relative[objective]:
+                    best = cand
+            else:
+                lo = math.log(mid)
         return best
 
 

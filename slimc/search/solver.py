@@ -22,8 +22,10 @@ def solve(damage: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, fl
     keys = list(limits)
     primary, secondary = keys[0], keys[1:]
     room = {k: limits[k] - rest[k] for k in keys}
+    allowed = np.isfinite(damage)
     for k in keys:
-        smallest = float(np.where(np.isfinite(costs[k]), costs[k], np.inf).min(axis=1).sum())
+        smallest = float(np.where(np.isfinite(costs[k]) & allowed, costs[k],
+                                  np.inf).min(axis=1).sum())
         if room[k] <= 0 or smallest > room[k] * (1 + 1e-9):
             raise Infeasible(f"{k}: the smallest choice for every layer needs "
                              f"{rest[k] + smallest:.4g}, the budget allows {limits[k]:.4g}")
