@@ -81,3 +81,41 @@ def decode():
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.tensor([[42]], dtype=torch.int64)
     return _Select(model, "logits").eval(), {"input_ids": ids}
+
+
+class _Pixels(torch.nn.Module):
+    """Call a Hugging Face vision model on ``pixel_values`` and keep one output field."""
+
+    def __init__(self, model: torch.nn.Module, field: str) -> None:
+        super().__init__()
+        self.model, self.field = model, field
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(pixel_values=pixel_values), self.field)
+
+
+def _image_model(model: torch.nn.Module, size: int = 224, batch: int = 1, field: str = "logits"):
+    torch.manual_seed(1)
+    return (_Pixels(model.eval(), field).eval(),
+            {"pixel_values": torch.randn(batch, 3, size, size)})
+
+
+def vit_small():
+    """ViT-Small/16 (``ViTForImageClassification``, random weights), 1x3x224x224: 197 tokens."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                    intermediate_size=1536, image_size=224, patch_size=16,
+                                    num_labels=1000)
+    return _image_model(transformers.ViTForImageClassification(config))
+
+
+def mobilenet_v2():
+    """MobileNetV2 1.0 (``MobileNetV2ForImageClassification``, random weights), 1x3x224x224."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileNetV2Config(depth_multiplier=1.0, image_size=224,
+                                            num_labels=1000)
+    return _image_model(transformers.MobileNetV2ForImageClassification(config))

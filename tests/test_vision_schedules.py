@@ -1,0 +1,152 @@
+"""Mobile-CNN and vision-transformer kernels: no layout traffic, no predicated tails.
+
+MobileNet-style blocks (TF "same" padding as an explicit ``F.pad``, ReLU6 as ``clamp``) must
+stay NHWC end to end -- the pad folded into the conv, the clip fused into its epilogue, no
+transposes of activations except at the network's edges -- and compute what PyTorch computes.
+Attention over a token count no tile divides (ViT's 197) runs padded, and is still exact.
+Real TVM builds, compared with PyTorch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_schedules import _check, _lower
+
+F = torch.nn.functional
+
+
+class TfPaddedBlock(torch.nn.Module):
+    """MobileNetV2 inverted residual with TF padding: 1x1 expand, padded depthwise, 1x1 project."""
+
+    def __init__(self, cin: int, mid: int, stride: int) -> None:
+        super().__init__()
+        self.expand = torch.nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(mid)
+        self.dw = torch.nn.Conv2d(mid, mid, 3, stride, 0, groups=mid, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(mid)
+        self.project = torch.nn.Conv2d(mid, cin, 1)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.clamp(self.bn1(self.expand(F.pad(x, (0, 0, 0, 0)))), 0.0, 6.0)
+        # TF "same": the extra row/column of padding goes after (bottom/right) for stride 2.
+        pad = (0, 1, 0, 1) if self.stride == 2 else (1, 1, 1, 1)
+        y = torch.clamp(self.bn2(self.dw(F.pad(y, pad))), 0.0, 6.0)
+        y = self.project(y)
+        return y + x if self.stride == 1 else y
+
+
+def _randomize_bn(net: torch.nn.Module) -> torch.nn.Module:
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _fused(module, inputs):
+    """The module after slimc's fusion passes (what the schedules see)."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+
+    target = tvm.target.Target({"kind": "llvm"})
+    mod = _lower(module, inputs)
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(fusion_passes(target))(mod)
+
+
+@pytest.mark.parametrize("stride,size", [(2, 14), (1, 9)], ids=["stride2-asym", "stride1"])
+def test_tf_padded_block_is_exact_and_stays_nhwc(stride, size, tmp_path, caplog):
+    torch.manual_seed(0)
+    net = _randomize_bn(TfPaddedBlock(8, 24, stride))
+    x = torch.randn(1, 8, size, size)
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul")
+
+    from tvm import tirx
+
+    kernels = {g.name_hint: f for g, f in _fused(net, (x,)).functions_items()
+               if isinstance(f, tirx.PrimFunc)}
+    # One kernel per conv (pad, BN, ReLU6 and residual fused in), plus the input and output
+    # layout changes of the network's edges; no pad, clip or transpose kernels in between.
+    convs = [n for n in kernels if "conv2d" in n]
+    assert len(convs) == 3, sorted(kernels)
+    assert not [n for n in kernels if "pad" in n or "clip" in n], sorted(kernels)
+    assert len([n for n in kernels if "transpose" in n]) <= 2, sorted(kernels)
+
+
+class Attention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        return scores @ v
+
+
+@pytest.mark.parametrize("tokens", [197, 50])
+def test_attention_over_untiled_token_counts(tokens, tmp_path, caplog):
+    """Scores ``[.., T, T]`` with ``T`` no vector tile divides: padded kernel, exact values."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3, tokens, 32) for _ in range(3))
+    _check(Attention(), (q, k, v), tmp_path, caplog, ("tiled-matmul", "row-reduction"))
+
+
+def test_static_vector_tails_are_padded_only_for_run_time_operands():
+    """The key axis of ``q @ k^T`` is padded; a weight's output axis never is."""
+    import tvm
+    from slimc.backends.tvm.schedules import cpu_matmul
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                "mcpu": "skylake-avx512"})
+
+    def pads(module, inputs) -> list[str]:
+        mod = _fused(module, inputs)
+        names = []
+        for gvar, func in mod.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc) and "matmul" in gvar.name_hint:
+                sch = cpu_matmul.TiledMatmul().apply(func, target)
+                assert sch is not None
+                names += [sch.get(b).name_hint for b in
+                          sch.get_child_blocks(sch.get_sblock("root"))]
+        return [n for n in names if n.endswith("_pad")]
+
+    class Scores(torch.nn.Module):
+        def forward(self, q, k):
+            return q @ k.transpose(-1, -2)
+
+    q = torch.randn(1, 2, 197, 32)
+    assert pads(Scores(), (q, q)), "the 197-wide key axis should be padded"
+    linear = torch.nn.Linear(32, 197).eval()  # 197 output columns of a constant weight
+    assert not pads(linear, (torch.randn(5, 32),))
+
+
+def test_tf_padding_folds_into_asymmetric_conv_padding():
+    """``F.pad`` widths land in the conv's ``(top, left, bottom, right)`` padding, exactly."""
+    import tvm
+    from slimc.backends.tvm.schedules.nhwc_rewrites import nhwc_rewrites
+    from tvm import relax
+
+    class PadConv(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, 2, (1, 0))
+
+        def forward(self, x):
+            return self.conv(F.pad(x, (0, 1, 2, 3)))  # W: (0, 1); H: (2, 3)
+
+    torch.manual_seed(0)
+    net, x = PadConv().eval(), torch.randn(1, 4, 11, 12)
+    mod = nhwc_rewrites(_lower(net, (x,)))
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(
+        e, relax.Call) and hasattr(e.op, "name") else None)
+    assert "relax.nn.pad" not in [c.op.name for c in calls]
+    conv = next(c for c in calls if c.op.name == "relax.nn.conv2d")
+    assert [int(p) for p in conv.attrs.padding] == [1 + 2, 0, 1 + 3, 1]
+    vm = relax.VirtualMachine(relax.build(mod, "llvm"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got[0] if isinstance(got, tvm.ir.Array) or hasattr(got, "__getitem__")
+           and not hasattr(got, "numpy") else got).numpy()
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
