@@ -127,7 +127,8 @@ def rounding_noise_floor(ir, inputs, reference=None, seeds: int = 2) -> float | 
     """
     import numpy as np
 
-    if not any(node.target is OPS["linear_w8a8"] for node in ir.nodes("call_function")):
+    static = (OPS["linear_w8a8"], OPS.get("conv_w8a8"))
+    if not any(node.target in static for node in ir.nodes("call_function")):
         return None
     run = ir.run
     if reference is None:

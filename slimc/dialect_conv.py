@@ -11,6 +11,12 @@ depthwise (``I/groups = 1``), pointwise (1x1) and grouped convolutions, 1-D and 
 * ``conv_int4(x, packed uint8[O,ceil(R/2)], scale f32[O,G], zero uint8[O,G], bias?, kernel,
   stride, padding, dilation, groups, group_size)``
 
+* ``conv_w8a8(x, qweight int8[O,R], in_mult f32[C], out_scale f32[O], bias?, kernel, stride,
+  padding, dilation, groups, zero_point)``: int8 weights *and* activations (static, calibrated),
+  the convolution form of ``linear_w8a8``: ``a = clamp(round(x * in_mult[c]) + zero_point,
+  -128, 127)`` per input channel ``c``, the convolution runs on the integers ``a - zero_point``
+  (padding contributes exactly 0), ``y = acc * out_scale[o] + bias[o]``.
+
 ``padding`` is explicit, ``[before, after]`` per spatial axis (``padding='same'`` of an even
 kernel is asymmetric).
 
@@ -33,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slimc.dialect import OPS, dequantize_int4, dequantize_int8, unpack_int4
+from slimc.dialect import OPS, dequantize_int4, dequantize_int8, quantize_activation, unpack_int4
 
 
 def _conv(x: Tensor, matrix: Tensor, bias: Tensor | None, kernel: list[int],
@@ -89,9 +95,31 @@ def _(x, packed, scale, zero, bias, kernel, stride, padding, dilation, groups, g
                                          dilation))
 
 
+@torch.library.custom_op("slimc::conv_w8a8", mutates_args=())
+def conv_w8a8(x: Tensor, qweight: Tensor, in_mult: Tensor, out_scale: Tensor,
+              bias: Tensor | None, kernel: list[int], stride: list[int], padding: list[int],
+              dilation: list[int], groups: int, zero_point: int) -> Tensor:
+    # As ``linear_w8a8``: an integer-valued float32 convolution, exact while partial sums stay
+    # below 2**24 (within float rounding of the artifact's int32 accumulation beyond that).
+    per_channel = in_mult.reshape(1, -1, *([1] * len(kernel)))
+    codes = quantize_activation(x, per_channel, zero_point) - zero_point
+    shape = (1, -1, *([1] * len(kernel)))
+    y = _conv(codes, qweight.float(), None, kernel, stride, padding, dilation, groups)
+    y = y * out_scale.reshape(shape)
+    return y + bias.reshape(shape) if bias is not None else y
+
+
+@conv_w8a8.register_fake
+def _(x, qweight, in_mult, out_scale, bias, kernel, stride, padding, dilation, groups,
+      zero_point):
+    return x.new_empty(conv_output_shape(x.shape, qweight.shape[0], kernel, stride, padding,
+                                         dilation))
+
+
 OPS.update({
     "conv_int8": torch.ops.slimc.conv_int8.default,
     "conv_int4": torch.ops.slimc.conv_int4.default,
+    "conv_w8a8": torch.ops.slimc.conv_w8a8.default,
 })
 
 def _dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,

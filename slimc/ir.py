@@ -531,7 +531,9 @@ class IR:
 _QUANTIZED_ARGS: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "linear_int8": (1, 1, (2, 4)), "linear_int4": (1, 2, (2, 3, 5)),
     "linear_w8a8": (1, 1, (2, 3)), "embedding_int8": (0, 1, (1,)),
-    "embedding_int4": (0, 2, (1, 2)),
+    "embedding_int4": (0, 2, (1, 2)), "conv_int8": (1, 1, (2,)), "conv_int4": (1, 2, (2, 3)),
+    "conv_w8a8": (1, 1, (2, 3)), "expert_gather_int8": (0, 1, (1,)),
+    "expert_gather_int4": (0, 2, (1, 2)),
 }
 
 

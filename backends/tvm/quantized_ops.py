@@ -471,7 +471,6 @@ def _convert_w8a8(node, importer):
     build target): VNNI or sdot where the target has them and the shape fits their tiles, the
     generic int8 kernel otherwise.
     """
-    import numpy as np
     from slimc.backends.tvm import int8_kernels
     from tvm import relax
     from tvm.target import Target
@@ -489,17 +488,43 @@ def _convert_w8a8(node, importer):
     if kind != "generic" and (k % 4 or n % int8_kernels.lanes(kind) or not isinstance(m, int)):
         # The VNNI / sdot kernels tensorize a fixed row count; symbolic rows run generic.
         kind = "generic"
-    codes = bb.emit(relax.op.round(relax.op.multiply(relax.op.reshape(x, (m, k)), in_mult)))
-    offset = int8_kernels.activation_offset(kind)
+    codes = quantize_codes(bb, relax.op.reshape(x, (m, k)), in_mult, zero_point, kind)
+    y = int8_matmul(bb, kind, codes, weight, out_scale, bias, zero_point, m, k, n)
+    return bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
+
+
+def quantize_codes(bb, x, in_mult, zero_point: int, kind: str):
+    """Static int8 codes of ``x`` as the ``kind`` kernel reads them: ``clamp(round(x *
+    in_mult) + zero_point, -128, 127)`` plus the kernel's activation offset, in its dtype
+    (elementwise Relax ops, fused into one kernel; ``in_mult`` broadcasts on the last axis)."""
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax
+
+    codes = bb.emit(relax.op.round(relax.op.multiply(x, in_mult)))
     if zero_point:
         codes = bb.emit(relax.op.add(codes, relax.const(float(zero_point), "float32")))
     codes = bb.emit(relax.op.clip(codes, -128, 127))
+    offset = int8_kernels.activation_offset(kind)
     if offset:
         codes = bb.emit(relax.op.add(codes, relax.const(float(offset), "float32")))
-    codes = bb.emit(relax.op.astype(codes, int8_kernels.activation_dtype(kind)))
+    return bb.emit(relax.op.astype(codes, int8_kernels.activation_dtype(kind)))
+
+
+def int8_matmul(bb, kind: str, codes, weight, out_scale, bias, zero_point: int, m: int | Any,
+                k: int, n: int):
+    """``y[m, n] = (sum_k (a - zp) w) * out_scale + bias`` on the ``kind`` kernel (shared by
+    the W8A8 linears and convolutions).
+
+    ``codes [m, k]``: from :func:`quantize_codes` (offset included); ``weight [n, k]`` int8;
+    the dot-product kinds need ``k % 4 == 0`` and ``n`` a multiple of their lanes.
+    """
+    import numpy as np
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax
+
     # sum_k (a + c) w = sum_k a w + c sum_k w, c = zero point (+ VNNI's unsigned offset):
     # take it back out in integers (in float it would cancel catastrophically).
-    shift = zero_point + offset
+    shift = zero_point + int8_kernels.activation_offset(kind)
     comp = relax.const(np.zeros(n, np.int32))
     if shift:
         comp = bb.emit(relax.op.multiply(
@@ -517,9 +542,8 @@ def _convert_w8a8(node, importer):
     if bias is None:
         bias = relax.const(np.zeros(n, np.float32))
     gvar = add_kernel(bb, func)
-    y = bb.emit(relax.call_tir(gvar, [codes, packed, comp, out_scale, bias],
-                               relax.TensorType((m, n), "float32")))
-    return bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
+    return bb.emit(relax.call_tir(gvar, [codes, packed, comp, out_scale, bias],
+                                  relax.TensorType((m, n), "float32")))
 
 
 def _convert_embedding(kind: str):

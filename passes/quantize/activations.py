@@ -16,6 +16,12 @@ searched on the calibration rows that enter the layer, minimising the layer's ou
 
 The calibrated scale is also why W8A8 needs representative ``--calib`` data: inputs far outside
 the calibrated range are clipped at run time.
+
+Convolutions use the same search on their im2col rows (``calib.im2col``): the weight matrix is
+``[O, I/g * kernel]`` and the rows ``[R, I * kernel]``, split into ``groups`` blocks of columns
+(one per convolution group, a batched matmul), and SmoothQuant's factor is chosen per *input
+channel* (``channel_size`` = columns per channel, the kernel's area), because the kernel
+multiplies the input tensor before it is unfolded.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ class StaticInt8:
     """The packed tensors of one W8A8 linear and what the search chose."""
 
     weight: Tensor  # int8 [N, K]
-    in_mult: Tensor  # f32 [K]: 1 / (smooth_k * input_scale)
+    in_mult: Tensor  # f32 [K] (convs: [I], per input channel): 1 / (smooth * input_scale)
     out_scale: Tensor  # f32 [N]: input_scale * weight_scale_n
     zero_point: int  # activation code of 0.0 (0: symmetric)
     alpha: float
@@ -76,28 +82,40 @@ def _ranges(scaled: Tensor, low: float, high: float) -> list[tuple[float, int, f
 
 
 def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
-                x_min: Tensor | None = None, x_max: Tensor | None = None) -> StaticInt8:
-    """Best (SmoothQuant alpha, range) for ``weight [N, K]`` on input ``rows [R, K]``.
+                x_min: Tensor | None = None, x_max: Tensor | None = None, *,
+                groups: int = 1, channel_size: int = 1) -> StaticInt8:
+    """Best (SmoothQuant alpha, range) for ``weight [N, K]`` on input ``rows [R, K * groups]``.
 
-    ``abs_max`` (and ``x_min`` / ``x_max`` if given) are per-channel extremes over *all*
+    ``abs_max`` (and ``x_min`` / ``x_max`` if given) are per-column extremes over *all*
     calibration rows (``rows`` is a sample), so the unclipped candidates cover every value seen.
+    ``groups``: rows of group ``g`` of ``weight`` read columns ``[g * K, (g + 1) * K)`` (a
+    grouped convolution); ``channel_size``: consecutive columns sharing one smoothing factor
+    (a convolution's kernel area), whose ``in_mult`` is then returned per channel.
     """
-    weight = weight.float()
-    reference = rows @ weight.t()
+    n, k = weight.shape
+    weight = weight.float().reshape(groups, n // groups, k)
+    grouped = rows.float().reshape(rows.shape[0], groups, k).transpose(0, 1)  # [G, R, K]
+    reference = grouped @ weight.transpose(1, 2)  # [G, R, N/G]
     norm = float(reference.pow(2).mean()) or 1.0
-    w_max = weight.abs().amax(dim=0).clamp_min(1e-8)
-    a_max = abs_max.float().clamp_min(1e-8)
-    lows = (x_min if x_min is not None else rows.amin(0)).float()
-    highs = (x_max if x_max is not None else rows.amax(0)).float()
+
+    def per_channel(values: Tensor) -> Tensor:  # [G, K] -> one value per channel, repeated
+        v = values.reshape(groups, k // channel_size, channel_size).amax(-1, keepdim=True)
+        return v.expand(-1, -1, channel_size).reshape(groups, 1, k)
+
+    w_max = per_channel(weight.abs().amax(dim=1)).clamp_min(1e-8)
+    a_max = per_channel(abs_max.float().reshape(groups, k)).clamp_min(1e-8)
+    lows = (x_min if x_min is not None else rows.amin(0)).float().reshape(groups, 1, k)
+    highs = (x_max if x_max is not None else rows.amax(0)).float().reshape(groups, 1, k)
     best: StaticInt8 | None = None
-    codes_buf = torch.empty_like(rows)
+    codes_buf = torch.empty_like(grouped)
     out_buf = torch.empty_like(reference)
     for alpha in ALPHAS:
         smooth = (a_max.pow(alpha) / w_max.pow(1.0 - alpha)) if alpha else torch.ones_like(a_max)
         smooth = smooth.clamp(1e-4, 1e4)
-        codes, w_scale = quantize_int8(weight * smooth)
-        dequant_t = (codes.float() * w_scale[:, None]).t()
-        scaled = rows / smooth
+        codes, w_scale = quantize_int8((weight * smooth).reshape(n, k))
+        dequant_t = (codes.float() * w_scale[:, None]).reshape(groups, n // groups, k) \
+            .transpose(1, 2)
+        scaled = grouped / smooth
         low, high = float((lows / smooth).min()), float((highs / smooth).max())
         for scale, zero, q in _ranges(scaled, low, high):
             # The fake-quantized input, in place in one buffer (the search's hot loop: these
@@ -107,7 +125,8 @@ def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
             torch.matmul(codes_buf, dequant_t, out=out_buf)
             err = float(out_buf.sub_(reference).square_().mean()) / norm
             if best is None or err < best.error:
-                best = StaticInt8(codes, (1.0 / (smooth * scale)).float(),
+                in_mult = (1.0 / (smooth * scale)).reshape(-1)[::channel_size]
+                best = StaticInt8(codes, in_mult.float().contiguous(),
                                   (scale * w_scale).float(), zero, alpha, q, err)
     assert best is not None
     return best

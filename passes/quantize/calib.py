@@ -5,6 +5,12 @@ GPTQ needs each layer's input Hessian ``H = 2/n X^T X``; AWQ needs per-channel m
 per-channel maxima and a sample of rows to choose the clipping range and SmoothQuant factor.
 All of it comes from one run of the IR per batch under :func:`slimc.observe.observe`, recording
 the activation entering each layer.
+
+A convolution is a matmul over its im2col rows: each output position reads a row of
+``C * prod(kernel)`` inputs (channel-major, the order of the weight matrix ``[O, I/g *
+kernel]``), so its statistics are those of the unfolded input, per column, and group ``g``'s
+columns are the contiguous block ``[g * K_g, (g + 1) * K_g)``. Its Hessian is kept per group
+(``[G, K_g, K_g]``): a grouped convolution's output channels only see their group's columns.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.fx import Node
 
 from slimc.ir import IR
+from slimc.layers import ConvGeometry, conv_geometry
 from slimc.observe import observe
 from slimc.passmanager import PassContext
 
@@ -26,7 +34,7 @@ from .layers import Layer
 class LayerStats:
     """Input statistics of one layer (K = input features)."""
 
-    hessian: torch.Tensor | None = None  # [K, K], sum of x x^T (scaled at the end)
+    hessian: torch.Tensor | None = None  # [K, K] (convs: [G, K_g, K_g]), sum of x x^T
     abs_sum: torch.Tensor | None = None  # [K]
     sq_sum: torch.Tensor | None = None  # [K], the diagonal of X^T X
     min: torch.Tensor | None = None  # [K], smallest x seen per input channel
@@ -61,29 +69,39 @@ def _inputs_of(layer: Layer) -> list[Node]:
 
 def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Tensor]], *,
             hessian: bool, sample_rows: int = 0) -> dict[str, LayerStats]:
-    """Run ``batches`` through ``ir`` and gather each linear layer's input statistics."""
+    """Run ``batches`` through ``ir`` and gather each linear and convolution layer's input
+    statistics (convolutions: of the im2col rows, see the module docstring)."""
     # One activation often feeds several layers (q, k and v read the same hidden states):
     # those layers share one LayerStats. A layer fed by several activations (a weight used
     # twice) gets its own, accumulated over all of them.
-    shared: dict[Node, LayerStats] = {}
-    watched: dict[Node, list[LayerStats]] = {}
+    shared: dict[tuple, LayerStats] = {}
+    watched: dict[Node, list[tuple[LayerStats, ConvGeometry | None]]] = {}
     stats: dict[str, LayerStats] = {}
     for layer in layers:
-        if layer.is_embedding or layer.kind != "linear":
+        if layer.is_embedding or layer.kind not in ("linear", "conv"):
             continue  # statistics are per input feature of a matmul
         inputs = _inputs_of(layer)
-        if len(inputs) == 1:
-            stats[layer.name] = shared.setdefault(inputs[0], LayerStats())
+        geometries = [conv_geometry(use.node, layer.shape) if layer.kind == "conv" else None
+                      for use in layer.uses]
+        if len(inputs) == 1 and len(set(geometries)) == 1:
+            stats[layer.name] = shared.setdefault((inputs[0], geometries[0]), LayerStats())
         else:
             stats[layer.name] = LayerStats()
-        for node in inputs:
-            if stats[layer.name] not in watched.setdefault(node, []):
-                watched[node].append(stats[layer.name])
+        for use, geometry in zip(layer.uses, geometries, strict=True):
+            if use.input_arg is None:
+                continue
+            node = use.node.args[use.input_arg]
+            entry = (stats[layer.name], geometry)
+            if not any(st is entry[0] and g == geometry for st, g in watched.get(node, [])):
+                watched.setdefault(node, []).append(entry)
 
     def accumulate(n: Node, args: tuple, result) -> None:
         if isinstance(result, torch.Tensor):
-            for st in watched[n]:
-                _accumulate(st, result.detach(), hessian, sample_rows)
+            for st, geometry in watched[n]:
+                rows = result.detach() if geometry is None else im2col(result.detach(),
+                                                                       geometry)
+                _accumulate(st, rows, hessian, sample_rows,
+                            geometry.groups if geometry is not None else 0)
 
     observe(ir, batches, {node: accumulate for node in watched})
     for st in {id(st): st for st in stats.values()}.values():
@@ -92,10 +110,31 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
     return stats
 
 
-def _accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, sample_rows: int) -> None:
+def im2col(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    """The rows ``[N * positions, C * prod(kernel)]`` a convolution multiplies its weight
+    matrix with (columns channel-major, as ``Layer.matrix`` flattens ``[O, I/g, *kernel]``)."""
+    x = x.float()
+    kernel, stride, dilation = geometry.kernel, geometry.stride, geometry.dilation
+    pads = geometry.padding
+    if len(kernel) == 1:  # 1-D: a 2-D convolution of height 1
+        x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
+        pads = (0, 0, *pads)
+    x = F.pad(x, [pads[2], pads[3], pads[0], pads[1]])
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C * k, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _accumulate(st: LayerStats, x: torch.Tensor, hessian: bool, sample_rows: int,
+                groups: int = 0) -> None:
+    """Add rows ``x [..., K]``; ``groups`` > 0: a convolution's im2col rows (the Hessian per
+    group)."""
     x = x.reshape(-1, x.shape[-1]).float()
     if hessian:
-        h = x.t() @ x
+        if groups:
+            per_group = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # [G, R, K_g]
+            h = per_group.transpose(1, 2) @ per_group
+        else:
+            h = x.t() @ x
         st.hessian = h if st.hessian is None else st.hessian + h
     a = x.abs().sum(0)
     st.abs_sum = a if st.abs_sum is None else st.abs_sum + a

@@ -5,9 +5,11 @@ gptq|awq, budget=4.5, embeddings=true}`` rewrites every quantizable layer (see `
 one of slimc's quantized ops, whose operands are the packed tensors the artifact stores. The IR
 stays executable in PyTorch, so the pass manager measures what quantization cost.
 
-``activations=int8`` turns every linear whose weights are int8 into a W8A8 linear with a static,
-calibrated input scale (``activations.py``): the artifact runs it on the target's int8
-dot-product instructions (VNNI, sdot). Embedding gathers keep weight-only int8.
+``activations=int8`` turns every linear and convolution whose weights are int8 into a W8A8 op
+with a static, calibrated input scale (``activations.py``): the artifact runs it on the
+target's int8 dot-product instructions (VNNI, sdot). Embedding gathers and expert tensors keep
+weight-only int8. ``method=gptq`` rounds convolutions too (per group, over the im2col rows);
+AWQ's input scaling applies to linear layers.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class QuantizeOptions(PassOptions):
         "int8", description="Weight format, or `mixed` to choose one per layer under `budget`.")
     activations: Literal["none", "int8"] = Field(
         "none", description="`int8`: static int8 inputs (calibrated scale, SmoothQuant "
-        "migration) for every int8-weight linear, run on int8 dot-product kernels; needs "
+        "migration) for every int8-weight linear and convolution, run on int8 dot-product "
+        "kernels; needs "
         "`weights=int8` or `mixed` and `method=rtn`. `none`: weight-only.")
     act_max_error: float = Field(
         1.0, gt=0.0, description="`activations=int8`: a layer whose calibrated W8A8 output "
@@ -183,9 +186,18 @@ def _gpu_target(ctx: PassContext) -> str | None:
 
 
 def _w8a8_layer(layer: Layer, fmt: Format, st: calib.LayerStats | None) -> bool:
-    """Whether ``layer`` gets static int8 activations (an int8 linear with calibration rows)."""
-    return (layer.kind not in ("conv", "expert") and fmt.kind == "int8" and not layer.is_embedding
+    """Whether ``layer`` gets static int8 activations (an int8 linear or convolution with
+    calibration rows)."""
+    return (layer.kind != "expert" and fmt.kind == "int8" and not layer.is_embedding
             and st is not None and bool(st.rows))
+
+
+def _conv_shape(layer: Layer) -> tuple[int, int]:
+    """``(groups, kernel area)`` of a convolution layer: the search's column blocks."""
+    area = 1
+    for k in layer.shape[2:]:
+        area *= int(k)
+    return layer.groups(), area
 
 
 def _static_int8_all(ir: IR, layers: list[Layer],
@@ -194,7 +206,9 @@ def _static_int8_all(ir: IR, layers: list[Layer],
     their own weight and calibration rows, so they run in parallel)."""
     def job(layer: Layer):
         matrix, st = layer.matrix(ir), stats[layer.name]
-        return lambda: static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max)
+        groups, area = _conv_shape(layer) if layer.kind == "conv" else (1, 1)
+        return lambda: static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max,
+                                   groups=groups, channel_size=area)
     found = search_all([job(la) for la in layers])
     return dict(zip([la.name for la in layers], found, strict=True))
 
@@ -236,7 +250,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         _warn_without_dot_product(ctx)
     data_aware = options.method != "rtn" or w8a8
     stats = {}
-    linears = [la for la in layers if la.kind in ("linear", "embedding")]
+    # Convolutions need their (im2col) statistics only for W8A8 and GPTQ.
+    conv_stats = w8a8 or options.method == "gptq"
+    linears = [la for la in layers if la.kind in ("linear", "embedding")
+               or (la.kind == "conv" and conv_stats)]
     if data_aware and linears:
         stats = calib.collect(ir, linears, calib.calibration_batches(ctx),
                               hessian=options.method == "gptq",
@@ -253,16 +270,14 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         method = "rtn"
         st = stats.get(layer.name)
         reached.add(layer.weight.name)
-        if layer.kind in ("conv", "expert"):
-            per_layer[layer.name] = _quantize_weight_only(ir, layer, fmt, options)
-            continue
         if layer.name in statics:
             static = statics[layer.name]
+            extra = {"kind": "conv", "groups": layer.groups()} if layer.kind == "conv" else {}
             if static.error > options.act_max_error:
                 rewrite(ir, layer, "int8", pack(matrix, fmt))
                 per_layer[layer.name] = {"format": "int8", "method": "rtn",
                                          "shape": list(matrix.shape),
-                                         "w8a8_calib_error": static.error}
+                                         "w8a8_calib_error": static.error, **extra}
                 continue
             rewrite(ir, layer, "w8a8", static.tensors(), zero_point=static.zero_point)
             per_layer[layer.name] = {"format": "int8", "activations": "int8",
@@ -270,7 +285,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
                                      "shape": list(matrix.shape), "smooth_alpha": static.alpha,
                                      "range_quantile": static.clip,
                                      "zero_point": static.zero_point,
-                                     "calib_error": static.error}
+                                     "calib_error": static.error, **extra}
+            continue
+        if layer.kind in ("conv", "expert"):
+            per_layer[layer.name] = _quantize_weight_only(ir, layer, fmt, options, st)
             continue
         if st is not None and _int_kind(fmt) and st.rows:
             if options.method == "gptq":
@@ -299,25 +317,57 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
             "per_layer": per_layer, **mixed_info}
 
 
-def _quantize_weight_only(ir: IR, layer: Layer, fmt: Format,
-                          options: QuantizeOptions) -> dict:
-    """Convolutions and expert tensors: per output channel (per expert) round-to-nearest.
+def _quantize_weight_only(ir: IR, layer: Layer, fmt: Format, options: QuantizeOptions,
+                          st: calib.LayerStats | None = None) -> dict:
+    """Convolutions and expert tensors: per output channel (per expert), weight-only.
 
-    GPTQ/AWQ and static int8 activations apply to linear layers (their calibration statistics
-    are per input feature of a matmul); these layers are rounded to nearest and say so.
+    Convolutions are rounded by GPTQ with ``method=gptq`` (one GPTQ per convolution group, on
+    the Hessian of its im2col rows: the convolution is a matmul over ``I/g * kernel`` inputs),
+    else to nearest. AWQ's input scaling and static int8 activations of expert tensors are not
+    implemented; those layers are rounded to nearest and say so.
     """
     matrix = layer.matrix(ir)
-    tensors = pack(matrix, fmt)
+    method = "rtn"
+    if (layer.kind == "conv" and options.method == "gptq" and st is not None
+            and st.hessian is not None and _int_kind(fmt)):
+        tensors = _gptq_grouped(matrix, st.hessian, fmt)
+        method = "gptq"
+    else:
+        tensors = pack(matrix, fmt)
     if layer.kind == "expert":
         experts, rows = layer.shape[0], matrix.shape[0] // layer.shape[0]
         tensors = {k: v.reshape(experts, rows, *v.shape[1:]) for k, v in tensors.items()}
     rewrite(ir, layer, fmt.kind, tensors, fmt.group_size)
-    entry = {"format": str(fmt), "method": "rtn", "kind": layer.kind,
+    entry = {"format": str(fmt), "method": method, "kind": layer.kind,
              "shape": list(layer.shape)}
     if layer.kind == "conv":
         entry["groups"] = layer.groups()
-    if options.method != "rtn" or options.activations != "none":
+    if options.method != method or (options.activations != "none" and layer.kind == "expert"):
         entry["note"] = (f"{layer.kind} weights are rounded to nearest, weight-only: "
-                         f"method={options.method} and activations={options.activations} "
-                         "apply to linear layers")
+                         + ("AWQ's input scaling applies to linear layers"
+                            if options.method == "awq" and layer.kind == "conv" else
+                            f"method={options.method} and activations={options.activations} "
+                            "apply to linear layers and convolutions"))
     return entry
+
+
+def _gptq_grouped(matrix, hessian, fmt: Format) -> dict:
+    """GPTQ of a convolution's weight matrix ``[O, K_g]``, one GPTQ per group (its rows and
+    the Hessian ``[G, K_g, K_g]`` of its im2col columns); packed like round-to-nearest."""
+    import torch
+
+    from .formats import Int4Params
+
+    groups = hessian.shape[0]
+    rows = matrix.shape[0] // groups
+    codes, grids = [], []
+    for g in range(groups):
+        c, grid = gptq(matrix[g * rows:(g + 1) * rows], hessian[g], fmt)
+        codes.append(c)
+        grids.append(grid)
+    codes_all = torch.cat(codes)
+    if fmt.kind == "int8":
+        return {"weight": codes_all, "scale": torch.cat(grids)}
+    params = Int4Params(torch.cat([p.scale for p in grids]), torch.cat([p.zero for p in grids]),
+                        fmt.group_size)
+    return pack(matrix, fmt, params=params, codes=codes_all)

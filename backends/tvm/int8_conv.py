@@ -1,0 +1,238 @@
+"""CPU lowering of W8A8 convolutions (``slimc::conv_w8a8``, ops: ``slimc.dialect_conv``).
+
+The W8A8 linears' machinery, reused rather than copied: the input is quantized by the same
+fused elementwise ops (``quantized_ops.quantize_codes``) and multiplied by the same int8
+kernels with the same zero-point compensation (``quantized_ops.int8_matmul``: VNNI
+``vpdpbusd`` on x86 with AVX-512 VNNI, ``sdot`` on Armv8.2+, the generic int8 kernel
+elsewhere). What is new is only how a convolution becomes that matmul:
+
+* **Dense convolutions** (``groups == 1``: regular, pointwise, 1-D): the codes are written
+  NHWC, channels padded to a multiple of 4 (a dot-product instruction reduces 4 bytes) and the
+  borders padded with the zero point's code, so padding contributes exactly 0; an im2col kernel
+  gathers the rows ``[N * Ho * Wo, kh * kw * C]`` (channel innermost: each kernel tap is one
+  contiguous copy of ``C`` bytes). A 1x1, stride-1 convolution needs no im2col: its NHWC codes
+  *are* the rows. The weight matrix is permuted to the same ``(kh, kw, C)`` column order, its
+  output channels padded to the instruction's lanes (16 for VNNI, 4 for sdot) with zero rows,
+  all at build time (constant folding); the result is cropped and returned NCHW.
+* **Grouped and depthwise convolutions** take a direct integer kernel (NCHW, int8 x int8 ->
+  int32 in vector lanes over output columns, the float epilogue fused): a dot-product
+  instruction reduces 4 consecutive inputs of *one* output channel, and a depthwise channel has
+  only ``kh * kw`` of them (9 for 3x3): padded to 12 and broadcast across lanes, three quarters
+  of each instruction would multiply padding or another channel's data. Depthwise layers are
+  a few percent of a MobileNet's MACs, so the int path without dot products costs little.
+
+Winograd: quantized convolutions never take the Winograd path (``schedules/winograd.py`` is for
+fp32). Its transformed weights ``G g G^T`` are fractions (1/2, 1/4 entries) that int8 codes
+cannot hold exactly, and its input transform grows the activation range 4x (F(2,3)) or more,
+which costs 2+ bits of an 8-bit grid; integer Winograd schemes need wider (int16) tiles and
+lose the exactness the tests check. The im2col + dot-product path does 9 MACs per output per
+channel, but at 4x the throughput of fp32 FMAs (64 int8 MACs per ``vpdpbusd`` vs 16 fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from slimc.backends.tvm.quantized_ops import (
+    _arg,
+    _finish,
+    _static_shape,
+    add_kernel,
+    int8_matmul,
+    quantize_codes,
+)
+
+from slimc.dialect import register_lowering
+from slimc.dialect_conv import conv_output_shape
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _i64(*values: int):
+    """int64 shape dims: Relax's tensors have them, and FuseTIR may fuse the quantizing
+    elementwise ops into these kernels, whose buffers must then match."""
+    from tvm import tirx
+
+    return tuple(tirx.IntImm("int64", v) for v in values)
+
+
+@functools.lru_cache(maxsize=256)
+def im2col_kernel(dtype: str, n: int, h: int, w: int, c: int, kernel: tuple[int, int],
+                  stride: tuple[int, int], dilation: tuple[int, int]):
+    """``(codes[N, H, W, C] (padded), rows[N * Ho * Wo, kh * kw * C])``: the convolution's
+    input rows, channel innermost (one contiguous ``C``-byte copy per kernel tap)."""
+    from tvm import s_tir, te
+
+    kh, kw = kernel
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    codes = te.placeholder(_i64(n, h, w, c), dtype, name="codes")
+
+    def value(m, kk):
+        b, rest = m // (ho * wo), m % (ho * wo)
+        tap, ch = kk // c, kk % c
+        return codes[b, (rest // wo) * stride[0] + (tap // kw) * dilation[0],
+                     (rest % wo) * stride[1] + (tap % kw) * dilation[1], ch]
+
+    rows = te.compute(_i64(n * ho * wo, kh * kw * c), value, name="rows")
+    sch = s_tir.Schedule(te.create_prim_func([codes, rows]))
+    m, kk = sch.get_loops(sch.get_sblock("rows"))
+    sch.parallel(m)
+    _, ch = sch.split(kk, [kh * kw, c])
+    if c % 4 == 0:
+        sch.vectorize(ch if c <= 64 else sch.split(ch, [None, 64])[1])
+    name = (f"slimc_im2col_{dtype}_{n}x{h}x{w}x{c}_k{kh}x{kw}_s{stride[0]}x{stride[1]}"
+            f"_d{dilation[0]}x{dilation[1]}")
+    return _finish(sch.mod["main"], name)
+
+
+#: Output columns accumulated together in int32 vector lanes (the largest dividing the width).
+LANES = (16, 8, 4, 2)
+
+
+@functools.lru_cache(maxsize=256)
+def grouped_kernel(x_shape: tuple[int, int, int, int], out_channels: int,
+                   kernel: tuple[int, int], stride: tuple[int, int],
+                   dilation: tuple[int, int], groups: int):
+    """``(codes[N,C,H,W] int8 (padded), w[O,R] int8, comp[O] int32, scale[O], bias[O],
+    y[N,O,Ho,Wo])``: ``y = float(sum a * w - comp) * scale + bias`` for grouped and depthwise
+    convolutions, parallel over (image, output channel, output row), output columns in int32
+    vector lanes."""
+    from tvm import s_tir, te
+
+    n, c, h, w = x_shape
+    kh, kw = kernel
+    cg, og = c // groups, out_channels // groups
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    a = te.placeholder(_i64(n, c, h, w), "int8", name="a")
+    wt = te.placeholder(_i64(out_channels, cg * kh * kw), "int8", name="w")
+    comp = te.placeholder(_i64(out_channels), "int32", name="comp")
+    scale = te.placeholder(_i64(out_channels), "float32", name="scale")
+    bias = te.placeholder(_i64(out_channels), "float32", name="bias")
+    rc = te.reduce_axis(_i64(0, cg), name="rc")
+    ri = te.reduce_axis(_i64(0, kh), name="ri")
+    rj = te.reduce_axis(_i64(0, kw), name="rj")
+    acc = te.compute(
+        _i64(n, out_channels, ho, wo),
+        lambda b, o, i, j: te.sum(
+            a[b, (o // og) * cg + rc, i * stride[0] + ri * dilation[0],
+              j * stride[1] + rj * dilation[1]].astype("int32")
+            * wt[o, (rc * kh + ri) * kw + rj].astype("int32"), axis=[rc, ri, rj]), name="acc")
+    y = te.compute(acc.shape, lambda b, o, i, j: (acc[b, o, i, j] - comp[o]).astype("float32")
+                   * scale[o] + bias[o], name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, wt, comp, scale, bias, y]))
+    block = sch.get_sblock("acc")
+    b, o, i, j, lc, li, lj = sch.get_loops(block)
+    lanes = next((v for v in LANES if wo % v == 0), 1)
+    outer = sch.fuse(b, o, i)
+    jo, ji = sch.split(j, [None, lanes])
+    sch.reorder(outer, jo, lc, li, lj, ji)
+    sch.parallel(outer)
+    sch.reverse_compute_at(sch.get_sblock("y"), jo)
+    sch.set_scope(block, 0, "local")
+    if lanes > 1:
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(sch.get_sblock("y"))[-1])
+    init = sch.decompose_reduction(block, lc)
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    name = (f"slimc_conv_w8a8_grouped_{n}x{c}x{h}x{w}_o{out_channels}_k{kh}x{kw}_s{stride[0]}x"
+            f"{stride[1]}_d{dilation[0]}x{dilation[1]}_g{groups}")
+    return _finish(sch.mod["main"], name)
+
+
+def _convert_conv_w8a8(node, importer):
+    """``slimc::conv_w8a8`` -> quantize (+ im2col) + the int8 kernels (see the module doc)."""
+    import numpy as np
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax
+    from tvm.target import Target
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    weight, in_mult, out_scale = (importer.env[node.args[i]] for i in (1, 2, 3))
+    bias = _arg(importer, node, 4)
+    kernel, stride, padding, dilation = (list(node.args[5 + i]) for i in range(4))
+    groups, zero_point = int(node.args[9]), int(node.args[10])
+    shape = _static_shape(x)
+    out_channels, reduction = _static_shape(weight)
+    if len(kernel) == 1:  # conv1d: a 2-D convolution of height 1
+        kernel, stride, dilation = [1, *kernel], [1, *stride], [1, *dilation]
+        padding = [0, 0, *padding]
+        x = bb.emit(relax.op.reshape(x, (shape[0], shape[1], 1, shape[2])))
+    n, c, h, w = _static_shape(x)
+    padded = (n, c, h + padding[0] + padding[1], w + padding[2] + padding[3])
+    out = conv_output_shape(padded, out_channels, kernel, stride, [0] * 4, dilation)
+    _, _, ho, wo = out
+    if bias is None:
+        bias = relax.const(np.zeros(out_channels, np.float32))
+    kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
+    if groups > 1:
+        codes = quantize_codes(bb, relax.op.permute_dims(x, [0, 2, 3, 1]), in_mult, zero_point,
+                               "generic")  # NHWC so in_mult broadcasts over channels
+        codes = relax.op.permute_dims(codes, [0, 3, 1, 2])
+        if any(padding):
+            codes = relax.op.nn.pad(codes, [0, 0, 0, 0, *padding], pad_value=float(zero_point))
+        codes = bb.emit(codes)
+        comp = bb.emit(relax.op.multiply(relax.op.sum(relax.op.astype(weight, "int32"), axis=[1]),
+                                         relax.const(zero_point, "int32")))
+        func = grouped_kernel(padded, out_channels, tuple(kernel), tuple(stride),
+                              tuple(dilation), groups)
+        y = bb.emit(relax.call_tir(add_kernel(bb, func), [codes, weight, comp, out_scale, bias],
+                                   relax.TensorType(out, "float32")))
+    else:
+        y = _dense(bb, kind, x, weight, out_scale, bias, zero_point, in_mult,
+                   (n, c, h, w), padding, kernel, stride, dilation, (ho, wo), out_channels)
+    if len(shape) == 3:
+        y = bb.emit(relax.op.reshape(y, (n, out_channels, wo)))
+    return y
+
+
+def _dense(bb, kind, x, weight, out_scale, bias, zero_point, in_mult, x_shape, padding, kernel,
+           stride, dilation, out_hw, out_channels):
+    """A ``groups == 1`` convolution as one int8 matmul over its NHWC im2col rows."""
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax
+
+    n, c, h, w = x_shape
+    kh, kw = kernel
+    ho, wo = out_hw
+    dot = kind != "generic"
+    cp = _round_up(c, 4) if dot else c
+    op = _round_up(out_channels, int8_kernels.lanes(kind)) if dot else out_channels
+    codes = quantize_codes(bb, relax.op.permute_dims(x, [0, 2, 3, 1]), in_mult, zero_point,
+                           kind)
+    fill = float(zero_point + int8_kernels.activation_offset(kind))  # the code of 0.0
+    if any(padding) or cp != c:
+        codes = bb.emit(relax.op.nn.pad(codes, [0, 0, padding[0], padding[1], padding[2],
+                                                padding[3], 0, cp - c], pad_value=fill))
+    m, k = n * ho * wo, kh * kw * cp
+    pointwise = (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and not any(padding)
+    if pointwise:
+        rows = bb.emit(relax.op.reshape(codes, (m, k)))
+    else:
+        hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
+        dtype = int8_kernels.activation_dtype(kind)
+        func = im2col_kernel(dtype, n, hp, wp, cp, (kh, kw), tuple(stride), tuple(dilation))
+        rows = bb.emit(relax.call_tir(add_kernel(bb, func), [codes],
+                                      relax.TensorType((m, k), dtype)))
+    # The weight in the rows' column order (kh, kw, C), zero-padded to (op, k): build time.
+    matrix = relax.op.permute_dims(relax.op.reshape(weight, (out_channels, c, kh, kw)),
+                                   [0, 2, 3, 1])
+    if cp != c or op != out_channels:
+        matrix = relax.op.nn.pad(matrix, [0, op - out_channels, 0, 0, 0, 0, 0, cp - c])
+        out_scale = relax.op.nn.pad(out_scale, [0, op - out_channels])
+        bias = relax.op.nn.pad(bias, [0, op - out_channels])
+    matrix = bb.emit(relax.op.reshape(matrix, (op, k)))
+    out_scale, bias = bb.emit(out_scale), bb.emit(bias)
+    y = int8_matmul(bb, kind, rows, matrix, out_scale, bias, zero_point, m, k, op)
+    if op != out_channels:
+        y = relax.op.strided_slice(y, [1], [0], [out_channels])
+    y = relax.op.reshape(y, (n, ho, wo, out_channels))
+    return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
+register_lowering("conv_w8a8", "llvm", _convert_conv_w8a8)
