@@ -1,9 +1,11 @@
 """Real accuracy of quantized convolutions: a small CNN trained on Fashion-MNIST, compiled by
-slimc as fp32, int8 weight-only and int4 weight-only, top-1 of each compiled artifact on the
-10,000 test images.
+slimc as fp32, int8 weight-only, int8 W8A8 (static int8 activations, calibrated on 512
+training images) and int4 weight-only, top-1 of each compiled artifact on the 10,000 test
+images.
 
     python benchmarks/quantize_cnn_fmnist.py                  # trains 1 epoch, 2 threads
     python benchmarks/quantize_cnn_fmnist.py --epochs 2 --json out.json
+    python benchmarks/quantize_cnn_fmnist.py --weights w.pt   # train once, reuse afterwards
 
 Data: Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*.gz``, idx
 format). The network has the layer types the quantizer must reach: regular 3x3 convolutions,
@@ -30,7 +32,10 @@ from torch import nn
 DATA = Path(os.environ.get("FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 BATCH = 100  # images per artifact call (the compiled input shape)
 PIPELINES = {"fp32": "", "int8": "quantize{weights=int8}",
+             "w8a8": "quantize{weights=int8,activations=int8}",
              "int4": "quantize{weights=int4,group_size=64}"}
+#: Training images the W8A8 activation ranges are calibrated on (never test images).
+CALIB_IMAGES = 512
 
 
 def load_idx(name: str) -> np.ndarray:
@@ -111,12 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--weights", type=Path, help="trained weights: loaded if the file "
+                        "exists, else written after training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import slimc
 
-    model = train(args.epochs)
+    if args.weights and args.weights.exists():
+        model = FashionCNN()
+        model.load_state_dict(torch.load(args.weights))
+        model.eval()
+    else:
+        model = train(args.epochs)
+        if args.weights:
+            torch.save(model.state_dict(), args.weights)
     images, labels = dataset("test")
     with torch.no_grad():
         eager = top1(lambda x: model(x).numpy(), images, labels)
@@ -124,12 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     weights = work / "weights.pt"
     torch.save(model.state_dict(), weights)
     os.environ["SLIMC_FMNIST_WEIGHTS"] = str(weights)
+    calib = work / "calib.npy"
+    train_images, _ = dataset("train")
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))
+    np.save(calib, train_images[order[:CALIB_IMAGES]].numpy())
     rows = {"eager (PyTorch fp32)": {"top1": eager}}
     for name, pipeline in PIPELINES.items():
+        static = "activations=int8" in pipeline
         result = slimc.compile_model(
             f"{Path(__file__).resolve()}:factory",
             slimc.CompileOptions(pipeline=pipeline or None, output=work / name,
-                                 threads=args.threads))
+                                 threads=args.threads, calib=calib if static else None))
         manifest = json.loads((result.output / "manifest.json").read_text())
         artifact = slimc.load(result.output)
         input_name = next(iter(artifact.example_inputs()))

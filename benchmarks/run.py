@@ -3,6 +3,7 @@
     python benchmarks/run.py                       # MiniLM, CNN, decode step; 2 threads
     python benchmarks/run.py --models minilm --runs 50 --threads 2
     python benchmarks/run.py --models minilm --engines slimc,slimc-w8a8,ort,ort-dyn8,torch-dyn8
+    python benchmarks/run.py --models cnn,mobilenet_v2 --engines slimc,slimc-w8a8,ort,ort-qdq8
 
 Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
 round-robin, rotating who goes first, with a short idle pause before each block so the previous
@@ -16,8 +17,10 @@ Quantized engines (MiniLM and decode by default): ``slimc-w8a8`` is the artifact
 tokenized like the input, when the ``bible`` program is installed), ``slimc-int8w`` /
 ``slimc-int4w`` weight-only int8 / int4-g128, ``torch-dyn8`` PyTorch's
 dynamic int8 linears (``torch.ao.quantization.quantize_dynamic``), ``ort-dyn8`` ONNX Runtime's
-dynamic int8 (``onnxruntime.quantization.quantize_dynamic`` of the same ONNX graph). The
-"rel.L2 vs eager" column is their fidelity.
+dynamic int8 (``onnxruntime.quantization.quantize_dynamic`` of the same ONNX graph), ``ort-qdq8``
+ONNX Runtime's static int8 (``quantize_static``, QDQ format, per-channel int8 weights, int8
+activations, MinMax calibration on the same calibration data as ``slimc-w8a8``: for the CNNs
+``models.image_calibration``). The "rel.L2 vs eager" column is their fidelity.
 """
 
 from __future__ import annotations
@@ -33,14 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODELS = ("minilm", "cnn", "decode")
+MODELS = ("minilm", "cnn", "decode")  # also: mobilenet_v2
 #: slimc engines: the artifact of each pipeline (None: the default, fp32).
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
          "slimc-int4w": "quantize{weights=int4,group_size=128}"}
 #: The fp32 artifact after ``--tune N`` (``--tune-trials``), tuned into a fresh database.
 TUNED = "slimc-tuned"
-ENGINES = (*SLIMC, TUNED, "eager", "ort", "torch-dyn8", "ort-dyn8")
+ENGINES = (*SLIMC, TUNED, "eager", "ort", "torch-dyn8", "ort-dyn8", "ort-qdq8")
 #: Engines run when --engines is not given: the quantized ones only where they are a target.
 DEFAULT_ENGINES = {
     "minilm": ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8"),
@@ -137,9 +140,14 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
                 return dynamic(**inputs)
         callers["torch-dyn8"] = torch_dyn8
         outputs["torch-dyn8"] = torch_dyn8().numpy()
-    if {"ort", "ort-dyn8"} & set(engines):
+    if {"ort", "ort-dyn8", "ort-qdq8"} & set(engines):
         onnx_path = workdir / f"{name}.onnx"
         session = _ort_session(module, inputs, args.threads, onnx_path)
+        if "ort-qdq8" in engines:
+            qdq = _ort_session(module, inputs, args.threads, onnx_path,
+                               static_int8=_calibration_arrays(name, workdir))
+            callers["ort-qdq8"] = lambda: qdq.run(None, arrays)
+            outputs["ort-qdq8"] = qdq.run(None, arrays)[0]
         if "ort" in engines:
             callers["ort"] = lambda: session.run(None, arrays)
             outputs["ort"] = session.run(None, arrays)[0]
@@ -199,13 +207,32 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
     return runner, [spec["name"] for spec in compiled.manifest["inputs"]]
 
 
+def _calibration_arrays(name: str, workdir: Path) -> dict | None:
+    """The static int8 engines' calibration data as named arrays (N samples each)."""
+    import numpy as np
+
+    path = _calibration_file(name, workdir)
+    if path is None:
+        return None
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
 def _calibration_file(name: str, workdir: Path) -> Path | None:
-    """MiniLM: 8 windows of KJV Genesis tokenized like the benchmark input (``.npz``)."""
+    """MiniLM: 8 windows of KJV Genesis tokenized like the benchmark input; CNNs: 8 random
+    images (``models.image_calibration``); as ``.npz``."""
     import shutil
     import subprocess
 
     import numpy as np
 
+    if name in ("cnn", "mobilenet_v2"):
+        sys.path.insert(0, str(HERE))
+        import models
+
+        path = workdir / f"{name}-calib.npz"
+        np.savez(path, **{k: v.numpy() for k, v in models.image_calibration().items()})
+        return path
     if name != "minilm" or not shutil.which("bible"):
         return None
     import transformers
@@ -225,7 +252,8 @@ def _calibration_file(name: str, workdir: Path) -> Path | None:
     return path
 
 
-def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = False):
+def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = False,
+                 static_int8: dict | None = None):
     import onnxruntime as ort
     import torch
 
@@ -243,12 +271,44 @@ def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = 
         quantized = path.with_suffix(".dyn8.onnx")
         quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
         path = quantized
+    if static_int8 is not None:
+        path = _ort_static_int8(path, static_int8)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_static_int8(path: Path, calibration: dict) -> Path:
+    """``quantize_static`` in QDQ format (what ONNX Runtime recommends for CPUs): the graph
+    pre-processed first (shape inference, batch norms fused), per-channel int8 weights, int8
+    activations with MinMax ranges from ``calibration`` (one sample per call)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            count = min(len(v) for v in calibration.values())
+            self.items = iter([{k: v[i:i + 1] for k, v in calibration.items()}
+                               for i in range(count)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    prepared = path.with_suffix(".pre.onnx")
+    quantized = path.with_suffix(".qdq8.onnx")
+    quant_pre_process(str(path), str(prepared))
+    quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
+    return quantized
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -258,27 +318,36 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": med, "q1": q1, "q3": q3, "min": min(values), "max": max(values)}
 
 
+#: Baselines each engine's median is divided by (a column each, when that engine ran).
+BASES = ("eager", "ort", "ort-qdq8", "slimc")
+
+
 def print_table(results: list[Result], args) -> None:
     header = (f"{'model':8} {'engine':10} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
-              f" {'/eager':>7} {'/ort':>6} {'rel.L2 vs eager':>16}")
+              + "".join(f" {'/' + b:>9}" for b in BASES) + f" {'rel.L2 vs eager':>16}")
     print(header)
     print("-" * len(header))
     for res in results:
         stats = {e: _stats(t) for e, t in res.times.items() if t}
-        bases = {b: stats[b]["median"] for b in ("eager", "ort") if b in stats}
+        bases = {b: stats[b]["median"] for b in BASES if b in stats}
         for engine, s in stats.items():
             ratios = [f"{s['median'] / bases[b]:.2f}x" if b in bases and b != engine else ""
-                      for b in ("eager", "ort")]
+                      for b in BASES]
             agree = res.agreement.get(engine)
             print(f"{res.model:8} {engine:10} {s['median']:10.2f} "
                   f"{s['q1']:7.2f}-{s['q3']:<8.2f} {s['min']:8.2f}-{s['max']:<9.2f}"
-                  f" {ratios[0]:>7} {ratios[1]:>6}"
-                  f" {'' if agree is None else f'{agree:.2e}':>16}")
+                  + "".join(f" {r:>9}" for r in ratios)
+                  + f" {'' if agree is None else f'{agree:.2e}':>16}")
         if res.compile_s is not None:
             print(f"{res.model:8} slimc compile {res.compile_s:.1f} s (TVM build {res.build_s} s)")
         for note in res.notes:
             print(f"{res.model:8} note: {note}")
-    print("(/eager, /ort: engine median over PyTorch eager's / ONNX Runtime fp32's; < 1 = faster)")
+    print("(/X: engine median over engine X's median, from the same interleaved run; < 1 = "
+          "faster. ort = ONNX Runtime fp32, ort-qdq8 = its static int8, slimc = slimc fp32)")
+    try:
+        print(f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    except OSError:
+        pass
 
 
 def _cpu_name() -> str:

@@ -81,7 +81,7 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
     nodes = {key: ir.add_weight(f"{base}_{kind}_{key}", value) for key, value in tensors.items()}
     act_node = ir.add_weight(f"{base}_act_scale", act_scale) if act_scale is not None else None
     if layer.kind == "conv":
-        _rewrite_convs(ir, layer, kind, nodes, group_size, zero_point)
+        _rewrite_convs(ir, layer, kind, nodes, group_size, zero_point, act_node)
         return
     if layer.kind == "expert":
         _rewrite_experts(ir, layer, kind, nodes, group_size)
@@ -124,7 +124,9 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
 
 
 def _rewrite_convs(ir: IR, layer: Layer, kind: str, nodes: dict[str, Node],
-                   group_size: int, zero_point: int = 0) -> None:
+                   group_size: int, zero_point: int = 0, act_node: Node | None = None) -> None:
+    """``act_node``: AWQ's per-input-channel multiplier ``[1, C, 1(, 1)]``, applied to the
+    input by an elementwise ``mul`` before the convolution (the conv ops take none)."""
     if kind not in ("int8", "int4", "w8a8"):
         raise ValueError(f"no quantized convolution for {kind}")
     for use in layer.uses:
@@ -132,12 +134,18 @@ def _rewrite_convs(ir: IR, layer: Layer, kind: str, nodes: dict[str, Node],
         geometry = conv_geometry(node, layer.shape)
         assert geometry is not None
         bias = node.args[2] if len(node.args) > 2 else None
+        x = node.args[0]
+        if act_node is not None:
+            with ir.graph.inserting_before(node):
+                scaled = ir.graph.call_function(aten.mul.Tensor, (x, act_node))
+            scaled.meta = dict(x.meta)
+            x = scaled
         if kind == "w8a8":
             packed = [nodes["weight"], nodes["in_mult"], nodes["out_scale"]]
         else:
             packed = [nodes["weight"], nodes["scale"]] + ([nodes["zero"]] if kind == "int4"
                                                           else [])
-        args = (node.args[0], *packed, bias, list(geometry.kernel), list(geometry.stride),
+        args = (x, *packed, bias, list(geometry.kernel), list(geometry.stride),
                 list(geometry.padding), list(geometry.dilation), geometry.groups)
         if kind == "int4":
             args = (*args, group_size)

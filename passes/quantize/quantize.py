@@ -250,8 +250,8 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         _warn_without_dot_product(ctx)
     data_aware = options.method != "rtn" or w8a8
     stats = {}
-    # Convolutions need their (im2col) statistics only for W8A8 and GPTQ.
-    conv_stats = w8a8 or options.method == "gptq"
+    # Convolutions need their (im2col) statistics only for W8A8, GPTQ and AWQ.
+    conv_stats = w8a8 or options.method != "rtn"
     linears = [la for la in layers if la.kind in ("linear", "embedding")
                or (la.kind == "conv" and conv_stats)]
     if data_aware and linears:
@@ -322,30 +322,43 @@ def _quantize_weight_only(ir: IR, layer: Layer, fmt: Format, options: QuantizeOp
     """Convolutions and expert tensors: per output channel (per expert), weight-only.
 
     Convolutions are rounded by GPTQ with ``method=gptq`` (one GPTQ per convolution group, on
-    the Hessian of its im2col rows: the convolution is a matmul over ``I/g * kernel`` inputs),
-    else to nearest. AWQ's input scaling and static int8 activations of expert tensors are not
-    implemented; those layers are rounded to nearest and say so.
+    the Hessian of its im2col rows: the convolution is a matmul over ``I/g * kernel`` inputs)
+    and scaled by AWQ with ``method=awq`` (``groups == 1``; one scale per input channel,
+    applied to the input by a ``mul`` before the convolution), else rounded to nearest.
+    Expert tensors are rounded to nearest; a layer that did not get the method asked for says
+    so in its ``note``.
     """
     matrix = layer.matrix(ir)
     method = "rtn"
+    act_scale = None
     if (layer.kind == "conv" and options.method == "gptq" and st is not None
             and st.hessian is not None and _int_kind(fmt)):
         tensors = _gptq_grouped(matrix, st.hessian, fmt)
         method = "gptq"
+    elif (layer.kind == "conv" and options.method == "awq" and layer.groups() == 1
+          and st is not None and st.rows and _int_kind(fmt)):
+        # One scale per input channel (shared by its kernel taps): the mean |x| of the
+        # channel's columns, which AWQ's search raises to its alpha.
+        area = matrix.shape[1] // int(layer.shape[1])
+        channel_mean = st.mean_abs.reshape(-1, area).mean(1)
+        s, _ = awq_scale(matrix, channel_mean.repeat_interleave(area), st.sample_rows(), fmt)
+        tensors = pack(matrix * s, fmt)
+        act_scale = (1.0 / s[::area]).reshape(1, -1, *[1] * (len(layer.shape) - 2))
+        method = "awq"
     else:
         tensors = pack(matrix, fmt)
     if layer.kind == "expert":
         experts, rows = layer.shape[0], matrix.shape[0] // layer.shape[0]
         tensors = {k: v.reshape(experts, rows, *v.shape[1:]) for k, v in tensors.items()}
-    rewrite(ir, layer, fmt.kind, tensors, fmt.group_size)
+    rewrite(ir, layer, fmt.kind, tensors, fmt.group_size, act_scale)
     entry = {"format": str(fmt), "method": method, "kind": layer.kind,
              "shape": list(layer.shape)}
     if layer.kind == "conv":
         entry["groups"] = layer.groups()
     if options.method != method or (options.activations != "none" and layer.kind == "expert"):
         entry["note"] = (f"{layer.kind} weights are rounded to nearest, weight-only: "
-                         + ("AWQ's input scaling applies to linear layers"
-                            if options.method == "awq" and layer.kind == "conv" else
+                         + ("AWQ's per-channel input scaling applies to convolutions with "
+                            "groups=1" if options.method == "awq" and layer.kind == "conv" else
                             f"method={options.method} and activations={options.activations} "
                             "apply to linear layers and convolutions"))
     return entry
