@@ -65,32 +65,6 @@ def cnn():
     return Logits().eval(), {"pixel_values": torch.randn(1, 3, 224, 224)}
 
 
-def mobilenet_v2():
-    """MobileNetV2 1.0 (transformers' ``MobileNetV2ForImageClassification``, random weights and
-    trained-looking batch norms), 1x3x224x224: depthwise 3x3 + pointwise 1x1 blocks."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.MobileNetV2Config(image_size=224, num_labels=1000)
-    model = transformers.MobileNetV2ForImageClassification(config).eval()
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():  # fresh batch norms are the identity
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_((torch.rand(n, generator=generator) - 0.5) * 0.2)
-            module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values=pixel_values).logits
-
-    return Logits().eval(), {"pixel_values": torch.randn(1, 3, 224, 224)}
-
-
 def image_calibration(count: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
     """Calibration images for the CNNs' static int8 engines (slimc W8A8 and ONNX Runtime's
     QDQ): ``count`` standard-normal 3x224x224 images, the distribution of the benchmark input,
