@@ -127,3 +127,112 @@ def mobilenet_v2():
     config = transformers.MobileNetV2Config(depth_multiplier=1.0, image_size=224,
                                             num_labels=1000)
     return _image_model(transformers.MobileNetV2ForImageClassification(config))
+
+
+def _text(model: torch.nn.Module, batch: int, seq: int, vocab: int, field="last_hidden_state"):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, seq), generator=gen)
+    return _Select(model.eval(), field).eval(), {
+        "input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
+
+
+def bert_base():
+    """BERT-base (random weights), batch 1 x 128 tokens."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig()
+    return _text(transformers.BertModel(config, add_pooling_layer=False), 1, 128,
+                 config.vocab_size)
+
+
+def _minilm_shaped(batch: int, seq: int):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=384, num_hidden_layers=6,
+                                     num_attention_heads=12, intermediate_size=1536,
+                                     max_position_embeddings=max(512, seq))
+    return _text(transformers.BertModel(config, add_pooling_layer=False), batch, seq,
+                 config.vocab_size)
+
+
+def minilm_b8():
+    """MiniLM-L6-shaped BERT (random weights), batch 8 x 128 tokens."""
+    return _minilm_shaped(8, 128)
+
+
+def minilm_1024():
+    """MiniLM-L6-shaped BERT (random weights), batch 1 x 1024 tokens (a long sequence)."""
+    return _minilm_shaped(1, 1024)
+
+
+def distilbert_384():
+    """DistilBERT-base (random weights), batch 1 x 384 tokens."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig()
+    return _text(transformers.DistilBertModel(config), 1, 384, config.vocab_size)
+
+
+def t5_small_encoder():
+    """T5-small encoder (``T5EncoderModel``, random weights), batch 1 x 256 tokens."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                                   num_heads=8)
+    return _text(transformers.T5EncoderModel(config), 1, 256, config.vocab_size)
+
+
+def efficientnet_b0():
+    """EfficientNet-B0 (``EfficientNetForImageClassification``, random weights), 1x3x224x224."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.EfficientNetConfig(image_size=224, num_labels=1000)
+    return _image_model(transformers.EfficientNetForImageClassification(config))
+
+
+def convnext_tiny():
+    """ConvNeXt-T (``ConvNextForImageClassification``, random weights), 1x3x224x224."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768],
+                                         num_labels=1000)
+    return _image_model(transformers.ConvNextForImageClassification(config))
+
+
+def resnet50():
+    """ResNet-50 (``ResNetForImageClassification``, bottleneck, random weights), 1x3x224x224."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3],
+                                       hidden_sizes=[256, 512, 1024, 2048], embedding_size=64,
+                                       num_labels=1000)
+    return _image_model(transformers.ResNetForImageClassification(config))
+
+
+class _Audio(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_features=input_features).last_hidden_state
+
+
+def whisper_tiny_encoder():
+    """Whisper-tiny's encoder (random weights) on 30 s of 80-bin log-mel: 1500 frames out."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6,
+                                        decoder_layers=4, decoder_attention_heads=6,
+                                        encoder_ffn_dim=1536, decoder_ffn_dim=1536,
+                                        num_mel_bins=80)
+    encoder = transformers.WhisperModel(config).get_encoder().eval()
+    return _Audio(encoder).eval(), {"input_features": torch.randn(1, 80, 3000)}

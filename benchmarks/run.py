@@ -4,6 +4,12 @@
     python benchmarks/run.py --models minilm --runs 50 --threads 2
     python benchmarks/run.py --models minilm --engines slimc,slimc-w8a8,ort,ort-dyn8,torch-dyn8
     python benchmarks/run.py --models cnn,mobilenet_v2 --engines slimc,slimc-w8a8,ort,ort-qdq8
+    python benchmarks/run.py --models table --engines slimc,ort   # the ten-workload table
+
+``--models table`` is the ten workloads of :data:`TABLE` (five that were tuned for by nobody:
+BERT-base, MiniLM batch 8, DistilBERT seq 384, ViT-Small/16, MobileNetV2; and five more vision,
+audio and text models); ``long`` the long-sequence / batch workloads of :data:`LONG`. With
+slimc and ORT both run, the summary ends with the geometric mean of slimc/ORT.
 
 Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
 round-robin, rotating who goes first, with a short idle pause before each block so the previous
@@ -37,6 +43,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("minilm", "cnn", "decode")  # also: mobilenet_v2
+#: ``--models table``: the workload table of docs/benchmarks.md (factories in models.py).
+TABLE = ("vit_small", "mobilenet_v2", "bert_base", "minilm_b8", "distilbert_384",
+         "efficientnet_b0", "convnext_tiny", "resnet50", "whisper_tiny_encoder",
+         "t5_small_encoder")
+#: ``--models long``: long sequences and batches.
+LONG = ("minilm_1024", "minilm_b8")
+PRESETS = {"table": TABLE, "long": LONG}
 #: slimc engines: the artifact of each pipeline (None: the default, fp32).
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
@@ -93,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slimc-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in [m for m in args.models.split(",") if m]:
+    names = [n for m in args.models.split(",") if m for n in PRESETS.get(m, (m,))]
+    for name in names:
         engines = ([e for e in args.engines.split(",") if e] if args.engines
                    else list(DEFAULT_ENGINES.get(name, ("slimc", "eager", "ort"))))
         print(f"== {name}: preparing {', '.join(engines)}", file=sys.stderr, flush=True)
@@ -101,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results[-1:], args)
     print(f"\n# {len(results)} model(s), {args.threads} thread(s), host {_cpu_name()}")
     print_table(results, args)
+    print_geomean(results)
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
     return 0
@@ -323,7 +338,7 @@ BASES = ("eager", "ort", "ort-qdq8", "slimc")
 
 
 def print_table(results: list[Result], args) -> None:
-    header = (f"{'model':8} {'engine':10} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
+    header = (f"{'model':14} {'engine':10} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
               + "".join(f" {'/' + b:>9}" for b in BASES) + f" {'rel.L2 vs eager':>16}")
     print(header)
     print("-" * len(header))
@@ -334,20 +349,34 @@ def print_table(results: list[Result], args) -> None:
             ratios = [f"{s['median'] / bases[b]:.2f}x" if b in bases and b != engine else ""
                       for b in BASES]
             agree = res.agreement.get(engine)
-            print(f"{res.model:8} {engine:10} {s['median']:10.2f} "
+            print(f"{res.model:14} {engine:10} {s['median']:10.2f} "
                   f"{s['q1']:7.2f}-{s['q3']:<8.2f} {s['min']:8.2f}-{s['max']:<9.2f}"
                   + "".join(f" {r:>9}" for r in ratios)
                   + f" {'' if agree is None else f'{agree:.2e}':>16}")
         if res.compile_s is not None:
-            print(f"{res.model:8} slimc compile {res.compile_s:.1f} s (TVM build {res.build_s} s)")
+            print(f"{res.model:14} slimc compile {res.compile_s:.1f} s (TVM build {res.build_s} s)")
         for note in res.notes:
-            print(f"{res.model:8} note: {note}")
+            print(f"{res.model:14} note: {note}")
     print("(/X: engine median over engine X's median, from the same interleaved run; < 1 = "
           "faster. ort = ONNX Runtime fp32, ort-qdq8 = its static int8, slimc = slimc fp32)")
     try:
         print(f"load average (1, 5, 15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     except OSError:
         pass
+
+
+def print_geomean(results: list[Result]) -> None:
+    """Geometric mean and worst of slimc's median over ORT's, over the models that ran both."""
+    import numpy as np
+
+    ratios = {r.model: float(np.median(r.times["slimc"]) / np.median(r.times["ort"]))
+              for r in results if r.times.get("slimc") and r.times.get("ort")}
+    if len(ratios) < 2:
+        return
+    geomean = float(np.exp(np.mean(np.log(list(ratios.values())))))
+    worst = max(ratios, key=ratios.get)
+    print(f"slimc/ort over {len(ratios)} models: geometric mean {geomean:.2f}x, "
+          f"worst {worst} {ratios[worst]:.2f}x; load average {os.getloadavg()[0]:.1f}")
 
 
 def _cpu_name() -> str:
