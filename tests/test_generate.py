@@ -33,6 +33,16 @@ ARCHS = {
     "gpt2": (T.GPT2Config, T.GPT2LMHeadModel,
              dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128,
                   bos_token_id=0, eos_token_id=0, initializer_range=0.2)),
+    # Partial rotary + parallel residual; learned positions offset by 2; fused QKV split.
+    "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM,
+                 dict(TEXT, num_key_value_heads=None, eos_token_id=1, initializer_range=0.2)),
+    "opt": (T.OPTConfig, T.OPTForCausalLM,
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                 vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=32,
+                 eos_token_id=1, init_std=0.2)),
+    "falcon": (T.FalconConfig, T.FalconForCausalLM,
+               dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                    max_position_embeddings=64, eos_token_id=1, initializer_range=0.2)),
 }
 PROMPT_LENGTHS = (2, 9, 21)  # one chunk, two, three (prefill length 8)
 NEW_TOKENS = 8
@@ -155,11 +165,11 @@ def test_arm_artifact_generates_under_qemu(artifacts, aarch64_emulator, tmp_path
     assert result.tokens == _reference(model_dir, prompt)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "int4,group_size=32,zero_point=float"])
 def test_quantized_artifacts_generate_and_match_their_ir(artifacts, weights, tmp_path):
     model_dir, _ = artifacts("llama")
     out = compile_model(model_dir, CompileOptions(
-        generate=True, pipeline=f"quantize{{weights={weights}}}", output=tmp_path / weights,
+        generate=True, pipeline=f"quantize{{weights={weights}}}", output=tmp_path / "out",
         save_ir=True, threads=2, **GEN)).output
     model = slimc.load(out)
     assert model.manifest["weight_bytes_after"] < model.manifest["weight_bytes_before"] / 3

@@ -118,6 +118,10 @@ class Generator:
                                   for _ in range(2 * self.layers)]
             self.caches = []
         self._prefill, self._decode = vm["prefill"], vm["decode"]
+        # Decode's token / position inputs: written in place each step, wrapped once.
+        self._token, self._pos = aligned_zeros((1, 1), "int64"), aligned_zeros((1,), "int64")
+        self._step_inputs = [as_tensor(self._token), as_tensor(self._pos)] \
+            if device is None else None
 
     def _clear(self) -> None:
         if self.device is None:
@@ -169,7 +173,13 @@ class Generator:
         return logits
 
     def decode(self, token: int, pos: int) -> np.ndarray:
-        return self._run(self._decode, np.array([[token]], np.int64), pos, None, 1)
+        if self._step_inputs is None:
+            return self._run(self._decode, np.array([[token]], np.int64), pos, None, 1)
+        self._token[0, 0], self._pos[0] = token, pos
+        out = self._decode(*self._step_inputs, *self.cache_tensors)
+        for cache, rows in zip(self.caches, out[1:], strict=True):
+            cache[:, :, pos] = np.from_dlpack(rows)[:, :, 0]
+        return np.from_dlpack(out[0]).reshape(-1).copy()
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling,
                  stop_ids: Sequence[int] = (), on_token: Callable[[int], None] = lambda t: None,

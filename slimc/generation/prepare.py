@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from slimc.calibration import CalibrationData, load_calibration
 from slimc.errors import UsageError
-from slimc.generation.wrapper import PrefillDecode, cache_geometry, layer_windows
+from slimc.generation.wrapper import PrefillDecode, layer_windows, measured_geometry
 from slimc.loaders.base import LoadedModel
 
 #: Cache length when the user does not choose one (capped by the model's maximum positions).
@@ -71,7 +72,7 @@ def prepare_generation(loaded: LoadedModel, max_length: int | None,
         raise UsageError(f"--prefill-length {prefill_length} must be at least 1 and below "
                          f"--max-length {max_length}.",
                          hint="Prompts longer than the prefill length are fed in chunks.")
-    layers, kv_heads, head_dim = cache_geometry(module.config)
+    layers, kv_heads, head_dim = measured_geometry(module)
     combined = PrefillDecode(module, max_length).eval()
     probe = torch.zeros(1, kv_heads, max_length, head_dim)
     with torch.no_grad():
@@ -112,6 +113,35 @@ def prepare_generation(loaded: LoadedModel, max_length: int | None,
     wrapped = replace(loaded, module=combined, example_inputs=inputs, as_kwargs=False,
                       extra={**loaded.extra, "task": "generate"})
     return wrapped, spec
+
+
+def generation_calibration(path, template: dict[str, torch.Tensor], *, step,
+                           model_dir=None, max_batches: int = 4) -> CalibrationData:
+    """``--calib`` data for a generation graph: both of its steps see real text.
+
+    The text (or token ``.npy``) is cut into windows of ``prefill_length + 1`` tokens. Each
+    batch's prefill half gets the first ``prefill_length`` tokens at position 0; its decode half
+    gets the next token at position ``prefill_length``, with the cache holding the keys/values
+    that ``step`` (the model, in PyTorch) computed for the window, so GPTQ/AWQ statistics of
+    every layer come from real activations of both entry points.
+    """
+    prefill = int(template["prompt_ids"].shape[1])
+    data = load_calibration(path, {"input_ids": torch.zeros(1, prefill + 1, dtype=torch.int64)},
+                            model_dir=model_dir, max_batches=max_batches)
+    names = [n for n in template if n.startswith("cache_")]
+    batches = []
+    for source in data.batches:
+        ids = source["input_ids"]
+        caches = [torch.zeros_like(template[n]) for n in names]
+        with torch.no_grad():
+            out = step(ids[:, :prefill], torch.tensor([0]), torch.tensor([prefill - 1]), *caches)
+        for cache, rows in zip(caches, out[1:], strict=True):
+            cache[:, :, :prefill] = rows
+        batch = {"prompt_ids": ids[:, :prefill], "prompt_pos": torch.tensor([0]),
+                 "prompt_last": torch.tensor([prefill - 1]), "token": ids[:, prefill:],
+                 "token_pos": torch.tensor([prefill]), **dict(zip(names, caches, strict=True))}
+        batches.append({n: batch[n] for n in template})
+    return replace(data, batches=batches)
 
 
 def entry_plan(spec: dict[str, Any], input_names: list[str]) -> dict[str, tuple[list, list]]:
