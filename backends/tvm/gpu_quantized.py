@@ -28,7 +28,8 @@ def _arg(importer, node, index: int):
 
 
 @functools.lru_cache(maxsize=256)
-def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int = 0):
+def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int = 0,
+                zero_dtype: str = "uint8"):
     """``y[m, n] = sum_k x[m, k] * decode(w)[n, k]`` for weight format ``kind``."""
     from tvm import te, tirx
 
@@ -42,7 +43,7 @@ def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int =
     elif kind == "int4":
         w = te.placeholder((n, (k + 1) // 2), "uint8", name="w")
         scale = te.placeholder((n, groups), "float32", name="scale")
-        zero = te.placeholder((n, groups), "uint8", name="zero")
+        zero = te.placeholder((n, groups), zero_dtype, name="zero")
         inputs = [x, w, scale, zero]
 
         def decode(i, j):
@@ -83,7 +84,7 @@ def w8a8_func(m: int, k: int, n: int):
 
 @functools.lru_cache(maxsize=64)
 def embedding_func(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
-                   width: int = 0, groups: int = 0):
+                   width: int = 0, groups: int = 0, zero_dtype: str = "uint8"):
     from tvm import te, tirx
 
     ids = te.placeholder((rows,), "int64", name="ids")
@@ -96,7 +97,7 @@ def embedding_func(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
     else:
         w = te.placeholder((vocab, width), "uint8", name="w")
         scale = te.placeholder((vocab, groups), "float32", name="scale")
-        zero = te.placeholder((vocab, groups), "uint8", name="zero")
+        zero = te.placeholder((vocab, groups), zero_dtype, name="zero")
         inputs = [ids, w, scale, zero]
 
         def gather(i, j):
@@ -140,7 +141,7 @@ def _convert_linear(kind: str):
             scale, zero = importer.env[node.args[2]], importer.env[node.args[3]]
             group = int(node.args[6])
             tensors = [weight, scale, zero]
-            func = linear_func("int4", m, k, n, group, _shape(scale)[1])
+            func = linear_func("int4", m, k, n, group, _shape(scale)[1], str(zero.ty.dtype))
         else:
             bias, act = _arg(importer, node, 2), None
             tensors = [weight]
@@ -202,7 +203,8 @@ def _convert_embedding(kind: str):
             groups = _shape(scale)[1]
             dim = embedding_int4_dim(width, groups, group)
             extra = [scale, importer.env[node.args[2]]]
-            func_args = dict(dim=dim, group=group, width=width, groups=groups)
+            func_args = dict(dim=dim, group=group, width=width, groups=groups,
+                             zero_dtype=str(extra[1].ty.dtype))
         ids = importer.env[ids_node]
         ids_shape = _shape(ids)
         rows = 1

@@ -31,7 +31,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from slimc.backends.tvm.quantized_ops import _arg, _finish, _static_shape, add_kernel
+from slimc.backends.tvm.quantized_ops import (
+    _arg,
+    _finish,
+    _static_shape,
+    add_kernel,
+    zero_dtype_of,
+)
 
 from slimc.dialect import register_lowering
 from slimc.dialect_conv import OPS, conv_int4, conv_int8, conv_output_shape  # noqa: F401
@@ -47,7 +53,7 @@ LANES = (16, 8, 4, 2)
 @functools.lru_cache(maxsize=256)
 def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int,
                 kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-                groups: int, group: int = 0):
+                groups: int, group: int = 0, zero_dtype: str = "uint8"):
     """``(x_padded[N,C,H,W], weight..., y[N,O,Ho,Wo])`` with the dequantization in the loop.
 
     Parallel over (image, output channel, output row); each row's output columns are
@@ -81,7 +87,7 @@ def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int
         groups_r = -(-reduction // group)
         wt = te.placeholder(i64(out_channels, (reduction + 1) // 2), "uint8", name="w")
         s = te.placeholder(i64(out_channels, groups_r), "float32", name="scale")
-        z = te.placeholder(i64(out_channels, groups_r), "uint8", name="zero")
+        z = te.placeholder(i64(out_channels, groups_r), zero_dtype, name="zero")
         params = [x, wt, s, z]
 
         def deq(o, r):
@@ -151,7 +157,8 @@ def _convert(kind: str):
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, *padding]))
         x_shape = _static_shape(x)
         func = conv_kernel(kind, x_shape, out_channels, tuple(kernel), tuple(stride),
-                           tuple(dilation), groups, group)
+                           tuple(dilation), groups, group,
+                           zero_dtype_of(extra[1]) if kind == "int4" else "uint8")
         out = conv_output_shape(x_shape, out_channels, kernel, stride, [0] * 4, dilation)
         y = bb.emit(relax.call_tir(add_kernel(bb, func), [x, weight, *extra],
                                    relax.TensorType(out, "float32")))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from slimc.backends.tvm.quantized_ops import _finish, _static_shape, add_kernel
+from slimc.backends.tvm.quantized_ops import _finish, _static_shape, add_kernel, zero_dtype_of
 
 from slimc.dialect import register_lowering
 from slimc.dialect_conv import OPS, expert_k
@@ -28,7 +28,7 @@ from slimc.dialect_conv import OPS, expert_k
 
 @functools.lru_cache(maxsize=64)
 def gather_kernel(kind: str, rows: int, experts: int, n: int, k: int, group: int,
-                  transposed: bool):
+                  transposed: bool, zero_dtype: str = "uint8"):
     """``(ids[rows], packed..., out[rows, n, k] or [rows, k, n])``, parallel over rows."""
     from tvm import s_tir, te, tirx
 
@@ -48,7 +48,7 @@ def gather_kernel(kind: str, rows: int, experts: int, n: int, k: int, group: int
         groups = -(-k // group)
         w = te.placeholder(i64(experts, n, (k + 1) // 2), "uint8", name="w")
         s = te.placeholder(i64(experts, n, groups), "float32", name="scale")
-        z = te.placeholder(i64(experts, n, groups), "uint8", name="zero")
+        z = te.placeholder(i64(experts, n, groups), zero_dtype, name="zero")
         params = [ids, w, s, z]
 
         def value(r, j, kk):
@@ -92,7 +92,8 @@ def _convert(kind: str):
         for d in ids_shape:
             rows *= d
         flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), (rows,)))
-        func = gather_kernel(kind, rows, experts, n, k, group, transposed)
+        func = gather_kernel(kind, rows, experts, n, k, group, transposed,
+                             zero_dtype_of(extra[1]) if kind == "int4" else "uint8")
         tail = (k, n) if transposed else (n, k)
         out = bb.emit(relax.call_tir(add_kernel(bb, func), [flat, table, *extra],
                                      relax.TensorType((rows, *tail), "float32")))

@@ -79,8 +79,12 @@ def _pads_to_groups(k: int, group: int) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int = 0):
+def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int = 0,
+                  zero_dtype: str = "uint8"):
     """A scheduled PrimFunc ``(x[m,k], weight tiles..., y[m,n])`` with dequant in the loop.
+
+    ``zero_dtype``: int4 zero points are ``uint8`` (integer grid points), or ``float32`` for
+    ``zero_point=float`` grids (a per-group minimum, as GGUF's Q4_1 stores it).
 
     int4 with a partial last group takes ``x[m, K']``, ``K'`` = ``k`` rounded up to whole
     groups (the converter pads x and the packed codes with zeros).
@@ -91,7 +95,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
     if kind == "int4" and _pads_to_groups(k, group):
         k = -(-k // group) * group
     if kind == "int4" and FACTORED_INT4 and group % 2 == 0 and k % group == 0:
-        return _int4_grouped_kernel(m, k, n, group, t)
+        return _int4_grouped_kernel(m, k, n, group, t, zero_dtype)
     x = te.placeholder((row_var(m), k), "float32", name="x")
     r = te.reduce_axis((0, k), name="k")
     if kind == "int8":
@@ -110,7 +114,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
         groups = -(-k // group)
         w = te.placeholder((n // t, (k + 1) // 2, t), "uint8", name="w")
         s = te.placeholder((n // t, groups, t), "float32", name="scale")
-        z = te.placeholder((n // t, groups, t), "uint8", name="zero")
+        z = te.placeholder((n // t, groups, t), zero_dtype, name="zero")
         params = [x, w, s, z]
 
         def deq(j, kk):
@@ -134,7 +138,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
         y = te.compute(y.shape, lambda i, j: y[i, j] * s[j], name="scaled")
     func = te.create_prim_func([*params, y], index_dtype(m))
     name = f"slimc_linear_{kind}_{m or 'dyn'}x{k}x{n}" + (f"_g{group}" if group else "") \
-        + (f"_t{t}" if tile else "")
+        + (f"_t{t}" if tile else "") + _zero_suffix(zero_dtype)
     if kind == "int8":
         rows = row_block(m)
         func = (_schedule_int8_rows(func, t, rows) if rows > 1
@@ -143,7 +147,17 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
     return _finish(_schedule_linear(func, t), name)
 
 
-def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int):
+def _zero_suffix(zero_dtype: str) -> str:
+    return "" if zero_dtype == "uint8" else "_fz"
+
+
+def zero_dtype_of(expr) -> str:
+    """dtype of an int4 zero-point operand (``uint8`` or ``float32``)."""
+    return str(expr.ty.dtype)
+
+
+def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int,
+                         zero_dtype: str = "uint8"):
     """int4 with the dequantization factored out of the inner loop (``k % group == 0``).
 
     ``y[j] = sum_g s[j,g] * (sum_{k in g} x[k] * code[j,k] - z[j,g] * sum_{k in g} x[k])``: the
@@ -159,7 +173,7 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int):
     rows = x.shape[0]
     w = te.placeholder((n // t, k // 2, t), "uint8", name="w")
     s = te.placeholder((n // t, groups, t), "float32", name="scale")
-    z = te.placeholder((n // t, groups, t), "uint8", name="zero")
+    z = te.placeholder((n // t, groups, t), zero_dtype, name="zero")
     r1 = te.reduce_axis((0, group), name="r1")
     xs = te.compute((rows, groups), lambda i, g: te.sum(x[i, g * group + r1], axis=r1), name="xs")
     rk = te.reduce_axis((0, half), name="rk")
@@ -179,8 +193,59 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int):
         s[j // t, rg, j % t] * (acc[i, j, rg] - z[j // t, rg, j % t].astype("float32")
                                 * xs[i, rg]), axis=rg), name="y")
     func = te.create_prim_func([x, w, s, z, y], index_dtype(m))
-    name = f"slimc_linear_int4f_{m or 'dyn'}x{k}x{n}_g{group}"
+    name = f"slimc_linear_int4f_{m or 'dyn'}x{k}x{n}_g{group}" + _zero_suffix(zero_dtype)
+    rows = int4_row_block(m)
+    if rows > 1:
+        return _finish(_schedule_int4_row_block(func, t, rows), name + f"_r{rows}")
     return _finish(_schedule_int4_grouped(func, t), name)
+
+
+#: Rows of x that share each unpacked weight vector in the int4 kernel (prefill shapes).
+INT4_ROW_BLOCKS = (8, 4, 2)
+
+
+def int4_row_block(m: int | None) -> int:
+    """Rows per register block of the int4 kernel: unpacking the codes costs as much as the
+    multiply-adds, so with several rows each unpacked byte feeds ``rows`` FMA chains."""
+    if not isinstance(m, int) or m < 2:
+        return 1
+    return next((r for r in INT4_ROW_BLOCKS if m % r == 0), 1)
+
+
+def _schedule_int4_row_block(func, t: int, rows: int):
+    """:func:`_schedule_int4_grouped` with ``rows`` rows per task: parallel over (tile, row
+    block); per group, the byte loop is outermost and the rows x ``t`` lanes accumulate in
+    registers (rows unrolled, lanes vectorized), so each byte is unpacked once per block."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("y")
+    i, j, rg = sch.get_loops(block)
+    jo, ji = sch.split(j, [None, t])
+    io, ii = sch.split(i, [None, rows])
+    sch.reorder(jo, io, rg, ii, ji)
+    outer = sch.fuse(jo, io)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, outer)
+    sch.parallel(outer)
+    acc = sch.get_sblock("acc")
+    sch.compute_at(acc, rg)
+    sch.set_scope(acc, 0, "local")
+    a_rows, a_lanes, a_rk = sch.get_loops(acc)[2:]
+    sch.reorder(a_rk, a_rows, a_lanes)
+    if t > 1:
+        sch.vectorize(a_lanes)
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(local)[-1])
+    sch.unroll(a_rows)
+    sch.unroll(ii)
+    sch.decompose_reduction(acc, a_rk)
+    init = sch.decompose_reduction(block, rg)
+    if t > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    xs = sch.get_sblock("xs")
+    sch.parallel(sch.get_loops(xs)[0])
+    return sch.mod["main"]
 
 
 def _tile_rows(func, t: int):
@@ -305,7 +370,8 @@ def _schedule_int8_rows(func, t: int, rows: int):
 
 
 @functools.lru_cache(maxsize=64)
-def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0):
+def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
+                     zero_dtype: str = "uint8"):
     """Gather ``rows`` ids from a packed table and dequantize: ``(ids, table..., out)``."""
     from tvm import s_tir, te, tirx
 
@@ -325,7 +391,7 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0)
         groups = -(-dim // group)
         w = te.placeholder((vocab, (dim + 1) // 2), "uint8", name="w")
         s = te.placeholder((vocab, groups), "float32", name="scale")
-        z = te.placeholder((vocab, groups), "uint8", name="zero")
+        z = te.placeholder((vocab, groups), zero_dtype, name="zero")
         params = [ids, w, s, z]
 
         def value(i, d):
@@ -338,7 +404,8 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0)
     sch = s_tir.Schedule(te.create_prim_func([*params, out], index_dtype(rows)))
     i, d = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(i)
-    name = f"slimc_embedding_{kind}_{rows or 'dyn'}x{vocab}x{dim}" + (f"_g{group}" if group else "")
+    name = f"slimc_embedding_{kind}_{rows or 'dyn'}x{vocab}x{dim}" + (
+        f"_g{group}" if group else "") + _zero_suffix(zero_dtype)
     return _finish(sch.mod["main"], name)
 
 
@@ -443,7 +510,8 @@ def _convert_linear(kind: str):
                 packed = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, (padded - k) // 2]))
             tensors = [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
                        _tiles(bb, importer.env[node.args[3]], t)]
-            func = linear_kernel("int4", kernel_rows(m), k, n, group)
+            func = linear_kernel("int4", kernel_rows(m), k, n, group,
+                                 zero_dtype=zero_dtype_of(importer.env[node.args[3]]))
         else:
             bias, act = _arg(importer, node, 2), None
             tensors = [_tiles(bb, weight, t)]
@@ -555,18 +623,20 @@ def _convert_embedding(kind: str):
         vocab, width = _static_shape(table)
         if kind == "int8":
             ids_node, dim, group, extra = node.args[2], width, 0, [importer.env[node.args[1]]]
+            zdtype = "uint8"
         else:
             ids_node, group = node.args[3], int(node.args[4])
             scale = importer.env[node.args[1]]
             dim = embedding_int4_dim(width, _static_shape(scale)[1], group)
             extra = [scale, importer.env[node.args[2]]]
+            zdtype = zero_dtype_of(extra[1])
         ids = importer.env[ids_node]
         ids_shape = list(ids.ty.shape)
         rows = 1
         for d in ids_shape:
             rows = rows * (int(d.value) if hasattr(d, "value") else d)
         flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), (rows,)))
-        func = embedding_kernel(kind, kernel_rows(rows), vocab, dim, group)
+        func = embedding_kernel(kind, kernel_rows(rows), vocab, dim, group, zdtype)
         gvar = add_kernel(bb, func)
         out = bb.emit(relax.call_tir(gvar, [flat, table, *extra],
                                      relax.TensorType((rows, dim), "float32")))

@@ -23,15 +23,24 @@ __all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_q
 
 @dataclass(frozen=True)
 class Format:
-    """A storage format: ``kind`` in fp32/fp16/bf16/int8/int4, plus int4's grouping."""
+    """A storage format: ``kind`` in fp32/fp16/bf16/int8/int4, plus int4's grouping.
+
+    int4 grids: asymmetric with an integer zero point (default: the grid contains 0.0
+    exactly), ``symmetric``, or ``float_zero``: per group an fp32 scale and an fp32 zero point,
+    i.e. the grid ``[min, max]`` of the group, the Q4_1 layout of GGUF / llama.cpp (which
+    stores a scale and a minimum per 32 weights). Weights that already sit on such a grid
+    (a model dequantized from a Q4_1 GGUF) are represented exactly with ``group_size=32``.
+    """
 
     kind: str
     group_size: int = 0
     symmetric: bool = False
+    float_zero: bool = False
 
     def __str__(self) -> str:
         if self.kind == "int4":
-            return f"int4-g{self.group_size}{'-sym' if self.symmetric else ''}"
+            suffix = "-sym" if self.symmetric else "-fz" if self.float_zero else ""
+            return f"int4-g{self.group_size}{suffix}"
         return self.kind
 
     def bits_per_weight(self, k: int) -> float:
@@ -43,18 +52,19 @@ class Format:
         if self.kind == "int8":
             return 8.0 + 32.0 / k
         groups = -(-k // self.group_size)
-        return (4.0 * (k + k % 2) + groups * (32 + 8)) / k
+        return (4.0 * (k + k % 2) + groups * (32 + (32 if self.float_zero else 8))) / k
 
     def nbytes(self, n: int, k: int) -> float:
         return n * k * self.bits_per_weight(k) / 8.0
 
 
 def parse_format(text: str) -> Format:
-    """``int4-g128``, ``int4-g32-sym``, ``int8``, ``fp16``, ``bf16``, ``fp32``."""
+    """``int4-g128``, ``int4-g32-sym``, ``int4-g32-fz``, ``int8``, ``fp16``, ``bf16``,
+    ``fp32``."""
     if text.startswith("int4"):
         parts = text.split("-")
         group = next((int(p[1:]) for p in parts[1:] if p.startswith("g")), 128)
-        return Format("int4", group, "sym" in parts[1:])
+        return Format("int4", group, "sym" in parts[1:], "fz" in parts[1:])
     if text in ("int8", "fp16", "bf16", "fp32"):
         return Format(text)
     raise ValueError(f"unknown weight format {text!r}")
@@ -69,10 +79,10 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class Int4Params:
-    """Per-(row, group) scale and integer zero point of an int4 grid."""
+    """Per-(row, group) scale and zero point of an int4 grid: ``w = (code - zero) * scale``."""
 
     scale: Tensor  # float32 [N, G]
-    zero: Tensor  # uint8 [N, G]
+    zero: Tensor  # uint8 [N, G] (an integer grid point), or float32 (``float_zero``)
     group_size: int
 
 
@@ -86,9 +96,15 @@ def _grouped(weight: Tensor, group_size: int) -> Tensor:
     return padded.reshape(n, groups, group_size)
 
 
-def int4_params(weight: Tensor, group_size: int, symmetric: bool) -> Int4Params:
-    """Min/max grid per group: asymmetric uses all 16 codes over [min, max]."""
+def int4_params(weight: Tensor, group_size: int, symmetric: bool,
+                float_zero: bool = False) -> Int4Params:
+    """Min/max grid per group: asymmetric uses all 16 codes over [min, max] (widened to
+    contain 0.0 for an integer zero point; exactly [min, max] with ``float_zero``)."""
     grouped = _grouped(weight.float(), group_size)
+    if float_zero:
+        lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+        return Int4Params(scale.float(), (-lo / scale).float(), group_size)
     if symmetric:
         scale = (grouped.abs().amax(dim=2) / 7.0).clamp_min(1e-12)
         zero = torch.full_like(scale, 8.0)
@@ -106,6 +122,8 @@ def int4_codes(weight: Tensor, params: Int4Params) -> Tensor:
     index = torch.arange(k) // params.group_size
     scale = params.scale[:, index]
     zero = params.zero.float()[:, index]
+    if params.zero.is_floating_point():  # a fractional zero point: round after shifting
+        return torch.clamp(torch.round(weight / scale + zero), 0, 15).to(torch.uint8)
     return torch.clamp(torch.round(weight / scale) + zero, 0, 15).to(torch.uint8)
 
 
@@ -127,7 +145,7 @@ def fake_quantize(weight: Tensor, fmt: Format) -> Tensor:
         return weight.to(dtype).float()
     if fmt.kind == "int8":
         return dequantize_int8(*quantize_int8(weight))
-    params = int4_params(weight, fmt.group_size, fmt.symmetric)
+    params = int4_params(weight, fmt.group_size, fmt.symmetric, fmt.float_zero)
     codes = int4_codes(weight, params)
     return dequantize_int4(pack_int4(codes), params.scale, params.zero, fmt.group_size,
                            weight.shape[1])

@@ -44,7 +44,7 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
         block = max(group, (block // group) * group)
         groups = -(-k // group)
         scales = torch.zeros(n, groups, dtype=torch.float32)
-        zeros = torch.zeros(n, groups, dtype=torch.uint8)
+        zeros = torch.zeros(n, groups, dtype=torch.float32 if fmt.float_zero else torch.uint8)
     codes = torch.zeros(n, k, dtype=torch.int16)
 
     for i1 in range(0, k, block):
@@ -57,14 +57,15 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
             if fmt.kind == "int4" and col % group == 0:
                 g = col // group
                 span = w1[:, i:i + group] if i + group <= i2 - i1 else w[:, col:col + group]
-                p = int4_params(span.float(), group, fmt.symmetric)
+                p = int4_params(span.float(), group, fmt.symmetric, fmt.float_zero)
                 scales[:, g], zeros[:, g] = p.scale[:, 0], p.zero[:, 0]
                 s, z = scales[:, g].double(), zeros[:, g].double()
                 lo, hi = 0, 15
             elif fmt.kind == "int8":
                 s, z = scale8_d, torch.zeros_like(scale8_d)
             x = w1[:, i]
-            q = torch.clamp(torch.round(x / s) + z, lo, hi)
+            q = torch.clamp(torch.round(x / s + z) if fmt.float_zero
+                            else torch.round(x / s) + z, lo, hi)
             codes[:, col] = q.to(torch.int16)
             deq = (q - z) * s
             e = (x - deq) / hinv1[i, i]

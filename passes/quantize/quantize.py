@@ -47,6 +47,10 @@ class QuantizeOptions(PassOptions):
         "(weight-only int8); the default keeps every layer W8A8.")
     group_size: int = Field(128, ge=8, le=8192, description="Inputs per int4 scale/zero group.")
     symmetric: bool = Field(False, description="int4 without zero points (codes -8..7).")
+    zero_point: Literal["int", "float"] = Field(
+        "int", description="int4 asymmetric grids: `int` = a uint8 zero point (the grid holds "
+        "0.0 exactly); `float` = an fp32 zero point, the grid spans each group's [min, max] "
+        "(GGUF Q4_1's layout: with group_size=32 it represents Q4_1 weights exactly).")
     method: Literal["rtn", "gptq", "awq"] = Field(
         "rtn", description="Rounding: round-to-nearest, GPTQ or AWQ (both use calibration data).")
     budget: float = Field(4.5, gt=4.0, le=32.0, description="`mixed`: average bits per "
@@ -65,6 +69,11 @@ class QuantizeOptions(PassOptions):
                         "`--budget` searches write into their recipes.")
     embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
                              "dequantize) and tied output heads too.")
+    embedding_weights: Literal["same", "int8"] = Field(
+        "same", description="Format of embedding tables and output heads tied to them: `same` "
+        "as `weights`, or `int8` (per-row). llama.cpp's Q4 GGUF files keep `token_embd` at "
+        "Q8_0 for the same reason: in small LLMs the tied output head is the matrix int4 hurts "
+        "most.")
     fold_batchnorm: bool = Field(True, description="Fold inference batch norms into the "
                                  "convolutions before them first, so the weights quantized "
                                  "are the ones the model applies.")
@@ -75,6 +84,13 @@ class QuantizeOptions(PassOptions):
         if value % 2:
             raise ValueError("group_size must be even (two int4 codes per byte)")
         return value
+
+    @model_validator(mode="after")
+    def _zero_point(self) -> QuantizeOptions:
+        if self.symmetric and self.zero_point == "float":
+            raise ValueError("symmetric=true has no zero point; drop zero_point=float or "
+                             "symmetric=true")
+        return self
 
     @model_validator(mode="after")
     def _activations(self) -> QuantizeOptions:
@@ -147,8 +163,9 @@ def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
 def _base_formats(ir: IR, layers: list[Layer], ctx: PassContext,
                   options: QuantizeOptions) -> tuple[dict[str, Format], dict]:
     if options.weights != "mixed":
-        fmt = Format(options.weights, options.group_size if options.weights == "int4" else 0,
-                     options.symmetric)
+        int4 = options.weights == "int4"
+        fmt = Format(options.weights, options.group_size if int4 else 0, options.symmetric,
+                     int4 and options.zero_point == "float")
         return {layer.name: fmt for layer in layers}, {}
     candidates = [parse_format(c.strip()) for c in options.candidates.split(",")]
     if not any(c.kind == "fp32" for c in candidates):
@@ -227,6 +244,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
             reasons[la.weight.name] = f"{la.kind}: no quantized kernel for {gpu} targets yet"
             layers.remove(la)
     formats, mixed_info = choose_formats(ir, layers, ctx, options)
+    if options.embedding_weights == "int8":
+        for la in layers:
+            if la.is_embedding and formats[la.name].kind == "int4":
+                formats[la.name] = Format("int8")
     # An int4 table of odd width cannot be told from one a column wider: use int8 for it.
     for la in layers:
         if (la.is_embedding or la.kind == "expert") and formats[la.name].kind == "int4" \

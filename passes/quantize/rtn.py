@@ -27,7 +27,7 @@ def pack(weight: Tensor, fmt: Format, params: Int4Params | None = None,
         codes8, scale = quantize_int8(weight)
         return {"weight": codes8, "scale": scale}
     if fmt.kind == "int4":
-        params = params or int4_params(weight, fmt.group_size, fmt.symmetric)
+        params = params or int4_params(weight, fmt.group_size, fmt.symmetric, fmt.float_zero)
         codes = codes if codes is not None else int4_codes(weight, params)
         return {"weight": pack_int4(codes), "scale": params.scale, "zero": params.zero}
     raise ValueError(f"cannot pack format {fmt}")

@@ -1,0 +1,75 @@
+"""int4 with a float zero point (``quantize{weights=int4,zero_point=float}``): GGUF Q4_1's grid.
+
+Q4_1 stores, per block of 32 weights, a scale ``d`` and a minimum ``m`` (``w = d * q + m``).
+slimc's default asymmetric int4 has an integer zero point (the grid holds 0.0), so it cannot
+hold a Q4_1 block; with ``zero_point=float`` and ``group_size=32`` a model dequantized from a
+Q4_1 GGUF is re-quantized without any change to its weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from slimc.passes.quantize.formats import (
+    Format,
+    dequantize_int4,
+    fake_quantize,
+    int4_codes,
+    int4_params,
+    pack_int4,
+    parse_format,
+)
+
+
+def _q4_1_weights(n: int = 48, k: int = 256, seed: int = 0) -> torch.Tensor:
+    """Weights on a Q4_1 grid: per 32 inputs an fp16 scale and minimum, codes 0..15."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(n, k // 32, 1, generator=g) * 0.1).half().float()
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp's quantizer maps each block's min/max there
+    return (d * q + m).reshape(n, k)
+
+
+def test_float_zero_point_holds_q4_1_weights_exactly():
+    w = _q4_1_weights()
+    exact = fake_quantize(w, Format("int4", 32, float_zero=True))
+    assert torch.allclose(exact, w, rtol=0, atol=1e-6 * w.abs().max())
+    integer = fake_quantize(w, Format("int4", 32))
+    assert (integer - w).abs().max() > 100 * (exact - w).abs().max()
+    fmt = parse_format("int4-g32-fz")
+    assert fmt.float_zero and str(fmt) == "int4-g32-fz"
+    assert fmt.bits_per_weight(256) == pytest.approx(4 + 64 / 32)
+
+
+@pytest.mark.parametrize("m,k,n,group", [(1, 256, 64, 32), (3, 96, 24, 32), (16, 96, 32, 32),
+                                         (6, 64, 16, 32)])
+def test_float_zero_kernel_matches_the_reference(m, k, n, group):
+    import tvm
+    from slimc.backends.tvm import quantized_ops as q
+
+    torch.manual_seed(0)
+    w = torch.randn(n, k) + 0.5  # groups far from symmetric around 0
+    params = int4_params(w, group, False, float_zero=True)
+    assert params.zero.dtype == torch.float32
+    packed = pack_int4(int4_codes(w, params))
+    x = torch.randn(m, k)
+    expected = x @ dequantize_int4(packed, params.scale, params.zero, group, k).t()
+    t = q.tile_for(n, "int4")
+
+    def tiles(a):
+        return a.reshape(n // t, t, -1).permute(0, 2, 1).contiguous().numpy()
+
+    func = q.linear_kernel("int4", m, k, n, group, zero_dtype="float32")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm"})
+    args = [tvm.runtime.tensor(a) for a in (x.numpy(), tiles(packed), tiles(params.scale),
+                                            tiles(params.zero), np.zeros((m, n), "float32"))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_symmetric_with_float_zero_is_a_usage_error(hf_dir, cli, tmp_path):
+    result = cli("compile", hf_dir("llama"), "--pipeline",
+                 "quantize{weights=int4,symmetric=true,zero_point=float}", "-o", tmp_path / "o")
+    assert result.code == 2 and "zero_point" in result.err
