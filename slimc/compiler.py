@@ -115,10 +115,6 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     silence_libraries()
     native_log: list[str] = []
 
-    if options.generate and options.calib:
-        raise UsageError("--calib is not supported with --generate yet.",
-                         hint="Use weight-only passes that need no calibration (quantize with "
-                         "method rtn), or compile the forward pass without --generate.")
     stage("capture")
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(
@@ -150,11 +146,14 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     calibration = None
     if options.calib:
         from slimc.calibration import load_calibration
+        from slimc.generation.prepare import generation_calibration
 
-        calibration = load_calibration(
+        load = generation_calibration if generation is not None else load_calibration
+        calibration = load(
             options.calib, dict(zip(ir.input_names, example_inputs, strict=True)),
             model_dir=ir.annotations.get("source", {}).get("tokenizer"),
-            max_batches=options.calib_batches)
+            max_batches=options.calib_batches,
+            **({"step": loaded.module.step} if generation is not None else {}))
         warnings += calibration.warnings
         check_batches(calibration.batches, input_ranges, f"--calib {options.calib}")
         ctx.calibration_batches = [[batch[name] for name in ir.input_names]
