@@ -151,6 +151,10 @@ def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
     """Per-layer formats: uniform or the mixed-precision solver's assignment, then the
     explicit ``layers`` overrides."""
     formats, info = _base_formats(ir, layers, ctx, options)
+    if options.embedding_weights == "int8":
+        for layer in layers:
+            if layer.is_embedding and formats[layer.name].kind == "int4":
+                formats[layer.name] = Format("int8")
     rules = layer_rules(options.layers)
     for layer in layers:
         for pattern, fmt in rules:
@@ -244,10 +248,6 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
             reasons[la.weight.name] = f"{la.kind}: no quantized kernel for {gpu} targets yet"
             layers.remove(la)
     formats, mixed_info = choose_formats(ir, layers, ctx, options)
-    if options.embedding_weights == "int8":
-        for la in layers:
-            if la.is_embedding and formats[la.name].kind == "int4":
-                formats[la.name] = Format("int8")
     # An int4 table of odd width cannot be told from one a column wider: use int8 for it.
     for la in layers:
         if (la.is_embedding or la.kind == "expert") and formats[la.name].kind == "int4" \
