@@ -165,7 +165,8 @@ def test_arm_artifact_generates_under_qemu(artifacts, aarch64_emulator, tmp_path
     assert result.tokens == _reference(model_dir, prompt)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "int4,group_size=32,zero_point=float"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "int4,group_size=32,zero_point=float,"
+                                                    "embedding_weights=int8"])
 def test_quantized_artifacts_generate_and_match_their_ir(artifacts, weights, tmp_path):
     model_dir, _ = artifacts("llama")
     out = compile_model(model_dir, CompileOptions(
@@ -173,6 +174,11 @@ def test_quantized_artifacts_generate_and_match_their_ir(artifacts, weights, tmp
         save_ir=True, threads=2, **GEN)).output
     model = slimc.load(out)
     assert model.manifest["weight_bytes_after"] < model.manifest["weight_bytes_before"] / 3
+    formats = {k: v["format"] for k, v in
+               model.manifest["pipeline"][0]["summary"]["per_layer"].items()}
+    if "zero_point=float" in weights:  # the Q4_1 grid for layers, int8 for the embedding
+        assert {f for k, f in formats.items() if "embed" in k} == {"int8"}
+        assert {f for k, f in formats.items() if "embed" not in k} == {"int4-g32-fz"}
     prompt = _prompt(9, seed=3)
     result = model.generate(prompt, NEW_TOKENS, stop=False)
     assert len(result.tokens) == NEW_TOKENS
