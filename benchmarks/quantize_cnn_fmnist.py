@@ -6,6 +6,7 @@ images.
     python benchmarks/quantize_cnn_fmnist.py                  # trains 1 epoch, 2 threads
     python benchmarks/quantize_cnn_fmnist.py --epochs 2 --json out.json
     python benchmarks/quantize_cnn_fmnist.py --weights w.pt   # train once, reuse afterwards
+    python benchmarks/quantize_cnn_fmnist.py --max-steps 150  # shorter training (loaded host)
 
 Data: Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*.gz``, idx
 format). The network has the layer types the quantizer must reach: regular 3x3 convolutions,
@@ -80,18 +81,22 @@ def factory():
     return model.eval(), (torch.zeros(BATCH, 1, 28, 28),)
 
 
-def train(epochs: int, seed: int = 0) -> FashionCNN:
+def train(epochs: int, seed: int = 0, max_steps: int = 0) -> FashionCNN:
+    """Adam + one-cycle; ``max_steps`` > 0: stop after that many batches of 128 (a loaded
+    machine), the schedule shortened to match."""
     torch.manual_seed(seed)
     images, labels = dataset("train")
     model = FashionCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     steps = epochs * (len(images) // 128)
+    if max_steps:
+        steps = min(steps, max_steps)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(images))
         start = time.perf_counter()
-        for i in range(len(images) // 128):
+        for i in range(min(len(images) // 128, steps - epoch * (len(images) // 128))):
             idx = order[i * 128:(i + 1) * 128]
             loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
             optimizer.zero_grad()
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="train on at most this many batches of 128 (0: all epochs)")
     parser.add_argument("--weights", type=Path, help="trained weights: loaded if the file "
                         "exists, else written after training")
     args = parser.parse_args(argv)
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(torch.load(args.weights))
         model.eval()
     else:
-        model = train(args.epochs)
+        model = train(args.epochs, max_steps=args.max_steps)
         if args.weights:
             torch.save(model.state_dict(), args.weights)
     images, labels = dataset("test")

@@ -45,6 +45,20 @@ from slimc.backends.tvm.quantized_ops import (
 from slimc.dialect import register_lowering
 from slimc.dialect_conv import conv_output_shape
 
+#: TVM's ``OpPatternKind::kOpaque``: FuseOps fuses nothing into a kernel marked so.
+OPAQUE = 8
+
+
+def finish_opaque(func, name: str):
+    """:func:`quantized_ops._finish` plus ``op_pattern = kOpaque``.
+
+    Without it ``FuseOps`` merges the quantizing elementwise ops into these kernels (they look
+    injective / reductions to it): the quantization is then recomputed for every im2col
+    element (9x for a 3x3), and the fused function loses this module's schedule (a depthwise
+    layer of MobileNetV2 went from ~0.1 to 111 ms).
+    """
+    return _finish(func, name).with_attr("op_pattern", OPAQUE)
+
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
@@ -60,32 +74,65 @@ def _i64(*values: int):
 
 @functools.lru_cache(maxsize=256)
 def im2col_kernel(dtype: str, n: int, h: int, w: int, c: int, kernel: tuple[int, int],
-                  stride: tuple[int, int], dilation: tuple[int, int]):
-    """``(codes[N, H, W, C] (padded), rows[N * Ho * Wo, kh * kw * C])``: the convolution's
-    input rows, channel innermost (one contiguous ``C``-byte copy per kernel tap)."""
-    from tvm import s_tir, te
+                  stride: tuple[int, int], dilation: tuple[int, int], rows_to: int = 0,
+                  fill: int = 0):
+    """``(codes[N, H, W, C] (padded), rows[M, kh * kw * C])``: the convolution's input rows,
+    channel innermost (one contiguous ``C``-byte copy per kernel tap); ``M = N * Ho * Wo``,
+    or ``rows_to`` rows with the extra ones ``fill`` (so the dot kernel's row block fits)."""
+    from tvm import s_tir, te, tirx
 
     kh, kw = kernel
     ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     codes = te.placeholder(_i64(n, h, w, c), dtype, name="codes")
 
+    total = n * ho * wo
+
     def value(m, kk):
         b, rest = m // (ho * wo), m % (ho * wo)
         tap, ch = kk // c, kk % c
-        return codes[b, (rest // wo) * stride[0] + (tap // kw) * dilation[0],
+        b = tirx.min(b, n - 1)  # rows past the end (``rows_to``) read a valid pixel ...
+        read = codes[b, (rest // wo) * stride[0] + (tap // kw) * dilation[0],
                      (rest % wo) * stride[1] + (tap % kw) * dilation[1], ch]
+        if rows_to <= total:
+            return read
+        return tirx.if_then_else(m < total, read, tirx.const(fill, dtype))  # ... unused
 
-    rows = te.compute(_i64(n * ho * wo, kh * kw * c), value, name="rows")
+    rows = te.compute(_i64(max(rows_to, total), kh * kw * c), value, name="rows")
     sch = s_tir.Schedule(te.create_prim_func([codes, rows]))
     m, kk = sch.get_loops(sch.get_sblock("rows"))
     sch.parallel(m)
-    _, ch = sch.split(kk, [kh * kw, c])
-    if c % 4 == 0:
-        sch.vectorize(ch if c <= 64 else sch.split(ch, [None, 64])[1])
+    if c >= 16 or dilation[1] != 1:
+        _, ch = sch.split(kk, [kh * kw, c])  # one contiguous C-byte copy per tap
+        if c % 4 == 0:
+            sch.vectorize(ch if c <= 64 else sch.split(ch, [None, 64])[1])
+    else:  # few channels (an RGB stem): a kernel row's kw * C bytes are contiguous
+        sch.split(kk, [kh, kw * c])
     name = (f"slimc_im2col_{dtype}_{n}x{h}x{w}x{c}_k{kh}x{kw}_s{stride[0]}x{stride[1]}"
-            f"_d{dilation[0]}x{dilation[1]}")
-    return _finish(sch.mod["main"], name)
+            f"_d{dilation[0]}x{dilation[1]}" + (f"_m{rows_to}" if rows_to > total else ""))
+    return finish_opaque(sch.mod["main"], name)
+
+
+@functools.lru_cache(maxsize=256)
+def pad_kernel(shape: tuple[int, int, int, int], padding: tuple[int, int, int, int],
+               fill: int):
+    """``(codes[N,C,H,W] int8, out[N,C,H+pt+pb,W+pl+pr])``, the border ``fill`` (the zero
+    point's code), parallel over rows. Relax's ``pad`` of the last (W) axis ran ~40x slower
+    under the generic fallback schedule (13 ms for a 96x112x112 MobileNetV2 map)."""
+    from tvm import s_tir, te, tirx
+
+    n, c, h, w = shape
+    pt, pb, pl, pr = padding
+    codes = te.placeholder(_i64(n, c, h, w), "int8", name="codes")
+    out = te.compute(_i64(n, c, h + pt + pb, w + pl + pr), lambda b, ch, i, j: tirx.if_then_else(
+        tirx.all(i >= pt, i < pt + h, j >= pl, j < pl + w),
+        codes[b, ch, tirx.max(i - pt, 0), tirx.max(j - pl, 0)], tirx.const(fill, "int8")),
+        name="out")
+    sch = s_tir.Schedule(te.create_prim_func([codes, out]))
+    b, ch, i, _ = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b, ch, i))
+    return finish_opaque(sch.mod["main"], f"slimc_pad_int8_{n}x{c}x{h}x{w}_p{pt}_{pb}_{pl}_{pr}"
+                         f"_f{fill}")
 
 
 #: Output columns accumulated together in int32 vector lanes (the largest dividing the width).
@@ -141,7 +188,7 @@ def grouped_kernel(x_shape: tuple[int, int, int, int], out_channels: int,
         sch.vectorize(sch.get_loops(init)[-1])
     name = (f"slimc_conv_w8a8_grouped_{n}x{c}x{h}x{w}_o{out_channels}_k{kh}x{kw}_s{stride[0]}x"
             f"{stride[1]}_d{dilation[0]}x{dilation[1]}_g{groups}")
-    return _finish(sch.mod["main"], name)
+    return finish_opaque(sch.mod["main"], name)
 
 
 def _convert_conv_w8a8(node, importer):
@@ -171,12 +218,12 @@ def _convert_conv_w8a8(node, importer):
         bias = relax.const(np.zeros(out_channels, np.float32))
     kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
     if groups > 1:
-        codes = quantize_codes(bb, relax.op.permute_dims(x, [0, 2, 3, 1]), in_mult, zero_point,
-                               "generic")  # NHWC so in_mult broadcasts over channels
-        codes = relax.op.permute_dims(codes, [0, 3, 1, 2])
+        per_channel = relax.op.reshape(in_mult, (1, c, 1, 1))
+        codes = quantize_codes(bb, x, per_channel, zero_point, "generic")
         if any(padding):
-            codes = relax.op.nn.pad(codes, [0, 0, 0, 0, *padding], pad_value=float(zero_point))
-        codes = bb.emit(codes)
+            func = pad_kernel((n, c, h, w), tuple(padding), zero_point)
+            codes = bb.emit(relax.call_tir(add_kernel(bb, func), [codes],
+                                           relax.TensorType(padded, "int8")))
         comp = bb.emit(relax.op.multiply(relax.op.sum(relax.op.astype(weight, "int32"), axis=[1]),
                                          relax.const(zero_point, "int32")))
         func = grouped_kernel(padded, out_channels, tuple(kernel), tuple(stride),
@@ -210,15 +257,22 @@ def _dense(bb, kind, x, weight, out_scale, bias, zero_point, in_mult, x_shape, p
         codes = bb.emit(relax.op.nn.pad(codes, [0, 0, padding[0], padding[1], padding[2],
                                                 padding[3], 0, cp - c], pad_value=fill))
     m, k = n * ho * wo, kh * kw * cp
+    # The dot kernels block ROWS rows: a row count they do not divide (7x7 = 49 pixels) would
+    # fall back to single-row blocks at half the speed; compute a few padding rows instead.
+    mp = _round_up(m, int8_kernels.ROWS) if dot else m
     pointwise = (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and not any(padding)
     if pointwise:
-        rows = bb.emit(relax.op.reshape(codes, (m, k)))
+        rows = relax.op.reshape(codes, (m, k))
+        if mp != m:
+            rows = relax.op.nn.pad(rows, [0, mp - m, 0, 0], pad_value=fill)
+        rows = bb.emit(rows)
     else:
         hp, wp = h + padding[0] + padding[1], w + padding[2] + padding[3]
         dtype = int8_kernels.activation_dtype(kind)
-        func = im2col_kernel(dtype, n, hp, wp, cp, (kh, kw), tuple(stride), tuple(dilation))
+        func = im2col_kernel(dtype, n, hp, wp, cp, (kh, kw), tuple(stride), tuple(dilation),
+                             mp, int(fill))
         rows = bb.emit(relax.call_tir(add_kernel(bb, func), [codes],
-                                      relax.TensorType((m, k), dtype)))
+                                      relax.TensorType((mp, k), dtype)))
     # The weight in the rows' column order (kh, kw, C), zero-padded to (op, k): build time.
     matrix = relax.op.permute_dims(relax.op.reshape(weight, (out_channels, c, kh, kw)),
                                    [0, 2, 3, 1])
@@ -228,9 +282,9 @@ def _dense(bb, kind, x, weight, out_scale, bias, zero_point, in_mult, x_shape, p
         bias = relax.op.nn.pad(bias, [0, op - out_channels])
     matrix = bb.emit(relax.op.reshape(matrix, (op, k)))
     out_scale, bias = bb.emit(out_scale), bb.emit(bias)
-    y = int8_matmul(bb, kind, rows, matrix, out_scale, bias, zero_point, m, k, op)
-    if op != out_channels:
-        y = relax.op.strided_slice(y, [1], [0], [out_channels])
+    y = int8_matmul(bb, kind, rows, matrix, out_scale, bias, zero_point, mp, k, op)
+    if op != out_channels or mp != m:
+        y = relax.op.strided_slice(y, [0, 1], [0, 0], [m, out_channels])
     y = relax.op.reshape(y, (n, ho, wo, out_channels))
     return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 

@@ -124,7 +124,9 @@ def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int
         sch.vectorize(sch.get_loops(init)[-1])
     name = (f"slimc_conv_{kind}_{n}x{c}x{h}x{w}_o{out_channels}_k{kh}x{kw}_s{stride[0]}x"
             f"{stride[1]}_d{dilation[0]}x{dilation[1]}_g{groups}" + (f"_q{group}" if group else ""))
-    return _finish(sch.mod["main"], name)
+    # Opaque to FuseOps: fusing the input's pad into it would drop this schedule (see
+    # ``int8_conv.finish_opaque``).
+    return _finish(sch.mod["main"], name).with_attr("op_pattern", 8)
 
 
 # ---------------------------------------------------------------------------------------------
