@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Protocol
 from slimc import interrupts
 
 from .common import log
-from .cpu_matmul import CONSTANT_OPERANDS, PREPROC, TiledMatmul
+from .cpu_matmul import CONSTANT_OPERANDS, PREPROC, TiledMatmul, clamp_padded_rows
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
+from .parallel_guard import guard_parallel_loops
 from .symbolic_tails import peel_symbolic_tails
 from .winograd import WinogradTransform
 
@@ -69,7 +70,8 @@ def schedule_prim_func(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
         if sch is not None:
             log.debug("rule %s scheduled %s", rule.name, name)
             _peel(sch, name)
-            return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            return _guard(_clamp(sch.mod["main"], name), name).with_attr(
+                "tirx.is_scheduled", True)
     return func
 
 
@@ -80,6 +82,26 @@ def _peel(sch, name: str) -> None:
     except Exception as exc:  # noqa: BLE001 - correct either way, only slower
         interrupts.check()
         log.debug("tails of %s not peeled: %s", name, _last_line(exc))
+
+
+def _clamp(func, name: str):
+    """Padded rows read in place (:func:`.cpu_matmul.clamp_padded_rows`)."""
+    try:
+        return clamp_padded_rows(func)
+    except Exception as exc:  # noqa: BLE001 - the guarded reads stay: correct, a bit slower
+        interrupts.check()
+        log.debug("padded rows of %s not clamped: %s", name, _last_line(exc))
+        return func
+
+
+def _guard(func, name: str):
+    """Parallel loops of symbolic work behind a run-time test (:mod:`.parallel_guard`)."""
+    try:
+        return guard_parallel_loops(func)
+    except Exception as exc:  # noqa: BLE001 - correct either way, only slower when small
+        interrupts.check()
+        log.debug("parallel loops of %s not guarded: %s", name, _last_line(exc))
+        return func
 
 
 def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target,

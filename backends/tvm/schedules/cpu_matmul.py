@@ -207,6 +207,8 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
     if all(f == 1 for f in factors):
         return False
     sch.pad_einsum(main, factors)
+    if axes.reuse is not None and extent(sch, axes.reuse) is None:  # a symbolic rows axis
+        _read_reuse_operand_in_place(sch, main, 1 - axes.contiguous)
     return True
 
 
@@ -231,6 +233,63 @@ def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile:
                 and any(p.same_as(region.source) for p in constant_params):
             return False
     return True
+
+
+#: Block annotation: the block's guarded reads of a padded reuse (rows) axis may be clamped.
+CLAMP_PADDED_ROWS = "slimc.clamp_padded_rows"
+
+
+def _read_reuse_operand_in_place(sch: s_tir.Schedule, main, operand: int) -> None:
+    """Read the rows operand straight from its buffer instead of a zero-padded copy.
+
+    The rows beyond the length only feed output rows that are never stored, so their values
+    do not matter, only that reading them stays in bounds: the copy is inlined (a guarded read
+    ``row < seq ? X[row, k] : 0``) and :func:`clamp_padded_rows` turns that into
+    ``X[min(row, seq - 1), k]`` once the kernel is scheduled. One parallel pass over the
+    activations fewer per dense layer (the copy cost as much as the fixed-length kernel's
+    whole epilogue at short lengths).
+    """
+    reads = sch.get(main).reads
+    if operand not in (0, 1) or len(reads) != 2:
+        return
+    padded = reads[operand].source
+    for block in sch.get_producers(main):
+        if any(w.source.same_as(padded) for w in sch.get(block).writes):
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - keep the copy
+                interrupts.check()
+                return
+            sch.annotate(main, CLAMP_PADDED_ROWS, 1)
+            return
+
+
+def clamp_padded_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """In blocks marked :data:`CLAMP_PADDED_ROWS`, ``if_then_else(i < n, X[.., i, ..], 0)``
+    becomes ``X[.., min(i, n - 1), ..]`` (see :func:`_read_reuse_operand_in_place`)."""
+    import tvm_ffi
+    from tvm.ir.expr import Call
+
+    def clamp(call):
+        if getattr(call.op, "name", "") != "prim.if_then_else":
+            return call
+        cond, then = call.args[0], call.args[1]
+        if not isinstance(cond, tirx.LT) or loaded_buffer(then) is None \
+                or not isinstance(cond.a, tirx.Var):
+            return call
+        row, bound = cond.a, cond.b
+        if not any(isinstance(i, tirx.Var) and i.same_as(row) for i in then.indices):
+            return call
+        last = tirx.Min(row, bound - tirx.const(1, "int64"))
+        return tvm_ffi.structural_map(
+            then, [(tirx.Var, lambda v: last if v.same_as(row) else v)])
+
+    def on_block(block):
+        if CLAMP_PADDED_ROWS not in block.annotations:
+            return block
+        return tvm_ffi.structural_map(block, [(Call, clamp)])
+
+    return tvm_ffi.structural_map(func, [(s_tir.SBlock, on_block)])
 
 
 def _schedule_padding(sch: s_tir.Schedule, block, target: Target) -> None:
