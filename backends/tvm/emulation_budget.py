@@ -8,11 +8,13 @@ kept the compile waiting ten minutes) and too short for a 270M-parameter decoder
 
 The rates below were measured on the 2-core x86-64 development host (``docs/benchmarks.md``,
 "ARM compiles of a real LLM"): SmolLM2-135M at ``-O0`` (17 GFLOP per 64-token call) took 67 s
-of CPU under qemu, ~0.29 GFLOP/s, and int8-weight kernels run ~3x slower than fp32 ones under
-qemu, so the rate used is the int8 one. The *expected* time is an estimate for the current
-host (scaled by its load average, since other processes take the emulator's cores) and the
-*limit* is a multiple of it. ``--emulate-timeout`` / ``SLIMC_EMULATE_TIMEOUT`` replace the
-limit outright.
+of CPU under qemu, ~0.29 GFLOP/s. int8-weight kernels ran ~3x slower than fp32 ones under qemu
+(qemu 7.2 emulates the fixed-point ``scvtf`` that converts the weights one lane at a time);
+since they convert each weight once per 4 rows they take ~1.4x fp32's time (1.6 GFLOP MLP:
+7.0 s fp32, 20.8 -> 10.1 s int8), and the rate used stays the conservative one. The *expected*
+time is an estimate for the current host (scaled by its load average, since other processes
+take the emulator's cores) and the *limit* is a multiple of it. ``--emulate-timeout`` /
+``SLIMC_EMULATE_TIMEOUT`` replace the limit outright.
 """
 
 from __future__ import annotations
