@@ -74,15 +74,37 @@ def fp32_weight_bytes(model_dir: Path) -> int:
 
 
 def measure(cmd: list[str]) -> dict:
-    """Run ``cmd`` in a fresh measuring process: wall, user+sys CPU and peak RSS of the tree."""
+    """Run ``cmd`` in a fresh measuring process: wall, user+sys CPU and peak RSS of the tree
+    (``getrusage``: the largest single process), plus RSS sampled every 0.5 s: the compiling
+    process alone, the emulator alone and the whole tree at once (what the machine needs)."""
     probe = (
-        "import json, resource, subprocess, sys, time\n"
+        "import json, resource, subprocess, sys, time, psutil\n"
         "t = time.perf_counter()\n"
-        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE,\n"
+        "                     text=True)\n"
+        "import threading\n"
+        "peak = {'compile': 0, 'emulator': 0, 'tree': 0}\n"
+        "def sample():\n"
+        "    root = psutil.Process(p.pid)\n"
+        "    while p.poll() is None:\n"
+        "        try:\n"
+        "            procs = [root, *root.children(recursive=True)]\n"
+        "            rss = {q.pid: (q.name(), q.memory_info().rss) for q in procs}\n"
+        "        except psutil.Error:\n"
+        "            continue\n"
+        "        peak['tree'] = max(peak['tree'], sum(r for _, r in rss.values()))\n"
+        "        for name, r in rss.values():\n"
+        "            key = 'emulator' if 'qemu' in name else 'compile'\n"
+        "            if 'qemu' in name or 'python' in name:\n"
+        "                peak[key] = max(peak[key], r)\n"
+        "        time.sleep(0.5)\n"
+        "th = threading.Thread(target=sample, daemon=True); th.start()\n"
+        "out, err = p.communicate()\n"
         "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
         "print(json.dumps({'rc': p.returncode, 'wall_s': time.perf_counter() - t,\n"
         "  'cpu_s': r.ru_utime + r.ru_stime, 'peak_rss_gb': r.ru_maxrss / 1e6,\n"
-        "  'stdout': p.stdout, 'stderr': p.stderr[-3000:]}))\n")
+        "  'sampled_gb': {k: round(v / 1e9, 2) for k, v in peak.items()},\n"
+        "  'stdout': out, 'stderr': err[-3000:]}))\n")
     out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout)
@@ -99,6 +121,7 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
     row = {"model": model_dir.name, "config": config, "rc": result["rc"],
            "wall_s": round(result["wall_s"], 1), "cpu_s": round(result["cpu_s"], 1),
            "peak_rss_gb": round(result["peak_rss_gb"], 2),
+           "sampled_peak_gb": result["sampled_gb"],
            "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1),
            "command": " ".join(["slimc", *cmd[len(slimc) + 2:]])}
     if result["rc"] == 0:
@@ -152,10 +175,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print()
     print(f"{'model':<20} {'config':<6} {'wall s':>7} {'CPU s':>7} {'peak GB':>8} "
-          f"{'goal GB':>8} {'load':>9}  verification")
+          f"{'compile':>8} {'qemu':>6} {'tree':>6} {'goal GB':>8} {'load':>9}  verification")
     for r in rows:
+        sampled = r["sampled_peak_gb"]
         print(f"{r['model']:<20} {r['config']:<6} {r['wall_s']:>7} {r['cpu_s']:>7} "
-              f"{r['peak_rss_gb']:>8} {r['rss_goal_gb']:>8} "
+              f"{r['peak_rss_gb']:>8} {sampled['compile']:>8} {sampled['emulator']:>6} "
+              f"{sampled['tree']:>6} {r['rss_goal_gb']:>8} "
               f"{r['load_before']:>4}/{r['load_after']:<4}  {r['verification']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"cpus": os.cpu_count(), "date": time.strftime(
