@@ -18,6 +18,13 @@ log = logging.getLogger("slimc.schedules")
 #: Loops with fewer iterations than this (times their body) are not worth a parallel launch:
 #: the thread pool's wake-up costs more than the work.
 MIN_PARALLEL_WORK = 4096
+#: Memory-bound kernels (elementwise, transposes, norms, softmax) stay on one thread below this
+#: many element-steps. A parallel launch returns only when *every* worker has run its share --
+#: TVM's pool cannot take back the share of a worker the OS has not scheduled yet -- so on a
+#: loaded host each launch can wait a whole scheduler time slice, and a transformer layer has
+#: a dozen such kernels of ~1e5 elements that take tens of microseconds on one core (ViT-Small:
+#: 197 x 384 residual adds and norms). ONNX Runtime runs those ops on the calling thread too.
+MIN_PARALLEL_MEMORY_WORK = 1 << 18
 
 
 def vector_bits(target: Target) -> int:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from . import common
 from .common import (
-    MIN_PARALLEL_WORK,
     extent,
     inline_spatial,
     intermediate_buffers,
@@ -79,7 +79,8 @@ class RowReduction:
         row_work = 1
         for loop in sch.get_loops(last)[1:]:
             row_work *= extent(sch, loop) or 64
-        if n_rows is None or (n_rows > 1 and n_rows * row_work * len(infos) >= MIN_PARALLEL_WORK):
+        if n_rows is None or (n_rows > 1 and n_rows * row_work * len(infos)
+                               >= common.MIN_PARALLEL_MEMORY_WORK):
             sch.parallel(rows)
         return sch
 

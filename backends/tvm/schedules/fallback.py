@@ -14,8 +14,8 @@ from tvm.target import Target
 
 from slimc import interrupts
 
+from . import common
 from .common import (
-    MIN_PARALLEL_WORK,
     extent,
     inline_spatial,
     intermediate_buffers,
@@ -95,7 +95,7 @@ def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
         return
     fused = sch.fuse(*outer_spatial) if len(outer_spatial) > 1 else outer_spatial[0]
     trips = extent(sch, fused)
-    if trips is None or (trips > 1 and trips * inner_work >= MIN_PARALLEL_WORK):
+    if trips is None or (trips > 1 and trips * inner_work >= common.MIN_PARALLEL_MEMORY_WORK):
         sch.parallel(fused)
 
 
