@@ -27,9 +27,10 @@ from pydantic import Field, model_validator
 from slimc.passes.quantize import calib
 
 from slimc.ir import IR
+from slimc.layers import find_layers
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
-from . import factorize
+from . import factorize, tucker
 from .rewrite import factorize_layer, is_factor, weight_layers
 
 
@@ -158,8 +159,9 @@ def faster_on_target(hw, n: int, k: int, r: int, tokens: int) -> bool:
 
 def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
                  options: LowRankOptions, round_to: int, hw,
-                 skipped: dict[str, str]) -> dict[str, int]:
-    """Rank per layer (only layers worth factorizing)."""
+                 skipped: dict[str, str], convs: list = ()) -> dict:
+    """Rank per layer (only layers worth factorizing): an int for a linear, the channel
+    ranks ``(r_out, r_in)`` for a convolution."""
     shapes = {la.name: tuple(la.matrix(ir).shape) for la in layers if la.name in spec}
 
     def worth(name: str, r: int) -> str | None:
@@ -191,6 +193,14 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
         return ranks
     if options.energy is not None:
         ranks = {}
+        for conv in convs:
+            pair = tucker.energy_ranks(ir.get_weight(conv.weight_node), options.energy,
+                                       round_to)
+            reason = conv_worth(conv, pair)
+            if reason:
+                skipped[conv.name] = reason
+            else:
+                ranks[conv.name] = pair
         for name, sp in spec.items():
             n, k = shapes[name]
             r = factorize.round_rank(sp.energy_rank(options.energy), round_to, min(n, k))
@@ -203,9 +213,12 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
 
     goal = options.target_ratio * ir.num_params()
     if options.allocation == "global":
+        for conv in convs:
+            skipped[conv.name] = "convolution: allocation=global ranks linear layers only " \
+                                 "(use allocation=uniform or energy= for convolutions)"
         return _global_ranks(spec, shapes, goal, round_to, worth, skipped)
 
-    def plan(keep: float) -> tuple[dict[str, int], int]:
+    def plan(keep: float) -> tuple[dict, int]:
         ranks, removed = {}, 0
         for name in spec:
             n, k = shapes[name]
@@ -213,6 +226,12 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
             if worth(name, r) is None:
                 ranks[name] = r
                 removed += n * k - r * (n + k)
+        for conv in convs:
+            o, i, kernel = conv_dims(conv)
+            pair = tucker.ranks_for_keep(o, i, kernel, keep, round_to)
+            if conv_worth(conv, pair) is None:
+                ranks[conv.name] = pair
+                removed += o * i * kernel - tucker.params(o, i, kernel, *pair)
         return ranks, removed
 
     # removed params fall as the kept fraction grows
@@ -222,7 +241,30 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
             n, k = shapes[name]
             r = factorize.rank_for_ratio(n, k, max(lo, 1e-9), round_to)
             skipped[name] = worth(name, r) or "not needed for the budget"
+    for conv in convs:
+        if conv.name not in ranks and conv.name not in skipped:
+            o, i, kernel = conv_dims(conv)
+            pair = tucker.ranks_for_keep(o, i, kernel, max(lo, 1e-9), round_to)
+            skipped[conv.name] = conv_worth(conv, pair) or "not needed for the budget"
     return ranks
+
+
+def conv_dims(conv) -> tuple[int, int, int]:
+    """``(O, I, kernel elements)`` of a convolution layer."""
+    return int(conv.shape[0]), int(conv.shape[1]), math.prod(int(d) for d in conv.shape[2:])
+
+
+def conv_worth(conv, pair: tuple[int, int]) -> str | None:
+    """Why factorizing ``conv`` at channel ranks ``pair`` is not worth it (None: it is)."""
+    o, i, kernel = conv_dims(conv)
+    if min(pair) <= 0:
+        return "no channel ranks (rounded to the vector width) store fewer weights"
+    if tucker.params(o, i, kernel, *pair) >= o * i * kernel:
+        return f"channel ranks {pair}: the factors would not be smaller than the kernel"
+    dense, split = tucker.macs(conv, *pair)
+    if split >= dense:
+        return f"channel ranks {pair}: the factorized convs do more multiply-adds"
+    return None
 
 
 def _global_ranks(spec: dict[str, factorize.Spectrum], shapes: dict, goal: float,
@@ -263,16 +305,19 @@ def _hardware(ctx: PassContext):
         return None
 
 
-def _record_unsupported(ir: IR, skipped: dict[str, str]) -> None:
+def _record_unsupported(ir: IR, skipped: dict[str, str], handled_convs: set[str]) -> None:
     """Weight-bearing layers this pass cannot factorize, each with the reason."""
     from slimc.layers import find_layers as all_layers
 
-    handled = {la.weight_node.name for la in weight_layers(ir, embeddings=True)}
+    handled = {la.weight_node.name for la in weight_layers(ir, embeddings=True)} | handled_convs
     for layer in all_layers(ir):
         if layer.weight.name in handled:
             continue
-        if layer.kind in ("conv", "conv_transpose"):
-            skipped[layer.name] = "convolution: not factorized (Tucker-2 is not implemented)"
+        if layer.kind == "conv_transpose":
+            skipped[layer.name] = "transposed convolution: not factorized"
+        elif layer.kind == "conv":
+            skipped.setdefault(layer.name, tucker.unsupported(layer)
+                               or "convolution weight also read by other ops")
         elif layer.kind == "expert":
             skipped[layer.name] = "batched expert weights: not factorized"
         else:
@@ -298,12 +343,36 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
         for layer in [la for la in layers if la.name not in listed]:
             skipped[layer.name] = "not listed in ranks="
             layers.remove(layer)
-    _record_unsupported(ir, skipped)
+    convs = []
+    for layer in find_layers(ir, complete_only=True):
+        if layer.kind != "conv" or tucker.FACTOR_NAME.search(layer.weight_node.name):
+            continue
+        if any(fnmatch.fnmatch(layer.name, p) for p in patterns):
+            skipped[layer.name] = "matched skip="
+        elif options.ranks:
+            skipped[layer.name] = "convolution: ranks= lists linear layers only"
+        elif reason := tucker.unsupported(layer):
+            skipped[layer.name] = reason
+        else:
+            convs.append(layer)
+    _record_unsupported(ir, skipped, {c.weight_node.name for c in convs})
     round_to = options.round_to or default_round_to(ctx)
     spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
     hw = _hardware(ctx)
-    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped)
+    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped, convs)
     per_layer = {}
+    for conv in convs:
+        pair = ranks.get(conv.name)
+        if pair is None:
+            continue
+        o, i, kernel = conv_dims(conv)
+        dense = ir.get_weight(conv.weight_node).detach().float()
+        approx = tucker.factorize_conv(ir, conv, *pair)
+        err = float((approx - dense).norm() / dense.norm().clamp_min(1e-30))
+        per_layer[conv.name] = {"rank": list(pair), "shape": list(conv.shape),
+                                "params": [o * i * kernel, tucker.params(o, i, kernel, *pair)],
+                                "method": "svd" if kernel == 1 else "tucker2",
+                                "predicted_loss": round(err ** 2, 6)}
     for layer in layers:
         r = ranks.get(layer.name)
         if r is None:

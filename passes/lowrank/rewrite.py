@@ -32,9 +32,10 @@ def weight_layers(ir: IR, embeddings: bool = True) -> list[Layer]:
             if layer.roles <= FACTORIZABLE_ROLES]
 
 
-#: Placeholder names of factors this module creates (``..._lr_u``, ``..._bs_v``,
-#: ``..._shared_basis``): factorizing a factor again only adds an op.
-FACTOR_NAME = re.compile(r"_(lr|bs)_(u|v|vt)(_\d+)?$|_shared_basis(_\d+)?$")
+#: Placeholder names of factors this module and ``share`` create (``..._lr_u``, ``..._bs_v``,
+#: ``..._shared_basis``, block tying's ``..._tied`` and ``..._td_u``):
+#: factorizing a factor again only adds an op.
+FACTOR_NAME = re.compile(r"_(lr|bs|td)_(u|v|vt)(_\d+)?$|_(shared_basis|tied)(_\d+)?$")
 
 
 def is_factor(layer: Layer) -> bool:
@@ -58,6 +59,28 @@ def _replace(ir: IR, old: Node, new: Node) -> None:
     ir.graph.erase_node(old)
 
 
+def operands(use) -> tuple[Node, Node | None]:
+    """``(activation, bias)`` of a linear-like use (``linear``, ``addmm``, ``mm``, ``matmul``)."""
+    node = use.node
+    if use.role == "linear":
+        return node.args[0], (node.args[2] if len(node.args) > 2 else None)
+    if node.target is aten.addmm.default:
+        if len(node.args) > 3 or node.kwargs:
+            raise ValueError("addmm with beta/alpha")
+        return node.args[1], node.args[0]
+    return node.args[use.input_arg or 0], None
+
+
+def replace_node(ir: IR, old: Node, new: Node) -> None:
+    """Point every user (and graph output) of ``old`` at ``new`` and erase ``old``."""
+    _replace(ir, old, new)
+
+
+def node_like(ir: IR, reference: Node, op, args: tuple) -> Node:
+    """A new ``op(*args)`` before ``reference``, carrying its metadata (not its value)."""
+    return _node_like(ir, reference, op, args)
+
+
 def factorize_layer(ir: IR, layer: Layer, u: torch.Tensor, v: torch.Tensor | None,
                     tag: str = "lr", v_node: Node | None = None) -> None:
     """Rewrite every use of ``layer`` (``W[N, K] ≈ u[N, r] @ v[r, K]``) to two ops. A
@@ -79,15 +102,7 @@ def factorize_layer(ir: IR, layer: Layer, u: torch.Tensor, v: torch.Tensor | Non
             out = _node_like(ir, node, aten.linear.default, (gathered, vt_node))
             _replace(ir, node, out)
             continue
-        if role == "linear":
-            x = node.args[0]
-            bias = node.args[2] if len(node.args) > 2 else None
-        elif node.target is aten.addmm.default:
-            if len(node.args) > 3 or node.kwargs:
-                raise ValueError("addmm with beta/alpha")
-            bias, x = node.args[0], node.args[1]
-        else:
-            bias, x = None, node.args[use.input_arg or 0]
+        x, bias = operands(use)
         inner = _node_like(ir, node, aten.linear.default, (x, v_node))
         out = _node_like(ir, node, aten.linear.default,
                          (inner, u_node) if bias is None else (inner, u_node, bias))

@@ -1,6 +1,7 @@
 """``share``: store a tensor once where several layers can use it.
 
-``share{dedup=true, tie_head=true, tie_tolerance=1e-6, basis=false, ratio=0.2, group=2}``
+``share{dedup=true, tie_head=true, tie_tolerance=1e-6, basis=false, blocks=false, ratio=0.2,
+group=2}``
 
 * **dedup** — weights with identical dtype, shape and bytes become one placeholder (all readers
   rewired to it), so the artifact stores one constant. Exact.
@@ -8,6 +9,8 @@
   the same shape become one tensor when ``‖H − E‖ ≤ tie_tolerance·‖E‖`` (models saved with tied
   weights but captured as two copies); otherwise the measured difference is recorded and they
   stay apart (tying a pretrained untied model would change it).
+* **blocks** — block tying (:mod:`.blocks`): the same groups store one shared tensor plus a
+  per-layer low-rank delta fitted on calibration data, ``W_l ≈ W̄ + U_l V_l``.
 * **basis** — Basis Sharing (Wang et al., ICLR 2025): adjacent layers of one kind (the same
   module path up to the layer index, the same shape) share one whitened SVD basis
   ``B[r, K]`` and keep their own coefficients ``C_l[N, r]``: ``W_l ≈ C_l · B``. With ``S`` the
@@ -25,11 +28,12 @@ import re
 from collections import defaultdict
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from slimc.passes.lowrank import factorize
 from slimc.passes.lowrank.lowrank import default_round_to
 from slimc.passes.lowrank.rewrite import factorize_layer, is_factor, weight_layers
 from slimc.passes.quantize import calib
+from slimc.passes.share.blocks import tie_blocks
 from torch.export.graph_signature import InputKind, OutputKind
 
 from slimc.ir import IR
@@ -44,12 +48,23 @@ class ShareOptions(PassOptions):
                                  "difference under which head and embedding are tied.")
     basis: bool = Field(False, description="Share one whitened SVD basis across groups of "
                         "adjacent layers of the same kind (lossy; see ratio, group).")
-    ratio: float = Field(0.2, gt=0, lt=1, description="`basis`: fraction of the model's "
-                         "parameters to remove.")
-    group: int = Field(2, ge=2, le=64, description="`basis`: adjacent layers per shared "
-                       "basis.")
-    round_to: int | None = Field(None, ge=1, le=256, description="`basis`: ranks are "
-                                 "multiples of this (default: the target's vector width).")
+    ratio: float = Field(0.2, gt=0, lt=1, description="`basis`/`blocks`: fraction of the "
+                         "model's parameters to remove.")
+    group: int = Field(2, ge=2, le=64, description="`basis`/`blocks`: adjacent layers per "
+                       "shared basis / tied tensor.")
+    blocks: bool = Field(False, description="Block tying: adjacent layers of one kind "
+                         "store one shared tensor plus per-layer low-rank deltas fitted on "
+                         "calibration data (lossy; see ratio, group).")
+    round_to: int | None = Field(None, ge=1, le=256, description="`basis`/`blocks`: ranks "
+                                 "are multiples of this (default: the target's vector width).")
+
+    @model_validator(mode="after")
+    def _one_lossy_mode(self) -> ShareOptions:
+        if self.basis and self.blocks:
+            raise ValueError("basis=true and blocks=true both share the same layers: choose "
+                             "one (run share twice on different layers with skip patterns "
+                             "is not supported)")
+        return self
 
 
 class Share(TransformPass):
@@ -64,9 +79,11 @@ class Share(TransformPass):
         summary = share_ir(ir, ctx, options)
         ir.annotations[self.name] = summary
         ctx.log(f"share: {summary['deduplicated']} duplicates, tied={summary['tied']}, "
-                f"{len(summary['basis_groups'])} basis groups; params "
+                f"{len(summary['basis_groups'])} basis groups, "
+                f"{len(summary['tied_blocks'])} tied block groups; params "
                 f"{summary['params_before']:,} -> {summary['params_after']:,}")
-        changed = summary["deduplicated"] or summary["tied"] or summary["basis_groups"]
+        changed = summary["deduplicated"] or summary["tied"] or summary["basis_groups"] \
+            or summary["tied_blocks"]
         return PreservedAnalyses.none() if changed else PreservedAnalyses.all()
 
 
@@ -229,6 +246,19 @@ def share_basis(ir: IR, ctx: PassContext, options: ShareOptions,
     return done
 
 
+def tie_layer_blocks(ir: IR, ctx: PassContext, options: ShareOptions,
+                     skipped: dict[str, str]) -> list[dict]:
+    """Block tying with low-rank deltas (:mod:`.blocks`) over the same groups basis sharing
+    uses."""
+    groups = basis_groups(weight_layers(ir, embeddings=False), options.group)
+    if not groups:
+        skipped["blocks"] = ("no two adjacent layers of one kind (module path up to the layer "
+                             "index) and shape: nothing to tie")
+        return []
+    return tie_blocks(ir, ctx, groups, options.ratio, options.round_to or default_round_to(ctx),
+                      skipped)
+
+
 def share_ir(ir: IR, ctx: PassContext, options: ShareOptions) -> dict:
     """Share tensors in ``ir`` in place; returns a JSON summary."""
     params_before, bytes_before = ir.num_params(), ir.weight_bytes()
@@ -237,11 +267,13 @@ def share_ir(ir: IR, ctx: PassContext, options: ShareOptions) -> dict:
     tied, tie_note = tie_head(ir, options.tie_tolerance) if options.tie_head \
         else (False, "tie_head=false")
     groups = share_basis(ir, ctx, options, skipped) if options.basis else []
+    tied_blocks = tie_layer_blocks(ir, ctx, options, skipped) if options.blocks else []
     ir.remove_unused_weights()
-    if groups:
+    if groups or tied_blocks:
         ir.refresh_meta()
     ir.changed()
     return {"deduplicated": sum(len(m) - 1 for m in merged), "merged": merged,
-            "tied": tied, "tie": tie_note, "basis_groups": groups, "skipped": skipped,
+            "tied": tied, "tie": tie_note, "basis_groups": groups,
+            "tied_blocks": tied_blocks, "skipped": skipped,
             "params_before": params_before, "params_after": ir.num_params(),
             "bytes_before": bytes_before, "bytes_after": ir.weight_bytes()}
