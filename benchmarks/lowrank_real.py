@@ -29,6 +29,8 @@ PIPELINES = {
     "whiten": "lowrank{{method=whiten,ratio={f}}}",
     "asvd": "lowrank{{method=asvd,ratio={f}}}",
     "whiten-global": "lowrank{{method=whiten,ratio={f},allocation=global}}",
+    "whiten-seq": "lowrank{{method=whiten,ratio={f},sequential=true}}",
+    "block-tie": "share{{blocks=true,ratio={f}}}",
     "whiten+emb": "lowrank{{method=whiten,ratio={f},embeddings=true}}",
     "basis-share": "share{{basis=true,ratio={f}}}",
     "prune": "prune{{ratio={f},budget=params,reconstruct=lsq,gqa=query}}",

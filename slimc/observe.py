@@ -58,3 +58,66 @@ def observe(ir: IR, batches: Iterable[Sequence[torch.Tensor]],
     with torch.no_grad():
         for batch in batches:
             runner.run(*graph_values(ir, batch))
+
+
+class StagedRun:
+    """Calibration batches advanced through the graph in stages, with the values crossing the
+    current cut kept per batch: a pass that compresses the layers it has just measured before
+    measuring the next ones (GPTQ's and SVD-LLM's *sequential* calibration: each layer sees the
+    activations of the already-compressed layers before it) costs one forward pass in all,
+    not one per stage.
+
+    Edits to the graph must happen after the cut (nodes not yet run), which is where the
+    layers reading the values just measured are. ``advance_to(node)`` runs every batch up to
+    and including ``node`` and returns its value per batch."""
+
+    def __init__(self, ir: IR, batches: Iterable[Sequence[torch.Tensor]]) -> None:
+        self.ir = ir
+        self._runner = Interpreter(ir.graph_module)
+        self._envs: list[dict[Node, Any]] = []
+        placeholders = [n for n in ir.graph.nodes if n.op == "placeholder"]
+        for batch in batches:
+            self._envs.append(dict(zip(placeholders, graph_values(ir, batch), strict=True)))
+        self._last: Node | None = placeholders[-1] if placeholders else None
+
+    def advance_to(self, target: Node) -> list[Any]:
+        """Run each batch from the current cut through ``target``; a value still live (a
+        graph input, a node before the cut that later nodes read) is returned as it is."""
+        if self._envs and target in self._envs[0]:
+            return [env[target] for env in self._envs]
+        todo = []
+        node = self._last.next if self._last is not None else next(iter(self.ir.graph.nodes))
+        while True:
+            if node.op == "output":
+                raise ValueError(f"{target.name} is not after the current cut")
+            todo.append(node)
+            if node is target:
+                break
+            node = node.next
+        ran = set()
+        for n in self.ir.graph.nodes:
+            ran.add(n)
+            if n is self._last:
+                break
+        ran.update(todo)
+        # weights a transform added since the last stage (factors of the layers just edited)
+        added = {n: self.ir.get_weight(n) for n in self.ir.graph.nodes
+                 if n.op == "placeholder" and self._envs and n not in self._envs[0]}
+        for env in self._envs:
+            env.update(added)
+        with torch.no_grad():
+            for env in self._envs:
+                self._runner.env = env
+                for n in todo:
+                    env[n] = self._runner.run_node(n)
+        values = [env[target] for env in self._envs]
+        for env in self._envs:  # drop values nothing after the cut reads any more
+            for n in [n for n in env if n.op != "placeholder"]:
+                if all(u in ran for u in n.users):
+                    del env[n]
+        self._last = target
+        return values
+
+    def value(self, node: Node) -> list[Any]:
+        """``node``'s value per batch (it must have run and still be live)."""
+        return [env[node] for env in self._envs]

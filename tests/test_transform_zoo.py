@@ -28,6 +28,7 @@ TRANSFORMS = [
     "quantize{weights=int4,group_size=16}",
     "lowrank{ratio=0.2,round_to=4}",
     "share{basis=true,ratio=0.2,round_to=4}",
+    "share{blocks=true,ratio=0.2,round_to=4}",
 ]
 
 #: Architectures whose pruning crashed (issue 13): Gemma3's per-head q/k norms, Phi-3's fused
@@ -87,7 +88,8 @@ def _did_or_said_why(transform: str, ann: dict, before: int, after: int) -> bool
         return ann["layers"] > 0
     if name == "lowrank":
         return ann["factorized"] > 0 or bool(ann["skipped"])
-    return bool(ann["basis_groups"]) or bool(ann["skipped"]) or after < before
+    return bool(ann["basis_groups"]) or bool(ann["tied_blocks"]) or bool(ann["skipped"]) \
+        or after < before
 
 
 @pytest.mark.parametrize("arch", ZOO)

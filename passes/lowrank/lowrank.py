@@ -32,6 +32,7 @@ from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, Trans
 
 from . import factorize, tucker
 from .rewrite import factorize_layer, is_factor, weight_layers
+from .sequential import factorize_sequentially
 
 
 class LowRankOptions(PassOptions):
@@ -53,6 +54,10 @@ class LowRankOptions(PassOptions):
                                  "this (default: the target's fp32 vector width).")
     alpha: float = Field(0.5, ge=0, le=2, description="`asvd`: exponent of the activation "
                          "scaling mean|x|^alpha.")
+    sequential: bool = Field(False, description="`whiten`: factorize in graph order, each "
+                             "layer whitened on activations of the already-compressed layers "
+                             "before it and refitted in closed form (least squares) to the "
+                             "dense model's outputs there.")
     skip: str = Field("", description="Comma-separated glob patterns of layer names to leave "
                       "dense (e.g. `lm_head,*.down_proj*`).")
     ranks: str = Field("", description="Explicit ranks instead of `ratio`/`energy`: "
@@ -357,7 +362,14 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
             convs.append(layer)
     _record_unsupported(ir, skipped, {c.weight_node.name for c in convs})
     round_to = options.round_to or default_round_to(ctx)
-    spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
+    if options.sequential and options.method == "whiten" and options.energy is None \
+            and options.allocation == "uniform":
+        # uniform ranks follow from the shapes: the only calibration pass is the staged one
+        spec = spectra(ir, [la for la in layers if la.is_embedding], ctx, "svd",
+                       options.alpha, skipped)
+        spec.update({la.name: None for la in layers if not la.is_embedding})
+    else:
+        spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
     hw = _hardware(ctx)
     ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped, convs)
     per_layer = {}
@@ -373,17 +385,27 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
                                 "params": [o * i * kernel, tucker.params(o, i, kernel, *pair)],
                                 "method": "svd" if kernel == 1 else "tucker2",
                                 "predicted_loss": round(err ** 2, 6)}
-    for layer in layers:
-        r = ranks.get(layer.name)
-        if r is None:
-            continue
+
+    def apply(layer, sp: factorize.Spectrum, r: int) -> None:
         n, k = layer.matrix(ir).shape
-        u, v = spec[layer.name].factors(r)
+        u, v = sp.factors(r)
         factorize_layer(ir, layer, u, v)
+        method = "svd" if layer.is_embedding else options.method
         per_layer[layer.name] = {"rank": r, "shape": [int(n), int(k)],
                                  "params": [int(n * k), int(r * (n + k))],
-                                 "method": "svd" if layer.is_embedding else options.method,
-                                 "predicted_loss": round(spec[layer.name].loss(r), 6)}
+                                 "method": method + ("+sequential" if staged else ""),
+                                 "predicted_loss": round(sp.loss(r), 6)}
+
+    staged = options.sequential and options.method == "whiten"
+    if staged:
+        linears = [la for la in layers if not la.is_embedding and la.name in ranks]
+        factorize_sequentially(ir, linears, ranks, ctx.calibration(), apply, skipped)
+        staged = False  # the embeddings below are plain SVD
+    for layer in layers:
+        r = ranks.get(layer.name)
+        if r is None or layer.name in per_layer or layer.name in skipped:
+            continue
+        apply(layer, spec[layer.name], r)
     if per_layer:
         ir.remove_unused_weights()
         ir.refresh_meta()

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from slimc.passes.lowrank import factorize
 from torch import Tensor
 from torch.fx import Node
 
@@ -53,6 +54,7 @@ def _leading(unfolded: Tensor, rank: int) -> Tensor:
     return u[:, :rank]
 
 
+@factorize._serial
 def mode_spectra(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Singular values of the output-channel and input-channel unfoldings."""
     w = weight.double()
@@ -61,6 +63,7 @@ def mode_spectra(weight: Tensor) -> tuple[Tensor, Tensor]:
             torch.linalg.svdvals(w.transpose(0, 1).reshape(i, -1)))
 
 
+@factorize._serial
 def tucker2(weight: Tensor, r_out: int, r_in: int, sweeps: int = 3) -> Tucker2:
     """HOSVD initialization, then ``sweeps`` rounds of HOOI (each factor the leading subspace
     of the weight projected on the other), which only lowers the reconstruction error."""
@@ -161,7 +164,8 @@ def factorize_conv(ir: IR, layer: Layer, r_out: int, r_in: int) -> Tensor:
     base = layer.weight_node.name.removeprefix("p_")
     ones = [1] * spatial
     if math.prod(kernel) == 1:
-        u, s, vh = torch.linalg.svd(w.double().reshape(o, i), full_matrices=False)
+        with factorize.serial_lapack():
+            u, s, vh = torch.linalg.svd(w.double().reshape(o, i), full_matrices=False)
         root = s[:r_out].sqrt()
         first = (root[:, None] * vh[:r_out]).float().reshape(r_out, i, *ones)
         last = (u[:, :r_out] * root[None, :]).float().reshape(o, r_out, *ones)

@@ -30,6 +30,7 @@ from slimc.passmanager import PassContext
 aten = torch.ops.aten
 
 
+@factorize._serial
 def shared_weight(mats: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
     """``(Σ W_l H_l)(Σ H_l)⁻¹``, damped by 1e-4 of the mean diagonal toward the plain mean
     (directions no calibration input reached are the average of the layers)."""

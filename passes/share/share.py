@@ -211,7 +211,8 @@ def share_basis(ir: IR, ctx: PassContext, options: ShareOptions,
             gram = torch.eye(k)  # no activations reached these layers: plain SVD
         s_chol = factorize.cholesky_factor(gram)
         stacked = torch.cat([m.double() @ s_chol for m in mats])
-        u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+        with factorize.serial_lapack():
+            u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
         vh = torch.linalg.solve_triangular(s_chol.T, vh.T, upper=True).T
         plans.append((g, factorize.Spectrum(u, s, vh), n, k))
     goal = options.ratio * ir.num_params()
