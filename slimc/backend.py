@@ -13,6 +13,10 @@ through the ``slimc_register_backends`` hook and own everything target-specific:
   written marked unverified, like a cross artifact without an emulator);
 * :meth:`Backend.describe` -- what ``slimc targets`` prints: what the target compiles to and
   what it needs to build, to run, and to verify an artifact.
+
+Optionally, ``host_numerics(module, spec, inputs, entries)``: when the device is absent, run
+the *same* lowered module (same casts, same precision) built for this machine's CPU, so an
+fp16/bf16 artifact's numerics are still checked against the fp32 IR (GPU backends).
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ class TargetInfo:
     peak_gflops: dict[str, float] = field(default_factory=dict)
     hardware: str | None = None
     sources: tuple[str, ...] = ()
+    #: Arithmetic precision of the lowered kernels (``fp32``, ``fp16``, ``bf16``; the last two
+    #: accumulate matmuls and reductions in fp32, see :mod:`slimc.precision`).
+    precision: str = "fp32"
 
     @property
     def fp32_lanes(self) -> int:

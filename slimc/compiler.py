@@ -220,7 +220,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             warnings,
             noise_floor=lambda: rounding_noise_floor(ir, check_inputs, ir_outputs),
             backend=backend,
-            limits=_run_limits(ctx, options, progress), entries=entries)
+            limits=_run_limits(ctx, options, progress), entries=entries, module=mod)
         if artifact_outputs is not None and ir.is_dynamic:
             verification["sizes"] = _symbol_sizes(ir, check_inputs)
             # Under an emulator the largest sizes cost the most: check the smallest only.
@@ -395,12 +395,15 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                      ir_outputs: list[np.ndarray], options: CompileOptions, threads: int,
                      warnings: list[str], noise_floor: Callable[[], float | None] | None = None,
                      limits: RunLimits | None = None, entries=None, backend=None,
-                     ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+                     module: Any = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     from slimc.backend import DeviceUnavailable, RunFailed
+    from slimc.precision import tolerance as precision_tolerance
 
     backend = backend or spec.get_backend()
     cross = spec.triple if spec.is_cross else None
     what = cross or spec.name
+    precision = backend.target_info(spec).precision
+    tolerance = max(options.verify_tolerance, precision_tolerance(precision))
     if cross and options.emulate == "skip":
         warnings.append(f"the {cross} artifact was not run (--emulate skip).")
         return {"ran_on": None, "passed": None, "reason": "skipped by request"}, None
@@ -413,7 +416,15 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                              hint="Or pass --emulate skip to accept an unverified artifact.") \
                 from None
         warnings.append(f"the {what} artifact was built but not run: {exc}.")
-        return {"ran_on": None, "passed": None, "reason": str(exc)}, None
+        verification = {"ran_on": None, "passed": None, "reason": str(exc),
+                        "precision": precision}
+        host_check = getattr(backend, "host_numerics", None)
+        if precision != "fp32" and host_check is not None and module is not None \
+                and options.emulate != "skip":
+            verification["host_numerics"] = _check_host_numerics(
+                host_check, module, spec, inputs, ir_outputs, entries, threads, tolerance,
+                precision)
+        return verification, None
     except RunFailed as exc:
         return _run_failed(exc, what, options, warnings), None
     from slimc.evaluators import max_abs_error, relative_l2
@@ -425,7 +436,7 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
             f"{[r.shape for r in ir_outputs]}.", hint="This is a slimc/TVM bug; please report it.")
     err = relative_l2(ir_outputs, outputs)
     where = backend.where(spec)
-    tolerance, floor = options.verify_tolerance, None
+    floor = None
     if noise_floor is not None:
         # Static int8 activations: float noise alone flips codes (see rounding_noise_floor).
         floor = noise_floor()
@@ -440,8 +451,32 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
             "(--save-ir keeps the IR). --verify-tol raises the tolerance if you accept it.")
     return {"ran_on": where, "passed": True, "relative_l2_vs_ir": err,
             "max_abs_error_vs_ir": max_abs_error(ir_outputs, outputs),
-            "tolerance": tolerance, "rounding_noise_floor": floor,
+            "tolerance": tolerance, "rounding_noise_floor": floor, "precision": precision,
             **({"run_budget": limits.budget} if limits and limits.budget else {})}, outputs
+
+
+def _check_host_numerics(host_check, module, spec: TargetSpec, inputs, ir_outputs, entries,
+                         threads: int, tolerance: float, precision: str) -> dict[str, Any]:
+    """The device is absent: run the same half-precision module built for this CPU and hold
+    it to the precision's tolerance against the fp32 IR (a model that overflows fp16 fails
+    here, at build time, instead of on the device)."""
+    from slimc.evaluators import max_abs_error, relative_l2
+
+    outputs = host_check(module, spec, inputs, entries, threads)
+    err = relative_l2(ir_outputs, outputs)
+    finite = all(np.isfinite(o).all() for o in outputs)
+    if not (finite and err <= tolerance):
+        problem = "non-finite outputs (an fp16 overflow)" if not finite else (
+            f"relative L2 error {err:.3g} > tolerance {tolerance:g}")
+        raise UsageError(
+            f"The {spec.name} artifact computes in {precision}, and that arithmetic (the same "
+            f"module built for this CPU) gives {problem} against the fp32 model. No artifact "
+            "was written.",
+            hint=f"Use {spec.name.split(':')[0]}:precision=bf16 (fp32's range) or "
+            f"{spec.name.split(':')[0]}:precision=fp32, or --verify-tol to accept the error.")
+    return {"ran_on": "host CPU (the same mixed-precision module built for llvm)",
+            "passed": True, "relative_l2_vs_ir": err,
+            "max_abs_error_vs_ir": max_abs_error(ir_outputs, outputs), "tolerance": tolerance}
 
 
 def _run_limits(ctx: PassContext, options: CompileOptions,

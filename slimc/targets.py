@@ -44,8 +44,12 @@ class TargetSpec:
         return tvm.target.Target(spec)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "aliases": list(self.aliases), "description": self.description,
-                "triple": self.triple or "host", "tvm": self.tvm, "backend": self.backend}
+        data = {"name": self.name, "aliases": list(self.aliases),
+                "description": self.description, "triple": self.triple or "host",
+                "tvm": self.tvm, "backend": self.backend}
+        if "precision" in self.extra:
+            data["precision"] = self.extra["precision"]
+        return data
 
     def get_backend(self, registry: Registry | None = None):
         """The :class:`slimc.backend.Backend` this target names."""
@@ -103,15 +107,21 @@ def with_options(spec: TargetSpec, text: str, name: str) -> TargetSpec:
 
     import tvm
 
+    from slimc.precision import TARGET_OPTIONS, check_precision
+
     updated = dict(spec.tvm) if isinstance(spec.tvm, dict) else _exported(
         tvm.target.Target(spec.tvm))
+    extra = dict(spec.extra)
     for item in text.split(","):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
             raise UsageError(f"Target option {item!r} in {name!r} is not KEY=VALUE.",
-                             hint="Write e.g. --target cuda:arch=sm_80.")
-        value = value.strip()
-        updated[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+                             hint="Write e.g. --target cuda:arch=sm_80 or cuda:precision=fp32.")
+        if key in TARGET_OPTIONS:  # slimc's own options (precision), not TVM attributes
+            extra[key] = check_precision(value, name)
+            continue
+        updated[key] = int(value) if value.lstrip("-").isdigit() else value
     try:
         tvm.target.Target(updated)
     except Exception as exc:  # noqa: BLE001 - TVM names the attribute it rejects
@@ -119,7 +129,7 @@ def with_options(spec: TargetSpec, text: str, name: str) -> TargetSpec:
         raise UsageError(f"TVM rejects target {name!r}: {lines[-1] if lines else exc}",
                          hint=f"Use attributes of a TVM {updated.get('kind')} target, e.g. "
                          "arch=sm_80 for cuda.") from None
-    return dataclasses.replace(spec, name=name, tvm=updated, aliases=())
+    return dataclasses.replace(spec, name=name, tvm=updated, aliases=(), extra=extra)
 
 
 def _exported(target) -> dict[str, Any]:

@@ -51,7 +51,11 @@ class TvmCpuBackend:
             verified_by="run once in-process and compared with the IR")
 
     def check(self, spec: TargetSpec) -> None:
-        return None  # everything ships in the wheels
+        # everything ships in the wheels; the CPU kernels compute in fp32
+        if spec.extra.get("precision", "fp32") != "fp32":
+            raise UsageError(f"Target {spec.name!r}: CPU targets compute in fp32 only.",
+                             hint="Drop precision=...; to store weights in half precision use "
+                             "the pass quantize{weights=fp16} (or bf16).")
 
     def target_info(self, spec: TargetSpec) -> TargetInfo:
         from slimc.backends.tvm.int8_kernels import kernel_kind

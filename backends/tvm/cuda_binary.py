@@ -162,8 +162,10 @@ def _cuda_payload_to_cubin(payload: bytes, compile_source: Callable[[str], bytes
     return _pack(b"cubin") + table + _pack(binary)
 
 
-def cubin_packer(target) -> Callable:
-    """An ``fpack_imports`` for ``export_library`` that stores cubins for ``target``'s arch."""
+def cubin_packer(target, source_out: Path | None = None) -> Callable:
+    """An ``fpack_imports`` for ``export_library`` that stores cubins for ``target``'s arch;
+    ``source_out``: also write the CUDA C++ the cubins were compiled from there (for reading
+    what the kernels do: ``half`` loads, ``wmma::mma_sync`` tensor-core calls...)."""
     arch = str(target.attrs["arch"])
 
     def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
@@ -171,8 +173,16 @@ def cubin_packer(target) -> Callable:
 
         to_tensor = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
         blob = bytes(to_tensor(module).numpy().tobytes())
+        sources: list[str] = []
+
+        def compile_source(source: str) -> bytes:
+            sources.append(source)
+            return compile_cubin(source, arch)
+
         with target:  # nvcc's driver reads the compute version from the current target
-            blob, _ = replace_cuda_code(blob, lambda source: compile_cubin(source, arch))
+            blob, _ = replace_cuda_code(blob, compile_source)
+        if source_out is not None and sources:
+            Path(source_out).write_text("\n".join(sources))
         path = os.path.join(workspace_dir, f"{prefix}devc.c")
         Path(path).write_text(_c_array(blob, prefix))
         return path

@@ -25,6 +25,10 @@ from slimc.targets import TargetSpec
 #: Weight formats with GPU lowerings (``slimc::*`` ops, see ``gpu_quantized.py``).
 GPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "w8a8")
 
+#: File next to a CUDA artifact's library: the CUDA C++ its cubin was compiled from (not
+#: needed to run; it shows what the kernels do).
+CUDA_SOURCE = "kernels.cu"
+
 #: Vector width a GPU kernel wants channel counts to be a multiple of: one fp16 tensor-core
 #: operand row (mma m16n8k16: 16 halves = 256 bits), i.e. 8 fp32 / 16 fp16 channels.
 GPU_VECTOR_BITS = 256
@@ -70,11 +74,34 @@ def schedule_passes(target, *, matmul: bool = True) -> list:
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    rules = [dl.gpu.Matmul()] if matmul else []
+    rules = [tensor_core_matmul()] if matmul else []
     rules += [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*rules)]
+
+
+def tensor_core_matmul():
+    """A dlight Matmul rule instance that also tensorizes for arch-specific ``sm_XXa``."""
+    from tvm.s_tir import dlight as dl
+
+    class TensorCoreMatmul(dl.gpu.Matmul):
+        """dlight's Matmul rule, seeing ``sm_90a`` (H100/H200 tags) as ``sm_90``.
+
+        dlight picks its tensor-core (WMMA) schedule for fp16 operands only when the target's
+        arch parses as ``sm_<digits>`` >= 70; the arch-specific ``sm_90a`` does not parse, so
+        fp16 matmuls for the H100 tag fell back to SIMT FMAs. The schedule is the same code
+        either way (the cubin is still compiled for ``sm_90a``)."""
+
+        def apply(self, func, target, tunable):
+            import tvm
+
+            arch = str(target.attrs.get("arch", "")) if target.kind.name == "cuda" else ""
+            if arch.startswith("sm_") and arch[-1].isalpha() and arch[3:-1].isdigit():
+                target = tvm.target.Target({**target.export(), "arch": arch[:-1]})
+            return super().apply(func, target, tunable)
+
+    return TensorCoreMatmul()
 
 
 def schedule_for_gpu(mod, target, *, matmul: bool = True):
@@ -166,12 +193,28 @@ class _TvmGpuBackend:
     matmul_rule = True
     #: TVM device name for running (``tvm.cuda``...), None when slimc cannot run it here.
     device_kind: str | None = None
+    #: Arithmetic precision when the target does not say (``NAME:precision=...``).
+    default_precision = "fp32"
+    #: Precisions this backend lowers (fp16/bf16 need half-precision codegen in TVM's backend).
+    precisions: tuple[str, ...] = ("fp32",)
+
+    def precision(self, spec: TargetSpec) -> str:
+        """The target's arithmetic precision (see :mod:`slimc.precision`)."""
+        return str(spec.extra.get("precision") or self.default_precision)
 
     def describe(self, spec: TargetSpec) -> TargetDescription:
         raise NotImplementedError
 
     def check(self, spec: TargetSpec) -> None:
-        return None
+        self._check_precision(spec)
+
+    def _check_precision(self, spec: TargetSpec) -> None:
+        precision = self.precision(spec)
+        if precision not in self.precisions:
+            raise UsageError(f"Target {spec.name!r}: the {self.name} backend computes in "
+                             f"{' or '.join(self.precisions)}, not {precision}.",
+                             hint="Drop precision=...; to store weights in half precision use "
+                             "the pass quantize{weights=fp16} (or bf16).")
 
     def target_info(self, spec: TargetSpec) -> TargetInfo:
         target = spec.tvm_target()
@@ -181,7 +224,7 @@ class _TvmGpuBackend:
             vector_bits=GPU_VECTOR_BITS, dot_product=self._dot_product(target),
             formats=GPU_FORMATS, mem_bandwidth_gbs=hw.mem_bandwidth_gbs if hw else None,
             peak_gflops=dict(hw.peak_gflops) if hw else {}, hardware=hw.name if hw else None,
-            sources=hw.sources if hw else ())
+            sources=hw.sources if hw else (), precision=self.precision(spec))
 
     def _dot_product(self, target) -> str | None:
         return None
@@ -194,18 +237,55 @@ class _TvmGpuBackend:
     def plan_tuning(self, spec: TargetSpec, trials: int, minutes: float | None,
                     database: str | Path | None) -> Any:
         if trials:
-            raise UsageError(f"--tune is not available for {spec.name} yet (it measures "
-                             "kernels on this machine's CPU).",
-                             hint="Drop --tune; GPU kernels use dlight's default schedules.")
+            raise UsageError(
+                f"--tune is not available for GPU targets ({spec.name}): MetaSchedule tunes a "
+                "kernel by compiling candidate schedules and timing each one on the device "
+                "itself, and slimc's GPU backends have no way to measure on a GPU yet (neither "
+                "a local one nor one behind --rpc). Without tuning every kernel gets dlight's "
+                "default GPU schedule (tensor-core WMMA for fp16 matmuls on sm_70+, GEMV and "
+                "reduction rules elsewhere), which is what an untuned TVM build uses.",
+                hint="Drop --tune (and --tune-minutes/--tune-db) for GPU targets; to tune CPU "
+                "kernels, compile for an llvm/x86/arm target with --tune N.")
         return None
 
     def open_tuner(self, plan: Any, spec: TargetSpec, progress: Callable[[str], None]) -> Any:
         return None
 
     def lower(self, ir, spec: TargetSpec, converters: dict[Any, Any]) -> Any:
+        """Import ``ir`` with the quantized-op kernels in the target's precision, then convert
+        the rest with TVM's ``ToMixedPrecision`` (``mixed_precision.py``)."""
         from slimc.backends.tvm.lower import lower_to_relax
+        from slimc.backends.tvm.mixed_precision import computing_in, to_precision
 
-        return lower_to_relax(ir, converters, spec.tvm_target())
+        precision = self.precision(spec)
+        with computing_in(precision):
+            mod = lower_to_relax(ir, converters, spec.tvm_target())
+        return to_precision(mod, precision)
+
+    def host_numerics(self, module: Any, spec: TargetSpec, inputs: Sequence[np.ndarray],
+                      entries: Sequence[tuple[str, Sequence[int]]] | None = None,
+                      threads: int | None = None) -> list[np.ndarray]:
+        """Run ``module`` (the lowered module :meth:`build` compiled for the GPU: the same
+        fp16/bf16 casts and fp32 accumulators) built for this machine's CPU: the artifact's
+        arithmetic, checked without the device. Element-wise fp16/bf16 ops round per op
+        as on the GPU; summation order and fused multiply-adds differ (far below the
+        precision tolerance)."""
+        import tempfile
+
+        import tvm
+        from slimc.backends.tvm.runtime import NativeRunner
+
+        with tempfile.TemporaryDirectory(prefix="slimc-host-numerics-") as tmp:
+            library = Path(tmp) / "host.so"
+            with tvm.transform.PassContext(opt_level=3):
+                tvm.compile(module, target="llvm").export_library(str(library))
+            runner = NativeRunner(library, threads)
+            if not entries:
+                return runner(inputs)
+            outputs: list[np.ndarray] = []
+            for name, indices in entries:
+                outputs += runner([inputs[i] for i in indices], function=name)
+            return outputs
 
     def build(self, module: Any, spec: TargetSpec, path: Path, *, tuning: Any = None) -> Path:
         import tvm
@@ -293,28 +373,43 @@ class TvmCudaBackend(_TvmGpuBackend):
     device_kind = "cuda"
     #: ``--generate``: the host loop keeps the KV cache on the GPU (generation/loop.py).
     supports_generation = True
+    #: Every GPU CUDA 13 compiles for (sm_75+) has fp16 tensor cores; fp16 keeps 11 bits and
+    #: the build checks the numerics on the host (``host_numerics``) against the fp32 IR.
+    default_precision = "fp16"
+    precisions = ("fp16", "bf16", "fp32")
 
     def describe(self, spec: TargetSpec) -> TargetDescription:
         arch = _arch(spec)
+        precision = self.precision(spec)
+        math = ("fp32 arithmetic" if precision == "fp32" else
+                f"{precision} activations and arithmetic with fp32 accumulation (tensor cores; "
+                "softmax and norm reductions in fp32)")
         return TargetDescription(
             compiles_to=f"shared library (.so): host code for {_host(spec)} + a cubin "
-            f"(CUDA ELF for {arch}) per module; nothing is compiled at load time",
+            f"(CUDA ELF for {arch}) per module; nothing is compiled at load time; {math} "
+            "(precision=fp16 default, bf16 on sm_80+, fp32 via e.g. cuda:precision=fp32)",
             build_needs="pip install 'slimc[cuda]' (nvidia-cuda-nvcc wheel; no GPU needed)",
             run_needs=f"an NVIDIA GPU of compute capability {arch} with its driver (libcuda) "
             "and the TVM CUDA runtime",
             verified_by="run once on cuda:0 and compared with the IR when a GPU is present; "
-            "otherwise written unverified (\"built, not verified: no CUDA device\")")
+            "otherwise written unverified (\"built, not verified: no CUDA device\") after the "
+            "same fp16/bf16 module, built for the host CPU, matched the fp32 IR")
 
     def check(self, spec: TargetSpec) -> None:
         from slimc.backends.tvm.cuda_binary import require_nvcc
 
         require_nvcc()
+        self._check_precision(spec)
         arch = _arch(spec)
         digits = "".join(c for c in arch if c.isdigit())
         if not digits or int(digits) < 75:
             raise UsageError(f"CUDA 13's nvcc cannot compile for {arch}.",
                              hint="Use a target of compute capability 7.5 or newer "
                              "(sm_75+; e.g. --target cuda -> sm_90).")
+        if self.precision(spec) == "bf16" and int(digits) < 80:
+            raise UsageError(f"{arch} has no bf16 arithmetic (it came with Ampere, sm_80).",
+                             hint=f"Use {spec.name.split(':')[0]}:precision=fp16 (or fp32) "
+                             "for this GPU.")
 
     def _dot_product(self, target) -> str | None:
         return "dp4a"  # every sm_61+ GPU has DP4A (int8 x4 dot product into int32)
@@ -322,7 +417,8 @@ class TvmCudaBackend(_TvmGpuBackend):
     def _export(self, executable, spec: TargetSpec, target, path: Path) -> Path:
         from slimc.backends.tvm.cuda_binary import cubin_packer
 
-        executable.export_library(str(path), fpack_imports=cubin_packer(target),
+        source = path.with_name(CUDA_SOURCE)
+        executable.export_library(str(path), fpack_imports=cubin_packer(target, source),
                                   **self._link_options(spec, target))
         return path
 

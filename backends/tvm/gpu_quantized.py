@@ -6,7 +6,11 @@ fp16/bf16 cast) and the matmul/gather that reads it. dlight's GPU rules (GEMV fo
 ``m``, Matmul otherwise, Fallback for gathers) inline the decode into the consumer, so the
 weight stays packed in GPU memory and is dequantized in registers (no fp32 copy of it ever
 exists; ``FoldConstant`` cannot fold a call whose activation input is not constant).
-Arithmetic is fp32 with fp32 accumulation (W8A8: int8 x int8 into int32).
+Under ``precision=fp16|bf16`` (see ``mixed_precision.py``) the activation arrives in fp16/bf16,
+the decode block dequantizes the weight to fp16/bf16 (scale applied in fp32, then rounded), and
+the matmul multiplies fp16/bf16 operands into an fp32 accumulator (dlight's Matmul rule uses
+tensor cores for that pattern on sm_70+); the output is fp32. With ``fp32`` the arithmetic is
+fp32 throughout (W8A8: int8 x int8 into int32 either way).
 """
 
 from __future__ import annotations
@@ -29,17 +33,18 @@ def _arg(importer, node, index: int):
 
 @functools.lru_cache(maxsize=256)
 def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int = 0,
-                zero_dtype: str = "uint8"):
-    """``y[m, n] = sum_k x[m, k] * decode(w)[n, k]`` for weight format ``kind``."""
+                zero_dtype: str = "uint8", dtype: str = "float32"):
+    """``y[m, n] = sum_k x[m, k] * decode(w)[n, k]`` for weight format ``kind``: ``x`` and the
+    decoded weight in ``dtype``, products summed in fp32."""
     from tvm import te, tirx
 
-    x = te.placeholder((m, k), "float32", name="x")
+    x = te.placeholder((m, k), dtype, name="x")
     if kind == "int8":
         w = te.placeholder((n, k), "int8", name="w")
         scale = te.placeholder((n,), "float32", name="scale")
         inputs = [x, w, scale]
-        decoded = te.compute((n, k), lambda i, j: w[i, j].astype("float32") * scale[i],
-                             name="decode")
+        decoded = te.compute((n, k), lambda i, j: (w[i, j].astype("float32") * scale[i])
+                             .astype(dtype), name="decode")
     elif kind == "int4":
         w = te.placeholder((n, (k + 1) // 2), "uint8", name="w")
         scale = te.placeholder((n, groups), "float32", name="scale")
@@ -51,15 +56,17 @@ def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int =
             code = tirx.bitwise_and(tirx.shift_right(byte, ((j % 2) * 4).astype("uint8")),
                                     tirx.const(15, "uint8"))
             g = j // group
-            return (code.astype("float32") - zero[i, g].astype("float32")) * scale[i, g]
+            return ((code.astype("float32") - zero[i, g].astype("float32"))
+                    * scale[i, g]).astype(dtype)
 
         decoded = te.compute((n, k), decode, name="decode")
     else:  # fp16 / bf16 storage
         w = te.placeholder((n, k), "float16" if kind == "fp16" else "bfloat16", name="w")
         inputs = [x, w]
-        decoded = te.compute((n, k), lambda i, j: w[i, j].astype("float32"), name="decode")
+        decoded = te.compute((n, k), lambda i, j: w[i, j].astype(dtype), name="decode")
     r = te.reduce_axis((0, k), name="r")
-    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * decoded[j, r], axis=r), name="y")
+    y = te.compute((m, n), lambda i, j: te.sum(
+        x[i, r].astype("float32") * decoded[j, r].astype("float32"), axis=r), name="y")
     return te.create_prim_func([*inputs, y]).with_attr("global_symbol", f"gpu_linear_{kind}")
 
 
@@ -121,10 +128,12 @@ def _add(bb, func):
 
 def _convert_linear(kind: str):
     def convert(node, importer):
+        from slimc.backends.tvm.mixed_precision import compute_dtype
         from tvm import relax
 
         bb = importer.block_builder
         x = importer.env[node.args[0]]
+        dtype = compute_dtype()
         shape = _shape(x)
         k = shape[-1]
         m = 1
@@ -135,20 +144,23 @@ def _convert_linear(kind: str):
         if kind == "int8":
             bias, act = _arg(importer, node, 3), _arg(importer, node, 4)
             tensors = [weight, importer.env[node.args[2]]]
-            func = linear_func("int8", m, k, n)
+            func = linear_func("int8", m, k, n, dtype=dtype)
         elif kind == "int4":
             bias, act = _arg(importer, node, 4), _arg(importer, node, 5)
             scale, zero = importer.env[node.args[2]], importer.env[node.args[3]]
             group = int(node.args[6])
             tensors = [weight, scale, zero]
-            func = linear_func("int4", m, k, n, group, _shape(scale)[1], str(zero.ty.dtype))
+            func = linear_func("int4", m, k, n, group, _shape(scale)[1], str(zero.ty.dtype),
+                               dtype=dtype)
         else:
             bias, act = _arg(importer, node, 2), None
             tensors = [weight]
-            func = linear_func(kind, m, k, n)
+            func = linear_func(kind, m, k, n, dtype=dtype)
         if act is not None:
             x = bb.emit(relax.op.multiply(x, act))
         x2 = bb.emit(relax.op.reshape(x, (m, k)))
+        if dtype != "float32":
+            x2 = bb.emit(relax.op.astype(x2, dtype))
         y = bb.emit(relax.call_tir(_add(bb, func), [x2, *tensors],
                                    relax.TensorType((m, n), "float32")))
         y = bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
