@@ -130,6 +130,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         loaded, generation = prepare_generation(loaded, options.max_length,
                                                 options.prefill_length)
     ir, example_inputs = capture(loaded)
+    # --calib with --generate drives the wrapper's step; otherwise nothing needs the module
+    generation_step = loaded.module.step if generation is not None else None
     if loaded is not model:  # ours: the IR holds what is needed, the module's weights can go
         del loaded
     timings["capture_s"] = time.perf_counter() - t0
@@ -153,11 +155,12 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             options.calib, dict(zip(ir.input_names, example_inputs, strict=True)),
             model_dir=ir.annotations.get("source", {}).get("tokenizer"),
             max_batches=options.calib_batches,
-            **({"step": loaded.module.step} if generation is not None else {}))
+            **({"step": generation_step} if generation is not None else {}))
         warnings += calibration.warnings
         check_batches(calibration.batches, input_ranges, f"--calib {options.calib}")
         ctx.calibration_batches = [[batch[name] for name in ir.input_names]
                                    for batch in calibration.batches]
+    generation_step = None  # holds the captured module's weights: let them go
     task = _prepare_task(options, ir, example_inputs, registry, calibration, warnings, stage,
                          searching=search_plan is not None)
     manager = PassManager(registry.passes,
