@@ -20,7 +20,9 @@ from slimc.backends.tvm.cuda_binary import nvcc_bin_dir
 from slimc import CompileOptions, compile_model
 
 #: CUDA builds need nvcc (the nvidia-cuda-nvcc/-cccl wheels are in the test extra); no GPU.
-needs_nvcc = pytest.mark.skipif(nvcc_bin_dir() is None, reason="pip install 'slimc[cuda]'")
+needs_nvcc = pytest.mark.skipif(
+    nvcc_bin_dir() is None,
+    reason="needs nvcc: pip install 'slimc[cuda]' (the test extra installs it)")
 
 MODEL = "tests/test_gpu_precision.py:tensor_core_mlp"
 

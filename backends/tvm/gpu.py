@@ -280,12 +280,7 @@ class _TvmGpuBackend:
             with tvm.transform.PassContext(opt_level=3):
                 tvm.compile(module, target="llvm").export_library(str(library))
             runner = NativeRunner(library, threads)
-            if not entries:
-                return runner(inputs)
-            outputs: list[np.ndarray] = []
-            for name, indices in entries:
-                outputs += runner([inputs[i] for i in indices], function=name)
-            return outputs
+            return _run_entries(runner, inputs, entries)
 
     def build(self, module: Any, spec: TargetSpec, path: Path, *, tuning: Any = None) -> Path:
         import tvm
@@ -351,12 +346,7 @@ class _TvmGpuBackend:
         """Run once on the device; ``entries`` (generation artifacts): run each named function
         on the inputs at its indices and concatenate the outputs, like the CPU backend."""
         runner = self.load(library, {"target": spec.to_json()}, threads)
-        if not entries:
-            return runner(inputs)
-        outputs: list[np.ndarray] = []
-        for name, indices in entries:
-            outputs += runner([inputs[i] for i in indices], function=name)
-        return outputs
+        return _run_entries(runner, inputs, entries)
 
     def required_isa(self, spec: TargetSpec) -> dict[str, Any] | None:
         return None  # the device's requirement is the target's arch (manifest target.tvm)
@@ -503,3 +493,15 @@ def _hardware(spec: TargetSpec):
         return hardware_for_target(spec)
     except UsageError:
         return None
+
+
+def _run_entries(runner, inputs: Sequence[np.ndarray],
+                 entries: Sequence[tuple[str, Sequence[int]]] | None) -> list[np.ndarray]:
+    """Run the model once, or (generation artifacts) each named function on the inputs at its
+    indices, concatenating the outputs like the CPU backend."""
+    if not entries:
+        return runner(inputs)
+    outputs: list[np.ndarray] = []
+    for name, indices in entries:
+        outputs += runner([inputs[i] for i in indices], function=name)
+    return outputs

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 
+from slimc.backends.tvm.quantized_conv import schedule_direct_conv
 from slimc.backends.tvm.quantized_ops import (
     _arg,
     _finish,
@@ -147,7 +148,7 @@ def grouped_kernel(x_shape: tuple[int, int, int, int], out_channels: int,
     y[N,O,Ho,Wo])``: ``y = float(sum a * w - comp) * scale + bias`` for grouped and depthwise
     convolutions, parallel over (image, output channel, output row), output columns in int32
     vector lanes."""
-    from tvm import s_tir, te
+    from tvm import te
 
     n, c, h, w = x_shape
     kh, kw = kernel
@@ -170,22 +171,7 @@ def grouped_kernel(x_shape: tuple[int, int, int, int], out_channels: int,
             * wt[o, (rc * kh + ri) * kw + rj].astype("int32"), axis=[rc, ri, rj]), name="acc")
     y = te.compute(acc.shape, lambda b, o, i, j: (acc[b, o, i, j] - comp[o]).astype("float32")
                    * scale[o] + bias[o], name="y")
-    sch = s_tir.Schedule(te.create_prim_func([a, wt, comp, scale, bias, y]))
-    block = sch.get_sblock("acc")
-    b, o, i, j, lc, li, lj = sch.get_loops(block)
-    lanes = next((v for v in LANES if wo % v == 0), 1)
-    outer = sch.fuse(b, o, i)
-    jo, ji = sch.split(j, [None, lanes])
-    sch.reorder(outer, jo, lc, li, lj, ji)
-    sch.parallel(outer)
-    sch.reverse_compute_at(sch.get_sblock("y"), jo)
-    sch.set_scope(block, 0, "local")
-    if lanes > 1:
-        sch.vectorize(ji)
-        sch.vectorize(sch.get_loops(sch.get_sblock("y"))[-1])
-    init = sch.decompose_reduction(block, lc)
-    if lanes > 1:
-        sch.vectorize(sch.get_loops(init)[-1])
+    sch = schedule_direct_conv(te.create_prim_func([a, wt, comp, scale, bias, y]), wo)
     name = (f"slimc_conv_w8a8_grouped_{n}x{c}x{h}x{w}_o{out_channels}_k{kh}x{kw}_s{stride[0]}x"
             f"{stride[1]}_d{dilation[0]}x{dilation[1]}_g{groups}")
     return finish_opaque(sch.mod["main"], name)

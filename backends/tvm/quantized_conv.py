@@ -60,7 +60,7 @@ def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int
     accumulated in vector lanes in a local buffer while the reduction runs over
     (input channel, kernel row, kernel column); the int8 scale is applied once per output.
     """
-    from tvm import s_tir, te, tirx
+    from tvm import te, tirx
 
     n, c, h, w = x_shape
     kh, kw = kernel
@@ -106,7 +106,22 @@ def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int
         y = te.compute(acc.shape, lambda b, o, i, j: acc[b, o, i, j] * s[o], name="y")
     else:
         y = te.compute(acc.shape, lambda b, o, i, j: acc[b, o, i, j], name="y")
-    sch = s_tir.Schedule(te.create_prim_func([*params, y]))
+    sch = schedule_direct_conv(te.create_prim_func([*params, y]), wo)
+    name = (f"slimc_conv_{kind}_{n}x{c}x{h}x{w}_o{out_channels}_k{kh}x{kw}_s{stride[0]}x"
+            f"{stride[1]}_d{dilation[0]}x{dilation[1]}_g{groups}" + (f"_q{group}" if group else ""))
+    # Opaque to FuseOps: fusing the input's pad into it would drop this schedule (see
+    # ``int8_conv.finish_opaque``).
+    return _finish(sch.mod["main"], name).with_attr("op_pattern", 8)
+
+
+def schedule_direct_conv(func, wo: int):
+    """The direct-convolution schedule shared by the weight-only and the grouped W8A8 kernels:
+    block ``acc[b, o, i, j]`` reduced over (c, kh, kw) and block ``y`` reading it; (b, o, i)
+    fused and parallel, output columns split into vector lanes innermost, the accumulator
+    local. Returns the schedule."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
     b, o, i, j, lc, li, lj = sch.get_loops(block)
     lanes = next((v for v in LANES if wo % v == 0), 1)
@@ -122,11 +137,7 @@ def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int
     init = sch.decompose_reduction(block, lc)
     if lanes > 1:
         sch.vectorize(sch.get_loops(init)[-1])
-    name = (f"slimc_conv_{kind}_{n}x{c}x{h}x{w}_o{out_channels}_k{kh}x{kw}_s{stride[0]}x"
-            f"{stride[1]}_d{dilation[0]}x{dilation[1]}_g{groups}" + (f"_q{group}" if group else ""))
-    # Opaque to FuseOps: fusing the input's pad into it would drop this schedule (see
-    # ``int8_conv.finish_opaque``).
-    return _finish(sch.mod["main"], name).with_attr("op_pattern", 8)
+    return sch
 
 
 # ---------------------------------------------------------------------------------------------
