@@ -250,12 +250,15 @@ class IR:
         while node_name in taken:
             i += 1
             node_name = f"p_{base}_{i}"
-        first_user = next(n for n in self.graph.nodes
-                          if n.op == "placeholder" and self._is_user_input(n))
-        with self.graph.inserting_before(first_user):
-            node = self.graph.placeholder(node_name)
+        # Weights go before the first user input; find it through the signature (one pass)
+        # rather than asking for every placeholder's spec, which made adding N weights O(N^3).
         specs = self.program.graph_signature.input_specs
         index = next(i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT)
+        first_user_name = specs[index].arg.name
+        first_user = next(n for n in self.graph.nodes
+                          if n.op == "placeholder" and n.name == first_user_name)
+        with self.graph.inserting_before(first_user):
+            node = self.graph.placeholder(node_name)
         target = f"slimc.{node_name}"
         specs.insert(index, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target))
         self.program.state_dict[target] = torch.nn.Parameter(value.detach(), requires_grad=False)
@@ -270,8 +273,9 @@ class IR:
         """Drop weight placeholders that no node uses any more; returns how many went."""
         removed = 0
         specs = self.program.graph_signature.input_specs
+        spec_by_name = {s.arg.name: s for s in specs}
         for node in list(self.nodes("placeholder")):
-            spec = self.placeholder_spec(node)
+            spec = spec_by_name.get(node.name)
             if spec is None or spec.kind == InputKind.USER_INPUT or node.users:
                 continue
             specs.remove(spec)
