@@ -54,6 +54,7 @@ def slimc_register_converters():
     # Importing the lowering modules registers their (op, target kind) lowerings.
     import slimc.backends.tvm.gpu_quantized  # noqa: F401
     import slimc.backends.tvm.int8_conv  # noqa: F401
+    import slimc.backends.tvm.lowbit_ops  # noqa: F401
     import slimc.backends.tvm.quantized_conv  # noqa: F401
     import slimc.backends.tvm.quantized_experts  # noqa: F401
     import slimc.backends.tvm.quantized_ops  # noqa: F401

@@ -282,6 +282,6 @@ def converters() -> dict[str, Any]:
     return {OPS[name].__name__: dispatch(name) for name in OPS}
 
 
-# Convolutions and expert gathers live in their own module; importing it adds them to ``OPS``
-# (it imports this module, which is complete by now).
-from slimc import dialect_conv  # noqa: E402,F401
+# Convolutions and expert gathers, and the int3/int2 ops, live in their own modules; importing
+# them adds them to ``OPS`` (they import this module, which is complete by now).
+from slimc import dialect_conv, dialect_lowbit  # noqa: E402,F401,I001

@@ -327,7 +327,8 @@ class IR:
                 except KeyError:
                     continue
                 if i == weight_at:
-                    codes[key(t)] = t.numel() * per_element
+                    codes[key(t)] = t.numel() * per_element if per_element else \
+                        _lowbit_weights(node, t)
                 elif i in meta_at:
                     metadata.add(key(t))
         return sum(codes.values()) + sum(
@@ -538,7 +539,19 @@ _QUANTIZED_ARGS: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "embedding_int4": (0, 2, (1, 2)), "conv_int8": (1, 1, (2,)), "conv_int4": (1, 2, (2, 3)),
     "conv_w8a8": (1, 1, (2, 3)), "expert_gather_int8": (0, 1, (1,)),
     "expert_gather_int4": (0, 2, (1, 2)),
+    # int3/int2 codes are bit-packed: their weight count comes from the op (see num_params)
+    "linear_lowbit": (1, 0, (2, 3, 5)), "embedding_lowbit": (0, 0, (1, 2)),
 }
+
+
+def _lowbit_weights(node: Node, packed: torch.Tensor) -> int:
+    """Weights an int3/int2 op's packed codes stand for: rows x the unpadded row width."""
+    if "embedding" in str(node.target):
+        return int(packed.shape[0]) * int(node.args[6])
+    x = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
+    k = int(x.shape[-1]) if isinstance(x, torch.Tensor) else \
+        int(packed.shape[1]) * 8 // int(node.args[6])
+    return int(packed.shape[0]) * k
 
 
 def _output_names(program: ExportedProgram) -> list[str] | None:

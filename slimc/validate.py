@@ -61,7 +61,7 @@ def _table_bounds(user: torch.fx.Node, source: torch.fx.Node) -> tuple[int, int]
                 rows = _rows(args[0], dim)
                 return (-rows, rows - 1) if rows else None
     name = str(target)
-    ids_position = {"embedding_int8": 2, "embedding_int4": 3}
+    ids_position = {"embedding_int8": 2, "embedding_int4": 3, "embedding_lowbit": 3}
     for op, position in ids_position.items():
         if f"slimc.{op}" in name and len(args) > position and args[position] is source:
             rows = _rows(args[0])

@@ -315,7 +315,7 @@ def test_int4_artifact_runs_on_aarch64(hf_dir, tmp_path, aarch64_emulator):
     assert result.manifest["verification"]["ran_on"].startswith("qemu")
 
 
-@pytest.mark.parametrize("option", ["weights=int3", "group_size=7", "group_size=4",
+@pytest.mark.parametrize("option", ["weights=int5", "group_size=7", "group_size=4",
                                     "method=smoothquant", "activations=int4", "budget=3",
                                     "activations=int8,weights=int4",
                                     "activations=int8,method=gptq"])

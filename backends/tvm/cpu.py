@@ -25,7 +25,7 @@ from slimc.errors import UsageError
 from slimc.targets import TargetSpec
 
 #: Weight formats with CPU kernels (``slimc::*`` lowerings in ``quantized_ops.py``).
-CPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "w8a8")
+CPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "int3", "int2", "w8a8")
 
 
 class TvmCpuBackend:

@@ -43,7 +43,7 @@ MATRIX_OPS = frozenset({
     "aten.conv_transpose2d", "aten.scaled_dot_product_attention", "aten.einsum",
     # slimc's quantized linears (``quantize``): same MACs as the linear they replaced
     "slimc.linear_int8", "slimc.linear_int4", "slimc.linear_w8a8", "slimc.linear_fp16",
-    "slimc.linear_bf16",
+    "slimc.linear_bf16", "slimc.linear_lowbit",
 })
 
 

@@ -4,7 +4,9 @@ Each format knows its storage cost (bits per weight *including* scales and zero 
 number the budget solver and the byte checks use) and how to quantize with round-to-nearest.
 The packed tensors are exactly what the artifact stores (see
 ``slimc.dialect``): int8 codes + one fp32 scale per output row; int4 codes two
-per byte + one fp32 scale and one uint8 zero point per (row, group of ``group_size`` inputs).
+per byte + one fp32 scale and one uint8 zero point per (row, group of ``group_size`` inputs);
+int3 / int2 (:mod:`slimc.lowbit`): codes bit-packed, each row padded to whole groups, one fp16
+scale and one fp16 minimum per (row, group).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from slimc.dialect import dequantize_int4, dequantize_int8, unpack_int4
+from slimc.lowbit import LOWBIT_KINDS, bits_of, lowbit_fake_quantize, lowbit_row_bits
 
 __all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_quantize",
            "int4_params", "int4_codes", "pack_int4", "parse_format", "quantize_int8",
@@ -23,7 +26,7 @@ __all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_q
 
 @dataclass(frozen=True)
 class Format:
-    """A storage format: ``kind`` in fp32/fp16/bf16/int8/int4, plus int4's grouping.
+    """A storage format: ``kind`` in fp32/fp16/bf16/int8/int4/int3/int2, plus the grouping.
 
     int4 grids: asymmetric with an integer zero point (default: the grid contains 0.0
     exactly), ``symmetric``, or ``float_zero``: per group an fp32 scale and an fp32 zero point,
@@ -41,7 +44,14 @@ class Format:
         if self.kind == "int4":
             suffix = "-sym" if self.symmetric else "-fz" if self.float_zero else ""
             return f"int4-g{self.group_size}{suffix}"
+        if self.kind in LOWBIT_KINDS:
+            return f"{self.kind}-g{self.group_size}"
         return self.kind
+
+    @property
+    def lowbit(self) -> bool:
+        """int3 / int2: bit-packed codes with an fp16 scale and minimum per group."""
+        return self.kind in LOWBIT_KINDS
 
     def bits_per_weight(self, k: int) -> float:
         """Average stored bits per weight of a row of ``k`` inputs, overhead included."""
@@ -51,6 +61,8 @@ class Format:
             return 16.0
         if self.kind == "int8":
             return 8.0 + 32.0 / k
+        if self.kind in LOWBIT_KINDS:
+            return lowbit_row_bits(k, bits_of(self.kind), self.group_size) / k
         groups = -(-k // self.group_size)
         return (4.0 * (k + k % 2) + groups * (32 + (32 if self.float_zero else 8))) / k
 
@@ -59,8 +71,16 @@ class Format:
 
 
 def parse_format(text: str) -> Format:
-    """``int4-g128``, ``int4-g32-sym``, ``int4-g32-fz``, ``int8``, ``fp16``, ``bf16``,
-    ``fp32``."""
+    """``int4-g128``, ``int4-g32-sym``, ``int4-g32-fz``, ``int3-g64``, ``int2-g32``, ``int8``,
+    ``fp16``, ``bf16``, ``fp32``."""
+    if text.startswith(LOWBIT_KINDS):
+        kind, _, rest = text.partition("-")
+        group = int(rest[1:]) if rest.startswith("g") and rest[1:].isdigit() else \
+            (64 if not rest else -1)
+        if group < 8 or group % 8 or kind not in LOWBIT_KINDS:
+            raise ValueError(f"unknown weight format {text!r} ({kind} takes -gN, N a "
+                             "multiple of 8: int3-g64, int2-g32)")
+        return Format(kind, group)
     if text.startswith("int4"):
         parts = text.split("-")
         group = next((int(p[1:]) for p in parts[1:] if p.startswith("g")), 128)
@@ -145,6 +165,8 @@ def fake_quantize(weight: Tensor, fmt: Format) -> Tensor:
         return weight.to(dtype).float()
     if fmt.kind == "int8":
         return dequantize_int8(*quantize_int8(weight))
+    if fmt.kind in LOWBIT_KINDS:
+        return lowbit_fake_quantize(weight, bits_of(fmt.kind), fmt.group_size)
     params = int4_params(weight, fmt.group_size, fmt.symmetric, fmt.float_zero)
     codes = int4_codes(weight, params)
     return dequantize_int4(pack_int4(codes), params.scale, params.zero, fmt.group_size,

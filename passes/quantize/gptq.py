@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimc.lowbit import bits_of, grid, padded_k
+
 from .formats import Format, Int4Params, int4_params, quantize_int8
 
 
@@ -20,7 +22,8 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
          damp: float = 0.01) -> tuple[Tensor, Int4Params | Tensor]:
     """Codes and grid of ``weight [N, K]`` given its input Hessian ``[K, K]``.
 
-    int4 -> (codes uint8 [N, K], :class:`Int4Params`); int8 -> (codes int8 [N, K], scale [N]).
+    int4 -> (codes uint8 [N, K], :class:`Int4Params`); int8 -> (codes int8 [N, K], scale [N]);
+    int3/int2 -> (codes uint8 [N, K'] padded to whole groups, (scale, minimum) [N, G]).
     """
     w = weight.double().clone()
     n, k = w.shape
@@ -39,12 +42,14 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
         _, scale8 = quantize_int8(weight)
         scale8_d = scale8.double()
         lo, hi = -127, 127
-    group = fmt.group_size if fmt.kind == "int4" else k
-    if fmt.kind == "int4":
+    grouped = fmt.kind == "int4" or fmt.lowbit
+    group = fmt.group_size if grouped else k
+    if grouped:
         block = max(group, (block // group) * group)
         groups = -(-k // group)
         scales = torch.zeros(n, groups, dtype=torch.float32)
-        zeros = torch.zeros(n, groups, dtype=torch.float32 if fmt.float_zero else torch.uint8)
+        zeros = torch.zeros(n, groups, dtype=torch.float32 if fmt.float_zero or fmt.lowbit
+                            else torch.uint8)
     codes = torch.zeros(n, k, dtype=torch.int16)
 
     for i1 in range(0, k, block):
@@ -54,7 +59,14 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if fmt.kind == "int4" and col % group == 0:
+            if fmt.lowbit and col % group == 0:
+                g = col // group
+                span = w1[:, i:i + group] if i + group <= i2 - i1 else w[:, col:col + group]
+                s, z = grid(span.float(), bits_of(fmt.kind), group)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                s, z = scales[:, g].double(), zeros[:, g].double()
+                lo, hi = 0, (1 << bits_of(fmt.kind)) - 1
+            elif fmt.kind == "int4" and col % group == 0:
                 g = col // group
                 span = w1[:, i:i + group] if i + group <= i2 - i1 else w[:, col:col + group]
                 p = int4_params(span.float(), group, fmt.symmetric, fmt.float_zero)
@@ -64,10 +76,14 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
             elif fmt.kind == "int8":
                 s, z = scale8_d, torch.zeros_like(scale8_d)
             x = w1[:, i]
-            q = torch.clamp(torch.round(x / s + z) if fmt.float_zero
-                            else torch.round(x / s) + z, lo, hi)
+            if fmt.lowbit:  # z is the group's minimum: w = code * s + z
+                q = torch.clamp(torch.round((x - z) / s), lo, hi)
+                deq = q * s + z
+            else:
+                q = torch.clamp(torch.round(x / s + z) if fmt.float_zero
+                                else torch.round(x / s) + z, lo, hi)
+                deq = (q - z) * s
             codes[:, col] = q.to(torch.int16)
-            deq = (q - z) * s
             e = (x - deq) / hinv1[i, i]
             w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = e
@@ -75,4 +91,8 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
 
     if fmt.kind == "int8":
         return codes.to(torch.int8), scale8
+    if fmt.lowbit:
+        padded = torch.zeros(n, padded_k(k, group), dtype=torch.uint8)
+        padded[:, :k] = codes.to(torch.uint8)
+        return padded, (scales, zeros)
     return codes.to(torch.uint8), Int4Params(scales, zeros, group)

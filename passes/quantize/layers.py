@@ -17,6 +17,7 @@ from slimc.dialect import OPS
 from slimc.ir import IR
 from slimc.layers import Layer, conv_geometry, op_name
 from slimc.layers import find_layers as _find
+from slimc.lowbit import LOWBIT_KINDS, bits_of
 
 aten = torch.ops.aten
 
@@ -92,6 +93,11 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
             ids = node.args[1]
             if kind == "int8":
                 args = (nodes["weight"], nodes["scale"], ids)
+            elif kind in LOWBIT_KINDS:
+                _replace(ir, node, OPS["embedding_lowbit"], (
+                    nodes["weight"], nodes["scale"], nodes["minimum"], ids, bits_of(kind),
+                    group_size, int(layer.shape[layer.perm[-1]])))
+                continue
             else:
                 args = (nodes["weight"], nodes["scale"], nodes["zero"], ids, group_size)
             _replace(ir, node, OPS[f"embedding_{kind}"], args)
@@ -117,6 +123,11 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
         elif kind == "int4":
             args = (x, nodes["weight"], nodes["scale"], nodes["zero"], bias, act_node,
                     group_size)
+        elif kind in LOWBIT_KINDS:
+            _replace(ir, node, OPS["linear_lowbit"], (
+                x, nodes["weight"], nodes["scale"], nodes["minimum"], bias, act_node,
+                bits_of(kind), group_size))
+            continue
         else:
             args = (x, nodes["weight"], bias)
         _replace(ir, node, OPS[f"linear_{kind}"], args)

@@ -199,7 +199,7 @@ def _proxy_table(ir: IR, ctx: PassContext, layers: Sequence[Layer],
                 missing[i, j] = True
                 source[i, j] = "measured"
                 continue
-            bits = 4 if fmt.kind == "int4" else 8
+            bits = 8 if fmt.kind == "int8" else 4  # int4/int3/int2 scale from the 4-bit curve
             ref = Setting("quantize", bits).apply(layer.canonical(stored))
             ref = ref.reshape(matrix.shape)
             e_ref = error(ref)

@@ -1,9 +1,10 @@
 """The ``quantize`` pass: weight-only quantization the compiled artifact really executes.
 
-``quantize{weights=int8|int4|fp16|bf16|mixed, activations=none|int8, group_size=128, method=rtn|
-gptq|awq, budget=4.5, embeddings=true}`` rewrites every quantizable layer (see ``layers.py``) to
-one of slimc's quantized ops, whose operands are the packed tensors the artifact stores. The IR
-stays executable in PyTorch, so the pass manager measures what quantization cost.
+``quantize{weights=int8|int4|int3|int2|fp16|bf16|mixed, activations=none|int8, group_size=128,
+method=rtn|gptq|awq, budget=4.5, embeddings=true}`` rewrites every quantizable layer (see
+``layers.py``) to one of slimc's quantized ops, whose operands are the packed tensors the
+artifact stores. The IR stays executable in PyTorch, so the pass manager measures what
+quantization cost.
 
 ``activations=int8`` turns every linear and convolution whose weights are int8 into a W8A8 op
 with a static, calibrated input scale (``activations.py``): the artifact runs it on the
@@ -21,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from slimc import coverage
 from slimc.ir import IR
+from slimc.lowbit import LOWBIT_KINDS
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 from . import calib, mixed
@@ -34,8 +36,11 @@ from .rtn import pack
 
 
 class QuantizeOptions(PassOptions):
-    weights: Literal["int8", "int4", "fp16", "bf16", "mixed"] = Field(
-        "int8", description="Weight format, or `mixed` to choose one per layer under `budget`.")
+    weights: Literal["int8", "int4", "int3", "int2", "fp16", "bf16", "mixed"] = Field(
+        "int8", description="Weight format, or `mixed` to choose one per layer under `budget`. "
+        "`int3`/`int2`: bit-packed codes, an fp16 scale and minimum per group of `group_size` "
+        "(a multiple of 8; linear layers and embedding tables, convolutions and experts get "
+        "int4 with a float zero point instead).")
     activations: Literal["none", "int8"] = Field(
         "none", description="`int8`: static int8 inputs (calibrated scale, SmoothQuant "
         "migration) for every int8-weight linear and convolution, run on int8 dot-product "
@@ -45,7 +50,8 @@ class QuantizeOptions(PassOptions):
         1.0, gt=0.0, description="`activations=int8`: a layer whose calibrated W8A8 output "
         "error (relative MSE on its calibration rows) exceeds this keeps float inputs "
         "(weight-only int8); the default keeps every layer W8A8.")
-    group_size: int = Field(128, ge=8, le=8192, description="Inputs per int4 scale/zero group.")
+    group_size: int = Field(128, ge=8, le=8192, description="Inputs per int4/int3/int2 "
+                            "scale/zero group.")
     symmetric: bool = Field(False, description="int4 without zero points (codes -8..7).")
     zero_point: Literal["int", "float"] = Field(
         "int", description="int4 asymmetric grids: `int` = a uint8 zero point (the grid holds "
@@ -84,6 +90,14 @@ class QuantizeOptions(PassOptions):
         if value % 2:
             raise ValueError("group_size must be even (two int4 codes per byte)")
         return value
+
+    @model_validator(mode="after")
+    def _lowbit_group(self) -> QuantizeOptions:
+        if self.weights in LOWBIT_KINDS and self.group_size % 8:
+            raise ValueError(f"weights={self.weights} packs 8 codes into whole bytes per "
+                             f"group: group_size must be a multiple of 8 (32, 64, 128), got "
+                             f"{self.group_size}")
+        return self
 
     @model_validator(mode="after")
     def _zero_point(self) -> QuantizeOptions:
@@ -153,7 +167,7 @@ def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
     formats, info = _base_formats(ir, layers, ctx, options)
     if options.embedding_weights == "int8":
         for layer in layers:
-            if layer.is_embedding and formats[layer.name].kind == "int4":
+            if layer.is_embedding and formats[layer.name].kind in ("int4", *LOWBIT_KINDS):
                 formats[layer.name] = Format("int8")
     rules = layer_rules(options.layers)
     for layer in layers:
@@ -168,8 +182,9 @@ def _base_formats(ir: IR, layers: list[Layer], ctx: PassContext,
                   options: QuantizeOptions) -> tuple[dict[str, Format], dict]:
     if options.weights != "mixed":
         int4 = options.weights == "int4"
-        fmt = Format(options.weights, options.group_size if int4 else 0, options.symmetric,
-                     int4 and options.zero_point == "float")
+        grouped = int4 or options.weights in LOWBIT_KINDS
+        fmt = Format(options.weights, options.group_size if grouped else 0,
+                     int4 and options.symmetric, int4 and options.zero_point == "float")
         return {layer.name: fmt for layer in layers}, {}
     candidates = [parse_format(c.strip()) for c in options.candidates.split(",")]
     if not any(c.kind == "fp32" for c in candidates):
@@ -181,7 +196,7 @@ def _base_formats(ir: IR, layers: list[Layer], ctx: PassContext,
 
 
 def _int_kind(fmt: Format) -> bool:
-    return fmt.kind in ("int8", "int4")
+    return fmt.kind in ("int8", "int4", *LOWBIT_KINDS)
 
 
 def _warn_without_dot_product(ctx: PassContext) -> None:
@@ -253,6 +268,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         if (la.is_embedding or la.kind == "expert") and formats[la.name].kind == "int4" \
                 and la.matrix(ir).shape[1] % 2:
             formats[la.name] = Format("int8")
+    for la in layers:  # int3/int2 kernels exist for linears and gathers only
+        fmt = formats[la.name]
+        if fmt.lowbit and la.kind in ("conv", "expert"):
+            formats[la.name] = Format("int4", fmt.group_size, float_zero=True)
     kept = []
     for la in layers:
         fmt = formats[la.name]
@@ -314,7 +333,7 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         if st is not None and _int_kind(fmt) and st.rows:
             if options.method == "gptq":
                 codes, grid = gptq(matrix, st.hessian, fmt)
-                if fmt.kind == "int4":
+                if fmt.kind == "int4" or fmt.lowbit:
                     tensors = pack(matrix, fmt, params=grid, codes=codes)
                 else:
                     tensors = {"weight": codes, "scale": grid}

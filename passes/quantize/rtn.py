@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimc.lowbit import bits_of, pack_lowbit
+
 from .formats import Format, Int4Params, int4_codes, int4_params, pack_int4, quantize_int8
 
 
@@ -30,4 +32,7 @@ def pack(weight: Tensor, fmt: Format, params: Int4Params | None = None,
         params = params or int4_params(weight, fmt.group_size, fmt.symmetric, fmt.float_zero)
         codes = codes if codes is not None else int4_codes(weight, params)
         return {"weight": pack_int4(codes), "scale": params.scale, "zero": params.zero}
+    if fmt.lowbit:  # GPTQ passes (codes, (scale, minimum)) as codes / params
+        scale, minimum = params if params is not None else (None, None)
+        return pack_lowbit(weight, bits_of(fmt.kind), fmt.group_size, scale, minimum, codes)
     raise ValueError(f"cannot pack format {fmt}")

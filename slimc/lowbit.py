@@ -1,0 +1,169 @@
+"""Group-wise int3 / int2 weights: the grid, the bit packing and the reference maths.
+
+Why these formats: below int4 (4.3 bits per weight with its scales), slimc had only low rank
+to reach small budgets, and low-rank factors of an embedding table lose rare words. Measured
+against per-row k-means codebooks on the real layers of all-MiniLM-L6-v2 and SmolLM2-135M
+(``benchmarks/lowbit_formats.py``, docs/benchmarks.md) the group-wise grids gave the lower
+output error at equal bits, and they reuse the factored int4 kernel's structure.
+
+Layout of a weight ``W[N, K]`` in ``intB-gG`` (``B`` = 3 or 2, ``G`` a multiple of 8):
+
+* each row is padded to ``K' = ceil(K / G) * G`` inputs (padding codes are 0; the kernels pad
+  the input with zeros, so they never count);
+* ``packed uint8[N, K' * B / 8]``: the row's codes as a little-endian bit stream, code ``k``
+  in bits ``[k*B, k*B + B)``; every group starts on a byte boundary, and 8 consecutive codes
+  fill exactly ``B`` bytes;
+* ``scale fp16[N, K'/G]`` and ``minimum fp16[N, K'/G]``: code ``c`` of group ``g`` stands for
+  ``c * scale[n, g] + minimum[n, g]`` (asymmetric, the grid's origin is a float: GGUF's
+  Q4_1/Q2_K style), both half precision so the overhead is 32 bits per group.
+
+The grid of each group is chosen to minimise its squared rounding error: a search over
+shrinking the ``[min, max]`` range from either side, then two least-squares refits of scale
+and minimum to the codes (what llama.cpp's k-quants do); GPTQ (``method=gptq``) uses the same
+grid per group and rounds the columns with error feedback.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LOWBIT_KINDS = ("int3", "int2")
+
+#: Shrink factors tried for each side of a group's ``[min, max]`` range.
+_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6)
+
+
+def bits_of(kind: str) -> int:
+    return int(kind.removeprefix("int"))
+
+
+def padded_k(k: int, group: int) -> int:
+    return -(-k // group) * group
+
+
+def row_bytes(k: int, bits: int, group: int) -> int:
+    return padded_k(k, group) * bits // 8
+
+
+def lowbit_row_bits(k: int, bits: int, group: int) -> float:
+    """Stored bits of one row of ``k`` weights: codes (padded to whole groups) plus an fp16
+    scale and an fp16 minimum per group."""
+    return float(padded_k(k, group) * bits + (padded_k(k, group) // group) * 32)
+
+
+def _grouped(weight: Tensor, group: int) -> Tensor:
+    """``[N, K] -> [N, G, group]``; a partial last group is padded with its last value."""
+    n, k = weight.shape
+    kp = padded_k(k, group)
+    if kp != k:
+        weight = torch.cat([weight, weight[:, -1:].expand(n, kp - k)], dim=1)
+    return weight.reshape(n, kp // group, group)
+
+
+def _half(t: Tensor) -> Tensor:
+    """Rounded to what fp16 storage keeps (clamped to its range)."""
+    return t.clamp(-65504.0, 65504.0).half().float()
+
+
+def _codes(grouped: Tensor, scale: Tensor, minimum: Tensor, top: int) -> Tensor:
+    return torch.clamp(torch.round((grouped - minimum[..., None]) / scale[..., None]), 0, top)
+
+
+def grid(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    """fp16 ``(scale, minimum)`` per (row, group) with the smallest squared rounding error
+    (see the module docstring); returned as float32 tensors holding fp16 values."""
+    top = (1 << bits) - 1
+    grouped = _grouped(weight.float(), group)
+    lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+    center = (lo + hi) / 2
+    best_err = torch.full(lo.shape, float("inf"))
+    best_s, best_m = torch.ones_like(lo), lo.clone()
+    candidates = []
+    for a in _SHRINK:
+        for b in _SHRINK:
+            low = center - (center - lo) * a
+            high = center + (hi - center) * b
+            candidates.append((low, ((high - low) / top).clamp_min(1e-8)))
+
+    def consider(minimum: Tensor, scale: Tensor) -> None:
+        nonlocal best_err, best_s, best_m
+        scale, minimum = _half(scale.clamp_min(6e-8)), _half(minimum)
+        deq = _codes(grouped, scale, minimum, top) * scale[..., None] + minimum[..., None]
+        err = (deq - grouped).pow(2).sum(dim=2)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, scale, best_s)
+        best_m = torch.where(better, minimum, best_m)
+
+    for minimum, scale in candidates:
+        consider(minimum, scale)
+    for _ in range(2):  # least-squares refit of (scale, minimum) to the chosen codes
+        q = _codes(grouped, best_s, best_m, top)
+        count = float(group)
+        sq, sw = q.sum(2), grouped.sum(2)
+        sqq, sqw = (q * q).sum(2), (q * grouped).sum(2)
+        det = count * sqq - sq * sq
+        ok = det > 0
+        scale = torch.where(ok, (count * sqw - sq * sw) / det.clamp_min(1e-12), best_s)
+        minimum = torch.where(ok, (sw - scale * sq) / count, best_m)
+        consider(minimum, torch.where(scale > 0, scale, best_s))
+    return best_s, best_m
+
+
+def codes_on_grid(weight: Tensor, scale: Tensor, minimum: Tensor, bits: int,
+                  group: int) -> Tensor:
+    """Round-to-nearest codes ``uint8[N, K']`` (padded to whole groups) on the grid."""
+    grouped = _grouped(weight.float(), group)
+    q = _codes(grouped, scale, minimum, (1 << bits) - 1).reshape(weight.shape[0], -1)
+    q[:, weight.shape[1]:] = 0
+    return q.to(torch.uint8)
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Codes ``uint8[N, K']`` (``K'`` a multiple of 8) -> ``uint8[N, K' * bits / 8]``."""
+    n, k = codes.shape
+    chunks = codes.reshape(n, k // 8, 8).to(torch.int64)
+    word = torch.zeros(n, k // 8, dtype=torch.int64)
+    for i in range(8):
+        word |= chunks[..., i] << (bits * i)
+    out = torch.stack([(word >> (8 * q)) & 0xFF for q in range(bits)], dim=-1)
+    return out.reshape(n, k // 8 * bits).to(torch.uint8).contiguous()
+
+
+def unpack_bits(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: ``uint8[N, K' * bits / 8]`` -> codes ``uint8[N, K']``."""
+    n, width = packed.shape
+    chunks = packed.reshape(n, width // bits, bits).to(torch.int64)
+    word = torch.zeros(n, width // bits, dtype=torch.int64)
+    for q in range(bits):
+        word |= chunks[..., q] << (8 * q)
+    mask = (1 << bits) - 1
+    codes = torch.stack([(word >> (bits * i)) & mask for i in range(8)], dim=-1)
+    return codes.reshape(n, -1).to(torch.uint8)
+
+
+def dequantize_lowbit(packed: Tensor, scale: Tensor, minimum: Tensor, bits: int, group: int,
+                      k: int) -> Tensor:
+    """Float weight ``[N, k]`` from the stored tensors."""
+    codes = unpack_bits(packed, bits)[:, :k].float()
+    index = torch.arange(k) // group
+    return codes * scale.float()[:, index] + minimum.float()[:, index]
+
+
+def pack_lowbit(weight: Tensor, bits: int, group: int, scale: Tensor | None = None,
+                minimum: Tensor | None = None, codes: Tensor | None = None) -> dict[str, Tensor]:
+    """The tensors the IR and the artifact store (``weight``, ``scale``, ``minimum``); a caller
+    that chose grid and codes itself (GPTQ) passes them."""
+    if scale is None or minimum is None:
+        scale, minimum = grid(weight, bits, group)
+    if codes is None:
+        codes = codes_on_grid(weight, scale, minimum, bits, group)
+    return {"weight": pack_bits(codes, bits), "scale": scale.half(), "minimum": minimum.half()}
+
+
+def lowbit_fake_quantize(weight: Tensor, bits: int, group: int) -> Tensor:
+    """What ``weight`` becomes after a round trip through ``intB-gG`` (round-to-nearest)."""
+    t = pack_lowbit(weight, bits, group)
+    return dequantize_lowbit(t["weight"], t["scale"], t["minimum"], bits, group,
+                             weight.shape[1]).to(weight.dtype)
