@@ -193,10 +193,12 @@ def test_kernel_choice_per_convolution_kind():
             == len(SHAPES)
         mod = lower_to_relax(ir, get_registry().converters, resolve_target(target).tvm_target())
         names = sorted(gv.name_hint for gv, _ in mod.functions_items() if "w8a8" in gv.name_hint)
-        dense = [n for n in names if "grouped" not in n]
-        # 5 dense cases (two pointwise ones share a shape-keyed kernel at most), 2 grouped
+        dense = [n for n in names if "grouped" not in n and "depthwise" not in n]
+        # 5 dense cases (two pointwise ones share a shape-keyed kernel at most), 1 grouped,
+        # 1 depthwise (NHWC, channel lanes: tests/test_cnn_nhwc_int8.py)
         assert len(dense) >= 4 and all(f"linear_w8a8_{dot}" in n for n in dense), names
-        assert sum("conv_w8a8_grouped" in n for n in names) == 2, names
+        assert sum("conv_w8a8_grouped" in n for n in names) == 1, names
+        assert sum("conv_w8a8_depthwise_nhwc" in n for n in names) == 1, names
 
 
 # -- whole networks -------------------------------------------------------------------------

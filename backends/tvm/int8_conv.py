@@ -14,7 +14,13 @@ elsewhere). What is new is only how a convolution becomes that matmul:
   *are* the rows. The weight matrix is permuted to the same ``(kh, kw, C)`` column order, its
   output channels padded to the instruction's lanes (16 for VNNI, 4 for sdot) with zero rows,
   all at build time (constant folding); the result is cropped and returned NCHW.
-* **Grouped and depthwise convolutions** take a direct integer kernel (NCHW, int8 x int8 ->
+* **Depthwise convolutions** (one input channel per output channel, MobileNets) take an NHWC
+  integer kernel with the channels in the vector lanes and the padding read in place
+  (:func:`depthwise_nhwc_kernel`). Its input transpose and every dense convolution's output
+  transpose meet the neighbouring convolutions' and cancel
+  (``schedules.nhwc_rewrites.sink_layout_transposes``): activations stay NHWC from conv to conv.
+  A zero ``pad`` exported before a convolution (TF "same" padding) is folded into its padding.
+* **Grouped convolutions** take a direct integer kernel (NCHW, int8 x int8 ->
   int32 in vector lanes over output columns, the float epilogue fused): a dot-product
   instruction reduces 4 consecutive inputs of *one* output channel, and a depthwise channel has
   only ``kh * kw`` of them (9 for 3x3): padded to 12 and broadcast across lanes, three quarters
@@ -177,6 +183,66 @@ def grouped_kernel(x_shape: tuple[int, int, int, int], out_channels: int,
     return finish_opaque(sch.mod["main"], name)
 
 
+@functools.lru_cache(maxsize=256)
+def depthwise_nhwc_kernel(x_shape: tuple[int, int, int, int], kernel: tuple[int, int],
+                          stride: tuple[int, int], dilation: tuple[int, int],
+                          padding: tuple[int, int, int, int], fill: int, lanes: int):
+    """``(codes[N,H,W,C] int8, w[kh,kw,C] int8, comp[C] int32, scale[C], bias[C],
+    y[N,Ho,Wo,C])``: a depthwise convolution (one input channel per output channel) on NHWC
+    codes, ``y = float(sum a * w - comp) * scale + bias``.
+
+    Channels are the vector lanes (int32 accumulators, ``lanes`` of them): every kernel tap is
+    one contiguous vector load of input and of weight, unlike column lanes, which need strided
+    reads at stride 2 and predicated tails at widths 7, 14, 28. The border is read as ``fill``
+    (the zero point's code) through a bounds test on the row and column alone (``padding``:
+    top, bottom, left, right), so no padded copy of the input is written. Parallel over
+    (image, output row).
+    """
+    from tvm import te, tirx
+
+    n, h, w, c = x_shape
+    kh, kw = kernel
+    pt, pb, pl, pr = padding
+    ho = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    a = te.placeholder(_i64(n, h, w, c), "int8", name="a")
+    wt = te.placeholder(_i64(kh, kw, c), "int8", name="w")
+    comp = te.placeholder(_i64(c), "int32", name="comp")
+    scale = te.placeholder(_i64(c), "float32", name="scale")
+    bias = te.placeholder(_i64(c), "float32", name="bias")
+    ri = te.reduce_axis(_i64(0, kh), name="ri")
+    rj = te.reduce_axis(_i64(0, kw), name="rj")
+
+    def tap(b, i, j, ch):
+        row = i * stride[0] + ri * dilation[0] - pt
+        col = j * stride[1] + rj * dilation[1] - pl
+        inside = tirx.all(row >= 0, row < h, col >= 0, col < w)
+        read = a[b, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0), ch]
+        return tirx.if_then_else(inside, read, tirx.const(fill, "int8")).astype("int32")
+
+    acc = te.compute(_i64(n, ho, wo, c), lambda b, i, j, ch: te.sum(
+        tap(b, i, j, ch) * wt[ri, rj, ch].astype("int32"), axis=[ri, rj]), name="acc")
+    y = te.compute(acc.shape, lambda b, i, j, ch: (acc[b, i, j, ch] - comp[ch]).astype(
+        "float32") * scale[ch] + bias[ch], name="y")
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(te.create_prim_func([a, wt, comp, scale, bias, y]))
+    block = sch.get_sblock("acc")
+    b, i, j, ch, li, lj = sch.get_loops(block)
+    co, ci = sch.split(ch, [None, lanes])
+    sch.reorder(co, li, lj, ci)
+    sch.parallel(sch.fuse(b, i))
+    sch.reverse_compute_at(sch.get_sblock("y"), co)
+    sch.set_scope(block, 0, "local")
+    sch.vectorize(ci)
+    sch.vectorize(sch.get_loops(sch.get_sblock("y"))[-1])
+    init = sch.decompose_reduction(block, li)
+    sch.vectorize(sch.get_loops(init)[-1])
+    name = (f"slimc_conv_w8a8_depthwise_nhwc_{n}x{h}x{w}x{c}_k{kh}x{kw}_s{stride[0]}x{stride[1]}"
+            f"_d{dilation[0]}x{dilation[1]}_p{pt}_{pb}_{pl}_{pr}_f{fill}_v{lanes}")
+    return finish_opaque(sch.mod["main"], name)
+
+
 def _convert_conv_w8a8(node, importer):
     """``slimc::conv_w8a8`` -> quantize (+ im2col) + the int8 kernels (see the module doc)."""
     import numpy as np
@@ -185,10 +251,15 @@ def _convert_conv_w8a8(node, importer):
     from tvm.target import Target
 
     bb = importer.block_builder
-    x = importer.env[node.args[0]]
+    source, extra = _zero_padded_source(node.args[0])
+    x = importer.env[source]
     weight, in_mult, out_scale = (importer.env[node.args[i]] for i in (1, 2, 3))
     bias = _arg(importer, node, 4)
     kernel, stride, padding, dilation = (list(node.args[5 + i]) for i in range(4))
+    if extra is not None and len(kernel) == 2:
+        padding = [p + e for p, e in zip(padding, extra, strict=True)]
+    elif extra is not None:
+        x = importer.env[node.args[0]]
     groups, zero_point = int(node.args[9]), int(node.args[10])
     shape = _static_shape(x)
     out_channels, reduction = _static_shape(weight)
@@ -202,8 +273,12 @@ def _convert_conv_w8a8(node, importer):
     _, _, ho, wo = out
     if bias is None:
         bias = relax.const(np.zeros(out_channels, np.float32))
-    kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
-    if groups > 1:
+    target = Target.current(allow_none=True)
+    kind = int8_kernels.kernel_kind(target)
+    if groups == c == out_channels:
+        y = _depthwise(bb, x, weight, in_mult, out_scale, bias, zero_point, (n, c, h, w),
+                       padding, kernel, stride, dilation, target)
+    elif groups > 1:
         per_channel = relax.op.reshape(in_mult, (1, c, 1, 1))
         codes = quantize_codes(bb, x, per_channel, zero_point, "generic")
         if any(padding):
@@ -222,6 +297,60 @@ def _convert_conv_w8a8(node, importer):
     if len(shape) == 3:
         y = bb.emit(relax.op.reshape(y, (n, out_channels, wo)))
     return y
+
+
+def _zero_padded_source(arg):
+    """``(x, [top, bottom, left, right])`` when ``arg`` is a zero ``pad`` of ``x``'s two last
+    axes (TensorFlow "same" padding, exported before the conv), else ``(arg, None)``.
+
+    Zero quantizes to the zero point's code, which is what the kernels read at the border, so
+    the pad folds into the convolution's own padding: no padded fp32 copy of the activation,
+    and no layout transpose around it (Relax's layout passes have no rule for ``pad``).
+    """
+    import torch
+
+    pads = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+    if getattr(arg, "op", None) != "call_function" or arg.target not in pads:
+        return arg, None
+    args = list(arg.args) + [None] * 4
+    widths = [int(v) for v in args[1]]
+    if arg.target is torch.ops.aten.pad.default:
+        mode = arg.kwargs.get("mode", args[2] or "constant")
+        value = arg.kwargs.get("value", args[3])
+    else:
+        mode, value = "constant", arg.kwargs.get("value", args[2])
+    if mode != "constant" or float(value or 0.0) != 0.0 or any(v < 0 for v in widths):
+        return arg, None
+    if len(widths) not in (2, 4) or any(widths[4:]):
+        return arg, None
+    left, right, top, bottom = [*widths, 0, 0][:4]
+    return arg.args[0], [top, bottom, left, right]
+
+
+def _depthwise(bb, x, weight, in_mult, out_scale, bias, zero_point, x_shape, padding, kernel,
+               stride, dilation, target):
+    """A depthwise convolution on NHWC int8 codes (:func:`depthwise_nhwc_kernel`), its output
+    transposed back to NCHW: between two convolutions, the transposes cancel
+    (``schedules.nhwc_rewrites.sink_layout_transposes``)."""
+    from slimc.backends.tvm.schedules.common import vector_lanes
+    from tvm import relax
+
+    n, c, h, w = x_shape
+    kh, kw = kernel
+    codes = quantize_codes(bb, relax.op.permute_dims(x, [0, 2, 3, 1]), in_mult, zero_point,
+                           "generic")
+    taps = bb.emit(relax.op.permute_dims(relax.op.reshape(weight, (c, kh, kw)), [1, 2, 0]))
+    comp = bb.emit(relax.op.multiply(relax.op.sum(relax.op.astype(weight, "int32"), axis=[1]),
+                                     relax.const(zero_point, "int32")))
+    lanes = vector_lanes(target, 32) if target is not None else 4
+    func = depthwise_nhwc_kernel((n, h, w, c), tuple(kernel), tuple(stride), tuple(dilation),
+                                 (padding[0], padding[1], padding[2], padding[3]), zero_point,
+                                 lanes)
+    ho = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = bb.emit(relax.call_tir(add_kernel(bb, func), [codes, taps, comp, out_scale, bias],
+                               relax.TensorType((n, ho, wo, c), "float32")))
+    return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
 
 def _dense(bb, kind, x, weight, out_scale, bias, zero_point, in_mult, x_shape, padding, kernel,

@@ -165,14 +165,14 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
     from .fast_math import fast_math
     from .gemv import panel_gemv
-    from .nhwc_rewrites import cancel_transposes, nhwc_rewrites
+    from .nhwc_rewrites import cancel_transposes, nhwc_rewrites, sink_layout_transposes
     from .winograd import winograd_convs
 
     return cpu.library_dispatch_passes(target) + [
         fast_math, panel_gemv, relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
-        nhwc_rewrites, _nhwc_pass(), cancel_transposes, winograd_convs,
+        nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes, winograd_convs,
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
         _mark_constant_operands()]

@@ -133,24 +133,28 @@ def _axes(call: relax.Call) -> list[int] | None:
     return [int(a) for a in call.attrs.axes]
 
 
+def _compose(mutator, call: relax.Call) -> relax.Expr:
+    """``permute_dims(permute_dims(x, a), b)`` as one transpose, or ``x`` when they cancel."""
+    outer = _axes(call)
+    if outer is None or not isinstance(call.args[0], relax.Var):
+        return call
+    inner_call = mutator.lookup_binding(call.args[0])
+    if not isinstance(inner_call, relax.Call):
+        return call
+    inner = _axes(inner_call)
+    if inner is None or len(inner) != len(outer):
+        return call
+    composed = [inner[a] for a in outer]
+    source = inner_call.args[0]
+    if composed == list(range(len(composed))):
+        return source
+    return relax.op.permute_dims(source, composed)
+
+
 @expr_functor.mutator
 class _CancelTransposes(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        outer = _axes(call)
-        if outer is None or not isinstance(call.args[0], relax.Var):
-            return call
-        inner_call = self.lookup_binding(call.args[0])
-        if not isinstance(inner_call, relax.Call):
-            return call
-        inner = _axes(inner_call)
-        if inner is None or len(inner) != len(outer):
-            return call
-        composed = [inner[a] for a in outer]
-        source = inner_call.args[0]
-        if composed == list(range(len(composed))):
-            return source
-        return relax.op.permute_dims(source, composed)
+        return _compose(self, super().visit_call_(call))
 
 
 @tvm.transform.module_pass(opt_level=0, name="SlimcCancelTransposes")
@@ -162,3 +166,86 @@ def cancel_transposes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """
     return relax.transform.DeadCodeElimination()(
         mutate_relax_functions(mod, _CancelTransposes(mod)))
+
+
+#: Image layout transposes (NHWC -> NCHW and back) that :func:`sink_layout_transposes` moves.
+LAYOUT_AXES = ((0, 3, 1, 2), (0, 2, 3, 1))
+#: Ops that act on each element alone (operands broadcast): a transpose commutes with them.
+ELEMENTWISE = frozenset(f"relax.{name}" for name in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "round", "floor",
+    "ceil", "clip", "astype", "negative", "abs", "exp", "sqrt", "rsqrt", "tanh", "sigmoid",
+    "erf", "nn.relu", "nn.gelu", "nn.gelu_tanh", "nn.silu"))
+
+
+def _is_tensor(expr) -> bool:
+    return isinstance(getattr(expr, "ty", None), relax.TensorType)
+
+
+@expr_functor.mutator
+class _SinkTransposes(PyExprMutator):
+    """``op(permute(x, p), c)`` -> ``permute(op(x, c'), p)`` for elementwise ``op``."""
+
+    def _permute_of(self, expr):
+        """``(x, axes)`` if ``expr`` is bound to a layout ``permute_dims(x, axes)``."""
+        if not isinstance(expr, relax.Var):
+            return None
+        value = self.lookup_binding(expr)
+        if not isinstance(value, relax.Call):
+            return None
+        axes = _axes(value)
+        if axes is None or tuple(axes) not in LAYOUT_AXES:
+            return None
+        return value.args[0], tuple(axes)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        import numpy as np
+
+        call = super().visit_call_(call)
+        name = getattr(call.op, "name", None)
+        if name == "relax.permute_dims":  # cancel pairs as they form, before sinking on
+            return _compose(self, call)
+        if name not in ELEMENTWISE:
+            return call
+        permuted = [self._permute_of(a) for a in call.args]
+        axes = {p[1] for p in permuted if p is not None}
+        if len(axes) != 1:
+            return call
+        (p,) = axes
+        inverse = [p.index(i) for i in range(len(p))]
+        args = []
+        for arg, perm in zip(call.args, permuted, strict=True):
+            if perm is not None:
+                args.append(perm[0])
+            elif isinstance(arg, tvm.ir.expr.Constant):
+                value = arg.value.numpy()
+                if value.size == 1:  # a scalar broadcasts the same in either layout
+                    args.append(arg)
+                    continue
+                if value.ndim > len(p):
+                    return call
+                value = value.reshape((1,) * (len(p) - value.ndim) + value.shape)
+                args.append(relax.const(np.ascontiguousarray(value.transpose(inverse)),
+                                        str(value.dtype)))
+            elif not _is_tensor(arg):  # a PrimValue / shape operand (clip's bounds)
+                args.append(arg)
+            else:  # another activation in the other layout: sinking would add a transpose
+                return call
+        inner = self.builder_.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
+        return relax.op.permute_dims(inner, list(p))
+
+
+@tvm.transform.module_pass(opt_level=0, name="SlimcSinkLayoutTransposes")
+def sink_layout_transposes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Move NHWC<->NCHW transposes below the elementwise ops that follow them.
+
+    A conv kernel that computes NHWC inside an NCHW graph (the W8A8 convolutions, which are
+    lowered one op at a time, before any layout pass) ends in ``permute_dims(y, NHWC->NCHW)``,
+    and the next one starts with ``permute_dims(x, NCHW->NHWC)``; between them sit the
+    activation, the residual add and the input quantization, all elementwise. Sunk below
+    them, the two transposes meet and :func:`cancel_transposes` removes both: the activations
+    stay NHWC from conv to conv, and the layout changes only at the graph's edges. An op whose
+    other operand is an activation in the other layout is left alone (sinking would add a
+    transpose there); constant operands are transposed at build time.
+    """
+    return relax.transform.DeadCodeElimination()(
+        mutate_relax_functions(mod, _SinkTransposes(mod)))
