@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--tmp", default="/tmp/budget_bench")
     ap.add_argument("--max-drop", type=float, default=0.03)
     ap.add_argument("--backoffs", type=int, default=3, help="back-off rounds per family")
+    ap.add_argument("--out", default="budget_minilm", help="results file name (no .json)")
     args = ap.parse_args()
     import torch
     from slimc.passes.analysis.hardware import hardware_for_target
@@ -124,7 +125,13 @@ def main() -> None:
                    single([("quantize", {"weights": "int4", "group_size": 128})],
                           "int4-g128 (uniform)"),
                    single([("quantize", {"weights": "int4", "group_size": 32})],
-                          "int4-g32 (uniform)")]
+                          "int4-g32 (uniform)"),
+                   single([("quantize", {"weights": "int3", "group_size": 64})],
+                          "int3-g64 (uniform)"),
+                   single([("quantize", {"weights": "int3", "group_size": 128})],
+                          "int3-g128 (uniform)"),
+                   single([("quantize", {"weights": "int2", "group_size": 64})],
+                          "int2-g64 (uniform)")]
         for text in args.budgets:
             budget = parse_budget(text)
             key, limit = next(iter(budget.limits().items()))
@@ -183,7 +190,7 @@ def main() -> None:
             rows.append(entry)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "budget_minilm.json").write_text(json.dumps(results, indent=1, default=str))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\nfp32 Spearman {scorer.original:.4f}\n")
     print("| budget | method | size | latency (cost model) | Spearman | % of fp32 |")
     print("|---|---|---:|---:|---:|---:|")

@@ -207,6 +207,8 @@ class Search:
             if default.kind == "int4":
                 opts["group_size"] = default.group_size
                 opts["symmetric"] = default.symmetric
+            elif default.lowbit:
+                opts["group_size"] = default.group_size
             rules = [f"{p}={o.fmt}" for c, o in chosen if o.fmt != default
                      for p in layer_patterns(c.layer.name, bool(o.rank))]
             if rules:
