@@ -30,6 +30,9 @@ PIPELINES = {
     "asvd": "lowrank{{method=asvd,ratio={f}}}",
     "whiten-global": "lowrank{{method=whiten,ratio={f},allocation=global}}",
     "whiten-seq": "lowrank{{method=whiten,ratio={f},sequential=true}}",
+    "whiten-sens": "lowrank{{method=whiten,ratio={f},allocation=sensitivity}}",
+    "whiten-sens-seq": "lowrank{{method=whiten,ratio={f},allocation=sensitivity,"
+                       "sequential=true}}",
     "block-tie": "share{{blocks=true,ratio={f}}}",
     "whiten+emb": "lowrank{{method=whiten,ratio={f},embeddings=true}}",
     "basis-share": "share{{basis=true,ratio={f}}}",
@@ -141,37 +144,72 @@ def minilm(args) -> None:
           args.out or "lowrank_minilm.json", meta)
 
 
+#: latency models: name -> (factory, what it is)
+LATENCY_MODELS = {
+    "llama": ("tests.test_quantize:medium_llama", "hidden 256, MLP 768, 2 layers, seq 16"),
+    "minilm": ("benchmarks.models:minilm", "real all-MiniLM-L6-v2, 1x128 tokens"),
+    "cnn": ("benchmarks.models:cnn", "ResNet-18-shaped (random weights), 1x3x224x224; "
+            "3x3 convs by Tucker-2, 1x1 convs and the head by SVD"),
+}
+
+
 def latency(args) -> None:
-    """Dense vs factorized artifact of a SmolLM2-shaped decoder block stack, interleaved."""
+    """Dense vs factorized artifacts, called alternately in one process (the same load).
+
+    Artifacts are compiled once into ``/tmp/slimc_lowrank_latency/<model>/<label>`` and
+    reused, so the timing run (``/work/wt/bench.sh``) does not compile."""
+    import json
+
     import numpy as np
 
     import slimc
 
-    out = Path("/tmp/slimc_lowrank_latency")
-    results = {}
-    for label, pipeline in (("dense", "eliminate-dead-code"),
-                            ("lowrank", f"lowrank{{method=svd,ratio={args.fractions[-1]}}}")):
-        res = slimc.compile_model("tests.test_quantize:medium_llama", slimc.CompileOptions(
-            pipeline=pipeline, output=out / label, threads=args.threads))
-        results[label] = res
-    models = {k: slimc.load(r.output) for k, r in results.items()}
-    feeds = {k: m.example_inputs() for k, m in models.items()}
-    times = {k: [] for k in models}
-    for _ in range(args.repeats):
-        for k, m in models.items():  # interleaved: both see the same load
-            t0 = time.perf_counter()
-            m(**feeds[k])
-            times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    rows = [{"artifact": k, "median_ms": med[k] * 1e3,
-             "library_bytes": results[k].manifest["library_bytes"],
-             "params": results[k].manifest["params_after"]} for k in models]
-    print(table(rows, list(rows[0])))
-    print(f"lowrank/dense latency ratio: {med['lowrank'] / med['dense']:.3f}")
-    write_json(args.out or "lowrank_latency.json",
-               {"model": "tests.test_quantize:medium_llama (hidden 256, 2 layers, seq 16)",
-                "threads": args.threads, "repeats": args.repeats, "rows": rows,
-                "ratio": med["lowrank"] / med["dense"]})
+    rows_all = {}
+    for model in args.latency_models:
+        factory, about = LATENCY_MODELS[model]
+        out = Path("/tmp/slimc_lowrank_latency") / model
+        variants = [("dense", "eliminate-dead-code")]
+        variants += [(f"lowrank {f:.0%}", f"lowrank{{method=svd,ratio={f}}}")
+                     for f in args.fractions]
+        if args.unrounded:
+            f = args.fractions[-1]
+            variants.append((f"lowrank {f:.0%} round_to=1",
+                             f"lowrank{{method=svd,ratio={f},round_to=1}}"))
+        models, manifests = {}, {}
+        for label, pipeline in variants:
+            path = out / label.replace(" ", "_").replace("%", "")
+            if not (path / "manifest.json").exists():
+                slimc.compile_model(factory, slimc.CompileOptions(
+                    pipeline=pipeline, output=path, threads=args.threads))
+            manifests[label] = json.loads((path / "manifest.json").read_text())
+            models[label] = slimc.load(path)
+        if args.repeats <= 1:
+            continue
+        feeds = {k: m.example_inputs() for k, m in models.items()}
+        times = {k: [] for k in models}
+        for _ in range(args.repeats):
+            for k, m in models.items():  # interleaved: every artifact sees the same load
+                t0 = time.perf_counter()
+                m(**feeds[k])
+                times[k].append(time.perf_counter() - t0)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        rows = []
+        for k in models:
+            summary = next((p.get("summary", {}) for p in manifests[k].get("pipeline", [])
+                            if p.get("pass") == "lowrank"), {})
+            rows.append({"artifact": k, "median_ms": med[k] * 1e3,
+                         "vs_dense": med[k] / med["dense"],
+                         "library_bytes": manifests[k]["library_bytes"],
+                         "params": manifests[k]["params_after"],
+                         "factorized": summary.get("factorized", 0),
+                         "skipped_cost_model": sum("cost model" in str(v) for v in
+                                                   summary.get("skipped", {}).values())})
+        print(f"{model}: {about}")
+        print(table(rows, list(rows[0])), flush=True)
+        rows_all[model] = {"model": factory, "about": about, "rows": rows}
+    if rows_all:
+        write_json(args.out or "lowrank_latency.json",
+                   {"threads": args.threads, "repeats": args.repeats, "models": rows_all})
 
 
 def main() -> None:
@@ -189,6 +227,9 @@ def main() -> None:
     ap.add_argument("--combo", action="append", default=[],
                     help="extra pipelines to run as they are (combinations)")
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--latency-models", type=lambda s: s.split(","), default=["minilm", "cnn"])
+    ap.add_argument("--unrounded", action="store_true",
+                    help="latency: also the last fraction with round_to=1")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     set_threads(args.threads)

@@ -30,9 +30,15 @@ from slimc.ir import IR
 from slimc.layers import find_layers
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
-from . import factorize, tucker
+from . import allocate, factorize, tucker
 from .rewrite import factorize_layer, is_factor, weight_layers
 from .sequential import factorize_sequentially
+
+#: ``allocation=sensitivity``: calibration batches per probe, bands of blocks per layer role,
+#: and the fraction of its parameters a probed group keeps.
+SENSITIVITY_BATCHES = 2
+SENSITIVITY_BANDS = 3
+PROBE_KEEP = 0.6
 
 
 class LowRankOptions(PassOptions):
@@ -45,11 +51,14 @@ class LowRankOptions(PassOptions):
                                  "layer, the smallest rank keeping this fraction of Σσ².")
     embeddings: bool = Field(False, description="Factorize embedding tables too (vocab×r and "
                              "r×d; a tied output head shares both factors).")
-    allocation: Literal["uniform", "global"] = Field(
+    allocation: Literal["uniform", "global", "sensitivity"] = Field(
         "uniform", description="`ratio`: uniform keeps the same fraction of every layer "
         "(SVD-LLM); global keeps, across all layers, the singular directions with the most "
         "relative output energy per stored parameter (layers whose spectrum decays fast "
-        "give more).")
+        "give more); sensitivity weighs each layer's predicted output loss by the model-output "
+        "distortion measured when its group (role x band of blocks) alone is truncated, and "
+        "minimises the weighted loss under the budget (ASVD / SVD-LLM v2 heterogeneous ranks; "
+        "a few calibration forwards per group).")
     round_to: int | None = Field(None, ge=1, le=256, description="Ranks are multiples of "
                                  "this (default: the target's fp32 vector width).")
     alpha: float = Field(0.5, ge=0, le=2, description="`asvd`: exponent of the activation "
@@ -164,7 +173,7 @@ def faster_on_target(hw, n: int, k: int, r: int, tokens: int) -> bool:
 
 def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
                  options: LowRankOptions, round_to: int, hw,
-                 skipped: dict[str, str], convs: list = ()) -> dict:
+                 skipped: dict[str, str], convs: list = (), batches=()) -> dict:
     """Rank per layer (only layers worth factorizing): an int for a linear, the channel
     ranks ``(r_out, r_in)`` for a convolution."""
     shapes = {la.name: tuple(la.matrix(ir).shape) for la in layers if la.name in spec}
@@ -222,6 +231,19 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
             skipped[conv.name] = "convolution: allocation=global ranks linear layers only " \
                                  "(use allocation=uniform or energy= for convolutions)"
         return _global_ranks(spec, shapes, goal, round_to, worth, skipped)
+    if options.allocation == "sensitivity":
+        for conv in convs:
+            skipped[conv.name] = "convolution: allocation=sensitivity ranks linear layers " \
+                                 "only (use allocation=uniform or energy= for convolutions)"
+        weights = allocate.sensitivity_weights(
+            ir, layers, spec, shapes, list(batches)[:SENSITIVITY_BATCHES], PROBE_KEEP,
+            round_to, SENSITIVITY_BANDS)
+        ranks = allocate.weighted_ranks(spec, shapes, weights, goal, round_to, worth)
+        for name in spec:
+            if name not in ranks and name not in skipped:
+                skipped[name] = "sensitivity allocation: kept dense (most sensitive per " \
+                                "parameter saved)"
+        return ranks
 
     def plan(keep: float) -> tuple[dict, int]:
         ranks, removed = {}, 0
@@ -371,7 +393,9 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
     else:
         spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
     hw = _hardware(ctx)
-    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped, convs)
+    batches = ctx.calibration(SENSITIVITY_BATCHES) if options.allocation == "sensitivity" \
+        else ()
+    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped, convs, batches)
     per_layer = {}
     for conv in convs:
         pair = ranks.get(conv.name)
