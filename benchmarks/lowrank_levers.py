@@ -339,16 +339,16 @@ def main() -> None:
         goal_all = f * dense_params
         ranks = weighted_ranks(fz, weight_of, goal_all)
         row(f"sensitivity-weighted ranks, {f:.0%} of all", fz, ranks,
-            ranks={n: r for n, r in ranks.items()})
+            rank_plan=dict(ranks))
         for er in args.embed_ranks:
             left = goal_all - removed_by(fz, {}, er)
             ranks_e = weighted_ranks(fz, weight_of, left)
             row(f"embedding rank {er} + sensitivity-weighted, {f:.0%} of all", fz, ranks_e,
-                er, ranks=ranks_e)
+                er, rank_plan=ranks_e)
     write_json(args.out, {"model": gguf, "dense_ppl": math.exp(base_eval),
                           "calib_tokens": ntok, "truncation_check": check,
                           "group_weights": weights_g, "rows": rows})
-    print(json.dumps([{k: v for k, v in r.items() if k != "ranks"} for r in rows], indent=1))
+    print(json.dumps([{k: v for k, v in r.items() if k != "rank_plan"} for r in rows], indent=1))
 
 
 if __name__ == "__main__":
