@@ -50,6 +50,11 @@ def pack_imports_incbin(module, is_system_lib: bool, prefix: str, workspace_dir:
     bin_path = os.path.join(workspace_dir, "devc.bin")
     np.from_dlpack(blob).tofile(bin_path)  # zero-copy view of the serialized bytes
     del blob
+    return write_incbin(bin_path, workspace_dir)
+
+
+def write_incbin(bin_path: str, workspace_dir: str) -> str:
+    """The assembly file that embeds ``bin_path`` as the packed-imports symbol."""
     asm_path = os.path.join(workspace_dir, "devc.S")
     with open(asm_path, "w") as f:
         f.write(_ASM.format(sym=BLOB_SYMBOL, path=bin_path.replace("\\", "\\\\")))

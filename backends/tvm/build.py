@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slimc.backends.tvm.blob_pack import incbin_supported, pack_imports_incbin
 from slimc.backends.tvm.cross_link import zig_cross_compiler
+from slimc.backends.tvm.streamed_constants import StreamedConstants
 
 from slimc import interrupts
 from slimc.errors import LoweringError
@@ -27,10 +28,14 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
     from tvm import relax
 
     target = spec.tvm_target()
+    pipeline = _pipeline(target, tuning)
+    # The weights go to the file streamed, outside TVM's in-memory serialization (see
+    # streamed_constants); needs our own pipeline (llvm targets) and the .incbin packing.
+    streamed = StreamedConstants() if callable(pipeline) and incbin_supported() else None
     try:
         with tvm.transform.PassContext(opt_level=3):
-            executable = relax.build(mod, target=target,
-                                     relax_pipeline=_pipeline(target, tuning))
+            executable = relax.build(mod, target=target, relax_pipeline=(
+                streamed.wrap_pipeline(pipeline) if streamed else pipeline))
     except Exception as exc:  # noqa: BLE001
         interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
         raise LoweringError(
@@ -42,7 +47,8 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
     triple = spec.triple or str(target.attrs.get("mtriple", "")) or None
     # The weights travel in the executable's blob: embed it with .incbin, not through LLVM
     # (several in-memory copies of every weight; see blob_pack).
-    pack = {"fpack_imports": pack_imports_incbin} if incbin_supported() else {}
+    pack = {"fpack_imports": streamed.pack_imports if streamed else pack_imports_incbin} \
+        if incbin_supported() else {}
     if spec.is_cross:
         executable.export_library(str(path), fcompile=zig_cross_compiler(triple), **pack)
     elif shutil.which("g++") or shutil.which("c++"):
