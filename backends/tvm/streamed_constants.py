@@ -104,7 +104,7 @@ class StreamedConstants:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if nbytes < self.min_bytes:
             return None
-        key = (data.handle.value if hasattr(data, "handle") else id(data), shape, dtype)
+        key = (np.from_dlpack(data).__array_interface__["data"][0], shape, dtype)
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = len(self.tensors)

@@ -166,6 +166,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .fast_math import fast_math
     from .gemv import panel_gemv
     from .nhwc_rewrites import cancel_transposes, nhwc_rewrites, sink_layout_transposes
+    from .tied_embedding import dedup_constants, tied_embedding
     from .winograd import winograd_convs
 
     return cpu.library_dispatch_passes(target) + [
@@ -173,9 +174,10 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes, winograd_convs,
+        tied_embedding,
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        _mark_constant_operands()]
+        relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),
+        relax.transform.FuseTIR(), _mark_constant_operands()]
 
 
 def _mark_constant_operands() -> tvm.transform.Pass:
@@ -190,18 +192,30 @@ def _mark_constant_operands() -> tvm.transform.Pass:
     import tvm
     from tvm import relax, tirx
 
+    from .tied_embedding import data_address
+
     def mark(mod, _ctx):
         constant: dict = {}
+        calls: list = []
+        readers: dict[int, set] = {}  # constant data -> kernels reading it
 
         def visit(expr) -> None:
             if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
                 gvar, args = expr.args[0], expr.args[1].fields
                 here = {i for i, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)}
                 constant[gvar] = constant[gvar] & here if gvar in constant else here
+                calls.append((gvar, args))
+                for i in here:
+                    readers.setdefault(data_address(args[i].value), set()).add(gvar)
 
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 relax.analysis.post_order_visit(func, visit)
+        # A constant several kernels read (a tied embedding and output head) keeps the one
+        # layout they share: repacking it for one kernel would store it twice.
+        for gvar, args in calls:
+            constant[gvar] = {i for i in constant[gvar]
+                              if len(readers[data_address(args[i].value)]) == 1}
         for gvar, indices in constant.items():
             func = mod[gvar]
             if indices and isinstance(func, tirx.PrimFunc):
