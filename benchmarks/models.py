@@ -236,3 +236,101 @@ def whisper_tiny_encoder():
                                         num_mel_bins=80)
     encoder = transformers.WhisperModel(config).get_encoder().eval()
     return _Audio(encoder).eval(), {"input_features": torch.randn(1, 80, 3000)}
+
+
+#: MobileNetV3-Large's inverted-residual blocks (torchvision's ``mobilenet_v3_large`` table):
+#: kernel, expanded channels, out channels, squeeze-excite, activation ("HS": hard-swish), stride.
+_MOBILENET_V3_LARGE = (
+    (3, 16, 16, False, "RE", 1), (3, 64, 24, False, "RE", 2), (3, 72, 24, False, "RE", 1),
+    (5, 72, 40, True, "RE", 2), (5, 120, 40, True, "RE", 1), (5, 120, 40, True, "RE", 1),
+    (3, 240, 80, False, "HS", 2), (3, 200, 80, False, "HS", 1), (3, 184, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1), (3, 480, 112, True, "HS", 1), (3, 672, 112, True, "HS", 1),
+    (5, 672, 160, True, "HS", 2), (5, 960, 160, True, "HS", 1), (5, 960, 160, True, "HS", 1))
+
+
+def _make_divisible(v: float, divisor: int = 8) -> int:
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+class _ConvBN(torch.nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
+                 act: type[torch.nn.Module] | None = torch.nn.ReLU) -> None:
+        layers = [torch.nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+                  torch.nn.BatchNorm2d(cout)]
+        super().__init__(*layers, *([act()] if act else []))
+
+
+class _SqueezeExcite(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        squeeze = _make_divisible(channels // 4)
+        self.fc1 = torch.nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = torch.nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        s = torch.nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+        return x * s
+
+
+class _InvertedResidual(torch.nn.Module):
+    def __init__(self, cin: int, k: int, expanded: int, cout: int, se: bool, act: str,
+                 stride: int) -> None:
+        super().__init__()
+        act_cls = torch.nn.Hardswish if act == "HS" else torch.nn.ReLU
+        layers: list[torch.nn.Module] = []
+        if expanded != cin:
+            layers.append(_ConvBN(cin, expanded, 1, act=act_cls))
+        layers.append(_ConvBN(expanded, expanded, k, stride, groups=expanded, act=act_cls))
+        if se:
+            layers.append(_SqueezeExcite(expanded))
+        layers.append(_ConvBN(expanded, cout, 1, act=None))
+        self.block = torch.nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+class MobileNetV3Large(torch.nn.Module):
+    """MobileNetV3-Large 1.0 (Howard et al. 2019), layer for layer torchvision's
+    ``mobilenet_v3_large`` (which is not installed here; no Hugging Face class exists):
+    hard-swish, squeeze-excite with hard-sigmoid, 5x5 depthwise convs."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = [_ConvBN(3, 16, 3, 2, act=torch.nn.Hardswish)]
+        cin = 16
+        for k, expanded, cout, se, act, stride in _MOBILENET_V3_LARGE:
+            layers.append(_InvertedResidual(cin, k, expanded, cout, se, act, stride))
+            cin = cout
+        layers.append(_ConvBN(cin, 960, 1, act=torch.nn.Hardswish))
+        self.features = torch.nn.Sequential(*layers)
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Linear(960, 1280), torch.nn.Hardswish(), torch.nn.Linear(1280, num_classes))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(self.features(pixel_values), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v3_large():
+    """MobileNetV3-Large 1.0 (:class:`MobileNetV3Large`, random weights, batch norms with
+    random statistics), 1x3x224x224."""
+    torch.manual_seed(0)
+    model = MobileNetV3Large().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.manual_seed(1)
+    return model, {"pixel_values": torch.randn(1, 3, 224, 224)}
+
+
+def resnet18():
+    """ResNet-18 (``ResNetForImageClassification``, basic blocks, random weights): the
+    ``cnn`` workload under its table name."""
+    return cnn()

@@ -6,10 +6,11 @@
     python benchmarks/run.py --models cnn,mobilenet_v2 --engines slimc,slimc-w8a8,ort,ort-qdq8
     python benchmarks/run.py --models table --engines slimc,ort   # the ten-workload table
 
-``--models table`` is the ten workloads of :data:`TABLE` (five that were tuned for by nobody:
+``--models table`` is the workloads of :data:`TABLE` (five that were tuned for by nobody:
 BERT-base, MiniLM batch 8, DistilBERT seq 384, ViT-Small/16, MobileNetV2; and five more vision,
-audio and text models); ``long`` the long-sequence / batch workloads of :data:`LONG`. With
-slimc and ORT both run, the summary ends with the geometric mean of slimc/ORT.
+audio and text models, plus MobileNetV3-Large and ResNet-18); ``long`` the long-sequence /
+batch workloads of :data:`LONG`. With slimc and ORT both run, the summary ends with the
+geometric mean of slimc/ORT.
 
 Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
 round-robin, rotating who goes first, with a short idle pause before each block so the previous
@@ -46,7 +47,7 @@ MODELS = ("minilm", "cnn", "decode")  # also: mobilenet_v2
 #: ``--models table``: the workload table of docs/benchmarks.md (factories in models.py).
 TABLE = ("vit_small", "mobilenet_v2", "bert_base", "minilm_b8", "distilbert_384",
          "efficientnet_b0", "convnext_tiny", "resnet50", "whisper_tiny_encoder",
-         "t5_small_encoder")
+         "t5_small_encoder", "mobilenet_v3_large", "resnet18")
 #: ``--models long``: long sequences and batches.
 LONG = ("minilm_1024", "minilm_b8")
 PRESETS = {"table": TABLE, "long": LONG}
@@ -241,7 +242,8 @@ def _calibration_file(name: str, workdir: Path) -> Path | None:
 
     import numpy as np
 
-    if name in ("cnn", "mobilenet_v2"):
+    if name in ("cnn", "resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+                "convnext_tiny", "resnet50"):
         sys.path.insert(0, str(HERE))
         import models
 
