@@ -114,14 +114,23 @@ def test_kernels_match_the_reference(m, k, n, bits, group):
 
 
 def test_int3_artifact_is_smaller_than_int4_and_matches_its_ir(hf_dir, tmp_path):
-    int4 = _compile(hf_dir("llama"), "quantize{weights=int4,group_size=32}", tmp_path / "a")
+    from slimc.passes.quantize.quantize import QuantizeOptions, quantize_ir
+
+    from slimc.capture import capture, load_model
+    from slimc.loaders.base import parse_overrides
+    from slimc.passmanager import PassContext
+    from slimc.plugins import get_registry
+
+    ir, inputs = capture(load_model(hf_dir("llama"), parse_overrides([]), get_registry()))
+    quantize_ir(ir, PassContext(example_inputs=inputs), QuantizeOptions(weights="int4",
+                                                                       group_size=32))
     int3 = _compile(hf_dir("llama"), "quantize{weights=int3,group_size=32}", tmp_path / "b")
     m = int3.manifest
     assert m["verification"]["passed"] and m["verification"]["relative_l2_vs_ir"] < 1e-5
     # stored bytes really shrink: 4 bits per weight (codes + fp16 scale and minimum per 32)
     # vs int4-g32's 5.25
-    assert m["weight_bytes_after"] < 0.85 * int4.manifest["weight_bytes_after"]
-    assert m["params_after"] == int4.manifest["params_after"]  # codes count as their weights
+    assert m["weight_bytes_after"] < 0.85 * ir.weight_bytes()
+    assert m["params_after"] == ir.num_params()  # bit-packed codes count as their weights
 
 
 def test_artifact_constants_are_the_packed_codes():
