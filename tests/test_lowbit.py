@@ -179,3 +179,10 @@ def test_bad_lowbit_options_exit_2(cli, hf_dir, option):
     result = cli("compile", hf_dir("llama"), "--pipeline", f"quantize{{{option}}}")
     assert result.code == 2
     assert "group" in result.err or "int2-g20" in result.err
+
+
+def test_gpu_target_refuses_lowbit_with_advice(cli, hf_dir, tmp_path):
+    result = cli("compile", hf_dir("llama"), "--target", "cuda", "--pipeline",
+                 "quantize{weights=int3,group_size=32}", "-o", tmp_path / "g")
+    assert result.code == 2 and "CPU kernels only" in result.err
+    assert "Traceback" not in result.err and not (tmp_path / "g").exists()

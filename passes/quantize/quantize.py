@@ -268,6 +268,13 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         if (la.is_embedding or la.kind == "expert") and formats[la.name].kind == "int4" \
                 and la.matrix(ir).shape[1] % 2:
             formats[la.name] = Format("int8")
+    lowbit = sorted({str(f) for f in formats.values() if f.lowbit})
+    if gpu and lowbit:
+        from slimc.errors import UsageError
+
+        raise UsageError(f"{', '.join(lowbit)} weights have CPU kernels only (x86, aarch64); "
+                         f"this build targets {gpu}.", hint="Use int4 or int8 weights for GPU "
+                         "targets, or build for a CPU target.")
     for la in layers:  # int3/int2 kernels exist for linears and gathers only
         fmt = formats[la.name]
         if fmt.lowbit and la.kind in ("conv", "expert"):
