@@ -7,6 +7,13 @@ against ONNX Runtime running one ONNX graph exported with dynamic batch/sequence
 engines run in this process, interleaved round by round (a few calls each), with the same
 thread count; the ratios are what to read (the host is shared).
 
+ONNX Runtime's workers spin after a call (waiting for more work) and take a core from whatever
+runs next: in the first version of this script, whichever slimc artifact was timed right after
+ORT took 3.1-3.7x the time of the other at 16 tokens (2 threads), so the order alone produced
+the "2.6x" of the early measurements. Now ORT runs with ``session.intra_op.allow_spinning=0``,
+the rounds walk through every order of the engines (each follows each other equally often) and
+every block of calls starts after a short idle pause (as in ``benchmarks/run.py``).
+
     python benchmarks/dynamic_minilm.py --lengths 16,64,128,256 --threads 2
 
 Prints a table and writes ``benchmarks/results/dynamic_minilm.json``.
@@ -15,6 +22,7 @@ Prints a table and writes ``benchmarks/results/dynamic_minilm.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -32,8 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default="16,64,128,256")
     p.add_argument("--max-length", type=int, default=512, help="dynamic artifact's bound")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per length")
+    p.add_argument("--rounds", type=int, default=18,
+                   help="interleaved rounds per length (a multiple of 6 runs every order alike)")
     p.add_argument("--calls", type=int, default=3, help="calls per engine per round")
+    p.add_argument("--pause-ms", type=float, default=30.0,
+                   help="idle time before each block, so the previous engine's spinning "
+                   "workers have parked")
     p.add_argument("--workdir", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -85,6 +97,8 @@ def ort_session(model: str, threads: int, path: Path):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # spinning workers would steal a core from the engine timed next (see the module docstring)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -123,8 +137,11 @@ def main(argv=None) -> int:
             for _ in range(3):
                 run()
         times = {name: [] for name in engines}
-        for _ in range(args.rounds):
-            for name, run in engines.items():
+        orders = list(itertools.permutations(engines))
+        for r in range(args.rounds):
+            for name in orders[r % len(orders)]:
+                run = engines[name]
+                time.sleep(args.pause_ms / 1e3)
                 start = time.perf_counter()
                 for _ in range(args.calls):
                     run()
@@ -137,11 +154,13 @@ def main(argv=None) -> int:
               + f"; dynamic/static {rows[-1]['dynamic_over_static']:.3f}, dynamic/ORT "
               f"{rows[-1]['dynamic_over_ort']:.3f}", flush=True)
     load = os.getloadavg()
-    print(f"threads {args.threads}, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(f"threads {args.threads}, {args.rounds} rounds x {args.calls} calls, pause "
+          f"{args.pause_ms:g} ms, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     (results / "dynamic_minilm.json").write_text(json.dumps(
-        {"threads": args.threads, "load_average": load, "rows": rows,
+        {"threads": args.threads, "load_average": load, "rows": rows, "rounds": args.rounds,
+         "calls": args.calls, "pause_ms": args.pause_ms,
          "max_length": args.max_length}, indent=2) + "\n")
     return 0
 

@@ -25,6 +25,10 @@ MIN_PARALLEL_WORK = 4096
 #: a dozen such kernels of ~1e5 elements that take tens of microseconds on one core (ViT-Small:
 #: 197 x 384 residual adds and norms). ONNX Runtime runs those ops on the calling thread too.
 MIN_PARALLEL_MEMORY_WORK = 1 << 18
+#: Loop annotation left by :func:`parallelize`: the least work (scalar iterations of the loop
+#: nest) for which the rule wants the loop parallel. With a symbolic extent the rule cannot
+#: decide when compiling; :mod:`.parallel_guard` turns it into a run-time test and removes it.
+MIN_WORK_KEY = "slimc_min_parallel_work"
 
 
 def vector_bits(target: Target) -> int:
@@ -64,6 +68,19 @@ def extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
     """Constant trip count of ``loop``, or None for a symbolic one."""
     value = sch.get(loop).extent
     return int(value.value) if isinstance(value, tirx.IntImm) else None
+
+
+def parallelize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, min_work: int) -> None:
+    """Make ``loop`` parallel, recording the rule's threshold ``min_work`` on it.
+
+    A rule compares its work estimate with ``min_work`` when the extents are constants; when
+    one is symbolic (a dynamic sequence length) the loop is made parallel here and
+    :func:`.parallel_guard.guard_parallel_loops` keeps a serial copy for the calls whose actual
+    work is below the *same* threshold, so a short input runs exactly the launches a
+    fixed-length kernel of that length would (a layer norm of 16 tokens stays on one thread).
+    """
+    sch.parallel(loop)
+    sch.annotate(loop, ann_key=MIN_WORK_KEY, ann_val=int(min_work))
 
 
 def intermediate_buffers(sch: s_tir.Schedule) -> set:

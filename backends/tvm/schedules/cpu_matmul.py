@@ -30,6 +30,7 @@ from tvm.target import Target
 from slimc import interrupts
 
 from .common import (
+    MIN_PARALLEL_MEMORY_WORK,
     MIN_PARALLEL_WORK,
     block_writes_output,
     extent,
@@ -37,6 +38,7 @@ from .common import (
     is_spatial,
     loaded_buffer,
     log,
+    parallelize,
     realize_bindings,
     simd_registers,
     vars_in,
@@ -49,6 +51,8 @@ CONSTANT_OPERANDS = "slimc.constant_operands"
 #: Block annotation that makes ``SplitLayoutRewritePreproc`` hoist a weight rewrite out of a kernel.
 PREPROC = "meta_schedule.layout_rewrite_preproc"
 
+#: Multiply-accumulates below which a matmul runs on one thread.
+MATMUL_PARALLEL_WORK = MIN_PARALLEL_WORK * 16
 #: Walk the vector tiles (weight panels) outside the other spatial loops too (conv output rows),
 #: so consecutive tasks of a core reuse one weight panel.
 PANEL_OUTSIDE_ROWS = True
@@ -306,7 +310,7 @@ def _schedule_padding(sch: s_tir.Schedule, block, target: Target) -> None:
         _, inner = sch.split(loops[-1], factors=[None, lanes])
         sch.vectorize(inner)
     if len(loops) > 1:
-        sch.parallel(loops[0])
+        parallelize(sch, loops[0], MIN_PARALLEL_MEMORY_WORK)
 
 
 def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set):
@@ -386,8 +390,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         _vectorize_chunk(sch, main, 2 * lanes)
     else:
         _vectorize_tile(sch, main, len(tile_inner))
-    if work >= MIN_PARALLEL_WORK * 16:  # smaller: waking the thread pool costs more than it saves
-        sch.parallel(fused)
+    if work >= MATMUL_PARALLEL_WORK:  # smaller: waking the thread pool costs more than it saves
+        parallelize(sch, fused, MATMUL_PARALLEL_WORK)
 
     writeback = sch.cache_write(main, 0, "local")
     sch.reverse_compute_at(writeback, fused, preserve_unit_loops=True)

@@ -81,7 +81,7 @@ class RowReduction:
             row_work *= extent(sch, loop) or 64
         if n_rows is None or (n_rows > 1 and n_rows * row_work * len(infos)
                                >= common.MIN_PARALLEL_MEMORY_WORK):
-            sch.parallel(rows)
+            common.parallelize(sch, rows, common.MIN_PARALLEL_MEMORY_WORK)
         return sch
 
 

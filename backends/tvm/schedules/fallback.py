@@ -96,7 +96,7 @@ def schedule_block(sch: s_tir.Schedule, block, target: Target) -> None:
     fused = sch.fuse(*outer_spatial) if len(outer_spatial) > 1 else outer_spatial[0]
     trips = extent(sch, fused)
     if trips is None or (trips > 1 and trips * inner_work >= common.MIN_PARALLEL_MEMORY_WORK):
-        sch.parallel(fused)
+        common.parallelize(sch, fused, common.MIN_PARALLEL_MEMORY_WORK)
 
 
 def _enough_rows(sch: s_tir.Schedule, loops, minimum: int = 8) -> bool:
