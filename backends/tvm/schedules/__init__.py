@@ -173,7 +173,9 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         fast_math, panel_gemv, relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
-        nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes, winograd_convs,
+        nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
+        # cancelled transposes leave `y = x` aliases, which would cut fusion chains
+        relax.transform.CanonicalizeBindings(), winograd_convs,
         tied_embedding,
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),
