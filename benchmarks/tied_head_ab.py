@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 import torch
-
 from slimc.backends.tvm.build import build_library
 from slimc.backends.tvm.lower import lower_to_relax
 from slimc.backends.tvm.runtime import NativeRunner
+
 from slimc.capture import capture
 from slimc.loaders.base import LoadedModel
 from slimc.targets import resolve_target
