@@ -144,10 +144,24 @@ def minilm(args) -> None:
           args.out or "lowrank_minilm.json", meta)
 
 
+def conv_stack():
+    """A VGG-style stack of dense 3x3 convolutions (random weights), 1x64x56x56: the layers
+    Tucker-2 factorizes (ResNet-18 at 224 ran out of memory in this benchmark, see docs)."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [torch.nn.Conv2d(128 if layers else 64, 128, 3, padding=1), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(128, 10)).eval()
+    return net, (torch.randn(1, 64, 56, 56),)
+
+
 #: latency models: name -> (factory, what it is)
 LATENCY_MODELS = {
     "llama": ("tests.test_quantize:medium_llama", "hidden 256, MLP 768, 2 layers, seq 16"),
     "minilm": ("benchmarks.models:minilm", "real all-MiniLM-L6-v2, 1x128 tokens"),
+    "convs": ("benchmarks.lowrank_real:conv_stack", "four dense 3x3 convs 64/128->128 on "
+              "56x56 (random weights), Tucker-2"),
     "cnn": ("benchmarks.models:cnn", "ResNet-18-shaped (random weights), 1x3x224x224; "
             "3x3 convs by Tucker-2, 1x1 convs and the head by SVD"),
 }
