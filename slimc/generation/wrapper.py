@@ -26,14 +26,27 @@ class RowCollectingCache:
         self.keys, self.values = keys, values
         self.new_keys: dict[int, torch.Tensor] = {}
         self.new_values: dict[int, torch.Tensor] = {}
+        #: id of each ``cat(cache, new)`` handed out -> its parts (see :meth:`split`).
+        self.parts: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.new_keys[layer_idx], self.new_values[layer_idx] = key_states, value_states
         if self.keys[layer_idx] is None:  # probing the geometry: no cache yet
             return key_states, value_states
-        k = torch.cat([self.keys[layer_idx].to(key_states.dtype), key_states], dim=2)
-        v = torch.cat([self.values[layer_idx].to(value_states.dtype), value_states], dim=2)
+        cached_k = self.keys[layer_idx].to(key_states.dtype)
+        cached_v = self.values[layer_idx].to(value_states.dtype)
+        k = torch.cat([cached_k, key_states], dim=2)
+        v = torch.cat([cached_v, value_states], dim=2)
+        self.parts[id(k)] = (k, v, cached_k, key_states, cached_v, value_states)
         return k, v
+
+    def split(self, key, value) -> tuple[torch.Tensor, ...] | None:
+        """``(cache_k, new_k, cache_v, new_v)`` if ``key``/``value`` are what :meth:`update`
+        returned (the model passed them to attention unchanged), else None."""
+        entry = self.parts.get(id(key))
+        if entry is None or entry[0] is not key or entry[1] is not value:
+            return None
+        return entry[2:]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -44,6 +57,15 @@ class RowCollectingCache:
 
 #: Name of :func:`grouped_query_attention` in transformers' attention registry.
 GROUPED_ATTENTION = "slimc_grouped_query"
+
+#: The cache of the step being run or traced: attention asks it for the parts of ``cat(cache,
+#: new rows)`` (:meth:`RowCollectingCache.split`).
+_ACTIVE_CACHES: list[RowCollectingCache] = []
+
+#: Query rows per KV head (its query heads x the step's tokens) up to which attention reads
+#: the cache where it lies instead of attending over ``cat(cache, new rows)``: decode steps.
+#: Prefill (128 tokens) keeps the concatenation, whose copy is small next to its matmuls.
+IN_PLACE_ROWS = 32
 
 
 def grouped_query_attention(module, query, key, value, attention_mask, scaling=None,
@@ -57,30 +79,68 @@ def grouped_query_attention(module, query, key, value, attention_mask, scaling=N
     ``heads x (max_length + 1) x head_dim`` floats for K and V. On SmolLM2-135M (9 query heads, 3
     KV heads) that fused copy was 36% of an int4 decode step. Same arithmetic as transformers'
     eager attention (scale, optional soft-capping, additive mask, fp32 softmax).
+
+    Decode steps (:data:`IN_PLACE_ROWS`) go further: see :func:`_attend_cache_in_place`.
     """
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, softcap=softcap, **kwargs)
     groups = query.shape[1] // key.shape[1]
-    if groups == 1 or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    parts = _ACTIVE_CACHES[-1].split(key, value) if _ACTIVE_CACHES else None
+    if parts is not None and groups * query.shape[2] <= IN_PLACE_ROWS:
+        return _attend_cache_in_place(query, *parts, attention_mask, scale, softcap)
+    if groups == 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, softcap=softcap, **kwargs)
     b, heads, t, d = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    scale = scaling if scaling is not None else d ** -0.5
     scores = torch.matmul(query.reshape(b, kv_heads, groups * t, d), key.transpose(2, 3)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is None and t > 1 and getattr(module, "is_causal", True):
         attention_mask = torch.ones(t, length, dtype=torch.bool).tril(length - t)[None, None]
+    probs = _softmax(scores, attention_mask, softcap, groups, t).to(query.dtype)
+    out = torch.matmul(probs, value).view(b, heads, t, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _softmax(scores, attention_mask, softcap, groups: int, t: int):
+    """Soft-capping, additive mask and fp32 softmax of ``[B, kv_heads, groups * T, L]``."""
+    b, kv_heads, _, length = scores.shape
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # True = attend (sdpa-style masks)
             attention_mask = torch.where(attention_mask, 0.0, _NEG).to(scores.dtype)
-        scores = scores.view(b, kv_heads, groups, t, length) \
+        scores = scores.reshape(b, kv_heads, groups, t, length) \
             + attention_mask[:, :, None, :, :length]
-    probs = torch.softmax(scores.view(b, kv_heads, groups * t, length), dim=-1,
-                          dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value).view(b, heads, t, d)
-    return out.transpose(1, 2).contiguous(), None
+    return torch.softmax(scores.reshape(b, kv_heads, groups * t, length), dim=-1,
+                         dtype=torch.float32)
+
+
+def _attend_cache_in_place(query, cache_k, new_k, cache_v, new_v, attention_mask, scale,
+                           softcap):
+    """Attention of a few query rows over ``cache`` and the step's new rows, without
+    concatenating them: scores are ``cache_k @ q^T`` (the cache as the matmul's row operand,
+    read where it lies, row by row) next to ``new_k @ q^T``, and the output is
+    ``probs[:, :M] @ cache_v + probs[:, M:] @ new_v``.
+
+    Why: ``cat(cache, new rows)`` copies a layer's whole cache per step, and ``q @ K^T`` then
+    transposes it (a strided copy): on SmolLM2-135M's int4 decode step those two kernels were
+    ~40% of the time. Only the small score matrix is transposed here.
+    """
+    b, heads, t, d = query.shape
+    kv_heads, cached = cache_k.shape[1], cache_k.shape[2]
+    groups = heads // kv_heads
+    q_t = (query.reshape(b, kv_heads, groups * t, d) * scale).transpose(2, 3)
+    scores = torch.cat([torch.matmul(cache_k, q_t), torch.matmul(new_k, q_t)], dim=2)
+    probs = _softmax(scores.transpose(2, 3), attention_mask, softcap, groups, t)
+    probs = probs.to(query.dtype)
+    out = torch.matmul(probs[..., :cached], cache_v) + torch.matmul(probs[..., cached:], new_v)
+    return out.view(b, heads, t, d).transpose(1, 2).contiguous(), None
 
 
 def use_grouped_attention(model: torch.nn.Module) -> None:
@@ -191,8 +251,12 @@ class KVStep(torch.nn.Module):
         kwargs = {self.cache_arg: cache, "use_cache": True}
         if self.keep_arg:
             kwargs[self.keep_arg] = last
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         **kwargs)
+        _ACTIVE_CACHES.append(cache)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask,
+                             position_ids=position_ids, **kwargs)
+        finally:
+            _ACTIVE_CACHES.pop()
         logits = out.logits if hasattr(out, "logits") else out[0]
         if self.keep_arg is None:
             logits = logits.index_select(1, last)

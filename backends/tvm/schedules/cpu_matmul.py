@@ -328,14 +328,22 @@ def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set):
     return remaining
 
 
+def panel_width(n: int | None, lanes: int, single_row: bool = False) -> int:
+    """``NR``: output columns per micro-kernel tile, and the width of the panels a constant
+    weight is packed into (:func:`_pack_constant_operand`). Matrix-vector kernels that read the
+    same weight (``gemv.py``) pack it with the multi-row width, so both store it identically."""
+    wide = [4 * lanes, 2 * lanes] if single_row else [2 * lanes]
+    nr = next((v for v in [*wide, lanes, lanes // 2, 4] if n and v <= n and n % v == 0), None)
+    if nr is None:
+        nr = n if n is not None and n <= 2 * lanes else lanes
+    return nr
+
+
 def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int, int]:
     lanes = vector_lanes(target, dtype_bits)
     n = extent(sch, axes.vector)
     m = extent(sch, axes.reuse) if axes.reuse is not None else 1
-    wide = [4 * lanes, 2 * lanes] if m == 1 else [2 * lanes]
-    nr = next((v for v in [*wide, lanes, lanes // 2, 4] if n and v <= n and n % v == 0), None)
-    if nr is None:
-        nr = n if n is not None and n <= 2 * lanes else lanes
+    nr = panel_width(n, lanes, single_row=m == 1)
     accumulators = simd_registers(target) // 2  # leave room for the loads and broadcasts
     mr_max = max(1, min(8, accumulators * lanes // max(nr, 1)))
     if m is None:

@@ -54,9 +54,9 @@ class _PanelGemv(PyExprMutator):
         m = int(np.prod(shape[:-1]))
         if shape[-1] != k or m > MAX_ROWS:
             return call
-        from slimc.backends.tvm.quantized_ops import add_kernel, linear_kernel, tile_for
+        from slimc.backends.tvm.quantized_ops import add_kernel, linear_kernel
 
-        t = tile_for(n, "fp32")
+        t = shared_panel_width(n)
         bb = self.builder_
         tiles = bb.emit(relax.op.permute_dims(
             relax.op.reshape(weight, (n // t, t, k)), [0, 2, 1]))
@@ -73,6 +73,26 @@ class _PanelGemv(PyExprMutator):
             return None
         weight = found[0]
         return weight if str(weight.value.dtype) == "float32" else None
+
+
+def shared_panel_width(n: int) -> int:
+    """Panel width of an fp32 weight ``[N, K]`` for the GEMV: the width the tiled matmul packs
+    the same weight into for several rows (:func:`.cpu_matmul.panel_width`), when it divides
+    ``N``. Why: a generation artifact multiplies each weight in a prefill matmul (many rows) and
+    a decode GEMV (one row); with equal panels the two folded constants are byte-identical and
+    ``share_constants`` stores the weight once (with 64-wide GEMV panels SmolLM2's fp32
+    ``model.so`` held every layer weight twice: 1027 MiB for 513 MiB of weights)."""
+    from slimc.backends.tvm.quantized_ops import tile_for
+    from tvm.target import Target
+
+    from .common import vector_lanes
+    from .cpu_matmul import panel_width
+
+    target = Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return tile_for(n, "fp32")
+    width = panel_width(n, vector_lanes(target, 32))
+    return width if n % width == 0 and n > width else tile_for(n, "fp32")
 
 
 @tvm.transform.module_pass(opt_level=0, name="SlimcPanelGemv")
