@@ -27,9 +27,9 @@ def test_gptq_with_calibration_text_generates(tmp_path):
     assert shapes["prompt_ids"] == [1, GEN["prefill_length"]] and shapes["token"] == [1, 1]
     layers = manifest["pipeline"][0]["summary"]["per_layer"]
     linear = {k: v["method"] for k, v in layers.items() if "embed" not in k and "head" not in k}
-    # q/o/MLP projections get GPTQ (k/v currently fall back to RTN in the combined graph).
+    # Every projection gets GPTQ, k/v included (they share q's input in both halves).
     assert len(linear) == 2 * 7, linear
-    assert all(m == "gptq" for k, m in linear.items() if "k_proj" not in k and "v_proj" not in k)
+    assert all(m == "gptq" for m in linear.values()), linear
     assert manifest["verification"]["passed"]
     result = slimc.load(out).generate([5, 9, 17, 33], 6, stop=False)
     assert len(result.tokens) == 6
