@@ -21,6 +21,7 @@ rather than write a library that cannot load. The library is identical in layout
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import struct
@@ -75,6 +76,10 @@ class StreamedConstants:
         from tvm.relax.expr_functor import PyExprMutator, mutator
 
         owner = self
+        # One stub constant per weight, shared by every function that reads it (a generation
+        # library's prefill and decode): the executable stores a constant once per object, so
+        # a fresh stub per use would write the weight into the file once per function.
+        stubs: dict[int, Any] = {}
 
         @mutator
         class _Stubber(PyExprMutator):
@@ -82,20 +87,30 @@ class StreamedConstants:
                 value = op.value
                 if not isinstance(value, tvm.runtime.Tensor):
                     return op
-                replacement = owner._stub_for(value)
-                if replacement is None:
+                index = owner._stub_index(value)
+                if index is None:
                     return op
-                # the stub keeps the weight's type: calls are still checked against it
-                return make_const(replacement, op.ty, None)
+                if index not in stubs:
+                    # the stub keeps the weight's type: calls are still checked against it
+                    stubs[index] = make_const(owner._marker(index), op.ty, None)
+                return stubs[index]
 
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 mod[gvar] = _Stubber().visit_expr(func)
         return mod
 
-    def _stub_for(self, data):
+    def _marker(self, index: int):
         import numpy as np
         import tvm
+
+        marker = np.frombuffer(self.token + struct.pack("<Q", index), dtype=np.uint8)
+        return tvm.runtime.tensor(marker.copy())
+
+    def _stub_index(self, data) -> int | None:
+        """Index of ``data`` among the streamed tensors (added on first sight); None when it
+        stays in the executable (small, or a dtype/device not streamed)."""
+        import numpy as np
 
         dtype = str(data.dtype)
         if dtype not in _NUMPY_DTYPES or data.device.dlpack_device_type() != 1:
@@ -104,13 +119,16 @@ class StreamedConstants:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if nbytes < self.min_bytes:
             return None
-        key = (np.from_dlpack(data).__array_interface__["data"][0], shape, dtype)
+        # By content, not address: equal weights that reach here as separate tensors (a
+        # generation library's prefill and decode copies of one folded weight) are written once.
+        array = np.ascontiguousarray(np.from_dlpack(data))
+        key = (shape, dtype, hashlib.blake2b(array.view(np.uint8).reshape(-1),
+                                             digest_size=16).digest())
         index = self._index.get(key)
         if index is None:
             index = self._index[key] = len(self.tensors)
             self.tensors.append(data)
-        marker = np.frombuffer(self.token + struct.pack("<Q", index), dtype=np.uint8)
-        return tvm.runtime.tensor(marker.copy())
+        return index
 
     def stub_record(self, index: int) -> bytes:
         return tensor_record_header("uint8", (16,), 16) + self.token + struct.pack("<Q", index)
