@@ -56,6 +56,8 @@ class AnalyzeOptions:
     rpc: str | None = None
     #: Runtime threads for local kernel timing (default ``TVM_NUM_THREADS`` or all cores).
     threads: int | None = None
+    #: Cores the analysis itself uses (``-j``, :mod:`slimc.jobs`); None: every core.
+    jobs: int | None = None
 
 
 @dataclass
@@ -70,6 +72,15 @@ class AnalyzeResult:
 def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
                   stage: Callable[[str], None] = lambda name: None) -> AnalyzeResult:
     """Analyse ``model`` and write analysis.json, report.md and plots; see the module doc."""
+    from slimc.jobs import compile_jobs
+
+    options = options or AnalyzeOptions()
+    with compile_jobs(options.jobs):
+        return _analyze(model, options, stage)
+
+
+def _analyze(model: str, options: AnalyzeOptions,
+             stage: Callable[[str], None]) -> AnalyzeResult:
     from slimc.calibration import load_calibration
     from slimc.capture import capture, load_model
     from slimc.loaders.base import parse_overrides
@@ -78,7 +89,6 @@ def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
     from slimc.plugins import get_registry
     from slimc.targets import resolve_target
 
-    options = options or AnalyzeOptions()
     _validate_settings(options)
     registry = get_registry()
     criteria = [criterion_pass(c, registry.passes).criterion for c in options.criteria]

@@ -37,6 +37,9 @@ class CompileOptions:
     inputs: Sequence[str] = ()
     output: str | Path | None = None
     threads: int | None = None
+    #: Cores the compiler itself uses (``-j``): torch's threads in passes and the per-layer
+    #: W8A8 search workers (:mod:`slimc.jobs`); None: every core. Not the artifact's threads.
+    jobs: int | None = None
     #: Largest relative L2 error allowed between the artifact and the IR it was built from.
     verify_tolerance: float = 1e-3
     #: ``auto``: run cross artifacts under emulation when it is available; ``require``: fail if

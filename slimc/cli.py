@@ -170,6 +170,9 @@ def compile_command(
         "LO..HI makes a dim dynamic, e.g. input_ids=1x1..512:int64 (repeatable).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Runtime threads for verification "
                                                 "(default: TVM_NUM_THREADS or all cores).")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Cores the compiler "
+                                             "itself uses: calibration, searches, analyses "
+                                             "(default: all).")] = None,
     verify_tol: Annotated[float, typer.Option(min=0.0, help="Largest relative L2 error between "
                                               "artifact and IR.")] = 1e-3,
     emulate: Annotated[Emulate, typer.Option(help="Run cross-target artifacts under qemu to "
@@ -242,7 +245,8 @@ def compile_command(
     options = CompileOptions(target=target, pipeline=pipeline, recipe=recipe,
                              opt_level=opt_level, budget=budget, inputs=tuple(inputs or ()),
                              output=output,
-                             threads=threads, verify_tolerance=verify_tol, emulate=emulate.value,
+                             threads=threads, jobs=jobs, verify_tolerance=verify_tol,
+                             emulate=emulate.value,
                              emulate_timeout=emulate_timeout, save_ir=save_ir, calib=calib,
                              calib_batches=calib_batches, eval_data=eval_data,
                              eval_kind=eval_kind, eval_batches=eval_batches, max_drop=max_drop,
@@ -360,6 +364,8 @@ def analyze_command(
                                             "to time kernels on (with --measure).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="Runtime threads for local "
                                                 "kernel timing.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Cores the analysis "
+                                             "uses (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a summary as one JSON "
                                           "object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -373,7 +379,7 @@ def analyze_command(
         keep_ratios=_csv(keep_ratios, float, "--keep-ratios"),
         rank_ratios=_csv(rank_ratios, float, "--rank-ratios"), batch_size=batch_size,
         max_batches=max_batches, seq_len=seq_len, inputs=tuple(inputs or ()),
-        measure=measure or rpc is not None, rpc=rpc, threads=threads)
+        measure=measure or rpc is not None, rpc=rpc, threads=threads, jobs=jobs)
     progress = Progress(_show_progress(quiet) and not as_json)
     with progress.running():
         result = analyze_model(model, options, stage=progress.stage)

@@ -73,7 +73,10 @@ def build_artifact(model: str | LoadedModel, options: CompileOptions, identity: 
         interrupts.check()  # a signal whose exception native code swallowed stops us here
         stage(name)
 
-    with interrupts.handle_signals():
+    from slimc.jobs import compile_jobs
+
+    with interrupts.handle_signals(), compile_jobs(options.jobs) as jobs:
+        log(f"compiling with {jobs} thread(s) (-j)")
         try:
             return _compile(model, options, identity, checked_stage, log, registry, progress)
         except Exception as exc:

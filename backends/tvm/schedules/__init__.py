@@ -157,12 +157,15 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     NHWC with HWIO weights: the output channels are then the contiguous, vectorized axis, a
     multiple of the vector width in real networks, unlike NCHW image widths (56, 28, 14, 7).
 
-    ``FoldConstant`` after legalization evaluates every layout op applied to a weight (the
-    ``permute_dims`` of each ``nn.Linear``), so kernels read pre-transposed constants.
+    Every layout op applied to a weight (the ``permute_dims`` of each ``nn.Linear``) is
+    evaluated at build time, so kernels read pre-transposed constants: in numpy just before
+    legalization (:mod:`.constant_views`, milliseconds), and whatever else is constant by the
+    ``FoldConstant`` after it (which compiles each kernel it evaluates with LLVM).
     """
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from .constant_views import fold_constant_views
     from .fast_math import fast_math
     from .gemv import panel_gemv
     from .nhwc_rewrites import cancel_transposes, nhwc_rewrites, sink_layout_transposes
@@ -176,7 +179,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
         # cancelled transposes leave `y = x` aliases, which would cut fusion chains
         relax.transform.CanonicalizeBindings(), winograd_convs,
-        tied_embedding,
+        tied_embedding, fold_constant_views(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),
         relax.transform.FuseTIR(), _mark_constant_operands()]
