@@ -4,7 +4,8 @@ The lowered model applies layout and dtype ops to its bound weights (``permute_d
 ``reshape``, ``astype``, ``expand_dims``, ``squeeze``, ``strided_slice``, integer ``sum``,
 elementwise ``multiply``/``add``/``subtract`` of constants; ``full``/``zeros``/``ones``/``arange``
 make constants): every ``nn.Linear`` transposes its weight, a W8A8 linear casts and reshapes
-its int8 codes and sums their rows (the zero-point correction). TVM's ``FoldConstant`` after ``LegalizeOps`` does
+its int8 codes and sums their rows (the zero-point correction). TVM's ``FoldConstant`` after
+``LegalizeOps`` does
 evaluate them, but by compiling each distinct legalized kernel with LLVM and running it: on the
 real all-MiniLM-L6-v2 with W8A8 that was 9 kernels, 74 calls and ~7 s of CPU time, 90% of the
 whole ``relax.build``. The same values from numpy cost milliseconds, so this pass computes them
