@@ -47,14 +47,12 @@ def _key(value) -> tuple:
 
 
 def data_address(value) -> int:
-    """Address of a tensor's first byte (two constants imported from one torch tensor share
-    it), else the object's handle."""
-    import numpy as np
+    """Address of a tensor's first byte: two constants imported from one torch tensor share it.
 
-    try:
-        return int(np.from_dlpack(value).__array_interface__["data"][0])
-    except Exception:  # noqa: BLE001 - dtypes numpy cannot view
-        return int(value.handle.value) if hasattr(value, "handle") else id(value)
+    ``Tensor.data_ptr`` works for every dtype (numpy cannot view bfloat16), and unlike the
+    Python wrapper's ``id`` it is stable: each ``Constant.value`` access builds a new wrapper,
+    so an ``id``-based key found on one visit is missing on the next (a bf16 build failed so)."""
+    return int(value.data_ptr())
 
 
 @expr_functor.mutator
