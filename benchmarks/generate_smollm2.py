@@ -103,10 +103,17 @@ def compile_all(model_dir: Path, work: Path, threads: int, max_length: int, pref
 
 
 def set_tvm_threads(threads: int) -> None:
-    """Resize TVM's CPU thread pool in this process (all slimc engines share it)."""
+    """Resize TVM's CPU thread pool in this process (all slimc engines share it).
+
+    ``config_threadpool`` also pins the *calling* thread to one core and never undoes it; every
+    thread created afterwards inherits that mask, so llama.cpp's and torch's 2-thread pools ran
+    on one core (0.3 tok/s at "2 threads"). The process-wide mask is restored right after.
+    """
     import tvm_ffi
 
+    cores = os.sched_getaffinity(0)
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+    os.sched_setaffinity(0, cores)
 
 
 class Slimc:
