@@ -71,6 +71,40 @@ class RunLimits:
 
 
 @dataclass(frozen=True)
+class WinogradRule:
+    """Which 3x3 stride-1 float32 convolutions a backend runs as Winograd ``F(m x m, 3 x 3)``
+    (``(m+2)²`` multiplies per output tile and channel pair instead of ``9 m²``), so cost
+    decisions see the multiplies the target really does: a dense 3x3 conv on a large feature
+    map costs ~4x fewer than its MAC count, which a factorization into 1x1 convs must beat."""
+
+    #: fewest output tiles worth the transforms
+    min_tiles: int
+    #: largest direct filter (bytes) given 4x4 tiles, and given 2x2 tiles
+    large_tile_max_filter_bytes: int
+    small_tile_max_filter_bytes: int
+
+    def tile(self, batch: int, out_h: int, out_w: int, channels_in: int,
+             channels_out: int) -> int | None:
+        """The output tile ``m`` for such a conv, or None: it stays a direct conv."""
+        filter_bytes = 9 * channels_in * channels_out * 4
+        limits = {4: self.large_tile_max_filter_bytes, 2: self.small_tile_max_filter_bytes}
+        for m in (4, 2):
+            tiles = batch * -(-out_h // m) * -(-out_w // m)
+            if tiles >= self.min_tiles and filter_bytes <= limits[m]:
+                return m
+        return None
+
+    def multiplies(self, batch: int, out_h: int, out_w: int, channels_in: int,
+                   channels_out: int) -> int:
+        """Multiplies of such a conv on this backend (direct: ``9 x`` pixels x channels)."""
+        m = self.tile(batch, out_h, out_w, channels_in, channels_out)
+        if m is None:
+            return 9 * batch * out_h * out_w * channels_in * channels_out
+        tiles = batch * -(-out_h // m) * -(-out_w // m)
+        return tiles * (m + 2) ** 2 * channels_in * channels_out
+
+
+@dataclass(frozen=True)
 class TargetInfo:
     """Facts about a target that passes may ask (LLVM's TargetTransformInfo).
 
@@ -94,6 +128,10 @@ class TargetInfo:
     #: Arithmetic precision of the lowered kernels (``fp32``, ``fp16``, ``bf16``; the last two
     #: accumulate matmuls and reductions in fp32, see :mod:`slimc.precision`).
     precision: str = "fp32"
+    #: 3x3 convolutions the backend runs by Winograd (None: all direct).
+    winograd: WinogradRule | None = None
+    #: Fixed cost of one executed operator (hardware entry), microseconds.
+    op_overhead_us: float | None = None
 
     @property
     def fp32_lanes(self) -> int:

@@ -106,6 +106,25 @@ class NodeInfo:
     module_type: str
 
 
+def _realign_signature(program) -> None:
+    """Point the graph signature at the placeholder / output nodes of ``program.graph`` again.
+
+    Copying an fx graph renames nodes whose names shadow Python builtins (a user input called
+    ``input`` becomes ``input_1``) while the deep-copied signature keeps the old names; specs
+    and placeholders (outputs) correspond by position."""
+    signature = program.graph_signature
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    for spec, node in zip(signature.input_specs, placeholders, strict=False):
+        if hasattr(spec.arg, "name"):
+            spec.arg.name = node.name
+    output = next((n for n in program.graph.nodes if n.op == "output"), None)
+    if output is not None:
+        values = output.args[0] if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+        for spec, value in zip(signature.output_specs, values, strict=False):
+            if hasattr(spec.arg, "name") and isinstance(value, Node):
+                spec.arg.name = value.name
+
+
 class IR:
     """An executable, annotatable, serializable model graph.
 
@@ -435,6 +454,7 @@ class IR:
         twin = copy.deepcopy(program, memo)
         twin._state_dict = state  # noqa: SLF001 - ExportedProgram has no setter
         twin._constants = constants  # noqa: SLF001
+        _realign_signature(twin)
         return IR(twin, name=self.name, input_names=list(self.input_names),
                   output_names=list(self.output_names),
                   annotations=copy.deepcopy(self.annotations))

@@ -60,6 +60,7 @@ class TvmCpuBackend:
     def target_info(self, spec: TargetSpec) -> TargetInfo:
         from slimc.backends.tvm.int8_kernels import kernel_kind
         from slimc.backends.tvm.schedules.common import vector_bits
+        from slimc.backends.tvm.schedules.winograd import RULE as WINOGRAD
         from slimc.passes.analysis.hardware import hardware_for_target
 
         target = spec.tvm_target()
@@ -77,7 +78,8 @@ class TvmCpuBackend:
             dot_product=None if dot == "generic" else dot, formats=CPU_FORMATS,
             mem_bandwidth_gbs=hw.mem_bandwidth_gbs if hw else None,
             peak_gflops=dict(hw.peak_gflops) if hw else {}, hardware=hw.name if hw else None,
-            sources=hw.sources if hw else ())
+            sources=hw.sources if hw else (), winograd=WINOGRAD,
+            op_overhead_us=hw.op_overhead_us if hw else None)
 
     # -- building ----------------------------------------------------------------------------
     def set_threads(self, threads: int | None) -> int:

@@ -13,7 +13,9 @@ three methods, :mod:`.rewrite` for the IR edit). The rank of each layer comes fr
 Ranks are multiples of ``round_to`` (the target's fp32 vector width by default), and a layer is
 factorized only when that is cheaper: ``r·(N+K) < N·K`` (fewer weights and multiply-adds) and,
 when a target is known, the roofline cost model of :mod:`slimc.passes.analysis.cost` says the two
-GEMMs are faster than the one. Every layer not factorized is recorded with its reason.
+GEMMs are faster than the one; a convolution's Tucker-2 form is priced the same way by
+:mod:`.conv_cost`, with the multiplies the target really does (its Winograd 3x3 convs). Every
+layer not factorized is recorded with its reason.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import torch
 from pydantic import Field, model_validator
 from slimc.passes.quantize import calib
 
+from slimc.backend import TargetInfo
 from slimc.ir import IR
 from slimc.layers import find_layers
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
-from . import allocate, factorize, tucker
+from . import allocate, conv_cost, factorize, tucker
 from .rewrite import factorize_layer, is_factor, weight_layers
 from .sequential import factorize_sequentially
 
@@ -173,9 +176,11 @@ def faster_on_target(hw, n: int, k: int, r: int, tokens: int) -> bool:
 
 def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
                  options: LowRankOptions, round_to: int, hw,
-                 skipped: dict[str, str], convs: list = (), batches=()) -> dict:
+                 skipped: dict[str, str], convs: list = (), batches=(),
+                 info: TargetInfo | None = None) -> dict:
     """Rank per layer (only layers worth factorizing): an int for a linear, the channel
-    ranks ``(r_out, r_in)`` for a convolution."""
+    ranks ``(r_out, r_in)`` for a convolution (``info``: the target's facts for the conv
+    cost model)."""
     shapes = {la.name: tuple(la.matrix(ir).shape) for la in layers if la.name in spec}
 
     def worth(name: str, r: int) -> str | None:
@@ -210,7 +215,7 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
         for conv in convs:
             pair = tucker.energy_ranks(ir.get_weight(conv.weight_node), options.energy,
                                        round_to)
-            reason = conv_worth(conv, pair)
+            reason = conv_worth(conv, pair, info)
             if reason:
                 skipped[conv.name] = reason
             else:
@@ -245,34 +250,36 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
                                 "parameter saved)"
         return ranks
 
+    why_not: dict[int, dict[str, str]] = {}  # id(plan) -> why each layer is not in it
+
     def plan(keep: float) -> tuple[dict, int]:
-        ranks, removed = {}, 0
+        ranks, removed, reasons = {}, 0, {}
         for name in spec:
             n, k = shapes[name]
             r = factorize.rank_for_ratio(n, k, keep, round_to)
-            if worth(name, r) is None:
+            if (reason := worth(name, r)) is None:
                 ranks[name] = r
                 removed += n * k - r * (n + k)
+            else:
+                reasons[name] = reason
         for conv in convs:
             o, i, kernel = conv_dims(conv)
             pair = tucker.ranks_for_keep(o, i, kernel, keep, round_to)
-            if conv_worth(conv, pair) is None:
+            if (reason := conv_worth(conv, pair, info)) is None:
                 ranks[conv.name] = pair
                 removed += o * i * kernel - tucker.params(o, i, kernel, *pair)
+            else:
+                reasons[conv.name] = reason
+        why_not[id(ranks)] = reasons
         return ranks, removed
 
-    # removed params fall as the kept fraction grows
-    ranks, _, lo, _ = factorize.closest_plan(plan, goal, 0.0, 1.0, removed_grows=False)
-    for name in spec:
+    # removed params fall as the kept fraction grows; the cost model can make a layer drop
+    # out at a rank and come back at a smaller one, so the closest plan seen wins
+    ranks, *_ = factorize.closest_plan(plan, goal, 0.0, 1.0, removed_grows=False)
+    reasons = why_not.get(id(ranks), {})
+    for name in [*spec, *(c.name for c in convs)]:
         if name not in ranks and name not in skipped:
-            n, k = shapes[name]
-            r = factorize.rank_for_ratio(n, k, max(lo, 1e-9), round_to)
-            skipped[name] = worth(name, r) or "not needed for the budget"
-    for conv in convs:
-        if conv.name not in ranks and conv.name not in skipped:
-            o, i, kernel = conv_dims(conv)
-            pair = tucker.ranks_for_keep(o, i, kernel, max(lo, 1e-9), round_to)
-            skipped[conv.name] = conv_worth(conv, pair) or "not needed for the budget"
+            skipped[name] = reasons.get(name, "not needed for the budget")
     return ranks
 
 
@@ -281,17 +288,37 @@ def conv_dims(conv) -> tuple[int, int, int]:
     return int(conv.shape[0]), int(conv.shape[1]), math.prod(int(d) for d in conv.shape[2:])
 
 
-def conv_worth(conv, pair: tuple[int, int]) -> str | None:
-    """Why factorizing ``conv`` at channel ranks ``pair`` is not worth it (None: it is)."""
+def conv_worth(conv, pair: tuple[int, int], info: TargetInfo | None = None) -> str | None:
+    """Why factorizing ``conv`` at channel ranks ``pair`` is not worth it (None: it is):
+    more weights, or slower on the target by the cost model of :mod:`.conv_cost` (the
+    multiplies the target really does: Winograd 3x3 convs included)."""
     o, i, kernel = conv_dims(conv)
     if min(pair) <= 0:
         return "no channel ranks (rounded to the vector width) store fewer weights"
     if tucker.params(o, i, kernel, *pair) >= o * i * kernel:
         return f"channel ranks {pair}: the factors would not be smaller than the kernel"
-    dense, split = tucker.macs(conv, *pair)
+    dense, split = conv_cost.seconds(conv, info), conv_cost.seconds(conv, info, *pair)
+    if dense is None or split is None:
+        dense, split = tucker.macs(conv, *pair)
+        if split >= dense:
+            return f"channel ranks {pair}: the factorized convs do more multiply-adds"
+        return None
     if split >= dense:
-        return f"channel ranks {pair}: the factorized convs do more multiply-adds"
+        where = info.hardware or info.target if info is not None else "the target"
+        how = (f"{split * 1e6:.0f} us vs {dense * 1e6:.0f} us dense" if info is not None
+               and info.mem_bandwidth_gbs else f"{split / 2:.3g} vs {dense / 2:.3g} multiplies")
+        return (f"channel ranks {pair}: the cost model says the factorized convs are slower "
+                f"on {where} ({how}; dense 3x3 convs run as Winograd there)"
+                if _winograd(conv, info) else
+                f"channel ranks {pair}: the cost model says the factorized convs are slower "
+                f"on {where} ({how})")
     return None
+
+
+def _winograd(conv, info: TargetInfo | None) -> bool:
+    found = conv_cost.calls(conv)
+    return bool(info is not None and info.winograd is not None and found and any(
+        c.winograd_eligible and c.multiplies(info) < c.multiplies(None) for c in found))
 
 
 def _global_ranks(spec: dict[str, factorize.Spectrum], shapes: dict, goal: float,
@@ -395,7 +422,10 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
     hw = _hardware(ctx)
     batches = ctx.calibration(SENSITIVITY_BATCHES) if options.allocation == "sensitivity" \
         else ()
-    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped, convs, batches)
+    info = ctx.analyses.get("target-info") \
+        if ctx.target is not None and ctx.analyses is not None else None
+    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped, convs, batches,
+                         info)
     per_layer = {}
     for conv in convs:
         pair = ranks.get(conv.name)

@@ -46,12 +46,31 @@ class Tucker2:
     b: Tensor
 
     def reconstruct(self) -> Tensor:
-        return torch.einsum("oa,ib,ab...->oi...", self.a, self.b, self.core)
+        # one mode at a time: a three-operand einsum contracts left to right without
+        # opt_einsum, i.e. through the O x r_out x I x r_in outer product of the two factors
+        # (tens of GB for a ResNet's 512-channel convs)
+        return _expand(_expand(self.core, self.b, 1), self.a, 0)
+
+
+def _expand(t: Tensor, factor: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` product ``t ×_mode factor`` (``factor[n, r]`` maps the rank-r mode of
+    ``t`` to n), never larger than its input or output."""
+    return torch.movedim(torch.tensordot(factor, t, dims=([1], [mode])), 0, mode)
+
+
+def _project(t: Tensor, factor: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` product with ``factorᵀ`` (``factor[n, r]``: the n-wide mode to r)."""
+    return torch.movedim(torch.tensordot(factor, t, dims=([0], [mode])), 0, mode)
 
 
 def _leading(unfolded: Tensor, rank: int) -> Tensor:
-    u, _, _ = torch.linalg.svd(unfolded, full_matrices=False)
-    return u[:, :rank]
+    """The ``rank`` leading left singular vectors of a wide ``[n, m]`` unfolding, from the
+    eigenvectors of its ``n x n`` Gram matrix (in float64): a GEMM and a small ``eigh``
+    instead of an SVD of the ``n x m`` matrix (8 of them per conv, ~10x faster for a
+    512-channel 3x3 conv)."""
+    u = unfolded.double()
+    _, vectors = torch.linalg.eigh(u @ u.T)
+    return vectors[:, -rank:].flip(1) if rank else vectors[:, :0]
 
 
 @factorize._serial
@@ -59,8 +78,14 @@ def mode_spectra(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Singular values of the output-channel and input-channel unfoldings."""
     w = weight.double()
     o, i = w.shape[:2]
-    return (torch.linalg.svdvals(w.reshape(o, -1)),
-            torch.linalg.svdvals(w.transpose(0, 1).reshape(i, -1)))
+    return (_singular_values(w.reshape(o, -1)),
+            _singular_values(w.transpose(0, 1).reshape(i, -1)))
+
+
+def _singular_values(unfolded: Tensor) -> Tensor:
+    """Descending singular values of a wide unfolding, from its Gram matrix's eigenvalues."""
+    values = torch.linalg.eigvalsh(unfolded @ unfolded.T)
+    return values.clamp_min(0).sqrt().flip(0)
 
 
 @factorize._serial
@@ -72,9 +97,9 @@ def tucker2(weight: Tensor, r_out: int, r_in: int, sweeps: int = 3) -> Tucker2:
     a = _leading(w.reshape(o, -1), r_out)
     b = _leading(w.transpose(0, 1).reshape(i, -1), r_in)
     for _ in range(sweeps):
-        a = _leading(torch.einsum("oi...,ib->ob...", w, b).reshape(o, -1), r_out)
-        b = _leading(torch.einsum("oi...,oa->ia...", w, a).reshape(i, -1), r_in)
-    core = torch.einsum("oi...,oa,ib->ab...", w, a, b)
+        a = _leading(_project(w, b, 1).reshape(o, -1), r_out)
+        b = _leading(_project(w, a, 0).transpose(0, 1).reshape(i, -1), r_in)
+    core = _project(_project(w, a, 0), b, 1)
     return Tucker2(a, core, b)
 
 

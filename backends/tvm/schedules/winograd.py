@@ -39,6 +39,8 @@ from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 from tvm.target import Target
 
+from slimc.backend import WinogradRule
+
 from .common import (
     extent,
     inline_spatial,
@@ -67,6 +69,8 @@ MIN_TILES = 16
 #: largest given 2x2 tiles (1.8x larger): above these the artifact grows a lot for little speed.
 LARGE_TILE_MAX_FILTER_BYTES = 1 << 20
 SMALL_TILE_MAX_FILTER_BYTES = 4 << 20
+#: The eligibility rule (shared with passes through ``TargetInfo.winograd``).
+RULE = WinogradRule(MIN_TILES, LARGE_TILE_MAX_FILTER_BYTES, SMALL_TILE_MAX_FILTER_BYTES)
 #: Block names the schedule rule recognises.
 INPUT_BLOCK, OUTPUT_BLOCK = "winograd_input", "winograd_output"
 #: Block annotation carrying ``m`` (the output tile) to the schedule rule.
@@ -83,15 +87,10 @@ def tile_size(batch: int, out_h: int, out_w: int, channels_in: int,
     the 56x56 and 28x28 stages and 2x2 on the 14x14 one, the network ran 11.2-12.1 ms; 2x2 tiles
     on the 7x7 stage too saved another 4-7 % but grew the library from 60 to 82 MB (its 9.4 MB
     filters become 16.8 MB), and 4x4 tiles everywhere were no faster than that at 1.9x the
-    filter bytes. slimc is a compression tool: those stay direct.
+    filter bytes. slimc is a compression tool: those stay direct. The rule is
+    :data:`RULE`, which the CPU backend's ``target_info`` also hands to cost decisions.
     """
-    filter_bytes = 9 * channels_in * channels_out * 4
-    limits = {4: LARGE_TILE_MAX_FILTER_BYTES, 2: SMALL_TILE_MAX_FILTER_BYTES}
-    for m in (4, 2):
-        tiles = batch * math.ceil(out_h / m) * math.ceil(out_w / m)
-        if tiles >= MIN_TILES and filter_bytes <= limits[m]:
-            return m
-    return None
+    return RULE.tile(batch, out_h, out_w, channels_in, channels_out)
 
 
 def transform_filter(weight_hwio: np.ndarray, m: int) -> np.ndarray:

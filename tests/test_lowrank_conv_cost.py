@@ -1,0 +1,137 @@
+"""``lowrank`` on ResNet-sized convolutions: bounded memory, and the target's cost decides.
+
+Regressions of issue 13: ResNet-18 with ``lowrank`` ran out of memory (16 GB) because the
+Tucker-2 reconstruction contracted its three operands through the ``O x r_out x I x r_in``
+outer product; and Tucker-2 factorized 3x3 convs that the CPU backend runs as Winograd (4x
+fewer multiplies than their MAC count), so the "cheaper" factorized stack ran 1.23x slower.
+"""
+
+from __future__ import annotations
+
+import torch
+from slimc.passes.lowrank import conv_cost, tucker
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from slimc.capture import capture
+from slimc.loaders.base import LoadedModel
+from slimc.passmanager import PassContext, PassManager, relative_l2
+from slimc.passes.analysis.target_info import target_info
+from slimc.pipeline import parse_pipeline_text, validate
+from slimc.plugins import get_registry
+from slimc.targets import resolve_target
+
+REGISTRY = get_registry()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any aten op returns while active (the peak intermediate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return out
+
+
+class ConvStack(torch.nn.Module):
+    """Dense 3x3 convs at 128 channels (the forward argument is called ``input``, a name an
+    fx graph copy renames)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.stem = torch.nn.Conv2d(64, 128, 3, padding=1)
+        self.body = torch.nn.Conv2d(128, 128, 3, padding=1)
+        self.head = torch.nn.Linear(128, 10)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the point
+        x = torch.relu(self.stem(input))
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def _capture(size: int):
+    torch.manual_seed(0)
+    loaded = LoadedModel(name="stack", module=ConvStack(size).eval(),
+                         example_inputs={"input": torch.randn(1, 64, size, size)})
+    ir, inputs = capture(loaded)
+    ir.remove_unused_weights()
+    ir.changed()
+    return ir, inputs
+
+
+def _run(ir, inputs, pipeline: str, target: str | None = "llvm"):
+    ctx = PassContext(example_inputs=inputs, calibration_batches=[],
+                      target=resolve_target(target, REGISTRY) if target else None)
+    PassManager(REGISTRY.passes).run(ir, validate(parse_pipeline_text(pipeline),
+                                                  REGISTRY.passes), ctx)
+    return ir.annotations["lowrank"]
+
+
+def test_tucker2_never_builds_a_tensor_larger_than_the_weight():
+    w = torch.randn(128, 128, 3, 3)
+    with LargestTensor() as seen:
+        t = tucker.tucker2(w, 96, 96)
+        approx = t.reconstruct()
+    assert approx.shape == w.shape
+    # the old three-operand einsum built 128*96*128*96 = 151M elements here
+    assert seen.numel <= w.numel()
+    # the Gram-matrix eigenvectors span the same subspaces an SVD gives
+    u = torch.linalg.svd(w.double().reshape(128, -1), full_matrices=False)[0][:, :96]
+    assert torch.linalg.matrix_norm(u.T @ tucker.tucker2(w, 96, 96, sweeps=0).a) ** 2 \
+        > 96 - 1e-6
+
+
+def test_lowrank_pass_on_a_cnn_stays_within_its_weights_memory():
+    """The whole pass (Tucker-2 of every conv) on a small CNN: no op returns more than a
+    couple of the largest weights' worth of elements, whatever the ranks."""
+    ir, inputs = _capture(8)
+    largest = max(v.numel() for v in ir.weights().values())
+    before = ir.clone()
+    with LargestTensor() as seen:
+        summary = _run(ir, inputs, "lowrank{method=svd,ratio=0.3,round_to=8}", target=None)
+    assert {"stem", "body"} <= set(summary["per_layer"])
+    assert seen.numel <= 2 * largest
+    x = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+    assert relative_l2(before.run([x])[0], ir.run([x])[0]) < 1.0
+
+
+def test_winograd_3x3_conv_is_not_factorized_when_the_target_makes_it_slower():
+    """56x56 maps: the backend's Winograd F(4,3) makes the dense 3x3 conv 4x cheaper than
+    its MACs; at 20% the Tucker-2 form does fewer MACs but more multiplies, so it stays
+    dense, with the cost model's reason."""
+    info = target_info(resolve_target("llvm", REGISTRY))
+    assert info.winograd is not None
+    tiles = 14 * 14  # 56 / 4 per axis
+    assert info.winograd.multiplies(1, 56, 56, 128, 128) == tiles * 36 * 128 * 128
+    ir, inputs = _capture(56)
+    summary = _run(ir, inputs, "lowrank{method=svd,ratio=0.2,round_to=16}")
+    assert "body" not in summary["per_layer"]
+    reason = summary["skipped"]["body"]
+    assert "cost model" in reason and "Winograd" in reason
+    # what the model priced: more multiplies factorized than dense, though fewer MACs
+    from slimc.layers import find_layers
+
+    body = next(la for la in find_layers(ir) if la.name == "body")
+    dense = conv_cost.calls(body)
+    split = conv_cost.calls(body, 96, 96)
+    assert sum(c.multiplies(None) for c in split) < sum(c.multiplies(None) for c in dense)
+    assert sum(c.multiplies(info) for c in split) > sum(c.multiplies(info) for c in dense)
+
+
+def test_direct_3x3_conv_on_a_small_map_is_factorized_and_clone_keeps_input_names():
+    """7x7 maps (too few tiles for Winograd): the factorized form is cheaper and is taken;
+    the pass runs on an ``IR.clone()`` of a model whose input is called ``input``."""
+    original, inputs = _capture(7)
+    ir = original.clone()
+    placeholders = [n.name for n in ir.graph.nodes if n.op == "placeholder"]
+    signature = [s.arg.name for s in ir.program.graph_signature.input_specs]
+    assert placeholders == signature
+    summary = _run(ir, inputs, "lowrank{method=svd,ratio=0.3,round_to=16}")
+    assert "body" in summary["per_layer"], summary["skipped"]
+    x = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+    assert ir.run([x])[0].shape == original.run([x])[0].shape
