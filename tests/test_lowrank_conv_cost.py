@@ -9,13 +9,13 @@ fewer multiplies than their MAC count), so the "cheaper" factorized stack ran 1.
 from __future__ import annotations
 
 import torch
+from slimc.passes.analysis.target_info import target_info
 from slimc.passes.lowrank import conv_cost, tucker
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimc.capture import capture
 from slimc.loaders.base import LoadedModel
 from slimc.passmanager import PassContext, PassManager, relative_l2
-from slimc.passes.analysis.target_info import target_info
 from slimc.pipeline import parse_pipeline_text, validate
 from slimc.plugins import get_registry
 from slimc.targets import resolve_target
