@@ -26,7 +26,7 @@ ROWS = [
     "quantize{weights=int3,group_size=128,method=gptq}",
     "quantize{weights=int2,group_size=64,method=gptq}",
     "quantize{weights=int3,group_size=128,method=gptq,"
-    "layers=embeddings.word_embeddings=int2-g64}",
+    "layers=transformer.embeddings.word_embeddings=int2-g64}",
 ]
 
 

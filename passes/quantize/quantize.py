@@ -15,12 +15,14 @@ AWQ's input scaling applies to linear layers.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from slimc import coverage
+from slimc.errors import UsageError
 from slimc.ir import IR
 from slimc.lowbit import LOWBIT_KINDS
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
@@ -170,12 +172,34 @@ def choose_formats(ir: IR, layers: list[Layer], ctx: PassContext,
             if layer.is_embedding and formats[layer.name].kind in ("int4", *LOWBIT_KINDS):
                 formats[layer.name] = Format("int8")
     rules = layer_rules(options.layers)
+    matched: set[str] = set()
     for layer in layers:
         for pattern, fmt in rules:
             if fnmatch.fnmatchcase(layer.name, pattern):
                 formats[layer.name] = fmt
+                matched.add(pattern)
                 break
+    unmatched = [p for p, _ in rules if p not in matched
+                 and not any(fnmatch.fnmatchcase(la.name, p) for la in layers)]
+    if unmatched:
+        raise unmatched_rule_error(unmatched[0], [la.name for la in layers], options)
     return formats, info
+
+
+def unmatched_rule_error(pattern: str, names: list[str], options: QuantizeOptions) -> UsageError:
+    """A ``layers`` rule that names no layer would silently leave the layer in the default
+    format (the pattern is a glob over *full* layer names: ``embeddings.word_embeddings`` does
+    not match ``transformer.embeddings.word_embeddings``); say so and what would match."""
+    suffix = [n for n in names if fnmatch.fnmatchcase(n, f"*.{pattern}")]
+    close = suffix or difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+    hint = (f"Use the full layer name, e.g. {close[0]}=..., or a glob such as *.{pattern}=... "
+            if suffix else (f"Did you mean {', '.join(close)}? " if close else ""))
+    if not options.embeddings:
+        hint += "embeddings=false leaves embedding tables out of the layers considered. "
+    return UsageError(f"quantize layers={options.layers!r}: the pattern {pattern!r} matches "
+                      f"none of the {len(names)} quantizable layers (patterns are globs over "
+                      "full layer names, first match wins), so its format would not apply.",
+                      hint=hint + "`slimc analyze MODEL` lists the layer names.")
 
 
 def _base_formats(ir: IR, layers: list[Layer], ctx: PassContext,

@@ -147,10 +147,10 @@ class Search:
 
     def __init__(self, ir: IR, ctx: PassContext, registry, techniques: Techniques,
                  scorer: Scorer, hardware, log: Callable[[str], None] = lambda m: None,
-                 damage_batches: int = 2) -> None:
+                 damage_batches: int = 2, damage_method: str = "local") -> None:
         self.ir, self.ctx, self.registry = ir, ctx, registry
         self.techniques, self.scorer, self.hw, self.log = techniques, scorer, hardware, log
-        self.damage_batches = damage_batches
+        self.damage_batches, self.damage_method = damage_batches, damage_method
         self.max_backoffs = MAX_BACKOFFS
         self.manager = PassManager(registry.passes)
         self.original = {"size": float(ir.weight_bytes()), "params": float(ir.num_params())}
@@ -181,7 +181,8 @@ class Search:
             t0 = time.perf_counter()
             ir = self.ir.clone()
             records, ctx = self._run(ir, [("prune", {"ratio": ratio})] if ratio else [])
-            space = build_space(ir, ctx, self.techniques, self.hw, self.damage_batches)
+            space = build_space(ir, ctx, self.techniques, self.hw, self.damage_batches,
+                                self.damage_method)
             self._bases[ratio] = _Base(ratio, ir, records, space)
             self.seconds["space"] += time.perf_counter() - t0
             self.log(f"search: prune ratio {ratio:g}: {space.info['layers']} layers, "

@@ -11,10 +11,12 @@ pruned IR.
 
 Damage is the same measure as the ``sensitivity`` analysis's ``perturbation`` criterion (KL of
 the softmax for logits, 1 - cosine for embeddings, relative L2 otherwise) with only that layer
-changed, on calibration batches. It is *measured* for every (layer, choice), combinations
+changed, on calibration batches. It is obtained for every (layer, choice), combinations
 included (low-rank factors then quantized), because a precision curve and a rank curve do not
-add up to the damage of both together. The costs are exact for bytes and parameters (the
-formats' own byte counts, scales and zero points included) and the cost model's roofline for
+add up to the damage of both together: from each choice's local output error scaled by
+end-to-end anchors per layer (:mod:`.damage`), or measured end to end for every entry.
+The costs are exact for bytes and parameters (the formats' own byte counts, scales and zero
+points included) and the cost model's roofline for
 latency (:mod:`slimc.passes.analysis.cost`: ``max(FLOPs / peak, bytes / bandwidth) + per-op
 overhead`` with the target's hardware numbers).
 """
@@ -39,6 +41,8 @@ from slimc.passes.lowrank.rewrite import weight_layers as factorizable_layers
 from slimc.passes.quantize.formats import Format, fake_quantize, parse_format
 from slimc.passes.quantize.layers import plan
 from slimc.passmanager import PassContext
+
+from .damage import anchor_indices, collect, interpolate, local_errors, local_measurable
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def option_costs(choice: LayerChoices, option: Option, hw) -> dict[str, float]:
 
 
 def build_space(ir: IR, ctx: PassContext, techniques: Techniques, hw,
-                max_batches: int = 2) -> Space:
+                max_batches: int = 2, damage_method: str = "local") -> Space:
     """Options, costs and measured damage for every quantizable layer of ``ir``."""
     layers, _ = plan(ir)
     formats = [FP32] + [parse_format(f) for f in techniques.formats]
@@ -194,11 +198,11 @@ def build_space(ir: IR, ctx: PassContext, techniques: Techniques, hw,
         choices.append(LayerChoices(layer, (n, k), options, gathers, rows))
     width = max((len(c.options) for c in choices), default=1)
     costs, rest = cost_tables(ir, ctx, choices, width, hw)
-    damage = measure(ir, ctx, choices, spectrum, width, max_batches)
-    space = Space(choices, damage, costs, rest, hw.to_json() if hw is not None else None,
-                  {"round_to": round_to, "layers": len(choices),
-                   "options": int(sum(len(c.options) for c in choices)),
-                   "lowrank_method": techniques.lowrank_method})
+    info = {"round_to": round_to, "layers": len(choices),
+            "options": int(sum(len(c.options) for c in choices)),
+            "lowrank_method": techniques.lowrank_method}
+    damage = measure(ir, ctx, choices, spectrum, width, max_batches, damage_method, info=info)
+    space = Space(choices, damage, costs, rest, hw.to_json() if hw is not None else None, info)
     space.info["fp32"] = space.totals([0] * len(choices))
     return space
 
@@ -233,32 +237,47 @@ def cost_tables(ir: IR, ctx: PassContext, choices: list[LayerChoices], width: in
 
 
 @torch.no_grad()
-def approximate(ir: IR, choice: LayerChoices, option: Option, spectrum) -> torch.Tensor:
-    """The stored weight ``option`` turns the layer into (what the passes will compute)."""
+def approximate_matrix(ir: IR, choice: LayerChoices, option: Option,
+                       spectrum) -> torch.Tensor:
+    """The layer's ``[rows, reduction]`` matrix after ``option`` (what the passes compute)."""
     layer = choice.layer
-    stored = ir.get_weight(layer.weight_node)
     if option.rank:
         u, v = spectrum.factors(option.rank)
         if layer.is_embedding:  # table u [V, r] per row; v.T [K, r] is a linear's weight
-            matrix = fake_quantize(u, option.fmt) @ fake_quantize(v.t().contiguous(),
-                                                                  option.fmt).t()
-        else:
-            matrix = fake_quantize(u, option.fmt) @ fake_quantize(v, option.fmt)
-    else:
-        matrix = fake_quantize(layer.matrix(ir), option.fmt)
-    return layer.from_matrix(matrix).to(stored.dtype)
+            return fake_quantize(u, option.fmt) @ fake_quantize(v.t().contiguous(),
+                                                                option.fmt).t()
+        return fake_quantize(u, option.fmt) @ fake_quantize(v, option.fmt)
+    return fake_quantize(layer.matrix(ir), option.fmt)
+
+
+@torch.no_grad()
+def approximate(ir: IR, choice: LayerChoices, option: Option, spectrum) -> torch.Tensor:
+    """The stored weight ``option`` turns the layer into (what the passes will compute)."""
+    stored = ir.get_weight(choice.layer.weight_node)
+    return choice.layer.from_matrix(approximate_matrix(ir, choice, option, spectrum)) \
+        .to(stored.dtype)
+
+
+#: How the damage table is measured: ``local`` (default: local output error per choice, a
+#: per-layer propagation factor from end-to-end anchors; :mod:`.damage`) or ``end-to-end``
+#: (one whole-model forward per layer x choice x batch, the reference it is checked against).
+DAMAGE_METHODS = ("local", "end-to-end")
 
 
 @torch.no_grad()
 def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dict,
-            width: int, max_batches: int) -> np.ndarray:
+            width: int, max_batches: int, method: str = "local",
+            anchors: int = 2, info: dict | None = None) -> np.ndarray:
     """``damage[i, j]``: output divergence with only layer ``i`` changed to option ``j``.
 
     An embedding table's damage is also measured on the example inputs (random token ids
     over the whole vocabulary) and the larger value kept: calibration text gathers only the
     rows of its own tokens, so a low-rank or low-bit table can look free on them and still
-    hurt every other word.
+    hurt every other word. ``method`` (see :data:`DAMAGE_METHODS`) says how each entry is
+    obtained.
     """
+    if method not in DAMAGE_METHODS:
+        raise ValueError(f"unknown damage method {method!r}")
     batches = calibration_batches(ir, ctx, max_batches)
     kinds = [output_kind(name) for name in ir.output_names]
     references = [run_graph(ir, b) for b in batches]
@@ -270,20 +289,58 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         layer that only feeds a second output (BERT's pooler) is not free."""
         return max((divergence(k, r, o) for k, r, o in zip(kinds, refs, outs, strict=False)
                     if r.is_floating_point() and r.shape == o.shape), default=0.0)
+
+    def end_to_end(name: str, value: torch.Tensor, view: str) -> float:
+        if view == "wide":
+            return max(worst(ref, run_graph(ir, b, {name: value}))
+                       for ref, b in zip(wide_refs, wide, strict=True))
+        return sum(worst(ref, run_graph(ir, b, {name: value}))
+                   for ref, b in zip(references, batches, strict=True)) / len(batches)
+
+    local = {i for i, c in enumerate(choices)
+             if method == "local" and local_measurable(c.layer)}
+    stats = {"calib": collect(ir, [choices[i].layer for i in local], batches)} if local \
+        else {}
+    gathering = [choices[i].layer for i in local if choices[i].gathers]
+    if wide and gathering:
+        stats["wide"] = collect(ir, gathering, wide)
     damage = np.full((len(choices), width), np.inf)
+    measured = 0
     for i, c in enumerate(choices):
-        for j, option in enumerate(c.options):
-            if option.fmt.kind == "fp32" and not option.rank:
-                damage[i, j] = 0.0
-                continue
-            value = approximate(ir, c, option, spectrum.get(c.layer.name))
-            name = c.layer.weight_node.name
-            damage[i, j] = sum(worst(ref, run_graph(ir, b, {name: value}))
-                               for ref, b in zip(references, batches, strict=True)) / len(batches)
-            if c.gathers and wide:
-                damage[i, j] = max(damage[i, j], max(
-                    worst(ref, run_graph(ir, b, {name: value}))
-                    for ref, b in zip(wide_refs, wide, strict=True)))
+        name = c.layer.weight_node.name
+        stored = ir.get_weight(c.layer.weight_node)
+        views = ["calib"] + (["wide"] if c.gathers and wide else [])
+        changed = [j for j, o in enumerate(c.options) if o.fmt.kind != "fp32" or o.rank]
+        for j in range(len(c.options)):
+            damage[i, j] = 0.0
+        matrices = {j: approximate_matrix(ir, c, c.options[j], spectrum.get(c.layer.name))
+                    for j in changed}
+        predicted = None
+        if i in local and changed:
+            weight = c.layer.matrix(ir)
+            predicted = np.zeros(len(changed))
+            for view in views:
+                errors = local_errors(c.layer, weight, [matrices[j] for j in changed],
+                                      stats[view])
+                if not np.isfinite(errors).all():
+                    predicted = None
+                    break
+                chosen = anchor_indices(errors, anchors)
+                found = {a: end_to_end(name, c.layer.from_matrix(matrices[changed[a]])
+                                       .to(stored.dtype), view) for a in chosen}
+                measured += len(found)
+                predicted = np.maximum(predicted, interpolate(errors, found))
+        if predicted is not None:
+            for a, j in enumerate(changed):
+                damage[i, j] = predicted[a]
+            continue
+        for j in changed:
+            value = c.layer.from_matrix(matrices[j]).to(stored.dtype)
+            damage[i, j] = max(end_to_end(name, value, view) for view in views)
+            measured += len(views)
+    if info is not None:
+        info.update(damage_method=method, damage_forwards=measured,
+                    damage_local_layers=len(local))
     return damage
 
 

@@ -1,0 +1,190 @@
+"""The damage table, fast: local output error per (layer, choice), scaled per layer by a few
+end-to-end anchors.
+
+Measuring every (layer, choice) end to end costs one whole-model forward per layer x choice x
+batch (MiniLM, 40 layers x 11 choices: ~440 forwards; SmolLM2, 211 layers x 7: ~1500), which
+made ``--budget`` and ``-O2`` take tens of minutes on real models. Most of that is
+redundant: for a small weight change ``dW`` the model's output divergence is, to second order,
+a quadratic form in the layer's output change ``dY = X dW^T`` -- and so (for a fixed layer and
+inputs) close to proportional to the layer's *local* output error. What differs between layers
+is how much the rest of the network amplifies or absorbs that error. So:
+
+1. **One observed forward** over the calibration batches (and the example inputs, which cover
+   the whole vocabulary for embedding tables) records what each layer's ops read: the Gram
+   matrix ``G = X^T X`` of every linear input (shared by the layers reading one activation:
+   q/k/v, gate/up) and how often each embedding row is gathered.
+2. **Local error of every choice, batched per layer**: ``tr(dW G dW^T) / tr(W G W^T)`` (the
+   relative output energy the choice changes, exact for the calibration inputs) for linear
+   uses, the gather-count-weighted relative row error for embedding uses; one ``N x K x K``
+   product per choice, no forward.
+3. **Per-layer propagation factor from end-to-end anchors**: for each layer, the choices with
+   the median and the largest local error (``anchors=2``) are measured end to end exactly as
+   before (same divergence, same batches, worst over the float outputs); every other choice's
+   damage is interpolated in log-log space between the anchors (beyond them, extrapolated with
+   the fitted slope: 1 means divergence proportional to squared output error, what 1 - cosine
+   and KL are near the reference). Embedding tables keep the worst of the calibration text
+   and the whole-vocabulary view, each with its own anchors.
+
+Cost: ``anchors`` forwards per layer (plus one observed forward) instead of one per choice,
+and every fake-quantized weight's low-bit grid is cached by content (:mod:`slimc.lowbit`).
+Layers whose uses are not linear / matmul / gather (convolutions, expert tensors, mixed
+orientations) are measured end to end per choice as before. Measured against the all
+end-to-end table on MiniLM (docs/benchmarks.md, "Fast damage table"): rank correlation,
+time and the chosen recipes' task scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from slimc.ir import IR
+from slimc.layers import Layer
+from slimc.observe import observe
+
+#: Slope bounds of the log-log fit (a noisy anchor pair must not invert or explode the table).
+SLOPE_RANGE = (0.25, 2.0)
+#: Slope when a layer has one usable anchor: divergence ~ squared output change.
+DEFAULT_SLOPE = 1.0
+
+LOCAL_ROLES = ("linear", "right", "embedding")
+
+
+def local_measurable(layer: Layer) -> bool:
+    """Every use is a linear, a matmul or a gather, in one orientation."""
+    return layer.consistent and not layer.foreign and all(
+        u.role in LOCAL_ROLES and (u.role == "embedding" or u.input_arg is not None)
+        for u in layer.uses)
+
+
+@dataclass
+class ViewStats:
+    """What the layers' ops read on one set of batches."""
+
+    #: activation node name -> Gram matrix ``X^T X`` (float64, ``[K, K]``).
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ids node name -> gather count per row.
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _activation_key(use) -> str:
+    arg = use.node.args[use.input_arg]
+    return arg.name if hasattr(arg, "name") else f"{use.node.name}:{use.input_arg}"
+
+
+def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Tensor]]
+            ) -> ViewStats:
+    """One observed run of ``batches``: Gram matrices and gather counts for ``layers``."""
+    stats = ViewStats()
+    observers: dict[str, list[Callable]] = {}
+    seen: set[tuple[str, str]] = set()
+    for layer in layers:
+        for use in layer.uses:
+            if use.role == "embedding":
+                key = _ids_key(use)
+                if ("ids", key) in seen:
+                    continue
+                seen.add(("ids", key))
+                rows = int(layer.shape[layer.perm[0]]) if layer.shape else None
+
+                def gather(node, args, result, key=key, rows=rows):
+                    ids = args[1].reshape(-1).long()
+                    c = torch.bincount(ids, minlength=rows or int(ids.max()) + 1).double()
+                    stats.counts[key] = stats.counts.get(key, 0) + c
+                observers.setdefault(use.node.name, []).append(gather)
+            else:
+                key = _activation_key(use)
+                if ("x", key) in seen:
+                    continue
+                seen.add(("x", key))
+
+                def gram(node, args, result, key=key, index=use.input_arg,
+                         axis=use.feature_dim):
+                    x = args[index].detach().double().movedim(axis, -1)
+                    x = x.reshape(-1, x.shape[-1])
+                    stats.grams[key] = stats.grams.get(key, 0) + x.t() @ x
+                observers.setdefault(use.node.name, []).append(gram)
+    observe(ir, batches, observers)
+    return stats
+
+
+def _ids_key(use) -> str:
+    arg = use.node.args[1]
+    return arg.name if hasattr(arg, "name") else use.node.name
+
+
+def local_errors(layer: Layer, weight: torch.Tensor, approximations: Sequence[torch.Tensor],
+                 stats: ViewStats) -> np.ndarray:
+    """Relative local output error of each approximation of ``weight`` (canonical matrices
+    ``[N, K]``), summed over the layer's uses (NaN where the stats lack a use)."""
+    w = weight.double()
+    out = np.zeros(len(approximations))
+    for use in layer.uses:
+        if use.role == "embedding":
+            c = stats.counts.get(_ids_key(use))
+            if c is None:
+                return np.full(len(approximations), np.nan)
+            rows = torch.nonzero(c[: w.shape[0]]).reshape(-1)  # only gathered rows count
+            c, wr = c[rows][:, None], w[rows]
+            ref = float((c * wr.pow(2)).sum())
+            errs = [float((c * (a[rows].double() - wr).pow(2)).sum()) for a in approximations]
+        else:
+            g = stats.grams.get(_activation_key(use))
+            if g is None:
+                return np.full(len(approximations), np.nan)
+            ref = float(((w @ g) * w).sum())
+            errs = []
+            for a in approximations:
+                d = a.double() - w
+                errs.append(float(((d @ g) * d).sum()))
+        out += np.asarray(errs) / max(ref, 1e-30)
+    return out
+
+
+def anchor_indices(errors: np.ndarray, count: int) -> list[int]:
+    """Which choices to measure end to end: the largest local error, then the median (of the
+    choices that change the weight)."""
+    live = [j for j in np.argsort(errors) if errors[j] > 0 and np.isfinite(errors[j])]
+    if not live or count <= 0:
+        return []
+    picks = [int(live[-1])]
+    if count > 1 and len(live) > 1:
+        middle = int(live[(len(live) - 1) // 2])
+        if middle not in picks:
+            picks.append(middle)
+    return picks
+
+
+def interpolate(errors: np.ndarray, anchors: dict[int, float]) -> np.ndarray:
+    """Damage of every choice from its local error and the anchors' measured damage: piecewise
+    linear in log-log space, the fitted slope beyond the anchors (see the module docstring)."""
+    points = sorted((errors[j], d) for j, d in anchors.items()
+                    if errors[j] > 0 and np.isfinite(errors[j]))
+    out = np.zeros(len(errors))
+    if not points:
+        return out
+    positive = [(e, d) for e, d in points if d > 0]
+    slope = DEFAULT_SLOPE
+    if len(positive) >= 2 and positive[-1][0] > positive[0][0] * 1.01:
+        (e0, d0), (e1, d1) = positive[0], positive[-1]
+        slope = min(max(math.log(d1 / d0) / math.log(e1 / e0), SLOPE_RANGE[0]), SLOPE_RANGE[1])
+    for j, e in enumerate(errors):
+        if not e > 0:
+            continue
+        if not positive:
+            out[j] = 0.0
+            continue
+        below = [p for p in positive if p[0] <= e]
+        above = [p for p in positive if p[0] >= e]
+        if below and above and above[0][0] > below[-1][0]:
+            (e0, d0), (e1, d1) = below[-1], above[0]
+            t = math.log(e / e0) / math.log(e1 / e0)
+            out[j] = math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0)))
+        else:
+            e0, d0 = (below[-1] if below else above[0])
+            out[j] = d0 * (e / e0) ** slope
+    return out

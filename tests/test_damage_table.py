@@ -1,0 +1,76 @@
+"""The budget search's fast damage table (slimc/search/damage.py): local output error per
+choice, scaled per layer by end-to-end anchors, checked against measuring every choice end to
+end on tiny random HF models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from slimc.capture import capture, load_model
+from slimc.loaders.base import parse_overrides
+from slimc.lowbit import grid
+from slimc.passmanager import AnalysisManager, PassContext, PassManager
+from slimc.plugins import get_registry
+from slimc.search.damage import interpolate
+from slimc.search.space import Techniques, build_space
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread is faster (and steadier on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _space(model_dir: str, method: str):
+    registry = get_registry()
+    ir, example = capture(load_model(model_dir, parse_overrides([]), registry))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    techniques = Techniques(formats=("int8", "int4-g32", "int3-g64", "int2-g64"),
+                            lowrank_keeps=(0.5,), lowrank_formats=("int8",))
+    return build_space(ir, ctx, techniques, None, 2, method)
+
+
+def test_local_table_ranks_like_end_to_end_with_fewer_forwards(hf_dir):
+    """Llama: linears, an embedding gather and an untied LM head (KL of logits)."""
+    fast = _space(hf_dir("llama"), "local")
+    slow = _space(hf_dir("llama"), "end-to-end")
+    assert fast.info["damage_local_layers"] == len(fast.layers) > 0
+    assert fast.info["damage_forwards"] < slow.info["damage_forwards"] / 2
+    live = np.isfinite(slow.damage) & (slow.damage > 0)
+    assert np.array_equal(np.isfinite(fast.damage), np.isfinite(slow.damage))
+    assert (fast.damage[:, 0] == 0).all()  # fp32 changes nothing
+    rho = spearmanr(fast.damage[live], slow.damage[live]).statistic
+    assert rho > 0.9, rho
+    # Each layer's anchors are measured end to end, so some entries agree to rounding.
+    close = np.isclose(fast.damage[live], slow.damage[live], rtol=1e-6)
+    assert close.sum() >= len(fast.layers)
+
+
+def test_interpolation_is_exact_at_anchors_and_monotone():
+    errors = np.array([0.0, 1e-4, 1e-3, 1e-2, 1e-1])
+    damage = interpolate(errors, {2: 0.01, 4: 0.5})
+    assert damage[0] == 0.0
+    assert damage[2] == pytest.approx(0.01) and damage[4] == pytest.approx(0.5)
+    assert all(np.diff(damage) > 0)
+    # beyond the anchors: the fitted slope (here log(50)/log(100) = 0.85) continues
+    assert damage[1] == pytest.approx(0.01 * 0.1 ** (np.log(50) / np.log(100)))
+
+
+def test_lowbit_grid_is_cached_by_content_not_identity():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    first = grid(w, 3, 32)
+    again = grid(w.clone(), 3, 32)  # another tensor, same values: same grid
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    first[0].zero_()  # a caller's edit does not reach the cache
+    assert torch.equal(grid(w, 3, 32)[0], again[0])
+    other = w.clone()
+    other[5, 7] += 3.0
+    assert not torch.equal(grid(other, 3, 32)[0], again[0])
