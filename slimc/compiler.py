@@ -145,9 +145,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     # What the built library is checked on: the example, or under an emulator a short input
     # when the sizes are dynamic (emulation costs ~100x native; see _emulated_check_inputs).
     check_inputs = _emulated_check_inputs(ir, example_inputs, spec, options)
-    original_outputs = [o.numpy() for o in ir.run(check_inputs)]
-
     ctx = PassContext(target=spec, example_inputs=example_inputs, threads=threads, log=log)
+    original_outputs = [o.numpy() for o in _outputs(ir, ctx, check_inputs)]
     calibration = None
     if options.calib:
         from slimc.calibration import load_calibration
@@ -188,7 +187,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         records = manager.run(ir, pipeline, ctx, on_pass=lambda inv: stage(f"pass {inv.name}"))
     timings["passes_s"] = time.perf_counter() - t0
     after = ctx.analyses.get("model-stats")
-    ir_outputs = [o.numpy() for o in ir.run(check_inputs)]
+    ir_outputs = [o.numpy() for o in _outputs(ir, ctx, check_inputs)]
 
     stage("lower")
     t0 = time.perf_counter()
@@ -390,6 +389,14 @@ def _measure_artifact(task, library: Path, spec: TargetSpec, ir: IR, threads: in
         warnings.append(f"task quality dropped by {quality['drop']:.1%} "
                         f"(more than {DEFAULT_WARN_DROP:.0%}): {line}.")
     return quality
+
+
+def _outputs(ir: IR, ctx: PassContext, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``ir.run(inputs)``, shared with the pass manager's checks when ``inputs`` are the
+    example inputs they run on (:meth:`PassContext.outputs_on_examples`)."""
+    if inputs is ctx.example_inputs:
+        return ctx.outputs_on_examples(ir)
+    return ir.run(inputs)
 
 
 #: An artifact with static int8 activations passes if it is within this many times the IR's

@@ -39,6 +39,7 @@ reference maths without loading TVM.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -94,16 +95,23 @@ def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Te
     return _linear(x, weight, bias, act_scale)
 
 
-#: Relative perturbation applied to W8A8 inputs before rounding (see ``rounding_noise_floor``).
-_JITTER: dict[str, Any] = {"relative": 0.0, "generator": None}
+class _Jitter(threading.local):
+    """Relative perturbation applied to W8A8 inputs before rounding (see
+    ``rounding_noise_floor``), per thread: the floor's seeds run in parallel threads."""
+
+    relative: float = 0.0
+    generator: torch.Generator | None = None
+
+
+_JITTER = _Jitter()
 
 
 def quantize_activation(x: Tensor, in_mult: Tensor, zero_point: int = 0) -> Tensor:
     """Static int8 activation codes (as float): ``clamp(round(x * in_mult) + zp, -128, 127)``."""
     scaled = x * in_mult
-    if _JITTER["relative"]:
-        noise = torch.rand(scaled.shape, generator=_JITTER["generator"]) * 2.0 - 1.0
-        scaled = scaled * (1.0 + _JITTER["relative"] * noise)
+    if _JITTER.relative:
+        noise = torch.rand(scaled.shape, generator=_JITTER.generator) * 2.0 - 1.0
+        scaled = scaled * (1.0 + _JITTER.relative * noise)
     return torch.clamp(torch.round(scaled) + zero_point, -128.0, 127.0)
 
 
@@ -127,24 +135,26 @@ def rounding_noise_floor(ir, inputs, reference=None, seeds: int = 2) -> float | 
     """
     import numpy as np
 
+    from slimc.jobs import map_single_threaded
+
     static = (OPS["linear_w8a8"], OPS.get("conv_w8a8"))
     if not any(node.target in static for node in ir.nodes("call_function")):
         return None
-    run = ir.run
     if reference is None:
-        reference = [t.detach().numpy() for t in run(inputs)]
-    worst = 0.0
-    try:
-        for seed in range(seeds):
-            _JITTER.update(relative=KERNEL_FLOAT_NOISE,
-                           generator=torch.Generator().manual_seed(seed))
-            noisy = [t.detach().numpy() for t in run(inputs)]
-            num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(noisy, reference, strict=True))
-            den = sum(float(np.sum(b ** 2)) for b in reference) or 1.0
-            worst = max(worst, (num / den) ** 0.5)
-    finally:
-        _JITTER.update(relative=0.0, generator=None)
-    return worst
+        reference = [t.detach().numpy() for t in ir.run(inputs)]
+    den = sum(float(np.sum(b ** 2)) for b in reference) or 1.0
+
+    def perturbed(seed: int) -> float:  # seeds run in parallel, each with its own jitter
+        _JITTER.relative = KERNEL_FLOAT_NOISE
+        _JITTER.generator = torch.Generator().manual_seed(seed)
+        try:
+            noisy = [t.detach().numpy() for t in ir.run(inputs)]
+        finally:
+            _JITTER.relative, _JITTER.generator = 0.0, None
+        num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(noisy, reference, strict=True))
+        return (num / den) ** 0.5
+
+    return max(map_single_threaded(perturbed, list(range(seeds))), default=0.0)
 
 
 @torch.library.custom_op("slimc::linear_w8a8", mutates_args=())

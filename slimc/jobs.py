@@ -1,9 +1,10 @@
 """``-j/--jobs``: how many cores the compiler itself uses (not the compiled model).
 
 The parts of a compile or analysis that parallelise run on torch's intra-op thread pool
-(calibration forwards, statistics, GPTQ/SVD factorizations, the perturbation forwards of
-``slimc analyze``) or on a pool of one worker per job (the per-layer W8A8 searches,
-:func:`slimc.passes.quantize.activations.search_all`, which run single-threaded ops each).
+(GPTQ/SVD factorizations, large forwards) or on a pool of one worker per job running
+single-threaded ops (:func:`map_single_threaded`: the per-layer W8A8 searches, the calibration
+forwards of the quantize pass, the verification's noise-floor runs, the perturbation forwards
+of ``slimc analyze``).
 Both read :func:`torch.get_num_threads`, so one setting sizes them. The default is every core
 the process may use. TVM's own build is single-threaded here and the artifact's runtime
 threads are ``--threads``, a separate setting.
@@ -13,9 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from slimc.errors import UsageError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def default_jobs() -> int:
@@ -50,3 +56,28 @@ def compile_jobs(jobs: int | None) -> Iterator[int]:
         yield n
     finally:
         torch.set_num_threads(before)
+
+
+def map_single_threaded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]``, one item per core, each with single-threaded torch ops.
+
+    Many compile steps run a small model forward (or a few small ops) once per calibration
+    batch, per noise seed or per candidate. Split across torch's intra-op threads, such ops spend
+    their time synchronising the OpenMP team (on a loaded 2-core host a MiniLM calibration
+    forward at 1 x 128 tokens cost 10x its single-threaded CPU time), while the items are
+    independent. Torch ops release the GIL, so a thread pool of :func:`torch.get_num_threads`
+    workers, each running one item at a time with one intra-op thread, keeps every core busy
+    without that overhead. Results come back in ``items`` order; ``fn`` must not share mutable
+    state between items (or must lock it). With one job, or one item, it runs inline.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)

@@ -164,6 +164,20 @@ class PassContext:
     #: Per-compilation memo for passes (e.g. measured quantization damage keyed by weight
     #: fingerprint): lives and dies with this context, never in a module-level dict.
     memo: dict[str, Any] = field(default_factory=dict)
+    #: The last outputs of an IR on ``example_inputs`` and the (IR, version) they belong to:
+    #: the compiler's reference run, the pass manager's before/after checks and the compiler's
+    #: post-pipeline run share it instead of each running the same graph again.
+    example_outputs: tuple[Any, int, list[torch.Tensor]] | None = None
+
+    def outputs_on_examples(self, ir: IR) -> list[torch.Tensor]:
+        """``ir.run(example_inputs)``, run again only when the IR changed since the last run
+        (:meth:`IR.changed` bumps its version; a transform's edits always end with it)."""
+        cached = self.example_outputs
+        if cached is not None and cached[0] is ir and cached[1] == ir.version:
+            return cached[2]
+        outputs = ir.run(self.example_inputs)
+        self.example_outputs = (ir, ir.version, outputs)
+        return outputs
 
     def calibration(self, max_batches: int | None = None) -> list[list[torch.Tensor]]:
         """Calibration batches when the user gave data, else the example inputs as one batch.
@@ -252,7 +266,7 @@ class PassManager:
                     result = am.get(inv.name, **inv.options.model_dump())
                 ir.annotations.setdefault("analyses", {})[inv.name] = _summarise(result)
             else:
-                reference = ir.run(ctx.example_inputs) if ctx.verify else None
+                reference = ctx.outputs_on_examples(ir) if ctx.verify else None
                 with self._blame(inv.name):
                     preserved = cls().run(ir, ctx, inv.options)
                     if not isinstance(preserved, PreservedAnalyses):
@@ -298,7 +312,8 @@ def _is_builtin(plugin: str) -> bool:
 def _verify_transform(ir: IR, ctx: PassContext, inv: PassInvocation, cls: type[Pass],
                       reference: list[torch.Tensor]) -> dict[str, float]:
     try:
-        outputs = ir.run(ctx.example_inputs)
+        ctx.example_outputs = None  # the transform ran: its outputs are new by definition
+        outputs = ctx.outputs_on_examples(ir)
     except Exception as exc:  # noqa: BLE001 - a transform that breaks execution is a bug
         raise VerificationError(
             f"After pass {inv}, the IR no longer runs: {type(exc).__name__}: {exc}",

@@ -27,11 +27,12 @@ multiplies the input tensor before it is unfolded.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from slimc.jobs import map_single_threaded
 
 from .formats import quantize_int8
 
@@ -163,15 +164,6 @@ def search_all(jobs: Sequence[Callable[[], StaticInt8]]) -> list[StaticInt8]:
 
     Each search is many small ops on a ``[rows, K]`` sample; split across intra-op threads
     they spent most of their CPU time synchronising (6x the single-threaded CPU time on a
-    loaded 2-core host), while layers are independent. Torch ops release the GIL, so a thread
-    pool over layers keeps every core busy without that overhead.
+    loaded 2-core host), while layers are independent (:func:`slimc.jobs.map_single_threaded`).
     """
-    threads = torch.get_num_threads()
-    if threads <= 1 or len(jobs) <= 1:
-        return [job() for job in jobs]
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(lambda job: job(), jobs))
-    finally:
-        torch.set_num_threads(threads)
+    return map_single_threaded(lambda job: job(), jobs)

@@ -95,19 +95,85 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
             if not any(st is entry[0] and g == geometry for st, g in watched.get(node, [])):
                 watched.setdefault(node, []).append(entry)
 
-    def accumulate(n: Node, args: tuple, result) -> None:
-        if isinstance(result, torch.Tensor):
-            for st, geometry in watched[n]:
-                rows = result.detach() if geometry is None else im2col(result.detach(),
-                                                                       geometry)
-                _accumulate(st, rows, hessian, sample_rows,
-                            geometry.groups if geometry is not None else 0)
+    if hessian:  # per-batch [K, K] partials would double the memory: one batch at a time
+        def accumulate(n: Node, args: tuple, result) -> None:
+            if isinstance(result, torch.Tensor):
+                for st, geometry in watched[n]:
+                    _accumulate(st, _rows(result, geometry), hessian, sample_rows,
+                                geometry.groups if geometry is not None else 0)
 
-    observe(ir, batches, {node: accumulate for node in watched})
+        observe(ir, batches, {node: accumulate for node in watched})
+    else:
+        _collect_in_parallel(ir, batches, watched, sample_rows)
     for st in {id(st): st for st in stats.values()}.values():
         if st.hessian is not None:
             st.hessian *= 2.0 / max(st.rows, 1)
     return stats
+
+
+def _rows(result: torch.Tensor, geometry: ConvGeometry | None) -> torch.Tensor:
+    """The matmul rows ``[R, K]`` of an observed activation (convolutions: im2col)."""
+    rows = result.detach() if geometry is None else im2col(result.detach(), geometry)
+    return rows.reshape(-1, rows.shape[-1]).float()
+
+
+def _collect_in_parallel(ir: IR, batches: Sequence[Sequence[torch.Tensor]],
+                         watched: dict[Node, list[tuple[LayerStats, ConvGeometry | None]]],
+                         sample_rows: int) -> None:
+    """The statistics of ``watched`` without Hessians, one calibration batch per core.
+
+    Each worker runs one batch forward with single-threaded ops and reduces what each layer
+    saw (:func:`_reduce`); the partial results are merged in batch order, in the order the
+    sequential loop would have added them, so the statistics are the ones it gives. Batches
+    go in waves of one per worker, and a wave keeps a batch's rows only for the layers whose
+    sample is not full yet, so memory stays at a few batches' activations.
+    """
+    from slimc.jobs import map_single_threaded
+
+    def one_batch(item: tuple[Sequence[torch.Tensor], set[int]]) -> list[tuple[LayerStats,
+                                                                                  dict]]:
+        batch, wants_rows = item
+        parts: list[tuple[LayerStats, dict]] = []
+
+        def record(n: Node, args: tuple, result) -> None:
+            if isinstance(result, torch.Tensor):
+                for st, geometry in watched[n]:
+                    x = _rows(result, geometry)
+                    parts.append((st, _reduce(x, keep_rows=id(st) in wants_rows)))
+
+        observe(ir, [batch], {node: record for node in watched})
+        return parts
+
+    wave = max(1, torch.get_num_threads())
+    everyone = {id(st): st for entries in watched.values() for st, _ in entries}
+    for start in range(0, len(batches), wave):
+        wants_rows = {key for key, st in everyone.items()
+                      if sum(s.shape[0] for s in st.sample) < sample_rows}
+        done = map_single_threaded(one_batch, [(b, wants_rows)
+                                               for b in batches[start:start + wave]])
+        for parts in done:
+            for st, part in parts:
+                _merge(st, part, sample_rows)
+
+
+def _reduce(x: torch.Tensor, keep_rows: bool) -> dict:
+    """One batch's contribution to a layer's statistics (rows ``x [R, K]``, no Hessian)."""
+    return {"abs_sum": x.abs().sum(0), "min": x.amin(0), "max": x.amax(0),
+            "sq_sum": x.pow(2).sum(0), "rows": x.shape[0], "x": x if keep_rows else None}
+
+
+def _merge(st: LayerStats, part: dict, sample_rows: int) -> None:
+    """Add one batch's :func:`_reduce` to ``st``, as :func:`_accumulate` adds its rows."""
+    st.abs_sum = part["abs_sum"] if st.abs_sum is None else st.abs_sum + part["abs_sum"]
+    st.min = part["min"] if st.min is None else torch.minimum(st.min, part["min"])
+    st.max = part["max"] if st.max is None else torch.maximum(st.max, part["max"])
+    st.sq_sum = part["sq_sum"] if st.sq_sum is None else st.sq_sum + part["sq_sum"]
+    have = sum(s.shape[0] for s in st.sample)
+    if have < sample_rows:
+        x = part["x"]
+        step = max(1, x.shape[0] // (sample_rows - have))
+        st.sample.append(x[::step][: sample_rows - have].clone())
+    st.rows += part["rows"]
 
 
 def im2col(x: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
