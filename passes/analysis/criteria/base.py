@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from slimc.passes.analysis.criteria.candidates import Setting, settings_from
+from slimc.passes.analysis.criteria.candidates import (
+    Setting,
+    SvdFactors,
+    settings_from,
+    svd_factors,
+)
 from slimc.passes.analysis.criteria.groups import (
     GroupCandidate,
     GroupSensitivity,
@@ -94,6 +99,16 @@ class SensitivityResult:
                 "groups": groups_json(self.groups), "groups_error": self.groups_error}
 
 
+def _svd(ir: IR, ctx: PassContext, layer: Layer, weight: torch.Tensor) -> SvdFactors:
+    """The SVD of ``layer``'s canonical weight, computed once per IR version and shared by
+    every criterion through the context's memo (rank settings need it; five criteria each
+    taking their own cost five times the SVDs)."""
+    key = f"sensitivity-svd:{id(ir)}:{ir.version}:{layer.name}"
+    if key not in ctx.memo:
+        ctx.memo[key] = svd_factors(weight)
+    return ctx.memo[key]
+
+
 class SensitivityCriterion(AnalysisPass):
     """Base of ``sensitivity-<criterion>`` passes: subclasses gather statistics in
     :meth:`prepare` and turn a weight change into a damage estimate in :meth:`damage`."""
@@ -122,8 +137,10 @@ class SensitivityCriterion(AnalysisPass):
             # model stores W, W.T or a permutation of it (see slimc.layers).
             weight = layer.canonical(weights[layer.weight.name].detach())
             curve = {}
+            factors = _svd(ir, ctx, layer, weight) if any(
+                s.kind == "low_rank" for s in settings) else None
             for setting in settings:
-                compressed = setting.apply(weight, layer.canonical_output_axis)
+                compressed = setting.apply(weight, layer.canonical_output_axis, factors)
                 curve[setting.key] = self.damage(layer, weight, compressed, setting)
             results[layer.name] = LayerSensitivity(
                 layer.name, layer.module_type, layer.kind, layer.weight.name,

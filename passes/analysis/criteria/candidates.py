@@ -28,13 +28,15 @@ class Setting:
             return f"q{int(self.value)}"
         return f"{'keep' if self.kind == 'prune' else 'rank'}{self.value:g}"
 
-    def apply(self, weight: torch.Tensor, channel_axis: int = 0) -> torch.Tensor:
-        """The compressed weight (same shape and dtype, still dense)."""
+    def apply(self, weight: torch.Tensor, channel_axis: int = 0,
+              factors: SvdFactors | None = None) -> torch.Tensor:
+        """The compressed weight (same shape and dtype, still dense); ``factors``: the SVD of
+        ``weight`` if the caller has it (see :func:`svd_factors`)."""
         if self.kind == "quantize":
             return quantize_rtn(weight, int(self.value))
         if self.kind == "prune":
             return prune_channels(weight, self.value, channel_axis)
-        return truncate_rank(weight, self.value)
+        return truncate_rank(weight, self.value, factors)
 
 
 def settings_from(bits: tuple[int, ...], keep_ratios: tuple[float, ...],
@@ -63,10 +65,21 @@ def prune_channels(weight: torch.Tensor, keep: float, axis: int = 0) -> torch.Te
     return pruned.movedim(0, axis).contiguous()
 
 
-def truncate_rank(weight: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Best rank-``ratio * min(out, in)`` approximation (weights flattened to out x rest)."""
+SvdFactors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def svd_factors(weight: torch.Tensor) -> SvdFactors:
+    """``U, S, Vh`` of ``weight`` flattened to out x rest: one SVD serves every rank ratio
+    (and, cached by the caller, every criterion: the SVD of an embedding table costs more than
+    everything else a proxy criterion does)."""
     matrix = weight.detach().float().reshape(weight.shape[0], -1)
-    rank = max(1, round(ratio * min(matrix.shape)))
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def truncate_rank(weight: torch.Tensor, ratio: float,
+                  factors: SvdFactors | None = None) -> torch.Tensor:
+    """Best rank-``ratio * min(out, in)`` approximation (weights flattened to out x rest)."""
+    u, s, vh = factors if factors is not None else svd_factors(weight)
+    rank = max(1, round(ratio * min(u.shape[0], vh.shape[1])))
     approx = (u[:, :rank] * s[:rank]) @ vh[:rank]
     return approx.reshape(weight.shape).to(weight.dtype)
