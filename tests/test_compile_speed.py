@@ -19,7 +19,8 @@ from slimc.errors import UsageError
 from slimc.jobs import compile_jobs, resolve_jobs
 
 FOLDED_OPS = ("relax.permute_dims", "relax.reshape", "relax.astype", "relax.sum",
-              "relax.multiply", "relax.strided_slice", "relax.arange", "relax.zeros")
+              "relax.multiply", "relax.strided_slice", "relax.arange", "relax.zeros",
+              "relax.nn.pad")
 
 
 def _weight_module():
@@ -45,8 +46,18 @@ def _weight_module():
                                                   end=[6]))  # [1, 4]
             steps = bb.emit(relax.op.astype(relax.op.arange(0, 4, 1, "int64"), "float32"))
             zero = bb.emit(relax.op.zeros((4,), "float32"))
+            # int4 codes padded to whole groups (uint8), and a float pad with a value
+            packed = bb.emit(relax.op.nn.pad(relax.const(codes.view("uint8")), [0, 0, 0, 2]))
+            packed = bb.emit(relax.op.astype(relax.op.strided_slice(
+                packed, axes=[1], begin=[2], end=[6]), "float32"))  # [6, 4]
+            wide_w = bb.emit(relax.op.nn.pad(relax.const(weight), [1, 0, 0, 0],
+                                             pad_value=0.5))  # [5, 6]
+            edge = bb.emit(relax.op.strided_slice(wide_w, axes=[0], begin=[0], end=[1]))
             y = bb.emit(relax.op.matmul(x, back))  # [3, 4]
             y = bb.emit(relax.op.add(y, relax.op.add(part, relax.op.add(steps, zero))))
+            y = bb.emit(relax.op.add(y, relax.op.matmul(x, packed)))  # [3, 4]
+            y = bb.emit(relax.op.add(y, relax.op.strided_slice(edge, axes=[1], begin=[0],
+                                                               end=[4])))
             z = bb.emit(relax.op.matmul(x, relax.op.reshape(as_float, (6, 1))))
             out = bb.emit_output(relax.op.add(y, z))
         bb.emit_func_output(out)

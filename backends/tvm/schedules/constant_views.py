@@ -1,7 +1,8 @@
 """Evaluate layout and dtype ops on constants (weights) with numpy, before legalization.
 
 The lowered model applies layout and dtype ops to its bound weights (``permute_dims``,
-``reshape``, ``astype``, ``expand_dims``, ``squeeze``, ``strided_slice``, integer ``sum``,
+``reshape``, ``astype``, ``expand_dims``, ``squeeze``, ``strided_slice``, constant ``nn.pad``,
+integer ``sum``,
 elementwise ``multiply``/``add``/``subtract`` of constants; ``full``/``zeros``/``ones``/``arange``
 make constants): every ``nn.Linear`` transposes its weight, a W8A8 linear casts and reshapes
 its int8 codes and sums their rows (the zero-point correction). TVM's ``FoldConstant`` after
@@ -95,7 +96,7 @@ def fold_call(call: relax.Call) -> np.ndarray | None:
     if name in ("relax.zeros", "relax.ones"):
         return (np.zeros if name == "relax.zeros" else np.ones)(shape, dtype=dtype)
     if name not in ("relax.permute_dims", "relax.reshape", "relax.astype", "relax.expand_dims",
-                    "relax.squeeze", "relax.sum", "relax.strided_slice"):
+                    "relax.squeeze", "relax.sum", "relax.strided_slice", "relax.nn.pad"):
         return None
     data = _constant_value(call.args[0])
     if data is None:
@@ -109,6 +110,10 @@ def fold_call(call: relax.Call) -> np.ndarray | None:
         data = np.sum(data, axis=axes, keepdims=bool(call.attrs.keepdims), dtype=data.dtype)
     elif name == "relax.strided_slice":
         data = _slice(data, call.args[1:])
+        if data is None:
+            return None
+    elif name == "relax.nn.pad":
+        data = _pad(data, call.attrs)
         if data is None:
             return None
     elif name == "relax.permute_dims":
@@ -149,6 +154,23 @@ def _slice(data: np.ndarray, args) -> np.ndarray | None:
             return None
         index[axis] = slice(b, e, step)
     return data[tuple(index)]
+
+
+def _pad(data: np.ndarray, attrs) -> np.ndarray | None:
+    """Constant-mode ``nn.pad`` with non-negative widths and a value the dtype holds exactly
+    (int4 codes padded to whole groups); anything else is left to TVM."""
+    if str(attrs.pad_mode) != "constant":
+        return None
+    widths = [int(w) for w in attrs.pad_width]
+    value = float(attrs.pad_value)
+    if len(widths) != 2 * data.ndim or min(widths) < 0:
+        return None
+    if str(data.dtype) not in _FLOAT:
+        info = np.iinfo(data.dtype) if data.dtype != np.bool_ else None
+        if info is None or value != int(value) or not info.min <= value <= info.max:
+            return None
+    return np.pad(data, list(zip(widths[::2], widths[1::2], strict=True)),
+                  constant_values=np.asarray(value).astype(data.dtype))
 
 
 @expr_functor.mutator
