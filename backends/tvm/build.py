@@ -32,6 +32,8 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
     # The weights go to the file streamed, outside TVM's in-memory serialization (see
     # streamed_constants); needs our own pipeline (llvm targets) and the .incbin packing.
     streamed = StreamedConstants() if callable(pipeline) and incbin_supported() else None
+    if callable(pipeline):
+        pipeline = _consuming(pipeline)
     try:
         with tvm.transform.PassContext(opt_level=3):
             executable = relax.build(mod, target=target, relax_pipeline=(
@@ -57,6 +59,29 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
         executable.export_library(str(path), fcompile=zig_cross_compiler(_host_triple()),
                                   **pack)
     return path
+
+
+def _consuming(pipeline):
+    """``pipeline`` run on a shallow copy of its input module, whose Relax functions are removed
+    first (in place: the caller's module object is emptied too).
+
+    Why: the caller (and ``relax.build``) keep the input module referenced for the whole
+    build, and its functions bind the original weights; once the pipeline has replaced them
+    (weights transposed, padded, packed: a new constant each), nothing else needs the
+    originals, but they stayed resident beside the new ones until the build ended, about one
+    more copy of the model at the compile's peak. With the input emptied, each original is
+    freed as soon as the pass that rewrote it returns.
+    """
+    import tvm
+
+    def run(mod, *args):
+        work = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs,
+                            global_infos=mod.global_infos)
+        _release_relax_functions(mod)
+        del mod
+        return pipeline(work, *args)
+
+    return run
 
 
 def _release_relax_functions(mod) -> None:

@@ -46,9 +46,32 @@ def _static_type(expr) -> tuple[tuple[int, ...], str] | None:
 
 
 def _constant_value(expr) -> np.ndarray | None:
+    """A read-only numpy view of a constant's data (no copy: a weight can be 100+ MB)."""
     if isinstance(expr, tvm.ir.expr.Constant) and _static_type(expr) is not None:
-        return expr.value.numpy()
+        value = expr.value
+        if value.device.dlpack_device_type() == 1:  # CPU memory: share it
+            view = np.from_dlpack(value)
+            view.flags.writeable = False
+            return view
+        return value.numpy()
     return None
+
+
+#: TVM's kernels assume 64-byte aligned buffers (``kAllocAlignment``).
+_ALIGNMENT = 64
+
+
+def _constant(value: np.ndarray) -> relax.Constant:
+    """A Relax constant holding ``value``, copied once into a 64-byte aligned buffer that the
+    constant then shares (``relax.const`` would copy a contiguous result a second time)."""
+    import tvm_ffi
+
+    raw = np.empty(value.nbytes + _ALIGNMENT, dtype=np.uint8)
+    skip = -raw.ctypes.data % _ALIGNMENT
+    out = raw[skip:skip + value.nbytes].view(value.dtype).reshape(value.shape)
+    np.copyto(out, value)
+    return relax.const(tvm_ffi.from_dlpack(out, require_alignment=_ALIGNMENT,
+                                           require_contiguous=True), str(value.dtype))
 
 
 def _cast(value: np.ndarray, dtype: str) -> np.ndarray | None:
@@ -127,7 +150,7 @@ def fold_call(call: relax.Call) -> np.ndarray | None:
         data = data.reshape(shape)
     if tuple(data.shape) != shape or str(data.dtype) != dtype:
         return None
-    return np.ascontiguousarray(data)
+    return data  # may be a view of the input constant: _constant copies it once
 
 
 def _ints(expr) -> list[int] | None:
@@ -188,7 +211,7 @@ class _FoldConstantViews(PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         value = fold_call(call) if isinstance(call.op, tvm.ir.Op) else None
-        return call if value is None else relax.const(value, str(value.dtype))
+        return call if value is None else _constant(value)
 
 
 def fold_constant_views() -> tvm.transform.Pass:
