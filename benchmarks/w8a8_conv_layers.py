@@ -33,7 +33,7 @@ def factory():
     """``benchmarks/w8a8_conv_layers.py:factory``: the layer named by ``SLIMC_CONV_LAYER``."""
     import torch
 
-    from tests.test_w8a8_conv import W8A8Conv
+    from tests.w8a8_reference import W8A8Conv
 
     spec = LAYERS[os.environ["SLIMC_CONV_LAYER"]]
     conv = W8A8Conv(spec, 3).eval()

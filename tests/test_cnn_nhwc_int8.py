@@ -11,14 +11,13 @@ folded in (no ``pad`` kernel, no padded copy).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import slimc
-from tests.test_w8a8_conv import W8A8Conv, integer_reference
+from tests.w8a8_reference import W8A8Conv, assert_artifact_matches_integer_reference
 
 #: Depthwise shapes for the channel-lane kernel: channel counts that are not a multiple of the
 #: vector lanes (5, 20, 37), stride 2 on odd sizes, asymmetric padding, dilation, 5x5, 1x3.
@@ -85,14 +84,8 @@ def _compile(factory: str, target: str, out, emulate: str = "auto"):
 def test_depthwise_channel_lanes_exact_on_host(tmp_path):
     """Awkward depthwise shapes on the channel-lane kernel: equal to the int64 reference."""
     result = _compile("depthwise_factory", "llvm", tmp_path / "dw")
-    artifact = slimc.load(result.output)
     model, inputs = depthwise_factory()
-    names = list(artifact.example_inputs())
-    outputs = list(artifact(**{n: x.numpy() for n, x in zip(names, inputs, strict=True)})
-                   .values())
-    for conv, x, got, name in zip(model.convs, inputs, outputs, DEPTHWISE, strict=True):
-        np.testing.assert_array_equal(got, integer_reference(conv, x.numpy()).astype(np.float32),
-                                      err_msg=name)
+    assert_artifact_matches_integer_reference(result.output, model.convs, inputs, DEPTHWISE)
 
 
 def _lowered(factory: str, target: str):
@@ -144,11 +137,14 @@ def test_block_is_exact_on_host(tmp_path):
     assert v["passed"] and v["relative_l2_vs_ir"] == 0.0
 
 
-@pytest.mark.parametrize("factory", ["block_factory", "depthwise_factory"])
-def test_aarch64_exact_under_qemu(factory, tmp_path, aarch64_emulator):
+@pytest.mark.parametrize(("factory", "target"), [("block_factory", "arm-v8.2"),
+                                               ("depthwise_factory", "arm-v8.2"),
+                                               ("block_factory", "arm")])
+def test_aarch64_exact_under_qemu(factory, target, tmp_path, aarch64_emulator):
     """The same graphs for Armv8.2 (128-bit vectors: 4 int32 channel lanes, ``sdot`` dense
-    convs) under qemu: equal to the IR bit for bit."""
-    v = _compile(factory, "arm-v8.2", tmp_path / "a", emulate="require").manifest[
+    convs, requantization fused into them) and plain Armv8 (the generic int8 kernel, its
+    epilogue fused the same way) under qemu: equal to the IR bit for bit."""
+    v = _compile(factory, target, tmp_path / "a", emulate="require").manifest[
         "verification"]
     assert v["passed"] and v["ran_on"].startswith("qemu")
     assert v["relative_l2_vs_ir"] == 0.0

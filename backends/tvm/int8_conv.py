@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import functools
 
+from slimc.backends.tvm import epilogue as epi
+from slimc.backends.tvm.int8_kernels import with_rebuild
 from slimc.backends.tvm.quantized_conv import schedule_direct_conv
 from slimc.backends.tvm.quantized_ops import (
     _arg,
@@ -186,10 +188,12 @@ def grouped_kernel(x_shape: tuple[int, int, int, int], out_channels: int,
 @functools.lru_cache(maxsize=256)
 def depthwise_nhwc_kernel(x_shape: tuple[int, int, int, int], kernel: tuple[int, int],
                           stride: tuple[int, int], dilation: tuple[int, int],
-                          padding: tuple[int, int, int, int], fill: int, lanes: int):
-    """``(codes[N,H,W,C] int8, w[kh,kw,C] int8, comp[C] int32, scale[C], bias[C],
+                          padding: tuple[int, int, int, int], fill: int, lanes: int,
+                          epilogue: tuple = ()):
+    """``(codes[N,H,W,C] int8, w[kh,kw,C] int8, comp[C] int32, scale[C], bias[C], *vectors,
     y[N,Ho,Wo,C])``: a depthwise convolution (one input channel per output channel) on NHWC
-    codes, ``y = float(sum a * w - comp) * scale + bias``.
+    codes, ``y = epilogue(float(sum a * w - comp) * scale + bias)`` (``epilogue``: the next
+    layer's requantization, see :mod:`..epilogue`; none: float32 ``y``).
 
     Channels are the vector lanes (int32 accumulators, ``lanes`` of them): every kernel tap is
     one contiguous vector load of input and of weight, unlike column lanes, which need strided
@@ -222,11 +226,12 @@ def depthwise_nhwc_kernel(x_shape: tuple[int, int, int, int], kernel: tuple[int,
 
     acc = te.compute(_i64(n, ho, wo, c), lambda b, i, j, ch: te.sum(
         tap(b, i, j, ch) * wt[ri, rj, ch].astype("int32"), axis=[ri, rj]), name="acc")
-    y = te.compute(acc.shape, lambda b, i, j, ch: (acc[b, i, j, ch] - comp[ch]).astype(
-        "float32") * scale[ch] + bias[ch], name="y")
+    vectors = epi.placeholders(epilogue, _i64(c))
+    y = te.compute(acc.shape, lambda b, i, j, ch: epi.apply((acc[b, i, j, ch] - comp[ch]).astype(
+        "float32") * scale[ch] + bias[ch], ch, epilogue, vectors), name="y")
     from tvm import s_tir
 
-    sch = s_tir.Schedule(te.create_prim_func([a, wt, comp, scale, bias, y]))
+    sch = s_tir.Schedule(te.create_prim_func([a, wt, comp, scale, bias, *vectors, y]))
     block = sch.get_sblock("acc")
     b, i, j, ch, li, lj = sch.get_loops(block)
     co, ci = sch.split(ch, [None, lanes])
@@ -239,8 +244,11 @@ def depthwise_nhwc_kernel(x_shape: tuple[int, int, int, int], kernel: tuple[int,
     init = sch.decompose_reduction(block, li)
     sch.vectorize(sch.get_loops(init)[-1])
     name = (f"slimc_conv_w8a8_depthwise_nhwc_{n}x{h}x{w}x{c}_k{kh}x{kw}_s{stride[0]}x{stride[1]}"
-            f"_d{dilation[0]}x{dilation[1]}_p{pt}_{pb}_{pl}_{pr}_f{fill}_v{lanes}")
-    return finish_opaque(sch.mod["main"], name)
+            f"_d{dilation[0]}x{dilation[1]}_p{pt}_{pb}_{pl}_{pr}_f{fill}_v{lanes}"
+            f"{epi.suffix(epilogue)}")
+    func = finish_opaque(sch.mod["main"], name)
+    return func if epilogue else with_rebuild(func, "depthwise_nhwc", x_shape, kernel, stride,
+                                              dilation, padding, fill, lanes)
 
 
 def _convert_conv_w8a8(node, importer):

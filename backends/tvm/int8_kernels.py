@@ -26,10 +26,22 @@ in apache-tvm 0.27 that module's ``dot_16x4_vnni`` passes ``<16 x i32>`` operand
 from __future__ import annotations
 
 import functools
+import json
+
+from slimc.backends.tvm import epilogue as epi
 
 #: Activation rows x weight tiles computed per register block.
 ROWS = 4
 TILES = 2
+
+#: Weight matrices up to this many bytes stay in L1 across row blocks: the parallel loop then
+#: walks rows outermost, so each block writes whole output rows (MobileNetV2's 96 x 16 expand
+#: conv wrote a 12544 x 96 output as three 32-column strips, 3x slower at 1 thread).
+SMALL_WEIGHT_BYTES = 16384
+
+#: Function attribute: ``[builder, args]`` (JSON), how :mod:`.schedules.requantize_fusion`
+#: rebuilds a kernel with an epilogue fused (see :mod:`.epilogue`).
+REBUILD_ATTR = "slimc_rebuild"
 
 #: Dot-product kernels: output lanes per instruction, activation dtype, LLVM intrinsic.
 DOT_KINDS = {"vnni": (16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
@@ -118,9 +130,16 @@ def activation_offset(kind: str) -> int:
     return 128 if kind == "vnni" else 0
 
 
+def with_rebuild(func, builder: str, *args):
+    """``func`` with its rebuild recipe attached (:data:`REBUILD_ATTR`)."""
+    return func.with_attr(REBUILD_ATTR, json.dumps([builder, list(args)]))
+
+
 @functools.lru_cache(maxsize=256)
-def dot_kernel(kind: str, m: int, k: int, n: int):
-    """Scheduled PrimFunc ``(a[m,k], w[N/L,K/4,L,4], comp[n], scale[n], bias[n], y[m,n])``."""
+def dot_kernel(kind: str, m: int, k: int, n: int, epilogue: tuple = ()):
+    """Scheduled PrimFunc ``(a[m,k], w[N/L,K/4,L,4], comp[n], scale[n], bias[n], *vectors,
+    y[m,n])``: ``y = epilogue(float(acc - comp) * scale + bias)`` (:mod:`.epilogue`; float32
+    ``y`` without one)."""
     from tvm import s_tir, te
 
     intrin, width, act_dtype = _register_intrinsics()[kind]
@@ -136,9 +155,11 @@ def dot_kernel(kind: str, m: int, k: int, n: int):
         lambda i, jo, ji: te.sum(a[i, ko * 4 + ki].astype("int32")
                                  * w[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
         name="acc")
-    y = te.compute((m, n), lambda i, j: (acc[i, j // width, j % width] - comp[j])
-                   .astype("float32") * scale[j] + bias[j], name="y")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, y]))
+    vectors = epi.placeholders(epilogue, (n,))
+    y = te.compute((m, n), lambda i, j: epi.apply(
+        (acc[i, j // width, j % width] - comp[j]).astype("float32") * scale[j] + bias[j], j,
+        epilogue, vectors), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y]))
 
     rows = next(r for r in (ROWS, 2, 1) if m % r == 0)
     tiles = next(t for t in (TILES, 1) if (n // width) % t == 0)
@@ -146,8 +167,12 @@ def dot_kernel(kind: str, m: int, k: int, n: int):
     i, j = sch.get_loops(out)
     io, ii = sch.split(i, [None, rows])
     jo, jj = sch.split(j, [None, tiles * width])
-    sch.reorder(jo, io, ii, jj)
-    outer = sch.fuse(jo, io)
+    if n * k <= SMALL_WEIGHT_BYTES:
+        sch.reorder(io, jo, ii, jj)
+        outer = sch.fuse(io, jo)
+    else:
+        sch.reorder(jo, io, ii, jj)
+        outer = sch.fuse(jo, io)
     sch.parallel(outer)
     _, vec = sch.split(jj, [None, width])
     sch.vectorize(vec)
@@ -164,14 +189,16 @@ def dot_kernel(kind: str, m: int, k: int, n: int):
     for loop in loops:
         sch.unroll(loop)
     sch.tensorize(cji, intrin)
-    name = f"slimc_linear_w8a8_{kind}_{m}x{k}x{n}"
-    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    name = f"slimc_linear_w8a8_{kind}_{m}x{k}x{n}{epi.suffix(epilogue)}"
+    func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    return func if epilogue else with_rebuild(func, "dot", kind, m, k, n)
 
 
 @functools.lru_cache(maxsize=256)
-def generic_kernel(m: int | None, k: int, n: int, t: int):
-    """Portable PrimFunc ``(a[m,k] int8, w[N/t,K,t] int8, comp, scale, bias, y[m,n])``;
-    ``m`` None: a symbolic row count (a dynamic batch or sequence length)."""
+def generic_kernel(m: int | None, k: int, n: int, t: int, epilogue: tuple = ()):
+    """Portable PrimFunc ``(a[m,k] int8, w[N/t,K,t] int8, comp, scale, bias, *vectors,
+    y[m,n])``, ``y`` through ``epilogue`` as in :func:`dot_kernel`; ``m`` None: a symbolic row
+    count (a dynamic batch or sequence length)."""
     from slimc.backends.tvm.quantized_ops import index_dtype, row_var
     from tvm import s_tir, te
 
@@ -183,9 +210,11 @@ def generic_kernel(m: int | None, k: int, n: int, t: int):
     r = te.reduce_axis((0, k), name="k")
     acc = te.compute((a.shape[0], n), lambda i, j: te.sum(
         a[i, r].astype("int32") * w[j // t, r, j % t].astype("int32"), axis=r), name="acc")
-    y = te.compute((a.shape[0], n), lambda i, j: (acc[i, j] - comp[j]).astype("float32") * scale[j]
-                   + bias[j], name="y")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, y],
+    vectors = epi.placeholders(epilogue, (n,))
+    y = te.compute((a.shape[0], n), lambda i, j: epi.apply(
+        (acc[i, j] - comp[j]).astype("float32") * scale[j] + bias[j], j, epilogue, vectors),
+        name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y],
                                                index_dtype(m)))
     out = sch.get_sblock("y")
     i, j = sch.get_loops(out)
@@ -206,5 +235,8 @@ def generic_kernel(m: int | None, k: int, n: int, t: int):
     init = sch.decompose_reduction(block, ck)
     if t > 1:
         sch.vectorize(sch.get_loops(init)[-1])
-    name = f"slimc_linear_w8a8_generic_{m or 'dyn'}x{k}x{n}"
-    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    name = f"slimc_linear_w8a8_generic_{m or 'dyn'}x{k}x{n}{epi.suffix(epilogue)}"
+    func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    if epilogue or m is None:  # a symbolic row count: the Relax shapes are not static either
+        return func
+    return with_rebuild(func, "generic", m, k, n, t)

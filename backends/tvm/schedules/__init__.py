@@ -169,6 +169,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .fast_math import fast_math
     from .gemv import panel_gemv
     from .nhwc_rewrites import cancel_transposes, nhwc_rewrites, sink_layout_transposes
+    from .requantize_fusion import fuse_requantize
     from .tied_embedding import dedup_constants, tied_embedding
     from .winograd import winograd_convs
 
@@ -178,7 +179,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
         # cancelled transposes leave `y = x` aliases, which would cut fusion chains
-        relax.transform.CanonicalizeBindings(), winograd_convs,
+        relax.transform.CanonicalizeBindings(), fuse_requantize, winograd_convs,
         tied_embedding, fold_constant_views(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),
