@@ -28,6 +28,7 @@ import torch
 from pydantic import Field, model_validator
 from slimc.passes.quantize import calib
 
+from slimc import coverage
 from slimc.backend import TargetInfo
 from slimc.ir import IR
 from slimc.layers import find_layers
@@ -105,7 +106,8 @@ class LowRank(TransformPass):
         summary = lowrank_ir(ir, ctx, options)
         ir.annotations[self.name] = summary
         ctx.log(f"lowrank: {summary['factorized']} layers factorized, params "
-                f"{summary['params_before']:,} -> {summary['params_after']:,}")
+                f"{summary['params_before']:,} -> {summary['params_after']:,}; "
+                + coverage.describe(summary["coverage"], "factorized"))
         return PreservedAnalyses.none() if summary["factorized"] else PreservedAnalyses.all()
 
 
@@ -382,6 +384,8 @@ def _record_unsupported(ir: IR, skipped: dict[str, str], handled_convs: set[str]
 def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
     """Factorize ``ir`` in place; returns a JSON summary (per-layer ranks, skipped reasons)."""
     params_before, bytes_before = ir.num_params(), ir.weight_bytes()
+    inventory, reasons = coverage.inventory(ir), coverage.default_reasons(ir)
+    weight_of = {la.name: la.weight.name for la in find_layers(ir)}
     patterns = [p.strip() for p in options.skip.split(",") if p.strip()]
     skipped: dict[str, str] = {}
     layers = []
@@ -464,8 +468,11 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
         ir.remove_unused_weights()
         ir.refresh_meta()
         ir.changed()
+    reached = {weight_of[name] for name in per_layer if name in weight_of}
+    reasons.update({weight_of[name]: why for name, why in skipped.items() if name in weight_of})
     return {"method": options.method, "round_to": round_to,
             "ratio": options.target_ratio, "energy": options.energy,
             "factorized": len(per_layer), "params_before": params_before,
             "params_after": ir.num_params(), "bytes_before": bytes_before,
-            "bytes_after": ir.weight_bytes(), "per_layer": per_layer, "skipped": skipped}
+            "bytes_after": ir.weight_bytes(), "per_layer": per_layer, "skipped": skipped,
+            "coverage": coverage.coverage(inventory, reached, reasons)}

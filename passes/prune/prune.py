@@ -17,6 +17,7 @@ from pydantic import Field
 from slimc.passes.prune import importance, reconstruct, shapes
 from slimc.passes.prune.groups import Group, PruneGroups
 
+from slimc import coverage
 from slimc.ir import IR
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
@@ -98,8 +99,12 @@ class Prune(TransformPass):
             ir.annotations[self.name] = {"granularity": "block", "removed_blocks": removed}
             return PreservedAnalyses.none() if removed else PreservedAnalyses.all()
         groups = result.prunable(kinds_for(options.granularity, options.gqa))
+        inventory, reasons = coverage.inventory(ir), coverage.default_reasons(ir)
         if not groups:
-            ir.annotations[self.name] = {"granularity": options.granularity, "removed_units": 0}
+            cov = prune_coverage(inventory, reasons, [], {}, {}, options.granularity)
+            ir.annotations[self.name] = {"granularity": options.granularity, "removed_units": 0,
+                                         "coverage": cov}
+            ctx.log("prune: 0 units removed; " + coverage.describe(cov, "pruned"))
             return PreservedAnalyses.all()
         round_to = options.round_to or default_round_to(
             ctx.analyses.get("target-info") if ctx.target is not None
@@ -117,6 +122,9 @@ class Prune(TransformPass):
             if g.index not in applied:
                 plan[g.index] = []
         removed_roots = plan_roots(groups, plan)
+        cov = prune_coverage(inventory, reasons, groups, plan, skipped, options.granularity)
+        ctx.log(f"prune: {len(removed_roots)} units removed; "
+                + coverage.describe(cov, "pruned"))
         ir.annotations[self.name] = {
             "granularity": options.granularity, "gqa": options.gqa,
             "criterion": options.criterion,
@@ -126,8 +134,35 @@ class Prune(TransformPass):
             "groups": [{"index": g.index, "module_path": g.module_path, "kind": g.kind,
                         "units": len(g.units), "kept": len(g.units) - len(plan[g.index]),
                         **({"skipped": skipped[g.index]} if g.index in skipped else {})}
-                       for g in groups]}
+                       for g in groups],
+            "coverage": cov}
         return PreservedAnalyses.none() if removed_roots else PreservedAnalyses.all()
+
+
+def prune_coverage(inventory: dict, reasons: dict[str, str], groups: list[Group],
+                   plan: dict[int, list[int]], skipped: dict[int, str],
+                   granularity: str) -> dict:
+    """:func:`slimc.coverage.coverage` for pruning: a weight is reached when a group it belongs
+    to lost units; the others say why (the group's skip reason, a group that kept every unit,
+    or no group of this granularity at all)."""
+    reached: set[str] = set()
+    why: dict[str, str] = {}
+    for g in groups:
+        weights = {w for unit in g.units for (w, _axis) in unit.slices}
+        if plan.get(g.index):
+            reached |= weights
+            continue
+        reason = skipped.get(g.index) or "its group kept every unit (ratio, rounding or scores)"
+        for w in weights:
+            why.setdefault(w, reason)
+    merged = dict(reasons)
+    for name in inventory:
+        if name in why:
+            merged[name] = why[name]
+        elif name not in reasons and name not in reached:
+            merged[name] = (f"in no prunable group (granularity={granularity}; pinned to a "
+                            "graph output, or a structure the pass cannot resize)")
+    return coverage.coverage(inventory, reached, merged)
 
 
 def apply_or_skip(ir: IR, result: PruneGroups, groups: list[Group],
