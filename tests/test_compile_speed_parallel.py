@@ -121,3 +121,34 @@ def test_one_svd_serves_every_rank_ratio():
         shared = Setting("low_rank", ratio).apply(w, 0, factors)
         assert torch.equal(shared, truncate_rank(w, ratio))
         assert np.linalg.matrix_rank(shared.numpy(), tol=1e-4) == round(ratio * 20)
+
+
+def test_perturbation_scores_one_per_core_equal_the_sequential_ones(hf_dir):
+    from slimc.passes.analysis.criteria.perturbation import PerturbationSensitivity
+
+    from slimc.passmanager import AnalysisManager
+
+    ir, inputs = _ir(hf_dir("bert"))
+    registry = get_registry()
+    options = PerturbationSensitivity.Options(bits=(4,), keep_ratios=(0.5,), rank_ratios=(0.5,),
+                                              reference="q4", group_keep_ratios=(0.5,))
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ctx = PassContext(example_inputs=inputs, calibration_batches=_batches(inputs, 2))
+            ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+            results[threads] = PerturbationSensitivity().run(ir, ctx, options)
+    finally:
+        torch.set_num_threads(before)
+    one, two = results[1], results[2]
+    assert one.layers.keys() == two.layers.keys() and len(one.layers) > 10
+    for name, layer in one.layers.items():
+        assert layer.curve.keys() == {"q4", "keep0.5", "rank0.5"}
+        for key, value in layer.curve.items():
+            assert two.layers[name].curve[key] == pytest.approx(value, rel=1e-4, abs=1e-9)
+    assert one.groups.keys() == two.groups.keys() and one.groups
+    for name, group in one.groups.items():
+        assert group.curve == pytest.approx(two.groups[name].curve, rel=1e-4, abs=1e-9)
+    assert any(v > 0 for layer in one.layers.values() for v in layer.curve.values())

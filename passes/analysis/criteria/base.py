@@ -10,6 +10,7 @@ a search can read any of them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -131,20 +132,28 @@ class SensitivityCriterion(AnalysisPass):
         torch.manual_seed(options.seed)
         batches = self.prepare(ir, ctx, options, layers)
         weights = ir.weights()
-        results = {}
-        for layer in layers:
+        factors = {layer.name: _svd(ir, ctx, layer, layer.canonical(
+            weights[layer.weight.name].detach())) for layer in layers} if any(
+            s.kind == "low_rank" for s in settings) else {}
+
+        def score(job: tuple[Layer, Setting]) -> float:
+            layer, setting = job
             # Criteria see the canonical orientation (outputs first, inputs last) whether the
             # model stores W, W.T or a permutation of it (see slimc.layers).
             weight = layer.canonical(weights[layer.weight.name].detach())
-            curve = {}
-            factors = _svd(ir, ctx, layer, weight) if any(
-                s.kind == "low_rank" for s in settings) else None
-            for setting in settings:
-                compressed = setting.apply(weight, layer.canonical_output_axis, factors)
-                curve[setting.key] = self.damage(layer, weight, compressed, setting)
+            compressed = setting.apply(weight, layer.canonical_output_axis,
+                                       factors.get(layer.name))
+            return self.damage(layer, weight, compressed, setting)
+
+        jobs = [(layer, setting) for layer in layers for setting in settings]
+        values = iter(self.map_jobs(score, jobs))
+        results = {}
+        for layer in layers:
+            curve = {setting.key: next(values) for setting in settings}
             results[layer.name] = LayerSensitivity(
                 layer.name, layer.module_type, layer.kind, layer.weight.name,
-                [op.name for op in layer.ops], weight.numel(), curve, self.extra(layer))
+                [op.name for op in layer.ops], weights[layer.weight.name].numel(), curve,
+                self.extra(layer))
         result = SensitivityResult(self.criterion, keys, options.reference, results, 0.0,
                                    batches)
         if options.groups:
@@ -164,7 +173,12 @@ class SensitivityCriterion(AnalysisPass):
         result.groups = score_groups(
             candidates, weights,
             lambda cand, key, overrides: self.group_damage(cand, key, overrides, by_weight,
-                                                           weights))
+                                                           weights), self.map_jobs)
+
+    def map_jobs(self, fn: Callable[[Any], float], jobs: list) -> list[float]:
+        """``[fn(job) for job in jobs]``: the (layer or group, setting) scores. Criteria whose
+        every score is a model forward (``perturbation``) run them one per core instead."""
+        return [fn(job) for job in jobs]
 
     def group_damage(self, candidate: GroupCandidate, key: str,
                      overrides: dict[str, torch.Tensor], layers: dict[str, Layer],

@@ -165,12 +165,18 @@ def run_without_block(ir: IR, inputs: Sequence[torch.Tensor], skips: Mapping[str
 
 
 def score_groups(candidates: list[GroupCandidate], weights: Mapping[str, torch.Tensor],
-                 damage: Callable[[GroupCandidate, str, dict[str, torch.Tensor]], float]
+                 damage: Callable[[GroupCandidate, str, dict[str, torch.Tensor]], float],
+                 map_jobs: Callable[[Callable, list], list[float]] | None = None
                  ) -> dict[str, GroupSensitivity]:
-    """``damage(candidate, setting key, weight overrides)`` for every candidate and setting."""
+    """``damage(candidate, setting key, weight overrides)`` for every candidate and setting;
+    ``map_jobs(fn, jobs)`` runs the (candidate, key) jobs (default: one after another)."""
+    jobs = [(cand, key) for cand in candidates for key in cand.settings]
+    scored = (map_jobs or (lambda fn, items: [fn(item) for item in items]))(
+        lambda job: damage(job[0], job[1], job[0].overrides(job[1], weights)), jobs)
+    values = iter(scored)
     out = {}
     for cand in candidates:
-        curve = {key: damage(cand, key, cand.overrides(key, weights)) for key in cand.settings}
+        curve = {key: next(values) for key in cand.settings}
         out[cand.name] = GroupSensitivity(
             cand.name, cand.kind, cand.module_path, cand.units, cand.unit_width, cand.params,
             curve, dict(cand.settings))
