@@ -33,6 +33,7 @@ from .cpu_reduction import RowReduction
 from .fallback import Fallback
 from .parallel_guard import guard_parallel_loops
 from .symbolic_tails import peel_symbolic_tails
+from .whole_tiles import split_whole_tiles
 from .winograd import WinogradTransform
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def schedule_prim_func(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
         if sch is not None:
             log.debug("rule %s scheduled %s", rule.name, name)
             _peel(sch, name)
-            return _guard(_clamp(sch.mod["main"], name), name).with_attr(
+            return _guard(_clamp(_whole_tiles(sch.mod["main"], name), name), name).with_attr(
                 "tirx.is_scheduled", True)
     return func
 
@@ -82,6 +83,16 @@ def _peel(sch, name: str) -> None:
     except Exception as exc:  # noqa: BLE001 - correct either way, only slower
         interrupts.check()
         log.debug("tails of %s not peeled: %s", name, _last_line(exc))
+
+
+def _whole_tiles(func, name: str):
+    """Bounds checks in edge tiles only (:mod:`.whole_tiles`); a failure keeps them everywhere."""
+    try:
+        return split_whole_tiles(func)
+    except Exception as exc:  # noqa: BLE001 - correct either way, only slower
+        interrupts.check()
+        log.debug("whole tiles of %s not split: %s", name, _last_line(exc))
+        return func
 
 
 def _clamp(func, name: str):

@@ -45,6 +45,7 @@ from .common import (
     vector_lanes,
 )
 from .fallback import schedule_block
+from .whole_tiles import CLAMP_PADDED_ROWS, WHOLE_TILES, is_guarded_read
 
 #: Kernel attribute listing the parameters that are constants (weights), set before scheduling.
 CONSTANT_OPERANDS = "slimc.constant_operands"
@@ -210,9 +211,13 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
             factors[[sch.get(lp).same_as(sch.get(loop)) for lp in loops].index(True)] = tile
     if all(f == 1 for f in factors):
         return False
+    symbolic_rows = axes.reuse is not None and extent(sch, axes.reuse) is None
+    symbolic_columns = vector_size is None  # e.g. the key axis of attention scores
     sch.pad_einsum(main, factors)
-    if axes.reuse is not None and extent(sch, axes.reuse) is None:  # a symbolic rows axis
-        _read_reuse_operand_in_place(sch, main, 1 - axes.contiguous)
+    if symbolic_rows:
+        _read_operand_in_place(sch, main, 1 - axes.contiguous)
+    if symbolic_columns:
+        _read_operand_in_place(sch, main, axes.contiguous)
     return True
 
 
@@ -239,19 +244,17 @@ def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile:
     return True
 
 
-#: Block annotation: the block's guarded reads of a padded reuse (rows) axis may be clamped.
-CLAMP_PADDED_ROWS = "slimc.clamp_padded_rows"
+def _read_operand_in_place(sch: s_tir.Schedule, main, operand: int) -> None:
+    """Read a padded operand straight from its buffer instead of a zero-padded copy.
 
-
-def _read_reuse_operand_in_place(sch: s_tir.Schedule, main, operand: int) -> None:
-    """Read the rows operand straight from its buffer instead of a zero-padded copy.
-
-    The rows beyond the length only feed output rows that are never stored, so their values
-    do not matter, only that reading them stays in bounds: the copy is inlined (a guarded read
-    ``row < seq ? X[row, k] : 0``) and :func:`clamp_padded_rows` turns that into
-    ``X[min(row, seq - 1), k]`` once the kernel is scheduled. One parallel pass over the
-    activations fewer per dense layer (the copy cost as much as the fixed-length kernel's
-    whole epilogue at short lengths).
+    The rows (or columns) beyond the length only feed output rows (columns) that are never
+    stored, so their values do not matter, only that reading them stays in bounds: the copy
+    is inlined (a guarded read ``row < seq ? X[row, k] : 0``), the whole tiles drop the guard
+    (:mod:`.whole_tiles`) and :func:`clamp_padded_rows` turns the edge tiles' guard into
+    ``X[min(row, seq - 1), k]``. One pass over the activations fewer per dense layer (the
+    copy cost as much as the fixed-length kernel's whole epilogue at short lengths), and no
+    copy of ``K^T`` per attention layer. A symbolic vector (columns) operand read this way is
+    a gather in the edge tiles only.
     """
     reads = sch.get(main).reads
     if operand not in (0, 1) or len(reads) != 2:
@@ -270,20 +273,15 @@ def _read_reuse_operand_in_place(sch: s_tir.Schedule, main, operand: int) -> Non
 
 def clamp_padded_rows(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """In blocks marked :data:`CLAMP_PADDED_ROWS`, ``if_then_else(i < n, X[.., i, ..], 0)``
-    becomes ``X[.., min(i, n - 1), ..]`` (see :func:`_read_reuse_operand_in_place`)."""
+    becomes ``X[.., min(i, n - 1), ..]`` (see :func:`_read_operand_in_place`)."""
     import tvm_ffi
     from tvm.ir.expr import Call
 
     def clamp(call):
-        if getattr(call.op, "name", "") != "prim.if_then_else":
+        guarded = is_guarded_read(call)
+        if guarded is None:
             return call
-        cond, then = call.args[0], call.args[1]
-        if not isinstance(cond, tirx.LT) or loaded_buffer(then) is None \
-                or not isinstance(cond.a, tirx.Var):
-            return call
-        row, bound = cond.a, cond.b
-        if not any(isinstance(i, tirx.Var) and i.same_as(row) for i in then.indices):
-            return call
+        row, bound, then = guarded
         last = tirx.Min(row, bound - tirx.const(1, "int64"))
         return tvm_ffi.structural_map(
             then, [(tirx.Var, lambda v: last if v.same_as(row) else v)])
@@ -392,6 +390,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
     outer = (axes.shared + [vo] + axes.extra if PANEL_OUTSIDE_ROWS
              else axes.shared + axes.extra + [vo]) + ([ro] if ro is not None else [])
     sch.reorder(*outer, *axes.reduce, *tile_inner)
+    symbolic_tiles = extent(sch, vo) is None or ro is not None and extent(sch, ro) is None
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     # Loop kinds are set while the block still has its init (a "reduction block" for TVM).
     if chunk:
@@ -400,6 +399,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         _vectorize_tile(sch, main, len(tile_inner))
     if work >= MATMUL_PARALLEL_WORK:  # smaller: waking the thread pool costs more than it saves
         parallelize(sch, fused, MATMUL_PARALLEL_WORK)
+    if symbolic_tiles:  # padded symbolic tiles: bounds checks in the edge tiles only
+        sch.annotate(fused, WHOLE_TILES, 1)
 
     writeback = sch.cache_write(main, 0, "local")
     sch.reverse_compute_at(writeback, fused, preserve_unit_loops=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import tvm_ffi
 from tvm import tirx
 
-from .common import MIN_PARALLEL_WORK, MIN_WORK_KEY
+from .common import MIN_PARALLEL_WORK, MIN_WORK_KEY, loaded_buffer
 
 
 def guard_parallel_loops(func: tirx.PrimFunc, min_work: int = MIN_PARALLEL_WORK) -> tirx.PrimFunc:
@@ -50,6 +50,10 @@ def guard_parallel_loops(func: tirx.PrimFunc, min_work: int = MIN_PARALLEL_WORK)
     if has_reshape_pattern(func):
         return func
 
+    scratch = _root_buffers(func)
+    uses = _buffer_uses(func.body, scratch)
+    added: list = []
+
     def on_for(loop):
         if loop.kind != tirx.ForKind.PARALLEL:
             return loop
@@ -57,12 +61,66 @@ def guard_parallel_loops(func: tirx.PrimFunc, min_work: int = MIN_PARALLEL_WORK)
         work = _work(loop)
         if isinstance(work, tirx.IntImm) or _at_least(work, least):
             return loop  # decided when compiling (by the rule), or enough at any length
-        copy = _fresh_copy(loop)
+        inside = _buffer_uses(loop, scratch)
+        private = {b: tirx.Var(f"{b.name}_serial", b.ty) for b, n in inside.items()
+                   if n == uses.get(b)}
+        added.extend(private.values())
+        copy = fresh_copy(loop, buffers=private)
         serial = tirx.For(copy.loop_var, copy.min, copy.extent, tirx.ForKind.SERIAL, copy.body,
                           None, copy.annotations)
         return tirx.IfThenElse(work >= tirx.const(least, "int64"), loop, serial)
 
-    return tvm_ffi.structural_map(func, [(tirx.For, on_for)])
+    func = tvm_ffi.structural_map(func, [(tirx.For, on_for)])
+    return _allocate_in_root(func, added) if added else func
+
+
+def _root_buffers(func: tirx.PrimFunc) -> list:
+    """The scratch buffers the kernel allocates (in its root block)."""
+    from tvm.s_tir import SBlockRealize
+
+    body = func.body
+    return list(body.block.alloc_buffers) if isinstance(body, SBlockRealize) else []
+
+
+def _buffer_uses(stmt, buffers: list) -> dict:
+    """How many loads and stores of each of ``buffers`` ``stmt`` contains.
+
+    A scratch buffer used only inside one guarded loop nest gets its own copy in the serial
+    nest (:func:`guard_parallel_loops`): shared by both nests, its allocation would be placed
+    above the run-time test, at the kernel's root, where TVM can no longer shrink it to the
+    part one iteration touches -- the 8 x 32 accumulator tile of a matmul became a buffer of
+    symbolic size indexed through the whole output, which LLVM does not keep in registers
+    (symbolic-length attention and softmax kernels 1.3-2x slower than their fixed twins).
+    """
+    from tvm.ir.expr import TensorLoad
+
+    counts: dict = {}
+    wanted = set(buffers)
+
+    def count(node):
+        buffer = loaded_buffer(node) if isinstance(node, TensorLoad) else node.buffer
+        if buffer in wanted:
+            counts[buffer] = counts.get(buffer, 0) + 1
+        return node
+
+    tvm_ffi.structural_map(stmt, [(TensorLoad, count), (tirx.BufferStore, count)])
+    return counts
+
+
+def _allocate_in_root(func: tirx.PrimFunc, buffers: list) -> tirx.PrimFunc:
+    """``func`` with ``buffers`` added to its root block's allocations."""
+    from tvm.s_tir import SBlock
+
+    root = func.body.block
+
+    def on_block(block):
+        if not block.same_as(root):
+            return block
+        return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, block.body,
+                      block.init, [*block.alloc_buffers, *buffers], block.match_buffers,
+                      block.annotations)
+
+    return tvm_ffi.structural_map(func, [(SBlock, on_block)])
 
 
 def _at_least(work, min_work: int) -> bool:
@@ -78,16 +136,17 @@ def _at_least(work, min_work: int) -> bool:
     return isinstance(least, tirx.IntImm) and least.value >= min_work
 
 
-def _fresh_copy(stmt):
-    """``stmt`` with every variable it defines (loops, block iterators, lets) renamed, so that
-    the copy can sit next to the original (TIR allows one definition per variable)."""
+def fresh_copy(stmt, suffix: str = "_serial", buffers: dict | None = None):
+    """``stmt`` with every variable it defines (loops, block iterators, lets) renamed (``suffix``
+    appended), so that the copy can sit next to the original (TIR allows one definition per
+    variable), and the buffers in ``buffers`` (old -> new) replaced."""
     from tvm_ffi.structural import DefRegionKind
 
-    renamed: dict = {}
+    renamed: dict = dict(buffers or {})
 
     def rename(var, kind):
         if kind != DefRegionKind.NONE:
-            renamed[var] = tirx.Var(f"{var.name}_serial", var.ty)
+            renamed[var] = tirx.Var(f"{var.name}{suffix}", var.ty)
             return renamed[var]
         return renamed.get(var, var)
 
