@@ -37,10 +37,13 @@ def _space(model_dir: str, method: str):
     return build_space(ir, ctx, techniques, None, 2, method)
 
 
-def test_local_table_ranks_like_end_to_end_with_fewer_forwards(hf_dir):
-    """Llama: linears, an embedding gather and an untied LM head (KL of logits)."""
-    fast = _space(hf_dir("llama"), "local")
-    slow = _space(hf_dir("llama"), "end-to-end")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_local_table_ranks_like_end_to_end_with_fewer_forwards(hf_dir, arch):
+    """Llama: linears, an embedding gather and an untied LM head (KL of logits); GPT-2:
+    Conv1D weights read as ``x @ W`` and a table tied to the LM head (a gather and a matmul
+    of one tensor)."""
+    fast = _space(hf_dir(arch), "local")
+    slow = _space(hf_dir(arch), "end-to-end")
     assert fast.info["damage_local_layers"] == len(fast.layers) > 0
     assert fast.info["damage_forwards"] < slow.info["damage_forwards"] / 2
     live = np.isfinite(slow.damage) & (slow.damage > 0)
