@@ -137,7 +137,12 @@ def main() -> None:
             key, limit = next(iter(budget.limits().items()))
             entry = {"budget": text, "techniques": []}
             start = len(host.measured)
+            fit_start = time.perf_counter()
             cand, failures = host.fit(budget, args.max_drop, keep=False)
+            # what `slimc compile --budget` spends in the search: the damage tables (built
+            # once above, shared by the budgets of this run) plus this fit
+            entry["fit_seconds"] = round(time.perf_counter() - fit_start, 1)
+            entry["space_seconds"] = results["space_seconds"]
             if cand is None:  # report the best candidate within the budget, say so
                 limits = budget.limits()
                 within = [c for c in host.measured[start:]
