@@ -70,8 +70,13 @@ def smollm2_dir() -> Path:
     if not (out / "config.json").exists():
         from benchmarks.prune_smollm2 import load
 
+        from safetensors.torch import save_model
+
         tok, model, _ = load()
-        model.save_pretrained(out)
+        out.mkdir(parents=True, exist_ok=True)
+        # save_pretrained refuses a model loaded from GGUF: write the fp32 tensors and config
+        save_model(model, str(out / "model.safetensors"))
+        model.config.save_pretrained(out)
         tok.save_pretrained(out)
     return out
 
