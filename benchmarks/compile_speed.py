@@ -68,9 +68,9 @@ def smollm2_dir() -> Path:
     """SmolLM2-135M as a Hugging Face directory (fp32, with its tokenizer), made once."""
     out = OUT / "smollm2-hf"
     if not (out / "config.json").exists():
-        from benchmarks.prune_smollm2 import load
-
         from safetensors.torch import save_model
+
+        from benchmarks.prune_smollm2 import load
 
         tok, model, _ = load()
         out.mkdir(parents=True, exist_ok=True)
