@@ -79,7 +79,7 @@ def sweep(name: str, ir, inputs, calib, score, fractions, labels, extra: list[st
     cols = ["method", "params", "kept", metric, "seconds", "pipeline"]
     print(table(rows, cols), flush=True)
     jobs = [(f"{label} {f:.0%}", PIPELINES[label].format(f=f))
-            for f in fractions for label in labels]
+            for f in fractions for label in labels if label]
     jobs += [(f"combo: {p}", p) for p in extra]
     for label, pipeline in jobs:
         try:
