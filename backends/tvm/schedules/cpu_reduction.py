@@ -10,11 +10,15 @@ and unrolled. Two changes make it fit slimc's models:
   masks, casts and broadcasts TVM's legalizer adds around a softmax are inlined first;
 * the row loop is parallel only when there is enough work: a decode step normalizes a single
   row, and waking the thread pool for it costs more than the row (badly so on a loaded host);
+* a row's sum / max is computed in vector lanes with a few independent accumulators
+  (``rfactor``), not as one scalar dependency chain (``_factor_in_lanes``);
 * rows whose kept intermediate would not fit on the stack (long or symbolic-length softmax
   rows) are computed a few at a time, sharing one scratch allocation (``_rows_per_chunk``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from tvm import s_tir, tirx
 from tvm.target import Target
@@ -25,8 +29,11 @@ from .common import (
     inline_spatial,
     intermediate_buffers,
     is_spatial,
+    log,
+    vars_in,
     vector_lanes,
 )
+from .symbolic_tails import PARTITION_HINT
 
 
 class RowReduction:
@@ -56,6 +63,10 @@ class RowReduction:
         stmt = sch.get(last)
         lanes = vector_lanes(target, stmt.writes[0].source.dtype.bits if stmt.writes else 32)
 
+        # Producers first: each reduction preceded by its rfactor partials (if any).
+        order = [item for info in infos[:-1]
+                 for item in (_factor_in_lanes(sch, info, lanes) if not info.is_injective()
+                              else []) + [info.block_rv]]
         loops = sch.get_loops(last)
         chunk, lead = _rows_per_chunk(sch, loops[:leading], loops[leading:], infos)
         rows = sch.fuse(*lead) if leading > 1 else lead[0]
@@ -64,8 +75,12 @@ class RowReduction:
             return None
         if chunk > 1:
             rows, _ = sch.split(rows, factors=[None, chunk])
-        for info in reversed(infos[:-1]):
-            sch.compute_at(info.block_rv, rows, preserve_unit_loops=True)
+        inits = []
+        for item in reversed(order):
+            if isinstance(item, _Partials):
+                inits.append((item.block, _vector_partials(sch, item, rows)))
+            else:
+                sch.compute_at(item, rows, preserve_unit_loops=True)
         # Split the last block only now: split first, a symbolic row length would give the
         # blocks computed at the row loop a rounded-up, clipped region (min/max predicates
         # that hide the tail from ``symbolic_tails``).
@@ -73,7 +88,7 @@ class RowReduction:
         for info in infos[:-1]:
             if info.is_injective():
                 _vectorize_inner(sch, info.block_rv, lanes)
-            else:
+            else:  # a factored row's last step sums one vector: no-op there
                 _unroll_reduction(sch, info.block_rv, lanes)
         n_rows = extent(sch, rows)
         row_work = 1
@@ -82,6 +97,8 @@ class RowReduction:
         if n_rows is None or (n_rows > 1 and n_rows * row_work * len(infos)
                                >= common.MIN_PARALLEL_MEMORY_WORK):
             common.parallelize(sch, rows, common.MIN_PARALLEL_MEMORY_WORK)
+        for block, loop in inits:  # last: see _vector_partials
+            sch.decompose_reduction(block, loop)
         return sch
 
 
@@ -165,8 +182,12 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
     if n is not None and n < 2:
         return
     if n is None or n > lanes:
-        _, inner = sch.split(loops[-1], factors=[None, lanes])
+        outer, inner = sch.split(loops[-1], factors=[None, lanes])
         sch.vectorize(inner)
+        if n is not None and n % lanes:
+            # A constant row that is not whole vectors (197, 1500): peel the last vector off
+            # (``LoopPartition``), or the predicate in every step makes TVM scalarize it.
+            sch.annotate(outer, ann_key=PARTITION_HINT, ann_val=1)
     else:
         sch.vectorize(loops[-1])
 
@@ -181,3 +202,125 @@ def _unroll_reduction(sch: s_tir.Schedule, block, lanes: int) -> None:
     _, inner = sch.split(loops[-1], factors=[None, lanes])
     sch.annotate(inner, ann_key="pragma_auto_unroll_max_step", ann_val=lanes)
     sch.annotate(inner, ann_key="pragma_unroll_explicit", ann_val=1)
+
+
+#: Independent vector accumulators per row (about a vector add's latency times its throughput).
+#: 0 turns the lane reduction off: the scalar chain, for A/B benchmarks
+#: (``benchmarks/row_reductions.py``).
+ACCUMULATORS = 4
+
+
+class _Partials(NamedTuple):
+    """An ``rfactor`` block: ``width`` partial results of a row reduction, vectorized."""
+
+    block: s_tir.schedule.SBlockRV
+    width: int
+
+
+def _factor_in_lanes(sch: s_tir.Schedule, info, lanes: int) -> list[_Partials]:
+    """Reduce a row in vector lanes instead of one element at a time.
+
+    A row reduction written ``acc = acc + x[i]`` is one scalar dependency chain: LLVM may not
+    reassociate float adds, so it runs at one element per add latency (a 197x384 layer norm
+    took 148 us against ONNX Runtime's 35). ``rfactor`` over an inner chunk of ``k * width``
+    columns gives ``k`` independent vector accumulators; a second ``rfactor`` folds them into
+    one vector, whose lanes the original block then sums. Returns the new blocks, producers
+    first, for :func:`_vector_partials` to place under the row loop (``rfactor`` copies the
+    loop nest from the block's outermost loop, so it runs before ``compute_at``).
+
+    Only rows that are a whole number of chunks are factored: ``compute_at`` regenerates the
+    copied loops without the predicate that would guard a partial last chunk (a softmax row
+    of 197 would read past its end). The chunk is the widest ``k * width`` (``width`` halving
+    from a full register down to 4 lanes) that divides the row; a row no such chunk divides
+    (a prime length), a symbolic row, or a reduction ``rfactor`` cannot factor keeps the
+    unrolled scalar chain.
+    """
+    kinds = info.dom_kind()
+    if ACCUMULATORS < 1 or not kinds.endswith("R") or kinds.count("R") != 1:
+        return []
+    block = info.block_rv
+    loops = sch.get_loops(block)
+    n = extent(sch, loops[-1])
+    chunk = _chunk(n, lanes)
+    if chunk is None:
+        return []
+    k, width = chunk
+    try:
+        _, inner = sch.split(loops[-1], factors=[None, k * width])
+        parts = [_Partials(sch.rfactor(inner, factor_axis=0), k * width)]
+        if k > 1:
+            _, lane = sch.split(sch.get_loops(block)[-1], factors=[k, width])
+            parts.append(_Partials(sch.rfactor(lane, factor_axis=0), width))
+    except Exception as exc:  # noqa: BLE001 - ScheduleError: keep the scalar chain
+        log.debug("row reduction %s not factored: %s", sch.get(block).name_hint, exc)
+        return []
+    return parts
+
+
+def _chunk(n: int | None, lanes: int) -> tuple[int, int] | None:
+    """``(accumulators, vector width)`` for a row of ``n``: the widest chunk dividing it with
+    at least two chunks per row (None: keep the scalar chain)."""
+    if n is None:
+        return None
+    best = None
+    width = lanes
+    while width >= 4:
+        for k in (4, 2, 1):
+            if k > ACCUMULATORS:
+                continue
+            if n % (k * width) == 0 and n >= 2 * k * width and (
+                    best is None or k * width > best[0] * best[1]):
+                best = (k, width)
+        width //= 2
+    return best
+
+
+def _vector_partials(sch: s_tir.Schedule, part: _Partials, rows):
+    """Compute the ``rfactor`` block ``part`` under the row loop ``rows``, its lanes innermost
+    and vectorized. Returns its outer reduction loop, where the caller splits the zeroing off
+    (``decompose_reduction``) once every block is placed and the rows are parallel: a block
+    without its init is neither complete nor a reduction, and ``compute_at`` of a producer or
+    ``parallel`` would refuse it."""
+    sch.compute_at(part.block, rows, preserve_unit_loops=True)
+    row = sch.get(rows)
+    loops = sch.get_loops(part.block)
+    depth = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(row))
+    realize = _realize(sch, part.block)
+    lane_var = realize.iter_values[0]  # factor_axis=0: the partial-result buffer's lane axis
+    reduce_vars = set()
+    for iv, value in zip(realize.block.iter_vars, realize.iter_values, strict=True):
+        if iv.iter_type != tirx.IterVar.DataPar:
+            reduce_vars |= {v.name for v in vars_in([value])}
+    spatial, reduce, lane = [], [], None
+    for lp in loops[depth + 1:]:
+        var = sch.get(lp).loop_var
+        if var.same_as(lane_var):
+            lane = lp
+        elif var.name in reduce_vars:
+            reduce.append(lp)
+        else:
+            spatial.append(lp)
+    if lane is None or not reduce:
+        raise ValueError("rfactor block without a lane or a reduction loop")
+    sch.reorder(*spatial, *reduce, lane)
+    sch.vectorize(lane)
+    return reduce[0]
+
+
+def _realize(sch: s_tir.Schedule, block) -> s_tir.SBlockRealize:
+    """The ``SBlockRealize`` of ``block`` (its iteration variables' loop bindings)."""
+    target = sch.get(block)
+    stack = [sch.mod["main"].body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, s_tir.SBlockRealize):
+            if node.block.same_as(target):
+                return node
+            stack.append(node.block.body)
+        elif isinstance(node, tirx.SeqStmt):
+            stack.extend(node.seq)
+        elif isinstance(node, tirx.IfThenElse):
+            stack.extend(n for n in (node.then_case, node.else_case) if n is not None)
+        elif hasattr(node, "body"):
+            stack.append(node.body)
+    raise ValueError(f"block {target.name_hint} not found")
