@@ -5,6 +5,7 @@
     python benchmarks/run.py --models minilm --engines slimc,slimc-w8a8,ort,ort-dyn8,torch-dyn8
     python benchmarks/run.py --models cnn,mobilenet_v2 --engines slimc,slimc-w8a8,ort,ort-qdq8
     python benchmarks/run.py --models table --engines slimc,ort   # the ten-workload table
+    python benchmarks/run.py --models vit_small --workdir w --reuse  # time w's artifacts
 
 ``--models table`` is the workloads of :data:`TABLE` (five that were tuned for by nobody:
 BERT-base, MiniLM batch 8, DistilBERT seq 384, ViT-Small/16, MobileNetV2; and five more vision,
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-trials", type=int, default=200,
                    help=f"MetaSchedule trials for the {TUNED} engine (opt-in via --engines)")
     p.add_argument("--workdir", type=Path, default=None, help="keep artifacts here")
+    p.add_argument("--reuse", action="store_true",
+                   help="use the artifacts already in --workdir (an earlier run, or a compile "
+                        "made outside the timing lock) instead of compiling them again")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     return p.parse_args(argv)
 
@@ -207,6 +211,13 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
     output = workdir / f"{name}-{engine}.slimc"
     tuning = {"tune": args.tune_trials, "tune_db": workdir / f"{name}-tuning"} \
         if engine == TUNED else {}
+    if args.reuse and (output / "manifest.json").exists():
+        from slimc.artifact import read_manifest
+
+        manifest = read_manifest(output)
+        result.notes.append(f"{engine}: reused {output.name} (compile not timed)")
+        runner = NativeRunner(output / manifest["library"], args.threads)
+        return runner, [spec["name"] for spec in manifest["inputs"]]
     t0 = time.perf_counter()
     compiled = compile_model(f"{HERE / 'models.py'}:{name}",
                              CompileOptions(target=args.target, output=output,
