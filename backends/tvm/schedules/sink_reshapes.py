@@ -22,13 +22,73 @@ ACTIVATIONS = ("relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu", "relax.nn
                "relax.sigmoid", "relax.tanh")
 
 
+def _single_use_reshapes(func: relax.Function) -> set:
+    """The ``reshape`` calls of ``func`` whose result is used exactly once.
+
+    Only a reshape of a matmul's result (:func:`_from_matmul`) is moved. A reshape with
+    other users stays where it is: sinking it would leave the tensor both
+    reshaped and not for one fused kernel, which ``FuseTIR`` rejects (W8A8 BERT on aarch64:
+    "Inconsistent buffers ... mapped to the same relax var").
+    """
+    uses: dict = {}
+    reshapes = {}
+    values = {}
+
+    def count(expr) -> None:
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+        elif isinstance(expr, relax.Call):
+            for arg in expr.args:
+                count(arg)
+        elif isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                count(field)
+        elif isinstance(expr, relax.TupleGetItem):
+            count(expr.tuple_value)
+
+    body = func.body
+    for block in getattr(body, "blocks", []):
+        for binding in block.bindings:
+            value = binding.value
+            values[binding.var] = value
+            count(value)
+            if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape":
+                reshapes[binding.var] = value
+    count(getattr(body, "body", body))
+    return {id_of(call) for var, call in reshapes.items()
+            if uses.get(var, 0) == 1 and _from_matmul(call.args[0], values)}
+
+
+def _from_matmul(expr, values: dict) -> bool:
+    """Whether ``expr`` is a float ``matmul``, or a matmul plus a bias: the producers the CPU
+    matmul rule fuses an epilogue into. Quantized matmuls (their own kernels, whose fusion
+    ``FuseTIR`` rejected with the reshape moved) are left alone."""
+    value = values.get(expr)
+    if not isinstance(value, relax.Call):
+        return False
+    name = getattr(value.op, "name", "")
+    if name == "relax.matmul":
+        return True
+    return name == "relax.add" and any(
+        isinstance(values.get(arg), relax.Call)
+        and getattr(values[arg].op, "name", "") == "relax.matmul" for arg in value.args)
+
+
+def id_of(expr) -> int:
+    """A key for a Relax node that survives re-wrapping in Python (its C++ handle)."""
+    return expr.__hash__()
+
+
 def _rewrite(func: relax.Function) -> relax.Function:
+    single = _single_use_reshapes(func)
     source, shape = wildcard(), wildcard()
     reshape = is_op("relax.reshape")(source, shape)
     for name in ACTIVATIONS:
         pattern = is_op(name)(reshape)
 
         def sink(call, matches, pattern=pattern):
+            if id_of(matches[reshape]) not in single:
+                return call
             inner = matches[source]
             act = relax.Call(call.op, [inner], call.attrs)
             return relax.op.reshape(act, matches[reshape].args[1])
