@@ -26,6 +26,7 @@ grid per group and rounds the columns with error feedback.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 
 import torch
@@ -73,10 +74,12 @@ def _codes(grouped: Tensor, scale: Tensor, minimum: Tensor, top: int) -> Tensor:
     return torch.clamp(torch.round((grouped - minimum[..., None]) / scale[..., None]), 0, top)
 
 
-#: Grids already searched, by weight content (see :func:`grid`): bounded, least recently used
-#: first out.
+#: Grids already searched, by weight content (see :func:`grid`): bounded by entries and bytes,
+#: least recently used first out; a lock because packing runs one layer per core.
 _GRIDS: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 _GRIDS_KEPT = 1024
+_GRIDS_MAX_BYTES = 256 << 20
+_GRIDS_LOCK = threading.Lock()
 
 
 def content_key(weight: Tensor) -> tuple:
@@ -96,15 +99,22 @@ def grid(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
     grid once in its damage table and again in every candidate it builds, so results are
     kept by weight content (:func:`content_key`)."""
     key = (*content_key(weight), bits, group)
-    if key in _GRIDS:
-        _GRIDS.move_to_end(key)
-        scale, minimum = _GRIDS[key]
-        return scale.clone(), minimum.clone()
+    with _GRIDS_LOCK:
+        hit = _GRIDS.get(key)
+        if hit is not None:
+            _GRIDS.move_to_end(key)
+    if hit is not None:
+        return hit[0].clone(), hit[1].clone()
     scale, minimum = _search_grid(weight, bits, group)
-    _GRIDS[key] = (scale.clone(), minimum.clone())
-    while len(_GRIDS) > _GRIDS_KEPT:
-        _GRIDS.popitem(last=False)
+    with _GRIDS_LOCK:
+        _GRIDS[key] = (scale.clone(), minimum.clone())
+        while len(_GRIDS) > 1 and (len(_GRIDS) > _GRIDS_KEPT or _grids_bytes() > _GRIDS_MAX_BYTES):
+            _GRIDS.popitem(last=False)
     return scale, minimum
+
+
+def _grids_bytes() -> int:
+    return sum(s.nbytes + m.nbytes for s, m in _GRIDS.values())
 
 
 def _search_grid(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:

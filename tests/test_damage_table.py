@@ -66,14 +66,23 @@ def test_interpolation_is_exact_at_anchors_and_monotone():
     assert damage[1] == pytest.approx(0.01 * 0.1 ** (np.log(50) / np.log(100)))
 
 
-def test_lowbit_grid_is_cached_by_content_not_identity():
+def test_lowbit_grid_is_cached_by_content_not_identity(monkeypatch):
+    from slimc import lowbit
+
+    monkeypatch.setattr(lowbit, "_GRIDS", type(lowbit._GRIDS)())  # start empty
+    searched = []
+    real_search = lowbit._search_grid
+    monkeypatch.setattr(lowbit, "_search_grid",
+                        lambda *a: searched.append(a[1:]) or real_search(*a))
     torch.manual_seed(0)
     w = torch.randn(64, 96)
     first = grid(w, 3, 32)
-    again = grid(w.clone(), 3, 32)  # another tensor, same values: same grid
+    again = grid(w.clone(), 3, 32)  # another tensor, same values: same grid, from the cache
+    assert searched == [(3, 32)]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     first[0].zero_()  # a caller's edit does not reach the cache
     assert torch.equal(grid(w, 3, 32)[0], again[0])
     other = w.clone()
     other[5, 7] += 3.0
     assert not torch.equal(grid(other, 3, 32)[0], again[0])
+    assert searched == [(3, 32), (3, 32)]  # only the changed weight was searched again

@@ -126,7 +126,10 @@ def _collect_in_parallel(ir: IR, batches: Sequence[Sequence[torch.Tensor]],
     saw (:func:`_reduce`); the partial results are merged in batch order, in the order the
     sequential loop would have added them, so the statistics are the ones it gives. Batches
     go in waves of one per worker, and a wave keeps a batch's rows only for the layers whose
-    sample is not full yet, so memory stays at a few batches' activations.
+    sample is not full yet. That is every layer in the first wave: one batch's rows of every
+    watched layer per core (im2col rows for convolutions, ~kernel-area times the activation),
+    held until the wave is merged -- more than the sequential loop's one layer at a time.
+    Slicing the sample in the worker would bound it but change which rows the sample keeps.
     """
     from slimc.jobs import map_single_threaded
 

@@ -10,6 +10,7 @@ a search can read any of them.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -109,13 +110,17 @@ def _svds(ir: IR, ctx: PassContext, layers: list[Layer],
     MiniLM-sized matrix cost 2-6x the CPU of a 1-thread one."""
     from slimc.jobs import map_single_threaded
 
-    key = f"sensitivity-svd:{id(ir)}:{ir.version}"
-    if key not in ctx.memo:
+    # Keyed by the IR object itself, weakly: an ``id()`` can be reused by a new clone once an
+    # old one is freed (search contexts share one memo), and the SVDs die with their IR.
+    per_ir = ctx.memo.setdefault("sensitivity-svd", weakref.WeakKeyDictionary())
+    version, svds = per_ir.get(ir, (None, None))
+    if version != ir.version:
         found = map_single_threaded(
             lambda layer: svd_factors(layer.canonical(weights[layer.weight.name].detach())),
             layers)
-        ctx.memo[key] = {layer.name: f for layer, f in zip(layers, found, strict=True)}
-    return ctx.memo[key]
+        svds = {layer.name: f for layer, f in zip(layers, found, strict=True)}
+        per_ir[ir] = (ir.version, svds)
+    return svds
 
 
 class SensitivityCriterion(AnalysisPass):
