@@ -42,6 +42,12 @@ WHEELS=(
 STAMP="v1 ${DEBS[*]} ${WHEELS[*]}"
 STAMP_FILE="$SYSROOT/.slimc-sysroot-stamp"
 
+# Two checkouts (or parallel CI jobs) assembling the same sysroot would delete each other's
+# partial tree: hold a lock for the whole build and re-check the stamp once it is ours.
+mkdir -p "$(dirname "$SYSROOT")"
+exec 9>"$SYSROOT.lock"
+flock 9
+
 if [[ -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$STAMP" ]]; then
     echo "aarch64 sysroot already complete: $SYSROOT"
     exit 0
