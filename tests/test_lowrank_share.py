@@ -209,6 +209,9 @@ def test_dedup_stores_identical_tensors_once(tmp_path):
     assert shared["verification"]["passed"]
     one = 256 * 257 * 4
     assert dense["weight_bytes_after"] == 2 * one and shared["weight_bytes_after"] == one
+    cov = next(p["summary"]["coverage"] for p in shared["pipeline"] if p["pass"] == "share")
+    assert cov["reached_bytes"] == 2 * one  # both copies are now one shared tensor
+    assert (tmp_path / "shared" / "report.md").read_text().count("Weight coverage") == 1
     # The library holds one copy either way (TVM already merges bit-identical constants):
     # sharing must not add any.
     assert shared["library_bytes"] <= dense["library_bytes"] < one * 1.3
@@ -241,6 +244,16 @@ def test_basis_sharing_in_the_ir():
     assert bases and all(len(b.users) == 2 for b in bases)
     assert records[-1].fidelity["relative_l2_vs_previous"] < 0.05
     assert "lm_head" in ann["tie"] and "would change the model" in ann["tie"]
+    # Coverage: the grouped layers' bytes are reached; the untied head and the embedding are
+    # listed as untouched with their reason, never silently.
+    cov = ann["coverage"]
+    grouped = sum(g["params"][0] for g in ann["basis_groups"]) * 4
+    # (plus the bit-identical norm vectors dedup merged: random init leaves them all ones)
+    assert cov["reached_bytes"] >= grouped and 0 < cov["reached_fraction"] < 1
+    reasons = {g["reason"]: g for g in cov["untouched"]}
+    assert any("embedding" in r for r in reasons), reasons
+    assert sum(g["bytes"] for g in cov["untouched"]) + cov["reached_bytes"] \
+        == cov["weight_bytes"]
 
 
 # -- composition -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from slimc.passes.quantize import calib
 from slimc.passes.share.blocks import tie_blocks
 from torch.export.graph_signature import InputKind, OutputKind
 
+from slimc import coverage
 from slimc.ir import IR
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
@@ -81,7 +82,8 @@ class Share(TransformPass):
         ctx.log(f"share: {summary['deduplicated']} duplicates, tied={summary['tied']}, "
                 f"{len(summary['basis_groups'])} basis groups, "
                 f"{len(summary['tied_blocks'])} tied block groups; params "
-                f"{summary['params_before']:,} -> {summary['params_after']:,}")
+                f"{summary['params_before']:,} -> {summary['params_after']:,}; "
+                + coverage.describe(summary["coverage"], "shared"))
         changed = summary["deduplicated"] or summary["tied"] or summary["basis_groups"] \
             or summary["tied_blocks"]
         return PreservedAnalyses.none() if changed else PreservedAnalyses.all()
@@ -263,6 +265,9 @@ def tie_layer_blocks(ir: IR, ctx: PassContext, options: ShareOptions,
 def share_ir(ir: IR, ctx: PassContext, options: ShareOptions) -> dict:
     """Share tensors in ``ir`` in place; returns a JSON summary."""
     params_before, bytes_before = ir.num_params(), ir.weight_bytes()
+    inventory, reasons = coverage.inventory(ir), coverage.default_reasons(ir)
+    layer_weights = {la.name: la.weight_node.name for la in weight_layers(ir, embeddings=True)}
+    readers_before = {n.name: len(n.users) for n in ir.nodes("placeholder")}
     skipped: dict[str, str] = {}
     merged = deduplicate(ir) if options.dedup else []
     tied, tie_note = tie_head(ir, options.tie_tolerance) if options.tie_head \
@@ -273,8 +278,36 @@ def share_ir(ir: IR, ctx: PassContext, options: ShareOptions) -> dict:
     if groups or tied_blocks:
         ir.refresh_meta()
     ir.changed()
+    reached = _shared_weights(ir, inventory, readers_before)
+    reasons = _unshared_reasons(options, layer_weights, skipped) | reasons
     return {"deduplicated": sum(len(m) - 1 for m in merged), "merged": merged,
             "tied": tied, "tie": tie_note, "basis_groups": groups,
             "tied_blocks": tied_blocks, "skipped": skipped,
             "params_before": params_before, "params_after": ir.num_params(),
-            "bytes_before": bytes_before, "bytes_after": ir.weight_bytes()}
+            "bytes_before": bytes_before, "bytes_after": ir.weight_bytes(),
+            "coverage": coverage.coverage(inventory, reached, reasons)}
+
+
+def _shared_weights(ir: IR, inventory: dict, readers_before: dict[str, int]) -> set[str]:
+    """Weights the pass shared: those it removed (a duplicate, a tied head, a layer now reading
+    a shared basis or tied block) and those that gained readers (the copy the others now use)."""
+    after = {n.name: len(n.users) for n in ir.nodes("placeholder")}
+    return {name for name in inventory if name not in after
+            or after[name] > readers_before.get(name, 0)}
+
+
+def _unshared_reasons(options: ShareOptions, layer_weights: dict[str, str],
+                      skipped: dict[str, str]) -> dict[str, str]:
+    """Why each weight layer kept its own tensor (placeholder name -> reason)."""
+    lossy = options.basis or options.blocks
+    reasons = {}
+    for layer, weight in layer_weights.items():
+        if layer in skipped:
+            reasons[weight] = skipped[layer]
+        elif lossy:
+            reasons[weight] = ("no adjacent layer of the same kind and shape to share with "
+                               "(or an embedding: not shared)")
+        else:
+            reasons[weight] = ("no identical tensor (basis=true or blocks=true shares similar "
+                               "layers, lossily)")
+    return reasons
