@@ -73,6 +73,10 @@ def get_hardware(name: str) -> Hardware:
     for hw in table.values():
         if key in hw.targets:
             return hw
+    if key == host_estimate().name.lower():
+        # The estimate for a host CPU the table does not list (what hardware_for_target gave
+        # the analysis), passed on by name to the cost pass.
+        return host_estimate()
     raise UsageError(f"Unknown hardware {name!r}.",
                      hint=f"Use one of {', '.join(sorted(table))} (backends/hardware.toml).")
 
