@@ -104,6 +104,15 @@ def required_isa(spec: Any) -> dict[str, Any]:
     return {"arch": arch, "level": level, "features": sorted(features), "cpu": mcpu or None}
 
 
+def missing_features(isa: dict[str, Any] | None) -> list[str]:
+    """The CPU feature flags ``isa`` (a :func:`required_isa` record) needs that this CPU lacks
+    (none when the CPU's flags cannot be read)."""
+    flags = cpu_flags()
+    if not isa or flags is None:
+        return []
+    return [f for f in isa.get("features", []) if f not in flags]
+
+
 def check_cpu(isa: dict[str, Any] | None, what: str) -> None:
     """Refuse (exit 2) to run ``what`` on a CPU lacking an instruction set it was built for."""
     if not isa:
@@ -113,10 +122,7 @@ def check_cpu(isa: dict[str, Any] | None, what: str) -> None:
         raise UsageError(f"{what} was built for {isa['arch']} and this machine is {arch}.",
                          hint="Run it on such a device, or recompile with a --target for "
                          "this machine (e.g. --target host).")
-    flags = cpu_flags()
-    if flags is None:
-        return
-    missing = [f for f in isa.get("features", []) if f not in flags]
+    missing = missing_features(isa)
     if missing:
         level = isa.get("level") or "its target"
         built = (f"this build machine's CPU ({isa.get('cpu')})" if level == "host"

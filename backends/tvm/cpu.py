@@ -144,7 +144,9 @@ class TvmCpuBackend:
         from slimc.backends.tvm.runtime import run_library
 
         if not spec.is_cross:
-            missing = _missing_on_this_cpu(spec)
+            from slimc.isa import missing_features, required_isa
+
+            missing = missing_features(required_isa(spec))
             if missing:  # running it would kill this process with SIGILL: build, don't verify
                 raise DeviceUnavailable(f"this CPU lacks {', '.join(missing)}, which a "
                                         f"{spec.name} library may use")
@@ -183,17 +185,6 @@ class TvmCpuBackend:
         if spec.is_cross:
             return f"qemu-{spec.triple.split('-')[0]}"
         return f"host ({platform.machine()})"
-
-
-def _missing_on_this_cpu(spec: TargetSpec) -> list[str]:
-    """Instruction sets a host-arch target's library needs that this CPU does not have."""
-    from slimc.isa import cpu_flags, required_isa
-
-    flags = cpu_flags()
-    isa = required_isa(spec) or {}
-    if flags is None:
-        return []
-    return [f for f in isa.get("features", []) if f not in flags]
 
 
 def _emulation_budget(limits: RunLimits):
