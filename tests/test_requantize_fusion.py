@@ -14,10 +14,12 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 
-def _kernels_after_fusion(factory: str) -> dict[str, str]:
-    """``{kernel name: output dtype}`` of the block's ``call_tir``s after the fusion pass."""
+def _kernels_after_fusion(factory: str, target_name: str = "x86-64-v4-vnni") -> dict[str, str]:
+    """``{kernel name: output dtype}`` of the block's ``call_tir``s after the fusion pass, for
+    a named target (not the host: the codes' signedness follows the target's dot kernel)."""
     import tvm
     from slimc.backends.tvm.lower import lower_to_relax
     from slimc.backends.tvm.schedules import nhwc_rewrites as rw
@@ -30,7 +32,7 @@ def _kernels_after_fusion(factory: str) -> dict[str, str]:
     from slimc.targets import resolve_target
 
     ir, _ = capture(load_model(factory, parse_overrides([]), get_registry()))
-    target = resolve_target("llvm").tvm_target()
+    target = resolve_target(target_name).tvm_target()
     with target:
         mod = lower_to_relax(ir, get_registry().converters, target)
         mod = tvm.transform.Sequential([
@@ -46,15 +48,21 @@ def _kernels_after_fusion(factory: str) -> dict[str, str]:
     return kernels
 
 
-def test_single_use_chains_fuse_into_their_producers():
-    kernels = _kernels_after_fusion("tests.test_cnn_nhwc_int8:block_factory")
+@pytest.mark.parametrize(("target_name", "dot", "project_codes"), [
+    ("x86-64-v4-vnni", "vnni", "uint8"),  # vpdpbusd multiplies unsigned activations
+    ("x86-64-v3", "generic", "int8"),
+    ("arm-v8.2", "sdot", "int8"),
+])
+def test_single_use_chains_fuse_into_their_producers(target_name, dot, project_codes):
+    kernels = _kernels_after_fusion("tests.test_cnn_nhwc_int8:block_factory", target_name)
     fused = {k: v for k, v in kernels.items() if re.search(r"_e[0-9a-f]{10}$", k)}
-    # expand (1x1, 13 -> 22, crop of 32 padded channels and 64 padded rows) -> ReLU6 ->
-    # depthwise codes; depthwise -> ReLU6 -> project codes (uint8: VNNI's offset).
+    # expand (1x1, 13 -> 22, crop of padded channels and rows) -> ReLU6 -> depthwise codes;
+    # depthwise -> ReLU6 -> project codes (in the signedness the project kernel reads).
     assert len(fused) == 2, kernels
-    assert any(k.startswith("slimc_linear_w8a8_") and v == "int8" for k, v in fused.items())
-    assert any(k.startswith("slimc_conv_w8a8_depthwise_nhwc") and v == "uint8"
-               for k, v in fused.items())
+    assert any(k.startswith(f"slimc_linear_w8a8_{dot}_") and v == "int8"
+               for k, v in fused.items()), kernels
+    assert any(k.startswith("slimc_conv_w8a8_depthwise_nhwc") and v == project_codes
+               for k, v in fused.items()), kernels
     # stem (feeds the residual add too), project (+ residual) and head (the output): float32
     plain = [k for k, v in kernels.items() if k.startswith("slimc_linear_w8a8_") and k not in fused]
     assert len(plain) == 3 and all(kernels[k] == "float32" for k in plain), kernels
