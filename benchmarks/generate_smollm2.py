@@ -224,7 +224,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--ppl-tokens", type=int, default=255, help="tokens per KJV window")
     parser.add_argument("--ppl-windows", type=int, default=2)
-    parser.add_argument("--formats", default="int4,int8,fp32")
+    parser.add_argument("--formats", default="int4,int8,fp32",
+                        help="formats to compile here (empty: only --artifact ones)")
+    parser.add_argument("--artifact", action="append", default=[], metavar="LABEL=DIR",
+                        help="also time an artifact built elsewhere (another checkout: A/B)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse artifacts a previous run compiled into --work")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimc-generate-smollm2"))
@@ -234,11 +237,15 @@ def main() -> None:
     thread_counts = [int(t) for t in args.threads.split(",")]
     os.environ["TVM_NUM_THREADS"] = str(max(thread_counts))
     args.work.mkdir(parents=True, exist_ok=True)
-    formats = args.formats.split(",")
+    formats = [f for f in args.formats.split(",") if f]
     model_dir = hf_dir(args.work)
     max_length = 256
     compiled = compile_all(model_dir, args.work, max(thread_counts), max_length,
                            args.prompt_tokens, formats, reuse=args.reuse)
+    for spec in args.artifact:
+        label, _, directory = spec.partition("=")
+        compiled[label] = {"dir": directory, "built_elsewhere": True}
+        formats.append(label)
 
     import transformers
 

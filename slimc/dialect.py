@@ -59,12 +59,21 @@ def unpack_int4(packed: Tensor, k: int) -> Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
 
 
+def int4_grid_values(codes: Tensor, scale: Tensor, zero: Tensor, index: Tensor) -> Tensor:
+    """Float values of int4 ``codes`` (float32, groups ``index`` along the last axis): an
+    integer zero point gives ``(code - zero) * scale``; a floating ``zero`` is the group's
+    minimum (GGUF Q4_1's layout, fp16 scale and minimum) and gives ``code * scale + zero``."""
+    step = scale.float()[..., index]
+    if zero.is_floating_point():
+        return codes * step + zero.float()[..., index]
+    return (codes - zero.float()[..., index]) * step
+
+
 def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
                     k: int) -> Tensor:
     """Float weight ``[N, K]`` from packed int4 codes and per-group scale / zero point."""
     codes = unpack_int4(packed, k).float()
-    index = torch.arange(k) // group_size
-    return (codes - zero.float()[:, index]) * scale[:, index]
+    return int4_grid_values(codes, scale, zero, torch.arange(k) // group_size)
 
 
 def dequantize_int8(qweight: Tensor, scale: Tensor) -> Tensor:

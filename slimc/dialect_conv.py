@@ -39,7 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slimc.dialect import OPS, dequantize_int4, dequantize_int8, quantize_activation, unpack_int4
+from slimc.dialect import (
+    OPS,
+    dequantize_int4,
+    dequantize_int8,
+    int4_grid_values,
+    quantize_activation,
+    unpack_int4,
+)
 
 
 def _conv(x: Tensor, matrix: Tensor, bias: Tensor | None, kernel: list[int],
@@ -126,8 +133,7 @@ def _dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: in
                      k: int) -> Tensor:
     codes = unpack_int4(packed.reshape(-1, packed.shape[-1]), k).float()
     codes = codes.reshape(*packed.shape[:-1], k)
-    index = torch.arange(k) // group_size
-    return (codes - zero.float()[..., index]) * scale[..., index]
+    return int4_grid_values(codes, scale, zero, torch.arange(k) // group_size)
 
 
 def _orient(values: Tensor, transposed: bool) -> Tensor:

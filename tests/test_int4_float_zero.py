@@ -40,7 +40,7 @@ def test_float_zero_point_holds_q4_1_weights_exactly():
     assert (integer - w).abs().max() > 100 * (exact - w).abs().max()
     fmt = parse_format("int4-g32-fz")
     assert fmt.float_zero and str(fmt) == "int4-g32-fz"
-    assert fmt.bits_per_weight(256) == pytest.approx(4 + 64 / 32)
+    assert fmt.bits_per_weight(256) == pytest.approx(4 + 32 / 32)  # fp16 scale + minimum
 
 
 @pytest.mark.parametrize("m,k,n,group", [(1, 256, 64, 32), (3, 96, 24, 32), (16, 96, 32, 32),
@@ -52,7 +52,7 @@ def test_float_zero_kernel_matches_the_reference(m, k, n, group):
     torch.manual_seed(0)
     w = torch.randn(n, k) + 0.5  # groups far from symmetric around 0
     params = int4_params(w, group, False, float_zero=True)
-    assert params.zero.dtype == torch.float32
+    assert params.zero.dtype == params.scale.dtype == torch.float16
     packed = pack_int4(int4_codes(w, params))
     x = torch.randn(m, k)
     expected = x @ dequantize_int4(packed, params.scale, params.zero, group, k).t()
@@ -61,7 +61,7 @@ def test_float_zero_kernel_matches_the_reference(m, k, n, group):
     def tiles(a):
         return a.reshape(n // t, t, -1).permute(0, 2, 1).contiguous().numpy()
 
-    func = q.linear_kernel("int4", m, k, n, group, zero_dtype="float32")
+    func = q.linear_kernel("int4", m, k, n, group, zero_dtype="float16")
     lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm"})
     args = [tvm.runtime.tensor(a) for a in (x.numpy(), tiles(packed), tiles(params.scale),
                                             tiles(params.zero), np.zeros((m, n), "float32"))]
@@ -73,3 +73,36 @@ def test_symmetric_with_float_zero_is_a_usage_error(hf_dir, cli, tmp_path):
     result = cli("compile", hf_dir("llama"), "--pipeline",
                  "quantize{weights=int4,symmetric=true,zero_point=float}", "-o", tmp_path / "o")
     assert result.code == 2 and "zero_point" in result.err
+
+
+def test_gptq_keeps_q4_1_weights_exactly_in_fp16_parameters():
+    """GPTQ on weights already on a Q4_1 grid: no rounding error to feed back, so the codes
+    and the fp16 scale / minimum reproduce the weights (the grid is fitted per group as the
+    columns are reached, from the fp16 minimum as stored)."""
+    from slimc.passes.quantize.gptq import gptq
+
+    w = _q4_1_weights(n=16, k=128, seed=1)
+    x = torch.randn(512, 128, generator=torch.Generator().manual_seed(2))
+    codes, params = gptq(w, x.t() @ x, Format("int4", 32, float_zero=True))
+    assert params.scale.dtype == params.zero.dtype == torch.float16
+    got = dequantize_int4(pack_int4(codes), params.scale, params.zero, 32, 128)
+    assert torch.allclose(got, w, rtol=0, atol=1e-6 * w.abs().max())
+
+
+def test_float_zero_embedding_kernel_matches_the_reference():
+    """The int4 embedding gather on the fp16 scale / minimum layout (an LM's tied table)."""
+    import tvm
+    from slimc.backends.tvm import quantized_ops as q
+
+    vocab, dim, group = 40, 96, 32
+    w = _q4_1_weights(n=vocab, k=dim, seed=3)
+    params = int4_params(w, group, False, float_zero=True)
+    packed = pack_int4(int4_codes(w, params))
+    ids = np.array([0, 39, 7, 7, 12], dtype="int64")
+    func = q.embedding_kernel("int4", len(ids), vocab, dim, group, zero_dtype="float16")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm"})
+    args = [tvm.runtime.tensor(a) for a in (ids, packed.numpy(), params.scale.numpy(),
+                                            params.zero.numpy(), np.zeros((5, dim), "float32"))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), w[torch.from_numpy(ids)].numpy(),
+                               rtol=0, atol=1e-6 * float(w.abs().max()))

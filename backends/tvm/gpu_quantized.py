@@ -36,6 +36,7 @@ def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int =
                 zero_dtype: str = "uint8", dtype: str = "float32"):
     """``y[m, n] = sum_k x[m, k] * decode(w)[n, k]`` for weight format ``kind``: ``x`` and the
     decoded weight in ``dtype``, products summed in fp32."""
+    from slimc.backends.tvm.quantized_ops import int4_value, scale_dtype
     from tvm import te, tirx
 
     x = te.placeholder((m, k), dtype, name="x")
@@ -47,7 +48,7 @@ def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int =
                              .astype(dtype), name="decode")
     elif kind == "int4":
         w = te.placeholder((n, (k + 1) // 2), "uint8", name="w")
-        scale = te.placeholder((n, groups), "float32", name="scale")
+        scale = te.placeholder((n, groups), scale_dtype(zero_dtype), name="scale")
         zero = te.placeholder((n, groups), zero_dtype, name="zero")
         inputs = [x, w, scale, zero]
 
@@ -56,8 +57,7 @@ def linear_func(kind: str, m: int, k: int, n: int, group: int = 0, groups: int =
             code = tirx.bitwise_and(tirx.shift_right(byte, ((j % 2) * 4).astype("uint8")),
                                     tirx.const(15, "uint8"))
             g = j // group
-            return ((code.astype("float32") - zero[i, g].astype("float32"))
-                    * scale[i, g]).astype(dtype)
+            return int4_value(code, scale[i, g], zero[i, g], zero_dtype).astype(dtype)
 
         decoded = te.compute((n, k), decode, name="decode")
     else:  # fp16 / bf16 storage
@@ -92,6 +92,7 @@ def w8a8_func(m: int, k: int, n: int):
 @functools.lru_cache(maxsize=64)
 def embedding_func(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
                    width: int = 0, groups: int = 0, zero_dtype: str = "uint8"):
+    from slimc.backends.tvm.quantized_ops import int4_value, scale_dtype
     from tvm import te, tirx
 
     ids = te.placeholder((rows,), "int64", name="ids")
@@ -103,7 +104,7 @@ def embedding_func(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
                          * scale[ids[i]], name="out")
     else:
         w = te.placeholder((vocab, width), "uint8", name="w")
-        scale = te.placeholder((vocab, groups), "float32", name="scale")
+        scale = te.placeholder((vocab, groups), scale_dtype(zero_dtype), name="scale")
         zero = te.placeholder((vocab, groups), zero_dtype, name="zero")
         inputs = [ids, w, scale, zero]
 
@@ -113,7 +114,7 @@ def embedding_func(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
                                                      ((j % 2) * 4).astype("uint8")),
                                     tirx.const(15, "uint8"))
             g = j // group
-            return (code.astype("float32") - zero[row, g].astype("float32")) * scale[row, g]
+            return int4_value(code, scale[row, g], zero[row, g], zero_dtype)
 
         out = te.compute((rows, dim), gather, name="out")
     return te.create_prim_func([*inputs, out]).with_attr("global_symbol",

@@ -36,6 +36,8 @@ from slimc.backends.tvm.quantized_ops import (
     _finish,
     _static_shape,
     add_kernel,
+    int4_value,
+    scale_dtype,
     zero_dtype_of,
 )
 
@@ -86,7 +88,7 @@ def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int
     else:
         groups_r = -(-reduction // group)
         wt = te.placeholder(i64(out_channels, (reduction + 1) // 2), "uint8", name="w")
-        s = te.placeholder(i64(out_channels, groups_r), "float32", name="scale")
+        s = te.placeholder(i64(out_channels, groups_r), scale_dtype(zero_dtype), name="scale")
         z = te.placeholder(i64(out_channels, groups_r), zero_dtype, name="zero")
         params = [x, wt, s, z]
 
@@ -94,7 +96,7 @@ def conv_kernel(kind: str, x_shape: tuple[int, int, int, int], out_channels: int
             byte = wt[o, r // 2]
             code = (byte >> ((r % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
             g = r // group
-            return (code.astype("float32") - z[o, g].astype("float32")) * s[o, g]
+            return int4_value(code, s[o, g], z[o, g], zero_dtype)
 
     acc = te.compute(
         i64(n, out_channels, ho, wo),

@@ -20,7 +20,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from slimc.backends.tvm.quantized_ops import _finish, _static_shape, add_kernel, zero_dtype_of
+from slimc.backends.tvm.quantized_ops import (
+    _finish,
+    _static_shape,
+    _zero_suffix,
+    add_kernel,
+    int4_value,
+    scale_dtype,
+    zero_dtype_of,
+)
 
 from slimc.dialect import register_lowering
 from slimc.dialect_conv import OPS, expert_k
@@ -47,7 +55,7 @@ def gather_kernel(kind: str, rows: int, experts: int, n: int, k: int, group: int
     else:
         groups = -(-k // group)
         w = te.placeholder(i64(experts, n, (k + 1) // 2), "uint8", name="w")
-        s = te.placeholder(i64(experts, n, groups), "float32", name="scale")
+        s = te.placeholder(i64(experts, n, groups), scale_dtype(zero_dtype), name="scale")
         z = te.placeholder(i64(experts, n, groups), zero_dtype, name="zero")
         params = [ids, w, s, z]
 
@@ -56,7 +64,7 @@ def gather_kernel(kind: str, rows: int, experts: int, n: int, k: int, group: int
             byte = w[e, j, kk // 2]
             code = (byte >> ((kk % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
             g = kk // group
-            return (code.astype("float32") - z[e, j, g].astype("float32")) * s[e, j, g]
+            return int4_value(code, s[e, j, g], z[e, j, g], zero_dtype)
 
     if transposed:
         out = te.compute(i64(rows, k, n), lambda r, kk, j: value(r, j, kk), name="out")
@@ -66,7 +74,7 @@ def gather_kernel(kind: str, rows: int, experts: int, n: int, k: int, group: int
     loops = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(loops[0], loops[1]))
     name = f"slimc_expert_gather_{kind}_{rows}x{experts}x{n}x{k}" + (
-        f"_g{group}" if group else "") + ("_t" if transposed else "")
+        f"_g{group}" if group else "") + ("_t" if transposed else "") + _zero_suffix(zero_dtype)
     return _finish(sch.mod["main"], name)
 
 

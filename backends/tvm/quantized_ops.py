@@ -83,8 +83,8 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
                   zero_dtype: str = "uint8"):
     """A scheduled PrimFunc ``(x[m,k], weight tiles..., y[m,n])`` with dequant in the loop.
 
-    ``zero_dtype``: int4 zero points are ``uint8`` (integer grid points), or ``float32`` for
-    ``zero_point=float`` grids (a per-group minimum, as GGUF's Q4_1 stores it).
+    ``zero_dtype``: int4 zero points are ``uint8`` (integer grid points), or ``float16`` for
+    ``zero_point=float`` grids (a per-group minimum beside an fp16 scale, GGUF's Q4_1 layout).
 
     int4 with a partial last group takes ``x[m, K']``, ``K'`` = ``k`` rounded up to whole
     groups (the converter pads x and the packed codes with zeros).
@@ -113,7 +113,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
     elif kind == "int4":
         groups = -(-k // group)
         w = te.placeholder((n // t, (k + 1) // 2, t), "uint8", name="w")
-        s = te.placeholder((n // t, groups, t), "float32", name="scale")
+        s = te.placeholder((n // t, groups, t), scale_dtype(zero_dtype), name="scale")
         z = te.placeholder((n // t, groups, t), zero_dtype, name="zero")
         params = [x, w, s, z]
 
@@ -121,8 +121,7 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
             byte = w[j // t, kk // 2, j % t]
             code = (byte >> ((kk % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
             g = kk // group
-            return ((code.astype("float32") - z[j // t, g, j % t].astype("float32"))
-                    * s[j // t, g, j % t])
+            return int4_value(code, s[j // t, g, j % t], z[j // t, g, j % t], zero_dtype)
     elif kind in ("fp16", "bf16", "fp32"):
         dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[kind]
         w = te.placeholder((n // t, k, t), dtype, name="w")
@@ -145,6 +144,21 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
                 else _schedule_linear(func, t, scaled=True, inline="wf"))
         return _finish(func, name)
     return _finish(_schedule_linear(func, t), name)
+
+
+def scale_dtype(zero_dtype: str) -> str:
+    """dtype of an int4 grid's scales: fp16 beside an fp16 group minimum (``float_zero``, the
+    Q4_1 layout), fp32 beside an integer zero point."""
+    return "float16" if zero_dtype == "float16" else "float32"
+
+
+def int4_value(code, scale, zero, zero_dtype: str):
+    """TE expression of one int4 code's float value on its group's grid (the TIR twin of
+    :func:`slimc.dialect.int4_grid_values`): ``code * scale + minimum`` for a floating zero,
+    ``(code - zero) * scale`` for an integer zero point."""
+    if zero_dtype != "uint8":
+        return code.astype("float32") * scale.astype("float32") + zero.astype("float32")
+    return (code.astype("float32") - zero.astype("float32")) * scale
 
 
 def _zero_suffix(zero_dtype: str) -> str:
@@ -172,7 +186,7 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int,
     x = te.placeholder((row_var(m), k), "float32", name="x")
     rows = x.shape[0]
     w = te.placeholder((n // t, k // 2, t), "uint8", name="w")
-    s = te.placeholder((n // t, groups, t), "float32", name="scale")
+    s = te.placeholder((n // t, groups, t), scale_dtype(zero_dtype), name="scale")
     z = te.placeholder((n // t, groups, t), zero_dtype, name="zero")
     r1 = te.reduce_axis((0, group), name="r1")
     xs = te.compute((rows, groups), lambda i, g: te.sum(x[i, g * group + r1], axis=r1), name="xs")
@@ -189,9 +203,14 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int,
     acc = te.compute((rows, n, groups), lambda i, j, g: te.sum(pair(i, j, g, rk), axis=rk),
                      name="acc")
     rg = te.reduce_axis((0, groups), name="rg")
-    y = te.compute((rows, n), lambda i, j: te.sum(
-        s[j // t, rg, j % t] * (acc[i, j, rg] - z[j // t, rg, j % t].astype("float32")
-                                * xs[i, rg]), axis=rg), name="y")
+
+    def group_term(i, j, g):  # sum_k x w over group g, from the code sums and x's group sum
+        scale, zero = s[j // t, g, j % t].astype("float32"), z[j // t, g, j % t]
+        if zero_dtype != "uint8":  # w = code * scale + minimum
+            return scale * acc[i, j, g] + zero.astype("float32") * xs[i, g]
+        return scale * (acc[i, j, g] - zero.astype("float32") * xs[i, g])
+
+    y = te.compute((rows, n), lambda i, j: te.sum(group_term(i, j, rg), axis=rg), name="y")
     func = te.create_prim_func([x, w, s, z, y], index_dtype(m))
     name = f"slimc_linear_int4f_{m or 'dyn'}x{k}x{n}_g{group}" + _zero_suffix(zero_dtype)
     rows = int4_row_block(m)
@@ -392,7 +411,7 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
     else:
         groups = -(-dim // group)
         w = te.placeholder((vocab, (dim + 1) // 2), "uint8", name="w")
-        s = te.placeholder((vocab, groups), "float32", name="scale")
+        s = te.placeholder((vocab, groups), scale_dtype(zero_dtype), name="scale")
         z = te.placeholder((vocab, groups), zero_dtype, name="zero")
         params = [ids, w, s, z]
 
@@ -400,8 +419,7 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
             v = clamp(ids[i])
             byte = w[v, d // 2]
             code = (byte >> ((d % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
-            return ((code.astype("float32") - z[v, d // group].astype("float32"))
-                    * s[v, d // group])
+            return int4_value(code, s[v, d // group], z[v, d // group], zero_dtype)
     out = te.compute((ids.shape[0], dim), value, name="out")
     sch = s_tir.Schedule(te.create_prim_func([*params, out], index_dtype(rows)))
     i, d = sch.get_loops(sch.get_sblock("out"))

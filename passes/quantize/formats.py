@@ -29,10 +29,12 @@ class Format:
     """A storage format: ``kind`` in fp32/fp16/bf16/int8/int4/int3/int2, plus the grouping.
 
     int4 grids: asymmetric with an integer zero point (default: the grid contains 0.0
-    exactly), ``symmetric``, or ``float_zero``: per group an fp32 scale and an fp32 zero point,
-    i.e. the grid ``[min, max]`` of the group, the Q4_1 layout of GGUF / llama.cpp (which
-    stores a scale and a minimum per 32 weights). Weights that already sit on such a grid
-    (a model dequantized from a Q4_1 GGUF) are represented exactly with ``group_size=32``.
+    exactly), ``symmetric``, or ``float_zero``: per group an fp16 scale and an fp16 minimum
+    (``w = code * scale + minimum``, the grid ``[min, max]`` of the group), the Q4_1 layout of
+    GGUF / llama.cpp. Weights that already sit on such a grid (a model dequantized from a Q4_1
+    GGUF) are represented exactly with ``group_size=32``. fp16 rather than fp32 parameters:
+    at 32 weights per group they are a third of the bytes a decode step streams otherwise
+    (6 -> 5 bits per weight), and generation is bandwidth-bound.
     """
 
     kind: str
@@ -64,7 +66,8 @@ class Format:
         if self.kind in LOWBIT_KINDS:
             return lowbit_row_bits(k, bits_of(self.kind), self.group_size) / k
         groups = -(-k // self.group_size)
-        return (4.0 * (k + k % 2) + groups * (32 + (32 if self.float_zero else 8))) / k
+        # per group: fp16 scale + fp16 minimum (float_zero), else fp32 scale + uint8 zero
+        return (4.0 * (k + k % 2) + groups * (32 if self.float_zero else 40)) / k
 
     def nbytes(self, n: int, k: int) -> float:
         return n * k * self.bits_per_weight(k) / 8.0
@@ -97,12 +100,20 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
+#: fp16's largest finite value and smallest subnormal: the range a float_zero grid's scale and
+#: minimum are clamped to (a constant group gets the smallest step, not a zero division).
+FP16_MAX = 65504.0
+FP16_TINY = 2.0 ** -24
+
+
 @dataclass
 class Int4Params:
-    """Per-(row, group) scale and zero point of an int4 grid: ``w = (code - zero) * scale``."""
+    """Per-(row, group) grid of int4 codes: ``w = (code - zero) * scale`` with an integer zero
+    point, or ``w = code * scale + zero`` where ``zero`` is the group's minimum (``float_zero``,
+    told apart by its floating dtype; see :func:`slimc.dialect.int4_grid_values`)."""
 
-    scale: Tensor  # float32 [N, G]
-    zero: Tensor  # uint8 [N, G] (an integer grid point), or float32 (``float_zero``)
+    scale: Tensor  # float32 [N, G], or float16 (``float_zero``)
+    zero: Tensor  # uint8 [N, G] (an integer grid point), or the float16 minimum (``float_zero``)
     group_size: int
 
 
@@ -121,10 +132,11 @@ def int4_params(weight: Tensor, group_size: int, symmetric: bool,
     """Min/max grid per group: asymmetric uses all 16 codes over [min, max] (widened to
     contain 0.0 for an integer zero point; exactly [min, max] with ``float_zero``)."""
     grouped = _grouped(weight.float(), group_size)
-    if float_zero:
-        lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
-        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-        return Int4Params(scale.float(), (-lo / scale).float(), group_size)
+    if float_zero:  # fp16 minimum first, so the step is fitted to the minimum as stored
+        lo = grouped.amin(dim=2).clamp(-FP16_MAX, FP16_MAX).half()
+        hi = grouped.amax(dim=2)
+        scale = ((hi - lo.float()) / 15.0).clamp(FP16_TINY, FP16_MAX).half()
+        return Int4Params(scale, lo, group_size)
     if symmetric:
         scale = (grouped.abs().amax(dim=2) / 7.0).clamp_min(1e-12)
         zero = torch.full_like(scale, 8.0)
@@ -142,8 +154,8 @@ def int4_codes(weight: Tensor, params: Int4Params) -> Tensor:
     index = torch.arange(k) // params.group_size
     scale = params.scale[:, index]
     zero = params.zero.float()[:, index]
-    if params.zero.is_floating_point():  # a fractional zero point: round after shifting
-        return torch.clamp(torch.round(weight / scale + zero), 0, 15).to(torch.uint8)
+    if params.zero.is_floating_point():  # the group minimum (float_zero)
+        return torch.clamp(torch.round((weight - zero) / scale.float()), 0, 15).to(torch.uint8)
     return torch.clamp(torch.round(weight / scale) + zero, 0, 15).to(torch.uint8)
 
 

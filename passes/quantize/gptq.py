@@ -47,9 +47,10 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
     if grouped:
         block = max(group, (block // group) * group)
         groups = -(-k // group)
-        scales = torch.zeros(n, groups, dtype=torch.float32)
-        zeros = torch.zeros(n, groups, dtype=torch.float32 if fmt.float_zero or fmt.lowbit
-                            else torch.uint8)
+        # float_zero: fp16 scale and minimum (int4_params' dtypes), used as w = q * s + z
+        scales = torch.zeros(n, groups, dtype=torch.float16 if fmt.float_zero else torch.float32)
+        zeros = torch.zeros(n, groups, dtype=torch.float16 if fmt.float_zero else
+                            torch.float32 if fmt.lowbit else torch.uint8)
     codes = torch.zeros(n, k, dtype=torch.int16)
 
     for i1 in range(0, k, block):
@@ -76,12 +77,11 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
             elif fmt.kind == "int8":
                 s, z = scale8_d, torch.zeros_like(scale8_d)
             x = w1[:, i]
-            if fmt.lowbit:  # z is the group's minimum: w = code * s + z
+            if fmt.lowbit or fmt.float_zero:  # z is the group's minimum: w = code * s + z
                 q = torch.clamp(torch.round((x - z) / s), lo, hi)
                 deq = q * s + z
             else:
-                q = torch.clamp(torch.round(x / s + z) if fmt.float_zero
-                                else torch.round(x / s) + z, lo, hi)
+                q = torch.clamp(torch.round(x / s) + z, lo, hi)
                 deq = (q - z) * s
             codes[:, col] = q.to(torch.int16)
             e = (x - deq) / hinv1[i, i]
