@@ -4,8 +4,8 @@ The kernels are checked *exactly*: a model made of one ``slimc::conv_w8a8`` op w
 integer weights, power-of-two scales and integer-valued inputs (ties and clipping included)
 has one correct output, the integer convolution computed by numpy in int64, and the compiled
 artifact must reproduce it bit for bit, on the host (VNNI where it has it), for x86-64-v3 (AVX2
-``vpmaddwd``) and on aarch64 under qemu (``sdot``, and the plain-NEON generic kernel). The instruction that did the work is found in
-the library's disassembly.
+``vpmaddwd``) and on aarch64 under qemu (``sdot``, and the plain-NEON generic kernel). The
+instruction that did the work is found in the library's disassembly.
 """
 
 from __future__ import annotations

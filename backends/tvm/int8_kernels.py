@@ -58,6 +58,10 @@ DOT_KINDS = {"vnni": (16, 4, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
 #: What every dot kind needs ``K`` to be a multiple of (the largest group).
 K_MULTIPLE = 4
 
+#: Set: every target gets this kind (the comparison of ``benchmarks/run.py``'s
+#: ``slimc-w8a8-generic`` engine: the generic kernel on an AVX2 target). None: from the target.
+FORCE_KIND: str | None = None
+
 
 @functools.lru_cache(maxsize=4)
 def _register_intrinsics() -> dict[str, tuple[str, int, str]]:
@@ -133,6 +137,8 @@ def kernel_kind(target) -> str:
 
     ``avx2`` needs AVX2 and no AVX-512 VNNI (``vpdpbusd`` does 4x the work per instruction);
     plain ``x86-64`` and ``x86-64-v2`` (SSE only) stay generic."""
+    if FORCE_KIND is not None:
+        return FORCE_KIND
     if target is None:
         return "generic"
     from tvm.target import codegen
