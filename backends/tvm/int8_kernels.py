@@ -53,7 +53,8 @@ REBUILD_ATTR = "slimc_rebuild"
 #: group), activation dtype, LLVM intrinsic.
 DOT_KINDS = {"vnni": (16, 4, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
              "sdot": (4, 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8"),
-             "avx2": (8, 2, "int16", "llvm.x86.avx2.pmadd.wd")}
+             "avx2": (8, 2, "int16", "llvm.x86.avx2.pmadd.wd"),
+             "avx2i8": (8, 2, "int8", "llvm.x86.avx2.pmadd.wd")}
 
 #: What every dot kind needs ``K`` to be a multiple of (the largest group).
 K_MULTIPLE = 4
@@ -102,6 +103,24 @@ def _register_intrinsics() -> dict[str, tuple[str, int, str]]:
                         C.vload([0], dtype=f"int32x{lanes}"),
                         T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{vec}"),
                         B.vload([0, 0], dtype=f"int8x{vec}"),
+                        dtype=f"int32x{lanes}",
+                    )
+        elif act_dtype == "int8":  # vpmaddwd on int8 codes widened pair by pair (experiment)
+            @T.prim_func(s_tir=True)
+            def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+                A = T.match_buffer(a, (grp,), act_dtype, offset_factor=1)
+                B = T.match_buffer(b, (lanes, grp), "int8", offset_factor=1)
+                C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+                with T.sblock("root"):
+                    T.reads(C[0:lanes], A[0:grp], B[0:lanes, 0:grp])
+                    T.writes(C[0:lanes])
+                    word = T.reinterpret(T.cast(A.vload([0], f"int8x{grp}"), f"int16x{grp}"),
+                                         dtype=word_dtype)
+                    C[T.ramp(T.int32(0), 1, lanes)] = C.vload(
+                        [0], dtype=f"int32x{lanes}") + T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(llvm_name),
+                        T.reinterpret(T.broadcast(word, lanes), dtype=f"int16x{vec}"),
+                        T.cast(B.vload([0, 0], dtype=f"int8x{vec}"), f"int16x{vec}"),
                         dtype=f"int32x{lanes}",
                     )
         else:  # vpmaddwd: int16 pairs -> int32 lanes, then add C
