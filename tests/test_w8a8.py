@@ -238,6 +238,34 @@ def test_w8a8_awkward_shapes_on_every_kernel(target, tmp_path, request):
     assert 0 < result.manifest["pipeline"][0]["fidelity"]["relative_l2_vs_previous"] < 0.05
 
 
+def odd_k_mlp():
+    """5 rows; K = 37 (zero-padded to 40 for the dot kernels), N = 24 and 16 (AVX2 lanes)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(37, 24), torch.nn.GELU(), torch.nn.Linear(24, 16))
+    return net.eval(), {"input": torch.randn(5, 37)}
+
+
+def test_w8a8_linears_on_the_avx2_kernel(tmp_path):
+    """x86-64-v3: both linears on ``vpmaddwd`` (the K = 37 one padded), verified against the
+    IR where this CPU runs AVX2 code."""
+    from slimc.targets import resolve_target
+    from tests.w8a8_reference import runs_here
+
+    ir, inputs = _ir("tests.test_w8a8:odd_k_mlp")
+    quantize_ir(ir, PassContext(example_inputs=inputs),
+                QuantizeOptions(weights="int8", activations="int8"))
+    names = _kernel_names(ir, resolve_target("x86-64-v3").tvm_target())
+    assert len(names) == 2 and all("w8a8_avx2_" in n for n in names), names
+    assert any("x40x24" in n for n in names), names  # K = 37 padded to 40
+    if not runs_here("x86-64-v3"):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    result = slimc.compile_model("tests.test_w8a8:odd_k_mlp", slimc.CompileOptions(
+        pipeline="quantize{weights=int8,activations=int8}", output=tmp_path / "out",
+        target="x86-64-v3"))
+    v = result.manifest["verification"]
+    assert v["passed"] and v["relative_l2_vs_ir"] < 1e-5
+
+
 def test_layers_above_the_error_bound_keep_float_inputs(hf_dir):
     ir, inputs = _ir(hf_dir("bert"))
     everything = quantize_ir(ir, PassContext(example_inputs=inputs),
