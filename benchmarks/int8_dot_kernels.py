@@ -57,8 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--kinds", default="generic,avx2",
-                   help="kernels compared (avx2i8: AVX2 reading int8 codes, widened per pair)")
+    p.add_argument("--kinds", default="generic,avx2", help="int8 kernel kinds compared")
     args = p.parse_args()
     kinds = args.kinds.split(",")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)

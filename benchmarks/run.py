@@ -58,11 +58,10 @@ PRESETS = {"table": TABLE, "long": LONG}
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
          "slimc-int4w": "quantize{weights=int4,group_size=128}",
-         "slimc-w8a8-generic": "quantize{weights=int8,activations=int8}",
-         "slimc-w8a8-avx2i8": "quantize{weights=int8,activations=int8}"}
+         "slimc-w8a8-generic": "quantize{weights=int8,activations=int8}"}
 #: Engines compiled with this int8 kernel kind forced (``int8_kernels.FORCE_KIND``): the
 #: generic kernel measured against the target's own (AVX2, VNNI, sdot) in the same run.
-FORCED_KIND = {"slimc-w8a8-generic": "generic", "slimc-w8a8-avx2i8": "avx2i8"}
+FORCED_KIND = {"slimc-w8a8-generic": "generic"}
 #: The fp32 artifact after ``--tune N`` (``--tune-trials``), tuned into a fresh database.
 TUNED = "slimc-tuned"
 ENGINES = (*SLIMC, TUNED, "eager", "ort", "torch-dyn8", "ort-dyn8", "ort-qdq8")

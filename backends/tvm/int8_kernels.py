@@ -12,7 +12,10 @@ epilogue (subtracting it after the conversion would cancel catastrophically).
 * ``avx2`` (x86 with AVX2, no AVX-512 VNNI: Haswell to Zen 3, ``x86-64-v3``): ``vpmaddwd``
   multiplies 16 signed int16 pairs and adds each pair into 8 int32 lanes. Activations are int16
   codes (still -128..127: no pair sum comes near saturation, the result is exact); the int8
-  weights are sign-extended to int16 in registers. 2.5x the generic kernel (3136x576x128).
+  weights are sign-extended to int16 in registers. 2.0-3.0x the generic kernel (3136x576x128,
+  52x4608x512), and 1.2-1.7x faster than reading int8 codes and widening each pair in the
+  kernel, which also lost end to end (MobileNetV2 1.21x, ResNet-18 1.33x slower; the
+  measurements: docs/benchmarks.md). So activations travel as int16 codes into AVX2 layers.
 * ``generic`` (any other CPU, e.g. plain NEON or SSE4): int8 widened to int32 in vector lanes
   over output features; LLVM picks the widening multiply-adds. Correct everywhere, the fallback.
 
@@ -53,8 +56,7 @@ REBUILD_ATTR = "slimc_rebuild"
 #: group), activation dtype, LLVM intrinsic.
 DOT_KINDS = {"vnni": (16, 4, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
              "sdot": (4, 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8"),
-             "avx2": (8, 2, "int16", "llvm.x86.avx2.pmadd.wd"),
-             "avx2i8": (8, 2, "int8", "llvm.x86.avx2.pmadd.wd")}
+             "avx2": (8, 2, "int16", "llvm.x86.avx2.pmadd.wd")}
 
 #: What every dot kind needs ``K`` to be a multiple of (the largest group).
 K_MULTIPLE = 4
@@ -103,24 +105,6 @@ def _register_intrinsics() -> dict[str, tuple[str, int, str]]:
                         C.vload([0], dtype=f"int32x{lanes}"),
                         T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{vec}"),
                         B.vload([0, 0], dtype=f"int8x{vec}"),
-                        dtype=f"int32x{lanes}",
-                    )
-        elif act_dtype == "int8":  # vpmaddwd on int8 codes widened pair by pair (experiment)
-            @T.prim_func(s_tir=True)
-            def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-                A = T.match_buffer(a, (grp,), act_dtype, offset_factor=1)
-                B = T.match_buffer(b, (lanes, grp), "int8", offset_factor=1)
-                C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-                with T.sblock("root"):
-                    T.reads(C[0:lanes], A[0:grp], B[0:lanes, 0:grp])
-                    T.writes(C[0:lanes])
-                    word = T.reinterpret(T.cast(A.vload([0], f"int8x{grp}"), f"int16x{grp}"),
-                                         dtype=word_dtype)
-                    C[T.ramp(T.int32(0), 1, lanes)] = C.vload(
-                        [0], dtype=f"int32x{lanes}") + T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id(llvm_name),
-                        T.reinterpret(T.broadcast(word, lanes), dtype=f"int16x{vec}"),
-                        T.cast(B.vload([0, 0], dtype=f"int8x{vec}"), f"int16x{vec}"),
                         dtype=f"int32x{lanes}",
                     )
         else:  # vpmaddwd: int16 pairs -> int32 lanes, then add C
