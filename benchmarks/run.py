@@ -28,7 +28,9 @@ dynamic int8 linears (``torch.ao.quantization.quantize_dynamic``), ``ort-dyn8`` 
 dynamic int8 (``onnxruntime.quantization.quantize_dynamic`` of the same ONNX graph), ``ort-qdq8``
 ONNX Runtime's static int8 (``quantize_static``, QDQ format, per-channel int8 weights, int8
 activations, MinMax calibration on the same calibration data as ``slimc-w8a8``: for the CNNs
-``models.image_calibration``). The "rel.L2 vs eager" column is their fidelity.
+``models.image_calibration``). ``slimc-w8a8-generic`` is ``slimc-w8a8`` on the generic int8
+kernel whatever the target has (the dot-product kernels' gain, e.g. AVX2's on ``--target
+x86-64-v3``). The "rel.L2 vs eager" column is their fidelity.
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ PRESETS = {"table": TABLE, "long": LONG}
 #: slimc engines: the artifact of each pipeline (None: the default, fp32).
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
-         "slimc-int4w": "quantize{weights=int4,group_size=128}"}
+         "slimc-int4w": "quantize{weights=int4,group_size=128}",
+         "slimc-w8a8-generic": "quantize{weights=int8,activations=int8}"}
+#: Engines compiled with this int8 kernel kind forced (``int8_kernels.FORCE_KIND``): the
+#: generic kernel measured against the target's own (AVX2, VNNI, sdot) in the same run.
+FORCED_KIND = {"slimc-w8a8-generic": "generic"}
 #: The fp32 artifact after ``--tune N`` (``--tune-trials``), tuned into a fresh database.
 TUNED = "slimc-tuned"
 ENGINES = (*SLIMC, TUNED, "eager", "ort", "torch-dyn8", "ort-dyn8", "ort-qdq8")
@@ -218,11 +224,19 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
         result.notes.append(f"{engine}: reused {output.name} (compile not timed)")
         runner = NativeRunner(output / manifest["library"], args.threads)
         return runner, [spec["name"] for spec in manifest["inputs"]]
+    from slimc.backends.tvm import int8_kernels
+
     t0 = time.perf_counter()
-    compiled = compile_model(f"{HERE / 'models.py'}:{name}",
-                             CompileOptions(target=args.target, output=output,
-                                            threads=args.threads, pipeline=pipeline,
-                                            calib=calib, **tuning))
+    int8_kernels.FORCE_KIND = FORCED_KIND.get(engine)
+    try:
+        compiled = compile_model(f"{HERE / 'models.py'}:{name}",
+                                 CompileOptions(target=args.target, output=output,
+                                                threads=args.threads, pipeline=pipeline,
+                                                calib=calib, **tuning,
+                                                # the cache key does not know FORCE_KIND
+                                                cache=engine not in FORCED_KIND))
+    finally:
+        int8_kernels.FORCE_KIND = None
     if engine == TUNED:
         result.notes.append(f"{TUNED}: {compiled.manifest['tuning']['trials']} trials in "
                             f"{compiled.manifest['tuning']['tune_s']} s, "

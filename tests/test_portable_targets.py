@@ -55,13 +55,16 @@ def test_x86_means_v3_and_host_says_so():
 
 
 def test_int8_kernel_choice_follows_the_target_not_the_host():
-    """VNNI kernels only where the target level allows them, whatever this CPU has."""
+    """VNNI kernels only where the target level allows them, whatever this CPU has; AVX2's
+    ``vpmaddwd`` kernel on the AVX2 levels without VNNI, the generic kernel below them."""
     from slimc.backends.tvm.int8_kernels import kernel_kind
 
     from slimc.targets import resolve_target
 
-    assert kernel_kind(resolve_target("x86-64-v3").tvm_target()) == "generic"
-    assert kernel_kind(resolve_target("x86-64-v4").tvm_target()) == "generic"
+    assert kernel_kind(resolve_target("x86-64-v2").tvm_target()) == "generic"
+    assert kernel_kind(resolve_target("x86-64-v3").tvm_target()) == "avx2"
+    assert kernel_kind(resolve_target("x86").tvm_target()) == "avx2"
+    assert kernel_kind(resolve_target("x86-64-v4").tvm_target()) == "avx2"
     assert kernel_kind(resolve_target("x86-64-v4-vnni").tvm_target()) == "vnni"
     assert kernel_kind(resolve_target("arm").tvm_target()) == "generic"
     assert kernel_kind(resolve_target("arm-v8.2").tvm_target()) == "sdot"

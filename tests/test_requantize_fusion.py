@@ -50,7 +50,8 @@ def _kernels_after_fusion(factory: str, target_name: str = "x86-64-v4-vnni") -> 
 
 @pytest.mark.parametrize(("target_name", "dot", "project_codes"), [
     ("x86-64-v4-vnni", "vnni", "uint8"),  # vpdpbusd multiplies unsigned activations
-    ("x86-64-v3", "generic", "int8"),
+    ("x86-64-v3", "avx2", "int16"),  # vpmaddwd reads int16 codes: written as such
+    ("x86-64-v2", "generic", "int8"),
     ("arm-v8.2", "sdot", "int8"),
 ])
 def test_single_use_chains_fuse_into_their_producers(target_name, dot, project_codes):
@@ -68,15 +69,20 @@ def test_single_use_chains_fuse_into_their_producers(target_name, dot, project_c
     assert len(plain) == 3 and all(kernels[k] == "float32" for k in plain), kernels
 
 
-def test_epilogue_ops_match_numpy_float32():
-    """Every op kind an epilogue holds, on the dot kernel of this host (VNNI, else generic):
-    the fused output equals the same float32 ops in numpy, bit for bit."""
+@pytest.mark.parametrize("target_name", ["llvm", "x86-64-v3", "x86-64-v2"])
+def test_epilogue_ops_match_numpy_float32(target_name):
+    """Every op kind an epilogue holds, on the dot kernel of the target (the host's: VNNI,
+    else AVX2 or generic; x86-64-v3: AVX2; x86-64-v2: generic): the fused output equals the
+    same float32 ops in numpy, bit for bit."""
     import tvm
     from slimc.backends.tvm import int8_kernels as ik
 
     from slimc.targets import resolve_target
+    from tests.w8a8_reference import runs_here
 
-    target = resolve_target("llvm").tvm_target()
+    if not runs_here(target_name):
+        pytest.skip(f"this CPU cannot run {target_name} code")
+    target = resolve_target(target_name).tvm_target()
     kind = ik.kernel_kind(target)
     m, k, n = 8, 12, 16
     rng = np.random.default_rng(0)
@@ -97,9 +103,9 @@ def test_epilogue_ops_match_numpy_float32():
         packed = weight.reshape(n // t, t, k).transpose(0, 2, 1)
         a = codes.astype(np.int8)
     else:
-        lanes = ik.lanes(kind)
+        lanes, g = ik.lanes(kind), ik.group(kind)
         func = ik.dot_kernel(kind, m, k, n, epilogue=epilogue)
-        packed = weight.reshape(n // lanes, lanes, k // 4, 4).transpose(0, 2, 1, 3)
+        packed = weight.reshape(n // lanes, lanes, k // g, g).transpose(0, 2, 1, 3)
         a = codes.astype(ik.activation_dtype(kind))
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     dev = tvm.cpu()

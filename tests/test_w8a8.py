@@ -35,19 +35,25 @@ def _pack(kind: str, wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if kind == "generic":
         t = next(t for t in (16, 8, 4, 2, 1) if n % t == 0)
         return wq.reshape(n // t, t, k).transpose(0, 2, 1).copy(), np.zeros(n, np.int32)
-    lanes = int8_kernels.lanes(kind)
-    packed = wq.reshape(n // lanes, lanes, k // 4, 4).transpose(0, 2, 1, 3).copy()
+    lanes, g = int8_kernels.lanes(kind), int8_kernels.group(kind)
+    packed = wq.reshape(n // lanes, lanes, k // g, g).transpose(0, 2, 1, 3).copy()
     comp = int8_kernels.activation_offset(kind) * wq.astype(np.int32).sum(1)
     return packed, comp.astype(np.int32)
 
 
-def run_kernel(kind: str, m: int, k: int, n: int, target, seed: int = 0):
-    """Build one kernel, run it on random codes; returns (result, exact reference)."""
+def run_kernel(kind: str, m: int, k: int, n: int, target, seed: int = 0,
+               extremes: bool = False):
+    """Build one kernel, run it on random codes; returns (result, exact reference).
+    ``extremes``: every code -128 or 127 (the largest products and pair sums)."""
     import tvm
 
     rng = np.random.default_rng(seed)
-    aq = rng.integers(-127, 128, (m, k)).astype(np.int8)
-    wq = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    low = -128 if extremes else -127
+    aq = rng.integers(low, 128, (m, k)).astype(np.int8)
+    wq = rng.integers(low, 128, (n, k)).astype(np.int8)
+    if extremes:
+        aq = np.where(aq < 0, -128, 127).astype(np.int8)
+        wq = np.where(wq < 0, -128, 127).astype(np.int8)
     scale = rng.random(n).astype(np.float32) * 1e-3
     bias = rng.standard_normal(n).astype(np.float32)
     exact = (aq.astype(np.int64) @ wq.T.astype(np.int64)) * scale.astype(np.float64) + bias
@@ -84,6 +90,27 @@ def test_vnni_kernel_is_exact(m, k, n):
     np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-5)
 
 
+#: x86-64-v3 (AVX2, no VNNI): the AVX2 kernel's target, runnable on any AVX2 host.
+V3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}
+
+
+@pytest.mark.parametrize("m,k,n,extremes", [*((*s, False) for s in AWKWARD),
+                                            (4, 4096, 16, True), (9, 4096, 24, True)])
+def test_avx2_kernel_is_exact(m, k, n, extremes):
+    """``vpmaddwd`` on int16 codes equals the int64 reference, K = 4096 of -128 / 127 included
+    (a pair sum of 2 * 128 * 128 = 32768 still fits: the instruction saturates nothing)."""
+    import tvm
+
+    from slimc.isa import cpu_flags
+
+    if "avx2" not in (cpu_flags() or set()):
+        pytest.skip("this host has no AVX2")
+    target = tvm.target.Target(V3)
+    assert int8_kernels.kernel_kind(target) == "avx2"
+    got, exact = run_kernel("avx2", m, k, n, target, extremes=extremes)
+    np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-5)
+
+
 def test_kernel_kind_follows_the_target_features():
     import tvm
 
@@ -91,7 +118,11 @@ def test_kernel_kind_follows_the_target_features():
         return int8_kernels.kernel_kind(tvm.target.Target(spec))
 
     assert kind({"kind": "llvm", "mcpu": "znver4"}) == "vnni"
-    assert kind({"kind": "llvm", "mcpu": "haswell"}) == "generic"
+    assert kind({"kind": "llvm", "mcpu": "haswell"}) == "avx2"
+    assert kind({"kind": "llvm", "mcpu": "znver3"}) == "avx2"
+    assert kind({"kind": "llvm", "mcpu": "x86-64-v3"}) == "avx2"
+    assert kind({"kind": "llvm", "mcpu": "x86-64-v2"}) == "generic"
+    assert kind({"kind": "llvm", "mcpu": "x86-64"}) == "generic"
     assert kind({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
                  "mattr": ["+neon", "+dotprod"]}) == "sdot"
     assert kind({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) \
@@ -205,6 +236,34 @@ def test_w8a8_awkward_shapes_on_every_kernel(target, tmp_path, request):
     v = result.manifest["verification"]
     assert v["passed"] and v["relative_l2_vs_ir"] < 1e-5
     assert 0 < result.manifest["pipeline"][0]["fidelity"]["relative_l2_vs_previous"] < 0.05
+
+
+def odd_k_mlp():
+    """5 rows; K = 37 (zero-padded to 40 for the dot kernels), N = 24 and 16 (AVX2 lanes)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(37, 24), torch.nn.GELU(), torch.nn.Linear(24, 16))
+    return net.eval(), {"input": torch.randn(5, 37)}
+
+
+def test_w8a8_linears_on_the_avx2_kernel(tmp_path):
+    """x86-64-v3: both linears on ``vpmaddwd`` (the K = 37 one padded), verified against the
+    IR where this CPU runs AVX2 code."""
+    from slimc.targets import resolve_target
+    from tests.w8a8_reference import runs_here
+
+    ir, inputs = _ir("tests.test_w8a8:odd_k_mlp")
+    quantize_ir(ir, PassContext(example_inputs=inputs),
+                QuantizeOptions(weights="int8", activations="int8"))
+    names = _kernel_names(ir, resolve_target("x86-64-v3").tvm_target())
+    assert len(names) == 2 and all("w8a8_avx2_" in n for n in names), names
+    assert any("x40x24" in n for n in names), names  # K = 37 padded to 40
+    if not runs_here("x86-64-v3"):
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    result = slimc.compile_model("tests.test_w8a8:odd_k_mlp", slimc.CompileOptions(
+        pipeline="quantize{weights=int8,activations=int8}", output=tmp_path / "out",
+        target="x86-64-v3"))
+    v = result.manifest["verification"]
+    assert v["passed"] and v["relative_l2_vs_ir"] < 1e-5
 
 
 def test_layers_above_the_error_bound_keep_float_inputs(hf_dir):

@@ -3,9 +3,9 @@
 The kernels are checked *exactly*: a model made of one ``slimc::conv_w8a8`` op with random
 integer weights, power-of-two scales and integer-valued inputs (ties and clipping included)
 has one correct output, the integer convolution computed by numpy in int64, and the compiled
-artifact must reproduce it bit for bit, on the host (VNNI where it has it) and on aarch64 under
-qemu (``sdot``, and the plain-NEON generic kernel). The instruction that did the work is found in
-the library's disassembly.
+artifact must reproduce it bit for bit, on the host (VNNI where it has it), for x86-64-v3 (AVX2
+``vpmaddwd``) and on aarch64 under qemu (``sdot``, and the plain-NEON generic kernel). The
+instruction that did the work is found in the library's disassembly.
 """
 
 from __future__ import annotations
@@ -103,6 +103,25 @@ def test_vnni_target_runs_vpdpbusd(tmp_path):
     assert re.search(r"\bvpdpbusd\b", _disassembly(result.output / "model.so", "x86"))
 
 
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump needed")
+def test_avx2_target_runs_vpmaddwd(tmp_path):
+    """x86-64-v3 (AVX2, no VNNI): every awkward shape on the ``vpmaddwd`` kernel (int16 codes,
+    padding filled with the zero point's code), run and equal to the int64 reference, and the
+    IR bit for bit, where this host has AVX2 (else built only)."""
+    from tests.w8a8_reference import runs_here
+
+    here = runs_here("x86-64-v3")
+    result = _compile("x86-64-v3", tmp_path / "v3", emulate="auto" if here else "skip")
+    if here:
+        assert result.manifest["verification"]["passed"]
+        assert result.manifest["verification"]["relative_l2_vs_ir"] == 0.0
+        model, inputs = factory()
+        assert_artifact_matches_integer_reference(result.output, model.convs, inputs, SHAPES)
+    code = _disassembly(result.output / "model.so", "x86")
+    assert re.search(r"\bvpmaddwd\b", code)
+    assert not re.search(r"\bvpdpbusd\b|%zmm", code)
+
+
 @pytest.mark.parametrize("target", ["arm-v8.2", "arm"])
 def test_aarch64_kernels_are_exact_under_qemu(target, tmp_path, aarch64_emulator):
     """sdot (Armv8.2) and the plain-NEON generic kernel: the artifact run under qemu equals
@@ -126,7 +145,7 @@ def test_kernel_choice_per_convolution_kind():
     from slimc.targets import resolve_target
 
     for target, dot in (("x86-64-v4-vnni", "vnni"), ("arm-v8.2", "sdot"),
-                        ("x86-64-v3", "generic")):
+                        ("x86-64-v3", "avx2"), ("x86-64-v2", "generic")):
         ir, _ = capture(load_model("tests.test_w8a8_conv:factory", parse_overrides([]),
                                    get_registry()))
         assert sum(n.target is OPS["conv_w8a8"] for n in ir.nodes("call_function")) \

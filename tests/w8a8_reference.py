@@ -90,3 +90,13 @@ def assert_artifact_matches_integer_reference(output: Path, convs: Sequence[W8A8
     for conv, x, got, label in zip(convs, inputs, outputs, labels, strict=True):
         np.testing.assert_array_equal(got, integer_reference(conv, x.numpy()).astype(np.float32),
                                       err_msg=label)
+
+
+def runs_here(target: str) -> bool:
+    """Whether code built for the named ``target`` runs natively on this machine (its
+    architecture, and every CPU feature the target's level needs)."""
+    from slimc.isa import host_arch, missing_features, required_isa
+    from slimc.targets import resolve_target
+
+    isa = required_isa(resolve_target(target))
+    return isa.get("arch") in (None, host_arch()) and not missing_features(isa)

@@ -3,8 +3,9 @@
 The W8A8 linears' machinery, reused rather than copied: the input is quantized by the same
 fused elementwise ops (``quantized_ops.quantize_codes``) and multiplied by the same int8
 kernels with the same zero-point compensation (``quantized_ops.int8_matmul``: VNNI
-``vpdpbusd`` on x86 with AVX-512 VNNI, ``sdot`` on Armv8.2+, the generic int8 kernel
-elsewhere). What is new is only how a convolution becomes that matmul:
+``vpdpbusd`` on x86 with AVX-512 VNNI, AVX2 ``vpmaddwd`` on other AVX2 x86 CPUs, ``sdot`` on
+Armv8.2+, the generic int8 kernel elsewhere). What is new is only how a convolution becomes
+that matmul:
 
 * **Dense convolutions** (``groups == 1``: regular, pointwise, 1-D): the codes are written
   NHWC, channels padded to a multiple of 4 (a dot-product instruction reduces 4 bytes) and the
@@ -12,8 +13,12 @@ elsewhere). What is new is only how a convolution becomes that matmul:
   gathers the rows ``[N * Ho * Wo, kh * kw * C]`` (channel innermost: each kernel tap is one
   contiguous copy of ``C`` bytes). A 1x1, stride-1 convolution needs no im2col: its NHWC codes
   *are* the rows. The weight matrix is permuted to the same ``(kh, kw, C)`` column order, its
-  output channels padded to the instruction's lanes (16 for VNNI, 4 for sdot) with zero rows,
-  all at build time (constant folding); the result is cropped and returned NCHW.
+  output channels padded to the instruction's lanes (16 for VNNI, 8 for AVX2, 4 for sdot) with
+  zero rows, all at build time (constant folding); the result is cropped and returned NCHW.
+  For AVX2 the codes, their border fill and the im2col rows are int16 (the operand
+  ``vpmaddwd`` reads; values still -128..127), and the producing layer's fused requantization
+  writes them as int16 (measured against int8 codes widened in the kernel: docs/benchmarks.md).
+  Depthwise and grouped convolutions keep int8 codes on every target.
 * **Depthwise convolutions** (one input channel per output channel, MobileNets) take an NHWC
   integer kernel with the channels in the vector lanes and the padding read in place
   (:func:`depthwise_nhwc_kernel`). Its input transpose and every dense convolution's output

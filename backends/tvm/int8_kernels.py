@@ -9,12 +9,21 @@ epilogue (subtracting it after the conversion would cancel catastrophically).
 * ``vnni`` (x86 with AVX-512 VNNI): ``vpdpbusd`` multiplies 64 unsigned x signed bytes and adds
   them in groups of four into 16 int32 lanes. Activations are shifted to ``uint8`` (code + 128).
 * ``sdot`` (Armv8.2 dot product): ``sdot`` does the same for signed x signed bytes into 4 lanes.
-* ``generic`` (any other CPU, e.g. plain NEON or AVX2): int8 widened to int32 in vector lanes
+* ``avx2`` (x86 with AVX2, no AVX-512 VNNI: Haswell to Zen 3, ``x86-64-v3``): ``vpmaddwd``
+  multiplies 16 signed int16 pairs and adds each pair into 8 int32 lanes. Activations are int16
+  codes (still -128..127: no pair sum comes near saturation, the result is exact); the int8
+  weights are sign-extended to int16 in registers. 2.0-3.0x the generic kernel (3136x576x128,
+  52x4608x512), and 1.2-1.7x faster than reading int8 codes and widening each pair in the
+  kernel, which also lost end to end (MobileNetV2 1.21x, ResNet-18 1.33x slower; the
+  measurements: docs/benchmarks.md). So activations travel as int16 codes into AVX2 layers.
+* ``generic`` (any other CPU, e.g. plain NEON or SSE4): int8 widened to int32 in vector lanes
   over output features; LLVM picks the widening multiply-adds. Correct everywhere, the fallback.
 
 Weights are packed at compile time so the kernel streams them contiguously: the dot-product
-kernels read ``w`` as ``[N/L, K/4, L, 4]`` (``L`` = 16 for VNNI, 4 for sdot: one instruction's
-worth of output lanes x 4 bytes of K), the generic one as ``[N/t, K, t]``. The register block is
+kernels read ``w`` as ``[N/L, K/G, L, G]`` (``L`` x ``G``: one instruction's worth of output
+lanes x K elements each lane reduces; 16 x 4 for VNNI, 4 x 4 for sdot, 8 x 2 for AVX2), the
+generic one as ``[N/t, K, t]``. ``K`` is a multiple of 4 for every dot kind (convolutions pad
+their channels), so one packing rule serves all of them. The register block is
 ``ROWS`` activation rows x ``TILES`` weight tiles, so each weight load feeds ``ROWS``
 dot-product instructions and each broadcast activation word feeds ``TILES``.
 
@@ -43,9 +52,18 @@ SMALL_WEIGHT_BYTES = 16384
 #: rebuilds a kernel with an epilogue fused (see :mod:`.epilogue`).
 REBUILD_ATTR = "slimc_rebuild"
 
-#: Dot-product kernels: output lanes per instruction, activation dtype, LLVM intrinsic.
-DOT_KINDS = {"vnni": (16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
-             "sdot": (4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")}
+#: Dot-product kernels: output lanes per instruction, K elements each lane reduces (the
+#: group), activation dtype, LLVM intrinsic.
+DOT_KINDS = {"vnni": (16, 4, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
+             "sdot": (4, 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8"),
+             "avx2": (8, 2, "int16", "llvm.x86.avx2.pmadd.wd")}
+
+#: What every dot kind needs ``K`` to be a multiple of (the largest group).
+K_MULTIPLE = 4
+
+#: Set: every target gets this kind (the comparison of ``benchmarks/run.py``'s
+#: ``slimc-w8a8-generic`` engine: the generic kernel on an AVX2 target). None: from the target.
+FORCE_KIND: str | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -54,52 +72,76 @@ def _register_intrinsics() -> dict[str, tuple[str, int, str]]:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    def make(lanes: int, act_dtype: str, llvm_name: str):
-        vec = lanes * 4
+    def make(lanes: int, grp: int, act_dtype: str, llvm_name: str):
+        vec = lanes * grp
+        word_dtype = "int32"  # grp activation codes, broadcast to every lane as one word
 
         @T.prim_func(s_tir=True)
         def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (4,), act_dtype, offset_factor=1)
-            B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+            A = T.match_buffer(a, (grp,), act_dtype, offset_factor=1)
+            B = T.match_buffer(b, (lanes, grp), "int8", offset_factor=1)
             C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
             with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.reads(C[0:lanes], A[0:grp], B[0:lanes, 0:grp])
                 T.writes(C[0:lanes])
                 for i in T.serial(0, lanes):
-                    for k in T.serial(0, 4):
+                    for k in T.serial(0, grp):
                         with T.sblock("update"):
                             vi, vk = T.axis.remap("SR", [i, k])
                             C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-        @T.prim_func(s_tir=True)
-        def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (4,), act_dtype, offset_factor=1)
-            B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-            C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
-            with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-                T.writes(C[0:lanes])
-                word = T.reinterpret(A.vload([0], f"{act_dtype}x4"), dtype="int32")
-                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(llvm_name),
-                    C.vload([0], dtype=f"int32x{lanes}"),
-                    T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{vec}"),
-                    B.vload([0, 0], dtype=f"int8x{vec}"),
-                    dtype=f"int32x{lanes}",
-                )
+        if grp == 4:  # vpdpbusd / sdot: accumulate into C in the instruction
+            @T.prim_func(s_tir=True)
+            def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+                A = T.match_buffer(a, (grp,), act_dtype, offset_factor=1)
+                B = T.match_buffer(b, (lanes, grp), "int8", offset_factor=1)
+                C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+                with T.sblock("root"):
+                    T.reads(C[0:lanes], A[0:grp], B[0:lanes, 0:grp])
+                    T.writes(C[0:lanes])
+                    word = T.reinterpret(A.vload([0], f"{act_dtype}x{grp}"), dtype=word_dtype)
+                    C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(llvm_name),
+                        C.vload([0], dtype=f"int32x{lanes}"),
+                        T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{vec}"),
+                        B.vload([0, 0], dtype=f"int8x{vec}"),
+                        dtype=f"int32x{lanes}",
+                    )
+        else:  # vpmaddwd: int16 pairs -> int32 lanes, then add C
+            @T.prim_func(s_tir=True)
+            def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+                A = T.match_buffer(a, (grp,), act_dtype, offset_factor=1)
+                B = T.match_buffer(b, (lanes, grp), "int8", offset_factor=1)
+                C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+                with T.sblock("root"):
+                    T.reads(C[0:lanes], A[0:grp], B[0:lanes, 0:grp])
+                    T.writes(C[0:lanes])
+                    word = T.reinterpret(A.vload([0], f"{act_dtype}x{grp}"), dtype=word_dtype)
+                    C[T.ramp(T.int32(0), 1, lanes)] = C.vload(
+                        [0], dtype=f"int32x{lanes}") + T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(llvm_name),
+                        T.reinterpret(T.broadcast(word, lanes), dtype=f"{act_dtype}x{vec}"),
+                        T.cast(B.vload([0, 0], dtype=f"int8x{vec}"), f"{act_dtype}x{vec}"),
+                        dtype=f"int32x{lanes}",
+                    )
 
         return desc, impl
 
     registered = {}
-    for kind, (lanes, act_dtype, llvm_name) in DOT_KINDS.items():
-        name = f"slimc_dot_{lanes}x4_{kind}"
-        TensorIntrin.register(name, *make(lanes, act_dtype, llvm_name), override=True)
+    for kind, (lanes, grp, act_dtype, llvm_name) in DOT_KINDS.items():
+        name = f"slimc_dot_{lanes}x{grp}_{kind}"
+        TensorIntrin.register(name, *make(lanes, grp, act_dtype, llvm_name), override=True)
         registered[kind] = (name, lanes, act_dtype)
     return registered
 
 
 def kernel_kind(target) -> str:
-    """``vnni``, ``sdot`` or ``generic`` for a TVM target (``None``: generic)."""
+    """``vnni``, ``avx2``, ``sdot`` or ``generic`` for a TVM target (``None``: generic).
+
+    ``avx2`` needs AVX2 and no AVX-512 VNNI (``vpdpbusd`` does 4x the work per instruction);
+    plain ``x86-64`` and ``x86-64-v2`` (SSE only) stay generic."""
+    if FORCE_KIND is not None:
+        return FORCE_KIND
     if target is None:
         return "generic"
     from tvm.target import codegen
@@ -109,6 +151,9 @@ def kernel_kind(target) -> str:
         if triple.startswith(("x86_64", "i686")) and codegen.target_has_features(
                 ["avx512vnni"], target):
             return "vnni"
+        if triple.startswith(("x86_64", "i686")) and codegen.target_has_features(
+                ["avx2"], target):
+            return "avx2"
         if triple.startswith("aarch64") and codegen.target_has_features(["dotprod"], target):
             return "sdot"
     except Exception:  # noqa: BLE001 - a target LLVM cannot describe gets the safe kernel
@@ -121,8 +166,16 @@ def lanes(kind: str) -> int:
     return DOT_KINDS[kind][0]
 
 
+def group(kind: str) -> int:
+    """K elements each output lane of one ``kind`` instruction reduces (the packed weight's
+    innermost axis)."""
+    return DOT_KINDS[kind][1]
+
+
 def activation_dtype(kind: str) -> str:
-    return DOT_KINDS[kind][1] if kind in DOT_KINDS else "int8"
+    """The dtype the ``kind`` kernel reads activation codes in (AVX2: int16, the operand of
+    ``vpmaddwd``; the codes themselves are still -128..127)."""
+    return DOT_KINDS[kind][2] if kind in DOT_KINDS else "int8"
 
 
 def activation_offset(kind: str) -> int:
@@ -137,22 +190,23 @@ def with_rebuild(func, builder: str, *args):
 
 @functools.lru_cache(maxsize=256)
 def dot_kernel(kind: str, m: int, k: int, n: int, epilogue: tuple = ()):
-    """Scheduled PrimFunc ``(a[m,k], w[N/L,K/4,L,4], comp[n], scale[n], bias[n], *vectors,
+    """Scheduled PrimFunc ``(a[m,k], w[N/L,K/G,L,G], comp[n], scale[n], bias[n], *vectors,
     y[m,n])``: ``y = epilogue(float(acc - comp) * scale + bias)`` (:mod:`.epilogue`; float32
     ``y`` without one)."""
     from tvm import s_tir, te
 
     intrin, width, act_dtype = _register_intrinsics()[kind]
+    g = group(kind)
     a = te.placeholder((m, k), act_dtype, name="a")
-    w = te.placeholder((n // width, k // 4, width, 4), "int8", name="w")
+    w = te.placeholder((n // width, k // g, width, g), "int8", name="w")
     comp = te.placeholder((n,), "int32", name="comp")
     scale = te.placeholder((n,), "float32", name="scale")
     bias = te.placeholder((n,), "float32", name="bias")
-    ko = te.reduce_axis((0, k // 4), name="ko")
-    ki = te.reduce_axis((0, 4), name="ki")
+    ko = te.reduce_axis((0, k // g), name="ko")
+    ki = te.reduce_axis((0, g), name="ki")
     acc = te.compute(
         (m, n // width, width),
-        lambda i, jo, ji: te.sum(a[i, ko * 4 + ki].astype("int32")
+        lambda i, jo, ji: te.sum(a[i, ko * g + ki].astype("int32")
                                  * w[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
         name="acc")
     vectors = epi.placeholders(epilogue, (n,))

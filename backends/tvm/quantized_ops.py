@@ -556,8 +556,8 @@ def _convert_w8a8(node, importer):
     """Quantize ``x`` (fused elementwise Relax ops), then the target's int8 dot kernel.
 
     The kernel is chosen from ``tvm.target.Target.current()`` (``lower_to_relax`` enters the
-    build target): VNNI or sdot where the target has them and the shape fits their tiles, the
-    generic int8 kernel otherwise.
+    build target): VNNI, AVX2 or sdot where the target has them and the shape fits their tiles
+    (``K`` is zero-padded to a multiple of 4), the generic int8 kernel otherwise.
     """
     from slimc.backends.tvm import int8_kernels
     from tvm import relax
@@ -573,10 +573,16 @@ def _convert_w8a8(node, importer):
     m, k = _rows_and_width(x)
     n = _static_shape(weight)[0]
     kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
-    if kind != "generic" and (k % 4 or n % int8_kernels.lanes(kind) or not isinstance(m, int)):
-        # The VNNI / sdot kernels tensorize a fixed row count; symbolic rows run generic.
+    if kind != "generic" and (n % int8_kernels.lanes(kind) or not isinstance(m, int)):
+        # The dot kernels tensorize a fixed row count; symbolic rows run generic.
         kind = "generic"
     codes = quantize_codes(bb, relax.op.reshape(x, (m, k)), in_mult, zero_point, kind)
+    kp = -(-k // int8_kernels.K_MULTIPLE) * int8_kernels.K_MULTIPLE
+    if kind != "generic" and kp != k:
+        # Zero weight columns (build time): whatever the padded codes are, they add 0.
+        codes = bb.emit(relax.op.nn.pad(codes, [0, 0, 0, kp - k]))
+        weight = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, kp - k]))
+        k = kp
     y = int8_matmul(bb, kind, codes, weight, out_scale, bias, zero_point, m, k, n)
     return bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
 
@@ -604,7 +610,8 @@ def int8_matmul(bb, kind: str, codes, weight, out_scale, bias, zero_point: int, 
     the W8A8 linears and convolutions).
 
     ``codes [m, k]``: from :func:`quantize_codes` (offset included); ``weight [n, k]`` int8;
-    the dot-product kinds need ``k % 4 == 0`` and ``n`` a multiple of their lanes.
+    the dot-product kinds need ``k`` a multiple of ``int8_kernels.K_MULTIPLE`` and ``n`` a
+    multiple of their lanes; AVX2 reads the codes as int16.
     """
     import numpy as np
     from slimc.backends.tvm import int8_kernels
@@ -623,8 +630,8 @@ def int8_matmul(bb, kind: str, codes, weight, out_scale, bias, zero_point: int, 
         packed = _tiles(bb, weight, t)
         func = int8_kernels.generic_kernel(kernel_rows(m), k, n, t)
     else:
-        lanes = int8_kernels.lanes(kind)
-        tiles = bb.emit(relax.op.reshape(weight, (n // lanes, lanes, k // 4, 4)))
+        lanes, g = int8_kernels.lanes(kind), int8_kernels.group(kind)
+        tiles = bb.emit(relax.op.reshape(weight, (n // lanes, lanes, k // g, g)))
         packed = bb.emit(relax.op.permute_dims(tiles, [0, 2, 1, 3]))
         func = int8_kernels.dot_kernel(kind, kernel_rows(m), k, n)
     if bias is None:

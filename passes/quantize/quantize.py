@@ -230,8 +230,8 @@ def _warn_without_dot_product(ctx: PassContext) -> None:
     info = ctx.analyses.get("target-info")
     if info.dot_product is None:
         ctx.log(f"quantize: warning: target {ctx.target.name} has no int8 dot-product "
-                "instructions (x86 AVX-512 VNNI, Armv8.2 dotprod); activations=int8 runs on a "
-                "generic int8 kernel there, usually slower than weights=int8 alone.")
+                "instructions (x86 AVX2 or AVX-512 VNNI, Armv8.2 dotprod); activations=int8 "
+                "runs on a generic int8 kernel there, usually slower than weights=int8 alone.")
 
 
 def _gpu_target(ctx: PassContext) -> str | None:

@@ -3,18 +3,21 @@
 Once the layout transposes between W8A8 convolutions cancel (:mod:`.nhwc_rewrites`), the graph
 between two of them is ``y = call_tir(int8 kernel)`` (float32 NHWC) followed by elementwise ops
 (ReLU6 as ``maximum`` / ``minimum``, then the next layer's quantization: ``multiply``,
-``round``, ``add``, clamp, ``astype`` uint8/int8), possibly with the crop and reshape of a
-dense kernel's padded output in between. This pass rebuilds the kernel with that chain as its
-epilogue (:mod:`..epilogue`), so the convolution writes the next layer's int8 codes: one byte
-per element instead of a float32 write, a float32 read and a byte write by a separate kernel
-(MobileNetV2 W8A8: ~3.7 of 16.5 ms in those passes).
+``round``, ``add``, clamp, ``astype`` uint8/int8, or int16 for the AVX2 kernel), possibly with
+the crop and reshape of a dense kernel's padded output in between. This pass rebuilds the
+kernel with that chain as its epilogue (:mod:`..epilogue`), so the convolution writes the next
+layer's int8 codes: one byte per element instead of a float32 write, a float32 read and a byte
+write by a separate kernel (MobileNetV2 W8A8: ~3.7 of 16.5 ms in those passes). A dense layer
+on the AVX2 kernel reads its codes as int16 (``vpmaddwd``'s operand): its producer writes them
+as int16 directly, 2 bytes per element, so no separate pass widens them.
 
 A chain qualifies when every intermediate value has exactly one user, every op is elementwise
 with a float32 scalar or per-channel (last axis) constant as its other operand, and it ends in
-an ``astype`` to an 8-bit integer. A crop (``strided_slice`` of the padded rows / channels) or
-a reshape that keeps the last axis may sit in the chain: it commutes with ops that broadcast on
-the last axis, so it is applied to the fused kernel's int8 output instead. Kernels say they can
-be rebuilt through :data:`..int8_kernels.REBUILD_ATTR`; anything else is left alone.
+an ``astype`` to an 8-bit integer (or int16: AVX2 codes, still -128..127). A crop
+(``strided_slice`` of the padded rows / channels) or a reshape that keeps the last axis may sit
+in the chain: it commutes with ops that broadcast on the last axis, so it is applied to the
+fused kernel's int8 output instead. Kernels say they can be rebuilt through
+:data:`..int8_kernels.REBUILD_ATTR`; anything else is left alone.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ _UNARY = {"relax.round": ("round",)}
 _BINARY = {f"relax.{name}": name for name in
            ("add", "subtract", "multiply", "divide", "maximum", "minimum")}
 _LAYOUT = ("relax.strided_slice", "relax.reshape")
-_INT8 = ("int8", "uint8")
+_INT8 = ("int8", "uint8", "int16")
 
 
 def _builders():
