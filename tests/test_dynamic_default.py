@@ -138,3 +138,13 @@ def test_plan_clamps_into_bounds_and_reports_what_is_left_out():
     assert plan.not_checked.startswith("seq 1025..4096")
     short = plan_lengths("seq", 16, 4, 16, linear)  # 1 -> 4, 37 -> 16 (the example)
     assert [n for n, _ in short.lengths] == [16, 4] and short.not_checked is None
+
+
+def test_analyze_measures_at_a_fixed_length_under_the_dynamic_default(hf_dir, dynamic_default,
+                                                                       tmp_path):
+    from slimc.analyze import AnalyzeOptions, analyze_model
+
+    result = analyze_model(hf_dir("bert"), AnalyzeOptions(
+        criteria=["magnitude"], seq_len=16, output=tmp_path / "a"))
+    assert not result.ir.is_dynamic
+    assert result.ir.input_specs()[0].shape[-1] == 16
