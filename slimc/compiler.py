@@ -122,8 +122,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, overrides, registry, trust_remote_code=options.trust_remote_code,
-        # --generate sizes its own prefill/decode inputs; the forward's length is unused
-        default_sequence="fixed" if options.generate else None)
+        default_sequence=_default_sequence(backend, options))
     generation = None
     if options.generate:
         from slimc.generation.prepare import prepare_generation
@@ -300,6 +299,24 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
         artifact.write_json(stage_dir / artifact.TIMINGS, all_timings)
     return CompileResult(output.resolve(), manifest, warnings, timings=all_timings)
+
+
+def _default_sequence(backend, options: CompileOptions) -> str | None:
+    """The sequence length a text model gets when ``--input`` does not shape it (None: the
+    loader's default). ``--generate`` sizes its own prefill/decode inputs, so the forward's
+    length is unused; backends that do not declare ``dynamic_sequence_default`` (the GPU
+    backends: their dlight schedules were not checked on symbolic lengths) stay fixed unless
+    ``SLIMC_DEFAULT_SEQUENCE=dynamic`` asks."""
+    import os
+
+    from slimc.loaders.huggingface import SEQUENCE_ENV
+
+    if options.generate:
+        return "fixed"
+    if not getattr(backend, "dynamic_sequence_default", False) and \
+            os.environ.get(SEQUENCE_ENV, "").strip().lower() != "dynamic":
+        return "fixed"
+    return None
 
 
 def _runs_ir_after_build(ir: IR, options: CompileOptions, task) -> bool:

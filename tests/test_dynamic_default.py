@@ -148,3 +148,16 @@ def test_analyze_measures_at_a_fixed_length_under_the_dynamic_default(hf_dir, dy
         criteria=["magnitude"], seq_len=16, output=tmp_path / "a"))
     assert not result.ir.is_dynamic
     assert result.ir.input_specs()[0].shape[-1] == 16
+
+
+def test_gpu_backends_and_generation_keep_the_fixed_default(monkeypatch):
+    from slimc.backend import get_backend
+    from slimc.compiler import _default_sequence
+
+    monkeypatch.delenv("SLIMC_DEFAULT_SEQUENCE")
+    cpu, cuda = get_backend("tvm-cpu"), get_backend("tvm-cuda")
+    assert _default_sequence(cpu, slimc.CompileOptions()) is None  # the loader's: dynamic
+    assert _default_sequence(cpu, slimc.CompileOptions(generate=True)) == "fixed"
+    assert _default_sequence(cuda, slimc.CompileOptions()) == "fixed"
+    monkeypatch.setenv("SLIMC_DEFAULT_SEQUENCE", "dynamic")
+    assert _default_sequence(cuda, slimc.CompileOptions()) is None
