@@ -109,7 +109,10 @@ def _analyze(model: str, options: AnalyzeOptions, stage: Callable[[str], None],
                          hint="Give --calib a text file, a .npy/.npz file or a folder of images.")
     started = time.perf_counter()
     stage("load")
-    loaded = load_model(model, parse_overrides(list(options.inputs)), registry)
+    # Sensitivity and cost are measured at one length: the calibration batches' (the default
+    # dynamic sequence would give a graph whose costs read as its example length anyway).
+    loaded = load_model(model, parse_overrides(list(options.inputs)), registry,
+                        default_sequence="fixed")
     if loaded.program is not None:  # a .pt2 is fixed to its exported shapes
         ir, values = capture(loaded)
         template, batch_size = dict(zip(ir.input_names, values, strict=True)), None

@@ -295,7 +295,9 @@ def identity(model: Any, options: CompileOptions, declared: list[Path]) -> dict[
                     "generate": options.generate, "max_length": options.max_length,
                     "prefill_length": options.prefill_length,
                     "eval": options.eval_kind, "eval_batches": options.eval_batches,
-                    "max_drop": options.max_drop},
+                    "max_drop": options.max_drop,
+                    # a text model's default sequence length (fixed or dynamic) is read here
+                    "default_sequence": os.environ.get("SLIMC_DEFAULT_SEQUENCE") or None},
         "versions": {"slimc": _version("slimc"), "slimc_source": provenance.slimc_source_hash(),
                      "tvm": _version("apache-tvm"), "torch": _version("torch"),
                      "plugins": _plugin_versions()},

@@ -19,7 +19,13 @@ import torch
 from slimc.errors import CaptureError, UsageError
 from slimc.ir import IR, _output_names
 from slimc.layers import linearize_weight_matmuls
-from slimc.loaders.base import TRUST_REMOTE_CODE, InputOverride, LoadedModel, random_tensor
+from slimc.loaders.base import (
+    DEFAULT_SEQUENCE,
+    TRUST_REMOTE_CODE,
+    InputOverride,
+    LoadedModel,
+    random_tensor,
+)
 from slimc.plugins import Registry, get_registry
 
 _USER_FRAME = re.compile(
@@ -39,18 +45,23 @@ def find_loader(model: str, registry: Registry | None = None):
 
 def load_model(model: str, overrides: dict[str, InputOverride] | None = None,
                registry: Registry | None = None, *,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False,
+               default_sequence: str | None = None) -> LoadedModel:
     """Find the loader for ``model`` and load it (no capture yet).
 
     ``trust_remote_code`` lets a loader run code shipped with the model (Hugging Face
     ``auto_map``); loaders read it from :data:`slimc.loaders.base.trust_remote_code`.
+    ``default_sequence`` (``"fixed"``/``"dynamic"``, None: the default) is the sequence length
+    a text model gets when no ``--input`` shapes it (:data:`~slimc.loaders.base.DEFAULT_SEQUENCE`).
     """
     loader = find_loader(model, registry)
     token = TRUST_REMOTE_CODE.set(trust_remote_code)
+    seq_token = DEFAULT_SEQUENCE.set(default_sequence)
     try:
         with _quiet_torch():
             return loader.load(model, overrides or {})
     finally:
+        DEFAULT_SEQUENCE.reset(seq_token)
         TRUST_REMOTE_CODE.reset(token)
 
 
@@ -75,7 +86,14 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
                 program = torch.export.export(loaded.module, args, kwargs, strict=False,
                                               dynamic_shapes=dynamic)
         except Exception as exc:  # noqa: BLE001 - translated below
-            raise _explain_export_failure(loaded, exc) from None
+            if not loaded.extra.get("default_sequence") == "dynamic":
+                raise _explain_export_failure(loaded, exc) from None
+            # The dynamic length was slimc's default, not the user's request: a model that
+            # fixes its length still compiles, at the example length, as it did before.
+            reason = _explain_export_failure(loaded, exc).message[:300]
+            loaded.dynamic = {}
+            loaded.extra["default_sequence"] = f"fixed (a dynamic length failed: {reason})"
+            return capture(loaded)
     _check_tensor_outputs(program, loaded.name)
     ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))
     if loaded.dynamic:

@@ -11,7 +11,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +121,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     stage("capture")
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, overrides, registry, trust_remote_code=options.trust_remote_code)
+        model, overrides, registry, trust_remote_code=options.trust_remote_code,
+        default_sequence=_default_sequence(backend, options))
     generation = None
     if options.generate:
         from slimc.generation.prepare import prepare_generation
@@ -138,6 +139,10 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     if loaded is not model:  # ours: the IR holds what is needed, the module's weights can go
         del loaded
     timings["capture_s"] = time.perf_counter() - t0
+    sequence = str(ir.annotations.get("source", {}).get("default_sequence") or "")
+    if sequence.startswith("fixed ("):  # the default dynamic length could not be captured
+        warnings.append(f"the sequence length is {sequence}; pass --input "
+                        "input_ids=1xN:int64 to choose it.")
     output = Path(options.output or f"{_safe_name(ir.name)}.slimc")
     check_output_directory(output, force=options.force)
     check_finite_weights(ir)
@@ -220,24 +225,21 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         t0 = time.perf_counter()
         from slimc.dialect import rounding_noise_floor
 
+        # A dynamic artifact runs at several sizes: load it once for all of them.
+        runner = _open_runner(backend, library, spec, threads) if ir.is_dynamic else None
         verification, artifact_outputs = _verify_artifact(
             library, spec, [x.numpy() for x in check_inputs], ir_outputs, options, threads,
             warnings,
             noise_floor=lambda: rounding_noise_floor(ir, check_inputs, ir_outputs),
             backend=backend,
-            limits=_run_limits(ctx, options, progress), entries=entries, module=mod)
+            limits=_run_limits(ctx, options, progress), entries=entries, module=mod,
+            runner=runner)
         if artifact_outputs is not None and ir.is_dynamic:
             verification["sizes"] = _symbol_sizes(ir, check_inputs)
-            # Under an emulator the largest sizes cost the most: check the smallest only.
-            bounds = ("min",) if check_inputs is not example_inputs else ("min", "max")
-            verification["shapes"] = _verify_other_shapes(
+            verification.update(_verify_other_shapes(
                 ir, library, spec, check_inputs, options, threads, warnings,
-                verification["tolerance"], bounds)
-            if bounds == ("min",):
-                verification["not_checked"] = (
-                    "the largest sizes (checking them under the emulator would cost about as "
-                    "much per token as the check itself; compile for the host, or run `slimc "
-                    "run` on the device, to check them)")
+                verification["tolerance"], runner))
+        del runner
         timings["verify_s"] = time.perf_counter() - t0
 
         quality = None
@@ -297,6 +299,24 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
         artifact.write_json(stage_dir / artifact.TIMINGS, all_timings)
     return CompileResult(output.resolve(), manifest, warnings, timings=all_timings)
+
+
+def _default_sequence(backend, options: CompileOptions) -> str | None:
+    """The sequence length a text model gets when ``--input`` does not shape it (None: the
+    loader's default). ``--generate`` sizes its own prefill/decode inputs, so the forward's
+    length is unused; backends that do not declare ``dynamic_sequence_default`` (the GPU
+    backends: their dlight schedules were not checked on symbolic lengths) stay fixed unless
+    ``SLIMC_DEFAULT_SEQUENCE=dynamic`` asks."""
+    import os
+
+    from slimc.loaders.huggingface import SEQUENCE_ENV
+
+    if options.generate:
+        return "fixed"
+    if not getattr(backend, "dynamic_sequence_default", False) and \
+            os.environ.get(SEQUENCE_ENV, "").strip().lower() != "dynamic":
+        return "fixed"
+    return None
 
 
 def _runs_ir_after_build(ir: IR, options: CompileOptions, task) -> bool:
@@ -408,7 +428,8 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
                      ir_outputs: list[np.ndarray], options: CompileOptions, threads: int,
                      warnings: list[str], noise_floor: Callable[[], float | None] | None = None,
                      limits: RunLimits | None = None, entries=None, backend=None,
-                     module: Any = None) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+                     module: Any = None, runner: Callable | None = None,
+                     ) -> tuple[dict[str, Any], list[np.ndarray] | None]:
     from slimc.backend import DeviceUnavailable, RunFailed
     from slimc.precision import tolerance as precision_tolerance
 
@@ -421,8 +442,11 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
         warnings.append(f"the {cross} artifact was not run (--emulate skip).")
         return {"ran_on": None, "passed": None, "reason": "skipped by request"}, None
     try:
-        outputs = backend.run(library, spec, inputs, threads, limits=limits,
-                              **({"entries": entries} if entries else {}))
+        if runner is not None and not entries:  # loaded once (dynamic: several sizes)
+            outputs = runner(inputs)
+        else:
+            outputs = backend.run(library, spec, inputs, threads, limits=limits,
+                                  **({"entries": entries} if entries else {}))
     except DeviceUnavailable as exc:
         if options.emulate == "require":
             raise UsageError(f"Cannot run the {what} artifact to verify it: {exc}.",
@@ -526,35 +550,107 @@ def _run_failed(exc, what: str, options: CompileOptions, warnings: list[str]) ->
             **({"run_budget": exc.budget} if exc.budget else {})}
 
 
+def _open_runner(backend, library: Path, spec: TargetSpec, threads: int):
+    """The built library loaded once, for every verification run on this machine; None when
+    it does not run here in-process (cross targets, a CPU lacking its instruction set, no
+    device): :meth:`Backend.run` then reports why, as for a fixed-shape artifact."""
+    if spec.is_cross:
+        return None
+    from slimc.isa import missing_features
+
+    isa = backend.required_isa(spec)
+    if isa and missing_features(isa):
+        return None
+    try:
+        return backend.load(library, {"target": {"name": spec.name, "cross_triple": None},
+                                      "isa": isa}, threads)
+    except Exception:  # noqa: BLE001 - backend.run reports the failure in one paragraph
+        return None
+
+
 def _verify_other_shapes(ir: IR, library: Path, spec: TargetSpec,
-                         example_inputs: list[torch.Tensor], options: CompileOptions,
+                         check_inputs: list[torch.Tensor], options: CompileOptions,
                          threads: int, warnings: list[str], tolerance: float,
-                         bounds: Sequence[Literal["min", "max"]] = ("min", "max"),
-                         ) -> list[dict[str, Any]]:
-    """Run a dynamic-shape artifact at the smallest and largest sizes its bounds allow too.
+                         runner=None) -> dict[str, Any]:
+    """Run a dynamic-shape artifact at the sizes :mod:`slimc.verify_sizes` picks, besides the
+    one it was just checked at; returns the manifest's ``policy``, ``shapes`` and
+    ``not_checked``.
 
     The example inputs pin each symbol to one value; kernels with symbolic extents have tails
     and guards that only other sizes exercise. Inputs are the example ones cut or tiled along
-    their dynamic axes (valid token ids and masks stay valid).
+    their dynamic axes (valid token ids and masks stay valid). Under an emulator only the
+    smallest size runs.
     """
     from dataclasses import replace
 
-    checked = [{"sizes": _symbol_sizes(ir, example_inputs)}]
+    from slimc import verify_sizes
+
+    bounds: dict[str, tuple[int, int | None, int]] = {}  # symbol -> (min, max, checked size)
+    for tensor_spec, value in zip(ir.input_specs(), check_inputs, strict=True):
+        for axis, dim in enumerate(tensor_spec.dims or ()):
+            if isinstance(dim, dict):
+                bounds.setdefault(dim["name"], (int(dim.get("min") or 1), dim.get("max"),
+                                                int(value.shape[axis])))
+    checked = _symbol_sizes(ir, check_inputs)
+    smallest = {name: low for name, (low, _, _) in bounds.items()}
+    symbol = verify_sizes.primary_symbol(list(bounds))
+    runs: dict[tuple, tuple[list[torch.Tensor], list[np.ndarray], float]] = {}
+
+    def ir_run(sizes: dict[str, int]):
+        key = tuple(sorted(sizes.items()))
+        if key not in runs:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            inputs = inputs_at(ir, check_inputs, sizes)
+            with FlopCounterMode(display=False) as counter:
+                outputs = [o.numpy() for o in ir.run(inputs)]
+            runs[key] = (inputs, outputs, float(counter.get_total_flops()))
+        return runs[key]
+
+    if spec.is_cross:
+        targets = [(smallest, "shortest")]
+        not_checked = ("the largest sizes (checking them under the emulator would cost about as "
+                       "much per token as the check itself; compile for the host, or run `slimc "
+                       "run` on the device, to check them)")
+    else:
+        low, high, example = bounds[symbol]
+        at = {name: size for name, (_, _, size) in bounds.items()}
+        points = {}
+        for n in sorted({max(low, min(high or example, n))
+                         for n in (1, verify_sizes.ODD_LENGTH, example)}):
+            # counted while the IR runs at lengths checked anyway; the example (checked
+            # already) on fake tensors: shapes only, ~0.4 s for MiniLM against 1.5-3 s
+            points[n] = (_fake_flops(ir, inputs_at(ir, check_inputs, {**at, symbol: n}))
+                         if n == example else ir_run({**at, symbol: n})[2])
+        cost = verify_sizes.fit_cost(points) if points[example] > 0 else None
+        plan = verify_sizes.plan_lengths(symbol, example, low, high, cost)
+        targets = [({**(smallest if role == "shortest" else at), symbol: n}, role)
+                   for n, role in plan.lengths]
+        not_checked = plan.not_checked
     results: list[dict[str, Any]] = []
-    for which in bounds:
-        inputs = resized_inputs(ir, example_inputs, which)
-        if inputs is None:
+    for sizes, role in targets:
+        if sizes == checked or any(sizes == r["sizes"] for r in results):
             continue
-        sizes = _symbol_sizes(ir, inputs)
-        if sizes == checked[0]["sizes"] or any(sizes == r["sizes"] for r in results):
-            continue
-        ir_outputs = [o.numpy() for o in ir.run(inputs)]
+        inputs, ir_outputs, _ = ir_run(sizes)
         result, _ = _verify_artifact(library, spec, [x.numpy() for x in inputs], ir_outputs,
                                      replace(options, verify_tolerance=tolerance), threads,
-                                     warnings)
-        results.append({"sizes": sizes, "relative_l2_vs_ir": result.get("relative_l2_vs_ir"),
+                                     warnings, runner=runner)
+        results.append({"sizes": sizes, "role": role,
+                        "relative_l2_vs_ir": result.get("relative_l2_vs_ir"),
                         "passed": result.get("passed")})
-    return results
+    return verify_sizes.verification_record(spec.is_cross, results, not_checked)
+
+
+def _fake_flops(ir: IR, inputs: Sequence[torch.Tensor]) -> float:
+    """The IR's FLOPs on ``inputs`` (torch's count of matmuls, convolutions, attention),
+    computed on fake tensors: no arithmetic runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+            FlopCounterMode(display=False) as counter:
+        ir.run([mode.from_tensor(x) for x in inputs])
+    return float(counter.get_total_flops())
 
 
 #: Size of every dynamic dim (clamped into its bounds, never above the example's) of the input an
@@ -595,17 +691,15 @@ def _symbol_sizes(ir: IR, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
     return sizes
 
 
-def resized_inputs(ir: IR, inputs: Sequence[torch.Tensor], which: Literal["min", "max"],
-                   ) -> list[torch.Tensor] | None:
-    """``inputs`` with every dynamic dim set to its bound ``which`` (None when unbounded)."""
+def inputs_at(ir: IR, inputs: Sequence[torch.Tensor], sizes: dict[str, int],
+              ) -> list[torch.Tensor]:
+    """``inputs`` with each dynamic dim set to its symbol's size in ``sizes``."""
     resized = []
     for spec, value in zip(ir.input_specs(), inputs, strict=True):
         shape = list(value.shape)
         for axis, dim in enumerate(spec.dims or ()):
-            if isinstance(dim, dict):
-                if dim.get(which) is None:
-                    return None
-                shape[axis] = int(dim[which])
+            if isinstance(dim, dict) and dim["name"] in sizes:
+                shape[axis] = int(sizes[dim["name"]])
         resized.append(resize_tensor(value, shape))
     return resized
 

@@ -34,6 +34,10 @@ class TvmCpuBackend:
     kinds = ("llvm",)
     #: ``--generate``: the host loop (qemu for cross targets) drives prefill/decode.
     supports_generation = True
+    #: Text models default to a dynamic sequence length on this backend: every CPU schedule
+    #: rule handles symbolic extents (docs/shapes.md). Backends without the attribute keep the
+    #: fixed default unless ``SLIMC_DEFAULT_SEQUENCE=dynamic`` asks.
+    dynamic_sequence_default = True
 
     # -- what the target is ------------------------------------------------------------------
     def describe(self, spec: TargetSpec) -> TargetDescription:

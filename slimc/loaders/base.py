@@ -23,6 +23,11 @@ _DTYPES = {
 #: Whether a loader may run code shipped with the model (``--trust-remote-code``); set by
 #: :func:`slimc.capture.load_model` for the duration of one load. Default: never.
 TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("slimc_trust_remote_code", default=False)
+#: ``"fixed"`` or ``"dynamic"``: the sequence length a text model gets when ``--input`` gives no
+#: shape (None: the loader's default, see ``slimc.loaders.huggingface.default_sequence``).
+#: ``slimc analyze`` and ``--generate`` set ``"fixed"`` (their graphs are measured, or cached,
+#: at one length).
+DEFAULT_SEQUENCE: ContextVar[str | None] = ContextVar("slimc_default_sequence", default=None)
 
 _DIM = r"\d+(?:\.\.\d+)?"
 _SPEC = re.compile(

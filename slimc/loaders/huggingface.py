@@ -16,6 +16,7 @@ import torch
 
 from slimc.errors import UsageError
 from slimc.loaders.base import (
+    DEFAULT_SEQUENCE,
     TRUST_REMOTE_CODE,
     DimRange,
     InputOverride,
@@ -31,9 +32,19 @@ from slimc.loaders.sentence_pooling import SentenceEncoder, read_pooling
 DEFAULT_SEQ_LEN = 128
 #: Inputs of a text model that share one ``[batch, sequence]`` shape.
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-#: Text models get a dynamic sequence length ``1..max_position_embeddings`` unless ``--input``
-#: fixes it (see docs/shapes.md for why, and what it costs).
-DYNAMIC_SEQUENCE_BY_DEFAULT = False
+#: Text models (every input a token id, mask, token type or position) get a dynamic sequence
+#: length ``1..max_position_embeddings`` (at most :data:`MAX_DEFAULT_SEQUENCE`) unless
+#: ``--input`` shapes them: tokenizer output of any length runs as is, no padding to 128. The
+#: environment variable ``SLIMC_DEFAULT_SEQUENCE=fixed|dynamic`` overrides this (see
+#: docs/shapes.md for what a dynamic length costs).
+DYNAMIC_SEQUENCE_BY_DEFAULT = True
+#: Cap of the default dynamic bound. TVM plans activation memory for a symbol's upper bound:
+#: an LLM with 32768 positions would reserve its attention scores for 32768^2 entries per
+#: head. 1024 covers every BERT-style encoder (512) and GPT-2 (1024); longer contexts are an
+#: explicit ``--input input_ids=1x1..N:int64``.
+MAX_DEFAULT_SEQUENCE = 1024
+#: The environment variable choosing the default sequence length (``fixed`` or ``dynamic``).
+SEQUENCE_ENV = "SLIMC_DEFAULT_SEQUENCE"
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
@@ -95,6 +106,7 @@ class HuggingFaceLoader:
                 hint="Give them with --input NAME=SHAPE:DTYPE, e.g. --input "
                 f"{accepted[0]}=1x128:float32 (its forward takes: {', '.join(accepted[:8])}).",
             )
+        user_shaped = any(ov.shape for ov in overrides.values())
         overrides = _sequence_overrides(overrides, inputs, accepted, text_config)
         inputs = apply_overrides(inputs, overrides, accepted=accepted, high=vocab)
         _check_positions(text_config, inputs)
@@ -108,7 +120,10 @@ class HuggingFaceLoader:
                    "tokenizer": str(path) if has_tokenizer else None,
                    "pooling": pooling.describe() if pooling else None,
                    "pooling_skipped": pooling_skipped,
-                   "max_seq_length": pooling.max_seq_length if pooling else None},
+                   "max_seq_length": pooling.max_seq_length if pooling else None,
+                   # how the sequence length was chosen when --input did not shape it
+                   "default_sequence": None if user_shaped or "input_ids" not in inputs else (
+                       "dynamic" if "input_ids" in dynamic_dims(overrides) else "fixed")},
         )
 
 
@@ -216,15 +231,32 @@ def max_positions(text_config) -> int | None:
     return _dim(value, 0) or None
 
 
+def default_sequence() -> str:
+    """``"dynamic"`` or ``"fixed"``: the caller's choice (:data:`DEFAULT_SEQUENCE`, e.g.
+    ``slimc analyze``), else ``$SLIMC_DEFAULT_SEQUENCE``, else
+    :data:`DYNAMIC_SEQUENCE_BY_DEFAULT`."""
+    chosen = DEFAULT_SEQUENCE.get()
+    if chosen is None:
+        chosen = os.environ.get(SEQUENCE_ENV, "").strip().lower() or None
+        if chosen is not None and chosen not in ("fixed", "dynamic"):
+            raise UsageError(f"{SEQUENCE_ENV}={os.environ[SEQUENCE_ENV]!r} is neither 'fixed' "
+                             "nor 'dynamic'.", hint=f"Set {SEQUENCE_ENV}=fixed (text models "
+                             "take the example length, 128) or dynamic (1..the model's maximum "
+                             "positions), or unset it.")
+    if chosen is None:
+        chosen = "dynamic" if DYNAMIC_SEQUENCE_BY_DEFAULT else "fixed"
+    return chosen
+
+
 def _sequence_overrides(overrides: dict[str, InputOverride], inputs: dict[str, torch.Tensor],
                         accepted: list[str], text_config) -> dict[str, InputOverride]:
-    """Overrides with the ``[batch, sequence]`` inputs agreeing (see :func:`agree`); with
-    :data:`DYNAMIC_SEQUENCE_BY_DEFAULT` and no shape given, a dynamic sequence length."""
+    """Overrides with the ``[batch, sequence]`` inputs agreeing (see :func:`agree`); for a
+    text model with no shape given and :func:`default_sequence` dynamic, a dynamic sequence
+    length ``1..min(max positions, MAX_DEFAULT_SEQUENCE)``."""
     present = [n for n in SEQUENCE_INPUTS if n in inputs or n in overrides]
-    given = any(n in overrides and overrides[n].shape for n in SEQUENCE_INPUTS)
-    if not given and DYNAMIC_SEQUENCE_BY_DEFAULT and "input_ids" in inputs:
-        limit = max_positions(text_config)
-        if limit and limit >= 2:
+    if _dynamic_by_default(overrides, inputs):
+        limit = min(max_positions(text_config) or 0, MAX_DEFAULT_SEQUENCE)
+        if limit >= 2:
             seq = DimRange("seq", 1, limit)
             batch = int(inputs["input_ids"].shape[0])
             overrides = {**overrides, "input_ids": InputOverride(
@@ -241,6 +273,16 @@ def _sequence_overrides(overrides: dict[str, InputOverride], inputs: dict[str, t
                              hint=f"Bound it at {limit}, e.g. --input {ov.name}="
                              f"{ov.shape[0]}x{seq.min}..{limit}:int64.")
     return agree(overrides, SEQUENCE_INPUTS, present)
+
+
+def _dynamic_by_default(overrides: dict[str, InputOverride],
+                        inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether the default dynamic sequence applies: a text model (its inputs are all token
+    ids, masks, token types or positions), no ``--input`` shape, and the default asks for it."""
+    names = set(inputs) | {n for n, ov in overrides.items() if ov.shape}
+    return ("input_ids" in inputs and names <= set(SEQUENCE_INPUTS)
+            and not any(ov.shape for ov in overrides.values())
+            and default_sequence() == "dynamic")
 
 
 def _default_inputs(config, text_config, accepted: list[str], vocab: int):

@@ -84,8 +84,9 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
     spec = resolve_target(options.target, registry)
     warnings: list[str] = []
     stage("capture")
+    # costs and damage are measured at one length, as in `slimc analyze`
     loaded = load_model(model, parse_overrides(list(options.inputs)), registry,
-                        trust_remote_code=options.trust_remote_code)
+                        trust_remote_code=options.trust_remote_code, default_sequence="fixed")
     ir, example = capture(loaded)
     output = Path(options.output or f"{safe_name(ir.name)}.explore")
     ctx = PassContext(target=spec, example_inputs=example, threads=torch.get_num_threads(),
