@@ -102,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use the artifacts already in --workdir (an earlier run, or a compile "
                         "made outside the timing lock) instead of compiling them again")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    p.add_argument("--ab", default="", metavar="LABEL=DIR,...",
+                   help="also time the fp32 artifacts an earlier compile left in DIR "
+                        "(DIR/<model>-slimc.slimc) as engine slimc@LABEL, interleaved with the "
+                        "others: an A/B of two compiler versions or targets in one process")
     return p.parse_args(argv)
 
 
@@ -151,6 +155,11 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
             feed = [arrays[n] for n in names]
             callers[engine] = lambda runner=runner, feed=feed: runner(feed)
             outputs[engine] = runner(feed)[0]
+    for label, folder in (item.split("=", 1) for item in args.ab.split(",") if item):
+        runner, names = _artifact(Path(folder) / f"{name}-slimc.slimc", args.threads)
+        feed = [arrays[n] for n in names]
+        callers[f"slimc@{label}"] = lambda runner=runner, feed=feed: runner(feed)
+        outputs[f"slimc@{label}"] = runner(feed)[0]
     if "eager" in engines:
         def eager():
             with torch.inference_mode():
@@ -218,12 +227,8 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
     tuning = {"tune": args.tune_trials, "tune_db": workdir / f"{name}-tuning"} \
         if engine == TUNED else {}
     if args.reuse and (output / "manifest.json").exists():
-        from slimc.artifact import read_manifest
-
-        manifest = read_manifest(output)
         result.notes.append(f"{engine}: reused {output.name} (compile not timed)")
-        runner = NativeRunner(output / manifest["library"], args.threads)
-        return runner, [spec["name"] for spec in manifest["inputs"]]
+        return _artifact(output, args.threads)
     from slimc.backends.tvm import int8_kernels
 
     t0 = time.perf_counter()
@@ -246,6 +251,17 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
         result.build_s = compiled.timings.get("stages", {}).get("build_s")
     runner = NativeRunner(compiled.output / compiled.manifest["library"], args.threads)
     return runner, [spec["name"] for spec in compiled.manifest["inputs"]]
+
+
+def _artifact(output: Path, threads: int):
+    """A runner for the compiled artifact ``output`` and its input names, in order."""
+    from slimc.backends.tvm.runtime import NativeRunner
+
+    from slimc.artifact import read_manifest
+
+    manifest = read_manifest(output)
+    runner = NativeRunner(output / manifest["library"], threads)
+    return runner, [spec["name"] for spec in manifest["inputs"]]
 
 
 def _calibration_arrays(name: str, workdir: Path) -> dict | None:
@@ -365,7 +381,7 @@ BASES = ("eager", "ort", "ort-qdq8", "slimc")
 
 
 def print_table(results: list[Result], args) -> None:
-    header = (f"{'model':14} {'engine':10} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
+    header = (f"{'model':14} {'engine':13} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
               + "".join(f" {'/' + b:>9}" for b in BASES) + f" {'rel.L2 vs eager':>16}")
     print(header)
     print("-" * len(header))
@@ -376,7 +392,7 @@ def print_table(results: list[Result], args) -> None:
             ratios = [f"{s['median'] / bases[b]:.2f}x" if b in bases and b != engine else ""
                       for b in BASES]
             agree = res.agreement.get(engine)
-            print(f"{res.model:14} {engine:10} {s['median']:10.2f} "
+            print(f"{res.model:14} {engine:13} {s['median']:10.2f} "
                   f"{s['q1']:7.2f}-{s['q3']:<8.2f} {s['min']:8.2f}-{s['max']:<9.2f}"
                   + "".join(f" {r:>9}" for r in ratios)
                   + f" {'' if agree is None else f'{agree:.2e}':>16}")

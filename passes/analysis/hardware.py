@@ -144,8 +144,10 @@ def host_estimate() -> Hardware:
     import tvm
     from tvm.target import codegen
 
+    from slimc.isa import simd_width_bits
+
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-    bits = max(128, int(codegen.llvm_get_vector_width(target)))
+    bits = simd_width_bits(target)  # not llvm_get_vector_width: 512 on AVX2-only CPUs too
     cores = max(1, len(os.sched_getaffinity(0)))
     fp32 = cores * ASSUMED_GHZ * ASSUMED_FMA_PIPES * 2 * (bits // 32)
     try:

@@ -32,23 +32,14 @@ MIN_WORK_KEY = "slimc_min_parallel_work"
 
 
 def vector_bits(target: Target) -> int:
-    """SIMD register width in bits: 512 with AVX-512, 256 with AVX2, 128 for NEON/SSE."""
-    from tvm.target.codegen import llvm_get_vector_width, target_has_features
+    """SIMD register width in bits: 512 with AVX-512, 256 with AVX2, 128 for NEON/SSE.
 
-    mtriple = str(target.attrs.get("mtriple", ""))
-    if mtriple.startswith(("x86_64", "i686")):
-        # TVM reports 512 for any explicit x86 -mcpu (x86-64-v3 included); ask for features.
-        try:
-            if target_has_features(["avx512f"], target):
-                return 512
-            return 256 if target_has_features(["avx"], target) else 128
-        except Exception:  # noqa: BLE001 - fall through to LLVM's own answer
-            pass
-    try:
-        bits = int(llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001 - an unknown CPU still gets a safe 128-bit guess
-        bits = 0
-    return bits if bits >= 128 else 128
+    Resolved from the CPU's features (:func:`slimc.isa.simd_width_bits`), not TVM's
+    ``llvm_get_vector_width``, which says 512 for an AVX2-only host.
+    """
+    from slimc.isa import simd_width_bits
+
+    return simd_width_bits(target)
 
 
 def vector_lanes(target: Target, dtype_bits: int = 32) -> int:
