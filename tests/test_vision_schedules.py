@@ -150,3 +150,39 @@ def test_tf_padding_folds_into_asymmetric_conv_padding():
     with torch.no_grad():
         want = net(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class SqueezeExcite(torch.nn.Module):
+    """EfficientNet/MobileNetV3 squeeze-excite: conv + SiLU, global pool, 1x1 reduce + SiLU,
+    1x1 expand + sigmoid, the gate multiplied into the feature map, a 1x1 projection."""
+
+    def __init__(self, cin: int = 16, channels: int = 32, reduced: int = 8) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, channels, 3, padding=1)
+        self.reduce = torch.nn.Conv2d(channels, reduced, 1)
+        self.expand = torch.nn.Conv2d(reduced, channels, 1)
+        self.project = torch.nn.Conv2d(channels, cin, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.conv(x))
+        gate = torch.sigmoid(self.expand(F.silu(self.reduce(F.adaptive_avg_pool2d(y, 1)))))
+        return self.project(y * gate)
+
+
+def test_squeeze_excite_gate_stays_nhwc(tmp_path, caplog):
+    """The fast sigmoid/SiLU are swapped in after the convs went NHWC, so the gate and the
+    activations run in the convs' layout: run before it, ``fast_math`` hid them from
+    ``ConvertLayout`` and every gate became transpose -> sigmoid -> transpose."""
+    from tvm import tirx
+
+    torch.manual_seed(0)
+    net, x = SqueezeExcite().eval(), torch.randn(1, 16, 14, 14)
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul")
+    kernels = sorted(g.name_hint for g, f in _fused(net, (x,)).functions_items()
+                     if isinstance(f, tirx.PrimFunc))
+    gates = [n for n in kernels if "sigmoid" in n]
+    assert gates, kernels
+    assert not [n for n in gates if "transpose" in n], kernels
+    # Only the network's edges change layout: NCHW in (here inside the first conv's Winograd
+    # input transform) and NHWC -> NCHW out.
+    assert len([n for n in kernels if "transpose" in n]) <= 2, kernels

@@ -186,12 +186,16 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .winograd import winograd_convs
 
     return cpu.library_dispatch_passes(target) + [
-        sink_reshapes, fast_math, panel_gemv, relax.transform.DecomposeOpsForInference(),
+        sink_reshapes, panel_gemv, relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
         # cancelled transposes leave `y = x` aliases, which would cut fusion chains
-        relax.transform.CanonicalizeBindings(), fuse_requantize, winograd_convs,
+        relax.transform.CanonicalizeBindings(),
+        # After the layout passes: fast_math turns sigmoid/SiLU/GELU into call_te kernels that
+        # ConvertLayout cannot see through, so run earlier it left an NCHW<->NHWC transpose
+        # pair around every squeeze-excite gate and SiLU of a converted conv.
+        fast_math, fuse_requantize, winograd_convs,
         tied_embedding, fold_constant_views(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),

@@ -419,7 +419,13 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         else:
             _vectorize_tile(sch, block, len(sch.get_loops(block)) - 1)
 
+    out_shape = _shape_key(sch.get(main).writes[0].source.shape)
     for block in epilogue:
+        if _shape_key(sch.get(block).writes[0].source.shape) != out_shape:
+            # Broadcast into a larger output (a squeeze-excite gate times the feature map):
+            # not an epilogue of the accumulators, so it runs as its own loop nest.
+            schedule_block(sch, block, target)
+            continue
         try:
             sch.reverse_compute_inline(block)
             continue
@@ -428,6 +434,11 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
             log.debug("tiled-matmul: epilogue %s not inlined: %s", sch.get(block).name_hint,
                       str(exc).splitlines()[-1] if str(exc) else exc)
         schedule_block(sch, block, target)
+
+
+def _shape_key(shape) -> tuple:
+    """A buffer shape as comparable Python values (ints; a symbolic extent by its text)."""
+    return tuple(int(d) if isinstance(d, tirx.IntImm) else str(d) for d in shape)
 
 
 def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc,
