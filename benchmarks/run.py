@@ -381,7 +381,7 @@ BASES = ("eager", "ort", "ort-qdq8", "slimc")
 
 
 def print_table(results: list[Result], args) -> None:
-    header = (f"{'model':14} {'engine':13} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
+    header = (f"{'model':14} {'engine':16} {'median ms':>10} {'IQR ms':>16} {'min-max ms':>18}"
               + "".join(f" {'/' + b:>9}" for b in BASES) + f" {'rel.L2 vs eager':>16}")
     print(header)
     print("-" * len(header))
@@ -392,7 +392,7 @@ def print_table(results: list[Result], args) -> None:
             ratios = [f"{s['median'] / bases[b]:.2f}x" if b in bases and b != engine else ""
                       for b in BASES]
             agree = res.agreement.get(engine)
-            print(f"{res.model:14} {engine:13} {s['median']:10.2f} "
+            print(f"{res.model:14} {engine:16} {s['median']:10.2f} "
                   f"{s['q1']:7.2f}-{s['q3']:<8.2f} {s['min']:8.2f}-{s['max']:<9.2f}"
                   + "".join(f" {r:>9}" for r in ratios)
                   + f" {'' if agree is None else f'{agree:.2e}':>16}")

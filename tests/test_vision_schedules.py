@@ -186,3 +186,30 @@ def test_squeeze_excite_gate_stays_nhwc(tmp_path, caplog):
     # Only the network's edges change layout: NCHW in (here inside the first conv's Winograd
     # input transform) and NHWC -> NCHW out.
     assert len([n for n in kernels if "transpose" in n]) <= 2, kernels
+
+
+def test_batchnorm_folds_into_the_conv_before_it(tmp_path):
+    """Lowering folds inference batch norms into the conv weights and bias: no batch norm (or
+    its decomposition's divide) is left for the kernels, and the result is PyTorch's."""
+    from slimc.backends.tvm.build import build_library
+    from slimc.backends.tvm.lower import lower_to_relax
+    from slimc.backends.tvm.runtime import run_library
+    from tvm import relax
+
+    from slimc.capture import capture
+    from slimc.loaders.base import LoadedModel
+    from slimc.targets import resolve_target
+
+    torch.manual_seed(0)
+    net, x = _randomize_bn(TfPaddedBlock(8, 24, 1)), torch.randn(1, 8, 9, 9)
+    ir, _ = capture(LoadedModel(name="block", module=net, example_inputs={"x": x}))
+    mod = lower_to_relax(ir)
+    ops = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(e.op.name) if isinstance(
+        e, relax.Call) and hasattr(e.op, "name") else None)
+    assert "relax.nn.batch_norm" not in ops and "relax.divide" not in ops, ops
+    assert ops.count("relax.nn.conv2d") == 3
+    (got,) = run_library(build_library(mod, resolve_target("llvm"), tmp_path / "k.so"),
+                         [x.numpy()], cross_triple=None, threads=2)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-4, atol=1e-5)

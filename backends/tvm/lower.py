@@ -24,13 +24,20 @@ class UnsupportedOpError(UsageError, LoweringError):
 def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None):
     """Legalize ``ir`` in place and import it into a Relax ``IRModule`` with weights bound.
 
+    Inference batch norms are folded into the convolution before them first (in place, as
+    ``quantize`` does): TVM would otherwise decompose each into a subtract, divide, multiply and
+    add in the conv's epilogue -- four more operations per output element, a divide among them
+    -- and store its four vectors in the artifact.
+
     ``target`` (a ``tvm.target.Target``) is entered while importing, so converters that emit
     target-specific kernels (int8 dot products) read it from ``Target.current()``.
     """
     import contextlib
 
+    from slimc.passes.quantize.batchnorm import fold_batchnorm
     from tvm.relax.frontend.torch import from_exported_program
 
+    fold_batchnorm(ir)
     legalize(ir)
     align_weights(ir)  # TVM then shares the weights' memory instead of copying every one
     try:
