@@ -11,9 +11,10 @@ given to the rules below in order, and the first that claims it schedules it:
 
 A rule that raises is skipped (logged at debug level) and the next one is tried, so a kernel is
 at worst left as TVM's correct, unscheduled loops. Before fusion (:func:`fusion_passes`) slimc
-swaps in vectorizable transcendental functions (``fast_math``), sends matrix-vector products to
-packed-panel kernels (``gemv``), decomposes batch norm, turns convs NHWC and rewrites 3x3
-stride-1 convs on large feature maps as Winograd transforms + a batched matmul (``winograd``).
+sends matrix-vector products to packed-panel kernels (``gemv``), decomposes the batch norms
+lowering did not fold, turns convs NHWC, then swaps in vectorizable transcendental functions
+(``fast_math``, after the layout passes so activations stay NHWC) and rewrites 3x3 stride-1
+convs on large feature maps as Winograd transforms + a batched matmul (``winograd``).
 Weights are bound as constants, so the ``FoldConstant`` that runs after legalization turns
 ``permute_dims(W)`` into a pre-transposed constant, and after scheduling
 (:func:`prepack_passes`) the weights a rule asked for in another layout (``TiledMatmul``'s
@@ -164,8 +165,9 @@ def cpu_pipeline(target: tvm.target.Target, rules: Sequence[Rule] = DEFAULT_RULE
 def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Relax passes up to (and including) operator fusion, i.e. what runs before scheduling.
 
-    Batch norm is decomposed into elementwise ops (fused into the conv epilogue) and convs run
-    NHWC with HWIO weights: the output channels are then the contiguous, vectorized axis, a
+    A batch norm lowering did not fold into its conv (:func:`..lower.lower_to_relax` folds
+    conv -> batch norm) is decomposed into elementwise ops (fused into the conv epilogue) and convs
+    run NHWC with HWIO weights: the output channels are then the contiguous, vectorized axis, a
     multiple of the vector width in real networks, unlike NCHW image widths (56, 28, 14, 7).
 
     Every layout op applied to a weight (the ``permute_dims`` of each ``nn.Linear``) is
