@@ -261,8 +261,25 @@ def prepack_passes() -> list[tvm.transform.Pass]:
     import tvm
     from tvm import relax
 
-    return [tvm.transform.module_pass(_split_prepacked, opt_level=0, name="SlimcSplitPrepacked"),
+    return [tvm.transform.module_pass(_split_and_pack, opt_level=0, name="SlimcPrepackWeights"),
             relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()]
+
+
+def _split_and_pack(mod, ctx):
+    """Split the layout rewrites out of the kernels, then pack the weights in numpy, one at a
+    time (:mod:`.prepack`); what numpy cannot do is left to the ``FoldConstant`` after it."""
+    from tvm import tirx
+
+    from .prepack import pack_constants
+
+    before = {gvar.name_hint for gvar, _ in mod.functions_items()}
+    split = _split_prepacked(mod, ctx)
+    if split is mod:
+        return mod
+    added = {gvar for gvar, func in split.functions_items()
+             if gvar.name_hint not in before and isinstance(func, tirx.PrimFunc)}
+    del mod
+    return pack_constants(split, added)
 
 
 def _split_prepacked(mod, _ctx):

@@ -1,0 +1,228 @@
+"""Weight prepacking in numpy, one weight at a time.
+
+After ``SplitLayoutRewritePreproc`` every packed weight is a call
+``call_tir(<kernel>_weight_prepack, (W,))`` on a constant ``W``. TVM's ``FoldConstant``
+evaluates such calls by compiling each prepack function with LLVM and running it in a VM,
+allocating every result beside its source, plus the compiler's and the VM's own memory, in
+the middle of the build of a real-size model (issue 18: compile peak memory).
+
+A prepack function is a pure permutation of its input's elements: one block
+``out[f(v)] = W[v]`` whose store indices are the iteration variables, or ``v // c`` and
+``v % c`` of them (``cpu_matmul``'s ``[..., N] -> [N / NR, ..., NR]`` panels). Such a function
+is the numpy ``reshape`` (each split axis into ``(dim / c, c)``) followed by a ``transpose``;
+:func:`pack_constants` computes it that way, one weight at a time, into a single 64-byte
+aligned buffer that TVM then shares (no copy): the only memory it adds is the packed weights
+themselves (the sources go when the pass returns and the module that held them is dropped).
+Calls it cannot read as such a permutation (anything else a rule might emit) are left to the
+``FoldConstant`` that follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .common import log
+
+if TYPE_CHECKING:
+    import tvm
+
+#: TVM's runtime alignment for tensor data (``tvm::runtime::kAllocAlignment``): an aligned
+#: numpy buffer is shared by ``from_dlpack`` instead of copied.
+ALIGNMENT = 64
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """``out = W.reshape(split).transpose(axes)``: what a prepack function computes."""
+
+    split: tuple[int, ...]
+    axes: tuple[int, ...]
+    shape: tuple[int, ...]  # the output's
+
+    def apply(self, source: np.ndarray) -> np.ndarray:
+        """The packed copy of ``source``, contiguous and 64-byte aligned."""
+        view = source.reshape(self.split).transpose(self.axes)
+        out = aligned_empty(self.shape, source.dtype)
+        np.copyto(out, view)
+        return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip:skip + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def read_permutation(func: tvm.tirx.PrimFunc) -> Permutation | None:
+    """The permutation ``func`` (a prepack function: one input, one output) computes, or None
+    when it is anything else (then FoldConstant evaluates it as before)."""
+    from tvm import tirx
+
+    if len(func.params) != 2:
+        return None
+    src, dst = func.params  # TVM 0.27: a PrimFunc's parameters are its buffers
+    if str(getattr(src, "dtype", "")) != str(getattr(dst, "dtype", "?")):
+        return None
+    in_shape = _static(src.shape)
+    out_shape = _static(dst.shape)
+    if in_shape is None or out_shape is None:
+        return None
+    root = getattr(func.body, "block", None)
+    if root is None:
+        return None
+    stmt = root.body
+    loops = []
+    while isinstance(stmt, tirx.For):  # a copy's result does not depend on the loops' kinds
+        loops.append(stmt)
+        stmt = stmt.body
+    realize = stmt
+    block = getattr(realize, "block", None)
+    if block is None or block.init is not None or block.alloc_buffers:
+        return None
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not store.buffer.same_as(dst):
+        return None
+    load = store.value
+    source = getattr(load, "source", getattr(load, "buffer", None))
+    if not hasattr(load, "indices") or source is None or not source.same_as(src):
+        return None
+    iters = [iv.var for iv in block.iter_vars]
+    # The block reads W[v0, v1, ...] with each iteration variable over its whole axis, bound
+    # to one loop each over the same extent: every element is visited exactly once.
+    if len(iters) != len(in_shape) or len(load.indices) != len(in_shape):
+        return None
+    if not all(index.same_as(var) for index, var in zip(load.indices, iters, strict=True)):
+        return None
+    if len(loops) != len(iters) or not all(
+            _int(iv.dom.min) == 0 and _int(iv.dom.extent) == dim
+            for iv, dim in zip(block.iter_vars, in_shape, strict=True)):
+        return None
+    if not all(value.same_as(loop.loop_var) and _int(loop.min) == 0
+               and _int(loop.extent) == dim
+               for value, loop, dim in zip(realize.iter_values, loops, in_shape, strict=True)):
+        return None
+    return _permutation(store.indices, iters, in_shape, out_shape)
+
+
+def _permutation(indices, iters, in_shape: tuple[int, ...],
+                 out_shape: tuple[int, ...]) -> Permutation | None:
+    """Read each store index as a whole input axis, ``v // c`` or ``v % c`` of one."""
+    from tvm import tirx
+
+    position = {var: i for i, var in enumerate(iters)}
+    forms: list[tuple[int, str, int]] = []
+    for index in indices:
+        if isinstance(index, tirx.Var) and index in position:
+            forms.append((position[index], "whole", 0))
+            continue
+        kind = {tirx.FloorDiv: "div", tirx.FloorMod: "mod"}.get(type(index))
+        if kind is None or not isinstance(index.a, tirx.Var) or index.a not in position:
+            return None
+        factor = _int(index.b)
+        if factor is None or factor <= 0:
+            return None
+        forms.append((position[index.a], kind, factor))
+    # Each input axis appears whole once, or as both halves of one split by a factor that
+    # divides it; that makes the index map a bijection, i.e. a reshape + transpose.
+    split: list[int] = []
+    sub: dict[tuple[int, str], int] = {}
+    for axis, dim in enumerate(in_shape):
+        used = [(kind, c) for a, kind, c in forms if a == axis]
+        if used == [("whole", 0)]:
+            sub[(axis, "whole")] = len(split)
+            split.append(dim)
+        elif sorted(k for k, _ in used) == ["div", "mod"] and used[0][1] == used[1][1] \
+                and dim % used[0][1] == 0:
+            c = used[0][1]
+            sub[(axis, "div")] = len(split)
+            sub[(axis, "mod")] = len(split) + 1
+            split += [dim // c, c]
+        else:
+            return None
+    axes = tuple(sub[(axis, kind)] for axis, kind, _ in forms)
+    if tuple(split[a] for a in axes) != out_shape:
+        return None
+    return Permutation(tuple(split), axes, out_shape)
+
+
+def _int(expr) -> int | None:
+    value = getattr(expr, "value", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _static(shape) -> tuple[int, ...] | None:
+    dims = [_int(d) for d in shape]
+    return None if any(d is None for d in dims) else tuple(dims)  # type: ignore[misc]
+
+
+def pack_constants(mod: tvm.IRModule, prepack: set) -> tvm.IRModule:
+    """``mod`` with every ``call_tir(f, (constant,))`` of a prepack function ``f`` (a
+    :class:`~tvm.ir.GlobalVar` in ``prepack``) replaced by the packed constant, computed in
+    numpy one weight at a time (see the module docstring)."""
+    import tvm
+    from tvm import relax
+
+    plans = {}
+    for gvar in prepack:
+        func = mod[gvar]
+        plan = read_permutation(func) if isinstance(func, tvm.tirx.PrimFunc) else None
+        if plan is None:
+            log.debug("prepack: %s is not a permutation; FoldConstant evaluates it",
+                      gvar.name_hint)
+        else:
+            plans[gvar] = plan
+    if not plans:
+        return mod
+
+    packed: dict[tuple, relax.Expr] = {}  # (data address, function) -> packed constant
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @relax.expr_functor.mutator
+    class Packer(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802 - TVM's visitor name
+            call = super().visit_call_(call)
+            if not call.op.same_as(call_tir) or call.args[0] not in plans:
+                return call
+            args = call.args[1].fields
+            if len(args) != 1 or not isinstance(args[0], tvm.ir.expr.Constant) \
+                    or not hasattr(args[0].value, "shape"):
+                return call
+            plan = plans[call.args[0]]
+            source = args[0].value
+            try:
+                key = (_address(source), call.args[0])
+                if key not in packed:
+                    packed[key] = relax.const(_pack(source, plan))
+            except (TypeError, ValueError, BufferError, RuntimeError) as exc:
+                # a dtype numpy cannot hold (bfloat16, sub-byte): TVM evaluates this one
+                log.debug("prepack: %s left to FoldConstant: %s", call.args[0].name_hint, exc)
+                return call
+            return packed[key]
+
+    out = tvm.IRModule({}, attrs=mod.attrs, global_infos=mod.global_infos)
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            func = Packer(mod).visit_expr(func)
+        out[gvar] = func
+    return out
+
+
+def _address(tensor) -> int:
+    return int(np.from_dlpack(tensor).ctypes.data) if tensor.shape else id(tensor)
+
+
+def _pack(source, plan: Permutation):
+    """One weight: a zero-copy numpy view of the TVM tensor, packed into one new aligned
+    buffer, which TVM shares (``from_dlpack`` of an aligned array does not copy)."""
+    import tvm
+
+    view = np.from_dlpack(source)
+    out = plan.apply(view)
+    del view
+    return tvm.runtime.from_dlpack(out)
