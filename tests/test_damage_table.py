@@ -86,3 +86,26 @@ def test_lowbit_grid_is_cached_by_content_not_identity(monkeypatch):
     other[5, 7] += 3.0
     assert not torch.equal(grid(other, 3, 32)[0], again[0])
     assert searched == [(3, 32), (3, 32)]  # only the changed weight was searched again
+
+
+def test_activation_rows_give_the_gram_matrix_errors_for_less_memory():
+    """Few calibration rows (M <= K): X is kept instead of its K x K Gram matrix, and the
+    local errors are the Gram matrix's (issue 18); past K rows it switches to the Gram."""
+    from slimc.search.damage import ViewStats
+
+    torch.manual_seed(0)
+    k, n = 96, 40
+    batches = [torch.randn(30, k, dtype=torch.float64) for _ in range(3)]
+    w = torch.randn(n, k, dtype=torch.float64)
+    d = torch.randn(n, k, dtype=torch.float64) * 1e-2
+    few = ViewStats()
+    for x in batches:
+        few.add_rows("x", x)
+    assert "x" in few.xs and "x" not in few.grams and few.xs["x"].shape == (90, k)
+    gram = sum(x.t() @ x for x in batches)
+    for m in (w, d):
+        assert few.energy("x", m) == pytest.approx(float(((m @ gram) * m).sum()), rel=1e-10)
+    many = ViewStats()
+    for x in [*batches, torch.randn(30, k, dtype=torch.float64)]:
+        many.add_rows("x", x)
+    assert "x" in many.grams and "x" not in many.xs and many.grams["x"].shape == (k, k)

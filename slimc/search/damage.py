@@ -12,7 +12,8 @@ is how much the rest of the network amplifies or absorbs that error. So:
 1. **One observed forward** over the calibration batches (and the example inputs, which cover
    the whole vocabulary for embedding tables) records what each layer's ops read: the Gram
    matrix ``G = X^T X`` of every linear input (shared by the layers reading one activation:
-   q/k/v, gate/up) and how often each embedding row is gathered.
+   q/k/v, gate/up), or ``X`` itself while it has fewer rows than columns (smaller; the same
+   errors), and how often each embedding row is gathered.
 2. **Local error of every choice, batched per layer**: ``tr(dW G dW^T) / tr(W G W^T)`` (the
    relative output energy the choice changes, exact for the calibration inputs) for linear
    uses, the gather-count-weighted relative row error for embedding uses; one ``N x K x K``
@@ -65,8 +66,38 @@ def local_measurable(layer: Layer) -> bool:
 class ViewStats:
     """What the layers' ops read on one set of batches."""
 
-    #: activation node name -> Gram matrix ``X^T X`` (float64, ``[K, K]``).
+    #: activation node name -> Gram matrix ``X^T X`` (float64, ``[K, K]``), once the
+    #: activation has more rows than features.
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: activation node name -> the activation rows ``X`` themselves (float64, ``[M, K]``),
+    #: while ``M <= K``: then ``X`` is no larger than its Gram matrix, and the errors computed
+    #: from it (``|X dW^T|^2``) are the same numbers for less memory and arithmetic.
+    xs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add_rows(self, key: str, x: torch.Tensor) -> None:
+        """Accumulate the rows ``x`` ``[M, K]`` of an activation, as rows or as a Gram matrix,
+        whichever is smaller (issue 18: SmolLM2's Gram matrices were up to 1536 x 1536 doubles
+        for a few hundred calibration rows)."""
+        if key in self.grams:
+            self.grams[key] += x.t() @ x
+            return
+        if key in self.xs:
+            x = torch.cat([self.xs.pop(key), x])
+        if x.shape[0] > x.shape[1]:
+            self.grams[key] = x.t() @ x
+        else:
+            self.xs[key] = x
+
+    def has_rows(self, key: str) -> bool:
+        return key in self.grams or key in self.xs
+
+    def energy(self, key: str, d: torch.Tensor) -> float:
+        """``tr(d G d^T) = |X d^T|^2`` for a ``[N, K]`` matrix ``d`` (float64)."""
+        x = self.xs.get(key)
+        if x is not None:
+            return float((d @ x.t()).pow(2).sum())
+        g = self.grams[key]
+        return float(((d @ g) * d).sum())
     #: ids node name -> gather count per row.
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -105,8 +136,7 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
                 def gram(node, args, result, key=key, index=use.input_arg,
                          axis=use.feature_dim):
                     x = args[index].detach().double().movedim(axis, -1)
-                    x = x.reshape(-1, x.shape[-1])
-                    stats.grams[key] = stats.grams.get(key, 0) + x.t() @ x
+                    stats.add_rows(key, x.reshape(-1, x.shape[-1]))
                 observers.setdefault(use.node.name, []).append(gram)
     observe(ir, batches, observers)
     return stats
@@ -133,14 +163,11 @@ def local_errors(layer: Layer, weight: torch.Tensor, approximations: Sequence[to
             ref = float((c * wr.pow(2)).sum())
             errs = [float((c * (a[rows].double() - wr).pow(2)).sum()) for a in approximations]
         else:
-            g = stats.grams.get(_activation_key(use))
-            if g is None:
+            key = _activation_key(use)
+            if not stats.has_rows(key):
                 return np.full(len(approximations), np.nan)
-            ref = float(((w @ g) * w).sum())
-            errs = []
-            for a in approximations:
-                d = a.double() - w
-                errs.append(float(((d @ g) * d).sum()))
+            ref = stats.energy(key, w)
+            errs = [stats.energy(key, a.double() - w) for a in approximations]
         out += np.asarray(errs) / max(ref, 1e-30)
     return out
 

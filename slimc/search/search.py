@@ -116,6 +116,13 @@ class Candidate:
     ctx: PassContext | None = None
     backoffs: int = 0
 
+    def release(self) -> None:
+        """Let go of the built IR (a full copy of the model's weights), its pass records and
+        context, keeping the measurements. Why: a search builds many candidates and keeps only
+        the best; each kept IR held a model's worth of memory until the search ended (issue 18:
+        ``-O2`` peak memory on real LLMs)."""
+        self.ir, self.records, self.ctx = None, [], None
+
     def summary(self) -> dict[str, Any]:
         return {"pipeline": pipeline_text(self.items), "prune_ratio": self.prune_ratio,
                 "relative": {k: round(v, 5) for k, v in self.relative.items()},
@@ -274,8 +281,7 @@ class Search:
             base = self.base(ratio)
             for name, barred in self._families(base):
                 cand = self._fit_one(base, limits, max_drop, keep, failures, barred, name)
-                if cand is not None and (best is None or _better(cand, best, self.scorer)):
-                    best = cand
+                best = _keep_better(best, cand, lambda a, b: _better(a, b, self.scorer))
         return best, failures
 
     def _families(self, base: _Base) -> list[tuple[str, np.ndarray]]:
@@ -311,12 +317,14 @@ class Search:
             cand = self.build(base, picks, keep)
             cand.backoffs = backoffs
             if not self._within(cand, limits):  # rounding or the cost model disagreed
+                cand.release()
                 for k, v in limits.items():
                     if cand.relative[k] > v:
                         tightened[k] = tightened[k] * v / cand.relative[k] * 0.995
                 continue
             if max_drop is None or cand.drop <= max_drop:
                 return cand
+            cand.release()
             if backoffs >= self.max_backoffs:
                 break
             backoffs += 1
@@ -343,9 +351,8 @@ class Search:
             base = self.base(ratio)
             for _, barred in self._families(base):
                 cand = self._bisect(base, objective, max_drop, keep, barred)
-                if cand is not None and (best is None or cand.relative[objective]
-                                         < best.relative[objective]):
-                    best = cand
+                best = _keep_better(best, cand, lambda a, b: a.relative[objective]
+                                    < b.relative[objective])
         return best
 
     def _bisect(self, base: _Base, objective: str, max_drop: float, keep: bool,
@@ -368,11 +375,27 @@ class Search:
             cand = self.build(base, picks, keep)
             if cand.drop <= max_drop:
                 hi = math.log(mid)
-                if best is None or cand.relative[objective] < best.relative[objective]:
-                    best = cand
+                best = _keep_better(best, cand, lambda a, b: a.relative[objective]
+                                    < b.relative[objective])
             else:
+                cand.release()
                 lo = math.log(mid)
         return best
+
+
+def _keep_better(best: Candidate | None, cand: Candidate | None,
+                 better: Callable[[Candidate, Candidate], bool]) -> Candidate | None:
+    """The better of ``best`` and ``cand``; the other one's IR is released (measurements
+    stay in :attr:`Search.measured`)."""
+    if cand is None:
+        return best
+    if best is None:
+        return cand
+    if better(cand, best):
+        best.release()
+        return cand
+    cand.release()
+    return best
 
 
 def _better(a: Candidate, b: Candidate, scorer: Scorer) -> bool:
