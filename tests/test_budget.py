@@ -185,3 +185,24 @@ def test_explore_writes_pareto_json_png_and_reproducible_recipes(cli, hf_dir, tm
             p["relative"]["size"], rel=1e-4)
         assert _cosine_drop(ir.run(example), compressed.run(example)) == pytest.approx(
             p["value"], rel=1e-3, abs=1e-7)
+
+
+def test_search_keeps_only_the_chosen_candidates_ir(hf_dir):
+    """Every candidate the search builds is scored, then released unless it is the best so
+    far (issue 18: each held a copy of the model's weights until the search ended)."""
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    registry, ir, example = _capture(hf_dir("llama"))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    search = Search(ir, ctx, registry, Techniques.named("precision"), proxy_scorer(ir, ctx),
+                    None)
+    chosen = search.minimize("size", 0.05)
+    assert chosen is not None and len(search.measured) > 1
+    held = [c for c in search.measured if c.ir is not None]
+    assert len(held) == 1 and held[0] is chosen
+    assert all(c.summary()["pipeline"] for c in search.measured)  # measurements stay
+    fit, _ = search.fit(parse_budget("size=0.5"), 0.05)
+    held = [c for c in search.measured if c.ir is not None]
+    assert fit is not None and any(c is fit for c in held) and len(held) <= 2  # each's best
