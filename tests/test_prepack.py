@@ -92,15 +92,14 @@ def test_numpy_packing_equals_tvm_layout_transform_bit_for_bit(case):
 
 
 def test_packed_weights_are_aligned_and_shared_with_tvm():
-    """The packed buffer is 64-byte aligned, so TVM takes it without another copy."""
-    import tvm
+    """An int8 weight: the packed buffer is 64-byte aligned, and the constant shares it."""
+    from slimc.backends.tvm.schedules.constant_views import _constant
     from slimc.backends.tvm.schedules.prepack import Permutation
 
     source = np.arange(2 * 64, dtype=np.int8).reshape(2, 64)
     plan = Permutation(split=(2, 2, 32), axes=(1, 0, 2), shape=(2, 2, 32))
-    packed = plan.apply(source)
+    constant = _constant(plan.view(source))
+    packed = np.from_dlpack(constant.value)
     assert packed.ctypes.data % 64 == 0 and packed.flags.c_contiguous
     np.testing.assert_array_equal(packed, source.reshape(2, 2, 32).transpose(1, 0, 2))
-    shared = tvm.runtime.from_dlpack(packed)
-    assert np.from_dlpack(shared).ctypes.data == packed.ctypes.data
-
+    assert np.from_dlpack(constant.value).ctypes.data == packed.ctypes.data

@@ -29,11 +29,6 @@ from .common import log
 if TYPE_CHECKING:
     import tvm
 
-#: TVM's runtime alignment for tensor data (``tvm::runtime::kAllocAlignment``): an aligned
-#: numpy buffer is shared by ``from_dlpack`` instead of copied.
-ALIGNMENT = 64
-
-
 @dataclass(frozen=True)
 class Permutation:
     """``out = W.reshape(split).transpose(axes)``: what a prepack function computes."""
@@ -42,21 +37,9 @@ class Permutation:
     axes: tuple[int, ...]
     shape: tuple[int, ...]  # the output's
 
-    def apply(self, source: np.ndarray) -> np.ndarray:
-        """The packed copy of ``source``, contiguous and 64-byte aligned."""
-        view = source.reshape(self.split).transpose(self.axes)
-        out = aligned_empty(self.shape, source.dtype)
-        np.copyto(out, view)
-        return out
-
-
-def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty(count * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
-    skip = -raw.ctypes.data % ALIGNMENT
-    return raw[skip:skip + count * dtype.itemsize].view(dtype).reshape(shape)
+    def view(self, source: np.ndarray) -> np.ndarray:
+        """``source`` in the packed layout, as a view (no copy yet)."""
+        return source.reshape(self.split).transpose(self.axes)
 
 
 def read_permutation(func: tvm.tirx.PrimFunc) -> Permutation | None:
@@ -168,6 +151,8 @@ def pack_constants(mod: tvm.IRModule, prepack: set) -> tvm.IRModule:
     import tvm
     from tvm import relax
 
+    from .constant_views import _constant, _constant_value
+
     plans = {}
     for gvar in prepack:
         func = mod[gvar]
@@ -194,11 +179,14 @@ def pack_constants(mod: tvm.IRModule, prepack: set) -> tvm.IRModule:
                     or not hasattr(args[0].value, "shape"):
                 return call
             plan = plans[call.args[0]]
-            source = args[0].value
             try:
-                key = (_address(source), call.args[0])
-                if key not in packed:
-                    packed[key] = relax.const(_pack(source, plan))
+                source = _constant_value(args[0])
+                if source is None:
+                    return call
+                key = (source.ctypes.data, call.args[0])
+                if key not in packed:  # one copy, into the aligned buffer the constant shares
+                    packed[key] = _constant(plan.view(source))
+                del source
             except (TypeError, ValueError, BufferError, RuntimeError) as exc:
                 # a dtype numpy cannot hold (bfloat16, sub-byte): TVM evaluates this one
                 log.debug("prepack: %s left to FoldConstant: %s", call.args[0].name_hint, exc)
@@ -212,17 +200,3 @@ def pack_constants(mod: tvm.IRModule, prepack: set) -> tvm.IRModule:
         out[gvar] = func
     return out
 
-
-def _address(tensor) -> int:
-    return int(np.from_dlpack(tensor).ctypes.data) if tensor.shape else id(tensor)
-
-
-def _pack(source, plan: Permutation):
-    """One weight: a zero-copy numpy view of the TVM tensor, packed into one new aligned
-    buffer, which TVM shares (``from_dlpack`` of an aligned array does not copy)."""
-    import tvm
-
-    view = np.from_dlpack(source)
-    out = plan.apply(view)
-    del view
-    return tvm.runtime.from_dlpack(out)
