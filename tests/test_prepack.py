@@ -91,6 +91,29 @@ def test_numpy_packing_equals_tvm_layout_transform_bit_for_bit(case):
         assert w.tobytes() == h.tobytes()
 
 
+def test_packing_in_rounds_gives_the_same_weights(monkeypatch):
+    """Several rounds (one weight each here; SmolLM2 packs an eighth of its weights per
+    round) give exactly the one-pass result, and leave no layout rewrite behind."""
+    import tvm
+    from slimc.backends.tvm.schedules import _split_prepacked, prepack, prepack_passes
+    from tvm import relax
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    mod, target = _scheduled(module, (torch.randn(2, 16, 64),))
+    with target:
+        split = tvm.transform.module_pass(_split_prepacked, opt_level=0, name="Split")(mod)
+        assert len(_prepack_calls(split)) == 4
+        expected = tvm.transform.Sequential([
+            relax.transform.FoldConstant(), relax.transform.DeadCodeElimination()])(split)
+        monkeypatch.setattr(prepack, "MIN_ROUND_BYTES", 1)
+        monkeypatch.setattr(prepack, "PACK_ROUNDS", 1000)
+        got = tvm.transform.Sequential(prepack_passes())(mod)
+    assert not _prepack_calls(got)
+    want, have = _constants(expected), _constants(got)
+    assert [w.tobytes() for w in want] == [h.tobytes() for h in have]
+
+
 def test_packed_weights_are_aligned_and_shared_with_tvm():
     """An int8 weight: the packed buffer is 64-byte aligned, and the constant shares it."""
     from slimc.backends.tvm.schedules.constant_views import _constant

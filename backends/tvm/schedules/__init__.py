@@ -278,6 +278,12 @@ def _split_and_pack(mod, ctx):
         return mod
     added = {gvar for gvar, func in split.functions_items()
              if gvar.name_hint not in before and isinstance(func, tirx.PrimFunc)}
+    # The input module is consumed (its caller replaces it with what this returns): its Relax
+    # functions bind the same weights, which must go once packed (see pack_constants).
+    from tvm import relax
+
+    for gvar in [g for g, f in mod.functions_items() if isinstance(f, relax.Function)]:
+        del mod[gvar]
     del mod
     return pack_constants(split, added)
 

@@ -10,9 +10,11 @@ A prepack function is a pure permutation of its input's elements: one block
 ``out[f(v)] = W[v]`` whose store indices are the iteration variables, or ``v // c`` and
 ``v % c`` of them (``cpu_matmul``'s ``[..., N] -> [N / NR, ..., NR]`` panels). Such a function
 is the numpy ``reshape`` (each split axis into ``(dim / c, c)``) followed by a ``transpose``;
-:func:`pack_constants` computes it that way, one weight at a time, into a single 64-byte
-aligned buffer that TVM then shares (no copy): the only memory it adds is the packed weights
-themselves (the sources go when the pass returns and the module that held them is dropped).
+:func:`pack_constants` computes it that way, one weight at a time, each into one 64-byte
+aligned buffer that TVM then shares (no copy). The sources go as it goes: the Relax functions
+are taken out of the module and rewritten in rounds, each packing about an eighth of the
+weights, and each round's rewrite replaces the function that held its sources, so at most that
+share is resident twice (SmolLM2-135M ``-O0``: the whole packed set, 0.3 GB, was before).
 Calls it cannot read as such a permutation (anything else a rule might emit) are left to the
 ``FoldConstant`` that follows.
 """
@@ -167,6 +169,8 @@ def pack_constants(mod: tvm.IRModule, prepack: set) -> tvm.IRModule:
 
     packed: dict[tuple, relax.Expr] = {}  # (data address, function) -> packed constant
     call_tir = tvm.ir.Op.get("relax.call_tir")
+    budget = [0]  # bytes this round may still pack
+    replaced = [0]
 
     @relax.expr_functor.mutator
     class Packer(relax.PyExprMutator):
@@ -184,19 +188,59 @@ def pack_constants(mod: tvm.IRModule, prepack: set) -> tvm.IRModule:
                 if source is None:
                     return call
                 key = (source.ctypes.data, call.args[0])
-                if key not in packed:  # one copy, into the aligned buffer the constant shares
+                if key not in packed:
+                    if budget[0] <= 0:
+                        return call  # the next round packs it
+                    budget[0] -= source.nbytes
+                    # one copy, into the aligned buffer the new constant shares
                     packed[key] = _constant(plan.view(source))
                 del source
             except (TypeError, ValueError, BufferError, RuntimeError) as exc:
                 # a dtype numpy cannot hold (bfloat16, sub-byte): TVM evaluates this one
                 log.debug("prepack: %s left to FoldConstant: %s", call.args[0].name_hint, exc)
                 return call
+            replaced[0] += 1
             return packed[key]
 
-    out = tvm.IRModule({}, attrs=mod.attrs, global_infos=mod.global_infos)
-    for gvar, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            func = Packer(mod).visit_expr(func)
-        out[gvar] = func
-    return out
+    # The Relax functions leave the module: from here on they are the only holders of the
+    # sources (the caller emptied the module it gave the split), so replacing a function by
+    # its rewrite frees the sources that rewrite packed. Packing a share of the weights per
+    # round bounds what is resident twice to that share, for one more walk of the function.
+    functions = [(gvar, func) for gvar, func in mod.functions_items()
+                 if isinstance(func, relax.Function)]
+    for gvar, _ in functions:
+        del mod[gvar]
+    share = max(_packable_bytes(functions, plans) // PACK_ROUNDS, MIN_ROUND_BYTES)
+    while True:
+        budget[0], replaced[0] = share, 0
+        functions = [(gvar, Packer(mod).visit_expr(func)) for gvar, func in functions]
+        if not replaced[0]:
+            break
+    for gvar, func in functions:
+        mod[gvar] = func
+    return mod
 
+
+#: Rounds the packing is split into (each walks the Relax functions once more).
+PACK_ROUNDS = 8
+#: Least bytes a round packs (small models: one round).
+MIN_ROUND_BYTES = 32 << 20
+
+
+def _packable_bytes(functions, plans) -> int:
+    from tvm import relax
+
+    total = [0]
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir" \
+                and expr.args[0] in plans:
+            for arg in expr.args[1].fields:
+                value = getattr(arg, "value", None)
+                if hasattr(value, "shape"):
+                    total[0] += int(np.prod([int(d) for d in value.shape])) \
+                        * ((value.dtype.bits * value.dtype.lanes + 7) // 8)
+
+    for _, func in functions:
+        relax.analysis.post_order_visit(func, visit)
+    return total[0]
