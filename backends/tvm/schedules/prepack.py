@@ -21,6 +21,7 @@ Calls it cannot read as such a permutation (anything else a rule might emit) are
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -208,12 +209,13 @@ def pack_constants(mod: tvm.IRModule, prepack: set) -> tvm.IRModule:
     # round bounds what is resident twice to that share, for one more walk of the function.
     functions = [(gvar, func) for gvar, func in mod.functions_items()
                  if isinstance(func, relax.Function)]
-    for gvar, _ in functions:
-        del mod[gvar]
+    for gvar in [g for g, _ in functions]:  # (a loop variable bound to a function would
+        del mod[gvar]                          # keep its weights alive to the end)
     share = max(_packable_bytes(functions, plans) // PACK_ROUNDS, MIN_ROUND_BYTES)
     while True:
         budget[0], replaced[0] = share, 0
         functions = [(gvar, Packer(mod).visit_expr(func)) for gvar, func in functions]
+        gc.collect()  # whatever cycle still holds an old function (a mutator's) goes now
         if not replaced[0]:
             break
     for gvar, func in functions:
