@@ -42,9 +42,11 @@ def _pack(kind: str, wq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_kernel(kind: str, m: int, k: int, n: int, target, seed: int = 0,
-               extremes: bool = False):
+               extremes: bool = False, symbolic: bool = False):
     """Build one kernel, run it on random codes; returns (result, exact reference).
-    ``extremes``: every code -128 or 127 (the largest products and pair sums)."""
+    ``extremes``: every code -128 or 127 (the largest products and pair sums); ``symbolic``:
+    the dot kernel built for any row count, fed ``m`` rows zero-padded to whole row blocks as
+    ``quantized_ops.int8_matmul`` does (the padding rows' output is dropped)."""
     import tvm
 
     rng = np.random.default_rng(seed)
@@ -61,13 +63,19 @@ def run_kernel(kind: str, m: int, k: int, n: int, target, seed: int = 0,
         int8_kernels.activation_dtype(kind))
     packed, comp = _pack(kind, wq)
     func = (int8_kernels.generic_kernel(m, k, n, packed.shape[-1]) if kind == "generic"
-            else int8_kernels.dot_kernel(kind, m, k, n))
+            else int8_kernels.dot_kernel(kind, None if symbolic else m, k, n))
     lib = tvm.tirx.build(func, target=target)
     dev = tvm.cpu()
+    shape = (m, n)
+    if symbolic:
+        rows = int8_kernels.ROWS
+        q = -(-m // rows)
+        a = np.concatenate([a, np.zeros((q * rows - m, k), a.dtype)]).reshape(q, rows, k)
+        shape = (q, rows, n)
     args = [tvm.runtime.tensor(v, dev) for v in (a, packed, comp, scale, bias)]
-    out = tvm.runtime.tensor(np.zeros((m, n), np.float32), dev)
+    out = tvm.runtime.tensor(np.zeros(shape, np.float32), dev)
     lib(*args, out)
-    return out.numpy(), exact
+    return out.numpy().reshape(-1, n)[:m], exact
 
 
 AWKWARD = [(1, 8, 16), (3, 20, 48), (5, 64, 32), (7, 36, 80), (128, 384, 64)]
@@ -109,6 +117,26 @@ def test_avx2_kernel_is_exact(m, k, n, extremes):
     assert int8_kernels.kernel_kind(target) == "avx2"
     got, exact = run_kernel("avx2", m, k, n, target, extremes=extremes)
     np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vnni", "avx2"])
+def test_symbolic_row_dot_kernels_are_exact(kind):
+    """One kernel built for any row count (a dynamic sequence length) equals the int64
+    reference at 1, 37 and 128 rows (partial, odd and whole row blocks), extremes included."""
+    import tvm
+
+    target = _host_target() if kind == "vnni" else tvm.target.Target(V3)
+    if kind == "vnni" and int8_kernels.kernel_kind(target) != "vnni":
+        pytest.skip("this host has no AVX-512 VNNI")
+    from slimc.isa import cpu_flags
+
+    if kind == "avx2" and "avx2" not in (cpu_flags() or set()):
+        pytest.skip("this host has no AVX2")
+    for m, k, n, extremes in ((1, 36, 80 if kind == "avx2" else 96, False),
+                              (37, 384, 64, False), (128, 20, 32, True)):
+        got, exact = run_kernel(kind, m, k + (-k) % 4, n, target, extremes=extremes,
+                                symbolic=True)
+        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-5)
 
 
 def test_kernel_kind_follows_the_target_features():
@@ -281,3 +309,29 @@ def test_layers_above_the_error_bound_keep_float_inputs(hf_dir):
     assert len(kept) == sum(e > bound for e in errors)
     ops = [n.target for n in ir.nodes("call_function")]
     assert OPS["linear_int8"] in ops and OPS["linear_w8a8"] in ops
+
+
+@pytest.mark.parametrize("target,kernel", [("llvm", None), ("x86-64-v3", "avx2")])
+def test_w8a8_dynamic_sequence_uses_the_dot_kernels(hf_dir, tmp_path, dynamic_default, target,
+                                                    kernel):
+    """With the dynamic default (no ``--input``) the linears still run the dot kernels, built
+    for a symbolic row count, and the artifact matches the quantized IR at every checked
+    length (1, 37 and the longest)."""
+    from slimc.targets import resolve_target
+    from tests.w8a8_reference import runs_here
+
+    kernel = kernel or int8_kernels.kernel_kind(resolve_target(target).tvm_target())
+    if kernel == "generic" or not runs_here(target):
+        pytest.skip(f"this CPU runs no dot kernel for {target}")
+    result = slimc.compile_model(hf_dir("bert"), slimc.CompileOptions(
+        pipeline="quantize{weights=int8,activations=int8}", output=tmp_path / "out",
+        target=target, threads=2, cache=False))
+    m = result.manifest
+    v = m["verification"]
+    assert m["model"]["default_sequence"] == "dynamic"
+    assert v["passed"] and v["relative_l2_vs_ir"] < 1e-4
+    assert {1, 37} <= {s["sizes"]["seq"] for s in v["shapes"]}
+    assert all(s["passed"] for s in v["shapes"])
+    symbols = (result.output / "model.so").read_bytes()
+    assert f"w8a8_{kernel}_dynx".encode() in symbols, "no symbolic-row dot kernel"
+    assert b"w8a8_generic" not in symbols

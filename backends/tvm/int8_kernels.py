@@ -189,10 +189,20 @@ def with_rebuild(func, builder: str, *args):
 
 
 @functools.lru_cache(maxsize=256)
-def dot_kernel(kind: str, m: int, k: int, n: int, epilogue: tuple = ()):
+def dot_kernel(kind: str, m: int | None, k: int, n: int, epilogue: tuple = ()):
     """Scheduled PrimFunc ``(a[m,k], w[N/L,K/G,L,G], comp[n], scale[n], bias[n], *vectors,
     y[m,n])``: ``y = epilogue(float(acc - comp) * scale + bias)`` (:mod:`.epilogue`; float32
-    ``y`` without one)."""
+    ``y`` without one).
+
+    ``m`` None: a symbolic row count (a dynamic sequence length). The kernel then reads
+    ``a[q, ROWS, k]`` and writes ``y[q, ROWS, n]``, ``q`` bound from the shape at run time: the
+    caller pads the rows to a multiple of ``ROWS`` and slices ``y`` back
+    (:func:`.quantized_ops.int8_matmul`). Why: tensorize needs the fixed ``ROWS`` x ``TILES``
+    register block, and a row loop split on a symbolic extent carries a predicate that the
+    tensorized block cannot have; with the row block as its own axis nothing is partial.
+    """
+    if m is None:
+        return _dot_kernel_rows(kind, k, n, epilogue)
     from tvm import s_tir, te
 
     intrin, width, act_dtype = _register_intrinsics()[kind]
@@ -246,6 +256,61 @@ def dot_kernel(kind: str, m: int, k: int, n: int, epilogue: tuple = ()):
     name = f"slimc_linear_w8a8_{kind}_{m}x{k}x{n}{epi.suffix(epilogue)}"
     func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     return func if epilogue else with_rebuild(func, "dot", kind, m, k, n)
+
+
+def _dot_kernel_rows(kind: str, k: int, n: int, epilogue: tuple):
+    """:func:`dot_kernel` for a symbolic row count: ``a[q, ROWS, k]`` -> ``y[q, ROWS, n]``."""
+    from slimc.backends.tvm.quantized_ops import row_var
+    from tvm import s_tir, te
+
+    intrin, width, act_dtype = _register_intrinsics()[kind]
+    g = group(kind)
+    q = row_var(None)
+    a = te.placeholder((q, ROWS, k), act_dtype, name="a")
+    w = te.placeholder((n // width, k // g, width, g), "int8", name="w")
+    comp = te.placeholder((n,), "int32", name="comp")
+    scale = te.placeholder((n,), "float32", name="scale")
+    bias = te.placeholder((n,), "float32", name="bias")
+    ko = te.reduce_axis((0, k // g), name="ko")
+    ki = te.reduce_axis((0, g), name="ki")
+    acc = te.compute(
+        (q, ROWS, n // width, width),
+        lambda b, i, jo, ji: te.sum(a[b, i, ko * g + ki].astype("int32")
+                                    * w[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
+        name="acc")
+    vectors = epi.placeholders(epilogue, (n,))
+    y = te.compute((q, ROWS, n), lambda b, i, j: epi.apply(
+        (acc[b, i, j // width, j % width] - comp[j]).astype("float32") * scale[j] + bias[j], j,
+        epilogue, vectors), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y], "int64"))
+
+    tiles = next(t for t in (TILES, 1) if (n // width) % t == 0)
+    out = sch.get_sblock("y")
+    io, ii, j = sch.get_loops(out)
+    jo, jj = sch.split(j, [None, tiles * width])
+    if n * k <= SMALL_WEIGHT_BYTES:
+        sch.reorder(io, jo, ii, jj)
+        outer = sch.fuse(io, jo)
+    else:
+        sch.reorder(jo, io, ii, jj)
+        outer = sch.fuse(jo, io)
+    sch.parallel(outer)
+    _, vec = sch.split(jj, [None, width])
+    sch.vectorize(vec)
+
+    block = sch.get_sblock("acc")
+    sch.compute_at(block, outer)
+    sch.set_scope(block, 0, "local")
+    loops = list(sch.get_loops(block)[1:])
+    cki, cko, cji = loops.pop(), loops.pop(), loops.pop()
+    sch.reorder(cko, *loops, cji, cki)
+    init = sch.decompose_reduction(block, cko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in loops:
+        sch.unroll(loop)
+    sch.tensorize(cji, intrin)
+    name = f"slimc_linear_w8a8_{kind}_dynx{k}x{n}{epi.suffix(epilogue)}"
+    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
 
 
 @functools.lru_cache(maxsize=256)

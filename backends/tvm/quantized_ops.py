@@ -573,8 +573,7 @@ def _convert_w8a8(node, importer):
     m, k = _rows_and_width(x)
     n = _static_shape(weight)[0]
     kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
-    if kind != "generic" and (n % int8_kernels.lanes(kind) or not isinstance(m, int)):
-        # The dot kernels tensorize a fixed row count; symbolic rows run generic.
+    if kind != "generic" and n % int8_kernels.lanes(kind):
         kind = "generic"
     codes = quantize_codes(bb, relax.op.reshape(x, (m, k)), in_mult, zero_point, kind)
     kp = -(-k // int8_kernels.K_MULTIPLE) * int8_kernels.K_MULTIPLE
@@ -637,8 +636,32 @@ def int8_matmul(bb, kind: str, codes, weight, out_scale, bias, zero_point: int, 
     if bias is None:
         bias = relax.const(np.zeros(n, np.float32))
     gvar = add_kernel(bb, func)
+    if kind != "generic" and not isinstance(m, int):
+        return _dot_symbolic_rows(bb, gvar, codes, [packed, comp, out_scale, bias], m, k, n)
     return bb.emit(relax.call_tir(gvar, [codes, packed, comp, out_scale, bias],
                                   relax.TensorType((m, n), "float32")))
+
+
+def _dot_symbolic_rows(bb, gvar, codes, operands, m, k: int, n: int):
+    """Call a symbolic-row dot kernel (``a[q, ROWS, k]``, see ``int8_kernels.dot_kernel``):
+    zero rows pad the ``m`` codes to ``q * ROWS`` (``q = ceil(m / ROWS)``), the extra output
+    rows are sliced off. Why padding rather than a tail kernel: the padded rows cost at most
+    ``ROWS - 1`` rows of register-block work and one copy of the (int8/int16) codes, and the
+    row loop of the kernel stays the fixed register block the instructions are tensorized on."""
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax, tirx
+
+    rows = int8_kernels.ROWS
+    m = tirx.IntImm("int64", m) if isinstance(m, int) else m
+    q = tirx.floordiv(m + rows - 1, rows)
+    dtype = codes.ty.dtype if hasattr(codes.ty, "dtype") else codes.struct_info.dtype
+    pad = bb.emit(relax.op.zeros(relax.ShapeExpr([q * rows - m, k]), dtype))
+    padded = bb.emit(relax.op.concat([codes, pad], axis=0))
+    blocks = bb.emit(relax.op.reshape(padded, (q, rows, k)))
+    y = bb.emit(relax.call_tir(gvar, [blocks, *operands],
+                               relax.TensorType((q, rows, n), "float32")))
+    y = bb.emit(relax.op.reshape(y, (q * rows, n)))
+    return bb.emit(relax.op.strided_slice(y, axes=[0], begin=[0], end=[m]))
 
 
 def _convert_embedding(kind: str):
