@@ -5,7 +5,9 @@ Three artifacts of ``quantize{weights=int8,activations=int8}``, compiled with no
 to ``int8_kernels.ROWS``), ``=fixed`` (the example length, static dot kernels) and dynamic with
 every W8A8 linear forced onto the generic int8 kernel (``int8_kernels.FORCE_KIND``; what the
 dynamic default ran before the dot kernels took symbolic rows; the 1-row pooler too). They are
-timed in this process, interleaved round by round, at ``--length`` tokens; read the ratios.
+timed in this process, interleaved round by round, at ``--length`` tokens, with the float32
+model compiled both ways (what the symbolic length costs outside the W8A8 linears); read the
+ratios.
 
     python benchmarks/w8a8_dynamic_minilm.py --compile-only --workdir /tmp/w8dyn  # not timed
     /work/wt/bench.sh .venv/bin/python benchmarks/w8a8_dynamic_minilm.py --workdir /tmp/w8dyn
@@ -28,7 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = "quantize{weights=int8,activations=int8}"
 ARTIFACTS = {"dynamic (dot)": ("dynamic", None), "fixed (dot)": ("fixed", None),
-             "dynamic (generic)": ("dynamic", "generic")}
+             "dynamic (generic)": ("dynamic", "generic"),
+             # float32 (no pipeline): how much a symbolic length costs the rest of the model
+             "fp32 dynamic": ("dynamic", "fp32"), "fp32 fixed": ("fixed", "fp32")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,10 +57,11 @@ def compile_all(model: str, work: Path, threads: int) -> None:
         if (out / "manifest.json").exists():
             continue
         os.environ["SLIMC_DEFAULT_SEQUENCE"] = sequence
-        int8_kernels.FORCE_KIND = kind
+        int8_kernels.FORCE_KIND = None if kind == "fp32" else kind
         start = time.perf_counter()
-        slimc.compile_model(model, slimc.CompileOptions(pipeline=PIPELINE, output=out,
-                                                        threads=threads, cache=False))
+        slimc.compile_model(model, slimc.CompileOptions(
+            pipeline=None if kind == "fp32" else PIPELINE, output=out, threads=threads,
+            cache=False))
         int8_kernels.FORCE_KIND = None
         print(f"compiled {name} in {time.perf_counter() - start:.0f}s", flush=True)
 
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
         engines[name] = lambda a=arrays, s=art: s.run_arrays(a)
     outs = {name: run() for name, run in engines.items()}
     first = next(iter(outs.values()))
-    for name, out in outs.items():  # the same model: the outputs agree (rounding apart)
+    for name, out in outs.items():  # W8A8 dot vs generic: the same integers
         err = max(float(np.abs(a - b).max()) for a, b in zip(out, first, strict=True))
         print(f"{name}: max |diff| vs dynamic (dot) {err:.2e}")
     times = {name: [] for name in engines}
@@ -103,7 +108,8 @@ def main(argv=None) -> int:
     med = {name: float(np.median(v)) * 1e3 for name, v in times.items()}
     base = med["fixed (dot)"]
     for name, ms in med.items():
-        print(f"length {length}: {name:18s} {ms:8.2f} ms  ({ms / base:.3f}x fixed)")
+        print(f"length {length}: {name:18s} {ms:8.2f} ms  ({ms / base:.3f}x fixed (dot))")
+    print(f"fp32 dynamic / fp32 fixed: {med['fp32 dynamic'] / med['fp32 fixed']:.3f}")
     load = os.getloadavg()
     print(f"threads {args.threads}, {args.rounds} rounds x {args.calls} calls, load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
