@@ -25,6 +25,7 @@ from slimc.errors import UsageError
 from slimc.passmanager import AnalysisManager, PassContext, PassManager
 
 ALL_CRITERIA = ("magnitude", "activation", "taylor", "hessian", "perturbation")
+PERTURBATION_MODES = ("disagree", "all")
 PLOTS = ("sensitivity_vs_cost.png", "latency_by_op.png")
 
 
@@ -58,6 +59,9 @@ class AnalyzeOptions:
     threads: int | None = None
     #: Cores the analysis itself uses (``-j``, :mod:`slimc.jobs`); None: every core.
     jobs: int | None = None
+    #: Layers the perturbation criterion measures: ``disagree`` (where the cheap proxies rank
+    #: them differently, plus anchors; the rest scaled from taylor) or ``all``.
+    perturbation: str = "disagree"
 
 
 @dataclass
@@ -140,7 +144,8 @@ def _analyze(model: str, options: AnalyzeOptions, stage: Callable[[str], None],
         sensitivity[criterion] = ctx.analyses.get(
             "sensitivity", criterion=criterion, bits=tuple(options.bits),
             keep_ratios=tuple(options.keep_ratios), rank_ratios=tuple(options.rank_ratios),
-            reference=options.reference, max_batches=options.max_batches)
+            reference=options.reference, max_batches=options.max_batches,
+            **({"select": options.perturbation} if criterion == "perturbation" else {}))
     analysis = _assemble(ir, loaded, spec, cost, sensitivity, calib)
     stage("write")
     analysis["seconds"] = round(time.perf_counter() - started, 2)
@@ -168,6 +173,10 @@ def _validate_settings(options: AnalyzeOptions) -> None:
     if bad_bits:
         raise UsageError(f"--bits {', '.join(map(str, bad_bits))}: weight bit widths are "
                          "whole numbers from 1 to 16.", hint="For example --bits 8,4.")
+    if options.perturbation not in PERTURBATION_MODES:
+        raise UsageError(f"--perturbation {options.perturbation!r}: measure the layers the "
+                         "cheap criteria disagree on (disagree) or every layer (all).",
+                         hint="Use --perturbation disagree or --perturbation all.")
     if options.seq_len is not None and options.seq_len < 1:
         raise UsageError("--seq-len must be at least 1.")
 

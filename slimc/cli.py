@@ -366,6 +366,10 @@ def analyze_command(
                                                 "kernel timing.")] = None,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Cores the analysis "
                                              "uses (default: all).")] = None,
+    perturbation: Annotated[str, typer.Option(help="Layers the perturbation criterion "
+                                              "measures: 'disagree' (where magnitude, taylor "
+                                              "and hessian rank them differently, plus "
+                                              "anchors) or 'all'.")] = "disagree",
     as_json: Annotated[bool, typer.Option("--json", help="Print a summary as one JSON "
                                           "object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -379,7 +383,8 @@ def analyze_command(
         keep_ratios=_csv(keep_ratios, float, "--keep-ratios"),
         rank_ratios=_csv(rank_ratios, float, "--rank-ratios"), batch_size=batch_size,
         max_batches=max_batches, seq_len=seq_len, inputs=tuple(inputs or ()),
-        measure=measure or rpc is not None, rpc=rpc, threads=threads, jobs=jobs)
+        measure=measure or rpc is not None, rpc=rpc, threads=threads, jobs=jobs,
+        perturbation=perturbation)
     progress = Progress(_show_progress(quiet) and not as_json)
     with progress.running():
         result = analyze_model(model, options, stage=progress.stage)

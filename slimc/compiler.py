@@ -264,6 +264,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
                         f"{[list(o.shape) for o in reference]}; compare on a downstream task"}
             warnings.append(f"fidelity not measured: {fidelity['reason']}.")
 
+        stage("write")
+        write_start = time.perf_counter()  # write_s: inputs, IR, bundle, manifest, report
         np.savez(stage_dir / artifact.EXAMPLE_INPUTS,
                  **{n: x.numpy() for n, x in zip(ir.input_names, example_inputs, strict=True)})
         if options.save_ir:
@@ -297,6 +299,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         (stage_dir / artifact.REPORT).write_text(render_report(manifest))
         manifest, all_timings = artifact.split_timings(manifest)
         artifact.write_json(stage_dir / artifact.MANIFEST, manifest)
+        all_timings["stages"]["write_s"] = time.perf_counter() - write_start
         artifact.write_json(stage_dir / artifact.TIMINGS, all_timings)
     return CompileResult(output.resolve(), manifest, warnings, timings=all_timings)
 

@@ -34,7 +34,8 @@ def test_bad_input_exits_2(cli, hf_dir, tmp_path):
     cases = [("--hardware", "pdp-11", "Unknown hardware"),
              ("--criteria", "magnitude,fisherman", "Unknown sensitivity criterion"),
              ("--calib", str(tmp_path / "missing.txt"), "does not exist"),
-             ("--target", "no-such-target", "Unknown target")]
+             ("--target", "no-such-target", "Unknown target"),
+             ("--perturbation", "some", "--perturbation 'some'")]
     for option, value, message in cases:
         result = cli("analyze", hf_dir("bert"), option, value, "-o", tmp_path / "x")
         assert result.code == 2, (option, result.err)

@@ -50,6 +50,8 @@ class SensitivityAnalysis(AnalysisPass):
         criterion: str = "perturbation"
         #: Probes / label samples per batch for hessian and taylor (None: their default).
         samples: int | None = None
+        #: ``perturbation``: ``disagree`` (measure where the proxies disagree) or ``all``.
+        select: str | None = None
 
     def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> SensitivityResult:
         assert isinstance(options, SensitivityAnalysis.Options)

@@ -157,15 +157,20 @@ class SensitivityCriterion(AnalysisPass):
                                        factors.get(layer.name))
             return self.damage(layer, weight, compressed, setting)
 
-        jobs = [(layer, setting) for layer in layers for setting in settings]
+        chosen = self.scored_layers(ir, ctx, options, layers)
+        scored = [layer for layer in layers if chosen is None or layer.name in chosen]
+        jobs = [(layer, setting) for layer in scored for setting in settings]
         values = iter(self.map_jobs(score, jobs))
+        curves = {layer.name: {setting.key: next(values) for setting in settings}
+                  for layer in scored}
+        if chosen is not None:
+            curves = self.fill_unscored(curves, layers, keys)
         results = {}
         for layer in layers:
-            curve = {setting.key: next(values) for setting in settings}
             results[layer.name] = LayerSensitivity(
                 layer.name, layer.module_type, layer.kind, layer.weight.name,
-                [op.name for op in layer.ops], weights[layer.weight.name].numel(), curve,
-                self.extra(layer))
+                [op.name for op in layer.ops], weights[layer.weight.name].numel(),
+                curves[layer.name], self.extra(layer))
         result = SensitivityResult(self.criterion, keys, options.reference, results, 0.0,
                                    batches)
         if options.groups:
@@ -206,6 +211,18 @@ class SensitivityCriterion(AnalysisPass):
                 layers: list[Layer]) -> int:
         """Gather statistics; returns how many calibration batches were used."""
         return 0
+
+    def scored_layers(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
+                      layers: list[Layer]) -> set[str] | None:
+        """Names of the layers :meth:`damage` scores (None: all, the default); the others get
+        their curves from :meth:`fill_unscored` (``perturbation`` measures only where the
+        proxies disagree, see :mod:`.selective`)."""
+        return None
+
+    def fill_unscored(self, curves: dict[str, dict[str, float]], layers: list[Layer],
+                      keys: list[str]) -> dict[str, dict[str, float]]:
+        """Curves for every layer, given those of the :meth:`scored_layers`."""
+        raise NotImplementedError
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:

@@ -1,4 +1,4 @@
-"""``sensitivity-hessian``: Hessian trace by Hutchinson's estimator (HAWQ-v2).
+"""``sensitivity-hessian``: Hessian trace (HAWQ-v2), by default from the Fisher.
 
 HAWQ ranks layers by ``Tr(H_l) / n_l * ||Q(W_l) - W_l||^2``: the average curvature of the loss
 along the layer's weights times the size of the change. The trace comes from
@@ -11,9 +11,19 @@ terms, so a layer's estimate can come out slightly negative when its curvature i
 estimator's noise; damage uses the estimate clipped at zero (the raw value stays in
 ``extra``). Attention runs in its plain (math) form because
 the fused CPU kernel has no second derivative.
+
+That Gauss-Newton matrix *is* the Fisher of the ``taylor`` criterion (labels sampled from the
+model's softmax for logits, unit Gaussian output noise otherwise: ``E[g g^T] = J^T H_out J``),
+so its trace is the sum of the Fisher diagonal ``taylor`` already computes, with no second
+backward pass. ``estimator=fisher`` (the default) reads it from the shared memo
+(:func:`~.taylor.fisher_diagonal`); ``estimator=hutchinson`` runs the double-backward
+estimator (4 probes per batch; on MiniLM its layer ranking agreed with the Fisher trace's, but
+it cost more than the taylor criterion itself).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
@@ -25,6 +35,7 @@ from slimc.passes.analysis.criteria.execution import (
     run_graph,
     run_with_grad,
 )
+from slimc.passes.analysis.criteria.taylor import TaylorOptions, fisher_diagonal
 from slimc.passes.analysis.layers import Layer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -33,8 +44,12 @@ from slimc.passmanager import PassContext
 
 
 class HessianOptions(SensitivityOptions):
-    #: Rademacher probes per calibration batch (each one Hessian-vector product).
-    samples: int = 4
+    #: ``fisher``: the trace of the taylor criterion's Fisher (shared, no extra backward);
+    #: ``hutchinson``: Rademacher probes through a double backward.
+    estimator: Literal["fisher", "hutchinson"] = "fisher"
+    #: Per calibration batch: Rademacher probes (hutchinson, default 4) or sampled labels
+    #: (fisher, default the taylor criterion's, so the two share one computation).
+    samples: int | None = None
 
 
 def divergence_loss(kind: str, output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -72,7 +87,8 @@ def hutchinson_traces(ir: IR, batch: list[torch.Tensor], names: list[str], sampl
 
 
 class HessianSensitivity(SensitivityCriterion):
-    """Layer sensitivity from the Hessian trace (Hutchinson, HAWQ-v2) times weight error."""
+    """Layer sensitivity from the Hessian trace (Fisher or Hutchinson, HAWQ-v2) times weight
+    error."""
 
     name = "sensitivity-hessian"
     criterion = "hessian"
@@ -81,12 +97,20 @@ class HessianSensitivity(SensitivityCriterion):
     def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
                 layers: list[Layer]) -> int:
         assert isinstance(options, HessianOptions)
+        names = [layer.weight.name for layer in layers]
+        if options.estimator == "fisher":
+            samples = options.samples or TaylorOptions.model_fields["samples"].default
+            fisher, used = fisher_diagonal(ir, ctx, names, options.max_batches, samples,
+                                           options.seed)
+            self._trace = {layer.name: float(fisher[layer.weight.name].sum())
+                           for layer in layers}
+            return used
         batches = calibration_batches(ir, ctx, options.max_batches)
         generator = torch.Generator().manual_seed(options.seed)
-        names = [layer.weight.name for layer in layers]
         totals = dict.fromkeys(names, 0.0)
         for batch in batches:
-            for n, t in hutchinson_traces(ir, batch, names, options.samples, generator).items():
+            for n, t in hutchinson_traces(ir, batch, names, options.samples or 4,
+                                          generator).items():
                 totals[n] += t / len(batches)
         self._trace = {layer.name: totals[layer.weight.name] for layer in layers}
         return len(batches)

@@ -7,9 +7,15 @@ measured (KL for logits, 1 - cosine for embeddings, relative L2 otherwise; see
 with all their units' slices zeroed at once, or a block's residual adds skipped (see
 :mod:`.groups`). It costs one forward pass per (layer or group, setting, batch), which is why it
 processes batches of the captured shape and the settings are options.
+
+By default (``select=disagree``) only the layers the cheap proxies rank differently, plus a few
+anchors, are measured; the others get the ``taylor`` estimate scaled to the measurements (see
+:mod:`.selective`). ``select=all`` measures every layer. Groups are always measured.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
@@ -17,6 +23,7 @@ from slimc.passes.analysis.criteria.candidates import Setting
 from slimc.passes.analysis.criteria.divergence import divergence, output_kind
 from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
 from slimc.passes.analysis.criteria.groups import run_without_block
+from slimc.passes.analysis.criteria.selective import ESTIMATOR, PROXIES, choose_layers, fill_curves
 from slimc.passes.analysis.layers import Layer
 
 from slimc.ir import IR
@@ -44,11 +51,22 @@ def measure_output_change(ir: IR, batches: list[list[torch.Tensor]],
     return total / len(batches)
 
 
+class PerturbationOptions(SensitivityOptions):
+    #: ``disagree``: measure only where the proxies disagree (and the anchors); ``all``: every
+    #: layer.
+    select: Literal["disagree", "all"] = "disagree"
+    #: Smallest spread of a layer's percentile ranks under the proxies that gets it measured.
+    threshold: float = 0.2
+    #: Layers measured regardless, evenly spaced along the proxies' consensus ranking.
+    anchors: int = 5
+
+
 class PerturbationSensitivity(SensitivityCriterion):
     """Layer sensitivity measured: output change with one layer compressed at a time."""
 
     name = "sensitivity-perturbation"
     criterion = "perturbation"
+    Options = PerturbationOptions
 
     def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
                 layers: list[Layer]) -> int:
@@ -56,6 +74,30 @@ class PerturbationSensitivity(SensitivityCriterion):
         self._batches = calibration_batches(ir, ctx, options.max_batches)
         self._references = [run_graph(ir, batch)[0] for batch in self._batches]
         return len(self._batches)
+
+    def scored_layers(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
+                      layers: list[Layer]) -> set[str] | None:
+        """Every layer (``select=all``), or those the proxies disagree on plus the anchors."""
+        assert isinstance(options, PerturbationOptions)
+        self._measured: set[str] | None = None
+        if options.select == "all":
+            return None
+        common = {k: getattr(options, k) for k in SensitivityOptions.model_fields}
+        self._proxies = {name: _proxy(ir, ctx, name, common) for name in PROXIES}
+        self._measured = set(choose_layers(
+            {name: r.scores(options.reference) for name, r in self._proxies.items()},
+            options.threshold, options.anchors))
+        return self._measured
+
+    def fill_unscored(self, curves, layers, keys):
+        """Unmeasured layers: the taylor curve times the per-setting measured/taylor scale."""
+        estimates = {layer.name: self._proxies[ESTIMATOR].layers[layer.name].curve
+                     for layer in layers}
+        return fill_curves(curves, estimates, keys)
+
+    def extra(self, layer: Layer) -> dict[str, float]:
+        """``measured``: 1.0 if the layer's curve was measured, 0.0 if scaled from taylor."""
+        return {"measured": float(self._measured is None or layer.name in self._measured)}
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:
@@ -74,3 +116,17 @@ class PerturbationSensitivity(SensitivityCriterion):
         """Measured: the graph runs with the group's units zeroed (a block: skipped)."""
         return measure_output_change(self._ir, self._batches, self._references, None,
                                      overrides=overrides, skip_adds=candidate.skip_adds)
+
+
+def _proxy(ir: IR, ctx: PassContext, name: str, common: dict):
+    """The proxy criterion ``name``'s result with the same settings, from the analysis manager
+    when there is one (``slimc analyze`` has usually computed it already)."""
+    if ctx.analyses is not None:
+        return ctx.analyses.get(f"sensitivity-{name}", **common)
+    from slimc.passes.analysis.criteria.hessian import HessianSensitivity
+    from slimc.passes.analysis.criteria.magnitude import MagnitudeSensitivity
+    from slimc.passes.analysis.criteria.taylor import TaylorSensitivity
+
+    cls = {"magnitude": MagnitudeSensitivity, "taylor": TaylorSensitivity,
+           "hessian": HessianSensitivity}[name]
+    return cls().run(ir, ctx, cls.Options(**common))

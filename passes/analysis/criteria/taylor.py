@@ -6,9 +6,15 @@ gradient ``E[g^2]``. Gradients are taken on calibration batches with labels *sam
 model's own prediction* (softmax for logits; unit Gaussian noise for embeddings and other
 outputs), which makes ``E[g^2]`` the true Fisher rather than the biased empirical one, and needs
 no labels.
+
+The diagonal is computed once per IR version and options and kept in the context's memo
+(:func:`fisher_diagonal`): the ``hessian`` criterion's default trace is this Fisher's trace
+(the Gauss-Newton matrix it estimates equals the Fisher here), so it costs no second backward.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
@@ -40,6 +46,43 @@ def sampled_label_loss(kind: str, output: torch.Tensor, generator: torch.Generat
     return (output * noise).sum()
 
 
+def fisher_diagonal(ir: IR, ctx: PassContext, names: list[str], max_batches: int,
+                    samples: int, seed: int) -> tuple[dict[str, torch.Tensor], int]:
+    """``E[g^2]`` per weight element of the named weights (in stored orientation) and the
+    number of calibration batches used; computed once per (IR version, arguments) and shared
+    through ``ctx.memo`` by ``taylor`` and the ``hessian`` trace, which both need it."""
+    per_ir = ctx.memo.setdefault("sensitivity-fisher", weakref.WeakKeyDictionary())
+    version, found = per_ir.get(ir, (None, {}))
+    if version != ir.version:
+        found = {}
+        per_ir[ir] = (ir.version, found)
+    key = (tuple(names), max_batches, samples, seed)
+    if key not in found:
+        found[key] = _fisher(ir, ctx, names, max_batches, samples, seed)
+    return found[key]
+
+
+def _fisher(ir: IR, ctx: PassContext, names: list[str], max_batches: int, samples: int,
+            seed: int) -> tuple[dict[str, torch.Tensor], int]:
+    batches = calibration_batches(ir, ctx, max_batches)
+    kind = output_kind(ir.output_names[0])
+    generator = torch.Generator().manual_seed(seed)
+    fisher = {n: torch.zeros_like(ir.weights()[n], dtype=torch.float64) for n in names}
+    draws = 0
+    for batch in batches:
+        leaves = differentiable_weights(ir, names)
+        output = run_with_grad(ir, batch, leaves)[0]
+        for s in range(samples):
+            loss = sampled_label_loss(kind, output, generator)
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names],
+                                        retain_graph=s < samples - 1, allow_unused=True)
+            for n, g in zip(names, grads, strict=True):
+                if g is not None:
+                    fisher[n] += g.double().pow(2)
+            draws += 1
+    return {n: f / draws for n, f in fisher.items()}, len(batches)
+
+
 class TaylorSensitivity(SensitivityCriterion):
     """Layer sensitivity from Fisher-weighted weight error (gradients on calibration data)."""
 
@@ -50,27 +93,12 @@ class TaylorSensitivity(SensitivityCriterion):
     def prepare(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
                 layers: list[Layer]) -> int:
         assert isinstance(options, TaylorOptions)
-        batches = calibration_batches(ir, ctx, options.max_batches)
-        kind = output_kind(ir.output_names[0])
-        generator = torch.Generator().manual_seed(options.seed)
         names = [layer.weight.name for layer in layers]
-        fisher = {n: torch.zeros_like(ir.weights()[n], dtype=torch.float64) for n in names}
-        draws = 0
-        for batch in batches:
-            leaves = differentiable_weights(ir, names)
-            output = run_with_grad(ir, batch, leaves)[0]
-            for s in range(options.samples):
-                loss = sampled_label_loss(kind, output, generator)
-                grads = torch.autograd.grad(loss, [leaves[n] for n in names],
-                                            retain_graph=s < options.samples - 1,
-                                            allow_unused=True)
-                for n, g in zip(names, grads, strict=True):
-                    if g is not None:
-                        fisher[n] += g.double().pow(2)
-                draws += 1
-        self._fisher = {layer.name: layer.canonical(fisher[layer.weight.name] / draws)
+        fisher, used = fisher_diagonal(ir, ctx, names, options.max_batches, options.samples,
+                                       options.seed)
+        self._fisher = {layer.name: layer.canonical(fisher[layer.weight.name])
                         for layer in layers}
-        return len(batches)
+        return used
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:

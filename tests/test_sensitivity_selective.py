@@ -1,0 +1,135 @@
+"""Selective perturbation: which layers get measured, what the others get, and that
+``select=all`` is the criterion as it was (every layer measured); the hessian trace from the
+taylor criterion's Fisher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from slimc.passes.analysis.criteria.candidates import settings_from
+from slimc.passes.analysis.criteria.execution import run_graph
+from slimc.passes.analysis.criteria.perturbation import measure_output_change
+from slimc.passes.analysis.criteria.selective import (
+    choose_layers,
+    fill_curves,
+    rank_percentiles,
+    rank_spread,
+)
+from slimc.passes.analysis.layers import weight_layers
+
+from slimc.analyze import AnalysisContext
+from slimc.capture import capture, load_model
+from slimc.passmanager import AnalysisManager, PassManager
+from slimc.plugins import get_registry
+
+torch.set_num_threads(2)
+SETTINGS = {"bits": (8, 2), "keep_ratios": (0.5,), "rank_ratios": (0.25,), "reference": "q2",
+            "groups": False}
+
+
+def _manager(ir, batches):
+    ctx = AnalysisContext(example_inputs=batches[0], calibration_batches=batches)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
+    return ctx.analyses
+
+
+@pytest.fixture(scope="module")
+def llama(hf_dir):
+    loaded = load_model(hf_dir("llama"))
+    gen = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=gen),
+                "attention_mask": torch.ones(2, 16, dtype=torch.int64)} for _ in range(2)]
+    loaded.example_inputs = batches[0]
+    ir, _ = capture(loaded)
+    return ir, [[b[n] for n in ir.input_names] for b in batches]
+
+
+def test_rank_percentiles_share_ties_and_spread_is_zero_when_proxies_agree():
+    assert rank_percentiles({"a": 1.0, "b": 3.0, "c": 3.0, "d": 9.0}) == {
+        "a": 0.0, "b": 0.5, "c": 0.5, "d": 1.0}
+    same = {"a": 1.0, "b": 2.0, "c": 3.0}
+    doubled = {k: 2 * v for k, v in same.items()}
+    assert rank_spread({"m": same, "t": doubled}) == dict.fromkeys(same, 0.0)
+
+
+def test_choose_layers_takes_disputed_layers_and_anchors():
+    names = [f"l{i}" for i in range(11)]
+    magnitude = {n: float(i) for i, n in enumerate(names)}
+    taylor = dict(magnitude)
+    taylor["l2"], taylor["l8"] = 8.5, 1.5  # the proxies disagree on l2 and l8 only
+    proxies = {"magnitude": magnitude, "taylor": taylor}
+    assert choose_layers(proxies, threshold=0.2, anchors=0) == ["l2", "l8"]
+    # anchors: evenly spaced along the consensus order (l0 ... l10), both ends included
+    assert choose_layers(proxies, threshold=0.2, anchors=3) == ["l0", "l2", "l5", "l8", "l10"]
+    assert choose_layers(proxies, threshold=1.0, anchors=0) == []
+
+
+def test_fill_curves_scales_the_estimate_by_the_median_measured_ratio():
+    estimates = {"a": {"q4": 1.0}, "b": {"q4": 2.0}, "c": {"q4": 4.0}, "d": {"q4": 0.5}}
+    measured = {"a": {"q4": 10.0}, "b": {"q4": 20.0}, "c": {"q4": 400.0}}  # c: proxy wrong
+    filled = fill_curves(measured, estimates, ["q4"])
+    assert filled["c"] == {"q4": 400.0} and filled["a"] == {"q4": 10.0}
+    assert filled["d"]["q4"] == pytest.approx(5.0)  # median ratio 10, not the mean 40
+
+
+def test_select_all_measures_every_layer_as_before(llama):
+    """``select=all``: every curve is the measured output change with that layer alone
+    compressed, exactly the criterion's definition before selection existed."""
+    ir, batches = llama
+    am = _manager(ir, batches)
+    result = am.get("sensitivity", criterion="perturbation", select="all", **SETTINGS)
+    layers = weight_layers(ir)
+    assert all(v.extra["measured"] == 1.0 for v in result.layers.values())
+    references = [run_graph(ir, b)[0] for b in batches]
+    weights = ir.weights()
+    for layer in layers[:4]:
+        weight = layer.canonical(weights[layer.weight.name].detach())
+        for setting in settings_from((8, 2), (0.5,), (0.25,)):
+            compressed = layer.stored(setting.apply(weight, layer.canonical_output_axis))
+            expected = measure_output_change(ir, batches, references, layer.weight.name,
+                                             compressed)
+            assert result.layers[layer.name].curve[setting.key] == pytest.approx(
+                expected, rel=1e-4, abs=1e-9)
+
+
+def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(llama):
+    ir, batches = llama
+    am = _manager(ir, batches)
+    full = am.get("sensitivity", criterion="perturbation", select="all", **SETTINGS)
+    picked = am.get("sensitivity-perturbation", threshold=0.3, anchors=2,
+                    **SETTINGS)  # select=disagree is the default
+    proxies = {c: am.get("sensitivity-" + c, **SETTINGS).scores("q2")
+               for c in ("magnitude", "taylor", "hessian")}
+    expected = set(choose_layers(proxies, threshold=0.3, anchors=2))
+    measured = {n for n, v in picked.layers.items() if v.extra["measured"] == 1.0}
+    assert measured == expected and 2 <= len(measured) < len(picked.layers)
+    spread = rank_spread(proxies)
+    assert all(spread[n] <= 0.3 for n in set(picked.layers) - measured)
+    taylor = am.get("sensitivity-taylor", **SETTINGS)
+    for name, layer in picked.layers.items():
+        if name in measured:  # measured curves are the full criterion's
+            for key, value in layer.curve.items():
+                assert value == pytest.approx(full.layers[name].curve[key], rel=1e-4, abs=1e-9)
+        else:  # the others: taylor's curve times one scale per setting
+            ratios = {k: layer.curve[k] / taylor.layers[name].curve[k]
+                      for k in layer.curve if taylor.layers[name].curve[k] > 0}
+            assert ratios and all(r > 0 for r in ratios.values())
+    # the proxies came from the analysis manager's cache (computed once)
+    assert sum(1 for name, computed in am.history
+               if name == "sensitivity-taylor" and computed) == 1
+
+
+def test_hessian_trace_is_the_taylor_fisher_trace_without_another_backward(llama):
+    ir, batches = llama
+    ctx = AnalysisContext(example_inputs=batches[0], calibration_batches=batches)
+    ctx.analyses = am = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
+    taylor = am.get("sensitivity-taylor", **SETTINGS)
+    hessian = am.get("sensitivity-hessian", **SETTINGS)  # estimator=fisher is the default
+    for name, layer in hessian.layers.items():
+        assert layer.extra["hessian_trace"] == pytest.approx(
+            taylor.layers[name].extra["fisher_trace"], rel=1e-9)
+    memo = ctx.memo["sensitivity-fisher"][ir][1]
+    assert len(memo) == 1  # one Fisher computation served both criteria
+    hutchinson = am.get("sensitivity-hessian", estimator="hutchinson", samples=2, **SETTINGS)
+    assert set(hutchinson.layers) == set(hessian.layers)
+
