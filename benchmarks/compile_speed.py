@@ -68,20 +68,13 @@ def compile_once(name: str, pipeline: str | None, calib: Path) -> dict:
 
 
 def smollm2_dir() -> Path:
-    """SmolLM2-135M as a Hugging Face directory (fp32, with its tokenizer), made once."""
-    out = OUT / "smollm2-hf"
-    if not (out / "config.json").exists():
-        from safetensors.torch import save_model
+    """SmolLM2-135M as a Hugging Face directory (fp32, with its tokenizer), made once: the
+    ``LlamaForCausalLM`` with its tied embedding, as ``generate_smollm2.py`` saves it (writing
+    only the tensors and the GGUF's config lost ``architectures`` and the tied embedding, so
+    slimc loaded a bare ``LlamaModel`` with a random embedding)."""
+    from benchmarks.generate_smollm2 import hf_dir
 
-        from benchmarks.prune_smollm2 import load
-
-        tok, model, _ = load()
-        out.mkdir(parents=True, exist_ok=True)
-        # save_pretrained refuses a model loaded from GGUF: write the fp32 tensors and config
-        save_model(model, str(out / "model.safetensors"))
-        model.config.save_pretrained(out)
-        tok.save_pretrained(out)
-    return out
+    return hf_dir(OUT)
 
 
 def analyze_once(name: str, calib: Path) -> dict:

@@ -333,8 +333,15 @@ def render_markdown(analysis: dict[str, Any], top: int = 10) -> str:
                      f"{r.get('weight_bytes', 0) / 2**20:.2f} |")
     if criterion:
         ref = analysis["sensitivity"][criterion]["reference"]
-        lines += ["", f"## Most sensitive layers ({criterion}, setting {ref})", "",
-                  "| layer | " + " | ".join(analysis["sensitivity"]) + " |",
+        lines += ["", f"## Most sensitive layers ({criterion}, setting {ref})", ""]
+        measured = [row["extra"].get("measured", 1.0) for row in
+                    analysis["sensitivity"][criterion]["layers"].values()]
+        if measured and min(measured) < 1.0:
+            lines += [f"Perturbation measured {int(sum(measured))} of {len(measured)} layers "
+                      "(where magnitude, taylor and hessian rank them differently, and anchors "
+                      "along their common ranking); the others are taylor's estimate scaled to "
+                      "the measurements (`--perturbation all` measures every layer).", ""]
+        lines += ["| layer | " + " | ".join(analysis["sensitivity"]) + " |",
                   "|---|" + "---|" * len(analysis["sensitivity"])]
         for name in sorted(layers, key=lambda n: -layers[n]["sensitivity"].get(criterion, 0))[
                 :top]:

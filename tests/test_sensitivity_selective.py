@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from slimc.passes.analysis.criteria.candidates import settings_from
-from slimc.passes.analysis.criteria.execution import run_graph
+from slimc.passes.analysis.criteria.execution import SuffixRunner, run_graph
 from slimc.passes.analysis.criteria.perturbation import measure_output_change
 from slimc.passes.analysis.criteria.selective import (
     choose_layers,
@@ -133,3 +133,22 @@ def test_hessian_trace_is_the_taylor_fisher_trace_without_another_backward(llama
     hutchinson = am.get("sensitivity-hessian", estimator="hutchinson", samples=2, **SETTINGS)
     assert set(hutchinson.layers) == set(hessian.layers)
 
+
+
+def test_suffix_runner_gives_the_full_forward_with_a_weight_replaced(llama):
+    """Perturbation forwards start at the first op reading the changed weight; the prefix's
+    values come from one reference run. Same outputs as running the whole graph."""
+    ir, batches = llama
+    layers = weight_layers(ir)
+    weights = ir.weights()
+    runner = SuffixRunner(ir, batches[0], [layer.weight.name for layer in layers])
+    starts = {runner.start_of([layer.weight.name]) for layer in layers}
+    assert len(starts) > 4  # later layers really skip a prefix
+    for layer in layers:
+        changed = {layer.weight.name: weights[layer.weight.name] * 0.5}
+        torch.testing.assert_close(runner.run(changed)[0], run_graph(ir, batches[0], changed)[0],
+                                   rtol=0, atol=0)
+    both = {layers[3].weight.name: weights[layers[3].weight.name] * 0,
+            layers[9].weight.name: weights[layers[9].weight.name] * 2}
+    torch.testing.assert_close(runner.run(both)[0], run_graph(ir, batches[0], both)[0],
+                               rtol=0, atol=0)

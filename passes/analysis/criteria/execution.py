@@ -108,3 +108,103 @@ class ActivationRecorder:
 
     def record(self, inputs: Sequence[torch.Tensor]) -> None:
         observe(self._ir, [inputs], {name: self._record for name in self._watch})
+
+
+class SuffixRunner:
+    """Runs an IR's graph on one batch with some weights replaced, from the first op that reads
+    a replaced weight on, reusing the unchanged prefix's values from one reference run.
+
+    A perturbed weight in block ``k`` leaves every op before its first use unchanged, so the
+    ``perturbation`` criterion's per-layer forwards (one per layer, setting and batch) only need
+    the ops from there on: on a 30-block decoder about half the forward on average. The values
+    a suffix needs from its prefix (the residual stream, rotary tables, masks: the *frontier*)
+    are recorded once per batch; the suffix runs node by node (a :class:`torch.fx.Interpreter`)
+    and frees each value after its last use, so its memory is one forward's.
+    """
+
+    def __init__(self, ir: IR, inputs: Sequence[torch.Tensor],
+                 starts: Iterable[str] | None = None) -> None:
+        """``starts``: the weights (placeholder names) whose suffixes will be run (default:
+        every weight); their frontiers are recorded from one reference forward now."""
+        from torch.fx import Interpreter
+
+        self._ir = ir
+        graph = ir.graph_module.graph
+        self._nodes = list(graph.nodes)
+        index = {node: i for i, node in enumerate(self._nodes)}
+        self._index = index
+        self._placeholders = {n.name: n for n in self._nodes if n.op == "placeholder"}
+        self._values = dict(zip(self._placeholders, graph_values(ir, inputs), strict=True))
+        last_use: dict[Node, int] = {}
+        for node in self._nodes:
+            for used in node.all_input_nodes:
+                last_use[used] = index[node]
+        self._last_use = last_use
+        names = list(starts) if starts is not None else [
+            n for n in self._placeholders if n not in self._user_inputs()]
+        self._start = {name: self.start_of([name]) for name in names}
+        needed: set[Node] = set()
+        for start in set(self._start.values()):
+            needed |= self._frontier(start)
+        self._saved: dict[Node, torch.Tensor] = {}
+        interp = Interpreter(ir.graph_module, garbage_collect_values=False)
+        env: dict[Node, object] = {}
+        with torch.no_grad():
+            for node in self._nodes:
+                if node.op == "placeholder":
+                    env[node] = self._values[node.name]
+                elif node.op != "output":
+                    interp.env = env
+                    env[node] = interp.run_node(node)
+                if node in needed:
+                    self._saved[node] = env[node]
+                for used in node.all_input_nodes:
+                    if last_use[used] == index[node] and used.op != "placeholder":
+                        env.pop(used, None)
+
+    def _user_inputs(self) -> set[str]:
+        return {spec.arg.name for spec in self._ir.program.graph_signature.input_specs
+                if spec.kind == InputKind.USER_INPUT}
+
+    def start_of(self, weights: Iterable[str]) -> int:
+        """Index of the first node that reads any of ``weights`` (placeholder names)."""
+        users = [self._index[u] for w in weights for u in self._placeholders[w].users]
+        return min(users, default=len(self._nodes) - 1)
+
+    def _frontier(self, start: int) -> set[Node]:
+        """Non-placeholder nodes before ``start`` whose values are used at or after it."""
+        return {node for node in self._nodes[:start] if node.op != "placeholder"
+                and self._last_use.get(node, -1) >= start}
+
+    def run(self, overrides: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """User outputs with the weights in ``overrides`` (placeholder names) replaced."""
+        from torch.fx import Interpreter
+
+        start = self.start_of(overrides)
+        frontier = self._frontier(start)
+        missing = frontier - self._saved.keys()
+        if missing:  # a start nobody asked for at construction: run the whole graph
+            return run_graph(self._ir, self._inputs(), overrides)
+        interp = Interpreter(self._ir.graph_module, garbage_collect_values=False)
+        env: dict[Node, object] = {node: self._saved[node] for node in frontier}
+        index, last_use = self._index, self._last_use
+        with torch.no_grad():
+            for node in self._nodes:
+                if node.op == "placeholder":
+                    if self._last_use.get(node, -1) >= start:
+                        env[node] = overrides.get(node.name, self._values[node.name])
+                    continue
+                if index[node] < start:
+                    continue
+                interp.env = env
+                if node.op == "output":
+                    return user_outputs(self._ir, interp.run_node(node))
+                env[node] = interp.run_node(node)
+                for used in node.all_input_nodes:
+                    if last_use[used] == index[node]:
+                        env.pop(used, None)
+        raise AssertionError("graph without an output node")
+
+    def _inputs(self) -> list[torch.Tensor]:
+        users = self._user_inputs()
+        return [v for name, v in self._values.items() if name in users]

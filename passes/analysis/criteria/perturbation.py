@@ -21,7 +21,11 @@ import torch
 from slimc.passes.analysis.criteria.base import SensitivityCriterion, SensitivityOptions
 from slimc.passes.analysis.criteria.candidates import Setting
 from slimc.passes.analysis.criteria.divergence import divergence, output_kind
-from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
+from slimc.passes.analysis.criteria.execution import (
+    SuffixRunner,
+    calibration_batches,
+    run_graph,
+)
 from slimc.passes.analysis.criteria.groups import run_without_block
 from slimc.passes.analysis.criteria.selective import ESTIMATOR, PROXIES, choose_layers, fill_curves
 from slimc.passes.analysis.layers import Layer
@@ -34,17 +38,21 @@ def measure_output_change(ir: IR, batches: list[list[torch.Tensor]],
                           references: list[torch.Tensor], weight_name: str | None,
                           compressed: torch.Tensor | None = None, *,
                           overrides: dict[str, torch.Tensor] | None = None,
-                          skip_adds: dict[str, int] | None = None) -> float:
+                          skip_adds: dict[str, int] | None = None,
+                          runners: list[SuffixRunner] | None = None) -> float:
     """Mean divergence of the first output over ``batches`` with one weight replaced (or the
-    weights in ``overrides``; or, with ``skip_adds``, a residual block removed)."""
+    weights in ``overrides``; or, with ``skip_adds``, a residual block removed). ``runners``
+    (one :class:`SuffixRunner` per batch) run only the graph after the first changed op."""
     kind = output_kind(ir.output_names[0])
     replaced = dict(overrides or {})
     if weight_name is not None:
         replaced[weight_name] = compressed
     total = 0.0
-    for batch, reference in zip(batches, references, strict=True):
+    for i, (batch, reference) in enumerate(zip(batches, references, strict=True)):
         if skip_adds:
             output = run_without_block(ir, batch, skip_adds)[0]
+        elif runners is not None:
+            output = runners[i].run(replaced)[0]
         else:
             output = run_graph(ir, batch, replaced)[0]
         total += divergence(kind, reference, output)
@@ -73,6 +81,8 @@ class PerturbationSensitivity(SensitivityCriterion):
         self._ir = ir
         self._batches = calibration_batches(ir, ctx, options.max_batches)
         self._references = [run_graph(ir, batch)[0] for batch in self._batches]
+        weights = sorted({layer.weight.name for layer in layers})
+        self._runners = [SuffixRunner(ir, batch, weights) for batch in self._batches]
         return len(self._batches)
 
     def scored_layers(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
@@ -102,7 +112,8 @@ class PerturbationSensitivity(SensitivityCriterion):
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:
         return measure_output_change(self._ir, self._batches, self._references,
-                                     layer.weight.name, layer.stored(compressed))
+                                     layer.weight.name, layer.stored(compressed),
+                                     runners=self._runners)
 
     def map_jobs(self, fn, jobs: list) -> list[float]:
         """Every score is forwards on small batches: one job per core, each single-threaded
@@ -115,7 +126,8 @@ class PerturbationSensitivity(SensitivityCriterion):
     def group_damage(self, candidate, key, overrides, layers, weights) -> float:
         """Measured: the graph runs with the group's units zeroed (a block: skipped)."""
         return measure_output_change(self._ir, self._batches, self._references, None,
-                                     overrides=overrides, skip_adds=candidate.skip_adds)
+                                     overrides=overrides, skip_adds=candidate.skip_adds,
+                                     runners=self._runners)
 
 
 def _proxy(ir: IR, ctx: PassContext, name: str, common: dict):
