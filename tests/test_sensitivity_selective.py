@@ -65,11 +65,16 @@ def test_choose_layers_takes_disputed_layers_and_anchors():
 
 
 def test_fill_curves_scales_the_estimate_by_the_median_measured_ratio():
-    estimates = {"a": {"q4": 1.0}, "b": {"q4": 2.0}, "c": {"q4": 4.0}, "d": {"q4": 0.5}}
-    measured = {"a": {"q4": 10.0}, "b": {"q4": 20.0}, "c": {"q4": 400.0}}  # c: proxy wrong
-    filled = fill_curves(measured, estimates, ["q4"])
-    assert filled["c"] == {"q4": 400.0} and filled["a"] == {"q4": 10.0}
-    assert filled["d"]["q4"] == pytest.approx(5.0)  # median ratio 10, not the mean 40
+    estimates = {"a": {"q4": 1.0, "q2": 2.0}, "b": {"q4": 2.0, "q2": 3.0},
+                 "c": {"q4": 4.0, "q2": 8.0}, "d": {"q4": 0.5, "q2": 1.0}}
+    measured = {"a": {"q4": 10.0, "q2": 20.0}, "b": {"q4": 20.0}, "c": {"q4": 400.0}}
+    keys = dict.fromkeys(estimates, ["q4", "q2"])
+    filled = fill_curves(measured, estimates, keys)
+    assert filled["a"] == {"q4": 10.0, "q2": 20.0} and filled["c"]["q4"] == 400.0
+    assert filled["b"]["q2"] == pytest.approx(30.0)  # its own measured ratio (10)
+    assert filled["c"]["q2"] == pytest.approx(800.0)  # c's own ratio (100): proxy was wrong
+    assert filled["d"]["q4"] == pytest.approx(5.0)  # median q4 ratio 10, not the mean 40
+    assert filled["d"]["q2"] == pytest.approx(10.0)  # q2: only a measured, ratio 10
 
 
 def test_select_all_measures_every_layer_as_before(llama):
@@ -92,12 +97,14 @@ def test_select_all_measures_every_layer_as_before(llama):
                 expected, rel=1e-4, abs=1e-9)
 
 
-def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(llama):
+@pytest.mark.parametrize("measure_settings", ["reference", "all"])
+def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(llama,
+                                                                          measure_settings):
     ir, batches = llama
     am = _manager(ir, batches)
     full = am.get("sensitivity", criterion="perturbation", select="all", **SETTINGS)
     picked = am.get("sensitivity-perturbation", threshold=0.3, anchors=2,
-                    **SETTINGS)  # select=disagree is the default
+                    measure_settings=measure_settings, **SETTINGS)  # select=disagree: default
     proxies = {c: am.get("sensitivity-" + c, **SETTINGS).scores("q2")
                for c in ("magnitude", "taylor", "hessian")}
     expected = set(choose_layers(proxies, threshold=0.3, anchors=2))
@@ -107,16 +114,36 @@ def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(llama)
     assert all(spread[n] <= 0.3 for n in set(picked.layers) - measured)
     taylor = am.get("sensitivity-taylor", **SETTINGS)
     for name, layer in picked.layers.items():
-        if name in measured:  # measured curves are the full criterion's
-            for key, value in layer.curve.items():
-                assert value == pytest.approx(full.layers[name].curve[key], rel=1e-4, abs=1e-9)
-        else:  # the others: taylor's curve times one scale per setting
-            ratios = {k: layer.curve[k] / taylor.layers[name].curve[k]
-                      for k in layer.curve if taylor.layers[name].curve[k] > 0}
-            assert ratios and all(r > 0 for r in ratios.values())
+        assert set(layer.curve) == set(full.layers[name].curve)
+        exact = (set(layer.curve) if measure_settings == "all" else {"q2"}) \
+            if name in measured else set()
+        for key in exact:  # measured values are the full criterion's
+            assert layer.curve[key] == pytest.approx(full.layers[name].curve[key], rel=1e-4,
+                                                     abs=1e-9)
+        ratios = [layer.curve[k] / taylor.layers[name].curve[k] for k in layer.curve
+                  if k not in exact and taylor.layers[name].curve[k] > 0]
+        if measure_settings == "reference":  # one scale per layer: taylor's shape
+            assert all(r == pytest.approx(ratios[0]) for r in ratios)
+        assert all(r > 0 for r in ratios)
     # the proxies came from the analysis manager's cache (computed once)
     assert sum(1 for name, computed in am.history
                if name == "sensitivity-taylor" and computed) == 1
+
+
+def test_select_disagree_groups_measured_where_proxies_disagree(llama):
+    ir, batches = llama
+    am = _manager(ir, batches)
+    settings = {**SETTINGS, "groups": True}
+    full = am.get("sensitivity-perturbation", select="all", **settings)
+    picked = am.get("sensitivity-perturbation", threshold=0.3, anchors=2, **settings)
+    assert set(picked.groups) == set(full.groups)
+    same = [n for n, g in picked.groups.items() if any(
+        g.curve[k] == pytest.approx(full.groups[n].curve[k], rel=1e-4, abs=1e-12)
+        for k in g.curve)]
+    assert 2 <= len(same) < len(full.groups)  # some measured (incl. anchors), not all
+    for g in picked.groups.values():
+        assert set(g.curve) == set(full.groups[g.name].curve) and all(
+            v >= 0 for v in g.curve.values())
 
 
 def test_hessian_trace_is_the_taylor_fisher_trace_without_another_backward(llama):

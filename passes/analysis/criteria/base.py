@@ -157,14 +157,15 @@ class SensitivityCriterion(AnalysisPass):
                                        factors.get(layer.name))
             return self.damage(layer, weight, compressed, setting)
 
-        chosen = self.scored_layers(ir, ctx, options, layers)
-        scored = [layer for layer in layers if chosen is None or layer.name in chosen]
-        jobs = [(layer, setting) for layer in scored for setting in settings]
-        values = iter(self.map_jobs(score, jobs))
-        curves = {layer.name: {setting.key: next(values) for setting in settings}
-                  for layer in scored}
-        if chosen is not None:
-            curves = self.fill_unscored(curves, layers, keys)
+        items = {layer.name: keys for layer in layers}
+        wanted = self.scored_jobs(ir, ctx, options, "layers", items)
+        jobs = [(layer, setting) for layer in layers for setting in settings
+                if wanted is None or (layer.name, setting.key) in wanted]
+        curves: dict[str, dict[str, float]] = {}
+        for (layer, setting), value in zip(jobs, self.map_jobs(score, jobs), strict=True):
+            curves.setdefault(layer.name, {})[setting.key] = value
+        if wanted is not None:
+            curves = self.fill_unscored("layers", curves, items)
         results = {}
         for layer in layers:
             results[layer.name] = LayerSensitivity(
@@ -190,7 +191,9 @@ class SensitivityCriterion(AnalysisPass):
         result.groups = score_groups(
             candidates, weights,
             lambda cand, key, overrides: self.group_damage(cand, key, overrides, by_weight,
-                                                           weights), self.map_jobs)
+                                                           weights), self.map_jobs,
+            select=lambda items: self.scored_jobs(ir, ctx, options, "groups", items),
+            fill=lambda measured, items: self.fill_unscored("groups", measured, items))
 
     def map_jobs(self, fn: Callable[[Any], float], jobs: list) -> list[float]:
         """``[fn(job) for job in jobs]``: the (layer or group, setting) scores. Criteria whose
@@ -212,16 +215,17 @@ class SensitivityCriterion(AnalysisPass):
         """Gather statistics; returns how many calibration batches were used."""
         return 0
 
-    def scored_layers(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
-                      layers: list[Layer]) -> set[str] | None:
-        """Names of the layers :meth:`damage` scores (None: all, the default); the others get
-        their curves from :meth:`fill_unscored` (``perturbation`` measures only where the
-        proxies disagree, see :mod:`.selective`)."""
+    def scored_jobs(self, ir: IR, ctx: PassContext, options: SensitivityOptions, kind: str,
+                    items: dict[str, list[str]]) -> set[tuple[str, str]] | None:
+        """The (item, setting key) pairs to score for real, of ``items`` (name -> its setting
+        keys; ``kind`` is ``layers`` or ``groups``). None (the default): all of them. The
+        others get their values from :meth:`fill_unscored` (``perturbation`` measures only
+        where the proxies disagree, see :mod:`.selective`)."""
         return None
 
-    def fill_unscored(self, curves: dict[str, dict[str, float]], layers: list[Layer],
-                      keys: list[str]) -> dict[str, dict[str, float]]:
-        """Curves for every layer, given those of the :meth:`scored_layers`."""
+    def fill_unscored(self, kind: str, measured: dict[str, dict[str, float]],
+                      items: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+        """Full curves for every item, given the values of the :meth:`scored_jobs`."""
         raise NotImplementedError
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,

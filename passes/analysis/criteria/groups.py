@@ -166,21 +166,29 @@ def run_without_block(ir: IR, inputs: Sequence[torch.Tensor], skips: Mapping[str
 
 def score_groups(candidates: list[GroupCandidate], weights: Mapping[str, torch.Tensor],
                  damage: Callable[[GroupCandidate, str, dict[str, torch.Tensor]], float],
-                 map_jobs: Callable[[Callable, list], list[float]] | None = None
-                 ) -> dict[str, GroupSensitivity]:
+                 map_jobs: Callable[[Callable, list], list[float]] | None = None, *,
+                 select: Callable[[dict[str, list[str]]], set[tuple[str, str]] | None]
+                 | None = None,
+                 fill: Callable[[dict, dict[str, list[str]]], dict[str, dict[str, float]]]
+                 | None = None) -> dict[str, GroupSensitivity]:
     """``damage(candidate, setting key, weight overrides)`` for every candidate and setting;
-    ``map_jobs(fn, jobs)`` runs the (candidate, key) jobs (default: one after another)."""
-    jobs = [(cand, key) for cand in candidates for key in cand.settings]
-    scored = (map_jobs or (lambda fn, items: [fn(item) for item in items]))(
+    ``map_jobs(fn, jobs)`` runs the (candidate, key) jobs (default: one after another).
+    ``select(items)`` may name the (group, key) pairs to score (None: all) and ``fill`` then
+    completes the curves from those (the selective perturbation criterion)."""
+    items = {cand.name: list(cand.settings) for cand in candidates}
+    wanted = select(items) if select is not None else None
+    jobs = [(cand, key) for cand in candidates for key in cand.settings
+            if wanted is None or (cand.name, key) in wanted]
+    scored = (map_jobs or (lambda fn, jobs: [fn(job) for job in jobs]))(
         lambda job: damage(job[0], job[1], job[0].overrides(job[1], weights)), jobs)
-    values = iter(scored)
-    out = {}
-    for cand in candidates:
-        curve = {key: next(values) for key in cand.settings}
-        out[cand.name] = GroupSensitivity(
-            cand.name, cand.kind, cand.module_path, cand.units, cand.unit_width, cand.params,
-            curve, dict(cand.settings))
-    return out
+    curves: dict[str, dict[str, float]] = {}
+    for (cand, key), value in zip(jobs, scored, strict=True):
+        curves.setdefault(cand.name, {})[key] = value
+    if wanted is not None and fill is not None:
+        curves = fill(curves, items)
+    return {cand.name: GroupSensitivity(cand.name, cand.kind, cand.module_path, cand.units,
+                                        cand.unit_width, cand.params, curves[cand.name],
+                                        dict(cand.settings)) for cand in candidates}
 
 
 def groups_json(groups: Mapping[str, GroupSensitivity]) -> dict[str, Any]:

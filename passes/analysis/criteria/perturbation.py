@@ -67,6 +67,9 @@ class PerturbationOptions(SensitivityOptions):
     threshold: float = 0.2
     #: Layers measured regardless, evenly spaced along the proxies' consensus ranking.
     anchors: int = 5
+    #: Settings a chosen layer is measured at: ``reference`` (its other settings follow the
+    #: taylor curve's shape at the measured level) or ``all``.
+    measure_settings: Literal["reference", "all"] = "reference"
 
 
 class PerturbationSensitivity(SensitivityCriterion):
@@ -85,29 +88,42 @@ class PerturbationSensitivity(SensitivityCriterion):
         self._runners = [SuffixRunner(ir, batch, weights) for batch in self._batches]
         return len(self._batches)
 
-    def scored_layers(self, ir: IR, ctx: PassContext, options: SensitivityOptions,
-                      layers: list[Layer]) -> set[str] | None:
-        """Every layer (``select=all``), or those the proxies disagree on plus the anchors."""
+    def scored_jobs(self, ir: IR, ctx: PassContext, options: SensitivityOptions, kind: str,
+                    items: dict[str, list[str]]) -> set[tuple[str, str]] | None:
+        """Every (layer or group, setting) (``select=all``); else the layers, or groups, the
+        proxies disagree on plus the anchors, at their reference setting (a group's: its
+        middle keep ratio; ``measure_settings=all``: at every setting)."""
         assert isinstance(options, PerturbationOptions)
-        self._measured: set[str] | None = None
+        if not hasattr(self, "_measured"):
+            self._measured: dict[str, set[str] | None] = {}
+        self._measured[kind] = None
         if options.select == "all":
             return None
-        common = {k: getattr(options, k) for k in SensitivityOptions.model_fields}
-        self._proxies = {name: _proxy(ir, ctx, name, common) for name in PROXIES}
-        self._measured = set(choose_layers(
-            {name: r.scores(options.reference) for name, r in self._proxies.items()},
-            options.threshold, options.anchors))
-        return self._measured
+        if not hasattr(self, "_proxies"):
+            common = {k: getattr(options, k) for k in SensitivityOptions.model_fields}
+            self._proxies = {name: _proxy(ir, ctx, name, common) for name in PROXIES}
+        curves = {name: _curves(result, kind) for name, result in self._proxies.items()}
+        if any(set(items) - set(c) for c in curves.values()):
+            return None  # a proxy lacks some group (its groups failed): measure them all
+        ref = {n: options.reference if kind == "layers" else keys[len(keys) // 2]
+               for n, keys in items.items()}
+        chosen = set(choose_layers({p: {n: c[n][ref[n]] for n in items}
+                                    for p, c in curves.items()},
+                                   options.threshold, options.anchors))
+        self._measured[kind] = chosen
+        if options.measure_settings == "all":
+            return {(n, k) for n in chosen for k in items[n]}
+        return {(n, ref[n]) for n in chosen}
 
-    def fill_unscored(self, curves, layers, keys):
-        """Unmeasured layers: the taylor curve times the per-setting measured/taylor scale."""
-        estimates = {layer.name: self._proxies[ESTIMATOR].layers[layer.name].curve
-                     for layer in layers}
-        return fill_curves(curves, estimates, keys)
+    def fill_unscored(self, kind: str, measured: dict[str, dict[str, float]],
+                      items: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+        """Unmeasured values: the taylor curve scaled to the measurements (:mod:`.selective`)."""
+        return fill_curves(measured, _curves(self._proxies[ESTIMATOR], kind), items)
 
     def extra(self, layer: Layer) -> dict[str, float]:
-        """``measured``: 1.0 if the layer's curve was measured, 0.0 if scaled from taylor."""
-        return {"measured": float(self._measured is None or layer.name in self._measured)}
+        """``measured``: 1.0 if the layer was measured, 0.0 if scaled from taylor."""
+        chosen = getattr(self, "_measured", {}).get("layers")
+        return {"measured": float(chosen is None or layer.name in chosen)}
 
     def damage(self, layer: Layer, weight: torch.Tensor, compressed: torch.Tensor,
                setting: Setting) -> float:
@@ -128,6 +144,11 @@ class PerturbationSensitivity(SensitivityCriterion):
         return measure_output_change(self._ir, self._batches, self._references, None,
                                      overrides=overrides, skip_adds=candidate.skip_adds,
                                      runners=self._runners)
+
+
+def _curves(result, kind: str) -> dict[str, dict[str, float]]:
+    found = result.layers if kind == "layers" else result.groups
+    return {name: item.curve for name, item in found.items()}
 
 
 def _proxy(ir: IR, ctx: PassContext, name: str, common: dict):

@@ -69,24 +69,37 @@ def choose_layers(proxy_scores: Mapping[str, Mapping[str, float]], threshold: fl
     return [n for n in names if n in chosen]
 
 
-def scale_estimates(measured: Mapping[str, Mapping[str, float]],
-                    estimates: Mapping[str, Mapping[str, float]],
-                    keys: Sequence[str]) -> dict[str, float]:
-    """Per setting: ``exp(median(log(measured / estimate)))`` over the measured layers where
-    both are positive (1.0 where no layer has both, e.g. a setting nothing changes)."""
-    scales = {}
-    for key in keys:
-        logs = [math.log(m[key] / estimates[n][key]) for n, m in measured.items()
-                if m[key] > 0 and estimates[n][key] > 0]
-        scales[key] = math.exp(median(logs)) if logs else 1.0
-    return scales
+def _log_ratios(measured: Mapping[str, float], estimate: Mapping[str, float]) -> list[float]:
+    return [math.log(v / estimate[k]) for k, v in measured.items()
+            if v > 0 and estimate.get(k, 0) > 0]
 
 
 def fill_curves(measured: Mapping[str, Mapping[str, float]],
                 estimates: Mapping[str, Mapping[str, float]],
-                keys: Sequence[str]) -> dict[str, dict[str, float]]:
-    """A curve for every layer of ``estimates``: measured where measured, else the scaled
-    estimate (see :func:`scale_estimates`)."""
-    scales = scale_estimates(measured, estimates, keys)
-    return {n: dict(measured[n]) if n in measured else
-            {k: est[k] * scales[k] for k in keys} for n, est in estimates.items()}
+                keys_of: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float]]:
+    """A curve over ``keys_of[item]`` for every item: measured values where measured; an
+    item measured at some settings only: its estimate times its own median measured/estimate
+    ratio; an item not measured: its estimate times the median ratio at that setting over the
+    measured items (else over every measured value; 1.0 if nothing positive was measured)."""
+    per_key: dict[str, list[float]] = {}
+    for item, values in measured.items():
+        for key, v in values.items():
+            e = estimates[item].get(key, 0)
+            if v > 0 and e > 0:
+                per_key.setdefault(key, []).append(math.log(v / e))
+    everything = [x for logs in per_key.values() for x in logs]
+    fallback = median(everything) if everything else 0.0
+    out: dict[str, dict[str, float]] = {}
+    for item, keys in keys_of.items():
+        have = dict(measured.get(item, {}))
+        own = _log_ratios(have, estimates[item])
+        for key in keys:
+            if key in have:
+                continue
+            if own:
+                scale = median(own)
+            else:
+                scale = median(per_key[key]) if per_key.get(key) else fallback
+            have[key] = estimates[item].get(key, 0.0) * math.exp(scale)
+        out[item] = {key: have[key] for key in keys}
+    return out
