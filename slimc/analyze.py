@@ -80,21 +80,23 @@ def analyze_model(model: str, options: AnalyzeOptions | None = None, *,
 
     options = options or AnalyzeOptions()
     timings: dict[str, float] = {}
-    marks: list[tuple[str, float]] = []
+    cpu_timings: dict[str, float] = {}
+    marks: list[tuple[str, float, float]] = []
 
-    def timed_stage(name: str) -> None:  # each stage's wall seconds, for analysis.json
-        now = time.perf_counter()
+    def timed_stage(name: str) -> None:  # each stage's wall and CPU seconds, for analysis.json
+        now, cpu = time.perf_counter(), time.process_time()
         if marks:
             timings[marks[-1][0]] = round(now - marks[-1][1], 3)
-        marks.append((name, now))
+            cpu_timings[marks[-1][0]] = round(cpu - marks[-1][2], 3)
+        marks.append((name, now, cpu))
         stage(name)
 
     with compile_jobs(options.jobs):
-        return _analyze(model, options, timed_stage, timings)
+        return _analyze(model, options, timed_stage, timings, cpu_timings)
 
 
 def _analyze(model: str, options: AnalyzeOptions, stage: Callable[[str], None],
-             timings: dict[str, float]) -> AnalyzeResult:
+             timings: dict[str, float], cpu_timings: dict[str, float]) -> AnalyzeResult:
     from slimc.calibration import load_calibration
     from slimc.capture import capture, load_model
     from slimc.loaders.base import parse_overrides
@@ -151,6 +153,9 @@ def _analyze(model: str, options: AnalyzeOptions, stage: Callable[[str], None],
     analysis["seconds"] = round(time.perf_counter() - started, 2)
     #: Wall seconds per stage (``load``, ``capture``, ``cost``, ``sensitivity (NAME)``...).
     analysis["timings"] = dict(timings)
+    #: CPU seconds (all threads of this process) per stage: on a shared host the wall
+    #: seconds above measure the load as much as the analysis.
+    analysis["cpu_timings"] = dict(cpu_timings)
     out = Path(options.output or f"{loaded.name}.analysis")
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "analysis.json", json.dumps(analysis, indent=1, default=_json_default))
