@@ -131,14 +131,6 @@ class PerturbationSensitivity(SensitivityCriterion):
                                      layer.weight.name, layer.stored(compressed),
                                      runners=self._runners)
 
-    def map_jobs(self, fn, jobs: list) -> list[float]:
-        """Every score is forwards on small batches: one job per core, each single-threaded
-        (:func:`slimc.jobs.map_single_threaded`; the graph module is stateless, so jobs share
-        it)."""
-        from slimc.jobs import map_single_threaded
-
-        return map_single_threaded(fn, jobs)
-
     def group_damage(self, candidate, key, overrides, layers, weights) -> float:
         """Measured: the graph runs with the group's units zeroed (a block: skipped)."""
         return measure_output_change(self._ir, self._batches, self._references, None,
