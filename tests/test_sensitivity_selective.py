@@ -103,8 +103,8 @@ def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(llama,
     ir, batches = llama
     am = _manager(ir, batches)
     full = am.get("sensitivity", criterion="perturbation", select="all", **SETTINGS)
-    picked = am.get("sensitivity-perturbation", threshold=0.3, anchors=2,
-                    measure_settings=measure_settings, **SETTINGS)  # select=disagree: default
+    picked = am.get("sensitivity-perturbation", select="disagree", threshold=0.3, anchors=2,
+                    measure_settings=measure_settings, **SETTINGS)
     proxies = {c: am.get("sensitivity-" + c, **SETTINGS).scores("q2")
                for c in ("magnitude", "taylor", "hessian")}
     expected = set(choose_layers(proxies, threshold=0.3, anchors=2))
@@ -135,7 +135,8 @@ def test_select_disagree_groups_measured_where_proxies_disagree(llama):
     am = _manager(ir, batches)
     settings = {**SETTINGS, "groups": True}
     full = am.get("sensitivity-perturbation", select="all", **settings)
-    picked = am.get("sensitivity-perturbation", threshold=0.3, anchors=2, **settings)
+    picked = am.get("sensitivity-perturbation", select="disagree", threshold=0.3, anchors=2,
+                    **settings)
     assert set(picked.groups) == set(full.groups)
     same = [n for n, g in picked.groups.items() if any(
         g.curve[k] == pytest.approx(full.groups[n].curve[k], rel=1e-4, abs=1e-12)

@@ -8,9 +8,10 @@ with all their units' slices zeroed at once, or a block's residual adds skipped 
 :mod:`.groups`). It costs one forward pass per (layer or group, setting, batch), which is why it
 processes batches of the captured shape and the settings are options.
 
-By default (``select=disagree``) only the layers the cheap proxies rank differently, plus a few
-anchors, are measured; the others get the ``taylor`` estimate scaled to the measurements (see
-:mod:`.selective`). ``select=all`` measures every layer. Groups are always measured.
+With ``select=disagree`` (``slimc analyze``'s default) only the layers and groups the cheap
+proxies rank differently, plus a few anchors, are measured; the others get the ``taylor``
+estimate scaled to the measurements (see :mod:`.selective`). ``select=all`` (the pass default)
+measures every layer and group.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ def measure_output_change(ir: IR, batches: list[list[torch.Tensor]],
 
 
 class PerturbationOptions(SensitivityOptions):
-    #: ``disagree``: measure only where the proxies disagree (and the anchors); ``all``: every
-    #: layer.
-    select: Literal["disagree", "all"] = "disagree"
+    #: ``disagree``: measure only where the proxies disagree (and the anchors; ``slimc
+    #: analyze``'s default); ``all``: every layer (the default here, so passes that read this
+    #: criterion, e.g. ``quantize{mixed}`` and ``lowrank{allocation=sensitivity}``, keep
+    #: reading measurements).
+    select: Literal["disagree", "all"] = "all"
     #: Smallest spread of a layer's percentile ranks under the proxies that gets it measured.
     threshold: float = 0.2
     #: Layers measured regardless, evenly spaced along the proxies' consensus ranking.

@@ -3,8 +3,8 @@
 Measuring a layer costs one model forward per (setting, calibration batch); the proxies cost a
 few backward passes for the whole model. On all-MiniLM-L6-v2 the Fisher-weighted ``taylor``
 proxy already ranked layers like the measured criterion (Spearman 0.984 over 40 layers), so
-measuring every layer mostly re-derives a known order. ``select=disagree`` (the default of
-``sensitivity-perturbation``) measures only
+measuring every layer mostly re-derives a known order. ``select=disagree`` (``slimc
+analyze``'s default, ``--perturbation disagree``) measures only
 
 * the layers the cheap proxies (:data:`PROXIES`: ``magnitude``, ``taylor``, ``hessian``) rank
   differently, their percentile ranks at the reference setting spreading by more than
@@ -14,8 +14,10 @@ measuring every layer mostly re-derives a known order. ``select=disagree`` (the 
 
 Every other layer's curve is the ``taylor`` estimate times a per-setting scale: the median
 ratio measured / estimated over the measured layers (in logs, robust to the few layers the
-proxy gets badly wrong, which are the disputed, hence measured, ones). ``select=all`` measures
-every layer (the criterion as it was).
+proxy gets badly wrong, which are the disputed, hence measured, ones). By default a chosen
+layer is measured at the reference setting only, its other settings following the taylor
+curve's shape (``measure_settings=all``: every setting). ``select=all`` measures every layer
+(the criterion as it was, and the pass default).
 """
 
 from __future__ import annotations
