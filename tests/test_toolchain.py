@@ -107,6 +107,8 @@ def test_cold_compiles_are_byte_identical_and_the_cache_serves_them(cli, hf_dir,
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert "timings" not in manifest and (tmp_path / "a" / "timings.json").is_file()
+    stages = json.loads((tmp_path / "a" / "timings.json").read_text())["stages"]
+    assert {"capture_s", "lower_s", "build_s", "write_s"} <= set(stages)  # every stage timed
     assert manifest["provenance"]["files"]["config.json"]
 
     third = cli("compile", bert, "-o", tmp_path / "c", "--json", *BERT_INPUTS,
