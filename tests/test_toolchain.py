@@ -37,8 +37,11 @@ def test_version_help_module_and_completion(cli):
     proc = subprocess.run([sys.executable, "-m", "slimc", "--version"], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.startswith("slimc ")
+    # typer detects the shell from the parent processes unless told not to (its own test
+    # switch); under a detached runner no shell is among them ("Shell  not supported").
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     proc = subprocess.run([sys.executable, "-m", "slimc", "--show-completion", "bash"],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert proc.returncode == 0 and "complete" in proc.stdout
 
 
