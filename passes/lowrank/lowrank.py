@@ -1,8 +1,9 @@
 """``lowrank``: factorize weight matrices into two thinner ones the compiled library really runs.
 
 ``lowrank{method=whiten|svd|asvd, ratio=0.2 | energy=0.9, embeddings=false, round_to=...,
-skip=lm_head}`` replaces ``W[N, K]`` by ``U[N, r] · V[r, K]`` (see :mod:`.factorize` for the
-three methods, :mod:`.rewrite` for the IR edit). The rank of each layer comes from
+skip=lm_head|*.down_proj, only=embeddings|linears|convolutions}`` replaces ``W[N, K]`` by
+``U[N, r] · V[r, K]`` (see :mod:`.factorize` for the three methods, :mod:`.rewrite` for the IR
+edit). The rank of each layer comes from
 
 * ``ratio``: remove this fraction of the *model's* parameters; every factorized layer keeps the
   same fraction of its own (SVD-LLM's uniform allocation), found by bisection so the count is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from typing import Literal
 
 import torch
@@ -71,8 +73,14 @@ class LowRankOptions(PassOptions):
                              "layer whitened on activations of the already-compressed layers "
                              "before it and refitted in closed form (least squares) to the "
                              "dense model's outputs there.")
-    skip: str = Field("", description="Comma-separated glob patterns of layer names to leave "
-                      "dense (e.g. `lm_head,*.down_proj*`).")
+    skip: str = Field("", description="Glob patterns of layer names to leave dense, separated "
+                      "by `|` (or `,` in a recipe): e.g. `lm_head|*.down_proj*` (a `,` inside "
+                      "--pipeline text would end the option).")
+    only: Literal["embeddings", "linears", "convolutions"] | None = Field(
+        None, description="Factorize only this kind of layer (default: linears and "
+        "convolutions, plus embeddings with embeddings=true). `only=embeddings` factorizes the "
+        "embedding tables alone, so a following pass (e.g. prune) can take the rest of a "
+        "budget from the linears.")
     ranks: str = Field("", description="Explicit ranks instead of `ratio`/`energy`: "
                        "comma-separated `LAYER=RANK` (only these layers are factorized, at "
                        "exactly these ranks). What `--budget` searches write into recipes.")
@@ -85,6 +93,9 @@ class LowRankOptions(PassOptions):
         if self.ranks and (self.ratio is not None or self.energy is not None):
             raise ValueError("give either ranks (explicit per layer) or ratio/energy, not both")
         explicit_ranks(self.ranks)
+        if self.only in ("linears", "convolutions") and self.embeddings:
+            raise ValueError(f"only={self.only} excludes embeddings; drop embeddings=true or "
+                             "use only=embeddings")
         return self
 
     @property
@@ -122,6 +133,12 @@ def explicit_ranks(text: str) -> dict[str, int]:
             raise ValueError(f"ranks entry {item!r} is not LAYER=RANK (a positive integer)")
         ranks[name.strip()] = int(rank)
     return ranks
+
+
+def skip_patterns(text: str) -> list[str]:
+    """The ``skip`` option's glob patterns: ``|``-separated, so that several fit in one
+    ``--pipeline`` option (where ``,`` separates options); ``,`` still works in recipes."""
+    return [p.strip() for p in re.split(r"[|,]", text) if p.strip()]
 
 
 def default_round_to(ctx: PassContext) -> int:
@@ -386,12 +403,15 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
     params_before, bytes_before = ir.num_params(), ir.weight_bytes()
     inventory, reasons = coverage.inventory(ir), coverage.default_reasons(ir)
     weight_of = {la.name: la.weight.name for la in find_layers(ir)}
-    patterns = [p.strip() for p in options.skip.split(",") if p.strip()]
+    patterns = skip_patterns(options.skip)
+    only = options.only
     skipped: dict[str, str] = {}
     layers = []
-    for layer in weight_layers(ir, embeddings=options.embeddings):
+    for layer in weight_layers(ir, embeddings=options.embeddings or only == "embeddings"):
         if any(fnmatch.fnmatch(layer.name, p) for p in patterns):
             skipped[layer.name] = "matched skip="
+        elif only is not None and only != ("embeddings" if layer.is_embedding else "linears"):
+            skipped[layer.name] = f"only={only}"
         elif is_factor(layer):
             skipped[layer.name] = "already a low-rank factor"
         else:
@@ -407,6 +427,8 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
             continue
         if any(fnmatch.fnmatch(layer.name, p) for p in patterns):
             skipped[layer.name] = "matched skip="
+        elif only is not None and only != "convolutions":
+            skipped[layer.name] = f"only={only}"
         elif options.ranks:
             skipped[layer.name] = "convolution: ranks= lists linear layers only"
         elif reason := tucker.unsupported(layer):
