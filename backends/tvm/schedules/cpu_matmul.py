@@ -419,11 +419,12 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         else:
             _vectorize_tile(sch, block, len(sch.get_loops(block)) - 1)
 
-    out_shape = _shape_key(sch.get(main).writes[0].source.shape)
+    out_shape = sch.get(main).writes[0].source.shape
     for block in epilogue:
-        if _shape_key(sch.get(block).writes[0].source.shape) != out_shape:
+        if _broadcasts_beyond(sch.get(block).writes[0].source.shape, out_shape):
             # Broadcast into a larger output (a squeeze-excite gate times the feature map):
-            # not an epilogue of the accumulators, so it runs as its own loop nest.
+            # not an epilogue of the accumulators, so it runs as its own loop nest. (A
+            # smaller output is the crop of whole-tile padding: still an epilogue.)
             schedule_block(sch, block, target)
             continue
         try:
@@ -436,9 +437,14 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         schedule_block(sch, block, target)
 
 
-def _shape_key(shape) -> tuple:
-    """A buffer shape as comparable Python values (ints; a symbolic extent by its text)."""
-    return tuple(int(d) if isinstance(d, tirx.IntImm) else str(d) for d in shape)
+def _broadcasts_beyond(shape, accumulated) -> bool:
+    """Whether an epilogue writing ``shape`` covers more than the accumulator tile's buffer
+    ``accumulated``: another rank, or a static extent larger than the accumulator's (symbolic
+    extents are not compared: padded tiles make them differ without a broadcast)."""
+    if len(shape) != len(accumulated):
+        return True
+    return any(isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm)
+               and int(a) > int(b) for a, b in zip(shape, accumulated, strict=True))
 
 
 def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc,
