@@ -262,6 +262,12 @@ def main() -> None:
         engines += [Slimc(f"slimc {fmt} {t}t", compiled[fmt]["dir"], t) for fmt in formats]
         engines.append(LlamaCpp(f"llama.cpp Q4_1 {t}t", gguf, t, max_length))
         engines.append(Torch(f"pytorch eager fp32 {t}t", torch_model, t))
+    # slimc.load(threads=N) sets TVM_NUM_THREADS for the pool TVM creates at the first kernel
+    # run, and that pool never grows past its size (config_threadpool caps at it): loading the
+    # 1-thread engines last left the env at 1, so every "2-thread" slimc row ran on one thread
+    # (prefill and decode did not scale; the 0.88x of the first quiet-window run). Size the pool
+    # for the largest count before anything runs.
+    os.environ["TVM_NUM_THREADS"] = str(max(thread_counts))
     rows: dict[str, dict[str, list]] = {e.name: {"prefill_s": [], "decode_tps": []}
                                         for e in engines}
     tokens_of = {}
