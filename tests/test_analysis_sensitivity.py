@@ -9,32 +9,17 @@ from slimc.passes.analysis.criteria.execution import ActivationRecorder
 from slimc.passes.analysis.criteria.hessian import hutchinson_traces
 from slimc.passes.analysis.layers import weight_layers
 
-from slimc.analyze import AnalysisContext
-from slimc.capture import capture, load_model
+from slimc.capture import capture
 from slimc.errors import UsageError
 from slimc.loaders.base import LoadedModel
-from slimc.passmanager import AnalysisManager, PassManager
-from slimc.plugins import get_registry
+from tests.models import analysis_manager
 
 torch.set_num_threads(2)
 CRITERIA = ("magnitude", "activation", "taylor", "hessian", "perturbation")
 
 
-def _manager(ir, batches):
-    ctx = AnalysisContext(example_inputs=batches[0], calibration_batches=batches)
-    ctx.analyses = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
-    return ctx.analyses
 
 
-@pytest.fixture(scope="module")
-def llama(hf_dir):
-    loaded = load_model(hf_dir("llama"))
-    gen = torch.Generator().manual_seed(3)
-    batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=gen),
-                "attention_mask": torch.ones(2, 16, dtype=torch.int64)} for _ in range(2)]
-    loaded.example_inputs = batches[0]
-    ir, _ = capture(loaded)
-    return ir, [[b[n] for n in ir.input_names] for b in batches]
 
 
 def test_compressions_do_what_they_say():
@@ -47,9 +32,9 @@ def test_compressions_do_what_they_say():
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-def test_every_criterion_scores_every_layer_with_a_curve(llama, criterion):
-    ir, batches = llama
-    am = _manager(ir, batches)
+def test_every_criterion_scores_every_layer_with_a_curve(captured_llama, criterion):
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
     result = am.get("sensitivity", criterion=criterion, bits=(8, 2), keep_ratios=(0.5,),
                     rank_ratios=(0.25,), reference="q8", groups=False)
     layers = weight_layers(ir)
@@ -64,10 +49,10 @@ def test_every_criterion_scores_every_layer_with_a_curve(llama, criterion):
                   rank_ratios=(0.25,), reference="q8", groups=False) is result  # cached
 
 
-def test_unknown_criterion_is_a_usage_error(llama):
-    ir, batches = llama
+def test_unknown_criterion_is_a_usage_error(captured_llama):
+    ir, batches = captured_llama
     with pytest.raises(UsageError, match="Unknown sensitivity criterion 'fisherman'.*magnitude"):
-        _manager(ir, batches).get("sensitivity", criterion="fisherman")
+        analysis_manager(ir, batches).get("sensitivity", criterion="fisherman")
 
 
 def test_activation_recorder_matches_module_hooks():
@@ -116,9 +101,9 @@ def test_hutchinson_trace_matches_exact_hessian_trace():
     assert estimate == pytest.approx(float(exact), rel=0.1)
 
 
-def test_groups_heads_neurons_and_blocks_get_damage_curves(llama):
-    ir, batches = llama
-    am = _manager(ir, batches)
+def test_groups_heads_neurons_and_blocks_get_damage_curves(captured_llama):
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
     kinds = {g.kind for g in am.get("prune-groups").groups}
     result = am.get("sensitivity", criterion="perturbation", bits=(4,), keep_ratios=(),
                     rank_ratios=(), group_keep_ratios=(0.75, 0.5, 0.25))

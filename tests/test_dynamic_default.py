@@ -15,19 +15,9 @@ from slimc.loaders.huggingface import MAX_DEFAULT_SEQUENCE
 from slimc.verify_sizes import COST_RATIO, ODD_LENGTH, fit_cost, longest_within, plan_lengths
 from tests.models import TEXT
 
-MAX_LEN = 256
+MAX_LEN = 256  # conftest's bert256 position table
 
 
-@pytest.fixture(scope="module")
-def bert256(tmp_path_factory):
-    """A tiny random BERT built here: 256 positions (example length 128)."""
-    config = T.BertConfig(**{**TEXT, "max_position_embeddings": MAX_LEN})
-    config.architectures = ["BertModel"]
-    torch.manual_seed(0)
-    model = T.BertModel(config).eval()
-    path = tmp_path_factory.mktemp("bert256") / "bert"
-    model.save_pretrained(path)
-    return str(path), model
 
 
 def test_text_model_compiles_with_a_dynamic_sequence_by_default(bert256, dynamic_default,

@@ -8,26 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers as T
 
 import slimc
 from slimc.errors import UsageError
 from slimc.loaders.base import InputOverride
-from tests.models import TEXT
 
-MAX_LEN = 256
+MAX_LEN = 256  # conftest's bert256 position table
 
 
-@pytest.fixture(scope="module")
-def bert256(tmp_path_factory):
-    """A tiny random BERT whose position table allows 256 tokens (lengths 1, 7, 128, 256)."""
-    config = T.BertConfig(**{**TEXT, "max_position_embeddings": MAX_LEN})
-    config.architectures = ["BertModel"]
-    torch.manual_seed(0)
-    model = T.BertModel(config).eval()
-    path = tmp_path_factory.mktemp("bert256") / "bert"
-    model.save_pretrained(path)
-    return str(path), model
 
 
 def _compile(path, out, *inputs, pipeline=None):

@@ -18,30 +18,17 @@ from slimc.passes.analysis.criteria.selective import (
 from slimc.passes.analysis.layers import weight_layers
 
 from slimc.analyze import AnalysisContext
-from slimc.capture import capture, load_model
 from slimc.passmanager import AnalysisManager, PassManager
 from slimc.plugins import get_registry
+from tests.models import analysis_manager
 
 torch.set_num_threads(2)
 SETTINGS = {"bits": (8, 2), "keep_ratios": (0.5,), "rank_ratios": (0.25,), "reference": "q2",
             "groups": False}
 
 
-def _manager(ir, batches):
-    ctx = AnalysisContext(example_inputs=batches[0], calibration_batches=batches)
-    ctx.analyses = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
-    return ctx.analyses
 
 
-@pytest.fixture(scope="module")
-def llama(hf_dir):
-    loaded = load_model(hf_dir("llama"))
-    gen = torch.Generator().manual_seed(3)
-    batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=gen),
-                "attention_mask": torch.ones(2, 16, dtype=torch.int64)} for _ in range(2)]
-    loaded.example_inputs = batches[0]
-    ir, _ = capture(loaded)
-    return ir, [[b[n] for n in ir.input_names] for b in batches]
 
 
 def test_rank_percentiles_share_ties_and_spread_is_zero_when_proxies_agree():
@@ -77,11 +64,11 @@ def test_fill_curves_scales_the_estimate_by_the_median_measured_ratio():
     assert filled["d"]["q2"] == pytest.approx(10.0)  # q2: only a measured, ratio 10
 
 
-def test_select_all_measures_every_layer_as_before(llama):
+def test_select_all_measures_every_layer_as_before(captured_llama):
     """``select=all``: every curve is the measured output change with that layer alone
     compressed, exactly the criterion's definition before selection existed."""
-    ir, batches = llama
-    am = _manager(ir, batches)
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
     result = am.get("sensitivity", criterion="perturbation", select="all", **SETTINGS)
     layers = weight_layers(ir)
     assert all(v.extra["measured"] == 1.0 for v in result.layers.values())
@@ -98,10 +85,10 @@ def test_select_all_measures_every_layer_as_before(llama):
 
 
 @pytest.mark.parametrize("measure_settings", ["reference", "all"])
-def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(llama,
+def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(captured_llama,
                                                                           measure_settings):
-    ir, batches = llama
-    am = _manager(ir, batches)
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
     full = am.get("sensitivity", criterion="perturbation", select="all", **SETTINGS)
     picked = am.get("sensitivity-perturbation", select="disagree", threshold=0.3, anchors=2,
                     measure_settings=measure_settings, **SETTINGS)
@@ -130,9 +117,9 @@ def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(llama,
                if name == "sensitivity-taylor" and computed) == 1
 
 
-def test_select_disagree_groups_measured_where_proxies_disagree(llama):
-    ir, batches = llama
-    am = _manager(ir, batches)
+def test_select_disagree_groups_measured_where_proxies_disagree(captured_llama):
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
     settings = {**SETTINGS, "groups": True}
     full = am.get("sensitivity-perturbation", select="all", **settings)
     picked = am.get("sensitivity-perturbation", select="disagree", threshold=0.3, anchors=2,
@@ -147,8 +134,8 @@ def test_select_disagree_groups_measured_where_proxies_disagree(llama):
             v >= 0 for v in g.curve.values())
 
 
-def test_hessian_trace_is_the_taylor_fisher_trace_without_another_backward(llama):
-    ir, batches = llama
+def test_hessian_trace_is_the_taylor_fisher_trace_without_another_backward(captured_llama):
+    ir, batches = captured_llama
     ctx = AnalysisContext(example_inputs=batches[0], calibration_batches=batches)
     ctx.analyses = am = AnalysisManager(ir, ctx, PassManager(get_registry().passes).lookup)
     taylor = am.get("sensitivity-taylor", **SETTINGS)
@@ -163,10 +150,10 @@ def test_hessian_trace_is_the_taylor_fisher_trace_without_another_backward(llama
 
 
 
-def test_suffix_runner_gives_the_full_forward_with_a_weight_replaced(llama):
+def test_suffix_runner_gives_the_full_forward_with_a_weight_replaced(captured_llama):
     """Perturbation forwards start at the first op reading the changed weight; the prefix's
     values come from one reference run. Same outputs as running the whole graph."""
-    ir, batches = llama
+    ir, batches = captured_llama
     layers = weight_layers(ir)
     weights = ir.weights()
     runner = SuffixRunner(ir, batches[0], [layer.weight.name for layer in layers])

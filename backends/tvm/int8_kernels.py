@@ -226,33 +226,9 @@ def dot_kernel(kind: str, m: int | None, k: int, n: int, epilogue: tuple = ()):
     sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y]))
 
     rows = next(r for r in (ROWS, 2, 1) if m % r == 0)
-    tiles = next(t for t in (TILES, 1) if (n // width) % t == 0)
-    out = sch.get_sblock("y")
-    i, j = sch.get_loops(out)
+    i, j = sch.get_loops(sch.get_sblock("y"))
     io, ii = sch.split(i, [None, rows])
-    jo, jj = sch.split(j, [None, tiles * width])
-    if n * k <= SMALL_WEIGHT_BYTES:
-        sch.reorder(io, jo, ii, jj)
-        outer = sch.fuse(io, jo)
-    else:
-        sch.reorder(jo, io, ii, jj)
-        outer = sch.fuse(jo, io)
-    sch.parallel(outer)
-    _, vec = sch.split(jj, [None, width])
-    sch.vectorize(vec)
-
-    block = sch.get_sblock("acc")
-    sch.compute_at(block, outer)
-    sch.set_scope(block, 0, "local")
-    # compute_at drops unit loops: the row / tile loops exist only when rows / tiles > 1.
-    loops = list(sch.get_loops(block)[1:])
-    cki, cko, cji = loops.pop(), loops.pop(), loops.pop()
-    sch.reorder(cko, *loops, cji, cki)
-    init = sch.decompose_reduction(block, cko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    for loop in loops:
-        sch.unroll(loop)
-    sch.tensorize(cji, intrin)
+    _tile_and_tensorize(sch, io, ii, j, n, k, width, intrin)
     name = f"slimc_linear_w8a8_{kind}_{m}x{k}x{n}{epi.suffix(epilogue)}"
     func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
     return func if epilogue else with_rebuild(func, "dot", kind, m, k, n)
@@ -284,9 +260,18 @@ def _dot_kernel_rows(kind: str, k: int, n: int, epilogue: tuple):
         epilogue, vectors), name="y")
     sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y], "int64"))
 
+    io, ii, j = sch.get_loops(sch.get_sblock("y"))
+    _tile_and_tensorize(sch, io, ii, j, n, k, width, intrin)
+    name = f"slimc_linear_w8a8_{kind}_dynx{k}x{n}{epi.suffix(epilogue)}"
+    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+
+
+def _tile_and_tensorize(sch, io, ii, j, n: int, k: int, width: int, intrin: str) -> None:
+    """The dot kernels' schedule once the row axis is split into row blocks ``io`` and the
+    register block ``ii`` (fixed rows split it; symbolic rows come as ``a[q, ROWS, k]``):
+    output tiles of ``TILES`` vectors, blocks fused into one parallel loop (weights outer when
+    they do not fit in cache), the accumulator in registers, its lane loop tensorized."""
     tiles = next(t for t in (TILES, 1) if (n // width) % t == 0)
-    out = sch.get_sblock("y")
-    io, ii, j = sch.get_loops(out)
     jo, jj = sch.split(j, [None, tiles * width])
     if n * k <= SMALL_WEIGHT_BYTES:
         sch.reorder(io, jo, ii, jj)
@@ -301,6 +286,7 @@ def _dot_kernel_rows(kind: str, k: int, n: int, epilogue: tuple):
     block = sch.get_sblock("acc")
     sch.compute_at(block, outer)
     sch.set_scope(block, 0, "local")
+    # compute_at drops unit loops: the row / tile loops exist only when rows / tiles > 1.
     loops = list(sch.get_loops(block)[1:])
     cki, cko, cji = loops.pop(), loops.pop(), loops.pop()
     sch.reorder(cko, *loops, cji, cki)
@@ -309,8 +295,6 @@ def _dot_kernel_rows(kind: str, k: int, n: int, epilogue: tuple):
     for loop in loops:
         sch.unroll(loop)
     sch.tensorize(cji, intrin)
-    name = f"slimc_linear_w8a8_{kind}_dynx{k}x{n}{epi.suffix(epilogue)}"
-    return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
 
 
 @functools.lru_cache(maxsize=256)
