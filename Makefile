@@ -6,6 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SLIMC  := $(BIN)/slimc
 DEMO_OUT ?= build/all-MiniLM-L6-v2.arm.slimc
+# Test processes: one per logical CPU (at most 4; each TVM build or qemu run is single-threaded and a
+# worker peaks at ~3 GB). Whole files go to one worker so module fixtures are built once.
+TEST_WORKERS ?= logical --maxprocesses=4
 
 .PHONY: install demo test lint sysroot clean
 
@@ -28,7 +31,7 @@ demo: install sysroot
 	@echo "Artifact: $(DEMO_OUT) (model.so, manifest.json, report.md)"
 
 test: install sysroot
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .
