@@ -14,6 +14,8 @@ from slimc.passes.analysis.criteria.selective import (
     fill_curves,
     rank_percentiles,
     rank_spread,
+    spearman,
+    voters,
 )
 from slimc.passes.analysis.layers import weight_layers
 
@@ -49,6 +51,24 @@ def test_choose_layers_takes_disputed_layers_and_anchors():
     # anchors: evenly spaced along the consensus order (l0 ... l10), both ends included
     assert choose_layers(proxies, threshold=0.2, anchors=3) == ["l0", "l2", "l5", "l8", "l10"]
     assert choose_layers(proxies, threshold=1.0, anchors=0) == []
+
+
+def test_voters_leave_out_a_proxy_that_ranks_unlike_the_estimator():
+    """A proxy whose ranking has nothing to do with taylor's (SmolLM2's magnitude) would make
+    every layer look disputed; it does not vote. The estimator always does."""
+    names = [f"l{i}" for i in range(12)]
+    taylor = {n: float(i) for i, n in enumerate(names)}
+    hessian = {n: 2.0 * v + (3.0 if n == "l4" else 0.0) for n, v in taylor.items()}
+    noise = {n: float((7 * i) % 12) for i, n in enumerate(names)}  # a permutation
+    assert spearman(taylor, hessian) > 0.9 and abs(spearman(taylor, noise)) < 0.3
+    assert spearman(taylor, {n: 1.0 for n in names}) == 0.0  # constant: no agreement
+    proxies = {"magnitude": noise, "taylor": taylor, "hessian": hessian}
+    assert set(voters(proxies, 0.3)) == {"taylor", "hessian"}
+    assert set(voters(proxies, -1.0)) == set(proxies)
+    assert set(voters({"magnitude": noise, "taylor": taylor}, 0.99)) == {"taylor"}
+    # without the noisy proxy only the layers taylor and hessian dispute get measured
+    assert len(choose_layers(voters(proxies, 0.3), 0.1, 0)) < len(
+        choose_layers(proxies, 0.1, 0))
 
 
 def test_fill_curves_scales_the_estimate_by_the_median_measured_ratio():
@@ -94,7 +114,7 @@ def test_select_disagree_measures_the_disputed_layers_and_scales_the_rest(captur
                     measure_settings=measure_settings, **SETTINGS)
     proxies = {c: am.get("sensitivity-" + c, **SETTINGS).scores("q2")
                for c in ("magnitude", "taylor", "hessian")}
-    expected = set(choose_layers(proxies, threshold=0.3, anchors=2))
+    expected = set(choose_layers(voters(proxies, 0.3), threshold=0.3, anchors=2))
     measured = {n for n, v in picked.layers.items() if v.extra["measured"] == 1.0}
     assert measured == expected and 2 <= len(measured) < len(picked.layers)
     spread = rank_spread(proxies)

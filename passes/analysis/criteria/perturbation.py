@@ -28,7 +28,13 @@ from slimc.passes.analysis.criteria.execution import (
     run_graph,
 )
 from slimc.passes.analysis.criteria.groups import run_without_block
-from slimc.passes.analysis.criteria.selective import ESTIMATOR, PROXIES, choose_layers, fill_curves
+from slimc.passes.analysis.criteria.selective import (
+    ESTIMATOR,
+    PROXIES,
+    choose_layers,
+    fill_curves,
+    voters,
+)
 from slimc.passes.analysis.layers import Layer
 
 from slimc.ir import IR
@@ -73,6 +79,9 @@ class PerturbationOptions(SensitivityOptions):
     #: Settings a chosen layer is measured at: ``reference`` (its other settings follow the
     #: taylor curve's shape at the measured level) or ``all``.
     measure_settings: Literal["reference", "all"] = "reference"
+    #: A proxy votes only if its ranking's Spearman with taylor's is at least this (one that
+    #: ranks like noise would make every layer look disputed); -1: every proxy votes.
+    min_agreement: float = 0.3
 
 
 class PerturbationSensitivity(SensitivityCriterion):
@@ -110,9 +119,9 @@ class PerturbationSensitivity(SensitivityCriterion):
             return None  # a proxy lacks some group (its groups failed): measure them all
         ref = {n: options.reference if kind == "layers" else keys[len(keys) // 2]
                for n, keys in items.items()}
-        chosen = set(choose_layers({p: {n: c[n][ref[n]] for n in items}
-                                    for p, c in curves.items()},
-                                   options.threshold, options.anchors))
+        scores = voters({p: {n: c[n][ref[n]] for n in items} for p, c in curves.items()},
+                        options.min_agreement)
+        chosen = set(choose_layers(scores, options.threshold, options.anchors))
         self._measured[kind] = chosen
         if options.measure_settings == "all":
             return {(n, k) for n in chosen for k in items[n]}

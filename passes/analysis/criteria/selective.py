@@ -12,6 +12,13 @@ analyze``'s default, ``--perturbation disagree``) measures only
 * ``anchors`` layers evenly spaced along the proxies' consensus ranking, so the scale between
   proxy and measurement is fitted over the whole range, not only over the disputed layers.
 
+A proxy that does not rank the layers like the estimator at all (Spearman below
+``min_agreement`` with ``taylor``) is left out of the vote (:func:`voters`): its disagreement
+is noise, not a dispute worth a measurement. On SmolLM2-135M magnitude carries no signal
+(Spearman 0.08 with taylor and with the measured criterion: its weights already sit on a 4-bit
+grid), so with it in the vote 146 of 211 layers and all 90 groups were "disputed" and measured
+(779 of 1118 CPU seconds); without it, 16 layers and 8 groups.
+
 Every other layer's curve is the ``taylor`` estimate times a per-setting scale: the median
 ratio measured / estimated over the measured layers (in logs, robust to the few layers the
 proxy gets badly wrong, which are the disputed, hence measured, ones). By default a chosen
@@ -54,6 +61,32 @@ def rank_spread(proxy_scores: Mapping[str, Mapping[str, float]]) -> dict[str, fl
     ranks = [rank_percentiles(scores) for scores in proxy_scores.values()]
     names = list(next(iter(proxy_scores.values())))
     return {n: max(r[n] for r in ranks) - min(r[n] for r in ranks) for n in names}
+
+
+def spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Spearman rank correlation of two score maps over their common keys (ties: mean rank);
+    0.0 when either is constant or fewer than 3 keys are shared."""
+    keys = [k for k in a if k in b]
+    if len(keys) < 3:
+        return 0.0
+    ra = rank_percentiles({k: a[k] for k in keys})
+    rb = rank_percentiles({k: b[k] for k in keys})
+    ma, mb = sum(ra.values()) / len(keys), sum(rb.values()) / len(keys)
+    cov = sum((ra[k] - ma) * (rb[k] - mb) for k in keys)
+    va = sum((ra[k] - ma) ** 2 for k in keys)
+    vb = sum((rb[k] - mb) ** 2 for k in keys)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
+
+
+def voters(proxy_scores: Mapping[str, Mapping[str, float]], min_agreement: float,
+           estimator: str = ESTIMATOR) -> dict[str, Mapping[str, float]]:
+    """The proxies whose ranking agrees with ``estimator``'s (Spearman >= ``min_agreement``;
+    the estimator itself always votes). Without the estimator, every proxy votes."""
+    if estimator not in proxy_scores:
+        return dict(proxy_scores)
+    reference = proxy_scores[estimator]
+    return {name: scores for name, scores in proxy_scores.items()
+            if name == estimator or spearman(scores, reference) >= min_agreement}
 
 
 def choose_layers(proxy_scores: Mapping[str, Mapping[str, float]], threshold: float,
