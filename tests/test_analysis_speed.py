@@ -1,0 +1,47 @@
+"""``slimc analyze`` speed (issue 16): the prunable groups' candidates are computed once for
+every criterion, with per-unit norms gathered in one pass per weight instead of one slice per
+unit; the same units are removed."""
+
+from __future__ import annotations
+
+import torch
+from slimc.passes.analysis.criteria.groups import group_candidates, unit_norms
+
+from tests.models import analysis_manager
+
+
+def _sliced_norms(weights, units) -> torch.Tensor:
+    """The per-unit loop ``group_candidates`` used before (one ``index_select`` per slice)."""
+    norms = torch.zeros(len(units), dtype=torch.float64)
+    for i, unit in enumerate(units):
+        for (w, axis), idx in unit.slices.items():
+            sl = weights[w].detach().index_select(axis, torch.tensor(idx)).double()
+            norms[i] += sl.pow(2).sum()
+    return norms
+
+
+def test_unit_norms_equal_the_per_unit_slices_and_remove_the_same_units(captured_llama):
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
+    groups = am.get("prune-groups").groups
+    weights = ir.weights()
+    assert {g.kind for g in groups} >= {"mlp-channel", "kv-group"}
+    for group in groups:
+        fast, slow = unit_norms(weights, group.units), _sliced_norms(weights, group.units)
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=0)
+        assert fast.argsort().tolist() == slow.argsort().tolist()
+
+
+def test_group_candidates_are_computed_once_for_every_criterion(captured_llama):
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
+    first = group_candidates(ir, am._ctx, (0.75, 0.5))
+    assert group_candidates(ir, am._ctx, (0.75, 0.5)) is first  # the memo's
+    assert group_candidates(ir, am._ctx, (0.5,)) is not first  # other ratios: computed anew
+    settings = {"bits": (8, 4), "keep_ratios": (0.5,), "rank_ratios": (0.5,),
+                "reference": "q4", "groups": True}
+    magnitude = am.get("sensitivity-magnitude", **settings)
+    taylor = am.get("sensitivity-taylor", **settings)
+    assert set(magnitude.groups) == set(taylor.groups) and magnitude.groups
+    for name, group in magnitude.groups.items():
+        assert group.removed == taylor.groups[name].removed
