@@ -368,8 +368,9 @@ def analyze_command(
                                              "uses (default: all).")] = None,
     perturbation: Annotated[str, typer.Option(help="Layers the perturbation criterion "
                                               "measures: 'disagree' (where magnitude, taylor "
-                                              "and hessian rank them differently, plus "
-                                              "anchors) or 'all'.")] = "disagree",
+                                              "and hessian rank them differently, a proxy "
+                                              "unlike taylor left out; plus anchors) or "
+                                              "'all'.")] = "disagree",
     as_json: Annotated[bool, typer.Option("--json", help="Print a summary as one JSON "
                                           "object.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
