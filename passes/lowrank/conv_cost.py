@@ -1,4 +1,5 @@
-"""Is a Tucker-2 (or, 1x1, two-factor) convolution faster than the dense one *on the target*?
+"""Is a factorized layer faster than the dense one *on the target*? Convolutions (Tucker-2, or
+for 1x1 two factors) and linears (two GEMMs) are priced by the same roofline.
 
 Counting multiply-adds is not enough: slimc's CPU backend runs 3x3 stride-1 convolutions on
 large feature maps as Winograd ``F(4x4, 3x3)`` (:class:`slimc.backend.WinogradRule`, from the
@@ -10,7 +11,9 @@ slower. Each conv (dense, and each factor) is priced by the cost analysis's roof
     max(2·multiplies / peak FLOP/s, bytes moved / bandwidth) + per-op overhead,
 
 with the multiplies the target really does and the hardware numbers of the target's entry.
-Without hardware numbers the multiplies alone decide.
+Without hardware numbers the multiplies alone decide. A linear ``W[N, K]`` at rank ``r`` runs
+two GEMMs (``K -> r -> N``) instead of one: fewer multiplies and weight bytes, but an extra
+operator and an extra activation round trip, which decide for small layers and short inputs.
 """
 
 from __future__ import annotations
@@ -55,12 +58,29 @@ class ConvCall:
     def seconds(self, info: TargetInfo | None) -> float:
         """Roofline latency on the target; the multiplies alone (as seconds at 1 FLOP/s)
         when the target has no hardware numbers."""
-        flops = 2.0 * self.multiplies(info)
-        peak = (info.peak_gflops.get("float32") if info is not None else None) or 0.0
-        if not peak or info is None or not info.mem_bandwidth_gbs:
-            return flops
-        return max(flops / (peak * 1e9), self.bytes_moved() / (info.mem_bandwidth_gbs * 1e9)) \
-            + (info.op_overhead_us or 0.0) * 1e-6
+        priced = roofline_seconds(info, self.multiplies(info), self.bytes_moved())
+        return 2.0 * self.multiplies(info) if priced is None else priced
+
+
+def roofline_seconds(info: TargetInfo | None, multiplies: float, bytes_moved: float,
+                     ops: int = 1) -> float | None:
+    """``max(2·multiplies / peak, bytes / bandwidth) + ops x overhead`` with the numbers of the
+    target's hardware entry; None when the target has none (no roofline to ask)."""
+    peak = (info.peak_gflops.get("float32") if info is not None else None) or 0.0
+    if not peak or info is None or not info.mem_bandwidth_gbs:
+        return None
+    return max(2.0 * multiplies / (peak * 1e9), bytes_moved / (info.mem_bandwidth_gbs * 1e9)) \
+        + ops * (info.op_overhead_us or 0.0) * 1e-6
+
+
+def linear_seconds(info: TargetInfo | None, n: int, k: int, tokens: int,
+                   r: int | None = None) -> float | None:
+    """Predicted time of a linear ``[tokens, K] -> [tokens, N]``: one GEMM (``r`` None) or
+    the two GEMMs of its rank-``r`` factors (None: the target has no hardware numbers)."""
+    if r is None:
+        return roofline_seconds(info, tokens * n * k, 4 * (n * k + tokens * (n + k)))
+    return roofline_seconds(info, tokens * r * (n + k),
+                            4 * (r * (n + k) + tokens * (n + k + 2 * r)), ops=2)
 
 
 def calls(layer: Layer, r_out: int | None = None, r_in: int | None = None) -> list[ConvCall]:

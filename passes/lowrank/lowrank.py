@@ -13,10 +13,10 @@ edit). The rank of each layer comes from
 
 Ranks are multiples of ``round_to`` (the target's fp32 vector width by default), and a layer is
 factorized only when that is cheaper: ``r·(N+K) < N·K`` (fewer weights and multiply-adds) and,
-when a target is known, the roofline cost model of :mod:`slimc.passes.analysis.cost` says the two
-GEMMs are faster than the one; a convolution's Tucker-2 form is priced the same way by
-:mod:`.conv_cost`, with the multiplies the target really does (its Winograd 3x3 convs). Every
-layer not factorized is recorded with its reason.
+when the target has hardware numbers (``target-info``), the roofline of :mod:`.conv_cost` says
+the two GEMMs are faster than the one; a convolution's Tucker-2 form is priced by the same
+roofline, with the multiplies the target really does (its Winograd 3x3 convs). Every layer not
+factorized is recorded with its reason.
 """
 
 from __future__ import annotations
@@ -182,24 +182,26 @@ def _tokens(layer) -> int:
     return 1
 
 
-def faster_on_target(hw, n: int, k: int, r: int, tokens: int) -> bool:
-    """Roofline (the cost analysis's model): two GEMMs of rank r against one of N x K."""
-    def latency(flops: float, moved: float, ops: int) -> float:
-        return max(flops / hw.peak_flops("float32"), moved / hw.bandwidth) \
-            + ops * hw.op_overhead_us * 1e-6
-
-    dense = latency(2 * tokens * n * k, 4 * (n * k + tokens * (n + k)), 1)
-    split = latency(2 * tokens * r * (n + k), 4 * (r * (n + k) + tokens * (n + k + 2 * r)), 2)
-    return split < dense
+def linear_worth(info: TargetInfo | None, n: int, k: int, r: int, tokens: int) -> str | None:
+    """Why the two GEMMs of rank ``r`` are not worth it on the target (None: they are, or the
+    target has no hardware numbers): the roofline of :mod:`.conv_cost`, the one convolutions
+    are priced by."""
+    dense = conv_cost.linear_seconds(info, n, k, tokens)
+    split = conv_cost.linear_seconds(info, n, k, tokens, r)
+    if dense is None or split is None or split < dense:
+        return None
+    where = info.hardware or info.target if info is not None else "the target"
+    return (f"rank {r}: the cost model says two GEMMs are slower on {where} "
+            f"({split * 1e6:.1f} us vs {dense * 1e6:.1f} us dense)")
 
 
 def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
-                 options: LowRankOptions, round_to: int, hw,
+                 options: LowRankOptions, round_to: int,
                  skipped: dict[str, str], convs: list = (), batches=(),
                  info: TargetInfo | None = None) -> dict:
     """Rank per layer (only layers worth factorizing): an int for a linear, the channel
-    ranks ``(r_out, r_in)`` for a convolution (``info``: the target's facts for the conv
-    cost model)."""
+    ranks ``(r_out, r_in)`` for a convolution (``info``: the target's facts, whose roofline
+    prices linears and convs alike; without hardware numbers the size rule alone decides)."""
     shapes = {la.name: tuple(la.matrix(ir).shape) for la in layers if la.name in spec}
 
     def worth(name: str, r: int) -> str | None:
@@ -209,9 +211,7 @@ def choose_ranks(ir: IR, layers: list, spec: dict[str, factorize.Spectrum],
         if r * (n + k) >= n * k:
             return (f"rank {r} is not below N·K/(N+K) = {factorize.max_useful_rank(n, k):.0f}: "
                     "two factors would be larger than the matrix")
-        if hw is not None and not faster_on_target(hw, n, k, r, tokens[name]):
-            return f"rank {r}: the cost model says two GEMMs are slower on {hw.name}"
-        return None
+        return linear_worth(info, n, k, r, tokens[name])
 
     tokens = {la.name: _tokens(la) for la in layers}
     if options.ranks:
@@ -445,13 +445,11 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
         spec.update({la.name: None for la in layers if not la.is_embedding})
     else:
         spec = spectra(ir, layers, ctx, options.method, options.alpha, skipped)
-    hw = _hardware(ctx)
     batches = ctx.calibration(SENSITIVITY_BATCHES) if options.allocation == "sensitivity" \
         else ()
     info = ctx.analyses.get("target-info") \
         if ctx.target is not None and ctx.analyses is not None else None
-    ranks = choose_ranks(ir, layers, spec, options, round_to, hw, skipped, convs, batches,
-                         info)
+    ranks = choose_ranks(ir, layers, spec, options, round_to, skipped, convs, batches, info)
     per_layer = {}
     for conv in convs:
         pair = ranks.get(conv.name)
