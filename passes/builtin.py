@@ -12,6 +12,7 @@ from slimc.passes.analysis.model_stats import ModelStatsAnalysis
 from slimc.passes.analysis.sensitivity import SensitivityAnalysis
 from slimc.passes.analysis.target_info import TargetInfoAnalysis
 from slimc.passes.cleanup.eliminate_dead_code import EliminateDeadCode
+from slimc.passes.distill.distill import Distill
 from slimc.passes.lowrank.lowrank import LowRank
 from slimc.passes.prune import Prune, PruneGroupsAnalysis
 from slimc.passes.quantize.quantize import Quantize
@@ -25,4 +26,4 @@ def slimc_register_passes():
     return [ModelStatsAnalysis, EliminateDeadCode, CostAnalysis, SensitivityAnalysis,
             MagnitudeSensitivity, ActivationSensitivity, TaylorSensitivity, HessianSensitivity,
             PerturbationSensitivity, Quantize, PruneGroupsAnalysis, Prune, TargetInfoAnalysis,
-            LowRank, Share]
+            LowRank, Share, Distill]

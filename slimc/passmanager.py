@@ -69,6 +69,9 @@ class TransformPass(Pass):
     kind = "transform"
     #: True when the transform must not change the model's outputs (beyond float noise).
     exact: ClassVar[bool] = False
+    #: True when the transform learns from the model as it was before the pipeline (e.g.
+    #: ``distill``): the pass manager then keeps a clone of it in ``PassContext.original``.
+    needs_original: ClassVar[bool] = False
 
     def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
         raise NotImplementedError
@@ -168,6 +171,10 @@ class PassContext:
     #: the compiler's reference run, the pass manager's before/after checks and the compiler's
     #: post-pipeline run share it instead of each running the same graph again.
     example_outputs: tuple[Any, int, list[torch.Tensor]] | None = None
+    #: The IR as it was before the pipeline's first pass (the teacher of ``distill``); only
+    #: kept while a pass that declares ``needs_original`` is still to run (a model's worth of
+    #: memory).
+    original: IR | None = None
 
     def outputs_on_examples(self, ir: IR) -> list[torch.Tensor]:
         """``ir.run(example_inputs)``, run again only when the IR changed since the last run
@@ -254,7 +261,14 @@ class PassManager:
         am = ctx.analyses or AnalysisManager(ir, ctx, self.lookup)
         ctx.analyses = am
         records: list[PassRecord] = []
-        for inv in pipeline:
+        needing = [i for i, inv in enumerate(pipeline)
+                   if getattr(self.lookup(inv.name), "needs_original", False)]
+        own_original = bool(needing) and ctx.original is None
+        if own_original:
+            ctx.original = ir.clone()
+        for position, inv in enumerate(pipeline):
+            if own_original and position > needing[-1]:
+                ctx.original = own_original = None  # nothing left needs it: let it go
             if on_pass:
                 on_pass(inv)
             cls = self.lookup(inv.name)
@@ -281,6 +295,8 @@ class PassManager:
             records.append(record)
             ctx.log(f"{inv}: {record.seconds:.2f}s, params {params_before:,} -> "
                     f"{record.params_after:,}")
+        if own_original:
+            ctx.original = None
         return records
 
 

@@ -1,0 +1,1 @@
+"""Recovery by knowledge distillation from the original model (the ``distill`` pass)."""

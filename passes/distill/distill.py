@@ -1,0 +1,355 @@
+"""``distill``: recover what earlier passes lost by training the compressed IR to imitate the
+original model on calibration data (knowledge distillation).
+
+``distill{steps=200, lr=1e-4, batch=1, trainable=all|factors|matrices|norms, lora=0,
+loss=auto|kl|mse|cosine, temperature=1, holdout=0.25, seed=0}``
+
+Why a pass and not a training script: pruning, low rank and sharing keep the model's structure
+but move its function; a few hundred optimizer steps against the *original* model (the teacher,
+the IR as it was before the pipeline's first pass, kept by the pass manager for passes that
+declare :attr:`Distill.needs_original`) recover much of it, and the result is still one IR that
+the backend lowers, verifies and builds like any other.
+
+* **Student**: the IR's own graph, run with differentiable weights substituted into its weight
+  placeholders (:func:`~slimc.passes.analysis.criteria.execution.run_with_grad`), so nothing is
+  traced again and every architecture that runs trains. Only float32 *parameters* read by
+  ordinary ATen ops train: quantized codes, their scales and zero points (read by slimc's
+  int8/int4/fp16 ops, which have no gradient) and buffers (rotary tables) stay as they are, so a
+  quantized grid is never silently broken. Put ``distill`` before ``quantize`` to train the
+  weights the quantizer will then round.
+* **What trains**: ``all`` (every such parameter), ``factors`` (only low-rank / shared factor
+  matrices that ``lowrank`` / ``share`` created), ``matrices`` (2-D and larger tensors),
+  ``norms`` (1-D tensors: norm scales and biases). ``lora=R`` trains a rank-R update
+  ``W + B·A`` of each selected matrix instead of the matrix (B starts at zero, so training
+  starts from the compressed model); after training it is folded into ``W``, so the artifact
+  has exactly the ops and parameter count it had before.
+* **Loss** (``auto``): KL divergence of the softmax at ``temperature`` (times T², Hinton et al.)
+  for logits; relative MSE (squared error over the teacher's mean square) for hidden states and
+  anything else; ``cosine`` is 1 - cosine per position. Every floating output the student and
+  teacher share in shape is matched, the mean of their losses is minimised.
+* **Held out**: the last ``holdout`` share of the calibration batches is never trained on; the
+  loss there before and after training is recorded (``held_out_loss_before/after``,
+  ``recovered``). When training did not lower it the weights are left as they were and the
+  summary says so: a recovery pass never makes the model worse on data it did not see.
+* **Deterministic**: the batch order and the adapters' initialisation come from ``seed``;
+  AdamW with a linear warm-up (5% of the steps) and cosine decay, gradients clipped to norm 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from slimc.passes.analysis.criteria.divergence import output_kind
+from slimc.passes.analysis.criteria.execution import graph_values, user_outputs
+from slimc.passes.lowrank.rewrite import FACTOR_NAME
+from torch.export.graph_signature import InputKind
+from torch.fx import Node
+
+from slimc.errors import UsageError
+from slimc.ir import IR, _storage_key
+from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
+
+#: Teacher outputs kept between steps up to this many bytes (else recomputed each time).
+TEACHER_CACHE_BYTES = 1 << 30
+#: Namespaces of ops autograd differentiates; anything else (slimc's quantized ops) is opaque.
+DIFFERENTIABLE_NAMESPACES = frozenset({"aten", "prims"})
+
+
+class DistillOptions(PassOptions):
+    steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Peak learning rate (AdamW; linear "
+                      "warm-up over 5% of the steps, then cosine decay).")
+    batch: int = Field(1, ge=1, le=4096, description="Calibration batches per optimizer step "
+                       "(their gradients are averaged).")
+    trainable: Literal["all", "factors", "matrices", "norms"] = Field(
+        "all", description="Which float parameters train: all; factors (low-rank / shared "
+        "factor matrices only); matrices (2-D and larger); norms (1-D: norm scales, biases).")
+    lora: int = Field(0, ge=0, le=4096, description="Train a rank-`lora` update W + B·A of "
+                      "each selected matrix instead of the matrix itself, folded into W "
+                      "afterwards (0: train the weights directly).")
+    loss: Literal["auto", "kl", "mse", "cosine"] = Field(
+        "auto", description="auto: KL at `temperature` for logits, relative MSE otherwise.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature of the "
+                               "KL loss (the loss is scaled by T²).")
+    holdout: float = Field(0.25, gt=0, lt=1, description="Share of the calibration batches "
+                           "held out of training to measure the loss before and after.")
+    seed: int = Field(0, ge=0, description="Seed of the batch order and adapter init.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillOptions:
+        if self.lora and self.trainable == "norms":
+            raise ValueError("lora adapts matrices; trainable=norms selects only 1-D tensors "
+                             "(use lora=0, or trainable=all|matrices|factors)")
+        return self
+
+
+class Distill(TransformPass):
+    """Train the remaining float weights (or LoRA adapters folded back into them) to match the
+    original model's outputs on calibration data (knowledge distillation)."""
+
+    name = "distill"
+    Options = DistillOptions
+    #: The pass manager keeps a clone of the IR from before the pipeline (the teacher).
+    needs_original: ClassVar[bool] = True
+
+    def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
+        assert isinstance(options, DistillOptions)
+        summary = distill_ir(ir, ctx, options)
+        ir.annotations[self.name] = summary
+        ctx.log(f"distill: held-out loss {summary['held_out_loss_before']:.4g} -> "
+                f"{summary['held_out_loss_after']:.4g} ({summary['trained_params']:,} trained "
+                f"params, {summary['steps']} steps, {summary['seconds']:.1f}s)"
+                + ("" if summary["kept"] else "; not better, weights left unchanged"))
+        return PreservedAnalyses.none() if summary["kept"] else PreservedAnalyses.all()
+
+
+def opaque_use(node: Node) -> bool:
+    """True when ``node`` is an op autograd cannot differentiate (slimc's quantized ops)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace not in DIFFERENTIABLE_NAMESPACES
+    return isinstance(target, torch._ops.HigherOrderOperator)
+
+
+def select_trainable(ir: IR, which: str) -> tuple[list[list[str]], dict[str, int]]:
+    """Groups of weight placeholder names (one group per distinct tensor: tied weights train
+    once) that ``which`` selects, and per reason the number of parameters left frozen."""
+    nodes = {n.name: n for n in ir.nodes("placeholder")}
+    groups: dict[tuple, list[str]] = {}
+    blocked: set[tuple] = set()
+    frozen: dict[str, int] = {}
+
+    def freeze(reason: str, value: torch.Tensor) -> None:
+        frozen[reason] = frozen.get(reason, 0) + value.numel()
+
+    for spec in ir.program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        name = spec.arg.name
+        value = ir.get_weight(nodes[name])
+        key = _storage_key(value)
+        if spec.kind != InputKind.PARAMETER:
+            continue  # buffers and constants (rotary tables, masks) are not model weights
+        if value.dtype != torch.float32 or value.device.type == "meta":
+            freeze("not float32 (quantized codes, fp16/bf16 storage)", value)
+            blocked.add(key)
+            continue
+        if any(opaque_use(user) for user in nodes[name].users):
+            freeze("read by a quantized op (scales, zero points, biases of int8/int4 layers)",
+                   value)
+            blocked.add(key)
+            continue
+        chosen = {"all": True, "factors": bool(FACTOR_NAME.search(name)),
+                  "matrices": value.dim() >= 2, "norms": value.dim() == 1}[which]
+        if not chosen:
+            freeze(f"not selected by trainable={which}", value)
+            continue
+        groups.setdefault(key, []).append(name)
+    return [names for key, names in groups.items() if key not in blocked], frozen
+
+
+def distill_loss(kinds: Sequence[str], outputs: Sequence[torch.Tensor],
+                 teacher: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
+    """Mean over the compared outputs of each output's loss (see the module docstring)."""
+    total = outputs[0].new_zeros(())
+    for kind, out, ref in zip(kinds, outputs, teacher, strict=True):
+        if kind == "kl":
+            log_p = torch.log_softmax(ref.float() / temperature, dim=-1)
+            log_q = torch.log_softmax(out.float() / temperature, dim=-1)
+            loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature ** 2
+        elif kind == "cosine":
+            cos = torch.nn.functional.cosine_similarity(out.float(), ref.float(), dim=-1,
+                                                        eps=1e-12)
+            loss = (1.0 - cos).mean()
+        else:
+            loss = (out.float() - ref.float()).pow(2).mean() / \
+                ref.float().pow(2).mean().clamp_min(1e-12)
+        total = total + loss
+    return total / max(len(kinds), 1)
+
+
+class _Teacher:
+    """The original model's outputs per calibration batch, cached within a memory budget."""
+
+    def __init__(self, original: IR, batches: Sequence[Sequence[torch.Tensor]]) -> None:
+        self._ir = original
+        self._batches = batches
+        self._cache: dict[int, list[torch.Tensor]] = {}
+        self._bytes = 0
+
+    def __call__(self, index: int) -> list[torch.Tensor]:
+        if index in self._cache:
+            return self._cache[index]
+        outputs = [o.detach() for o in self._ir.run(list(self._batches[index]))]
+        size = sum(o.numel() * o.element_size() for o in outputs)
+        if self._bytes + size <= TEACHER_CACHE_BYTES:
+            self._cache[index] = outputs
+            self._bytes += size
+        return outputs
+
+
+def _compared(ir: IR, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+              loss: str) -> tuple[list[int], list[str]]:
+    """Output positions both models produce as floats of one shape, and each one's loss."""
+    positions, kinds = [], []
+    for i, (out, ref) in enumerate(zip(student, teacher, strict=True)):
+        if out.is_floating_point() and ref.is_floating_point() and out.shape == ref.shape:
+            positions.append(i)
+            if loss != "auto":
+                kinds.append(loss)
+            else:
+                kinds.append("kl" if output_kind(ir.output_names[i]) == "logits" else "mse")
+    return positions, kinds
+
+
+def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, Any]:
+    """Train ``ir``'s selected weights against ``ctx.original``; returns the summary."""
+    start = time.perf_counter()
+    original = getattr(ctx, "original", None)
+    if original is None:
+        raise UsageError("distill has no original model to learn from.",
+                         hint="Run it through a pipeline (slimc compile --pipeline ...), whose "
+                         "pass manager keeps the model as it was before the first pass.")
+    batches = [list(b) for b in ctx.calibration_batches]
+    if len(batches) < 2:
+        raise UsageError(
+            f"distill needs at least 2 calibration batches (it trains on some and measures "
+            f"on the others), got {len(batches)}.",
+            hint="Give --calib a text file (or images / .npz) and --calib-batches 8 or more; "
+            "distillation on the one example input would only memorise it.")
+    held = max(1, round(options.holdout * len(batches)))
+    held = min(held, len(batches) - 1)
+    train_idx = list(range(len(batches) - held))
+    held_idx = list(range(len(batches) - held, len(batches)))
+    teacher = _Teacher(original, batches)
+
+    first_student = ir.run(batches[held_idx[0]])
+    positions, kinds = _compared(ir, first_student, teacher(held_idx[0]), options.loss)
+    if not positions:
+        raise UsageError("distill cannot compare this model with its original: no floating "
+                         "output kept its shape (e.g. prune{outputs=prune} narrowed it).",
+                         hint="Leave distill out, or prune without changing the outputs.")
+    groups, frozen = select_trainable(ir, options.trainable)
+    if not groups:
+        raise UsageError(f"distill found no float32 parameters to train with "
+                         f"trainable={options.trainable} (frozen: "
+                         + (", ".join(f"{n:,} {why}" for why, n in frozen.items()) or "none")
+                         + ").", hint="Use trainable=all, or put distill before quantize.")
+    weights = ir.weights()
+    nodes = {n.name: n for n in ir.nodes("placeholder")}
+
+    gen = torch.Generator().manual_seed(options.seed)
+    bases, adapters, params = [], [], []
+    for names in groups:
+        base = weights[names[0]].detach().clone()
+        if options.lora and base.dim() == 2:
+            rank = min(options.lora, *base.shape)
+            a = (torch.randn(rank, base.shape[1], generator=gen) / math.sqrt(base.shape[1]))
+            b = torch.zeros(base.shape[0], rank)
+            adapters.append((a.requires_grad_(True), b.requires_grad_(True)))
+            params += list(adapters[-1])
+            bases.append(base)
+        else:
+            if options.lora and base.dim() != 2:
+                frozen["not a matrix (lora adapts matrices)"] = (
+                    frozen.get("not a matrix (lora adapts matrices)", 0) + base.numel())
+                adapters.append(None)
+                bases.append(base)
+                continue
+            base.requires_grad_(True)
+            adapters.append(None)
+            params.append(base)
+            bases.append(base)
+    if not params:
+        raise UsageError("distill with lora found no weight matrices to adapt.",
+                         hint="Use lora=0 to train the selected tensors directly.")
+
+    def effective() -> list[torch.Tensor]:
+        return [base if pair is None else base + pair[1] @ pair[0]
+                for base, pair in zip(bases, adapters, strict=True)]
+
+    def overrides(values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: value for names, value in zip(groups, values, strict=True)
+                for name in names}
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            values = overrides([v.detach() for v in effective()])
+            total = 0.0
+            for i in held_idx:
+                outs = user_outputs(ir, ir.graph_module(*graph_values(ir, batches[i], values)))
+                refs = teacher(i)
+                total += float(distill_loss(kinds, [outs[p] for p in positions],
+                                            [refs[p] for p in positions], 1.0))
+            return total / len(held_idx)
+
+    before = held_out_loss()
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
+    warm = max(1, options.steps // 20)
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / options.steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    order: list[int] = []
+    curve: list[tuple[int, float]] = []
+    report_every = max(1, options.steps // 10)
+    for step in range(options.steps):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(options.batch):
+            if not order:
+                order = [train_idx[i] for i in torch.randperm(len(train_idx), generator=gen)]
+            index = order.pop()
+            refs = teacher(index)
+            with torch.enable_grad():
+                outs = user_outputs(ir, ir.graph_module(
+                    *graph_values(ir, batches[index], overrides(effective()))))
+                loss = distill_loss(kinds, [outs[p] for p in positions],
+                                    [refs[p] for p in positions], options.temperature)
+                (loss / options.batch).backward()
+            step_loss += float(loss.detach()) / options.batch
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % report_every == 0 or step == options.steps - 1:
+            curve.append((step, round(step_loss, 6)))
+            ctx.log(f"distill: step {step + 1}/{options.steps}, train loss {step_loss:.4g}")
+    after = held_out_loss()
+    kept = math.isfinite(after) and after < before
+    if kept:
+        with torch.no_grad():
+            for names, value in zip(groups, effective(), strict=True):
+                final = value.detach().clone().contiguous()
+                for name in names:
+                    ir.set_weight(nodes[name], final)
+    trained = sum(p.numel() for p in params)
+    tokens = sum(batches[i][0].numel() for i in train_idx)
+    return {
+        "teacher": "the original model (the IR before the pipeline's first pass)",
+        "steps": options.steps,
+        "trainable": options.trainable,
+        "lora": options.lora,
+        "trained_tensors": sum(1 for names in groups),
+        "trained_params": trained,
+        "folded": bool(options.lora),
+        "frozen": frozen,
+        "losses": {ir.output_names[p]: k for p, k in zip(positions, kinds, strict=True)},
+        "temperature": options.temperature,
+        "train_batches": len(train_idx),
+        "held_out_batches": len(held_idx),
+        "train_tokens_seen": options.steps * options.batch * (tokens // max(len(train_idx), 1)),
+        "held_out_loss": "KL at T=1 for logits, relative MSE / 1-cosine otherwise; mean over "
+                         "outputs and held-out batches",
+        "held_out_loss_before": before,
+        "held_out_loss_after": after,
+        "recovered": (1.0 - after / before) if before > 0 else 0.0,
+        "kept": kept,
+        "train_curve": curve,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
