@@ -28,6 +28,31 @@ def _coverage(pipeline: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _distillation(pipeline: list[dict[str, Any]]) -> list[str]:
+    """What each ``distill`` pass trained and what it recovered on held-out calibration data."""
+    entries = [p for p in pipeline if p["pass"] == "distill" and isinstance(p.get("summary"),
+                                                                           dict)]
+    if not entries:
+        return []
+    lines = ["", "## Distillation", ""]
+    for p in entries:
+        d = p["summary"]
+        trained = (f"LoRA rank {d['lora']} adapters ({d['trained_params']:,} params) on "
+                   f"{d['trained_tensors']} tensor(s), folded back into them" if d["lora"]
+                   else f"{d['trained_params']:,} params in {d['trained_tensors']} tensor(s)")
+        lines.append(f"- teacher: {d['teacher']}; trained ({d['trainable']}): {trained}; "
+                     f"{d['steps']} steps on {d['train_batches']} calibration batches "
+                     f"({d['train_tokens_seen']:,} tokens seen), {d['seconds']:.1f}s.")
+        lines.append(f"- held-out loss ({d['held_out_batches']} calibration batches never "
+                     f"trained on; {d['held_out_loss']}): {d['held_out_loss_before']:.4g} -> "
+                     f"{d['held_out_loss_after']:.4g}, **recovered {d['recovered']:.1%}**"
+                     + ("" if d["kept"] else "; not better, so the weights were left as they "
+                        "were") + ".")
+        for why, count in d["frozen"].items():
+            lines.append(f"- left frozen: {count:,} params, {why}.")
+    return lines
+
+
 def _search(entry: dict[str, Any] | None) -> list[str]:
     """What the budget / -O search tried and why it chose what it chose."""
     if not entry:
@@ -81,6 +106,7 @@ def render_report(m: dict[str, Any]) -> str:
     else:
         lines.append("No passes (`-O0`): the artifact computes exactly what the model does.")
     lines += _coverage(m["pipeline"])
+    lines += _distillation(m["pipeline"])
     lines += _search(m.get("search"))
     v = m["verification"]
     lines += ["", "## Verification", ""]

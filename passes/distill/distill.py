@@ -54,8 +54,10 @@ from slimc.errors import UsageError
 from slimc.ir import IR, _storage_key
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
-#: Teacher outputs kept between steps up to this many bytes (else recomputed each time).
-TEACHER_CACHE_BYTES = 1 << 30
+#: Teacher outputs kept between steps up to this many bytes (else recomputed each time); kept
+#: as float16 (a causal LM's logits are 50k floats per token: half the memory, and a target
+#: rounded to 1e-3 relative changes nothing a few hundred steps can learn).
+TEACHER_CACHE_BYTES = 1 << 29
 #: Namespaces of ops autograd differentiates; anything else (slimc's quantized ops) is opaque.
 DIFFERENTIABLE_NAMESPACES = frozenset({"aten", "prims"})
 
@@ -120,6 +122,7 @@ def select_trainable(ir: IR, which: str) -> tuple[list[list[str]], dict[str, int
     """Groups of weight placeholder names (one group per distinct tensor: tied weights train
     once) that ``which`` selects, and per reason the number of parameters left frozen."""
     nodes = {n.name: n for n in ir.nodes("placeholder")}
+    upstream = _upstream_of_gradient_free_ops(ir)
     groups: dict[tuple, list[str]] = {}
     blocked: set[tuple] = set()
     frozen: dict[str, int] = {}
@@ -144,6 +147,11 @@ def select_trainable(ir: IR, which: str) -> tuple[list[list[str]], dict[str, int
                    value)
             blocked.add(key)
             continue
+        if name in upstream:
+            freeze("upstream of a quantized op with no gradient (quantized convolutions, "
+                   "expert gathers): put distill before quantize", value)
+            blocked.add(key)
+            continue
         chosen = {"all": True, "factors": bool(FACTOR_NAME.search(name)),
                   "matrices": value.dim() >= 2, "norms": value.dim() == 1}[which]
         if not chosen:
@@ -151,6 +159,22 @@ def select_trainable(ir: IR, which: str) -> tuple[list[list[str]], dict[str, int
             continue
         groups.setdefault(key, []).append(name)
     return [names for key, names in groups.items() if key not in blocked], frozen
+
+
+def _upstream_of_gradient_free_ops(ir: IR) -> set[str]:
+    """Placeholder names whose values reach an opaque op autograd cannot pass through."""
+    from .gradients import differentiable
+
+    stack = [n for n in ir.nodes("call_function") if opaque_use(n)
+             and not differentiable(getattr(n.target, "_opname", ""))]
+    seen: set[Node] = set()
+    while stack:
+        node = stack.pop()
+        for source in node.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                stack.append(source)
+    return {n.name for n in seen if n.op == "placeholder"}
 
 
 def distill_loss(kinds: Sequence[str], outputs: Sequence[torch.Tensor],
@@ -186,10 +210,13 @@ class _Teacher:
         if index in self._cache:
             return self._cache[index]
         outputs = [o.detach() for o in self._ir.run(list(self._batches[index]))]
-        size = sum(o.numel() * o.element_size() for o in outputs)
+        stored = [o.half() if o.dtype == torch.float32 and o.abs().max() < 6e4 else o
+                  for o in outputs]
+        size = sum(o.numel() * o.element_size() for o in stored)
         if self._bytes + size <= TEACHER_CACHE_BYTES:
-            self._cache[index] = outputs
+            self._cache[index] = stored
             self._bytes += size
+            return stored
         return outputs
 
 
