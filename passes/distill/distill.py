@@ -91,8 +91,10 @@ class DistillOptions(PassOptions):
 
 
 class Distill(TransformPass):
-    """Train the remaining float weights (or LoRA adapters folded back into them) to match the
-    original model's outputs on calibration data (knowledge distillation)."""
+    """Knowledge distillation: train the float weights to match the original model on --calib.
+
+    The remaining float32 parameters (or LoRA adapters, folded back into them) learn the
+    original model's outputs; the loss on held-out calibration batches is recorded."""
 
     name = "distill"
     Options = DistillOptions
