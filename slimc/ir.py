@@ -435,9 +435,17 @@ class IR:
 
     # -- services for passes ------------------------------------------------------------
 
-    def clone(self) -> IR:
+    def clone(self, share_weights: bool = False) -> IR:
         """An independent copy (graph, weights, annotations): edit it without touching this
-        one, e.g. to try a transform and keep the original if it fails."""
+        one, e.g. to try a transform and keep the original if it fails.
+
+        ``share_weights``: the copy's weight tables are its own but hold this IR's tensors
+        instead of copies. Passes replace weights (:meth:`set_weight`, :meth:`add_weight`),
+        they never write into one, so such a copy can be transformed without touching this
+        IR while costing no weight memory: a search building candidates from one model
+        (each a full copy of SmolLM2's 0.54 GB of fp32 weights before it was quantized).
+        Writing into a tensor in place would change both IRs.
+        """
         program = self.program
         copies: dict[tuple, torch.Tensor] = {}  # tied weights (one storage) stay tied
         memo: dict[int, Any] = {}
@@ -445,7 +453,7 @@ class IR:
         def dup(value: torch.Tensor) -> torch.Tensor:
             key = _storage_key(value)
             if key not in copies:
-                copies[key] = _copy_tensor(value)
+                copies[key] = value if share_weights else _copy_tensor(value)
             memo[id(value)] = copies[key]
             return copies[key]
 

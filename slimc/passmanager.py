@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -169,7 +170,10 @@ class PassContext:
     memo: dict[str, Any] = field(default_factory=dict)
     #: The last outputs of an IR on ``example_inputs`` and the (IR, version) they belong to:
     #: the compiler's reference run, the pass manager's before/after checks and the compiler's
-    #: post-pipeline run share it instead of each running the same graph again.
+    #: post-pipeline run share it instead of each running the same graph again. The IR is held
+    #: by a weak reference: a cache must not keep a model's weights alive (a search's contexts
+    #: are copies of this one, so a strong reference kept the original IR, a full copy of the
+    #: weights, alive through the chosen candidate's build).
     example_outputs: tuple[Any, int, list[torch.Tensor]] | None = None
     #: The IR as it was before the pipeline's first pass (the teacher of ``distill``); only
     #: kept while a pass that declares ``needs_original`` is still to run (a model's worth of
@@ -180,10 +184,10 @@ class PassContext:
         """``ir.run(example_inputs)``, run again only when the IR changed since the last run
         (:meth:`IR.changed` bumps its version; a transform's edits always end with it)."""
         cached = self.example_outputs
-        if cached is not None and cached[0] is ir and cached[1] == ir.version:
+        if cached is not None and cached[0]() is ir and cached[1] == ir.version:
             return cached[2]
         outputs = ir.run(self.example_inputs)
-        self.example_outputs = (ir, ir.version, outputs)
+        self.example_outputs = (weakref.ref(ir), ir.version, outputs)
         return outputs
 
     def calibration(self, max_batches: int | None = None) -> list[list[torch.Tensor]]:

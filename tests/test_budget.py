@@ -206,3 +206,28 @@ def test_search_keeps_only_the_chosen_candidates_ir(hf_dir):
     fit, _ = search.fit(parse_budget("size=0.5"), 0.05)
     held = [c for c in search.measured if c.ir is not None]
     assert fit is not None and any(c is fit for c in held) and len(held) <= 2  # each's best
+
+
+def test_search_builds_candidates_without_copying_or_changing_the_original(hf_dir):
+    """Unpruned, the search measures on the original IR itself and builds each candidate on a
+    clone that shares its weights (issue 18: each was a full fp32 copy of the model); the
+    original's weights stay exactly what they were."""
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    registry, ir, example = _capture(hf_dir("llama"))
+    before = ir.content_hash()
+    reference = ir.run(example)
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    search = Search(ir, ctx, registry, Techniques.named("precision"), proxy_scorer(ir, ctx),
+                    None)
+    chosen = search.minimize("size", 0.05)
+    assert chosen is not None and search.base(0.0).ir is ir
+    assert ir.content_hash() == before
+    assert all(torch.equal(a, b) for a, b in zip(ir.run(example), reference, strict=True))
+    ours = {t.data_ptr() for t in ir.weights().values()}
+    kept = [t for t in chosen.ir.weights().values() if t.data_ptr() in ours]
+    new = [t for t in chosen.ir.weights().values() if t.data_ptr() not in ours]
+    assert kept and new  # norms shared with the original, quantized weights its own
+    assert chosen.ir.weight_bytes() < ir.weight_bytes()

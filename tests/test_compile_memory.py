@@ -56,3 +56,39 @@ def test_compile_with_released_weights_is_verified_and_keeps_the_ir_when_asked(h
     inputs = np.load(kept.output / "example_inputs.npz")
     outputs = saved.run([torch.from_numpy(inputs[n]) for n in saved.input_names])
     assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_shared_weight_clone_costs_no_copy_and_edits_stay_its_own(hf_dir):
+    """``IR.clone(share_weights=True)`` (the search's candidates): the same tensors, its own
+    tables, so replacing a weight in the clone leaves the original untouched."""
+    ir, example = capture(load_model(hf_dir("llama"), parse_overrides([]), get_registry()))
+    before = ir.content_hash()
+    twin = ir.clone(share_weights=True)
+    ours, theirs = ir.weights(), twin.weights()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].data_ptr() == theirs[k].data_ptr() for k in ours)
+    node = next(n for n in twin.nodes("placeholder") if "q_proj" in n.name)
+    twin.set_weight(node, torch.zeros_like(twin.get_weight(node)))
+    twin.changed()
+    assert ir.content_hash() == before and twin.content_hash() != before
+    assert [torch.equal(a, b) for a, b in zip(ir.run(example), ir.clone().run(example),
+                                               strict=True)] == [True] * len(ir.output_names)
+
+
+def test_cached_example_outputs_do_not_keep_an_ir_alive(hf_dir):
+    """The pass context caches an IR's outputs on the example; the cache must not hold the IR
+    (a search copies the context into every candidate, which kept the original model's
+    weights alive through the chosen candidate's build)."""
+    import gc
+    import weakref
+
+    from slimc.passmanager import PassContext
+
+    ir, example = capture(load_model(hf_dir("llama"), parse_overrides([]), get_registry()))
+    ctx = PassContext(example_inputs=example)
+    first = ctx.outputs_on_examples(ir)
+    assert ctx.outputs_on_examples(ir) is first  # still served from the cache
+    alive = weakref.ref(ir)
+    del ir
+    gc.collect()
+    assert alive() is None and ctx.example_outputs is not None

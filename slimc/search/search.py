@@ -183,10 +183,12 @@ class Search:
         return self.manager.run(ir, validate(items, self.registry.passes), ctx), ctx
 
     def base(self, ratio: float) -> _Base:
-        """The IR pruned by ``ratio`` (a clone) and its choice space, built once."""
+        """The IR pruned by ``ratio`` (a clone) and its choice space, built once. Unpruned
+        (ratio 0), the base *is* the original IR: measuring the space only reads it and every
+        candidate is built on a clone, so a copy would only hold the weights twice."""
         if ratio not in self._bases:
             t0 = time.perf_counter()
-            ir = self.ir.clone()
+            ir = self.ir.clone() if ratio else self.ir
             records, ctx = self._run(ir, [("prune", {"ratio": ratio})] if ratio else [])
             space = build_space(ir, ctx, self.techniques, self.hw, self.damage_batches,
                                 self.damage_method)
@@ -226,10 +228,12 @@ class Search:
         return items
 
     def build(self, base: _Base, picks: Sequence[int], keep: bool = False) -> Candidate:
-        """Build ``picks`` on a clone of the pruned IR and measure it."""
+        """Build ``picks`` on a clone of the pruned IR and measure it. The clone shares the
+        base's weight tensors (:meth:`IR.clone`): the recipe's passes replace the weights
+        they compress, so a candidate costs only its new weights, not a copy of the model."""
         t0 = time.perf_counter()
         rest = self.items(base, picks)
-        ir = base.ir.clone()
+        ir = base.ir.clone(share_weights=True)
         records, ctx = self._run(ir, rest)
         relative = {"size": ir.weight_bytes() / self.original["size"],
                     "params": ir.num_params() / self.original["params"]}
