@@ -231,3 +231,6 @@ def test_search_builds_candidates_without_copying_or_changing_the_original(hf_di
     new = [t for t in chosen.ir.weights().values() if t.data_ptr() not in ours]
     assert kept and new  # norms shared with the original, quantized weights its own
     assert chosen.ir.weight_bytes() < ir.weight_bytes()
+    # the bisection never builds the same picks twice (another budget can give the same ones)
+    recipes = [repr(c.items) for c in search.measured]
+    assert len(set(recipes)) == len(recipes)

@@ -133,6 +133,8 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
         "chosen": chosen.summary() if chosen is not None else None,
         "failures": failures,
         "seconds": round(time.perf_counter() - t0, 2),
+        # where they went: measuring the choice space (damage table) vs building and scoring
+        "seconds_by_phase": {k: round(v, 2) for k, v in search.seconds.items()},
     }
     if chosen is None and plan.budget:
         raise infeasible_error(plan, search, failures)

@@ -369,6 +369,7 @@ class Search:
         high = space.info["fp32"][objective] / self.original[objective]
         lo, hi = math.log(max(low, 1e-6) * 1.001), math.log(high)
         best = None
+        seen: dict[tuple[int, ...], Candidate] = {}
         for _ in range(BISECTION_STEPS):
             mid = math.exp((lo + hi) / 2)
             try:
@@ -376,7 +377,16 @@ class Search:
             except Infeasible:
                 lo = math.log(mid)
                 continue
+            prior = seen.get(tuple(picks))
+            if prior is not None:  # another budget, the same picks: measured already (and
+                # already weighed against ``best``); building it again costs a whole candidate
+                if prior.drop <= max_drop:
+                    hi = math.log(mid)
+                else:
+                    lo = math.log(mid)
+                continue
             cand = self.build(base, picks, keep)
+            seen[tuple(picks)] = cand
             if cand.drop <= max_drop:
                 hi = math.log(mid)
                 best = _keep_better(best, cand, lambda a, b: a.relative[objective]
