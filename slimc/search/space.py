@@ -33,7 +33,11 @@ import torch
 from slimc.ir import IR
 from slimc.layers import Layer
 from slimc.passes.analysis.criteria.divergence import divergence, output_kind
-from slimc.passes.analysis.criteria.execution import calibration_batches, run_graph
+from slimc.passes.analysis.criteria.execution import (
+    SuffixRunner,
+    calibration_batches,
+    run_graph,
+)
 from slimc.passes.lowrank import factorize
 from slimc.passes.lowrank.lowrank import default_round_to, spectra
 from slimc.passes.lowrank.rewrite import is_factor
@@ -267,14 +271,15 @@ DAMAGE_METHODS = ("local", "end-to-end")
 @torch.no_grad()
 def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dict,
             width: int, max_batches: int, method: str = "local",
-            anchors: int = 2, info: dict | None = None) -> np.ndarray:
+            anchors: int = 2, info: dict | None = None, suffix: bool = True) -> np.ndarray:
     """``damage[i, j]``: output divergence with only layer ``i`` changed to option ``j``.
 
     An embedding table's damage is also measured on the example inputs (random token ids
     over the whole vocabulary) and the larger value kept: calibration text gathers only the
     rows of its own tokens, so a low-rank or low-bit table can look free on them and still
     hurt every other word. ``method`` (see :data:`DAMAGE_METHODS`) says how each entry is
-    obtained.
+    obtained. ``suffix``: end-to-end forwards start at the layer's first use (the same
+    numbers as whole forwards, about half the work on a decoder); False runs whole forwards.
     """
     if method not in DAMAGE_METHODS:
         raise ValueError(f"unknown damage method {method!r}")
@@ -290,12 +295,26 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         return max((divergence(k, r, o) for k, r, o in zip(kinds, refs, outs, strict=False)
                     if r.is_floating_point() and r.shape == o.shape), default=0.0)
 
+    # End-to-end damage runs the graph from the layer's first use on, reusing the unchanged
+    # prefix of one reference run per batch (the same ops on the same values, so the same
+    # numbers): a decoder layer in block k skips k blocks, about half of every forward.
+    def runner(batch: Sequence[torch.Tensor], starts: list[str]):
+        if not suffix:
+            return lambda overrides: run_graph(ir, batch, overrides)
+        return SuffixRunner(ir, batch, starts).run
+
+    weights = [c.layer.weight_node.name for c in choices]
+    runners = {"calib": [runner(b, weights) for b in batches],
+               "wide": [runner(b, [c.layer.weight_node.name for c in choices if c.gathers])
+                        for b in wide]}
+
     def end_to_end(name: str, value: torch.Tensor, view: str) -> float:
         if view == "wide":
-            return max(worst(ref, run_graph(ir, b, {name: value}))
-                       for ref, b in zip(wide_refs, wide, strict=True))
-        return sum(worst(ref, run_graph(ir, b, {name: value}))
-                   for ref, b in zip(references, batches, strict=True)) / len(batches)
+            return max(worst(ref, run({name: value}))
+                       for ref, run in zip(wide_refs, runners["wide"], strict=True))
+        return sum(worst(ref, run({name: value}))
+                   for ref, run in zip(references, runners["calib"], strict=True)) \
+            / len(batches)
 
     local = {i for i, c in enumerate(choices)
              if method == "local" and local_measurable(c.layer)}
