@@ -79,3 +79,71 @@ def test_lane_reductions_on_aarch64_under_qemu(tmp_path, aarch64_emulator):
         with torch.no_grad():
             want = module(x).numpy()
         np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+
+
+def _lowered(module, inputs, target: str) -> list[str]:
+    """The row kernels of ``module`` scheduled, then lowered by the passes of TVM's TIR
+    pipeline (``tvm.s_tir.pipeline``, what ``relax.build`` runs) up to ``VectorizeLoop``: the
+    int64 -> int32 ``NarrowDataType`` before ``LoopPartition`` is the order that matters."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes, schedule_prim_func
+    from tvm import s_tir, tirx
+
+    spec = resolve_target(target).tvm_target()
+    with spec:
+        fused = tvm.transform.Sequential(fusion_passes(spec))(_lower(module, inputs))
+    passes = tvm.transform.Sequential([
+        s_tir.transform.CanonicalizeLoop(), s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerMatchBuffer(), s_tir.transform.StmtSimplify(),
+        s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
+        tirx.transform.NarrowDataType(32), s_tir.transform.LoopPartition(),
+        tirx.transform.VectorizeLoop(True), tirx.transform.StmtSimplify()])
+    texts = []
+    for gv, func in fused.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            func = schedule_prim_func(func, spec, name=gv.name_hint)
+            mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            with spec, tvm.transform.PassContext(opt_level=3):
+                texts.append(passes(mod)["main"].script())
+    return texts
+
+
+@pytest.mark.parametrize("kind,n", [("softmax", 1500), ("softmax", 197), ("layernorm", 1500)])
+def test_row_tail_is_split_off_whole_vectors(kind, n):
+    """A constant row that is not whole vectors (Whisper's 1500, ViT's 197) is vectorized in
+    whole vectors with the last partial vector in a loop of its own. Left predicated, every
+    step was scalarized (TVM's partition hint was dropped by ``NarrowDataType``) and LLVM
+    rebuilt the softmax normalize step from gathers and scatters across rows."""
+    lanes = 16  # x86-64-v4: AVX-512
+    shape = (1, 2, 3, n) if kind == "softmax" else (1, 5, n)
+    texts = [t for t in _lowered(Norms(kind, n), (torch.randn(*shape),), "x86-64-v4")
+             if "T.Ramp" in t]
+    assert texts
+    text = "\n".join(texts)
+    whole, rest = divmod(n, lanes)
+    # elementwise steps (softmax: exp and normalize; layer norm: the output) in a loop of whole
+    # 16-lane vectors, no predicate inside; predicated, they were scalar loops of 16 steps
+    assert re.search(rf"in range\({whole}\):", text), text
+    ramps = re.findall(rf"T\.Ramp\([^\n]*?, 1, {lanes}\)\]? = ", text)
+    stores = len(re.findall(rf"\[[^\n\]]*:[^\n\]]*\+ {lanes}\] = ", text))
+    assert stores >= (2 if kind == "softmax" else 1), (ramps, text)
+    assert f"< {rest}" in text  # the tail: its own scalar loop
+
+
+def test_row_tail_has_no_gathers(tmp_path):
+    """The built softmax over a 197-long row has no gather/scatter instructions."""
+    import subprocess
+
+    from slimc.backends.tvm.build import build_library
+    from tvm.relax.frontend.torch import from_exported_program
+
+    x = torch.randn(1, 2, 7, 197)
+    mod = from_exported_program(torch.export.export(Norms("softmax", 197), (x,)),
+                                keep_params_as_input=False)
+    lib = build_library(mod, resolve_target("x86-64-v4"), tmp_path / "softmax.so")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "vgather" not in asm and "vscatter" not in asm
+    assert re.search(r"\bvmovups\s+%zmm", asm) or re.search(r"%zmm\d+,\s*\(", asm)

@@ -33,7 +33,6 @@ from .common import (
     vars_in,
     vector_lanes,
 )
-from .symbolic_tails import PARTITION_HINT
 
 
 class RowReduction:
@@ -84,10 +83,11 @@ class RowReduction:
         # Split the last block only now: split first, a symbolic row length would give the
         # blocks computed at the row loop a rounded-up, clipped region (min/max predicates
         # that hide the tail from ``symbolic_tails``).
-        _vectorize_inner(sch, last, lanes)
+        tails: list[tuple] = []
+        _vectorize_inner(sch, last, lanes, tails)
         for info in infos[:-1]:
             if info.is_injective():
-                _vectorize_inner(sch, info.block_rv, lanes)
+                _vectorize_inner(sch, info.block_rv, lanes, tails)
             else:  # a factored row's last step sums one vector: no-op there
                 _unroll_reduction(sch, info.block_rv, lanes)
         n_rows = extent(sch, rows)
@@ -99,6 +99,8 @@ class RowReduction:
             common.parallelize(sch, rows, common.MIN_PARALLEL_MEMORY_WORK)
         for block, loop in inits:  # last: see _vector_partials
             sch.decompose_reduction(block, loop)
+        for loop, whole in tails:  # last: partitioning replaces the blocks under the loop
+            sch.loop_partition(loop, [whole, None])
         return sch
 
 
@@ -174,7 +176,18 @@ def _rows_per_chunk(sch: s_tir.Schedule, lead: list, inner: list, infos) -> tupl
     return chunk, ordered
 
 
-def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int, tails: list) -> None:
+    """Vectorize the innermost loop of ``block`` in vectors of ``lanes``.
+
+    A constant row that is not whole vectors (197, 1500) gets a predicate on its last vector;
+    left in every step, it makes TVM scalarize the whole row (and LLVM's SLP pass then rebuilt
+    the normalize step of a softmax as gathers/scatters across rows). The chunk loop is
+    appended to ``tails`` with its count of whole vectors, for the caller to split off the
+    last vector (``loop_partition``) once nothing else refers to the block. Not TVM's
+    ``pragma_loop_partition_hint``: ``NarrowDataType`` rewrites an int64 loop variable to
+    int32 before ``LoopPartition`` runs, and the hint, still naming the old variable, is
+    silently ignored (it works only for symbolic extents, which stay int64).
+    """
     loops = sch.get_loops(block)
     if len(loops) <= 1:
         return
@@ -185,9 +198,7 @@ def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
         outer, inner = sch.split(loops[-1], factors=[None, lanes])
         sch.vectorize(inner)
         if n is not None and n % lanes:
-            # A constant row that is not whole vectors (197, 1500): peel the last vector off
-            # (``LoopPartition``), or the predicate in every step makes TVM scalarize it.
-            sch.annotate(outer, ann_key=PARTITION_HINT, ann_val=1)
+            tails.append((outer, n // lanes))
     else:
         sch.vectorize(loops[-1])
 
