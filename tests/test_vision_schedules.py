@@ -213,3 +213,56 @@ def test_batchnorm_folds_into_the_conv_before_it(tmp_path):
                          [x.numpy()], cross_triple=None, threads=2)
     with torch.no_grad():
         np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class AudioFrontEnd(torch.nn.Module):
+    """Whisper's encoder stem: conv1d k3 + GELU, conv1d k3 stride 2 + GELU, frames-major
+    output plus a positional embedding."""
+
+    def __init__(self, mels: int, width: int, frames: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv1d(mels, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.pos = torch.nn.Parameter(torch.randn(frames // 2, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv2(F.gelu(self.conv1(x))))
+        return x.permute(0, 2, 1) + self.pos
+
+
+def test_conv1d_runs_channels_last_on_output_channel_vectors(tmp_path, caplog):
+    """A conv1d turns NWC like a conv2d turns NHWC: the output channels are the vector axis.
+    Left NCW, the frames were (4 lanes over Whisper's 1500 frames, loaded with a stride of 2).
+    The frames-major output the model asks for is then the conv's own layout: no transpose
+    after the second conv."""
+    import re
+
+    from slimc.backends.tvm.schedules import schedule_prim_func
+    from tvm import tirx
+
+    from slimc.targets import resolve_target
+
+    torch.manual_seed(0)
+    net = AudioFrontEnd(16, 64, 60).eval()
+    x = torch.randn(1, 16, 60)
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-4)
+
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+
+    spec = resolve_target("x86-64-v4").tvm_target()  # AVX-512: 16 lanes
+    with spec, tvm.transform.PassContext(opt_level=3):
+        fused = tvm.transform.Sequential(fusion_passes(spec))(_lower(net, (x,)))
+    kernels = {g.name_hint: f for g, f in fused.functions_items()
+               if isinstance(f, tirx.PrimFunc)}
+    convs = [n for n in kernels if "conv1d" in n]
+    assert len(convs) == 2, sorted(kernels)
+    # the input's NCW -> NWC is the only transpose; the positional add is in the conv epilogue
+    assert len([n for n in kernels if "transpose" in n and "conv1d" not in n]) <= 1, \
+        sorted(kernels)
+    for name in convs:
+        text = schedule_prim_func(kernels[name], spec, name=name).script()
+        assert '"conv1d_nwc_update"' in text, text
+        update = text[:text.index('"conv1d_nwc_update"')]
+        widths = [int(w) for w in re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", update)]
+        assert widths and widths[-1] >= 16, (name, text)
