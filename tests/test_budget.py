@@ -294,3 +294,27 @@ def test_arm_and_x86_budgets_choose_differently_and_say_why():
     assert chosen["x86"] != chosen["arm"]
     assert "3 of 3 matmul layers are memory-bound" in why["x86"], why["x86"]
     assert "0 of 3 matmul layers are memory-bound" in why["arm"], why["arm"]
+
+
+def test_search_builds_float_zero_formats_as_costed(hf_dir):
+    """int4-gG-fz (GGUF Q4_1's layout, fp16 scale and minimum) as a search choice: the recipe
+    says zero_point=float, so the built bytes are the ones the knapsack priced."""
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    registry, ir, example = _capture(hf_dir("llama"))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    search = Search(ir, ctx, registry, Techniques(formats=("int4-g32-fz",)),
+                    proxy_scorer(ir, ctx), None)
+    cand, failures = search.fit(parse_budget("size=0.165"), None)  # ~5 bits: no room for fp32
+    assert cand is not None, failures
+    quantize = dict(cand.items)["quantize"]
+    assert quantize["weights"] == "int4" and quantize["zero_point"] == "float"
+    space = search.base(0.0).space
+    picks = [next(j for j, o in enumerate(c.options) if str(o) == "int4-g32-fz")
+             for c in space.layers]
+    assert cand.choices == {"int4-g32-fz": len(space.layers)}
+    # int4-g32 with an integer zero point would be 5.25 bits, not 5: 5% more
+    assert cand.relative["size"] == pytest.approx(
+        space.totals(picks)["size"] / search.original["size"], rel=0.01)
