@@ -44,6 +44,9 @@ def main() -> None:
                     help="an extra row (replaces --rows' default list when given)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default="budget_smollm2")
+    ap.add_argument("--fp32-perplexity", type=float, default=None,
+                    help="reuse a measured fp32 perplexity (same --eval-tokens) instead of "
+                    "scoring the fp32 model again")
     args = ap.parse_args()
     extra = [item.partition("=")[::2] for item in args.pipeline]
     ROWS.update(extra)
@@ -72,7 +75,7 @@ def main() -> None:
         return perplexity(lambda b: graph.run([b["input_ids"]])[0], held_out)
 
     base_bytes = ir.weight_bytes()
-    fp32 = score(ir)
+    fp32 = args.fp32_perplexity if args.fp32_perplexity else score(ir)
     rows = [{"row": "fp32", "size": 1.0, "perplexity": fp32, "ratio": 1.0}]
     print(f"fp32: perplexity {fp32:.3f}", flush=True)
     for name in args.rows:
