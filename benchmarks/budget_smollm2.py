@@ -38,9 +38,20 @@ ROWS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", nargs="*", default=list(ROWS))
+    ap.add_argument("--rows", nargs="*", default=None,
+                    help="names from ROWS (default: all, or only the --pipeline rows)")
+    ap.add_argument("--pipeline", action="append", default=[], metavar="NAME=PIPELINE",
+                    help="an extra row (replaces --rows' default list when given)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--out", default="budget_smollm2")
+    ap.add_argument("--fp32-perplexity", type=float, default=None,
+                    help="reuse a measured fp32 perplexity (same --eval-tokens) instead of "
+                    "scoring the fp32 model again")
     args = ap.parse_args()
+    extra = [item.partition("=")[::2] for item in args.pipeline]
+    ROWS.update(extra)
+    if args.rows is None:
+        args.rows = [name for name, _ in extra] if extra else list(ROWS)
     from slimc.capture import capture
     from slimc.loaders.base import LoadedModel
     from slimc.passmanager import PassContext, PassManager
@@ -64,7 +75,7 @@ def main() -> None:
         return perplexity(lambda b: graph.run([b["input_ids"]])[0], held_out)
 
     base_bytes = ir.weight_bytes()
-    fp32 = score(ir)
+    fp32 = args.fp32_perplexity if args.fp32_perplexity else score(ir)
     rows = [{"row": "fp32", "size": 1.0, "perplexity": fp32, "ratio": 1.0}]
     print(f"fp32: perplexity {fp32:.3f}", flush=True)
     for name in args.rows:
@@ -83,7 +94,7 @@ def main() -> None:
         print(f"{name}: size {row['size']:.4f}, perplexity {ppl:.3f} ({ppl / fp32:.3f}x fp32)",
               flush=True)
         del clone
-    write_json("budget_smollm2", {"fp32_perplexity": fp32, "eval": "KJV John, 128-token "
+    write_json(args.out, {"fp32_perplexity": fp32, "eval": "KJV John, 128-token "
                                   "windows", "calibration": "KJV Genesis 1-10", "rows": rows})
     print("\n| pipeline | size (of fp32) | perplexity | x fp32 |\n|---|---:|---:|---:|")
     for r in rows:

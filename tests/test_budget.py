@@ -234,3 +234,87 @@ def test_search_builds_candidates_without_copying_or_changing_the_original(hf_di
     # the bisection never builds the same picks twice (another budget can give the same ones)
     recipes = [repr(c.items) for c in search.measured]
     assert len(set(recipes)) == len(recipes)
+
+
+class _Mlp(torch.nn.Module):
+    """Three square linears: big enough that the roofline, not the per-op overhead, decides."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def test_arm_and_x86_budgets_choose_differently_and_say_why():
+    """The same `--budget latency=` on two targets: the damage is the same, the costs are not.
+    With as many rows as put a fp32 linear between the two machines' ridge points (FLOPs per
+    byte at which arithmetic, not bandwidth, limits), the layers are memory-bound on x86, where
+    fewer bytes per weight (int8) make them faster, and compute-bound on the Cortex-A72, where
+    only fewer FLOPs (low rank) do: the search picks formats on one and factors on the other,
+    and the manifest's hardware line (the report's "Target costs") says which layers are which."""
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    from slimc.capture import capture
+    from slimc.loaders.base import LoadedModel
+    from slimc.search.search import Search, describe_hardware, proxy_scorer
+    from slimc.search.space import Techniques
+    from slimc.targets import resolve_target
+
+    registry = get_registry()
+    width = 256
+    hws = {t: hardware_for_target(resolve_target(t, registry)) for t in ("x86", "arm")}
+    ridge = {t: hw.peak_flops("float32") / hw.bandwidth for t, hw in hws.items()}
+    assert ridge["x86"] > ridge["arm"] * 1.2, ridge  # else the targets' rooflines agree
+    # fp32 intensity of an R x width x width matmul: 2 R w^2 / (4 (w^2 + 2 R w)) ~ R / 2.
+    target_intensity = (ridge["x86"] * ridge["arm"]) ** 0.5
+    rows = next(r for r in range(1, width) if 2 * r * width * width
+                / (4 * (width * width + 2 * r * width)) >= target_intensity)
+    torch.manual_seed(0)
+    ir, example = capture(LoadedModel(name="mlp", module=_Mlp(width).eval(),
+                                      example_inputs={"x": torch.randn(rows, width)}))
+    techniques = Techniques(formats=("int8", "int4-g32"), lowrank_keeps=(0.5,),
+                            lowrank_formats=("int8",))
+    chosen, why = {}, {}
+    for target, hw in hws.items():
+        ctx = PassContext(target=resolve_target(target, registry), example_inputs=example)
+        ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+        search = Search(ir, ctx, registry, techniques, proxy_scorer(ir, ctx), hw)
+        cand, failures = search.fit(parse_budget("latency=0.9"), None)
+        assert cand is not None, failures
+        assert cand.relative["latency"] <= 0.9 * (1 + 1e-6)
+        chosen[target] = cand.choices
+        why[target] = describe_hardware(search.base(0.0).space)
+    ranked = {t: sum(n for name, n in c.items() if name.startswith("rank"))
+              for t, c in chosen.items()}
+    assert ranked["arm"] > ranked["x86"], chosen  # factors where only FLOPs count
+    assert chosen["x86"] != chosen["arm"]
+    assert "3 of 3 matmul layers are memory-bound" in why["x86"], why["x86"]
+    assert "0 of 3 matmul layers are memory-bound" in why["arm"], why["arm"]
+
+
+def test_search_builds_float_zero_formats_as_costed(hf_dir):
+    """int4-gG-fz (GGUF Q4_1's layout, fp16 scale and minimum) as a search choice: the recipe
+    says zero_point=float, so the built bytes are the ones the knapsack priced."""
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    registry, ir, example = _capture(hf_dir("llama"))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    search = Search(ir, ctx, registry, Techniques(formats=("int4-g32-fz",)),
+                    proxy_scorer(ir, ctx), None)
+    cand, failures = search.fit(parse_budget("size=0.165"), None)  # ~5 bits: no room for fp32
+    assert cand is not None, failures
+    quantize = dict(cand.items)["quantize"]
+    assert quantize["weights"] == "int4" and quantize["zero_point"] == "float"
+    space = search.base(0.0).space
+    picks = [next(j for j, o in enumerate(c.options) if str(o) == "int4-g32-fz")
+             for c in space.layers]
+    assert cand.choices == {"int4-g32-fz": len(space.layers)}
+    # int4-g32 with an integer zero point would be 5.25 bits, not 5: 5% more
+    assert cand.relative["size"] == pytest.approx(
+        space.totals(picks)["size"] / search.original["size"], rel=0.01)

@@ -106,3 +106,19 @@ def test_float_zero_embedding_kernel_matches_the_reference():
     lib["main"](*args)
     np.testing.assert_allclose(args[-1].numpy(), w[torch.from_numpy(ids)].numpy(),
                                rtol=0, atol=1e-6 * float(w.abs().max()))
+
+
+def test_float_zero_grid_is_searched_off_the_q4_1_grid():
+    """Off a Q4_1 grid (a g64 grid over g32 blocks, or plain float weights) the fp16 scale and
+    minimum come from the int3/int2 grid search (shrunk ranges, least-squares refits), which
+    keeps the plain [min, max] grid as one candidate: lower error, and Q4_1 weights at g32 stay
+    exact (the test above)."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    searched = fake_quantize(w, parse_format("int4-g64-fz"))
+    g = w.reshape(64, 4, 64)
+    lo = g.amin(2).half().float()[..., None]
+    step = ((g.amax(2)[..., None] - lo) / 15).half().float()
+    plain = (torch.round((g - lo) / step).clamp(0, 15) * step + lo).reshape(64, 256)
+    assert ((searched - w) ** 2).sum() < 0.9 * ((plain - w) ** 2).sum()
+    regridded = fake_quantize(_q4_1_weights(), parse_format("int4-g64-fz"))
+    assert (regridded - _q4_1_weights()).abs().max() > 0  # g64 cannot hold g32 blocks

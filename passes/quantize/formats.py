@@ -18,6 +18,7 @@ from torch import Tensor
 
 from slimc.dialect import dequantize_int4, dequantize_int8, unpack_int4
 from slimc.lowbit import LOWBIT_KINDS, bits_of, lowbit_fake_quantize, lowbit_row_bits
+from slimc.lowbit import grid as lowbit_grid
 
 __all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_quantize",
            "int4_params", "int4_codes", "pack_int4", "parse_format", "quantize_int8",
@@ -130,13 +131,16 @@ def _grouped(weight: Tensor, group_size: int) -> Tensor:
 def int4_params(weight: Tensor, group_size: int, symmetric: bool,
                 float_zero: bool = False) -> Int4Params:
     """Min/max grid per group: asymmetric uses all 16 codes over [min, max] (widened to
-    contain 0.0 for an integer zero point; exactly [min, max] with ``float_zero``)."""
+    contain 0.0 for an integer zero point); ``float_zero``: the searched grid of
+    :func:`slimc.lowbit.grid` (fp16 scale and minimum)."""
+    if float_zero:
+        # The grid with the smallest squared rounding error per group (the int3/int2 search:
+        # shrunk ranges, least-squares refits; :func:`slimc.lowbit.grid`, cached by content).
+        # Its candidates include the plain [min, max] grid, so weights already on a Q4_1 grid
+        # stay exact; off it (a g64/g128 grid over g32 Q4_1 weights) min/max wasted range.
+        scale, minimum = lowbit_grid(weight, 4, group_size)
+        return Int4Params(scale.clamp(FP16_TINY, FP16_MAX).half(), minimum.half(), group_size)
     grouped = _grouped(weight.float(), group_size)
-    if float_zero:  # fp16 minimum first, so the step is fitted to the minimum as stored
-        lo = grouped.amin(dim=2).clamp(-FP16_MAX, FP16_MAX).half()
-        hi = grouped.amax(dim=2)
-        scale = ((hi - lo.float()) / 15.0).clamp(FP16_TINY, FP16_MAX).half()
-        return Int4Params(scale, lo, group_size)
     if symmetric:
         scale = (grouped.abs().amax(dim=2) / 7.0).clamp_min(1e-12)
         zero = torch.full_like(scale, 8.0)

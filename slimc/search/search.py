@@ -217,6 +217,8 @@ class Search:
             if default.kind == "int4":
                 opts["group_size"] = default.group_size
                 opts["symmetric"] = default.symmetric
+                if default.float_zero:
+                    opts["zero_point"] = "float"
             elif default.lowbit:
                 opts["group_size"] = default.group_size
             rules = [f"{p}={o.fmt}" for c, o in chosen if o.fmt != default

@@ -56,8 +56,11 @@ class Techniques:
 
     #: int3/int2 (bit-packed, fp16 scale + minimum per group: 3.25-3.5 and 2.5 bits per
     #: weight) make budgets below int4-g128's 4.3 bits reachable without low rank.
-    formats: tuple[str, ...] = ("int8", "int4-g128", "int4-g32", "int3-g64", "int3-g128",
-                                "int2-g64")
+    #: int4-gG-fz (fp16 scale and minimum per group, 5 / 4.5 / 4.25 bits at G = 32 / 64 /
+    #: 128): GGUF Q4_1's layout, exact at G = 32 for weights that came from a Q4_1 file, and
+    #: between int4-g32 and int3-g64 in bytes otherwise.
+    formats: tuple[str, ...] = ("int8", "int4-g128", "int4-g32", "int4-g32-fz", "int4-g64-fz",
+                                "int4-g128-fz", "int3-g64", "int3-g128", "int2-g64")
     #: Low-rank: shares of a layer's parameters the two factors keep (empty: no low-rank).
     lowrank_keeps: tuple[float, ...] = ()
     #: Formats of the two factors (fp32 factors are rarely worth their bytes; each extra
