@@ -45,3 +45,28 @@ def test_group_candidates_are_computed_once_for_every_criterion(captured_llama):
     assert set(magnitude.groups) == set(taylor.groups) and magnitude.groups
     for name, group in magnitude.groups.items():
         assert group.removed == taylor.groups[name].removed
+
+
+def test_label_propagation_runs_single_threaded_with_the_same_groups(captured_llama):
+    """``propagate`` runs on one torch thread (its small integer ops cost 20-50x the CPU on the
+    multi-thread pool) and gives the groups the multi-threaded propagation gives; the caller's
+    thread count is back afterwards."""
+    from slimc.jobs import single_threaded
+    from slimc.passes.prune.groups import build_groups
+    from slimc.passes.prune.labels import LabelPropagator, propagate
+
+    ir, _ = captured_llama
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            threaded = build_groups(ir, LabelPropagator(ir, True).run())
+        single = build_groups(ir, propagate(ir))
+        assert torch.get_num_threads() == 2
+        with single_threaded():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert single.to_json() == threaded.to_json()
+    assert single.groups
