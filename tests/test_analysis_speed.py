@@ -4,6 +4,7 @@ unit; the same units are removed."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from slimc.passes.analysis.criteria.groups import group_candidates, unit_norms
 
@@ -70,3 +71,21 @@ def test_label_propagation_runs_single_threaded_with_the_same_groups(captured_ll
         torch.set_num_threads(before)
     assert single.to_json() == threaded.to_json()
     assert single.groups
+
+
+def test_one_fisher_with_one_label_sample_serves_taylor_and_hessian(captured_llama):
+    """The Fisher diagonal is computed once, with one sampled label per calibration batch (the
+    default since analyze round 6), and the hessian trace reads the same memo entry."""
+    from slimc.passes.analysis.criteria.taylor import TaylorOptions
+
+    ir, batches = captured_llama
+    am = analysis_manager(ir, batches)
+    settings = {"bits": (4,), "keep_ratios": (0.5,), "rank_ratios": (0.5,), "groups": False}
+    taylor = am.get("sensitivity-taylor", **settings)
+    hessian = am.get("sensitivity-hessian", **settings)
+    assert TaylorOptions().samples == 1
+    (per_ir,) = am._ctx.memo["sensitivity-fisher"].values()
+    _, found = per_ir
+    assert [key[2] for key in found] == [1]  # one Fisher, one sample per batch
+    for name, layer in taylor.layers.items():
+        assert layer.extra["fisher_trace"] == pytest.approx(hessian.layers[name].extra["hessian_trace"])
