@@ -52,9 +52,10 @@ def test_label_propagation_runs_single_threaded_with_the_same_groups(captured_ll
     """``propagate`` runs on one torch thread (its small integer ops cost 20-50x the CPU on the
     multi-thread pool) and gives the groups the multi-threaded propagation gives; the caller's
     thread count is back afterwards."""
-    from slimc.jobs import single_threaded
     from slimc.passes.prune.groups import build_groups
     from slimc.passes.prune.labels import LabelPropagator, propagate
+
+    from slimc.jobs import single_threaded
 
     ir, _ = captured_llama
     before = torch.get_num_threads()
@@ -88,4 +89,5 @@ def test_one_fisher_with_one_label_sample_serves_taylor_and_hessian(captured_lla
     _, found = per_ir
     assert [key[2] for key in found] == [1]  # one Fisher, one sample per batch
     for name, layer in taylor.layers.items():
-        assert layer.extra["fisher_trace"] == pytest.approx(hessian.layers[name].extra["hessian_trace"])
+        trace = hessian.layers[name].extra["hessian_trace"]
+        assert layer.extra["fisher_trace"] == pytest.approx(trace)
