@@ -717,6 +717,10 @@ class LabelPropagator:
 def propagate(ir: IR, pin_outputs: bool = True) -> Propagation:
     """Push channel labels through ``ir`` and return the coupling they revealed. With
     ``pin_outputs=False`` the channels of graph outputs may be removed too (the output gets
-    narrower: an embedding model's vector dimension, for instance)."""
-    with torch.no_grad():
+    narrower: an embedding model's vector dimension, for instance). Single-threaded: its many
+    small integer ops cost 20-50x the CPU on torch's multi-thread pool (see
+    :func:`slimc.jobs.single_threaded`)."""
+    from slimc.jobs import single_threaded
+
+    with torch.no_grad(), single_threaded():
         return LabelPropagator(ir, pin_outputs).run()

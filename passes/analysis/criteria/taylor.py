@@ -32,8 +32,12 @@ from slimc.passmanager import PassContext
 
 
 class TaylorOptions(SensitivityOptions):
-    #: Label samples drawn per calibration batch (each one backward pass).
-    samples: int = 2
+    #: Label samples drawn per calibration batch (each one backward pass). One: on
+    #: all-MiniLM-L6-v2 (2 batches x 4 x 128 tokens) the rankings with 1 and with 2 samples
+    #: agree about as well as two seeds of 2 samples agree with each other (Spearman over the 40
+    #: layers at q4: 0.998 / 0.987 for 1 sample, seeds 0 / 1, vs 0.989 for 2 samples, seed 1;
+    #: every setting >= 0.965, groups at keep0.5 0.96-0.98), for 72-74% of the criterion's CPU.
+    samples: int = 1
 
 
 def sampled_label_loss(kind: str, output: torch.Tensor, generator: torch.Generator):
