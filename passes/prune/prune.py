@@ -9,6 +9,7 @@ lowers through TVM like the original.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -175,9 +176,10 @@ def apply_or_skip(ir: IR, result: PruneGroups, groups: list[Group],
     def attempt(chosen: list[Group]) -> tuple[IR, dict[str, int]]:
         work = ir.clone()
         roots = plan_roots(chosen, plan)
+        created = {}
         if method != "none":
-            reconstruct.refit(work, result, roots, batches, method)
-        return work, apply(work, result, roots)
+            created = reconstruct.refit(work, result, roots, batches, method)
+        return work, apply(work, result, roots, created)
 
     def adopt(work: IR) -> None:
         ir.program = work.program
@@ -315,9 +317,14 @@ def plan_for_params(ir: IR, result: PruneGroups, groups: list[Group],
     return best[0], best[2]
 
 
-def apply(ir: IR, result: PruneGroups, removed_roots: set[int]) -> dict[str, int]:
-    """Remove the units with ``removed_roots`` from ``ir`` (weights, constants, metadata)."""
+def apply(ir: IR, result: PruneGroups, removed_roots: set[int],
+          extra_members: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, int]:
+    """Remove the units with ``removed_roots`` from ``ir`` (weights, constants, metadata).
+    ``extra_members``: channel membership of weights added after the analysis ran (biases
+    that :func:`reconstruct.refit` created), sliced with the rest."""
     prop = result.propagation
+    if extra_members:
+        prop = dataclasses.replace(prop, members={**prop.members, **extra_members})
     removed = shapes.removed_mask(prop, result.roots, removed_roots)
     predicted = shapes.new_shapes(prop, removed)
     scalars = shapes.slice_weights(ir, prop, removed)

@@ -15,7 +15,12 @@ need only calibration statistics of ``x`` recorded *before* pruning:
   ruined the model (SmolLM2, 1024 tokens: perplexity 470 instead of 72 without refit).
 
 Only linear-type consumers (``linear``/``addmm``/``mm``) are refit; convolutions keep their
-weights. A consumer without a bias gets one.
+weights. A consumer without a bias gets one, and that new bias joins the channel groups of the
+consumer's output axis (:func:`refit` returns its membership): when those output channels are
+pruned too, the bias must lose the same slices. In a dense model the consumers' outputs are the
+residual stream and never pruned, but after ``lowrank`` a consumer can be one factor of a pair
+(``gate_proj``'s ``U`` consumes the pruned rank and produces the pruned intermediate channels),
+and an unsliced bias there broke the removal (SmolLM2, issue 13).
 """
 
 from __future__ import annotations
@@ -72,14 +77,19 @@ def _bias_node(ir: IR, node: Node, out_features: int) -> Node:
 
 @torch.no_grad()
 def refit(ir: IR, result: PruneGroups, removed_roots: set[int],
-          batches: Sequence[Sequence[torch.Tensor]], method: str) -> int:
-    """Update consumer weights/biases in place (before slicing); returns layers refit."""
+          batches: Sequence[Sequence[torch.Tensor]], method: str
+          ) -> dict[tuple[str, int], torch.Tensor]:
+    """Update consumer weights/biases in place (before slicing). Returns the channel
+    membership (``Propagation.members`` entries) of the biases it created, which the slicing
+    must add to the analysis' own: a new bias follows its weight's output axis."""
     from slimc.passes.prune.shapes import removed_mask
 
+    members = result.propagation.members
     removed = removed_mask(result.propagation, result.roots, removed_roots)
     targets = _targets(ir, result, removed)
+    created: dict[tuple[str, int], torch.Tensor] = {}
     if not targets:
-        return 0
+        return created
     gram = {t[0].name for t in targets} if method == "lsq" else set()
     stats, _ = importance.record(ir, batches, gram=gram)
     for node, wnode, axis, drop in targets:
@@ -88,7 +98,11 @@ def refit(ir: IR, result: PruneGroups, removed_roots: set[int],
             continue
         w = ir.get_weight(wnode).double()
         w_oi = w if axis == 1 else w.T  # [out, in]
+        had = _has_bias(node)
         bnode = _bias_node(ir, node, w_oi.shape[0])
+        out_ids = members.get((wnode.name, 1 - axis))
+        if not had and out_ids is not None:
+            created[(bnode.name, 0)] = out_ids
         b = ir.get_weight(bnode).double().reshape(-1)
         mean = st.mean
         if method == "bias":
@@ -98,7 +112,13 @@ def refit(ir: IR, result: PruneGroups, removed_roots: set[int],
         ir.set_weight(wnode, (new_w if axis == 1 else new_w.T).to(ir.get_weight(wnode).dtype))
         ir.set_weight(bnode, new_b.to(torch.float32).reshape(ir.get_weight(bnode).shape))
     ir.changed()
-    return len(targets)
+    return created
+
+
+def _has_bias(node: Node) -> bool:
+    op = op_name(node)
+    return op == "aten.addmm" or (op == "aten.linear" and len(node.args) > 2
+                                  and node.args[2] is not None)
 
 
 def _lsq(w: torch.Tensor, b: torch.Tensor, st: importance.InputStats,
