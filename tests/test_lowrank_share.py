@@ -297,7 +297,13 @@ def test_prune_lowrank_quantize_compose_in_either_order(pipeline):
 
 class _Errors(logging.Handler):
     """Collects ERROR records of torch's loggers (fake-tensor propagation logs a failed shape
-    rewrite there even when the pass catches it and skips the group)."""
+    rewrite there even when the pass catches it and skips the group). Torch's loggers do not
+    propagate, so the handler goes on each of them."""
+
+    @staticmethod
+    def loggers() -> list[logging.Logger]:
+        names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "torch"]
+        return [logging.getLogger(n) for n in ["torch", *names]]
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -321,13 +327,15 @@ def test_lowrank_then_prune_then_quantize_on_a_gqa_llama():
     calib = [[_ids(seed, vocab=512)] for seed in range(10, 14)]
     held_out = [_ids(99, vocab=512)]
     errors = _Errors()
-    logging.getLogger("torch").addHandler(errors)
+    for log in _Errors.loggers():
+        log.addHandler(errors)
     try:
         records = _run(ir, inputs, LOWRANK, calib)
         factorized = ir.run(held_out)
         records += _run(ir, inputs, PRUNE + ",quantize{weights=int8}", calib)
     finally:
-        logging.getLogger("torch").removeHandler(errors)
+        for log in _Errors.loggers():
+            log.removeHandler(errors)
     assert not errors.records, errors.records[0].getMessage()[:300]
     lowrank, prune, _quantize = records
     groups = ir.annotations["prune"]["groups"]
