@@ -282,9 +282,14 @@ def test_watchdog_ends_a_process_that_swallows_the_signal(tmp_path):
         "from slimc import interrupts\n"
         "with interrupts.handle_signals():\n"
         f"    interrupts.register_staging(Path({str(staging)!r}))\n"
-        "    print('ready', flush=True)\n"
+        # "ready" is printed inside the try: a signal that arrives right after it must meet
+        # the swallowing handler, not end the script on the way there (a race under load).
+        "    ready = False\n"
         "    while True:\n"
         "        try:\n"
+        "            if not ready:\n"
+        "                ready = True\n"
+        "                print('ready', flush=True)\n"
         "            time.sleep(60)\n"
         "        except BaseException:\n"
         "            pass\n")
