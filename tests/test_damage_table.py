@@ -10,6 +10,7 @@ import torch
 from scipy.stats import spearmanr
 
 from slimc.capture import capture, load_model
+from slimc.jobs import single_threaded
 from slimc.loaders.base import parse_overrides
 from slimc.lowbit import grid
 from slimc.passmanager import AnalysisManager, PassContext, PassManager
@@ -21,10 +22,8 @@ from slimc.search.space import Techniques, build_space
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: one torch thread is faster (and steadier on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_threaded():
+        yield
 
 
 def _space(model_dir: str, method: str):

@@ -14,6 +14,7 @@ import torch
 import transformers as T
 
 from slimc.capture import capture
+from slimc.jobs import single_threaded
 from slimc.loaders.base import LoadedModel
 from slimc.passmanager import PassContext, PassManager
 from slimc.pipeline import parse_pipeline_text, validate
@@ -26,10 +27,8 @@ SEQ, VOCAB = 32, 256
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny graphs on a loaded 2-core host: two intra-op threads spin more than they work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_threaded():
+        yield
 
 
 def tiny_llama():

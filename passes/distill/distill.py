@@ -239,7 +239,7 @@ def _compared(ir: IR, student: Sequence[torch.Tensor], teacher: Sequence[torch.T
 def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, Any]:
     """Train ``ir``'s selected weights against ``ctx.original``; returns the summary."""
     start = time.perf_counter()
-    original = getattr(ctx, "original", None)
+    original = ctx.original
     if original is None:
         raise UsageError("distill has no original model to learn from.",
                          hint="Run it through a pipeline (slimc compile --pipeline ...), whose "
@@ -276,24 +276,20 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
     bases, adapters, params = [], [], []
     for names in groups:
         base = weights[names[0]].detach().clone()
-        if options.lora and base.dim() == 2:
+        bases.append(base)
+        adapter = None
+        if not options.lora:
+            params.append(base.requires_grad_(True))
+        elif base.dim() == 2:
             rank = min(options.lora, *base.shape)
-            a = (torch.randn(rank, base.shape[1], generator=gen) / math.sqrt(base.shape[1]))
-            b = torch.zeros(base.shape[0], rank)
-            adapters.append((a.requires_grad_(True), b.requires_grad_(True)))
-            params += list(adapters[-1])
-            bases.append(base)
+            a = torch.randn(rank, base.shape[1], generator=gen) / math.sqrt(base.shape[1])
+            adapter = (a.requires_grad_(True), torch.zeros(base.shape[0], rank,
+                                                           requires_grad=True))
+            params += adapter
         else:
-            if options.lora and base.dim() != 2:
-                frozen["not a matrix (lora adapts matrices)"] = (
-                    frozen.get("not a matrix (lora adapts matrices)", 0) + base.numel())
-                adapters.append(None)
-                bases.append(base)
-                continue
-            base.requires_grad_(True)
-            adapters.append(None)
-            params.append(base)
-            bases.append(base)
+            reason = "not a matrix (lora adapts matrices)"
+            frozen[reason] = frozen.get(reason, 0) + base.numel()
+        adapters.append(adapter)
     if not params:
         raise UsageError("distill with lora found no weight matrices to adapt.",
                          hint="Use lora=0 to train the selected tensors directly.")
@@ -364,7 +360,7 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
         "steps": options.steps,
         "trainable": options.trainable,
         "lora": options.lora,
-        "trained_tensors": sum(1 for names in groups),
+        "trained_tensors": len(groups),
         "trained_params": trained,
         "folded": bool(options.lora),
         "frozen": frozen,

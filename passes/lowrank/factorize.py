@@ -17,25 +17,20 @@ rank for an energy threshold and the predicted loss of every rank.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
 
 import torch
 from torch import Tensor
 
+from slimc.jobs import single_threaded
 
-@contextmanager
+
 def serial_lapack():
     """Run dense decompositions on one thread. The matrices here (at most a few thousand on a
     side) gain little from LAPACK's threads, and with the cores oversubscribed (a loaded build
     host) a 768x256 SVD took 7.7 s on two threads against 0.4 s on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return single_threaded()
 
 
 def _serial(fn):

@@ -367,17 +367,6 @@ def _global_ranks(spec: dict[str, factorize.Spectrum], shapes: dict, goal: float
     return ranks
 
 
-def _hardware(ctx: PassContext):
-    if ctx.target is None:
-        return None
-    from slimc.passes.analysis.hardware import hardware_for_target
-
-    try:
-        return hardware_for_target(ctx.target)
-    except Exception:  # noqa: BLE001 - no table entry for this target: size rule only
-        return None
-
-
 def _record_unsupported(ir: IR, skipped: dict[str, str], handled_convs: set[str]) -> None:
     """Weight-bearing layers this pass cannot factorize, each with the reason."""
     from slimc.layers import find_layers as all_layers

@@ -60,12 +60,20 @@ def _targets(ir: IR, result: PruneGroups, removed: torch.Tensor):
     return out
 
 
-def _bias_node(ir: IR, node: Node, out_features: int) -> Node:
+def _existing_bias(node: Node) -> Node | None:
     op = op_name(node)
     if op == "aten.addmm":
         return node.args[0]
     if op == "aten.linear" and len(node.args) > 2 and node.args[2] is not None:
         return node.args[2]
+    return None
+
+
+def _bias_node(ir: IR, node: Node, out_features: int) -> Node:
+    existing = _existing_bias(node)
+    if existing is not None:
+        return existing
+    op = op_name(node)
     bias = ir.add_weight(f"{node.args[1].name}_bias", torch.zeros(out_features))
     if op == "aten.linear":
         node.args = (node.args[0], node.args[1], bias)
@@ -98,7 +106,7 @@ def refit(ir: IR, result: PruneGroups, removed_roots: set[int],
             continue
         w = ir.get_weight(wnode).double()
         w_oi = w if axis == 1 else w.T  # [out, in]
-        had = _has_bias(node)
+        had = _existing_bias(node) is not None
         bnode = _bias_node(ir, node, w_oi.shape[0])
         out_ids = members.get((wnode.name, 1 - axis))
         if not had and out_ids is not None:
@@ -113,12 +121,6 @@ def refit(ir: IR, result: PruneGroups, removed_roots: set[int],
         ir.set_weight(bnode, new_b.to(torch.float32).reshape(ir.get_weight(bnode).shape))
     ir.changed()
     return created
-
-
-def _has_bias(node: Node) -> bool:
-    op = op_name(node)
-    return op == "aten.addmm" or (op == "aten.linear" and len(node.args) > 2
-                                  and node.args[2] is not None)
 
 
 def _lsq(w: torch.Tensor, b: torch.Tensor, st: importance.InputStats,

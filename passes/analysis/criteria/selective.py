@@ -66,16 +66,17 @@ def rank_spread(proxy_scores: Mapping[str, Mapping[str, float]]) -> dict[str, fl
 def spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
     """Spearman rank correlation of two score maps over their common keys (ties: mean rank);
     0.0 when either is constant or fewer than 3 keys are shared."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
     keys = [k for k in a if k in b]
     if len(keys) < 3:
         return 0.0
-    ra = rank_percentiles({k: a[k] for k in keys})
-    rb = rank_percentiles({k: b[k] for k in keys})
-    ma, mb = sum(ra.values()) / len(keys), sum(rb.values()) / len(keys)
-    cov = sum((ra[k] - ma) * (rb[k] - mb) for k in keys)
-    va = sum((ra[k] - ma) ** 2 for k in keys)
-    vb = sum((rb[k] - mb) ** 2 for k in keys)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 0.0
+    with warnings.catch_warnings():  # constant input: NaN and a warning; 0.0 here
+        warnings.simplefilter("ignore")
+        value = float(spearmanr([a[k] for k in keys], [b[k] for k in keys]).statistic)
+    return value if math.isfinite(value) else 0.0
 
 
 def voters(proxy_scores: Mapping[str, Mapping[str, float]], min_agreement: float,
