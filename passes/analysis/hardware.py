@@ -127,6 +127,20 @@ def hardware_for_target(target: Any) -> Hardware:
                      hint=f"Pick the device with --hardware NAME ({', '.join(sorted(table))}).")
 
 
+def hardware_if_known(target: Any) -> Hardware | None:
+    """The device of ``target``, or None when the table has no entry for it.
+
+    For the budget search, which falls back to its size rule alone on a device it has no
+    numbers for rather than stopping the compilation.
+    """
+    if target is None:
+        return None
+    try:
+        return hardware_for_target(target)
+    except UsageError:
+        return None
+
+
 #: Assumptions of :func:`host_estimate` for a CPU the table does not list.
 ASSUMED_GHZ = 2.5
 ASSUMED_FMA_PIPES = 2

@@ -104,13 +104,13 @@ def _fastest_torch_threads(ir, batch):
 
 
 def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
-    from slimc.passes.lowrank.lowrank import _hardware
+    from slimc.passes.analysis.hardware import hardware_if_known
 
     from .search import Search, describe_hardware, proxy_scorer, task_scorer
     from .space import Techniques
 
     scorer = task_scorer(task) if task is not None else proxy_scorer(ir, ctx)
-    hw = _hardware(ctx)
+    hw = hardware_if_known(ctx.target)
     search = Search(ir, ctx, registry, Techniques.named(plan.techniques), scorer, hw, log)
     failures: list[str] = []
     if plan.budget:

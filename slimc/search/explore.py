@@ -66,7 +66,7 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
     from slimc.capture import capture, load_model
     from slimc.compiler import _prepare_task
     from slimc.loaders.base import parse_overrides
-    from slimc.passes.lowrank.lowrank import _hardware
+    from slimc.passes.analysis.hardware import hardware_if_known
     from slimc.passmanager import AnalysisManager, PassContext, PassManager
     from slimc.plugins import get_registry
     from slimc.targets import resolve_target
@@ -109,7 +109,7 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
     with _fastest_torch_threads(ir, ctx.calibration(1)[0]):
         scorer = task_scorer(task) if task is not None else proxy_scorer(ir, ctx)
         search = Search(ir, ctx, registry, Techniques.named(options.techniques), scorer,
-                        _hardware(ctx), log)
+                        hardware_if_known(ctx.target), log)
         sweeps = [{"size": s} for s in options.sizes]
         if "latency" in search.original:
             sweeps += [{"latency": v} for v in options.latencies]
