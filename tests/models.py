@@ -113,6 +113,13 @@ def untraceable():
     return DataDependent(), (torch.randn(4),)
 
 
+def mlp_64mb():
+    """Four 2048x2048 fp32 layers: 64 MB of weights, for memory measurements of a load."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(4)]).eval()
+    return net, (torch.randn(4, 2048),)
+
+
 def two_inputs_two_outputs():
     class Net(torch.nn.Module):
         def __init__(self) -> None:
