@@ -29,8 +29,9 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
 
     target = spec.tvm_target()
     pipeline = _pipeline(target, tuning)
-    # The weights go to the file streamed, outside TVM's in-memory serialization (see
-    # streamed_constants); needs our own pipeline (llvm targets) and the .incbin packing.
+    # The weights go to a section of the library, outside TVM's serialized executable, and
+    # are read there in place at load time (see streamed_constants); needs our own pipeline
+    # (llvm targets) and the .incbin packing.
     streamed = StreamedConstants() if callable(pipeline) and incbin_supported() else None
     if callable(pipeline):
         pipeline = _consuming(pipeline)
