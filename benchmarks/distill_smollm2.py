@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--ir-cache", default="/tmp/slimc_distill/smollm2_lowrank.pt2")
     ap.add_argument("--out", default="distill_smollm2.json")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="compress and cache the IR (--ir-cache), then stop")
     args = ap.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
@@ -94,6 +96,9 @@ def main() -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         compressed.save(cache)
         cache.with_suffix(".key").write_text(key)
+    if args.prepare_only:
+        print(f"cached {cache} ({secs:.0f}s)", flush=True)
+        return
     rows.append({"model": args.lowrank, "params": compressed.num_params(),
                  "ppl": score(compressed), "seconds": secs})
     print(rows[-1], flush=True)

@@ -7,6 +7,7 @@ weights, no mocks."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -107,6 +108,53 @@ def test_trainable_factors_trains_only_the_factor_matrices_and_is_deterministic(
     assert summary["frozen"]["not selected by trainable=factors"] > 0
     assert summary["trained_params"] == sum(
         w.numel() for k, w in weights.items() if k.endswith(("_lr_u", "_lr_v")))
+
+
+@pytest.mark.parametrize(("steps", "warmup", "warm"), [(19, 0.05, 1), (19, 0.1, 2),
+                                                      (200, 0.1, 20), (50, 0.0, 0)])
+def test_warm_up_never_starts_at_the_full_learning_rate(steps, warmup, warm):
+    """The SmolLM2 run's defect: 19 steps with a 5% warm-up was a 1-step warm-up whose first
+    step already had the full lr (Adam's sign-like first update threw KL 0.43 -> 2.23)."""
+    from slimc.passes.distill.distill import lr_schedule, warmup_steps
+
+    factor = lr_schedule(steps, warmup)
+    assert warmup_steps(steps, warmup) == warm
+    lrs = [factor(i) for i in range(steps)]
+    if warm:
+        assert lrs[0] <= 0.5
+        assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1], strict=False))
+        assert lrs[warm] == pytest.approx(0.5 * (1 + math.cos(math.pi * warm / steps)))
+    else:
+        assert lrs[0] == 1.0
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:], strict=False))  # cosine
+    assert 0 < lrs[-1] < 0.05
+
+
+def test_eval_every_records_the_held_out_curve_and_calls_the_probe():
+    """``eval_every`` logs the held-out loss during training and hands a probe a runner of the
+    student with its current weights (the benchmarks log a perplexity curve with it)."""
+    from slimc.passes.distill.distill import PROBE_KEY
+
+    ir, inputs = _captured(tiny_llama)
+    batches = _batches()
+    ctx = PassContext(example_inputs=inputs,
+                      calibration_batches=[[b[n] for n in ir.input_names] for b in batches])
+    seen = []
+    ctx.memo[PROBE_KEY] = lambda step, run: seen.append((step, run(inputs)[0].clone()))
+    PassManager(REGISTRY.passes).run(ir, validate(parse_pipeline_text(
+        "lowrank{method=svd,ratio=0.3,round_to=1},"
+        "distill{steps=30,lr=1e-3,eval_every=10,warmup=0.2}"), REGISTRY.passes), ctx)
+    summary = ir.annotations["distill"]
+    curve = summary["held_out_curve"]
+    assert [s for s, _ in curve] == [0, 10, 20, 30]
+    assert curve[0][1] == pytest.approx(summary["held_out_loss_before"], rel=1e-5)
+    assert curve[-1][1] == pytest.approx(summary["held_out_loss_after"], rel=1e-5)
+    assert curve[-1][1] < curve[0][1]
+    assert summary["warmup_steps"] == 6 and summary["kept"]
+    assert [s for s, _ in seen] == [0, 10, 20, 30]
+    assert not torch.equal(seen[0][1], seen[-1][1])
+    # the last probe ran the weights the IR now holds
+    torch.testing.assert_close(seen[-1][1], ir.run(inputs)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_lora_is_folded_back_into_the_weights():
