@@ -67,6 +67,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--ir-cache", default="/tmp/slimc_distill/smollm2_lowrank.pt2")
     ap.add_argument("--out", default="distill_smollm2.json")
+    ap.add_argument("--curve-points", type=int, default=8,
+                    help="John perplexity and held-out KL this many times during training "
+                         "(distill's eval_every; 0: only before and after)")
+    ap.add_argument("--teacher-cache-gb", type=float, default=0.5,
+                    help="distill's teacher-logit cache (fp16): 25 MB per 256-token sequence")
     ap.add_argument("--prepare-only", action="store_true",
                     help="compress and cache the IR (--ir-cache), then stop")
     args = ap.parse_args()
@@ -108,15 +113,35 @@ def main() -> None:
     pipeline = validate(parse_pipeline_text(args.distill), registry.passes)
     options = pipeline[0].options
     step_s = timed_step(compressed, dense, [train[0]["input_ids"]])
-    if "steps=" not in args.distill:
-        steps = max(1, int(args.minutes * 60 / (step_s * options.batch * 1.1)))
-        pipeline = validate(parse_pipeline_text(
-            args.distill.replace("distill{", f"distill{{steps={steps},")), registry.passes)
+    text = args.distill
+    if "steps=" not in text:
+        # evaluations (curve points) cost about as much as one step each
+        steps = max(1, int(args.minutes * 60 / (step_s * options.batch * 1.1))
+                    - args.curve_points)
+        text = text.replace("distill{", f"distill{{steps={steps},")
+    steps_now = validate(parse_pipeline_text(text), registry.passes)[0].options.steps
+    if args.curve_points and "eval_every=" not in text:
+        text = text.replace("distill{", f"distill{{eval_every="
+                            f"{max(1, steps_now // args.curve_points)},")
+    pipeline = validate(parse_pipeline_text(text), registry.passes)
     print(f"one step {step_s:.1f}s; running {pipeline[0]}", flush=True)
+    import slimc.passes.distill.distill as distill_mod
+
+    distill_mod.TEACHER_CACHE_BYTES = int(args.teacher_cache_gb * (1 << 30))
+    curve: list[dict] = []
+    t_train = time.perf_counter()
+
+    def probe(step: int, run) -> None:
+        ppl = perplexity(lambda b: run([b["input_ids"]])[0], evald)
+        curve.append({"step": step, "ppl": ppl, "wall_s": round(time.perf_counter() - t_train)})
+        print(f"curve: step {step} John ppl {ppl:.2f} ({curve[-1]['wall_s']}s)", flush=True)
+        write_json(args.out, {"rows": rows, "ppl_curve": curve})
+
     ctx = PassContext(example_inputs=inputs, target=resolve_target("llvm", registry),
                       verify=False, log=lambda m: print(m, flush=True))
     ctx.calibration_batches = [[b["input_ids"]] for b in train]
     ctx.original = dense
+    ctx.memo[distill_mod.PROBE_KEY] = probe
     t0 = time.perf_counter()
     PassManager(registry.passes).run(compressed, pipeline, ctx)
     secs = time.perf_counter() - t0
@@ -136,8 +161,9 @@ def main() -> None:
             "distill_data": f"KJV {args.distill_text}, "
                             f"{sum(b['input_ids'].numel() for b in train)} tokens "
                             f"({summary['held_out_batches']} batches held out)",
+            "teacher_cache_bytes": distill_mod.TEACHER_CACHE_BYTES,
             "distill_summary": summary}
-    print(f"wrote {write_json(args.out, {**meta, 'rows': rows})}")
+    print(f"wrote {write_json(args.out, {**meta, 'rows': rows, 'ppl_curve': curve})}")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,18 @@ def test_eval_every_records_the_held_out_curve_and_calls_the_probe():
     torch.testing.assert_close(seen[-1][1], ir.run(inputs)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_trainable_factors_plus_norms_trains_both_and_nothing_else():
+    ir, inputs = _captured(tiny_llama)
+    _run(ir, inputs, "lowrank{method=svd,ratio=0.3,round_to=1},"
+         "distill{steps=20,lr=1e-3,trainable=factors+norms}")
+    summary, weights = ir.annotations["distill"], ir.weights()
+    factors = sum(w.numel() for k, w in weights.items() if k.endswith(("_lr_u", "_lr_v")))
+    norms = sum(w.numel() for w in weights.values() if w.dim() == 1 and w.is_floating_point()
+                and w.numel() == 64)  # the RMSNorm scales of hidden size 64
+    assert norms > 0 and summary["trained_params"] == factors + norms
+    assert summary["frozen"]["not selected by trainable=factors+norms"] > 0  # embedding, head
+
+
 def test_lora_is_folded_back_into_the_weights():
     ir, inputs = _captured(tiny_llama)
     pruned = ir.clone()

@@ -19,10 +19,11 @@ the backend lowers, verifies and builds like any other.
   weights the quantizer will then round.
 * **What trains**: ``all`` (every such parameter), ``factors`` (only low-rank / shared factor
   matrices that ``lowrank`` / ``share`` created), ``matrices`` (2-D and larger tensors),
-  ``norms`` (1-D tensors: norm scales and biases). ``lora=R`` trains a rank-R update
-  ``W + B·A`` of each selected matrix instead of the matrix (B starts at zero, so training
-  starts from the compressed model); after training it is folded into ``W``, so the artifact
-  has exactly the ops and parameter count it had before.
+  ``norms`` (1-D tensors: norm scales and biases), ``factors+norms`` (both; on a factorized LM
+  everything but the dense embedding table, whose Adam state alone is 2x its 28M weights).
+  ``lora=R`` trains a rank-R update ``W + B·A`` of each selected matrix instead of the matrix
+  (B starts at zero, so training starts from the compressed model); after training it is
+  folded into ``W``, so the artifact has exactly the ops and parameter count it had before.
 * **Loss** (``auto``): KL divergence of the softmax at ``temperature`` (times T², Hinton et al.)
   for logits; relative MSE (squared error over the teacher's mean square) for hidden states and
   anything else; ``cosine`` is 1 - cosine per position. Every floating output the student and
@@ -84,9 +85,10 @@ class DistillOptions(PassOptions):
                             "before and after).")
     batch: int = Field(1, ge=1, le=4096, description="Calibration batches per optimizer step "
                        "(their gradients are averaged).")
-    trainable: Literal["all", "factors", "matrices", "norms"] = Field(
+    trainable: Literal["all", "factors", "matrices", "norms", "factors+norms"] = Field(
         "all", description="Which float parameters train: all; factors (low-rank / shared "
-        "factor matrices only); matrices (2-D and larger); norms (1-D: norm scales, biases).")
+        "factor matrices only); matrices (2-D and larger); norms (1-D: norm scales, biases); "
+        "factors+norms (both: a factorized LM without its embedding table).")
     lora: int = Field(0, ge=0, le=4096, description="Train a rank-`lora` update W + B·A of "
                       "each selected matrix instead of the matrix itself, folded into W "
                       "afterwards (0: train the weights directly).")
@@ -170,8 +172,10 @@ def select_trainable(ir: IR, which: str) -> tuple[list[list[str]], dict[str, int
                    "expert gathers): put distill before quantize", value)
             blocked.add(key)
             continue
-        chosen = {"all": True, "factors": bool(FACTOR_NAME.search(name)),
-                  "matrices": value.dim() >= 2, "norms": value.dim() == 1}[which]
+        factor = bool(FACTOR_NAME.search(name))
+        chosen = {"all": True, "factors": factor, "matrices": value.dim() >= 2,
+                  "norms": value.dim() == 1,
+                  "factors+norms": factor or value.dim() == 1}[which]
         if not chosen:
             freeze(f"not selected by trainable={which}", value)
             continue
