@@ -97,6 +97,9 @@ class CompileOptions:
     #: ``size=0.25,latency=0.5,params=0.5``: limits relative to the original model; the search
     #: (:mod:`slimc.search`) chooses the pipeline (docs/budget.md).
     budget: str | None = None
+    #: Seconds the search may spend distilling its closest candidates when none meets
+    #: ``max_drop`` (None: :data:`slimc.search.search.DISTILL_BUDGET_S`; 0: never).
+    distill_budget: float | None = None
 
 
 @dataclass
@@ -296,6 +299,7 @@ def identity(model: Any, options: CompileOptions, declared: list[Path]) -> dict[
                     "prefill_length": options.prefill_length,
                     "eval": options.eval_kind, "eval_batches": options.eval_batches,
                     "max_drop": options.max_drop,
+                    "distill_budget": options.distill_budget,
                     # a text model's default sequence length (fixed or dynamic) is read here
                     "default_sequence": os.environ.get("SLIMC_DEFAULT_SEQUENCE") or None},
         "versions": {"slimc": _version("slimc"), "slimc_source": provenance.slimc_source_hash(),

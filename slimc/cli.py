@@ -202,6 +202,11 @@ def compile_command(
         "by more than this share of the original value: 0.02 = 2% (for perplexity, a 2% "
         "rise). With --budget or -O2/-O3/-Os it bounds the search (on a proxy, output "
         "divergence on calibration data, when there is no --eval-data).")] = None,
+    distill_budget: Annotated[float | None, typer.Option(
+        "--distill-budget", metavar="SECONDS", min=0.0, help="With --budget or -O2/-O3/-Os: "
+        "when no candidate meets --max-drop, spend up to this long distilling the closest "
+        "ones from the original model on --calib (needs 2+ calibration batches); the step "
+        "count is sized from a measured step time. 0: never (default 300).")] = None,
     tune: Annotated[int, typer.Option("--tune", metavar="N", help="Tune the most expensive "
                                       "kernels with MetaSchedule for N trials in all; records "
                                       "are kept and reused by later compiles.")] = 0,
@@ -250,6 +255,7 @@ def compile_command(
                              emulate_timeout=emulate_timeout, save_ir=save_ir, calib=calib,
                              calib_batches=calib_batches, eval_data=eval_data,
                              eval_kind=eval_kind, eval_batches=eval_batches, max_drop=max_drop,
+                             distill_budget=distill_budget,
                              tune=tune, tune_minutes=tune_minutes, tune_db=tune_db,
                              trust_remote_code=trust_remote_code, force=force,
                              cache=cache, depfile=depfile, bundle=bundle,

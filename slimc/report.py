@@ -79,6 +79,18 @@ def _search(entry: dict[str, Any] | None) -> list[str]:
                      f"{c['value']:.4g} | {c['drop']:.2%} | {c['backoffs']} |")
     for failure in entry.get("failures") or []:
         lines.append(f"- {failure}")
+    recovery = entry.get("distillation")
+    if recovery:
+        lines.append("")
+        done = (chosen or {}).get("distill")
+        if done:
+            lines.append(f"Nothing met --max-drop by compression alone; **distillation** from "
+                         f"the original model on --calib ({done['steps']} steps, lr "
+                         f"{done['lr']:g}, {done['seconds']:.0f} s) brought the drop from "
+                         f"{done['drop_before']:.2%} to {done['drop_after']:.2%} "
+                         f"(measured on {done['measured_on']}).")
+        else:
+            lines.append(f"Distillation was not used: {recovery.get('why_not')}.")
     return lines
 
 

@@ -368,6 +368,7 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
     order: list[int] = []
     curve: list[tuple[int, float]] = []
     report_every = max(1, options.steps // 10)
+    loop_start = time.perf_counter()
     for step in range(options.steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -395,6 +396,7 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
             ctx.log(f"distill: step {done}, held-out loss {held_curve[-1][1]:.4g}")
             if probe is not None:
                 probe(done, run_student)
+    step_seconds = (time.perf_counter() - loop_start) / options.steps
     after = held_out_loss()
     held_curve.append((options.steps, round(after, 6)))
     if probe is not None and options.eval_every:
@@ -433,4 +435,7 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
         "warmup_steps": warmup_steps(options.steps, options.warmup),
         "lr": options.lr,
         "seconds": round(time.perf_counter() - start, 2),
+        # what the budget search sizes its step count from (the first epoch's steps also
+        # run the teacher, so a short probe over-estimates: the search stays within budget)
+        "step_seconds": step_seconds,
     }

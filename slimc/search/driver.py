@@ -42,6 +42,9 @@ class SearchPlan:
     techniques: str
     objective: str
     level: Level | None
+    #: Seconds of distillation the search may spend when nothing meets ``max_drop``
+    #: (``--distill-budget``; 0: never; see :mod:`.recovery`).
+    distill_budget: float = 300.0
 
     def describe(self) -> str:
         what = f"--budget {self.budget}" if self.budget else \
@@ -68,7 +71,11 @@ def plan_search(options) -> SearchPlan | None:
         max_drop = chosen.default_max_drop
     techniques = chosen.techniques if chosen is not None else BUDGET_TECHNIQUES
     objective = chosen.objective if chosen is not None else "size"
-    return SearchPlan(budget, max_drop, techniques, objective, chosen)
+    from .search import DISTILL_BUDGET_S
+
+    distill = getattr(options, "distill_budget", None)
+    return SearchPlan(budget, max_drop, techniques, objective, chosen,
+                      DISTILL_BUDGET_S if distill is None else float(distill))
 
 
 def run_search(plan: SearchPlan, ir, ctx, registry, spec, task, log: Callable[[str], None],
@@ -117,6 +124,16 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
         chosen, failures = search.fit(plan.budget, plan.max_drop)
     else:
         chosen = search.minimize(plan.objective, plan.max_drop)
+    recovery = None
+    if chosen is None and plan.max_drop is not None:
+        from .recovery import recover
+
+        log(f"search: nothing met --max-drop {plan.max_drop:g}; trying distillation "
+            f"(--distill-budget {plan.distill_budget:g} s)")
+        chosen, recovery = recover(search, plan.budget.limits(), plan.max_drop,
+                                   plan.distill_budget)
+        if chosen is None:
+            log(f"search: distillation: {recovery['why_not']}")
     entry: dict[str, Any] = {
         "request": plan.describe(),
         "algorithm": "per-layer multiple-choice knapsack on measured single-layer damage "
@@ -132,32 +149,46 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
         "candidates": [c.summary() for c in search.measured],
         "chosen": chosen.summary() if chosen is not None else None,
         "failures": failures,
+        # recovery by distillation when nothing met --max-drop: tried or why not, the steps,
+        # the drop before and after (docs/budget.md); None when it was not needed
+        "distillation": recovery,
         "seconds": round(time.perf_counter() - t0, 2),
         # where they went: measuring the choice space (damage table) vs building and scoring
         "seconds_by_phase": {k: round(v, 2) for k, v in search.seconds.items()},
     }
     if chosen is None and plan.budget:
-        raise infeasible_error(plan, search, failures)
+        raise infeasible_error(plan, search, failures, recovery)
     if chosen is None:
         warnings.append(f"-O{plan.level.name}: no compression stayed within --max-drop "
-                        f"{plan.max_drop:g} ({scorer.label}); compiled losslessly instead.")
+                        f"{plan.max_drop:g} ({scorer.label}); compiled losslessly instead"
+                        + (f" (distillation: {recovery['why_not']})" if recovery else "")
+                        + ".")
+    elif chosen.distill:
+        d = chosen.distill
+        warnings.append(f"the search met --max-drop {plan.max_drop:g} only with "
+                        f"distillation ({d['steps']} steps: drop {d['drop_before']:.2%} -> "
+                        f"{d['drop_after']:.2%}); the recipe needs the same --calib data to "
+                        "reproduce it.")
     return chosen, entry
 
 
-def infeasible_error(plan: SearchPlan, search, failures: list[str]) -> UsageError:
+def infeasible_error(plan: SearchPlan, search, failures: list[str],
+                     recovery: dict[str, Any] | None = None) -> UsageError:
     """Exit 2: the budget cannot be met (within --max-drop); say what came closest."""
-    within = [c for c in search.measured
-              if all(c.relative[k] <= v * (1 + 1e-6) for k, v in plan.budget.limits().items())]
+    within = [c for c in search.measured if c.distill is None  # (theirs: other held-out data)
+              and all(c.relative[k] <= v * (1 + 1e-6) for k, v in plan.budget.limits().items())]
     closest = min(within, key=lambda c: c.drop, default=None)
     best = (f" The best candidate within the budget lost {closest.drop:.2%} "
             f"({closest.summary()['pipeline']})." if closest is not None else "")
     reasons = "; ".join(failures) or "no candidate"
+    distilled = f" Distillation: {recovery['why_not']}." if recovery else ""
     return UsageError(
         f"No compression meets --budget {plan.budget}"
         + (f" with --max-drop {plan.max_drop:g}" if plan.max_drop is not None else "")
-        + f": {reasons}.{best} No artifact was written.",
-        hint="Raise the budget (e.g. a larger size=), allow a larger --max-drop, or run "
-        "`slimc explore MODEL` to see which sizes keep which quality.")
+        + f": {reasons}.{best}{distilled} No artifact was written.",
+        hint="Raise the budget (e.g. a larger size=), allow a larger --max-drop, give "
+        "distillation calibration data and time (--calib with 2+ batches, --distill-budget "
+        "SECONDS), or run `slimc explore MODEL` to see which sizes keep which quality.")
 
 
 def recipe_data(items, target: str | None, inputs, description: str) -> dict[str, Any]:
@@ -178,5 +209,8 @@ def write_recipe(path, candidate, target: str | None, inputs, description: str) 
     """The chosen pipeline as a recipe file."""
     import yaml
 
+    if any(name == "distill" for name, _ in candidate.items):
+        description += ("; its distill pass trains on --calib: compile it with the same --calib "
+                        "and --calib-batches to reproduce the weights")
     path.write_text(yaml.safe_dump(recipe_data(candidate.items, target, inputs, description),
                                    sort_keys=False, width=100))

@@ -40,6 +40,24 @@ from .space import Space, Techniques, build_space, layer_patterns
 MAX_BACKOFFS = 6
 #: Bisection steps of a budget-less (``-O2/-O3/-Os``) search per pruning ratio.
 BISECTION_STEPS = 5
+#: Seconds of distillation (all tries together) the search may spend when no candidate meets
+#: ``--max-drop`` (``--distill-budget``). Why 300: on MiniLM a step is ~0.1-0.3 s on this
+#: 2-core host, so 5 minutes is ~1000 steps, past where the loss curves flatten
+#: (docs/benchmarks.md, "Distillation"), and still small next to the damage table.
+DISTILL_BUDGET_S = 300.0
+#: How many of the closest candidates (lowest measured drop within the budget) get a try.
+DISTILL_CANDIDATES = 2
+#: Steps of the probe that measures one step's time; fewer steps than the minimum fit in the
+#: budget -> distillation is not tried (a handful of steps recovers nothing worth a build).
+DISTILL_PROBE_STEPS = 3
+DISTILL_MIN_STEPS = 20
+DISTILL_MAX_STEPS = 2000
+#: At most this many passes over the training batches: measured on a tiny Llama with 12
+#: training batches, 500 steps made the held-out loss worse than 150 (memorised), so the
+#: budget buys steps only up to what the calibration data can teach.
+DISTILL_MAX_EPOCHS = 20
+#: Peak learning rate of the search's distillation (AdamW, warm-up then cosine decay).
+DISTILL_LR = 1e-3
 
 
 @dataclass
@@ -75,17 +93,21 @@ def task_scorer(task) -> Scorer:
                   lambda ir: float(task.run_one(_runner(ir))[key]))
 
 
-def proxy_scorer(ir: IR, ctx: PassContext, max_batches: int = 4) -> Scorer:
+def proxy_scorer(ir: IR, ctx: PassContext, max_batches: int = 4,
+                 batches: Sequence[Sequence[torch.Tensor]] | None = None,
+                 where: str = "calibration batch(es)") -> Scorer:
     """Without task data: the mean output divergence from the original on the calibration
-    batches (the example input when there is no ``--calib``): 1 - cosine for embeddings, KL
-    of the softmax for logits, relative L2 otherwise. ``--max-drop`` then bounds it."""
-    batches = calibration_batches(ir, ctx, max_batches)
+    batches (the example input when there is no ``--calib``; ``batches`` when given, e.g.
+    those distillation held out): 1 - cosine for embeddings, KL of the softmax for logits,
+    relative L2 otherwise. ``--max-drop`` then bounds it."""
+    batches = [list(b) for b in batches] if batches is not None \
+        else calibration_batches(ir, ctx, max_batches)
     kinds = [output_kind(name) for name in ir.output_names]
     references = [ir.run(b) for b in batches]
     what = sorted({{"embedding": "1 - cosine", "logits": "KL divergence"}.get(k, "relative L2")
                    for k in kinds})
     label = (f"proxy: output {' / '.join(what)} vs the original (worst output) on "
-             f"{len(batches)} calibration batch(es); no --eval-data")
+             f"{len(batches)} {where}; no --eval-data")
 
     def score(candidate: IR) -> float:
         worst = 0.0
@@ -115,6 +137,8 @@ class Candidate:
     records: list[PassRecord] = field(default_factory=list)
     ctx: PassContext | None = None
     backoffs: int = 0
+    #: Set when the candidate was recovered by ``distill`` (steps, drop before and after).
+    distill: dict[str, Any] | None = None
 
     def release(self) -> None:
         """Let go of the built IR (a full copy of the model's weights), its pass records and
@@ -127,7 +151,8 @@ class Candidate:
         return {"pipeline": pipeline_text(self.items), "prune_ratio": self.prune_ratio,
                 "relative": {k: round(v, 5) for k, v in self.relative.items()},
                 "value": self.value, "drop": self.drop, "choices": self.choices,
-                "predicted_damage": self.predicted_damage, "backoffs": self.backoffs}
+                "predicted_damage": self.predicted_damage, "backoffs": self.backoffs,
+                **({"distill": self.distill} if self.distill else {})}
 
 
 def pipeline_text(items: Sequence[tuple[str, dict[str, Any]]]) -> str:
@@ -180,6 +205,10 @@ class Search:
     def _run(self, ir: IR, items: list[tuple[str, dict[str, Any]]]) -> tuple[list[PassRecord],
                                                                               PassContext]:
         ctx = self._clone_ctx(ir)
+        # ``distill``'s teacher is the model before *any* pass: a candidate is built on the
+        # pruned base, so the pass manager's own copy would be the pruned model. The original
+        # IR is only read (the teacher runs forwards), so it is lent, not cloned.
+        ctx.original = self.ir
         return self.manager.run(ir, validate(items, self.registry.passes), ctx), ctx
 
     def base(self, ratio: float) -> _Base:
@@ -235,12 +264,7 @@ class Search:
         they compress, so a candidate costs only its new weights, not a copy of the model."""
         t0 = time.perf_counter()
         rest = self.items(base, picks)
-        ir = base.ir.clone(share_weights=True)
-        records, ctx = self._run(ir, rest)
-        relative = {"size": ir.weight_bytes() / self.original["size"],
-                    "params": ir.num_params() / self.original["params"]}
-        if "latency" in self.original:
-            relative["latency"] = self._latency(ctx) / max(self.original["latency"], 1e-30)
+        ir, records, ctx, relative = self._build_items(base, rest)
         value = self.scorer.score(ir)
         space = base.space
         choices = Counter(str(space.layers[i].options[j]) for i, j in enumerate(picks))
@@ -255,6 +279,19 @@ class Search:
         self.log(f"search: {pipeline_text(items)}: size {relative['size']:.3f}, "
                  f"drop {cand.drop:.4f}")
         return cand
+
+    def _build_items(self, base: _Base, rest: list[tuple[str, dict[str, Any]]]
+                     ) -> tuple[IR, list[PassRecord], PassContext, dict[str, float]]:
+        """``rest`` (the pipeline after pruning) on a weight-sharing clone of ``base``: the
+        built IR, its records and context, and its size / params / latency relative to the
+        original."""
+        ir = base.ir.clone(share_weights=True)
+        records, ctx = self._run(ir, rest)
+        relative = {"size": ir.weight_bytes() / self.original["size"],
+                    "params": ir.num_params() / self.original["params"]}
+        if "latency" in self.original:
+            relative["latency"] = self._latency(ctx) / max(self.original["latency"], 1e-30)
+        return ir, records, ctx, relative
 
     def solve(self, base: _Base, limits: dict[str, float],
               excluded: np.ndarray | None = None) -> list[int]:
