@@ -95,3 +95,14 @@ def test_without_distillation_the_search_says_why_and_exits_2(cli, tmp_path, ext
     assert "No compression meets --budget params=0.85" in said
     assert "Distillation:" in said and why in said
     assert "Traceback" not in said and not (tmp_path / "x").exists()
+
+
+def test_bert_without_calibration_data_says_distillation_needs_it(cli, hf_dir, tmp_path):
+    """A tiny random BERT, --max-drop 0 (nothing lossy meets it) and no --calib: the search
+    names the closest candidate and why distillation was not tried."""
+    result = cli("compile", hf_dir("bert"), "-t", TARGET, "-o", tmp_path / "x", "-j", "1",
+                 "--no-cache", "--budget", "params=0.85", "--max-drop", "0")
+    assert result.code == 2, result.err
+    assert "The best candidate within the budget lost" in result.err
+    assert "Distillation: distillation trains on --calib data" in result.err
+    assert "--distill-budget" in result.err and "Traceback" not in result.err
