@@ -41,9 +41,10 @@ MAX_BACKOFFS = 6
 #: Bisection steps of a budget-less (``-O2/-O3/-Os``) search per pruning ratio.
 BISECTION_STEPS = 5
 #: Seconds of distillation (all tries together) the search may spend when no candidate meets
-#: ``--max-drop`` (``--distill-budget``). Why 300: on MiniLM a step is ~0.1-0.3 s on this
-#: 2-core host, so 5 minutes is ~1000 steps, past where the loss curves flatten
-#: (docs/benchmarks.md, "Distillation"), and still small next to the damage table.
+#: ``--max-drop`` (``--distill-budget``). Why 300: a bounded addition to a search that takes
+#: minutes already, hundreds of steps for a small model; measured on MiniLM (32x8 tokens per
+#: batch) a step took 2.4-3 s at load ~15 on the 2-core host, so 300 s bought 36-55 steps and
+#: recovered a quarter of one candidate's loss (docs/benchmarks.md): raise it for more.
 DISTILL_BUDGET_S = 300.0
 #: How many of the closest candidates (lowest measured drop within the budget) get a try.
 DISTILL_CANDIDATES = 2
