@@ -106,13 +106,81 @@ class TiledMatmul:
         intermediates = intermediate_buffers(sch)
         producers = blocks[:position]
         epilogue = _inline_epilogue(sch, blocks[position + 1:], intermediates)
-        _tile(sch, main, axes, target, epilogue, func)
+        depthwise = _reads_input_along_vector(sch, main, axes)
+        fused = _tile(sch, main, axes, target, epilogue, func)
         for block in producers:  # padding, reshapes feeding the kernel
+            if _inline_copy(sch, block, intermediates):
+                continue
+            if depthwise and _pad_per_tile(sch, block, fused, target):
+                continue
             if sch.get(block).name_hint.endswith("_pad"):
                 _schedule_padding(sch, block, target)
             else:
                 schedule_block(sch, block, target)
         return sch
+
+
+def _inline_copy(sch: s_tir.Schedule, block, intermediates: set) -> bool:
+    """Read a producer that only copies its input (the ``pad_temp`` TVM's legalizer puts in
+    front of every conv, also without padding: all 1x1 convs) straight from that input.
+
+    Left alone it is a full pass over the feature map before each 1x1 conv, on one thread
+    below :data:`~.common.MIN_PARALLEL_MEMORY_WORK` elements (ResNet-50's 14 x 14 x 1024
+    inputs); inlined, the kernel loads the same addresses from the input itself.
+    """
+    stmt = sch.get(block)
+    store = stmt.body
+    if not isinstance(store, tirx.BufferStore) or loaded_buffer(store.value) is None \
+            or block_writes_output(sch, block, intermediates) or not is_spatial(sch, block):
+        return False
+    load = list(store.value.indices)
+    if len(load) != len(store.indices) or not all(
+            isinstance(a, tirx.Var) and a.same_as(b) for a, b in zip(load, store.indices,
+                                                                     strict=True)):
+        return False  # a reshape or a shifted (padded) read: index arithmetic per load
+    try:
+        sch.compute_inline(block)
+    except Exception:  # noqa: BLE001 - keep the copy, scheduled as before
+        interrupts.check()
+        return False
+    return True
+
+
+def _reads_input_along_vector(sch: s_tir.Schedule, main, axes: _Axes) -> bool:
+    """Whether the image operand too is indexed by the vector (output channel) axis: a
+    depthwise conv, whose channels are not reduced over, so each input element feeds only
+    the ``kh x kw`` taps of its own channel."""
+    stmt = sch.get(main)
+    var = next(iv.var for iv, b in zip(stmt.iter_vars, realize_bindings(sch, sch.get_loops(main)),
+                                       strict=True)
+               if isinstance(b, tirx.Var) and b.same_as(sch.get(axes.vector).loop_var))
+    other = [r.min for r in stmt.reads[1 - axes.contiguous].region]
+    return var in vars_in(other)
+
+
+def _pad_per_tile(sch: s_tir.Schedule, block, fused, target: Target) -> bool:
+    """Compute a depthwise conv's zero-padded input per tile, from the tile's loop.
+
+    Made as its own pass, the padded copy of the whole feature map is more memory traffic
+    than the conv itself, which does only ``kh x kw`` multiply-adds per input element
+    (EfficientNet's stride-2 3 x 3 over 112 x 112 x 144: a 7.5 MB copy, 4x ONNX Runtime's
+    time for the conv). Per tile, the window (``kh`` rows, the tile's columns plus the halo,
+    ``NR`` channels) is copied into a few KiB that stay in L1 while the taps read it.
+    """
+    try:
+        sch.compute_at(block, fused, preserve_unit_loops=True)
+    except Exception:  # noqa: BLE001 - keep the whole-map copy
+        interrupts.check()
+        return False
+    loops = sch.get_loops(block)
+    inner = loops[-1]
+    n = extent(sch, inner)
+    lanes = vector_lanes(target, sch.get(block).writes[0].source.dtype.bits)
+    if n is not None and n % lanes == 0:
+        if n > lanes:
+            inner = sch.split(inner, factors=[None, lanes])[-1]
+        sch.vectorize(inner)
+    return True
 
 
 def _is_multiply_accumulate(block: s_tir.SBlock) -> bool:
@@ -435,6 +503,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
             log.debug("tiled-matmul: epilogue %s not inlined: %s", sch.get(block).name_hint,
                       str(exc).splitlines()[-1] if str(exc) else exc)
         schedule_block(sch, block, target)
+    return fused
 
 
 def _broadcasts_beyond(shape, accumulated) -> bool:
