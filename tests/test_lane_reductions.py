@@ -147,3 +147,110 @@ def test_row_tail_has_no_gathers(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "vgather" not in asm and "vscatter" not in asm
     assert re.search(r"\bvmovups\s+%zmm", asm) or re.search(r"%zmm\d+,\s*\(", asm)
+
+
+class Attention(torch.nn.Module):
+    """``scaled_dot_product_attention`` (decomposed with PyTorch's ``_safe_softmax``), or
+    written out with a plain softmax (``manual``)."""
+
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.manual = manual
+
+    def forward(self, q, k, v):
+        if self.manual:
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+#: The safe softmax's all -inf row test in its normalize step.
+_ROW_TEST = r"T_softmax_expsum\[[^\]]*\] < T\.float32\(0\.5\)"
+
+
+def _fused_main(module, inputs, target: str = "x86-64-v4-vnni"):
+    """The fused Relax module of ``module`` (slimc's passes up to ``FuseTIR``) and its target."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+
+    spec = resolve_target(target).tvm_target()
+    with spec:
+        return tvm.transform.Sequential(fusion_passes(spec))(_lower(module, inputs)), spec
+
+
+def _kernels(fused) -> dict:
+    import tvm
+
+    return {gv.name_hint: f for gv, f in fused.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def test_sdpa_all_masked_row_check_is_in_the_softmax_kernel():
+    """SDPA's "safe" softmax is one kernel: no second reduction over the scores
+    (``equal -> logical_not -> max``), and the keys of Whisper's 1500 are padded to whole
+    16-lane vectors (1504): the max and the exp-sum reduce in 16-lane accumulators (one 4-lane
+    accumulator before), the K and V head transposes write the zero padding."""
+    from slimc.backends.tvm.schedules import schedule_prim_func
+
+    q, k, v = (torch.randn(1, 2, 1500, 16) for _ in range(3))
+    fused, spec = _fused_main(Attention(), (q, k, v))
+    kernels = _kernels(fused)
+    assert not [n for n in kernels if "equal" in n or "where" in n], list(kernels)
+    softmax = [n for n in kernels if "safe_softmax" in n]
+    assert len(softmax) == 1, list(kernels)
+    assert [n for n in kernels if n.endswith("pad") or "_pad" in n], list(kernels)
+    main = fused["main"].script()
+    assert "(1, 2, 1500, 1504)" in main and "(2, 1504, 16)" in main, main
+    text = schedule_prim_func(kernels[softmax[0]], spec, name=softmax[0]).script()
+    widths = _lane_widths(text)
+    assert len(widths) == 4 and all(w >= 16 and w % 16 == 0 for w in widths), (widths, text)
+    assert re.search(_ROW_TEST, text), text  # the all -inf row test
+
+
+@pytest.mark.parametrize("length", [100, 197, 64])
+def test_sdpa_softmax_matches_pytorch(length, tmp_path, caplog):
+    """Padded keys (100 -> 112, ViT's 197 -> 208) and whole-vector keys (64: not padded)."""
+    torch.manual_seed(0)
+    inputs = tuple(torch.randn(1, 3, length, 16) * 2 for _ in range(3))
+    _check(Attention(), inputs, tmp_path, caplog, None, tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_plain_softmax_attention_is_padded_without_the_check(tmp_path, caplog):
+    """A softmax written out between ``Q @ K^T`` and ``@ V`` gets the padded keys too, without
+    the all -inf row test (a plain softmax has none)."""
+    from slimc.backends.tvm.schedules import schedule_prim_func
+
+    torch.manual_seed(0)
+    inputs = tuple(torch.randn(1, 2, 100, 16) for _ in range(3))
+    fused, spec = _fused_main(Attention(manual=True), inputs)
+    kernels = _kernels(fused)
+    names = [n for n in kernels if "padded_softmax" in n]
+    assert len(names) == 1, list(kernels)
+    text = schedule_prim_func(kernels[names[0]], spec, name=names[0]).script()
+    assert not re.search(_ROW_TEST, text) and "< T.int64(100)" in text, text
+    _check(Attention(manual=True), inputs, tmp_path, caplog, None, tol=1e-5,
+           target="x86-64-v4-vnni")
+
+
+class MaskedAttention(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_sdpa_masked_rows_keep_pytorchs_semantics(tmp_path, caplog):
+    """A query row masked out entirely (all -inf) gives zeros, as PyTorch's safe softmax does;
+    a row under Hugging Face's additive mask (-3.4e38, finite) stays uniform -- the fused test
+    looks at the exp-sum, not at the maximum (TVM's starts at -3.4e38)."""
+    torch.manual_seed(0)
+    length, low = 40, torch.finfo(torch.float32).min
+    q, k, v = (torch.randn(1, 2, length, 16) for _ in range(3))
+    mask = torch.where(torch.rand(1, 1, length, length) > 0.3, 0.0, float("-inf"))
+    mask[..., 5, :] = float("-inf")  # every key masked: zeros
+    mask[..., 7, :] = low  # the finite padding mask: a uniform row
+    mask[..., 9, 3:] = low
+    with torch.no_grad():
+        want = MaskedAttention()(q, k, v, mask)
+    assert want[0, :, 5].abs().sum() == 0 and want[0, :, 7].abs().sum() > 0
+    _check(MaskedAttention(), (q, k, v, mask), tmp_path, caplog, None, tol=1e-5,
+           target="x86-64-v4-vnni")
+    fused, _ = _fused_main(MaskedAttention(), (q, k, v, mask))
+    assert not [n for n in _kernels(fused) if "equal" in n], list(_kernels(fused))

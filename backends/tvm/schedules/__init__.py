@@ -178,6 +178,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from .attention_softmax import fuse_safe_softmax
     from .constant_views import fold_constant_views
     from .fast_math import fast_math
     from .gemv import panel_gemv
@@ -197,7 +198,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # After the layout passes: fast_math turns sigmoid/SiLU/GELU into call_te kernels that
         # ConvertLayout cannot see through, so run earlier it left an NCHW<->NHWC transpose
         # pair around every squeeze-excite gate and SiLU of a converted conv.
-        fast_math, fuse_requantize, winograd_convs,
+        fuse_safe_softmax(target), fast_math, fuse_requantize, winograd_convs,
         tied_embedding, fold_constant_views(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),

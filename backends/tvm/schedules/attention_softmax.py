@@ -1,0 +1,316 @@
+"""Attention softmax: one kernel for PyTorch's "safe" softmax, rows padded to whole vectors.
+
+``scaled_dot_product_attention`` decomposes (PyTorch >= 2.5, ``_safe_softmax``) into
+``where(all(x == -inf, -1), 0, softmax(x))``: a row that is masked out entirely gives zeros,
+not NaN. TVM imports that as a softmax plus a second reduction kernel over the scores
+(``equal -> logical_not -> cast -> max``, reading all of ``heads x L x L`` scores again) and a
+``where`` in the softmax's epilogue. The check is not dead in general (a padding mask can mask
+a whole row), but it needs no second pass: a row is all ``-inf`` exactly when its maximum is,
+and the softmax computes that maximum anyway. :func:`safe_softmax` is that kernel: the row
+maximum starts from ``-inf`` (TVM's ``max`` starts from the lowest finite float, which would
+hide an all-``-inf`` row), and the normalize step selects zero on an ``-inf`` maximum.
+Rows holding a NaN are NaN either way.
+
+It also multiplies by the reciprocal of the row sum instead of dividing every element
+(one ``vdivps`` per vector was a visible share of a 1500-wide row), as ONNX Runtime does.
+
+Key padding (:func:`pad_keys`): the row reductions sum in vector lanes only when a whole number
+of vectors makes the row (``cpu_reduction._chunk``); Whisper's 1500 keys got one 4-lane
+accumulator (1500 = 375 x 4), a dependency chain of 375 steps per reduction per row, and ViT's
+197 none at all. When the scores are ``Q @ K^T`` and the probabilities feed ``P @ V`` directly,
+padding ``K^T`` with zero columns and ``V`` with zero rows to whole vectors is exact: the
+softmax ignores the padded columns (its maximum and sum skip them, its output there is 0), and
+``0 * 0`` adds nothing to ``P @ V``. The pads fuse into the head transposes that already copy
+``K`` and ``V``, and the score matmul pads its column tiles anyway (``cpu_matmul``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tvm
+from tvm import relax, te, tirx, topi
+from tvm.relax import PyExprMutator, expr_functor
+
+from .common import mutate_relax_functions, vector_lanes
+
+
+def safe_softmax(x: te.Tensor, valid: int | None = None, check: bool = True) -> te.Tensor:
+    """Softmax over the last axis of fp32 ``x`` (``fast_exp``), zeros on an all-``-inf`` row
+    when ``check``. ``valid``: only the first ``valid`` columns are the row (the rest is
+    padding, ignored, 0 in the output)."""
+    *rows, n = x.shape
+    pad = valid is not None and int(valid) < int(n)
+    neg_inf = tirx.const(float("-inf"), x.dtype)
+    zero = tirx.const(0.0, x.dtype)
+
+    def inside(k):
+        return k < valid if pad else None
+
+    k1 = te.reduce_axis((0, n), name="k")
+    maxelem = te.compute(
+        tuple(rows), lambda *r: te.max(tirx.Select(inside(k1), x[(*r, k1)], neg_inf) if pad
+                                       else x[(*r, k1)], axis=k1),
+        name="T_softmax_maxelem")
+    delta = te.compute(x.shape, lambda *i: x[i] - maxelem[i[:-1]], name="T_softmax_delta")
+    exp = topi.math.fast_exp(delta)
+    if pad:
+        exp = te.compute(x.shape, lambda *i: tirx.Select(inside(i[-1]), exp[i], zero),
+                         name="T_softmax_exp_valid")
+    k2 = te.reduce_axis((0, n), name="k")
+    expsum = te.compute(tuple(rows), lambda *r: te.sum(exp[(*r, k2)], axis=k2),
+                        name="T_softmax_expsum")
+    one, half = tirx.const(1.0, x.dtype), tirx.const(0.5, x.dtype)
+
+    def normalize(*i):
+        value = exp[i] * (one / expsum[i[:-1]])
+        # An all -inf row: see the module docstring (its sum is ~1e-35, any other row's >= 1).
+        return tirx.Select(expsum[i[:-1]] < half, zero, value) if check else value
+
+    return te.compute(x.shape, normalize, name="T_softmax_norm", attrs={"axis": len(rows)})
+
+
+def _op(expr) -> str:
+    return getattr(getattr(expr, "op", None), "name", "") if isinstance(expr, relax.Call) else ""
+
+
+def _is_scalar(expr, value: float) -> bool:
+    if not isinstance(expr, tvm.ir.expr.Constant):
+        return False
+    data = expr.value.numpy()
+    return data.size == 1 and float(data.reshape(-1)[0]) == value
+
+
+#: Elementwise steps between ``Q @ K^T`` and the softmax that the padded keys go through (with
+#: a scalar constant: garbage in the padded columns is masked by the softmax's selects).
+_SCALAR_OPS = {"relax.multiply": relax.op.multiply, "relax.divide": relax.op.divide,
+               "relax.add": relax.op.add, "relax.subtract": relax.op.subtract}
+
+
+def _scalar(expr) -> bool:
+    return isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1
+
+
+def _dims(shape) -> list[str]:
+    return [str(d) for d in shape] if shape is not None else []
+
+
+def _last_axis(axis, ndim: int) -> bool:
+    if axis is None:
+        return False
+    axes = [int(a) for a in axis] if not isinstance(axis, int | tvm.tirx.IntImm) else [int(axis)]
+    return len(axes) == 1 and axes[0] % ndim == ndim - 1
+
+
+class _Plan(NamedTuple):
+    """``P @ V`` whose ``P`` is a softmax of ``Q @ K^T``: what the padded chain is built from."""
+
+    q: relax.Expr
+    kt: relax.Expr
+    v: relax.Expr
+    steps: list  # from ``Q @ K^T`` to the softmax input: (op name, scalar operand, shape)
+    probs_shape: list  # the ``P @ V`` left operand's shape
+    check: bool  # the safe softmax's all -inf row check
+    keys: int
+    padded: int
+
+
+def _static(shape) -> list[int] | None:
+    try:
+        return [int(d) for d in shape]
+    except (TypeError, ValueError):
+        return None
+
+
+@expr_functor.mutator
+class _SafeSoftmax(PyExprMutator):
+    """``where(all(x == -inf), 0, softmax(x))`` -> :func:`safe_softmax`; ``softmax(Q @ K^T) @ V``
+    with a key count that is not whole vectors -> the same with padded keys."""
+
+    def __init__(self, mod, lanes: int) -> None:
+        super().__init__(mod)
+        self.lanes = lanes
+        self.var2val: dict = {}
+        self.uses: dict = {}
+        self.plans: dict = {}
+
+    def plan(self, func: relax.Function) -> None:
+        """Find the ``P @ V`` matmuls to pad (on the original function, before rewriting)."""
+        bindings = relax.analysis.get_var2val(func)
+        self.var2val.update(bindings)
+        uses = self.uses
+
+        def count(expr) -> None:
+            if isinstance(expr, relax.Call):
+                for arg in expr.args:
+                    if isinstance(arg, relax.Var):
+                        uses[arg] = uses.get(arg, 0) + 1
+            elif isinstance(expr, relax.Tuple):
+                for f in expr.fields:
+                    if isinstance(f, relax.Var):
+                        uses[f] = uses.get(f, 0) + 1
+
+        relax.analysis.post_order_visit(func.body, count)
+        for value in bindings.values():
+            if _op(value) == "relax.matmul":
+                plan = self._plan_matmul(value)
+                if plan is not None:
+                    self.plans[value] = plan
+
+    def _bound(self, expr):
+        return self.var2val.get(expr) if isinstance(expr, relax.Var) else None
+
+    def _single(self, expr) -> bool:
+        return self.uses.get(expr, 0) == 1
+
+    def _plan_matmul(self, call: relax.Call) -> _Plan | None:
+        probs, v = call.args
+        if not (isinstance(probs, relax.Var) and self._single(probs)):
+            return None
+        probs_shape, v_shape = _static(probs.ty.shape or []), _static(v.ty.shape or [])
+        if not probs_shape or not v_shape or len(v_shape) < 2:
+            return None
+        keys = probs_shape[-1]
+        padded = -(-keys // self.lanes) * self.lanes
+        if keys % self.lanes == 0 or v_shape[-2] != keys or str(probs.ty.dtype) != "float32":
+            return None
+        if padded - keys > keys // 8:  # short rows: the padding would cost more than it saves
+            return None
+        node = probs  # back through reshapes / broadcasts that keep the key axis last
+        while _op(self._bound(node)) in ("relax.reshape", "relax.broadcast_to"):
+            node = self._bound(node).args[0]
+            if not self._single(node) or (_static(node.ty.shape or []) or [0])[-1] != keys:
+                return None
+        value, check = self._bound(node), False
+        if _op(value) == "relax.where":
+            cond, _, soft = value.args
+            x = self._all_neg_inf_of(cond)
+            value, check = self._bound(soft), True
+            if x is None or _op(value) != "relax.nn.softmax" or not value.args[0].same_as(x):
+                return None
+        elif _op(value) != "relax.nn.softmax":
+            return None
+        scores = value.args[0]
+        if not _last_axis(value.attrs.axis, scores.ty.ndim):
+            return None
+        node, steps = scores, []
+        while True:  # back through reshapes and scalar scaling to ``Q @ K^T``
+            shape = _static(node.ty.shape or [])
+            if not shape or shape[-1] != keys or str(node.ty.dtype) != "float32":
+                return None
+            value = self._bound(node)
+            if _op(value) == "relax.reshape":
+                steps.append(("reshape", None, shape))
+                node = value.args[0]
+            elif _op(value) in _SCALAR_OPS and _scalar(value.args[1]):
+                steps.append((_op(value), value.args[1], shape))
+                node = value.args[0]
+            else:
+                break
+        qk = self._bound(node)
+        if _op(qk) != "relax.matmul":
+            return None
+        q, kt = qk.args
+        kt_shape = _static(kt.ty.shape or [])
+        if not kt_shape or len(kt_shape) < 2 or kt_shape[-1] != keys:
+            return None
+        return _Plan(q, kt, v, steps[::-1], probs_shape, check, keys, padded)
+
+    def _value(self, expr):
+        """The call bound to ``expr`` (through dataflow bindings), else ``expr``."""
+        while isinstance(expr, relax.Var):
+            bound = self.var2val.get(expr)
+            if bound is None:
+                return expr
+            expr = bound
+        return expr
+    def _through(self, expr, ops: tuple[str, ...]):
+        expr = self._value(expr)
+        while _op(expr) in ops:
+            expr = self._value(expr.args[0])
+        return expr
+
+    def _all_neg_inf_of(self, cond):
+        """``x`` when ``cond`` is ``not(any(not(x == -inf), -1, keepdims))``, else None."""
+        cond = self._value(cond)
+        if _op(cond) != "relax.logical_not":
+            return None
+        red = self._through(cond.args[0], ("relax.astype",))
+        if _op(red) not in ("relax.max", "relax.any") or not red.attrs.keepdims:
+            return None
+        inner = self._through(red.args[0], ("relax.astype",))
+        if _op(inner) != "relax.logical_not":
+            return None
+        eq = self._value(inner.args[0])
+        if _op(eq) != "relax.equal" or not _is_scalar(eq.args[1], float("-inf")):
+            return None
+        ndim = eq.args[0].ty.ndim
+        return eq.args[0] if _last_axis(red.attrs.axis, ndim) else None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        plan = self.plans.get(call)
+        if plan is not None:
+            return self._padded(call, plan)
+        if _op(call) != "relax.where":
+            return super().visit_call_(call)
+        cond, zeros, soft = call.args
+        soft_call = self._value(soft)
+        fill = self._value(zeros)
+        x = self._all_neg_inf_of(cond)
+        if (x is None or _op(soft_call) != "relax.nn.softmax" or not soft_call.args[0].same_as(x)
+                or _op(fill) != "relax.full_like" or not _is_scalar(fill.args[1], 0.0)):
+            return super().visit_call_(call)
+        info = x.ty
+        if str(info.dtype) != "float32" or not _last_axis(soft_call.attrs.axis, info.ndim):
+            return super().visit_call_(call)
+        if info.shape is None or _dims(call.ty.shape) != _dims(info.shape):
+            return super().visit_call_(call)  # a broadcasting where: leave it
+        return self.builder_.call_te(safe_softmax, self.visit_expr(x), primfunc_name_hint=
+                                     "safe_softmax")
+
+    def _padded(self, call: relax.Call, plan: _Plan) -> relax.Expr:
+        """``P @ V`` rebuilt with ``K^T`` and ``V`` padded to whole vectors of keys."""
+        bb, extra = self.builder_, plan.padded - plan.keys
+        kt, v = self.visit_expr(plan.kt), self.visit_expr(plan.v)
+        kt = bb.emit(_pad_last(kt, -1, extra, kt.ty.ndim))
+        scores = bb.emit(relax.op.matmul(self.visit_expr(plan.q), kt,
+                                         out_dtype=call.attrs.out_dtype))
+        for op, operand, shape in plan.steps:
+            if op == "reshape":
+                scores = bb.emit(relax.op.reshape(scores, [*shape[:-1], plan.padded]))
+            else:
+                scores = bb.emit(_SCALAR_OPS[op](scores, operand))
+        probs = bb.emit(bb.call_te(safe_softmax, scores, valid=plan.keys, check=plan.check,
+                                   primfunc_name_hint="safe_softmax" if plan.check
+                                   else "padded_softmax"))
+        probs = bb.emit(relax.op.reshape(probs, [*plan.probs_shape[:-1], plan.padded]))
+        v = bb.emit(_pad_last(v, -2, extra, v.ty.ndim))
+        return relax.op.matmul(probs, v, out_dtype=call.attrs.out_dtype)
+
+
+def _pad_last(expr, axis: int, extra: int, ndim: int):
+    width = [0] * (2 * ndim)
+    width[2 * (axis % ndim) + 1] = extra
+    return relax.op.nn.pad(expr, width, pad_value=0.0)
+
+
+#: False turns the pass off: TVM's softmax + all -inf row check as imported, for A/B benchmarks.
+ENABLED = True
+
+
+def fuse_safe_softmax(target) -> tvm.transform.Pass:
+    """The Relax pass (before ``fast_math``): see the module docstring."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimcSafeSoftmax")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not ENABLED:
+            return mod
+        mutator = _SafeSoftmax(mod, vector_lanes(target, 32))
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.plan(func)
+        if not mutator.plans:
+            return mutate_relax_functions(mod, mutator)
+        return relax.transform.DeadCodeElimination()(mutate_relax_functions(mod, mutator))
+
+    return _pass
