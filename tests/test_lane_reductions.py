@@ -254,3 +254,19 @@ def test_sdpa_masked_rows_keep_pytorchs_semantics(tmp_path, caplog):
            target="x86-64-v4-vnni")
     fused, _ = _fused_main(MaskedAttention(), (q, k, v, mask))
     assert not [n for n in _kernels(fused) if "equal" in n], list(_kernels(fused))
+
+
+def test_masked_attention_pads_the_mask_with_the_keys(tmp_path, caplog):
+    """A mask added to the scores (ViT's all-zero one, BERT's padding mask) is padded along
+    with the keys (197 -> 208); the rows keep PyTorch's values, an all -inf row its zeros."""
+    torch.manual_seed(0)
+    length = 197
+    q, k, v = (torch.randn(1, 2, length, 16) for _ in range(3))
+    mask = torch.where(torch.rand(1, 1, length, length) > 0.2, 0.0, float("-inf"))
+    mask[..., 4, :] = float("-inf")
+    fused, _ = _fused_main(MaskedAttention(), (q, k, v, mask))
+    names = list(_kernels(fused))
+    assert [n for n in names if "safe_softmax" in n] and not [n for n in names if "equal" in n]
+    assert "(1, 2, 197, 208)" in fused["main"].script(), fused["main"].script()
+    _check(MaskedAttention(), (q, k, v, mask), tmp_path, caplog, None, tol=1e-5,
+           target="x86-64-v4-vnni")

@@ -82,13 +82,10 @@ def _is_scalar(expr, value: float) -> bool:
 
 
 #: Elementwise steps between ``Q @ K^T`` and the softmax that the padded keys go through (with
-#: a scalar constant: garbage in the padded columns is masked by the softmax's selects).
+#: a scalar, or a mask over the keys, padded with zeros: whatever the padded columns hold is
+#: masked by the softmax's selects).
 _SCALAR_OPS = {"relax.multiply": relax.op.multiply, "relax.divide": relax.op.divide,
                "relax.add": relax.op.add, "relax.subtract": relax.op.subtract}
-
-
-def _scalar(expr) -> bool:
-    return isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1
 
 
 def _dims(shape) -> list[str]:
@@ -108,7 +105,7 @@ class _Plan(NamedTuple):
     q: relax.Expr
     kt: relax.Expr
     v: relax.Expr
-    steps: list  # from ``Q @ K^T`` to the softmax input: (op name, scalar operand, shape)
+    steps: list  # from ``Q @ K^T`` to the softmax input: (op, (position, operand, pad it), shape)
     probs_shape: list  # the ``P @ V`` left operand's shape
     check: bool  # the safe softmax's all -inf row check
     keys: int
@@ -202,9 +199,19 @@ class _SafeSoftmax(PyExprMutator):
             if _op(value) == "relax.reshape":
                 steps.append(("reshape", None, shape))
                 node = value.args[0]
-            elif _op(value) in _SCALAR_OPS and _scalar(value.args[1]):
-                steps.append((_op(value), value.args[1], shape))
-                node = value.args[0]
+            elif _op(value) in _SCALAR_OPS:
+                pos = next((i for i, a in enumerate(value.args)
+                            if _static(a.ty.shape or []) == shape), None)
+                other = value.args[1 - pos] if pos is not None else None
+                other_shape = _static(getattr(other.ty, "shape", None) or []) if pos is not None \
+                    else None
+                if other_shape is None or len(other_shape) > len(shape) or (
+                        other_shape and other_shape[-1] not in (1, keys)):
+                    return None
+                # a scalar (scale) or a mask over the keys: padded too (its padding is masked)
+                steps.append((_op(value), (pos, other, bool(other_shape) and other_shape[-1]
+                                           == keys and keys > 1), shape))
+                node = value.args[pos]
             else:
                 break
         qk = self._bound(node)
@@ -279,7 +286,12 @@ class _SafeSoftmax(PyExprMutator):
             if op == "reshape":
                 scores = bb.emit(relax.op.reshape(scores, [*shape[:-1], plan.padded]))
             else:
-                scores = bb.emit(_SCALAR_OPS[op](scores, operand))
+                pos, other, pad_other = operand
+                other = self.visit_expr(other)
+                if pad_other:
+                    other = bb.emit(_pad_last(other, -1, extra, other.ty.ndim))
+                args = (scores, other) if pos == 0 else (other, scores)
+                scores = bb.emit(_SCALAR_OPS[op](*args))
         probs = bb.emit(bb.call_te(safe_softmax, scores, valid=plan.keys, check=plan.check,
                                    primfunc_name_hint="safe_softmax" if plan.check
                                    else "padded_softmax"))
