@@ -187,8 +187,8 @@ def _kernels(fused) -> dict:
 def test_sdpa_all_masked_row_check_is_in_the_softmax_kernel():
     """SDPA's "safe" softmax is one kernel: no second reduction over the scores
     (``equal -> logical_not -> max``), and the keys of Whisper's 1500 are padded to whole
-    16-lane vectors (1504): the max and the exp-sum reduce in 16-lane accumulators (one 4-lane
-    accumulator before), the K and V head transposes write the zero padding."""
+    chunks of 4 x 16 lanes (1536): the max and the exp-sum reduce in 16-lane accumulators (one
+    4-lane accumulator before), the K and V head transposes write the zero padding."""
     from slimc.backends.tvm.schedules import schedule_prim_func
 
     q, k, v = (torch.randn(1, 2, 1500, 16) for _ in range(3))
@@ -199,7 +199,7 @@ def test_sdpa_all_masked_row_check_is_in_the_softmax_kernel():
     assert len(softmax) == 1, list(kernels)
     assert [n for n in kernels if n.endswith("pad") or "_pad" in n], list(kernels)
     main = fused["main"].script()
-    assert "(1, 2, 1500, 1504)" in main and "(2, 1504, 16)" in main, main
+    assert "(1, 2, 1500, 1536)" in main and "(2, 1536, 16)" in main, main
     text = schedule_prim_func(kernels[softmax[0]], spec, name=softmax[0]).script()
     widths = _lane_widths(text)
     assert len(widths) == 4 and all(w >= 16 and w % 16 == 0 for w in widths), (widths, text)
