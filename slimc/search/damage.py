@@ -147,29 +147,41 @@ def _ids_key(use) -> str:
     return arg.name if hasattr(arg, "name") else use.node.name
 
 
-def local_errors(layer: Layer, weight: torch.Tensor, approximations: Sequence[torch.Tensor],
-                 stats: ViewStats) -> np.ndarray:
-    """Relative local output error of each approximation of ``weight`` (canonical matrices
-    ``[N, K]``), summed over the layer's uses (NaN where the stats lack a use)."""
-    w = weight.double()
-    out = np.zeros(len(approximations))
+def local_error(layer: Layer, weight: torch.Tensor, stats: ViewStats
+                ) -> Callable[[torch.Tensor], float]:
+    """The relative local output error of one approximation of ``weight`` (canonical matrix
+    ``[N, K]``), summed over the layer's uses (NaN where the stats lack a use), as a function:
+    the reference energies are computed once, and the caller can make each approximation,
+    score it and drop it (a 49152 x 576 table's nine approximations held together were ~1 GB
+    on SmolLM2)."""
+    terms: list[Callable[[torch.Tensor], float]] = []
     for use in layer.uses:
         if use.role == "embedding":
             c = stats.counts.get(_ids_key(use))
             if c is None:
-                return np.full(len(approximations), np.nan)
-            rows = torch.nonzero(c[: w.shape[0]]).reshape(-1)  # only gathered rows count
-            c, wr = c[rows][:, None], w[rows]
-            ref = float((c * wr.pow(2)).sum())
-            errs = [float((c * (a[rows].double() - wr).pow(2)).sum()) for a in approximations]
+                return lambda a: float("nan")
+            rows = torch.nonzero(c[: weight.shape[0]]).reshape(-1)  # only gathered rows count
+            cr, wr = c[rows][:, None], weight[rows].double()
+            ref = max(float((cr * wr.pow(2)).sum()), 1e-30)
+            terms.append(lambda a, rows=rows, cr=cr, wr=wr, ref=ref:
+                         float((cr * (a[rows].double() - wr).pow(2)).sum()) / ref)
         else:
             key = _activation_key(use)
             if not stats.has_rows(key):
-                return np.full(len(approximations), np.nan)
-            ref = stats.energy(key, w)
-            errs = [stats.energy(key, a.double() - w) for a in approximations]
-        out += np.asarray(errs) / max(ref, 1e-30)
-    return out
+                return lambda a: float("nan")
+            w = weight.double()
+            ref = max(stats.energy(key, w), 1e-30)
+            terms.append(lambda a, key=key, w=w, ref=ref:
+                         stats.energy(key, a.double() - w) / ref)
+    return lambda a: float(sum(term(a) for term in terms))
+
+
+def local_errors(layer: Layer, weight: torch.Tensor, approximations: Sequence[torch.Tensor],
+                 stats: ViewStats) -> np.ndarray:
+    """Relative local output error of each approximation of ``weight`` (canonical matrices
+    ``[N, K]``), summed over the layer's uses (NaN where the stats lack a use)."""
+    error = local_error(layer, weight, stats)
+    return np.asarray([error(a) for a in approximations], dtype=float)
 
 
 def anchor_indices(errors: np.ndarray, count: int) -> list[int]:

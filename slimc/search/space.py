@@ -46,7 +46,7 @@ from slimc.passes.quantize.formats import Format, fake_quantize, parse_format
 from slimc.passes.quantize.layers import plan
 from slimc.passmanager import PassContext
 
-from .damage import anchor_indices, collect, interpolate, local_errors, local_measurable
+from .damage import anchor_indices, collect, interpolate, local_error, local_measurable
 
 
 @dataclass(frozen=True)
@@ -335,30 +335,41 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         changed = [j for j, o in enumerate(c.options) if o.fmt.kind != "fp32" or o.rank]
         for j in range(len(c.options)):
             damage[i, j] = 0.0
-        matrices = {j: approximate_matrix(ir, c, c.options[j], spectrum.get(c.layer.name))
-                    for j in changed}
+        spec = spectrum.get(c.layer.name)
+
+        def value(j: int, c=c, spec=spec, stored=stored) -> torch.Tensor:
+            """Choice ``j``'s weight, made when it is needed and dropped after: one
+            approximation of the layer alive at a time (issue 18: SmolLM2's tied 49152 x 576
+            table held its nine approximations at once, ~1 GB)."""
+            return c.layer.from_matrix(approximate_matrix(ir, c, c.options[j], spec)) \
+                .to(stored.dtype)
+
         predicted = None
         if i in local and changed:
             weight = c.layer.matrix(ir)
+            scores = {view: local_error(c.layer, weight, stats[view]) for view in views}
+            errors = {view: np.zeros(len(changed)) for view in views}
+            for a, j in enumerate(changed):
+                matrix = approximate_matrix(ir, c, c.options[j], spec)
+                for view in views:
+                    errors[view][a] = scores[view](matrix)
+                del matrix
+            del scores
             predicted = np.zeros(len(changed))
             for view in views:
-                errors = local_errors(c.layer, weight, [matrices[j] for j in changed],
-                                      stats[view])
-                if not np.isfinite(errors).all():
+                if not np.isfinite(errors[view]).all():
                     predicted = None
                     break
-                chosen = anchor_indices(errors, anchors)
-                found = {a: end_to_end(name, c.layer.from_matrix(matrices[changed[a]])
-                                       .to(stored.dtype), view) for a in chosen}
+                chosen = anchor_indices(errors[view], anchors)
+                found = {a: end_to_end(name, value(changed[a]), view) for a in chosen}
                 measured += len(found)
-                predicted = np.maximum(predicted, interpolate(errors, found))
+                predicted = np.maximum(predicted, interpolate(errors[view], found))
         if predicted is not None:
             for a, j in enumerate(changed):
                 damage[i, j] = predicted[a]
             continue
         for j in changed:
-            value = c.layer.from_matrix(matrices[j]).to(stored.dtype)
-            damage[i, j] = max(end_to_end(name, value, view) for view in views)
+            damage[i, j] = max(end_to_end(name, value(j), view) for view in views)
             measured += len(views)
     if info is not None:
         info.update(damage_method=method, damage_forwards=measured,
