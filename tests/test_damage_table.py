@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
+from slimc.passes.quantize.formats import parse_format
 
 from slimc.capture import capture, load_model
 from slimc.jobs import single_threaded
@@ -127,3 +128,42 @@ def test_suffix_forwards_give_the_table_whole_forwards_give(hf_dir, arch):
         tables = [measure(ir, ctx, space.layers, {}, space.damage.shape[1], 2, method,
                           suffix=suffix) for suffix in (True, False)]
         assert np.array_equal(tables[0], tables[1]), method
+
+
+def test_measure_holds_one_approximation_of_a_layer_at_a_time(hf_dir, monkeypatch):
+    """Each choice's fake-quantized weight is made, scored and dropped before the next (issue
+    18: SmolLM2's tied 49152 x 576 table held its nine approximations at once, ~1 GB); the
+    anchors' weights are made again when measured."""
+    import weakref
+
+    from slimc.search import space as space_module
+
+    made: list[weakref.ref] = []
+    most = 0
+    real = space_module.approximate_matrix
+
+    def tracked(*args, **kwargs):
+        nonlocal most
+        matrix = real(*args, **kwargs)
+        made.append(weakref.ref(matrix))
+        most = max(most, sum(ref() is not None for ref in made))
+        return matrix
+
+    monkeypatch.setattr(space_module, "approximate_matrix", tracked)
+    registry = get_registry()
+    ir, example = capture(load_model(hf_dir("gpt2"), parse_overrides([]), registry))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    techniques = Techniques(formats=("int8", "int4-g32", "int2-g64"), lowrank_keeps=())
+    space = build_space(ir, ctx, techniques, None, 2, "local")
+    assert np.isfinite(space.damage).all() and (space.damage[:, 1:] > 0).all()
+    assert len(made) > 3 * len(space.layers)  # every choice, then the anchors again
+    assert most == 1
+
+
+def test_precision_level_searches_int8_and_int4_only():
+    """-O2 ("per-layer precision (int8/int4/fp32)"): no int3/int2 choices, whose grid searches
+    were a quarter of SmolLM2's damage table (issue 18); -Os/-O3 keep them."""
+    precision = [parse_format(f) for f in Techniques.named("precision").formats]
+    assert {f.kind for f in precision} == {"int8", "int4"}
+    assert any(parse_format(f).lowbit for f in Techniques.named("all").formats)

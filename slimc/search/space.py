@@ -48,6 +48,10 @@ from slimc.passmanager import PassContext
 
 from .damage import anchor_indices, collect, interpolate, local_error, local_measurable
 
+#: The formats of the ``precision`` technique set (``-O2``): every int4 variant and int8.
+PRECISION_FORMATS = ("int8", "int4-g128", "int4-g32", "int4-g32-fz", "int4-g64-fz",
+                     "int4-g128-fz")
+
 
 @dataclass(frozen=True)
 class Techniques:
@@ -73,7 +77,12 @@ class Techniques:
     @classmethod
     def named(cls, name: str) -> Techniques:
         if name == "precision":
-            return cls()
+            # -O2 and ``explore --precision-only``: per-layer int8/int4/fp32, as the level
+            # says. int3/int2 are for budgets below int4's bytes (``-Os``, ``--budget``):
+            # SmolLM2's -O2 candidates that held its 1% had none, yet their grid searches
+            # and fake quantization were a quarter of its damage table (issue 18,
+            # docs/benchmarks.md "Seventh round").
+            return cls(formats=PRECISION_FORMATS)
         if name == "all":
             return cls(lowrank_keeps=(0.5, 0.25), prune_ratios=(0.0, 0.2))
         raise ValueError(f"unknown technique set {name!r}")
