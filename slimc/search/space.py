@@ -32,6 +32,7 @@ import torch
 
 from slimc.ir import IR
 from slimc.layers import Layer
+from slimc.memory import trim_heap
 from slimc.passes.analysis.criteria.divergence import divergence, output_kind
 from slimc.passes.analysis.criteria.execution import (
     SuffixRunner,
@@ -278,6 +279,9 @@ def approximate(ir: IR, choice: LayerChoices, option: Option, spectrum) -> torch
 #: per-layer propagation factor from end-to-end anchors; :mod:`.damage`) or ``end-to-end``
 #: (one whole-model forward per layer x choice x batch, the reference it is checked against).
 DAMAGE_METHODS = ("local", "end-to-end")
+#: The damage table gives freed memory back to the OS after making about this many bytes of
+#: approximations (a trim costs page faults on the next allocations: not after every layer).
+TRIM_AFTER_BYTES = 256 << 20
 
 
 @torch.no_grad()
@@ -337,9 +341,14 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         stats["wide"] = collect(ir, gathering, wide)
     damage = np.full((len(choices), width), np.inf)
     measured = 0
+    made = 0  # bytes of approximations made since the heap was last trimmed
     for i, c in enumerate(choices):
+        if made > TRIM_AFTER_BYTES:
+            trim_heap()  # freed approximations stay in glibc's heap otherwise (~1 GB, SmolLM2)
+            made = 0
         name = c.layer.weight_node.name
         stored = ir.get_weight(c.layer.weight_node)
+        made += stored.numel() * stored.element_size() * (len(c.options) + anchors)
         views = ["calib"] + (["wide"] if c.gathers and wide else [])
         changed = [j for j, o in enumerate(c.options) if o.fmt.kind != "fp32" or o.rank]
         for j in range(len(c.options)):
@@ -380,6 +389,7 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         for j in changed:
             damage[i, j] = max(end_to_end(name, value(j), view) for view in views)
             measured += len(views)
+    trim_heap()
     if info is not None:
         info.update(damage_method=method, damage_forwards=measured,
                     damage_local_layers=len(local))
