@@ -117,7 +117,21 @@ def _grids_bytes() -> int:
     return sum(s.nbytes + m.nbytes for s, m in _GRIDS.values())
 
 
+#: Rows searched at once by :func:`_search_grid` (each row's groups are independent): its
+#: full-size temporaries (the grouped copy, the rounding buffer) were ~0.5 GB for SmolLM2's
+#: 49152 x 576 table (issue 18).
+GRID_ROWS = 8192
+
+
 def _search_grid(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
+    if weight.shape[0] > GRID_ROWS:
+        parts = [_search_rows(weight[i:i + GRID_ROWS], bits, group)
+                 for i in range(0, weight.shape[0], GRID_ROWS)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _search_rows(weight, bits, group)
+
+
+def _search_rows(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
     top = (1 << bits) - 1
     grouped = _grouped(weight.float(), group)
     lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)

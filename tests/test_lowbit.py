@@ -186,3 +186,17 @@ def test_gpu_target_refuses_lowbit_with_advice(cli, hf_dir, tmp_path):
                  "quantize{weights=int3,group_size=32}", "-o", tmp_path / "g")
     assert result.code == 2 and "CPU kernels only" in result.err
     assert "Traceback" not in result.err and not (tmp_path / "g").exists()
+
+
+def test_grid_search_in_row_chunks_gives_the_whole_search(monkeypatch):
+    """Each row's groups are searched independently, so the search runs a chunk of rows at a
+    time (issue 18: the whole 49152 x 576 table's temporaries were ~0.5 GB) with the same
+    grid bit for bit, a partial last group and a partial last chunk included."""
+    from slimc import lowbit
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 200)
+    whole = lowbit._search_rows(w, 3, 64)
+    monkeypatch.setattr(lowbit, "GRID_ROWS", 64)
+    chunked = lowbit._search_grid(w, 3, 64)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
