@@ -82,7 +82,7 @@ class Techniques:
             # says. int3/int2 are for budgets below int4's bytes (``-Os``, ``--budget``):
             # SmolLM2's -O2 candidates that held its 1% had none, yet their grid searches
             # and fake quantization were a quarter of its damage table (issue 18,
-            # docs/benchmarks.md "Seventh round").
+            # docs/benchmarks.md "Eighth round").
             return cls(formats=PRECISION_FORMATS)
         if name == "all":
             return cls(lowrank_keeps=(0.5, 0.25), prune_ratios=(0.0, 0.2))
