@@ -48,3 +48,16 @@ def test_cli_exits_2_on_unmatched_rule(cli, hf_dir, tmp_path):
                  "--no-cache")
     assert result.code == 2
     assert "matches none" in result.err and "Traceback" not in result.err
+
+
+def test_several_rules_in_brackets_in_pipeline_text(hf_dir):
+    """Pipeline text separates options with commas: a rule list goes in brackets, and each
+    rule in it applies (unbracketed, the second rule was read as an unknown option)."""
+    model = hf_dir("bert")
+    first = _quantized_bytes(model, "quantize{weights=int8,layers=*word_embeddings=int2-g64}")
+    both = _quantized_bytes(model, "quantize{weights=int8,"
+                                   "layers=[*word_embeddings=int2-g64,*.[qk]*=int4-g32]}")
+    assert both < first
+    with pytest.raises(UsageError):
+        _quantized_bytes(model, "quantize{weights=int8,"
+                                "layers=*word_embeddings=int2-g64,*query=int4-g32}")

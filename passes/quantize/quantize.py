@@ -74,7 +74,8 @@ class QuantizeOptions(PassOptions):
     layers: str = Field("", description="Per-layer formats that override `weights`: "
                         "comma-separated `PATTERN=FORMAT` (glob over layer names, first match "
                         "wins; FORMAT as in `candidates`, `fp32` leaves the layer float). What "
-                        "`--budget` searches write into their recipes.")
+                        "`--budget` searches write into their recipes. In pipeline text, several rules go in "
+                        "brackets: `layers=[*gate_proj=int3-g64,*up_proj=int3-g64]`.")
     embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
                              "dequantize) and tied output heads too.")
     embedding_weights: Literal["same", "int8"] = Field(
@@ -150,7 +151,14 @@ class Quantize(TransformPass):
 
 
 def layer_rules(text: str) -> list[tuple[str, Format]]:
-    """``PATTERN=FORMAT,...`` (the ``layers`` option) as (glob, format) pairs."""
+    """``PATTERN=FORMAT,...`` (the ``layers`` option) as (glob, format) pairs.
+
+    In pipeline text the list is written in brackets, ``layers=[*gate_proj=int3-g64,
+    *up_proj=int3-g64]``: the comma separates the pass's options there, so without brackets
+    only the first rule reached ``layers`` (recipes pass the plain string)."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     rules = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
