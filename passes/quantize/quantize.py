@@ -74,8 +74,9 @@ class QuantizeOptions(PassOptions):
     layers: str = Field("", description="Per-layer formats that override `weights`: "
                         "comma-separated `PATTERN=FORMAT` (glob over layer names, first match "
                         "wins; FORMAT as in `candidates`, `fp32` leaves the layer float). What "
-                        "`--budget` searches write into their recipes. In pipeline text, several rules go in "
-                        "brackets: `layers=[*gate_proj=int3-g64,*up_proj=int3-g64]`.")
+                        "`--budget` searches write into their recipes. In pipeline text, "
+                        "several rules go in brackets: "
+                        "`layers=[*gate_proj=int3-g64,*up_proj=int3-g64]`.")
     embeddings: bool = Field(True, description="Quantize embedding tables (gather + "
                              "dequantize) and tied output heads too.")
     embedding_weights: Literal["same", "int8"] = Field(

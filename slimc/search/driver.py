@@ -118,7 +118,8 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
 
     scorer = task_scorer(task) if task is not None else proxy_scorer(ir, ctx)
     hw = hardware_if_known(ctx.target)
-    search = Search(ir, ctx, registry, Techniques.named(plan.techniques), scorer, hw, log)
+    search = Search(ir, ctx, registry, Techniques.for_context(plan.techniques, ctx), scorer,
+                    hw, log)
     failures: list[str] = []
     if plan.budget:
         chosen, failures = search.fit(plan.budget, plan.max_drop)

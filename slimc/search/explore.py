@@ -108,8 +108,8 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
     stage("measure every layer's choices and sweep the budgets")
     with _fastest_torch_threads(ir, ctx.calibration(1)[0]):
         scorer = task_scorer(task) if task is not None else proxy_scorer(ir, ctx)
-        search = Search(ir, ctx, registry, Techniques.named(options.techniques), scorer,
-                        hardware_if_known(ctx.target), log)
+        search = Search(ir, ctx, registry, Techniques.for_context(options.techniques, ctx),
+                        scorer, hardware_if_known(ctx.target), log)
         sweeps = [{"size": s} for s in options.sizes]
         if "latency" in search.original:
             sweeps += [{"latency": v} for v in options.latencies]

@@ -253,6 +253,8 @@ class Search:
                     opts["zero_point"] = "float"
             elif default.lowbit:
                 opts["group_size"] = default.group_size
+            if self.techniques.quantize_method != "rtn":
+                opts["method"] = self.techniques.quantize_method
             rules = [f"{p}={o.fmt}" for c, o in chosen if o.fmt != default
                      for p in layer_patterns(c.layer.name, bool(o.rank))]
             if rules:

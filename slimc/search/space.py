@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -74,6 +74,11 @@ class Techniques:
     lowrank_method: str = "whiten"
     #: Structured pruning ratios tried for the whole IR (0.0: no pruning).
     prune_ratios: tuple[float, ...] = (0.0,)
+    #: How candidates round their weights (``quantize{method}``): ``gptq`` when the user gave
+    #: calibration data (:func:`slimc.search.driver`): at 3 bits it pushes each column's
+    #: rounding error onto the columns not yet rounded, through the inputs' Hessian; on the
+    #: example input alone (random tokens) that Hessian would fit noise, so RTN then.
+    quantize_method: str = "rtn"
 
     @classmethod
     def named(cls, name: str) -> Techniques:
@@ -87,6 +92,16 @@ class Techniques:
         if name == "all":
             return cls(lowrank_keeps=(0.5, 0.25), prune_ratios=(0.0, 0.2))
         raise ValueError(f"unknown technique set {name!r}")
+
+    @classmethod
+    def for_context(cls, name: str, ctx: PassContext) -> Techniques:
+        """The named set, with GPTQ rounding when ``ctx`` holds real calibration data
+        (``--calib``): SmolLM2 at 3.5-4.25 bits per weight lost far less with it
+        (docs/benchmarks.md, issue 17)."""
+        techniques = cls.named(name)
+        if ctx.calibration_batches:
+            techniques = replace(techniques, quantize_method="gptq")
+        return techniques
 
 
 @dataclass(frozen=True)
