@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--fp32-perplexity", type=float, default=None)
-    ap.add_argument("--out", default="kquant_smollm2")
+    ap.add_argument("--out", default="kquant_smollm2.json")
     args = ap.parse_args()
     if args.weights_only:
         formats = ["int4-g32-fz", "int4-g64-fz", "int4-g128-fz", "int3-g32", "int3-g64"]
