@@ -7,8 +7,10 @@ defaults to one thread on small machines; :func:`set_threads` sets it before tha
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +40,45 @@ def set_threads(threads: int | None) -> int:
     return threads
 
 
+def load_library(library: str | os.PathLike[str]) -> Any:
+    """``tvm.runtime.load_module`` of the library *now* at ``library``, never a stale copy.
+
+    Why: ``tvm.runtime.load_module`` passes ``os.path.realpath(path)`` to ``dlopen``, and
+    glibc's ``dlopen`` returns an object already loaded in this process whose name matches,
+    without looking at the file. A library rebuilt at a path this process loaded before
+    (``slimc.compile(..., output=out, force=True)`` then ``slimc.load(out)`` again in one
+    process; a test building ``k.so`` in one folder over and over) silently ran the old code
+    with the old constants baked into it (an attention mask, weights): wrong outputs, no error.
+    So every load goes through a fresh, uniquely named *hard link* (``realpath`` would undo a
+    symlink): glibc then finds no name match and compares file identity (device + inode)
+    instead, which shares the handle of a file that did not change and loads a rebuilt one
+    anew. The link is removed once loaded (the library needs only libc; nothing resolves
+    ``$ORIGIN`` later). When ``/tmp`` is another file system the link is made beside the
+    library; in a read-only folder there, the library is copied.
+    """
+    import shutil
+
+    import tvm
+
+    source = Path(library).resolve()
+    with tempfile.TemporaryDirectory(prefix="slimc-load-") as tmp:
+        alias = Path(tmp) / source.name  # keeps the suffix TVM picks the loader by
+        try:
+            os.link(source, alias)
+        except OSError:  # /tmp on another file system: a link beside the library
+            sibling = source.with_name(f".{source.stem}.load-{os.getpid()}-{id(alias)}.so")
+            try:
+                os.link(source, sibling)
+            except OSError:  # a read-only folder: a copy
+                shutil.copyfile(source, alias)
+            else:
+                try:
+                    return tvm.runtime.load_module(str(sibling))
+                finally:
+                    sibling.unlink(missing_ok=True)
+        return tvm.runtime.load_module(str(alias))
+
+
 class NativeRunner:
     """A library loaded into a Relax VM on ``device`` (default: this CPU); call it with numpy
     arrays (copied to the device and back)."""
@@ -50,7 +91,7 @@ class NativeRunner:
 
         self._tvm = tvm
         self._device = device if device is not None else tvm.cpu()
-        self._module = tvm.runtime.load_module(str(Path(library)))
+        self._module = load_library(library)
         self._vm = relax.VirtualMachine(self._module, self._device)
 
     def arity(self) -> int | None:
