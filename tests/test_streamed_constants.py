@@ -31,12 +31,18 @@ def _mlp_ir(widths=(256, 512, 128)):
 
 
 def _library_ranges(path) -> list[tuple[int, int]]:
-    """Address ranges this process has ``path`` mapped at."""
+    """Address ranges this process has the file at ``path`` mapped at, found by its inode:
+    the runtime loads libraries through a temporary hard link (``load_library``), so the
+    mapping carries that link's name, not ``path``."""
+    import os
+
+    inode = os.stat(path).st_ino  # not the device: overlayfs maps show the lower one
     ranges = []
     with open("/proc/self/maps") as maps:
         for line in maps:
-            if line.rstrip().endswith(str(path)):
-                lo, hi = line.split()[0].split("-")
+            fields = line.split()
+            if len(fields) >= 6 and int(fields[4]) == inode:
+                lo, hi = fields[0].split("-")
                 ranges.append((int(lo, 16), int(hi, 16)))
     return ranges
 
