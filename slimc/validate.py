@@ -98,7 +98,12 @@ def integer_input_ranges(ir: IR) -> dict[str, tuple[int, int]]:
 
 
 def check_finite_weights(ir: IR) -> None:
-    """Raise a UsageError naming the first weight that holds NaN or Inf."""
+    """Raise a UsageError naming the first weight that holds NaN or Inf.
+
+    A buffer or constant may hold -inf: that is how an additive attention mask (a causal
+    ``triu`` of -inf registered as a buffer) says "never attend here", and the model is healthy.
+    NaN anywhere, +inf anywhere and -inf in a trained parameter are a broken checkpoint.
+    """
     signature = ir.program.graph_signature
     for spec in signature.input_specs:
         if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
@@ -107,6 +112,8 @@ def check_finite_weights(ir: IR) -> None:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
         finite = torch.isfinite(value)
+        if spec.kind is not InputKind.PARAMETER:
+            finite |= torch.isneginf(value)  # a mask's "never attend"
         if not bool(finite.all()):
             bad = int((~finite).sum())
             kinds = [k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf))

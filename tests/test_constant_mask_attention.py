@@ -93,3 +93,34 @@ def test_library_rebuilt_at_one_path_runs_the_new_build(tmp_path):
         build_library(_lower(module, (q, k, v)), resolve_target(TARGET), path)
         got = run_library(path, [q.numpy(), k.numpy(), v.numpy()], cross_triple=None, threads=2)
         assert _relative(got[0], want) < 1e-5
+
+
+def test_causal_mask_of_minus_inf_in_a_buffer_compiles_and_matches(tmp_path):
+    """-inf in a registered mask buffer is the usual causal mask, not a broken checkpoint (the
+    weight health check refused it before, 'holds 475 Inf value(s)')."""
+    torch.manual_seed(0)
+    q, k, v = _qkv()
+    causal = torch.full((L, S), float("-inf")).triu(1)
+    module = ConstantMaskAttention(causal).eval()
+    with torch.no_grad():
+        want = module(q, k, v).numpy()
+    result = slimc.compile(module, (q, k, v), target=TARGET, output=tmp_path / "out")
+    got = slimc.load(result.output)(q=q.numpy(), k=k.numpy(), v=v.numpy())
+    assert _relative(next(iter(got.values())), want) < 1e-5
+
+
+@pytest.mark.parametrize("where,value", [("buffer", float("inf")), ("buffer", float("nan")),
+                                         ("parameter", float("-inf"))])
+def test_broken_constants_are_still_refused(where, value, tmp_path):
+    from slimc.errors import UsageError
+
+    q, k, v = _qkv()
+    mask = torch.zeros(L, S)
+    mask[0, 0] = value
+    module = ConstantMaskAttention(mask).eval()
+    if where == "parameter":
+        del module.mask
+        module.mask = torch.nn.Parameter(mask, requires_grad=False)
+    with pytest.raises(UsageError, match="holds 1"):
+        slimc.compile(module, (q, k, v), target=TARGET, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
