@@ -31,6 +31,9 @@ PIPELINES = {
     "whiten-global": "lowrank{{method=whiten,ratio={f},allocation=global}}",
     "whiten-seq": "lowrank{{method=whiten,ratio={f},sequential=true}}",
     "whiten-sens": "lowrank{{method=whiten,ratio={f},allocation=sensitivity}}",
+    "whiten-measured": "lowrank{{method=whiten,ratio={f},allocation=measured,damage=kl}}",
+    "whiten-measured5": "lowrank{{method=whiten,ratio={f},allocation=measured,damage=kl,"
+                        "probe_keeps=0.3|0.4|0.5|0.7|0.9}}",
     "whiten-sens-seq": "lowrank{{method=whiten,ratio={f},allocation=sensitivity,"
                        "sequential=true}}",
     "block-tie": "share{{blocks=true,ratio={f}}}",
@@ -90,7 +93,9 @@ def sweep(name: str, ir, inputs, calib, score, fractions, labels, extra: list[st
             continue
         after = work.num_params()
         rows.append({"method": label, "pipeline": pipeline, "params": after,
-                     "kept": after / dense, metric: score(work), "seconds": secs})
+                     "kept": after / dense, metric: score(work), "seconds": secs,
+                     **{k: v for k, v in work.annotations.get("lowrank", {}).items()
+                        if k == "allocation"}})
         print(table(rows[-1:], cols), flush=True)
         write_json(out, {**meta, "rows": rows})
         del work
