@@ -14,9 +14,9 @@ edit). The rank of each layer comes from
   (ranks rounded as below) and the model's output damage is measured on the last
   ``probe_batches`` calibration batches, which the whitening does not see; a multiple-choice
   knapsack then keeps per group one fraction or dense at the least summed damage under the
-  budget. On SmolLM2-135M at 20% of all parameters this is the difference between 3.8x and
-  ~1.7x the dense perplexity (docs/benchmarks.md, round 3/4): the budget goes to the groups
-  whose cuts cost nothing (queries, keys, ``o_proj``), not evenly;
+  budget. On SmolLM2-135M at 20% of all parameters this took the KJV perplexity from 3.84x
+  (uniform) to 1.92x dense (docs/benchmarks.md, round 4): the budget goes to the groups whose
+  cuts cost least (queries, ``o_proj``, mid-depth MLP), not evenly;
 * ``energy``: the smallest rank keeping this fraction of ``Σσ²`` (in the method's metric: for
   ``whiten`` that is the fraction of the layer's output energy on the calibration data).
 
