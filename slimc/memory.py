@@ -30,11 +30,7 @@ def return_freed_memory() -> bool:
     """Collect garbage, then return the allocator's free memory to the OS (glibc only);
     True when a trim ran."""
     gc.collect()
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.malloc_trim(0)
-    return True
+    return trim_heap()
 
 
 def trim_heap() -> bool:
