@@ -25,7 +25,7 @@ def rpc_server():
                                "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # importing tvm takes >100 s on a loaded 2-core host
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -61,3 +61,16 @@ def test_rpc_address_errors_are_usage_errors(cli, tmp_path):
     assert result.code == 2 and "HOST:PORT" in json.loads(result.out)["error"]
     result = cli("run", out, "--rpc", f"127.0.0.1:{_free_port()}", "--json")
     assert result.code == 2 and "rpc_server" in json.loads(result.out)["hint"]
+
+
+def test_a_rebuilt_library_is_uploaded_under_a_new_name(tmp_path):
+    """A long-lived server dlopens by name: a fixed upload name would run a stale library."""
+    from slimc.backends.tvm.rpc_runner import remote_library_name
+
+    library = tmp_path / "model.so"
+    library.write_bytes(b"\x7fELF first build")
+    first = remote_library_name(library)
+    assert remote_library_name(library) == first  # same content, same name: no growth
+    library.write_bytes(b"\x7fELF second build")
+    second = remote_library_name(library)
+    assert second != first and second.endswith(".so") and "/" not in second

@@ -7,6 +7,7 @@ sends the inputs and reads the outputs back. Nothing is compiled on the device.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,22 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def remote_library_name(library: Path) -> str:
+    """The name ``library`` is uploaded under: one per content, never a fixed name.
+
+    Why: a long-lived RPC server ``dlopen``s what it is asked to load, and glibc hands back an
+    object already loaded under the same name without reading the file again; a fixed name
+    would make the second artifact sent to one server run the first one's code and weights
+    (the stale-library bug ``runtime.load_library`` fixes on the host). A content hash makes a
+    rebuilt library a new name, and the same library the same name (no growth on re-runs).
+    """
+    digest = hashlib.sha256()
+    with open(library, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"slimc_model_{digest.hexdigest()[:16]}.so"
+
+
 class RpcRunner:
     """``model.so`` loaded into a VM on a remote TVM RPC server; call it with numpy arrays."""
 
@@ -39,8 +56,9 @@ class RpcRunner:
                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}.",
                              hint="Start `python -m tvm.exec.rpc_server --host 0.0.0.0 --port "
                              f"{port}` on the device and check the address.") from None
-        self.session.upload(str(library), "slimc_model.so")
-        module = self.session.load_module("slimc_model.so")
+        remote_name = remote_library_name(library)
+        self.session.upload(str(library), remote_name)
+        module = self.session.load_module(remote_name)
         self.device = self.session.cpu()
         self._tvm = tvm
         self._vm = relax.VirtualMachine(module, self.device)
