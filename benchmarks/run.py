@@ -31,6 +31,13 @@ activations, MinMax calibration on the same calibration data as ``slimc-w8a8``: 
 ``models.image_calibration``). ``slimc-w8a8-generic`` is ``slimc-w8a8`` on the generic int8
 kernel whatever the target has (the dot-product kernels' gain, e.g. AVX2's on ``--target
 x86-64-v3``). The "rel.L2 vs eager" column is their fidelity.
+
+Thread pools that spin: ``ort-nospin`` is ``ort`` with ``session.intra_op.allow_spinning=0``
+(its workers sleep between calls instead of spinning), to separate ONNX Runtime's kernel speed
+from how its spinning pool fares beside other processes. TVM's pool spins too: each worker
+calls ``sched_yield`` up to ``TVM_THREAD_POOL_SPIN_COUNT`` times (default 300000) after a
+parallel loop before it sleeps; ``--tvm-spin-count N`` sets it (0: sleep at once). An engine
+timed alone (``--engines ort``) loads no TVM library and starts no TVM pool.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
 FORCED_KIND = {"slimc-w8a8-generic": "generic"}
 #: The fp32 artifact after ``--tune N`` (``--tune-trials``), tuned into a fresh database.
 TUNED = "slimc-tuned"
-ENGINES = (*SLIMC, TUNED, "eager", "ort", "torch-dyn8", "ort-dyn8", "ort-qdq8")
+ENGINES = (*SLIMC, TUNED, "eager", "ort", "ort-nospin", "torch-dyn8", "ort-dyn8", "ort-qdq8")
 #: Engines run when --engines is not given: the quantized ones only where they are a target.
 DEFAULT_ENGINES = {
     "minilm": ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8"),
@@ -79,6 +86,9 @@ class Result:
     compile_s: float | None = None
     build_s: float | None = None
     agreement: dict[str, float] = field(default_factory=dict)
+    #: engine -> CPU ms the whole process used while idle after one call of it, in the
+    #: pause before the next block and in the 270 ms after that (spinning worker threads).
+    idle_cpu_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -94,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pause-ms", type=float, default=30.0,
                    help="idle time between engine blocks, so the previous engine's spinning "
                    "worker threads (OpenMP, ORT, TVM) park before the next one is timed")
+    p.add_argument("--tvm-spin-count", type=int, default=None,
+                   help="TVM_THREAD_POOL_SPIN_COUNT for slimc's engines: sched_yield calls a "
+                   "TVM worker makes before it sleeps (TVM's default 300000; 0 = sleep at once)")
     p.add_argument("--target", default="llvm", help="slimc --target (host targets only)")
     p.add_argument("--tune-trials", type=int, default=200,
                    help=f"MetaSchedule trials for the {TUNED} engine (opt-in via --engines)")
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     # Thread pools read these once, when first used: set them before importing anything.
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+    if args.tvm_spin_count is not None:
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = str(args.tvm_spin_count)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -175,9 +190,13 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
                 return dynamic(**inputs)
         callers["torch-dyn8"] = torch_dyn8
         outputs["torch-dyn8"] = torch_dyn8().numpy()
-    if {"ort", "ort-dyn8", "ort-qdq8"} & set(engines):
+    if {"ort", "ort-nospin", "ort-dyn8", "ort-qdq8"} & set(engines):
         onnx_path = workdir / f"{name}.onnx"
         session = _ort_session(module, inputs, args.threads, onnx_path)
+        if "ort-nospin" in engines:
+            nospin = _ort_session(module, inputs, args.threads, onnx_path, spinning=False)
+            callers["ort-nospin"] = lambda: nospin.run(None, arrays)
+            outputs["ort-nospin"] = nospin.run(None, arrays)[0]
         if "ort-qdq8" in engines:
             qdq = _ort_session(module, inputs, args.threads, onnx_path,
                                static_int8=_calibration_arrays(name, workdir))
@@ -201,6 +220,14 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
         for _ in range(args.warmup):
             fn()
     order = list(callers)
+    for engine in order:  # who spins after a call, and for how long
+        time.sleep(0.5)
+        callers[engine]()
+        t0 = time.process_time()
+        time.sleep(args.pause_ms / 1e3)
+        t1 = time.process_time()
+        time.sleep(0.27)
+        result.idle_cpu_ms[engine] = ((t1 - t0) * 1e3, (time.process_time() - t1) * 1e3)
     result.times = {e: [] for e in order}
     for r in range(args.runs):
         for engine in order[r % len(order):] + order[:r % len(order)]:
@@ -311,7 +338,7 @@ def _calibration_file(name: str, workdir: Path) -> Path | None:
 
 
 def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = False,
-                 static_int8: dict | None = None):
+                 static_int8: dict | None = None, spinning: bool = True):
     import onnxruntime as ort
     import torch
 
@@ -336,6 +363,8 @@ def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = 
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:  # workers sleep between calls instead of spinning (ort-nospin)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -377,7 +406,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 #: Baselines each engine's median is divided by (a column each, when that engine ran).
-BASES = ("eager", "ort", "ort-qdq8", "slimc")
+BASES = ("eager", "ort", "ort-nospin", "ort-qdq8", "slimc")
 
 
 def print_table(results: list[Result], args) -> None:
@@ -398,6 +427,9 @@ def print_table(results: list[Result], args) -> None:
                   + f" {'' if agree is None else f'{agree:.2e}':>16}")
         if res.compile_s is not None:
             print(f"{res.model:14} slimc compile {res.compile_s:.1f} s (TVM build {res.build_s} s)")
+        for engine, (pause, after) in res.idle_cpu_ms.items():
+            print(f"{res.model:14} idle after {engine}: {pause:.1f} ms CPU in the "
+                  f"{args.pause_ms:.0f} ms pause, {after:.1f} ms in the 270 ms after")
         for note in res.notes:
             print(f"{res.model:14} note: {note}")
     print("(/X: engine median over engine X's median, from the same interleaved run; < 1 = "
@@ -409,17 +441,19 @@ def print_table(results: list[Result], args) -> None:
 
 
 def print_geomean(results: list[Result]) -> None:
-    """Geometric mean and worst of slimc's median over ORT's, over the models that ran both."""
+    """Geometric mean and worst of slimc's median over ORT's (each ORT engine that ran), over
+    the models that ran both."""
     import numpy as np
 
-    ratios = {r.model: float(np.median(r.times["slimc"]) / np.median(r.times["ort"]))
-              for r in results if r.times.get("slimc") and r.times.get("ort")}
-    if len(ratios) < 2:
-        return
-    geomean = float(np.exp(np.mean(np.log(list(ratios.values())))))
-    worst = max(ratios, key=ratios.get)
-    print(f"slimc/ort over {len(ratios)} models: geometric mean {geomean:.2f}x, "
-          f"worst {worst} {ratios[worst]:.2f}x; load average {os.getloadavg()[0]:.1f}")
+    for base in ("ort", "ort-nospin"):
+        ratios = {r.model: float(np.median(r.times["slimc"]) / np.median(r.times[base]))
+                  for r in results if r.times.get("slimc") and r.times.get(base)}
+        if len(ratios) < 2:
+            continue
+        geomean = float(np.exp(np.mean(np.log(list(ratios.values())))))
+        worst = max(ratios, key=ratios.get)
+        print(f"slimc/{base} over {len(ratios)} models: geometric mean {geomean:.2f}x, "
+              f"worst {worst} {ratios[worst]:.2f}x; load average {os.getloadavg()[0]:.1f}")
 
 
 def _cpu_name() -> str:
