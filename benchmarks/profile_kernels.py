@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write both per-kernel tables (microseconds per call) here, e.g. "
+                   "to compare one profile at 1 thread with one at 2 kernel by kernel")
     args = p.parse_args(argv)
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -121,9 +124,13 @@ def main(argv=None) -> int:
     from slimc.artifact import read_manifest
 
     names = [spec["name"] for spec in read_manifest(artifact)["inputs"]]
-    show("slimc", slimc_profile(artifact, [arrays[n] for n in names], args.threads,
-                                args.repeat), args.top)
-    show("ONNX Runtime", ort_profile(onnx_path, arrays, args.threads, args.repeat), args.top)
+    slimc = slimc_profile(artifact, [arrays[n] for n in names], args.threads, args.repeat)
+    show("slimc", slimc, args.top)
+    onnx = ort_profile(onnx_path, arrays, args.threads, args.repeat)
+    show("ONNX Runtime", onnx, args.top)
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "threads": args.threads,
+                                         "slimc_us": slimc, "ort_us": onnx}, indent=1))
     return 0
 
 
