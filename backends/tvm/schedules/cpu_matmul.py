@@ -41,6 +41,7 @@ from .common import (
     parallelize,
     realize_bindings,
     simd_registers,
+    tile_buffer_scope,
     vars_in,
     vector_lanes,
 )
@@ -478,7 +479,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
     if symbolic_tiles:  # padded symbolic tiles: bounds checks in the edge tiles only
         sch.annotate(fused, WHOLE_TILES, 1)
 
-    writeback = sch.cache_write(main, 0, "local")
+    tile_bytes = (chunk or nr) * (1 if chunk or axes.reuse is None else mr) * dtype_bits // 8
+    writeback = sch.cache_write(main, 0, tile_buffer_scope(tile_bytes))
     sch.reverse_compute_at(writeback, fused, preserve_unit_loops=True)
     init = sch.decompose_reduction(main, axes.reduce[0])
     for block in (init, writeback):
