@@ -86,7 +86,8 @@ def test_whole_tiles_drop_the_checks_and_read_keys_in_place(target):
     for name, func in matmuls.items():
         s_tir.Schedule(func)  # well formed: one definition per variable
         script = func.script()
-        assert "_pad[" not in script.replace("_pad_local", ""), name  # no padded operand copy
+        # no padded operand copy
+        assert "_pad[" not in script.replace("_pad_local", "").replace("_pad_global", ""), name
         splits = _tile_splits(func)
         assert splits, name
         for split in splits:
@@ -94,7 +95,9 @@ def test_whole_tiles_drop_the_checks_and_read_keys_in_place(target):
             assert _predicates(split.else_case), name  # edge tiles keep them
             assert "T.min(" not in split.then_case.script()  # nor clamped indices
         # the serial copy of the run-time-guarded nest has its own accumulator tile
-        assert "_pad_local_serial = T.sblock_alloc_buffer" in script, name
+        # (global scope when under 1024 bytes: on the stack, see common.tile_buffer_scope)
+        assert "_pad_global_serial = T.sblock_alloc_buffer" in script \
+            or "_pad_local_serial = T.sblock_alloc_buffer" in script, name
 
 
 @pytest.mark.parametrize("length", [1, 7, 16, 37, 64, 300])

@@ -33,6 +33,10 @@ WHOLE_TILES = "slimc.whole_tiles"
 #: Block annotation of blocks whose guarded reads ``if_then_else(i < n, X[.., i, ..], 0)`` read
 #: rows or columns that only feed outputs never stored (set by the tiled-matmul rule).
 CLAMP_PADDED_ROWS = "slimc.clamp_padded_rows"
+#: Block annotation of blocks that read zero padding inline, ``if_then_else(<inside the
+#: image>, X[..], 0)`` (a depthwise conv, set by the tiled-matmul rule): tiles whose every tap
+#: lies inside the image read ``X`` unguarded.
+PADDED_READS = "slimc.padded_reads"
 
 
 def split_whole_tiles(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -63,6 +67,15 @@ def is_guarded_read(call, clamped: bool = True):
     return cond.a, cond.b, then
 
 
+def padded_read(expr):
+    """``(inside, load)`` of ``if_then_else(inside, X[..], 0)``, else None."""
+    if getattr(getattr(expr, "op", None), "name", "") != "prim.if_then_else":
+        return None
+    cond, then, other = expr.args
+    zero = isinstance(other, tirx.FloatImm | tirx.IntImm) and other.value == 0
+    return (cond, then) if zero and loaded_buffer(then) is not None else None
+
+
 def _split(body):
     """``if whole_tile: <body without checks> else: <body>``, or None when a check is not of
     the form the corner test covers."""
@@ -91,6 +104,18 @@ def _split(body):
                 return call
 
             tvm_ffi.structural_map(block.body, [(Call, on_call)])
+        if PADDED_READS in block.annotations:
+            binding = {iv.var: value for iv, value in
+                       zip(block.iter_vars, realize.iter_values, strict=True)}
+
+            def on_padded(call):
+                padded = padded_read(call)
+                if padded is not None:
+                    checks.append(tvm_ffi.structural_map(
+                        padded[0], [(tirx.Var, lambda v: binding.get(v, v))]))
+                return call
+
+            tvm_ffi.structural_map(block.body, [(Call, on_padded)])
         return realize
 
     tvm_ffi.structural_map(body, [(tirx.For, on_loop), (s_tir.SBlockRealize, on_realize)])
@@ -116,29 +141,48 @@ def _conjuncts(expr) -> list:
 
 
 def _at_last_corner(check, extents: dict):
-    """``check`` (``a < b``) with the tile's loops at their last iteration, when that is the
-    worst case (``a`` grows with each of them, ``b`` does not depend on them); else None."""
-    from tvm.sym import Analyzer, detect_linear_equation
+    """``check`` at the tile's worst corner, when there is one: ``a < b`` or ``a <= b`` with
+    ``a`` growing with each of the tile's loops and ``b`` free of them, at their last
+    iteration; or ``b`` growing and ``a`` free (a lower bound: the top / left zero padding
+    of a conv), at their first. Else None."""
+    from tvm.sym import Analyzer
 
-    if not isinstance(check, tirx.LT):
+    if isinstance(check, tirx.GT | tirx.GE):
+        check = (tirx.LT if isinstance(check, tirx.GT) else tirx.LE)(check.b, check.a)
+    if not isinstance(check, tirx.LT | tirx.LE):
         return None
-    inner = [v for v in vars_in(check.a) if v in extents]
-    if any(v in extents for v in vars_in(check.b)):
+    in_a = [v for v in vars_in(check.a) if v in extents]
+    in_b = [v for v in vars_in(check.b) if v in extents]
+    if in_a and in_b:
         return None
-    if not inner:
+    if not in_a and not in_b:
         return check
-    coefficients = detect_linear_equation(check.a, inner)
+    a, b = check.a, check.b
+    if in_a:
+        a = _at_corner(a, in_a, extents, last=True)
+    else:
+        b = _at_corner(b, in_b, extents, last=False)
+    if a is None or b is None:
+        return None
+    return type(check)(Analyzer().simplify(a), Analyzer().simplify(b))
+
+
+def _at_corner(expr, inner: list, extents: dict, last: bool):
+    """``expr`` with the loops ``inner`` at their last (first) iteration, when it grows with
+    each of them (non-negative constant coefficients), else None."""
+    from tvm.sym import detect_linear_equation
+
+    coefficients = detect_linear_equation(expr, inner)
     if len(coefficients) != len(inner) + 1:
         return None
-    last = {}
+    corner = {}
     for var, coefficient in zip(inner, coefficients[:-1], strict=False):
         lo, extent = extents[var]
         if not (isinstance(coefficient, tirx.IntImm) and coefficient.value >= 0
                 and isinstance(extent, tirx.IntImm) and isinstance(lo, tirx.IntImm)):
             return None
-        last[var] = tirx.const(lo.value + extent.value - 1, extent.ty)
-    a = tvm_ffi.structural_map(check.a, [(tirx.Var, lambda v: last.get(v, v))])
-    return tirx.LT(Analyzer().simplify(a), check.b)
+        corner[var] = tirx.const(lo.value + (extent.value - 1 if last else 0), extent.ty)
+    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda v: corner.get(v, v))])
 
 
 def _unchecked(body):
@@ -149,12 +193,17 @@ def _unchecked(body):
         return s_tir.SBlockRealize(realize.iter_values, tirx.const(True, "bool"), realize.block)
 
     def on_block(block):
-        if CLAMP_PADDED_ROWS not in block.annotations:
+        clamped = CLAMP_PADDED_ROWS in block.annotations
+        padded = PADDED_READS in block.annotations
+        if not clamped and not padded:
             return block
 
         def on_call(call):
-            guarded = is_guarded_read(call)
-            return call if guarded is None else guarded[2]
+            guarded = is_guarded_read(call) if clamped else None
+            if guarded is not None:
+                return guarded[2]
+            inside = padded_read(call) if padded else None
+            return call if inside is None else inside[1]
 
         return tvm_ffi.structural_map(block, [(Call, on_call)])
 
