@@ -101,9 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=12, help="interleaved rounds per engine")
     p.add_argument("--block", type=int, default=3, help="consecutive calls per engine per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine")
-    p.add_argument("--pause-ms", type=float, default=30.0,
+    p.add_argument("--pause-ms", type=float, default=400.0,
                    help="idle time between engine blocks, so the previous engine's spinning "
-                   "worker threads (OpenMP, ORT, TVM) park before the next one is timed")
+                   "worker threads (OpenMP, ORT, TVM) park before the next one is timed: TVM's "
+                   "yield for ~150-250 ms after a call, ORT's use 20-40 ms of CPU in the 300 ms "
+                   "after one; at 30 ms a slimc call after ORT's was 1.1-2.0x slower "
+                   "(benchmarks/spin_interference.py)")
     p.add_argument("--tvm-spin-count", type=int, default=None,
                    help="TVM_THREAD_POOL_SPIN_COUNT for slimc's engines: sched_yield calls a "
                    "TVM worker makes before it sleeps (TVM's default 300000; 0 = sleep at once)")
@@ -441,13 +444,20 @@ def print_table(results: list[Result], args) -> None:
 
 
 def print_geomean(results: list[Result]) -> None:
-    """Geometric mean and worst of slimc's median over ORT's (each ORT engine that ran), over
-    the models that ran both."""
+    """Geometric mean and worst of slimc's median over ORT's (each ORT engine that ran, and
+    ``ort-best``: the faster of ``ort`` and ``ort-nospin`` per model, the fair baseline on a
+    shared host; see docs/benchmarks.md), over the models that ran both."""
     import numpy as np
 
-    for base in ("ort", "ort-nospin"):
-        ratios = {r.model: float(np.median(r.times["slimc"]) / np.median(r.times[base]))
-                  for r in results if r.times.get("slimc") and r.times.get(base)}
+    def ort_best(r: Result) -> float | None:
+        medians = [float(np.median(r.times[e])) for e in ("ort", "ort-nospin") if r.times.get(e)]
+        return min(medians) if len(medians) == 2 else None
+
+    for base in ("ort", "ort-nospin", "ort-best"):
+        ratios = {r.model: float(np.median(r.times["slimc"])) / (
+            ort_best(r) if base == "ort-best" else float(np.median(r.times[base])))
+            for r in results if r.times.get("slimc")
+            and (ort_best(r) if base == "ort-best" else r.times.get(base))}
         if len(ratios) < 2:
             continue
         geomean = float(np.exp(np.mean(np.log(list(ratios.values())))))
