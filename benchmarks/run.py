@@ -14,7 +14,7 @@ batch workloads of :data:`LONG`. With slimc and ORT both run, the summary ends w
 geometric mean of slimc/ORT.
 
 Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
-round-robin, rotating who goes first, with a short idle pause before each block so the previous
+round-robin, rotating who goes first, with an idle pause (400 ms) before each block so the previous
 engine's spinning threads have parked) so that machine load drifting during the run hits all of
 them alike. Reported: median latency, interquartile range, min/max, and slimc's ratio to the
 baselines (< 1.0 means faster). The untuned slimc artifact's compile time is reported too.

@@ -11,8 +11,9 @@ All of these are one reduction block ``C[..] += X[..] * Y[..]`` plus an elementw
   (``i`` of a matmul, the output column of an NHWC conv), so one vector load feeds ``MR``
   accumulators;
 
-and builds the classic micro-kernel: an ``MR x NR`` accumulator tile in a local buffer (kept in
-registers by LLVM once the tile loops are unrolled/vectorized), reductions in between, the
+and builds the classic micro-kernel: an ``MR x NR`` accumulator tile in a buffer of its own (on
+the stack when small, see :func:`.common.tile_buffer_scope`, and kept in registers by LLVM
+once the tile loops are unrolled/vectorized), reductions in between, the
 epilogue computed straight from the accumulators, and all outer tiles fused into one parallel
 loop. Vector tiles are walked outside reuse tiles, so each core keeps its ``K x NR`` weight
 panel in L2 while it sweeps the rows. Tile sizes come from the target's vector width and SIMD
