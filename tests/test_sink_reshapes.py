@@ -63,3 +63,62 @@ def test_narrow_panel_axis_is_padded_to_full_vectors(tmp_path, caplog):
              for gv, f in fused.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint]
     assert texts and any("_pad" in t for t in texts), texts
+
+
+class Residual(torch.nn.Module):
+    """A pre-norm transformer MLP with its residual connection, the add in either order, or
+    an add that broadcasts (``extra`` of shape ``(24,)``) which must stay where it is."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(24)
+        self.fc1, self.fc2 = torch.nn.Linear(24, 64), torch.nn.Linear(64, 24)
+        self.order = order
+        self.extra = torch.nn.Parameter(torch.randn(24))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(F.gelu(self.fc1(self.norm(x))))
+        if self.order == "broadcast":
+            return y + self.extra
+        return x + y if self.order == "left" else y + x
+
+
+def _named_kernels(module, inputs, target: str = "x86-64-v4-vnni") -> list[str]:
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+
+    tvm_target = resolve_target(target).tvm_target()
+    with tvm_target:
+        fused = tvm.transform.Sequential(fusion_passes(tvm_target))(_lower(module, inputs))
+    return [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+@pytest.mark.parametrize("order", ["left", "right"])
+def test_residual_add_fuses_into_the_matmul(order, tmp_path, caplog):
+    """``x + fc2(h)``: the add of two same-shape tensors sinks past the reshape into fc2's
+    epilogue (one matmul kernel with two adds: bias and residual); no kernel is a lone
+    ``reshape + add``; the built library matches PyTorch."""
+    torch.manual_seed(0)
+    module, inputs = Residual(order).eval(), (torch.randn(2, 7, 24),)
+    kernels = _named_kernels(module, inputs)
+    assert not [k for k in kernels if "add" in k and "matmul" not in k], kernels
+    assert [k for k in kernels if "matmul" in k and k.count("add") == 2], kernels
+    _check(module, inputs, tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_broadcasting_add_is_not_moved(tmp_path, caplog):
+    """``fc2(h) + b`` with ``b`` of shape ``(24,)`` broadcasts: reshaping ``b`` to the matmul's
+    2-D shape would be wrong, so the rule leaves it (the result still matches PyTorch)."""
+    from slimc.backends.tvm.schedules.sink_reshapes import sink_reshapes
+
+    torch.manual_seed(0)
+    module, inputs = Residual("broadcast").eval(), (torch.randn(2, 7, 24),)
+    mod = _lower(module, inputs)
+    before, after = mod["main"].script(), sink_reshapes(mod)["main"].script()
+    # only the GELU's reshape moved; the last add still adds ``b`` to the 3-D reshape of
+    # fc2's output
+    assert before != after
+    assert after.count("R.add(") == before.count("R.add(")
+    last_add = [line for line in after.splitlines() if "R.add(" in line][-1]
+    assert "R.Tensor((2, 7, 24)" in last_add, last_add
+    _check(module, inputs, tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")

@@ -9,6 +9,14 @@ kernel and a separate GELU kernel, one more full pass over the widest activation
 (ViT-Small: 197 x 1536 per block). An activation works elementwise, so
 ``act(reshape(y)) == reshape(act(y))``; the reshape left after the activation is a free view at
 run time (``RewriteDataflowReshape``).
+
+The same cut kept every residual connection in a kernel of its own: ``x + linear(h)`` is
+``add(reshape(matmul + bias), x)``, one more read of the matmul's output and of ``x`` and one
+more write per ``out_proj``/``fc2`` (Whisper-tiny: ``fused_reshape1_add4``, 2.7% of the
+encoder). An add of two tensors *of the same shape* is elementwise too:
+``reshape(y) + x == reshape(y + reshape(x, shape(y)))``, where ``reshape(x, shape(y))`` is again
+a view, so the residual add joins the matmul's epilogue. An add that broadcasts (a bias, a mask)
+is left alone: reshaping its other operand would change which elements pair up.
 """
 
 from __future__ import annotations
@@ -79,10 +87,53 @@ def id_of(expr) -> int:
     return expr.__hash__()
 
 
+def _static_shape(expr) -> tuple | None:
+    """``expr``'s shape and dtype when its struct info gives them, else None."""
+    info = getattr(expr, "ty", None)
+    shape = getattr(info, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or getattr(info, "dtype", None) is None:
+        return None
+    return tuple(shape.values), str(info.dtype)
+
+
+def _same_shape(a, b) -> bool:
+    """Whether two tensors provably have the same shape and dtype (dims compared
+    structurally, so symbolic dims must be the same variables)."""
+    sa, sb = _static_shape(a), _static_shape(b)
+    if sa is None or sb is None or sa[1] != sb[1] or len(sa[0]) != len(sb[0]):
+        return False
+    from tvm.sym import Analyzer
+
+    analyzer = Analyzer()
+    return all(analyzer.can_prove_equal(x, y) for x, y in zip(sa[0], sb[0], strict=True))
+
+
+def _sink_into_adds(func: relax.Function, single: set, reshape, source) -> relax.Function:
+    """``add(reshape(y), x)`` (either order) with ``x`` of the reshape's shape ->
+    ``reshape(add(y, reshape(x, shape(y))), shape(x))``."""
+    other = wildcard()
+    for left in (True, False):
+        pattern = is_op("relax.add")(*((reshape, other) if left else (other, reshape)))
+
+        def sink(call, matches, left=left):
+            moved, residual, inner = matches[reshape], matches[other], matches[source]
+            if id_of(moved) not in single or not _same_shape(call, residual) \
+                    or not _same_shape(moved, residual) or _static_shape(inner) is None \
+                    or _static_shape(inner)[1] != _static_shape(residual)[1]:
+                return call
+            view = relax.op.reshape(residual, inner.ty.shape)
+            add = relax.op.add(inner, view) if left else relax.op.add(view, inner)
+            return relax.op.reshape(add, moved.args[1])
+
+        func = rewrite_call(pattern, sink, func)
+    return func
+
+
 def _rewrite(func: relax.Function) -> relax.Function:
     single = _single_use_reshapes(func)
     source, shape = wildcard(), wildcard()
     reshape = is_op("relax.reshape")(source, shape)
+    func = _sink_into_adds(func, single, reshape, source)
     for name in ACTIVATIONS:
         pattern = is_op(name)(reshape)
 
