@@ -80,6 +80,8 @@ class Residual(torch.nn.Module):
         y = self.fc2(F.gelu(self.fc1(self.norm(x))))
         if self.order == "broadcast":
             return y + self.extra
+        if self.order == "relu":  # an activation between the linear and the residual add
+            return x + torch.relu(y)
         return x + y if self.order == "left" else y + x
 
 
@@ -93,11 +95,11 @@ def _named_kernels(module, inputs, target: str = "x86-64-v4-vnni") -> list[str]:
     return [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
-@pytest.mark.parametrize("order", ["left", "right"])
+@pytest.mark.parametrize("order", ["left", "right", "relu"])
 def test_residual_add_fuses_into_the_matmul(order, tmp_path, caplog):
-    """``x + fc2(h)``: the add of two same-shape tensors sinks past the reshape into fc2's
-    epilogue (one matmul kernel with two adds: bias and residual); no kernel is a lone
-    ``reshape + add``; the built library matches PyTorch."""
+    """``x + fc2(h)`` (or ``x + relu(fc2(h))``): the add of two same-shape tensors sinks past
+    the reshape into fc2's epilogue (one matmul kernel with two adds: bias and residual); no
+    kernel is a lone ``reshape + add``; the built library matches PyTorch."""
     torch.manual_seed(0)
     module, inputs = Residual(order).eval(), (torch.randn(2, 7, 24),)
     kernels = _named_kernels(module, inputs)

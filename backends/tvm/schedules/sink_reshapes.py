@@ -68,15 +68,18 @@ def _single_use_reshapes(func: relax.Function) -> set:
 
 
 def _from_matmul(expr, values: dict) -> bool:
-    """Whether ``expr`` is a float ``matmul``, or a matmul plus a bias: the producers the CPU
-    matmul rule fuses an epilogue into. Quantized matmuls (their own kernels, whose fusion
-    ``FuseTIR`` rejected with the reshape moved) are left alone."""
+    """Whether ``expr`` is a float ``matmul``, a matmul plus a bias, or an activation of either
+    (once sunk): the producers the CPU matmul rule fuses an epilogue into. Quantized matmuls
+    (their own kernels, whose fusion ``FuseTIR`` rejected with the reshape moved) are left
+    alone."""
     value = values.get(expr)
     if not isinstance(value, relax.Call):
         return False
     name = getattr(value.op, "name", "")
     if name == "relax.matmul":
         return True
+    if name in ACTIVATIONS:  # sunk already: the residual add after ``act(linear(x))``
+        return _from_matmul(value.args[0], values)
     return name == "relax.add" and any(
         isinstance(values.get(arg), relax.Call)
         and getattr(values[arg].op, "name", "") == "relax.matmul" for arg in value.args)
@@ -133,7 +136,6 @@ def _rewrite(func: relax.Function) -> relax.Function:
     single = _single_use_reshapes(func)
     source, shape = wildcard(), wildcard()
     reshape = is_op("relax.reshape")(source, shape)
-    func = _sink_into_adds(func, single, reshape, source)
     for name in ACTIVATIONS:
         pattern = is_op(name)(reshape)
 
@@ -145,7 +147,8 @@ def _rewrite(func: relax.Function) -> relax.Function:
             return relax.op.reshape(act, matches[reshape].args[1])
 
         func = rewrite_call(pattern, sink, func)
-    return func
+    # after the activations: their sunk reshapes are new nodes, counted again
+    return _sink_into_adds(func, _single_use_reshapes(func), reshape, source)
 
 
 @tvm.transform.module_pass(opt_level=0, name="SlimcSinkReshapes")
