@@ -33,13 +33,13 @@ def main(argv=None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import numpy as np
+    import slimc.backends.tvm.schedules.sink_reshapes as sink
     import torch
     import tvm
+    from slimc.backends.tvm.schedules import cpu_pipeline, fusion_passes
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    import slimc.backends.tvm.schedules.sink_reshapes as sink
-    from slimc.backends.tvm.schedules import cpu_pipeline, fusion_passes
     from slimc.targets import resolve_target
 
     class Residual(torch.nn.Module):
