@@ -348,3 +348,49 @@ def test_search_rounds_with_gptq_given_calibration_data(captured_llama):
     assert drops["gptq"] < drops["rtn"], drops
     bare = PassContext(example_inputs=batches[0])  # no --calib: the example input alone
     assert Techniques.for_context("precision", bare).quantize_method == "rtn"
+
+
+def test_candidate_build_frees_its_ir_and_runs_two_forwards_for_the_same_score(
+        hf_dir, monkeypatch):
+    """A built candidate's IR (a web of reference cycles) is freed by the build itself, not
+    whenever the garbage collector next runs (issue 18: SmolLM2's -O2 held earlier candidates
+    until 2.5 GB); the pass manager's reference for the first pass is the original's cached
+    outputs, and the proxy score reuses the last verification's outputs: two forwards per
+    candidate (quantize's check, dead-code elimination's check), not four, same drop."""
+    import gc
+    import weakref
+
+    from slimc.ir import IR
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    registry, ir, example = _capture(hf_dir("llama"))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    search = Search(ir, ctx, registry, Techniques.named("precision"), proxy_scorer(ir, ctx),
+                    None)
+    base = search.base(0.0)
+    picks = [2] * len(base.space.layers)  # int4-g128 everywhere
+    built: list[weakref.ref] = []
+    real_build_items = Search._build_items
+
+    def build_items(self, *args, **kwargs):
+        out = real_build_items(self, *args, **kwargs)
+        built.append(weakref.ref(out[0]))
+        return out
+
+    monkeypatch.setattr(Search, "_build_items", build_items)
+    runs = []
+    real_run = IR.run
+    monkeypatch.setattr(IR, "run", lambda self, inputs: runs.append(self is ir)
+                        or real_run(self, inputs))
+    gc.disable()
+    try:
+        cand = search.build(base, picks)
+        assert built[0]() is None  # freed inside build, with the collector off
+    finally:
+        gc.enable()
+    assert runs == [False, False]  # the candidate's two checks, not the original
+    kept = search.build(base, picks, keep=True)
+    fresh = search.scorer.score(kept.ir)  # scored again from scratch
+    assert cand.drop == kept.drop == fresh > 0

@@ -133,10 +133,13 @@ def test_suffix_forwards_give_the_table_whole_forwards_give(hf_dir, arch):
 def test_measure_holds_one_approximation_of_a_layer_at_a_time(hf_dir, monkeypatch):
     """Each choice's fake-quantized weight is made, scored and dropped before the next (issue
     18: SmolLM2's tied 49152 x 576 table held its nine approximations at once, ~1 GB); the
-    anchors' weights are made again when measured."""
+    anchors' weights are made again when measured (for layers above the size whose
+    approximations are kept: here every layer)."""
     import weakref
 
     from slimc.search import space as space_module
+
+    monkeypatch.setattr(space_module, "KEEP_APPROXIMATIONS_BYTES", 0)
 
     made: list[weakref.ref] = []
     most = 0
@@ -167,3 +170,52 @@ def test_precision_level_searches_int8_and_int4_only():
     precision = [parse_format(f) for f in Techniques.named("precision").formats]
     assert {f.kind for f in precision} == {"int8", "int4"}
     assert any(parse_format(f).lowbit for f in Techniques.named("all").formats)
+
+
+def test_small_layers_keep_their_approximations_and_two_workers_give_the_same_table(
+        hf_dir, monkeypatch):
+    """A small layer's approximations are made once (kept for its anchors' forwards), and
+    the layers measured on two threads (one per core, single-threaded ops) give the table
+    the one-at-a-time, make-again path gives, number for number (issue 18: SmolLM2's -O2
+    damage table ran on one core)."""
+    from slimc.jobs import compile_jobs
+    from slimc.search import space as space_module
+    from slimc.search.space import measure
+
+    registry = get_registry()
+    ir, example = capture(load_model(hf_dir("llama"), parse_overrides([]), registry))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    techniques = Techniques(formats=("int8", "int4-g32", "int4-g32-fz", "int4-g128-fz"),
+                            lowrank_keeps=())
+    space = build_space(ir, ctx, techniques, None, 2, "local")
+    width = space.damage.shape[1]
+    calls = []
+    real = space_module.approximate_matrix
+    monkeypatch.setattr(space_module, "approximate_matrix",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    kept = measure(ir, ctx, space.layers, {}, width, 2)
+    changed = sum(len(c.options) - 1 for c in space.layers)
+    assert len(calls) == changed  # no anchor made twice
+    monkeypatch.setattr(space_module, "KEEP_APPROXIMATIONS_BYTES", 0)
+    again = measure(ir, ctx, space.layers, {}, width, 2)
+    assert len(calls) > 2 * changed
+    with compile_jobs(2):
+        two = measure(ir, ctx, space.layers, {}, width, 2)
+    assert np.array_equal(kept, again) and np.array_equal(kept, two)
+    assert np.array_equal(kept, space.damage)
+
+
+def test_row_chunked_fake_quantization_is_the_whole_round_trip():
+    """The damage table fake-quantizes large weights a block of rows at a time (SmolLM2's
+    113 MB table held ~0.5 GB of temporaries per int4 round trip, issue 18): the same values
+    for every format, and the searched (-fz) grid cached under the whole weight's key."""
+    from slimc.passes.quantize.formats import fake_quantize, fake_quantize_rows
+
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 96)
+    for name in ("int8", "int4-g32", "int4-g32-fz", "int4-g128-fz", "int4-g64-sym", "fp16",
+                 "int3-g64"):
+        fmt = parse_format(name)
+        assert torch.equal(fake_quantize_rows(weight, fmt, rows=300),
+                           fake_quantize(weight, fmt)), name

@@ -21,8 +21,8 @@ from slimc.lowbit import LOWBIT_KINDS, bits_of, lowbit_fake_quantize, lowbit_row
 from slimc.lowbit import grid as lowbit_grid
 
 __all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_quantize",
-           "int4_params", "int4_codes", "pack_int4", "parse_format", "quantize_int8",
-           "unpack_int4"]
+           "fake_quantize_rows", "int4_params", "int4_codes", "pack_int4", "parse_format",
+           "quantize_int8", "unpack_int4"]
 
 
 @dataclass(frozen=True)
@@ -187,3 +187,34 @@ def fake_quantize(weight: Tensor, fmt: Format) -> Tensor:
     codes = int4_codes(weight, params)
     return dequantize_int4(pack_int4(codes), params.scale, params.zero, fmt.group_size,
                            weight.shape[1])
+
+
+#: Rows fake-quantized at once by :func:`fake_quantize_rows`.
+FAKE_QUANTIZE_ROWS = 8192
+
+
+def fake_quantize_rows(weight: Tensor, fmt: Format, rows: int = FAKE_QUANTIZE_ROWS) -> Tensor:
+    """:func:`fake_quantize`, ``rows`` rows at a time into one output: the same values (every
+    format's grid is per row, or per group within a row), for about one weight-sized
+    temporary instead of five. Why: the budget search's damage table fake-quantizes SmolLM2's
+    49152 x 576 tied table (113 MB) once per choice, and each int4 round trip held ~0.5 GB
+    of full-size temporaries, the table's peak (issue 18). A searched (``-fz``) grid is still
+    found for the whole weight, so it is cached under the same content key the quantize pass
+    looks up later."""
+    n = weight.shape[0]
+    if fmt.kind == "fp32" or weight.dim() != 2 or n <= rows or fmt.kind in LOWBIT_KINDS:
+        return fake_quantize(weight, fmt)
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    if fmt.kind == "int4" and fmt.float_zero:
+        params = int4_params(weight, fmt.group_size, fmt.symmetric, fmt.float_zero)
+        k = weight.shape[1]
+        for start in range(0, n, rows):
+            part = Int4Params(params.scale[start:start + rows], params.zero[start:start + rows],
+                              fmt.group_size)
+            codes = int4_codes(weight[start:start + rows], part)
+            out[start:start + rows] = dequantize_int4(pack_int4(codes), part.scale, part.zero,
+                                                      fmt.group_size, k)
+        return out
+    for start in range(0, n, rows):
+        out[start:start + rows] = fake_quantize(weight[start:start + rows], fmt)
+    return out

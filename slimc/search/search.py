@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,8 +28,8 @@ import torch
 
 from slimc.errors import UsageError
 from slimc.ir import IR
-from slimc.memory import trim_heap
-from slimc.passes.analysis.criteria.divergence import divergence, output_kind
+from slimc.memory import return_freed_memory
+from slimc.passes.analysis.criteria.divergence import divergence_from, output_kind
 from slimc.passes.analysis.criteria.execution import calibration_batches
 from slimc.passmanager import PassContext, PassManager, PassRecord
 from slimc.pipeline import validate
@@ -71,6 +72,15 @@ class Scorer:
     original: float
     higher_is_better: bool
     score: Callable[[IR], float]
+    #: The proxy's score given the candidate's context too: its outputs on the example
+    #: inputs, cached by the pass manager's last verification, are not run again.
+    score_in: Callable[[IR, PassContext], float] | None = None
+
+    def evaluate(self, ir: IR, ctx: PassContext | None = None) -> float:
+        """:attr:`score` of ``ir``, reusing what ``ctx`` has already run on it."""
+        if ctx is not None and self.score_in is not None:
+            return self.score_in(ir, ctx)
+        return self.score(ir)
 
     def drop(self, value: float) -> float:
         """Loss as a share of the original value (the proxy's value *is* the loss)."""
@@ -105,22 +115,36 @@ def proxy_scorer(ir: IR, ctx: PassContext, max_batches: int = 4,
     batches = [list(b) for b in batches] if batches is not None \
         else calibration_batches(ir, ctx, max_batches)
     kinds = [output_kind(name) for name in ir.output_names]
-    references = [ir.run(b) for b in batches]
+    references = [[(ref, divergence_from(kind, ref) if ref.is_floating_point() else None)
+                   for kind, ref in zip(kinds, _outputs(ir, ctx, b), strict=True)]
+                  for b in batches]
     what = sorted({{"embedding": "1 - cosine", "logits": "KL divergence"}.get(k, "relative L2")
                    for k in kinds})
     label = (f"proxy: output {' / '.join(what)} vs the original (worst output) on "
              f"{len(batches)} {where}; no --eval-data")
 
-    def score(candidate: IR) -> float:
+    def score(candidate: IR, cctx: PassContext | None = None) -> float:
         worst = 0.0
         for refs, b in zip(references, batches, strict=True):
-            outs = candidate.run(b)
-            for kind, ref, out in zip(kinds, refs, outs, strict=True):
-                if ref.is_floating_point() and ref.shape == out.shape:
-                    worst = max(worst, divergence(kind, ref, out))
+            outs = _outputs(candidate, cctx, b)
+            for (ref, compare), out in zip(refs, outs, strict=True):
+                if compare is not None and ref.shape == out.shape:
+                    worst = max(worst, compare(out))
         return worst
 
-    return Scorer("proxy", label, 0.0, False, score)
+    return Scorer("proxy", label, 0.0, False, score, score)
+
+
+def _outputs(ir: IR, ctx: PassContext | None, batch: Sequence[torch.Tensor]
+             ) -> list[torch.Tensor]:
+    """``ir.run(batch)``; through ``ctx``'s example-output cache when ``batch`` is its
+    example inputs (without ``--calib`` the proxy's only batch): a candidate's last
+    verification already ran exactly that (issue 18: one forward of the model per candidate)."""
+    examples = ctx.example_inputs if ctx is not None else []
+    if examples and len(batch) == len(examples) and all(
+            a is b for a, b in zip(batch, examples, strict=True)):
+        return ctx.outputs_on_examples(ir)
+    return ir.run(batch)
 
 
 @dataclass
@@ -148,7 +172,9 @@ class Candidate:
         the best; each kept IR held a model's worth of memory until the search ended (issue 18:
         ``-O2`` peak memory on real LLMs)."""
         self.ir, self.records, self.ctx = None, [], None
-        trim_heap()  # its weights went back to glibc's heap; give them back to the OS
+        # an IR's graph is a web of reference cycles (nodes <-> graph <-> module): its weights
+        # are freed by the garbage collector, not when the last name goes; then trimmed
+        return_freed_memory()
 
     def summary(self) -> dict[str, Any]:
         return {"pipeline": pipeline_text(self.items), "prune_ratio": self.prune_ratio,
@@ -205,9 +231,17 @@ class Search:
         ctx.analyses = self.ctx.analyses.for_clone(ir, ctx)
         return ctx
 
-    def _run(self, ir: IR, items: list[tuple[str, dict[str, Any]]]) -> tuple[list[PassRecord],
-                                                                              PassContext]:
+    def _run(self, ir: IR, items: list[tuple[str, dict[str, Any]]],
+             copy_of: IR | None = None) -> tuple[list[PassRecord], PassContext]:
+        """``items`` on ``ir`` with a context of its own. ``copy_of``: the IR ``ir`` was
+        cloned from, unchanged since: its outputs on the example inputs, when the compile's
+        context holds them, are ``ir``'s too (the same graph and weights), so the pass
+        manager's reference for the first pass is not run again for every candidate."""
         ctx = self._clone_ctx(ir)
+        cached = self.ctx.example_outputs
+        if copy_of is not None and cached is not None and cached[0]() is copy_of \
+                and cached[1] == copy_of.version:
+            ctx.example_outputs = (weakref.ref(ir), ir.version, cached[2])
         # ``distill``'s teacher is the model before *any* pass: a candidate is built on the
         # pruned base, so the pass manager's own copy would be the pruned model. The original
         # IR is only read (the teacher runs forwards), so it is lent, not cloned.
@@ -270,7 +304,7 @@ class Search:
         t0 = time.perf_counter()
         rest = self.items(base, picks)
         ir, records, ctx, relative = self._build_items(base, rest)
-        value = self.scorer.score(ir)
+        value = self.scorer.evaluate(ir, ctx)
         space = base.space
         choices = Counter(str(space.layers[i].options[j]) for i, j in enumerate(picks))
         predicted = float(sum(space.damage[i, j] for i, j in enumerate(picks)))
@@ -281,9 +315,11 @@ class Search:
             cand.ir, cand.records, cand.ctx = ir, base.records + records, ctx
         self.measured.append(cand)
         del ir, records, ctx
-        # the build's dequantized weights and forwards are freed by now, but stay in glibc's
-        # heap: SmolLM2's -O2 rose 1.4 -> 2.5 GB over three candidates (issue 18)
-        trim_heap()
+        # The built IR (unless kept), its context and records are cycles of references that
+        # only the garbage collector frees: without a collection here SmolLM2's -O2 search
+        # held earlier candidates' weights and forwards, 1.2 -> 2.5 GB over three candidates
+        # (with one, <= 1.72 GB; issue 18). Then glibc's heap is trimmed.
+        return_freed_memory()
         self.seconds["candidates"] += time.perf_counter() - t0
         self.log(f"search: {pipeline_text(items)}: size {relative['size']:.3f}, "
                  f"drop {cand.drop:.4f}")
@@ -295,7 +331,7 @@ class Search:
         built IR, its records and context, and its size / params / latency relative to the
         original."""
         ir = base.ir.clone(share_weights=True)
-        records, ctx = self._run(ir, rest)
+        records, ctx = self._run(ir, rest, copy_of=base.ir)
         relative = {"size": ir.weight_bytes() / self.original["size"],
                     "params": ir.num_params() / self.original["params"]}
         if "latency" in self.original:

@@ -24,6 +24,7 @@ overhead`` with the target's hardware numbers).
 from __future__ import annotations
 
 import glob
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -31,9 +32,10 @@ import numpy as np
 import torch
 
 from slimc.ir import IR
+from slimc.jobs import map_single_threaded
 from slimc.layers import Layer
 from slimc.memory import trim_heap
-from slimc.passes.analysis.criteria.divergence import divergence, output_kind
+from slimc.passes.analysis.criteria.divergence import divergence_from, output_kind
 from slimc.passes.analysis.criteria.execution import (
     SuffixRunner,
     calibration_batches,
@@ -43,7 +45,7 @@ from slimc.passes.lowrank import factorize
 from slimc.passes.lowrank.lowrank import default_round_to, spectra
 from slimc.passes.lowrank.rewrite import is_factor
 from slimc.passes.lowrank.rewrite import weight_layers as factorizable_layers
-from slimc.passes.quantize.formats import Format, fake_quantize, parse_format
+from slimc.passes.quantize.formats import Format, fake_quantize, fake_quantize_rows, parse_format
 from slimc.passes.quantize.layers import plan
 from slimc.passmanager import PassContext
 
@@ -279,7 +281,7 @@ def approximate_matrix(ir: IR, choice: LayerChoices, option: Option,
             return fake_quantize(u, option.fmt) @ fake_quantize(v.t().contiguous(),
                                                                 option.fmt).t()
         return fake_quantize(u, option.fmt) @ fake_quantize(v, option.fmt)
-    return fake_quantize(layer.matrix(ir), option.fmt)
+    return fake_quantize_rows(layer.matrix(ir), option.fmt)
 
 
 @torch.no_grad()
@@ -297,6 +299,9 @@ DAMAGE_METHODS = ("local", "end-to-end")
 #: The damage table gives freed memory back to the OS after making about this many bytes of
 #: approximations (a trim costs page faults on the next allocations: not after every layer).
 TRIM_AFTER_BYTES = 256 << 20
+#: A layer's approximations up to this many bytes (all its choices together) are kept for its
+#: anchors' forwards instead of being made again.
+KEEP_APPROXIMATIONS_BYTES = 64 << 20
 
 
 @torch.no_grad()
@@ -320,11 +325,17 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
     wide = [list(ctx.example_inputs)] if ctx.calibration_batches and ctx.example_inputs else []
     wide_refs = [run_graph(ir, b) for b in wide]
 
-    def worst(refs, outs) -> float:
-        """The largest divergence over the float outputs (as the proxy scorer measures): a
-        layer that only feeds a second output (BERT's pooler) is not free."""
-        return max((divergence(k, r, o) for k, r, o in zip(kinds, refs, outs, strict=False)
-                    if r.is_floating_point() and r.shape == o.shape), default=0.0)
+    def comparer(refs):
+        """outputs -> the largest divergence from ``refs`` over the float outputs (as the
+        proxy scorer measures: a layer that only feeds a second output, BERT's pooler, is not
+        free), with each reference's side computed once (:func:`divergence_from`)."""
+        against = [(r, divergence_from(k, r)) if r.is_floating_point() else (r, None)
+                   for k, r in zip(kinds, refs, strict=False)]
+        return lambda outs: max((f(o) for (r, f), o in zip(against, outs, strict=False)
+                                 if f is not None and r.shape == o.shape), default=0.0)
+
+    references = [comparer(r) for r in references]
+    wide_refs = [comparer(r) for r in wide_refs]
 
     # End-to-end damage runs the graph from the layer's first use on, reusing the unchanged
     # prefix of one reference run per batch (the same ops on the same values, so the same
@@ -341,10 +352,10 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
 
     def end_to_end(name: str, value: torch.Tensor, view: str) -> float:
         if view == "wide":
-            return max(worst(ref, run({name: value}))
-                       for ref, run in zip(wide_refs, runners["wide"], strict=True))
-        return sum(worst(ref, run({name: value}))
-                   for ref, run in zip(references, runners["calib"], strict=True)) \
+            return max(worst(run({name: value}))
+                       for worst, run in zip(wide_refs, runners["wide"], strict=True))
+        return sum(worst(run({name: value}))
+                   for worst, run in zip(references, runners["calib"], strict=True)) \
             / len(batches)
 
     local = {i for i, c in enumerate(choices)
@@ -354,29 +365,43 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
     gathering = [choices[i].layer for i in local if choices[i].gathers]
     if wide and gathering:
         stats["wide"] = collect(ir, gathering, wide)
-    damage = np.full((len(choices), width), np.inf)
-    measured = 0
-    made = 0  # bytes of approximations made since the heap was last trimmed
-    for i, c in enumerate(choices):
-        if made > TRIM_AFTER_BYTES:
-            trim_heap()  # freed approximations stay in glibc's heap otherwise (~1 GB, SmolLM2)
-            made = 0
+    made = [0]  # bytes of approximations made since the heap was last trimmed
+    lock = threading.Lock()
+
+    def made_more(nbytes: int) -> None:
+        with lock:
+            made[0] += nbytes
+            if made[0] <= TRIM_AFTER_BYTES:
+                return
+            made[0] = 0
+        trim_heap()  # freed approximations stay in glibc's heap otherwise (~1 GB, SmolLM2)
+
+    def one(i: int) -> tuple[np.ndarray, int]:
+        """Layer ``i``'s row of the table and the end-to-end forwards it took."""
+        c = choices[i]
+        row = np.full(width, np.inf)
         name = c.layer.weight_node.name
         stored = ir.get_weight(c.layer.weight_node)
-        made += stored.numel() * stored.element_size() * (len(c.options) + anchors)
+        size = stored.numel() * stored.element_size()
         views = ["calib"] + (["wide"] if c.gathers and wide else [])
         changed = [j for j, o in enumerate(c.options) if o.fmt.kind != "fp32" or o.rank]
-        for j in range(len(c.options)):
-            damage[i, j] = 0.0
+        row[:len(c.options)] = 0.0
         spec = spectrum.get(c.layer.name)
+        # a small layer's approximations are kept for its anchors' forwards (made once);
+        # a large one's are made again when measured: one alive at a time (issue 18:
+        # SmolLM2's tied 49152 x 576 table held its nine approximations at once, ~1 GB)
+        kept: dict[int, torch.Tensor] = {}
+        keep = size * len(changed) <= KEEP_APPROXIMATIONS_BYTES
 
-        def value(j: int, c=c, spec=spec, stored=stored) -> torch.Tensor:
-            """Choice ``j``'s weight, made when it is needed and dropped after: one
-            approximation of the layer alive at a time (issue 18: SmolLM2's tied 49152 x 576
-            table held its nine approximations at once, ~1 GB)."""
-            return c.layer.from_matrix(approximate_matrix(ir, c, c.options[j], spec)) \
-                .to(stored.dtype)
+        def value(j: int) -> torch.Tensor:
+            """Choice ``j``'s weight as the graph stores it."""
+            matrix = kept.get(j)
+            if matrix is None:
+                matrix = approximate_matrix(ir, c, c.options[j], spec)
+                made_more(size)
+            return c.layer.from_matrix(matrix).to(stored.dtype)
 
+        forwards = 0
         predicted = None
         if i in local and changed:
             weight = c.layer.matrix(ir)
@@ -384,8 +409,11 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
             errors = {view: np.zeros(len(changed)) for view in views}
             for a, j in enumerate(changed):
                 matrix = approximate_matrix(ir, c, c.options[j], spec)
+                made_more(size)
                 for view in views:
                     errors[view][a] = scores[view](matrix)
+                if keep:
+                    kept[j] = matrix
                 del matrix
             del scores
             predicted = np.zeros(len(changed))
@@ -395,15 +423,27 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                     break
                 chosen = anchor_indices(errors[view], anchors)
                 found = {a: end_to_end(name, value(changed[a]), view) for a in chosen}
-                measured += len(found)
+                forwards += len(found)
                 predicted = np.maximum(predicted, interpolate(errors[view], found))
+            kept.clear()
         if predicted is not None:
-            for a, j in enumerate(changed):
-                damage[i, j] = predicted[a]
-            continue
+            row[changed] = predicted
+            return row, forwards
         for j in changed:
-            damage[i, j] = max(end_to_end(name, value(j), view) for view in views)
-            measured += len(views)
+            row[j] = max(end_to_end(name, value(j), view) for view in views)
+            forwards += len(views)
+        return row, forwards
+
+    def one_no_grad(i: int) -> tuple[np.ndarray, int]:
+        with torch.no_grad():  # grad mode is per thread
+            return one(i)
+
+    # Layers are independent: one per core, each with single-threaded torch ops (the
+    # forwards are small: on 2 cores this halves the table's wall time where the intra-op
+    # pool did not; inline on one core or where the search chose one thread).
+    rows = map_single_threaded(one_no_grad, list(range(len(choices))))
+    damage = np.stack([r for r, _ in rows]) if rows else np.full((0, width), np.inf)
+    measured = sum(f for _, f in rows)
     trim_heap()
     if info is not None:
         info.update(damage_method=method, damage_forwards=measured,

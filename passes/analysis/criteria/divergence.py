@@ -7,6 +7,8 @@ relative L2. Each returns the mean over positions, so batches of any size are co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -31,3 +33,21 @@ def divergence(kind: str, reference: torch.Tensor, output: torch.Tensor) -> floa
         cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1, eps=1e-12)
         return float((1.0 - cos).mean())
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def divergence_from(kind: str, reference: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """:func:`divergence` against one fixed ``reference``, as a function of the output: the
+    reference's float64 log-probabilities (logits) or copy are computed once. The same ops on
+    the same values, so the same numbers as :func:`divergence`. Why: a damage table compares
+    hundreds of outputs with each reference, and SmolLM2's 64 x 49152 logits made the
+    reference's float64 ``log_softmax`` and ``exp`` a third of every comparison (issue 18)."""
+    ref = reference.detach().double()
+    if kind == "logits":
+        log_p = torch.log_softmax(ref, dim=-1)
+        p = log_p.exp()
+
+        def kl(output: torch.Tensor) -> float:
+            log_q = torch.log_softmax(output.detach().double(), dim=-1)
+            return float((p * (log_p - log_q)).sum(-1).mean())
+        return kl
+    return lambda output: divergence(kind, ref, output)
