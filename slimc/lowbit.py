@@ -158,8 +158,13 @@ def _search_rows(weight: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]
         best_s = torch.where(better, scale, best_s)
         best_m = torch.where(better, minimum, best_m)
 
-    for minimum, scale in candidates:
+    for index, (minimum, scale) in enumerate(candidates):
         consider(minimum, scale)
+        if index == 0 and not bool(best_err.any()):
+            # The plain [min, max] grid is exact for every group (weights dequantized from a
+            # GGUF Q4_1 file at its own group size): nothing can beat zero error (``better``
+            # needs a strictly smaller one), so the other 26 passes would change nothing.
+            return best_s, best_m
     for _ in range(2):  # least-squares refit of (scale, minimum) to the chosen codes
         q = _codes(grouped, best_s, best_m, top)
         count = float(group)

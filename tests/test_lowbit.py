@@ -200,3 +200,30 @@ def test_grid_search_in_row_chunks_gives_the_whole_search(monkeypatch):
     monkeypatch.setattr(lowbit, "GRID_ROWS", 64)
     chunked = lowbit._search_grid(w, 3, 64)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+
+
+def test_grid_search_stops_when_the_plain_grid_is_exact(monkeypatch):
+    """Weights that sit on an fp16 Q4_1 grid (SmolLM2's, dequantized from GGUF) are exact on
+    the plain [min, max] grid of their own group size: the search stops there (one pass, not
+    27; a third of -O2's grid searches on SmolLM2, issue 18) with the grid that reproduces
+    them; other weights are searched as before."""
+    from slimc import lowbit
+
+    torch.manual_seed(0)
+    n, k, group = 256, 128, 32
+    codes = torch.randint(0, 16, (n, k // group, group)).float()
+    codes[..., 0], codes[..., 1] = 0.0, 15.0  # every group spans the grid
+    step = (torch.rand(n, k // group) * 0.01 + 1e-3).half().float()
+    low = (-torch.rand(n, k // group) * 0.05).half().float()
+    weight = (codes * step[..., None] + low[..., None]).reshape(n, k)
+    passes = []
+    real = lowbit._half
+    monkeypatch.setattr(lowbit, "_half", lambda t: passes.append(1) or real(t))
+    scale, minimum = lowbit._search_rows(weight, 4, group)
+    assert len(passes) == 2  # scale and minimum of the first grid only
+    back = lowbit._codes(lowbit._grouped(weight, group), scale, minimum, 15) \
+        * scale[..., None] + minimum[..., None]
+    assert torch.equal(back.reshape(n, k), weight)
+    passes.clear()
+    lowbit._search_rows(weight + 1e-4 * torch.randn(n, k), 4, group)
+    assert len(passes) == 2 * 27
