@@ -394,32 +394,3 @@ def test_candidate_build_frees_its_ir_and_runs_two_forwards_for_the_same_score(
     kept = search.build(base, picks, keep=True)
     fresh = search.scorer.score(kept.ir)  # scored again from scratch
     assert cand.drop == kept.drop == fresh > 0
-
-
-def test_bisection_keeps_no_candidate_while_building_and_rebuilds_the_chosen(hf_dir,
-                                                                           monkeypatch):
-    """-O2's bisection measures candidates without keeping the best so far alive through the
-    later builds (issue 18: 0.1-0.5 GB of SmolLM2's and a 320M decoder's peak); the chosen
-    one is built again at the end, the same IR: it scores the drop that was measured."""
-    from slimc.search.search import Search, proxy_scorer
-    from slimc.search.space import Techniques
-
-    registry, ir, example = _capture(hf_dir("llama"))
-    ctx = PassContext(example_inputs=example)
-    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
-    search = Search(ir, ctx, registry, Techniques.named("precision"), proxy_scorer(ir, ctx),
-                    None)
-    held_during = []
-    real_build = Search.build
-
-    def build(self, *args, **kwargs):
-        held_during.append(sum(c.ir is not None for c in self.measured))
-        return real_build(self, *args, **kwargs)
-
-    monkeypatch.setattr(Search, "build", build)
-    chosen = search.minimize("size", 0.05)
-    assert chosen is not None and len(held_during) > 1 and not any(held_during)
-    assert [c for c in search.measured if c.ir is not None] == [chosen]
-    assert search.scorer.score(chosen.ir) == chosen.drop
-    assert chosen.ir.weight_bytes() / search.original["size"] == pytest.approx(
-        chosen.relative["size"])

@@ -165,8 +165,6 @@ class Candidate:
     backoffs: int = 0
     #: Set when the candidate was recovered by ``distill`` (steps, drop before and after).
     distill: dict[str, Any] | None = None
-    #: The option per layer it was built from (to build it again: :meth:`Search.materialize`).
-    picks: tuple[int, ...] | None = None
 
     def release(self) -> None:
         """Let go of the built IR (a full copy of the model's weights), its pass records and
@@ -312,7 +310,7 @@ class Search:
         predicted = float(sum(space.damage[i, j] for i, j in enumerate(picks)))
         items = ([("prune", {"ratio": base.ratio})] if base.ratio else []) + rest
         cand = Candidate(base.ratio, items, relative, value, self.scorer.drop(value),
-                         dict(choices), predicted, picks=tuple(picks))
+                         dict(choices), predicted)
         if keep:
             cand.ir, cand.records, cand.ctx = ir, base.records + records, ctx
         self.measured.append(cand)
@@ -472,21 +470,10 @@ class Search:
         for ratio in self.techniques.prune_ratios:
             base = self.base(ratio)
             for _, barred in self._families(base):
-                cand = self._bisect(base, objective, max_drop, False, barred)
+                cand = self._bisect(base, objective, max_drop, keep, barred)
                 best = _keep_better(best, cand, lambda a, b: a.relative[objective]
                                     < b.relative[objective])
-        if best is not None and keep:
-            self.materialize(best)
         return best
-
-    def materialize(self, cand: Candidate) -> None:
-        """Build ``cand``'s IR again (the same recipe on the same base: the same IR) and keep
-        it. Why: the bisection measures candidates without keeping the best so far, which
-        was alive through every later build (issue 18: 0.1-0.5 GB of SmolLM2's and a 320M
-        decoder's -O2 peak), at the price of one more build at the end."""
-        base = self._bases[cand.prune_ratio]
-        ir, records, ctx, _ = self._build_items(base, self.items(base, cand.picks))
-        cand.ir, cand.records, cand.ctx = ir, base.records + records, ctx
 
     def _bisect(self, base: _Base, objective: str, max_drop: float, keep: bool,
                 barred: np.ndarray) -> Candidate | None:
