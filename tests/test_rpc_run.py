@@ -4,6 +4,8 @@ board would run it: `python -m tvm.exec.rpc_server`)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +25,8 @@ def rpc_server():
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host",
                                "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its popen workers die with it
     try:
         deadline = time.monotonic() + 300  # importing tvm takes >100 s on a loaded 2-core host
         while time.monotonic() < deadline:
@@ -36,7 +39,7 @@ def rpc_server():
             pytest.fail("the TVM RPC server did not start")
         yield f"127.0.0.1:{port}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it forked
         server.wait(timeout=30)
 
 
