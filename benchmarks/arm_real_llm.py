@@ -145,7 +145,9 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
         row["timings"] = summary["timings"]
         row["run_budget"] = v.get("run_budget")
     else:
-        row["verification"] = "FAILED: " + " ".join(result["stderr"].split())[-300:]
+        # with --json the compile's error paragraph is on stdout, a traceback on stderr
+        said = " ".join((result["stderr"] + " " + result["stdout"]).split())
+        row["verification"] = "FAILED: " + said[-600:]
     return row
 
 
