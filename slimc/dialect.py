@@ -236,15 +236,19 @@ def _(x, weight, bias):
     return _fake_linear(x, weight.shape[0])
 
 
+# The gathered rows are float32 whatever the scales are stored in (the eager kernels compute in
+# float32, and so do the TVM kernels): a fake that followed ``scale``'s dtype said float16 for
+# the fp16 scales of ``zero_point=float`` grids, and the graph's own dtype checks after the
+# lookup (``_assert_tensor_metadata`` of an RMSNorm's ``.to(float32)``) then failed to import.
 @embedding_int8.register_fake
 def _(qweight, scale, ids):
-    return scale.new_empty((*ids.shape, qweight.shape[1]))
+    return scale.new_empty((*ids.shape, qweight.shape[1]), dtype=torch.float32)
 
 
 @embedding_int4.register_fake
 def _(packed, scale, zero, ids, group_size):
     dim = embedding_int4_dim(packed.shape[1], scale.shape[1], group_size)
-    return scale.new_empty((*ids.shape, dim))
+    return scale.new_empty((*ids.shape, dim), dtype=torch.float32)
 
 
 OPS = {

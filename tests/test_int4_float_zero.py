@@ -122,3 +122,27 @@ def test_float_zero_grid_is_searched_off_the_q4_1_grid():
     assert ((searched - w) ** 2).sum() < 0.9 * ((plain - w) ** 2).sum()
     regridded = fake_quantize(_q4_1_weights(), parse_format("int4-g64-fz"))
     assert (regridded - _q4_1_weights()).abs().max() > 0  # g64 cannot hold g32 blocks
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_embedding_lookups_are_float32_in_fake_mode_too(scale_dtype):
+    """torch.export re-traces quantized graphs with the ops' fake kernels: a fake that said
+    float16 for fp16 scales (the Q4_1 layout) broke the graph's own dtype check after the
+    lookup (an RMSNorm's `.to(float32)`), and the 320M decoder's -O2 compile exited 1."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import slimc.dialect  # noqa: F401 - registers the ops
+
+    torch.manual_seed(0)
+    packed = torch.randint(0, 255, (10, 4), dtype=torch.uint8)
+    scale, zero = torch.rand(10, 1).to(scale_dtype), torch.rand(10, 1).to(scale_dtype)
+    qweight = torch.randint(-127, 127, (10, 8), dtype=torch.int8)
+    ids = torch.tensor([[1, 2, 9]])
+    calls = [(torch.ops.slimc.embedding_int4, (packed, scale, zero, ids, 8)),
+             (torch.ops.slimc.embedding_int8, (qweight, scale.reshape(-1), ids))]
+    for op, args in calls:
+        eager = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        assert eager.dtype == fake.dtype == torch.float32
+        assert tuple(fake.shape) == tuple(eager.shape) == (1, 3, 8)
