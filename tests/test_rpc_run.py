@@ -39,7 +39,10 @@ def rpc_server():
             pytest.fail("the TVM RPC server did not start")
         yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it forked
+        try:
+            os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it forked
+        except ProcessLookupError:  # it had exited already
+            pass
         server.wait(timeout=30)
 
 
