@@ -92,30 +92,26 @@ def _split(body):
         if not (isinstance(realize.predicate, tirx.IntImm) and realize.predicate.value):
             checks.append(realize.predicate)
         block = realize.block
-        if CLAMP_PADDED_ROWS in block.annotations:
+        clamped, padded = CLAMP_PADDED_ROWS in block.annotations, PADDED_READS in block.annotations
+        if clamped or padded:
             binding = {iv.var: value for iv, value in
                        zip(block.iter_vars, realize.iter_values, strict=True)}
+            rows: list = []  # guarded row reads: row < bound
+            windows: list = []  # padded reads: the inside-the-image condition
 
             def on_call(call):
-                guarded = is_guarded_read(call)
+                guarded = is_guarded_read(call) if clamped else None
                 if guarded is not None:
                     row, bound, _ = guarded
-                    checks.append(tirx.LT(binding.get(row, row), bound))
+                    rows.append(tirx.LT(binding.get(row, row), bound))
+                inside = padded_read(call) if padded else None
+                if inside is not None:
+                    windows.append(tvm_ffi.structural_map(
+                        inside[0], [(tirx.Var, lambda v: binding.get(v, v))]))
                 return call
 
             tvm_ffi.structural_map(block.body, [(Call, on_call)])
-        if PADDED_READS in block.annotations:
-            binding = {iv.var: value for iv, value in
-                       zip(block.iter_vars, realize.iter_values, strict=True)}
-
-            def on_padded(call):
-                padded = padded_read(call)
-                if padded is not None:
-                    checks.append(tvm_ffi.structural_map(
-                        padded[0], [(tirx.Var, lambda v: binding.get(v, v))]))
-                return call
-
-            tvm_ffi.structural_map(block.body, [(Call, on_padded)])
+            checks.extend(rows + windows)
         return realize
 
     tvm_ffi.structural_map(body, [(tirx.For, on_loop), (s_tir.SBlockRealize, on_realize)])
