@@ -33,6 +33,7 @@ from slimc import interrupts
 from .common import (
     MIN_PARALLEL_MEMORY_WORK,
     MIN_PARALLEL_WORK,
+    STACK_ALLOCA_BYTES,
     block_writes_output,
     extent,
     intermediate_buffers,
@@ -67,6 +68,9 @@ PAD_SYMBOLIC_TILES = True
 PAD_STATIC_TAILS = True
 #: Largest share of extra (padded) rows or columns a static axis may get.
 MAX_PAD_FRACTION = 0.25
+#: Prefer a tile one row shorter when that puts its accumulators on the stack
+#: (:func:`_stack_tile_rows`; off only to measure what it saves).
+STACK_TILE_ROWS = True
 #: Depthwise convs read their zero padding through a guarded load, dropped in the tiles that
 #: lie inside the image (:func:`_read_padding_in_place`), instead of a window copied per tile.
 INLINE_DEPTHWISE_PADDING = True
@@ -458,7 +462,29 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
     else:
         mr = next((v for v in range(mr_max, 0, -1) if m % v == 0 and v * 2 > mr_max), None)
         mr = mr or min(mr_max, m)
+        if STACK_TILE_ROWS:
+            mr = _stack_tile_rows(m, mr, nr, dtype_bits)
     return mr, nr
+
+
+def _stack_tile_rows(m: int, mr: int, nr: int, dtype_bits: int) -> int:
+    """One row fewer per tile when that puts the accumulator tile on the stack and still
+    divides the ``m`` rows.
+
+    Why: an ``MR x NR`` tile of exactly :data:`~.common.STACK_ALLOCA_BYTES` (8 x 32 floats,
+    AVX-512's widest) is a workspace allocation per tile, which LLVM cannot keep in
+    registers; 7 x 32 is an ``alloca`` it promotes. CNN feature maps of 224-pixel inputs
+    are 112 / 56 / 28 / 14 / 7 wide, all multiples of 7, so 7-row tiles are also whole
+    tiles there (MobileNetV2's 1 x 1 16 -> 96 conv over 112 x 112 is 8-row tiles today, its
+    largest kernel). Rows that 7 does not divide (a 128-token matmul) keep their tile.
+    """
+    row_bytes = nr * dtype_bits // 8
+    if mr < 2 or mr * row_bytes < STACK_ALLOCA_BYTES:
+        return mr
+    fits = (STACK_ALLOCA_BYTES - 1) // max(row_bytes, 1)
+    if fits == mr - 1 and m % fits == 0:
+        return fits
+    return mr
 
 
 def _gemv_chunk(sch, axes: _Axes, lanes: int) -> int | None:
