@@ -68,6 +68,10 @@ PAD_SYMBOLIC_TILES = True
 PAD_STATIC_TAILS = True
 #: Largest share of extra (padded) rows or columns a static axis may get.
 MAX_PAD_FRACTION = 0.25
+#: Convs over inputs of at most FEW_CHANNELS channels (a network's RGB stem) read their zero
+#: padding in place like depthwise convs (:func:`_few_input_channels`).
+FEW_CHANNEL_PADDING = True
+FEW_CHANNELS = 4
 #: Prefer a tile one row shorter when that puts its accumulators on the stack
 #: (:func:`_stack_tile_rows`; off only to measure what it saves).
 STACK_TILE_ROWS = True
@@ -120,7 +124,8 @@ class TiledMatmul:
         for block in producers:  # padding, reshapes feeding the kernel
             if _inline_copy(sch, block, intermediates):
                 continue
-            if depthwise and INLINE_DEPTHWISE_PADDING \
+            if (depthwise or FEW_CHANNEL_PADDING and _few_input_channels(sch, main, axes)) \
+                    and INLINE_DEPTHWISE_PADDING \
                     and _read_padding_in_place(sch, block, main, fused):
                 continue
             if depthwise and _pad_per_tile(sch, block, fused, target):
@@ -193,6 +198,22 @@ def _pad_per_tile(sch: s_tir.Schedule, block, fused, target: Target) -> bool:
             inner = sch.split(inner, factors=[None, lanes])[-1]
         sch.vectorize(inner)
     return True
+
+
+def _few_input_channels(sch: s_tir.Schedule, main, axes: _Axes) -> bool:
+    """Whether ``main`` is a conv over an image of at most :data:`FEW_CHANNELS` channels (a
+    network's stem: RGB), whose zero-padded input copy is worth reading in place.
+
+    Why: such a copy is a scalar loop (3 channels cannot be vectorized) over the whole
+    input, serial below :data:`~.common.MIN_PARALLEL_MEMORY_WORK` elements, in front of a
+    conv that does only ``kh x kw x 3`` multiply-adds per output vector (MobileNetV2's
+    3 x 3 stride-2 stem over 224 x 224 x 3); it was the part of the stem that did not get
+    faster with a second thread.
+    """
+    if len(axes.reduce) != 3:  # kh, kw, input channels
+        return False
+    channels = extent(sch, axes.reduce[-1])
+    return channels is not None and channels <= FEW_CHANNELS
 
 
 def _read_padding_in_place(sch: s_tir.Schedule, block, main, fused) -> bool:
