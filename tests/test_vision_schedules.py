@@ -476,3 +476,25 @@ def test_rgb_stem_reads_its_padding_in_place(kernel, tmp_path, caplog):
     conv = next(t for n, t in _scheduled(wide, (torch.randn(1, 8, 30, 34),)).items()
                 if "conv2d" in n)
     assert 'T.sblock("pad_temp")' in conv
+
+
+def test_convs_with_small_filters_walk_pixel_rows_outside(tmp_path, caplog):
+    """A conv whose whole filter is at most 8 KiB (MobileNets' 1 x 1 expansions over few
+    channels) splits its pixel rows, not its weight panels, over the threads: each writes a
+    contiguous part of the output. A larger filter and a depthwise conv keep the panel
+    outside. Results vs PyTorch."""
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Conv2d(16, 64, 1), torch.nn.ReLU6()).eval()
+    x = torch.randn(1, 16, 14, 14)
+    _check(small, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5,
+           target="x86-64-v4-vnni")
+
+    def parallel_loop(net, inputs):
+        conv = next(t for n, t in _scheduled(net, inputs).items() if "conv2d" in n)
+        return next(ln for ln in conv.splitlines() if "T.parallel(" in ln).split()[1]
+
+    assert parallel_loop(small, (x,)).startswith("nn_yy_ff_0")
+    large = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1)).eval()
+    assert parallel_loop(large, (torch.randn(1, 64, 14, 14),)).startswith("ff_0")
+    depthwise = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, 1, 1, groups=64)).eval()
+    assert parallel_loop(depthwise, (torch.randn(1, 64, 14, 14),)).startswith("ff_0")
