@@ -45,6 +45,16 @@ def timed_step(ir, dense, batch) -> float:
     return seconds
 
 
+def spread_chunks(tok, text: str, seq: int, n_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """``n_tokens // seq`` sequences of ``seq`` tokens at even strides over all of ``text``, so a
+    long text (many books) is sampled throughout instead of only its beginning."""
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    total = len(ids) // seq
+    n_seq = max(1, min(total, n_tokens // seq))
+    starts = [(i * total // n_seq) * seq for i in range(n_seq)]
+    return [{"input_ids": ids[s:s + seq].unsqueeze(0)} for s in starts]
+
+
 def main() -> None:
     from benchmarks.lowrank_real import capture_ir, run_pipeline
     from benchmarks.prune_smollm2 import Logits, chunks, load, perplexity
@@ -61,7 +71,12 @@ def main() -> None:
     ap.add_argument("--lowrank-calib", default="Genesis1:1-Exodus40:38")
     ap.add_argument("--lowrank-tokens", type=int, default=4096)
     ap.add_argument("--distill", default="distill{trainable=factors,lr=1e-4}")
-    ap.add_argument("--distill-text", default="Leviticus1:1-Deuteronomy34:12")
+    ap.add_argument("--distill-text", default="Leviticus1:1-Deuteronomy34:12",
+                    help="KJV verse ranges, several joined by '+' (e.g. the Bible without John: "
+                         "Genesis1:1-Luke24:53+Acts1:1-Revelation22:21)")
+    ap.add_argument("--distill-spread", action="store_true",
+                    help="take the --distill-tokens as sequences spread evenly over the whole "
+                         "text (default: its first tokens)")
     ap.add_argument("--distill-tokens", type=int, default=10240)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--minutes", type=float, default=25.0)
@@ -80,7 +95,11 @@ def main() -> None:
 
     tok, model, gguf = load()
     lr_calib = chunks(tok, " ".join(kjv(args.lowrank_calib)), args.seq, 1, args.lowrank_tokens)
-    train = chunks(tok, " ".join(kjv(args.distill_text)), args.seq, 1, args.distill_tokens)
+    train_text = " ".join(v for spec in args.distill_text.split("+") for v in kjv(spec))
+    if args.distill_spread:
+        train = spread_chunks(tok, train_text, args.seq, args.distill_tokens)
+    else:
+        train = chunks(tok, train_text, args.seq, 1, args.distill_tokens)
     evald = chunks(tok, " ".join(kjv("John1:1-21:25")), args.seq, 1, args.eval_tokens)
     dense, inputs = capture_ir(Logits(model).eval(), lr_calib[0])
     del model
@@ -158,7 +177,8 @@ def main() -> None:
             "eval": f"KJV John, {sum(b['input_ids'].numel() for b in evald)} tokens",
             "lowrank_calibration": f"KJV {args.lowrank_calib}, "
                                    f"{sum(b['input_ids'].numel() for b in lr_calib)} tokens",
-            "distill_data": f"KJV {args.distill_text}, "
+            "distill_data": f"KJV {args.distill_text}"
+                            f"{' (sequences spread evenly)' if args.distill_spread else ''}, "
                             f"{sum(b['input_ids'].numel() for b in train)} tokens "
                             f"({summary['held_out_batches']} batches held out)",
             "teacher_cache_bytes": distill_mod.TEACHER_CACHE_BYTES,
