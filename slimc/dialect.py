@@ -69,15 +69,39 @@ def int4_grid_values(codes: Tensor, scale: Tensor, zero: Tensor, index: Tensor) 
     return (codes - zero.float()[..., index]) * step
 
 
+#: Elements of a weight dequantized at once by :func:`dequantize_int4` (4M floats: 16 MB).
+DEQUANTIZE_CHUNK = 1 << 22
+
+
 def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
                     k: int) -> Tensor:
-    """Float weight ``[N, K]`` from packed int4 codes and per-group scale / zero point."""
-    codes = unpack_int4(packed, k).float()
-    return int4_grid_values(codes, scale, zero, torch.arange(k) // group_size)
+    """Float weight ``[N, K]`` from packed int4 codes and per-group scale / zero point.
+
+    A large weight is dequantized a block of rows at a time into its output: the same values
+    (every grid is per row), one weight-sized tensor instead of five (codes, gathered scales
+    and minimums, their product and sum). Why: every eager forward of an int4 model
+    dequantizes each weight, and SmolLM2's tied 49152 x 576 table made a ~0.4 GB spike in the
+    pass manager's check of ``quantize{weights=int4}`` (1 GB for the 320M decoder's; issue 18)."""
+    index = torch.arange(k) // group_size
+    n = packed.shape[0]
+    rows = max(1, DEQUANTIZE_CHUNK // max(k, 1))
+    if (n <= rows or packed.dim() != 2 or scale.dim() < 1 or zero.dim() < 1
+            or scale.shape[0] != n or zero.shape[0] != n
+            or (torch.is_grad_enabled() and (scale.requires_grad or zero.requires_grad))):
+        return int4_grid_values(unpack_int4(packed, k).float(), scale, zero, index)
+    out = torch.empty(n, k, dtype=torch.float32)
+    for start in range(0, n, rows):
+        end = start + rows
+        out[start:end] = int4_grid_values(unpack_int4(packed[start:end], k).float(),
+                                          scale[start:end], zero[start:end], index)
+    return out
 
 
 def dequantize_int8(qweight: Tensor, scale: Tensor) -> Tensor:
-    return qweight.float() * scale[:, None]
+    if torch.is_grad_enabled() and scale.requires_grad:
+        return qweight.float() * scale[:, None]
+    # in place: one weight-sized tensor, not two (the same values)
+    return qweight.float().mul_(scale[:, None])
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, act_scale: Tensor | None) -> Tensor:
