@@ -7,6 +7,7 @@ compared with the IR before the output directory appears.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,14 @@ OPT_LEVELS: dict[int, str] = {int(k): v for k, v in FIXED_LEVELS.items()}
 
 
 Stage = Callable[[str], None]
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (zig, the emulator): the stage
+    timings' CPU column. Why: wall times on a shared host measure the load, not the compile
+    (issue 18's measurements)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassInvocation]:
@@ -120,6 +129,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
 
     stage("capture")
     t0 = time.perf_counter()
+    c0 = _cpu_seconds()
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, overrides, registry, trust_remote_code=options.trust_remote_code,
         default_sequence=_default_sequence(backend, options))
@@ -139,6 +149,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     if loaded is not model:  # ours: the IR holds what is needed, the module's weights can go
         del loaded
     timings["capture_s"] = time.perf_counter() - t0
+    timings["capture_cpu_s"] = _cpu_seconds() - c0
     sequence = str(ir.annotations.get("source", {}).get("default_sequence") or "")
     if sequence.startswith("fixed ("):  # the default dynamic length could not be captured
         warnings.append(f"the sequence length is {sequence}; pass --input "
@@ -176,6 +187,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     before = ctx.analyses.get("model-stats")
 
     t0 = time.perf_counter()
+    c0 = _cpu_seconds()
     search_entry, chosen = None, None
     if search_plan is not None:
         from slimc.search.driver import run_search
@@ -184,6 +196,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         chosen, search_entry = run_search(search_plan, ir, ctx, registry, spec, task, log,
                                           warnings)
         timings["search_s"] = time.perf_counter() - t0
+        timings["search_cpu_s"] = _cpu_seconds() - c0
     if chosen is not None:
         ir, records = chosen.ir, chosen.records
         ctx.analyses = chosen.ctx.analyses
@@ -191,11 +204,13 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     else:
         records = manager.run(ir, pipeline, ctx, on_pass=lambda inv: stage(f"pass {inv.name}"))
     timings["passes_s"] = time.perf_counter() - t0
+    timings["passes_cpu_s"] = _cpu_seconds() - c0
     after = ctx.analyses.get("model-stats")
     ir_outputs = [o.numpy() for o in _outputs(ir, ctx, check_inputs)]
 
     stage("lower")
     t0 = time.perf_counter()
+    c0 = _cpu_seconds()
     with native_stderr_to(native_log):
         mod = backend.lower(ir, spec, registry.converters)
     entries = None
@@ -207,6 +222,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         mod = split_entry_points(mod, plan)
         entries = [(name, inputs) for name, (inputs, _) in plan.items()]
     timings["lower_s"] = time.perf_counter() - t0
+    timings["lower_cpu_s"] = _cpu_seconds() - c0
     if not _runs_ir_after_build(ir, options, task):
         from slimc.memory import return_freed_memory
 
@@ -217,12 +233,15 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         t0 = time.perf_counter()
+        c0 = _cpu_seconds()
         with native_stderr_to(native_log):
             library = backend.build(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner)
         timings["build_s"] = time.perf_counter() - t0
+        timings["build_cpu_s"] = _cpu_seconds() - c0
 
         stage("verify")
         t0 = time.perf_counter()
+        c0 = _cpu_seconds()
         from slimc.dialect import rounding_noise_floor
 
         # A dynamic artifact runs at several sizes: load it once for all of them.
@@ -241,14 +260,17 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
                 verification["tolerance"], runner))
         del runner
         timings["verify_s"] = time.perf_counter() - t0
+        timings["verify_cpu_s"] = _cpu_seconds() - c0
 
         quality = None
         if task is not None:
             stage("evaluate the task metric on the artifact")
             t0 = time.perf_counter()
+            c0 = _cpu_seconds()
             quality = _measure_artifact(task, library, spec, ir, threads, options, warnings,
                                         search_plan.max_drop if search_plan else None)
             timings["evaluate_s"] = time.perf_counter() - t0
+            timings["evaluate_cpu_s"] = _cpu_seconds() - c0
 
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs
         if [o.shape for o in original_outputs] == [o.shape for o in reference]:
