@@ -246,7 +246,12 @@ class Search:
         # pruned base, so the pass manager's own copy would be the pruned model. The original
         # IR is only read (the teacher runs forwards), so it is lent, not cloned.
         ctx.original = self.ir
-        return self.manager.run(ir, validate(items, self.registry.passes), ctx), ctx
+        records = self.manager.run(ir, validate(items, self.registry.passes), ctx)
+        # Lent for the passes only: a kept candidate's context must not keep the original
+        # model alive (the chosen one's is the compile's from here on: the fp32 weights beside
+        # the compressed ones through lowering and build; issue 18).
+        ctx.original = None
+        return records, ctx
 
     def base(self, ratio: float) -> _Base:
         """The IR pruned by ``ratio`` (a clone) and its choice space, built once. Unpruned
