@@ -202,6 +202,9 @@ def test_search_keeps_only_the_chosen_candidates_ir(hf_dir):
     assert chosen is not None and len(search.measured) > 1
     held = [c for c in search.measured if c.ir is not None]
     assert len(held) == 1 and held[0] is chosen
+    # the original IR was lent to the passes only: the chosen candidate's context (the
+    # compile's from then on) must not keep the fp32 model alive through lowering and build
+    assert chosen.ctx.original is None
     assert all(c.summary()["pipeline"] for c in search.measured)  # measurements stay
     fit, _ = search.fit(parse_budget("size=0.5"), 0.05)
     held = [c for c in search.measured if c.ir is not None]

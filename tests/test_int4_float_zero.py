@@ -146,3 +146,25 @@ def test_embedding_lookups_are_float32_in_fake_mode_too(scale_dtype):
             fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
         assert eager.dtype == fake.dtype == torch.float32
         assert tuple(fake.shape) == tuple(eager.shape) == (1, 3, 8)
+
+
+@pytest.mark.parametrize("float_zero", [False, True])
+def test_large_weights_dequantize_by_row_blocks_to_the_same_values(monkeypatch, float_zero):
+    """A weight above DEQUANTIZE_CHUNK elements is dequantized a block of rows at a time
+    (issue 18: five weight-sized temporaries of SmolLM2's tied table were the int4 compile's
+    peak): the same float32 values as the whole round trip, odd widths and a partial last
+    block included; int8 in place gives the same values too."""
+    import slimc.dialect as dialect
+
+    torch.manual_seed(0)
+    weight = torch.randn(37, 70)
+    params = int4_params(weight, 32, False, float_zero=float_zero)
+    packed = pack_int4(int4_codes(weight, params))
+    whole = dialect.dequantize_int4(packed, params.scale, params.zero, 32, 70)
+    monkeypatch.setattr(dialect, "DEQUANTIZE_CHUNK", 5 * 70)  # blocks of 5 rows: 7 + 1 left
+    blocks = dialect.dequantize_int4(packed, params.scale, params.zero, 32, 70)
+    assert blocks.dtype == whole.dtype == torch.float32
+    assert torch.equal(blocks, whole)
+    codes = torch.randint(-127, 128, (9, 13), dtype=torch.int8)
+    scale = torch.rand(9)
+    assert torch.equal(dialect.dequantize_int8(codes, scale), codes.float() * scale[:, None])
