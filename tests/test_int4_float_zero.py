@@ -161,6 +161,10 @@ def test_large_weights_dequantize_by_row_blocks_to_the_same_values(monkeypatch, 
     params = int4_params(weight, 32, False, float_zero=float_zero)
     packed = pack_int4(int4_codes(weight, params))
     whole = dialect.dequantize_int4(packed, params.scale, params.zero, 32, 70)
+    import slimc.passes.quantize.formats as formats
+
+    monkeypatch.setattr(formats, "CODES_CHUNK", 5 * 70)  # rounding by row blocks too
+    assert torch.equal(pack_int4(int4_codes(weight, params)), packed)
     monkeypatch.setattr(dialect, "DEQUANTIZE_CHUNK", 5 * 70)  # blocks of 5 rows: 7 + 1 left
     blocks = dialect.dequantize_int4(packed, params.scale, params.zero, 32, 70)
     assert blocks.dtype == whole.dtype == torch.float32

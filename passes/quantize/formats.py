@@ -152,8 +152,28 @@ def int4_params(weight: Tensor, group_size: int, symmetric: bool,
     return Int4Params(scale.float(), zero.to(torch.uint8), group_size)
 
 
+#: Elements rounded at once by :func:`int4_codes` (4M: ~16 MB per float temporary).
+CODES_CHUNK = 1 << 22
+
+
 def int4_codes(weight: Tensor, params: Int4Params) -> Tensor:
-    """Round-to-nearest codes ``uint8[N, K]`` of ``weight`` on the grid ``params``."""
+    """Round-to-nearest codes ``uint8[N, K]`` of ``weight`` on the grid ``params``, a block of
+    rows at a time for a large weight (the same codes: the grid is per row). Why: the gathered
+    scales and minimums and the quotient are each weight-sized; packing the 320M decoder's
+    49152 x 1024 table held ~1 GB of them, its -O2 compile's peak (issue 18)."""
+    n, k = weight.shape
+    rows = max(1, CODES_CHUNK // max(k, 1))
+    if n > rows and params.scale.shape[0] == n and params.zero.shape[0] == n:
+        out = torch.empty(n, k, dtype=torch.uint8)
+        for start in range(0, n, rows):
+            end = start + rows
+            out[start:end] = _int4_codes(weight[start:end], Int4Params(
+                params.scale[start:end], params.zero[start:end], params.group_size))
+        return out
+    return _int4_codes(weight, params)
+
+
+def _int4_codes(weight: Tensor, params: Int4Params) -> Tensor:
     k = weight.shape[1]
     index = torch.arange(k) // params.group_size
     scale = params.scale[:, index]
