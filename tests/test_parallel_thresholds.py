@@ -92,35 +92,3 @@ def test_both_copies_match_numpy(built, weight, length):
     expected = ((x - mean) / np.sqrt(var + 1e-5)) @ weight
     np.testing.assert_allclose(dense, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(shifted, x + 1, rtol=0, atol=0)
-
-
-def test_caller_pinning_is_opt_in_and_gives_the_affinity_back(built, weight, monkeypatch):
-    """``SLIMC_PIN_CALLER=1`` keeps the calling thread on TVM's caller core during a call
-    (the workers are pinned to the others), and gives the thread its own affinity back
-    afterwards; by default, with one thread, or with unpinned workers nothing changes. The
-    results are the same either way."""
-    import os
-
-    from slimc.backends.tvm import runtime
-
-    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs two cores this process may use")
-    x = np.random.default_rng(0).standard_normal((64, HIDDEN)).astype("float32")
-    before = os.sched_getaffinity(0)
-    monkeypatch.delenv(runtime.PIN_CALLER_ENV, raising=False)
-    plain = runtime.NativeRunner(built, threads=2)
-    assert plain._caller_core is None
-    monkeypatch.setenv(runtime.PIN_CALLER_ENV, "1")
-    assert runtime.caller_core(1) is None
-    monkeypatch.setenv("TVM_BIND_THREADS", "0")
-    assert runtime.caller_core(2) is None
-    monkeypatch.delenv("TVM_BIND_THREADS")
-    pinned = runtime.NativeRunner(built, threads=2)
-    assert pinned._caller_core in before
-    seen = []
-    with runtime.on_caller_core(pinned._caller_core):
-        seen.append(os.sched_getaffinity(0))
-    assert seen == [{pinned._caller_core}]
-    for a, b in zip(pinned([x]), plain([x]), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert os.sched_getaffinity(0) == before

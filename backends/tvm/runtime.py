@@ -6,7 +6,6 @@ defaults to one thread on small machines; :func:`set_threads` sets it before tha
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -80,78 +79,6 @@ def load_library(library: str | os.PathLike[str]) -> Any:
         return tvm.runtime.load_module(str(alias))
 
 
-#: Set to "1" to keep the calling thread on TVM's caller core during a call
-#: (:func:`caller_core`). Off by default: on the loaded host of 2026-12-01 it measured 4.41 vs
-#: 8.01 ms once and 7.59 vs 8.05 / 8.27 vs 8.06 ms in the next minutes (MobileNetV2, 2
-#: threads), so whether it helps on a quiet host is for a quiet run to decide.
-PIN_CALLER_ENV = "SLIMC_PIN_CALLER"
-
-
-def caller_core(threads: int | None, device=None) -> int | None:
-    """The core to keep the calling thread on during a call with ``threads`` threads on
-    ``device`` (see :func:`on_caller_core`), or None to leave it alone.
-
-    Why: TVM's CPU thread pool runs task 0 of every parallel loop on the calling thread and
-    pins its workers to the next cores (``sorted_order[1:]``, ``TVM_BIND_THREADS``), but
-    leaves the calling thread free. Linux then often wakes the caller on a worker's core (the
-    one it last ran on) and keeps it there: caller and worker take turns on one core
-    (``sched_yield`` in both spin loops) while the other core idles, for whole calls.
-    MobileNetV2 at 2 threads, same process, host loaded: 4.41 ms with the caller on core 0,
-    8.32 ms on core 1 (the worker's), 8.01 ms left free, once; the quiet 21:43 table's slimc blocks
-    were bimodal the same way (4.6 vs 7.6-10.4 ms), but repeated runs on the loaded host did
-    not confirm the gain (see :data:`PIN_CALLER_ENV`), so this is opt-in. None unless
-    ``SLIMC_PIN_CALLER=1``; None on non-Linux hosts, for one thread, for a non-CPU device,
-    with ``TVM_BIND_THREADS`` other than 1 (workers not pinned), or when this process may use
-    fewer cores than ``threads``.
-    """
-    if not threads or threads < 2 or os.environ.get(PIN_CALLER_ENV, "0") != "1" \
-            or os.environ.get("TVM_BIND_THREADS", "1") != "1" \
-            or not hasattr(os, "sched_setaffinity"):
-        return None
-    if device is not None and getattr(device, "device_type", 1) != 1:  # not kDLCPU
-        return None
-    try:
-        cpus = os.sched_getaffinity(0)
-    except OSError:
-        return None
-    return _caller_core(cpus) if len(cpus) >= threads else None
-
-
-@contextlib.contextmanager
-def on_caller_core(core: int | None):
-    """Run the body with the calling thread on ``core`` only (:func:`caller_core`), then
-    give it back the affinity it had; nothing when ``core`` is None or not allowed."""
-    if core is None:
-        yield
-        return
-    try:
-        saved = os.sched_getaffinity(0)
-    except OSError:
-        saved = set()
-    if core not in saved:
-        yield
-        return
-    os.sched_setaffinity(0, {core})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
-
-
-def _caller_core(cpus: set[int]) -> int:
-    """The core TVM leaves to the calling thread: the first of its ``sorted_order`` (cores by
-    ``cpuinfo_max_freq``, fastest first, then by id; workers take the next ones) that this
-    process may use."""
-    def max_freq(cpu: int) -> int:
-        try:
-            return int(Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq")
-                       .read_text().strip())
-        except (OSError, ValueError):
-            return 0
-
-    return min(cpus, key=lambda cpu: (-max_freq(cpu), cpu))
-
-
 class NativeRunner:
     """A library loaded into a Relax VM on ``device`` (default: this CPU); call it with numpy
     arrays (copied to the device and back)."""
@@ -166,7 +93,6 @@ class NativeRunner:
         self._device = device if device is not None else tvm.cpu()
         self._module = load_library(library)
         self._vm = relax.VirtualMachine(self._module, self._device)
-        self._caller_core = caller_core(self.threads, self._device)
 
     def arity(self) -> int | None:
         """Number of inputs the library's ``main`` takes (None if the VM cannot say)."""
@@ -179,8 +105,7 @@ class NativeRunner:
         tvm = self._tvm
         args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device)
                 for x in inputs]
-        with on_caller_core(self._caller_core):
-            result = self._vm[function](*args)
+        result = self._vm[function](*args)
         return _flatten(result)
 
     @property
