@@ -100,8 +100,9 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
 def dequantize_int8(qweight: Tensor, scale: Tensor) -> Tensor:
     if torch.is_grad_enabled() and scale.requires_grad:
         return qweight.float() * scale[:, None]
-    # in place: one weight-sized tensor, not two (the same values)
-    return qweight.float().mul_(scale[:, None])
+    # in place on a fresh copy: one weight-sized tensor, not two (the same values); copy=True
+    # so a weight that is float already is never scaled where it is stored
+    return qweight.to(torch.float32, copy=True).mul_(scale[:, None])
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, act_scale: Tensor | None) -> Tensor:

@@ -172,3 +172,16 @@ def test_large_weights_dequantize_by_row_blocks_to_the_same_values(monkeypatch, 
     codes = torch.randint(-127, 128, (9, 13), dtype=torch.int8)
     scale = torch.rand(9)
     assert torch.equal(dialect.dequantize_int8(codes, scale), codes.float() * scale[:, None])
+
+
+def test_int8_dequantize_never_scales_its_input_in_place():
+    """``dequantize_int8`` scales a copy in place to save a weight-sized temporary; a weight
+    that is float32 already (``.float()`` would return it as is) must come back unchanged."""
+    import slimc.dialect as dialect
+
+    weight = torch.randn(6, 5)
+    before = weight.clone()
+    scale = torch.rand(6) + 0.5
+    out = dialect.dequantize_int8(weight, scale)
+    assert torch.equal(weight, before)
+    assert torch.allclose(out, before * scale[:, None])
