@@ -50,10 +50,12 @@ class CalibrationData:
 def load_calibration(path: str | Path | None, template: dict[str, torch.Tensor], *,
                      model_dir: str | Path | None = None, batch_size: int | None = None,
                      max_batches: int = 4, vocab_size: int | None = None,
-                     seed: int = 0) -> CalibrationData:
+                     seed: int = 0, spread: bool = True) -> CalibrationData:
     """Read ``path`` into at most ``max_batches`` batches shaped like ``template``.
 
-    ``batch_size`` replaces the template's batch dimension (None keeps it).
+    ``batch_size`` replaces the template's batch dimension (None keeps it). A text longer than
+    the batches need is sampled at even strides over all of it with ``spread`` (the default),
+    else from its start (:func:`spread_for`: when evaluation reads what follows in the file).
     """
     if max_batches < 1:
         raise UsageError("The number of calibration batches must be at least 1.")
@@ -76,7 +78,7 @@ def load_calibration(path: str | Path | None, template: dict[str, torch.Tensor],
             raise UsageError(f"{path} holds arrays {unknown} that are not model inputs.",
                              hint=f"The model's inputs are: {', '.join(template)}.")
         return _arrays(arrays, template, max_batches, path)
-    return _text(path, template, max_batches, model_dir, vocab_size)
+    return _text(path, template, max_batches, model_dir, vocab_size, spread)
 
 
 def _rebatch(template: dict[str, torch.Tensor], batch_size: int | None):
@@ -188,7 +190,17 @@ def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def _text(path: Path, template, max_batches: int, model_dir, vocab_size) -> CalibrationData:
+def spread_for(calib: str | Path | None, eval_data: str | Path | None) -> bool:
+    """Whether ``--calib`` text may be sampled over the whole file: not when ``--eval-data``
+    is the same file, whose evaluation skips the calibration's batches at its start and reads
+    what follows (it must stay held out)."""
+    if calib is None or eval_data is None:
+        return True
+    return Path(eval_data).resolve() != Path(calib).resolve()
+
+
+def _text(path: Path, template, max_batches: int, model_dir, vocab_size,
+          spread: bool = True) -> CalibrationData:
     if "input_ids" not in template:
         raise UsageError(f"{path} is text, but the model takes no input_ids "
                          f"(its inputs: {', '.join(template)}).",
@@ -198,17 +210,14 @@ def _text(path: Path, template, max_batches: int, model_dir, vocab_size) -> Cali
     batch, seq = template["input_ids"].shape[:2]
     prefix, suffix = _special_tokens(tokenizer)
     window = max(seq - len(prefix) - len(suffix), 1)
-    needed = window * batch * max_batches
     count = min(max_batches, len(ids) // (window * batch))
     if count == 0:
         warnings.append(f"{path} has {len(ids)} tokens, fewer than one batch of "
                         f"{batch}x{seq}; it is repeated to fill one.")
         ids = (ids * math.ceil(window * batch / max(len(ids), 1)))[:window * batch]
         count = 1
-    ids = ids[:needed]
-    rows = []
-    for start in range(0, count * batch * window, window):
-        rows.append((prefix + ids[start:start + window] + suffix)[:seq])
+    rows = [(prefix + ids[start:start + window] + suffix)[:seq]
+            for start in _window_starts(len(ids), window, count * batch, spread)]
     all_ids = torch.tensor(rows, dtype=template["input_ids"].dtype)
     batches = []
     for i in range(count):
@@ -220,6 +229,22 @@ def _text(path: Path, template, max_batches: int, model_dir, vocab_size) -> Cali
                 b[name] = torch.full_like(template[name], fill)
         batches.append(b)
     return CalibrationData(batches, str(path), warnings=warnings)
+
+
+def _window_starts(tokens: int, window: int, wanted: int, spread: bool = True) -> list[int]:
+    """Start offsets of ``wanted`` windows of ``window`` tokens, spread at even strides over
+    all ``tokens`` (consecutive from the start without ``spread`` or when there are no more
+    than ``wanted``).
+
+    Why: a long calibration text (a corpus, a book) is usually ordered by topic; its first
+    windows are one topic. On SmolLM2-135M, distilling a low-rank model on 24,576 tokens
+    spread over the KJV reached 27.70 John perplexity where its first 24,576 tokens of one
+    section (Leviticus-Deuteronomy) stayed at 28.85 (docs/benchmarks.md, issue 13).
+    """
+    available = tokens // window
+    if not spread or available <= wanted:
+        return [i * window for i in range(min(wanted, available))]
+    return [(i * available // wanted) * window for i in range(wanted)]
 
 
 def read_image(file: Path, channels: int, height: int, width: int) -> torch.Tensor:

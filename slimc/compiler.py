@@ -165,7 +165,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     original_outputs = [o.numpy() for o in _outputs(ir, ctx, check_inputs)]
     calibration = None
     if options.calib:
-        from slimc.calibration import load_calibration
+        from slimc.calibration import load_calibration, spread_for
         from slimc.generation.prepare import generation_calibration
 
         load = generation_calibration if generation is not None else load_calibration
@@ -173,7 +173,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             options.calib, dict(zip(ir.input_names, example_inputs, strict=True)),
             model_dir=ir.annotations.get("source", {}).get("tokenizer"),
             max_batches=options.calib_batches,
-            **({"step": generation_step} if generation is not None else {}))
+            **({"step": generation_step} if generation is not None
+               else {"spread": spread_for(options.calib, options.eval_data)}))
         warnings += calibration.warnings
         check_batches(calibration.batches, input_ranges, f"--calib {options.calib}")
         ctx.calibration_batches = [[batch[name] for name in ir.input_names]
@@ -375,11 +376,12 @@ def _prepare_task(options: CompileOptions, ir: IR, example_inputs, registry: Reg
                          "e.g. --max-drop 0.02 for 2%.")
     if options.eval_batches < 1:
         raise UsageError("--eval-batches must be at least 1.")
+    from slimc.calibration import spread_for
+
     skip, held_out = 0, "separate from the calibration data"
     if options.calib is None:
         held_out = "no calibration data was used"
-    elif options.eval_data is not None and \
-            Path(options.eval_data).resolve() == Path(options.calib).resolve():
+    elif options.eval_data is not None and not spread_for(options.calib, options.eval_data):
         skip = len(calibration.batches)
         held_out = (f"same file as --calib: the first {skip} batch(es) went to calibration and "
                     "evaluation uses what follows")

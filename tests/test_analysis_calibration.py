@@ -71,3 +71,32 @@ def test_synthetic_and_missing(tmp_path):
     assert not torch.equal(data.batches[0]["input_ids"], data.batches[1]["input_ids"])
     with pytest.raises(UsageError, match="does not exist"):
         load_calibration(tmp_path / "nope.txt", TEMPLATE)
+
+
+def test_long_text_is_sampled_over_the_whole_file_unless_evaluation_reads_its_tail(tmp_path):
+    """A text longer than the batches need gives windows at even strides over all of it (a
+    corpus ordered by topic is not calibrated on its first topic only); with ``spread=False``
+    (``--eval-data`` is the same file: evaluation reads what follows the calibration's
+    windows) they are the file's first windows."""
+    from slimc.calibration import spread_for
+
+    model_dir = _tokenizer_dir(tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    # 10 tokens per sentence: "the" x9 then one marker word; 4 parts of 25 sentences each,
+    # whose markers are cat / sat / on / mat
+    text.write_text(" ".join(" ".join(["the"] * 9 + [w]) for w in ["cat", "sat", "on", "mat"]
+                             for _ in range(25)))
+    vocab = {w: i for i, w in enumerate(WORDS)}
+
+    def markers(data):
+        ids = torch.cat([b["input_ids"] for b in data.batches])[:, 1:-1]
+        return {WORDS[i] for i in ids.flatten().tolist()} - {"the"}
+
+    spread = load_calibration(text, TEMPLATE, model_dir=model_dir, max_batches=4)
+    head = load_calibration(text, TEMPLATE, model_dir=model_dir, max_batches=4, spread=False)
+    assert len(spread.batches) == len(head.batches) == 4
+    assert markers(head) == {"cat"}  # 4 windows of 10 tokens: the first 40 tokens
+    assert markers(spread) == {"cat", "sat", "on", "mat"}
+    assert int(spread.batches[0]["input_ids"][0, 1]) == vocab["the"]  # first window: the start
+    assert spread_for(text, None) and spread_for(text, tmp_path / "other.txt")
+    assert not spread_for(text, tmp_path / "." / "calib.txt")

@@ -93,12 +93,13 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
                       log=log)
     calibration = None
     if options.calib:
-        from slimc.calibration import load_calibration
+        from slimc.calibration import load_calibration, spread_for
 
         calibration = load_calibration(
             options.calib, dict(zip(ir.input_names, example, strict=True)),
             model_dir=ir.annotations.get("source", {}).get("tokenizer"),
-            max_batches=options.calib_batches)
+            max_batches=options.calib_batches,
+            spread=spread_for(options.calib, options.eval_data))
         ctx.calibration_batches = [[b[n] for n in ir.input_names] for b in calibration.batches]
     compile_like = CompileOptions(eval_data=options.eval_data, eval_kind=options.eval_kind,
                                   eval_batches=options.eval_batches, calib=options.calib)
