@@ -238,7 +238,7 @@ def _window_starts(tokens: int, window: int, wanted: int, spread: bool = True) -
 
     Why: a long calibration text (a corpus, a book) is usually ordered by topic; its first
     windows are one topic. On SmolLM2-135M, distilling a low-rank model on 24,576 tokens
-    spread over the KJV reached 27.70 John perplexity where its first 24,576 tokens of one
+    spread over the KJV reached 27.70 John perplexity where the first 24,576 tokens of one
     section (Leviticus-Deuteronomy) stayed at 28.85 (docs/benchmarks.md, issue 13).
     """
     available = tokens // window
