@@ -176,6 +176,8 @@ def rounding_noise_floor(ir, inputs, reference=None, seeds: int = 2) -> float | 
         return None
     if reference is None:
         reference = [t.detach().numpy() for t in ir.run(inputs)]
+    # float64: outputs may be integer (int8 codes) or float16, whose squares overflow
+    reference = [np.asarray(b, dtype=np.float64) for b in reference]
     den = sum(float(np.sum(b ** 2)) for b in reference) or 1.0
 
     def perturbed(seed: int) -> float:  # seeds run in parallel, each with its own jitter
@@ -185,7 +187,8 @@ def rounding_noise_floor(ir, inputs, reference=None, seeds: int = 2) -> float | 
             noisy = [t.detach().numpy() for t in ir.run(inputs)]
         finally:
             _JITTER.relative, _JITTER.generator = 0.0, None
-        num = sum(float(np.sum((a - b) ** 2)) for a, b in zip(noisy, reference, strict=True))
+        num = sum(float(np.sum((np.asarray(a, dtype=np.float64) - b) ** 2))
+                  for a, b in zip(noisy, reference, strict=True))
         return (num / den) ** 0.5
 
     return max(map_single_threaded(perturbed, list(range(seeds))), default=0.0)
