@@ -47,11 +47,12 @@ def timed_step(ir, dense, batch) -> float:
 
 def spread_chunks(tok, text: str, seq: int, n_tokens: int) -> list[dict[str, torch.Tensor]]:
     """``n_tokens // seq`` sequences of ``seq`` tokens at even strides over all of ``text``, so a
-    long text (many books) is sampled throughout instead of only its beginning."""
+    long text (many books) is sampled throughout instead of only its beginning (the same
+    sampling as ``slimc compile --calib``)."""
+    from slimc.calibration import window_starts
+
     ids = tok(text, return_tensors="pt")["input_ids"][0]
-    total = len(ids) // seq
-    n_seq = max(1, min(total, n_tokens // seq))
-    starts = [(i * total // n_seq) * seq for i in range(n_seq)]
+    starts = window_starts(len(ids), seq, max(1, n_tokens // seq))
     return [{"input_ids": ids[s:s + seq].unsqueeze(0)} for s in starts]
 
 

@@ -217,7 +217,7 @@ def _text(path: Path, template, max_batches: int, model_dir, vocab_size,
         ids = (ids * math.ceil(window * batch / max(len(ids), 1)))[:window * batch]
         count = 1
     rows = [(prefix + ids[start:start + window] + suffix)[:seq]
-            for start in _window_starts(len(ids), window, count * batch, spread)]
+            for start in window_starts(len(ids), window, count * batch, spread)]
     all_ids = torch.tensor(rows, dtype=template["input_ids"].dtype)
     batches = []
     for i in range(count):
@@ -231,7 +231,7 @@ def _text(path: Path, template, max_batches: int, model_dir, vocab_size,
     return CalibrationData(batches, str(path), warnings=warnings)
 
 
-def _window_starts(tokens: int, window: int, wanted: int, spread: bool = True) -> list[int]:
+def window_starts(tokens: int, window: int, wanted: int, spread: bool = True) -> list[int]:
     """Start offsets of ``wanted`` windows of ``window`` tokens, spread at even strides over
     all ``tokens`` (consecutive from the start without ``spread`` or when there are no more
     than ``wanted``).

@@ -51,6 +51,17 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now: the start of a stage for :func:`_stamp`."""
+    return time.perf_counter(), _cpu_seconds()
+
+
+def _stamp(timings: dict, stage: str, started: tuple[float, float]) -> None:
+    """Record ``<stage>_s`` (wall) and ``<stage>_cpu_s`` since ``started`` (:func:`_clock`)."""
+    timings[f"{stage}_s"] = time.perf_counter() - started[0]
+    timings[f"{stage}_cpu_s"] = _cpu_seconds() - started[1]
+
+
 def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassInvocation]:
     items: list[tuple[str, dict]] = []
     if options.recipe:
@@ -129,8 +140,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     native_log: list[str] = []
 
     stage("capture")
-    t0 = time.perf_counter()
-    c0 = _cpu_seconds()
+    started = _clock()
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, overrides, registry, trust_remote_code=options.trust_remote_code,
         default_sequence=_default_sequence(backend, options))
@@ -149,8 +159,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     generation_step = loaded.module.step if generation is not None else None
     if loaded is not model:  # ours: the IR holds what is needed, the module's weights can go
         del loaded
-    timings["capture_s"] = time.perf_counter() - t0
-    timings["capture_cpu_s"] = _cpu_seconds() - c0
+    _stamp(timings, "capture", started)
     sequence = str(ir.annotations.get("source", {}).get("default_sequence") or "")
     if sequence.startswith("fixed ("):  # the default dynamic length could not be captured
         warnings.append(f"the sequence length is {sequence}; pass --input "
@@ -188,8 +197,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     ctx.analyses = AnalysisManager(ir, ctx, manager.lookup)
     before = ctx.analyses.get("model-stats")
 
-    t0 = time.perf_counter()
-    c0 = _cpu_seconds()
+    started = _clock()
     search_entry, chosen = None, None
     if search_plan is not None:
         from slimc.search.driver import run_search
@@ -197,22 +205,19 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         stage("search for a compression within " + search_plan.describe())
         chosen, search_entry = run_search(search_plan, ir, ctx, registry, spec, task, log,
                                           warnings)
-        timings["search_s"] = time.perf_counter() - t0
-        timings["search_cpu_s"] = _cpu_seconds() - c0
+        _stamp(timings, "search", started)
     if chosen is not None:
         ir, records = chosen.ir, chosen.records
         ctx.analyses = chosen.ctx.analyses
         pipeline = validate(chosen.items, registry.passes)
     else:
         records = manager.run(ir, pipeline, ctx, on_pass=lambda inv: stage(f"pass {inv.name}"))
-    timings["passes_s"] = time.perf_counter() - t0
-    timings["passes_cpu_s"] = _cpu_seconds() - c0
+    _stamp(timings, "passes", started)
     after = ctx.analyses.get("model-stats")
     ir_outputs = [o.numpy() for o in _outputs(ir, ctx, check_inputs)]
 
     stage("lower")
-    t0 = time.perf_counter()
-    c0 = _cpu_seconds()
+    started = _clock()
     with native_stderr_to(native_log):
         mod = backend.lower(ir, spec, registry.converters)
     entries = None
@@ -223,8 +228,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         plan = entry_plan(generation, ir.input_names)
         mod = split_entry_points(mod, plan)
         entries = [(name, inputs) for name, (inputs, _) in plan.items()]
-    timings["lower_s"] = time.perf_counter() - t0
-    timings["lower_cpu_s"] = _cpu_seconds() - c0
+    _stamp(timings, "lower", started)
     if not _runs_ir_after_build(ir, options, task):
         from slimc.memory import return_freed_memory
 
@@ -234,16 +238,13 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     with artifact.staged_directory(output, force=options.force) as stage_dir:
         tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
-        t0 = time.perf_counter()
-        c0 = _cpu_seconds()
+        started = _clock()
         with native_stderr_to(native_log):
             library = backend.build(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner)
-        timings["build_s"] = time.perf_counter() - t0
-        timings["build_cpu_s"] = _cpu_seconds() - c0
+        _stamp(timings, "build", started)
 
         stage("verify")
-        t0 = time.perf_counter()
-        c0 = _cpu_seconds()
+        started = _clock()
         from slimc.dialect import rounding_noise_floor
 
         # A dynamic artifact runs at several sizes: load it once for all of them.
@@ -261,18 +262,15 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
                 ir, library, spec, check_inputs, options, threads, warnings,
                 verification["tolerance"], runner))
         del runner
-        timings["verify_s"] = time.perf_counter() - t0
-        timings["verify_cpu_s"] = _cpu_seconds() - c0
+        _stamp(timings, "verify", started)
 
         quality = None
         if task is not None:
             stage("evaluate the task metric on the artifact")
-            t0 = time.perf_counter()
-            c0 = _cpu_seconds()
+            started = _clock()
             quality = _measure_artifact(task, library, spec, ir, threads, options, warnings,
                                         search_plan.max_drop if search_plan else None)
-            timings["evaluate_s"] = time.perf_counter() - t0
-            timings["evaluate_cpu_s"] = _cpu_seconds() - c0
+            _stamp(timings, "evaluate", started)
 
         reference = artifact_outputs if artifact_outputs is not None else ir_outputs
         if [o.shape for o in original_outputs] == [o.shape for o in reference]:
