@@ -31,7 +31,7 @@ demo: install sysroot
 	@echo "Artifact: $(DEMO_OUT) (model.so, manifest.json, report.md)"
 
 test: install sysroot
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=40
 
 lint: install
 	$(BIN)/ruff check .

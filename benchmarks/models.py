@@ -119,6 +119,27 @@ def vit_small():
     return _image_model(transformers.ViTForImageClassification(config))
 
 
+def swin_tiny():
+    """Swin-T (``SwinForImageClassification``, random weights; the config's defaults are
+    swin-tiny-patch4-window7-224), 1x3x224x224: shifted 7x7 windows, relative position bias."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=224, num_labels=1000)
+    return _image_model(transformers.SwinForImageClassification(config))
+
+
+def vit_small_b4():
+    """ViT-Small/16 at batch 4 (a batch > 1 vision workload)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                    intermediate_size=1536, image_size=224, patch_size=16,
+                                    num_labels=1000)
+    return _image_model(transformers.ViTForImageClassification(config), batch=4)
+
+
 def mobilenet_v2():
     """MobileNetV2 1.0 (``MobileNetV2ForImageClassification``, random weights), 1x3x224x224."""
     import transformers

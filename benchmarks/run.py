@@ -59,8 +59,10 @@ TABLE = ("vit_small", "mobilenet_v2", "bert_base", "minilm_b8", "distilbert_384"
          "efficientnet_b0", "convnext_tiny", "resnet50", "whisper_tiny_encoder",
          "t5_small_encoder", "mobilenet_v3_large", "resnet18")
 #: ``--models long``: long sequences and batches.
-LONG = ("minilm_1024", "minilm_b8")
-PRESETS = {"table": TABLE, "long": LONG}
+LONG = ("minilm_1024", "minilm_b8", "vit_small_b4")
+#: ``--models extra``: workloads outside the tuned table (a stand-in for unseen models).
+EXTRA = ("swin_tiny", "vit_small_b4", "minilm_1024")
+PRESETS = {"table": TABLE, "long": LONG, "extra": EXTRA}
 #: slimc engines: the artifact of each pipeline (None: the default, fp32).
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
