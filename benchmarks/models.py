@@ -140,6 +140,36 @@ def vit_small_b4():
     return _image_model(transformers.ViTForImageClassification(config), batch=4)
 
 
+def mobilevit_small():
+    """MobileViT-S (``MobileViTForImageClassification``, random weights), 1x3x256x256: convs
+    plus transformers over unfolded 2x2 patches (an edge vision model mixing both)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileViTConfig(image_size=256, num_labels=1000)
+    return _image_model(transformers.MobileViTForImageClassification(config), size=256)
+
+
+def wav2vec2_base():
+    """wav2vec 2.0 base (``Wav2Vec2Model``, random weights) on 2 s of 16 kHz audio: a strided
+    conv1d feature encoder, a grouped positional conv, 12 transformer layers over 99 frames."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config()).eval()
+    audio = torch.randn(1, 32000)
+
+    class Audio(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+            return self.model(input_values=input_values).last_hidden_state
+
+    return Audio().eval(), {"input_values": audio}
+
+
 def mobilenet_v2():
     """MobileNetV2 1.0 (``MobileNetV2ForImageClassification``, random weights), 1x3x224x224."""
     import transformers
