@@ -83,11 +83,12 @@ class Attention(torch.nn.Module):
         return scores @ v
 
 
-@pytest.mark.parametrize("tokens", [197, 50])
-def test_attention_over_untiled_token_counts(tokens, tmp_path, caplog):
-    """Scores ``[.., T, T]`` with ``T`` no vector tile divides: padded kernel, exact values."""
+@pytest.mark.parametrize("tokens,windows", [(197, 1), (50, 1), (49, 4)])
+def test_attention_over_untiled_token_counts(tokens, windows, tmp_path, caplog):
+    """Scores ``[.., T, T]`` with ``T`` no vector tile divides (ViT's 197 tokens, Swin's 7 x 7
+    windows): padded kernel, exact values."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 3, tokens, 32) for _ in range(3))
+    q, k, v = (torch.randn(windows, 3, tokens, 32) for _ in range(3))
     _check(Attention(), (q, k, v), tmp_path, caplog, ("tiled-matmul", "row-reduction"))
 
 
@@ -116,6 +117,10 @@ def test_static_vector_tails_are_padded_only_for_run_time_operands():
 
     q = torch.randn(1, 2, 197, 32)
     assert pads(Scores(), (q, q)), "the 197-wide key axis should be padded"
+    # 49 keys (Swin's 7 x 7 windows) pad to 64 (+31%): still padded, a predicated tail would
+    # make the whole micro-kernel scalar
+    q = torch.randn(4, 3, 49, 32)
+    assert pads(Scores(), (q, q)), "the 49-wide key axis should be padded"
     linear = torch.nn.Linear(32, 197).eval()  # 197 output columns of a constant weight
     assert not pads(linear, (torch.randn(5, 32),))
 

@@ -75,6 +75,12 @@ PAD_SYMBOLIC_TILES = True
 PAD_STATIC_TAILS = True
 #: Largest share of extra (padded) rows or columns a static axis may get.
 MAX_PAD_FRACTION = 0.25
+#: ... and for the vector axis of a matmul (one reduction, no conv window) any share: its
+#: predicated tail turns the whole micro-kernel scalar (TVM vectorizes no predicated loop), so
+#: Swin's 49-key attention scores, 49 -> 64 columns (+31%), ran 7.8 ms predicated and ~0.5 ms
+#: padded (192 windows x heads, 2 threads). Whole vectors cost ``ceil(n / lanes)`` operations
+#: per row either way; the padding costs one copy of the runtime operand.
+MATMUL_TAIL_PAD_FRACTION = 1.0
 #: Convs over inputs of at most FEW_CHANNELS channels (a network's RGB stem) read their zero
 #: padding in place like depthwise convs (:func:`_few_input_channels`).
 FEW_CHANNEL_PADDING = True
@@ -332,12 +338,15 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
     loops = sch.get_loops(main)
     factors = [1] * len(loops)
     vector_size = extent(sch, axes.vector)
+    # matmuls only: a padded conv input copy measured 10x slower (Whisper's conv1d over 3000
+    # frames)
+    matmul = len(axes.reduce) == 1 and not axes.extra
     pad_static = (PAD_STATIC_TAILS and vector_size is not None
-                  and _static_tail_worth_padding(sch, main, axes.vector, vector_size, nr))
+                  and _static_tail_worth_padding(
+                      sch, main, axes.vector, vector_size, nr,
+                      MATMUL_TAIL_PAD_FRACTION if matmul else MAX_PAD_FRACTION))
     lanes = vector_lanes(target, dtype_bits)
-    if (PAD_STATIC_TAILS and vector_size is not None and nr < lanes
-            and len(axes.reduce) == 1 and not axes.extra  # matmuls; a padded conv input
-            # copy measured 10x slower (Whisper's conv1d over 3000 frames)
+    if (PAD_STATIC_TAILS and vector_size is not None and nr < lanes and matmul
             and _static_tail_worth_padding(sch, main, axes.vector, vector_size, 2 * lanes)):
         # Only a narrow panel divides the axis (Whisper's 1500 keys: 4 of AVX-512's 16
         # lanes, a quarter of the machine): pad it to whole full-width panels instead.
@@ -362,12 +371,13 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
     return True
 
 
-def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile: int) -> bool:
+def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile: int,
+                               max_fraction: float = MAX_PAD_FRACTION) -> bool:
     """Whether a fixed axis of ``size`` should be padded to a multiple of ``tile``."""
     if size <= tile or size % tile == 0:
         return False
     padded = -(-size // tile) * tile
-    if padded - size > MAX_PAD_FRACTION * size:
+    if padded - size > max_fraction * size:
         return False
     var = sch.get(loop).loop_var
     stmt = sch.get(main)
