@@ -294,7 +294,12 @@ def compile_command(
         print(json.dumps(summary))
     elif not quiet:
         v = m["verification"]
-        checked = (f"verified on {v['ran_on']}: matches slimc's compressed graph "
+        k = v.get("kernels") if v.get("policy") == "per-kernel" else None
+        checked = (f"verified kernel by kernel on {v['ran_on']}: {k['checked']}/{k['total']} "
+                   f"distinct kernels match their host build (worst rel. L2 "
+                   f"{k['worst_relative_l2']:.2g}), whole model on the host: rel. L2 "
+                   f"{v['relative_l2_vs_ir']:.2g}" if k and v.get("passed") else
+                   f"verified on {v['ran_on']}: matches slimc's compressed graph "
                    f"(rel. L2 {v['relative_l2_vs_ir']:.2g})"
                    if v.get("passed") else "NOT verified" if v.get("run_error")
                    else "NOT run")

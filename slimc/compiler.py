@@ -235,12 +235,18 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         ir.release_weights()  # the module holds what the build needs
         return_freed_memory()
 
+    limits = _run_limits(ctx, options, progress)
+    # A big cross artifact is checked kernel by kernel (kernel_check.py): the build keeps
+    # its scheduled module for the host rebuild.
+    per_kernel = _kernel_check_reason(backend, spec, options, limits, entries)
+    keep: dict | None = {} if per_kernel else None
     with artifact.staged_directory(output, force=options.force) as stage_dir:
         tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         started = _clock()
         with native_stderr_to(native_log):
-            library = backend.build(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner)
+            library = backend.build(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner,
+                                    **({"keep": keep} if keep is not None else {}))
         _stamp(timings, "build", started)
 
         stage("verify")
@@ -249,13 +255,20 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
 
         # A dynamic artifact runs at several sizes: load it once for all of them.
         runner = _open_runner(backend, library, spec, threads) if ir.is_dynamic else None
-        verification, artifact_outputs = _verify_artifact(
-            library, spec, [x.numpy() for x in check_inputs], ir_outputs, options, threads,
-            warnings,
-            noise_floor=lambda: rounding_noise_floor(ir, check_inputs, ir_outputs),
-            backend=backend,
-            limits=_run_limits(ctx, options, progress), entries=entries, module=mod,
-            runner=runner)
+        noise_floor = lambda: rounding_noise_floor(ir, check_inputs, ir_outputs)  # noqa: E731
+        verification = None
+        if keep is not None and keep.get("scheduled") is not None:
+            verification, artifact_outputs = _verify_per_kernel(
+                library, spec, backend, keep, [x.numpy() for x in check_inputs], ir_outputs,
+                options, threads, warnings, noise_floor, limits, per_kernel)
+        keep = None
+        if verification is None:
+            verification, artifact_outputs = _verify_artifact(
+                library, spec, [x.numpy() for x in check_inputs], ir_outputs, options,
+                threads, warnings, noise_floor=noise_floor, backend=backend, limits=limits,
+                entries=entries, module=mod, runner=runner)
+            if spec.is_cross and verification.get("passed"):
+                verification["policy"] = "whole-model"
         if artifact_outputs is not None and ir.is_dynamic:
             verification["sizes"] = _symbol_sizes(ir, check_inputs)
             verification.update(_verify_other_shapes(
@@ -277,6 +290,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             fidelity = evaluate_all(registry.evaluators, original_outputs, reference,
                                     ir.output_names)
             fidelity["measured_on"] = "artifact" if artifact_outputs is not None else "ir"
+            if verification.get("policy") == "per-kernel":  # the artifact's kernels, on x86
+                fidelity["measured_on"] = "host build of the artifact's kernels"
             fidelity["compared"] = ("original model (fp32, before any pass) vs the "
                                     + ("built library" if artifact_outputs is not None
                                        else "compressed IR") + " on one example input")
@@ -522,6 +537,113 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
             "max_abs_error_vs_ir": max_abs_error(ir_outputs, outputs),
             "tolerance": tolerance, "rounding_noise_floor": floor, "precision": precision,
             **({"run_budget": limits.budget} if limits and limits.budget else {})}, outputs
+
+
+def _kernel_check_reason(backend, spec: TargetSpec, options: CompileOptions,
+                         limits: RunLimits, entries) -> str | None:
+    """Why this compile verifies its cross artifact kernel by kernel, or None (the whole model
+    runs under the emulator: small models, native targets, ``--emulate skip``, generation
+    artifacts)."""
+    wants = getattr(backend, "wants_kernel_check", None)
+    if wants is None or entries or options.emulate == "skip" or not spec.is_cross:
+        return None
+    return wants(spec, limits)
+
+
+def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
+                       inputs: list[np.ndarray], ir_outputs: list[np.ndarray],
+                       options: CompileOptions, threads: int, warnings: list[str],
+                       noise_floor: Callable[[], float | None], limits: RunLimits,
+                       reason: str) -> tuple[dict[str, Any] | None, list[np.ndarray] | None]:
+    """Verify a big cross artifact in two halves (:mod:`slimc.backends.tvm.kernel_check`):
+    the module it was built from, rebuilt for this CPU, runs the whole model against the IR;
+    the emulator calls each distinct kernel of the written library once on the arguments the
+    host run gave it. Returns ``(None, None)`` when the module cannot be rebuilt for the host
+    (the caller runs the whole model under the emulator)."""
+    import tempfile
+
+    from slimc.backend import DeviceUnavailable, RunFailed
+    from slimc.backends.tvm.kernel_check import KernelCheckUnavailable, compare, write_plan
+    from slimc.evaluators import max_abs_error, relative_l2
+    from slimc.memory import return_freed_memory
+    from slimc.precision import tolerance as precision_tolerance
+
+    precision = backend.target_info(spec).precision
+    tolerance = max(options.verify_tolerance, precision_tolerance(precision))
+    limits.progress("verify: the artifact's kernels built for this CPU run the whole model")
+    try:
+        record = backend.record_kernels(keep, inputs, threads)
+    except KernelCheckUnavailable as exc:
+        keep.clear()
+        return_freed_memory()
+        import logging
+
+        logging.getLogger(__name__).info("per-kernel check unavailable (%s): running the "
+                                         "whole model", exc)
+        return None, None
+    host_outputs = record.outputs
+    if len(host_outputs) != len(ir_outputs) or any(
+            o.shape != r.shape for o, r in zip(host_outputs, ir_outputs, strict=False)):
+        raise VerificationError(
+            f"The built library returns {[o.shape for o in host_outputs]} where the IR returns "
+            f"{[r.shape for r in ir_outputs]}.", hint="This is a slimc/TVM bug; please report it.")
+    err = relative_l2(ir_outputs, host_outputs)
+    floor = noise_floor()
+    if floor is not None and not math.isfinite(floor):
+        warnings.append(f"the IR's rounding-noise floor is {floor} (its perturbed runs "
+                        "overflow); the artifact was checked at the plain tolerance")
+        floor = None
+    if floor is not None:
+        tolerance = max(tolerance, ROUNDING_FLOOR_MARGIN * floor)
+    if not err <= tolerance:
+        raise VerificationError(
+            f"The artifact's kernels (built for this CPU from the module the {spec.triple} "
+            f"library was built from) disagree with the IR: relative L2 error {err:.3g} > "
+            f"tolerance {tolerance:g}. No artifact was written.",
+            hint="This is a slimc/TVM bug; please report it with the model (--save-ir keeps "
+            "the IR). --verify-tol raises the tolerance if you accept it.")
+    where = backend.where(spec)
+    with tempfile.TemporaryDirectory(prefix="slimc-kernels-") as tmp:
+        arrays = str(Path(tmp) / "kernel_args.npz")
+        plan = write_plan(record, arrays)
+        for case in record.cases:  # written out: only the expected outputs stay
+            case.args = []
+        keep.clear()  # the host module and the weights it bound: before the emulator starts
+        return_freed_memory()
+        limits.progress(f"verify: {len(record.cases)} kernels under {where}")
+        try:
+            emulated = backend.run(library, spec, [], threads, limits=limits,
+                                   kernels=(arrays, plan))
+        except DeviceUnavailable as exc:
+            if options.emulate == "require":
+                raise UsageError(f"Cannot run the {spec.triple} artifact to verify it: {exc}.",
+                                 hint="Or pass --emulate skip to accept an unverified "
+                                 "artifact.") from None
+            warnings.append(f"the {spec.triple} artifact was built but not run: {exc}.")
+            return {"ran_on": None, "passed": None, "reason": str(exc),
+                    "precision": precision}, None
+        except RunFailed as exc:
+            return _run_failed(exc, spec.triple, options, warnings), None
+    worst, worst_name, failed = compare(record, emulated, tolerance)
+    if failed:
+        raise VerificationError(
+            f"{len(failed)} of the {len(record.cases)} kernels of the {spec.triple} library "
+            f"disagree, run on {where}, with the same kernels built for this CPU: "
+            f"{', '.join(failed[:3])} > tolerance {tolerance:g}. No artifact was written.",
+            hint="This is a slimc/TVM bug (the aarch64 code generation); please report it "
+            "with the model. SLIMC_KERNEL_CHECK_ABOVE_S=inf runs the whole model instead.")
+    return {"ran_on": where, "passed": True, "policy": "per-kernel", "policy_reason": reason,
+            "relative_l2_vs_ir": err, "max_abs_error_vs_ir": max_abs_error(ir_outputs,
+                                                                           host_outputs),
+            "relative_l2_vs_ir_on": "the artifact's kernels built for this CPU (whole model)",
+            "kernels": {"checked": len(record.cases), "total": record.kernels_total,
+                        "calls_in_model": record.kernel_calls,
+                        "weights_from_library": record.weights_from_library,
+                        "worst": worst_name, "worst_relative_l2": worst},
+            "not_covered": "the aarch64 run of the VM bytecode end to end, and each kernel's "
+            "calls after its first",
+            "tolerance": tolerance, "rounding_noise_floor": floor, "precision": precision,
+            **({"run_budget": limits.budget} if limits.budget else {})}, host_outputs
 
 
 def _check_host_numerics(host_check, module, spec: TargetSpec, inputs, ir_outputs, entries,

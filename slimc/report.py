@@ -122,7 +122,18 @@ def render_report(m: dict[str, Any]) -> str:
     lines += _search(m.get("search"))
     v = m["verification"]
     lines += ["", "## Verification", ""]
-    if v.get("passed"):
+    if v.get("passed") and v.get("policy") == "per-kernel":
+        k = v["kernels"]
+        lines.append(f"Checked kernel by kernel ({v['policy_reason']}): the module the library "
+                     "was built from, rebuilt for this CPU, ran the whole model on the example "
+                     f"inputs and matched the IR (relative L2 error {v['relative_l2_vs_ir']:.3g}"
+                     f", tolerance {v['tolerance']:g}); on {v['ran_on']} the written library "
+                     f"ran each of its {k['checked']} distinct kernels ({k['total']} called, "
+                     f"{k['calls_in_model']} calls in the model) once on the arguments of its "
+                     f"first call and matched the host build (worst relative L2 "
+                     f"{k['worst_relative_l2']:.3g}, {k['worst']}). Not covered: "
+                     f"{v['not_covered']}.")
+    elif v.get("passed"):
         lines.append(f"The library was run on {v['ran_on']} with the example inputs and matched "
                      f"the IR: relative L2 error {v['relative_l2_vs_ir']:.3g} "
                      f"(tolerance {v['tolerance']:g}), max abs error "

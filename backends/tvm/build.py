@@ -15,7 +15,8 @@ from slimc.errors import LoweringError
 from slimc.targets import TargetSpec
 
 
-def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
+def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
+                  keep: dict | None = None) -> Path:
     """Compile ``mod`` for ``spec`` and write the shared library to ``path``; ``mod``'s Relax
     functions (and the weights they bind) are released once built.
 
@@ -23,6 +24,10 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
     every kernel (parallel, vectorized, register-tiled) instead of TVM's naive default loops.
     ``tuning`` (a :class:`slimc.backends.tvm.tuning.Tuner`) runs after fusion: it tunes and/or
     applies MetaSchedule records, and slimc's schedules handle the kernels it leaves.
+    ``keep`` (a dict) receives ``"scheduled"``, the module the pipeline produced (scheduled
+    kernels, weights still bound as constants: no copy), and ``"weights"``, the streamed
+    weights in their library order: the per-kernel check of a cross artifact
+    (:mod:`.kernel_check`) rebuilds those very kernels for the host.
     """
     import tvm
     from tvm import relax
@@ -35,6 +40,8 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
     streamed = StreamedConstants() if callable(pipeline) and incbin_supported() else None
     if callable(pipeline):
         pipeline = _consuming(pipeline)
+        if keep is not None:
+            pipeline = _keeping(pipeline, keep)
     try:
         with tvm.transform.PassContext(opt_level=3):
             executable = relax.build(mod, target=target, relax_pipeline=(
@@ -47,6 +54,8 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
             hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
         ) from exc
     _release_relax_functions(mod)
+    if keep is not None and streamed is not None:
+        keep["weights"] = list(streamed.tensors)
     triple = spec.triple or str(target.attrs.get("mtriple", "")) or None
     # The weights travel in the executable's blob: embed it with .incbin, not through LLVM
     # (several in-memory copies of every weight; see blob_pack).
@@ -60,6 +69,20 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None) -> Path:
         executable.export_library(str(path), fcompile=zig_cross_compiler(_host_triple()),
                                   **pack)
     return path
+
+
+def _keeping(pipeline, keep: dict):
+    """``pipeline``, its output also stored in ``keep["scheduled"]`` (before the streamed
+    weights are stubbed out of it)."""
+    import tvm
+
+    def run(mod, *args):
+        out = pipeline(mod, *args)
+        # a shallow copy: the stubbing replaces the functions of ``out`` in place
+        keep["scheduled"] = tvm.IRModule(dict(out.functions_items()), attrs=out.attrs,
+                                         global_infos=out.global_infos)
+        return out
+    return run
 
 
 def _consuming(pipeline):

@@ -113,10 +113,37 @@ class TvmCpuBackend:
 
         return lower_to_relax(ir, converters, spec.tvm_target())
 
-    def build(self, module: Any, spec: TargetSpec, path: Path, *, tuning: Any = None) -> Path:
+    def build(self, module: Any, spec: TargetSpec, path: Path, *, tuning: Any = None,
+              keep: dict | None = None) -> Path:
+        """``keep``: see :func:`~slimc.backends.tvm.build.build_library` (the per-kernel check
+        of a cross artifact, :meth:`record_kernels`)."""
         from slimc.backends.tvm.build import build_library
 
-        return build_library(module, spec, path, tuning=tuning)
+        return build_library(module, spec, path, tuning=tuning, keep=keep)
+
+    # -- the per-kernel check of big cross artifacts (kernel_check.py) ------------------------
+    def wants_kernel_check(self, spec: TargetSpec, limits: RunLimits) -> str | None:
+        """Why the whole-model emulated run is replaced by the per-kernel check (its estimated
+        duration on an idle host over ``$SLIMC_KERNEL_CHECK_ABOVE_S``), or None to keep it."""
+        from slimc.backends.tvm.emulation_budget import emulation_budget
+        from slimc.backends.tvm.kernel_check import ENV_VAR, threshold_s
+
+        if not spec.is_cross:
+            return None
+        expected = emulation_budget(limits.flops, limits.weight_bytes, override_s=1.0,
+                                    load_factor=1.0).expected_s
+        above = threshold_s()
+        if expected <= above:
+            return None
+        return (f"the whole model would take ~{expected:.0f}s under the emulator "
+                f"(> {above:g}s, {ENV_VAR})")
+
+    def record_kernels(self, keep: dict, inputs: Sequence[np.ndarray], threads: int | None):
+        """The kernels kept by :meth:`build`, rebuilt for this CPU and run on ``inputs``
+        (:func:`~slimc.backends.tvm.kernel_check.record_on_host`)."""
+        from slimc.backends.tvm.kernel_check import record_on_host
+
+        return record_on_host(keep["scheduled"], keep.get("weights", ()), inputs, threads)
 
     # -- running -----------------------------------------------------------------------------
     def load(self, library: Path, manifest: dict[str, Any], threads: int | None,
@@ -137,9 +164,11 @@ class TvmCpuBackend:
 
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
             threads: int | None, *, limits: RunLimits | None = None,
-            entries: Sequence[tuple[str, Sequence[int]]] | None = None) -> list[np.ndarray]:
+            entries: Sequence[tuple[str, Sequence[int]]] | None = None,
+            kernels: tuple[str, str] | None = None) -> list[np.ndarray]:
         """``entries``: run these functions on these input indices instead of ``main``
-        (generation artifacts: ``prefill`` and ``decode``)."""
+        (generation artifacts: ``prefill`` and ``decode``). ``kernels``: a cross artifact's
+        single kernels (:mod:`.kernel_check`)."""
         from slimc.backends.tvm.emulation import (
             EmulationError,
             EmulationTimeout,
@@ -162,13 +191,15 @@ class TvmCpuBackend:
         emu = self.where(spec)
 
         def tick(elapsed: float) -> None:
-            limits.progress(f"running the model under {emu}: {elapsed:.0f}s of "
+            what = "kernels" if kernels else "model"
+            limits.progress(f"running the {what} under {emu}: {elapsed:.0f}s of "
                             f"~{budget.expected_s:.0f}s expected (stops at {budget.limit_s:.0f}s)")
 
         tick(0.0)
         try:
             return run_library(library, inputs, cross_triple=spec.triple, threads=threads,
-                               timeout=budget.limit_s, on_tick=tick, entries=entries)
+                               timeout=budget.limit_s, on_tick=tick, entries=entries,
+                               **({"kernels": kernels} if kernels is not None else {}))
         except EmulatorUnavailable as exc:
             raise DeviceUnavailable(str(exc)) from exc
         except EmulationTimeout as exc:

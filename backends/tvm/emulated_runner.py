@@ -14,6 +14,8 @@ Inputs are read from the ``.npz`` keys ``arg0``, ``arg1``, ... in order; the
 result of ``main`` (a tensor or arbitrarily nested tuples of tensors) is
 flattened depth-first and saved as ``out0``, ``out1``, ...  ``TVM_NUM_THREADS``
 in the environment sets the runtime's thread-pool size.  Timings go to stderr.
+With ``@KERNELS.json`` as the fourth argument it calls single kernels instead
+(:func:`run_kernels`: the per-kernel check of ``kernel_check.py``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,43 @@ def _flatten(value: Any, out: list[np.ndarray]) -> None:
         raise TypeError(f"cannot convert VM output of type {type(value).__name__} to numpy")
 
 
+def run_kernels(lib_path: str, in_path: str, out_path: str, plan_path: str) -> None:
+    """Call single kernels of ``lib_path`` by their exported names, without the VM: the plan
+    (JSON ``[{"name", "args": [["a", npz key] | ["w", weight index] | ["s", scalar] |
+    ["shape", [ints]]], "outputs": [argument positions]}, ...]``) gives each call's arguments;
+    the written arguments are saved one after the other (``out0``, ``out1``, ...).  ``"w"``
+    arguments are the library's own weights (``slimc_library_weight``), read in place."""
+    t0 = time.perf_counter()
+    _load_tvm_runtime()
+    lib = tvm_ffi.load_module(lib_path)
+    with open(plan_path) as f:
+        plan = json.load(f)
+    weight = None
+    outputs: list[np.ndarray] = []
+    t1 = time.perf_counter()
+    with np.load(in_path) as npz:
+        for case in plan:
+            args: list[Any] = []
+            for kind, value in case["args"]:
+                if kind == "a":
+                    args.append(_to_tensor(npz[value]))
+                elif kind == "w":
+                    if weight is None:
+                        weight = lib.get_function("slimc_library_weight", query_imports=True)
+                    args.append(weight(int(value)))
+                elif kind == "shape":
+                    args.append(tvm_ffi.Shape(value))
+                else:
+                    args.append(value)
+            lib.get_function(case["name"], query_imports=True)(*args)
+            for i in case["outputs"]:
+                outputs.append(np.from_dlpack(args[i]).copy())
+    t2 = time.perf_counter()
+    np.savez(out_path, **{f"out{i}": a for i, a in enumerate(outputs)})
+    print(f"slimc-runner: load {t1 - t0:.3f}s kernels {t2 - t1:.3f}s ({len(plan)} kernels)",
+          file=sys.stderr)
+
+
 def run(lib_path: str, in_path: str, out_path: str, plan: str | None = None) -> None:
     """Load ``lib_path``, run ``main`` on the arrays of ``in_path``, save to ``out_path``.
 
@@ -100,5 +139,8 @@ def run(lib_path: str, in_path: str, out_path: str, plan: str | None = None) -> 
 
 if __name__ == "__main__":
     if len(sys.argv) not in (4, 5):
-        sys.exit("usage: emulated_runner.py MODEL.so INPUTS.npz OUTPUTS.npz [PLAN.json]")
-    run(*sys.argv[1:])
+        sys.exit("usage: emulated_runner.py MODEL.so INPUTS.npz OUTPUTS.npz [PLAN.json|@KERNELS]")
+    if len(sys.argv) == 5 and sys.argv[4].startswith("@"):
+        run_kernels(*sys.argv[1:4], sys.argv[4][1:])
+    else:
+        run(*sys.argv[1:])

@@ -164,6 +164,7 @@ def run_emulated(
     emulator: Emulator | None = None,
     on_tick: Callable[[float], None] | None = None,
     entries: Sequence[tuple[str, Sequence[int]]] | None = None,
+    kernels: tuple[str, str] | None = None,
 ) -> list[np.ndarray]:
     """Run ``main`` of a Relax library built for another CPU and return its outputs.
 
@@ -173,6 +174,8 @@ def run_emulated(
     ``TVM_NUM_THREADS`` in the guest (default: inherited, else TVM's own choice).
     ``emulator`` defaults to :func:`find_emulator` for the library's ELF machine.
     ``on_tick(elapsed_s)`` is called about once a second while the guest runs (progress).
+    ``kernels`` (``(arrays.npz, plan JSON)`` from :func:`.kernel_check.write_plan`) calls
+    single kernels instead of ``main`` (``inputs`` unused), returning their written arguments.
     Raises :class:`EmulatorUnavailable` when there is no emulator,
     :class:`EmulationTimeout` after ``timeout`` seconds, and :class:`EmulationError`
     (with the guest's stderr tail) when the run fails.
@@ -191,8 +194,14 @@ def run_emulated(
 
     with tempfile.TemporaryDirectory(prefix="slimc-emu-") as tmp:
         in_path, out_path = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz")
-        np.savez(in_path, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
-        plan = [] if entries is None else [json.dumps([[f, list(ix)] for f, ix in entries])]
+        if kernels is not None:
+            in_path = Path(kernels[0])
+            plan_path = Path(tmp, "kernels.json")
+            plan_path.write_text(kernels[1])
+            plan = [f"@{plan_path}"]
+        else:
+            np.savez(in_path, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
+            plan = [] if entries is None else [json.dumps([[f, list(ix)] for f, ix in entries])]
         cmd = emulator.command(str(_RUNNER), str(lib), str(in_path), str(out_path), *plan,
                                env=guest_env)
         # Guest output goes to a file, not a pipe: nothing has to drain it while we poll.

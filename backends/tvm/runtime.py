@@ -130,9 +130,11 @@ def _flatten(value) -> list[np.ndarray]:
 def run_library(library: Path, inputs: Sequence[np.ndarray], *, cross_triple: str | None,
                 threads: int | None = None, timeout: float | None = None,
                 on_tick: Callable[[float], None] | None = None,
-                entries: Sequence[tuple[str, Sequence[int]]] | None = None) -> list[np.ndarray]:
-    """Run ``library`` once on ``inputs``; cross libraries go through qemu (may raise
-    :class:`~slimc.backends.tvm.emulation.EmulatorUnavailable`, or
+                entries: Sequence[tuple[str, Sequence[int]]] | None = None,
+                kernels: tuple[str, str] | None = None) -> list[np.ndarray]:
+    """Run ``library`` once on ``inputs`` (cross: ``kernels`` calls single kernels instead,
+    see :func:`~slimc.backends.tvm.emulation.run_emulated`); cross libraries go through
+    qemu (may raise :class:`~slimc.backends.tvm.emulation.EmulatorUnavailable`, or
     :class:`~slimc.backends.tvm.emulation.EmulationError` when the guest fails or outlives
     ``timeout`` seconds; ``on_tick(elapsed_s)`` reports progress meanwhile).
 
@@ -145,7 +147,8 @@ def run_library(library: Path, inputs: Sequence[np.ndarray], *, cross_triple: st
         emulator = find_emulator(cross_triple)
         return run_emulated(library, list(inputs), threads=threads, emulator=emulator,
                             **({"timeout": timeout} if timeout is not None else {}),
-                            on_tick=on_tick, entries=entries)
+                            on_tick=on_tick, entries=entries,
+                            **({"kernels": kernels} if kernels is not None else {}))
     runner = NativeRunner(library, threads)
     if entries is None:
         return runner(inputs)
