@@ -611,6 +611,7 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
         keep.clear()  # the host module and the weights it bound: before the emulator starts
         return_freed_memory()
         limits.progress(f"verify: {len(record.cases)} kernels under {where}")
+        emulation_started = time.perf_counter()
         try:
             emulated = backend.run(library, spec, [], threads, limits=limits,
                                    kernels=(arrays, plan))
@@ -624,6 +625,7 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
                     "precision": precision}, None
         except RunFailed as exc:
             return _run_failed(exc, spec.triple, options, warnings), None
+    emulated_s = time.perf_counter() - emulation_started
     worst, worst_name, failed = compare(record, emulated, tolerance)
     if failed:
         raise VerificationError(
@@ -642,6 +644,8 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
                         "worst": worst_name, "worst_relative_l2": worst},
             "not_covered": "the aarch64 run of the VM bytecode end to end, and each kernel's "
             "calls after its first",
+            "seconds": {"host_build": round(record.build_s, 2),
+                        "host_run": round(record.run_s, 2), "emulator": round(emulated_s, 2)},
             "tolerance": tolerance, "rounding_noise_floor": floor, "precision": precision,
             **({"run_budget": limits.budget} if limits.budget else {})}, host_outputs
 

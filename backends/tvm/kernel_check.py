@@ -30,6 +30,7 @@ intrinsics (the ``sdot`` int8 kernels) cannot be compiled for the host:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,9 @@ class HostRecord:
     kernels_total: int
     kernel_calls: int
     weights_from_library: int = 0
+    #: wall seconds of the host build and of the host run (recording included)
+    build_s: float = 0.0
+    run_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -160,6 +164,7 @@ def record_on_host(scheduled, weights: Sequence[Any], inputs: Sequence[np.ndarra
     mod = host_module(scheduled)
     funcs = _prim_funcs(mod)
     outputs_of = _kernel_outputs(mod, set(funcs))
+    started = time.perf_counter()
     try:
         with tvm.transform.PassContext(opt_level=3):
             executable = relax.build(mod, target=tvm.target.Target("llvm"), relax_pipeline=None)
@@ -168,6 +173,7 @@ def record_on_host(scheduled, weights: Sequence[Any], inputs: Sequence[np.ndarra
         raise KernelCheckUnavailable(
             f"the host build failed: {type(exc).__name__}: {lines[-1] if lines else ''}") from exc
     del mod
+    built = time.perf_counter()
     weight_at = {}
     for index, tensor in enumerate(weights):
         array = np.from_dlpack(tensor)
@@ -225,7 +231,8 @@ def record_on_host(scheduled, weights: Sequence[Any], inputs: Sequence[np.ndarra
         raise KernelCheckUnavailable("cannot record " + "; ".join(problems[:3]))
     used = sum(1 for c in cases.values() for kind, _ in c.args if kind == "w")
     return HostRecord(outputs, list(cases.values()), kernels_total=len(funcs),
-                      kernel_calls=calls[0], weights_from_library=used)
+                      kernel_calls=calls[0], weights_from_library=used,
+                      build_s=built - started, run_s=time.perf_counter() - built)
 
 
 def write_plan(record: HostRecord, arrays_path: str) -> str:
