@@ -294,7 +294,7 @@ def compile_command(
         print(json.dumps(summary))
     elif not quiet:
         v = m["verification"]
-        k = v.get("kernels") if v.get("policy") == "per-kernel" else None
+        k = v.get("kernels") if v.get("method") == "per-kernel" else None
         checked = (f"verified kernel by kernel on {v['ran_on']}: {k['checked']}/{k['total']} "
                    f"distinct kernels match their host build (worst rel. L2 "
                    f"{k['worst_relative_l2']:.2g}), whole model on the host: rel. L2 "

@@ -268,7 +268,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
                 threads, warnings, noise_floor=noise_floor, backend=backend, limits=limits,
                 entries=entries, module=mod, runner=runner)
             if spec.is_cross and verification.get("passed"):
-                verification["policy"] = "whole-model"
+                verification["method"] = "whole-model"
         if artifact_outputs is not None and ir.is_dynamic:
             verification["sizes"] = _symbol_sizes(ir, check_inputs)
             verification.update(_verify_other_shapes(
@@ -290,7 +290,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
             fidelity = evaluate_all(registry.evaluators, original_outputs, reference,
                                     ir.output_names)
             fidelity["measured_on"] = "artifact" if artifact_outputs is not None else "ir"
-            if verification.get("policy") == "per-kernel":  # the artifact's kernels, on x86
+            if verification.get("method") == "per-kernel":  # the artifact's kernels, on x86
                 fidelity["measured_on"] = "host build of the artifact's kernels"
             fidelity["compared"] = ("original model (fp32, before any pass) vs the "
                                     + ("built library" if artifact_outputs is not None
@@ -634,12 +634,13 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
             f"{', '.join(failed[:3])} > tolerance {tolerance:g}. No artifact was written.",
             hint="This is a slimc/TVM bug (the aarch64 code generation); please report it "
             "with the model. SLIMC_KERNEL_CHECK_ABOVE_S=inf runs the whole model instead.")
-    return {"ran_on": where, "passed": True, "policy": "per-kernel", "policy_reason": reason,
+    return {"ran_on": where, "passed": True, "method": "per-kernel", "method_reason": reason,
             "relative_l2_vs_ir": err, "max_abs_error_vs_ir": max_abs_error(ir_outputs,
                                                                            host_outputs),
             "relative_l2_vs_ir_on": "the artifact's kernels built for this CPU (whole model)",
             "kernels": {"checked": len(record.cases), "total": record.kernels_total,
                         "calls_in_model": record.kernel_calls,
+                        "not_checked": record.unchecked,
                         "weights_from_library": record.weights_from_library,
                         "worst": worst_name, "worst_relative_l2": worst},
             "not_covered": "the aarch64 run of the VM bytecode end to end, and each kernel's "

@@ -122,9 +122,9 @@ def render_report(m: dict[str, Any]) -> str:
     lines += _search(m.get("search"))
     v = m["verification"]
     lines += ["", "## Verification", ""]
-    if v.get("passed") and v.get("policy") == "per-kernel":
+    if v.get("passed") and v.get("method") == "per-kernel":
         k = v["kernels"]
-        lines.append(f"Checked kernel by kernel ({v['policy_reason']}): the module the library "
+        lines.append(f"Checked kernel by kernel ({v['method_reason']}): the module the library "
                      "was built from, rebuilt for this CPU, ran the whole model on the example "
                      f"inputs and matched the IR (relative L2 error {v['relative_l2_vs_ir']:.3g}"
                      f", tolerance {v['tolerance']:g}); on {v['ran_on']} the written library "

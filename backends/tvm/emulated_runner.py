@@ -104,7 +104,10 @@ def run_kernels(lib_path: str, in_path: str, out_path: str, plan_path: str) -> N
                     args.append(tvm_ffi.Shape(value))
                 else:
                     args.append(value)
+            started = time.perf_counter()
             lib.get_function(case["name"], query_imports=True)(*args)
+            print(f"slimc-runner: {case['name']} {time.perf_counter() - started:.3f}s",
+                  file=sys.stderr)
             for i in case["outputs"]:
                 outputs.append(np.from_dlpack(args[i]).copy())
     t2 = time.perf_counter()
