@@ -3,8 +3,10 @@
 Builds ``scaled_dot_product_attention`` over q, k, v of ``1 x H x L x D`` with slimc's CPU
 pipeline twice -- with :mod:`slimc.backends.tvm.schedules.attention_softmax` (one safe-softmax
 kernel, keys padded to whole vectors) and without it (``ENABLED = False``: TVM's softmax plus the
-all -inf row check kernel) -- checks both against PyTorch, and prints each kernel's minimum and
-median over ``--calls`` calls (the VM instrument hook; both builds in one process):
+all -inf row check kernel, with ``--pass-off``) and with the pass but its TE softmax instead of
+the hand-written row kernel (``ROW_KERNEL = False``) -- checks each against PyTorch, and prints
+each kernel's minimum and median over ``--calls`` calls (the VM instrument hook; every build in
+one process):
 
     python benchmarks/attention_softmax.py --shape 6x1500x64 --threads 2
 
@@ -31,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="6x1500x64", help="heads x length x head width")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=8)
+    p.add_argument("--pass-off", action="store_true",
+                   help="also build with the pass off (TVM's softmax + the -inf row check)")
     args = p.parse_args(argv)
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -55,14 +59,15 @@ def main(argv=None) -> int:
     with torch.no_grad():
         want = module(*inputs).numpy()
     work = Path(tempfile.mkdtemp(prefix="slimc-attn-"))
-    for name, enabled in (("pass on", True), ("pass off", False)):
-        attention_softmax.ENABLED = enabled
+    variants = [("row kernel", True, True), ("TE softmax", True, False), ("pass off", False, True)]
+    for name, enabled, row_kernel in variants[:3 if args.pass_off else 2]:
+        attention_softmax.ENABLED, attention_softmax.ROW_KERNEL = enabled, row_kernel
         try:
             mod = from_exported_program(torch.export.export(module, inputs),
                                         keep_params_as_input=False)
-            lib = build_library(mod, resolve_target("llvm"), work / f"{enabled}.so")
+            lib = build_library(mod, resolve_target("llvm"), work / f"{name.replace(' ', '_')}.so")
         finally:
-            attention_softmax.ENABLED = True
+            attention_softmax.ENABLED = attention_softmax.ROW_KERNEL = True
         vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
         feed = [tvm.runtime.tensor(x.numpy()) for x in inputs]
         got = vm["main"](*feed)

@@ -22,6 +22,19 @@ padding ``K^T`` with zero columns and ``V`` with zero rows to whole vectors is e
 softmax ignores the padded columns (its maximum and sum skip them, its output there is 0), and
 ``0 * 0`` adds nothing to ``P @ V``. The pads fuse into the head transposes that already copy
 ``K`` and ``V``, and the score matmul pads its column tiles anyway (``cpu_matmul``).
+
+Row kernel (:func:`softmax_rows`): when the rows have a constant shape whose length is whole
+vectors (after the padding above), the softmax is not a TE compute scheduled by
+``cpu_reduction.RowReduction`` but a hand-written loop nest, marked scheduled, in the three
+passes ONNX Runtime's MLAS kernel makes: the row maximum in four vector accumulators, ``exp``
+written straight to the output while its sum accumulates in a register, then one in-place
+scale. The scheduled TE version computed the same in five blocks (two ``rfactor`` reductions
+whose partial buffers, lane axis outermost, LLVM assembled with shuffles and scalar
+extracts/inserts, an ``exp`` scratch, and a masking select on a 64-bit column index in every
+step of the maximum and the ``exp``); Whisper-tiny's ``safe_softmax`` was 14% of its kernel
+time against ONNX Runtime's 6% (``profile_kernels.py``, quiet host). Alone, 2 threads
+(``benchmarks/attention_softmax.py --rows``): 6 x 1500 rows of 1536 keys ~2x faster, T5's 8 x
+256 of 256 and BERT-like rows of 384 ~2x, ViT's 6 x 197 of 208 ~15%.
 """
 
 from __future__ import annotations
@@ -68,6 +81,129 @@ def safe_softmax(x: te.Tensor, valid: int | None = None, check: bool = True) -> 
         return tirx.Select(expsum[i[:-1]] < half, zero, value) if check else value
 
     return te.compute(x.shape, normalize, name="T_softmax_norm", attrs={"axis": len(rows)})
+
+
+def _exp(x):
+    """TVM's ``fast_exp`` (``topi.math.fast_exp``: the same clamp, polynomial and final
+    ``max``) on one TIR expression, so the row kernel rounds as the TE softmax did."""
+    def f(v):
+        return tirx.const(v, "float32")
+
+    x = tirx.max(tirx.min(x, f(88.376266479492188)), f(-88.376258850097656))
+    n = tirx.floor(x * f(1.4426950216293335) + f(0.5))
+    r = x - n * f(0.69314718246459961)
+    p = f(0.00019875691214110702)
+    for c in (0.0013981999363750219, 0.008333452045917511, 0.041665796190500259,
+              0.1666666567325592, 0.5):
+        p = p * r + f(c)
+    p = p * r * r + r + f(1.0)
+    two_n = tirx.reinterpret("float32", tirx.shift_left(
+        tirx.Cast("int32", n + f(127.0)), tirx.const(23, "int32")))
+    return tirx.max(two_n * p, x)
+
+
+#: Parallel chunks of rows per call (a few per thread; see :func:`softmax_rows`).
+CHUNKS = 64
+
+
+#: Rows x length below which the row kernel runs on the calling thread (as ``RowReduction``).
+def _min_parallel_work() -> int:
+    from .common import MIN_PARALLEL_MEMORY_WORK
+
+    return MIN_PARALLEL_MEMORY_WORK
+
+
+def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int) -> tirx.PrimFunc:
+    """The row kernel (module docstring): softmax over the last axis of fp32 ``(rows, n)``,
+    only the first ``valid`` columns counted (the rest are 0 in the output), zeros on a row
+    whose exp-sum is < 0.5 when ``check`` (an all ``-inf`` row, see :func:`safe_softmax`).
+
+    ``n`` must be whole vectors of ``lanes``. Scratch is a few vectors per row, allocated in
+    the default scope: ``local`` buffers inside the parallel loop became a workspace
+    allocation and free per row (2.4x slower on ViT's 208-wide rows).
+    """
+    from tvm.script import tirx as T
+
+    if n % lanes or not 0 < valid <= n:
+        raise ValueError(f"softmax_rows: {n} columns ({valid} valid) in vectors of {lanes}")
+    acc = 4
+    nfull = valid // lanes  # whole vectors of valid columns
+    part = valid - nfull * lanes  # valid columns of the partial vector (0: none)
+    has_part = part > 0
+    written = nfull + (1 if has_part else 0)
+    zero_tail = n // lanes - written  # vectors of padding only: zeros
+    groups = nfull // acc
+    rest = nfull - groups * acc
+    parallel = rows > 1 and rows * n >= _min_parallel_work()
+    # Rows in chunks: each chunk's scratch is one workspace allocation (the lowering turns the
+    # scratch into TVMBackendAllocWorkspace calls; per row they cost 2.4x on ViT's 208 keys).
+    chunks = min(rows, CHUNKS) if parallel else 1
+    chunk = -(-rows // chunks)
+    neg_inf = tirx.const(float("-inf"), "float32")
+    # TVM's ``max`` reduction starts from the lowest finite float, not -inf: an all -inf row
+    # then gives ``exp(-inf - lowest) = ~0`` (the check's small sum), not ``-inf - -inf = NaN``.
+    lowest = tirx.min_value("float32")
+
+    @T.prim_func(private=True)
+    def func(x: T.Buffer((rows, n), "float32"), y: T.Buffer((rows, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for c in T.parallel(chunks) if parallel else T.serial(chunks):
+            m = T.alloc_buffer((acc * lanes,), "float32")
+            s = T.alloc_buffer((lanes,), "float32")
+            for i in range(chunk):
+                r: T.int32 = c * chunk + i
+                if r < rows:
+                    for lane in T.vectorized(acc * lanes):
+                        m[lane] = lowest
+                    for g in range(groups):
+                        for lane in T.vectorized(acc * lanes):
+                            m[lane] = T.max(m[lane], x[r, g * acc * lanes + lane])
+                    for j in range(rest):
+                        for lane in T.vectorized(lanes):
+                            m[lane] = T.max(m[lane], x[r, (groups * acc + j) * lanes + lane])
+                    if has_part:
+                        for lane in T.vectorized(lanes):
+                            m[lane] = T.max(m[lane], T.Select(
+                                lane < part, x[r, nfull * lanes + lane], neg_inf))
+                    for lane in T.vectorized(lanes):
+                        m[lane] = T.max(T.max(m[lane], m[lanes + lane]),
+                                        T.max(m[2 * lanes + lane], m[3 * lanes + lane]))
+                    mx: T.float32 = m[0]
+                    for lane in range(1, lanes):
+                        mx = T.max(mx, m[lane])
+                    for lane in T.vectorized(lanes):
+                        s[lane] = T.float32(0)
+                    for j in range(nfull):
+                        for lane in T.vectorized(lanes):
+                            y[r, j * lanes + lane] = _exp(x[r, j * lanes + lane] - mx)
+                            s[lane] = s[lane] + y[r, j * lanes + lane]
+                    if has_part:
+                        for lane in T.vectorized(lanes):
+                            y[r, nfull * lanes + lane] = T.Select(
+                                lane < part, _exp(x[r, nfull * lanes + lane] - mx), T.float32(0))
+                            s[lane] = s[lane] + y[r, nfull * lanes + lane]
+                    total: T.float32 = s[0]
+                    for lane in range(1, lanes):
+                        total = total + s[lane]
+                    scale: T.float32 = T.float32(1) / total
+                    if check:
+                        scale = T.Select(total < T.float32(0.5), T.float32(0), scale)
+                    for j in range(written):
+                        for lane in T.vectorized(lanes):
+                            y[r, j * lanes + lane] = y[r, j * lanes + lane] * scale
+                    for j in range(zero_tail):
+                        for lane in T.vectorized(lanes):
+                            y[r, (written + j) * lanes + lane] = T.float32(0)
+
+    # Relax's analyses (``has_reshape_pattern``) expect a root block around the body; one made
+    # in TVMScript's block mode turned the scratch rows into workspace allocations (3 alloc /
+    # free calls per row), so the plain loop nest is wrapped here.
+    from tvm import s_tir
+
+    root = s_tir.SBlock([], [], [], "root", func.body)
+    func = func.with_body(s_tir.SBlockRealize([], tirx.const(True, "bool"), root))
+    # Opaque to FuseOps (nothing fuses into a hand-written loop nest); the rules skip it.
+    return func.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
 
 
 def _op(expr) -> str:
@@ -278,8 +414,25 @@ class _SafeSoftmax(PyExprMutator):
             return super().visit_call_(call)
         if info.shape is None or _dims(call.ty.shape) != _dims(info.shape):
             return super().visit_call_(call)  # a broadcasting where: leave it
-        return self.builder_.call_te(safe_softmax, self.visit_expr(x), primfunc_name_hint=
-                                     "safe_softmax")
+        return self._softmax(self.visit_expr(x), None, True, "safe_softmax")
+
+    def _softmax(self, x: relax.Expr, valid: int | None, check: bool, name: str) -> relax.Expr:
+        """Softmax of ``x`` over its last axis: the row kernel when ``x``'s shape is constant
+        and its rows whole vectors, else the TE version (scheduled by ``RowReduction``)."""
+        bb = self.builder_
+        shape = _static(x.ty.shape or [])
+        if ROW_KERNEL and shape and shape[-1] % self.lanes == 0 and str(x.ty.dtype) == "float32":
+            n = shape[-1]
+            rows = 1
+            for d in shape[:-1]:
+                rows *= d
+            func = softmax_rows(rows, n, n if valid is None else valid, check, self.lanes)
+            gvar = bb.add_func(func, f"{name}_rows")
+            flat = bb.emit(relax.op.reshape(x, [rows, n]))
+            out = bb.emit(relax.call_tir(gvar, [flat], relax.TensorType((rows, n),
+                                                                              "float32")))
+            return relax.op.reshape(out, shape)
+        return bb.call_te(safe_softmax, x, valid=valid, check=check, primfunc_name_hint=name)
 
     def _padded(self, call: relax.Call, plan: _Plan) -> relax.Expr:
         """``P @ V`` rebuilt with ``K^T`` and ``V`` padded to whole vectors of keys."""
@@ -298,9 +451,8 @@ class _SafeSoftmax(PyExprMutator):
                     other = bb.emit(_pad_last(other, -1, extra, other.ty.ndim))
                 args = (scores, other) if pos == 0 else (other, scores)
                 scores = bb.emit(_SCALAR_OPS[op](*args))
-        probs = bb.emit(bb.call_te(safe_softmax, scores, valid=plan.keys, check=plan.check,
-                                   primfunc_name_hint="safe_softmax" if plan.check
-                                   else "padded_softmax"))
+        probs = bb.emit(self._softmax(scores, plan.keys, plan.check,
+                                      "safe_softmax" if plan.check else "padded_softmax"))
         probs = bb.emit(relax.op.reshape(probs, [*plan.probs_shape[:-1], plan.padded]))
         v = bb.emit(_pad_last(v, -2, extra, v.ty.ndim))
         return relax.op.matmul(probs, v, out_dtype=call.attrs.out_dtype)
@@ -314,6 +466,9 @@ def _pad_last(expr, axis: int, extra: int, ndim: int):
 
 #: False turns the pass off: TVM's softmax + all -inf row check as imported, for A/B benchmarks.
 ENABLED = True
+#: False keeps the TE softmax (``RowReduction``) where the row kernel would run, for A/B
+#: benchmarks (``benchmarks/attention_softmax.py --no-row-kernel``).
+ROW_KERNEL = True
 
 
 def fuse_safe_softmax(target) -> tvm.transform.Pass:
