@@ -49,6 +49,11 @@ def _lane_widths(text: str) -> list[int]:
     return [int(match.group(1)) for match in re.finditer(pattern, text)]
 
 
+def _vector_widths(text: str) -> set[int]:
+    """Widths of every vectorized loop (the row kernel's)."""
+    return {int(w) for w in re.findall(r"T\.vectorized\((\d+)\)", text)}
+
+
 def test_layer_norm_is_reduced_in_lanes_on_x86_and_neon():
     x = (torch.randn(1, 197, 384),)
     for target, lanes in (("llvm", None), ("arm", 4)):
@@ -163,8 +168,8 @@ class Attention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-#: The safe softmax's all -inf row test in its normalize step.
-_ROW_TEST = r"T_softmax_expsum\[[^\]]*\] < T\.float32\(0\.5\)"
+#: The safe softmax's all -inf row test on its exp-sum (the row kernel's ``total``).
+_ROW_TEST = r"total < T\.float32\(0\.5\)"
 
 
 def _fused_main(module, inputs, target: str = "x86-64-v4-vnni"):
@@ -187,23 +192,23 @@ def _kernels(fused) -> dict:
 def test_sdpa_all_masked_row_check_is_in_the_softmax_kernel():
     """SDPA's "safe" softmax is one kernel: no second reduction over the scores
     (``equal -> logical_not -> max``), and the keys of Whisper's 1500 are padded to whole
-    chunks of 4 x 16 lanes (1536): the max and the exp-sum reduce in 16-lane accumulators (one
-    4-lane accumulator before), the K and V head transposes write the zero padding."""
-    from slimc.backends.tvm.schedules import schedule_prim_func
-
+    chunks of 4 x 16 lanes (1536), the K and V head transposes writing the zero padding. The
+    softmax is the hand-written row kernel: the maximum in 4 x 16 lanes, then 16-lane ``exp``
+    and sum, the all -inf row test on the sum, the last 12 valid keys masked by lane."""
     q, k, v = (torch.randn(1, 2, 1500, 16) for _ in range(3))
     fused, spec = _fused_main(Attention(), (q, k, v))
     kernels = _kernels(fused)
     assert not [n for n in kernels if "equal" in n or "where" in n], list(kernels)
     softmax = [n for n in kernels if "safe_softmax" in n]
-    assert len(softmax) == 1, list(kernels)
+    assert softmax == ["safe_softmax_rows"], list(kernels)
     assert [n for n in kernels if n.endswith("pad") or "_pad" in n], list(kernels)
     main = fused["main"].script()
-    assert "(1, 2, 1500, 1536)" in main and "(2, 1536, 16)" in main, main
-    text = schedule_prim_func(kernels[softmax[0]], spec, name=softmax[0]).script()
-    widths = _lane_widths(text)
-    assert len(widths) == 4 and all(w >= 16 and w % 16 == 0 for w in widths), (widths, text)
+    assert "(3000, 1536)" in main and "(2, 1536, 16)" in main, main  # rows x padded keys
+    text = kernels[softmax[0]].script()
+    assert kernels[softmax[0]].attrs["tirx.is_scheduled"]
+    assert _vector_widths(text) == {16, 64}, text
     assert re.search(_ROW_TEST, text), text  # the all -inf row test
+    assert "lane < 12" in text and "T.parallel" in text, text
 
 
 @pytest.mark.parametrize("length", [100, 197, 64])
@@ -217,16 +222,15 @@ def test_sdpa_softmax_matches_pytorch(length, tmp_path, caplog):
 def test_plain_softmax_attention_is_padded_without_the_check(tmp_path, caplog):
     """A softmax written out between ``Q @ K^T`` and ``@ V`` gets the padded keys too, without
     the all -inf row test (a plain softmax has none)."""
-    from slimc.backends.tvm.schedules import schedule_prim_func
-
     torch.manual_seed(0)
     inputs = tuple(torch.randn(1, 2, 100, 16) for _ in range(3))
     fused, spec = _fused_main(Attention(manual=True), inputs)
     kernels = _kernels(fused)
     names = [n for n in kernels if "padded_softmax" in n]
-    assert len(names) == 1, list(kernels)
-    text = schedule_prim_func(kernels[names[0]], spec, name=names[0]).script()
-    assert not re.search(_ROW_TEST, text) and "< T.int64(100)" in text, text
+    assert names == ["padded_softmax_rows"], list(kernels)
+    text = kernels[names[0]].script()
+    # 100 keys of 112: 6 whole vectors and 4 valid lanes of the seventh
+    assert not re.search(_ROW_TEST, text) and "lane < 4" in text, text
     _check(Attention(manual=True), inputs, tmp_path, caplog, None, tol=1e-5,
            target="x86-64-v4-vnni")
 
@@ -267,6 +271,44 @@ def test_masked_attention_pads_the_mask_with_the_keys(tmp_path, caplog):
     fused, _ = _fused_main(MaskedAttention(), (q, k, v, mask))
     names = list(_kernels(fused))
     assert [n for n in names if "safe_softmax" in n] and not [n for n in names if "equal" in n]
-    assert "(1, 2, 197, 208)" in fused["main"].script(), fused["main"].script()
+    assert "(394, 208)" in fused["main"].script(), fused["main"].script()  # rows x keys
+    _check(MaskedAttention(), (q, k, v, mask), tmp_path, caplog, None, tol=1e-5,
+           target="x86-64-v4-vnni")
+
+
+def test_row_kernel_vectors_on_aarch64():
+    """On NEON (4 lanes) the row kernel's maximum runs in 4 x 4 lanes, ``exp``, sum and scale
+    in 4: the same kernel shape as on AVX-512, at the target's vector width."""
+    q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
+    fused, _ = _fused_main(Attention(), (q, k, v), target="arm-v8.2")
+    kernels = _kernels(fused)
+    assert list(n for n in kernels if "softmax" in n) == ["safe_softmax_rows"], list(kernels)
+    text = kernels["safe_softmax_rows"].script()
+    assert _vector_widths(text) == {4, 16}, text
+    assert re.search(_ROW_TEST, text) and "lane <" not in text, text  # 256 keys: no partial
+
+
+@pytest.mark.parametrize("target", ["x86-64-v4-vnni", "x86-64-v3"])
+def test_row_kernel_matches_pytorch_at_long_rows(target, tmp_path, caplog):
+    """Whisper-like 1500 keys (padded to 1536 with 12 valid lanes in the last vector on
+    AVX-512; to 1504 with 4 valid of 8 on AVX2) and T5-like 256 (no padding) against
+    PyTorch."""
+    torch.manual_seed(0)
+    for length in (1500, 256):
+        inputs = tuple(torch.randn(1, 2, length, 16) * 2 for _ in range(3))
+        _check(Attention(), inputs, tmp_path, caplog, None, tol=1e-5, target=target)
+
+
+def test_row_kernel_masked_rows_keep_pytorchs_semantics(tmp_path, caplog):
+    """64 keys (whole vectors: the row kernel without padding) under a mask with an all -inf
+    row (zeros) and a finite Hugging Face mask row (uniform)."""
+    torch.manual_seed(0)
+    length, low = 64, torch.finfo(torch.float32).min
+    q, k, v = (torch.randn(1, 2, length, 16) for _ in range(3))
+    mask = torch.where(torch.rand(1, 1, length, length) > 0.3, 0.0, float("-inf"))
+    mask[..., 5, :] = float("-inf")
+    mask[..., 7, :] = low
+    fused, _ = _fused_main(MaskedAttention(), (q, k, v, mask))
+    assert "safe_softmax_rows" in _kernels(fused), list(_kernels(fused))
     _check(MaskedAttention(), (q, k, v, mask), tmp_path, caplog, None, tol=1e-5,
            target="x86-64-v4-vnni")
