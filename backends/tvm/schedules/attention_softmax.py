@@ -32,9 +32,10 @@ scale. The scheduled TE version computed the same in five blocks (two ``rfactor`
 whose partial buffers, lane axis outermost, LLVM assembled with shuffles and scalar
 extracts/inserts, an ``exp`` scratch, and a masking select on a 64-bit column index in every
 step of the maximum and the ``exp``); Whisper-tiny's ``safe_softmax`` was 14% of its kernel
-time against ONNX Runtime's 6% (``profile_kernels.py``, quiet host). Alone, 2 threads
-(``benchmarks/attention_softmax.py --rows``): 6 x 1500 rows of 1536 keys ~2x faster, T5's 8 x
-256 of 256 and BERT-like rows of 384 ~2x, ViT's 6 x 197 of 208 ~15%.
+time against ONNX Runtime's 6% (``profile_kernels.py``, quiet host). Alone, 2 threads, through
+bench.sh (``benchmarks/attention_softmax.py --shape H x L x D``, minima): Whisper's 6 x 1500 rows
+of 1536 keys 6.82 vs 7.19 ms (near memory speed either way), T5's 8 x 256 of 256 0.14 vs 0.23,
+ViT's 6 x 197 of 208 0.09 vs 0.16.
 """
 
 from __future__ import annotations
@@ -118,9 +119,9 @@ def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int) -> tirx
     only the first ``valid`` columns counted (the rest are 0 in the output), zeros on a row
     whose exp-sum is < 0.5 when ``check`` (an all ``-inf`` row, see :func:`safe_softmax`).
 
-    ``n`` must be whole vectors of ``lanes``. Scratch is a few vectors per row, allocated in
-    the default scope: ``local`` buffers inside the parallel loop became a workspace
-    allocation and free per row (2.4x slower on ViT's 208-wide rows).
+    ``n`` must be whole vectors of ``lanes``. The scratch (a few vectors) is allocated once per
+    parallel chunk of rows (:data:`CHUNKS`): TVM's lowering turns it into workspace
+    allocations, and once per row their calls made ViT's 208-wide rows 2.4x slower.
     """
     from tvm.script import tirx as T
 
