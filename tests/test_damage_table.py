@@ -238,3 +238,52 @@ def test_divergence_against_a_fixed_reference_is_the_divergence():
         for kind in ("embedding", "other"):
             out = ref + 0.1 * torch.randn_like(ref)
             assert divergence_from(kind, ref)(out) == divergence(kind, ref, out)
+
+
+def test_depth_sharing_anchors_first_last_and_every_fourth_block():
+    """Roles in >= 8 blocks share lines; the first and last block and every 4th are anchored;
+    a role in fewer blocks and a name without a block keep their own anchors."""
+    from slimc.search.damage import depth_shared, role_and_block
+
+    assert role_and_block("model.layers.7.mlp.up_proj") == ("model.layers.*.mlp.up_proj", 7)
+    assert role_and_block("lm_head") is None
+    names = [f"model.layers.{b}.mlp.up_proj" for b in range(10)]
+    names += [f"enc.{b}.fc" for b in range(5)] + ["model.embed_tokens", None]
+    shared = depth_shared(names)
+    assert sorted(shared) == [1, 2, 3, 5, 6, 7]  # blocks 0, 4, 8, 9 anchored
+    assert shared[1] == (0, 4, 0.25) and shared[7] == (4, 8, 0.75)
+
+
+def test_depth_shared_lines_rank_like_every_layers_own_anchors(tmp_path):
+    """A 10-block Llama: 7 roles x 6 blocks take their propagation line from the anchored
+    blocks around them (issue 18: the anchors' forwards were most of -O2's search); the
+    anchored layers' rows are unchanged, and the table ranks like every layer's own anchors."""
+    import transformers as T
+
+    from slimc.search.space import measure
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, num_hidden_layers=10, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, vocab_size=128,
+                           max_position_embeddings=64)
+    config.architectures = ["LlamaForCausalLM"]
+    T.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "llama10")
+    registry = get_registry()
+    ir, example = capture(load_model(str(tmp_path / "llama10"), parse_overrides([]), registry))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    techniques = Techniques(formats=("int8", "int4-g128", "int4-g32", "int4-g32-fz"),
+                            lowrank_keeps=())
+    space = build_space(ir, ctx, techniques, None, 2, "local")
+    width = space.damage.shape[1]
+    own_info: dict = {}
+    own = measure(ir, ctx, space.layers, {}, width, 2, info=own_info, share_depth=False)
+    shared = space.damage
+    assert space.info["damage_shared_layers"] == 7 * 6
+    assert space.info["damage_forwards"] < own_info["damage_forwards"] / 2
+    same = [i for i in range(len(own)) if np.array_equal(own[i], shared[i])]
+    assert len(same) >= len(own) - 7 * 6
+    live = np.isfinite(own) & (own > 0)
+    assert np.array_equal(np.isfinite(own), np.isfinite(shared))
+    rho = spearmanr(shared[live], own[live]).statistic
+    assert rho > 0.9, rho

@@ -211,6 +211,78 @@ def anchor_indices(errors: np.ndarray, count: int) -> list[int]:
     return picks
 
 
+def fitted_slope(positive: Sequence[tuple[float, float]]) -> float:
+    """The log-log slope between the smallest- and largest-error anchors ``(error, damage)``
+    (sorted, positive), clamped to :data:`SLOPE_RANGE`; :data:`DEFAULT_SLOPE` for one."""
+    if len(positive) >= 2 and positive[-1][0] > positive[0][0] * 1.01:
+        (e0, d0), (e1, d1) = positive[0], positive[-1]
+        return min(max(math.log(d1 / d0) / math.log(e1 / e0), SLOPE_RANGE[0]), SLOPE_RANGE[1])
+    return DEFAULT_SLOPE
+
+
+def fit_line(errors: np.ndarray, anchors: dict[int, float]) -> tuple[float, float] | None:
+    """A layer's propagation as a line in log-log space, ``log d = level + slope * log e``:
+    the anchors' fitted slope and the mean level through them; None without an anchor of
+    positive local error and damage (nothing to share with a neighbouring block)."""
+    positive = sorted((errors[j], d) for j, d in anchors.items()
+                      if errors[j] > 0 and np.isfinite(errors[j]) and d > 0)
+    if not positive:
+        return None
+    slope = fitted_slope(positive)
+    level = sum(math.log(d) - slope * math.log(e) for e, d in positive) / len(positive)
+    return level, slope
+
+
+def from_line(errors: np.ndarray, line: tuple[float, float]) -> np.ndarray:
+    """Damage of every choice on the line ``(level, slope)`` (0 where the error is 0)."""
+    level, slope = line
+    out = np.zeros(len(errors))
+    for j, e in enumerate(errors):
+        if e > 0:
+            out[j] = math.exp(level + slope * math.log(e))
+    return out
+
+
+def role_and_block(name: str) -> tuple[str, int] | None:
+    """``model.layers.7.mlp.up_proj`` -> (``model.layers.*.mlp.up_proj``, 7): the layer's
+    role and its block (the first number in its dotted name); None for a name without one."""
+    parts = name.split(".")
+    for k, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:k] + ["*"] + parts[k + 1:]), int(part)
+    return None
+
+
+def depth_shared(names: Sequence[str | None], min_blocks: int = 8, stride: int = 4
+                 ) -> dict[int, tuple[int, int, float]]:
+    """Which layers take their propagation line from other blocks of their role instead of
+    anchors of their own: ``index -> (lower, upper, t)``, the anchored layers of the same
+    role in the nearest blocks below and above and the position between them (0..1).
+
+    Only roles present in at least ``min_blocks`` blocks share; of those, the first and last
+    block and every ``stride``-th between are anchored (``names[i]`` None: not eligible, it
+    keeps its own anchors)."""
+    roles: dict[str, list[tuple[int, int]]] = {}
+    for i, name in enumerate(names):
+        found = role_and_block(name) if name is not None else None
+        if found is not None:
+            roles.setdefault(found[0], []).append((found[1], i))
+    shared: dict[int, tuple[int, int, float]] = {}
+    for members in roles.values():
+        members.sort()
+        blocks = [b for b, _ in members]
+        if len(members) < min_blocks or len(set(blocks)) != len(blocks):
+            continue
+        last = len(members) - 1
+        anchored = sorted(set(range(0, last, stride)) | {last})
+        for lo, hi in zip(anchored, anchored[1:], strict=False):
+            (b0, i0), (b1, i1) = members[lo], members[hi]
+            for k in range(lo + 1, hi):
+                b, i = members[k]
+                shared[i] = (i0, i1, (b - b0) / (b1 - b0))
+    return shared
+
+
 def interpolate(errors: np.ndarray, anchors: dict[int, float]) -> np.ndarray:
     """Damage of every choice from its local error and the anchors' measured damage: piecewise
     linear in log-log space, the fitted slope beyond the anchors (see the module docstring)."""
@@ -220,10 +292,7 @@ def interpolate(errors: np.ndarray, anchors: dict[int, float]) -> np.ndarray:
     if not points:
         return out
     positive = [(e, d) for e, d in points if d > 0]
-    slope = DEFAULT_SLOPE
-    if len(positive) >= 2 and positive[-1][0] > positive[0][0] * 1.01:
-        (e0, d0), (e1, d1) = positive[0], positive[-1]
-        slope = min(max(math.log(d1 / d0) / math.log(e1 / e0), SLOPE_RANGE[0]), SLOPE_RANGE[1])
+    slope = fitted_slope(positive)
     for j, e in enumerate(errors):
         if not e > 0:
             continue

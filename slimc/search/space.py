@@ -49,7 +49,16 @@ from slimc.passes.quantize.formats import Format, fake_quantize, fake_quantize_r
 from slimc.passes.quantize.layers import plan
 from slimc.passmanager import PassContext
 
-from .damage import anchor_indices, collect, interpolate, local_error, local_measurable
+from .damage import (
+    anchor_indices,
+    collect,
+    depth_shared,
+    fit_line,
+    from_line,
+    interpolate,
+    local_error,
+    local_measurable,
+)
 
 #: The formats of the ``precision`` technique set (``-O2``): every int4 variant and int8.
 PRECISION_FORMATS = ("int8", "int4-g128", "int4-g32", "int4-g32-fz", "int4-g64-fz",
@@ -307,7 +316,8 @@ KEEP_APPROXIMATIONS_BYTES = 64 << 20
 @torch.no_grad()
 def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dict,
             width: int, max_batches: int, method: str = "local",
-            anchors: int = 2, info: dict | None = None, suffix: bool = True) -> np.ndarray:
+            anchors: int = 2, info: dict | None = None, suffix: bool = True,
+            share_depth: bool = True) -> np.ndarray:
     """``damage[i, j]``: output divergence with only layer ``i`` changed to option ``j``.
 
     An embedding table's damage is also measured on the example inputs (random token ids
@@ -376,8 +386,15 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
             made[0] = 0
         trim_heap()  # freed approximations stay in glibc's heap otherwise (~1 GB, SmolLM2)
 
-    def one(i: int) -> tuple[np.ndarray, int]:
-        """Layer ``i``'s row of the table and the end-to-end forwards it took."""
+    # Roles repeated over many blocks (a decoder's q/k/v/o/gate/up/down) take their
+    # propagation line from anchors in every few blocks (:func:`.damage.depth_shared`).
+    shared = depth_shared([c.layer.name if i in local and not (c.gathers and wide) else None
+                           for i, c in enumerate(choices)]) if share_depth else {}
+
+    def one(i: int, own: bool = True) -> tuple[np.ndarray, int, object]:
+        """Layer ``i``'s row of the table, the end-to-end forwards it took, and its
+        propagation line (own anchors) or its local errors (``own`` False: the row is made
+        from its neighbours' lines afterwards)."""
         c = choices[i]
         row = np.full(width, np.inf)
         name = c.layer.weight_node.name
@@ -391,7 +408,7 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         # a large one's are made again when measured: one alive at a time (issue 18:
         # SmolLM2's tied 49152 x 576 table held its nine approximations at once, ~1 GB)
         kept: dict[int, torch.Tensor] = {}
-        keep = size * len(changed) <= KEEP_APPROXIMATIONS_BYTES
+        keep = own and size * len(changed) <= KEEP_APPROXIMATIONS_BYTES
 
         def value(j: int) -> torch.Tensor:
             """Choice ``j``'s weight as the graph stores it."""
@@ -403,6 +420,7 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
 
         forwards = 0
         predicted = None
+        line = None
         if i in local and changed:
             weight = c.layer.matrix(ir)
             scores = {view: local_error(c.layer, weight, stats[view]) for view in views}
@@ -416,6 +434,8 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                     kept[j] = matrix
                 del matrix
             del scores
+            if not own and np.isfinite(errors["calib"]).all():
+                return row, 0, errors["calib"]
             predicted = np.zeros(len(changed))
             for view in views:
                 if not np.isfinite(errors[view]).all():
@@ -425,29 +445,49 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                 found = {a: end_to_end(name, value(changed[a]), view) for a in chosen}
                 forwards += len(found)
                 predicted = np.maximum(predicted, interpolate(errors[view], found))
+                if view == "calib":
+                    line = fit_line(errors[view], found)
             kept.clear()
         if predicted is not None:
             row[changed] = predicted
-            return row, forwards
+            return row, forwards, line
         for j in changed:
             row[j] = max(end_to_end(name, value(j), view) for view in views)
             forwards += len(views)
-        return row, forwards
+        return row, forwards, None
 
-    def one_no_grad(i: int) -> tuple[np.ndarray, int]:
+    def one_no_grad(i: int, own: bool = True) -> tuple[np.ndarray, int, object]:
         with torch.no_grad():  # grad mode is per thread
-            return one(i)
+            return one(i, own)
 
     # Layers are independent: one per core, each with single-threaded torch ops (the
     # forwards are small: on 2 cores this halves the table's wall time where the intra-op
-    # pool did not; inline on one core or where the search chose one thread).
-    rows = map_single_threaded(one_no_grad, list(range(len(choices))))
-    damage = np.stack([r for r, _ in rows]) if rows else np.full((0, width), np.inf)
-    measured = sum(f for _, f in rows)
+    # pool did not; inline on one core or where the search chose one thread). Layers whose
+    # lines come from other blocks are scored in the same pass, then completed from them.
+    rows = map_single_threaded(lambda i: one_no_grad(i, i not in shared),
+                               list(range(len(choices))))
+    alone = []
+    for i, (lo, hi, t) in shared.items():
+        row, _, errors = rows[i]
+        lines = (rows[lo][2], rows[hi][2])
+        if not isinstance(errors, np.ndarray):
+            continue  # measured end to end (its errors were not finite)
+        if lines[0] is None or lines[1] is None:
+            alone.append(i)  # a neighbour without a line: anchors of its own
+            continue
+        line = tuple((1 - t) * a + t * b for a, b in zip(lines[0], lines[1], strict=True))
+        changed = [j for j, o in enumerate(choices[i].options) if o.fmt.kind != "fp32" or o.rank]
+        row[changed] = from_line(errors, line)
+        rows[i] = (row, 0, None)
+    for i, result in zip(alone, map_single_threaded(one_no_grad, alone), strict=True):
+        rows[i] = result
+    damage = np.stack([r for r, _, _ in rows]) if rows else np.full((0, width), np.inf)
+    measured = sum(f for _, f, _ in rows)
     trim_heap()
     if info is not None:
         info.update(damage_method=method, damage_forwards=measured,
-                    damage_local_layers=len(local))
+                    damage_local_layers=len(local),
+                    damage_shared_layers=len(shared) - len(alone))
     return damage
 
 
