@@ -26,7 +26,17 @@ is how much the rest of the network amplifies or absorbs that error. So:
    and KL are near the reference). Embedding tables keep the worst of the calibration text
    and the whole-vocabulary view, each with its own anchors.
 
-Cost: ``anchors`` forwards per layer (plus one observed forward) instead of one per choice,
+4. **Propagation shared across depth** (issue 18: the anchors' forwards were about half of
+   -O2's search on SmolLM2 and a 320M decoder): a role repeated in many blocks (a decoder's
+   q/k/v/o/gate/up/down, :func:`depth_shared`) is anchored only in its first and last block
+   and every few blocks between; the layers in between take the line ``log d = level + slope
+   * log(absolute output error)`` interpolated in depth between the two nearest anchored
+   blocks of the role. The line is on the *absolute* output error (relative error x the
+   layer's output energy ``tr(W G W^T)``), which varies less between neighbouring blocks than
+   the relative one (measured against every layer's own anchors: docs/benchmarks.md, "Issue
+   18: depth-shared anchors").
+
+Cost: ``anchors`` forwards per anchored layer (plus one observed forward) instead of one per choice,
 and every fake-quantized weight's low-bit grid is cached by content (:mod:`slimc.lowbit`).
 Layers whose uses are not linear / matmul / gather (convolutions, expert tensors, mixed
 orientations) are measured end to end per choice as before. Measured against the all
@@ -169,6 +179,7 @@ def local_error(layer: Layer, weight: torch.Tensor, stats: ViewStats
     score it and drop it (a 49152 x 576 table's nine approximations held together were ~1 GB
     on SmolLM2)."""
     terms: list[Callable[[torch.Tensor], float]] = []
+    references: list[float] = []
     for use in layer.uses:
         if use.role == "embedding":
             c = stats.counts.get(_ids_key(use))
@@ -177,6 +188,7 @@ def local_error(layer: Layer, weight: torch.Tensor, stats: ViewStats
             rows = torch.nonzero(c[: weight.shape[0]]).reshape(-1)  # only gathered rows count
             cr, wr = c[rows][:, None], weight[rows].double()
             ref = max(float((cr * wr.pow(2)).sum()), 1e-30)
+            references.append(float("nan"))  # gather counts, not output energy
             terms.append(lambda a, rows=rows, cr=cr, wr=wr, ref=ref:
                          float((cr * (a[rows].double() - wr).pow(2)).sum()) / ref)
         else:
@@ -184,9 +196,18 @@ def local_error(layer: Layer, weight: torch.Tensor, stats: ViewStats
             if not stats.has_rows(key):
                 return lambda a: float("nan")
             ref = max(stats.energy_of_rows(key, weight), 1e-30)
+            references.append(ref)
             terms.append(lambda a, key=key, ref=ref:
                          stats.energy_of_rows(key, a, weight) / ref)
-    return lambda a: float(sum(term(a) for term in terms))
+
+    def error(a: torch.Tensor) -> float:
+        return float(sum(term(a) for term in terms))
+
+    #: The layer's output energy on the inputs (``tr(W G W^T)``) for one linear use, NaN
+    #: otherwise: relative error x reference = the absolute output error, the scale on which
+    #: neighbouring blocks' propagation lines are shared (:func:`depth_shared`).
+    error.reference = references[0] if len(references) == 1 else float("nan")
+    return error
 
 
 def local_errors(layer: Layer, weight: torch.Tensor, approximations: Sequence[torch.Tensor],

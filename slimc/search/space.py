@@ -24,6 +24,7 @@ overhead`` with the target's hardware numbers).
 from __future__ import annotations
 
 import glob
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -424,6 +425,7 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         if i in local and changed:
             weight = c.layer.matrix(ir)
             scores = {view: local_error(c.layer, weight, stats[view]) for view in views}
+            reference = getattr(scores["calib"], "reference", float("nan"))
             errors = {view: np.zeros(len(changed)) for view in views}
             for a, j in enumerate(changed):
                 matrix = approximate_matrix(ir, c, c.options[j], spec)
@@ -434,8 +436,8 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                     kept[j] = matrix
                 del matrix
             del scores
-            if not own and np.isfinite(errors["calib"]).all():
-                return row, 0, errors["calib"]
+            if not own and np.isfinite(errors["calib"]).all() and np.isfinite(reference):
+                return row, 0, errors["calib"] * reference  # absolute output errors
             predicted = np.zeros(len(changed))
             for view in views:
                 if not np.isfinite(errors[view]).all():
@@ -445,8 +447,11 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                 found = {a: end_to_end(name, value(changed[a]), view) for a in chosen}
                 forwards += len(found)
                 predicted = np.maximum(predicted, interpolate(errors[view], found))
-                if view == "calib":
+                if view == "calib" and np.isfinite(reference):
+                    # on the absolute output error: log d = level + slope * log(e * ref)
                     line = fit_line(errors[view], found)
+                    if line is not None:
+                        line = (line[0] - line[1] * math.log(reference), line[1])
             kept.clear()
         if predicted is not None:
             row[changed] = predicted
