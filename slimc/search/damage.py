@@ -32,9 +32,10 @@ is how much the rest of the network amplifies or absorbs that error. So:
    and every few blocks between; the layers in between take the line ``log d = level + slope
    * log(absolute output error)`` interpolated in depth between the two nearest anchored
    blocks of the role. The line is on the *absolute* output error (relative error x the
-   layer's output energy ``tr(W G W^T)``), which varies less between neighbouring blocks than
-   the relative one (measured against every layer's own anchors: docs/benchmarks.md, "Issue
-   18: depth-shared anchors").
+   layer's output energy ``tr(W G W^T)``): against every layer's own anchors it ranked
+   closer than the relative error on SmolLM2 and about the same on a random 320M decoder
+   (docs/benchmarks.md, "Issue 18: depth-shared anchors"). Roles in fewer blocks, embedding
+   tables and layers with several uses keep their own anchors.
 
 Cost: ``anchors`` forwards per anchored layer (plus one observed forward) instead of one per choice,
 and every fake-quantized weight's low-bit grid is cached by content (:mod:`slimc.lowbit`).
