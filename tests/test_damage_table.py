@@ -276,11 +276,12 @@ def test_depth_shared_lines_rank_like_every_layers_own_anchors(tmp_path):
                             lowrank_keeps=())
     space = build_space(ir, ctx, techniques, None, 2, "local")
     width = space.damage.shape[1]
-    own_info: dict = {}
-    own = measure(ir, ctx, space.layers, {}, width, 2, info=own_info, share_depth=False)
-    shared = space.damage
-    assert space.info["damage_shared_layers"] == 7 * 6
-    assert space.info["damage_forwards"] < own_info["damage_forwards"] / 2
+    assert space.info["damage_shared_layers"] == 0  # off by default (SHARE_DEPTH)
+    own = space.damage
+    info: dict = {}
+    shared = measure(ir, ctx, space.layers, {}, width, 2, info=info, share_depth=True)
+    assert info["damage_shared_layers"] == 7 * 6
+    assert info["damage_forwards"] < space.info["damage_forwards"] / 2
     same = [i for i in range(len(own)) if np.array_equal(own[i], shared[i])]
     assert len(same) >= len(own) - 7 * 6
     live = np.isfinite(own) & (own > 0)

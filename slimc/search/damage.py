@@ -26,8 +26,10 @@ is how much the rest of the network amplifies or absorbs that error. So:
    and KL are near the reference). Embedding tables keep the worst of the calibration text
    and the whole-vocabulary view, each with its own anchors.
 
-4. **Propagation shared across depth** (issue 18: the anchors' forwards were about half of
-   -O2's search on SmolLM2 and a 320M decoder): a role repeated in many blocks (a decoder's
+4. **Propagation shared across depth** (opt-in: ``measure(share_depth=True)``,
+   ``space.SHARE_DEPTH``; off by default because the -O2 search on a 320M decoder chose
+   slightly worse candidates with it. Why it exists: the anchors' forwards were about half
+   of -O2's search on SmolLM2 and that decoder, issue 18): a role repeated in many blocks (a decoder's
    q/k/v/o/gate/up/down, :func:`depth_shared`) is anchored only in its first and last block
    and every few blocks between; the layers in between take the line ``log d = level + slope
    * log(absolute output error)`` interpolated in depth between the two nearest anchored

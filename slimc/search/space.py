@@ -314,11 +314,19 @@ TRIM_AFTER_BYTES = 256 << 20
 KEEP_APPROXIMATIONS_BYTES = 64 << 20
 
 
+#: Depth-shared propagation lines by default? Off: on the 320M random Llama the -O2 search
+#: with them chose candidates with a larger measured drop at 4 of its 5 sizes (the chosen
+#: one 0.00962 vs 0.00944 at size 0.16029) for 26% less search CPU, and on SmolLM2 the
+#: table ranked 0.90 against every layer's own anchors (docs/benchmarks.md, "Issue 18:
+#: depth-shared anchors"): not the "no loss in what it chooses" it was meant to keep.
+SHARE_DEPTH = False
+
+
 @torch.no_grad()
 def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dict,
             width: int, max_batches: int, method: str = "local",
             anchors: int = 2, info: dict | None = None, suffix: bool = True,
-            share_depth: bool = True) -> np.ndarray:
+            share_depth: bool | None = None) -> np.ndarray:
     """``damage[i, j]``: output divergence with only layer ``i`` changed to option ``j``.
 
     An embedding table's damage is also measured on the example inputs (random token ids
@@ -327,6 +335,8 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
     hurt every other word. ``method`` (see :data:`DAMAGE_METHODS`) says how each entry is
     obtained. ``suffix``: end-to-end forwards start at the layer's first use (the same
     numbers as whole forwards, about half the work on a decoder); False runs whole forwards.
+    ``share_depth``: roles repeated over many blocks take their propagation lines from
+    anchors every few blocks (:func:`.damage.depth_shared`); None: :data:`SHARE_DEPTH`.
     """
     if method not in DAMAGE_METHODS:
         raise ValueError(f"unknown damage method {method!r}")
@@ -387,6 +397,8 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
             made[0] = 0
         trim_heap()  # freed approximations stay in glibc's heap otherwise (~1 GB, SmolLM2)
 
+    if share_depth is None:
+        share_depth = SHARE_DEPTH
     # Roles repeated over many blocks (a decoder's q/k/v/o/gate/up/down) take their
     # propagation line from anchors in every few blocks (:func:`.damage.depth_shared`).
     shared = depth_shared([c.layer.name if i in local and not (c.gathers and wide) else None
