@@ -26,25 +26,25 @@ is how much the rest of the network amplifies or absorbs that error. So:
    and KL are near the reference). Embedding tables keep the worst of the calibration text
    and the whole-vocabulary view, each with its own anchors.
 
-4. **Propagation shared across depth** (opt-in: ``measure(share_depth=True)``,
+4. **Propagation shared across depth** (opt-in: ``measure(share_depth=True)`` or
    ``space.SHARE_DEPTH``; off by default because the -O2 search on a 320M decoder chose
    slightly worse candidates with it. Why it exists: the anchors' forwards were about half
-   of -O2's search on SmolLM2 and that decoder, issue 18): a role repeated in many blocks (a decoder's
-   q/k/v/o/gate/up/down, :func:`depth_shared`) is anchored only in its first and last block
-   and every few blocks between; the layers in between take the line ``log d = level + slope
-   * log(absolute output error)`` interpolated in depth between the two nearest anchored
-   blocks of the role. The line is on the *absolute* output error (relative error x the
-   layer's output energy ``tr(W G W^T)``): against every layer's own anchors it ranked
-   closer than the relative error on SmolLM2 and about the same on a random 320M decoder
-   (docs/benchmarks.md, "Issue 18: depth-shared anchors"). Roles in fewer blocks, embedding
-   tables and layers with several uses keep their own anchors.
+   of -O2's search on SmolLM2 and that decoder, issue 18): a role repeated in many blocks
+   (a decoder's q/k/v/o/gate/up/down, :func:`depth_shared`) is anchored only in its first
+   and last block and every few blocks between; the layers in between take the line ``log
+   d = level + slope * log(absolute output error)`` interpolated in depth between the two
+   nearest anchored blocks of the role. The line is on the *absolute* output error
+   (relative error x the layer's output energy ``tr(W G W^T)``): against every layer's own
+   anchors it ranked closer than the relative error on SmolLM2 and about the same on a
+   random 320M decoder (docs/benchmarks.md, "Issue 18: depth-shared anchors"). Roles in
+   fewer blocks, embedding tables and layers with several uses keep their own anchors.
 
-Cost: ``anchors`` forwards per anchored layer (plus one observed forward) instead of one per choice,
-and every fake-quantized weight's low-bit grid is cached by content (:mod:`slimc.lowbit`).
-Layers whose uses are not linear / matmul / gather (convolutions, expert tensors, mixed
-orientations) are measured end to end per choice as before. Measured against the all
-end-to-end table on MiniLM (docs/benchmarks.md, "Fast damage table"): rank correlation,
-time and the chosen recipes' task scores.
+Cost: ``anchors`` forwards per anchored layer (plus one observed forward) instead of one per
+choice, and every fake-quantized weight's low-bit grid is cached by content
+(:mod:`slimc.lowbit`). Layers whose uses are not linear / matmul / gather (convolutions,
+expert tensors, mixed orientations) are measured end to end per choice as before. Measured
+against the all end-to-end table on MiniLM (docs/benchmarks.md, "Fast damage table"): rank
+correlation, time and the chosen recipes' task scores.
 """
 
 from __future__ import annotations
