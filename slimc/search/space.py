@@ -421,7 +421,8 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
         # a large one's are made again when measured: one alive at a time (issue 18:
         # SmolLM2's tied 49152 x 576 table held its nine approximations at once, ~1 GB)
         kept: dict[int, torch.Tensor] = {}
-        keep = own and size * len(changed) <= KEEP_APPROXIMATIONS_BYTES
+        keep = (own or share_depth == "slope") and \
+            size * len(changed) <= KEEP_APPROXIMATIONS_BYTES
 
         def value(j: int) -> torch.Tensor:
             """Choice ``j``'s weight as the graph stores it."""
@@ -449,6 +450,13 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                 del matrix
             del scores
             if not own and np.isfinite(errors["calib"]).all() and np.isfinite(reference):
+                if share_depth == "slope":  # one own anchor (the median), the slope shared
+                    picks = anchor_indices(errors["calib"], anchors)
+                    if picks:
+                        a = picks[-1]
+                        d0 = end_to_end(name, value(changed[a]), "calib")
+                        kept.clear()
+                        return row, 1, (errors["calib"], float(errors["calib"][a]), d0)
                 return row, 0, errors["calib"] * reference  # absolute output errors
             predicted = np.zeros(len(changed))
             for view in views:
@@ -487,15 +495,20 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
     for i, (lo, hi, t) in shared.items():
         row, _, errors = rows[i]
         lines = (rows[lo][2], rows[hi][2])
-        if not isinstance(errors, np.ndarray):
+        if not isinstance(errors, (np.ndarray, tuple)) or \
+                (isinstance(errors, tuple) and len(errors) != 3):
             continue  # measured end to end (its errors were not finite)
         if lines[0] is None or lines[1] is None:
             alone.append(i)  # a neighbour without a line: anchors of its own
             continue
         line = tuple((1 - t) * a + t * b for a, b in zip(lines[0], lines[1], strict=True))
         changed = [j for j, o in enumerate(choices[i].options) if o.fmt.kind != "fp32" or o.rank]
-        row[changed] = from_line(errors, line)
-        rows[i] = (row, 0, None)
+        if isinstance(rows[i][2], tuple):  # "slope": through its own anchor (e0, d0)
+            errors, e0, d0 = rows[i][2]
+            row[changed] = [d0 * (e / e0) ** line[1] if e > 0 else 0.0 for e in errors]
+        else:
+            row[changed] = from_line(errors, line)
+        rows[i] = (row, rows[i][1], None)
     for i, result in zip(alone, map_single_threaded(one_no_grad, alone), strict=True):
         rows[i] = result
     damage = np.stack([r for r, _, _ in rows]) if rows else np.full((0, width), np.inf)
