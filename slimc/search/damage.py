@@ -38,6 +38,8 @@ is how much the rest of the network amplifies or absorbs that error. So:
    anchors it ranked closer than the relative error on SmolLM2 and about the same on a
    random 320M decoder (docs/benchmarks.md, "Issue 18: depth-shared anchors"). Roles in
    fewer blocks, embedding tables and layers with several uses keep their own anchors.
+   ``share_depth="slope"``: a layer between anchored blocks measures its median choice end
+   to end and takes only the slope from its neighbours (one forward instead of two).
 
 Cost: ``anchors`` forwards per anchored layer (plus one observed forward) instead of one per
 choice, and every fake-quantized weight's low-bit grid is cached by content

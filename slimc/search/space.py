@@ -319,7 +319,9 @@ KEEP_APPROXIMATIONS_BYTES = 64 << 20
 #: one 0.00962 vs 0.00944 at size 0.16029) for 26% less search CPU, and on SmolLM2 the
 #: table ranked 0.90 against every layer's own anchors (docs/benchmarks.md, "Issue 18:
 #: depth-shared anchors"): not the "no loss in what it chooses" it was meant to keep.
-SHARE_DEPTH = False
+#: ``"slope"``: each shared layer keeps one own anchor (its median choice) and takes only the
+#: log-log slope from the anchored blocks (fewer forwards saved, closer to its own table).
+SHARE_DEPTH: bool | str = False
 
 
 @torch.no_grad()
@@ -335,8 +337,9 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
     hurt every other word. ``method`` (see :data:`DAMAGE_METHODS`) says how each entry is
     obtained. ``suffix``: end-to-end forwards start at the layer's first use (the same
     numbers as whole forwards, about half the work on a decoder); False runs whole forwards.
-    ``share_depth``: roles repeated over many blocks take their propagation lines from
-    anchors every few blocks (:func:`.damage.depth_shared`); None: :data:`SHARE_DEPTH`.
+    ``share_depth``: roles repeated over many blocks take their propagation lines (True) or
+    only their slopes (``"slope"``) from anchors every few blocks
+    (:func:`.damage.depth_shared`); None: :data:`SHARE_DEPTH`.
     """
     if method not in DAMAGE_METHODS:
         raise ValueError(f"unknown damage method {method!r}")
