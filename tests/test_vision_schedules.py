@@ -503,3 +503,38 @@ def test_convs_with_small_filters_walk_pixel_rows_outside(tmp_path, caplog):
     assert parallel_loop(large, (torch.randn(1, 64, 14, 14),)).startswith("ff_0")
     depthwise = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, 1, 1, groups=64)).eval()
     assert parallel_loop(depthwise, (torch.randn(1, 64, 14, 14),)).startswith("ff_0")
+
+
+class PositionalConv(torch.nn.Module):
+    """wav2vec2's positional embedding: a grouped conv1d wider than the sequence (kernel 32
+    over 20 frames, padding 16), the last frame dropped, GELU, added to the input."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(channels, channels, 32, padding=16, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x.transpose(1, 2))[:, :, :-1]
+        return x + F.gelu(h).transpose(1, 2)
+
+
+@pytest.mark.parametrize("channels,groups,lanes", [(192, 4, 16), (96, 4, 8)])
+def test_grouped_conv_vector_tiles_stay_inside_a_group(channels, groups, lanes, tmp_path,
+                                                      caplog):
+    """Each vector tile of a grouped conv covers output channels of one group (48 per group:
+    16 lanes; 24: 8), so the image element it multiplies is one broadcast, not a gather over
+    two groups; the padding is not read in place (no tile of a kernel wider than the input
+    lies inside it). Exact against PyTorch."""
+    import re
+
+    torch.manual_seed(0)
+    net = PositionalConv(channels, groups).eval()
+    x = torch.randn(1, 20, channels)
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-4)
+    kernels = _scheduled(net, (x,))
+    conv = next(text for name, text in kernels.items() if "conv1d" in name)
+    update = conv[:conv.index('"group_conv1d_nwc_update"')]
+    widths = [int(w) for w in re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", update)]
+    assert widths and widths[-1] == lanes, conv
+    assert (channels // groups) % widths[-1] == 0
+    assert "if_then_else" not in conv[conv.index('"group_conv1d_nwc_update"'):], conv
