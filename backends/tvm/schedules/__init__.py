@@ -182,14 +182,19 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .constant_views import fold_constant_views
     from .fast_math import fast_math
     from .gemv import panel_gemv
-    from .nhwc_rewrites import cancel_transposes, nhwc_rewrites, sink_layout_transposes
+    from .nhwc_rewrites import (
+        cancel_transposes,
+        drop_noop_broadcasts,
+        nhwc_rewrites,
+        sink_layout_transposes,
+    )
     from .requantize_fusion import fuse_requantize
     from .sink_reshapes import sink_reshapes
     from .tied_embedding import dedup_constants, tied_embedding
     from .winograd import winograd_convs
 
     return cpu.library_dispatch_passes(target) + [
-        sink_reshapes, panel_gemv, relax.transform.DecomposeOpsForInference(),
+        drop_noop_broadcasts, sink_reshapes, panel_gemv, relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
