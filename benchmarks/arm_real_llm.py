@@ -140,8 +140,14 @@ def compile_one(model_dir: Path, config: str, out_root: Path, timeout: int) -> d
     if result["rc"] == 0:
         summary = _summary(result["stdout"])
         v = summary["verification"]
-        row["verification"] = (f"passed on {v['ran_on']} (rel. L2 {v['relative_l2_vs_ir']:.2g})"
-                               if v.get("passed") else f"UNVERIFIED: {v.get('reason')}")
+        k = v.get("kernels") if v.get("method") == "per-kernel" else None
+        row["verification"] = (
+            f"passed on {v['ran_on']}, kernel by kernel ({k['checked']}/{k['total']} kernels, "
+            f"worst rel. L2 {k['worst_relative_l2']:.2g}; whole model on the host "
+            f"{v['relative_l2_vs_ir']:.2g})" if k and v.get("passed") else
+            f"passed on {v['ran_on']}, whole model (rel. L2 {v['relative_l2_vs_ir']:.2g})"
+            if v.get("passed") else f"UNVERIFIED: {v.get('reason')}")
+        row["verification_method"] = v.get("method")
         row["timings"] = summary["timings"]
         row["run_budget"] = v.get("run_budget")
     else:

@@ -319,7 +319,10 @@ def _classify(sch: s_tir.Schedule, main) -> _Axes | None:
             shared.append(loop)
         else:
             extra.append(loop)
-    group = _group_width(stmt.reads[1 - contiguous], vec_var) if GROUPED_CONV_TILES else None
+    # convs only (a window or several reduction axes): a matmul's operands are not grouped
+    conv = bool(extra) or len(reduce) > 1
+    group = _group_width(stmt.reads[1 - contiguous], vec_var) \
+        if GROUPED_CONV_TILES and conv else None
     return _Axes(shared, extra, reuse, vec_loop, reduce, contiguous, group)
 
 

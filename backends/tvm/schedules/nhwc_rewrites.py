@@ -201,10 +201,10 @@ def drop_noop_broadcasts(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """``broadcast_to(x, shape)`` where ``shape`` is ``x``'s own, as ``x``.
 
     ``torch.matmul`` over 4-D operands exports as ``expand`` + ``view`` + ``bmm``, and the
-    frontend keeps each ``expand`` as a ``broadcast_to`` even when nothing is broadcast. After
-    a softmax it was fused into the softmax kernel as its last block, which then no longer
-    matched the row-reduction rule: MobileViT's 4 x 4 x 256 x 256 attention softmax fell to
-    the naive fallback loops (2.5-4 ms, ONNX Runtime 0.7 ms).
+    frontend keeps each ``expand`` as a ``broadcast_to`` even when nothing is broadcast: a
+    copy of the tensor, fused into a neighbouring kernel as one more block (MobileViT's
+    attention softmax wrote its 4 x 4 x 256 x 256 probabilities twice). Dropped, the kernels
+    around it are the ones a model without it gets.
     """
     return relax.transform.DeadCodeElimination()(
         mutate_relax_functions(mod, _DropNoOpBroadcasts(mod)))
