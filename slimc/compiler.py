@@ -507,25 +507,10 @@ def _verify_artifact(library: Path, spec: TargetSpec, inputs: list[np.ndarray],
         return _run_failed(exc, what, options, warnings), None
     from slimc.evaluators import max_abs_error, relative_l2
 
-    if len(outputs) != len(ir_outputs) or any(
-            o.shape != r.shape for o, r in zip(outputs, ir_outputs, strict=False)):
-        raise VerificationError(
-            f"The built library returns {[o.shape for o in outputs]} where the IR returns "
-            f"{[r.shape for r in ir_outputs]}.", hint="This is a slimc/TVM bug; please report it.")
+    _check_output_shapes(outputs, ir_outputs)
     err = relative_l2(ir_outputs, outputs)
     where = backend.where(spec)
-    floor = None
-    if noise_floor is not None:
-        # Static int8 activations: float noise alone flips codes (see rounding_noise_floor).
-        floor = noise_floor()
-        if floor is not None and not math.isfinite(floor):
-            # the IR's own perturbed runs overflowed: no floor rather than an infinite
-            # tolerance that would pass any library
-            warnings.append(f"the IR's rounding-noise floor is {floor} (its perturbed runs "
-                            "overflow); the artifact was checked at the plain tolerance")
-            floor = None
-        if floor is not None:
-            tolerance = max(tolerance, ROUNDING_FLOOR_MARGIN * floor)
+    tolerance, floor = _with_noise_floor(tolerance, noise_floor, warnings)
     if not err <= tolerance:
         detail = (f" (the IR's own rounding-noise floor is {floor:.3g})" if floor else "")
         raise VerificationError(
@@ -582,19 +567,9 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
                                          "whole model", exc)
         return None, None
     host_outputs = record.outputs
-    if len(host_outputs) != len(ir_outputs) or any(
-            o.shape != r.shape for o, r in zip(host_outputs, ir_outputs, strict=False)):
-        raise VerificationError(
-            f"The built library returns {[o.shape for o in host_outputs]} where the IR returns "
-            f"{[r.shape for r in ir_outputs]}.", hint="This is a slimc/TVM bug; please report it.")
+    _check_output_shapes(host_outputs, ir_outputs)
     err = relative_l2(ir_outputs, host_outputs)
-    floor = noise_floor()
-    if floor is not None and not math.isfinite(floor):
-        warnings.append(f"the IR's rounding-noise floor is {floor} (its perturbed runs "
-                        "overflow); the artifact was checked at the plain tolerance")
-        floor = None
-    if floor is not None:
-        tolerance = max(tolerance, ROUNDING_FLOOR_MARGIN * floor)
+    tolerance, floor = _with_noise_floor(tolerance, noise_floor, warnings)
     if not err <= tolerance:
         raise VerificationError(
             f"The artifact's kernels (built for this CPU from the module the {spec.triple} "
@@ -649,6 +624,31 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
                         "host_run": round(record.run_s, 2), "emulator": round(emulated_s, 2)},
             "tolerance": tolerance, "rounding_noise_floor": floor, "precision": precision,
             **({"run_budget": limits.budget} if limits.budget else {})}, host_outputs
+
+
+def _check_output_shapes(outputs: list[np.ndarray], ir_outputs: list[np.ndarray]) -> None:
+    """The library returns what the IR returns (count and shapes), or a slimc/TVM bug."""
+    if len(outputs) != len(ir_outputs) or any(
+            o.shape != r.shape for o, r in zip(outputs, ir_outputs, strict=False)):
+        raise VerificationError(
+            f"The built library returns {[o.shape for o in outputs]} where the IR returns "
+            f"{[r.shape for r in ir_outputs]}.", hint="This is a slimc/TVM bug; please report it.")
+
+
+def _with_noise_floor(tolerance: float, noise_floor: Callable[[], float | None] | None,
+                      warnings: list[str]) -> tuple[float, float | None]:
+    """``(tolerance, floor)``: the tolerance raised to :data:`ROUNDING_FLOOR_MARGIN` x the IR's
+    rounding-noise floor (static int8 activations: float noise alone flips codes, see
+    ``rounding_noise_floor``). A non-finite floor (the IR's own perturbed runs overflowed) is
+    dropped with a warning rather than an infinite tolerance that would pass any library."""
+    floor = noise_floor() if noise_floor is not None else None
+    if floor is not None and not math.isfinite(floor):
+        warnings.append(f"the IR's rounding-noise floor is {floor} (its perturbed runs "
+                        "overflow); the artifact was checked at the plain tolerance")
+        floor = None
+    if floor is not None:
+        tolerance = max(tolerance, ROUNDING_FLOOR_MARGIN * floor)
+    return tolerance, floor
 
 
 def _check_host_numerics(host_check, module, spec: TargetSpec, inputs, ir_outputs, entries,
