@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slimc.backends.tvm.blob_pack import incbin_supported, pack_imports_incbin
 from slimc.backends.tvm.cross_link import zig_cross_compiler
+from slimc.backends.tvm.script_frames import memoised_frame_modules
 from slimc.backends.tvm.streamed_constants import StreamedConstants
 
 from slimc import interrupts
@@ -15,6 +16,7 @@ from slimc.errors import LoweringError
 from slimc.targets import TargetSpec
 
 
+@memoised_frame_modules()
 def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
                   keep: dict | None = None) -> Path:
     """Compile ``mod`` for ``spec`` and write the shared library to ``path``; ``mod``'s Relax

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from slimc.backends.tvm.script_frames import memoised_frame_modules
 
 from slimc.backend import DeviceUnavailable, TargetDescription, TargetInfo
 from slimc.errors import LoweringError, UsageError
@@ -262,6 +263,7 @@ class _TvmGpuBackend:
             mod = lower_to_relax(ir, converters, spec.tvm_target())
         return to_precision(mod, precision)
 
+    @memoised_frame_modules()
     def host_numerics(self, module: Any, spec: TargetSpec, inputs: Sequence[np.ndarray],
                       entries: Sequence[tuple[str, Sequence[int]]] | None = None,
                       threads: int | None = None) -> list[np.ndarray]:
@@ -282,6 +284,7 @@ class _TvmGpuBackend:
             runner = NativeRunner(library, threads)
             return _run_entries(runner, inputs, entries)
 
+    @memoised_frame_modules()
     def build(self, module: Any, spec: TargetSpec, path: Path, *, tuning: Any = None) -> Path:
         import tvm
         from tvm import relax

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from slimc.backends.tvm.script_frames import memoised_frame_modules
 
 #: Environment variable: the whole-model emulated run is replaced by the per-kernel check when
 #: its estimated duration (idle host, :mod:`.emulation_budget`) exceeds this many seconds.
@@ -152,6 +153,7 @@ def host_module(scheduled):
     return tvm.IRModule(functions, attrs=scheduled.attrs, global_infos=scheduled.global_infos)
 
 
+@memoised_frame_modules()
 def record_on_host(scheduled, weights: Sequence[Any], inputs: Sequence[np.ndarray],
                    threads: int | None = None) -> HostRecord:
     """Build ``scheduled`` for the host, run ``main`` on ``inputs``, and record the first call

@@ -11,6 +11,7 @@ from typing import Any
 
 from slimc.backends.tvm.bounds import clamp_gathers
 from slimc.backends.tvm.legalize import legalize
+from slimc.backends.tvm.script_frames import memoised_frame_modules
 from slimc.backends.tvm.weights import align_weights
 
 from slimc.errors import LoweringError, UsageError
@@ -21,6 +22,7 @@ class UnsupportedOpError(UsageError, LoweringError):
     """An op in the model has no TVM converter (exit code 2: the user can add one)."""
 
 
+@memoised_frame_modules()
 def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None):
     """Legalize ``ir`` in place and import it into a Relax ``IRModule`` with weights bound.
 
