@@ -83,11 +83,14 @@ _GRIDS_LOCK = threading.Lock()
 
 
 def content_key(weight: Tensor) -> tuple:
-    """A key for ``weight``'s values (shape, dtype and a BLAKE2 digest of its bytes): equal
-    for equal tensors wherever they live, unlike ``id()`` or ``data_ptr()``."""
+    """A key for ``weight``'s values (shape, dtype and a SHA-256 digest of its bytes): equal
+    for equal tensors wherever they live, unlike ``id()`` or ``data_ptr()``. SHA-256 rather
+    than BLAKE2: with the CPU's SHA instructions (x86 SHA-NI, ARMv8 crypto) it hashed 2.6x
+    faster (9 vs 24 ms for an 11.5 MB weight), and the 320M decoder's -O2 search hashes every
+    weight several times (3% of it with BLAKE2, issue 18)."""
     data = weight.detach().cpu().contiguous()
     raw = data.view(torch.uint8) if data.dtype != torch.uint8 else data
-    digest = hashlib.blake2b(raw.reshape(-1).numpy(), digest_size=16).hexdigest()
+    digest = hashlib.sha256(raw.reshape(-1).numpy()).hexdigest()
     return (tuple(data.shape), str(data.dtype), digest)
 
 
