@@ -85,16 +85,35 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int
     index = torch.arange(k) // group_size
     n = packed.shape[0]
     rows = max(1, DEQUANTIZE_CHUNK // max(k, 1))
+    grad = torch.is_grad_enabled() and (scale.requires_grad or zero.requires_grad)
+    values = int4_grid_values
+    if (not grad and packed.dim() == 2 and scale.dim() == 2 and zero.dim() == 2
+            and k % group_size == 0 and scale.shape[1] * group_size == k
+            and zero.shape[1] * group_size == k):
+        values = _grouped_grid_values
     if (n <= rows or packed.dim() != 2 or scale.dim() < 1 or zero.dim() < 1
-            or scale.shape[0] != n or zero.shape[0] != n
-            or (torch.is_grad_enabled() and (scale.requires_grad or zero.requires_grad))):
-        return int4_grid_values(unpack_int4(packed, k).float(), scale, zero, index)
+            or scale.shape[0] != n or zero.shape[0] != n or grad):
+        return values(unpack_int4(packed, k).float(), scale, zero, index)
     out = torch.empty(n, k, dtype=torch.float32)
     for start in range(0, n, rows):
         end = start + rows
-        out[start:end] = int4_grid_values(unpack_int4(packed[start:end], k).float(),
-                                          scale[start:end], zero[start:end], index)
+        out[start:end] = values(unpack_int4(packed[start:end], k).float(),
+                                scale[start:end], zero[start:end], index)
     return out
+
+
+def _grouped_grid_values(codes: Tensor, scale: Tensor, zero: Tensor, index: Tensor) -> Tensor:
+    """:func:`int4_grid_values` for ``codes [N, K]`` in whole groups (``scale`` and ``zero``
+    ``[N, K / group]``), bit for bit (the same operations on each element), in place on
+    ``codes`` viewed as ``[N, groups, group]``: no per-element copies of the scales and
+    zeros. Why: every eager forward of an int4 model dequantizes each weight, the budget
+    search's candidates included (issue 18)."""
+    n, k = codes.shape
+    grouped = codes.reshape(n, scale.shape[1], k // scale.shape[1])
+    step = scale.float()[..., None]
+    if zero.is_floating_point():
+        return grouped.mul_(step).add_(zero.float()[..., None]).reshape(n, k)
+    return grouped.sub_(zero.float()[..., None]).mul_(step).reshape(n, k)
 
 
 def dequantize_int8(qweight: Tensor, scale: Tensor) -> Tensor:
