@@ -125,10 +125,10 @@ def _grids_bytes() -> int:
 #: 49152 x 576 table (issue 18).
 GRID_ROWS = 8192
 #: ... and at most about this many weights at once: the ~27 candidate grids each make
-#: ~9 passes over the block, which then stays in the core's L2 cache (2 MB of float32)
-#: instead of streaming from memory: 1.5-1.9x faster on a 2816 x 1024 weight, the same
-#: grids bit for bit (issue 18: the grid searches were ~15% of the 320M decoder's -O2
-#: search).
+#: ~9 passes over the block, which then stays in the caches (2 MB of float32) instead of
+#: streaming from memory: 1.5-1.9x faster on a 2816 x 1024 weight in isolation (blocks of
+#: 128K-1M weights measured; 512K was the fastest), the same grids bit for bit (issue 18:
+#: the grid searches were ~15% of the 320M decoder's -O2 search).
 GRID_ELEMENTS = 1 << 19
 
 
