@@ -385,3 +385,92 @@ def resnet18():
     """ResNet-18 (``ResNetForImageClassification``, basic blocks, random weights): the
     ``cnn`` workload under its table name."""
     return cnn()
+
+
+# Workloads hunted for issue 16 (the ``extra`` group): real architecture sizes, random weights,
+# each picked for ops the table lacks.
+
+
+def regnet_y_400mf():
+    """RegNetY-400MF (``RegNetForImageClassification``, random weights; facebook/regnet-y-040's
+    family at 400 MF: widths 48/104/208/440, depths 1/3/6/6, group width 8), 1x3x224x224:
+    grouped 3x3 convs of 8-channel groups, squeeze-excite."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.RegNetConfig(embedding_size=32, hidden_sizes=[48, 104, 208, 440],
+                                       depths=[1, 3, 6, 6], groups_width=8, layer_type="y",
+                                       num_labels=1000)
+    return _image_model(transformers.RegNetForImageClassification(config))
+
+
+def segformer_b0():
+    """SegFormer-B0 (``SegformerForSemanticSegmentation``, random weights, the config's
+    defaults are nvidia/mit-b0 with a 150-class ADE20k head), 1x3x512x512: overlapping strided
+    patch embeddings, attention over spatially reduced keys (16384 queries x 256 keys in stage
+    1), depthwise 3x3 convs in the MLPs, bilinear upsampling and concatenation in the head."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(num_labels=150)
+    return _image_model(transformers.SegformerForSemanticSegmentation(config), size=512)
+
+
+def gpt2_prefill():
+    """GPT-2 small (``GPT2Model``, random weights), prefill of 128 tokens: causal attention,
+    tanh-approximated GELU, fused QKV ``Conv1D`` (addmm) projections."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(use_cache=False)
+    return _text(transformers.GPT2Model(config), 1, 128, config.vocab_size)
+
+
+def squeezebert():
+    """SqueezeBERT-uncased (``SqueezeBertModel``, random weights), batch 1 x 128 tokens: every
+    projection a grouped 1x1 conv1d (4 groups) over a channels-first sequence."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SqueezeBertConfig()
+    return _text(transformers.SqueezeBertModel(config), 1, 128, config.vocab_size)
+
+
+def levit_128s():
+    """LeViT-128S (``LevitForImageClassificationWithTeacher``, random weights, batch norms with
+    random statistics; the config's defaults), 1x3x224x224: conv stem, attention with learned
+    position biases gathered per head, subsampling attention, hard-swish, batch-normed linears,
+    the distilled head's two classifiers averaged."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LevitForImageClassificationWithTeacher(
+        transformers.LevitConfig(num_labels=1000))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return _image_model(model)
+
+
+def poolformer_s12():
+    """PoolFormer-S12 (``PoolFormerForImageClassification``, random weights, the config's
+    defaults), 1x3x224x224: 3x3 average pooling (padding not counted) as the token mixer,
+    one-group GroupNorm, layer scale, 7x7 stride-4 patch embedding."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.PoolFormerConfig(num_labels=1000)
+    return _image_model(transformers.PoolFormerForImageClassification(config))
+
+
+def dinov2_small():
+    """DINOv2-Small/14 (``Dinov2Model``, random weights), 1x3x224x224: 257 tokens, layer scale,
+    the class token's embedding out (``pooler_output``)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12,
+                                       num_attention_heads=6, image_size=224, patch_size=14)
+    return _image_model(transformers.Dinov2Model(config), field="pooler_output")

@@ -61,7 +61,9 @@ TABLE = ("vit_small", "mobilenet_v2", "bert_base", "minilm_b8", "distilbert_384"
 #: ``--models long``: long sequences and batches.
 LONG = ("minilm_1024", "minilm_b8", "vit_small_b4")
 #: ``--models extra``: workloads outside the tuned table (a stand-in for unseen models).
-EXTRA = ("swin_tiny", "mobilevit_small", "wav2vec2_base", "vit_small_b4", "minilm_1024")
+EXTRA = ("swin_tiny", "mobilevit_small", "wav2vec2_base", "vit_small_b4", "minilm_1024",
+         "regnet_y_400mf", "segformer_b0", "gpt2_prefill", "squeezebert", "levit_128s",
+         "poolformer_s12", "dinov2_small")
 PRESETS = {"table": TABLE, "long": LONG, "extra": EXTRA}
 #: slimc engines: the artifact of each pipeline (None: the default, fp32).
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
