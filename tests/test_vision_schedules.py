@@ -538,3 +538,41 @@ def test_grouped_conv_vector_tiles_stay_inside_a_group(channels, groups, lanes, 
     assert widths and widths[-1] == lanes, conv
     assert (channels // groups) % widths[-1] == 0
     assert "if_then_else" not in conv[conv.index('"group_conv1d_nwc_update"'):], conv
+
+
+def _padded_blocks(module, inputs, kind: str) -> list[str]:
+    """Names of the ``*_pad`` blocks the tiled-matmul rule adds to the ``kind`` kernels."""
+    import tvm
+    from slimc.backends.tvm.schedules import cpu_matmul, fusion_passes
+
+    from slimc.targets import resolve_target
+
+    target = resolve_target("x86-64-v4-vnni").tvm_target()
+    with target, tvm.transform.PassContext(opt_level=3):
+        fused = tvm.transform.Sequential(fusion_passes(target))(_lower(module, inputs))
+    names = []
+    for gvar, func in fused.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and kind in gvar.name_hint:
+            sch = cpu_matmul.TiledMatmul().apply(func, target)
+            assert sch is not None
+            names += [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    return [n for n in names if n.endswith("_pad")]
+
+
+def test_weight_output_tail_is_padded_when_many_rows_reuse_it(tmp_path, caplog):
+    """A 1 x 1 conv to 150 channels (SegFormer's ADE20k classifier) over 16 x 16 pixels runs
+    as a matmul over the NHWC pixels whose constant filters are padded to whole vector panels
+    (a copy of 32 x 150 floats per call, against 256 output rows that reuse it) instead of a
+    predicated, scalar micro-kernel; a 1 x 1 conv to 160 channels stays a conv; a linear
+    layer over 5 rows keeps its weight as it is. Exact against PyTorch."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 150, 1).eval()
+    x = torch.randn(1, 32, 16, 16)
+    kernels = {g.name_hint for g, _ in _fused(conv, (x,)).functions_items()}
+    assert not [n for n in kernels if "conv2d" in n], sorted(kernels)
+    assert _padded_blocks(conv, (x,), "matmul"), "the 150-wide filter axis should be padded"
+    wide = torch.nn.Conv2d(32, 160, 1).eval()
+    assert [n for n, _ in _fused(wide, (x,)).functions_items() if "conv2d" in n.name_hint]
+    _check(conv, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+    linear = torch.nn.Linear(32, 150).eval()
+    assert not _padded_blocks(linear, (torch.randn(5, 32),), "matmul")

@@ -186,6 +186,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         cancel_transposes,
         drop_noop_broadcasts,
         nhwc_rewrites,
+        pointwise_tail_convs_as_matmul,
         sink_layout_transposes,
     )
     from .requantize_fusion import fuse_requantize
@@ -198,6 +199,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
+        pointwise_tail_convs_as_matmul,
         # cancelled transposes leave `y = x` aliases, which would cut fusion chains
         relax.transform.CanonicalizeBindings(),
         # After the layout passes: fast_math turns sigmoid/SiLU/GELU into call_te kernels that

@@ -81,6 +81,11 @@ MAX_PAD_FRACTION = 0.25
 #: padded (192 windows x heads, 2 threads). Whole vectors cost ``ceil(n / lanes)`` operations
 #: per row either way; the padding costs one copy of the runtime operand.
 MATMUL_TAIL_PAD_FRACTION = 1.0
+#: A constant operand (a weight) is padded along a static vector tail too, on every call, when
+#: at least this many output rows reuse it: the copy (``K x N``) is then at most 1/64 of the
+#: kernel's ``M x K x N`` work, while the predicated tail makes the whole micro-kernel scalar
+#: (SegFormer-B0's 150-class 1 x 1 classifier over 128 x 128 pixels: 34% of the model's time).
+CONSTANT_PAD_MIN_ROWS = 64
 #: Grouped convs get vector tiles inside one group (:func:`_group_width`).
 GROUPED_CONV_TILES = True
 #: Convs over inputs of at most FEW_CHANNELS channels (a network's RGB stem) read their zero
@@ -409,6 +414,17 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
     return True
 
 
+def _output_rows(stmt, columns: int) -> int:
+    """Output elements of ``stmt`` per column of its ``columns``-wide vector axis: the rows
+    that reuse each weight column (0 when an extent is symbolic)."""
+    total = 1
+    for dim in stmt.writes[0].source.shape:
+        if not isinstance(dim, tirx.IntImm):
+            return 0
+        total *= int(dim)
+    return total // max(columns, 1)
+
+
 def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile: int,
                                max_fraction: float = MAX_PAD_FRACTION) -> bool:
     """Whether a fixed axis of ``size`` should be padded to a multiple of ``tile``."""
@@ -424,6 +440,8 @@ def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile:
     ivar = next((v for v, b in bindings.items() if isinstance(b, tirx.Var) and b.same_as(var)),
                 None)
     func = sch.mod["main"]
+    if _output_rows(stmt, size) >= CONSTANT_PAD_MIN_ROWS:
+        return True
     constant = func.attrs.get(CONSTANT_OPERANDS) if func.attrs is not None else None
     constant_params = [func.params[int(i)] for i in (constant or [])]
     for region in stmt.reads:

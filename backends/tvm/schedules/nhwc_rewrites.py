@@ -291,3 +291,47 @@ def sink_layout_transposes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """
     return relax.transform.DeadCodeElimination()(
         mutate_relax_functions(mod, _SinkTransposes(mod)))
+
+
+def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
+    """``matmul(x, reshape(w, [C, O]))`` for a 1x1, stride-1, unpadded, dense NHWC/HWIO conv
+    whose output channels no vector panel divides (``O % 4``), else ``call``."""
+    a = call.attrs
+    if (str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO" or a.groups != 1
+            or str(a.out_layout) not in ("NHWC", "")
+            or any(int(s) != 1 for s in a.strides) or any(int(d) != 1 for d in a.dilation)
+            or any(int(p) for p in a.padding)):
+        return call
+    shape = getattr(getattr(call.args[1], "ty", None), "shape", None)
+    if shape is None or len(shape) != 4 or not all(isinstance(d, tirx.IntImm) for d in shape):
+        return call
+    kh, kw, cin, cout = (int(d) for d in shape)
+    if (kh, kw) != (1, 1) or cout % 4 == 0:
+        return call
+    weight = relax.op.reshape(call.args[1], (cin, cout))
+    out_dtype = str(a.out_dtype) if str(a.out_dtype) else None
+    return relax.op.matmul(call.args[0], weight, out_dtype=out_dtype)
+
+
+@expr_functor.mutator
+class _PointwiseTailConvs(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", None) == "relax.nn.conv2d":
+            return _pointwise_tail_conv(call)
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="SlimcPointwiseTailConvs")
+def pointwise_tail_convs_as_matmul(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """A 1x1 conv to a channel count no vector panel divides (SegFormer's 150 ADE20k classes,
+    a detection head's 255 outputs) as the matmul it is, over the NHWC pixels.
+
+    Why: the conv rule splits its output channels into 16-lane vectors and predicates the
+    last one, which TVM then runs scalar: the whole micro-kernel, every tile (SegFormer-B0's
+    256 -> 150 classifier over 128 x 128 pixels was 34% of the model). As a matmul its
+    constant weight's column tail is padded to whole panels instead
+    (:data:`.cpu_matmul.CONSTANT_PAD_MIN_ROWS`), which a conv's window indexing does not
+    allow. Channel counts a panel divides keep the conv rule (and its pointwise tuning).
+    """
+    return mutate_relax_functions(mod, _PointwiseTailConvs(mod))
