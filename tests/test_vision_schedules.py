@@ -576,3 +576,8 @@ def test_weight_output_tail_is_padded_when_many_rows_reuse_it(tmp_path, caplog):
     _check(conv, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
     linear = torch.nn.Linear(32, 150).eval()
     assert not _padded_blocks(linear, (torch.randn(5, 32),), "matmul")
+    # a 3 x 3 conv to 150 channels stays a conv, its tail predicated (a conv's window indexing
+    # is no einsum to pad), and still builds and is exact
+    (tmp_path / "3x3").mkdir()
+    _check(torch.nn.Conv2d(32, 150, 3, padding=1).eval(), (x,), tmp_path / "3x3", caplog,
+           "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")

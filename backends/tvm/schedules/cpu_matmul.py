@@ -387,7 +387,9 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
     pad_static = (PAD_STATIC_TAILS and vector_size is not None
                   and _static_tail_worth_padding(
                       sch, main, axes.vector, vector_size, nr,
-                      MATMUL_TAIL_PAD_FRACTION if matmul else MAX_PAD_FRACTION))
+                      MATMUL_TAIL_PAD_FRACTION if matmul else MAX_PAD_FRACTION,
+                      # a conv's window indexing is no einsum: pad_einsum refuses it
+                      pad_constants=len(axes.reduce) == 1))
     lanes = vector_lanes(target, dtype_bits)
     if (PAD_STATIC_TAILS and vector_size is not None and nr < lanes and matmul
             and _static_tail_worth_padding(sch, main, axes.vector, vector_size, 2 * lanes)):
@@ -426,7 +428,8 @@ def _output_rows(stmt, columns: int) -> int:
 
 
 def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile: int,
-                               max_fraction: float = MAX_PAD_FRACTION) -> bool:
+                               max_fraction: float = MAX_PAD_FRACTION,
+                               pad_constants: bool = False) -> bool:
     """Whether a fixed axis of ``size`` should be padded to a multiple of ``tile``."""
     if size <= tile or size % tile == 0:
         return False
@@ -440,7 +443,7 @@ def _static_tail_worth_padding(sch: s_tir.Schedule, main, loop, size: int, tile:
     ivar = next((v for v, b in bindings.items() if isinstance(b, tirx.Var) and b.same_as(var)),
                 None)
     func = sch.mod["main"]
-    if _output_rows(stmt, size) >= CONSTANT_PAD_MIN_ROWS:
+    if pad_constants and _output_rows(stmt, size) >= CONSTANT_PAD_MIN_ROWS:
         return True
     constant = func.attrs.get(CONSTANT_OPERANDS) if func.attrs is not None else None
     constant_params = [func.params[int(i)] for i in (constant or [])]
