@@ -124,3 +124,55 @@ def test_broadcasting_add_is_not_moved(tmp_path, caplog):
     last_add = [line for line in after.splitlines() if "R.add(" in line][-1]
     assert "R.Tensor((2, 7, 24)" in last_add, last_add
     _check(module, inputs, tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+
+class EagerAttention(torch.nn.Module):
+    """HF MobileViT's eager attention: heads folded into the batch for the matmuls, the scores
+    viewed as ``(batch, heads, n, n)`` and scaled by a scalar after the view."""
+
+    def __init__(self, heads: int, op: str) -> None:
+        super().__init__()
+        self.heads, self.op = heads, op
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n, d = q.shape[-2], q.shape[-1]
+        scores = (q @ k.transpose(1, 2)).view(-1, self.heads, n, n)
+        if self.op == "divide":
+            scores = scores / d**0.5
+        else:
+            scores = d**-0.5 * scores
+        return torch.softmax(scores, dim=-1).view(-1, n, n) @ v
+
+
+@pytest.mark.parametrize("op", ["divide", "multiply"])
+def test_scalar_scale_after_a_view_fuses_into_the_matmul(op, tmp_path, caplog):
+    """``view(q @ k^T) / sqrt(d)``: the division by a scalar sinks past the view into the
+    scores matmul's epilogue; no kernel is a lone ``reshape + divide`` (one more pass over the
+    widest tensor of the layer); the built library matches PyTorch."""
+    torch.manual_seed(0)
+    module = EagerAttention(2, op).eval()
+    inputs = tuple(torch.randn(4, 40, 12) for _ in range(3))
+    kernels = _named_kernels(module, inputs)
+    assert not [k for k in kernels if op in k and "matmul" not in k], kernels
+    assert [k for k in kernels if op in k and "matmul" in k], kernels
+    _check(module, inputs, tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_tensor_scale_after_a_view_is_not_moved():
+    """A divisor with more than one element would pair with other elements once the view is
+    moved: it stays after the reshape."""
+    from slimc.backends.tvm.schedules.sink_reshapes import sink_reshapes
+
+    class PerHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.rand(1, 2, 1, 1) + 1)
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return (q @ k.transpose(1, 2)).view(-1, 2, 40, 40) / self.scale
+
+    inputs = tuple(torch.randn(4, 40, 12) for _ in range(2))
+    mod = _lower(PerHead().eval(), inputs)
+    after = sink_reshapes(mod)["main"].script()
+    divide = next(line for line in after.splitlines() if "R.divide(" in line)
+    assert "R.Tensor((2, 2, 40, 40)" in divide, divide

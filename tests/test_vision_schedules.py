@@ -581,3 +581,21 @@ def test_weight_output_tail_is_padded_when_many_rows_reuse_it(tmp_path, caplog):
     (tmp_path / "3x3").mkdir()
     _check(torch.nn.Conv2d(32, 150, 3, padding=1).eval(), (x,), tmp_path / "3x3", caplog,
            "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+class WeightedValues(torch.nn.Module):
+    def forward(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return p @ v
+
+
+def test_narrow_head_dim_runs_on_whole_vectors(tmp_path, caplog):
+    """``P @ V`` with MobileViT's 36-wide heads: only a 4-lane panel divides 36, and two
+    whole vectors (64) would add 78%; the rule pads the values to 48 columns and runs
+    16-lane panels (3 vectors a row instead of 9 quarter vectors), still exact."""
+    torch.manual_seed(0)
+    inputs = (torch.softmax(torch.randn(4, 64, 64), -1), torch.randn(4, 64, 36))
+    _check(WeightedValues(), inputs, tmp_path, caplog, "tiled-matmul",
+           target="x86-64-v4-vnni")
+    (text,) = [t for n, t in _scheduled(WeightedValues(), inputs).items() if "matmul" in n]
+    update = _enclosing(text, "matmul_update")
+    assert "T.vectorized(T.int64(16))" in update[-1], update
+    assert "(T.int64(4), T.int64(64), T.int64(48))" in text  # the padded values

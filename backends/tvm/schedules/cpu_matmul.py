@@ -86,6 +86,10 @@ MATMUL_TAIL_PAD_FRACTION = 1.0
 #: kernel's ``M x K x N`` work, while the predicated tail makes the whole micro-kernel scalar
 #: (SegFormer-B0's 150-class 1 x 1 classifier over 128 x 128 pixels: 34% of the model's time).
 CONSTANT_PAD_MIN_ROWS = 64
+
+#: A matmul vector axis only a narrow (< lanes) panel divides is padded to one full vector
+#: per panel when two would add too much (:func:`_pad_symbolic_tiles`; off only to measure).
+NARROW_PANEL_PADDING = True
 #: Grouped convs get vector tiles inside one group (:func:`_group_width`).
 GROUPED_CONV_TILES = True
 #: Convs over inputs of at most FEW_CHANNELS channels (a network's RGB stem) read their zero
@@ -391,11 +395,19 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
                       # a conv's window indexing is no einsum: pad_einsum refuses it
                       pad_constants=len(axes.reduce) == 1))
     lanes = vector_lanes(target, dtype_bits)
-    if (PAD_STATIC_TAILS and vector_size is not None and nr < lanes and matmul
-            and _static_tail_worth_padding(sch, main, axes.vector, vector_size, 2 * lanes)):
+    if PAD_STATIC_TAILS and vector_size is not None and nr < lanes and matmul:
         # Only a narrow panel divides the axis (Whisper's 1500 keys: 4 of AVX-512's 16
-        # lanes, a quarter of the machine): pad it to whole full-width panels instead.
-        nr, pad_static = 2 * lanes, True
+        # lanes, a quarter of the machine): pad it to whole full-width panels instead --
+        # two vectors wide when that adds little, else one (MobileViT's 36-wide attention
+        # heads: ``P @ V`` on 4-lane panels, 36 -> 48 columns is 3 whole vectors a row
+        # instead of 9 quarter ones; ``MATMUL_TAIL_PAD_FRACTION`` as for any vector tail).
+        wide = next((t for t, limit in ((2 * lanes, MAX_PAD_FRACTION),
+                                        (lanes, MATMUL_TAIL_PAD_FRACTION))
+                     if NARROW_PANEL_PADDING or t == 2 * lanes
+                     if _static_tail_worth_padding(sch, main, axes.vector, vector_size, t,
+                                                   limit)), None)
+        if wide is not None:
+            nr, pad_static = wide, True
     for tile, loop in ((mr, axes.reuse), (nr, axes.vector)):
         if loop is None or tile <= 1:
             continue
