@@ -323,9 +323,13 @@ class ExpandedAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 256, 256), (2, 4, 64, 256)])
-def test_softmax_rows_in_chunks_keep_the_row_rule(shape, tmp_path, caplog):
+def test_softmax_rows_in_chunks_keep_the_row_rule(shape, tmp_path, caplog, monkeypatch):
     """Softmax rows of 256 in chunks of 16 rows (one scratch allocation each): the row rule
-    schedules them (it fell back to naive loops before, 4x ONNX Runtime on MobileViT), exact."""
+    schedules them (it fell back to naive loops before, 4x ONNX Runtime on MobileViT), exact.
+    (Such whole-vector rows now run the row kernel; the rule is checked with it off.)"""
+    from slimc.backends.tvm.schedules import attention_softmax
+
+    monkeypatch.setattr(attention_softmax, "PLAIN_SOFTMAX_ROWS", False)
     torch.manual_seed(0)
     x = torch.randn(*shape) * 3
     _check(Norms("softmax", shape[-1]), (x,), tmp_path, caplog, "row-reduction", tol=1e-5)
@@ -347,3 +351,21 @@ def test_noop_broadcasts_leave_the_graph(tmp_path, caplog):
     assert names and not [n for n in names if "broadcast_to" in n], names
     _check(ExpandedAttention(), (q, k, v), tmp_path, caplog, ("tiled-matmul", "row-reduction"),
            tol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 256, 256), (2, 4, 64, 16)])
+def test_plain_softmax_over_whole_vectors_runs_the_row_kernel(shape, tmp_path, caplog):
+    """Eager attention's softmax (no SDPA check) over rows of whole vectors (MobileViT's 256,
+    64 and 16 keys) is the hand-written row kernel, without the all -inf row test, and no
+    TE softmax kernel is left; the result matches PyTorch."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3
+    fused, _ = _fused_main(Norms("softmax", shape[-1]), (x,))
+    kernels = _kernels(fused)
+    names = [n for n in kernels if "softmax" in n]
+    assert names == ["softmax_rows"], list(kernels)
+    text = kernels["softmax_rows"].script()
+    assert kernels["softmax_rows"].attrs["tirx.is_scheduled"]
+    assert 16 in _vector_widths(text) and not re.search(_ROW_TEST, text), text
+    _check(Norms("softmax", shape[-1]), (x,), tmp_path, caplog, None, tol=1e-5,
+           target="x86-64-v4-vnni")

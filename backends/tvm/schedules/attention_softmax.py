@@ -267,6 +267,7 @@ class _SafeSoftmax(PyExprMutator):
         self.var2val: dict = {}
         self.uses: dict = {}
         self.plans: dict = {}
+        self.guarded: set = set()
 
     def plan(self, func: relax.Function) -> None:
         """Find the ``P @ V`` matmuls to pad (on the original function, before rewriting)."""
@@ -286,6 +287,10 @@ class _SafeSoftmax(PyExprMutator):
 
         relax.analysis.post_order_visit(func.body, count)
         for value in bindings.values():
+            if _op(value) == "relax.where":  # a safe softmax: rewritten with its check
+                soft = self._value(value.args[2])
+                if _op(soft) == "relax.nn.softmax":
+                    self.guarded.add(soft)
             if _op(value) == "relax.matmul":
                 plan = self._plan_matmul(value)
                 if plan is not None:
@@ -401,6 +406,8 @@ class _SafeSoftmax(PyExprMutator):
         plan = self.plans.get(call)
         if plan is not None:
             return self._padded(call, plan)
+        if _op(call) == "relax.nn.softmax" and PLAIN_SOFTMAX_ROWS and call not in self.guarded:
+            return self._plain_softmax(call)
         if _op(call) != "relax.where":
             return super().visit_call_(call)
         cond, zeros, soft = call.args
@@ -416,6 +423,18 @@ class _SafeSoftmax(PyExprMutator):
         if info.shape is None or _dims(call.ty.shape) != _dims(info.shape):
             return super().visit_call_(call)  # a broadcasting where: leave it
         return self._softmax(self.visit_expr(x), None, True, "safe_softmax")
+
+    def _plain_softmax(self, call: relax.Call) -> relax.Expr:
+        """A softmax with no all ``-inf`` check (eager attention: ``softmax(q @ k^T / s)``)
+        over whole-vector rows of a constant shape: the row kernel too (MobileViT's 16 x 256
+        rows of 256 keys ran TVM's ``fast_softmax``, its TE version)."""
+        x = call.args[0]
+        info = x.ty
+        shape = _static(getattr(info, "shape", None) or [])
+        if not shape or str(info.dtype) != "float32" or shape[-1] % self.lanes \
+                or not _last_axis(call.attrs.axis, len(shape)):
+            return super().visit_call_(call)
+        return self._softmax(self.visit_expr(x), None, False, "softmax")
 
     def _softmax(self, x: relax.Expr, valid: int | None, check: bool, name: str) -> relax.Expr:
         """Softmax of ``x`` over its last axis: the row kernel when ``x``'s shape is constant
@@ -470,6 +489,9 @@ ENABLED = True
 #: False keeps the TE softmax (``RowReduction``) where the row kernel would run, for A/B
 #: benchmarks (``benchmarks/attention_softmax.py --no-row-kernel``).
 ROW_KERNEL = True
+#: Plain softmaxes (no safe-softmax check) over whole-vector rows run the row kernel too
+#: (:meth:`_SafeSoftmax._plain_softmax`); False keeps TVM's softmax, for A/B benchmarks.
+PLAIN_SOFTMAX_ROWS = True
 
 
 def fuse_safe_softmax(target) -> tvm.transform.Pass:
@@ -483,8 +505,7 @@ def fuse_safe_softmax(target) -> tvm.transform.Pass:
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mutator.plan(func)
-        if not mutator.plans:
-            return mutate_relax_functions(mod, mutator)
+        # (a softmax rewritten before its ``P @ V`` plan or ``where`` replaced it is dead)
         return relax.transform.DeadCodeElimination()(mutate_relax_functions(mod, mutator))
 
     return _pass
