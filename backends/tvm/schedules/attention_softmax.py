@@ -432,6 +432,7 @@ class _SafeSoftmax(PyExprMutator):
         info = x.ty
         shape = _static(getattr(info, "shape", None) or [])
         if not shape or str(info.dtype) != "float32" or shape[-1] % self.lanes \
+                or shape[-1] < PLAIN_SOFTMAX_MIN_VECTORS * self.lanes \
                 or not _last_axis(call.attrs.axis, len(shape)):
             return super().visit_call_(call)
         return self._softmax(self.visit_expr(x), None, False, "softmax")
@@ -492,6 +493,10 @@ ROW_KERNEL = True
 #: Plain softmaxes (no safe-softmax check) over whole-vector rows run the row kernel too
 #: (:meth:`_SafeSoftmax._plain_softmax`); False keeps TVM's softmax, for A/B benchmarks.
 PLAIN_SOFTMAX_ROWS = True
+#: ... of at least this many vectors. Alone, 2 threads, through bench.sh (medians, loaded
+#: host): 4 x 4 x 256 rows of 256 keys 320 vs 507 us (TE), 8 x 256 of 256 221 vs 485; but
+#: 128 keys 111 vs 109, 64 keys 53-55 vs 38-40, 16 keys 12.8 vs 11.8: short rows keep TE's.
+PLAIN_SOFTMAX_MIN_VECTORS = 16
 
 
 def fuse_safe_softmax(target) -> tvm.transform.Pass:
