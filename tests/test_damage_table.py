@@ -140,6 +140,7 @@ def test_measure_holds_one_approximation_of_a_layer_at_a_time(hf_dir, monkeypatc
     from slimc.search import space as space_module
 
     monkeypatch.setattr(space_module, "KEEP_APPROXIMATIONS_BYTES", 0)
+    monkeypatch.setattr(space_module, "STACK_ANCHORS_BYTES", -1)  # anchors one at a time
 
     made: list[weakref.ref] = []
     most = 0
@@ -198,6 +199,7 @@ def test_small_layers_keep_their_approximations_and_two_workers_give_the_same_ta
     changed = sum(len(c.options) - 1 for c in space.layers)
     assert len(calls) == changed  # no anchor made twice
     monkeypatch.setattr(space_module, "KEEP_APPROXIMATIONS_BYTES", 0)
+    monkeypatch.setattr(space_module, "STACK_ANCHORS_BYTES", -1)  # anchors one at a time
     again = measure(ir, ctx, space.layers, {}, width, 2)
     assert len(calls) > 2 * changed
     with compile_jobs(2):
@@ -291,3 +293,19 @@ def test_depth_shared_lines_rank_like_every_layers_own_anchors(tmp_path, mode):
     assert np.array_equal(np.isfinite(own), np.isfinite(shared))
     rho = spearmanr(shared[live], own[live]).statistic
     assert rho > 0.9, rho
+
+
+def test_stacked_anchors_give_the_separate_forwards_table(hf_dir, monkeypatch):
+    """A layer's anchors run as one vmapped batch (issue 18): the table equals the one made
+    with one forward per anchor up to the matrix products' summation order."""
+    import slimc.search.space as space
+
+    stacked = _space(hf_dir("llama"), "local")
+    monkeypatch.setattr(space, "STACK_ANCHORS_BYTES", -1)
+    monkeypatch.setattr(space, "KEEP_APPROXIMATIONS_BYTES", -1)
+    separate = _space(hf_dir("llama"), "local")
+    assert stacked.info["damage_forwards"] == separate.info["damage_forwards"] > 0
+    assert np.array_equal(np.isfinite(stacked.damage), np.isfinite(separate.damage))
+    live = np.isfinite(separate.damage)
+    np.testing.assert_allclose(stacked.damage[live], separate.damage[live], rtol=1e-5,
+                               atol=1e-12)

@@ -314,6 +314,27 @@ TRIM_AFTER_BYTES = 256 << 20
 KEEP_APPROXIMATIONS_BYTES = 64 << 20
 
 
+#: A layer's anchors are run as one batch (:func:`run_stacked`) when its approximations are
+#: kept anyway or its anchors' values together are at most this many bytes (they are alive
+#: at once, twice while stacked: an embedding table's two would add ~800 MB to the peak on
+#: the 320M random Llama, for ~2% of the anchors' forwards; a 2816 x 1024 MLP weight's 23 MB).
+STACK_ANCHORS_BYTES = 32 << 20
+
+
+def run_stacked(run, name: str, values: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``[run({name: v}) for v in values]`` as one forward over the stacked values
+    (``torch.vmap``): a weight's anchors share every op from its first use on, and the
+    matrix products after it run with ``len(values)`` times the rows (the suffix forwards
+    are ~93% ``mm`` at 64 tokens: one batch of two is ~8-17% cheaper per anchor than two,
+    issue 18). The outputs equal the separate forwards' up to the products' summation
+    order (bit for bit in the measurements of docs/benchmarks.md, "Issue 18: batched
+    anchors")."""
+    if len(values) == 1:
+        return [run({name: values[0]})]
+    stacked = torch.vmap(lambda v: tuple(run({name: v})))(torch.stack(values))
+    return [[out[k] for out in stacked] for k in range(len(values))]
+
+
 #: Depth-shared propagation lines by default? Off: on the 320M random Llama the -O2 search
 #: with them chose candidates with a larger measured drop at 4 of its 5 sizes (the chosen
 #: one 0.00962 vs 0.00944 at size 0.16029) for 26% less search CPU, and on SmolLM2 the
@@ -375,12 +396,17 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                         for b in wide]}
 
     def end_to_end(name: str, value: torch.Tensor, view: str) -> float:
+        return end_to_end_many(name, [value], view)[0]
+
+    def end_to_end_many(name: str, values: list[torch.Tensor], view: str) -> list[float]:
+        """:func:`end_to_end` of several values of one weight, run as one batch
+        (:func:`run_stacked`)."""
+        pairs = zip(wide_refs if view == "wide" else references, runners[view], strict=True)
+        per_batch = [[worst(outs) for outs in run_stacked(run, name, values)]
+                     for worst, run in pairs]
         if view == "wide":
-            return max(worst(run({name: value}))
-                       for worst, run in zip(wide_refs, runners["wide"], strict=True))
-        return sum(worst(run({name: value}))
-                   for worst, run in zip(references, runners["calib"], strict=True)) \
-            / len(batches)
+            return [max(col) for col in zip(*per_batch, strict=True)]
+        return [sum(col) / len(batches) for col in zip(*per_batch, strict=True)]
 
     local = {i for i, c in enumerate(choices)
              if method == "local" and local_measurable(c.layer)}
@@ -467,7 +493,11 @@ def measure(ir: IR, ctx: PassContext, choices: list[LayerChoices], spectrum: dic
                     predicted = None
                     break
                 chosen = anchor_indices(errors[view], anchors)
-                found = {a: end_to_end(name, value(changed[a]), view) for a in chosen}
+                if keep or size * len(chosen) <= STACK_ANCHORS_BYTES:  # one forward
+                    found = dict(zip(chosen, end_to_end_many(
+                        name, [value(changed[a]) for a in chosen], view), strict=True))
+                else:
+                    found = {a: end_to_end(name, value(changed[a]), view) for a in chosen}
                 forwards += len(found)
                 predicted = np.maximum(predicted, interpolate(errors[view], found))
                 if view == "calib" and np.isfinite(reference):
