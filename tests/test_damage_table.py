@@ -309,3 +309,24 @@ def test_stacked_anchors_give_the_separate_forwards_table(hf_dir, monkeypatch):
     live = np.isfinite(separate.damage)
     np.testing.assert_allclose(stacked.damage[live], separate.damage[live], rtol=1e-5,
                                atol=1e-12)
+
+
+def test_run_stacked_batches_or_falls_back_to_one_value_at_a_time():
+    """``run_stacked`` equals the separate runs, through vmap or, for an op vmap cannot batch
+    (``.item()``), one value at a time."""
+    from slimc.search.space import run_stacked
+
+    x = torch.randn(5, 3)
+    values = [torch.randn(4, 3) for _ in range(3)]
+
+    def linear(overrides):
+        return [x @ overrides["w"].T]
+
+    def data_dependent(overrides):
+        return [x @ overrides["w"].T * overrides["w"].sum().item()]
+
+    for run in (linear, data_dependent):
+        stacked = run_stacked(run, "w", values)
+        assert len(stacked) == len(values)
+        for got, v in zip(stacked, values, strict=True):
+            torch.testing.assert_close(got[0], run({"w": v})[0])

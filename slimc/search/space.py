@@ -325,14 +325,19 @@ def run_stacked(run, name: str, values: list[torch.Tensor]) -> list[list[torch.T
     """``[run({name: v}) for v in values]`` as one forward over the stacked values
     (``torch.vmap``): a weight's anchors share every op from its first use on, and the
     matrix products after it run with ``len(values)`` times the rows (the suffix forwards
-    are ~93% ``mm`` at 64 tokens: one batch of two is ~8-17% cheaper per anchor than two,
+    are ~93% ``mm`` at 64 tokens: one batch of two is ~14% cheaper per anchor than two,
     issue 18). The outputs equal the separate forwards' up to the products' summation
-    order (bit for bit in the measurements of docs/benchmarks.md, "Issue 18: batched
-    anchors")."""
-    if len(values) == 1:
-        return [run({name: values[0]})]
-    stacked = torch.vmap(lambda v: tuple(run({name: v})))(torch.stack(values))
-    return [[out[k] for out in stacked] for k in range(len(values))]
+    order (bit for bit in the measurements of docs/benchmarks.md, "Issue 18: stacked
+    anchors"). A graph with an op vmap cannot batch (data-dependent control flow, an
+    ``.item()``) runs the values one at a time."""
+    if len(values) > 1:
+        try:
+            stacked = torch.vmap(lambda v: tuple(run({name: v})))(torch.stack(values))
+        except RuntimeError:
+            pass
+        else:
+            return [[out[k] for out in stacked] for k in range(len(values))]
+    return [run({name: v}) for v in values]
 
 
 #: Depth-shared propagation lines by default? Off: on the 320M random Llama the -O2 search
