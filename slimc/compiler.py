@@ -587,9 +587,10 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
         return_freed_memory()
         limits.progress(f"verify: {len(record.cases)} kernels under {where}")
         emulation_started = time.perf_counter()
+        guest: dict[str, Any] = {}
         try:
             emulated = backend.run(library, spec, [], threads, limits=limits,
-                                   kernels=(arrays, plan))
+                                   kernels=(arrays, plan), timings=guest)
         except DeviceUnavailable as exc:
             if options.emulate == "require":
                 raise UsageError(f"Cannot run the {spec.triple} artifact to verify it: {exc}.",
@@ -621,7 +622,8 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
             "not_covered": "the aarch64 run of the VM bytecode end to end, and each kernel's "
             "calls after its first",
             "seconds": {"host_build": round(record.build_s, 2),
-                        "host_run": round(record.run_s, 2), "emulator": round(emulated_s, 2)},
+                        "host_run": round(record.run_s, 2), "emulator": round(emulated_s, 2),
+                        **({"emulator_parts": guest} if guest else {})},
             "tolerance": tolerance, "rounding_noise_floor": floor, "precision": precision,
             **({"run_budget": limits.budget} if limits.budget else {})}, host_outputs
 

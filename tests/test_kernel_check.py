@@ -52,6 +52,13 @@ def test_per_kernel_policy_verifies_a_decoder(aarch64_emulator, hf_dir, tmp_path
     assert 10 <= k["checked"] <= k["total"] and k["calls_in_model"] > k["checked"]
     assert k["worst_relative_l2"] <= v["tolerance"] and v["relative_l2_vs_ir"] < 1e-5
     assert "kernel by kernel" in (out / "report.md").read_text()
+    # where the emulated run's time went, from the guest's own stamps (timings.json: the
+    # manifest keeps no wall seconds, so that equal builds give equal manifests)
+    timings = json.loads((out / "timings.json").read_text())["elsewhere"]
+    parts = timings["verification.seconds"]["emulator_parts"]
+    assert {"interpreter_start", "imports", "library_load", "kernels", "save",
+            "slowest_kernel"} <= set(parts)
+    assert 0 <= parts["kernels"] <= parts["total"]
 
 
 def test_per_kernel_policy_on_a_dynamic_artifact(aarch64_emulator, hf_dir, tmp_path, cli,

@@ -165,10 +165,12 @@ class TvmCpuBackend:
     def run(self, library: Path, spec: TargetSpec, inputs: Sequence[np.ndarray],
             threads: int | None, *, limits: RunLimits | None = None,
             entries: Sequence[tuple[str, Sequence[int]]] | None = None,
-            kernels: tuple[str, str] | None = None) -> list[np.ndarray]:
+            kernels: tuple[str, str] | None = None,
+            timings: dict | None = None) -> list[np.ndarray]:
         """``entries``: run these functions on these input indices instead of ``main``
         (generation artifacts: ``prefill`` and ``decode``). ``kernels``: a cross artifact's
-        single kernels (:mod:`.kernel_check`)."""
+        single kernels (:mod:`.kernel_check`); ``timings`` then receives where the emulated
+        run's time went."""
         from slimc.backends.tvm.emulation import (
             EmulationError,
             EmulationTimeout,
@@ -199,7 +201,8 @@ class TvmCpuBackend:
         try:
             return run_library(library, inputs, cross_triple=spec.triple, threads=threads,
                                timeout=budget.limit_s, on_tick=tick, entries=entries,
-                               **({"kernels": kernels} if kernels is not None else {}))
+                               **({"kernels": kernels, "timings": timings}
+                                  if kernels is not None else {}))
         except EmulatorUnavailable as exc:
             raise DeviceUnavailable(str(exc)) from exc
         except EmulationTimeout as exc:

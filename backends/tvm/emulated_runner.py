@@ -20,16 +20,28 @@ With ``@KERNELS.json`` as the fourth argument it calls single kernels instead
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import json
-import os
-import sys
 import time
-from typing import Any
 
-import numpy as np
-import tvm_ffi
+_STARTED = time.time()  # wall clock at interpreter start (the host computes the guest's start-up)
+
+import ctypes  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+# tvm_ffi imports ml_dtypes when it can (bfloat16/float8 numpy dtypes), and its C++ extension's
+# initialisation costs ~7 CPU-seconds under qemu-aarch64 7.2 (`-X importtime`: 26 s of a 30 s
+# import on a loaded 2-core host) -- more than most kernels. The runner never needs it: numpy's
+# DLPack exchange (`np.from_dlpack`, `tvm_ffi.from_dlpack`) supports no ml_dtypes dtype anyway.
+if __name__ == "__main__":  # the guest process only, never a host importer
+    sys.modules.setdefault("ml_dtypes", None)  # type: ignore[assignment]  # -> ImportError
+import tvm_ffi  # noqa: E402
+
+_IMPORTED = time.time()
 
 _KDL_CPU = 1
 _POOLED_ALLOCATOR = 2
@@ -82,6 +94,7 @@ def run_kernels(lib_path: str, in_path: str, out_path: str, plan_path: str) -> N
     ["shape", [ints]]], "outputs": [argument positions]}, ...]``) gives each call's arguments;
     the written arguments are saved one after the other (``out0``, ``out1``, ...).  ``"w"``
     arguments are the library's own weights (``slimc_library_weight``), read in place."""
+    print(f"slimc-runner: started {_STARTED:.3f} imported {_IMPORTED:.3f}", file=sys.stderr)
     t0 = time.perf_counter()
     _load_tvm_runtime()
     lib = tvm_ffi.load_module(lib_path)
@@ -112,8 +125,8 @@ def run_kernels(lib_path: str, in_path: str, out_path: str, plan_path: str) -> N
                 outputs.append(np.from_dlpack(args[i]).copy())
     t2 = time.perf_counter()
     np.savez(out_path, **{f"out{i}": a for i, a in enumerate(outputs)})
-    print(f"slimc-runner: load {t1 - t0:.3f}s kernels {t2 - t1:.3f}s ({len(plan)} kernels)",
-          file=sys.stderr)
+    print(f"slimc-runner: load {t1 - t0:.3f}s kernels {t2 - t1:.3f}s ({len(plan)} kernels) "
+          f"save {time.perf_counter() - t2:.3f}s", file=sys.stderr)
 
 
 def run(lib_path: str, in_path: str, out_path: str, plan: str | None = None) -> None:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -165,6 +166,7 @@ def run_emulated(
     on_tick: Callable[[float], None] | None = None,
     entries: Sequence[tuple[str, Sequence[int]]] | None = None,
     kernels: tuple[str, str] | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> list[np.ndarray]:
     """Run ``main`` of a Relax library built for another CPU and return its outputs.
 
@@ -175,7 +177,9 @@ def run_emulated(
     ``emulator`` defaults to :func:`find_emulator` for the library's ELF machine.
     ``on_tick(elapsed_s)`` is called about once a second while the guest runs (progress).
     ``kernels`` (``(arrays.npz, plan JSON)`` from :func:`.kernel_check.write_plan`) calls
-    single kernels instead of ``main`` (``inputs`` unused), returning their written arguments.
+    single kernels instead of ``main`` (``inputs`` unused), returning their written arguments;
+    then ``timings`` (a dict), when given, receives where the guest's time went
+    (:func:`_guest_timings`: start-up, imports, library load, kernels, the slowest kernel).
     Raises :class:`EmulatorUnavailable` when there is no emulator,
     :class:`EmulationTimeout` after ``timeout`` seconds, and :class:`EmulationError`
     (with the guest's stderr tail) when the run fails.
@@ -207,7 +211,9 @@ def run_emulated(
         # Guest output goes to a file, not a pipe: nothing has to drain it while we poll.
         log_path = Path(tmp, "guest.log")
         with open(log_path, "w+b") as log:
+            launched = time.time()
             code = _wait(cmd, host_env, log, timeout, on_tick, emulator)
+            ended = time.time()
             log.seek(0)
             guest_log = log.read().decode(errors="replace")
         if code is None:
@@ -220,8 +226,34 @@ def run_emulated(
                 f"{_tail(guest_log)}"
             )
         _LOG.debug("%s under qemu: %s", lib.name, _tail(guest_log, 1))
+        if timings is not None and kernels is not None:
+            timings.update(_guest_timings(guest_log, launched, ended))
         with np.load(out_path) as npz:
             return [npz[f"out{i}"] for i in range(len(npz.files))]
+
+
+def _guest_timings(log: str, launched: float, ended: float) -> dict[str, Any]:
+    """Where a per-kernel guest run's wall seconds went, from the runner's stderr lines
+    (``started T imported T``, one ``NAME Ss`` per kernel, ``load S kernels S (...) save S``);
+    parts the log lacks are left out."""
+    import re
+
+    out: dict[str, Any] = {"total": round(ended - launched, 2)}
+    stamps = re.search(r"slimc-runner: started ([\d.]+) imported ([\d.]+)", log)
+    if stamps:
+        started, imported = float(stamps.group(1)), float(stamps.group(2))
+        out["interpreter_start"] = round(started - launched, 2)
+        out["imports"] = round(imported - started, 2)
+    summary = re.search(r"slimc-runner: load ([\d.]+)s kernels ([\d.]+)s .* save ([\d.]+)s", log)
+    if summary:
+        out["library_load"], out["kernels"], out["save"] = (
+            round(float(v), 2) for v in summary.groups())
+    runs = [(float(t), n) for n, t in re.findall(r"slimc-runner: (\S+) ([\d.]+)s$", log, re.M)
+            if n not in ("load",)]
+    if runs:
+        seconds, name = max(runs)
+        out["slowest_kernel"], out["slowest_kernel_s"] = name, round(seconds, 2)
+    return out
 
 
 def _wait(cmd: list[str], env: dict[str, str], log, timeout: float,

@@ -131,7 +131,8 @@ def run_library(library: Path, inputs: Sequence[np.ndarray], *, cross_triple: st
                 threads: int | None = None, timeout: float | None = None,
                 on_tick: Callable[[float], None] | None = None,
                 entries: Sequence[tuple[str, Sequence[int]]] | None = None,
-                kernels: tuple[str, str] | None = None) -> list[np.ndarray]:
+                kernels: tuple[str, str] | None = None,
+                timings: dict | None = None) -> list[np.ndarray]:
     """Run ``library`` once on ``inputs`` (cross: ``kernels`` calls single kernels instead,
     see :func:`~slimc.backends.tvm.emulation.run_emulated`); cross libraries go through
     qemu (may raise :class:`~slimc.backends.tvm.emulation.EmulatorUnavailable`, or
@@ -148,7 +149,8 @@ def run_library(library: Path, inputs: Sequence[np.ndarray], *, cross_triple: st
         return run_emulated(library, list(inputs), threads=threads, emulator=emulator,
                             **({"timeout": timeout} if timeout is not None else {}),
                             on_tick=on_tick, entries=entries,
-                            **({"kernels": kernels} if kernels is not None else {}))
+                            **({"kernels": kernels, "timings": timings}
+                               if kernels is not None else {}))
     runner = NativeRunner(library, threads)
     if entries is None:
         return runner(inputs)
