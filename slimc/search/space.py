@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -348,6 +349,10 @@ def run_stacked(run, name: str, values: list[torch.Tensor]) -> list[list[torch.T
 #: ``"slope"``: each shared layer keeps one own anchor (its median choice) and takes only the
 #: log-log slope from the anchored blocks (fewer forwards saved, closer to its own table).
 SHARE_DEPTH: bool | str = False
+#: ``SLIMC_SHARE_DEPTH=slope`` (or ``1``/``0``) sets it for one run without a code edit, so an
+#: A/B of the search can switch it from the command line (docs/benchmarks.md).
+if os.environ.get("SLIMC_SHARE_DEPTH"):
+    SHARE_DEPTH = {"slope": "slope", "1": True, "0": False}[os.environ["SLIMC_SHARE_DEPTH"]]
 
 
 @torch.no_grad()
