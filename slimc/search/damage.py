@@ -26,10 +26,9 @@ is how much the rest of the network amplifies or absorbs that error. So:
    and KL are near the reference). Embedding tables keep the worst of the calibration text
    and the whole-vocabulary view, each with its own anchors.
 
-4. **Propagation shared across depth** (opt-in: ``measure(share_depth=True)`` or
-   ``space.SHARE_DEPTH``; off by default because the -O2 search on a 320M decoder chose
-   slightly worse candidates with it. Why it exists: the anchors' forwards were about half
-   of -O2's search on SmolLM2 and that decoder, issue 18): a role repeated in many blocks
+4. **Propagation shared across depth** (``measure(share_depth=...)``, default
+   ``space.SHARE_DEPTH = "slope"``. Why it exists: the anchors' forwards were about half
+   of -O2's search on SmolLM2 and a 320M decoder, issue 18): a role repeated in many blocks
    (a decoder's q/k/v/o/gate/up/down, :func:`depth_shared`) is anchored only in its first
    and last block and every few blocks between; the layers in between take the line ``log
    d = level + slope * log(absolute output error)`` interpolated in depth between the two
@@ -38,8 +37,10 @@ is how much the rest of the network amplifies or absorbs that error. So:
    anchors it ranked closer than the relative error on SmolLM2 and about the same on a
    random 320M decoder (docs/benchmarks.md, "Issue 18: depth-shared anchors"). Roles in
    fewer blocks, embedding tables and layers with several uses keep their own anchors.
-   ``share_depth="slope"``: a layer between anchored blocks measures its median choice end
-   to end and takes only the slope from its neighbours (one forward instead of two).
+   ``share_depth="slope"`` (the default): a layer between anchored blocks measures its
+   median choice end to end and takes only the slope from its neighbours (one forward
+   instead of two); ``True`` (whole lines shared, no own forward) chose slightly worse
+   candidates on the 320M decoder, so it stays opt-in.
 
 Cost: ``anchors`` forwards per anchored layer (plus one observed forward) instead of one per
 choice, and every fake-quantized weight's low-bit grid is cached by content

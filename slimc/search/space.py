@@ -341,18 +341,24 @@ def run_stacked(run, name: str, values: list[torch.Tensor]) -> list[list[torch.T
     return [run({name: v}) for v in values]
 
 
-#: Depth-shared propagation lines by default? Off: on the 320M random Llama the -O2 search
-#: with them chose candidates with a larger measured drop at 4 of its 5 sizes (the chosen
-#: one 0.00962 vs 0.00944 at size 0.16029) for 26% less search CPU, and on SmolLM2 the
-#: table ranked 0.90 against every layer's own anchors (docs/benchmarks.md, "Issue 18:
-#: depth-shared anchors"): not the "no loss in what it chooses" it was meant to keep.
-#: ``"slope"``: each shared layer keeps one own anchor (its median choice) and takes only the
-#: log-log slope from the anchored blocks (fewer forwards saved, closer to its own table).
-SHARE_DEPTH: bool | str = False
+#: Depth-shared propagation by default: ``"slope"``, each layer of a role present in >= 8
+#: blocks keeps one own anchor (its median choice) and takes only the log-log slope from the
+#: anchored blocks around it. Side by side with every layer's own two anchors (docs/
+#: benchmarks.md, "Issue 18: the slope-shared damage table by default") it cut the -O2
+#: search's wall time 14% / 13% (320M random Llama / SmolLM2) for the same chosen recipe on
+#: SmolLM2 and a 0.4% larger drop at the same size on the 320M. ``True`` (the whole line
+#: shared, no own forward) saves more but chose worse candidates at 4 of the 320M's 5 sizes
+#: (0.00962 vs 0.00944 at 0.16029, "Issue 18: depth-shared anchors"); ``False``: every layer
+#: its own anchors.
+SHARE_DEPTH: bool | str = "slope"
 #: ``SLIMC_SHARE_DEPTH=slope`` (or ``1``/``0``) sets it for one run without a code edit, so an
 #: A/B of the search can switch it from the command line (docs/benchmarks.md).
+_SHARE_DEPTH_ENV = {"slope": "slope", "1": True, "0": False}
 if os.environ.get("SLIMC_SHARE_DEPTH"):
-    SHARE_DEPTH = {"slope": "slope", "1": True, "0": False}[os.environ["SLIMC_SHARE_DEPTH"]]
+    if os.environ["SLIMC_SHARE_DEPTH"] not in _SHARE_DEPTH_ENV:
+        raise ValueError(f"SLIMC_SHARE_DEPTH={os.environ['SLIMC_SHARE_DEPTH']!r}: expected "
+                         "'slope', '1' (whole lines shared) or '0' (every layer's own anchors)")
+    SHARE_DEPTH = _SHARE_DEPTH_ENV[os.environ["SLIMC_SHARE_DEPTH"]]
 
 
 @torch.no_grad()
