@@ -27,6 +27,7 @@ import glob
 import math
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -355,10 +356,12 @@ SHARE_DEPTH: bool | str = "slope"
 #: A/B of the search can switch it from the command line (docs/benchmarks.md).
 _SHARE_DEPTH_ENV = {"slope": "slope", "1": True, "0": False}
 if os.environ.get("SLIMC_SHARE_DEPTH"):
-    if os.environ["SLIMC_SHARE_DEPTH"] not in _SHARE_DEPTH_ENV:
-        raise ValueError(f"SLIMC_SHARE_DEPTH={os.environ['SLIMC_SHARE_DEPTH']!r}: expected "
-                         "'slope', '1' (whole lines shared) or '0' (every layer's own anchors)")
-    SHARE_DEPTH = _SHARE_DEPTH_ENV[os.environ["SLIMC_SHARE_DEPTH"]]
+    if os.environ["SLIMC_SHARE_DEPTH"] in _SHARE_DEPTH_ENV:
+        SHARE_DEPTH = _SHARE_DEPTH_ENV[os.environ["SLIMC_SHARE_DEPTH"]]
+    else:  # a warning, not an import-time traceback in every slimc command
+        warnings.warn(f"SLIMC_SHARE_DEPTH={os.environ['SLIMC_SHARE_DEPTH']!r} ignored: expected "
+                      "'slope', '1' (whole lines shared) or '0' (every layer's own anchors)",
+                      stacklevel=1)
 
 
 @torch.no_grad()
