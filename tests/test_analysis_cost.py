@@ -84,4 +84,26 @@ def test_roofline_orders_devices_and_precision():
     int4 = estimate_costs(ir, get_hardware("cortex-a72"))
     assert int4.by_layer["head"]["weight_bytes"] * 8 == fp32.by_layer["head"]["weight_bytes"]
     assert int4.by_layer["head"]["latency_s"] <= fp32.by_layer["head"]["latency_s"]
-    assert int4.nodes[next(iter(n.name for n in head.users))].dtype == "int8"
+    # weight-only int4 dequantizes and multiplies in float: priced at the float32 rate
+    assert int4.nodes[next(iter(n.name for n in head.users))].dtype == "float32"
+
+
+def test_int8_rate_follows_the_targets_dot_product():
+    """W8A8 matmuls run at the table's int8 peak only with int8 dot-product instructions
+    (VNNI, sdot), half of it with AVX2's two-instruction sequence, and at the float32 rate on a
+    target without any (a generic widening kernel): no speed-up it cannot have. The target
+    names resolve to their dot products through the backend's target-info."""
+    from slimc.passes.analysis.cost import int8_peak
+    from slimc.passes.analysis.target_info import target_info
+
+    from slimc.targets import resolve_target
+
+    host, a72, a78 = (get_hardware(n) for n in ("host-znver4", "cortex-a72", "cortex-a78"))
+    assert int8_peak(host, "vnni") == host.peak_flops("int8")
+    assert int8_peak(host, "avx2") == host.peak_flops("int8") / 2
+    assert int8_peak(host, None) == host.peak_flops("float32")
+    assert int8_peak(a78, "sdot") == 4 * a78.peak_flops("float32")
+    assert int8_peak(a72, None) == a72.peak_flops("float32")
+    dots = {t: target_info(resolve_target(t)).dot_product
+            for t in ("x86-64-v4-vnni", "raspberry-pi-4", "arm-v8.2")}
+    assert dots == {"x86-64-v4-vnni": "vnni", "raspberry-pi-4": None, "arm-v8.2": "sdot"}

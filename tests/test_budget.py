@@ -397,3 +397,86 @@ def test_candidate_build_frees_its_ir_and_runs_two_forwards_for_the_same_score(
     kept = search.build(base, picks, keep=True)
     fresh = search.scorer.score(kept.ir)  # scored again from scratch
     assert cand.drop == kept.drop == fresh > 0
+
+
+def _compute_bound_bert():
+    """A random BERT (2 layers, width 256, 128 tokens) whose linears are compute-bound on
+    every target in the table, with two calibration batches of other token ids."""
+    import transformers as T
+
+    from slimc.capture import capture
+    from slimc.loaders.base import LoadedModel
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=128, hidden_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=1024,
+                          max_position_embeddings=128)
+    model = T.BertModel(config, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def tokens() -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(3, 128, (1, 128), generator=g),
+                "attention_mask": torch.ones(1, 128, dtype=torch.int64)}
+
+    ir, example = capture(LoadedModel(name="bert", module=model, example_inputs=tokens()))
+    calib = [[b[n] for n in ir.input_names] for b in (tokens(), tokens())]
+    return ir, example, calib
+
+
+def _search_context(ir, example, calib, target: str):
+    from slimc.targets import resolve_target
+
+    registry = get_registry()
+    ctx = PassContext(target=resolve_target(target, registry), example_inputs=example)
+    ctx.calibration_batches = calib
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    return registry, ctx
+
+
+def test_latency_budget_picks_int8_activations_on_a_vnni_target():
+    """`--budget latency=0.5` on compute-bound linears (issue 17, MiniLM): weight-only formats
+    dequantize and multiply in float, so no precision choice reaches half the latency; W8A8
+    (int8 inputs on VNNI) does, and with --calib data the search builds and measures it. Its
+    recipe reproduces the candidate's weights. On the Raspberry Pi 4 (Armv8.0, no sdot) the
+    cost model gives W8A8 no int8 speed-up and the search does not try it."""
+    from slimc.passes.analysis.cost import estimate_costs
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    ir, example, calib = _compute_bound_bert()
+    registry, ctx = _search_context(ir, example, calib, "x86-64-v4-vnni")
+    techniques = Techniques.for_context("precision", ctx)
+    assert techniques.w8a8
+    hw = hardware_for_target(ctx.target)
+    search = Search(ir, ctx, registry, techniques, proxy_scorer(ir, ctx), hw)
+    cand, failures = search.fit(parse_budget("latency=0.5"), 0.05)
+    assert cand is not None, failures
+    quantize = dict(cand.items)["quantize"]
+    assert quantize == {"weights": "int8", "activations": "int8"}, cand.items
+    assert cand.relative["latency"] <= 0.5 and cand.drop <= 0.05
+    assert cand.choices["int8+a8 (W8A8)"] == 12  # 2 x (q, k, v, o, up, down)
+    # the built IR's cost: its W8A8 linears priced at the int8 rate, nothing else
+    cost = estimate_costs(cand.ir, hw, dot_product="vnni")
+    assert {n.dtype for n in cost.nodes.values() if n.op == "slimc.linear_w8a8"} == {"int8"}
+    # the recipe reproduces it (same --calib data: the activation scales are calibrated)
+    again = ir.clone()
+    again_ctx = PassContext(target=ctx.target, example_inputs=example)
+    again_ctx.calibration_batches = calib
+    manager = PassManager(registry.passes)
+    again_ctx.analyses = AnalysisManager(again, again_ctx, manager.lookup)
+    manager.run(again, validate(cand.items, registry.passes), again_ctx)
+    built, rebuilt = cand.ir.weights(), again.weights()
+    assert built.keys() == rebuilt.keys()
+    assert all(torch.equal(built[k], rebuilt[k]) for k in built)
+    # No dot product: W8A8 is no faster than weight-only int8 there, and is not tried.
+    arm_hw = hardware_for_target("raspberry-pi-4")
+    generic = estimate_costs(cand.ir, arm_hw, dot_product=None).total["latency_s"]
+    sdot = estimate_costs(cand.ir, arm_hw, dot_product="sdot").total["latency_s"]
+    assert sdot < generic
+    registry, arm_ctx = _search_context(ir, example, calib, "raspberry-pi-4")
+    arm = Search(ir, arm_ctx, registry, techniques, proxy_scorer(ir, arm_ctx), arm_hw)
+    arm.fit(parse_budget("latency=0.5"), 0.05)
+    assert not any(dict(c.items).get("quantize", {}).get("activations") == "int8"
+                   for c in arm.measured)

@@ -14,6 +14,15 @@ Weight bytes are counted at the weight's *current* precision: its dtype, or
 ``ir.annotations["weight_bits"][placeholder]`` when a quantization pass has recorded fewer bits
 than the storage dtype.
 
+Arithmetic is priced by what the kernel computes in, not by how the weight is stored: a
+weight-only format (int8/int4/int3/int2 weights, ``quantize{activations=none}``) dequantizes
+and multiplies in float, so its FLOPs run at the float32 peak (fewer bytes help only
+memory-bound ops). Only the W8A8 ops (``quantize{activations=int8}``: int8 inputs times int8
+weights) run at the int8 rate, and only as fast as the target's int8 dot-product instructions
+allow (:func:`int8_peak`): the table's int8 peak with VNNI / sdot / dp4a, half of it with
+AVX2's two-instruction ``vpmaddubsw`` + ``vpmaddwd``, and the float32 rate on a target without
+any (a generic kernel widens to int32 and is no faster than fp32).
+
 Results are per node (keyed by node name, carrying the module path), aggregated per module path
 (one ``nn.Linear``/``nn.Conv2d`` each), per weight-bearing layer (see :mod:`.layers`), per op
 type, and in total.
@@ -29,12 +38,36 @@ from typing import Any
 import torch
 from slimc.passes.analysis.hardware import Hardware, get_hardware, hardware_for_target
 from slimc.passes.analysis.layers import op_name, weight_layers
-from slimc.passes.analysis.op_costs import FREE_OPS, MATRIX_OPS, op_flops, tensors
+from slimc.passes.analysis.op_costs import FREE_OPS, op_flops, tensors
 from torch.fx import Node
 
 from slimc.errors import UsageError
 from slimc.ir import IR
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
+
+#: slimc's ops that multiply int8 activations by int8 weights (``quantize{activations=int8}``).
+W8A8_OPS = frozenset({"slimc.linear_w8a8", "slimc.conv_w8a8"})
+#: ``dot_product`` value meaning "no target known: trust the table's int8 peak".
+ANY_DOT = "table"
+
+
+def int8_peak(hw: Hardware, dot_product: str | None = ANY_DOT) -> float:
+    """Op/s of int8 x int8 matrix work on ``hw`` with the target's int8 dot-product
+    instructions (``TargetInfo.dot_product``: ``vnni``, ``sdot``, ``dp4a``, ``avx2`` or None).
+
+    Why not the table's int8 figure alone: it is the device's best int8 rate, which needs those
+    instructions; slimc's W8A8 kernel on a target built without them (x86-64-v2, Armv8.0 such
+    as the Raspberry Pi 4) widens to int32 and runs no faster than fp32 (its quantize pass
+    warns), and AVX2's pair ``vpmaddubsw`` + ``vpmaddwd`` does half of VNNI's work per
+    instruction. Never below the float32 rate (the kernel would not be chosen otherwise)."""
+    fp32 = hw.peak_flops("float32")
+    if dot_product is None:
+        return fp32
+    table = hw.peak_flops("int8")
+    if dot_product == "avx2":
+        table /= 2
+    return max(table, fp32)
+
 
 _SUMMED = ("params", "weight_bytes", "macs", "flops", "activation_bytes", "bytes_moved",
            "latency_s", "roofline_s")
@@ -101,17 +134,17 @@ def _tensor_bytes(value: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors(value))
 
 
-def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware) -> NodeCost:
-    """Roofline cost of one call_function node on ``hw``."""
+def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware,
+              dot_product: str | None = ANY_DOT) -> NodeCost:
+    """Roofline cost of one call_function node on ``hw``; ``dot_product``: the target's int8
+    dot-product instructions (:func:`int8_peak`), which price the W8A8 ops."""
     op = op_name(node)
     info = ir.node_info(node)
     params = weight_bytes = activation_bytes = 0
-    low_bits = False
     for arg in node.all_input_nodes:
         if arg.name in weights:
             value = weights[arg.name]
             bits = _bits(ir, arg.name, value)
-            low_bits |= bits <= 8 and value.is_floating_point()
             params += value.numel() if value.is_floating_point() else 0
             weight_bytes += int(value.numel() * bits / 8)
         else:
@@ -122,11 +155,13 @@ def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware
     if op == "aten.embedding":  # reads only the gathered rows
         weight_read = _tensor_bytes(node.meta.get("val"))
     bytes_moved = activation_bytes + weight_read
-    dtype = "int8" if low_bits and op in MATRIX_OPS else info.dtype
+    # weight-only formats dequantize and compute in float: only W8A8 ops are int8 arithmetic
+    dtype = "int8" if op in W8A8_OPS else info.dtype
     if op in FREE_OPS:
         return NodeCost(node.name, op, info.module_path, info.module_type, dtype, params,
                         weight_bytes, 0, 0, 0, 0, 0.0, "free")
-    compute_s = flops / hw.peak_flops(dtype)
+    peak = int8_peak(hw, dot_product) if op in W8A8_OPS else hw.peak_flops(dtype)
+    compute_s = flops / peak
     memory_s = bytes_moved / hw.bandwidth
     latency = max(compute_s, memory_s) + hw.op_overhead_us * 1e-6
     return NodeCost(node.name, op, info.module_path, info.module_type, dtype, params,
@@ -140,11 +175,12 @@ def _add(into: dict[str, float], cost: NodeCost) -> None:
     into["nodes"] = into.get("nodes", 0) + 1
 
 
-def estimate_costs(ir: IR, hw: Hardware, measured: Mapping[str, float] | None = None
-                   ) -> CostResult:
+def estimate_costs(ir: IR, hw: Hardware, measured: Mapping[str, float] | None = None,
+                   dot_product: str | None = ANY_DOT) -> CostResult:
     """Costs of every call_function node of ``ir`` on ``hw``, aggregated.
 
-    ``measured`` (node name -> seconds) replaces the roofline latency of those nodes.
+    ``measured`` (node name -> seconds) replaces the roofline latency of those nodes;
+    ``dot_product``: the target's int8 dot-product instructions (:func:`int8_peak`).
     """
     weights = ir.weights()
     measured = measured or {}
@@ -152,7 +188,7 @@ def estimate_costs(ir: IR, hw: Hardware, measured: Mapping[str, float] | None = 
     by_module: dict[str, dict[str, float]] = defaultdict(dict)
     by_op: dict[str, dict[str, float]] = defaultdict(dict)
     for node in ir.nodes("call_function"):
-        cost = node_cost(ir, node, weights, hw)
+        cost = node_cost(ir, node, weights, hw, dot_product)
         if node.name in measured and cost.bound != "free":
             cost = replace(cost, latency_s=measured[node.name], measured_s=measured[node.name])
         result.nodes[node.name] = cost
@@ -176,6 +212,17 @@ def estimate_costs(ir: IR, hw: Hardware, measured: Mapping[str, float] | None = 
     result.by_op = dict(sorted(by_op.items(), key=lambda kv: -kv[1]["latency_s"]))
     result.by_module = dict(by_module)
     return result
+
+
+def target_dot_product(ctx: PassContext | None) -> str | None:
+    """The compilation target's int8 dot-product instructions (the ``target-info``
+    analysis), or :data:`ANY_DOT` without a target (the table's int8 peak is used)."""
+    if ctx is None or ctx.target is None or ctx.analyses is None:
+        return ANY_DOT
+    try:
+        return ctx.analyses.get("target-info").dot_product
+    except Exception:  # noqa: BLE001 - a target without a backend: the table decides
+        return ANY_DOT
 
 
 class CostAnalysis(AnalysisPass):
@@ -202,8 +249,9 @@ class CostAnalysis(AnalysisPass):
             hw = hardware_for_target(ctx.target)
         else:
             hw = hardware_for_target("llvm")
+        dot = target_dot_product(ctx)
         if not options.measure:
-            return estimate_costs(ir, hw)
+            return estimate_costs(ir, hw, dot_product=dot)
         from slimc.passes.analysis.measure import measure_ir
 
         spec = ctx.target
@@ -220,7 +268,7 @@ class CostAnalysis(AnalysisPass):
         measurement = measure_ir(ir, spec, rpc=options.rpc, threads=options.threads,
                                  converters=get_registry().converters,
                                  log=getattr(ctx, "log", None) or (lambda message: None))
-        result = estimate_costs(ir, hw, measurement.node_seconds())
+        result = estimate_costs(ir, hw, measurement.node_seconds(), dot_product=dot)
         result.measured = measurement.to_json()
         return result
 

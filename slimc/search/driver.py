@@ -213,5 +213,9 @@ def write_recipe(path, candidate, target: str | None, inputs, description: str) 
     if any(name == "distill" for name, _ in candidate.items):
         description += ("; its distill pass trains on --calib: compile it with the same --calib "
                         "and --calib-batches to reproduce the weights")
+    if any(name == "quantize" and opts.get("activations") == "int8"
+           for name, opts in candidate.items):
+        description += ("; its int8 activation scales are calibrated on --calib: compile it "
+                        "with the same --calib and --calib-batches to reproduce them")
     path.write_text(yaml.safe_dump(recipe_data(candidate.items, target, inputs, description),
                                    sort_keys=False, width=100))

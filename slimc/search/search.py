@@ -302,16 +302,22 @@ class Search:
         items.append(("eliminate-dead-code", {}))
         return items
 
-    def build(self, base: _Base, picks: Sequence[int], keep: bool = False) -> Candidate:
+    def build(self, base: _Base, picks: Sequence[int], keep: bool = False,
+              rest: list[tuple[str, dict[str, Any]]] | None = None,
+              choices: dict[str, int] | None = None) -> Candidate:
         """Build ``picks`` on a clone of the pruned IR and measure it. The clone shares the
         base's weight tensors (:meth:`IR.clone`): the recipe's passes replace the weights
-        they compress, so a candidate costs only its new weights, not a copy of the model."""
+        they compress, so a candidate costs only its new weights, not a copy of the model.
+        ``rest`` / ``choices``: another pipeline than the one ``picks`` write (W8A8, whose
+        int8 inputs are no per-layer choice), described by ``choices``; ``picks`` then give
+        the predicted damage (of its weights)."""
         t0 = time.perf_counter()
-        rest = self.items(base, picks)
+        rest = self.items(base, picks) if rest is None else rest
         ir, records, ctx, relative = self._build_items(base, rest)
         value = self.scorer.evaluate(ir, ctx)
         space = base.space
-        choices = Counter(str(space.layers[i].options[j]) for i, j in enumerate(picks))
+        if choices is None:
+            choices = Counter(str(space.layers[i].options[j]) for i, j in enumerate(picks))
         predicted = float(sum(space.damage[i, j] for i, j in enumerate(picks)))
         items = ([("prune", {"ratio": base.ratio})] if base.ratio else []) + rest
         cand = Candidate(base.ratio, items, relative, value, self.scorer.drop(value),
@@ -407,7 +413,54 @@ class Search:
                 out.append(cand)
             else:
                 cand.release()
+        cand = self._w8a8(base, limits, keep)
+        if cand is not None:
+            if self._within(cand, limits) and (max_drop is None or cand.drop <= max_drop):
+                out.append(cand)
+            else:
+                cand.release()
         return out
+
+    def _w8a8(self, base: _Base, limits: dict[str, float], keep: bool) -> Candidate | None:
+        """Uniform W8A8 (``quantize{weights=int8,activations=int8}``), built and measured when
+        :attr:`Techniques.w8a8` (calibration data given) and its costs fit. Why: weight-only
+        formats compute in float, so on compute-bound matmuls (MiniLM on every target in
+        the table) only fewer FLOPs or int8 arithmetic lowers the latency; the int8 inputs
+        are no per-layer choice in the damage table (their damage is the calibrated
+        activation scales', known once built), so the whole-model recipe is measured as a
+        candidate beside the uniform formats. Skipped where the target has no int8 dot
+        product (no faster than weight-only int8 there, :func:`.cost.int8_peak`)."""
+        from slimc.passes.analysis.cost import int8_peak, target_dot_product
+
+        from .space import option_costs
+
+        if not self.techniques.w8a8:
+            return None
+        dot = target_dot_product(self.ctx)
+        if dot is None:
+            self.log("search: W8A8 not tried: the target has no int8 dot-product "
+                     "instructions (no faster than weight-only int8)")
+            return None
+        space = base.space
+        picks = [next((j for j, o in enumerate(c.options)
+                       if o.rank is None and o.fmt.kind == "int8"), 0) for c in space.layers]
+        if not any(picks):
+            return None
+        used = space.totals(picks)
+        if self.hw is not None and "latency" in space.costs:
+            peak = int8_peak(self.hw, dot)
+            used["latency"] = space.rest["latency"] + sum(
+                option_costs(c, c.options[j], self.hw, peak)["latency"]
+                for c, j in zip(space.layers, picks, strict=True))
+        absolute = {k: v * self.original[k] for k, v in limits.items()}
+        if any(used[k] > absolute[k] * 1.02 for k in limits):  # W8A8's scales: a little more
+            return None
+        rest = [("quantize", {"weights": "int8", "activations": "int8"}),
+                ("eliminate-dead-code", {})]
+        w8a8 = sum(1 for c, j in zip(space.layers, picks, strict=True)
+                   if j and c.layer.kind in ("linear", "conv") and not c.layer.is_embedding)
+        choices = {"int8+a8 (W8A8)": w8a8, "int8": sum(1 for j in picks if j) - w8a8}
+        return self.build(base, picks, keep, rest, {k: v for k, v in choices.items() if v})
 
     def _families(self, base: _Base) -> list[tuple[str, np.ndarray]]:
         """Option families solved separately and compared by measurement: every choice, and

@@ -93,6 +93,12 @@ class Techniques:
     #: rounding error onto the columns not yet rounded, through the inputs' Hessian; on the
     #: example input alone (random tokens) that Hessian would fit noise, so RTN then.
     quantize_method: str = "rtn"
+    #: Also build and measure uniform W8A8 (``quantize{weights=int8,activations=int8}``:
+    #: static int8 inputs on the target's int8 dot-product kernels). Set when the user gave
+    #: calibration data (the activation scales are calibrated on it): on compute-bound matmuls
+    #: it is the only format that makes arithmetic cheaper (MiniLM on the host: 0.45x fp32
+    #: with no loss on WordSim-353, docs/benchmarks.md), which weight-only formats never do.
+    w8a8: bool = False
 
     @classmethod
     def named(cls, name: str) -> Techniques:
@@ -114,7 +120,7 @@ class Techniques:
         (docs/benchmarks.md, issue 17)."""
         techniques = cls.named(name)
         if ctx.calibration_batches:
-            techniques = replace(techniques, quantize_method="gptq")
+            techniques = replace(techniques, quantize_method="gptq", w8a8=True)
         return techniques
 
 
@@ -161,10 +167,10 @@ class Space:
                 for k, t in self.costs.items()}
 
 
-def _latency(hw, flops: float, moved: float, ops: int) -> float:
+def _latency(hw, flops: float, moved: float, ops: int, peak: float | None = None) -> float:
     """The cost analysis's roofline for one op (fp32 arithmetic: weight-only formats
-    dequantize into fp32 kernels)."""
-    return max(flops / hw.peak_flops("float32"), moved / hw.bandwidth) \
+    dequantize into fp32 kernels; ``peak``: another rate, the W8A8 int8 one)."""
+    return max(flops / (peak or hw.peak_flops("float32")), moved / hw.bandwidth) \
         + ops * hw.op_overhead_us * 1e-6
 
 
@@ -181,8 +187,12 @@ def _use_rows(layer: Layer, n: int, k: int) -> tuple[int, int]:
     return gathers, rows
 
 
-def option_costs(choice: LayerChoices, option: Option, hw) -> dict[str, float]:
-    """Bytes, parameters and roofline latency of one layer under ``option``."""
+def option_costs(choice: LayerChoices, option: Option, hw,
+                 int8_peak: float | None = None) -> dict[str, float]:
+    """Bytes, parameters and roofline latency of one layer under ``option``; ``int8_peak``
+    (op/s): the layer's matmul takes int8 inputs too (W8A8, an unfactored int8 linear or
+    convolution; gathers stay weight-only) and runs at that rate
+    (:func:`slimc.passes.analysis.cost.int8_peak`)."""
     n, k = choice.shape
     fmt, r = option.fmt, option.rank
     if r:
@@ -205,8 +215,10 @@ def option_costs(choice: LayerChoices, option: Option, hw) -> dict[str, float]:
                 t += _latency(hw, 2.0 * choice.rows * r * (n + k),
                               nbytes + 4.0 * choice.rows * (n + k + 2 * r), 2)
             else:
+                w8a8 = int8_peak is not None and option.fmt.kind == "int8" \
+                    and choice.layer.kind in ("linear", "conv")
                 t += _latency(hw, 2.0 * choice.rows * n * k, nbytes + 4.0 * choice.rows * (n + k),
-                              1)
+                              1, int8_peak if w8a8 else None)
         out["latency"] = t
     return out
 
