@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=0.03)
     ap.add_argument("--backoffs", type=int, default=3, help="back-off rounds per family")
     ap.add_argument("--out", default="budget_minilm", help="results file name (no .json)")
+    ap.add_argument("--no-w8a8", action="store_true",
+                    help="leave W8A8 out of the search (the runs before 2026-12-02)")
     args = ap.parse_args()
     import torch
     from slimc.passes.analysis.hardware import hardware_for_target
@@ -87,11 +90,14 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    # W8A8 as the compile does with --calib (Techniques.for_context); the rest of the set as
+    # in the earlier runs (RTN rounding), so their rows stay comparable
+    techniques = replace(Techniques.named("all"), w8a8=not args.no_w8a8)
     t0 = time.perf_counter()
     rows, results = [], {"original": scorer.original, "budgets": {}}
     ctx = context("llvm")
     with _fastest_torch_threads(ir, ctx.calibration(1)[0]):
-        searches = {"host": Search(ir, ctx, registry, Techniques.named("all"), scorer,
+        searches = {"host": Search(ir, ctx, registry, techniques, scorer,
                                    hardware_for_target(ctx.target), log)}
         for ratio in searches["host"].techniques.prune_ratios:
             searches["host"].base(ratio)
@@ -99,7 +105,7 @@ def main() -> None:
         for target in ("x86", "arm"):  # the same measured damage, priced on each target
             tctx = context(target)
             hw = hardware_for_target(tctx.target)
-            s = Search(ir, tctx, registry, Techniques.named("all"), scorer, hw, log)
+            s = Search(ir, tctx, registry, techniques, scorer, hw, log)
             for ratio, base in searches["host"]._bases.items():
                 bctx = s._clone_ctx(base.ir)
                 s._bases[ratio] = _Base(ratio, base.ir, base.records,
@@ -122,6 +128,8 @@ def main() -> None:
             return {"technique": label, "pipeline": items, "relative": rel, "value": value}
 
         singles = [single([("quantize", {"weights": "int8"})], "int8 (uniform)"),
+                   single([("quantize", {"weights": "int8", "activations": "int8"})],
+                          "W8A8 int8 weights + int8 activations (uniform)"),
                    single([("quantize", {"weights": "int4", "group_size": 128})],
                           "int4-g128 (uniform)"),
                    single([("quantize", {"weights": "int4", "group_size": 32})],

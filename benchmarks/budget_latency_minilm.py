@@ -1,0 +1,100 @@
+"""Measured latency of a ``--budget latency=`` pick on real all-MiniLM-L6-v2 against fp32.
+
+The budget search prices candidates with the cost model; this builds the artifacts (TVM, the
+host target, the shapes the search costed: 32 x 8 tokens, and 1 x 128) and times them side by
+side in one process (interleaved rounds, medians), so the ratio is what the cost model
+predicted for. Two steps: build (untimed), then time through the machine-wide bench lock:
+
+    .venv/bin/python benchmarks/budget_latency_minilm.py build \
+        --pipeline 'quantize{weights=int8,activations=int8}'
+    /work/wt/bench.sh .venv/bin/python benchmarks/budget_latency_minilm.py time
+
+The calibration data is the one ``budget_minilm.py`` gives the search (KJV Genesis 1-3, one
+batch), so the W8A8 activation scales are the search's candidate's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.budget_minilm import MODEL, data  # noqa: E402
+from benchmarks.prune_common import RESULTS  # noqa: E402
+
+SHAPES = {"32x8": ["input_ids=32x8:int64", "attention_mask=32x8:int64"],
+          "1x128": ["input_ids=1x128:int64", "attention_mask=1x128:int64"]}
+
+
+def build(args) -> None:
+    import slimc
+
+    _, calib = data(Path(args.tmp))
+    info = {}
+    for shape, inputs in SHAPES.items():
+        for name, pipeline in (("fp32", None), ("budget", args.pipeline)):
+            out = Path(args.work) / f"{name}_{shape}"
+            t0 = time.perf_counter()
+            result = slimc.compile_model(MODEL, slimc.CompileOptions(
+                pipeline=pipeline, output=out, inputs=inputs, threads=args.threads,
+                calib=calib if pipeline else None, calib_batches=1, force=True))
+            info[f"{name}_{shape}"] = {
+                "pipeline": pipeline or "-", "compile_s": round(time.perf_counter() - t0, 1),
+                "verified": result.manifest["verification"]["passed"],
+                "weight_bytes": result.manifest.get("weight_bytes_after")}
+            print(info[f"{name}_{shape}"], flush=True)
+    (Path(args.work) / "built.json").write_text(json.dumps(info, indent=1))
+
+
+def timed(args) -> None:
+    import os
+
+    import slimc
+
+    info = json.loads((Path(args.work) / "built.json").read_text())
+    out = {"threads": args.threads, "rounds": args.rounds, "built": info,
+           "load_before": os.getloadavg(), "shapes": {}}
+    for shape in SHAPES:
+        runners = {n: slimc.load(Path(args.work) / f"{n}_{shape}", threads=args.threads)
+                   for n in ("fp32", "budget")}
+        inputs = {n: r.example_inputs() for n, r in runners.items()}
+        times: dict[str, list[float]] = {n: [] for n in runners}
+        for _ in range(args.warmup):
+            for n, r in runners.items():
+                r(**inputs[n])
+        for i in range(args.rounds):
+            order = list(runners) if i % 2 == 0 else list(reversed(runners))
+            for n in order:
+                t0 = time.perf_counter()
+                runners[n](**inputs[n])
+                times[n].append(time.perf_counter() - t0)
+        med = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+        out["shapes"][shape] = {"median_ms": med, "ratio": med["budget"] / med["fp32"]}
+        print(shape, out["shapes"][shape], flush=True)
+    out["load_after"] = os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=["build", "time"])
+    ap.add_argument("--pipeline", default="quantize{weights=int8,activations=int8}")
+    ap.add_argument("--work", default="/tmp/budget_latency_minilm")
+    ap.add_argument("--tmp", default="/tmp/budget_bench")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default="budget_latency_minilm")
+    args = ap.parse_args()
+    build(args) if args.step == "build" else timed(args)
+
+
+if __name__ == "__main__":
+    main()
