@@ -37,7 +37,8 @@ def build(args) -> None:
 
     _, calib = data(Path(args.tmp))
     info = {}
-    for shape, inputs in SHAPES.items():
+    for shape in args.shapes.split(","):
+        inputs = SHAPES[shape]
         for name, pipeline in (("fp32", None), ("budget", args.pipeline)):
             out = Path(args.work) / f"{name}_{shape}"
             t0 = time.perf_counter()
@@ -49,7 +50,7 @@ def build(args) -> None:
                 "verified": result.manifest["verification"]["passed"],
                 "weight_bytes": result.manifest.get("weight_bytes_after")}
             print(info[f"{name}_{shape}"], flush=True)
-    (Path(args.work) / "built.json").write_text(json.dumps(info, indent=1))
+            (Path(args.work) / "built.json").write_text(json.dumps(info, indent=1))
 
 
 def timed(args) -> None:
@@ -60,7 +61,7 @@ def timed(args) -> None:
     info = json.loads((Path(args.work) / "built.json").read_text())
     out = {"threads": args.threads, "rounds": args.rounds, "built": info,
            "load_before": os.getloadavg(), "shapes": {}}
-    for shape in SHAPES:
+    for shape in args.shapes.split(","):
         runners = {n: slimc.load(Path(args.work) / f"{n}_{shape}", threads=args.threads)
                    for n in ("fp32", "budget")}
         inputs = {n: r.example_inputs() for n, r in runners.items()}
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--pipeline", default="quantize{weights=int8,activations=int8}")
     ap.add_argument("--work", default="/tmp/budget_latency_minilm")
     ap.add_argument("--tmp", default="/tmp/budget_bench")
+    ap.add_argument("--shapes", default="32x8,1x128", help="of " + ", ".join(SHAPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
