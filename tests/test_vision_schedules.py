@@ -599,3 +599,32 @@ def test_narrow_head_dim_runs_on_whole_vectors(tmp_path, caplog):
     update = _enclosing(text, "matmul_update")
     assert "T.vectorized(T.int64(16))" in update[-1], update
     assert "(T.int64(4), T.int64(64), T.int64(48))" in text  # the padded values
+
+
+class IntegerPowers(torch.nn.Module):
+    """GPT-2's ``gelu_new`` (``x ** 3`` inside a tanh) after a linear, plus ``x ** 2``,
+    ``x ** 4`` and a fractional power of a positive tensor (which stays ``pow``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        c = (2.0 / torch.pi) ** 0.5
+        gelu = 0.5 * h * (1.0 + torch.tanh(c * (h + 0.044715 * torch.pow(h, 3.0))))
+        return gelu + torch.pow(h, 2) - 0.01 * h ** 4 + torch.pow(h.abs() + 1.0, 2.5)
+
+
+def test_integer_powers_are_multiplications_not_pow_calls(tmp_path, caplog):
+    """``x ** n`` by a constant integer 2..4 compiles to multiplications: a vectorized ``pow``
+    is one scalar ``powf`` call per lane (GPT-2 small's GELU kernel: 23.5 ms of a 164 ms
+    prefill, ORT's 2.4). A fractional exponent keeps ``pow``. Exact against PyTorch."""
+    torch.manual_seed(0)
+    net = IntegerPowers().eval()
+    x = torch.randn(1, 24, 32)
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", target="x86-64-v4-vnni")
+    kernels = _scheduled(net, (x,))
+    pows = [text.count("T.pow(") for text in kernels.values()]
+    assert sum(pows) == 1, {n: t for n, t in kernels.items() if "T.pow(" in t}
+    assert any("fast_tanh" in n for n in kernels), sorted(kernels)
