@@ -123,7 +123,7 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
                     log(f"explore: {limits} at prune ratio {ratio:g}: {exc}")
         # uniform W8A8 (with --calib, on a target with int8 dot products) as one more point:
         # no per-layer choice of the sweeps, the only format that lowers compute-bound latency
-        search._w8a8(search.base(0.0), {}, keep=False)
+        search.w8a8_candidate(search.base(0.0), {}, keep=False)
     points = _points(search, spec.name, options, model)
     result = {
         "model": model, "target": spec.name,

@@ -413,7 +413,7 @@ class Search:
                 out.append(cand)
             else:
                 cand.release()
-        cand = self._w8a8(base, limits, keep)
+        cand = self.w8a8_candidate(base, limits, keep)
         if cand is not None:
             if self._within(cand, limits) and (max_drop is None or cand.drop <= max_drop):
                 out.append(cand)
@@ -421,7 +421,7 @@ class Search:
                 cand.release()
         return out
 
-    def _w8a8(self, base: _Base, limits: dict[str, float], keep: bool) -> Candidate | None:
+    def w8a8_candidate(self, base: _Base, limits: dict[str, float], keep: bool) -> Candidate | None:
         """Uniform W8A8 (``quantize{weights=int8,activations=int8}``), built and measured when
         :attr:`Techniques.w8a8` (calibration data given) and its costs fit. Why: weight-only
         formats compute in float, so on compute-bound matmuls (MiniLM on every target in
