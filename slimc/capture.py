@@ -13,6 +13,7 @@ import re
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -39,8 +40,21 @@ def find_loader(model: str, registry: Registry | None = None):
         if loader.accepts(model):
             return loader
     forms = "; ".join(f"{ld.name}: {ld.description}" for ld in registry.loaders)
-    raise UsageError(f"slimc does not know how to load {model!r}.",
+    raise UsageError(f"slimc does not know how to load {model!r}{_why_not_loadable(model)}.",
                      hint=f"MODEL may be one of — {forms}.")
+
+
+def _why_not_loadable(model: str) -> str:
+    """What is wrong with a MODEL that names a path, so the error says "does not exist" or
+    "has no config.json" instead of only listing the forms a loader accepts."""
+    path = Path(model)
+    if ":" in model and not path.exists():
+        return ""  # a module:factory form that no loader accepted: the forms say enough
+    if not path.exists():
+        return f": {str(path)!r} does not exist (check the path)"
+    if path.is_dir():
+        return f": the folder {str(path)!r} has no config.json and no model weights"
+    return f": {path.suffix or 'a file without an extension'!s} is not a model format it reads"
 
 
 def load_model(model: str, overrides: dict[str, InputOverride] | None = None,

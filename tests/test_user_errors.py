@@ -39,7 +39,13 @@ def test_bad_input_spec(cli, hf_dir):
 
 def test_unknown_model_form(cli, tmp_path):
     result = cli("compile", str(tmp_path / "nothing-here"))
-    _assert_clean_error(result, "does not know how to load", "huggingface", "factory", "pt2")
+    _assert_clean_error(result, "does not know how to load", "huggingface", "factory", "pt2",
+                        "does not exist")
+    (tmp_path / "empty").mkdir()
+    _assert_clean_error(cli("compile", str(tmp_path / "empty")), "has no config.json")
+    (tmp_path / "notes.txt").write_text("not a model")
+    _assert_clean_error(cli("compile", str(tmp_path / "notes.txt")),
+                        ".txt is not a model format")
 
 
 def test_corrupt_weights_name_the_file(cli, hf_dir, tmp_path):
