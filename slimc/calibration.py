@@ -267,8 +267,20 @@ def read_image(file: Path, channels: int, height: int, width: int) -> torch.Tens
     return pixels
 
 
+def folder_entries(folder: Path, option: str) -> list[Path]:
+    """The sorted entries of a data folder the user named; an unreadable folder (or one that
+    vanished while it was read) is the user's to fix, so it is a usage error, not a traceback."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot read the folder {folder} "
+                         f"({exc.strerror or exc}).",
+                         hint=f"Give {option} a folder that exists and that you can read.") \
+            from None
+
+
 def _images(folder: Path, template, max_batches: int) -> CalibrationData:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in folder_entries(folder, "--calib") if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise UsageError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}).")
     name = next((k for k, v in template.items() if v.is_floating_point() and v.dim() == 4), None)

@@ -98,7 +98,9 @@ def _is_pairs(path: Path) -> bool:
 
 
 def _is_labelled_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.is_dir() for p in path.iterdir())
+    from slimc.calibration import folder_entries
+
+    return path.is_dir() and any(p.is_dir() for p in folder_entries(path, "--eval-data"))
 
 
 def _has_tokenizer(ctx: EvalContext, path: Path) -> None:
@@ -268,7 +270,7 @@ def _embed(outputs: Arrays, mask: np.ndarray, batch: int, seq: int) -> np.ndarra
 
 
 def _prepare_accuracy(path: Path | None, ctx: EvalContext) -> TaskData:
-    from slimc.calibration import IMAGE_SUFFIXES, read_image
+    from slimc.calibration import IMAGE_SUFFIXES, folder_entries, read_image
 
     path = _require(path, "accuracy", "a folder of <label>/<image> files")
     name = next((k for k in ctx.input_names if ctx.template[k].dtype.kind == "f"
@@ -276,10 +278,11 @@ def _prepare_accuracy(path: Path | None, ctx: EvalContext) -> TaskData:
     if name is None:
         raise UsageError(f"--eval-data {path} holds images, but the model has no image input "
                          f"(NxCxHxW float); its inputs: {', '.join(ctx.input_names)}.")
-    labels = sorted(p.name for p in path.iterdir() if p.is_dir())
+    labels = [p.name for p in folder_entries(path, "--eval-data") if p.is_dir()]
     numeric = all(lb.isdigit() for lb in labels)
     files = [(f, int(lb) if numeric else i) for i, lb in enumerate(labels)
-             for f in sorted((path / lb).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+             for f in folder_entries(path / lb, "--eval-data")
+             if f.suffix.lower() in IMAGE_SUFFIXES]
     batch, channels, height, width = ctx.template[name].shape
     files = files[ctx.skip * batch:]
     files = files[:ctx.max_batches * batch]

@@ -142,3 +142,16 @@ def test_artifact_that_disagrees_with_the_ir_is_not_written(cli, tmp_path):
     assert "disagrees with the IR" in result.err and "No artifact was written" in result.err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_folder_that_cannot_be_read_is_a_usage_error(tmp_path):
+    """A label folder that vanishes (or is a file) while --eval-data / --calib is scanned names
+    the folder instead of raising from ``iterdir``."""
+    from slimc.calibration import folder_entries
+    from slimc.errors import UsageError
+
+    (tmp_path / "a-file").write_text("x")
+    for folder in (tmp_path / "vanished", tmp_path / "a-file"):
+        with pytest.raises(UsageError, match="cannot read the folder") as info:
+            folder_entries(folder, "--eval-data")
+        assert str(folder) in str(info.value)
