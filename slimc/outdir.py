@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from slimc.errors import UsageError
@@ -73,6 +74,7 @@ def check_output_directory(final: Path, *, force: bool = False) -> Path:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UsageError(f"-o {final}: {ancestor} is not writable.",
                          hint="Choose a directory you can write to.")
+    _probe_writable(final, ancestor)
     if final.is_dir() and any(final.iterdir()):
         owned = owned_files(final)
         if owned is None:
@@ -87,6 +89,18 @@ def check_output_directory(final: Path, *, force: bool = False) -> Path:
                              hint="Move them out, choose another -o, or pass --force to "
                              "replace the directory with them.")
     return final
+
+
+def _probe_writable(final: Path, ancestor: Path) -> None:
+    """Create and remove a folder in ``ancestor``: ``os.access`` says yes to root everywhere,
+    also on file systems that take no new folders (``/proc``, a read-only mount), and the
+    artifact's staging folder is created there only after the whole compile."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{final.name}.probe-", dir=ancestor))
+    except OSError as exc:
+        raise UsageError(f"-o {final}: slimc cannot create folders in {ancestor} "
+                         f"({exc.strerror or exc}).",
+                         hint="Choose a directory you can write to.") from None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -155,3 +155,10 @@ def test_a_data_folder_that_cannot_be_read_is_a_usage_error(tmp_path):
         with pytest.raises(UsageError, match="cannot read the folder") as info:
             folder_entries(folder, "--eval-data")
         assert str(folder) in str(info.value)
+
+
+def test_an_output_folder_that_cannot_be_created_fails_before_the_compile(cli):
+    """``os.access`` says yes to root on /proc; the compile must still stop at once with exit 2
+    (before it used to run whole and then fail with an internal error at the final write)."""
+    result = cli("compile", "tests.models:small_cnn", "-o", "/proc/slimc-test.slimc", "-q")
+    _assert_clean_error(result, "cannot create folders in /proc")
