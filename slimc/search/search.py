@@ -16,6 +16,7 @@ whose measured candidate stays within ``--max-drop`` wins. See docs/budget.md.
 from __future__ import annotations
 
 import math
+import os
 import time
 import weakref
 from collections import Counter
@@ -35,13 +36,18 @@ from slimc.passmanager import PassContext, PassManager, PassRecord
 from slimc.pipeline import validate
 
 from .budget import Budget
+from .probes import PredictedCurve, Probe, next_budget
 from .solver import Infeasible, solve
 from .space import Space, Techniques, build_space, layer_patterns
 
 #: Most back-off rounds per pruning ratio (each builds and measures one candidate).
 MAX_BACKOFFS = 6
-#: Bisection steps of a budget-less (``-O2/-O3/-Os``) search per pruning ratio.
+#: Most candidates a budget-less (``-O2/-O3/-Os``) search builds per pruning ratio and family
+#: (the bisection's steps; the predicted probes usually stop after 2-3, :mod:`.probes`).
 BISECTION_STEPS = 5
+#: How a budget-less search places its probes: ``"predicted"`` (the damage table's predicted
+#: drop, calibrated by each measurement: :mod:`.probes`) or ``"bisect"`` (log midpoints).
+PROBES = "predicted"
 #: Seconds of distillation (all tries together) the search may spend when no candidate meets
 #: ``--max-drop`` (``--distill-budget``). Why 300: a bounded addition to a search that takes
 #: minutes already, hundreds of steps for a small model; measured on MiniLM (32x8 tokens per
@@ -521,27 +527,79 @@ class Search:
     def minimize(self, objective: str, max_drop: float,
                  keep: bool = True) -> Candidate | None:
         """The candidate with the smallest ``objective`` (size or latency, measured) whose
-        drop is within ``max_drop``: bisection on the budget, per pruning ratio."""
+        drop is within ``max_drop``: per pruning ratio and family, probes of the budget placed
+        by the damage table's calibrated prediction (:mod:`.probes`; ``PROBES = "bisect"``:
+        bisection)."""
         if objective not in self.original:
             objective = "size"
+        smallest = self._bisect if _probe_placement() == "bisect" else self._predicted_probes
         best = None
         for ratio in self.techniques.prune_ratios:
             base = self.base(ratio)
             for _, barred in self._families(base):
-                cand = self._bisect(base, objective, max_drop, keep, barred)
+                cand = smallest(base, objective, max_drop, keep, barred)
                 best = _keep_better(best, cand, lambda a, b: a.relative[objective]
                                     < b.relative[objective])
         return best
 
-    def _bisect(self, base: _Base, objective: str, max_drop: float, keep: bool,
-                barred: np.ndarray) -> Candidate | None:
+    def _budget_range(self, base: _Base, objective: str, barred: np.ndarray
+                      ) -> tuple[float, float]:
+        """(just above the smallest reachable, the uncompressed) ``objective`` relative to
+        the original: where a budget-less search looks."""
         space = base.space
         allowed = np.isfinite(space.costs[objective]) & ~barred
         low = (space.rest[objective] + float(np.where(allowed, space.costs[objective],
                                                       np.inf).min(axis=1).sum())) \
             / self.original[objective]
         high = space.info["fp32"][objective] / self.original[objective]
-        lo, hi = math.log(max(low, 1e-6) * 1.001), math.log(high)
+        return max(low, 1e-6) * 1.001, high
+
+    def _predicted_probes(self, base: _Base, objective: str, max_drop: float, keep: bool,
+                          barred: np.ndarray) -> Candidate | None:
+        """The smallest budget whose built candidate stays within ``max_drop``, each probe
+        placed where the damage table's prediction, calibrated by the candidates measured so
+        far, says the drop reaches ``max_drop`` (:mod:`.probes`); at most
+        ``BISECTION_STEPS`` builds, as the bisection. Why: each probe is a whole candidate
+        build (~7 s on a 320M decoder) and the bisection's midpoints ignored what the table
+        predicts: 5 builds on the 320M where 2-3 land as close (issue 18)."""
+        space = base.space
+        low, high = self._budget_range(base, objective, barred)
+        curve = PredictedCurve(space.costs[objective], np.where(barred, np.inf, space.damage),
+                               space.rest[objective], self.original[objective])
+        probes: list[Probe] = []
+        best = None
+        seen: dict[tuple[int, ...], Candidate] = {}
+        builds = 0
+        for _ in range(4 * BISECTION_STEPS):  # a probe whose picks were built is no build
+            budget = next_budget(curve, probes, max_drop, low, high)
+            if budget is None:
+                break
+            try:
+                picks = self.solve(base, {objective: budget}, barred)
+            except Infeasible:
+                low = budget
+                continue
+            cand = seen.get(tuple(picks))
+            if cand is None:  # another budget, the same picks: measured already
+                cand = seen[tuple(picks)] = self.build(base, picks, keep)
+                builds += 1
+                if cand.drop <= max_drop:
+                    best = _keep_better(best, cand, lambda a, b: a.relative[objective]
+                                        < b.relative[objective])
+                else:
+                    cand.release()
+            probes.append(Probe(budget, float(curve.at(budget)), cand.drop))
+            self.log(f"search: {objective} budget {budget:.5f}: predicted drop "
+                     f"{probes[-1].predicted:.4g}, measured {cand.drop:.4g}")
+            if builds >= BISECTION_STEPS:
+                break
+        return best
+
+    def _bisect(self, base: _Base, objective: str, max_drop: float, keep: bool,
+                barred: np.ndarray) -> Candidate | None:
+        """The budget bisected in log scale (``BISECTION_STEPS`` steps, each a build unless
+        its picks were built already): before the predicted probes, kept for comparison."""
+        lo, hi = (math.log(x) for x in self._budget_range(base, objective, barred))
         best = None
         seen: dict[tuple[int, ...], Candidate] = {}
         for _ in range(BISECTION_STEPS):
@@ -569,6 +627,13 @@ class Search:
                 cand.release()
                 lo = math.log(mid)
         return best
+
+
+def _probe_placement() -> str:
+    """:data:`PROBES`, or ``$SLIMC_SEARCH_PROBES`` (``predicted`` / ``bisect``) for one run
+    (side-by-side measurements)."""
+    value = os.environ.get("SLIMC_SEARCH_PROBES", PROBES)
+    return value if value in ("predicted", "bisect") else PROBES
 
 
 def _keep_better(best: Candidate | None, cand: Candidate | None,
