@@ -9,8 +9,10 @@ parameters of the built IR, the cost model's latency of the built IR, and the ta
 the proxy). Damage is not additive across layers; when the measured drop exceeds
 ``--max-drop``, the most damaging choices (largest measured single-layer damage) are excluded
 and the solver re-run under the same budget, until both hold or nothing fits. Without a budget
-(``-O2``/``-O3``/``-Os``) the budget on the level's objective is bisected: the smallest one
-whose measured candidate stays within ``--max-drop`` wins. See docs/budget.md.
+(``-O2``/``-O3``/``-Os``) the smallest budget on the level's objective whose measured candidate
+stays within ``--max-drop`` wins; its probes go where the damage table's predicted drop,
+calibrated by each candidate measured, reaches ``--max-drop`` (:mod:`.probes`). See
+docs/budget.md.
 """
 
 from __future__ import annotations
