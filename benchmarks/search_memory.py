@@ -72,7 +72,8 @@ def run_search(plan, ir, ctx, *args, **kwargs):
            "rss_at_search_start_gb": round(start_rss, 3),
            "peak_rss_gb_sampled": round(peak[0], 3),
            "ru_maxrss_gb": round(after.ru_maxrss / 2**20, 3), "load": os.getloadavg(),
-           "search_s": entry.get("seconds"), "chosen": entry.get("chosen"), "seconds_by_phase": entry.get("seconds_by_phase"),
+           "search_s": entry.get("seconds"), "chosen": entry.get("chosen"),
+           "seconds_by_phase": entry.get("seconds_by_phase"),
            "candidates": [(c["pipeline"], c["relative"]["size"], c["drop"], c["choices"],
                            c.get("predicted_damage"))
                           for c in entry.get("candidates", [])],

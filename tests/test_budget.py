@@ -16,6 +16,7 @@ from slimc.passmanager import AnalysisManager, PassContext, PassManager
 from slimc.pipeline import recipe_items, validate
 from slimc.plugins import get_registry
 from slimc.search.budget import parse_budget
+from slimc.search.probes import PredictedCurve
 from slimc.search.solver import Infeasible, solve
 
 
@@ -198,7 +199,12 @@ def test_search_keeps_only_the_chosen_candidates_ir(hf_dir):
     ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
     search = Search(ir, ctx, registry, Techniques.named("precision"), proxy_scorer(ir, ctx),
                     None)
-    chosen = search.minimize("size", 0.05)
+    # a --max-drop that binds (a quarter of the smallest choices' predicted drop): the search
+    # builds several candidates, passing and failing (with 0.05 the smallest one passes)
+    space = search.base(0.0).space
+    max_drop = float(PredictedCurve(space.costs["size"], space.damage, space.rest["size"],
+                                    search.original["size"]).predicted[0]) / 4
+    chosen = search.minimize("size", max_drop)
     assert chosen is not None and len(search.measured) > 1
     held = [c for c in search.measured if c.ir is not None]
     assert len(held) == 1 and held[0] is chosen
