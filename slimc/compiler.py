@@ -545,6 +545,24 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
     the emulator calls each distinct kernel of the written library once on the arguments the
     host run gave it. Returns ``(None, None)`` when the module cannot be rebuilt for the host
     (the caller runs the whole model under the emulator)."""
+    # The guest starts first: its start-up under the emulator overlaps the host's half.
+    start_guest = getattr(backend, "start_kernel_guest", None)
+    guest = start_guest(library, spec, threads) if start_guest is not None else None
+    try:
+        return _check_kernels(library, spec, backend, keep, inputs, ir_outputs, options,
+                              threads, warnings, noise_floor, limits, reason, guest)
+    finally:
+        if guest is not None:
+            guest.close()
+
+
+def _check_kernels(library: Path, spec: TargetSpec, backend, keep: dict,
+                   inputs: list[np.ndarray], ir_outputs: list[np.ndarray],
+                   options: CompileOptions, threads: int, warnings: list[str],
+                   noise_floor: Callable[[], float | None], limits: RunLimits, reason: str,
+                   guest: Any) -> tuple[dict[str, Any] | None, list[np.ndarray] | None]:
+    """:func:`_verify_per_kernel`'s two halves; ``guest``: the emulator already started for
+    the second (None: ``backend.run`` starts it)."""
     import tempfile
 
     from slimc.backend import DeviceUnavailable, RunFailed
@@ -587,10 +605,11 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
         return_freed_memory()
         limits.progress(f"verify: {len(record.cases)} kernels under {where}")
         emulation_started = time.perf_counter()
-        guest: dict[str, Any] = {}
+        guest_timings: dict[str, Any] = {}
         try:
             emulated = backend.run(library, spec, [], threads, limits=limits,
-                                   kernels=(arrays, plan), timings=guest)
+                                   kernels=(arrays, plan), timings=guest_timings,
+                                   **({"guest": guest} if guest is not None else {}))
         except DeviceUnavailable as exc:
             if options.emulate == "require":
                 raise UsageError(f"Cannot run the {spec.triple} artifact to verify it: {exc}.",
@@ -623,7 +642,7 @@ def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
             "calls after its first",
             "seconds": {"host_build": round(record.build_s, 2),
                         "host_run": round(record.run_s, 2), "emulator": round(emulated_s, 2),
-                        **({"emulator_parts": guest} if guest else {})},
+                        **({"emulator_parts": guest_timings} if guest_timings else {})},
             "tolerance": tolerance, "rounding_noise_floor": floor, "precision": precision,
             **({"run_budget": limits.budget} if limits.budget else {})}, host_outputs
 

@@ -138,6 +138,17 @@ class TvmCpuBackend:
         return (f"the whole model would take ~{expected:.0f}s under the emulator "
                 f"(> {above:g}s, {ENV_VAR})")
 
+    def start_kernel_guest(self, library: Path, spec: TargetSpec, threads: int | None):
+        """The emulator for the per-kernel check of ``library``, started now (its start-up
+        overlaps :meth:`record_kernels`; :class:`~.emulation.KernelGuest`), or None when it
+        cannot start: :meth:`run` then starts one itself and reports why it could not."""
+        from slimc.backends.tvm.emulation import EmulationError, KernelGuest, find_emulator
+
+        try:
+            return KernelGuest(library, threads, find_emulator(spec.triple))
+        except EmulationError:
+            return None
+
     def record_kernels(self, keep: dict, inputs: Sequence[np.ndarray], threads: int | None):
         """The kernels kept by :meth:`build`, rebuilt for this CPU and run on ``inputs``
         (:func:`~slimc.backends.tvm.kernel_check.record_on_host`)."""
@@ -166,11 +177,11 @@ class TvmCpuBackend:
             threads: int | None, *, limits: RunLimits | None = None,
             entries: Sequence[tuple[str, Sequence[int]]] | None = None,
             kernels: tuple[str, str] | None = None,
-            timings: dict | None = None) -> list[np.ndarray]:
+            timings: dict | None = None, guest: Any = None) -> list[np.ndarray]:
         """``entries``: run these functions on these input indices instead of ``main``
         (generation artifacts: ``prefill`` and ``decode``). ``kernels``: a cross artifact's
         single kernels (:mod:`.kernel_check`); ``timings`` then receives where the emulated
-        run's time went."""
+        run's time went; ``guest`` (from :meth:`start_kernel_guest`) runs them when given."""
         from slimc.backends.tvm.emulation import (
             EmulationError,
             EmulationTimeout,
@@ -199,6 +210,8 @@ class TvmCpuBackend:
 
         tick(0.0)
         try:
+            if guest is not None and kernels is not None:
+                return guest.run(kernels, timeout=budget.limit_s, on_tick=tick, timings=timings)
             return run_library(library, inputs, cross_triple=spec.triple, threads=threads,
                                timeout=budget.limit_s, on_tick=tick, entries=entries,
                                **({"kernels": kernels, "timings": timings}

@@ -15,7 +15,8 @@ result of ``main`` (a tensor or arbitrarily nested tuples of tensors) is
 flattened depth-first and saved as ``out0``, ``out1``, ...  ``TVM_NUM_THREADS``
 in the environment sets the runtime's thread-pool size.  Timings go to stderr.
 With ``@KERNELS.json`` as the fourth argument it calls single kernels instead
-(:func:`run_kernels`: the per-kernel check of ``kernel_check.py``).
+(:func:`run_kernels`: the per-kernel check of ``kernel_check.py``); ``MODEL.so - - @-``
+loads the library first and reads the three paths from stdin.
 """
 
 from __future__ import annotations
@@ -93,11 +94,24 @@ def run_kernels(lib_path: str, in_path: str, out_path: str, plan_path: str) -> N
     (JSON ``[{"name", "args": [["a", npz key] | ["w", weight index] | ["s", scalar] |
     ["shape", [ints]]], "outputs": [argument positions]}, ...]``) gives each call's arguments;
     the written arguments are saved one after the other (``out0``, ``out1``, ...).  ``"w"``
-    arguments are the library's own weights (``slimc_library_weight``), read in place."""
+    arguments are the library's own weights (``slimc_library_weight``), read in place.
+
+    ``plan_path`` ``-``: the guest was started before the host had recorded the arguments
+    (its start-up overlaps the host's work, ``emulation.KernelGuest``); it loads the library,
+    then reads the three paths (inputs, outputs, plan) from stdin, one a line. An empty stdin
+    (the host gave up) exits with status 3."""
     print(f"slimc-runner: started {_STARTED:.3f} imported {_IMPORTED:.3f}", file=sys.stderr)
     t0 = time.perf_counter()
     _load_tvm_runtime()
     lib = tvm_ffi.load_module(lib_path)
+    loaded = time.perf_counter()
+    if plan_path == "-":
+        paths = [sys.stdin.readline().rstrip("\n") for _ in range(3)]
+        if not all(paths):
+            sys.exit(3)
+        in_path, out_path, plan_path = paths
+        print(f"slimc-runner: waited {time.perf_counter() - loaded:.3f}s", file=sys.stderr)
+    waited = time.perf_counter() - loaded
     with open(plan_path) as f:
         plan = json.load(f)
     weight = None
@@ -125,7 +139,8 @@ def run_kernels(lib_path: str, in_path: str, out_path: str, plan_path: str) -> N
                 outputs.append(np.from_dlpack(args[i]).copy())
     t2 = time.perf_counter()
     np.savez(out_path, **{f"out{i}": a for i, a in enumerate(outputs)})
-    print(f"slimc-runner: load {t1 - t0:.3f}s kernels {t2 - t1:.3f}s ({len(plan)} kernels) "
+    print(f"slimc-runner: load {t1 - t0 - waited:.3f}s kernels {t2 - t1:.3f}s "
+          f"({len(plan)} kernels) "
           f"save {time.perf_counter() - t2:.3f}s", file=sys.stderr)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "EmulationTimeout",
     "Emulator",
     "EmulatorUnavailable",
+    "KernelGuest",
     "find_emulator",
     "run_emulated",
 ]
@@ -191,29 +192,23 @@ def run_emulated(
             known = ", ".join(sorted(_ELF_MACHINES.values()))
             raise EmulationError(f"{lib} is not an ELF library for an emulated CPU ({known})")
         emulator = find_emulator(f"{arch}-linux-gnu")
+    if kernels is not None:
+        with KernelGuest(lib, threads, emulator) as guest:
+            return guest.run(kernels, timeout=timeout, on_tick=on_tick, timings=timings)
     guest_env: dict[str, str] = {}
     if threads is not None:
         guest_env["TVM_NUM_THREADS"] = str(int(threads))
     host_env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY_ENV}
-
     with tempfile.TemporaryDirectory(prefix="slimc-emu-") as tmp:
         in_path, out_path = Path(tmp, "inputs.npz"), Path(tmp, "outputs.npz")
-        if kernels is not None:
-            in_path = Path(kernels[0])
-            plan_path = Path(tmp, "kernels.json")
-            plan_path.write_text(kernels[1])
-            plan = [f"@{plan_path}"]
-        else:
-            np.savez(in_path, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
-            plan = [] if entries is None else [json.dumps([[f, list(ix)] for f, ix in entries])]
+        np.savez(in_path, **{f"arg{i}": np.asarray(a) for i, a in enumerate(inputs)})
+        plan = [] if entries is None else [json.dumps([[f, list(ix)] for f, ix in entries])]
         cmd = emulator.command(str(_RUNNER), str(lib), str(in_path), str(out_path), *plan,
                                env=guest_env)
         # Guest output goes to a file, not a pipe: nothing has to drain it while we poll.
         log_path = Path(tmp, "guest.log")
         with open(log_path, "w+b") as log:
-            launched = time.time()
             code = _wait(cmd, host_env, log, timeout, on_tick, emulator)
-            ended = time.time()
             log.seek(0)
             guest_log = log.read().decode(errors="replace")
         if code is None:
@@ -226,10 +221,97 @@ def run_emulated(
                 f"{_tail(guest_log)}"
             )
         _LOG.debug("%s under qemu: %s", lib.name, _tail(guest_log, 1))
-        if timings is not None and kernels is not None:
-            timings.update(_guest_timings(guest_log, launched, ended))
         with np.load(out_path) as npz:
             return [npz[f"out{i}"] for i in range(len(npz.files))]
+
+
+class KernelGuest:
+    """The per-kernel check's guest (``emulated_runner.py MODEL.so - - @-``), started before
+    the host has recorded the kernels' arguments.
+
+    Why: under qemu the guest's interpreter start, imports and library load cost ~1.5-2.5 s
+    of one core (issue 18), and the host's side of the check (the rebuild for this CPU and
+    the recording run) does not need the guest; started first, the guest gets there while
+    the host works, then waits on its stdin for the plan. :meth:`run` hands it the plan and
+    waits at most ``timeout`` seconds from then on (the budget of the kernels' run). Use it
+    as a context
+    manager: leaving it stops a guest that was never handed a plan (the host's side failed).
+    Raises :class:`EmulatorUnavailable` when there is no emulator, like :func:`run_emulated`.
+    """
+
+    def __init__(self, lib_path: str | os.PathLike[str], threads: int | None = None,
+                 emulator: Emulator | None = None) -> None:
+        self.lib = Path(lib_path).resolve()
+        if emulator is None:
+            arch = _elf_arch(self.lib)
+            if arch is None:
+                known = ", ".join(sorted(_ELF_MACHINES.values()))
+                raise EmulationError(f"{self.lib} is not an ELF library for an emulated CPU "
+                                     f"({known})")
+            emulator = find_emulator(f"{arch}-linux-gnu")
+        self.emulator = emulator
+        guest_env = {"TVM_NUM_THREADS": str(int(threads))} if threads is not None else {}
+        host_env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY_ENV}
+        self._tmp = tempfile.TemporaryDirectory(prefix="slimc-emu-")
+        self._log = open(Path(self._tmp.name, "guest.log"), "w+b")  # noqa: SIM115 - closed in close()
+        cmd = emulator.command(str(_RUNNER), str(self.lib), "-", "-", "@-", env=guest_env)
+        self.launched = time.time()
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log,
+                                          stderr=subprocess.STDOUT, env=host_env,
+                                          start_new_session=True)
+        except OSError as err:
+            self.close()
+            raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
+
+    def run(self, kernels: tuple[str, str], timeout: float = 600.0,
+            on_tick: Callable[[float], None] | None = None,
+            timings: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """Hand the guest ``kernels`` (``(arrays.npz, plan JSON)`` from
+        :func:`.kernel_check.write_plan`) and return the written arguments; the errors of
+        :func:`run_emulated`. ``timings`` receives where the guest's time went."""
+        plan_path = Path(self._tmp.name, "kernels.json")
+        out_path = Path(self._tmp.name, "outputs.npz")
+        plan_path.write_text(kernels[1])
+        handed = time.time()
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(f"{kernels[0]}\n{out_path}\n{plan_path}\n".encode())
+            self._proc.stdin.close()
+        except OSError:  # the guest died during its start-up: its log says why (below)
+            pass
+        code = _wait_for(self._proc, timeout, on_tick)
+        ended = time.time()
+        self._log.seek(0)
+        guest_log = self._log.read().decode(errors="replace")
+        if code is None:
+            raise EmulationTimeout(
+                f"emulated run of {self.lib.name} timed out after {timeout:g}s\n"
+                f"{_tail(guest_log)}", limit_s=timeout)
+        if code != 0 or not out_path.is_file():
+            raise EmulationError(
+                f"emulated run of {self.lib.name} failed (exit {code}); stderr tail:\n"
+                f"{_tail(guest_log)}")
+        _LOG.debug("%s under qemu: %s", self.lib.name, _tail(guest_log, 1))
+        if timings is not None:
+            timings.update(_guest_timings(guest_log, self.launched, ended))
+            timings["after_handoff"] = round(ended - handed, 2)
+        with np.load(out_path) as npz:
+            return [npz[f"out{i}"] for i in range(len(npz.files))]
+
+    def close(self) -> None:
+        """Stop the guest if it still runs; remove its files."""
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            _kill(proc)
+        self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> KernelGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _guest_timings(log: str, launched: float, ended: float) -> dict[str, Any]:
@@ -244,12 +326,15 @@ def _guest_timings(log: str, launched: float, ended: float) -> dict[str, Any]:
         started, imported = float(stamps.group(1)), float(stamps.group(2))
         out["interpreter_start"] = round(started - launched, 2)
         out["imports"] = round(imported - started, 2)
+    waited = re.search(r"slimc-runner: waited ([\d.]+)s", log)
+    if waited:
+        out["waited_for_host"] = round(float(waited.group(1)), 2)
     summary = re.search(r"slimc-runner: load ([\d.]+)s kernels ([\d.]+)s .* save ([\d.]+)s", log)
     if summary:
         out["library_load"], out["kernels"], out["save"] = (
             round(float(v), 2) for v in summary.groups())
     runs = [(float(t), n) for n, t in re.findall(r"slimc-runner: (\S+) ([\d.]+)s$", log, re.M)
-            if n not in ("load",)]
+            if n not in ("load", "waited")]
     if runs:
         seconds, name = max(runs)
         out["slowest_kernel"], out["slowest_kernel_s"] = name, round(seconds, 2)
@@ -264,6 +349,13 @@ def _wait(cmd: list[str], env: dict[str, str], log, timeout: float,
                                 start_new_session=True)
     except OSError as err:
         raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
+    return _wait_for(proc, timeout, on_tick)
+
+
+def _wait_for(proc: subprocess.Popen, timeout: float,
+              on_tick: Callable[[float], None] | None) -> int | None:
+    """Wait for ``proc`` up to ``timeout`` seconds from now; its exit code, or None when it
+    was stopped (timed out, or the host was interrupted)."""
     start = time.monotonic()
     try:
         while True:
@@ -276,9 +368,14 @@ def _wait(cmd: list[str], env: dict[str, str], log, timeout: float,
                 if on_tick is not None:
                     on_tick(time.monotonic() - start)
     finally:
-        if proc.poll() is None:  # timed out, or the host was interrupted: stop the guest
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        if proc.poll() is None:
+            _kill(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop the guest's whole session (qemu and its threads)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
