@@ -7,6 +7,7 @@ compared with the IR before the output directory appears.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -240,7 +241,9 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     # its scheduled module for the host rebuild.
     per_kernel = _kernel_check_reason(backend, spec, options, limits, entries)
     keep: dict | None = {} if per_kernel else None
-    with artifact.staged_directory(output, force=options.force) as stage_dir:
+    guest = _start_kernel_guest(backend, spec, threads) if per_kernel else None
+    with artifact.staged_directory(output, force=options.force) as stage_dir, \
+            (guest if guest is not None else contextlib.nullcontext()):
         tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         started = _clock()
@@ -260,7 +263,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         if keep is not None and keep.get("scheduled") is not None:
             verification, artifact_outputs = _verify_per_kernel(
                 library, spec, backend, keep, [x.numpy() for x in check_inputs], ir_outputs,
-                options, threads, warnings, noise_floor, limits, per_kernel)
+                options, threads, warnings, noise_floor, limits, per_kernel, guest)
         keep = None
         if verification is None:
             verification, artifact_outputs = _verify_artifact(
@@ -535,24 +538,32 @@ def _kernel_check_reason(backend, spec: TargetSpec, options: CompileOptions,
     return wants(spec, limits)
 
 
+def _start_kernel_guest(backend, spec: TargetSpec, threads: int):
+    """The per-kernel check's emulator, started before the build so that its start-up under
+    the emulator (interpreter, imports, TVM runtime: ~2 s of one core idle, 5-7 s loaded)
+    overlaps the single-threaded build; None when the backend has none or it cannot start
+    (the check then starts it and reports why)."""
+    start = getattr(backend, "start_kernel_guest", None)
+    return start(spec, threads) if start is not None else None
+
+
 def _verify_per_kernel(library: Path, spec: TargetSpec, backend, keep: dict,
                        inputs: list[np.ndarray], ir_outputs: list[np.ndarray],
                        options: CompileOptions, threads: int, warnings: list[str],
                        noise_floor: Callable[[], float | None], limits: RunLimits,
-                       reason: str) -> tuple[dict[str, Any] | None, list[np.ndarray] | None]:
+                       reason: str, guest: Any = None,
+                       ) -> tuple[dict[str, Any] | None, list[np.ndarray] | None]:
     """Verify a big cross artifact in two halves (:mod:`slimc.backends.tvm.kernel_check`):
     the module it was built from, rebuilt for this CPU, runs the whole model against the IR;
     the emulator calls each distinct kernel of the written library once on the arguments the
     host run gave it. Returns ``(None, None)`` when the module cannot be rebuilt for the host
-    (the caller runs the whole model under the emulator)."""
-    # The guest starts first: its start-up under the emulator overlaps the host's half.
-    start_guest = getattr(backend, "start_kernel_guest", None)
-    guest = start_guest(library, spec, threads) if start_guest is not None else None
+    (the caller runs the whole model under the emulator). ``guest``: the emulator started
+    before the build (:func:`_start_kernel_guest`); closed here."""
     try:
         return _check_kernels(library, spec, backend, keep, inputs, ir_outputs, options,
                               threads, warnings, noise_floor, limits, reason, guest)
     finally:
-        if guest is not None:
+        if guest is not None:  # done, or not needed (the whole model runs instead)
             guest.close()
 
 

@@ -138,14 +138,15 @@ class TvmCpuBackend:
         return (f"the whole model would take ~{expected:.0f}s under the emulator "
                 f"(> {above:g}s, {ENV_VAR})")
 
-    def start_kernel_guest(self, library: Path, spec: TargetSpec, threads: int | None):
-        """The emulator for the per-kernel check of ``library``, started now (its start-up
-        overlaps :meth:`record_kernels`; :class:`~.emulation.KernelGuest`), or None when it
-        cannot start: :meth:`run` then starts one itself and reports why it could not."""
+    def start_kernel_guest(self, spec: TargetSpec, threads: int | None):
+        """The emulator for the per-kernel check of a ``spec`` library, started now, before
+        the library is built (its start-up overlaps the build and :meth:`record_kernels`;
+        :class:`~.emulation.KernelGuest`), or None when it cannot start: :meth:`run` then
+        starts one itself and reports why it could not."""
         from slimc.backends.tvm.emulation import EmulationError, KernelGuest, find_emulator
 
         try:
-            return KernelGuest(library, threads, find_emulator(spec.triple))
+            return KernelGuest(find_emulator(spec.triple), threads)
         except EmulationError:
             return None
 
@@ -211,7 +212,8 @@ class TvmCpuBackend:
         tick(0.0)
         try:
             if guest is not None and kernels is not None:
-                return guest.run(kernels, timeout=budget.limit_s, on_tick=tick, timings=timings)
+                return guest.run(library, kernels, timeout=budget.limit_s, on_tick=tick,
+                                 timings=timings)
             return run_library(library, inputs, cross_triple=spec.triple, threads=threads,
                                timeout=budget.limit_s, on_tick=tick, entries=entries,
                                **({"kernels": kernels, "timings": timings}

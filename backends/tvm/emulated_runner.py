@@ -15,8 +15,8 @@ result of ``main`` (a tensor or arbitrarily nested tuples of tensors) is
 flattened depth-first and saved as ``out0``, ``out1``, ...  ``TVM_NUM_THREADS``
 in the environment sets the runtime's thread-pool size.  Timings go to stderr.
 With ``@KERNELS.json`` as the fourth argument it calls single kernels instead
-(:func:`run_kernels`: the per-kernel check of ``kernel_check.py``); ``MODEL.so - - @-``
-loads the library first and reads the three paths from stdin.
+(:func:`run_kernels`: the per-kernel check of ``kernel_check.py``); ``- - - @-`` loads
+the runtime first and reads the four paths from stdin.
 """
 
 from __future__ import annotations
@@ -96,22 +96,23 @@ def run_kernels(lib_path: str, in_path: str, out_path: str, plan_path: str) -> N
     the written arguments are saved one after the other (``out0``, ``out1``, ...).  ``"w"``
     arguments are the library's own weights (``slimc_library_weight``), read in place.
 
-    ``plan_path`` ``-``: the guest was started before the host had recorded the arguments
-    (its start-up overlaps the host's work, ``emulation.KernelGuest``); it loads the library,
-    then reads the three paths (inputs, outputs, plan) from stdin, one a line. An empty stdin
-    (the host gave up) exits with status 3."""
+    ``plan_path`` ``-``: the guest was started before the host had built the library and
+    recorded the arguments (its start-up overlaps the host's work, ``emulation.KernelGuest``);
+    it loads the TVM runtime, then reads the four paths (library, inputs, outputs, plan) from
+    stdin, one a line. An empty stdin (the host gave up) exits with status 3."""
     print(f"slimc-runner: started {_STARTED:.3f} imported {_IMPORTED:.3f}", file=sys.stderr)
     t0 = time.perf_counter()
     _load_tvm_runtime()
-    lib = tvm_ffi.load_module(lib_path)
-    loaded = time.perf_counter()
+    waited = 0.0
     if plan_path == "-":
-        paths = [sys.stdin.readline().rstrip("\n") for _ in range(3)]
+        ready = time.perf_counter()
+        paths = [sys.stdin.readline().rstrip("\n") for _ in range(4)]
         if not all(paths):
             sys.exit(3)
-        in_path, out_path, plan_path = paths
-        print(f"slimc-runner: waited {time.perf_counter() - loaded:.3f}s", file=sys.stderr)
-    waited = time.perf_counter() - loaded
+        lib_path, in_path, out_path, plan_path = paths
+        waited = time.perf_counter() - ready
+        print(f"slimc-runner: waited {waited:.3f}s", file=sys.stderr)
+    lib = tvm_ffi.load_module(lib_path)
     with open(plan_path) as f:
         plan = json.load(f)
     weight = None

@@ -193,8 +193,8 @@ def run_emulated(
             raise EmulationError(f"{lib} is not an ELF library for an emulated CPU ({known})")
         emulator = find_emulator(f"{arch}-linux-gnu")
     if kernels is not None:
-        with KernelGuest(lib, threads, emulator) as guest:
-            return guest.run(kernels, timeout=timeout, on_tick=on_tick, timings=timings)
+        with KernelGuest(emulator, threads) as guest:
+            return guest.run(lib, kernels, timeout=timeout, on_tick=on_tick, timings=timings)
     guest_env: dict[str, str] = {}
     if threads is not None:
         guest_env["TVM_NUM_THREADS"] = str(int(threads))
@@ -226,35 +226,25 @@ def run_emulated(
 
 
 class KernelGuest:
-    """The per-kernel check's guest (``emulated_runner.py MODEL.so - - @-``), started before
-    the host has recorded the kernels' arguments.
+    """The per-kernel check's guest (``emulated_runner.py - - - @-``), started before the host
+    has built the library and recorded the kernels' arguments.
 
-    Why: under qemu the guest's interpreter start, imports and library load cost ~1.5-2.5 s
-    of one core (issue 18), and the host's side of the check (the rebuild for this CPU and
-    the recording run) does not need the guest; started first, the guest gets there while
-    the host works, then waits on its stdin for the plan. :meth:`run` hands it the plan and
-    waits at most ``timeout`` seconds from then on (the budget of the kernels' run). Use it
-    as a context
-    manager: leaving it stops a guest that was never handed a plan (the host's side failed).
-    Raises :class:`EmulatorUnavailable` when there is no emulator, like :func:`run_emulated`.
+    Why: under qemu the guest's interpreter start, imports and TVM runtime load cost ~1.5-2.5 s
+    of one core on an idle host (5-7 s on a loaded one; issue 18), while the build before the
+    check runs on one core; started first, the guest gets there while the host works, then
+    waits on its stdin. :meth:`run` hands it the library and the plan and waits at most
+    ``timeout`` seconds from then on (the budget of the kernels' run). Use it as a context
+    manager: leaving it stops a guest that was never handed a plan (the build or the host's
+    half failed).
     """
 
-    def __init__(self, lib_path: str | os.PathLike[str], threads: int | None = None,
-                 emulator: Emulator | None = None) -> None:
-        self.lib = Path(lib_path).resolve()
-        if emulator is None:
-            arch = _elf_arch(self.lib)
-            if arch is None:
-                known = ", ".join(sorted(_ELF_MACHINES.values()))
-                raise EmulationError(f"{self.lib} is not an ELF library for an emulated CPU "
-                                     f"({known})")
-            emulator = find_emulator(f"{arch}-linux-gnu")
+    def __init__(self, emulator: Emulator, threads: int | None = None) -> None:
         self.emulator = emulator
         guest_env = {"TVM_NUM_THREADS": str(int(threads))} if threads is not None else {}
         host_env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY_ENV}
         self._tmp = tempfile.TemporaryDirectory(prefix="slimc-emu-")
-        self._log = open(Path(self._tmp.name, "guest.log"), "w+b")  # noqa: SIM115 - closed in close()
-        cmd = emulator.command(str(_RUNNER), str(self.lib), "-", "-", "@-", env=guest_env)
+        self._log = open(Path(self._tmp.name, "guest.log"), "w+b")  # noqa: SIM115 - close()
+        cmd = emulator.command(str(_RUNNER), "-", "-", "-", "@-", env=guest_env)
         self.launched = time.time()
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log,
@@ -264,19 +254,21 @@ class KernelGuest:
             self.close()
             raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
 
-    def run(self, kernels: tuple[str, str], timeout: float = 600.0,
-            on_tick: Callable[[float], None] | None = None,
+    def run(self, lib_path: str | os.PathLike[str], kernels: tuple[str, str],
+            timeout: float = 600.0, on_tick: Callable[[float], None] | None = None,
             timings: dict[str, Any] | None = None) -> list[np.ndarray]:
-        """Hand the guest ``kernels`` (``(arrays.npz, plan JSON)`` from
+        """Hand the guest the library and ``kernels`` (``(arrays.npz, plan JSON)`` from
         :func:`.kernel_check.write_plan`) and return the written arguments; the errors of
         :func:`run_emulated`. ``timings`` receives where the guest's time went."""
+        lib = Path(lib_path).resolve()
         plan_path = Path(self._tmp.name, "kernels.json")
         out_path = Path(self._tmp.name, "outputs.npz")
         plan_path.write_text(kernels[1])
         handed = time.time()
         try:
             assert self._proc.stdin is not None
-            self._proc.stdin.write(f"{kernels[0]}\n{out_path}\n{plan_path}\n".encode())
+            self._proc.stdin.write(
+                f"{lib}\n{kernels[0]}\n{out_path}\n{plan_path}\n".encode())
             self._proc.stdin.close()
         except OSError:  # the guest died during its start-up: its log says why (below)
             pass
@@ -286,13 +278,13 @@ class KernelGuest:
         guest_log = self._log.read().decode(errors="replace")
         if code is None:
             raise EmulationTimeout(
-                f"emulated run of {self.lib.name} timed out after {timeout:g}s\n"
+                f"emulated run of {lib.name} timed out after {timeout:g}s\n"
                 f"{_tail(guest_log)}", limit_s=timeout)
         if code != 0 or not out_path.is_file():
             raise EmulationError(
-                f"emulated run of {self.lib.name} failed (exit {code}); stderr tail:\n"
+                f"emulated run of {lib.name} failed (exit {code}); stderr tail:\n"
                 f"{_tail(guest_log)}")
-        _LOG.debug("%s under qemu: %s", self.lib.name, _tail(guest_log, 1))
+        _LOG.debug("%s under qemu: %s", lib.name, _tail(guest_log, 1))
         if timings is not None:
             timings.update(_guest_timings(guest_log, self.launched, ended))
             timings["after_handoff"] = round(ended - handed, 2)
