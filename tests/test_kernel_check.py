@@ -136,3 +136,31 @@ def test_a_wrong_aarch64_kernel_is_caught(aarch64_emulator, tmp_path):
     record.cases[0].expected[0] = record.cases[0].expected[0] + 1.0
     _, name, failed = compare(record, emulated, 1e-4)
     assert name == record.cases[0].name and len(failed) == 1
+
+
+def test_a_guest_started_before_the_build_checks_the_library_handed_to_it(aarch64_emulator,
+                                                                           tmp_path):
+    """The compile starts the per-kernel guest before the library exists (its start-up under
+    qemu overlaps the build); it waits on stdin, then checks the library and plan it is given.
+    A guest that is never handed one (the build or the host's half failed) is stopped."""
+    from slimc.backends.tvm.emulation import KernelGuest
+    from slimc.backends.tvm.kernel_check import compare, record_on_host, write_plan
+
+    guest = KernelGuest(aarch64_emulator, threads=1)
+    idle = KernelGuest(aarch64_emulator, threads=1)
+    ir, x, _ = _mlp(0.01, seed=0)
+    keep: dict = {}
+    library = _build(ir, tmp_path / "model.so", keep)
+    record = record_on_host(keep["scheduled"], keep["weights"], [x], threads=1)
+    plan = write_plan(record, str(tmp_path / "args.npz"))
+    timings: dict = {}
+    with guest:
+        outputs = guest.run(library, (str(tmp_path / "args.npz"), plan), timings=timings)
+    worst, _, failed = compare(record, outputs, 1e-4)
+    assert failed == [] and worst < 1e-5 and len(outputs) == len(record.cases)
+    # the guest's own stamps: it was ready before the host handed it the plan
+    assert timings["waited_for_host"] >= 0 and {"imports", "library_load", "kernels"} <= set(
+        timings)
+    assert idle._proc.poll() is None  # still waiting for a plan
+    idle.close()
+    assert idle._proc.poll() is not None
