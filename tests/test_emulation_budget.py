@@ -91,3 +91,24 @@ def test_bad_timeout_option_is_a_usage_error(cli, tmp_path):
     result = cli("compile", TINY, "--target=arm", "-o", tmp_path / "x", "--emulate-timeout", "0")
     assert result.code == 2
     assert "--emulate-timeout" in result.err
+
+
+@pytest.mark.parametrize("policy", ["auto", "require"])
+def test_a_per_kernel_guest_out_of_time_is_unverified_or_exit_2(aarch64_emulator, tmp_path, cli,
+                                                                monkeypatch, policy):
+    """The per-kernel check's guest starts before the build; its budget (0.01 s from when it
+    is handed the plan) still ends the check: an unverified artifact with a warning under
+    auto, exit 2 under require."""
+    monkeypatch.setenv("SLIMC_KERNEL_CHECK_ABOVE_S", "0")  # per kernel on a tiny model
+    monkeypatch.setenv(ENV_VAR, "0.01")
+    out = tmp_path / "cnn-arm"
+    result = cli("compile", TINY, "--target=arm", "-o", out, "--no-cache", "--emulate", policy)
+    text = " ".join(result.err.split())
+    assert "Traceback" not in result.err and "internal error" not in text
+    if policy == "require":
+        assert result.code == 2 and "Could not verify" in text and "budget" in text
+        assert not out.exists()
+        return
+    assert result.code == 0, result.err
+    v = json.loads((out / "manifest.json").read_text())["verification"]
+    assert v["passed"] is None and v["timed_out"] is True and "NOT verified" in text
