@@ -102,6 +102,10 @@ STACK_TILE_ROWS = True
 #: Depthwise convs read their zero padding through a guarded load, dropped in the tiles that
 #: lie inside the image (:func:`_read_padding_in_place`), instead of a window copied per tile.
 INLINE_DEPTHWISE_PADDING = True
+#: The elementwise chain between an accumulator and a broadcast into a larger map (a
+#: squeeze-excite gate) runs once per accumulator element, not once per element of the map
+#: (:func:`_inline_epilogue`; off only to measure what it saves).
+BROADCAST_EPILOGUE_ONCE = True
 
 
 @dataclass
@@ -145,7 +149,8 @@ class TiledMatmul:
         position = blocks.index(main)
         intermediates = intermediate_buffers(sch)
         producers = blocks[:position]
-        epilogue = _inline_epilogue(sch, blocks[position + 1:], intermediates)
+        epilogue = _inline_epilogue(sch, blocks[position + 1:], intermediates,
+                                    sch.get(main).writes[0].source.shape)
         # a grouped conv whose vector tiles fit in a group reads its image like a dense conv
         lanes = vector_lanes(target, sch.get(main).writes[0].source.dtype.bits)
         grouped = _group_panel(axes.group, extent(sch, axes.vector), lanes) is not None
@@ -533,11 +538,20 @@ def _schedule_padding(sch: s_tir.Schedule, block, target: Target) -> None:
         parallelize(sch, loops[0], MIN_PARALLEL_MEMORY_WORK)
 
 
-def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set):
-    """Inline intermediate elementwise consumers; return the final one (or None)."""
+def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set,
+                     accumulated=None) -> list:
+    """Inline intermediate elementwise consumers; return the blocks left to schedule.
+
+    A block of the accumulator's size whose consumer broadcasts it into a larger map (a
+    squeeze-excite gate: bias + sigmoid of a 1 x 1 x C conv, times an H x W x C feature map)
+    is kept: inlined into the broadcast it would be recomputed for every pixel (the whole
+    sigmoid, ``exp`` and a division, H x W times per channel); kept, it becomes an epilogue
+    of the accumulator tile (:func:`_tile`), computed once per channel.
+    """
     remaining = []
     for block in consumers:
-        if not block_writes_output(sch, block, intermediates):
+        if not block_writes_output(sch, block, intermediates) \
+                and not _feeds_a_broadcast(sch, block, accumulated):
             try:
                 sch.compute_inline(block)
                 continue
@@ -546,6 +560,17 @@ def _inline_epilogue(sch: s_tir.Schedule, consumers: list, intermediates: set):
                 pass
         remaining.append(block)
     return remaining
+
+
+def _feeds_a_broadcast(sch: s_tir.Schedule, block, accumulated) -> bool:
+    """Whether ``block`` writes no more than the accumulator ``accumulated`` and one of its
+    consumers writes more (:func:`_broadcasts_beyond`)."""
+    if not BROADCAST_EPILOGUE_ONCE or accumulated is None:
+        return False
+    if _broadcasts_beyond(sch.get(block).writes[0].source.shape, accumulated):
+        return False
+    return any(_broadcasts_beyond(sch.get(c).writes[0].source.shape, accumulated)
+               for c in sch.get_consumers(block))
 
 
 def panel_width(n: int | None, lanes: int, single_row: bool = False) -> int:
