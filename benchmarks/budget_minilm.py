@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=0.03)
     ap.add_argument("--backoffs", type=int, default=3, help="back-off rounds per family")
     ap.add_argument("--out", default="budget_minilm", help="results file name (no .json)")
+    ap.add_argument("--targets", default="x86,arm",
+                    help="other targets whose cost models price the same damage for latency= "
+                    "budgets (comma-separated; empty: the host only)")
     ap.add_argument("--no-w8a8", action="store_true",
                     help="leave W8A8 out of the search (the runs before 2026-12-02)")
     args = ap.parse_args()
@@ -102,7 +105,8 @@ def main() -> None:
         for ratio in searches["host"].techniques.prune_ratios:
             searches["host"].base(ratio)
         results["space_seconds"] = round(time.perf_counter() - t0, 1)
-        for target in ("x86", "arm"):  # the same measured damage, priced on each target
+        targets = [t for t in args.targets.split(",") if t]
+        for target in targets:  # the same measured damage, priced on each target
             tctx = context(target)
             hw = hardware_for_target(tctx.target)
             s = Search(ir, tctx, registry, techniques, scorer, hw, log)
@@ -194,7 +198,7 @@ def main() -> None:
             entry["techniques"].append(single([("prune", {"ratio": 0.5})],
                                               "structured pruning only (ratio=0.5)"))
             if key == "latency":
-                for target in ("x86", "arm"):
+                for target in targets:
                     c, f = searches[target].fit(budget, args.max_drop, keep=False)
                     entry[f"slimc_{target}"] = c.summary() if c else {"failures": f}
                     entry[f"hardware_{target}"] = describe_hardware(

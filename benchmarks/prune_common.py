@@ -52,13 +52,22 @@ def kjv(spec: str) -> list[str]:
 
 
 def wordsim353(wheel_dir: str = "/tmp/gensim") -> list[tuple[str, str, float]]:
-    """The 353 (word, word, human score) pairs, from the gensim wheel in ``wheel_dir``."""
+    """The 353 (word, word, human score) pairs, from an installed gensim package or else the
+    gensim wheel in ``wheel_dir`` (the same file: ``gensim/test/test_data/wordsim353.tsv``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    installed = (Path(spec.origin).parent / "test/test_data/wordsim353.tsv"
+                 if spec and spec.origin else None)
     wheels = sorted(Path(wheel_dir).glob("gensim-*.whl"))
-    if not wheels:
-        raise SystemExit(f"no gensim wheel in {wheel_dir}: pip download gensim --no-deps "
-                         f"-d {wheel_dir}")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        text = z.read("gensim/test/test_data/wordsim353.tsv").decode()
+    if installed is not None and installed.exists():
+        text = installed.read_text()
+    elif wheels:
+        with zipfile.ZipFile(wheels[-1]) as z:
+            text = z.read("gensim/test/test_data/wordsim353.tsv").decode()
+    else:
+        raise SystemExit(f"no gensim package and no gensim wheel in {wheel_dir}: pip download "
+                         f"gensim --no-deps -d {wheel_dir}")
     pairs = []
     for line in text.splitlines():
         if line.startswith("#") or not line.strip():

@@ -47,6 +47,9 @@ from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
 #: slimc's ops that multiply int8 activations by int8 weights (``quantize{activations=int8}``).
 W8A8_OPS = frozenset({"slimc.linear_w8a8", "slimc.conv_w8a8"})
+#: slimc's gathers from packed tables: like ``aten.embedding``, they read only the rows gathered.
+GATHER_OPS = frozenset({"slimc.embedding_int8", "slimc.embedding_int4",
+                        "slimc.embedding_lowbit"})
 #: ``dot_product`` value meaning "no target known: trust the table's int8 peak".
 ANY_DOT = "table"
 
@@ -154,6 +157,8 @@ def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware
     weight_read = weight_bytes
     if op == "aten.embedding":  # reads only the gathered rows
         weight_read = _tensor_bytes(node.meta.get("val"))
+    elif op in GATHER_OPS:  # packed tables (and their scales): only the gathered rows too
+        weight_read = _gathered_bytes(ir, node, weights)
     bytes_moved = activation_bytes + weight_read
     # weight-only formats dequantize and compute in float: only W8A8 ops are int8 arithmetic
     dtype = "int8" if op in W8A8_OPS else info.dtype
@@ -161,12 +166,52 @@ def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware
         return NodeCost(node.name, op, info.module_path, info.module_type, dtype, params,
                         weight_bytes, 0, 0, 0, 0, 0.0, "free")
     peak = int8_peak(hw, dot_product) if op in W8A8_OPS else hw.peak_flops(dtype)
+    kernel_bytes, quantize_s = bytes_moved, 0.0
+    if op in W8A8_OPS:  # the int8 kernel reads 1-byte codes that a quantize kernel wrote
+        elements = _tensor_elements(node.args[0])
+        kernel_bytes -= 3 * elements
+        quantize_s = activation_quantize_seconds(hw, elements)
+        bytes_moved = kernel_bytes + 5 * elements
     compute_s = flops / peak
-    memory_s = bytes_moved / hw.bandwidth
-    latency = max(compute_s, memory_s) + hw.op_overhead_us * 1e-6
+    memory_s = kernel_bytes / hw.bandwidth
+    latency = max(compute_s, memory_s) + hw.op_overhead_us * 1e-6 + quantize_s
     return NodeCost(node.name, op, info.module_path, info.module_type, dtype, params,
                     weight_bytes, macs, flops, activation_bytes, bytes_moved, latency,
                     "compute" if compute_s >= memory_s else "memory", latency)
+
+
+def activation_quantize_seconds(hw: Hardware, elements: int) -> float:
+    """Roofline time of the kernel that turns a W8A8 op's float32 input into int8 codes.
+
+    Why priced apart from the matmul: the lowering (``backends/tvm/quantized_ops.py``,
+    ``quantize_codes``) emits ``round(x * in_mult)``, clip and cast as their own fused
+    elementwise kernel before the dot-product kernel (fused into the producer's elementwise
+    chain at best, e.g. after GELU, never into the matmul), one per W8A8 op: Q, K and V each
+    quantize the same input with their own SmoothQuant multipliers. It reads 4 bytes and
+    writes 1 per element (about 4 FLOPs each) and costs a kernel launch."""
+    return max(4.0 * elements / hw.peak_flops("float32"), 5.0 * elements / hw.bandwidth) \
+        + hw.op_overhead_us * 1e-6
+
+
+def _tensor_elements(arg: Any) -> int:
+    value = arg.meta.get("val") if isinstance(arg, Node) else None
+    return sum(t.numel() for t in tensors(value))
+
+
+def _gathered_bytes(ir: IR, node: Node, weights: dict[str, torch.Tensor]) -> int:
+    """Bytes a packed-table gather (``slimc.embedding_int8`` / ``_int4`` / ``_lowbit``) reads:
+    per table operand (codes, scales, zero points: all one row per vocabulary entry), its
+    bytes times the share of rows gathered; the ids are the integer activation operand."""
+    ids = next((a for a in node.all_input_nodes if a.name not in weights), None)
+    gathered = _tensor_elements(ids) if ids is not None else 0
+    total = 0
+    for arg in node.all_input_nodes:
+        if arg.name in weights:
+            value = weights[arg.name]
+            rows = max(int(value.shape[0]) if value.dim() else 1, 1)
+            total += int(value.numel() * _bits(ir, arg.name, value) / 8
+                         * min(gathered, rows) / rows)
+    return total
 
 
 def _add(into: dict[str, float], cost: NodeCost) -> None:

@@ -392,7 +392,20 @@ class Search:
             if not ratio:
                 for cand in self._uniform(base, limits, max_drop, keep):
                     best = _keep_better(best, cand, lambda a, b: _better(a, b, self.scorer))
+            else:
+                cand = self._accepted(self.w8a8_candidate(base, limits, keep), limits, max_drop)
+                best = _keep_better(best, cand, lambda a, b: _better(a, b, self.scorer))
         return best, failures
+
+    def _accepted(self, cand: Candidate | None, limits: dict[str, float],
+                  max_drop: float | None) -> Candidate | None:
+        """``cand`` when it is within ``limits`` and ``max_drop``; else released, None."""
+        if cand is None:
+            return None
+        if self._within(cand, limits) and (max_drop is None or cand.drop <= max_drop):
+            return cand
+        cand.release()
+        return None
 
     def _uniform(self, base: _Base, limits: dict[str, float], max_drop: float | None,
                  keep: bool) -> list[Candidate]:
@@ -421,13 +434,8 @@ class Search:
                 out.append(cand)
             else:
                 cand.release()
-        cand = self.w8a8_candidate(base, limits, keep)
-        if cand is not None:
-            if self._within(cand, limits) and (max_drop is None or cand.drop <= max_drop):
-                out.append(cand)
-            else:
-                cand.release()
-        return out
+        cand = self._accepted(self.w8a8_candidate(base, limits, keep), limits, max_drop)
+        return out + ([cand] if cand is not None else [])
 
     def w8a8_candidate(self, base: _Base, limits: dict[str, float], keep: bool) -> Candidate | None:
         """Uniform W8A8 (``quantize{weights=int8,activations=int8}``), built and measured when
@@ -437,7 +445,10 @@ class Search:
         are no per-layer choice in the damage table (their damage is the calibrated
         activation scales', known once built), so the whole-model recipe is measured as a
         candidate beside the uniform formats. Skipped where the target has no int8 dot
-        product (no faster than weight-only int8 there, :func:`.cost.int8_peak`)."""
+        product (no faster than weight-only int8 there, :func:`.cost.int8_peak`). Built on
+        every pruning ratio's IR (``prune`` then W8A8): where uniform W8A8 alone is just over a
+        latency budget (MiniLM at 0.5 once its quantize kernels are priced, docs/benchmarks.md),
+        fewer FFN channels and heads are what brings the int8 matmuls under it."""
         from slimc.passes.analysis.cost import int8_peak, target_dot_product
 
         from .space import option_costs

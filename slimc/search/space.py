@@ -217,8 +217,15 @@ def option_costs(choice: LayerChoices, option: Option, hw,
             else:
                 w8a8 = int8_peak is not None and option.fmt.kind == "int8" \
                     and choice.layer.kind in ("linear", "conv")
-                t += _latency(hw, 2.0 * choice.rows * n * k, nbytes + 4.0 * choice.rows * (n + k),
-                              1, int8_peak if w8a8 else None)
+                if w8a8:  # 1-byte codes in, written by their own quantize kernel
+                    from slimc.passes.analysis.cost import activation_quantize_seconds
+
+                    t += _latency(hw, 2.0 * choice.rows * n * k,
+                                  nbytes + choice.rows * (k + 4.0 * n), 1, int8_peak) \
+                        + activation_quantize_seconds(hw, choice.rows * k)
+                else:
+                    t += _latency(hw, 2.0 * choice.rows * n * k,
+                                  nbytes + 4.0 * choice.rows * (n + k), 1)
         out["latency"] = t
     return out
 
