@@ -440,9 +440,10 @@ def _search_context(ir, example, calib, target: str):
 
 
 def test_latency_budget_picks_int8_activations_on_a_vnni_target():
-    """`--budget latency=0.5` on compute-bound linears (issue 17, MiniLM): weight-only formats
-    dequantize and multiply in float, so no precision choice reaches half the latency; W8A8
-    (int8 inputs on VNNI) does, and with --calib data the search builds and measures it. Its
+    """`--budget latency=0.6` on compute-bound linears (issue 17, MiniLM): weight-only formats
+    dequantize and multiply in float, so no precision choice gets below 1.0; W8A8 (int8
+    inputs on VNNI, its quantize kernels priced: 0.58 here) does, and with --calib data the
+    search builds and measures it. Its
     recipe reproduces the candidate's weights. On the Raspberry Pi 4 (Armv8.0, no sdot) the
     cost model gives W8A8 no int8 speed-up and the search does not try it."""
     from slimc.passes.analysis.cost import estimate_costs
@@ -457,11 +458,11 @@ def test_latency_budget_picks_int8_activations_on_a_vnni_target():
     assert techniques.w8a8
     hw = hardware_for_target(ctx.target)
     search = Search(ir, ctx, registry, techniques, proxy_scorer(ir, ctx), hw)
-    cand, failures = search.fit(parse_budget("latency=0.5"), 0.05)
+    cand, failures = search.fit(parse_budget("latency=0.6"), 0.05)
     assert cand is not None, failures
     quantize = dict(cand.items)["quantize"]
     assert quantize == {"weights": "int8", "activations": "int8"}, cand.items
-    assert cand.relative["latency"] <= 0.5 and cand.drop <= 0.05
+    assert cand.relative["latency"] <= 0.6 and cand.drop <= 0.05
     assert cand.choices["int8+a8 (W8A8)"] == 12  # 2 x (q, k, v, o, up, down)
     # the built IR's cost: its W8A8 linears priced at the int8 rate, nothing else
     cost = estimate_costs(cand.ir, hw, dot_product="vnni")
@@ -483,6 +484,47 @@ def test_latency_budget_picks_int8_activations_on_a_vnni_target():
     assert sdot < generic
     registry, arm_ctx = _search_context(ir, example, calib, "raspberry-pi-4")
     arm = Search(ir, arm_ctx, registry, techniques, proxy_scorer(ir, arm_ctx), arm_hw)
-    arm.fit(parse_budget("latency=0.5"), 0.05)
+    arm.fit(parse_budget("latency=0.6"), 0.05)
     assert not any(dict(c.items).get("quantize", {}).get("activations") == "int8"
                    for c in arm.measured)
+
+
+def test_w8a8_priced_by_the_search_as_built_and_pruned_when_uniform_is_over():
+    """The search's W8A8 price (per-layer costs at the int8 rate plus one activation-quantize
+    kernel per linear) is the cost analysis's price of the built W8A8 IR, so a candidate the
+    search expects within a latency budget is within it once built (issue 17: MiniLM's W8A8
+    was priced 0.31 and measured 0.54). Where uniform W8A8 is over the budget, the search
+    builds W8A8 on the pruned IR too (fewer FFN channels and heads) and picks that."""
+    from dataclasses import replace as dc_replace
+
+    from slimc.passes.analysis.cost import int8_peak
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques, option_costs
+
+    ir, example, calib = _compute_bound_bert()
+    registry, ctx = _search_context(ir, example, calib, "x86-64-v4-vnni")
+    techniques = dc_replace(Techniques.for_context("precision", ctx), prune_ratios=(0.0, 0.2))
+    hw = hardware_for_target(ctx.target)
+    search = Search(ir, ctx, registry, techniques, proxy_scorer(ir, ctx), hw)
+    relative = {}
+    for ratio in (0.0, 0.2):
+        base = search.base(ratio)
+        space = base.space
+        picks = [next(j for j, o in enumerate(c.options) if o.rank is None
+                      and o.fmt.kind == "int8") for c in space.layers]
+        predicted = space.rest["latency"] + sum(
+            option_costs(c, c.options[j], hw, int8_peak(hw, "vnni"))["latency"]
+            for c, j in zip(space.layers, picks, strict=True))
+        cand = search.w8a8_candidate(base, {}, keep=False)
+        built = cand.relative["latency"] * search.original["latency"]
+        assert built == pytest.approx(predicted, rel=0.02), ratio
+        relative[ratio] = cand.relative["latency"]
+    assert relative[0.2] < relative[0.0]
+    budget = (relative[0.0] + relative[0.2]) / 2
+    cand, failures = search.fit(parse_budget(f"latency={budget:.4f}"), 0.05)
+    assert cand is not None, failures
+    assert dict(cand.items)["prune"] == {"ratio": 0.2}
+    assert dict(cand.items)["quantize"] == {"weights": "int8", "activations": "int8"}
+    assert cand.relative["latency"] <= budget
