@@ -40,7 +40,7 @@ from slimc.pipeline import validate
 from .budget import Budget
 from .probes import PredictedCurve, Probe, next_budget
 from .solver import Infeasible, solve
-from .space import Space, Techniques, build_space, layer_patterns
+from .space import Space, Techniques, build_space, layer_patterns, option_costs
 
 #: Most back-off rounds per pruning ratio (each builds and measures one candidate).
 MAX_BACKOFFS = 6
@@ -395,6 +395,9 @@ class Search:
             else:
                 cand = self._accepted(self.w8a8_candidate(base, limits, keep), limits, max_drop)
                 best = _keep_better(best, cand, lambda a, b: _better(a, b, self.scorer))
+        if ratios is None:
+            cand = self.w8a8_pruned_to(limits, max_drop, keep)
+            best = _keep_better(best, cand, lambda a, b: _better(a, b, self.scorer))
         return best, failures
 
     def _accepted(self, cand: Candidate | None, limits: dict[str, float],
@@ -451,8 +454,6 @@ class Search:
         fewer FFN channels and heads are what brings the int8 matmuls under it."""
         from slimc.passes.analysis.cost import int8_peak, target_dot_product
 
-        from .space import option_costs
-
         if not self.techniques.w8a8:
             return None
         dot = target_dot_product(self.ctx)
@@ -460,26 +461,78 @@ class Search:
             self.log("search: W8A8 not tried: the target has no int8 dot-product "
                      "instructions (no faster than weight-only int8)")
             return None
-        space = base.space
-        picks = [next((j for j, o in enumerate(c.options)
-                       if o.rank is None and o.fmt.kind == "int8"), 0) for c in space.layers]
+        picks, used = self._w8a8_costs(base, int8_peak(self.hw, dot) if self.hw else None)
         if not any(picks):
             return None
-        used = space.totals(picks)
-        if self.hw is not None and "latency" in space.costs:
-            peak = int8_peak(self.hw, dot)
-            used["latency"] = space.rest["latency"] + sum(
-                option_costs(c, c.options[j], self.hw, peak)["latency"]
-                for c, j in zip(space.layers, picks, strict=True))
         absolute = {k: v * self.original[k] for k, v in limits.items()}
         if any(used[k] > absolute[k] * 1.02 for k in limits):  # W8A8's scales: a little more
             return None
-        rest = [("quantize", {"weights": "int8", "activations": "int8"}),
-                ("eliminate-dead-code", {})]
+        return self._build_w8a8(base, picks, keep, [])
+
+    def _w8a8_costs(self, base: _Base, peak: float | None
+                    ) -> tuple[list[int], dict[str, float]]:
+        """The int8 pick of every layer of ``base`` and the costs of uniform W8A8 on it
+        (absolute): latency with the linears at ``peak`` and their quantize kernels."""
+        space = base.space
+        picks = [next((j for j, o in enumerate(c.options)
+                       if o.rank is None and o.fmt.kind == "int8"), 0) for c in space.layers]
+        used = space.totals(picks)
+        if peak is not None and "latency" in space.costs:
+            used["latency"] = space.rest["latency"] + sum(
+                option_costs(c, c.options[j], self.hw, peak)["latency"]
+                for c, j in zip(space.layers, picks, strict=True))
+        return picks, used
+
+    def _build_w8a8(self, base: _Base, picks: Sequence[int], keep: bool,
+                    prune: list[tuple[str, dict[str, Any]]]) -> Candidate:
+        rest = prune + [("quantize", {"weights": "int8", "activations": "int8"}),
+                        ("eliminate-dead-code", {})]
+        space = base.space
         w8a8 = sum(1 for c, j in zip(space.layers, picks, strict=True)
                    if j and c.layer.kind in ("linear", "conv") and not c.layer.is_embedding)
         choices = {"int8+a8 (W8A8)": w8a8, "int8": sum(1 for j in picks if j) - w8a8}
         return self.build(base, picks, keep, rest, {k: v for k, v in choices.items() if v})
+
+    def w8a8_pruned_to(self, limits: dict[str, float], max_drop: float | None,
+                       keep: bool) -> Candidate | None:
+        """W8A8 on the IR pruned by the *smallest* ratio that brings it within a latency
+        budget, when uniform W8A8 alone is over it and the technique set's largest pruning
+        ratio is under it (both by the costs). Why: pruning's damage grows with the ratio,
+        and the set's fixed ratios (0, 0.2) jump past the point where the int8 matmuls fit:
+        on MiniLM W8A8 is priced 0.502 at latency=0.5 and pruning 0.2 costs 4% of
+        WordSim-353 (docs/benchmarks.md, issue 17). The ratio is interpolated between the two
+        priced ends (the pruned linears' FLOPs fall with it), built and measured; a built
+        candidate still over the budget moves the ratio on by the rest of the gap, twice at
+        most. No damage table is built for it: its measured drop decides, as for every
+        candidate."""
+        from slimc.passes.analysis.cost import int8_peak, target_dot_product
+
+        top = max(self.techniques.prune_ratios, default=0.0)
+        dot = target_dot_product(self.ctx)
+        if (not self.techniques.w8a8 or "latency" not in limits or not top or dot is None
+                or self.hw is None or "latency" not in self.original):
+            return None
+        peak = int8_peak(self.hw, dot)
+        goal = limits["latency"] * self.original["latency"]
+        base = self.base(0.0)
+        picks, used = self._w8a8_costs(base, peak)
+        _, pruned = self._w8a8_costs(self.base(top), peak)
+        low, high = used["latency"], pruned["latency"]
+        if not any(picks) or low <= goal or high > goal or low <= high:
+            return None
+        ratio, at = 0.0, low
+        for _ in range(3):
+            ratio = min(top, math.ceil(100 * (ratio + (top - ratio) * (at - goal)
+                                              / max(at - high, 1e-30))) / 100)
+            if ratio >= top:  # the set's own ratio is built by fit already
+                return None
+            cand = self._build_w8a8(base, picks, keep, [("prune", {"ratio": ratio})])
+            cand.prune_ratio = ratio
+            at = cand.relative["latency"] * self.original["latency"]
+            if self._within(cand, limits):
+                return self._accepted(cand, limits, max_drop)
+            cand.release()
+        return None
 
     def _families(self, base: _Base) -> list[tuple[str, np.ndarray]]:
         """Option families solved separately and compared by measurement: every choice, and
