@@ -21,7 +21,9 @@ memory-bound ops). Only the W8A8 ops (``quantize{activations=int8}``: int8 input
 weights) run at the int8 rate, and only as fast as the target's int8 dot-product instructions
 allow (:func:`int8_peak`): the table's int8 peak with VNNI / sdot / dp4a, half of it with
 AVX2's two-instruction ``vpmaddubsw`` + ``vpmaddwd``, and the float32 rate on a target without
-any (a generic kernel widens to int32 and is no faster than fp32).
+any (a generic kernel widens to int32 and is no faster than fp32). A W8A8 op also pays for the
+kernel that quantizes its float32 input to the int8 codes its matmul reads
+(:func:`activation_quantize_seconds`): the lowering emits one per W8A8 op.
 
 Results are per node (keyed by node name, carrying the module path), aggregated per module path
 (one ``nn.Linear``/``nn.Conv2d`` each), per weight-bearing layer (see :mod:`.layers`), per op
