@@ -71,6 +71,25 @@ def size_hint(dim: Any) -> int:
     return int(dim)
 
 
+def hinted_shape(value: torch.Tensor) -> tuple[int, ...]:
+    """A (fake) tensor's shape with every symbolic dim at its example size, read WITHOUT a guard.
+
+    ``int(d)`` / ``numel()`` comparisons on a dynamic IR's ``meta["val"]`` would guard and pin the
+    program's symbol (``s53 -> 128``) for the whole IR: every later fake value turns static while
+    the graph keeps its ``sym_size`` nodes, and the TVM import mixes the two (issue: dynamic
+    sequence at -O2). Torch-side code that reads sizes of IR meta values uses this instead."""
+    return tuple(size_hint(d) for d in value.shape)
+
+
+def hinted_numel(value: torch.Tensor) -> int:
+    """Element count of a (fake) tensor at its example sizes (no guard: see
+    :func:`hinted_shape`)."""
+    n = 1
+    for d in hinted_shape(value):
+        n *= d
+    return n
+
+
 def dim_json(dim: Any, symbols: dict[str, str], constraints: dict) -> int | dict[str, Any]:
     """A fixed dim as an int; a symbolic one as ``{"name", "min", "max"}`` with torch's symbols
     renamed by ``symbols`` (``s41`` -> ``seq``). Bounds come from the program's
@@ -494,18 +513,34 @@ class IR:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
         nodes = {n.name: n for n in self.nodes("placeholder")}
+        specs = self.program.graph_signature.input_specs
+        user = [nodes[s.arg.name].meta["val"] for s in specs if s.kind == InputKind.USER_INPUT]
+        # A dynamic IR re-propagates its own symbolic fake inputs in their shape environment:
+        # fresh inputs built from ``val.shape`` would guard (pin ``s53`` to its example size)
+        # and leave static values on a graph that still computes ``sym_size``.
+        modes = [v.fake_mode for v in user if isinstance(v, torch.Tensor)
+                 and getattr(v, "fake_mode", None) is not None
+                 and getattr(v.fake_mode, "shape_env", None) is not None
+                 and any(isinstance(d, torch.SymInt) for d in v.shape)]
+        mode = modes[0] if modes else FakeTensorMode(allow_non_fake_inputs=True)
         values = []
-        for spec in self.program.graph_signature.input_specs:
+        for spec in specs:
             node = nodes[spec.arg.name]
             if spec.kind == InputKind.USER_INPUT:
                 val = node.meta["val"]
-                values.append(mode.from_tensor(torch.empty(val.shape, dtype=val.dtype)))
+                values.append(val if modes and getattr(val, "fake_mode", None) is mode else
+                              mode.from_tensor(torch.empty(hinted_shape(val), dtype=val.dtype),
+                                               static_shapes=True))
             else:
-                values.append(mode.from_tensor(self.get_weight(node)))
+                values.append(mode.from_tensor(self.get_weight(node), static_shapes=True))
         self.graph_module.recompile()
-        FakeTensorProp(self.graph_module, mode).propagate_dont_convert_inputs(*values)
+        allowed = mode.allow_non_fake_inputs
+        mode.allow_non_fake_inputs = True  # constants a pass wrote into the graph
+        try:
+            FakeTensorProp(self.graph_module, mode).propagate_dont_convert_inputs(*values)
+        finally:
+            mode.allow_non_fake_inputs = allowed
 
     # -- persistence -----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from slimc import symbols
 from slimc.errors import PluginFailure, SlimcError, VerificationError
 from slimc.ir import IR
 from slimc.memory import return_freed_memory
@@ -281,12 +282,12 @@ class PassManager:
             start = time.perf_counter()
             record = PassRecord(inv, cls.kind, 0.0, params_before, params_before)
             if cls.kind == "analysis":
-                with self._blame(inv.name):
+                with self._blame(inv.name), keeps_dynamic_dims(ir, inv.name, undo=True):
                     result = am.get(inv.name, **inv.options.model_dump())
                 ir.annotations.setdefault("analyses", {})[inv.name] = _summarise(result)
             else:
                 reference = ctx.outputs_on_examples(ir) if ctx.verify else None
-                with self._blame(inv.name):
+                with self._blame(inv.name), keeps_dynamic_dims(ir, inv.name, undo=False):
                     preserved = cls().run(ir, ctx, inv.options)
                     if not isinstance(preserved, PreservedAnalyses):
                         raise TypeError(f"transform {inv.name} must return PreservedAnalyses, "
@@ -326,6 +327,32 @@ class PassManager:
                 hint=f"This is a bug in the plugin {plugin!r}; report it to its authors, or "
                 "leave the pass out (`--plugins`/`--no-plugins`, $SLIMC_NO_PLUGINS disable "
                 "plugins).") from exc
+
+
+class DynamicDimsLost(RuntimeError):
+    """A pass pinned a symbolic input dim of a dynamic IR to a number (an internal error)."""
+
+
+@contextmanager
+def keeps_dynamic_dims(ir: IR, name: str, undo: bool) -> Iterator[None]:
+    """Check that pass ``name`` left every symbolic input dim of ``ir`` symbolic (see
+    :mod:`slimc.symbols`): an analysis's pinning is undone (``undo``; its results were computed
+    at the example size, which is what analyses report), a transform's raises, because the
+    graph it rewrote may hold the example size where a symbol was."""
+    snap = symbols.snapshot(ir)
+    yield
+    if snap is None:
+        return
+    lost = symbols.pinned(ir, snap)
+    if not lost:
+        return
+    symbols.restore(snap)
+    if undo and not symbols.pinned(ir, snap):
+        return
+    raise DynamicDimsLost(
+        f"pass {name!r} pinned the dynamic input dim(s) {', '.join(lost)} to the example size "
+        "(an int()/numel()/comparison on a symbolic meta['val'] size; read sizes with "
+        "slimc.ir.hinted_shape instead)")
 
 
 def _is_builtin(plugin: str) -> bool:

@@ -44,7 +44,7 @@ from slimc.passes.analysis.op_costs import FREE_OPS, op_flops, tensors
 from torch.fx import Node
 
 from slimc.errors import UsageError
-from slimc.ir import IR
+from slimc.ir import IR, hinted_numel
 from slimc.passmanager import AnalysisPass, PassContext, PassOptions
 
 #: slimc's ops that multiply int8 activations by int8 weights (``quantize{activations=int8}``).
@@ -136,7 +136,7 @@ def _bits(ir: IR, name: str, value: torch.Tensor) -> float:
 
 
 def _tensor_bytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors(value))
+    return sum(hinted_numel(t) * t.element_size() for t in tensors(value))
 
 
 def node_cost(ir: IR, node: Node, weights: dict[str, torch.Tensor], hw: Hardware,

@@ -49,7 +49,7 @@ from torch.fx import Node
 from torch.fx.node import map_arg
 
 from slimc.errors import UsageError
-from slimc.ir import IR
+from slimc.ir import IR, hinted_shape
 
 #: Ops that do no arithmetic worth a kernel, or have no tensor semantics to time.
 _SKIP_OPS = FREE_OPS | frozenset({
@@ -162,7 +162,7 @@ class _OneOp(torch.nn.Module):
 def _example(node: Node, consumer: Node, weights: Mapping[str, torch.Tensor],
              gen: torch.Generator) -> torch.Tensor:
     val = node.meta["val"]
-    shape, dtype = tuple(int(d) for d in val.shape), val.dtype
+    shape, dtype = hinted_shape(val), val.dtype
     if dtype.is_floating_point:
         return torch.randn(shape, generator=gen).to(dtype)
     if dtype == torch.bool:

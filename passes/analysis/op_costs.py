@@ -16,6 +16,8 @@ import torch
 from torch.fx import Node
 from torch.utils.flop_counter import conv_flop_count
 
+from slimc.ir import hinted_numel, hinted_shape
+
 #: Ops that only reinterpret or alias memory (or are assertions): no traffic, no kernel.
 FREE_OPS = frozenset({
     "aten.view", "aten._unsafe_view", "aten.reshape", "aten.unsqueeze", "aten.squeeze",
@@ -58,7 +60,7 @@ def tensors(value: Any) -> Iterator[torch.Tensor]:
 
 def _shape(node: Any) -> tuple[int, ...] | None:
     if isinstance(node, Node) and isinstance(node.meta.get("val"), torch.Tensor):
-        return tuple(int(d) for d in node.meta["val"].shape)
+        return hinted_shape(node.meta["val"])
     return None
 
 
@@ -113,7 +115,7 @@ def op_flops(op: str, node: Node) -> tuple[int, int]:
         return macs, 2 * macs + extra
     if op == "aten.embedding":
         return 0, 0
-    out = sum(t.numel() for t in tensors(node.meta.get("val")))
+    out = sum(hinted_numel(t) for t in tensors(node.meta.get("val")))
     if op in ("aten.sum", "aten.mean", "aten.amax", "aten.max", "aten.min", "aten.var",
               "aten.cumsum", "aten.norm", "aten.linalg_vector_norm"):
         source = _shape(node.args[0]) if node.args else None

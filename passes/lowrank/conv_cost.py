@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from slimc.backend import TargetInfo
+from slimc.ir import hinted_shape
 from slimc.layers import Layer, conv_geometry
 
 
@@ -97,9 +98,9 @@ def calls(layer: Layer, r_out: int | None = None, r_in: int | None = None) -> li
         geometry = conv_geometry(node, tuple(layer.shape))
         if not isinstance(x, Tensor) or not isinstance(y, Tensor) or geometry is None:
             return []
-        batch = int(x.shape[0])
-        in_size = tuple(int(d) for d in x.shape[2:])
-        out_size = tuple(int(d) for d in y.shape[2:])
+        x_shape, y_shape = hinted_shape(x), hinted_shape(y)
+        batch = x_shape[0]
+        in_size, out_size = x_shape[2:], y_shape[2:]
         winograd = kernel == (3, 3) and set(geometry.stride) == {1} \
             and set(geometry.dilation) == {1}
         pix_in, pix_out = math.prod(in_size), math.prod(out_size)

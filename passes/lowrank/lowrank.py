@@ -41,7 +41,7 @@ from slimc.passes.quantize import calib
 
 from slimc import coverage
 from slimc.backend import TargetInfo
-from slimc.ir import IR
+from slimc.ir import IR, hinted_shape
 from slimc.layers import find_layers
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
@@ -215,7 +215,7 @@ def _tokens(layer) -> int:
     node = layer.uses[0].node
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor) and val.dim() >= 1:
-        return max(1, math.prod(int(d) for d in val.shape[:-1]))
+        return max(1, math.prod(hinted_shape(val)[:-1]))
     return 1
 
 

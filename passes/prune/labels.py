@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from slimc.ir import IR
+from slimc.ir import IR, hinted_shape, size_hint
 
 NONE = -1
 
@@ -195,7 +195,7 @@ class Propagation:
 
 def _shape(node: Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")
-    return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+    return hinted_shape(val) if isinstance(val, torch.Tensor) else None
 
 
 def _ids(t: torch.Tensor) -> set[int]:
@@ -443,9 +443,17 @@ class LabelPropagator:
         for arg in node.all_input_nodes:
             self.pin(self.result.labels.get(arg.name))
 
+    def shape_arg(self, x) -> torch.Tensor | int:
+        """An argument of a shape op for replaying it on labels: a size computed in the graph
+        (``sym_size`` of a dynamic sequence, a SymInt) at its example size, else the labels."""
+        val = x.meta.get("val") if isinstance(x, Node) else None
+        if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
+            return size_hint(val)
+        return self.filled(x)
+
     def _shape_op(self, node: Node) -> None:
-        args = torch.fx.node.map_arg(node.args, self.filled)
-        kwargs = torch.fx.node.map_arg(node.kwargs, self.filled)
+        args = torch.fx.node.map_arg(node.args, self.shape_arg)
+        kwargs = torch.fx.node.map_arg(node.kwargs, self.shape_arg)
         out = node.target(*args, **kwargs)
         self.result.labels[node.name] = tuple(out) if isinstance(out, (list, tuple)) else out
         self.result.rewrites.add(node.name)
@@ -522,7 +530,7 @@ class LabelPropagator:
         shape = _shape(node)
         if shape is None:  # with_indices returns a tuple
             val = node.meta["val"]
-            shapes = [tuple(v.shape) for v in val]
+            shapes = [hinted_shape(v) for v in val]
             lab = x[:, :, :1, :1] if x.dim() == 4 else x[..., :1]
             self.result.labels[node.name] = tuple(lab.expand(s) for s in shapes)
             return
@@ -703,7 +711,7 @@ class LabelPropagator:
         self.result.conv |= _ids(ids)
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)):
-            extra = tuple(torch.full(tuple(v.shape), NONE, dtype=torch.int64) for v in val[1:])
+            extra = tuple(torch.full(hinted_shape(v), NONE, dtype=torch.int64) for v in val[1:])
             self.result.labels[node.name] = (x,) + extra
         else:
             self.result.labels[node.name] = x

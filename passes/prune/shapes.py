@@ -16,7 +16,7 @@ import torch
 from slimc.passes.prune.labels import Propagation, op_name
 from torch.fx import Node
 
-from slimc.ir import IR, refresh_meta  # noqa: F401 - refresh_meta: moved to the IR
+from slimc.ir import IR, hinted_shape, refresh_meta  # noqa: F401 - refresh_meta: moved to the IR
 
 aten = torch.ops.aten
 
@@ -123,9 +123,9 @@ def rewrite_constants(ir: IR, prop: Propagation, removed: torch.Tensor,
 def _old_shape(node: Node):
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        return tuple(int(d) for d in val.shape)
+        return hinted_shape(val)
     if isinstance(val, (tuple, list)):
-        return [tuple(int(d) for d in v.shape) for v in val]
+        return [hinted_shape(v) for v in val]
     return None
 
 
@@ -141,12 +141,13 @@ def _rewrite(node: Node, prop: Propagation, removed: torch.Tensor, shapes) -> bo
     new, old = shapes.get(node.name), _old_shape(node)
     args = list(node.args)
     if op in ("aten.view", "aten.reshape", "aten._unsafe_view") and new != old:
-        args[1] = list(new)
+        args[1] = _sizes(args[1], new, old)
     elif op == "aten.expand" and new != old:
-        args[1] = [-1 if s == -1 else n for s, n in zip(args[1], new, strict=True)]
+        args[1] = [-1 if isinstance(s, int) and s == -1 else n
+                   for s, n in zip(args[1], _sizes(args[1], new, old), strict=True)]
     elif op == "aten.unflatten" and new != old:
         dim = args[1] % len(new)
-        args[2] = list(new[dim:dim + len(args[2])])
+        args[2] = _sizes(args[2], new[dim:dim + len(args[2])], old[dim:dim + len(args[2])])
     elif op in ("aten.split", "aten.split_with_sizes", "aten.chunk") and new != old:
         dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
         sizes = [s[dim] for s in new]
@@ -171,6 +172,18 @@ def _rewrite(node: Node, prop: Propagation, removed: torch.Tensor, shapes) -> bo
         return False
     node.args = tuple(args)
     return True
+
+
+def _sizes(sizes, new, old) -> list:
+    """The new size list of a view/expand/unflatten: ``new`` where pruning changed a dim, the
+    original entry where it did not, so a size computed in the graph (a ``sym_size`` Node of a
+    dynamic batch or sequence, which pruning never changes) stays symbolic and ``-1`` stays
+    inferred rather than baked in at the example size."""
+    sizes = list(sizes)
+    if len(sizes) != len(new) or len(old) != len(new):
+        return list(new)
+    return [s if n == o and (isinstance(s, Node) or s == -1) else n
+            for s, n, o in zip(sizes, new, old, strict=True)]
 
 
 def _rewrite_index(node: Node, prop: Propagation, removed: torch.Tensor, args: list) -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from slimc.ir import IR
+from slimc.ir import IR, hinted_numel
 from slimc.jobs import map_single_threaded
 from slimc.layers import Layer
 from slimc.memory import trim_heap
@@ -179,7 +179,7 @@ def _use_rows(layer: Layer, n: int, k: int) -> tuple[int, int]:
     gathers = rows = 0
     for use in layer.uses:
         val = use.node.meta.get("val")
-        numel = int(val.numel()) if isinstance(val, torch.Tensor) else 0
+        numel = hinted_numel(val) if isinstance(val, torch.Tensor) else 0
         if use.role == "embedding":
             gathers += numel // max(k, 1)
         else:
