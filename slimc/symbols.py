@@ -78,10 +78,16 @@ def restore(snap: Snapshot) -> None:
         env.var_to_range.update(state.var_to_range)
         del env.guards[state.guards:]
         # Cached ``replace``/``_maybe_evaluate_static`` results and SymNode.expr caches are keyed
-        # on these counters: bump both so nothing reads the pinned value back.
+        # on these counters: bump both so nothing reads the pinned value back. Evaluations are
+        # also memoised per (env, expression) in plain lru caches: a cached guard would not be
+        # added again, so a later pinning would go unseen.
         env._replacements_version_counter += 1
         env._version_counter += 1
         env._prev_cache_key = env._get_key()
+        for method in vars(type(env)).values():
+            clear = getattr(method, "cache_clear", None)
+            if callable(clear):
+                clear()
 
 
 def _user_values(ir: IR) -> list[tuple[str, torch.Tensor]]:
