@@ -612,7 +612,7 @@ def _lowbit_weights(node: Node, packed: torch.Tensor) -> int:
     if "embedding" in str(node.target):
         return int(packed.shape[0]) * int(node.args[6])
     x = node.args[0].meta.get("val") if isinstance(node.args[0], Node) else None
-    k = int(x.shape[-1]) if isinstance(x, torch.Tensor) else \
+    k = size_hint(x.shape[-1]) if isinstance(x, torch.Tensor) else \
         int(packed.shape[1]) * 8 // int(node.args[6])
     return int(packed.shape[0]) * k
 

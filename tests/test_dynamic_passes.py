@@ -136,6 +136,6 @@ def test_dynamic_sequence_compiles_and_runs_at_two_lengths(arch, how, hf_dir, dy
     assert manifest["verification"]["passed"]
     assert len(manifest["verification"]["shapes"]) >= 2  # verified at several lengths
     if how == "prune":
-        assert manifest["params"]["after"] < manifest["params"]["before"]
+        assert manifest["params_after"] < manifest["params_before"]
     ir = IR.load(result.output / "ir.pt2")
     _run_at_lengths(ir, slimc.load(result.output))
