@@ -130,7 +130,10 @@ class AnalysisManager:
         if key in self._cache:
             self.history.append((name, False))
             return self._cache[key]
-        result = cls().run(self._ir, self._ctx, opts)
+        # An analysis a transform asks for is checked here too (an undone pinning, not the
+        # transform's internal error).
+        with keeps_dynamic_dims(self._ir, name, undo=True):
+            result = cls().run(self._ir, self._ctx, opts)
         self._cache[key] = result
         self.history.append((name, True))
         return result
@@ -282,7 +285,7 @@ class PassManager:
             start = time.perf_counter()
             record = PassRecord(inv, cls.kind, 0.0, params_before, params_before)
             if cls.kind == "analysis":
-                with self._blame(inv.name), keeps_dynamic_dims(ir, inv.name, undo=True):
+                with self._blame(inv.name):
                     result = am.get(inv.name, **inv.options.model_dump())
                 ir.annotations.setdefault("analyses", {})[inv.name] = _summarise(result)
             else:
