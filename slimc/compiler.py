@@ -242,8 +242,9 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     per_kernel = _kernel_check_reason(backend, spec, options, limits, entries)
     keep: dict | None = {} if per_kernel else None
     guest = _start_kernel_guest(backend, spec, threads) if per_kernel else None
-    with artifact.staged_directory(output, force=options.force) as stage_dir, \
-            (guest if guest is not None else contextlib.nullcontext()):
+    # the guest first: a staging failure then still stops it (it waits on stdin otherwise)
+    with (guest if guest is not None else contextlib.nullcontext()), \
+            artifact.staged_directory(output, force=options.force) as stage_dir:
         tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         started = _clock()
