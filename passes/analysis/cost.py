@@ -197,7 +197,7 @@ def activation_quantize_seconds(hw: Hardware, elements: int) -> float:
 
 def _tensor_elements(arg: Any) -> int:
     value = arg.meta.get("val") if isinstance(arg, Node) else None
-    return sum(t.numel() for t in tensors(value))
+    return sum(hinted_numel(t) for t in tensors(value))
 
 
 def _gathered_bytes(ir: IR, node: Node, weights: dict[str, torch.Tensor]) -> int:
