@@ -139,7 +139,7 @@ def _all_finite(value: torch.Tensor, allow_neg_inf: bool) -> bool:
     if value.numel() == 0:
         return True
     try:
-        low, high = (float(v) for v in torch.aminmax(value))
+        low, high = (float(v) for v in torch.aminmax(value.detach()))
     except RuntimeError:  # a dtype without a min/max kernel (float8): the full check decides
         return False
     if math.isnan(low) or math.isnan(high) or high == math.inf:

@@ -41,3 +41,17 @@ def test_all_minus_inf_mask_and_empty_tensors():
     assert _all_finite(torch.empty(0), allow_neg_inf=False)
     both = torch.tensor([float("-inf"), float("inf")])
     assert not _all_finite(both, allow_neg_inf=True)
+
+
+def test_trainable_parameters_are_checked_without_a_console_warning():
+    """Weights of a freshly loaded model are ``requires_grad`` parameters; reading their min and
+    max must not print torch's "Converting a tensor with requires_grad=True to a scalar"
+    warning into the user's compile log."""
+    import warnings
+
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _all_finite(weight, allow_neg_inf=False)
+        weight.data[2, 3] = float("nan")
+        assert not _all_finite(weight, allow_neg_inf=False)
