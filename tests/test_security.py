@@ -95,6 +95,24 @@ def test_pt2_with_pickled_weight_runs_no_code(cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_hugging_face_pickle_weights_run_no_code(hf_dir, tmp_path, cli):
+    """A model folder whose ``pytorch_model.bin`` is a hostile pickle: refused by the
+    weights-only unpickler, with an error that does not advise turning the protection off."""
+    import pickle
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(Path(hf_dir("bert")) / "config.json", folder / "config.json")
+    marker = tmp_path / "PWNED"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    result = cli("compile", folder, "-o", tmp_path / "out", "-q")
+    _clean_error(result, "weights-only", "safetensors")
+    assert "weights_only` set to `False`" not in result.err
+    assert "Warning" not in result.err
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
 # -- 2. a Hugging Face folder with auto_map code --------------------------------------------
 
 def test_remote_code_never_runs_without_opt_in(hf_dir, tmp_path, cli):

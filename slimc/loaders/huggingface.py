@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,8 +73,21 @@ class HuggingFaceLoader:
             )
         cls = _model_class(config, transformers, trust)
         try:
-            module = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                         trust_remote_code=trust)
+            with warnings.catch_warnings():
+                # torch's weights-only unpickler warns about pickle protocols it was not
+                # written with; the load below either succeeds or says what failed
+                warnings.filterwarnings("ignore", module=r"torch\._weights_only_unpickler")
+                module = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                             trust_remote_code=trust)
+        except pickle.UnpicklingError:
+            raise UsageError(
+                f"The pickle weights in {path} (*.bin) hold objects other than tensors. slimc "
+                "reads pickles with torch's weights-only unpickler, so that loading a model "
+                "cannot run code hidden in it, and this file needs more than that.",
+                hint="Do not load it at all unless you trust where it came from; if you do, "
+                "re-save it as safetensors in a separate Python session "
+                "(model.save_pretrained(path, safe_serialization=True)) and compile that.",
+            ) from None
         except Exception as exc:  # noqa: BLE001 - report which file could not be read
             raise UsageError(
                 f"Could not load the weights in {path} with {cls.__name__}: "
