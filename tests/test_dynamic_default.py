@@ -151,3 +151,31 @@ def test_gpu_backends_and_generation_keep_the_fixed_default(monkeypatch):
     assert _default_sequence(cuda, slimc.CompileOptions()) == "fixed"
     monkeypatch.setenv("SLIMC_DEFAULT_SEQUENCE", "dynamic")
     assert _default_sequence(cuda, slimc.CompileOptions()) is None
+
+
+def test_roberta_style_position_offset_bounds_the_default_sequence(dynamic_default, cli,
+                                                                    tmp_path):
+    """XLM-R numbers positions from ``padding_idx + 1``: its 64-row table holds 62 tokens. The
+    default dynamic sequence stops there (the verification's longest length indexed past the
+    table: an internal error), and a longer explicit shape is a usage error naming 62."""
+    import json
+
+    torch.manual_seed(0)
+    model = T.XLMRobertaModel(T.XLMRobertaConfig(**TEXT, pad_token_id=1)).eval()
+    folder = tmp_path / "xlmr"
+    model.save_pretrained(folder)
+    result = cli("compile", folder, "-o", tmp_path / "out", "-q")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    dims = {i["name"]: i["dims"] for i in manifest["inputs"]}
+    assert dims["input_ids"][1]["max"] == TEXT["max_position_embeddings"] - 2
+    assert manifest["verification"]["passed"]
+    compiled = slimc.load(tmp_path / "out")
+    ids = torch.randint(2, TEXT["vocab_size"], (1, 62))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(compiled(input_ids=ids, attention_mask=torch.ones_like(ids))[
+        "last_hidden_state"], want, rtol=1e-4, atol=1e-4)
+    result = cli("compile", folder, "-o", tmp_path / "long", "-q",
+                 "--input", "input_ids=1x64:int64")
+    assert result.code == 2 and "62" in result.err and "Traceback" not in result.err

@@ -114,7 +114,7 @@ class HuggingFaceLoader:
             accepted = [p for p in accepted if p in SEQUENCE_INPUTS]
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         vocab = int(getattr(text_config, "vocab_size", 2) or 2)
-        inputs = _default_inputs(config, text_config, accepted, vocab)
+        inputs = _default_inputs(config, text_config, accepted, vocab, module)
         if not inputs and not overrides:
             raise UsageError(
                 f"slimc cannot guess example inputs for {cls.__name__}.",
@@ -122,9 +122,9 @@ class HuggingFaceLoader:
                 f"{accepted[0]}=1x128:float32 (its forward takes: {', '.join(accepted[:8])}).",
             )
         user_shaped = any(ov.shape for ov in overrides.values())
-        overrides = _sequence_overrides(overrides, inputs, accepted, text_config)
+        overrides = _sequence_overrides(overrides, inputs, accepted, text_config, module)
         inputs = apply_overrides(inputs, overrides, accepted=accepted, high=vocab)
-        _check_positions(text_config, inputs)
+        _check_positions(text_config, inputs, module)
         has_tokenizer = any((path / f).exists() for f in
                             ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
         return LoadedModel(
@@ -142,18 +142,18 @@ class HuggingFaceLoader:
         )
 
 
-def _check_positions(text_config, inputs: dict[str, torch.Tensor]) -> None:
+def _check_positions(text_config, inputs: dict[str, torch.Tensor],
+                     module: torch.nn.Module) -> None:
     """A sequence longer than the model's position table cannot be run (it would index past
     the position embeddings)."""
-    limit = getattr(text_config, "max_position_embeddings", None) or \
-        getattr(text_config, "n_positions", None)
+    limit = max_positions(text_config, module)
     if not isinstance(limit, int):
         return
     for name in ("input_ids", "decoder_input_ids", "attention_mask", "token_type_ids"):
         value = inputs.get(name)
         if value is not None and value.dim() >= 2 and value.shape[-1] > limit:
             raise UsageError(f"--input {name}: sequence length {value.shape[-1]} is longer "
-                             f"than the model's {limit} positions (max_position_embeddings).",
+                             f"than the model's {limit} positions (its position table).",
                              hint=f"Use at most {limit} tokens, e.g. --input "
                              f"{name}={value.shape[0]}x{limit}:int64.")
 
@@ -239,11 +239,24 @@ def _dim(value, default: int) -> int:
     return int(value) if value else default
 
 
-def max_positions(text_config) -> int | None:
-    """The longest sequence the model's position embeddings allow (None: not stated)."""
+def max_positions(text_config, module: torch.nn.Module | None = None) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: not stated).
+
+    With ``module``: RoBERTa-style models (XLM-R, CamemBERT, MPNet, Longformer, ...) number
+    positions from ``padding_idx + 1``, so a table of ``max_position_embeddings`` rows holds
+    ``padding_idx + 1`` fewer tokens; a longer sequence indexes past it. Such a table is an
+    ``nn.Embedding`` named like a position table, of exactly that many rows, with a
+    ``padding_idx``."""
     value = (getattr(text_config, "max_position_embeddings", None)
              or getattr(text_config, "n_positions", None))
-    return _dim(value, 0) or None
+    limit = _dim(value, 0) or None
+    if limit is None or module is None:
+        return limit
+    offsets = [sub.padding_idx + 1 for name, sub in module.named_modules()
+               if isinstance(sub, torch.nn.Embedding) and "position" in name.lower()
+               and sub.num_embeddings == limit and sub.padding_idx is not None
+               and sub.padding_idx >= 0]
+    return limit - max(offsets) if offsets and limit > max(offsets) else limit
 
 
 def default_sequence() -> str:
@@ -264,13 +277,14 @@ def default_sequence() -> str:
 
 
 def _sequence_overrides(overrides: dict[str, InputOverride], inputs: dict[str, torch.Tensor],
-                        accepted: list[str], text_config) -> dict[str, InputOverride]:
+                        accepted: list[str], text_config,
+                        module: torch.nn.Module) -> dict[str, InputOverride]:
     """Overrides with the ``[batch, sequence]`` inputs agreeing (see :func:`agree`); for a
     text model with no shape given and :func:`default_sequence` dynamic, a dynamic sequence
     length ``1..min(max positions, MAX_DEFAULT_SEQUENCE)``."""
     present = [n for n in SEQUENCE_INPUTS if n in inputs or n in overrides]
     if _dynamic_by_default(overrides, inputs):
-        limit = min(max_positions(text_config) or 0, MAX_DEFAULT_SEQUENCE)
+        limit = min(max_positions(text_config, module) or 0, MAX_DEFAULT_SEQUENCE)
         if limit >= 2:
             seq = DimRange("seq", 1, limit)
             batch = int(inputs["input_ids"].shape[0])
@@ -278,13 +292,13 @@ def _sequence_overrides(overrides: dict[str, InputOverride], inputs: dict[str, t
                 "input_ids", (batch, seq.example(1)), overrides.get(
                     "input_ids", InputOverride("input_ids", None, None)).dtype, (None, seq))}
     present = [n for n in present if n in accepted]
-    limit = max_positions(text_config)
+    limit = max_positions(text_config, module)
     for ov in overrides.values():
         seq = ov.ranges[1] if ov.ranges and len(ov.ranges) > 1 else None
         if ov.name in SEQUENCE_INPUTS and seq is not None and limit and seq.max > limit:
             raise UsageError(f"--input {ov.name}: a sequence of up to {seq.max} tokens is "
                              f"longer than the model's {limit} positions "
-                             "(max_position_embeddings).",
+                             "(its position table).",
                              hint=f"Bound it at {limit}, e.g. --input {ov.name}="
                              f"{ov.shape[0]}x{seq.min}..{limit}:int64.")
     return agree(overrides, SEQUENCE_INPUTS, present)
@@ -300,8 +314,9 @@ def _dynamic_by_default(overrides: dict[str, InputOverride],
             and default_sequence() == "dynamic")
 
 
-def _default_inputs(config, text_config, accepted: list[str], vocab: int):
-    max_pos = max_positions(text_config) or DEFAULT_SEQ_LEN
+def _default_inputs(config, text_config, accepted: list[str], vocab: int,
+                    module: torch.nn.Module):
+    max_pos = max_positions(text_config, module) or DEFAULT_SEQ_LEN
     seq = min(DEFAULT_SEQ_LEN, max_pos)
     inputs: dict[str, torch.Tensor] = {}
     if "input_ids" in accepted:
