@@ -143,7 +143,7 @@ class HuggingFaceLoader:
 
 
 def _check_positions(text_config, inputs: dict[str, torch.Tensor],
-                     module: torch.nn.Module) -> None:
+                     module: torch.nn.Module | None = None) -> None:
     """A sequence longer than the model's position table cannot be run (it would index past
     the position embeddings)."""
     limit = max_positions(text_config, module)
@@ -278,7 +278,7 @@ def default_sequence() -> str:
 
 def _sequence_overrides(overrides: dict[str, InputOverride], inputs: dict[str, torch.Tensor],
                         accepted: list[str], text_config,
-                        module: torch.nn.Module) -> dict[str, InputOverride]:
+                        module: torch.nn.Module | None = None) -> dict[str, InputOverride]:
     """Overrides with the ``[batch, sequence]`` inputs agreeing (see :func:`agree`); for a
     text model with no shape given and :func:`default_sequence` dynamic, a dynamic sequence
     length ``1..min(max positions, MAX_DEFAULT_SEQUENCE)``."""
@@ -315,7 +315,7 @@ def _dynamic_by_default(overrides: dict[str, InputOverride],
 
 
 def _default_inputs(config, text_config, accepted: list[str], vocab: int,
-                    module: torch.nn.Module):
+                    module: torch.nn.Module | None = None):
     max_pos = max_positions(text_config, module) or DEFAULT_SEQ_LEN
     seq = min(DEFAULT_SEQ_LEN, max_pos)
     inputs: dict[str, torch.Tensor] = {}
