@@ -335,3 +335,29 @@ def test_run_stacked_batches_or_falls_back_to_one_value_at_a_time():
         assert len(stacked) == len(values)
         for got, v in zip(stacked, values, strict=True):
             torch.testing.assert_close(got[0], run({"w": v})[0])
+
+
+def test_stacked_anchors_through_attention_print_no_torch_warning():
+    """CPU flash attention has no vmap batching rule: vmap runs it once per anchor and torch's
+    C++ layer prints a "performance drop" warning straight to stderr, which reached -O2's
+    console on every attention model. The stacked run keeps the same values, silently."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from slimc.search.space import run_stacked
+        q = torch.randn(1, 2, 8, 4)
+        def run(d):
+            return [F.scaled_dot_product_attention(q * d["w"].sum(), q, q)]
+        values = [torch.ones(3), torch.full((3,), 2.0)]
+        out = run_stacked(run, "w", values)
+        assert all(torch.allclose(a[0], run({"w": v})[0]) for a, v in zip(out, values))
+        print("same")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "same"
+    assert "Warning" not in result.stderr, result.stderr

@@ -352,11 +352,16 @@ def run_stacked(run, name: str, values: list[torch.Tensor]) -> list[list[torch.T
     anchors"). A graph with an op vmap cannot batch (data-dependent control flow, an
     ``.item()``) runs the values one at a time."""
     if len(values) > 1:
+        # an op without a batching rule (CPU flash attention) runs once per value inside
+        # vmap; torch's C++ "performance drop" warning about it would reach the console
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
         try:
             stacked = torch.vmap(lambda v: tuple(run({name: v})))(torch.stack(values))
         except RuntimeError:
-            pass
-        else:
+            stacked = None
+        finally:
+            torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+        if stacked is not None:
             return [[out[k] for out in stacked] for k in range(len(values))]
     return [run({name: v}) for v in values]
 
