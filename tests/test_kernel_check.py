@@ -5,6 +5,7 @@ written library once on the arguments the host run recorded. Real TVM builds, re
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -162,5 +163,9 @@ def test_a_guest_started_before_the_build_checks_the_library_handed_to_it(aarch6
     assert timings["waited_for_host"] >= 0 and {"imports", "library_load", "kernels"} <= set(
         timings)
     assert idle._proc.poll() is None  # still waiting for a plan
+    # its own process group (stopped as a whole), in the compile's session: the same scheduler
+    # autogroup, so the compile's priority (nice) applies to the emulator too
+    assert os.getpgid(idle._proc.pid) == idle._proc.pid != os.getpgid(0)
+    assert os.getsid(idle._proc.pid) == os.getsid(0)
     idle.close()
     assert idle._proc.poll() is not None

@@ -54,6 +54,12 @@ _SETUP_HINT = "install qemu-user and run .ci/aarch64-sysroot.sh"
 _ELF_MACHINES = {183: "aarch64"}
 # Only variables meant for the host leak harmfully into the guest Python/loader.
 _HOST_ONLY_ENV = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH")
+# The guest (qemu and its threads) gets a process group of its own, so that :func:`_kill` stops
+# all of it and a terminal's Ctrl-C reaches only the compile (which stops the guest), but stays
+# in the compile's session: a new session is a new scheduler autogroup on Linux, and the guest,
+# which does most of the verification's work, escaped the compile's priority (`nice`, an
+# autogroup's nice value) and competed at the default priority with all of the host's load.
+_GUEST_GROUP: dict[str, Any] = {"process_group": 0}
 
 
 class EmulationError(RuntimeError):
@@ -249,7 +255,7 @@ class KernelGuest:
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log,
                                           stderr=subprocess.STDOUT, env=host_env,
-                                          start_new_session=True)
+                                          **_GUEST_GROUP)
         except OSError as err:
             self.close()
             raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
@@ -338,7 +344,7 @@ def _wait(cmd: list[str], env: dict[str, str], log, timeout: float,
     """Run ``cmd`` to completion or ``timeout``; its exit code, or None when it was stopped."""
     try:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                **_GUEST_GROUP)
     except OSError as err:
         raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
     return _wait_for(proc, timeout, on_tick)
@@ -365,7 +371,7 @@ def _wait_for(proc: subprocess.Popen, timeout: float,
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """Stop the guest's whole session (qemu and its threads)."""
+    """Stop the guest's whole process group (qemu and its threads)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
