@@ -343,8 +343,9 @@ def _wait(cmd: list[str], env: dict[str, str], log, timeout: float,
           on_tick: Callable[[float], None] | None, emulator: Emulator) -> int | None:
     """Run ``cmd`` to completion or ``timeout``; its exit code, or None when it was stopped."""
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                **_GUEST_GROUP)
+        # no stdin: in a process group of its own, a guest reading the terminal would be stopped
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, **_GUEST_GROUP)
     except OSError as err:
         raise EmulationError(f"cannot start {emulator.qemu}: {err}") from err
     return _wait_for(proc, timeout, on_tick)
