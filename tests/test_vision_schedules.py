@@ -499,10 +499,54 @@ def test_convs_with_small_filters_walk_pixel_rows_outside(tmp_path, caplog):
         return next(ln for ln in conv.splitlines() if "T.parallel(" in ln).split()[1]
 
     assert parallel_loop(small, (x,)).startswith("nn_yy_ff_0")
-    large = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1)).eval()
-    assert parallel_loop(large, (torch.randn(1, 64, 14, 14),)).startswith("ff_0")
+    large = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1)).eval()  # 16 KiB, image 12 KiB
+    assert parallel_loop(large, (torch.randn(1, 64, 7, 7),)).startswith("ff_0")
     depthwise = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, 1, 1, groups=64)).eval()
     assert parallel_loop(depthwise, (torch.randn(1, 64, 14, 14),)).startswith("ff_0")
+
+
+def _parallel_loop(kernels: dict[str, str], name: str) -> str:
+    """The loop variable of the first ``T.parallel`` loop of the kernel named ``name``."""
+    text = next(t for n, t in kernels.items() if name in n)
+    return next(ln for ln in text.splitlines() if "T.parallel(" in ln).split()[1]
+
+
+def test_convs_split_the_larger_operand_over_threads(tmp_path, caplog):
+    """A conv whose filter is smaller than its image (and <= 1 MiB) splits its pixel rows over
+    the threads, so each core reads what its previous kernel wrote and writes what its next
+    kernel reads; a filter larger than the image (a 7 x 7 stage's 1 x 1 conv) keeps the weight
+    panels outside; a transformer-shaped linear ([batch, tokens, features]) too, however many
+    tokens. Results vs PyTorch."""
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Conv2d(64, 96, 1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 64, 28, 28)  # filter 24 KiB, image 196 KiB
+    assert _parallel_loop(_scheduled(wide, (x,)), "conv2d").startswith("nn_yy_ff_0")
+    _check(wide, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+    deep = torch.nn.Sequential(torch.nn.Conv2d(256, 256, 1)).eval()  # 256 KiB vs 49 KiB
+    assert _parallel_loop(_scheduled(deep, (torch.randn(1, 256, 7, 7),)),
+                          "conv2d").startswith("ff_0")
+    linear = torch.nn.Sequential(torch.nn.Linear(128, 128)).eval()  # 64 KiB vs 512 KiB
+    assert _parallel_loop(_scheduled(linear, (torch.randn(1, 1024, 128),)),
+                          "matmul").startswith("i1_0")  # output-column panels outermost
+
+
+def test_winograd_matmul_splits_tiles_over_threads(tmp_path, caplog):
+    """Winograd's batched matmul ``M[k] = V[k] @ U[k]`` over a transformed filter smaller than
+    the transformed tiles walks the tiles outermost (each core multiplies the tiles its input
+    transform wrote, for every ``k``), not the ``k`` planes; with a filter larger than the tiles
+    ``k`` stays outermost. Both exact vs PyTorch."""
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, 1, 1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 16, 28, 28)  # U 54 KiB, V 110 KiB
+    kernels = _scheduled(small, (x,))
+    assert any("winograd_input" in n for n in kernels)
+    assert _parallel_loop(kernels, "matmul").startswith("i1_0_i0_")
+    _check(small, (x,), tmp_path, caplog, ("winograd-transform", "tiled-matmul"), tol=1e-5,
+           target="x86-64-v4-vnni")
+    big = torch.nn.Sequential(torch.nn.Conv2d(128, 128, 3, 1, 1)).eval()
+    kernels = _scheduled(big, (torch.randn(1, 128, 16, 16),))  # U 2.3 MiB, V 0.6 MiB
+    assert any("winograd_input" in n for n in kernels)
+    assert _parallel_loop(kernels, "matmul").startswith("i0_")
 
 
 class PositionalConv(torch.nn.Module):

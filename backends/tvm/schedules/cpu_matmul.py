@@ -67,6 +67,17 @@ PANEL_OUTSIDE_ROWS = True
 #: (Depthwise convs keep the panel outside: rows outside measured 1.04-1.07x slower there.)
 SMALL_WEIGHT_ROWS_OUTSIDE = True
 SMALL_WEIGHT_BYTES = 8 * 1024
+#: ... and, beyond that, a kernel whose constant operand (filter, Winograd's transformed
+#: filter) is smaller than the activation it multiplies and at most ROWS_OUTSIDE_MAX_WEIGHT
+#: bytes splits its rows (pixels, Winograd tiles) over the threads too, so each core reads the
+#: part of the activation its own previous kernel wrote and writes the part its next kernel
+#: reads (:func:`_rows_outside`): with the panel outside, a core writes every other channel
+#: panel of every pixel and the next kernel's core fetches half its input from the other
+#: core's cache. The cap keeps the whole filter in one core's L2 (1 MiB: Zen 4's L2; Intel's
+#: server cores have 2 MiB) while that core sweeps its rows. Depthwise convs keep the panel
+#: outside (their filter is a few KiB; see above).
+LARGER_OPERAND_ROWS_OUTSIDE = True
+ROWS_OUTSIDE_MAX_WEIGHT = 1 << 20
 #: Pad symbolic (dynamic-length) tile axes to whole tiles instead of predicating every step
 #: (see :func:`_pad_symbolic_tiles`; off only to measure what it saves).
 PAD_SYMBOLIC_TILES = True
@@ -653,6 +664,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
     mr, nr = _tile_sizes(sch, axes, target, dtype_bits)
     lanes = vector_lanes(target, dtype_bits)
     chunk = _gemv_chunk(sch, axes, lanes)
+    # decided before the weight is packed (the packed copy is no longer the constant parameter)
+    rows_outside = _rows_outside(sch, main, axes, func, depthwise)
     if not chunk:
         _pack_constant_operand(sch, main, axes, func, nr)
     work = _work(sch, axes)
@@ -664,12 +677,14 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         ro, tile_inner = None, [vi]
     # Weight panel (vector tile) outside the reuse tiles: each core keeps its K x NR panel of the
     # constant operand in L2 while it walks the rows (matmul) or pixels (NHWC conv).
-    panel_outside = PANEL_OUTSIDE_ROWS and not (
-        SMALL_WEIGHT_ROWS_OUTSIDE and axes.extra and not depthwise
-        and _weight_bytes(sch, main, axes) is not None
-        and _weight_bytes(sch, main, axes) <= SMALL_WEIGHT_BYTES)
+    panel_outside = PANEL_OUTSIDE_ROWS and not rows_outside
     outer = (axes.shared + [vo] + axes.extra if panel_outside
              else axes.shared + axes.extra + [vo]) + ([ro] if ro is not None else [])
+    if rows_outside and not axes.extra and ro is not None:
+        # a batched matmul over a constant batch of filters (Winograd's M[k] = V[k] @ U[k]):
+        # rows (tiles) outermost, so a core's rows of every batch are the tiles its
+        # transforms wrote and read
+        outer = [ro] + axes.shared + [vo]
     sch.reorder(*outer, *axes.reduce, *tile_inner)
     symbolic_tiles = extent(sch, vo) is None or ro is not None and extent(sch, ro) is None
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -760,6 +775,51 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
     cache = sch.cache_read(main, axes.contiguous, "global")
     sch.transform_layout(main, ("read", axes.contiguous), panels)
     sch.annotate(cache, PREPROC, True)
+
+
+def _rows_outside(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc,
+                  depthwise: bool) -> bool:
+    """Whether the kernel splits its rows (a conv's pixel rows, a batched matmul's rows) over
+    the threads instead of its weight panels.
+
+    A (non-depthwise) conv with a filter of at most :data:`SMALL_WEIGHT_BYTES`, or with a
+    constant filter smaller than its image and at most :data:`ROWS_OUTSIDE_MAX_WEIGHT`; a
+    matmul batched over a constant operand (Winograd) under the same size test. Plain matmuls
+    (a transformer's linears, ``[batch, tokens, features]``: no 2-D image, no batch of
+    filters) keep the panel outside.
+    """
+    if depthwise or not SMALL_WEIGHT_ROWS_OUTSIDE:
+        return False
+    weight = _weight_bytes(sch, main, axes)
+    if weight is None:
+        return False
+    if axes.extra and weight <= SMALL_WEIGHT_BYTES:
+        return True
+    if not LARGER_OPERAND_ROWS_OUTSIDE or not _reads_constant(sch, main, axes, func):
+        return False
+    buffer = sch.get(main).reads[1 - axes.contiguous].source
+    if not (axes.extra and len(buffer.shape) == 4 or not axes.extra and axes.shared):
+        return False  # neither a 2-D conv's NHWC image nor a batch of constant filters
+    image = _operand_bytes(buffer)
+    return image is not None and weight <= min(image, ROWS_OUTSIDE_MAX_WEIGHT)
+
+
+def _reads_constant(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc) -> bool:
+    """Whether the operand loaded along the vector axis is one of the kernel's constants."""
+    free = func.attrs.get(CONSTANT_OPERANDS) if func.attrs is not None else None
+    operand = sch.get(main).reads[axes.contiguous].source
+    params = [i for i, p in enumerate(func.params) if p.same_as(operand)]
+    return bool(free) and bool(params) and int(params[0]) in {int(i) for i in free}
+
+
+def _operand_bytes(buffer) -> int | None:
+    """Bytes of a buffer, or None when an extent is symbolic."""
+    total = buffer.dtype.bits // 8
+    for dim in buffer.shape:
+        if not isinstance(dim, tirx.IntImm):
+            return None
+        total *= int(dim)
+    return total
 
 
 def _weight_bytes(sch: s_tir.Schedule, main, axes: _Axes) -> int | None:
