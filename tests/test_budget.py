@@ -501,7 +501,7 @@ def test_w8a8_priced_by_the_search_as_built_and_pruned_when_uniform_is_over():
     from slimc.passes.analysis.cost import int8_peak
     from slimc.passes.analysis.hardware import hardware_for_target
 
-    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.search import MLP_PRUNE_CAP, Search, proxy_scorer
     from slimc.search.space import Techniques, option_costs
 
     ir, example, calib = _compute_bound_bert()
@@ -526,10 +526,23 @@ def test_w8a8_priced_by_the_search_as_built_and_pruned_when_uniform_is_over():
     budget = (relative[0.0] + relative[0.2]) / 2
     cand, failures = search.fit(parse_budget(f"latency={budget:.4f}"), 0.05)
     assert cand is not None, failures
-    assert 0 < dict(cand.items)["prune"]["ratio"] <= 0.2
     assert dict(cand.items)["quantize"] == {"weights": "int8", "activations": "int8"}
     assert cand.relative["latency"] <= budget
-    # the interpolated ratio was built and measured: a pruning ratio below the set's 0.2
-    between = [c for c in search.measured if 0 < c.prune_ratio < 0.2]
+    # the interpolated ratio was built and measured, MLP channels alone first (the model has
+    # heads): fewer FFN channels in whole tiles, every head kept
+    between = [c for c in search.measured if 0 < c.prune_ratio < MLP_PRUNE_CAP
+               and dict(c.items)["prune"].get("granularity") == "channel"]
     assert between and all(dict(c.items)["quantize"].get("activations") == "int8"
                            for c in between)
+    prune = dict(cand.items)["prune"]
+    assert 0 < prune["ratio"] < MLP_PRUNE_CAP
+    if prune.get("granularity") == "channel":
+        assert cand in between
+        widths = {v.shape[0] for k, v in cand.ir.weights().items()
+                  if "intermediate" in k and v.dim() == 2}
+        assert widths and all(w < 1024 and w % 16 == 0 for w in widths), widths
+        heads = {v.shape[0] for k, v in cand.ir.weights().items()
+                 if "query" in k and v.dim() == 2}
+        assert heads == {256}, heads
+    else:  # channels alone missed --max-drop: channels and heads, below the set's 0.2
+        assert prune["ratio"] <= 0.2
