@@ -210,7 +210,8 @@ def test_grid_search_stops_when_the_plain_grid_is_exact(monkeypatch):
     """Weights that sit on an fp16 Q4_1 grid (SmolLM2's, dequantized from GGUF) are exact on
     the plain [min, max] grid of their own group size: the search stops there (one pass, not
     27; a third of -O2's grid searches on SmolLM2, issue 18) with the grid that reproduces
-    them; other weights are searched as before."""
+    them; other weights are searched as before (the torch search; the fused kernels' early
+    stop: tests/test_lowbit_fused.py)."""
     from slimc import lowbit
 
     torch.manual_seed(0)
@@ -223,11 +224,11 @@ def test_grid_search_stops_when_the_plain_grid_is_exact(monkeypatch):
     passes = []
     real = lowbit._half
     monkeypatch.setattr(lowbit, "_half", lambda t: passes.append(1) or real(t))
-    scale, minimum = lowbit._search_rows(weight, 4, group)
+    scale, minimum = lowbit._search_rows_torch(weight, 4, group)
     assert len(passes) == 2  # scale and minimum of the first grid only
     back = lowbit._codes(lowbit._grouped(weight, group), scale, minimum, 15) \
         * scale[..., None] + minimum[..., None]
     assert torch.equal(back.reshape(n, k), weight)
     passes.clear()
-    lowbit._search_rows(weight + 1e-4 * torch.randn(n, k), 4, group)
+    lowbit._search_rows_torch(weight + 1e-4 * torch.randn(n, k), 4, group)
     assert len(passes) == 2 * 27
