@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -77,6 +78,25 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+_FLOOR = threading.local()
+
+
+@contextlib.contextmanager
+def pool_workers(n: int) -> Iterator[None]:
+    """:func:`map_single_threaded` in this thread uses at least ``n`` workers in the block, even
+    while torch runs with fewer intra-op threads. Why: the budget search drops to one intra-op
+    thread where a timed forward is faster so (:func:`slimc.search.driver._fastest_torch_threads`:
+    spinning OpenMP threads on a busy host), and its pool of single-threaded workers, which
+    that spinning does not touch, then ran inline: one core idle, the 320M decoder's damage
+    table twice as long (issue 18, docs/benchmarks.md "predicted probes")."""
+    before = getattr(_FLOOR, "n", 1)
+    _FLOOR.n = max(before, n)
+    try:
+        yield
+    finally:
+        _FLOOR.n = before
+
+
 def map_single_threaded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``[fn(item) for item in items]``, one item per core, each with single-threaded torch ops.
 
@@ -92,11 +112,12 @@ def map_single_threaded(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     import torch
 
     threads = torch.get_num_threads()
-    if threads <= 1 or len(items) <= 1:
+    workers = max(threads, getattr(_FLOOR, "n", 1))  # (pool_workers: this thread only)
+    if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
             return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)

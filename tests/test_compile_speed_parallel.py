@@ -18,7 +18,7 @@ from slimc.passes.quantize.quantize import QuantizeOptions, quantize_ir
 
 from slimc.capture import capture, load_model
 from slimc.dialect import _JITTER, rounding_noise_floor
-from slimc.jobs import map_single_threaded
+from slimc.jobs import map_single_threaded, pool_workers
 from slimc.loaders.base import parse_overrides
 from slimc.passmanager import PassContext, PassManager
 from slimc.pipeline import parse_pipeline_text, validate
@@ -46,6 +46,60 @@ def test_map_single_threaded_keeps_order_and_restores_threads():
         seen = map_single_threaded(lambda i: (i, torch.get_num_threads()), list(range(5)))
         assert [i for i, _ in seen] == list(range(5))
         assert {threads for _, threads in seen} == {1}  # each item single-threaded
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_pool_workers_keep_one_worker_per_core_on_one_intra_op_thread():
+    """Under ``pool_workers(2)`` (the budget search after its thread probe chose one torch
+    thread, issue 18) the items still run on two worker threads, each single-threaded, and
+    one thread's floor does not leak into another thread's pools."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def item(i):
+            return threading.get_ident(), torch.get_num_threads()
+
+        inline = map_single_threaded(item, list(range(4)))
+        assert {ident for ident, _ in inline} == {threading.get_ident()}
+        with pool_workers(2):
+            seen = map_single_threaded(lambda i: (item(i), map_single_threaded(
+                lambda j: threading.get_ident(), [0, 1])), list(range(8)))
+            assert torch.get_num_threads() == 1
+        idents = {ident for (ident, _), _ in seen}
+        assert threading.get_ident() not in idents and 1 <= len(idents) <= 2
+        assert {threads for (_, threads), _ in seen} == {1}
+        # inside a worker the floor does not apply: its own pool runs inline
+        assert all(set(inner) == {ident} for (ident, _), inner in seen)
+        assert map_single_threaded(item, [0, 1])[0][0] == threading.get_ident()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_search_thread_probe_keeps_the_damage_tables_workers():
+    """When the search's probe picks one torch thread (a forward that is slower on two, as on
+    a busy host), its pools still get one worker per core: the 320M decoder's damage table
+    ran inline, at twice its wall time, when it did not (issue 18)."""
+    import threading
+    import time
+
+    from slimc.search.driver import _fastest_torch_threads
+
+    class SlowOnTwoThreads:  # the probe times ir.run(batch)
+        def run(self, batch):
+            time.sleep(0.02 if torch.get_num_threads() > 1 else 0.0)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _fastest_torch_threads(SlowOnTwoThreads(), []):
+            assert torch.get_num_threads() == 1
+            idents = map_single_threaded(lambda i: (time.sleep(0.01), threading.get_ident())[1],
+                                         list(range(6)))
+        assert threading.get_ident() not in set(idents)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

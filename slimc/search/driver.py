@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimc.errors import UsageError
+from slimc.jobs import pool_workers
 
 from .budget import BUDGET_TECHNIQUES, SEARCH_LEVELS, Budget, Level, parse_budget
 
@@ -105,7 +106,10 @@ def _fastest_torch_threads(ir, batch):
     if before > 1 and timed() > several:
         torch.set_num_threads(before)
     try:
-        yield
+        # the choice is about intra-op threads: the search's pools of single-threaded
+        # workers (the damage table, quantize's packing) keep one worker per core either way
+        with pool_workers(before):
+            yield
     finally:
         torch.set_num_threads(before)
 
