@@ -149,9 +149,9 @@ def _build_search(group: int, top: int, lanes: int) -> Callable:
 
 
 def _build_refit(group: int, top: int, lanes: int) -> Callable:
-    """``refit(x[G, B], m[B], s[B], sum_q[B], sum_qq[B], sum_qw[B])``: the sums of the
-    least-squares refit over each group's codes on its grid (the codes as
-    :func:`slimc.lowbit._codes` rounds them)."""
+    """``refit(x[G, B], m[B], s[B], sum_q[B], sum_qq[B], sum_qw[B], sum_w[B])``: the sums of
+    the least-squares refit over each group's codes on its grid (the codes as
+    :func:`slimc.lowbit._codes` rounds them) and weights."""
     import tvm
     from tvm import s_tir, te, tirx
 
@@ -165,11 +165,12 @@ def _build_refit(group: int, top: int, lanes: int) -> Callable:
         q = [tirx.min(tirx.max(tirx.nearbyint((x[j, bi] - m[bi]) / s[bi]), zero), high)
              for j in range(group)]
         return [torch_sum_order(q, lanes), torch_sum_order([v * v for v in q], lanes),
-                torch_sum_order([v * x[j, bi] for j, v in enumerate(q)], lanes)]
+                torch_sum_order([v * x[j, bi] for j, v in enumerate(q)], lanes),
+                torch_sum_order([x[j, bi] for j in range(group)], lanes)]
 
     outs = te.compute((b,), sums, name="sums")
     sch = s_tir.Schedule(te.create_prim_func([x, m, s, *outs]))
-    (bi,) = sch.get_loops(sch.get_sblock("sums_v0"))  # the three share the loop
+    (bi,) = sch.get_loops(sch.get_sblock("sums_v0"))  # the four share the loop
     _, inner = sch.split(bi, [None, VECTOR])
     sch.vectorize(inner)
     return tvm.compile(sch.mod, target=_target())["main"]
@@ -240,9 +241,9 @@ def search_rows(weight: Tensor, bits: int, group: int,
     search, refit = built
     top = (1 << bits) - 1
     grouped = _grouped(weight.float(), group)
-    if not bool(torch.isfinite(grouped).all()):
-        return None
     lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        return None  # (amin / amax carry a NaN through)
     shape, count = lo.shape, lo.numel()
     columns = _ffi(grouped.reshape(count, group).t().contiguous())
     center = (lo + hi) / 2
@@ -273,12 +274,11 @@ def search_rows(weight: Tensor, bits: int, group: int,
     if not bool(best_err.any()):  # the plain grid is exact: nothing can beat it
         return best_s, best_m
     consider(minimums[1:], scales[1:])
-    total = grouped.sum(2)
     for _ in range(2):  # the least-squares refits, as the torch search
-        sq, sqq, sqw = (torch.empty(count) for _ in range(3))
+        sums = [torch.empty(count) for _ in range(4)]
         refit(columns, _ffi(best_m.reshape(count)), _ffi(best_s.reshape(count)),
-              _ffi(sq), _ffi(sqq), _ffi(sqw))
-        sq, sqq, sqw = ((t + 0.0).view(shape) for t in (sq, sqq, sqw))
+              *(_ffi(t) for t in sums))
+        sq, sqq, sqw, total = ((t + 0.0).view(shape) for t in sums)
         n = float(group)
         det = n * sqq - sq * sq
         ok = det > 0
