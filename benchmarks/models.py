@@ -474,3 +474,244 @@ def dinov2_small():
     config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12,
                                        num_attention_heads=6, image_size=224, patch_size=14)
     return _image_model(transformers.Dinov2Model(config), field="pooler_output")
+
+
+# The second hunt for issue 16 (wt/hunt16): models a user would try next, each picked for
+# what the workloads above lack.
+
+
+def _random_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every batch norm random running statistics, so folding them is not a no-op."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def deit_tiny_distilled():
+    """DeiT-Tiny/16 distilled (``DeiTForImageClassificationWithTeacher``, random weights),
+    1x3x224x224: a 192-wide ViT of 3 heads (narrow matmuls), 198 tokens (class and
+    distillation tokens), the two classifiers averaged."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DeiTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                                     intermediate_size=768, image_size=224, patch_size=16,
+                                     num_labels=1000)
+    return _image_model(transformers.DeiTForImageClassificationWithTeacher(config))
+
+
+def beit_base():
+    """BEiT-base/16 (``BeitForImageClassification``, random weights; the settings of
+    microsoft/beit-base-patch16-224), 1x3x224x224: a relative position bias table gathered per
+    layer, layer scale, no absolute position embeddings, mean pooling over patch tokens."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BeitConfig(use_relative_position_bias=True,
+                                     use_absolute_position_embeddings=False,
+                                     use_mean_pooling=True, num_labels=1000)
+    return _image_model(transformers.BeitForImageClassification(config))
+
+
+def clip_text():
+    """CLIP ViT-B/32's text tower (``CLIPTextModel``, random weights, the config's defaults),
+    batch 1 x 77 tokens: causal mask, quick-GELU, pre-LayerNorm, the pooled output gathered at
+    the end-of-text token (an argmax over the ids)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig()
+    return _text(transformers.CLIPTextModel(config), 1, 77, config.vocab_size,
+                 field="pooler_output")
+
+
+def clip_vision_b32():
+    """CLIP ViT-B/32's image tower (``CLIPVisionModel``, random weights, the config's defaults),
+    1x3x224x224: a 32x32 patch embedding, only 50 tokens of width 768 (short, wide matmuls),
+    quick-GELU, the pre-LayerNorm, pooled class token out."""
+    import transformers
+
+    torch.manual_seed(0)
+    return _image_model(transformers.CLIPVisionModel(transformers.CLIPVisionConfig()),
+                        field="pooler_output")
+
+
+def convnextv2_atto():
+    """ConvNeXt-V2-Atto (``ConvNextV2ForImageClassification``, random weights), 1x3x224x224:
+    40-channel 7x7 depthwise convs, global response normalisation (a spatial L2 norm divided by
+    its channel mean) in every block."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ConvNextV2Config(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320],
+                                           num_labels=1000)
+    return _image_model(transformers.ConvNextV2ForImageClassification(config))
+
+
+def mobilenet_v1():
+    """MobileNetV1 1.0 (``MobileNetV1ForImageClassification``, random weights, batch norms with
+    random statistics), 1x3x224x224: depthwise-separable convs with ReLU6 and TensorFlow "SAME"
+    padding (an explicit pad before each strided conv)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MobileNetV1ForImageClassification(
+        transformers.MobileNetV1Config(depth_multiplier=1.0, image_size=224, num_labels=1000))
+    return _image_model(_random_batch_norms(model))
+
+
+def albert_base():
+    """ALBERT-base-v2 (``AlbertModel``, random weights), batch 1 x 128 tokens: 128-wide factorised
+    embeddings projected to 768, one layer's weights shared by all 12, tanh-GELU."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(embedding_size=128, hidden_size=768, num_hidden_layers=12,
+                                       num_attention_heads=12, intermediate_size=3072)
+    return _text(transformers.AlbertModel(config, add_pooling_layer=False), 1, 128,
+                 config.vocab_size)
+
+
+def electra_small_512():
+    """ELECTRA-small discriminator (``ElectraModel``, random weights, the config's defaults),
+    batch 1 x 512 tokens: 256-wide layers of 4 heads (head dim 64) over a long sequence, the
+    attention share of the time larger than in BERT-base."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ElectraConfig()
+    return _text(transformers.ElectraModel(config), 1, 512, config.vocab_size)
+
+
+def bart_base_encoder():
+    """BART-base's encoder (``BartModel(...).get_encoder()``, random weights; facebook/bart-base's
+    sizes), batch 1 x 512 tokens: learned positions with an offset, post-LayerNorm, exact GELU,
+    the embedding LayerNorm."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(d_model=768, encoder_layers=6, decoder_layers=6,
+                                     encoder_attention_heads=12, decoder_attention_heads=12,
+                                     encoder_ffn_dim=3072, decoder_ffn_dim=3072)
+    encoder = transformers.BartModel(config).get_encoder()
+    return _text(encoder, 1, 512, config.vocab_size)
+
+
+def mobilenet_v2_b8():
+    """MobileNetV2 1.0 at batch 8 (a batch > 1 mobile CNN: depthwise convs over 8 images)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileNetV2Config(depth_multiplier=1.0, image_size=224,
+                                            num_labels=1000)
+    return _image_model(transformers.MobileNetV2ForImageClassification(config), batch=8)
+
+
+class _ShuffleUnit(torch.nn.Module):
+    """ShuffleNetV2's unit: split (or, strided, two branches), convs, concat, channel shuffle."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        half = cout // 2
+        self.stride = stride
+        if stride > 1:
+            self.branch1 = torch.nn.Sequential(
+                _ConvBN(cin, cin, 3, stride, groups=cin, act=None), _ConvBN(cin, half, 1))
+        self.branch2 = torch.nn.Sequential(
+            _ConvBN(cin if stride > 1 else half, half, 1),
+            _ConvBN(half, half, 3, stride, groups=half, act=None), _ConvBN(half, half, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            a, b = x.chunk(2, dim=1)
+            out = torch.cat((a, self.branch2(b)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        n, c, h, w = out.shape
+        return out.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleNetV2(torch.nn.Module):
+    """ShuffleNetV2 1.0x (Ma et al. 2018), layer for layer torchvision's ``shufflenet_v2_x1_0``
+    (torchvision is not installed): channel split, concatenation and channel shuffle (a
+    reshape-transpose-reshape) between every unit, 3x3 max pooling."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        widths, repeats = (24, 116, 232, 464, 1024), (4, 8, 4)
+        layers: list[torch.nn.Module] = [_ConvBN(3, widths[0], 3, 2),
+                                         torch.nn.MaxPool2d(3, 2, 1)]
+        cin = widths[0]
+        for cout, n in zip(widths[1:4], repeats, strict=True):
+            layers += [_ShuffleUnit(cin, cout, 2), *(_ShuffleUnit(cout, cout, 1)
+                                                     for _ in range(n - 1))]
+            cin = cout
+        layers.append(_ConvBN(cin, widths[4], 1))
+        self.features = torch.nn.Sequential(*layers)
+        self.fc = torch.nn.Linear(widths[4], num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(pixel_values).mean((2, 3)))
+
+
+def shufflenet_v2():
+    """ShuffleNetV2 1.0x (:class:`ShuffleNetV2`, random weights, batch norms with random
+    statistics), 1x3x224x224."""
+    torch.manual_seed(0)
+    model = _random_batch_norms(ShuffleNetV2()).eval()
+    torch.manual_seed(1)
+    return model, {"pixel_values": torch.randn(1, 3, 224, 224)}
+
+
+class _DenseLayer(torch.nn.Module):
+    def __init__(self, cin: int, growth: int = 32) -> None:
+        super().__init__()
+        self.block = torch.nn.Sequential(
+            torch.nn.BatchNorm2d(cin), torch.nn.ReLU(), torch.nn.Conv2d(cin, 4 * growth, 1,
+                                                                         bias=False),
+            torch.nn.BatchNorm2d(4 * growth), torch.nn.ReLU(),
+            torch.nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((x, self.block(x)), dim=1)
+
+
+class DenseNet121(torch.nn.Module):
+    """DenseNet-121 (Huang et al. 2017), layer for layer torchvision's ``densenet121``:
+    pre-activation (batch norm and ReLU *before* each conv, so the norm cannot fold into the
+    conv's weights), every layer's 32 new channels concatenated onto its input, 2x2 average
+    pooling in the transitions."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = [
+            torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(64),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1)]
+        c = 64
+        for i, n in enumerate((6, 12, 24, 16)):
+            for _ in range(n):
+                layers.append(_DenseLayer(c))
+                c += 32
+            if i < 3:
+                layers += [torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+                           torch.nn.Conv2d(c, c // 2, 1, bias=False), torch.nn.AvgPool2d(2, 2)]
+                c //= 2
+        layers += [torch.nn.BatchNorm2d(c), torch.nn.ReLU()]
+        self.features = torch.nn.Sequential(*layers)
+        self.classifier = torch.nn.Linear(c, num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(self.features(pixel_values), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def densenet121():
+    """DenseNet-121 (:class:`DenseNet121`, random weights, batch norms with random statistics),
+    1x3x224x224."""
+    torch.manual_seed(0)
+    model = _random_batch_norms(DenseNet121()).eval()
+    torch.manual_seed(1)
+    return model, {"pixel_values": torch.randn(1, 3, 224, 224)}

@@ -9,6 +9,8 @@ Real TVM builds, compared with PyTorch.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -625,6 +627,28 @@ def test_weight_output_tail_is_padded_when_many_rows_reuse_it(tmp_path, caplog):
     (tmp_path / "3x3").mkdir()
     _check(torch.nn.Conv2d(32, 150, 3, padding=1).eval(), (x,), tmp_path / "3x3", caplog,
            "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+def test_quarter_panel_pointwise_conv_runs_on_whole_vectors(tmp_path, caplog):
+    """A 1 x 1 conv to 116 = 4 x 29 channels (ShuffleNetV2's branches) over 14 x 14 pixels:
+    only a 4-lane panel divides 116, a quarter of AVX-512's width; it runs as a matmul whose
+    constant filters are padded to whole 16-lane vectors. Over 7 x 7 pixels (49 rows, fewer
+    than make the per-call weight copy worth it) it stays a conv; a 1 x 1 conv to 120 = 8 x 15
+    channels stays a conv at any size. Exact against PyTorch."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 116, 1).eval()
+    x = torch.randn(1, 64, 14, 14)
+    kernels = {g.name_hint for g, _ in _fused(conv, (x,)).functions_items()}
+    assert not [n for n in kernels if "conv2d" in n], sorted(kernels)
+    assert _padded_blocks(conv, (x,), "matmul"), "the 116-wide filter axis should be padded"
+    (text,) = [t for n, t in _scheduled(conv, (x,)).items() if "matmul" in n]
+    width = re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", _enclosing(text, "matmul_update")[-1])
+    assert width and int(width[-1]) % 16 == 0, width  # whole 16-lane vectors, not 4-lane ones
+    _check(conv, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+    small = torch.randn(1, 64, 7, 7)
+    assert [n for n, _ in _fused(conv, (small,)).functions_items() if "conv2d" in n.name_hint]
+    eight = torch.nn.Conv2d(64, 120, 1).eval()
+    assert [n for n, _ in _fused(eight, (x,)).functions_items() if "conv2d" in n.name_hint]
+
 
 class WeightedValues(torch.nn.Module):
     def forward(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -411,17 +411,22 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
                       # a conv's window indexing is no einsum: pad_einsum refuses it
                       pad_constants=len(axes.reduce) == 1))
     lanes = vector_lanes(target, dtype_bits)
-    if PAD_STATIC_TAILS and vector_size is not None and nr < lanes and matmul:
+    # any one-reduction (einsum) kernel: also a matmul over NHWC pixels, whose second
+    # spatial axis is an ``extra`` loop (a 1x1 conv as a matmul) -- padding the vector axis
+    # copies the weight and the output, never the image
+    if PAD_STATIC_TAILS and vector_size is not None and nr < lanes and len(axes.reduce) == 1:
         # Only a narrow panel divides the axis (Whisper's 1500 keys: 4 of AVX-512's 16
         # lanes, a quarter of the machine): pad it to whole full-width panels instead --
         # two vectors wide when that adds little, else one (MobileViT's 36-wide attention
         # heads: ``P @ V`` on 4-lane panels, 36 -> 48 columns is 3 whole vectors a row
         # instead of 9 quarter ones; ``MATMUL_TAIL_PAD_FRACTION`` as for any vector tail).
+        # A constant weight is padded too when ``CONSTANT_PAD_MIN_ROWS`` rows reuse it
+        # (ShuffleNetV2's 116-channel 1x1 convs over 14 x 14 pixels, as matmuls).
         wide = next((t for t, limit in ((2 * lanes, MAX_PAD_FRACTION),
                                         (lanes, MATMUL_TAIL_PAD_FRACTION))
                      if NARROW_PANEL_PADDING or t == 2 * lanes
                      if _static_tail_worth_padding(sch, main, axes.vector, vector_size, t,
-                                                   limit)), None)
+                                                   limit, pad_constants=True)), None)
         if wide is not None:
             nr, pad_static = wide, True
     for tile, loop in ((mr, axes.reuse), (nr, axes.vector)):

@@ -293,9 +293,17 @@ def sink_layout_transposes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mutate_relax_functions(mod, _SinkTransposes(mod)))
 
 
+#: Output pixels from which a 1x1 conv to ``4 x odd`` channels (only a quarter-width panel
+#: divides them) becomes a matmul: the rows that make padding its weight worth a per-call copy
+#: (the matmul rule's ``CONSTANT_PAD_MIN_ROWS``).
+QUARTER_PANEL_MIN_PIXELS = 64
+
+
 def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
     """``matmul(x, reshape(w, [C, O]))`` for a 1x1, stride-1, unpadded, dense NHWC/HWIO conv
-    whose output channels no vector panel divides (``O % 4``), else ``call``."""
+    whose output channels no vector panel divides (``O % 4``), or only a 4-lane one
+    (``O % 8``, e.g. ShuffleNetV2's 116) over at least ``QUARTER_PANEL_MIN_PIXELS`` pixels;
+    else ``call``."""
     a = call.attrs
     if (str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO" or a.groups != 1
             or str(a.out_layout) not in ("NHWC", "")
@@ -306,11 +314,21 @@ def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
     if shape is None or len(shape) != 4 or not all(isinstance(d, tirx.IntImm) for d in shape):
         return call
     kh, kw, cin, cout = (int(d) for d in shape)
-    if (kh, kw) != (1, 1) or cout % 4 == 0:
+    if (kh, kw) != (1, 1) or cout % 8 == 0:
+        return call
+    if cout % 4 == 0 and _pixels(call.args[0]) < QUARTER_PANEL_MIN_PIXELS:
         return call
     weight = relax.op.reshape(call.args[1], (cin, cout))
     out_dtype = str(a.out_dtype) if str(a.out_dtype) else None
     return relax.op.matmul(call.args[0], weight, out_dtype=out_dtype)
+
+
+def _pixels(data: relax.Expr) -> int:
+    """Pixels (``N x H x W``) of a static NHWC activation; 0 when any extent is symbolic."""
+    shape = getattr(getattr(data, "ty", None), "shape", None)
+    if shape is None or len(shape) != 4 or not all(isinstance(d, tirx.IntImm) for d in shape):
+        return 0
+    return int(shape[0]) * int(shape[1]) * int(shape[2])
 
 
 @expr_functor.mutator
@@ -325,13 +343,18 @@ class _PointwiseTailConvs(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="SlimcPointwiseTailConvs")
 def pointwise_tail_convs_as_matmul(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """A 1x1 conv to a channel count no vector panel divides (SegFormer's 150 ADE20k classes,
-    a detection head's 255 outputs) as the matmul it is, over the NHWC pixels.
+    a detection head's 255 outputs), or only a 4-lane one (ShuffleNetV2's 116 = 4 x 29, over
+    enough pixels), as the matmul it is, over the NHWC pixels.
 
     Why: the conv rule splits its output channels into 16-lane vectors and predicates the
     last one, which TVM then runs scalar: the whole micro-kernel, every tile (SegFormer-B0's
     256 -> 150 classifier over 128 x 128 pixels was 34% of the model). As a matmul its
     constant weight's column tail is padded to whole panels instead
     (:data:`.cpu_matmul.CONSTANT_PAD_MIN_ROWS`), which a conv's window indexing does not
-    allow. Channel counts a panel divides keep the conv rule (and its pointwise tuning).
+    allow. A 4-lane panel (``O % 8 == 4``) runs the conv at a quarter of AVX-512's width
+    (ShuffleNetV2's 116-channel 1x1 convs over 14 x 14 pixels: 30% of the model, the whole
+    model 2x ONNX Runtime); as a matmul the weight is padded to whole vectors (116 -> 128).
+    Channel counts an 8-lane or wider panel divides keep the conv rule (and its pointwise
+    tuning).
     """
     return mutate_relax_functions(mod, _PointwiseTailConvs(mod))
