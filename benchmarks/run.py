@@ -64,7 +64,11 @@ LONG = ("minilm_1024", "minilm_b8", "vit_small_b4")
 EXTRA = ("swin_tiny", "mobilevit_small", "wav2vec2_base", "vit_small_b4", "minilm_1024",
          "regnet_y_400mf", "segformer_b0", "gpt2_prefill", "squeezebert", "levit_128s",
          "poolformer_s12", "dinov2_small")
-PRESETS = {"table": TABLE, "long": LONG, "extra": EXTRA}
+#: ``--models more``: the second hunt for losing workloads (issue 16, wt/hunt16).
+MORE = ("deit_tiny_distilled", "beit_base", "clip_text", "clip_vision_b32", "convnextv2_atto",
+        "mobilenet_v1", "albert_base", "electra_small_512", "bart_base_encoder",
+        "mobilenet_v2_b8", "shufflenet_v2", "densenet121")
+PRESETS = {"table": TABLE, "long": LONG, "extra": EXTRA, "more": MORE}
 #: slimc engines: the artifact of each pipeline (None: the default, fp32).
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
