@@ -17,16 +17,6 @@ encoder). An add of two tensors *of the same shape* is elementwise too:
 ``reshape(y) + x == reshape(y + reshape(x, shape(y)))``, where ``reshape(x, shape(y))`` is again
 a view, so the residual add joins the matmul's epilogue. An add that broadcasts (a bias, a mask)
 is left alone: reshaping its other operand would change which elements pair up.
-
-Two more shapes of the same cut (LeViT: every linear is ``bn(linear(x).flatten(0, 1))
-.reshape_as(...)``, the batch norm folded into the linear before lowering, then hard-swish):
-
-- chains of reshapes (``[49, 128] -> [1, 49, 128] -> [49, 128] -> [1, 49, 128]``) are collapsed
-  into one reshape of their source, and a reshape to its source's own shape is dropped
-  (:func:`_collapse_reshapes`), so the op after them sees one reshape of the matmul;
-- hard-swish, decomposed as ``x * clip(x + 3, 0, 6) / 6``, reads its input twice, so it is
-  sunk as a whole (:func:`_sink_into_hardswish`) when those two reads are the reshape's only
-  uses.
 """
 
 from __future__ import annotations
@@ -43,9 +33,14 @@ ACTIVATIONS = ("relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu", "relax.nn
                "relax.sigmoid", "relax.tanh")
 
 
-def _reshape_uses(func: relax.Function) -> dict:
-    """Uses of each ``reshape`` call of ``func`` whose source is a matmul (:func:`_from_matmul`),
-    keyed by :func:`id_of` the call."""
+def _single_use_reshapes(func: relax.Function) -> set:
+    """The ``reshape`` calls of ``func`` whose result is used exactly once.
+
+    Only a reshape of a matmul's result (:func:`_from_matmul`) is moved. A reshape with
+    other users stays where it is: sinking it would leave the tensor both
+    reshaped and not for one fused kernel, which ``FuseTIR`` rejects (W8A8 BERT on aarch64:
+    "Inconsistent buffers ... mapped to the same relax var").
+    """
     uses: dict = {}
     reshapes = {}
     values = {}
@@ -71,19 +66,8 @@ def _reshape_uses(func: relax.Function) -> dict:
             if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape":
                 reshapes[binding.var] = value
     count(getattr(body, "body", body))
-    return {id_of(call): uses.get(var, 0) for var, call in reshapes.items()
-            if _from_matmul(call.args[0], values)}
-
-
-def _single_use_reshapes(func: relax.Function) -> set:
-    """The ``reshape`` calls of ``func`` whose result is used exactly once.
-
-    Only a reshape of a matmul's result (:func:`_from_matmul`) is moved. A reshape with
-    other users stays where it is: sinking it would leave the tensor both
-    reshaped and not for one fused kernel, which ``FuseTIR`` rejects (W8A8 BERT on aarch64:
-    "Inconsistent buffers ... mapped to the same relax var").
-    """
-    return {key for key, n in _reshape_uses(func).items() if n == 1}
+    return {id_of(call) for var, call in reshapes.items()
+            if uses.get(var, 0) == 1 and _from_matmul(call.args[0], values)}
 
 
 def _from_matmul(expr, values: dict) -> bool:
@@ -191,61 +175,7 @@ def _sink_into_scalar_ops(func: relax.Function, single: set, reshape, source) ->
     return func
 
 
-#: Collapse reshape chains and sink hard-swish (:func:`_collapse_reshapes`,
-#: :func:`_sink_into_hardswish`; off only to measure what they save).
-SINK_HARDSWISH = True
-
-
-def _collapse_reshapes(func: relax.Function) -> relax.Function:
-    """``reshape(reshape(y, s1), s2)`` -> ``reshape(y, s2)`` (row-major reshapes compose), and
-    ``reshape(y, shape(y))`` -> ``y``. The inner reshape stays for any other user it has."""
-    source, first, second = wildcard(), wildcard(), wildcard()
-    inner = is_op("relax.reshape")(source, first)
-    pattern = is_op("relax.reshape")(inner, second)
-    func = rewrite_call(pattern, lambda call, m: relax.op.reshape(m[source], m[second]), func)
-    plain = is_op("relax.reshape")(source, second)
-    return rewrite_call(
-        plain, lambda call, m: m[source] if _same_shape(call, m[source]) else call, func)
-
-
-def _sink_into_hardswish(func: relax.Function, reshape, source) -> relax.Function:
-    """``r * clip(r + 3, 0, 6) / 6`` (one clip or a min and a max clip; either order of the
-    multiply) with ``r = reshape(y)`` used by nothing else -> ``reshape(y * clip(y + 3) / 6)``:
-    the same ops on ``y``, so they join the matmul's epilogue. Which scalars and bounds it uses
-    is not checked: every op of the pattern is elementwise with scalar operands, so it commutes
-    with the reshape whatever they are."""
-    uses = _reshape_uses(func)
-    for clips in (2, 1):
-        for left in (True, False):
-            c3, c6 = wildcard(), wildcard()
-            bounds = [is_op("relax.clip")(is_op("relax.add")(reshape, c3), wildcard(), wildcard())]
-            if clips == 2:
-                bounds.append(is_op("relax.clip")(bounds[0], wildcard(), wildcard()))
-            product = is_op("relax.multiply")(*((reshape, bounds[-1]) if left
-                                                else (bounds[-1], reshape)))
-            pattern = is_op("relax.divide")(product, c6)
-
-            def sink(call, m, bounds=bounds, left=left, c3=c3, c6=c6):
-                # the matched values are rebuilt on the reshape's source; the call's own args
-                # are variables bound to them
-                moved, inner = m[reshape], m[source]
-                if uses.get(id_of(moved)) != 2 or not _is_scalar_constant(m[c3], inner) \
-                        or not _is_scalar_constant(m[c6], inner):
-                    return call
-                y = relax.op.add(inner, m[c3])
-                for bound in bounds:
-                    clip = m[bound]
-                    y = relax.Call(clip.op, [y, *clip.args[1:]], clip.attrs)
-                y = relax.op.multiply(inner, y) if left else relax.op.multiply(y, inner)
-                return relax.op.reshape(relax.op.divide(y, m[c6]), moved.args[1])
-
-            func = rewrite_call(pattern, sink, func)
-    return func
-
-
 def _rewrite(func: relax.Function) -> relax.Function:
-    if SINK_HARDSWISH:
-        func = _collapse_reshapes(func)
     single = _single_use_reshapes(func)
     source, shape = wildcard(), wildcard()
     reshape = is_op("relax.reshape")(source, shape)
@@ -260,8 +190,6 @@ def _rewrite(func: relax.Function) -> relax.Function:
             return relax.op.reshape(act, matches[reshape].args[1])
 
         func = rewrite_call(pattern, sink, func)
-    if SINK_HARDSWISH:
-        func = _collapse_reshapes(_sink_into_hardswish(func, reshape, source))
     if SINK_SCALAR_OPS:
         func = _sink_into_scalar_ops(func, _single_use_reshapes(func), reshape, source)
     # after the activations: their sunk reshapes are new nodes, counted again
