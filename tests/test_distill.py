@@ -207,7 +207,11 @@ def test_quantized_weights_are_never_trained():
 
 def test_compile_builds_the_distilled_artifact_and_reports_the_recovery(cli, tmp_path):
     _, example = tiny_llama()
-    ids = torch.randint(0, VOCAB, (16, SEQ), generator=torch.Generator().manual_seed(5))
+    # four sequences, repeated: the held-out batches come from the distribution the student
+    # trains on (with 16 independent random sequences the held-out loss moved by +-0.1%, up on
+    # one CPU and down on another: nothing to learn that carries over)
+    ids = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(5))[
+        torch.arange(16) % 4]
     np.savez(tmp_path / "calib.npz", input_ids=ids.numpy(),
              attention_mask=np.ones((16, SEQ), dtype=np.int64))
     out = tmp_path / "out"

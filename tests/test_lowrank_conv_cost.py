@@ -135,11 +135,22 @@ def test_lowrank_pass_on_a_cnn_stays_within_its_weights_memory():
 
 
 @pytest.mark.parametrize("target", PINNED)
-def test_winograd_3x3_conv_is_not_factorized_when_the_target_makes_it_slower(target):
+def test_winograd_3x3_conv_is_not_factorized_when_the_target_makes_it_slower(target,
+                                                                             monkeypatch):
     """56x56 maps: the backend's Winograd F(4,3) makes the dense 3x3 conv 4x cheaper than
     its MACs; at 20% the Tucker-2 form does fewer MACs but more multiplies (and moves more
     bytes through its two extra activations), so it stays dense, with the cost model's
-    reason, on an ARM board and on an AVX-512 server alike."""
+    reason, on an ARM board and on an AVX-512 server alike.
+
+    The x86 level is priced with the measured AVX-512 server entry (host-znver4) whatever
+    CPU runs the test: on a 2-core host with only an estimate (Rocket Lake, 20 GB/s assumed)
+    the pass's smaller fallback ranks (80, 80) price as cheaper than dense, so the decision
+    is the build machine's, not the target's."""
+    if target.startswith("x86"):
+        import slimc.passes.analysis.hardware as hardware
+
+        measured = hardware.hardware_table()["host-znver4"]
+        monkeypatch.setattr(hardware, "hardware_for_target", lambda spec: measured)
     info = target_info(resolve_target(target, REGISTRY))
     assert info.winograd is not None
     tiles = 14 * 14  # 56 / 4 per axis

@@ -538,8 +538,10 @@ def test_winograd_matmul_splits_tiles_over_threads(tmp_path, caplog):
     transform wrote, for every ``k``), not the ``k`` planes; with a filter larger than the tiles
     ``k`` stays outermost. Both exact vs PyTorch."""
     torch.manual_seed(0)
-    small = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, 1, 1), torch.nn.ReLU()).eval()
-    x = torch.randn(1, 16, 28, 28)  # U 54 KiB, V 110 KiB
+    # 32 output channels: whole 16-lane panels (24 would be padded to 32 first, a different
+    # kernel: the narrow-panel padding's)
+    small = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, 1, 1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 16, 28, 28)  # U 72 KiB, V 110 KiB
     kernels = _scheduled(small, (x,))
     assert any("winograd_input" in n for n in kernels)
     assert _parallel_loop(kernels, "matmul").startswith("i1_0_i0_")
