@@ -347,13 +347,18 @@ def test_stacked_anchors_through_attention_print_no_torch_warning():
 
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F
+        from concurrent.futures import ThreadPoolExecutor
         from slimc.search.space import run_stacked
-        q = torch.randn(1, 2, 8, 4)
+        q = torch.randn(1, 2, 64, 16)
         def run(d):
             return [F.scaled_dot_product_attention(q * d["w"].sum(), q, q)]
         values = [torch.ones(3), torch.full((3,), 2.0)]
         out = run_stacked(run, "w", values)
         assert all(torch.allclose(a[0], run({"w": v})[0]) for a, v in zip(out, values))
+        # layers run on a thread pool: one thread leaving must not re-enable the warning
+        # while another is inside vmap
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: run_stacked(run, "w", values), range(200)))
         print("same")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

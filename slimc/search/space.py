@@ -23,6 +23,7 @@ overhead`` with the target's hardware numbers).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -342,6 +343,29 @@ KEEP_APPROXIMATIONS_BYTES = 64 << 20
 STACK_ANCHORS_BYTES = 32 << 20
 
 
+_QUIET_LOCK = threading.Lock()
+_QUIET_USERS = [0]
+
+
+@contextlib.contextmanager
+def _quiet_vmap_fallback():
+    """Silence torch's C++ "performance drop" warning while any thread is inside
+    :func:`run_stacked` (an op without a batching rule, CPU flash attention, runs once per
+    value inside vmap; the warning would reach -O2's console). The switch is process-wide, so
+    it is counted: the last thread out turns it back on, not the first (the damage table runs
+    layers on a thread pool)."""
+    with _QUIET_LOCK:
+        _QUIET_USERS[0] += 1
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET_USERS[0] -= 1
+            if _QUIET_USERS[0] == 0:
+                torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+
+
 def run_stacked(run, name: str, values: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """``[run({name: v}) for v in values]`` as one forward over the stacked values
     (``torch.vmap``): a weight's anchors share every op from its first use on, and the
@@ -352,15 +376,11 @@ def run_stacked(run, name: str, values: list[torch.Tensor]) -> list[list[torch.T
     anchors"). A graph with an op vmap cannot batch (data-dependent control flow, an
     ``.item()``) runs the values one at a time."""
     if len(values) > 1:
-        # an op without a batching rule (CPU flash attention) runs once per value inside
-        # vmap; torch's C++ "performance drop" warning about it would reach the console
-        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
         try:
-            stacked = torch.vmap(lambda v: tuple(run({name: v})))(torch.stack(values))
+            with _quiet_vmap_fallback():
+                stacked = torch.vmap(lambda v: tuple(run({name: v})))(torch.stack(values))
         except RuntimeError:
             stacked = None
-        finally:
-            torch._C._functorch._set_vmap_fallback_warning_enabled(True)
         if stacked is not None:
             return [[out[k] for out in stacked] for k in range(len(values))]
     return [run({name: v}) for v in values]
