@@ -830,13 +830,7 @@ def _operand_bytes(buffer) -> int | None:
 def _weight_bytes(sch: s_tir.Schedule, main, axes: _Axes) -> int | None:
     """Bytes of the operand loaded along the vector axis (a conv's filters), or None when an
     extent is symbolic."""
-    buffer = sch.get(main).reads[axes.contiguous].source
-    total = buffer.dtype.bits // 8
-    for dim in buffer.shape:
-        if not isinstance(dim, tirx.IntImm):
-            return None
-        total *= int(dim)
-    return total
+    return _operand_bytes(sch.get(main).reads[axes.contiguous].source)
 
 
 def _work(sch: s_tir.Schedule, axes: _Axes) -> float:
