@@ -449,7 +449,7 @@ def test_latency_budget_picks_int8_activations_on_a_vnni_target():
     from slimc.passes.analysis.cost import estimate_costs
     from slimc.passes.analysis.hardware import hardware_for_target
 
-    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.search import Search, describe_hardware, proxy_scorer
     from slimc.search.space import Techniques
 
     ir, example, calib = _compute_bound_bert()
@@ -484,9 +484,20 @@ def test_latency_budget_picks_int8_activations_on_a_vnni_target():
     assert sdot < generic
     registry, arm_ctx = _search_context(ir, example, calib, "raspberry-pi-4")
     arm = Search(ir, arm_ctx, registry, techniques, proxy_scorer(ir, arm_ctx), arm_hw)
-    arm.fit(parse_budget("latency=0.6"), 0.05)
+    _, arm_failures = arm.fit(parse_budget("latency=0.6"), 0.05)
     assert not any(dict(c.items).get("quantize", {}).get("activations") == "int8"
                    for c in arm.measured)
+    # The report says why the two targets differ (its "Target costs" line, and the exit-2
+    # message's reasons on the Pi): compute-bound layers get faster with int8 arithmetic on
+    # VNNI, with nothing but fewer FLOPs on the Pi.
+    x86_why = describe_hardware(search.base(0.0).space, *search.int8_note())
+    assert "or int8 arithmetic (W8A8) makes them faster" in x86_why, x86_why
+    assert "int8 x int8 (W8A8) priced at" in x86_why and "vnni" in x86_why, x86_why
+    arm_why = describe_hardware(arm.base(0.0).space, *arm.int8_note())
+    assert "only fewer FLOPs (pruning or low rank) makes them faster" in arm_why, arm_why
+    assert "no int8 dot-product instructions on this target" in arm_why, arm_why
+    assert any("no int8 dot-product" in f for f in arm_failures), arm_failures
+    assert not any(f.startswith("int8 activations") for f in failures), failures
 
 
 def test_w8a8_priced_by_the_search_as_built_and_pruned_when_uniform_is_over():

@@ -149,7 +149,8 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
         "budget": plan.budget.limits(), "max_drop": plan.max_drop,
         "techniques": plan.techniques,
         "hardware": describe_hardware(search.base(0.0 if 0.0 in search._bases else
-                                                  next(iter(search._bases))).space)
+                                                  next(iter(search._bases))).space,
+                                      *search.int8_note())
         if search._bases else None,
         "candidates": [c.summary() for c in search.measured],
         "chosen": chosen.summary() if chosen is not None else None,

@@ -129,7 +129,7 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
         "model": model, "target": spec.name,
         "metric": {"kind": scorer.kind, "label": scorer.label, "original": scorer.original,
                    "higher_is_better": scorer.higher_is_better},
-        "hardware": describe_hardware(search.base(0.0).space)
+        "hardware": describe_hardware(search.base(0.0).space, *search.int8_note())
         if 0.0 in search.techniques.prune_ratios else None,
         "points": points,
         "pareto": {cost: pareto(points, cost, scorer.higher_is_better)

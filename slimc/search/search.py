@@ -394,6 +394,9 @@ class Search:
                              hint="Use size= or params=, or a target with a hardware entry "
                              "(see `slimc targets`).")
         best, failures = None, []
+        note, int8_faster = self.int8_note()
+        if "latency" in limits and note and not int8_faster:
+            failures.append(f"int8 activations: {note}")  # why the targets' picks differ
         for ratio in ratios if ratios is not None else self.techniques.prune_ratios:
             base = self.base(ratio)
             for name, barred in self._families(base):
@@ -478,6 +481,31 @@ class Search:
         if any(used[k] > absolute[k] * 1.02 for k in limits):  # W8A8's scales: a little more
             return None
         return self._build_w8a8(base, picks, keep, [])
+
+    def int8_note(self) -> tuple[str | None, bool]:
+        """What int8 arithmetic (W8A8) does on this target, for the report's "Target costs"
+        line (:func:`describe_hardware`), and whether it makes matmuls faster here. Why: the
+        same ``--budget latency=`` on MiniLM is met by W8A8 on a VNNI host and not at all on
+        the Raspberry Pi 4, where the search does not try it (no sdot); the log said so, the
+        report did not."""
+        from slimc.passes.analysis.cost import int8_peak, target_dot_product
+
+        if self.hw is None:
+            return None, False
+        dot = target_dot_product(self.ctx)
+        if dot is None:
+            return ("no int8 dot-product instructions on this target: W8A8 would multiply at "
+                    "the fp32 rate and is not tried, and weight-only formats dequantize and "
+                    "multiply in float, so no precision choice makes compute-bound layers "
+                    "faster"), False
+        peak, fp32 = int8_peak(self.hw, dot), self.hw.peak_flops("float32")
+        rate = (f"int8 x int8 (W8A8) priced at {peak / 1e9:g} GOP/s "
+                f"({peak / fp32:.1f}x fp32, {dot}) plus one activation-quantize kernel per "
+                "linear")
+        if not self.techniques.w8a8:
+            return rate + ": not tried (W8A8 needs --calib data for its activation scales)", \
+                False
+        return rate, peak > fp32
 
     def _w8a8_costs(self, base: _Base, peak: float | None
                     ) -> tuple[list[int], dict[str, float]]:
@@ -773,9 +801,14 @@ def _better(a: Candidate, b: Candidate, scorer: Scorer) -> bool:
     return (a.drop, a.relative["size"]) < (b.drop, b.relative["size"])
 
 
-def describe_hardware(space: Space) -> str:
+def describe_hardware(space: Space, int8: str | None = None, int8_faster: bool = False) -> str:
     """Why this target's costs favour what they favour: how many layers are bound by memory
-    bandwidth (fewer bytes per weight helps) vs arithmetic (fewer FLOPs: low rank helps)."""
+    bandwidth (fewer bytes per weight helps) vs arithmetic (fewer FLOPs, or int8 arithmetic
+    where the target multiplies int8 faster: ``int8_faster``; ``int8`` says why, from
+    :meth:`Search.int8_note`).
+    Why the int8 sentence: on a compute-bound model (MiniLM) W8A8 is what meets a latency
+    budget on a VNNI host and is not tried on the Raspberry Pi 4 (no sdot), so the same budget
+    picks W8A8 on one target and fails or prunes on the other; the report must say so."""
     hw = space.hardware
     if not hw:
         return "no hardware numbers for this target: latency not modelled"
@@ -789,8 +822,10 @@ def describe_hardware(space: Space) -> str:
                 memory += 1
             else:
                 compute += 1
+    faster = "only fewer FLOPs (pruning or low rank)" + (" or int8 arithmetic (W8A8)"
+                                                         if int8_faster else "")
     return (f"{hw['name']}: {hw['peak_gflops'].get('float32', 0):g} GFLOP/s fp32, "
             f"{hw['mem_bandwidth_gbs']:g} GB/s, {hw['op_overhead_us']:g} us per op; at fp32 "
             f"{memory} of {memory + compute} matmul layers are memory-bound (fewer bytes per "
-            f"weight makes them faster) and {compute} compute-bound (only fewer FLOPs, i.e. "
-            "pruning or low rank, makes them faster; an extra op costs its overhead)")
+            f"weight makes them faster) and {compute} compute-bound ({faster} makes them "
+            "faster; an extra op costs its overhead)" + (f"; {int8}" if int8 else ""))
