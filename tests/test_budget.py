@@ -305,6 +305,37 @@ def test_arm_and_x86_budgets_choose_differently_and_say_why():
     assert "0 of 3 matmul layers are memory-bound" in why["arm"], why["arm"]
 
 
+def test_failure_after_back_offs_says_the_budget_was_met_before():
+    """A fit that backs off the most damaging choices until the budget no longer fits must say
+    so, with the budget's unit: MiniLM's `--budget latency=0.5` report listed "latency: the
+    smallest choice for every layer needs 0.01069, the budget allows 0.01007" beside three
+    low-rank candidates built at 0.497 of fp32 -- it read as if none had fitted."""
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    from slimc.loaders.base import LoadedModel
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+    from slimc.targets import resolve_target
+
+    registry = get_registry()
+    torch.manual_seed(0)
+    ir, example = capture(LoadedModel(name="mlp", module=_Mlp(256).eval(),
+                                      example_inputs={"x": torch.randn(64, 256)}))
+    ctx = PassContext(target=resolve_target("arm", registry), example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    techniques = Techniques(formats=("int8",), lowrank_keeps=(0.5,), lowrank_formats=("int8",))
+    search = Search(ir, ctx, registry, techniques, proxy_scorer(ir, ctx),
+                    hardware_for_target(ctx.target))
+    cand, failures = search.fit(parse_budget("latency=0.8"), 1e-9)  # low rank always loses
+    assert cand is None
+    built = [c for c in search.measured if c.relative["latency"] <= 0.8]
+    assert built, search.measured  # the budget was met, by a candidate that lost too much
+    backed_off = [f for f in failures if "back-off round(s)" in f]
+    assert backed_off, failures
+    assert "the budget allows" in backed_off[0] and " s (cost model)" in backed_off[0]
+    assert "--max-drop 1e-09" in backed_off[0], backed_off
+
+
 def test_search_builds_float_zero_formats_as_costed(hf_dir):
     """int4-gG-fz (GGUF Q4_1's layout, fp16 scale and minimum) as a search choice: the recipe
     says zero_point=float, so the built bytes are the ones the knapsack priced."""

@@ -15,6 +15,11 @@ class Infeasible(Exception):
     """No assignment meets the budgets (the message says by how much)."""
 
 
+#: Units of the absolute budgets in :class:`Infeasible` messages (a report read "needs
+#: 0.01069, the budget allows 0.01007" under ``--budget latency=0.5``: seconds, not shares).
+UNITS = {"latency": " s (cost model)", "size": " bytes"}
+
+
 def solve(damage: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, float],
           rest: dict[str, float]) -> list[int]:
     """Option index per layer minimising total damage with ``rest[k] + Σ costs[k] <=
@@ -27,8 +32,10 @@ def solve(damage: np.ndarray, costs: dict[str, np.ndarray], limits: dict[str, fl
         smallest = float(np.where(np.isfinite(costs[k]) & allowed, costs[k],
                                   np.inf).min(axis=1).sum())
         if room[k] <= 0 or smallest > room[k] * (1 + 1e-9):
+            unit = UNITS.get(k, "")
             raise Infeasible(f"{k}: the smallest choice for every layer needs "
-                             f"{rest[k] + smallest:.4g}, the budget allows {limits[k]:.4g}")
+                             f"{rest[k] + smallest:.4g}{unit}, the budget allows "
+                             f"{limits[k]:.4g}{unit}")
     scale = {k: room[k] for k in keys}
     finite_damage = np.where(np.isfinite(damage), damage, 0.0)
     unit = max(float(finite_damage.max()), 1e-12)  # multipliers in units of the worst damage
