@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="1: the GPTQ column loop is many small ops; two threads on the loaded "
                     "2-core host spent ~10x the time synchronising")
-    ap.add_argument("--table-damp", type=float, default=0.01,
+    ap.add_argument("--table-damp", type=float, default=0.1,
                     help="GPTQ's damping of the table's Hessian (x its mean diagonal): the "
                     "table is a gather too, where only its plain weight error counts")
     args = ap.parse_args()

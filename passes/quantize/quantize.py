@@ -37,6 +37,13 @@ from .gptq import gptq
 from .layers import Layer, plan, rewrite
 from .rtn import pack
 
+#: GPTQ's damping (x the mean Hessian diagonal) for a table tied to an output head: its
+#: Hessian is the head's, but the same rows are also gathered as embeddings, where only the
+#: plain weight error counts; more damping keeps that small. SmolLM2-135M, table at
+#: int4-g128-fz, linears fp32 (docs/benchmarks.md, issue 17): perplexity 1.160x fp32 rounded
+#: to nearest, GPTQ 1.105x at damping 0.01, 1.076x at 0.1, 1.083x at 0.3, 1.091x at 1.0.
+TABLE_DAMP = 0.1
+
 
 class QuantizeOptions(PassOptions):
     weights: Literal["int8", "int4", "int3", "int2", "fp16", "bf16", "mixed"] = Field(
@@ -379,7 +386,8 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
             continue
         if st is not None and _int_kind(fmt) and st.rows:
             if options.method == "gptq":
-                codes, grid = gptq(matrix, st.hessian, fmt)
+                codes, grid = gptq(matrix, st.hessian, fmt,
+                                   damp=TABLE_DAMP if layer.is_embedding else 0.01)
                 if fmt.kind == "int4" or fmt.lowbit:
                     tensors = pack(matrix, fmt, params=grid, codes=codes)
                 else:
