@@ -8,6 +8,7 @@ from pathlib import Path
 
 from slimc.backends.tvm.blob_pack import incbin_supported, pack_imports_incbin
 from slimc.backends.tvm.cross_link import zig_cross_compiler
+from slimc.backends.tvm.parallel_build import build_jobs, relax_build
 from slimc.backends.tvm.script_frames import memoised_frame_modules
 from slimc.backends.tvm.streamed_constants import StreamedConstants
 
@@ -32,7 +33,6 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
     (:mod:`.kernel_check`) rebuilds those very kernels for the host.
     """
     import tvm
-    from tvm import relax
 
     target = spec.tvm_target()
     pipeline = _pipeline(target, tuning)
@@ -45,9 +45,11 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
         if keep is not None:
             pipeline = _keeping(pipeline, keep)
     try:
+        # slimc's own (llvm) pipeline: the kernels are built on the -j threads
+        jobs = build_jobs() if callable(pipeline) else 1
         with tvm.transform.PassContext(opt_level=3):
-            executable = relax.build(mod, target=target, relax_pipeline=(
-                streamed.wrap_pipeline(pipeline) if streamed else pipeline))
+            executable = relax_build(mod, target, (
+                streamed.wrap_pipeline(pipeline) if streamed else pipeline), jobs)
     except Exception as exc:  # noqa: BLE001
         interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
         raise LoweringError(
