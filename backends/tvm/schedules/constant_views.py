@@ -2,18 +2,18 @@
 
 The lowered model applies layout and dtype ops to its bound weights (``permute_dims``,
 ``reshape``, ``astype``, ``expand_dims``, ``squeeze``, ``strided_slice``, constant ``nn.pad``,
-integer ``sum``,
-elementwise ``multiply``/``add``/``subtract`` of constants; ``full``/``zeros``/``ones``/``arange``
-make constants): every ``nn.Linear`` transposes its weight, a W8A8 linear casts and reshapes
-its int8 codes and sums their rows (the zero-point correction). TVM's ``FoldConstant`` after
-``LegalizeOps`` does
-evaluate them, but by compiling each distinct legalized kernel with LLVM and running it: on the
-real all-MiniLM-L6-v2 with W8A8 that was 9 kernels, 74 calls and ~7 s of CPU time, 90% of the
-whole ``relax.build``. The same values from numpy cost milliseconds, so this pass computes them
-first and leaves ``FoldConstant`` nothing of this kind to build (it still folds whatever else is
-constant). Values are bit for bit what the legalized kernels compute: pure data movement, and
-casts only between dtypes numpy represents exactly the way TVM does (integer widening, float
-narrowing with round-to-nearest-even); anything else is left to ``FoldConstant``.
+integer ``sum``, elementwise ``multiply``/``add``/``subtract``/``sqrt`` of constants;
+``full``/``zeros``/``ones``/``arange`` make constants): every ``nn.Linear`` transposes its
+weight, a W8A8 linear casts and reshapes its int8 codes and sums their rows (the zero-point
+correction). TVM's ``FoldConstant`` after ``LegalizeOps`` does evaluate them, but by compiling
+each distinct legalized kernel with LLVM and running it: on the real all-MiniLM-L6-v2 with W8A8
+that was 9 kernels, 74 calls and ~7 s of CPU time, 90% of the whole ``relax.build``. The same
+values from numpy cost milliseconds, so this pass computes them first and leaves
+``FoldConstant`` nothing of this kind to build (it still folds whatever else is constant).
+Values are bit for bit what the legalized kernels compute: pure data movement, single IEEE
+operations (correctly rounded in both), and casts only between dtypes numpy represents exactly
+the way TVM does (integer widening, float narrowing with round-to-nearest-even); anything else
+is left to ``FoldConstant``.
 """
 
 from __future__ import annotations
@@ -109,6 +109,14 @@ def fold_call(call: relax.Call) -> np.ndarray | None:
         # One IEEE operation per element (floats) or wrapping integer arithmetic: the values
         # TVM's kernel computes.
         return _BINARY[name](left, right).astype(dtype, copy=False)
+    if name == "relax.sqrt":
+        # IEEE square root, correctly rounded, as the ``llvm.sqrt`` of TVM's kernel: the batch
+        # norms a conv cannot absorb (DenseNet's pre-activation ones) take sqrt(var + eps) of
+        # every channel count, ~60 kernels FoldConstant compiled with LLVM (~12 s)
+        data = _constant_value(call.args[0])
+        if data is None or not str(data.dtype) == dtype in ("float32", "float64"):
+            return None
+        return np.sqrt(data).reshape(shape)
     if name == "relax.arange":
         try:
             start, stop, step = (int(a) for a in call.args[:3])
