@@ -5,9 +5,10 @@ The parts of a compile or analysis that parallelise run on torch's intra-op thre
 single-threaded ops (:func:`map_single_threaded`: the per-layer W8A8 searches, the calibration
 forwards of the quantize pass, the verification's noise-floor runs, the perturbation forwards
 of ``slimc analyze``).
-Both read :func:`torch.get_num_threads`, so one setting sizes them. The default is every core
-the process may use. TVM's own build is single-threaded here and the artifact's runtime
-threads are ``--threads``, a separate setting.
+Both read :func:`torch.get_num_threads`, so one setting sizes them, and so does TVM's build of
+the kernels (TIR lowering and LLVM code generation, one shard of kernels per job:
+:mod:`slimc.backends.tvm.parallel_build`). The default is every core the process may use. The
+artifact's runtime threads are ``--threads``, a separate setting.
 """
 
 from __future__ import annotations
