@@ -79,7 +79,10 @@ SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
 FORCED_KIND = {"slimc-w8a8-generic": "generic"}
 #: The fp32 artifact after ``--tune N`` (``--tune-trials``), tuned into a fresh database.
 TUNED = "slimc-tuned"
-ENGINES = (*SLIMC, TUNED, "eager", "ort", "ort-nospin", "torch-dyn8", "ort-dyn8", "ort-qdq8")
+#: The fp32 artifact again with the runtime's caller pinning off (``NativeRunner(pin_caller=
+#: False)``, what ``SLIMC_PIN_CALLER=0`` does): an A/B of the pinning in one process.
+NOPIN = "slimc-nopin"
+ENGINES = (*SLIMC, TUNED, NOPIN, "eager", "ort", "ort-nospin", "torch-dyn8", "ort-dyn8", "ort-qdq8")
 #: Engines run when --engines is not given: the quantized ones only where they are a target.
 DEFAULT_ENGINES = {
     "minilm": ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8"),
@@ -181,6 +184,11 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
             feed = [arrays[n] for n in names]
             callers[engine] = lambda runner=runner, feed=feed: runner(feed)
             outputs[engine] = runner(feed)[0]
+    if NOPIN in engines:
+        runner, names = _artifact(workdir / f"{name}-slimc.slimc", args.threads, pin_caller=False)
+        feed = [arrays[n] for n in names]
+        callers[NOPIN] = lambda runner=runner, feed=feed: runner(feed)
+        outputs[NOPIN] = runner(feed)[0]
     for label, folder in (item.split("=", 1) for item in args.ab.split(",") if item):
         runner, names = _artifact(Path(folder) / f"{name}-slimc.slimc", args.threads)
         feed = [arrays[n] for n in names]
@@ -291,14 +299,14 @@ def _slimc(name: str, args, workdir: Path, result: Result, pipeline: str | None 
     return runner, [spec["name"] for spec in compiled.manifest["inputs"]]
 
 
-def _artifact(output: Path, threads: int):
+def _artifact(output: Path, threads: int, pin_caller: bool | None = None):
     """A runner for the compiled artifact ``output`` and its input names, in order."""
     from slimc.backends.tvm.runtime import NativeRunner
 
     from slimc.artifact import read_manifest
 
     manifest = read_manifest(output)
-    runner = NativeRunner(output / manifest["library"], threads)
+    runner = NativeRunner(output / manifest["library"], threads, pin_caller=pin_caller)
     return runner, [spec["name"] for spec in manifest["inputs"]]
 
 

@@ -2,19 +2,26 @@
 printing per block the calls' ms and, per busy thread, the CPU it last ran on and its affinity.
 
     python benchmarks/thread_cpus.py --workdir DIR [--model levit_128s] [--rounds 24]
-        [--pin-caller]
+        [--engines slimc,slimc-nopin,ort] [--json FILE]
 
 Why: on a loaded 2-core host an engine sometimes runs 1.5-3x slower for many blocks in a row;
 this shows where its threads were (``/proc/self/task/*/stat``). TVM pins its worker to one core
-and leaves the calling thread free; ``--pin-caller`` pins the caller to CPU 0 for each slimc
-call (restored after), the candidate fix. Artifacts as ``idle_gap.py --compile-only`` left them.
+and leaves the calling thread free; slimc's runtime now keeps the caller off the workers' cores
+during each call (``slimc.backends.tvm.affinity``): engine ``slimc`` is the runtime as shipped,
+``slimc-nopin`` the same artifact with that pinning off. Artifacts as ``run.py --workdir DIR``
+or ``idle_gap.py --compile-only`` left them (``DIR/<model>-slimc.slimc``). The summary counts,
+per engine, the blocks with a call over 1.3x the engine's median of its fastest third of calls
+("slow blocks") and the blocks whose caller last ran on a core a TVM worker is pinned to.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
+import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--model", default="levit_128s")
     p.add_argument("--rounds", type=int, default=24)
-    p.add_argument("--pin-caller", action="store_true")
+    p.add_argument("--engines", default="slimc,slimc-nopin,ort")
+    p.add_argument("--json", type=Path, default=None, help="also write per-call ms here")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "2"
     import torch
@@ -49,38 +57,56 @@ def main(argv: list[str] | None = None) -> int:
 
     module, inputs = getattr(models, args.model)()
     arrays = {k: v.numpy() for k, v in inputs.items()}
-    rargs = argparse.Namespace(reuse=True, tune_trials=0, target="llvm", threads=2)
-    runner, names = run._slimc(args.model, rargs, args.workdir, run.Result(args.model))
-    feed = [arrays[n] for n in names]
-    session = run._ort_session(module, inputs, 2, args.workdir / f"{args.model}.onnx")
-    every = os.sched_getaffinity(0)
-
-    def slimc():
-        if not args.pin_caller:
-            return runner(feed)
-        os.sched_setaffinity(0, {min(every)})
-        try:
-            return runner(feed)
-        finally:
-            os.sched_setaffinity(0, every)
-
-    callers = {"slimc": slimc, "ort": lambda: session.run(None, arrays)}
+    artifact = args.workdir / f"{args.model}-slimc.slimc"
+    callers = {}
+    engines = [e for e in args.engines.split(",") if e]
+    for engine in engines:
+        if engine in ("slimc", "slimc-nopin"):
+            runner, names = run._artifact(artifact, 2, pin_caller=engine == "slimc")
+            feed = [arrays[n] for n in names]
+            callers[engine] = lambda runner=runner, feed=feed: runner(feed)
+        elif engine == "ort":
+            session = run._ort_session(module, inputs, 2, args.workdir / f"{args.model}.onnx")
+            callers[engine] = lambda session=session: session.run(None, arrays)
+        else:
+            p.error(f"unknown engine {engine}")
     for fn in callers.values():
         for _ in range(3):
             fn()
+    from slimc.backends.tvm.affinity import expected_worker_cores
+
+    workers = expected_worker_cores(2)
+    me = threading.get_native_id()
     order = list(callers)
+    times: dict[str, list[list[float]]] = {e: [] for e in order}
+    on_worker: dict[str, int] = {e: 0 for e in order}
     for r in range(args.rounds):
-        for engine in order[r % 2:] + order[:r % 2]:
+        for engine in order[r % len(order):] + order[:r % len(order)]:
             time.sleep(0.4)
             ms = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 callers[engine]()
                 ms.append((time.perf_counter() - t0) * 1e3)
+            times[engine].append(ms)
+            threads = thread_cpus()
+            on_worker[engine] += any(tid == me and cpu in workers for tid, cpu, *_ in threads)
             busy = [f"{tid % 1000}@{cpu}/{aff}:{ticks}"
-                    for tid, cpu, aff, ticks in thread_cpus() if ticks > 5]
-            print(f"r{r:2} {engine:5} " + " ".join(f"{t:5.1f}" for t in ms) + "  "
+                    for tid, cpu, aff, ticks in threads if ticks > 5]
+            print(f"r{r:2} {engine:11} " + " ".join(f"{t:5.1f}" for t in ms) + "  "
                   + " ".join(busy), flush=True)
+    print(f"\n{args.model}, {args.rounds} rounds, TVM workers pinned to {sorted(workers)}")
+    print(f"{'engine':11} {'median':>7} {'calls2-3':>8} {'slow blocks':>11} {'caller@worker':>13}")
+    for engine, blocks in times.items():
+        flat = sorted(t for b in blocks for t in b)
+        fast = statistics.median(flat[: max(1, len(flat) // 3)])
+        slow = sum(max(b) > 1.3 * fast for b in blocks)
+        print(f"{engine:11} {statistics.median(flat):7.2f} "
+              f"{statistics.median([t for b in blocks for t in b[1:]]):8.2f} "
+              f"{slow:>5}/{len(blocks):<5} {on_worker[engine]:>7}/{len(blocks):<5}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "workers": sorted(workers),
+                                         "times": times, "caller_on_worker": on_worker}))
     return 0
 
 

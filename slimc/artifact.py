@@ -225,7 +225,7 @@ class CompiledModel:
         if getattr(self, "_generator", None) is None:
             from slimc.generation.loop import Generator
 
-            vm = getattr(self._runner, "vm", None)
+            vm = getattr(self._runner, "pinned_vm", None) or getattr(self._runner, "vm", None)
             if vm is None:
                 raise UsageError(f"{self.directory} cannot run generation in this process.",
                                  hint="Load it with emulate=True (cross targets) or on a "

@@ -81,18 +81,25 @@ def load_library(library: str | os.PathLike[str]) -> Any:
 
 class NativeRunner:
     """A library loaded into a Relax VM on ``device`` (default: this CPU); call it with numpy
-    arrays (copied to the device and back)."""
+    arrays (copied to the device and back).
+
+    ``pin_caller`` (default: on unless ``SLIMC_PIN_CALLER=0``): during each call the calling
+    thread is kept off the cores TVM pinned its pool workers to (see
+    :mod:`slimc.backends.tvm.affinity`); CPU devices only."""
 
     def __init__(self, library: str | os.PathLike[str], threads: int | None = None,
-                 device=None) -> None:
+                 device=None, pin_caller: bool | None = None) -> None:
         self.threads = set_threads(threads)
         import tvm
+        from slimc.backends.tvm.affinity import CallerPinning
         from tvm import relax
 
         self._tvm = tvm
         self._device = device if device is not None else tvm.cpu()
         self._module = load_library(library)
         self._vm = relax.VirtualMachine(self._module, self._device)
+        on_cpu = self._device.dlpack_device_type() == 1  # kDLCPU
+        self.pinning = CallerPinning(self.threads, pin_caller if on_cpu else False)
 
     def arity(self) -> int | None:
         """Number of inputs the library's ``main`` takes (None if the VM cannot say)."""
@@ -105,17 +112,34 @@ class NativeRunner:
         tvm = self._tvm
         args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device)
                 for x in inputs]
-        result = self._vm[function](*args)
+        result = self.pinning.call(self._vm[function], *args)
         return _flatten(result)
 
     @property
     def vm(self):
+        """The raw Relax VM (calls through it are not pinned; see :attr:`pinned_vm`)."""
         return self._vm
+
+    @property
+    def pinned_vm(self) -> _PinnedFunctions:
+        """``pinned_vm[name]``: the VM's function ``name``, each call pinned like
+        :meth:`__call__`'s (the generation loop calls ``prefill``/``decode`` through it)."""
+        return _PinnedFunctions(self._vm, self.pinning)
 
     @property
     def device(self):
         """The TVM device the VM runs on."""
         return self._device
+
+
+class _PinnedFunctions:
+    """``vm[name]`` with :class:`~slimc.backends.tvm.affinity.CallerPinning` around each call."""
+
+    def __init__(self, vm, pinning) -> None:
+        self._vm, self._pinning = vm, pinning
+
+    def __getitem__(self, name: str):
+        return self._pinning.wrap(self._vm[name])
 
 
 def _flatten(value) -> list[np.ndarray]:
