@@ -11,7 +11,9 @@ during each call (``slimc.backends.tvm.affinity``): engine ``slimc`` is the runt
 ``slimc-nopin`` the same artifact with that pinning off. Artifacts as ``run.py --workdir DIR``
 or ``idle_gap.py --compile-only`` left them (``DIR/<model>-slimc.slimc``). The summary counts,
 per engine, the blocks with a call over 1.3x the engine's median of its fastest third of calls
-("slow blocks") and the blocks whose caller last ran on a core a TVM worker is pinned to.
+("spiky": mostly the first call after the pause on a loaded host), the blocks whose calls 2 and
+3 are *both* over 1.2x it ("steady": the slow mode of a thread sharing a core), and the blocks
+whose caller last ran on a core a TVM worker is pinned to.
 """
 from __future__ import annotations
 
@@ -96,14 +98,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"r{r:2} {engine:11} " + " ".join(f"{t:5.1f}" for t in ms) + "  "
                   + " ".join(busy), flush=True)
     print(f"\n{args.model}, {args.rounds} rounds, TVM workers pinned to {sorted(workers)}")
-    print(f"{'engine':11} {'median':>7} {'calls2-3':>8} {'slow blocks':>11} {'caller@worker':>13}")
+    print(f"{'engine':11} {'median':>7} {'calls2-3':>8} {'spiky':>6} {'steady':>6} "
+          f"{'caller@worker':>13}")
     for engine, blocks in times.items():
         flat = sorted(t for b in blocks for t in b)
         fast = statistics.median(flat[: max(1, len(flat) // 3)])
-        slow = sum(max(b) > 1.3 * fast for b in blocks)
+        spiky = sum(max(b) > 1.3 * fast for b in blocks)
+        steady = sum(min(b[1:]) > 1.2 * fast for b in blocks)
         print(f"{engine:11} {statistics.median(flat):7.2f} "
               f"{statistics.median([t for b in blocks for t in b[1:]]):8.2f} "
-              f"{slow:>5}/{len(blocks):<5} {on_worker[engine]:>7}/{len(blocks):<5}")
+              f"{spiky:>6} {steady:>6} {on_worker[engine]:>7}/{len(blocks):<5}")
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "workers": sorted(workers),
                                          "times": times, "caller_on_worker": on_worker}))

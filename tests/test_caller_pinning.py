@@ -173,3 +173,111 @@ def test_expected_worker_cores_follow_tvms_environment(monkeypatch):
     monkeypatch.setenv("TVM_EXCLUDE_WORKER0", "0")
     assert affinity.expected_worker_cores(2) == set()
     assert affinity._atoi(" 12x") == 12 and affinity._atoi("no") == 0
+
+
+DRIVER = r"""
+#define SLIMC_RUN_NO_MAIN
+#include "slimc_run.c"
+/* load argv[1], call main 3 times through pinned_call on argv[2]; print the mask after each */
+int main(int argc, char** argv) {
+  (void)argc;
+  TVMFFIAny path = str_arg(argv[1]);
+  TVMFFIAny lib = call(global("ffi.ModuleLoadFromFile"), &path, 1, argv[1]);
+  TVMFFIAny vm = call(module_function(lib.v_obj, "vm_load_executable"), NULL, 0, "load");
+  TVMFFIAny init[3] = {int_arg(kDLCPU), int_arg(0), int_arg(2)};
+  call(module_function(vm.v_obj, "vm_initialization"), init, 3, "init");
+  TVMFFIAny x = obj_arg(read_npy(argv[2]), kTVMFFITensor);
+  TVMFFIObjectHandle fn = module_function(vm.v_obj, "main");
+  for (int i = 0; i < 3; ++i) {
+    pinned_call(fn, &x, 1, "main");
+    cpu_set_t now;
+    sched_getaffinity(0, sizeof now, &now);
+    printf("after");
+    for (int c = 0; c < CPU_SETSIZE; ++c) if (CPU_ISSET(c, &now)) printf(" %d", c);
+    printf("\n");
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def c_driver(tmp_path_factory):
+    """A C program built from slimc_run.c's helpers (as examples/cmake/app is), and a TVM build
+    of a parallel loop without the Python probe (the C program has no Python)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import tvm
+    import tvm_ffi
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as T
+
+    if shutil.which("cc") is None:
+        pytest.skip("a C compiler is needed")
+
+    @I.ir_module
+    class Module:
+        @T.prim_func
+        def add_one(A: T.Buffer((64, 256), "float32"), B: T.Buffer((64, 256), "float32")):
+            for i in T.parallel(64):
+                for j in range(256):
+                    B[i, j] = A[i, j] + T.float32(1)
+
+        @R.function
+        def main(x: R.Tensor((64, 256), "float32")):
+            return R.call_tir(Module.add_one, (x,), out_ty=R.Tensor((64, 256), "float32"))
+
+    work = tmp_path_factory.mktemp("pinning_c")
+    tvm.compile(Module, target="llvm").export_library(str(work / "add_one.so"))
+    np.save(work / "x.npy", np.arange(64 * 256, dtype=np.float32).reshape(64, 256))
+    (work / "driver.c").write_text(DRIVER)
+    runner_dir = Path(__file__).resolve().parents[1] / "slimc" / "runner"
+    include = Path(tvm_ffi.__file__).parent / "include"
+    libs = [Path(tvm.__file__).parent / "lib", Path(tvm_ffi.__file__).parent / "lib"]
+    cmd = ["cc", "-std=c11", "-O1", f"-I{runner_dir}", f"-I{include}", f"-I{include / 'dlpack'}",
+           str(work / "driver.c"), "-o", str(work / "driver"), "-Wl,--no-as-needed",
+           *(f"-L{d}" for d in libs), "-ltvm_runtime", "-ltvm_ffi",
+           *(f"-Wl,-rpath,{d}" for d in libs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return work
+
+
+def _drive(work, **env_extra):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TVM_BIND_THREADS", "TVM_EXCLUDE_WORKER0", affinity.ENV)}
+    env.update({"TVM_NUM_THREADS": "2", "SLIMC_PIN_CALLER_TRACE": "1", **env_extra})
+    proc = subprocess.run([str(work / "driver"), str(work / "add_one.so"), str(work / "x.npy")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines(), [ln for ln in proc.stderr.splitlines() if "pinned" in ln]
+
+
+def _cpus(line: str) -> set[int]:
+    return {int(c) for c in line.split()}
+
+
+def test_c_runner_pins_the_caller_during_calls_and_restores_it(c_driver):
+    _needs_two_cpus()
+    before = os.sched_getaffinity(0)  # the child inherits this process's mask
+    after, traces = _drive(c_driver)
+    workers = affinity.expected_worker_cores(2)
+    assert [_cpus(a.removeprefix("after")) for a in after] == [before] * 3
+    assert len(traces) == 2  # calls 2 and 3; the first starts the pool
+    for trace in traces:
+        caller, _, on = trace.partition(": caller on")[2].partition(", workers on")
+        assert _cpus(caller) == before - workers and _cpus(on) == workers
+
+
+def test_c_runner_switched_off_or_single_threaded(c_driver):
+    _needs_two_cpus()
+    before = os.sched_getaffinity(0)
+    for env in ({affinity.ENV: "0"}, {"TVM_NUM_THREADS": "1"}, {"TVM_BIND_THREADS": "0"}):
+        after, traces = _drive(c_driver, **env)
+        assert traces == [], env
+        assert [_cpus(a.removeprefix("after")) for a in after] == [before] * 3

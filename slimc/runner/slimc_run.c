@@ -8,17 +8,27 @@
  * from .npy files (little-endian, C order, in the order of manifest.json's "inputs"), calls
  * "main" and writes the outputs, flattened depth-first, as OUT_DIR/out0.npy, out1.npy, ...
  * With --generate (a `slimc compile --generate` artifact) it prints the greedy new token ids
- * instead (see generate() below). TVM_NUM_THREADS sets the thread-pool size. Plain C on purpose: libtvm_ffi throws C++
+ * instead (see generate() below). TVM_NUM_THREADS sets the thread-pool size; during each call the
+ * calling thread is kept off the cores TVM pinned its pool workers to (pinned_call() below;
+ * SLIMC_PIN_CALLER=0 turns it off). Plain C on purpose: libtvm_ffi throws C++
  * exceptions internally, and a runner with its own C++ runtime (zig's libc++) would intercept
  * their unwinding. Link: -ltvm_runtime -ltvm_ffi.
  */
-#define _POSIX_C_SOURCE 200112L
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_setaffinity, CPU_* (Linux); implies the POSIX functions used */
+#endif
 #include <dlpack/dlpack.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <tvm/ffi/c_api.h>
+#ifdef __linux__
+#include <dirent.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 static void fail(const char* what, const char* detail) {
   fprintf(stderr, "slimc_run: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
@@ -77,6 +87,136 @@ static TVMFFIAny str_arg(const char* s) {
   a.type_index = kTVMFFIRawStr;
   a.v_c_str = s;
   return a;
+}
+
+/* ---- caller pinning: the C twin of slimc/backends/tvm/affinity.py ----
+ * TVM's pool runs task 0 of each parallel loop on the calling thread and pins worker i (i >= 1)
+ * to core sorted_order_[i] (cores by cpuinfo_max_freq, fastest first, then by number), leaving
+ * the caller free; when the OS moves the caller onto a worker's core both halves of every loop
+ * share it for many calls (issue 16). pinned_call() narrows the caller's mask to its cores minus
+ * the workers' for one call and restores it after. No-op: SLIMC_PIN_CALLER=0, one thread,
+ * TVM_BIND_THREADS other than 1, TVM_EXCLUDE_WORKER0=0, no thread really pinned there (checked
+ * after the first call, which starts the pool), or a caller mask narrower than the pool. */
+#ifdef __linux__
+static int pin_state = -1; /* -1: before the first call, 0: off, 1: on */
+static int pin_threads = 1;
+static cpu_set_t pin_workers;
+
+/* TVM's MaxConcurrency(): TVM_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs (halved on x86). */
+static int tvm_threads(void) {
+  const char* v = getenv("TVM_NUM_THREADS");
+  if (!v) v = getenv("OMP_NUM_THREADS");
+  int n;
+  if (v) {
+    n = atoi(v);
+  } else {
+    n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+#if defined(__x86_64__)
+    n /= 2;
+#endif
+  }
+  return n < 1 ? 1 : n;
+}
+
+static int64_t max_freq(int cpu) {
+  char path[128];
+  snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/cpufreq/cpuinfo_max_freq", cpu);
+  FILE* f = fopen(path, "r");
+  long long v = 0;
+  if (f) {
+    if (fscanf(f, "%lld", &v) != 1) v = 0;
+    fclose(f);
+  }
+  return v;
+}
+
+/* The cores TVM pins the workers to, and of those the ones a thread of ours really sits on. */
+static void pin_setup(void) {
+  const char* off = getenv("SLIMC_PIN_CALLER");
+  CPU_ZERO(&pin_workers);
+  pin_state = 0;
+  pin_threads = tvm_threads();
+  if (off && (!strcmp(off, "0") || !strcmp(off, "false") || !strcmp(off, "no") ||
+              !strcmp(off, "off")))
+    return;
+  const char* bind = getenv("TVM_BIND_THREADS");
+  const char* exclude = getenv("TVM_EXCLUDE_WORKER0");
+  if ((bind && atoi(bind) != 1) || (exclude && atoi(exclude) == 0)) return;
+  int ncpu = (int)sysconf(_SC_NPROCESSORS_ONLN);
+  if (pin_threads <= 1 || ncpu < pin_threads || ncpu > CPU_SETSIZE) return;
+  int* order = calloc((size_t)ncpu, sizeof(int));
+  int64_t* freq = calloc((size_t)ncpu, sizeof(int64_t));
+  for (int i = 0; i < ncpu; ++i) {  /* stable insertion sort: fastest first, ties by number */
+    int64_t f = max_freq(i);
+    int j = i;
+    while (j > 0 && freq[j - 1] < f) {
+      freq[j] = freq[j - 1];
+      order[j] = order[j - 1];
+      --j;
+    }
+    freq[j] = f;
+    order[j] = i;
+  }
+  cpu_set_t expected, seen;
+  CPU_ZERO(&expected);
+  CPU_ZERO(&seen);
+  for (int i = 1; i < pin_threads; ++i) CPU_SET(order[i], &expected);
+  free(order);
+  free(freq);
+  pid_t self = (pid_t)syscall(SYS_gettid);
+  DIR* tasks = opendir("/proc/self/task");
+  struct dirent* e;
+  while (tasks && (e = readdir(tasks)) != NULL) {
+    pid_t tid = (pid_t)atoi(e->d_name);
+    cpu_set_t mask;
+    if (tid <= 0 || tid == self || sched_getaffinity(tid, sizeof mask, &mask) != 0) continue;
+    if (CPU_COUNT(&mask) == 1) CPU_OR(&seen, &seen, &mask);
+  }
+  if (tasks) closedir(tasks);
+  CPU_AND(&pin_workers, &expected, &seen);
+  pin_state = CPU_COUNT(&pin_workers) > 0;
+}
+#endif
+
+#ifdef __linux__
+/* SLIMC_PIN_CALLER_TRACE: the caller's mask as the kernel reports it inside a pinned call. */
+static void pin_trace(const char* what) {
+  cpu_set_t now;
+  if (sched_getaffinity(0, sizeof now, &now) != 0) return;
+  fprintf(stderr, "slimc_run: pinned %s: caller on", what);
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &now)) fprintf(stderr, " %d", c);
+  fprintf(stderr, ", workers on");
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &pin_workers)) fprintf(stderr, " %d", c);
+  fprintf(stderr, "\n");
+}
+#endif
+
+/* call() with the calling thread kept off the pool workers' cores (see above). */
+static TVMFFIAny pinned_call(TVMFFIObjectHandle fn, TVMFFIAny* args, int n, const char* what) {
+#ifdef __linux__
+  cpu_set_t mask, target, both;
+  if (pin_state == 0 || sched_getaffinity(0, sizeof mask, &mask) != 0) return call(fn, args, n, what);
+  if (pin_state < 0) {  /* the pool starts in this call (and widens its caller): undone after */
+    TVMFFIAny out = call(fn, args, n, what);
+    sched_setaffinity(0, sizeof mask, &mask);
+    pin_setup();
+    return out;
+  }
+  CPU_AND(&both, &mask, &pin_workers);
+  CPU_XOR(&target, &mask, &both); /* mask minus the workers' cores */
+  if (CPU_COUNT(&mask) < pin_threads || !CPU_EQUAL(&both, &pin_workers) ||
+      CPU_COUNT(&target) == 0 || CPU_EQUAL(&target, &mask))
+    return call(fn, args, n, what);
+  sched_setaffinity(0, sizeof target, &target);
+  if (getenv("SLIMC_PIN_CALLER_TRACE")) pin_trace(what);
+  TVMFFIAny out = call(fn, args, n, what);
+  sched_setaffinity(0, sizeof mask, &mask);
+  return out;
+#else
+  return call(fn, args, n, what);
+#endif
 }
 
 /* module.GetFunction(name) via the global "ffi.ModuleGetFunction". */
@@ -322,7 +462,7 @@ static int64_t step(const GenSpec* s, TVMFFIObjectHandle fn, TVMFFIObjectHandle 
   args[n++] = obj_arg(pos_t, kTVMFFITensor);
   if (last_t) args[n++] = obj_arg(last_t, kTVMFFITensor);
   for (int i = 0; i < n_caches; ++i) args[n++] = obj_arg(caches[i], kTVMFFITensor);
-  TVMFFIAny out = call(fn, args, n, last_t ? "prefill" : "decode");
+  TVMFFIAny out = pinned_call(fn, args, n, last_t ? "prefill" : "decode");
   free(args);
   if (out.type_index != kTVMFFIArray) fail("prefill/decode did not return a tuple", NULL);
   int64_t best = 0;
@@ -426,7 +566,7 @@ int main(int argc, char** argv) {
   int n_inputs = argc - 3;
   TVMFFIAny* inputs = calloc((size_t)(n_inputs ? n_inputs : 1), sizeof(TVMFFIAny));
   for (int i = 0; i < n_inputs; ++i) inputs[i] = obj_arg(read_npy(argv[3 + i]), kTVMFFITensor);
-  TVMFFIAny result = call(module_function(vm.v_obj, "main"), inputs, n_inputs, "main");
+  TVMFFIAny result = pinned_call(module_function(vm.v_obj, "main"), inputs, n_inputs, "main");
   int written = flatten(result, argv[2], 0);
   fprintf(stderr, "slimc_run: wrote %d output(s) to %s\n", written, argv[2]);
   return 0;

@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
   int n = argc - 2;
   TVMFFIAny* inputs = calloc((size_t)(n ? n : 1), sizeof(TVMFFIAny));
   for (int i = 0; i < n; ++i) inputs[i] = obj_arg(read_npy(argv[2 + i]), kTVMFFITensor);
-  print_all(call(module_function(vm.v_obj, "main"), inputs, n, "main"), 0);
+  /* pinned_call: the caller kept off TVM's pinned worker cores for the call (slimc_run.c) */
+  print_all(pinned_call(module_function(vm.v_obj, "main"), inputs, n, "main"), 0);
   return 0;
 }
