@@ -2,7 +2,7 @@
 printing per block the calls' ms and, per busy thread, the CPU it last ran on and its affinity.
 
     python benchmarks/thread_cpus.py --workdir DIR [--model levit_128s] [--rounds 24]
-        [--engines slimc,slimc-nopin,ort] [--json FILE]
+        [--engines slimc,slimc-nopin,ort] [--json FILE] [--start-on-worker]
 
 Why: on a loaded 2-core host an engine sometimes runs 1.5-3x slower for many blocks in a row;
 this shows where its threads were (``/proc/self/task/*/stat``). TVM pins its worker to one core
@@ -13,7 +13,10 @@ or ``idle_gap.py --compile-only`` left them (``DIR/<model>-slimc.slimc``). The s
 per engine, the blocks with a call over 1.3x the engine's median of its fastest third of calls
 ("spiky": mostly the first call after the pause on a loaded host), the blocks whose calls 2 and
 3 are *both* over 1.2x it ("steady": the slow mode of a thread sharing a core), and the blocks
-whose caller last ran on a core a TVM worker is pinned to.
+whose caller last ran on a core a TVM worker is pinned to. ``--start-on-worker`` provokes the
+slow mode: before each block the caller is moved onto the TVM worker's core (affinity set to
+that core, then back to the full mask: the thread stays there until the scheduler moves it),
+as Linux sometimes does by itself on a loaded host.
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--engines", default="slimc,slimc-nopin,ort")
     p.add_argument("--json", type=Path, default=None, help="also write per-call ms here")
+    p.add_argument("--start-on-worker", action="store_true",
+                   help="move the caller onto the TVM worker's core before each block")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "2"
     import torch
@@ -85,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for engine in order[r % len(order):] + order[:r % len(order)]:
             time.sleep(0.4)
+            if args.start_on_worker and workers:
+                every = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, {min(workers)})
+                os.sched_setaffinity(0, every)
             ms = []
             for _ in range(3):
                 t0 = time.perf_counter()
