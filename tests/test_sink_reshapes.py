@@ -31,14 +31,14 @@ def _kernels(module, inputs) -> list[str]:
     return [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
-@pytest.mark.parametrize("act", [F.gelu, F.silu])
+@pytest.mark.parametrize("act", [F.gelu, F.silu, F.hardswish])
 def test_activation_fuses_into_the_matmul(act, tmp_path, caplog):
     torch.manual_seed(0)
     module, inputs = Mlp(act).eval(), (torch.randn(2, 7, 24),)
     kernels = _kernels(module, inputs)
     # every activation sits in a matmul kernel; no kernel is only a reshape + activation
     assert not [k for k in kernels if "matmul" not in k and any(
-        a in k for a in ("gelu", "silu", "relu", "tanh"))], kernels
+        a in k for a in ("gelu", "silu", "relu", "tanh", "maximum", "minimum", "clip"))], kernels
     _check(module, inputs, tmp_path, caplog, "tiled-matmul", tol=1e-5)
 
 

@@ -17,6 +17,15 @@ encoder). An add of two tensors *of the same shape* is elementwise too:
 ``reshape(y) + x == reshape(y + reshape(x, shape(y)))``, where ``reshape(x, shape(y))`` is again
 a view, so the residual add joins the matmul's epilogue. An add that broadcasts (a bias, a mask)
 is left alone: reshaping its other operand would change which elements pair up.
+
+Hard-swish (LeViT, MobileNetV3 heads), decomposed by TVM's importer as
+``x * clip(x + 3, 0, 6) / 6``, reads its input twice, so it is sunk as a whole
+(:func:`_sink_into_hardswish`) when those two reads are the reshape's only uses. Every sink
+here builds new calls on the reshape's source; none replaces a call by an existing variable
+(``reshape(y, shape(y)) -> y`` did, in the reverted lv16 change: a Relax var bound to another
+var, which ``FuseTIR`` rejects as "Inconsistent buffers ... mapped to the same relax var" in
+quantized models). LeViT's round trips ``flatten(linear(x)).reshape_as(..)`` are dropped on the
+FX graph instead (``passes/quantize/batchnorm.py``).
 """
 
 from __future__ import annotations
@@ -33,14 +42,9 @@ ACTIVATIONS = ("relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu", "relax.nn
                "relax.sigmoid", "relax.tanh")
 
 
-def _single_use_reshapes(func: relax.Function) -> set:
-    """The ``reshape`` calls of ``func`` whose result is used exactly once.
-
-    Only a reshape of a matmul's result (:func:`_from_matmul`) is moved. A reshape with
-    other users stays where it is: sinking it would leave the tensor both
-    reshaped and not for one fused kernel, which ``FuseTIR`` rejects (W8A8 BERT on aarch64:
-    "Inconsistent buffers ... mapped to the same relax var").
-    """
+def _reshape_uses(func: relax.Function) -> dict:
+    """Uses of each ``reshape`` call of ``func`` whose source is a matmul (:func:`_from_matmul`),
+    keyed by :func:`id_of` the call."""
     uses: dict = {}
     reshapes = {}
     values = {}
@@ -66,8 +70,19 @@ def _single_use_reshapes(func: relax.Function) -> set:
             if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape":
                 reshapes[binding.var] = value
     count(getattr(body, "body", body))
-    return {id_of(call) for var, call in reshapes.items()
-            if uses.get(var, 0) == 1 and _from_matmul(call.args[0], values)}
+    return {id_of(call): uses.get(var, 0) for var, call in reshapes.items()
+            if _from_matmul(call.args[0], values)}
+
+
+def _single_use_reshapes(func: relax.Function) -> set:
+    """The ``reshape`` calls of ``func`` whose result is used exactly once.
+
+    Only a reshape of a matmul's result (:func:`_from_matmul`) is moved. A reshape with
+    other users stays where it is: sinking it would leave the tensor both
+    reshaped and not for one fused kernel, which ``FuseTIR`` rejects (W8A8 BERT on aarch64:
+    "Inconsistent buffers ... mapped to the same relax var").
+    """
+    return {key for key, n in _reshape_uses(func).items() if n == 1}
 
 
 def _from_matmul(expr, values: dict) -> bool:
@@ -175,6 +190,56 @@ def _sink_into_scalar_ops(func: relax.Function, single: set, reshape, source) ->
     return func
 
 
+#: Sink hard-swish into the matmul epilogue (:func:`_sink_into_hardswish`; off only to measure
+#: what it saves).
+SINK_HARDSWISH = True
+
+
+def _collapse_reshape_chains(func: relax.Function) -> relax.Function:
+    """``reshape(reshape(y, s1), s2)`` -> ``reshape(y, s2)`` (row-major reshapes compose). The
+    result is always a new reshape call, even when ``s2`` is ``y``'s own shape: replacing it by
+    ``y`` itself would bind one var to another (see the module docstring). The inner reshape
+    stays for any other user it has."""
+    source, first, second = wildcard(), wildcard(), wildcard()
+    pattern = is_op("relax.reshape")(is_op("relax.reshape")(source, first), second)
+    return rewrite_call(pattern, lambda call, m: relax.op.reshape(m[source], m[second]), func)
+
+
+def _sink_into_hardswish(func: relax.Function, reshape, source) -> relax.Function:
+    """``r * clip(r + 3, 0, 6) / 6`` (one clip or a min and a max clip; either order of the
+    multiply) with ``r = reshape(y)`` used by nothing else -> ``reshape(y * clip(y + 3) / 6)``:
+    the same ops on ``y``, so they join the matmul's epilogue. Which scalars and bounds it uses
+    is not checked: every op of the pattern is elementwise with scalar operands, so it commutes
+    with the reshape whatever they are."""
+    uses = _reshape_uses(func)
+    for clips in (2, 1):
+        for left in (True, False):
+            c3, c6 = wildcard(), wildcard()
+            bounds = [is_op("relax.clip")(is_op("relax.add")(reshape, c3), wildcard(), wildcard())]
+            if clips == 2:
+                bounds.append(is_op("relax.clip")(bounds[0], wildcard(), wildcard()))
+            product = is_op("relax.multiply")(*((reshape, bounds[-1]) if left
+                                                else (bounds[-1], reshape)))
+            pattern = is_op("relax.divide")(product, c6)
+
+            def sink(call, m, bounds=bounds, left=left, c3=c3, c6=c6):
+                # the matched values are rebuilt on the reshape's source; the call's own args
+                # are variables bound to them
+                moved, inner = m[reshape], m[source]
+                if uses.get(id_of(moved)) != 2 or not _is_scalar_constant(m[c3], inner) \
+                        or not _is_scalar_constant(m[c6], inner):
+                    return call
+                y = relax.op.add(inner, m[c3])
+                for bound in bounds:
+                    clip = m[bound]
+                    y = relax.Call(clip.op, [y, *clip.args[1:]], clip.attrs)
+                y = relax.op.multiply(inner, y) if left else relax.op.multiply(y, inner)
+                return relax.op.reshape(relax.op.divide(y, m[c6]), moved.args[1])
+
+            func = rewrite_call(pattern, sink, func)
+    return func
+
+
 def _rewrite(func: relax.Function) -> relax.Function:
     single = _single_use_reshapes(func)
     source, shape = wildcard(), wildcard()
@@ -190,6 +255,8 @@ def _rewrite(func: relax.Function) -> relax.Function:
             return relax.op.reshape(act, matches[reshape].args[1])
 
         func = rewrite_call(pattern, sink, func)
+    if SINK_HARDSWISH:
+        func = _collapse_reshape_chains(_sink_into_hardswish(func, reshape, source))
     if SINK_SCALAR_OPS:
         func = _sink_into_scalar_ops(func, _single_use_reshapes(func), reshape, source)
     # after the activations: their sunk reshapes are new nodes, counted again
