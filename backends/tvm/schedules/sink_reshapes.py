@@ -98,6 +98,9 @@ def _from_matmul(expr, values: dict) -> bool:
         return True
     if name in ACTIVATIONS:  # sunk already: the residual add after ``act(linear(x))``
         return _from_matmul(value.args[0], values)
+    if name in SCALAR_OPS:  # sunk already: attention's bias add after the scaled ``q @ k^T``
+        return any(_from_matmul(arg, values) for arg in value.args
+                   if not isinstance(arg, tvm.ir.expr.Constant))
     return name == "relax.add" and any(
         isinstance(values.get(arg), relax.Call)
         and getattr(values[arg].op, "name", "") == "relax.matmul" for arg in value.args)
@@ -129,17 +132,35 @@ def _same_shape(a, b) -> bool:
     return all(analyzer.can_prove_equal(x, y) for x, y in zip(sa[0], sb[0], strict=True))
 
 
+def _same_elements(residual, out) -> bool:
+    """Whether ``residual``, broadcast to ``out``'s static shape, is its own data in the same
+    order: it has as many elements (so it only lacks leading dims or has 1s where ``out`` has
+    1s; LeViT's attention bias table ``[heads, n, n]`` added to ``[1, heads, n, n]`` scores)."""
+    sr, so = _static_shape(residual), _static_shape(out)
+    if sr is None or so is None or sr[1] != so[1] or len(sr[0]) > len(so[0]):
+        return False
+    if not all(isinstance(d, tvm.tirx.IntImm) for d in (*sr[0], *so[0])):
+        return _same_shape(residual, out)
+    count = 1
+    for d in sr[0]:
+        count *= int(d)
+    total = 1
+    for d in so[0]:
+        total *= int(d)
+    return count == total
+
+
 def _sink_into_adds(func: relax.Function, single: set, reshape, source) -> relax.Function:
-    """``add(reshape(y), x)`` (either order) with ``x`` of the reshape's shape ->
-    ``reshape(add(y, reshape(x, shape(y))), shape(x))``."""
+    """``add(reshape(y), x)`` (either order) with ``x`` of the reshape's shape, or of as many
+    elements (:func:`_same_elements`) -> ``reshape(add(y, reshape(x, shape(y))), shape(x))``."""
     other = wildcard()
     for left in (True, False):
         pattern = is_op("relax.add")(*((reshape, other) if left else (other, reshape)))
 
         def sink(call, matches, left=left):
             moved, residual, inner = matches[reshape], matches[other], matches[source]
-            if id_of(moved) not in single or not _same_shape(call, residual) \
-                    or not _same_shape(moved, residual) or _static_shape(inner) is None \
+            if id_of(moved) not in single or not _same_shape(call, moved) \
+                    or not _same_elements(residual, moved) or _static_shape(inner) is None \
                     or _static_shape(inner)[1] != _static_shape(residual)[1]:
                 return call
             view = relax.op.reshape(residual, inner.ty.shape)
