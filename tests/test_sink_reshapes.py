@@ -176,3 +176,50 @@ def test_tensor_scale_after_a_view_is_not_moved():
     after = sink_reshapes(mod)["main"].script()
     divide = next(line for line in after.splitlines() if "R.divide(" in line)
     assert "R.Tensor((2, 2, 40, 40)" in divide, divide
+
+
+class BiasedAttention(torch.nn.Module):
+    """LeViT's attention: scaled scores plus a learned ``[heads, n, n]`` bias table (gathered
+    per head pair), broadcast over the batch of one, then softmax and ``P @ V``."""
+
+    def __init__(self, heads: int, n: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.bias = torch.nn.Parameter(torch.randn(heads, n, n))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = (q @ k.transpose(-2, -1)).view(1, self.heads, q.shape[-2], k.shape[-2])
+        return torch.softmax(scores * 0.25 + self.bias, dim=-1).view_as(scores[0]) @ v
+
+
+@pytest.mark.parametrize("n", [40, 36])  # 36 keys: padded to whole vectors for the softmax
+def test_bias_table_add_fuses_into_the_score_matmul(n, tmp_path, caplog):
+    """``view(q @ k^T) * s + bias`` with ``bias`` of the scores' elements (no leading batch
+    dim): the add pairs the same elements before and after the view, so it sinks into the
+    scores matmul's epilogue with the scale; no kernel is a lone ``reshape + add``."""
+    torch.manual_seed(0)
+    module = BiasedAttention(2, n).eval()
+    inputs = (torch.randn(2, n, 16), torch.randn(2, n, 16), torch.randn(2, n, 8))
+    kernels = _named_kernels(module, inputs)
+    assert not [k for k in kernels if "add" in k and "matmul" not in k], kernels
+    assert [k for k in kernels if "matmul" in k and "multiply" in k and "add" in k], kernels
+    _check(module, inputs, tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_add_that_broadcasts_over_the_view_is_not_moved():
+    """A bias with fewer elements than the scores (one row, broadcast over the queries) would
+    pair with other elements once the view is moved: the add stays after the reshape."""
+    from slimc.backends.tvm.schedules.sink_reshapes import sink_reshapes
+
+    class RowBias(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(2, 1, 40))
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return (q @ k.transpose(1, 2)).view(1, 2, 40, 40) + self.bias
+
+    inputs = tuple(torch.randn(2, 40, 12) for _ in range(2))
+    after = sink_reshapes(_lower(RowBias().eval(), inputs))["main"].script()
+    add = next(line for line in after.splitlines() if "R.add(" in line)
+    assert "R.Tensor((1, 2, 40, 40)" in add, add

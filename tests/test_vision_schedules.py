@@ -739,3 +739,97 @@ def test_squeeze_excite_gate_is_computed_once_per_channel(net, tmp_path, caplog)
     writeback = writeback[:writeback.index('T.sblock("T_multiply")')]
     assert ("T.float32(1.0) /" in writeback) == (net == "sigmoid"), (name, writeback)
     assert "T.max" in writeback and "T.min" in writeback, (name, writeback)  # the (hard) gate
+
+
+class LinearBatchNorm(torch.nn.Module):
+    """LeViT's batch-normed linear: ``BatchNorm1d`` over the tokens of ``linear(x)``, written
+    through a flatten of the leading dims and a ``reshape_as`` back."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(cin, cout, bias=False)
+        self.batch_norm = torch.nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.batch_norm(y.flatten(0, 1)).reshape_as(y)
+
+
+class LinearBatchNormMlp(torch.nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up, self.down = LinearBatchNorm(dim, hidden), LinearBatchNorm(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.hardswish(self.up(x)))
+
+
+def test_batchnorm_folds_into_the_linear_before_it(tmp_path):
+    """``bn(linear(x).flatten(0, 1)).reshape_as(...)`` folds into the linear's weight and a new
+    bias at lowering: no batch norm (nor its decomposition's divide) is left, and the built
+    library computes what PyTorch computes."""
+    from slimc.backends.tvm.build import build_library
+    from slimc.backends.tvm.lower import lower_to_relax
+    from slimc.backends.tvm.runtime import run_library
+    from tvm import relax
+
+    from slimc.capture import capture
+    from slimc.loaders.base import LoadedModel
+    from slimc.targets import resolve_target
+
+    torch.manual_seed(0)
+    net = LinearBatchNormMlp(16, 32).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(1, 10, 16)
+    ir, _ = capture(LoadedModel(name="mlp", module=net, example_inputs={"x": x}))
+    mod = lower_to_relax(ir)
+    ops = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(e.op.name) if isinstance(
+        e, relax.Call) and hasattr(e.op, "name") else None)
+    assert "relax.nn.batch_norm" not in ops, ops
+    assert ops.count("relax.matmul") == 2 and ops.count("relax.add") >= 3, ops  # 2 biases
+    # the reshapes between them collapsed, hard-swish and the residual add sink into the two
+    # matmuls' epilogues (sink_reshapes): no elementwise kernel of their own
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+    from tvm import tirx
+
+    target = tvm.target.Target({"kind": "llvm"})
+    with target, tvm.transform.PassContext(opt_level=3):
+        fused = tvm.transform.Sequential(fusion_passes(target))(mod)
+    kernels = [g.name_hint for g, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert len([k for k in kernels if "matmul" in k]) == 2, kernels
+    assert not [k for k in kernels if "matmul" not in k and ("add" in k or "maximum" in k)], \
+        kernels
+    (got,) = run_library(build_library(mod, resolve_target("llvm"), tmp_path / "k.so"),
+                         [x.numpy()], cross_triple=None, threads=2)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_over_a_regrouped_linear_output_is_not_folded():
+    """A reshape that changes the last axis regroups the linear's features: the batch norm's
+    channels are no longer its output features, so it stays (and the linear is unchanged)."""
+    from slimc.passes.quantize.batchnorm import fold_batchnorm
+
+    from slimc.capture import capture
+    from slimc.loaders.base import LoadedModel
+
+    class Regrouped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 32, bias=False)
+            self.batch_norm = torch.nn.BatchNorm1d(16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.batch_norm(self.linear(x).reshape(-1, 16))
+
+    net = Regrouped().eval()
+    ir, _ = capture(LoadedModel(name="r", module=net, example_inputs={"x": torch.randn(1, 5, 8)}))
+    assert fold_batchnorm(ir) == 0
+    assert [n for n in ir.graph.nodes if "batch_norm" in str(n.target)]
