@@ -193,10 +193,14 @@ class BiasedAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("n", [40, 36])  # 36 keys: padded to whole vectors for the softmax
-def test_bias_table_add_fuses_into_the_score_matmul(n, tmp_path, caplog):
-    """``view(q @ k^T) * s + bias`` with ``bias`` of the scores' elements (no leading batch
+def test_bias_table_add_fuses_into_the_score_matmul(n, tmp_path, caplog, monkeypatch):
+    """With ``SINK_SAME_ELEMENT_ADDS`` (off by default: slower on LeViT's score kernels), ``view(q @ k^T) * s + bias`` with ``bias`` of the scores' elements (no leading batch
     dim): the add pairs the same elements before and after the view, so it sinks into the
     scores matmul's epilogue with the scale; no kernel is a lone ``reshape + add``."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("slimc.backends.tvm.schedules.sink_reshapes"),
+                        "SINK_SAME_ELEMENT_ADDS", True)
     torch.manual_seed(0)
     module = BiasedAttention(2, n).eval()
     inputs = (torch.randn(2, n, 16), torch.randn(2, n, 16), torch.randn(2, n, 8))
@@ -206,10 +210,15 @@ def test_bias_table_add_fuses_into_the_score_matmul(n, tmp_path, caplog):
     _check(module, inputs, tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
 
 
-def test_add_that_broadcasts_over_the_view_is_not_moved():
+def test_add_that_broadcasts_over_the_view_is_not_moved(monkeypatch):
     """A bias with fewer elements than the scores (one row, broadcast over the queries) would
     pair with other elements once the view is moved: the add stays after the reshape."""
+    import importlib
+
     from slimc.backends.tvm.schedules.sink_reshapes import sink_reshapes
+
+    monkeypatch.setattr(importlib.import_module("slimc.backends.tvm.schedules.sink_reshapes"),
+                        "SINK_SAME_ELEMENT_ADDS", True)
 
     class RowBias(torch.nn.Module):
         def __init__(self) -> None:

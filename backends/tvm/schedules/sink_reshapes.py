@@ -132,6 +132,15 @@ def _same_shape(a, b) -> bool:
     return all(analyzer.can_prove_equal(x, y) for x, y in zip(sa[0], sb[0], strict=True))
 
 
+#: Also sink an add whose other operand only lacks unit dims (:func:`_same_elements`). Off:
+#: on LeViT-128S it moved the attention bias-table adds into the score matmuls' epilogues, and
+#: back to back (``kernel_ab.py``) the stage-1 score kernel ``[8, 49, 16] @ [8, 16, 49] + bias``
+#: went from 0.18 + 0.05 (separate add) to 0.88 ms per inference, the stage-0 one from 0.24 +
+#: 0.41 to 0.78 ms: the tiled-matmul epilogue reading a third full-size operand is slower
+#: than a separate add kernel there (not investigated further; see docs/benchmarks.md, lv18).
+SINK_SAME_ELEMENT_ADDS = False
+
+
 def _same_elements(residual, out) -> bool:
     """Whether ``residual``, broadcast to ``out``'s static shape, is its own data in the same
     order: it has as many elements (so it only lacks leading dims or has 1s where ``out`` has
@@ -159,8 +168,9 @@ def _sink_into_adds(func: relax.Function, single: set, reshape, source) -> relax
 
         def sink(call, matches, left=left):
             moved, residual, inner = matches[reshape], matches[other], matches[source]
-            if id_of(moved) not in single or not _same_shape(call, moved) \
-                    or not _same_elements(residual, moved) or _static_shape(inner) is None \
+            fits = _same_elements(residual, moved) if SINK_SAME_ELEMENT_ADDS \
+                else _same_shape(call, residual) and _same_shape(moved, residual)
+            if id_of(moved) not in single or not _same_shape(call, moved) or not fits or _static_shape(inner) is None \
                     or _static_shape(inner)[1] != _static_shape(residual)[1]:
                 return call
             view = relax.op.reshape(residual, inner.ty.shape)
