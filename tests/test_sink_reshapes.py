@@ -194,8 +194,9 @@ class BiasedAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("n", [40, 36])  # 36 keys: padded to whole vectors for the softmax
 def test_bias_table_add_fuses_into_the_score_matmul(n, tmp_path, caplog, monkeypatch):
-    """With ``SINK_SAME_ELEMENT_ADDS`` (off by default: slower on LeViT's score kernels), ``view(q @ k^T) * s + bias`` with ``bias`` of the scores' elements (no leading batch
-    dim): the add pairs the same elements before and after the view, so it sinks into the
+    """With ``SINK_SAME_ELEMENT_ADDS`` (off by default: slower on LeViT's score kernels),
+    ``view(q @ k^T) * s + bias`` with ``bias`` of the scores' elements (no leading batch dim):
+    the add pairs the same elements before and after the view, so it sinks into the
     scores matmul's epilogue with the scale; no kernel is a lone ``reshape + add``."""
     import importlib
 

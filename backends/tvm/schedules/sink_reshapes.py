@@ -170,7 +170,8 @@ def _sink_into_adds(func: relax.Function, single: set, reshape, source) -> relax
             moved, residual, inner = matches[reshape], matches[other], matches[source]
             fits = _same_elements(residual, moved) if SINK_SAME_ELEMENT_ADDS \
                 else _same_shape(call, residual) and _same_shape(moved, residual)
-            if id_of(moved) not in single or not _same_shape(call, moved) or not fits or _static_shape(inner) is None \
+            if id_of(moved) not in single or not _same_shape(call, moved) or not fits \
+                    or _static_shape(inner) is None \
                     or _static_shape(inner)[1] != _static_shape(residual)[1]:
                 return call
             view = relax.op.reshape(residual, inner.ty.shape)
