@@ -532,6 +532,30 @@ def test_convs_split_the_larger_operand_over_threads(tmp_path, caplog):
                           "matmul").startswith("i1_0")  # output-column panels outermost
 
 
+def test_depthwise_convs_over_large_images_split_rows_over_threads(tmp_path, caplog):
+    """A depthwise conv whose (padded) input is over 2 MiB (MobileNetV2's stride-2 3 x 3 over
+    112 x 112 x 96, and any of its depthwise convs at batch 8) splits its pixel rows over the
+    threads, so the image is swept once instead of once per channel panel; a smaller one (the
+    same conv at 56 x 56) keeps the channel panels outside. Both exact vs PyTorch, the large
+    one with TF padding (its border tiles read the padding in place)."""
+    torch.manual_seed(0)
+    large = torch.nn.Sequential(torch.nn.Conv2d(96, 96, 3, 2, 1, groups=96),
+                                torch.nn.ReLU6()).eval()
+    x = torch.randn(1, 96, 112, 112)  # 4.8 MB
+    assert _parallel_loop(_scheduled(large, (x,)), "conv2d").startswith("nn_yy_ff_0")
+    _check(large, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+    small = torch.randn(1, 96, 56, 56)  # 1.2 MB
+    assert _parallel_loop(_scheduled(large, (small,)), "conv2d").startswith("ff_0")
+    batch = torch.randn(8, 32, 56, 56)  # 0.4 MB an image, 3.3 MB the padded batch
+    tf_block = _randomize_bn(TfPaddedBlock(32, 32, 2))
+    dw = [t for n, t in _scheduled(tf_block, (batch,)).items() if "conv2d" in n
+          and "group" in t]
+    assert dw and all(_parallel_loop({"k": t}, "k").startswith("nn_yy") for t in dw)
+    (tmp_path / "batch").mkdir()
+    _check(tf_block, (batch,), tmp_path / "batch", caplog, "tiled-matmul", tol=1e-5,
+           target="x86-64-v4-vnni")
+
+
 def test_winograd_matmul_splits_tiles_over_threads(tmp_path, caplog):
     """Winograd's batched matmul ``M[k] = V[k] @ U[k]`` over a transformed filter smaller than
     the transformed tiles walks the tiles outermost (each core multiplies the tiles its input

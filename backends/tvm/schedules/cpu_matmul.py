@@ -117,6 +117,18 @@ INLINE_DEPTHWISE_PADDING = True
 #: squeeze-excite gate) runs once per accumulator element, not once per element of the map
 #: (:func:`_inline_epilogue`; off only to measure what it saves).
 BROADCAST_EPILOGUE_ONCE = True
+#: A depthwise conv whose input image is larger than this splits its pixel rows over the
+#: threads, like the dense convs above (:func:`_rows_outside`), instead of its channel panels.
+#: Why: with the panel outside, every panel sweeps the whole image, reading its own
+#: ``NR``-channel slice of each pixel; an image beyond one core's L2 (2 MiB on this Intel
+#: host; Zen 4's 1 MiB) is then streamed from L3 / memory once per panel: MobileNetV2's
+#: stride-2 3 x 3 over 112 x 112 x 96 (4.8 MB, 3 panels) ran 0.75-0.78x as long with rows
+#: outside, at 1 and at 2 threads; a batch of 8 makes every image of the net that large.
+#: Smaller images keep the panel outside (56 x 56 x 144, 1.8 MB: rows outside measured
+#: 1.2-1.37x slower at 2 threads; wt/mob's 1.04-1.07x at one thread on Zen 4).
+DEPTHWISE_ROWS_OUTSIDE_BYTES = 2 << 20
+#: Most rows of a tile whose panel is half a vector (:func:`_tile_sizes`; experiment).
+HALF_PANEL_MAX_ROWS = 8
 
 
 @dataclass
@@ -614,7 +626,8 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
     m = extent(sch, axes.reuse) if axes.reuse is not None else 1
     nr = _group_panel(axes.group, n, lanes) or panel_width(n, lanes, single_row=m == 1)
     accumulators = simd_registers(target) // 2  # leave room for the loads and broadcasts
-    mr_max = max(1, min(8, accumulators * lanes // max(nr, 1)))
+    cap = HALF_PANEL_MAX_ROWS if 2 * nr == lanes else 8
+    mr_max = max(1, min(cap, accumulators * lanes // max(nr, 1)))
     if m is None:
         mr = mr_max
     else:
@@ -793,7 +806,10 @@ def _rows_outside(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc,
     (a transformer's linears, ``[batch, tokens, features]``: no 2-D image, no batch of
     filters) keep the panel outside.
     """
-    if depthwise or not SMALL_WEIGHT_ROWS_OUTSIDE:
+    if depthwise:
+        image = _operand_bytes(sch.get(main).reads[1 - axes.contiguous].source)
+        return image is not None and image > DEPTHWISE_ROWS_OUTSIDE_BYTES
+    if not SMALL_WEIGHT_ROWS_OUTSIDE:
         return False
     weight = _weight_bytes(sch, main, axes)
     if weight is None:

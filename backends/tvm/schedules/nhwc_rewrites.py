@@ -297,13 +297,18 @@ def sink_layout_transposes(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 #: divides them) becomes a matmul: the rows that make padding its weight worth a per-call copy
 #: (the matmul rule's ``CONSTANT_PAD_MIN_ROWS``).
 QUARTER_PANEL_MIN_PIXELS = 64
+#: Output pixels from which a 1x1 conv to ``8 x odd`` channels (24, 40, 72, 120, 184, 200:
+#: only a half-vector panel divides them on AVX-512) becomes a matmul too, on targets whose
+#: 16-lane FMAs run at full width (:func:`_half_panels_lose`); None: never.
+HALF_PANEL_MIN_PIXELS: int | None = QUARTER_PANEL_MIN_PIXELS
 
 
 def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
     """``matmul(x, reshape(w, [C, O]))`` for a 1x1, stride-1, unpadded, dense NHWC/HWIO conv
     whose output channels no vector panel divides (``O % 4``), or only a 4-lane one
-    (``O % 8``, e.g. ShuffleNetV2's 116) over at least ``QUARTER_PANEL_MIN_PIXELS`` pixels;
-    else ``call``."""
+    (``O % 8``, e.g. ShuffleNetV2's 116) over at least ``QUARTER_PANEL_MIN_PIXELS`` pixels,
+    or, where that loses (:func:`_half_panels_lose`), only an 8-lane one (``O % 16 == 8``,
+    MobileNets' 24 / 40 / 72 / 120) over at least ``HALF_PANEL_MIN_PIXELS``; else ``call``."""
     a = call.attrs
     if (str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "HWIO" or a.groups != 1
             or str(a.out_layout) not in ("NHWC", "")
@@ -314,13 +319,40 @@ def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
     if shape is None or len(shape) != 4 or not all(isinstance(d, tirx.IntImm) for d in shape):
         return call
     kh, kw, cin, cout = (int(d) for d in shape)
-    if (kh, kw) != (1, 1) or cout % 8 == 0:
+    half = HALF_PANEL_MIN_PIXELS is not None and cout % 16 == 8 \
+        and _pixels(call.args[0]) >= HALF_PANEL_MIN_PIXELS and _half_panels_lose()
+    if (kh, kw) != (1, 1) or cout % 8 == 0 and not half:
         return call
     if cout % 4 == 0 and _pixels(call.args[0]) < QUARTER_PANEL_MIN_PIXELS:
         return call
     weight = relax.op.reshape(call.args[1], (cin, cout))
     out_dtype = str(a.out_dtype) if str(a.out_dtype) else None
     return relax.op.matmul(call.args[0], weight, out_dtype=out_dtype)
+
+
+def _half_panels_lose() -> bool:
+    """Whether the current target runs an 8-lane float panel at half its FMA throughput: 16
+    float lanes (AVX-512) executed at full width, i.e. any AVX-512 CPU but AMD's Zen 4 / Zen 5
+    (``znver*``), which splits each 512-bit FMA into two 256-bit halves, so that there an
+    8-lane panel loses no throughput and padding 24 channels to 32 would add a third more
+    multiply-adds.
+
+    Why: a 1x1 conv to 24 channels ran its 8-lane ``ymm`` micro-kernel on this Intel host
+    (``rocketlake`` to LLVM, two 512-bit FMA ports) at 1.5x the time of the same conv as a
+    matmul padded to 32 channels (MobileNetV2's 144 -> 24 over 56 x 56, alone, 2 threads).
+    The schedules were tuned on znver4, where that panel cost nothing.
+    """
+    from tvm.target import Target, codegen
+
+    from .common import vector_lanes
+
+    target = Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm" or vector_lanes(target, 32) != 16:
+        return False
+    mcpu = str(target.attrs.get("mcpu", "") or "")
+    if mcpu in ("", "@host"):
+        mcpu = str(codegen.llvm_get_system_cpu())
+    return not mcpu.startswith("znver")
 
 
 def _pixels(data: relax.Expr) -> int:
@@ -354,7 +386,9 @@ def pointwise_tail_convs_as_matmul(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     allow. A 4-lane panel (``O % 8 == 4``) runs the conv at a quarter of AVX-512's width
     (ShuffleNetV2's 116-channel 1x1 convs over 14 x 14 pixels: 30% of the model, the whole
     model 2x ONNX Runtime); as a matmul the weight is padded to whole vectors (116 -> 128).
-    Channel counts an 8-lane or wider panel divides keep the conv rule (and its pointwise
-    tuning).
+    An 8-lane panel (``O % 16 == 8``) is half of AVX-512's width: on cores with full-width
+    512-bit FMAs those convs become matmuls too (24 -> 32, 40 -> 48, 72 -> 80 columns;
+    :func:`_half_panels_lose`). Channel counts a 16-lane or wider panel divides (and 8-lane
+    ones on AVX2 and on Zen 4) keep the conv rule (and its pointwise tuning).
     """
     return mutate_relax_functions(mod, _PointwiseTailConvs(mod))

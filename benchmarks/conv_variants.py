@@ -1,0 +1,194 @@
+"""Single MobileNet convs built under schedule variants, then each kernel timed alone, interleaved.
+
+For choosing a tile / loop-order rule per conv shape on the host, with the same load on every
+variant (the per-kernel side of an A/B; the whole model is ``benchmarks/run.py --ab``)::
+
+    python benchmarks/conv_variants.py build DIR --cases dw144,pw144_24 --variants base,wide
+    /work/wt/bench.sh python benchmarks/conv_variants.py time DIR --threads 2 --json out.json
+
+``build`` compiles each case (one conv + folded batch norm + ReLU6 as slimc's pipeline builds
+it, host target) under each variant (:data:`VARIANTS`: module constants of
+``backends/tvm/schedules/cpu_matmul.py`` switched for the build) and checks it against PyTorch;
+``time`` loads every library, records the conv kernel's arguments from one call (Relax VM
+instrument) and times the kernel alone, ``--number`` calls back to back, best of 5, variants
+interleaved round by round; it prints each variant's median over rounds relative to ``base``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+#: name -> (kind, input channels, output channels, map size, stride)
+CASES = {
+    "dw96s2": ("dw", 96, 96, 112, 2),  # MobileNetV2 block 2's depthwise
+    "dw144": ("dw", 144, 144, 56, 1),
+    "dw144s2": ("dw", 144, 144, 56, 2),
+    "dw32": ("dw", 32, 32, 112, 1),
+    "dw192": ("dw", 192, 192, 28, 1),
+    "dw72": ("dw", 72, 72, 56, 1),  # MobileNetV3-L
+    "pw144_24": ("pw", 144, 24, 56, 1),  # MobileNetV2 projections
+    "pw96_24": ("pw", 96, 24, 56, 1),
+    "pw144_32": ("pw", 144, 32, 28, 1),
+    "pw192_32": ("pw", 192, 32, 28, 1),
+    "pw72_24": ("pw", 72, 24, 56, 1),  # MobileNetV3-L projections
+    "pw72_40": ("pw", 72, 40, 28, 1),
+    "pw120_40": ("pw", 120, 40, 28, 1),
+    "pw240_80": ("pw", 240, 80, 14, 1),
+    "pw480_112": ("pw", 480, 112, 14, 1),
+    "pw672_160": ("pw", 672, 160, 7, 1),
+    "pw960_160": ("pw", 960, 160, 7, 1),
+    "pw960_320": ("pw", 960, 320, 7, 1),  # MobileNetV2's last convs (filters > 1 MiB)
+    "pw320_1280": ("pw", 320, 1280, 7, 1),
+    "pw16_96": ("pw", 16, 96, 112, 1),  # an expansion (control)
+}
+
+#: variant -> {constant of cpu_matmul: value}
+VARIANTS: dict[str, dict] = {
+    "base": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 1 << 62},  # main before this round
+    "new": {},
+    "rows14": {"HALF_PANEL_MAX_ROWS": 16},
+    "mm": {"nhwc_rewrites.HALF_PANEL_MIN_PIXELS": 64},
+}
+
+
+def _module(kind: str, cin: int, cout: int, stride: int):
+    import torch
+
+    class Conv(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            groups = cin if kind == "dw" else 1
+            k = 3 if kind == "dw" else 1
+            self.conv = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+            self.bn = torch.nn.BatchNorm2d(cout)
+
+        def forward(self, x):
+            return torch.clamp(self.bn(self.conv(x)), 0.0, 6.0)
+
+    torch.manual_seed(0)
+    net = Conv().eval()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def _owner(key: str):
+    """The schedules module a VARIANTS key names (``module.CONSTANT``, default cpu_matmul)."""
+    import importlib
+
+    module = key.split(".")[0] if "." in key else "cpu_matmul"
+    return importlib.import_module(f"slimc.backends.tvm.schedules.{module}")
+
+
+def build(out: Path, cases: list[str], variants: list[str]) -> None:
+    import numpy as np
+    import torch
+    from slimc.backends.tvm.build import build_library
+    from slimc.backends.tvm.runtime import run_library
+
+    from slimc.targets import resolve_target
+    from tests.test_schedules import _lower
+
+    out.mkdir(parents=True, exist_ok=True)
+    spec = resolve_target("llvm")
+    for case in cases:
+        kind, cin, cout, size, stride = CASES[case]
+        net = _module(kind, cin, cout, stride)
+        x = torch.randn(1, cin, size, size)
+        np.save(out / f"{case}.npy", x.numpy())
+        with torch.no_grad():
+            want = net(x).numpy()
+        for variant in variants:
+            patches = [(_owner(k), k.split(".")[-1], v) for k, v in VARIANTS[variant].items()]
+            saved = [(m, k, getattr(m, k)) for m, k, _ in patches]
+            for m, k, v in patches:
+                setattr(m, k, v)
+            try:
+                lib = build_library(_lower(net, (x,)), spec, out / f"{case}-{variant}.so")
+            finally:
+                for m, k, v in saved:
+                    setattr(m, k, v)
+            (got,) = run_library(lib, [x.numpy()], cross_triple=None, threads=2)
+            err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+            print(f"{case:12s} {variant:10s} rel.L2 {err:.2e}", flush=True)
+            assert err < 1e-5, (case, variant, err)
+
+
+def time_all(out: Path, threads: int, number: int, rounds: int) -> dict:
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    kernels = {}
+    for lib_path in sorted(out.glob("*.so")):
+        case, variant = lib_path.stem.split("-", 1)
+        lib = tvm.runtime.load_module(str(lib_path))
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+        calls = []
+
+        def instrument(func, symbol, before, ret, *call_args, calls=calls):
+            if before and ("conv2d" in symbol or "matmul" in symbol):
+                calls.append((symbol, [tvm.runtime.tensor(a.numpy()) for a in call_args]))
+            return 0
+
+        vm.set_instrument(instrument)
+        vm["main"](tvm.runtime.tensor(np.load(out / f"{case}.npy")))
+        symbol, call_args = calls[0]
+        kernels[(case, variant)] = (lib.imports[0].get_function(symbol), call_args, lib, vm)
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+    times: dict = {key: [] for key in kernels}
+    for r in range(rounds):
+        keys = list(kernels)
+        keys = keys[r % len(keys):] + keys[:r % len(keys)]
+        for key in keys:
+            fn, call_args = kernels[key][:2]
+            fn(*call_args)
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn(*call_args)
+                best = min(best, (time.perf_counter() - t0) / number)
+            times[key].append(best * 1e6)
+    result = {}
+    for (case, variant), ts in sorted(times.items()):
+        base = times.get((case, "base"))
+        ratio = statistics.median(t / b for t, b in zip(ts, base, strict=True)) if base else None
+        result[f"{case}-{variant}"] = {"us": statistics.median(ts), "vs_base": ratio, "all": ts}
+        print(f"{case:12s} {variant:10s} {statistics.median(ts):9.1f} us  "
+              f"vs base {ratio:.3f}" if ratio else "", flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("build", "time"))
+    p.add_argument("dir", type=Path)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--variants", default="base")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--number", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.mode == "build":
+        build(args.dir, args.cases.split(","), args.variants.split(","))
+        return 0
+    result = time_all(args.dir, args.threads, args.number, args.rounds)
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "kernels": result}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
