@@ -672,8 +672,52 @@ def test_quarter_panel_pointwise_conv_runs_on_whole_vectors(tmp_path, caplog):
     _check(conv, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
     small = torch.randn(1, 64, 7, 7)
     assert [n for n, _ in _fused(conv, (small,)).functions_items() if "conv2d" in n.name_hint]
-    eight = torch.nn.Conv2d(64, 120, 1).eval()
-    assert [n for n, _ in _fused(eight, (x,)).functions_items() if "conv2d" in n.name_hint]
+    eight = torch.nn.Conv2d(64, 120, 1).eval()  # a conv where 8-lane panels cost nothing
+    assert "conv2d" in " ".join(_kernel_names(eight, (x,), ZNVER4))
+
+
+#: Zen 4 (AVX-512 executed as two 256-bit halves) and an AVX2 target, spelled out.
+ZNVER4 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}
+AVX2 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
+
+
+def _kernel_names(module, inputs, target: dict | str) -> list[str]:
+    """Kernel names of ``module`` after slimc's fusion passes for ``target``."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+
+    from slimc.targets import resolve_target
+
+    spec = tvm.target.Target(target) if isinstance(target, dict) \
+        else resolve_target(target).tvm_target()
+    with spec, tvm.transform.PassContext(opt_level=3):
+        fused = tvm.transform.Sequential(fusion_passes(spec))(_lower(module, inputs))
+    return [g.name_hint for g, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+@pytest.mark.parametrize("cout", [24, 40])
+def test_half_panel_pointwise_conv_runs_on_whole_vectors(cout, tmp_path, caplog):
+    """A 1 x 1 conv to 24 or 40 = 8 x odd channels (MobileNets' projections) over 14 x 14
+    pixels: only an 8-lane panel divides them, half of AVX-512's width. On a full-width
+    AVX-512 target it runs as a matmul whose constant filters are padded to whole 16-lane
+    vectors; on Zen 4 (512-bit FMAs as two halves: an 8-lane panel loses nothing there), on
+    AVX2 (8 lanes are a whole vector) and over 7 x 7 pixels it stays a conv. Exact against
+    PyTorch, with the ReLU6 and folded batch norm of a MobileNet block as its epilogue."""
+    torch.manual_seed(0)
+    net = _randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(144, cout, 1, bias=False),
+                                            torch.nn.BatchNorm2d(cout), torch.nn.ReLU6()))
+    x = torch.randn(1, 144, 14, 14)
+    names = _kernel_names(net, (x,), "x86-64-v4-vnni")
+    assert not [n for n in names if "conv2d" in n], names
+    assert _padded_blocks(net, (x,), "matmul"), "the filter axis should be padded"
+    (text,) = [t for n, t in _scheduled(net, (x,)).items() if "matmul" in n]
+    width = re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", _enclosing(text, "matmul_update")[-1])
+    assert width and int(width[-1]) % 16 == 0, width
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+    for target in (ZNVER4, AVX2):
+        assert "conv2d" in " ".join(_kernel_names(net, (x,), target)), target
+    assert "conv2d" in " ".join(_kernel_names(net, (torch.randn(1, 144, 7, 7),),
+                                              "x86-64-v4-vnni"))
 
 
 class WeightedValues(torch.nn.Module):
