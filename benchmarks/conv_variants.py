@@ -49,14 +49,18 @@ CASES = {
     "pw960_320": ("pw", 960, 320, 7, 1),  # MobileNetV2's last convs (filters > 1 MiB)
     "pw320_1280": ("pw", 320, 1280, 7, 1),
     "pw16_96": ("pw", 16, 96, 112, 1),  # an expansion (control)
+    "pw24_144": ("pw", 24, 144, 56, 1),
+    "pw672_112": ("pw", 672, 112, 14, 1),
+    "pw32_16": ("pw", 32, 16, 112, 1),
 }
 
 #: variant -> {constant of cpu_matmul: value}
 VARIANTS: dict[str, dict] = {
-    "base": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 1 << 62},  # main before this round
+    # main before this round (issue 16, wt/mob18)
+    "base": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 1 << 62, "nhwc_rewrites.HALF_PANEL_MIN_PIXELS": None},
     "new": {},
-    "rows14": {"HALF_PANEL_MAX_ROWS": 16},
-    "mm": {"nhwc_rewrites.HALF_PANEL_MIN_PIXELS": 64},
+    "dw": {"nhwc_rewrites.HALF_PANEL_MIN_PIXELS": None},  # the depthwise rule alone
+    "mm": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 1 << 62},  # the half-panel matmuls alone
 }
 
 
@@ -109,6 +113,7 @@ def build(out: Path, cases: list[str], variants: list[str]) -> None:
             want = net(x).numpy()
         for variant in variants:
             patches = [(_owner(k), k.split(".")[-1], v) for k, v in VARIANTS[variant].items()]
+            assert all(hasattr(m, k) for m, k, _ in patches), patches
             saved = [(m, k, getattr(m, k)) for m, k, _ in patches]
             for m, k, v in patches:
                 setattr(m, k, v)

@@ -127,8 +127,6 @@ BROADCAST_EPILOGUE_ONCE = True
 #: Smaller images keep the panel outside (56 x 56 x 144, 1.8 MB: rows outside measured
 #: 1.2-1.37x slower at 2 threads; wt/mob's 1.04-1.07x at one thread on Zen 4).
 DEPTHWISE_ROWS_OUTSIDE_BYTES = 2 << 20
-#: Most rows of a tile whose panel is half a vector (:func:`_tile_sizes`; experiment).
-HALF_PANEL_MAX_ROWS = 8
 
 
 @dataclass
@@ -626,8 +624,7 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
     m = extent(sch, axes.reuse) if axes.reuse is not None else 1
     nr = _group_panel(axes.group, n, lanes) or panel_width(n, lanes, single_row=m == 1)
     accumulators = simd_registers(target) // 2  # leave room for the loads and broadcasts
-    cap = HALF_PANEL_MAX_ROWS if 2 * nr == lanes else 8
-    mr_max = max(1, min(cap, accumulators * lanes // max(nr, 1)))
+    mr_max = max(1, min(8, accumulators * lanes // max(nr, 1)))
     if m is None:
         mr = mr_max
     else:

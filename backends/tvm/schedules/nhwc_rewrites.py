@@ -319,7 +319,9 @@ def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
     if shape is None or len(shape) != 4 or not all(isinstance(d, tirx.IntImm) for d in shape):
         return call
     kh, kw, cin, cout = (int(d) for d in shape)
+    # float32 only: 16 lanes of a 512-bit vector (int8 convs have kernels of their own)
     half = HALF_PANEL_MIN_PIXELS is not None and cout % 16 == 8 \
+        and str(getattr(getattr(call.args[0], "ty", None), "dtype", "")) == "float32" \
         and _pixels(call.args[0]) >= HALF_PANEL_MIN_PIXELS and _half_panels_lose()
     if (kh, kw) != (1, 1) or cout % 8 == 0 and not half:
         return call
