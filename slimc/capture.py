@@ -89,6 +89,7 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
                   for s in ir.input_specs()]
         return ir, inputs
     assert loaded.module is not None
+    _compute_in_float32(loaded)
     names = list(loaded.example_inputs)
     values = list(loaded.example_inputs.values())
     args, kwargs = ((), dict(loaded.example_inputs)) if loaded.as_kwargs else (tuple(values), {})
@@ -109,6 +110,7 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
             loaded.extra["default_sequence"] = f"fixed (a dynamic length failed: {reason})"
             return capture(loaded)
     _check_tensor_outputs(program, loaded.name)
+    program = _decompose_recurrences(program)
     ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))
     if loaded.dynamic:
         ir.annotations["symbols"] = _symbol_names(ir, loaded)
@@ -118,6 +120,54 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
     ir.annotations["source"] = {"model": loaded.source, "loader": loaded.kind, **{
         k: v for k, v in loaded.extra.items() if isinstance(v, (str, int, float)) or v is None}}
     return ir, values
+
+
+#: Floating dtypes whose models slimc computes in float32 (see :func:`_compute_in_float32`).
+_CONVERTED_FLOATS = (torch.float16, torch.bfloat16, torch.float64)
+
+
+def _compute_in_float32(loaded: LoadedModel) -> None:
+    """Convert a float16/bfloat16/float64 module and its example inputs to float32, in place.
+
+    TVM 0.27's importer emits every matmul, linear and convolution with a float32 result, so a
+    ``model.half()`` or ``model.double()`` failed to import (its float16 bias met a float32
+    product), and numpy has no bfloat16 for a bf16 model's inputs and outputs. float32 is at
+    least as accurate as float16/bfloat16, and float64 models compiled to float32 keep ~1e-7
+    relative accuracy; the conversion is recorded (``model.converted_dtype`` in the manifest)
+    and warned about, and the artifact takes and returns float32 tensors.
+    """
+    assert loaded.module is not None
+    tensors = list(loaded.module.parameters()) + list(loaded.module.buffers())
+    found = {t.dtype for t in tensors} | {v.dtype for v in loaded.example_inputs.values()}
+    converted = sorted(str(d).removeprefix("torch.") for d in found if d in _CONVERTED_FLOATS)
+    if not converted:
+        return
+    loaded.module = loaded.module.float()
+    loaded.example_inputs = {k: v.float() if v.dtype in _CONVERTED_FLOATS else v
+                             for k, v in loaded.example_inputs.items()}
+    loaded.extra["converted_dtype"] = (f"{'/'.join(converted)} -> float32: the artifact "
+                                       "computes, takes and returns float32")
+
+
+#: Recurrent ops TVM 0.27 imports wrongly (``aten.gru.input`` yields only the output sequence,
+#: not ``(output, h_n)``): torch's own decompositions into matmuls and pointwise ops replace
+#: them before any pass sees the graph. ``aten.lstm.input`` imports correctly and stays.
+def _recurrent_ops() -> set:
+    aten = torch.ops.aten
+    return {aten.gru.input, aten.gru.data, aten.rnn_tanh.input, aten.rnn_tanh.data,
+            aten.rnn_relu.input, aten.rnn_relu.data}
+
+
+def _decompose_recurrences(program):
+    """``program`` with every GRU / Elman RNN op decomposed by torch (unchanged without one)."""
+    from torch._decomp import decomposition_table
+
+    ops = _recurrent_ops()
+    present = {n.target for n in program.graph.nodes if n.op == "call_function"} & ops
+    if not present:
+        return program
+    with _quiet_torch(), contextlib.redirect_stderr(io.StringIO()):
+        return program.run_decompositions({op: decomposition_table[op] for op in present})
 
 
 def _check_tensor_outputs(program, name: str) -> None:
@@ -135,6 +185,19 @@ def _check_tensor_outputs(program, name: str) -> None:
                                "compiles models whose outputs are all tensors.",
                                hint="Return only tensors from forward() (wrap the model to drop "
                                "the other outputs).")
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = [getattr(a, "meta", {}).get("val") for a in output_node.args[0]]
+    user_values = [v for s, v in zip(program.graph_signature.output_specs, values, strict=False)
+                   if s.kind == OutputKind.USER_OUTPUT]
+    for i, val in enumerate(user_values):
+        if isinstance(val, torch.Tensor) and val.dtype in (torch.bfloat16, torch.complex64,
+                                                           torch.complex128):
+            label = names[i] if names and i < len(names) else f"#{i}"
+            raise CaptureError(f"Output {label} of {name!r} is {str(val.dtype)[6:]}, which "
+                               "slimc's artifacts do not return: they compute and return "
+                               "float32 (and integer/bool) tensors.",
+                               hint="Return the output as float32 (end forward() with "
+                               ".float()), or drop the cast that changes its dtype.")
 
 
 def dynamic_shapes(loaded: LoadedModel) -> dict | tuple | None:

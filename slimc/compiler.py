@@ -165,6 +165,9 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     if sequence.startswith("fixed ("):  # the default dynamic length could not be captured
         warnings.append(f"the sequence length is {sequence}; pass --input "
                         "input_ids=1xN:int64 to choose it.")
+    converted = ir.annotations.get("source", {}).get("converted_dtype")
+    if converted:  # see capture._compute_in_float32
+        warnings.append(f"the model's {converted} (call model.float() to silence this).")
     output = Path(options.output or f"{_safe_name(ir.name)}.slimc")
     check_output_directory(output, force=options.force)
     check_finite_weights(ir)

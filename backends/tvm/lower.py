@@ -60,10 +60,23 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
             ) from None
         raise LoweringError(f"TVM failed to import {ir.name!r}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - TVM import bugs surface as many types
+        mixed = _MIXED_FLOATS.search(str(exc))
+        if mixed:
+            raise UsageError(
+                f"{ir.name!r} computes in {mixed['dtype']} inside forward() (a cast such as "
+                f".half() or .double() on an activation): TVM {_tvm_version()} imports "
+                "matrix products and convolutions with a float32 result, which then meets "
+                f"the {mixed['dtype']} operand ({_first_line(exc)[:200]}).",
+                hint="Keep forward() in float32 (remove the cast); slimc itself converts "
+                "float16/bfloat16/float64 weights and inputs to float32.") from None
         raise LoweringError(
             f"TVM failed to import {ir.name!r}: {type(exc).__name__}: {_first_line(exc)}",
             hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
         ) from exc
+
+
+#: TVM's message when a float32 product meets an operand of another float dtype.
+_MIXED_FLOATS = re.compile(r"must have the same datatype.*?(?P<dtype>b?float(?:16|64))", re.S)
 
 
 def _tvm_version() -> str:

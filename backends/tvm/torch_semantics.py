@@ -1,0 +1,62 @@
+"""Converters that give ATen ops their PyTorch meaning where TVM 0.27's importer does not.
+
+Registered through ``slimc_register_converters`` (see ``backends/builtin.py``), keyed like
+TVM's ``custom_convert_map``; each replaces or adds one op:
+
+* ``select.int`` with a negative index (``x[:, -1]``, ``h_n[-1]``): TVM emits
+  ``take(x, -1)``, whose index :func:`~slimc.backends.tvm.bounds.clamp_gathers` clamps to 0 --
+  the *first* row instead of the last, a library that runs and computes the wrong thing (a GRU
+  classifier reading ``out[:, -1]`` was refused by verification). The index is normalised the
+  way PyTorch does, against the static or symbolic length of the axis.
+* ``amax.default`` / ``amin.default`` (``torch.amax``, ``torch.amin``): TVM has no converter
+  and torch's decomposition yields ``prims.amax``, which it cannot import either. They are
+  ``max``/``min`` reductions over ``dim`` (all axes when empty) with ``keepdim``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _convert_select(node, importer):
+    """``aten.select.int``: a negative index counts from the end of the axis, as in PyTorch."""
+    from tvm import relax, tirx
+
+    x = importer.env[node.args[0]]
+    dim, index = node.args[1], node.args[2]
+    if not isinstance(index, int) or index >= 0:
+        return importer._select(node)
+    shape = importer.shape_of(x)
+    axis = dim if dim >= 0 else dim + len(shape)
+    size = shape[axis]
+    if isinstance(size, (int, tirx.IntImm)):
+        position = relax.const(int(size) + index, "int64")
+        return importer.block_builder.emit(relax.op.take(x, position, axis))
+    begin = size + index  # a symbolic length: slice the one row, then drop the axis
+    sliced = importer.block_builder.emit(relax.op.strided_slice(
+        x, [axis], [begin], [begin + 1], [1], assume_inbound=True))
+    return importer.block_builder.emit(relax.op.squeeze(sliced, [axis]))
+
+
+def _reduction(op_name: str):
+    def convert(node, importer):
+        """``aten.amax/amin.default(x, dim=[], keepdim=False)``: reduce ``dim`` (all if empty)."""
+        from tvm import relax
+
+        x = importer.env[node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if isinstance(dim, int):
+            dim = [dim]
+        axis = list(dim) if dim else None
+        reduce = getattr(relax.op, op_name)
+        return importer.block_builder.emit(reduce(x, axis=axis, keepdims=bool(keepdim)))
+
+    convert.__name__ = f"_convert_a{op_name}"
+    return convert
+
+
+def converters() -> dict[str, Any]:
+    """Converters keyed like TVM's ``custom_convert_map``."""
+    return {"select.int": _convert_select, "amax.default": _reduction("max"),
+            "amin.default": _reduction("min")}
