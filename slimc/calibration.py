@@ -133,7 +133,7 @@ def _arrays(arrays: dict[str, np.ndarray], template, max_batches: int,
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UsageError(f"{path}: array {name!r} holds NaN or Inf.",
                              hint="Clean the data (every value must be a finite number).")
-        value = torch.from_numpy(np.ascontiguousarray(array)).to(want.dtype)
+        value = torch.from_numpy(np.require(array, requirements="C")).to(want.dtype)
         if value.dim() == want.dim() - 1:
             value = value.unsqueeze(0)
         if tuple(value.shape[1:]) != tuple(want.shape[1:]):

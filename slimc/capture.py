@@ -7,6 +7,7 @@ what to try, instead of torch's multi-page traceback.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import re
@@ -142,7 +143,8 @@ def _compute_in_float32(loaded: LoadedModel) -> None:
     converted = sorted(str(d).removeprefix("torch.") for d in found if d in _CONVERTED_FLOATS)
     if not converted:
         return
-    loaded.module = loaded.module.float()
+    # a copy: slimc.compile(module, ...) must not change the caller's model
+    loaded.module = copy.deepcopy(loaded.module).float()
     loaded.example_inputs = {k: v.float() if v.dtype in _CONVERTED_FLOATS else v
                              for k, v in loaded.example_inputs.items()}
     loaded.extra["converted_dtype"] = (f"{'/'.join(converted)} -> float32: the artifact "

@@ -416,7 +416,8 @@ def _prepare_task(options: CompileOptions, ir: IR, example_inputs, registry: Reg
                              held_out)
     stage("evaluate the task metric on the original model")
     task.measure("original", lambda arrays: [
-        o.numpy() for o in ir.run([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])])
+        o.numpy()
+        for o in ir.run([torch.from_numpy(np.require(a, requirements="C")) for a in arrays])])
     return task
 
 
@@ -442,7 +443,7 @@ def _measure_artifact(task, library: Path, spec: TargetSpec, ir: IR, threads: in
                     "it was checked against the IR on the example input)")
     if run is None:
         run = lambda arrays: [o.numpy() for o in ir.run(  # noqa: E731
-            [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])]
+            [torch.from_numpy(np.require(a, requirements="C")) for a in arrays])]
     task.measure("artifact", run)
     quality = task.to_json(compared)
     line = describe(quality)

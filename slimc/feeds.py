@@ -75,7 +75,7 @@ def arrange(specs: Sequence[Mapping[str, Any]], args: Sequence[Any],
                 raise UsageError(f"Missing input {spec['name']}.")
             arrays[spec["name"]] = _filled(spec, reference.shape)
     check(specs, arrays)
-    return [np.ascontiguousarray(arrays[n]) for n in names]
+    return [np.require(arrays[n], requirements="C") for n in names]
 
 
 def _cast(spec: Mapping[str, Any], array: np.ndarray) -> np.ndarray:

@@ -227,7 +227,7 @@ def record_on_host(scheduled, weights: Sequence[Any], inputs: Sequence[np.ndarra
 
     vm = relax.VirtualMachine(executable, tvm.cpu())
     vm.set_instrument(instrument)
-    result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+    result = vm["main"](*[tvm.runtime.tensor(np.require(x, requirements="C")) for x in inputs])
     from slimc.backends.tvm.runtime import _flatten
 
     outputs = _flatten(result)

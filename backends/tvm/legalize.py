@@ -54,6 +54,43 @@ def cumsum_of_bool_as_int64(ir: IR, node: Node) -> bool:
     return True
 
 
+def negative_index_tensor_wrapped(ir: IR, node: Node) -> bool:
+    """``x[idx]`` with an index tensor: wrap negative entries (``idx + size``) first.
+
+    PyTorch reads ``x[-1]`` from the end; TVM imports ``aten.index`` as ``take``, whose index
+    :func:`~slimc.backends.tvm.bounds.clamp_gathers` clamps to row 0, so a model indexing with
+    ``tensor([-1, 0])`` got a library that ran and returned the wrong rows. The wrap is a
+    ``where`` on the (small) index tensor; non-negative indices are unchanged.
+    """
+    if node.target is not aten.index.Tensor or node.meta.get("slimc_wrapped"):
+        return False
+    src, indices = node.args[0], list(node.args[1])
+    src_val = src.meta.get("val") if isinstance(src, Node) else None
+    if src_val is None:
+        return False
+    changed = False
+    for dim, index in enumerate(indices):
+        val = index.meta.get("val") if isinstance(index, Node) else None
+        if val is None or val.dtype not in (torch.int64, torch.int32):
+            continue
+        size = src_val.shape[dim]
+        if isinstance(size, torch.SymInt):
+            continue  # a dynamic axis: left as it was
+        with ir.graph.inserting_before(node):
+            negative = ir.graph.call_function(aten.lt.Scalar, (index, 0))
+            shifted = ir.graph.call_function(aten.add.Scalar, (index, int(size)))
+            wrapped = ir.graph.call_function(aten.where.self, (negative, shifted, index))
+        negative.meta["val"] = val < 0
+        shifted.meta["val"] = val + int(size)
+        wrapped.meta["val"] = val.clone()
+        indices[dim] = wrapped
+        changed = True
+    if changed:
+        node.args = (src, indices, *node.args[2:])
+        node.meta["slimc_wrapped"] = True
+    return changed
+
+
 def index_with_leading_none_to_index_select(ir: IR, node: Node) -> bool:
     """``x[:, :, idx]`` (``aten.index`` with ``None`` before one index tensor) ->
     ``index_select`` (+ ``reshape`` for a multi-dimensional ``idx``).
@@ -143,6 +180,7 @@ def _pair(value, count: int) -> list[int]:
 
 
 RULES: list[Callable[[IR, Node], bool]] = [
+    negative_index_tensor_wrapped,
     view_to_reshape, cumsum_of_bool_as_int64, index_with_leading_none_to_index_select,
     whole_window_avg_pool_to_mean,
 ]

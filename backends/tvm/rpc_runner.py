@@ -66,7 +66,8 @@ class RpcRunner:
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         from slimc.backends.tvm.runtime import _flatten
 
-        args = [self._tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+        args = [self._tvm.runtime.tensor(np.require(x, requirements="C"), self.device)
+                for x in inputs]
         # The stateful interface: a tuple result stays on the device as a remote object that
         # cannot be iterated; get_outputs fetches it element by element (TVM's RPC idiom).
         self._vm.set_input("main", *args)

@@ -110,7 +110,9 @@ class NativeRunner:
 
     def __call__(self, inputs: Sequence[np.ndarray], function: str = "main") -> list[np.ndarray]:
         tvm = self._tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._device)
+        # np.require, not np.ascontiguousarray: that turns a 0-d input into shape (1,), which
+        # the library's shape check then refuses
+        args = [tvm.runtime.tensor(np.require(x, requirements="C"), device=self._device)
                 for x in inputs]
         result = self.pinning.call(self._vm[function], *args)
         return _flatten(result)

@@ -11,6 +11,7 @@ TVM's ``custom_convert_map``; each replaces or adds one op:
 * ``amax.default`` / ``amin.default`` (``torch.amax``, ``torch.amin``): TVM has no converter
   and torch's decomposition yields ``prims.amax``, which it cannot import either. They are
   ``max``/``min`` reductions over ``dim`` (all axes when empty) with ``keepdim``.
+* ``min.dim`` (``x.min(dim)``: values and indices): TVM has ``max.dim`` but not ``min.dim``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,23 @@ def _reduction(op_name: str):
     return convert
 
 
+def _convert_min_dim(node, importer):
+    """``aten.min.dim(x, dim, keepdim=False)`` -> (values, int64 indices), as ``max.dim``."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dim = node.args[1]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    emit = importer.block_builder.emit
+    both = emit(relax.op.topk(x, k=1, axis=dim, largest=False, ret_type="both", dtype="int64"))
+    values, indices = both[0], both[1]
+    if not keepdim:
+        values = emit(relax.op.squeeze(values, axis=[dim]))
+        indices = emit(relax.op.squeeze(indices, axis=[dim]))
+    return emit(relax.Tuple([values, indices]))
+
+
 def converters() -> dict[str, Any]:
     """Converters keyed like TVM's ``custom_convert_map``."""
     return {"select.int": _convert_select, "amax.default": _reduction("max"),
-            "amin.default": _reduction("min")}
+            "amin.default": _reduction("min"), "min.dim": _convert_min_dim}

@@ -135,7 +135,7 @@ class Generator:
     def _scalars(self, *arrays: np.ndarray) -> list:
         if self.device is None:
             return [as_tensor(_aligned(a)) for a in arrays]
-        return [self._tvm.runtime.tensor(np.ascontiguousarray(a), device=self.device)
+        return [self._tvm.runtime.tensor(np.require(a, requirements="C"), device=self.device)
                 for a in arrays]
 
     def _run(self, fn, ids: np.ndarray, pos: int, last: int | None, valid: int) -> np.ndarray:

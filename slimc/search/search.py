@@ -112,7 +112,7 @@ class Scorer:
 
 def _runner(ir: IR):
     return lambda arrays: [o.numpy() for o in ir.run(
-        [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])]
+        [torch.from_numpy(np.require(a, requirements="C")) for a in arrays])]
 
 
 def task_scorer(task) -> Scorer:

@@ -1,0 +1,94 @@
+"""Tiny ``module:factory`` models for tests/test_factory_models.py (``tests.factory_models:NAME``).
+
+Each covers ops or dtypes a small ``torch.nn`` model uses that TVM 0.27's importer got wrong or
+refused: GRU / Elman RNN, negative ``select`` indices, ``amax``/``amin``, float16 / bfloat16 /
+float64 weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Recurrent(nn.Module):
+    """A GRU and a ReLU RNN (2 layers, bidirectional, batch-first) read at the last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(6, 8, num_layers=2, batch_first=True, bidirectional=True)
+        self.rnn = nn.RNN(6, 8, nonlinearity="relu")
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, h0):
+        out, h_n = self.gru(x, h0)
+        seq, h_rnn = self.rnn(x.transpose(0, 1))
+        logits = self.head(out[:, -1])  # select with a negative index
+        return logits, h_n, seq[-2], h_rnn, torch.amax(out, dim=1), torch.amin(out, dim=(0, 2),
+                                                                               keepdim=True)
+
+
+def recurrent():
+    torch.manual_seed(0)
+    return Recurrent().eval(), (torch.randn(2, 7, 6), torch.randn(4, 2, 8))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 5), nn.LayerNorm(5)).eval()
+
+
+def cnn_float16():
+    torch.manual_seed(0)
+    return _cnn().half(), (torch.randn(1, 3, 8, 8).half(),)
+
+
+def cnn_bfloat16():
+    torch.manual_seed(0)
+    return _cnn().bfloat16(), (torch.randn(1, 3, 8, 8).bfloat16(),)
+
+
+def cnn_float64():
+    torch.manual_seed(0)
+    return _cnn().double(), (torch.randn(1, 3, 8, 8).double(),)
+
+
+class _Bf16Output(nn.Module):
+    def forward(self, x):
+        return (x * 2).bfloat16()
+
+
+def bfloat16_output():
+    return _Bf16Output(), (torch.randn(2, 3),)
+
+
+class _HalfInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        w, b = self.linear.weight.half(), self.linear.bias.half()
+        return nn.functional.linear(x.half(), w, b).float()
+
+
+def half_inside_forward():
+    torch.manual_seed(0)
+    return _HalfInside(), (torch.randn(2, 4),)
+
+
+class Indexing(nn.Module):
+    """Negative entries in index tensors (a buffer and an input), ``x.min(dim)``, a 0-d input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rows", torch.tensor([-1, 0, -3]))
+
+    def forward(self, x, idx, scale):
+        values, where = x.min(dim=1)
+        return x[self.rows] * scale, x[:, idx], values, where
+
+
+def indexing():
+    torch.manual_seed(0)
+    return Indexing().eval(), (torch.randn(4, 5), torch.tensor([-1, 2, -5]), torch.tensor(0.5))
