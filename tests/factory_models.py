@@ -30,7 +30,7 @@ class Recurrent(nn.Module):
 
 def recurrent():
     torch.manual_seed(0)
-    return Recurrent().eval(), (torch.randn(2, 7, 6), torch.randn(4, 2, 8))
+    return Recurrent().eval(), (torch.randn(2, 4, 6), torch.randn(4, 2, 8))
 
 
 def _cnn() -> nn.Module:
