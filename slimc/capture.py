@@ -128,7 +128,7 @@ _CONVERTED_FLOATS = (torch.float16, torch.bfloat16, torch.float64)
 
 
 def _compute_in_float32(loaded: LoadedModel) -> None:
-    """Convert a float16/bfloat16/float64 module and its example inputs to float32, in place.
+    """Give ``loaded`` a float32 copy of a float16/bfloat16/float64 module, and float32 inputs.
 
     TVM 0.27's importer emits every matmul, linear and convolution with a float32 result, so a
     ``model.half()`` or ``model.double()`` failed to import (its float16 bias met a float32
@@ -151,10 +151,11 @@ def _compute_in_float32(loaded: LoadedModel) -> None:
                                        "computes, takes and returns float32")
 
 
-#: Recurrent ops TVM 0.27 imports wrongly (``aten.gru.input`` yields only the output sequence,
-#: not ``(output, h_n)``): torch's own decompositions into matmuls and pointwise ops replace
-#: them before any pass sees the graph. ``aten.lstm.input`` imports correctly and stays.
 def _recurrent_ops() -> set:
+    """GRU / Elman RNN ops. TVM 0.27's converter for ``aten.gru.input`` yields only the output
+    sequence, not ``(output, h_n)``; the import avoids it only while ``from_exported_program``
+    re-runs torch's decompositions. Decomposing at capture makes that independent of TVM and
+    lets the passes see the linears. ``aten.lstm.input`` imports correctly and stays."""
     aten = torch.ops.aten
     return {aten.gru.input, aten.gru.data, aten.rnn_tanh.input, aten.rnn_tanh.data,
             aten.rnn_relu.input, aten.rnn_relu.data}
