@@ -78,7 +78,8 @@ def half_inside_forward():
 
 
 class Indexing(nn.Module):
-    """Negative entries in index tensors (a buffer and an input), ``x.min(dim)``, a 0-d input."""
+    """Negative entries in index tensors (a buffer and an input), ``x.min(dim)``, a 0-d input,
+    an adaptive max pool."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +87,8 @@ class Indexing(nn.Module):
 
     def forward(self, x, idx, scale):
         values, where = x.min(dim=1)
-        return x[self.rows] * scale, x[:, idx], values, where
+        pooled = nn.functional.adaptive_max_pool2d(x[None, None], (3, 2))  # 4x5: uneven
+        return x[self.rows] * scale, x[:, idx], values, where, pooled
 
 
 def indexing():

@@ -12,6 +12,9 @@ TVM's ``custom_convert_map``; each replaces or adds one op:
   and torch's decomposition yields ``prims.amax``, which it cannot import either. They are
   ``max``/``min`` reductions over ``dim`` (all axes when empty) with ``keepdim``.
 * ``min.dim`` (``x.min(dim)``: values and indices): TVM has ``max.dim`` but not ``min.dim``.
+* ``adaptive_max_pool2d.default`` (``nn.AdaptiveMaxPool2d``): no TVM converter; TOPI's
+  ``adaptive_pool(..., "max")`` computes the values. The argmax indices are not computed: a
+  model that uses them (``return_indices=True``) still gets the unsupported-op error.
 """
 
 from __future__ import annotations
@@ -73,7 +76,24 @@ def _convert_min_dim(node, importer):
     return emit(relax.Tuple([values, indices]))
 
 
+def _convert_adaptive_max_pool2d(node, importer):
+    """``aten.adaptive_max_pool2d(x, output_size)`` -> (values, indices), values only."""
+    import operator
+
+    from tvm import relax, topi
+
+    x = importer.env[node.args[0]]
+    if len(importer.shape_of(x)) != 4 or any(
+            u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        raise AssertionError("Unsupported function types ['adaptive_max_pool2d.default "
+                             "(return_indices=True or a 3-D input)']")
+    size = [int(v) for v in node.args[1]]
+    values = importer.block_builder.emit_te(topi.nn.adaptive_pool, x, size, "max", "NCHW")
+    return importer.block_builder.emit(relax.Tuple([values, values]))
+
+
 def converters() -> dict[str, Any]:
     """Converters keyed like TVM's ``custom_convert_map``."""
     return {"select.int": _convert_select, "amax.default": _reduction("max"),
-            "amin.default": _reduction("min"), "min.dim": _convert_min_dim}
+            "amin.default": _reduction("min"), "min.dim": _convert_min_dim,
+            "adaptive_max_pool2d.default": _convert_adaptive_max_pool2d}
