@@ -61,6 +61,8 @@ VARIANTS: dict[str, dict] = {
     "new": {},
     "dw": {"nhwc_rewrites.HALF_PANEL_MIN_PIXELS": None},  # the depthwise rule alone
     "mm": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 1 << 62},  # the half-panel matmuls alone
+    # issue 16, wt/mnv3: one-vector-panel projections (480 / 672 -> 112) with the panel outside
+    "panel": {"LARGER_OPERAND_ROWS_OUTSIDE": False},
 }
 
 

@@ -132,6 +132,39 @@ def test_few_row_products_use_packed_panels(shape, k, n, kwargs, tmp_path, caplo
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
 
 
+def _gemv_panels(module, inputs, target) -> list[list[int]]:
+    """Shapes of the packed weight panels the fusion passes give the fp32 GEMV kernels."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes
+
+    with target:
+        fused = fusion_passes(target)[0](_lower(module, inputs))
+        fused = tvm.transform.Sequential(fusion_passes(target)[1:])(fused)
+    return [[int(d) for d in call.args[1][1].ty.shape] for call in _call_tirs(fused["main"])
+            if call.args[0].name_hint.startswith("slimc_linear_fp32")]
+
+
+def test_classifier_columns_are_padded_to_whole_vector_panels(tmp_path, caplog):
+    """A 1000-class classifier at batch 1 on AVX-512: only 8-lane panels divide 1000 (one
+    latency-bound multiply-add chain of half a vector); its constant weight is padded with
+    zero columns to 1024 and runs 32-lane panels, the output cropped back to 1000, exact
+    against PyTorch. On AVX2, where 8 lanes are a whole vector, the panels stay 8 wide."""
+    import tvm
+
+    torch.manual_seed(0)
+    module, inputs = Linear(64, 1000), (torch.randn(1, 64),)
+    avx512 = resolve_target("x86-64-v4-vnni").tvm_target()
+    assert _gemv_panels(module, inputs, avx512) == [[32, 64, 32]]
+    avx2 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                              "mcpu": "x86-64-v3"})
+    assert _gemv_panels(module, inputs, avx2) == [[125, 64, 8]]
+    got, _ = _build_run(module, inputs, tmp_path, target="x86-64-v4-vnni", caplog=caplog)
+    with torch.no_grad():
+        want = module(*inputs).numpy()
+    assert got[0].shape == (1, 1000)
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+
+
 def _call_tirs(func) -> list:
     from tvm import relax
 
