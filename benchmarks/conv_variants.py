@@ -52,6 +52,12 @@ CASES = {
     "pw24_144": ("pw", 24, 144, 56, 1),
     "pw672_112": ("pw", 672, 112, 14, 1),
     "pw32_16": ("pw", 32, 16, 112, 1),
+    # MobileNetV3-L's 8-lane depthwise convs (issue 16, wt/mnv3); "dw5": a 5 x 5 window
+    "dw72k5s2": ("dw5", 72, 72, 56, 2),
+    "dw120k5": ("dw5", 120, 120, 28, 1),
+    "dw184": ("dw", 184, 184, 14, 1),
+    "dw200": ("dw", 200, 200, 14, 1),
+    "dw240s2": ("dw", 240, 240, 28, 2),  # a 16-lane control
 }
 
 #: variant -> {constant of cpu_matmul: value}
@@ -63,6 +69,8 @@ VARIANTS: dict[str, dict] = {
     "mm": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 1 << 62},  # the half-panel matmuls alone
     # issue 16, wt/mnv3: one-vector-panel projections (480 / 672 -> 112) with the panel outside
     "panel": {"LARGER_OPERAND_ROWS_OUTSIDE": False},
+    # every depthwise conv with its pixel rows outside
+    "dwrows": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 0},
 }
 
 
@@ -72,8 +80,8 @@ def _module(kind: str, cin: int, cout: int, stride: int):
     class Conv(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            groups = cin if kind == "dw" else 1
-            k = 3 if kind == "dw" else 1
+            groups = cin if kind.startswith("dw") else 1
+            k = 5 if kind == "dw5" else 3 if kind == "dw" else 1
             self.conv = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
             self.bn = torch.nn.BatchNorm2d(cout)
 
