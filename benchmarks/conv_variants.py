@@ -58,6 +58,9 @@ CASES = {
     "dw184": ("dw", 184, 184, 14, 1),
     "dw200": ("dw", 200, 200, 14, 1),
     "dw240s2": ("dw", 240, 240, 28, 2),  # a 16-lane control
+    "dw64": ("dw", 64, 64, 56, 1),  # 56 x 56 at 16-lane panels, beside dw72's 8-lane ones
+    "dw80": ("dw", 80, 80, 56, 1),
+    "dw88": ("dw", 88, 88, 56, 1),
 }
 
 #: variant -> {constant of cpu_matmul: value}
