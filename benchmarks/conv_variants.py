@@ -61,6 +61,10 @@ CASES = {
     "dw64": ("dw", 64, 64, 56, 1),  # 56 x 56 at 16-lane panels, beside dw72's 8-lane ones
     "dw80": ("dw", 80, 80, 56, 1),
     "dw88": ("dw", 88, 88, 56, 1),
+    "dw128k5": ("dw5", 128, 128, 28, 1),  # dw120k5 / dw184 / dw200 padded to whole vectors
+    "dw192_14": ("dw", 192, 192, 14, 1),  # cv_pad_t*.json's "dw192"
+    "dw208": ("dw", 208, 208, 14, 1),
+    "dw80k5s2": ("dw5", 80, 80, 56, 2),
 }
 
 #: variant -> {constant of cpu_matmul: value}

@@ -11,8 +11,9 @@ arguments; each call is then repeated ``--number`` times back to back (best of 5
 ``--threads``. ONNX Runtime: its own profiler (node ``*_kernel_time`` events), median over
 ``--runs`` inferences. Conv layers are paired in graph order by their output map (channels,
 height, width; slimc's NHWC, ORT's NCHW, whose NCHWc convs carry channels padded to 16);
-every other kernel / node is listed unpaired with its time, so the sums are comparable. ORT's profiler adds a little per node, slimc's side
-has no call overhead at all: ratios below ~1.1 on small layers are not a loss by themselves.
+every other kernel / node is listed unpaired with its time, so the sums are comparable.
+ORT's profiler adds a little per node, slimc's side has no call overhead at all: ratios
+below ~1.1 on small layers are not a loss by themselves.
 """
 
 from __future__ import annotations
