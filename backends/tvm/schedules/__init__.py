@@ -32,6 +32,7 @@ from .common import log
 from .cpu_matmul import CONSTANT_OPERANDS, PREPROC, TiledMatmul, clamp_padded_rows
 from .cpu_reduction import RowReduction
 from .fallback import Fallback
+from .panel_prefetch import prefetch_next_panel
 from .parallel_guard import guard_parallel_loops
 from .symbolic_tails import peel_symbolic_tails
 from .whole_tiles import split_whole_tiles
@@ -72,8 +73,8 @@ def schedule_prim_func(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
         if sch is not None:
             log.debug("rule %s scheduled %s", rule.name, name)
             _peel(sch, name)
-            return _guard(_clamp(_whole_tiles(sch.mod["main"], name), name), name).with_attr(
-                "tirx.is_scheduled", True)
+            return _guard(_prefetch(_clamp(_whole_tiles(sch.mod["main"], name), name), name),
+                          name).with_attr("tirx.is_scheduled", True)
     return func
 
 
@@ -103,6 +104,16 @@ def _clamp(func, name: str):
     except Exception as exc:  # noqa: BLE001 - the guarded reads stay: correct, a bit slower
         interrupts.check()
         log.debug("padded rows of %s not clamped: %s", name, _last_line(exc))
+        return func
+
+
+def _prefetch(func, name: str):
+    """Next weight panel prefetched (:mod:`.panel_prefetch`); a failure keeps the plain loop."""
+    try:
+        return prefetch_next_panel(func)
+    except Exception as exc:  # noqa: BLE001 - correct either way, only slower with cold weights
+        interrupts.check()
+        log.debug("panel prefetch of %s not inserted: %s", name, _last_line(exc))
         return func
 
 

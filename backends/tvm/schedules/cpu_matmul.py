@@ -48,6 +48,7 @@ from .common import (
     vector_lanes,
 )
 from .fallback import schedule_block
+from .panel_prefetch import PREFETCH_PANEL
 from .whole_tiles import CLAMP_PADDED_ROWS, PADDED_READS, WHOLE_TILES, is_guarded_read, padded_read
 
 #: Kernel attribute listing the parameters that are constants (weights), set before scheduling.
@@ -127,6 +128,16 @@ BROADCAST_EPILOGUE_ONCE = True
 #: Smaller images keep the panel outside (56 x 56 x 144, 1.8 MB: rows outside measured
 #: 1.2-1.37x slower at 2 threads; wt/mob's 1.04-1.07x at one thread on Zen 4).
 DEPTHWISE_ROWS_OUTSIDE_BYTES = 2 << 20
+#: A matmul over a packed constant weight of at least PREFETCH_MIN_WEIGHT_BYTES prefetches its
+#: next weight panel while it computes the current one (:mod:`.panel_prefetch`): a weight
+#: that size is not in L2 when the kernel starts, and with few rows per panel its first row
+#: tile otherwise waits on memory while the others leave the bus idle.
+PANEL_PREFETCH = True
+PREFETCH_MIN_WEIGHT_BYTES = 1 << 20
+#: A matmul whose rows only allow a short tile on two-vector panels (50 tokens: 5 x 32 on
+#: AVX-512) takes a tile twice as tall on one-vector panels instead (10 x 16), reading
+#: its panel in place (see :func:`_tall_tile_rows`; off only to measure what it saves).
+TALL_NARROW_TILES = True
 
 
 @dataclass
@@ -407,7 +418,7 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
     measured no faster (197-row dense layers).
     """
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
-    mr, nr = _tile_sizes(sch, axes, target, dtype_bits)
+    mr, nr, _ = _tile_sizes(sch, axes, target, dtype_bits)
     loops = sch.get_loops(main)
     factors = [1] * len(loops)
     vector_size = extent(sch, axes.vector)
@@ -618,7 +629,8 @@ def _group_panel(group: int | None, n: int | None, lanes: int) -> int | None:
                  if v > 1 and group % v == 0 and (n is None or n % v == 0)), None)
 
 
-def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int, int]:
+def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int, int, int]:
+    """``(MR, NR, packed panel width)`` of the micro-kernel."""
     lanes = vector_lanes(target, dtype_bits)
     n = extent(sch, axes.vector)
     m = extent(sch, axes.reuse) if axes.reuse is not None else 1
@@ -626,13 +638,37 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
     accumulators = simd_registers(target) // 2  # leave room for the loads and broadcasts
     mr_max = max(1, min(8, accumulators * lanes // max(nr, 1)))
     if m is None:
-        mr = mr_max
-    else:
-        mr = next((v for v in range(mr_max, 0, -1) if m % v == 0 and v * 2 > mr_max), None)
-        mr = mr or min(mr_max, m)
-        if STACK_TILE_ROWS:
-            mr = _stack_tile_rows(m, mr, nr, dtype_bits)
-    return mr, nr
+        return mr_max, nr, nr
+    mr = next((v for v in range(mr_max, 0, -1) if m % v == 0 and v * 2 > mr_max), None)
+    mr = mr or min(mr_max, m)
+    if STACK_TILE_ROWS:
+        mr = _stack_tile_rows(m, mr, nr, dtype_bits)
+    if TALL_NARROW_TILES and not axes.extra and axes.group is None and len(axes.reduce) == 1 \
+            and nr == 2 * lanes and dtype_bits == 32 and simd_registers(target) >= 32 \
+            and lanes * dtype_bits >= 512:
+        tall = _tall_tile_rows(m, mr, lanes, dtype_bits)
+        if tall:
+            return tall, lanes, lanes
+    return mr, nr, nr
+
+
+def _tall_tile_rows(m: int, mr: int, lanes: int, dtype_bits: int) -> int | None:
+    """Rows of a one-vector-wide tile at least twice as tall as ``mr`` that divide ``m`` and
+    keep the accumulators on the stack (under :data:`~.common.STACK_ALLOCA_BYTES`), or None.
+
+    Why: each step of the reduction loads the tile's ``NR``-wide row of the weight panel
+    (from L2: a ``K x NR`` panel is larger than L1) and reuses it for ``MR`` rows, so the
+    weight bytes read per multiply-add are ``4 * 16 / MR`` whatever ``NR`` is. With 50 rows
+    the two-vector panel's tile is 5 x 32 (8, 7 and 6 do not divide 50, and 8 x 32 floats is
+    no longer a stack buffer); 10 x 16 reads half as much weight per multiply-add for one
+    broadcast per vector multiply-add. CLIP ViT-B/32's 50 x 768 x 3072 and 50 x 3072 x 768
+    dense layers ran 0.88-0.89x as long at one thread (``benchmarks/weight_stream.py``, ORT's
+    MLAS, a 12 x 32 tile, in between). AVX-512 only (32 registers hold 15 accumulators, a
+    weight vector and a broadcast); the panel is still packed two vectors wide, so a weight
+    shared with a GEMV (``gemv.shared_panel_width``) stays stored once.
+    """
+    fits = (STACK_ALLOCA_BYTES - 1) // (lanes * dtype_bits // 8)
+    return next((v for v in range(fits, 2 * mr - 1, -1) if m % v == 0), None)
 
 
 def _stack_tile_rows(m: int, mr: int, nr: int, dtype_bits: int) -> int:
@@ -676,13 +712,12 @@ def _gemv_chunk(sch, axes: _Axes, lanes: int) -> int | None:
 def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list,
           func: tirx.PrimFunc, depthwise: bool = False) -> None:
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
-    mr, nr = _tile_sizes(sch, axes, target, dtype_bits)
+    mr, nr, pack = _tile_sizes(sch, axes, target, dtype_bits)
     lanes = vector_lanes(target, dtype_bits)
     chunk = _gemv_chunk(sch, axes, lanes)
     # decided before the weight is packed (the packed copy is no longer the constant parameter)
     rows_outside = _rows_outside(sch, main, axes, func, depthwise)
-    if not chunk:
-        _pack_constant_operand(sch, main, axes, func, nr)
+    packed = not chunk and _pack_constant_operand(sch, main, axes, func, pack)
     work = _work(sch, axes)
     vo, vi = sch.split(axes.vector, factors=[None, chunk or nr])
     if axes.reuse is not None:
@@ -701,6 +736,10 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         # transforms wrote and read
         outer = [ro] + axes.shared + [vo]
     sch.reorder(*outer, *axes.reduce, *tile_inner)
+    if packed and PANEL_PREFETCH and panel_outside and not axes.extra and len(axes.reduce) == 1 \
+            and (_weight_bytes(sch, main, axes) or 0) >= PREFETCH_MIN_WEIGHT_BYTES:
+        weight = sch.get(main).reads[axes.contiguous].source
+        sch.annotate(axes.reduce[0], PREFETCH_PANEL, f"{weight.name}|{len(weight.shape) - 3}")
     symbolic_tiles = extent(sch, vo) is None or ro is not None and extent(sch, ro) is None
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     # Loop kinds are set while the block still has its init (a "reduction block" for TVM).
@@ -753,7 +792,7 @@ def _broadcasts_beyond(shape, accumulated) -> bool:
 
 
 def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc,
-                           nr: int) -> None:
+                           nr: int) -> bool:
     """Store a constant operand (a weight) as contiguous ``NR``-wide panels, at build time.
 
     The micro-kernel reads its weight operand one ``NR``-wide sliver per reduction step; in the
@@ -764,7 +803,7 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
     separate block marked as a layout-rewrite preprocess: ``SplitLayoutRewritePreproc`` moves
     it out of the kernel and ``FoldConstant`` runs it once, at build time, on the constant.
     Operands computed at run time (not in the kernel's :data:`CONSTANT_OPERANDS`) stay as
-    they are.
+    they are. Returns whether the operand was packed.
     """
     free = func.attrs.get(CONSTANT_OPERANDS) if func.attrs is not None else None
     stmt = sch.get(main)
@@ -773,10 +812,10 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
     n = extent(sch, axes.vector)
     if not free or not params or int(params[0]) not in {int(i) for i in free} \
             or n is None or n <= nr or n % nr:
-        return
+        return False
     index = [r.min for r in operand.region]
     if not all(isinstance(e, tirx.Var) for e in index):
-        return
+        return False
     shared = {sch.get(loop).loop_var for loop in axes.shared}
     bindings = dict(zip([iv.var for iv in stmt.iter_vars], realize_bindings(
         sch, sch.get_loops(main)), strict=True))
@@ -790,6 +829,7 @@ def _pack_constant_operand(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.Pr
     cache = sch.cache_read(main, axes.contiguous, "global")
     sch.transform_layout(main, ("read", axes.contiguous), panels)
     sch.annotate(cache, PREPROC, True)
+    return True
 
 
 def _rows_outside(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc,
