@@ -93,7 +93,6 @@ def slimc_kernel(m: int, k: int, n: int, workdir: Path):
 
 def ort_session(m: int, k: int, n: int, copies: int, threads: int):
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -166,13 +165,13 @@ def main(argv=None) -> int:
                                    lambda i, call=call: call(i, cold=True), 1)
             sessions: dict = {}
             if "ort" in engines:
-                def ort_setup(t, m=m, k=k, n=n, copies=copies):
+                def ort_setup(t, m=m, k=k, n=n, copies=copies, sessions=sessions):
                     sessions["warm"] = ort_session(m, k, n, 1, t)
                     sessions["cold"] = ort_session(m, k, n, copies, t)
                     sessions["warm"](0)
                     sessions["cold"](0)
-                callers["ort"] = (ort_setup, lambda i: sessions["warm"](i),
-                                  lambda i: sessions["cold"](i), copies)
+                callers["ort"] = (ort_setup, lambda i, s=sessions: s["warm"](i),
+                                  lambda i, s=sessions: s["cold"](i), copies)
             for t in counts:
                 best = {e: [float("inf"), float("inf")] for e in callers}
                 setups = {}

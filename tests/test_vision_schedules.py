@@ -903,3 +903,61 @@ def test_batchnorm_over_a_regrouped_linear_output_is_not_folded():
     ir, _ = capture(LoadedModel(name="r", module=net, example_inputs={"x": torch.randn(1, 5, 8)}))
     assert fold_batchnorm(ir) == 0
     assert [n for n in ir.graph.nodes if "batch_norm" in str(n.target)]
+
+
+# --- short-M dense layers (issue 16: CLIP ViT-B/32's 50 tokens vs ONNX Runtime) ---------------
+
+
+def _dense_kernel(module, inputs, target) -> str:
+    """The scheduled TVMScript of ``module``'s one matmul kernel for ``target`` (a slimc
+    target name or a TVM target dict)."""
+    import tvm
+    from slimc.backends.tvm.schedules import fusion_passes, schedule_prim_func
+    from tvm import tirx
+
+    from slimc.targets import resolve_target
+
+    spec = tvm.target.Target(target) if isinstance(target, dict) \
+        else resolve_target(target).tvm_target()
+    with spec, tvm.transform.PassContext(opt_level=3):
+        fused = tvm.transform.Sequential(fusion_passes(spec))(_lower(module, inputs))
+        (text,) = [schedule_prim_func(f, spec, name=g.name_hint).script()
+                   for g, f in fused.functions_items()
+                   if isinstance(f, tirx.PrimFunc) and "matmul" in g.name_hint]
+    return text
+
+
+@pytest.mark.parametrize("rows,k,n,tile,prefetch", [
+    (50, 256, 512, (10, 16), False),   # 5 x 32 -> 10 x 16; a small weight: no prefetch
+    (50, 768, 512, (10, 16), True),    # a 1.5 MiB weight: next panel prefetched
+    (30, 128, 256, (15, 16), False),   # 6 x 32 -> 15 x 16
+    (128, 256, 512, (8, 32), False),   # 8-row tiles already: unchanged
+    (49, 256, 512, (7, 32), False),    # Swin's 49-token windows: 7 x 32 unchanged
+])
+def test_short_row_dense_layers_take_tall_one_vector_tiles(rows, k, n, tile, prefetch,
+                                                           tmp_path, caplog):
+    """Rows that only allow a 5- or 6-row tile on two-vector (32-float) panels get a tile at
+    least twice as tall on one-vector panels on AVX-512 (half the weight bytes per
+    multiply-add; CLIP B/32's 50 x 768 x 3072 dense layer 0.88x the time at one thread), and
+    a weight of 1 MiB or more prefetches its next panel; the result is what PyTorch
+    computes. Rows with 7- or 8-row tiles keep them."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.GELU()).eval()
+    x = torch.randn(1, rows, k)
+    text = _dense_kernel(net, (x,), "x86-64-v4-vnni")
+    mr, nr = tile
+    assert f"T.unroll(T.int64({mr}))" in text and f"T.vectorized(T.int64({nr}))" in text, text
+    assert f"T.int64({n // nr}), T.int64({k}), T.int64({nr})" in text  # panels NR wide
+    assert ("llvm.prefetch" in text) == prefetch
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_short_row_dense_layers_keep_their_tiles_on_neon():
+    """The tall tiles are for AVX-512's 16-float vectors only: on aarch64 NEON a 50-row
+    dense layer keeps its 5 x 8 tile on 8-float panels and gets no prefetch."""
+    net = torch.nn.Linear(768, 512).eval()
+    text = _dense_kernel(net, (torch.randn(1, 50, 768),),
+                         {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+                          "mattr": ["+neon"]})
+    assert "T.unroll(T.int64(5))" in text and "T.vectorized(T.int64(8))" in text, text
+    assert "llvm.prefetch" not in text

@@ -128,15 +128,18 @@ BROADCAST_EPILOGUE_ONCE = True
 #: Smaller images keep the panel outside (56 x 56 x 144, 1.8 MB: rows outside measured
 #: 1.2-1.37x slower at 2 threads; wt/mob's 1.04-1.07x at one thread on Zen 4).
 DEPTHWISE_ROWS_OUTSIDE_BYTES = 2 << 20
-#: A matmul over a packed constant weight of at least PREFETCH_MIN_WEIGHT_BYTES prefetches its
-#: next weight panel while it computes the current one (:mod:`.panel_prefetch`): a weight
-#: that size is not in L2 when the kernel starts, and with few rows per panel its first row
-#: tile otherwise waits on memory while the others leave the bus idle.
+#: A tall tile (below) over a packed constant weight of at least PREFETCH_MIN_WEIGHT_BYTES
+#: prefetches the next weight panel's row in each reduction step (:mod:`.panel_prefetch`).
+#: Measured, not assumed: with it the 10 x 16 kernels of CLIP B/32's dense layers ran
+#: 0.75-0.85x as long as without (one thread, ``benchmarks/weight_stream.py``), mostly
+#: because LLVM then addresses the activation rows base + displacement, not base + index
+#: (an indexed memory operand unlaminates each of the ten broadcast FMAs on Intel); on the
+#: 5 x 32 tiles it measured 1.04-1.06x slower, so it is not used there.
 PANEL_PREFETCH = True
 PREFETCH_MIN_WEIGHT_BYTES = 1 << 20
 #: A matmul whose rows only allow a short tile on two-vector panels (50 tokens: 5 x 32 on
-#: AVX-512) takes a tile twice as tall on one-vector panels instead (10 x 16), reading
-#: its panel in place (see :func:`_tall_tile_rows`; off only to measure what it saves).
+#: AVX-512) takes a tile twice as tall on one-vector panels instead (10 x 16; see
+#: :func:`_tall_tile_rows`; off only to measure what it saves).
 TALL_NARROW_TILES = True
 
 
@@ -629,8 +632,8 @@ def _group_panel(group: int | None, n: int | None, lanes: int) -> int | None:
                  if v > 1 and group % v == 0 and (n is None or n % v == 0)), None)
 
 
-def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int, int, int]:
-    """``(MR, NR, packed panel width)`` of the micro-kernel."""
+def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int, int, bool]:
+    """``(MR, NR, tall)`` of the micro-kernel; ``tall``: a :func:`_tall_tile_rows` tile."""
     lanes = vector_lanes(target, dtype_bits)
     n = extent(sch, axes.vector)
     m = extent(sch, axes.reuse) if axes.reuse is not None else 1
@@ -638,7 +641,7 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
     accumulators = simd_registers(target) // 2  # leave room for the loads and broadcasts
     mr_max = max(1, min(8, accumulators * lanes // max(nr, 1)))
     if m is None:
-        return mr_max, nr, nr
+        return mr_max, nr, False
     mr = next((v for v in range(mr_max, 0, -1) if m % v == 0 and v * 2 > mr_max), None)
     mr = mr or min(mr_max, m)
     if STACK_TILE_ROWS:
@@ -648,8 +651,8 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
             and lanes * dtype_bits >= 512:
         tall = _tall_tile_rows(m, mr, lanes, dtype_bits)
         if tall:
-            return tall, lanes, lanes
-    return mr, nr, nr
+            return tall, lanes, True
+    return mr, nr, False
 
 
 def _tall_tile_rows(m: int, mr: int, lanes: int, dtype_bits: int) -> int | None:
@@ -661,11 +664,10 @@ def _tall_tile_rows(m: int, mr: int, lanes: int, dtype_bits: int) -> int | None:
     weight bytes read per multiply-add are ``4 * 16 / MR`` whatever ``NR`` is. With 50 rows
     the two-vector panel's tile is 5 x 32 (8, 7 and 6 do not divide 50, and 8 x 32 floats is
     no longer a stack buffer); 10 x 16 reads half as much weight per multiply-add for one
-    broadcast per vector multiply-add. CLIP ViT-B/32's 50 x 768 x 3072 and 50 x 3072 x 768
-    dense layers ran 0.88-0.89x as long at one thread (``benchmarks/weight_stream.py``, ORT's
-    MLAS, a 12 x 32 tile, in between). AVX-512 only (32 registers hold 15 accumulators, a
-    weight vector and a broadcast); the panel is still packed two vectors wide, so a weight
-    shared with a GEMV (``gemv.shared_panel_width``) stays stored once.
+    broadcast per vector multiply-add. AVX-512 only (32 registers hold 15 accumulators, a
+    weight vector and a broadcast); the weight is packed in 16-wide panels then, so a weight
+    also multiplied by a GEMV (``gemv.shared_panel_width``, 32-wide) in the same artifact
+    (a fixed-length prefill next to decode) would be stored twice.
     """
     fits = (STACK_ALLOCA_BYTES - 1) // (lanes * dtype_bits // 8)
     return next((v for v in range(fits, 2 * mr - 1, -1) if m % v == 0), None)
@@ -712,12 +714,12 @@ def _gemv_chunk(sch, axes: _Axes, lanes: int) -> int | None:
 def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list,
           func: tirx.PrimFunc, depthwise: bool = False) -> None:
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
-    mr, nr, pack = _tile_sizes(sch, axes, target, dtype_bits)
+    mr, nr, tall = _tile_sizes(sch, axes, target, dtype_bits)
     lanes = vector_lanes(target, dtype_bits)
     chunk = _gemv_chunk(sch, axes, lanes)
     # decided before the weight is packed (the packed copy is no longer the constant parameter)
     rows_outside = _rows_outside(sch, main, axes, func, depthwise)
-    packed = not chunk and _pack_constant_operand(sch, main, axes, func, pack)
+    packed = not chunk and _pack_constant_operand(sch, main, axes, func, nr)
     work = _work(sch, axes)
     vo, vi = sch.split(axes.vector, factors=[None, chunk or nr])
     if axes.reuse is not None:
@@ -736,7 +738,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         # transforms wrote and read
         outer = [ro] + axes.shared + [vo]
     sch.reorder(*outer, *axes.reduce, *tile_inner)
-    if packed and PANEL_PREFETCH and panel_outside and not axes.extra and len(axes.reduce) == 1 \
+    if packed and tall and PANEL_PREFETCH and panel_outside \
             and (_weight_bytes(sch, main, axes) or 0) >= PREFETCH_MIN_WEIGHT_BYTES:
         weight = sch.get(main).reads[axes.contiguous].source
         sch.annotate(axes.reduce[0], PREFETCH_PANEL, f"{weight.name}|{len(weight.shape) - 3}")

@@ -1,17 +1,19 @@
 """Software prefetch of a matmul's next weight panel while the current one is in use.
 
 The tiled matmul (:mod:`.cpu_matmul`) walks a packed weight ``[N / NR, K, NR]`` one panel at a
-time and sweeps all row tiles over each panel. With few rows (CLIP ViT-B/32's 50 tokens, a
-decoder's prompt) and weights that do not stay in the caches between calls (a transformer's
-tens to hundreds of MB), each panel comes from memory during its *first* row tile: that tile
-waits on DRAM (the hardware prefetcher only runs a few lines ahead of the demand loads) while
-the other tiles compute from L2 with the memory bus idle. At 50 rows the kernel ran ~1.3x
-slower with its weights cold than warm (``benchmarks/weight_stream.py``).
-
-Here the reduction loop of such a kernel also issues a prefetch of the same reduction step's
-row of the *next* panel (``prefetcht1``: into L2, not L1, where the current panel's tile
-works), so the next panel streams in while the current one is computed, and the
+time and sweeps all row tiles over each panel. With few rows (CLIP ViT-B/32's 50 tokens)
+a panel of a weight that is not in the caches comes from memory during its first row tile
+only. Here the reduction loop of such a kernel also issues a prefetch of the same reduction
+step's row of the *next* panel (``prefetcht1``: into L2, not L1, where the current panel's
+tile works), so the next panel streams in while the current one is computed; the
 prefetches that find the line already in L2 (all row tiles but the first) are cheap.
+
+Measured on the Intel host (``benchmarks/weight_stream.py``, one thread, interleaved): the
+50-row kernels are *not* bound by streaming their weights (cold weights, 320 MB cycled,
+ran within 5% of warm ones, at 2.6-3.6 GB/s per core where a GEMV streams 9-18 GB/s), so
+the prefetch is no bandwidth fix; it is used with the tall 10 x 16 tiles only, where it
+measured 0.75-0.85x the time (with it LLVM addresses the activation rows without an index
+register; see ``cpu_matmul.PANEL_PREFETCH``).
 
 The rule marks the loop (:data:`PREFETCH_PANEL`, ``"<packed buffer name>|<panel axis>"``);
 :func:`prefetch_next_panel` inserts the prefetches after scheduling, when the loop nest is
@@ -51,6 +53,11 @@ def prefetch_next_panel(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return tvm_ffi.structural_map(func, [(tirx.For, on_for)])
 
 
+def _substitute(expr, values: dict):
+    """``expr`` with the variables in ``values`` replaced."""
+    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: values.get(var, var))])
+
+
 def _prefetches(loop, name: str, axis: int) -> list:
     """Prefetch statements for the row of the next panel that ``loop``'s iteration reads."""
     from tvm.ir.expr import TensorLoad
@@ -88,12 +95,8 @@ def _prefetches(loop, name: str, axis: int) -> list:
         zero = dict(inner)  # loops inside the reduction step: their first iteration
         analyzer = Analyzer()
 
-        def bind(expr, bindings=bindings, zero=zero):
-            expr = tvm_ffi.structural_map(
-                expr, [(tirx.Var, lambda v: bindings.get(v, v))])
-            return tvm_ffi.structural_map(expr, [(tirx.Var, lambda v: zero.get(v, v))])
-
-        index = [analyzer.simplify(bind(i)) for i in load.indices]
+        index = [analyzer.simplify(_substitute(_substitute(i, bindings), zero))
+                 for i in load.indices]
         shape = buffer.shape
         if not all(isinstance(d, tirx.IntImm) for d in shape[axis:]):
             return []
