@@ -9,7 +9,9 @@ whole transformer's weights are (CLIP ViT-B/32's 350 MB at 50 tokens: each weigh
 50 rows, then not again in the call). Reported: microseconds per call and the weight bytes
 read per second (``K x N x 4 / time``). slimc's side is the kernel of a one-``Linear`` artifact
 called directly with copies of its (packed) weight argument; ORT's a graph of ``--copies``
-``MatMul`` + ``Add`` nodes on one input, each with its own initializer (time / copies). Why:
+``MatMul`` + ``Add`` nodes on one input, each with its own initializer (time / copies), its
+pool not spinning between calls. Engines take turns, ``--rounds`` times, with a pause
+between them (a spinning pool beside the next engine halved its 2-thread speed). Why:
 with 50 rows a weight element feeds 50 multiply-adds, so a short-M matmul over weights that
 come from memory is bound by how fast a core streams them, not by its FMA rate; the warm
 numbers (what ``kernel_scaling.py`` measures) hide that. Run it through bench.sh.
@@ -112,6 +114,8 @@ def ort_session(m: int, k: int, n: int, copies: int, threads: int):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # workers that spin after a call take the other core from the engine timed next
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
     feed = {"x": rng.standard_normal((1, m, k), dtype=np.float32)}
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--number", type=int, default=20, help="calls per timing")
     p.add_argument("--rounds", type=int, default=7,
                    help="rounds; engines take turns in each, the best round is reported")
+    p.add_argument("--pause", type=float, default=0.3,
+                   help="seconds between engines (TVM's and ORT's pools park)")
     args = p.parse_args(argv)
     counts = [int(t) for t in args.threads.split(",")]
     os.environ["TVM_NUM_THREADS"] = str(max(counts))
@@ -185,6 +191,7 @@ def main(argv=None) -> int:
                             sessions.update(setups[engine])
                         else:
                             setup(t)
+                        time.sleep(args.pause)  # the previous engine's pool parks
                         best[engine][0] = min(best[engine][0], _best(warm, args.number, 1))
                         cold_calls = max(1, max(args.number, copies) // divisor)
                         best[engine][1] = min(best[engine][1],

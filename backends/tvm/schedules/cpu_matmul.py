@@ -141,6 +141,9 @@ PREFETCH_MIN_WEIGHT_BYTES = 1 << 20
 #: AVX-512) takes a tile twice as tall on one-vector panels instead (10 x 16; see
 #: :func:`_tall_tile_rows`; off only to measure what it saves).
 TALL_NARROW_TILES = True
+#: ... only in place of tiles of at most this many rows: 7- and 8-row tiles (49 tokens, CNN
+#: widths of 14 / 28, 196 patches) were not measured against 14 x 16.
+TALL_TILE_MAX_SHORT_ROWS = 6
 
 
 @dataclass
@@ -669,6 +672,8 @@ def _tall_tile_rows(m: int, mr: int, lanes: int, dtype_bits: int) -> int | None:
     also multiplied by a GEMV (``gemv.shared_panel_width``, 32-wide) in the same artifact
     (a fixed-length prefill next to decode) would be stored twice.
     """
+    if mr > TALL_TILE_MAX_SHORT_ROWS:
+        return None
     fits = (STACK_ALLOCA_BYTES - 1) // (lanes * dtype_bits // 8)
     return next((v for v in range(fits, 2 * mr - 1, -1) if m % v == 0), None)
 
