@@ -938,7 +938,7 @@ def test_short_row_dense_layers_take_tall_one_vector_tiles(rows, k, n, tile, pre
                                                            tmp_path, caplog):
     """Rows that only allow a 5- or 6-row tile on two-vector (32-float) panels get a tile at
     least twice as tall on one-vector panels on AVX-512 (half the weight bytes per
-    multiply-add; CLIP B/32's 50 x 768 x 3072 dense layer 0.88x the time at one thread), and
+    multiply-add; CLIP B/32's 50-row dense layers 0.87-0.91x the time at one thread), and
     a weight of 1 MiB or more prefetches its next panel; the result is what PyTorch
     computes. Rows with 7- or 8-row tiles keep them."""
     torch.manual_seed(0)

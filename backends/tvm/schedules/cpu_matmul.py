@@ -131,7 +131,7 @@ DEPTHWISE_ROWS_OUTSIDE_BYTES = 2 << 20
 #: A tall tile (below) over a packed constant weight of at least PREFETCH_MIN_WEIGHT_BYTES
 #: prefetches the next weight panel's row in each reduction step (:mod:`.panel_prefetch`).
 #: Measured, not assumed: with it the 10 x 16 kernels of CLIP B/32's dense layers ran
-#: 0.75-0.85x as long as without (one thread, ``benchmarks/weight_stream.py``), mostly
+#: 0.74-0.92x as long as without (one thread, ``benchmarks/weight_stream.py``), mostly
 #: because LLVM then addresses the activation rows base + displacement, not base + index
 #: (an indexed memory operand unlaminates each of the ten broadcast FMAs on Intel); on the
 #: 5 x 32 tiles it measured 1.04-1.06x slower, so it is not used there.
@@ -667,7 +667,9 @@ def _tall_tile_rows(m: int, mr: int, lanes: int, dtype_bits: int) -> int | None:
     weight bytes read per multiply-add are ``4 * 16 / MR`` whatever ``NR`` is. With 50 rows
     the two-vector panel's tile is 5 x 32 (8, 7 and 6 do not divide 50, and 8 x 32 floats is
     no longer a stack buffer); 10 x 16 reads half as much weight per multiply-add for one
-    broadcast per vector multiply-add. AVX-512 only (32 registers hold 15 accumulators, a
+    broadcast per vector multiply-add: CLIP B/32's 50-row dense layers (768 -> 3072, 3072 ->
+    768, 768 -> 2304) ran 0.87-0.91x as long at one thread (``benchmarks/weight_stream.py``,
+    with the prefetch of :data:`PANEL_PREFETCH`). AVX-512 only (32 registers hold 15 accumulators, a
     weight vector and a broadcast); the weight is packed in 16-wide panels then, so a weight
     also multiplied by a GEMV (``gemv.shared_panel_width``, 32-wide) in the same artifact
     (a fixed-length prefill next to decode) would be stored twice.

@@ -12,7 +12,7 @@ Measured on the Intel host (``benchmarks/weight_stream.py``, one thread, interle
 50-row kernels are *not* bound by streaming their weights (cold weights, 320 MB cycled,
 ran within 5% of warm ones, at 2.6-3.6 GB/s per core where a GEMV streams 9-18 GB/s), so
 the prefetch is no bandwidth fix; it is used with the tall 10 x 16 tiles only, where it
-measured 0.75-0.85x the time (with it LLVM addresses the activation rows without an index
+measured 0.74-0.92x the time (with it LLVM addresses the activation rows without an index
 register; see ``cpu_matmul.PANEL_PREFETCH``).
 
 The rule marks the loop (:data:`PREFETCH_PANEL`, ``"<packed buffer name>|<panel axis>"``);
