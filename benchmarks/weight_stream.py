@@ -136,7 +136,18 @@ def main(argv=None) -> int:
     p.add_argument("--pause", type=float, default=0.3,
                    help="seconds between engines (TVM's and ORT's pools park)")
     args = p.parse_args(argv)
-    counts = [int(t) for t in args.threads.split(",")]
+    try:
+        counts = [int(t) for t in args.threads.split(",")]
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+        if any(len(shape) != 3 or min(shape) < 1 for shape in shapes) or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shapes takes MxKxN triples of positive integers (got {args.shapes!r}) "
+                f"and --threads positive integers (got {args.threads!r}), comma separated")
+    unknown = [e for e in args.engines.split(",") if e != "ort" and e not in VARIANTS]
+    if unknown:
+        p.error(f"unknown engine(s) {', '.join(unknown)}: use ort and "
+                f"{', '.join(VARIANTS)}")
     os.environ["TVM_NUM_THREADS"] = str(max(counts))
     engines = args.engines.split(",")
     import tvm
@@ -146,8 +157,8 @@ def main(argv=None) -> int:
     print(f"{'shape':>16} {'engine':>16} {'thr':>3} {'warm us':>9} {'cold us':>9} "
           f"{'warm GB/s':>9} {'cold GB/s':>9}")
     with tempfile.TemporaryDirectory(prefix="wstream-") as tmp:
-        for shape in args.shapes.split(","):
-            m, k, n = (int(v) for v in shape.split("x"))
+        for m, k, n in shapes:
+            shape = f"{m}x{k}x{n}"
             wbytes = k * n * 4
             copies = max(2, int(args.cold_bytes // wbytes) + 1)
             callers: dict = {}  # engine -> (setup(threads), warm(i), cold(i), per-call divisor)
