@@ -91,6 +91,76 @@ def negative_index_tensor_wrapped(ir: IR, node: Node) -> bool:
     return changed
 
 
+#: Element-wise binary ATen ops whose operands torch promotes to one dtype (its type promotion
+#: rules: an integer tensor times a float scalar is float, ``int / int`` is float).
+_PROMOTING = {
+    getattr(getattr(aten, op), kind)
+    for op, kinds in {
+        "add": ("Tensor", "Scalar"), "sub": ("Tensor", "Scalar"), "rsub": ("Tensor", "Scalar"),
+        "mul": ("Tensor", "Scalar"), "div": ("Tensor", "Scalar", "Tensor_mode", "Scalar_mode"),
+        "remainder": ("Tensor", "Scalar"), "floor_divide": ("default", "Scalar"),
+        "pow": ("Tensor_Tensor", "Tensor_Scalar", "Scalar"),
+        "maximum": ("default",), "minimum": ("default",),
+        "eq": ("Tensor", "Scalar"), "ne": ("Tensor", "Scalar"), "lt": ("Tensor", "Scalar"),
+        "le": ("Tensor", "Scalar"), "gt": ("Tensor", "Scalar"), "ge": ("Tensor", "Scalar"),
+    }.items() for kind in kinds if hasattr(getattr(aten, op), kind)
+}
+#: True division: integer operands divide as floats (``torch.get_default_dtype()``).
+_TRUE_DIV = {aten.div.Tensor, aten.div.Scalar}
+
+
+def _type_stand_in(value):
+    """``value`` as ``torch.result_type`` takes it: a tensor's fake value, or a plain Python
+    number for a (symbolic) scalar; None for anything else."""
+    if isinstance(value, Node):
+        value = value.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (bool, torch.SymBool)):
+        return True
+    if isinstance(value, (int, torch.SymInt)):
+        return 1
+    if isinstance(value, (float, torch.SymFloat)):
+        return 1.0
+    return None
+
+
+def binary_operands_in_promoted_dtype(ir: IR, node: Node) -> bool:
+    """Cast a tensor operand of an element-wise binary op to the dtype torch promotes to.
+
+    TVM's importer converts a Python scalar to the *tensor's* dtype (``relax.const(rhs,
+    lhs.dtype)``) and divides integer tensors as integers, where torch promotes: ``int64 /
+    int`` and ``int64 * 0.5`` are float. DeBERTa-v2/v3's log-bucketed relative positions
+    (``torch.log(abs_pos / mid)``) failed to import ("relax.log requires the input tensor to
+    have float dtype"); the same mismatch elsewhere would silently truncate. With the operand
+    cast first, TVM's dtype and torch's agree.
+    """
+    if node.target not in _PROMOTING or len(node.args) < 2:
+        return False
+    operands = list(node.args[:2])
+    stand_ins = [_type_stand_in(a) for a in operands]
+    if any(v is None for v in stand_ins) or not any(
+            isinstance(a, Node) and isinstance(v, torch.Tensor)
+            for a, v in zip(operands, stand_ins, strict=True)):
+        return False
+    try:
+        want = torch.result_type(*stand_ins)
+    except (TypeError, RuntimeError):
+        return False
+    if node.target in _TRUE_DIV and not want.is_floating_point:
+        want = torch.get_default_dtype()
+    changed = False
+    for i, (arg, val) in enumerate(zip(operands, stand_ins, strict=True)):
+        if not isinstance(arg, Node) or not isinstance(val, torch.Tensor) or val.dtype == want:
+            continue
+        with ir.graph.inserting_before(node):
+            cast = ir.graph.call_function(aten._to_copy.default, (arg,), {"dtype": want})
+        cast.meta["val"] = val.to(want)
+        node.update_arg(i, cast)
+        changed = True
+    return changed
+
+
 def index_with_leading_none_to_index_select(ir: IR, node: Node) -> bool:
     """``x[:, :, idx]`` (``aten.index`` with ``None`` before one index tensor) ->
     ``index_select`` (+ ``reshape`` for a multi-dimensional ``idx``).
@@ -181,8 +251,8 @@ def _pair(value, count: int) -> list[int]:
 
 RULES: list[Callable[[IR, Node], bool]] = [
     negative_index_tensor_wrapped,
-    view_to_reshape, cumsum_of_bool_as_int64, index_with_leading_none_to_index_select,
-    whole_window_avg_pool_to_mean,
+    view_to_reshape, cumsum_of_bool_as_int64, binary_operands_in_promoted_dtype,
+    index_with_leading_none_to_index_select, whole_window_avg_pool_to_mean,
 ]
 
 
