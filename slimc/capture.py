@@ -110,6 +110,21 @@ def capture(loaded: LoadedModel) -> tuple[IR, list[torch.Tensor]]:
             loaded.dynamic = {}
             loaded.extra["default_sequence"] = f"fixed (a dynamic length failed: {reason})"
             return capture(loaded)
+    value_sized = _value_dependent_shape(program) if loaded.dynamic else None
+    if value_sized is not None:
+        if loaded.extra.get("default_sequence") == "dynamic":
+            # as above: slimc chose the dynamic length, so the example length still compiles
+            loaded.dynamic = {}
+            loaded.extra["default_sequence"] = (
+                f"fixed (a dynamic length makes a tensor's size depend on tensor values, at "
+                f"{value_sized})")
+            return capture(loaded)
+        raise CaptureError(
+            f"Under the dynamic dimensions asked for, a tensor in {loaded.name!r} takes its size "
+            f"from tensor *values* (.item() or similar), at {value_sized}. slimc compiles sizes "
+            "that follow from the input shapes only.",
+            hint="Give the inputs fixed shapes (e.g. --input input_ids=1x128:int64), or "
+            "compute that size from x.shape instead of from a tensor.")
     _check_tensor_outputs(program, loaded.name)
     program = _decompose_recurrences(program)
     ir = IR(program, name=loaded.name, input_names=names, output_names=_output_names(program))
@@ -171,6 +186,27 @@ def _decompose_recurrences(program):
         return program
     with _quiet_torch(), contextlib.redirect_stderr(io.StringIO()):
         return program.run_decompositions({op: decomposition_table[op] for op in present})
+
+def _value_dependent_shape(program) -> str | None:
+    """Where a tensor's shape holds an *unbacked* symbol (a size read from tensor values, e.g.
+    ``x[a.item():]``), as ``file:line: code`` of the model's source; None when every size
+    follows from the input shapes.
+
+    torch.export traces such graphs, but TVM's importer cannot: DeBERTa's relative-position
+    span ``min(seq, max_relative_positions)`` goes through ``torch.tensor(...).item()`` under a
+    dynamic length (it is a constant at a fixed one), which failed as "cannot lower op(s)
+    sym_not, sym_min, sym_storage_offset".
+    """
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not free_unbacked_symbols(val.shape):
+            continue
+        frames = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines()
+                  if ln.strip()]
+        return " ".join(frames[-2:]) if frames else node.name
+    return None
 
 
 def _check_tensor_outputs(program, name: str) -> None:

@@ -1,0 +1,87 @@
+"""Architectures found failing by the issue-16 hunt (benchmarks/hf_probe.py), with the causes
+fixed: real Hugging Face classes, tiny configs, random weights, real TVM builds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import slimc
+from slimc.capture import capture, load_model
+from slimc.errors import CaptureError
+from slimc.loaders.base import parse_overrides
+
+TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            vocab_size=64, max_position_embeddings=32)
+
+
+class _IntegerArithmetic(torch.nn.Module):
+    """Integer tensors meeting float scalars and true division, as position code writes them."""
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        buckets = torch.log(pos.abs() / 3 + 1)  # int64 / int -> float (DeBERTa-v2's buckets)
+        halves = pos * 0.5 - 0.25  # int64 * float -> float, not 0 * pos
+        below = (pos < 2.5).to(torch.float32)  # compared as floats: 2 < 2.5
+        return buckets + halves + below
+
+
+def test_integer_operands_promote_as_in_torch(tmp_path):
+    """TVM turned a Python scalar into the integer tensor's dtype and divided integers as
+    integers; the artifact now computes what torch does."""
+    pos = torch.arange(-6, 7, dtype=torch.int64).reshape(1, 13)
+    module = _IntegerArithmetic().eval()
+    result = slimc.compile(module, (pos,), output=tmp_path / "ints")
+    got = next(iter(slimc.load(result.output)(pos.numpy()).values()))
+    np.testing.assert_allclose(got, module(pos).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_deberta_v2_log_bucket_relative_positions_compile(tmp_path):
+    """DeBERTa-v3's config (log-bucketed relative positions, shared keys, no absolute
+    positions) failed to import: ``relax.log`` of an int64 tensor."""
+    torch.manual_seed(0)
+    config = T.DebertaV2Config(**TINY, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                               position_buckets=8, norm_rel_ebd="layer_norm",
+                               share_att_key=True, position_biased_input=False)
+    model = T.DebertaV2Model(config).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 12))
+    result = slimc.compile(model, (ids,), output=tmp_path / "deberta")
+    assert result.manifest["verification"]["passed"]
+    got = slimc.load(result.output)(ids.numpy())["last_hidden_state"]
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def deberta_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = T.DebertaConfig(**TINY, relative_attention=True, pos_att_type=["p2c", "c2p"])
+    config.architectures = ["DebertaModel"]
+    folder = tmp_path_factory.mktemp("deberta") / "deberta"
+    T.DebertaModel(config).eval().save_pretrained(folder)
+    return str(folder)
+
+
+def test_value_sized_default_dynamic_length_falls_back_to_fixed(deberta_dir, dynamic_default):
+    """DeBERTa's span ``min(seq, max_relative_positions)`` is read back with ``.item()`` under
+    a dynamic length: sizes from tensor values, which TVM cannot import ("cannot lower op(s)
+    sym_not, sym_min ..."). slimc chose that length, so it compiles the fixed one instead."""
+    loaded = load_model(deberta_dir)
+    assert loaded.extra["default_sequence"] == "dynamic"
+    ir, _ = capture(loaded)
+    sequence = ir.annotations["source"]["default_sequence"]
+    assert sequence.startswith("fixed (") and "tensor values" in sequence
+    shapes = [tuple(n.meta["val"].shape) for n in ir.nodes("placeholder")
+              if ir._is_user_input(n)]
+    assert shapes and all(all(isinstance(d, int) for d in s) for s in shapes)
+
+
+def test_value_sized_dynamic_length_asked_for_is_a_usage_error(deberta_dir):
+    """A dynamic range the user asked for is not silently dropped: one paragraph, exit 2."""
+    loaded = load_model(deberta_dir, parse_overrides(["input_ids=1x1..16:int64"]))
+    with pytest.raises(CaptureError) as info:
+        capture(loaded)
+    assert info.value.exit_code == 2
+    assert "tensor *values*" in info.value.message and "modeling_deberta" in info.value.message
