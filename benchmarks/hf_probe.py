@@ -51,7 +51,7 @@ SPECS: dict[str, tuple[str, str, dict, list[str]]] = {
     "roformer": ("RoFormerConfig", "RoFormerModel", dict(TEXT, embedding_size=32), []),
     "nystromformer": ("NystromformerConfig", "NystromformerModel",
                       dict(TEXT, num_landmarks=8, segment_means_seq_len=64,
-                           max_position_embeddings=66), []),
+                           max_position_embeddings=130), []),
     "big_bird": ("BigBirdConfig", "BigBirdModel",
                  dict(TEXT, attention_type="original_full"), []),
     "layoutlm": ("LayoutLMConfig", "LayoutLMModel", dict(TEXT), []),

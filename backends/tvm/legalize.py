@@ -161,6 +161,89 @@ def binary_operands_in_promoted_dtype(ir: IR, node: Node) -> bool:
     return changed
 
 
+def descending_arange_as_ascending(ir: IR, node: Node) -> bool:
+    """``arange(start, end, step < 0)`` -> ``arange(0, n) * step + start`` (integer dtypes).
+
+    TVM's ``relax.op.arange`` sizes a descending range wrongly: ``arange(16, -16, -1)`` has 32
+    values, TVM's result type says 34, and the broadcast after it fails to import (Funnel
+    Transformer's relative positions). An ascending ``arange(0, n)`` of torch's length, scaled
+    and shifted, has the same values. Only a static length and constant start/step.
+    """
+    if node.target is not aten.arange.start_step:
+        return False
+    start, _end, step = (list(node.args) + [1])[:3]
+    out_val = node.meta.get("val")
+    if (not isinstance(step, int) or isinstance(step, bool) or step >= 0
+            or not isinstance(start, int) or out_val is None or out_val.dim() != 1
+            or not isinstance(out_val.shape[0], int) or out_val.dtype.is_floating_point):
+        return False
+    with ir.graph.inserting_before(node):
+        ascending = ir.graph.call_function(aten.arange.start_step,
+                                           (0, int(out_val.shape[0]), 1), dict(node.kwargs))
+        scaled = ir.graph.call_function(aten.mul.Tensor, (ascending, step))
+        shifted = ir.graph.call_function(aten.add.Tensor, (scaled, start))
+    for new in (ascending, scaled, shifted):
+        new.meta["val"] = out_val
+    node.replace_all_uses_with(shifted)
+    ir.graph.erase_node(node)
+    return True
+
+
+def im2col_as_strided_slices(ir: IR, node: Node) -> bool:
+    """``aten.im2col`` (``nn.functional.unfold``) -> pad, one strided slice per kernel tap,
+    ``stack`` and ``reshape``.
+
+    TVM has no ``im2col`` converter; the importer's ATen decomposition of it gathers with index
+    tensors its ``index_tensor`` cannot broadcast ("cannot broadcast index shapes ... 16 vs
+    9": ConvBERT's span-based dynamic convolution). Tap ``(i, j)`` of output column ``(y, x)``
+    is ``padded[..., i*dh + y*sh, j*dw + x*sw]``: a slice from ``i*dh`` that stops
+    ``(kh-1-i)*dh`` before the padded end, step ``sh`` -- exactly ``out_h`` rows, also for a
+    symbolic height. Taps are stacked after the channel axis, the order ``unfold`` uses
+    (``c * kh * kw + i * kw + j``). Gathers only: exact.
+    """
+    if node.target is not aten.im2col.default:
+        return False
+    src, kernel, dilation, padding, stride = node.args[:5]
+    src_val = src.meta.get("val") if isinstance(src, Node) else None
+    out_val = node.meta.get("val")
+    if src_val is None or out_val is None or src_val.dim() != 4:
+        return False
+    (kh, kw), (dh, dw) = _pair(kernel, 2), _pair(dilation, 2)
+    (ph, pw), (sh, sw) = _pair(padding, 2), _pair(stride, 2)
+    graph = ir.graph
+
+    def emit(target, args, val):
+        new = graph.call_function(target, args)
+        new.meta["val"] = val
+        return new
+
+    with graph.inserting_before(node):
+        padded, padded_val = src, src_val
+        if ph or pw:
+            padded_val = torch.ops.aten.constant_pad_nd(src_val, [pw, pw, ph, ph], 0.0)
+            padded = emit(aten.constant_pad_nd.default, (src, [pw, pw, ph, ph], 0.0),
+                          padded_val)
+        taps = []
+        for i in range(kh):
+            rows_end = -(kh - 1 - i) * dh or _TO_END
+            rows_val = torch.ops.aten.slice(padded_val, 2, i * dh, rows_end, sh)
+            rows = emit(aten.slice.Tensor, (padded, 2, i * dh, rows_end, sh), rows_val)
+            for j in range(kw):
+                cols_end = -(kw - 1 - j) * dw or _TO_END
+                tap_val = torch.ops.aten.slice(rows_val, 3, j * dw, cols_end, sw)
+                taps.append(emit(aten.slice.Tensor, (rows, 3, j * dw, cols_end, sw), tap_val))
+        stacked_val = torch.ops.aten.stack([t.meta["val"] for t in taps], 2)
+        stacked = emit(aten.stack.default, (taps, 2), stacked_val)
+        result = emit(aten.reshape.default, (stacked, list(out_val.shape)), out_val)
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
+    return True
+
+
+#: ``slice``'s end for "to the end of the axis" (as torch.export writes it).
+_TO_END = 9223372036854775807
+
+
 def index_with_leading_none_to_index_select(ir: IR, node: Node) -> bool:
     """``x[:, :, idx]`` (``aten.index`` with ``None`` before one index tensor) ->
     ``index_select`` (+ ``reshape`` for a multi-dimensional ``idx``).
@@ -252,6 +335,7 @@ def _pair(value, count: int) -> list[int]:
 RULES: list[Callable[[IR, Node], bool]] = [
     negative_index_tensor_wrapped,
     view_to_reshape, cumsum_of_bool_as_int64, binary_operands_in_promoted_dtype,
+    descending_arange_as_ascending, im2col_as_strided_slices,
     index_with_leading_none_to_index_select, whole_window_avg_pool_to_mean,
 ]
 
