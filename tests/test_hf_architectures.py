@@ -85,3 +85,22 @@ def test_value_sized_dynamic_length_asked_for_is_a_usage_error(deberta_dir):
         capture(loaded)
     assert info.value.exit_code == 2
     assert "tensor *values*" in info.value.message and "modeling_deberta" in info.value.message
+
+
+class _RelativeSpansAndUnfold(torch.nn.Module):
+    """Funnel's descending relative positions and ConvBERT's span convolution (``unfold``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(8, -8, -1).to(x.dtype)  # 16 values; TVM sized it 18
+        spans = torch.nn.functional.unfold(x, (5, 1), padding=(2, 0))  # TVM: no im2col
+        strided = torch.nn.functional.unfold(x, (3, 2), dilation=(2, 1), padding=(1, 1),
+                                             stride=(2, 3))
+        return spans * positions + strided.sum()
+
+
+def test_descending_arange_and_unfold_lower_exactly(tmp_path):
+    x = torch.randn(1, 3, 16, 1)
+    module = _RelativeSpansAndUnfold().eval()
+    result = slimc.compile(module, (x,), output=tmp_path / "spans")
+    got = next(iter(slimc.load(result.output)(x.numpy()).values()))
+    np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-5, atol=1e-5)

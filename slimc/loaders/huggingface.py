@@ -248,7 +248,9 @@ def max_positions(text_config, module: torch.nn.Module | None = None) -> int | N
     ``nn.Embedding`` named like a position table, of exactly that many rows, with a
     ``padding_idx``."""
     value = (getattr(text_config, "max_position_embeddings", None)
-             or getattr(text_config, "n_positions", None))
+             or getattr(text_config, "n_positions", None)
+             # MPT: its ALiBi bias has max_seq_len columns; a longer example failed to capture
+             or getattr(text_config, "max_seq_len", None))
     limit = _dim(value, 0) or None
     if limit is None or module is None:
         return limit
