@@ -206,8 +206,9 @@ def im2col_as_strided_slices(ir: IR, node: Node) -> bool:
     src, kernel, dilation, padding, stride = node.args[:5]
     src_val = src.meta.get("val") if isinstance(src, Node) else None
     out_val = node.meta.get("val")
-    if src_val is None or out_val is None or src_val.dim() != 4:
-        return False
+    if (src_val is None or out_val is None or src_val.dim() != 4
+            or not all(isinstance(d, int) for d in src_val.shape)):
+        return False  # a symbolic height: the new nodes' sizes would name torch's symbols
     (kh, kw), (dh, dw) = _pair(kernel, 2), _pair(dilation, 2)
     (ph, pw), (sh, sw) = _pair(padding, 2), _pair(stride, 2)
     graph = ir.graph
