@@ -13,7 +13,8 @@ Gospel of John (disjoint, 128-token windows, batch 4). Size: every stored weight
 tied 49152 x 576 table once, the norms fp32) over the fp32 bytes.
 
 A row is a list of rules ``PATTERN=FORMAT[:METHOD]`` (glob over module names, first match
-wins; METHOD ``rtn`` or ``gptq``); ``table`` names the tied embedding / output head, whose
+wins; METHOD ``rtn``, ``gptq`` or ``gptq-ao``: GPTQ with act-order, static groups);
+``table`` names the tied embedding / output head, whose
 GPTQ uses the output head's input Hessian (the final hidden states: it is a matmul there).
 
     .venv/bin/python benchmarks/smollm2_levers.py --eval-tokens 2048 \\
@@ -55,8 +56,8 @@ def parse_rules(text: str) -> list[tuple[str, Format, str]]:
             continue
         pattern, _, spec = item.rpartition("=")
         fmt, _, method = spec.partition(":")
-        if method not in ("", "rtn", "gptq"):
-            raise ValueError(f"rule {item!r}: method must be rtn or gptq")
+        if method not in ("", "rtn", "gptq", "gptq-ao"):
+            raise ValueError(f"rule {item!r}: method must be rtn, gptq or gptq-ao")
         rules.append((pattern, parse_format(fmt), method or "rtn"))
     return rules
 
@@ -69,7 +70,7 @@ def rule_for(name: str, rules: list[tuple[str, Format, str]]) -> tuple[Format, s
 
 
 #: GPTQ results by (layer, format, damp), on disk: rows of one run and of later runs share them
-CACHE = Path("/tmp/smol18/gptq_cache")
+CACHE = Path("/tmp/smol19/gptq_cache")
 
 
 def round_trip(weight: torch.Tensor, fmt: Format, method: str,
@@ -79,10 +80,11 @@ def round_trip(weight: torch.Tensor, fmt: Format, method: str,
         return weight
     if method == "rtn" or hessian is None:
         return fake_quantize(weight, fmt)
-    path = CACHE / f"{key}_{fmt}_{damp}.pt"
+    act_order = method == "gptq-ao"
+    path = CACHE / f"{key}_{fmt}_{damp}{'_ao' if act_order else ''}.pt"
     if key and path.exists():
         return torch.load(path)
-    out = _gptq_round_trip(weight, fmt, hessian, damp)
+    out = _gptq_round_trip(weight, fmt, hessian, damp, act_order)
     if key:
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save(out, path)
@@ -90,8 +92,8 @@ def round_trip(weight: torch.Tensor, fmt: Format, method: str,
 
 
 def _gptq_round_trip(weight: torch.Tensor, fmt: Format, hessian: torch.Tensor,
-                     damp: float) -> torch.Tensor:
-    codes, grid = gptq(weight, hessian, fmt, damp=damp)
+                     damp: float, act_order: bool = False) -> torch.Tensor:
+    codes, grid = gptq(weight, hessian, fmt, damp=damp, act_order=act_order)
     if fmt.kind == "int8":
         return dequantize_int8(codes, grid)
     if fmt.lowbit:
@@ -157,7 +159,7 @@ def size_of(model, rules) -> tuple[float, float, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", default="/tmp/smol18/smollm2-135m")
+    ap.add_argument("--model-dir", default="/tmp/mem-bench/smollm2-135m")
     ap.add_argument("--row", action="append", default=[], metavar="NAME=RULES")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--calib-tokens", type=int, default=1024)
@@ -201,7 +203,8 @@ def main() -> None:
                   calibration=f"KJV {args.calib}, "
                   f"{sum(b['input_ids'].numel() for b in calib)} tokens", fp32=fp32)
     print(f"fp32 perplexity {fp32:.3f}", flush=True)
-    hess_path = Path(f"/tmp/smol18/hessians_{args.calib}_{args.calib_tokens}.pt")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    hess_path = CACHE.parent / f"hessians_{args.calib}_{args.calib_tokens}.pt"
     if hess_path.exists():
         hess = torch.load(hess_path)
     else:

@@ -6,6 +6,13 @@ Round-to-nearest minimises ``||W - Q||``; what matters is ``||X W^T - X Q^T||``.
 ``-(w_i - q_i) / [H^-1]_ii * [H^-1]_i,:``; GPTQ applies it in blocks via the Cholesky factor
 of ``H^-1``. Group scales are fixed when the group's first column is reached, from the
 already-corrected weights, as in the reference implementation.
+
+``act_order``: quantize the columns in decreasing order of the Hessian's diagonal (the inputs
+with the most energy first, while the most columns are left to absorb their error). With groups
+this uses the "static groups" variant (AutoGPTQ's ``static_groups``): every group's scale and
+minimum are fixed up front from the original weights, so a group is still the same contiguous
+``group_size`` inputs and the stored layout (and kernel) is unchanged; only the order in which
+the codes are chosen differs.
 """
 
 from __future__ import annotations
@@ -18,12 +25,23 @@ from slimc.lowbit import bits_of, grid, padded_k
 from .formats import Format, Int4Params, int4_params, quantize_int8
 
 
+def _set_group(fmt: Format, span: Tensor, scales: Tensor, zeros: Tensor, g: int) -> None:
+    """Store group ``g``'s scale and zero/minimum, chosen from ``span [N, <=group]``."""
+    if fmt.lowbit:
+        s, z = grid(span.float(), bits_of(fmt.kind), fmt.group_size)
+    else:
+        p = int4_params(span.float(), fmt.group_size, fmt.symmetric, fmt.float_zero)
+        s, z = p.scale, p.zero
+    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+
+
 def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
-         damp: float = 0.01) -> tuple[Tensor, Int4Params | Tensor]:
+         damp: float = 0.01, act_order: bool = False) -> tuple[Tensor, Int4Params | Tensor]:
     """Codes and grid of ``weight [N, K]`` given its input Hessian ``[K, K]``.
 
     int4 -> (codes uint8 [N, K], :class:`Int4Params`); int8 -> (codes int8 [N, K], scale [N]);
     int3/int2 -> (codes uint8 [N, K'] padded to whole groups, (scale, minimum) [N, G]).
+    ``act_order``: columns in decreasing Hessian-diagonal order, group grids fixed up front.
     """
     w = weight.double().clone()
     n, k = w.shape
@@ -32,12 +50,9 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += torch.eye(k, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
-                                     upper=True)
-    except RuntimeError:  # not positive definite even with damping: fall back to RTN
-        hinv = torch.eye(k, dtype=h.dtype)
-
+    # perm[j]: the original column quantized j-th (identity unless act_order)
+    perm = (torch.argsort(torch.diag(h), descending=True, stable=True) if act_order
+            else torch.arange(k))
     if fmt.kind == "int8":
         _, scale8 = quantize_int8(weight)
         scale8_d = scale8.double()
@@ -52,6 +67,21 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
         zeros = torch.zeros(n, groups, dtype=torch.float16 if fmt.float_zero else
                             torch.float32 if fmt.lowbit else torch.uint8)
     codes = torch.zeros(n, k, dtype=torch.int16)
+    if act_order:
+        if grouped:  # static groups: every grid from the original (dead-zeroed) weights
+            for g in range(groups):
+                _set_group(fmt, w[:, g * group:(g + 1) * group], scales, zeros, g)
+        w, h = w[:, perm], h[perm][:, perm]
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
+                                     upper=True)
+    except RuntimeError:  # not positive definite even with damping: fall back to RTN
+        hinv = torch.eye(k, dtype=h.dtype)
+
+    if fmt.lowbit:
+        lo, hi = 0, (1 << bits_of(fmt.kind)) - 1
+    elif fmt.kind == "int4":
+        lo, hi = 0, 15
 
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -60,20 +90,14 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if fmt.lowbit and col % group == 0:
+            if grouped and act_order:
+                g = int(perm[col]) // group
+                s, z = scales[:, g].double(), zeros[:, g].double()
+            elif grouped and col % group == 0:
                 g = col // group
                 span = w1[:, i:i + group] if i + group <= i2 - i1 else w[:, col:col + group]
-                s, z = grid(span.float(), bits_of(fmt.kind), group)
-                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                _set_group(fmt, span, scales, zeros, g)
                 s, z = scales[:, g].double(), zeros[:, g].double()
-                lo, hi = 0, (1 << bits_of(fmt.kind)) - 1
-            elif fmt.kind == "int4" and col % group == 0:
-                g = col // group
-                span = w1[:, i:i + group] if i + group <= i2 - i1 else w[:, col:col + group]
-                p = int4_params(span.float(), group, fmt.symmetric, fmt.float_zero)
-                scales[:, g], zeros[:, g] = p.scale[:, 0], p.zero[:, 0]
-                s, z = scales[:, g].double(), zeros[:, g].double()
-                lo, hi = 0, 15
             elif fmt.kind == "int8":
                 s, z = scale8_d, torch.zeros_like(scale8_d)
             x = w1[:, i]
@@ -83,7 +107,7 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
             else:
                 q = torch.clamp(torch.round(x / s) + z, lo, hi)
                 deq = (q - z) * s
-            codes[:, col] = q.to(torch.int16)
+            codes[:, perm[col]] = q.to(torch.int16)
             e = (x - deq) / hinv1[i, i]
             w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = e

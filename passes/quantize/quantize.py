@@ -69,6 +69,10 @@ class QuantizeOptions(PassOptions):
         "(GGUF Q4_1's layout: with group_size=32 it represents Q4_1 weights exactly).")
     method: Literal["rtn", "gptq", "awq"] = Field(
         "rtn", description="Rounding: round-to-nearest, GPTQ or AWQ (both use calibration data).")
+    act_order: bool = Field(False, description="`method=gptq`: choose the codes of the "
+                            "inputs with the largest Hessian diagonal first (GPTQ's act-order; "
+                            "grouped formats fix every group's grid up front from the original "
+                            "weights, so groups stay contiguous and the layout is unchanged).")
     budget: float = Field(4.5, gt=4.0, le=32.0, description="`mixed`: average bits per "
                           "quantizable weight, scales and zero points included.")
     candidates: str = Field("int4-g128,int4-g64,int4-g32,int8,fp16,fp32", description=
@@ -387,7 +391,8 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         if st is not None and _int_kind(fmt) and st.rows:
             if options.method == "gptq":
                 codes, grid = gptq(matrix, st.hessian, fmt,
-                                   damp=TABLE_DAMP if layer.is_embedding else 0.01)
+                                   damp=TABLE_DAMP if layer.is_embedding else 0.01,
+                                   act_order=options.act_order)
                 if fmt.kind == "int4" or fmt.lowbit:
                     tensors = pack(matrix, fmt, params=grid, codes=codes)
                 else:
@@ -485,7 +490,7 @@ def _quantize_weight_only(ir: IR, layer: Layer, fmt: Format, options: QuantizeOp
     act_scale = None
     if (layer.kind == "conv" and options.method == "gptq" and st is not None
             and st.hessian is not None and _int_kind(fmt)):
-        tensors = _gptq_grouped(matrix, st.hessian, fmt)
+        tensors = _gptq_grouped(matrix, st.hessian, fmt, options.act_order)
         method = "gptq"
     elif (layer.kind == "conv" and options.method == "awq" and layer.groups() == 1
           and st is not None and st.rows and _int_kind(fmt)):
@@ -516,7 +521,7 @@ def _quantize_weight_only(ir: IR, layer: Layer, fmt: Format, options: QuantizeOp
     return entry
 
 
-def _gptq_grouped(matrix, hessian, fmt: Format) -> dict:
+def _gptq_grouped(matrix, hessian, fmt: Format, act_order: bool = False) -> dict:
     """GPTQ of a convolution's weight matrix ``[O, K_g]``, one GPTQ per group (its rows and
     the Hessian ``[G, K_g, K_g]`` of its im2col columns); packed like round-to-nearest."""
     import torch
@@ -527,7 +532,7 @@ def _gptq_grouped(matrix, hessian, fmt: Format) -> dict:
     rows = matrix.shape[0] // groups
     codes, grids = [], []
     for g in range(groups):
-        c, grid = gptq(matrix[g * rows:(g + 1) * rows], hessian[g], fmt)
+        c, grid = gptq(matrix[g * rows:(g + 1) * rows], hessian[g], fmt, act_order=act_order)
         codes.append(c)
         grids.append(grid)
     codes_all = torch.cat(codes)
