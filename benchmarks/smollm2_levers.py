@@ -157,6 +157,52 @@ def size_of(model, rules) -> tuple[float, float, dict]:
     return total_bits / fp32_bits, total_bits / weights, counts
 
 
+def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
+    """Distil the row's byte-free parameters (``smollm2_recover``); returns its summary
+    with the held-out perplexity after it. The model's weights and norms are restored by
+    the caller / here."""
+    import transformers
+
+    from benchmarks.smollm2_recover import recover
+
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                                dtype=torch.float32).eval()
+    quantized = {}
+    for key in original:
+        fmt, _ = rule_for(key, rules)
+        if fmt.kind == "int4" or fmt.lowbit:
+            param = "model.embed_tokens.weight" if key == TABLE else f"{key}.weight"
+            target = model.model.embed_tokens if key == TABLE else mods[key]
+            quantized[param] = (target.weight.detach().clone(), fmt)
+    text = chunks(tok, " ".join(kjv(args.recover_text)), 128, args.recover_batch,
+                  args.recover_tokens)
+    held, train = text[-2:], text[:-2]
+    norms = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.recover_threads)
+    try:
+        out = recover(model, teacher, quantized, train, held, args.recover_steps,
+                      args.recover_lr, log=lambda m: print(m, flush=True))
+    finally:
+        torch.set_num_threads(threads)
+    weights = out.pop("weights")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if weights is not None:
+            for name, value in weights.items():
+                params[name].copy_(value)
+        perplexity_after = perplexity(lambda b: model(input_ids=b["input_ids"]).logits,
+                                      chunks(tok, " ".join(kjv("John1:1-21:25")), 128, 4,
+                                             args.eval_tokens))
+        for name, value in norms.items():
+            params[name].copy_(value)
+    out.update(perplexity=perplexity_after, text=f"KJV {args.recover_text}",
+               train_tokens=sum(b["input_ids"].numel() for b in train),
+               held_apart_tokens=sum(b["input_ids"].numel() for b in held),
+               applied=weights is not None)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default="/tmp/mem-bench/smollm2-135m")
@@ -172,6 +218,16 @@ def main() -> None:
     ap.add_argument("--table-damp", type=float, default=0.1,
                     help="GPTQ's damping of the table's Hessian (x its mean diagonal): the "
                     "table is a gather too, where only its plain weight error counts")
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="after each row: distil the byte-free parameters (group scales and "
+                    "minimums, norms) from the fp32 model for this many Adam steps "
+                    "(benchmarks/smollm2_recover.py); 0: off")
+    ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--recover-text", default="Leviticus1:1-Deuteronomy34:12",
+                    help="distillation text (disjoint from --calib and from John)")
+    ap.add_argument("--recover-tokens", type=int, default=16384)
+    ap.add_argument("--recover-batch", type=int, default=2)
+    ap.add_argument("--recover-threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -224,6 +280,12 @@ def main() -> None:
                                                damp))
             t1 = time.perf_counter()
             ppl = score()
+        recovery = None
+        if args.recover_steps:
+            recovery, ppl_before = recover_row(model, original, rules, mods, args,
+                                               model_dir, tok), ppl
+            ppl = recovery.pop("perplexity")
+        with torch.no_grad():
             for key, weight in original.items():
                 target = model.model.embed_tokens if key == TABLE else mods[key]
                 target.weight.copy_(weight)
@@ -233,6 +295,10 @@ def main() -> None:
                "perplexity": ppl, "ratio": ppl / fp32, "formats": counts,
                "eval_tokens": args.eval_tokens, "quantize_s": round(t1 - t0, 1),
                "eval_s": round(time.perf_counter() - t1, 1)}
+        if recovery is not None:
+            row.update(perplexity_before_recovery=ppl_before,
+                       ratio_before_recovery=ppl_before / fp32, recovery=recovery)
+            print(f"{name}: before recovery {ppl_before:.3f} ({ppl_before / fp32:.3f}x)")
         record["rows"].append(row)
         out_path.write_text(json.dumps(record, indent=1))
         print(f"{name}: size {size:.4f} ({bits:.3f} bits/weight), perplexity {ppl:.3f} "
