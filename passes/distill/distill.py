@@ -99,6 +99,11 @@ class DistillOptions(PassOptions):
     holdout: float = Field(0.25, gt=0, lt=1, description="Share of the calibration batches "
                            "held out of training to measure the loss before and after.")
     seed: int = Field(0, ge=0, description="Seed of the batch order and adapter init.")
+    scales: bool = Field(False, description="Also train the float grids of quantized "
+                         "weights (int8/int4 scales, float zero points / minimums of int4 "
+                         "`-fz` and int3/int2 groups, tied tables included): the codes stay, "
+                         "the values they stand for move; stored back in their own dtype "
+                         "(fp16), so no byte changes. Recovery after `quantize`.")
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillOptions:
@@ -138,9 +143,29 @@ def opaque_use(node: Node) -> bool:
     return isinstance(target, torch._ops.HigherOrderOperator)
 
 
-def select_trainable(ir: IR, which: str) -> tuple[list[list[str]], dict[str, int]]:
+def grid_operand(node: Node) -> bool:
+    """True when every use of placeholder ``node`` is as a float grid operand (scale, float
+    zero point / minimum) of a slimc quantized op with a gradient for it."""
+    from .gradients import GRID_OPERANDS, differentiable
+
+    if not node.users:
+        return False
+    for user in node.users:
+        op = getattr(user.target, "_opname", "")
+        if (not opaque_use(user) or not differentiable(op)
+                or not any(i < len(user.args) and user.args[i] is node
+                           for i in GRID_OPERANDS.get(op, ()))
+                or any(a is node for i, a in enumerate(user.args)
+                       if i not in GRID_OPERANDS.get(op, ()))):
+            return False
+    return True
+
+
+def select_trainable(ir: IR, which: str, scales: bool = False
+                     ) -> tuple[list[list[str]], dict[str, int]]:
     """Groups of weight placeholder names (one group per distinct tensor: tied weights train
-    once) that ``which`` selects, and per reason the number of parameters left frozen."""
+    once) that ``which`` selects (plus, with ``scales``, the float grids of quantized
+    weights), and per reason the number of parameters left frozen."""
     nodes = {n.name: n for n in ir.nodes("placeholder")}
     upstream = _upstream_of_gradient_free_ops(ir)
     groups: dict[tuple, list[str]] = {}
@@ -158,6 +183,10 @@ def select_trainable(ir: IR, which: str) -> tuple[list[list[str]], dict[str, int
         key = _storage_key(value)
         if spec.kind != InputKind.PARAMETER:
             continue  # buffers and constants (rotary tables, masks) are not model weights
+        if (scales and value.is_floating_point() and value.device.type != "meta"
+                and grid_operand(nodes[name])):
+            groups.setdefault(key, []).append(name)
+            continue
         if value.dtype != torch.float32 or value.device.type == "meta":
             freeze("not float32 (quantized codes, fp16/bf16 storage)", value)
             blocked.add(key)
@@ -301,7 +330,7 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
         raise UsageError("distill cannot compare this model with its original: no floating "
                          "output kept its shape (e.g. prune{outputs=prune} narrowed it).",
                          hint="Leave distill out, or prune without changing the outputs.")
-    groups, frozen = select_trainable(ir, options.trainable)
+    groups, frozen = select_trainable(ir, options.trainable, options.scales)
     if not groups:
         raise UsageError(f"distill found no float32 parameters to train with "
                          f"trainable={options.trainable} (frozen: "
@@ -312,11 +341,17 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
 
     gen = torch.Generator().manual_seed(options.seed)
     bases, adapters, params = [], [], []
+    dtypes = [weights[names[0]].dtype for names in groups]
     for names in groups:
-        base = weights[names[0]].detach().clone()
+        # float32 master copies (fp16 grids train in fp32 and are rounded back at the end)
+        base = weights[names[0]].detach().to(torch.float32, copy=True)
         bases.append(base)
         adapter = None
-        if not options.lora:
+        if grid_operand(nodes[names[0]]):
+            # a relative change s (1 + u): one learning rate fits grids of any magnitude
+            adapter = torch.zeros_like(base, requires_grad=True)
+            params.append(adapter)
+        elif not options.lora:
             params.append(base.requires_grad_(True))
         elif base.dim() == 2:
             rank = min(options.lora, *base.shape)
@@ -333,8 +368,8 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
                          hint="Use lora=0 to train the selected tensors directly.")
 
     def effective() -> list[torch.Tensor]:
-        return [base if pair is None else base + pair[1] @ pair[0]
-                for base, pair in zip(bases, adapters, strict=True)]
+        return [base if pair is None else base * (1 + pair) if isinstance(pair, torch.Tensor)
+                else base + pair[1] @ pair[0] for base, pair in zip(bases, adapters, strict=True)]
 
     def overrides(values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: value for names, value in zip(groups, values, strict=True)
@@ -404,8 +439,8 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
     kept = math.isfinite(after) and after < before
     if kept:
         with torch.no_grad():
-            for names, value in zip(groups, effective(), strict=True):
-                final = value.detach().clone().contiguous()
+            for names, value, dtype in zip(groups, effective(), dtypes, strict=True):
+                final = value.detach().to(dtype, copy=True).contiguous()
                 for name in names:
                     ir.set_weight(nodes[name], final)
     trained = sum(p.numel() for p in params)
