@@ -119,11 +119,16 @@ def hessians(model, batches, names) -> dict[str, torch.Tensor]:
     sums, rows, hooks = {}, {}, []
     mods = {**{n: m for n, m in model.named_modules() if n in names}, TABLE: model.lm_head}
 
+    last: dict = {}
+
     def hook(name):
         def record(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            rows[name] = rows.get(name, 0) + x.shape[0]
+            # q/k/v (and gate/up) read the same tensor: one X^T X for all of them
+            if last.get("input") is not args[0]:
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                last.update(input=args[0], xtx=x.t() @ x, rows=x.shape[0])
+            sums[name] = sums.get(name, 0) + last["xtx"]
+            rows[name] = rows.get(name, 0) + last["rows"]
         return record
 
     for name, mod in mods.items():
@@ -132,6 +137,7 @@ def hessians(model, batches, names) -> dict[str, torch.Tensor]:
         model(input_ids=b["input_ids"], use_cache=False)
     for h in hooks:
         h.remove()
+    last.clear()
     return {n: (2.0 / rows[n] * s).float() for n, s in sums.items()}
 
 

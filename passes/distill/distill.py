@@ -2,7 +2,7 @@
 original model on calibration data (knowledge distillation).
 
 ``distill{steps=200, lr=1e-4, batch=1, trainable=all|factors|matrices|norms, lora=0,
-loss=auto|kl|mse|cosine, temperature=1, holdout=0.25, seed=0}``
+loss=auto|kl|mse|cosine, temperature=1, holdout=0.25, seed=0, scales=false}``
 
 Why a pass and not a training script: pruning, low rank and sharing keep the model's structure
 but move its function; a few hundred optimizer steps against the *original* model (the teacher,
@@ -16,7 +16,10 @@ the backend lowers, verifies and builds like any other.
   ordinary ATen ops train: quantized codes, their scales and zero points (read by slimc's
   int8/int4/fp16 ops, which have no gradient) and buffers (rotary tables) stay as they are, so a
   quantized grid is never silently broken. Put ``distill`` before ``quantize`` to train the
-  weights the quantizer will then round.
+  weights the quantizer will then round. ``scales=true`` (after ``quantize``) also trains the
+  float grids of the quantized weights, as a relative change ``s (1 + u)`` of each scale and
+  float zero point / minimum: the codes stay, the values they stand for move, and the grids
+  are stored back in their own dtype (fp16), so the artifact keeps its bytes.
 * **What trains**: ``all`` (every such parameter), ``factors`` (only low-rank / shared factor
   matrices that ``lowrank`` / ``share`` created), ``matrices`` (2-D and larger tensors),
   ``norms`` (1-D tensors: norm scales and biases), ``factors+norms`` (both; on a factorized LM
