@@ -120,7 +120,7 @@ def recover(model, teacher, quantized: dict[str, tuple[torch.Tensor, Format]],
         sched.step()
         curve.append(float(loss.detach()))
         if (step + 1) % 10 == 0 or step == 0:
-            log(f"recover: step {step + 1}/{steps} train KL {float(loss):.4f} "
+            log(f"recover: step {step + 1}/{steps} train KL {curve[-1]:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
     after = held_kl()
     log(f"recover: held-apart KL after {after:.4f}")
