@@ -191,6 +191,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
     from .attention_softmax import fuse_safe_softmax
     from .constant_views import fold_constant_views
+    from .conv_prologue import prologue_convs
     from .fast_math import fast_math
     from .gemv import panel_gemv
     from .nhwc_rewrites import (
@@ -216,7 +217,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # After the layout passes: fast_math turns sigmoid/SiLU/GELU into call_te kernels that
         # ConvertLayout cannot see through, so run earlier it left an NCHW<->NHWC transpose
         # pair around every squeeze-excite gate and SiLU of a converted conv.
-        fuse_safe_softmax(target), fast_math, fuse_requantize, winograd_convs,
+        fuse_safe_softmax(target), fast_math, fuse_requantize, prologue_convs, winograd_convs,
         tied_embedding, fold_constant_views(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),

@@ -47,6 +47,7 @@ from .common import (
     vars_in,
     vector_lanes,
 )
+from .conv_prologue import PROLOGUE_ATTR
 from .fallback import schedule_block
 from .panel_prefetch import PREFETCH_PANEL
 from .whole_tiles import CLAMP_PADDED_ROWS, PADDED_READS, WHOLE_TILES, is_guarded_read, padded_read
@@ -145,6 +146,11 @@ TALL_NARROW_TILES = True
 #: widths of 14 / 28, 196 patches) were not measured against 14 x 16.
 TALL_TILE_MAX_SHORT_ROWS = 6
 
+#: A conv's prologue (a pre-activation batch norm + ReLU, :mod:`.conv_prologue`) is computed
+#: per tile (:func:`_prologue_per_tile`) instead of as a pass over the whole map (off only to
+#: measure what it saves).
+CONV_PROLOGUE_PER_TILE = True
+
 
 @dataclass
 class _Axes:
@@ -194,7 +200,10 @@ class TiledMatmul:
         grouped = _group_panel(axes.group, extent(sch, axes.vector), lanes) is not None
         depthwise = not grouped and _reads_input_along_vector(sch, main, axes)
         fused = _tile(sch, main, axes, target, epilogue, func, depthwise)
+        prologues = [b for b in producers if PROLOGUE_ATTR in sch.get(b).annotations]
         for block in producers:  # padding, reshapes feeding the kernel
+            if any(block.same_as(b) for b in prologues):
+                continue  # after the copies it feeds are inlined (below)
             if _inline_copy(sch, block, intermediates):
                 continue
             if (depthwise or FEW_CHANNEL_PADDING and _few_input_channels(sch, main, axes)) \
@@ -207,7 +216,36 @@ class TiledMatmul:
                 _schedule_padding(sch, block, target)
             else:
                 schedule_block(sch, block, target)
+        for block in prologues:
+            if not (CONV_PROLOGUE_PER_TILE and _prologue_per_tile(sch, block, fused, target)):
+                schedule_block(sch, block, target)
         return sch
+
+
+def _prologue_per_tile(sch: s_tir.Schedule, block, fused, target: Target) -> bool:
+    """Compute a conv's prologue (:mod:`.conv_prologue`: a pre-activation batch norm and
+    ReLU) per tile, into a buffer of the tile's ``MR`` pixels by all input channels,
+    vectorized over the channels.
+
+    Why: made as its own pass the normalized map is written to memory and read back by the
+    conv; per tile it stays in L1/L2. Inlined into the micro-kernel instead, it would run
+    scalar, once per pixel and channel and output panel, next to the broadcast each
+    multiply-add already needs. Per tile it costs ``MR x K / lanes`` vector operations once
+    per output panel, a few percent of the tile's ``MR x K x NR / lanes`` multiply-adds.
+    """
+    try:
+        sch.compute_at(block, fused, preserve_unit_loops=True)
+    except Exception:  # noqa: BLE001 - keep it a pass of its own
+        interrupts.check()
+        return False
+    inner = sch.get_loops(block)[-1]
+    n = extent(sch, inner)
+    lanes = vector_lanes(target, sch.get(block).writes[0].source.dtype.bits)
+    if n is not None and n % lanes == 0:
+        if n > lanes:
+            inner = sch.split(inner, factors=[None, lanes])[-1]
+        sch.vectorize(inner)
+    return True
 
 
 def _inline_copy(sch: s_tir.Schedule, block, intermediates: set) -> bool:
