@@ -150,6 +150,10 @@ TALL_TILE_MAX_SHORT_ROWS = 6
 #: per tile (:func:`_prologue_per_tile`) instead of as a pass over the whole map (off only to
 #: measure what it saves).
 CONV_PROLOGUE_PER_TILE = True
+#: ... once per row tile, its output panels walked inside the tile's task
+#: (:func:`_prologue_panels_inside`), when that leaves at least this many parallel tasks.
+PROLOGUE_PANELS_INSIDE = True
+PROLOGUE_PANELS_INSIDE_MIN_TASKS = 64
 
 
 @dataclass
@@ -199,8 +203,8 @@ class TiledMatmul:
         lanes = vector_lanes(target, sch.get(main).writes[0].source.dtype.bits)
         grouped = _group_panel(axes.group, extent(sch, axes.vector), lanes) is not None
         depthwise = not grouped and _reads_input_along_vector(sch, main, axes)
-        fused = _tile(sch, main, axes, target, epilogue, func, depthwise)
         prologues = [b for b in producers if PROLOGUE_ATTR in sch.get(b).annotations]
+        fused = _tile(sch, main, axes, target, epilogue, func, depthwise, bool(prologues))
         for block in producers:  # padding, reshapes feeding the kernel
             if any(block.same_as(b) for b in prologues):
                 continue  # after the copies it feeds are inlined (below)
@@ -757,7 +761,7 @@ def _gemv_chunk(sch, axes: _Axes, lanes: int) -> int | None:
 
 
 def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list,
-          func: tirx.PrimFunc, depthwise: bool = False) -> None:
+          func: tirx.PrimFunc, depthwise: bool = False, prologue: bool = False):
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
     mr, nr, tall = _tile_sizes(sch, axes, target, dtype_bits)
     lanes = vector_lanes(target, dtype_bits)
@@ -782,7 +786,12 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         # rows (tiles) outermost, so a core's rows of every batch are the tiles its
         # transforms wrote and read
         outer = [ro] + axes.shared + [vo]
-    sch.reorder(*outer, *axes.reduce, *tile_inner)
+    panels_inside = prologue and _prologue_panels_inside(sch, axes, vo, ro)
+    if panels_inside:  # each task: one row tile's prologue, then all its panels
+        outer = [lp for lp in outer if not sch.get(lp).same_as(sch.get(vo))]
+        sch.reorder(*outer, vo, *axes.reduce, *tile_inner)
+    else:
+        sch.reorder(*outer, *axes.reduce, *tile_inner)
     if packed and tall and PANEL_PREFETCH and panel_outside \
             and (_weight_bytes(sch, main, axes) or 0) >= PREFETCH_MIN_WEIGHT_BYTES:
         weight = sch.get(main).reads[axes.contiguous].source
@@ -801,13 +810,14 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
 
     tile_bytes = (chunk or nr) * (1 if chunk or axes.reuse is None else mr) * dtype_bits // 8
     writeback = sch.cache_write(main, 0, tile_buffer_scope(tile_bytes))
-    sch.reverse_compute_at(writeback, fused, preserve_unit_loops=True)
+    sch.reverse_compute_at(writeback, vo if panels_inside else fused, preserve_unit_loops=True)
     init = sch.decompose_reduction(main, axes.reduce[0])
     for block in (init, writeback):
         if chunk:
             _vectorize_chunk(sch, block, 2 * lanes)
         else:
-            _vectorize_tile(sch, block, len(sch.get_loops(block)) - 1)
+            # below the task loop (and the panel loop walked inside it, kept rolled)
+            _vectorize_tile(sch, block, len(sch.get_loops(block)) - (2 if panels_inside else 1))
 
     out_shape = sch.get(main).writes[0].source.shape
     for block in epilogue:
@@ -826,6 +836,24 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
                       str(exc).splitlines()[-1] if str(exc) else exc)
         schedule_block(sch, block, target)
     return fused
+
+
+def _prologue_panels_inside(sch: s_tir.Schedule, axes: _Axes, vo, ro) -> bool:
+    """Whether a conv with a prologue (:func:`_prologue_per_tile`) walks its output panels
+    inside each parallel row tile, so the tile's prologue is computed once, not once per
+    panel: when there are several panels and at least :data:`PROLOGUE_PANELS_INSIDE_MIN_TASKS`
+    row tiles left to spread over the threads."""
+    if not PROLOGUE_PANELS_INSIDE or ro is None or axes.reuse is None:
+        return False
+    panels, tiles = extent(sch, vo), extent(sch, ro)
+    if panels is None or tiles is None or panels < 2:
+        return False
+    for loop in axes.shared + axes.extra:
+        n = extent(sch, loop)
+        if n is None:
+            return False
+        tiles *= n
+    return tiles >= PROLOGUE_PANELS_INSIDE_MIN_TASKS
 
 
 def _broadcasts_beyond(shape, accumulated) -> bool:
