@@ -18,8 +18,9 @@ a small buffer the tile then reads (``MR`` pixels by all input channels, vectori
 channels): the normalized map is never written to memory.
 
 Only 1x1, stride-1, unpadded, dense NHWC/HWIO float32 convs qualify, and only when every
-value of the chain (and the ReLU's output) has no other use: otherwise the norm would be
-computed twice.
+value of the chain (and the ReLU's output) has no other use (otherwise the norm would be
+computed twice), and the chain's input does: a map read by the chain alone gets the norm fused
+into its producer's kernel anyway (a conv epilogue, DenseNet's last concat of a block).
 """
 
 from __future__ import annotations
@@ -91,6 +92,14 @@ class _PrologueConvs(PyExprMutator):
         value = self.lookup_binding(expr)
         return value if isinstance(value, relax.Call) else None
 
+    def _fuses_into_producer(self, y) -> bool:
+        """Whether the chain's input is read by the chain alone and computed by a call here:
+        operator fusion then already puts the norm and ReLU into that producer's kernel (a
+        conv's epilogue: ResNet-50's BN + ReLU between its 3x3 and 1x1 convs), at no extra
+        pass, so moving them into the next conv would only recompute them per tile."""
+        return isinstance(y, relax.Var) and self.uses.get(y, 0) == 1 \
+            and isinstance(self.lookup_binding(y), relax.Call)
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if getattr(call.op, "name", None) != "relax.nn.conv2d" or not _eligible(call):
@@ -112,7 +121,7 @@ class _PrologueConvs(PyExprMutator):
                 y = rhs
             else:
                 break
-        if not ops or _static_shape(y) != shape:
+        if not ops or _static_shape(y) != shape or self._fuses_into_producer(y):
             return call
         scale, shift = _affine(reversed(ops))
         bb = self.builder_

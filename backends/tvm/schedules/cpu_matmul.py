@@ -153,7 +153,7 @@ CONV_PROLOGUE_PER_TILE = True
 #: ... once per row tile, its output panels walked inside the tile's task
 #: (:func:`_prologue_panels_inside`), when that leaves at least this many parallel tasks.
 PROLOGUE_PANELS_INSIDE = True
-PROLOGUE_PANELS_INSIDE_MIN_TASKS = 64
+PROLOGUE_PANELS_INSIDE_MIN_TASKS = 16
 
 
 @dataclass
