@@ -100,7 +100,16 @@ def build_artifact(model: str | LoadedModel, options: CompileOptions, identity: 
     with interrupts.handle_signals(), compile_jobs(options.jobs) as jobs:
         log(f"compiling with {jobs} thread(s) (-j)")
         try:
-            return _compile(model, options, identity, checked_stage, log, registry, progress)
+            try:
+                return _compile(model, options, identity, checked_stage, log, registry,
+                                progress)
+            except DynamicDefaultFailed as failed:
+                # slimc chose the dynamic length, not the user: the example length is what
+                # compiled before that default existed, so compile it (and say why)
+                log(f"the default dynamic sequence failed ({failed.reason}); compiling the "
+                    "fixed example length")
+                return _compile(model, options, identity, checked_stage, log, registry,
+                                progress, fixed_because=failed.reason)
         except Exception as exc:
             from slimc.outdir import disk_full_error
 
@@ -113,7 +122,11 @@ def build_artifact(model: str | LoadedModel, options: CompileOptions, identity: 
 
 def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[str, Any],
              stage: Stage, log: Callable[[str], None], registry: Registry | None,
-             progress: Callable[[str], None]) -> CompileResult:
+             progress: Callable[[str], None], fixed_because: str | None = None,
+             ) -> CompileResult:
+    """See :func:`build_artifact`. ``fixed_because``: why a text model's default dynamic
+    sequence failed to lower or build (:class:`DynamicDefaultFailed`); this run compiles the
+    fixed example length instead and records the reason in the manifest."""
     from slimc.outdir import check_output_directory
     from slimc.validate import check_batches, check_finite_weights, integer_input_ranges
 
@@ -142,9 +155,12 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
 
     stage("capture")
     started = _clock()
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, overrides, registry, trust_remote_code=options.trust_remote_code,
-        default_sequence=_default_sequence(backend, options))
+    if isinstance(model, LoadedModel):
+        loaded = model if fixed_because is None else _without_default_dynamic(model)
+    else:
+        loaded = load_model(
+            model, overrides, registry, trust_remote_code=options.trust_remote_code,
+            default_sequence="fixed" if fixed_because else _default_sequence(backend, options))
     generation = None
     if options.generate:
         from slimc.generation.prepare import prepare_generation
@@ -161,6 +177,12 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     if loaded is not model:  # ours: the IR holds what is needed, the module's weights can go
         del loaded
     _stamp(timings, "capture", started)
+    if fixed_because is not None:
+        ir.annotations.setdefault("source", {})["default_sequence"] = (
+            f"fixed (a dynamic length failed: {fixed_because})")
+    # slimc's own default, not the user's request: a failure below falls back to fixed
+    default_dynamic = ir.is_dynamic and \
+        ir.annotations.get("source", {}).get("default_sequence") == "dynamic"
     sequence = str(ir.annotations.get("source", {}).get("default_sequence") or "")
     if sequence.startswith("fixed ("):  # the default dynamic length could not be captured
         warnings.append(f"the sequence length is {sequence}; pass --input "
@@ -222,7 +244,7 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
 
     stage("lower")
     started = _clock()
-    with native_stderr_to(native_log):
+    with _dynamic_build(ir, default_dynamic, "the TVM import"), native_stderr_to(native_log):
         mod = backend.lower(ir, spec, registry.converters)
     entries = None
     if generation is not None:
@@ -251,7 +273,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         tuner = backend.open_tuner(tuning_plan, spec, progress)
         stage(f"tune and build for {spec.name}" if options.tune else f"build for {spec.name}")
         started = _clock()
-        with native_stderr_to(native_log):
+        with _dynamic_build(ir, default_dynamic, "the TVM build"), \
+                native_stderr_to(native_log):
             library = backend.build(mod, spec, stage_dir / artifact.LIBRARY, tuning=tuner,
                                     **({"keep": keep} if keep is not None else {}))
         _stamp(timings, "build", started)
@@ -346,6 +369,59 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         all_timings["stages"]["write_s"] = time.perf_counter() - write_start
         artifact.write_json(stage_dir / artifact.TIMINGS, all_timings)
     return CompileResult(output.resolve(), manifest, warnings, timings=all_timings)
+
+
+class DynamicDefaultFailed(Exception):
+    """The TVM import or build of a program with slimc's *default* dynamic sequence length
+    failed; :func:`build_artifact` compiles the fixed example length instead. Not a
+    :class:`~slimc.errors.SlimcError`: it never reaches the user."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def _dynamic_build(ir: IR, default_dynamic: bool, where: str):
+    """Translate a failure to import or build a dynamic program.
+
+    With slimc's default dynamic length (``default_dynamic``) it becomes
+    :class:`DynamicDefaultFailed` (the compile retries at the fixed length, as capture does
+    when the dynamic export fails). With dynamic dimensions the user asked for, an internal
+    failure (exit 1, a traceback) becomes one paragraph with exit 2 that names the way out:
+    fixed shapes. Static programs, slimc's own errors, interrupts and a full disk pass
+    unchanged.
+    """
+    from slimc.errors import PluginError, SlimcError
+    from slimc.outdir import disk_full_error
+
+    try:
+        yield
+    except Exception as exc:
+        if not ir.is_dynamic or disk_full_error(exc, [Path.cwd()]) is not None \
+                or isinstance(exc, (MemoryError, VerificationError)):
+            raise
+        text = exc.message if isinstance(exc, SlimcError) else f"{type(exc).__name__}: {exc}"
+        detail = " ".join(text.split())[:300].rstrip(".")
+        if default_dynamic:
+            raise DynamicDefaultFailed(f"{where}: {detail}") from exc
+        if isinstance(exc, (UsageError, PluginError)):  # already the user's paragraph
+            raise
+        dims = ", ".join(sorted(str(v) for v in ir.annotations.get("symbols", {}).values())) \
+            if isinstance(ir.annotations.get("symbols"), dict) else ""
+        raise UsageError(
+            f"{where[0].upper()}{where[1:]} of {ir.name!r} failed with the dynamic dimensions "
+            f"asked for{f' ({dims})' if dims else ''}: {detail}. Some operations lower only "
+            "at fixed sizes.", hint="Give the inputs fixed shapes (e.g. --input "
+            "input_ids=1x128:int64); if that fails too, please report it.") from exc
+
+
+def _without_default_dynamic(loaded: LoadedModel) -> LoadedModel:
+    """A copy of ``loaded`` with its default dynamic dimensions dropped (the caller's object
+    is left as it is)."""
+    import dataclasses
+
+    return dataclasses.replace(loaded, dynamic={}, extra=dict(loaded.extra))
 
 
 def _default_sequence(backend, options: CompileOptions) -> str | None:

@@ -104,3 +104,53 @@ def test_descending_arange_and_unfold_lower_exactly(tmp_path):
     result = slimc.compile(module, (x,), output=tmp_path / "spans")
     got = next(iter(slimc.load(result.output)(x.numpy()).values()))
     np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def convbert_dir(tmp_path_factory):
+    """A tiny real ConvBERT: its span-based dynamic convolution ``unfold``s along the sequence,
+    which TVM imports only at a fixed length."""
+    torch.manual_seed(0)
+    config = T.ConvBertConfig(**TINY, embedding_size=16)
+    config.architectures = ["ConvBertModel"]
+    folder = tmp_path_factory.mktemp("convbert") / "convbert"
+    model = T.ConvBertModel(config).eval()
+    model.save_pretrained(folder)
+    return str(folder), model
+
+
+def test_default_dynamic_length_that_fails_to_lower_compiles_fixed(convbert_dir, dynamic_default,
+                                                                   cli, tmp_path):
+    """ConvBERT exported fine with slimc's default dynamic length but failed in TVM (exit 1).
+    slimc chose that length, so the compile falls back to the fixed example length, warns,
+    records why in the manifest, and writes a verified artifact that matches eager."""
+    import json
+
+    path, model = convbert_dir
+    result = cli("compile", path, "-o", tmp_path / "cb", "--target", "x86", "-O0")
+    assert result.code == 0, result.err
+    assert "a dynamic length failed: the TVM" in result.err
+    manifest = json.loads((tmp_path / "cb" / "manifest.json").read_text())
+    assert manifest["model"]["default_sequence"].startswith("fixed (a dynamic length failed")
+    assert manifest["verification"]["passed"]
+    assert all("dims" not in i for i in manifest["inputs"])
+    length = manifest["inputs"][0]["shape"][1]
+    ids = torch.randint(0, TINY["vocab_size"], (1, length), generator=torch.Generator()
+                        .manual_seed(1))
+    got = slimc.load(tmp_path / "cb")(input_ids=ids)["last_hidden_state"]
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_length_asked_for_that_fails_to_lower_is_a_usage_error(convbert_dir, cli,
+                                                                       tmp_path):
+    """The same failure under a dynamic range the user asked for is not hidden by a fallback:
+    one paragraph naming the dimension and the fix, exit 2, no artifact."""
+    path, _ = convbert_dir
+    result = cli("compile", path, "-o", tmp_path / "cb", "--target", "x86", "-O0",
+                 "--input", "input_ids=1x1..16:int64")
+    assert result.code == 2, result.err
+    assert "dynamic dimensions asked for" in result.err and "fixed shapes" in result.err
+    assert "Traceback" not in result.err
+    assert not (tmp_path / "cb").exists()
