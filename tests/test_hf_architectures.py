@@ -154,3 +154,20 @@ def test_dynamic_length_asked_for_that_fails_to_lower_is_a_usage_error(convbert_
     assert "dynamic dimensions asked for" in result.err and "fixed shapes" in result.err
     assert "Traceback" not in result.err
     assert not (tmp_path / "cb").exists()
+
+
+def test_xlm_concatenating_onto_an_empty_cache_compiles(tmp_path):
+    """XLM's forward creates a ``DynamicCache`` whose first update concatenates
+    ``torch.tensor([])`` (1-D, empty) with the 4-D keys; torch skips the empty operand, TVM's
+    concat refused the mixed ranks at import."""
+    torch.manual_seed(0)
+    config = T.XLMConfig(emb_dim=32, n_layers=1, n_heads=4, vocab_size=64,
+                         max_position_embeddings=32)
+    model = T.XLMModel(config).eval()
+    ids = torch.randint(0, 64, (1, 10))
+    result = slimc.compile(model, (ids,), output=tmp_path / "xlm")
+    assert result.manifest["verification"]["passed"]
+    got = slimc.load(result.output)(ids.numpy())["last_hidden_state"]
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

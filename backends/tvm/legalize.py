@@ -289,6 +289,41 @@ def index_with_leading_none_to_index_select(ir: IR, node: Node) -> bool:
     return True
 
 
+def cat_without_empty_vectors(ir: IR, node: Node) -> bool:
+    """``cat([empty 1-D, x, ...])`` -> ``cat([x, ...])`` (or ``x`` alone, cast to the result's
+    dtype).
+
+    torch skips 1-D operands of size 0 in ``cat`` whatever the other operands' rank (a legacy
+    rule that Hugging Face's lazily initialised ``DynamicCache`` relies on: its first
+    ``update`` concatenates ``torch.tensor([])`` with the keys); TVM's ``concat`` requires
+    equal ranks ("Concat expects the input tensors to have the same ndim ... 1 and 4": XLM,
+    whose forward creates a cache by default). Dropping them gives the same values.
+    """
+    if node.target is not aten.cat.default or not node.args or len(node.args[0]) < 2:
+        return False
+    tensors = list(node.args[0])
+    vals = [t.meta.get("val") if isinstance(t, Node) else None for t in tensors]
+    out_val = node.meta.get("val")
+    if out_val is None or any(v is None for v in vals) or out_val.dim() <= 1:
+        return False
+    kept = [t for t, v in zip(tensors, vals, strict=True)
+            if not (v.dim() == 1 and isinstance(v.shape[0], int) and v.shape[0] == 0)]
+    if not kept or len(kept) == len(tensors):
+        return False
+    if len(kept) > 1:
+        node.args = (kept, *node.args[1:])
+        return True
+    result = kept[0]
+    if result.meta["val"].dtype != out_val.dtype:
+        with ir.graph.inserting_before(node):
+            result = ir.graph.call_function(aten._to_copy.default, (result,),
+                                            {"dtype": out_val.dtype})
+        result.meta["val"] = out_val
+    node.replace_all_uses_with(result)
+    ir.graph.erase_node(node)
+    return True
+
+
 def whole_window_avg_pool_to_mean(ir: IR, node: Node) -> bool:
     """``avg_pool{1,2}d`` whose one window covers the whole input -> ``mean`` over it.
 
@@ -338,6 +373,7 @@ RULES: list[Callable[[IR, Node], bool]] = [
     view_to_reshape, cumsum_of_bool_as_int64, binary_operands_in_promoted_dtype,
     descending_arange_as_ascending, im2col_as_strided_slices,
     index_with_leading_none_to_index_select, whole_window_avg_pool_to_mean,
+    cat_without_empty_vectors,
 ]
 
 
