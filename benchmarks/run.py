@@ -38,6 +38,12 @@ from how its spinning pool fares beside other processes. TVM's pool spins too: e
 calls ``sched_yield`` up to ``TVM_THREAD_POOL_SPIN_COUNT`` times (default 300000) after a
 parallel loop before it sleeps; ``--tvm-spin-count N`` sets it (0: sleep at once). An engine
 timed alone (``--engines ort``) loads no TVM library and starts no TVM pool.
+
+Denormal floats: slimc's runtime flushes them to zero on x86-64 (``SLIMC_FLUSH_DENORMALS=0``
+turns it off: compare in two processes, TVM's pool workers keep the mode they were given);
+ONNX Runtime does not unless asked. ``ort-ftz`` is ``ort`` with
+``session.set_denormal_as_zero=1``, the like-for-like baseline where a model's activations
+decay into denormals (EfficientNet-B0 with random weights: ~25x slower calls without).
 """
 
 from __future__ import annotations
@@ -82,7 +88,8 @@ TUNED = "slimc-tuned"
 #: The fp32 artifact again with the runtime's caller pinning off (``NativeRunner(pin_caller=
 #: False)``, what ``SLIMC_PIN_CALLER=0`` does): an A/B of the pinning in one process.
 NOPIN = "slimc-nopin"
-ENGINES = (*SLIMC, TUNED, NOPIN, "eager", "ort", "ort-nospin", "torch-dyn8", "ort-dyn8", "ort-qdq8")
+ENGINES = (*SLIMC, TUNED, NOPIN, "eager", "ort", "ort-nospin", "ort-ftz", "torch-dyn8", "ort-dyn8",
+           "ort-qdq8")
 #: Engines run when --engines is not given: the quantized ones only where they are a target.
 DEFAULT_ENGINES = {
     "minilm": ("slimc", "eager", "ort", "slimc-w8a8", "torch-dyn8", "ort-dyn8"),
@@ -209,13 +216,17 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
                 return dynamic(**inputs)
         callers["torch-dyn8"] = torch_dyn8
         outputs["torch-dyn8"] = torch_dyn8().numpy()
-    if {"ort", "ort-nospin", "ort-dyn8", "ort-qdq8"} & set(engines):
+    if {"ort", "ort-nospin", "ort-ftz", "ort-dyn8", "ort-qdq8"} & set(engines):
         onnx_path = workdir / f"{name}.onnx"
         session = _ort_session(module, inputs, args.threads, onnx_path)
         if "ort-nospin" in engines:
             nospin = _ort_session(module, inputs, args.threads, onnx_path, spinning=False)
             callers["ort-nospin"] = lambda: nospin.run(None, arrays)
             outputs["ort-nospin"] = nospin.run(None, arrays)[0]
+        if "ort-ftz" in engines:
+            ftz = _ort_session(module, inputs, args.threads, onnx_path, flush_denormals=True)
+            callers["ort-ftz"] = lambda: ftz.run(None, arrays)
+            outputs["ort-ftz"] = ftz.run(None, arrays)[0]
         if "ort-qdq8" in engines:
             qdq = _ort_session(module, inputs, args.threads, onnx_path,
                                static_int8=_calibration_arrays(name, workdir))
@@ -357,7 +368,8 @@ def _calibration_file(name: str, workdir: Path) -> Path | None:
 
 
 def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = False,
-                 static_int8: dict | None = None, spinning: bool = True):
+                 static_int8: dict | None = None, spinning: bool = True,
+                 flush_denormals: bool = False):
     import onnxruntime as ort
     import torch
 
@@ -384,6 +396,8 @@ def _ort_session(module, inputs, threads: int, path: Path, dynamic_int8: bool = 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spinning:  # workers sleep between calls instead of spinning (ort-nospin)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if flush_denormals:  # ort-ftz: its threads flush denormals as slimc's runtime does
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -425,7 +439,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 #: Baselines each engine's median is divided by (a column each, when that engine ran).
-BASES = ("eager", "ort", "ort-nospin", "ort-qdq8", "slimc")
+BASES = ("eager", "ort", "ort-nospin", "ort-ftz", "ort-qdq8", "slimc")
 
 
 def print_table(results: list[Result], args) -> None:

@@ -85,13 +85,17 @@ class NativeRunner:
 
     ``pin_caller`` (default: on unless ``SLIMC_PIN_CALLER=0``): during each call the calling
     thread is kept off the cores TVM pinned its pool workers to (see
-    :mod:`slimc.backends.tvm.affinity`); CPU devices only."""
+    :mod:`slimc.backends.tvm.affinity`); CPU devices only. ``flush_denormals`` (default: on
+    unless ``SLIMC_FLUSH_DENORMALS=0``): the threads running a call flush denormal floats to
+    zero, x86-64 CPU devices only (see :mod:`slimc.backends.tvm.denormals`)."""
 
     def __init__(self, library: str | os.PathLike[str], threads: int | None = None,
-                 device=None, pin_caller: bool | None = None) -> None:
+                 device=None, pin_caller: bool | None = None,
+                 flush_denormals: bool | None = None) -> None:
         self.threads = set_threads(threads)
         import tvm
         from slimc.backends.tvm.affinity import CallerPinning
+        from slimc.backends.tvm.denormals import DenormalFlush
         from tvm import relax
 
         self._tvm = tvm
@@ -100,6 +104,7 @@ class NativeRunner:
         self._vm = relax.VirtualMachine(self._module, self._device)
         on_cpu = self._device.dlpack_device_type() == 1  # kDLCPU
         self.pinning = CallerPinning(self.threads, pin_caller if on_cpu else False)
+        self.denormals = DenormalFlush(self.threads, flush_denormals if on_cpu else False)
 
     def arity(self) -> int | None:
         """Number of inputs the library's ``main`` takes (None if the VM cannot say)."""
@@ -114,7 +119,7 @@ class NativeRunner:
         # the library's shape check then refuses
         args = [tvm.runtime.tensor(np.require(x, requirements="C"), device=self._device)
                 for x in inputs]
-        result = self.pinning.call(self._vm[function], *args)
+        result = self.pinning.call(self.denormals.call, self._vm[function], *args)
         return _flatten(result)
 
     @property
@@ -126,7 +131,7 @@ class NativeRunner:
     def pinned_vm(self) -> _PinnedFunctions:
         """``pinned_vm[name]``: the VM's function ``name``, each call pinned like
         :meth:`__call__`'s (the generation loop calls ``prefill``/``decode`` through it)."""
-        return _PinnedFunctions(self._vm, self.pinning)
+        return _PinnedFunctions(self._vm, self.pinning, self.denormals)
 
     @property
     def device(self):
@@ -135,13 +140,15 @@ class NativeRunner:
 
 
 class _PinnedFunctions:
-    """``vm[name]`` with :class:`~slimc.backends.tvm.affinity.CallerPinning` around each call."""
+    """``vm[name]`` with :class:`~slimc.backends.tvm.affinity.CallerPinning` and
+    :class:`~slimc.backends.tvm.denormals.DenormalFlush` around each call."""
 
-    def __init__(self, vm, pinning) -> None:
-        self._vm, self._pinning = vm, pinning
+    def __init__(self, vm, pinning, denormals) -> None:
+        self._vm, self._pinning, self._denormals = vm, pinning, denormals
 
     def __getitem__(self, name: str):
-        return self._pinning.wrap(self._vm[name])
+        function = self._vm[name]
+        return self._pinning.wrap(lambda *args: self._denormals.call(function, *args))
 
 
 def _flatten(value) -> list[np.ndarray]:

@@ -52,6 +52,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "usage: infer model.so [input0.npy ...]\n");
     return 2;
   }
+  flush_denormals(); /* x86-64: denormal floats flushed to zero (slimc_run.c) */
   TVMFFIAny path = str_arg(argv[1]);
   TVMFFIAny lib = call(global("ffi.ModuleLoadFromFile"), &path, 1, argv[1]);
   TVMFFIAny vm = call(module_function(lib.v_obj, "vm_load_executable"), NULL, 0,
