@@ -190,6 +190,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .attention_softmax import fuse_safe_softmax
+    from .channel_padding import pad_hidden_channels
     from .constant_views import fold_constant_views
     from .conv_prologue import prologue_convs
     from .fast_math import fast_math
@@ -211,7 +212,9 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
-        pointwise_tail_convs_as_matmul,
+        # before the 1x1 convs of 8 x odd channels become padded matmuls: padded hidden maps
+        # leave them whole-vector convs
+        pad_hidden_channels, pointwise_tail_convs_as_matmul,
         # cancelled transposes leave `y = x` aliases, which would cut fusion chains
         relax.transform.CanonicalizeBindings(),
         # After the layout passes: fast_math turns sigmoid/SiLU/GELU into call_te kernels that
