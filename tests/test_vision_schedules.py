@@ -535,10 +535,11 @@ def test_convs_split_the_larger_operand_over_threads(tmp_path, caplog):
 
 
 def test_depthwise_convs_over_large_images_split_rows_over_threads(tmp_path, caplog):
-    """A depthwise conv whose (padded) input is over 2 MiB (MobileNetV2's stride-2 3 x 3 over
-    112 x 112 x 96, and any of its depthwise convs at batch 8) splits its pixel rows over the
-    threads, so the image is swept once instead of once per channel panel; a smaller one (the
-    same conv at 56 x 56) keeps the channel panels outside. Both exact vs PyTorch, the large
+    """A depthwise conv whose (padded) input is over 256 KiB (MobileNetV2's stride-2 3 x 3 over
+    112 x 112 x 96, its 56 x 56 and 14 x 14 x 384 ones, any of them at batch 8) splits its
+    pixel rows over the threads, so the image is swept once instead of once per channel
+    panel; a smaller one (the same conv at 14 x 14) keeps the
+    channel panels outside. Both exact vs PyTorch, the large
     one with TF padding (its border tiles read the padding in place)."""
     torch.manual_seed(0)
     large = torch.nn.Sequential(torch.nn.Conv2d(96, 96, 3, 2, 1, groups=96),
@@ -546,7 +547,9 @@ def test_depthwise_convs_over_large_images_split_rows_over_threads(tmp_path, cap
     x = torch.randn(1, 96, 112, 112)  # 4.8 MB
     assert _parallel_loop(_scheduled(large, (x,)), "conv2d").startswith("nn_yy_ff_0")
     _check(large, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
-    small = torch.randn(1, 96, 56, 56)  # 1.2 MB
+    assert _parallel_loop(_scheduled(large, (torch.randn(1, 96, 56, 56),)),
+                          "conv2d").startswith("nn_yy_ff_0")  # 1.2 MB
+    small = torch.randn(1, 96, 14, 14)  # 75 KB
     assert _parallel_loop(_scheduled(large, (small,)), "conv2d").startswith("ff_0")
     batch = torch.randn(8, 32, 56, 56)  # 0.4 MB an image, 3.3 MB the padded batch
     tf_block = _randomize_bn(TfPaddedBlock(32, 32, 2))

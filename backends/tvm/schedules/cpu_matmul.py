@@ -122,13 +122,17 @@ BROADCAST_EPILOGUE_ONCE = True
 #: A depthwise conv whose input image is larger than this splits its pixel rows over the
 #: threads, like the dense convs above (:func:`_rows_outside`), instead of its channel panels.
 #: Why: with the panel outside, every panel sweeps the whole image, reading its own
-#: ``NR``-channel slice of each pixel; an image beyond one core's L2 (2 MiB on this Intel
-#: host; Zen 4's 1 MiB) is then streamed from L3 / memory once per panel: MobileNetV2's
-#: stride-2 3 x 3 over 112 x 112 x 96 (4.8 MB, 3 panels) ran 0.75-0.78x as long with rows
-#: outside, at 1 and at 2 threads; a batch of 8 makes every image of the net that large.
-#: Smaller images keep the panel outside (56 x 56 x 144, 1.8 MB: rows outside measured
-#: 1.2-1.37x slower at 2 threads; wt/mob's 1.04-1.07x at one thread on Zen 4).
-DEPTHWISE_ROWS_OUTSIDE_BYTES = 2 << 20
+#: ``NR``-channel slice of each pixel, and each thread reads every pixel row -- half of them
+#: written by the other core's previous kernel (the 1x1 convs before split rows too); an image
+#: beyond one core's L2 is streamed from L3 / memory once per panel. Rows outside read each
+#: row once, on the core that wrote it. Measured in the model, not alone: a kernel timed alone
+#: (20 calls back to back) has its image hot in its own L2, and there the 56 x 56 x 144 conv
+#: ran 1.2-1.37x *slower* with rows outside at 2 threads (wt/mob18); in the model the same
+#: conv ran 3-4x its alone time with the panel outside (``benchmarks/call_gap.py``), and rows
+#: outside for every depthwise image over 256 KiB made MobileNetV2 0.95x and V3-Large 0.93x
+#: as long at 2 threads, 0.96x / 0.99x at one (wt/mnv3pad, interleaved A/B). 7 x 7 maps (at
+#: most 188 KiB in these nets) keep the panel outside: 7 rows over 2 threads split 4 : 3.
+DEPTHWISE_ROWS_OUTSIDE_BYTES = 256 << 10
 #: A tall tile (below) over a packed constant weight of at least PREFETCH_MIN_WEIGHT_BYTES
 #: prefetches the next weight panel's row in each reduction step (:mod:`.panel_prefetch`).
 #: Measured, not assumed: with it the 10 x 16 kernels of CLIP B/32's dense layers ran
