@@ -538,7 +538,7 @@ def test_depthwise_convs_over_large_images_split_rows_over_threads(tmp_path, cap
     """A depthwise conv whose (padded) input is over 256 KiB (MobileNetV2's stride-2 3 x 3 over
     112 x 112 x 96, its 56 x 56 and 14 x 14 x 384 ones, any of them at batch 8) splits its
     pixel rows over the threads, so the image is swept once instead of once per channel
-    panel; a smaller one (the same conv at 14 x 14) keeps the
+    panel; a smaller one (a stride-1 one over 20 x 20) keeps the
     channel panels outside. Both exact vs PyTorch, the large
     one with TF padding (its border tiles read the padding in place)."""
     torch.manual_seed(0)
@@ -549,8 +549,9 @@ def test_depthwise_convs_over_large_images_split_rows_over_threads(tmp_path, cap
     _check(large, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
     assert _parallel_loop(_scheduled(large, (torch.randn(1, 96, 56, 56),)),
                           "conv2d").startswith("nn_yy_ff_0")  # 1.2 MB
-    small = torch.randn(1, 96, 14, 14)  # 75 KB
-    assert _parallel_loop(_scheduled(large, (small,)), "conv2d").startswith("ff_0")
+    stride1 = torch.nn.Sequential(torch.nn.Conv2d(96, 96, 3, 1, 1, groups=96)).eval()
+    small = torch.randn(1, 96, 20, 20)  # 186 KB padded
+    assert _parallel_loop(_scheduled(stride1, (small,)), "conv2d").startswith("ff_0")
     batch = torch.randn(8, 32, 56, 56)  # 0.4 MB an image, 3.3 MB the padded batch
     tf_block = _randomize_bn(TfPaddedBlock(32, 32, 2))
     dw = [t for n, t in _scheduled(tf_block, (batch,)).items() if "conv2d" in n
