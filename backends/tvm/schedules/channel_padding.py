@@ -288,7 +288,13 @@ class _PadChannels(PyExprMutator):
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         self._bound = {b.var: b.value for block in func.body.blocks for b in block.bindings
                        if isinstance(b, relax.VarBinding)}
-        self.plan = _analyse(func, self.value_of, self.lanes)
+        try:
+            self.plan = _analyse(func, self.value_of, self.lanes) \
+                if isinstance(func.body, relax.SeqExpr) else {}
+        except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            # a graph shape this analysis does not know: leave it as it is
+            log.debug("channel padding skipped: %s", exc)
+            self.plan = {}
         return super().visit_function_(func)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
