@@ -40,7 +40,8 @@ def _distillation(pipeline: list[dict[str, Any]]) -> list[str]:
         trained = (f"LoRA rank {d['lora']} adapters ({d['trained_params']:,} params) on "
                    f"{d['trained_tensors']} tensor(s), folded back into them" if d["lora"]
                    else f"{d['trained_params']:,} params in {d['trained_tensors']} tensor(s)")
-        lines.append(f"- teacher: {d['teacher']}; trained ({d['trainable']}): {trained}; "
+        which = d["trainable"] + (" + quantized grids" if d.get("scales") else "")
+        lines.append(f"- teacher: {d['teacher']}; trained ({which}): {trained}; "
                      f"{d['steps']} steps on {d['train_batches']} calibration batches "
                      f"({d['train_tokens_seen']:,} tokens seen), {d['seconds']:.1f}s.")
         lines.append(f"- held-out loss ({d['held_out_batches']} calibration batches never "
@@ -86,11 +87,15 @@ def _search(entry: dict[str, Any] | None) -> list[str]:
         if done:
             lines.append(f"Nothing met --max-drop by compression alone; **distillation** from "
                          f"the original model on --calib ({done['steps']} steps, lr "
-                         f"{done['lr']:g}, {done['seconds']:.0f} s) brought the drop from "
+                         f"{done['lr']:g}, {done['seconds']:.0f} s"
+                         + (f"; trained {done['trained']}, {done['where']}"
+                            if done.get("trained") else "")
+                         + ") brought the drop from "
                          f"{done['drop_before']:.2%} to {done['drop_after']:.2%} "
                          f"(measured on {done['measured_on']}).")
         else:
-            lines.append(f"Distillation was not used: {recovery.get('why_not')}.")
+            lines.append(("Distillation was tried and not kept: " if recovery.get("tried")
+                          else "Distillation was not used: ") + f"{recovery.get('why_not')}.")
     return lines
 
 

@@ -452,6 +452,7 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
         "teacher": "the original model (the IR before the pipeline's first pass)",
         "steps": options.steps,
         "trainable": options.trainable,
+        "scales": options.scales,
         "lora": options.lora,
         "trained_tensors": len(groups),
         "trained_params": trained,

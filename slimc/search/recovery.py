@@ -48,6 +48,11 @@ from .search import (
 
 #: The distill pass's default share of calibration batches held out of training.
 HOLDOUT = 0.25
+#: Distillation placed after ``quantize`` also trains the quantized weights' float grids
+#: (``distill{scales=true}``: group scales / minimums, int8 row scales; codes and bytes stay).
+#: Measured on MiniLM / WordSim-353 against the float weights alone at the same steps and
+#: bytes (docs/benchmarks.md, "wt/search20"; ``benchmarks/recovery_scales_minilm.py``).
+TRAIN_SCALES = True
 
 
 def unavailable(search: Search, seconds: float) -> str | None:
@@ -70,16 +75,21 @@ def held_out_batches(search: Search) -> list[list[Any]]:
 
 
 def with_distill(rest: list[tuple[str, dict[str, Any]]], options: dict[str, Any],
-                 pruned: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+                 pruned: bool = False, scales: bool | None = None
+                 ) -> tuple[list[tuple[str, dict[str, Any]]], int]:
     """``rest`` (a candidate's pipeline after pruning) with ``distill{options}`` inserted,
-    and its position (see the module docstring for where and why)."""
+    and its position (see the module docstring for where and why). After ``quantize`` the
+    pass also trains the quantized weights' float grids (``scales=true``) unless ``scales``
+    (default :data:`TRAIN_SCALES`) says not to."""
     names = [name for name, _ in rest]
+    options = dict(options)
     if (pruned or "lowrank" in names) and "quantize" in names:
         at = names.index("quantize")
-    elif "eliminate-dead-code" in names:
-        at = names.index("eliminate-dead-code")
     else:
-        at = len(rest)
+        at = names.index("eliminate-dead-code") if "eliminate-dead-code" in names \
+            else len(rest)
+        if "quantize" in names[:at] and (TRAIN_SCALES if scales is None else scales):
+            options["scales"] = True
     return rest[:at] + [("distill", options)] + rest[at:], at
 
 
@@ -174,7 +184,7 @@ def _attempt(search: Search, cand: Candidate, scorer: Scorer, max_drop: float,
                               f"--distill-budget allow {max(steps, 0)} steps, fewer than "
                               f"{DISTILL_MIN_STEPS}")
         return None, attempt
-    items, _ = with_distill(rest, {"steps": steps, "lr": DISTILL_LR}, pruned)
+    items, at = with_distill(rest, {"steps": steps, "lr": DISTILL_LR}, pruned)
     ir, records, ctx, relative = search._build_items(base, items)
     value = scorer.score(ir)
     summary = ir.annotations["distill"]
@@ -185,13 +195,30 @@ def _attempt(search: Search, cand: Candidate, scorer: Scorer, max_drop: float,
                                                                         2),
                    held_out_loss_before=summary["held_out_loss_before"],
                    held_out_loss_after=summary["held_out_loss_after"],
-                   kept=summary["kept"], lr=DISTILL_LR)
+                   kept=summary["kept"], lr=DISTILL_LR, trained=trained_text(summary),
+                   trained_params=summary["trained_params"])
     result.distill = {"steps": steps, "lr": DISTILL_LR, "drop_before": before,
                       "drop_after": result.drop, "measured_on": scorer.label,
-                      "seconds": attempt["seconds"], "kept": summary["kept"]}
+                      "seconds": attempt["seconds"], "kept": summary["kept"],
+                      "trained": trained_text(summary),
+                      "trained_params": summary["trained_params"],
+                      "where": "before quantize" if items[at + 1:] and any(
+                          n == "quantize" for n, _ in items[at + 1:]) else "after quantize"}
     if keep:
         result.ir, result.records, result.ctx = ir, base.records + records, ctx
     search.measured.append(result)
     search.log(f"search: {pipeline_text(full)}: size {relative['size']:.3f}, drop "
                f"{before:.4f} -> {result.drop:.4f} after {steps} distillation steps")
     return result, attempt
+
+
+def trained_text(summary: dict[str, Any]) -> str:
+    """What a ``distill`` pass trained, in words (from its summary)."""
+    what = {"all": "the float weights", "factors": "the low-rank factors",
+            "matrices": "the float matrices", "norms": "the norm weights",
+            "factors+norms": "the low-rank factors and norm weights"}.get(
+                summary.get("trainable", "all"), "the float weights")
+    if summary.get("scales"):
+        what += (" and the quantized weights' float grids (scales / minimums; codes and bytes "
+                 "unchanged)")
+    return what
