@@ -361,8 +361,8 @@ def test_search_builds_float_zero_formats_as_costed(hf_dir):
 
 
 def test_search_rounds_with_gptq_given_calibration_data(captured_llama):
-    """With --calib data the search's candidates are built with quantize{method=gptq}: the
-    recipe says so, and at int3 the built candidate diverges less from the original on that
+    """With --calib data the search's candidates are built with quantize{method=gptq,
+    act_order=true}: the recipe says so, and at int3 the built candidate diverges less from the original on that
     data than the same choices rounded to nearest (issue 17: SmolLM2 at 3.5-4.25 bits)."""
     from dataclasses import replace
 
@@ -384,6 +384,8 @@ def test_search_rounds_with_gptq_given_calibration_data(captured_llama):
         assert cand is not None, failures
         quantize = dict(cand.items)["quantize"]
         assert quantize.get("method", "rtn") == method and quantize["weights"] == "int3"
+        # GPTQ with act-order (same bytes, less error: docs/budget.md); RTN has no order
+        assert quantize.get("act_order", False) is (method == "gptq")
         drops[method] = cand.drop
     assert drops["gptq"] < drops["rtn"], drops
     bare = PassContext(example_inputs=batches[0])  # no --calib: the example input alone

@@ -312,6 +312,8 @@ class Search:
                 opts["group_size"] = default.group_size
             if self.techniques.quantize_method != "rtn":
                 opts["method"] = self.techniques.quantize_method
+                if self.techniques.quantize_method == "gptq" and self.techniques.act_order:
+                    opts["act_order"] = True
             rules = [f"{p}={o.fmt}" for c, o in chosen if o.fmt != default
                      for p in layer_patterns(c.layer.name, bool(o.rank))]
             if rules:

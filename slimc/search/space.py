@@ -94,6 +94,13 @@ class Techniques:
     #: rounding error onto the columns not yet rounded, through the inputs' Hessian; on the
     #: example input alone (random tokens) that Hessian would fit noise, so RTN then.
     quantize_method: str = "rtn"
+    #: With ``gptq``: quantize columns in decreasing Hessian-diagonal order, every group's grid
+    #: fixed from the original weights (``quantize{act_order=true}``; same bytes and layout).
+    #: Measured on MiniLM / WordSim-353 (docs/benchmarks.md, wt/search20): the same bytes with
+    #: less held-out output error at every format (int2-g64: Spearman 0.124 -> 0.652) for
+    #: ~1.1-1.2x the seconds of the GPTQ solve itself; per-layer output error 0.68x median on
+    #: SmolLM2 (wt/smol19).
+    act_order: bool = False
     #: Also build and measure uniform W8A8 (``quantize{weights=int8,activations=int8}``:
     #: static int8 inputs on the target's int8 dot-product kernels). Set when the user gave
     #: calibration data (the activation scales are calibrated on it): on compute-bound matmuls
@@ -118,10 +125,11 @@ class Techniques:
     def for_context(cls, name: str, ctx: PassContext) -> Techniques:
         """The named set, with GPTQ rounding when ``ctx`` holds real calibration data
         (``--calib``): SmolLM2 at 3.5-4.25 bits per weight lost far less with it
-        (docs/benchmarks.md, issue 17)."""
+        (docs/benchmarks.md, issue 17), and with act-order (see :attr:`act_order`)."""
         techniques = cls.named(name)
         if ctx.calibration_batches:
-            techniques = replace(techniques, quantize_method="gptq", w8a8=True)
+            techniques = replace(techniques, quantize_method="gptq", act_order=True,
+                                 w8a8=True)
         return techniques
 
 
