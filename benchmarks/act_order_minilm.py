@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--held-out", default="Exodus1:1-4:31")
     ap.add_argument("--tmp", default="/tmp/budget_bench")
+    ap.add_argument("--rtn", action="store_true", help="also round to nearest (what the "
+                    "damage table prices)")
+    ap.add_argument("--out", default="act_order_minilm")
     args = ap.parse_args()
 
     from slimc.api import CompileOptions
@@ -85,26 +88,30 @@ def main() -> None:
         base = _Base(0.0, ir, [], None)
         for k, name in enumerate(args.formats):
             row = {"format": name}
-            for ao in ([False, True] if k % 2 == 0 else [True, False]):
-                opts = dict(FORMATS[name], method="gptq", act_order=ao)
+            variants = ([False, True] if k % 2 == 0 else [True, False]) + \
+                (["rtn"] if args.rtn else [])
+            for ao in variants:
+                opts = dict(FORMATS[name], method="gptq", act_order=ao) if ao != "rtn" \
+                    else dict(FORMATS[name])
                 q, records, _, rel = search._build_items(
                     base, [("quantize", opts), ("eliminate-dead-code", {})])
                 seconds = next(r.seconds for r in records if r.invocation.name == "quantize")
                 value = scorer.score(q)
-                row["act_order" if ao else "gptq"] = {
+                key = "rtn" if ao == "rtn" else "act_order" if ao else "gptq"
+                row[key] = {
                     "size": rel["size"], "spearman": value, "drop": scorer.drop(value),
                     "held_out_divergence": proxy.score(q), "quantize_seconds": seconds}
                 del q
-                log(f"{name} act_order={ao}: size {rel['size']:.4f}, spearman {value:.4f}, "
-                    f"divergence {row['act_order' if ao else 'gptq']['held_out_divergence']:.4g}"
-                    f", quantize {seconds:.1f} s")
+                log(f"{name} {key}: size {rel['size']:.4f}, spearman {value:.4f}, "
+                    f"divergence {row[key]['held_out_divergence']:.4g}, quantize "
+                    f"{seconds:.1f} s")
             row["seconds act_order/gptq"] = (row["act_order"]["quantize_seconds"]
                                              / row["gptq"]["quantize_seconds"])
             rows.append(row)
     out = {"original": scorer.original, "metric": scorer.label, "proxy": proxy.label,
            "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "act_order_minilm.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
 

@@ -362,8 +362,9 @@ def test_search_builds_float_zero_formats_as_costed(hf_dir):
 
 def test_search_rounds_with_gptq_given_calibration_data(captured_llama):
     """With --calib data the search's candidates are built with quantize{method=gptq,
-    act_order=true}: the recipe says so, and at int3 the built candidate diverges less from the original on that
-    data than the same choices rounded to nearest (issue 17: SmolLM2 at 3.5-4.25 bits)."""
+    act_order=true}: the recipe says so, and at int3 the built candidate diverges less from
+    the original on that data than the same choices rounded to nearest (issue 17: SmolLM2
+    at 3.5-4.25 bits)."""
     from dataclasses import replace
 
     from slimc.search.search import Search, proxy_scorer
