@@ -80,6 +80,13 @@ SMALL_WEIGHT_BYTES = 8 * 1024
 #: outside (their filter is a few KiB; see above).
 LARGER_OPERAND_ROWS_OUTSIDE = True
 ROWS_OUTSIDE_MAX_WEIGHT = 1 << 20
+#: A batched matmul of two run-time operands (attention) walks each batch's rows outside its
+#: panels (:func:`_runtime_rows_outside`; off only to measure what it saves) ...
+RUNTIME_ROWS_OUTSIDE = True
+#: ... when one batch of the vector operand fits in L2 (half of Zen 4's; Intel's is 2 MiB) ...
+RUNTIME_ROWS_OUTSIDE_MAX_OPERAND_BYTES = 1 << 19
+#: ... and one batch of the output is at least this large (256 x 256 floats).
+RUNTIME_ROWS_OUTSIDE_MIN_OUTPUT_BYTES = 1 << 18
 #: Pad symbolic (dynamic-length) tile axes to whole tiles instead of predicating every step
 #: (see :func:`_pad_symbolic_tiles`; off only to measure what it saves).
 PAD_SYMBOLIC_TILES = True
@@ -192,7 +199,9 @@ class TiledMatmul:
         axes = _classify(sch, main)
         if axes is None:
             return None
-        if PAD_SYMBOLIC_TILES and _pad_symbolic_tiles(sch, main, axes, target):
+        # decided before padding (a padded copy of a weight is no longer a constant parameter)
+        runtime_rows = _runtime_rows_outside(sch, main, axes, func)
+        if PAD_SYMBOLIC_TILES and _pad_symbolic_tiles(sch, main, axes, target, runtime_rows):
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
             main = next(b for b in blocks if not is_spatial(sch, b))
             axes = _classify(sch, main)
@@ -208,7 +217,8 @@ class TiledMatmul:
         grouped = _group_panel(axes.group, extent(sch, axes.vector), lanes) is not None
         depthwise = not grouped and _reads_input_along_vector(sch, main, axes)
         prologues = [b for b in producers if PROLOGUE_ATTR in sch.get(b).annotations]
-        fused = _tile(sch, main, axes, target, epilogue, func, depthwise, bool(prologues))
+        fused = _tile(sch, main, axes, target, epilogue, func, depthwise, bool(prologues),
+                      runtime_rows)
         for block in producers:  # padding, reshapes feeding the kernel
             if any(block.same_as(b) for b in prologues):
                 continue  # after the copies it feeds are inlined (below)
@@ -450,7 +460,8 @@ def _group_width(region, vec_var) -> int | None:
     return widths[0] if len(widths) == 1 and widths[0] > 1 else None
 
 
-def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) -> bool:
+def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target,
+                        runtime_rows: bool = False) -> bool:
     """Pad a symbolic reuse / vector axis (a dynamic sequence length) to whole tiles.
 
     Split by the tile size, a symbolic axis leaves a predicate ``row < seq`` in every step of
@@ -470,7 +481,7 @@ def _pad_symbolic_tiles(sch: s_tir.Schedule, main, axes: _Axes, target: Target) 
     measured no faster (197-row dense layers).
     """
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
-    mr, nr, _ = _tile_sizes(sch, axes, target, dtype_bits)
+    mr, nr, _ = _tile_sizes(sch, axes, target, dtype_bits, runtime_rows)
     loops = sch.get_loops(main)
     factors = [1] * len(loops)
     vector_size = extent(sch, axes.vector)
@@ -681,8 +692,16 @@ def _group_panel(group: int | None, n: int | None, lanes: int) -> int | None:
                  if v > 1 and group % v == 0 and (n is None or n % v == 0)), None)
 
 
-def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int, int, bool]:
-    """``(MR, NR, tall)`` of the micro-kernel; ``tall``: a :func:`_tall_tile_rows` tile."""
+def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int,
+                runtime_rows: bool = False) -> tuple[int, int, bool]:
+    """``(MR, NR, tall)`` of the micro-kernel; ``tall``: a :func:`_tall_tile_rows` tile.
+
+    ``runtime_rows`` (:func:`_runtime_rows_outside`): the tile stays two vectors wide and on
+    the stack (:func:`_stack_rows`) -- the tall tile reads its vector operand one vector per
+    ``MR`` broadcasts, which pays off for a weight packed at build time, not for an unpacked
+    ``K^T`` (Whisper's scores: 15 x 16 ran ~1.4x as long as 6 x 32), and T5's 8 x 32 tile
+    (256 rows) was a workspace allocation per tile.
+    """
     lanes = vector_lanes(target, dtype_bits)
     n = extent(sch, axes.vector)
     m = extent(sch, axes.reuse) if axes.reuse is not None else 1
@@ -693,6 +712,8 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int) -> tuple[int,
         return mr_max, nr, False
     mr = next((v for v in range(mr_max, 0, -1) if m % v == 0 and v * 2 > mr_max), None)
     mr = mr or min(mr_max, m)
+    if runtime_rows:
+        return _stack_rows(m, mr, nr, dtype_bits), nr, False
     if STACK_TILE_ROWS:
         mr = _stack_tile_rows(m, mr, nr, dtype_bits)
     if TALL_NARROW_TILES and not axes.extra and axes.group is None and len(axes.reduce) == 1 \
@@ -746,6 +767,15 @@ def _stack_tile_rows(m: int, mr: int, nr: int, dtype_bits: int) -> int:
     return mr
 
 
+def _stack_rows(m: int, mr: int, nr: int, dtype_bits: int) -> int:
+    """The tallest tile of at most ``mr`` rows that divides ``m`` and whose ``MR x NR``
+    accumulators stay under :data:`~.common.STACK_ALLOCA_BYTES` (on the stack, promoted to
+    registers), or ``mr`` when none does."""
+    row_bytes = nr * dtype_bits // 8
+    return next((v for v in range(mr, 0, -1) if m % v == 0 and v * row_bytes < STACK_ALLOCA_BYTES),
+                mr)
+
+
 def _gemv_chunk(sch, axes: _Axes, lanes: int) -> int | None:
     """Output-column chunk for a matrix-vector product (decode), or None for a real GEMM.
 
@@ -765,9 +795,10 @@ def _gemv_chunk(sch, axes: _Axes, lanes: int) -> int | None:
 
 
 def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list,
-          func: tirx.PrimFunc, depthwise: bool = False, prologue: bool = False):
+          func: tirx.PrimFunc, depthwise: bool = False, prologue: bool = False,
+          runtime_rows: bool = False):
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
-    mr, nr, tall = _tile_sizes(sch, axes, target, dtype_bits)
+    mr, nr, tall = _tile_sizes(sch, axes, target, dtype_bits, runtime_rows)
     lanes = vector_lanes(target, dtype_bits)
     chunk = _gemv_chunk(sch, axes, lanes)
     # decided before the weight is packed (the packed copy is no longer the constant parameter)
@@ -782,9 +813,11 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         ro, tile_inner = None, [vi]
     # Weight panel (vector tile) outside the reuse tiles: each core keeps its K x NR panel of the
     # constant operand in L2 while it walks the rows (matmul) or pixels (NHWC conv).
-    panel_outside = PANEL_OUTSIDE_ROWS and not rows_outside
+    panel_outside = PANEL_OUTSIDE_ROWS and not rows_outside and not runtime_rows
     outer = (axes.shared + [vo] + axes.extra if panel_outside
              else axes.shared + axes.extra + [vo]) + ([ro] if ro is not None else [])
+    if runtime_rows and ro is not None:  # per batch (head): its row tiles outside its panels
+        outer = axes.shared + [ro, vo]
     if rows_outside and not axes.extra and ro is not None:
         # a batched matmul over a constant batch of filters (Winograd's M[k] = V[k] @ U[k]):
         # rows (tiles) outermost, so a core's rows of every batch are the tiles its
@@ -939,6 +972,39 @@ def _rows_outside(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc,
         return False  # neither a 2-D conv's NHWC image nor a batch of constant filters
     image = _operand_bytes(buffer)
     return image is not None and weight <= min(image, ROWS_OUTSIDE_MAX_WEIGHT)
+
+
+def _runtime_rows_outside(sch: s_tir.Schedule, main, axes: _Axes,
+                          func: tirx.PrimFunc) -> bool:
+    """Whether a batched matmul of two run-time operands (attention's ``Q @ K^T`` and
+    ``P @ V``) walks each batch's row tiles outside its panels, with a stack-resident,
+    two-vector-wide tile (:func:`_tile_sizes`).
+
+    Why: with the panel outside, a panel of the vector operand (a head's ``K^T``, 64 rows)
+    is kept while the rows are swept, which only pays for a weight panel too large for L1;
+    here the whole per-batch vector operand fits in L2 (at most
+    :data:`RUNTIME_ROWS_OUTSIDE_MAX_OPERAND_BYTES`), and the sweep instead writes the output
+    in ``NR``-wide column strips, one cache line per row at a row stride of the key count
+    (Whisper's 1500 x 1536 scores per head: 9.2 MB, every line on another page), and reads
+    the row operand (``P``: the same 9.2 MB) once per panel. Rows outside, each task writes
+    whole rows and reads its rows once. Whisper-tiny's ``Q @ K^T`` ran 2.5-3.5x faster
+    (6 heads x 1500 x 64 x 1536, 2 threads, on the Intel host), ``P @ V`` ~1.5x.
+    Only where a head's output is at least :data:`RUNTIME_ROWS_OUTSIDE_MIN_OUTPUT_BYTES`:
+    smaller outputs stay in L2 in either order and were not measured.
+    """
+    if not RUNTIME_ROWS_OUTSIDE or axes.extra or not axes.shared or axes.reuse is None \
+            or len(axes.reduce) != 1 or _reads_constant(sch, main, axes, func):
+        return False
+    stmt = sch.get(main)
+    operand = _operand_bytes(stmt.reads[axes.contiguous].source)
+    output = _operand_bytes(stmt.writes[0].source)
+    batch = 1
+    for loop in axes.shared:
+        batch *= extent(sch, loop) or 0
+    if operand is None or output is None or not batch:
+        return False
+    return operand // batch <= RUNTIME_ROWS_OUTSIDE_MAX_OPERAND_BYTES \
+        and output // batch >= RUNTIME_ROWS_OUTSIDE_MIN_OUTPUT_BYTES
 
 
 def _reads_constant(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc) -> bool:
