@@ -80,6 +80,12 @@ SMALL_WEIGHT_BYTES = 8 * 1024
 #: outside (their filter is a few KiB; see above).
 LARGER_OPERAND_ROWS_OUTSIDE = True
 ROWS_OUTSIDE_MAX_WEIGHT = 1 << 20
+#: A matmul whose row operand and output exceed COLUMN_BLOCK_MIN_BYTES walks its panels in
+#: blocks of at most COLUMN_BLOCK_BYTES of weight, rows outside each block's panels
+#: (:func:`_column_block_panels`; off only to measure what it saves).
+COLUMN_BLOCKS = True
+COLUMN_BLOCK_MIN_BYTES = 2 << 20
+COLUMN_BLOCK_BYTES = 1 << 19
 #: A batched matmul of two run-time operands (attention) walks each batch's rows outside its
 #: panels (:func:`_runtime_rows_outside`; off only to measure what it saves) ...
 RUNTIME_ROWS_OUTSIDE = True
@@ -818,6 +824,12 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
              else axes.shared + axes.extra + [vo]) + ([ro] if ro is not None else [])
     if runtime_rows and ro is not None:  # per batch (head): its row tiles outside its panels
         outer = axes.shared + [ro, vo]
+    blocks = _column_block_panels(sch, main, axes, nr) if panel_outside and ro is not None \
+        and not chunk and not prologue else None
+    if blocks:  # panels in L2-sized blocks, each block's row tiles outside its panels
+        vo, vb = sch.split(vo, factors=[None, blocks])
+        outer = axes.shared + [vo, ro, vb]
+        panel_outside = False
     if rows_outside and not axes.extra and ro is not None:
         # a batched matmul over a constant batch of filters (Winograd's M[k] = V[k] @ U[k]):
         # rows (tiles) outermost, so a core's rows of every batch are the tiles its
@@ -1005,6 +1017,34 @@ def _runtime_rows_outside(sch: s_tir.Schedule, main, axes: _Axes,
         return False
     return operand // batch <= RUNTIME_ROWS_OUTSIDE_MAX_OPERAND_BYTES \
         and output // batch >= RUNTIME_ROWS_OUTSIDE_MIN_OUTPUT_BYTES
+
+
+def _column_block_panels(sch: s_tir.Schedule, main, axes: _Axes, nr: int) -> int | None:
+    """Panels per column block of a matmul whose row operand and output are too large for
+    L2, or None to keep each panel outside the rows.
+
+    Why: with the panel outside, every ``NR``-wide panel sweeps all rows: the row operand
+    (``M x K``) is read once per panel and the output written in ``NR``-wide column strips,
+    one cache line per row at a stride of the row length. When those no longer fit in L2
+    (Whisper's fc1: 1500 x 384 in, 1500 x 1536 out, 9.2 MB) both stream from L3 or memory once
+    per panel. In blocks of panels whose weight fits :data:`COLUMN_BLOCK_BYTES`, each row tile
+    (in L1) is reused across the block's panels (in L2) and the output is written in
+    block-wide row segments; the row operand is read once per block.
+    """
+    if not COLUMN_BLOCKS or axes.extra or len(axes.reduce) != 1 or axes.reuse is None:
+        return None
+    m, n, k = extent(sch, axes.reuse), extent(sch, axes.vector), extent(sch, axes.reduce[0])
+    if m is None or n is None or k is None or n % nr:
+        return None
+    bits = sch.get(main).writes[0].source.dtype.bits
+    rows_bytes, out_bytes = m * k * bits // 8, m * n * bits // 8
+    if rows_bytes + out_bytes < COLUMN_BLOCK_MIN_BYTES:
+        return None
+    panels = n // nr
+    panel_bytes = k * nr * bits // 8
+    block = next((p for p in range(panels, 0, -1)
+                  if panels % p == 0 and p * panel_bytes <= COLUMN_BLOCK_BYTES), 1)
+    return block if block > 1 else None
 
 
 def _reads_constant(sch: s_tir.Schedule, main, axes: _Axes, func: tirx.PrimFunc) -> bool:
