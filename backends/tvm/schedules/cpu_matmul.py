@@ -811,6 +811,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
     rows_outside = _rows_outside(sch, main, axes, func, depthwise)
     packed = not chunk and _pack_constant_operand(sch, main, axes, func, nr)
     work = _work(sch, axes)
+    blocks = None if chunk else _column_block_panels(sch, main, axes, nr)
     vo, vi = sch.split(axes.vector, factors=[None, chunk or nr])
     if axes.reuse is not None:
         ro, ri = sch.split(axes.reuse, factors=[None, 1 if chunk else mr])
@@ -824,9 +825,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
              else axes.shared + axes.extra + [vo]) + ([ro] if ro is not None else [])
     if runtime_rows and ro is not None:  # per batch (head): its row tiles outside its panels
         outer = axes.shared + [ro, vo]
-    blocks = _column_block_panels(sch, main, axes, nr) if panel_outside and ro is not None \
-        and not chunk and not prologue else None
-    if blocks:  # panels in L2-sized blocks, each block's row tiles outside its panels
+    if blocks and panel_outside and ro is not None and not prologue:
+        # panels in L2-sized blocks, each block's row tiles outside its panels
         vo, vb = sch.split(vo, factors=[None, blocks])
         outer = axes.shared + [vo, ro, vb]
         panel_outside = False
