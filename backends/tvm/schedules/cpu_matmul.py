@@ -825,8 +825,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
              else axes.shared + axes.extra + [vo]) + ([ro] if ro is not None else [])
     if runtime_rows and ro is not None:  # per batch (head): its row tiles outside its panels
         outer = axes.shared + [ro, vo]
-    if blocks and panel_outside and ro is not None and not prologue:
-        # panels in L2-sized blocks, each block's row tiles outside its panels
+    blocked = bool(blocks) and panel_outside and ro is not None and not prologue
+    if blocked:  # panels in L2-sized blocks, each block's row tiles outside its panels
         vo, vb = sch.split(vo, factors=[None, blocks])
         outer = axes.shared + [vo, ro, vb]
         panel_outside = False
@@ -841,7 +841,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         sch.reorder(*outer, vo, *axes.reduce, *tile_inner)
     else:
         sch.reorder(*outer, *axes.reduce, *tile_inner)
-    if packed and tall and PANEL_PREFETCH and panel_outside \
+    if packed and tall and PANEL_PREFETCH and (panel_outside or blocked) \
             and (_weight_bytes(sch, main, axes) or 0) >= PREFETCH_MIN_WEIGHT_BYTES:
         weight = sch.get(main).reads[axes.contiguous].source
         sch.annotate(axes.reduce[0], PREFETCH_PANEL, f"{weight.name}|{len(weight.shape) - 3}")
