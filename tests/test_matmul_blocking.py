@@ -10,8 +10,8 @@ outside. (Speed: docs/benchmarks.md, wt/attn20.)
 from __future__ import annotations
 
 import torch
-
 from slimc.backends.tvm.schedules import cpu_matmul
+
 from tests.test_schedules import _check
 from tests.test_vision_schedules import _scheduled
 
@@ -105,3 +105,14 @@ def test_column_blocks_need_a_weight_wider_than_one_panel(monkeypatch):
     dense = next(t for n, t in _scheduled(net, (torch.randn(1, 512, 256),), TARGET).items()
                  if "matmul" in n)
     assert _parallel_loop(dense).startswith("i1_0_i0_0_")
+
+
+def test_attention_rows_outside_on_neon_tiles():
+    """The loop order is shape-driven, not AVX-512-only: on aarch64 (128-bit NEON) the same
+    scores walk rows outside with a two-vector (8-lane) tile whose accumulators fit NEON's
+    registers (at most 24 of 32 vectors)."""
+    q = torch.randn(1, 2, 256, 16)
+    scores = _kernel(_scheduled(Attention(), (q, q, q), "raspberry-pi/4b-aarch64"), SCORES)
+    assert _parallel_loop(scores).startswith("i0_i1_0_i2_0_")
+    assert "T.vectorized(T.int64(8))" in scores
+    assert _unrolled_rows(scores) * 8 // 4 <= 24
