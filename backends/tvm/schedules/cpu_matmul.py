@@ -999,8 +999,9 @@ def _runtime_rows_outside(sch: s_tir.Schedule, main, axes: _Axes,
     in ``NR``-wide column strips, one cache line per row at a row stride of the key count
     (Whisper's 1500 x 1536 scores per head: 9.2 MB, every line on another page), and reads
     the row operand (``P``: the same 9.2 MB) once per panel. Rows outside, each task writes
-    whole rows and reads its rows once. Whisper-tiny's ``Q @ K^T`` ran 2.5-3.5x faster
-    (6 heads x 1500 x 64 x 1536, 2 threads, on the Intel host), ``P @ V`` ~1.5x.
+    whole rows and reads its rows once. Whisper-tiny's ``Q @ K^T`` (6 heads x 1500 x 64 x
+    1536) ran 119 -> 60 ms and ``P @ V`` 87 -> 58 ms per model call (4 layers, 2 threads,
+    Intel host, loaded; docs/benchmarks.md, wt/attn20).
     Only where a head's output is at least :data:`RUNTIME_ROWS_OUTSIDE_MIN_OUTPUT_BYTES`:
     smaller outputs stay in L2 in either order and were not measured.
     """
@@ -1028,8 +1029,10 @@ def _column_block_panels(sch: s_tir.Schedule, main, axes: _Axes, nr: int) -> int
     one cache line per row at a stride of the row length. When those no longer fit in L2
     (Whisper's fc1: 1500 x 384 in, 1500 x 1536 out, 9.2 MB) both stream from L3 or memory once
     per panel. In blocks of panels whose weight fits :data:`COLUMN_BLOCK_BYTES`, each row tile
-    (in L1) is reused across the block's panels (in L2) and the output is written in
-    block-wide row segments; the row operand is read once per block.
+    is reused across the block's panels (in L2) and the output is written in block-wide row
+    segments; the row operand is read once per block. In Whisper-tiny (Intel host, 2
+    threads, per model call): fc1 63 -> 50 ms, its 384 -> 384 projections 15-25% faster,
+    fc2 unchanged (with :data:`PANEL_PREFETCH` kept; without it fc2 ran 52 -> 70 ms).
     """
     if not COLUMN_BLOCKS or axes.extra or len(axes.reduce) != 1 or axes.reuse is None:
         return None
