@@ -188,7 +188,8 @@ def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
     torch.set_num_threads(args.recover_threads)
     try:
         out = recover(model, teacher, quantized, train, held, args.recover_steps,
-                      args.recover_lr, log=lambda m: print(m, flush=True))
+                      args.recover_lr, log=lambda m: print(m, flush=True),
+                      held_every=args.recover_held_every)
     finally:
         torch.set_num_threads(threads)
     weights = out.pop("weights")
@@ -234,6 +235,8 @@ def main() -> None:
     ap.add_argument("--recover-tokens", type=int, default=16384)
     ap.add_argument("--recover-batch", type=int, default=2)
     ap.add_argument("--recover-threads", type=int, default=2)
+    ap.add_argument("--recover-held-every", type=int, default=0,
+                    help="also measure the held-apart KL every this many recovery steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
