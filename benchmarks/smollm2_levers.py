@@ -182,6 +182,8 @@ def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
             quantized[param] = (target.weight.detach().clone(), fmt)
     text = chunks(tok, " ".join(kjv(args.recover_text)), 128, args.recover_batch,
                   args.recover_tokens)
+    john = chunks(tok, " ".join(kjv("John1:1-21:25")), 128, 4, args.eval_tokens)
+    probe = (lambda logits: perplexity(logits, john)) if args.recover_eval_curve else None
     held, train = text[-2:], text[:-2]
     norms = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 1}
     threads = torch.get_num_threads()
@@ -189,7 +191,7 @@ def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
     try:
         out = recover(model, teacher, quantized, train, held, args.recover_steps,
                       args.recover_lr, log=lambda m: print(m, flush=True),
-                      held_every=args.recover_held_every)
+                      held_every=args.recover_held_every, probe=probe)
     finally:
         torch.set_num_threads(threads)
     weights = out.pop("weights")
@@ -198,9 +200,7 @@ def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
         if weights is not None:
             for name, value in weights.items():
                 params[name].copy_(value)
-        perplexity_after = perplexity(lambda b: model(input_ids=b["input_ids"]).logits,
-                                      chunks(tok, " ".join(kjv("John1:1-21:25")), 128, 4,
-                                             args.eval_tokens))
+        perplexity_after = perplexity(lambda b: model(input_ids=b["input_ids"]).logits, john)
         for name, value in norms.items():
             params[name].copy_(value)
     out.update(perplexity=perplexity_after, text=f"KJV {args.recover_text}",
@@ -237,6 +237,9 @@ def main() -> None:
     ap.add_argument("--recover-threads", type=int, default=2)
     ap.add_argument("--recover-held-every", type=int, default=0,
                     help="also measure the held-apart KL every this many recovery steps")
+    ap.add_argument("--recover-eval-curve", action="store_true",
+                    help="with --recover-held-every: also the John perplexity at those steps "
+                    "(probe_curve; mid-schedule, the learning rate not yet decayed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers

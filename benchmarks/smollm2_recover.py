@@ -74,12 +74,15 @@ def kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def recover(model, teacher, quantized: dict[str, tuple[torch.Tensor, Format]],
             train: list[dict], held: list[dict], steps: int, lr: float,
-            log=print, held_every: int = 0) -> dict:
+            log=print, held_every: int = 0, probe=None) -> dict:
     """Train ``Tuned`` for ``steps`` Adam steps (10% linear warm-up, cosine decay, clip 1)
     on ``train`` batches (teacher = the fp32 ``teacher`` model); ``held`` calibration-text
     batches, never trained on, measure the KL before and after. Returns the tuned weights
     and a summary; the weights are those after training only if the held-out KL fell.
-    ``held_every`` > 0 also measures the held-apart KL every that many steps (its curve)."""
+    ``held_every`` > 0 also measures the held-apart KL every that many steps (its curve);
+    ``probe`` (given a ``batch -> logits`` function of the current weights, returns a number,
+    e.g. the evaluation perplexity) is then called at the same steps (``probe_curve``): how
+    much each stretch of steps buys, mid-schedule (the learning rate not yet decayed)."""
     norms = {n: p for n, p in model.named_parameters() if p.dim() == 1}
     tuned = Tuned(quantized, norms)
     tied = {"model.embed_tokens.weight": "lm_head.weight"}
@@ -108,7 +111,7 @@ def recover(model, teacher, quantized: dict[str, tuple[torch.Tensor, Format]],
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: (i + 1) / warm if i < warm
         else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm))))
-    t0, curve, held_curve = time.perf_counter(), [], [(0, before)]
+    t0, curve, held_curve, probe_curve = time.perf_counter(), [], [(0, before)], []
     for step in range(steps):
         batch = train[step % len(train)]
         with torch.no_grad():
@@ -123,6 +126,11 @@ def recover(model, teacher, quantized: dict[str, tuple[torch.Tensor, Format]],
         if held_every and (step + 1) % held_every == 0 and step + 1 < steps:
             held_curve.append((step + 1, held_kl()))
             log(f"recover: step {step + 1} held-apart KL {held_curve[-1][1]:.4f}")
+            if probe is not None:
+                with torch.no_grad():
+                    w = tuned.weights()
+                    probe_curve.append((step + 1, float(probe(lambda b, w=w: run(b, w)))))
+                log(f"recover: step {step + 1} probe {probe_curve[-1][1]:.4f}")
         if (step + 1) % 10 == 0 or step == 0:
             log(f"recover: step {step + 1}/{steps} train KL {curve[-1]:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
@@ -134,4 +142,5 @@ def recover(model, teacher, quantized: dict[str, tuple[torch.Tensor, Format]],
             else None
     return {"weights": weights, "held_kl_before": before, "held_kl_after": after,
             "steps": steps, "lr": lr, "train_curve": curve, "held_curve": held_curve,
+            "probe_curve": probe_curve,
             "train_s": round(time.perf_counter() - t0, 1)}
