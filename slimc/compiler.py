@@ -215,6 +215,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
         check_batches(calibration.batches, input_ranges, f"--calib {options.calib}")
         ctx.calibration_batches = [[batch[name] for name in ir.input_names]
                                    for batch in calibration.batches]
+    if generation is None:
+        ctx.load_data = _data_loader(ir, example_inputs, input_ranges)
     generation_step = None  # holds the captured module's weights: let them go
     task = _prepare_task(options, ir, example_inputs, registry, calibration, warnings, stage,
                          searching=search_plan is not None)
@@ -534,6 +536,25 @@ def _measure_artifact(task, library: Path, spec: TargetSpec, ir: IR, threads: in
         warnings.append(f"task quality dropped by {quality['drop']:.1%} "
                         f"(more than {DEFAULT_WARN_DROP:.0%}): {line}.")
     return quality
+
+
+def _data_loader(ir: IR, example_inputs: list[torch.Tensor],
+                 input_ranges: dict) -> Callable[[str, int], list[list[torch.Tensor]]]:
+    """``ctx.load_data``: a pass's own data file (``distill{data=...}``) read like ``--calib``
+    (the model's tokenizer, batches shaped like the example inputs, a long text sampled at
+    even strides), checked like it."""
+    from slimc.calibration import load_calibration
+    from slimc.validate import check_batches
+
+    template = dict(zip(ir.input_names, example_inputs, strict=True))
+    tokenizer = ir.annotations.get("source", {}).get("tokenizer")
+
+    def load(path: str, max_batches: int) -> list[list[torch.Tensor]]:
+        data = load_calibration(path, template, model_dir=tokenizer, max_batches=max_batches)
+        check_batches(data.batches, input_ranges, f"data {path}")
+        return [[batch[name] for name in ir.input_names] for batch in data.batches]
+
+    return load
 
 
 def _outputs(ir: IR, ctx: PassContext, inputs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -184,6 +184,11 @@ class PassContext:
     #: kept while a pass that declares ``needs_original`` is still to run (a model's worth of
     #: memory).
     original: IR | None = None
+    #: ``load_data(path, max_batches)``: other data read like ``--calib`` into batches of the
+    #: calibration's shape (IR input order), for a pass given its own data file (``distill
+    #: {data=...}``: training text apart from the calibration text that fixed the codes).
+    #: Set by the compiler; None outside it.
+    load_data: Callable[[str, int], list[list[torch.Tensor]]] | None = None
 
     def outputs_on_examples(self, ir: IR) -> list[torch.Tensor]:
         """``ir.run(example_inputs)``, run again only when the IR changed since the last run

@@ -2,7 +2,7 @@
 original model on calibration data (knowledge distillation).
 
 ``distill{steps=200, lr=1e-4, batch=1, trainable=all|factors|matrices|norms, lora=0,
-loss=auto|kl|mse|cosine, temperature=1, holdout=0.25, seed=0, scales=false}``
+loss=auto|kl|mse|cosine, temperature=1, holdout=0.25, seed=0, scales=false, data=PATH}``
 
 Why a pass and not a training script: pruning, low rank and sharing keep the model's structure
 but move its function; a few hundred optimizer steps against the *original* model (the teacher,
@@ -31,7 +31,10 @@ the backend lowers, verifies and builds like any other.
   for logits; relative MSE (squared error over the teacher's mean square) for hidden states and
   anything else; ``cosine`` is 1 - cosine per position. Every floating output the student and
   teacher share in shape is matched, the mean of their losses is minimised.
-* **Held out**: the last ``holdout`` share of the calibration batches is never trained on; the
+* **Data**: the ``--calib`` batches, or ``data=PATH`` (read like ``--calib``): recovery
+  after GPTQ then trains on other text than the Hessians came from, as the SmolLM2 harness
+  (``benchmarks/smollm2_levers.py --recover-text``) does.
+* **Held out**: the last ``holdout`` share of the training batches is never trained on; the
   loss there before and after training is recorded (``held_out_loss_before/after``,
   ``recovered``). When training did not lower it the weights are left as they were and the
   summary says so: a recovery pass never makes the model worse on data it did not see.
@@ -107,6 +110,14 @@ class DistillOptions(PassOptions):
                          "`-fz` and int3/int2 groups, tied tables included): the codes stay, "
                          "the values they stand for move; stored back in their own dtype "
                          "(fp16), so no byte changes. Recovery after `quantize`.")
+
+    data: str = Field("", description="Train on this file instead of --calib (text, "
+                      ".npy/.npz or an image folder, read like --calib into batches of its "
+                      "shape; `holdout` applies to it). --calib still feeds the passes before "
+                      "(e.g. GPTQ's Hessians), so the codes and their recovery see different "
+                      "text. Empty: the calibration batches.")
+    data_batches: int = Field(64, ge=2, le=100_000, description="`data`: most batches to "
+                              "read from it.")
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillOptions:
@@ -306,6 +317,24 @@ def lr_schedule(steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
+def _training_batches(ctx: PassContext, options: DistillOptions) -> list[list[torch.Tensor]]:
+    """The calibration batches, or with ``data`` that file's (``ctx.load_data``)."""
+    if not options.data:
+        return [list(b) for b in ctx.calibration_batches]
+    from pathlib import Path
+
+    if not Path(options.data).exists():
+        raise UsageError(f"distill data={options.data!r} does not exist.",
+                         hint="Give a text file, a .npy/.npz file or a folder of images, "
+                         "or leave `data` out to train on --calib.")
+    if ctx.load_data is None:
+        raise UsageError("distill data=... needs the compiler to read the file (its "
+                         "tokenizer and input shapes).",
+                         hint="Run it through slimc compile --pipeline/--recipe, or put the "
+                         "batches in the PassContext's calibration_batches.")
+    return ctx.load_data(options.data, options.data_batches)
+
+
 def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, Any]:
     """Train ``ir``'s selected weights against ``ctx.original``; returns the summary."""
     start = time.perf_counter()
@@ -314,7 +343,12 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
         raise UsageError("distill has no original model to learn from.",
                          hint="Run it through a pipeline (slimc compile --pipeline ...), whose "
                          "pass manager keeps the model as it was before the first pass.")
-    batches = [list(b) for b in ctx.calibration_batches]
+    batches = _training_batches(ctx, options)
+    if len(batches) < 2 and options.data:
+        raise UsageError(
+            f"distill data={options.data!r} holds {len(batches)} batch of the model's input "
+            "shape; it needs at least 2 (it trains on some and measures on the others).",
+            hint="Give it more data (or a larger data_batches).")
     if len(batches) < 2:
         raise UsageError(
             f"distill needs at least 2 calibration batches (it trains on some and measures "
@@ -460,6 +494,7 @@ def distill_ir(ir: IR, ctx: PassContext, options: DistillOptions) -> dict[str, A
         "frozen": frozen,
         "losses": {ir.output_names[p]: k for p, k in zip(positions, kinds, strict=True)},
         "temperature": options.temperature,
+        "data": options.data or "--calib",
         "train_batches": len(train_idx),
         "held_out_batches": len(held_idx),
         "train_tokens_seen": options.steps * options.batch * (tokens // max(len(train_idx), 1)),
