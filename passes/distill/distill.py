@@ -57,7 +57,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from slimc.passes.analysis.criteria.divergence import output_kind
 from slimc.passes.analysis.criteria.execution import graph_values, user_outputs
 from slimc.passes.lowrank.rewrite import FACTOR_NAME
@@ -118,6 +118,16 @@ class DistillOptions(PassOptions):
                       "text. Empty: the calibration batches.")
     data_batches: int = Field(64, ge=2, le=100_000, description="`data`: most batches to "
                               "read from it.")
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, value: str) -> str:
+        from pathlib import Path
+
+        if value and not Path(value).exists():
+            raise ValueError(f"data={value!r} does not exist (give a text file, a .npy/.npz "
+                             "file or a folder of images; leave it out to train on --calib)")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillOptions:
