@@ -307,6 +307,29 @@ class IR:
         spec = self.placeholder_spec(node)
         return spec is not None and spec.kind == InputKind.USER_INPUT
 
+    def drop_dead_ops(self) -> int:
+        """Erase ops whose results nothing uses; returns how many went.
+
+        torch's own DCE keeps every op it calls impure, and that includes random ones
+        (``dropout``, which an eval-mode export keeps with ``train=False``; SDPA with its
+        ``dropout_p``) and metadata asserts. A branch a transform cut off (a removed block's
+        attention and MLP ending in ``dropout``) would then keep its weights alive: the
+        artifact stores them and the manifest claims no saving. Random ops whose results are
+        unused are dropped here too (an inference graph does not depend on their RNG draws);
+        ops that write to an argument are kept.
+        """
+        removed = 0
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(list(self.nodes("call_function"))):
+                if node.users or not _droppable(node):
+                    continue
+                self.graph.erase_node(node)
+                removed += 1
+                changed = True
+        return removed
+
     def remove_unused_weights(self) -> int:
         """Drop weight placeholders that no node uses any more; returns how many went."""
         removed = 0
@@ -660,3 +683,16 @@ def _fake_like(reference: Node, value: torch.Tensor) -> Any:
         return value.detach().clone()
     with mode:
         return torch.empty(value.shape, dtype=value.dtype)
+
+
+def _droppable(node: Node) -> bool:
+    """An unused node may go: pure, a metadata assert, or random but writing nothing."""
+    if not node.is_impure():
+        return True
+    target = node.target
+    if "_assert_tensor_metadata" in str(target):
+        return True
+    schema = getattr(target, "_schema", None)
+    tags = getattr(target, "tags", ())
+    return (schema is not None and not schema.is_mutable
+            and torch.Tag.nondeterministic_seeded in tags)

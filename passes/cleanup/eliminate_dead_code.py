@@ -22,6 +22,7 @@ class EliminateDeadCode(TransformPass):
     def run(self, ir: IR, ctx: PassContext, options: PassOptions) -> PreservedAnalyses:
         before = sum(1 for _ in ir.nodes())
         ir.graph.eliminate_dead_code()
+        ir.drop_dead_ops()  # also unused dropout / asserts torch's DCE keeps
         removed_weights = ir.remove_unused_weights()
         removed_ops = before - sum(1 for _ in ir.nodes()) - removed_weights
         ir.annotations["eliminate-dead-code"] = {"ops": removed_ops, "weights": removed_weights}

@@ -369,16 +369,7 @@ def remove_blocks(ir: IR, result: PruneGroups, ratio: float,
 
 
 def _drop_dead(ir: IR) -> None:
-    """Dead-code elimination that also drops metadata asserts on dead values (torch's DCE
-    keeps them as side effects, which would keep a removed block's weights alive)."""
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(ir.nodes("call_function"))):
-            if node.users:
-                continue
-            text = str(node.target)  # asserts and SDPA (dropout_p=0) count as impure in torch
-            if "_assert_tensor_metadata" in text or "scaled_dot_product" in text \
-                    or not node.is_impure():
-                ir.graph.erase_node(node)
-                changed = True
+    """Dead-code elimination that also drops metadata asserts and unused random ops (dropout)
+    on dead values: torch's DCE keeps them as side effects, which would keep a removed block's
+    weights alive."""
+    ir.drop_dead_ops()

@@ -1,0 +1,46 @@
+"""Transforms on architectures the transform probe (benchmarks/transform_probe.py) found
+failing: real Hugging Face classes, tiny configs, random weights, real TVM builds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import transformers as T
+
+import slimc
+
+
+def _save(model: torch.nn.Module, path) -> str:
+    model.config.architectures = [type(model).__name__]
+    model.eval().save_pretrained(path)
+    return str(path)
+
+
+def test_block_pruning_drops_the_removed_blocks_weights(cli, tmp_path):
+    """Phi-3's blocks end in ``dropout`` (kept by an eval export with train=False); torch's
+    dead-code elimination keeps random ops, so a removed block's attention and MLP stayed in
+    the graph with their weights: the manifest named the block removed, the artifact stored
+    every byte of it and the parameter count did not move."""
+    torch.manual_seed(0)
+    config = T.Phi3Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, intermediate_size=32, vocab_size=64,
+                          max_position_embeddings=32, pad_token_id=0, eos_token_id=0,
+                          bos_token_id=0)
+    model_dir = _save(T.Phi3ForCausalLM(config), tmp_path / "phi3")
+    out = tmp_path / "out"
+    result = cli("compile", model_dir, "--input", "input_ids=1x8:int64", "-p",
+                 "prune{ratio=0.5,granularity=block}", "-o", out, "--json", "-q")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["verification"]["passed"]
+    prune = summary["pipeline"][0]
+    removed = prune["summary"]["removed_blocks"] if isinstance(prune["summary"], dict) else None
+    layer_params = sum(p.numel() for p in model_layer(model_dir).parameters())
+    assert summary["params_before"] - summary["params_after"] >= layer_params, (removed, summary)
+    assert summary["weight_bytes_after"] < summary["weight_bytes_before"]
+
+
+def model_layer(model_dir: str) -> torch.nn.Module:
+    return T.Phi3ForCausalLM.from_pretrained(model_dir).model.layers[0]
