@@ -44,3 +44,22 @@ def test_block_pruning_drops_the_removed_blocks_weights(cli, tmp_path):
 
 def model_layer(model_dir: str) -> torch.nn.Module:
     return T.Phi3ForCausalLM.from_pretrained(model_dir).model.layers[0]
+
+
+def test_mobilevit_channel_pruning_compiles(tmp_path):
+    """MobileViT unfolds patches with transpose -> pointwise -> ``view``; the pruning pass
+    replays shape ops on its label tensors, where the transpose stays a strided view, and
+    ``view`` refused it (RuntimeError, exit 1) before any channel was chosen."""
+    torch.manual_seed(0)
+    config = T.MobileViTConfig(image_size=64, hidden_sizes=[16, 24, 32],
+                               neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+                               num_attention_heads=2, initializer_range=0.2)
+    model = T.MobileViTModel(config).eval()
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    result = slimc.compile(model, (pixels,), output=tmp_path / "mvit",
+                           pipeline="prune{ratio=0.3}")
+    m = result.manifest
+    assert m["verification"]["passed"]
+    assert m["params_after"] < 0.9 * m["params_before"]
+    got = slimc.load(result.output)(pixels.numpy())
+    assert all(np.isfinite(v).all() for v in got.values())

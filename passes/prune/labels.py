@@ -454,7 +454,14 @@ class LabelPropagator:
     def _shape_op(self, node: Node) -> None:
         args = torch.fx.node.map_arg(node.args, self.shape_arg)
         kwargs = torch.fx.node.map_arg(node.kwargs, self.shape_arg)
-        out = node.target(*args, **kwargs)
+        target = node.target
+        if op_name(node) in ("aten.view", "aten._unsafe_view"):
+            # The label tensors are replayed, not the model's: a transpose of labels is a
+            # strided view where the model's tensor was made contiguous by an op in between
+            # (MobileViT's unfold: transpose, a pointwise op, then view), so `view` may refuse
+            # what the model did. `reshape` gives the same row-major result either way.
+            target = torch.ops.aten.reshape.default
+        out = target(*args, **kwargs)
         self.result.labels[node.name] = tuple(out) if isinstance(out, (list, tuple)) else out
         self.result.rewrites.add(node.name)
 
