@@ -63,3 +63,22 @@ def test_mobilevit_channel_pruning_compiles(tmp_path):
     assert m["params_after"] < 0.9 * m["params_before"]
     got = slimc.load(result.output)(pixels.numpy())
     assert all(np.isfinite(v).all() for v in got.values())
+
+
+def test_lowrank_ranks_naming_no_layer_is_a_usage_error(cli, tmp_path):
+    """``lowrank{ranks=...}`` with a layer name the model does not have factorized nothing
+    and compiled as if nothing had been asked (exit 0): now one paragraph, exit 2, no
+    artifact, with the full name it probably meant."""
+    torch.manual_seed(0)
+    config = T.Qwen3Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=8, intermediate_size=32,
+                           vocab_size=64, max_position_embeddings=32)
+    model_dir = _save(T.Qwen3ForCausalLM(config), tmp_path / "qwen3")
+    out = tmp_path / "out"
+    result = cli("compile", model_dir, "--input", "input_ids=1x8:int64", "-p",
+                 "lowrank{ranks=q_proj=4}", "-o", out, "-q")
+    assert result.code == 2, result.err
+    assert "Traceback" not in result.err
+    assert "does not have (q_proj)" in result.err
+    assert "model.layers.0.self_attn.q_proj" in result.err
+    assert not out.exists()

@@ -30,6 +30,7 @@ factorized is recorded with its reason.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 import re
@@ -41,6 +42,7 @@ from slimc.passes.quantize import calib
 
 from slimc import coverage
 from slimc.backend import TargetInfo
+from slimc.errors import UsageError
 from slimc.ir import IR, hinted_shape
 from slimc.layers import find_layers
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
@@ -438,6 +440,24 @@ def _record_unsupported(ir: IR, skipped: dict[str, str], handled_convs: set[str]
                                   "in two orientations"
 
 
+def _check_ranks_name_layers(ir: IR, listed: dict[str, int], options: LowRankOptions) -> None:
+    """A ``ranks`` entry naming no layer would leave the model unfactorized and the compile
+    would succeed as if asked for nothing (a typo, or a short name where the full one is
+    needed); say which names are unknown and what the model's layers are called."""
+    names = [la.name for la in weight_layers(ir, embeddings=True)]
+    names += [la.name for la in find_layers(ir, complete_only=True) if la.kind == "conv"]
+    unknown = [n for n in listed if n not in names]
+    if not unknown:
+        return
+    suffix = [n for n in names if n.endswith("." + unknown[0])]
+    close = suffix or difflib.get_close_matches(unknown[0], names, n=3, cutoff=0.5)
+    hint = f"Did you mean {', '.join(close[:3])}? " if close else \
+        f"Layers are named like {', '.join(names[:3])}. "
+    raise UsageError(f"lowrank ranks={options.ranks!r} names {len(unknown)} layer(s) the model "
+                     f"does not have ({', '.join(unknown[:5])}), so nothing would be factorized "
+                     "there.", hint=hint + "`slimc analyze MODEL` lists the layer names.")
+
+
 def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
     """Factorize ``ir`` in place; returns a JSON summary (per-layer ranks, skipped reasons)."""
     params_before, bytes_before = ir.num_params(), ir.weight_bytes()
@@ -458,6 +478,7 @@ def lowrank_ir(ir: IR, ctx: PassContext, options: LowRankOptions) -> dict:
             layers.append(layer)
     if options.ranks:  # factorize (and collect statistics for) the listed layers only
         listed = explicit_ranks(options.ranks)
+        _check_ranks_name_layers(ir, listed, options)
         for layer in [la for la in layers if la.name not in listed]:
             skipped[layer.name] = "not listed in ranks="
             layers.remove(layer)
