@@ -154,13 +154,30 @@ def _arrays(arrays: dict[str, np.ndarray], template, max_batches: int,
     return CalibrationData(batches, str(path))
 
 
-def _token_stream(path: Path, model_dir, vocab_size: int | None, warnings: list[str]):
+def read_text_data(path: Path, what: str = "Calibration data") -> str:
+    """``path`` as UTF-8 text, refusing binary data: a weights file or a NumPy array saved
+    under a text suffix decodes (with replacement characters) into thousands of tokens the
+    model never sees in text, and calibrating or scoring on them succeeds while meaning
+    nothing."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
-        raise UsageError(f"Cannot read calibration data {path}: {exc.strerror}.") from None
+        raise UsageError(f"Cannot read {what.lower()} {path}: {exc.strerror}.") from None
+    text = raw.decode("utf-8", errors="replace")
     if not text.strip():
-        raise UsageError(f"Calibration text file {path} is empty.")
+        raise UsageError(f"{what} text file {path} is empty.")
+    bad = raw.count(0) + text.count("\ufffd")
+    if bad > max(8, len(text) // 100):
+        raise UsageError(f"{what} {path} is not UTF-8 text: {bad} of its {len(text):,} "
+                         "characters are NUL bytes or undecodable (a binary file?).",
+                         hint="Give a UTF-8 text file, a .npy/.npz array file or a folder of "
+                         "images.")
+    return text
+
+
+def _token_stream(path: Path, model_dir, vocab_size: int | None, warnings: list[str],
+                  what: str = "Calibration data"):
+    text = read_text_data(path, what)
     tokenizer = None
     if model_dir is not None and any((Path(model_dir) / f).exists() for f in
                                      ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):

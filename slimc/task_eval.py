@@ -143,7 +143,7 @@ def _prepare_perplexity(path: Path | None, ctx: EvalContext) -> TaskData:
                          f"takes {', '.join(ctx.input_names)}.", hint="Use --eval accuracy or "
                          "spearman, or your own metric with --eval module:function.")
     _has_tokenizer(ctx, path)  # perplexity of bytes the model never saw means nothing
-    ids, tokenizer = _token_stream(path, ctx.model_dir, None, [])
+    ids, tokenizer = _token_stream(path, ctx.model_dir, None, [], "--eval-data")
     batch, seq = ctx.template["input_ids"].shape[:2]
     prefix, suffix = _special_tokens(tokenizer)
     window = max(seq - len(prefix) - len(suffix), 2)
@@ -183,7 +183,9 @@ def _prepare_perplexity(path: Path | None, ctx: EvalContext) -> TaskData:
 def _read_pairs(path: Path) -> list[tuple[str, str, float]]:
     import csv
 
-    text = path.read_text(encoding="utf-8", errors="replace")
+    from slimc.calibration import read_text_data
+
+    text = read_text_data(path, "--eval-data")
     first_line = next((line for line in text.splitlines() if line.strip()), "")
     delimiter = "\t" if "\t" in first_line else ","
     pairs = []

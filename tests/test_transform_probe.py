@@ -82,3 +82,22 @@ def test_lowrank_ranks_naming_no_layer_is_a_usage_error(cli, tmp_path):
     assert "does not have (q_proj)" in result.err
     assert "model.layers.0.self_attn.q_proj" in result.err
     assert not out.exists()
+
+
+def test_binary_calibration_file_is_a_usage_error(cli, tmp_path):
+    """A binary file given as --calib text (a weights file, bytes under .txt) was decoded with
+    replacement characters and calibrated on (exit 0, an artifact tuned on noise)."""
+    torch.manual_seed(0)
+    config = T.Qwen3Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=8, intermediate_size=32,
+                           vocab_size=64, max_position_embeddings=32)
+    model_dir = _save(T.Qwen3ForCausalLM(config), tmp_path / "qwen3")
+    calib = tmp_path / "calib.txt"
+    calib.write_bytes(bytes(range(256)) * 8)
+    out = tmp_path / "out"
+    result = cli("compile", model_dir, "--input", "input_ids=1x8:int64", "-p",
+                 "prune{ratio=0.3}", "--calib", calib, "-o", out, "-q")
+    assert result.code == 2, result.err
+    assert "Traceback" not in result.err
+    assert "is not UTF-8 text" in result.err and "binary" in result.err
+    assert not out.exists()
