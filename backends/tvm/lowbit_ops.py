@@ -80,7 +80,7 @@ def lowbit_linear_kernel(m: int | None, k: int, n: int, bits: int, group: int, t
         + mn[j // t, rg, j % t].astype("float32") * xs[i, rg], axis=rg), name="y")
     func = te.create_prim_func([x, w, s, mn, y], index_dtype(m))
     name = f"slimc_linear_int{bits}_{m or 'dyn'}x{k}x{n}_g{group}"
-    block = int4_row_block(m)
+    block = int4_row_block(m, t)
     if block > 1:
         return _finish(_schedule_int4_row_block(func, t, block), name + f"_r{block}")
     return _finish(_schedule_int4_grouped(func, t), name)

@@ -213,7 +213,7 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int,
     y = te.compute((rows, n), lambda i, j: te.sum(group_term(i, j, rg), axis=rg), name="y")
     func = te.create_prim_func([x, w, s, z, y], index_dtype(m))
     name = f"slimc_linear_int4f_{m or 'dyn'}x{k}x{n}_g{group}" + _zero_suffix(zero_dtype)
-    rows = int4_row_block(m)
+    rows = int4_row_block(m, t)
     if rows > 1:
         return _finish(_schedule_int4_row_block(func, t, rows), name + f"_r{rows}")
     return _finish(_schedule_int4_grouped(func, t), name)
@@ -225,10 +225,14 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int,
 INT4_ROW_BLOCKS = (4, 2)
 
 
-def int4_row_block(m: int | None) -> int:
+def int4_row_block(m: int | None, lanes: int = 2) -> int:
     """Rows per register block of the int4 kernel: unpacking the codes costs as much as the
-    multiply-adds, so with several rows each unpacked byte feeds ``rows`` FMA chains."""
-    if not isinstance(m, int) or m < 2:
+    multiply-adds, so with several rows each unpacked byte feeds ``rows`` FMA chains.
+
+    One-lane tiles (a layer with a single output, e.g. Qwen2-MoE's shared-expert gate) keep
+    one row: their lane loop has extent 1 and TVM drops it, which the row-block schedule's
+    loop nest does not expect."""
+    if not isinstance(m, int) or m < 2 or lanes < 2:
         return 1
     return next((r for r in INT4_ROW_BLOCKS if m % r == 0), 1)
 
