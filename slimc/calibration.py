@@ -154,7 +154,7 @@ def _arrays(arrays: dict[str, np.ndarray], template, max_batches: int,
     return CalibrationData(batches, str(path))
 
 
-def read_text_data(path: Path, what: str = "Calibration data") -> str:
+def read_text_data(path: Path, what: str = "Calibration") -> str:
     """``path`` as UTF-8 text, refusing binary data: a weights file or a NumPy array saved
     under a text suffix decodes (with replacement characters) into thousands of tokens the
     model never sees in text, and calibrating or scoring on them succeeds while meaning
@@ -162,13 +162,14 @@ def read_text_data(path: Path, what: str = "Calibration data") -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise UsageError(f"Cannot read {what.lower()} {path}: {exc.strerror}.") from None
+        raise UsageError(f"Cannot read {what.replace('Calibration', 'calibration')} data {path}: "
+                         f"{exc.strerror}.") from None
     text = raw.decode("utf-8", errors="replace")
     if not text.strip():
         raise UsageError(f"{what} text file {path} is empty.")
     bad = raw.count(0) + text.count("\ufffd")
     if bad > max(8, len(text) // 100):
-        raise UsageError(f"{what} {path} is not UTF-8 text: {bad} of its {len(text):,} "
+        raise UsageError(f"{what} file {path} is not UTF-8 text: {bad} of its {len(text):,} "
                          "characters are NUL bytes or undecodable (a binary file?).",
                          hint="Give a UTF-8 text file, a .npy/.npz array file or a folder of "
                          "images.")
@@ -176,7 +177,7 @@ def read_text_data(path: Path, what: str = "Calibration data") -> str:
 
 
 def _token_stream(path: Path, model_dir, vocab_size: int | None, warnings: list[str],
-                  what: str = "Calibration data"):
+                  what: str = "Calibration"):
     text = read_text_data(path, what)
     tokenizer = None
     if model_dir is not None and any((Path(model_dir) / f).exists() for f in
