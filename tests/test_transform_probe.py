@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 import transformers as T
-
-import slimc
 
 
 def _save(model: torch.nn.Module, path) -> str:
@@ -46,23 +43,41 @@ def model_layer(model_dir: str) -> torch.nn.Module:
     return T.Phi3ForCausalLM.from_pretrained(model_dir).model.layers[0]
 
 
-def test_mobilevit_channel_pruning_compiles(tmp_path):
-    """MobileViT unfolds patches with transpose -> pointwise -> ``view``; the pruning pass
-    replays shape ops on its label tensors, where the transpose stays a strided view, and
-    ``view`` refused it (RuntimeError, exit 1) before any channel was chosen."""
+def mobilevit():
+    """A tiny MobileViT (the factory ``load_model`` reads)."""
     torch.manual_seed(0)
     config = T.MobileViTConfig(image_size=64, hidden_sizes=[16, 24, 32],
                                neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
                                num_attention_heads=2, initializer_range=0.2)
     model = T.MobileViTModel(config).eval()
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    result = slimc.compile(model, (pixels,), output=tmp_path / "mvit",
-                           pipeline="prune{ratio=0.3}")
-    m = result.manifest
-    assert m["verification"]["passed"]
-    assert m["params_after"] < 0.9 * m["params_before"]
-    got = slimc.load(result.output)(pixels.numpy())
-    assert all(np.isfinite(v).all() for v in got.values())
+    return model, {"pixel_values": pixels}
+
+
+def test_mobilevit_channel_pruning_runs(tmp_path):
+    """MobileViT unfolds patches with transpose -> pointwise -> ``view``; the pruning pass
+    replays shape ops on its label tensors, where the transpose stays a strided view, and
+    ``view`` refused it (RuntimeError, exit 1) before any channel was chosen. Checked on the
+    IR (the pass is what failed; a TVM build of MobileViT takes minutes on 2 cores): weights
+    removed, the pruned IR still runs and keeps its output shapes."""
+    from slimc.capture import capture, load_model
+    from slimc.passmanager import PassContext, PassManager
+    from slimc.pipeline import parse_pipeline_text, validate
+    from slimc.plugins import get_registry
+
+    registry = get_registry()
+    ir, inputs = capture(load_model("tests.test_transform_probe:mobilevit"))
+    before = [tuple(o.shape) for o in ir.run(inputs)]
+    params_before = sum(ir.get_weight(n).numel() for n in ir.nodes("placeholder")
+                        if ir.placeholder_spec(n).kind.name != "USER_INPUT")
+    pipeline = validate(parse_pipeline_text("prune{ratio=0.3}"), registry.passes)
+    PassManager(registry.passes).run(ir, pipeline, PassContext(example_inputs=inputs))
+    params_after = sum(ir.get_weight(n).numel() for n in ir.nodes("placeholder")
+                       if ir.placeholder_spec(n).kind.name != "USER_INPUT")
+    assert params_after < 0.9 * params_before
+    got = ir.run(inputs)
+    assert [tuple(o.shape) for o in got] == before
+    assert all(torch.isfinite(o).all() for o in got)
 
 
 def test_lowrank_ranks_naming_no_layer_is_a_usage_error(cli, tmp_path):
