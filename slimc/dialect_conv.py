@@ -160,7 +160,10 @@ def expert_gather_int4(packed: Tensor, scale: Tensor, zero: Tensor, ids: Tensor,
 
 
 def _fake(ids: Tensor, n: int, k: int, transposed: bool, like: Tensor) -> Tensor:
-    return like.new_empty((*ids.shape, *((k, n) if transposed else (n, k))))
+    # float32 whatever the scales' dtype: the codes are dequantized in float32, and float16
+    # scales (the ``-fz`` formats) promote to it, as in the real kernels above
+    return like.new_empty((*ids.shape, *((k, n) if transposed else (n, k))),
+                          dtype=torch.float32)
 
 
 @expert_gather_int8.register_fake

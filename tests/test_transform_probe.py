@@ -137,3 +137,26 @@ def test_int4_layer_with_one_output_compiles_at_several_rows(cli, tmp_path):
     assert summary["verification"]["passed"]
     per_layer = summary["pipeline"][0]["summary"]["per_layer"]
     assert per_layer["model.layers.0.mlp.shared_expert_gate"]["format"].startswith("int4")
+
+
+def test_experts_with_float16_scales_import(cli, tmp_path):
+    """Batched experts in a ``-fz`` format (float16 group scales and minimums: int3, and the
+    int4 formats ``-O2`` picks) gathered through ``expert_gather_int4``: its fake said float16
+    (the scales' dtype) where the kernel dequantizes to float32, so the expert ``bmm`` met a
+    float32 activation at the TVM import (RuntimeError, exit 1; Qwen2-MoE ``-O2``)."""
+    torch.manual_seed(0)
+    config = T.Qwen2MoeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, intermediate_size=32, vocab_size=64,
+                              max_position_embeddings=32, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=32, num_experts=2,
+                              num_experts_per_tok=1)
+    model_dir = _save(T.Qwen2MoeForCausalLM(config), tmp_path / "moe")
+    result = cli("compile", model_dir, "--input", "input_ids=1x16:int64", "-p",
+                 "quantize{weights=int3}", "-o", tmp_path / "out", "--json", "-q")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["verification"]["passed"]
+    per_layer = summary["pipeline"][0]["summary"]["per_layer"]
+    experts = [name for name in per_layer if "experts" in name]
+    # float16 scales: the experts take an int4 -fz format (no int3 expert kernel)
+    assert experts and all(per_layer[name]["format"].endswith("-fz") for name in experts)
