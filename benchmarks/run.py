@@ -43,7 +43,10 @@ Denormal floats: slimc's runtime flushes them to zero on x86-64 (``SLIMC_FLUSH_D
 turns it off: compare in two processes, TVM's pool workers keep the mode they were given);
 ONNX Runtime does not unless asked. ``ort-ftz`` is ``ort`` with
 ``session.set_denormal_as_zero=1``, the like-for-like baseline where a model's activations
-decay into denormals (EfficientNet-B0 with random weights: ~25x slower calls without).
+decay into denormals (EfficientNet-B0 with random weights: ~20x slower calls without). It runs
+without the other ORT engines: ORT's denormal mode is process state (a flushing session created
+after a default one did not flush: 150-155 ms vs 12.8 ms for B0; one created first made a later
+default session flush too).
 """
 
 from __future__ import annotations
@@ -158,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
     names = [n for m in args.models.split(",") if m for n in PRESETS.get(m, (m,))]
+    others = {"ort", "ort-nospin", "ort-dyn8", "ort-qdq8"} & set((args.engines or "").split(","))
+    if "ort-ftz" in (args.engines or "").split(",") and others:
+        raise SystemExit(
+            f"run.py: ort-ftz cannot share a process with {', '.join(sorted(others))}: ONNX "
+            "Runtime's denormal mode is process state (a session with "
+            "session.set_denormal_as_zero created after another one does not flush; one "
+            "created first flushes the later ones too). Time it in its own run.")
     for name in names:
         engines = ([e for e in args.engines.split(",") if e] if args.engines
                    else list(DEFAULT_ENGINES.get(name, ("slimc", "eager", "ort"))))
@@ -218,15 +228,16 @@ def bench_model(name: str, engines: list[str], args, workdir: Path) -> Result:
         outputs["torch-dyn8"] = torch_dyn8().numpy()
     if {"ort", "ort-nospin", "ort-ftz", "ort-dyn8", "ort-qdq8"} & set(engines):
         onnx_path = workdir / f"{name}.onnx"
-        session = _ort_session(module, inputs, args.threads, onnx_path)
+        if "ort-ftz" in engines:  # alone in its process (main() checks): see ENGINES' notes
+            ftz = _ort_session(module, inputs, args.threads, onnx_path, flush_denormals=True)
+            callers["ort-ftz"] = lambda: ftz.run(None, arrays)
+            outputs["ort-ftz"] = ftz.run(None, arrays)[0]
+        else:
+            session = _ort_session(module, inputs, args.threads, onnx_path)
         if "ort-nospin" in engines:
             nospin = _ort_session(module, inputs, args.threads, onnx_path, spinning=False)
             callers["ort-nospin"] = lambda: nospin.run(None, arrays)
             outputs["ort-nospin"] = nospin.run(None, arrays)[0]
-        if "ort-ftz" in engines:
-            ftz = _ort_session(module, inputs, args.threads, onnx_path, flush_denormals=True)
-            callers["ort-ftz"] = lambda: ftz.run(None, arrays)
-            outputs["ort-ftz"] = ftz.run(None, arrays)[0]
         if "ort-qdq8" in engines:
             qdq = _ort_session(module, inputs, args.threads, onnx_path,
                                static_int8=_calibration_arrays(name, workdir))
