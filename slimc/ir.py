@@ -319,15 +319,12 @@ class IR:
         ops that write to an argument are kept.
         """
         removed = 0
-        changed = True
-        while changed:
-            changed = False
-            for node in reversed(list(self.nodes("call_function"))):
-                if node.users or not _droppable(node):
-                    continue
-                self.graph.erase_node(node)
-                removed += 1
-                changed = True
+        # consumers before producers: a chain whose end goes frees the rest in the same pass
+        for node in reversed(list(self.nodes("call_function"))):
+            if node.users or not _droppable(node):
+                continue
+            self.graph.erase_node(node)
+            removed += 1
         return removed
 
     def remove_unused_weights(self) -> int:

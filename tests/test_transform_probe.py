@@ -15,6 +15,17 @@ def _save(model: torch.nn.Module, path) -> str:
     return str(path)
 
 
+def _tiny_moe(path) -> str:
+    """A saved tiny Qwen2-MoE: two experts, a shared expert and its one-output gate."""
+    torch.manual_seed(0)
+    config = T.Qwen2MoeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, intermediate_size=32, vocab_size=64,
+                              max_position_embeddings=32, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=32, num_experts=2,
+                              num_experts_per_tok=1)
+    return _save(T.Qwen2MoeForCausalLM(config), path)
+
+
 def test_block_pruning_drops_the_removed_blocks_weights(cli, tmp_path):
     """Phi-3's blocks end in ``dropout`` (kept by an eval export with train=False); torch's
     dead-code elimination keeps random ops, so a removed block's attention and MLP stayed in
@@ -122,13 +133,7 @@ def test_int4_layer_with_one_output_compiles_at_several_rows(cli, tmp_path):
     """Qwen2-MoE's shared-expert gate is a linear with one output: its int4 kernel has
     one-lane tiles, and with 16 rows the row-block schedule unpacked three loops where TVM had
     left two (ValueError at the TVM import, exit 1)."""
-    torch.manual_seed(0)
-    config = T.Qwen2MoeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              num_key_value_heads=1, intermediate_size=32, vocab_size=64,
-                              max_position_embeddings=32, moe_intermediate_size=32,
-                              shared_expert_intermediate_size=32, num_experts=2,
-                              num_experts_per_tok=1)
-    model_dir = _save(T.Qwen2MoeForCausalLM(config), tmp_path / "moe")
+    model_dir = _tiny_moe(tmp_path / "moe")
     result = cli("compile", model_dir, "--input", "input_ids=1x16:int64", "-p",
                  "quantize{weights=int4,group_size=32}", "-o", tmp_path / "out", "--json",
                  "-q")
@@ -144,13 +149,7 @@ def test_experts_with_float16_scales_import(cli, tmp_path):
     int4 formats ``-O2`` picks) gathered through ``expert_gather_int4``: its fake said float16
     (the scales' dtype) where the kernel dequantizes to float32, so the expert ``bmm`` met a
     float32 activation at the TVM import (RuntimeError, exit 1; Qwen2-MoE ``-O2``)."""
-    torch.manual_seed(0)
-    config = T.Qwen2MoeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              num_key_value_heads=1, intermediate_size=32, vocab_size=64,
-                              max_position_embeddings=32, moe_intermediate_size=32,
-                              shared_expert_intermediate_size=32, num_experts=2,
-                              num_experts_per_tok=1)
-    model_dir = _save(T.Qwen2MoeForCausalLM(config), tmp_path / "moe")
+    model_dir = _tiny_moe(tmp_path / "moe")
     result = cli("compile", model_dir, "--input", "input_ids=1x16:int64", "-p",
                  "quantize{weights=int3}", "-o", tmp_path / "out", "--json", "-q")
     assert result.code == 0, result.err

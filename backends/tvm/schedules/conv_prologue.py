@@ -30,6 +30,7 @@ from tvm import relax, te, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 
 from .common import mutate_relax_functions
+from .relax_uses import variable_uses
 
 #: Block annotation marking the prologue for the conv rule.
 PROLOGUE_ATTR = "slimc.conv_prologue"
@@ -148,36 +149,12 @@ def _affine(ops) -> tuple[relax.Expr, relax.Expr]:
     return scale, shift
 
 
-def _use_counts(func: relax.Function) -> dict:
-    """How often each variable of ``func`` is read (call arguments, tuples, the output)."""
-    counts: dict = {}
-
-    def count(expr) -> None:
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-        elif isinstance(expr, relax.Tuple):
-            for field in expr.fields:
-                count(field)
-        elif isinstance(expr, relax.Call):
-            for arg in expr.args:
-                count(arg)
-        elif isinstance(expr, relax.TupleGetItem):
-            count(expr.tuple_value)
-
-    body = func.body
-    for block in getattr(body, "blocks", []):
-        for binding in block.bindings:
-            count(binding.value)
-    count(getattr(body, "body", None))
-    return counts
-
-
 @tvm.transform.module_pass(opt_level=0, name="SlimcPrologueConvs")
 def prologue_convs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Fuse the per-channel affine + ReLU in front of each eligible 1x1 conv into its kernel."""
     uses: dict = {}
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            uses.update(_use_counts(func))
+            uses.update(variable_uses(func))
     return relax.transform.DeadCodeElimination()(
         mutate_relax_functions(mod, _PrologueConvs(mod, uses)))

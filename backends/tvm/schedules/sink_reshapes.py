@@ -34,6 +34,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from .relax_uses import variable_uses
+
 #: Also sink a reshape past a division / multiplication by a scalar constant
 #: (:func:`_sink_into_scalar_ops`; off only to measure what it saves).
 SINK_SCALAR_OPS = True
@@ -45,31 +47,15 @@ ACTIVATIONS = ("relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu", "relax.nn
 def _reshape_uses(func: relax.Function) -> dict:
     """Uses of each ``reshape`` call of ``func`` whose source is a matmul (:func:`_from_matmul`),
     keyed by :func:`id_of` the call."""
-    uses: dict = {}
+    uses = variable_uses(func)
     reshapes = {}
     values = {}
-
-    def count(expr) -> None:
-        if isinstance(expr, relax.Var):
-            uses[expr] = uses.get(expr, 0) + 1
-        elif isinstance(expr, relax.Call):
-            for arg in expr.args:
-                count(arg)
-        elif isinstance(expr, relax.Tuple):
-            for field in expr.fields:
-                count(field)
-        elif isinstance(expr, relax.TupleGetItem):
-            count(expr.tuple_value)
-
-    body = func.body
-    for block in getattr(body, "blocks", []):
+    for block in getattr(func.body, "blocks", []):
         for binding in block.bindings:
             value = binding.value
             values[binding.var] = value
-            count(value)
             if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape":
                 reshapes[binding.var] = value
-    count(getattr(body, "body", body))
     return {id_of(call): uses.get(var, 0) for var, call in reshapes.items()
             if _from_matmul(call.args[0], values)}
 
