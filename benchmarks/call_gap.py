@@ -11,6 +11,10 @@ the whole call for MobileNetV2 / V3 on the Intel host. This script separates, in
 * ``hot``: each kernel repeated back to back (its best), as ``layer_profile.py`` does.
 
     /work/wt/bench.sh python benchmarks/call_gap.py ARTIFACT.slimc --threads 2 [--json out]
+
+``--ftz``: the calling thread and TVM's pool workers flush denormals, as slimc's runtime does
+(``backends/tvm/denormals.py``); without it a network whose activations decay into denormals
+times microcode assists.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=40)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--ftz", action="store_true", help="flush denormals as the runtime does")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import numpy as np
@@ -57,6 +62,12 @@ def main(argv=None) -> int:
     vm["main"](*inputs)
     vm.set_instrument(None)
     tvm.get_global_func("runtime.config_threadpool")(1, args.threads)
+    if args.ftz:
+        from slimc.backends.tvm.denormals import _FloatEnvironment, flush_pool_workers
+
+        env = _FloatEnvironment()
+        flush_pool_workers(env)
+        env.flush()
     fns = [(kernels.get_function(s), a) for s, a in calls]
     for _ in range(5):
         vm["main"](*inputs)

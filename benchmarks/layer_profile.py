@@ -14,6 +14,11 @@ height, width; slimc's NHWC, ORT's NCHW, whose NCHWc convs carry channels padded
 every other kernel / node is listed unpaired with its time, so the sums are comparable.
 ORT's profiler adds a little per node, slimc's side has no call overhead at all: ratios
 below ~1.1 on small layers are not a loss by themselves.
+
+``--ftz``: both sides flush denormals (slimc's kernels on threads switched as its runtime does,
+ORT with ``session.set_denormal_as_zero=1`` and no default session created before it: ORT's
+denormal mode is process state). Without it neither flushes; on a network whose activations
+decay into denormals (EfficientNet-B0, random weights) that times microcode assists, not kernels.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def slimc_layers(artifact: Path, threads: int, number: int) -> list[dict]:
+def slimc_layers(artifact: Path, threads: int, number: int, ftz: bool = False) -> list[dict]:
     """Every kernel call of one inference, timed alone: name, output shape, microseconds."""
     import numpy as np
     import tvm
@@ -55,6 +60,12 @@ def slimc_layers(artifact: Path, threads: int, number: int) -> list[dict]:
     vm.set_instrument(instrument)
     vm["main"](*[tvm.runtime.tensor(data[k]) for k in data.files])
     tvm.get_global_func("runtime.config_threadpool")(1, threads)
+    if ftz:  # this thread and its TVM pool workers, for the rest of the process
+        from slimc.backends.tvm.denormals import _FloatEnvironment, flush_pool_workers
+
+        env = _FloatEnvironment()
+        flush_pool_workers(env)
+        env.flush()
     rows = []
     for symbol, args in calls:
         fn = kernels.get_function(symbol)
@@ -71,7 +82,8 @@ def slimc_layers(artifact: Path, threads: int, number: int) -> list[dict]:
     return rows
 
 
-def ort_layers(onnx_path: Path, feed: dict, threads: int, runs: int) -> list[dict]:
+def ort_layers(onnx_path: Path, feed: dict, threads: int, runs: int,
+               ftz: bool = False) -> list[dict]:
     """ORT's nodes in execution order: name, op, output shape, median microseconds."""
     import onnxruntime as ort
 
@@ -80,6 +92,8 @@ def ort_layers(onnx_path: Path, feed: dict, threads: int, runs: int) -> list[dic
     options.inter_op_num_threads = 1
     options.enable_profiling = True
     options.profile_file_prefix = str(onnx_path.with_suffix(""))
+    if ftz:
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     for _ in range(3):
         session.run(None, feed)
@@ -126,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--number", type=int, default=20)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--ftz", action="store_true",
+                   help="both engines flush denormals (like run.py's slimc vs ort-ftz)")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     artifact = args.workdir / f"{args.model}-slimc.slimc"
@@ -137,12 +153,15 @@ def main(argv=None) -> int:
     import numpy as np
 
     data = np.load(artifact / "example_inputs.npz")
-    import onnxruntime as ort
+    import onnx as onnx_lib
 
-    names = [i.name for i in ort.InferenceSession(str(onnx_path)).get_inputs()]
+    # input names from the file, not from a default ORT session (it would fix ORT's denormal mode)
+    graph = onnx_lib.load(str(onnx_path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in inits]
     feed = dict(zip(names, [data[k] for k in data.files], strict=True))
-    slimc = slimc_layers(artifact, args.threads, args.number)
-    onnx = ort_layers(onnx_path, feed, args.threads, args.runs)
+    slimc = slimc_layers(artifact, args.threads, args.number, args.ftz)
+    onnx = ort_layers(onnx_path, feed, args.threads, args.runs, args.ftz)
     pairs = pair(slimc, onnx)
     print(f"{'slimc kernel':58s} {'out (NHWC)':18s} {'slimc us':>9s} {'ORT us':>8s} ratio")
     for s, o in sorted(pairs, key=lambda pr: pr[1]["us"] - pr[0]["us"]):

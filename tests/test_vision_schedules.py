@@ -320,9 +320,12 @@ class GlobalPool(torch.nn.Module):
 
 
 def test_spatial_mean_of_nhwc_map_sums_channel_vectors(tmp_path, caplog):
-    """The mean over H, W of an NHWC map reads the map once, a vector of channels per pixel:
-    the row-reduction rule (one channel at a time, strided by a pixel) leaves it to the
-    fallback rule (EfficientNet's squeeze means: 10% of the network, 5x ORT's time)."""
+    """The mean over H, W of an NHWC map reads the map once, in memory order: the pixel loops
+    outside, a group of channel vectors (accumulated in registers) inside. The row-reduction
+    rule (one channel at a time, strided by a pixel) leaves it to the fallback rule; channel
+    vectors outside the pixels walked the map once per vector, a cache line per pixel, and in
+    the network (the map just written by two cores) those strided walks took 8x their hot time
+    (EfficientNet-B0's squeezes: 0.73 ms of a 12.7 ms call, ``benchmarks/call_gap.py``)."""
     torch.manual_seed(0)
     net, x = GlobalPool(48).eval(), torch.randn(1, 48, 20, 20)
     _check(net, (x,), tmp_path, caplog, "tiled-matmul")
@@ -331,11 +334,38 @@ def test_spatial_mean_of_nhwc_map_sums_channel_vectors(tmp_path, caplog):
     assert means
     for name, text in means.items():
         red = next(ln.split('"')[1] for ln in text.splitlines()
-                   if "T.sblock(" in ln and "_red" in ln)
+                   if "T.sblock(" in ln and "_red" in ln and "init" not in ln)
         loops = _enclosing(text, red)
-        # pixels (the reduction) outside, 16 channels in one vector inside
+        # 16 channels in one vector innermost, the 3 vectors of 48 channels unrolled around
+        # it, the pixels (the reduction) outside them
         assert "T.vectorized(T.int64(16))" in loops[-1], (name, loops)
-        assert any("T.int64(20), T.int64(20))" in ln for ln in loops[:-1]), (name, loops)
+        assert "T.unroll(T.int64(3))" in loops[-2], (name, loops)
+        assert any("T.int64(20)" in ln for ln in loops[:-2]), (name, loops)
+
+
+@pytest.mark.parametrize("channels, size", [(40, 91), (96, 56), (30, 64)])
+def test_large_spatial_mean_sums_rows_in_parallel(channels, size, tmp_path, caplog):
+    """A squeeze over a large map is split by image rows over the threads (``rfactor``: one
+    partial row of sums per image row, added after), so each core reads the rows the conv
+    before it wrote, in order. Exact against PyTorch for odd row counts and channel counts
+    that are not a whole number of 16-lane vectors (40: 8-lane vectors; 30: not vectorized,
+    left to the fallback)."""
+    torch.manual_seed(0)
+    net, x = GlobalPool(channels).eval(), torch.randn(1, channels, size, size)
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul")
+    means = {n: t for n, t in _scheduled(net, (x,)).items() if "mean" in n}
+    assert means
+    for name, text in means.items():
+        partial = [ln.split('"')[1] for ln in text.splitlines()
+                   if "T.sblock(" in ln and "_rf_update" in ln]
+        if channels % 4:
+            assert not partial, name
+            continue
+        assert partial, (name, text)
+        loops = _enclosing(text, partial[0])
+        assert loops[0].startswith("for k1 in T.parallel(") and f"T.int64({size})" in loops[0], \
+            (name, loops)
+        assert "T.vectorized(" in loops[-1], (name, loops)
 
 
 def test_pointwise_conv_reads_its_input_without_a_copy(tmp_path, caplog):

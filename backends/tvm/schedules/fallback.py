@@ -24,6 +24,7 @@ from .common import (
     vars_in,
     vector_lanes,
 )
+from .pixel_major import schedule_pixel_major
 
 
 class Fallback:
@@ -37,7 +38,9 @@ class Fallback:
         blocks = inline_spatial(sch, list(sch.get_child_blocks(root)), intermediate_buffers(sch))
         for block in blocks:
             try:
-                schedule_block(sch, block, target)
+                if not schedule_pixel_major(sch, block, target, _loop_kinds,
+                                            _contiguous_innermost):
+                    schedule_block(sch, block, target)
             except Exception as exc:  # noqa: BLE001 - keep this block's loops as they were
                 interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
                 log.debug("fallback: block %s left unscheduled: %s", sch.get(block).name_hint,
