@@ -820,7 +820,7 @@ class HardSqueezeExcite(torch.nn.Module):
         return self.project(y * gate)
 
 
-@pytest.mark.parametrize("net", ["sigmoid", "hardsigmoid"])
+@pytest.mark.parametrize("net", ["hardsigmoid"])
 def test_squeeze_excite_gate_is_computed_once_per_channel(net, tmp_path, caplog):
     """The gate's bias and (hard) sigmoid run in the 1 x 1 x C conv's accumulator epilogue,
     once per channel; the broadcast into the H x W x C map is a plain multiply. Inlined into
@@ -843,6 +843,39 @@ def test_squeeze_excite_gate_is_computed_once_per_channel(net, tmp_path, caplog)
     writeback = writeback[:writeback.index('T.sblock("T_multiply")')]
     assert ("T.float32(1.0) /" in writeback) == (net == "sigmoid"), (name, writeback)
     assert "T.max" in writeback and "T.min" in writeback, (name, writeback)  # the (hard) gate
+
+
+def test_squeeze_excite_gate_is_applied_in_the_projection_conv(tmp_path, caplog):
+    """``conv1x1(y * gate)`` with a per-channel gate and a map ``y`` the squeeze reads too:
+    the projection conv multiplies each tile of ``y`` by the gate as it reads it (a prologue,
+    :mod:`conv_prologue`), so the gated map is never written and read back; the gate's kernel
+    writes 1 x 1 x C values and the (fast) sigmoid runs once per channel, in its epilogue.
+    Exact against PyTorch."""
+    torch.manual_seed(0)
+    module, x = SqueezeExcite(16, 144, 6).eval(), torch.randn(1, 16, 19, 17)
+    _check(module, (x,), tmp_path, caplog, "tiled-matmul")
+    kernels = _scheduled(module, (x,))
+    (name, conv), = [(n, t) for n, t in kernels.items() if "conv2d_prologue" in n]
+    statement = next(ln.strip() for ln in conv.splitlines()
+                     if ln.strip().startswith("conv_prologue[") and "=" in ln)
+    assert statement.count("*") == 1 and "T.max" not in statement, (name, statement)
+    loops = _enclosing(conv, "conv_prologue")
+    assert loops and "T.parallel(" in loops[0], (name, loops)  # per tile, not a pass
+    # the gate's kernel (1 x 1 conv + sigmoid) no longer multiplies the 19 x 17 map
+    gates = [t for n, t in kernels.items() if "sigmoid" in n and "conv2d_nhwc_update" in t]
+    assert gates and all("T_multiply" not in t for t in gates), sorted(kernels)
+
+
+def test_channel_scale_stays_out_of_convs_over_a_1x1_map(tmp_path, caplog):
+    """SiLU before a squeeze's expand conv is ``y * sigmoid(y)`` on a 1 x 1 x C map whose
+    ``y`` has two uses, like a gate: nothing to save there, so it stays the reduce conv's
+    epilogue and no prologue kernel appears."""
+    torch.manual_seed(0)
+    module, x = SqueezeExcite(16, 48, 8).eval(), torch.randn(1, 16, 9, 9)
+    kernels = _scheduled(module, (x,))
+    prologues = [n for n in kernels if "conv2d_prologue" in n]
+    assert len(prologues) == 1, sorted(kernels)  # the projection only
+    assert "T.int64(9), T.int64(9), T.int64(48)" in kernels[prologues[0]], prologues
 
 
 class LinearBatchNorm(torch.nn.Module):

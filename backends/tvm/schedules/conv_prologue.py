@@ -81,6 +81,16 @@ def conv_with_prologue(x: te.Tensor, scale: te.Tensor, shift: te.Tensor,
                         data_layout="NHWC", kernel_layout="HWIO", out_dtype=x.dtype)
 
 
+def conv_with_channel_scale(x: te.Tensor, scale: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """``conv1x1(x * scale, weight)``, NHWC / HWIO, the per-channel scale (a squeeze-excite
+    gate) a prologue block (marked :data:`PROLOGUE_ATTR`) in front of TOPI's conv."""
+    lead = (0,) * (len(scale.shape) - 1)  # the gate as its (1, 1, 1, C) map: no reshape kernel
+    act = te.compute(x.shape, lambda n, h, w, c: x[n, h, w, c] * scale[(*lead, c)],
+                     name="conv_prologue", attrs={PROLOGUE_ATTR: 1})
+    return topi.nn.conv(act, weight, stride=1, padding=0, dilation=1, groups=1,
+                        data_layout="NHWC", kernel_layout="HWIO", out_dtype=x.dtype)
+
+
 @expr_functor.mutator
 class _PrologueConvs(PyExprMutator):
     def __init__(self, mod, uses: dict) -> None:
@@ -106,6 +116,8 @@ class _PrologueConvs(PyExprMutator):
         if getattr(call.op, "name", None) != "relax.nn.conv2d" or not _eligible(call):
             return call
         relu = self._bound(call.args[0])
+        if relu is not None and getattr(relu.op, "name", None) == "relax.multiply":
+            return self._channel_scale(call, relu)
         if relu is None or getattr(relu.op, "name", None) != "relax.nn.relu":
             return call
         shape = _static_shape(call.args[0])
@@ -129,6 +141,31 @@ class _PrologueConvs(PyExprMutator):
         vectors = [bb.emit(relax.op.reshape(relax.op.broadcast_to(v, (1, 1, 1, channels)),
                                             (channels,))) for v in (scale, shift)]
         return bb.call_te(conv_with_prologue, y, *vectors, call.args[1],
+                          primfunc_name_hint=KERNEL_NAME)
+
+
+    def _channel_scale(self, call: relax.Call, product: relax.Call) -> relax.Expr:
+        """``conv1x1(y * gate)`` with a per-channel ``gate`` (a squeeze-excite) as one kernel.
+
+        Only when ``y`` has other uses (the squeeze's mean reads it too), so the product would
+        otherwise be a map of its own: written by the gate's kernel, read back by the conv."""
+        shape = _static_shape(call.args[0])
+        if shape[1] * shape[2] == 1:  # a 1 x 1 map (the gate's own layers): nothing to save
+            return call
+        channels = shape[-1]
+        lhs, rhs = product.args
+        if _static_shape(lhs) == shape and _per_channel(rhs, channels):
+            y, gate = lhs, rhs
+        elif _static_shape(rhs) == shape and _per_channel(lhs, channels):
+            y, gate = rhs, lhs
+        else:
+            return call
+        if not isinstance(y, relax.Var) or self.uses.get(y, 0) < 2:
+            return call
+        bb = self.builder_
+        if _static_shape(gate) != [1, 1, 1, channels]:
+            gate = bb.emit(relax.op.broadcast_to(gate, (1, 1, 1, channels)))
+        return bb.call_te(conv_with_channel_scale, y, gate, call.args[1],
                           primfunc_name_hint=KERNEL_NAME)
 
 
