@@ -866,6 +866,24 @@ def test_squeeze_excite_gate_is_applied_in_the_projection_conv(tmp_path, caplog)
     assert gates and all("T_multiply" not in t for t in gates), sorted(kernels)
 
 
+def test_squeeze_excite_on_aarch64_under_qemu(tmp_path, aarch64_emulator, caplog):
+    """The row-parallel squeeze (4-lane NEON vectors, 24 of them per pixel: groups of 8
+    accumulators) and the gated projection conv, cross-built for aarch64 and run under qemu:
+    exact against PyTorch."""
+    from tests.test_schedules import _build_run
+
+    torch.manual_seed(0)
+    net, x = SqueezeExcite(16, 96, 8).eval(), torch.randn(1, 16, 56, 56)
+    got, applied = _build_run(net, (x,), tmp_path, target="arm", cross="aarch64-linux-gnu",
+                              caplog=caplog)
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+    assert any("conv2d_prologue" in line for line in applied), applied
+    assert not [line for line in applied if "failed" in line or "left unscheduled" in line], \
+        applied
+
+
 def test_channel_scale_stays_out_of_convs_over_a_1x1_map(tmp_path, caplog):
     """SiLU before a squeeze's expand conv is ``y * sigmoid(y)`` on a 1 x 1 x C map whose
     ``y`` has two uses, like a gate: nothing to save there, so it stays the reduce conv's
