@@ -368,6 +368,34 @@ def test_large_spatial_mean_sums_rows_in_parallel(channels, size, tmp_path, capl
         assert "T.vectorized(" in loops[-1], (name, loops)
 
 
+class TokenMeanPool(torch.nn.Module):
+    """Sentence embeddings: a linear layer, then the mean over tokens of each sequence."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).mean(1)
+
+
+def test_token_mean_of_a_batch_stays_parallel(tmp_path, caplog):
+    """A mean over the tokens of 8 sequences (8 x 384 outputs, 128 tokens each) is too wide
+    for per-row partials; it reads token-major too, and its outputs stay split over threads
+    (as the fallback rule split them before), exact against PyTorch."""
+    torch.manual_seed(0)
+    net, x = TokenMeanPool(384).eval(), torch.randn(8, 128, 384)
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-4)
+    means = {n: t for n, t in _scheduled(net, (x,)).items() if "mean" in n}
+    assert means
+    for name, text in means.items():
+        red = next(ln.split('"')[1] for ln in text.splitlines()
+                   if "T.sblock(" in ln and "_red" in ln and "init" not in ln)
+        loops = _enclosing(text, red)
+        assert "T.parallel(" in loops[0] and "T.vectorized(" in loops[-1], (name, loops)
+        assert any("T.int64(128)" in ln for ln in loops[1:-2]), (name, loops)
+
+
 def test_pointwise_conv_reads_its_input_without_a_copy(tmp_path, caplog):
     """TVM's legalizer gives every conv a ``pad_temp`` copy of its input, padding or not; the
     1x1 convs' (ResNet-50: 34 of 53 convs) is read in place instead of copied first."""

@@ -71,16 +71,17 @@ def schedule_pixel_major(sch: s_tir.Schedule, block, target, loop_kinds, contigu
         from .fallback import schedule_block
 
         schedule_block(sch, block, target)
-    else:
-        _pixel_loops_outside(sch, block, loop_kinds, vec, None)
+    else:  # a batch of maps (token mean pooling of 8 sequences) still splits over threads
+        _pixel_loops_outside(sch, block, loop_kinds, vec, None,
+                             outputs * pixels >= common.MIN_PARALLEL_MEMORY_WORK)
     return True
 
 
 def _pixel_loops_outside(sch: s_tir.Schedule, block, loop_kinds, vec: int,
-                         row_at: int | None) -> None:
+                         row_at: int | None, parallel_outputs: bool = False) -> None:
     """Loops of ``block`` reordered to (pixel loops, channel loops, vector lanes); the loop at
     ``row_at`` (the one ``rfactor`` made a spatial loop of the partial block) outermost and
-    parallel."""
+    parallel; else, with ``parallel_outputs``, the output loops outside the pixels are."""
     loops = sch.get_loops(block)
     kinds = loop_kinds(sch, block, loops)
     if kinds is None:
@@ -103,6 +104,11 @@ def _pixel_loops_outside(sch: s_tir.Schedule, block, loop_kinds, vec: int,
     sch.vectorize(inner)
     if parallel_rows:
         common.parallelize(sch, rows, common.MIN_PARALLEL_MEMORY_WORK)
+    elif parallel_outputs:
+        outside = spatial[:-1] + [group]
+        fused = sch.fuse(*outside) if len(outside) > 1 else outside[0]
+        if (extent(sch, fused) or 0) > 1:
+            common.parallelize(sch, fused, common.MIN_PARALLEL_MEMORY_WORK)
     # the zeroing as its own vector loop before the pixels, not a test in the innermost loop
     init = sch.decompose_reduction(block, reduce[0])
     init_loops = sch.get_loops(init)
