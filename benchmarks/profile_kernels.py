@@ -32,9 +32,13 @@ def category(name: str) -> str:
     return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
 
 
-def slimc_profile(artifact: Path, feed: list, threads: int, repeat: int) -> dict[str, float]:
+def slimc_profile(artifact: Path, feed: list, threads: int, repeat: int,
+                  flush: bool = True) -> dict[str, float]:
     """Microseconds per call of each kernel: the VM's instrument hook times every call
-    instruction (a few microseconds of Python overhead each, on both sides of the ratio)."""
+    instruction (a few microseconds of Python overhead each, on both sides of the ratio).
+    ``flush``: denormals flushed to zero in the calling thread and TVM's workers, as the
+    artifact's runtime does by default on x86-64 (``backends/tvm/denormals.py``); without it a
+    softmax whose probabilities underflow ran 1.6x ORT's in Whisper-tiny's profile."""
     import time
 
     import tvm
@@ -46,7 +50,10 @@ def slimc_profile(artifact: Path, feed: list, threads: int, repeat: int) -> dict
     lib = tvm.runtime.load_module(str(artifact / manifest["library"]))
     vm = relax.VirtualMachine(lib, tvm.cpu())
     args = [tvm.runtime.tensor(x) for x in feed]
-    vm["main"](*args)
+    from slimc.backends.tvm.denormals import DenormalFlush
+
+    run = DenormalFlush(threads, flush).call
+    run(vm["main"], *args)
     totals: dict[str, float] = collections.defaultdict(float)
     started: dict[str, float] = {}
 
@@ -59,7 +66,7 @@ def slimc_profile(artifact: Path, feed: list, threads: int, repeat: int) -> dict
 
     vm.set_instrument(instrument)
     for _ in range(repeat):
-        vm["main"](*args)
+        run(vm["main"], *args)
     return {k: v for k, v in totals.items() if not k.startswith("vm.builtin")}
 
 
@@ -105,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None,
                    help="also write both per-kernel tables (microseconds per call) here, e.g. "
                    "to compare one profile at 1 thread with one at 2 kernel by kernel")
+    p.add_argument("--no-flush", action="store_true",
+                   help="slimc's kernels without denormals flushed (the runtime flushes them "
+                   "by default; ONNX Runtime does not unless asked)")
     args = p.parse_args(argv)
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -124,7 +134,8 @@ def main(argv=None) -> int:
     from slimc.artifact import read_manifest
 
     names = [spec["name"] for spec in read_manifest(artifact)["inputs"]]
-    slimc = slimc_profile(artifact, [arrays[n] for n in names], args.threads, args.repeat)
+    slimc = slimc_profile(artifact, [arrays[n] for n in names], args.threads, args.repeat,
+                          not args.no_flush)
     show("slimc", slimc, args.top)
     onnx = ort_profile(onnx_path, arrays, args.threads, args.repeat)
     show("ONNX Runtime", onnx, args.top)

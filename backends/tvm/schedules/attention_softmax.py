@@ -103,6 +103,10 @@ def _exp(x):
     return tirx.max(two_n * p, x)
 
 
+#: Vector accumulators of the exp sum (the exp pass unrolled by as many vectors).
+EXP_ACCUMULATORS = 4
+
+
 #: Parallel chunks of rows per call (a few per thread; see :func:`softmax_rows`).
 CHUNKS = 64
 
@@ -114,7 +118,8 @@ def _min_parallel_work() -> int:
     return MIN_PARALLEL_MEMORY_WORK
 
 
-def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int) -> tirx.PrimFunc:
+def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int,
+                 inplace: bool = False) -> tirx.PrimFunc:
     """The row kernel (module docstring): softmax over the last axis of fp32 ``(rows, n)``,
     only the first ``valid`` columns counted (the rest are 0 in the output), zeros on a row
     whose exp-sum is < 0.5 when ``check`` (an all ``-inf`` row, see :func:`safe_softmax`).
@@ -135,6 +140,9 @@ def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int) -> tirx
     zero_tail = n // lanes - written  # vectors of padding only: zeros
     groups = nfull // acc
     rest = nfull - groups * acc
+    eacc = EXP_ACCUMULATORS if nfull >= EXP_ACCUMULATORS else 1
+    egroups = nfull // eacc
+    erest = nfull - egroups * eacc
     parallel = rows > 1 and rows * n >= _min_parallel_work()
     # Rows in chunks: each chunk's scratch is one workspace allocation (the lowering turns the
     # scratch into TVMBackendAllocWorkspace calls; per row they cost 2.4x on ViT's 208 keys).
@@ -145,12 +153,11 @@ def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int) -> tirx
     # then gives ``exp(-inf - lowest) = ~0`` (the check's small sum), not ``-inf - -inf = NaN``.
     lowest = tirx.min_value("float32")
 
-    @T.prim_func(private=True)
-    def func(x: T.Buffer((rows, n), "float32"), y: T.Buffer((rows, n), "float32")):
-        T.func_attr({"tirx.noalias": True})
+    @T.macro
+    def body(x, y):
         for c in T.parallel(chunks) if parallel else T.serial(chunks):
             m = T.alloc_buffer((acc * lanes,), "float32")
-            s = T.alloc_buffer((lanes,), "float32")
+            s = T.alloc_buffer((eacc * lanes,), "float32")
             for i in range(chunk):
                 r: T.int32 = c * chunk + i
                 if r < rows:
@@ -172,17 +179,28 @@ def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int) -> tirx
                     mx: T.float32 = m[0]
                     for lane in range(1, lanes):
                         mx = T.max(mx, m[lane])
-                    for lane in T.vectorized(lanes):
+                    for lane in T.vectorized(eacc * lanes):
                         s[lane] = T.float32(0)
-                    for j in range(nfull):
+                    for g in range(egroups):
+                        for a in T.unroll(eacc):
+                            for lane in T.vectorized(lanes):
+                                y[r, (g * eacc + a) * lanes + lane] = _exp(
+                                    x[r, (g * eacc + a) * lanes + lane] - mx)
+                                s[a * lanes + lane] = s[a * lanes + lane] + y[
+                                    r, (g * eacc + a) * lanes + lane]
+                    for j in range(erest):
                         for lane in T.vectorized(lanes):
-                            y[r, j * lanes + lane] = _exp(x[r, j * lanes + lane] - mx)
-                            s[lane] = s[lane] + y[r, j * lanes + lane]
+                            y[r, (egroups * eacc + j) * lanes + lane] = _exp(
+                                x[r, (egroups * eacc + j) * lanes + lane] - mx)
+                            s[lane] = s[lane] + y[r, (egroups * eacc + j) * lanes + lane]
                     if has_part:
                         for lane in T.vectorized(lanes):
                             y[r, nfull * lanes + lane] = T.Select(
                                 lane < part, _exp(x[r, nfull * lanes + lane] - mx), T.float32(0))
                             s[lane] = s[lane] + y[r, nfull * lanes + lane]
+                    for a in range(1, eacc):
+                        for lane in T.vectorized(lanes):
+                            s[lane] = s[lane] + s[a * lanes + lane]
                     total: T.float32 = s[0]
                     for lane in range(1, lanes):
                         total = total + s[lane]
@@ -196,6 +214,17 @@ def softmax_rows(rows: int, n: int, valid: int, check: bool, lanes: int) -> tirx
                         for lane in T.vectorized(lanes):
                             y[r, (written + j) * lanes + lane] = T.float32(0)
 
+    @T.prim_func(private=True)
+    def func(x: T.Buffer((rows, n), "float32"), y: T.Buffer((rows, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        body(x, y)
+
+    @T.prim_func(private=True)
+    def func_inplace(x: T.Buffer((rows, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        body(x, x)
+
+    func = func_inplace if inplace else func
     # Relax's analyses (``has_reshape_pattern``) expect a root block around the body; one made
     # in TVMScript's block mode turned the scratch rows into workspace allocations (3 alloc /
     # free calls per row), so the plain loop nest is wrapped here.
@@ -223,6 +252,15 @@ def _is_scalar(expr, value: float) -> bool:
 #: masked by the softmax's selects).
 _SCALAR_OPS = {"relax.multiply": relax.op.multiply, "relax.divide": relax.op.divide,
                "relax.add": relax.op.add, "relax.subtract": relax.op.subtract}
+
+
+#: Ops whose result may share its input's memory (``RewriteDataflowReshape`` turns reshape-like
+#: kernels into views): walked through by :meth:`_SafeSoftmax._fresh`.
+_VIEW_OPS = ("relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten")
+#: Calls whose result is not a tensor of their own (a tuple item, a call of another function,
+#: an in-place call): never overwritten.
+_ALIASING_OPS = ("relax.call_tir_inplace", "relax.memory.view", "relax.call_pure_packed",
+                 "relax.call_packed", "relax.astype")
 
 
 def _dims(shape) -> list[str]:
@@ -422,7 +460,8 @@ class _SafeSoftmax(PyExprMutator):
             return super().visit_call_(call)
         if info.shape is None or _dims(call.ty.shape) != _dims(info.shape):
             return super().visit_call_(call)  # a broadcasting where: leave it
-        return self._softmax(self.visit_expr(x), None, True, "safe_softmax")
+        return self._softmax(self.visit_expr(x), None, True, "safe_softmax",
+                             inplace=self._fresh(x, 2))  # read by the softmax and the check
 
     def _plain_softmax(self, call: relax.Call) -> relax.Expr:
         """A softmax with no all ``-inf`` check (eager attention: ``softmax(q @ k^T / s)``)
@@ -435,11 +474,31 @@ class _SafeSoftmax(PyExprMutator):
                 or shape[-1] < PLAIN_SOFTMAX_MIN_VECTORS * self.lanes \
                 or not _last_axis(call.attrs.axis, len(shape)):
             return super().visit_call_(call)
-        return self._softmax(self.visit_expr(x), None, False, "softmax")
+        return self._softmax(self.visit_expr(x), None, False, "softmax",
+                             inplace=self._fresh(x, 1))
 
-    def _softmax(self, x: relax.Expr, valid: int | None, check: bool, name: str) -> relax.Expr:
+    def _fresh(self, x: relax.Expr, readers: int) -> bool:
+        """Whether ``x`` may be overwritten by its softmax: bound to an op's result (not a
+        parameter, constant or a view of one) that only ``readers`` uses read (through
+        reshapes, which become views of their input, each read once); dataflow variables
+        only, which nothing outside their block sees."""
+        if not isinstance(x, relax.DataflowVar) or self.uses.get(x, 0) != readers:
+            return False
+        value = self.var2val.get(x)
+        while _op(value) in _VIEW_OPS:
+            arg = value.args[0]
+            if not isinstance(arg, relax.DataflowVar) or self.uses.get(arg, 0) != 1:
+                return False
+            value = self.var2val.get(arg)
+        return isinstance(value, relax.Call) and _op(value) != "" and \
+            _op(value) not in _ALIASING_OPS
+
+    def _softmax(self, x: relax.Expr, valid: int | None, check: bool, name: str,
+                 inplace: bool = False) -> relax.Expr:
         """Softmax of ``x`` over its last axis: the row kernel when ``x``'s shape is constant
-        and its rows whole vectors, else the TE version (scheduled by ``RowReduction``)."""
+        and its rows whole vectors, else the TE version (scheduled by ``RowReduction``).
+        ``inplace``: ``x`` is a fresh tensor nothing else reads, the row kernel overwrites it
+        (see :data:`INPLACE`)."""
         bb = self.builder_
         shape = _static(x.ty.shape or [])
         if ROW_KERNEL and shape and shape[-1] % self.lanes == 0 and str(x.ty.dtype) == "float32":
@@ -447,12 +506,15 @@ class _SafeSoftmax(PyExprMutator):
             rows = 1
             for d in shape[:-1]:
                 rows *= d
-            func = softmax_rows(rows, n, n if valid is None else valid, check, self.lanes)
+            inplace = inplace and INPLACE
+            func = softmax_rows(rows, n, n if valid is None else valid, check, self.lanes,
+                                inplace=inplace)
             gvar = bb.add_func(func, f"{name}_rows")
             flat = bb.emit(relax.op.reshape(x, [rows, n]))
-            out = bb.emit(relax.call_tir(gvar, [flat], relax.TensorType((rows, n),
-                                                                              "float32")))
-            return relax.op.reshape(out, shape)
+            out_ty = relax.TensorType((rows, n), "float32")
+            call = relax.call_tir_inplace(gvar, [flat], 0, out_ty) if inplace \
+                else relax.call_tir(gvar, [flat], out_ty)
+            return relax.op.reshape(bb.emit(call), shape)
         return bb.call_te(safe_softmax, x, valid=valid, check=check, primfunc_name_hint=name)
 
     def _padded(self, call: relax.Call, plan: _Plan) -> relax.Expr:
@@ -473,7 +535,8 @@ class _SafeSoftmax(PyExprMutator):
                 args = (scores, other) if pos == 0 else (other, scores)
                 scores = bb.emit(_SCALAR_OPS[op](*args))
         probs = bb.emit(self._softmax(scores, plan.keys, plan.check,
-                                      "safe_softmax" if plan.check else "padded_softmax"))
+                                      "safe_softmax" if plan.check else "padded_softmax",
+                                      inplace=True))  # the scores built here: fresh
         probs = bb.emit(relax.op.reshape(probs, [*plan.probs_shape[:-1], plan.padded]))
         v = bb.emit(_pad_last(v, -2, extra, v.ty.ndim))
         return relax.op.matmul(probs, v, out_dtype=call.attrs.out_dtype)
@@ -487,6 +550,10 @@ def _pad_last(expr, axis: int, extra: int, ndim: int):
 
 #: False turns the pass off: TVM's softmax + all -inf row check as imported, for A/B benchmarks.
 ENABLED = True
+#: The row kernel writes the probabilities over the scores when nothing else reads them
+#: (``call_tir_inplace``): no second ``heads x L x L`` buffer, whose first write misses the
+#: caches (see the module docstring). False always writes a new tensor, for A/B benchmarks.
+INPLACE = True
 #: False keeps the TE softmax (``RowReduction``) where the row kernel would run, for A/B
 #: benchmarks (``benchmarks/attention_softmax.py --no-row-kernel``).
 ROW_KERNEL = True
