@@ -36,6 +36,16 @@ time against ONNX Runtime's 6% (``profile_kernels.py``, quiet host). Alone, 2 th
 bench.sh (``benchmarks/attention_softmax.py --shape H x L x D``, minima): Whisper's 6 x 1500 rows
 of 1536 keys 6.82 vs 7.19 ms (near memory speed either way), T5's 8 x 256 of 256 0.14 vs 0.23,
 ViT's 6 x 197 of 208 0.09 vs 0.16.
+
+In place (:data:`INPLACE`): the row kernel writes the probabilities over the scores
+(``call_tir_inplace``) when nothing else reads them -- the scores the padded chain builds, or
+a fresh result read only by the softmax (and SDPA's check, which the kernel absorbs); never a
+model input, a parameter or a view of one (:meth:`_SafeSoftmax._fresh`). A second
+``heads x L x L`` tensor cost a write-allocate miss per line: Whisper-tiny's 6 x 1500 x 1536
+scores (55 MB a layer) after ``Q @ K^T`` ran the softmax in 10.0-11.4 ms with a new output and
+7.5-7.9 in place, ONNX Runtime's Softmax 7.8-8.2 (``benchmarks/attention_ab.py``, 2 threads,
+loaded host; docs/benchmarks.md, wt/soft21). The exp-and-sum pass keeps
+:data:`EXP_ACCUMULATORS` vector sums (one was a 4-cycle ``vaddps`` chain per vector).
 """
 
 from __future__ import annotations
@@ -103,7 +113,9 @@ def _exp(x):
     return tirx.max(two_n * p, x)
 
 
-#: Vector accumulators of the exp sum (the exp pass unrolled by as many vectors).
+#: Vector accumulators of the exp sum (the exp pass unrolled by as many vectors) when the row
+#: has that many whole vectors. Alone, 2 threads, 6 x 1500 rows of 1536: 4 ran 0.93-0.95x the
+#: time of 1 (2: 0.98-0.99x); on cached 2 x 1500 rows 0.92-0.95x.
 EXP_ACCUMULATORS = 4
 
 
