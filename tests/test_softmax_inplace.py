@@ -166,3 +166,37 @@ def test_inplace_softmax_on_aarch64_under_qemu(tmp_path, aarch64_emulator):
         with torch.no_grad():
             want = module(*inputs).numpy()
         np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+
+
+class ConstantSoftmax(torch.nn.Module):
+    """A softmax of a tensor computed from weights alone (folded to a constant at build)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(2, 256) * 3)
+
+    def forward(self, x):
+        return x * torch.softmax(self.w * 2.0, -1)
+
+
+def test_softmax_of_constants_is_not_overwritten(tmp_path):
+    """Scores from weights alone are a constant (folded before the pass, or by the
+    ``FoldConstant`` after it, which the pass's ``_reads_an_input`` guards against): the
+    softmax never writes over them, and a second call gives the first call's result."""
+    import tvm
+    from slimc.backends.tvm.build import build_library
+    from tvm import relax
+
+    torch.manual_seed(0)
+    module, x = ConstantSoftmax(), torch.randn(2, 256)
+    fused, _ = _fused_main(module, (x,))
+    assert _inplace_calls(fused) == []
+    library = build_library(_lower(module, (x,)), resolve_target("x86-64-v4-vnni"),
+                            tmp_path / "k.so")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    with torch.no_grad():
+        want = module(x).numpy()
+    for _ in range(2):
+        got = vm["main"](tvm.runtime.tensor(x.numpy()))
+        got = (got if hasattr(got, "numpy") else got[0]).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

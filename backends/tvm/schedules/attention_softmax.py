@@ -503,7 +503,30 @@ class _SafeSoftmax(PyExprMutator):
                 return False
             value = self.var2val.get(arg)
         return isinstance(value, relax.Call) and _op(value) != "" and \
-            _op(value) not in _ALIASING_OPS
+            _op(value) not in _ALIASING_OPS and self._reads_an_input(value)
+
+    def _reads_an_input(self, expr: relax.Expr) -> bool:
+        """Whether ``expr`` depends on a function parameter: one computed from constants alone
+        becomes a constant (``FoldConstant``), which an in-place kernel would overwrite."""
+        stack, seen = [expr], set()
+        while stack:
+            node = stack.pop()
+            if isinstance(node, relax.Var):
+                bound = self.var2val.get(node)
+                if bound is None:
+                    return True  # a parameter
+                node = bound
+            if isinstance(node, relax.Call):
+                for arg in node.args:
+                    if isinstance(arg, relax.Var | relax.Call | relax.Tuple) and arg not in seen:
+                        seen.add(arg)
+                        stack.append(arg)
+            elif isinstance(node, relax.Tuple):
+                stack.extend(f for f in node.fields if f not in seen)
+                seen.update(node.fields)
+            elif isinstance(node, relax.TupleGetItem):
+                stack.append(node.tuple_value)
+        return False
 
     def _softmax(self, x: relax.Expr, valid: int | None, check: bool, name: str,
                  inplace: bool = False) -> relax.Expr:
