@@ -142,14 +142,18 @@ def hessians(model, batches, names) -> dict[str, torch.Tensor]:
 
 
 def size_of(model, rules) -> tuple[float, float, dict]:
-    """(size of fp32, bits per quantized weight, per-format weight counts)."""
+    """(size of fp32, bits per quantized weight, per-format weight counts). Parameters a
+    rotation added (``smollm2_rotate.ADDED``) count in the stored bytes, not in fp32's."""
+    from benchmarks.smollm2_rotate import ADDED
+
     total_bits, fp32_bits, weights, counts = 0.0, 0.0, 0, {}
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        fp32_bits += 32 * p.numel()
+        if name not in ADDED:
+            fp32_bits += 32 * p.numel()
         mod = name.rpartition(".")[0]
         if p.dim() == 2:
             key = TABLE if mod == "model.embed_tokens" else mod
@@ -240,6 +244,11 @@ def main() -> None:
     ap.add_argument("--recover-eval-curve", action="store_true",
                     help="with --recover-held-every: also the John perplexity at those steps "
                     "(probe_curve; mid-schedule, the learning rate not yet decayed)")
+    ap.add_argument("--rotate", choices=("none", "hadamard", "random"), default="none",
+                    help="rotate the residual stream before quantizing (norms folded; "
+                    "benchmarks/smollm2_rotate.py); the fp32 perplexity of the rotated model "
+                    "is printed as a check")
+    ap.add_argument("--rotate-seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -260,19 +269,28 @@ def main() -> None:
         with torch.no_grad():
             return perplexity(lambda b: model(input_ids=b["input_ids"]).logits, held)
 
+    out_path = RESULTS / args.out
+    record = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    tag = ""
+    if args.rotate != "none":
+        from benchmarks.smollm2_rotate import rotate_llama
+
+        rotate_llama(model, args.rotate, args.rotate_seed)
+        tag = f"_rot-{args.rotate}{args.rotate_seed}"
+        rotated = score()
+        record.setdefault("rotated_fp32", {})[tag] = rotated
+        print(f"rotated ({args.rotate}) fp32 perplexity {rotated:.4f}", flush=True)
     mods = linears(model)
     original = {n: m.weight.detach().clone() for n, m in mods.items()}
     original[TABLE] = model.model.embed_tokens.weight.detach().clone()
     assert model.lm_head.weight is model.model.embed_tokens.weight, "table not tied"
-    out_path = RESULTS / args.out
-    record = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
     fp32 = args.fp32_perplexity or score()
     record.update(eval=f"KJV John, {sum(b['input_ids'].numel() for b in held)} tokens",
                   calibration=f"KJV {args.calib}, "
                   f"{sum(b['input_ids'].numel() for b in calib)} tokens", fp32=fp32)
     print(f"fp32 perplexity {fp32:.3f}", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    hess_path = CACHE.parent / f"hessians_{args.calib}_{args.calib_tokens}.pt"
+    hess_path = CACHE.parent / f"hessians_{args.calib}_{args.calib_tokens}{tag}.pt"
     if hess_path.exists():
         hess = torch.load(hess_path)
     else:
@@ -288,7 +306,7 @@ def main() -> None:
                 target = model.model.embed_tokens if key == TABLE else mods[key]
                 damp = args.table_damp if key == TABLE else 0.01
                 target.weight.copy_(round_trip(weight, fmt, method, hess.get(key),
-                                               f"{args.calib}_{args.calib_tokens}_{key}",
+                                               f"{args.calib}_{args.calib_tokens}{tag}_{key}",
                                                damp))
             t1 = time.perf_counter()
             ppl = score()
@@ -302,7 +320,8 @@ def main() -> None:
                 target = model.model.embed_tokens if key == TABLE else mods[key]
                 target.weight.copy_(weight)
         size, bits, counts = size_of(model, rules)
-        row = {"row": name, "rules": text, "table_damp": args.table_damp, "size": size,
+        row = {"row": name, "rules": text, "rotate": args.rotate,
+               "rotate_seed": args.rotate_seed, "table_damp": args.table_damp, "size": size,
                "bits_per_weight": bits,
                "perplexity": ppl, "ratio": ppl / fp32, "formats": counts,
                "eval_tokens": args.eval_tokens, "quantize_s": round(t1 - t0, 1),

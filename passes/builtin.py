@@ -16,6 +16,7 @@ from slimc.passes.distill.distill import Distill
 from slimc.passes.lowrank.lowrank import LowRank
 from slimc.passes.prune import Prune, PruneGroupsAnalysis
 from slimc.passes.quantize.quantize import Quantize
+from slimc.passes.rotate.rotate import Rotate
 from slimc.passes.share.share import Share
 
 from slimc.hookspec import hookimpl
@@ -26,4 +27,4 @@ def slimc_register_passes():
     return [ModelStatsAnalysis, EliminateDeadCode, CostAnalysis, SensitivityAnalysis,
             MagnitudeSensitivity, ActivationSensitivity, TaylorSensitivity, HessianSensitivity,
             PerturbationSensitivity, Quantize, PruneGroupsAnalysis, Prune, TargetInfoAnalysis,
-            LowRank, Share, Distill]
+            LowRank, Share, Distill, Rotate]
