@@ -9,9 +9,16 @@ import torch
 import transformers as T
 
 from slimc.jobs import single_threaded
+from slimc.passmanager import PassContext, PassManager
+from slimc.pipeline import parse_pipeline_text, validate
+from slimc.plugins import get_registry
 from tests.test_distill import SEQ, VOCAB, _captured, _run, tiny_bert
+from tests.test_transform_zoo import ZOO, _capture
 
+REGISTRY = get_registry()
 HIDDEN = 64
+#: pre-RMSNorm decoders whose stream only linears read: these must be rotated
+PRE_RMSNORM = {"llama", "qwen2", "mistral", "phi3"}
 
 
 @pytest.fixture(autouse=True)
@@ -106,3 +113,23 @@ def test_graphs_without_an_rmsnorm_stream_are_left_alone():
     quantized, inputs = _captured(outlier_llama)
     _run(quantized, inputs, "quantize{weights=int3,group_size=32},rotate")
     assert not quantized.annotations["rotate"]["rotated"]  # quantized linears: too late
+
+
+@pytest.mark.parametrize("arch", ZOO)
+def test_every_zoo_architecture_is_rotated_exactly_or_left_alone_with_a_reason(arch, hf_dir):
+    ir, inputs = _capture(arch, hf_dir)
+    reference = [o.clone() for o in ir.run(inputs)]
+    before = {k: v.clone() for k, v in ir.weights().items()}
+    records = PassManager(REGISTRY.passes).run(  # an exact pass: the manager checks outputs
+        ir, validate(parse_pipeline_text("rotate"), REGISTRY.passes),
+        PassContext(example_inputs=inputs))
+    summary = ir.annotations["rotate"]
+    after = ir.run(inputs)
+    assert all(_rel(a, b) < 1e-4 for a, b in zip(after, reference, strict=True)
+               if b.is_floating_point() and b.norm() > 0)
+    if summary["rotated"]:
+        assert records[-1].params_after >= records[-1].params_before
+    else:
+        assert summary["reason"]
+        assert all(torch.equal(before[k], v) for k, v in ir.weights().items())
+    assert summary["rotated"] or arch not in PRE_RMSNORM, summary

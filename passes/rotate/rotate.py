@@ -122,6 +122,8 @@ def _rowwise(node: Node, hidden: int) -> bool:
         return False
     if node.target in _ROWWISE:
         return True
+    if node.target is aten.dropout.default:  # in eval mode (train=False) an identity
+        return len(node.args) > 2 and node.args[2] is False
     if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         src, out = node.args[0].meta.get("val"), node.meta.get("val")
         return src is not None and out is not None and src.shape[-1] == hidden == out.shape[-1]
