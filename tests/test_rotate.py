@@ -133,3 +133,10 @@ def test_every_zoo_architecture_is_rotated_exactly_or_left_alone_with_a_reason(a
         assert summary["reason"]
         assert all(torch.equal(before[k], v) for k, v in ir.weights().items())
     assert summary["rotated"] or arch not in PRE_RMSNORM, summary
+
+
+def test_an_unknown_kind_is_a_usage_error():
+    from slimc.errors import UsageError
+
+    with pytest.raises(UsageError, match="hadamard"):
+        validate(parse_pipeline_text("rotate{kind=walsh}"), REGISTRY.passes)
