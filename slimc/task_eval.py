@@ -278,8 +278,13 @@ def _prepare_accuracy(path: Path | None, ctx: EvalContext) -> TaskData:
     name = next((k for k in ctx.input_names if ctx.template[k].dtype.kind == "f"
                  and ctx.template[k].ndim == 4), None)
     if name is None:
-        raise UsageError(f"--eval-data {path} holds images, but the model has no image input "
-                         f"(NxCxHxW float); its inputs: {', '.join(ctx.input_names)}.")
+        kinds = ("perplexity (a text file, causal LMs) or spearman (scored text pairs, "
+                 "encoders)") if "input_ids" in ctx.template else "another --eval kind"
+        raise UsageError(f"--eval accuracy scores image classification (--eval-data: a folder "
+                         f"of <label>/<image> files), but this model has no image input "
+                         f"(NxCxHxW float); its inputs: {', '.join(ctx.input_names)}.",
+                         hint=f"For this model use {kinds} with --eval-data {path}, or leave "
+                         "--eval out to let slimc pick the metric from the data.")
     labels = [p.name for p in folder_entries(path, "--eval-data") if p.is_dir()]
     numeric = all(lb.isdigit() for lb in labels)
     files = [(f, int(lb) if numeric else i) for i, lb in enumerate(labels)

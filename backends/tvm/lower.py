@@ -42,16 +42,23 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
     fold_batchnorm(ir)
     legalize(ir)
     align_weights(ir)  # TVM then shares the weights' memory instead of copying every one
+    program, decomposed = ir.program, set()
     try:
-        with target if target is not None else contextlib.nullcontext():
-            mod = from_exported_program(
-                ir.program, keep_params_as_input=False,
-                custom_convert_map=dict(converters) if converters else None)
+        while True:
+            try:
+                with target if target is not None else contextlib.nullcontext():
+                    mod = from_exported_program(
+                        program, keep_params_as_input=False,
+                        custom_convert_map=dict(converters) if converters else None)
+                break
+            except AssertionError as exc:
+                program = _decompose_missing(program, _missing_ops(exc), decomposed)
+                if program is None:
+                    raise
         return clamp_gathers(mod)  # no out-of-bounds reads, whoever calls the library
     except AssertionError as exc:
-        match = re.search(r"Unsupported function types \[(.*)\]", str(exc))
-        if match:
-            ops = [op.strip(" '\"") for op in match.group(1).split(",") if op.strip()]
+        ops = _missing_ops(exc)
+        if ops:
             raise UnsupportedOpError(
                 f"TVM {_tvm_version()} cannot lower op(s) {', '.join(ops)} used by "
                 f"{ir.name!r}.",
@@ -73,6 +80,48 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
             f"TVM failed to import {ir.name!r}: {type(exc).__name__}: {_first_line(exc)}",
             hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
         ) from exc
+
+
+def _missing_ops(exc: AssertionError) -> list[str]:
+    """The op names (``var_mean.correction``) in TVM's "Unsupported function types" message."""
+    match = re.search(r"Unsupported function types \[(.*)\]", str(exc))
+    return [op.strip(" '\"") for op in match.group(1).split(",") if op.strip()] if match else []
+
+
+def _decompose_missing(program, names: list[str], done: set[str]):
+    """``program`` with the ATen ops TVM has no converter for decomposed by torch's own
+    decomposition table, or None when none of ``names`` has a (new) decomposition.
+
+    TVM's importer decomposes to *core* ATen only, so ops that torch keeps in the core set
+    (``prod.dim_int``, ``var_mean.correction``, ``cumprod``, ``unfold``) or that a converter
+    lacks were refused although torch knows how to write them in ops TVM imports. Only a model
+    that would otherwise be refused is decomposed (its other ops, and every other model, import
+    as before); what the decomposition yields is checked by the same import, so an op that
+    decomposes into unsupported ops is still refused by name. Several rounds cover a
+    decomposition that yields another decomposable op.
+    """
+    import contextlib
+    import io
+
+    import torch
+    from torch._decomp import core_aten_decompositions, decomposition_table
+
+    table = {}
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None and op in decomposition_table and name not in done:
+            table[op] = decomposition_table[op]
+            done.add(name)
+    if not table:
+        return None
+    decompositions = core_aten_decompositions()
+    decompositions.update(table)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return program.run_decompositions(decompositions)
+    except Exception:  # noqa: BLE001 - the op stays unsupported and is reported by name
+        return None
 
 
 #: TVM's message when a float32 product meets an operand of another float dtype.
