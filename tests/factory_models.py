@@ -94,3 +94,39 @@ class Indexing(nn.Module):
 def indexing():
     torch.manual_seed(0)
     return Indexing().eval(), (torch.randn(4, 5), torch.tensor([-1, 2, -5]), torch.tensor(0.5))
+
+
+class Reductions(nn.Module):
+    """Ops TVM 0.27 refused or computed wrongly (found by compiling ~120 common ops one output
+    each): ``prod``/``cumprod`` (no converter; torch's decomposition table has them), linear
+    ``F.interpolate`` and integer ``clamp`` with one bound (an infinite integer bound broke the
+    build), ``selu``/``elu`` with scale (TVM dropped the scale), ``var_mean``/``std_mean``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.linear(x)
+        var, mean = torch.var_mean(y, -1)
+        std, _ = torch.std_mean(y, (1, 2), keepdim=True, correction=0)
+        bucket = torch.clamp(y.argmax(-1), max=5) + y.argmin(-1).clamp_min(2)
+        return (y.prod(-1), torch.cumprod(y, 1), nn.functional.interpolate(y, scale_factor=2,
+                                                                            mode="linear"),
+                bucket, nn.functional.selu(y), torch.ops.aten.elu(y, 0.7, 1.3, 0.5), var, mean,
+                std)
+
+
+def reductions():
+    torch.manual_seed(0)
+    return Reductions().eval(), (torch.randn(2, 3, 8),)
+
+
+class _Cummax(nn.Module):
+    def forward(self, x):
+        return torch.cummax(x, -1).values
+
+
+def cummax():
+    """An op neither TVM nor torch's decomposition table can lower: refused by name."""
+    return _Cummax(), (torch.randn(2, 8),)

@@ -93,3 +93,28 @@ def test_unsupported_float_use_is_a_usage_error(tmp_path, name, fragments):
                             slimc.CompileOptions(output=tmp_path / "out", cache=False))
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_ops_tvm_lacked_or_miscomputed_match_torch(tmp_path):
+    """prod/cumprod (decomposed by torch's table at import), linear interpolation and integer
+    clamps with one bound, SELU/ELU with a scale, var_mean/std_mean: every output matches."""
+    result, expected, outputs = _compile_and_run("reductions", tmp_path)
+    assert len(outputs) == len(expected) == 9
+    for ref, got in zip(expected, outputs, strict=True):
+        assert got.shape == tuple(ref.shape)
+        if ref.is_floating_point():
+            assert _rel(ref, got) < 1e-5
+        else:
+            assert np.array_equal(ref.numpy(), got)
+    assert result.manifest["verification"]["passed"]
+
+
+def test_an_op_nothing_lowers_is_refused_by_name(tmp_path):
+    """cummax has no TVM converter and no decomposition: exit 2 naming it, no artifact."""
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as info:
+        slimc.compile_model("tests.factory_models:cummax",
+                            slimc.CompileOptions(output=out, cache=False))
+    assert "cummax.default" in str(info.value)
+    assert info.value.exit_code == 2
+    assert not out.exists()
