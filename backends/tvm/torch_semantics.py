@@ -22,6 +22,12 @@ TVM's ``custom_convert_map``; each replaces or adds one op:
 * ``elu.default(x, alpha, scale, input_scale)``: TVM reads ``alpha`` only, but torch
   decomposes ``F.selu`` to ``elu(x, 1.6733, 1.0507)``: SELU models computed 5% off (the only
   wrong result among ~120 common ops checked output by output). All three are applied.
+* ``group_norm`` / ``native_group_norm`` without weight and bias (``nn.GroupNorm(...,
+  affine=False)``): TVM passed ``None`` on as gamma/beta and the import crashed ("Found null
+  pointer node"); they become ones and zeros.
+* ``rrelu_with_noise_functional`` (``nn.RReLU`` in eval mode): no converter; at inference
+  it is a leaky ReLU with slope ``(lower + upper) / 2``. Training mode (random slopes) stays
+  refused.
 * ``var_mean`` / ``std_mean`` (``.correction``): no TVM converter and no decomposition TVM
   imports; they are TVM's own ``var.correction`` (or its square root) and a ``mean``.
 """
@@ -175,6 +181,50 @@ def _convert_elu(node, importer):
     return emit(relax.op.multiply(total, relax.const(scale, dtype)))
 
 
+def _group_norm(native: bool):
+    def convert(node, importer):
+        """``[native_]group_norm`` with missing weight/bias as ones/zeros."""
+        import numpy as np
+        from tvm import relax
+
+        x = importer.env[node.args[0]]
+        shape = importer.shape_of(x)
+        channels, dtype = int(shape[1]), str(x.ty.dtype)
+        w_at, groups_at, eps_at = (1, 6, 7) if native else (2, 1, 4)
+        args = list(node.args)
+
+        def affine(i: int, fill: float):
+            value = args[i] if len(args) > i else None
+            if value is not None:
+                return importer.env[value]
+            return relax.const(np.full((channels,), fill, dtype=dtype), dtype)
+
+        groups = args[groups_at] if len(args) > groups_at else 1
+        eps = args[eps_at] if len(args) > eps_at else 1e-5
+        return importer.block_builder.emit(relax.op.nn.group_norm(
+            x, affine(w_at, 1.0), affine(w_at + 1, 0.0), num_groups=groups, channel_axis=1,
+            axes=list(range(2, len(shape))), epsilon=eps))
+
+    convert.__name__ = "_convert_native_group_norm" if native else "_convert_group_norm"
+    return convert
+
+
+def _convert_rrelu(node, importer):
+    """``rrelu_with_noise_functional(x, noise, lower, upper, training)`` -> (out, noise)."""
+    from tvm import relax
+
+    def arg(i, name, default):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+    if arg(4, "training", False):
+        raise AssertionError("Unsupported function types ['rrelu_with_noise_functional.default "
+                             "(training=True: random slopes)']")
+    x = importer.env[node.args[0]]
+    slope = (float(arg(2, "lower", 0.125)) + float(arg(3, "upper", 1.0 / 3.0))) / 2
+    out = importer.block_builder.emit(relax.op.nn.leakyrelu(x, slope))
+    return importer.block_builder.emit(relax.Tuple([out, importer.env[node.args[1]]]))
+
+
 def converters() -> dict[str, Any]:
     """Converters keyed like TVM's ``custom_convert_map``."""
     return {"select.int": _convert_select, "amax.default": _reduction("max"),
@@ -183,4 +233,7 @@ def converters() -> dict[str, Any]:
             "clamp.default": _clamp("both"), "clamp.Tensor": _clamp("both"),
             "clamp_min.default": _clamp("min"), "clamp_max.default": _clamp("max"),
             "elu.default": _convert_elu, "var_mean.correction": _moments(False),
-            "std_mean.correction": _moments(True)}
+            "std_mean.correction": _moments(True),
+            "group_norm.default": _group_norm(False),
+            "native_group_norm.default": _group_norm(True),
+            "rrelu_with_noise_functional.default": _convert_rrelu}
