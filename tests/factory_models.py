@@ -100,11 +100,14 @@ class Reductions(nn.Module):
     """Ops TVM 0.27 refused or computed wrongly (found by compiling ~120 common ops one output
     each): ``prod``/``cumprod`` (no converter; torch's decomposition table has them), linear
     ``F.interpolate`` and integer ``clamp`` with one bound (an infinite integer bound broke the
-    build), ``selu``/``elu`` with scale (TVM dropped the scale), ``var_mean``/``std_mean``."""
+    build), ``selu``/``elu`` with scale (TVM dropped the scale), ``var_mean``/``std_mean``,
+    ``GroupNorm(affine=False)`` (the import crashed) and ``RReLU`` in eval mode (no converter)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(8, 8)
+        self.norm = nn.GroupNorm(3, 3, affine=False)
+        self.rrelu = nn.RReLU()
 
     def forward(self, x):
         y = self.linear(x)
@@ -114,7 +117,7 @@ class Reductions(nn.Module):
         return (y.prod(-1), torch.cumprod(y, 1), nn.functional.interpolate(y, scale_factor=2,
                                                                             mode="linear"),
                 bucket, nn.functional.selu(y), torch.ops.aten.elu(y, 0.7, 1.3, 0.5), var, mean,
-                std)
+                std, self.norm(y), self.rrelu(y))
 
 
 def reductions():

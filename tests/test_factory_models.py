@@ -97,9 +97,10 @@ def test_unsupported_float_use_is_a_usage_error(tmp_path, name, fragments):
 
 def test_ops_tvm_lacked_or_miscomputed_match_torch(tmp_path):
     """prod/cumprod (decomposed by torch's table at import), linear interpolation and integer
-    clamps with one bound, SELU/ELU with a scale, var_mean/std_mean: every output matches."""
+    clamps with one bound, SELU/ELU with a scale, var_mean/std_mean, GroupNorm without affine,
+    RReLU in eval mode: every output matches."""
     result, expected, outputs = _compile_and_run("reductions", tmp_path)
-    assert len(outputs) == len(expected) == 9
+    assert len(outputs) == len(expected) == 11
     for ref, got in zip(expected, outputs, strict=True):
         assert got.shape == tuple(ref.shape)
         if ref.is_floating_point():

@@ -220,3 +220,17 @@ def _save_tokenizer_only(path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
                             pad_token="[PAD]").save_pretrained(path)
+
+
+def test_accuracy_on_a_text_model_names_the_metrics_that_fit(tmp_path, cli, hf_dir):
+    """``--eval accuracy --eval-data notes.txt`` on a language model: the error said the *text
+    file* "holds images"; it says accuracy needs images and which metrics suit this model."""
+    text = tmp_path / "notes.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    out = tmp_path / "never.slimc"
+    res = cli("compile", hf_dir("llama"), "--input", "input_ids=1x16:int64", "-O2", "--eval",
+              "accuracy", "--eval-data", text, "-o", out, "--no-cache")
+    assert res.code == 2, res.err
+    assert "holds images" not in res.err and "no image input" in res.err
+    assert "perplexity" in res.err and "Traceback" not in res.err
+    assert not out.exists()
