@@ -133,6 +133,17 @@ def _arrays(arrays: dict[str, np.ndarray], template, max_batches: int,
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise UsageError(f"{path}: array {name!r} holds NaN or Inf.",
                              hint="Clean the data (every value must be a finite number).")
+        if (array.dtype.kind == "f" and not want.is_floating_point()
+                and not np.array_equal(array, np.round(array))):
+            # casting would silently turn random floats into token id 0 (a float .npy saved
+            # for another model): calibration would then "succeed" on meaningless data
+            raise UsageError(f"{path}: array {name!r} holds fractional numbers "
+                             f"({array.dtype}), but the model's input {name!r} takes "
+                             f"{str(want.dtype).removeprefix('torch.')} values (token ids or "
+                             "indices).",
+                             hint=f"Save the {name} as integers (np.save(path, "
+                             "ids.astype(np.int64))), or give --calib a text file and let "
+                             "slimc tokenize it.")
         value = torch.from_numpy(np.require(array, requirements="C")).to(want.dtype)
         if value.dim() == want.dim() - 1:
             value = value.unsqueeze(0)

@@ -100,3 +100,16 @@ def test_long_text_is_sampled_over_the_whole_file_unless_evaluation_reads_its_ta
     assert int(spread.batches[0]["input_ids"][0, 1]) == vocab["the"]  # first window: the start
     assert spread_for(text, None) and spread_for(text, tmp_path / "other.txt")
     assert not spread_for(text, tmp_path / "." / "calib.txt")
+
+
+def test_fractional_npy_for_token_ids_is_refused(tmp_path):
+    """Random floats for ``input_ids`` were cast to id 0 and calibrated on silently; whole
+    numbers stored as floats are still token ids."""
+    np.save(tmp_path / "floats.npy", np.random.default_rng(0).random((4, 12)))
+    with pytest.raises(UsageError) as info:
+        load_calibration(tmp_path / "floats.npy", TEMPLATE)
+    assert "fractional" in str(info.value) and "int64" in str(info.value)
+    np.save(tmp_path / "whole.npy", np.arange(48, dtype=np.float32).reshape(4, 12) % 10)
+    batches = load_calibration(tmp_path / "whole.npy", TEMPLATE).batches
+    assert batches[0]["input_ids"].dtype == torch.int64
+    assert batches[0]["input_ids"][0, 3].item() == 3
