@@ -61,6 +61,27 @@ def list_files(directory: Path) -> list[str]:
 def check_output_directory(final: Path, *, force: bool = False) -> Path:
     """Raise a UsageError unless ``final`` can be (re)placed by a new artifact; return it
     absolute. Cheap: run it before loading the model."""
+    final = check_can_create(final)
+    if final.is_dir() and any(final.iterdir()):
+        owned = owned_files(final)
+        if owned is None:
+            raise UsageError(f"{final} exists and is not a slimc artifact; slimc will not "
+                             "overwrite it.", hint="Choose another -o directory or remove it.")
+        foreign = [f for f in list_files(final) if f not in owned]
+        if foreign and not force:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                              if len(foreign) > 5 else "")
+            raise UsageError(f"{final} is a slimc artifact that also holds files slimc did not "
+                             f"write ({shown}); replacing it would delete them.",
+                             hint="Move them out, choose another -o, or pass --force to "
+                             "replace the directory with them.")
+    return final
+
+
+def check_can_create(final: Path) -> Path:
+    """Raise a UsageError unless the directory ``final`` exists or can be created and written
+    (not a file, nor under one, nor on a read-only or unwritable place); return it absolute.
+    ``slimc explore`` checks this before its search, which takes minutes."""
     final = Path(os.path.abspath(final))
     if final.exists() and not final.is_dir():
         raise UsageError(f"-o {final} is an existing file, not a directory.",
@@ -75,19 +96,6 @@ def check_output_directory(final: Path, *, force: bool = False) -> Path:
         raise UsageError(f"-o {final}: {ancestor} is not writable.",
                          hint="Choose a directory you can write to.")
     _probe_writable(final, ancestor)
-    if final.is_dir() and any(final.iterdir()):
-        owned = owned_files(final)
-        if owned is None:
-            raise UsageError(f"{final} exists and is not a slimc artifact; slimc will not "
-                             "overwrite it.", hint="Choose another -o directory or remove it.")
-        foreign = [f for f in list_files(final) if f not in owned]
-        if foreign and not force:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more"
-                                              if len(foreign) > 5 else "")
-            raise UsageError(f"{final} is a slimc artifact that also holds files slimc did not "
-                             f"write ({shown}); replacing it would delete them.",
-                             hint="Move them out, choose another -o, or pass --force to "
-                             "replace the directory with them.")
     return final
 
 

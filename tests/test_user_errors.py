@@ -162,3 +162,15 @@ def test_an_output_folder_that_cannot_be_created_fails_before_the_compile(cli):
     (before it used to run whole and then fail with an internal error at the final write)."""
     result = cli("compile", "tests.models:small_cnn", "-o", "/proc/slimc-test.slimc", "-q")
     _assert_clean_error(result, "cannot create folders in /proc")
+
+
+def test_explore_refuses_an_unwritable_output_before_capturing(tmp_path, cli):
+    """``slimc explore -o`` on a file (or under one) is exit 2 at once, not after the search;
+    the file is left as it was."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    for out in (blocker, blocker / "sub"):
+        res = cli("explore", "tests.models:this_factory_does_not_exist", "-o", out, "-q")
+        assert res.code == 2, res.err
+        assert str(blocker) in res.err and "Traceback" not in res.err
+    assert blocker.read_text() == "keep me"

@@ -80,6 +80,10 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
         if not 0 < value <= 1:
             raise UsageError(f"explore budget {value:g} is not a share of the original in "
                              "(0, 1].", hint="e.g. --sizes 0.5,0.25,0.1")
+    if options.output is not None:  # before the minutes of capture and search
+        from slimc.outdir import check_can_create
+
+        check_can_create(Path(options.output))
     registry = get_registry()
     spec = resolve_target(options.target, registry)
     warnings: list[str] = []
