@@ -189,7 +189,7 @@ def _group_norm(native: bool):
 
         x = importer.env[node.args[0]]
         shape = importer.shape_of(x)
-        channels, dtype = int(shape[1]), str(x.ty.dtype)
+        dtype = str(x.ty.dtype)
         w_at, groups_at, eps_at = (1, 6, 7) if native else (2, 1, 4)
         args = list(node.args)
 
@@ -197,7 +197,7 @@ def _group_norm(native: bool):
             value = args[i] if len(args) > i else None
             if value is not None:
                 return importer.env[value]
-            return relax.const(np.full((channels,), fill, dtype=dtype), dtype)
+            return relax.const(np.full((int(shape[1]),), fill, dtype=dtype), dtype)
 
         groups = args[groups_at] if len(args) > groups_at else 1
         eps = args[eps_at] if len(args) > eps_at else 1e-5
