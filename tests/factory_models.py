@@ -133,3 +133,31 @@ class _Cummax(nn.Module):
 def cummax():
     """An op neither TVM nor torch's decomposition table can lower: refused by name."""
     return _Cummax(), (torch.randn(2, 8),)
+
+
+class Scatters(nn.Module):
+    """Ops whose TVM import or build failed with an internal error (exit 1 "please report"):
+    ``x[idx] = v`` / ``x[:, idx] = v`` (``index_put`` with fewer index tensors than dims, or a
+    ``None`` for a leading full slice), ``Tensor.unfold`` (torch keeps it core; its
+    decomposition is an ``as_strided`` TVM lacks) and ``torch.heaviside`` (its decomposition
+    builds an int64 ``scalar_tensor`` that TVM then compares with float32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 6)
+
+    def forward(self, x, idx, values):
+        y = self.linear(x)
+        rows = y.clone()
+        rows[idx] = 1.5
+        cols = y.clone()
+        cols[:, idx] = y[:, :2] * 2
+        accum = y.clone()
+        accum.index_put_((idx,), y[:2], accumulate=True)
+        return (rows, cols, accum, y.unfold(1, 3, 2) * 2, y.unfold(0, 2, 1).sum(-1),
+                torch.heaviside(y.round(), values))
+
+
+def scatters():
+    torch.manual_seed(0)
+    return Scatters().eval(), (torch.randn(4, 6), torch.tensor([1, 3]), torch.rand(6))

@@ -30,6 +30,19 @@ TVM's ``custom_convert_map``; each replaces or adds one op:
   refused.
 * ``var_mean`` / ``std_mean`` (``.correction``): no TVM converter and no decomposition TVM
   imports; they are TVM's own ``var.correction`` (or its square root) and a ``mean``.
+* ``index_put`` with fewer index tensors than dimensions (``x[idx] = v`` on a matrix) or
+  with ``None`` slices around them: TVM required one index tensor per dimension ("IndexPut
+  requires the number of index tensors ...", exit 1). Every dimension gets its index the way
+  PyTorch's advanced indexing places them (the broadcast index block where the tensors sit
+  when they are adjacent, in front when they are not; ``arange`` for each full slice), and
+  the values are broadcast to that shape.
+* ``unfold.default`` (``Tensor.unfold(dim, size, step)``): torch keeps it in the core set and
+  decomposes it to ``as_strided``, which TVM lacks. It is a ``take`` of an ``(n, size)``
+  window index along ``dim`` with the window axis moved last (static lengths).
+* ``where.self`` with branches of different dtypes (``torch.heaviside`` decomposes to
+  ``where(mask, int64 0, int64 1)`` inside a float ``where``): torch promotes the branches,
+  TVM refused "Binary operators must have the same datatype". The branches are cast to the
+  dtype torch computed for the node.
 """
 
 from __future__ import annotations
@@ -225,6 +238,98 @@ def _convert_rrelu(node, importer):
     return importer.block_builder.emit(relax.Tuple([out, importer.env[node.args[1]]]))
 
 
+def _meta_shape(node) -> list[int] | None:
+    """The static shape torch recorded for an FX node, or None (symbolic or unknown)."""
+    value = getattr(node, "meta", {}).get("val")
+    shape = getattr(value, "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _convert_index_put(node, importer):
+    """``aten.index_put(x, indices, values, accumulate)`` with missing or ``None`` indices:
+    one broadcastable index per dimension, placed as PyTorch's advanced indexing does."""
+    import torch
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    indices = list(node.args[1])
+    shape = list(importer.shape_of(x))
+    given = [d for d, idx in enumerate(indices) if idx is not None]
+    shapes = [_meta_shape(indices[d]) for d in given]
+    if (len(indices) == len(shape) and len(given) == len(shape)) or not given \
+            or any(s is None for s in shapes) \
+            or any(indices[d].meta["val"].dtype == torch.bool for d in given):
+        return importer._index_put(node)  # TVM's own converter handles these
+    emit = importer.block_builder.emit
+    indices += [None] * (len(shape) - len(indices))
+    block = list(torch.broadcast_shapes(*[tuple(s) for s in shapes]))
+    slices = [d for d in range(len(shape)) if indices[d] is None]
+    adjacent = given == list(range(given[0], given[-1] + 1))
+    start = given[0] if adjacent else 0
+    rank = len(block) + len(slices)
+    where = {d: (d if d < start else d - len(given) + len(block)) if adjacent
+             else len(block) + j for j, d in enumerate(slices)}
+    out_shape: list[Any] = [None] * rank
+    out_shape[start:start + len(block)] = block
+    full = []
+    for d in range(len(shape)):
+        if indices[d] is None:
+            out_shape[where[d]] = shape[d]
+            view = [1] * rank
+            view[where[d]] = shape[d]
+            arange = emit(relax.op.arange(relax.prim_value(0), shape[d], relax.prim_value(1),
+                                          "int64"))
+            full.append(emit(relax.op.reshape(arange, view)))
+        else:
+            own = _meta_shape(indices[d])
+            own = [1] * (len(block) - len(own)) + own
+            view = [1] * start + own + [1] * (rank - start - len(block))
+            full.append(emit(relax.op.reshape(importer.env[indices[d]], view)))
+    values = importer.env[node.args[2]]
+    values = emit(relax.op.broadcast_to(values, out_shape))
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    return emit(relax.op.index_put(x, relax.Tuple(full), values, bool(accumulate)))
+
+
+def _convert_unfold(node, importer):
+    """``aten.unfold(x, dim, size, step)``: windows of ``size`` every ``step`` along ``dim``,
+    the window axis last."""
+    import numpy as np
+    from tvm import relax, tirx
+
+    x = importer.env[node.args[0]]
+    shape = list(importer.shape_of(x))
+    dim, size, step = (int(a) for a in node.args[1:4])
+    if not shape:  # a 0-d tensor unfolds to one window of itself
+        return importer.block_builder.emit(relax.op.reshape(x, [1]))
+    axis = dim % len(shape)
+    length = shape[axis]
+    if not isinstance(length, (int, tirx.IntImm)):
+        raise AssertionError("Unsupported function types ['unfold.default (symbolic length)']")
+    count = (int(length) - size) // step + 1
+    window = np.arange(count)[:, None] * step + np.arange(size)[None, :]
+    emit = importer.block_builder.emit
+    taken = emit(relax.op.take(x, relax.const(window.astype("int64"), "int64"), axis))
+    order = [d for d in range(len(shape) + 1) if d != axis + 1] + [axis + 1]
+    return emit(relax.op.permute_dims(taken, order))
+
+
+def _convert_where(node, importer):
+    """``aten.where.self`` with its branches cast to the dtype torch promoted them to."""
+    from tvm import relax
+
+    value = node.meta.get("val")
+    condition, *branches = (importer.env[a] for a in node.args[:3])
+    if value is not None:
+        dtype = str(value.dtype).replace("torch.", "")
+        branches = [b if str(b.ty.dtype) == dtype
+                    else importer.block_builder.emit(relax.op.astype(b, dtype))
+                    for b in branches]
+    return importer.block_builder.emit(relax.op.where(condition, *branches))
+
+
 def converters() -> dict[str, Any]:
     """Converters keyed like TVM's ``custom_convert_map``."""
     return {"select.int": _convert_select, "amax.default": _reduction("max"),
@@ -236,4 +341,6 @@ def converters() -> dict[str, Any]:
             "std_mean.correction": _moments(True),
             "group_norm.default": _group_norm(False),
             "native_group_norm.default": _group_norm(True),
-            "rrelu_with_noise_functional.default": _convert_rrelu}
+            "rrelu_with_noise_functional.default": _convert_rrelu,
+            "index_put.default": _convert_index_put, "unfold.default": _convert_unfold,
+            "where.self": _convert_where}
