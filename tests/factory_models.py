@@ -2,7 +2,7 @@
 
 Each covers ops or dtypes a small ``torch.nn`` model uses that TVM 0.27's importer got wrong or
 refused: GRU / Elman RNN, negative ``select`` indices, ``amax``/``amin``, float16 / bfloat16 /
-float64 weights.
+float64 weights, index assignment, ``unfold``, ``heaviside``.
 """
 
 from __future__ import annotations
@@ -161,3 +161,16 @@ class Scatters(nn.Module):
 def scatters():
     torch.manual_seed(0)
     return Scatters().eval(), (torch.randn(4, 6), torch.tensor([1, 3]), torch.rand(6))
+
+
+class _MaskAssign(nn.Module):
+    def forward(self, x, mask):
+        y = x.clone()
+        y[mask] = 0.0
+        return y
+
+
+def mask_assign():
+    """``x[bool_mask] = 0``: TVM's ``index_put`` converter rejects boolean indices with a
+    TypeError that names no op; refused as a usage limitation naming ``index_put``."""
+    return _MaskAssign(), (torch.randn(4, 3), torch.tensor([True, False, True, False]))

@@ -119,3 +119,27 @@ def test_an_op_nothing_lowers_is_refused_by_name(tmp_path):
     assert "cummax.default" in str(info.value)
     assert info.value.exit_code == 2
     assert not out.exists()
+
+
+def test_index_assignment_unfold_and_heaviside_match_torch(tmp_path):
+    """``x[idx] = v`` on a matrix, ``x[:, idx] = v``, an accumulating ``index_put_``,
+    ``Tensor.unfold`` and ``torch.heaviside`` (exit 1 "please report" before) match torch."""
+    result, expected, outputs = _compile_and_run("scatters", tmp_path)
+    assert len(outputs) == len(expected) == 6
+    for ref, got in zip(expected, outputs, strict=True):
+        assert got.shape == tuple(ref.shape)
+        assert _rel(ref, got) < 1e-6
+    assert result.manifest["verification"]["passed"]
+
+
+def test_an_op_whose_converter_fails_is_refused_by_name(tmp_path):
+    """A TVM converter that raises on its arguments (boolean ``index_put`` indices) is a
+    usage limitation naming the op (exit 2), not an internal error; nothing is written."""
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as info:
+        slimc.compile_model("tests.factory_models:mask_assign",
+                            slimc.CompileOptions(output=out, cache=False))
+    assert "index_put.default" in str(info.value)
+    assert "slimc_register_converters" in str(info.value)
+    assert info.value.exit_code == 2
+    assert not out.exists()

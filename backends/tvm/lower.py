@@ -76,10 +76,37 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
                 f"the {mixed['dtype']} operand ({_first_line(exc)[:200]}).",
                 hint="Keep forward() in float32 (remove the cast); slimc itself converts "
                 "float16/bfloat16/float64 weights and inputs to float32.") from None
+        op = _failing_op(exc)
+        if op is not None:
+            raise UnsupportedOpError(
+                f"TVM {_tvm_version()} cannot import op {op} as {ir.name!r} uses it: its "
+                f"converter failed ({type(exc).__name__}: {_first_line(exc)[:300]}).",
+                hint="Add a converter through a slimc plugin (hook slimc_register_converters, "
+                f"keyed {op!r}), or write the op another way in the model.") from None
         raise LoweringError(
             f"TVM failed to import {ir.name!r}: {type(exc).__name__}: {_first_line(exc)}",
             hint="Please report it with the model; `slimc compile --save-ir` writes the IR.",
         ) from exc
+
+
+def _failing_op(exc: BaseException) -> str | None:
+    """The ATen op (``index_put.default``) whose TVM converter raised ``exc``, or None.
+
+    TVM's importer converts node by node; a converter that rejects its arguments (a shape or
+    dtype combination it does not handle) raises a ValueError or TypeError that names no op.
+    That is a limitation of the op's lowering the user can work around, not a slimc bug, so
+    the innermost frame holding the FX ``node`` being converted names it.
+    """
+    from torch import fx
+
+    name, tb = None, exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, fx.Node) and node.op == "call_function":
+            target = node.target
+            name = getattr(target, "__name__", None) or str(target)
+        tb = tb.tb_next
+    return name
 
 
 def _missing_ops(exc: AssertionError) -> list[str]:
