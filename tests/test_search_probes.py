@@ -112,6 +112,23 @@ def test_when_nothing_passes_the_probes_climb_to_the_top():
     assert all(later > earlier for earlier, later in itertools.pairwise(steps[1:]))
 
 
+
+def test_a_range_narrower_than_two_tolerances_still_gets_one_build():
+    """-O3 on a tiny Llama: every compression lowered the roofline latency by 1.5% at most,
+    so the floor (1% above the unreachable end) lay above the ceiling (1% below fp32) and
+    nothing was built; the search then said no compression stayed within --max-drop 3%
+    while -O2's int4 was within 1%. With nothing failed yet, the reachable end is probed;
+    after a failure there the search stops, and a range under one tolerance builds nothing."""
+    costs, damage = _table(4, layers=10)
+    curve = PredictedCurve(costs, damage, 0.0, float(costs[:, 0].sum()))
+    high = 1.0
+    low = high / (1 + TOLERANCE) ** 1.5
+    budget = next_budget(curve, [], 1.0, low, high)
+    assert budget is not None and low <= budget <= high / (1 + TOLERANCE)
+    failed = [Probe(budget, float(curve.at(budget)), 2.0)]
+    assert next_budget(curve, failed, 1.0, low, high) is None
+    assert next_budget(curve, [], 1.0, high / (1 + TOLERANCE) ** 0.5, high) is None
+
 def test_minimize_reaches_max_drop_with_fewer_builds_than_the_bisection(hf_dir):
     """On a tiny random Llama with a --max-drop that binds: the predicted probes build fewer
     candidates than the bisection, and choose one within --max-drop no larger than the

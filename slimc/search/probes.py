@@ -160,6 +160,12 @@ def next_budget(curve: PredictedCurve, probes: Sequence[Probe], max_drop: float,
                  len(probes))
     floor = lo * (1 + TOLERANCE) ** (2 ** max(fails - 1, 0))
     ceiling = hi / (1 + TOLERANCE)  # worth a build: at least TOLERANCE below the best
+    if ceiling <= floor and not probes and lo <= ceiling:
+        # a narrow range (a tiny model whose roofline latency every compression lowers by
+        # 1-2%): the floor keeps a probe off a *failed* budget, and nothing has failed yet;
+        # ``low`` is reachable, so the range's compressed end is still worth one build.
+        # Without this, -O3 built nothing on a tiny Llama where int4 cut latency 1.5%.
+        floor = lo
     if ceiling <= floor:
         return None
     grid = np.geomspace(floor, ceiling, GRID)

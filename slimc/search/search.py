@@ -717,15 +717,15 @@ class Search:
         probes: list[Probe] = []
         best = None
         seen: dict[tuple[int, ...], Candidate] = {}
-        builds = 0
+        builds, infeasible = 0, 0.0
         for _ in range(4 * BISECTION_STEPS):  # a probe whose picks were built is no build
             budget = next_budget(curve, probes, max_drop, low, high)
-            if budget is None:
-                break
+            if budget is None or (not probes and budget <= infeasible):
+                break  # (a narrow range's end that the solver could not meet: no build)
             try:
                 picks = self.solve(base, {objective: budget}, barred)
             except Infeasible:
-                low = budget
+                low = infeasible = budget
                 continue
             cand = seen.get(tuple(picks))
             if cand is None:  # another budget, the same picks: measured already
