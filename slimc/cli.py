@@ -326,8 +326,9 @@ def compile_command(
 def _print_search(entry: dict, output: Path) -> None:
     chosen = entry.get("chosen")
     if chosen is None:
-        out_console.print(f"search ({entry['request']}): nothing stayed within the allowed "
-                          "drop; compiled losslessly", markup=False)
+        why = entry.get("why_none") or "nothing stayed within the allowed drop"
+        out_console.print(f"search ({entry['request']}): {why}; compiled losslessly",
+                          markup=False)
         return
     rel = chosen["relative"]
     parts = [f"size {rel['size']:.1%}", f"params {rel['params']:.1%}"]

@@ -164,7 +164,14 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
     }
     if chosen is None and plan.budget:
         raise infeasible_error(plan, search, failures, recovery)
-    if chosen is None:
+    if chosen is None and not search.measured:  # nothing built: the drop is not why
+        from .probes import TOLERANCE
+
+        entry["why_none"] = (f"no compression lowers the {plan.objective} by {TOLERANCE:.0%} "
+                             "or more on this target (cost model), so no candidate was built")
+        warnings.append(f"-O{plan.level.name}: {entry['why_none']}; compiled losslessly "
+                        "instead.")
+    elif chosen is None:
         warnings.append(f"-O{plan.level.name}: no compression stayed within --max-drop "
                         f"{plan.max_drop:g} ({scorer.label}); compiled losslessly instead"
                         + (f" (distillation: {recovery['why_not']})" if recovery else "")
