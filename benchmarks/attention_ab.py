@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.attention_softmax import sdpa_case  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,15 +44,7 @@ def main(argv=None) -> int:
 
     heads, length, width = (int(v) for v in args.shape.split("x"))
 
-    class Attention(torch.nn.Module):
-        def forward(self, q, k, v):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    torch.manual_seed(0)
-    inputs = tuple(torch.randn(1, heads, length, width) for _ in range(3))
-    module = Attention().eval()
-    with torch.no_grad():
-        want = module(*inputs).numpy()
+    module, inputs, want = sdpa_case(heads, length, width)
     work = Path(tempfile.mkdtemp(prefix="slimc-attn-ab-"))
     totals: dict[str, float] = collections.defaultdict(float)
     times: list[float] = []

@@ -28,6 +28,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
+def sdpa_case(heads: int, length: int, width: int):
+    """``(module, (q, k, v), expected output)``: one SDPA of ``heads x length x width`` with
+    seeded random inputs, the case both attention benchmarks time."""
+    import torch
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    torch.manual_seed(0)
+    inputs = tuple(torch.randn(1, heads, length, width) for _ in range(3))
+    module = Attention().eval()
+    with torch.no_grad():
+        return module, inputs, module(*inputs).numpy()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="6x1500x64", help="heads x length x head width")
@@ -49,15 +65,7 @@ def main(argv=None) -> int:
 
     heads, length, width = (int(v) for v in args.shape.split("x"))
 
-    class Attention(torch.nn.Module):
-        def forward(self, q, k, v):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    torch.manual_seed(0)
-    inputs = tuple(torch.randn(1, heads, length, width) for _ in range(3))
-    module = Attention().eval()
-    with torch.no_grad():
-        want = module(*inputs).numpy()
+    module, inputs, want = sdpa_case(heads, length, width)
     work = Path(tempfile.mkdtemp(prefix="slimc-attn-"))
     variants = [("row kernel", True, True), ("TE softmax", True, False), ("pass off", False, True)]
     for name, enabled, row_kernel in variants[:3 if args.pass_off else 2]:

@@ -44,13 +44,21 @@ def _rel(expected: torch.Tensor, got: np.ndarray) -> float:
     return float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-12))
 
 
+def _assert_outputs_match(expected, outputs, tol: float) -> None:
+    """Every output has torch's shape; floats within ``tol`` relative L2, integers exact."""
+    for ref, got in zip(expected, outputs, strict=True):
+        assert got.shape == tuple(ref.shape)
+        if ref.is_floating_point():
+            assert _rel(ref, got) < tol
+        else:
+            assert np.array_equal(ref.numpy(), got)
+
+
 def test_recurrent_outputs_and_final_states_match(tmp_path):
     """GRU + RNN outputs, every h_n, a negative-index read and amax/amin match torch."""
     result, expected, outputs = _compile_and_run("recurrent", tmp_path)
     assert len(outputs) == len(expected) == 6
-    for ref, got in zip(expected, outputs, strict=True):
-        assert got.shape == tuple(ref.shape)
-        assert _rel(ref, got) < 1e-5
+    _assert_outputs_match(expected, outputs, 1e-5)
     assert result.manifest["verification"]["passed"]
 
 
@@ -59,12 +67,7 @@ def test_negative_indices_min_dim_and_a_0d_input(tmp_path):
     and ``adaptive_max_pool2d`` import, and a 0-d input keeps its shape into the library."""
     result, expected, outputs = _compile_and_run("indexing", tmp_path)
     assert len(outputs) == 5
-    for ref, got in zip(expected, outputs, strict=True):
-        assert got.shape == tuple(ref.shape)
-        if ref.is_floating_point():
-            assert _rel(ref, got) < 1e-6
-        else:
-            assert np.array_equal(ref.numpy(), got)
+    _assert_outputs_match(expected, outputs, 1e-6)
     assert result.manifest["inputs"][2]["shape"] == []
 
 
@@ -101,12 +104,7 @@ def test_ops_tvm_lacked_or_miscomputed_match_torch(tmp_path):
     RReLU in eval mode: every output matches."""
     result, expected, outputs = _compile_and_run("reductions", tmp_path)
     assert len(outputs) == len(expected) == 11
-    for ref, got in zip(expected, outputs, strict=True):
-        assert got.shape == tuple(ref.shape)
-        if ref.is_floating_point():
-            assert _rel(ref, got) < 1e-5
-        else:
-            assert np.array_equal(ref.numpy(), got)
+    _assert_outputs_match(expected, outputs, 1e-5)
     assert result.manifest["verification"]["passed"]
 
 
@@ -126,9 +124,7 @@ def test_index_assignment_unfold_and_heaviside_match_torch(tmp_path):
     ``Tensor.unfold`` and ``torch.heaviside`` (exit 1 "please report" before) match torch."""
     result, expected, outputs = _compile_and_run("scatters", tmp_path)
     assert len(outputs) == len(expected) == 6
-    for ref, got in zip(expected, outputs, strict=True):
-        assert got.shape == tuple(ref.shape)
-        assert _rel(ref, got) < 1e-6
+    _assert_outputs_match(expected, outputs, 1e-6)
     assert result.manifest["verification"]["passed"]
 
 

@@ -307,6 +307,18 @@ def _enclosing(text: str, block: str) -> list[str]:
     return loops
 
 
+def _mean_kernels(net: torch.nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """The scheduled TIR of ``net``'s mean kernels, by name."""
+    return {n: t for n, t in _scheduled(net, (x,)).items() if "mean" in n}
+
+
+def _reduction_loops(text: str) -> list[str]:
+    """The loops around the (non-init) reduction block of a kernel's TIR, outermost first."""
+    red = next(ln.split('"')[1] for ln in text.splitlines()
+               if "T.sblock(" in ln and "_red" in ln and "init" not in ln)
+    return _enclosing(text, red)
+
+
 class GlobalPool(torch.nn.Module):
     """A squeeze-excite squeeze on its own: the mean over H, W of an NHWC feature map."""
 
@@ -330,12 +342,10 @@ def test_spatial_mean_of_nhwc_map_sums_channel_vectors(tmp_path, caplog):
     net, x = GlobalPool(48).eval(), torch.randn(1, 48, 20, 20)
     _check(net, (x,), tmp_path, caplog, "tiled-matmul")
     assert not [m for m in caplog.messages if "row-reduction scheduled" in m and "mean" in m]
-    means = {n: t for n, t in _scheduled(net, (x,)).items() if "mean" in n}
+    means = _mean_kernels(net, x)
     assert means
     for name, text in means.items():
-        red = next(ln.split('"')[1] for ln in text.splitlines()
-                   if "T.sblock(" in ln and "_red" in ln and "init" not in ln)
-        loops = _enclosing(text, red)
+        loops = _reduction_loops(text)
         # 16 channels in one vector innermost, the 3 vectors of 48 channels unrolled around
         # it, the pixels (the reduction) outside them
         assert "T.vectorized(T.int64(16))" in loops[-1], (name, loops)
@@ -353,7 +363,7 @@ def test_large_spatial_mean_sums_rows_in_parallel(channels, size, tmp_path, capl
     torch.manual_seed(0)
     net, x = GlobalPool(channels).eval(), torch.randn(1, channels, size, size)
     _check(net, (x,), tmp_path, caplog, "tiled-matmul")
-    means = {n: t for n, t in _scheduled(net, (x,)).items() if "mean" in n}
+    means = _mean_kernels(net, x)
     assert means
     for name, text in means.items():
         partial = [ln.split('"')[1] for ln in text.splitlines()
@@ -386,12 +396,10 @@ def test_token_mean_of_a_batch_stays_parallel(tmp_path, caplog):
     torch.manual_seed(0)
     net, x = TokenMeanPool(384).eval(), torch.randn(8, 128, 384)
     _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-4)
-    means = {n: t for n, t in _scheduled(net, (x,)).items() if "mean" in n}
+    means = _mean_kernels(net, x)
     assert means
     for name, text in means.items():
-        red = next(ln.split('"')[1] for ln in text.splitlines()
-                   if "T.sblock(" in ln and "_red" in ln and "init" not in ln)
-        loops = _enclosing(text, red)
+        loops = _reduction_loops(text)
         assert "T.parallel(" in loops[0] and "T.vectorized(" in loops[-1], (name, loops)
         assert any("T.int64(128)" in ln for ln in loops[1:-2]), (name, loops)
 
