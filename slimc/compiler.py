@@ -24,7 +24,7 @@ from slimc import artifact
 from slimc.api import CompileOptions, CompileResult, compile_model  # noqa: F401 (public here)
 from slimc.backend import RunLimits
 from slimc.capture import capture, load_model
-from slimc.errors import UsageError, VerificationError
+from slimc.errors import LoweringError, UsageError, VerificationError
 from slimc.evaluators import evaluate_all
 from slimc.ir import IR
 from slimc.loaders.base import LoadedModel, parse_overrides
@@ -407,15 +407,21 @@ def _dynamic_build(ir: IR, default_dynamic: bool, where: str):
         detail = " ".join(text.split())[:300].rstrip(".")
         if default_dynamic:
             raise DynamicDefaultFailed(f"{where}: {detail}") from exc
-        if isinstance(exc, (UsageError, PluginError)):  # already the user's paragraph
-            raise
+        if isinstance(exc, (UsageError, PluginError)) and not isinstance(exc, LoweringError):
+            raise  # already the user's paragraph, and not about the dynamic dimensions
         dims = ", ".join(sorted(str(v) for v in ir.annotations.get("symbols", {}).values())) \
             if isinstance(ir.annotations.get("symbols"), dict) else ""
         raise UsageError(
             f"{where[0].upper()}{where[1:]} of {ir.name!r} failed with the dynamic dimensions "
             f"asked for{f' ({dims})' if dims else ''}: {detail}. Some operations lower only "
             "at fixed sizes.", hint="Give the inputs fixed shapes (e.g. --input "
-            "input_ids=1x128:int64); if that fails too, please report it.") from exc
+            "input_ids=1x128:int64); if that fails too, "
+            f"{_lowercase_first(exc.hint) if getattr(exc, 'hint', None) else 'please report it.'}"
+            ) from exc
+
+
+def _lowercase_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _without_default_dynamic(loaded: LoadedModel) -> LoadedModel:
