@@ -65,6 +65,19 @@ CASES = {
     "dw192_14": ("dw", 192, 192, 14, 1),  # cv_pad_t*.json's "dw192"
     "dw208": ("dw", 208, 208, 14, 1),
     "dw80k5s2": ("dw5", 80, 80, 56, 2),
+    # ResNet-50's bottleneck convs (issue 16, wt/conv22); "k3": a dense 3 x 3
+    "r256_1024": ("pw", 256, 1024, 14, 1),
+    "r1024_256": ("pw", 1024, 256, 14, 1),
+    "r1024_512": ("pw", 1024, 512, 14, 1),
+    "r256_64": ("pw", 256, 64, 56, 1),
+    "r64_256": ("pw", 64, 256, 56, 1),
+    "r128_512": ("pw", 128, 512, 28, 1),
+    "r512_128": ("pw", 512, 128, 28, 1),
+    "r512_2048": ("pw", 512, 2048, 7, 1),
+    "r3s2_512": ("k3", 512, 512, 14, 2),
+    "r3s2_256": ("k3", 256, 256, 28, 2),
+    "r3_512": ("k3", 512, 512, 7, 1),  # stage 4's 3 x 3 (too few tiles for Winograd)
+    "stem3": ("k3", 3, 32, 224, 2),  # MobileNetV2's stem, behind the NCHW -> NHWC transpose
 }
 
 #: variant -> {constant of cpu_matmul: value}
@@ -78,6 +91,10 @@ VARIANTS: dict[str, dict] = {
     "panel": {"LARGER_OPERAND_ROWS_OUTSIDE": False},
     # every depthwise conv with its pixel rows outside
     "dwrows": {"DEPTHWISE_ROWS_OUTSIDE_BYTES": 0},
+    # issue 16, wt/conv22: a dense conv's padded input copied on one thread (main before)
+    "padserial": {"DENSE_PADDING_OVER_THREADS": False},
+    # ... and a short innermost axis fused with the others (the NCHW -> NHWC input transpose)
+    "fusedinner": {"fallback.SHORT_INNER_AXIS": 0},
 }
 
 
@@ -88,7 +105,7 @@ def _module(kind: str, cin: int, cout: int, stride: int):
         def __init__(self) -> None:
             super().__init__()
             groups = cin if kind.startswith("dw") else 1
-            k = 5 if kind == "dw5" else 3 if kind == "dw" else 1
+            k = 5 if kind == "dw5" else 3 if kind in ("dw", "k3") else 1
             self.conv = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
             self.bn = torch.nn.BatchNorm2d(cout)
 
@@ -145,7 +162,8 @@ def build(out: Path, cases: list[str], variants: list[str]) -> None:
             assert err < 1e-5, (case, variant, err)
 
 
-def time_all(out: Path, threads: int, number: int, rounds: int) -> dict:
+def time_all(out: Path, threads: int, number: int, rounds: int, kernel: str = "") -> dict:
+    """``kernel``: time the first kernel whose name contains it (default: the conv / matmul)."""
     os.environ["TVM_NUM_THREADS"] = str(threads)
     import numpy as np
     import tvm
@@ -159,7 +177,7 @@ def time_all(out: Path, threads: int, number: int, rounds: int) -> dict:
         calls = []
 
         def instrument(func, symbol, before, ret, *call_args, calls=calls):
-            if before and ("conv2d" in symbol or "matmul" in symbol):
+            if before and (kernel in symbol if kernel else "conv2d" in symbol or "matmul" in symbol):
                 calls.append((symbol, [tvm.runtime.tensor(a.numpy()) for a in call_args]))
             return 0
 
@@ -202,11 +220,13 @@ def main(argv=None) -> int:
     p.add_argument("--number", type=int, default=20)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--kernel", default="", help="time the kernel whose name contains this "
+                   "(e.g. transpose) instead of the conv")
     args = p.parse_args(argv)
     if args.mode == "build":
         build(args.dir, args.cases.split(","), args.variants.split(","))
         return 0
-    result = time_all(args.dir, args.threads, args.number, args.rounds)
+    result = time_all(args.dir, args.threads, args.number, args.rounds, args.kernel)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "kernels": result}, indent=1))
     return 0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_schedules import _check, _lower
+from tests.test_schedules import _build_run, _check, _lower
 
 F = torch.nn.functional
 
@@ -1082,3 +1082,53 @@ def test_short_row_dense_layers_keep_their_tiles_on_neon():
                           "mattr": ["+neon"]})
     assert "T.unroll(T.int64(5))" in text and "T.vectorized(T.int64(8))" in text, text
     assert "llvm.prefetch" not in text
+
+
+# --- large conv filters streamed panel by panel (issue 16: ResNet-50's 7 x 7 stage) ------------
+
+
+class _ConvBlock(torch.nn.Module):
+    """Conv + bias + residual-free ReLU: the NHWC tiled conv with a fused epilogue."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("cin,cout,k,hw,stride,prefetch", [
+    (512, 1024, 1, 7, 1, True),    # a 2 MiB 1 x 1 filter (ResNet-50's 7 x 7 expansions: 4 MiB)
+    (128, 256, 3, 7, 1, True),     # a 1.1 MiB 3 x 3 filter: three reduction axes
+    (256, 256, 3, 14, 2, True),    # strided 3 x 3 (2.25 MiB)
+    (64, 256, 1, 14, 1, False),    # a 64 KiB filter: stays in the caches, no prefetch
+])
+def test_large_conv_filters_prefetch_their_next_panel(cin, cout, k, hw, stride, prefetch,
+                                                      tmp_path, caplog):
+    """A conv whose packed filter is 1 MiB or more issues, in each input-channel step, a
+    prefetch of the same row of its next output panel (cold weights stream into L2 while
+    the current panel is in use); small filters do not. The result is what PyTorch
+    computes."""
+    torch.manual_seed(0)
+    net = _ConvBlock(cin, cout, k, stride).eval()
+    x = torch.randn(1, cin, hw, hw)
+    kernels = _scheduled(net, (x,))
+    (conv,) = [t for name, t in kernels.items() if "conv2d" in name]
+    assert ("llvm.prefetch" in conv) == prefetch
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_large_conv_filter_prefetch_on_aarch64_under_qemu(tmp_path, aarch64_emulator, caplog):
+    """The same prefetch on NEON (``prfm pldl2keep``): built for aarch64, run under qemu,
+    what PyTorch computes."""
+    torch.manual_seed(0)
+    net = _ConvBlock(128, 256, 3).eval()
+    x = torch.randn(1, 128, 7, 7)
+    kernels = _scheduled(net, (x,), target="arm")
+    assert any("llvm.prefetch" in t for name, t in kernels.items() if "conv2d" in name)
+    got, applied = _build_run(net, (x,), tmp_path, target="arm", cross="aarch64-linux-gnu",
+                              caplog=caplog)
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)

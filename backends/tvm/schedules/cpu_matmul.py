@@ -163,6 +163,11 @@ TALL_NARROW_TILES = True
 #: widths of 14 / 28, 196 patches) were not measured against 14 x 16.
 TALL_TILE_MAX_SHORT_ROWS = 6
 
+#: A dense conv's zero-padded input copy splits its rows over the threads from this many
+#: elements on (:func:`_padding_over_threads`; off only to measure what it saves).
+DENSE_PADDING_OVER_THREADS = True
+DENSE_PADDING_PARALLEL_ELEMENTS = 1 << 15
+
 #: A conv's prologue (a pre-activation batch norm + ReLU, :mod:`.conv_prologue`) is computed
 #: per tile (:func:`_prologue_per_tile`) instead of as a pass over the whole map (off only to
 #: measure what it saves).
@@ -235,6 +240,8 @@ class TiledMatmul:
                     and _read_padding_in_place(sch, block, main, fused):
                 continue
             if depthwise and _pad_per_tile(sch, block, fused, target):
+                continue
+            if not depthwise and _padding_over_threads(sch, block, target):
                 continue
             if sch.get(block).name_hint.endswith("_pad"):
                 _schedule_padding(sch, block, target)
@@ -332,6 +339,42 @@ def _pad_per_tile(sch: s_tir.Schedule, block, fused, target: Target) -> bool:
         if n > lanes:
             inner = sch.split(inner, factors=[None, lanes])[-1]
         sch.vectorize(inner)
+    return True
+
+
+def _padding_over_threads(sch: s_tir.Schedule, block, target: Target) -> bool:
+    """Copy a dense conv's zero-padded input (``pad_temp``) with its rows split over the
+    threads once it has :data:`DENSE_PADDING_PARALLEL_ELEMENTS` elements, its channels
+    vectorized.
+
+    Why: scheduled like any elementwise block, the copy stays on one thread below
+    :data:`~.common.MIN_PARALLEL_MEMORY_WORK` elements, while the conv after it is parallel:
+    ResNet-50's stride-2 3 x 3 convs copy 16 x 16 x 512 and 30 x 30 x 256 floats (0.5 and
+    0.9 MB) on one core while the other waits, and the conv then reads the half of the
+    copy that is in the other core's cache.
+    """
+    if not DENSE_PADDING_OVER_THREADS:
+        return False
+    store = sch.get(block).body
+    if not isinstance(store, tirx.BufferStore) or padded_read(store.value) is None \
+            or not is_spatial(sch, block):
+        return False
+    loops = sch.get_loops(block)
+    extents = [extent(sch, lp) for lp in loops]
+    if len(loops) < 2 or any(e is None for e in extents):
+        return False
+    elements = 1
+    for e in extents:
+        elements *= e
+    if elements < DENSE_PADDING_PARALLEL_ELEMENTS:
+        return False
+    lanes = vector_lanes(target, sch.get(block).writes[0].source.dtype.bits)
+    if extents[-1] % lanes == 0:
+        inner = sch.split(loops[-1], factors=[None, lanes])[-1] if extents[-1] > lanes \
+            else loops[-1]
+        sch.vectorize(inner)
+    rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    parallelize(sch, rows, DENSE_PADDING_PARALLEL_ELEMENTS)
     return True
 
 
