@@ -1084,51 +1084,70 @@ def test_short_row_dense_layers_keep_their_tiles_on_neon():
     assert "llvm.prefetch" not in text
 
 
-# --- large conv filters streamed panel by panel (issue 16: ResNet-50's 7 x 7 stage) ------------
+
+# --- copies in front of convs (issue 16: ResNet-50's stride-2 3 x 3s, the RGB input transpose) --
 
 
-class _ConvBlock(torch.nn.Module):
-    """Conv + bias + residual-free ReLU: the NHWC tiled conv with a fused epilogue."""
+class _StemAndStride(torch.nn.Module):
+    """An RGB stride-2 stem conv (behind the NCHW -> NHWC input transpose) and a dense
+    stride-2 3 x 3 conv (behind a zero-padded copy of its input)."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1) -> None:
+    def __init__(self, width: int, out: int) -> None:
         super().__init__()
-        self.conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+        self.stem = torch.nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.down = torch.nn.Conv2d(width, out, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
+        return torch.relu(self.down(torch.relu(self.stem(x))))
 
 
-@pytest.mark.parametrize("cin,cout,k,hw,stride,prefetch", [
-    (512, 1024, 1, 7, 1, True),    # a 2 MiB 1 x 1 filter (ResNet-50's 7 x 7 expansions: 4 MiB)
-    (128, 256, 3, 7, 1, True),     # a 1.1 MiB 3 x 3 filter: three reduction axes
-    (256, 256, 3, 14, 2, True),    # strided 3 x 3 (2.25 MiB)
-    (64, 256, 1, 14, 1, False),    # a 64 KiB filter: stays in the caches, no prefetch
+def _block_loops(text: str, block: str) -> list[str]:
+    return [ln for ln in _enclosing(text, block) if ln.startswith("for ")]
+
+
+@pytest.mark.parametrize("hw,width,parallel", [
+    (28, 256, True),    # a 30 x 30 x 256 padded copy (ResNet-50's 28 -> 14 conv): over the threads
+    (8, 64, False),     # 10 x 10 x 64: below DENSE_PADDING_PARALLEL_ELEMENTS, one thread
 ])
-def test_large_conv_filters_prefetch_their_next_panel(cin, cout, k, hw, stride, prefetch,
-                                                      tmp_path, caplog):
-    """A conv whose packed filter is 1 MiB or more issues, in each input-channel step, a
-    prefetch of the same row of its next output panel (cold weights stream into L2 while
-    the current panel is in use); small filters do not. The result is what PyTorch
-    computes."""
+def test_dense_conv_padding_and_rgb_transpose_loops(hw, width, parallel, tmp_path, caplog):
+    """A dense conv's zero-padded input copy is split over the threads once it is large
+    enough (it was one thread below 2^18 elements while the conv after it is parallel), its
+    channels vectorized; the NCHW -> NHWC transpose of the RGB input unrolls its 3 channels
+    instead of fusing them with the pixels (a division and modulo by 3 per element). The
+    result is what PyTorch computes."""
+    from slimc.backends.tvm.schedules import cpu_matmul
+
     torch.manual_seed(0)
-    net = _ConvBlock(cin, cout, k, stride).eval()
-    x = torch.randn(1, cin, hw, hw)
+    net = _StemAndStride(width, 32).eval()
+    x = torch.randn(1, 3, 2 * hw, 2 * hw)
     kernels = _scheduled(net, (x,))
-    (conv,) = [t for name, t in kernels.items() if "conv2d" in name]
-    assert ("llvm.prefetch" in conv) == prefetch
+    (down,) = [t for t in kernels.values() if "stride" not in t and 'T.sblock("pad_temp")' in t
+               and f"T.int64({width}), T.int64(32)" in t]
+    pad = _block_loops(down, "pad_temp")
+    assert ("T.parallel" in pad[0]) == parallel, pad
+    assert any("T.vectorized(T.int64(16))" in ln for ln in pad), pad
+    assert (hw + 2) ** 2 * width >= cpu_matmul.DENSE_PADDING_PARALLEL_ELEMENTS or not parallel
+    (transpose,) = [t for name, t in kernels.items() if name.startswith("transpose")
+                    and f'T.int64({2 * hw}), T.int64(3)), "float32")' in t]  # NHWC RGB
+    loops = _block_loops(transpose, "T_transpose")
+    assert loops[-1].endswith("T.unroll(T.int64(3)):"), loops
+    assert "// T.int64(3)" not in transpose and "% T.int64(3)" not in transpose
     _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
 
 
-def test_large_conv_filter_prefetch_on_aarch64_under_qemu(tmp_path, aarch64_emulator, caplog):
-    """The same prefetch on NEON (``prfm pldl2keep``): built for aarch64, run under qemu,
-    what PyTorch computes."""
+def test_dense_conv_padding_and_rgb_transpose_on_aarch64_under_qemu(tmp_path, aarch64_emulator,
+                                                                    caplog):
+    """The same two loop nests built for aarch64 (NEON) and run under qemu: what PyTorch
+    computes."""
     torch.manual_seed(0)
-    net = _ConvBlock(128, 256, 3).eval()
-    x = torch.randn(1, 128, 7, 7)
+    net = _StemAndStride(128, 16).eval()
+    x = torch.randn(1, 3, 32, 32)  # an 18 x 18 x 128 padded copy: over the threads
     kernels = _scheduled(net, (x,), target="arm")
-    assert any("llvm.prefetch" in t for name, t in kernels.items() if "conv2d" in name)
+    assert any('T.sblock("pad_temp")' in t and "T.parallel" in _block_loops(t, "pad_temp")[0]
+               for t in kernels.values())
     got, applied = _build_run(net, (x,), tmp_path, target="arm", cross="aarch64-linux-gnu",
                               caplog=caplog)
     with torch.no_grad():
         want = net(x).numpy()
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+    assert not [line for line in applied if "failed" in line or "left unscheduled" in line]
