@@ -95,6 +95,7 @@ VARIANTS: dict[str, dict] = {
     "padserial": {"DENSE_PADDING_OVER_THREADS": False},
     # ... and a short innermost axis fused with the others (the NCHW -> NHWC input transpose)
     "fusedinner": {"fallback.SHORT_INNER_AXIS": 0},
+    "unrollserial": {"fallback.SHORT_INNER_PARALLEL_WORK": 1 << 62},
 }
 
 
@@ -177,7 +178,8 @@ def time_all(out: Path, threads: int, number: int, rounds: int, kernel: str = ""
         calls = []
 
         def instrument(func, symbol, before, ret, *call_args, calls=calls):
-            if before and (kernel in symbol if kernel else "conv2d" in symbol or "matmul" in symbol):
+            wanted = kernel in symbol if kernel else "conv2d" in symbol or "matmul" in symbol
+            if before and wanted:
                 calls.append((symbol, [tvm.runtime.tensor(a.numpy()) for a in call_args]))
             return 0
 

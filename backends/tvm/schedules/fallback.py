@@ -26,10 +26,12 @@ from .common import (
 )
 from .pixel_major import schedule_pixel_major
 
-
 #: An innermost spatial axis of at most this many elements that no vector covers is unrolled
 #: (:func:`_short_inner_axis`; 0: fused with the others, as before).
 SHORT_INNER_AXIS = 3
+#: ... over the threads from this many elements (scalar loads and stores: a quarter of the
+#: vectorized blocks' :data:`~.common.MIN_PARALLEL_MEMORY_WORK`).
+SHORT_INNER_PARALLEL_WORK = common.MIN_PARALLEL_MEMORY_WORK // 4
 
 
 class Fallback:
@@ -129,9 +131,9 @@ def _short_inner_axis(sch: s_tir.Schedule, spatial: list, last) -> bool:
         work *= size
     sch.unroll(last)
     outer = spatial[:-1]
-    if work >= common.MIN_PARALLEL_MEMORY_WORK and work // sizes[-1] > 1:
+    if work >= SHORT_INNER_PARALLEL_WORK and work // sizes[-1] > 1:
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        common.parallelize(sch, fused, common.MIN_PARALLEL_MEMORY_WORK)
+        common.parallelize(sch, fused, SHORT_INNER_PARALLEL_WORK)
     return True
 
 
