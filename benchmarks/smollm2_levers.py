@@ -13,7 +13,8 @@ Gospel of John (disjoint, 128-token windows, batch 4). Size: every stored weight
 tied 49152 x 576 table once, the norms fp32) over the fp32 bytes.
 
 A row is a list of rules ``PATTERN=FORMAT[:METHOD]`` (glob over module names, first match
-wins; METHOD ``rtn``, ``gptq`` or ``gptq-ao``: GPTQ with act-order, static groups);
+wins; METHOD ``rtn``, ``gptq`` or ``gptq-ao``: GPTQ with act-order, static groups; ``kqN``:
+the group scales and minimums stored as N-bit codes, ``benchmarks/smollm2_kquant.py``);
 ``table`` names the tied embedding / output head, whose
 GPTQ uses the output head's input Hessian (the final hidden states: it is a matmul there).
 
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.prune_common import kjv  # noqa: E402
 from benchmarks.prune_smollm2 import chunks, perplexity  # noqa: E402
+from benchmarks.smollm2_kquant import kq_bits_per_weight, kq_round_trip  # noqa: E402
 from passes.quantize.formats import (  # noqa: E402
     Format,
     dequantize_int8,
@@ -56,10 +58,15 @@ def parse_rules(text: str) -> list[tuple[str, Format, str]]:
             continue
         pattern, _, spec = item.rpartition("=")
         fmt, _, method = spec.partition(":")
-        if method not in ("", "rtn", "gptq", "gptq-ao"):
-            raise ValueError(f"rule {item!r}: method must be rtn, gptq or gptq-ao")
+        if method not in ("", "rtn", "gptq", "gptq-ao") and not _kq(method):
+            raise ValueError(f"rule {item!r}: method must be rtn, gptq, gptq-ao or kqN")
         rules.append((pattern, parse_format(fmt), method or "rtn"))
     return rules
+
+
+def _kq(method: str) -> int:
+    """``kqN`` -> N (quantized group scales, ``smollm2_kquant``), else 0."""
+    return int(method[2:]) if method.startswith("kq") and method[2:].isdigit() else 0
 
 
 def rule_for(name: str, rules: list[tuple[str, Format, str]]) -> tuple[Format, str]:
@@ -78,6 +85,8 @@ def round_trip(weight: torch.Tensor, fmt: Format, method: str,
     """``weight [N, K]`` after quantize's rounding in ``fmt`` (GPTQ given a Hessian)."""
     if fmt.kind == "fp32":
         return weight
+    if _kq(method):
+        return kq_round_trip(weight, fmt, _kq(method))
     if method == "rtn" or hessian is None:
         return fake_quantize(weight, fmt)
     act_order = method == "gptq-ao"
@@ -158,7 +167,9 @@ def size_of(model, rules) -> tuple[float, float, dict]:
         if p.dim() == 2:
             key = TABLE if mod == "model.embed_tokens" else mod
             fmt, method = rule_for(key, rules)
-            total_bits += p.numel() * fmt.bits_per_weight(p.shape[1])
+            bpw = (kq_bits_per_weight(fmt, p.shape[1], _kq(method)) if _kq(method)
+                   else fmt.bits_per_weight(p.shape[1]))
+            total_bits += p.numel() * bpw
             weights += p.numel()
             label = f"{fmt}:{method}"
             counts[label] = counts.get(label, 0) + p.numel()
