@@ -190,8 +190,9 @@ def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
                                                                 dtype=torch.float32).eval()
     quantized = {}
     for key in original:
-        fmt, _ = rule_for(key, rules)
-        if fmt.kind == "int4" or fmt.lowbit:
+        fmt, method = rule_for(key, rules)
+        # kqN grids are N-bit codes themselves: tuning them in float would leave that format
+        if (fmt.kind == "int4" or fmt.lowbit) and not _kq(method):
             param = "model.embed_tokens.weight" if key == TABLE else f"{key}.weight"
             target = model.model.embed_tokens if key == TABLE else mods[key]
             quantized[param] = (target.weight.detach().clone(), fmt)
