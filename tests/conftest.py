@@ -119,3 +119,24 @@ def captured_llama(hf_dir):
     loaded.example_inputs = batches[0]
     ir, _ = capture(loaded)
     return ir, [[b[n] for n in ir.input_names] for b in batches]
+
+
+@pytest.fixture(scope="session")
+def medium_llama_fp32():
+    """``tests.test_quantize:medium_llama`` captured once, with the bytes of its tensor
+    constants after TVM's folding in fp32: ``(ir, inputs, fp32_bytes)``. Why shared: the
+    packed-constants tests of test_quantize.py and test_lowbit.py each compared against this
+    same baseline (capture + lowering + ``FoldConstant`` of the fp32 weights, ~20 CPU-s each
+    time). Quantize ``ir.clone()``, never ``ir``."""
+    from slimc.backends.tvm.lower import lower_to_relax
+    from slimc.backends.tvm.quantized_ops import constant_bytes
+
+    from slimc.capture import capture, load_model
+    from slimc.loaders.base import parse_overrides
+    from slimc.plugins import get_registry
+
+    reg = get_registry()
+    ir, inputs = capture(load_model("tests.test_quantize:medium_llama", parse_overrides([]),
+                                    reg))
+    fp32 = sum(constant_bytes(lower_to_relax(ir, reg.converters)).values())
+    return ir, inputs, fp32

@@ -81,19 +81,17 @@ def test_distillation_meets_max_drop_that_compression_alone_misses(cli, tmp_path
                                                          rel=1e-3)
 
 
-@pytest.mark.parametrize(("extra", "why"), [
-    ((), "needs --calib with at least 2 batches"),
-    (("--distill-budget", "0"), "disabled (--distill-budget 0)"),
-])
-def test_without_distillation_the_search_says_why_and_exits_2(cli, tmp_path, extra, why):
-    args = ["--budget", "params=0.85", "--max-drop", str(MAX_DROP), *extra]
-    if extra:
-        args += ["--calib", _calib(tmp_path / "calib.npz"), "--calib-batches", "16"]
-    result = _compile(cli, tmp_path / "x", *args)
+def test_distillation_disabled_the_search_says_why_and_exits_2(cli, tmp_path):
+    """``--distill-budget 0`` with usable --calib: the JSON error names the switch. (Missing
+    --calib, the other reason, is the BERT test below: the same search, the same
+    ``recovery.unavailable`` branch, so a second whole tiny-Llama search for it bought nothing.)"""
+    result = _compile(cli, tmp_path / "x", "--budget", "params=0.85", "--max-drop",
+                      str(MAX_DROP), "--distill-budget", "0",
+                      "--calib", _calib(tmp_path / "calib.npz"), "--calib-batches", "16")
     said = result.err + result.out  # (--json prints the error as JSON on stdout)
     assert result.code == 2, said
     assert "No compression meets --budget params=0.85" in said
-    assert "Distillation:" in said and why in said
+    assert "Distillation:" in said and "disabled (--distill-budget 0)" in said
     assert "Traceback" not in said and not (tmp_path / "x").exists()
 
 
@@ -103,6 +101,9 @@ def test_bert_without_calibration_data_says_distillation_needs_it(cli, hf_dir, t
     result = cli("compile", hf_dir("bert"), "-t", TARGET, "-o", tmp_path / "x", "-j", "1",
                  "--no-cache", "--budget", "params=0.85", "--max-drop", "0")
     assert result.code == 2, result.err
+    assert "No compression meets --budget params=0.85" in result.err
     assert "The best candidate within the budget lost" in result.err
     assert "Distillation: distillation trains on --calib data" in result.err
+    assert "needs --calib with at least 2 batches" in result.err
     assert "--distill-budget" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "x").exists()

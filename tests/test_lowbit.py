@@ -133,21 +133,18 @@ def test_int3_artifact_is_smaller_than_int4_and_matches_its_ir(hf_dir, tmp_path)
     assert m["params_after"] == ir.num_params()  # bit-packed codes count as their weights
 
 
-def test_artifact_constants_are_the_packed_codes():
+def test_artifact_constants_are_the_packed_codes(medium_llama_fp32):
     """What TVM keeps after constant folding: uint8 codes and fp16 scales, no fp32 weights."""
     from slimc.backends.tvm.lower import lower_to_relax
     from slimc.backends.tvm.quantized_ops import constant_bytes
     from slimc.passes.quantize.quantize import QuantizeOptions, quantize_ir
 
-    from slimc.capture import capture, load_model
-    from slimc.loaders.base import parse_overrides
     from slimc.passmanager import PassContext
     from slimc.plugins import get_registry
 
     reg = get_registry()
-    ir, inputs = capture(load_model("tests.test_quantize:medium_llama", parse_overrides([]),
-                                    reg))
-    fp32 = sum(constant_bytes(lower_to_relax(ir, reg.converters)).values())
+    original, inputs, fp32 = medium_llama_fp32
+    ir = original.clone()
     quantize_ir(ir, PassContext(example_inputs=inputs),
                 QuantizeOptions(weights="int3", group_size=64))
     sizes = constant_bytes(lower_to_relax(ir, reg.converters))

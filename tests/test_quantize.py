@@ -288,13 +288,13 @@ def test_quantized_ir_survives_save_and_load(hf_dir, tmp_path):
     ({"weights": "int8"}, 0.26),
     ({"weights": "int4", "group_size": 128}, 1 / 7),
 ])
-def test_artifact_stores_packed_weights(options, limit):
+def test_artifact_stores_packed_weights(options, limit, medium_llama_fp32):
     """The constants TVM keeps after constant folding are the packed ones, not fp32."""
     from slimc.backends.tvm.lower import lower_to_relax
 
     reg = get_registry()
-    ir, inputs = _ir("tests.test_quantize:medium_llama")
-    fp32 = sum(constant_bytes(lower_to_relax(ir, reg.converters)).values())
+    original, inputs, fp32 = medium_llama_fp32
+    ir = original.clone()
     quantize_ir(ir, PassContext(example_inputs=inputs), QuantizeOptions(**options))
     sizes = constant_bytes(lower_to_relax(ir, reg.converters))
     assert sum(sizes.values()) <= limit * fp32
