@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,18 @@ os.environ.setdefault("SLIMC_CACHE", "0")
 # times budgeted) for the fixed 128-token default. Tests of the dynamic default use the
 # ``dynamic_default`` fixture.
 os.environ.setdefault("SLIMC_DEFAULT_SEQUENCE", "fixed")
+
+
+def pytest_collection_finish(session):
+    """Move everything alive after collection (torch, transformers, TVM, slimc and the test
+    modules: ~0.5M objects) into the garbage collector's permanent generation. Why: slimc calls
+    ``gc.collect()`` several times per compile (:func:`slimc.memory.return_freed_memory`, once
+    per search candidate too) and each full collection walked all of them, ~0.3 CPU-s a call
+    in a test worker, on top of the interpreter's own gen-2 passes; objects the tests create
+    later are collected as before. ``SLIMC_TEST_GC_FREEZE=0`` turns it off (to measure it)."""
+    if os.environ.get("SLIMC_TEST_GC_FREEZE", "1") != "0":
+        gc.collect()
+        gc.freeze()
 
 
 @pytest.fixture
