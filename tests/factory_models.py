@@ -163,14 +163,56 @@ def scatters():
     return Scatters().eval(), (torch.randn(4, 6), torch.tensor([1, 3]), torch.rand(6))
 
 
-class _MaskAssign(nn.Module):
+class MaskAssigns(nn.Module):
+    """Boolean-mask assignment in the ways models write it: ``x[mask] = c`` with a full or a
+    row mask, a 0-d tensor value, a row broadcast over the selected rows, one row per selected
+    element, ``x[:, mask] = v``, an accumulating ``index_put_``, ``masked_fill_`` with a tensor
+    value and ``masked_scatter``. TVM's ``index_put`` converter refused boolean indices and
+    had no ``masked_scatter``; each is a ``where`` (see ``backends/tvm/mask_index.py``)."""
+
+    def forward(self, x, mask, rows, cols, value, src):
+        y = x * 2
+        a = y.clone()
+        a[mask] = 0.5
+        b = y.clone()
+        b[rows] = -1.0
+        c = y.clone()
+        c[mask] = value
+        d = y.clone()
+        d[rows] = y[0] * 3
+        e = y.clone()
+        e[rows] = src[:2]  # rows has two True entries: one row each
+        f = y.clone()
+        f[:, cols] = y[:, :1] + 1
+        g = y.clone()
+        g.index_put_((rows,), y[1], accumulate=True)
+        h = y.clone()
+        h.masked_fill_(mask, value)
+        return a, b, c, d, e, f, g, h, y.masked_scatter(mask, src)
+
+
+def mask_assigns():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    return MaskAssigns().eval(), (x, x > 0.1, torch.tensor([False, True, False, True]),
+                                  torch.tensor([True, False, True]), torch.tensor(2.5),
+                                  torch.arange(12.0).reshape(4, 3))
+
+
+class _MaskRead(nn.Module):
     def forward(self, x, mask):
-        y = x.clone()
-        y[mask] = 0.0
-        return y
+        return x[mask].sum(0, keepdim=True)
 
 
-def mask_assign():
-    """``x[bool_mask] = 0``: TVM's ``index_put`` converter rejects boolean indices with a
-    TypeError that names no op; refused as a usage limitation naming ``index_put``."""
-    return _MaskAssign(), (torch.randn(4, 3), torch.tensor([True, False, True, False]))
+def mask_read():
+    """``x[bool_mask]`` read: its size depends on the mask's values; TVM's ``index.Tensor``
+    converter rejects boolean indices with a TypeError that names no op; refused as a usage
+    limitation naming the op."""
+    return _MaskRead(), (torch.randn(4, 3), torch.tensor([True, False, True, False]))
+
+
+class DynamicIndex(nn.Module):
+    """Index tensors with negative entries on axes that are dynamic when exported so."""
+
+    def forward(self, x, idx):
+        return x[:, idx] * 2, x[:, :, idx.abs() - 3] + 1, x[idx, 1:]

@@ -128,14 +128,52 @@ def test_index_assignment_unfold_and_heaviside_match_torch(tmp_path):
     assert result.manifest["verification"]["passed"]
 
 
+def test_boolean_mask_assignment_matches_torch(tmp_path):
+    """``x[mask] = v`` in nine forms (see ``MaskAssigns``; refused before: "IndexPut requires
+    each index tensor to have integer dtype", and no ``masked_scatter`` converter): every
+    output matches torch."""
+    result, expected, outputs = _compile_and_run("mask_assigns", tmp_path)
+    assert len(outputs) == len(expected) == 9
+    _assert_outputs_match(expected, outputs, 1e-6)
+    assert result.manifest["verification"]["passed"]
+
+
 def test_an_op_whose_converter_fails_is_refused_by_name(tmp_path):
-    """A TVM converter that raises on its arguments (boolean ``index_put`` indices) is a
-    usage limitation naming the op (exit 2), not an internal error; nothing is written."""
+    """A TVM converter that raises on its arguments (a boolean ``index.Tensor`` read, whose
+    size depends on the mask's values) is a usage limitation naming the op (exit 2), not an
+    internal error; nothing is written."""
     out = tmp_path / "out"
     with pytest.raises(UsageError) as info:
-        slimc.compile_model("tests.factory_models:mask_assign",
+        slimc.compile_model("tests.factory_models:mask_read",
                             slimc.CompileOptions(output=out, cache=False))
-    assert "index_put.default" in str(info.value)
+    assert "index.Tensor" in str(info.value)
     assert "slimc_register_converters" in str(info.value)
     assert info.value.exit_code == 2
     assert not out.exists()
+
+
+def test_negative_index_tensors_on_a_dynamic_axis_count_from_the_end():
+    """``x[:, idx]``, ``x[:, :, idx]`` and ``x[idx, 1:]`` with negative entries on axes of
+    symbolic length: TVM's ``take`` index was clamped to row 0 (wrong rows at every length);
+    now wrapped against the length the library is called with."""
+    import tvm
+    from slimc.backends.tvm.lower import lower_to_relax
+    from slimc.backends.tvm.torch_semantics import converters
+    from torch.export import Dim
+    from tvm import relax
+
+    from slimc.ir import IR
+
+    net = factory_models.DynamicIndex()
+    index = torch.tensor([-1, 0, -2, 2])
+    n = Dim("n", min=3, max=16)
+    program = torch.export.export(net, (torch.randn(6, 6, 6), index), strict=False,
+                                  dynamic_shapes=({0: n, 1: n, 2: n}, None))
+    vm = relax.VirtualMachine(relax.build(lower_to_relax(IR(program, name="dyn"),
+                                                         converters()), target="llvm"),
+                              tvm.cpu())
+    for length in (4, 7, 9):
+        x = torch.randn(length, length, length)
+        got = vm["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(index.numpy()))
+        for ref, out in zip(net(x, index), got, strict=True):
+            assert np.array_equal(out.numpy(), ref.numpy())

@@ -43,11 +43,19 @@ TVM's ``custom_convert_map``; each replaces or adds one op:
   ``where(mask, int64 0, int64 1)`` inside a float ``where``): torch promotes the branches,
   TVM refused "Binary operators must have the same datatype". The branches are cast to the
   dtype torch computed for the node.
+* ``index_put`` with a boolean mask, ``masked_scatter``, and ``index.Tensor`` on axes of
+  symbolic length: see :mod:`.mask_index`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from slimc.backends.tvm.mask_index import (
+    convert_bool_index_put,
+    convert_index_tensor,
+    convert_masked_scatter,
+)
 
 
 def _convert_select(node, importer):
@@ -257,10 +265,12 @@ def _convert_index_put(node, importer):
     indices = list(node.args[1])
     shape = list(importer.shape_of(x))
     given = [d for d, idx in enumerate(indices) if idx is not None]
+    if any(indices[d].meta["val"].dtype == torch.bool for d in given):
+        converted = convert_bool_index_put(node, importer)  # x[mask] = v
+        return converted if converted is not None else importer._index_put(node)
     shapes = [_meta_shape(indices[d]) for d in given]
     if (len(indices) == len(shape) and len(given) == len(shape)) or not given \
-            or any(s is None for s in shapes) \
-            or any(indices[d].meta["val"].dtype == torch.bool for d in given):
+            or any(s is None for s in shapes):
         return importer._index_put(node)  # TVM's own converter handles these
     emit = importer.block_builder.emit
     indices += [None] * (len(shape) - len(indices))
@@ -343,4 +353,5 @@ def converters() -> dict[str, Any]:
             "native_group_norm.default": _group_norm(True),
             "rrelu_with_noise_functional.default": _convert_rrelu,
             "index_put.default": _convert_index_put, "unfold.default": _convert_unfold,
-            "where.self": _convert_where}
+            "where.self": _convert_where, "index.Tensor": convert_index_tensor,
+            "masked_scatter.default": convert_masked_scatter}
