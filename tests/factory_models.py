@@ -216,3 +216,23 @@ class DynamicIndex(nn.Module):
 
     def forward(self, x, idx):
         return x[:, idx] * 2, x[:, :, idx.abs() - 3] + 1, x[idx, 1:]
+
+
+class IntDivision(nn.Module):
+    """``torch.div(..., rounding_mode=...)`` on int64/int32 tensors by Python ints and tensors
+    (negative operands included) and on floats: TVM's converter made the int divisor an int32
+    or float32 constant (refused "Binary operators must have the same datatype")."""
+
+    def forward(self, x, ids):
+        scaled = (x * 10).long()
+        return (torch.div(ids, 3, rounding_mode="floor"), ids // 4,
+                torch.div(ids, -3, rounding_mode="trunc"),
+                torch.div(scaled, ids.abs() + 1, rounding_mode="floor"),
+                torch.div(scaled, ids * 2 + 1, rounding_mode="trunc"),
+                torch.div(ids.int(), 3, rounding_mode="floor"),
+                torch.div(x, -0.3, rounding_mode="trunc"), torch.div(x, 0.3, rounding_mode="floor"))
+
+
+def int_division():
+    torch.manual_seed(0)
+    return IntDivision(), (torch.randn(3, 4), torch.randint(-20, 20, (3, 4)))

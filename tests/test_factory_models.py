@@ -138,6 +138,16 @@ def test_boolean_mask_assignment_matches_torch(tmp_path):
     assert result.manifest["verification"]["passed"]
 
 
+def test_rounding_division_of_integers_matches_torch(tmp_path):
+    """Floor and trunc division of int64/int32 tensors by ints and by tensors, negative
+    operands included (refused before: the divisor became an int32/float32 constant), and of
+    floats: integers exact, floats within 1e-6."""
+    result, expected, outputs = _compile_and_run("int_division", tmp_path)
+    assert len(outputs) == len(expected) == 8
+    _assert_outputs_match(expected, outputs, 1e-6)
+    assert result.manifest["verification"]["passed"]
+
+
 def test_an_op_whose_converter_fails_is_refused_by_name(tmp_path):
     """A TVM converter that raises on its arguments (a boolean ``index.Tensor`` read, whose
     size depends on the mask's values) is a usage limitation naming the op (exit 2), not an

@@ -44,7 +44,7 @@ TVM's ``custom_convert_map``; each replaces or adds one op:
   TVM refused "Binary operators must have the same datatype". The branches are cast to the
   dtype torch computed for the node.
 * ``index_put`` with a boolean mask, ``masked_scatter``, and ``index.Tensor`` on axes of
-  symbolic length: see :mod:`.mask_index`.
+  symbolic length: see :mod:`.mask_index`; ``div`` with a rounding mode: :mod:`.rounding_div`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from slimc.backends.tvm.mask_index import (
     convert_index_tensor,
     convert_masked_scatter,
 )
+from slimc.backends.tvm.rounding_div import convert_div_mode
 
 
 def _convert_select(node, importer):
@@ -354,4 +355,5 @@ def converters() -> dict[str, Any]:
             "rrelu_with_noise_functional.default": _convert_rrelu,
             "index_put.default": _convert_index_put, "unfold.default": _convert_unfold,
             "where.self": _convert_where, "index.Tensor": convert_index_tensor,
-            "masked_scatter.default": convert_masked_scatter}
+            "masked_scatter.default": convert_masked_scatter,
+            "div.Tensor_mode": convert_div_mode, "div.Scalar_mode": convert_div_mode}
