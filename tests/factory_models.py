@@ -8,6 +8,7 @@ float64 weights, index assignment, ``unfold``, ``heaviside``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -236,3 +237,22 @@ class IntDivision(nn.Module):
 def int_division():
     torch.manual_seed(0)
     return IntDivision(), (torch.randn(3, 4), torch.randint(-20, 20, (3, 4)))
+
+
+class PairIndexing(nn.Module):
+    """Several index tensors among full slices: ``x[:, a, b]`` (TVM took them one after the
+    other: ``(1, 3, 3)`` for ``(1, 3)``), separated by a slice, a grid, and trilinear
+    upsampling, whose decomposition indexes ``x[:, :, d, h, w]`` (TVM: ``(4, 4, 12)`` for
+    ``(1, 1, 4, 4, 12)``)."""
+
+    def forward(self, x, a, b):
+        y = x * 2
+        return (y[:, a, b], y.reshape(4, 2, 3)[a[:2], :, b[:2] % 3],
+                y[:, a[:, None], b], F.interpolate(y.reshape(1, 1, 2, 2, 6), scale_factor=2,
+                                                   mode="trilinear"))
+
+
+def pair_indexing():
+    torch.manual_seed(0)
+    return PairIndexing(), (torch.randn(1, 4, 6), torch.tensor([0, 3, 1]),
+                            torch.tensor([1, 5, 2]))

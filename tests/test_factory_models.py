@@ -148,6 +148,16 @@ def test_rounding_division_of_integers_matches_torch(tmp_path):
     assert result.manifest["verification"]["passed"]
 
 
+def test_several_index_tensors_among_slices_match_torch(tmp_path):
+    """``x[:, a, b]`` (an outer product of the indices before), a slice between index
+    tensors, an index grid and trilinear upsampling (a 3-D result for a 5-D one before):
+    shapes and values match torch."""
+    result, expected, outputs = _compile_and_run("pair_indexing", tmp_path)
+    assert len(outputs) == len(expected) == 4
+    _assert_outputs_match(expected, outputs, 1e-6)
+    assert result.manifest["verification"]["passed"]
+
+
 def test_an_op_whose_converter_fails_is_refused_by_name(tmp_path):
     """A TVM converter that raises on its arguments (a boolean ``index.Tensor`` read, whose
     size depends on the mask's values) is a usage limitation naming the op (exit 2), not an

@@ -18,6 +18,11 @@ Registered with the other PyTorch-semantics converters (``torch_semantics.conver
   The legalize rule ``negative_index_tensor_wrapped`` wraps static axes before import; a
   symbolic length is only known here, as the Relax shape of the input, so the wrap
   (``where(idx < 0, idx + n, idx)``) is emitted here.
+* ``index.Tensor`` with several index tensors among full slices (``x[:, a, b]``; the
+  decomposition of ``F.interpolate(mode="trilinear")``): TVM's converter took them one after
+  the other (an outer product: ``(n, k, k)`` for two length-``k`` indices) or broadcast the
+  slices' ``arange`` into the index block (trilinear upsampling returned ``(4, 4, 12)`` for
+  ``(1, 1, 4, 4, 12)``). They are placed as PyTorch's advanced indexing places them.
 """
 
 from __future__ import annotations
@@ -54,10 +59,62 @@ def wrap_negative(importer, index, size):
     return emit(relax.op.where(negative, emit(relax.op.add(index, length)), index))
 
 
-def convert_index_tensor(node, importer):
-    """``aten.index.Tensor``: integer index tensors on symbolic axes wrapped, then TVM's own
-    converter (static axes were wrapped by the legalize rule)."""
+def _meta_shape(node) -> list[int] | None:
+    """The static shape torch recorded for an FX node, or None (symbolic or unknown)."""
+    shape = getattr(getattr(node, "meta", {}).get("val"), "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def placed_indices(importer, shape, indices) -> tuple[list, list] | None:
+    """One index tensor per axis of a tensor of ``shape``, for the ATen ``indices`` (index
+    tensors and ``None`` full slices), placed as PyTorch's advanced indexing does: the index
+    tensors broadcast into one block, which sits where they are when they are adjacent and in
+    front when they are not; each slice is an ``arange`` on its own axis. Returns the indices
+    (for ``relax.op.index_tensor`` / ``index_put``) and the result's shape, or None when an
+    index tensor's shape is symbolic."""
     import torch
+    from tvm import relax
+
+    emit = importer.block_builder.emit
+    indices = list(indices) + [None] * (len(shape) - len(indices))
+    given = [d for d, idx in enumerate(indices) if idx is not None]
+    shapes = [_meta_shape(indices[d]) for d in given]
+    if not given or any(s is None for s in shapes):
+        return None
+    block = list(torch.broadcast_shapes(*[tuple(s) for s in shapes]))
+    slices = [d for d in range(len(shape)) if indices[d] is None]
+    adjacent = given == list(range(given[0], given[-1] + 1))
+    start = given[0] if adjacent else 0
+    rank = len(block) + len(slices)
+    where = {d: (d if d < start else d - len(given) + len(block)) if adjacent
+             else len(block) + j for j, d in enumerate(slices)}
+    out_shape: list[Any] = [None] * rank
+    out_shape[start:start + len(block)] = block
+    full = []
+    for d in range(len(shape)):
+        if indices[d] is None:
+            out_shape[where[d]] = shape[d]
+            view = [1] * rank
+            view[where[d]] = shape[d]
+            arange = emit(relax.op.arange(relax.prim_value(0), shape[d], relax.prim_value(1),
+                                          "int64"))
+            full.append(emit(relax.op.reshape(arange, view)))
+        else:
+            own = _meta_shape(indices[d])
+            own = [1] * (len(block) - len(own)) + own
+            view = [1] * start + own + [1] * (rank - start - len(block))
+            full.append(emit(relax.op.reshape(importer.env[indices[d]], view)))
+    return full, out_shape
+
+
+def convert_index_tensor(node, importer):
+    """``aten.index.Tensor``: integer index tensors on symbolic axes wrapped; several index
+    tensors among full slices placed as PyTorch places them; else TVM's own converter
+    (static axes were wrapped by the legalize rule)."""
+    import torch
+    from tvm import relax
 
     x = importer.env[node.args[0]]
     shape = list(importer.shape_of(x))
@@ -70,6 +127,13 @@ def convert_index_tensor(node, importer):
         swapped[index] = importer.env[index]
         importer.env[index] = wrap_negative(importer, swapped[index], shape[dim])
     try:
+        indices = list(node.args[1])
+        given = [ix for ix in indices if ix is not None]
+        integer = all(ix.meta["val"].dtype != torch.bool for ix in given)
+        if integer and 1 < len(given) < len(shape):
+            placed = placed_indices(importer, shape, indices)
+            if placed is not None:
+                return importer.block_builder.emit(relax.op.index_tensor(x, placed[0]))
         return importer._index_tensor(node)
     finally:
         importer.env.update(swapped)

@@ -55,6 +55,7 @@ from slimc.backends.tvm.mask_index import (
     convert_bool_index_put,
     convert_index_tensor,
     convert_masked_scatter,
+    placed_indices,
 )
 from slimc.backends.tvm.rounding_div import convert_div_mode
 
@@ -247,15 +248,6 @@ def _convert_rrelu(node, importer):
     return importer.block_builder.emit(relax.Tuple([out, importer.env[node.args[1]]]))
 
 
-def _meta_shape(node) -> list[int] | None:
-    """The static shape torch recorded for an FX node, or None (symbolic or unknown)."""
-    value = getattr(node, "meta", {}).get("val")
-    shape = getattr(value, "shape", None)
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    return [int(d) for d in shape]
-
-
 def _convert_index_put(node, importer):
     """``aten.index_put(x, indices, values, accumulate)`` with missing or ``None`` indices:
     one broadcastable index per dimension, placed as PyTorch's advanced indexing does."""
@@ -269,35 +261,13 @@ def _convert_index_put(node, importer):
     if any(indices[d].meta["val"].dtype == torch.bool for d in given):
         converted = convert_bool_index_put(node, importer)  # x[mask] = v
         return converted if converted is not None else importer._index_put(node)
-    shapes = [_meta_shape(indices[d]) for d in given]
-    if (len(indices) == len(shape) and len(given) == len(shape)) or not given \
-            or any(s is None for s in shapes):
+    if (len(indices) == len(shape) and len(given) == len(shape)) or not given:
         return importer._index_put(node)  # TVM's own converter handles these
+    placed = placed_indices(importer, shape, indices)
+    if placed is None:  # a symbolic index shape
+        return importer._index_put(node)
+    full, out_shape = placed
     emit = importer.block_builder.emit
-    indices += [None] * (len(shape) - len(indices))
-    block = list(torch.broadcast_shapes(*[tuple(s) for s in shapes]))
-    slices = [d for d in range(len(shape)) if indices[d] is None]
-    adjacent = given == list(range(given[0], given[-1] + 1))
-    start = given[0] if adjacent else 0
-    rank = len(block) + len(slices)
-    where = {d: (d if d < start else d - len(given) + len(block)) if adjacent
-             else len(block) + j for j, d in enumerate(slices)}
-    out_shape: list[Any] = [None] * rank
-    out_shape[start:start + len(block)] = block
-    full = []
-    for d in range(len(shape)):
-        if indices[d] is None:
-            out_shape[where[d]] = shape[d]
-            view = [1] * rank
-            view[where[d]] = shape[d]
-            arange = emit(relax.op.arange(relax.prim_value(0), shape[d], relax.prim_value(1),
-                                          "int64"))
-            full.append(emit(relax.op.reshape(arange, view)))
-        else:
-            own = _meta_shape(indices[d])
-            own = [1] * (len(block) - len(own)) + own
-            view = [1] * start + own + [1] * (rank - start - len(block))
-            full.append(emit(relax.op.reshape(importer.env[indices[d]], view)))
     values = importer.env[node.args[2]]
     values = emit(relax.op.broadcast_to(values, out_shape))
     accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
