@@ -256,3 +256,15 @@ def pair_indexing():
     torch.manual_seed(0)
     return PairIndexing(), (torch.randn(1, 4, 6), torch.tensor([0, 3, 1]),
                             torch.tensor([1, 5, 2]))
+
+
+class _BoolCount(nn.Module):
+    def forward(self, x):
+        return torch.count_nonzero(x > 0, 1)
+
+
+def bool_count():
+    """``count_nonzero`` of a boolean tensor imports as ``not_equal(bool, False)``, which
+    TVM's LLVM code generation rejects (``fcmp`` on ``i1``) when it is built: a build
+    failure of one op, refused by name (exit 2) instead of "could not build ... report"."""
+    return _BoolCount(), (torch.randn(4, 6),)

@@ -197,3 +197,16 @@ def test_negative_index_tensors_on_a_dynamic_axis_count_from_the_end():
         got = vm["main"](tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(index.numpy()))
         for ref, out in zip(net(x, index), got, strict=True):
             assert np.array_equal(out.numpy(), ref.numpy())
+
+
+def test_an_op_tvm_cannot_build_is_refused_by_name(tmp_path):
+    """A model that imports but whose build fails in one op (TVM's code generation rejects
+    ``not_equal`` on booleans) is exit 2 naming the op and its types; nothing is written."""
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as info:
+        slimc.compile_model("tests.factory_models:bool_count",
+                            slimc.CompileOptions(output=out, cache=False))
+    assert "relax.not_equal(bool[4x6]" in str(info.value)
+    assert "fails on its own" in str(info.value)
+    assert info.value.exit_code == 2
+    assert not out.exists()

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from slimc.backends.tvm.blob_pack import incbin_supported, pack_imports_incbin
+from slimc.backends.tvm.build_failure import failing_op, op_signatures
 from slimc.backends.tvm.cross_link import zig_cross_compiler
+from slimc.backends.tvm.lower import UnsupportedOpError
 from slimc.backends.tvm.parallel_build import build_jobs, relax_build
 from slimc.backends.tvm.script_frames import memoised_frame_modules
 from slimc.backends.tvm.streamed_constants import StreamedConstants
@@ -44,6 +46,7 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
         pipeline = _consuming(pipeline)
         if keep is not None:
             pipeline = _keeping(pipeline, keep)
+    signatures = op_signatures(mod)  # types only: which op failed, if the build fails
     try:
         # slimc's own (llvm) pipeline: the kernels are built on the -j threads
         jobs = build_jobs() if callable(pipeline) else 1
@@ -52,6 +55,16 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
                 streamed.wrap_pipeline(pipeline) if streamed else pipeline), jobs)
     except Exception as exc:  # noqa: BLE001
         interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
+        culprit = failing_op(signatures, target)
+        if culprit is not None:
+            sig, error = culprit
+            raise UnsupportedOpError(
+                f"TVM {tvm.__version__} cannot build the op {sig.describe()} that the model "
+                f"uses, for {spec.name}: it fails on its own ({error[:300]}).",
+                hint="Write that computation another way in the model (another op, dtype or "
+                "shape; e.g. compute booleans as float), or add a converter that emits "
+                "supported ops through a slimc plugin (hook slimc_register_converters)."
+            ) from None
         raise LoweringError(
             f"TVM could not build the model for {spec.name}: {type(exc).__name__}: "
             f"{_last_line(exc)}",
