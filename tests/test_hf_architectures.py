@@ -171,3 +171,14 @@ def test_xlm_concatenating_onto_an_empty_cache_compiles(tmp_path):
     with torch.no_grad():
         want = model(input_ids=ids).last_hidden_state.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_config_without_a_position_limit_gets_a_default_length(tmp_path):
+    """XLNet states ``max_position_embeddings = -1`` (no limit); slimc read it as the length
+    and died creating a ``1x-1`` input (exit 1). The default length is used instead."""
+    config = T.XLNetConfig(d_model=32, n_layer=1, n_head=4, d_inner=64, vocab_size=128)
+    config.architectures = ["XLNetModel"]
+    T.XLNetModel(config).save_pretrained(tmp_path / "xlnet")
+    loaded = load_model(str(tmp_path / "xlnet"))
+    ids = loaded.example_inputs["input_ids"]
+    assert ids.dim() == 2 and ids.shape[1] > 1

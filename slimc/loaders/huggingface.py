@@ -234,9 +234,11 @@ def _model_class(config, transformers, trust: bool = False):
 
 
 def _dim(value, default: int) -> int:
+    """A config length, or ``default`` when it is not stated: missing, 0, or negative (XLNet's
+    ``max_position_embeddings`` is -1, "no limit"; read as a length it made a ``1x-1`` input)."""
     if isinstance(value, (list, tuple)):
         value = value[0]
-    return int(value) if value else default
+    return int(value) if value and int(value) > 0 else default
 
 
 def max_positions(text_config, module: torch.nn.Module | None = None) -> int | None:
