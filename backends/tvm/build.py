@@ -55,7 +55,9 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
                 streamed.wrap_pipeline(pipeline) if streamed else pipeline), jobs)
     except Exception as exc:  # noqa: BLE001
         interrupts.check()  # a swallowed Ctrl-C/SIGTERM stops here
-        culprit = failing_op(signatures, target)
+        # memory or disk trouble is not an op's fault: no search (it would only add to it)
+        culprit = None if isinstance(exc, (MemoryError, OSError)) \
+            else failing_op(signatures, target)
         if culprit is not None:
             sig, error = culprit
             raise UnsupportedOpError(
