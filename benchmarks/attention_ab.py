@@ -9,7 +9,8 @@ whatever runs next in the same process.
     python benchmarks/attention_ab.py slimc 6x1500x64 --set INPLACE=0,EXP_ACCUMULATORS=1
     python benchmarks/attention_ab.py ort 6x1500x64
 
-``--set`` overrides module constants of ``attention_softmax`` (A/B of its switches). Prints
+``--set`` overrides module constants of ``attention_softmax`` (A/B of its switches), or of
+``fused_attention`` when prefixed (``--set fused_attention.ENABLED=0``: the separate kernels). Prints
 the whole call's minimum and median over ``--reps`` calls and each kernel's mean per call
 (slimc: the VM's instrument hook, denormals flushed as the runtime does; ORT: its profiler).
 """
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("shape", help="heads x length x head width, e.g. 6x1500x64")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--set", default="", help="NAME=INT,... constants of attention_softmax")
+    p.add_argument("--set", default="", help="NAME=INT,... constants of attention_softmax (fused_attention.NAME: of that)")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import numpy as np
@@ -76,9 +77,13 @@ def main(argv=None) -> int:
 
         from slimc.targets import resolve_target
 
+        from slimc.backends.tvm.schedules import fused_attention
+
+        modules = {"attention_softmax": attention_softmax, "fused_attention": fused_attention}
         for item in filter(None, args.set.split(",")):
             name, value = item.split("=")
-            setattr(attention_softmax, name, int(value))
+            where, _, name = name.rpartition(".")
+            setattr(modules[where or "attention_softmax"], name, int(value))
         mod = from_exported_program(torch.export.export(module, inputs),
                                     keep_params_as_input=False)
         lib = build_library(mod, resolve_target("llvm"), work / "attention.so")

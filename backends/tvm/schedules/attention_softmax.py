@@ -353,15 +353,10 @@ class _SafeSoftmax(PyExprMutator):
         return self.uses.get(expr, 0) == 1
 
     def _plan_matmul(self, call: relax.Call) -> _Plan | None:
-        probs, v = call.args
-        if not (isinstance(probs, relax.Var) and self._single(probs)):
+        plan = self.chain(call)
+        if plan is None or plan.keys % self.lanes == 0:
             return None
-        probs_shape, v_shape = _static(probs.ty.shape or []), _static(v.ty.shape or [])
-        if not probs_shape or not v_shape or len(v_shape) < 2:
-            return None
-        keys = probs_shape[-1]
-        if keys % self.lanes == 0 or v_shape[-2] != keys or str(probs.ty.dtype) != "float32":
-            return None
+        keys = plan.keys
         # Whole chunks of 4 vectors when that costs at most 1/8 more keys: 4 accumulators in
         # the softmax, and a ``P @ V`` inner length the matmul runs at full speed (Whisper:
         # 1504 keys ran ``P @ V`` 7-26% slower than 1500 or 1536, measured alone); else whole
@@ -370,6 +365,20 @@ class _SafeSoftmax(PyExprMutator):
         if padded - keys > keys // 8:
             padded = -(-keys // self.lanes) * self.lanes
         if padded - keys > keys // 8:  # short rows: the padding would cost more than it saves
+            return None
+        return plan._replace(padded=padded)
+
+    def chain(self, call: relax.Call) -> _Plan | None:
+        """``call`` (a matmul) as ``softmax(steps(Q @ K^T)) @ V`` with constant shapes (its
+        ``padded`` is the key count), else None."""
+        probs, v = call.args
+        if not (isinstance(probs, relax.Var) and self._single(probs)):
+            return None
+        probs_shape, v_shape = _static(probs.ty.shape or []), _static(v.ty.shape or [])
+        if not probs_shape or not v_shape or len(v_shape) < 2:
+            return None
+        keys = probs_shape[-1]
+        if v_shape[-2] != keys or str(probs.ty.dtype) != "float32":
             return None
         node = probs  # back through reshapes / broadcasts that keep the key axis last
         while _op(self._bound(node)) in ("relax.reshape", "relax.broadcast_to"):
@@ -419,7 +428,7 @@ class _SafeSoftmax(PyExprMutator):
         kt_shape = _static(kt.ty.shape or [])
         if not kt_shape or len(kt_shape) < 2 or kt_shape[-1] != keys:
             return None
-        return _Plan(q, kt, v, steps[::-1], probs_shape, check, keys, padded)
+        return _Plan(q, kt, v, steps[::-1], probs_shape, check, keys, keys)
 
     def _value(self, expr):
         """The call bound to ``expr`` (through dataflow bindings), else ``expr``."""

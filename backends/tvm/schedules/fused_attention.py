@@ -1,0 +1,306 @@
+"""Fused attention for short sequences: ``softmax(Q @ K^T ...) @ V`` in one kernel.
+
+For small attentions (BERT-base at 128 tokens, ViT-S/16's 197, MiniLM) the separate kernels
+of :mod:`.attention_softmax` (the ``Q @ K^T`` matmul, the row softmax, the ``P @ V`` matmul)
+each sum to less than ONNX Runtime's, yet the whole SDPA call cost 1.5-2x ORT's (wt/soft21):
+three parallel launches per layer, and a ``heads x L x L`` score tensor written by one kernel
+and read back by the next two. Here the whole chain is one parallel loop over
+``heads x row blocks``: each task computes a block of score rows into a scratch that stays in
+L1/L2 (``ROW_BLOCK`` rows x the keys), applies the chain's elementwise steps (a scale, an
+additive mask or position bias) as it stores them, runs the softmax on them in place and
+multiplies by ``V``, folding the ``1 / sum`` of the softmax into the output rows.
+
+Only for constant shapes, fp32, a key count up to :data:`MAX_KEYS` (the long attentions of
+Whisper-tiny and T5 keep the separate kernels that wt/attn20 and wt/soft21 tuned), head
+widths of whole vectors, and ``K^T`` / ``V`` of the same heads as ``Q`` (no broadcasting).
+A key count that is not whole vectors pads ``K^T``'s columns and ``V``'s rows with zeros (the
+pads fuse into the head transposes), the padded scores masked to ``-inf`` in the kernel.
+
+SDPA's "safe" softmax (a row masked entirely gives zeros, not NaN) is kept: the row sum of an
+all ``-inf`` row is tiny (< 0.5, any other row's is >= 1), its output row is zeros. The same
+``fast_exp`` polynomial as the row kernel. Works for any vector width (NEON: 4 lanes).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax import PyExprMutator, expr_functor
+
+from .attention_softmax import _SCALAR_OPS, _SafeSoftmax, _exp, _op, _pad_last, _static
+from .common import mutate_relax_functions, vector_lanes
+
+#: False turns the fusion off (the separate kernels of :mod:`.attention_softmax`), for A/B.
+ENABLED = True
+#: Key counts up to this are fused; longer attentions keep the tuned separate kernels.
+MAX_KEYS = 512
+#: Score rows per task (a multiple of :data:`ROWS`); a task reads its head's ``K^T`` and ``V``.
+ROW_BLOCK = 64
+#: Rows of the register tile (``ROWS x KEY_VECTORS`` vector accumulators for ``Q @ K^T``,
+#: ``ROWS x head width / lanes`` for ``P @ V``).
+ROWS = 4
+#: Key vectors of the ``Q @ K^T`` register tile.
+KEY_VECTORS = 4
+
+
+class Step(NamedTuple):
+    """One elementwise step between ``Q @ K^T`` and the softmax: ``op`` with the scores at
+    argument ``pos`` and ``value`` (a float) or the mask tensor (``value is None``)."""
+
+    op: str
+    pos: int
+    value: float | None
+
+
+def _apply(x, steps: list[Step], mask_value):
+    for step in steps:
+        other = mask_value if step.value is None else tirx.const(step.value, "float32")
+        a, b = (x, other) if step.pos == 0 else (other, x)
+        x = {"relax.multiply": lambda: a * b, "relax.divide": lambda: a / b,
+             "relax.add": lambda: a + b, "relax.subtract": lambda: a - b}[step.op]()
+    return x
+
+
+def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, valid: int,
+                     steps: list[Step], mask_shape: tuple[int, int, int, int] | None,
+                     check: bool, lanes: int) -> tirx.PrimFunc:
+    """The fused kernel (module docstring) over ``q (groups, length, width)``,
+    ``kt (groups, width, n)``, ``v (groups, n, width)`` [, ``mask`` of ``mask_shape``, which
+    broadcasts over ``(groups // heads, heads, length, n)``] -> ``(groups, length, width)``.
+    Only the first ``valid`` of the ``n`` keys count (the rest are padding)."""
+    from tvm.script import tirx as T
+
+    if n % lanes or width % lanes or not 0 < valid <= n:
+        raise ValueError(f"attention_kernel: {n} keys ({valid} valid), width {width}, "
+                         f"vectors of {lanes}")
+    rows_t = ROWS
+    rb = min(-(-length // rows_t) * rows_t, ROW_BLOCK)
+    blocks = -(-length // rb)
+    tiles = rb // rows_t
+    tasks = groups * blocks
+    nvec = n // lanes
+    kv = min(KEY_VECTORS, nvec)
+    chunks, rest = nvec // kv, nvec % kv
+    dv = width // lanes
+    last = length - 1
+    neg_inf = tirx.const(float("-inf"), "float32")
+    lowest = tirx.min_value("float32")
+    has_mask = mask_shape is not None
+    mb, mh, ml, mk = mask_shape or (1, 1, 1, 1)
+
+    def score(acc_value, g, i, j, mask):
+        m = None
+        if has_mask:
+            m = mask[g // heads if mb > 1 else 0, g % heads if mh > 1 else 0,
+                     i if ml > 1 else 0, j if mk > 1 else 0]
+        value = _apply(acc_value, steps, m)
+        if valid < n:
+            value = tirx.Select(j < valid, value, neg_inf)
+        return value
+
+    @T.macro
+    def qk(q, kt, s, acc, mask, g, i0, t, j0, nv):
+        for a in T.vectorized(rows_t * nv * lanes):
+            acc[a] = T.float32(0)
+        for d in range(width):
+            for u in T.unroll(nv):
+                for r in T.unroll(rows_t):
+                    for lane in T.vectorized(lanes):
+                        acc[(r * nv + u) * lanes + lane] = acc[(r * nv + u) * lanes + lane] + \
+                            q[g, T.min(i0 + r, last), d] * kt[g, d, j0 + u * lanes + lane]
+        for r in T.unroll(rows_t):
+            for u in T.unroll(nv):
+                for lane in T.vectorized(lanes):
+                    s[t * rows_t + r, j0 + u * lanes + lane] = score(
+                        acc[(r * nv + u) * lanes + lane], g, T.min(i0 + r, last),
+                        j0 + u * lanes + lane, mask)
+
+    @T.macro
+    def body(q, kt, v, mask, out):
+        for task in T.parallel(tasks):
+            s = T.alloc_buffer((rb, n), "float32")
+            inv = T.alloc_buffer((rb,), "float32")
+            acc = T.alloc_buffer((rows_t * max(kv, dv) * lanes,), "float32")
+            vm = T.alloc_buffer((lanes,), "float32")
+            g: T.int32 = task // blocks
+            base: T.int32 = task % blocks * rb
+            for t in range(tiles):
+                if base + t * rows_t < length:
+                    for c in range(chunks):
+                        qk(q, kt, s, acc, mask, g, base + t * rows_t, t, c * kv * lanes, kv)
+                    if rest > 0:
+                        qk(q, kt, s, acc, mask, g, base + t * rows_t, t, chunks * kv * lanes,
+                           rest)
+            for r in range(rb):
+                if base + r < length:
+                    for lane in T.vectorized(lanes):
+                        vm[lane] = lowest
+                    for j in range(nvec):
+                        for lane in T.vectorized(lanes):
+                            vm[lane] = T.max(vm[lane], s[r, j * lanes + lane])
+                    mx: T.float32 = vm[0]
+                    for lane in range(1, lanes):
+                        mx = T.max(mx, vm[lane])
+                    for lane in T.vectorized(lanes):
+                        vm[lane] = T.float32(0)
+                    for j in range(nvec):
+                        for lane in T.vectorized(lanes):
+                            s[r, j * lanes + lane] = _exp(s[r, j * lanes + lane] - mx) \
+                                if valid == n else T.Select(
+                                    j * lanes + lane < valid,
+                                    _exp(s[r, j * lanes + lane] - mx), T.float32(0))
+                            vm[lane] = vm[lane] + s[r, j * lanes + lane]
+                    total: T.float32 = vm[0]
+                    for lane in range(1, lanes):
+                        total = total + vm[lane]
+                    inv[r] = T.float32(1) / total
+                    if check:
+                        inv[r] = T.Select(total < T.float32(0.5), T.float32(0), inv[r])
+            for t in range(tiles):
+                if base + t * rows_t < length:
+                    for a in T.vectorized(rows_t * dv * lanes):
+                        acc[a] = T.float32(0)
+                    for k in range(valid):
+                        for u in T.unroll(dv):
+                            for r in T.unroll(rows_t):
+                                for lane in T.vectorized(lanes):
+                                    acc[(r * dv + u) * lanes + lane] = \
+                                        acc[(r * dv + u) * lanes + lane] + \
+                                        s[t * rows_t + r, k] * v[g, k, u * lanes + lane]
+                    for r in T.unroll(rows_t):
+                        if base + t * rows_t + r < length:
+                            for u in T.unroll(dv):
+                                for lane in T.vectorized(lanes):
+                                    out[g, base + t * rows_t + r, u * lanes + lane] = \
+                                        acc[(r * dv + u) * lanes + lane] * inv[t * rows_t + r]
+
+    shape_q = (groups, length, width)
+
+    @T.prim_func(private=True)
+    def func(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
+             v: T.Buffer((groups, n, width), "float32"), out: T.Buffer(shape_q, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        body(q, kt, v, None, out)
+
+    @T.prim_func(private=True)
+    def func_mask(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
+                  v: T.Buffer((groups, n, width), "float32"),
+                  mask: T.Buffer((mb, mh, ml, mk), "float32"),
+                  out: T.Buffer(shape_q, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        body(q, kt, v, mask, out)
+
+    func = func_mask if has_mask else func
+    from tvm import s_tir
+
+    root = s_tir.SBlock([], [], [], "root", func.body)
+    func = func.with_body(s_tir.SBlockRealize([], tirx.const(True, "bool"), root))
+    return func.with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
+
+
+@expr_functor.mutator
+class _FusedAttention(PyExprMutator):
+    """``P @ V`` of a softmax of ``Q @ K^T`` (through scalar / mask steps) -> one call of
+    :func:`attention_kernel`. The chains are found by :class:`.attention_softmax._SafeSoftmax`'s
+    analysis (the same walk its padding uses)."""
+
+    def __init__(self, mod, lanes: int) -> None:
+        super().__init__(mod)
+        self.lanes = lanes
+        self.chains = _SafeSoftmax(mod, lanes)
+        self.plans: dict = {}
+
+    def plan(self, func: relax.Function) -> None:
+        self.chains.plan(func)
+        for value in relax.analysis.get_var2val(func).values():
+            if _op(value) == "relax.matmul":
+                plan = self.chains.chain(value)
+                if plan is not None and self._fusable(plan) is not None:
+                    self.plans[value] = plan
+
+    def _fusable(self, plan):
+        """``(groups, length, width, heads, mask, mask_shape, steps)`` when :func:`attention_kernel`
+        runs ``plan``, else None."""
+        q_shape, kt_shape = _static(plan.q.ty.shape or []), _static(plan.kt.ty.shape or [])
+        v_shape = _static(plan.v.ty.shape or [])
+        if not q_shape or not kt_shape or not v_shape or len(q_shape) < 2:
+            return None
+        if any(str(x.ty.dtype) != "float32" for x in (plan.q, plan.kt, plan.v)):
+            return None
+        *lead, length, width = q_shape
+        groups = 1
+        for d in lead:
+            groups *= d
+        keys = plan.keys
+        if keys > MAX_KEYS or width % self.lanes or kt_shape[-2:] != [width, keys] \
+                or v_shape[-2:] != [keys, width] or kt_shape[:-2] != lead or v_shape[:-2] != lead:
+            return None
+        if plan.probs_shape[-2:] != [length, keys]:
+            return None
+        heads, mask, mask_shape, steps = groups, None, None, []
+        for op, operand, shape in plan.steps:
+            if op == "reshape":
+                continue
+            pos, other, _ = operand
+            o_shape = _static(getattr(other.ty, "shape", None) or [])
+            if o_shape is None or str(getattr(other.ty, "dtype", "")) != "float32":
+                return None
+            if all(d == 1 for d in o_shape):
+                if not isinstance(other, relax.Constant):
+                    return None
+                steps.append(Step(op, pos, float(other.data.numpy().reshape(-1)[0])))
+                continue
+            if mask is not None or len(shape) > 4 or shape[-2:] != [length, keys]:
+                return None  # one tensor operand, at (batch, heads, L, keys) or (G, L, keys)
+            full = [1] * (4 - len(shape)) + shape
+            if full[0] * full[1] != groups:
+                return None
+            heads = full[1]
+            mask = other
+            mask_shape = tuple([1] * (4 - len(o_shape)) + o_shape)
+            steps.append(Step(op, pos, None))
+        return groups, length, width, heads, mask, mask_shape, steps
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        plan = self.plans.get(call)
+        if plan is None:
+            return super().visit_call_(call)
+        groups, length, width, heads, mask, mask_shape, steps = self._fusable(plan)
+        bb = self.builder_
+        keys = plan.keys
+        n = -(-keys // self.lanes) * self.lanes
+        q = bb.emit(relax.op.reshape(self.visit_expr(plan.q), [groups, length, width]))
+        kt = bb.emit(relax.op.reshape(self.visit_expr(plan.kt), [groups, width, keys]))
+        v = bb.emit(relax.op.reshape(self.visit_expr(plan.v), [groups, keys, width]))
+        args = [q, kt, v]
+        if n > keys:
+            args[1] = bb.emit(_pad_last(kt, -1, n - keys, 3))
+            args[2] = bb.emit(_pad_last(v, -2, n - keys, 3))
+        if mask is not None:
+            args.append(bb.emit(relax.op.reshape(self.visit_expr(mask), list(mask_shape))))
+        func = attention_kernel(groups, heads, length, width, n, keys, steps, mask_shape,
+                                plan.check, self.lanes)
+        gvar = bb.add_func(func, "fused_attention")
+        out = bb.emit(relax.call_tir(gvar, args, relax.TensorType((groups, length, width),
+                                                                  "float32")))
+        return relax.op.reshape(out, _static(call.ty.shape))
+
+
+def fuse_attention(target) -> tvm.transform.Pass:
+    """The Relax pass (before :func:`.attention_softmax.fuse_safe_softmax`)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SlimcFusedAttention")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not ENABLED:
+            return mod
+        mutator = _FusedAttention(mod, vector_lanes(target, 32))
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.plan(func)
+        if not mutator.plans:
+            return mod
+        return relax.transform.DeadCodeElimination()(mutate_relax_functions(mod, mutator))
+
+    return _pass
