@@ -178,21 +178,21 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
 
     shape_q = (groups, length, width)
 
-    @T.prim_func(private=True)
-    def func(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
-             v: T.Buffer((groups, n, width), "float32"), out: T.Buffer(shape_q, "float32")):
-        T.func_attr({"tirx.noalias": True})
-        body(q, kt, v, None, out)
+    if has_mask:
+        @T.prim_func(private=True)
+        def func(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
+                 v: T.Buffer((groups, n, width), "float32"),
+                 mask: T.Buffer((mb, mh, ml, mk), "float32"),
+                 out: T.Buffer(shape_q, "float32")):
+            T.func_attr({"tirx.noalias": True})
+            body(q, kt, v, mask, out)
+    else:
+        @T.prim_func(private=True)
+        def func(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
+                 v: T.Buffer((groups, n, width), "float32"), out: T.Buffer(shape_q, "float32")):
+            T.func_attr({"tirx.noalias": True})
+            body(q, kt, v, None, out)
 
-    @T.prim_func(private=True)
-    def func_mask(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
-                  v: T.Buffer((groups, n, width), "float32"),
-                  mask: T.Buffer((mb, mh, ml, mk), "float32"),
-                  out: T.Buffer(shape_q, "float32")):
-        T.func_attr({"tirx.noalias": True})
-        body(q, kt, v, mask, out)
-
-    func = func_mask if has_mask else func
     from tvm import s_tir
 
     root = s_tir.SBlock([], [], [], "root", func.body)
