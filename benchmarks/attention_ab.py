@@ -72,12 +72,10 @@ def main(argv=None) -> int:
         import tvm
         from slimc.backends.tvm.build import build_library
         from slimc.backends.tvm.denormals import DenormalFlush
-        from slimc.backends.tvm.schedules import attention_softmax
+        from slimc.backends.tvm.schedules import attention_softmax, fused_attention
         from tvm.relax.frontend.torch import from_exported_program
 
         from slimc.targets import resolve_target
-
-        from slimc.backends.tvm.schedules import fused_attention
 
         modules = {"attention_softmax": attention_softmax, "fused_attention": fused_attention}
         for item in filter(None, args.set.split(",")):

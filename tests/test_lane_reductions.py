@@ -18,6 +18,16 @@ from slimc.targets import resolve_target
 from tests.test_schedules import Norms, _build_run, _check, _lower
 
 
+@pytest.fixture(autouse=True)
+def _separate_kernels(monkeypatch):
+    """These tests are about the separate softmax kernel; at their lengths the fused attention
+    (``fused_attention``, tested in tests/test_fused_attention.py) would replace it."""
+    from slimc.backends.tvm.schedules import fused_attention
+
+    monkeypatch.setattr(fused_attention, "ENABLED", False)
+
+
+
 def _scheduled(module, inputs, target: str = "llvm") -> list[str]:
     """TVMScript of every row-reduction kernel of ``module``, as the CPU rules schedule it."""
     import tvm

@@ -18,6 +18,16 @@ from tests.test_lane_reductions import Attention, _fused_main, _kernels
 from tests.test_schedules import Norms, _build_run, _check, _lower
 
 
+@pytest.fixture(autouse=True)
+def _separate_kernels(monkeypatch):
+    """These tests are about the separate softmax kernel; at their lengths the fused attention
+    (``fused_attention``, tested in tests/test_fused_attention.py) would replace it."""
+    from slimc.backends.tvm.schedules import fused_attention
+
+    monkeypatch.setattr(fused_attention, "ENABLED", False)
+
+
+
 class BiasedAttention(torch.nn.Module):
     """T5's eager attention: ``softmax(Q @ K^T + position_bias) @ V`` (no scaling)."""
 

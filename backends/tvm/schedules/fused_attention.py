@@ -29,7 +29,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 
-from .attention_softmax import _SCALAR_OPS, _SafeSoftmax, _exp, _op, _pad_last, _static
+from .attention_softmax import _exp, _op, _pad_last, _SafeSoftmax, _static
 from .common import mutate_relax_functions, vector_lanes
 
 #: False turns the fusion off (the separate kernels of :mod:`.attention_softmax`), for A/B.
