@@ -10,8 +10,9 @@ whatever runs next in the same process.
     python benchmarks/attention_ab.py ort 6x1500x64
 
 ``--set`` overrides module constants of ``attention_softmax`` (A/B of its switches), or of
-``fused_attention`` when prefixed (``--set fused_attention.ENABLED=0``: the separate kernels). Prints
-the whole call's minimum and median over ``--reps`` calls and each kernel's mean per call
+``fused_attention`` when prefixed (``--set fused_attention.ENABLED=0``: the separate
+kernels). Prints the whole call's minimum and median over ``--reps`` calls and each kernel's
+mean per call
 (slimc: the VM's instrument hook, denormals flushed as the runtime does; ORT: its profiler).
 """
 
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("shape", help="heads x length x head width, e.g. 6x1500x64")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--set", default="", help="NAME=INT,... constants of attention_softmax (fused_attention.NAME: of that)")
+    p.add_argument("--set", default="", help="NAME=INT,... constants of attention_softmax "
+                   "(fused_attention.NAME: of fused_attention)")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import numpy as np

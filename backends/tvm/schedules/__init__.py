@@ -190,11 +190,11 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .attention_softmax import fuse_safe_softmax
-    from .fused_attention import fuse_attention
     from .channel_padding import pad_hidden_channels
     from .constant_views import fold_constant_views
     from .conv_prologue import prologue_convs
     from .fast_math import fast_math
+    from .fused_attention import fuse_attention
     from .gemv import panel_gemv
     from .nhwc_rewrites import (
         cancel_transposes,
@@ -221,8 +221,8 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # After the layout passes: fast_math turns sigmoid/SiLU/GELU into call_te kernels that
         # ConvertLayout cannot see through, so run earlier it left an NCHW<->NHWC transpose
         # pair around every squeeze-excite gate and SiLU of a converted conv.
-        fuse_attention(target), fuse_safe_softmax(target), fast_math, fuse_requantize, prologue_convs, winograd_convs,
-        tied_embedding, fold_constant_views(),
+        fuse_attention(target), fuse_safe_softmax(target), fast_math, fuse_requantize,
+        prologue_convs, winograd_convs, tied_embedding, fold_constant_views(),
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(), dedup_constants, relax.transform.FuseOps(),
         relax.transform.FuseTIR(), _mark_constant_operands()]

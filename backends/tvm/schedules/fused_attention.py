@@ -23,6 +23,7 @@ all ``-inf`` row is tiny (< 0.5, any other row's is >= 1), its output row is zer
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import tvm
@@ -58,9 +59,12 @@ def _apply(x, steps: list[Step], mask_value):
     for step in steps:
         other = mask_value if step.value is None else tirx.const(step.value, "float32")
         a, b = (x, other) if step.pos == 0 else (other, x)
-        x = {"relax.multiply": lambda: a * b, "relax.divide": lambda: a / b,
-             "relax.add": lambda: a + b, "relax.subtract": lambda: a - b}[step.op]()
+        x = _BINARY[step.op](a, b)
     return x
+
+
+_BINARY = {"relax.multiply": operator.mul, "relax.divide": operator.truediv,
+           "relax.add": operator.add, "relax.subtract": operator.sub}
 
 
 def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, valid: int,
