@@ -18,6 +18,16 @@ import torch
 
 from tests.test_schedules import _lower
 
+
+@pytest.fixture(autouse=True)
+def _separate_kernels(monkeypatch):
+    """These tests are about the separate attention matmuls; at their lengths the fused
+    attention (``fused_attention``, tests/test_fused_attention.py) would replace them."""
+    from slimc.backends.tvm.schedules import fused_attention
+
+    monkeypatch.setattr(fused_attention, "ENABLED", False)
+
+
 F = torch.nn.functional
 NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
         "mattr": ["+neon", "+dotprod"]}

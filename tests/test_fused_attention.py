@@ -45,6 +45,14 @@ class EagerBiased(torch.nn.Module):
         return torch.softmax(q @ k.transpose(-1, -2) + self.bias, -1) @ v
 
 
+class EagerScaledMasked(torch.nn.Module):
+    """HF eager attention: ``softmax(Q @ K^T / sqrt(d) + mask) @ V`` (a scalar step, then a
+    mask step, between the matmul and the softmax)."""
+
+    def forward(self, q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-1, -2) / 4.0 + mask, -1) @ v
+
+
 def _fused_calls(module, inputs, target: str = "x86-64-v4-vnni") -> tuple[int, list[str]]:
     """(fused attention kernels, softmax kernels) of ``module``'s fused Relax module."""
     fused, _ = _fused_main(module, inputs, target=target)
@@ -108,6 +116,18 @@ def test_position_bias_plain_softmax_is_fused(tmp_path):
     torch.manual_seed(3)
     module = EagerBiased(4, 64).eval()
     inputs = tuple(torch.randn(1, 4, 64, 32) for _ in range(3))
+    assert _fused_calls(module, inputs)[0] == 1
+    np.testing.assert_allclose(_run(module, inputs, tmp_path), _want(module, inputs),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_eager_scale_and_mask_are_fused(tmp_path):
+    """A scale after ``Q @ K^T`` and a padding mask (eager attention): fused and exact."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 48, 16) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 48)
+    mask[1, ..., 30:] = float("-inf")
+    module, inputs = EagerScaledMasked(), (q, k, v, mask)
     assert _fused_calls(module, inputs)[0] == 1
     np.testing.assert_allclose(_run(module, inputs, tmp_path), _want(module, inputs),
                                rtol=1e-5, atol=2e-6)

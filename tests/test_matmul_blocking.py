@@ -9,11 +9,22 @@ outside. (Speed: docs/benchmarks.md, wt/attn20.)
 
 from __future__ import annotations
 
+import pytest
 import torch
 from slimc.backends.tvm.schedules import cpu_matmul
 
 from tests.test_schedules import _check
 from tests.test_vision_schedules import _scheduled
+
+
+@pytest.fixture(autouse=True)
+def _separate_kernels(monkeypatch):
+    """These tests are about the separate attention matmuls; at their lengths the fused
+    attention (``fused_attention``, tests/test_fused_attention.py) would replace them."""
+    from slimc.backends.tvm.schedules import fused_attention
+
+    monkeypatch.setattr(fused_attention, "ENABLED", False)
+
 
 TARGET = "x86-64-v4-vnni"
 #: The scores kernel: ``Q @ K^T`` with the scale in its epilogue.

@@ -252,9 +252,9 @@ class _FusedAttention(PyExprMutator):
             if o_shape is None or str(getattr(other.ty, "dtype", "")) != "float32":
                 return None
             if all(d == 1 for d in o_shape):
-                if not isinstance(other, relax.Constant):
+                if not isinstance(other, tvm.ir.expr.Constant):
                     return None
-                steps.append(Step(op, pos, float(other.data.numpy().reshape(-1)[0])))
+                steps.append(Step(op, pos, float(other.value.numpy().reshape(-1)[0])))
                 continue
             if mask is not None or len(shape) > 4 or shape[-2:] != [length, keys]:
                 return None  # one tensor operand, at (batch, heads, L, keys) or (G, L, keys)
