@@ -196,6 +196,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .fast_math import fast_math
     from .fused_attention import fuse_attention
     from .gemv import panel_gemv
+    from .group_norm import decompose_group_norm
     from .nhwc_rewrites import (
         cancel_transposes,
         drop_noop_broadcasts,
@@ -213,6 +214,8 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
+        # after the layout: its channel sums run over a channels-last map
+        decompose_group_norm,
         # before the 1x1 convs of 8 x odd channels become padded matmuls: padded hidden maps
         # leave them whole-vector convs
         pad_hidden_channels, pointwise_tail_convs_as_matmul,
