@@ -14,7 +14,8 @@ accumulators. The per-group mean and inverse deviation are then computed on ``C`
 the map is normalized by one elementwise ``x * scale + shift`` with per-channel ``scale`` and
 ``shift`` (the affine weight folded in), which is parallel and vectorized like any other
 elementwise kernel. The variance is ``E[x^2] - E[x]^2``, the formula TVM's own kernel uses.
-Tiny maps keep TVM's single kernel (three kernels' calls would cost more than their sums).
+Tiny maps keep TVM's single kernel (three kernels' calls would cost more than their sums), and
+so do channels-first maps with many groups, whose rows are contiguous and split over threads.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 #: Map elements below which TVM's single kernel is kept (a few vectors' worth of sums).
 MIN_ELEMENTS = 1 << 12
+#: Statistics rows (batch x groups) from which a channels-first norm keeps TVM's row kernel.
+MIN_ROWS = 8
 
 
 def _static_shape(expr: relax.Expr) -> list[int] | None:
@@ -52,7 +55,13 @@ def _decompose(call: relax.Call) -> relax.Expr:
     size = 1
     for d in shape:
         size *= d
-    if size < MIN_ELEMENTS:
+    rows = groups
+    for i, d in enumerate(shape):
+        if i != channel and i not in axes:
+            rows *= d
+    # a channels-first map with enough rows (wav2vec2's 512 one-channel groups over time) is
+    # already a good row kernel: contiguous rows, split over the threads
+    if size < MIN_ELEMENTS or (channel != rank - 1 and rows >= MIN_ROWS):
         return call
     per_group = shape[channel] // groups
     count = per_group
@@ -89,8 +98,15 @@ def _decompose(call: relax.Call) -> relax.Expr:
 def decompose_group_norm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Rewrite every large float32 ``relax.nn.group_norm`` of ``mod`` (:func:`_decompose`)."""
     pattern = is_op("relax.nn.group_norm")(wildcard(), wildcard(), wildcard())
-    out = tvm.IRModule(mod.functions, attrs=mod.attrs)
+    updates = {}
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            out[gv] = rewrite_call(pattern, lambda call, _m: _decompose(call), func)
-    return out
+            rewritten = rewrite_call(pattern, lambda call, _m: _decompose(call), func)
+            if not rewritten.same_as(func):
+                updates[gv] = rewritten
+    if not updates:  # no group norm: the module as it came (global infos and all)
+        return mod
+    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
