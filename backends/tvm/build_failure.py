@@ -69,7 +69,7 @@ def op_signatures(mod) -> list[OpSignature]:
     seen: dict[str, OpSignature] = {}
 
     def visit(expr) -> None:
-        if not isinstance(expr, relax.Call) or not isinstance(expr.op, _op_type()):
+        if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
             return
         if expr.op.get_attr("FLegalize") is None:
             return  # call_tir and other calls of built kernels: slimc's own
@@ -89,12 +89,6 @@ def op_signatures(mod) -> list[OpSignature]:
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     return list(seen.values())
-
-
-def _op_type():
-    import tvm
-
-    return tvm.ir.Op
 
 
 def failing_op(signatures: list[OpSignature], target) -> tuple[OpSignature, str] | None:

@@ -56,7 +56,7 @@ import tvm
 from tvm import relax, te, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
 
-from .common import mutate_relax_functions, vector_lanes
+from .common import mutate_relax_functions, static_dims, vector_lanes
 
 
 def safe_softmax(x: te.Tensor, valid: int | None = None, check: bool = True) -> te.Tensor:
@@ -299,13 +299,6 @@ class _Plan(NamedTuple):
     padded: int
 
 
-def _static(shape) -> list[int] | None:
-    try:
-        return [int(d) for d in shape]
-    except (TypeError, ValueError):
-        return None
-
-
 @expr_functor.mutator
 class _SafeSoftmax(PyExprMutator):
     """``where(all(x == -inf), 0, softmax(x))`` -> :func:`safe_softmax`; ``softmax(Q @ K^T) @ V``
@@ -374,7 +367,7 @@ class _SafeSoftmax(PyExprMutator):
         probs, v = call.args
         if not (isinstance(probs, relax.Var) and self._single(probs)):
             return None
-        probs_shape, v_shape = _static(probs.ty.shape or []), _static(v.ty.shape or [])
+        probs_shape, v_shape = static_dims(probs.ty.shape or []), static_dims(v.ty.shape or [])
         if not probs_shape or not v_shape or len(v_shape) < 2:
             return None
         keys = probs_shape[-1]
@@ -383,7 +376,7 @@ class _SafeSoftmax(PyExprMutator):
         node = probs  # back through reshapes / broadcasts that keep the key axis last
         while _op(self._bound(node)) in ("relax.reshape", "relax.broadcast_to"):
             node = self._bound(node).args[0]
-            if not self._single(node) or (_static(node.ty.shape or []) or [0])[-1] != keys:
+            if not self._single(node) or (static_dims(node.ty.shape or []) or [0])[-1] != keys:
                 return None
         value, check = self._bound(node), False
         if _op(value) == "relax.where":
@@ -399,7 +392,7 @@ class _SafeSoftmax(PyExprMutator):
             return None
         node, steps = scores, []
         while True:  # back through reshapes and scalar scaling to ``Q @ K^T``
-            shape = _static(node.ty.shape or [])
+            shape = static_dims(node.ty.shape or [])
             if not shape or shape[-1] != keys or str(node.ty.dtype) != "float32":
                 return None
             value = self._bound(node)
@@ -408,10 +401,10 @@ class _SafeSoftmax(PyExprMutator):
                 node = value.args[0]
             elif _op(value) in _SCALAR_OPS:
                 pos = next((i for i, a in enumerate(value.args)
-                            if _static(a.ty.shape or []) == shape), None)
+                            if static_dims(a.ty.shape or []) == shape), None)
                 other = value.args[1 - pos] if pos is not None else None
-                other_shape = _static(getattr(other.ty, "shape", None) or []) if pos is not None \
-                    else None
+                other_shape = None if pos is None \
+                    else static_dims(getattr(other.ty, "shape", None) or [])
                 if other_shape is None or len(other_shape) > len(shape) or (
                         other_shape and other_shape[-1] not in (1, keys)):
                     return None
@@ -425,7 +418,7 @@ class _SafeSoftmax(PyExprMutator):
         if _op(qk) != "relax.matmul":
             return None
         q, kt = qk.args
-        kt_shape = _static(kt.ty.shape or [])
+        kt_shape = static_dims(kt.ty.shape or [])
         if not kt_shape or len(kt_shape) < 2 or kt_shape[-1] != keys:
             return None
         return _Plan(q, kt, v, steps[::-1], probs_shape, check, keys, keys)
@@ -490,7 +483,7 @@ class _SafeSoftmax(PyExprMutator):
         rows of 256 keys ran TVM's ``fast_softmax``, its TE version)."""
         x = call.args[0]
         info = x.ty
-        shape = _static(getattr(info, "shape", None) or [])
+        shape = static_dims(getattr(info, "shape", None) or [])
         if not shape or str(info.dtype) != "float32" or shape[-1] % self.lanes \
                 or shape[-1] < PLAIN_SOFTMAX_MIN_VECTORS * self.lanes \
                 or not _last_axis(call.attrs.axis, len(shape)):
@@ -544,7 +537,7 @@ class _SafeSoftmax(PyExprMutator):
         ``inplace``: ``x`` is a fresh tensor nothing else reads, the row kernel overwrites it
         (see :data:`INPLACE`)."""
         bb = self.builder_
-        shape = _static(x.ty.shape or [])
+        shape = static_dims(x.ty.shape or [])
         if ROW_KERNEL and shape and shape[-1] % self.lanes == 0 and str(x.ty.dtype) == "float32":
             n = shape[-1]
             rows = 1

@@ -79,6 +79,14 @@ def extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
     return int(value.value) if isinstance(value, tirx.IntImm) else None
 
 
+def static_dims(shape) -> list[int] | None:
+    """The dims of a Relax/TIR ``shape`` as ints, or None when any is symbolic."""
+    try:
+        return [int(d) for d in shape]
+    except (TypeError, ValueError):
+        return None
+
+
 def parallelize(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, min_work: int) -> None:
     """Make ``loop`` parallel, recording the rule's threshold ``min_work`` on it.
 

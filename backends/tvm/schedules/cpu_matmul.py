@@ -23,6 +23,7 @@ result. Depthwise convs have no reuse axis and get a wide single-row tile instea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm import ir, s_tir, tirx
@@ -363,10 +364,7 @@ def _padding_over_threads(sch: s_tir.Schedule, block, target: Target) -> bool:
     extents = [extent(sch, lp) for lp in loops]
     if len(loops) < 2 or any(e is None for e in extents):
         return False
-    elements = 1
-    for e in extents:
-        elements *= e
-    if elements < DENSE_PADDING_PARALLEL_ELEMENTS:
+    if math.prod(extents) < DENSE_PADDING_PARALLEL_ELEMENTS:
         return False
     lanes = vector_lanes(target, sch.get(block).writes[0].source.dtype.bits)
     if extents[-1] % lanes == 0:

@@ -30,8 +30,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 
-from .attention_softmax import _exp, _op, _pad_last, _SafeSoftmax, _static
-from .common import mutate_relax_functions, vector_lanes
+from .attention_softmax import _exp, _op, _pad_last, _SafeSoftmax
+from .common import mutate_relax_functions, static_dims, vector_lanes
 
 #: False turns the fusion off (the separate kernels of :mod:`.attention_softmax`), for A/B.
 ENABLED = True
@@ -227,8 +227,8 @@ class _FusedAttention(PyExprMutator):
     def _fusable(self, plan):
         """``(groups, length, width, heads, mask, mask_shape, steps)`` when :func:`attention_kernel`
         runs ``plan``, else None."""
-        q_shape, kt_shape = _static(plan.q.ty.shape or []), _static(plan.kt.ty.shape or [])
-        v_shape = _static(plan.v.ty.shape or [])
+        q_shape, kt_shape = static_dims(plan.q.ty.shape or []), static_dims(plan.kt.ty.shape or [])
+        v_shape = static_dims(plan.v.ty.shape or [])
         if not q_shape or not kt_shape or not v_shape or len(q_shape) < 2:
             return None
         if any(str(x.ty.dtype) != "float32" for x in (plan.q, plan.kt, plan.v)):
@@ -248,7 +248,7 @@ class _FusedAttention(PyExprMutator):
             if op == "reshape":
                 continue
             pos, other, _ = operand
-            o_shape = _static(getattr(other.ty, "shape", None) or [])
+            o_shape = static_dims(getattr(other.ty, "shape", None) or [])
             if o_shape is None or str(getattr(other.ty, "dtype", "")) != "float32":
                 return None
             if all(d == 1 for d in o_shape):
@@ -289,7 +289,7 @@ class _FusedAttention(PyExprMutator):
         gvar = bb.add_func(func, "fused_attention")
         out = bb.emit(relax.call_tir(gvar, args, relax.TensorType((groups, length, width),
                                                                   "float32")))
-        return relax.op.reshape(out, _static(call.ty.shape))
+        return relax.op.reshape(out, static_dims(call.ty.shape))
 
 
 def fuse_attention(target) -> tvm.transform.Pass:

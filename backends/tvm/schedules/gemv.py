@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from .common import mutate_relax_functions, permuted_constant
+from .common import mutate_relax_functions, permuted_constant, static_dims
 
 #: Largest number of activation rows rewritten (a decode step has 1; short prompts a few).
 MAX_ROWS = 4
@@ -33,14 +33,6 @@ MAX_PAD_FRACTION = 1 / 8
 #: a language-model head (100+ MB) keeps its unpadded panels.
 PAD_MAX_WEIGHT_BYTES = 16 << 20
 
-
-def _static(shape) -> list[int] | None:
-    dims = []
-    for d in shape:
-        if not hasattr(d, "value"):
-            return None
-        dims.append(int(d.value))
-    return dims
 
 
 @expr_functor.mutator
@@ -55,7 +47,7 @@ class _PanelGemv(PyExprMutator):
         if weight is None or not isinstance(x_ty, relax.TensorType) \
                 or str(x_ty.dtype) != "float32":
             return call
-        shape = _static(x_ty.shape)
+        shape = static_dims(x_ty.shape)
         if shape is None or len(shape) < 2:
             return call
         n, k = (int(d) for d in weight.value.shape)

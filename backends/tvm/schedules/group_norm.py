@@ -24,6 +24,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from .common import static_dims
+
 #: Map elements below which TVM's single kernel is kept (a few vectors' worth of sums).
 MIN_ELEMENTS = 1 << 12
 #: Statistics rows (batch x groups) from which a channels-first norm keeps TVM's row kernel.
@@ -35,8 +37,7 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
     ty = getattr(expr, "ty", None)
     if not isinstance(ty, relax.TensorType) or ty.shape is None or str(ty.dtype) != "float32":
         return None
-    dims = [getattr(d, "value", None) for d in ty.shape]
-    return None if any(d is None for d in dims) else [int(d) for d in dims]
+    return static_dims(ty.shape)
 
 
 def _decompose(call: relax.Call) -> relax.Expr:
