@@ -13,6 +13,7 @@ from slimc.backends.tvm.bounds import clamp_gathers
 from slimc.backends.tvm.legalize import legalize
 from slimc.backends.tvm.script_frames import memoised_frame_modules
 from slimc.backends.tvm.weights import align_weights
+from slimc.backends.tvm.zero_divisor import rewrite_zero_divisors
 
 from slimc.errors import LoweringError, UsageError
 from slimc.ir import IR
@@ -55,6 +56,7 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
                 program = _decompose_missing(program, _missing_ops(exc), decomposed)
                 if program is None:
                     raise
+        mod = rewrite_zero_divisors(mod)  # x / 0.0 has a value; TVM's folder stops on it
         return clamp_gathers(mod)  # no out-of-bounds reads, whoever calls the library
     except AssertionError as exc:
         ops = _missing_ops(exc)

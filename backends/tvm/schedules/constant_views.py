@@ -66,6 +66,10 @@ def _constant(value: np.ndarray) -> relax.Constant:
     constant then shares (``relax.const`` would copy a contiguous result a second time)."""
     import tvm_ffi
 
+    if value.size == 0:
+        # ``torch.block_diag``'s 0-sized pieces: numpy gives an empty view a pointer and
+        # strides of its own (not aligned, not compact), which TVM's kernels reject
+        return relax.const(tvm.runtime.empty(value.shape, str(value.dtype)), str(value.dtype))
     raw = np.empty(value.nbytes + _ALIGNMENT, dtype=np.uint8)
     skip = -raw.ctypes.data % _ALIGNMENT
     out = raw[skip:skip + value.nbytes].view(value.dtype).reshape(value.shape)
