@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from slimc.backends.tvm.bool_order import order_bools_as_ints
 from slimc.backends.tvm.bounds import clamp_gathers
 from slimc.backends.tvm.legalize import legalize
 from slimc.backends.tvm.script_frames import memoised_frame_modules
@@ -57,6 +58,7 @@ def lower_to_relax(ir: IR, converters: dict[str, Any] | None = None, target=None
                 if program is None:
                     raise
         mod = rewrite_zero_divisors(mod)  # x / 0.0 has a value; TVM's folder stops on it
+        mod = order_bools_as_ints(mod)  # TVM has no bool sort/max kernels
         return clamp_gathers(mod)  # no out-of-bounds reads, whoever calls the library
     except AssertionError as exc:
         ops = _missing_ops(exc)
