@@ -82,6 +82,9 @@ class TaskEvaluator:
     higher_is_better: bool
     accepts: Callable[[Path], bool]
     prepare: Callable[[Path | None, EvalContext], TaskData]
+    #: what ``--eval-data`` must be: "file" or "folder" (a named metric given the other one
+    #: is refused by :func:`choose` up front, not by whichever reader it reaches first)
+    reads: str = "file"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +340,7 @@ BUILTIN_TASK_EVALUATORS = [
                   _prepare_spearman),
     TaskEvaluator("accuracy", "top-1 / top-5 accuracy on a labelled image folder "
                   "(classifiers)", "top-1 accuracy", True, _is_labelled_folder,
-                  _prepare_accuracy),
+                  _prepare_accuracy, reads="folder"),
 ]
 
 
@@ -394,6 +397,21 @@ def user_evaluator(spec: str) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_kind_of_data(ev: TaskEvaluator, data: Path | None,
+                        tasks: dict[str, TaskEvaluator]) -> None:
+    """Refuse a file where ``ev`` reads a folder and the other way round, naming both."""
+    if data is None or data.is_dir() == (ev.reads == "folder"):
+        return
+    given = "a folder" if data.is_dir() else "a file"
+    fits = [k for k, other in tasks.items() if other is not ev and other.accepts(data)]
+    raise UsageError(f"--eval {ev.name} scores {ev.description}: its --eval-data is a "
+                     f"{ev.reads}, but {data} is {given}.",
+                     hint=(f"--eval-data {data} fits --eval {' or '.join(fits)}; or give "
+                           f"--eval {ev.name} a {ev.reads}." if fits else
+                           f"Give --eval {ev.name} a {ev.reads}, or leave --eval out to let "
+                           "slimc pick the metric from the data."))
+
+
 def choose(kind: str | None, data: Path | None, evaluators: dict[str, Any]) -> Any:
     """The evaluator ``--eval KIND`` names, or the one that accepts ``data``."""
     tasks = {k: v for k, v in evaluators.items() if isinstance(v, TaskEvaluator)}
@@ -408,6 +426,7 @@ def choose(kind: str | None, data: Path | None, evaluators: dict[str, Any]) -> A
             raise UsageError(f"--eval {kind} is not a known task metric.",
                              hint=f"Use one of {', '.join(sorted(tasks))}, or module:function "
                              "for your own.")
+        _check_kind_of_data(tasks[kind], data, tasks)
         return tasks[kind]
     for ev in tasks.values():
         if data is not None and ev.accepts(data):

@@ -231,6 +231,25 @@ def test_accuracy_on_a_text_model_names_the_metrics_that_fit(tmp_path, cli, hf_d
     res = cli("compile", hf_dir("llama"), "--input", "input_ids=1x16:int64", "-O2", "--eval",
               "accuracy", "--eval-data", text, "-o", out, "--no-cache")
     assert res.code == 2, res.err
-    assert "holds images" not in res.err and "no image input" in res.err
+    assert "holds images" not in res.err and "labelled image folder" in res.err
     assert "perplexity" in res.err and "Traceback" not in res.err
+    assert not out.exists()
+
+
+def test_named_metric_given_the_wrong_kind_of_data_says_what_it_reads(tmp_path, cli):
+    """An image classifier with ``--eval accuracy --eval-data notes.txt`` said "cannot read the
+    folder notes.txt (Not a directory)", and a folder for perplexity failed in its reader: the
+    error now names the metric, what it reads and what was given, before any compile."""
+    text = tmp_path / "notes.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    out = tmp_path / "never.slimc"
+    res = cli("compile", "tests.models:small_cnn", "--eval", "accuracy", "--eval-data", text,
+              "-o", out, "--no-cache")
+    assert res.code == 2, res.err
+    assert "labelled image folder" in res.err and "is a file" in res.err
+    assert "Not a directory" not in res.err and "Traceback" not in res.err
+    res = cli("compile", "tests.models:small_cnn", "--eval", "perplexity", "--eval-data",
+              tmp_path, "-o", out, "--no-cache")
+    assert res.code == 2, res.err
+    assert "perplexity" in res.err and "is a folder" in res.err and "Traceback" not in res.err
     assert not out.exists()
