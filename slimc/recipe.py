@@ -42,7 +42,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         else:
             raise UsageError(f"Recipe {path} must end in .yaml, .yml or .toml.")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise UsageError(f"Recipe {path} is not valid {path.suffix[1:].upper()}: {exc}") from None
+        raise UsageError(f"Recipe {path} is not valid {path.suffix[1:].upper()}: "
+                         f"{_parse_problem(exc)}.") from None
     if not isinstance(data, dict) or "pipeline" not in data:
         raise UsageError(f"Recipe {path} must have a top-level 'pipeline' list.")
     unknown = set(data) - set(RECIPE_KEYS)
@@ -101,3 +102,15 @@ def _merge_inputs(recipe: list[str], given: list[str]) -> tuple[str, ...]:
     merged = {item.partition("=")[0].strip(): item for item in recipe}
     merged.update({item.partition("=")[0].strip(): item for item in given})
     return tuple(merged.values())
+
+
+def _parse_problem(exc: Exception) -> str:
+    """A YAML/TOML parse error in one line: PyYAML's message quotes the offending source
+    with a caret under it over several lines, which broke the one-paragraph error."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        context = getattr(exc, "context", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{context + ', ' if context else ''}{problem} at {where}"
+    return " ".join(str(exc).split())

@@ -67,8 +67,10 @@ def test_mistakes_name_the_problem_and_what_is_valid(text, fragments):
 def test_bad_recipe_files(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("pipeline: [toy\n")
-    with pytest.raises(UsageError, match="not valid YAML"):
+    with pytest.raises(UsageError, match="not valid YAML") as info:
         load_recipe(bad_yaml)
+    # one paragraph: PyYAML's message quoted the source over several lines, caret and all
+    assert "\n" not in str(info.value) and "line 2" in str(info.value), str(info.value)
     no_pipeline = tmp_path / "np.toml"
     no_pipeline.write_text('target = "arm"\n')
     with pytest.raises(UsageError, match="top-level 'pipeline'"):
