@@ -309,13 +309,18 @@ def folder_entries(folder: Path, option: str) -> list[Path]:
 
 
 def _images(folder: Path, template, max_batches: int) -> CalibrationData:
+    # the model first: a folder is read as images whatever it holds, and an empty folder
+    # given to a text model is not a matter of "no images"
+    name = next((k for k, v in template.items() if v.is_floating_point() and v.dim() == 4), None)
+    if name is None:
+        raise UsageError(f"--calib {folder} is a folder, which slimc reads as images, but the "
+                         f"model has no image input (NxCxHxW float); its inputs: "
+                         f"{', '.join(template)}.",
+                         hint="Give --calib a text file (tokenized with the model's tokenizer) "
+                         "or a .npy/.npz of input arrays.")
     files = [p for p in folder_entries(folder, "--calib") if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise UsageError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}).")
-    name = next((k for k, v in template.items() if v.is_floating_point() and v.dim() == 4), None)
-    if name is None:
-        raise UsageError(f"{folder} holds images, but the model has no image input "
-                         f"(NxCxHxW float); its inputs: {', '.join(template)}.")
     batch, channels, height, width = template[name].shape
     pictures = [read_image(file, channels, height, width) for file in files[:batch * max_batches]]
     warnings = []

@@ -113,3 +113,13 @@ def test_fractional_npy_for_token_ids_is_refused(tmp_path):
     batches = load_calibration(tmp_path / "whole.npy", TEMPLATE).batches
     assert batches[0]["input_ids"].dtype == torch.int64
     assert batches[0]["input_ids"][0, 3].item() == 3
+
+
+def test_folder_for_a_text_model_says_it_is_read_as_images(tmp_path):
+    """An empty (or any) folder as --calib for a text model said "has no images" (or "holds
+    images" when it had some): the error now says a folder is image data and what to give."""
+    template = {"input_ids": torch.zeros(1, 8, dtype=torch.int64)}
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(UsageError, match="no image input") as info:
+        load_calibration(tmp_path / "notes", template)
+    assert "text file" in info.value.hint
