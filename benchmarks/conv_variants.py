@@ -78,6 +78,14 @@ CASES = {
     "r3s2_256": ("k3", 256, 256, 28, 2),
     "r3_512": ("k3", 512, 512, 7, 1),  # stage 4's 3 x 3 (too few tiles for Winograd)
     "stem3": ("k3", 3, 32, 224, 2),  # MobileNetV2's stem, behind the NCHW -> NHWC transpose
+    # MobileNetV2's other 1 x 1 convs (issue 16, wt/conv23)
+    "m32_192": ("pw", 32, 192, 28, 1),
+    "m64_384": ("pw", 64, 384, 14, 1),
+    "m384_64": ("pw", 384, 64, 14, 1),
+    "m96_576": ("pw", 96, 576, 14, 1),
+    "m576_96": ("pw", 576, 96, 14, 1),
+    "m576_160": ("pw", 576, 160, 7, 1),
+    "m160_960": ("pw", 160, 960, 7, 1),
 }
 
 #: variant -> {constant of cpu_matmul: value}
@@ -96,7 +104,16 @@ VARIANTS: dict[str, dict] = {
     # ... and a short innermost axis fused with the others (the NCHW -> NHWC input transpose)
     "fusedinner": {"fallback.SHORT_INNER_AXIS": 0},
     "unrollserial": {"fallback.SHORT_INNER_PARALLEL_WORK": 1 << 62},
+    # issue 16, wt/conv23: 1 x 1 conv candidates
+    "ku4": {"REDUCTION_UNROLL": 4},  # four reduction steps per loop iteration
+    "rowsout": {"PANEL_OUTSIDE_ROWS": False},  # image rows outside the weight panels
 }
+
+
+#: Fold the batch norm into the conv before building (``build --fold-bn``): slimc folds it on
+#: the FX graph in a real compile, so unfolded, the kernel's epilogue has a division per
+#: output the model's kernel does not have (a tenth of a 64-channel 1 x 1 conv's time).
+FOLD_BN = False
 
 
 def _module(kind: str, cin: int, cout: int, stride: int):
@@ -117,6 +134,9 @@ def _module(kind: str, cin: int, cout: int, stride: int):
     net = Conv().eval()
     net.bn.running_mean.uniform_(-0.5, 0.5)
     net.bn.running_var.uniform_(0.5, 2.0)
+    if FOLD_BN:  # as in a compiled model (and in ORT): the conv's bias, one add per output
+        net.conv = torch.nn.utils.fusion.fuse_conv_bn_eval(net.conv, net.bn)
+        net.bn = torch.nn.Identity()
     return net
 
 
@@ -146,7 +166,12 @@ def build(out: Path, cases: list[str], variants: list[str]) -> None:
         np.save(out / f"{case}.npy", x.numpy())
         with torch.no_grad():
             want = net(x).numpy()
+        if not (out / f"{case}.onnx").exists():  # the same conv for ONNX Runtime (``--ort``)
+            torch.onnx.export(net, (x,), str(out / f"{case}.onnx"), input_names=["x"],
+                              dynamo=False)
         for variant in variants:
+            if (out / f"{case}-{variant}.so").exists():  # built by an earlier call
+                continue
             patches = [(_owner(k), k.split(".")[-1], v) for k, v in VARIANTS[variant].items()]
             assert all(hasattr(m, k) for m, k, _ in patches), patches
             saved = [(m, k, getattr(m, k)) for m, k, _ in patches]
@@ -163,8 +188,50 @@ def build(out: Path, cases: list[str], variants: list[str]) -> None:
             assert err < 1e-5, (case, variant, err)
 
 
-def time_all(out: Path, threads: int, number: int, rounds: int, kernel: str = "") -> dict:
-    """``kernel``: time the first kernel whose name contains it (default: the conv / matmul)."""
+def _ort_sessions(out: Path, cases: list[str], threads: int) -> dict:
+    """``(case, "ort") -> (session, feed)``: ONNX Runtime on each case's conv, profiling on,
+    flushing denormals (the ``ort-ftz`` engine), ``threads`` intra-op threads."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sessions = {}
+    for case in cases:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(out / f"{case}-ortprof")
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        session = ort.InferenceSession(str(out / f"{case}.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        feed = {"x": np.load(out / f"{case}.npy")}
+        for _ in range(3):
+            session.run(None, feed)
+        sessions[(case, "ort")] = (session, feed)
+    return sessions
+
+
+def _ort_conv_times(session, rounds: int, number: int) -> list[float]:
+    """Per round, the Conv node's time in ORT's profiler as slimc's kernel is timed: best of 5
+    means over ``number`` calls (after one untimed call), microseconds."""
+    import json as _json
+
+    events = _json.loads(Path(session.end_profiling()).read_text())
+    conv = [e["dur"] for e in events if e.get("cat") == "Node"
+            and e["name"].endswith("_kernel_time") and "Conv" in e["args"].get("op_name", "")]
+    per_round = 1 + 5 * number
+    conv = conv[-rounds * per_round:]
+    out = []
+    for r in range(rounds):
+        chunk = conv[r * per_round + 1:(r + 1) * per_round]
+        out.append(min(statistics.fmean(chunk[i * number:(i + 1) * number]) for i in range(5)))
+    return out
+
+
+def time_all(out: Path, threads: int, number: int, rounds: int, kernel: str = "",
+             ort: bool = False) -> dict:
+    """``kernel``: time the first kernel whose name contains it (default: the conv / matmul);
+    ``ort``: also ONNX Runtime's Conv node on each case (its profiler), as variant ``ort``."""
     os.environ["TVM_NUM_THREADS"] = str(threads)
     import numpy as np
     import tvm
@@ -187,12 +254,19 @@ def time_all(out: Path, threads: int, number: int, rounds: int, kernel: str = ""
         vm["main"](tvm.runtime.tensor(np.load(out / f"{case}.npy")))
         symbol, call_args = calls[0]
         kernels[(case, variant)] = (lib.imports[0].get_function(symbol), call_args, lib, vm)
+    sessions = _ort_sessions(out, sorted({c for c, _ in kernels}), threads) if ort else {}
     tvm.get_global_func("runtime.config_threadpool")(1, threads)
-    times: dict = {key: [] for key in kernels}
+    times: dict = {key: [] for key in [*kernels, *sessions]}
     for r in range(rounds):
-        keys = list(kernels)
+        keys = [*kernels, *sessions]
         keys = keys[r % len(keys):] + keys[:r % len(keys)]
         for key in keys:
+            if key in sessions:
+                session, feed = sessions[key]
+                session.run(None, feed)
+                for _ in range(5 * number):
+                    session.run(None, feed)
+                continue
             fn, call_args = kernels[key][:2]
             fn(*call_args)
             best = float("inf")
@@ -202,13 +276,19 @@ def time_all(out: Path, threads: int, number: int, rounds: int, kernel: str = ""
                     fn(*call_args)
                 best = min(best, (time.perf_counter() - t0) / number)
             times[key].append(best * 1e6)
+    for key, (session, _) in sessions.items():
+        times[key] = _ort_conv_times(session, rounds, number)
     result = {}
     for (case, variant), ts in sorted(times.items()):
         base = times.get((case, "base"))
         ratio = statistics.median(t / b for t, b in zip(ts, base, strict=True)) if base else None
-        result[f"{case}-{variant}"] = {"us": statistics.median(ts), "vs_base": ratio, "all": ts}
-        print(f"{case:12s} {variant:10s} {statistics.median(ts):9.1f} us  "
-              f"vs base {ratio:.3f}" if ratio else "", flush=True)
+        onnx = times.get((case, "ort"))
+        vs_ort = statistics.median(t / o for t, o in zip(ts, onnx, strict=True)) if onnx else None
+        result[f"{case}-{variant}"] = {"us": statistics.median(ts), "vs_base": ratio,
+                                       "vs_ort": vs_ort, "all": ts}
+        print(f"{case:12s} {variant:10s} {statistics.median(ts):9.1f} us"
+              + (f"  vs base {ratio:.3f}" if ratio else "")
+              + (f"  vs ort {vs_ort:.3f}" if vs_ort and variant != "ort" else ""), flush=True)
     return result
 
 
@@ -222,13 +302,20 @@ def main(argv=None) -> int:
     p.add_argument("--number", type=int, default=20)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--fold-bn", action="store_true", help="build: fold the batch norm into "
+                   "the conv first (as slimc's compile does)")
+    p.add_argument("--ort", action="store_true", help="also time ONNX Runtime's Conv node "
+                   "(its profiler, flushing denormals) on each case, as variant ort")
     p.add_argument("--kernel", default="", help="time the kernel whose name contains this "
                    "(e.g. transpose) instead of the conv")
     args = p.parse_args(argv)
     if args.mode == "build":
+        global FOLD_BN
+        FOLD_BN = args.fold_bn
         build(args.dir, args.cases.split(","), args.variants.split(","))
         return 0
-    result = time_all(args.dir, args.threads, args.number, args.rounds, args.kernel)
+    result = time_all(args.dir, args.threads, args.number, args.rounds, args.kernel,
+                      args.ort)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "kernels": result}, indent=1))
     return 0
