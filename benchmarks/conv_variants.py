@@ -105,7 +105,8 @@ VARIANTS: dict[str, dict] = {
     "fusedinner": {"fallback.SHORT_INNER_AXIS": 0},
     "unrollserial": {"fallback.SHORT_INNER_PARALLEL_WORK": 1 << 62},
     # issue 16, wt/conv23: 1 x 1 conv candidates
-    "ku4": {"REDUCTION_UNROLL": 4},  # four reduction steps per loop iteration
+    "ku4": {"REDUCTION_UNROLL": 4},  # four reduction steps per loop iteration (main now)
+    "ku1": {"REDUCTION_UNROLL": 1},  # one (main before)
     "rowsout": {"PANEL_OUTSIDE_ROWS": False},  # image rows outside the weight panels
 }
 

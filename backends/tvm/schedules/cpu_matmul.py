@@ -164,6 +164,10 @@ TALL_NARROW_TILES = True
 #: widths of 14 / 28, 196 patches) were not measured against 14 x 16.
 TALL_TILE_MAX_SHORT_ROWS = 6
 
+#: Reduction steps of a conv's multi-row register tile unrolled into one loop iteration
+#: (:func:`_reduction_unroll`; 1: LLVM's choice, one step per iteration).
+REDUCTION_UNROLL = 4
+
 #: A dense conv's zero-padded input copy splits its rows over the threads from this many
 #: elements on (:func:`_padding_over_threads`; off only to measure what it saves).
 DENSE_PADDING_OVER_THREADS = True
@@ -877,15 +881,21 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         # transforms wrote and read
         outer = [ro] + axes.shared + [vo]
     panels_inside = prologue and _prologue_panels_inside(sch, axes, vo, ro)
+    reduce = list(axes.reduce)
+    unroll = _reduction_unroll(sch, axes, depthwise or bool(chunk) or ro is None or tall)
+    if unroll:
+        reduce[-1:] = sch.split(reduce[-1], factors=[None, unroll])
     if panels_inside:  # each task: one row tile's prologue, then all its panels
         outer = [lp for lp in outer if not sch.get(lp).same_as(sch.get(vo))]
-        sch.reorder(*outer, vo, *axes.reduce, *tile_inner)
+        sch.reorder(*outer, vo, *reduce, *tile_inner)
     else:
-        sch.reorder(*outer, *axes.reduce, *tile_inner)
+        sch.reorder(*outer, *reduce, *tile_inner)
+    if unroll:
+        sch.unroll(reduce[-1])
     if packed and tall and PANEL_PREFETCH and (panel_outside or blocked) \
             and (_weight_bytes(sch, main, axes) or 0) >= PREFETCH_MIN_WEIGHT_BYTES:
         weight = sch.get(main).reads[axes.contiguous].source
-        sch.annotate(axes.reduce[0], PREFETCH_PANEL, f"{weight.name}|{len(weight.shape) - 3}")
+        sch.annotate(reduce[0], PREFETCH_PANEL, f"{weight.name}|{len(weight.shape) - 3}")
     symbolic_tiles = extent(sch, vo) is None or ro is not None and extent(sch, ro) is None
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     # Loop kinds are set while the block still has its init (a "reduction block" for TVM).
@@ -901,7 +911,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
     tile_bytes = (chunk or nr) * (1 if chunk or axes.reuse is None else mr) * dtype_bits // 8
     writeback = sch.cache_write(main, 0, tile_buffer_scope(tile_bytes))
     sch.reverse_compute_at(writeback, vo if panels_inside else fused, preserve_unit_loops=True)
-    init = sch.decompose_reduction(main, axes.reduce[0])
+    init = sch.decompose_reduction(main, reduce[0])
     for block in (init, writeback):
         if chunk:
             _vectorize_chunk(sch, block, 2 * lanes)
@@ -926,6 +936,25 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
                       str(exc).splitlines()[-1] if str(exc) else exc)
         schedule_block(sch, block, target)
     return fused
+
+
+def _reduction_unroll(sch: s_tir.Schedule, axes: _Axes, skip: bool) -> int | None:
+    """Reduction steps of a conv's register tile unrolled into one loop iteration
+    (:data:`REDUCTION_UNROLL`, when it divides the innermost reduction), or None.
+
+    Why: LLVM keeps one step per iteration of the 7 x 32 micro-kernel (7 broadcasts, 2 panel
+    loads, 14 FMAs), so a third of its non-FMA uops are the loop's counter, pointer bump and
+    branch. Four steps per iteration: ResNet-50's 1 x 1 convs over 14 x 14 / 56 x 56 and
+    MobileNetV2's 14 x 14 ones ran 0.89-0.97x as long alone (2 threads, Intel host, wt/conv23,
+    ``benchmarks/conv_variants.py`` variant ``ku4``). Convs only (an image axis or a window):
+    transformer matmuls, Winograd's batched matmuls and the tall tiles were not measured.
+    ``skip``: depthwise convs, matrix-vector chunks and single-row tiles.
+    """
+    if skip or REDUCTION_UNROLL < 2 or not (axes.extra or len(axes.reduce) > 1):
+        return None
+    k = extent(sch, axes.reduce[-1])
+    return REDUCTION_UNROLL if k is not None and k >= 2 * REDUCTION_UNROLL \
+        and k % REDUCTION_UNROLL == 0 else None
 
 
 def _prologue_panels_inside(sch: s_tir.Schedule, axes: _Axes, vo, ro) -> bool:
