@@ -946,11 +946,14 @@ def _reduction_unroll(sch: s_tir.Schedule, axes: _Axes, skip: bool) -> int | Non
     loads, 14 FMAs), so a third of its non-FMA uops are the loop's counter, pointer bump and
     branch. Four steps per iteration: ResNet-50's 1 x 1 convs over 14 x 14 / 56 x 56 and
     MobileNetV2's 14 x 14 ones ran 0.89-0.97x as long alone (2 threads, Intel host, wt/conv23,
-    ``benchmarks/conv_variants.py`` variant ``ku4``). Convs only (an image axis or a window):
-    transformer matmuls, Winograd's batched matmuls and the tall tiles were not measured.
+    ``benchmarks/conv_variants.py`` variant ``ku4``). 1 x 1 convs only (an image axis, a
+    one-pixel window): transformer matmuls, Winograd's batched matmuls and the tall tiles were
+    not measured, and on 3 x 3 convs the split channel loop cost ResNet-18's stage-4 convs
+    their prepacked filters (the whole model 8x as long).
     ``skip``: depthwise convs, matrix-vector chunks and single-row tiles.
     """
-    if skip or REDUCTION_UNROLL < 2 or not (axes.extra or len(axes.reduce) > 1):
+    if skip or REDUCTION_UNROLL < 2 or not axes.extra \
+            or any(extent(sch, lp) != 1 for lp in axes.reduce[:-1]):
         return None
     k = extent(sch, axes.reduce[-1])
     return REDUCTION_UNROLL if k is not None and k >= 2 * REDUCTION_UNROLL \
