@@ -882,7 +882,8 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
         outer = [ro] + axes.shared + [vo]
     panels_inside = prologue and _prologue_panels_inside(sch, axes, vo, ro)
     reduce = list(axes.reduce)
-    unroll = _reduction_unroll(sch, axes, depthwise or bool(chunk) or ro is None or tall)
+    unroll = _reduction_unroll(sch, axes, depthwise or bool(chunk) or ro is None or tall
+                               or prologue)
     if unroll:
         reduce[-1:] = sch.split(reduce[-1], factors=[None, unroll])
     if panels_inside:  # each task: one row tile's prologue, then all its panels
@@ -949,8 +950,9 @@ def _reduction_unroll(sch: s_tir.Schedule, axes: _Axes, skip: bool) -> int | Non
     ``benchmarks/conv_variants.py`` variant ``ku4``). 1 x 1 convs only (an image axis, a
     one-pixel window): transformer matmuls, Winograd's batched matmuls and the tall tiles were
     not measured, and on 3 x 3 convs the split channel loop cost ResNet-18's stage-4 convs
-    their prepacked filters (the whole model 8x as long).
-    ``skip``: depthwise convs, matrix-vector chunks and single-row tiles.
+    their prepacked filters (the whole model 8x as long), and so did ResNet-18's strided 1 x 1
+    downsample convs with a prologue (:mod:`.conv_prologue`, the add before them).
+    ``skip``: depthwise convs, matrix-vector chunks, single-row tiles and convs with a prologue.
     """
     if skip or REDUCTION_UNROLL < 2 or not axes.extra \
             or any(extent(sch, lp) != 1 for lp in axes.reduce[:-1]):
