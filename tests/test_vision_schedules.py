@@ -1177,3 +1177,59 @@ def test_dense_conv_padding_and_rgb_transpose_on_aarch64_under_qemu(tmp_path, aa
         want = net(x).numpy()
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
     assert not [line for line in applied if "failed" in line or "left unscheduled" in line]
+
+
+class _PointwiseBlock(torch.nn.Module):
+    """A 1 x 1 conv with bias + ReLU6, then a 3 x 3 depthwise conv: MobileNetV2's expansion."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.pw = torch.nn.Conv2d(cin, cout, 1)
+        self.dw = torch.nn.Conv2d(cout, cout, 3, padding=1, groups=cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(torch.clamp(self.pw(x), 0.0, 6.0))
+
+
+def test_pointwise_conv_tile_unrolls_four_reduction_steps(tmp_path, caplog):
+    """A dense conv's 7 x 32 register tile sits under a ``T.unroll(4)`` reduction loop (four
+    input channels per loop iteration: LLVM kept one, a third of the non-FMA uops were loop
+    control); the depthwise conv's tile has no such loop; the result is what PyTorch
+    computes."""
+    from slimc.backends.tvm.schedules import cpu_matmul
+
+    torch.manual_seed(0)
+    net = _PointwiseBlock(96, 64).eval()
+    x = torch.randn(1, 96, 14, 14)
+    kernels = _scheduled(net, (x,))
+    (pw,) = [t for t in kernels.values() if 'T.sblock("conv2d_nhwc_update")' in t
+             and "T.int64(96), T.int64(64)" in t]
+    loops = _block_loops(pw, "conv2d_nhwc_update")
+    assert loops[-3:-2] == [f"for {loops[-3].split()[1]} in T.unroll(T.int64("
+                            f"{cpu_matmul.REDUCTION_UNROLL})):"], loops
+    assert loops[-2].endswith("T.unroll(T.int64(7)):") and "T.vectorized(T.int64(32))" in loops[-1]
+    assert any(f"T.int64({96 // cpu_matmul.REDUCTION_UNROLL})" in ln for ln in loops), loops
+    (dw,) = [t for t in kernels.values() if "T.int64(3), T.int64(3), T.int64(1), T.int64(64)" in t
+             or "T.int64(64), T.int64(1), T.int64(3), T.int64(3)" in t]
+    assert not any("T.unroll(T.int64(4))" in ln for ln in _enclosing(dw, next(
+        m for m in re.findall(r'T\.sblock\("(\w+_update)"\)', dw))))
+    _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_pointwise_conv_unrolled_reduction_on_aarch64_under_qemu(tmp_path, aarch64_emulator,
+                                                                 caplog):
+    """The same block built for aarch64 (NEON tiles, reduction unrolled) and run under qemu:
+    what PyTorch computes."""
+    torch.manual_seed(0)
+    net = _PointwiseBlock(48, 32).eval()
+    x = torch.randn(1, 48, 14, 14)
+    kernels = _scheduled(net, (x,), target="arm")
+    assert any("T.unroll(T.int64(4))" in ln for t in kernels.values()
+               if 'T.sblock("conv2d_nhwc_update")' in t and "T.int64(48), T.int64(32)" in t
+               for ln in _block_loops(t, "conv2d_nhwc_update"))
+    got, applied = _build_run(net, (x,), tmp_path, target="arm", cross="aarch64-linux-gnu",
+                              caplog=caplog)
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+    assert not [line for line in applied if "failed" in line or "left unscheduled" in line]
