@@ -31,10 +31,14 @@ from tvm import relax, tirx
 from tvm.relax import PyExprMutator, expr_functor
 
 from .attention_softmax import _exp, _op, _pad_last, _SafeSoftmax
+from .attention_views import Layout, View, consumers_of, input_view, output_view
 from .common import mutate_relax_functions, static_dims, vector_lanes
 
 #: False turns the fusion off (the separate kernels of :mod:`.attention_softmax`), for A/B.
 ENABLED = True
+#: False passes ``Q``, ``V`` and the output through their head copies (dense per-head
+#: operands) instead of reading / writing the projections' layouts (:mod:`.attention_views`).
+HEAD_VIEWS = True
 #: Key counts up to this are fused; longer attentions keep the tuned separate kernels.
 MAX_KEYS = 512
 #: Score rows per task (a multiple of :data:`ROWS`); a task reads its head's ``K^T`` and ``V``.
@@ -69,16 +73,25 @@ _BINARY = {"relax.multiply": operator.mul, "relax.divide": operator.truediv,
 
 def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, valid: int,
                      steps: list[Step], mask_shape: tuple[int, int, int, int] | None,
-                     check: bool, lanes: int) -> tirx.PrimFunc:
+                     check: bool, lanes: int, q_layout: Layout | None = None,
+                     v_layout: Layout | None = None,
+                     out_layout: Layout | None = None) -> tirx.PrimFunc:
     """The fused kernel (module docstring) over ``q (groups, length, width)``,
-    ``kt (groups, width, n)``, ``v (groups, n, width)`` [, ``mask`` of ``mask_shape``, which
-    broadcasts over ``(groups // heads, heads, length, n)``] -> ``(groups, length, width)``.
-    Only the first ``valid`` of the ``n`` keys count (the rest are padding)."""
+    ``kt (groups, width, n)``, ``v (groups, >= valid, width)`` [, ``mask`` of ``mask_shape``,
+    which broadcasts over ``(groups // heads, heads, length, n)``] -> ``(groups, length,
+    width)``. Only the first ``valid`` of the ``n`` keys count (the rest are padding). ``q``,
+    ``v`` and the output are flat buffers indexed through their :class:`.attention_views.Layout`
+    (default: dense), which must keep ``v``'s and the output's columns contiguous."""
     from tvm.script import tirx as T
 
-    if n % lanes or width % lanes or not 0 < valid <= n:
+    ql = q_layout or Layout.dense(groups, length, width)
+    vl = v_layout or Layout.dense(groups, valid, width)
+    ol = out_layout or Layout.dense(groups, length, width)
+    if n % lanes or width % lanes or not 0 < valid <= n or vl.strides[3] != 1 \
+            or ol.strides[3] != 1:
         raise ValueError(f"attention_kernel: {n} keys ({valid} valid), width {width}, "
-                         f"vectors of {lanes}")
+                         f"vectors of {lanes}, v / out column strides {vl.strides[3]} / "
+                         f"{ol.strides[3]}")
     rows_t = ROWS
     rb = min(-(-length // rows_t) * rows_t, ROW_BLOCK)
     blocks = -(-length // rb)
@@ -113,7 +126,8 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                 for r in T.unroll(rows_t):
                     for lane in T.vectorized(lanes):
                         acc[(r * nv + u) * lanes + lane] = acc[(r * nv + u) * lanes + lane] + \
-                            q[g, T.min(i0 + r, last), d] * kt[g, d, j0 + u * lanes + lane]
+                            q[ql.offset(g, T.min(i0 + r, last), d)] * \
+                            kt[g, d, j0 + u * lanes + lane]
         for r in T.unroll(rows_t):
             for u in T.unroll(nv):
                 for lane in T.vectorized(lanes):
@@ -172,28 +186,28 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                                 for lane in T.vectorized(lanes):
                                     acc[(r * dv + u) * lanes + lane] = \
                                         acc[(r * dv + u) * lanes + lane] + \
-                                        s[t * rows_t + r, k] * v[g, k, u * lanes + lane]
+                                        s[t * rows_t + r, k] * \
+                                        v[vl.offset(g, k, u * lanes + lane)]
                     for r in T.unroll(rows_t):
                         if base + t * rows_t + r < length:
                             for u in T.unroll(dv):
                                 for lane in T.vectorized(lanes):
-                                    out[g, base + t * rows_t + r, u * lanes + lane] = \
+                                    out[ol.offset(g, base + t * rows_t + r,
+                                                  u * lanes + lane)] = \
                                         acc[(r * dv + u) * lanes + lane] * inv[t * rows_t + r]
-
-    shape_q = (groups, length, width)
 
     if has_mask:
         @T.prim_func(private=True)
-        def func(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
-                 v: T.Buffer((groups, n, width), "float32"),
+        def func(q: T.Buffer((ql.size,), "float32"), kt: T.Buffer((groups, width, n), "float32"),
+                 v: T.Buffer((vl.size,), "float32"),
                  mask: T.Buffer((mb, mh, ml, mk), "float32"),
-                 out: T.Buffer(shape_q, "float32")):
+                 out: T.Buffer((ol.size,), "float32")):
             T.func_attr({"tirx.noalias": True})
             body(q, kt, v, mask, out)
     else:
         @T.prim_func(private=True)
-        def func(q: T.Buffer(shape_q, "float32"), kt: T.Buffer((groups, width, n), "float32"),
-                 v: T.Buffer((groups, n, width), "float32"), out: T.Buffer(shape_q, "float32")):
+        def func(q: T.Buffer((ql.size,), "float32"), kt: T.Buffer((groups, width, n), "float32"),
+                 v: T.Buffer((vl.size,), "float32"), out: T.Buffer((ol.size,), "float32")):
             T.func_attr({"tirx.noalias": True})
             body(q, kt, v, None, out)
 
@@ -215,14 +229,19 @@ class _FusedAttention(PyExprMutator):
         self.lanes = lanes
         self.chains = _SafeSoftmax(mod, lanes)
         self.plans: dict = {}
+        self.bound_to: dict = {}  # planned matmul -> its variable
+        self.consumers: dict = {}
+        self.merged: dict = {}  # head-merge permute -> the kernel's output (in its layout)
 
     def plan(self, func: relax.Function) -> None:
         self.chains.plan(func)
-        for value in relax.analysis.get_var2val(func).values():
+        self.consumers.update(consumers_of(func))
+        for var, value in relax.analysis.get_var2val(func).items():
             if _op(value) == "relax.matmul":
                 plan = self.chains.chain(value)
                 if plan is not None and self._fusable(plan) is not None:
                     self.plans[value] = plan
+                    self.bound_to[value] = var
 
     def _fusable(self, plan):
         """``(groups, length, width, heads, mask, mask_shape, steps)`` when :func:`attention_kernel`
@@ -268,6 +287,8 @@ class _FusedAttention(PyExprMutator):
         return groups, length, width, heads, mask, mask_shape, steps
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
+        if call in self.merged:  # the head merge of a fused output: the kernel wrote it
+            return relax.op.reshape(self.merged.pop(call), static_dims(call.ty.shape))
         plan = self.plans.get(call)
         if plan is None:
             return super().visit_call_(call)
@@ -275,21 +296,48 @@ class _FusedAttention(PyExprMutator):
         bb = self.builder_
         keys = plan.keys
         n = -(-keys // self.lanes) * self.lanes
-        q = bb.emit(relax.op.reshape(self.visit_expr(plan.q), [groups, length, width]))
+        var2val = self.chains.var2val
+        q_view = input_view(plan.q, var2val, groups, length, width) if HEAD_VIEWS else None
+        v_view = input_view(plan.v, var2val, groups, keys, width) if HEAD_VIEWS else None
+        if v_view is not None and (v_view.scale != 1.0 or v_view.layout.strides[3] != 1):
+            v_view = None
+        merge = output_view(self.bound_to[call], self.consumers, self.chains.uses, groups,
+                            length, width) if HEAD_VIEWS else None
+
+        def operand(view: View | None, expr, size: int):
+            """The flat tensor the kernel reads and its layout (None: dense)."""
+            if view is None:
+                return bb.emit(relax.op.reshape(self.visit_expr(expr), [size])), None
+            source = self.visit_expr(view.source)
+            return bb.emit(relax.op.reshape(source, [view.layout.size])), view.layout
+
+        q, q_layout = operand(q_view, plan.q, groups * length * width)
         kt = bb.emit(relax.op.reshape(self.visit_expr(plan.kt), [groups, width, keys]))
-        v = bb.emit(relax.op.reshape(self.visit_expr(plan.v), [groups, keys, width]))
-        args = [q, kt, v]
+        if q_view is not None and q_view.scale != 1.0:  # into K^T's copy (fused with it)
+            kt = bb.emit(relax.op.multiply(kt, relax.const(q_view.scale, "float32")))
+        v, v_layout = operand(v_view, plan.v, groups * keys * width)
         if n > keys:
-            args[1] = bb.emit(_pad_last(kt, -1, n - keys, 3))
-            args[2] = bb.emit(_pad_last(v, -2, n - keys, 3))
+            kt = bb.emit(_pad_last(kt, -1, n - keys, 3))
+        args = [q, kt, v]
         if mask is not None:
             args.append(bb.emit(relax.op.reshape(self.visit_expr(mask), list(mask_shape))))
+        out_layout = merge[1] if merge is not None else None
         func = attention_kernel(groups, heads, length, width, n, keys, steps, mask_shape,
-                                plan.check, self.lanes)
+                                plan.check, self.lanes, q_layout, v_layout, out_layout)
         gvar = bb.add_func(func, "fused_attention")
-        out = bb.emit(relax.call_tir(gvar, args, relax.TensorType((groups, length, width),
-                                                                  "float32")))
-        return relax.op.reshape(out, static_dims(call.ty.shape))
+        size = groups * length * width
+        out = bb.emit(relax.call_tir(gvar, args, relax.TensorType((size,), "float32")))
+        if merge is None:
+            return relax.op.reshape(out, static_dims(call.ty.shape))
+        permute_var, _ = merge
+        permute = self.chains.var2val[permute_var]
+        self.merged[permute] = out
+        # the matmul's own value (read only by the merge, so dead once the merge is replaced)
+        shape = static_dims(permute_var.ty.shape)
+        axes = [int(a) for a in permute.attrs.axes]
+        inverse = [axes.index(k) for k in range(4)]
+        return relax.op.reshape(relax.op.permute_dims(relax.op.reshape(out, shape), inverse),
+                                static_dims(call.ty.shape))
 
 
 def fuse_attention(target) -> tvm.transform.Pass:
