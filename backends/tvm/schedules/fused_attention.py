@@ -43,6 +43,9 @@ HEAD_VIEWS = True
 MAX_KEYS = 512
 #: Score rows per task (a multiple of :data:`ROWS`); a task reads its head's ``K^T`` and ``V``.
 ROW_BLOCK = 64
+#: ... fewer when the keys are many: a task's scores stay at most this many floats (128 KB,
+#: 64 rows of 512 keys), in L2 (Whisper's 1500 keys: 20 rows).
+SCRATCH_FLOATS = 64 * 512
 #: Rows of the register tile (``ROWS x KEY_VECTORS`` vector accumulators for ``Q @ K^T``,
 #: ``ROWS x head width / lanes`` for ``P @ V``).
 ROWS = 4
@@ -93,7 +96,8 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                          f"vectors of {lanes}, v / out column strides {vl.strides[3]} / "
                          f"{ol.strides[3]}")
     rows_t = ROWS
-    rb = min(-(-length // rows_t) * rows_t, ROW_BLOCK)
+    rb = min(-(-length // rows_t) * rows_t, ROW_BLOCK,
+             max(rows_t, SCRATCH_FLOATS // n // rows_t * rows_t))
     blocks = -(-length // rb)
     tiles = rb // rows_t
     tasks = groups * blocks
