@@ -10,9 +10,10 @@ L1/L2 (``ROW_BLOCK`` rows x the keys), applies the chain's elementwise steps (a 
 additive mask or position bias) as it stores them, runs the softmax on them in place and
 multiplies by ``V``, folding the ``1 / sum`` of the softmax into the output rows.
 
-Only for constant shapes, fp32, a key count up to :data:`MAX_KEYS` (the long attentions of
-Whisper-tiny and T5 keep the separate kernels that wt/attn20 and wt/soft21 tuned), head
-widths of whole vectors, and ``K^T`` / ``V`` of the same heads as ``Q`` (no broadcasting).
+Only for constant shapes, fp32, a key count up to :data:`MAX_KEYS` (longer attentions keep
+the separate kernels that wt/attn20 and wt/soft21 tuned; past 512 keys the row blocks shrink
+so a task's scores stay in L2: Whisper-tiny's 1500 keys ran 0.78x the separate kernels'
+time, wt/attn23), head widths of whole vectors, and ``K^T`` / ``V`` of the same heads as ``Q`` (no broadcasting).
 A key count that is not whole vectors pads ``K^T``'s columns and ``V``'s rows with zeros (the
 pads fuse into the head transposes), the padded scores masked to ``-inf`` in the kernel.
 
@@ -39,8 +40,9 @@ ENABLED = True
 #: False passes ``Q``, ``V`` and the output through their head copies (dense per-head
 #: operands) instead of reading / writing the projections' layouts (:mod:`.attention_views`).
 HEAD_VIEWS = True
-#: Key counts up to this are fused; longer attentions keep the tuned separate kernels.
-MAX_KEYS = 512
+#: Key counts up to this are fused; longer attentions keep the tuned separate kernels (the
+#: scores of one task, :data:`SCRATCH_FLOATS`, would fall under 4 rows).
+MAX_KEYS = 2048
 #: Score rows per task (a multiple of :data:`ROWS`); a task reads its head's ``K^T`` and ``V``.
 ROW_BLOCK = 64
 #: ... fewer when the keys are many: a task's scores stay at most this many floats (128 KB,
