@@ -19,7 +19,6 @@ import pytest
 import torch
 import transformers as T
 
-import slimc
 from tests.test_fused_attention import _compiled, _fused_calls, _run, _want
 from tests.test_lane_reductions import _fused_main, _kernels
 
@@ -56,7 +55,8 @@ class EagerHeads(torch.nn.Module):
 
     def forward(self, x):
         b, n, c = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
         probs = torch.softmax(q @ k.transpose(-1, -2) * 0.25 + self.bias, -1)
         return (probs @ v).transpose(1, 2).reshape(b, n, c)
 

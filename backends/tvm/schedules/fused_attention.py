@@ -13,9 +13,12 @@ multiplies by ``V``, folding the ``1 / sum`` of the softmax into the output rows
 Only for constant shapes, fp32, a key count up to :data:`MAX_KEYS` (longer attentions keep
 the separate kernels that wt/attn20 and wt/soft21 tuned; past 512 keys the row blocks shrink
 so a task's scores stay in L2: Whisper-tiny's 1500 keys ran 0.78x the separate kernels'
-time, wt/attn23), head widths of whole vectors, and ``K^T`` / ``V`` of the same heads as ``Q`` (no broadcasting).
-A key count that is not whole vectors pads ``K^T``'s columns and ``V``'s rows with zeros (the
-pads fuse into the head transposes), the padded scores masked to ``-inf`` in the kernel.
+time, wt/attn23), head widths of whole vectors, and ``K^T`` / ``V`` of the same heads as
+``Q`` (no broadcasting). A key count that is not whole vectors pads ``K^T``'s columns with
+zeros (fused into its head copy), the padded scores masked to ``-inf`` in the kernel; ``P @ V``
+runs over the valid keys only. ``Q`` and ``V`` are read, and the output written, in the
+projections' layouts where the model splits / merges heads with permutes
+(:mod:`.attention_views`): no head copies but ``K^T``'s.
 
 SDPA's "safe" softmax (a row masked entirely gives zeros, not NaN) is kept: the row sum of an
 all ``-inf`` row is tiny (< 0.5, any other row's is >= 1), its output row is zeros. The same
