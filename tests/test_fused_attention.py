@@ -134,7 +134,7 @@ def test_eager_scale_and_mask_are_fused(tmp_path):
 
 
 def test_long_or_odd_width_attentions_keep_the_separate_kernels(tmp_path):
-    """More than ``MAX_KEYS`` keys (Whisper's 1500: the tuned separate kernels) and a head
+    """More than ``MAX_KEYS`` keys (the tuned separate kernels) and a head
     width that is not whole vectors (8 of 16 lanes) are not fused, and stay exact."""
     from slimc.backends.tvm.schedules import fused_attention
 
