@@ -52,6 +52,7 @@ def slimc_register_passes():
 @hookimpl
 def slimc_register_converters():
     # Importing the lowering modules registers their (op, target kind) lowerings.
+    import slimc.backends.tvm.coded_scale_ops  # noqa: F401
     import slimc.backends.tvm.gpu_quantized  # noqa: F401
     import slimc.backends.tvm.int8_conv  # noqa: F401
     import slimc.backends.tvm.lowbit_ops  # noqa: F401

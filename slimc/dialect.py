@@ -354,4 +354,8 @@ def converters() -> dict[str, Any]:
 
 # Convolutions and expert gathers, and the int3/int2 ops, live in their own modules; importing
 # them adds them to ``OPS`` (they import this module, which is complete by now).
-from slimc import dialect_conv, dialect_lowbit  # noqa: E402,F401,I001
+from slimc import coded_scales, dialect_conv, dialect_lowbit  # noqa: E402,F401,I001
+
+#: ``-qs`` grids: ``coded_scale(code, unit, like)`` rebuilds a group's fp16 step or minimum
+#: (:mod:`slimc.coded_scales`).
+OPS["coded_scale"] = torch.ops.slimc.coded_scale.default

@@ -374,6 +374,12 @@ class IR:
         metadata: set[tuple] = set()
         for node in self.nodes("call_function"):
             name = str(node.target).removeprefix("slimc.").split(".")[0]
+            if name == "coded_scale" and str(node.target).startswith("slimc."):
+                # a -qs grid's codes and row units (slimc.coded_scales): metadata
+                for arg in node.args[:2]:
+                    if isinstance(arg, Node) and arg.op == "placeholder":
+                        metadata.add(key(self.get_weight(arg)))
+                continue
             if name not in _QUANTIZED_ARGS or not str(node.target).startswith("slimc."):
                 continue
             weight_at, per_element, meta_at = _QUANTIZED_ARGS[name]

@@ -6,7 +6,9 @@ The packed tensors are exactly what the artifact stores (see
 ``slimc.dialect``): int8 codes + one fp32 scale per output row; int4 codes two
 per byte + one fp32 scale and one uint8 zero point per (row, group of ``group_size`` inputs);
 int3 / int2 (:mod:`slimc.lowbit`): codes bit-packed, each row padded to whole groups, one fp16
-scale and one fp16 minimum per (row, group).
+scale and one fp16 minimum per (row, group). ``-qs`` (quantized scales, :mod:`slimc.coded_scales`):
+the same codes, each group's step and minimum stored as 8-bit codes against two fp16 units per
+row.
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from slimc.coded_scales import CodedGrid, code_grid
 from slimc.dialect import dequantize_int4, dequantize_int8, unpack_int4
-from slimc.lowbit import LOWBIT_KINDS, bits_of, lowbit_fake_quantize, lowbit_row_bits
+from slimc.lowbit import (
+    LOWBIT_KINDS,
+    bits_of,
+    codes_on_grid,
+    lowbit_fake_quantize,
+    lowbit_row_bits,
+    padded_k,
+)
 from slimc.lowbit import grid as lowbit_grid
 
-__all__ = ["Format", "Int4Params", "dequantize_int4", "dequantize_int8", "fake_quantize",
+__all__ = ["CodedGrid", "Format", "Int4Params", "coded_codes", "coded_grid", "coded_values", "dequantize_int4", "dequantize_int8", "fake_quantize",
            "fake_quantize_rows", "int4_params", "int4_codes", "pack_int4", "parse_format",
            "quantize_int8", "unpack_int4"]
 
@@ -36,20 +46,31 @@ class Format:
     GGUF) are represented exactly with ``group_size=32``. fp16 rather than fp32 parameters:
     at 32 weights per group they are a third of the bytes a decode step streams otherwise
     (6 -> 5 bits per weight), and generation is bandwidth-bound.
+
+    ``coded_scales`` (spelled ``-qs``: ``int4-g32-qs``, ``int3-g64-qs``): a float-zero grid
+    (int4, int3, int2) whose per-group step and minimum are stored as 8-bit codes against one
+    fp16 unit each per row (:mod:`slimc.coded_scales`): 16 instead of 32 bits per group.
     """
 
     kind: str
     group_size: int = 0
     symmetric: bool = False
     float_zero: bool = False
+    coded_scales: bool = False
 
     def __str__(self) -> str:
+        qs = "-qs" if self.coded_scales else ""
         if self.kind == "int4":
-            suffix = "-sym" if self.symmetric else "-fz" if self.float_zero else ""
+            suffix = "-sym" if self.symmetric else qs or ("-fz" if self.float_zero else "")
             return f"int4-g{self.group_size}{suffix}"
         if self.kind in LOWBIT_KINDS:
-            return f"{self.kind}-g{self.group_size}"
+            return f"{self.kind}-g{self.group_size}{qs}"
         return self.kind
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of one weight code (int4/int3/int2)."""
+        return 4 if self.kind == "int4" else bits_of(self.kind)
 
     @property
     def lowbit(self) -> bool:
@@ -64,6 +85,10 @@ class Format:
             return 16.0
         if self.kind == "int8":
             return 8.0 + 32.0 / k
+        if self.coded_scales:  # codes, two 8-bit codes per group, two fp16 units per row
+            codes = 4 * (k + k % 2) if self.kind == "int4" else \
+                padded_k(k, self.group_size) * self.code_bits
+            return (codes + 16.0 * -(-k // self.group_size) + 32.0) / k
         if self.kind in LOWBIT_KINDS:
             return lowbit_row_bits(k, bits_of(self.kind), self.group_size) / k
         groups = -(-k // self.group_size)
@@ -74,24 +99,48 @@ class Format:
         return n * k * self.bits_per_weight(k) / 8.0
 
 
+#: The weight formats, as :func:`parse_format` reads them (for messages and ``--help``).
+FORMAT_SPELLINGS = ("int4-g128", "int4-g32-sym", "int4-g32-fz", "int4-g32-qs", "int3-g64",
+                    "int3-g64-qs", "int2-g32", "int8", "fp16", "bf16", "fp32")
+
+
 def parse_format(text: str) -> Format:
-    """``int4-g128``, ``int4-g32-sym``, ``int4-g32-fz``, ``int3-g64``, ``int2-g32``, ``int8``,
-    ``fp16``, ``bf16``, ``fp32``."""
-    if text.startswith(LOWBIT_KINDS):
-        kind, _, rest = text.partition("-")
-        group = int(rest[1:]) if rest.startswith("g") and rest[1:].isdigit() else \
-            (64 if not rest else -1)
-        if group < 8 or group % 8 or kind not in LOWBIT_KINDS:
-            raise ValueError(f"unknown weight format {text!r} ({kind} takes -gN, N a "
-                             "multiple of 8: int3-g64, int2-g32)")
-        return Format(kind, group)
-    if text.startswith("int4"):
-        parts = text.split("-")
-        group = next((int(p[1:]) for p in parts[1:] if p.startswith("g")), 128)
-        return Format("int4", group, "sym" in parts[1:], "fz" in parts[1:])
-    if text in ("int8", "fp16", "bf16", "fp32"):
+    """A weight format from its name: ``int4-gN`` (N even; default 128) with ``-sym``
+    (symmetric), ``-fz`` (fp16 scale and minimum per group, GGUF Q4_1) or ``-qs`` (the ``-fz``
+    grid with 8-bit step and minimum codes against fp16 row units, :mod:`slimc.coded_scales`);
+    ``int3-gN`` / ``int2-gN`` (N a multiple of 8; default 64), optionally ``-qs``; ``int8``,
+    ``fp16``, ``bf16``, ``fp32``. E.g. ``int4-g128``, ``int4-g32-fz``, ``int4-g64-qs``,
+    ``int3-g64``, ``int3-g32-qs``, ``int2-g32``."""
+    kind, *options = text.split("-")
+    if kind in ("int8", "fp16", "bf16", "fp32") and not options:
         return Format(text)
-    raise ValueError(f"unknown weight format {text!r}")
+    if kind not in ("int4", *LOWBIT_KINDS):
+        raise ValueError(f"unknown weight format {text!r} (formats: "
+                         f"{', '.join(FORMAT_SPELLINGS)})")
+    allowed = ("sym", "fz", "qs") if kind == "int4" else ("qs",)
+    groups = [o for o in options if o.startswith("g")]
+    flags = [o for o in options if not o.startswith("g")]
+    bad = [o for o in groups if not o[1:].isdigit()] + [o for o in flags if o not in allowed]
+    if "sym" in flags and len(flags) > 1:
+        bad.append("-sym together with -" + "/-".join(f for f in flags if f != "sym"))
+    if bad or len(groups) > 1 or len(set(flags)) != len(flags):
+        usage = ("-gN with N even, then -sym, -fz or -qs: int4-g128, int4-g32-qs"
+                 if kind == "int4" else
+                 f"-gN with N a multiple of 8, then optionally -qs: {kind}-g64, {kind}-g32-qs")
+        raise ValueError(f"unknown weight format {text!r} ("
+                         + (f"{', '.join(map(repr, bad))}: not an option of {kind}; "
+                            if bad else "") + f"{kind} takes {usage})")
+    group = int(groups[0][1:]) if groups else (128 if kind == "int4" else 64)
+    qs = "qs" in flags
+    if kind == "int4":
+        if group < 2 or group % 2:
+            raise ValueError(f"unknown weight format {text!r} (int4 groups are even: "
+                             "int4-g32, int4-g128)")
+        return Format("int4", group, "sym" in flags, "fz" in flags or qs, qs)
+    if group < 8 or group % 8:
+        raise ValueError(f"unknown weight format {text!r} ({kind} takes -gN, N a "
+                         f"multiple of 8: {kind}-g64, {kind}-g32-qs)")
+    return Format(kind, group, coded_scales=qs)
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,10 +241,40 @@ def pack_int4(codes: Tensor) -> Tensor:
     return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
 
+def coded_grid(weight: Tensor, fmt: Format) -> CodedGrid:
+    """The ``-qs`` grid of ``weight [N, K]``: the format's float-zero grid (the searched grid
+    of :func:`slimc.lowbit.grid`; weights already on a min/max grid keep it), its steps and
+    minimums rounded to nearest on 8-bit codes (:func:`slimc.coded_scales.code_grid`)."""
+    step, minimum = lowbit_grid(weight, fmt.code_bits, fmt.group_size)
+    return code_grid(step, minimum)
+
+
+def coded_codes(weight: Tensor, fmt: Format, coded: CodedGrid) -> Tensor:
+    """Round-to-nearest codes of ``weight`` on the decoded ``-qs`` grid (so every weight is
+    exactly representable): ``uint8[N, K]`` (int4) or ``[N, K']`` padded to whole groups."""
+    step, minimum = coded.decoded()
+    if fmt.kind == "int4":
+        return int4_codes(weight, Int4Params(step, minimum, fmt.group_size))
+    return codes_on_grid(weight, step.float(), minimum.float(), fmt.code_bits, fmt.group_size)
+
+
+def coded_values(codes: Tensor, fmt: Format, coded: CodedGrid, k: int) -> Tensor:
+    """Float weight ``[N, k]`` of ``codes`` on a ``-qs`` grid (the reference dequantization)."""
+    step, minimum = coded.decoded()
+    if fmt.kind == "int4":
+        return dequantize_int4(pack_int4(codes), step, minimum, fmt.group_size, k)
+    index = torch.arange(k) // fmt.group_size
+    return codes[:, :k].float() * step.float()[:, index] + minimum.float()[:, index]
+
+
 def fake_quantize(weight: Tensor, fmt: Format) -> Tensor:
     """What ``weight`` becomes after a round trip through ``fmt`` (round-to-nearest)."""
     if fmt.kind == "fp32":
         return weight
+    if fmt.coded_scales:
+        coded = coded_grid(weight, fmt)
+        return coded_values(coded_codes(weight, fmt, coded), fmt, coded,
+                            weight.shape[1]).to(weight.dtype)
     if fmt.kind in ("fp16", "bf16"):
         dtype = torch.float16 if fmt.kind == "fp16" else torch.bfloat16
         return weight.to(dtype).float()
@@ -247,7 +326,8 @@ def fake_quantize_rows(weight: Tensor, fmt: Format, rows: int = FAKE_QUANTIZE_RO
     found for the whole weight, so it is cached under the same content key the quantize pass
     looks up later."""
     n = weight.shape[0]
-    if fmt.kind == "fp32" or weight.dim() != 2 or n <= rows or fmt.kind in LOWBIT_KINDS:
+    if fmt.kind == "fp32" or weight.dim() != 2 or n <= rows or fmt.kind in LOWBIT_KINDS \
+            or fmt.coded_scales:
         return fake_quantize(weight, fmt)
     out = torch.empty(weight.shape, dtype=torch.float32)
     if fmt.kind == "int4" and fmt.float_zero:

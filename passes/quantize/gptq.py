@@ -22,7 +22,7 @@ from torch import Tensor
 
 from slimc.lowbit import bits_of, grid, padded_k
 
-from .formats import Format, Int4Params, int4_params, quantize_int8
+from .formats import Format, Int4Params, coded_grid, int4_params, quantize_int8
 
 
 def _set_group(fmt: Format, span: Tensor, scales: Tensor, zeros: Tensor, g: int) -> None:
@@ -42,6 +42,9 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
     int4 -> (codes uint8 [N, K], :class:`Int4Params`); int8 -> (codes int8 [N, K], scale [N]);
     int3/int2 -> (codes uint8 [N, K'] padded to whole groups, (scale, minimum) [N, G]).
     ``act_order``: columns in decreasing Hessian-diagonal order, group grids fixed up front.
+    ``-qs`` formats -> (codes, :class:`CodedGrid`): the grid is always fixed up front (static
+    groups: its step and minimum codes are relative to per-row units, which need every group
+    of the row), from the original weights; GPTQ then chooses the codes on it.
     """
     w = weight.double().clone()
     n, k = w.shape
@@ -67,8 +70,12 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
         zeros = torch.zeros(n, groups, dtype=torch.float16 if fmt.float_zero else
                             torch.float32 if fmt.lowbit else torch.uint8)
     codes = torch.zeros(n, k, dtype=torch.int16)
+    coded = coded_grid(weight.float(), fmt) if fmt.coded_scales else None
+    static = act_order or coded is not None
+    if coded is not None:
+        scales, zeros = coded.decoded()
     if act_order:
-        if grouped:  # static groups: every grid from the original (dead-zeroed) weights
+        if grouped and coded is None:  # static groups: every grid from the original (dead-zeroed) weights
             for g in range(groups):
                 _set_group(fmt, w[:, g * group:(g + 1) * group], scales, zeros, g)
         w, h = w[:, perm], h[perm][:, perm]
@@ -90,7 +97,7 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if grouped and act_order:
+            if grouped and static:
                 g = int(perm[col]) // group
                 s, z = scales[:, g].double(), zeros[:, g].double()
             elif grouped and col % group == 0:
@@ -118,5 +125,7 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
     if fmt.lowbit:
         padded = torch.zeros(n, padded_k(k, group), dtype=torch.uint8)
         padded[:, :k] = codes.to(torch.uint8)
-        return padded, (scales, zeros)
+        return padded, coded if coded is not None else (scales, zeros)
+    if coded is not None:
+        return codes.to(torch.uint8), coded
     return codes.to(torch.uint8), Int4Params(scales, zeros, group)

@@ -89,6 +89,11 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
         return
     for use in layer.uses:
         node, role = use.node, use.role
+        if "scale_code" in tensors:  # a -qs grid: rebuilt before each use from its codes
+            like = node.args[1] if role == "embedding" else \
+                node.args[1] if node.target is aten.addmm.default else node.args[0]
+            nodes["scale"], nodes["zero"] = _coded_grid_nodes(ir, nodes, node, like)
+            nodes["minimum"] = nodes["zero"]
         if role == "embedding":
             ids = node.args[1]
             if kind == "int8":
@@ -132,6 +137,25 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
             args = (x, nodes["weight"], bias)
         _replace(ir, node, OPS[f"linear_{kind}"], args)
     _erase_dead_views(ir, layer)
+
+
+def _coded_grid_nodes(ir: IR, nodes: dict[str, Node], before: Node,
+                      like: Node) -> tuple[Node, Node]:
+    """``slimc::coded_scale`` nodes rebuilding a ``-qs`` grid's fp16 step and minimum from
+    their codes, placed before ``before``; ``like`` is the run-time tensor that consumer reads
+    (it keeps TVM from folding the rebuilt grid into stored constants,
+    :mod:`slimc.coded_scales`)."""
+    out = []
+    for code, unit in (("scale_code", "scale_unit"), ("min_code", "min_unit")):
+        with ir.graph.inserting_before(before):
+            new = ir.graph.call_function(OPS["coded_scale"], (nodes[code], nodes[unit], like))
+        ref = nodes[code].meta.get("val")
+        mode = getattr(ref, "fake_mode", None)
+        if mode is not None:
+            with mode:
+                new.meta["val"] = torch.empty(tuple(ref.shape), dtype=torch.float16)
+        out.append(new)
+    return out[0], out[1]
 
 
 def _rewrite_convs(ir: IR, layer: Layer, kind: str, nodes: dict[str, Node],

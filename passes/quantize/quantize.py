@@ -43,14 +43,19 @@ from .rtn import pack
 #: int4-g128-fz, linears fp32 (docs/benchmarks.md, issue 17): perplexity 1.160x fp32 rounded
 #: to nearest, GPTQ 1.105x at damping 0.01, 1.076x at 0.1, 1.083x at 0.3, 1.091x at 1.0.
 TABLE_DAMP = 0.1
+#: ``weights=`` values that take their grouping from the other options.
+WEIGHT_KINDS = ("int8", "int4", "int3", "int2", "fp16", "bf16", "mixed")
 
 
 class QuantizeOptions(PassOptions):
-    weights: Literal["int8", "int4", "int3", "int2", "fp16", "bf16", "mixed"] = Field(
-        "int8", description="Weight format, or `mixed` to choose one per layer under `budget`. "
-        "`int3`/`int2`: bit-packed codes, an fp16 scale and minimum per group of `group_size` "
-        "(a multiple of 8; linear layers and embedding tables, convolutions and experts get "
-        "int4 with a float zero point instead).")
+    weights: str = Field(
+        "int8", description="Weight format (`int8`, `int4`, `int3`, `int2`, `fp16`, `bf16`, "
+        "with `group_size`, `symmetric`, `zero_point`), a full format name that sets its own "
+        "group (`int4-g32-fz`, `int4-g32-qs`, `int3-g64-qs`; `-qs`: 8-bit step and minimum "
+        "codes per group against fp16 row units), or `mixed` to choose one per layer under "
+        "`budget`. `int3`/`int2`: bit-packed codes, an fp16 scale and minimum per group of "
+        "`group_size` (a multiple of 8; linear layers and embedding tables, convolutions and "
+        "experts get int4 with a float zero point instead).")
     activations: Literal["none", "int8"] = Field(
         "none", description="`int8`: static int8 inputs (calibrated scale, SmoothQuant "
         "migration) for every int8-weight linear and convolution, run on int8 dot-product "
@@ -99,6 +104,17 @@ class QuantizeOptions(PassOptions):
     fold_batchnorm: bool = Field(True, description="Fold inference batch norms into the "
                                  "convolutions before them first, so the weights quantized "
                                  "are the ones the model applies.")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value in WEIGHT_KINDS:
+            return value
+        try:
+            parse_format(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or one of {', '.join(WEIGHT_KINDS)}") from None
+        return value
 
     @field_validator("group_size")
     @classmethod
@@ -225,6 +241,9 @@ def unmatched_rule_error(pattern: str, names: list[str], options: QuantizeOption
 
 def _base_formats(ir: IR, layers: list[Layer], ctx: PassContext,
                   options: QuantizeOptions) -> tuple[dict[str, Format], dict]:
+    if options.weights not in WEIGHT_KINDS:  # a full format name (int4-g32-qs)
+        fmt = parse_format(options.weights)
+        return {layer.name: fmt for layer in layers}, {}
     if options.weights != "mixed":
         int4 = options.weights == "int4"
         grouped = int4 or options.weights in LOWBIT_KINDS
@@ -320,9 +339,14 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         raise UsageError(f"{', '.join(lowbit)} weights have CPU kernels only (x86, aarch64); "
                          f"this build targets {gpu}.", hint="Use int4 or int8 weights for GPU "
                          "targets, or build for a CPU target.")
-    for la in layers:  # int3/int2 kernels exist for linears and gathers only
+    coded = sorted({str(f) for f in formats.values() if f.coded_scales})
+    if gpu and coded:
+        raise UsageError(f"{', '.join(coded)} weights (quantized group scales) are built for "
+                         f"CPU targets only (x86, aarch64); this build targets {gpu}.",
+                         hint="Use int4-gN-fz (fp16 group scales) for GPU targets.")
+    for la in layers:  # int3/int2 and -qs grids exist for linears and gathers only
         fmt = formats[la.name]
-        if fmt.lowbit and la.kind in ("conv", "expert"):
+        if (fmt.lowbit or fmt.coded_scales) and la.kind in ("conv", "expert"):
             formats[la.name] = Format("int4", fmt.group_size, float_zero=True)
     kept = []
     for la in layers:

@@ -9,18 +9,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimc.lowbit import bits_of, pack_lowbit
+from slimc.coded_scales import CodedGrid
+from slimc.lowbit import bits_of, pack_bits, pack_lowbit
 
-from .formats import Format, Int4Params, int4_codes, int4_params, pack_int4, quantize_int8
+from .formats import (
+    Format,
+    Int4Params,
+    coded_codes,
+    coded_grid,
+    int4_codes,
+    int4_params,
+    pack_int4,
+    quantize_int8,
+)
 
 
-def pack(weight: Tensor, fmt: Format, params: Int4Params | None = None,
+def pack(weight: Tensor, fmt: Format, params: Int4Params | CodedGrid | None = None,
          codes: Tensor | None = None) -> dict[str, Tensor]:
     """Tensors the IR (and the artifact) stores for ``weight [N, K]`` in ``fmt``.
 
     ``params``/``codes`` let a caller that already chose the int4 grid and codes (GPTQ) pass
     them through; otherwise they are round-to-nearest.
     """
+    if fmt.coded_scales:  # GPTQ passes its CodedGrid as params
+        coded = params if isinstance(params, CodedGrid) else coded_grid(weight, fmt)
+        codes = codes if codes is not None else coded_codes(weight, fmt, coded)
+        packed = pack_int4(codes) if fmt.kind == "int4" else pack_bits(codes, fmt.code_bits)
+        return {"weight": packed, **coded.tensors()}
     if fmt.kind == "fp16":
         return {"weight": weight.to(torch.float16)}
     if fmt.kind == "bf16":
