@@ -29,7 +29,7 @@ def coded_scale_kernel(n: int, groups: int, code_dtype: str, like_ndim: int, lik
     out = te.compute((n, groups), lambda i, g: (
         code[i, g].astype("float32") * unit[i].astype("float32")).astype("float16"),
         name="coded_scale")
-    func = te.create_prim_func([code, unit, like, out])
+    func = te.create_prim_func([code, unit, like, out], "int64")
     return func.with_attr("global_symbol", f"slimc_coded_scale_{n}x{groups}_{code_dtype}")
 
 

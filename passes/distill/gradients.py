@@ -114,6 +114,8 @@ def register() -> None:
     _gather_grad("embedding_lowbit", _embedding_lowbit, 7)
     _weight_grad("linear_w8a8", lambda x, q, in_mult, out_scale, b, zp:
                  q.float() * out_scale[:, None], 2, 6)
+    # -qs grids (slimc.coded_scales registers its own: no gradient, the grid stays fixed)
+    _REGISTERED.add("coded_scale")
 
 
 def _embedding_int4(packed, scale, zero, ids, group_size):
