@@ -30,9 +30,10 @@ from slimc.lowbit import (
 )
 from slimc.lowbit import grid as lowbit_grid
 
-__all__ = ["CodedGrid", "Format", "Int4Params", "coded_codes", "coded_grid", "coded_values", "dequantize_int4", "dequantize_int8", "fake_quantize",
-           "fake_quantize_rows", "int4_params", "int4_codes", "pack_int4", "parse_format",
-           "quantize_int8", "unpack_int4"]
+__all__ = ["CodedGrid", "Format", "Int4Params", "coded_codes", "coded_grid", "coded_values",
+           "dequantize_int4", "dequantize_int8", "fake_quantize", "fake_quantize_rows",
+           "int4_codes", "int4_params", "pack_int4", "parse_format", "quantize_int8",
+           "unpack_int4"]
 
 
 @dataclass(frozen=True)

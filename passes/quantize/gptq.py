@@ -75,7 +75,8 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
     if coded is not None:
         scales, zeros = coded.decoded()
     if act_order:
-        if grouped and coded is None:  # static groups: every grid from the original (dead-zeroed) weights
+        # static groups: every grid from the original (dead-zeroed) weights
+        if grouped and coded is None:
             for g in range(groups):
                 _set_group(fmt, w[:, g * group:(g + 1) * group], scales, zeros, g)
         w, h = w[:, perm], h[perm][:, perm]
