@@ -79,6 +79,9 @@ class Techniques:
     #: int4-gG-fz (fp16 scale and minimum per group, 5 / 4.5 / 4.25 bits at G = 32 / 64 /
     #: 128): GGUF Q4_1's layout, exact at G = 32 for weights that came from a Q4_1 file, and
     #: between int4-g32 and int3-g64 in bytes otherwise.
+    #: Not here yet: the ``-qs`` formats (``int4-g32-qs``, quantized group scales, issue 17).
+    #: Each extra format is one more measured forward per layer in the damage table and GPU
+    #: targets have no ``-qs`` lowering; see docs/benchmarks.md (wt/kqfmt23) before adding.
     formats: tuple[str, ...] = ("int8", "int4-g128", "int4-g32", "int4-g32-fz", "int4-g64-fz",
                                 "int4-g128-fz", "int3-g64", "int3-g128", "int2-g64")
     #: Low-rank: shares of a layer's parameters the two factors keep (empty: no low-rank).
@@ -259,8 +262,8 @@ def build_space(ir: IR, ctx: PassContext, techniques: Techniques, hw,
         for fmt in formats:
             if fmt.kind == "int4" and layer.is_embedding and k % 2:
                 continue  # quantize stores odd-width int4 tables as int8
-            if fmt.lowbit and layer.kind in ("conv", "expert"):
-                continue  # int3/int2 kernels exist for linears and gathers only
+            if (fmt.lowbit or fmt.coded_scales) and layer.kind in ("conv", "expert"):
+                continue  # int3/int2 and -qs grids exist for linears and gathers only
             options.append(Option(fmt))
         if layer.name in spectrum:
             for keep in techniques.lowrank_keeps:
