@@ -51,7 +51,7 @@ def time_ab(out: Path, rounds: int, calls: int) -> None:
     import slimc
 
     models = {fmt: slimc.load(out / fmt, threads=1) for fmt in FORMATS}
-    feeds = {fmt: m.example_inputs() for fmt, m in models.items()}
+    feeds = {fmt: list(m.example_inputs().values()) for fmt, m in models.items()}
     for fmt, m in models.items():  # warm up
         for _ in range(20):
             m.run_arrays(feeds[fmt])
