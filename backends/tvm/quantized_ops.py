@@ -96,6 +96,8 @@ def linear_kernel(kind: str, m: int, k: int, n: int, group: int = 0, tile: int =
         k = -(-k // group) * group
     if kind == "int4" and FACTORED_INT4 and group % 2 == 0 and k % group == 0:
         return _int4_grouped_kernel(m, k, n, group, t, zero_dtype)
+    if zero_dtype == CODED:
+        raise ValueError("coded (-qs) int4 grids need the factored kernel (an even group)")
     x = te.placeholder((row_var(m), k), "float32", name="x")
     r = te.reduce_axis((0, k), name="k")
     if kind == "int8":
@@ -162,7 +164,19 @@ def int4_value(code, scale, zero, zero_dtype: str):
 
 
 def _zero_suffix(zero_dtype: str) -> str:
-    return "" if zero_dtype == "uint8" else "_fz"
+    return "" if zero_dtype == "uint8" else "_qs" if zero_dtype == CODED else "_fz"
+
+
+#: ``zero_dtype`` of a ``-qs`` grid read as its codes (:mod:`slimc.coded_scales`): the kernel
+#: takes ``scale_code uint8``, ``min_code int8`` tiles and the two fp16 row units, and decodes
+#: each group's step and minimum where it applies them (once per group and output).
+CODED = "coded"
+
+
+def coded_factored(k: int, group: int) -> bool:
+    """Whether an int4 linear of ``k`` inputs runs the factored kernel, which can read a
+    ``-qs`` grid's codes directly (else the grid is rebuilt by ``slimc::coded_scale``)."""
+    return FACTORED_INT4 and group % 2 == 0 and (k % group == 0 or _pads_to_groups(k, group))
 
 
 def zero_dtype_of(expr) -> str:
@@ -186,8 +200,12 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int,
     x = te.placeholder((row_var(m), k), "float32", name="x")
     rows = x.shape[0]
     w = te.placeholder((n // t, k // 2, t), "uint8", name="w")
-    s = te.placeholder((n // t, groups, t), scale_dtype(zero_dtype), name="scale")
-    z = te.placeholder((n // t, groups, t), zero_dtype, name="zero")
+    coded = zero_dtype == CODED
+    s = te.placeholder((n // t, groups, t), "uint8" if coded else scale_dtype(zero_dtype),
+                       name="scale")
+    z = te.placeholder((n // t, groups, t), "int8" if coded else zero_dtype, name="zero")
+    units = [te.placeholder((n // t, t), "float16", name=name)
+             for name in ("scale_unit", "min_unit")] if coded else []
     r1 = te.reduce_axis((0, group), name="r1")
     xs = te.compute((rows, groups), lambda i, g: te.sum(x[i, g * group + r1], axis=r1), name="xs")
     rk = te.reduce_axis((0, half), name="rk")
@@ -204,14 +222,21 @@ def _int4_grouped_kernel(m: int, k: int, n: int, group: int, t: int,
                      name="acc")
     rg = te.reduce_axis((0, groups), name="rg")
 
+    def decoded(code, unit, j):  # fp16(code * unit), as slimc.coded_scales.decode
+        product = code.astype("float32") * unit[j // t, j % t].astype("float32")
+        return product.astype("float16").astype("float32")
+
     def group_term(i, j, g):  # sum_k x w over group g, from the code sums and x's group sum
         scale, zero = s[j // t, g, j % t].astype("float32"), z[j // t, g, j % t]
+        if coded:  # a -qs grid: step and minimum decoded from their codes here
+            scale = decoded(s[j // t, g, j % t], units[0], j)
+            return scale * acc[i, j, g] + decoded(zero, units[1], j) * xs[i, g]
         if zero_dtype != "uint8":  # w = code * scale + minimum
             return scale * acc[i, j, g] + zero.astype("float32") * xs[i, g]
         return scale * (acc[i, j, g] - zero.astype("float32") * xs[i, g])
 
     y = te.compute((rows, n), lambda i, j: te.sum(group_term(i, j, rg), axis=rg), name="y")
-    func = te.create_prim_func([x, w, s, z, y], index_dtype(m))
+    func = te.create_prim_func([x, w, s, z, *units, y], index_dtype(m))
     name = f"slimc_linear_int4f_{m or 'dyn'}x{k}x{n}_g{group}" + _zero_suffix(zero_dtype)
     rows = int4_row_block(m, t)
     if rows > 1:
@@ -532,10 +557,17 @@ def _convert_linear(kind: str):
                 # so the factored kernel applies (padded x is 0, so the codes never count).
                 padded = -(-k // group) * group
                 packed = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, (padded - k) // 2]))
-            tensors = [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
-                       _tiles(bb, importer.env[node.args[3]], t)]
-            func = linear_kernel("int4", kernel_rows(m), k, n, group,
-                                 zero_dtype=zero_dtype_of(importer.env[node.args[3]]))
+            coded = _coded_operands(importer, node, k, group)
+            if coded is not None:  # a -qs grid: the kernel decodes its codes
+                zdtype = CODED
+                tensors = [_tiles(bb, packed, t), _tiles(bb, coded[0], t),
+                           _tiles(bb, coded[1], t),
+                           *(bb.emit(relax.op.reshape(u, (n // t, t))) for u in coded[2:])]
+            else:
+                zdtype = zero_dtype_of(importer.env[node.args[3]])
+                tensors = [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
+                           _tiles(bb, importer.env[node.args[3]], t)]
+            func = linear_kernel("int4", kernel_rows(m), k, n, group, zero_dtype=zdtype)
         else:
             bias, act = _arg(importer, node, 2), None
             tensors = [_tiles(bb, weight, t)]
@@ -554,6 +586,20 @@ def _convert_linear(kind: str):
         return y
 
     return convert
+
+
+def _coded_operands(importer, node, k: int, group: int) -> list | None:
+    """``[scale_code, min_code, scale_unit, min_unit]`` (Relax values) when an int4 linear's
+    grid is a ``-qs`` grid rebuilt by ``slimc::coded_scale`` nodes and the factored kernel
+    applies: the kernel then reads the codes (no rebuilt fp16 grid, no extra kernels); the
+    rebuild nodes, left unused, are dropped as dead code."""
+    scale, zero = node.args[2], node.args[3]
+    coded = OPS["coded_scale"]
+    if not (getattr(scale, "target", None) is coded and getattr(zero, "target", None) is coded
+            and coded_factored(k, group)):
+        return None
+    return [importer.env[scale.args[0]], importer.env[zero.args[0]],
+            importer.env[scale.args[1]], importer.env[zero.args[1]]]
 
 
 def _convert_w8a8(node, importer):
