@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimc.coded_scales import CodedGrid
 from slimc.lowbit import bits_of, grid, padded_k
 
 from .formats import Format, Int4Params, coded_grid, int4_params, quantize_int8
@@ -36,7 +37,8 @@ def _set_group(fmt: Format, span: Tensor, scales: Tensor, zeros: Tensor, g: int)
 
 
 def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
-         damp: float = 0.01, act_order: bool = False) -> tuple[Tensor, Int4Params | Tensor]:
+         damp: float = 0.01, act_order: bool = False
+         ) -> tuple[Tensor, Int4Params | CodedGrid | Tensor | tuple[Tensor, Tensor]]:
     """Codes and grid of ``weight [N, K]`` given its input Hessian ``[K, K]``.
 
     int4 -> (codes uint8 [N, K], :class:`Int4Params`); int8 -> (codes int8 [N, K], scale [N]);
