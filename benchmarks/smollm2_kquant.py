@@ -11,7 +11,9 @@ re-rounded to nearest on the quantized grid (for a Q4_1 matrix almost all stay).
 
 This is what llama.cpp's Q4_K does (6-bit scales and minimums in super-blocks of 256 under
 fp16 super-scales); slimc has no such storage format or kernel yet: the harness measures what
-it would buy. Method name in a rule: ``kq8`` (``FORMAT:kqN``, N = 2..8).
+it would buy. Method name in a rule: ``kq8`` (``FORMAT:kqN``, N = 2..8): codes rounded to
+nearest; ``kq8-ao``: codes chosen by GPTQ with act-order on the same fixed coded grids (for
+int3 grids, where rounding to nearest loses much more than the scale codes do).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from passes.quantize.formats import Format
-from slimc.lowbit import bits_of
+from slimc.lowbit import bits_of, grid
 
 
 def levels(fmt: Format) -> int:
@@ -35,26 +37,85 @@ def kq_bits_per_weight(fmt: Format, k: int, bits: int) -> float:
     return (code_bits * k + groups * 2 * bits + 32) / k
 
 
-@torch.no_grad()
-def kq_round_trip(weight: torch.Tensor, fmt: Format, bits: int) -> torch.Tensor:
-    """``weight [N, K]`` on a min/max grid of ``fmt``'s group size and code width whose
-    per-group step and minimum are ``bits``-bit codes against the row's fp16 maxima."""
+def kq_grid(weight: torch.Tensor, fmt: Format, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, minimum) [N, G]`` of ``weight [N, K]``'s groups, each already rounded to its
+    ``bits``-bit code against the row's fp16 maximum. The uncoded grid: min/max of the group
+    for int4 ``-fz`` (a Q4_1 matrix's own grid), slimc's searched fp16 grid
+    (``slimc.lowbit.grid``: the smallest squared rounding error) for int3/int2."""
     if not (fmt.float_zero or fmt.lowbit) or not 2 <= bits <= 8:
         raise ValueError(f"kq{bits}: needs an int4 -fz or int3/int2 format and 2..8 bits")
     n, k = weight.shape
     g = fmt.group_size
     groups = -(-k // g)
-    w = torch.nn.functional.pad(weight.float(), (0, groups * g - k))
-    view = w.reshape(n, groups, g)
-    lo, hi = view.amin(-1), view.amax(-1)
-    top = levels(fmt)
-    step = ((hi - lo) / top).half().float()
-    lo = lo.half().float()
+    if fmt.lowbit:
+        step, lo = grid(weight.float(), bits_of(fmt.kind), g)
+    else:
+        w = torch.nn.functional.pad(weight.float(), (0, groups * g - k))
+        view = w.reshape(n, groups, g)
+        lo, hi = view.amin(-1), view.amax(-1)
+        step = ((hi - lo) / levels(fmt)).half().float()
+        lo = lo.half().float()
     dmax = step.amax(-1, keepdim=True).half().float().clamp_min(1e-12)
     mmax = lo.abs().amax(-1, keepdim=True).half().float().clamp_min(1e-12)
     ls, lm = (1 << bits) - 1, (1 << (bits - 1)) - 1
     step = torch.round(step / dmax * ls).clamp(1, ls) * dmax / ls
     lo = torch.round(lo / mmax * lm) * mmax / lm
-    codes = torch.round((view - lo[..., None]) / step[..., None]).clamp(0, top)
+    return step, lo
+
+
+@torch.no_grad()
+def kq_round_trip(weight: torch.Tensor, fmt: Format, bits: int) -> torch.Tensor:
+    """``weight [N, K]`` rounded to nearest on its :func:`kq_grid`."""
+    n, k = weight.shape
+    g = fmt.group_size
+    groups = -(-k // g)
+    step, lo = kq_grid(weight, fmt, bits)
+    w = torch.nn.functional.pad(weight.float(), (0, groups * g - k))
+    view = w.reshape(n, groups, g)
+    codes = torch.round((view - lo[..., None]) / step[..., None]).clamp(0, levels(fmt))
     out = (codes * step[..., None] + lo[..., None]).reshape(n, groups * g)
     return out[:, :k].to(weight.dtype)
+
+
+@torch.no_grad()
+def kq_gptq_round_trip(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, bits: int,
+                       damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """``weight [N, K]`` on its :func:`kq_grid` with the codes chosen by GPTQ with act-order
+    (``passes.quantize.gptq``'s static-groups variant): the coded grids are fixed up front
+    from the original weights, so only the codes move; columns in decreasing Hessian-diagonal
+    order, each column's rounding error pushed onto the columns not yet quantized."""
+    w = weight.double().clone()
+    n, k = w.shape
+    g = fmt.group_size
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    step, lo = (t.double() for t in kq_grid(w.float(), fmt, bits))
+    h += torch.eye(k, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    group_of = perm // g
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
+                                     upper=True)
+    except RuntimeError:  # not positive definite even with damping: round to nearest
+        return kq_round_trip(weight, fmt, bits)
+    top = levels(fmt)
+    out = torch.zeros(n, k, dtype=torch.float64)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            s, z = step[:, group_of[col]], lo[:, group_of[col]]
+            x = w1[:, i]
+            deq = torch.clamp(torch.round((x - z) / s), 0, top) * s + z
+            out[:, perm[col]] = deq
+            e = (x - deq) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return out.to(weight.dtype)

@@ -14,7 +14,8 @@ tied 49152 x 576 table once, the norms fp32) over the fp32 bytes.
 
 A row is a list of rules ``PATTERN=FORMAT[:METHOD]`` (glob over module names, first match
 wins; METHOD ``rtn``, ``gptq`` or ``gptq-ao``: GPTQ with act-order, static groups; ``kqN``:
-the group scales and minimums stored as N-bit codes, ``benchmarks/smollm2_kquant.py``);
+the group scales and minimums stored as N-bit codes, ``benchmarks/smollm2_kquant.py``;
+``kqN-ao``: the same grid, codes by GPTQ act-order);
 ``table`` names the tied embedding / output head, whose
 GPTQ uses the output head's input Hessian (the final hidden states: it is a matmul there).
 
@@ -36,7 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.prune_common import kjv  # noqa: E402
 from benchmarks.prune_smollm2 import chunks, perplexity  # noqa: E402
-from benchmarks.smollm2_kquant import kq_bits_per_weight, kq_round_trip  # noqa: E402
+from benchmarks.smollm2_kquant import (  # noqa: E402
+    kq_bits_per_weight,
+    kq_gptq_round_trip,
+    kq_round_trip,
+)
 from passes.quantize.formats import (  # noqa: E402
     Format,
     dequantize_int8,
@@ -59,14 +64,15 @@ def parse_rules(text: str) -> list[tuple[str, Format, str]]:
         pattern, _, spec = item.rpartition("=")
         fmt, _, method = spec.partition(":")
         if method not in ("", "rtn", "gptq", "gptq-ao") and not _kq(method):
-            raise ValueError(f"rule {item!r}: method must be rtn, gptq, gptq-ao or kqN")
+            raise ValueError(f"rule {item!r}: method must be rtn, gptq, gptq-ao, kqN or kqN-ao")
         rules.append((pattern, parse_format(fmt), method or "rtn"))
     return rules
 
 
 def _kq(method: str) -> int:
-    """``kqN`` -> N (quantized group scales, ``smollm2_kquant``), else 0."""
-    return int(method[2:]) if method.startswith("kq") and method[2:].isdigit() else 0
+    """``kqN`` / ``kqN-ao`` -> N (quantized group scales, ``smollm2_kquant``), else 0."""
+    base = method.removesuffix("-ao")
+    return int(base[2:]) if base.startswith("kq") and base[2:].isdigit() else 0
 
 
 def rule_for(name: str, rules: list[tuple[str, Format, str]]) -> tuple[Format, str]:
@@ -78,6 +84,8 @@ def rule_for(name: str, rules: list[tuple[str, Format, str]]) -> tuple[Format, s
 
 #: GPTQ results by (layer, format, damp), on disk: rows of one run and of later runs share them
 CACHE = Path("/tmp/smol19/gptq_cache")
+#: the same for GPTQ on quantized-scale grids (``kqN-ao``)
+KQ_CACHE = Path("/tmp/smol23/gptq_cache")
 
 
 def round_trip(weight: torch.Tensor, fmt: Format, method: str,
@@ -85,6 +93,15 @@ def round_trip(weight: torch.Tensor, fmt: Format, method: str,
     """``weight [N, K]`` after quantize's rounding in ``fmt`` (GPTQ given a Hessian)."""
     if fmt.kind == "fp32":
         return weight
+    if _kq(method) and method.endswith("-ao") and hessian is not None:
+        path = KQ_CACHE / f"{key}_{fmt}_{method}_{damp}.pt"
+        if key and path.exists():
+            return torch.load(path)
+        out = kq_gptq_round_trip(weight, hessian, fmt, _kq(method), damp)
+        if key:
+            KQ_CACHE.mkdir(parents=True, exist_ok=True)
+            torch.save(out, path)
+        return out
     if _kq(method):
         return kq_round_trip(weight, fmt, _kq(method))
     if method == "rtn" or hessian is None:
