@@ -119,3 +119,40 @@ def kq_gptq_round_trip(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format,
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return out.to(weight.dtype)
+
+
+
+@torch.no_grad()
+def kq_recode(tuned: torch.Tensor, coded: torch.Tensor, original: torch.Tensor, fmt: Format,
+              bits: int) -> torch.Tensor:
+    """A kq matrix after recovery with its grids coded to ``bits`` bits again.
+
+    ``coded`` is the matrix on its kq grid (:func:`kq_grid` of ``original``), ``tuned`` the
+    same after ``smollm2_recover``'s per-group affine map (codes unchanged, step and minimum
+    moved in float). Each group's tuned step and minimum are the exact least-squares fit of
+    ``tuned = code * step + minimum``; they are coded against the new fp16 row maxima as
+    :func:`kq_grid` does, and the codes are kept (GPTQ's choices are not re-rounded)."""
+    n, k = tuned.shape
+    g = fmt.group_size
+    if k % g:  # padded inputs are no weights: the fit below would count them
+        raise ValueError("kq_recode: K must be a multiple of the group size")
+    groups = k // g
+    step, lo = kq_grid(original, fmt, bits)
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        return x.double().reshape(n, groups, g)
+
+    codes = torch.round((grouped(coded) - lo[..., None]) / step[..., None]).clamp(0, levels(fmt))
+    t = grouped(tuned)
+    cm, tm = codes.mean(-1, keepdim=True), t.mean(-1, keepdim=True)
+    var = ((codes - cm) ** 2).sum(-1)
+    cov = ((codes - cm) * (t - tm)).sum(-1)
+    new_step = torch.where(var > 0, cov / var.clamp_min(1e-12), step.double()).clamp_min(1e-12)
+    new_lo = tm[..., 0] - new_step * cm[..., 0]
+    dmax = new_step.amax(-1, keepdim=True).half().double().clamp_min(1e-12)
+    mmax = new_lo.abs().amax(-1, keepdim=True).half().double().clamp_min(1e-12)
+    ls, lm = (1 << bits) - 1, (1 << (bits - 1)) - 1
+    new_step = torch.round(new_step / dmax * ls).clamp(1, ls) * dmax / ls
+    new_lo = torch.round(new_lo / mmax * lm) * mmax / lm
+    out = codes * new_step[..., None] + new_lo[..., None]
+    return out.reshape(n, groups * g)[:, :k].to(tuned.dtype)

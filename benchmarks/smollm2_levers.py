@@ -40,6 +40,7 @@ from benchmarks.prune_smollm2 import chunks, perplexity  # noqa: E402
 from benchmarks.smollm2_kquant import (  # noqa: E402
     kq_bits_per_weight,
     kq_gptq_round_trip,
+    kq_recode,
     kq_round_trip,
 )
 from passes.quantize.formats import (  # noqa: E402
@@ -208,8 +209,9 @@ def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
     quantized = {}
     for key in original:
         fmt, method = rule_for(key, rules)
-        # kqN grids are N-bit codes themselves: tuning them in float would leave that format
-        if (fmt.kind == "int4" or fmt.lowbit) and not _kq(method):
+        # kqN grids are N-bit codes themselves: tuned in float only with --recover-kq, which
+        # codes them again afterwards (kq_recode)
+        if (fmt.kind == "int4" or fmt.lowbit) and (args.recover_kq or not _kq(method)):
             param = "model.embed_tokens.weight" if key == TABLE else f"{key}.weight"
             target = model.model.embed_tokens if key == TABLE else mods[key]
             quantized[param] = (target.weight.detach().clone(), fmt)
@@ -233,6 +235,19 @@ def recover_row(model, original, rules, mods, args, model_dir, tok) -> dict:
         if weights is not None:
             for name, value in weights.items():
                 params[name].copy_(value)
+            recode = {param: key for key in original for param in
+                      [("model.embed_tokens.weight" if key == TABLE else f"{key}.weight")]
+                      if param in quantized and _kq(rule_for(key, rules)[1])}
+            if recode:  # the float-tuned kq grids, then coded again as the format stores them
+                out["perplexity_float_grids"] = perplexity(
+                    lambda b: model(input_ids=b["input_ids"]).logits, john)
+                print(f"recover: before re-coding the kq grids {out['perplexity_float_grids']:.3f}",
+                      flush=True)
+                for param, key in recode.items():
+                    fmt, method = rule_for(key, rules)
+                    params[param].copy_(kq_recode(weights[param], quantized[param][0],
+                                                  original[key], fmt, _kq(method)))
+                out["recoded"] = len(recode)
         perplexity_after = perplexity(lambda b: model(input_ids=b["input_ids"]).logits, john)
         for name, value in norms.items():
             params[name].copy_(value)
@@ -263,6 +278,9 @@ def main() -> None:
                     "minimums, norms) from the fp32 model for this many Adam steps "
                     "(benchmarks/smollm2_recover.py); 0: off")
     ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--recover-kq", action="store_true",
+                    help="also tune the kqN grids (in float), then code their steps and "
+                    "minimums to N bits again (smollm2_kquant.kq_recode); default: kqN fixed")
     ap.add_argument("--recover-text", default="Leviticus1:1-Deuteronomy34:12",
                     help="distillation text (disjoint from --calib and from John)")
     ap.add_argument("--recover-tokens", type=int, default=16384)
