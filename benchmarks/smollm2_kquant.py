@@ -134,19 +134,20 @@ def kq_recode(tuned: torch.Tensor, coded: torch.Tensor, original: torch.Tensor, 
     :func:`kq_grid` does, and the codes are kept (GPTQ's choices are not re-rounded)."""
     n, k = tuned.shape
     g = fmt.group_size
-    if k % g:  # padded inputs are no weights: the fit below would count them
-        raise ValueError("kq_recode: K must be a multiple of the group size")
-    groups = k // g
+    groups = -(-k // g)
     step, lo = kq_grid(original, fmt, bits)
 
     def grouped(x: torch.Tensor) -> torch.Tensor:
-        return x.double().reshape(n, groups, g)
+        return torch.nn.functional.pad(x.double(), (0, groups * g - k)).reshape(n, groups, g)
 
+    # a partial last group's padding is no weight: the fit counts real inputs only
+    real = grouped(torch.ones(1, k).expand(n, k))
+    count = real.sum(-1, keepdim=True)
     codes = torch.round((grouped(coded) - lo[..., None]) / step[..., None]).clamp(0, levels(fmt))
     t = grouped(tuned)
-    cm, tm = codes.mean(-1, keepdim=True), t.mean(-1, keepdim=True)
-    var = ((codes - cm) ** 2).sum(-1)
-    cov = ((codes - cm) * (t - tm)).sum(-1)
+    cm, tm = (codes * real).sum(-1, keepdim=True) / count, (t * real).sum(-1, keepdim=True) / count
+    var = ((codes - cm) ** 2 * real).sum(-1)
+    cov = ((codes - cm) * (t - tm) * real).sum(-1)
     new_step = torch.where(var > 0, cov / var.clamp_min(1e-12), step.double()).clamp_min(1e-12)
     new_lo = tm[..., 0] - new_step * cm[..., 0]
     dmax = new_step.amax(-1, keepdim=True).half().double().clamp_min(1e-12)
