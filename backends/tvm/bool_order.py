@@ -11,6 +11,8 @@ the values it returns back to bool; indices are unchanged.
 
 from __future__ import annotations
 
+from .schedules.common import mutate_relax_functions
+
 #: ops whose result holds input values (cast back to bool) / only indices
 _VALUES = {"relax.max", "relax.min", "relax.sort"}
 _INDICES = {"relax.argsort", "relax.argmax", "relax.argmin"}
@@ -47,8 +49,4 @@ def order_bools_as_ints(mod):
             values = emit(relax.op.astype(relax.TupleGetItem(new, 0), "bool"))
             return relax.Tuple([values, emit(relax.TupleGetItem(new, 1))])
 
-    updates = {gvar: _BoolOrder(mod).visit_expr(func)
-               for gvar, func in mod.functions_items() if isinstance(func, relax.Function)}
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return mutate_relax_functions(mod, _BoolOrder(mod))

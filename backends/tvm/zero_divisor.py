@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from .schedules.common import mutate_relax_functions
+
 _FLOATS = {"float16", "float32", "float64", "bfloat16"}
 _DIVISIONS = {"relax.divide", "relax.floor_divide"}
 _MODULOS = {"relax.mod", "relax.floor_mod"}
@@ -51,8 +53,4 @@ def rewrite_zero_divisors(mod):
             factor = math.copysign(math.inf, zero) if name in _DIVISIONS else math.nan
             return relax.op.multiply(call.args[0], relax.const(factor, dtype))
 
-    updates = {gvar: _ZeroDivisors(mod).visit_expr(func)
-               for gvar, func in mod.functions_items() if isinstance(func, relax.Function)}
-    for gvar, func in updates.items():
-        mod[gvar] = func
-    return mod
+    return mutate_relax_functions(mod, _ZeroDivisors(mod))
