@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from passes.quantize.formats import Format
+from passes.quantize.gptq import gptq
 from slimc.lowbit import bits_of, grid
 
 
@@ -80,46 +81,21 @@ def kq_round_trip(weight: torch.Tensor, fmt: Format, bits: int) -> torch.Tensor:
 @torch.no_grad()
 def kq_gptq_round_trip(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, bits: int,
                        damp: float = 0.01, block: int = 128) -> torch.Tensor:
-    """``weight [N, K]`` on its :func:`kq_grid` with the codes chosen by GPTQ with act-order
-    (``passes.quantize.gptq``'s static-groups variant): the coded grids are fixed up front
-    from the original weights, so only the codes move; columns in decreasing Hessian-diagonal
-    order, each column's rounding error pushed onto the columns not yet quantized."""
-    w = weight.double().clone()
-    n, k = w.shape
+    """``weight [N, K]`` on its :func:`kq_grid` with the codes chosen by slimc's GPTQ with
+    act-order (``passes.quantize.gptq.gptq`` given the grid: static groups, only the codes
+    move). The grid comes from the weights with the Hessian's dead input columns zeroed, as
+    GPTQ zeroes them."""
+    n, k = weight.shape
     g = fmt.group_size
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    step, lo = (t.double() for t in kq_grid(w.float(), fmt, bits))
-    h += torch.eye(k, dtype=h.dtype) * damp * torch.mean(torch.diag(h))
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-    w, h = w[:, perm], h[perm][:, perm]
-    group_of = perm // g
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
-                                     upper=True)
-    except RuntimeError:  # not positive definite even with damping: round to nearest
-        return kq_round_trip(weight, fmt, bits)
-    top = levels(fmt)
-    out = torch.zeros(n, k, dtype=torch.float64)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            s, z = step[:, group_of[col]], lo[:, group_of[col]]
-            x = w1[:, i]
-            deq = torch.clamp(torch.round((x - z) / s), 0, top) * s + z
-            out[:, perm[col]] = deq
-            e = (x - deq) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return out.to(weight.dtype)
+    dead = torch.diag(hessian) == 0
+    step, lo = kq_grid(weight.masked_fill(dead[None, :], 0.0).float(), fmt, bits)
+    codes, _ = gptq(weight, hessian, fmt, block=block, damp=damp, act_order=True,
+                    fixed_grid=(step, lo))
 
+    def expand(t: torch.Tensor) -> torch.Tensor:  # per group -> per column
+        return t.double().repeat_interleave(g, dim=1)[:, :k]
+
+    return (codes[:, :k].double() * expand(step) + expand(lo)).to(weight.dtype)
 
 
 @torch.no_grad()

@@ -37,7 +37,8 @@ def _set_group(fmt: Format, span: Tensor, scales: Tensor, zeros: Tensor, g: int)
 
 
 def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
-         damp: float = 0.01, act_order: bool = False
+         damp: float = 0.01, act_order: bool = False,
+         fixed_grid: tuple[Tensor, Tensor] | None = None
          ) -> tuple[Tensor, Int4Params | CodedGrid | Tensor | tuple[Tensor, Tensor]]:
     """Codes and grid of ``weight [N, K]`` given its input Hessian ``[K, K]``.
 
@@ -47,6 +48,9 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
     ``-qs`` formats -> (codes, :class:`CodedGrid`): the grid is always fixed up front (static
     groups: its step and minimum codes are relative to per-row units, which need every group
     of the row), from the original weights; GPTQ then chooses the codes on it.
+    ``fixed_grid``: a caller's own fixed ``(scale, minimum) [N, G]`` for an int4 ``-fz`` / int3 /
+    int2 format (``w = code * scale + minimum``; e.g. a benchmark's experimental grid), used
+    like a ``-qs`` grid: static groups, GPTQ chooses only the codes.
     """
     w = weight.double().clone()
     n, k = w.shape
@@ -73,12 +77,14 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: Format, *, block: int = 128,
                             torch.float32 if fmt.lowbit else torch.uint8)
     codes = torch.zeros(n, k, dtype=torch.int16)
     coded = coded_grid(weight.float(), fmt) if fmt.coded_scales else None
-    static = act_order or coded is not None
+    static = act_order or coded is not None or fixed_grid is not None
     if coded is not None:
         scales, zeros = coded.decoded()
+    elif fixed_grid is not None:
+        scales, zeros = fixed_grid
     if act_order:
         # static groups: every grid from the original (dead-zeroed) weights
-        if grouped and coded is None:
+        if grouped and coded is None and fixed_grid is None:
             for g in range(groups):
                 _set_group(fmt, w[:, g * group:(g + 1) * group], scales, zeros, g)
         w, h = w[:, perm], h[perm][:, perm]
