@@ -4,6 +4,8 @@ A library built with AVX-512 instructions dies with SIGILL on an AVX2 server, at
 kernel that uses one, with no message. slimc therefore records in the manifest the ISA level and
 the CPU feature flags (spelled as Linux's ``/proc/cpuinfo`` spells them) that the target allowed
 LLVM to use, and :func:`check_cpu` refuses to load an artifact on a CPU that lacks one of them.
+The library itself carries the same record in an ELF section (:data:`ISA_SECTION`), so a bare
+``model.so`` loaded without its manifest is refused too, not only an artifact folder.
 
 The x86 levels are the x86-64 psABI microarchitecture levels; their feature lists come from
 ``archspec`` (the library Spack uses), not from a hand-kept table. The aarch64 levels are few
@@ -12,11 +14,22 @@ enough to spell out here.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
 from slimc.errors import UsageError
+
+#: The ELF section that carries a library's :func:`required_isa` record (JSON). Not allocated
+#: (no ``a`` flag): never mapped at run time, read from the file by :func:`library_isa`.
+ISA_SECTION = ".slimc.isa"
+
+
+class CpuMismatch(UsageError):
+    """A library or artifact needs an instruction set (or architecture) this CPU lacks."""
+
 
 #: aarch64 levels -> the /proc/cpuinfo "Features" flags they imply that codegen may use.
 ARM_LEVELS: dict[str, tuple[str, ...]] = {
@@ -160,7 +173,7 @@ def check_cpu(isa: dict[str, Any] | None, what: str) -> None:
         return  # artifacts from before slimc recorded ISA levels
     arch = host_arch()
     if isa.get("arch") and isa["arch"] != arch:
-        raise UsageError(f"{what} was built for {isa['arch']} and this machine is {arch}.",
+        raise CpuMismatch(f"{what} was built for {isa['arch']} and this machine is {arch}.",
                          hint="Run it on such a device, or recompile with a --target for "
                          "this machine (e.g. --target host).")
     missing = missing_features(isa)
@@ -168,8 +181,33 @@ def check_cpu(isa: dict[str, Any] | None, what: str) -> None:
         level = isa.get("level") or "its target"
         built = (f"this build machine's CPU ({isa.get('cpu')})" if level == "host"
                  else f"{level}")
-        raise UsageError(
+        raise CpuMismatch(
             f"{what} was built for {built} and needs CPU features this CPU lacks: "
             f"{', '.join(missing)}. Running it would crash with an illegal instruction.",
             hint="Recompile with a portable target this CPU supports, e.g. --target x86-64-v3 "
             "(AVX2) or --target x86-64-v2 on x86, --target arm on aarch64.")
+
+
+def isa_section_asm(isa: dict[str, Any]) -> str:
+    """Assembler directives that put ``isa`` (a :func:`required_isa` record) into
+    :data:`ISA_SECTION` of the object they are assembled into (as ``.byte`` values: no quoting
+    to get wrong inside the C string literal that carries them)."""
+    data = json.dumps(isa, sort_keys=True).encode()
+    return (f'.pushsection {ISA_SECTION},"",%progbits\n'
+            f'.byte {",".join(str(b) for b in data)}\n.popsection\n')
+
+
+def library_isa(library: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The :func:`required_isa` record a slimc-built library carries (None: not an ELF file,
+    or built before slimc recorded it). Reads the section headers only (pyelftools), not the
+    library's weights."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(library, "rb") as f:
+            section = ELFFile(f).get_section_by_name(ISA_SECTION)
+            record = json.loads(section.data()) if section is not None else None
+    except (OSError, ELFError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

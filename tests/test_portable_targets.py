@@ -91,3 +91,42 @@ def test_artifact_needing_missing_cpu_feature_is_refused(cli, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     result = cli("run", out)
     assert result.code == 2 and "aarch64" in result.err
+
+
+def _tiny_library(tmp_path, target: str):
+    import torch
+    from slimc.backends.tvm.build import build_library
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from slimc.targets import resolve_target
+
+    torch.manual_seed(0)
+    program = torch.export.export(torch.nn.Linear(8, 4).eval(), (torch.randn(1, 8),))
+    module = from_exported_program(program, keep_params_as_input=False)
+    return build_library(module, resolve_target(target), tmp_path / f"{target}.so")
+
+
+@x86_only
+def test_bare_library_records_its_instruction_set_and_is_refused_where_it_cannot_run(tmp_path):
+    """A library loaded without its manifest (a test, a benchmark, `slimc.load` of a bare
+    ``model.so``) is checked too: it carries its ISA record in an ELF section."""
+    import numpy as np
+    from slimc.backends.tvm.runtime import NativeRunner
+
+    from slimc.isa import CpuMismatch, library_isa, required_isa
+    from slimc.targets import resolve_target
+
+    portable = _tiny_library(tmp_path, "x86-64-v2")
+    assert library_isa(portable) == json.loads(json.dumps(
+        required_isa(resolve_target("x86-64-v2"))))
+    (out,) = NativeRunner(portable, threads=1)([np.ones((1, 8), np.float32)])
+    assert out.shape == (1, 4)
+
+    arm = _tiny_library(tmp_path, "arm")
+    assert library_isa(arm)["arch"] == "aarch64"
+    with pytest.raises(CpuMismatch, match="aarch64"):
+        NativeRunner(arm, threads=1)
+    if "avx512f" not in (cpu_flags() or {"avx512f"}):  # an AVX2 machine: AVX-512 is refused
+        with pytest.raises(CpuMismatch, match="avx512f"):
+            NativeRunner(_tiny_library(tmp_path, "x86-64-v4"), threads=1)
+    assert library_isa(tmp_path) is None and library_isa(__file__) is None

@@ -35,8 +35,10 @@ _ASM = """\
 """
 
 
-def pack_imports_incbin(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
-    """``fpack_imports`` for ``Module.export_library``: the blob as ``.incbin`` assembly."""
+def pack_imports_incbin(module, is_system_lib: bool, prefix: str, workspace_dir: str,
+                        isa: dict | None = None) -> str:
+    """``fpack_imports`` for ``Module.export_library``: the blob as ``.incbin`` assembly;
+    ``isa`` (a :func:`slimc.isa.required_isa` record) goes to the library's ISA section."""
     import numpy as np
     import tvm
 
@@ -50,14 +52,18 @@ def pack_imports_incbin(module, is_system_lib: bool, prefix: str, workspace_dir:
     bin_path = os.path.join(workspace_dir, "devc.bin")
     np.from_dlpack(blob).tofile(bin_path)  # zero-copy view of the serialized bytes
     del blob
-    return write_incbin(bin_path, workspace_dir)
+    return write_incbin(bin_path, workspace_dir, isa)
 
 
-def write_incbin(bin_path: str, workspace_dir: str) -> str:
-    """The assembly file that embeds ``bin_path`` as the packed-imports symbol."""
+def write_incbin(bin_path: str, workspace_dir: str, isa: dict | None = None) -> str:
+    """The assembly file that embeds ``bin_path`` as the packed-imports symbol (and ``isa``)."""
+    from slimc.isa import isa_section_asm
+
     asm_path = os.path.join(workspace_dir, "devc.S")
     with open(asm_path, "w") as f:
         f.write(_ASM.format(sym=BLOB_SYMBOL, path=bin_path.replace("\\", "\\\\")))
+        if isa:
+            f.write(isa_section_asm(isa))
     return asm_path
 
 

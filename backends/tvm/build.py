@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from slimc.backends.tvm.streamed_constants import StreamedConstants
 
 from slimc import interrupts
 from slimc.errors import LoweringError
+from slimc.isa import required_isa
 from slimc.targets import TargetSpec
 
 
@@ -78,7 +80,10 @@ def build_library(mod, spec: TargetSpec, path: Path, *, tuning=None,
     triple = spec.triple or str(target.attrs.get("mtriple", "")) or None
     # The weights travel in the executable's blob: embed it with .incbin, not through LLVM
     # (several in-memory copies of every weight; see blob_pack).
-    pack = {"fpack_imports": streamed.pack_imports if streamed else pack_imports_incbin} \
+    # The library records the instruction set it needs (slimc.isa.ISA_SECTION): loading it
+    # on a CPU without it is refused in one paragraph instead of dying with SIGILL.
+    pack = {"fpack_imports": functools.partial(
+        streamed.pack_imports if streamed else pack_imports_incbin, isa=required_isa(spec))} \
         if incbin_supported() else {}
     if spec.is_cross:
         executable.export_library(str(path), fcompile=zig_cross_compiler(triple), **pack)

@@ -98,8 +98,12 @@ class NativeRunner:
         from slimc.backends.tvm.denormals import DenormalFlush
         from tvm import relax
 
+        from slimc.isa import check_cpu, library_isa
+
         self._tvm = tvm
         self._device = device if device is not None else tvm.cpu()
+        # an AVX-512 library on an AVX2 CPU would die with SIGILL at its first such kernel
+        check_cpu(library_isa(library), f"The library {library}")
         self._module = load_library(library)
         self._vm = relax.VirtualMachine(self._module, self._device)
         on_cpu = self._device.dlpack_device_type() == 1  # kDLCPU
