@@ -86,6 +86,10 @@ CASES = {
     "m576_96": ("pw", 576, 96, 14, 1),
     "m576_160": ("pw", 576, 160, 7, 1),
     "m160_960": ("pw", 160, 960, 7, 1),
+    # depthwise convs over 14 x 14 / 7 x 7 on two-vector panels (issue 16, wt/cnn24)
+    "dw576_14": ("dw", 576, 576, 14, 1),
+    "dw960_7": ("dw", 960, 960, 7, 1),
+    "dw672k5_14": ("dw5", 672, 672, 14, 1),
 }
 
 #: variant -> {constant of cpu_matmul: value}
@@ -108,6 +112,12 @@ VARIANTS: dict[str, dict] = {
     "ku4": {"REDUCTION_UNROLL": 4},  # four reduction steps per loop iteration (main now)
     "ku1": {"REDUCTION_UNROLL": 1},  # one (main before)
     "rowsout": {"PANEL_OUTSIDE_ROWS": False},  # image rows outside the weight panels
+    # issue 16, wt/cnn24 (AVX2, 16 registers): one-vector panels where 4 rows do not divide
+    # the width (main now), two-vector 4-row tiles with a predicated tail (main before)
+    "narrow": {"SIXTEEN_REGISTER_NARROW": True},
+    "wide": {"SIXTEEN_REGISTER_NARROW": False},
+    "dwnarrow": {"SIXTEEN_REGISTER_NARROW_DEPTHWISE": True},
+    "narrowall": {"SIXTEEN_REGISTER_NARROW": "all"},  # one-vector panels at every width
 }
 
 

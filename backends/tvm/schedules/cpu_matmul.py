@@ -182,6 +182,14 @@ CONV_PROLOGUE_PER_TILE = True
 PROLOGUE_PANELS_INSIDE = True
 PROLOGUE_PANELS_INSIDE_MIN_TASKS = 16
 
+#: On 16-register targets (AVX2) a conv whose output width 4 rows do not divide (14 / 7-pixel
+#: maps) takes one-vector panels with up to 8 rows instead of two-vector ones with 4 rows and a
+#: predicated tail (:func:`_sixteen_register_panel`; off only to measure what it saves;
+#: ``"all"``: at every width, measured slower on 28 / 56 / 112-pixel maps).
+SIXTEEN_REGISTER_NARROW: bool | str = True
+#: ... depthwise convs too (two vector loads per multiply-add, no broadcast).
+SIXTEEN_REGISTER_NARROW_DEPTHWISE = False
+
 
 @dataclass
 class _Axes:
@@ -744,7 +752,7 @@ def _group_panel(group: int | None, n: int | None, lanes: int) -> int | None:
 
 
 def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int,
-                runtime_rows: bool = False) -> tuple[int, int, bool]:
+                runtime_rows: bool = False, depthwise: bool = False) -> tuple[int, int, bool]:
     """``(MR, NR, tall)`` of the micro-kernel; ``tall``: a :func:`_tall_tile_rows` tile.
 
     ``runtime_rows`` (:func:`_runtime_rows_outside`): the tile stays two vectors wide and on
@@ -761,6 +769,10 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int,
     mr_max = max(1, min(8, accumulators * lanes // max(nr, 1)))
     if m is None:
         return mr_max, nr, False
+    if _sixteen_register_panel(axes, target, m, nr, lanes, mr_max, dtype_bits, runtime_rows,
+                               depthwise):
+        nr = lanes
+        mr_max = max(1, min(8, accumulators * lanes // nr))
     mr = next((v for v in range(mr_max, 0, -1) if m % v == 0 and v * 2 > mr_max), None)
     mr = mr or min(mr_max, m)
     if runtime_rows:
@@ -774,6 +786,35 @@ def _tile_sizes(sch, axes: _Axes, target: Target, dtype_bits: int,
         if tall:
             return tall, lanes, True
     return mr, nr, False
+
+
+def _sixteen_register_panel(axes: _Axes, target: Target, m: int, nr: int, lanes: int,
+                            mr_max: int, dtype_bits: int, runtime_rows: bool,
+                            depthwise: bool = False) -> bool:
+    """Whether a conv on a 16-register target (AVX2: 8 float lanes) takes one-vector panels
+    (``NR = lanes``, up to 8 rows) instead of two-vector ones.
+
+    Why: with 16 registers the two-vector tile has 4 rows (8 accumulators, room for two panel
+    loads and a broadcast; 7 x 16's 14 accumulators leave none), and 4 does not divide the
+    14- and 7-pixel widths of a 224-pixel CNN's last stages, so every row's last tile ran
+    predicated. ``7 x 8`` tiles are whole there. Alone, 2 threads, AMD Zen 3 (wt/cnn24,
+    ``benchmarks/conv_variants.py`` variant ``narrow``, folded batch norm): ResNet-50's
+    1024 -> 256 / 256 -> 1024 over 14 x 14 and 512 -> 2048 over 7 x 7 ran 0.54-0.72x as
+    long, MobileNetV2's 576 -> 96, 96 -> 576, 384 -> 64, 64 -> 384, 576 -> 160, 160 -> 960,
+    960 -> 320 0.70-0.80x; 7 x 16 tiles (spilling) only 0.82-0.95x. On the 28 / 56 /
+    112-pixel maps, where 4 x 16 is whole, one-vector panels ran 1.1-1.6x as long
+    (``SIXTEEN_REGISTER_NARROW = "all"``), so they keep it. The 32-register targets
+    (AVX-512, aarch64) are not changed: their 7 x 32 / 8 x 16 tiles divide these widths.
+    Convs only (a window, or a second spatial axis), not grouped ones, and depthwise ones
+    only with :data:`SIXTEEN_REGISTER_NARROW_DEPTHWISE`.
+    """
+    if depthwise and not SIXTEEN_REGISTER_NARROW_DEPTHWISE:
+        return False
+    if not SIXTEEN_REGISTER_NARROW or runtime_rows or simd_registers(target) != 16 \
+            or dtype_bits != 32 or axes.group is not None or nr != 2 * lanes \
+            or not (axes.extra or len(axes.reduce) > 1):
+        return False
+    return SIXTEEN_REGISTER_NARROW == "all" or m % mr_max != 0
 
 
 def _tall_tile_rows(m: int, mr: int, lanes: int, dtype_bits: int) -> int | None:
@@ -849,7 +890,7 @@ def _tile(sch: s_tir.Schedule, main, axes: _Axes, target: Target, epilogue: list
           func: tirx.PrimFunc, depthwise: bool = False, prologue: bool = False,
           runtime_rows: bool = False):
     dtype_bits = sch.get(main).writes[0].source.dtype.bits
-    mr, nr, tall = _tile_sizes(sch, axes, target, dtype_bits, runtime_rows)
+    mr, nr, tall = _tile_sizes(sch, axes, target, dtype_bits, runtime_rows, depthwise)
     lanes = vector_lanes(target, dtype_bits)
     chunk = _gemv_chunk(sch, axes, lanes)
     # decided before the weight is packed (the packed copy is no longer the constant parameter)
