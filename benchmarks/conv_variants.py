@@ -116,7 +116,8 @@ VARIANTS: dict[str, dict] = {
     # the width (main now), two-vector 4-row tiles with a predicated tail (main before)
     "narrow": {"SIXTEEN_REGISTER_NARROW": True},
     "wide": {"SIXTEEN_REGISTER_NARROW": False},
-    "dwnarrow": {"SIXTEEN_REGISTER_NARROW_DEPTHWISE": True},
+    "dwnarrow": {"SIXTEEN_REGISTER_NARROW_DEPTHWISE": True},  # main now
+    "dwwide": {"SIXTEEN_REGISTER_NARROW_DEPTHWISE": False},  # depthwise as main before
     "narrowall": {"SIXTEEN_REGISTER_NARROW": "all"},  # one-vector panels at every width
 }
 

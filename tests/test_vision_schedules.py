@@ -1233,3 +1233,35 @@ def test_pointwise_conv_unrolled_reduction_on_aarch64_under_qemu(tmp_path, aarch
         want = net(x).numpy()
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
     assert not [line for line in applied if "failed" in line or "left unscheduled" in line]
+
+
+def _conv_tile(text: str) -> tuple[int, int]:
+    """``(rows, lanes)`` of a conv kernel's register tile: the unrolled pixel loop and the
+    vectorized channel loop directly around its ``conv2d_nhwc_update`` block."""
+    loops = _enclosing(text, "conv2d_nhwc_update")
+    rows = re.findall(r"T\.unroll\(T\.int64\((\d+)\)\)", loops[-2])
+    lanes = re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", loops[-1])
+    return int(rows[0]) if rows else 1, int(lanes[0])
+
+
+def test_avx2_conv_over_odd_widths_runs_whole_one_vector_tiles(tmp_path, caplog):
+    """MobileNetV2's 576 -> 96 projection over 14 x 14 and 7 x 7 pixels on an AVX2 target (16
+    registers, 8 float lanes): two-vector panels allow only 4-row tiles there, and 4 does not
+    divide 14 or 7, so the conv takes whole 7 x 8 tiles on one-vector panels instead; over 28
+    x 28 (4 divides) it keeps 4 x 16. The AVX-512 target (32 registers) keeps its 7 x 32
+    tiles. Exact against PyTorch on AVX2 with the folded batch norm and ReLU6 epilogue."""
+    torch.manual_seed(0)
+    net = _randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(576, 96, 1, bias=False),
+                                            torch.nn.BatchNorm2d(96), torch.nn.ReLU6()))
+
+    def tile(size: int, target: str) -> tuple[int, int]:
+        x = torch.randn(1, 576, size, size)
+        (text,) = [t for n, t in _scheduled(net, (x,), target).items() if "conv2d" in n]
+        return _conv_tile(text)
+
+    assert tile(14, "x86-64-v3") == (7, 8)
+    assert tile(7, "x86-64-v3") == (7, 8)
+    assert tile(28, "x86-64-v3") == (4, 16)
+    assert tile(14, "x86-64-v4-vnni") == (7, 32)
+    _check(net, (torch.randn(1, 576, 7, 7),), tmp_path, caplog, "tiled-matmul", tol=1e-5,
+           target="x86-64-v3")

@@ -187,8 +187,9 @@ PROLOGUE_PANELS_INSIDE_MIN_TASKS = 16
 #: predicated tail (:func:`_sixteen_register_panel`; off only to measure what it saves;
 #: ``"all"``: at every width, measured slower on 28 / 56 / 112-pixel maps).
 SIXTEEN_REGISTER_NARROW: bool | str = True
-#: ... depthwise convs too (two vector loads per multiply-add, no broadcast).
-SIXTEEN_REGISTER_NARROW_DEPTHWISE = False
+#: ... depthwise convs too (two vector loads per multiply-add, no broadcast; off only to
+#: measure what it saves).
+SIXTEEN_REGISTER_NARROW_DEPTHWISE = True
 
 
 @dataclass
@@ -805,8 +806,10 @@ def _sixteen_register_panel(axes: _Axes, target: Target, m: int, nr: int, lanes:
     112-pixel maps, where 4 x 16 is whole, one-vector panels ran 1.1-1.6x as long
     (``SIXTEEN_REGISTER_NARROW = "all"``), so they keep it. The 32-register targets
     (AVX-512, aarch64) are not changed: their 7 x 32 / 8 x 16 tiles divide these widths.
-    Convs only (a window, or a second spatial axis), not grouped ones, and depthwise ones
-    only with :data:`SIXTEEN_REGISTER_NARROW_DEPTHWISE`.
+    Depthwise convs alike (:data:`SIXTEEN_REGISTER_NARROW_DEPTHWISE`, variant ``dwnarrow``):
+    MobileNetV3 / EfficientNet's 5 x 5 672-channel one over 14 x 14 0.70x, MobileNetV2's
+    3 x 3 960-channel one over 7 x 7 0.85x, its 576-channel one over 14 x 14 0.97x. Convs
+    only (a window, or a second spatial axis), not grouped ones.
     """
     if depthwise and not SIXTEEN_REGISTER_NARROW_DEPTHWISE:
         return False
