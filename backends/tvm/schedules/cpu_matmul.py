@@ -802,7 +802,8 @@ def _sixteen_register_panel(axes: _Axes, target: Target, m: int, nr: int, lanes:
     ``benchmarks/conv_variants.py`` variant ``narrow``, folded batch norm): ResNet-50's
     1024 -> 256 / 256 -> 1024 over 14 x 14 and 512 -> 2048 over 7 x 7 ran 0.54-0.72x as
     long, MobileNetV2's 576 -> 96, 96 -> 576, 384 -> 64, 64 -> 384, 576 -> 160, 160 -> 960,
-    960 -> 320 0.70-0.80x; 7 x 16 tiles (spilling) only 0.82-0.95x. On the 28 / 56 /
+    960 -> 320 0.70-0.80x; 7 x 16 tiles (spilling) only 0.82-0.95x, and 14 x 8 ones over
+    14 x 14 (14 accumulators) 1.1-3x as long as 7 x 8. On the 28 / 56 /
     112-pixel maps, where 4 x 16 is whole, one-vector panels ran 1.1-1.6x as long
     (``SIXTEEN_REGISTER_NARROW = "all"``), so they keep it. The 32-register targets
     (AVX-512, aarch64) are not changed: their 7 x 32 / 8 x 16 tiles divide these widths.
