@@ -202,3 +202,27 @@ def test_fused_attention_on_aarch64_under_qemu(tmp_path, aarch64_emulator):
         assert _fused_calls(module, inputs, target="arm")[0] == 1
         got = _run(module, inputs, tmp_path, target="arm", cross="aarch64-linux-gnu")
         np.testing.assert_allclose(got, _want(module, inputs), rtol=1e-5, atol=2e-6)
+
+
+def test_register_tiles_fit_the_register_file():
+    """AVX-512 / NEON (32 registers) keep the 4 x 4 and 4 x width tiles; 16-register targets
+    (AVX2) get 6 x 2 tiles (12 accumulators), ``P @ V`` in whole chunks of the head width."""
+    from slimc.backends.tvm.schedules.fused_attention import register_tiles
+
+    assert register_tiles(32, 4) == (4, 4, 4)
+    assert register_tiles(16, 8) == (6, 2, 2)
+    assert register_tiles(16, 1) == (6, 2, 1)
+
+
+@pytest.mark.parametrize("shape", [(3, 197, 64), (2, 30, 16), (1, 7, 8)])
+def test_avx2_tiles_match_torch(shape, tmp_path):
+    """The 16-register tiles (``x86-64-v3``): padded keys and row tails past the 6-row tiles
+    (197 rows, 60-row blocks), head widths of 8 chunks of vectors, 2 and 1; one fused kernel."""
+    torch.manual_seed(1)
+    heads, length, width = shape
+    inputs = tuple(torch.randn(2, heads, length, width) for _ in range(3))
+    module = Attention()
+    count, softmaxes = _fused_calls(module, inputs, target="x86-64-v3")
+    assert count == 1 and softmaxes == []
+    np.testing.assert_allclose(_run(module, inputs, tmp_path, target="x86-64-v3"),
+                               _want(module, inputs), rtol=1e-5, atol=2e-6)

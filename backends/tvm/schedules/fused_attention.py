@@ -36,7 +36,7 @@ from tvm.relax import PyExprMutator, expr_functor
 
 from .attention_softmax import _exp, _op, _pad_last, _SafeSoftmax
 from .attention_views import Layout, View, consumers_of, input_view, output_view
-from .common import mutate_relax_functions, static_dims, vector_lanes
+from .common import mutate_relax_functions, simd_registers, static_dims, vector_lanes
 
 #: False turns the fusion off (the separate kernels of :mod:`.attention_softmax`), for A/B.
 ENABLED = True
@@ -56,6 +56,24 @@ SCRATCH_FLOATS = 64 * 512
 ROWS = 4
 #: Key vectors of the ``Q @ K^T`` register tile.
 KEY_VECTORS = 4
+#: Targets with 16 SIMD registers (AVX2, SSE): the tiles above hold 16 accumulators (``Q @
+#: K^T``) and ``4 x width / lanes`` (``P @ V``: 32 for a 64-wide head in 8-lane vectors), more
+#: than the register file, and LLVM spilled them to the stack every step. There the tiles are
+#: ``NARROW_ROWS x NARROW_VECTORS`` (12 accumulators, a vector load and a broadcast beside
+#: them) for both products, ``P @ V`` walking the head width ``NARROW_VECTORS`` vectors at a
+#: time over the task's probabilities (still in L1).
+NARROW_ROWS = 6
+NARROW_VECTORS = 2
+
+
+def register_tiles(registers: int, width_vectors: int) -> tuple[int, int, int]:
+    """``(rows, key vectors, P @ V width vectors)`` of the kernel's register tiles for a target
+    with ``registers`` SIMD registers and heads ``width_vectors`` vectors wide."""
+    if registers >= 32:
+        return ROWS, KEY_VECTORS, width_vectors
+    chunk = next(c for c in range(min(NARROW_VECTORS, width_vectors), 0, -1)
+                 if width_vectors % c == 0)
+    return NARROW_ROWS, NARROW_VECTORS, chunk
 
 
 class Step(NamedTuple):
@@ -83,13 +101,14 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                      steps: list[Step], mask_shape: tuple[int, int, int, int] | None,
                      check: bool, lanes: int, q_layout: Layout | None = None,
                      v_layout: Layout | None = None,
-                     out_layout: Layout | None = None) -> tirx.PrimFunc:
+                     out_layout: Layout | None = None, registers: int = 32) -> tirx.PrimFunc:
     """The fused kernel (module docstring) over ``q (groups, length, width)``,
     ``kt (groups, width, n)``, ``v (groups, >= valid, width)`` [, ``mask`` of ``mask_shape``,
     which broadcasts over ``(groups // heads, heads, length, n)``] -> ``(groups, length,
     width)``. Only the first ``valid`` of the ``n`` keys count (the rest are padding). ``q``,
     ``v`` and the output are flat buffers indexed through their :class:`.attention_views.Layout`
-    (default: dense), which must keep ``v``'s and the output's columns contiguous."""
+    (default: dense), which must keep ``v``'s and the output's columns contiguous.
+    ``registers``: the target's SIMD registers (:func:`register_tiles`)."""
     from tvm.script import tirx as T
 
     ql = q_layout or Layout.dense(groups, length, width)
@@ -100,16 +119,17 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
         raise ValueError(f"attention_kernel: {n} keys ({valid} valid), width {width}, "
                          f"vectors of {lanes}, v / out column strides {vl.strides[3]} / "
                          f"{ol.strides[3]}")
-    rows_t = ROWS
-    rb = min(-(-length // rows_t) * rows_t, ROW_BLOCK,
+    dv = width // lanes
+    rows_t, key_vectors, dvc = register_tiles(registers, dv)
+    rb = min(-(-length // rows_t) * rows_t, ROW_BLOCK // rows_t * rows_t,
              max(rows_t, SCRATCH_FLOATS // n // rows_t * rows_t))
     blocks = -(-length // rb)
     tiles = rb // rows_t
     tasks = groups * blocks
     nvec = n // lanes
-    kv = min(KEY_VECTORS, nvec)
+    kv = min(key_vectors, nvec)
     chunks, rest = nvec // kv, nvec % kv
-    dv = width // lanes
+    wchunks = dv // dvc
     last = length - 1
     neg_inf = tirx.const(float("-inf"), "float32")
     lowest = tirx.min_value("float32")
@@ -149,7 +169,7 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
         for task in T.parallel(tasks):
             s = T.alloc_buffer((rb, n), "float32")
             inv = T.alloc_buffer((rb,), "float32")
-            acc = T.alloc_buffer((rows_t * max(kv, dv) * lanes,), "float32")
+            acc = T.alloc_buffer((rows_t * max(kv, dvc) * lanes,), "float32")
             vm = T.alloc_buffer((lanes,), "float32")
             g: T.int32 = task // blocks
             base: T.int32 = task % blocks * rb
@@ -187,23 +207,25 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                         inv[r] = T.Select(total < T.float32(0.5), T.float32(0), inv[r])
             for t in range(tiles):
                 if base + t * rows_t < length:
-                    for a in T.vectorized(rows_t * dv * lanes):
-                        acc[a] = T.float32(0)
-                    for k in range(valid):
-                        for u in T.unroll(dv):
-                            for r in T.unroll(rows_t):
-                                for lane in T.vectorized(lanes):
-                                    acc[(r * dv + u) * lanes + lane] = \
-                                        acc[(r * dv + u) * lanes + lane] + \
-                                        s[t * rows_t + r, k] * \
-                                        v[vl.offset(g, k, u * lanes + lane)]
-                    for r in T.unroll(rows_t):
-                        if base + t * rows_t + r < length:
-                            for u in T.unroll(dv):
-                                for lane in T.vectorized(lanes):
-                                    out[ol.offset(g, base + t * rows_t + r,
-                                                  u * lanes + lane)] = \
-                                        acc[(r * dv + u) * lanes + lane] * inv[t * rows_t + r]
+                    for w in range(wchunks):
+                        for a in T.vectorized(rows_t * dvc * lanes):
+                            acc[a] = T.float32(0)
+                        for k in range(valid):
+                            for u in T.unroll(dvc):
+                                for r in T.unroll(rows_t):
+                                    for lane in T.vectorized(lanes):
+                                        acc[(r * dvc + u) * lanes + lane] = \
+                                            acc[(r * dvc + u) * lanes + lane] + \
+                                            s[t * rows_t + r, k] * \
+                                            v[vl.offset(g, k, (w * dvc + u) * lanes + lane)]
+                        for r in T.unroll(rows_t):
+                            if base + t * rows_t + r < length:
+                                for u in T.unroll(dvc):
+                                    for lane in T.vectorized(lanes):
+                                        out[ol.offset(g, base + t * rows_t + r,
+                                                      (w * dvc + u) * lanes + lane)] = \
+                                            acc[(r * dvc + u) * lanes + lane] * \
+                                            inv[t * rows_t + r]
 
     if has_mask:
         @T.prim_func(private=True)
@@ -233,9 +255,10 @@ class _FusedAttention(PyExprMutator):
     :func:`attention_kernel`. The chains are found by :class:`.attention_softmax._SafeSoftmax`'s
     analysis (the same walk its padding uses)."""
 
-    def __init__(self, mod, lanes: int) -> None:
+    def __init__(self, mod, lanes: int, registers: int = 32) -> None:
         super().__init__(mod)
         self.lanes = lanes
+        self.registers = registers
         self.chains = _SafeSoftmax(mod, lanes)
         self.plans: dict = {}
         self.bound_to: dict = {}  # planned matmul -> its variable
@@ -332,7 +355,8 @@ class _FusedAttention(PyExprMutator):
             args.append(bb.emit(relax.op.reshape(self.visit_expr(mask), list(mask_shape))))
         out_layout = merge[1] if merge is not None else None
         func = attention_kernel(groups, heads, length, width, n, keys, steps, mask_shape,
-                                plan.check, self.lanes, q_layout, v_layout, out_layout)
+                                plan.check, self.lanes, q_layout, v_layout, out_layout,
+                                self.registers)
         gvar = bb.add_func(func, "fused_attention")
         size = groups * length * width
         out = bb.emit(relax.call_tir(gvar, args, relax.TensorType((size,), "float32")))
@@ -356,7 +380,7 @@ def fuse_attention(target) -> tvm.transform.Pass:
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not ENABLED:
             return mod
-        mutator = _FusedAttention(mod, vector_lanes(target, 32))
+        mutator = _FusedAttention(mod, vector_lanes(target, 32), simd_registers(target))
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 mutator.plan(func)
