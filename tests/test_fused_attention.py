@@ -206,18 +206,18 @@ def test_fused_attention_on_aarch64_under_qemu(tmp_path, aarch64_emulator):
 
 def test_register_tiles_fit_the_register_file():
     """AVX-512 / NEON (32 registers) keep the 4 x 4 and 4 x width tiles; 16-register targets
-    (AVX2) get 6 x 2 tiles (12 accumulators), ``P @ V`` in whole chunks of the head width."""
+    (AVX2) get 4 x 2 tiles, ``P @ V`` in whole chunks of the head width."""
     from slimc.backends.tvm.schedules.fused_attention import register_tiles
 
     assert register_tiles(32, 4) == (4, 4, 4)
-    assert register_tiles(16, 8) == (6, 2, 2)
-    assert register_tiles(16, 1) == (6, 2, 1)
+    assert register_tiles(16, 8) == (4, 2, 2)
+    assert register_tiles(16, 1) == (4, 2, 1)
 
 
 @pytest.mark.parametrize("shape", [(3, 197, 64), (2, 30, 16), (1, 7, 8)])
 def test_avx2_tiles_match_torch(shape, tmp_path):
-    """The 16-register tiles (``x86-64-v3``): padded keys and row tails past the 6-row tiles
-    (197 rows, 60-row blocks), head widths of 8 chunks of vectors, 2 and 1; one fused kernel."""
+    """The 16-register tiles (``x86-64-v3``): padded keys and row tails past the 4-row tiles
+    (197 rows), head widths of 8 chunks of vectors, 2 and 1; one fused kernel."""
     torch.manual_seed(1)
     heads, length, width = shape
     inputs = tuple(torch.randn(2, heads, length, width) for _ in range(3))

@@ -59,10 +59,12 @@ KEY_VECTORS = 4
 #: Targets with 16 SIMD registers (AVX2, SSE): the tiles above hold 16 accumulators (``Q @
 #: K^T``) and ``4 x width / lanes`` (``P @ V``: 32 for a 64-wide head in 8-lane vectors), more
 #: than the register file, and LLVM spilled them to the stack every step. There the tiles are
-#: ``NARROW_ROWS x NARROW_VECTORS`` (12 accumulators, a vector load and a broadcast beside
-#: them) for both products, ``P @ V`` walking the head width ``NARROW_VECTORS`` vectors at a
-#: time over the task's probabilities (still in L1).
-NARROW_ROWS = 6
+#: ``NARROW_ROWS x NARROW_VECTORS`` for both products, ``P @ V`` walking the head width
+#: ``NARROW_VECTORS`` vectors at a time over the task's probabilities (still in L1). ViT-S's
+#: 6 x 197 x 64 attention alone on Zen 3 (2 threads, ``benchmarks/attention_ab.py``): the
+#: kernel 0.55-0.63 ms at 4 x 2, 0.70-0.76 at 6 x 2 and 4 x 3 (12 accumulators), 0.89 at 4 x 4,
+#: 1.00 at 8 x 1.
+NARROW_ROWS = 4
 NARROW_VECTORS = 2
 
 
@@ -148,8 +150,9 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
 
     @T.macro
     def qk(q, kt, s, acc, mask, g, i0, t, j0, nv):
-        for a in T.vectorized(rows_t * nv * lanes):
-            acc[a] = T.float32(0)
+        for a in T.unroll(rows_t * nv):
+            for lane in T.vectorized(lanes):
+                acc[a * lanes + lane] = T.float32(0)
         for d in range(width):
             for u in T.unroll(nv):
                 for r in T.unroll(rows_t):
@@ -208,8 +211,9 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
             for t in range(tiles):
                 if base + t * rows_t < length:
                     for w in range(wchunks):
-                        for a in T.vectorized(rows_t * dvc * lanes):
-                            acc[a] = T.float32(0)
+                        for a in T.unroll(rows_t * dvc):
+                            for lane in T.vectorized(lanes):
+                                acc[a * lanes + lane] = T.float32(0)
                         for k in range(valid):
                             for u in T.unroll(dvc):
                                 for r in T.unroll(rows_t):
