@@ -66,6 +66,12 @@ KEY_VECTORS = 4
 #: 1.00 at 8 x 1.
 NARROW_ROWS = 4
 NARROW_VECTORS = 2
+#: ... and ``Q @ K^T`` walks each key chunk (``width x NARROW_VECTORS`` vectors of ``K^T``, in
+#: L1) over all the row tiles of its task before the next chunk, instead of streaming the
+#: head's whole ``K^T`` (Whisper's 64 x 1504: 385 KB, past L1) once per tile; ``P @ V`` walks
+#: each width chunk of ``V`` over all the row tiles likewise (both targets: on 32-register ones
+#: the head width is one chunk).
+KEYS_OUTSIDE = True
 
 
 def register_tiles(registers: int, width_vectors: int) -> tuple[int, int, int]:
@@ -132,6 +138,7 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
     kv = min(key_vectors, nvec)
     chunks, rest = nvec // kv, nvec % kv
     wchunks = dv // dvc
+    keys_outside = bool(registers < 32 and KEYS_OUTSIDE)
     last = length - 1
     neg_inf = tirx.const(float("-inf"), "float32")
     lowest = tirx.min_value("float32")
@@ -176,13 +183,26 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
             vm = T.alloc_buffer((lanes,), "float32")
             g: T.int32 = task // blocks
             base: T.int32 = task % blocks * rb
-            for t in range(tiles):
-                if base + t * rows_t < length:
-                    for c in range(chunks):
-                        qk(q, kt, s, acc, mask, g, base + t * rows_t, t, c * kv * lanes, kv)
-                    if rest > 0:
-                        qk(q, kt, s, acc, mask, g, base + t * rows_t, t, chunks * kv * lanes,
-                           rest)
+            if keys_outside:
+                for c in range(chunks):
+                    for t in range(tiles):
+                        if base + t * rows_t < length:
+                            qk(q, kt, s, acc, mask, g, base + t * rows_t, t, c * kv * lanes,
+                               kv)
+                if rest > 0:
+                    for t in range(tiles):
+                        if base + t * rows_t < length:
+                            qk(q, kt, s, acc, mask, g, base + t * rows_t, t,
+                               chunks * kv * lanes, rest)
+            else:
+                for t in range(tiles):
+                    if base + t * rows_t < length:
+                        for c in range(chunks):
+                            qk(q, kt, s, acc, mask, g, base + t * rows_t, t, c * kv * lanes,
+                               kv)
+                        if rest > 0:
+                            qk(q, kt, s, acc, mask, g, base + t * rows_t, t,
+                               chunks * kv * lanes, rest)
             for r in range(rb):
                 if base + r < length:
                     for lane in T.vectorized(lanes):
@@ -208,9 +228,9 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                     inv[r] = T.float32(1) / total
                     if check:
                         inv[r] = T.Select(total < T.float32(0.5), T.float32(0), inv[r])
-            for t in range(tiles):
-                if base + t * rows_t < length:
-                    for w in range(wchunks):
+            for w in range(wchunks):
+                for t in range(tiles):
+                    if base + t * rows_t < length:
                         for a in T.unroll(rows_t * dvc):
                             for lane in T.vectorized(lanes):
                                 acc[a * lanes + lane] = T.float32(0)
