@@ -72,6 +72,10 @@ NARROW_VECTORS = 2
 #: each width chunk of ``V`` over all the row tiles likewise (both targets: on 32-register ones
 #: the head width is one chunk).
 KEYS_OUTSIDE = True
+#: ... and ``P @ V`` over more keys than this runs in blocks of this many keys, all the width
+#: chunks and row tiles of a block before the next (partial sums in a scratch of the task's
+#: rows), so a block of ``V`` stays in L1 while every tile reads it (Whisper's 1500 keys).
+PV_KEY_BLOCK = 64
 
 
 def register_tiles(registers: int, width_vectors: int) -> tuple[int, int, int]:
@@ -139,6 +143,8 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
     chunks, rest = nvec // kv, nvec % kv
     wchunks = dv // dvc
     keys_outside = bool(registers < 32 and KEYS_OUTSIDE)
+    key_block = valid if registers >= 32 or valid <= PV_KEY_BLOCK else PV_KEY_BLOCK
+    kblocks = -(-valid // key_block)
     last = length - 1
     neg_inf = tirx.const(float("-inf"), "float32")
     lowest = tirx.min_value("float32")
@@ -173,6 +179,27 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                     s[t * rows_t + r, j0 + u * lanes + lane] = score(
                         acc[(r * nv + u) * lanes + lane], g, T.min(i0 + r, last),
                         j0 + u * lanes + lane, mask)
+
+    @T.macro
+    def pv(s, v, acc, g, t, w, k0, k1):
+        for k in range(k0, k1):
+            for u in T.unroll(dvc):
+                for r in T.unroll(rows_t):
+                    for lane in T.vectorized(lanes):
+                        acc[(r * dvc + u) * lanes + lane] = \
+                            acc[(r * dvc + u) * lanes + lane] + \
+                            s[t * rows_t + r, k] * \
+                            v[vl.offset(g, k, (w * dvc + u) * lanes + lane)]
+
+    @T.macro
+    def store(out, acc, inv, g, base, t, w):
+        for r in T.unroll(rows_t):
+            if base + t * rows_t + r < length:
+                for u in T.unroll(dvc):
+                    for lane in T.vectorized(lanes):
+                        out[ol.offset(g, base + t * rows_t + r,
+                                      (w * dvc + u) * lanes + lane)] = \
+                            acc[(r * dvc + u) * lanes + lane] * inv[t * rows_t + r]
 
     @T.macro
     def body(q, kt, v, mask, out):
@@ -228,28 +255,42 @@ def attention_kernel(groups: int, heads: int, length: int, width: int, n: int, v
                     inv[r] = T.float32(1) / total
                     if check:
                         inv[r] = T.Select(total < T.float32(0.5), T.float32(0), inv[r])
-            for w in range(wchunks):
-                for t in range(tiles):
-                    if base + t * rows_t < length:
-                        for a in T.unroll(rows_t * dvc):
-                            for lane in T.vectorized(lanes):
-                                acc[a * lanes + lane] = T.float32(0)
-                        for k in range(valid):
-                            for u in T.unroll(dvc):
-                                for r in T.unroll(rows_t):
-                                    for lane in T.vectorized(lanes):
-                                        acc[(r * dvc + u) * lanes + lane] = \
-                                            acc[(r * dvc + u) * lanes + lane] + \
-                                            s[t * rows_t + r, k] * \
-                                            v[vl.offset(g, k, (w * dvc + u) * lanes + lane)]
-                        for r in T.unroll(rows_t):
-                            if base + t * rows_t + r < length:
-                                for u in T.unroll(dvc):
-                                    for lane in T.vectorized(lanes):
-                                        out[ol.offset(g, base + t * rows_t + r,
-                                                      (w * dvc + u) * lanes + lane)] = \
-                                            acc[(r * dvc + u) * lanes + lane] * \
-                                            inv[t * rows_t + r]
+            if kblocks == 1:
+                for w in range(wchunks):
+                    for t in range(tiles):
+                        if base + t * rows_t < length:
+                            for a in T.unroll(rows_t * dvc):
+                                for lane in T.vectorized(lanes):
+                                    acc[a * lanes + lane] = T.float32(0)
+                            pv(s, v, acc, g, t, w, 0, valid)
+                            store(out, acc, inv, g, base, t, w)
+            else:
+                part = T.alloc_buffer((rb, width), "float32")
+                for kb in range(kblocks):
+                    for w in range(wchunks):
+                        for t in range(tiles):
+                            if base + t * rows_t < length:
+                                if kb == 0:
+                                    for a in T.unroll(rows_t * dvc):
+                                        for lane in T.vectorized(lanes):
+                                            acc[a * lanes + lane] = T.float32(0)
+                                else:
+                                    for r in T.unroll(rows_t):
+                                        for u in T.unroll(dvc):
+                                            for lane in T.vectorized(lanes):
+                                                acc[(r * dvc + u) * lanes + lane] = part[
+                                                    t * rows_t + r, (w * dvc + u) * lanes + lane]
+                                pv(s, v, acc, g, t, w, kb * key_block,
+                                   T.min(kb * key_block + key_block, valid))
+                                if kb == kblocks - 1:
+                                    store(out, acc, inv, g, base, t, w)
+                                else:
+                                    for r in T.unroll(rows_t):
+                                        for u in T.unroll(dvc):
+                                            for lane in T.vectorized(lanes):
+                                                part[t * rows_t + r,
+                                                     (w * dvc + u) * lanes + lane] = \
+                                                    acc[(r * dvc + u) * lanes + lane]
 
     if has_mask:
         @T.prim_func(private=True)
