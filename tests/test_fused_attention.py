@@ -217,7 +217,8 @@ def test_register_tiles_fit_the_register_file():
 @pytest.mark.parametrize("shape", [(3, 197, 64), (2, 30, 16), (1, 7, 8)])
 def test_avx2_tiles_match_torch(shape, tmp_path):
     """The 16-register tiles (``x86-64-v3``): padded keys and row tails past the 4-row tiles
-    (197 rows), ``P @ V`` in blocks of 64 keys with a partial last one (197 keys), head widths of 8 chunks of vectors, 2 and 1; one fused kernel."""
+    (197 rows), ``P @ V`` in blocks of 64 keys with a partial last one (197 keys), head
+    widths of 8 chunks of vectors, 2 and 1; one fused kernel."""
     torch.manual_seed(1)
     heads, length, width = shape
     inputs = tuple(torch.randn(2, heads, length, width) for _ in range(3))
