@@ -216,3 +216,122 @@ def test_bad_spelling_exits_2_with_one_paragraph(cli, hf_dir, pipeline):
     assert result.code == 2
     assert "unknown weight format" in result.err and "-qs" in result.err
     assert "Traceback" not in result.err
+
+
+# ---- narrower codes: -qs5 / -qs6 (bit-packed step and minimum codes) ----
+
+
+def test_narrow_code_spelling_bits_and_strict_parser():
+    fmt = parse_format("int3-g32-qs5")
+    assert fmt == Format("int3", 32, coded_scales=True, scale_bits=5)
+    assert str(fmt) == "int3-g32-qs5" and parse_format(str(fmt)) == fmt
+    # 3-bit codes + 2 x 5 bits per group + 2 x fp16 per row (SmolLM2's gate/up: K = 576)
+    assert fmt.bits_per_weight(576) == pytest.approx(3 + 10 / 32 + 32 / 576)
+    int4 = parse_format("int4-g32-qs6")
+    assert int4 == Format("int4", 32, float_zero=True, coded_scales=True, scale_bits=6)
+    assert str(int4) == "int4-g32-qs6"
+    assert int4.bits_per_weight(1536) == pytest.approx(4 + 12 / 32 + 32 / 1536)
+    for bad, why in (("int3-g32-qs8", "spelled -qs"), ("int3-g32-qs3", "not a code width"),
+                     ("int4-g32-qs5-qs", "given twice"), ("int3-g32-qsx", "not a code width"),
+                     ("int4-g32-sym-qs5", "-sym together")):
+        with pytest.raises(ValueError, match="unknown weight format") as err:
+            parse_format(bad)
+        assert why in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["int3-g32-qs5", "int4-g32-qs6", "int2-g64-qs4"])
+def test_narrow_codes_are_packed_exactly_and_rebuild_the_grid(name):
+    from slimc.coded_scales import coded_scale, levels, unpack_codes
+
+    fmt = parse_format(name)
+    w = torch.randn(17, 200, generator=torch.Generator().manual_seed(1))
+    tensors = pack(w, fmt)
+    groups = -(-200 // fmt.group_size)
+    stream = -(-17 * groups * fmt.scale_bits // 8)  # bytes of one packed code stream
+    assert tensors["scale_code"].shape == (stream,) == tensors["min_code"].shape
+    assert tensors["scale_code"].dtype == tensors["min_code"].dtype == torch.uint8
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert 0 <= stored - fmt.nbytes(17, 200) < 2  # exact up to each stream's last byte
+    grid = coded_grid(w, fmt)
+    top_step, top_min = levels(fmt.scale_bits)
+    assert int(grid.scale_code.max()) == top_step and int(grid.min_code.abs().max()) <= top_min
+    assert torch.equal(unpack_codes(tensors["scale_code"], fmt.scale_bits, 17, groups),
+                       grid.scale_code)
+    assert torch.equal(unpack_codes(tensors["min_code"], fmt.scale_bits, 17, groups, True),
+                       grid.min_code)
+    like = torch.zeros(1)
+    step = coded_scale(tensors["scale_code"], tensors["scale_unit"], like, fmt.scale_bits,
+                       groups, False)
+    minimum = coded_scale(tensors["min_code"], tensors["min_unit"], like, fmt.scale_bits,
+                          groups, True)
+    assert torch.equal(step, grid.decoded()[0]) and torch.equal(minimum, grid.decoded()[1])
+    rebuilt = fake_quantize(w, fmt)  # the weights on the decoded grid
+    assert torch.equal(rebuilt, coded_values(coded_codes(w, fmt, grid), fmt, grid, 200))
+    # fewer code bits, a coarser grid: more error than 8-bit codes, less than twice as much
+    eight = parse_format(name.rsplit("-qs", 1)[0] + "-qs")
+    e8 = float((fake_quantize(w, eight) - w).norm() / w.norm())
+    assert e8 <= float((rebuilt - w).norm() / w.norm()) < 2 * e8
+
+
+def test_narrow_codes_gptq_keeps_the_coded_grid():
+    gen = torch.Generator().manual_seed(0)
+    fmt = parse_format("int3-g32-qs5")
+    w = torch.randn(16, 128, generator=gen)
+    x = torch.randn(512, 128, generator=gen) @ torch.randn(128, 128, generator=gen) * 0.3
+    codes, coded = gptq(w, 2 * x.T @ x, fmt)
+    assert coded.bits == 5
+    rtn = coded_grid(w, fmt)
+    assert all(torch.equal(a, b) for a, b in zip(coded.tensors().values(),
+                                                 rtn.tensors().values(), strict=True))
+    q_gptq = coded_values(codes, fmt, coded, 128)
+    q_rtn = coded_values(coded_codes(w, fmt, rtn), fmt, rtn, 128)
+    assert float((x @ (q_gptq - w).T).norm()) < 0.9 * float((x @ (q_rtn - w).T).norm())
+
+
+def test_narrow_code_artifact_stores_packed_codes(medium_llama_fp32):
+    """The artifact's constants: weight codes, the two packed code streams per layer and the
+    fp16 row units, what ``bits_per_weight`` counts (up to each stream's last byte)."""
+    from slimc.backends.tvm.lower import lower_to_relax
+    from slimc.backends.tvm.quantized_ops import constant_bytes
+    from slimc.passes.quantize.quantize import QuantizeOptions, quantize_ir
+
+    from slimc.passmanager import PassContext
+    from slimc.plugins import get_registry
+
+    original, inputs, _ = medium_llama_fp32
+    ir = original.clone()
+    summary = quantize_ir(ir, PassContext(example_inputs=inputs),
+                          QuantizeOptions(weights="int4-g32-qs5", embeddings=False))
+    layers = summary["per_layer"].values()
+    assert layers and all(e["format"] == "int4-g32-qs5" for e in layers)
+    sizes = constant_bytes(lower_to_relax(ir, get_registry().converters))
+    fmt = parse_format("int4-g32-qs5")
+    expected = sum(fmt.nbytes(*e["shape"]) for e in layers)
+    rows = sum(e["shape"][0] for e in layers)
+    assert "int8" not in sizes and sizes["float16"] == 4 * rows  # no fp16 grid folded in
+    assert 0 <= sizes["uint8"] + sizes["float16"] - expected < 2 * len(layers)
+
+
+def test_narrow_code_host_artifact_matches_the_torch_reference(hf_dir, tmp_path):
+    """int4-g32-qs6 attention, int3-g32-qs5 MLP and an int4-g32-qs5 table (the packed rebuild
+    kernel feeding the int4, int3 and gather kernels): built, run, equal to the IR."""
+    result = _compile(hf_dir("llama"), "quantize{weights=int4-g32-qs6,layers=[*mlp*="
+                      "int3-g32-qs5,*embed*=int4-g32-qs5]}", tmp_path / "o")
+    m = result.manifest
+    assert m["verification"]["passed"] and m["verification"]["relative_l2_vs_ir"] < 1e-5
+    formats = {e["format"] for e in m["pipeline"][0]["summary"]["per_layer"].values()}
+    assert formats == {"int4-g32-qs6", "int3-g32-qs5", "int4-g32-qs5"}
+
+
+def test_narrow_code_aarch64_artifact_runs_under_qemu(hf_dir, tmp_path, aarch64_emulator):
+    result = _compile(hf_dir("llama"), "quantize{weights=int3-g32-qs5}", tmp_path / "o",
+                      target="arm", emulate="require")
+    assert result.manifest["verification"]["passed"]
+    assert result.manifest["verification"]["relative_l2_vs_ir"] < 1e-5
+
+
+def test_bad_code_width_exits_2_with_one_paragraph(cli, hf_dir):
+    result = cli("compile", hf_dir("llama"), "--pipeline", "quantize{weights=int3-g32-qs9}")
+    assert result.code == 2
+    assert "not a code width" in result.err and "-qs5" in result.err
+    assert "Traceback" not in result.err and result.err.strip().count("\n") <= 1

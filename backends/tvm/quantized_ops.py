@@ -590,13 +590,15 @@ def _convert_linear(kind: str):
 
 def _coded_operands(importer, node, k: int, group: int) -> list | None:
     """``[scale_code, min_code, scale_unit, min_unit]`` (Relax values) when an int4 linear's
-    grid is a ``-qs`` grid rebuilt by ``slimc::coded_scale`` nodes and the factored kernel
-    applies: the kernel then reads the codes (no rebuilt fp16 grid, no extra kernels); the
-    rebuild nodes, left unused, are dropped as dead code."""
+    grid is a ``-qs`` grid of 8-bit codes rebuilt by ``slimc::coded_scale`` nodes and the
+    factored kernel applies: the kernel then reads the codes (no rebuilt fp16 grid, no extra
+    kernels); the rebuild nodes, left unused, are dropped as dead code."""
     scale, zero = node.args[2], node.args[3]
     coded = OPS["coded_scale"]
     if not (getattr(scale, "target", None) is coded and getattr(zero, "target", None) is coded
-            and coded_factored(k, group)):
+            and coded_factored(k, group)) or len(scale.args) > 3 or len(zero.args) > 3 \
+            or scale.kwargs or zero.kwargs:
+        # narrower codes (-qs5) are bit-packed: the fp16 grid is rebuilt by their own kernel
         return None
     return [importer.env[scale.args[0]], importer.env[zero.args[0]],
             importer.env[scale.args[1]], importer.env[zero.args[1]]]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from slimc.coded_scales import CodedGrid, code_grid
+from slimc.coded_scales import CODE_WIDTHS, CodedGrid, code_grid
 from slimc.dialect import dequantize_int4, dequantize_int8, unpack_int4
 from slimc.lowbit import (
     LOWBIT_KINDS,
@@ -51,6 +51,8 @@ class Format:
     ``coded_scales`` (spelled ``-qs``: ``int4-g32-qs``, ``int3-g64-qs``): a float-zero grid
     (int4, int3, int2) whose per-group step and minimum are stored as 8-bit codes against one
     fp16 unit each per row (:mod:`slimc.coded_scales`): 16 instead of 32 bits per group.
+    ``scale_bits`` narrower than 8 (spelled ``-qs5``, ``-qs6``: 4..7) stores them as bit-packed
+    codes of that width: 10 bits per group at ``-qs5``.
     """
 
     kind: str
@@ -58,9 +60,11 @@ class Format:
     symmetric: bool = False
     float_zero: bool = False
     coded_scales: bool = False
+    scale_bits: int = 8
 
     def __str__(self) -> str:
-        qs = "-qs" if self.coded_scales else ""
+        qs = ("-qs" if self.scale_bits == 8 else f"-qs{self.scale_bits}") \
+            if self.coded_scales else ""
         if self.kind == "int4":
             suffix = "-sym" if self.symmetric else qs or ("-fz" if self.float_zero else "")
             return f"int4-g{self.group_size}{suffix}"
@@ -86,10 +90,10 @@ class Format:
             return 16.0
         if self.kind == "int8":
             return 8.0 + 32.0 / k
-        if self.coded_scales:  # codes, two 8-bit codes per group, two fp16 units per row
+        if self.coded_scales:  # codes, two scale_bits codes per group, two fp16 units per row
             codes = 4 * (k + k % 2) if self.kind == "int4" else \
                 padded_k(k, self.group_size) * self.code_bits
-            return (codes + 16.0 * -(-k // self.group_size) + 32.0) / k
+            return (codes + 2.0 * self.scale_bits * -(-k // self.group_size) + 32.0) / k
         if self.kind in LOWBIT_KINDS:
             return lowbit_row_bits(k, bits_of(self.kind), self.group_size) / k
         groups = -(-k // self.group_size)
@@ -102,16 +106,17 @@ class Format:
 
 #: The weight formats, as :func:`parse_format` reads them (for messages and ``--help``).
 FORMAT_SPELLINGS = ("int4-g128", "int4-g32-sym", "int4-g32-fz", "int4-g32-qs", "int3-g64",
-                    "int3-g64-qs", "int2-g32", "int8", "fp16", "bf16", "fp32")
+                    "int3-g64-qs", "int3-g32-qs5", "int2-g32", "int8", "fp16", "bf16", "fp32")
 
 
 def parse_format(text: str) -> Format:
     """A weight format from its name: ``int4-gN`` (N even; default 128) with ``-sym``
     (symmetric), ``-fz`` (fp16 scale and minimum per group, GGUF Q4_1) or ``-qs`` (the ``-fz``
-    grid with 8-bit step and minimum codes against fp16 row units, :mod:`slimc.coded_scales`);
-    ``int3-gN`` / ``int2-gN`` (N a multiple of 8; default 64), optionally ``-qs``; ``int8``,
-    ``fp16``, ``bf16``, ``fp32``. E.g. ``int4-g128``, ``int4-g32-fz``, ``int4-g64-qs``,
-    ``int3-g64``, ``int3-g32-qs``, ``int2-g32``."""
+    grid with 8-bit step and minimum codes against fp16 row units, :mod:`slimc.coded_scales`;
+    ``-qsB``, B in 4..7: B-bit codes); ``int3-gN`` / ``int2-gN`` (N a multiple of 8; default
+    64), optionally ``-qs`` / ``-qsB``; ``int8``, ``fp16``, ``bf16``, ``fp32``. E.g.
+    ``int4-g128``, ``int4-g32-fz``, ``int4-g64-qs``, ``int3-g64``, ``int3-g32-qs5``,
+    ``int2-g32``."""
     kind, *options = text.split("-")
     if kind in ("int8", "fp16", "bf16", "fp32") and not options:
         return Format(text)
@@ -121,6 +126,19 @@ def parse_format(text: str) -> Format:
     allowed = ("sym", "fz", "qs") if kind == "int4" else ("qs",)
     groups = [o for o in options if o.startswith("g")]
     flags = [o for o in options if not o.startswith("g")]
+    widths = [o for o in flags if o.startswith("qs") and o != "qs"]
+    if widths:
+        width = widths[0][2:]
+        twice = len(widths) > 1 or "qs" in flags
+        if twice or not width.isdigit() or int(width) not in CODE_WIDTHS[:-1]:
+            what = "-qs given twice" if twice else f"-qs{width} is not a code width"
+            raise ValueError(
+                f"unknown weight format {text!r} ({what}: -qs stores "
+                f"each group's step and minimum as 8-bit codes, -qsB as B-bit codes with B "
+                f"in {', '.join(map(str, CODE_WIDTHS[:-1]))}, e.g. {kind}-g32-qs5; 8-bit codes "
+                f"are spelled -qs)")
+        flags = ["qs" if o == widths[0] else o for o in flags]
+    scale_bits = int(widths[0][2:]) if widths else 8
     bad = [o for o in groups if not o[1:].isdigit()] + [o for o in flags if o not in allowed]
     if "sym" in flags and len(flags) > 1:
         bad.append("-sym together with -" + "/-".join(f for f in flags if f != "sym"))
@@ -137,11 +155,11 @@ def parse_format(text: str) -> Format:
         if group < 2 or group % 2:
             raise ValueError(f"unknown weight format {text!r} (int4 groups are even: "
                              "int4-g32, int4-g128)")
-        return Format("int4", group, "sym" in flags, "fz" in flags or qs, qs)
+        return Format("int4", group, "sym" in flags, "fz" in flags or qs, qs, scale_bits)
     if group < 8 or group % 8:
         raise ValueError(f"unknown weight format {text!r} ({kind} takes -gN, N a "
                          f"multiple of 8: {kind}-g64, {kind}-g32-qs)")
-    return Format(kind, group, coded_scales=qs)
+    return Format(kind, group, coded_scales=qs, scale_bits=scale_bits)
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,7 +265,7 @@ def coded_grid(weight: Tensor, fmt: Format) -> CodedGrid:
     of :func:`slimc.lowbit.grid`; weights already on a min/max grid keep it), its steps and
     minimums rounded to nearest on 8-bit codes (:func:`slimc.coded_scales.code_grid`)."""
     step, minimum = lowbit_grid(weight, fmt.code_bits, fmt.group_size)
-    return code_grid(step, minimum)
+    return code_grid(step, minimum, fmt.scale_bits)
 
 
 def coded_codes(weight: Tensor, fmt: Format, coded: CodedGrid) -> Tensor:

@@ -71,12 +71,13 @@ def unsupported(layer: Layer) -> str | None:
 
 def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
             group_size: int = 0, act_scale: torch.Tensor | None = None,
-            zero_point: int = 0) -> None:
+            zero_point: int = 0, scale_bits: int = 8) -> None:
     """Replace every consumer of ``layer`` by slimc's ``kind`` op reading ``tensors``.
 
     ``tensors`` holds the packed weight (``weight``) and, for int formats, ``scale`` (and
     ``zero`` for int4), all oriented ``[N, ...]``; ``w8a8`` has ``in_mult [K]`` and
-    ``out_scale [N]`` instead of ``scale``.
+    ``out_scale [N]`` instead of ``scale``. ``scale_bits``: a ``-qs`` grid's code width (its
+    codes bit-packed below 8, :mod:`slimc.coded_scales`).
     """
     base = layer.weight_node.name.removeprefix("p_")
     nodes = {key: ir.add_weight(f"{base}_{kind}_{key}", value) for key, value in tensors.items()}
@@ -92,7 +93,9 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
         if "scale_code" in tensors:  # a -qs grid: rebuilt before each use from its codes
             like = node.args[1] if role == "embedding" else \
                 node.args[1] if node.target is aten.addmm.default else node.args[0]
-            nodes["scale"], nodes["zero"] = _coded_grid_nodes(ir, nodes, node, like)
+            groups = -(-int(layer.shape[layer.perm[-1]]) // group_size)
+            nodes["scale"], nodes["zero"] = _coded_grid_nodes(ir, nodes, node, like,
+                                                              scale_bits, groups)
             nodes["minimum"] = nodes["zero"]
         if role == "embedding":
             ids = node.args[1]
@@ -139,21 +142,27 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
     _erase_dead_views(ir, layer)
 
 
-def _coded_grid_nodes(ir: IR, nodes: dict[str, Node], before: Node,
-                      like: Node) -> tuple[Node, Node]:
+def _coded_grid_nodes(ir: IR, nodes: dict[str, Node], before: Node, like: Node,
+                      bits: int = 8, groups: int = 0) -> tuple[Node, Node]:
     """``slimc::coded_scale`` nodes rebuilding a ``-qs`` grid's fp16 step and minimum from
     their codes, placed before ``before``; ``like`` is the run-time tensor that consumer reads
     (it keeps TVM from folding the rebuilt grid into stored constants,
-    :mod:`slimc.coded_scales`)."""
+    :mod:`slimc.coded_scales`). Codes narrower than 8 bits are bit-packed: the node also
+    names their width, the groups per row and whether they are the signed minimum codes."""
     out = []
     for code, unit in (("scale_code", "scale_unit"), ("min_code", "min_unit")):
+        args = (nodes[code], nodes[unit], like)
+        if bits < 8:
+            args += (bits, groups, code == "min_code")
         with ir.graph.inserting_before(before):
-            new = ir.graph.call_function(OPS["coded_scale"], (nodes[code], nodes[unit], like))
+            new = ir.graph.call_function(OPS["coded_scale"], args)
         ref = nodes[code].meta.get("val")
         mode = getattr(ref, "fake_mode", None)
         if mode is not None:
+            shape = (int(nodes[unit].meta["val"].shape[0]), groups) if bits < 8 else \
+                tuple(ref.shape)
             with mode:
-                new.meta["val"] = torch.empty(tuple(ref.shape), dtype=torch.float16)
+                new.meta["val"] = torch.empty(shape, dtype=torch.float16)
         out.append(new)
     return out[0], out[1]
 

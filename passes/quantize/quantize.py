@@ -52,7 +52,8 @@ class QuantizeOptions(PassOptions):
         "int8", description="Weight format (`int8`, `int4`, `int3`, `int2`, `fp16`, `bf16`, "
         "with `group_size`, `symmetric`, `zero_point`), a full format name that sets its own "
         "group (`int4-g32-fz`, `int4-g32-qs`, `int3-g64-qs`; `-qs`: 8-bit step and minimum "
-        "codes per group against fp16 row units), or `mixed` to choose one per layer under "
+        "codes per group against fp16 row units; `-qs5`: 5-bit codes, bit-packed, widths "
+        "4..7: `int3-g32-qs5`), or `mixed` to choose one per layer under "
         "`budget`. `int3`/`int2`: bit-packed codes, an fp16 scale and minimum per group of "
         "`group_size` (a multiple of 8; linear layers and embedding tables, convolutions and "
         "experts get int4 with a float zero point instead).")
@@ -432,7 +433,8 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
             tensors, shape = rounded.take(layer)
         if matrix is not None:
             shape = list(matrix.shape)
-        rewrite(ir, layer, fmt.kind, tensors, fmt.group_size, act_scale)
+        rewrite(ir, layer, fmt.kind, tensors, fmt.group_size, act_scale,
+                scale_bits=fmt.scale_bits)
         per_layer[layer.name] = {"format": str(fmt), "method": method, "shape": shape}
     ir.remove_unused_weights()
     ir.changed()
@@ -531,7 +533,8 @@ def _quantize_weight_only(ir: IR, layer: Layer, fmt: Format, options: QuantizeOp
     if layer.kind == "expert":
         experts, rows = layer.shape[0], matrix.shape[0] // layer.shape[0]
         tensors = {k: v.reshape(experts, rows, *v.shape[1:]) for k, v in tensors.items()}
-    rewrite(ir, layer, fmt.kind, tensors, fmt.group_size, act_scale)
+    rewrite(ir, layer, fmt.kind, tensors, fmt.group_size, act_scale,
+            scale_bits=fmt.scale_bits)
     entry = {"format": str(fmt), "method": method, "kind": layer.kind,
              "shape": list(layer.shape)}
     if layer.kind == "conv":
