@@ -111,8 +111,9 @@ class TargetInfo:
     ``vector_bits``: widest SIMD register (CPU) or warp width x 32 bits (GPU: the granularity
     at which channel counts stay efficient). ``dot_product``: the int8 dot-product instruction
     family the backend emits (``vnni``, ``avx2``, ``sdot``, ``dp4a``), None for none.
-    ``formats``: weight formats the backend has kernels for. Throughput numbers come from the
-    target's hardware entry (``backends/hardware.toml``) and carry its name and sources.
+    ``formats``: weight formats the backend has kernels for (``qs``: the ``-qs`` grids).
+    Throughput numbers come from the target's hardware entry (``backends/hardware.toml``) and
+    carry its name and sources.
     """
 
     target: str

@@ -335,3 +335,69 @@ def test_bad_code_width_exits_2_with_one_paragraph(cli, hf_dir):
     assert result.code == 2
     assert "not a code width" in result.err and "-qs5" in result.err
     assert "Traceback" not in result.err and result.err.strip().count("\n") <= 1
+
+
+# ---- -qs formats as budget-search candidates ----
+
+
+def _wider_llama(path) -> str:
+    """A random-weight HF Llama with 128-wide rows (the test models' 32 make a row's two fp16
+    units cost a whole bit per weight, so no ``-qs`` grid would ever be smaller)."""
+    import transformers as T
+
+    config = T.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                           max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(config).eval().save_pretrained(path)
+    return str(path)
+
+
+def test_size_budgets_below_int4_fz_add_coded_formats_on_cpus_only():
+    from slimc.passmanager import PassContext
+    from slimc.search.space import CODED_BELOW, CODED_FORMATS, Techniques
+    from slimc.targets import resolve_target
+
+    base = Techniques.named("all")
+    assert not any("-qs" in f for f in base.formats + Techniques.named("precision").formats)
+    host = PassContext(target=resolve_target("llvm"))
+    assert base.for_size(0.13, host).formats == base.formats + CODED_FORMATS
+    assert base.for_size(CODED_BELOW, host) == base and base.for_size(None, host) == base
+    cuda = PassContext(target=resolve_target("cuda"))  # no -qs lowering on GPUs
+    assert base.for_size(0.13, cuda) == base
+    arm = PassContext(target=resolve_target("arm"))
+    assert base.for_size(0.13, arm).formats[-2:] == CODED_FORMATS
+
+
+def test_budget_search_chooses_a_coded_format_and_builds_it(tmp_path):
+    """Below int4-g32-fz's bytes the search is offered the -qs formats, picks one where it
+    is the only grid that fits, and the recipe it writes builds and verifies."""
+    from slimc.capture import capture, load_model
+    from slimc.passmanager import AnalysisManager, PassContext, PassManager
+    from slimc.plugins import get_registry
+    from slimc.search.budget import parse_budget
+    from slimc.search.search import Search, pipeline_text, proxy_scorer
+    from slimc.search.space import CODED_FORMATS, Techniques
+
+    model = _wider_llama(tmp_path / "llama")
+    registry = get_registry()
+    ir, example = capture(load_model(model))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    techniques = Techniques(formats=("int4-g32-fz",)).for_size(0.15, ctx)
+    assert techniques.formats == ("int4-g32-fz", *CODED_FORMATS)
+    search = Search(ir, ctx, registry, techniques, proxy_scorer(ir, ctx), None)
+    cand, failures = search.fit(parse_budget("size=0.15"), None)  # int4-g32-fz: 0.156
+    assert cand is not None, failures
+    assert cand.relative["size"] <= 0.15
+    coded = {f: n for f, n in cand.choices.items() if "-qs" in f}
+    assert coded, cand.choices
+    assert "-qs" in pipeline_text(cand.items)
+    pipeline = ",".join(name + "{" + ",".join(
+        f"{k}=[{v}]" if k == "layers" else f"{k}={str(v).lower()}" for k, v in opts.items())
+        + "}" for name, opts in cand.items)
+    result = _compile(model, pipeline, tmp_path / "o")
+    m = result.manifest
+    assert m["verification"]["passed"] and m["verification"]["relative_l2_vs_ir"] < 1e-5
+    built = {e["format"] for e in m["pipeline"][0]["summary"]["per_layer"].values()}
+    assert set(coded) <= built

@@ -25,7 +25,8 @@ from slimc.errors import UsageError
 from slimc.targets import TargetSpec
 
 #: Weight formats with CPU kernels (``slimc::*`` lowerings in ``quantized_ops.py``).
-CPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "int3", "int2", "w8a8")
+#: ``qs``: the ``-qs`` / ``-qsB`` grids (coded group scales, ``slimc::coded_scale``).
+CPU_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "int3", "int2", "w8a8", "qs")
 
 
 class TvmCpuBackend:

@@ -122,8 +122,10 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
 
     scorer = task_scorer(task) if task is not None else proxy_scorer(ir, ctx)
     hw = hardware_if_known(ctx.target)
-    search = Search(ir, ctx, registry, Techniques.for_context(plan.techniques, ctx), scorer,
-                    hw, log)
+    techniques = Techniques.for_context(plan.techniques, ctx)
+    if plan.budget:  # -qs formats for size budgets below int4-g32-fz's bytes (on CPUs)
+        techniques = techniques.for_size(plan.budget.size, ctx)
+    search = Search(ir, ctx, registry, techniques, scorer, hw, log)
     failures: list[str] = []
     if plan.budget:
         chosen, failures = search.fit(plan.budget, plan.max_drop)

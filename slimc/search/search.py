@@ -303,7 +303,9 @@ class Search:
         if quantized:
             default = Counter(quantized).most_common(1)[0][0]
             opts: dict[str, Any] = {"weights": default.kind}
-            if default.kind == "int4":
+            if default.coded_scales:  # a full name: its group and code width with it
+                opts["weights"] = str(default)
+            elif default.kind == "int4":
                 opts["group_size"] = default.group_size
                 opts["symmetric"] = default.symmetric
                 if default.float_zero:

@@ -79,9 +79,8 @@ class Techniques:
     #: int4-gG-fz (fp16 scale and minimum per group, 5 / 4.5 / 4.25 bits at G = 32 / 64 /
     #: 128): GGUF Q4_1's layout, exact at G = 32 for weights that came from a Q4_1 file, and
     #: between int4-g32 and int3-g64 in bytes otherwise.
-    #: Not here yet: the ``-qs`` formats (``int4-g32-qs``, quantized group scales, issue 17).
-    #: Each extra format is one more measured forward per layer in the damage table and GPU
-    #: targets have no ``-qs`` lowering; see docs/benchmarks.md (wt/kqfmt23) before adding.
+    #: The ``-qs`` formats (coded group scales, issue 17) are not here: see
+    #: :data:`CODED_FORMATS`, added only for size budgets that need them.
     formats: tuple[str, ...] = ("int8", "int4-g128", "int4-g32", "int4-g32-fz", "int4-g64-fz",
                                 "int4-g128-fz", "int3-g64", "int3-g128", "int2-g64")
     #: Low-rank: shares of a layer's parameters the two factors keep (empty: no low-rank).
@@ -134,6 +133,32 @@ class Techniques:
             techniques = replace(techniques, quantize_method="gptq", act_order=True,
                                  w8a8=True)
         return techniques
+
+    def for_size(self, size: float | None, ctx: PassContext) -> Techniques:
+        """These techniques with :data:`CODED_FORMATS` added when ``size`` (a ``--budget``
+        share of fp32 bytes) is below :data:`CODED_BELOW` and the target has ``-qs`` kernels
+        (``"qs"`` in its :attr:`~slimc.backend.TargetInfo.formats`; GPU targets have none)."""
+        if size is None or size >= CODED_BELOW:
+            return self
+        from slimc.passes.analysis.target_info import target_info
+
+        if "qs" not in target_info(ctx.target).formats:
+            return self
+        extra = tuple(f for f in CODED_FORMATS if f not in self.formats)
+        return replace(self, formats=self.formats + extra)
+
+
+#: Formats with coded group scales (:mod:`slimc.coded_scales`) the budget search adds below
+#: :data:`CODED_BELOW`: ``int4-g32-qs`` (4.5 + 32/K bits per weight: int4-g32's grid for
+#: 0.5 bit less than ``-fz``) and ``int3-g32-qs5`` (3.31 + 32/K, a g32 int3 grid for less
+#: than ``int3-g64``'s 3.5): SmolLM2's 1.129x perplexity at size 0.1298 in the harness
+#: combined exactly these (attention / down_proj int4, gate / up int3, docs/benchmarks.md
+#: wt/smol23). Not in -O2's precision set and not for larger budgets: each format is one
+#: more measured forward per layer in the damage table (docs/benchmarks.md, wt/qs24).
+CODED_FORMATS = ("int4-g32-qs", "int3-g32-qs5")
+#: Size budgets (share of fp32 bytes) below which :data:`CODED_FORMATS` join the search:
+#: ``int4-g32-fz``'s 5 bits per weight, the smallest grouped-int4 grid without them.
+CODED_BELOW = 5.0 / 32.0
 
 
 @dataclass(frozen=True)
