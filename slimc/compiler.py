@@ -29,7 +29,8 @@ from slimc.evaluators import evaluate_all
 from slimc.ir import IR
 from slimc.loaders.base import LoadedModel, parse_overrides
 from slimc.passmanager import AnalysisManager, PassContext, PassInvocation, PassManager
-from slimc.pipeline import load_recipe, parse_pipeline_text, recipe_items, validate
+from slimc.pipeline import (load_recipe, no_pass_message, parse_pipeline_text, recipe_items,
+                            validate)
 from slimc.plugins import Registry, get_registry
 from slimc.quiet import native_stderr_to, silence_libraries
 from slimc.report import render_report
@@ -68,13 +69,16 @@ def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassI
     if options.recipe:
         recipe = load_recipe(options.recipe)
         items += recipe_items(recipe, origin=str(options.recipe))
-    if options.pipeline:
+    if options.pipeline is not None:
+        if not options.pipeline.strip():  # a blank --pipeline is a mistake, not "the default"
+            raise UsageError(no_pass_message(options.pipeline))
         items += parse_pipeline_text(options.pipeline)
     if not items:
         level = normalise_level(options.opt_level)
         # -O2/-O3/-Os and --budget: the search chooses; until then (and when nothing stays
         # within --max-drop) the lossless -O1 pipeline
-        items = parse_pipeline_text(FIXED_LEVELS.get(level, FIXED_LEVELS["1"]))
+        fixed = FIXED_LEVELS.get(level, FIXED_LEVELS["1"])
+        items = parse_pipeline_text(fixed) if fixed else []  # -O0: no passes
     return validate(items, registry.passes)
 
 

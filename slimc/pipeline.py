@@ -43,19 +43,45 @@ def split_top_level(text: str, sep: str = ",") -> list[str]:
     if depth != 0:
         raise UsageError(f"--pipeline {text!r}: a '{{' is never closed.")
     parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
+    return [p.strip() for p in parts]
+
+
+def no_pass_message(text: str) -> str:
+    """The refusal of a ``--pipeline`` that names no pass (``""``, ``" "``, ``",,"``)."""
+    return (f"--pipeline {text!r} names no pass. Give one or more passes as NAME or "
+            "NAME{KEY=VALUE,...} separated by commas (`slimc passes` lists them), or leave "
+            "--pipeline out and choose -O0..-O3 (-O0: no passes).")
+
+
+def _no_empty_elements(text: str, parts: list[str], what: str) -> list[str]:
+    """Refuse ``",,"``, ``"a,,b"``, ``"a,"`` and ``"q{x=1,}"``: an empty element is a typo
+    (a pass or option dropped while editing), and skipping it silently would build something
+    other than what was asked for -- ``",,"`` used to compile as if no ``--pipeline`` had been
+    given."""
+    if any(not p for p in parts):
+        if not any(parts):
+            raise UsageError(no_pass_message(text))
+        raise UsageError(f"--pipeline {text!r} has an empty {what} (two commas in a row, or "
+                         "a comma at the start or end). Remove the extra comma, or put back "
+                         "what was meant to stand there.")
+    return parts
 
 
 def parse_pipeline_text(text: str) -> list[tuple[str, dict[str, Any]]]:
     """``"a{x=1,y=z},b"`` -> ``[("a", {"x": "1", "y": "z"}), ("b", {})]`` (values unparsed)."""
-    items = []
-    for part in split_top_level(text):
+    items: list[tuple[str, dict[str, Any]]] = []
+    if not text.strip():
+        return items  # no passes (-O0's pipeline); a user's blank --pipeline is refused earlier
+    for part in _no_empty_elements(text, split_top_level(text), "pass"):
         if "{" in part:
             name, _, rest = part.partition("{")
             if not rest.endswith("}"):
                 raise UsageError(f"--pipeline element {part!r}: options must end with '}}'.")
             options: dict[str, Any] = {}
-            for opt in split_top_level(rest[:-1]):
+            opts = split_top_level(rest[:-1])
+            if opts == [""]:
+                opts = []  # NAME{}: no options
+            for opt in _no_empty_elements(text, opts, f"option in {name.strip()!r}"):
                 key, eq, value = opt.partition("=")
                 if not eq or not key.strip():
                     raise UsageError(f"--pipeline element {part!r}: option {opt!r} is not "

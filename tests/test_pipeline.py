@@ -55,6 +55,10 @@ def test_yaml_and_toml_recipes_equal_the_text(tmp_path):
     ("toy{steps=2.5}", ["option steps='2.5'"]),
     ("toy{ratio}", ["is not KEY=VALUE"]),
     ("toy{ratio=1", ["never closed"]),
+    (",,", ["names no pass", "-O0: no passes"]),
+    ("toy,,other", ["has an empty pass", "two commas in a row"]),
+    ("toy,", ["has an empty pass"]),
+    ("toy{ratio=0.5,}", ["empty option in 'toy'"]),
 ])
 def test_mistakes_name_the_problem_and_what_is_valid(text, fragments):
     with pytest.raises(UsageError) as info:
@@ -85,6 +89,14 @@ def test_cli_unknown_pass_exits_2_before_loading_the_model(cli):
     assert "Unknown pass 'eliminate-dead-cod'" in result.err
     assert "eliminate-dead-code" in result.err
     assert "Traceback" not in result.err
+
+
+def test_cli_empty_pipeline_elements_exit_2_instead_of_building_the_default(cli):
+    # ",," used to be read as "no --pipeline" and built the -O1 artifact without a word
+    for text in (",,", "", "eliminate-dead-code,,"):
+        result = cli("compile", "no/such/model", "--pipeline", text)
+        assert result.code == 2, result.err
+        assert "--pipeline" in result.err and "Traceback" not in result.err
 
 
 def test_unknown_optimisation_level(cli):
