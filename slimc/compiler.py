@@ -29,8 +29,7 @@ from slimc.evaluators import evaluate_all
 from slimc.ir import IR
 from slimc.loaders.base import LoadedModel, parse_overrides
 from slimc.passmanager import AnalysisManager, PassContext, PassInvocation, PassManager
-from slimc.pipeline import (load_recipe, no_pass_message, parse_pipeline_text, recipe_items,
-                            validate)
+from slimc.pipeline import load_recipe, no_pass_message, parse_pipeline_text, recipe_items, validate
 from slimc.plugins import Registry, get_registry
 from slimc.quiet import native_stderr_to, silence_libraries
 from slimc.report import render_report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -107,8 +109,33 @@ class InputOverride:
             else:
                 ranges.append(None)
                 shape.append(low_i)
+        _refuse_huge_example(text, shape, dtype)
         return cls(match["name"], tuple(shape), dtype,
                    tuple(ranges) if any(ranges) else None)
+
+
+def _physical_memory() -> int:
+    """This machine's RAM in bytes (16 GiB when the OS will not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def _refuse_huge_example(text: str, shape: list[int], dtype: torch.dtype | None) -> None:
+    """A shape whose example tensor cannot fit in memory (``99999999999x16``) is a typo: refuse
+    it here, before torch fails to allocate it deep inside the loader with a traceback. The
+    compile holds several copies of each example (eager, IR, the library's run), hence 1/4."""
+    itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 4
+    nbytes = math.prod(shape) * itemsize
+    limit = _physical_memory() // 4
+    if nbytes > limit:
+        raise UsageError(
+            f"--input {text!r}: one example of this shape is {nbytes / 2**30:.3g} GiB, more "
+            f"than a quarter of this machine's memory ({limit * 4 / 2**30:.3g} GiB); the "
+            "compiler keeps several copies of every example input.",
+            hint="Give a smaller shape (is a dimension mistyped?). For a size that varies at "
+                 "run time write it LO..HI: the compile then uses a small example within it.")
 
 
 def parse_overrides(texts: list[str] | tuple[str, ...]) -> dict[str, InputOverride]:
