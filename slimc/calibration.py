@@ -114,10 +114,9 @@ def _synthetic(template, max_batches: int, seed: int) -> CalibrationData:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"Cannot read {path} as a .npy array ({exc}).") from None
+    from slimc.npy import read_npy
+
+    return read_npy(path, "--calib")
 
 
 def _arrays(arrays: dict[str, np.ndarray], template, max_batches: int,

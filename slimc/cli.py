@@ -547,6 +547,7 @@ def run_command(
     import numpy as np
 
     from slimc.artifact import load
+    from slimc.npy import read_npy
 
     model = load(artifact_dir, threads=threads, emulate=emulate, rpc=rpc)
     feed = model.tokenize(texts) if texts else model.example_inputs()
@@ -554,11 +555,7 @@ def run_command(
         name, eq, path = item.partition("=")
         if not eq:
             raise UsageError(f"--input {item!r} is not NAME=file.npy.")
-        try:
-            feed[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--input {name}: cannot read {path} as a .npy array ({exc}).") \
-                from None
+        feed[name] = read_npy(path, f"--input {name}")
         if name not in {i["name"] for i in model.inputs}:
             raise UsageError(f"Unknown input {name!r}; the model's inputs are "
                              f"{', '.join(i['name'] for i in model.inputs)}.")
@@ -784,6 +781,9 @@ def _report(exc: BaseException, as_json: bool = False) -> int:
     if isinstance(exc, typer.Exit):
         return exc.exit_code
     if isinstance(exc, typer.Abort):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, EOFError):  # click turns an EOFError into Abort: not a Ctrl-C
+            return _report(cause, as_json)
         return 130
     # typer vendors click (typer._click), so match click's usage errors by shape.
     if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):

@@ -120,6 +120,17 @@ def test_run_rejects_wrong_shapes_and_corrupt_libraries(cli, cnn_artifact, tmp_p
     result = cli("run", tmp_path)
     _assert_clean_error(result, "not a slimc artifact")
 
+    # files that are not .npy arrays: an empty one used to exit 130 without a word (click read
+    # its EOFError as Ctrl-D), a text one was answered with numpy's "allow_pickle" advice
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "ids.txt").write_text("1 2 3\n")
+    np.save(tmp_path / "objects.npy", np.array([1, "a", None], dtype=object), allow_pickle=True)
+    for name, fragment in (("empty.npy", "is empty (0 bytes)"), ("ids.txt", "not a .npy file"),
+                           ("objects.npy", "never loads"), (".", "is a directory")):
+        result = cli("run", cnn_artifact, "--input", f"image={tmp_path / name}")
+        _assert_clean_error(result, fragment, "numpy.save")
+        assert "allow_pickle" not in result.err
+
     # Corrupt a copy: the original library is mapped into this process by the runs above, and
     # rewriting a loaded .so in place would crash the interpreter at exit.
     import shutil
@@ -174,3 +185,12 @@ def test_explore_refuses_an_unwritable_output_before_capturing(tmp_path, cli):
         assert res.code == 2, res.err
         assert str(blocker) in res.err and "Traceback" not in res.err
     assert blocker.read_text() == "keep me"
+
+
+def test_an_input_shape_too_large_for_memory_is_a_usage_error(cli):
+    """``--input image=99999999x3x1000x1000`` (a typo) used to reach torch's allocator and end
+    in an internal-error traceback; the size is checked when the option is parsed."""
+    result = cli("compile", "tests.models:small_cnn", "--input",
+                 "image=99999999x3x1000x1000:float32")
+    _assert_clean_error(result, "GiB", "this machine's memory", "smaller shape")
+
