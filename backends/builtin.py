@@ -61,10 +61,11 @@ def slimc_register_converters():
     import slimc.backends.tvm.quantized_ops  # noqa: F401
     from slimc.backends.tvm.resize_scales import converters as resize_converters
     from slimc.backends.tvm.scatter_reduce import converters as scatter_converters
+    from slimc.backends.tvm.shifts import converters as shift_converters
     from slimc.backends.tvm.symbolic import converters as symbolic_converters
     from slimc.backends.tvm.torch_semantics import converters as semantic_converters
 
     from slimc.dialect import converters
 
     return {**converters(), **symbolic_converters(), **semantic_converters(),
-            **resize_converters(), **scatter_converters()}
+            **resize_converters(), **scatter_converters(), **shift_converters()}
