@@ -80,14 +80,16 @@ def _convert(name: str, overload: str):
         from tvm import relax
 
         x = importer.env[node.args[0]]
-        shape = _static(importer.shape_of(x))
+        dims = list(importer.shape_of(x))
         value = node.meta.get("val")
-        out_shape = _static(value.shape) if value is not None else None
+        # only the two resized axes must be static (a symbolic batch is fine)
+        shape = _static(dims[2:]) if len(dims) == 4 else None
+        out_shape = _static(value.shape[2:]) if value is not None and len(dims) == 4 else None
         scales = _scales(node, name, overload)
-        static = shape is not None and out_shape is not None and len(shape) == 4
+        static = shape is not None and out_shape is not None
         exact = static and (tvm_name is None or any(  # TVM's coordinates differ from torch's
             s is not None and n * float(s) != o
-            for n, s, o in zip(shape[2:], scales, out_shape[2:], strict=True)))
+            for n, s, o in zip(shape, scales, out_shape, strict=True)))
         if not exact:
             if tvm_name is None:
                 raise AssertionError(f"Unsupported function types ['{name}.{overload} "
@@ -96,7 +98,7 @@ def _convert(name: str, overload: str):
         op = getattr(torch.ops.aten, name).vec
         align = bool(node.args[2]) if has_align else None
         a_h, a_w = (_axis_matrix(op, n, s, o, align).numpy()
-                    for n, s, o in zip(shape[2:], scales, out_shape[2:], strict=True))
+                    for n, s, o in zip(shape, scales, out_shape, strict=True))
         emit = importer.block_builder.emit
         dtype = str(x.ty.dtype)
         if nearest:
