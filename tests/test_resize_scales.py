@@ -21,13 +21,21 @@ class _Resizes(torch.nn.Module):
                 F.interpolate(x, scale_factor=2, mode="bilinear"))  # whole pixels: TVM's resize
 
 
+def resizes():
+    """Factory (``tests.test_resize_scales:resizes``)."""
+    return _Resizes().eval(), (torch.randn(1, 2, 5, 6),)
+
+
 def test_fractional_scale_factors_and_antialias_compute_what_torch_does(tmp_path):
-    torch.manual_seed(0)
-    module = _Resizes().eval()
-    x = torch.randn(1, 2, 5, 6)
-    result = slimc.compile(module, (x,), target="x86", output=tmp_path / "resize")
+    """Through a factory with a dynamic batch: the factory loader used to drop the ``1..4``
+    range and write a fixed-size artifact without a word; and only the resized axes need
+    static sizes for the exact lowering."""
+    result = slimc.compile_model("tests.test_resize_scales:resizes", slimc.CompileOptions(
+        target="x86", output=tmp_path / "resize", inputs=["x=1..4x2x5x6:float32"]))
     compiled = slimc.load(result.output)
-    fresh = torch.randn(1, 2, 5, 6)  # not the example the build was checked on
+    assert compiled.inputs[0]["dims"][0] == {"name": "batch", "min": 1, "max": 4}
+    module = _Resizes().eval()
+    fresh = torch.randn(3, 2, 5, 6)  # a batch and values the build was not checked on
     got = list(compiled(fresh.numpy()).values())
     want = module(fresh)
     assert len(got) == len(want)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slimc.errors import UsageError
-from slimc.loaders.base import InputOverride, LoadedModel, apply_overrides
+from slimc.loaders.base import InputOverride, LoadedModel, apply_overrides, dynamic_dims
 
 _FACTORY = re.compile(r"^(?P<module>[\w./\\-]+?)(?:\.py)?:(?P<attr>[A-Za-z_]\w*)$")
 
@@ -56,7 +56,10 @@ class FactoryLoader:
         return LoadedModel(name=match["attr"] if match["attr"] not in ("factory", "build")
                            else Path(match["module"]).name.split(".")[-1],
                            module=net, example_inputs=inputs, as_kwargs=isinstance(example, dict),
-                           source=model, kind=self.name)
+                           source=model, kind=self.name,
+                           # --input x=1..4x3x32x32 asks for a dynamic batch: without this the
+                           # range was dropped and a fixed-size artifact written without a word
+                           dynamic=dynamic_dims(overrides))
 
 
 def _import(module_name: str, model: str):
