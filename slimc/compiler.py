@@ -81,6 +81,23 @@ def _resolve_pipeline(options: CompileOptions, registry: Registry) -> list[PassI
     return validate(items, registry.passes)
 
 
+def _with_overrides(model: LoadedModel, overrides: dict) -> LoadedModel:
+    """An in-memory module's example inputs re-shaped by ``inputs=`` (ranges made dynamic),
+    as the factory loader does for ``--input``; an ExportedProgram's inputs are fixed."""
+    import dataclasses
+
+    from slimc.loaders.base import apply_overrides, dynamic_dims
+
+    if model.program is not None or model.module is None:
+        raise UsageError("inputs= does not apply to an ExportedProgram: its input shapes were "
+                         "fixed when it was exported.",
+                         hint="Export it again with the shapes (torch.export dynamic_shapes), "
+                         "or pass the nn.Module and example inputs instead.")
+    inputs = apply_overrides(model.example_inputs, overrides,
+                             accepted=list(model.example_inputs))
+    return dataclasses.replace(model, example_inputs=inputs, dynamic=dynamic_dims(overrides))
+
+
 def build_artifact(model: str | LoadedModel, options: CompileOptions, identity: dict[str, Any],
                    *, stage: Stage = lambda name: None,
                    log: Callable[[str], None] = lambda m: None, registry: Registry | None = None,
@@ -159,6 +176,8 @@ def _compile(model: str | LoadedModel, options: CompileOptions, identity: dict[s
     stage("capture")
     started = _clock()
     if isinstance(model, LoadedModel):
+        if overrides:  # slimc.compile(module, example, inputs=[...]): not silently dropped
+            model = _with_overrides(model, overrides)
         loaded = model if fixed_because is None else _without_default_dynamic(model)
     else:
         loaded = load_model(

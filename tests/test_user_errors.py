@@ -194,3 +194,26 @@ def test_an_input_shape_too_large_for_memory_is_a_usage_error(cli):
                  "image=99999999x3x1000x1000:float32")
     _assert_clean_error(result, "GiB", "this machine's memory", "smaller shape")
 
+
+
+def test_compile_inputs_reach_an_in_memory_module_and_are_refused_for_a_program():
+    """``slimc.compile(module, example, inputs=[...])`` ignored ``inputs`` (a fixed-size
+    artifact without a word); a range now makes the dimension dynamic, as ``--input`` does for
+    a factory, and an ExportedProgram (shapes fixed at export) refuses it."""
+    import pytest
+    import torch
+
+    import slimc
+    from slimc.api import _loaded
+    from slimc.compiler import _with_overrides
+    from slimc.errors import UsageError
+    from slimc.loaders.base import parse_overrides
+
+    module = torch.nn.Linear(4, 2)
+    loaded = _with_overrides(_loaded(module, (torch.randn(1, 4),), None),
+                             parse_overrides(["input=1..8x4:float32"]))
+    assert tuple(loaded.example_inputs["input"].shape) == (2, 4)
+    assert loaded.dynamic["input"][0].max == 8
+    program = torch.export.export(module, (torch.randn(2, 4),))
+    with pytest.raises(UsageError, match="does not apply to an ExportedProgram"):
+        slimc.compile(program, inputs=["x=2x4:float32"])
