@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from slimc.isa import check_cpu, library_isa
 from slimc.targets import resolve_target
 from tests.test_lane_reductions import Attention, _fused_main, _kernels
 from tests.test_schedules import Norms, _build_run, _check, _lower
@@ -116,6 +117,7 @@ def test_softmax_of_a_model_input_leaves_the_input(tmp_path):
     assert _inplace_calls(fused) == [] and "softmax_rows" in _kernels(fused)
     library = build_library(_lower(module, (x,)), resolve_target("x86-64-v4-vnni"),
                             tmp_path / "k.so")
+    check_cpu(library_isa(library), str(library))  # an AVX2 host: skipped, not SIGILL
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
     given = tvm.runtime.tensor(x.numpy())
     got = vm["main"](given)
@@ -203,6 +205,7 @@ def test_softmax_of_constants_is_not_overwritten(tmp_path):
     assert _inplace_calls(fused) == []
     library = build_library(_lower(module, (x,)), resolve_target("x86-64-v4-vnni"),
                             tmp_path / "k.so")
+    check_cpu(library_isa(library), str(library))  # an AVX2 host: skipped, not SIGILL
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
     with torch.no_grad():
         want = module(x).numpy()
