@@ -170,8 +170,8 @@ def test_minimize_reaches_max_drop_with_fewer_builds_than_the_bisection(hf_dir):
 
 @pytest.mark.skipif(
     "avx512_vnni" not in (cpu_flags() or set()),
-    reason="the latency search prices from this build host's ISA; on an AVX2 host it finds "
-    "no candidate (seen on Zen 3, session 24; cause not yet found, docs/status.md)")
+    reason="the latency search prices with this host's estimate; on an AVX2 host -O3 measures "
+    "no candidate here (seen on Zen 3, session 24; not analysed, docs/status.md)")
 def test_o3_latency_search_on_a_tiny_llama_builds_and_keeps_a_candidate(hf_dir):
     """-O3's objective (roofline latency, pruning and low rank allowed) on a tiny random
     Llama: every compression saves under 2% of the latency. The search used to build
