@@ -8,7 +8,9 @@ SLIMC  := $(BIN)/slimc
 DEMO_OUT ?= build/all-MiniLM-L6-v2.arm.slimc
 # Test processes: one per logical CPU (at most 4; each TVM build or qemu run is single-threaded and a
 # worker peaks at ~3 GB). Whole files go to one worker so module fixtures are built once.
-TEST_WORKERS ?= logical --maxprocesses=4
+# A crashed worker (SIGILL, OOM) ends the run at once with its test named: pytest-xdist 3.8 can hang
+# forever replacing a crashed worker under --dist loadfile (pytest-xdist#784, fixed after 3.8.0).
+TEST_WORKERS ?= logical --maxprocesses=4 --max-worker-restart=0
 
 .PHONY: install demo test lint sysroot clean
 

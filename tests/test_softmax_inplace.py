@@ -142,6 +142,10 @@ def test_row_kernel_alone_matches_numpy(n, valid, inplace):
     width = 16 * (EXP_ACCUMULATORS if whole >= EXP_ACCUMULATORS else 1)
     assert f"alloc_buffer(({width},))" in text, text
     assert len(func.params) == (1 if inplace else 2)
+    from tests.w8a8_reference import runs_here
+
+    if not runs_here("x86-64-v4-vnni"):  # an AVX2 host: SIGILL, not a failure of the kernel
+        pytest.skip("this CPU cannot run x86-64-v4-vnni code")
     target = resolve_target("x86-64-v4-vnni").tvm_target()
     with tvm.transform.PassContext(opt_level=3):
         lib = tvm.tirx.build(func.with_attr("global_symbol", "sm"), target=target)
