@@ -43,6 +43,29 @@ def test_every_device_states_its_sources_and_targets_map_to_devices():
         get_hardware("pdp-11")
 
 
+def test_portable_levels_are_priced_from_their_own_features_on_any_build_machine():
+    """x86-64-v3 (AVX2, no VNNI) and x86-64-v4-vnni are priced from what the level enables,
+    not from the CPU that builds them: on an AVX2 build host the VNNI level used to get int8
+    at twice float32 (the host's rate) and the budget search found W8A8 too slow for it."""
+    import os
+
+    v3 = hardware_for_target(resolve_target("x86-64-v3"))
+    v4 = hardware_for_target(resolve_target("x86-64-v4"))
+    vnni = hardware_for_target(resolve_target("x86-64-v4-vnni"))
+    cores = len(os.sched_getaffinity(0))
+    assert (v3.name, v4.name, vnni.name) == (
+        "estimated-x86-64-v3", "estimated-x86-64-v4", "estimated-x86-64-v4-vnni")
+    assert v3.peak_gflops["float32"] == cores * 2.5 * 2 * 2 * 8  # 256-bit lanes
+    assert v4.peak_gflops["float32"] == vnni.peak_gflops["float32"] == 2 * v3.peak_gflops[
+        "float32"]
+    assert v3.peak_gflops["int8"] == 2 * v3.peak_gflops["float32"]
+    assert v4.peak_gflops["int8"] == 2 * v4.peak_gflops["float32"]  # AVX-512 without VNNI
+    assert vnni.peak_gflops["int8"] == 4 * vnni.peak_gflops["float32"]
+    assert any("avx512vnni" in source for source in vnni.sources), vnni.sources
+    # The cost pass gets the device by name (what `slimc analyze` hands it).
+    assert get_hardware(vnni.name) == vnni
+
+
 def test_matrix_flops_equal_torch_flop_counter():
     net, image, ir = _cnn()
     cost = estimate_costs(ir, get_hardware("host-znver4"))

@@ -73,6 +73,8 @@ def get_hardware(name: str) -> Hardware:
     for hw in table.values():
         if key in hw.targets:
             return hw
+    if key.startswith(LEVEL_ESTIMATE):
+        return level_estimate(name[len(LEVEL_ESTIMATE):])
     if key == host_estimate().name.lower():
         # The estimate for a host CPU the table does not list (what hardware_for_target gave
         # the analysis), passed on by name to the cost pass.
@@ -87,7 +89,8 @@ def hardware_for_target(target: Any) -> Hardware:
     ``target`` is a :class:`slimc.targets.TargetSpec` or a target name. A target that builds
     for the host (``mcpu="@host"``) maps to the entry of the host's own CPU model (LLVM's name
     for it, e.g. ``znver4``) when the table has one, else to :func:`host_estimate`: no one
-    machine's numbers are anyone's default.
+    machine's numbers are anyone's default. A portable level the table does not list
+    (``x86-64-v4-vnni``) maps to :func:`level_estimate`.
     """
     if isinstance(target, str):
         from slimc.targets import resolve_target
@@ -95,15 +98,17 @@ def hardware_for_target(target: Any) -> Hardware:
         try:
             target = resolve_target(target)
         except UsageError:
-            candidates, host = [target], False
+            candidates, host, level = [target], False, False
         else:
             return hardware_for_target(target)
     else:
         tvm = target.tvm if isinstance(target.tvm, dict) else {}
         mcpu = str(tvm.get("mcpu", ""))
-        # Built for this machine (-mcpu=native) or a portable level it runs here (x86-64-v3).
-        host = tvm.get("kind") == "llvm" and (mcpu == "@host" or (
-            target.triple is not None and not target.is_cross))
+        # Built for this machine (-mcpu=native), or for a portable level that runs on this
+        # machine's architecture (x86-64-v3): priced from the level's features, not this CPU's.
+        host = tvm.get("kind") == "llvm" and mcpu == "@host"
+        level = tvm.get("kind") == "llvm" and not host and target.triple is not None \
+            and not target.is_cross
         candidates = [target.name, *target.aliases, mcpu]
         if not isinstance(target.tvm, dict):
             candidates.append(str(target.tvm))  # a TVM tag, e.g. nvidia/nvidia-h100
@@ -123,6 +128,8 @@ def hardware_for_target(target: Any) -> Hardware:
                 return hw
     if host:
         return host_estimate()
+    if level:
+        return level_estimate(target)
     raise UsageError(f"No hardware numbers for target {candidates[0]!r}.",
                      hint=f"Pick the device with --hardware NAME ({', '.join(sorted(table))}).")
 
@@ -153,6 +160,50 @@ def host_estimate() -> Hardware:
     dot-product support) and the cores this process may use; clock, FMA pipes and memory
     bandwidth are assumed (listed in ``sources``). ``slimc analyze --measure`` replaces the
     estimates with timings."""
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    return _cpu_estimate({"kind": "llvm", "mcpu": cpu}, name=f"host-{cpu}",
+                         what=f"this machine's CPU ({cpu}", how=f"-mcpu={cpu}")
+
+
+#: Prefix of the estimate for a portable x86 level (``estimated-x86-64-v4-vnni``), by which the
+#: cost pass finds it again (:func:`get_hardware`).
+LEVEL_ESTIMATE = "estimated-"
+
+
+def level_estimate(target: Any) -> Hardware:
+    """Roofline numbers for code built for a portable level (``x86-64-v3``, ``x86-64-v4-vnni``):
+    the level's own vector width and int8 dot product, not the build machine's.
+
+    Why: the library runs on any CPU of that level, and what it can use is what the level
+    enables. Pricing ``x86-64-v4-vnni`` with an AVX2 build host's numbers gave int8 twice
+    float32 instead of four times (no VNNI on the host), so the budget search found W8A8 too
+    slow for a VNNI target (0.65 > 0.6, session 24). Cores are this machine's: the target does
+    not say how many the device has. ``target``: a TargetSpec or a target name."""
+    import json
+
+    if isinstance(target, str):
+        from slimc.targets import resolve_target
+
+        target = resolve_target(target)
+    tvm_spec = target.tvm if isinstance(target.tvm, dict) else {"kind": "llvm"}
+    return _level_estimate(target.name, json.dumps(tvm_spec, sort_keys=True))
+
+
+@lru_cache(maxsize=16)
+def _level_estimate(name: str, tvm_json: str) -> Hardware:
+    import json
+
+    tvm_spec = json.loads(tvm_json)
+    flags = " ".join([f"-mcpu={tvm_spec.get('mcpu', '')}", *tvm_spec.get("mattr", [])])
+    return _cpu_estimate(tvm_spec, name=f"{LEVEL_ESTIMATE}{name}",
+                         what=f"a CPU of level {name} (", how=flags)
+
+
+def _cpu_estimate(tvm_spec: dict[str, Any], name: str, what: str, how: str) -> Hardware:
+    """Cores x assumed clock x FMA pipes x lanes; int8 at 4x float32 with a dot product
+    (VNNI, sdot), else 2x."""
     import os
 
     import tvm
@@ -160,7 +211,7 @@ def host_estimate() -> Hardware:
 
     from slimc.isa import simd_width_bits
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    target = tvm.target.Target(tvm_spec)
     bits = simd_width_bits(target)  # not llvm_get_vector_width: 512 on AVX2-only CPUs too
     cores = max(1, len(os.sched_getaffinity(0)))
     fp32 = cores * ASSUMED_GHZ * ASSUMED_FMA_PIPES * 2 * (bits // 32)
@@ -169,14 +220,13 @@ def host_estimate() -> Hardware:
             codegen.target_has_features(["dotprod"], target)
     except Exception:  # noqa: BLE001 - a CPU LLVM cannot describe: no dot product assumed
         dot = False
-    cpu = codegen.llvm_get_system_cpu()
     return Hardware(
-        name=f"host-{cpu}", description=f"this machine's CPU ({cpu}, {cores} cores), estimated",
+        name=name, description=f"{what}, {cores} cores), estimated",
         peak_gflops={"float32": fp32, "float16": fp32, "bfloat16": fp32,
                      "int8": fp32 * (4 if dot else 2)},
         mem_bandwidth_gbs=ASSUMED_BANDWIDTH_GBS, op_overhead_us=2.0, cores=cores,
         sources=(f"vector width {bits} bits and int8 dot product {'yes' if dot else 'no'}: "
-                 f"LLVM's description of -mcpu={cpu}",
+                 f"LLVM's description of {how}",
                  f"cores: {cores} usable by this process (CPU affinity)",
                  f"assumed {ASSUMED_GHZ} GHz and {ASSUMED_FMA_PIPES} FMA pipes per core "
                  "(float32 = cores x GHz x pipes x 2 x lanes)",
