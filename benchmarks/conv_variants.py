@@ -52,6 +52,13 @@ CASES = {
     "pw24_144": ("pw", 24, 144, 56, 1),
     "pw672_112": ("pw", 672, 112, 14, 1),
     "pw32_16": ("pw", 32, 16, 112, 1),
+    # ShuffleNetV2's 232-channel 1 x 1s (8-lane panels on AVX-512) beside 240 / 224 controls
+    "pw240_232": ("pw", 240, 232, 7, 1),
+    "pw240_240": ("pw", 240, 240, 7, 1),
+    "pw240_224": ("pw", 240, 224, 7, 1),
+    "pw240_256": ("pw", 240, 256, 7, 1),
+    "pw144_24s": ("pw", 144, 24, 14, 1),
+    "pw144_32s": ("pw", 144, 32, 14, 1),
     # MobileNetV3-L's 8-lane depthwise convs (issue 16, wt/mnv3); "dw5": a 5 x 5 window
     "dw72k5s2": ("dw5", 72, 72, 56, 2),
     "dw120k5": ("dw5", 120, 120, 28, 1),
@@ -114,6 +121,9 @@ VARIANTS: dict[str, dict] = {
     "rowsout": {"PANEL_OUTSIDE_ROWS": False},  # image rows outside the weight panels
     # issue 16, wt/cnn24 (AVX2, 16 registers): one-vector panels where 4 rows do not divide
     # the width (main now), two-vector 4-row tiles with a predicated tail (main before)
+    # session 25 (Zen 5): 8-lane 1 x 1s as padded matmuls, over >= 64 pixels / any pixels
+    "zen4rule": {"nhwc_rewrites.HALF_WIDTH_FMA_CPUS": ("znver4", "znver5")},
+    "mm1": {"nhwc_rewrites.HALF_PANEL_MIN_PIXELS": 1},
     "narrow": {"SIXTEEN_REGISTER_NARROW": True},
     "wide": {"SIXTEEN_REGISTER_NARROW": False},
     "dwnarrow": {"SIXTEEN_REGISTER_NARROW_DEPTHWISE": True},  # main now

@@ -761,6 +761,7 @@ def test_quarter_panel_pointwise_conv_runs_on_whole_vectors(tmp_path, caplog):
 #: Zen 4 (AVX-512 executed as two 256-bit halves) and an AVX2 target, spelled out.
 ZNVER4 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}
 AVX2 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
+ZNVER5 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver5"}
 
 
 def _kernel_names(module, inputs, target: dict | str) -> list[str]:
@@ -782,8 +783,8 @@ def test_half_panel_pointwise_conv_runs_on_whole_vectors(cout, tmp_path, caplog)
     """A 1 x 1 conv to 24 or 40 = 8 x odd channels (MobileNets' projections) over 14 x 14
     pixels: only an 8-lane panel divides them, half of AVX-512's width. On a full-width
     AVX-512 target it runs as a matmul whose constant filters are padded to whole 16-lane
-    vectors; on Zen 4 (512-bit FMAs as two halves: an 8-lane panel loses nothing there), on
-    AVX2 (8 lanes are a whole vector) and over 7 x 7 pixels it stays a conv. Exact against
+    vectors (Zen 5 included); on Zen 4 (512-bit FMAs as two halves: an 8-lane panel loses
+    nothing there), on AVX2 (8 lanes are a whole vector) and over 7 x 7 pixels it stays a conv. Exact against
     PyTorch, with the ReLU6 and folded batch norm of a MobileNet block as its epilogue."""
     torch.manual_seed(0)
     net = _randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(144, cout, 1, bias=False),
@@ -798,6 +799,8 @@ def test_half_panel_pointwise_conv_runs_on_whole_vectors(cout, tmp_path, caplog)
     _check(net, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
     for target in (ZNVER4, AVX2):
         assert "conv2d" in " ".join(_kernel_names(net, (x,), target)), target
+    # Zen 5's 512-bit FMAs are full width: the padded matmul there too
+    assert "conv2d" not in " ".join(_kernel_names(net, (x,), ZNVER5))
     assert "conv2d" in " ".join(_kernel_names(net, (torch.randn(1, 144, 7, 7),),
                                               "x86-64-v4-vnni"))
 

@@ -303,6 +303,14 @@ QUARTER_PANEL_MIN_PIXELS = 64
 HALF_PANEL_MIN_PIXELS: int | None = QUARTER_PANEL_MIN_PIXELS
 
 
+#: AVX-512 CPUs (LLVM ``-mcpu`` names) that split each 512-bit FMA into two 256-bit halves, so
+#: that an 8-lane panel loses them no throughput. Zen 4 does; Zen 5 (``znver5``, EPYC Turin) has
+#: full-width 512-bit FMAs: there a 1 x 1 conv 240 -> 232 over 7 x 7 pixels took 27.9 us on
+#: 8-lane panels against 16.1 us for 240 -> 240, and 144 -> 24 over 14 x 14 9.6 us against
+#: 5.5 us for 144 -> 32 (``benchmarks/conv_variants.py``, 2 threads, session 25).
+HALF_WIDTH_FMA_CPUS = ("znver4",)
+
+
 def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
     """``matmul(x, reshape(w, [C, O]))`` for a 1x1, stride-1, unpadded, dense NHWC/HWIO conv
     whose output channels no vector panel divides (``O % 4``), or only a 4-lane one
@@ -334,10 +342,10 @@ def _pointwise_tail_conv(call: relax.Call) -> relax.Expr:
 
 def _half_panels_lose() -> bool:
     """Whether the current target runs an 8-lane float panel at half its FMA throughput: 16
-    float lanes (AVX-512) executed at full width, i.e. any AVX-512 CPU but AMD's Zen 4 / Zen 5
-    (``znver*``), which splits each 512-bit FMA into two 256-bit halves, so that there an
-    8-lane panel loses no throughput and padding 24 channels to 32 would add a third more
-    multiply-adds.
+    float lanes (AVX-512) executed at full width, i.e. any AVX-512 CPU but those of
+    :data:`HALF_WIDTH_FMA_CPUS` (AMD's Zen 4), which split each 512-bit FMA into two 256-bit
+    halves, so that there an 8-lane panel loses no throughput and padding 24 channels to 32
+    would add a third more multiply-adds.
 
     Why: a 1x1 conv to 24 channels ran its 8-lane ``ymm`` micro-kernel on this Intel host
     (``rocketlake`` to LLVM, two 512-bit FMA ports) at 1.5x the time of the same conv as a
@@ -354,7 +362,7 @@ def _half_panels_lose() -> bool:
     mcpu = str(target.attrs.get("mcpu", "") or "")
     if mcpu in ("", "@host"):
         mcpu = str(codegen.llvm_get_system_cpu())
-    return not mcpu.startswith("znver")
+    return mcpu not in HALF_WIDTH_FMA_CPUS
 
 
 def _pixels(data: relax.Expr) -> int:
