@@ -124,6 +124,7 @@ VARIANTS: dict[str, dict] = {
     # session 25 (Zen 5): 8-lane 1 x 1s as padded matmuls, over >= 64 pixels / any pixels
     "zen4rule": {"nhwc_rewrites.HALF_WIDTH_FMA_CPUS": ("znver4", "znver5")},
     "mm1": {"nhwc_rewrites.HALF_PANEL_MIN_PIXELS": 1},
+    "mm1pad": {"nhwc_rewrites.HALF_PANEL_MIN_PIXELS": 1, "CONSTANT_PAD_MIN_ROWS": 1},
     "narrow": {"SIXTEEN_REGISTER_NARROW": True},
     "wide": {"SIXTEEN_REGISTER_NARROW": False},
     "dwnarrow": {"SIXTEEN_REGISTER_NARROW_DEPTHWISE": True},  # main now

@@ -192,6 +192,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .attention_softmax import fuse_safe_softmax
     from .channel_padding import pad_hidden_channels
     from .constant_views import fold_constant_views
+    from .conv_output_padding import pad_conv_outputs
     from .conv_prologue import prologue_convs
     from .fast_math import fast_math
     from .fused_attention import fuse_attention
@@ -219,6 +220,8 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         # before the 1x1 convs of 8 x odd channels become padded matmuls: padded hidden maps
         # leave them whole-vector convs
         pad_hidden_channels, pointwise_tail_convs_as_matmul,
+        # the convs left to channel counts no vector divides: padded outputs, then a slice
+        pad_conv_outputs,
         # cancelled transposes leave `y = x` aliases, which would cut fusion chains
         relax.transform.CanonicalizeBindings(),
         # After the layout passes: fast_math turns sigmoid/SiLU/GELU into call_te kernels that

@@ -130,8 +130,8 @@ class _Planner:
         for i, arg in enumerate(call.args):
             shape = _shape(arg)
             if shape is None:
-                if isinstance(arg, relax.PrimValue) or not isinstance(
-                        getattr(arg, "ty", None), relax.TensorType):
+                # a scalar (clip's bounds: PrimExprs in this TVM, no relax.PrimValue)
+                if not isinstance(getattr(arg, "ty", None), relax.TensorType):
                     continue  # clip's bounds
                 return None
             if self.value_of(arg) is not None:
@@ -254,6 +254,32 @@ def _pad_axis(value: np.ndarray, axis: int, padded: int, fill: float = 0.0) -> n
     return np.pad(value, widths, constant_values=fill)
 
 
+def constant_value(expr, bound: dict) -> np.ndarray | None:
+    """The numpy value of a constant, or of ``permute_dims`` / ``reshape`` chains of one
+    (ConvertLayout's HWIO kernels), through the dataflow bindings ``bound`` (var -> value)."""
+    seen = 0
+    while isinstance(expr, relax.Var) and seen < 64:
+        value = bound.get(expr)
+        if value is None:
+            return None
+        expr, seen = value, seen + 1
+    if isinstance(expr, tvm.ir.expr.Constant):
+        return expr.value.numpy()
+    if not isinstance(expr, relax.Call):
+        return None
+    name = getattr(expr.op, "name", None)
+    if name == "relax.permute_dims":
+        inner = constant_value(expr.args[0], bound)
+        if inner is None:
+            return None
+        axes = expr.attrs.axes
+        return np.transpose(inner, None if axes is None else [int(a) for a in axes])
+    if name == "relax.reshape":
+        inner, shape = constant_value(expr.args[0], bound), _shape(expr)
+        return None if inner is None or shape is None else inner.reshape(shape)
+    return None
+
+
 @expr_functor.mutator
 class _PadChannels(PyExprMutator):
     def __init__(self, mod, lanes: int) -> None:
@@ -262,28 +288,7 @@ class _PadChannels(PyExprMutator):
         self.plan: dict = {}
 
     def value_of(self, expr) -> np.ndarray | None:
-        """The numpy value of a constant, or of ``permute_dims`` / ``reshape`` chains of one."""
-        seen = 0
-        while isinstance(expr, relax.Var) and seen < 64:
-            bound = self._bound.get(expr)
-            if bound is None:
-                return None
-            expr, seen = bound, seen + 1
-        if isinstance(expr, tvm.ir.expr.Constant):
-            return expr.value.numpy()
-        if not isinstance(expr, relax.Call):
-            return None
-        name = getattr(expr.op, "name", None)
-        if name == "relax.permute_dims":
-            inner = self.value_of(expr.args[0])
-            if inner is None:
-                return None
-            axes = expr.attrs.axes
-            return np.transpose(inner, None if axes is None else [int(a) for a in axes])
-        if name == "relax.reshape":
-            inner, shape = self.value_of(expr.args[0]), _shape(expr)
-            return None if inner is None or shape is None else inner.reshape(shape)
-        return None
+        return constant_value(expr, self._bound)
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
         self._bound = {b.var: b.value for block in func.body.blocks for b in block.bindings
