@@ -784,8 +784,9 @@ def test_half_panel_pointwise_conv_runs_on_whole_vectors(cout, tmp_path, caplog)
     pixels: only an 8-lane panel divides them, half of AVX-512's width. On a full-width
     AVX-512 target it runs as a matmul whose constant filters are padded to whole 16-lane
     vectors (Zen 5 included); on Zen 4 (512-bit FMAs as two halves: an 8-lane panel loses
-    nothing there), on AVX2 (8 lanes are a whole vector) and over 7 x 7 pixels it stays a conv. Exact against
-    PyTorch, with the ReLU6 and folded batch norm of a MobileNet block as its epilogue."""
+    nothing there), on AVX2 (8 lanes are a whole vector) and over 7 x 7 pixels it stays a
+    conv. Exact against PyTorch, with the ReLU6 and folded batch norm of a MobileNet block as
+    its epilogue."""
     torch.manual_seed(0)
     net = _randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(144, cout, 1, bias=False),
                                             torch.nn.BatchNorm2d(cout), torch.nn.ReLU6()))
