@@ -97,7 +97,10 @@ class _PadConvOutputs(PyExprMutator):
             if not isinstance(call, relax.Call) or _conv_kind(call) != "dense" \
                     or self.value_of(call.args[1]) is None:
                 continue
-            channels = _shape(var)[3]
+            shape = _shape(var)
+            if shape is None or len(shape) != 4:
+                continue  # a symbolic batch or map: left alone
+            channels = shape[3]
             padded = padded_channels(channels, self.lanes, self.half_panels_lose)
             if padded is None:
                 continue
