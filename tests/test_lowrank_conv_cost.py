@@ -16,7 +16,6 @@ from slimc.passes.analysis.hardware import (
     ASSUMED_BANDWIDTH_GBS,
     ASSUMED_FMA_PIPES,
     ASSUMED_GHZ,
-    hardware_table,
 )
 from slimc.passes.analysis.target_info import target_info
 from slimc.passes.lowrank import conv_cost, tucker
@@ -41,13 +40,11 @@ PINNED = ("raspberry-pi-4", "x86-64-v4-vnni")
 
 def _every_x86_build_machine(info):
     """``info`` with each set of roofline numbers an x86 level can take on a build machine:
-    the measured host entry, or :func:`host_estimate` (cores x 2.5 GHz x 2 FMA pipes x lanes,
-    20 GB/s) for 1 to 128 cores of AVX2 or AVX-512; 128 AVX-512 cores make everything
-    memory-bound."""
-    out = [dataclasses.replace(info, peak_gflops=dict(hw.peak_gflops),
-                               mem_bandwidth_gbs=hw.mem_bandwidth_gbs,
-                               op_overhead_us=hw.op_overhead_us, hardware=hw.name)
-           for hw in hardware_table().values() if hw.name.startswith("host-")]
+    :func:`level_estimate` (cores x 2.5 GHz x 2 FMA pipes x lanes, 20 GB/s; the level's own
+    features, the build machine's cores) for 1 to 128 cores of AVX2 or AVX-512; 128 AVX-512
+    cores make everything memory-bound. (Until session 25 a level took the build host's table
+    entry when it had one; it no longer does.)"""
+    out = []
     for cores in (1, 2, 4, 8, 16, 32, 64, 128):
         for lanes in (8, 16):
             peak = cores * ASSUMED_GHZ * ASSUMED_FMA_PIPES * 2 * lanes
