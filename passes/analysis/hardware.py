@@ -164,7 +164,7 @@ def host_estimate() -> Hardware:
 
     cpu = codegen.llvm_get_system_cpu()
     return _cpu_estimate({"kind": "llvm", "mcpu": cpu}, name=f"host-{cpu}",
-                         what=f"this machine's CPU ({cpu}", how=f"-mcpu={cpu}")
+                         what=f"this machine's CPU ({cpu})", how=f"-mcpu={cpu}")
 
 
 #: Prefix of the estimate for a portable x86 level (``estimated-x86-64-v4-vnni``), by which the
@@ -198,7 +198,7 @@ def _level_estimate(name: str, tvm_json: str) -> Hardware:
     tvm_spec = json.loads(tvm_json)
     flags = " ".join([f"-mcpu={tvm_spec.get('mcpu', '')}", *tvm_spec.get("mattr", [])])
     return _cpu_estimate(tvm_spec, name=f"{LEVEL_ESTIMATE}{name}",
-                         what=f"a CPU of level {name} (", how=flags)
+                         what=f"a CPU of level {name}", how=flags)
 
 
 def _cpu_estimate(tvm_spec: dict[str, Any], name: str, what: str, how: str) -> Hardware:
@@ -221,7 +221,7 @@ def _cpu_estimate(tvm_spec: dict[str, Any], name: str, what: str, how: str) -> H
     except Exception:  # noqa: BLE001 - a CPU LLVM cannot describe: no dot product assumed
         dot = False
     return Hardware(
-        name=name, description=f"{what}, {cores} cores), estimated",
+        name=name, description=f"{what}, {cores} cores, estimated",
         peak_gflops={"float32": fp32, "float16": fp32, "bfloat16": fp32,
                      "int8": fp32 * (4 if dot else 2)},
         mem_bandwidth_gbs=ASSUMED_BANDWIDTH_GBS, op_overhead_us=2.0, cores=cores,
