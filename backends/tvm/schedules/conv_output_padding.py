@@ -5,7 +5,7 @@ runs narrower panels: ShuffleNetV2's 232-channel 1 x 1 convs over 7 x 7 pixels r
 panels on AVX-512, 27.9 us against 16.1 us for the same conv to 240 channels and 13.5 us to 256
 (Zen 5, 2 threads, ``benchmarks/conv_variants.py``, session 25). Over enough pixels such a 1 x 1
 conv becomes a matmul whose weight the matmul rule pads (:mod:`.nhwc_rewrites`); over a 7 x 7
-map there are too few rows for that, and a 3 x 3 conv never is a matmul.
+map there are too few rows for that, and a 3 x 3 conv is no single matmul.
 
 So, in the graph: the conv gets zero output filters up to whole vectors, the elementwise
 epilogue that follows it alone (bias, folded batch norm, activation: ops with constant or
@@ -14,8 +14,8 @@ scalar second operands) runs on the padded map with its constants padded, and on
 slice is an injective op, so operator fusion folds it into the consumer when that is a copy,
 concatenation or elementwise op (ShuffleNetV2's channel shuffle); otherwise it is one copy of
 the map, small beside the conv's work. Padded channels are ``f(0)`` of the epilogue -- finite
-(only :data:`.channel_padding._ELEMENTWISE` ops, a divisor padded with ones) -- and are sliced
-away before anything reads them.
+(only :data:`.channel_padding._ELEMENTWISE` ops, a divisor padded with ones), and whatever
+they hold is sliced away before anything reads them.
 
 Hidden maps of depthwise-separable blocks are padded without a slice by
 :mod:`.channel_padding` (it runs first); what this pass sees is what that one left.
@@ -62,7 +62,8 @@ class _PadConvOutputs(PyExprMutator):
     def __init__(self, mod, lanes: int, half_panels_lose: bool) -> None:
         super().__init__(mod)
         self.lanes, self.half_panels_lose = lanes, half_panels_lose
-        self.plan: dict = {}  # call -> (role, channels, padded); role: conv | inner | last
+        # call -> (role: conv | inner, channels, padded channels, ends the chain: the slice)
+        self.plan: dict = {}
 
     def value_of(self, expr) -> np.ndarray | None:
         return constant_value(expr, self._bound)
