@@ -397,6 +397,9 @@ class Search:
                              "target has none in backends/hardware.toml.",
                              hint="Use size= or params=, or a target with a hardware entry "
                              "(see `slimc targets`).")
+        unreachable = self._unreachable(limits) if ratios is None else []
+        if unreachable:
+            return None, unreachable
         best, failures = None, []
         note, int8_faster = self.int8_note()
         if "latency" in limits and note and not int8_faster:
@@ -416,6 +419,26 @@ class Search:
             cand = self.w8a8_pruned_to(limits, max_drop, keep)
             best = _keep_better(best, cand, lambda a, b: _better(a, b, self.scorer))
         return best, failures
+
+    def _unreachable(self, limits: dict[str, float]) -> list[str]:
+        """Why no choice of formats can meet the size / parameter ``limits``, from the costs
+        alone, before the damage table is measured; empty when they can, or when pruning is
+        among the techniques (a pruned IR's costs are known only once it is built).
+
+        Why: SmolLM2-135M at `-O2 --budget size=0.10` measured its damage table for 17
+        minutes before saying that its smallest formats need 0.105 (session 25)."""
+        # size and parameters only: W8A8 (not in the knapsack's space) can be faster than
+        # every format the space holds
+        stored = {k: v for k, v in limits.items() if k in ("size", "params")}
+        if not stored or tuple(self.techniques.prune_ratios) != (0.0,) or 0.0 in self._bases:
+            return []
+        _, ctx = self._run(self.ir, [])
+        space = build_space(self.ir, ctx, self.techniques, self.hw, measure_damage=False)
+        try:
+            self.solve(_Base(0.0, self.ir, [], space), stored)
+        except Infeasible as exc:
+            return [f"prune ratio 0 (all choices): {exc}"]
+        return []
 
     def _accepted(self, cand: Candidate | None, limits: dict[str, float],
                   max_drop: float | None) -> Candidate | None:

@@ -268,8 +268,12 @@ def option_costs(choice: LayerChoices, option: Option, hw,
 
 
 def build_space(ir: IR, ctx: PassContext, techniques: Techniques, hw,
-                max_batches: int = 2, damage_method: str = "local") -> Space:
-    """Options, costs and measured damage for every quantizable layer of ``ir``."""
+                max_batches: int = 2, damage_method: str = "local",
+                measure_damage: bool = True) -> Space:
+    """Options, costs and measured damage for every quantizable layer of ``ir``.
+
+    ``measure_damage=False``: zero damage for every option (costs only, seconds instead of
+    the damage table's minutes), to tell whether a budget is reachable at all."""
     layers, _ = plan(ir)
     formats = [FP32] + [parse_format(f) for f in techniques.formats]
     factorizable = {la.weight_node.name for la in factorizable_layers(ir, embeddings=True)
@@ -303,7 +307,8 @@ def build_space(ir: IR, ctx: PassContext, techniques: Techniques, hw,
     info = {"round_to": round_to, "layers": len(choices),
             "options": int(sum(len(c.options) for c in choices)),
             "lowrank_method": techniques.lowrank_method}
-    damage = measure(ir, ctx, choices, spectrum, width, max_batches, damage_method, info=info)
+    damage = measure(ir, ctx, choices, spectrum, width, max_batches, damage_method, info=info) \
+        if measure_damage else np.where(np.isfinite(costs["size"]), 0.0, np.inf)
     space = Space(choices, damage, costs, rest, hw.to_json() if hw is not None else None, info)
     space.info["fp32"] = space.totals([0] * len(choices))
     return space
