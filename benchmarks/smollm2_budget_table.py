@@ -81,10 +81,13 @@ def run_row(name: str, model: str, work: Path, calib: Path, held_out: Path) -> d
     row.update(size=manifest["weight_bytes_after"] / manifest["weight_bytes_before"],
                fp32=quality["original"], perplexity=quality["artifact"],
                ratio=quality["artifact"] / quality["original"],
-               pipeline=manifest.get("pipeline"))
+               # the passes and their options (each pass's per-layer summary stays in the
+               # artifact's manifest: ~22 KB a row)
+               pipeline=[{"pass": p["pass"], "options": p["options"]}
+                         for p in manifest.get("pipeline", [])])
     if manifest.get("search"):
         row["chosen"] = (manifest["search"].get("chosen") or {}).get("choices")
-        row["search_seconds"] = manifest["search"].get("seconds")
+        row["search_seconds_by_phase"] = manifest["search"].get("seconds_by_phase")
     return row
 
 

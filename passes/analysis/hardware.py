@@ -7,6 +7,7 @@ and ``raspberry-pi-4`` both to the Cortex-A72), and ``--hardware NAME`` picks on
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -181,8 +182,6 @@ def level_estimate(target: Any) -> Hardware:
     float32 instead of four times (no VNNI on the host), so the budget search found W8A8 too
     slow for a VNNI target (0.65 > 0.6, session 24). Cores are this machine's: the target does
     not say how many the device has. ``target``: a TargetSpec or a target name."""
-    import json
-
     if isinstance(target, str):
         from slimc.targets import resolve_target
 
@@ -193,8 +192,7 @@ def level_estimate(target: Any) -> Hardware:
 
 @lru_cache(maxsize=16)
 def _level_estimate(name: str, tvm_json: str) -> Hardware:
-    import json
-
+    """:func:`level_estimate`, cached by the target's name and its TVM dict as JSON."""
     tvm_spec = json.loads(tvm_json)
     flags = " ".join([f"-mcpu={tvm_spec.get('mcpu', '')}", *tvm_spec.get("mattr", [])])
     return _cpu_estimate(tvm_spec, name=f"{LEVEL_ESTIMATE}{name}",

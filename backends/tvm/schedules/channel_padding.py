@@ -130,9 +130,9 @@ class _Planner:
         for i, arg in enumerate(call.args):
             shape = _shape(arg)
             if shape is None:
-                # a scalar (clip's bounds: PrimExprs in this TVM, no relax.PrimValue)
+                # a scalar: clip's bounds (PrimExprs in TVM 0.27, which has no relax.PrimValue)
                 if not isinstance(getattr(arg, "ty", None), relax.TensorType):
-                    continue  # clip's bounds
+                    continue
                 return None
             if self.value_of(arg) is not None:
                 if not shape or shape[-1] in (1, region.channels):
