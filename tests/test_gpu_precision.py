@@ -213,3 +213,47 @@ def test_half_precision_linear_kernels_match_the_reference(kind, dtype):
     else:  # TVM's CPU legalization keeps bf16 intermediates in fp32: within a bf16 ulp
         bound = 2.0 ** -8 * (x.float().abs() @ dense.abs().t())
         assert (torch.from_numpy(out.numpy()) - expected).abs().le(bound).all()
+
+
+def tiny_mobilenet_v2():
+    """A real ``MobileNetV2ForImageClassification`` (tiny: 0.25 width, 32 x 32 images): ReLU6
+    imports as ``clip`` with scalar bounds, and its "same" padding before each stride-2
+    depthwise conv fuses into the producing conv's epilogue as a ``pad``."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileNetV2Config(depth_multiplier=0.25, image_size=32, num_labels=5)
+    model = transformers.MobileNetV2ForImageClassification(config).eval()
+    for module in model.modules():  # HF's init (std 0.02) decays activations to ~1e-26
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=pixel_values).logits
+
+    return Logits().eval(), {"pixel_values": torch.randn(1, 3, 32, 32)}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_mobilenet_v2_builds_for_cuda(precision, tmp_path):
+    """Both failed before: fp16 in TVM's ToMixedPrecision on ReLU6's scalar clip bounds
+    ("Expected TensorType, but got T.float64"), fp32 in dlight's Matmul rule on a conv whose
+    epilogue ends in a pad ("consumers of the cache-write stage ... not properly inlined")."""
+    result = compile_model("tests/test_gpu_precision.py:tiny_mobilenet_v2", CompileOptions(
+        target=f"h200:precision={precision}", output=tmp_path / "a"))
+    if precision == "fp16":  # fp32 computes what the IR does: nothing to check on the host
+        host = result.manifest["verification"]["host_numerics"]
+        assert host["passed"] is True
+        assert 1e-5 < host["relative_l2_vs_ir"] <= host["tolerance"]
+    source = (result.output / "kernels.cu").read_text()
+    assert ("half" in source) == (precision == "fp16")
+    if precision == "fp16":  # the clip became max/min, fused into the conv epilogues
+        assert re.search(r"fused_conv2d\w*_maximum\w*_minimum\w*_kernel", source)
+    # the convs whose epilogue ends in a pad are built (by the rules after dlight's Matmul)
+    assert re.search(r"fused_conv2d\w*_pad\w*_kernel", source)

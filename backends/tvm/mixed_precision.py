@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 from slimc.precision import DTYPES
 
+from .schedules.common import mutate_relax_functions
+
 _COMPUTE = contextvars.ContextVar("slimc_gpu_compute_dtype", default="float32")
 
 
@@ -48,10 +50,47 @@ def to_precision(mod, precision: str):
         return mod
     from tvm import relax
 
-    mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    mod = relax.transform.ToMixedPrecision(out_dtype="float32")(clip_bounds_as_tensors(mod))
     if precision == "bf16":
         return _adjust(mod, "bfloat16", _FP32_ONLY_IN_TVM + _FP32_FOR_RANGE)
     return _adjust(mod, "float16", _FP32_FOR_RANGE)
+
+
+def clip_bounds_as_tensors(mod):
+    """``clip(x, lo, hi)`` with scalar (``FloatImm``) bounds as ``minimum(maximum(x, lo), hi)``
+    with tensor constants.
+
+    Why: ``ToMixedPrecision`` types every argument of every call as a tensor and stops
+    ("Expected TensorType, but got T.float64") at the scalar bounds of the ``clip`` that
+    ``relu6``/``hardtanh``/``clamp`` import as -- every MobileNet. The two element-wise ops it
+    becomes are what the clip computes, fuse into the producer's epilogue the same way, and
+    follow the activations' half type there."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    clip = tvm.ir.Op.get("relax.clip")
+
+    def bound(value, dtype: str):
+        number = getattr(value, "value", None)  # a FloatImm/IntImm bound; None if symbolic
+        if not isinstance(number, int | float):
+            return None
+        return relax.const(np.array(number, dtype=dtype))
+
+    @relax.expr_functor.mutator
+    class ClipAsMinMax(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: D102 - visitor hook
+            call = super().visit_call_(call)
+            if call.op != clip or isinstance(call.args[1].ty, relax.TensorType):
+                return call
+            dtype = _dtype(call.args[0])
+            lo, hi = (bound(call.args[i], dtype) if dtype else None for i in (1, 2))
+            if lo is None or hi is None:
+                return call  # symbolic bounds: left to ToMixedPrecision as they are
+            low = self.builder_.emit(relax.op.maximum(call.args[0], lo))
+            return relax.op.minimum(low, hi)
+
+    return mutate_relax_functions(mod, ClipAsMinMax(mod))
 
 
 def _adjust(mod, half: str, fp32_ops: tuple[str, ...]):

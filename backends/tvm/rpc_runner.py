@@ -46,7 +46,8 @@ class RpcRunner:
 
     def __init__(self, library: Path, address: str) -> None:
         import tvm
-        from tvm import relax, rpc
+        from tvm import rpc
+        from tvm.runtime.vm import VirtualMachine  # works with TVM's runtime alone
 
         host, port = parse_address(address)
         try:
@@ -61,7 +62,7 @@ class RpcRunner:
         module = self.session.load_module(remote_name)
         self.device = self.session.cpu()
         self._tvm = tvm
-        self._vm = relax.VirtualMachine(module, self.device)
+        self._vm = VirtualMachine(module, self.device)
 
     def __call__(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         from slimc.backends.tvm.runtime import _flatten

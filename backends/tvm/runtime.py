@@ -96,7 +96,10 @@ class NativeRunner:
         import tvm
         from slimc.backends.tvm.affinity import CallerPinning
         from slimc.backends.tvm.denormals import DenormalFlush
-        from tvm import relax
+
+        # tvm.runtime.vm, not tvm.relax: a deployment machine may hold TVM's runtime alone
+        # (no libtvm_compiler), where importing tvm.relax fails registering compiler ops
+        from tvm.runtime.vm import VirtualMachine
 
         from slimc.isa import check_cpu, library_isa
 
@@ -105,7 +108,7 @@ class NativeRunner:
         # an AVX-512 library on an AVX2 CPU would die with SIGILL at its first such kernel
         check_cpu(library_isa(library), f"The library {library}")
         self._module = load_library(library)
-        self._vm = relax.VirtualMachine(self._module, self._device)
+        self._vm = VirtualMachine(self._module, self._device)
         on_cpu = self._device.dlpack_device_type() == 1  # kDLCPU
         self.pinning = CallerPinning(self.threads, pin_caller if on_cpu else False)
         self.denormals = DenormalFlush(self.threads, flush_denormals if on_cpu else False)

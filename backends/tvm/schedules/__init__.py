@@ -190,6 +190,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from .attention_softmax import fuse_safe_softmax
+    from .broadcast_weights import fold_broadcast_weights
     from .channel_padding import pad_hidden_channels
     from .constant_views import fold_constant_views
     from .conv_output_padding import pad_conv_outputs
@@ -211,7 +212,8 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     from .winograd import winograd_convs
 
     return cpu.library_dispatch_passes(target) + [
-        drop_noop_broadcasts, sink_reshapes, panel_gemv, relax.transform.DecomposeOpsForInference(),
+        drop_noop_broadcasts, fold_broadcast_weights, sink_reshapes, panel_gemv,
+        relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
         nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
