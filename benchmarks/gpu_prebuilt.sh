@@ -51,7 +51,14 @@ run() {
   export PYTHONPATH=/tmp/slimc-site PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
   $PY -c 'import tvm, tvm.base as b; print("tvm", tvm.__version__, "runtime only:", b._RUNTIME_ONLY)'
-  timeout 480 $PY benchmarks/gpu_prebuilt.py check "$@"
+  timeout 420 $PY benchmarks/gpu_prebuilt.py check "$@" || echo "check exited $?"
+  # the command line a user runs on the GPU machine: run, bench, generate (exit codes kept)
+  local rows=$STAGE/rows
+  timeout 60 $PY -m slimc run "$rows/tiny-bert_fp16/artifact.slimc" --json || echo "run exited $?"
+  timeout 60 $PY -m slimc bench "$rows/minilm_shape_b8_fp16/artifact.slimc" --runs 20 --json \
+    || echo "bench exited $?"
+  timeout 60 $PY -m slimc generate "$rows/tiny-llama_generate_fp16/artifact.slimc" 1 2 3 -n 8 \
+    --json || echo "generate exited $?"
 }
 
 case "${1:-}" in

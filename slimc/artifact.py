@@ -241,7 +241,8 @@ class CompiledModel:
         name = self.manifest.get("tokenizer")
         if not name:
             raise UsageError(f"{self.directory} has no tokenizer (the model directory had "
-                             "none).", hint="Give token ids instead of text.")
+                             "none).", hint="Give token ids instead of text (slimc generate "
+                             "--prompt-ids 1,2,3; a list of ints in Python).")
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.directory / name))

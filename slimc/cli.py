@@ -582,8 +582,11 @@ def run_command(
 def generate_command(
     artifact_dir: Annotated[Path, typer.Argument(help="Directory written by `slimc compile "
                                                  "--generate`.")],
-    prompt: Annotated[str, typer.Option("--prompt", help="Prompt text (tokenized with the "
-                                        "artifact's tokenizer).")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Prompt text (tokenized with "
+                                               "the artifact's tokenizer).")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(
+        "--prompt-ids", metavar="ID,ID,...", help="The prompt as token ids, comma-separated "
+        "(for an artifact built without a tokenizer).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 32,
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy (default).")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k most "
@@ -601,19 +604,36 @@ def generate_command(
     """Generate text with a --generate artifact: streams tokens, reports tokens/s."""
     from slimc.artifact import load
 
+    if (prompt is None) == (prompt_ids is None):
+        raise UsageError("slimc generate needs exactly one of --prompt and --prompt-ids.",
+                         hint="--prompt 'text' (the artifact's tokenizer) or --prompt-ids "
+                         "1,2,3 (token ids).")
+    tokens = None
+    if prompt_ids is not None:
+        try:
+            tokens = [int(t) for t in prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            tokens = []
+        if not tokens or min(tokens) < 0:
+            raise UsageError(f"--prompt-ids {prompt_ids!r} is not a list of token ids.",
+                             hint="Give non-negative integers separated by commas: "
+                             "--prompt-ids 1,2,3.")
     model = load(artifact_dir, threads=threads, emulate=emulate)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stop=not ignore_eos,
-                            on_text=None if as_json else show)
+    result = model.generate(tokens if tokens is not None else prompt, max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            stop=not ignore_eos,
+                            on_text=None if as_json or tokens is not None else show)
     s = result.stats
     if as_json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": s}))
         return
+    if tokens is not None:  # ids in, ids out
+        sys.stdout.write(" ".join(str(t) for t in result.tokens))
     sys.stdout.write("\n")
     decode = (f"{s['decode_tokens_per_s']:.1f} tokens/s" if s["decode_tokens_per_s"]
               else "n/a")

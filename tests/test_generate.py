@@ -132,6 +132,21 @@ def test_cli_generate_streams_text_and_reports_speed(artifacts, cli):
     assert data["stats"]["decode_tokens_per_s"] > 0
 
 
+def test_cli_generate_takes_token_ids(artifacts, cli):
+    """--prompt-ids: what a model without a tokenizer needs on the command line; the same
+    greedy tokens as the Python API, printed as ids."""
+    _, out = artifacts("llama")
+    prompt = _prompt(5, seed=3)
+    result = cli("generate", out, "--prompt-ids", ",".join(map(str, prompt)), "-n", "6",
+                 "--ignore-eos")
+    assert result.code == 0, result.err
+    expected = slimc.load(out).generate(prompt, 6, stop=False).tokens
+    assert [int(t) for t in result.out.split()] == expected
+    for bad in (["--prompt-ids", "1,x"], ["--prompt-ids", "1,2", "--prompt", "w1"], []):
+        refused = cli("generate", out, *bad, "-n", "2")
+        assert refused.code == 2 and "prompt" in refused.err and "Traceback" not in refused.err
+
+
 def test_sampling_is_seeded_and_respects_top_k(artifacts):
     _, out = artifacts("llama")
     model = slimc.load(out)
