@@ -57,7 +57,7 @@ run() {
   timeout 60 $PY -m slimc run "$rows/tiny-bert_fp16/artifact.slimc" --json || echo "run exited $?"
   timeout 60 $PY -m slimc bench "$rows/minilm_shape_b8_fp16/artifact.slimc" --runs 20 --json \
     || echo "bench exited $?"
-  timeout 60 $PY -m slimc generate "$rows/tiny-llama_generate_fp16/artifact.slimc" 1 2 3 -n 8 \
+  timeout 60 $PY -m slimc generate "$rows/tiny-llama_generate_fp16/artifact.slimc" --prompt-ids 1,2,3 -n 8 \
     --json || echo "generate exited $?"
 }
 

@@ -113,6 +113,8 @@ def test_fp16_matmuls_use_tensor_cores_with_fp32_accumulation(fp16_artifact):
     assert re.search(rf"{softmax}\(float\* __restrict__ \w+, float\*", source)
     # The norm's output and the GELU after it are halves (element-wise work in fp16).
     assert re.search(r"layer_norm\w*_kernel\(half\* __restrict__", source)
+    # The embedding table is stored and read in fp16 (it was an fp32 constant: twice the bytes)
+    assert re.search(r"take\w*_kernel\(half\* __restrict__ \w+, half\* __restrict__", source)
 
 
 @needs_nvcc

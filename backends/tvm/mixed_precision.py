@@ -51,6 +51,7 @@ def to_precision(mod, precision: str):
     from tvm import relax
 
     mod = relax.transform.ToMixedPrecision(out_dtype="float32")(clip_bounds_as_tensors(mod))
+    mod = half_precision_tables(mod)
     if precision == "bf16":
         return _adjust(mod, "bfloat16", _FP32_ONLY_IN_TVM + _FP32_FOR_RANGE)
     return _adjust(mod, "float16", _FP32_FOR_RANGE)
@@ -91,6 +92,35 @@ def clip_bounds_as_tensors(mod):
             return relax.op.minimum(low, hi)
 
     return mutate_relax_functions(mod, ClipAsMinMax(mod))
+
+
+def half_precision_tables(mod):
+    """Embedding lookups ``take(table, ids)`` of constant fp32 tables read an fp16 table.
+
+    ``ToMixedPrecision`` lets ``take`` follow its table's dtype, so every embedding table stayed
+    fp32 in the library while its rows were cast to fp16 right after the lookup anyway: twice
+    the bytes for nothing (all-MiniLM-L6-v2's 30522 x 384 word table is 47 MB in fp32), and an
+    LM's tied table was stored a third time, as the head's fp16 weight. The looked-up rows are
+    cast back to fp32 where the graph expects them (exact: every fp16 value is an fp32 one), and
+    ``FoldConstant`` stores the table once, in half precision. Runs before :func:`_adjust`,
+    which renames the fp16 of this cast to bf16 for bf16 targets."""
+    import tvm
+    from tvm import relax
+
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class HalfTables(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: D102 - visitor hook
+            call = super().visit_call_(call)
+            table = call.args[0] if call.op == take else None
+            if not isinstance(table, tvm.ir.expr.Constant) or _dtype(table) != "float32":
+                return call
+            rows = self.builder_.emit(relax.Call(call.op, [relax.op.astype(table, "float16"),
+                                                           *call.args[1:]], call.attrs))
+            return relax.op.astype(rows, "float32")
+
+    return mutate_relax_functions(mod, HalfTables(mod))
 
 
 def _adjust(mod, half: str, fp32_ops: tuple[str, ...]):
