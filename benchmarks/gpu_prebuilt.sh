@@ -53,7 +53,7 @@ run() {
   install
   export PYTHONPATH=/tmp/slimc-site PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  $PY -c 'import tvm, tvm.base as b; print("tvm", tvm.__version__, "runtime only:", b._RUNTIME_ONLY)'
+  $PY -c 'import tvm, tvm.base as b; print("tvm", tvm.__version__, "runtime only:", b._RUNTIME_ONLY)' || true
   timeout 380 $PY benchmarks/gpu_prebuilt.py check --budget-s 300 "$@" || echo "check exited $?"
   # the command line a user runs on the GPU machine: run, bench, generate (exit codes kept)
   local rows=$STAGE/rows
