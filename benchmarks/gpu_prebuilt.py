@@ -213,8 +213,10 @@ def _example_inputs(artifact: Path) -> dict[str, np.ndarray]:
 
 def prepare(only: str | None) -> int:
     ROWS.mkdir(parents=True, exist_ok=True)
+    wanted = [text for text in (only or "").split(",") if text]
     for row in rows():
-        if only and only not in row["label"]:
+        name = row_dir(row).name
+        if wanted and not any(text == name or text in row["label"] for text in wanted):
             continue
         if (row_dir(row) / "row.json").exists():
             print(f"have {row['label']} {row['precision']}", flush=True)
@@ -374,7 +376,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="build the artifacts and references (CPU host)")
-    p.add_argument("--only")
+    p.add_argument("--only", help="row labels containing any of these (comma-separated), or "
+                   "row folder names")
     p.add_argument("--target", default=TARGET, help="llvm: a CPU dry run of this script")
     p.add_argument("--stage", type=Path, default=STAGE)
     c = sub.add_parser("check", help="run them on the GPU and time them (GPU machine)")

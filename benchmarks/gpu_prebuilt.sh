@@ -56,16 +56,23 @@ run() {
   $PY -c 'import tvm, tvm.base as b; print("tvm", tvm.__version__, "runtime only:", b._RUNTIME_ONLY)' || true
   timeout 380 $PY benchmarks/gpu_prebuilt.py check --budget-s 300 "$@" || echo "check exited $?"
   # the command line a user runs on the GPU machine: run, bench, generate (exit codes kept)
-  local rows=$STAGE/rows
-  timeout 40 $PY /tmp/slimc-site/bin/slimc run "$rows/tiny-bert_fp16/artifact.slimc" --json || echo "run exited $?"
-  timeout 40 $PY /tmp/slimc-site/bin/slimc bench "$rows/minilm_shape_b8_fp16/artifact.slimc" --runs 20 --json \
-    || echo "bench exited $?"
-  timeout 40 $PY /tmp/slimc-site/bin/slimc generate "$rows/tiny-llama_generate_fp16/artifact.slimc" --prompt-ids 1,2,3 -n 8 \
-    --json || echo "generate exited $?"
+  # (from /tmp: `python -m` puts the working folder first on sys.path, and the repo's slimc/
+  # folder is not the installed package)
+  local rows=$PWD/$STAGE/rows
+  (cd /tmp && timeout 40 $PY -m slimc run "$rows/tiny-bert_fp16/artifact.slimc" --json) \
+    || echo "run exited $?"
+  (cd /tmp && timeout 40 $PY -m slimc bench "$rows/minilm_shape_b8_fp16/artifact.slimc" \
+    --runs 20 --json) || echo "bench exited $?"
+  (cd /tmp && timeout 40 $PY -m slimc generate "$rows/tiny-llama_generate_fp16/artifact.slimc" \
+    --prompt-ids 1,2,3 -n 8 --json) || echo "generate exited $?"
 }
 
 case "${1:-}" in
   pack) pack ;;
   run) shift; run "$@" ;;
-  *) echo "usage: $0 pack | run [--out DIR] [--only TEXT]" >&2; exit 2 ;;
+  # per-kernel NaN and time trace of prepared artifacts (benchmarks/gpu_kernel_trace.py)
+  trace) shift; install; PYTHONPATH=/tmp/slimc-site PYTHONUNBUFFERED=1 \
+           $PY benchmarks/gpu_kernel_trace.py "$@" ;;
+  *) echo "usage: $0 pack | run [--out DIR] [--only TEXT] | trace ARTIFACT... [--time]" >&2
+     exit 2 ;;
 esac

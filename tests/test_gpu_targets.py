@@ -370,3 +370,18 @@ def test_generation_loop_keeps_the_cache_on_a_device(tiny_llama, tmp_path):
         np.testing.assert_array_equal(dev_stats.first_logits, stats.first_logits)
         for cache, tensor in zip(host.caches, device.cache_tensors, strict=True):
             np.testing.assert_array_equal(tensor.numpy(), cache)
+
+
+@pytest.mark.skipif(not _have_nvcc(), reason="needs nvcc (the test extra installs it)")
+def test_cuda_kernels_compile_with_ieee_math():
+    """TVM compiles CUDA with --use_fast_math by default, under which powf(x, 2.0f) is
+    exp2(2 * log2(x)): NaN for negative x, so every RMSNorm (Llama, T5) and GELU-tanh (GPT-2)
+    artifact computed NaN on an H200 (measured: docs/benchmarks.md, session 26). In the PTX,
+    fast math's powf is one ``lg2.approx`` + ``ex2.approx``; IEEE powf has no ``lg2``."""
+    from slimc.backends.tvm.cuda_binary import compile_cubin
+
+    source = ('extern "C" __global__ void square(float* y, const float* x) '
+              '{ y[threadIdx.x] = powf(x[threadIdx.x], 2.0f) + expf(x[threadIdx.x]); }')
+    ptx = compile_cubin(source, "sm_90a", target_format="ptx").decode()
+    assert ".entry square" in ptx
+    assert "lg2.approx" not in ptx

@@ -50,16 +50,31 @@ def require_nvcc() -> Path:
     return found
 
 
-def compile_cubin(source: str, arch: str) -> bytes:
-    """``source`` (CUDA C++) -> cubin for ``arch`` (``sm_90a``...) with nvcc."""
+def compile_cubin(source: str, arch: str, target_format: str = "cubin") -> bytes:
+    """``source`` (CUDA C++) -> cubin for ``arch`` (``sm_90a``...) with nvcc (``ptx``: the
+    assembly instead, which tests read)."""
     from tvm.support import nvcc
 
     bin_dir = require_nvcc()
     old_path = os.environ.get("PATH", "")
+    old_fast_math = os.environ.get(_NO_FAST_MATH)
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{old_path}"
+    # IEEE math, not nvcc's --use_fast_math (TVM's default): under fast math powf(x, 2.0f)
+    # becomes exp2(2 * log2(x)), NaN for every negative x -- each RMSNorm's x ** 2 and GELU-tanh's
+    # x ** 3 -- so every Llama/GPT-2/T5-family artifact computed NaN on an H200 (host numerics,
+    # built for the CPU, could not see it).
+    os.environ[_NO_FAST_MATH] = "1"
     try:
-        return bytes(nvcc.compile_cuda(source, target_format="cubin", arch=arch,
-                                       compiler="nvcc"))
+        # TVM picks ptxas options from the current target's arch: one for arch if none is set
+        import contextlib
+
+        import tvm
+
+        current = tvm.target.Target.current(allow_none=True)
+        with contextlib.nullcontext() if current is not None else tvm.target.Target(
+                {"kind": "cuda", "arch": arch}):
+            return bytes(nvcc.compile_cuda(source, target_format=target_format, arch=arch,
+                                           compiler="nvcc"))
     except RuntimeError as exc:
         tail = "\n".join(str(exc).splitlines()[-6:])
         raise LoweringError(f"nvcc could not compile the CUDA kernels for {arch}: {tail}",
@@ -67,6 +82,14 @@ def compile_cubin(source: str, arch: str) -> bytes:
             from exc
     finally:
         os.environ["PATH"] = old_path
+        if old_fast_math is None:
+            os.environ.pop(_NO_FAST_MATH, None)
+        else:
+            os.environ[_NO_FAST_MATH] = old_fast_math
+
+
+#: TVM's switch (``tvm/support/nvcc.py``) that drops ``--use_fast_math`` from its nvcc command.
+_NO_FAST_MATH = "TVM_CUDA_NVCC_NO_FAST_MATH"
 
 
 def _read_u64(blob: bytes, pos: int) -> tuple[int, int]:
