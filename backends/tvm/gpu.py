@@ -295,11 +295,12 @@ class _TvmGpuBackend:
         the rest with TVM's ``ToMixedPrecision`` (``mixed_precision.py``)."""
         from slimc.backends.tvm.lower import lower_to_relax
         from slimc.backends.tvm.mixed_precision import computing_in, to_precision
+        from slimc.backends.tvm.pad_folding import fold_pads_into_convs
 
         precision = self.precision(spec)
         with computing_in(precision):
             mod = lower_to_relax(ir, converters, spec.tvm_target())
-        return to_precision(mod, precision)
+        return to_precision(fold_pads_into_convs(mod), precision)
 
     @memoised_frame_modules()
     def host_numerics(self, module: Any, spec: TargetSpec, inputs: Sequence[np.ndarray],
