@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -114,7 +115,15 @@ def rows() -> list[dict]:
     out.append(dict(label="tiny-bert int8", hf="bert", precision="fp16",
                     pipeline="quantize{weights=int8}"))
     out += [dict(label=f"tiny-{arch} generate", hf=arch, precision=precision, generate=True)
-            for arch, precision in (("llama", "fp16"), ("llama", "fp32"), ("qwen2", "fp16"))]
+            for arch, precision in (("llama", "fp16"), ("llama", "fp32"), ("qwen2", "fp16"),
+                                    ("llama", "bf16"))]
+    out.append(dict(label="tiny-llama int4 generate", hf="llama", precision="fp16",
+                    pipeline="quantize{weights=int4}", generate=True))
+    out += [dict(label=f"tiny-{arch}", hf=arch, precision="fp16")
+            for arch in ("mistral", "gpt_neox", "whisper")]
+    # symbolic sequence length (GPU targets default to a fixed one): checked at several lengths
+    out += [dict(label=f"tiny-{arch} dynamic", hf=arch, precision="fp16", dynamic=True,
+                 lengths=[1, 7, 33, 64]) for arch in ("bert", "llama", "gpt2")]
     return out
 
 
@@ -182,7 +191,16 @@ def prepare_row(row: dict) -> dict:
     if row.get("generate"):
         options.update(generate=True, max_length=GEN_CACHE, prefill_length=16)
     start = time.perf_counter()
-    result = compile_model(model, CompileOptions(**options))
+    previous = os.environ.get("SLIMC_DEFAULT_SEQUENCE")
+    if row.get("dynamic"):
+        os.environ["SLIMC_DEFAULT_SEQUENCE"] = "dynamic"
+    try:
+        result = compile_model(model, CompileOptions(**options))
+    finally:
+        if previous is None:
+            os.environ.pop("SLIMC_DEFAULT_SEQUENCE", None)
+        else:
+            os.environ["SLIMC_DEFAULT_SEQUENCE"] = previous
     info = {**row, "compile_s": round(time.perf_counter() - start, 1),
             "host_numerics": result.manifest["verification"].get("host_numerics"),
             "artifact_bytes": sum(f.stat().st_size for f in result.output.iterdir())}
@@ -197,13 +215,43 @@ def prepare_row(row: dict) -> dict:
                                                      for k, v in feed.items()}))
         shapes = [tuple(o["shape"]) for o in result.manifest["outputs"]]
         theirs = [t.float().numpy() for t in theirs[:len(shapes)]]
-        if [t.shape for t in theirs] == shapes:
+        if all(_fits(t.shape, shape) for t, shape in zip(theirs, shapes, strict=True)):
             np.savez(where / "expected.npz", *theirs)
         else:
             info["expected"] = f"PyTorch's outputs {[t.shape for t in theirs]} are not the " \
                                f"artifact's {shapes}"
+        for length in row.get("lengths", []):
+            inputs = _token_inputs(feed, length)
+            with torch.no_grad():
+                outs = flatten(loaded.module.eval()(**{k: torch.from_numpy(v)
+                                                       for k, v in inputs.items()}))
+            np.savez(where / f"length_{length}.npz",
+                     **{f"in_{k}": v for k, v in inputs.items()},
+                     **{f"out_{i}": t.float().numpy() for i, t in enumerate(outs[:len(shapes)])})
     (where / "row.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def _fits(actual: tuple, declared: tuple) -> bool:
+    """``actual`` matches ``declared`` where it is a number (a symbolic dim matches any)."""
+    return len(actual) == len(declared) and all(
+        not isinstance(d, int) or a == d for a, d in zip(actual, declared, strict=True))
+
+
+def _token_inputs(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Inputs like the example's at sequence ``length``: random ids, ones for masks, zeros for
+    token types."""
+    rng = np.random.default_rng(length)
+    out = {}
+    for name, value in example.items():
+        shape = (value.shape[0], length)
+        if "mask" in name:
+            out[name] = np.ones(shape, value.dtype)
+        elif "type" in name:
+            out[name] = np.zeros(shape, value.dtype)
+        else:
+            out[name] = rng.integers(5, 128, shape).astype(value.dtype)
+    return out
 
 
 def _example_inputs(artifact: Path) -> dict[str, np.ndarray]:
@@ -336,6 +384,14 @@ def check_row(where: Path, rounds: int, compiled_cache: dict) -> dict:
         row["finite"] = bool(all(np.isfinite(m).all() for m in mine))
     else:
         row["note"] = info.get("expected", "no reference")
+    for path in sorted(where.glob("length_*.npz"), key=lambda p: int(p.stem.split("_")[1])):
+        with np.load(path) as data:
+            inputs = {k[3:]: data[k] for k in data.files if k.startswith("in_")}
+            expected = [data[f"out_{i}"] for i in range(sum(k.startswith("out_")
+                                                            for k in data.files))]
+        got = list(artifact(**inputs).values())[:len(expected)]
+        row.setdefault("rel_l2_at_length", {})[path.stem.split("_")[1]] = relative_l2(
+            expected, got)
     if info.get("timed"):
         row.update(time_engines(artifact, feed, info["timed"], info["precision"], rounds,
                                 compiled_cache))
