@@ -369,6 +369,7 @@ def check_row(where: Path, rounds: int, compiled_cache: dict) -> dict:
         same = next((i for i, (a, b) in enumerate(zip(mine.tokens, expected, strict=False))
                      if a != b), min(len(mine.tokens), len(expected)))
         row["greedy_equal"] = f"{same}/{len(expected)}"
+        row["tokens"] = list(mine.tokens)  # a quantized row's own greedy path differs from fp32
         row["decode_tok_s"] = round(mine.stats["decode_tokens_per_s"], 1)
         return row
     feed = artifact.example_inputs()

@@ -32,6 +32,9 @@ from benchmarks.prune_common import RESULTS, kjv  # noqa: E402
 ROWS: dict[str, tuple[str, list[str]]] = {
     "budget0.15": ("slimc -O2 --budget size=0.15", ["-O2", "--budget", "size=0.15"]),
     "budget0.10": ("slimc -O2 --budget size=0.10", ["-O2", "--budget", "size=0.10"]),
+    "Os0.10": ("slimc -Os --budget size=0.10", ["-Os", "--budget", "size=0.10"]),
+    "latency0.5": ("slimc -O2 --budget latency=0.5 (host cost model)",
+                   ["-O2", "--budget", "latency=0.5"]),
     "int4-g32-fz": ("int4-g32-fz (uniform, GPTQ)",
                     ["--pipeline", "quantize{weights=int4,group_size=32,zero_point=float,"
                      "method=gptq}"]),
