@@ -76,13 +76,68 @@ def schedule_passes(target, *, matmul: bool = True) -> list:
     from tvm.s_tir import dlight as dl
 
     rules = [tensor_core_matmul()] if matmul else []
-    rules += [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+    rules += [dl.gpu.GEMV(), long_reductions_only(dl.gpu.Reduction()),
+              long_reductions_only(dl.gpu.GeneralReduction())]
     rules = [falling_through(rule) for rule in rules] + [dl.gpu.Fallback()]
     from .schedules.broadcast_weights import fold_broadcast_weights
 
     return [fold_broadcast_weights, relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
             relax.transform.FuseOps(), relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*rules)]
+
+
+#: Reductions at most this long (per output) run serially in one thread per output.
+SHORT_REDUCTION = 64
+
+
+def long_reductions_only(rule):
+    """``rule`` (a dlight reduction rule), declining kernels whose every reduction is at most
+    :data:`SHORT_REDUCTION` long, which ``Fallback`` then runs as one thread per output.
+
+    Why: dlight's reduction rules split each output's reduction across the threads of a block.
+    For a 3 x 3 depthwise conv that is 9 products spread over a warp, per output: MobileNetV2's
+    depthwise convs took 2-3 ms each at batch 8 on an H200, most of the model's 16 ms
+    (benchmarks/results/gpu26/run3_trace.json), where one thread per output reads 9 inputs."""
+    from tvm.s_tir import dlight as dl
+
+    class LongReductionsOnly(dl.ScheduleRule):
+        def apply(self, func, target, tunable):  # noqa: D102 - dlight's hook
+            longest = _longest_reduction(func)
+            if longest is not None and longest <= SHORT_REDUCTION:
+                return None
+            return rule.apply(func, target, tunable)
+
+        def __repr__(self) -> str:
+            return f"long_reductions_only({rule!r})"
+
+    return LongReductionsOnly()
+
+
+def _longest_reduction(func) -> int | None:
+    """The largest product of reduction-axis extents over ``func``'s blocks (None: no block
+    reduces, or an extent is symbolic)."""
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    products: list[int | None] = []
+
+    def visit(block) -> None:
+        product, reduces = 1, False
+        for var in block.iter_vars:
+            if var.iter_type == tirx.IterVar.CommReduce:
+                reduces = True
+                extent = var.dom.extent
+                if not isinstance(extent, tirx.IntImm):
+                    products.append(None)
+                    return
+                product *= int(extent.value)
+        if reduces:
+            products.append(product)
+
+    tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, visit)], order="post")
+    if not products or None in products:
+        return None
+    return max(products)
 
 
 def falling_through(rule):
