@@ -144,11 +144,13 @@ def falling_through(rule):
     """``rule``, passing a kernel it matches but fails to schedule on to the next rule.
 
     Why: dlight's ``ApplyDefaultSchedule`` tries its rules in order and stops the whole build
-    when one *raises* instead of declining (returning None). The Matmul rule raises ("There
+    when one *raises* instead of declining (returning None). The Matmul rule raised ("There
     are some consumers of the cache-write stage that are not properly inlined") on a conv whose
-    fused epilogue ends in a ``pad`` -- HF MobileNetV2's "same" padding before each stride-2
-    depthwise conv -- so such models did not build for any CUDA target. The next rules
-    (GEMV, reductions, then ``Fallback``, which schedules any kernel) take it instead."""
+    fused epilogue ended in a ``pad`` -- HF MobileNetV2's "same" padding -- so such models did
+    not build for any CUDA target. Those pads are now folded into the convs
+    (``pad_folding.py``); for any other kernel a rule raises on, the next rules (GEMV,
+    reductions, then ``Fallback``, which schedules any kernel) take it instead of the build
+    failing."""
     from tvm.s_tir import dlight as dl
 
     class FallingThrough(dl.ScheduleRule):
