@@ -1,6 +1,10 @@
 """GPU check: compile a model zoo for CUDA with slimc, run it on the GPU, compare with PyTorch on
 the same GPU, and time it against PyTorch eager and ``torch.compile``.
 
+Compiling *on* the GPU machine needs the whole TVM compiler there (two device calls) and
+PyTorch 2.13; what was actually measured on an H200 (session 26) is ``gpu_prebuilt.py``: built
+here, run there with TVM's runtime alone, as a deployment does.
+
 Run by ``benchmarks/gpu_check.sh`` on a machine with an NVIDIA GPU (sized for one H200 and
 < 10 minutes). For each model: ``slimc compile --target TARGET`` (the artifact is verified on
 ``cuda:0`` against the IR as part of the build), then the artifact's outputs vs the PyTorch
