@@ -53,6 +53,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from gpu_prebuilt import autocast, flatten, median_ms  # noqa: E402
+
 
 def zoo(include_real: bool) -> list[tuple[str, str, str | None, str]]:
     """(label, slimc model string, pipeline, precision) for every model to check, most
@@ -110,16 +112,6 @@ def target_for(target: str, precision: str) -> str:
     return target if target == "llvm" else f"{target}:precision={precision}"
 
 
-def autocast(precision: str):
-    """PyTorch's own mixed precision in ``precision`` (a no-op context for fp32)."""
-    import contextlib
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(DEVICE, dtype=dtype)
-
-
 #: Where PyTorch runs: "cuda", or "cpu" for --dry-run (checks this script without a GPU).
 DEVICE = "cuda"
 
@@ -133,30 +125,6 @@ def torch_reference(model_str: str, artifact):
     module = loaded.module.to(DEVICE).eval() if loaded.module is not None else None
     feed = {k: torch.from_numpy(v).to(DEVICE) for k, v in artifact.example_inputs().items()}
     return module, feed
-
-
-def flatten(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    result: list[torch.Tensor] = []
-    for item in out:
-        result.extend(flatten(item))
-    return result
-
-
-def median_ms(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def check(label: str, model_str: str, pipeline: str | None, precision: str, target: str,
@@ -186,7 +154,7 @@ def check(label: str, model_str: str, pipeline: str | None, precision: str, targ
     if [a.shape for a in mine] == [b.shape for b in theirs[:len(mine)]]:
         row["rel_l2_vs_torch_gpu"] = relative_l2(theirs[:len(mine)], mine)
     compiled = torch.compile(module)
-    with torch.no_grad(), autocast(precision):
+    with torch.no_grad(), autocast(precision, DEVICE):
         compiled(**torch_feed)  # compile outside the timed rounds
         engines = {
             "slimc_ms": lambda: artifact(**feed),
@@ -198,7 +166,7 @@ def check(label: str, model_str: str, pipeline: str | None, precision: str, targ
         samples: dict[str, list[float]] = {k: [] for k in engines}
         for _ in range(rounds):  # interleaved: each round runs every engine once
             for name, fn in engines.items():
-                samples[name].append(median_ms(fn, 3))
+                samples[name].append(median_ms(fn, 3, DEVICE))
     for name, values in samples.items():
         row[name] = round(statistics.median(values), 3)
     row["slimc_vs_eager"] = round(row["eager_ms"] / row["slimc_ms"], 2)
@@ -260,7 +228,7 @@ def check_generation(label: str, model_dir: str, precision: str, target: str, ou
     mine = artifact.generate(prompt, new_tokens, stop=False)
     module = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     module = module.to(DEVICE).eval()
-    with autocast(precision):
+    with autocast(precision, DEVICE):
         torch_greedy(module, prompt, 4)  # warm-up
         theirs, eager_tps = torch_greedy(module, prompt, new_tokens)
     same = next((i for i, (a, b) in enumerate(zip(mine.tokens, theirs, strict=True)) if a != b),

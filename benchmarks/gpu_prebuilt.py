@@ -70,23 +70,11 @@ def minilm_shape_b8():
 
 
 def mobilenet_v2_b8():
-    """MobileNetV2 1.0 at batch 8 x 224 x 224, He-initialised: with Hugging Face's init (std
-    0.02) the activations decay to ~1e-26 and the logits are the classifier's bias alone, which
-    any artifact reproduces (``benchmarks/models.py`` keeps that init: speed does not care)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.MobileNetV2Config(depth_multiplier=1.0, image_size=224,
-                                            num_labels=1000)
-    model = transformers.MobileNetV2ForImageClassification(config).eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    """MobileNetV2 1.0 at batch 8 x 224 x 224, He-initialised (``benchmarks/models.py``)."""
     sys.path.append(str(ROOT))  # after the installed slimc: the repo holds no slimc.backends
-    from benchmarks.models import _image_model
+    from benchmarks.models import mobilenet_v2_he
 
-    return _image_model(model, batch=8)
+    return mobilenet_v2_he(batch=8)
 
 
 TIMED = {"minilm_shape_b8": minilm_shape_b8, "mobilenet_v2_b8": mobilenet_v2_b8}
@@ -135,6 +123,7 @@ def row_dir(row: dict) -> Path:
 # --- prepare (CPU host) ------------------------------------------------------------------------
 
 def flatten(out) -> list:
+    """A model's output (tensor, ModelOutput, dict, nested tuples) as a flat list of tensors."""
     import torch
 
     if isinstance(out, torch.Tensor):
@@ -291,27 +280,29 @@ def relative_l2(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
     return (num / den) ** 0.5 if den else num ** 0.5
 
 
-def median_ms(fn, rounds: int) -> float:
+def median_ms(fn, rounds: int, device: str) -> float:
+    """Median wall time of ``fn`` over ``rounds`` calls, the device synchronised after each."""
     import torch
 
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         fn()
-        if DEVICE == "cuda":
+        if device == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: str):
+    """PyTorch's own mixed precision in ``precision`` on ``device`` (a no-op for fp32)."""
     import contextlib
 
     import torch
 
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(DEVICE, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    return torch.autocast(device, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 def time_engines(artifact, feed: dict, timed: str, precision: str, rounds: int,
@@ -334,7 +325,7 @@ def time_engines(artifact, feed: dict, timed: str, precision: str, rounds: int,
         return call
 
     row: dict = {}
-    with torch.no_grad(), autocast(precision):
+    with torch.no_grad(), autocast(precision, DEVICE):
         engines = {"slimc_ms": lambda: artifact(**feed), "eager_ms": torch_call(module)}
         if compiled is not None:
             compiled(**on_gpu)  # compile outside the timed rounds
@@ -344,7 +335,7 @@ def time_engines(artifact, feed: dict, timed: str, precision: str, rounds: int,
         samples: dict[str, list[float]] = {k: [] for k in engines}
         for _ in range(rounds):
             for name, fn in engines.items():
-                samples[name].append(median_ms(fn, 3))
+                samples[name].append(median_ms(fn, 3, DEVICE))
     for name, values in samples.items():
         row[name] = round(statistics.median(values), 3)
     row["eager_over_slimc"] = round(row["eager_ms"] / row["slimc_ms"], 2)

@@ -102,6 +102,23 @@ class _Pixels(torch.nn.Module):
         return getattr(self.model(pixel_values=pixel_values), self.field)
 
 
+def mobilenet_v2_he(width: float = 1.0, size: int = 224, batch: int = 1, labels: int = 1000):
+    """MobileNetV2 with He-initialised conv/linear weights: with Hugging Face's init (std 0.02)
+    its activations decay to ~1e-26 and the logits are the classifier's bias alone, which any
+    compiled artifact reproduces, so an accuracy check on it checks nothing. (The speed
+    benchmarks keep HF's init: speed does not care.)"""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileNetV2Config(depth_multiplier=width, image_size=size,
+                                            num_labels=labels)
+    model = transformers.MobileNetV2ForImageClassification(config).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return _image_model(model, size=size, batch=batch)
+
+
 def _image_model(model: torch.nn.Module, size: int = 224, batch: int = 1, field: str = "logits"):
     torch.manual_seed(1)
     return (_Pixels(model.eval(), field).eval(),

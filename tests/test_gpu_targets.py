@@ -372,7 +372,7 @@ def test_generation_loop_keeps_the_cache_on_a_device(tiny_llama, tmp_path):
             np.testing.assert_array_equal(tensor.numpy(), cache)
 
 
-@pytest.mark.skipif(not _have_nvcc(), reason="needs nvcc (the test extra installs it)")
+@needs_nvcc
 def test_cuda_kernels_compile_with_ieee_math():
     """TVM compiles CUDA with --use_fast_math by default, under which powf(x, 2.0f) is
     exp2(2 * log2(x)): NaN for negative x, so every RMSNorm (Llama, T5) and GELU-tanh (GPT-2)

@@ -16,6 +16,7 @@ payload is ``[fmt][function table][code]``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -66,8 +67,6 @@ def compile_cubin(source: str, arch: str, target_format: str = "cubin") -> bytes
     os.environ[_NO_FAST_MATH] = "1"
     try:
         # TVM picks ptxas options from the current target's arch: one for arch if none is set
-        import contextlib
-
         import tvm
 
         current = tvm.target.Target.current(allow_none=True)

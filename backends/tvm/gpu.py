@@ -75,12 +75,12 @@ def schedule_passes(target, *, matmul: bool = True) -> list:
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    from .schedules.broadcast_weights import fold_broadcast_weights
+
     rules = [tensor_core_matmul()] if matmul else []
     rules += [dl.gpu.GEMV(), long_reductions_only(dl.gpu.Reduction()),
               long_reductions_only(dl.gpu.GeneralReduction())]
     rules = [falling_through(rule) for rule in rules] + [dl.gpu.Fallback()]
-    from .schedules.broadcast_weights import fold_broadcast_weights
-
     return [fold_broadcast_weights, relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
             relax.transform.FuseOps(), relax.transform.FuseTIR(), dl.ApplyDefaultSchedule(*rules)]
