@@ -737,3 +737,200 @@ def densenet121():
     model = _random_batch_norms(DenseNet121()).eval()
     torch.manual_seed(1)
     return model, {"pixel_values": torch.randn(1, 3, 224, 224)}
+
+
+# The third hunt for issue 16 (session 27): kinds of model none of the workloads above has.
+
+
+def llama_prefill():
+    """SmolLM2-135M-shaped Llama (``LlamaModel``, random weights: 30 layers of width 576, 9
+    query heads sharing 3 key/value heads, SiLU-gated MLP of 1536), prefill of 128 tokens:
+    rotary embeddings, RMSNorm, grouped-query causal attention: the edge LLM's prompt step."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+        rope_theta=100000.0, tie_word_embeddings=True, use_cache=False)
+    return _text(transformers.LlamaModel(config), 1, 128, config.vocab_size)
+
+
+def deberta_v3_small():
+    """DeBERTa-v3-small (``DebertaV2Model``, random weights; microsoft/deberta-v3-small's
+    settings), batch 1 x 128 tokens: disentangled attention (content-to-position and
+    position-to-content scores gathered from 256 log-bucketed relative positions)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DebertaV2Config(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=512, relative_attention=True,
+        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True,
+        pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
+        type_vocab_size=0)
+    return _text(transformers.DebertaV2Model(config), 1, 128, config.vocab_size)
+
+
+def modernbert_512():
+    """ModernBERT-base (``ModernBertModel``, random weights, the config's defaults), batch 1 x
+    512 tokens: rotary embeddings, GeGLU MLPs, no biases, every third layer global attention and
+    the others a 128-token sliding window."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ModernBertConfig()
+    return _text(transformers.ModernBertModel(config), 1, 512, config.vocab_size)
+
+
+def mpnet_base():
+    """MPNet-base (``MPNetModel``, random weights; the all-mpnet-base-v2 encoder's shape), batch
+    1 x 128 tokens: a relative position bias (32 buckets) added to every layer's scores."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MPNetConfig()
+    return _text(transformers.MPNetModel(config, add_pooling_layer=False), 1, 128,
+                 config.vocab_size)
+
+
+def mobilevitv2():
+    """MobileViTV2-1.0 (``MobileViTV2ForImageClassification``, random weights, batch norms with
+    random statistics), 1x3x256x256: separable self-attention (linear in the tokens), unfolded
+    2x2 patches, GroupNorm-style LayerNorm over channels."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MobileViTV2ForImageClassification(
+        transformers.MobileViTV2Config(num_labels=1000))
+    return _image_model(_random_batch_norms(model), size=256)
+
+
+def pvt_v2_b0():
+    """PVTv2-B0 (``PvtV2ForImageClassification``, random weights, the config's defaults),
+    1x3x224x224: overlapping patch embeddings, spatial-reduction attention, depthwise convs in
+    the MLPs."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.PvtV2Config(num_labels=1000)
+    return _image_model(transformers.PvtV2ForImageClassification(config))
+
+
+def cvt_13():
+    """CvT-13 (``CvtForImageClassification``, random weights, batch norms with random
+    statistics), 1x3x224x224: convolutional token embeddings and depthwise-conv + batch-norm
+    projections of queries, keys and values (keys and values strided)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.CvtForImageClassification(transformers.CvtConfig(num_labels=1000))
+    return _image_model(_random_batch_norms(model))
+
+
+def swiftformer_xs():
+    """SwiftFormer-XS (``SwiftFormerForImageClassification``, random weights, batch norms with
+    random statistics), 1x3x224x224: efficient additive attention (a softmax-normalised global
+    query vector), depthwise 3x3 conv encoders, a distillation head."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.SwiftFormerForImageClassification(
+        transformers.SwiftFormerConfig(num_labels=1000))
+    return _image_model(_random_batch_norms(model))
+
+
+def focalnet_tiny():
+    """FocalNet-T (SRF) (``FocalNetForImageClassification``, random weights, the config's
+    defaults), 1x3x224x224: focal modulation (depthwise convs gated and summed over three
+    levels) instead of attention."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FocalNetConfig(num_labels=1000)
+    return _image_model(transformers.FocalNetForImageClassification(config))
+
+
+def hiera_tiny():
+    """Hiera-Tiny (``HieraForImageClassification``, random weights, the config's defaults),
+    1x3x224x224: a hierarchical ViT with mask-unit attention (tokens regrouped by reshapes
+    and transposes between stages) and pooled queries."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(num_labels=1000)
+    return _image_model(transformers.HieraForImageClassification(config))
+
+
+def siglip_vision():
+    """SigLIP-base/16's image tower (``SiglipVisionModel``, random weights, the config's
+    defaults), 1x3x224x224: 196 tokens, tanh-GELU, and an attention-pooling head
+    (``nn.MultiheadAttention`` with a learned probe) for the pooled output."""
+    import transformers
+
+    torch.manual_seed(0)
+    return _image_model(transformers.SiglipVisionModel(transformers.SiglipVisionConfig()),
+                        field="pooler_output")
+
+
+def ast_audio():
+    """Audio Spectrogram Transformer (``ASTModel``, random weights, ViT-base sized) over 256
+    frames x 128 mel bins: 302 tokens from overlapping 16x16 patches (stride 10)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ASTConfig(max_length=256)
+    model = _Spectrogram(transformers.ASTModel(config).eval()).eval()
+    torch.manual_seed(1)
+    return model, {"input_values": torch.randn(1, 256, 128)}
+
+
+class _Spectrogram(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        return self.model(input_values=input_values).pooler_output
+
+
+class _ResNeXtBlock(torch.nn.Module):
+    def __init__(self, cin: int, width: int, cout: int, stride: int, groups: int = 32) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            _ConvBN(cin, width, 1), _ConvBN(width, width, 3, stride, groups=groups),
+            _ConvBN(width, cout, 1, act=None))
+        self.skip = (_ConvBN(cin, cout, 1, stride, act=None)
+                     if stride != 1 or cin != cout else torch.nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class ResNeXt50(torch.nn.Module):
+    """ResNeXt-50 32x4d (Xie et al. 2017), layer for layer torchvision's
+    ``resnext50_32x4d``: bottlenecks whose 3x3 conv has 32 groups of 4-32 channels."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = [_ConvBN(3, 64, 7, 2), torch.nn.MaxPool2d(3, 2, 1)]
+        cin = 64
+        for i, n in enumerate((3, 4, 6, 3)):
+            width, cout = 128 * 2 ** i, 256 * 2 ** i
+            for j in range(n):
+                layers.append(_ResNeXtBlock(cin, width, cout, 2 if j == 0 and i > 0 else 1))
+                cin = cout
+        self.features = torch.nn.Sequential(*layers)
+        self.fc = torch.nn.Linear(cin, num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(pixel_values).mean((2, 3)))
+
+
+def resnext50():
+    """ResNeXt-50 32x4d (:class:`ResNeXt50`, random weights, batch norms with random
+    statistics), 1x3x224x224: grouped 3x3 convs (32 groups), the kind no other workload has."""
+    torch.manual_seed(0)
+    model = _random_batch_norms(ResNeXt50()).eval()
+    torch.manual_seed(1)
+    return model, {"pixel_values": torch.randn(1, 3, 224, 224)}

@@ -77,7 +77,12 @@ EXTRA = ("swin_tiny", "mobilevit_small", "wav2vec2_base", "vit_small_b4", "minil
 MORE = ("deit_tiny_distilled", "beit_base", "clip_text", "clip_vision_b32", "convnextv2_atto",
         "mobilenet_v1", "albert_base", "electra_small_512", "bart_base_encoder",
         "mobilenet_v2_b8", "shufflenet_v2", "densenet121")
-PRESETS = {"table": TABLE, "long": LONG, "extra": EXTRA, "more": MORE}
+#: ``--models third``: the third hunt (session 27): LLM prefill, relative-position and
+#: rotary encoders, separable/additive/focal attention, hierarchical ViTs, grouped convs.
+THIRD = ("llama_prefill", "deberta_v3_small", "modernbert_512", "mpnet_base", "mobilevitv2",
+         "pvt_v2_b0", "cvt_13", "swiftformer_xs", "focalnet_tiny", "hiera_tiny", "siglip_vision",
+         "ast_audio", "resnext50")
+PRESETS = {"table": TABLE, "long": LONG, "extra": EXTRA, "more": MORE, "third": THIRD}
 #: slimc engines: the artifact of each pipeline (None: the default, fp32).
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",

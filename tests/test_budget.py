@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -536,6 +537,34 @@ def test_latency_budget_picks_int8_activations_on_a_vnni_target():
     assert "no int8 dot-product instructions on this target" in arm_why, arm_why
     assert any("no int8 dot-product" in f for f in arm_failures), arm_failures
     assert not any(f.startswith("int8 activations") for f in failures), failures
+
+
+def test_unreachable_latency_is_refused_from_the_costs_with_w8a8s_price():
+    """A latency budget below what every format and uniform W8A8 are priced at is refused
+    before the damage table (SmolLM2's `-O2 --budget latency=0.5` measured it for 12.5
+    minutes first, session 26), and the refusal gives W8A8's price; without --calib data it
+    says W8A8 was not tried and why. A budget W8A8 meets is not refused early."""
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    ir, example, calib = _compute_bound_bert()
+    for data in (calib, []):
+        registry, ctx = _search_context(ir, example, data, "x86-64-v4-vnni")
+        techniques = Techniques.for_context("precision", ctx)
+        assert techniques.w8a8 == bool(data)
+        search = Search(ir, ctx, registry, techniques, proxy_scorer(ir, ctx),
+                        hardware_for_target(ctx.target))
+        cand, failures = search.fit(parse_budget("latency=0.3"), 0.05)
+        assert cand is None and not search._bases and not search.measured, failures
+        assert "latency: the smallest choice for every layer needs" in failures[0], failures
+        if data:
+            price = float(re.search(r"W8A8 .* priced at latency ([0-9.]+)", failures[1])[1])
+            assert 0.3 < price < 1.0, failures
+            assert not search._unreachable({"latency": price * 1.01})  # within: no refusal
+        else:
+            assert "needs --calib" in failures[1], failures
 
 
 def test_w8a8_priced_by_the_search_as_built_and_pruned_when_uniform_is_over():

@@ -421,24 +421,54 @@ class Search:
         return best, failures
 
     def _unreachable(self, limits: dict[str, float]) -> list[str]:
-        """Why no choice of formats can meet the size / parameter ``limits``, from the costs
-        alone, before the damage table is measured; empty when they can, or when pruning is
-        among the techniques (a pruned IR's costs are known only once it is built).
+        """Why no candidate the search can build meets ``limits``, from the costs alone,
+        before the damage table is measured; empty when one can, or when pruning is among the
+        techniques (a pruned IR's costs are known only once it is built).
 
         Why: SmolLM2-135M at `-O2 --budget size=0.10` measured its damage table for 17
-        minutes before saying that its smallest formats need 0.105 (session 25)."""
-        # size and parameters only: W8A8 (not in the knapsack's space) can be faster than
-        # every format the space holds
-        stored = {k: v for k, v in limits.items() if k in ("size", "params")}
-        if not stored or tuple(self.techniques.prune_ratios) != (0.0,) or 0.0 in self._bases:
+        minutes before saying that its smallest formats need 0.105 (session 25), and at
+        `--budget latency=0.5` for 12.5 minutes before saying the same of latency (session
+        26). A latency budget the per-layer formats miss can still be met by uniform W8A8
+        (int8 arithmetic, not in the knapsack's space), so it is priced too."""
+        if not limits or tuple(self.techniques.prune_ratios) != (0.0,) or 0.0 in self._bases:
+            return []
+        if "latency" in limits and "latency" not in self.original:
             return []
         _, ctx = self._run(self.ir, [])
         space = build_space(self.ir, ctx, self.techniques, self.hw, measure_damage=False)
+        base = _Base(0.0, self.ir, [], space)
         try:
-            self.solve(_Base(0.0, self.ir, [], space), stored)
+            self.solve(base, limits)
         except Infeasible as exc:
-            return [f"prune ratio 0 (all choices): {exc}"]
-        return []
+            why = [f"prune ratio 0 (all choices): {exc}"]
+        else:
+            return []
+        if "latency" not in limits:
+            return why
+        w8a8, note = self._w8a8_priced(base, limits)
+        return [] if w8a8 else [*why, note]
+
+    def _w8a8_priced(self, base: _Base, limits: dict[str, float]) -> tuple[bool, str]:
+        """Whether uniform W8A8 on ``base`` fits ``limits`` by the costs (with
+        :meth:`w8a8_candidate`'s 2% allowance for its activation scales), and a sentence on
+        its price or on why it is not tried, for a refusal."""
+        from slimc.passes.analysis.cost import int8_peak, target_dot_product
+
+        if not self.techniques.w8a8:
+            return False, ("W8A8 (int8 arithmetic): not tried, it needs --calib data for its "
+                           "activation scales")
+        dot = target_dot_product(self.ctx)
+        if dot is None or self.hw is None:
+            return False, ("W8A8 (int8 arithmetic): not tried, the target has no int8 "
+                           "dot-product instructions")
+        picks, used = self._w8a8_costs(base, int8_peak(self.hw, dot))
+        if not any(picks):
+            return False, "W8A8 (int8 arithmetic): no layer can take int8 weights"
+        over = [k for k in limits if used[k] > limits[k] * self.original[k] * 1.02]
+        share = used["latency"] / max(self.original["latency"], 1e-30)
+        return not over, (f"uniform W8A8 (int8 arithmetic, {dot}) is priced at latency "
+                          f"{share:.3f} of the original"
+                          + (f", over the budget in {', '.join(over)}" if over else ""))
 
     def _accepted(self, cand: Candidate | None, limits: dict[str, float],
                   max_drop: float | None) -> Candidate | None:
@@ -505,7 +535,11 @@ class Search:
         if not any(picks):
             return None
         absolute = {k: v * self.original[k] for k, v in limits.items()}
-        if any(used[k] > absolute[k] * 1.02 for k in limits):  # W8A8's scales: a little more
+        over = [k for k in limits if used[k] > absolute[k] * 1.02]  # W8A8's scales: a little
+        if over:
+            self.log(f"search: uniform W8A8 at prune ratio {base.ratio:g} not built: priced "
+                     + ", ".join(f"{k} {used[k] / self.original[k]:.3f}" for k in over)
+                     + " of the original, over the budget")
             return None
         return self._build_w8a8(base, picks, keep, [])
 
