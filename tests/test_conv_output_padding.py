@@ -72,3 +72,56 @@ def test_residual_conv_is_sliced_before_the_runtime_operand(tmp_path, caplog):
     assert any("strided_slice" in n for n in names), names
     _check(net, inputs, tmp_path, caplog, None, tol=1e-5, target="x86-64-v4-vnni")
     _check(net, inputs, tmp_path, caplog, None, tol=1e-5, target="llvm")
+
+
+class Modulation(torch.nn.Module):
+    """FocalNet's modulation input projection: a linear to ``2C + 3`` outputs over 7 x 7
+    tokens (49 rows), split into a query, a context and three gates (session 27: 1539
+    columns over 49 rows ran at 10 GFLOP/s, a predicated vector tail in every tile)."""
+
+    def __init__(self, c: int = 96) -> None:
+        super().__init__()
+        self.c = c
+        self.proj = torch.nn.Linear(c, 2 * c + 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, ctx, gates = torch.split(self.proj(x), (self.c, self.c, 3), -1)
+        return q * torch.nn.functional.gelu(ctx) + gates.sum(-1, keepdim=True)
+
+
+def test_linear_to_odd_columns_computes_whole_vectors_and_slices(tmp_path, caplog):
+    """The linear's weight gets zero columns up to whole vectors at build time (195 -> 208),
+    packed like any weight, the bias padded along; the slice fuses into a kernel after it and
+    the block matches PyTorch."""
+    torch.manual_seed(0)
+    net = Modulation().eval()
+    inputs = (torch.randn(1, 7, 7, 96),)
+    names = _kernel_names(net, inputs, "x86-64-v4-vnni")
+    matmul = [n for n in names if "matmul" in n]
+    assert matmul and all("strided_slice" in n for n in matmul), names
+    kernel = next(t for n, t in _scheduled(net, inputs).items() if "matmul" in n)
+    assert "T.int64(208)" in kernel, kernel[:1500]
+    _check(net, inputs, tmp_path, caplog, None, tol=1e-5, target="x86-64-v4-vnni")
+
+
+class TiedHead(torch.nn.Module):
+    """A tied embedding table of 1001 rows: the lookup and the output head read one matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(1001, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.table(ids)) @ self.table.weight.T
+
+
+def test_tied_table_is_not_padded_into_a_second_copy(tmp_path, caplog):
+    """Padding the head's columns would store the shared table twice (113 MB more for
+    SmolLM2's vocabulary, the tied-embedding pass stores it once): the head is left alone."""
+    torch.manual_seed(0)
+    net = TiedHead().eval()
+    inputs = (torch.randint(0, 1001, (1, 16)),)
+    names = _kernel_names(net, inputs, "x86-64-v4-vnni")
+    assert any("matmul" in n for n in names) and not any("strided_slice" in n for n in names), \
+        names
+    _check(net, inputs, tmp_path, caplog, None, tol=1e-5, target="x86-64-v4-vnni")

@@ -19,6 +19,14 @@ they hold is sliced away before anything reads them.
 
 Hidden maps of depthwise-separable blocks are padded without a slice by
 :mod:`.channel_padding` (it runs first); what this pass sees is what that one left.
+
+Linears (``x @ W`` with a constant ``W``) to such column counts get the same treatment. The
+matmul rule can pad only per call (a weight copy each call, and only over 64+ rows); below
+that its vector tail stays predicated, which makes the whole micro-kernel scalar: FocalNet's
+modulation projections to ``2C + 3`` outputs (771, 1539 columns) ran at 10 GFLOP/s over 49
+rows, 23 ms of FocalNet-T's 62 (session 27). Padded in the graph, the weight is padded and
+packed once, at build time. A weight some other op also reads (a tied embedding table) is left
+alone: padding it would store the table twice.
 """
 
 from __future__ import annotations
@@ -30,14 +38,17 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from .channel_padding import _ELEMENTWISE, _conv_kind, _pad_axis, _shape, constant_value
+from .channel_padding import _ELEMENTWISE, _conv_kind, _dtype, _pad_axis, _shape, constant_value
 from .common import mutate_relax_functions
+from .tied_embedding import data_address
 
 log = logging.getLogger("slimc.schedules")
 
 #: Largest fraction of extra output channels the padding may add (232 -> 240: 3.4%; 24 -> 32,
 #: a third more multiply-adds, is left to the matmul rule or to its narrower panel).
 MAX_PAD_FRACTION = 0.125
+#: Linears too (off only to measure what it saves).
+PAD_MATMULS = True
 
 
 def padded_channels(channels: int, lanes: int, half_panels_lose: bool) -> int | None:
@@ -94,14 +105,20 @@ class _PadConvOutputs(PyExprMutator):
                     b.value, lambda e, user=b.value: users.setdefault(e, []).append(user)
                     if isinstance(e, relax.Var) else None)
         plan: dict = {}
+        shared = _shared_constants(func)
         for call, var in var_of.items():
-            if not isinstance(call, relax.Call) or _conv_kind(call) != "dense" \
-                    or self.value_of(call.args[1]) is None:
+            if not isinstance(call, relax.Call):
+                continue
+            role = "conv" if _conv_kind(call) == "dense" else \
+                "matmul" if self._paddable_matmul(call, shared) and not (
+                    isinstance(call.args[1], relax.Var)
+                    and len(users.get(call.args[1], ())) > 1) else None
+            if role is None or self.value_of(call.args[1]) is None:
                 continue
             shape = _shape(var)
-            if shape is None or len(shape) != 4:
+            if shape is None or (role == "conv" and len(shape) != 4):
                 continue  # a symbolic batch or map: left alone
-            channels = shape[3]
+            channels = shape[-1]
             padded = padded_channels(channels, self.lanes, self.half_panels_lose)
             if padded is None:
                 continue
@@ -115,9 +132,25 @@ class _PadConvOutputs(PyExprMutator):
             log.debug("conv output padding: %d -> %d channels, %d epilogue op(s)", channels,
                       padded, len(chain) - 1)
             for i, c in enumerate(chain):
-                role = "conv" if i == 0 else "inner"
-                plan[c] = (role, channels, padded, i == len(chain) - 1)
+                plan[c] = (role if i == 0 else "inner", channels, padded, i == len(chain) - 1)
         return plan
+
+    def _paddable_matmul(self, call: relax.Call, shared: set) -> bool:
+        """``x @ W``: a float32 constant 2-D ``W`` nothing else reads, over more rows than
+        the GEMV kernel takes (:data:`.gemv.MAX_ROWS`; a few rows are memory-bound)."""
+        from .gemv import MAX_ROWS
+
+        if not PAD_MATMULS or getattr(call.op, "name", None) != "relax.matmul" \
+                or _dtype(call) != "float32":
+            return False
+        weight, out = _shape(call.args[1]), _shape(call)
+        if weight is None or out is None or len(weight) != 2 or len(out) < 2:
+            return False
+        if int(np.prod(out[:-1])) <= MAX_ROWS:
+            return False
+        source = _source_constant(call.args[1], self._bound)
+        return source is not None and hasattr(source.value, "data_ptr") \
+            and data_address(source.value) not in shared
 
     def _pads_along(self, call, var, channels: int) -> bool:
         """Whether elementwise ``call`` reading ``var`` can run on the padded map: every other
@@ -150,7 +183,13 @@ class _PadConvOutputs(PyExprMutator):
             return super().visit_call_(call)
         role, channels, padded, last = step
         args = [self.visit_expr(a) for a in call.args]
-        if role == "conv":
+        if role == "matmul":
+            weight = _pad_axis(self.value_of(call.args[1]), 1, padded)
+            new = relax.op.matmul(args[0], relax.const(np.ascontiguousarray(weight),
+                                                       str(weight.dtype)),
+                                  out_dtype=call.attrs.out_dtype
+                                  if str(call.attrs.out_dtype) else None)
+        elif role == "conv":
             a = call.attrs
             weight = _pad_axis(self.value_of(call.args[1]), 3, padded)
             new = relax.op.nn.conv2d(
@@ -170,14 +209,45 @@ class _PadConvOutputs(PyExprMutator):
             new = relax.Call(call.op, args, call.attrs, call.ty_args)
         if not last:
             return new
-        return relax.op.strided_slice(self.builder_.emit(new), axes=[3], begin=[0],
-                                      end=[channels])
+        return relax.op.strided_slice(self.builder_.emit(new), axes=[len(_shape(call)) - 1],
+                                      begin=[0], end=[channels])
+
+
+def _source_constant(expr, bound: dict) -> tvm.ir.expr.Constant | None:
+    """The constant under ``expr``'s variables, ``permute_dims`` and ``reshape``s."""
+    for _ in range(64):
+        while isinstance(expr, relax.Var):
+            expr = bound.get(expr)
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return expr
+        if not isinstance(expr, relax.Call) or getattr(expr.op, "name", None) not in (
+                "relax.permute_dims", "relax.reshape"):
+            return None
+        expr = expr.args[0]
+    return None
+
+
+def _shared_constants(func: relax.Function) -> set:
+    """Data addresses of constants ``func`` reads in more than one place (a tied table)."""
+    seen: dict[int, int] = {}
+
+    def visit(expr) -> None:
+        if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "data_ptr"):
+            key = data_address(expr.value)
+            seen[key] = seen.get(key, 0) + 1
+
+    # binding by binding: a constant node two bindings share is counted twice
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            relax.analysis.post_order_visit(binding.value, visit)
+    return {k for k, n in seen.items() if n > 1}
 
 
 @tvm.transform.module_pass(opt_level=0, name="SlimcPadConvOutputs")
 def pad_conv_outputs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Dense NHWC convs to channel counts no whole vector divides compute padded output
-    channels through their elementwise epilogue, then slice (see the module)."""
+    """Dense NHWC convs and constant-weight linears to channel counts no whole vector divides
+    compute padded output channels through their elementwise epilogue, then slice (see the
+    module)."""
     from tvm.target import Target
 
     from .common import vector_lanes
