@@ -716,15 +716,18 @@ def _padded_blocks(module, inputs, kind: str) -> list[str]:
 def test_weight_output_tail_is_padded_when_many_rows_reuse_it(tmp_path, caplog):
     """A 1 x 1 conv to 150 channels (SegFormer's ADE20k classifier) over 16 x 16 pixels runs
     as a matmul over the NHWC pixels whose constant filters are padded to whole vector panels
-    (a copy of 32 x 150 floats per call, against 256 output rows that reuse it) instead of a
-    predicated, scalar micro-kernel; a 1 x 1 conv to 160 channels stays a conv; a linear
-    layer over 5 rows keeps its weight as it is. Exact against PyTorch."""
+    instead of a predicated, scalar micro-kernel: at build time, in the graph (160 columns,
+    then a slice; :mod:`.conv_output_padding`, session 27), where the matmul rule used to copy
+    them padded on every call; a 1 x 1 conv to 160 channels stays a conv; a linear layer over
+    5 rows gets no per-call copy either. Exact against PyTorch."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, 150, 1).eval()
     x = torch.randn(1, 32, 16, 16)
     kernels = {g.name_hint for g, _ in _fused(conv, (x,)).functions_items()}
     assert not [n for n in kernels if "conv2d" in n], sorted(kernels)
-    assert _padded_blocks(conv, (x,), "matmul"), "the 150-wide filter axis should be padded"
+    (text,) = [t for n, t in _scheduled(conv, (x,)).items() if "matmul" in n]
+    assert "T.int64(160)" in text, text[:1500]  # the padded filters, a constant operand
+    assert not _padded_blocks(conv, (x,), "matmul")  # nothing left to pad per call
     wide = torch.nn.Conv2d(32, 160, 1).eval()
     assert [n for n, _ in _fused(wide, (x,)).functions_items() if "conv2d" in n.name_hint]
     _check(conv, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")
@@ -739,16 +742,16 @@ def test_weight_output_tail_is_padded_when_many_rows_reuse_it(tmp_path, caplog):
 def test_quarter_panel_pointwise_conv_runs_on_whole_vectors(tmp_path, caplog):
     """A 1 x 1 conv to 116 = 4 x 29 channels (ShuffleNetV2's branches) over 14 x 14 pixels:
     only a 4-lane panel divides 116, a quarter of AVX-512's width; it runs as a matmul whose
-    constant filters are padded to whole 16-lane vectors. Over 7 x 7 pixels (49 rows, fewer
-    than make the per-call weight copy worth it) it stays a conv; a 1 x 1 conv to 120 = 8 x 15
-    channels stays a conv at any size. Exact against PyTorch."""
+    constant filters are padded to whole 16-lane vectors (128 columns, at build time). Over
+    7 x 7 pixels it stays a conv; a 1 x 1 conv to 120 = 8 x 15 channels stays a conv at any
+    size. Exact against PyTorch."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 116, 1).eval()
     x = torch.randn(1, 64, 14, 14)
     kernels = {g.name_hint for g, _ in _fused(conv, (x,)).functions_items()}
     assert not [n for n in kernels if "conv2d" in n], sorted(kernels)
-    assert _padded_blocks(conv, (x,), "matmul"), "the 116-wide filter axis should be padded"
     (text,) = [t for n, t in _scheduled(conv, (x,)).items() if "matmul" in n]
+    assert "T.int64(128)" in text, text[:1500]  # the padded filters, a constant operand
     width = re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", _enclosing(text, "matmul_update")[-1])
     assert width and int(width[-1]) % 16 == 0, width  # whole 16-lane vectors, not 4-lane ones
     _check(conv, (x,), tmp_path, caplog, "tiled-matmul", tol=1e-5, target="x86-64-v4-vnni")

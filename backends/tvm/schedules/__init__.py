@@ -208,6 +208,7 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     )
     from .requantize_fusion import fuse_requantize
     from .sink_reshapes import sink_reshapes
+    from .squeeze_axes import non_negative_squeeze
     from .tied_embedding import dedup_constants, tied_embedding
     from .winograd import winograd_convs
 
@@ -216,7 +217,9 @@ def fusion_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.DecomposeOpsForInference(),
         # batch_norm leaves (out, mean, var)[0] behind; unwrapping it lets ReLU fuse into convs.
         relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination(),
-        nhwc_rewrites, _nhwc_pass(), sink_layout_transposes, cancel_transposes,
+        # ConvertLayout fails on a negative squeeze axis (HF's 1-D average pooling heads)
+        non_negative_squeeze, nhwc_rewrites, _nhwc_pass(), sink_layout_transposes,
+        cancel_transposes,
         # after the layout: its channel sums run over a channels-last map
         decompose_group_norm,
         # before the 1x1 convs of 8 x odd channels become padded matmuls: padded hidden maps
