@@ -10,8 +10,9 @@
 ``--models table`` is the workloads of :data:`TABLE` (five that were tuned for by nobody:
 BERT-base, MiniLM batch 8, DistilBERT seq 384, ViT-Small/16, MobileNetV2; and five more vision,
 audio and text models, plus MobileNetV3-Large and ResNet-18); ``long`` the long-sequence /
-batch workloads of :data:`LONG`. With slimc and ORT both run, the summary ends with the
-geometric mean of slimc/ORT.
+batch workloads of :data:`LONG`; ``extra``, ``more`` and ``third`` the three hunts for
+workloads nobody tuned for (:data:`EXTRA`, :data:`MORE`, :data:`THIRD`). With slimc and ORT
+both run, the summary ends with the geometric mean of slimc/ORT.
 
 Each engine is warmed up, then the engines are timed in interleaved rounds (a few calls each,
 round-robin, rotating who goes first, with an idle pause (400 ms) before each block so the previous
