@@ -125,3 +125,34 @@ def test_tied_table_is_not_padded_into_a_second_copy(tmp_path, caplog):
     assert any("matmul" in n for n in names) and not any("strided_slice" in n for n in names), \
         names
     _check(net, inputs, tmp_path, caplog, None, tol=1e-5, target="x86-64-v4-vnni")
+
+
+def test_linears_shared_by_two_functions_are_not_padded():
+    """A generation artifact's prefill and decode functions read the same weights: padding the
+    prefill's copy would store a second one (the decode step's GEMV keeps the original), so in
+    a module of several functions linears are left alone; alone, the same linear is padded."""
+    import numpy as np
+    import tvm
+    from slimc.backends.tvm.schedules.conv_output_padding import pad_conv_outputs
+    from tvm import relax
+
+    weight = relax.const(np.random.default_rng(0).standard_normal((64, 195)).astype("float32"))
+
+    def function(bb: relax.BlockBuilder, name: str, rows: int) -> None:
+        x = relax.Var("x", relax.TensorType((rows, 64), "float32"))
+        with bb.function(name, [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.matmul(x, weight))
+            bb.emit_func_output(out)
+
+    def sliced(names: tuple[str, ...]) -> bool:
+        bb = relax.BlockBuilder()
+        for name in names:
+            function(bb, name, 16)
+        target = tvm.target.Target({"kind": "llvm", "mcpu": "znver5"})
+        with target:
+            mod = pad_conv_outputs(bb.get())
+        return "strided_slice" in mod.script()
+
+    assert sliced(("main",))
+    assert not sliced(("prefill", "decode"))

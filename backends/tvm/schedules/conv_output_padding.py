@@ -25,8 +25,9 @@ matmul rule can pad only per call (a weight copy each call, and only over 64+ ro
 that its vector tail stays predicated, which makes the whole micro-kernel scalar: FocalNet's
 modulation projections to ``2C + 3`` outputs (771, 1539 columns) ran at 10 GFLOP/s over 49
 rows, 23 ms of FocalNet-T's 62 (session 27). Padded in the graph, the weight is padded and
-packed once, at build time. A weight some other op also reads (a tied embedding table) is left
-alone: padding it would store the table twice.
+packed once, at build time. A weight some other op also reads (a tied embedding table), or
+that another function of the module reads (a generation artifact's decode step), is left alone:
+padding it would store it twice.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class _PadConvOutputs(PyExprMutator):
     def __init__(self, mod, lanes: int, half_panels_lose: bool) -> None:
         super().__init__(mod)
         self.lanes, self.half_panels_lose = lanes, half_panels_lose
+        # A generation artifact's prefill and decode functions read the same weights (equal
+        # constants that ``dedup_constants`` merges): padding one function's copy would store
+        # a second one. Linears are padded only in single-function modules.
+        self.pad_matmuls = PAD_MATMULS and sum(
+            isinstance(f, relax.Function) for _, f in mod.functions_items()) == 1
         # call -> (role: conv | inner, channels, padded channels, ends the chain: the slice)
         self.plan: dict = {}
 
@@ -140,7 +146,7 @@ class _PadConvOutputs(PyExprMutator):
         the GEMV kernel takes (:data:`.gemv.MAX_ROWS`; a few rows are memory-bound)."""
         from .gemv import MAX_ROWS
 
-        if not PAD_MATMULS or getattr(call.op, "name", None) != "relax.matmul" \
+        if not self.pad_matmuls or getattr(call.op, "name", None) != "relax.matmul" \
                 or _dtype(call) != "float32":
             return False
         weight, out = _shape(call.args[1]), _shape(call)
