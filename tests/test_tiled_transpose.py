@@ -1,6 +1,6 @@
 """Transposing copies run in tiles (``fallback._tiled_transpose``): vectorized along the
 output's innermost axis alone, an NCHW -> NHWC copy of 32 x 32 planes read one float per
-4 KiB-apart row per lane and thrashed L1 (MobileViTV2: 0.30 ms a transpose, 0.022 tiled).
+4 KiB-apart row per lane and thrashed L1 (MobileViTV2: 0.30 ms a transpose, 0.048 tiled).
 Real TVM builds, compared with PyTorch."""
 
 from __future__ import annotations

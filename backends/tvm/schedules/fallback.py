@@ -124,7 +124,7 @@ def _tiled_transpose(sch: s_tir.Schedule, block, spatial: list, lanes: int) -> b
     reads one float from each of ``lanes`` input rows per vector, rows a whole plane apart;
     with 32 x 32 planes (4 KiB) every row falls in the same L1 set and the lines are evicted
     before their next float is read: MobileViTV2's 128 x 32 x 32 transposes ran at ~1.7 GB/s,
-    0.30 ms each (1.5 ms of a 12.7 ms call), 0.022 ms tiled (session 27, Zen 5). A tile
+    0.30 ms each (1.5 ms of a 12.7 ms call), 0.048 ms tiled (session 27, Zen 5). A tile
     reads :data:`TRANSPOSE_TILE` consecutive floats of each input row it touches, so each
     line is used whole while it is in L1, and writes whole vectors."""
     stmt = sch.get(block)
