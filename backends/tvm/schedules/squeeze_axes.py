@@ -3,10 +3,11 @@
 TVM 0.27's ``ConvertLayout`` fails with ``std::bad_alloc`` on a ``squeeze`` whose axis is
 negative once its input has been given a channels-last layout: its layout inference indexes the
 layout with the unnormalised axis. Hugging Face's ``AdaptiveAvgPool1d`` pooler (``expand_dims``
-at -2, a mean, ``squeeze`` at -2) ends FocalNet, Swin-style and ConvNeXt-style classifiers, so
-the conversion failed on the whole model and every conv of FocalNet-T stayed NCHW: its 2 x 2
-patch-merging and 1 x 1 context convs ran at ~80 GFLOP/s, 5.3 ms of the model's 32 (session
-27). The rewrite changes no value: ``squeeze(x, [-2])`` is ``squeeze(x, [ndim - 2])``.
+at -2, a mean, ``squeeze`` at -2) ends the FocalNet, Swin, Hiera and SigLIP models (the four of
+50 benchmark workloads it hit), so the conversion failed on the whole model and every conv
+stayed NCHW: FocalNet-T's 2 x 2 patch-merging and 1 x 1 context convs ran at ~80 GFLOP/s,
+5.2 ms a call (session 27). The rewrite changes no value: ``squeeze(x, [-2])`` is
+``squeeze(x, [ndim - 2])``.
 """
 
 from __future__ import annotations
