@@ -464,7 +464,7 @@ class Search:
         picks, used = self._w8a8_costs(base, int8_peak(self.hw, dot))
         if not any(picks):
             return False, "W8A8 (int8 arithmetic): no layer can take int8 weights"
-        over = [k for k in limits if used[k] > limits[k] * self.original[k] * 1.02]
+        over = self._w8a8_over(used, limits)
         share = used["latency"] / max(self.original["latency"], 1e-30)
         return not over, (f"uniform W8A8 (int8 arithmetic, {dot}) is priced at latency "
                           f"{share:.3f} of the original"
@@ -534,14 +534,18 @@ class Search:
         picks, used = self._w8a8_costs(base, int8_peak(self.hw, dot) if self.hw else None)
         if not any(picks):
             return None
-        absolute = {k: v * self.original[k] for k, v in limits.items()}
-        over = [k for k in limits if used[k] > absolute[k] * 1.02]  # W8A8's scales: a little
+        over = self._w8a8_over(used, limits)
         if over:
             self.log(f"search: uniform W8A8 at prune ratio {base.ratio:g} not built: priced "
                      + ", ".join(f"{k} {used[k] / self.original[k]:.3f}" for k in over)
                      + " of the original, over the budget")
             return None
         return self._build_w8a8(base, picks, keep, [])
+
+    def _w8a8_over(self, used: dict[str, float], limits: dict[str, float]) -> list[str]:
+        """The budgets uniform W8A8's costs ``used`` (absolute) exceed, with 2% allowed for
+        its activation scales, which the per-layer costs do not count."""
+        return [k for k in limits if used[k] > limits[k] * self.original[k] * 1.02]
 
     def int8_note(self) -> tuple[str | None, bool]:
         """What int8 arithmetic (W8A8) does on this target, for the report's "Target costs"

@@ -116,9 +116,7 @@ class _PadConvOutputs(PyExprMutator):
             if not isinstance(call, relax.Call):
                 continue
             role = "conv" if _conv_kind(call) == "dense" else \
-                "matmul" if self._paddable_matmul(call, shared) and not (
-                    isinstance(call.args[1], relax.Var)
-                    and len(users.get(call.args[1], ())) > 1) else None
+                "matmul" if self._paddable_matmul(call, shared, users) else None
             if role is None or self.value_of(call.args[1]) is None:
                 continue
             shape = _shape(var)
@@ -141,9 +139,10 @@ class _PadConvOutputs(PyExprMutator):
                 plan[c] = (role if i == 0 else "inner", channels, padded, i == len(chain) - 1)
         return plan
 
-    def _paddable_matmul(self, call: relax.Call, shared: set) -> bool:
-        """``x @ W``: a float32 constant 2-D ``W`` nothing else reads, over more rows than
-        the GEMV kernel takes (:data:`.gemv.MAX_ROWS`; a few rows are memory-bound)."""
+    def _paddable_matmul(self, call: relax.Call, shared: set, users: dict) -> bool:
+        """``x @ W``: a float32 constant 2-D ``W`` nothing else reads (not its data in
+        ``shared``, not its variable in ``users`` twice), over more rows than the GEMV kernel
+        takes (:data:`.gemv.MAX_ROWS`; a few rows are memory-bound)."""
         from .gemv import MAX_ROWS
 
         if not self.pad_matmuls or getattr(call.op, "name", None) != "relax.matmul" \
@@ -152,7 +151,7 @@ class _PadConvOutputs(PyExprMutator):
         weight, out = _shape(call.args[1]), _shape(call)
         if weight is None or out is None or len(weight) != 2 or len(out) < 2:
             return False
-        if int(np.prod(out[:-1])) <= MAX_ROWS:
+        if int(np.prod(out[:-1])) <= MAX_ROWS or len(users.get(call.args[1], ())) > 1:
             return False
         source = _source_constant(call.args[1], self._bound)
         return source is not None and hasattr(source.value, "data_ptr") \

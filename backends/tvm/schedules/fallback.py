@@ -132,20 +132,18 @@ def _tiled_transpose(sch: s_tir.Schedule, block, spatial: list, lanes: int) -> b
     bindings = realize_bindings(sch, spatial)
     if bindings is None or any(extent(sch, lp) is None for lp in spatial):
         return False
-    var_of = {}
-    for iv, b in zip(stmt.iter_vars, bindings, strict=True):
-        if isinstance(b, tirx.Var):
-            var_of[b] = iv.var
-    loop_of = {var_of.get(sch.get(lp).loop_var): lp for lp in spatial}
-    inner = var_of.get(sch.get(last).loop_var)
+    iter_vars = [(lp, _bound_iter_var(stmt, bindings, sch.get(lp).loop_var)) for lp in spatial]
+    inner = iter_vars[-1][1]
+    if inner is None:
+        return False
     read_loop = None
     for region in stmt.reads:
         idx = [r.min for r in region.region]
         if not idx or not isinstance(idx[-1], tirx.Var) or idx[-1].same_as(inner) \
-                or not any(inner is not None and inner in vars_in(e) for e in idx[:-1]):
+                or not any(inner in vars_in(e) for e in idx[:-1]):
             continue
-        read_loop = next((lp for v, lp in loop_of.items()
-                          if v is not None and v.same_as(idx[-1])), None)
+        read_loop = next((lp for lp, v in iter_vars if v is not None and v.same_as(idx[-1])),
+                         None)
         if read_loop is not None:
             break
     if read_loop is None or extent(sch, read_loop) % TRANSPOSE_TILE \
@@ -204,12 +202,17 @@ def _enough_rows(sch: s_tir.Schedule, loops, minimum: int = 8) -> bool:
     return rows >= minimum
 
 
+def _bound_iter_var(stmt, bindings, loop_var):
+    """The block iterator of ``stmt`` bound to exactly ``loop_var`` (``bindings``: the
+    iterators' bindings, :func:`~.common.realize_bindings`), or None."""
+    return next((iv.var for iv, b in zip(stmt.iter_vars, bindings, strict=True)
+                 if isinstance(b, tirx.Var) and b.same_as(loop_var)), None)
+
+
 def _contiguous_innermost(stmt, loop_var, loops, sch) -> bool:
     """Whether the block iterator bound to ``loop_var`` indexes only the last axis of every
     buffer it touches (so vector loads/stores along it are contiguous)."""
-    bindings = realize_bindings(sch, loops)
-    ivar = next((iv.var for iv, b in zip(stmt.iter_vars, bindings, strict=True)
-                 if isinstance(b, tirx.Var) and b.same_as(loop_var)), None)
+    ivar = _bound_iter_var(stmt, realize_bindings(sch, loops), loop_var)
     if ivar is None:
         return False
     for region in [*stmt.writes, *stmt.reads]:
