@@ -54,6 +54,22 @@ def _distillation(pipeline: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _lossless(exact: dict[str, Any] | None) -> list[str]:
+    """Weights found already on a format's grid, and whether that lossless choice was kept."""
+    if not exact:
+        return []
+    formats = ", ".join(f"{name} x{count}" for name, count in exact["exact"].items())
+    size = exact["relative"]["size"]
+    if exact["used"]:
+        return [f"{sum(exact['exact'].values())} of {exact['layers']} weights already lie on a "
+                f"format's grid ({formats}): stored in those formats and fp32 elsewhere "
+                f"(size {size:.3f}) they lose nothing and fit the budget, so the search ended "
+                "there without measuring its damage table.", ""]
+    return [f"{sum(exact['exact'].values())} of {exact['layers']} weights already lie on a "
+            f"format's grid ({formats}); that lossless choice (size {size:.3f}) was not taken: "
+            f"{exact.get('why_not')}. The damage table prices those choices at zero.", ""]
+
+
 def _search(entry: dict[str, Any] | None) -> list[str]:
     """What the budget / -O search tried and why it chose what it chose."""
     if not entry:
@@ -62,7 +78,8 @@ def _search(entry: dict[str, Any] | None) -> list[str]:
     lines = ["", "## Budget search", "",
              f"Asked for: {entry['request']}. Algorithm: {entry['algorithm']}.",
              f"Quality measured as: {metric['label']} (original {metric['original']:.4g}).",
-             f"Target costs: {entry['hardware']}.", ""]
+             f"Target costs: {entry['hardware'] or 'not needed'}.", ""]
+    lines += _lossless(entry.get("lossless"))
     chosen = entry.get("chosen")
     if chosen:
         lines.append(f"Chosen (recipe: `{entry.get('recipe', 'recipe.yaml')}`): "

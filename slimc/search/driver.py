@@ -150,10 +150,11 @@ def _search(plan: SearchPlan, ir, ctx, registry, task, log, warnings, t0):
                    "higher_is_better": scorer.higher_is_better},
         "budget": plan.budget.limits(), "max_drop": plan.max_drop,
         "techniques": plan.techniques,
-        "hardware": describe_hardware(search.base(0.0 if 0.0 in search._bases else
-                                                  next(iter(search._bases))).space,
-                                      *search.int8_note())
-        if search._bases else None,
+        "hardware": describe_hardware(space, *search.int8_note())
+        if (space := search.any_space()) is not None else None,
+        # weights already on a format's grid (a model dequantized from a quantized file):
+        # the lossless candidate, used or why not (docs/budget.md); None when none is exact
+        "lossless": search.exact,
         "candidates": [c.summary() for c in search.measured],
         "chosen": chosen.summary() if chosen is not None else None,
         "failures": failures,

@@ -236,7 +236,11 @@ class Search:
         if hardware is not None:
             self.original["latency"] = self._latency(ctx)
         self._bases: dict[float, _Base] = {}
+        self._costs_only: _Base | None = None
         self.measured: list[Candidate] = []
+        #: What :meth:`lossless` found (exact layers per format, used or why not), for the
+        #: manifest; None until it ran.
+        self.exact: dict[str, Any] | None = None
         self.seconds: dict[str, float] = {"space": 0.0, "candidates": 0.0}
 
     # -- building blocks -------------------------------------------------------------------
@@ -287,8 +291,29 @@ class Search:
                      f"{space.info['options']} choices measured")
         return self._bases[ratio]
 
-    def items(self, base: _Base, picks: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
-        """The recipe pipeline (after pruning) that builds ``picks``."""
+    def cost_base(self) -> _Base:
+        """The unpruned IR's choices with their costs and no damage table (seconds, not
+        minutes; low rank left out: its spectra are the slow part), built once: what the
+        refusals from the costs and the lossless candidate need."""
+        if self._costs_only is None:
+            _, ctx = self._run(self.ir, [])
+            techniques = replace(self.techniques, lowrank_keeps=())
+            space = build_space(self.ir, ctx, techniques, self.hw, measure_damage=False)
+            self._costs_only = _Base(0.0, self.ir, [], space)
+        return self._costs_only
+
+    def any_space(self) -> Space | None:
+        """A measured space (the unpruned one first), else the costs-only one, for the
+        report's target costs; None when the search built none."""
+        if self._bases:
+            return self._bases.get(0.0, next(iter(self._bases.values()))).space
+        return self._costs_only.space if self._costs_only is not None else None
+
+    def items(self, base: _Base, picks: Sequence[int],
+              techniques: Techniques | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """The recipe pipeline (after pruning) that builds ``picks`` (rounded as
+        ``techniques``, default the search's, say)."""
+        techniques = techniques or self.techniques
         space = base.space
         chosen = [(c, c.options[j]) for c, j in zip(space.layers, picks, strict=True)]
         items: list[tuple[str, dict[str, Any]]] = []
@@ -312,9 +337,9 @@ class Search:
                     opts["zero_point"] = "float"
             elif default.lowbit:
                 opts["group_size"] = default.group_size
-            if self.techniques.quantize_method != "rtn":
-                opts["method"] = self.techniques.quantize_method
-                if self.techniques.quantize_method == "gptq" and self.techniques.act_order:
+            if techniques.quantize_method != "rtn":
+                opts["method"] = techniques.quantize_method
+                if techniques.quantize_method == "gptq" and techniques.act_order:
                     opts["act_order"] = True
             rules = [f"{p}={o.fmt}" for c, o in chosen if o.fmt != default
                      for p in layer_patterns(c.layer.name, bool(o.rank))]
@@ -400,6 +425,10 @@ class Search:
         unreachable = self._unreachable(limits) if ratios is None else []
         if unreachable:
             return None, unreachable
+        if ratios is None and 0.0 in self.techniques.prune_ratios:
+            cand = self.lossless(limits, max_drop, keep)
+            if cand is not None:
+                return cand, []
         best, failures = None, []
         note, int8_faster = self.int8_note()
         if "latency" in limits and note and not int8_faster:
@@ -430,13 +459,12 @@ class Search:
         `--budget latency=0.5` for 12.5 minutes before saying the same of latency (session
         26). A latency budget the per-layer formats miss can still be met by uniform W8A8
         (int8 arithmetic, not in the knapsack's space), so it is priced too."""
-        if not limits or tuple(self.techniques.prune_ratios) != (0.0,) or 0.0 in self._bases:
+        if not limits or tuple(self.techniques.prune_ratios) != (0.0,) or 0.0 in self._bases \
+                or self.techniques.lowrank_keeps:  # (the costs-only space has no low rank)
             return []
         if "latency" in limits and "latency" not in self.original:
             return []
-        _, ctx = self._run(self.ir, [])
-        space = build_space(self.ir, ctx, self.techniques, self.hw, measure_damage=False)
-        base = _Base(0.0, self.ir, [], space)
+        base = self.cost_base()
         try:
             self.solve(base, limits)
         except Infeasible as exc:
@@ -447,6 +475,48 @@ class Search:
             return why
         w8a8, note = self._w8a8_priced(base, limits)
         return [] if w8a8 else [*why, note]
+
+    def lossless(self, limits: dict[str, float], max_drop: float | None,
+                 keep: bool) -> Candidate | None:
+        """The cheapest exact format of every layer (:mod:`.exact`: weights already on that
+        grid, fp32 where none is), built and measured, when its costs fit ``limits``: no
+        candidate can be closer to the original, so the search ends with it and measures no
+        damage table. Rounded to nearest: an exact layer rounds to itself, and GPTQ's
+        Hessians would cost minutes for nothing. None when no layer is exact, the picks are
+        over the budget or the measured drop exceeds ``max_drop``."""
+        from .exact import exact_picks
+
+        t0 = time.perf_counter()
+        base = self.cost_base()
+        found = exact_picks(self.ir, base.space)
+        self.seconds["space"] += time.perf_counter() - t0
+        if not found.exact_layers:
+            return None
+        used = base.space.totals(found.picks)
+        share = {k: used[k] / max(self.original[k], 1e-30) for k in used}
+        layers = len(base.space.layers)
+        self.exact = {"layers": layers, "exact": dict(found.formats),
+                      "relative": {k: round(v, 5) for k, v in share.items()}, "used": False}
+        what = (f"{found.exact_layers} of {layers} weights already lie on a format's grid ("
+                + ", ".join(f"{n} x{c}" for n, c in found.formats.most_common()) + ")")
+        over = [k for k in limits if share[k] > limits[k] * (1 + 1e-6)]
+        if over:
+            self.exact["why_not"] = ("over the budget in " + ", ".join(
+                f"{k} ({share[k]:.3f} > {limits[k]:g})" for k in over))
+            self.log(f"search: {what}; exact there and fp32 elsewhere is "
+                     f"{self.exact['why_not']}")
+            return None
+        rtn = replace(self.techniques, quantize_method="rtn", act_order=False)
+        cand = self._accepted(self.build(base, found.picks, keep,
+                                         self.items(base, found.picks, rtn)),
+                              limits, max_drop)
+        if cand is None:
+            self.exact["why_not"] = "over the budget or --max-drop once built"
+            return None
+        self.exact["used"] = True
+        self.log(f"search: {what}: those formats and fp32 elsewhere lose nothing and fit "
+                 "the budget; no damage table needed")
+        return cand
 
     def _w8a8_priced(self, base: _Base, limits: dict[str, float]) -> tuple[bool, str]:
         """Whether uniform W8A8 on ``base`` fits ``limits`` by the costs (with

@@ -1,0 +1,76 @@
+"""Choices that lose nothing: weights that already lie on a format's grid.
+
+Why: many checkpoints were dequantized from a quantized file. SmolLM2-135M as slimc gets it is
+a GGUF Q4_1 converted to fp32: 210 of its 211 weight matrices sit exactly on int4-g32-fz grids
+(fp16 scale and minimum per 32 weights), and only its embedding table (another GGUF type) does
+not. Rounding such a weight to its own grid changes nothing, so the cheapest exact format of
+every layer (fp32 where none is exact) is a *lossless* candidate: when it fits the budget no
+other choice can be closer to the original model, and the search ends there without its damage
+table (25 minutes on SmolLM2 on 2 cores). Where it does not fit, the damage table prices those
+choices at zero anyway.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from slimc.ir import IR
+from slimc.passes.quantize.formats import fake_quantize_rows
+
+from .space import Space
+
+#: A choice is exact when its round trip moves no element by more than this share of the
+#: layer's largest |weight|. Re-deriving a file's fp16 scale in fp32 errs by ~1e-7 of it;
+#: a real 8-bit grid's rounding is >= ~2e-3 of it, a 4-bit one's ~3e-2.
+EXACT_TOLERANCE = 1e-5
+#: Rows tried first: a format that does not reproduce them is not tried on the whole matrix
+#: (one non-exact layer then costs a 64-row round trip per format, not a full one).
+SAMPLE_ROWS = 64
+
+
+@dataclass
+class Lossless:
+    """The cheapest exact choice of every layer of a space (0, fp32, where none is)."""
+
+    picks: list[int]
+    #: Exact layers per format name.
+    formats: Counter = field(default_factory=Counter)
+
+    @property
+    def exact_layers(self) -> int:
+        return sum(self.formats.values())
+
+
+@torch.no_grad()
+def reproduces(matrix: torch.Tensor, fmt) -> bool:
+    """Whether rounding ``matrix`` (a layer's ``[rows, reduction]`` weight) to ``fmt``
+    returns it unchanged, within :data:`EXACT_TOLERANCE`."""
+    weight = matrix.float()
+    limit = EXACT_TOLERANCE * float(weight.abs().max())
+    if limit == 0.0:
+        return False  # an all-zero weight: nothing worth deciding on
+    for part in (weight[:SAMPLE_ROWS], weight) if weight.shape[0] > SAMPLE_ROWS else (weight,):
+        if float((fake_quantize_rows(part, fmt) - part).abs().max()) > limit:
+            return False
+    return True
+
+
+def exact_picks(ir: IR, space: Space) -> Lossless:
+    """Per layer of ``space``, the option of fewest bytes whose weight format reproduces the
+    layer's weight exactly (low-rank options never do; fp32, option 0, when nothing does)."""
+    found = Lossless(picks=[0] * len(space.layers))
+    sizes = space.costs["size"]
+    for i, choice in enumerate(space.layers):
+        options = sorted((j for j, o in enumerate(choice.options)
+                          if o.rank is None and o.fmt.kind != "fp32"),
+                         key=lambda j, i=i: sizes[i, j])
+        matrix = choice.layer.matrix(ir)
+        for j in options:
+            if reproduces(matrix, choice.options[j].fmt):
+                found.picks[i] = j
+                found.formats[str(choice.options[j].fmt)] += 1
+                break
+    return found

@@ -1,0 +1,89 @@
+"""Weights that already lie on a format's grid (a model dequantized from a quantized file, as
+SmolLM2-135M's GGUF Q4_1 is) are stored in that format losslessly: the budget search ends
+with that candidate when it fits, without its damage table, and prices it at zero when not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from slimc.passes.quantize.formats import fake_quantize_rows, parse_format
+
+from slimc.capture import capture, load_model
+from slimc.passmanager import AnalysisManager, PassContext, PassManager
+from slimc.plugins import get_registry
+from slimc.search.budget import parse_budget
+from tests.models import build_hf
+
+
+def _dequantized_llama(path) -> str:
+    """A tiny random Llama whose linears (not its embedding table) were rounded to int4-g32
+    grids with fp16 scale and minimum, GGUF Q4_1's layout, and saved back in fp32."""
+    model = build_hf("llama", seed=3)
+    fmt = parse_format("int4-g32-fz")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(fake_quantize_rows(module.weight.detach().clone(), fmt))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _search(model_dir: str):
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques
+
+    registry = get_registry()
+    ir, example = capture(load_model(model_dir))
+    ctx = PassContext(example_inputs=example)
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    return Search(ir, ctx, registry, Techniques.named("precision"), proxy_scorer(ir, ctx),
+                  None)
+
+
+def test_a_dequantized_model_is_stored_on_its_own_grids_without_a_damage_table(
+        cli, tmp_path):
+    model = _dequantized_llama(tmp_path / "llama")
+    out = tmp_path / "out"
+    result = cli("--verbose", "compile", model, "-O2", "--budget", "size=0.5", "-o", out,
+                 "--json", "--no-cache")
+    assert result.code == 0, result.err
+    logs = result.out + result.err
+    assert "no damage table needed" in logs and "choices measured" not in logs
+    search = json.loads((out / "manifest.json").read_text())["search"]
+    linears = 2 * 7 + 1  # q, k, v, o, gate, up, down per block, and the lm_head
+    assert search["lossless"]["used"] is True
+    assert search["lossless"]["exact"] == {"int4-g32-fz": linears}, search["lossless"]
+    chosen = search["chosen"]
+    assert chosen["choices"] == {"int4-g32-fz": linears, "fp32": 1}, chosen
+    assert abs(chosen["drop"]) < 1e-6 and len(search["candidates"]) == 1
+    assert chosen["relative"]["size"] < 0.5
+    assert "already lie on a format's grid" in (out / "report.md").read_text()
+    # the recipe stores exactly those formats: its bytes are the candidate's
+    summary = json.loads(result.out)
+    assert summary["weight_bytes_after"] / summary["weight_bytes_before"] \
+        == pytest.approx(chosen["relative"]["size"], rel=1e-3)
+
+
+def test_exact_choices_over_the_budget_are_priced_at_zero_and_random_weights_have_none(
+        tmp_path):
+    from slimc.search.exact import exact_picks
+
+    search = _search(_dequantized_llama(tmp_path / "llama"))
+    cand, failures = search.fit(parse_budget("size=0.2"), None)
+    assert cand is not None, failures
+    assert search.exact["used"] is False and "over the budget in size" in \
+        search.exact["why_not"], search.exact
+    assert search.exact["relative"]["size"] > 0.2
+    space = search.base(0.0).space
+    exact = exact_picks(search.ir, space)
+    for i, j in enumerate(exact.picks):
+        if j:  # an exact choice: zero damage in the measured table
+            assert space.damage[i, j] == 0.0, space.layers[i].layer.name
+    assert exact.exact_layers == 15
+
+    plain = tmp_path / "plain"
+    build_hf("llama", seed=3).save_pretrained(plain)
+    random = _search(str(plain))
+    assert exact_picks(random.ir, random.cost_base().space).exact_layers == 0
