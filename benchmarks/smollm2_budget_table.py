@@ -30,11 +30,14 @@ from benchmarks.prune_common import RESULTS, kjv  # noqa: E402
 
 #: row name -> (what it is, `slimc compile` arguments that differ between rows)
 ROWS: dict[str, tuple[str, list[str]]] = {
+    "budget0.5": ("slimc -O2 --budget size=0.5", ["-O2", "--budget", "size=0.5"]),
+    "budget0.25": ("slimc -O2 --budget size=0.25", ["-O2", "--budget", "size=0.25"]),
     "budget0.15": ("slimc -O2 --budget size=0.15", ["-O2", "--budget", "size=0.15"]),
     "budget0.10": ("slimc -O2 --budget size=0.10", ["-O2", "--budget", "size=0.10"]),
     "Os0.10": ("slimc -Os --budget size=0.10", ["-Os", "--budget", "size=0.10"]),
     "latency0.5": ("slimc -O2 --budget latency=0.5 (host cost model)",
                    ["-O2", "--budget", "latency=0.5"]),
+    "int8": ("int8 (uniform, GPTQ)", ["--pipeline", "quantize{weights=int8,method=gptq}"]),
     "int4-g32-fz": ("int4-g32-fz (uniform, GPTQ)",
                     ["--pipeline", "quantize{weights=int4,group_size=32,zero_point=float,"
                      "method=gptq}"]),

@@ -150,14 +150,16 @@ def compile_command(
         "--recipe", help="YAML/TOML recipe: a `pipeline` list and optional target, threads, "
         "inputs (command-line flags win over the recipe). Not together with --pipeline.")] = None,
     opt_level: Annotated[str, typer.Option(
-        "-O", metavar="LEVEL", help="Optimisation level when no pipeline is given. -O0 "
-        "(default): lower only, the artifact computes what the model does. -O1: lossless "
-        "(shared tensors stored once, dead code removed). -O2: automatic: per-layer "
-        "int8/int4/fp32 chosen by measurement, the smallest weights within --max-drop "
-        "(default 1%). -O3: aggressive: pruning, low-rank and per-layer precision, the lowest "
-        "target latency within --max-drop (default 3%). -Os: as -O3 but the smallest weights "
-        "within --max-drop (default 1%). Levels 2/3/s measure the drop on --eval-data, or a "
-        "proxy (output divergence on calibration data) without it.")] = "0",
+        "-O", metavar="LEVEL", help=
+        "Optimisation level when no pipeline is given. -O0 (default): lower only, the artifact "
+        "computes what the model does. -O1: lossless (shared tensors stored once, weights that "
+        "already lie on a format's grid stored in it: a dequantized GGUF's int4, a bf16 "
+        "checkpoint's bf16; dead code removed). -O2: automatic: per-layer int8/int4/fp32 chosen"
+        " by measurement, the smallest weights within --max-drop (default 1%). -O3: aggressive:"
+        " pruning, low-rank and per-layer precision, the lowest target latency within --max-"
+        "drop (default 3%). -Os: as -O3 but the smallest weights within --max-drop (default "
+        "1%). Levels 2/3/s measure the drop on --eval-data, or a proxy (output divergence on "
+        "calibration data) without it.")] = "0",
     budget: Annotated[str | None, typer.Option(
         "--budget", metavar="size=X,latency=Y,params=Z", help="Let slimc choose the pipeline: "
         "limits relative to the original model (size: weight bytes, latency: the target's "

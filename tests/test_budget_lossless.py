@@ -87,3 +87,41 @@ def test_exact_choices_over_the_budget_are_priced_at_zero_and_random_weights_hav
     build_hf("llama", seed=3).save_pretrained(plain)
     random = _search(str(plain))
     assert exact_picks(random.ir, random.cost_base().space).exact_layers == 0
+
+
+def test_o1_stores_weights_on_their_own_grids_and_half_precision_checkpoints_in_bf16(
+        cli, tmp_path):
+    """-O1 is lossless and now also stores weights where they already lie exactly: a
+    dequantized Q4_1-style model's linears as int4-g32-fz, a bf16 checkpoint's linears as
+    bf16 (no gather op for bf16: the tables stay fp32), a float-trained model unchanged."""
+    bf16 = tmp_path / "bf16"
+    model = build_hf("bert", seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.save_pretrained(bf16)
+    plain = tmp_path / "plain"
+    build_hf("bert", seed=1).save_pretrained(plain)
+    # (a row of 32 inputs is one group at g32, g64 or g128 alike: the same bytes)
+    fz = {"int4-g32-fz", "int4-g64-fz", "int4-g128-fz"}
+    for name, path in (("q4", _dequantized_llama(tmp_path / "llama")), ("bf16", bf16),
+                       ("plain", plain)):
+        out = tmp_path / f"o1-{name}"
+        result = cli("compile", path, "-O1", "-o", out, "--json", "--no-cache")
+        assert result.code == 0, result.err
+        summary = json.loads(result.out)
+        assert summary["fidelity"]["relative_l2"] < 1e-5, (name, summary["fidelity"])
+        manifest = json.loads((out / "manifest.json").read_text())
+        quantize = next(p for p in manifest["pipeline"] if p["pass"] == "quantize")
+        formats = {}
+        for layer in quantize["summary"]["per_layer"].values():
+            formats[layer["format"]] = formats.get(layer["format"], 0) + 1
+        ratio = summary["weight_bytes_after"] / summary["weight_bytes_before"]
+        if name == "bf16":
+            assert set(formats) == {"bf16"} and formats["bf16"] >= 12, formats
+            assert ratio < 0.75, ratio
+        elif name == "q4":
+            assert set(formats) <= fz and sum(formats.values()) == 15, formats
+            assert ratio < 0.5, ratio
+        else:
+            assert formats == {} and quantize["summary"]["layers"] == 0, formats

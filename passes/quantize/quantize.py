@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+from collections import Counter
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -44,7 +45,7 @@ from .rtn import pack
 #: to nearest, GPTQ 1.105x at damping 0.01, 1.076x at 0.1, 1.083x at 0.3, 1.091x at 1.0.
 TABLE_DAMP = 0.1
 #: ``weights=`` values that take their grouping from the other options.
-WEIGHT_KINDS = ("int8", "int4", "int3", "int2", "fp16", "bf16", "mixed")
+WEIGHT_KINDS = ("int8", "int4", "int3", "int2", "fp16", "bf16", "mixed", "exact")
 
 
 class QuantizeOptions(PassOptions):
@@ -53,8 +54,11 @@ class QuantizeOptions(PassOptions):
         "with `group_size`, `symmetric`, `zero_point`), a full format name that sets its own "
         "group (`int4-g32-fz`, `int4-g32-qs`, `int3-g64-qs`; `-qs`: 8-bit step and minimum "
         "codes per group against fp16 row units; `-qs5`: 5-bit codes, bit-packed, widths "
-        "4..7: `int3-g32-qs5`), or `mixed` to choose one per layer under "
-        "`budget`. `int3`/`int2`: bit-packed codes, an fp16 scale and minimum per group of "
+        "4..7: `int3-g32-qs5`), `mixed` to choose one per layer under "
+        "`budget`, or `exact`: per layer the fewest bytes among the formats its weight "
+        "already lies on exactly (a model dequantized from a GGUF Q4_1 file: int4-g32-fz; a "
+        "bf16 checkpoint: bf16), fp32 where none: lossless, what `-O1` runs. "
+        "`int3`/`int2`: bit-packed codes, an fp16 scale and minimum per group of "
         "`group_size` (a multiple of 8; linear layers and embedding tables, convolutions and "
         "experts get int4 with a float zero point instead).")
     activations: Literal["none", "int8"] = Field(
@@ -245,6 +249,14 @@ def _base_formats(ir: IR, layers: list[Layer], ctx: PassContext,
     if options.weights not in WEIGHT_KINDS:  # a full format name (int4-g32-qs)
         fmt = parse_format(options.weights)
         return {layer.name: fmt for layer in layers}, {}
+    if options.weights == "exact":
+        from slimc.passes.analysis.target_info import target_info
+
+        from .exact import exact_formats
+
+        formats = exact_formats(ir, layers, set(target_info(ctx.target).formats))
+        exact = Counter(str(f) for f in formats.values() if f.kind != "fp32")
+        return formats, {"exact": dict(exact)}
     if options.weights != "mixed":
         int4 = options.weights == "int4"
         grouped = int4 or options.weights in LOWBIT_KINDS
@@ -353,9 +365,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
     for la in layers:
         fmt = formats[la.name]
         if fmt.kind == "fp32":
-            reasons[la.weight.name] = ("kept fp32 by the `layers` option"
-                                       if options.layers else
-                                       "kept fp32 by the mixed-precision solver")
+            reasons[la.weight.name] = (
+                "kept fp32 by the `layers` option" if options.layers else
+                "on no format's grid exactly (weights=exact)" if options.weights == "exact"
+                else "kept fp32 by the mixed-precision solver")
         elif not _int_kind(fmt) and (la.is_embedding or la.kind in ("conv", "expert")):
             # fp16/bf16 have no gather or convolution op.
             reasons[la.weight.name] = f"{la.kind}: no {fmt.kind} kernel (int8/int4 only)"

@@ -15,10 +15,14 @@ from slimc.jobs import pool_workers
 from .budget import BUDGET_TECHNIQUES, SEARCH_LEVELS, Budget, Level, parse_budget
 
 #: Fixed ``-O`` pipelines (the searching levels are in :data:`.budget.SEARCH_LEVELS`).
-#: ``-O1`` only runs exact transforms: shared tensors stored once, dead code removed.
+#: ``-O1`` only runs exact transforms: shared tensors stored once, weights that already lie
+#: on a format's grid stored in it (a dequantized GGUF's int4 grids, a bf16 checkpoint's
+#: bf16; batch norms stay unfolded: folding moves conv weights off their grids), dead code
+#: removed.
 FIXED_LEVELS: dict[str, str] = {
     "0": "",
-    "1": "share{dedup=true,tie_head=true,basis=false},eliminate-dead-code",
+    "1": "share{dedup=true,tie_head=true,basis=false},"
+         "quantize{weights=exact,fold_batchnorm=false},eliminate-dead-code",
 }
 
 LEVEL_NAMES = ("0", "1", "2", "3", "s")

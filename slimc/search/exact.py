@@ -1,4 +1,5 @@
-"""Choices that lose nothing: weights that already lie on a format's grid.
+"""Choices that lose nothing: weights that already lie on a format's grid
+(:mod:`slimc.passes.quantize.exact` decides which).
 
 Why: many checkpoints were dequantized from a quantized file. SmolLM2-135M as slimc gets it is
 a GGUF Q4_1 converted to fp32: 210 of its 211 weight matrices sit exactly on int4-g32-fz grids
@@ -15,20 +16,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
-
 from slimc.ir import IR
-from slimc.passes.quantize.formats import fake_quantize_rows
+from slimc.passes.quantize.exact import reproduces
 
 from .space import Space
-
-#: A choice is exact when its round trip moves no element by more than this share of the
-#: layer's largest |weight|. Re-deriving a file's fp16 scale in fp32 errs by ~1e-7 of it;
-#: a real 8-bit grid's rounding is >= ~2e-3 of it, a 4-bit one's ~3e-2.
-EXACT_TOLERANCE = 1e-5
-#: Rows tried first: a format that does not reproduce them is not tried on the whole matrix
-#: (one non-exact layer then costs a 64-row round trip per format, not a full one).
-SAMPLE_ROWS = 64
 
 
 @dataclass
@@ -42,20 +33,6 @@ class Lossless:
     @property
     def exact_layers(self) -> int:
         return sum(self.formats.values())
-
-
-@torch.no_grad()
-def reproduces(matrix: torch.Tensor, fmt) -> bool:
-    """Whether rounding ``matrix`` (a layer's ``[rows, reduction]`` weight) to ``fmt``
-    returns it unchanged, within :data:`EXACT_TOLERANCE`."""
-    weight = matrix.float()
-    limit = EXACT_TOLERANCE * float(weight.abs().max())
-    if limit == 0.0:
-        return False  # an all-zero weight: nothing worth deciding on
-    for part in (weight[:SAMPLE_ROWS], weight) if weight.shape[0] > SAMPLE_ROWS else (weight,):
-        if float((fake_quantize_rows(part, fmt) - part).abs().max()) > limit:
-            return False
-    return True
 
 
 def exact_picks(ir: IR, space: Space) -> Lossless:
