@@ -58,6 +58,9 @@ MLP_PRUNE_CAP = 0.5
 #: artifacts was 1-8% (docs/benchmarks.md, issue 17), so a prune priced just under the budget
 #: need not be faster on the target than the W8A8 it was added to.
 PRUNE_LATENCY_MARGIN = 0.05
+#: Most candidates :meth:`Search.refine` builds after the search (one per upgraded layer;
+#: it stops at the first that does not measure better).
+REFINE_STEPS = 2
 #: Prune group kinds that are attention heads (``passes/prune/prune.py``'s ``KINDS``).
 HEAD_KINDS = frozenset({"attention-head", "kv-group", "query-head"})
 #: Seconds of distillation (all tries together) the search may spend when no candidate meets
@@ -183,6 +186,11 @@ class Candidate:
     backoffs: int = 0
     #: Set when the candidate was recovered by ``distill`` (steps, drop before and after).
     distill: dict[str, Any] | None = None
+    #: The per-layer option indices that wrote its recipe (None: W8A8 or another pipeline
+    #: than the picks', which :meth:`Search.refine` cannot step from).
+    picks: tuple[int, ...] | None = None
+    #: The format when the candidate is one format on every layer (:meth:`Search._uniform`).
+    uniform: str | None = None
 
     def release(self) -> None:
         """Let go of the built IR (a full copy of the model's weights), its pass records and
@@ -359,6 +367,7 @@ class Search:
         int8 inputs are no per-layer choice), described by ``choices``; ``picks`` then give
         the predicted damage (of its weights)."""
         t0 = time.perf_counter()
+        own = rest is None
         rest = self.items(base, picks) if rest is None else rest
         ir, records, ctx, relative = self._build_items(base, rest)
         value = self.scorer.evaluate(ir, ctx)
@@ -368,7 +377,7 @@ class Search:
         predicted = float(sum(space.damage[i, j] for i, j in enumerate(picks)))
         items = ([("prune", {"ratio": base.ratio})] if base.ratio else []) + rest
         cand = Candidate(base.ratio, items, relative, value, self.scorer.drop(value),
-                         dict(choices), predicted)
+                         dict(choices), predicted, picks=tuple(picks) if own else None)
         if keep:
             cand.ir, cand.records, cand.ctx = ir, base.records + records, ctx
         self.measured.append(cand)
@@ -447,7 +456,54 @@ class Search:
         if ratios is None:
             cand = self.w8a8_pruned_to(limits, max_drop, keep)
             best = _keep_better(best, cand, lambda a, b: _better(a, b, self.scorer))
+        if best is not None:
+            best = self.refine(best, limits, max_drop, keep)
         return best, failures
+
+    def refine(self, best: Candidate, limits: dict[str, float], max_drop: float | None,
+               keep: bool) -> Candidate:
+        """Spend what ``best`` leaves of the budget on its most damaged layers, one at a
+        time, while the measured metric improves (at most :data:`REFINE_STEPS` builds): each
+        step gives the next most damaged layer its least damaging choice that still fits the
+        budget by the costs. Why: the knapsack minimises the *proxy* damage, and the measured
+        task metric can disagree; on MiniLM / WordSim-353 uniform int4-g32-fz (size 0.156)
+        scored above every knapsack candidate at size 0.5 and 0.25 (docs/benchmarks.md), and
+        that format with its most damaged layer (layer 5's value projection) at int8 scored
+        higher still. Only a uniform format's win is stepped from: there the proxy and the
+        metric demonstrably disagreed, and a knapsack candidate leaves no room to spend."""
+        if best.uniform is None or best.picks is None or best.prune_ratio not in self._bases:
+            return best
+        base = self._bases[best.prune_ratio]
+        space = base.space
+        absolute = {k: v * self.original[k] for k, v in limits.items()}
+        order = sorted((i for i, j in enumerate(best.picks) if space.damage[i, j] > 0),
+                       key=lambda i: -space.damage[i, best.picks[i]])
+        steps = 0
+        for i in order:
+            if steps >= REFINE_STEPS:
+                break
+            picks = list(best.picks)
+            fits = []
+            for j in range(len(space.layers[i].options)):
+                picks[i] = j
+                used = space.totals(picks)
+                if all(used[k] <= absolute[k] for k in limits) \
+                        and space.damage[i, j] < space.damage[i, best.picks[i]]:
+                    fits.append(j)
+            if not fits:
+                continue
+            picks[i] = min(fits, key=lambda j: space.damage[i, j])
+            steps += 1
+            cand = self._accepted(self.build(base, picks, keep), limits, max_drop)
+            if cand is None or not _better(cand, best, self.scorer):
+                if cand is not None:
+                    cand.release()
+                break
+            self.log(f"search: {space.layers[i].layer.name} -> "
+                     f"{space.layers[i].options[picks[i]]} measured better; kept")
+            best.release()
+            best = cand
+        return best
 
     def _unreachable(self, limits: dict[str, float]) -> list[str]:
         """Why no candidate the search can build meets ``limits``, from the costs alone,
@@ -573,6 +629,7 @@ class Search:
             if any(used[k] > absolute[k] for k in limits):
                 continue
             cand = self.build(base, picks, keep)
+            cand.uniform = fmt
             if self._within(cand, limits) and (max_drop is None or cand.drop <= max_drop):
                 out.append(cand)
             else:
