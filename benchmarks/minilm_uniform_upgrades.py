@@ -27,12 +27,13 @@ RESTRICTED = {"fz/int8/fp32": ("int4-g32-fz", "int8", "fp32"), "fz/fp32": ("int4
 
 
 def main() -> None:
+    from slimc.passes.analysis.hardware import hardware_for_target
+
     from slimc.api import CompileOptions
     from slimc.calibration import load_calibration
     from slimc.capture import capture, load_model
     from slimc.compiler import _prepare_task
     from slimc.loaders.base import parse_overrides
-    from slimc.passes.analysis.hardware import hardware_for_target
     from slimc.passmanager import AnalysisManager, PassContext, PassManager
     from slimc.plugins import get_registry
     from slimc.search.driver import _fastest_torch_threads
