@@ -319,8 +319,8 @@ class Search:
 
     def items(self, base: _Base, picks: Sequence[int],
               techniques: Techniques | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """The recipe pipeline (after pruning) that builds ``picks`` (rounded as
-        ``techniques``, default the search's, say)."""
+        """The recipe pipeline (after pruning) that builds ``picks``, rounding as
+        ``techniques`` says (default: the search's own)."""
         techniques = techniques or self.techniques
         space = base.space
         chosen = [(c, c.options[j]) for c, j in zip(space.layers, picks, strict=True)]
