@@ -58,9 +58,12 @@ MLP_PRUNE_CAP = 0.5
 #: artifacts was 1-8% (docs/benchmarks.md, issue 17), so a prune priced just under the budget
 #: need not be faster on the target than the W8A8 it was added to.
 PRUNE_LATENCY_MARGIN = 0.05
-#: Most candidates :meth:`Search.refine` builds after the search (one per upgraded layer;
-#: it stops at the first that does not measure better).
-REFINE_STEPS = 2
+#: Most candidates :meth:`Search.refine` builds after the search (one per upgraded layer,
+#: each kept only when it measures better). Why not one: the damage table's ranking of the
+#: most damaged layers is itself an estimate (MiniLM's int4-g32-fz: layer 4's FFN input
+#: first in one table, layer 5's value projection in another, and only the latter measured
+#: better, docs/benchmarks.md session 28).
+REFINE_STEPS = 3
 #: Prune group kinds that are attention heads (``passes/prune/prune.py``'s ``KINDS``).
 HEAD_KINDS = frozenset({"attention-head", "kv-group", "query-head"})
 #: Seconds of distillation (all tries together) the search may spend when no candidate meets
@@ -463,9 +466,9 @@ class Search:
     def refine(self, best: Candidate, limits: dict[str, float], max_drop: float | None,
                keep: bool) -> Candidate:
         """Spend what ``best`` leaves of the budget on its most damaged layers, one at a
-        time, while the measured metric improves (at most :data:`REFINE_STEPS` builds): each
-        step gives the next most damaged layer its least damaging choice that still fits the
-        budget by the costs. Why: the knapsack minimises the *proxy* damage, and the measured
+        time (at most :data:`REFINE_STEPS` builds): each step gives the next most damaged
+        layer its least damaging choice that still fits the budget by the costs, and is kept
+        when it measures better. Why: the knapsack minimises the *proxy* damage, and the measured
         task metric can disagree; on MiniLM / WordSim-353 uniform int4-g32-fz (size 0.156)
         scored above every knapsack candidate at size 0.5 and 0.25 (docs/benchmarks.md), and
         that format with its most damaged layer (layer 5's value projection) at int8 scored
@@ -498,7 +501,7 @@ class Search:
             if cand is None or not _better(cand, best, self.scorer):
                 if cand is not None:
                     cand.release()
-                break
+                continue
             self.log(f"search: {space.layers[i].layer.name} -> "
                      f"{space.layers[i].options[picks[i]]} measured better; kept")
             best.release()
