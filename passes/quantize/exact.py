@@ -33,18 +33,82 @@ EXACT_FORMATS = ("int2-g32", "int2-g64", "int3-g64", "int3-g128", "int4-g128-fz"
                  "int4-g32-sym", "int8", "bf16", "fp16")
 
 
+def levels(fmt: Format) -> int | None:
+    """Most distinct values one group (a row for int8) of ``fmt`` holds; None for floats."""
+    if fmt.kind in ("fp16", "bf16"):
+        return None
+    return 256 if fmt.kind == "int8" else 2 ** fmt.code_bits
+
+
 @torch.no_grad()
-def reproduces(matrix: torch.Tensor, fmt: Format) -> bool:
-    """Whether rounding ``matrix`` (a layer's ``[rows, reduction]`` weight) to ``fmt``
-    returns it unchanged, within :data:`EXACT_TOLERANCE`."""
-    weight = matrix.float()
-    limit = EXACT_TOLERANCE * float(weight.abs().max())
-    if limit == 0.0:
-        return False  # an all-zero weight: nothing worth deciding on
-    for part in (weight[:SAMPLE_ROWS], weight) if weight.shape[0] > SAMPLE_ROWS else (weight,):
-        if float((fake_quantize_rows(part, fmt) - part).abs().max()) > limit:
+def most_distinct(rows: torch.Tensor, group: int) -> int:
+    """The most distinct values in any whole group of ``group`` consecutive inputs of
+    ``rows`` (a row's tail shorter than a group is left out)."""
+    n, k = rows.shape
+    group = min(group, k)
+    cols = k - k % group
+    ordered = rows[:, :cols].reshape(n, -1, group).sort(dim=-1).values
+    return int(((ordered[..., 1:] != ordered[..., :-1]).sum(-1) + 1).max())
+
+
+class ExactCheck:
+    """One weight matrix (a layer's ``[rows, reduction]`` weight), asked format by format
+    whether rounding it to that format returns it unchanged, within :data:`EXACT_TOLERANCE`.
+
+    Cheap tests first: a weight on a grid of ``2^b`` levels per group has at most that many
+    distinct values in each group of its first :data:`SAMPLE_ROWS` rows (a trained float
+    weight has as many as the group has inputs), and a searched grid's format is tried only
+    when the sample lies on the plain ``[min, max]`` grid; only then the real round trip,
+    whose grid search is the slow part (~0.1-1 s a layer and format)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.weight = matrix.float()
+        self.limit = EXACT_TOLERANCE * float(self.weight.abs().max())
+        self.sample = self.weight[:SAMPLE_ROWS]
+        self._distinct: dict[int, int] = {}
+
+    @torch.no_grad()
+    def __call__(self, fmt: Format) -> bool:
+        if self.limit == 0.0:
+            return False  # an all-zero weight: nothing worth deciding on
+        most = levels(fmt)
+        if most is not None:
+            group = fmt.group_size or self.weight.shape[1]
+            if group not in self._distinct:
+                self._distinct[group] = most_distinct(self.sample, group)
+            if self._distinct[group] > most:
+                return False
+        searched = fmt.float_zero or fmt.lowbit or fmt.coded_scales
+        if searched and not _on_min_max_grid(self.sample, fmt, self.limit):
             return False
-    return True
+        small = self.weight.shape[0] <= SAMPLE_ROWS
+        for part in (self.weight,) if searched or small else (self.sample, self.weight):
+            if float((fake_quantize_rows(part, fmt) - part).abs().max()) > self.limit:
+                return False
+        return True
+
+
+def reproduces(matrix: torch.Tensor, fmt: Format) -> bool:
+    """Whether rounding ``matrix`` to ``fmt`` returns it unchanged (:class:`ExactCheck`)."""
+    return ExactCheck(matrix)(fmt)
+
+
+@torch.no_grad()
+def _on_min_max_grid(rows: torch.Tensor, fmt: Format, limit: float) -> bool:
+    """Whether ``rows`` lie on each group's ``[min, max]`` grid of ``fmt``'s levels with fp16
+    step and minimum (GGUF Q4_1's grid). The formats with a float minimum search their grid
+    (shrunk ranges, refits: ~0.1-1 s a layer) among candidates that include this one, so a
+    weight on it is exact there too; off it, no shrunk range can hold the group's ends."""
+    n, k = rows.shape
+    group = min(fmt.group_size or k, k)
+    cols = k - k % group
+    grouped = rows[:, :cols].reshape(n, -1, group)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    top = 2 ** fmt.code_bits - 1
+    step = ((high - low) / top).half().float().clamp_min(1e-12)
+    minimum = low.half().float()
+    back = ((grouped - minimum) / step).round().clamp(0, top) * step + minimum
+    return float((back - grouped).abs().max()) <= limit
 
 
 def storable(layer: Layer, fmt: Format, kinds: frozenset[str] | set[str], width: int) -> bool:
@@ -70,8 +134,9 @@ def cheapest_exact(ir: IR, layer: Layer, candidates: list[Format],
     matrix = layer.matrix(ir)
     n, k = (int(d) for d in matrix.shape)
     usable = [f for f in candidates if storable(layer, f, kinds, k)]
+    check = ExactCheck(matrix)
     for fmt in sorted(usable, key=lambda f: f.nbytes(n, k)):
-        if reproduces(matrix, fmt):
+        if check(fmt):
             return fmt
     return None
 

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from slimc.ir import IR
-from slimc.passes.quantize.exact import reproduces
+from slimc.passes.quantize.exact import ExactCheck
 
 from .space import Space
 
@@ -44,9 +44,9 @@ def exact_picks(ir: IR, space: Space) -> Lossless:
         options = sorted((j for j, o in enumerate(choice.options)
                           if o.rank is None and o.fmt.kind != "fp32"),
                          key=lambda j, i=i: sizes[i, j])
-        matrix = choice.layer.matrix(ir)
+        check = ExactCheck(choice.layer.matrix(ir))
         for j in options:
-            if reproduces(matrix, choice.options[j].fmt):
+            if check(choice.options[j].fmt):
                 found.picks[i] = j
                 found.formats[str(choice.options[j].fmt)] += 1
                 break
