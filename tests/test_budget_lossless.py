@@ -125,3 +125,32 @@ def test_o1_stores_weights_on_their_own_grids_and_half_precision_checkpoints_in_
             assert ratio < 0.5, ratio
         else:
             assert formats == {} and quantize["summary"]["layers"] == 0, formats
+
+
+def _on_grid(rows: int, cols: int, group: int, bits: int, seed: int = 0) -> torch.Tensor:
+    """Weights on per-group [min, max] grids of 2^bits levels with fp16 step and minimum (how
+    GGUF's Q4_1 stores them), as a checkpoint dequantized from such a file holds them."""
+    g = torch.Generator().manual_seed(seed)
+    step = (torch.rand(rows, cols // group, 1, generator=g) * 0.02 + 1e-3).half().float()
+    low = (-torch.rand(rows, cols // group, 1, generator=g) * 0.1).half().float()
+    codes = torch.randint(0, 2 ** bits, (rows, cols // group, group), generator=g).float()
+    codes[..., 0], codes[..., 1] = 0, 2 ** bits - 1  # both ends used, as Q4_1's are
+    return (codes * step + low).reshape(rows, cols)
+
+
+def test_exact_check_finds_each_grid_and_rejects_float_weights_before_a_round_trip():
+    from slimc.passes.quantize.exact import ExactCheck, levels, most_distinct
+
+    fmt = {name: parse_format(name) for name in
+           ("int3-g64", "int4-g32-fz", "int4-g64-fz", "int8", "bf16", "fp16")}
+    int3 = ExactCheck(_on_grid(96, 256, 64, 3))
+    assert int3(fmt["int3-g64"]) and int3(fmt["int8"]) is False
+    q4 = ExactCheck(_on_grid(96, 256, 32, 4))
+    assert q4(fmt["int4-g32-fz"]) and not q4(fmt["int4-g64-fz"]) and not q4(fmt["int3-g64"])
+    half = ExactCheck(torch.randn(96, 256).to(torch.bfloat16).float())
+    assert half(fmt["bf16"]) and not half(fmt["int4-g32-fz"])
+    trained = torch.randn(96, 256)
+    check = ExactCheck(trained)
+    assert not any(check(f) for f in fmt.values())
+    # the count alone rules the int grids out: a trained group has as many values as inputs
+    assert most_distinct(trained[:64], 32) == 32 > levels(fmt["int4-g32-fz"])
