@@ -154,3 +154,14 @@ def test_exact_check_finds_each_grid_and_rejects_float_weights_before_a_round_tr
     assert not any(check(f) for f in fmt.values())
     # the count alone rules the int grids out: a trained group has as many values as inputs
     assert most_distinct(trained[:64], 32) == 32 > levels(fmt["int4-g32-fz"])
+
+
+def test_explore_puts_the_lossless_point_on_the_front(cli, tmp_path):
+    out = tmp_path / "ex"
+    result = cli("explore", _dequantized_llama(tmp_path / "llama"), "-o", out, "--sizes",
+                 "0.5", "--latencies", "0.99", "--precision-only", "--json")
+    assert result.code == 0, result.err
+    data = json.loads((out / "explore.json").read_text())
+    lossless = [i for i, p in enumerate(data["points"])
+                if p["relative"]["size"] < 0.5 and abs(p["drop"]) < 1e-6]
+    assert lossless and lossless[0] in data["pareto"]["size"], data["points"]

@@ -128,6 +128,9 @@ def explore_model(model: str, options: ExploreOptions, stage: Callable[[str], No
         # uniform W8A8 (with --calib, on a target with int8 dot products) as one more point:
         # no per-layer choice of the sweeps, the only format that lowers compute-bound latency
         search.w8a8_candidate(search.base(0.0), {}, keep=False)
+        # weights already on a format's grid (a dequantized GGUF): the lossless point, exact
+        # formats there and fp32 elsewhere; nothing is built when no layer is exact
+        search.lossless({}, None, keep=False)
     points = _points(search, spec.name, options, model)
     result = {
         "model": model, "target": spec.name,
