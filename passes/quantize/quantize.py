@@ -144,6 +144,15 @@ class QuantizeOptions(PassOptions):
         return self
 
     @model_validator(mode="after")
+    def _exact(self) -> QuantizeOptions:
+        if self.weights == "exact" and (self.embedding_weights != "same"
+                                        or self.method != "rtn"):
+            raise ValueError("weights=exact stores each weight only in a format it already "
+                             "lies on, so nothing is rounded: drop embedding_weights=int8 "
+                             "and method=gptq/awq (they change weights)")
+        return self
+
+    @model_validator(mode="after")
     def _activations(self) -> QuantizeOptions:
         if self.activations == "int8":
             if self.weights not in ("int8", "mixed"):
