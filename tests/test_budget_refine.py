@@ -44,3 +44,35 @@ def test_refine_spends_the_slack_of_a_uniform_win_on_its_most_damaged_layers(hf_
     before = len(search.measured)
     assert search.refine(knapsack, {"size": 0.5}, None, keep=False) is knapsack
     assert len(search.measured) == before
+
+
+def test_refine_keeps_the_worst_w8a8_layers_float_while_it_measures_better():
+    """After a uniform W8A8 win, the layers whose calibrated int8 inputs erred most stay fp32
+    one at a time (MiniLM `latency=0.5`: W8A8 is the one technique that reaches it and left
+    part of the budget unspent); each kept only when it measures better within the budget."""
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    from slimc.search.search import REFINE_STEPS, Search, proxy_scorer
+    from slimc.search.space import Techniques
+    from tests.test_budget import _compute_bound_bert, _search_context
+
+    ir, example, calib = _compute_bound_bert()
+    registry, ctx = _search_context(ir, example, calib, "x86-64-v4-vnni")
+    search = Search(ir, ctx, registry, Techniques.for_context("precision", ctx),
+                    proxy_scorer(ir, ctx), hardware_for_target(ctx.target))
+    w8a8 = search.w8a8_candidate(search.base(0.0), {"latency": 1.0}, keep=False)
+    assert w8a8 is not None and w8a8.w8a8_errors and w8a8.w8a8.kept_float == ()
+    worst = max(w8a8.w8a8_errors, key=w8a8.w8a8_errors.get)
+    built = len(search.measured)
+    refined = search.refine(w8a8, {"latency": 1.0}, None, keep=False)
+    steps = search.measured[built:]
+    assert 1 <= len(steps) <= REFINE_STEPS
+    first = dict(steps[0].items)["quantize"]
+    assert first == {"weights": "int8", "activations": "int8", "layers": f"{worst}=fp32"}
+    assert steps[0].choices["fp32"] == 1
+    assert refined.drop <= w8a8.drop
+    if refined is not w8a8:  # a float layer kept: its recipe says so, and it costs latency
+        assert refined.w8a8.kept_float and refined.relative["latency"] > w8a8.relative["latency"]
+    # a budget with no room for a float layer: nothing kept, the W8A8 candidate stays
+    tight = {"latency": w8a8.relative["latency"] * 1.001}
+    assert search.refine(w8a8, tight, None, keep=False) is w8a8

@@ -171,6 +171,17 @@ def _outputs(ir: IR, ctx: PassContext | None, batch: Sequence[torch.Tensor]
     return ir.run(batch)
 
 
+@dataclass(frozen=True)
+class W8A8Recipe:
+    """What :meth:`Search._build_w8a8` was given: the base's pruning ratio, the int8 picks,
+    the pruning items before ``quantize`` and the layers kept fp32."""
+
+    ratio: float
+    picks: tuple[int, ...]
+    prune: list[tuple[str, dict[str, Any]]]
+    kept_float: tuple[str, ...] = ()
+
+
 @dataclass
 class Candidate:
     """One built and measured assignment."""
@@ -194,6 +205,10 @@ class Candidate:
     picks: tuple[int, ...] | None = None
     #: The format when the candidate is one format on every layer (:meth:`Search._uniform`).
     uniform: str | None = None
+    #: How a W8A8 candidate was built (:meth:`Search.refine` rebuilds it with layers kept
+    #: float) and each W8A8 layer's calibrated output error (the quantize pass's).
+    w8a8: W8A8Recipe | None = None
+    w8a8_errors: dict[str, float] | None = None
 
     def release(self) -> None:
         """Let go of the built IR (a full copy of the model's weights), its pass records and
@@ -374,6 +389,9 @@ class Search:
         rest = self.items(base, picks) if rest is None else rest
         ir, records, ctx, relative = self._build_items(base, rest)
         value = self.scorer.evaluate(ir, ctx)
+        per_layer = ir.annotations.get("quantize", {}).get("per_layer", {})
+        errors = {name: float(e["calib_error"]) for name, e in per_layer.items()
+                  if "calib_error" in e}
         space = base.space
         if choices is None:
             choices = Counter(str(space.layers[i].options[j]) for i, j in enumerate(picks))
@@ -381,6 +399,7 @@ class Search:
         items = ([("prune", {"ratio": base.ratio})] if base.ratio else []) + rest
         cand = Candidate(base.ratio, items, relative, value, self.scorer.drop(value),
                          dict(choices), predicted, picks=tuple(picks) if own else None)
+        cand.w8a8_errors = errors or None
         if keep:
             cand.ir, cand.records, cand.ctx = ir, base.records + records, ctx
         self.measured.append(cand)
@@ -474,6 +493,8 @@ class Search:
         that format with its most damaged layer (layer 5's value projection) at int8 scored
         higher still. Only a uniform format's win is stepped from: there the proxy and the
         metric demonstrably disagreed, and a knapsack candidate leaves no room to spend."""
+        if best.w8a8 is not None and best.w8a8_errors:
+            return self._refine_w8a8(best, limits, max_drop, keep)
         if best.uniform is None or best.picks is None or best.prune_ratio not in self._bases:
             return best
         base = self._bases[best.prune_ratio]
@@ -506,6 +527,34 @@ class Search:
                      f"{space.layers[i].options[picks[i]]} measured better; kept")
             best.release()
             best = cand
+        return best
+
+    def _refine_w8a8(self, best: Candidate, limits: dict[str, float],
+                     max_drop: float | None, keep: bool) -> Candidate:
+        """:meth:`refine` for a uniform W8A8 win: the layers whose calibrated int8 inputs
+        erred most (the quantize pass's ``calib_error``, the W8A8 damage the weight-only
+        damage table does not see) are kept fp32, one at a time, each kept when the result
+        measures better within the budget (a float layer costs latency: the build's cost
+        model decides). Why: on MiniLM `latency=0.5` W8A8 is the one technique that reaches
+        the budget, and it left ~0.07 of it unspent."""
+        recipe = best.w8a8
+        base = self._bases.get(recipe.ratio)
+        if base is None:
+            return best
+        order = sorted(best.w8a8_errors, key=lambda n: -best.w8a8_errors[n])
+        kept = list(recipe.kept_float)
+        for name in [n for n in order if n not in kept][:REFINE_STEPS]:
+            built = self._build_w8a8(base, recipe.picks, keep, recipe.prune, [*kept, name])
+            built.prune_ratio = best.prune_ratio
+            cand = self._accepted(built, limits, max_drop)
+            if cand is None or not _better(cand, best, self.scorer):
+                if cand is not None:
+                    cand.release()
+                continue
+            self.log(f"search: W8A8 with {name} kept fp32 measured better; kept")
+            cand.w8a8_errors = best.w8a8_errors
+            best.release()
+            best, kept = cand, [*kept, name]
         return best
 
     def _unreachable(self, limits: dict[str, float]) -> list[str]:
@@ -717,14 +766,23 @@ class Search:
         return picks, used
 
     def _build_w8a8(self, base: _Base, picks: Sequence[int], keep: bool,
-                    prune: list[tuple[str, dict[str, Any]]]) -> Candidate:
-        rest = prune + [("quantize", {"weights": "int8", "activations": "int8"}),
-                        ("eliminate-dead-code", {})]
+                    prune: list[tuple[str, dict[str, Any]]],
+                    kept_float: Sequence[str] = ()) -> Candidate:
+        """Uniform W8A8 after ``prune``; the layers named in ``kept_float`` stay fp32
+        (:meth:`refine`)."""
+        quantize: dict[str, Any] = {"weights": "int8", "activations": "int8"}
+        if kept_float:
+            quantize["layers"] = ",".join(f"{name}=fp32" for name in kept_float)
+        rest = prune + [("quantize", quantize), ("eliminate-dead-code", {})]
         space = base.space
         w8a8 = sum(1 for c, j in zip(space.layers, picks, strict=True)
-                   if j and c.layer.kind in ("linear", "conv") and not c.layer.is_embedding)
-        choices = {"int8+a8 (W8A8)": w8a8, "int8": sum(1 for j in picks if j) - w8a8}
-        return self.build(base, picks, keep, rest, {k: v for k, v in choices.items() if v})
+                   if j and c.layer.kind in ("linear", "conv") and not c.layer.is_embedding
+                   and c.layer.name not in kept_float)
+        choices = {"int8+a8 (W8A8)": w8a8, "fp32": len(kept_float),
+                   "int8": sum(1 for j in picks if j) - w8a8 - len(kept_float)}
+        cand = self.build(base, picks, keep, rest, {k: v for k, v in choices.items() if v})
+        cand.w8a8 = W8A8Recipe(base.ratio, tuple(picks), prune, tuple(kept_float))
+        return cand
 
     def w8a8_pruned_to(self, limits: dict[str, float], max_drop: float | None,
                        keep: bool) -> Candidate | None:
