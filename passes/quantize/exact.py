@@ -23,8 +23,8 @@ from .formats import Format, fake_quantize_rows, parse_format
 #: in fp32 errs by ~1e-7 of it; rounding a float32 weight to fp16 errs by up to 2.4e-4 of an
 #: element near the largest, a real 8-bit grid by ~2e-3, a 4-bit one by ~3e-2.
 EXACT_TOLERANCE = 1e-6
-#: Rows tried first: a format that does not reproduce them is not tried on the whole matrix
-#: (one non-exact layer costs a 64-row round trip per format, not a full one).
+#: Rows the cheap tests read (distinct values per group, the plain grid) and a non-searched
+#: format's round trip tries first: a non-exact layer costs 64 rows per format, not all.
 SAMPLE_ROWS = 64
 #: What ``weights=exact`` tries, each layer's cheapest first (by its bytes for that shape):
 #: the grids of common quantized files (GGUF Q4_1 = int4-g32-fz) and half precision.
@@ -86,11 +86,6 @@ class ExactCheck:
             if float((fake_quantize_rows(part, fmt) - part).abs().max()) > self.limit:
                 return False
         return True
-
-
-def reproduces(matrix: torch.Tensor, fmt: Format) -> bool:
-    """Whether rounding ``matrix`` to ``fmt`` returns it unchanged (:class:`ExactCheck`)."""
-    return ExactCheck(matrix)(fmt)
 
 
 @torch.no_grad()
