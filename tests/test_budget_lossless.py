@@ -152,6 +152,12 @@ def test_exact_check_finds_each_grid_and_rejects_float_weights_before_a_round_tr
     trained = torch.randn(96, 256)
     check = ExactCheck(trained)
     assert not any(check(f) for f in fmt.values())
+    # a weight with a NaN or an inf is exact in nothing (every comparison with NaN is false)
+    broken = _on_grid(96, 256, 32, 4)
+    broken[3, 7] = float("nan")
+    assert not any(ExactCheck(broken)(f) for f in fmt.values())
+    broken[3, 7] = float("inf")
+    assert not any(ExactCheck(broken)(f) for f in fmt.values())
     # the count alone rules the int grids out: a trained group has as many values as inputs
     assert most_distinct(trained[:64], 32) == 32 > levels(fmt["int4-g32-fz"])
 

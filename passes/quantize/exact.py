@@ -69,8 +69,8 @@ class ExactCheck:
 
     @torch.no_grad()
     def __call__(self, fmt: Format) -> bool:
-        if self.limit == 0.0:
-            return False  # an all-zero weight: nothing worth deciding on
+        if not 0.0 < self.limit < float("inf"):
+            return False  # all zeros: nothing to decide; NaN / inf: no tolerance means anything
         most = levels(fmt)
         if most is not None:
             group = fmt.group_size or self.weight.shape[1]
