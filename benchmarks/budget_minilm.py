@@ -42,6 +42,34 @@ def data(tmp: Path) -> tuple[Path, Path]:
     return pairs, calib
 
 
+def wordsim_search_context(tmp: Path, calib_batches: int) -> tuple:
+    """MiniLM captured, ``calib_batches`` batches of KJV calibration text in a host context,
+    and the WordSim-353 scorer: what the MiniLM search benchmarks share. Returns (registry,
+    ir, example inputs, context, scorer)."""
+    from slimc.api import CompileOptions
+    from slimc.calibration import load_calibration
+    from slimc.capture import capture, load_model
+    from slimc.compiler import _prepare_task
+    from slimc.loaders.base import parse_overrides
+    from slimc.passmanager import AnalysisManager, PassContext, PassManager
+    from slimc.plugins import get_registry
+    from slimc.search.search import task_scorer
+    from slimc.targets import resolve_target
+
+    pairs, calib_file = data(tmp)
+    registry = get_registry()
+    ir, example = capture(load_model(MODEL, parse_overrides(INPUTS), registry))
+    calibration = load_calibration(calib_file, dict(zip(ir.input_names, example, strict=True)),
+                                   model_dir=ir.annotations["source"]["tokenizer"],
+                                   max_batches=calib_batches)
+    ctx = PassContext(target=resolve_target("llvm", registry), example_inputs=example)
+    ctx.calibration_batches = [[b[n] for n in ir.input_names] for b in calibration.batches]
+    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
+    task = _prepare_task(CompileOptions(eval_data=pairs, calib=calib_file), ir, example,
+                         registry, calibration, [], lambda s: None, searching=True)
+    return registry, ir, example, ctx, task_scorer(task)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", nargs="*", default=["size=0.5", "size=0.25", "size=0.15",

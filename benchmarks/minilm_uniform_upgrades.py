@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.budget_minilm import INPUTS, MODEL, data  # noqa: E402
+from benchmarks.budget_minilm import wordsim_search_context  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/session28/minilm_uniform_upgrades.json"
 RESTRICTED = {"fz/int8/fp32": ("int4-g32-fz", "int8", "fp32"), "fz/fp32": ("int4-g32-fz", "fp32")}
@@ -29,30 +29,11 @@ RESTRICTED = {"fz/int8/fp32": ("int4-g32-fz", "int8", "fp32"), "fz/fp32": ("int4
 def main() -> None:
     from slimc.passes.analysis.hardware import hardware_for_target
 
-    from slimc.api import CompileOptions
-    from slimc.calibration import load_calibration
-    from slimc.capture import capture, load_model
-    from slimc.compiler import _prepare_task
-    from slimc.loaders.base import parse_overrides
-    from slimc.passmanager import AnalysisManager, PassContext, PassManager
-    from slimc.plugins import get_registry
     from slimc.search.driver import _fastest_torch_threads
-    from slimc.search.search import Search, task_scorer
+    from slimc.search.search import Search
     from slimc.search.space import Techniques
-    from slimc.targets import resolve_target
 
-    pairs, calib_file = data(Path("/tmp/budget_bench"))
-    registry = get_registry()
-    ir, example = capture(load_model(MODEL, parse_overrides(INPUTS), registry))
-    calibration = load_calibration(calib_file, dict(zip(ir.input_names, example, strict=True)),
-                                   model_dir=ir.annotations["source"]["tokenizer"],
-                                   max_batches=1)
-    ctx = PassContext(target=resolve_target("llvm", registry), example_inputs=example)
-    ctx.calibration_batches = [[b[n] for n in ir.input_names] for b in calibration.batches]
-    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
-    task = _prepare_task(CompileOptions(eval_data=pairs, calib=calib_file), ir, example,
-                         registry, calibration, [], lambda s: None, searching=True)
-    scorer = task_scorer(task)
+    registry, ir, example, ctx, scorer = wordsim_search_context(Path("/tmp/budget_bench"), 1)
     print("fp32", scorer.original, flush=True)
     scores: dict[str, tuple[float, float]] = {}
     with _fastest_torch_threads(ir, ctx.calibration(1)[0]):

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.budget_minilm import INPUTS, MODEL, data  # noqa: E402
+from benchmarks.budget_minilm import wordsim_search_context  # noqa: E402
 from benchmarks.prune_common import RESULTS  # noqa: E402
 
 #: Candidate name -> the search's quantize options (uniform format, GPTQ as with --calib).
@@ -54,32 +54,13 @@ def main() -> None:
     ap.add_argument("--out", default="recovery_scales_minilm")
     args = ap.parse_args()
 
-    from slimc.api import CompileOptions
-    from slimc.calibration import load_calibration
-    from slimc.capture import capture, load_model
-    from slimc.compiler import _prepare_task
-    from slimc.loaders.base import parse_overrides
-    from slimc.passmanager import AnalysisManager, PassContext, PassManager
-    from slimc.plugins import get_registry
     from slimc.search.driver import _fastest_torch_threads
     from slimc.search.recovery import with_distill
-    from slimc.search.search import DISTILL_LR, Search, _Base, task_scorer
+    from slimc.search.search import DISTILL_LR, Search, _Base
     from slimc.search.space import Techniques
-    from slimc.targets import resolve_target
 
     lr = DISTILL_LR if args.lr is None else args.lr
-    pairs, calib_file = data(Path(args.tmp))
-    registry = get_registry()
-    ir, example = capture(load_model(MODEL, parse_overrides(INPUTS), registry))
-    calibration = load_calibration(calib_file, dict(zip(ir.input_names, example, strict=True)),
-                                   model_dir=ir.annotations["source"]["tokenizer"],
-                                   max_batches=args.calib_batches)
-    ctx = PassContext(target=resolve_target("llvm", registry), example_inputs=example)
-    ctx.calibration_batches = [[b[n] for n in ir.input_names] for b in calibration.batches]
-    ctx.analyses = AnalysisManager(ir, ctx, PassManager(registry.passes).lookup)
-    task = _prepare_task(CompileOptions(eval_data=pairs, calib=calib_file), ir, example,
-                         registry, calibration, [], lambda s: None, searching=True)
-    scorer = task_scorer(task)
+    registry, ir, example, ctx, scorer = wordsim_search_context(Path(args.tmp), args.calib_batches)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
