@@ -59,14 +59,14 @@ def _lossless(exact: dict[str, Any] | None) -> list[str]:
     if not exact:
         return []
     formats = ", ".join(f"{name} x{count}" for name, count in exact["exact"].items())
+    found = (f"{sum(exact['exact'].values())} of {exact['layers']} weights already lie on a "
+             f"format's grid ({formats})")
     size = exact["relative"]["size"]
     if exact["used"]:
-        return [f"{sum(exact['exact'].values())} of {exact['layers']} weights already lie on a "
-                f"format's grid ({formats}): stored in those formats and fp32 elsewhere "
-                f"(size {size:.3f}) they lose nothing and fit the budget, so the search ended "
-                "there without measuring its damage table.", ""]
-    return [f"{sum(exact['exact'].values())} of {exact['layers']} weights already lie on a "
-            f"format's grid ({formats}); that lossless choice (size {size:.3f}) was not taken: "
+        return [f"{found}: stored in those formats and fp32 elsewhere (size {size:.3f}) they "
+                "lose nothing and fit the budget, so the search ended there without measuring "
+                "its damage table.", ""]
+    return [f"{found}; that lossless choice (size {size:.3f}) was not taken: "
             f"{exact.get('why_not')}. The damage table prices those choices at zero.", ""]
 
 

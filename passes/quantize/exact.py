@@ -16,7 +16,7 @@ import torch
 from slimc.ir import IR
 from slimc.layers import Layer
 
-from .formats import Format, fake_quantize_rows, parse_format
+from .formats import Format, _grouped, fake_quantize_rows, parse_format
 
 #: A format is exact for a weight when its round trip moves no element by more than this
 #: share of the weight's largest |value|. Re-deriving a file's fp16 group scale and minimum
@@ -42,12 +42,9 @@ def levels(fmt: Format) -> int | None:
 
 @torch.no_grad()
 def most_distinct(rows: torch.Tensor, group: int) -> int:
-    """The most distinct values in any whole group of ``group`` consecutive inputs of
-    ``rows`` (a row's tail shorter than a group is left out)."""
-    n, k = rows.shape
-    group = min(group, k)
-    cols = k - k % group
-    ordered = rows[:, :cols].reshape(n, -1, group).sort(dim=-1).values
+    """The most distinct values in any group of ``group`` consecutive inputs of ``rows``
+    (a short last group is padded with its own last value: no new value)."""
+    ordered = _grouped(rows, group).sort(dim=-1).values
     return int(((ordered[..., 1:] != ordered[..., :-1]).sum(-1) + 1).max())
 
 
@@ -94,10 +91,7 @@ def _on_min_max_grid(rows: torch.Tensor, fmt: Format, limit: float) -> bool:
     step and minimum (GGUF Q4_1's grid). The formats with a float minimum search their grid
     (shrunk ranges, refits: ~0.1-1 s a layer) among candidates that include this one, so a
     weight on it is exact there too; off it, no shrunk range can hold the group's ends."""
-    n, k = rows.shape
-    group = min(fmt.group_size or k, k)
-    cols = k - k % group
-    grouped = rows[:, :cols].reshape(n, -1, group)
+    grouped = _grouped(rows, fmt.group_size or rows.shape[1])
     low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
     top = 2 ** fmt.code_bits - 1
     step = ((high - low) / top).half().float().clamp_min(1e-12)
@@ -122,18 +116,13 @@ def storable(layer: Layer, fmt: Format, kinds: frozenset[str] | set[str], width:
                 and width % 2)
 
 
-def cheapest_exact(ir: IR, layer: Layer, candidates: list[Format],
-                   kinds: frozenset[str] | set[str]) -> Format | None:
-    """The candidate of fewest bytes the target stores ``layer`` in that reproduces its
-    weight; None when none does."""
-    matrix = layer.matrix(ir)
+def cheapest_exact(matrix: torch.Tensor, candidates: list[Format]) -> Format | None:
+    """The candidate of fewest bytes for ``matrix`` (a layer's ``[rows, reduction]`` weight)
+    that reproduces it; None when none does."""
     n, k = (int(d) for d in matrix.shape)
-    usable = [f for f in candidates if storable(layer, f, kinds, k)]
     check = ExactCheck(matrix)
-    for fmt in sorted(usable, key=lambda f: f.nbytes(n, k)):
-        if check(fmt):
-            return fmt
-    return None
+    return next((f for f in sorted(candidates, key=lambda f: f.nbytes(n, k)) if check(f)),
+                None)
 
 
 def exact_formats(ir: IR, layers: list[Layer],
@@ -141,5 +130,9 @@ def exact_formats(ir: IR, layers: list[Layer],
     """``weights=exact``: every layer's cheapest exact format of :data:`EXACT_FORMATS` the
     target stores, fp32 where none is exact."""
     parsed = [parse_format(f) for f in EXACT_FORMATS]
-    return {layer.name: cheapest_exact(ir, layer, parsed, kinds) or Format("fp32")
-            for layer in layers}
+    out = {}
+    for layer in layers:
+        matrix = layer.matrix(ir)
+        usable = [f for f in parsed if storable(layer, f, kinds, int(matrix.shape[1]))]
+        out[layer.name] = cheapest_exact(matrix, usable) or Format("fp32")
+    return out

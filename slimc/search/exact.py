@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from slimc.ir import IR
-from slimc.passes.quantize.exact import ExactCheck
+from slimc.passes.quantize.exact import cheapest_exact
 
 from .space import Space
 
@@ -39,15 +39,11 @@ def exact_picks(ir: IR, space: Space) -> Lossless:
     """Per layer of ``space``, the option of fewest bytes whose weight format reproduces the
     layer's weight exactly (low-rank options never do; fp32, option 0, when nothing does)."""
     found = Lossless(picks=[0] * len(space.layers))
-    sizes = space.costs["size"]
     for i, choice in enumerate(space.layers):
-        options = sorted((j for j, o in enumerate(choice.options)
-                          if o.rank is None and o.fmt.kind != "fp32"),
-                         key=lambda j, i=i: sizes[i, j])
-        check = ExactCheck(choice.layer.matrix(ir))
-        for j in options:
-            if check(choice.options[j].fmt):
-                found.picks[i] = j
-                found.formats[str(choice.options[j].fmt)] += 1
-                break
+        index = {o.fmt: j for j, o in enumerate(choice.options)
+                 if o.rank is None and o.fmt.kind != "fp32"}
+        fmt = cheapest_exact(choice.layer.matrix(ir), list(index))
+        if fmt is not None:
+            found.picks[i] = index[fmt]
+            found.formats[str(fmt)] += 1
     return found

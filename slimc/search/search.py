@@ -529,16 +529,20 @@ class Search:
                 continue
             picks[i] = min(fits, key=lambda j: space.damage[i, j])
             steps += 1
-            cand = self._accepted(self.build(base, picks, keep), limits, max_drop)
-            if cand is None or not _better(cand, best, self.scorer):
-                if cand is not None:
-                    cand.release()
-                continue
-            self.log(f"search: {space.layers[i].layer.name} -> "
-                     f"{space.layers[i].options[picks[i]]} measured better; kept")
-            best.release()
-            best = cand
+            kept = self._keep_measured_better(best, self.build(base, picks, keep), limits,
+                                              max_drop)
+            if kept is not best:
+                self.log(f"search: {space.layers[i].layer.name} -> "
+                         f"{space.layers[i].options[picks[i]]} measured better; kept")
+            best = kept
         return best
+
+    def _keep_measured_better(self, best: Candidate, built: Candidate,
+                              limits: dict[str, float], max_drop: float | None) -> Candidate:
+        """``built`` when it is within ``limits`` and ``max_drop`` and measures better than
+        ``best``, else ``best``; the other one is released."""
+        return _keep_better(best, self._accepted(built, limits, max_drop),
+                            lambda a, b: _better(a, b, self.scorer))
 
     def _refine_w8a8(self, best: Candidate, limits: dict[str, float],
                      max_drop: float | None, keep: bool) -> Candidate:
@@ -558,16 +562,11 @@ class Search:
         kept = list(recipe.kept_float)
         for name in [n for n in order if n not in kept][:REFINE_STEPS]:
             built = self._build_w8a8(base, recipe.picks, keep, recipe.prune, [*kept, name])
-            built.prune_ratio = best.prune_ratio
-            cand = self._accepted(built, limits, max_drop)
-            if cand is None or not _better(cand, best, self.scorer):
-                if cand is not None:
-                    cand.release()
-                continue
-            self.log(f"search: W8A8 with {name} kept fp32 measured better; kept")
-            cand.w8a8_errors = best.w8a8_errors
-            best.release()
-            best, kept = cand, [*kept, name]
+            built.prune_ratio, built.w8a8_errors = best.prune_ratio, best.w8a8_errors
+            better = self._keep_measured_better(best, built, limits, max_drop)
+            if better is not best:
+                self.log(f"search: W8A8 with {name} kept fp32 measured better; kept")
+                best, kept = better, [*kept, name]
         return best
 
     def _unreachable(self, limits: dict[str, float]) -> list[str]:
