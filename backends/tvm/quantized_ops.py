@@ -19,10 +19,12 @@ per-k dequantizing kernel on decode shapes (768x2048, g128: 0.07 vs 0.72 ms).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import torch  # noqa: F401 - the ops below are registered with torch on import
+from slimc.backends.tvm.tied_tables import ROWS, TableLayout, head_reading, packed_once
 
 from slimc.dialect import (  # noqa: F401 - re-exported: the dialect used to live here
     KERNEL_FLOAT_NOISE,
@@ -421,8 +423,12 @@ def _schedule_int8_rows(func, t: int, rows: int):
 
 @functools.lru_cache(maxsize=64)
 def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
-                     zero_dtype: str = "uint8"):
-    """Gather ``rows`` ids from a packed table and dequantize: ``(ids, table..., out)``."""
+                     zero_dtype: str = "uint8", layout: TableLayout = ROWS):
+    """Gather ``rows`` ids from a packed table and dequantize: ``(ids, table..., out)``.
+
+    ``layout``: where the table's rows live (:mod:`tied_tables`: a tied table is read in its
+    output head's packed layout, so the library holds it once); int4 grids share its tiling.
+    """
     from tvm import s_tir, te, tirx
 
     ids = te.placeholder((row_var(rows),), "int64", name="ids")
@@ -430,31 +436,33 @@ def embedding_kernel(kind: str, rows: int, vocab: int, dim: int, group: int = 0,
     def clamp(v):  # out-of-range ids read the nearest row, never memory past the table
         return tirx.max(tirx.min(v, tirx.const(vocab - 1, "int64")), tirx.const(0, "int64"))
     if kind == "int8":
-        w = te.placeholder((vocab, dim), "int8", name="w")
+        w = te.placeholder(layout.shape(vocab, dim), "int8", name="w")
         s = te.placeholder((vocab,), "float32", name="scale")
         params = [ids, w, s]
 
         def value(i, d):
             v = clamp(ids[i])
-            return w[v, d].astype("float32") * s[v]
+            return layout.at(w, v, d).astype("float32") * s[v]
     else:
         groups = -(-dim // group)
-        w = te.placeholder((vocab, (dim + 1) // 2), "uint8", name="w")
-        s = te.placeholder((vocab, groups), scale_dtype(zero_dtype), name="scale")
-        z = te.placeholder((vocab, groups), zero_dtype, name="zero")
+        grid = dataclasses.replace(layout, width=0)
+        w = te.placeholder(layout.shape(vocab, (dim + 1) // 2), "uint8", name="w")
+        s = te.placeholder(grid.shape(vocab, groups), scale_dtype(zero_dtype), name="scale")
+        z = te.placeholder(grid.shape(vocab, groups), zero_dtype, name="zero")
         params = [ids, w, s, z]
 
         def value(i, d):
             v = clamp(ids[i])
-            byte = w[v, d // 2]
+            byte = layout.at(w, v, d // 2)
             code = (byte >> ((d % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
-            return int4_value(code, s[v, d // group], z[v, d // group], zero_dtype)
+            return int4_value(code, grid.at(s, v, d // group), grid.at(z, v, d // group),
+                              zero_dtype)
     out = te.compute((ids.shape[0], dim), value, name="out")
     sch = s_tir.Schedule(te.create_prim_func([*params, out], index_dtype(rows)))
     i, d = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(i)
     name = f"slimc_embedding_{kind}_{rows or 'dyn'}x{vocab}x{dim}" + (
-        f"_g{group}" if group else "") + _zero_suffix(zero_dtype)
+        f"_g{group}" if group else "") + _zero_suffix(zero_dtype) + layout.suffix
     return _finish(sch.mod["main"], name)
 
 
@@ -528,6 +536,47 @@ def _tiles(bb, weight, t: int):
     return bb.emit(relax.op.permute_dims(tiled, [0, 2, 1]))
 
 
+def _int8_tiles(importer, node) -> tuple[TableLayout, Any]:
+    """The int8 linear ``node``'s weight tiles and their layout, built once per import (a tied
+    embedding gather reads the same tiles, :mod:`tied_tables`)."""
+    weight = importer.env[node.args[1]]
+    t = tile_for(_static_shape(weight)[0], "int8")
+    tiles = packed_once(importer, node, "int8",
+                        lambda: _tiles(importer.block_builder, weight, t))
+    return TableLayout("tiles", t), tiles
+
+
+def _int4_codes_padded(bb, weight, k: int, group: int):
+    """The int4 codes ``[N, ceil(K/2)]``, zero-padded to whole groups where the factored kernel
+    needs it: a partial last group (K=576, g128) is padded in x and the codes so the factored
+    kernel applies (padded x is 0, so the codes never count)."""
+    from tvm import relax
+
+    if not _pads_to_groups(k, group):
+        return weight
+    padded = -(-k // group) * group
+    return bb.emit(relax.op.nn.pad(weight, [0, 0, 0, (padded - k) // 2]))
+
+
+def _int4_tiles(importer, node, k: int) -> tuple[TableLayout, list]:
+    """The int4 linear ``node``'s tiled codes, scales and zero points and the codes' layout,
+    built once per import (shared with a tied embedding gather)."""
+    bb = importer.block_builder
+    weight = importer.env[node.args[1]]
+    n, width = _static_shape(weight)
+    group = int(node.args[6])
+    t = tile_for(n, "int4")
+
+    def make():
+        packed = _int4_codes_padded(bb, weight, k, group)
+        return [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
+                _tiles(bb, importer.env[node.args[3]], t)]
+
+    padded = (-(-k // group) * group + 1) // 2 if _pads_to_groups(k, group) else 0
+    return TableLayout("tiles", t, width=padded if padded != width else 0), \
+        packed_once(importer, node, "int4", make)
+
+
 def _arg(importer, node, index: int):
     value = node.args[index] if index < len(node.args) else None
     return None if value is None else importer.env[value]
@@ -546,27 +595,21 @@ def _convert_linear(kind: str):
         t = tile_for(n, kind)
         if kind == "int8":
             bias, act = _arg(importer, node, 3), _arg(importer, node, 4)
-            tensors = [_tiles(bb, weight, t), importer.env[node.args[2]]]
+            tensors = [_int8_tiles(importer, node)[1], importer.env[node.args[2]]]
             func = linear_kernel("int8", kernel_rows(m), k, n)
         elif kind == "int4":
             bias, act = _arg(importer, node, 4), _arg(importer, node, 5)
             group = int(node.args[6])
-            packed = weight
-            if _pads_to_groups(k, group):
-                # A partial last group (K=576, g128): zero-pad x and the codes to whole groups
-                # so the factored kernel applies (padded x is 0, so the codes never count).
-                padded = -(-k // group) * group
-                packed = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, (padded - k) // 2]))
             coded = _coded_operands(importer, node, k, group)
             if coded is not None:  # a -qs grid: the kernel decodes its codes
                 zdtype = CODED
+                packed = _int4_codes_padded(bb, weight, k, group)
                 tensors = [_tiles(bb, packed, t), _tiles(bb, coded[0], t),
                            _tiles(bb, coded[1], t),
                            *(bb.emit(relax.op.reshape(u, (n // t, t))) for u in coded[2:])]
             else:
                 zdtype = zero_dtype_of(importer.env[node.args[3]])
-                tensors = [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
-                           _tiles(bb, importer.env[node.args[3]], t)]
+                tensors = _int4_tiles(importer, node, k)[1]
             func = linear_kernel("int4", kernel_rows(m), k, n, group, zero_dtype=zdtype)
         else:
             bias, act = _arg(importer, node, 2), None
@@ -613,7 +656,6 @@ def _convert_w8a8(node, importer):
     """
     from slimc.backends.tvm import int8_kernels
     from tvm import relax
-    from tvm.target import Target
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
@@ -624,18 +666,67 @@ def _convert_w8a8(node, importer):
     shape = list(x.ty.shape)
     m, k = _rows_and_width(x)
     n = _static_shape(weight)[0]
-    kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
-    if kind != "generic" and n % int8_kernels.lanes(kind):
-        kind = "generic"
+    kind = _w8a8_kind(n)
     codes = quantize_codes(bb, relax.op.reshape(x, (m, k)), in_mult, zero_point, kind)
     kp = -(-k // int8_kernels.K_MULTIPLE) * int8_kernels.K_MULTIPLE
     if kind != "generic" and kp != k:
         # Zero weight columns (build time): whatever the padded codes are, they add 0.
         codes = bb.emit(relax.op.nn.pad(codes, [0, 0, 0, kp - k]))
-        weight = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, kp - k]))
         k = kp
-    y = int8_matmul(bb, kind, codes, weight, out_scale, bias, zero_point, m, k, n)
+    y = int8_matmul(bb, kind, codes, weight, out_scale, bias, zero_point, m, k, n,
+                    packed=_w8a8_packed(importer, node)[1])
     return bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
+
+
+def _w8a8_kind(n: int) -> str:
+    """The int8 kernel of a W8A8 linear with ``n`` outputs on the current target."""
+    from slimc.backends.tvm import int8_kernels
+    from tvm.target import Target
+
+    kind = int8_kernels.kernel_kind(Target.current(allow_none=True))
+    if kind != "generic" and n % int8_kernels.lanes(kind):
+        return "generic"
+    return kind
+
+
+def _w8a8_packed(importer, node) -> tuple[TableLayout, Any]:
+    """The W8A8 linear ``node``'s packed weight and its layout, built once per import (a tied
+    embedding gather reads it, :mod:`tied_tables`); the dot-product kinds' ``K`` is zero-padded
+    to a multiple of ``int8_kernels.K_MULTIPLE``."""
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax
+
+    bb = importer.block_builder
+    weight = importer.env[node.args[1]]
+    n, k = _static_shape(weight)
+    kind = _w8a8_kind(n)
+    if kind == "generic":
+        layout = TableLayout("tiles", tile_for(n))
+    else:
+        kp = -(-k // int8_kernels.K_MULTIPLE) * int8_kernels.K_MULTIPLE
+        layout = TableLayout("dot", int8_kernels.lanes(kind), int8_kernels.group(kind),
+                             width=kp if kp != k else 0)
+
+    def make():
+        padded = weight
+        if layout.width:
+            padded = bb.emit(relax.op.nn.pad(weight, [0, 0, 0, layout.width - k]))
+        return pack_int8(bb, kind, padded, n, layout.width or k)
+
+    return layout, packed_once(importer, node, "w8a8", make)
+
+
+def pack_int8(bb, kind: str, weight, n: int, k: int):
+    """``weight [n, k]`` int8 in the ``kind`` kernel's layout (a relayout, folded at build
+    time): generic ``[n/t, k, t]`` tiles, dot-product kinds ``[n/lanes, k/g, lanes, g]``."""
+    from slimc.backends.tvm import int8_kernels
+    from tvm import relax
+
+    if kind == "generic":
+        return _tiles(bb, weight, tile_for(n))
+    lanes, g = int8_kernels.lanes(kind), int8_kernels.group(kind)
+    tiles = bb.emit(relax.op.reshape(weight, (n // lanes, lanes, k // g, g)))
+    return bb.emit(relax.op.permute_dims(tiles, [0, 2, 1, 3]))
 
 
 def quantize_codes(bb, x, in_mult, zero_point: int, kind: str):
@@ -656,13 +747,15 @@ def quantize_codes(bb, x, in_mult, zero_point: int, kind: str):
 
 
 def int8_matmul(bb, kind: str, codes, weight, out_scale, bias, zero_point: int, m: int | Any,
-                k: int, n: int):
+                k: int, n: int, packed=None):
     """``y[m, n] = (sum_k (a - zp) w) * out_scale + bias`` on the ``kind`` kernel (shared by
     the W8A8 linears and convolutions).
 
-    ``codes [m, k]``: from :func:`quantize_codes` (offset included); ``weight [n, k]`` int8;
-    the dot-product kinds need ``k`` a multiple of ``int8_kernels.K_MULTIPLE`` and ``n`` a
-    multiple of their lanes; AVX2 reads the codes as int16.
+    ``codes [m, k]``: from :func:`quantize_codes` (offset included); ``weight [n, k']`` int8
+    (``k' <= k``: columns past it are zero); ``packed``: the weight already in the kernel's
+    layout (:func:`pack_int8` of ``weight`` zero-padded to ``k``), else packed here (then
+    ``k' == k``); the dot-product kinds need ``k`` a multiple of ``int8_kernels.K_MULTIPLE``
+    and ``n`` a multiple of their lanes; AVX2 reads the codes as int16.
     """
     import numpy as np
     from slimc.backends.tvm import int8_kernels
@@ -676,14 +769,11 @@ def int8_matmul(bb, kind: str, codes, weight, out_scale, bias, zero_point: int, 
         comp = bb.emit(relax.op.multiply(
             relax.op.sum(relax.op.astype(weight, "int32"), axis=[1]),
             relax.const(shift, "int32")))
+    if packed is None:
+        packed = pack_int8(bb, kind, weight, n, k)
     if kind == "generic":
-        t = tile_for(n)
-        packed = _tiles(bb, weight, t)
-        func = int8_kernels.generic_kernel(kernel_rows(m), k, n, t)
+        func = int8_kernels.generic_kernel(kernel_rows(m), k, n, tile_for(n))
     else:
-        lanes, g = int8_kernels.lanes(kind), int8_kernels.group(kind)
-        tiles = bb.emit(relax.op.reshape(weight, (n // lanes, lanes, k // g, g)))
-        packed = bb.emit(relax.op.permute_dims(tiles, [0, 2, 1, 3]))
         func = int8_kernels.dot_kernel(kind, kernel_rows(m), k, n)
     if bias is None:
         bias = relax.const(np.zeros(n, np.float32))
@@ -732,19 +822,46 @@ def _convert_embedding(kind: str):
             dim = embedding_int4_dim(width, _static_shape(scale)[1], group)
             extra = [scale, importer.env[node.args[2]]]
             zdtype = zero_dtype_of(extra[1])
+        layout, table, extra = _tied_operands(importer, node, kind, dim, table, extra)
         ids = importer.env[ids_node]
         ids_shape = list(ids.ty.shape)
         rows = 1
         for d in ids_shape:
             rows = rows * (int(d.value) if hasattr(d, "value") else d)
         flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), (rows,)))
-        func = embedding_kernel(kind, kernel_rows(rows), vocab, dim, group, zdtype)
+        func = embedding_kernel(kind, kernel_rows(rows), vocab, dim, group, zdtype, layout)
         gvar = add_kernel(bb, func)
         out = bb.emit(relax.call_tir(gvar, [flat, table, *extra],
                                      relax.TensorType((rows, dim), "float32")))
         return bb.emit(relax.op.reshape(out, (*ids_shape, dim)))
 
     return convert
+
+
+def _tied_operands(importer, node, kind: str, dim: int, table, grid: list):
+    """``(layout, table, grid)`` the gather ``node`` of ``dim``-wide rows reads: the packed
+    operands of the output head that shares its table (same codes and grid nodes; the head,
+    later in the graph, is not converted yet), else the table as is."""
+    codes = node.args[0]
+    if kind == "int8":
+        head = head_reading(codes, (OPS["linear_int8"], OPS["linear_w8a8"]))
+        if head is None:
+            return ROWS, table, grid
+        if head.target is OPS["linear_w8a8"]:
+            layout, packed = _w8a8_packed(importer, head)
+            return layout, packed, grid
+        if head.args[2] is node.args[1]:  # the same per-row scales
+            layout, packed = _int8_tiles(importer, head)
+            return layout, packed, grid
+        return ROWS, table, grid
+    head = head_reading(codes, (OPS["linear_int4"],))
+    if head is None or head.args[2] is not node.args[1] or head.args[3] is not node.args[2] \
+            or int(head.args[6]) != int(node.args[4]):
+        return ROWS, table, grid
+    if _coded_operands(importer, head, dim, int(head.args[6])) is not None:
+        return ROWS, table, grid
+    layout, (packed, scale, zero) = _int4_tiles(importer, head, dim)
+    return layout, packed, [scale, zero]
 
 
 def register_cpu_lowerings() -> None:

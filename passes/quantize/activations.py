@@ -49,6 +49,7 @@ class StaticInt8:
     weight: Tensor  # int8 [N, K]
     in_mult: Tensor  # f32 [K] (convs: [I], per input channel): 1 / (smooth * input_scale)
     out_scale: Tensor  # f32 [N]: input_scale * weight_scale_n
+    weight_scale: Tensor  # f32 [N]: weight_scale_n (a tied table's gathers read codes * it)
     zero_point: int  # activation code of 0.0 (0: symmetric)
     alpha: float
     clip: float  # quantile of the range kept (1.0: everything seen)
@@ -84,8 +85,12 @@ def _ranges(scaled: Tensor, low: float, high: float) -> list[tuple[float, int, f
 
 def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
                 x_min: Tensor | None = None, x_max: Tensor | None = None, *,
-                groups: int = 1, channel_size: int = 1) -> StaticInt8:
+                groups: int = 1, channel_size: int = 1,
+                alphas: Sequence[float] = ALPHAS) -> StaticInt8:
     """Best (SmoothQuant alpha, range) for ``weight [N, K]`` on input ``rows [R, K * groups]``.
+
+    ``alphas``: the migration strengths tried (``(0.0,)`` keeps the weight's own per-row int8
+    codes: a table tied to an output head, whose gathers read the same codes).
 
     ``abs_max`` (and ``x_min`` / ``x_max`` if given) are per-column extremes over *all*
     calibration rows (``rows`` is a sample), so the unclipped candidates cover every value seen.
@@ -112,7 +117,7 @@ def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
     codes_int = torch.empty(grouped.shape, dtype=torch.int8)
     acc = torch.empty(reference.shape, dtype=torch.int32)
     out_buf = torch.empty_like(reference)
-    for alpha in ALPHAS:
+    for alpha in alphas:
         smooth = (a_max.pow(alpha) / w_max.pow(1.0 - alpha)) if alpha else torch.ones_like(a_max)
         smooth = smooth.clamp(1e-4, 1e4)
         codes, w_scale = quantize_int8((weight * smooth).reshape(n, k))
@@ -137,7 +142,8 @@ def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
             if best is None or err < best.error:
                 in_mult = (1.0 / (smooth * scale)).reshape(-1)[::channel_size]
                 best = StaticInt8(codes, in_mult.float().contiguous(),
-                                  (scale * w_scale).float(), zero, alpha, q, err)
+                                  (scale * w_scale).float(), w_scale.float(), zero, alpha, q,
+                                  err)
     assert best is not None
     return best
 

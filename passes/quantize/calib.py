@@ -68,11 +68,12 @@ def _inputs_of(layer: Layer) -> list[Node]:
 
 
 def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Tensor]], *,
-            hessian: bool, sample_rows: int = 0) -> dict[str, LayerStats]:
+            hessian: bool, sample_rows: int = 0,
+            tied_heads: bool = False) -> dict[str, LayerStats]:
     """Run ``batches`` through ``ir`` and gather each linear and convolution layer's input
     statistics (convolutions: of the im2col rows, see the module docstring). With
-    ``hessian``, an embedding table tied to an output head gets the head's input statistics
-    (its gathers contribute none)."""
+    ``hessian`` or ``tied_heads``, an embedding table tied to an output head gets the head's
+    input statistics (its gathers contribute none)."""
     # One activation often feeds several layers (q, k and v read the same hidden states):
     # those layers share one LayerStats. A layer fed by several activations (a weight used
     # twice) gets its own, accumulated over all of them.
@@ -82,10 +83,11 @@ def collect(ir: IR, layers: Sequence[Layer], batches: Sequence[Sequence[torch.Te
     for layer in layers:
         if layer.kind not in ("linear", "conv", "embedding"):
             continue  # statistics are per input feature of a matmul
-        if layer.is_embedding and not (hessian and layer.linear_nodes):
-            # A gather has no input; a table tied to an output head is a matmul there, and
-            # GPTQ rounds it on that head's input Hessian (the final hidden states). Only
-            # for GPTQ: AWQ / W8A8 would scale the input, which the gather cannot follow.
+        if layer.is_embedding and not ((hessian or tied_heads) and layer.linear_nodes):
+            # A gather has no input; a table tied to an output head is a matmul there: GPTQ
+            # rounds it on that head's input Hessian (the final hidden states), W8A8 sets the
+            # head's activation range from them. Not for AWQ, whose scaled columns the
+            # gather could not follow.
             continue
         inputs = _inputs_of(layer)
         geometries = [conv_geometry(use.node, layer.shape) if layer.kind == "conv" else None

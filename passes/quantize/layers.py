@@ -42,6 +42,13 @@ def plan(ir: IR, embeddings: bool = True) -> tuple[list[Layer], dict[str, str]]:
     return layers, reasons
 
 
+def takes_int8_activations(layer: Layer) -> bool:
+    """Whether W8A8 can apply to ``layer``: a linear or convolution, or an embedding table
+    tied to an output head (the head multiplies int8 codes of its input with the table's own
+    per-row int8 codes, which the gathers keep reading; :func:`rewrite` kind ``w8a8``)."""
+    return layer.kind in ("linear", "conv") or (layer.is_embedding and bool(layer.linear_nodes))
+
+
 def unsupported(layer: Layer) -> str | None:
     """Why ``rewrite`` cannot replace ``layer`` (None: it can)."""
     if layer.foreign:
@@ -76,7 +83,8 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
 
     ``tensors`` holds the packed weight (``weight``) and, for int formats, ``scale`` (and
     ``zero`` for int4), all oriented ``[N, ...]``; ``w8a8`` has ``in_mult [K]`` and
-    ``out_scale [N]`` instead of ``scale``. ``scale_bits``: a ``-qs`` grid's code width (its
+    ``out_scale [N]`` instead of ``scale`` (a tied table's gathers read ``weight`` with its
+    per-row ``scale`` as int8). ``scale_bits``: a ``-qs`` grid's code width (its
     codes bit-packed below 8, :mod:`slimc.coded_scales`).
     """
     base = layer.weight_node.name.removeprefix("p_")
@@ -99,9 +107,10 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
             nodes["minimum"] = nodes["zero"]
         if role == "embedding":
             ids = node.args[1]
-            if kind == "int8":
-                args = (nodes["weight"], nodes["scale"], ids)
-            elif kind in LOWBIT_KINDS:
+            if kind in ("int8", "w8a8"):
+                _replace(ir, node, OPS["embedding_int8"], (nodes["weight"], nodes["scale"], ids))
+                continue
+            if kind in LOWBIT_KINDS:
                 _replace(ir, node, OPS["embedding_lowbit"], (
                     nodes["weight"], nodes["scale"], nodes["minimum"], ids, bits_of(kind),
                     group_size, int(layer.shape[layer.perm[-1]])))

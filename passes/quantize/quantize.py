@@ -30,12 +30,12 @@ from slimc.lowbit import LOWBIT_KINDS
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 from . import calib, mixed
-from .activations import StaticInt8, search_all, static_int8
+from .activations import ALPHAS, StaticInt8, search_all, static_int8
 from .awq import awq_scale
 from .batchnorm import fold_batchnorm
 from .formats import Format, parse_format
 from .gptq import gptq
-from .layers import Layer, plan, rewrite
+from .layers import Layer, plan, rewrite, takes_int8_activations
 from .rtn import pack
 
 #: GPTQ's damping (x the mean Hessian diagonal) for a table tied to an output head: its
@@ -308,9 +308,9 @@ def _gpu_target(ctx: PassContext) -> str | None:
 
 
 def _w8a8_layer(layer: Layer, fmt: Format, st: calib.LayerStats | None) -> bool:
-    """Whether ``layer`` gets static int8 activations (an int8 linear or convolution with
-    calibration rows)."""
-    return (layer.kind != "expert" and fmt.kind == "int8" and not layer.is_embedding
+    """Whether ``layer`` gets static int8 activations (an int8 linear, convolution or tied
+    output head with calibration rows)."""
+    return (takes_int8_activations(layer) and fmt.kind == "int8"
             and st is not None and bool(st.rows))
 
 
@@ -329,8 +329,10 @@ def _static_int8_all(ir: IR, layers: list[Layer],
     def job(layer: Layer):
         matrix, st = layer.matrix(ir), stats[layer.name]
         groups, area = _conv_shape(layer) if layer.kind == "conv" else (1, 1)
+        # a tied table keeps its own codes (no SmoothQuant migration): its gathers read them
+        alphas = (0.0,) if layer.is_embedding else ALPHAS
         return lambda: static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max,
-                                   groups=groups, channel_size=area)
+                                   groups=groups, channel_size=area, alphas=alphas)
     found = search_all([job(la) for la in layers])
     return dict(zip([la.name for la in layers], found, strict=True))
 
@@ -397,7 +399,7 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
         stats = calib.collect(ir, linears, calib.calibration_batches(ctx),
                               hessian=options.method == "gptq",
                               sample_rows=1024 if w8a8 else 512 if options.method == "awq"
-                              else 0)
+                              else 0, tied_heads=w8a8)
     statics = _static_int8_all(ir, [la for la in layers if w8a8 and _w8a8_layer(
         la, formats[la.name], stats.get(la.name))], stats)
     per_layer = {}
@@ -424,7 +426,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
                                          "shape": list(matrix.shape),
                                          "w8a8_calib_error": static.error, **extra}
                 continue
-            rewrite(ir, layer, "w8a8", static.tensors(), zero_point=static.zero_point)
+            tensors = static.tensors()
+            if layer.is_embedding:  # the gathers read the same codes with per-row scales
+                tensors["scale"] = static.weight_scale
+            rewrite(ir, layer, "w8a8", tensors, zero_point=static.zero_point)
             per_layer[layer.name] = {"format": "int8", "activations": "int8",
                                      "method": "rtn",
                                      "shape": list(matrix.shape), "smooth_alpha": static.alpha,

@@ -34,6 +34,7 @@ from slimc.ir import IR
 from slimc.memory import return_freed_memory
 from slimc.passes.analysis.criteria.divergence import divergence_from, output_kind
 from slimc.passes.analysis.criteria.execution import calibration_batches
+from slimc.passes.quantize.layers import takes_int8_activations
 from slimc.passmanager import PassContext, PassManager, PassRecord
 from slimc.pipeline import validate
 
@@ -788,8 +789,7 @@ class Search:
         rest = prune + [("quantize", quantize), ("eliminate-dead-code", {})]
         space = base.space
         w8a8 = sum(1 for c, j in zip(space.layers, picks, strict=True)
-                   if j and c.layer.kind in ("linear", "conv") and not c.layer.is_embedding
-                   and c.layer.name not in kept_float)
+                   if j and takes_int8_activations(c.layer) and c.layer.name not in kept_float)
         choices = {"int8+a8 (W8A8)": w8a8, "fp32": len(kept_float),
                    "int8": sum(1 for j in picks if j) - w8a8 - len(kept_float)}
         cand = self.build(base, picks, keep, rest, {k: v for k, v in choices.items() if v})

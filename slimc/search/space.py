@@ -50,7 +50,7 @@ from slimc.passes.lowrank.lowrank import default_round_to, spectra
 from slimc.passes.lowrank.rewrite import is_factor
 from slimc.passes.lowrank.rewrite import weight_layers as factorizable_layers
 from slimc.passes.quantize.formats import Format, fake_quantize, fake_quantize_rows, parse_format
-from slimc.passes.quantize.layers import plan
+from slimc.passes.quantize.layers import plan, takes_int8_activations
 from slimc.passmanager import PassContext
 
 from .damage import (
@@ -227,8 +227,8 @@ def _use_rows(layer: Layer, n: int, k: int) -> tuple[int, int]:
 def option_costs(choice: LayerChoices, option: Option, hw,
                  int8_peak: float | None = None) -> dict[str, float]:
     """Bytes, parameters and roofline latency of one layer under ``option``; ``int8_peak``
-    (op/s): the layer's matmul takes int8 inputs too (W8A8, an unfactored int8 linear or
-    convolution; gathers stay weight-only) and runs at that rate
+    (op/s): the layer's matmul takes int8 inputs too (W8A8, an unfactored int8 linear,
+    convolution or tied output head; gathers stay weight-only) and runs at that rate
     (:func:`slimc.passes.analysis.cost.int8_peak`)."""
     n, k = choice.shape
     fmt, r = option.fmt, option.rank
@@ -253,7 +253,7 @@ def option_costs(choice: LayerChoices, option: Option, hw,
                               nbytes + 4.0 * choice.rows * (n + k + 2 * r), 2)
             else:
                 w8a8 = int8_peak is not None and option.fmt.kind == "int8" \
-                    and choice.layer.kind in ("linear", "conv")
+                    and takes_int8_activations(choice.layer)
                 if w8a8:  # 1-byte codes in, written by their own quantize kernel
                     from slimc.passes.analysis.cost import activation_quantize_seconds
 
