@@ -78,3 +78,48 @@ def test_tied_w8a8_head_on_aarch64(tied_model, tmp_path, aarch64_emulator, targe
                         calib_batches=2, target=target, emulate="require")
     assert manifest["verification"]["ran_on"].startswith("qemu")
     assert manifest["library_bytes"] < manifest["weight_bytes_after"] + 0.5 * VOCAB * HIDDEN
+
+
+def test_search_prices_the_tied_w8a8_head_as_built(tied_model):
+    """The search's W8A8 price of every layer, the tied head at the int8 rate, equals the cost
+    analysis of the built W8A8 IR (whose head is now ``linear_w8a8``): a latency budget the
+    search expects to meet is met once built."""
+    from slimc.passes.analysis.cost import int8_peak
+    from slimc.passes.analysis.hardware import hardware_for_target
+
+    from slimc.capture import capture
+    from slimc.loaders.base import LoadedModel
+    from slimc.search.search import Search, proxy_scorer
+    from slimc.search.space import Techniques, option_costs
+    from tests.test_budget import _search_context
+
+    model = T.LlamaForCausalLM.from_pretrained(tied_model).eval()
+    model.config.use_cache = False  # logits only: no cache object in the output
+    g = torch.Generator().manual_seed(1)
+
+    def tokens() -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(0, VOCAB, (1, 64), generator=g)}
+
+    ir, example = capture(LoadedModel(name="tied", module=model, example_inputs=tokens()))
+    calib = [[b[n] for n in ir.input_names] for b in (tokens(), tokens())]
+    registry, ctx = _search_context(ir, example, calib, "x86-64-v4-vnni")
+    hw = hardware_for_target(ctx.target)
+    search = Search(ir, ctx, registry, Techniques.for_context("precision", ctx),
+                    proxy_scorer(ir, ctx), hw)
+    base = search.base(0.0)
+    table = next(c for c in base.space.layers if c.layer.is_embedding)
+    int8 = next(j for j, o in enumerate(table.options) if o.rank is None
+                and o.fmt.kind == "int8")
+    peak = int8_peak(hw, "vnni")
+    w8a8, weight_only = (option_costs(table, table.options[int8], hw, p)["latency"]
+                         for p in (peak, None))
+    assert w8a8 < 0.6 * weight_only  # the head's multiply-adds at the int8 rate
+    picks = [next(j for j, o in enumerate(c.options) if o.rank is None
+                  and o.fmt.kind == "int8") for c in base.space.layers]
+    predicted = base.space.rest["latency"] + sum(
+        option_costs(c, c.options[j], hw, peak)["latency"]
+        for c, j in zip(base.space.layers, picks, strict=True))
+    cand = search.w8a8_candidate(base, {}, keep=False)
+    built = cand.relative["latency"] * search.original["latency"]
+    assert built == pytest.approx(predicted, rel=0.02)
+    assert cand.choices.get("int8+a8 (W8A8)") == len(base.space.layers)
