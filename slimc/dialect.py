@@ -23,7 +23,11 @@ that AWQ uses, applied to ``x`` before the matmul):
   scale and any SmoothQuant per-channel factor; ``zero_point`` is 0 for a symmetric range), the
   matmul runs in integers and ``y = ((a - zero_point) @ qweight.T) * out_scale + bias``.
   Lowered to the dot-product kernels of ``int8_kernels`` (VNNI, sdot, or a generic int8
-  kernel), which take ``zero_point * sum_k qweight[n, k]`` back out in integers.
+  kernel), which take ``zero_point * sum_k qweight[n, k]`` back out in integers. With
+  ``per_row`` (dynamic, per-token scales: ``zero_point`` 0) each row's scale is its own
+  ``max |x * in_mult| / 127``, found at run time (``quantize_rows``; ``in_mult`` is then only
+  the SmoothQuant factor), and ``y = (a @ qweight.T) * out_scale * row_scale + bias``
+  (``out_scale``: the weight's per-row scales).
 * ``linear_fp16(x, weight f16[N,K], bias?)`` / ``linear_bf16(x, weight bf16[N,K], bias?)``
 * ``embedding_int8(qweight, scale, ids)`` / ``embedding_int4(packed, scale, zero, ids,
   group_size)``: gather rows, then dequantize (row = vocabulary entry, so a tied output head
@@ -168,6 +172,24 @@ def quantize_activation(x: Tensor, in_mult: Tensor, zero_point: int = 0) -> Tens
     return torch.clamp(torch.round(scaled) + zero_point, -128.0, 127.0)
 
 
+#: Smallest row maximum a per-row scale divides by (an all-zero row gets codes 0).
+ROW_TINY = 1e-30
+
+
+def quantize_rows(x: Tensor, in_mult: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row (per-token) int8 codes (as float) and their scales: ``s = x * in_mult``,
+    ``codes = clamp(round(s * (127 / amax_row|s|)), -127, 127)``, ``scale = amax_row / 127``
+    (``[..., 1]``). The row's range is found at run time, so nothing is clipped and no
+    calibrated range can be wrong for an input; ``in_mult`` is only the SmoothQuant factor."""
+    scaled = x * in_mult
+    if _JITTER.relative:
+        noise = torch.rand(scaled.shape, generator=_JITTER.generator) * 2.0 - 1.0
+        scaled = scaled * (1.0 + _JITTER.relative * noise)
+    amax = scaled.abs().amax(-1, keepdim=True).clamp_min(ROW_TINY)
+    codes = torch.clamp(torch.round(scaled * (127.0 / amax)), -127.0, 127.0)
+    return codes, amax / 127.0
+
+
 #: Relative size of the float differences between PyTorch and a compiled kernel on the same
 #: activation (a different summation order in a LayerNorm or matmul: up to ~16 ulps of fp32).
 KERNEL_FLOAT_NOISE = 1e-6
@@ -215,11 +237,15 @@ def rounding_noise_floor(ir, inputs, reference=None, seeds: int = 2) -> float | 
 
 @torch.library.custom_op("slimc::linear_w8a8", mutates_args=())
 def linear_w8a8(x: Tensor, qweight: Tensor, in_mult: Tensor, out_scale: Tensor,
-                bias: Tensor | None, zero_point: int) -> Tensor:
+                bias: Tensor | None, zero_point: int, per_row: bool = False) -> Tensor:
     # Integer-valued float32 matmul: exact while partial sums stay below 2**24, and within
     # float rounding of the artifact's int32 accumulation beyond that.
-    codes = quantize_activation(x, in_mult, zero_point) - zero_point
-    y = F.linear(codes, qweight.float()) * out_scale
+    if per_row:
+        codes, row_scale = quantize_rows(x, in_mult)
+        y = F.linear(codes, qweight.float()) * out_scale * row_scale
+    else:
+        codes = quantize_activation(x, in_mult, zero_point) - zero_point
+        y = F.linear(codes, qweight.float()) * out_scale
     return y + bias if bias is not None else y
 
 
@@ -269,7 +295,7 @@ def _(x, packed, scale, zero, bias, act_scale, group_size):
 
 
 @linear_w8a8.register_fake
-def _(x, qweight, in_mult, out_scale, bias, zero_point):
+def _(x, qweight, in_mult, out_scale, bias, zero_point, per_row=False):
     return _fake_linear(x, qweight.shape[0])
 
 

@@ -182,6 +182,13 @@ def _convert_w8a8(node, importer):
     in_mult, out_scale = importer.env[node.args[2]], importer.env[node.args[3]]
     bias = _arg(importer, node, 4)
     zero_point = int(node.args[5])
+    if len(node.args) > 6 and node.args[6]:
+        from slimc.errors import LoweringError
+
+        raise LoweringError("W8A8 with per-row (dynamic) activation scales has CPU kernels "
+                            "only; this build targets a GPU.",
+                            hint="Quantize for the GPU target itself (`quantize` then uses "
+                            "static activation scales there), or build for a CPU target.")
     shape = _shape(x)
     k, n = shape[-1], _shape(weight)[0]
     m = int(np.prod(shape[:-1], dtype=np.int64))

@@ -189,10 +189,12 @@ def with_rebuild(func, builder: str, *args):
 
 
 @functools.lru_cache(maxsize=256)
-def dot_kernel(kind: str, m: int | None, k: int, n: int, epilogue: tuple = ()):
+def dot_kernel(kind: str, m: int | None, k: int, n: int, epilogue: tuple = (),
+               row_scaled: bool = False):
     """Scheduled PrimFunc ``(a[m,k], w[N/L,K/G,L,G], comp[n], scale[n], bias[n], *vectors,
     y[m,n])``: ``y = epilogue(float(acc - comp) * scale + bias)`` (:mod:`.epilogue`; float32
-    ``y`` without one).
+    ``y`` without one). ``row_scaled``: a per-row scale ``rs[m]`` follows ``bias`` (dynamic
+    per-token activation scales), ``y = float(acc - comp) * scale[j] * rs[i] + bias[j]``.
 
     ``m`` None: a symbolic row count (a dynamic sequence length). The kernel then reads
     ``a[q, ROWS, k]`` and writes ``y[q, ROWS, n]``, ``q`` bound from the shape at run time: the
@@ -202,7 +204,7 @@ def dot_kernel(kind: str, m: int | None, k: int, n: int, epilogue: tuple = ()):
     tensorized block cannot have; with the row block as its own axis nothing is partial.
     """
     if m is None:
-        return _dot_kernel_rows(kind, k, n, epilogue)
+        return _dot_kernel_rows(kind, k, n, epilogue, row_scaled)
     from tvm import s_tir, te
 
     intrin, width, act_dtype = _register_intrinsics()[kind]
@@ -220,21 +222,36 @@ def dot_kernel(kind: str, m: int | None, k: int, n: int, epilogue: tuple = ()):
                                  * w[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
         name="acc")
     vectors = epi.placeholders(epilogue, (n,))
+    rows_in = _row_scales(row_scaled, (m,))
     y = te.compute((m, n), lambda i, j: epi.apply(
-        (acc[i, j // width, j % width] - comp[j]).astype("float32") * scale[j] + bias[j], j,
-        epilogue, vectors), name="y")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y]))
+        _scaled((acc[i, j // width, j % width] - comp[j]).astype("float32") * scale[j],
+                rows_in, (i,)) + bias[j], j, epilogue, vectors), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *rows_in, *vectors, y]))
 
     rows = next(r for r in (ROWS, 2, 1) if m % r == 0)
     i, j = sch.get_loops(sch.get_sblock("y"))
     io, ii = sch.split(i, [None, rows])
     _tile_and_tensorize(sch, io, ii, j, n, k, width, intrin)
-    name = f"slimc_linear_w8a8_{kind}_{m}x{k}x{n}{epi.suffix(epilogue)}"
+    name = f"slimc_linear_w8a8_{kind}_{m}x{k}x{n}{epi.suffix(epilogue)}" + (
+        "_rs" if row_scaled else "")
     func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
-    return func if epilogue else with_rebuild(func, "dot", kind, m, k, n)
+    # a per-row scale needs the whole row first: no next layer's codes written from here
+    return func if epilogue or row_scaled else with_rebuild(func, "dot", kind, m, k, n)
 
 
-def _dot_kernel_rows(kind: str, k: int, n: int, epilogue: tuple):
+def _row_scales(row_scaled: bool, shape: tuple) -> list:
+    """``[rs]``, the per-row scale placeholder of a row-scaled int8 kernel, or ``[]``."""
+    from tvm import te
+
+    return [te.placeholder(shape, "float32", name="rs")] if row_scaled else []
+
+
+def _scaled(value, rows_in: list, index: tuple):
+    """``value * rs[index]`` for a row-scaled kernel, else ``value``."""
+    return value * rows_in[0][index] if rows_in else value
+
+
+def _dot_kernel_rows(kind: str, k: int, n: int, epilogue: tuple, row_scaled: bool = False):
     """:func:`dot_kernel` for a symbolic row count: ``a[q, ROWS, k]`` -> ``y[q, ROWS, n]``."""
     from slimc.backends.tvm.quantized_ops import row_var
     from tvm import s_tir, te
@@ -255,14 +272,17 @@ def _dot_kernel_rows(kind: str, k: int, n: int, epilogue: tuple):
                                     * w[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
         name="acc")
     vectors = epi.placeholders(epilogue, (n,))
+    rows_in = _row_scales(row_scaled, (q, ROWS))
     y = te.compute((q, ROWS, n), lambda b, i, j: epi.apply(
-        (acc[b, i, j // width, j % width] - comp[j]).astype("float32") * scale[j] + bias[j], j,
-        epilogue, vectors), name="y")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y], "int64"))
+        _scaled((acc[b, i, j // width, j % width] - comp[j]).astype("float32") * scale[j],
+                rows_in, (b, i)) + bias[j], j, epilogue, vectors), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *rows_in, *vectors, y],
+                                               "int64"))
 
     io, ii, j = sch.get_loops(sch.get_sblock("y"))
     _tile_and_tensorize(sch, io, ii, j, n, k, width, intrin)
-    name = f"slimc_linear_w8a8_{kind}_dynx{k}x{n}{epi.suffix(epilogue)}"
+    name = f"slimc_linear_w8a8_{kind}_dynx{k}x{n}{epi.suffix(epilogue)}" + (
+        "_rs" if row_scaled else "")
     return sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
 
 
@@ -298,10 +318,11 @@ def _tile_and_tensorize(sch, io, ii, j, n: int, k: int, width: int, intrin: str)
 
 
 @functools.lru_cache(maxsize=256)
-def generic_kernel(m: int | None, k: int, n: int, t: int, epilogue: tuple = ()):
+def generic_kernel(m: int | None, k: int, n: int, t: int, epilogue: tuple = (),
+                   row_scaled: bool = False):
     """Portable PrimFunc ``(a[m,k] int8, w[N/t,K,t] int8, comp, scale, bias, *vectors,
-    y[m,n])``, ``y`` through ``epilogue`` as in :func:`dot_kernel`; ``m`` None: a symbolic row
-    count (a dynamic batch or sequence length)."""
+    y[m,n])``, ``y`` through ``epilogue`` and ``row_scaled`` as in :func:`dot_kernel`; ``m``
+    None: a symbolic row count (a dynamic batch or sequence length)."""
     from slimc.backends.tvm.quantized_ops import index_dtype, row_var
     from tvm import s_tir, te
 
@@ -314,10 +335,11 @@ def generic_kernel(m: int | None, k: int, n: int, t: int, epilogue: tuple = ()):
     acc = te.compute((a.shape[0], n), lambda i, j: te.sum(
         a[i, r].astype("int32") * w[j // t, r, j % t].astype("int32"), axis=r), name="acc")
     vectors = epi.placeholders(epilogue, (n,))
+    rows_in = _row_scales(row_scaled, (a.shape[0],))
     y = te.compute((a.shape[0], n), lambda i, j: epi.apply(
-        (acc[i, j] - comp[j]).astype("float32") * scale[j] + bias[j], j, epilogue, vectors),
-        name="y")
-    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *vectors, y],
+        _scaled((acc[i, j] - comp[j]).astype("float32") * scale[j], rows_in, (i,)) + bias[j],
+        j, epilogue, vectors), name="y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, comp, scale, bias, *rows_in, *vectors, y],
                                                index_dtype(m)))
     out = sch.get_sblock("y")
     i, j = sch.get_loops(out)
@@ -338,8 +360,9 @@ def generic_kernel(m: int | None, k: int, n: int, t: int, epilogue: tuple = ()):
     init = sch.decompose_reduction(block, ck)
     if t > 1:
         sch.vectorize(sch.get_loops(init)[-1])
-    name = f"slimc_linear_w8a8_generic_{m or 'dyn'}x{k}x{n}{epi.suffix(epilogue)}"
+    name = f"slimc_linear_w8a8_generic_{m or 'dyn'}x{k}x{n}{epi.suffix(epilogue)}" + (
+        "_rs" if row_scaled else "")
     func = sch.mod["main"].with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
-    if epilogue or m is None:  # a symbolic row count: the Relax shapes are not static either
+    if epilogue or row_scaled or m is None:  # symbolic rows: the Relax shapes are not static
         return func
     return with_rebuild(func, "generic", m, k, n, t)

@@ -112,8 +112,9 @@ def register() -> None:
     _gather_grad("embedding_int8", lambda q, s, ids: q[ids].float() * s[ids][..., None], 3)
     _gather_grad("embedding_int4", _embedding_int4, 5)
     _gather_grad("embedding_lowbit", _embedding_lowbit, 7)
-    _weight_grad("linear_w8a8", lambda x, q, in_mult, out_scale, b, zp:
-                 q.float() * out_scale[:, None], 2, 6)
+    # (per_row: y = codes(x * in_mult / r) @ q^T * out_scale * r, the row scale r cancels)
+    _weight_grad("linear_w8a8", lambda x, q, in_mult, out_scale, b, zp, per_row=False:
+                 q.float() * out_scale[:, None], 2, 7)
     # -qs grids (slimc.coded_scales registers its own: no gradient, the grid stays fixed)
     _REGISTERED.add("coded_scale")
 

@@ -78,7 +78,7 @@ def unsupported(layer: Layer) -> str | None:
 
 def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
             group_size: int = 0, act_scale: torch.Tensor | None = None,
-            zero_point: int = 0, scale_bits: int = 8) -> None:
+            zero_point: int = 0, scale_bits: int = 8, per_row: bool = False) -> None:
     """Replace every consumer of ``layer`` by slimc's ``kind`` op reading ``tensors``.
 
     ``tensors`` holds the packed weight (``weight``) and, for int formats, ``scale`` (and
@@ -132,9 +132,9 @@ def rewrite(ir: IR, layer: Layer, kind: str, tensors: dict[str, torch.Tensor],
             bias, x = None, node.args[0]
             if node.kwargs:
                 raise ValueError(f"{node.target} with keyword arguments is not supported")
-        if kind == "w8a8":
+        if kind == "w8a8":  # per_row: dynamic per-token scales (slimc.dialect.linear_w8a8)
             args = (x, nodes["weight"], nodes["in_mult"], nodes["out_scale"], bias,
-                    zero_point)
+                    zero_point, *((True,) if per_row else ()))
         elif kind == "int8":
             args = (x, nodes["weight"], nodes["scale"], bias, act_node)
         elif kind == "int4":

@@ -30,7 +30,7 @@ from slimc.lowbit import LOWBIT_KINDS
 from slimc.passmanager import PassContext, PassOptions, PreservedAnalyses, TransformPass
 
 from . import calib, mixed
-from .activations import ALPHAS, StaticInt8, search_all, static_int8
+from .activations import ALPHAS, StaticInt8, dynamic_int8, search_all, static_int8
 from .awq import awq_scale
 from .batchnorm import fold_batchnorm
 from .formats import Format, parse_format
@@ -62,10 +62,16 @@ class QuantizeOptions(PassOptions):
         "`group_size` (a multiple of 8; linear layers and embedding tables, convolutions and "
         "experts get int4 with a float zero point instead).")
     activations: Literal["none", "int8"] = Field(
-        "none", description="`int8`: static int8 inputs (calibrated scale, SmoothQuant "
-        "migration) for every int8-weight linear and convolution, run on int8 dot-product "
-        "kernels; needs "
+        "none", description="`int8`: int8 inputs (SmoothQuant migration; calibrated or "
+        "per-token scales, `act_scales`) for every int8-weight linear, convolution and tied "
+        "output head, run on int8 dot-product kernels; needs "
         "`weights=int8` or `mixed` and `method=rtn`. `none`: weight-only.")
+    act_scales: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="`activations=int8`: `static` = one calibrated scale per layer "
+        "input; `dynamic` = each row's (token's) own scale, found at run time by the kernel "
+        "that writes the codes (linears only, convolutions stay static); `auto` = per "
+        "linear, whichever has the smaller output error on the calibration rows. CPU "
+        "targets; GPU targets use static scales.")
     act_max_error: float = Field(
         1.0, gt=0.0, description="`activations=int8`: a layer whose calibrated W8A8 output "
         "error (relative MSE on its calibration rows) exceeds this keeps float inputs "
@@ -322,17 +328,37 @@ def _conv_shape(layer: Layer) -> tuple[int, int]:
     return layer.groups(), area
 
 
-def _static_int8_all(ir: IR, layers: list[Layer],
-                     stats: dict[str, calib.LayerStats]) -> dict[str, StaticInt8]:
+#: ``act_scales=auto``: per-row scales where their calibrated error is under this share of the
+#: static scale's. 1.0: wherever lower. Their one kernel (row maximum and codes,
+#: ``row_quantize_kernel``) costs what the static quantize did (SmolLM2 prefill: 149.5 vs
+#: 148 ms), and at 0.5 only 23 of SmolLM2's 211 layers took them (perplexity 1.028x fp32 vs
+#: 1.015x with all; docs/benchmarks.md, session 29).
+DYNAMIC_GAIN = 1.0
+
+
+def _static_int8_all(ir: IR, layers: list[Layer], stats: dict[str, calib.LayerStats],
+                     scales: str = "static") -> dict[str, StaticInt8]:
     """The W8A8 search of every layer in ``layers``, before any is rewritten (they read only
-    their own weight and calibration rows, so they run in parallel)."""
+    their own weight and calibration rows, so they run in parallel). ``scales``: the
+    ``act_scales`` option (convolutions are always static)."""
     def job(layer: Layer):
         matrix, st = layer.matrix(ir), stats[layer.name]
         groups, area = _conv_shape(layer) if layer.kind == "conv" else (1, 1)
         # a tied table keeps its own codes (no SmoothQuant migration): its gathers read them
         alphas = (0.0,) if layer.is_embedding else ALPHAS
-        return lambda: static_int8(matrix, st.abs_max, st.sample_rows(), st.min, st.max,
-                                   groups=groups, channel_size=area, alphas=alphas)
+        per_row = scales != "static" and layer.kind != "conv"
+
+        def search() -> StaticInt8:
+            static = None if per_row and scales == "dynamic" else static_int8(
+                matrix, st.abs_max, st.sample_rows(), st.min, st.max, groups=groups,
+                channel_size=area, alphas=alphas)
+            if not per_row:
+                return static
+            dynamic = dynamic_int8(matrix, st.abs_max, st.sample_rows(), alphas=alphas)
+            if static is None or dynamic.error < DYNAMIC_GAIN * static.error:
+                return dynamic
+            return static
+        return search
     found = search_all([job(la) for la in layers])
     return dict(zip([la.name for la in layers], found, strict=True))
 
@@ -401,7 +427,8 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
                               sample_rows=1024 if w8a8 else 512 if options.method == "awq"
                               else 0, tied_heads=w8a8)
     statics = _static_int8_all(ir, [la for la in layers if w8a8 and _w8a8_layer(
-        la, formats[la.name], stats.get(la.name))], stats)
+        la, formats[la.name], stats.get(la.name))], stats,
+        "static" if gpu else options.act_scales)
     per_layer = {}
     reached = set()
     rounded = _RoundedAhead(ir, [la for la in layers if la.name not in statics
@@ -429,8 +456,10 @@ def quantize_ir(ir: IR, ctx: PassContext, options: QuantizeOptions) -> dict:
             tensors = static.tensors()
             if layer.is_embedding:  # the gathers read the same codes with per-row scales
                 tensors["scale"] = static.weight_scale
-            rewrite(ir, layer, "w8a8", tensors, zero_point=static.zero_point)
+            rewrite(ir, layer, "w8a8", tensors, zero_point=static.zero_point,
+                    per_row=static.per_row)
             per_layer[layer.name] = {"format": "int8", "activations": "int8",
+                                     "act_scales": "dynamic" if static.per_row else "static",
                                      "method": "rtn",
                                      "shape": list(matrix.shape), "smooth_alpha": static.alpha,
                                      "range_quantile": static.clip,
