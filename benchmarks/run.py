@@ -88,7 +88,9 @@ PRESETS = {"table": TABLE, "long": LONG, "extra": EXTRA, "more": MORE, "third": 
 SLIMC = {"slimc": None, "slimc-w8a8": "quantize{weights=int8,activations=int8}",
          "slimc-int8w": "quantize{weights=int8}",
          "slimc-int4w": "quantize{weights=int4,group_size=128}",
-         "slimc-w8a8-generic": "quantize{weights=int8,activations=int8}"}
+         "slimc-w8a8-generic": "quantize{weights=int8,activations=int8}",
+         # per-layer calibrated scales only (before session 29's per-row scales)
+         "slimc-w8a8-static": "quantize{weights=int8,activations=int8,act_scales=static}"}
 #: Engines compiled with this int8 kernel kind forced (``int8_kernels.FORCE_KIND``): the
 #: generic kernel measured against the target's own (AVX2, VNNI, sdot) in the same run.
 FORCED_KIND = {"slimc-w8a8-generic": "generic"}
