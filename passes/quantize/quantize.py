@@ -314,7 +314,7 @@ def _gpu_target(ctx: PassContext) -> str | None:
 
 
 def _w8a8_layer(layer: Layer, fmt: Format, st: calib.LayerStats | None) -> bool:
-    """Whether ``layer`` gets static int8 activations (an int8 linear, convolution or tied
+    """Whether ``layer`` gets int8 activations (an int8 linear, convolution or tied
     output head with calibration rows)."""
     return (takes_int8_activations(layer) and fmt.kind == "int8"
             and st is not None and bool(st.rows))
