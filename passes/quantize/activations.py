@@ -1,8 +1,10 @@
-"""Static int8 activations for int8-weight linears (W8A8), calibrated per layer.
+"""int8 activations for int8-weight linears (W8A8), calibrated per layer.
 
-A W8A8 linear quantizes its input with one fixed scale (no run-time range search) and runs the
-matmul in integers (``slimc::linear_w8a8``). Two choices decide its accuracy, and both are
-searched on the calibration rows that enter the layer, minimising the layer's output error:
+A W8A8 linear quantizes its input and runs the matmul in integers (``slimc::linear_w8a8``),
+with one fixed scale (:func:`static_int8`) or each row's own scale found at run time
+(:func:`dynamic_int8`, per token; ``quantize{act_scales=...}`` picks per layer). For the
+static scale two choices decide its accuracy, and both are searched on the calibration rows
+that enter the layer, minimising the layer's output error (per-row scales search the first):
 
 * **SmoothQuant migration** (Xiao et al., 2023): a few input channels carry activations far
   larger than the rest, which a per-tensor scale cannot resolve. Dividing channel ``k`` of the
