@@ -101,3 +101,13 @@ def test_static_scales_on_request(hf_dir, tmp_path):
     w8a8 = [e for e in _per_layer(result).values() if e.get("activations") == "int8"]
     assert w8a8 and all(e["act_scales"] == "static" for e in w8a8)
     assert b"slimc_row_quantize" not in (result.output / "model.so").read_bytes()
+
+
+def test_act_scales_without_int8_activations_is_refused(cli, tmp_path):
+    """A user who asks for per-token scales without int8 activations would get a weight-only
+    artifact and think it has them: a usage error (exit 2) instead."""
+    result = cli("compile", "tests.test_w8a8:awkward_mlp", "--pipeline",
+                 "quantize{weights=int8,act_scales=dynamic}", "-o", str(tmp_path / "out"))
+    assert result.code == 2
+    assert "does nothing without them" in result.err
+    assert not (tmp_path / "out").exists()

@@ -167,6 +167,10 @@ class QuantizeOptions(PassOptions):
             if self.method != "rtn":
                 raise ValueError("activations=int8 calibrates its own scales (SmoothQuant + "
                                  "clipping search); use method=rtn with it")
+        elif self.act_scales != "auto":
+            raise ValueError(f"act_scales={self.act_scales} chooses how int8 activations are "
+                             "scaled and does nothing without them: add activations=int8, or "
+                             "drop act_scales")
         return self
 
     @field_validator("layers")
