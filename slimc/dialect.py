@@ -163,12 +163,19 @@ class _Jitter(threading.local):
 _JITTER = _Jitter()
 
 
+def _jittered(scaled: Tensor) -> Tensor:
+    """``scaled`` with :data:`_JITTER`'s relative noise (only while
+    :func:`rounding_noise_floor` measures), else itself."""
+    if not _JITTER.relative:
+        return scaled
+    noise = torch.rand(scaled.shape, generator=_JITTER.generator) * 2.0 - 1.0
+    return scaled * (1.0 + _JITTER.relative * noise)
+
+
 def quantize_activation(x: Tensor, in_mult: Tensor, zero_point: int = 0) -> Tensor:
     """Static int8 activation codes (as float): ``clamp(round(x * in_mult) + zp, -128, 127)``."""
     scaled = x * in_mult
-    if _JITTER.relative:
-        noise = torch.rand(scaled.shape, generator=_JITTER.generator) * 2.0 - 1.0
-        scaled = scaled * (1.0 + _JITTER.relative * noise)
+    scaled = _jittered(scaled)
     return torch.clamp(torch.round(scaled) + zero_point, -128.0, 127.0)
 
 
@@ -182,9 +189,7 @@ def quantize_rows(x: Tensor, in_mult: Tensor) -> tuple[Tensor, Tensor]:
     (``[..., 1]``). The row's range is found at run time, so nothing is clipped and no
     calibrated range can be wrong for an input; ``in_mult`` is only the SmoothQuant factor."""
     scaled = x * in_mult
-    if _JITTER.relative:
-        noise = torch.rand(scaled.shape, generator=_JITTER.generator) * 2.0 - 1.0
-        scaled = scaled * (1.0 + _JITTER.relative * noise)
+    scaled = _jittered(scaled)
     amax = scaled.abs().amax(-1, keepdim=True).clamp_min(ROW_TINY)
     codes = torch.clamp(torch.round(scaled * (127.0 / amax)), -127.0, 127.0)
     return codes, amax / 127.0

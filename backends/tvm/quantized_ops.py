@@ -547,16 +547,22 @@ def _int8_tiles(importer, node) -> tuple[TableLayout, Any]:
     return TableLayout("tiles", t), tiles
 
 
+def _int4_padded_bytes(k: int, group: int) -> int | None:
+    """Code bytes per row after padding ``k`` inputs to whole groups, where the factored kernel
+    needs it (a partial last group, K=576 at g128), else None."""
+    return -(-k // group) * group // 2 if _pads_to_groups(k, group) else None
+
+
 def _int4_codes_padded(bb, weight, k: int, group: int):
     """The int4 codes ``[N, ceil(K/2)]``, zero-padded to whole groups where the factored kernel
-    needs it: a partial last group (K=576, g128) is padded in x and the codes so the factored
-    kernel applies (padded x is 0, so the codes never count)."""
+    needs it: a partial last group is padded in x and the codes so the factored kernel
+    applies (padded x is 0, so the codes never count)."""
     from tvm import relax
 
-    if not _pads_to_groups(k, group):
+    padded = _int4_padded_bytes(k, group)
+    if padded is None:
         return weight
-    padded = -(-k // group) * group
-    return bb.emit(relax.op.nn.pad(weight, [0, 0, 0, (padded - k) // 2]))
+    return bb.emit(relax.op.nn.pad(weight, [0, 0, 0, padded - k // 2]))
 
 
 def _int4_tiles(importer, node, k: int) -> tuple[TableLayout, list]:
@@ -573,8 +579,8 @@ def _int4_tiles(importer, node, k: int) -> tuple[TableLayout, list]:
         return [_tiles(bb, packed, t), _tiles(bb, importer.env[node.args[2]], t),
                 _tiles(bb, importer.env[node.args[3]], t)]
 
-    padded = (-(-k // group) * group + 1) // 2 if _pads_to_groups(k, group) else 0
-    return TableLayout("tiles", t, width=padded if padded != width else 0), \
+    padded = _int4_padded_bytes(k, group)
+    return TableLayout("tiles", t, width=padded if padded not in (None, width) else 0), \
         packed_once(importer, node, "int4", make)
 
 

@@ -88,6 +88,13 @@ def _ranges(scaled: Tensor, low: float, high: float) -> list[tuple[float, int, f
     return out
 
 
+def _smooth_factor(a_max: Tensor, w_max: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant's per-input-channel factor ``max|x|^alpha / max|w|^(1 - alpha)`` (ones at
+    ``alpha = 0``), clamped to [1e-4, 1e4]."""
+    smooth = (a_max.pow(alpha) / w_max.pow(1.0 - alpha)) if alpha else torch.ones_like(a_max)
+    return smooth.clamp(1e-4, 1e4)
+
+
 def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
                 x_min: Tensor | None = None, x_max: Tensor | None = None, *,
                 groups: int = 1, channel_size: int = 1,
@@ -123,8 +130,7 @@ def static_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
     acc = torch.empty(reference.shape, dtype=torch.int32)
     out_buf = torch.empty_like(reference)
     for alpha in alphas:
-        smooth = (a_max.pow(alpha) / w_max.pow(1.0 - alpha)) if alpha else torch.ones_like(a_max)
-        smooth = smooth.clamp(1e-4, 1e4)
+        smooth = _smooth_factor(a_max, w_max, alpha)
         codes, w_scale = quantize_int8((weight * smooth).reshape(n, k))
         codes_t = codes.reshape(groups, n // groups, k).transpose(1, 2)  # [G, K, N/G] int8
         # sum_k (c - z) w = sum_k c w - z sum_k w: the zero point leaves the integer matmul.
@@ -173,8 +179,7 @@ def dynamic_int8(weight: Tensor, abs_max: Tensor, rows: Tensor,
     a_max = abs_max.float().clamp_min(1e-8)
     best: StaticInt8 | None = None
     for alpha in alphas:
-        smooth = (a_max.pow(alpha) / w_max.pow(1.0 - alpha)) if alpha else torch.ones_like(a_max)
-        smooth = smooth.clamp(1e-4, 1e4)
+        smooth = _smooth_factor(a_max, w_max, alpha)
         codes, w_scale = quantize_int8(weight * smooth)
         in_mult = (1.0 / smooth).float().contiguous()
         x_codes, row_scale = quantize_rows(rows, in_mult)

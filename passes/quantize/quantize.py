@@ -332,14 +332,6 @@ def _conv_shape(layer: Layer) -> tuple[int, int]:
     return layer.groups(), area
 
 
-#: ``act_scales=auto``: per-row scales where their calibrated error is under this share of the
-#: static scale's. 1.0: wherever lower. Their one kernel (row maximum and codes,
-#: ``row_quantize_kernel``) costs what the static quantize did (SmolLM2 prefill: 149.5 vs
-#: 148 ms), and at 0.5 only 23 of SmolLM2's 211 layers took them (perplexity 1.028x fp32 vs
-#: 1.015x with all; docs/benchmarks.md, session 29).
-DYNAMIC_GAIN = 1.0
-
-
 def _static_int8_all(ir: IR, layers: list[Layer], stats: dict[str, calib.LayerStats],
                      scales: str = "static") -> dict[str, StaticInt8]:
     """The W8A8 search of every layer in ``layers``, before any is rewritten (they read only
@@ -353,13 +345,18 @@ def _static_int8_all(ir: IR, layers: list[Layer], stats: dict[str, calib.LayerSt
         per_row = scales != "static" and layer.kind != "conv"
 
         def search() -> StaticInt8:
+            rows = st.sample_rows()
             static = None if per_row and scales == "dynamic" else static_int8(
-                matrix, st.abs_max, st.sample_rows(), st.min, st.max, groups=groups,
+                matrix, st.abs_max, rows, st.min, st.max, groups=groups,
                 channel_size=area, alphas=alphas)
             if not per_row:
                 return static
-            dynamic = dynamic_int8(matrix, st.abs_max, st.sample_rows(), alphas=alphas)
-            if static is None or dynamic.error < DYNAMIC_GAIN * static.error:
+            dynamic = dynamic_int8(matrix, st.abs_max, rows, alphas=alphas)
+            # auto: the lower calibrated error wins. Per-row scales cost what the static
+            # quantize does (one kernel: SmolLM2 prefill 149.5 vs 148 ms); preferring them
+            # only at half the static error chose 23 of SmolLM2's 211 layers, perplexity
+            # 1.028x fp32 vs 1.015x with all (docs/benchmarks.md, session 29).
+            if static is None or dynamic.error < static.error:
                 return dynamic
             return static
         return search
